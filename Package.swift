@@ -1,0 +1,102 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+// Weir: one proxy core, gateway or sidecar mode, Lua 5.4 policy plugins.
+// Module map (see DESIGN.md in shared/ and README.md):
+//   CLua        system library: Debian's liblua5.4-dev
+//   CLuaShims   C trampolines so no Lua longjmp ever crosses a Swift frame
+//   WeirLua     Lua states, coroutines, the `weir` SDK bindings
+//   WeirCore    config model + validation, routing, balancers (no I/O)
+//   WeirProxy   the NIO data path: listeners, HTTP/1 framing, upstream pools
+//   WeirAdmin   admin listener: health, readiness, metrics, config
+//   weir        the executable
+let swift5 = [SwiftSetting.swiftLanguageMode(.v5)]
+
+let package = Package(
+    name: "Weir",
+    platforms: [.macOS(.v13)],
+    products: [
+        .executable(name: "weir", targets: ["weir"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.81.0"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.5.0"),
+        .package(url: "https://github.com/jpsim/Yams.git", from: "5.0.1"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.6.0"),
+        .package(url: "https://github.com/apple/swift-atomics.git", from: "1.2.0"),
+    ],
+    targets: [
+        .systemLibrary(
+            name: "CLua",
+            pkgConfig: "lua5.4",
+            providers: [.apt(["liblua5.4-dev"])]
+        ),
+        .target(name: "CLuaShims", dependencies: ["CLua"]),
+        .target(
+            name: "WeirLua",
+            dependencies: ["CLua", "CLuaShims"],
+            swiftSettings: swift5
+        ),
+        .target(
+            name: "WeirCore",
+            dependencies: [
+                .product(name: "Yams", package: "Yams"),
+                .product(name: "Atomics", package: "swift-atomics"),
+            ],
+            swiftSettings: swift5
+        ),
+        .target(
+            name: "WeirProxy",
+            dependencies: [
+                "WeirCore",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Atomics", package: "swift-atomics"),
+            ],
+            swiftSettings: swift5
+        ),
+        .target(
+            name: "WeirAdmin",
+            dependencies: [
+                "WeirCore", "WeirProxy",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: swift5
+        ),
+        .executableTarget(
+            name: "weir",
+            dependencies: [
+                "WeirCore", "WeirProxy", "WeirAdmin", "WeirLua",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ],
+            swiftSettings: swift5
+        ),
+        // Route-table lookup micro-benchmark (bench/route-lookup); never a test.
+        .executableTarget(
+            name: "weir-route-bench",
+            dependencies: ["WeirCore"],
+            path: "bench/route-lookup",
+            swiftSettings: swift5
+        ),
+        .testTarget(name: "WeirCoreTests", dependencies: ["WeirCore"], swiftSettings: swift5),
+        .testTarget(name: "WeirLuaTests", dependencies: ["WeirLua", "CLua"], swiftSettings: swift5),
+        .testTarget(
+            name: "WeirProxyTests",
+            dependencies: [
+                "WeirCore", "WeirProxy", "WeirAdmin",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+            ],
+            swiftSettings: swift5
+        ),
+    ]
+)

@@ -1,0 +1,254 @@
+// The declarative configuration model: what `weir.yaml` says, after parsing
+// and validation. Plain values with defaults, no I/O. The YAML shape is the
+// user-facing contract (DESIGN.md "Config shape"): keys may be added, never
+// renamed. The parser (ConfigLoader) maps YAML keys in snake_case onto these.
+
+/// A span of time parsed from `250ms`, `2s`, `1m`, `1h`.
+public struct TimeSpan: Hashable, Comparable, Sendable, CustomStringConvertible {
+    public var nanoseconds: Int64
+    public init(nanoseconds: Int64) { self.nanoseconds = nanoseconds }
+    public static func milliseconds(_ ms: Int64) -> TimeSpan { .init(nanoseconds: ms * 1_000_000) }
+    public static func seconds(_ s: Int64) -> TimeSpan { .init(nanoseconds: s * 1_000_000_000) }
+    public var milliseconds: Int64 { nanoseconds / 1_000_000 }
+    public static func < (a: TimeSpan, b: TimeSpan) -> Bool { a.nanoseconds < b.nanoseconds }
+    public var description: String {
+        if nanoseconds % 1_000_000_000 == 0 { return "\(nanoseconds / 1_000_000_000)s" }
+        return "\(nanoseconds / 1_000_000)ms"
+    }
+}
+
+/// A host and port, from `127.0.0.1:8080`, `[::1]:8080` or `example.com:80`.
+public struct HostPort: Hashable, Sendable, CustomStringConvertible {
+    public var host: String
+    public var port: Int
+    public init(host: String, port: Int) { self.host = host; self.port = port }
+    public var description: String { host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)" }
+}
+
+public enum ListenerProtocol: String, Sendable, CaseIterable {
+    case http, https, tcp, tls
+}
+
+public enum ProxyMode: String, Sendable, CaseIterable {
+    case gateway, sidecar
+}
+
+/// Limits applied to downstream requests. Defaults follow what nginx and
+/// Envoy ship (see ANCHORS.md "Default limits").
+public struct RequestLimits: Hashable, Sendable {
+    /// Longest request line (method, target, version) accepted; longer gets 414.
+    public var maxRequestLineBytes: Int = 8 * 1024
+    /// Total bytes of all request headers; more gets 431.
+    public var maxHeaderBytes: Int = 60 * 1024
+    /// Number of request header fields; more gets 431.
+    public var maxHeaderCount: Int = 100
+    /// Request body size; larger gets 413. nil means unlimited (bodies stream).
+    public var maxBodyBytes: Int? = nil
+    /// Time allowed to receive the complete request head; then 408 and close.
+    public var headerTimeout: TimeSpan = .seconds(30)
+    /// Idle time allowed between requests on a keep-alive connection.
+    public var keepAliveTimeout: TimeSpan = .seconds(60)
+    public init() {}
+}
+
+public struct ListenerConfig: Hashable, Sendable {
+    public var name: String = ""
+    public var listen: HostPort = HostPort(host: "127.0.0.1", port: 8080)
+    public var `protocol`: ListenerProtocol = .http
+    /// Open downstream connections allowed on this listener; nil = unlimited.
+    public var maxConnections: Int? = nil
+    public var limits: RequestLimits = RequestLimits()
+    public init() {}
+}
+
+public enum BalancerKind: String, Sendable, CaseIterable {
+    case roundRobin = "round_robin"
+    case leastRequest = "least_request"
+    case consistentHash = "consistent_hash"
+    case random
+}
+
+/// What `consistent_hash` hashes on.
+public enum HashKey: Hashable, Sendable {
+    case header(String)
+    case cookie(String)
+    case clientIP
+}
+
+public struct TargetConfig: Hashable, Sendable {
+    public var address: HostPort
+    public var weight: Int = 1
+    public init(address: HostPort, weight: Int = 1) { self.address = address; self.weight = weight }
+}
+
+public struct ActiveHealthCheck: Hashable, Sendable {
+    public var path: String = "/healthz"
+    public var interval: TimeSpan = .seconds(5)
+    public var timeout: TimeSpan = .seconds(1)
+    /// Consecutive successes that bring an unhealthy target back.
+    public var healthy: Int = 2
+    /// Consecutive failures that mark a target unhealthy.
+    public var unhealthy: Int = 3
+    /// Statuses counted as healthy (default 200-399).
+    public var healthyStatuses: ClosedRange<Int> = 200...399
+    public init() {}
+}
+
+public struct PassiveHealthCheck: Hashable, Sendable {
+    /// Consecutive connect failures or 5xx responses that eject a target.
+    public var consecutiveFailures: Int = 5
+    /// How long an ejected target stays out before it is tried again.
+    public var ejection: TimeSpan = .seconds(30)
+    public init() {}
+}
+
+public struct HealthCheckConfig: Hashable, Sendable {
+    public var active: ActiveHealthCheck? = nil
+    public var passive: PassiveHealthCheck? = nil
+    public init() {}
+}
+
+public struct UpstreamTimeouts: Hashable, Sendable {
+    public var connect: TimeSpan = .seconds(5)
+    /// Max time waiting for the next bytes of the upstream response.
+    public var read: TimeSpan = .seconds(60)
+    /// Max time waiting for the upstream to accept request bytes.
+    public var write: TimeSpan = .seconds(60)
+    /// Whole exchange, first byte sent to last byte received; nil = none.
+    public var request: TimeSpan? = nil
+    public init() {}
+}
+
+public struct ConnectionPoolConfig: Hashable, Sendable {
+    /// Idle keep-alive connections kept per target per event loop.
+    public var maxIdle: Int = 64
+    public var idleTimeout: TimeSpan = .seconds(60)
+    /// Requests sent over one upstream connection before it is retired; nil = unlimited.
+    public var maxRequests: Int? = nil
+    public init() {}
+}
+
+public struct UpstreamConfig: Hashable, Sendable {
+    public var name: String = ""
+    public var balancer: BalancerKind = .roundRobin
+    /// Only for `consistent_hash`; defaults to the client IP.
+    public var hashOn: HashKey = .clientIP
+    public var targets: [TargetConfig] = []
+    public var healthCheck: HealthCheckConfig = HealthCheckConfig()
+    public var timeouts: UpstreamTimeouts = UpstreamTimeouts()
+    public var retries: Int = 1
+    public var pool: ConnectionPoolConfig = ConnectionPoolConfig()
+    public init() {}
+}
+
+/// One path pattern of a route. In YAML: `/orders` is a prefix,
+/// `= /orders` (or `=/orders`) is exact, `~ ^/orders/\d+$` is a regex.
+public enum PathPattern: Hashable, Sendable {
+    case prefix(String)
+    case exact(String)
+    case regex(String)
+}
+
+/// A header condition: the header must be present with one of `values`
+/// (exact, case-sensitive), or merely present when `values` is empty.
+public struct HeaderMatch: Hashable, Sendable {
+    public var name: String
+    public var values: [String]
+    public init(name: String, values: [String]) { self.name = name; self.values = values }
+}
+
+public struct RouteMatchConfig: Hashable, Sendable {
+    /// Exact host names or `*.example.com` wildcards; empty matches any host.
+    public var hosts: [String] = []
+    public var paths: [PathPattern] = []
+    /// Upper-case methods; empty matches any method.
+    public var methods: [String] = []
+    public var headers: [HeaderMatch] = []
+    public init() {}
+}
+
+/// A plugin attached globally, to a route, upstream or consumer.
+/// `config` is the raw YAML value; the plugin's schema validates it.
+public struct PluginRef: Hashable, Sendable {
+    public var name: String
+    public var config: ConfigValue
+    public var enabled: Bool = true
+    public init(name: String, config: ConfigValue = .map([:]), enabled: Bool = true) {
+        self.name = name; self.config = config; self.enabled = enabled
+    }
+}
+
+/// A schema-free config value (plugin configs, credentials) kept as parsed.
+public indirect enum ConfigValue: Hashable, Sendable {
+    case null
+    case bool(Bool)
+    case int(Int)
+    case double(Double)
+    case string(String)
+    case array([ConfigValue])
+    case map([String: ConfigValue])
+}
+
+public struct RouteConfig: Hashable, Sendable {
+    public var name: String = ""
+    public var match: RouteMatchConfig = RouteMatchConfig()
+    public var upstream: String = ""
+    /// Remove the matched path prefix before forwarding (prefix paths only).
+    public var stripPath: Bool = false
+    /// Replace the forwarded path: a fixed path, or for regex paths a
+    /// template with `$1`..`$9` capture references.
+    public var rewritePath: String? = nil
+    /// Forward the client's Host header instead of the target's address.
+    public var preserveHost: Bool = false
+    /// Route-specific body limit; overrides the listener's.
+    public var maxBodyBytes: Int? = nil
+    public var plugins: [PluginRef] = []
+    public init() {}
+}
+
+public struct ConsumerConfig: Hashable, Sendable {
+    public var name: String = ""
+    public var groups: [String] = []
+    /// Credentials per auth plugin, e.g. `key-auth: [{key: alice-key}]`.
+    public var credentials: [String: ConfigValue] = [:]
+    public var plugins: [PluginRef] = []
+    public init() {}
+}
+
+public struct AdminConfig: Hashable, Sendable {
+    public var listen: HostPort = HostPort(host: "127.0.0.1", port: 9901)
+    public init() {}
+}
+
+public enum AccessLogTarget: Hashable, Sendable {
+    case off
+    case stdout
+    case file(String)
+}
+
+/// How incoming X-Forwarded-For is treated.
+public struct ForwardedConfig: Hashable, Sendable {
+    /// Client addresses (CIDRs) whose X-Forwarded-For is trusted and appended
+    /// to; from anyone else it is replaced by the peer address.
+    public var trustedProxies: [String] = []
+    public init() {}
+}
+
+public struct WeirConfig: Hashable, Sendable {
+    public var listeners: [ListenerConfig] = []
+    public var upstreams: [UpstreamConfig] = []
+    public var routes: [RouteConfig] = []
+    /// The global plugin chain.
+    public var plugins: [PluginRef] = []
+    /// Folders searched in order for `plugins/<name>/handler.lua`.
+    public var pluginPaths: [String] = ["plugins"]
+    public var consumers: [ConsumerConfig] = []
+    public var admin: AdminConfig? = nil
+    /// Event loops; nil means one per core.
+    public var workers: Int? = nil
+    public var accessLog: AccessLogTarget = .stdout
+    public var forwarded: ForwardedConfig = ForwardedConfig()
+    /// How long in-flight requests may run after SIGTERM before exit.
+    public var drainTimeout: TimeSpan = .seconds(30)
+    public init() {}
+}

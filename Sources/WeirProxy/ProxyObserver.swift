@@ -1,0 +1,46 @@
+import WeirCore
+
+/// One finished request, as the access log and the metrics see it.
+/// Built on the event loop when the response's last byte has been written.
+public struct AccessRecord: Sendable {
+    /// Wall-clock start, seconds since 1970.
+    public var startTime: Double
+    public var requestID: String
+    public var listener: String
+    public var clientAddress: String
+    public var method: String
+    public var path: String
+    /// Route name, or nil when no route matched (404).
+    public var route: String?
+    public var upstream: String?
+    /// "host:port" of the target the final attempt went to.
+    public var upstreamTarget: String?
+    public var status: Int
+    public var bytesIn: Int
+    public var bytesOut: Int
+    /// Seconds from first request byte to last response byte.
+    public var totalDuration: Double
+    /// Seconds spent waiting on the upstream (connect to last byte), if any.
+    public var upstreamDuration: Double?
+    public var attempts: Int
+
+    public init(startTime: Double, requestID: String, listener: String, clientAddress: String,
+                method: String, path: String, route: String?, upstream: String?, upstreamTarget: String?,
+                status: Int, bytesIn: Int, bytesOut: Int, totalDuration: Double,
+                upstreamDuration: Double?, attempts: Int) {
+        self.startTime = startTime; self.requestID = requestID; self.listener = listener
+        self.clientAddress = clientAddress; self.method = method; self.path = path
+        self.route = route; self.upstream = upstream; self.upstreamTarget = upstreamTarget
+        self.status = status; self.bytesIn = bytesIn; self.bytesOut = bytesOut
+        self.totalDuration = totalDuration; self.upstreamDuration = upstreamDuration
+        self.attempts = attempts
+    }
+}
+
+/// What the data path reports to the outside (access log, metrics).
+/// Called on event loops: implementations must be cheap and never block.
+public protocol ProxyObserver: AnyObject, Sendable {
+    func requestCompleted(_ record: AccessRecord)
+    func connectionOpened(listener: String)
+    func connectionClosed(listener: String)
+}

@@ -1,0 +1,7 @@
+import ArgumentParser
+import WeirLua
+
+struct Weir: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Weir: a programmable proxy.")
+}
+Weir.main()

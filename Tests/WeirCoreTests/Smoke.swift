@@ -1,0 +1,2 @@
+import XCTest
+final class WeirCoreTestsSmoke: XCTestCase { func testBuilds() { XCTAssertTrue(true) } }

@@ -1,0 +1,2 @@
+import XCTest
+final class WeirLuaTestsSmoke: XCTestCase { func testBuilds() { XCTAssertTrue(true) } }

@@ -1,0 +1,2 @@
+import XCTest
+final class WeirProxyTestsSmoke: XCTestCase { func testBuilds() { XCTAssertTrue(true) } }

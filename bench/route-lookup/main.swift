@@ -1,0 +1,2 @@
+import WeirCore
+print("route lookup benchmark: not written yet")
