@@ -1,0 +1,249 @@
+# Shared helpers for bench/run.sh and bench/profile.sh (sourced, not run).
+#
+# Everything here stays on loopback, writes only under bench/.run/ and
+# bench/results/ (both gitignored) or bench/profiles/, and remembers every
+# process it starts so cleanup_started can stop exactly those, and nothing
+# else, on any exit path.
+
+BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_DIR=$(cd "$BENCH_DIR/.." && pwd)
+RUN_DIR="$BENCH_DIR/.run"
+RESULTS_DIR="$BENCH_DIR/results"
+TEMPLATES_DIR="$BENCH_DIR/templates"
+WRK_REPORTER="$BENCH_DIR/wrk-report.lua"
+
+WEIR_SCRATCH="$REPO_DIR/.build-bench"
+WEIR_BIN="$WEIR_SCRATCH/release/weir"
+
+ORIGIN_PORT=19000
+NGINX_PORT=19001
+HAPROXY_PORT=19002
+NGINX_LUA_PORT=19003
+WEIR_PORT=19010
+
+# The key wrk sends in every request (harmless to the proxies that ignore
+# it; the Lua variants authenticate it).
+API_KEY="bench-key"
+
+# Core pinning on this 2-core machine: the load side (origin nginx + wrk)
+# shares LOAD_CPU, the proxy under test gets PROXY_CPU to itself. With
+# fewer than 2 cores nothing is pinned (and the output says so).
+LOAD_CPU=0
+PROXY_CPU=1
+if [ "$(nproc)" -lt 2 ]; then
+    LOAD_CPU=""
+    PROXY_CPU=""
+fi
+
+NDK_MODULE=""
+LUA_MODULE=""
+for dir in /usr/lib/nginx/modules /usr/share/nginx/modules; do
+    [ -z "$NDK_MODULE" ] && [ -f "$dir/ndk_http_module.so" ] && NDK_MODULE="$dir/ndk_http_module.so"
+    [ -z "$LUA_MODULE" ] && [ -f "$dir/ngx_http_lua_module.so" ] && LUA_MODULE="$dir/ngx_http_lua_module.so"
+done
+
+log() { echo "[bench $(date -u +%H:%M:%S)] $*" >&2; }
+die() { echo "bench: error: $*" >&2; exit 1; }
+
+require_tools() {
+    local tool missing=()
+    for tool in "$@"; do
+        command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+    done
+    [ ${#missing[@]} -eq 0 ] || die "missing tools: ${missing[*]} (Debian: apt-get install nginx libnginx-mod-http-lua haproxy wrk curl python3)"
+}
+
+# The origin's body: exactly 1024 bytes, characters that need no escaping
+# inside an nginx string.
+body_1k() {
+    local chunk="0123456789abcdef" body="" i
+    for i in $(seq 64); do body+="$chunk"; done
+    printf '%s' "$body"
+}
+
+# render_template TEMPLATE DEST: replace every @NAME@ with its value.
+render_template() {
+    local template="$TEMPLATES_DIR/$1" dest="$2"
+    [ -f "$template" ] || die "template not found: $template"
+    sed -e "s|@RUN_DIR@|$RUN_DIR|g" \
+        -e "s|@ORIGIN_PORT@|$ORIGIN_PORT|g" \
+        -e "s|@NGINX_PORT@|$NGINX_PORT|g" \
+        -e "s|@HAPROXY_PORT@|$HAPROXY_PORT|g" \
+        -e "s|@NGINX_LUA_PORT@|$NGINX_LUA_PORT|g" \
+        -e "s|@WEIR_PORT@|$WEIR_PORT|g" \
+        -e "s|@API_KEY@|$API_KEY|g" \
+        -e "s|@NDK_MODULE@|$NDK_MODULE|g" \
+        -e "s|@LUA_MODULE@|$LUA_MODULE|g" \
+        -e "s|@BODY_1K@|$(body_1k)|g" \
+        "$template" > "$dest"
+    if grep -q '@[A-Z0-9_]*@' "$dest"; then
+        die "unreplaced placeholder in $dest: $(grep -o '@[A-Z0-9_]*@' "$dest" | head -1)"
+    fi
+}
+
+prepare_run_dir() {
+    # Only our own run dir is wiped; it is gitignored and holds nothing else.
+    rm -rf "$RUN_DIR"
+    mkdir -p "$RUN_DIR/logs" "$RUN_DIR/tmp" "$RESULTS_DIR"
+}
+
+# pin CPU: the taskset prefix for a command, or nothing without pinning.
+pin() {
+    if [ -n "$1" ]; then echo "taskset -c $1"; fi
+}
+
+port_in_use() {
+    [ -n "$(ss -ltnH "sport = :$1" 2>/dev/null)" ]
+}
+
+# wait_for_port PORT SECONDS: until something accepts on 127.0.0.1:PORT.
+wait_for_port() {
+    local port=$1 deadline=$((SECONDS + $2))
+    while [ $SECONDS -lt $deadline ]; do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
+        sleep 0.1
+    done
+    return 1
+}
+
+# --- process bookkeeping -------------------------------------------------
+
+STARTED_PIDS=()
+STARTED_NAMES=()
+declare -A PID_OF=()
+
+# start_bg NAME CPU CMD...: start CMD in the background pinned to CPU,
+# output to $RUN_DIR/logs/NAME.out, and remember its pid.
+start_bg() {
+    local name=$1 cpu=$2; shift 2
+    # shellcheck disable=SC2046
+    $(pin "$cpu") "$@" > "$RUN_DIR/logs/$name.out" 2>&1 &
+    local pid=$!
+    STARTED_PIDS+=("$pid")
+    STARTED_NAMES+=("$name")
+    PID_OF[$name]=$pid
+    log "started $name (pid $pid${cpu:+, pinned to CPU $cpu}): $*"
+}
+
+is_alive() { kill -0 "$1" 2>/dev/null; }
+
+# Stop every process start_bg started, newest first: SIGTERM, then SIGKILL
+# after 5 s. Only these pids are signalled; nginx masters take their
+# workers down with them.
+cleanup_started() {
+    local i pid name deadline
+    for ((i = ${#STARTED_PIDS[@]} - 1; i >= 0; i--)); do
+        pid=${STARTED_PIDS[$i]}
+        name=${STARTED_NAMES[$i]}
+        is_alive "$pid" || continue
+        kill -TERM "$pid" 2>/dev/null
+        deadline=$((SECONDS + 5))
+        while is_alive "$pid" && [ $SECONDS -lt $deadline ]; do sleep 0.1; done
+        if is_alive "$pid"; then
+            log "$name (pid $pid) ignored SIGTERM; sending SIGKILL"
+            kill -KILL "$pid" 2>/dev/null
+        fi
+        wait "$pid" 2>/dev/null
+    done
+    STARTED_PIDS=()
+    STARTED_NAMES=()
+}
+
+# --- the peers -------------------------------------------------------------
+
+start_origin() {
+    render_template origin-nginx.conf "$RUN_DIR/origin-nginx.conf"
+    # -p keeps nginx's prefix in the run dir, -e its startup error log, so no
+    # system path is written.
+    start_bg origin "$LOAD_CPU" nginx -p "$RUN_DIR" -e "$RUN_DIR/logs/origin-error.log" \
+        -c "$RUN_DIR/origin-nginx.conf" -g "daemon off;"
+    wait_for_port "$ORIGIN_PORT" 10 || die "origin nginx did not listen on 127.0.0.1:$ORIGIN_PORT (see $RUN_DIR/logs/origin.out and origin-error.log)"
+}
+
+start_nginx_proxy() {
+    render_template nginx-proxy.conf "$RUN_DIR/nginx-proxy.conf"
+    start_bg nginx "$PROXY_CPU" nginx -p "$RUN_DIR" -e "$RUN_DIR/logs/nginx-error.log" \
+        -c "$RUN_DIR/nginx-proxy.conf" -g "daemon off;"
+    wait_for_port "$NGINX_PORT" 10 || die "nginx proxy did not listen on 127.0.0.1:$NGINX_PORT (see $RUN_DIR/logs/nginx.out)"
+}
+
+start_haproxy() {
+    render_template haproxy.cfg "$RUN_DIR/haproxy.cfg"
+    haproxy -c -q -f "$RUN_DIR/haproxy.cfg" > "$RUN_DIR/logs/haproxy-check.out" 2>&1 \
+        || die "haproxy rejected its config: $(head -5 "$RUN_DIR/logs/haproxy-check.out")"
+    # -db: stay in the foreground so the pid we hold is HAProxy itself.
+    start_bg haproxy "$PROXY_CPU" haproxy -db -f "$RUN_DIR/haproxy.cfg"
+    wait_for_port "$HAPROXY_PORT" 10 || die "haproxy did not listen on 127.0.0.1:$HAPROXY_PORT (see $RUN_DIR/logs/haproxy.out)"
+}
+
+start_nginx_lua() {
+    [ -n "$LUA_MODULE" ] && [ -n "$NDK_MODULE" ] \
+        || die "nginx Lua module not found under /usr/lib/nginx/modules or /usr/share/nginx/modules (apt-get install libnginx-mod-http-lua)"
+    render_template nginx-lua.conf "$RUN_DIR/nginx-lua.conf"
+    start_bg nginx-lua "$PROXY_CPU" nginx -p "$RUN_DIR" -e "$RUN_DIR/logs/nginx-lua-error.log" \
+        -c "$RUN_DIR/nginx-lua.conf" -g "daemon off;"
+    wait_for_port "$NGINX_LUA_PORT" 10 || die "nginx+lua did not listen on 127.0.0.1:$NGINX_LUA_PORT (see $RUN_DIR/logs/nginx-lua.out and nginx-lua-error.log)"
+}
+
+# Weir problems are never fatal for the run: they set WEIR_UNAVAILABLE to
+# the reason and the table says "not available (<reason>)".
+WEIR_UNAVAILABLE=""
+
+build_weir() {
+    log "building Weir (release, scratch $WEIR_SCRATCH); log: $RUN_DIR/logs/weir-build.log"
+    if ! (cd "$REPO_DIR" && timeout 2400 swift build -c release --scratch-path "$WEIR_SCRATCH" --product weir -j 2) \
+            > "$RUN_DIR/logs/weir-build.log" 2>&1; then
+        local first_error
+        first_error=$(grep -m1 -E 'error:' "$RUN_DIR/logs/weir-build.log" | cut -c1-160)
+        WEIR_UNAVAILABLE="release build failed: ${first_error:-see bench/.run/logs/weir-build.log}"
+        log "weir: $WEIR_UNAVAILABLE"
+    fi
+}
+
+start_weir() {
+    [ -z "$WEIR_UNAVAILABLE" ] || return 1
+    if [ ! -x "$WEIR_BIN" ]; then
+        WEIR_UNAVAILABLE="no binary at ${WEIR_BIN#$REPO_DIR/} (run without --no-build)"
+        return 1
+    fi
+    render_template weir.yaml "$RUN_DIR/weir.yaml"
+    start_bg weir "$PROXY_CPU" "$WEIR_BIN" run --config "$RUN_DIR/weir.yaml" --workers 1
+    local pid=${PID_OF[weir]} deadline=$((SECONDS + 15))
+    while [ $SECONDS -lt $deadline ]; do
+        if ! is_alive "$pid"; then
+            local last_line
+            last_line=$(grep -v '^[[:space:]]*$' "$RUN_DIR/logs/weir.out" | tail -1 | cut -c1-160)
+            WEIR_UNAVAILABLE="exited at startup: ${last_line:-no output}"
+            return 1
+        fi
+        if (exec 3<>"/dev/tcp/127.0.0.1/$WEIR_PORT") 2>/dev/null; then return 0; fi
+        sleep 0.2
+    done
+    WEIR_UNAVAILABLE="did not listen on 127.0.0.1:$WEIR_PORT within 15 s"
+    return 1
+}
+
+# verify_proxies_to_origin NAME PORT: one GET through the proxy must return
+# 200 with exactly the origin's 1 KB body. Prints the problem and returns 1
+# otherwise.
+verify_proxies_to_origin() {
+    local name=$1 port=$2 out="$RUN_DIR/verify-$1.body" status
+    status=$(curl -sS --max-time 5 -H "apikey: $API_KEY" -o "$out" \
+        -w '%{http_code} %{size_download}' "http://127.0.0.1:$port/" 2>&1) \
+        || { echo "curl failed: $status"; return 1; }
+    if [ "$status" != "200 1024" ]; then
+        echo "expected HTTP 200 with 1024 bytes, got HTTP ${status% *} with ${status#* } bytes"
+        return 1
+    fi
+    if [ "$(cat "$out")" != "$(body_1k)" ]; then
+        echo "body differs from the origin's"
+        return 1
+    fi
+    return 0
+}
+
+# Sum of user+system CPU ticks of PID and all its descendants (nginx
+# master + worker, every Weir thread).
+cpu_ticks() {
+    python3 "$BENCH_DIR/cpu_ticks.py" "$1"
+}

@@ -1,0 +1,195 @@
+#!/usr/bin/env bash
+# Side-by-side proxy benchmark: Weir vs nginx, HAProxy and nginx+Lua, each
+# with one worker, in front of the same nginx origin serving 1 KB, measured
+# with wrk, runs interleaved across proxies. See bench/README.md.
+#
+#   bench/run.sh [--no-build] [--duration S] [--runs N] [--warmup S]
+#                [--connections 32,256] [--proxies nginx,haproxy,nginx-lua,weir]
+#                [--wrk-threads N]
+set -uo pipefail
+ORIGINAL_ARGS=("$@")
+
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+usage() {
+    cat <<EOF
+usage: bench/run.sh [options]
+  --no-build           use the existing release binary in .build-bench (no swift build)
+  --duration S         seconds per measured wrk run (default 10)
+  --runs N             measured runs per proxy and connection count (default 3)
+  --warmup S           seconds of wrk before each measured run, not recorded (default 2)
+  --connections LIST   comma-separated wrk connection counts (default 32,256)
+  --proxies LIST       comma-separated subset of nginx,haproxy,nginx-lua,weir (default all)
+  --wrk-threads N      wrk threads (default 1: wrk shares the load core with the origin)
+EOF
+}
+
+BUILD=1
+DURATION=10
+RUNS=3
+WARMUP=2
+CONNECTIONS="32,256"
+PROXIES="nginx,haproxy,nginx-lua,weir"
+WRK_THREADS=1
+
+positive_int() { [[ "$2" =~ ^[1-9][0-9]*$ ]] || die "$1 needs a positive integer, got '${2:-}'"; }
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --no-build) BUILD=0; shift ;;
+        --duration) positive_int "$1" "${2:-}"; DURATION=$2; shift 2 ;;
+        --runs) positive_int "$1" "${2:-}"; RUNS=$2; shift 2 ;;
+        --warmup) [[ "${2:-}" =~ ^[0-9]+$ ]] || die "--warmup needs a whole number of seconds"; WARMUP=$2; shift 2 ;;
+        --connections) [[ "${2:-}" =~ ^[1-9][0-9]*(,[1-9][0-9]*)*$ ]] || die "--connections needs a list like 32,256"; CONNECTIONS=$2; shift 2 ;;
+        --proxies) PROXIES=${2:-}; shift 2 ;;
+        --wrk-threads) positive_int "$1" "${2:-}"; WRK_THREADS=$2; shift 2 ;;
+        -h|--help) usage; exit 0 ;;
+        *) usage >&2; die "unknown option: $1" ;;
+    esac
+done
+
+IFS=, read -r -a PROXY_LIST <<< "$PROXIES"
+IFS=, read -r -a CONN_LIST <<< "$CONNECTIONS"
+for proxy in "${PROXY_LIST[@]}"; do
+    case "$proxy" in nginx|haproxy|nginx-lua|weir) ;; *) die "unknown proxy '$proxy' (known: nginx, haproxy, nginx-lua, weir)" ;; esac
+done
+for conns in "${CONN_LIST[@]}"; do
+    [ "$conns" -ge "$WRK_THREADS" ] || die "wrk needs at least as many connections ($conns) as threads ($WRK_THREADS)"
+done
+
+port_of() {
+    case "$1" in
+        nginx) echo "$NGINX_PORT" ;;
+        haproxy) echo "$HAPROXY_PORT" ;;
+        nginx-lua) echo "$NGINX_LUA_PORT" ;;
+        weir) echo "$WEIR_PORT" ;;
+    esac
+}
+
+wants() { [[ ",$PROXIES," == *",$1,"* ]]; }
+
+require_tools nginx haproxy wrk curl python3 ss
+[ -z "$LOAD_CPU" ] || require_tools taskset
+
+for port in "$ORIGIN_PORT" $(for p in "${PROXY_LIST[@]}"; do port_of "$p"; done); do
+    port_in_use "$port" && die "127.0.0.1:$port is already in use (another benchmark running? see 'ss -ltnp sport = :$port')"
+done
+
+prepare_run_dir
+trap 'cleanup_started' EXIT
+trap 'log "interrupted; stopping everything started"; exit 130' INT TERM
+
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+RESULTS_FILE="$RESULTS_DIR/$STAMP.txt"
+
+if wants weir; then
+    if [ "$BUILD" -eq 1 ]; then build_weir; fi
+fi
+
+# --- start and verify every peer -------------------------------------------
+
+start_origin
+origin_check=$(curl -sS --max-time 5 -o "$RUN_DIR/origin.body" -w '%{http_code} %{size_download}' \
+    "http://127.0.0.1:$ORIGIN_PORT/") || die "origin did not answer: $origin_check"
+[ "$origin_check" = "200 1024" ] || die "origin must answer 200 with a 1024-byte body, got: $origin_check"
+
+wants nginx && start_nginx_proxy
+wants haproxy && start_haproxy
+wants nginx-lua && start_nginx_lua
+
+ACTIVE=()
+for proxy in "${PROXY_LIST[@]}"; do
+    if [ "$proxy" = weir ]; then
+        if start_weir; then
+            if problem=$(verify_proxies_to_origin weir "$WEIR_PORT"); then
+                ACTIVE+=(weir)
+            else
+                WEIR_UNAVAILABLE="does not proxy yet: $problem"
+            fi
+        fi
+        [ -n "$WEIR_UNAVAILABLE" ] && log "weir: not available ($WEIR_UNAVAILABLE)"
+        continue
+    fi
+    problem=$(verify_proxies_to_origin "$proxy" "$(port_of "$proxy")") \
+        || die "$proxy does not proxy to the origin: $problem (logs in $RUN_DIR/logs/)"
+    ACTIVE+=("$proxy")
+done
+
+if wants nginx-lua; then
+    # The Lua variant must really authenticate, or it is not doing the work
+    # it is benchmarked for.
+    denied=$(curl -sS --max-time 5 -o /dev/null -w '%{http_code}' "http://127.0.0.1:$NGINX_LUA_PORT/")
+    [ "$denied" = 401 ] || die "nginx-lua should answer 401 without an API key, got $denied"
+fi
+log "verified: ${ACTIVE[*]} each return the origin's 1 KB body"
+
+# --- metadata ----------------------------------------------------------------
+
+swift_builds() { # compiler processes of other engineers' builds: they make numbers noisy
+    echo $(( $(pgrep -c -x swift-frontend) + $(pgrep -c -x swift-build) ))
+}
+
+{
+    echo "# Weir side-by-side benchmark, $STAMP"
+    echo "# command: bench/run.sh $(printf '%q ' "${ORIGINAL_ARGS[@]:-}")"
+    echo "# machine: $(uname -srm); $(nproc) CPUs; $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
+    echo "# versions: $(nginx -v 2>&1); $(haproxy -v | head -1); $(wrk -v 2>&1 | head -1); weir $(git -C "$REPO_DIR" rev-parse --short HEAD 2>/dev/null)"
+    if [ -n "$LOAD_CPU" ]; then
+        echo "# pinning: origin nginx + wrk on CPU $LOAD_CPU; the proxy under test on CPU $PROXY_CPU"
+    else
+        echo "# pinning: none (fewer than 2 CPUs)"
+    fi
+    echo "# wrk: -t $WRK_THREADS, connections $CONNECTIONS, ${DURATION}s measured after ${WARMUP}s warm-up, $RUNS runs interleaved"
+    echo "# load before: $(uptime | sed 's/.*load average/load average/'); swift compiler processes running: $(swift_builds)"
+    [ -n "$WEIR_UNAVAILABLE" ] && echo "UNAVAILABLE proxy=weir reason=$WEIR_UNAVAILABLE"
+} > "$RESULTS_FILE"
+
+if [ -n "$LOAD_CPU" ]; then
+    log "pinning: origin nginx and wrk on CPU $LOAD_CPU, each proxy under test on CPU $PROXY_CPU"
+fi
+log "wrk -t $WRK_THREADS; ${#ACTIVE[@]} proxies x ${#CONN_LIST[@]} connection counts x $RUNS runs x (${WARMUP}s + ${DURATION}s)"
+
+# --- measurements, interleaved: run 1 of every proxy, then run 2, ... ------
+
+run_wrk() { # PORT CONNS SECONDS -> wrk output on stdout
+    # shellcheck disable=SC2046
+    timeout $(($3 + 30)) $(pin "$LOAD_CPU") wrk -t "$WRK_THREADS" -c "$2" -d "${3}s" --timeout 5s \
+        -s "$WRK_REPORTER" -H "apikey: $API_KEY" "http://127.0.0.1:$1/"
+}
+
+for ((run = 1; run <= RUNS; run++)); do
+    for conns in "${CONN_LIST[@]}"; do
+        for proxy in "${ACTIVE[@]}"; do
+            port=$(port_of "$proxy")
+            pid=${PID_OF[$proxy]}
+            is_alive "$pid" || die "$proxy (pid $pid) died during the benchmark (see $RUN_DIR/logs/$proxy.out)"
+            if [ "$WARMUP" -gt 0 ]; then run_wrk "$port" "$conns" "$WARMUP" > /dev/null 2>&1; fi
+            load1=$(cut -d' ' -f1 /proc/loadavg)
+            builds=$(swift_builds)
+            cpu_before=$(cpu_ticks "$pid")
+            output=$(run_wrk "$port" "$conns" "$DURATION" 2>&1)
+            cpu_after=$(cpu_ticks "$pid")
+            result=$(grep '^WRK_RESULT ' <<< "$output" | head -1)
+            if [ -z "$result" ]; then
+                echo "$output" > "$RUN_DIR/logs/wrk-failed-$proxy-$conns-$run.out"
+                die "wrk produced no result for $proxy at $conns connections (output in $RUN_DIR/logs/wrk-failed-$proxy-$conns-$run.out)"
+            fi
+            line="RESULT run=$run proxy=$proxy conns=$conns ${result#WRK_RESULT } cpu_ticks=$((cpu_after - cpu_before)) load1=$load1 swift_builds=$builds"
+            echo "$line" >> "$RESULTS_FILE"
+            rps=$(grep -o 'rps=[0-9.]*' <<< "$result"); p99=$(grep -o 'p99_us=[0-9]*' <<< "$result")
+            log "run $run/$RUNS $proxy @ $conns conns: ${rps#rps=} req/s, p99 ${p99#p99_us=} µs (load $load1)"
+        done
+    done
+done
+
+echo "# load after: $(uptime | sed 's/.*load average/load average/'); swift compiler processes running: $(swift_builds)" >> "$RESULTS_FILE"
+
+# --- report --------------------------------------------------------------------
+
+summary=$(python3 "$BENCH_DIR/summarize.py" "$RESULTS_FILE") || die "could not summarise $RESULTS_FILE"
+{ echo; echo "## Summary"; echo "$summary"; } >> "$RESULTS_FILE"
+echo
+echo "$summary"
+echo
+[ -n "$WEIR_UNAVAILABLE" ] && echo "weir: not available ($WEIR_UNAVAILABLE)"
+echo "raw results: ${RESULTS_FILE#$REPO_DIR/}"

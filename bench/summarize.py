@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""Summarise a bench/run.sh results file.
+
+Input lines (written by run.sh):
+  RESULT run=1 proxy=nginx conns=32 requests=... rps=... p50_us=... p99_us=...
+         cpu_ticks=... err_status=... ...
+  UNAVAILABLE proxy=weir reason=free text to the end of the line
+
+Output: a Markdown table of medians per proxy and connection count, then
+the ratios Weir/nginx and Weir/HAProxy (and nginx+Lua/nginx), computed from
+the medians of this one file, so they come from one run on one machine
+state. Medians, not means: the machine is shared and noisy, and a median of
+interleaved runs is robust to one disturbed run.
+"""
+import statistics
+import sys
+from collections import OrderedDict
+
+# Display order and labels; unknown proxies are appended after these.
+LABELS = OrderedDict([
+    ("nginx", "nginx proxy_pass (keepalive)"),
+    ("haproxy", "HAProxy (http-reuse always)"),
+    ("nginx-lua", "nginx + Lua (key-auth-like + shared counter + header)"),
+    ("weir", "Weir (no plugins)"),
+])
+CLOCK_TICKS_PER_SECOND = 100
+
+
+def parse(path):
+    results, unavailable = [], OrderedDict()
+    with open(path) as f:
+        for line in f:
+            line = line.rstrip("\n")
+            if line.startswith("RESULT "):
+                fields = dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv)
+                results.append(fields)
+            elif line.startswith("UNAVAILABLE "):
+                rest = line[len("UNAVAILABLE "):]
+                proxy_part, _, reason_part = rest.partition(" reason=")
+                unavailable[proxy_part.split("=", 1)[1]] = reason_part
+    return results, unavailable
+
+
+def median(values):
+    return statistics.median(values) if values else None
+
+
+def summarise(results):
+    """{(proxy, conns): {metric: median}} plus run counts and error totals."""
+    groups = OrderedDict()
+    for r in results:
+        groups.setdefault((r["proxy"], int(r["conns"])), []).append(r)
+    summary = OrderedDict()
+    for key, rows in groups.items():
+        errors = sum(int(r.get(k, 0)) for r in rows
+                     for k in ("err_connect", "err_read", "err_write", "err_status", "err_timeout"))
+        cpu_us_per_req = [int(r["cpu_ticks"]) * 1e6 / CLOCK_TICKS_PER_SECOND / int(r["requests"])
+                          for r in rows if "cpu_ticks" in r and int(r.get("requests", 0)) > 0]
+        cpu_percent = [int(r["cpu_ticks"]) * 100.0 / CLOCK_TICKS_PER_SECOND / float(r["seconds"])
+                       for r in rows if "cpu_ticks" in r and float(r.get("seconds", 0)) > 0]
+        summary[key] = {
+            "runs": len(rows),
+            "rps": median([float(r["rps"]) for r in rows]),
+            "rps_all": [float(r["rps"]) for r in rows],
+            "p50_ms": median([int(r["p50_us"]) / 1000.0 for r in rows]),
+            "p99_ms": median([int(r["p99_us"]) / 1000.0 for r in rows]),
+            "cpu_percent": median(cpu_percent),
+            "cpu_us_per_req": median(cpu_us_per_req),
+            "errors": errors,
+        }
+    return summary
+
+
+def ordered_proxies(summary, unavailable):
+    seen = [p for p, _ in summary.keys()] + list(unavailable.keys())
+    known = [p for p in LABELS if p in seen]
+    return known + [p for p in OrderedDict.fromkeys(seen) if p not in LABELS]
+
+
+def fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def render(path):
+    results, unavailable = parse(path)
+    summary = summarise(results)
+    conns_list = sorted({c for _, c in summary.keys()})
+    out = []
+    out.append("| proxy | conns | req/s (median) | p50 ms | p99 ms | proxy CPU % | proxy CPU µs/req | runs | errors |")
+    out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for proxy in ordered_proxies(summary, unavailable):
+        label = LABELS.get(proxy, proxy)
+        if proxy in unavailable and not any(p == proxy for p, _ in summary):
+            out.append(f"| {label} | - | not available ({unavailable[proxy]}) | | | | | | |")
+            continue
+        for conns in conns_list:
+            s = summary.get((proxy, conns))
+            if s is None:
+                continue
+            out.append(
+                f"| {label} | {conns} | {fmt(s['rps'], ',.0f')} | {fmt(s['p50_ms'], '.2f')} | "
+                f"{fmt(s['p99_ms'], '.2f')} | {fmt(s['cpu_percent'], '.0f')} | "
+                f"{fmt(s['cpu_us_per_req'], '.1f')} | {s['runs']} | {s['errors']} |")
+    out.append("")
+    out.append("Ratios (from the medians above; req/s ratio > 1 means faster, p99 ratio < 1 means lower tail latency):")
+    pairs = [("weir", "nginx"), ("weir", "haproxy"), ("nginx-lua", "nginx")]
+    pairs += [(p, "weir") for p, _ in summary if p.startswith("weir-")]
+    pairs = list(OrderedDict.fromkeys(pairs))
+    for a, b in pairs:
+        for conns in conns_list:
+            sa, sb = summary.get((a, conns)), summary.get((b, conns))
+            if sa is None or sb is None:
+                if a in unavailable and (b, conns) in summary:
+                    out.append(f"- {a}/{b} @ {conns} conns: not available ({a}: {unavailable[a]})")
+                continue
+            line = (f"- {a}/{b} @ {conns} conns: req/s x{sa['rps'] / sb['rps']:.2f}, "
+                    f"p99 x{sa['p99_ms'] / sb['p99_ms']:.2f}")
+            if sa["cpu_us_per_req"] is not None and sb["cpu_us_per_req"] is not None:
+                delta = sa["cpu_us_per_req"] - sb["cpu_us_per_req"]
+                line += f", CPU per request {delta:+.1f} µs"
+            out.append(line)
+    if len(out) and out[-1].startswith("Ratios"):
+        out.append("- none (a ratio needs both proxies measured)")
+    spread = []
+    for (proxy, conns), s in summary.items():
+        if len(s["rps_all"]) > 1:
+            lo, hi = min(s["rps_all"]), max(s["rps_all"])
+            spread.append(f"{proxy}@{conns}: {lo:,.0f}..{hi:,.0f}")
+    if spread:
+        out.append("")
+        out.append("Spread of req/s across runs (min..max): " + "; ".join(spread))
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: summarize.py RESULTS_FILE")
+    print(render(sys.argv[1]))
