@@ -31,10 +31,14 @@ let package = Package(
             pkgConfig: "lua5.4",
             providers: [.apt(["liblua5.4-dev"])]
         ),
-        .target(name: "CLuaShims", dependencies: ["CLua"]),
+        .target(name: "CLuaShims", dependencies: ["CLua"], linkerSettings: [.linkedLibrary("m")]),
         .target(
             name: "WeirLua",
-            dependencies: ["CLua", "CLuaShims"],
+            dependencies: [
+                "CLua", "CLuaShims", "WeirCore",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            ],
             swiftSettings: swift5
         ),
         .target(
@@ -90,7 +94,26 @@ let package = Package(
             swiftSettings: swift5
         ),
         .testTarget(name: "WeirCoreTests", dependencies: ["WeirCore"], swiftSettings: swift5),
-        .testTarget(name: "WeirLuaTests", dependencies: ["WeirLua", "CLua"], swiftSettings: swift5),
+        .testTarget(
+            name: "WeirLuaTests",
+            dependencies: [
+                "WeirLua", "CLua", "CLuaShims", "WeirCore",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ],
+            swiftSettings: swift5
+        ),
+        // Lua phase-cost micro-measure (bench/lua-phase); run by hand in release mode, never a test.
+        .executableTarget(
+            name: "weir-lua-bench",
+            dependencies: [
+                "WeirLua", "WeirCore",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ],
+            path: "bench/lua-phase",
+            swiftSettings: swift5
+        ),
         .testTarget(
             name: "WeirProxyTests",
             dependencies: [

@@ -1,3 +1,223 @@
+// The C half of the Lua bridge: allocator, budget hook, panic handler,
+// trampolines into Swift and protected entry points. Every place where Lua
+// may longjmp (lua_error, lua_yield, allocation failure, the budget hook)
+// is reached only through C frames; see the contract in CLuaShims.h.
+#include <lua5.4/lua.h>
+#include <lua5.4/lualib.h>
+#include <lua5.4/lauxlib.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 #include "CLuaShims.h"
 
 const char *weir_lua_version(void) { return LUA_VERSION; }
+
+// MARK: - Allocator with a per-state cap
+
+static void *weir_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
+    weir_state_info *st = (weir_state_info *)ud;
+    // When ptr is NULL, osize encodes the object type, not a size.
+    size_t old = ptr ? osize : 0;
+    if (nsize == 0) {
+        free(ptr);
+        st->bytes_used -= old;
+        return NULL;
+    }
+    if (nsize > old && st->bytes_limit != 0 && st->bytes_used - old + nsize > st->bytes_limit) {
+        // Refusing makes Lua raise a memory error at this point. That is only
+        // safe when no Swift frame sits between here and the protected call.
+        if (st->swift_depth == 0) return NULL;
+        st->overdraft = 1;
+    }
+    void *p = realloc(ptr, nsize);
+    if (p == NULL) {
+        if (st->swift_depth > 0) {
+            // Lua would longjmp through Swift; the process is out of memory anyway.
+            fprintf(stderr, "weir: out of memory while Swift code held the Lua state; aborting\n");
+            abort();
+        }
+        return NULL;
+    }
+    st->bytes_used = st->bytes_used - old + nsize;
+    if (st->bytes_used > st->bytes_peak) st->bytes_peak = st->bytes_used;
+    return p;
+}
+
+weir_state_info *weir_info(lua_State *L) {
+    void *ud = NULL;
+    lua_getallocf(L, &ud);
+    return (weir_state_info *)ud;
+}
+
+size_t weir_bytes_used(lua_State *L) { return weir_info(L)->bytes_used; }
+
+// MARK: - Panic, warnings, budget hook
+
+static int weir_panic(lua_State *L) {
+    const char *msg = lua_tostring(L, -1);
+    fprintf(stderr, "weir: unprotected Lua error (bug in the Lua bridge): %s\n", msg ? msg : "(non-string error)");
+    fflush(stderr);
+    abort();
+    return 0;
+}
+
+static void weir_warn(void *ud, const char *msg, int tocont) {
+    (void)ud;
+    // Lua emits warnings for errors in __gc finalizers; keep them visible.
+    fputs(msg, stderr);
+    if (!tocont) fputs("\n", stderr);
+}
+
+static void weir_hook(lua_State *L, lua_Debug *ar) {
+    (void)ar;
+    weir_state_info *st = weir_info(L);
+    if (st->budget_limit <= 0) return;
+    st->budget_remaining -= st->hook_interval;
+    if (st->budget_remaining <= 0) {
+        // Keep raising on every later tick so a pcall in the script cannot
+        // swallow the error and loop on.
+        st->budget_exhausted = 1;
+        luaL_error(L, "instruction budget exceeded (%I instructions)", (lua_Integer)st->budget_limit);
+    }
+}
+
+lua_State *weir_newstate(size_t bytes_limit, int hook_interval) {
+    weir_state_info *st = (weir_state_info *)calloc(1, sizeof *st);
+    if (st == NULL) return NULL;
+    st->bytes_limit = bytes_limit;
+    st->swift_depth = 1; // the creator (Swift) holds the state
+    st->hook_interval = hook_interval;
+    lua_State *L = lua_newstate(weir_alloc, st);
+    if (L == NULL) { free(st); return NULL; }
+    lua_atpanic(L, weir_panic);
+    lua_setwarnf(L, weir_warn, NULL);
+    // Threads created later copy the hook from the thread that created them.
+    if (hook_interval > 0) lua_sethook(L, weir_hook, LUA_MASKCOUNT, hook_interval);
+    return L;
+}
+
+void weir_close(lua_State *L) {
+    weir_state_info *st = weir_info(L);
+    lua_close(L);
+    free(st);
+}
+
+void weir_set_dispatch(lua_State *L, weir_dispatch_fn fn, void *context) {
+    weir_state_info *st = weir_info(L);
+    st->dispatch = fn;
+    st->context = context;
+}
+
+void weir_set_budget(lua_State *L, int64_t instructions) {
+    weir_state_info *st = weir_info(L);
+    st->budget_limit = instructions;
+    st->budget_remaining = instructions;
+    st->budget_exhausted = 0;
+}
+
+// MARK: - Trampoline into Swift
+
+static int weir_trampoline(lua_State *L) {
+    weir_state_info *st = weir_info(L);
+    if (st->dispatch == NULL) {
+        lua_pushliteral(L, "weir: native function called on a closed runtime");
+        return lua_error(L);
+    }
+    int function_id = (int)lua_tointeger(L, lua_upvalueindex(1));
+    int yield_count = 0;
+    int outer_overdraft = st->overdraft;
+    st->overdraft = 0;
+    st->swift_depth++;
+    int rc = st->dispatch(L, st->context, function_id, &yield_count);
+    st->swift_depth--;
+    int overdraft = st->overdraft;
+    st->overdraft = outer_overdraft;
+    // From here on no Swift frame is above us: raising and yielding are safe.
+    if (overdraft && st->swift_depth == 0) {
+        lua_pushfstring(L, "not enough memory (Lua state memory cap of %I bytes reached)", (lua_Integer)st->bytes_limit);
+        return lua_error(L);
+    }
+    if (rc == WEIR_CALL_ERROR) return lua_error(L);
+    if (rc == WEIR_CALL_YIELD) {
+        if (!lua_isyieldable(L)) {
+            lua_pushliteral(L, "attempt to yield across a C-call boundary");
+            return lua_error(L);
+        }
+        return lua_yield(L, yield_count);
+    }
+    return rc;
+}
+
+void weir_push_native(lua_State *L, int function_id) {
+    lua_pushinteger(L, function_id);
+    lua_pushcclosure(L, weir_trampoline, 1);
+}
+
+// MARK: - Protected entry points
+
+// Message handler: appends a traceback so errors point into the script.
+static int weir_msgh(lua_State *L) {
+    const char *msg = lua_tostring(L, 1);
+    if (msg == NULL) {
+        if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING) {
+            msg = lua_tostring(L, -1);
+        } else {
+            msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
+        }
+    }
+    luaL_traceback(L, L, msg, 1);
+    return 1;
+}
+
+int weir_pcall(lua_State *L, int nargs, int nresults) {
+    weir_state_info *st = weir_info(L);
+    int base = lua_gettop(L) - nargs; // index of the function
+    lua_pushcfunction(L, weir_msgh);
+    lua_insert(L, base);
+    int saved = st->swift_depth;
+    st->swift_depth = 0;
+    st->overdraft = 0;
+    int status = lua_pcall(L, nargs, nresults, base);
+    st->swift_depth = saved;
+    lua_remove(L, base);
+    return status;
+}
+
+int weir_resume(lua_State *co, lua_State *from, int nargs, int *nresults) {
+    weir_state_info *st = weir_info(co);
+    int saved = st->swift_depth;
+    st->swift_depth = 0;
+    st->overdraft = 0;
+    int status = lua_resume(co, from, nargs, nresults);
+    st->swift_depth = saved;
+    return status;
+}
+
+int weir_load(lua_State *L, const char *code, size_t size, const char *chunkname) {
+    weir_state_info *st = weir_info(L);
+    int saved = st->swift_depth;
+    st->swift_depth = 0; // lua_load is protected: a huge chunk fails cleanly
+    int status = luaL_loadbufferx(L, code, size, chunkname, "t");
+    st->swift_depth = saved;
+    return status;
+}
+
+int weir_traceback(lua_State *L, lua_State *co, const char *msg) {
+    // Called with Swift on the stack: the allocator does not refuse, so
+    // luaL_traceback cannot raise here.
+    luaL_traceback(L, co, msg, 0);
+    return 0;
+}
+
+void weir_full_gc(lua_State *L) { lua_gc(L, LUA_GCCOLLECT); }
+
+int weir_upvalueindex(int i) { return lua_upvalueindex(i); }
+int weir_registryindex(void) { return LUA_REGISTRYINDEX; }
+void weir_pop(lua_State *L, int n) { lua_pop(L, n); }
+int weir_isnoneornil(lua_State *L, int idx) { return lua_isnoneornil(L, idx); }
+void weir_newtable(lua_State *L) { lua_newtable(L); }
+const char *weir_tostring(lua_State *L, int idx, size_t *len) {
+    // Only strings: lua_tolstring would convert numbers in place (and allocate).
+    if (lua_type(L, idx) != LUA_TSTRING) return NULL;
+    return lua_tolstring(L, idx, len);
+}

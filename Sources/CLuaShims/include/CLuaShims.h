@@ -3,9 +3,92 @@
 // C-side helpers for the Lua bridge. Lua raises errors and yields with
 // longjmp; these trampolines make sure that only ever happens in C frames,
 // after any Swift function has returned. See DESIGN.md "Lua bridging rules".
+//
+// The contract with Swift:
+//  * Swift enters Lua only through weir_pcall / weir_resume (both protected).
+//  * A Swift function exposed to Lua is a `weir_dispatch_fn`. It never raises
+//    and never yields: it returns a result count (>= 0), WEIR_CALL_ERROR with
+//    the error message already pushed, or WEIR_CALL_YIELD with the values to
+//    yield pushed (their count in `*yield_count`). The C trampoline then
+//    returns, raises or yields after the Swift frame is gone.
+//  * While Swift code runs (depth > 0) the capped allocator never refuses,
+//    so a memory error cannot be raised through a Swift frame; an overdraft
+//    is remembered and raised by the trampoline once Swift has returned.
+#include <stddef.h>
+#include <stdint.h>
 #include <lua5.4/lua.h>
 
 /// The Lua version string this binary was built against, e.g. "Lua 5.4".
 const char *weir_lua_version(void);
+
+/// Return codes of a Swift callback (anything >= 0 is a result count).
+#define WEIR_CALL_ERROR (-1)
+#define WEIR_CALL_YIELD (-2)
+
+/// A Swift function callable from Lua. `function_id` is the id given to
+/// weir_push_native; `yield_count` receives the number of values to yield.
+typedef int (*weir_dispatch_fn)(lua_State *L, void *context, int function_id, int *yield_count);
+
+/// Per-state bookkeeping shared by the allocator, the budget hook and the
+/// trampolines. Owned by the state (freed by weir_close).
+typedef struct weir_state_info {
+    size_t bytes_used;
+    size_t bytes_peak;
+    size_t bytes_limit;        // 0 = unlimited
+    int swift_depth;           // > 0 while Swift code is on top of the C stack
+    int overdraft;             // set when an allocation passed the cap while Swift ran
+    int64_t budget_remaining;  // instructions left for the current phase call
+    int64_t budget_limit;      // 0 = unlimited
+    int budget_exhausted;      // set by the hook; cleared by weir_set_budget
+    int hook_interval;         // instructions between hook calls
+    weir_dispatch_fn dispatch;
+    void *context;             // the Swift LuaState (unretained)
+} weir_state_info;
+
+/// Creates a state with the capped allocator, the panic handler and the
+/// budget hook installed. `bytes_limit` 0 = unlimited. Returns NULL if even
+/// the initial allocation failed. The state starts with swift_depth = 1.
+lua_State *weir_newstate(size_t bytes_limit, int hook_interval);
+/// Closes the state and frees its info block.
+void weir_close(lua_State *L);
+/// The info block of a state (or of any of its threads).
+weir_state_info *weir_info(lua_State *L);
+/// Sets the Swift dispatcher for native functions.
+void weir_set_dispatch(lua_State *L, weir_dispatch_fn fn, void *context);
+/// Starts a fresh instruction budget (0 = unlimited) and clears the exhausted flag.
+void weir_set_budget(lua_State *L, int64_t instructions);
+
+/// Pushes a C closure that forwards to the Swift dispatcher with `function_id`.
+void weir_push_native(lua_State *L, int function_id);
+
+/// Protected call: like lua_pcall with a message handler that appends a
+/// traceback. On error the message (with traceback) is left on the stack.
+int weir_pcall(lua_State *L, int nargs, int nresults);
+/// lua_resume with Swift depth bookkeeping.
+int weir_resume(lua_State *co, lua_State *from, int nargs, int *nresults);
+/// Protected chunk load (text only). `chunkname` should start with '@'.
+int weir_load(lua_State *L, const char *code, size_t size, const char *chunkname);
+/// Appends a traceback of `co` to `msg` and pushes it on L (protected).
+/// Returns 0 on success; on failure pushes nothing.
+int weir_traceback(lua_State *L, lua_State *co, const char *msg);
+/// Runs a full garbage collection cycle (protected; finalizer errors become warnings).
+void weir_full_gc(lua_State *L);
+/// Bytes currently allocated by the state (exact, from the allocator).
+size_t weir_bytes_used(lua_State *L);
+
+/// Opens the C-implemented helper library (crypto, time) as a table on the
+/// stack top (protected internally).
+int weir_push_clib(lua_State *L);
+
+/// SHA-256 of `len` bytes into `out` (32 bytes). Exposed for Swift tests.
+void weir_sha256(const uint8_t *data, size_t len, uint8_t out[32]);
+
+/// Inline helpers for macros Swift cannot import.
+int weir_upvalueindex(int i);
+int weir_registryindex(void);
+void weir_pop(lua_State *L, int n);
+int weir_isnoneornil(lua_State *L, int idx);
+void weir_newtable(lua_State *L);
+const char *weir_tostring(lua_State *L, int idx, size_t *len);
 
 #endif
