@@ -25,6 +25,11 @@ WEIR_PORT=19010
 # it; the Lua variants authenticate it).
 API_KEY="bench-key"
 
+# nginx's `keepalive N`: idle upstream connections cached per worker. With
+# more requests in flight than N, nginx opens extra upstream connections
+# and closes them after one use (visible as TIME_WAIT sockets).
+UPSTREAM_KEEPALIVE=${UPSTREAM_KEEPALIVE:-64}
+
 # Core pinning on this 2-core machine: the load side (origin nginx + wrk)
 # shares LOAD_CPU, the proxy under test gets PROXY_CPU to itself. With
 # fewer than 2 cores nothing is pinned (and the output says so).
@@ -72,6 +77,7 @@ render_template() {
         -e "s|@NGINX_LUA_PORT@|$NGINX_LUA_PORT|g" \
         -e "s|@WEIR_PORT@|$WEIR_PORT|g" \
         -e "s|@API_KEY@|$API_KEY|g" \
+        -e "s|@UPSTREAM_KEEPALIVE@|$UPSTREAM_KEEPALIVE|g" \
         -e "s|@NDK_MODULE@|$NDK_MODULE|g" \
         -e "s|@LUA_MODULE@|$LUA_MODULE|g" \
         -e "s|@BODY_1K@|$(body_1k)|g" \

@@ -21,6 +21,7 @@ usage: bench/run.sh [options]
   --connections LIST   comma-separated wrk connection counts (default 32,256)
   --proxies LIST       comma-separated subset of nginx,haproxy,nginx-lua,weir (default all)
   --wrk-threads N      wrk threads (default 1: wrk shares the load core with the origin)
+  --upstream-keepalive N  nginx 'keepalive N' idle upstream connections (default 64)
 EOF
 }
 
@@ -43,6 +44,7 @@ while [ $# -gt 0 ]; do
         --connections) [[ "${2:-}" =~ ^[1-9][0-9]*(,[1-9][0-9]*)*$ ]] || die "--connections needs a list like 32,256"; CONNECTIONS=$2; shift 2 ;;
         --proxies) PROXIES=${2:-}; shift 2 ;;
         --wrk-threads) positive_int "$1" "${2:-}"; WRK_THREADS=$2; shift 2 ;;
+        --upstream-keepalive) positive_int "$1" "${2:-}"; UPSTREAM_KEEPALIVE=$2; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) usage >&2; die "unknown option: $1" ;;
     esac
@@ -139,6 +141,7 @@ swift_builds() { # compiler processes of other engineers' builds: they make numb
     else
         echo "# pinning: none (fewer than 2 CPUs)"
     fi
+    echo "# nginx upstream keepalive: $UPSTREAM_KEEPALIVE idle connections"
     echo "# wrk: -t $WRK_THREADS, connections $CONNECTIONS, ${DURATION}s measured after ${WARMUP}s warm-up, $RUNS runs interleaved"
     echo "# load before: $(uptime | sed 's/.*load average/load average/'); swift compiler processes running: $(swift_builds)"
     [ -n "$WEIR_UNAVAILABLE" ] && echo "UNAVAILABLE proxy=weir reason=$WEIR_UNAVAILABLE"
