@@ -1,0 +1,65 @@
+# Weir: build, run and test on a Debian 12 machine (run as root for `deps`).
+#
+#   make run    install missing packages, build release, start the demo
+#               upstream (127.0.0.1:9001) and the gateway on examples/gateway.yaml
+#   make test   install missing packages, build everything, run the whole suite
+#   make bench  side-by-side benchmark (bench/run.sh)
+
+SHELL := /bin/bash
+export PATH := /opt/swift/usr/bin:$(PATH)
+
+SWIFT     ?= swift
+# Two cores on the reference machine: two compile jobs, and tests in one process
+# (integration tests bind real loopback ports and start their own servers).
+JOBS      ?= 2
+CONFIG    ?= examples/gateway.yaml
+DEMO_LISTEN ?= 127.0.0.1:9001
+
+# What building and running need, and what the test suite additionally uses
+# (peers and tools that tests start: nginx, HAProxy, Redis, h2 clients).
+RUN_PACKAGES  := liblua5.4-dev pkg-config curl
+TEST_PACKAGES := $(RUN_PACKAGES) nginx libnginx-mod-http-lua haproxy wrk redis-server python3-h2 nghttp2-client
+
+RELEASE_BIN = $(shell $(SWIFT) build -c release --show-bin-path)/weir
+
+.PHONY: deps deps-run build build-debug run test bench clean
+
+# Installs only what is missing; `apt-get update` only when something is.
+define install_missing
+	@missing=""; \
+	for p in $(1); do \
+	  dpkg-query -W -f='$${Status}' "$$p" 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  if [ "$$(id -u)" -ne 0 ]; then echo "make deps: run as root to install$$missing" >&2; exit 1; fi; \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	else echo "packages: all present"; fi
+	@command -v $(SWIFT) >/dev/null || { echo "swift not found (expected in /opt/swift/usr/bin)" >&2; exit 1; }
+endef
+
+deps:
+	$(call install_missing,$(TEST_PACKAGES))
+
+deps-run:
+	$(call install_missing,$(RUN_PACKAGES))
+
+build: deps-run
+	$(SWIFT) build -c release -j $(JOBS)
+
+run: build
+	@bin="$(RELEASE_BIN)"; \
+	"$$bin" demo-upstream --listen $(DEMO_LISTEN) & demo=$$!; \
+	trap 'kill $$demo 2>/dev/null; wait $$demo 2>/dev/null' EXIT INT TERM; \
+	"$$bin" run --config $(CONFIG)
+
+test: deps
+	$(SWIFT) build --build-tests -j $(JOBS)
+	$(SWIFT) test --skip-build
+
+bench: build
+	bench/run.sh
+
+clean:
+	rm -rf .build

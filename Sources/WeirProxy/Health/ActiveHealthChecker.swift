@@ -1,0 +1,181 @@
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import WeirCore
+
+/// Receives the outcome of each active probe. `UpstreamHealth` (WeirCore)
+/// conforms; it applies the healthy/unhealthy thresholds.
+public protocol HealthProbeSink: AnyObject, Sendable {
+    func recordProbe(_ target: Int, healthy: Bool)
+}
+
+/// Probes every target of every upstream that has `health_check.active`:
+/// an HTTP/1.1 GET to `path` every `interval`, failing after `timeout`;
+/// a status in `healthy_statuses` counts as healthy, anything else
+/// (other status, refused connection, timeout, garbage) as unhealthy.
+///
+/// All probes run on one event loop with non-blocking NIO clients; the next
+/// probe of a target is scheduled `interval` after the previous one ended, so
+/// a slow target never has two probes in flight.
+public final class ActiveHealthChecker: @unchecked Sendable {
+    public struct Job: Sendable {
+        public var upstream: String
+        public var targetIndex: Int
+        public var address: HostPort
+        public var check: ActiveHealthCheck
+        public var sink: HealthProbeSink
+    }
+
+    private let eventLoop: EventLoop
+    private let jobs: [Job]
+    private let logger: Logger
+    private let lock = NIOLock()
+    private var tasks: [RepeatedTask] = []
+    private var started = false
+
+    /// - Parameter sinkForUpstream: the health state object of an upstream
+    ///   by name; upstreams without one (or without an active check) are skipped.
+    public init(upstreams: [UpstreamConfig], eventLoop: EventLoop, logger: Logger,
+                sinkForUpstream: (String) -> HealthProbeSink?) {
+        var jobs: [Job] = []
+        for upstream in upstreams {
+            guard let check = upstream.healthCheck.active, let sink = sinkForUpstream(upstream.name) else { continue }
+            for (index, target) in upstream.targets.enumerated() {
+                jobs.append(Job(upstream: upstream.name, targetIndex: index, address: target.address,
+                                check: check, sink: sink))
+            }
+        }
+        self.jobs = jobs
+        self.eventLoop = eventLoop
+        self.logger = logger
+    }
+
+    /// Number of targets being probed.
+    public var targetCount: Int { jobs.count }
+
+    /// Starts probing; the first round runs immediately.
+    public func start() {
+        lock.withLock {
+            guard !started else { return }
+            started = true
+            for job in jobs {
+                let delay = TimeAmount.nanoseconds(job.check.interval.nanoseconds)
+                let loop = eventLoop
+                let task = loop.scheduleRepeatedAsyncTask(initialDelay: .zero, delay: delay) { [weak self] _ in
+                    guard let self = self else { return loop.makeSucceededVoidFuture() }
+                    return self.runProbe(job)
+                }
+                tasks.append(task)
+            }
+        }
+    }
+
+    /// Stops scheduling probes; a probe already in flight finishes on its own.
+    public func stop() {
+        lock.withLock {
+            for task in tasks { task.cancel() }
+            tasks.removeAll()
+        }
+    }
+
+    private func runProbe(_ job: Job) -> EventLoopFuture<Void> {
+        HealthProbe.run(on: eventLoop, address: job.address, path: job.check.path,
+                        timeout: .nanoseconds(job.check.timeout.nanoseconds))
+            .map { status -> Void in
+                let healthy = job.check.healthyStatuses.contains(status)
+                if !healthy {
+                    self.logger.debug("health probe failed", metadata: [
+                        "upstream": "\(job.upstream)", "target": "\(job.address)", "status": "\(status)"])
+                }
+                job.sink.recordProbe(job.targetIndex, healthy: healthy)
+            }
+            .recover { error in
+                self.logger.debug("health probe failed", metadata: [
+                    "upstream": "\(job.upstream)", "target": "\(job.address)", "error": "\(error)"])
+                job.sink.recordProbe(job.targetIndex, healthy: false)
+            }
+    }
+}
+
+/// One HTTP/1.1 health probe: connect, `GET path`, read the status line, close.
+public enum HealthProbe {
+    public struct TimedOut: Error, CustomStringConvertible {
+        public var description: String { "health probe timed out" }
+    }
+
+    public struct ConnectionClosedEarly: Error, CustomStringConvertible {
+        public var description: String { "connection closed before a response" }
+    }
+
+    /// The response status, or a failed future (connect error, timeout,
+    /// malformed response).
+    public static func run(on eventLoop: EventLoop, address: HostPort, path: String,
+                           timeout: TimeAmount) -> EventLoopFuture<Int> {
+        let promise = eventLoop.makePromise(of: Int.self)
+        let host = address.description
+        let bootstrap = ClientBootstrap(group: eventLoop)
+            .connectTimeout(timeout)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHTTPClientHandlers()
+                    try channel.pipeline.syncOperations.addHandler(
+                        ProbeHandler(path: path, host: host, promise: promise))
+                }
+            }
+        let deadline = eventLoop.scheduleTask(in: timeout) {
+            promise.fail(TimedOut())
+        }
+        bootstrap.connect(host: address.host, port: address.port).whenComplete { result in
+            switch result {
+            case .success(let channel):
+                // Whatever the outcome, the probe's connection is closed.
+                promise.futureResult.whenComplete { _ in channel.close(promise: nil) }
+            case .failure(let error):
+                promise.fail(error)
+            }
+        }
+        promise.futureResult.whenComplete { _ in deadline.cancel() }
+        return promise.futureResult
+    }
+}
+
+private final class ProbeHandler: ChannelInboundHandler {
+    typealias InboundIn = HTTPClientResponsePart
+    typealias OutboundOut = HTTPClientRequestPart
+
+    private let path: String
+    private let host: String
+    private let promise: EventLoopPromise<Int>
+
+    init(path: String, host: String, promise: EventLoopPromise<Int>) {
+        self.path = path; self.host = host; self.promise = promise
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        var head = HTTPRequestHead(version: .http1_1, method: .GET, uri: path)
+        head.headers.add(name: "Host", value: host)
+        head.headers.add(name: "User-Agent", value: "weir-health-check")
+        head.headers.add(name: "Connection", value: "close")
+        context.write(wrapOutboundOut(.head(head)), promise: nil)
+        context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+        context.fireChannelActive()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        if case .head(let head) = unwrapInboundIn(data) {
+            promise.succeed(Int(head.status.code))
+        }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        promise.fail(HealthProbe.ConnectionClosedEarly())
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        promise.fail(error)
+        context.close(promise: nil)
+    }
+}

@@ -1,0 +1,31 @@
+/// The standard `ProxyObserver`: feeds every finished request to the metrics
+/// registry and (when enabled) the access log. Both are sharded per event
+/// loop, so this adds no cross-loop contention to the data path.
+public final class GatewayObserver: ProxyObserver, @unchecked Sendable {
+    public let metrics: MetricsRegistry
+    public let accessLog: AccessLogWriter?
+
+    public init(metrics: MetricsRegistry = MetricsRegistry(), accessLog: AccessLogWriter?) {
+        self.metrics = metrics
+        self.accessLog = accessLog
+        if let accessLog = accessLog {
+            metrics.addExternalCounter(
+                name: "weir_access_log_dropped_total",
+                help: "Access log lines dropped because the writer could not keep up.",
+                read: { [weak accessLog] in accessLog?.droppedLines ?? 0 })
+        }
+    }
+
+    public func requestCompleted(_ record: AccessRecord) {
+        metrics.recordRequest(record)
+        accessLog?.append(record)
+    }
+
+    public func connectionOpened(listener: String) {
+        metrics.connectionOpened(listener: listener)
+    }
+
+    public func connectionClosed(listener: String) {
+        metrics.connectionClosed(listener: listener)
+    }
+}
