@@ -22,6 +22,8 @@ usage: bench/run.sh [options]
   --proxies LIST       comma-separated subset of nginx,haproxy,nginx-lua,weir (default all)
   --wrk-threads N      wrk threads (default 1: wrk shares the load core with the origin)
   --upstream-keepalive N  nginx 'keepalive N' idle upstream connections (default 64)
+  --quiet-wait S       before each measured run, wait up to S seconds for other engineers'
+                       Swift compiles (swift-frontend/swift-build) to finish (default 0)
 EOF
 }
 
@@ -32,6 +34,7 @@ WARMUP=2
 CONNECTIONS="32,256"
 PROXIES="nginx,haproxy,nginx-lua,weir"
 WRK_THREADS=1
+QUIET_WAIT=0
 
 positive_int() { [[ "$2" =~ ^[1-9][0-9]*$ ]] || die "$1 needs a positive integer, got '${2:-}'"; }
 
@@ -45,6 +48,7 @@ while [ $# -gt 0 ]; do
         --proxies) PROXIES=${2:-}; shift 2 ;;
         --wrk-threads) positive_int "$1" "${2:-}"; WRK_THREADS=$2; shift 2 ;;
         --upstream-keepalive) positive_int "$1" "${2:-}"; UPSTREAM_KEEPALIVE=$2; shift 2 ;;
+        --quiet-wait) [[ "${2:-}" =~ ^[0-9]+$ ]] || die "--quiet-wait needs a whole number of seconds"; QUIET_WAIT=$2; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) usage >&2; die "unknown option: $1" ;;
     esac
@@ -154,6 +158,14 @@ log "wrk -t $WRK_THREADS; ${#ACTIVE[@]} proxies x ${#CONN_LIST[@]} connection co
 
 # --- measurements, interleaved: run 1 of every proxy, then run 2, ... ------
 
+# Compiles on the shared cores distort a measurement; optionally wait them
+# out (bounded), and record how many were running either way.
+wait_for_quiet() {
+    [ "$QUIET_WAIT" -gt 0 ] || return 0
+    local deadline=$((SECONDS + QUIET_WAIT))
+    while [ "$(swift_builds)" -gt 0 ] && [ $SECONDS -lt $deadline ]; do sleep 2; done
+}
+
 run_wrk() { # PORT CONNS SECONDS -> wrk output on stdout
     # shellcheck disable=SC2046
     timeout $(($3 + 30)) $(pin "$LOAD_CPU") wrk -t "$WRK_THREADS" -c "$2" -d "${3}s" --timeout 5s \
@@ -166,6 +178,7 @@ for ((run = 1; run <= RUNS; run++)); do
             port=$(port_of "$proxy")
             pid=${PID_OF[$proxy]}
             is_alive "$pid" || die "$proxy (pid $pid) died during the benchmark (see $RUN_DIR/logs/$proxy.out)"
+            wait_for_quiet
             if [ "$WARMUP" -gt 0 ]; then run_wrk "$port" "$conns" "$WARMUP" > /dev/null 2>&1; fi
             load1=$(cut -d' ' -f1 /proc/loadavg)
             builds=$(swift_builds)

@@ -24,6 +24,9 @@ LABELS = OrderedDict([
     ("weir", "Weir (no plugins)"),
 ])
 CLOCK_TICKS_PER_SECOND = 100
+# Below this median CPU % the proxy was not the bottleneck (the load core or
+# other processes on the machine held it back); such rows get a mark.
+SATURATED_CPU_PERCENT = 90
 
 
 def parse(path):
@@ -86,6 +89,7 @@ def render(path):
     summary = summarise(results)
     conns_list = sorted({c for _, c in summary.keys()})
     out = []
+    starved = False
     out.append("| proxy | conns | req/s (median) | p50 ms | p99 ms | proxy CPU % | proxy CPU µs/req | runs | errors |")
     out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for proxy in ordered_proxies(summary, unavailable):
@@ -97,10 +101,17 @@ def render(path):
             s = summary.get((proxy, conns))
             if s is None:
                 continue
+            mark = ""
+            if s["cpu_percent"] is not None and s["cpu_percent"] < SATURATED_CPU_PERCENT:
+                mark, starved = " †", True
             out.append(
-                f"| {label} | {conns} | {fmt(s['rps'], ',.0f')} | {fmt(s['p50_ms'], '.2f')} | "
+                f"| {label} | {conns} | {fmt(s['rps'], ',.0f')}{mark} | {fmt(s['p50_ms'], '.2f')} | "
                 f"{fmt(s['p99_ms'], '.2f')} | {fmt(s['cpu_percent'], '.0f')} | "
                 f"{fmt(s['cpu_us_per_req'], '.1f')} | {s['runs']} | {s['errors']} |")
+    if starved:
+        out.append("")
+        out.append(f"† the proxy used less than {SATURATED_CPU_PERCENT}% of its core: something else (the load "
+                   "core, or other processes on the shared machine) limited it, so this figure understates it.")
     out.append("")
     out.append("Ratios (from the medians above; req/s ratio > 1 means faster, p99 ratio < 1 means lower tail latency):")
     pairs = [("weir", "nginx"), ("weir", "haproxy"), ("nginx-lua", "nginx")]
