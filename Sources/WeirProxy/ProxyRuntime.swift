@@ -1,0 +1,215 @@
+import Atomics
+import NIOCore
+import NIOHTTP1
+import WeirCore
+
+/// An upstream as the data path needs it: config, shared health, and the
+/// `host:port` label of each target (Host header, logs).
+final class UpstreamRuntime: Sendable {
+    let index: Int
+    let name: String
+    let config: UpstreamConfig
+    let health: UpstreamHealth
+    let targetLabels: [String]
+
+    init(index: Int, config: UpstreamConfig) {
+        self.index = index
+        self.name = config.name
+        self.config = config
+        self.health = UpstreamHealth(upstream: config)
+        self.targetLabels = config.targets.map { $0.address.description }
+    }
+}
+
+extension UpstreamHealth {
+    func recordFailure(target: Int) { recordFailure(target, now: MonotonicClock.now()) }
+    func recordSuccess(target: Int) { recordSuccess(target) }
+}
+
+/// The route a request matched and where it goes.
+struct RoutedRequest {
+    let route: RouteConfig
+    let upstream: UpstreamRuntime
+    /// Path after strip_path / rewrite_path, with the original query appended.
+    let forwardURI: String
+}
+
+/// Everything compiled from one config that every event loop reads.
+/// Immutable after init, so shared without locks.
+final class ProxyRuntime: @unchecked Sendable {
+    let config: WeirConfig
+    let routeTable: RouteTable
+    let upstreams: [UpstreamRuntime]
+    /// route index -> upstream index
+    private let routeUpstream: [Int]
+    let trustedProxies: [AddressRange]
+
+    struct InvalidConfig: Error, CustomStringConvertible {
+        let description: String
+    }
+
+    init(config: WeirConfig) throws {
+        self.config = config
+        self.routeTable = try RouteTable(routes: config.routes)
+        self.upstreams = config.upstreams.enumerated().map { UpstreamRuntime(index: $0.offset, config: $0.element) }
+        var byName: [String: Int] = [:]
+        for upstream in upstreams { byName[upstream.name] = upstream.index }
+        var routeUpstream: [Int] = []
+        for (i, route) in config.routes.enumerated() {
+            guard let index = byName[route.upstream] else {
+                throw InvalidConfig(description: "routes[\(i)].upstream: unknown upstream \"\(route.upstream)\"")
+            }
+            routeUpstream.append(index)
+        }
+        for upstream in upstreams where upstream.config.targets.isEmpty {
+            throw InvalidConfig(description: "upstream \"\(upstream.name)\" has no targets")
+        }
+        self.routeUpstream = routeUpstream
+        self.trustedProxies = try config.forwarded.trustedProxies.map { try AddressRange(parsing: $0) }
+    }
+
+    func route(method: HTTPMethod, host: String, path: Substring, uri: String, headers: HTTPHeaders) -> RoutedRequest? {
+        guard let match = routeTable.match(method: method.rawValue, host: host, path: String(path),
+                                           headers: HeaderLookup(headers: headers)) else { return nil }
+        var forward = match.forwardPath
+        if let q = uri.utf8.firstIndex(of: UInt8(ascii: "?")) {
+            forward += uri[q...]
+        }
+        return RoutedRequest(route: match.route, upstream: upstreams[routeUpstream[match.routeIndex]], forwardURI: forward)
+    }
+}
+
+/// Route-table header access over NIO's headers (case-insensitive lookup).
+struct HeaderLookup: RouteHeaderLookup {
+    let headers: HTTPHeaders
+    func firstValue(forLowercasedName name: String) -> String? { headers.first(name: name) }
+}
+
+/// A listener's config plus what its connections share: the observer and
+/// the open-connection count (for `max_connections`).
+final class ListenerRuntime: Sendable {
+    let name: String
+    let config: ListenerConfig
+    let scheme: String
+    let observer: ProxyObserver?
+    let openConnections = ManagedAtomic<Int>(0)
+    private let serverConnections: ManagedAtomic<Int>
+
+    init(config: ListenerConfig, observer: ProxyObserver?, serverConnections: ManagedAtomic<Int>) {
+        self.name = config.name
+        self.config = config
+        self.scheme = config.protocol == .https ? "https" : "http"
+        self.observer = observer
+        self.serverConnections = serverConnections
+    }
+
+    /// Counts a new connection; false when the listener is full.
+    func admitConnection() -> Bool {
+        let now = openConnections.wrappingIncrementThenLoad(ordering: .relaxed)
+        serverConnections.wrappingIncrement(ordering: .relaxed)
+        if let max = config.maxConnections, now > max {
+            connectionClosed()
+            return false
+        }
+        return true
+    }
+
+    func connectionClosed() {
+        openConnections.wrappingDecrement(ordering: .relaxed)
+        serverConnections.wrappingDecrement(ordering: .relaxed)
+    }
+}
+
+/// Per-event-loop state: pools, balancers, request ids and the live
+/// connections (for drain). Only touched on its own loop, so no locks.
+final class LoopContext: @unchecked Sendable {
+    let loop: EventLoop
+    let runtime: ProxyRuntime
+    let requestIDs = RequestIDGenerator()
+    /// [upstream][target]
+    let pools: [[TargetPool]]
+    private let balancers: [LoadBalancer]
+    private var connections: [ObjectIdentifier: DownstreamHandler] = [:]
+    private var sweepTask: RepeatedTask?
+    private var draining = false
+
+    init(loop: EventLoop, runtime: ProxyRuntime) {
+        self.loop = loop
+        self.runtime = runtime
+        self.pools = runtime.upstreams.map { upstream in
+            upstream.config.targets.enumerated().map { index, target in
+                TargetPool(targetIndex: index, target: target, pool: upstream.config.pool,
+                           connectTimeout: .nanoseconds(upstream.config.timeouts.connect.nanoseconds), loop: loop)
+            }
+        }
+        self.balancers = runtime.upstreams.map { makeBalancer(for: $0.config, health: $0.health) }
+    }
+
+    /// Starts the idle-connection sweeper.
+    func start() {
+        let shortest = runtime.upstreams.map { $0.config.pool.idleTimeout.nanoseconds }.min() ?? 60_000_000_000
+        let interval = max(100_000_000, min(5_000_000_000, shortest / 2))
+        sweepTask = loop.scheduleRepeatedTask(initialDelay: .nanoseconds(interval), delay: .nanoseconds(interval)) { [weak self] _ in
+            guard let self else { return }
+            let now = NIODeadline.now()
+            for upstreamPools in self.pools { for pool in upstreamPools { pool.sweep(now: now) } }
+        }
+    }
+
+    func stop() {
+        sweepTask?.cancel()
+        sweepTask = nil
+        for upstreamPools in pools { for pool in upstreamPools { pool.closeAll() } }
+    }
+
+    func pickTarget(upstream: UpstreamRuntime, head: HTTPRequestHead, clientIP: String, excluding: Int?) -> Int? {
+        var input = BalancerInput(clientIP: clientIP)
+        if upstream.config.balancer == .consistentHash {
+            switch upstream.config.hashOn {
+            case .header(let name): input.hashKey = head.headers.first(name: name)
+            case .cookie(let name): input.hashKey = Self.cookie(named: name, in: head.headers)
+            case .clientIP: break
+            }
+        }
+        return balancers[upstream.index].pick(input, excluding: excluding)
+    }
+
+    func balancerStarted(upstream: UpstreamRuntime, target: Int) {
+        balancers[upstream.index].requestStarted(target: target)
+    }
+
+    func balancerFinished(upstream: UpstreamRuntime, target: Int) {
+        balancers[upstream.index].requestFinished(target: target)
+    }
+
+    private static func cookie(named name: String, in headers: HTTPHeaders) -> String? {
+        for header in headers["cookie"] {
+            for pair in header.split(separator: ";") {
+                let trimmed = pair.trimmingASCIISpaces()
+                guard let eq = trimmed.firstIndex(of: "=") else { continue }
+                if trimmed[..<eq] == name[...] { return String(trimmed[trimmed.index(after: eq)...]) }
+            }
+        }
+        return nil
+    }
+
+    // MARK: Live connections (drain)
+
+    func register(_ handler: DownstreamHandler) {
+        connections[ObjectIdentifier(handler)] = handler
+        if draining { handler.beginDrain() }
+    }
+
+    func unregister(_ handler: DownstreamHandler) {
+        connections.removeValue(forKey: ObjectIdentifier(handler))
+    }
+
+    func beginDrain() {
+        draining = true
+        for handler in Array(connections.values) { handler.beginDrain() }
+    }
+
+    func forceCloseAll() {
+        for handler in Array(connections.values) { handler.forceClose() }
+    }
+}
