@@ -138,6 +138,8 @@ public struct UpstreamConfig: Hashable, Sendable {
     public var timeouts: UpstreamTimeouts = UpstreamTimeouts()
     public var retries: Int = 1
     public var pool: ConnectionPoolConfig = ConnectionPoolConfig()
+    /// Plugins attached to every route that uses this upstream.
+    public var plugins: [PluginRef] = []
     public init() {}
 }
 

@@ -1,0 +1,144 @@
+// Entry point for configs: read the file, substitute ${ENV}, parse YAML,
+// read every section, then check the references between sections. All
+// problems are thrown together as one ConfigErrors.
+
+import Foundation
+import Yams
+
+public enum ConfigLoader {
+    /// Reads, interpolates ${ENV}, parses YAML, validates. Throws ConfigErrors listing EVERY problem.
+    public static func load(path: String,
+                            environment: [String: String] = ProcessInfo.processInfo.environment) throws -> WeirConfig {
+        let text: String
+        do {
+            text = try String(contentsOfFile: path, encoding: .utf8)
+        } catch {
+            throw ConfigErrors(file: path, issues: [ConfigIssue(path: "", message: "cannot read config file: \(error.localizedDescription)")])
+        }
+        return try parse(yaml: text, file: path, environment: environment)
+    }
+
+    public static func parse(yaml: String, file: String = "<inline>", environment: [String: String] = [:]) throws -> WeirConfig {
+        let (text, environmentIssues) = EnvironmentInterpolation.interpolate(yaml, environment: environment)
+        if !environmentIssues.isEmpty { throw ConfigErrors(file: file, issues: environmentIssues) }
+
+        let root: Node?
+        do {
+            root = try Yams.compose(yaml: text)
+        } catch {
+            throw ConfigErrors(file: file, issues: [yamlSyntaxIssue(error)])
+        }
+        let reader = ConfigReader()
+        let config = reader.readConfig(root)
+        let issues = reader.issues + ConfigCrossChecks.check(config)
+        if !issues.isEmpty { throw ConfigErrors(file: file, issues: issues) }
+        return config
+    }
+
+    private static func yamlSyntaxIssue(_ error: Error) -> ConfigIssue {
+        guard let yamlError = error as? YamlError else {
+            return ConfigIssue(path: "", message: "invalid YAML: \(error)")
+        }
+        switch yamlError {
+        case .scanner(let context, let problem, let mark, _),
+             .parser(let context, let problem, let mark, _),
+             .composer(let context, let problem, let mark, _):
+            let detail = context.map { "\(problem) \($0.text)" } ?? problem
+            return ConfigIssue(path: "", message: "invalid YAML: \(detail)", line: mark.line)
+        default:
+            return ConfigIssue(path: "", message: "invalid YAML: \(yamlError)")
+        }
+    }
+}
+
+/// Checks that span sections: unique names, references that resolve,
+/// addresses that do not collide, routes that can never be selected.
+enum ConfigCrossChecks {
+    static func check(_ config: WeirConfig) -> [ConfigIssue] {
+        var issues: [ConfigIssue] = []
+
+        if config.listeners.isEmpty {
+            issues.append(ConfigIssue(path: "listeners", message: "at least one listener is required"))
+        }
+        issues += duplicates(config.listeners.map(\.name), section: "listeners", what: "listener")
+        issues += duplicates(config.upstreams.map(\.name), section: "upstreams", what: "upstream")
+        issues += duplicates(config.routes.map(\.name), section: "routes", what: "route")
+        issues += duplicates(config.consumers.map(\.name), section: "consumers", what: "consumer")
+
+        // Port 0 means "any free port", so it never collides.
+        var addresses: [HostPort: String] = [:]
+        for (index, listener) in config.listeners.enumerated() where listener.listen.port != 0 {
+            if let other = addresses[listener.listen] {
+                issues.append(ConfigIssue(path: "listeners[\(index)].listen", message: "address \(listener.listen) is already used by \(other)"))
+            } else {
+                addresses[listener.listen] = "listeners[\(index)]"
+            }
+        }
+        if let admin = config.admin, admin.listen.port != 0, let other = addresses[admin.listen] {
+            issues.append(ConfigIssue(path: "admin.listen", message: "address \(admin.listen) is already used by \(other)"))
+        }
+
+        let upstreamNames = Set(config.upstreams.map(\.name))
+        var firstRouteWithMatch: [RouteMatchConfig: Int] = [:]
+        for (index, route) in config.routes.enumerated() {
+            if !route.upstream.isEmpty && !upstreamNames.contains(route.upstream) {
+                var message = "unknown upstream \"\(route.upstream)\""
+                if let suggestion = closest(to: route.upstream, in: upstreamNames) { message += " (did you mean \"\(suggestion)\"?)" }
+                issues.append(ConfigIssue(path: "routes[\(index)].upstream", message: message))
+            }
+            let key = normalized(route.match)
+            if let earlier = firstRouteWithMatch[key] {
+                issues.append(ConfigIssue(path: "routes[\(index)].match",
+                                          message: "same match as routes[\(earlier)] (\"\(config.routes[earlier].name)\"), so this route can never be selected"))
+            } else {
+                firstRouteWithMatch[key] = index
+            }
+        }
+        return issues
+    }
+
+    private static func duplicates(_ names: [String], section: String, what: String) -> [ConfigIssue] {
+        var first: [String: Int] = [:]
+        var issues: [ConfigIssue] = []
+        for (index, name) in names.enumerated() where !name.isEmpty {
+            if let earlier = first[name] {
+                issues.append(ConfigIssue(path: "\(section)[\(index)].name", message: "duplicate \(what) name \"\(name)\" (also \(section)[\(earlier)])"))
+            } else {
+                first[name] = index
+            }
+        }
+        return issues
+    }
+
+    /// Order-insensitive form of a match, to detect shadowed routes.
+    private static func normalized(_ match: RouteMatchConfig) -> RouteMatchConfig {
+        var result = match
+        result.hosts = Array(Set(match.hosts)).sorted()
+        result.paths = Array(Set(match.paths.isEmpty ? [.prefix("/")] : match.paths)).sorted { "\($0)" < "\($1)" }
+        result.methods = Array(Set(match.methods)).sorted()
+        result.headers = match.headers
+            .map { HeaderMatch(name: $0.name.lowercased(), values: Array(Set($0.values)).sorted()) }
+            .sorted { $0.name < $1.name }
+        return result
+    }
+
+    /// The candidate within edit distance 2, for "did you mean" hints.
+    static func closest(to word: String, in candidates: Set<String>) -> String? {
+        let scored = candidates.map { ($0, editDistance(word, $0)) }.filter { $0.1 <= 2 }
+        return scored.min { $0.1 < $1.1 || ($0.1 == $1.1 && $0.0 < $1.0) }?.0
+    }
+
+    static func editDistance(_ a: String, _ b: String) -> Int {
+        let a = Array(a), b = Array(b)
+        if a.isEmpty { return b.count }
+        var previous = Array(0...b.count)
+        for i in 1...a.count {
+            var current = [i] + Array(repeating: 0, count: b.count)
+            for j in 1...max(b.count, 1) where j <= b.count {
+                current[j] = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1))
+            }
+            previous = current
+        }
+        return previous[b.count]
+    }
+}

@@ -1,2 +1,0 @@
-import XCTest
-final class WeirCoreTestsSmoke: XCTestCase { func testBuilds() { XCTAssertTrue(true) } }
