@@ -20,6 +20,8 @@ NGINX_PORT=19001
 HAPROXY_PORT=19002
 NGINX_LUA_PORT=19003
 WEIR_PORT=19010
+WEIR_NOOP_PORT=19011
+WEIR_LUA_PORT=19012
 
 # The key wrk sends in every request (harmless to the proxies that ignore
 # it; the Lua variants authenticate it).
@@ -76,6 +78,10 @@ render_template() {
         -e "s|@HAPROXY_PORT@|$HAPROXY_PORT|g" \
         -e "s|@NGINX_LUA_PORT@|$NGINX_LUA_PORT|g" \
         -e "s|@WEIR_PORT@|$WEIR_PORT|g" \
+        -e "s|@WEIR_NOOP_PORT@|$WEIR_NOOP_PORT|g" \
+        -e "s|@WEIR_LUA_PORT@|$WEIR_LUA_PORT|g" \
+        -e "s|@BENCH_DIR@|$BENCH_DIR|g" \
+        -e "s|@REPO_DIR@|$REPO_DIR|g" \
         -e "s|@API_KEY@|$API_KEY|g" \
         -e "s|@UPSTREAM_KEEPALIVE@|$UPSTREAM_KEEPALIVE|g" \
         -e "s|@NDK_MODULE@|$NDK_MODULE|g" \
@@ -191,41 +197,65 @@ start_nginx_lua() {
     wait_for_port "$NGINX_LUA_PORT" 10 || die "nginx+lua did not listen on 127.0.0.1:$NGINX_LUA_PORT (see $RUN_DIR/logs/nginx-lua.out and nginx-lua-error.log)"
 }
 
-# Weir problems are never fatal for the run: they set WEIR_UNAVAILABLE to
-# the reason and the table says "not available (<reason>)".
-WEIR_UNAVAILABLE=""
+# Weir problems are never fatal for the run: they record the reason in
+# WEIR_UNAVAILABLE[variant] ("build" for all variants) and the table says
+# "not available (<reason>)".
+declare -A WEIR_UNAVAILABLE=()
+
+# Weir variants: name -> config template. Each listens on its own port.
+declare -A WEIR_TEMPLATE=([weir]=weir.yaml [weir-noop]=weir-noop.yaml [weir-lua]=weir-lua.yaml)
+
+weir_unavailable_reason() { # VARIANT -> the reason, or nothing when available
+    echo "${WEIR_UNAVAILABLE[build]:-${WEIR_UNAVAILABLE[$1]:-}}"
+}
 
 build_weir() {
     log "building Weir (release, scratch $WEIR_SCRATCH); log: $RUN_DIR/logs/weir-build.log"
-    if ! (cd "$REPO_DIR" && timeout 2400 swift build -c release --scratch-path "$WEIR_SCRATCH" --product weir -j 2) \
+    if ! (cd "$REPO_DIR" && timeout 2400 nice -n 10 swift build -c release --scratch-path "$WEIR_SCRATCH" --product weir -j 2) \
             > "$RUN_DIR/logs/weir-build.log" 2>&1; then
         local first_error
         first_error=$(grep -m1 -E 'error:' "$RUN_DIR/logs/weir-build.log" | cut -c1-160)
-        WEIR_UNAVAILABLE="release build failed: ${first_error:-see bench/.run/logs/weir-build.log}"
-        log "weir: $WEIR_UNAVAILABLE"
+        WEIR_UNAVAILABLE[build]="release build failed: ${first_error:-see bench/.run/logs/weir-build.log}"
+        log "weir: ${WEIR_UNAVAILABLE[build]}"
     fi
 }
 
+# start_weir VARIANT PORT: validate the variant's config, start Weir on it
+# and wait for its listener. Returns 1 with the reason recorded otherwise.
 start_weir() {
-    [ -z "$WEIR_UNAVAILABLE" ] || return 1
+    local variant=$1 port=$2
+    [ -z "$(weir_unavailable_reason "$variant")" ] || return 1
     if [ ! -x "$WEIR_BIN" ]; then
-        WEIR_UNAVAILABLE="no binary at ${WEIR_BIN#$REPO_DIR/} (run without --no-build)"
+        WEIR_UNAVAILABLE[build]="no binary at ${WEIR_BIN#$REPO_DIR/} (run without --no-build)"
         return 1
     fi
-    render_template weir.yaml "$RUN_DIR/weir.yaml"
-    start_bg weir "$PROXY_CPU" "$WEIR_BIN" run --config "$RUN_DIR/weir.yaml" --workers 1
-    local pid=${PID_OF[weir]} deadline=$((SECONDS + 15))
+    local config="$RUN_DIR/$variant.yaml"
+    render_template "${WEIR_TEMPLATE[$variant]}" "$config"
+    # `weir validate` names the bad key, which says more than a failed start.
+    if ! (cd "$REPO_DIR" && timeout 30 "$WEIR_BIN" validate --config "$config") > "$RUN_DIR/logs/$variant-validate.out" 2>&1; then
+        local problem
+        problem=$(grep -v '^[[:space:]]*$' "$RUN_DIR/logs/$variant-validate.out" | head -2 | tr '\n' ' ' | cut -c1-200)
+        WEIR_UNAVAILABLE[$variant]="config refused by weir validate: ${problem:-no output}"
+        return 1
+    fi
+    # From the repo root, so relative plugin and SDK paths resolve.
+    (cd "$REPO_DIR" && exec $(pin "$PROXY_CPU") "$WEIR_BIN" run --config "$config" --workers 1) \
+        > "$RUN_DIR/logs/$variant.out" 2>&1 &
+    local pid=$!
+    STARTED_PIDS+=("$pid"); STARTED_NAMES+=("$variant"); PID_OF[$variant]=$pid
+    log "started $variant (pid $pid${PROXY_CPU:+, pinned to CPU $PROXY_CPU}): weir run --config $config --workers 1"
+    local deadline=$((SECONDS + 15))
     while [ $SECONDS -lt $deadline ]; do
         if ! is_alive "$pid"; then
             local last_line
-            last_line=$(grep -v '^[[:space:]]*$' "$RUN_DIR/logs/weir.out" | tail -1 | cut -c1-160)
-            WEIR_UNAVAILABLE="exited at startup: ${last_line:-no output}"
+            last_line=$(grep -v '^[[:space:]]*$' "$RUN_DIR/logs/$variant.out" | tail -1 | cut -c1-160)
+            WEIR_UNAVAILABLE[$variant]="exited at startup: ${last_line:-no output}"
             return 1
         fi
-        if (exec 3<>"/dev/tcp/127.0.0.1/$WEIR_PORT") 2>/dev/null; then return 0; fi
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
         sleep 0.2
     done
-    WEIR_UNAVAILABLE="did not listen on 127.0.0.1:$WEIR_PORT within 15 s"
+    WEIR_UNAVAILABLE[$variant]="did not listen on 127.0.0.1:$port within 15 s"
     return 1
 }
 

@@ -10,7 +10,7 @@
 # The report goes to bench/profiles/<timestamp>-<proxy>.txt, which is meant
 # to be committed: it is what the data path gets optimised against.
 #
-#   bench/profile.sh [--no-build] [--proxy weir|nginx|haproxy|nginx-lua]
+#   bench/profile.sh [--no-build] [--proxy weir|weir-noop|weir-lua|nginx|haproxy|nginx-lua]
 #                    [--connections N] [--duration S]
 set -uo pipefail
 
@@ -34,10 +34,12 @@ done
 
 case "$PROXY" in
     weir) PORT=$WEIR_PORT ;;
+    weir-noop) PORT=$WEIR_NOOP_PORT ;;
+    weir-lua) PORT=$WEIR_LUA_PORT ;;
     nginx) PORT=$NGINX_PORT ;;
     haproxy) PORT=$HAPROXY_PORT ;;
     nginx-lua) PORT=$NGINX_LUA_PORT ;;
-    *) die "unknown proxy '$PROXY' (known: weir, nginx, haproxy, nginx-lua)" ;;
+    *) die "unknown proxy '$PROXY' (known: weir, weir-noop, weir-lua, nginx, haproxy, nginx-lua)" ;;
 esac
 
 require_tools nginx wrk curl perf strace python3 ss
@@ -53,14 +55,11 @@ STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p "$BENCH_DIR/profiles"
 REPORT="$BENCH_DIR/profiles/$STAMP-$PROXY.txt"
 
-if [ "$PROXY" = weir ]; then
-    [ "$BUILD" -eq 1 ] && build_weir
-    [ -z "$WEIR_UNAVAILABLE" ] || die "weir: not available ($WEIR_UNAVAILABLE)"
-fi
+if [[ "$PROXY" == weir* ]] && [ "$BUILD" -eq 1 ]; then build_weir; fi
 
 start_origin
 case "$PROXY" in
-    weir) start_weir || die "weir: not available ($WEIR_UNAVAILABLE)" ;;
+    weir*) start_weir "$PROXY" "$PORT" || die "$PROXY: not available ($(weir_unavailable_reason "$PROXY"))" ;;
     nginx) start_nginx_proxy ;;
     haproxy) start_haproxy ;;
     nginx-lua) start_nginx_lua ;;

@@ -4,7 +4,7 @@
 # with wrk, runs interleaved across proxies. See bench/README.md.
 #
 #   bench/run.sh [--no-build] [--duration S] [--runs N] [--warmup S]
-#                [--connections 32,256] [--proxies nginx,haproxy,nginx-lua,weir]
+#                [--connections 32,256] [--proxies LIST]
 #                [--wrk-threads N]
 set -uo pipefail
 ORIGINAL_ARGS=("$@")
@@ -19,7 +19,8 @@ usage: bench/run.sh [options]
   --runs N             measured runs per proxy and connection count (default 3)
   --warmup S           seconds of wrk before each measured run, not recorded (default 2)
   --connections LIST   comma-separated wrk connection counts (default 32,256)
-  --proxies LIST       comma-separated subset of nginx,haproxy,nginx-lua,weir (default all)
+  --proxies LIST       comma-separated subset of nginx,haproxy,nginx-lua,weir,weir-noop,weir-lua
+                       (default all; weir-noop = one no-op plugin, weir-lua = the 3-plugin Lua chain)
   --wrk-threads N      wrk threads (default 1: wrk shares the load core with the origin)
   --upstream-keepalive N  nginx 'keepalive N' idle upstream connections (default 64)
   --quiet-wait S       before each measured run, wait up to S seconds for other engineers'
@@ -32,7 +33,7 @@ DURATION=10
 RUNS=3
 WARMUP=2
 CONNECTIONS="32,256"
-PROXIES="nginx,haproxy,nginx-lua,weir"
+PROXIES="nginx,haproxy,nginx-lua,weir,weir-noop,weir-lua"
 WRK_THREADS=1
 QUIET_WAIT=0
 
@@ -57,7 +58,7 @@ done
 IFS=, read -r -a PROXY_LIST <<< "$PROXIES"
 IFS=, read -r -a CONN_LIST <<< "$CONNECTIONS"
 for proxy in "${PROXY_LIST[@]}"; do
-    case "$proxy" in nginx|haproxy|nginx-lua|weir) ;; *) die "unknown proxy '$proxy' (known: nginx, haproxy, nginx-lua, weir)" ;; esac
+    case "$proxy" in nginx|haproxy|nginx-lua|weir|weir-noop|weir-lua) ;; *) die "unknown proxy '$proxy' (known: nginx, haproxy, nginx-lua, weir, weir-noop, weir-lua)" ;; esac
 done
 for conns in "${CONN_LIST[@]}"; do
     [ "$conns" -ge "$WRK_THREADS" ] || die "wrk needs at least as many connections ($conns) as threads ($WRK_THREADS)"
@@ -69,6 +70,8 @@ port_of() {
         haproxy) echo "$HAPROXY_PORT" ;;
         nginx-lua) echo "$NGINX_LUA_PORT" ;;
         weir) echo "$WEIR_PORT" ;;
+        weir-noop) echo "$WEIR_NOOP_PORT" ;;
+        weir-lua) echo "$WEIR_LUA_PORT" ;;
     esac
 }
 
@@ -88,9 +91,7 @@ trap 'log "interrupted; stopping everything started"; exit 130' INT TERM
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 RESULTS_FILE="$RESULTS_DIR/$STAMP.txt"
 
-if wants weir; then
-    if [ "$BUILD" -eq 1 ]; then build_weir; fi
-fi
+if [[ ",$PROXIES," == *",weir"* ]] && [ "$BUILD" -eq 1 ]; then build_weir; fi
 
 # --- start and verify every peer -------------------------------------------
 
@@ -105,15 +106,21 @@ wants nginx-lua && start_nginx_lua
 
 ACTIVE=()
 for proxy in "${PROXY_LIST[@]}"; do
-    if [ "$proxy" = weir ]; then
-        if start_weir; then
-            if problem=$(verify_proxies_to_origin weir "$WEIR_PORT"); then
-                ACTIVE+=(weir)
+    if [[ "$proxy" == weir* ]]; then
+        port=$(port_of "$proxy")
+        if start_weir "$proxy" "$port"; then
+            if ! problem=$(verify_proxies_to_origin "$proxy" "$port"); then
+                WEIR_UNAVAILABLE[$proxy]="does not proxy yet: $problem"
+            elif [ "$proxy" = weir-lua ] && \
+                 denied=$(curl -sS --max-time 5 -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/") && \
+                 [ "$denied" != 401 ]; then
+                WEIR_UNAVAILABLE[$proxy]="the key check does not work: HTTP $denied without an API key, expected 401"
             else
-                WEIR_UNAVAILABLE="does not proxy yet: $problem"
+                ACTIVE+=("$proxy")
             fi
         fi
-        [ -n "$WEIR_UNAVAILABLE" ] && log "weir: not available ($WEIR_UNAVAILABLE)"
+        reason=$(weir_unavailable_reason "$proxy")
+        [ -n "$reason" ] && log "$proxy: not available ($reason)"
         continue
     fi
     problem=$(verify_proxies_to_origin "$proxy" "$(port_of "$proxy")") \
@@ -148,7 +155,11 @@ swift_builds() { # compiler processes of other engineers' builds: they make numb
     echo "# nginx upstream keepalive: $UPSTREAM_KEEPALIVE idle connections"
     echo "# wrk: -t $WRK_THREADS, connections $CONNECTIONS, ${DURATION}s measured after ${WARMUP}s warm-up, $RUNS runs interleaved"
     echo "# load before: $(uptime | sed 's/.*load average/load average/'); swift compiler processes running: $(swift_builds)"
-    [ -n "$WEIR_UNAVAILABLE" ] && echo "UNAVAILABLE proxy=weir reason=$WEIR_UNAVAILABLE"
+    for proxy in "${PROXY_LIST[@]}"; do
+        [[ "$proxy" == weir* ]] || continue
+        reason=$(weir_unavailable_reason "$proxy")
+        [ -n "$reason" ] && echo "UNAVAILABLE proxy=$proxy reason=$reason"
+    done
 } > "$RESULTS_FILE"
 
 if [ -n "$LOAD_CPU" ]; then
@@ -207,5 +218,9 @@ summary=$(python3 "$BENCH_DIR/summarize.py" "$RESULTS_FILE") || die "could not s
 echo
 echo "$summary"
 echo
-[ -n "$WEIR_UNAVAILABLE" ] && echo "weir: not available ($WEIR_UNAVAILABLE)"
+for proxy in "${PROXY_LIST[@]}"; do
+    [[ "$proxy" == weir* ]] || continue
+    reason=$(weir_unavailable_reason "$proxy")
+    [ -n "$reason" ] && echo "$proxy: not available ($reason)"
+done
 echo "raw results: ${RESULTS_FILE#$REPO_DIR/}"

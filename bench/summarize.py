@@ -22,6 +22,8 @@ LABELS = OrderedDict([
     ("haproxy", "HAProxy (http-reuse always)"),
     ("nginx-lua", "nginx + Lua (key-auth-like + shared counter + header)"),
     ("weir", "Weir (no plugins)"),
+    ("weir-noop", "Weir + 1 no-op Lua plugin"),
+    ("weir-lua", "Weir + Lua chain (key check + shared counter + header)"),
 ])
 CLOCK_TICKS_PER_SECOND = 100
 # Below this median CPU % the proxy was not the bottleneck (the load core or
@@ -114,8 +116,8 @@ def render(path):
                    "core, or other processes on the shared machine) limited it, so this figure understates it.")
     out.append("")
     out.append("Ratios (from the medians above; req/s ratio > 1 means faster, p99 ratio < 1 means lower tail latency):")
-    pairs = [("weir", "nginx"), ("weir", "haproxy"), ("nginx-lua", "nginx")]
-    pairs += [(p, "weir") for p, _ in summary if p.startswith("weir-")]
+    pairs = [("weir", "nginx"), ("weir", "haproxy"), ("nginx-lua", "nginx"),
+             ("weir-lua", "nginx-lua"), ("weir-noop", "weir"), ("weir-lua", "weir")]
     pairs = list(OrderedDict.fromkeys(pairs))
     for a, b in pairs:
         for conns in conns_list:
