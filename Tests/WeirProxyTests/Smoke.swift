@@ -1,2 +1,0 @@
-import XCTest
-final class WeirProxyTestsSmoke: XCTestCase { func testBuilds() { XCTAssertTrue(true) } }
