@@ -18,17 +18,24 @@ public final class DemoUpstream: @unchecked Sendable {
     private let address: HostPort
     private let group: EventLoopGroup
     private let bodySize: Int
+    private let onRequest: (@Sendable (HTTPRequestHead) -> Void)?
     private var channel: Channel?
 
-    public init(listen address: HostPort, bodySize: Int = 1024, group: EventLoopGroup) {
+    /// - Parameter onRequest: called on the event loop for every request head
+    ///   received (tests use it to know a request reached the origin); nil
+    ///   costs nothing.
+    public init(listen address: HostPort, bodySize: Int = 1024, group: EventLoopGroup,
+                onRequest: (@Sendable (HTTPRequestHead) -> Void)? = nil) {
         self.address = address
         self.bodySize = bodySize
         self.group = group
+        self.onRequest = onRequest
     }
 
     public func start() -> EventLoopFuture<Void> {
         let fixedBody = DemoUpstream.makeBody(size: bodySize)
         let identity = address.description
+        let onRequest = self.onRequest
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(ChannelOptions.backlog, value: 1024)
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
@@ -37,7 +44,7 @@ public final class DemoUpstream: @unchecked Sendable {
                 channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
                     try channel.pipeline.syncOperations.addHandler(
-                        DemoUpstreamHandler(fixedBody: fixedBody, identity: identity))
+                        DemoUpstreamHandler(fixedBody: fixedBody, identity: identity, onRequest: onRequest))
                 }
             }
         return bootstrap.bind(host: address.host, port: address.port).map { self.channel = $0 }
@@ -79,12 +86,14 @@ private final class DemoUpstreamHandler: ChannelInboundHandler {
     private let fixedBody: ByteBuffer
     private let identity: String
     private let fixedHeaders: HTTPHeaders
+    private let onRequest: (@Sendable (HTTPRequestHead) -> Void)?
     private var head: HTTPRequestHead?
     private var action: Action = .fixed
     private var bodyBytes = 0
 
-    init(fixedBody: ByteBuffer, identity: String) {
+    init(fixedBody: ByteBuffer, identity: String, onRequest: (@Sendable (HTTPRequestHead) -> Void)?) {
         self.fixedBody = fixedBody
+        self.onRequest = onRequest
         self.identity = identity
         var headers = HTTPHeaders()
         headers.add(name: "Content-Type", value: "text/plain")
@@ -98,6 +107,7 @@ private final class DemoUpstreamHandler: ChannelInboundHandler {
         case .head(let requestHead):
             head = requestHead
             bodyBytes = 0
+            onRequest?(requestHead)
             action = Self.action(for: requestHead.uri)
         case .body(let buffer):
             bodyBytes += buffer.readableBytes

@@ -1,7 +1,3 @@
-import ArgumentParser
-import WeirLua
-
-struct Weir: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Weir: a programmable proxy.")
-}
-Weir.main()
+// The `weir` executable. Each subcommand lives in its own file; the logic
+// that tests exercise directly (config checks, servers) lives in libraries.
+WeirCommand.main()

@@ -26,7 +26,13 @@ enum OpsTestHTTP {
                     try channel.pipeline.syncOperations.addHandler(ResponseCollector(promise: promise))
                 }
             }
-        let channel = try bootstrap.connect(host: host, port: port).wait()
+        let channel: Channel
+        do {
+            channel = try bootstrap.connect(host: host, port: port).wait()
+        } catch {
+            promise.fail(error) // NIO insists every promise is completed
+            throw error
+        }
         var head = HTTPRequestHead(version: .http1_1, method: method, uri: path)
         head.headers.add(name: "Host", value: "\(host):\(port)")
         head.headers.add(name: "Connection", value: "close")

@@ -1,0 +1,176 @@
+import ArgumentParser
+import Atomics
+import Foundation
+import Logging
+import NIOCore
+import NIOPosix
+import WeirAdmin
+import WeirCore
+import WeirProxy
+
+struct RunCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "run",
+        abstract: "Run the proxy on a config file.",
+        discussion: """
+            Logs go to stderr; the access log goes where `access_log` says (stdout by default).
+            SIGTERM or SIGINT: stop accepting, let in-flight requests finish for up to
+            `drain_timeout`, then exit 0. A second signal exits at once.
+            Exit status: 0 after a clean shutdown, 1 on a bad config or a listener that
+            cannot bind, 2 for a mode this build does not offer.
+            """
+    )
+
+    @Option(name: .shortAndLong, help: "Path to the YAML config file.")
+    var config: String
+
+    @Option(help: "gateway (centralized, north-south) or sidecar (per replica; not available yet).")
+    var mode: String = ProxyMode.gateway.rawValue
+
+    @Option(help: "Event loop threads (default: the config's `workers`, else one per core).")
+    var workers: Int?
+
+    @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
+    var logLevel: String = "info"
+
+    func validate() throws {
+        guard ProxyMode(rawValue: mode) != nil else {
+            throw ValidationError("--mode must be one of: \(ProxyMode.allCases.map(\.rawValue).joined(separator: ", ")) (got \"\(mode)\")")
+        }
+        if let workers = workers, workers < 1 { throw ValidationError("--workers must be at least 1") }
+        guard Logger.Level(rawValue: logLevel) != nil else {
+            throw ValidationError("--log-level must be one of: \(Logger.Level.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+    }
+
+    func run() throws {
+        if ProxyMode(rawValue: mode) == .sidecar {
+            printError("weir: sidecar mode is not available yet; use --mode gateway")
+            throw ExitCode(2)
+        }
+        let check = ConfigCheck.run(path: config)
+        guard let weirConfig = check.config else {
+            printError(check.message)
+            throw ExitCode(check.exitCode)
+        }
+        let level = Logger.Level(rawValue: logLevel) ?? .info
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = level
+            return handler
+        }
+        let logger = Logger(label: "weir")
+        let exitCode = Gateway(config: weirConfig, workers: workers ?? weirConfig.workers ?? System.coreCount,
+                               logger: logger).runUntilSignalled()
+        if exitCode != 0 { throw ExitCode(exitCode) }
+    }
+}
+
+/// Everything `weir run` starts, in order, and stops in reverse.
+final class Gateway {
+    private let config: WeirConfig
+    private let workers: Int
+    private let logger: Logger
+
+    init(config: WeirConfig, workers: Int, logger: Logger) {
+        self.config = config
+        self.workers = workers
+        self.logger = logger
+    }
+
+    /// Starts serving and blocks until a signal ends the drain. Returns the exit code.
+    func runUntilSignalled() -> Int32 {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: workers)
+        defer { try? group.syncShutdownGracefully() }
+
+        let accessLog: AccessLogWriter?
+        do {
+            accessLog = try AccessLogWriter.make(target: config.accessLog)
+        } catch {
+            printError("weir: \(error)")
+            return 1
+        }
+        defer { accessLog?.shutdown() }
+        let observer = GatewayObserver(accessLog: accessLog)
+
+        let proxy = ProxyServer(config: config, group: group, observer: observer, logger: logger)
+        do {
+            try proxy.start()
+        } catch {
+            printError("weir: \(error)")
+            return 1
+        }
+        let config = self.config
+        observer.metrics.setHealthSource { Gateway.targetHealth(config: config, proxy: proxy) }
+
+        let checker = ActiveHealthChecker(upstreams: config.upstreams, eventLoop: group.next(), logger: logger,
+                                          sinkForUpstream: { proxy.upstreamHealth(named: $0) })
+        checker.start()
+
+        let ready = ManagedAtomic<Bool>(false)
+        var admin: AdminServer?
+        if let adminConfig = config.admin {
+            let endpoints = AdminEndpoints(
+                isReady: { ready.load(ordering: .relaxed) },
+                metricsText: { observer.metrics.renderPrometheus() },
+                configText: { config.redactedYAML() })
+            let server = AdminServer(listen: adminConfig.listen, group: group, endpoints: endpoints, logger: logger)
+            do {
+                try server.start().wait()
+            } catch {
+                printError("weir: admin listener could not bind \(adminConfig.listen): \(error)")
+                checker.stop()
+                proxy.shutdown()
+                return 1
+            }
+            logger.info("admin listening", metadata: ["address": "\(server.boundAddress.map { "\($0)" } ?? "\(adminConfig.listen)")"])
+            admin = server
+        }
+        ready.store(true, ordering: .relaxed)
+        logger.info("weir started", metadata: ["workers": "\(workers)", "mode": "gateway",
+                                               "active_health_checks": "\(checker.targetCount)"])
+
+        // Signals arrive on their own queue; the main thread waits for the drain.
+        let drained = DispatchSemaphore(value: 0)
+        let signalCount = ManagedAtomic<Int>(0)
+        let drainTimeout = TimeAmount.nanoseconds(config.drainTimeout.nanoseconds)
+        let logger = self.logger
+        let signals = SignalWatcher.onTermination { signalNumber in
+            let count = signalCount.loadThenWrappingIncrement(ordering: .relaxed) + 1
+            if count > 1 {
+                logger.warning("second signal: exiting without waiting for the drain")
+                exit(1)
+            }
+            logger.info("draining", metadata: ["signal": "\(signalNumber)", "timeout": "\(config.drainTimeout)",
+                                               "connections": "\(proxy.activeConnections)"])
+            ready.store(false, ordering: .relaxed)
+            checker.stop()
+            proxy.waitForDrain(timeout: drainTimeout).whenComplete { _ in drained.signal() }
+        }
+        drained.wait()
+        signals.cancel()
+
+        proxy.shutdown()
+        if let admin = admin { try? admin.stop().wait() }
+        logger.info("stopped")
+        return 0
+    }
+
+    /// Per-target health for the metrics, read at scrape time.
+    static func targetHealth(config: WeirConfig, proxy: ProxyServer) -> [MetricsRegistry.TargetHealth] {
+        let now = MonotonicClock.now()
+        var result: [MetricsRegistry.TargetHealth] = []
+        for upstream in config.upstreams {
+            guard let health = proxy.upstreamHealth(named: upstream.name) else { continue }
+            for (index, target) in upstream.targets.enumerated() where index < health.targetCount {
+                result.append(.init(upstream: upstream.name, target: target.address.description,
+                                    healthy: health.isHealthy(index, now: now)))
+            }
+        }
+        return result
+    }
+}
+
+func printError(_ message: String) {
+    FileHandle.standardError.write(Data((message + "\n").utf8))
+}

@@ -1,0 +1,268 @@
+import Foundation
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import WeirAdmin
+import WeirCore
+import XCTest
+
+/// The `weir` executable: validate, version, mode refusal, startup errors,
+/// and SIGTERM drain, run as a real child process.
+final class CLITests: XCTestCase {
+    private var tempDir: URL!
+
+    override func setUpWithError() throws {
+        tempDir = FileManager.default.temporaryDirectory.appendingPathComponent("weir-cli-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: tempDir, withIntermediateDirectories: true)
+    }
+
+    override func tearDownWithError() throws {
+        try? FileManager.default.removeItem(at: tempDir)
+    }
+
+    // MARK: config checks (library + binary)
+
+    static let badConfig = """
+        listeners:
+          - name: web
+            listen: 127.0.0.1:notaport
+        upstreams:
+          - name: orders
+            targets: [{ address: 127.0.0.1:9001 }]
+            retrys: 2
+        routes:
+          - name: r1
+            match: { paths: [/orders] }
+            upstream: ordrs
+        """
+
+    func testConfigCheckListsEveryProblemWithItsPath() throws {
+        let path = try write("bad.yaml", Self.badConfig)
+        let result = ConfigCheck.run(path: path, environment: [:])
+        XCTAssertFalse(result.isValid)
+        XCTAssertEqual(result.exitCode, 1)
+        XCTAssertTrue(result.message.contains("listeners[0].listen"), result.message)
+        XCTAssertTrue(result.message.contains("upstreams[0].retrys"), result.message)
+        XCTAssertTrue(result.message.contains("routes[0].upstream"), result.message)
+        XCTAssertTrue(result.message.contains("ordrs"), result.message)
+    }
+
+    func testExampleConfigIsValid() throws {
+        let result = ConfigCheck.run(path: Self.repoRoot.appendingPathComponent("examples/gateway.yaml").path,
+                                     environment: [:])
+        XCTAssertTrue(result.isValid, result.message)
+        XCTAssertEqual(result.exitCode, 0)
+        XCTAssertTrue(result.message.hasPrefix("config OK"))
+    }
+
+    func testValidateCommandExitCodesAndMessages() throws {
+        let good = try Self.runWeir(["validate", "--config", Self.repoRoot.appendingPathComponent("examples/gateway.yaml").path])
+        XCTAssertEqual(good.status, 0, good.stderr)
+        XCTAssertTrue(good.stdout.hasPrefix("config OK"), good.stdout)
+
+        let bad = try Self.runWeir(["validate", "--config", try write("bad.yaml", Self.badConfig)])
+        XCTAssertEqual(bad.status, 1)
+        for path in ["listeners[0].listen", "upstreams[0].retrys", "routes[0].upstream"] {
+            XCTAssertTrue(bad.stderr.contains(path), "missing \(path) in:\n\(bad.stderr)")
+        }
+
+        let missing = try Self.runWeir(["validate", "--config", tempDir.appendingPathComponent("nope.yaml").path])
+        XCTAssertEqual(missing.status, 1)
+        XCTAssertTrue(missing.stderr.contains("cannot read config file"), missing.stderr)
+    }
+
+    func testVersion() throws {
+        let result = try Self.runWeir(["version"])
+        XCTAssertEqual(result.status, 0)
+        XCTAssertTrue(result.stdout.hasPrefix("weir "), result.stdout)
+    }
+
+    func testSidecarModeIsRefused() throws {
+        let config = Self.repoRoot.appendingPathComponent("examples/gateway.yaml").path
+        let result = try Self.runWeir(["run", "--config", config, "--mode", "sidecar"])
+        XCTAssertEqual(result.status, 2)
+        XCTAssertTrue(result.stderr.contains("sidecar mode is not available yet"), result.stderr)
+
+        let unknown = try Self.runWeir(["run", "--config", config, "--mode", "mesh"])
+        XCTAssertNotEqual(unknown.status, 0)
+        XCTAssertTrue(unknown.stderr.contains("--mode must be one of: gateway, sidecar"), unknown.stderr)
+    }
+
+    func testRunWithBadConfigPrintsTheSameListAsValidate() throws {
+        let path = try write("bad.yaml", Self.badConfig)
+        let run = try Self.runWeir(["run", "--config", path])
+        let validate = try Self.runWeir(["validate", "--config", path])
+        XCTAssertEqual(run.status, 1)
+        XCTAssertEqual(run.stderr, validate.stderr)
+    }
+
+    // MARK: serving and graceful shutdown
+
+    func testSIGTERMLetsTheInFlightRequestFinishThenExitsZero() throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        defer { try? group.syncShutdownGracefully() }
+        let slowRequestArrived = DispatchSemaphore(value: 0)
+        let origin = DemoUpstream(listen: HostPort(host: "127.0.0.1", port: 0), bodySize: 2048, group: group,
+                                  onRequest: { head in if head.uri.hasPrefix("/delay/") { slowRequestArrived.signal() } })
+        try origin.start().wait()
+        defer { _ = try? origin.stop().wait() }
+        let originPort = try XCTUnwrap(origin.boundAddress?.port)
+        let proxyPort = try Self.freePort()
+        let adminPort = try Self.freePort()
+        let accessLogPath = tempDir.appendingPathComponent("access.log").path
+        let configPath = try write("gateway.yaml", """
+            listeners:
+              - { name: web, listen: "127.0.0.1:\(proxyPort)" }
+            upstreams:
+              - name: demo
+                targets: [{ address: "127.0.0.1:\(originPort)" }]
+                health_check:
+                  active: { path: /healthz, interval: 200ms, timeout: 100ms }
+            routes:
+              - { name: default, match: { paths: [/] }, upstream: demo }
+            access_log: \(accessLogPath)
+            drain_timeout: 10s
+            admin: { listen: "127.0.0.1:\(adminPort)" }
+            """)
+
+        let process = Process()
+        process.executableURL = try Self.weirBinary()
+        process.arguments = ["run", "--config", configPath, "--workers", "1"]
+        let stderrPipe = Pipe()
+        process.standardError = stderrPipe
+        process.standardOutput = FileHandle.nullDevice
+        try process.run()
+        defer { if process.isRunning { process.terminate(); process.waitUntilExit() } }
+
+        OpsTestHTTP.eventually("admin /ready answers 200") {
+            (try? OpsTestHTTP.request(port: adminPort, path: "/ready", group: group))?.status == 200
+        }
+
+        // A normal request through the proxy shows up in /metrics.
+        let plain = try OpsTestHTTP.request(port: proxyPort, path: "/hello", group: group)
+        XCTAssertEqual(plain.status, 200)
+        XCTAssertEqual(plain.body.utf8.count, 2048)
+        let metrics = try OpsTestHTTP.request(port: adminPort, path: "/metrics", group: group).body
+        XCTAssertTrue(metrics.contains(#"weir_requests_total{route="default",upstream="demo",status_class="2xx"} 1"#),
+                      metrics)
+        XCTAssertTrue(metrics.contains(#"weir_upstream_target_healthy{upstream="demo",target="127.0.0.1:\#(originPort)"} 1"#),
+                      metrics)
+        let config = try OpsTestHTTP.request(port: adminPort, path: "/config", group: group)
+        XCTAssertEqual(config.status, 200)
+        XCTAssertTrue(config.body.contains("127.0.0.1:\(originPort)"), config.body)
+
+        // A slow request is in flight (it reached the origin) when SIGTERM arrives.
+        let slow = DispatchQueue.global().asyncResult {
+            try OpsTestHTTP.request(port: proxyPort, path: "/delay/1000", group: group, timeout: .seconds(20))
+        }
+        XCTAssertEqual(slowRequestArrived.wait(timeout: .now() + 10), .success, "slow request never reached the origin")
+        kill(process.processIdentifier, SIGTERM)
+
+        let response = try slow.wait(timeout: 20)
+        XCTAssertEqual(response.status, 200)
+        XCTAssertEqual(response.body.utf8.count, 2048, "the in-flight response is complete")
+
+        let exited = DispatchQueue.global().asyncResult { process.waitUntilExit() }
+        _ = try exited.wait(timeout: 20)
+        let stderrText = String(decoding: stderrPipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        XCTAssertEqual(process.terminationReason, .exit)
+        XCTAssertEqual(process.terminationStatus, 0, stderrText)
+        XCTAssertTrue(stderrText.contains("draining"), stderrText)
+
+        // Listener closed after exit, and both requests are in the access log.
+        XCTAssertThrowsError(try OpsTestHTTP.request(port: proxyPort, path: "/", group: group))
+        let log = try String(contentsOfFile: accessLogPath, encoding: .utf8)
+        let entries = try log.split(separator: "\n").map {
+            try XCTUnwrap(JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any])
+        }
+        XCTAssertEqual(entries.compactMap { $0["path"] as? String }.sorted(), ["/delay/1000", "/hello"])
+        XCTAssertTrue(entries.allSatisfy { $0["status"] as? Int == 200 && $0["route"] as? String == "default" })
+    }
+
+    // MARK: helpers
+
+    private func write(_ name: String, _ text: String) throws -> String {
+        let url = tempDir.appendingPathComponent(name)
+        try text.write(to: url, atomically: true, encoding: .utf8)
+        return url.path
+    }
+
+    static var repoRoot: URL {
+        URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+    }
+
+    /// The `weir` binary built alongside this test bundle (same scratch
+    /// folder and configuration), or `$WEIR_BINARY`.
+    static func weirBinary() throws -> URL {
+        if let override = ProcessInfo.processInfo.environment["WEIR_BINARY"] {
+            return URL(fileURLWithPath: override)
+        }
+        var candidates: [URL] = []
+        for bundle in [Bundle(for: CLITests.self), Bundle.main] {
+            let url = bundle.bundleURL
+            candidates.append(url.deletingLastPathComponent().appendingPathComponent("weir"))
+            candidates.append(url.appendingPathComponent("weir"))
+        }
+        for candidate in candidates where FileManager.default.isExecutableFile(atPath: candidate.path) {
+            return candidate
+        }
+        struct BinaryNotFound: Error, CustomStringConvertible { var description: String }
+        throw BinaryNotFound(description: "weir binary not found next to the test bundle (tried "
+            + "\(candidates.map(\.path))); build it first (`swift build --build-tests`) or set WEIR_BINARY")
+    }
+
+    struct RunResult { var status: Int32; var stdout: String; var stderr: String }
+
+    static func runWeir(_ arguments: [String]) throws -> RunResult {
+        let process = Process()
+        process.executableURL = try weirBinary()
+        process.arguments = arguments
+        let out = Pipe(), err = Pipe()
+        process.standardOutput = out
+        process.standardError = err
+        try process.run()
+        // Read before waiting so a full pipe cannot deadlock the child.
+        let stdoutData = out.fileHandleForReading.readDataToEndOfFile()
+        let stderrData = err.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        return RunResult(status: process.terminationStatus, stdout: String(decoding: stdoutData, as: UTF8.self),
+                         stderr: String(decoding: stderrData, as: UTF8.self))
+    }
+
+    /// A port that was free a moment ago (bound to 0, then released).
+    static func freePort() throws -> Int {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        defer { try? group.syncShutdownGracefully() }
+        let channel = try ServerBootstrap(group: group).bind(host: "127.0.0.1", port: 0).wait()
+        let port = channel.localAddress?.port ?? 0
+        try channel.close().wait()
+        return port
+    }
+}
+
+/// A value computed on another queue, awaited with a timeout.
+final class AsyncResult<Value> {
+    private let done = DispatchSemaphore(value: 0)
+    private var result: Result<Value, Error>?
+
+    fileprivate func complete(_ result: Result<Value, Error>) {
+        self.result = result
+        done.signal()
+    }
+
+    struct TimedOut: Error {}
+
+    func wait(timeout seconds: Double) throws -> Value {
+        guard done.wait(timeout: .now() + seconds) == .success, let result = result else { throw TimedOut() }
+        return try result.get()
+    }
+}
+
+extension DispatchQueue {
+    func asyncResult<Value>(_ body: @escaping () throws -> Value) -> AsyncResult<Value> {
+        let box = AsyncResult<Value>()
+        async { box.complete(Result { try body() }) }
+        return box
+    }
+}
