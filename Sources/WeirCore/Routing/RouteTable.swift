@@ -125,20 +125,24 @@ public final class RouteTable: @unchecked Sendable {
     /// host may include ":port" (ignored); host matching is case-insensitive. path excludes the query string.
     public func match<H: RouteHeaderLookup>(method: String, host: String, path: String, headers: H) -> RouteMatch? {
         var path = path
-        if let found = path.utf8.withContiguousStorageIfAvailable({ pathBytes in
-            matchContiguous(method: method, host: host, path: path, pathBytes: pathBytes, headers: headers)
-        }) {
-            return found
+        // Inner layers pass a small `Found` through their closures; the
+        // large RouteMatch (it carries a RouteConfig) is built once, here.
+        var found: Found?
+        if path.utf8.withContiguousStorageIfAvailable({ pathBytes in
+            found = matchContiguous(method: method, host: host, path: path, pathBytes: pathBytes, headers: headers)
+        }) == nil {
+            // Bridged or lazily-built strings: make the bytes contiguous once.
+            path.makeContiguousUTF8()
+            _ = path.utf8.withContiguousStorageIfAvailable { pathBytes in
+                found = matchContiguous(method: method, host: host, path: path, pathBytes: pathBytes, headers: headers)
+            }
         }
-        // Bridged or lazily-built strings: make the bytes contiguous once.
-        path.makeContiguousUTF8()
-        return path.utf8.withContiguousStorageIfAvailable { pathBytes in
-            matchContiguous(method: method, host: host, path: path, pathBytes: pathBytes, headers: headers)
-        } ?? nil
+        guard let found = found else { return nil }
+        return RouteMatch(routeIndex: found.route, route: routes[found.route], forwardPath: found.forwardPath)
     }
 
     private func matchContiguous<H: RouteHeaderLookup>(method: String, host: String, path: String,
-                                                       pathBytes: UnsafeBufferPointer<UInt8>, headers: H) -> RouteMatch? {
+                                                       pathBytes: UnsafeBufferPointer<UInt8>, headers: H) -> Found? {
         // Hash every candidate prefix of the path once: at each '/' the
         // prefix before it (`/orders` style) and the prefix including it
         // (`/orders/` style), and the full path. Stored longest first.
@@ -167,20 +171,20 @@ public final class RouteTable: @unchecked Sendable {
 
     /// Calls `body` for the request host's buckets from most to least
     /// specific until it returns a match.
-    private func withHostBuckets(_ rawHost: String, _ body: (Int) -> RouteMatch?) -> RouteMatch? {
+    private func withHostBuckets(_ rawHost: String, _ body: (Int) -> Found?) -> Found? {
         var host = rawHost
-        let found: RouteMatch?? = host.utf8.withContiguousStorageIfAvailable { hostBytes in
-            hostLevels(hostBytes, body)
+        var found: Found?
+        if host.utf8.withContiguousStorageIfAvailable({ found = hostLevels($0, body) }) == nil {
+            host.makeContiguousUTF8()
+            _ = host.utf8.withContiguousStorageIfAvailable { found = hostLevels($0, body) }
         }
-        if let found = found { return found }
-        host.makeContiguousUTF8()
-        return host.utf8.withContiguousStorageIfAvailable { hostLevels($0, body) } ?? nil
+        return found
     }
 
-    private func hostLevels(_ raw: UnsafeBufferPointer<UInt8>, _ body: (Int) -> RouteMatch?) -> RouteMatch? {
+    private func hostLevels(_ raw: UnsafeBufferPointer<UInt8>, _ body: (Int) -> Found?) -> Found? {
         let length = HostNormalization.nameLength(raw)
         if length > 0 && length <= 255 && !(exactHosts.isEmpty && wildcardHosts.isEmpty) {
-            let result: RouteMatch?? = withUnsafeTemporaryAllocation(of: UInt8.self, capacity: length) { lower in
+            let result: Found?? = withUnsafeTemporaryAllocation(of: UInt8.self, capacity: length) { lower in
                 var hash = FNV1a.offsetBasis
                 for index in 0..<length {
                     let byte = HostNormalization.lowercase(raw[index])
@@ -212,7 +216,7 @@ public final class RouteTable: @unchecked Sendable {
         return nil
     }
 
-    private func matchInBucket<H: RouteHeaderLookup>(_ bucket: HostBucket, _ request: RequestView, _ headers: H) -> RouteMatch? {
+    private func matchInBucket<H: RouteHeaderLookup>(_ bucket: HostBucket, _ request: RequestView, _ headers: H) -> Found? {
         // 1. Exact paths.
         if let range = bucket.exactPaths.find(hash: request.fullHash, bytes: request.pathBytes, length: request.pathBytes.count) {
             for candidate in bucket.pathCandidates[range] where conditions[candidate.route].matches(request.method, headers) {
@@ -264,8 +268,8 @@ public final class RouteTable: @unchecked Sendable {
 
     // MARK: Forward path
 
-    private func makeMatch(_ routeIndex: Int, forwardPath: String) -> RouteMatch {
-        RouteMatch(routeIndex: routeIndex, route: routes[routeIndex], forwardPath: forwardPath)
+    private func makeMatch(_ routeIndex: Int, forwardPath: String) -> Found {
+        Found(route: routeIndex, forwardPath: forwardPath)
     }
 
     private func forwardPathForExact(_ routeIndex: Int, _ path: String) -> String {
@@ -293,6 +297,13 @@ public final class RouteTable: @unchecked Sendable {
 }
 
 // MARK: - Building blocks
+
+/// The winning route and its forward path: small, so it passes cheaply
+/// through the closure layers of a lookup.
+struct Found {
+    var route: Int
+    var forwardPath: String
+}
 
 struct PrefixProbe {
     var hash: UInt64
