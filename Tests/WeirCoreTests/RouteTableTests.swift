@@ -155,6 +155,24 @@ final class RouteTableTests: XCTestCase {
         XCTAssertNil(empty.match(method: "GET", host: "h", path: "/", headers: [String: String]()))
     }
 
+    /// One table is read by every event loop at once.
+    func testConcurrentLookupsAgree() throws {
+        let table = try RouteTable(routes: [
+            route("a", hosts: ["a.com"], paths: ["/a"]), route("re", paths: ["~ ^/r/(\\d+)$"], rewrite: "/n/$1"),
+            route("any", paths: ["/"]),
+        ])
+        let errors = ManagedCounter()
+        DispatchQueue.concurrentPerform(iterations: 4) { worker in
+            for index in 0..<5000 {
+                let none = [String: String]()
+                if table.match(method: "GET", host: "A.com", path: "/a/\(index)", headers: none)?.route.name != "a" { errors.add() }
+                if table.match(method: "GET", host: "x", path: "/r/\(worker)", headers: none)?.forwardPath != "/n/\(worker)" { errors.add() }
+                if table.match(method: "GET", host: "x", path: "/zzz", headers: none)?.route.name != "any" { errors.add() }
+            }
+        }
+        XCTAssertEqual(errors.value, 0)
+    }
+
     func testInvalidRegexThrows() {
         XCTAssertThrowsError(try RouteTable(routes: [route("bad", paths: ["~ ^/(x"])])) { error in
             XCTAssertTrue("\(error)".contains("routes[0].match.paths[0]"), "\(error)")
@@ -233,4 +251,11 @@ private enum ReferenceMatcher {
         }
         return best.map { -$0.order }
     }
+}
+
+private final class ManagedCounter: @unchecked Sendable {
+    private let lock = NSLock()
+    private var count = 0
+    func add() { lock.lock(); count += 1; lock.unlock() }
+    var value: Int { lock.lock(); defer { lock.unlock() }; return count }
 }
