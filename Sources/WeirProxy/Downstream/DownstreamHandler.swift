@@ -153,11 +153,15 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
-        if let connection = exchange?.connection, exchange?.upstreamNeedsFlush == true {
-            exchange?.upstreamNeedsFlush = false
+        flushUpstreamIfNeeded()
+        context.fireChannelReadComplete()
+    }
+
+    private func flushUpstreamIfNeeded() {
+        if let exchange, exchange.upstreamNeedsFlush, let connection = exchange.connection {
+            exchange.upstreamNeedsFlush = false
             connection.flush()
         }
-        context.fireChannelReadComplete()
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
@@ -277,7 +281,11 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         var framing = HeaderRewriting.RequestFraming()
         var upgradeRequested = false
         var connectionHasUpgrade = false
+        // The decoder's own limit also counts the request line (it bounds
+        // memory); the listener's header-bytes limit is checked exactly here.
+        var headerBytes = 0
         for (name, value) in head.headers {
+            headerBytes += name.utf8.count + value.utf8.count + 4
             switch name.utf8.count {
             case 14 where name.lowercased() == "content-length":
                 guard let length = Int(value), length >= 0 else {
@@ -292,12 +300,17 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
                 if value.lowercased().contains("upgrade") { connectionHasUpgrade = true }
             case 6 where name.lowercased() == "expect":
                 framing.expectsContinue = value.lowercased() == "100-continue"
+            case 2 where name.lowercased() == "te":
+                if value.lowercased().contains("trailers") { framing.teTrailers = true }
             default:
                 break
             }
             if !Self.isValidFieldValue(value) {
                 return rejectHead(exchange, .badRequest, "invalid character in header \(name)")
             }
+        }
+        if headerBytes > listener.config.limits.maxHeaderBytes {
+            return rejectHead(exchange, .headersTooLarge, "request headers exceed \(listener.config.limits.maxHeaderBytes) bytes")
         }
         if framing.chunked && framing.contentLength != nil {
             return rejectHead(exchange, .badRequest, "both Content-Length and Transfer-Encoding")
@@ -337,7 +350,12 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
     /// A request refused before anything reached an upstream.
     private func rejectHead(_ exchange: Exchange, _ kind: ProxyErrorKind, _ message: String) {
         exchange.discardingBody = true
-        sendLocalResponse(exchange, kind: kind, message: message, close: !exchange.keepAlive || kind == .badRequest)
+        let clientError: Bool
+        switch kind {
+        case .badRequest, .headersTooLarge, .uriTooLong, .bodyTooLarge: clientError = true
+        default: clientError = false
+        }
+        sendLocalResponse(exchange, kind: kind, message: message, close: !exchange.keepAlive || clientError)
     }
 
     /// RFC 9110 §5.5: field values never contain NUL, CR or LF.
@@ -805,6 +823,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         while !closing, self.exchange == nil || self.exchange?.requestEnded == false, let part = queued.popFirst() {
             handle(part)
         }
+        flushUpstreamIfNeeded()
         resumeReadingIfAllowed()
     }
 
@@ -873,8 +892,12 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
                 _ = downOps.removeHandler(try downOps.handler(type: HTTPResponseEncoder.self))
                 _ = upOps.removeHandler(try upOps.handler(type: HTTPRequestEncoder.self))
                 _ = downOps.removeHandler(self.headGuard)
-                _ = downOps.removeHandler(try downOps.handler(type: ByteToMessageHandler<HTTPRequestDecoder>.self))
-                _ = upOps.removeHandler(try upOps.handler(type: ByteToMessageHandler<HTTPResponseDecoder>.self))
+                // Leftover bytes are written to the partner outside a read
+                // cycle, so flush once each decoder is gone.
+                downOps.removeHandler(try downOps.handler(type: ByteToMessageHandler<HTTPRequestDecoder>.self))
+                    .whenComplete { _ in upstream.flush() }
+                upOps.removeHandler(try upOps.handler(type: ByteToMessageHandler<HTTPResponseDecoder>.self))
+                    .whenComplete { _ in downstream.flush() }
                 // The connection now belongs to the tunnel; it closes when either side does.
                 connection.reusable = false
             } catch {

@@ -18,7 +18,7 @@ final class UpstreamConnection {
     let channel: Channel
     let handler: UpstreamHandler
     let targetIndex: Int
-    unowned let pool: TargetPool
+    let pool: TargetPool
     /// Requests started on this connection (for `max_requests`, and to know
     /// whether it was reused: a reused connection may have gone stale).
     var requestsSent = 0
@@ -70,7 +70,10 @@ final class UpstreamHandler: ChannelDuplexHandler, RemovableChannelHandler {
     typealias OutboundOut = HTTPClientRequestPart
 
     weak var delegate: UpstreamConnectionDelegate?
-    unowned(unsafe) var connection: UpstreamConnection! = nil
+    /// Strong on purpose: the connection object must outlive a close the
+    /// exchange started (late bytes still arrive here). The cycle is broken
+    /// when the channel goes inactive or this handler is removed (tunnel).
+    var connection: UpstreamConnection?
     private var context: ChannelHandlerContext?
     private var readPaused = false
     private var pendingRead = false
@@ -81,6 +84,7 @@ final class UpstreamHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     func handlerRemoved(context: ChannelHandlerContext) {
         self.context = nil
+        self.connection = nil
     }
 
     func write(_ part: HTTPClientRequestPart) {
@@ -109,25 +113,28 @@ final class UpstreamHandler: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard let connection else { return }
         if let delegate {
             delegate.upstreamRead(unwrapInboundIn(data), on: connection)
         } else {
-            // An idle pooled connection must stay silent; anything else means
-            // it is out of step with us. Never reuse it.
+            // An idle pooled connection must stay silent, and a connection an
+            // exchange gave up on is finished; either way never reuse it.
             connection.reusable = false
             context.close(promise: nil)
         }
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
-        delegate?.upstreamReadComplete(on: connection)
+        if let connection { delegate?.upstreamReadComplete(on: connection) }
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
-        delegate?.upstreamWritabilityChanged(on: connection)
+        if let connection { delegate?.upstreamWritabilityChanged(on: connection) }
     }
 
     func channelInactive(context: ChannelHandlerContext) {
+        guard let connection else { return }
+        self.connection = nil
         connection.reusable = false
         let delegate = self.delegate
         self.delegate = nil
@@ -136,6 +143,7 @@ final class UpstreamHandler: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
+        guard let connection else { return }
         connection.reusable = false
         let delegate = self.delegate
         self.delegate = nil

@@ -1,0 +1,192 @@
+import NIOCore
+import NIOPosix
+import WeirCore
+import WeirProxy
+import XCTest
+
+/// Proxying semantics over real loopback sockets: framing, hop-by-hop
+/// headers, forwarding headers, keep-alive, pipelining, 1xx, HEAD, 204/304.
+final class ProxyForwardingTests: XCTestCase {
+    var upstreamGroup: MultiThreadedEventLoopGroup!
+    var upstream: TestUpstream!
+    var proxy: ProxyHarness!
+
+    override func setUpWithError() throws {
+        upstreamGroup = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        upstream = try TestUpstream(name: "u1", group: upstreamGroup)
+        proxy = try ProxyHarness(config: ProxyHarness.config(targets: [upstream.address]))
+    }
+
+    override func tearDown() {
+        proxy?.stop()
+        upstream?.stop()
+        try? upstreamGroup?.syncShutdownGracefully()
+    }
+
+    func testSimpleGetIsProxied() throws {
+        let client = try proxy.connect()
+        let response = try client.request("GET", "/hello?x=1")
+        XCTAssertEqual(response.status, 200)
+        XCTAssertEqual(response.bodyText, "ok from u1")
+        XCTAssertEqual(response.header("x-upstream"), "u1")
+        XCTAssertEqual(response.header("via"), "1.1 weir")
+        let seen = try XCTUnwrap(upstream.lastRequest)
+        XCTAssertEqual(seen.uri, "/hello?x=1")
+        XCTAssertEqual(seen.header("host"), upstream.address.description)
+        XCTAssertNotNil(seen.header("x-request-id"))
+        XCTAssertEqual(seen.header("via"), "1.1 weir")
+    }
+
+    func testKeepAliveReusesUpstreamConnection() throws {
+        let client = try proxy.connect()
+        for i in 0..<5 {
+            let response = try client.request("GET", "/n/\(i)")
+            XCTAssertEqual(response.status, 200)
+        }
+        XCTAssertEqual(upstream.requests.count, 5)
+        XCTAssertEqual(upstream.connectionsAccepted, 1, "one pooled upstream connection serves all five requests")
+        XCTAssertEqual(proxy.observer.records.count, 5)
+        XCTAssertEqual(proxy.observer.records.last?.route, "all")
+        XCTAssertEqual(proxy.observer.records.last?.status, 200)
+    }
+
+    func testPostBodyWithContentLengthIsStreamedAndEchoed() throws {
+        let client = try proxy.connect()
+        let body = String(repeating: "abcdefgh", count: 10_000)
+        let response = try client.request("POST", "/echo", body: body)
+        XCTAssertEqual(response.status, 200)
+        XCTAssertEqual(response.bodyText, body)
+        XCTAssertEqual(upstream.lastRequest?.bodyBytes, body.utf8.count)
+        XCTAssertEqual(upstream.lastRequest?.header("content-length"), String(body.utf8.count))
+    }
+
+    func testChunkedRequestWithTrailersIsForwardedChunked() throws {
+        let client = try proxy.connect()
+        try client.send("POST /sink HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTE: trailers\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\nx-sum: 42\r\n\r\n")
+        let response = try client.readResponse()
+        XCTAssertEqual(response.status, 200)
+        XCTAssertEqual(response.bodyText, "11")
+        let seen = try XCTUnwrap(upstream.lastRequest)
+        XCTAssertEqual(seen.header("transfer-encoding"), "chunked")
+        XCTAssertEqual(seen.header("te"), "trailers")
+        XCTAssertEqual(seen.trailers?.first { $0.0 == "x-sum" }?.1, "42")
+    }
+
+    func testResponseTrailersReachTheClient() throws {
+        let client = try proxy.connect()
+        let response = try client.request("GET", "/trailers", headers: [("TE", "trailers")])
+        XCTAssertEqual(response.status, 200)
+        XCTAssertEqual(response.bodyText, "hello trailers")
+        XCTAssertEqual(response.header("transfer-encoding"), "chunked")
+        XCTAssertEqual(response.trailers.first { $0.0.lowercased() == "x-checksum" }?.1, "abc123")
+    }
+
+    func testHopByHopHeadersAreRemovedBothWays() throws {
+        let client = try proxy.connect()
+        let response = try client.request("GET", "/hop", headers: [
+            ("Connection", "x-private, keep-alive"), ("X-Private", "client-secret"),
+            ("Keep-Alive", "timeout=10"), ("Proxy-Connection", "keep-alive"), ("TE", "gzip"),
+            ("Upgrade", "h2c"), ("X-Normal", "kept"),
+        ])
+        XCTAssertEqual(response.status, 200)
+        let seen = try XCTUnwrap(upstream.lastRequest)
+        for name in ["x-private", "keep-alive", "proxy-connection", "te", "upgrade"] {
+            XCTAssertNil(seen.header(name), "\(name) must not reach the upstream")
+        }
+        XCTAssertEqual(seen.header("x-normal"), "kept")
+        XCTAssertNil(response.header("x-secret"))
+        XCTAssertNil(response.header("keep-alive"))
+        XCTAssertNil(response.header("proxy-connection"))
+        XCTAssertEqual(response.header("x-kept"), "yes")
+        // The client connection is still usable (keep-alive decided by the proxy).
+        XCTAssertEqual(try client.request("GET", "/again").status, 200)
+    }
+
+    func testForwardedHeadersReplaceUntrustedXFF() throws {
+        let client = try proxy.connect()
+        _ = try client.request("GET", "/xff", host: "shop.example.com:8080", headers: [("X-Forwarded-For", "6.6.6.6")])
+        let seen = try XCTUnwrap(upstream.lastRequest)
+        XCTAssertEqual(seen.header("x-forwarded-for"), "127.0.0.1")
+        XCTAssertEqual(seen.header("x-forwarded-proto"), "http")
+        XCTAssertEqual(seen.header("x-forwarded-host"), "shop.example.com:8080")
+        XCTAssertEqual(seen.header("host"), upstream.address.description)
+    }
+
+    func testHeadResponseHasNoBody() throws {
+        let client = try proxy.connect()
+        let response = try client.request("HEAD", "/anything")
+        XCTAssertEqual(response.status, 200)
+        XCTAssertEqual(response.header("content-length"), "10")
+        XCTAssertTrue(response.body.isEmpty)
+        // Framing stayed intact: the next response parses.
+        let next = try client.request("GET", "/after-head")
+        XCTAssertEqual(next.bodyText, "ok from u1")
+    }
+
+    func testNoContentAndNotModifiedHaveNoBody() throws {
+        let client = try proxy.connect()
+        let r204 = try client.request("GET", "/status/204")
+        XCTAssertEqual(r204.status, 204)
+        XCTAssertNil(r204.header("transfer-encoding"))
+        let r304 = try client.request("GET", "/status/304")
+        XCTAssertEqual(r304.status, 304)
+        XCTAssertEqual(r304.header("etag"), "\"v1\"")
+        XCTAssertEqual(try client.request("GET", "/x").bodyText, "ok from u1")
+    }
+
+    func testInformationalResponsesAreRelayed() throws {
+        let client = try proxy.connect()
+        let response = try client.request("GET", "/hints")
+        XCTAssertEqual(response.informational, [103])
+        XCTAssertEqual(response.status, 200)
+        XCTAssertEqual(response.bodyText, "after hints")
+    }
+
+    func testExpectContinueIsForwardedAndUpstream100Relayed() throws {
+        let client = try proxy.connect()
+        try client.send("POST /continue HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        // The client waits for the 100 before sending its body.
+        let interim = try XCTUnwrap(client.readLine())
+        XCTAssertTrue(interim.hasPrefix("HTTP/1.1 100"), interim)
+        while let line = client.readLine(), !line.isEmpty {}
+        try client.send("hello")
+        let response = try client.readResponse()
+        XCTAssertEqual(response.status, 200)
+        XCTAssertEqual(response.bodyText, "5")
+        XCTAssertEqual(upstream.lastRequest?.header("expect"), "100-continue")
+    }
+
+    func testPipelinedRequestsAnswerInOrder() throws {
+        let client = try proxy.connect()
+        try client.send("GET /slow/150 HTTP/1.1\r\nHost: a\r\n\r\nGET /first-fast HTTP/1.1\r\nHost: a\r\n\r\nPOST /sink HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabcGET /last HTTP/1.1\r\nHost: a\r\n\r\n")
+        XCTAssertEqual(try client.readResponse().bodyText, "slow from u1")
+        XCTAssertEqual(try client.readResponse().bodyText, "ok from u1")
+        XCTAssertEqual(try client.readResponse().bodyText, "3")
+        XCTAssertEqual(try client.readResponse().bodyText, "ok from u1")
+        XCTAssertEqual(upstream.requests.map(\.uri), ["/slow/150", "/first-fast", "/sink", "/last"])
+    }
+
+    func testHTTP10ClientGetsCloseDelimitedOrLengthResponse() throws {
+        let client = try proxy.connect()
+        try client.send("GET /echo HTTP/1.0\r\nHost: a\r\n\r\n")
+        let response = try client.readResponse()
+        XCTAssertEqual(response.status, 200)
+        XCTAssertNil(response.header("transfer-encoding"), "no chunked encoding for an HTTP/1.0 client")
+        XCTAssertTrue(client.waitForClose())
+    }
+
+    func testConnectionCloseFromClientIsHonoured() throws {
+        let client = try proxy.connect()
+        let response = try client.request("GET", "/x", headers: [("Connection", "close")])
+        XCTAssertEqual(response.status, 200)
+        XCTAssertEqual(response.header("connection"), "close")
+        XCTAssertTrue(client.waitForClose())
+    }
+
+    func testUpstreamConnectionCloseIsNotReused() throws {
+        let client = try proxy.connect()
+        XCTAssertEqual(try client.request("GET", "/close").bodyText, "closing")
+        XCTAssertEqual(try client.request("GET", "/next").bodyText, "ok from u1")
+        XCTAssertEqual(upstream.connectionsAccepted, 2)
+    }
+}
