@@ -44,11 +44,32 @@ final class UpstreamHealthTests: XCTestCase {
         // The failure run started over: one more failure does not eject again...
         health.recordFailure(0, now: t0 + 11 * second)
         XCTAssertTrue(health.isHealthy(0, now: t0 + 11 * second))
-        // ...but a fresh run of three does.
+        // ...but a fresh run of three does, for twice as long (no success in between).
         health.recordFailure(0, now: t0 + 11 * second)
         health.recordFailure(0, now: t0 + 11 * second)
         XCTAssertFalse(health.isHealthy(0, now: t0 + 11 * second))
+        XCTAssertFalse(health.isHealthy(0, now: t0 + 30 * second), "backoff: second ejection lasts 20s")
+        XCTAssertTrue(health.isHealthy(0, now: t0 + 31 * second))
         XCTAssertEqual(health.ejectionCount(0), 2)
+    }
+
+    func testEjectionBackoffIsCappedAndResetBySuccess() {
+        var config = upstream(targets: 1, failures: 1, ejection: .seconds(10))
+        config.healthCheck.passive?.maxEjection = .seconds(35)
+        let health = UpstreamHealth(upstream: config)
+        var now: UInt64 = 1000 * second
+        var durations: [UInt64] = []
+        for _ in 0..<4 {
+            health.recordFailure(0, now: now)
+            var back = now
+            while !health.isHealthy(0, now: back) { back += second }
+            durations.append((back - now) / second)
+            now = back
+        }
+        XCTAssertEqual(durations, [10, 20, 35, 35])
+        health.recordSuccess(0)
+        health.recordFailure(0, now: now)
+        XCTAssertTrue(health.isHealthy(0, now: now + 10 * second), "a success resets the backoff")
     }
 
     func testSuccessResetsFailureRun() {

@@ -97,8 +97,12 @@ public struct ActiveHealthCheck: Hashable, Sendable {
 public struct PassiveHealthCheck: Hashable, Sendable {
     /// Consecutive connect failures or 5xx responses that eject a target.
     public var consecutiveFailures: Int = 5
-    /// How long an ejected target stays out before it is tried again.
+    /// How long an ejected target stays out before it is tried again. A
+    /// target ejected again without a success in between stays out twice as
+    /// long each time (backoff), up to `maxEjection`.
     public var ejection: TimeSpan = .seconds(30)
+    /// Cap for the backed-off ejection time (never below `ejection`).
+    public var maxEjection: TimeSpan = .seconds(300)
     public init() {}
 }
 

@@ -140,6 +140,7 @@ enum ConfigRendering {
             health.append(("passive", map([
                 ("consecutive_failures", Node(String(passive.consecutiveFailures))),
                 ("ejection", Node(passive.ejection.description)),
+                ("max_ejection", Node(passive.maxEjection.description)),
             ])))
         }
         if !health.isEmpty { pairs.append(("health_check", map(health))) }

@@ -157,12 +157,18 @@ extension ConfigReader {
             }
             check.active = active
         }
-        if let n = f["passive"], let p = fields(n, f.path("passive"), known: ["consecutive_failures", "ejection"]) {
+        if let n = f["passive"], let p = fields(n, f.path("passive"), known: ["consecutive_failures", "ejection", "max_ejection"]) {
             var passive = PassiveHealthCheck()
             if let n = p["consecutive_failures"] {
                 passive.consecutiveFailures = int(n, p.path("consecutive_failures"), min: 1, max: 1000) ?? passive.consecutiveFailures
             }
             if let n = p["ejection"] { passive.ejection = duration(n, p.path("ejection")) ?? passive.ejection }
+            if let n = p["max_ejection"] {
+                passive.maxEjection = duration(n, p.path("max_ejection")) ?? passive.maxEjection
+                if passive.maxEjection < passive.ejection {
+                    report(p.path("max_ejection"), "must not be shorter than ejection (\(passive.ejection))", n)
+                }
+            }
             check.passive = passive
         }
         return check

@@ -6,7 +6,9 @@
 //   - passive: the data path reports request outcomes; after
 //     `passive.consecutive_failures` failures in a row the target is ejected
 //     for `passive.ejection`, then tried again (its failure count starts
-//     over, so it needs a fresh run of failures to be ejected again).
+//     over, so it needs a fresh run of failures to be ejected again). If it
+//     is ejected again before any success, the ejection doubles each time
+//     (backoff, capped at `passive.max_ejection`); a success resets it.
 // A target is healthy when it is up by the active check and not ejected.
 // With no passive config, outcomes are counted but never eject.
 //
@@ -67,9 +69,12 @@ public final class UpstreamHealth: Sendable {
     /// A request to the target succeeded (got a response below 500).
     public func recordSuccess(_ target: Int) {
         let cells = targets[target]
-        // Avoid a store (and the cache-line traffic) on the common path.
+        // Avoid stores (and the cache-line traffic) on the common path.
         if cells.consecutiveFailures.load(ordering: .relaxed) != 0 {
             cells.consecutiveFailures.store(0, ordering: .relaxed)
+        }
+        if cells.ejectionStreak.load(ordering: .relaxed) != 0 {
+            cells.ejectionStreak.store(0, ordering: .relaxed)
         }
     }
 
@@ -82,9 +87,12 @@ public final class UpstreamHealth: Sendable {
         let ejectedUntil = cells.ejectedUntil.load(ordering: .relaxed)
         if ejectedUntil != 0 && now < ejectedUntil { return }   // already ejected
         // One caller wins the right to eject; the failure run starts over.
-        if cells.ejectedUntil.compareExchange(expected: ejectedUntil, desired: now &+ UInt64(passive.ejection.nanoseconds),
+        let streak = cells.ejectionStreak.load(ordering: .relaxed)
+        let duration = PassiveBackoff.ejection(passive, streak: streak)
+        if cells.ejectedUntil.compareExchange(expected: ejectedUntil, desired: now &+ duration,
                                               ordering: .relaxed).exchanged {
             cells.consecutiveFailures.store(0, ordering: .relaxed)
+            cells.ejectionStreak.store(streak + 1, ordering: .relaxed)
             cells.ejections.wrappingIncrement(ordering: .relaxed)
         }
     }
@@ -104,6 +112,7 @@ public final class UpstreamHealth: Sendable {
                 // A target that passes active checks is not held out by an old ejection.
                 cells.ejectedUntil.store(0, ordering: .relaxed)
                 cells.consecutiveFailures.store(0, ordering: .relaxed)
+                cells.ejectionStreak.store(0, ordering: .relaxed)
             }
         } else {
             cells.probeSuccesses.store(0, ordering: .relaxed)
@@ -142,4 +151,17 @@ private final class TargetHealthCells: Sendable {
     /// Monotonic ns until which the target is ejected; 0 = not ejected.
     let ejectedUntil = ManagedAtomic<UInt64>(0)
     let ejections = ManagedAtomic<Int>(0)
+    /// Ejections since the last success: the backoff exponent.
+    let ejectionStreak = ManagedAtomic<Int>(0)
+}
+
+enum PassiveBackoff {
+    /// `ejection * 2^streak`, capped at `max(maxEjection, ejection)`, in ns.
+    static func ejection(_ passive: PassiveHealthCheck, streak: Int) -> UInt64 {
+        let base = UInt64(max(0, passive.ejection.nanoseconds))
+        let cap = max(base, UInt64(max(0, passive.maxEjection.nanoseconds)))
+        let shift = UInt64(min(streak, 32))
+        let (scaled, overflow) = base.multipliedReportingOverflow(by: 1 << shift)
+        return overflow ? cap : min(scaled, cap)
+    }
 }
