@@ -68,13 +68,12 @@ final class ProxyRuntime: @unchecked Sendable {
         self.trustedProxies = try config.forwarded.trustedProxies.map { try AddressRange(parsing: $0) }
     }
 
-    func route(method: HTTPMethod, host: String, path: Substring, uri: String, headers: HTTPHeaders) -> RoutedRequest? {
-        guard let match = routeTable.match(method: method.rawValue, host: host, path: String(path),
+    /// `path` is normalized and without query; `query` is empty or starts with `?`.
+    func route(method: HTTPMethod, host: String, path: String, query: Substring, headers: HTTPHeaders) -> RoutedRequest? {
+        guard let match = routeTable.match(method: method.rawValue, host: host, path: path,
                                            headers: HeaderLookup(headers: headers)) else { return nil }
         var forward = match.forwardPath
-        if let q = uri.utf8.firstIndex(of: UInt8(ascii: "?")) {
-            forward += uri[q...]
-        }
+        if !query.isEmpty { forward += query }
         return RoutedRequest(route: match.route, upstream: upstreams[routeUpstream[match.routeIndex]], forwardURI: forward)
     }
 }

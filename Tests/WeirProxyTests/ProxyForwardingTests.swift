@@ -189,4 +189,49 @@ final class ProxyForwardingTests: XCTestCase {
         XCTAssertEqual(try client.request("GET", "/next").bodyText, "ok from u1")
         XCTAssertEqual(upstream.connectionsAccepted, 2)
     }
+
+    func testPathIsNormalizedBeforeRoutingAndForwarding() throws {
+        let client = try proxy.connect()
+        XCTAssertEqual(try client.request("GET", "/public/../admin/%7Euser?q=1").status, 200)
+        XCTAssertEqual(upstream.lastRequest?.uri, "/admin/~user?q=1")
+    }
+
+    func testAbsoluteFormTargetIsAccepted() throws {
+        let client = try proxy.connect()
+        try client.send("GET http://shop.example.com/abs?x=2 HTTP/1.1\r\nHost: other\r\n\r\n")
+        XCTAssertEqual(try client.readResponse().status, 200)
+        XCTAssertEqual(upstream.lastRequest?.uri, "/abs?x=2")
+        XCTAssertEqual(upstream.lastRequest?.header("x-forwarded-host"), "shop.example.com")
+    }
+
+    func testMissingOrDuplicateHostIsRejected() throws {
+        for raw in ["GET / HTTP/1.1\r\n\r\n", "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"] {
+            let client = try proxy.connect()
+            try client.send(raw)
+            XCTAssertEqual(try client.readResponse().status, 400)
+            XCTAssertTrue(client.waitForClose())
+        }
+        XCTAssertEqual(upstream.requests.count, 0)
+    }
+}
+
+/// X-Forwarded-For from a trusted peer is extended, not replaced.
+final class ProxyTrustedForwardingTests: XCTestCase {
+    func testTrustedPeerXFFIsAppendedTo() throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        defer { try? group.syncShutdownGracefully() }
+        let upstream = try TestUpstream(name: "u", group: group)
+        defer { upstream.stop() }
+        let proxy = try ProxyHarness(config: ProxyHarness.config(targets: [upstream.address]) {
+            $0.forwarded.trustedProxies = ["127.0.0.0/8"]
+            $0.routes[0].preserveHost = true
+        })
+        defer { proxy.stop() }
+        let client = try proxy.connect()
+        _ = try client.request("GET", "/", host: "api.example.com", headers: [("X-Forwarded-For", "203.0.113.7"), ("X-Forwarded-Proto", "https")])
+        let seen = try XCTUnwrap(upstream.lastRequest)
+        XCTAssertEqual(seen.header("x-forwarded-for"), "203.0.113.7, 127.0.0.1")
+        XCTAssertEqual(seen.header("x-forwarded-proto"), "https")
+        XCTAssertEqual(seen.header("host"), "api.example.com", "preserve_host forwards the client's Host")
+    }
 }

@@ -320,16 +320,43 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         if exchange.isUpgrade { decoderStopped = true; exchange.keepAlive = false }
         if !framing.hasBody { exchange.bodyless = true }
 
-        // Route.
-        let uri = head.uri
-        let path: Substring
-        if let q = uri.utf8.firstIndex(of: UInt8(ascii: "?")) {
-            path = uri[..<q]
-        } else {
-            path = uri[...]
+        // Request target: origin-form (`/path?q`) or absolute-form
+        // (`http://host/path`, whose authority replaces Host).
+        let hosts = head.headers[canonicalForm: "host"]
+        if hosts.count > 1 || (hosts.isEmpty && head.version.minor >= 1) {
+            return rejectHead(exchange, .badRequest, hosts.isEmpty ? "missing Host header" : "more than one Host header")
         }
-        let host = Self.hostWithoutPort(head.headers.first(name: "host"))
-        guard let routed = loopContext.runtime.route(method: head.method, host: host, path: path, uri: uri, headers: head.headers) else {
+        var target = Substring(head.uri)
+        var hostHeader = hosts.first.map(String.init)
+        if target.utf8.first != UInt8(ascii: "/") {
+            let lower = target.prefix(8).lowercased()
+            let schemeLength = lower.hasPrefix("http://") ? 7 : lower.hasPrefix("https://") ? 8 : 0
+            guard schemeLength > 0 else {
+                return rejectHead(exchange, .badRequest, "unsupported request target")
+            }
+            let rest = target.dropFirst(schemeLength)
+            let slash = rest.firstIndex { $0 == "/" || $0 == "?" } ?? rest.endIndex
+            hostHeader = String(rest[..<slash])
+            target = rest[slash...]
+            if target.isEmpty || target.first == "?" { target = "/" + target }
+        }
+        let rawPath: Substring
+        let query: Substring
+        if let q = target.firstIndex(of: "?") {
+            rawPath = target[..<q]
+            query = target[q...]
+        } else {
+            rawPath = target
+            query = ""
+        }
+        // Route on the normalized path and forward that same path, so the
+        // upstream serves exactly what was routed (no `/public/../admin`).
+        guard let path = RequestPath.normalize(String(rawPath)) else {
+            return rejectHead(exchange, .badRequest, "malformed request path")
+        }
+        exchange.hostHeader = hostHeader
+        let host = Self.hostWithoutPort(hostHeader)
+        guard let routed = loopContext.runtime.route(method: head.method, host: host, path: path, query: query, headers: head.headers) else {
             return rejectHead(exchange, .noRoute, "no route matches \(head.method.rawValue) \(path)")
         }
         exchange.routed = routed
@@ -442,7 +469,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
 
     private func buildUpstreamHead(_ exchange: Exchange, head: HTTPRequestHead, routed: RoutedRequest) -> HTTPRequestHead {
         let hostHeader: String
-        if routed.route.preserveHost, let clientHost = head.headers.first(name: "host") {
+        if routed.route.preserveHost, let clientHost = exchange.hostHeader {
             hostHeader = clientHost
         } else {
             hostHeader = routed.upstream.targetLabels[exchange.target ?? 0]
@@ -452,7 +479,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         let upgrade = exchange.isUpgrade ? head.headers.first(name: "upgrade") : nil
         var upstreamHead = HeaderRewriting.upstreamRequestHead(
             from: head, forwardURI: routed.forwardURI, framing: framing, upgrade: upgrade,
-            hostHeader: hostHeader, clientIP: clientIP, peerTrusted: peerTrusted, scheme: listener.scheme)
+            hostHeader: hostHeader, clientHost: exchange.hostHeader, clientIP: clientIP, peerTrusted: peerTrusted, scheme: listener.scheme)
         upstreamHead.headers.add(name: "x-request-id", value: exchange.id)
         return upstreamHead
     }
@@ -931,6 +958,8 @@ final class Exchange {
     let started: NIODeadline = .now()
     var wallStart: Double = 0
     var routed: RoutedRequest?
+    /// The client's Host (or the authority of an absolute-form target).
+    var hostHeader: String?
     var framing = HeaderRewriting.RequestFraming()
     var maxBody: Int?
     var isUpgrade = false

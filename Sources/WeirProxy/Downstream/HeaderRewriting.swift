@@ -71,7 +71,7 @@ enum HeaderRewriting {
     /// Builds the head sent upstream from the client's head.
     static func upstreamRequestHead(
         from head: HTTPRequestHead, forwardURI: String, framing: RequestFraming,
-        upgrade: String?, hostHeader: String, clientIP: String, peerTrusted: Bool,
+        upgrade: String?, hostHeader: String, clientHost: String?, clientIP: String, peerTrusted: Bool,
         scheme: String
     ) -> HTTPRequestHead {
         var headers = head.headers
@@ -99,8 +99,8 @@ enum HeaderRewriting {
             headers.replaceOrAdd(name: "x-forwarded-proto", value: scheme)
         }
         if !(peerTrusted && headers.contains(name: "x-forwarded-host")) {
-            if let host = head.headers.first(name: "host") {
-                headers.replaceOrAdd(name: "x-forwarded-host", value: host)
+            if let clientHost {
+                headers.replaceOrAdd(name: "x-forwarded-host", value: clientHost)
             } else {
                 headers.remove(name: "x-forwarded-host")
             }
