@@ -1,3 +1,9 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
 // A frozen open-addressing hash table keyed by byte strings, looked up by a
 // precomputed FNV-1a hash plus the key bytes. The route table hashes a
 // request path once, left to right, and gets the hash of every prefix on
@@ -21,9 +27,12 @@ enum FNV1a {
 }
 
 /// Maps byte-string keys to a range of some external array (the candidates
-/// stored for that key). Built once, then read-only.
-struct ByteKeyTable: Sendable {
-    private struct Slot: Sendable {
+/// stored for that key). Built once, then read-only. Storage is raw memory
+/// owned by the table: lookups run on every request, and plain arrays here
+/// cost a retain/release pair and a bounds check per probe.
+final class ByteKeyTable: @unchecked Sendable {
+    // @unchecked: the buffers are written only in init and freed in deinit.
+    private struct Slot {
         var hash: UInt64 = 0          // 0 marks an empty slot
         var keyStart: Int32 = 0
         var keyLength: Int32 = 0
@@ -31,16 +40,14 @@ struct ByteKeyTable: Sendable {
         var valueCount: Int32 = 0
     }
 
-    private let slots: [Slot]
-    private let keyBytes: [UInt8]
+    private let slots: UnsafeMutableBufferPointer<Slot>
+    private let keyBytes: UnsafeMutableBufferPointer<UInt8>
     private let mask: Int
     let isEmpty: Bool
     /// Set of key lengths present (bit n = some key has length n, for n < 64,
     /// bit 63 = some key is 63 bytes or longer). Lets lookups skip lengths
     /// that cannot match without probing.
     let lengthMask: UInt64
-
-    static let empty = ByteKeyTable(entries: [])
 
     /// `entries`: each distinct key with its value range.
     init(entries: [(key: [UInt8], values: Range<Int>)]) {
@@ -59,11 +66,18 @@ struct ByteKeyTable: Sendable {
             keyBytes.append(contentsOf: entry.key)
             lengthMask |= 1 << UInt64(min(entry.key.count, 63))
         }
-        self.slots = slots
-        self.keyBytes = keyBytes
+        self.slots = UnsafeMutableBufferPointer<Slot>.allocate(capacity: capacity)
+        _ = self.slots.initialize(from: slots)
+        self.keyBytes = UnsafeMutableBufferPointer<UInt8>.allocate(capacity: max(1, keyBytes.count))
+        _ = self.keyBytes.initialize(from: keyBytes)
         self.mask = mask
         self.isEmpty = entries.isEmpty
         self.lengthMask = lengthMask
+    }
+
+    deinit {
+        slots.deallocate()
+        keyBytes.deallocate()
     }
 
     @inline(__always)
@@ -77,26 +91,22 @@ struct ByteKeyTable: Sendable {
         if isEmpty || !mayContain(length: length) { return nil }
         let hash = ByteKeyTable.nonZero(rawHash)
         var index = ByteKeyTable.slotIndex(hash, mask)
-        return slots.withUnsafeBufferPointer { slots in
-            while true {
-                let slot = slots[index]
-                if slot.hash == 0 { return nil }
-                if slot.hash == hash && Int(slot.keyLength) == length && keyEquals(slot.keyStart, bytes, length) {
-                    let start = Int(slot.valueStart)
-                    return start..<(start + Int(slot.valueCount))
-                }
-                index = (index + 1) & mask
+        let slotBase = slots.baseAddress.unsafelyUnwrapped
+        while true {
+            let slot = slotBase[index]
+            if slot.hash == 0 { return nil }
+            if slot.hash == hash && Int(slot.keyLength) == length && keyEquals(slot.keyStart, bytes, length) {
+                let start = Int(slot.valueStart)
+                return start..<(start + Int(slot.valueCount))
             }
+            index = (index + 1) & mask
         }
     }
 
     @inline(__always)
     private func keyEquals(_ keyStart: Int32, _ bytes: UnsafeBufferPointer<UInt8>, _ length: Int) -> Bool {
-        keyBytes.withUnsafeBufferPointer { keys in
-            let start = Int(keyStart)
-            for offset in 0..<length where keys[start + offset] != bytes[offset] { return false }
-            return true
-        }
+        guard length > 0 else { return true }
+        return memcmp(keyBytes.baseAddress.unsafelyUnwrapped + Int(keyStart), bytes.baseAddress.unsafelyUnwrapped, length) == 0
     }
 
     @inline(__always)

@@ -219,7 +219,8 @@ public final class RouteTable: @unchecked Sendable {
     private func matchInBucket<H: RouteHeaderLookup>(_ bucket: HostBucket, _ request: RequestView, _ headers: H) -> Found? {
         // 1. Exact paths.
         if let range = bucket.exactPaths.find(hash: request.fullHash, bytes: request.pathBytes, length: request.pathBytes.count) {
-            for candidate in bucket.pathCandidates[range] where conditions[candidate.route].matches(request.method, headers) {
+            for index in range where conditionsMatch(bucket.pathCandidates[index], request, headers) {
+                let candidate = bucket.pathCandidates[index]
                 return makeMatch(candidate.route, forwardPath: forwardPathForExact(candidate.route, request.path))
             }
         }
@@ -252,18 +253,26 @@ public final class RouteTable: @unchecked Sendable {
         }
         // 3. Prefixes, longest first: the full path, then each probe.
         if let range = bucket.prefixPaths.find(hash: request.fullHash, bytes: request.pathBytes, length: request.pathBytes.count) {
-            for candidate in bucket.pathCandidates[range] where conditions[candidate.route].matches(request.method, headers) {
+            for index in range where conditionsMatch(bucket.pathCandidates[index], request, headers) {
+                let candidate = bucket.pathCandidates[index]
                 return makeMatch(candidate.route, forwardPath: forwardPathForPrefix(candidate.route, request.path, prefixLength: request.pathBytes.count))
             }
         }
         for probe in request.probes.reversed() {
             if let range = bucket.prefixPaths.find(hash: probe.hash, bytes: request.pathBytes, length: probe.length) {
-                for candidate in bucket.pathCandidates[range] where conditions[candidate.route].matches(request.method, headers) {
+                for index in range where conditionsMatch(bucket.pathCandidates[index], request, headers) {
+                    let candidate = bucket.pathCandidates[index]
                     return makeMatch(candidate.route, forwardPath: forwardPathForPrefix(candidate.route, request.path, prefixLength: probe.length))
                 }
             }
         }
         return nil
+    }
+
+    /// Most routes have no method/header conditions: skip the lookup then.
+    @inline(__always)
+    private func conditionsMatch<H: RouteHeaderLookup>(_ candidate: PathCandidate, _ request: RequestView, _ headers: H) -> Bool {
+        candidate.conditionCount == 0 || conditions[candidate.route].matches(request.method, headers)
     }
 
     // MARK: Forward path
