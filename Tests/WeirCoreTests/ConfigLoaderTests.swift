@@ -212,6 +212,36 @@ final class ConfigLoaderTests: XCTestCase {
         }
     }
 
+    func testAnchorsAliasesAndMergeKeys() throws {
+        let config = try ConfigLoader.parse(yaml: """
+        listeners: [{ name: web, listen: 127.0.0.1:8080 }]
+        upstreams:
+          - &base
+            name: a
+            retries: 3
+            timeouts: &timeouts { connect: 2s, read: 10s }
+            targets: [127.0.0.1:9001]
+          - <<: *base
+            name: b
+          - name: c
+            timeouts: *timeouts
+            targets: [127.0.0.1:9002]
+        routes: [{ upstream: b }]
+        """)
+        XCTAssertEqual(config.upstreams[2].timeouts.connect, .seconds(2))
+        XCTAssertEqual(config.upstreams.map(\.name), ["a", "b", "c"])
+        XCTAssertEqual(config.upstreams[1].retries, 3)
+        XCTAssertEqual(config.upstreams[1].targets, config.upstreams[0].targets)
+        // A top-level key nobody knows is still an error, anchors or not.
+        XCTAssertThrowsError(try ConfigLoader.parse(yaml: """
+        defaults: &t { connect: 2s }
+        listeners: [{ name: web, listen: 127.0.0.1:8080 }]
+        upstreams: [{ name: a, targets: [127.0.0.1:1], timeouts: *t }]
+        """)) { error in
+            XCTAssertTrue("\(error)".contains("defaults: unknown key"), "\(error)")
+        }
+    }
+
     func testNoListenersIsAnError() {
         XCTAssertThrowsError(try ConfigLoader.parse(yaml: "upstreams: []")) { error in
             XCTAssertTrue("\(error)".contains("listeners: at least one listener is required"))
@@ -286,6 +316,38 @@ final class ConfigLoaderTests: XCTestCase {
         XCTAssertTrue(try CIDRBlock(parsing: "::1").contains("::1"))
         XCTAssertThrowsError(try CIDRBlock(parsing: "10.0.0.0/40"))
         XCTAssertThrowsError(try CIDRBlock(parsing: "banana/8"))
+    }
+
+    /// Mangled configs (characters dropped, duplicated or swapped, lines
+    /// shuffled) either load or throw ConfigErrors; nothing crashes.
+    func testMangledConfigsNeverCrash() {
+        var rng = SplitMix64(seed: 99)
+        let original = Array(fullConfig.unicodeScalars)
+        let alphabet = Array("abz019:-[]{},\"'#&*!|>%@ \n\t.~$/".unicodeScalars)
+        for _ in 0..<1500 {
+            var text = original
+            for _ in 0..<(1 + Int(rng.next(below: 6))) {
+                let position = Int(rng.next(below: UInt64(text.count)))
+                switch rng.next(below: 3) {
+                case 0: text.remove(at: position)
+                case 1: text.insert(alphabet[Int(rng.next(below: UInt64(alphabet.count)))], at: position)
+                default: text.swapAt(position, Int(rng.next(below: UInt64(text.count))))
+                }
+            }
+            var string = ""
+            string.unicodeScalars.append(contentsOf: text)
+            do {
+                _ = try ConfigLoader.parse(yaml: string, environment: ["X": "1"])
+            } catch let errors as ConfigErrors {
+                XCTAssertFalse(errors.issues.isEmpty)
+            } catch {
+                XCTFail("unexpected error type \(error)")
+            }
+        }
+        for value in ["1e300", "nan", "inf", "-0.5", "99999999999999999999h", "1e-30"] {
+            _ = TimeSpan(parsing: value)
+        }
+        XCTAssertNil(TimeSpan(parsing: "1e300"))
     }
 
     func testRedactedYAMLHidesSecrets() throws {

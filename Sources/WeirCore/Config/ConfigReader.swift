@@ -38,7 +38,7 @@ final class ConfigReader {
         }
         var result = Fields(path: path, node: node)
         var seen = Set<String>()
-        for (keyNode, value) in mapping {
+        for (keyNode, value) in expandingMergeKeys(mapping, path) {
             guard case .scalar(let keyScalar) = keyNode else {
                 report(path, "mapping keys must be strings", keyNode)
                 continue
@@ -59,6 +59,36 @@ final class ConfigReader {
             report(result.path(key), "required field is missing", node)
         }
         return result
+    }
+
+    /// YAML merge keys (`<<: *defaults`, or a list of aliases): the merged
+    /// mappings' pairs come after the explicit ones, and an explicit key
+    /// wins over a merged one.
+    private func expandingMergeKeys(_ mapping: Node.Mapping, _ path: String) -> [(Node, Node)] {
+        var explicit: [(Node, Node)] = []
+        var merged: [(Node, Node)] = []
+        for (keyNode, value) in mapping {
+            guard case .scalar(let key) = keyNode, key.string == "<<", key.style == .plain else {
+                explicit.append((keyNode, value))
+                continue
+            }
+            let sources: [Node]
+            if case .sequence(let list) = value { sources = Array(list) } else { sources = [value] }
+            for source in sources {
+                guard case .mapping(let inner) = source else {
+                    report(ConfigReader.join(path, "<<"), "a merge key needs a mapping or a list of mappings", source)
+                    continue
+                }
+                merged.append(contentsOf: expandingMergeKeys(inner, path).map { ($0.0, $0.1) })
+            }
+        }
+        let explicitKeys = Set(explicit.compactMap { $0.0.string })
+        var mergedKeys = Set<String>()
+        for pair in merged {
+            guard let key = pair.0.string, !explicitKeys.contains(key), mergedKeys.insert(key).inserted else { continue }
+            explicit.append(pair)
+        }
+        return explicit
     }
 
     // MARK: Scalars

@@ -14,8 +14,10 @@ extension TimeSpan {
     public init?(parsing text: String) {
         let trimmed = text.trimmingASCIIWhitespace()
         guard !trimmed.isEmpty else { return nil }
-        if let seconds = Double(trimmed), seconds >= 0, seconds.isFinite {
-            self.init(nanoseconds: Int64(seconds * 1_000_000_000))
+        if let seconds = Double(trimmed) {
+            let nanoseconds = seconds * 1_000_000_000
+            guard nanoseconds >= 0, nanoseconds < Double(Int64.max) else { return nil }   // also refuses nan/inf
+            self.init(nanoseconds: Int64(nanoseconds))
             return
         }
         var total: Double = 0
