@@ -120,7 +120,7 @@ strace_calls=$(awk '$NF == "total" { print $4 }' "$RUN_DIR/strace.out")
 {
     echo "# Profile of $PROXY under load, $STAMP"
     echo "# command: bench/profile.sh --proxy $PROXY --connections $CONNS --duration $DURATION"
-    echo "# machine: $(uname -srm); $(nproc) CPUs; git $(git -C "$REPO_DIR" rev-parse --short HEAD 2>/dev/null)"
+    echo "# machine: $(uname -srm); $(nproc) CPUs; weir binary from commit $(weir_binary_commit), repo HEAD $(git -C "$REPO_DIR" rev-parse --short HEAD 2>/dev/null)"
     echo "# pinning: origin nginx + wrk on CPU ${LOAD_CPU:-none}, $PROXY on CPU ${PROXY_CPU:-none}"
     echo "# load: $(uptime | sed 's/.*load average/load average/'); swift compiler processes: $(( $(pgrep -c -x swift-frontend) + $(pgrep -c -x swift-build) ))"
     echo

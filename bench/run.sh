@@ -146,7 +146,7 @@ swift_builds() { # compiler processes of other engineers' builds: they make numb
     echo "# Weir side-by-side benchmark, $STAMP"
     echo "# command: bench/run.sh $(printf '%q ' "${ORIGINAL_ARGS[@]:-}")"
     echo "# machine: $(uname -srm); $(nproc) CPUs; $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
-    echo "# versions: $(nginx -v 2>&1); $(haproxy -v | head -1); $(wrk -v 2>&1 | head -1); weir $(git -C "$REPO_DIR" rev-parse --short HEAD 2>/dev/null)"
+    echo "# versions: $(nginx -v 2>&1); $(haproxy -v | head -1); $(wrk -v 2>&1 | head -1); weir binary built from commit $(weir_binary_commit) (repo HEAD $(git -C "$REPO_DIR" rev-parse --short HEAD 2>/dev/null))"
     if [ -n "$LOAD_CPU" ]; then
         echo "# pinning: origin nginx + wrk on CPU $LOAD_CPU; the proxy under test on CPU $PROXY_CPU"
     else
