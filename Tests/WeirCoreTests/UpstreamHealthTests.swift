@@ -128,6 +128,21 @@ final class UpstreamHealthTests: XCTestCase {
         XCTAssertTrue(health.isHealthy(0, now: second), "passing active checks brings it back")
     }
 
+    func testReloadKeepsStateOfTargetsThatStay() {
+        let old = upstream(targets: 3, failures: 1, ejection: .seconds(60), unhealthy: 1)
+        let before = UpstreamHealth(upstream: old)
+        before.recordFailure(0, now: 100 * second)      // ejected
+        before.recordProbe(1, healthy: false)            // down by active check
+        var new = old
+        new.targets = [old.targets[1], TargetConfig(address: HostPort(host: "127.0.0.1", port: 9999)), old.targets[0]]
+        let after = UpstreamHealth(upstream: new, inheritingFrom: before)
+        XCTAssertEqual(after.status(0, now: 100 * second), .unhealthy, "old target 1 moved to index 0, still down")
+        XCTAssertEqual(after.status(1, now: 100 * second), .healthy, "a new target starts healthy")
+        XCTAssertEqual(after.status(2, now: 100 * second), .ejected, "old target 0 moved to index 2, still ejected")
+        XCTAssertTrue(after.isHealthy(2, now: 160 * second))
+        XCTAssertEqual(UpstreamHealth(upstream: new, inheritingFrom: nil).healthyCount, 3)
+    }
+
     func testConcurrentReportsAreSafe() {
         let health = UpstreamHealth(upstream: upstream(targets: 4, failures: 1_000_000))
         DispatchQueue.concurrentPerform(iterations: 4) { worker in

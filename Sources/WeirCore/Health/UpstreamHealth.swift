@@ -49,11 +49,30 @@ public final class UpstreamHealth: Sendable {
     private let passive: PassiveHealthCheck?
     private let targets: [TargetHealthCells]
 
+    /// Target addresses, in `upstream.targets` order.
+    public let addresses: [HostPort]
+
     public init(upstream: UpstreamConfig) {
         self.targetCount = upstream.targets.count
+        self.addresses = upstream.targets.map(\.address)
         self.active = upstream.healthCheck.active ?? ActiveHealthCheck()
         self.passive = upstream.healthCheck.passive
         self.targets = (0..<upstream.targets.count).map { _ in TargetHealthCells() }
+    }
+
+    /// For a config reload: targets whose address was already in `previous`
+    /// keep their state (down stays down, an ejection keeps running), so a
+    /// reload never sends traffic to a target known to be failing. New
+    /// targets start healthy.
+    public convenience init(upstream: UpstreamConfig, inheritingFrom previous: UpstreamHealth?) {
+        self.init(upstream: upstream)
+        guard let previous = previous else { return }
+        var previousIndex: [HostPort: Int] = [:]
+        for (index, address) in previous.addresses.enumerated() { previousIndex[address] = index }
+        for (index, address) in addresses.enumerated() {
+            guard let old = previousIndex[address] else { continue }
+            targets[index].copyState(from: previous.targets[old])
+        }
     }
 
     @inline(__always)
@@ -153,6 +172,16 @@ private final class TargetHealthCells: Sendable {
     let ejections = ManagedAtomic<Int>(0)
     /// Ejections since the last success: the backoff exponent.
     let ejectionStreak = ManagedAtomic<Int>(0)
+
+    func copyState(from other: TargetHealthCells) {
+        activeUp.store(other.activeUp.load(ordering: .relaxed), ordering: .relaxed)
+        probeSuccesses.store(other.probeSuccesses.load(ordering: .relaxed), ordering: .relaxed)
+        probeFailures.store(other.probeFailures.load(ordering: .relaxed), ordering: .relaxed)
+        consecutiveFailures.store(other.consecutiveFailures.load(ordering: .relaxed), ordering: .relaxed)
+        ejectedUntil.store(other.ejectedUntil.load(ordering: .relaxed), ordering: .relaxed)
+        ejections.store(other.ejections.load(ordering: .relaxed), ordering: .relaxed)
+        ejectionStreak.store(other.ejectionStreak.load(ordering: .relaxed), ordering: .relaxed)
+    }
 }
 
 enum PassiveBackoff {
