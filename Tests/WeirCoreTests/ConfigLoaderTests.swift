@@ -153,6 +153,10 @@ final class ConfigLoaderTests: XCTestCase {
             let upstreamIssue = errors.issues.first { $0.path == "routes[0].upstream" }
             XCTAssertEqual(upstreamIssue?.message, "unknown upstream \"ordrs\" (did you mean \"orders\"?)")
             XCTAssertTrue(errors.description.contains("routes[0].upstream: unknown upstream \"ordrs\""))
+            XCTAssertEqual(upstreamIssue?.line, 17)
+            XCTAssertEqual(errors.issues.first { $0.path == "listeners[0].protocl" }?.message, "unknown key (did you mean \"protocol\"?)")
+            let lines = errors.issues.compactMap(\.line)
+            XCTAssertEqual(lines, lines.sorted(), "issues are listed in file order")
             // Line numbers come from the YAML nodes.
             XCTAssertEqual(errors.issues.first { $0.path == "listeners[0].protocl" }?.line, 4)
             XCTAssertEqual(errors.issues.first { $0.path == "upstreams[0].balancer" }?.line, 7)
@@ -209,6 +213,10 @@ final class ConfigLoaderTests: XCTestCase {
             XCTAssertTrue(text.contains("routes[2].rewrite_path: cannot be combined with strip_path"), text)
             XCTAssertTrue(text.contains("routes[3].rewrite_path: refers to $1 but the route has no regex path"), text)
             XCTAssertTrue(text.contains("consumers[1].name: duplicate consumer name \"bob\""), text)
+            // Checks that run after reading still point at the line.
+            let issues = (error as! ConfigErrors).issues
+            XCTAssertEqual(issues.first { $0.path == "routes[1].match" }?.line, 8, text)
+            XCTAssertEqual(issues.first { $0.path == "listeners[1].listen" }?.line, 3, text)
         }
     }
 

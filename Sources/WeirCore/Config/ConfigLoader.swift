@@ -30,7 +30,15 @@ public enum ConfigLoader {
         }
         let reader = ConfigReader()
         let config = reader.readConfig(root)
-        let issues = reader.issues + ConfigCrossChecks.check(config)
+        let crossIssues = ConfigCrossChecks.check(config).map { issue -> ConfigIssue in
+            var located = issue
+            located.line = issue.line ?? ConfigCrossChecks.line(for: issue.path, in: reader.lines)
+            return located
+        }
+        // In file order, so the list reads top to bottom; stable for equal lines.
+        let issues = (reader.issues + crossIssues).enumerated()
+            .sorted { ($0.element.line ?? .max, $0.offset) < ($1.element.line ?? .max, $1.offset) }
+            .map(\.element)
         if !issues.isEmpty { throw ConfigErrors(file: file, issues: issues) }
         return config
     }
@@ -95,6 +103,18 @@ enum ConfigCrossChecks {
             }
         }
         return issues
+    }
+
+    /// The line of `path`, or of its nearest parent that has one
+    /// (`routes[3].match` was never a key if the route has no match).
+    static func line(for path: String, in lines: [String: Int]) -> Int? {
+        var current = Substring(path)
+        while !current.isEmpty {
+            if let line = lines[String(current)] { return line }
+            guard let cut = current.lastIndex(where: { $0 == "." || $0 == "[" }) else { break }
+            current = current[..<cut]
+        }
+        return nil
     }
 
     private static func duplicates(_ names: [String], section: String, what: String) -> [ConfigIssue] {

@@ -8,6 +8,9 @@ import Yams
 
 final class ConfigReader {
     private(set) var issues: [ConfigIssue] = []
+    /// YAML line of every key read, by config path, so checks that run
+    /// after reading (ConfigCrossChecks) can still point at a line.
+    private(set) var lines: [String: Int] = [:]
 
     func report(_ path: String, _ message: String, _ node: Node? = nil) {
         issues.append(ConfigIssue(path: path, message: message, line: node?.mark?.line))
@@ -44,12 +47,17 @@ final class ConfigReader {
                 continue
             }
             let key = keyScalar.string
+            if let line = keyNode.mark?.line { lines[result.path(key)] = line }
             if !seen.insert(key).inserted {
                 report(result.path(key), "duplicate key", keyNode)
                 continue
             }
             guard known.contains(key) else {
-                report(result.path(key), "unknown key (expected one of: \(known.joined(separator: ", ")))", keyNode)
+                if let suggestion = ConfigCrossChecks.closest(to: key, in: Set(known)) {
+                    report(result.path(key), "unknown key (did you mean \"\(suggestion)\"?)", keyNode)
+                } else {
+                    report(result.path(key), "unknown key (expected one of: \(known.joined(separator: ", ")))", keyNode)
+                }
                 continue
             }
             if isNull(value) { continue }
@@ -194,6 +202,9 @@ final class ConfigReader {
     func list(_ node: Node, _ path: String, allowScalar: Bool = false) -> [(node: Node, path: String)] {
         switch node {
         case .sequence(let sequence):
+            for (offset, element) in sequence.enumerated() {
+                if let line = element.mark?.line { lines["\(path)[\(offset)]"] = line }
+            }
             return sequence.enumerated().map { ($0.element, "\(path)[\($0.offset)]") }
         case .scalar where allowScalar:
             return [(node, "\(path)[0]")]
