@@ -231,7 +231,8 @@ public final class RouteTable: @unchecked Sendable {
                 for candidate in bucket.regexCandidates[range] {
                     if let current = best?.candidate, !candidate.outranks(current) { break }   // groups are sorted
                     guard conditions[candidate.route].matches(request.method, headers) else { continue }
-                    let nsRange = NSRange(location: 0, length: (request.path as NSString).length)
+                    // NSRegularExpression ranges count UTF-16 code units.
+                    let nsRange = NSRange(location: 0, length: request.path.utf16.count)
                     if let result = candidate.regex.firstMatch(in: request.path, options: [], range: nsRange) {
                         best = (candidate, result)
                         break
