@@ -200,6 +200,8 @@ final class ConfigLoaderTests: XCTestCase {
           - { name: r2, match: { paths: [/x] }, upstream: u }
           - { name: r2, match: { paths: [/y] }, upstream: u, strip_path: true, rewrite_path: /z }
           - { name: r4, match: { paths: [/w] }, upstream: u, rewrite_path: /items/$1 }
+          - { name: r5, match: { paths: [/v, "~ ^/v/(\\\\d+)$"] }, upstream: u, rewrite_path: /items/$1 }
+          - { name: r6, match: { paths: ["~ ^/q/(\\\\d+)$"] }, upstream: u, rewrite_path: /items/$2 }
         consumers: [{ name: bob }, { name: bob }]
         """
         XCTAssertThrowsError(try ConfigLoader.parse(yaml: yaml)) { error in
@@ -213,6 +215,8 @@ final class ConfigLoaderTests: XCTestCase {
             XCTAssertTrue(text.contains("routes[2].rewrite_path: cannot be combined with strip_path"), text)
             XCTAssertTrue(text.contains("routes[3].rewrite_path: refers to $1 but the route has no regex path"), text)
             XCTAssertTrue(text.contains("consumers[1].name: duplicate consumer name \"bob\""), text)
+            XCTAssertTrue(text.contains("routes[4].rewrite_path: refers to $1, so every path of the route must be a regex"), text)
+            XCTAssertTrue(text.contains("routes[5].rewrite_path: refers to $2 but the route's regex paths have only 1 capture group(s)"), text)
             // Checks that run after reading still point at the line.
             let issues = (error as! ConfigErrors).issues
             XCTAssertEqual(issues.first { $0.path == "routes[1].match" }?.line, 8, text)

@@ -228,7 +228,12 @@ extension ConfigReader {
             if !rewrite.hasPrefix("/") { report(f.path("rewrite_path"), "must start with \"/\"", n) }
             if route.stripPath { report(f.path("rewrite_path"), "cannot be combined with strip_path", n) }
             let references = RouteRewrite.captureReferences(in: rewrite)
-            if let highest = references.max(), highest > regexCaptureCount {
+            let hasNonRegexPath = route.match.paths.isEmpty || route.match.paths.contains {
+                if case .regex = $0 { return false } else { return true }
+            }
+            if let highest = references.max(), hasNonRegexPath, regexCaptureCount > 0 {
+                report(f.path("rewrite_path"), "refers to $\(highest), so every path of the route must be a regex (a prefix or exact match has no captures)", n)
+            } else if let highest = references.max(), highest > regexCaptureCount {
                 let detail = regexCaptureCount == 0
                     ? "but the route has no regex path with capture groups"
                     : "but the route's regex paths have only \(regexCaptureCount) capture group(s)"
