@@ -42,7 +42,8 @@ struct DemoUpstreamCommand: ParsableCommand {
             FileHandle.standardError.write(Data("demo-upstream: cannot listen on \(listen): \(error)\n".utf8))
             throw ExitCode(1)
         }
-        print("demo-upstream listening on \(server.boundAddress.map { "\($0)" } ?? listen)")
+        print("demo-upstream listening on \(server.boundAddress.map(hostPortText) ?? listen)")
+        fflush(stdout) // stdout is a pipe under `make run`: show the line now
         let stop = SignalWatcher.onTermination { _ in _ = server.stop() }
         try server.closeFuture?.wait()
         stop.cancel()

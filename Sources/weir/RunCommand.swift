@@ -123,7 +123,7 @@ final class Gateway {
                 proxy.shutdown()
                 return 1
             }
-            logger.info("admin listening", metadata: ["address": "\(server.boundAddress.map { "\($0)" } ?? "\(adminConfig.listen)")"])
+            logger.info("admin listening", metadata: ["address": "\(server.boundAddress.map(hostPortText) ?? "\(adminConfig.listen)")"])
             admin = server
         }
         ready.store(true, ordering: .relaxed)
@@ -169,6 +169,12 @@ final class Gateway {
         }
         return result
     }
+}
+
+/// `127.0.0.1:9901` / `[::1]:9901` rather than NIO's `[IPv4]127.0.0.1/127.0.0.1:9901`.
+func hostPortText(_ address: SocketAddress) -> String {
+    guard let ip = address.ipAddress, let port = address.port else { return "\(address)" }
+    return HostPort(host: ip, port: port).description
 }
 
 func printError(_ message: String) {

@@ -46,6 +46,23 @@ final class AdminAccessLogTests: XCTestCase {
         XCTAssertEqual(object["attempts"] as? Int, 2)
     }
 
+    func testNonASCIIAndControlCharactersSurviveTheRoundTrip() throws {
+        let path = "/caf\u{e9}/\u{1F600}?q=a\tb\u{01}\\"
+        let line = AccessLogFormatter.jsonLine(AdminMetricsTests.record(route: "r", upstream: "u", status: 200, path: path))
+        XCTAssertTrue(line.contains(#"\u0001"#), line)
+        let object = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any])
+        XCTAssertEqual(object["path"] as? String, path)
+    }
+
+    func testMillisecondsAndTimeFormatting() {
+        XCTAssertEqual(AccessLogFormatter.jsonLine(AdminMetricsTests.record(route: "r", upstream: "u", status: 200,
+                                                                            total: 0, upstreamDuration: 12.5))
+                        .contains(#""duration_ms":0.000,"upstream_duration_ms":12500.000,"#), true)
+        var record = AdminMetricsTests.record(route: "r", upstream: "u", status: 200)
+        record.startTime = 0.007
+        XCTAssertTrue(AccessLogFormatter.jsonLine(record).hasPrefix(#"{"time":"1970-01-01T00:00:00.007Z","#))
+    }
+
     func testNoRouteRecordHasNullsNotEmptyStrings() throws {
         let line = AccessLogFormatter.jsonLine(AdminMetricsTests.record(route: nil, upstream: nil, status: 404,
                                                                         upstreamDuration: nil))

@@ -68,6 +68,27 @@ final class HealthCheckerTests: XCTestCase {
         OpsTestHTTP.eventually("restarted target probed healthy again") { sink.last(0) == true }
     }
 
+    func testUpstreamHealthThresholdsTakeATargetOutAndBringItBack() throws {
+        let (demo, port) = try startDemo()
+        var config = upstream("orders", ports: [port])
+        config.healthCheck.active?.unhealthy = 2
+        config.healthCheck.active?.healthy = 2
+        let health = UpstreamHealth(upstream: config)
+        let checker = ActiveHealthChecker(upstreams: [config], eventLoop: group.next(), logger: Logger(label: "test"),
+                                          sinkForUpstream: { _ in health })
+        checker.start()
+        defer { checker.stop() }
+        XCTAssertEqual(health.healthyCount, 1)
+
+        try demo.stop().wait()
+        OpsTestHTTP.eventually("target taken out after 2 failed probes") { health.healthyCount == 0 }
+        XCTAssertEqual(health.status(0, now: MonotonicClock.now()), .unhealthy)
+
+        let (restarted, _) = try startDemo(port: port)
+        defer { _ = try? restarted.stop().wait() }
+        OpsTestHTTP.eventually("target back after 2 good probes") { health.healthyCount == 1 }
+    }
+
     func testStatusOutsideHealthyStatusesIsUnhealthy() throws {
         let (demo, port) = try startDemo()
         defer { _ = try? demo.stop().wait() }

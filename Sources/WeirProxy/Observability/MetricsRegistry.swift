@@ -41,7 +41,7 @@ public final class MetricsRegistry: @unchecked Sendable {
         let shard = shards.current
         let key = RouteUpstreamKey(route: record.route ?? "", upstream: record.upstream ?? "")
         shard.lock.withLock {
-            shard.requests[key, default: RequestCell()].add(record)
+            shard.cells[shard.cellIndex(for: key)].add(record)
         }
     }
 
@@ -76,7 +76,7 @@ public final class MetricsRegistry: @unchecked Sendable {
         var connections: [String: ConnectionCell] = [:]
         for shard in shards.allShards {
             shard.lock.withLock {
-                for (key, cell) in shard.requests { requests[key, default: RequestCell()].merge(cell) }
+                for (i, key) in shard.keys.enumerated() { requests[key, default: RequestCell()].merge(shard.cells[i]) }
                 for (key, cell) in shard.connections {
                     connections[key, default: ConnectionCell()].opened += cell.opened
                     connections[key, default: ConnectionCell()].closed += cell.closed
@@ -157,8 +157,33 @@ public struct ConnectionCell: Sendable {
 
 final class MetricsShard {
     let lock = NIOLock()
-    var requests: [RouteUpstreamKey: RequestCell] = [:]
+    // Cells in an array with a key index, so the common case (the same
+    // route as the previous request, whose name Strings share storage and
+    // compare by pointer) skips hashing altogether.
+    var keys: [RouteUpstreamKey] = []
+    var cells: [RequestCell] = []
+    var index: [RouteUpstreamKey: Int] = [:]
+    var lastKey = RouteUpstreamKey(route: "\u{0}", upstream: "\u{0}")
+    var lastIndex = 0
     var connections: [String: ConnectionCell] = [:]
+
+    /// Call with `lock` held.
+    @inline(__always)
+    func cellIndex(for key: RouteUpstreamKey) -> Int {
+        if key == lastKey { return lastIndex }
+        let i: Int
+        if let existing = index[key] {
+            i = existing
+        } else {
+            i = cells.count
+            keys.append(key)
+            cells.append(RequestCell())
+            index[key] = i
+        }
+        lastKey = key
+        lastIndex = i
+        return i
+    }
 }
 
 /// The merged view a scrape renders.
