@@ -71,14 +71,22 @@ static void weir_warn(void *ud, const char *msg, int tocont) {
 static void weir_hook(lua_State *L, lua_Debug *ar) {
     (void)ar;
     weir_state_info *st = weir_info(L);
-    if (st->budget_limit <= 0) return;
-    st->budget_remaining -= st->hook_interval;
-    if (st->budget_remaining <= 0) {
-        // Keep raising on every later tick so a pcall in the script cannot
-        // swallow the error and loop on.
-        st->budget_exhausted = 1;
-        luaL_error(L, "instruction budget exceeded (%I instructions)", (lua_Integer)st->budget_limit);
+    int count = lua_gethookcount(L);
+    if (st->budget_limit > 0) {
+        st->budget_remaining -= count;
+        if (st->budget_remaining <= 0) {
+            st->budget_exhausted = 1;
+            // From now on raise at every instruction of this thread: a pcall
+            // in the script may catch one error, but the very next
+            // instruction outside it raises again, so the script cannot go on.
+            if (count != 1) lua_sethook(L, weir_hook, LUA_MASKCOUNT, 1);
+            luaL_error(L, "instruction budget exceeded (%I instructions)", (lua_Integer)st->budget_limit);
+            return;
+        }
     }
+    // Hooks are per thread: a thread left at every-instruction after an
+    // exhausted budget goes back to the normal interval under a new budget.
+    if (count != st->hook_interval) lua_sethook(L, weir_hook, LUA_MASKCOUNT, st->hook_interval);
 }
 
 lua_State *weir_newstate(size_t bytes_limit, int hook_interval) {
@@ -221,3 +229,15 @@ const char *weir_tostring(lua_State *L, int idx, size_t *len) {
     if (lua_type(L, idx) != LUA_TSTRING) return NULL;
     return lua_tolstring(L, idx, len);
 }
+
+int weir_resetthread(lua_State *co) {
+    weir_state_info *st = weir_info(co);
+    int saved = st->swift_depth;
+    st->swift_depth = 0; // __close handlers run Lua code under the usual caps
+    int status = lua_resetthread(co);
+    st->swift_depth = saved;
+    lua_settop(co, 0);
+    return status;
+}
+
+int weir_gc_count_kb(lua_State *L) { return lua_gc(L, LUA_GCCOUNT); }

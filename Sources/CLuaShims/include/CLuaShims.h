@@ -66,6 +66,9 @@ void weir_push_native(lua_State *L, int function_id);
 int weir_pcall(lua_State *L, int nargs, int nresults);
 /// lua_resume with Swift depth bookkeeping.
 int weir_resume(lua_State *co, lua_State *from, int nargs, int *nresults);
+/// Resets a suspended or dead coroutine (closing pending to-be-closed
+/// variables) so it can run a new function; leaves its stack empty.
+int weir_resetthread(lua_State *co);
 /// Protected chunk load (text only). `chunkname` should start with '@'.
 int weir_load(lua_State *L, const char *code, size_t size, const char *chunkname);
 /// Appends a traceback of `co` to `msg` and pushes it on L (protected).
@@ -73,6 +76,8 @@ int weir_load(lua_State *L, const char *code, size_t size, const char *chunkname
 int weir_traceback(lua_State *L, lua_State *co, const char *msg);
 /// Runs a full garbage collection cycle (protected; finalizer errors become warnings).
 void weir_full_gc(lua_State *L);
+/// lua_gc(L, LUA_GCCOUNT): kilobytes in use as the collector counts them.
+int weir_gc_count_kb(lua_State *L);
 /// Bytes currently allocated by the state (exact, from the allocator).
 size_t weir_bytes_used(lua_State *L);
 

@@ -1,0 +1,96 @@
+import CLua
+import CLuaShims
+import NIOConcurrencyHelpers
+
+/// A Lua thread anchored in the registry. Runs one function at a time via
+/// `lua_resume`; after the function finishes (or after `reset()`), the same
+/// thread can run the next one, so a request reuses one coroutine for all its
+/// plugin calls.
+public final class LuaCoroutine {
+    public enum ResumeResult {
+        /// The function returned; its `count` results are on `thread`'s stack
+        /// (call `clear()` after reading them).
+        case finished(count: Int32)
+        /// The function yielded `count` values (on `thread`'s stack).
+        case yielded(count: Int32)
+        /// The function raised; the coroutine has been reset and is reusable.
+        case failed(LuaError)
+    }
+
+    public unowned let state: LuaState
+    public let thread: LuaThread
+    private var ref: Int32
+    /// True while a function has been started and not yet finished or reset.
+    public private(set) var isRunning = false
+
+    public init(state: LuaState) {
+        self.state = state
+        self.thread = lua_newthread(state.main)!
+        self.ref = state.ref() // pops the thread, anchoring it
+    }
+
+    /// Drops the registry anchor; the thread is collected with its stack.
+    public func release() {
+        guard ref != LUA_NOREF else { return }
+        state.unref(ref)
+        ref = LUA_NOREF
+    }
+
+    public var isReleased: Bool { ref == LUA_NOREF }
+
+    /// For deinit paths that may run off the loop: queue the anchor for
+    /// release by the owner instead of touching the state here.
+    func releaseLater(into queue: NIOLockedValueBox<[Int32]>) {
+        guard ref != LUA_NOREF else { return }
+        let r = ref
+        ref = LUA_NOREF
+        queue.withLockedValue { $0.append(r) }
+    }
+
+    /// Starts the function that sits below `nargs` arguments on the thread's stack.
+    public func start(nargs: Int32) -> ResumeResult {
+        precondition(!isRunning, "coroutine already running a function")
+        isRunning = true
+        return resume(nargs: nargs)
+    }
+
+    /// Resumes after a yield with `nargs` values pushed on the thread's stack.
+    public func resume(nargs: Int32) -> ResumeResult {
+        var nresults: Int32 = 0
+        let status = weir_resume(thread, state.main, nargs, &nresults)
+        switch status {
+        case LUA_OK:
+            isRunning = false
+            return .finished(count: nresults)
+        case LUA_YIELD:
+            return .yielded(count: nresults)
+        default:
+            let message: String
+            switch lua_type(thread, -1) {
+            case LUA_TSTRING, LUA_TNUMBER: message = LuaState.stringOrNumber(at: -1, on: thread) ?? "error"
+            default: message = "(error object is a \(LuaState.typeName(at: -1, on: thread)) value)"
+            }
+            _ = weir_traceback(state.main, thread, nil)
+            let traceback = LuaState.string(at: -1, on: state.main) ?? ""
+            state.pop()
+            reset()
+            return .failed(LuaError(message, traceback: traceback.replacingPrefix("stack traceback:\n")))
+        }
+    }
+
+    /// Abandons whatever the thread was doing (closing to-be-closed
+    /// variables) and empties its stack, ready for the next function.
+    public func reset() {
+        _ = weir_resetthread(thread)
+        isRunning = false
+    }
+
+    /// Empties the stack after reading a finished function's results.
+    public func clear() { lua_settop(thread, 0) }
+}
+
+extension String {
+    func replacingPrefix(_ prefix: String) -> String {
+        hasPrefix(prefix) ? String(dropFirst(prefix.count)) : self
+    }
+}

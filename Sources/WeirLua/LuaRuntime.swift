@@ -1,0 +1,371 @@
+import CLua
+import CLuaShims
+import NIOCore
+import NIOConcurrencyHelpers
+import WeirCore
+
+public struct LuaRuntimeOptions: Sendable {
+    /// Bytes one Lua state may allocate (per event loop per generation).
+    public var memoryLimit: Int = 64 << 20
+    /// Lua VM instructions one plugin may run in one phase call (across its
+    /// yields); 0 = unlimited. Counted in steps of `hookInterval`.
+    public var instructionBudget: Int = 10_000_000
+    public var hookInterval: Int = 1000
+    /// The `weir.shared` dictionaries; shared by all runtimes (and reloads).
+    public var shared: SharedDictionaries = SharedDictionaries(capacities: [:])
+    /// Where `weir.log.*` lines go.
+    public var log: @Sendable (PluginLogRecord) -> Void = { record in
+        let id = record.requestID.map { " request_id=\($0)" } ?? ""
+        print("[\(record.level)] plugin=\(record.plugin)\(id) \(record.message)")
+    }
+    /// Finished coroutines kept for reuse by later requests.
+    public var maxIdleCoroutines: Int = 64
+    public init() {}
+}
+
+/// A plugin compiled in one runtime's Lua state.
+final class CompiledPlugin {
+    let definition: PluginDefinition
+    let handlerRef: Int32
+    /// Registry refs of the phase functions, indexed by PluginPhase.luaID.
+    var phaseRefs: [Int32] = Array(repeating: LUA_NOREF, count: 6)
+    init(definition: PluginDefinition, handlerRef: Int32) {
+        self.definition = definition; self.handlerRef = handlerRef
+    }
+}
+
+/// An ordered plugin chain (PRIORITY descending, ties by name) with each
+/// plugin's config table built once in this runtime's state.
+public final class PluginChain {
+    struct Entry {
+        let plugin: CompiledPlugin
+        let confRef: Int32
+        var name: String { plugin.definition.name }
+    }
+    let entries: [Entry]
+    /// Entries that implement each phase, indexed by PluginPhase.luaID.
+    let byPhase: [[Entry]]
+    /// Plugin names in run order.
+    public var names: [String] { entries.map(\.name) }
+
+    init(entries: [Entry]) {
+        self.entries = entries
+        var byPhase: [[Entry]] = Array(repeating: [], count: 6)
+        for phase in PluginPhase.allCases {
+            byPhase[phase.luaID] = entries.filter { $0.plugin.phaseRefs[phase.luaID] != LUA_NOREF }
+        }
+        self.byPhase = byPhase
+    }
+}
+
+/// The Lua runtime of one event loop for one generation: a Lua state with
+/// the `weir` SDK installed and the library's plugins compiled. Everything
+/// here runs on `eventLoop` (checked in debug builds); build it on that loop
+/// or hand it over before first use.
+public final class LuaRuntime {
+    public let state: LuaState
+    public let eventLoop: EventLoop?
+    public let options: LuaRuntimeOptions
+    public let library: PluginLibrary?
+
+    private var stateTableRef: Int32 = LUA_NOREF
+    private var normalizeExitRef: Int32 = LUA_NOREF
+    private var inspectHandlerRef: Int32 = LUA_NOREF
+    private var makeConnHandleRef: Int32 = LUA_NOREF
+    private var compiled: [String: CompiledPlugin] = [:]
+
+    /// The scope whose coroutine is running right now (set around every resume).
+    var current: PluginRequest?
+    var currentPlugin: String = ""
+    var currentPhase: PluginPhase = .request
+    private var phaseSerial = 0
+    private var idleCoroutines: [LuaCoroutine] = []
+    /// Refs of scopes dropped without finish(), released on the next begin.
+    let orphanedRefs = NIOLockedValueBox<[Int32]>([])
+
+    /// A runtime for `library` on `eventLoop`.
+    public convenience init(library: PluginLibrary, eventLoop: EventLoop, options: LuaRuntimeOptions = LuaRuntimeOptions()) throws {
+        try self.init(sdk: library.sdk, eventLoop: eventLoop, options: options, library: library)
+    }
+
+    /// A bare runtime (SDK installed, no plugins); `eventLoop` nil means
+    /// it can load and inspect code but not run phases.
+    public init(sdk: LuaSDK, eventLoop: EventLoop?, options: LuaRuntimeOptions, library: PluginLibrary? = nil) throws {
+        self.state = try LuaState(memoryLimit: options.memoryLimit, hookInterval: options.instructionBudget > 0 ? options.hookInterval : 0)
+        self.eventLoop = eventLoop
+        self.options = options
+        self.library = library
+        try installSDK(sdk)
+        if let library = library {
+            for name in library.plugins.keys.sorted() {
+                compiled[name] = try compile(library.plugins[name]!)
+            }
+        }
+    }
+
+    // MARK: SDK installation
+
+    private func installSDK(_ sdk: LuaSDK) throws {
+        let L = state.main
+        state.setBudget(0)
+        try state.load(sdk.jsonSource, chunkName: sdk.directory + "/weir/json.lua")
+        try state.pcall(nargs: 0, nresults: 1)            // json
+        try state.load(sdk.initSource, chunkName: sdk.directory + "/weir/init.lua")
+        lua_createtable(L, 0, 48)                            // N
+        for (name, function) in makeNatives() {
+            LuaState.push(name, on: L)
+            state.pushNative(function)
+            lua_rawset(L, -3)
+        }
+        lua_createtable(L, 2, 0)                             // S
+        lua_pushinteger(L, 0); lua_rawseti(L, -2, 1)
+        lua_pushinteger(L, 0); lua_rawseti(L, -2, 2)
+        lua_pushvalue(L, -1)
+        stateTableRef = state.ref()
+        lua_rotate(L, -4, -1)                                // json to the top (after N, S)
+        _ = weir_push_clib(L)
+        try state.pcall(nargs: 4, nresults: 2)               // weir, internal
+        for (key, slot) in [("normalize_exit", 0), ("inspect_handler", 1), ("make_conn_handle", 2)] {
+            lua_getfield(L, -1, key)
+            let ref = state.ref()
+            switch slot {
+            case 0: normalizeExitRef = ref
+            case 1: inspectHandlerRef = ref
+            default: makeConnHandleRef = ref
+            }
+        }
+        state.pop()                                          // internal
+        lua_getfield(L, weir_registryindex(), "_LOADED")
+        lua_rotate(L, -2, 1)
+        lua_setfield(L, -2, "weir")                          // package.loaded.weir = weir
+        state.pop()
+    }
+
+    // MARK: Loading code
+
+    /// Runs a chunk (e.g. a schema.lua) and returns its value as plain data.
+    public func evaluate(_ source: String, chunkName: String) throws -> ConfigValue {
+        state.setBudget(options.instructionBudget)
+        try state.load(source, chunkName: chunkName)
+        try state.pcall(nargs: 0, nresults: 1)
+        defer { state.pop() }
+        do {
+            return try LuaState.value(at: -1, on: state.main)
+        } catch let error as LuaError {
+            throw LuaError("\(chunkName): \(error.message)")
+        }
+    }
+
+    struct HandlerInfo { var priority: Int; var version: String; var phases: Set<PluginPhase> }
+
+    /// Runs handler.lua and checks its shape; leaves the handler and its
+    /// phase-function table on the stack (handler below).
+    private func loadHandler(source: String, path: String, name: String) throws -> HandlerInfo {
+        let L = state.main
+        state.setBudget(options.instructionBudget)
+        try state.load(source, chunkName: path)
+        try state.pcall(nargs: 0, nresults: 1)               // handler
+        lua_pushvalue(L, -1)
+        state.pushRef(inspectHandlerRef)
+        lua_rotate(L, -2, 1)
+        LuaState.push(name, on: L)
+        do {
+            try state.pcall(nargs: 2, nresults: 3)           // handler, priority, version, fns
+        } catch let error as LuaError {
+            state.pop()
+            throw LuaError("\(path): \(error.message)", traceback: error.traceback)
+        }
+        let priority = Int(lua_tointegerx(L, -3, nil))
+        let version = LuaState.string(at: -2, on: L) ?? ""
+        var phases = Set<PluginPhase>()
+        for phase in PluginPhase.allCases {
+            if lua_getfield(L, -1, phase.rawValue) == LUA_TFUNCTION { phases.insert(phase) }
+            state.pop()
+        }
+        lua_rotate(L, -3, -2)                                // handler, fns, priority, version
+        state.pop(2)                                         // handler, fns
+        return HandlerInfo(priority: priority, version: version, phases: phases)
+    }
+
+    func inspectHandler(source: String, path: String, name: String) throws -> HandlerInfo {
+        let info = try loadHandler(source: source, path: path, name: name)
+        state.pop(2)
+        return info
+    }
+
+    private func compile(_ definition: PluginDefinition) throws -> CompiledPlugin {
+        _ = try loadHandler(source: definition.handlerSource, path: definition.handlerPath, name: definition.name)
+        let L = state.main
+        var refs = Array(repeating: LUA_NOREF, count: 6)
+        for phase in PluginPhase.allCases {
+            if lua_getfield(L, -1, phase.rawValue) == LUA_TFUNCTION {
+                refs[phase.luaID] = state.ref()
+            } else {
+                state.pop()
+            }
+        }
+        state.pop()                                          // fns
+        let plugin = CompiledPlugin(definition: definition, handlerRef: state.ref())
+        plugin.phaseRefs = refs
+        return plugin
+    }
+
+    // MARK: Chains
+
+    /// Builds a chain from validated plugins: ordered by PRIORITY (higher
+    /// first), ties by name; each config becomes a Lua table once, here.
+    public func makeChain(_ plugins: [ConfiguredPlugin]) throws -> PluginChain {
+        let sorted = plugins.sorted {
+            $0.definition.priority != $1.definition.priority
+                ? $0.definition.priority > $1.definition.priority
+                : $0.name < $1.name
+        }
+        var entries: [PluginChain.Entry] = []
+        for configured in sorted {
+            guard let plugin = compiled[configured.name] else {
+                throw LuaError("plugin \"\(configured.name)\" is not in this runtime's library")
+            }
+            LuaState.push(configured.config, on: state.main)
+            entries.append(.init(plugin: plugin, confRef: state.ref()))
+        }
+        return PluginChain(entries: entries)
+    }
+
+    // MARK: Requests and connections
+
+    /// Starts the plugin scope of one request. Call `finish()` when the
+    /// request is over (after the log phase, or when it is aborted).
+    public func beginRequest(_ context: PluginRequestContext, connection: PluginConnection? = nil) -> PluginRequest {
+        eventLoop?.assertInEventLoop()
+        releaseOrphans()
+        return PluginRequest(runtime: self, request: context, connection: connection)
+    }
+
+    /// Starts the plugin scope of one downstream connection.
+    public func beginConnection(_ context: PluginConnectionContext) -> PluginConnection {
+        eventLoop?.assertInEventLoop()
+        releaseOrphans()
+        return PluginConnection(runtime: self, context: context)
+    }
+
+    private func releaseOrphans() {
+        let refs = orphanedRefs.withLockedValue { refs -> [Int32] in
+            defer { refs.removeAll() }
+            return refs
+        }
+        for ref in refs { state.unref(ref) }
+    }
+
+    // MARK: Internals used by PluginRequest
+
+    func acquireCoroutine() -> LuaCoroutine {
+        if let co = idleCoroutines.popLast() { return co }
+        return LuaCoroutine(state: state)
+    }
+
+    func recycle(_ co: LuaCoroutine) {
+        if co.isRunning { co.reset() } else { co.clear() }
+        if idleCoroutines.count < options.maxIdleCoroutines {
+            idleCoroutines.append(co)
+        } else {
+            co.release()
+        }
+    }
+
+    /// Drops idle coroutines (tests use it to measure the heap baseline).
+    public func dropIdleCoroutines() {
+        for co in idleCoroutines { co.release() }
+        idleCoroutines.removeAll()
+    }
+
+    func nextPhaseSerial() -> Int {
+        phaseSerial += 1
+        return phaseSerial
+    }
+
+    /// Publishes the phase and serial to the Lua SDK and marks `scope` current.
+    func enter(_ scope: PluginRequest, plugin: String, phase: PluginPhase, serial: Int) {
+        current = scope
+        currentPlugin = plugin
+        currentPhase = phase
+        let L = state.main
+        state.pushRef(stateTableRef)
+        lua_pushinteger(L, lua_Integer(phase.luaID)); lua_rawseti(L, -2, 1)
+        lua_pushinteger(L, lua_Integer(serial)); lua_rawseti(L, -2, 2)
+        state.pop()
+    }
+
+    func leave() {
+        current = nil
+        currentPlugin = ""
+    }
+
+    func pushConnHandle(serial: Int, dataRef: Int32, on thread: LuaThread) throws {
+        let L = state.main
+        state.pushRef(makeConnHandleRef)
+        lua_pushinteger(L, lua_Integer(serial))
+        state.pushRef(dataRef)
+        try state.pcall(nargs: 2, nresults: 1)
+        lua_xmove(L, thread, 1)
+    }
+
+    /// Reads `return status, body, headers` (the `count` values on top of
+    /// `thread`) through the SDK's normalizer. Leaves the thread's stack as is.
+    func readExit(count: Int32, from thread: LuaThread) throws -> PluginExit {
+        let L = state.main
+        state.pushRef(normalizeExitRef)
+        lua_pushnil(L); lua_pushnil(L); lua_pushnil(L)
+        for i in 0..<min(count, 3) {
+            lua_pushvalue(thread, -count + i)
+            lua_xmove(thread, L, 1)
+            lua_copy(L, -1, -4 + i)
+            state.pop()
+        }
+        state.setBudget(options.instructionBudget)
+        try state.pcall(nargs: 3, nresults: 3)
+        defer { state.pop(3) }
+        return try exitFromStack(statusIndex: -3, on: L)
+    }
+
+    /// Builds a PluginExit from (status, body, flat header list) at statusIndex.
+    func exitFromStack(statusIndex: Int32, on L: LuaThread) throws -> PluginExit {
+        let i = lua_absindex(L, statusIndex)
+        let status = Int(lua_tointegerx(L, i, nil))
+        var body: [UInt8]? = nil
+        if lua_type(L, i + 1) == LUA_TSTRING {
+            var length = 0
+            let p = weir_tostring(L, i + 1, &length)!
+            body = Array(UnsafeRawBufferPointer(start: p, count: length))
+        }
+        var headers: [HeaderField] = []
+        if lua_type(L, i + 2) == LUA_TTABLE {
+            let n = Int(lua_rawlen(L, i + 2))
+            var k = 1
+            while k + 1 <= n {
+                lua_rawgeti(L, i + 2, lua_Integer(k))
+                lua_rawgeti(L, i + 2, lua_Integer(k + 1))
+                let name = LuaState.stringOrNumber(at: -2, on: L) ?? ""
+                let value = LuaState.stringOrNumber(at: -1, on: L) ?? ""
+                weir_pop(L, 2)
+                headers.append(HeaderField(name.lowercased(), value))
+                k += 2
+            }
+        }
+        return PluginExit(status: status, body: body, headers: headers)
+    }
+
+    var budgetRemaining: Int64 {
+        get { weir_info(state.main).pointee.budget_remaining }
+        set {
+            let info = weir_info(state.main)!
+            info.pointee.budget_limit = Int64(options.instructionBudget)
+            info.pointee.budget_remaining = newValue
+            info.pointee.budget_exhausted = 0
+        }
+    }
+
+    deinit {
+        // Coroutines and chains live in the state; closing it frees them all.
+        idleCoroutines.removeAll()
+    }
+}

@@ -1,0 +1,129 @@
+import NIOCore
+
+/// The plugin phases, in the order a request meets them.
+public enum PluginPhase: String, CaseIterable, Sendable {
+    case connection, request, response
+    case bodyFilter = "body_filter"
+    case log
+
+    /// The id the Lua SDK uses for phase checks (lua/weir/init.lua).
+    var luaID: Int {
+        switch self {
+        case .connection: return 1
+        case .request: return 2
+        case .response: return 3
+        case .bodyFilter: return 4
+        case .log: return 5
+        }
+    }
+}
+
+/// One request as plugins see it. Implemented by the proxy for each
+/// request and used only on that request's event loop. Accessors are called
+/// lazily, only when a plugin asks (`weir.request.get_header` calls
+/// `requestHeader`), so nothing is copied into Lua up front.
+///
+/// Header names passed in are lower-cased by the runtime.
+public protocol PluginRequestContext: AnyObject {
+    var requestID: String { get }
+
+    // The downstream request, as received.
+    var method: String { get }
+    var path: String { get }
+    var rawQuery: String? { get }
+    var scheme: String { get }
+    var host: String? { get }
+    func requestHeader(_ lowercasedName: String) -> String?
+    func requestHeaders() -> [(name: String, value: String)]
+    /// Reads the request body, buffering at most `maxBytes` (nil = no body).
+    /// The future must complete on the request's event loop.
+    func readRequestBody(maxBytes: Int) -> EventLoopFuture<[UInt8]?>
+
+    // The client (downstream peer).
+    var clientIP: String { get }
+    var clientPort: Int { get }
+    var consumer: String? { get }
+    /// Marks the request as made by `consumer` (an auth plugin succeeded).
+    func authenticate(consumer: String, credential: String?)
+
+    // Changes to the request sent upstream (request phase).
+    func setUpstreamHeader(_ lowercasedName: String, _ value: String)
+    func addUpstreamHeader(_ lowercasedName: String, _ value: String)
+    func clearUpstreamHeader(_ lowercasedName: String)
+    func setUpstreamPath(_ path: String)
+    func setUpstreamQuery(_ query: String?)
+    func setUpstreamMethod(_ method: String)
+    func setUpstreamBody(_ body: [UInt8])
+    func setUpstreamTarget(host: String, port: Int)
+    /// Switches to another configured upstream; false if no such upstream.
+    func setUpstream(named name: String) -> Bool
+    /// Seconds; nil leaves that timeout unchanged.
+    func setUpstreamTimeouts(connect: Double?, send: Double?, read: Double?)
+    func setUpstreamRetries(_ retries: Int)
+
+    // The response (response phase reads the upstream's; request phase may
+    // add headers to whatever response is eventually sent).
+    var responseStatus: Int? { get }
+    func setResponseStatus(_ status: Int)
+    func responseHeader(_ lowercasedName: String) -> String?
+    func responseHeaders() -> [(name: String, value: String)]
+    func setResponseHeader(_ lowercasedName: String, _ value: String)
+    func addResponseHeader(_ lowercasedName: String, _ value: String)
+    func clearResponseHeader(_ lowercasedName: String)
+}
+
+/// One downstream connection as the connection phase sees it.
+public protocol PluginConnectionContext: AnyObject {
+    var connectionID: String { get }
+    var clientIP: String { get }
+    var clientPort: Int { get }
+    /// TLS server name the client asked for, if any.
+    var serverName: String? { get }
+}
+
+/// What a phase run ended with.
+public enum PhaseResult: Equatable {
+    /// Every plugin ran; carry on.
+    case `continue`
+    /// A plugin ended the request with this response (or, in the connection
+    /// phase, rejected the connection: status 403 and the reason as body).
+    case exit(PluginExit)
+    /// A plugin raised (or ran out of budget/memory). The proxy answers 500
+    /// with the request id; the worker carries on.
+    case failed(PluginFailure)
+}
+
+public struct PluginExit: Equatable, Sendable {
+    public var status: Int
+    public var body: [UInt8]?
+    /// In order; a name may repeat.
+    public var headers: [HeaderField]
+    public var bodyString: String? { body.map { String(decoding: $0, as: UTF8.self) } }
+    public init(status: Int, body: [UInt8]?, headers: [HeaderField]) {
+        self.status = status; self.body = body; self.headers = headers
+    }
+}
+
+public struct HeaderField: Equatable, Sendable {
+    public var name: String
+    public var value: String
+    public init(_ name: String, _ value: String) { self.name = name; self.value = value }
+}
+
+public struct PluginFailure: Error, Equatable, Sendable, CustomStringConvertible {
+    public var plugin: String
+    public var phase: PluginPhase
+    public var message: String
+    public var traceback: String?
+    public var description: String { "plugin \(plugin) failed in the \(phase.rawValue) phase: \(message)" }
+}
+
+/// A log line written by a plugin through `weir.log`.
+public struct PluginLogRecord: Sendable {
+    public enum Level: Int, Sendable { case debug = 0, info, warn, error }
+    public var level: Level
+    public var plugin: String
+    public var requestID: String?
+    public var phase: PluginPhase?
+    public var message: String
+}

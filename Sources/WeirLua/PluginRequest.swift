@@ -1,0 +1,277 @@
+import CLua
+import CLuaShims
+import NIOCore
+import WeirCore
+
+/// A value handed back to a coroutine when an async SDK call completes.
+enum AsyncValue {
+    case value(ConfigValue)
+    case bytes([UInt8])
+}
+
+/// The plugin scope of one request (or of one connection's connection
+/// phase): its coroutine, `weir.ctx` table, exit state and the phase runner.
+/// Confined to the runtime's event loop. Keeps its runtime (generation)
+/// alive until the request is finished, so a reload never pulls a Lua state
+/// from under a running request.
+public final class PluginRequest {
+    public let runtime: LuaRuntime
+    public let context: PluginRequestContext?
+    public let connection: PluginConnection?
+
+    var coroutine: LuaCoroutine?
+    private var ctxRef: Int32 = LUA_NOREF
+    /// Set by weir.response.exit / conn:reject; ends the chain.
+    var exit: PluginExit?
+    /// The async operation the coroutine is waiting for (set by an SDK native before yielding).
+    var pending: EventLoopFuture<[AsyncValue]>?
+    public private(set) var isFinished = false
+
+    // The phase run in progress.
+    private var phase: PluginPhase = .request
+    private var entries: [PluginChain.Entry] = []
+    private var index = 0
+    private var serial = 0
+    private var savedBudget: Int64 = 0
+    private var promise: EventLoopPromise<PhaseResult>?
+
+    init(runtime: LuaRuntime, request: PluginRequestContext?, connection: PluginConnection?) {
+        self.runtime = runtime
+        self.context = request
+        self.connection = connection
+    }
+
+    deinit {
+        if !isFinished {
+            // Dropped without finish(): hand the refs back for release on the loop.
+            let refs = [ctxRef].filter { $0 != LUA_NOREF }
+            let coroutine = self.coroutine
+            if !refs.isEmpty || coroutine != nil {
+                runtime.orphanedRefs.withLockedValue { list in
+                    list.append(contentsOf: refs)
+                }
+            }
+            // The coroutine object releases its anchor through the same list.
+            if let co = coroutine, !co.isReleased { co.releaseLater(into: runtime.orphanedRefs) }
+        }
+    }
+
+    public var requestID: String? { context?.requestID }
+
+    /// The per-request `weir.ctx` table, created on first use; pushed on `thread`.
+    func pushCtx(on thread: LuaThread) {
+        if ctxRef == LUA_NOREF {
+            lua_createtable(runtime.state.main, 0, 4)
+            ctxRef = runtime.state.ref()
+        }
+        runtime.state.pushRef(ctxRef, on: thread)
+    }
+
+    // MARK: Running a phase
+
+    public enum Outcome {
+        case done(PhaseResult)
+        /// A plugin is waiting on an async operation; the result follows.
+        case pending(EventLoopFuture<PhaseResult>)
+    }
+
+    /// Runs `phase` for every plugin of `chain` that implements it, in order.
+    /// Completes synchronously unless a plugin waits on an async SDK call.
+    public func start(_ phase: PluginPhase, chain: PluginChain) -> Outcome {
+        runtime.eventLoop!.assertInEventLoop()
+        precondition(promise == nil, "a phase is already running for this request")
+        guard !isFinished else {
+            return .done(.failed(PluginFailure(plugin: "", phase: phase, message: "request already finished", traceback: nil)))
+        }
+        self.phase = phase
+        self.entries = chain.byPhase[phase.luaID]
+        self.index = 0
+        self.exit = nil
+        if entries.isEmpty { return .done(.continue) }
+        if let result = drive(resumeWith: nil) { return .done(result) }
+        let promise = runtime.eventLoop!.makePromise(of: PhaseResult.self)
+        self.promise = promise
+        return .pending(promise.futureResult)
+    }
+
+    /// `start` as a future.
+    public func run(_ phase: PluginPhase, chain: PluginChain) -> EventLoopFuture<PhaseResult> {
+        switch start(phase, chain: chain) {
+        case .done(let result): return runtime.eventLoop!.makeSucceededFuture(result)
+        case .pending(let future): return future
+        }
+    }
+
+    /// Ends the scope: abandons a waiting coroutine, releases the coroutine
+    /// and `weir.ctx`. Idempotent. Any phase still waiting completes with
+    /// `.failed` ("request finished while ...").
+    public func finish() {
+        guard !isFinished else { return }
+        isFinished = true
+        if let co = coroutine {
+            runtime.recycle(co)
+            coroutine = nil
+        }
+        if ctxRef != LUA_NOREF {
+            runtime.state.unref(ctxRef)
+            ctxRef = LUA_NOREF
+        }
+        pending = nil
+        if let promise = promise {
+            self.promise = nil
+            let plugin = index < entries.count ? entries[index].name : ""
+            promise.succeed(.failed(PluginFailure(plugin: plugin, phase: phase,
+                                                  message: "request finished while the plugin was waiting", traceback: nil)))
+        }
+    }
+
+    private func fail(_ entry: PluginChain.Entry, _ message: String, _ traceback: String? = nil) -> PhaseResult {
+        .failed(PluginFailure(plugin: entry.name, phase: phase, message: message, traceback: traceback))
+    }
+
+    /// Runs plugins from `index` on. Returns nil when suspended on `pending`.
+    private func drive(resumeWith values: [AsyncValue]?) -> PhaseResult? {
+        var resumeValues = values
+        while index < entries.count {
+            let entry = entries[index]
+            let co: LuaCoroutine
+            if let existing = coroutine { co = existing } else { co = runtime.acquireCoroutine(); coroutine = co }
+            let thread = co.thread
+            let result: LuaCoroutine.ResumeResult
+            if let values = resumeValues {
+                resumeValues = nil
+                _ = lua_checkstack(thread, Int32(values.count + 2))
+                for value in values {
+                    switch value {
+                    case .value(let v): LuaState.push(v, on: thread)
+                    case .bytes(let b): b.withUnsafeBufferPointer { p in
+                        p.withMemoryRebound(to: CChar.self) { _ = lua_pushlstring(thread, $0.baseAddress, $0.count) }
+                    }
+                    }
+                }
+                runtime.budgetRemaining = savedBudget
+                runtime.enter(self, plugin: entry.name, phase: phase, serial: serial)
+                result = co.resume(nargs: Int32(values.count))
+            } else {
+                serial = runtime.nextPhaseSerial()
+                _ = lua_checkstack(thread, 4)
+                runtime.state.pushRef(entry.plugin.phaseRefs[phase.luaID], on: thread)
+                runtime.state.pushRef(entry.plugin.handlerRef, on: thread)
+                runtime.state.pushRef(entry.confRef, on: thread)
+                if phase == .connection, let connection = connection {
+                    do {
+                        try runtime.pushConnHandle(serial: serial, dataRef: connection.dataRef(), on: thread)
+                    } catch let error as LuaError {
+                        co.clear()
+                        return fail(entry, error.message, error.traceback)
+                    } catch { return fail(entry, "\(error)") }
+                } else {
+                    pushCtx(on: thread)
+                }
+                runtime.state.setBudget(runtime.options.instructionBudget)
+                runtime.enter(self, plugin: entry.name, phase: phase, serial: serial)
+                result = co.start(nargs: 3)
+            }
+            runtime.leave()
+
+            switch result {
+            case .finished(let count):
+                if (phase == .request || phase == .response), count > 0, lua_type(thread, -count) != LUA_TNIL, exit == nil {
+                    do {
+                        exit = try runtime.readExit(count: count, from: thread)
+                    } catch let error as LuaError {
+                        co.clear()
+                        return fail(entry, error.message, error.traceback)
+                    } catch { co.clear(); return fail(entry, "\(error)") }
+                }
+                co.clear()
+                if let exit = exit { return .exit(exit) }
+                index += 1
+            case .yielded(let count):
+                weir_pop(thread, count)
+                if let exit = exit {
+                    co.reset()
+                    return .exit(exit)
+                }
+                if let pending = pending {
+                    savedBudget = runtime.budgetRemaining
+                    pending.hop(to: runtime.eventLoop!).whenComplete { [self] outcome in
+                        self.resumeAfterPending(outcome, from: pending)
+                    }
+                    return nil
+                }
+                co.reset()
+                return fail(entry, "attempt to yield from a plugin phase function (only weir async functions such as weir.sleep may suspend a plugin)")
+            case .failed(let error):
+                if runtime.state.budgetExhausted {
+                    runtime.state.setBudget(0)
+                }
+                return fail(entry, error.message, error.traceback)
+            }
+        }
+        return .continue
+    }
+
+    private func resumeAfterPending(_ outcome: Result<[AsyncValue], Error>, from future: EventLoopFuture<[AsyncValue]>) {
+        // Finished (request aborted) or superseded: the coroutine is gone.
+        guard !isFinished, let waiting = pending, waiting === future else { return }
+        pending = nil
+        let values: [AsyncValue]
+        switch outcome {
+        case .success(let v): values = v
+        case .failure(let error): values = [.value(.null), .value(.string("\(error)"))]
+        }
+        guard let result = drive(resumeWith: values) else { return }
+        let promise = self.promise
+        self.promise = nil
+        promise?.succeed(result)
+    }
+}
+
+/// The plugin scope of one downstream connection: the `conn.data` table
+/// that the connection phase fills and request phases read as `weir.conn`.
+public final class PluginConnection {
+    public let runtime: LuaRuntime
+    public let context: PluginConnectionContext
+    private var dataTableRef: Int32 = LUA_NOREF
+    public private(set) var isClosed = false
+
+    init(runtime: LuaRuntime, context: PluginConnectionContext) {
+        self.runtime = runtime
+        self.context = context
+    }
+
+    deinit {
+        if !isClosed && dataTableRef != LUA_NOREF {
+            let ref = dataTableRef
+            runtime.orphanedRefs.withLockedValue { $0.append(ref) }
+        }
+    }
+
+    func dataRef() -> Int32 {
+        if dataTableRef == LUA_NOREF {
+            lua_createtable(runtime.state.main, 0, 4)
+            dataTableRef = runtime.state.ref()
+        }
+        return dataTableRef
+    }
+
+    /// Runs the connection phase. `.exit` means a plugin rejected the
+    /// connection (status 403, the reason as body): close it.
+    public func runConnectionPhase(chain: PluginChain) -> EventLoopFuture<PhaseResult> {
+        let scope = PluginRequest(runtime: runtime, request: nil, connection: self)
+        let future = scope.run(.connection, chain: chain)
+        future.whenComplete { _ in scope.finish() }
+        return future
+    }
+
+    /// Releases the connection's data table. Idempotent.
+    public func close() {
+        guard !isClosed else { return }
+        isClosed = true
+        if dataTableRef != LUA_NOREF {
+            runtime.state.unref(dataTableRef)
+            dataTableRef = LUA_NOREF
+        }
+    }
+}

@@ -1,0 +1,317 @@
+import CLua
+import CLuaShims
+import NIOCore
+import WeirCore
+
+// The native half of the `weir` SDK: Swift functions behind C trampolines,
+// reached from lua/weir/init.lua as N.<name>. Rules (DESIGN.md "Lua bridging
+// rules"): never raise or yield from here — return .error / .yield and let
+// the trampoline do it; read arguments defensively (the Lua wrappers check
+// types first, but plugins could call N directly through debug tricks);
+// use raw table access only.
+
+private func pushOptional(_ s: String?, on L: LuaThread) {
+    if let s = s { LuaState.push(s, on: L) } else { lua_pushnil(L) }
+}
+
+private func pushHeaderTable(_ headers: [(name: String, value: String)], on L: LuaThread) {
+    // name -> value, or name -> { value1, value2 } when repeated.
+    var order: [String] = []
+    var values: [String: [String]] = [:]
+    for (name, value) in headers {
+        let key = name.lowercased()
+        if values[key] == nil { order.append(key); values[key] = [value] } else { values[key]!.append(value) }
+    }
+    lua_createtable(L, 0, Int32(order.count))
+    for key in order {
+        let list = values[key]!
+        LuaState.push(key, on: L)
+        if list.count == 1 {
+            LuaState.push(list[0], on: L)
+        } else {
+            lua_createtable(L, Int32(list.count), 0)
+            for (i, v) in list.enumerated() {
+                LuaState.push(v, on: L)
+                lua_rawseti(L, -2, lua_Integer(i + 1))
+            }
+        }
+        lua_rawset(L, -3)
+    }
+}
+
+private func sharedValue(at index: Int32, on L: LuaThread) -> SharedDictionaries.Value? {
+    switch lua_type(L, index) {
+    case LUA_TSTRING: return .string(LuaState.string(at: index, on: L) ?? "")
+    case LUA_TBOOLEAN: return .bool(lua_toboolean(L, index) != 0)
+    case LUA_TNUMBER:
+        if lua_isinteger(L, index) != 0 { return .integer(lua_tointegerx(L, index, nil)) }
+        return .number(lua_tonumberx(L, index, nil))
+    default: return nil
+    }
+}
+
+private func pushShared(_ value: SharedDictionaries.Value?, on L: LuaThread) {
+    switch value {
+    case nil: lua_pushnil(L)
+    case .string(let s)?: LuaState.push(s, on: L)
+    case .integer(let i)?: lua_pushinteger(L, i)
+    case .number(let d)?: lua_pushnumber(L, d)
+    case .bool(let b)?: lua_pushboolean(L, b ? 1 : 0)
+    }
+}
+
+private func number(at index: Int32, on L: LuaThread) -> Double? {
+    lua_type(L, index) == LUA_TNUMBER ? lua_tonumberx(L, index, nil) : nil
+}
+
+extension LuaRuntime {
+    typealias RequestNative = (LuaThread, PluginRequest, PluginRequestContext) -> NativeReturn
+
+    /// Wraps a native that needs the current request.
+    private func requestNative(_ name: String, _ body: @escaping RequestNative) -> NativeFunction {
+        return { [unowned self] L in
+            guard let scope = self.current else {
+                return .error("\(name): no request is active (called outside a plugin phase?)")
+            }
+            guard let request = scope.context else {
+                return .error("\(name) is not available in the connection phase")
+            }
+            return body(L, scope, request)
+        }
+    }
+
+    /// Wraps a native that works in any scope (request or connection).
+    private func scopeNative(_ name: String, _ body: @escaping (LuaThread, PluginRequest) -> NativeReturn) -> NativeFunction {
+        return { [unowned self] L in
+            guard let scope = self.current else {
+                return .error("\(name): no request is active (called outside a plugin phase?)")
+            }
+            return body(L, scope)
+        }
+    }
+
+    /// Starts an async operation: only from the scope's own coroutine, which
+    /// the runtime resumes when `future` completes.
+    private func suspend(_ name: String, _ L: LuaThread, _ scope: PluginRequest,
+                         _ future: @autoclosure () -> EventLoopFuture<[AsyncValue]>) -> NativeReturn {
+        guard let co = scope.coroutine, co.thread == L else {
+            return .error("\(name) cannot be called from a coroutine created by the plugin; call it from the phase function itself")
+        }
+        guard lua_isyieldable(L) != 0 else {
+            return .error("\(name) cannot suspend here (inside a metamethod or C call)")
+        }
+        scope.pending = future()
+        return .yield(0)
+    }
+
+    /// Records an exit/reject and stops the plugin where it stands when it
+    /// can (its own coroutine); from a plugin-made coroutine the call returns
+    /// and the chain stops after the plugin returns.
+    private func stopChain(_ L: LuaThread, _ scope: PluginRequest, _ exit: PluginExit) -> NativeReturn {
+        if scope.exit == nil { scope.exit = exit }
+        if let co = scope.coroutine, co.thread == L, lua_isyieldable(L) != 0 { return .yield(0) }
+        return .values(0)
+    }
+
+    func makeNatives() -> [(String, NativeFunction)] {
+        var n: [(String, NativeFunction)] = []
+
+        // Per-request and per-connection tables.
+        n.append(("ctx", requestNative("weir.ctx") { L, scope, _ in
+            scope.pushCtx(on: L); return .values(1)
+        }))
+        n.append(("conn_data", scopeNative("weir.conn") { L, scope in
+            guard let connection = scope.connection else { lua_pushnil(L); return .values(1) }
+            lua_rawgeti(L, weir_registryindex(), lua_Integer(connection.dataRef()))
+            return .values(1)
+        }))
+
+        // weir.request
+        n.append(("req_get_method", requestNative("weir.request.get_method") { L, _, r in LuaState.push(r.method, on: L); return .values(1) }))
+        n.append(("req_get_path", requestNative("weir.request.get_path") { L, _, r in LuaState.push(r.path, on: L); return .values(1) }))
+        n.append(("req_get_raw_query", requestNative("weir.request.get_raw_query") { L, _, r in pushOptional(r.rawQuery, on: L); return .values(1) }))
+        n.append(("req_get_host", requestNative("weir.request.get_host") { L, _, r in pushOptional(r.host, on: L); return .values(1) }))
+        n.append(("req_get_scheme", requestNative("weir.request.get_scheme") { L, _, r in LuaState.push(r.scheme, on: L); return .values(1) }))
+        n.append(("req_get_id", requestNative("weir.request.get_id") { L, _, r in LuaState.push(r.requestID, on: L); return .values(1) }))
+        n.append(("req_get_header", requestNative("weir.request.get_header") { L, _, r in
+            guard let name = LuaState.string(at: 1, on: L) else { return .error("weir.request.get_header: header name must be a string") }
+            pushOptional(r.requestHeader(name.lowercased()), on: L)
+            return .values(1)
+        }))
+        n.append(("req_get_headers", requestNative("weir.request.get_headers") { L, _, r in
+            pushHeaderTable(r.requestHeaders(), on: L); return .values(1)
+        }))
+        n.append(("req_get_body", requestNative("weir.request.get_body") { [unowned self] L, scope, r in
+            let limit = lua_type(L, 1) == LUA_TNUMBER ? Int(lua_tointegerx(L, 1, nil)) : 1 << 20
+            return self.suspend("weir.request.get_body", L, scope, r.readRequestBody(maxBytes: max(0, limit)).map { bytes in
+                bytes.map { [AsyncValue.bytes($0)] } ?? [AsyncValue.value(.null)]
+            })
+        }))
+
+        // weir.upstream.request and weir.upstream
+        func setter(_ fname: String, _ apply: @escaping (PluginRequestContext, String, String) -> Void) -> NativeFunction {
+            requestNative(fname) { L, _, r in
+                guard let name = LuaState.string(at: 1, on: L), let value = LuaState.stringOrNumber(at: 2, on: L) else {
+                    return .error("\(fname): expected a name and a value")
+                }
+                apply(r, name.lowercased(), value)
+                return .values(0)
+            }
+        }
+        n.append(("up_set_header", setter("weir.upstream.request.set_header") { $0.setUpstreamHeader($1, $2) }))
+        n.append(("up_add_header", setter("weir.upstream.request.add_header") { $0.addUpstreamHeader($1, $2) }))
+        n.append(("up_clear_header", requestNative("weir.upstream.request.clear_header") { L, _, r in
+            guard let name = LuaState.string(at: 1, on: L) else { return .error("weir.upstream.request.clear_header: name must be a string") }
+            r.clearUpstreamHeader(name.lowercased()); return .values(0)
+        }))
+        n.append(("up_set_path", requestNative("weir.upstream.request.set_path") { L, _, r in
+            guard let path = LuaState.string(at: 1, on: L) else { return .error("weir.upstream.request.set_path: path must be a string") }
+            r.setUpstreamPath(path); return .values(0)
+        }))
+        n.append(("up_set_query", requestNative("weir.upstream.request.set_query") { L, _, r in
+            r.setUpstreamQuery(LuaState.string(at: 1, on: L)); return .values(0)
+        }))
+        n.append(("up_set_method", requestNative("weir.upstream.request.set_method") { L, _, r in
+            guard let method = LuaState.string(at: 1, on: L) else { return .error("weir.upstream.request.set_method: method must be a string") }
+            r.setUpstreamMethod(method); return .values(0)
+        }))
+        n.append(("up_set_body", requestNative("weir.upstream.request.set_body") { L, _, r in
+            var length = 0
+            guard let p = weir_tostring(L, 1, &length) else { return .error("weir.upstream.request.set_body: body must be a string") }
+            r.setUpstreamBody(Array(UnsafeRawBufferPointer(start: p, count: length))); return .values(0)
+        }))
+        n.append(("upstream_set_target", requestNative("weir.upstream.set_target") { L, _, r in
+            guard let host = LuaState.string(at: 1, on: L), lua_isinteger(L, 2) != 0 else {
+                return .error("weir.upstream.set_target: expected host and port")
+            }
+            r.setUpstreamTarget(host: host, port: Int(lua_tointegerx(L, 2, nil))); return .values(0)
+        }))
+        n.append(("upstream_set_upstream", requestNative("weir.upstream.set_upstream") { L, _, r in
+            guard let name = LuaState.string(at: 1, on: L) else { return .error("weir.upstream.set_upstream: name must be a string") }
+            lua_pushboolean(L, r.setUpstream(named: name) ? 1 : 0); return .values(1)
+        }))
+        n.append(("upstream_set_timeouts", requestNative("weir.upstream.set_timeouts") { L, _, r in
+            r.setUpstreamTimeouts(connect: number(at: 1, on: L), send: number(at: 2, on: L), read: number(at: 3, on: L))
+            return .values(0)
+        }))
+        n.append(("upstream_set_retries", requestNative("weir.upstream.set_retries") { L, _, r in
+            guard lua_isinteger(L, 1) != 0 else { return .error("weir.upstream.set_retries: expected an integer") }
+            r.setUpstreamRetries(Int(lua_tointegerx(L, 1, nil))); return .values(0)
+        }))
+
+        // weir.response
+        n.append(("resp_get_status", requestNative("weir.response.get_status") { L, _, r in
+            if let s = r.responseStatus { lua_pushinteger(L, lua_Integer(s)) } else { lua_pushnil(L) }
+            return .values(1)
+        }))
+        n.append(("resp_set_status", requestNative("weir.response.set_status") { L, _, r in
+            guard lua_isinteger(L, 1) != 0 else { return .error("weir.response.set_status: expected an integer") }
+            r.setResponseStatus(Int(lua_tointegerx(L, 1, nil))); return .values(0)
+        }))
+        n.append(("resp_get_header", requestNative("weir.response.get_header") { L, _, r in
+            guard let name = LuaState.string(at: 1, on: L) else { return .error("weir.response.get_header: name must be a string") }
+            pushOptional(r.responseHeader(name.lowercased()), on: L); return .values(1)
+        }))
+        n.append(("resp_get_headers", requestNative("weir.response.get_headers") { L, _, r in
+            pushHeaderTable(r.responseHeaders(), on: L); return .values(1)
+        }))
+        n.append(("resp_set_header", setter("weir.response.set_header") { $0.setResponseHeader($1, $2) }))
+        n.append(("resp_add_header", setter("weir.response.add_header") { $0.addResponseHeader($1, $2) }))
+        n.append(("resp_clear_header", requestNative("weir.response.clear_header") { L, _, r in
+            guard let name = LuaState.string(at: 1, on: L) else { return .error("weir.response.clear_header: name must be a string") }
+            r.clearResponseHeader(name.lowercased()); return .values(0)
+        }))
+        n.append(("resp_exit", requestNative("weir.response.exit") { [unowned self] L, scope, _ in
+            guard lua_isinteger(L, 1) != 0 else { return .error("weir.response.exit: status must be an integer") }
+            let exit: PluginExit
+            do { exit = try self.exitFromStack(statusIndex: 1, on: L) } catch { return .error("weir.response.exit: \(error)") }
+            return self.stopChain(L, scope, exit)
+        }))
+
+        // weir.client (and the conn handle, which shares the peer accessors)
+        n.append(("client_get_ip", scopeNative("weir.client.get_ip") { L, scope in
+            pushOptional(scope.context?.clientIP ?? scope.connection?.context.clientIP, on: L); return .values(1)
+        }))
+        n.append(("client_get_port", scopeNative("weir.client.get_port") { L, scope in
+            if let port = scope.context?.clientPort ?? scope.connection?.context.clientPort {
+                lua_pushinteger(L, lua_Integer(port))
+            } else { lua_pushnil(L) }
+            return .values(1)
+        }))
+        n.append(("client_get_consumer", requestNative("weir.client.get_consumer") { L, _, r in
+            pushOptional(r.consumer, on: L); return .values(1)
+        }))
+        n.append(("client_authenticate", requestNative("weir.client.authenticate") { L, _, r in
+            guard let consumer = LuaState.string(at: 1, on: L) else { return .error("weir.client.authenticate: consumer must be a string") }
+            r.authenticate(consumer: consumer, credential: LuaState.string(at: 2, on: L)); return .values(0)
+        }))
+        n.append(("conn_get_sni", scopeNative("conn:get_sni") { L, scope in
+            pushOptional(scope.connection?.context.serverName, on: L); return .values(1)
+        }))
+        n.append(("conn_reject", scopeNative("conn:reject") { [unowned self] L, scope in
+            let reason = LuaState.string(at: 1, on: L) ?? "rejected by plugin"
+            return self.stopChain(L, scope, PluginExit(status: 403, body: Array(reason.utf8), headers: []))
+        }))
+
+        // weir.log
+        n.append(("log", { [unowned self] L in
+            let level = PluginLogRecord.Level(rawValue: Int(lua_tointegerx(L, 1, nil))) ?? .info
+            let message = LuaState.string(at: 2, on: L) ?? ""
+            let scope = self.current
+            self.options.log(PluginLogRecord(level: level, plugin: self.currentPlugin.isEmpty ? "-" : self.currentPlugin,
+                                             requestID: scope?.context?.requestID ?? scope?.connection?.context.connectionID,
+                                             phase: scope == nil ? nil : self.currentPhase, message: message))
+            return .values(0)
+        }))
+
+        // weir.shared
+        let shared = options.shared
+        n.append(("shared_exists", { L in
+            lua_pushboolean(L, LuaState.string(at: 1, on: L).map(shared.exists) == true ? 1 : 0); return .values(1)
+        }))
+        n.append(("shared_get", { L in
+            guard let dict = LuaState.string(at: 1, on: L), let key = LuaState.string(at: 2, on: L) else {
+                return .error("weir.shared: expected a dictionary and a key")
+            }
+            pushShared(shared.get(dict, key), on: L); return .values(1)
+        }))
+        n.append(("shared_set", { L in
+            guard let dict = LuaState.string(at: 1, on: L), let key = LuaState.string(at: 2, on: L),
+                  let value = sharedValue(at: 3, on: L) else { return .error("weir.shared.set: expected key and value") }
+            shared.set(dict, key, value, ttl: number(at: 4, on: L) ?? 0)
+            lua_pushboolean(L, 1); return .values(1)
+        }))
+        n.append(("shared_add", { L in
+            guard let dict = LuaState.string(at: 1, on: L), let key = LuaState.string(at: 2, on: L),
+                  let value = sharedValue(at: 3, on: L) else { return .error("weir.shared.add: expected key and value") }
+            if shared.add(dict, key, value, ttl: number(at: 4, on: L) ?? 0) {
+                lua_pushboolean(L, 1); return .values(1)
+            }
+            lua_pushnil(L); LuaState.push("exists", on: L); return .values(2)
+        }))
+        n.append(("shared_incr", { L in
+            guard let dict = LuaState.string(at: 1, on: L), let key = LuaState.string(at: 2, on: L),
+                  let delta = sharedValue(at: 3, on: L) else { return .error("weir.shared.incr: expected key and delta") }
+            switch shared.incr(dict, key, by: delta, initial: sharedValue(at: 4, on: L), initialTTL: number(at: 5, on: L) ?? 0) {
+            case .success(let v): pushShared(v, on: L); return .values(1)
+            case .failure(.notFound): lua_pushnil(L); LuaState.push("not found", on: L); return .values(2)
+            case .failure(.notANumber): lua_pushnil(L); LuaState.push("not a number", on: L); return .values(2)
+            }
+        }))
+        n.append(("shared_delete", { L in
+            guard let dict = LuaState.string(at: 1, on: L), let key = LuaState.string(at: 2, on: L) else {
+                return .error("weir.shared.delete: expected a key")
+            }
+            shared.delete(dict, key); return .values(0)
+        }))
+
+        // weir.sleep: the reference async operation.
+        n.append(("sleep", scopeNative("weir.sleep") { [unowned self] L, scope in
+            let seconds = max(0, number(at: 1, on: L) ?? 0)
+            let loop = self.eventLoop!
+            return self.suspend("weir.sleep", L, scope,
+                                loop.scheduleTask(in: .nanoseconds(Int64(seconds * 1e9))) { [AsyncValue]() }.futureResult)
+        }))
+        return n
+    }
+}

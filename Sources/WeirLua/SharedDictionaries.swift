@@ -1,0 +1,159 @@
+import NIOConcurrencyHelpers
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// Named dictionaries shared by every event loop (`weir.shared.<name>`).
+/// Owned outside the Lua states, so the data survives reloads. Each
+/// dictionary has an item cap; inserting beyond it evicts the least
+/// recently used entry. Expired entries are dropped lazily.
+public final class SharedDictionaries: @unchecked Sendable {
+    public enum Value: Equatable, Sendable {
+        case string(String), integer(Int64), number(Double), bool(Bool)
+    }
+
+    private let dictionaries: [String: Dictionary]
+    /// Injectable clock (seconds) so TTL behaviour is testable without sleeping.
+    private let clock: @Sendable () -> Double
+
+    /// - Parameter capacities: dictionary name -> maximum number of items.
+    public init(capacities: [String: Int], clock: @escaping @Sendable () -> Double = SharedDictionaries.monotonicNow) {
+        var dicts: [String: Dictionary] = [:]
+        for (name, capacity) in capacities { dicts[name] = Dictionary(capacity: max(1, capacity)) }
+        self.dictionaries = dicts
+        self.clock = clock
+    }
+
+    public static let monotonicNow: @Sendable () -> Double = {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+    }
+
+    public func exists(_ name: String) -> Bool { dictionaries[name] != nil }
+    public var names: [String] { dictionaries.keys.sorted() }
+
+    public func get(_ name: String, _ key: String) -> Value? {
+        dictionaries[name]?.get(key, now: clock())
+    }
+
+    /// Stores a value; `ttl` seconds (0 = no expiry).
+    public func set(_ name: String, _ key: String, _ value: Value, ttl: Double) {
+        _ = dictionaries[name]?.set(key, value, ttl: ttl, now: clock(), onlyIfAbsent: false)
+    }
+
+    /// Stores only if the key is absent (or expired); false if it exists.
+    public func add(_ name: String, _ key: String, _ value: Value, ttl: Double) -> Bool {
+        dictionaries[name]?.set(key, value, ttl: ttl, now: clock(), onlyIfAbsent: true) ?? false
+    }
+
+    public enum IncrError: Error, Equatable { case notFound, notANumber }
+
+    /// Atomically adds `delta`; an absent key starts at `initial` (with
+    /// `initialTTL`) or fails with .notFound when `initial` is nil.
+    public func incr(_ name: String, _ key: String, by delta: Value, initial: Value?, initialTTL: Double) -> Result<Value, IncrError> {
+        dictionaries[name]?.incr(key, delta, initial: initial, initialTTL: initialTTL, now: clock()) ?? .failure(.notFound)
+    }
+
+    public func delete(_ name: String, _ key: String) {
+        dictionaries[name]?.delete(key)
+    }
+
+    public func count(_ name: String) -> Int { dictionaries[name]?.count ?? 0 }
+
+    // One dictionary: a hash map of nodes threaded on an LRU list, under a lock.
+    final class Dictionary: @unchecked Sendable {
+        final class Node {
+            let key: String
+            var value: Value
+            var expiry: Double // 0 = none
+            var prev: Node?
+            var next: Node?
+            init(key: String, value: Value, expiry: Double) { self.key = key; self.value = value; self.expiry = expiry }
+        }
+        private let lock = NIOLock()
+        private var nodes: [String: Node] = [:]
+        private var head: Node? // most recently used
+        private var tail: Node? // least recently used
+        let capacity: Int
+
+        init(capacity: Int) { self.capacity = capacity }
+
+        var count: Int { lock.withLock { nodes.count } }
+
+        private func unlink(_ n: Node) {
+            if let p = n.prev { p.next = n.next } else { head = n.next }
+            if let x = n.next { x.prev = n.prev } else { tail = n.prev }
+            n.prev = nil; n.next = nil
+        }
+        private func pushFront(_ n: Node) {
+            n.next = head; n.prev = nil
+            head?.prev = n; head = n
+            if tail == nil { tail = n }
+        }
+        private func remove(_ n: Node) { unlink(n); nodes[n.key] = nil }
+
+        /// The live node for key (dropping it if expired), moved to the front.
+        private func live(_ key: String, now: Double) -> Node? {
+            guard let n = nodes[key] else { return nil }
+            if n.expiry != 0 && n.expiry <= now { remove(n); return nil }
+            unlink(n); pushFront(n)
+            return n
+        }
+
+        private func insert(_ key: String, _ value: Value, ttl: Double, now: Double) {
+            if nodes.count >= capacity, let lru = tail { remove(lru) }
+            let n = Node(key: key, value: value, expiry: ttl > 0 ? now + ttl : 0)
+            nodes[key] = n
+            pushFront(n)
+        }
+
+        func get(_ key: String, now: Double) -> Value? {
+            lock.withLock { live(key, now: now)?.value }
+        }
+
+        func set(_ key: String, _ value: Value, ttl: Double, now: Double, onlyIfAbsent: Bool) -> Bool {
+            lock.withLock {
+                if let n = live(key, now: now) {
+                    if onlyIfAbsent { return false }
+                    n.value = value
+                    n.expiry = ttl > 0 ? now + ttl : 0
+                    return true
+                }
+                insert(key, value, ttl: ttl, now: now)
+                return true
+            }
+        }
+
+        func incr(_ key: String, _ delta: Value, initial: Value?, initialTTL: Double, now: Double) -> Result<Value, IncrError> {
+            lock.withLock {
+                if let n = live(key, now: now) {
+                    guard let sum = Dictionary.add(n.value, delta) else { return .failure(.notANumber) }
+                    n.value = sum
+                    return .success(sum)
+                }
+                guard let initial = initial, let sum = Dictionary.add(initial, delta) else { return .failure(.notFound) }
+                insert(key, sum, ttl: initialTTL, now: now)
+                return .success(sum)
+            }
+        }
+
+        func delete(_ key: String) {
+            lock.withLock { if let n = nodes[key] { remove(n) } }
+        }
+
+        static func add(_ a: Value, _ b: Value) -> Value? {
+            switch (a, b) {
+            case (.integer(let x), .integer(let y)):
+                let (r, overflow) = x.addingReportingOverflow(y)
+                return overflow ? .number(Double(x) + Double(y)) : .integer(r)
+            case (.integer(let x), .number(let y)): return .number(Double(x) + y)
+            case (.number(let x), .integer(let y)): return .number(x + Double(y))
+            case (.number(let x), .number(let y)): return .number(x + y)
+            default: return nil
+            }
+        }
+    }
+}

@@ -1,0 +1,96 @@
+import CLua
+import CLuaShims
+import WeirCore
+import XCTest
+@testable import WeirLua
+
+final class LuaStateTests: XCTestCase {
+    func testSyntaxErrorNamesFileAndLine() throws {
+        let state = try LuaState()
+        XCTAssertThrowsError(try state.load("local x = 1\nlocal = 2\n", chunkName: "plugins/bad/handler.lua")) { error in
+            let message = (error as! LuaError).message
+            XCTAssertTrue(message.hasPrefix("plugins/bad/handler.lua:2:"), message)
+        }
+        XCTAssertEqual(state.top, 0)
+    }
+
+    func testRuntimeErrorHasTraceback() throws {
+        let state = try LuaState()
+        try state.load("local function inner() error('boom') end\ninner()\n", chunkName: "t.lua")
+        XCTAssertThrowsError(try state.pcall(nargs: 0, nresults: 0)) { error in
+            let e = error as! LuaError
+            XCTAssertEqual(e.message, "t.lua:1: boom")
+            XCTAssertTrue(e.traceback?.contains("inner") ?? false, e.traceback ?? "none")
+        }
+        XCTAssertEqual(state.top, 0)
+    }
+
+    func testConfigValuesRoundTrip() throws {
+        let state = try LuaState()
+        let value: ConfigValue = .map([
+            "name": .string("x"), "n": .int(3), "f": .double(1.5), "on": .bool(true),
+            "list": .array([.int(1), .string("two")]), "nested": .map(["k": .string("v")]),
+        ])
+        LuaState.push(value, on: state.main)
+        XCTAssertEqual(try LuaState.value(at: -1, on: state.main), value)
+        state.pop()
+    }
+
+    func testNativeErrorIsRaisedInLuaNotSwift() throws {
+        let state = try LuaState()
+        state.pushNative { L in
+            LuaState.push("from swift", on: L)
+            return .error("native failed")
+        }
+        lua_setglobal(state.main, "native")
+        try state.load("local ok, err = pcall(native)\nassert(not ok)\nreturn err", chunkName: "n.lua")
+        try state.pcall(nargs: 0, nresults: 1)
+        XCTAssertEqual(LuaState.string(at: -1, on: state.main), "native failed")
+        state.pop()
+    }
+
+    func testMemoryCapRaisesInsideLuaAndStateRecovers() throws {
+        let state = try LuaState(memoryLimit: 4 << 20)
+        try state.load("local t = {} for i = 1, 1e8 do t[i] = string.rep('x', 100) .. i end", chunkName: "bomb.lua")
+        XCTAssertThrowsError(try state.pcall(nargs: 0, nresults: 0)) { error in
+            XCTAssertTrue((error as! LuaError).message.contains("not enough memory"), "\(error)")
+        }
+        state.collectGarbage()
+        XCTAssertLessThan(state.bytesUsed, 1 << 20)
+        try state.load("return 1 + 1", chunkName: "after.lua")
+        try state.pcall(nargs: 0, nresults: 1)
+        XCTAssertEqual(lua_tointegerx(state.main, -1, nil), 2)
+        state.pop()
+    }
+
+    func testInstructionBudgetStopsLoopsEvenUnderPcall() throws {
+        let state = try LuaState(hookInterval: 1000)
+        state.setBudget(100_000)
+        // The script tries to swallow the error and keep going.
+        try state.load("while true do pcall(function() while true do end end) end", chunkName: "loop.lua")
+        XCTAssertThrowsError(try state.pcall(nargs: 0, nresults: 0)) { error in
+            XCTAssertTrue((error as! LuaError).message.contains("instruction budget exceeded"), "\(error)")
+        }
+        XCTAssertTrue(state.budgetExhausted)
+        state.setBudget(0)
+        try state.load("local s = 0 for i = 1, 1000000 do s = s + i end return s", chunkName: "ok.lua")
+        try state.pcall(nargs: 0, nresults: 1)
+        XCTAssertEqual(lua_tointegerx(state.main, -1, nil), 500000500000)
+        state.pop()
+    }
+
+    func testSHA256Vectors() {
+        func hex(_ s: String) -> String {
+            var out = [UInt8](repeating: 0, count: 32)
+            let bytes = Array(s.utf8)
+            weir_sha256(bytes, bytes.count, &out)
+            return out.map { String(format: "%02x", $0) }.joined()
+        }
+        XCTAssertEqual(hex(""), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
+        XCTAssertEqual(hex("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+        XCTAssertEqual(hex("abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq"),
+                       "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1")
+        XCTAssertEqual(hex(String(repeating: "a", count: 1000)),
+                       "41edece42d63e8d9bf515a9ba6932e1c20cbc9f5a5d134645adb5db1b9737ea3")
+    }
+}

@@ -1,2 +1,0 @@
-import XCTest
-final class WeirLuaTestsSmoke: XCTestCase { func testBuilds() { XCTAssertTrue(true) } }

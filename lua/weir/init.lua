@@ -1,0 +1,594 @@
+-- The `weir` SDK: `local weir = require "weir"`.
+--
+-- This file is loaded once per Lua state by the Swift runtime (WeirLua),
+-- which passes:
+--   N  the native functions (Swift, behind C trampolines). They never raise
+--      for bad input types in a way that could crash, but their messages are
+--      terse; the checks here give plugin authors clear errors that point at
+--      their own line (DESIGN.md "Lua bridging rules" 3).
+--   S  the runtime's state table: S[1] = current phase id (0 = none),
+--      S[2] = serial of the current phase call (handles compare against it).
+--   json, clib  the JSON module and the C helper library (crypto, time).
+-- See lua/README.md for the documentation of every function.
+local N, S, json, clib = ...
+
+local type, error, tostring, select, pairs, ipairs, setmetatable, rawget =
+  type, error, tostring, select, pairs, ipairs, setmetatable, rawget
+local math_type, floor = math.type, math.floor
+
+local PHASE_NAMES = { "connection", "request", "response", "body_filter", "log" }
+local CONNECTION, REQUEST, RESPONSE, BODY_FILTER, LOG = 1, 2, 3, 4, 5
+
+local function phase_name(id)
+  return PHASE_NAMES[id] or "init"
+end
+
+-- Phase sets, as the documentation names them.
+local function phases(...)
+  local set = {}
+  for i = 1, select("#", ...) do set[select(i, ...)] = true end
+  return set
+end
+local ANY_REQUEST_PHASE = phases(REQUEST, RESPONSE, BODY_FILTER, LOG)
+local ANY_PHASE = phases(CONNECTION, REQUEST, RESPONSE, BODY_FILTER, LOG)
+local REWRITE_PHASES = phases(REQUEST)
+local RESPONSE_PHASES = phases(RESPONSE, BODY_FILTER, LOG)
+local RESPONSE_WRITE_PHASES = phases(REQUEST, RESPONSE)
+local EXIT_PHASES = phases(REQUEST, RESPONSE)
+local RESPONSE_ONLY = phases(RESPONSE)
+
+-- Raises "<fname> is not available in the <phase> phase" at the caller's line.
+local function check_phase(fname, allowed)
+  local p = S[1]
+  if not allowed[p] then
+    error(fname .. " is not available in the " .. phase_name(p) .. " phase", 3)
+  end
+end
+
+local function arg_error(fname, n, expected, got)
+  error("bad argument #" .. n .. " to '" .. fname .. "' (" .. expected .. " expected, got " .. type(got) .. ")", 3)
+end
+
+local function check_string(fname, n, v)
+  if type(v) ~= "string" then arg_error(fname, n, "string", v) end
+end
+
+local function check_optional_string(fname, n, v)
+  if v ~= nil and type(v) ~= "string" then arg_error(fname, n, "string or nil", v) end
+end
+
+local function check_integer(fname, n, v)
+  if math_type(v) ~= "integer" and not (type(v) == "number" and v == floor(v)) then
+    arg_error(fname, n, "integer", v)
+  end
+end
+
+local function check_number(fname, n, v)
+  if type(v) ~= "number" then arg_error(fname, n, "number", v) end
+end
+
+-- A header value may be a string, a number, or an array of those.
+local function header_value(fname, n, v)
+  local t = type(v)
+  if t == "string" then return v end
+  if t == "number" then return tostring(v) end
+  arg_error(fname, n, "string or number", v)
+end
+
+local weir = {}
+weir.json = json
+
+-- weir.request ----------------------------------------------------------------
+
+local request = {}
+weir.request = request
+
+function request.get_method()
+  check_phase("weir.request.get_method", ANY_REQUEST_PHASE)
+  return N.req_get_method()
+end
+
+function request.get_path()
+  check_phase("weir.request.get_path", ANY_REQUEST_PHASE)
+  return N.req_get_path()
+end
+
+function request.get_raw_query()
+  check_phase("weir.request.get_raw_query", ANY_REQUEST_PHASE)
+  return N.req_get_raw_query() or ""
+end
+
+local function unescape(s)
+  s = s:gsub("+", " ")
+  return (s:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end))
+end
+
+-- Parses a query string: repeated keys become arrays; a key without "=" is true.
+local function parse_query(raw, max_args)
+  local args, count = {}, 0
+  for pair in raw:gmatch("[^&]+") do
+    count = count + 1
+    if max_args and count > max_args then break end
+    local k, v = pair:match("^([^=]*)=(.*)$")
+    local value
+    if k then k, value = unescape(k), unescape(v) else k, value = unescape(pair), true end
+    local existing = args[k]
+    if existing == nil then
+      args[k] = value
+    elseif type(existing) == "table" then
+      existing[#existing + 1] = value
+    else
+      args[k] = { existing, value }
+    end
+  end
+  return args
+end
+
+function request.get_query(max_args)
+  check_phase("weir.request.get_query", ANY_REQUEST_PHASE)
+  if max_args ~= nil then check_integer("weir.request.get_query", 1, max_args) end
+  return parse_query(N.req_get_raw_query() or "", max_args or 100)
+end
+
+function request.get_query_arg(name)
+  check_phase("weir.request.get_query_arg", ANY_REQUEST_PHASE)
+  check_string("weir.request.get_query_arg", 1, name)
+  local v = parse_query(N.req_get_raw_query() or "")[name]
+  if type(v) == "table" then return v[1] end
+  return v
+end
+
+function request.get_header(name)
+  check_phase("weir.request.get_header", ANY_REQUEST_PHASE)
+  check_string("weir.request.get_header", 1, name)
+  return N.req_get_header(name)
+end
+
+function request.get_headers()
+  check_phase("weir.request.get_headers", ANY_REQUEST_PHASE)
+  return N.req_get_headers()
+end
+
+function request.get_host()
+  check_phase("weir.request.get_host", ANY_REQUEST_PHASE)
+  return N.req_get_host()
+end
+
+function request.get_scheme()
+  check_phase("weir.request.get_scheme", ANY_REQUEST_PHASE)
+  return N.req_get_scheme()
+end
+
+function request.get_id()
+  check_phase("weir.request.get_id", ANY_REQUEST_PHASE)
+  return N.req_get_id()
+end
+
+function request.get_body(max_bytes)
+  check_phase("weir.request.get_body", REWRITE_PHASES)
+  if max_bytes ~= nil then check_integer("weir.request.get_body", 1, max_bytes) end
+  return N.req_get_body(max_bytes or 1048576)
+end
+
+-- weir.upstream and weir.upstream.request -------------------------------------
+
+local upstream = {}
+local upstream_request = {}
+upstream.request = upstream_request
+weir.upstream = upstream
+
+function upstream_request.set_header(name, value)
+  check_phase("weir.upstream.request.set_header", REWRITE_PHASES)
+  check_string("weir.upstream.request.set_header", 1, name)
+  N.up_set_header(name, header_value("weir.upstream.request.set_header", 2, value))
+end
+
+function upstream_request.add_header(name, value)
+  check_phase("weir.upstream.request.add_header", REWRITE_PHASES)
+  check_string("weir.upstream.request.add_header", 1, name)
+  N.up_add_header(name, header_value("weir.upstream.request.add_header", 2, value))
+end
+
+function upstream_request.clear_header(name)
+  check_phase("weir.upstream.request.clear_header", REWRITE_PHASES)
+  check_string("weir.upstream.request.clear_header", 1, name)
+  N.up_clear_header(name)
+end
+
+function upstream_request.set_path(path)
+  check_phase("weir.upstream.request.set_path", REWRITE_PHASES)
+  check_string("weir.upstream.request.set_path", 1, path)
+  if path:sub(1, 1) ~= "/" then error("weir.upstream.request.set_path: path must start with '/'", 2) end
+  N.up_set_path(path)
+end
+
+function upstream_request.set_query(query)
+  check_phase("weir.upstream.request.set_query", REWRITE_PHASES)
+  if type(query) == "table" then
+    local parts = {}
+    local keys = {}
+    for k in pairs(query) do keys[#keys + 1] = tostring(k) end
+    table.sort(keys)
+    local function esc(s) return (tostring(s):gsub("[^%w%-%._~]", function(c) return string.format("%%%02X", c:byte()) end)) end
+    for _, k in ipairs(keys) do
+      local v = query[k]
+      if type(v) == "table" then
+        for _, item in ipairs(v) do parts[#parts + 1] = esc(k) .. "=" .. esc(item) end
+      elseif v == true then
+        parts[#parts + 1] = esc(k)
+      else
+        parts[#parts + 1] = esc(k) .. "=" .. esc(v)
+      end
+    end
+    query = table.concat(parts, "&")
+  end
+  check_optional_string("weir.upstream.request.set_query", 1, query)
+  N.up_set_query(query)
+end
+
+function upstream_request.set_method(method)
+  check_phase("weir.upstream.request.set_method", REWRITE_PHASES)
+  check_string("weir.upstream.request.set_method", 1, method)
+  if not method:match("^%u+$") then error("weir.upstream.request.set_method: method must be upper-case letters", 2) end
+  N.up_set_method(method)
+end
+
+function upstream_request.set_body(body)
+  check_phase("weir.upstream.request.set_body", REWRITE_PHASES)
+  check_string("weir.upstream.request.set_body", 1, body)
+  N.up_set_body(body)
+end
+
+function upstream.set_target(host, port)
+  check_phase("weir.upstream.set_target", REWRITE_PHASES)
+  check_string("weir.upstream.set_target", 1, host)
+  check_integer("weir.upstream.set_target", 2, port)
+  if port < 1 or port > 65535 then error("weir.upstream.set_target: port must be 1-65535", 2) end
+  N.upstream_set_target(host, port)
+end
+
+function upstream.set_upstream(name)
+  check_phase("weir.upstream.set_upstream", REWRITE_PHASES)
+  check_string("weir.upstream.set_upstream", 1, name)
+  if N.upstream_set_upstream(name) then return true end
+  return nil, "no upstream named '" .. name .. "'"
+end
+
+-- Timeouts in seconds (fractions allowed); nil leaves one unchanged.
+function upstream.set_timeouts(connect, send, read)
+  check_phase("weir.upstream.set_timeouts", REWRITE_PHASES)
+  for i, v in ipairs({ connect or 0, send or 0, read or 0 }) do
+    if type(v) ~= "number" or v < 0 then arg_error("weir.upstream.set_timeouts", i, "non-negative number or nil", v) end
+  end
+  N.upstream_set_timeouts(connect, send, read)
+end
+
+function upstream.set_retries(n)
+  check_phase("weir.upstream.set_retries", REWRITE_PHASES)
+  check_integer("weir.upstream.set_retries", 1, n)
+  if n < 0 then error("weir.upstream.set_retries: retries must be >= 0", 2) end
+  N.upstream_set_retries(n)
+end
+
+-- weir.response ---------------------------------------------------------------
+
+local response = {}
+weir.response = response
+
+function response.get_status()
+  check_phase("weir.response.get_status", RESPONSE_PHASES)
+  return N.resp_get_status()
+end
+
+function response.get_header(name)
+  check_phase("weir.response.get_header", RESPONSE_PHASES)
+  check_string("weir.response.get_header", 1, name)
+  return N.resp_get_header(name)
+end
+
+function response.get_headers()
+  check_phase("weir.response.get_headers", RESPONSE_PHASES)
+  return N.resp_get_headers()
+end
+
+function response.set_status(status)
+  check_phase("weir.response.set_status", RESPONSE_ONLY)
+  check_integer("weir.response.set_status", 1, status)
+  if status < 100 or status > 599 then error("weir.response.set_status: status must be 100-599", 2) end
+  N.resp_set_status(status)
+end
+
+function response.set_header(name, value)
+  check_phase("weir.response.set_header", RESPONSE_WRITE_PHASES)
+  check_string("weir.response.set_header", 1, name)
+  N.resp_set_header(name, header_value("weir.response.set_header", 2, value))
+end
+
+function response.add_header(name, value)
+  check_phase("weir.response.add_header", RESPONSE_WRITE_PHASES)
+  check_string("weir.response.add_header", 1, name)
+  N.resp_add_header(name, header_value("weir.response.add_header", 2, value))
+end
+
+function response.clear_header(name)
+  check_phase("weir.response.clear_header", RESPONSE_WRITE_PHASES)
+  check_string("weir.response.clear_header", 1, name)
+  N.resp_clear_header(name)
+end
+
+-- Turns (status, body, headers) into (status, body string or nil, flat
+-- header list {name1, value1, name2, value2, ...}). A table body becomes
+-- JSON with content-type application/json. Raises on bad values.
+local function normalize_exit(fname, level, status, body, headers)
+  if math_type(status) ~= "integer" or status < 100 or status > 599 then
+    error(fname .. ": status must be an integer 100-599, got " .. tostring(status), level)
+  end
+  local flat = {}
+  local has_content_type = false
+  if headers ~= nil then
+    if type(headers) ~= "table" then error(fname .. ": headers must be a table, got " .. type(headers), level) end
+    for name, value in pairs(headers) do
+      if type(name) ~= "string" then error(fname .. ": header names must be strings", level) end
+      if name:lower() == "content-type" then has_content_type = true end
+      if type(value) == "table" then
+        for _, item in ipairs(value) do
+          flat[#flat + 1] = name
+          flat[#flat + 1] = tostring(item)
+        end
+      elseif type(value) == "string" or type(value) == "number" then
+        flat[#flat + 1] = name
+        flat[#flat + 1] = tostring(value)
+      else
+        error(fname .. ": header '" .. name .. "' must be a string, number or list, got " .. type(value), level)
+      end
+    end
+  end
+  if type(body) == "table" then
+    local encoded, err = json.encode(body)
+    if not encoded then error(fname .. ": cannot encode body: " .. err, level) end
+    body = encoded
+    if not has_content_type then
+      flat[#flat + 1] = "content-type"
+      flat[#flat + 1] = "application/json"
+    end
+  elseif body ~= nil and type(body) ~= "string" then
+    error(fname .. ": body must be a string or table, got " .. type(body), level)
+  end
+  return status, body, flat
+end
+
+-- Ends the request chain with this response; the rest of the chain and the
+-- upstream call are skipped (response and log phases still run).
+function response.exit(status, body, headers)
+  check_phase("weir.response.exit", EXIT_PHASES)
+  local s, b, h = normalize_exit("weir.response.exit", 3, status, body, headers)
+  return N.resp_exit(s, b, h)
+end
+
+-- weir.client -------------------------------------------------------------------
+
+local client = {}
+weir.client = client
+
+function client.get_ip()
+  check_phase("weir.client.get_ip", ANY_PHASE)
+  return N.client_get_ip()
+end
+
+function client.get_port()
+  check_phase("weir.client.get_port", ANY_PHASE)
+  return N.client_get_port()
+end
+
+function client.get_consumer()
+  check_phase("weir.client.get_consumer", ANY_REQUEST_PHASE)
+  return N.client_get_consumer()
+end
+
+function client.authenticate(consumer, credential)
+  check_phase("weir.client.authenticate", REWRITE_PHASES)
+  check_string("weir.client.authenticate", 1, consumer)
+  check_optional_string("weir.client.authenticate", 2, credential)
+  N.client_authenticate(consumer, credential)
+end
+
+-- weir.log ------------------------------------------------------------------------
+
+local log = {}
+weir.log = log
+
+local function log_args(...)
+  local n = select("#", ...)
+  local parts = {}
+  for i = 1, n do parts[i] = tostring((select(i, ...))) end
+  return table.concat(parts, " ")
+end
+
+-- Levels: 0 debug, 1 info, 2 warn, 3 err.
+function log.debug(...) N.log(0, log_args(...)) end
+function log.info(...) N.log(1, log_args(...)) end
+function log.warn(...) N.log(2, log_args(...)) end
+function log.err(...) N.log(3, log_args(...)) end
+
+-- weir.shared -----------------------------------------------------------------
+
+local shared_dict = {}
+shared_dict.__index = shared_dict
+
+local function check_dict(self, fname)
+  if getmetatable(self) ~= shared_dict then error(fname .. ": call it as dict:" .. fname:match("[^.:]+$") .. "(...)", 3) end
+end
+
+local function check_value(fname, n, v)
+  local t = type(v)
+  if t ~= "string" and t ~= "number" and t ~= "boolean" then arg_error(fname, n, "string, number or boolean", v) end
+end
+
+local function check_ttl(fname, n, ttl)
+  if ttl ~= nil and (type(ttl) ~= "number" or ttl < 0) then arg_error(fname, n, "non-negative number or nil", ttl) end
+end
+
+function shared_dict:get(key)
+  check_dict(self, "weir.shared.get")
+  check_string("weir.shared.get", 1, key)
+  return N.shared_get(self.name, key)
+end
+
+function shared_dict:set(key, value, ttl)
+  check_dict(self, "weir.shared.set")
+  check_string("weir.shared.set", 1, key)
+  if value == nil then return N.shared_delete(self.name, key) end
+  check_value("weir.shared.set", 2, value)
+  check_ttl("weir.shared.set", 3, ttl)
+  return N.shared_set(self.name, key, value, ttl or 0)
+end
+
+function shared_dict:add(key, value, ttl)
+  check_dict(self, "weir.shared.add")
+  check_string("weir.shared.add", 1, key)
+  check_value("weir.shared.add", 2, value)
+  check_ttl("weir.shared.add", 3, ttl)
+  return N.shared_add(self.name, key, value, ttl or 0)
+end
+
+function shared_dict:incr(key, delta, init, init_ttl)
+  check_dict(self, "weir.shared.incr")
+  check_string("weir.shared.incr", 1, key)
+  delta = delta or 1
+  check_number("weir.shared.incr", 2, delta)
+  if init ~= nil then check_number("weir.shared.incr", 3, init) end
+  check_ttl("weir.shared.incr", 4, init_ttl)
+  return N.shared_incr(self.name, key, delta, init, init_ttl or 0)
+end
+
+function shared_dict:delete(key)
+  check_dict(self, "weir.shared.delete")
+  check_string("weir.shared.delete", 1, key)
+  N.shared_delete(self.name, key)
+end
+
+local dicts = {}
+weir.shared = setmetatable({}, {
+  __index = function(_, name)
+    if type(name) ~= "string" then return nil end
+    local d = dicts[name]
+    if d then return d end
+    if not N.shared_exists(name) then return nil end
+    d = setmetatable({ name = name }, shared_dict)
+    dicts[name] = d
+    return d
+  end,
+  __newindex = function() error("weir.shared is read-only; dictionaries are declared in the config", 2) end,
+})
+
+-- weir.time, weir.sleep -------------------------------------------------------
+
+weir.time = {
+  now = clib.time_now,
+  monotonic = clib.time_monotonic,
+}
+
+-- Suspends the current plugin for `seconds` without blocking the event loop.
+function weir.sleep(seconds)
+  check_phase("weir.sleep", ANY_PHASE)
+  check_number("weir.sleep", 1, seconds)
+  if seconds < 0 then error("weir.sleep: seconds must be >= 0", 2) end
+  return N.sleep(seconds)
+end
+
+-- weir.crypto -----------------------------------------------------------------
+
+weir.crypto = {
+  sha256 = clib.sha256,
+  hmac_sha256 = clib.hmac_sha256,
+  base64_encode = clib.base64_encode,
+  base64_decode = clib.base64_decode,
+  random_bytes = clib.random_bytes,
+  constant_time_equals = clib.constant_time_equals,
+  hex = clib.hex,
+}
+
+-- Handles --------------------------------------------------------------------
+-- A handle is valid only during the phase call it was given to; using it
+-- later raises a clear error (DESIGN.md "Lua bridging rules" 5).
+
+local conn_handle = {}
+conn_handle.__index = conn_handle
+
+local function check_handle(self, fname)
+  if getmetatable(self) ~= conn_handle then error(fname .. ": call it as conn:" .. fname:match("[^.:]+$") .. "(...)", 3) end
+  if S[1] ~= CONNECTION or S[2] ~= rawget(self, "_serial") then
+    error(fname .. ": conn handle used after its connection phase ended", 3)
+  end
+end
+
+function conn_handle:get_ip() check_handle(self, "conn:get_ip"); return N.client_get_ip() end
+function conn_handle:get_port() check_handle(self, "conn:get_port"); return N.client_get_port() end
+function conn_handle:get_sni() check_handle(self, "conn:get_sni"); return N.conn_get_sni() end
+function conn_handle:reject(reason)
+  check_handle(self, "conn:reject")
+  check_optional_string("conn:reject", 1, reason)
+  return N.conn_reject(reason or "rejected by plugin")
+end
+
+-- Lazy per-request and per-connection tables: created on first use.
+setmetatable(weir, {
+  __index = function(_, key)
+    if key == "ctx" then
+      if not ANY_REQUEST_PHASE[S[1]] then error("weir.ctx is not available in the " .. phase_name(S[1]) .. " phase", 2) end
+      return N.ctx()
+    elseif key == "conn" then
+      if not ANY_PHASE[S[1]] then error("weir.conn is not available in the " .. phase_name(S[1]) .. " phase", 2) end
+      return N.conn_data()
+    end
+    return nil
+  end,
+})
+
+-- Internal helpers for the Swift runtime (not part of the SDK) -----------------
+
+local internal = {}
+
+-- Used when a request phase function returns (status, body, headers).
+function internal.normalize_exit(status, body, headers)
+  return normalize_exit("plugin return value", 0, status, body, headers)
+end
+
+-- Makes the conn handle for one connection phase call.
+function internal.make_conn_handle(serial, data)
+  return setmetatable({ _serial = serial, data = data }, conn_handle)
+end
+
+-- Checks a handler table (which may use metatables/inheritance, hence done
+-- in Lua under pcall) and returns priority, version and phase functions.
+function internal.inspect_handler(h, name)
+  if type(h) ~= "table" then
+    error("must return a table, got " .. type(h), 0)
+  end
+  local priority = h.PRIORITY
+  if math_type(priority) ~= "integer" then
+    error("PRIORITY must be an integer, got " .. type(priority), 0)
+  end
+  local version = h.VERSION
+  if type(version) ~= "string" then
+    error("VERSION must be a string, got " .. type(version), 0)
+  end
+  local fns = {}
+  local any = false
+  for _, phase in ipairs({ "connection", "request", "response", "body_filter", "log" }) do
+    local f = h[phase]
+    if f ~= nil then
+      if type(f) ~= "function" then
+        error("" .. phase .. " must be a function, got " .. type(f), 0)
+      end
+      fns[phase] = f
+      any = true
+    end
+  end
+  if not any then
+    error("defines none of connection, request, response, body_filter, log", 0)
+  end
+  return priority, version, fns
+end
+
+return weir, internal
