@@ -22,6 +22,7 @@ NGINX_LUA_PORT=19003
 WEIR_PORT=19010
 WEIR_NOOP_PORT=19011
 WEIR_LUA_PORT=19012
+WEIR_PROBE_PORT=19013
 
 # The key wrk sends in every request (harmless to the proxies that ignore
 # it; the Lua variants authenticate it).
@@ -80,6 +81,7 @@ render_template() {
         -e "s|@WEIR_PORT@|$WEIR_PORT|g" \
         -e "s|@WEIR_NOOP_PORT@|$WEIR_NOOP_PORT|g" \
         -e "s|@WEIR_LUA_PORT@|$WEIR_LUA_PORT|g" \
+        -e "s|@WEIR_PROBE_PORT@|$WEIR_PROBE_PORT|g" \
         -e "s|@BENCH_DIR@|$BENCH_DIR|g" \
         -e "s|@REPO_DIR@|$REPO_DIR|g" \
         -e "s|@API_KEY@|$API_KEY|g" \
@@ -203,10 +205,39 @@ start_nginx_lua() {
 declare -A WEIR_UNAVAILABLE=()
 
 # Weir variants: name -> config template. Each listens on its own port.
-declare -A WEIR_TEMPLATE=([weir]=weir.yaml [weir-noop]=weir-noop.yaml [weir-lua]=weir-lua.yaml)
+declare -A WEIR_TEMPLATE=([weir]=weir.yaml [weir-noop]=weir-noop.yaml [weir-lua]=weir-lua.yaml
+                          [weir-probe]=weir-probe.yaml)
 
 weir_unavailable_reason() { # VARIANT -> the reason, or nothing when available
-    echo "${WEIR_UNAVAILABLE[build]:-${WEIR_UNAVAILABLE[$1]:-}}"
+    local reason=${WEIR_UNAVAILABLE[build]:-}
+    # Plugin variants also need a build that runs plugins (probe_weir_plugins).
+    [ -z "$reason" ] && [ "$1" != weir ] && reason=${WEIR_UNAVAILABLE[plugins]:-}
+    echo "${reason:-${WEIR_UNAVAILABLE[$1]:-}}"
+}
+
+# Start Weir briefly with one key-checking plugin: a request without the key
+# must get the plugin's 401 and one with it the origin's body. Records
+# WEIR_UNAVAILABLE[plugins] when this build does not run plugins.
+probe_weir_plugins() {
+    [ -z "${WEIR_UNAVAILABLE[build]:-}" ] || return 1
+    local status problem=""
+    if ! start_weir weir-probe "$WEIR_PROBE_PORT"; then
+        problem="${WEIR_UNAVAILABLE[weir-probe]}"
+    elif ! status=$(curl -sS --max-time 5 -o /dev/null -w '%{http_code}' "http://127.0.0.1:$WEIR_PROBE_PORT/" 2>&1) \
+            || [ "$status" != 401 ]; then
+        problem="plugins do not run yet: a request without the key got HTTP $status from a route whose plugin answers 401"
+    elif ! problem=$(verify_proxies_to_origin weir-probe "$WEIR_PROBE_PORT"); then
+        problem="with a plugin on the route: $problem"
+    else
+        problem=""
+    fi
+    local pid=${PID_OF[weir-probe]:-}
+    if [ -n "$pid" ] && is_alive "$pid"; then kill -TERM "$pid"; wait "$pid" 2>/dev/null; fi
+    if [ -n "$problem" ]; then
+        WEIR_UNAVAILABLE[plugins]="$problem"
+        return 1
+    fi
+    log "weir runs plugins: the probe plugin answered 401 without a key and proxied with one"
 }
 
 # Weir is built from a snapshot of the committed HEAD (see sync_snapshot.py:

@@ -59,7 +59,9 @@ if [[ "$PROXY" == weir* ]] && [ "$BUILD" -eq 1 ]; then build_weir; fi
 
 start_origin
 case "$PROXY" in
-    weir*) start_weir "$PROXY" "$PORT" || die "$PROXY: not available ($(weir_unavailable_reason "$PROXY"))" ;;
+    weir-noop|weir-lua) probe_weir_plugins || die "$PROXY: not available ($(weir_unavailable_reason "$PROXY"))"
+        start_weir "$PROXY" "$PORT" || die "$PROXY: not available ($(weir_unavailable_reason "$PROXY"))" ;;
+    weir) start_weir "$PROXY" "$PORT" || die "$PROXY: not available ($(weir_unavailable_reason "$PROXY"))" ;;
     nginx) start_nginx_proxy ;;
     haproxy) start_haproxy ;;
     nginx-lua) start_nginx_lua ;;

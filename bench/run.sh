@@ -104,6 +104,8 @@ wants nginx && start_nginx_proxy
 wants haproxy && start_haproxy
 wants nginx-lua && start_nginx_lua
 
+if wants weir-noop || wants weir-lua; then probe_weir_plugins; fi
+
 ACTIVE=()
 for proxy in "${PROXY_LIST[@]}"; do
     if [[ "$proxy" == weir* ]]; then
