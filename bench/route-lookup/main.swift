@@ -3,7 +3,9 @@
 // hosts, host-less service prefixes, exact health paths, some regexes),
 // then times lookups that hit and lookups that miss.
 //
-// Run in release:  swift run -c release --scratch-path .build-core weir-route-bench [routes]
+// Run in release:  swift run -c release --scratch-path .build-core weir-route-bench [routes] [rounds]
+// Instruction counts (stable on a busy machine):
+//   valgrind --tool=callgrind <binary> 10000 2   then callgrind_annotate --inclusive=yes
 // It prints numbers; it never fails on them (not a timed test).
 
 import Foundation
@@ -49,6 +51,7 @@ struct OneHeader: RouteHeaderLookup {
 }
 
 let targetRoutes = CommandLine.arguments.count > 1 ? Int(CommandLine.arguments[1]) ?? 10_000 : 10_000
+let roundsArgument = CommandLine.arguments.count > 2 ? Int(CommandLine.arguments[2]) ?? 400 : 400
 let resources = ["orders", "users", "items", "carts", "payments", "invoices", "reports", "search", "auth", "files",
                  "events", "products", "reviews", "shipments", "coupons", "tenants", "metrics", "logs", "jobs", "teams"]
 var rng = Rng(state: 7)
@@ -132,7 +135,7 @@ func percentile(_ sorted: [Double], _ p: Double) -> Double { sorted[min(sorted.c
 
 /// Times batches of `batch` lookups; per-lookup ns = batch time / batch.
 /// Batching keeps the clock's own cost (~20-30 ns) out of the figure.
-func measure(_ label: String, _ requests: [Request], rounds: Int = 400, batch: Int = 64) {
+func measure(_ label: String, _ requests: [Request], rounds: Int = roundsArgument, batch: Int = 64) {
     var sink = 0
     var samples: [Double] = []
     samples.reserveCapacity(rounds * (requests.count / batch + 1))
@@ -158,7 +161,7 @@ func measure(_ label: String, _ requests: [Request], rounds: Int = 400, batch: I
 }
 
 /// Single-lookup latencies with the clock overhead subtracted: shows the tail.
-func measureSingle(_ label: String, _ requests: [Request], rounds: Int = 100) {
+func measureSingle(_ label: String, _ requests: [Request], rounds: Int = max(1, roundsArgument / 4)) {
     var overhead: [UInt64] = []
     for _ in 0..<10_000 { let a = nowNs(); overhead.append(nowNs() - a) }
     overhead.sort()
