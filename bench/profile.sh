@@ -138,7 +138,7 @@ strace_calls=$(awk '$NF == "total" { print $4 }' "$RUN_DIR/strace.out")
     echo
     echo "## perf report --no-children with callers: top 8 symbols (call chains, frame-pointer based)"
     perf report -i "$RUN_DIR/perf.data" --no-children --stdio -g caller,0.5,callee --sort symbol --percent-limit 3 2>/dev/null \
-        | grep -v '^#' | grep -v '^$' | head -150
+        | grep -v '^#' | grep -v '^$' | sed 's/[ -]*$//' | head -150
     echo
     echo "## strace -c -f over a ${STRACE_SECONDS} s wrk run (strace slows the proxy; use the per-request counts)"
     echo "requests during the window: ${strace_requests:-?}; syscalls: ${strace_calls:-?}"
