@@ -60,6 +60,9 @@ struct RunCommand: ParsableCommand {
             return handler
         }
         let logger = Logger(label: "weir")
+        // A closed stdout pipe (access log) must be an EPIPE the writer
+        // counts, not a signal that kills the gateway.
+        signal(SIGPIPE, SIG_IGN)
         let exitCode = Gateway(config: weirConfig, workers: workers ?? weirConfig.workers ?? System.coreCount,
                                logger: logger).runUntilSignalled()
         if exitCode != 0 { throw ExitCode(exitCode) }
