@@ -35,6 +35,9 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
     /// Idle keep-alive or header timeout for the connection.
     private var connectionTimer = LazyTimer()
     private var connectionTimerIsHeader = false
+    /// Read/write/whole-request deadlines of the exchange in flight. Per
+    /// connection (not per exchange) so keep-alive requests reuse its task.
+    private var exchangeTimer = LazyTimer()
     private var sawHeadBytes = false
     private var closing = false
     private var draining = false
@@ -56,6 +59,8 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
+        connectionTimer.setUp(loop: context.eventLoop) { [weak self] in self?.connectionTimerFired() }
+        exchangeTimer.setUp(loop: context.eventLoop) { [weak self] in self?.exchangeTimerFired() }
         if context.channel.isActive { connectionStarted(context: context) }
     }
 
@@ -80,6 +85,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
     func channelInactive(context: ChannelHandlerContext) {
         closing = true
         connectionTimer.cancel()
+        exchangeTimer.cancel()
         if let exchange {
             abortExchange(exchange, reason: "client closed the connection")
         }
@@ -94,6 +100,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
 
     func handlerRemoved(context: ChannelHandlerContext) {
         connectionTimer.cancel()
+        exchangeTimer.cancel()
         if registered {
             // Removed for a tunnel: the connection lives on but is no longer ours to count.
             registered = false
@@ -240,13 +247,11 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         let limits = listener.config.limits
         let span = header ? limits.headerTimeout : limits.keepAliveTimeout
         connectionTimerIsHeader = header
-        connectionTimer.set(.now() + .nanoseconds(span.nanoseconds), on: context.eventLoop) { [weak self] in
-            self?.connectionTimerFired()
-        }
+        connectionTimer.set(.now() + .nanoseconds(span.nanoseconds))
     }
 
     private func connectionTimerFired() {
-        guard connectionTimer.fired(now: .now(), on: context.eventLoop, onFire: { [weak self] in self?.connectionTimerFired() }) else { return }
+        guard connectionTimer.fired(now: .now()) else { return }
         guard exchange == nil, !closing else { return }
         if sawHeadBytes {
             let exchange = makeExchange(head: nil)
@@ -270,7 +275,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
 
     private func beginRequest(_ head: HTTPRequestHead) {
         headGuard.headReceived()
-        connectionTimer.set(nil, on: context.eventLoop) {}
+        connectionTimer.set(nil)
         sawHeadBytes = false
         let exchange = makeExchange(head: head)
         self.exchange = exchange
@@ -480,7 +485,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         var upstreamHead = HeaderRewriting.upstreamRequestHead(
             from: head, forwardURI: routed.forwardURI, framing: framing, upgrade: upgrade,
             hostHeader: hostHeader, clientHost: exchange.hostHeader, clientIP: clientIP, peerTrusted: peerTrusted, scheme: listener.scheme)
-        upstreamHead.headers.add(name: "x-request-id", value: exchange.id)
+        upstreamHead.headers.replaceOrAdd(name: "x-request-id", value: exchange.id)
         return upstreamHead
     }
 
@@ -715,14 +720,12 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
             next = next.map { min($0, d) } ?? d
         }
         guard let next else { return }
-        exchange.timer.set(next, on: context.eventLoop) { [weak self, weak exchange] in
-            guard let self, let exchange else { return }
-            self.exchangeTimerFired(exchange)
-        }
+        exchangeTimer.set(next)
     }
 
-    private func exchangeTimerFired(_ exchange: Exchange) {
-        guard self.exchange === exchange, !exchange.finished, !exchange.upgraded, let routed = exchange.routed else { return }
+    private func exchangeTimerFired() {
+        exchangeTimer.taskFired()
+        guard let exchange, !exchange.finished, !exchange.upgraded, let routed = exchange.routed else { return }
         let now = NIODeadline.now()
         let timeouts = routed.upstream.config.timeouts
         var expired: String? = nil
@@ -736,11 +739,10 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         }
         guard let expired else {
             // Deadlines moved later since the timer was armed.
-            exchange.timer.cancel()
             armExchangeTimer(exchange)
             return
         }
-        exchange.timer.cancel()
+        exchangeTimer.set(nil)
         if let connection = exchange.connection {
             exchange.connection = nil
             connection.close()
@@ -824,7 +826,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
     private func finishExchange(_ exchange: Exchange, afterWrite: EventLoopFuture<Void>? = nil) {
         guard !exchange.finished else { return }
         exchange.finished = true
-        exchange.timer.cancel()
+        exchangeTimer.set(nil)
         endBalancerAttempt(exchange)
         if let connection = exchange.connection {
             exchange.connection = nil
@@ -860,7 +862,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         exchange.keepAlive = false
         if exchange.status == 0 { exchange.status = 499 }
         exchange.finished = true
-        exchange.timer.cancel()
+        exchangeTimer.set(nil)
         endBalancerAttempt(exchange)
         if let connection = exchange.connection {
             exchange.connection = nil
@@ -896,7 +898,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
 
     private func switchToTunnel(_ exchange: Exchange, connection: UpstreamConnection) {
         exchange.finished = true
-        exchange.timer.cancel()
+        exchangeTimer.set(nil)
         exchange.connection = nil
         record(exchange)
         self.exchange = nil
@@ -995,7 +997,6 @@ final class Exchange {
     var requestSentAt: NIODeadline?
     var lastUpstreamRead: NIODeadline = .uptimeNanoseconds(0)
     var writeBlockedSince: NIODeadline?
-    var timer = LazyTimer()
 
     init(id: String, head: HTTPRequestHead?) {
         self.id = id

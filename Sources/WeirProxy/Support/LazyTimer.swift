@@ -4,39 +4,52 @@ import NIOCore
 /// deadline later does not reschedule anything: the scheduled task fires at
 /// the old time, sees the deadline moved and re-arms itself. Only moving it
 /// earlier reschedules. So a busy keep-alive connection costs about one
-/// scheduled task per timeout period instead of one per request.
+/// scheduled task per timeout period instead of one per request, and the
+/// callback closure is made once per connection, not per request.
 ///
-/// Event-loop-bound; the owner calls `fire` from `onFire` and decides what
-/// an expiry means.
+/// Event-loop-bound. The owner's callback starts with `fired(now:)` (or
+/// `taskFired()` when it computes deadlines itself) and decides what an
+/// expiry means.
 struct LazyTimer {
     private(set) var deadline: NIODeadline? = nil
     private var task: Scheduled<Void>? = nil
     private var taskFiresAt: NIODeadline = .distantFuture
+    private var loop: EventLoop? = nil
+    private var onFire: (() -> Void)? = nil
 
-    /// Sets (or clears with nil) the deadline. `schedule` is called only when
-    /// a new task is needed.
-    mutating func set(_ deadline: NIODeadline?, on loop: EventLoop, onFire: @escaping () -> Void) {
+    /// Call once before use; `onFire` should capture its owner weakly.
+    mutating func setUp(loop: EventLoop, onFire: @escaping () -> Void) {
+        self.loop = loop
+        self.onFire = onFire
+    }
+
+    /// Sets (or clears with nil) the deadline.
+    mutating func set(_ deadline: NIODeadline?) {
         self.deadline = deadline
-        guard let deadline else { return }
+        guard let deadline, let loop, let onFire else { return }
         if task != nil && taskFiresAt <= deadline { return }
         task?.cancel()
         taskFiresAt = deadline
         task = loop.scheduleTask(deadline: deadline, onFire)
     }
 
-    /// Call at the start of `onFire`. Returns true when the deadline really
+    /// Call at the start of the callback. True when the deadline really
     /// passed; false when it was cleared or moved later (then it re-arms).
-    mutating func fired(now: NIODeadline, on loop: EventLoop, onFire: @escaping () -> Void) -> Bool {
-        task = nil
-        taskFiresAt = .distantFuture
+    mutating func fired(now: NIODeadline) -> Bool {
+        taskFired()
         guard let deadline else { return false }
         if now >= deadline {
             self.deadline = nil
             return true
         }
-        taskFiresAt = deadline
-        task = loop.scheduleTask(deadline: deadline, onFire)
+        set(deadline)
         return false
+    }
+
+    /// Forgets the task that just ran, so the next `set` schedules a new one.
+    mutating func taskFired() {
+        task = nil
+        taskFiresAt = .distantFuture
     }
 
     mutating func cancel() {
