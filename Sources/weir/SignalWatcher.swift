@@ -1,18 +1,15 @@
 import Dispatch
 import Foundation
 
-/// SIGTERM/SIGINT delivered as a callback on a dispatch queue instead of an
+/// Signals delivered as a callback on a dispatch queue instead of an
 /// async-signal handler, so the callback may do real work (drain, log).
 final class SignalWatcher {
     private let sources: [DispatchSourceSignal]
 
-    private init(sources: [DispatchSourceSignal]) { self.sources = sources }
-
-    /// Calls `handler` with the signal number on the first SIGTERM or SIGINT
-    /// and on every one after it (a second Ctrl-C may mean "hurry").
-    static func onTermination(queue: DispatchQueue = DispatchQueue(label: "weir.signals"),
-                              _ handler: @escaping (Int32) -> Void) -> SignalWatcher {
-        let sources = [SIGTERM, SIGINT].map { signalNumber -> DispatchSourceSignal in
+    /// Calls `handler` with the signal number for every delivery of any of `signals`.
+    init(_ signals: [Int32], queue: DispatchQueue = DispatchQueue(label: "weir.signals"),
+         handler: @escaping (Int32) -> Void) {
+        sources = signals.map { signalNumber -> DispatchSourceSignal in
             // The default action would kill the process before the source fires.
             signal(signalNumber, SIG_IGN)
             let source = DispatchSource.makeSignalSource(signal: signalNumber, queue: queue)
@@ -20,7 +17,11 @@ final class SignalWatcher {
             source.resume()
             return source
         }
-        return SignalWatcher(sources: sources)
+    }
+
+    /// SIGTERM and SIGINT, every delivery (a second one may mean "hurry").
+    static func onTermination(_ handler: @escaping (Int32) -> Void) -> SignalWatcher {
+        SignalWatcher([SIGTERM, SIGINT], handler: handler)
     }
 
     func cancel() {

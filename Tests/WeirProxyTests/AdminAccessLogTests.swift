@@ -108,6 +108,33 @@ final class AdminAccessLogTests: XCTestCase {
         XCTAssertEqual(writer.droppedLines, 0)
     }
 
+    func testReopenAfterRotationContinuesInANewFile() throws {
+        let path = tempDir.appendingPathComponent("access.log").path
+        let rotated = tempDir.appendingPathComponent("access.log.1").path
+        let writer = try XCTUnwrap(AccessLogWriter.make(target: .file(path)))
+        var record = AdminMetricsTests.record(route: "r", upstream: "u", status: 200)
+        record.requestID = "before"
+        writer.append(record)
+        try FileManager.default.moveItem(atPath: path, toPath: rotated) // what logrotate does
+        try writer.reopen()
+        record.requestID = "after"
+        writer.append(record)
+        writer.shutdown()
+
+        let old = try String(contentsOfFile: rotated, encoding: .utf8)
+        let new = try String(contentsOfFile: path, encoding: .utf8)
+        XCTAssertEqual(old.split(separator: "\n").count, 1)
+        XCTAssertTrue(old.contains(#""request_id":"before""#), old)
+        XCTAssertEqual(new.split(separator: "\n").count, 1)
+        XCTAssertTrue(new.contains(#""request_id":"after""#), new)
+    }
+
+    func testUnwritableFileIsAClearError() {
+        XCTAssertThrowsError(try AccessLogWriter.make(target: .file("/nonexistent-dir/access.log"))) { error in
+            XCTAssertTrue("\(error)".contains("cannot open /nonexistent-dir/access.log"), "\(error)")
+        }
+    }
+
     func testStalledOutputDropsAndCountsInsteadOfBlocking() throws {
         // A pipe nobody reads: once its kernel buffer is full the writer's
         // queue is stuck in write(2), and the event loop must not be.

@@ -35,6 +35,8 @@ public final class AccessLogWriter: @unchecked Sendable {
 
     private let fd: Int32
     private let ownsFD: Bool
+    /// The file's path when writing to a file (for `reopen()`).
+    private var path: String?
     private let limits: Limits
     private let queue = DispatchQueue(label: "weir.access-log")
     private let shards = PerThreadShards<LogShard> { LogShard() }
@@ -55,9 +57,9 @@ public final class AccessLogWriter: @unchecked Sendable {
 
     /// Appends to `path`, creating it (mode 0644) if needed.
     public convenience init(path: String, limits: Limits = Limits()) throws {
-        let fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
-        if fd < 0 { throw OpenError.cannotOpen(path: path, errno: errno) }
+        let fd = try Self.openForAppend(path)
         self.init(fd: fd, ownsFD: true, limits: limits)
+        self.path = path
     }
 
     /// Writes to an already open descriptor (e.g. a pipe) that the caller keeps owning.
@@ -80,6 +82,27 @@ public final class AccessLogWriter: @unchecked Sendable {
     deinit {
         timer?.cancel()
         if ownsFD { _ = close(fd) }
+    }
+
+    private static func openForAppend(_ path: String) throws -> Int32 {
+        let fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
+        if fd < 0 { throw OpenError.cannotOpen(path: path, errno: errno) }
+        return fd
+    }
+
+    /// After log rotation (the file was renamed), continue in a new file at
+    /// the configured path. Lines queued so far go to the old file. The
+    /// descriptor number stays the same (dup2), so no write ever sees a
+    /// closed fd. No-op for stdout or a caller-owned descriptor.
+    public func reopen() throws {
+        try queue.sync {
+            guard let path = path else { return }
+            flushAllShardsOnQueue()
+            let fresh = try Self.openForAppend(path)
+            defer { _ = close(fresh) }
+            if dup2(fresh, fd) < 0 { throw OpenError.cannotOpen(path: path, errno: errno) }
+            _ = fcntl(fd, F_SETFD, FD_CLOEXEC) // dup2 clears it
+        }
     }
 
     /// Lines dropped because the writer could not keep up.
