@@ -58,8 +58,11 @@ test: deps
 	$(SWIFT) build --build-tests -j $(JOBS)
 	$(SWIFT) test --skip-build
 
-bench: build
-	bench/run.sh
+# bench/run.sh builds its own release binary (in .build-bench); pass options
+# with BENCH_ARGS, e.g. make bench BENCH_ARGS="--runs 1 --duration 5".
+BENCH_ARGS ?=
+bench: deps
+	bench/run.sh $(BENCH_ARGS)
 
 clean:
 	rm -rf .build
