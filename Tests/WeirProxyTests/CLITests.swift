@@ -154,7 +154,7 @@ final class CLITests: XCTestCase {
 
         // A slow request is in flight (it reached the origin) when SIGTERM arrives.
         let slow = DispatchQueue.global().asyncResult {
-            try OpsTestHTTP.request(port: proxyPort, path: "/delay/1500", group: group, timeout: .seconds(20))
+            try OpsTestHTTP.request(port: proxyPort, path: "/delay/2500", group: group, timeout: .seconds(20))
         }
         XCTAssertEqual(slowRequestArrived.wait(timeout: .now() + 10), .success, "slow request never reached the origin")
         kill(process.processIdentifier, SIGTERM)
@@ -182,7 +182,7 @@ final class CLITests: XCTestCase {
         let entries = try log.split(separator: "\n").map {
             try XCTUnwrap(JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any])
         }
-        XCTAssertEqual(entries.compactMap { $0["path"] as? String }.sorted(), ["/delay/1500", "/hello"])
+        XCTAssertEqual(entries.compactMap { $0["path"] as? String }.sorted(), ["/delay/2500", "/hello"])
         XCTAssertTrue(entries.allSatisfy { $0["status"] as? Int == 200 && $0["route"] as? String == "default" })
     }
 
