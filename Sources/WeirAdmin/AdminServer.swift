@@ -13,11 +13,15 @@ public struct AdminEndpoints: Sendable {
     public var metricsText: @Sendable () -> String
     /// `/config` body: the running config with secrets redacted.
     public var configText: @Sendable () -> String
+    /// `/upstreams` body (JSON, see `UpstreamStatusReport`); nil = 404.
+    public var upstreamsJSON: (@Sendable () -> String)?
 
     public init(isReady: @escaping @Sendable () -> Bool,
                 metricsText: @escaping @Sendable () -> String,
-                configText: @escaping @Sendable () -> String) {
+                configText: @escaping @Sendable () -> String,
+                upstreamsJSON: (@Sendable () -> String)? = nil) {
         self.isReady = isReady; self.metricsText = metricsText; self.configText = configText
+        self.upstreamsJSON = upstreamsJSON
     }
 }
 
@@ -27,6 +31,7 @@ public struct AdminEndpoints: Sendable {
 /// - `GET /ready`   200 `{"status":"ready"}`, or 503 `{"status":"not ready"}`
 /// - `GET /metrics` Prometheus text
 /// - `GET /config`  the running config (YAML, secrets redacted)
+/// - `GET /upstreams` every target's health (JSON), when wired
 /// - anything else 404 (unknown path) or 405 (method other than GET/HEAD), JSON
 ///
 /// Admin traffic is rare, so simplicity wins over speed here.
@@ -83,7 +88,8 @@ public struct AdminResponse: Sendable, Equatable {
     /// Routes one admin request. Pure, so tests and the handler share it.
     public static func route(method: HTTPMethod, path: String, endpoints: AdminEndpoints) -> AdminResponse {
         let pathOnly = path.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false).first.map(String.init) ?? path
-        let known = ["/healthz", "/ready", "/metrics", "/config"]
+        var known = ["/healthz", "/ready", "/metrics", "/config"]
+        if endpoints.upstreamsJSON != nil { known.append("/upstreams") }
         guard known.contains(pathOnly) else {
             return .json(.notFound, #"{"error":"not found","path":"\#(jsonEscape(pathOnly))"}"#)
         }
@@ -100,6 +106,8 @@ public struct AdminResponse: Sendable, Equatable {
         case "/metrics":
             return AdminResponse(status: .ok, contentType: "text/plain; version=0.0.4; charset=utf-8",
                                  body: endpoints.metricsText())
+        case "/upstreams":
+            return .json(.ok, endpoints.upstreamsJSON?() ?? "{}")
         default: // "/config"
             return AdminResponse(status: .ok, contentType: "application/yaml; charset=utf-8",
                                  body: endpoints.configText())

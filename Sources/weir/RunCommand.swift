@@ -117,7 +117,10 @@ final class Gateway {
             let endpoints = AdminEndpoints(
                 isReady: { ready.load(ordering: .relaxed) },
                 metricsText: { observer.metrics.renderPrometheus() },
-                configText: { config.redactedYAML() })
+                configText: { config.redactedYAML() },
+                upstreamsJSON: {
+                    UpstreamStatusReport.json(upstreams: config.upstreams, health: { proxy.upstreamHealth(named: $0) })
+                })
             let server = AdminServer(listen: adminConfig.listen, group: group, endpoints: endpoints, logger: logger)
             do {
                 try server.start().wait()

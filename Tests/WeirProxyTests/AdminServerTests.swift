@@ -1,3 +1,4 @@
+import Foundation
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
@@ -54,9 +55,56 @@ final class AdminServerTests: XCTestCase {
         XCTAssertEqual(missing.status, 404)
         XCTAssertEqual(missing.body, "{\"error\":\"not found\",\"path\":\"/nope\"}\n")
 
+        XCTAssertEqual(try OpsTestHTTP.request(port: port, path: "/upstreams", group: group).status, 404,
+                       "not wired here")
+
         let post = try OpsTestHTTP.request(port: port, method: .POST, path: "/healthz", group: group)
         XCTAssertEqual(post.status, 405)
         XCTAssertTrue(post.body.contains("method not allowed"))
+    }
+
+    func testUpstreamsReportShowsEachTargetsHealth() throws {
+        var upstream = UpstreamConfig()
+        upstream.name = "orders"
+        upstream.targets = [TargetConfig(address: HostPort(host: "127.0.0.1", port: 9001), weight: 3),
+                            TargetConfig(address: HostPort(host: "127.0.0.1", port: 9002)),
+                            TargetConfig(address: HostPort(host: "127.0.0.1", port: 9003))]
+        var active = ActiveHealthCheck()
+        active.unhealthy = 1
+        upstream.healthCheck.active = active
+        var passive = PassiveHealthCheck()
+        passive.consecutiveFailures = 1
+        upstream.healthCheck.passive = passive
+        let health = UpstreamHealth(upstream: upstream)
+        health.recordProbe(1, healthy: false)
+        health.recordFailure(2, now: MonotonicClock.now())
+        var other = UpstreamConfig()
+        other.name = "plain"
+        other.targets = [TargetConfig(address: HostPort(host: "::1", port: 80))]
+
+        let configured = [upstream, other]
+        let endpoints = AdminEndpoints(
+            isReady: { true }, metricsText: { "" }, configText: { "" },
+            upstreamsJSON: { UpstreamStatusReport.json(upstreams: configured, health: { $0 == "orders" ? health : nil }) })
+        let server = AdminServer(listen: HostPort(host: "127.0.0.1", port: 0), group: group, endpoints: endpoints,
+                                 logger: Logger(label: "test"))
+        try server.start().wait()
+        defer { try? server.stop().wait() }
+        let response = try OpsTestHTTP.request(port: try XCTUnwrap(server.boundAddress?.port), path: "/upstreams",
+                                               group: group)
+        XCTAssertEqual(response.status, 200)
+        let root = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(response.body.utf8)) as? [String: Any])
+        let upstreams = try XCTUnwrap(root["upstreams"] as? [[String: Any]])
+        XCTAssertEqual(upstreams.map { $0["name"] as? String }, ["orders", "plain"])
+        XCTAssertEqual(upstreams[0]["healthy_targets"] as? Int, 1)
+        let targets = try XCTUnwrap(upstreams[0]["targets"] as? [[String: Any]])
+        XCTAssertEqual(targets.map { $0["status"] as? String }, ["healthy", "unhealthy", "ejected"])
+        XCTAssertEqual(targets.map { $0["address"] as? String }, ["127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003"])
+        XCTAssertEqual(targets[0]["weight"] as? Int, 3)
+        XCTAssertEqual(targets[2]["ejections"] as? Int, 1)
+        let plainTargets = try XCTUnwrap(upstreams[1]["targets"] as? [[String: Any]])
+        XCTAssertEqual(plainTargets.first?["address"] as? String, "[::1]:80")
+        XCTAssertEqual(plainTargets.first?["status"] as? String, "healthy")
     }
 
     func testBindFailureIsReported() throws {

@@ -152,6 +152,11 @@ final class CLITests: XCTestCase {
         XCTAssertEqual(config.status, 200)
         XCTAssertTrue(config.body.contains("127.0.0.1:\(originPort)"), config.body)
 
+        let upstreams = try OpsTestHTTP.request(port: adminPort, path: "/upstreams", group: group)
+        XCTAssertEqual(upstreams.status, 200)
+        XCTAssertTrue(upstreams.body.contains(#""address":"127.0.0.1:\#(originPort)","weight":1,"status":"healthy""#),
+                      upstreams.body)
+
         // A slow request is in flight (it reached the origin) when SIGTERM arrives.
         let slow = DispatchQueue.global().asyncResult {
             try OpsTestHTTP.request(port: proxyPort, path: "/delay/2500", group: group, timeout: .seconds(20))
