@@ -61,7 +61,10 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Atomics", package: "swift-atomics"),
             ],
-            swiftSettings: swift5
+            // The data path's handlers are classes whose fields are touched on
+            // every event; dynamic exclusivity checks measured ~14% of the
+            // proxy's instructions under callgrind (bench, 1 KB GETs).
+            swiftSettings: swift5 + [.unsafeFlags(["-enforce-exclusivity=unchecked"])]
         ),
         .target(
             name: "WeirAdmin",

@@ -286,27 +286,32 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         var framing = HeaderRewriting.RequestFraming()
         var upgradeRequested = false
         var connectionHasUpgrade = false
+        var hostCount = 0
+        var clientHost: String? = nil
         // The decoder's own limit also counts the request line (it bounds
         // memory); the listener's header-bytes limit is checked exactly here.
         var headerBytes = 0
         for (name, value) in head.headers {
             headerBytes += name.utf8.count + value.utf8.count + 4
-            switch name.utf8.count {
-            case 14 where name.lowercased() == "content-length":
+            switch HeaderRewriting.Known.classify(name) {
+            case .contentLength:
                 guard let length = Int(value), length >= 0 else {
                     return rejectHead(exchange, .badRequest, "invalid Content-Length")
                 }
                 framing.contentLength = length
-            case 17 where name.lowercased() == "transfer-encoding":
+            case .transferEncoding:
                 framing.chunked = true
-            case 7 where name.lowercased() == "upgrade":
+            case .upgrade:
                 upgradeRequested = true
-            case 10 where name.lowercased() == "connection":
-                if value.lowercased().contains("upgrade") { connectionHasUpgrade = true }
-            case 6 where name.lowercased() == "expect":
+            case .connection:
+                if value.utf8.count >= 7 && value.lowercased().contains("upgrade") { connectionHasUpgrade = true }
+            case .expect:
                 framing.expectsContinue = value.lowercased() == "100-continue"
-            case 2 where name.lowercased() == "te":
+            case .te:
                 if value.lowercased().contains("trailers") { framing.teTrailers = true }
+            case .host:
+                hostCount += 1
+                clientHost = value
             default:
                 break
             }
@@ -327,12 +332,11 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
 
         // Request target: origin-form (`/path?q`) or absolute-form
         // (`http://host/path`, whose authority replaces Host).
-        let hosts = head.headers[canonicalForm: "host"]
-        if hosts.count > 1 || (hosts.isEmpty && head.version.minor >= 1) {
-            return rejectHead(exchange, .badRequest, hosts.isEmpty ? "missing Host header" : "more than one Host header")
+        if hostCount > 1 || (hostCount == 0 && head.version.minor >= 1) {
+            return rejectHead(exchange, .badRequest, hostCount == 0 ? "missing Host header" : "more than one Host header")
         }
         var target = Substring(head.uri)
-        var hostHeader = hosts.first.map(String.init)
+        var hostHeader = clientHost
         if target.utf8.first != UInt8(ascii: "/") {
             let lower = target.prefix(8).lowercased()
             let schemeLength = lower.hasPrefix("http://") ? 7 : lower.hasPrefix("https://") ? 8 : 0
@@ -360,7 +364,8 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
             return rejectHead(exchange, .badRequest, "malformed request path")
         }
         exchange.hostHeader = hostHeader
-        let host = Self.hostWithoutPort(hostHeader)
+        // The route table ignores a port and compares case-insensitively.
+        let host = hostHeader ?? ""
         guard let routed = loopContext.runtime.route(method: head.method, host: host, path: path, query: query, headers: head.headers) else {
             return rejectHead(exchange, .noRoute, "no route matches \(head.method.rawValue) \(path)")
         }
@@ -396,16 +401,6 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
             return false
         }
         return true
-    }
-
-    private static func hostWithoutPort(_ host: String?) -> String {
-        guard let host, !host.isEmpty else { return "" }
-        if host.utf8.first == UInt8(ascii: "[") {
-            if let close = host.firstIndex(of: "]") { return String(host[...close]).lowercased() }
-            return host.lowercased()
-        }
-        if let colon = host.lastIndex(of: ":") { return String(host[..<colon]).lowercased() }
-        return host.lowercased()
     }
 
     // MARK: - Upstream attempts
@@ -480,13 +475,11 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
             hostHeader = routed.upstream.targetLabels[exchange.target ?? 0]
         }
         var framing = exchange.framing
-        if !exchange.isUpgrade { framing.wantsUpgrade = false }
         let upgrade = exchange.isUpgrade ? head.headers.first(name: "upgrade") : nil
-        var upstreamHead = HeaderRewriting.upstreamRequestHead(
+        return HeaderRewriting.upstreamRequestHead(
             from: head, forwardURI: routed.forwardURI, framing: framing, upgrade: upgrade,
-            hostHeader: hostHeader, clientHost: exchange.hostHeader, clientIP: clientIP, peerTrusted: peerTrusted, scheme: listener.scheme)
-        upstreamHead.headers.replaceOrAdd(name: "x-request-id", value: exchange.id)
-        return upstreamHead
+            hostHeader: hostHeader, clientHost: exchange.hostHeader, clientIP: clientIP, peerTrusted: peerTrusted,
+            scheme: listener.scheme, requestID: exchange.id)
     }
 
     private func useConnection(_ connection: UpstreamConnection, for exchange: Exchange) {

@@ -5,136 +5,172 @@ import NIOHTTP1
 /// Framing headers (Content-Length / Transfer-Encoding) are decided here too,
 /// because the encoders run with automatic framing off: the proxy, not NIO,
 /// says how each forwarded message is delimited.
+///
+/// Hot path: each forwarded head is rebuilt in one pass over the incoming
+/// headers, comparing names by length and ASCII bytes (no lower-cased
+/// copies); only names listed in `Connection` need a second pass.
 enum HeaderRewriting {
-    /// Names that never travel past one hop, beyond those listed in Connection.
-    /// `te` is handled separately (`te: trailers` is kept on requests).
-    private static let alwaysHopByHop: [String] = [
-        "connection", "keep-alive", "proxy-connection", "trailer", "transfer-encoding", "upgrade",
-    ]
-
-    /// What the client's head says about its body and connection.
+    /// What the client's head says about its body.
     struct RequestFraming {
         var chunked = false
         var contentLength: Int? = nil
-        var wantsUpgrade = false
         var expectsContinue = false
         var teTrailers = false
         var hasBody: Bool { chunked || (contentLength ?? 0) > 0 }
     }
 
-    /// Removes hop-by-hop headers in place and reports what they said.
-    /// Returns the Upgrade value if the request asked for one.
-    static func stripHopByHop(_ headers: inout HTTPHeaders, keepUpgrade: Bool) -> (upgrade: String?, teTrailers: Bool) {
-        var listed: [String] = []
-        var upgradeToken = false
-        var teTrailers = false
-        var hasConnection = false
-        var hasHopByHop = false
-        for (name, value) in headers {
-            // Fast check on the first byte before doing any case folding.
-            guard let first = name.utf8.first else { continue }
-            switch first | 0x20 {
-            case UInt8(ascii: "c"):
-                if name.lowercased() == "connection" {
-                    hasConnection = true
-                    for token in value.split(separator: ",") {
-                        let t = token.trimmingASCIISpaces().lowercased()
-                        if t == "upgrade" { upgradeToken = true } else if !t.isEmpty && t != "close" && t != "keep-alive" { listed.append(t) }
-                    }
-                }
-            case UInt8(ascii: "t"):
-                let lower = name.lowercased()
-                if lower == "te" {
-                    hasHopByHop = true
-                    for token in value.split(separator: ",") where token.trimmingASCIISpaces().lowercased().hasPrefix("trailers") {
-                        teTrailers = true
-                    }
-                } else if lower == "transfer-encoding" || lower == "trailer" { hasHopByHop = true }
-            case UInt8(ascii: "k"), UInt8(ascii: "p"), UInt8(ascii: "u"):
-                hasHopByHop = true
-            default:
-                continue
+    /// Header names the rewriting cares about, by identity.
+    enum Known {
+        case connection, keepAlive, proxyConnection, te, trailer, transferEncoding, upgrade
+        case host, xForwardedFor, xForwardedProto, xForwardedHost, via, xRequestID
+        case contentLength, expect
+        case other
+
+        var isHopByHop: Bool {
+            switch self {
+            case .connection, .keepAlive, .proxyConnection, .te, .trailer, .transferEncoding, .upgrade: return true
+            default: return false
             }
         }
-        var upgradeValue: String? = nil
-        if keepUpgrade && upgradeToken {
-            upgradeValue = headers.first(name: "upgrade")
+
+        /// Classifies a header name by length first, then bytes.
+        @inline(__always)
+        static func classify(_ name: String) -> Known {
+            switch name.utf8.count {
+            case 2: return name.equalsLowercaseASCII("te") ? .te : .other
+            case 3: return name.equalsLowercaseASCII("via") ? .via : .other
+            case 4: return name.equalsLowercaseASCII("host") ? .host : .other
+            case 6: return name.equalsLowercaseASCII("expect") ? .expect : .other
+            case 7:
+                if name.equalsLowercaseASCII("upgrade") { return .upgrade }
+                return name.equalsLowercaseASCII("trailer") ? .trailer : .other
+            case 10:
+                if name.equalsLowercaseASCII("connection") { return .connection }
+                return name.equalsLowercaseASCII("keep-alive") ? .keepAlive : .other
+            case 12: return name.equalsLowercaseASCII("x-request-id") ? .xRequestID : .other
+            case 14: return name.equalsLowercaseASCII("content-length") ? .contentLength : .other
+            case 15: return name.equalsLowercaseASCII("x-forwarded-for") ? .xForwardedFor : .other
+            case 16:
+                if name.equalsLowercaseASCII("proxy-connection") { return .proxyConnection }
+                return name.equalsLowercaseASCII("x-forwarded-host") ? .xForwardedHost : .other
+            case 17:
+                if name.equalsLowercaseASCII("transfer-encoding") { return .transferEncoding }
+                return name.equalsLowercaseASCII("x-forwarded-proto") ? .xForwardedProto : .other
+            default: return .other
+            }
         }
-        if hasConnection || hasHopByHop {
-            for name in alwaysHopByHop { headers.remove(name: name) }
-            headers.remove(name: "te")
-            for name in listed { headers.remove(name: name) }
+    }
+
+    /// Header names listed in Connection values, beyond close/keep-alive/upgrade
+    /// (those are handled by the rewriting anyway). Usually empty.
+    static func connectionListedNames(_ value: String, into names: inout [String]) {
+        for token in value.split(separator: ",") {
+            let t = token.trimmingASCIISpaces()
+            if t.isEmpty { continue }
+            let lower = t.lowercased()
+            if lower == "close" || lower == "keep-alive" || lower == "upgrade" { continue }
+            names.append(lower)
         }
-        return (upgradeValue, teTrailers)
     }
 
     /// Builds the head sent upstream from the client's head.
     static func upstreamRequestHead(
         from head: HTTPRequestHead, forwardURI: String, framing: RequestFraming,
         upgrade: String?, hostHeader: String, clientHost: String?, clientIP: String, peerTrusted: Bool,
-        scheme: String
+        scheme: String, requestID: String
     ) -> HTTPRequestHead {
-        var headers = head.headers
-        _ = stripHopByHop(&headers, keepUpgrade: false)
-        if framing.chunked {
-            headers.add(name: "transfer-encoding", value: "chunked")
+        var headers = HTTPHeaders()
+        headers.reserveCapacity(head.headers.count + 8)
+        var listed: [String] = []
+        var forwardedFor: String? = nil
+        var forwardedProto: String? = nil
+        var forwardedHost: String? = nil
+        var via: String? = nil
+        for (name, value) in head.headers {
+            switch Known.classify(name) {
+            case .other, .contentLength, .expect:
+                headers.add(name: name, value: value)
+            case .connection:
+                connectionListedNames(value, into: &listed)
+            case .xForwardedFor:
+                if peerTrusted { forwardedFor = forwardedFor.map { $0 + ", " + value } ?? value }
+            case .xForwardedProto:
+                if peerTrusted && forwardedProto == nil { forwardedProto = value }
+            case .xForwardedHost:
+                if peerTrusted && forwardedHost == nil { forwardedHost = value }
+            case .via:
+                via = via.map { $0 + ", " + value } ?? value
+            case .host, .xRequestID, .keepAlive, .proxyConnection, .te, .trailer, .transferEncoding, .upgrade:
+                break
+            }
         }
-        if framing.teTrailers {
-            headers.add(name: "te", value: "trailers")
-        }
+        for name in listed { headers.remove(name: name) }
+
+        headers.add(name: "host", value: hostHeader)
+        if framing.chunked { headers.add(name: "transfer-encoding", value: "chunked") }
+        if framing.teTrailers { headers.add(name: "te", value: "trailers") }
         if let upgrade {
             headers.add(name: "connection", value: "upgrade")
             headers.add(name: "upgrade", value: upgrade)
         }
-        // Host: the target (or the client's when preserve_host).
-        headers.replaceOrAdd(name: "host", value: hostHeader)
-
-        // X-Forwarded-For: only a trusted peer's list is extended.
-        if peerTrusted, let existing = joinedValue(headers, "x-forwarded-for") {
-            headers.replaceOrAdd(name: "x-forwarded-for", value: existing + ", " + clientIP)
-        } else {
-            headers.replaceOrAdd(name: "x-forwarded-for", value: clientIP)
+        // X-Forwarded-*: a trusted peer's values are kept (its list extended);
+        // anyone else's are replaced.
+        headers.add(name: "x-forwarded-for", value: forwardedFor.map { $0 + ", " + clientIP } ?? clientIP)
+        headers.add(name: "x-forwarded-proto", value: forwardedProto ?? scheme)
+        if let host = forwardedHost ?? clientHost {
+            headers.add(name: "x-forwarded-host", value: host)
         }
-        if !(peerTrusted && headers.contains(name: "x-forwarded-proto")) {
-            headers.replaceOrAdd(name: "x-forwarded-proto", value: scheme)
-        }
-        if !(peerTrusted && headers.contains(name: "x-forwarded-host")) {
-            if let clientHost {
-                headers.replaceOrAdd(name: "x-forwarded-host", value: clientHost)
-            } else {
-                headers.remove(name: "x-forwarded-host")
-            }
-        }
-        appendVia(&headers, version: head.version)
+        let viaEntry = head.version.major == 1 && head.version.minor == 0 ? "1.0 weir" : "1.1 weir"
+        headers.add(name: "via", value: via.map { $0 + ", " + viaEntry } ?? viaEntry)
+        headers.add(name: "x-request-id", value: requestID)
         // Upstream always speaks HTTP/1.1 with us (pooled keep-alive).
         return HTTPRequestHead(version: .http1_1, method: head.method, uri: forwardURI, headers: headers)
     }
 
     /// Rewrites an upstream response head for the client. `bodyAllowed` is
-    /// false for HEAD requests and 1xx/204/304. Returns the head and whether the
+    /// false for HEAD requests and 204/304. Returns the head and whether the
     /// client connection must close after it (no way to frame the body).
     static func downstreamResponseHead(
         _ response: HTTPResponseHead, requestVersion: HTTPVersion, bodyAllowed: Bool,
         keepAlive: Bool, isUpgrade: Bool
     ) -> (head: HTTPResponseHead, mustClose: Bool) {
-        var headers = response.headers
-        let upstreamChunked = headers.first(name: "transfer-encoding").map { $0.lowercased().hasSuffix("chunked") } ?? false
-        let (_, _) = stripHopByHop(&headers, keepUpgrade: false)
+        var headers = HTTPHeaders()
+        headers.reserveCapacity(response.headers.count + 3)
+        var listed: [String] = []
+        var hasContentLength = false
+        var via: String? = nil
+        var upgradeValue: String? = nil
+        for (name, value) in response.headers {
+            switch Known.classify(name) {
+            case .contentLength:
+                hasContentLength = true
+                headers.add(name: name, value: value)
+            case .connection:
+                connectionListedNames(value, into: &listed)
+            case .via:
+                via = via.map { $0 + ", " + value } ?? value
+            case .upgrade:
+                upgradeValue = value
+            case .keepAlive, .proxyConnection, .te, .trailer, .transferEncoding:
+                break
+            case .other, .host, .xForwardedFor, .xForwardedProto, .xForwardedHost, .xRequestID, .expect:
+                headers.add(name: name, value: value)
+            }
+        }
+        for name in listed { headers.remove(name: name) }
+
         var mustClose = !keepAlive
         let clientIs11 = requestVersion.major == 1 && requestVersion.minor >= 1
         if isUpgrade {
             headers.add(name: "connection", value: "upgrade")
-            if let upgrade = response.headers.first(name: "upgrade") { headers.add(name: "upgrade", value: upgrade) }
-        } else if bodyAllowed {
-            if headers.contains(name: "content-length") {
-                // length-delimited; nothing to add
-            } else if clientIs11 {
+            if let upgradeValue { headers.add(name: "upgrade", value: upgradeValue) }
+        } else if bodyAllowed && !hasContentLength {
+            if clientIs11 {
                 headers.add(name: "transfer-encoding", value: "chunked")
             } else {
                 // HTTP/1.0 client and no length: the body ends at close.
                 mustClose = true
             }
-            _ = upstreamChunked
         }
         if !isUpgrade {
             if mustClose {
@@ -143,25 +179,36 @@ enum HeaderRewriting {
                 headers.add(name: "connection", value: "keep-alive")
             }
         }
-        appendVia(&headers, version: response.version)
+        let viaEntry = response.version.major == 1 && response.version.minor == 0 ? "1.0 weir" : "1.1 weir"
+        headers.add(name: "via", value: via.map { $0 + ", " + viaEntry } ?? viaEntry)
         let version: HTTPVersion = clientIs11 ? .http1_1 : .http1_0
         return (HTTPResponseHead(version: version, status: response.status, headers: headers), mustClose)
     }
+}
 
-    private static func appendVia(_ headers: inout HTTPHeaders, version: HTTPVersion) {
-        let entry = version.major == 1 && version.minor == 0 ? "1.0 weir" : "1.1 weir"
-        if let existing = joinedValue(headers, "via") {
-            headers.replaceOrAdd(name: "via", value: existing + ", " + entry)
-        } else {
-            headers.add(name: "via", value: entry)
+extension String {
+    /// Case-insensitive ASCII comparison against an already lower-case
+    /// token made of letters, digits and `-` (header names), without copying.
+    @inline(__always)
+    func equalsLowercaseASCII(_ lower: StaticString) -> Bool {
+        let count = lower.utf8CodeUnitCount
+        guard utf8.count == count else { return false }
+        let other = lower.utf8Start
+        if let result = utf8.withContiguousStorageIfAvailable({ bytes -> Bool in
+            for i in 0..<count {
+                let byte = bytes[i]
+                if byte != other[i] && byte | 0x20 != other[i] { return false }
+            }
+            return true
+        }) {
+            return result
         }
-    }
-
-    private static func joinedValue(_ headers: HTTPHeaders, _ name: String) -> String? {
-        let values = headers[name]
-        if values.isEmpty { return nil }
-        if values.count == 1 { return values[0] }
-        return values.joined(separator: ", ")
+        var i = 0
+        for byte in utf8 {
+            if byte != other[i] && byte | 0x20 != other[i] { return false }
+            i += 1
+        }
+        return true
     }
 }
 
