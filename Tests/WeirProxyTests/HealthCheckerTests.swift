@@ -20,6 +20,26 @@ final class RecordingProbeSink: HealthProbeSink, @unchecked Sendable {
     func last(_ target: Int) -> Bool? { outcomes(target).last }
 }
 
+/// Keeps every log message, for asserting on what operators will see.
+final class CapturingLogHandler: LogHandler, @unchecked Sendable {
+    private let storage = NIOLockedValueBox<[(Logger.Level, String)]>([])
+    var metadata: Logger.Metadata = [:]
+    var logLevel: Logger.Level = .trace
+
+    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { metadata[key] }
+        set { metadata[key] = newValue }
+    }
+
+    func log(event: LogEvent) {
+        storage.withLockedValue { $0.append((event.level, event.message.description)) }
+    }
+
+    func messages(atLeast level: Logger.Level) -> [String] {
+        storage.withLockedValue { $0.filter { $0.0 >= level }.map(\.1) }
+    }
+}
+
 /// Active health checks against real NIO servers on loopback.
 final class HealthCheckerTests: XCTestCase {
     private var group: MultiThreadedEventLoopGroup!
@@ -74,7 +94,9 @@ final class HealthCheckerTests: XCTestCase {
         config.healthCheck.active?.unhealthy = 2
         config.healthCheck.active?.healthy = 2
         let health = UpstreamHealth(upstream: config)
-        let checker = ActiveHealthChecker(upstreams: [config], eventLoop: group.next(), logger: Logger(label: "test"),
+        let logs = CapturingLogHandler()
+        let checker = ActiveHealthChecker(upstreams: [config], eventLoop: group.next(),
+                                          logger: Logger(label: "test", factory: { _ in logs }),
                                           sinkForUpstream: { _ in health })
         checker.start()
         defer { checker.stop() }
@@ -87,6 +109,8 @@ final class HealthCheckerTests: XCTestCase {
         let (restarted, _) = try startDemo(port: port)
         defer { _ = try? restarted.stop().wait() }
         OpsTestHTTP.eventually("target back after 2 good probes") { health.healthyCount == 1 }
+        OpsTestHTTP.eventually("both transitions logged") { logs.messages(atLeast: .info).count == 2 }
+        XCTAssertEqual(logs.messages(atLeast: .info), ["target is unhealthy", "target is healthy again"])
     }
 
     func testStatusOutsideHealthyStatusesIsUnhealthy() throws {

@@ -9,6 +9,14 @@ import WeirCore
 /// conforms; it applies the healthy/unhealthy thresholds.
 public protocol HealthProbeSink: AnyObject, Sendable {
     func recordProbe(_ target: Int, healthy: Bool)
+    /// Whether the target is up as far as active checks go, after the
+    /// thresholds; nil if the sink does not track it. The checker logs
+    /// when this flips.
+    func isUpByActiveChecks(_ target: Int) -> Bool?
+}
+
+extension HealthProbeSink {
+    public func isUpByActiveChecks(_ target: Int) -> Bool? { nil }
 }
 
 /// Probes every target of every upstream that has `health_check.active`:
@@ -89,13 +97,26 @@ public final class ActiveHealthChecker: @unchecked Sendable {
                     self.logger.debug("health probe failed", metadata: [
                         "upstream": "\(job.upstream)", "target": "\(job.address)", "status": "\(status)"])
                 }
-                job.sink.recordProbe(job.targetIndex, healthy: healthy)
+                self.record(job, healthy: healthy, detail: "status \(status)")
             }
             .recover { error in
                 self.logger.debug("health probe failed", metadata: [
                     "upstream": "\(job.upstream)", "target": "\(job.address)", "error": "\(error)"])
-                job.sink.recordProbe(job.targetIndex, healthy: false)
+                self.record(job, healthy: false, detail: "\(error)")
             }
+    }
+
+    /// Reports the probe and logs when it flips the target up or down.
+    private func record(_ job: Job, healthy: Bool, detail: String) {
+        let before = job.sink.isUpByActiveChecks(job.targetIndex)
+        job.sink.recordProbe(job.targetIndex, healthy: healthy)
+        guard let wasUp = before, let isUp = job.sink.isUpByActiveChecks(job.targetIndex), wasUp != isUp else { return }
+        let metadata: Logger.Metadata = ["upstream": "\(job.upstream)", "target": "\(job.address)", "last_probe": "\(detail)"]
+        if isUp {
+            logger.info("target is healthy again", metadata: metadata)
+        } else {
+            logger.warning("target is unhealthy", metadata: metadata)
+        }
     }
 }
 
