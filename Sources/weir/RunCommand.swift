@@ -16,7 +16,7 @@ struct RunCommand: ParsableCommand {
             Logs go to stderr; the access log goes where `access_log` says (stdout by default).
             SIGTERM or SIGINT: stop accepting, let in-flight requests finish for up to
             `drain_timeout`, then exit 0. A second signal exits at once.
-            SIGHUP: reopen the access log file (after logrotate renamed it).
+            SIGUSR1: reopen the access log file (after logrotate renamed it).
             Exit status: 0 after a clean shutdown, 1 on a bad config or a listener that
             cannot bind, 2 for a mode this build does not offer.
             """
@@ -154,8 +154,9 @@ final class Gateway {
             checker.stop()
             proxy.waitForDrain(timeout: drainTimeout).whenComplete { _ in drained.signal() }
         }
-        // SIGHUP: reopen the access log file after logrotate moved it.
-        let reopen = SignalWatcher([SIGHUP]) { _ in
+        // SIGUSR1 (as in nginx): reopen the access log file after logrotate
+        // moved it. SIGHUP is kept for config reload.
+        let reopen = SignalWatcher([SIGUSR1]) { _ in
             do {
                 try accessLog?.reopen()
                 logger.info("access log reopened")

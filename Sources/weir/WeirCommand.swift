@@ -5,7 +5,7 @@ struct WeirCommand: ParsableCommand {
         commandName: "weir",
         abstract: "Weir: a programmable HTTP proxy and API gateway with Lua 5.4 plugins.",
         version: WeirVersion.string,
-        subcommands: [RunCommand.self, ValidateCommand.self, VersionCommand.self, DemoUpstreamCommand.self]
+        subcommands: [RunCommand.self, ValidateCommand.self, ReloadCommand.self, VersionCommand.self, DemoUpstreamCommand.self]
     )
 }
 

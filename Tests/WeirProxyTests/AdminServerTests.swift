@@ -107,6 +107,43 @@ final class AdminServerTests: XCTestCase {
         XCTAssertEqual(plainTargets.first?["status"] as? String, "healthy")
     }
 
+    func testExtraRoutesGetTheBodyAndMayAnswerLater() throws {
+        struct Broken: Error {}
+        let echo = AdminRoute(method: .POST, path: "/echo") { request, loop in
+            // Answer from another moment (and loop) than the request's, like a reload would.
+            loop.scheduleTask(in: .milliseconds(20)) {
+                AdminResponse.json(.ok, #"{"query":"\#(request.query ?? "")","bytes":\#(request.body.readableBytes)}"#)
+            }.futureResult
+        }
+        let failing = AdminRoute(method: .POST, path: "/fail") { _, loop in loop.makeFailedFuture(Broken()) }
+        let endpoints = AdminEndpoints(isReady: { true }, metricsText: { "" }, configText: { "" },
+                                       routes: [echo, failing])
+        let server = AdminServer(listen: HostPort(host: "127.0.0.1", port: 0), group: group, endpoints: endpoints,
+                                 logger: Logger(label: "test"))
+        try server.start().wait()
+        defer { try? server.stop().wait() }
+        let address = HostPort(host: "127.0.0.1", port: try XCTUnwrap(server.boundAddress?.port))
+
+        let posted = try AdminClient.send(method: .POST, to: address, path: "/echo?x=1", body: String(repeating: "a", count: 5000))
+        XCTAssertEqual(posted.status, 200)
+        XCTAssertEqual(posted.body, "{\"query\":\"x=1\",\"bytes\":5000}\n")
+
+        let wrongMethod = try AdminClient.send(method: .GET, to: address, path: "/echo")
+        XCTAssertEqual(wrongMethod.status, 405)
+        XCTAssertTrue(wrongMethod.body.contains(#""allowed":["POST"]"#), wrongMethod.body)
+
+        let tooBig = try AdminClient.send(method: .POST, to: address, path: "/echo",
+                                          body: String(repeating: "b", count: AdminServer.maxBodyBytes + 1))
+        XCTAssertEqual(tooBig.status, 413)
+
+        let failed = try AdminClient.send(method: .POST, to: address, path: "/fail")
+        XCTAssertEqual(failed.status, 500)
+        XCTAssertTrue(failed.body.contains("error"), failed.body)
+
+        XCTAssertEqual(try AdminClient.send(method: .GET, to: address, path: "/healthz").status, 200,
+                       "built-in endpoints still answer")
+    }
+
     func testBindFailureIsReported() throws {
         let endpoints = AdminEndpoints(isReady: { true }, metricsText: { "" }, configText: { "" })
         let first = AdminServer(listen: HostPort(host: "127.0.0.1", port: 0), group: group, endpoints: endpoints,

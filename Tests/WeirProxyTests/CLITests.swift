@@ -1,4 +1,5 @@
 import Foundation
+import Logging
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
@@ -95,6 +96,51 @@ final class CLITests: XCTestCase {
         let validate = try Self.runWeir(["validate", "--config", path])
         XCTAssertEqual(run.status, 1)
         XCTAssertEqual(run.stderr, validate.stderr)
+    }
+
+    func testReloadCommandReportsTheGatewaysAnswer() throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        defer { try? group.syncShutdownGracefully() }
+        let succeed = NIOLockedValueBox(true)
+        let reload = AdminRoute(method: .POST, path: "/reload") { _, loop in
+            loop.makeSucceededFuture(succeed.withLockedValue { $0 }
+                ? AdminResponse.json(.ok, #"{"status":"reloaded","generation":2}"#)
+                : AdminResponse.error(.unprocessableEntity, "plugins/x/handler.lua:3: syntax error"))
+        }
+        let withReload = AdminServer(listen: HostPort(host: "127.0.0.1", port: 0), group: group,
+                                     endpoints: AdminEndpoints(isReady: { true }, metricsText: { "" }, configText: { "" },
+                                                               routes: [reload]),
+                                     logger: Logger(label: "test"))
+        try withReload.start().wait()
+        defer { try? withReload.stop().wait() }
+        let reloadPort = try XCTUnwrap(withReload.boundAddress?.port)
+
+        let ok = try Self.runWeir(["reload", "--admin", "127.0.0.1:\(reloadPort)"])
+        XCTAssertEqual(ok.status, 0, ok.stderr)
+        XCTAssertTrue(ok.stdout.contains(#""generation":2"#), ok.stdout)
+
+        succeed.withLockedValue { $0 = false }
+        let failed = try Self.runWeir(["reload", "--admin", "127.0.0.1:\(reloadPort)"])
+        XCTAssertEqual(failed.status, 1)
+        XCTAssertTrue(failed.stderr.contains("handler.lua:3: syntax error"), failed.stderr)
+
+        // An admin listener without /reload, found through a config file.
+        let plain = AdminServer(listen: HostPort(host: "127.0.0.1", port: 0), group: group,
+                                endpoints: AdminEndpoints(isReady: { true }, metricsText: { "" }, configText: { "" }),
+                                logger: Logger(label: "test"))
+        try plain.start().wait()
+        defer { try? plain.stop().wait() }
+        let config = try write("gw.yaml", """
+            listeners: [{ name: web, listen: "127.0.0.1:0" }]
+            admin: { listen: "127.0.0.1:\(try XCTUnwrap(plain.boundAddress?.port))" }
+            """)
+        let unsupported = try Self.runWeir(["reload", "--config", config])
+        XCTAssertEqual(unsupported.status, 1)
+        XCTAssertTrue(unsupported.stderr.contains("has no /reload endpoint"), unsupported.stderr)
+
+        let unreachable = try Self.runWeir(["reload", "--admin", "127.0.0.1:\(try Self.freePort())"])
+        XCTAssertEqual(unreachable.status, 1)
+        XCTAssertTrue(unreachable.stderr.contains("cannot reach the admin listener"), unreachable.stderr)
     }
 
     // MARK: serving and graceful shutdown
