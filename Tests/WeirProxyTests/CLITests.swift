@@ -143,6 +143,29 @@ final class CLITests: XCTestCase {
         XCTAssertTrue(unreachable.stderr.contains("cannot reach the admin listener"), unreachable.stderr)
     }
 
+    func testPortsInUseAreClearStartupErrors() throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        defer { try? group.syncShutdownGracefully() }
+        let occupied = try ServerBootstrap(group: group).bind(host: "127.0.0.1", port: 0).wait()
+        defer { try? occupied.close().wait() }
+        let busyPort = try XCTUnwrap(occupied.localAddress?.port)
+
+        let listenerBusy = try write("listener.yaml", """
+            listeners: [{ name: web, listen: "127.0.0.1:\(busyPort)" }]
+            """)
+        let first = try Self.runWeir(["run", "--config", listenerBusy, "--workers", "1"])
+        XCTAssertEqual(first.status, 1)
+        XCTAssertTrue(first.stderr.contains("listener \"web\" could not bind 127.0.0.1:\(busyPort)"), first.stderr)
+
+        let adminBusy = try write("admin.yaml", """
+            listeners: [{ name: web, listen: "127.0.0.1:0" }]
+            admin: { listen: "127.0.0.1:\(busyPort)" }
+            """)
+        let second = try Self.runWeir(["run", "--config", adminBusy, "--workers", "1"])
+        XCTAssertEqual(second.status, 1)
+        XCTAssertTrue(second.stderr.contains("admin listener could not bind 127.0.0.1:\(busyPort)"), second.stderr)
+    }
+
     // MARK: serving and graceful shutdown
 
     func testSIGTERMLetsTheInFlightRequestFinishThenExitsZero() throws {
