@@ -49,12 +49,16 @@ final class CLITests: XCTestCase {
         XCTAssertTrue(result.message.contains("ordrs"), result.message)
     }
 
-    func testExampleConfigIsValid() throws {
-        let result = ConfigCheck.run(path: Self.repoRoot.appendingPathComponent("examples/gateway.yaml").path,
-                                     environment: [:])
-        XCTAssertTrue(result.isValid, result.message)
-        XCTAssertEqual(result.exitCode, 0)
-        XCTAssertTrue(result.message.hasPrefix("config OK"))
+    func testEveryExampleConfigIsValid() throws {
+        let folder = Self.repoRoot.appendingPathComponent("examples")
+        let files = try FileManager.default.contentsOfDirectory(atPath: folder.path).filter { $0.hasSuffix(".yaml") }
+        XCTAssertTrue(files.contains("gateway.yaml"), "make run needs examples/gateway.yaml")
+        for file in files {
+            let result = ConfigCheck.run(path: folder.appendingPathComponent(file).path, environment: [:])
+            XCTAssertTrue(result.isValid, "\(file): \(result.message)")
+            XCTAssertEqual(result.exitCode, 0)
+            XCTAssertTrue(result.message.hasPrefix("config OK"))
+        }
     }
 
     func testValidateCommandExitCodesAndMessages() throws {
