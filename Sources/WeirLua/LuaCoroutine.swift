@@ -13,7 +13,10 @@ public final class LuaCoroutine {
         case finished(count: Int32)
         /// The function yielded `count` values (on `thread`'s stack).
         case yielded(count: Int32)
-        /// The function raised; the coroutine has been reset and is reusable.
+        /// The function raised. The thread is dead and must not be reused
+        /// (`isDead`): after an error thrown from a hook (budget exceeded) Lua
+        /// leaves the thread with hooks disabled, so a reused thread could
+        /// loop forever unchecked.
         case failed(LuaError)
     }
 
@@ -22,6 +25,8 @@ public final class LuaCoroutine {
     private var ref: Int32
     /// True while a function has been started and not yet finished or reset.
     public private(set) var isRunning = false
+    /// True after a failure: release it, never run another function on it.
+    public private(set) var isDead = false
 
     public init(state: LuaState) {
         self.state = state
@@ -49,7 +54,7 @@ public final class LuaCoroutine {
 
     /// Starts the function that sits below `nargs` arguments on the thread's stack.
     public func start(nargs: Int32) -> ResumeResult {
-        precondition(!isRunning, "coroutine already running a function")
+        precondition(!isRunning && !isDead, "coroutine busy or dead")
         isRunning = true
         return resume(nargs: nargs)
     }
@@ -73,8 +78,9 @@ public final class LuaCoroutine {
             _ = weir_traceback(state.main, thread, nil)
             let traceback = LuaState.string(at: -1, on: state.main) ?? ""
             state.pop()
-            reset()
-            return .failed(LuaError(message, traceback: traceback.replacingPrefix("stack traceback:\n")))
+            isRunning = false
+            isDead = true
+            return .failed(LuaError(state.expandChunkNames(message), traceback: traceback.replacingPrefix("stack traceback:\n")))
         }
     }
 

@@ -135,6 +135,8 @@ public final class LuaRuntime {
             }
         }
         state.pop()                                          // internal
+        lua_pushvalue(L, -1)
+        lua_setglobal(L, "weir")                             // also a global, like Kong's `kong`
         lua_getfield(L, weir_registryindex(), "_LOADED")
         lua_rotate(L, -2, 1)
         lua_setfield(L, -2, "weir")                          // package.loaded.weir = weir
@@ -264,6 +266,7 @@ public final class LuaRuntime {
     }
 
     func recycle(_ co: LuaCoroutine) {
+        if co.isDead { co.release(); return }
         if co.isRunning { co.reset() } else { co.clear() }
         if idleCoroutines.count < options.maxIdleCoroutines {
             idleCoroutines.append(co)

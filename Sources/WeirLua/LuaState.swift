@@ -60,6 +60,8 @@ public final class LuaState {
     public let main: LuaThread
     fileprivate var natives: [NativeFunction] = []
     public let memoryLimit: Int
+    /// Chunk names loaded so far, to undo Lua's truncation of long ones.
+    private var chunkNames: Set<String> = []
 
     /// - Parameters:
     ///   - memoryLimit: bytes the state may allocate; 0 = unlimited.
@@ -92,6 +94,7 @@ public final class LuaState {
     /// Compiles `code` and leaves the chunk function on the stack. Syntax
     /// errors come back as `path:line: reason`.
     public func load(_ code: String, chunkName: String) throws {
+        chunkNames.insert(chunkName)
         var code = code
         let status = code.withUTF8 { buf in
             buf.withMemoryRebound(to: CChar.self) { chars in
@@ -101,7 +104,7 @@ public final class LuaState {
         if status != LUA_OK {
             let message = LuaState.string(at: -1, on: main) ?? "cannot load \(chunkName)"
             weir_pop(main, 1)
-            throw LuaError(message)
+            throw LuaError(expandChunkNames(message))
         }
     }
 
@@ -112,8 +115,19 @@ public final class LuaState {
         if status != LUA_OK {
             let full = LuaState.string(at: -1, on: main) ?? "(error object is not a string)"
             weir_pop(main, 1)
-            throw LuaState.splitTraceback(full)
+            var error = LuaState.splitTraceback(full)
+            error.message = expandChunkNames(error.message)
+            throw error
         }
+    }
+
+    /// Lua shortens chunk names longer than 60 bytes to "...<tail>" in
+    /// messages; put the full file path back so errors read `path:line: reason`.
+    public func expandChunkNames(_ message: String) -> String {
+        guard message.hasPrefix("..."), let colon = message.firstIndex(of: ":") else { return message }
+        let tail = message[message.index(message.startIndex, offsetBy: 3)..<colon]
+        guard let full = chunkNames.first(where: { $0.hasSuffix(tail) }) else { return message }
+        return full + message[colon...]
     }
 
     /// Splits "message\nstack traceback:\n..." as produced by the C message handler.

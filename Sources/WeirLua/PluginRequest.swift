@@ -203,6 +203,8 @@ public final class PluginRequest {
                 co.reset()
                 return fail(entry, "attempt to yield from a plugin phase function (only weir async functions such as weir.sleep may suspend a plugin)")
             case .failed(let error):
+                runtime.recycle(co) // dead: released, a fresh thread serves the next call
+                coroutine = nil
                 if runtime.state.budgetExhausted {
                     runtime.state.setBudget(0)
                 }

@@ -118,7 +118,9 @@ final class Harness {
         options.log = { logs.append($0) }
         options.shared = SharedDictionaries(capacities: ["counters": 100, "tiny": 2])
     }
-    deinit { try? group.syncShutdownGracefully() }
+    // The last reference may be dropped on the loop itself (closures capture
+    // the harness), where a synchronous shutdown is not allowed.
+    deinit { group.shutdownGracefully { _ in } }
 
     /// Loads the named plugins from the folder into a runtime on the loop.
     func load(_ names: [String]) throws {

@@ -45,8 +45,9 @@ local function check_phase(fname, allowed)
   end
 end
 
-local function arg_error(fname, n, expected, got)
-  error("bad argument #" .. n .. " to '" .. fname .. "' (" .. expected .. " expected, got " .. type(got) .. ")", 3)
+-- `level` defaults to 4: arg_error <- check_* <- SDK function <- plugin code.
+local function arg_error(fname, n, expected, got, level)
+  error("bad argument #" .. n .. " to '" .. fname .. "' (" .. expected .. " expected, got " .. type(got) .. ")", level or 4)
 end
 
 local function check_string(fname, n, v)
@@ -258,7 +259,7 @@ end
 function upstream.set_timeouts(connect, send, read)
   check_phase("weir.upstream.set_timeouts", REWRITE_PHASES)
   for i, v in ipairs({ connect or 0, send or 0, read or 0 }) do
-    if type(v) ~= "number" or v < 0 then arg_error("weir.upstream.set_timeouts", i, "non-negative number or nil", v) end
+    if type(v) ~= "number" or v < 0 then arg_error("weir.upstream.set_timeouts", i, "non-negative number or nil", v, 3) end
   end
   N.upstream_set_timeouts(connect, send, read)
 end

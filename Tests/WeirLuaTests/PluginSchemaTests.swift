@@ -1,0 +1,103 @@
+import WeirCore
+import XCTest
+@testable import WeirLua
+
+final class PluginSchemaTests: XCTestCase {
+    let schemaSource = """
+    return { fields = {
+      minute = { type = "integer", min = 1, required = true, description = "requests per minute" },
+      limit_by = { type = "string", default = "consumer", one_of = { "consumer", "ip", "header" } },
+      ratio = { type = "number", min = 0, max = 1, default = 0.5 },
+      hide = { type = "boolean", default = false },
+      paths = { type = "array", elements = { type = "string", min = 1 }, max = 3 },
+      labels = { type = "map", values = { type = "string" } },
+      redis = { type = "record", fields = {
+        host = { type = "string", default = "127.0.0.1" },
+        port = { type = "integer", default = 6379, min = 1, max = 65535 },
+      } },
+      window = { type = "one_of", one_of = { { type = "integer", min = 1 }, { type = "string", one_of = { "minute", "hour" } } } },
+    } }
+    """
+
+    func schema() throws -> PluginSchema {
+        let runtime = try LuaRuntime(sdk: Harness.sdk, eventLoop: nil, options: LuaRuntimeOptions())
+        return try PluginSchema.parse(try runtime.evaluate(schemaSource, chunkName: "schema.lua"), file: "schema.lua")
+    }
+
+    func testDefaultsAreApplied() throws {
+        let result = try schema().validate(.map(["minute": .int(100)]), path: "plugins[0].config").get()
+        XCTAssertEqual(result, .map([
+            "minute": .int(100), "limit_by": .string("consumer"), "ratio": .double(0.5), "hide": .bool(false),
+            "redis": .map(["host": .string("127.0.0.1"), "port": .int(6379)]),
+        ]))
+    }
+
+    func testEveryBadFieldIsReportedWithItsPath() throws {
+        let config: ConfigValue = .map([
+            "minute": .string("100"),
+            "limit_by": .string("planet"),
+            "ratio": .double(2),
+            "paths": .array([.string("/a"), .string(""), .int(3), .string("/d")]),
+            "labels": .map(["team": .int(1)]),
+            "redis": .map(["port": .int(0), "bogus": .bool(true)]),
+            "window": .bool(true),
+            "extra": .int(1),
+        ])
+        guard case .failure(let errors) = try schema().validate(config, path: "plugins[0].config") else {
+            return XCTFail("expected errors")
+        }
+        let lines = Set(errors.problems.map(\.description))
+        for expected in [
+            "plugins[0].config.minute: expected integer, got string",
+            "plugins[0].config.limit_by: expected one of \"consumer\", \"ip\", \"header\", got \"planet\"",
+            "plugins[0].config.ratio: value 2 is greater than the maximum 1",
+            "plugins[0].config.paths: item count 4 is greater than the maximum 3",
+            "plugins[0].config.paths[1]: length 0 is less than the minimum 1",
+            "plugins[0].config.paths[2]: expected string, got integer",
+            "plugins[0].config.labels.team: expected string, got integer",
+            "plugins[0].config.redis.port: value 0 is less than the minimum 1",
+            "plugins[0].config.redis.bogus: unknown field",
+            "plugins[0].config.extra: unknown field",
+        ] {
+            XCTAssertTrue(lines.contains(expected), "missing: \(expected)\n got: \(errors)")
+        }
+        XCTAssertTrue(lines.contains { $0.hasPrefix("plugins[0].config.window: matches none of the allowed forms") }, "\(errors)")
+    }
+
+    func testRequiredFieldMissing() throws {
+        guard case .failure(let errors) = try schema().validate(.map([:]), path: "routes[2].plugins[0].config") else {
+            return XCTFail("expected errors")
+        }
+        XCTAssertEqual(errors.problems.map(\.description), ["routes[2].plugins[0].config.minute: required field missing"])
+    }
+
+    func testOneOfAcceptsEitherForm() throws {
+        let s = try schema()
+        XCTAssertNoThrow(try s.validate(.map(["minute": .int(1), "window": .int(60)]), path: "c").get())
+        XCTAssertNoThrow(try s.validate(.map(["minute": .int(1), "window": .string("hour")]), path: "c").get())
+        // 5.0 from YAML is an acceptable integer.
+        XCTAssertEqual(try s.validate(.map(["minute": .double(5)]), path: "c").get().mapValue?["minute"], .int(5))
+    }
+
+    func testBadSchemasAreRefusedWithTheirPath() throws {
+        let runtime = try LuaRuntime(sdk: Harness.sdk, eventLoop: nil, options: LuaRuntimeOptions())
+        func parseError(_ source: String) -> String {
+            do {
+                _ = try PluginSchema.parse(try runtime.evaluate(source, chunkName: "s.lua"), file: "p/schema.lua")
+                return "no error"
+            } catch { return "\(error)" }
+        }
+        XCTAssertEqual(parseError("return { fields = { n = { type = 'int' } } }"),
+                       "p/schema.lua: fields.n: unknown type \"int\" (string, number, integer, boolean, array, map, record, one_of)")
+        XCTAssertEqual(parseError("return { fields = { n = { type = 'integer', default = 'x' } } }"),
+                       "p/schema.lua: fields.n: default does not fit the field: default: expected integer, got string")
+        XCTAssertEqual(parseError("return { fields = { a = { type = 'array' } } }"),
+                       "p/schema.lua: fields.a: array needs elements = { type = ... }")
+        XCTAssertEqual(parseError("return 42"), "p/schema.lua: schema must return a table like { fields = { ... } }, got integer")
+        XCTAssertEqual(parseError("return { }"), "p/schema.lua: schema has no fields table (use fields = {} for a plugin without config)")
+    }
+}
+
+extension ConfigValue {
+    var mapValue: [String: ConfigValue]? { if case .map(let m) = self { return m }; return nil }
+}
