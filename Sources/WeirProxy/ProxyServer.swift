@@ -9,6 +9,24 @@ import WeirCore
 import Glibc
 #endif
 
+// The HTTP/1.1 data path at a glance (files under Sources/WeirProxy/):
+//
+//   client ──▶ HeadGuard ─▶ HTTPRequestDecoder ─▶ DownstreamHandler ──▶ UpstreamConnection (pool per loop per target)
+//              (414, header     (llhttp strict:     (route, limits,         HTTPRequestEncoder ─▶ upstream
+//               timeout start)   400/431)            retries, timeouts,      HTTPResponseDecoder ◀─ upstream
+//   client ◀── HTTPResponseEncoder ◀──────────────── response relay) ◀────── UpstreamHandler
+//
+// - One request at a time per client connection; pipelined requests queue
+//   (decoded) until the response before them is done.
+// - Bodies stream part by part; each side stops reading while the other
+//   side is not writable (read() is withheld), so memory stays bounded.
+// - Framing is decided by HeaderRewriting (encoders run with automatic
+//   framing off); hop-by-hop headers never cross.
+// - A 101 turns both channels into a TunnelHandler pair (raw bytes).
+// - Errors the proxy answers itself use ProxyErrorResponse (one JSON shape).
+// - Everything for one connection, upstream side included, runs on the
+//   event loop that accepted it: no locks on the request path.
+
 /// The HTTP/1.1 reverse proxy: binds the config's listeners and proxies
 /// requests to upstreams. Everything per request runs on the event loop
 /// that accepted the connection, upstream connections included.
@@ -112,6 +130,9 @@ public final class ProxyServer: @unchecked Sendable {
             .serverChannelOption(.socketOption(NIOBSDSocket.Option(rawValue: SO_REUSEPORT)), value: multipleLoops ? 1 : 0)
             .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
             .childChannelOption(.socketOption(.so_keepalive), value: 1)
+            // A client may send its request and then shut down its write side;
+            // it still gets its response (see DownstreamHandler.inputClosed).
+            .childChannelOption(.allowRemoteHalfClosure, value: true)
             .childChannelInitializer { channel in
                 guard listener.admitConnection() else {
                     return Self.refuseConnection(channel, listener: listener, loopContext: loopContext)

@@ -3,6 +3,9 @@ import NIOPosix
 import WeirCore
 import WeirProxy
 import XCTest
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// The proxy's own answers: bad input (every smuggling shape), limits,
 /// timeouts, unreachable upstreams; all in the one JSON error shape.
@@ -62,6 +65,20 @@ final class ProxyErrorTests: XCTestCase {
         self.proxy = proxy
         let response = try proxy.connect().request("GET", "/")
         assertJSONError(response, status: 502, code: "upstream_connect_failed")
+    }
+
+    func testConnectTimeoutIs504() throws {
+        // A listener that never accepts, with its accept queue filled: further
+        // SYNs are dropped, so connecting hangs until the connect timeout.
+        let listener = try StalledListener()
+        let proxy = try ProxyHarness(config: ProxyHarness.config(targets: [HostPort(host: "127.0.0.1", port: listener.port)]) {
+            $0.upstreams[0].timeouts.connect = .milliseconds(300)
+            $0.upstreams[0].retries = 0
+        })
+        self.proxy = proxy
+        let response = try proxy.connect().request("GET", "/")
+        assertJSONError(response, status: 504, code: "upstream_timeout")
+        _ = listener
     }
 
     func testReadTimeoutIs504() throws {
@@ -239,4 +256,38 @@ final class ProxyErrorTests: XCTestCase {
         XCTAssertEqual(upstream.requests.count, 20)
         _ = slow
     }
+}
+
+/// A TCP listener with backlog 0 that never accepts; its queue is filled at
+/// init, so new connection attempts to it stall (SYNs dropped).
+final class StalledListener {
+    let fd: Int32
+    let port: Int
+    private var fillers: [BlockingSocket] = []
+
+    init() throws {
+        let sock = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_port = 0
+        inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr)
+        _ = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(sock, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        listen(sock, 0)
+        var bound = sockaddr_in()
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &bound) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(sock, $0, &length) }
+        }
+        fd = sock
+        port = Int(UInt16(bigEndian: bound.sin_port))
+        // Fill the accept queue (backlog 0 still admits one); the second
+        // attempt usually times out after a second, proving it is full.
+        for _ in 0..<2 {
+            if let s = try? BlockingSocket(port: port, timeoutSeconds: 1) { fillers.append(s) }
+        }
+    }
+
+    deinit { close(fd) }
 }

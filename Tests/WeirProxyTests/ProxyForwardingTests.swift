@@ -190,6 +190,16 @@ final class ProxyForwardingTests: XCTestCase {
         XCTAssertEqual(upstream.connectionsAccepted, 2)
     }
 
+    func testClientHalfCloseStillGetsItsResponse() throws {
+        let client = try proxy.connect()
+        try client.send("GET /slow/100 HTTP/1.1\r\nHost: a\r\n\r\n")
+        client.shutdownWrite()
+        let response = try client.readResponse()
+        XCTAssertEqual(response.status, 200)
+        XCTAssertEqual(response.bodyText, "slow from u1")
+        XCTAssertTrue(client.waitForClose())
+    }
+
     func testPathIsNormalizedBeforeRoutingAndForwarding() throws {
         let client = try proxy.connect()
         XCTAssertEqual(try client.request("GET", "/public/../admin/%7Euser?q=1").status, 200)

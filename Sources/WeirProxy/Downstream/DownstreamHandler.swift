@@ -47,6 +47,8 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
     /// After an Upgrade request the decoder stops parsing, so the connection
     /// cannot carry another HTTP request unless it becomes a tunnel.
     private var decoderStopped = false
+    /// The client shut down its write side: no more requests will come.
+    private var inputClosed = false
 
     init(loopContext: LoopContext, listener: ListenerRuntime, headGuard: HeadGuard) {
         self.loopContext = loopContext
@@ -121,7 +123,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
     }
 
     private var shouldReadDownstream: Bool {
-        if closing { return false }
+        if closing || inputClosed { return false }
         guard let exchange else { return queued.isEmpty }
         if exchange.requestEnded { return false }
         if exchange.discardingBody { return true }
@@ -176,6 +178,31 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
             connection.handler.resumeReading()
         }
         context.fireChannelWritabilityChanged()
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let event = event as? ChannelEvent, case .inputClosed = event {
+            inputClosed = true
+            if let exchange, !exchange.finished {
+                // Answer the request in flight, then close.
+                exchange.keepAlive = false
+                if !exchange.requestEnded && !exchange.discardingBody {
+                    // The body was cut short: the request can never complete.
+                    if exchange.responseStarted {
+                        abortExchange(exchange, reason: "client closed its side mid-request")
+                        context.close(promise: nil)
+                    } else {
+                        exchange.requestEnded = true
+                        failBeforeResponse(exchange, .badRequest, "request body incomplete: the client closed its side")
+                    }
+                }
+            } else if queued.isEmpty {
+                closing = true
+                context.close(promise: nil)
+            }
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
@@ -636,7 +663,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
             connection.close()
             exchange.keepAlive = false
         }
-        let willClose = !exchange.keepAlive || draining || decoderFailed || decoderStopped
+        let willClose = closesAfter(exchange)
         let endWritten: EventLoopPromise<Void>? = willClose ? context.eventLoop.makePromise() : nil
         context.write(wrapOutboundOut(.end(trailers)), promise: endWritten)
         completeAfterBoth(exchange, endWritten: endWritten?.futureResult)
@@ -774,8 +801,8 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
     }
 
     private func sendLocalResponse(_ exchange: Exchange, kind: ProxyErrorKind, message: String, close: Bool) {
-        let close = close || draining || decoderFailed || decoderStopped
         if close { exchange.keepAlive = false }
+        let close = closesAfter(exchange)
         let body = ProxyErrorResponse.body(kind: kind, message: message, requestID: exchange.id, allocator: context.channel.allocator)
         let head = ProxyErrorResponse.head(kind: kind, requestID: exchange.id, bodyLength: body.readableBytes,
                                            close: close, version: exchange.head?.version ?? .http1_1)
@@ -816,6 +843,11 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         finishExchange(exchange, afterWrite: endWritten)
     }
 
+    /// Whether the connection closes once this exchange's response is out.
+    private func closesAfter(_ exchange: Exchange) -> Bool {
+        !exchange.keepAlive || draining || decoderFailed || decoderStopped || (inputClosed && queued.isEmpty)
+    }
+
     private func finishExchange(_ exchange: Exchange, afterWrite: EventLoopFuture<Void>? = nil) {
         guard !exchange.finished else { return }
         exchange.finished = true
@@ -827,7 +859,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         }
         record(exchange)
         self.exchange = nil
-        if !exchange.keepAlive || draining || decoderFailed || decoderStopped {
+        if closesAfter(exchange) {
             closing = true
             context.flush()
             if let afterWrite {
