@@ -1,0 +1,67 @@
+import NIOCore
+import WeirCore
+import XCTest
+@testable import WeirLua
+
+/// Requests that end early (error, budget, memory cap, exit, abort while
+/// waiting) must release their coroutine and references: after thousands of
+/// them the Lua heap is back at its baseline.
+final class LeakTests: XCTestCase {
+    func testThousandsOfAbortedAndFailedRequestsLeaveTheHeapFlat() throws {
+        let h = Harness()
+        h.options.instructionBudget = 50_000
+        h.options.memoryLimit = 16 << 20
+        h.folder.add("mixed", handler: """
+        return { PRIORITY = 1, VERSION = "1",
+          request = function(self, conf, ctx)
+            ctx.payload = string.rep("p", 512)   -- per-request garbage held by weir.ctx
+            local kind = weir.request.get_header("x-kind")
+            if kind == "error" then error("failed on purpose")
+            elseif kind == "loop" then while true do end
+            elseif kind == "bomb" then local t = {} for i = 1, 1e9 do t[i] = {} end
+            elseif kind == "exit" then return 403, { denied = true }
+            elseif kind == "sleep" then weir.sleep(10)   -- aborted before it wakes
+            elseif kind == "nested" then
+              local co = coroutine.create(function() coroutine.yield(ctx) end)
+              coroutine.resume(co)                        -- left suspended forever
+            end
+            weir.upstream.request.set_header("x-ok", "1")
+          end,
+          log = function(self, conf, ctx) local _ = ctx.payload end }
+        """)
+        try h.load(["mixed"])
+        let chain = try h.chain("mixed")
+        let kinds = ["ok", "error", "loop", "bomb", "exit", "sleep", "nested"]
+
+        func runBatch(_ count: Int) throws {
+            try h.onLoop {
+                for i in 0..<count {
+                    let req = h.newRequest()
+                    req.requestID = "r\(i)"
+                    req.headers.append(("x-kind", kinds[i % kinds.count]))
+                    let scope = h.runtime.beginRequest(req)
+                    // Suspended requests are aborted (client gone) before they wake.
+                    if case .done = scope.start(.request, chain: chain) {
+                        _ = scope.start(.log, chain: chain)
+                    }
+                    scope.finish()
+                }
+            }
+        }
+        func settledHeapKB() throws -> Int {
+            try h.onLoop {
+                h.runtime.dropIdleCoroutines()
+                h.runtime.state.collectGarbage()
+                h.runtime.state.collectGarbage()
+                return h.runtime.state.gcCountKB
+            }
+        }
+
+        try runBatch(kinds.count * 10)   // warm up: interned strings, table sizes, pools
+        let baseline = try settledHeapKB()
+        try runBatch(kinds.count * 500)  // 3,500 requests, 2,500 of them ending early
+        let after = try settledHeapKB()
+        XCTAssertLessThanOrEqual(after, baseline + 16, "Lua heap grew from \(baseline) KB to \(after) KB")
+        print("lua heap: baseline \(baseline) KB, after 3500 mixed requests \(after) KB")
+    }
+}

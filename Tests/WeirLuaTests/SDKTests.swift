@@ -1,0 +1,310 @@
+import NIOCore
+import WeirCore
+import XCTest
+@testable import WeirLua
+
+/// Each SDK function, through real plugins on a real event loop.
+final class SDKTests: XCTestCase {
+    /// Loads one plugin whose request phase is `body` and returns its exit body.
+    func requestBody(_ body: String, request: TestRequest? = nil, harness: Harness = Harness()) throws -> (String?, TestRequest, PhaseResult) {
+        harness.folder.add("probe", handler: """
+        local weir = require "weir"
+        return { PRIORITY = 1, VERSION = "1", request = function(self, conf, ctx)
+        \(body)
+        end }
+        """)
+        try harness.load(["probe"])
+        let req = request ?? harness.newRequest()
+        let result = try harness.runRequest(try harness.chain("probe"), request: req)[0]
+        return (result.exitValue?.bodyString, req, result)
+    }
+
+    func testRequestAccessors() throws {
+        let (body, _, result) = try requestBody("""
+        local q = weir.request.get_query()
+        local h = weir.request.get_headers()
+        return 200, table.concat({
+          weir.request.get_method(), weir.request.get_path(), weir.request.get_raw_query(),
+          q.a, q.b[1], q.b[2], tostring(q.flag), weir.request.get_query_arg("b"),
+          weir.request.get_header("X-Api-Key"), tostring(weir.request.get_header("missing")),
+          h["x-api-key"], h.accept[1] .. h.accept[2],
+          weir.request.get_host(), weir.request.get_scheme(), weir.request.get_id(),
+        }, "|")
+        """)
+        XCTAssertEqual(body, "GET|/orders|a=1&b=two&b=three&flag|1|two|three|true|two|secret|nil|secret|ab|api.example.com|http|req-1", "\(result)")
+    }
+
+    func testUpstreamMutations() throws {
+        let (_, req, result) = try requestBody("""
+        weir.upstream.request.set_header("X-User", "alice")
+        weir.upstream.request.add_header("x-tag", 1)
+        weir.upstream.request.add_header("x-tag", "2")
+        weir.upstream.request.clear_header("X-Remove")
+        weir.upstream.request.set_path("/v2/orders")
+        weir.upstream.request.set_query({ b = "x y", a = { "1", "2" } })
+        weir.upstream.request.set_method("POST")
+        weir.upstream.request.set_body("payload")
+        weir.upstream.set_target("10.1.1.1", 8081)
+        assert(weir.upstream.set_upstream("billing"))
+        local ok, err = weir.upstream.set_upstream("nowhere")
+        assert(ok == nil and err == "no upstream named 'nowhere'", err)
+        weir.upstream.set_timeouts(1, nil, 2.5)
+        weir.upstream.set_retries(3)
+        """)
+        XCTAssertEqual(result, .continue)
+        XCTAssertEqual(req.upstreamHeaders.map { "\($0.0)=\($0.1)" }, ["x-user=alice", "x-tag=1", "x-tag=2"])
+        XCTAssertEqual(req.clearedUpstreamHeaders, ["x-remove"])
+        XCTAssertEqual(req.upstreamPath, "/v2/orders")
+        XCTAssertEqual(req.upstreamQuery, .some("a=1&a=2&b=x%20y"))
+        XCTAssertEqual(req.upstreamMethod, "POST")
+        XCTAssertEqual(req.upstreamBody, Array("payload".utf8))
+        XCTAssertEqual(req.upstreamTarget?.0, "10.1.1.1"); XCTAssertEqual(req.upstreamTarget?.1, 8081)
+        XCTAssertEqual(req.upstreamName, "billing")
+        XCTAssertEqual(req.timeouts?.0, 1); XCTAssertNil(req.timeouts?.1); XCTAssertEqual(req.timeouts?.2, 2.5)
+        XCTAssertEqual(req.retries, 3)
+    }
+
+    func testResponseFunctionsInResponsePhase() throws {
+        let h = Harness()
+        h.folder.add("resp", handler: """
+        return { PRIORITY = 1, VERSION = "1",
+          request = function() weir.response.set_header("x-early", "1") end,
+          response = function()
+            local before = weir.response.get_status() .. " " .. weir.response.get_header("Content-Type")
+            weir.response.set_status(201)
+            weir.response.set_header("x-before", before)
+            weir.response.add_header("x-multi", "a")
+            weir.response.add_header("x-multi", "b")
+            weir.response.clear_header("content-type")
+            local all = weir.response.get_headers()
+            weir.response.set_header("x-count", #all["x-multi"])
+          end,
+          log = function() weir.log.info("final", weir.response.get_status()) end }
+        """)
+        try h.load(["resp"])
+        let req = h.newRequest()
+        let results = try h.runRequest(try h.chain("resp"), phases: [.request, .response, .log], request: req)
+        XCTAssertEqual(results, [.continue, .continue, .continue])
+        XCTAssertEqual(req.responseStatus, 201)
+        XCTAssertEqual(req.response.map { "\($0.name)=\($0.value)" }, ["x-early=1", "x-before=200 text/plain", "x-multi=a", "x-multi=b", "x-count=2"])
+        XCTAssertEqual(h.logs.records.last?.message, "final 201")
+    }
+
+    func testEarlyExitByReturnSkipsRestOfChainAndBuildsJSON() throws {
+        let h = Harness()
+        h.folder.add("auth", handler: """
+        return { PRIORITY = 100, VERSION = "1", request = function(self, conf)
+          if not weir.request.get_header(conf.header) then
+            return 401, { message = "missing " .. conf.header }, { ["WWW-Authenticate"] = "Key", ["x-list"] = { "a", "b" } }
+          end
+        end }
+        """, schema: "return { fields = { header = { type = 'string', default = 'x-api-key' } } }")
+        h.folder.add("after", handler: "return { PRIORITY = 1, VERSION = '1', request = function() weir.upstream.request.set_header('x-after', '1') end }")
+        try h.load(["auth", "after"])
+        let chain = try h.chain([PluginRef(name: "auth", config: .map(["header": .string("x-token")])), PluginRef(name: "after")])
+        let req = h.newRequest()
+        let exit = try h.runRequest(chain, request: req)[0].exitValue
+        XCTAssertEqual(exit?.status, 401)
+        XCTAssertEqual(exit?.bodyString, #"{"message":"missing x-token"}"#)
+        XCTAssertEqual(Set(exit?.headers.map { "\($0.name)=\($0.value)" } ?? []),
+                       ["www-authenticate=Key", "x-list=a", "x-list=b", "content-type=application/json"])
+        XCTAssertTrue(req.upstreamHeaders.isEmpty, "the rest of the chain must be skipped")
+        // With the header present the chain continues.
+        let ok = h.newRequest()
+        ok.headers.append(("x-token", "t"))
+        XCTAssertEqual(try h.runRequest(chain, request: ok)[0], .continue)
+        XCTAssertEqual(ok.upstreamHeaders.first?.0, "x-after")
+    }
+
+    func testExitStopsThePluginImmediately() throws {
+        let (_, req, result) = try requestBody("""
+        weir.response.exit(429, "slow down", { ["retry-after"] = 5 })
+        weir.upstream.request.set_header("x-not-reached", "1")
+        """)
+        XCTAssertEqual(result.exitValue, PluginExit(status: 429, body: Array("slow down".utf8), headers: [HeaderField("retry-after", "5")]))
+        XCTAssertTrue(req.upstreamHeaders.isEmpty)
+    }
+
+    func testClientAndConsumer() throws {
+        let (body, req, _) = try requestBody("""
+        local before = tostring(weir.client.get_consumer())
+        weir.client.authenticate("alice", "alice-key")
+        return 200, before .. " " .. weir.client.get_consumer() .. " " .. weir.client.get_ip() .. ":" .. weir.client.get_port()
+        """)
+        XCTAssertEqual(body, "nil alice 10.0.0.7:51234")
+        XCTAssertEqual(req.consumer, "alice")
+        XCTAssertEqual(req.credential, "alice-key")
+    }
+
+    func testCtxIsSharedAcrossPluginsAndPhasesButNotRequests() throws {
+        let h = Harness()
+        h.folder.add("writer", handler: """
+        return { PRIORITY = 2, VERSION = "1",
+          request = function(self, conf, ctx) assert(ctx.seen == nil, "ctx leaked between requests"); ctx.seen = "w" end }
+        """)
+        h.folder.add("reader", handler: """
+        return { PRIORITY = 1, VERSION = "1",
+          request = function(self, conf, ctx) weir.ctx.seen = weir.ctx.seen .. "+r" end,
+          log = function(self, conf, ctx) weir.log.warn("ctx", ctx.seen, weir.ctx == ctx) end }
+        """)
+        try h.load(["writer", "reader"])
+        let chain = try h.chain("writer", "reader")
+        for _ in 0..<2 {
+            XCTAssertEqual(try h.runRequest(chain, phases: [.request, .log]), [.continue, .continue])
+        }
+        let record = h.logs.records.last
+        XCTAssertEqual(record?.message, "ctx w+r true")
+        XCTAssertEqual(record?.plugin, "reader")
+        XCTAssertEqual(record?.requestID, "req-1")
+        XCTAssertEqual(record?.level, .warn)
+        XCTAssertEqual(record?.phase, .log)
+    }
+
+    func testLogLevels() throws {
+        let h = Harness()
+        _ = try requestBody("weir.log.debug('d', 1) weir.log.info('i') weir.log.warn('w', nil) weir.log.err('e', true)", harness: h)
+        XCTAssertEqual(h.logs.records.map { "\($0.level):\($0.message)" }, ["debug:d 1", "info:i", "warn:w nil", "error:e true"])
+        XCTAssertTrue(h.logs.records.allSatisfy { $0.plugin == "probe" && $0.requestID == "req-1" })
+    }
+
+    func testJSON() throws {
+        let (body, _, result) = try requestBody("""
+        local json = weir.json
+        local s = json.encode({ name = "a\\"b\\n", list = { 1, 2.5, true }, empty = json.empty_array, none = json.null, n = -3 })
+        local v, err = json.decode('{"x":[1,2,{"y":"z\\\\u00e9\\\\ud83d\\\\ude00"}],"t":true,"f":false,"n":null,"e":1.5e2}')
+        assert(v, err)
+        local bad1, e1 = json.decode('{"x":}')
+        local bad2, e2 = json.decode('[1,2] x')
+        local bad3, e3 = json.encode({ f = print })
+        return 200, table.concat({ s, v.x[3].y, tostring(v.t), tostring(v.f), tostring(v.n == json.null), tostring(v.e),
+          tostring(bad1), e1, e2, tostring(bad3), e3, json.encode("x"), json.encode(0.1) }, "|")
+        """)
+        XCTAssertEqual(body, #"{"empty":[],"list":[1,2.5,true],"n":-3,"name":"a\"b\n","none":null}|zé😀|true|false|true|150.0|nil|json decode: unexpected character '}' at position 6|json decode: trailing garbage at position 7|nil|json encode: cannot encode a function value|"x"|0.1"#, "\(result)")
+    }
+
+    func testCrypto() throws {
+        let (body, _, result) = try requestBody("""
+        local c = weir.crypto
+        local r = c.random_bytes(16)
+        local d, derr = c.base64_decode("%%%")
+        return 200, table.concat({
+          c.hex(c.sha256("abc")),
+          c.hex(c.hmac_sha256("key", "The quick brown fox jumps over the lazy dog")),
+          c.base64_encode("hello?>"), c.base64_encode("hello?>", true), c.base64_decode("aGVsbG8/Pg=="), c.base64_decode("aGVsbG8_Pg"),
+          tostring(#r), tostring(r ~= c.random_bytes(16)),
+          tostring(c.constant_time_equals("abc", "abc")), tostring(c.constant_time_equals("abc", "abd")), tostring(c.constant_time_equals("abc", "ab")),
+          tostring(d), derr,
+        }, "|")
+        """)
+        XCTAssertEqual(body, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad|f7bc83f430538424b13298e6aa6fb143ef4d59a14946175997479dbc2d1a3cd8|aGVsbG8/Pg==|aGVsbG8_Pg|hello?>|hello?>|16|true|true|false|false|nil|invalid base64", "\(result)")
+    }
+
+    func testTimeNow() throws {
+        let before = Date().timeIntervalSince1970
+        let (body, _, _) = try requestBody("return 200, string.format('%.3f %s', weir.time.now(), tostring(weir.time.monotonic() > 0))")
+        let parts = body?.split(separator: " ") ?? []
+        let now = Double(parts.first ?? "") ?? 0
+        XCTAssertGreaterThanOrEqual(now, before - 1)
+        XCTAssertLessThan(now, before + 60)
+        XCTAssertEqual(parts.last, "true")
+    }
+
+    func testSharedDictionaries() throws {
+        let h = Harness()
+        let (body, _, result) = try requestBody("""
+        local d = weir.shared.counters
+        assert(weir.shared.nope == nil)
+        d:set("k", "v")
+        local added, aerr = d:add("k", "other")
+        local added2 = d:add("fresh", 1)
+        local n1 = d:incr("hits", 1, 0)
+        local n2 = d:incr("hits", 2)
+        local missing, merr = d:incr("absent", 1)
+        local nan, nerr = d:incr("k", 1)
+        d:delete("fresh")
+        local tiny = weir.shared.tiny
+        tiny:set("a", 1) tiny:set("b", 2) tiny:get("a") tiny:set("c", 3)  -- evicts b (least recently used)
+        return 200, table.concat({ d:get("k"), tostring(added), aerr, tostring(added2), n1, n2, tostring(missing), merr, nerr,
+          tostring(d:get("fresh")), tostring(tiny:get("a")), tostring(tiny:get("b")), tostring(tiny:get("c")), tostring(d:get("hits") == 3) }, "|")
+        """, harness: h)
+        XCTAssertEqual(body, "v|nil|exists|true|1|3|nil|not found|not a number|nil|1|nil|3|true", "\(result)")
+        // Visible from Swift (and so from every other event loop).
+        XCTAssertEqual(h.options.shared.get("counters", "hits"), .integer(3))
+    }
+
+    func testSharedDictionaryTTL() {
+        final class Clock: @unchecked Sendable { var now = 100.0 }
+        let clock = Clock()
+        let shared = SharedDictionaries(capacities: ["d": 10], clock: { clock.now })
+        shared.set("d", "k", .string("v"), ttl: 5)
+        XCTAssertEqual(shared.incr("d", "c", by: .integer(1), initial: .integer(0), initialTTL: 1), .success(.integer(1)))
+        clock.now = 104
+        XCTAssertEqual(shared.get("d", "k"), .string("v"))
+        XCTAssertNil(shared.get("d", "c"))
+        clock.now = 106
+        XCTAssertNil(shared.get("d", "k"))
+        XCTAssertTrue(shared.add("d", "k", .bool(true), ttl: 0))
+    }
+
+    func testSleepYieldsAndResumesOnTheLoop() throws {
+        let h = Harness()
+        h.folder.add("sleeper", handler: """
+        return { PRIORITY = 2, VERSION = "1", request = function(self, conf, ctx)
+          local t0 = weir.time.monotonic()
+          for i = 1, 3 do weir.sleep(0.01) end
+          ctx.slept = weir.time.monotonic() - t0
+          local ok = pcall(weir.sleep, 0)   -- yielding through pcall works in Lua 5.4
+          weir.upstream.request.set_header("x-slept", ok and "yes" or "no")
+        end }
+        """)
+        h.folder.add("next", handler: "return { PRIORITY = 1, VERSION = '1', request = function(s, c, ctx) return 200, string.format('%.2f', ctx.slept) end }")
+        try h.load(["sleeper", "next"])
+        let chain = try h.chain("sleeper", "next")
+        // Two concurrent requests interleave on one loop and one Lua state.
+        let reqs = [h.newRequest(), h.newRequest()]
+        let futures = try h.onLoop { () -> [EventLoopFuture<PhaseResult>] in
+            reqs.map { r in
+                let scope = h.runtime.beginRequest(r)
+                guard case .pending(let f) = scope.start(.request, chain: chain) else { fatalError("expected to suspend") }
+                f.whenComplete { _ in scope.finish() }
+                return f
+            }
+        }
+        for (f, r) in zip(futures, reqs) {
+            let exit = try f.wait().exitValue
+            XCTAssertGreaterThanOrEqual(Double(exit?.bodyString ?? "0") ?? 0, 0.03)
+            XCTAssertEqual(r.upstreamHeaders.first?.1, "yes")
+        }
+    }
+
+    func testRequestBodyIsReadAsynchronously() throws {
+        let (body, _, result) = try requestBody("""
+        local b = weir.request.get_body(5)
+        return 200, "got:" .. b
+        """)
+        XCTAssertEqual(body, "got:hello", "\(result)")
+    }
+
+    func testFinishWhileWaitingNeverResumesTheCoroutine() throws {
+        let h = Harness()
+        h.folder.add("slow", handler: """
+        return { PRIORITY = 1, VERSION = '1', request = function()
+          weir.sleep(0.02)
+          weir.shared.counters:incr("resumed", 1, 0)
+        end }
+        """)
+        try h.load(["slow"])
+        let chain = try h.chain("slow")
+        let future = try h.onLoop { () -> EventLoopFuture<PhaseResult> in
+            let scope = h.runtime.beginRequest(h.newRequest())
+            let f = scope.run(.request, chain: chain)
+            scope.finish() // the client went away
+            return f
+        }
+        XCTAssertEqual(try future.wait().failure?.message, "request finished while the plugin was waiting")
+        // A complete request afterwards: its own sleep fires after the
+        // abandoned one, and only it resumes.
+        XCTAssertEqual(try h.runRequest(chain), [.continue])
+        XCTAssertEqual(h.options.shared.get("counters", "resumed"), .integer(1))
+    }
+}
