@@ -54,6 +54,15 @@ final class AdminAccessLogTests: XCTestCase {
         XCTAssertEqual(object["path"] as? String, path)
     }
 
+    func testWorstCaseEscapingFitsItsReservation() throws {
+        // Every byte a control character: each becomes \u00XX, six times its size.
+        let path = String(repeating: "\u{01}", count: 20_000)
+        let line = AccessLogFormatter.jsonLine(AdminMetricsTests.record(route: path, upstream: "u", status: 200, path: path))
+        let object = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any])
+        XCTAssertEqual(object["path"] as? String, path)
+        XCTAssertEqual(object["route"] as? String, path)
+    }
+
     func testMillisecondsAndTimeFormatting() {
         XCTAssertEqual(AccessLogFormatter.jsonLine(AdminMetricsTests.record(route: "r", upstream: "u", status: 200,
                                                                             total: 0, upstreamDuration: 12.5))
