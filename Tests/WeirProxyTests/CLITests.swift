@@ -264,6 +264,45 @@ final class CLITests: XCTestCase {
         XCTAssertTrue(entries.allSatisfy { $0["status"] as? Int == 200 && $0["route"] as? String == "default" })
     }
 
+    func testAccessLogGoesToStdoutByDefaultAndLogsToStderr() throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        defer { try? group.syncShutdownGracefully() }
+        let origin = DemoUpstream(listen: HostPort(host: "127.0.0.1", port: 0), bodySize: 10, group: group)
+        try origin.start().wait()
+        defer { _ = try? origin.stop().wait() }
+        let proxyPort = try Self.freePort()
+        let adminPort = try Self.freePort()
+        let configPath = try write("stdout.yaml", """
+            listeners: [{ name: web, listen: "127.0.0.1:\(proxyPort)" }]
+            upstreams: [{ name: demo, targets: [{ address: "127.0.0.1:\(try XCTUnwrap(origin.boundAddress?.port))" }] }]
+            routes: [{ name: all, upstream: demo }]
+            admin: { listen: "127.0.0.1:\(adminPort)" }
+            """)
+        let process = Process()
+        process.executableURL = try Self.weirBinary()
+        process.arguments = ["run", "--config", configPath, "--workers", "1"]
+        let stdoutPipe = Pipe(), stderrPipe = Pipe()
+        process.standardOutput = stdoutPipe
+        process.standardError = stderrPipe
+        try process.run()
+        defer { if process.isRunning { process.terminate(); process.waitUntilExit() } }
+        OpsTestHTTP.eventually("admin /ready answers 200") {
+            (try? OpsTestHTTP.request(port: adminPort, path: "/ready", group: group))?.status == 200
+        }
+        XCTAssertEqual(try OpsTestHTTP.request(port: proxyPort, path: "/to-stdout", group: group).status, 200)
+        kill(process.processIdentifier, SIGINT)
+        let stdoutText = String(decoding: stdoutPipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        let stderrText = String(decoding: stderrPipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        process.waitUntilExit()
+        XCTAssertEqual(process.terminationStatus, 0, stderrText)
+        let lines = stdoutText.split(separator: "\n")
+        XCTAssertEqual(lines.count, 1, "stdout carries only the access log:\n\(stdoutText)")
+        let entry = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(lines[0].utf8)) as? [String: Any])
+        XCTAssertEqual(entry["path"] as? String, "/to-stdout")
+        XCTAssertTrue(stderrText.contains("listening"), stderrText)
+        XCTAssertFalse(stderrText.contains("/to-stdout"), "no access log on stderr")
+    }
+
     // MARK: helpers
 
     private func write(_ name: String, _ text: String) throws -> String {
