@@ -140,6 +140,16 @@ final class HealthCheckerTests: XCTestCase {
         }
     }
 
+    func testProbeFailureReasonsAreShort() throws {
+        let port = try CLITests.freePort() // nothing listens there now
+        let result = HealthProbe.run(on: group.next(), address: HostPort(host: "127.0.0.1", port: port),
+                                     path: "/healthz", timeout: .seconds(2))
+        XCTAssertThrowsError(try result.wait()) { error in
+            XCTAssertEqual(HealthProbe.describe(error), "connect failed: Connection refused")
+        }
+        XCTAssertEqual(HealthProbe.describe(HealthProbe.TimedOut()), "health probe timed out")
+    }
+
     func testUpstreamsWithoutActiveCheckAreNotProbed() throws {
         var plain = UpstreamConfig()
         plain.name = "plain"

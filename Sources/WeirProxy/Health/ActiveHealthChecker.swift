@@ -102,7 +102,7 @@ public final class ActiveHealthChecker: @unchecked Sendable {
             .recover { error in
                 self.logger.debug("health probe failed", metadata: [
                     "upstream": "\(job.upstream)", "target": "\(job.address)", "error": "\(error)"])
-                self.record(job, healthy: false, detail: "\(error)")
+                self.record(job, healthy: false, detail: HealthProbe.describe(error))
             }
     }
 
@@ -123,11 +123,31 @@ public final class ActiveHealthChecker: @unchecked Sendable {
 /// One HTTP/1.1 health probe: connect, `GET path`, read the status line, close.
 public enum HealthProbe {
     public struct TimedOut: Error, CustomStringConvertible {
+        public init() {}
         public var description: String { "health probe timed out" }
     }
 
     public struct ConnectionClosedEarly: Error, CustomStringConvertible {
+        public init() {}
         public var description: String { "connection closed before a response" }
+    }
+
+    /// A short reason for logs: `connection refused`, `timed out`, ...
+    public static func describe(_ error: Error) -> String {
+        switch error {
+        case let connect as NIOConnectionError:
+            if let failure = connect.connectionErrors.first {
+                if let io = failure.error as? IOError { return "connect failed: \(String(cString: strerror(io.errnoCode)))" }
+                return "connect failed: \(failure.error)"
+            }
+            return "\(connect)"
+        case let io as IOError:
+            return String(cString: strerror(io.errnoCode))
+        case ChannelError.connectTimeout:
+            return "connect timed out"
+        default:
+            return "\(error)"
+        }
     }
 
     /// The response status, or a failed future (connect error, timeout,
