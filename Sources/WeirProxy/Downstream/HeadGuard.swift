@@ -1,4 +1,7 @@
 import NIOCore
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Sits in front of the HTTP request decoder and looks at raw bytes only
 /// while a request head is expected:
@@ -43,12 +46,15 @@ final class HeadGuard: ChannelInboundHandler, RemovableChannelHandler {
             let buffer = unwrapInboundIn(data)
             owner?.headBytesArrived()
             if !sawLineEnd {
-                let view = buffer.readableBytesView
-                if let lf = view.firstIndex(of: UInt8(ascii: "\n")) {
-                    requestLineBytes += lf - view.startIndex
+                let lineLength = buffer.withUnsafeReadableBytes { bytes -> Int? in
+                    guard let base = bytes.baseAddress, let lf = memchr(base, Int32(UInt8(ascii: "\n")), bytes.count) else { return nil }
+                    return base.distance(to: UnsafeRawPointer(lf))
+                }
+                if let lineLength {
+                    requestLineBytes += lineLength
                     sawLineEnd = true
                 } else {
-                    requestLineBytes += view.count
+                    requestLineBytes += buffer.readableBytes
                 }
                 // Leading empty lines before a request line are allowed (RFC 9112 §2.2)
                 // and are counted here; the limit is generous enough for that.

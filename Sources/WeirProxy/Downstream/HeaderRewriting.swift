@@ -26,6 +26,33 @@ enum HeaderRewriting {
         case contentLength, expect
         case other
 
+        /// Position in `namesByBit` (only kinds that are ever removed).
+        var bit: UInt32 {
+            switch self {
+            case .connection: return 0
+            case .keepAlive: return 1
+            case .proxyConnection: return 2
+            case .te: return 3
+            case .trailer: return 4
+            case .transferEncoding: return 5
+            case .upgrade: return 6
+            case .host: return 7
+            case .xForwardedFor: return 8
+            case .xForwardedProto: return 9
+            case .xForwardedHost: return 10
+            case .via: return 11
+            case .xRequestID: return 12
+            case .contentLength: return 13
+            case .expect: return 14
+            case .other: return 15
+            }
+        }
+
+        static let namesByBit: [String] = [
+            "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
+            "host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "via", "x-request-id",
+        ]
+
         var isHopByHop: Bool {
             switch self {
             case .connection, .keepAlive, .proxyConnection, .te, .trailer, .transferEncoding, .upgrade: return true
@@ -64,6 +91,11 @@ enum HeaderRewriting {
     /// Header names listed in Connection values, beyond close/keep-alive/upgrade
     /// (those are handled by the rewriting anyway). Usually empty.
     static func connectionListedNames(_ value: String, into names: inout [String]) {
+        // Nearly every Connection header is exactly one of these.
+        if value.equalsLowercaseASCII("keep-alive") || value.equalsLowercaseASCII("close")
+            || value.equalsLowercaseASCII("upgrade") {
+            return
+        }
         for token in value.split(separator: ",") {
             let t = token.trimmingASCIISpaces()
             if t.isEmpty { continue }
@@ -73,23 +105,37 @@ enum HeaderRewriting {
         }
     }
 
+    /// Kinds seen in a header block that must be removed, as a bit set, so
+    /// the block can be copied whole and only those names scanned out.
+    struct RemovalSet {
+        private var bits: UInt32 = 0
+        @inline(__always) mutating func insert(_ kind: Known) { bits |= 1 << kind.bit }
+        var isEmpty: Bool { bits == 0 }
+        func apply(to headers: inout HTTPHeaders) {
+            guard bits != 0 else { return }
+            for (bit, name) in Known.namesByBit.enumerated() where bits & (1 << UInt32(bit)) != 0 {
+                headers.remove(name: name)
+            }
+        }
+    }
+
     /// Builds the head sent upstream from the client's head.
     static func upstreamRequestHead(
         from head: HTTPRequestHead, forwardURI: String, framing: RequestFraming,
         upgrade: String?, hostHeader: String, clientHost: String?, clientIP: String, peerTrusted: Bool,
         scheme: String, requestID: String
     ) -> HTTPRequestHead {
-        var headers = HTTPHeaders()
-        headers.reserveCapacity(head.headers.count + 8)
         var listed: [String] = []
+        var removals = RemovalSet()
         var forwardedFor: String? = nil
         var forwardedProto: String? = nil
         var forwardedHost: String? = nil
         var via: String? = nil
         for (name, value) in head.headers {
-            switch Known.classify(name) {
+            let kind = Known.classify(name)
+            switch kind {
             case .other, .contentLength, .expect:
-                headers.add(name: name, value: value)
+                continue
             case .connection:
                 connectionListedNames(value, into: &listed)
             case .xForwardedFor:
@@ -103,7 +149,12 @@ enum HeaderRewriting {
             case .host, .xRequestID, .keepAlive, .proxyConnection, .te, .trailer, .transferEncoding, .upgrade:
                 break
             }
+            removals.insert(kind)
         }
+        // Copy the block whole (one array copy) and take out only what was there.
+        var headers = head.headers
+        headers.reserveCapacity(headers.count + 8)
+        removals.apply(to: &headers)
         for name in listed { headers.remove(name: name) }
 
         headers.add(name: "host", value: hostHeader)
@@ -134,17 +185,17 @@ enum HeaderRewriting {
         _ response: HTTPResponseHead, requestVersion: HTTPVersion, bodyAllowed: Bool,
         keepAlive: Bool, isUpgrade: Bool
     ) -> (head: HTTPResponseHead, mustClose: Bool) {
-        var headers = HTTPHeaders()
-        headers.reserveCapacity(response.headers.count + 3)
         var listed: [String] = []
+        var removals = RemovalSet()
         var hasContentLength = false
         var via: String? = nil
         var upgradeValue: String? = nil
         for (name, value) in response.headers {
-            switch Known.classify(name) {
+            let kind = Known.classify(name)
+            switch kind {
             case .contentLength:
                 hasContentLength = true
-                headers.add(name: name, value: value)
+                continue
             case .connection:
                 connectionListedNames(value, into: &listed)
             case .via:
@@ -154,9 +205,13 @@ enum HeaderRewriting {
             case .keepAlive, .proxyConnection, .te, .trailer, .transferEncoding:
                 break
             case .other, .host, .xForwardedFor, .xForwardedProto, .xForwardedHost, .xRequestID, .expect:
-                headers.add(name: name, value: value)
+                continue
             }
+            removals.insert(kind)
         }
+        var headers = response.headers
+        headers.reserveCapacity(headers.count + 3)
+        removals.apply(to: &headers)
         for name in listed { headers.remove(name: name) }
 
         var mustClose = !keepAlive
