@@ -10,6 +10,14 @@ import WeirCore
 // types first, but plugins could call N directly through debug tricks);
 // use raw table access only.
 
+/// Header names from plugins are usually lower-case already; skip the
+/// Unicode-aware lowercased() (and its allocation) in that case.
+@inline(__always)
+func lowercasedHeaderName(_ name: String) -> String {
+    for byte in name.utf8 where byte >= 0x41 && byte <= 0x5a { return name.lowercased() }
+    return name
+}
+
 private func pushOptional(_ s: String?, on L: LuaThread) {
     if let s = s { LuaState.push(s, on: L) } else { lua_pushnil(L) }
 }
@@ -19,7 +27,7 @@ private func pushHeaderTable(_ headers: [(name: String, value: String)], on L: L
     var order: [String] = []
     var values: [String: [String]] = [:]
     for (name, value) in headers {
-        let key = name.lowercased()
+        let key = lowercasedHeaderName(name)
         if values[key] == nil { order.append(key); values[key] = [value] } else { values[key]!.append(value) }
     }
     lua_createtable(L, 0, Int32(order.count))
@@ -69,7 +77,8 @@ extension LuaRuntime {
 
     /// Wraps a native that needs the current request.
     private func requestNative(_ name: String, _ body: @escaping RequestNative) -> NativeFunction {
-        return { [unowned self] L in
+        // unowned(unsafe): the state (and so every native) dies with the runtime.
+        return { [unowned(unsafe) self] L in
             guard let scope = self.current else {
                 return .error("\(name): no request is active (called outside a plugin phase?)")
             }
@@ -135,7 +144,7 @@ extension LuaRuntime {
         n.append(("req_get_id", requestNative("weir.request.get_id") { L, _, r in LuaState.push(r.requestID, on: L); return .values(1) }))
         n.append(("req_get_header", requestNative("weir.request.get_header") { L, _, r in
             guard let name = LuaState.string(at: 1, on: L) else { return .error("weir.request.get_header: header name must be a string") }
-            pushOptional(r.requestHeader(name.lowercased()), on: L)
+            pushOptional(r.requestHeader(lowercasedHeaderName(name)), on: L)
             return .values(1)
         }))
         n.append(("req_get_headers", requestNative("weir.request.get_headers") { L, _, r in
@@ -154,7 +163,7 @@ extension LuaRuntime {
                 guard let name = LuaState.string(at: 1, on: L), let value = LuaState.stringOrNumber(at: 2, on: L) else {
                     return .error("\(fname): expected a name and a value")
                 }
-                apply(r, name.lowercased(), value)
+                apply(r, lowercasedHeaderName(name), value)
                 return .values(0)
             }
         }
@@ -162,7 +171,7 @@ extension LuaRuntime {
         n.append(("up_add_header", setter("weir.upstream.request.add_header") { $0.addUpstreamHeader($1, $2) }))
         n.append(("up_clear_header", requestNative("weir.upstream.request.clear_header") { L, _, r in
             guard let name = LuaState.string(at: 1, on: L) else { return .error("weir.upstream.request.clear_header: name must be a string") }
-            r.clearUpstreamHeader(name.lowercased()); return .values(0)
+            r.clearUpstreamHeader(lowercasedHeaderName(name)); return .values(0)
         }))
         n.append(("up_set_path", requestNative("weir.upstream.request.set_path") { L, _, r in
             guard let path = LuaState.string(at: 1, on: L) else { return .error("weir.upstream.request.set_path: path must be a string") }
@@ -210,7 +219,7 @@ extension LuaRuntime {
         }))
         n.append(("resp_get_header", requestNative("weir.response.get_header") { L, _, r in
             guard let name = LuaState.string(at: 1, on: L) else { return .error("weir.response.get_header: name must be a string") }
-            pushOptional(r.responseHeader(name.lowercased()), on: L); return .values(1)
+            pushOptional(r.responseHeader(lowercasedHeaderName(name)), on: L); return .values(1)
         }))
         n.append(("resp_get_headers", requestNative("weir.response.get_headers") { L, _, r in
             pushHeaderTable(r.responseHeaders(), on: L); return .values(1)
@@ -219,7 +228,7 @@ extension LuaRuntime {
         n.append(("resp_add_header", setter("weir.response.add_header") { $0.addResponseHeader($1, $2) }))
         n.append(("resp_clear_header", requestNative("weir.response.clear_header") { L, _, r in
             guard let name = LuaState.string(at: 1, on: L) else { return .error("weir.response.clear_header: name must be a string") }
-            r.clearResponseHeader(name.lowercased()); return .values(0)
+            r.clearResponseHeader(lowercasedHeaderName(name)); return .values(0)
         }))
         n.append(("resp_exit", requestNative("weir.response.exit") { [unowned self] L, scope, _ in
             guard lua_isinteger(L, 1) != 0 else { return .error("weir.response.exit: status must be an integer") }
