@@ -22,7 +22,7 @@ usage: bench/run.sh [options]
   --proxies LIST       comma-separated subset of nginx,haproxy,nginx-lua,weir,weir-noop,weir-lua
                        (default all; weir-noop = one no-op plugin, weir-lua = the 3-plugin Lua chain)
   --wrk-threads N      wrk threads (default 1: wrk shares the load core with the origin)
-  --upstream-keepalive N  nginx 'keepalive N' idle upstream connections (default 64)
+  --upstream-keepalive N  idle upstream connections kept: nginx 'keepalive N', Weir pool.max_idle (default 64)
   --quiet-wait S       before each measured run, wait up to S seconds for other engineers'
                        Swift compiles (swift-frontend/swift-build) to finish (default 0)
 EOF
@@ -146,7 +146,7 @@ swift_builds() { # compiler processes of other engineers' builds: they make numb
 
 {
     echo "# Weir side-by-side benchmark, $STAMP"
-    echo "# command: bench/run.sh $(printf '%q ' "${ORIGINAL_ARGS[@]:-}")"
+    echo "# command: bench/run.sh ${ORIGINAL_ARGS[*]:-}"
     echo "# machine: $(uname -srm); $(nproc) CPUs; $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
     echo "# versions: $(nginx -v 2>&1); $(haproxy -v | head -1); $(wrk -v 2>&1 | head -1); weir binary built from commit $(weir_binary_commit) (repo HEAD $(git -C "$REPO_DIR" rev-parse --short HEAD 2>/dev/null))"
     if [ -n "$LOAD_CPU" ]; then
