@@ -133,10 +133,6 @@ final class Gateway {
             logger.info("admin listening", metadata: ["address": "\(server.boundAddress.map(hostPortText) ?? "\(adminConfig.listen)")"])
             admin = server
         }
-        ready.store(true, ordering: .relaxed)
-        logger.info("weir started", metadata: ["workers": "\(workers)", "mode": "gateway",
-                                               "active_health_checks": "\(checker.targetCount)"])
-
         // Signals arrive on their own queue; the main thread waits for the drain.
         let drained = DispatchSemaphore(value: 0)
         let signalCount = ManagedAtomic<Int>(0)
@@ -164,6 +160,11 @@ final class Gateway {
                 logger.error("access log reopen failed", metadata: ["error": "\(error)"])
             }
         }
+        // Ready only once signals are handled, so "ready" always means a
+        // SIGTERM from here on drains instead of killing.
+        ready.store(true, ordering: .relaxed)
+        self.logger.info("weir started", metadata: ["workers": "\(workers)", "mode": "gateway",
+                                                    "active_health_checks": "\(checker.targetCount)"])
         drained.wait()
         signals.cancel()
         reopen.cancel()
