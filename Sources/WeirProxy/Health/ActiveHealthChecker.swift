@@ -63,15 +63,19 @@ public final class ActiveHealthChecker: @unchecked Sendable {
     /// Number of targets being probed.
     public var targetCount: Int { jobs.count }
 
-    /// Starts probing; the first round runs immediately.
+    /// Starts probing; the first round is spread over one interval.
     public func start() {
         lock.withLock {
             guard !started else { return }
             started = true
-            for job in jobs {
-                let delay = TimeAmount.nanoseconds(job.check.interval.nanoseconds)
+            for (position, job) in jobs.enumerated() {
+                let interval = job.check.interval.nanoseconds
+                let delay = TimeAmount.nanoseconds(interval)
+                // Stagger first probes over one interval so many targets are
+                // not all probed in the same instant, round after round.
+                let stagger = TimeAmount.nanoseconds(interval / Int64(jobs.count) * Int64(position))
                 let loop = eventLoop
-                let task = loop.scheduleRepeatedAsyncTask(initialDelay: .zero, delay: delay) { [weak self] _ in
+                let task = loop.scheduleRepeatedAsyncTask(initialDelay: stagger, delay: delay) { [weak self] _ in
                     guard let self = self else { return loop.makeSucceededVoidFuture() }
                     return self.runProbe(job)
                 }
