@@ -139,10 +139,12 @@ function request.get_query_arg(name)
   return v
 end
 
+-- Hot path: checks inlined (no helper calls) and the native cached in a local.
+local native_get_header = N.req_get_header
 function request.get_header(name)
-  check_phase("weir.request.get_header", ANY_REQUEST_PHASE)
-  check_string("weir.request.get_header", 1, name)
-  return N.req_get_header(name)
+  if not ANY_REQUEST_PHASE[S[1]] then check_phase("weir.request.get_header", ANY_REQUEST_PHASE) end
+  if type(name) ~= "string" then arg_error("weir.request.get_header", 1, "string", name, 3) end
+  return native_get_header(name)
 end
 
 function request.get_headers()
@@ -178,10 +180,12 @@ local upstream_request = {}
 upstream.request = upstream_request
 weir.upstream = upstream
 
+local native_up_set_header = N.up_set_header
 function upstream_request.set_header(name, value)
-  check_phase("weir.upstream.request.set_header", REWRITE_PHASES)
-  check_string("weir.upstream.request.set_header", 1, name)
-  N.up_set_header(name, header_value("weir.upstream.request.set_header", 2, value))
+  if S[1] ~= REQUEST then check_phase("weir.upstream.request.set_header", REWRITE_PHASES) end
+  if type(name) ~= "string" then arg_error("weir.upstream.request.set_header", 1, "string", name, 3) end
+  if type(value) ~= "string" then value = header_value("weir.upstream.request.set_header", 2, value) end
+  native_up_set_header(name, value)
 end
 
 function upstream_request.add_header(name, value)
