@@ -93,6 +93,59 @@ final class ProxyErrorTests: XCTestCase {
         assertJSONError(response, status: 504, code: "upstream_timeout")
     }
 
+    func testWriteTimeoutWhenUpstreamStopsReadingIs504() throws {
+        // Accepted by the kernel but never read: the upstream socket fills up
+        // and the proxy's write side stays blocked.
+        let listener = try NeverReadingListener()
+        let proxy = try ProxyHarness(config: ProxyHarness.config(targets: [HostPort(host: "127.0.0.1", port: listener.port)]) {
+            $0.upstreams[0].timeouts.write = .milliseconds(300)
+            $0.upstreams[0].retries = 0
+        })
+        self.proxy = proxy
+        let client = try proxy.connect(timeoutSeconds: 20)
+        let total = 64 * 1024 * 1024
+        try client.send("POST /sink HTTP/1.1\r\nHost: a\r\nContent-Length: \(total)\r\n\r\n")
+        let sender = Thread {
+            let chunk = [UInt8](repeating: 1, count: 256 * 1024)
+            var sent = 0
+            while sent < total, (try? client.send(chunk)) != nil { sent += chunk.count }
+        }
+        sender.start()
+        let response = try client.readResponse()
+        assertJSONError(response, status: 504, code: "upstream_timeout")
+        XCTAssertTrue(response.errorJSON?["message"]?.contains("writing") ?? false, response.bodyText)
+        XCTAssertTrue(client.waitForClose(), "part of the body went upstream, so the connection closes")
+        _ = listener
+    }
+
+    func testBodyLimitHitMidStreamClosesWithoutCompletingUpstream() throws {
+        let proxy = try start { $0.listeners[0].limits.maxBodyBytes = 100_000 }
+        let client = try proxy.connect()
+        // Warm the pool so the next request's body is forwarded as it arrives.
+        XCTAssertEqual(try client.request("GET", "/warm").status, 200)
+        try client.send("POST /sink HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+        let chunk = "ea60\r\n" + String(repeating: "c", count: 60_000) + "\r\n"
+        try client.send(chunk)
+        Thread.sleep(forTimeInterval: 0.2)
+        try? client.send(chunk)   // crosses the limit after bytes went upstream
+        let rest = client.readToEnd()
+        XCTAssertFalse(String(decoding: rest, as: UTF8.self).hasPrefix("HTTP/1.1 2"), "no success response")
+        XCTAssertTrue(client.closedByPeer)
+        XCTAssertEqual(upstream.requests.map(\.uri), ["/warm"], "the upstream never saw the oversized request complete")
+    }
+
+    func testPipelinedRequestsWithLocalErrorStayInOrder() throws {
+        let proxy = try start { $0.routes[0].match.paths = [.prefix("/api")] }
+        let client = try proxy.connect()
+        try client.send("GET /api/1 HTTP/1.1\r\nHost: a\r\n\r\nGET /nope HTTP/1.1\r\nHost: a\r\n\r\nGET /api/slow HTTP/1.1\r\nHost: a\r\n\r\nGET /nope2 HTTP/1.1\r\nHost: a\r\n\r\nGET /api/3 HTTP/1.1\r\nHost: a\r\n\r\n")
+        XCTAssertEqual(try client.readResponse().status, 200)
+        XCTAssertEqual(try client.readResponse().status, 404)
+        XCTAssertEqual(try client.readResponse().status, 200)
+        XCTAssertEqual(try client.readResponse().status, 404)
+        XCTAssertEqual(try client.readResponse().status, 200)
+        XCTAssertEqual(upstream.requests.map(\.uri), ["/api/1", "/api/slow", "/api/3"])
+    }
+
     func testUpstreamClosingWithoutResponseIs502() throws {
         let proxy = try start { $0.upstreams[0].retries = 0 }
         let response = try proxy.connect().request("GET", "/drop")
@@ -287,6 +340,36 @@ final class StalledListener {
         for _ in 0..<2 {
             if let s = try? BlockingSocket(port: port, timeoutSeconds: 1) { fillers.append(s) }
         }
+    }
+
+    deinit { close(fd) }
+}
+
+/// A TCP listener whose connections the kernel accepts (backlog) but the
+/// test never reads: whatever is sent to it stalls once buffers are full.
+final class NeverReadingListener {
+    let fd: Int32
+    let port: Int
+
+    init() throws {
+        let sock = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr)
+        _ = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(sock, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        // Small receive buffers so the stall comes quickly.
+        var small: Int32 = 4096
+        setsockopt(sock, SOL_SOCKET, SO_RCVBUF, &small, socklen_t(MemoryLayout<Int32>.size))
+        listen(sock, 16)
+        var bound = sockaddr_in()
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &bound) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(sock, $0, &length) }
+        }
+        fd = sock
+        port = Int(UInt16(bigEndian: bound.sin_port))
     }
 
     deinit { close(fd) }
