@@ -129,6 +129,7 @@ final class LoopContext: @unchecked Sendable {
     let pools: [[TargetPool]]
     private let balancers: [LoadBalancer]
     private var connections: [ObjectIdentifier: DownstreamHandler] = [:]
+    private var tunnels: [ObjectIdentifier: Channel] = [:]
     private var sweepTask: RepeatedTask?
     private var draining = false
 
@@ -210,5 +211,15 @@ final class LoopContext: @unchecked Sendable {
 
     func forceCloseAll() {
         for handler in Array(connections.values) { handler.forceClose() }
+        for channel in Array(tunnels.values) { channel.close(promise: nil) }
+    }
+
+    /// Downstream channels that became raw tunnels (after a 101).
+    func registerTunnel(_ channel: Channel) {
+        tunnels[ObjectIdentifier(channel)] = channel
+    }
+
+    func unregisterTunnel(_ channel: Channel) {
+        tunnels.removeValue(forKey: ObjectIdentifier(channel))
     }
 }

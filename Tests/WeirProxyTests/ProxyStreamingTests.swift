@@ -105,8 +105,12 @@ final class ProxyStreamingTests: XCTestCase {
         let seen = String(decoding: upstream.allReceived, as: UTF8.self)
         XCTAssertTrue(seen.lowercased().contains("upgrade: websocket"), "the Upgrade header is forwarded")
         XCTAssertTrue(seen.lowercased().contains("connection: upgrade"))
-        // Closing the client closes the tunnel.
-        client.shutdownWrite()
+        // A tunnel counts as an open connection: drain waits for it and
+        // force-closes it at the timeout.
+        XCTAssertEqual(proxy.server.activeConnections, 1)
+        try proxy.server.waitForDrain(timeout: .milliseconds(300)).wait()
+        XCTAssertTrue(client.waitForClose())
+        XCTAssertEqual(proxy.server.activeConnections, 0)
     }
 
     func testUpgradeRefusedByUpstreamEndsAsNormalResponse() throws {

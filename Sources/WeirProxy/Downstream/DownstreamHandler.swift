@@ -104,11 +104,10 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         connectionTimer.cancel()
         exchangeTimer.cancel()
         if registered {
-            // Removed for a tunnel: the connection lives on but is no longer ours to count.
+            // Removed for a tunnel: the connection lives on, now counted and
+            // closed by the tunnel (see switchToTunnel).
             registered = false
             loopContext.unregister(self)
-            listener.connectionClosed()
-            listener.observer?.connectionClosed(listener: listener.name)
         }
     }
 
@@ -934,6 +933,16 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         // Deferred: we are inside the upstream decoder's read callback.
         context.eventLoop.execute {
             let (down, up) = TunnelHandler.makePair()
+            // The tunnel keeps counting as an open connection until it closes,
+            // so drain waits for it (and force-closes it at the timeout).
+            let listener = self.listener
+            let loopContext = self.loopContext
+            loopContext.registerTunnel(downstream)
+            down.onClose = {
+                loopContext.unregisterTunnel(downstream)
+                listener.connectionClosed()
+                listener.observer?.connectionClosed(listener: listener.name)
+            }
             do {
                 let downOps = downstream.pipeline.syncOperations
                 let upOps = upstream.pipeline.syncOperations
@@ -955,6 +964,11 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
                 // The connection now belongs to the tunnel; it closes when either side does.
                 connection.reusable = false
             } catch {
+                if self.registered {
+                    // Still in the pipeline: this handler does the accounting on close.
+                    down.onClose = nil
+                    loopContext.unregisterTunnel(downstream)
+                }
                 downstream.close(promise: nil)
                 upstream.close(promise: nil)
             }

@@ -11,6 +11,8 @@ final class TunnelHandler: ChannelDuplexHandler, RemovableChannelHandler {
     typealias OutboundOut = ByteBuffer
 
     private var partner: TunnelHandler?
+    /// Called once when this side's channel closes (accounting).
+    var onClose: (() -> Void)?
     private var context: ChannelHandlerContext?
     private var pendingRead = false
 
@@ -45,6 +47,8 @@ final class TunnelHandler: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
+        onClose?()
+        onClose = nil
         partner?.context?.close(promise: nil)
         context.fireChannelInactive()
     }
