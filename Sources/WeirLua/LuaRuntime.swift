@@ -20,7 +20,22 @@ public struct LuaRuntimeOptions: Sendable {
     }
     /// Finished coroutines kept for reuse by later requests.
     public var maxIdleCoroutines: Int = 64
+    /// Told about every plugin phase call (for /metrics); nil = no clock reads.
+    public var observer: PluginPhaseObserver? = nil
     public init() {}
+}
+
+/// How one plugin's phase call ended.
+public enum PluginCallOutcome: Sendable {
+    case completed, exited, failed
+}
+
+/// Receives per-plugin, per-phase timings and outcomes (latency histograms
+/// and failure counters on /metrics). Called on the event loop: keep it cheap.
+public protocol PluginPhaseObserver: AnyObject, Sendable {
+    /// `nanoseconds` is wall time from the call's start to its end,
+    /// including any time spent waiting on async SDK calls.
+    func pluginPhaseCompleted(plugin: String, phase: PluginPhase, nanoseconds: UInt64, outcome: PluginCallOutcome)
 }
 
 /// A plugin compiled in one runtime's Lua state.

@@ -33,6 +33,8 @@ public final class PluginRequest {
     private var index = 0
     private var serial = 0
     private var savedBudget: Int64 = 0
+    /// Start of the current plugin call, when an observer wants timings.
+    private var callStart: UInt64 = 0
     private var promise: EventLoopPromise<PhaseResult>?
 
     init(runtime: LuaRuntime, request: PluginRequestContext?, connection: PluginConnection?) {
@@ -125,8 +127,15 @@ public final class PluginRequest {
         }
     }
 
+    private func report(_ entry: PluginChain.Entry, _ outcome: PluginCallOutcome) {
+        guard let observer = runtime.options.observer else { return }
+        let elapsed = NIODeadline.now().uptimeNanoseconds &- callStart
+        observer.pluginPhaseCompleted(plugin: entry.name, phase: phase, nanoseconds: elapsed, outcome: outcome)
+    }
+
     private func fail(_ entry: PluginChain.Entry, _ message: String, _ traceback: String? = nil) -> PhaseResult {
-        .failed(PluginFailure(plugin: entry.name, phase: phase, message: message, traceback: traceback))
+        report(entry, .failed)
+        return .failed(PluginFailure(plugin: entry.name, phase: phase, message: message, traceback: traceback))
     }
 
     /// Runs plugins from `index` on. Returns nil when suspended on `pending`.
@@ -153,6 +162,7 @@ public final class PluginRequest {
                 runtime.enter(self, plugin: entry.name, phase: phase, serial: serial)
                 result = co.resume(nargs: Int32(values.count))
             } else {
+                if runtime.options.observer != nil { callStart = NIODeadline.now().uptimeNanoseconds }
                 serial = runtime.nextPhaseSerial()
                 _ = lua_checkstack(thread, 4)
                 runtime.state.pushRef(entry.plugin.phaseRefs[phase.luaID], on: thread)
@@ -185,12 +195,14 @@ public final class PluginRequest {
                     } catch { co.clear(); return fail(entry, "\(error)") }
                 }
                 co.clear()
-                if let exit = exit { return .exit(exit) }
+                if let exit = exit { report(entry, .exited); return .exit(exit) }
+                report(entry, .completed)
                 index += 1
             case .yielded(let count):
                 weir_pop(thread, count)
                 if let exit = exit {
                     co.reset()
+                    report(entry, .exited)
                     return .exit(exit)
                 }
                 if let pending = pending {
