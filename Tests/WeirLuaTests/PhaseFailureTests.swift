@@ -125,6 +125,19 @@ final class PhaseFailureTests: XCTestCase {
         try h.onLoop { scope.finish(); connection.close() }
     }
 
+    func testErrorInConnectionPhase() throws {
+        let h = Harness()
+        h.folder.add("connboom", handler: "return { PRIORITY = 1, VERSION = '1', connection = function(s, c, conn) local x = conn.data.missing.field end }")
+        try h.load(["connboom"])
+        let chain = try h.chain("connboom")
+        let connection = try h.onLoop { h.runtime.beginConnection(TestConnection()) }
+        let failure = try h.loop.flatSubmit { connection.runConnectionPhase(chain: chain) }.wait().failure
+        XCTAssertEqual(failure?.phase, .connection)
+        XCTAssertEqual(failure?.plugin, "connboom")
+        XCTAssertTrue(failure?.message.contains("connboom/handler.lua:1: attempt to index a nil value (field 'missing')") ?? false, "\(String(describing: failure))")
+        try h.onLoop { connection.close() }
+    }
+
     func testConnectionRejection() throws {
         let h = Harness()
         h.folder.add("gate", handler: """
