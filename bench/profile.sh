@@ -3,7 +3,9 @@
 # (origin nginx + wrk on one core, the proxy on the other):
 #   1. `perf record -g` for a few seconds, then `perf report --no-children`:
 #      the top 20 symbols and the split by shared object (kernel, libc,
-#      Swift runtime, NIO, Weir);
+#      Swift runtime, NIO, Weir), and from the call stacks the inclusive
+#      time of the proxy's functions and who calls the hottest runtime and
+#      kernel symbols (perf_attribution.py), demangled;
 #   2. `strace -c -f` over a separate window: which syscalls, and how many
 #      per request (strace slows the proxy a lot, so its req/s is not a
 #      throughput figure; the per-request counts are what matter).
@@ -119,6 +121,12 @@ strace_requests=$(field requests "$strace_wrk")
 strace_calls=$(awk '$NF == "total" { print $4 }' "$RUN_DIR/strace.out")
 
 # --- report --------------------------------------------------------------------
+
+# Swift symbols are mangled; swift-demangle (from the toolchain) makes them readable.
+demangle() {
+    if command -v swift-demangle >/dev/null 2>&1; then swift-demangle --simplified; else cat; fi
+}
+case "$PROXY" in weir*) PROXY_BINARY=weir ;; nginx*) PROXY_BINARY=nginx ;; *) PROXY_BINARY=$PROXY ;; esac
 {
     echo "# Profile of $PROXY under load, $STAMP"
     echo "# command: bench/profile.sh --proxy $PROXY --connections $CONNS --duration $DURATION"
@@ -130,15 +138,15 @@ strace_calls=$(awk '$NF == "total" { print $4 }' "$RUN_DIR/strace.out")
     echo
     echo "## perf report --no-children: top 20 symbols"
     perf report -i "$RUN_DIR/perf.data" --no-children --stdio -g none --sort dso,symbol 2>/dev/null \
-        | grep -v '^#' | grep -v '^$' | sed 's/[ -]*$//' | head -20
+        | grep -v '^#' | grep -v '^$' | sed 's/[ -]*$//' | head -20 | demangle | cut -c1-220
     echo
     echo "## perf report --no-children: by shared object"
     perf report -i "$RUN_DIR/perf.data" --no-children --stdio -g none --sort dso 2>/dev/null \
         | grep -v '^#' | grep -v '^$' | head -15
     echo
-    echo "## perf report --no-children with callers: top 8 symbols (call chains, frame-pointer based)"
-    perf report -i "$RUN_DIR/perf.data" --no-children --stdio -g caller,0.5,callee --sort symbol --percent-limit 3 2>/dev/null \
-        | grep -v '^#' | grep -v '^$' | sed 's/[ -]*$//' | head -150
+    echo "## who the time goes to: inclusive time and nearest callers (bench/perf_attribution.py)"
+    perf script -i "$RUN_DIR/perf.data" -F tid,ip,sym,dso 2>/dev/null \
+        | python3 "$BENCH_DIR/perf_attribution.py" "$PROXY_BINARY" | demangle | cut -c1-220
     echo
     echo "## strace -c -f over a ${STRACE_SECONDS} s wrk run (strace slows the proxy; use the per-request counts)"
     echo "requests during the window: ${strace_requests:-?}; syscalls: ${strace_calls:-?}"
@@ -152,7 +160,12 @@ strace_calls=$(awk '$NF == "total" { print $4 }' "$RUN_DIR/strace.out")
     cat "$RUN_DIR/strace.out"
 } > "$REPORT"
 
+# Keep the raw samples (gitignored) for deeper digging with perf report/script.
+mkdir -p "$RESULTS_DIR"
+cp "$RUN_DIR/perf.data" "$RESULTS_DIR/$STAMP-$PROXY.perf.data"
+
 echo
 cat "$REPORT" | sed -n '1,45p'
 echo "..."
 echo "full report: ${REPORT#$REPO_DIR/}"
+echo "raw samples: ${RESULTS_DIR#$REPO_DIR/}/$STAMP-$PROXY.perf.data (perf report -i ...)"
