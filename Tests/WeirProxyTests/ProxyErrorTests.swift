@@ -57,6 +57,17 @@ final class ProxyErrorTests: XCTestCase {
         XCTAssertEqual(upstream.requests.map(\.uri), ["/api/x"])
     }
 
+    func testRejectedExpectContinueRequestClosesTheConnection() throws {
+        let proxy = try start { $0.routes[0].match.paths = [.prefix("/api")] }
+        let client = try proxy.connect()
+        try client.send("POST /elsewhere HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        let response = try client.readResponse()
+        assertJSONError(response, status: 404, code: "no_route")
+        XCTAssertEqual(response.informational, [], "no 100 for a request the proxy refuses")
+        XCTAssertEqual(response.header("connection"), "close")
+        XCTAssertTrue(client.waitForClose())
+    }
+
     func testConnectRefusedIs502() throws {
         let dead = try unusedPort()
         let proxy = try ProxyHarness(config: ProxyHarness.config(targets: [HostPort(host: "127.0.0.1", port: dead)]) {

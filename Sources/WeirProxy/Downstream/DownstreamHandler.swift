@@ -799,8 +799,14 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         sendLocalResponse(exchange, kind: kind, message: message, close: !exchange.keepAlive)
     }
 
-    private func sendLocalResponse(_ exchange: Exchange, kind: ProxyErrorKind, message: String, close: Bool) {
-        if close { exchange.keepAlive = false }
+    private func sendLocalResponse(_ exchange: Exchange, kind: ProxyErrorKind, message: String, close closeRequested: Bool) {
+        if closeRequested { exchange.keepAlive = false }
+        if !exchange.requestEnded && exchange.framing.expectsContinue && exchange.framing.hasBody {
+            // The client waited for a 100 it will not get; whether it now
+            // sends the body or not is up to it, so the connection cannot be
+            // reused safely.
+            exchange.keepAlive = false
+        }
         let close = closesAfter(exchange)
         let body = ProxyErrorResponse.body(kind: kind, message: message, requestID: exchange.id, allocator: context.channel.allocator)
         let head = ProxyErrorResponse.head(kind: kind, requestID: exchange.id, bodyLength: body.readableBytes,
