@@ -38,12 +38,25 @@ public protocol PluginPhaseObserver: AnyObject, Sendable {
     func pluginPhaseCompleted(plugin: String, phase: PluginPhase, nanoseconds: UInt64, outcome: PluginCallOutcome)
 }
 
+/// A pending `weir.timer.at/every` callback.
+final class LuaTimer {
+    let ref: Int32
+    let interval: Double
+    let repeats: Bool
+    let plugin: String
+    var scheduled: Scheduled<Void>?
+    var cancelled = false
+    init(ref: Int32, interval: Double, repeats: Bool, plugin: String) {
+        self.ref = ref; self.interval = interval; self.repeats = repeats; self.plugin = plugin
+    }
+}
+
 /// A plugin compiled in one runtime's Lua state.
 final class CompiledPlugin {
     let definition: PluginDefinition
     let handlerRef: Int32
     /// Registry refs of the phase functions, indexed by PluginPhase.luaID.
-    var phaseRefs: [Int32] = Array(repeating: LUA_NOREF, count: 6)
+    var phaseRefs: [Int32] = Array(repeating: LUA_NOREF, count: PluginPhase.slotCount)
     init(definition: PluginDefinition, handlerRef: Int32) {
         self.definition = definition; self.handlerRef = handlerRef
     }
@@ -65,7 +78,7 @@ public final class PluginChain {
 
     init(entries: [Entry]) {
         self.entries = entries
-        var byPhase: [[Entry]] = Array(repeating: [], count: 6)
+        var byPhase: [[Entry]] = Array(repeating: [], count: PluginPhase.slotCount)
         for phase in PluginPhase.allCases {
             byPhase[phase.luaID] = entries.filter { $0.plugin.phaseRefs[phase.luaID] != LUA_NOREF }
         }
@@ -95,6 +108,7 @@ public final class LuaRuntime {
     var currentPhase: PluginPhase = .request
     private var phaseSerial = 0
     private var idleCoroutines: [LuaCoroutine] = []
+    private var timers: [ObjectIdentifier: LuaTimer] = [:]
     /// Refs of scopes dropped without finish(), released on the next begin.
     let orphanedRefs = NIOLockedValueBox<[Int32]>([])
 
@@ -213,7 +227,7 @@ public final class LuaRuntime {
     private func compile(_ definition: PluginDefinition) throws -> CompiledPlugin {
         _ = try loadHandler(source: definition.handlerSource, path: definition.handlerPath, name: definition.name)
         let L = state.main
-        var refs = Array(repeating: LUA_NOREF, count: 6)
+        var refs = Array(repeating: LUA_NOREF, count: PluginPhase.slotCount)
         for phase in PluginPhase.allCases {
             if lua_getfield(L, -1, phase.rawValue) == LUA_TFUNCTION {
                 refs[phase.luaID] = state.ref()
@@ -382,7 +396,58 @@ public final class LuaRuntime {
         }
     }
 
+    // MARK: Timers (weir.timer.at / every)
+
+    func startTimer(ref: Int32, seconds: Double, repeats: Bool) {
+        let timer = LuaTimer(ref: ref, interval: seconds, repeats: repeats, plugin: currentPlugin.isEmpty ? "-" : currentPlugin)
+        timers[ObjectIdentifier(timer)] = timer
+        schedule(timer, after: seconds)
+    }
+
+    private func schedule(_ timer: LuaTimer, after seconds: Double) {
+        // weak: a stopped, dropped runtime must not be kept alive by its timers.
+        timer.scheduled = eventLoop!.scheduleTask(in: .nanoseconds(Int64(seconds * 1e9))) { [weak self] in
+            self?.fire(timer)
+        }
+    }
+
+    private func fire(_ timer: LuaTimer) {
+        guard !timer.cancelled else { return }
+        let scope = PluginRequest(runtime: self, request: nil, connection: nil)
+        scope.runTimer(timer).whenComplete { [weak self] result in
+            scope.finish()
+            guard let self = self else { return }
+            if case .success(.failed(let failure)) = result {
+                let trace = failure.traceback.map { "\n" + $0 } ?? ""
+                self.options.log(PluginLogRecord(level: .error, plugin: failure.plugin, requestID: nil, phase: .timer,
+                                                 message: "timer failed: \(failure.message)\(trace)"))
+            }
+            if timer.repeats && !timer.cancelled {
+                self.schedule(timer, after: timer.interval)
+            } else {
+                self.release(timer)
+            }
+        }
+    }
+
+    private func release(_ timer: LuaTimer) {
+        guard timers.removeValue(forKey: ObjectIdentifier(timer)) != nil else { return }
+        timer.cancelled = true
+        timer.scheduled?.cancel()
+        state.unref(timer.ref)
+    }
+
+    /// Cancels every pending timer (call on the loop when a generation is
+    /// retired by a reload; `every` timers would otherwise run forever).
+    public func stopTimers() {
+        eventLoop?.assertInEventLoop()
+        for timer in Array(timers.values) { release(timer) }
+    }
+
+    public var activeTimerCount: Int { timers.count }
+
     deinit {
+        for timer in timers.values { timer.cancelled = true; timer.scheduled?.cancel() }
         // Coroutines and chains live in the state; closing it frees them all.
         idleCoroutines.removeAll()
     }

@@ -5,6 +5,8 @@ public enum PluginPhase: String, CaseIterable, Sendable {
     case connection, request, response
     case bodyFilter = "body_filter"
     case log
+    /// A `weir.timer.at/every` callback (not a handler phase).
+    case timer
 
     /// The id the Lua SDK uses for phase checks (lua/weir/init.lua).
     var luaID: Int {
@@ -14,8 +16,11 @@ public enum PluginPhase: String, CaseIterable, Sendable {
         case .response: return 3
         case .bodyFilter: return 4
         case .log: return 5
+        case .timer: return 6
         }
     }
+    /// Size of arrays indexed by luaID.
+    static let slotCount = 7
 }
 
 /// One request as plugins see it. Implemented by the proxy for each

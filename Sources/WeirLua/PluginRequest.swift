@@ -166,21 +166,26 @@ public final class PluginRequest {
                 serial = runtime.nextPhaseSerial()
                 _ = lua_checkstack(thread, 4)
                 runtime.state.pushRef(entry.plugin.phaseRefs[phase.luaID], on: thread)
-                runtime.state.pushRef(entry.plugin.handlerRef, on: thread)
-                runtime.state.pushRef(entry.confRef, on: thread)
-                if phase == .connection, let connection = connection {
-                    do {
-                        try runtime.pushConnHandle(serial: serial, dataRef: connection.dataRef(), on: thread)
-                    } catch let error as LuaError {
-                        co.clear()
-                        return fail(entry, error.message, error.traceback)
-                    } catch { return fail(entry, "\(error)") }
+                var nargs: Int32 = 3
+                if phase == .timer {
+                    nargs = 0 // fn()
                 } else {
-                    pushCtx(on: thread)
+                    runtime.state.pushRef(entry.plugin.handlerRef, on: thread)
+                    runtime.state.pushRef(entry.confRef, on: thread)
+                    if phase == .connection, let connection = connection {
+                        do {
+                            try runtime.pushConnHandle(serial: serial, dataRef: connection.dataRef(), on: thread)
+                        } catch let error as LuaError {
+                            co.clear()
+                            return fail(entry, error.message, error.traceback)
+                        } catch { return fail(entry, "\(error)") }
+                    } else {
+                        pushCtx(on: thread)
+                    }
                 }
                 runtime.state.setBudget(runtime.options.instructionBudget)
                 runtime.enter(self, plugin: entry.name, phase: phase, serial: serial)
-                result = co.start(nargs: 3)
+                result = co.start(nargs: nargs)
             }
             runtime.leave()
 
@@ -224,6 +229,16 @@ public final class PluginRequest {
             }
         }
         return .continue
+    }
+
+    /// Runs a timer callback as a one-entry chain in the `.timer` phase.
+    func runTimer(_ timer: LuaTimer) -> EventLoopFuture<PhaseResult> {
+        let definition = PluginDefinition(name: timer.plugin, directory: "", handlerPath: "", handlerSource: "",
+                                          schemaPath: "", schema: PluginSchema(fields: [:]), priority: 0, version: "",
+                                          phases: [.timer])
+        let plugin = CompiledPlugin(definition: definition, handlerRef: LUA_REFNIL)
+        plugin.phaseRefs[PluginPhase.timer.luaID] = timer.ref
+        return run(.timer, chain: PluginChain(entries: [.init(plugin: plugin, confRef: LUA_REFNIL)]))
     }
 
     private func resumeAfterPending(_ outcome: Result<[AsyncValue], Error>, from future: EventLoopFuture<[AsyncValue]>) {

@@ -321,6 +321,18 @@ extension LuaRuntime {
             return self.suspend("weir.sleep", L, scope,
                                 loop.scheduleTask(in: .nanoseconds(Int64(seconds * 1e9))) { [AsyncValue]() }.futureResult)
         }))
+        // weir.timer.at / every
+        n.append(("timer_start", { [unowned(unsafe) self] L in
+            guard self.eventLoop != nil else { return .error("weir.timer: timers need an event loop (not available while loading)") }
+            guard let seconds = number(at: 1, on: L), seconds >= 0, lua_type(L, 2) == LUA_TFUNCTION else {
+                return .error("weir.timer: expected a delay and a function")
+            }
+            lua_pushvalue(L, 2)
+            let ref = luaL_ref(L, weir_registryindex())
+            self.startTimer(ref: ref, seconds: seconds, repeats: lua_toboolean(L, 3) != 0)
+            lua_pushboolean(L, 1)
+            return .values(1)
+        }))
         return n
     }
 }

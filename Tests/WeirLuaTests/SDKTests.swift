@@ -308,3 +308,55 @@ final class SDKTests: XCTestCase {
         XCTAssertEqual(h.options.shared.get("counters", "resumed"), .integer(1))
     }
 }
+
+final class TimerTests: XCTestCase {
+    func waitUntil(_ what: String, _ condition: () -> Bool) {
+        // Polls; the limit only bounds a broken run, it is not a speed check.
+        for _ in 0..<500 where !condition() { Thread.sleep(forTimeInterval: 0.01) }
+        XCTAssertTrue(condition(), what)
+    }
+
+    func testTimersRunAfterTheRequestAndCanSleep() throws {
+        let h = Harness()
+        h.folder.add("timers", handler: """
+        return { PRIORITY = 1, VERSION = "1", request = function()
+          local id = weir.request.get_id()
+          weir.timer.at(0.01, function()
+            weir.sleep(0.001)
+            weir.shared.counters:set("once", id)
+            weir.log.info("timer ran", id)
+          end)
+          weir.timer.every(0.01, function() weir.shared.counters:incr("ticks", 1, 0) end)
+          weir.timer.at(0, function() error("timer boom") end)
+        end }
+        """)
+        try h.load(["timers"])
+        XCTAssertEqual(try h.runRequest(try h.chain("timers")), [.continue])
+        let shared = h.options.shared
+        waitUntil("one-shot timer ran") { shared.get("counters", "once") == .string("req-1") }
+        waitUntil("every-timer ticked 3 times") {
+            if case .integer(let n)? = shared.get("counters", "ticks") { return n >= 3 }
+            return false
+        }
+        waitUntil("failing timer logged") { h.logs.records.contains { $0.level == .error && $0.message.contains("timer boom") } }
+        let failed = h.logs.records.first { $0.level == .error }
+        XCTAssertEqual(failed?.plugin, "timers")
+        XCTAssertEqual(failed?.phase, .timer)
+        XCTAssertTrue(h.logs.records.contains { $0.message == "timer ran req-1" && $0.phase == .timer })
+        // Stopping the runtime's timers (what a reload does to the old generation).
+        XCTAssertEqual(try h.onLoop { h.runtime.activeTimerCount }, 1)
+        try h.onLoop { h.runtime.stopTimers() }
+        XCTAssertEqual(try h.onLoop { h.runtime.activeTimerCount }, 0)
+        let ticks = shared.get("counters", "ticks")
+        Thread.sleep(forTimeInterval: 0.05)
+        XCTAssertEqual(shared.get("counters", "ticks"), ticks)
+    }
+
+    func testTimerAtLoadTimeIsRefused() throws {
+        let folder = PluginFolder()
+        let dir = folder.add("eager", handler: "weir.timer.at(1, function() end)\nreturn { PRIORITY = 1, VERSION = '1', log = function() end }")
+        XCTAssertThrowsError(try PluginLibrary(names: ["eager"], searchPaths: [folder.path], sdk: Harness.sdk)) { error in
+            XCTAssertEqual("\(error)", dir + "/handler.lua:1: weir.timer.at is not available in the init phase")
+        }
+    }
+}

@@ -16,8 +16,8 @@ local type, error, tostring, select, pairs, ipairs, setmetatable, rawget =
   type, error, tostring, select, pairs, ipairs, setmetatable, rawget
 local math_type, floor = math.type, math.floor
 
-local PHASE_NAMES = { "connection", "request", "response", "body_filter", "log" }
-local CONNECTION, REQUEST, RESPONSE, BODY_FILTER, LOG = 1, 2, 3, 4, 5
+local PHASE_NAMES = { "connection", "request", "response", "body_filter", "log", "timer" }
+local CONNECTION, REQUEST, RESPONSE, BODY_FILTER, LOG, TIMER = 1, 2, 3, 4, 5, 6
 
 local function phase_name(id)
   return PHASE_NAMES[id] or "init"
@@ -30,7 +30,7 @@ local function phases(...)
   return set
 end
 local ANY_REQUEST_PHASE = phases(REQUEST, RESPONSE, BODY_FILTER, LOG)
-local ANY_PHASE = phases(CONNECTION, REQUEST, RESPONSE, BODY_FILTER, LOG)
+local ANY_PHASE = phases(CONNECTION, REQUEST, RESPONSE, BODY_FILTER, LOG, TIMER)
 local REWRITE_PHASES = phases(REQUEST)
 local RESPONSE_PHASES = phases(RESPONSE, BODY_FILTER, LOG)
 local RESPONSE_WRITE_PHASES = phases(REQUEST, RESPONSE)
@@ -499,6 +499,33 @@ function weir.sleep(seconds)
   check_number("weir.sleep", 1, seconds)
   if seconds < 0 then error("weir.sleep: seconds must be >= 0", 2) end
   return N.sleep(seconds)
+end
+
+-- weir.timer -----------------------------------------------------------------
+
+-- Runs fn() once after `delay` seconds, in its own coroutine (it may call
+-- async functions such as weir.sleep), under the usual instruction budget.
+-- Errors are logged with the plugin's name. Timers of a runtime that is
+-- stopped (reload) before they fire are cancelled.
+local timer = {}
+weir.timer = timer
+
+function timer.at(delay, fn)
+  check_phase("weir.timer.at", ANY_PHASE)
+  check_number("weir.timer.at", 1, delay)
+  if delay < 0 then error("weir.timer.at: delay must be >= 0", 2) end
+  if type(fn) ~= "function" then arg_error("weir.timer.at", 2, "function", fn, 3) end
+  return N.timer_start(delay, fn, false)
+end
+
+-- Runs fn() every `interval` seconds (the next run is scheduled
+-- when the previous one ends) until the runtime shuts down.
+function timer.every(interval, fn)
+  check_phase("weir.timer.every", ANY_PHASE)
+  check_number("weir.timer.every", 1, interval)
+  if interval <= 0 then error("weir.timer.every: interval must be > 0", 2) end
+  if type(fn) ~= "function" then arg_error("weir.timer.every", 2, "function", fn, 3) end
+  return N.timer_start(interval, fn, true)
 end
 
 -- weir.crypto -----------------------------------------------------------------
