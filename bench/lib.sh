@@ -144,8 +144,12 @@ is_alive() { kill -0 "$1" 2>/dev/null; }
 # Stop every process start_bg started, newest first: SIGTERM, then SIGKILL
 # after 5 s. Only these pids are signalled; nginx masters take their
 # workers down with them.
+WRK_PID=""
+
 cleanup_started() {
     local i pid name deadline
+    # A load generator still running (timeout passes the signal on to wrk).
+    if [ -n "${WRK_PID:-}" ] && is_alive "$WRK_PID"; then kill -TERM "$WRK_PID" 2>/dev/null; wait "$WRK_PID" 2>/dev/null; fi
     for ((i = ${#STARTED_PIDS[@]} - 1; i >= 0; i--)); do
         pid=${STARTED_PIDS[$i]}
         name=${STARTED_NAMES[$i]}

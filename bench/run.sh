@@ -179,10 +179,18 @@ wait_for_quiet() {
     while [ "$(swift_builds)" -gt 0 ] && [ $SECONDS -lt $deadline ]; do sleep 2; done
 }
 
-run_wrk() { # PORT CONNS SECONDS -> wrk output on stdout
-    # shellcheck disable=SC2046
-    timeout $(($3 + 30)) $(pin "$LOAD_CPU") wrk -t "$WRK_THREADS" -c "$2" -d "${3}s" --timeout 5s \
-        -s "$WRK_REPORTER" -H "apikey: $API_KEY" "http://127.0.0.1:$1/"
+# run_wrk PORT CONNS SECONDS OUTFILE: wrk pinned to the load core. It runs
+# in the background and the script waits for it, so a signal interrupts the
+# wait at once and cleanup_started stops wrk too (via WRK_PID).
+run_wrk() {
+    (
+        # shellcheck disable=SC2046
+        exec timeout $(($3 + 30)) $(pin "$LOAD_CPU") wrk -t "$WRK_THREADS" -c "$2" -d "${3}s" --timeout 5s \
+            -s "$WRK_REPORTER" -H "apikey: $API_KEY" "http://127.0.0.1:$1/"
+    ) > "$4" 2>&1 &
+    WRK_PID=$!
+    wait "$WRK_PID"
+    WRK_PID=""
 }
 
 for ((run = 1; run <= RUNS; run++)); do
@@ -192,11 +200,12 @@ for ((run = 1; run <= RUNS; run++)); do
             pid=${PID_OF[$proxy]}
             is_alive "$pid" || die "$proxy (pid $pid) died during the benchmark (see $RUN_DIR/logs/$proxy.out)"
             wait_for_quiet
-            if [ "$WARMUP" -gt 0 ]; then run_wrk "$port" "$conns" "$WARMUP" > /dev/null 2>&1; fi
+            if [ "$WARMUP" -gt 0 ]; then run_wrk "$port" "$conns" "$WARMUP" "$RUN_DIR/wrk-warmup.out"; fi
             load1=$(cut -d' ' -f1 /proc/loadavg)
             builds=$(swift_builds)
             cpu_before=$(cpu_ticks "$pid")
-            output=$(run_wrk "$port" "$conns" "$DURATION" 2>&1)
+            run_wrk "$port" "$conns" "$DURATION" "$RUN_DIR/wrk.out"
+            output=$(cat "$RUN_DIR/wrk.out")
             cpu_after=$(cpu_ticks "$pid")
             result=$(grep '^WRK_RESULT ' <<< "$output" | head -1)
             if [ -z "$result" ]; then
