@@ -115,7 +115,9 @@ def render(path):
         out.append(f"† the proxy used less than {SATURATED_CPU_PERCENT}% of its core: something else (the load "
                    "core, or other processes on the shared machine) limited it, so this figure understates it.")
     out.append("")
-    out.append("Ratios (from the medians above; req/s ratio > 1 means faster, p99 ratio < 1 means lower tail latency):")
+    out.append("Ratios (from the medians above; req/s ratio > 1 means faster, p99 ratio < 1 means lower tail "
+               "latency, CPU per request: the difference and ratio of proxy CPU µs/req, the figure least "
+               "affected by a busy machine):")
     pairs = [("weir", "nginx"), ("weir", "haproxy"), ("nginx-lua", "nginx"),
              ("weir-lua", "nginx-lua"), ("weir-noop", "weir"), ("weir-lua", "weir")]
     pairs = list(OrderedDict.fromkeys(pairs))
@@ -130,7 +132,8 @@ def render(path):
                     f"p99 x{sa['p99_ms'] / sb['p99_ms']:.2f}")
             if sa["cpu_us_per_req"] is not None and sb["cpu_us_per_req"] is not None:
                 delta = sa["cpu_us_per_req"] - sb["cpu_us_per_req"]
-                line += f", CPU per request {delta:+.1f} µs"
+                line += (f", CPU per request {delta:+.1f} µs "
+                         f"(x{sa['cpu_us_per_req'] / sb['cpu_us_per_req']:.2f})")
             out.append(line)
     if len(out) and out[-1].startswith("Ratios"):
         out.append("- none (a ratio needs both proxies measured)")
