@@ -696,10 +696,12 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
             context.close(promise: nil)
             return
         }
-        // A pooled connection the upstream had already closed: resend once on a
-        // fresh one when the request can be resent whole.
-        let resendable = !exchange.bodyForwarded && (exchange.bodyless || !exchange.requestEnded && exchange.pendingUpstream.isEmpty && !exchange.bodyForwarded)
-        if exchange.connectionReused && !exchange.staleRetried && resendable && exchange.bodyless {
+        // A reused keep-alive connection the upstream had already closed (its
+        // close crossed our request): an idempotent bodyless request is resent
+        // once on a fresh connection to the same target, not counted as a
+        // retry (what Go's transport does; anything else could run twice).
+        let idempotent = Self.isIdempotent(exchange.head!.method)
+        if exchange.connectionReused && !exchange.staleRetried && exchange.bodyless && idempotent {
             exchange.staleRetried = true
             let pool = loopContext.pools[routed.upstream.index][target]
             loopContext.balancerStarted(upstream: routed.upstream, target: target)
@@ -708,7 +710,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
             return
         }
         routed.upstream.health.recordFailure(target: target)
-        if exchange.bodyless && Self.isIdempotent(exchange.head!.method) && exchange.attempts <= routed.upstream.config.retries {
+        if exchange.bodyless && idempotent && exchange.attempts <= routed.upstream.config.retries {
             return startAttempt(exchange, excluding: target)
         }
         failBeforeResponse(exchange, .badUpstreamResponse, "upstream \(routed.upstream.name) (\(routed.upstream.targetLabels[target])) closed the connection without a response")
