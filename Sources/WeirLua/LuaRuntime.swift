@@ -73,11 +73,14 @@ public final class PluginChain {
     let entries: [Entry]
     /// Entries that implement each phase, indexed by PluginPhase.luaID.
     let byPhase: [[Entry]]
+    /// The runtime whose Lua state holds this chain's references.
+    let owner: ObjectIdentifier?
     /// Plugin names in run order.
     public var names: [String] { entries.map(\.name) }
 
-    init(entries: [Entry]) {
+    init(entries: [Entry], owner: LuaRuntime?) {
         self.entries = entries
+        self.owner = owner.map(ObjectIdentifier.init)
         var byPhase: [[Entry]] = Array(repeating: [], count: PluginPhase.slotCount)
         for phase in PluginPhase.allCases {
             byPhase[phase.luaID] = entries.filter { $0.plugin.phaseRefs[phase.luaID] != LUA_NOREF }
@@ -259,7 +262,7 @@ public final class LuaRuntime {
             LuaState.push(configured.config, on: state.main)
             entries.append(.init(plugin: plugin, confRef: state.ref()))
         }
-        return PluginChain(entries: entries)
+        return PluginChain(entries: entries, owner: self)
     }
 
     // MARK: Requests and connections

@@ -44,18 +44,14 @@ public final class PluginRequest {
     }
 
     deinit {
-        if !isFinished {
-            // Dropped without finish(): hand the refs back for release on the loop.
-            let refs = [ctxRef].filter { $0 != LUA_NOREF }
-            let coroutine = self.coroutine
-            if !refs.isEmpty || coroutine != nil {
-                runtime.orphanedRefs.withLockedValue { list in
-                    list.append(contentsOf: refs)
-                }
-            }
-            // The coroutine object releases its anchor through the same list.
-            if let co = coroutine, !co.isReleased { co.releaseLater(into: runtime.orphanedRefs) }
+        // Dropped without finish() (possibly off the loop): queue the refs;
+        // the runtime releases them on its loop at the next begin.
+        guard !isFinished else { return }
+        if ctxRef != LUA_NOREF {
+            let ref = ctxRef
+            runtime.orphanedRefs.withLockedValue { $0.append(ref) }
         }
+        coroutine?.releaseLater(into: runtime.orphanedRefs)
     }
 
     public var requestID: String? { context?.requestID }
@@ -82,6 +78,7 @@ public final class PluginRequest {
     public func start(_ phase: PluginPhase, chain: PluginChain) -> Outcome {
         runtime.eventLoop!.assertInEventLoop()
         precondition(promise == nil, "a phase is already running for this request")
+        precondition(chain.owner == ObjectIdentifier(runtime), "chain belongs to another runtime (generation or event loop)")
         guard !isFinished else {
             return .done(.failed(PluginFailure(plugin: "", phase: phase, message: "request already finished", traceback: nil)))
         }
@@ -238,7 +235,7 @@ public final class PluginRequest {
                                           phases: [.timer])
         let plugin = CompiledPlugin(definition: definition, handlerRef: LUA_REFNIL)
         plugin.phaseRefs[PluginPhase.timer.luaID] = timer.ref
-        return run(.timer, chain: PluginChain(entries: [.init(plugin: plugin, confRef: LUA_REFNIL)]))
+        return run(.timer, chain: PluginChain(entries: [.init(plugin: plugin, confRef: LUA_REFNIL)], owner: runtime))
     }
 
     private func resumeAfterPending(_ outcome: Result<[AsyncValue], Error>, from future: EventLoopFuture<[AsyncValue]>) {
