@@ -79,6 +79,16 @@ let package = Package(
             ],
             swiftSettings: swift5
         ),
+        // Asynchronous RESP2 client, per event loop (weir.redis, rate-limiting policy: redis).
+        .target(
+            name: "WeirRedis",
+            dependencies: [
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: swift5
+        ),
         .executableTarget(
             name: "weir",
             dependencies: [
@@ -95,6 +105,16 @@ let package = Package(
             name: "weir-route-bench",
             dependencies: ["WeirCore"],
             path: "bench/route-lookup",
+            swiftSettings: swift5
+        ),
+        .testTarget(
+            name: "WeirRedisTests",
+            dependencies: [
+                "WeirRedis",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+            ],
             swiftSettings: swift5
         ),
         .testTarget(name: "WeirCoreTests", dependencies: ["WeirCore"], swiftSettings: swift5),
