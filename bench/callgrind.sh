@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# Instructions per request of one proxy, counted by valgrind's callgrind.
+#
+# On this shared, noisy machine req/s and even CPU time move with other
+# people's builds; the number of instructions a proxy executes per request
+# does not. That makes it the figure to compare before and after a data-path
+# change (DESIGN.md "Threading and the hot path"). Only user-space
+# instructions are counted (the kernel's share is in profile.sh's perf
+# report).
+#
+# The proxy runs under callgrind with instrumentation off; after a warm-up
+# it is switched on (callgrind_control -i on), wrk sends load for a fixed
+# time, and the counts are dumped (callgrind_control -d). Instructions
+# divided by the requests wrk completed = instructions per request. The
+# report (top functions by inclusive and by self instructions, demangled)
+# goes to bench/profiles/<timestamp>-<proxy>-callgrind.txt.
+#
+#   bench/callgrind.sh [--no-build] [--proxy weir|nginx|haproxy] [--duration S] [--connections N]
+set -uo pipefail
+
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+BUILD=1
+PROXY=weir
+DURATION=10
+CONNS=8
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --no-build) BUILD=0; shift ;;
+        --proxy) PROXY=${2:-}; shift 2 ;;
+        --duration) [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] || die "--duration needs a positive integer"; DURATION=$2; shift 2 ;;
+        --connections) [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] || die "--connections needs a positive integer"; CONNS=$2; shift 2 ;;
+        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+        *) die "unknown option: $1 (see --help)" ;;
+    esac
+done
+
+case "$PROXY" in
+    weir) PORT=$WEIR_PORT ;;
+    nginx) PORT=$NGINX_PORT ;;
+    haproxy) PORT=$HAPROXY_PORT ;;
+    *) die "unknown proxy '$PROXY' (known: weir, nginx, haproxy)" ;;
+esac
+
+require_tools nginx wrk curl valgrind callgrind_control callgrind_annotate python3 ss
+for port in "$ORIGIN_PORT" "$PORT"; do
+    port_in_use "$port" && die "127.0.0.1:$port is already in use (is another benchmark running?)"
+done
+
+prepare_run_dir
+trap 'cleanup_started' EXIT
+trap 'log "interrupted; stopping everything started"; exit 130' INT TERM
+
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+mkdir -p "$BENCH_DIR/profiles"
+REPORT="$BENCH_DIR/profiles/$STAMP-$PROXY-callgrind.txt"
+OUT="$RUN_DIR/callgrind.out"
+# Instrumentation starts off (fast start-up and warm-up) and is switched on
+# for the measured load only.
+# --demangle=no keeps Swift module names in the symbols, so Weir's own
+# functions can be picked out; the report demangles afterwards.
+VALGRIND=(valgrind --tool=callgrind --instr-atstart=no --demangle=no --callgrind-out-file="$OUT")
+
+[ "$PROXY" = weir ] && [ "$BUILD" -eq 1 ] && build_weir
+
+start_origin
+case "$PROXY" in
+    weir)
+        reason=$(weir_unavailable_reason weir)
+        [ -z "$reason" ] || die "weir: not available ($reason)"
+        [ -x "$WEIR_BIN" ] || die "weir: no binary at $WEIR_BIN (run without --no-build)"
+        render_template weir.yaml "$RUN_DIR/weir.yaml"
+        # Valgrind 3.19 cannot read the DWARF 5 debug info Swift emits and
+        # gives up; a copy without debug info keeps the symbol table, which
+        # is all the per-function counts need.
+        strip --strip-debug -o "$RUN_DIR/weir-nodebug" "$WEIR_BIN" || die "strip --strip-debug failed on $WEIR_BIN"
+        (cd "$REPO_DIR" && exec $(pin "$PROXY_CPU") "${VALGRIND[@]}" "$RUN_DIR/weir-nodebug" run --config "$RUN_DIR/weir.yaml" --workers 1) \
+            > "$RUN_DIR/logs/weir.out" 2>&1 &
+        PROXY_PID=$!
+        ;;
+    nginx)
+        render_template nginx-proxy.conf "$RUN_DIR/nginx-proxy.conf"
+        # One process (no master) so the counted process is the one proxying.
+        $(pin "$PROXY_CPU") "${VALGRIND[@]}" nginx -p "$RUN_DIR" -e "$RUN_DIR/logs/nginx-error.log" \
+            -c "$RUN_DIR/nginx-proxy.conf" -g "daemon off; master_process off;" > "$RUN_DIR/logs/nginx.out" 2>&1 &
+        PROXY_PID=$!
+        ;;
+    haproxy)
+        render_template haproxy.cfg "$RUN_DIR/haproxy.cfg"
+        $(pin "$PROXY_CPU") "${VALGRIND[@]}" haproxy -db -f "$RUN_DIR/haproxy.cfg" > "$RUN_DIR/logs/haproxy.out" 2>&1 &
+        PROXY_PID=$!
+        ;;
+esac
+STARTED_PIDS+=("$PROXY_PID"); STARTED_NAMES+=("$PROXY"); PID_OF[$PROXY]=$PROXY_PID
+log "started $PROXY under callgrind (pid $PROXY_PID)"
+wait_for_port "$PORT" 90 || die "$PROXY did not listen on 127.0.0.1:$PORT under valgrind within 90 s (see $RUN_DIR/logs/$PROXY.out)"
+problem=$(verify_proxies_to_origin "$PROXY" "$PORT") || die "$PROXY does not proxy to the origin: $problem"
+
+wrk_for() { # SECONDS
+    # shellcheck disable=SC2046
+    timeout $(($1 + 60)) $(pin "$LOAD_CPU") wrk -t 1 -c "$CONNS" -d "${1}s" --timeout 10s \
+        -s "$WRK_REPORTER" -H "apikey: $API_KEY" "http://127.0.0.1:$PORT/"
+}
+field() { grep -o "$1=[0-9.]*" <<< "$2" | head -1 | cut -d= -f2; }
+
+log "warm-up 3 s (not counted)"
+wrk_for 3 > /dev/null 2>&1
+callgrind_control -i on "$PROXY_PID" > "$RUN_DIR/logs/callgrind-control.out" 2>&1 \
+    || die "callgrind_control -i on failed: $(tail -2 "$RUN_DIR/logs/callgrind-control.out")"
+log "counting instructions for ${DURATION} s of wrk -c $CONNS"
+result=$(wrk_for "$DURATION" 2>&1 | grep '^WRK_RESULT')
+callgrind_control -d "$PROXY_PID" >> "$RUN_DIR/logs/callgrind-control.out" 2>&1
+callgrind_control -i off "$PROXY_PID" >> "$RUN_DIR/logs/callgrind-control.out" 2>&1
+sleep 1
+requests=$(field requests "$result")
+[ -n "$requests" ] && [ "$requests" -gt 0 ] || die "wrk completed no requests under callgrind: $result"
+
+# The dump is callgrind.out.<n> (or callgrind.out when only one is written).
+dump=$(ls -t "$OUT"* 2>/dev/null | head -1)
+[ -n "$dump" ] || die "no callgrind dump found next to $OUT"
+total_ir=$(grep -m1 '^summary:' "$dump" | awk '{print $2}')
+[ -n "$total_ir" ] || total_ir=$(grep -m1 '^totals:' "$dump" | awk '{print $2}')
+[ -n "$total_ir" ] || die "no instruction total in $dump"
+
+# The per-function table of callgrind_annotate: the rows after its
+# "Ir  file:function" header, without the dashed rule and blank lines.
+function_rows() {
+    awk '/file:function/ { table = 1; next } table && /^-+$/ { next } table && NF { print }'
+}
+
+demangle() {
+    local filter=(cat)
+    command -v c++filt >/dev/null 2>&1 && filter=(c++filt)   # the Swift runtime's C++ symbols
+    if command -v swift-demangle >/dev/null 2>&1; then "${filter[@]}" | swift-demangle --simplified; else "${filter[@]}"; fi
+}
+
+{
+    echo "# callgrind: instructions per request of $PROXY, $STAMP"
+    echo "# command: bench/callgrind.sh --proxy $PROXY --duration $DURATION --connections $CONNS"
+    echo "# machine: $(uname -srm); weir binary from commit $(weir_binary_commit), repo HEAD $(git -C "$REPO_DIR" rev-parse --short HEAD 2>/dev/null)"
+    echo "# counted: user-space instructions only (valgrind), while wrk ran ${DURATION} s after a 3 s warm-up"
+    echo
+    echo "requests: $requests (at $(field rps "$result") req/s under valgrind)"
+    echo "instructions: $total_ir"
+    echo "instructions per request: $(python3 -c "print(f'{$total_ir / $requests:,.0f}')")"
+    echo
+    echo "## top 40 functions by inclusive instructions"
+    callgrind_annotate --inclusive=yes "$dump" 2>/dev/null | function_rows | head -40 | demangle | cut -c1-220
+    echo
+    if [ "$PROXY" = weir ]; then
+        echo "## Weir's own functions by inclusive instructions (top 30; symbols of the Weir modules)"
+        callgrind_annotate --inclusive=yes --threshold=100 "$dump" 2>/dev/null | function_rows \
+            | grep -E '[0-9]Weir(Proxy|Core|Lua|Admin)|4weir' | head -30 | demangle | cut -c1-220
+        echo
+    fi
+    echo "## top 40 functions by self instructions"
+    callgrind_annotate "$dump" 2>/dev/null | function_rows | head -40 | demangle | cut -c1-220
+} > "$REPORT"
+
+mkdir -p "$RESULTS_DIR"
+cp "$dump" "$RESULTS_DIR/$STAMP-$PROXY.callgrind.out"
+sed -n '1,12p' "$REPORT"
+echo "full report: ${REPORT#$REPO_DIR/}"
+echo "raw counts: ${RESULTS_DIR#$REPO_DIR/}/$STAMP-$PROXY.callgrind.out (callgrind_annotate ...)"
