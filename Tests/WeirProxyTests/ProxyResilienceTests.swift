@@ -125,7 +125,8 @@ final class ProxyResilienceTests: XCTestCase {
         XCTAssertEqual(try idle.request("GET", "/warm").status, 200)
         let busy = try proxy.connect()
         try busy.send("GET /slow/400 HTTP/1.1\r\nHost: a\r\n\r\n")
-        Thread.sleep(forTimeInterval: 0.1)
+        // Drain must begin while that request is in flight.
+        XCTAssertTrue(waitUntil { upstream.requests.count == 2 })
         XCTAssertEqual(proxy.server.activeConnections, 2)
         let drained = proxy.server.waitForDrain(timeout: .seconds(5))
         // The in-flight request completes, marked as the last on its connection.
@@ -148,7 +149,7 @@ final class ProxyResilienceTests: XCTestCase {
         self.proxy = proxy
         let stuck = try proxy.connect()
         try stuck.send("GET /slow/20000 HTTP/1.1\r\nHost: a\r\n\r\n")
-        Thread.sleep(forTimeInterval: 0.1)
+        XCTAssertTrue(waitUntil { upstream.requests.count == 1 })
         try proxy.server.waitForDrain(timeout: .milliseconds(300)).wait()
         XCTAssertTrue(stuck.waitForClose())
         XCTAssertEqual(proxy.server.activeConnections, 0)

@@ -566,3 +566,14 @@ func unusedPort() throws -> Int {
     try channel.close().wait()
     return port
 }
+
+/// Polls `condition` until it holds or `timeout` passes (sequencing only:
+/// never used to assert how fast something is).
+func waitUntil(timeout: TimeInterval = 10, _ condition: () -> Bool) -> Bool {
+    let deadline = Date().addingTimeInterval(timeout)
+    while Date() < deadline {
+        if condition() { return true }
+        Thread.sleep(forTimeInterval: 0.01)
+    }
+    return condition()
+}
