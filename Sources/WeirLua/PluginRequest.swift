@@ -26,6 +26,9 @@ public final class PluginRequest {
     /// The async operation the coroutine is waiting for (set by an SDK native before yielding).
     var pending: EventLoopFuture<[AsyncValue]>?
     public private(set) var isFinished = false
+    /// The response body chunk the body_filter phase is working on.
+    public internal(set) var bodyChunk: [UInt8] = []
+    public private(set) var isLastChunk = false
 
     // The phase run in progress.
     private var phase: PluginPhase = .request
@@ -91,6 +94,15 @@ public final class PluginRequest {
         let promise = runtime.eventLoop!.makePromise(of: PhaseResult.self)
         self.promise = promise
         return .pending(promise.futureResult)
+    }
+
+    /// Runs the body_filter phase over one chunk of the response body; the
+    /// plugins may replace it (read `bodyChunk` afterwards). Like `start`, it
+    /// can be pending if a plugin waits on an async SDK call.
+    public func filterBody(_ chunk: [UInt8], isLast: Bool, chain: PluginChain) -> Outcome {
+        bodyChunk = chunk
+        isLastChunk = isLast
+        return start(.bodyFilter, chain: chain)
     }
 
     /// `start` as a future.

@@ -237,6 +237,22 @@ extension LuaRuntime {
             return self.stopChain(L, scope, exit)
         }))
 
+        n.append(("resp_get_chunk", requestNative("weir.response.get_chunk") { L, scope, _ in
+            scope.bodyChunk.withUnsafeBufferPointer { p in
+                p.withMemoryRebound(to: CChar.self) { _ = lua_pushlstring(L, $0.baseAddress, $0.count) }
+            }
+            return .values(1)
+        }))
+        n.append(("resp_set_chunk", requestNative("weir.response.set_chunk") { L, scope, _ in
+            var length = 0
+            guard let p = weir_tostring(L, 1, &length) else { return .error("weir.response.set_chunk: expected a string") }
+            scope.bodyChunk = Array(UnsafeRawBufferPointer(start: p, count: length))
+            return .values(0)
+        }))
+        n.append(("resp_is_last_chunk", requestNative("weir.response.is_last_chunk") { L, scope, _ in
+            lua_pushboolean(L, scope.isLastChunk ? 1 : 0); return .values(1)
+        }))
+
         // weir.client (and the conn handle, which shares the peer accessors)
         n.append(("client_get_ip", scopeNative("weir.client.get_ip") { L, scope in
             pushOptional(scope.context?.clientIP ?? scope.connection?.context.clientIP, on: L); return .values(1)

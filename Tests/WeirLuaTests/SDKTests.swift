@@ -360,3 +360,37 @@ final class TimerTests: XCTestCase {
         }
     }
 }
+
+final class BodyFilterTests: XCTestCase {
+    func testBodyFilterRewritesChunksInChainOrder() throws {
+        let h = Harness()
+        h.folder.add("upper", handler: """
+        return { PRIORITY = 2, VERSION = "1", body_filter = function(self, conf, ctx)
+          ctx.chunks = (ctx.chunks or 0) + 1
+          weir.response.set_chunk(weir.response.get_chunk():upper())
+        end }
+        """)
+        h.folder.add("trailer", handler: """
+        return { PRIORITY = 1, VERSION = "1", body_filter = function(self, conf, ctx)
+          if weir.response.is_last_chunk() then
+            weir.response.set_chunk(weir.response.get_chunk() .. "|chunks=" .. ctx.chunks)
+          end
+        end, log = function() weir.response.get_chunk() end }
+        """)
+        try h.load(["upper", "trailer"])
+        let chain = try h.chain("trailer", "upper")
+        let scope = h.begin(h.newRequest())
+        let out = try h.onLoop { () -> [String] in
+            var parts: [String] = []
+            for (chunk, last) in [("hello ", false), ("world", true)] {
+                guard case .done(.continue) = scope.filterBody(Array(chunk.utf8), isLast: last, chain: chain) else { return ["unexpected"] }
+                parts.append(String(decoding: scope.bodyChunk, as: UTF8.self))
+            }
+            return parts
+        }
+        XCTAssertEqual(out, ["HELLO ", "WORLD|chunks=2"])
+        let log = try h.run(scope, .log, chain)
+        XCTAssertTrue(log.failure?.message.hasSuffix("weir.response.get_chunk is not available in the log phase") ?? false, "\(log)")
+        try h.onLoop { scope.finish() }
+    }
+}

@@ -36,6 +36,7 @@ local RESPONSE_PHASES = phases(RESPONSE, BODY_FILTER, LOG)
 local RESPONSE_WRITE_PHASES = phases(REQUEST, RESPONSE)
 local EXIT_PHASES = phases(REQUEST, RESPONSE)
 local RESPONSE_ONLY = phases(RESPONSE)
+local BODY_FILTER_ONLY = phases(BODY_FILTER)
 
 -- Raises "<fname> is not available in the <phase> phase" at the caller's line.
 local function check_phase(fname, allowed)
@@ -319,6 +320,25 @@ function response.clear_header(name)
   check_phase("weir.response.clear_header", RESPONSE_WRITE_PHASES)
   check_string("weir.response.clear_header", 1, name)
   N.resp_clear_header(name)
+end
+
+-- Body filter: each call of a plugin's body_filter(self, conf, ctx) sees one
+-- chunk of the response body (as it streams); it may replace it.
+
+function response.get_chunk()
+  check_phase("weir.response.get_chunk", BODY_FILTER_ONLY)
+  return N.resp_get_chunk()
+end
+
+function response.set_chunk(data)
+  check_phase("weir.response.set_chunk", BODY_FILTER_ONLY)
+  check_string("weir.response.set_chunk", 1, data)
+  N.resp_set_chunk(data)
+end
+
+function response.is_last_chunk()
+  check_phase("weir.response.is_last_chunk", BODY_FILTER_ONLY)
+  return N.resp_is_last_chunk()
 end
 
 -- Turns (status, body, headers) into (status, body string or nil, flat
