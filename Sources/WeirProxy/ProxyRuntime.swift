@@ -26,12 +26,20 @@ extension UpstreamHealth {
     func recordSuccess(target: Int) { recordSuccess(target) }
 }
 
-/// The route a request matched and where it goes.
-struct RoutedRequest {
+/// The route a request matched and where it goes. A class on purpose: the
+/// exchange reads it many times per request, and copying the RouteConfig
+/// struct each time cost dozens of retain/release pairs (callgrind).
+final class RoutedRequest {
     let route: RouteConfig
     let upstream: UpstreamRuntime
     /// Path after strip_path / rewrite_path, with the original query appended.
     let forwardURI: String
+
+    init(route: RouteConfig, upstream: UpstreamRuntime, forwardURI: String) {
+        self.route = route
+        self.upstream = upstream
+        self.forwardURI = forwardURI
+    }
 }
 
 /// Everything compiled from one config that every event loop reads.
