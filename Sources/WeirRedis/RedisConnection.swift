@@ -127,7 +127,7 @@ final class RedisCommandHandler: ChannelInboundHandler, RemovableChannelHandler 
     }
 
     private enum State {
-        case idle            // before channelActive / handlerAdded
+        case idle            // before handlerAdded
         case open(ChannelHandlerContext)
         case closed(RedisError)
     }
@@ -154,13 +154,12 @@ final class RedisCommandHandler: ChannelInboundHandler, RemovableChannelHandler 
 
     var inFlight: Int { self.pending.count }
 
+    // Open from the moment we are in the pipeline: nobody can send before
+    // the connect future succeeds, and NIO succeeds that future *before*
+    // firing channelActive, so waiting for channelActive would refuse the
+    // handshake's AUTH/SELECT.
     func handlerAdded(context: ChannelHandlerContext) {
-        if context.channel.isActive, case .idle = self.state { self.state = .open(context) }
-    }
-
-    func channelActive(context: ChannelHandlerContext) {
         if case .idle = self.state { self.state = .open(context) }
-        context.fireChannelActive()
     }
 
     func send(_ command: ByteBuffer, timeout: TimeAmount, promise: EventLoopPromise<RESPValue>) {
