@@ -37,6 +37,8 @@ let package = Package(
             dependencies: [
                 "CLua", "CLuaShims", "WeirCore",
                 .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             ],
             swiftSettings: swift5
@@ -124,6 +126,7 @@ let package = Package(
                 "WeirLua", "CLua", "CLuaShims", "WeirCore",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
             ],
             swiftSettings: swift5
         ),

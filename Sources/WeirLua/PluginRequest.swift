@@ -7,6 +7,8 @@ import WeirCore
 enum AsyncValue {
     case value(ConfigValue)
     case bytes([UInt8])
+    /// Pushed as { status = n, headers = { name = value | {values} }, body = "..." }.
+    case httpResponse(OutboundResponse)
 }
 
 /// The plugin scope of one request (or of one connection's connection
@@ -165,6 +167,16 @@ public final class PluginRequest {
                     case .bytes(let b): b.withUnsafeBufferPointer { p in
                         p.withMemoryRebound(to: CChar.self) { _ = lua_pushlstring(thread, $0.baseAddress, $0.count) }
                     }
+                    case .httpResponse(let response):
+                        lua_createtable(thread, 0, 3)
+                        lua_pushinteger(thread, lua_Integer(response.status))
+                        lua_setfield(thread, -2, "status")
+                        pushHeaderTable(response.headers.map { (name: $0.0, value: $0.1) }, on: thread)
+                        lua_setfield(thread, -2, "headers")
+                        response.body.withUnsafeBufferPointer { p in
+                            p.withMemoryRebound(to: CChar.self) { _ = lua_pushlstring(thread, $0.baseAddress, $0.count) }
+                        }
+                        lua_setfield(thread, -2, "body")
                     }
                 }
                 runtime.budgetRemaining = savedBudget

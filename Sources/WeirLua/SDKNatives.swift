@@ -22,7 +22,7 @@ private func pushOptional(_ s: String?, on L: LuaThread) {
     if let s = s { LuaState.push(s, on: L) } else { lua_pushnil(L) }
 }
 
-private func pushHeaderTable(_ headers: [(name: String, value: String)], on L: LuaThread) {
+func pushHeaderTable(_ headers: [(name: String, value: String)], on L: LuaThread) {
     // name -> value, or name -> { value1, value2 } when repeated.
     var order: [String] = []
     var values: [String: [String]] = [:]
@@ -337,6 +337,37 @@ extension LuaRuntime {
             return self.suspend("weir.sleep", L, scope,
                                 loop.scheduleTask(in: .nanoseconds(Int64(seconds * 1e9))) { [AsyncValue]() }.futureResult)
         }))
+        // weir.http.request(url, method, flat_headers, body, timeout, max_body)
+        n.append(("http_request", scopeNative("weir.http.request") { [unowned(unsafe) self] L, scope in
+            guard let url = LuaState.string(at: 1, on: L) else { return .error("weir.http.request: url must be a string") }
+            guard let parsed = OutboundHTTP.parse(url) else {
+                lua_pushnil(L); LuaState.push("invalid url (expected http://host[:port]/path): \(url)", on: L)
+                return .values(2)
+            }
+            var request = OutboundRequest(host: parsed.host, port: parsed.port, target: parsed.target)
+            request.method = LuaState.string(at: 2, on: L) ?? "GET"
+            if lua_type(L, 3) == LUA_TTABLE {
+                let n = Int(lua_rawlen(L, 3))
+                var k = 1
+                while k + 1 <= n {
+                    lua_rawgeti(L, 3, lua_Integer(k)); lua_rawgeti(L, 3, lua_Integer(k + 1))
+                    if let name = LuaState.stringOrNumber(at: -2, on: L), let value = LuaState.stringOrNumber(at: -1, on: L) {
+                        request.headers.append((name, value))
+                    }
+                    weir_pop(L, 2)
+                    k += 2
+                }
+            }
+            var length = 0
+            if let p = weir_tostring(L, 4, &length) { request.body = Array(UnsafeRawBufferPointer(start: p, count: length)) }
+            if let t = number(at: 5, on: L), t > 0 { request.timeout = .nanoseconds(Int64(t * 1e9)) }
+            if let m = number(at: 6, on: L), m >= 0 { request.maxBodyBytes = Int(m) }
+            let loop = self.eventLoop!
+            return self.suspend("weir.http.request", L, scope, OutboundHTTP.perform(request, on: loop)
+                .map { [AsyncValue.httpResponse($0)] }
+                .recover { [AsyncValue.value(.null), AsyncValue.value(.string("weir.http.request: \($0)"))] })
+        }))
+
         // weir.timer.at / every
         n.append(("timer_start", { [unowned(unsafe) self] L in
             guard self.eventLoop != nil else { return .error("weir.timer: timers need an event loop (not available while loading)") }

@@ -521,6 +521,46 @@ function weir.sleep(seconds)
   return N.sleep(seconds)
 end
 
+-- weir.http ------------------------------------------------------------------
+
+local http = {}
+weir.http = http
+
+-- Async outbound HTTP/1.1 (plain http:// for now). opts: method ("GET"),
+-- headers ({ name = value | {values} }), body (string), timeout (seconds,
+-- default 5), max_body (bytes, default 1 MiB). Returns
+-- { status = n, headers = { name = value | {values} }, body = "..." }
+-- or nil, err.
+function http.request(url, opts)
+  check_phase("weir.http.request", ANY_PHASE)
+  check_string("weir.http.request", 1, url)
+  opts = opts or {}
+  if type(opts) ~= "table" then arg_error("weir.http.request", 2, "table or nil", opts, 3) end
+  local method = opts.method or "GET"
+  if type(method) ~= "string" or not method:match("^%u+$") then
+    error("weir.http.request: method must be upper-case letters", 2)
+  end
+  local flat = {}
+  if opts.headers ~= nil then
+    if type(opts.headers) ~= "table" then error("weir.http.request: headers must be a table", 2) end
+    for name, value in pairs(opts.headers) do
+      if type(value) == "table" then
+        for _, item in ipairs(value) do flat[#flat + 1] = name; flat[#flat + 1] = tostring(item) end
+      else
+        flat[#flat + 1] = name; flat[#flat + 1] = tostring(value)
+      end
+    end
+  end
+  if opts.body ~= nil and type(opts.body) ~= "string" then error("weir.http.request: body must be a string", 2) end
+  if opts.timeout ~= nil and (type(opts.timeout) ~= "number" or opts.timeout <= 0) then
+    error("weir.http.request: timeout must be a positive number of seconds", 2)
+  end
+  if opts.max_body ~= nil and math_type(opts.max_body) ~= "integer" then
+    error("weir.http.request: max_body must be an integer", 2)
+  end
+  return N.http_request(url, method, flat, opts.body, opts.timeout, opts.max_body)
+end
+
 -- weir.timer -----------------------------------------------------------------
 
 -- Runs fn() once after `delay` seconds, in its own coroutine (it may call
