@@ -163,6 +163,43 @@ final class ProxyErrorTests: XCTestCase {
         assertJSONError(response, status: 502, code: "bad_upstream_response")
     }
 
+    /// A raw upstream that answers every request head with `reply`, then
+    /// optionally closes.
+    private func scriptedUpstream(reply: String, closeAfter: Bool) throws -> RawUpstream {
+        try RawUpstream(group: upstreamGroup) { channel, buffer in
+            let text = String(decoding: buffer.readableBytesView, as: UTF8.self)
+            guard let end = text.range(of: "\r\n\r\n") else { return }
+            buffer.moveReaderIndex(forwardBy: text.utf8.distance(from: text.startIndex, to: end.upperBound))
+            let written = channel.writeAndFlush(ByteBuffer(string: reply))
+            if closeAfter { written.whenComplete { _ in channel.close(promise: nil) } }
+        }
+    }
+
+    func testGarbageFromUpstreamIs502() throws {
+        let bad = try scriptedUpstream(reply: "SMTP ready\r\n\r\n", closeAfter: false)
+        defer { bad.stop() }
+        let proxy = try ProxyHarness(config: ProxyHarness.config(targets: [bad.address]) { $0.upstreams[0].retries = 0 })
+        self.proxy = proxy
+        let client = try proxy.connect()
+        assertJSONError(try client.request("GET", "/"), status: 502, code: "bad_upstream_response")
+        // The client connection is unaffected.
+        assertJSONError(try client.request("GET", "/"), status: 502, code: "bad_upstream_response")
+    }
+
+    func testUpstreamCutMidBodyCutsTheClientToo() throws {
+        let cut = try scriptedUpstream(reply: "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten b", closeAfter: true)
+        defer { cut.stop() }
+        let proxy = try ProxyHarness(config: ProxyHarness.config(targets: [cut.address]) { $0.upstreams[0].retries = 0 })
+        self.proxy = proxy
+        let client = try proxy.connect()
+        try client.send("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        let bytes = String(decoding: client.readToEnd(), as: UTF8.self)
+        XCTAssertTrue(bytes.hasPrefix("HTTP/1.1 200"), bytes)
+        XCTAssertTrue(bytes.lowercased().contains("content-length: 100"))
+        XCTAssertTrue(bytes.hasSuffix("only ten b"), "the client gets what arrived, then the close: it can tell the body is short")
+        XCTAssertTrue(client.closedByPeer)
+    }
+
     func testPassiveEjectionGives503WhenNoTargetIsHealthy() throws {
         let dead = try unusedPort()
         let proxy = try ProxyHarness(config: ProxyHarness.config(targets: [HostPort(host: "127.0.0.1", port: dead)]) {
