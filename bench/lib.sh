@@ -24,6 +24,14 @@ WEIR_NOOP_PORT=19011
 WEIR_LUA_PORT=19012
 WEIR_PROBE_PORT=19013
 
+# Protocol benchmark (run-protocols.sh, issue 4): peers and Weir.
+NGINX_HTTPS_PORT=19201
+NGINX_H2C_PORT=19202
+HAPROXY_TCP_PORT=19203
+WEIR_HTTPS_PORT=19211
+WEIR_H2C_PORT=19212
+WEIR_TCP_PORT=19213
+
 # The key wrk sends in every request (harmless to the proxies that ignore
 # it; the Lua variants authenticate it).
 API_KEY="bench-key"
@@ -82,6 +90,12 @@ render_template() {
         -e "s|@WEIR_NOOP_PORT@|$WEIR_NOOP_PORT|g" \
         -e "s|@WEIR_LUA_PORT@|$WEIR_LUA_PORT|g" \
         -e "s|@WEIR_PROBE_PORT@|$WEIR_PROBE_PORT|g" \
+        -e "s|@NGINX_HTTPS_PORT@|$NGINX_HTTPS_PORT|g" \
+        -e "s|@NGINX_H2C_PORT@|$NGINX_H2C_PORT|g" \
+        -e "s|@HAPROXY_TCP_PORT@|$HAPROXY_TCP_PORT|g" \
+        -e "s|@WEIR_HTTPS_PORT@|$WEIR_HTTPS_PORT|g" \
+        -e "s|@WEIR_H2C_PORT@|$WEIR_H2C_PORT|g" \
+        -e "s|@WEIR_TCP_PORT@|$WEIR_TCP_PORT|g" \
         -e "s|@BENCH_DIR@|$BENCH_DIR|g" \
         -e "s|@REPO_DIR@|$REPO_DIR|g" \
         -e "s|@API_KEY@|$API_KEY|g" \
@@ -210,7 +224,8 @@ declare -A WEIR_UNAVAILABLE=()
 
 # Weir variants: name -> config template. Each listens on its own port.
 declare -A WEIR_TEMPLATE=([weir]=weir.yaml [weir-noop]=weir-noop.yaml [weir-lua]=weir-lua.yaml
-                          [weir-probe]=weir-probe.yaml)
+                          [weir-probe]=weir-probe.yaml [weir-https]=weir-https.yaml
+                          [weir-h2c]=weir-h2c.yaml [weir-tcp]=weir-tcp.yaml)
 
 weir_unavailable_reason() { # VARIANT -> the reason, or nothing when available
     local reason=${WEIR_UNAVAILABLE[build]:-}
@@ -313,13 +328,14 @@ start_weir() {
     return 1
 }
 
-# verify_proxies_to_origin NAME PORT: one GET through the proxy must return
-# 200 with exactly the origin's 1 KB body. Prints the problem and returns 1
-# otherwise.
+# verify_proxies_to_origin NAME PORT [URL [CURL ARGS...]]: one GET through
+# the proxy must return 200 with exactly the origin's 1 KB body. Prints the
+# problem and returns 1 otherwise.
 verify_proxies_to_origin() {
-    local name=$1 port=$2 out="$RUN_DIR/verify-$1.body" status
-    status=$(curl -sS --max-time 5 -H "apikey: $API_KEY" -o "$out" \
-        -w '%{http_code} %{size_download}' "http://127.0.0.1:$port/" 2>&1) \
+    local name=$1 port=$2 url=${3:-http://127.0.0.1:$2/} out="$RUN_DIR/verify-$1.body" status
+    shift 2; [ $# -gt 0 ] && shift
+    status=$(curl -sS --max-time 5 "$@" -H "apikey: $API_KEY" -o "$out" \
+        -w '%{http_code} %{size_download}' "$url" 2>&1) \
         || { echo "curl failed: $status"; return 1; }
     if [ "$status" != "200 1024" ]; then
         echo "expected HTTP 200 with 1024 bytes, got HTTP ${status% *} with ${status#* } bytes"
