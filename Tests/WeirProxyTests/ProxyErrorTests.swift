@@ -280,6 +280,15 @@ final class ProxyErrorTests: XCTestCase {
         try assertRejected("GET /\(String(repeating: "a", count: 400)) HTTP/1.1\r\nHost: a\r\n\r\n", status: 414)
     }
 
+    func testLongTargetInPipelinedRequestIs414() throws {
+        let proxy = try start { $0.listeners[0].limits.maxRequestLineBytes = 256 }
+        let client = try proxy.connect()
+        try client.send("GET /slow/100 HTTP/1.1\r\nHost: a\r\n\r\nGET /\(String(repeating: "a", count: 400)) HTTP/1.1\r\nHost: a\r\n\r\n")
+        XCTAssertEqual(try client.readResponse().status, 200)
+        assertJSONError(try client.readResponse(), status: 414, code: "uri_too_long")
+        XCTAssertTrue(client.waitForClose())
+    }
+
     func testTooManyHeadersIs431() throws {
         _ = try start { $0.listeners[0].limits.maxHeaderCount = 10 }
         var raw = "GET /x HTTP/1.1\r\nHost: a\r\n"

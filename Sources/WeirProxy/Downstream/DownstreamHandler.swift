@@ -30,6 +30,13 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
     private var exchange: Exchange?
     /// Decoded parts of pipelined requests waiting for their turn.
     private var queued = CircularBuffer<HTTPServerRequestPart>()
+    /// Body bytes held in `queued`.
+    private var queuedBodyBytes = 0
+    /// While a response is in flight the client is still read, so that NIO
+    /// need not drop and re-add read interest (two epoll_ctl per request),
+    /// but only while pipelined input stays this small.
+    private static let maxQueuedParts = 32
+    private static let maxQueuedBodyBytes = 64 * 1024
     /// A `read()` was held back; issue it when reading is allowed again.
     private var pendingRead = false
     /// Idle keep-alive or header timeout for the connection.
@@ -124,7 +131,9 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
     private var shouldReadDownstream: Bool {
         if closing || inputClosed { return false }
         guard let exchange else { return queued.isEmpty }
-        if exchange.requestEnded { return false }
+        if exchange.requestEnded {
+            return queued.count < Self.maxQueuedParts && queuedBodyBytes < Self.maxQueuedBodyBytes
+        }
         if exchange.discardingBody { return true }
         guard let connection = exchange.connection else { return false }
         return connection.channel.isWritable
@@ -140,6 +149,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let part = unwrapInboundIn(data)
         if !queued.isEmpty || (exchange?.requestEnded ?? false) {
+            if case .body(let buffer) = part { queuedBodyBytes += buffer.readableBytes }
             queued.append(part)
             return
         }
@@ -344,6 +354,11 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
             if !Self.isValidFieldValue(value) {
                 return rejectHead(exchange, .badRequest, "invalid character in header \(name)")
             }
+        }
+        // HeadGuard checks the request line as bytes arrive; a pipelined
+        // request read while the previous one was in flight is checked here.
+        if head.uri.utf8.count > listener.config.limits.maxRequestLineBytes {
+            return rejectHead(exchange, .uriTooLong, "request target longer than \(listener.config.limits.maxRequestLineBytes) bytes")
         }
         if headerBytes > listener.config.limits.maxHeaderBytes {
             return rejectHead(exchange, .headersTooLarge, "request headers exceed \(listener.config.limits.maxHeaderBytes) bytes")
@@ -882,6 +897,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         headGuard.expectHead()
         armConnectionTimer(header: false)
         while !closing, self.exchange == nil || self.exchange?.requestEnded == false, let part = queued.popFirst() {
+            if case .body(let buffer) = part { queuedBodyBytes -= buffer.readableBytes }
             handle(part)
         }
         flushUpstreamIfNeeded()
