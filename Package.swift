@@ -109,6 +109,18 @@ let package = Package(
             path: "bench/route-lookup",
             swiftSettings: swift5
         ),
+        // WeirRedis INCR round-trip measure (bench/redis-client/run.sh); never a test.
+        .executableTarget(
+            name: "weir-redis-bench",
+            dependencies: [
+                "WeirRedis",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ],
+            path: "bench/redis-client",
+            exclude: ["run.sh"],
+            swiftSettings: swift5
+        ),
         .testTarget(
             name: "WeirRedisTests",
             dependencies: [

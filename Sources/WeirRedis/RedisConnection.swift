@@ -172,11 +172,20 @@ final class RedisCommandHandler: ChannelInboundHandler, RemovableChannelHandler 
             return
         }
         let deadline = NIODeadline.now() + timeout
+        let wasIdle = self.pending.isEmpty
         self.pending.append(Pending(promise: promise, deadline: deadline, timeout: timeout))
-        context.write(self.wrapOutboundOut(command), promise: nil)
-        if !self.flushScheduled {
-            self.flushScheduled = true
-            context.eventLoop.execute { self.flushNow() }
+        if wasIdle && !self.flushScheduled {
+            // Nothing in flight: a lone command (the common sequential case)
+            // goes out now, saving an event-loop task per round trip.
+            context.writeAndFlush(self.wrapOutboundOut(command), promise: nil)
+        } else {
+            // Commands already in flight: this is a pipeline. Coalesce all
+            // writes of this tick into one flush (one writev).
+            context.write(self.wrapOutboundOut(command), promise: nil)
+            if !self.flushScheduled {
+                self.flushScheduled = true
+                context.eventLoop.execute { self.flushNow() }
+            }
         }
         if deadline < self.timerDeadline {
             self.armTimer(deadline, context: context)
