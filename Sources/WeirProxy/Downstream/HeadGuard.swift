@@ -15,8 +15,9 @@ final class HeadGuard: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundOut = ByteBuffer
 
     private let maxRequestLineBytes: Int
-    /// Set by the DownstreamHandler; unowned because it lives on the same pipeline.
-    unowned(unsafe) var owner: DownstreamHandler? = nil
+    /// Set by the DownstreamHandler (same pipeline). Weak: after a switch to a
+    /// tunnel the owner is gone while this handler may still see bytes.
+    weak var owner: DownstreamHandler? = nil
 
     /// True while the next bytes are (part of) a request head.
     private var awaitingHead = true
