@@ -13,7 +13,10 @@ TEMPLATES_DIR="$BENCH_DIR/templates"
 WRK_REPORTER="$BENCH_DIR/wrk-report.lua"
 
 WEIR_SCRATCH="$REPO_DIR/.build-bench"
-WEIR_BIN="$WEIR_SCRATCH/release/weir"
+# WEIR_BIN=/path/to/weir bench/<script> --no-build measures another build
+# (e.g. an engineer's own release build) instead of the bench's.
+WEIR_BIN_DEFAULT="$WEIR_SCRATCH/release/weir"
+WEIR_BIN=${WEIR_BIN:-$WEIR_BIN_DEFAULT}
 
 ORIGIN_PORT=19000
 NGINX_PORT=19001
@@ -266,6 +269,10 @@ WEIR_SOURCE_SNAPSHOT="$REPO_DIR/.build-bench-src"
 
 build_weir() {
     local commit
+    if [ "$WEIR_BIN" != "$WEIR_BIN_DEFAULT" ]; then
+        log "WEIR_BIN is set: measuring $WEIR_BIN as it is (no build)"
+        return
+    fi
     commit=$(git -C "$REPO_DIR" rev-parse --short HEAD)
     log "building Weir at commit $commit (release, snapshot ${WEIR_SOURCE_SNAPSHOT#$REPO_DIR/}, scratch ${WEIR_SCRATCH#$REPO_DIR/}); log: $RUN_DIR/logs/weir-build.log"
     git -C "$REPO_DIR" archive HEAD | python3 "$BENCH_DIR/sync_snapshot.py" "$WEIR_SOURCE_SNAPSHOT" >&2 \
@@ -286,7 +293,11 @@ build_weir() {
 }
 
 weir_binary_commit() {
-    cat "$WEIR_SCRATCH/bench-weir-commit" 2>/dev/null || echo "unknown"
+    if [ "$WEIR_BIN" != "$WEIR_BIN_DEFAULT" ]; then
+        echo "unknown (WEIR_BIN=$WEIR_BIN)"
+    else
+        cat "$WEIR_SCRATCH/bench-weir-commit" 2>/dev/null || echo "unknown"
+    fi
 }
 
 # start_weir VARIANT PORT: validate the variant's config, start Weir on it
