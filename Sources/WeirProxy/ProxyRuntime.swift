@@ -1,4 +1,5 @@
 import Atomics
+import Logging
 import NIOCore
 import NIOHTTP1
 import WeirCore
@@ -141,9 +142,15 @@ final class LoopContext: @unchecked Sendable {
     private var sweepTask: RepeatedTask?
     private var draining = false
 
-    init(loop: EventLoop, runtime: ProxyRuntime) {
+    /// Per-exchange events worth a look when debugging (connect failures,
+    /// timeouts, malformed input). Debug level: the access log already
+    /// records every request's outcome.
+    let logger: Logger
+
+    init(loop: EventLoop, runtime: ProxyRuntime, logger: Logger) {
         self.loop = loop
         self.runtime = runtime
+        self.logger = logger
         self.pools = runtime.upstreams.map { upstream in
             upstream.config.targets.enumerated().map { index, target in
                 TargetPool(targetIndex: index, target: target, pool: upstream.config.pool,

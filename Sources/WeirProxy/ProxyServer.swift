@@ -69,7 +69,7 @@ public final class ProxyServer: @unchecked Sendable {
             self.runtime = runtime
             self.setupError = nil
             for loop in group.makeIterator() {
-                contexts.append(LoopContext(loop: loop, runtime: runtime))
+                contexts.append(LoopContext(loop: loop, runtime: runtime, logger: logger))
             }
         } catch {
             self.runtime = nil

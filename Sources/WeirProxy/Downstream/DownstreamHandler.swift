@@ -237,6 +237,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
     /// A malformed request: 400 (or 431) and close; anything already sent
     /// upstream for it is abandoned, since the upstream's view may differ.
     private func rejectMalformed(_ kind: ProxyErrorKind, message: String) {
+        loopContext.logger.debug("malformed request", metadata: ["client": "\(clientIP)", "message": "\(message)"])
         if let exchange {
             if exchange.responseStarted {
                 abortExchange(exchange, reason: message)
@@ -805,6 +806,9 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
 
     /// The proxy answers itself because the upstream could not.
     private func failBeforeResponse(_ exchange: Exchange, _ kind: ProxyErrorKind, _ message: String) {
+        loopContext.logger.debug("proxy error", metadata: [
+            "request_id": "\(exchange.id)", "error": "\(kind.code)", "message": "\(message)",
+        ])
         if let connection = exchange.connection {
             exchange.connection = nil
             connection.close()
@@ -907,6 +911,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
     /// The exchange cannot complete normally (client gone, upstream cut off).
     private func abortExchange(_ exchange: Exchange, reason: String) {
         guard !exchange.finished else { return }
+        loopContext.logger.debug("exchange aborted", metadata: ["request_id": "\(exchange.id)", "reason": "\(reason)"])
         exchange.keepAlive = false
         if exchange.status == 0 { exchange.status = 499 }
         exchange.finished = true
@@ -988,6 +993,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
                 // The connection now belongs to the tunnel; it closes when either side does.
                 connection.reusable = false
             } catch {
+                loopContext.logger.warning("could not switch to a tunnel after 101", metadata: ["error": "\(error)"])
                 if self.registered {
                     // Still in the pipeline: this handler does the accounting on close.
                     down.onClose = nil
