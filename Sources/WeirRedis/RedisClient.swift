@@ -84,27 +84,27 @@ public final class RedisClient: @unchecked Sendable {
 
     /// INCR: the value after incrementing.
     public func incr(_ key: String, timeout: TimeAmount? = nil) -> EventLoopFuture<Int> {
-        self.integerCommand(["INCR", .string(key)], name: "INCR", timeout: timeout)
+        self.sendExpectingInteger(command: ["INCR", .string(key)], timeout: timeout)
     }
 
     /// INCRBY: the value after adding `amount`.
     public func incrby(_ key: String, _ amount: Int, timeout: TimeAmount? = nil) -> EventLoopFuture<Int> {
-        self.integerCommand(["INCRBY", .string(key), .integer(amount)], name: "INCRBY", timeout: timeout)
+        self.sendExpectingInteger(command: ["INCRBY", .string(key), .integer(amount)], timeout: timeout)
     }
 
     /// EXPIRE: true if the key exists and now has the expiry.
     public func expire(_ key: String, seconds: Int, timeout: TimeAmount? = nil) -> EventLoopFuture<Bool> {
-        self.integerCommand(["EXPIRE", .string(key), .integer(seconds)], name: "EXPIRE", timeout: timeout).map { $0 == 1 }
+        self.sendExpectingInteger(command: ["EXPIRE", .string(key), .integer(seconds)], timeout: timeout).map { $0 == 1 }
     }
 
     /// PEXPIRE: true if the key exists and now has the expiry.
     public func pexpire(_ key: String, milliseconds: Int, timeout: TimeAmount? = nil) -> EventLoopFuture<Bool> {
-        self.integerCommand(["PEXPIRE", .string(key), .integer(milliseconds)], name: "PEXPIRE", timeout: timeout).map { $0 == 1 }
+        self.sendExpectingInteger(command: ["PEXPIRE", .string(key), .integer(milliseconds)], timeout: timeout).map { $0 == 1 }
     }
 
     /// DEL: how many of the keys existed.
     public func del(_ keys: [String], timeout: TimeAmount? = nil) -> EventLoopFuture<Int> {
-        self.integerCommand(["DEL"] + keys.map(RedisArgument.string), name: "DEL", timeout: timeout)
+        self.sendExpectingInteger(command: ["DEL"] + keys.map(RedisArgument.string), timeout: timeout)
     }
 
     /// EVAL source numkeys keys... args...
@@ -142,12 +142,21 @@ public final class RedisClient: @unchecked Sendable {
         return command
     }
 
-    private func integerCommand(_ command: [RedisArgument], name: String, timeout: TimeAmount?) -> EventLoopFuture<Int> {
-        self.send(command: command, timeout: timeout).flatMapThrowing { reply in
-            guard case .integer(let value) = reply else { throw RedisError.unexpectedReply(name, reply) }
-            return value
+    /// A command with an integer reply, completed without an extra future.
+    public func sendExpectingInteger(command arguments: [RedisArgument], timeout: TimeAmount? = nil) -> EventLoopFuture<Int> {
+        guard self.eventLoop.inEventLoop else {
+            return self.eventLoop.flatSubmit { self.sendExpectingInteger(command: arguments, timeout: timeout) }
+        }
+        switch self.connection() {
+        case .ready(let connection):
+            return connection.sendExpectingInteger(arguments, timeout: timeout)
+        case .pending(let future):
+            return future.flatMap { $0.sendExpectingInteger(arguments, timeout: timeout) }
+        case .failed(let error):
+            return self.eventLoop.makeFailedFuture(error)
         }
     }
+
 
     // MARK: Connections
 

@@ -107,6 +107,25 @@ final class RedisClientTests: XCTestCase {
         XCTAssertEqual(open, 1, "one pipelined connection carried them all")
     }
 
+    func testErrorRepliesInsideAPipelineFailOnlyTheirOwnCommand() throws {
+        let server = try RedisServerProcess()
+        let client = self.client(server)
+        defer { _ = try? client.close().wait() }
+        _ = try client.send("SET", "text", "abc").wait()
+        let futures: [EventLoopFuture<Int>] = try client.eventLoop.submit {
+            [client.incr("ok"), client.incr("text"), client.incr("ok"),
+             client.sendExpectingInteger(command: ["PING"]), client.incr("ok")]
+        }.wait()
+        XCTAssertEqual(try futures[0].wait(), 1)
+        XCTAssertEqual(self.redisError(futures[1])?.serverErrorCode, "ERR", "not an integer")
+        XCTAssertEqual(try futures[2].wait(), 2)
+        let wrongShape = self.redisError(futures[3])
+        XCTAssertEqual(wrongShape?.kind, .unexpectedReply)
+        XCTAssertTrue(wrongShape?.description.contains("expected an integer reply, got +PONG") ?? false,
+                      "\(String(describing: wrongShape))")
+        XCTAssertEqual(try futures[4].wait(), 3, "replies after the errors still match their commands")
+    }
+
     func testPasswordAuth() throws {
         let server = try RedisServerProcess(password: "s3cret")
         let good = self.client(server)
