@@ -42,6 +42,29 @@ final class ProxyResilienceTests: XCTestCase {
         XCTAssertEqual(names.filter { $0 == "b" }.count, 3, "\(names)")
     }
 
+    func testConsistentHashOnHeaderKeepsAKeyOnOneTarget() throws {
+        let a = try TestUpstream(name: "a", group: upstreamGroup)
+        let b = try TestUpstream(name: "b", group: upstreamGroup)
+        let c = try TestUpstream(name: "c", group: upstreamGroup)
+        defer { a.stop(); b.stop(); c.stop() }
+        let proxy = try ProxyHarness(config: ProxyHarness.config(targets: [a.address, b.address, c.address]) {
+            $0.upstreams[0].balancer = .consistentHash
+            $0.upstreams[0].hashOn = .header("x-user")
+        })
+        self.proxy = proxy
+        var seenTargets = Set<String>()
+        for user in 0..<12 {
+            var targets = Set<String>()
+            for _ in 0..<3 {
+                let client = try proxy.connect()   // new connections may land on either loop
+                targets.insert(try client.request("GET", "/", headers: [("X-User", "user-\(user)")]).header("x-upstream") ?? "?")
+            }
+            XCTAssertEqual(targets.count, 1, "user-\(user) went to \(targets)")
+            seenTargets.formUnion(targets)
+        }
+        XCTAssertGreaterThan(seenTargets.count, 1, "keys spread over targets")
+    }
+
     func testConnectFailureIsRetriedOnAnotherTarget() throws {
         let good = try TestUpstream(name: "good", group: upstreamGroup)
         defer { good.stop() }
