@@ -141,6 +141,9 @@ final class LoopContext: @unchecked Sendable {
     private var tunnels: [ObjectIdentifier: Channel] = [:]
     private var sweepTask: RepeatedTask?
     private var draining = false
+    /// This loop's plugins of the current generation; nil when the config
+    /// attaches none. Swapped on the loop by a reload (see Generations/).
+    var plugins: LoopPlugins?
 
     /// Per-exchange events worth a look when debugging (connect failures,
     /// timeouts, malformed input). Debug level: the access log already

@@ -48,7 +48,7 @@ public final class ProxyServer: @unchecked Sendable {
     /// nil when the config could not be compiled; `start()` then throws `setupError`.
     private let runtime: ProxyRuntime?
     private let setupError: Error?
-    private let loopContexts: [LoopContext]
+    let loopContexts: [LoopContext]
     private let lock = NIOLock()
     private var serverChannels: [Channel] = []
     private var bound: [String: SocketAddress] = [:]

@@ -256,5 +256,29 @@ public struct WeirConfig: Hashable, Sendable {
     public var forwarded: ForwardedConfig = ForwardedConfig()
     /// How long in-flight requests may run after SIGTERM before exit.
     public var drainTimeout: TimeSpan = .seconds(30)
+    /// `weir.shared` dictionaries (process-wide, kept across reloads).
+    public var sharedDicts: [SharedDictConfig] = []
+    /// Limits for plugin code.
+    public var lua: LuaLimitsConfig = LuaLimitsConfig()
+    public init() {}
+}
+
+/// A `weir.shared` dictionary: `shared_dicts: [{ name: counters, size: 10m }]`
+/// (or `items: 50000`). Entries beyond the item cap evict the least recently used.
+public struct SharedDictConfig: Hashable, Sendable {
+    public var name: String
+    /// Item cap. From `items`, or from `size` at an assumed ~256 bytes per
+    /// entry (nginx's `lua_shared_dict` sizes are bytes; ours caps entries).
+    public var capacity: Int
+    public init(name: String, capacity: Int) { self.name = name; self.capacity = capacity }
+    public static let assumedBytesPerEntry = 256
+}
+
+/// `lua: { instruction_budget: 10000000, memory_limit: 64m }`.
+public struct LuaLimitsConfig: Hashable, Sendable {
+    /// VM instructions per plugin per phase call; 0 disables the budget.
+    public var instructionBudget: Int = 10_000_000
+    /// Bytes per Lua state (one state per event loop per generation).
+    public var memoryLimit: Int = 64 << 20
     public init() {}
 }

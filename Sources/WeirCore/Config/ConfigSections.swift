@@ -14,7 +14,7 @@ extension ConfigReader {
         }
         guard let f = fields(root, "", known: [
             "listeners", "upstreams", "routes", "plugins", "plugin_paths", "consumers", "admin",
-            "workers", "access_log", "forwarded", "drain_timeout",
+            "workers", "access_log", "forwarded", "drain_timeout", "shared_dicts", "lua",
         ]) else { return config }
 
         if let node = f["listeners"] {
@@ -40,7 +40,51 @@ extension ConfigReader {
         if let node = f["drain_timeout"] {
             config.drainTimeout = duration(node, f.path("drain_timeout"), positive: false) ?? config.drainTimeout
         }
+        if let node = f["shared_dicts"] {
+            var seen = Set<String>()
+            for item in list(node, f.path("shared_dicts")) {
+                guard let dict = readSharedDict(item.node, item.path) else { continue }
+                guard seen.insert(dict.name).inserted else {
+                    report(ConfigReader.join(item.path, "name"), "duplicate shared dictionary \"\(dict.name)\"", item.node)
+                    continue
+                }
+                config.sharedDicts.append(dict)
+            }
+        }
+        if let node = f["lua"] { config.lua = readLuaLimits(node, f.path("lua")) }
         return config
+    }
+
+    // MARK: Plugin runtime (weir.shared, Lua limits)
+
+    func readSharedDict(_ node: Node, _ path: String) -> SharedDictConfig? {
+        guard let f = fields(node, path, known: ["name", "size", "items"], required: ["name"]) else { return nil }
+        guard let n = f["name"], let dictName = name(n, f.path("name")) else { return nil }
+        if f["size"] != nil && f["items"] != nil {
+            report(path, "give either size or items, not both")
+            return nil
+        }
+        var capacity = 10_000
+        if let n = f["items"] {
+            guard let items = int(n, f.path("items"), min: 1) else { return nil }
+            capacity = items
+        } else if let n = f["size"] {
+            guard let bytes = size(n, f.path("size"), min: SharedDictConfig.assumedBytesPerEntry) else { return nil }
+            capacity = bytes / SharedDictConfig.assumedBytesPerEntry
+        }
+        return SharedDictConfig(name: dictName, capacity: capacity)
+    }
+
+    func readLuaLimits(_ node: Node, _ path: String) -> LuaLimitsConfig {
+        var limits = LuaLimitsConfig()
+        guard let f = fields(node, path, known: ["instruction_budget", "memory_limit"]) else { return limits }
+        if let n = f["instruction_budget"] {
+            limits.instructionBudget = int(n, f.path("instruction_budget"), min: 0) ?? limits.instructionBudget
+        }
+        if let n = f["memory_limit"] {
+            limits.memoryLimit = size(n, f.path("memory_limit"), min: 1 << 20) ?? limits.memoryLimit
+        }
+        return limits
     }
 
     // MARK: Listeners

@@ -18,16 +18,16 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
     typealias OutboundIn = HTTPServerResponsePart
     typealias OutboundOut = HTTPServerResponsePart
 
-    private let loopContext: LoopContext
-    private let listener: ListenerRuntime
+    let loopContext: LoopContext
+    let listener: ListenerRuntime
     private let headGuard: HeadGuard
-    private var context: ChannelHandlerContext!
-    private var peerAddress: SocketAddress?
-    private var clientIP = ""
+    var context: ChannelHandlerContext!
+    var peerAddress: SocketAddress?
+    var clientIP = ""
     private var peerTrusted = false
 
     /// The request in flight, if any.
-    private var exchange: Exchange?
+    var exchange: Exchange?
     /// Decoded parts of pipelined requests waiting for their turn.
     private var queued = CircularBuffer<HTTPServerRequestPart>()
     /// Body bytes held in `queued`.
@@ -56,6 +56,8 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
     private var decoderStopped = false
     /// The client shut down its write side: no more requests will come.
     private var inputClosed = false
+    /// The connection-phase plugin scope (see DownstreamHandler+Plugins).
+    var connectionPlugins: ConnectionPlugins?
 
     init(loopContext: LoopContext, listener: ListenerRuntime, headGuard: HeadGuard) {
         self.loopContext = loopContext
@@ -89,6 +91,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         loopContext.register(self)
         listener.observer?.connectionOpened(listener: listener.name)
         armConnectionTimer(header: true)
+        if let plugins = loopContext.plugins { startConnectionPlugins(plugins) }
     }
 
     func channelInactive(context: ChannelHandlerContext) {
@@ -98,6 +101,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         if let exchange {
             abortExchange(exchange, reason: "client closed the connection")
         }
+        connectionPlugins?.close()
         if registered {
             registered = false
             loopContext.unregister(self)
@@ -139,7 +143,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         return connection.channel.isWritable
     }
 
-    private func resumeReadingIfAllowed() {
+    func resumeReadingIfAllowed() {
         if pendingRead && shouldReadDownstream {
             pendingRead = false
             context.read()
@@ -423,6 +427,9 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         if draining {
             exchange.keepAlive = false
         }
+        if let plugins = loopContext.plugins, let chain = plugins.chain(forRoute: routed.route.name) {
+            return startRequestPlugins(exchange, plugins: plugins, chain: chain, path: path, query: query)
+        }
         startAttempt(exchange, excluding: nil)
     }
 
@@ -448,7 +455,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
     // MARK: - Upstream attempts
 
     /// Picks a target and gets a connection for the next attempt.
-    private func startAttempt(_ exchange: Exchange, excluding: Int?) {
+    func startAttempt(_ exchange: Exchange, excluding: Int?) {
         guard let routed = exchange.routed, let head = exchange.head else { return }
         let upstream = routed.upstream
         guard let target = loopContext.pickTarget(upstream: upstream, head: head, clientIP: clientIP, excluding: excluding) else {
@@ -509,7 +516,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         }
     }
 
-    private func buildUpstreamHead(_ exchange: Exchange, head: HTTPRequestHead, routed: RoutedRequest) -> HTTPRequestHead {
+    func buildUpstreamHead(_ exchange: Exchange, head: HTTPRequestHead, routed: RoutedRequest) -> HTTPRequestHead {
         let hostHeader: String
         if routed.route.preserveHost, let clientHost = exchange.hostHeader {
             hostHeader = clientHost
@@ -603,6 +610,10 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
             connection.close()
             return
         }
+        if let plugins = exchange.plugins, plugins.holdingResponse {
+            plugins.heldParts.append(part)
+            return
+        }
         if exchange.requestSentAt != nil { exchange.lastUpstreamRead = .now() }
         switch part {
         case .head(let head):
@@ -641,6 +652,15 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
             return startAttempt(exchange, excluding: target)
         }
 
+        if let plugins = exchange.plugins, code != 101 {
+            guard let head = runResponsePlugins(head, exchange: exchange, plugins: plugins, connection: connection) else { return }
+            return relayResponseHead(head, exchange: exchange, connection: connection)
+        }
+        relayResponseHead(head, exchange: exchange, connection: connection)
+    }
+
+    func relayResponseHead(_ head: HTTPResponseHead, exchange: Exchange, connection: UpstreamConnection) {
+        let code = Int(head.status.code)
         exchange.upstreamKeepAlive = head.isKeepAlive
         let isUpgrade = code == 101
         if isUpgrade && !exchange.isUpgrade {
@@ -797,7 +817,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
 
     // MARK: - Finishing
 
-    private func endBalancerAttempt(_ exchange: Exchange) {
+    func endBalancerAttempt(_ exchange: Exchange) {
         if exchange.balancerActive, let routed = exchange.routed, let target = exchange.target {
             exchange.balancerActive = false
             loopContext.balancerFinished(upstream: routed.upstream, target: target)
@@ -805,7 +825,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
     }
 
     /// The proxy answers itself because the upstream could not.
-    private func failBeforeResponse(_ exchange: Exchange, _ kind: ProxyErrorKind, _ message: String) {
+    func failBeforeResponse(_ exchange: Exchange, _ kind: ProxyErrorKind, _ message: String) {
         loopContext.logger.debug("proxy error", metadata: [
             "request_id": "\(exchange.id)", "error": "\(kind.code)", "message": "\(message)",
         ])
@@ -870,11 +890,11 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
     }
 
     /// Whether the connection closes once this exchange's response is out.
-    private func closesAfter(_ exchange: Exchange) -> Bool {
+    func closesAfter(_ exchange: Exchange) -> Bool {
         !exchange.keepAlive || draining || decoderFailed || decoderStopped || (inputClosed && queued.isEmpty)
     }
 
-    private func finishExchange(_ exchange: Exchange, afterWrite: EventLoopFuture<Void>? = nil) {
+    func finishExchange(_ exchange: Exchange, afterWrite: EventLoopFuture<Void>? = nil) {
         guard !exchange.finished else { return }
         exchange.finished = true
         exchangeTimer.set(nil)
@@ -884,6 +904,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
             connection.close()
         }
         record(exchange)
+        exchange.plugins?.requestDone()
         self.exchange = nil
         if closesAfter(exchange) {
             closing = true
@@ -922,6 +943,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
             connection.close()
         }
         record(exchange)
+        exchange.plugins?.requestDone()
         self.exchange = nil
         closing = true
     }
@@ -954,6 +976,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         exchangeTimer.set(nil)
         exchange.connection = nil
         record(exchange)
+        exchange.plugins?.requestDone()
         self.exchange = nil
         endBalancerAttempt(exchange)
         connection.handler.delegate = nil
@@ -1029,6 +1052,8 @@ final class Exchange {
     let started: NIODeadline = .now()
     var wallStart: Double = 0
     var routed: RoutedRequest?
+    /// The request's plugin scope when its route has plugins.
+    var plugins: ExchangePlugins?
     /// The client's Host (or the authority of an absolute-form target).
     var hostHeader: String?
     var framing = HeaderRewriting.RequestFraming()

@@ -16,6 +16,7 @@ enum ProxyErrorKind {
     case upstreamTimeout     // 504
     case draining            // 503 while shutting down
     case tooManyConnections  // 503 listener max_connections reached
+    case pluginFailed        // 500 a Lua plugin raised or ran out of budget/memory
 
     var status: HTTPResponseStatus {
         switch self {
@@ -28,6 +29,7 @@ enum ProxyErrorKind {
         case .connectFailed, .badUpstreamResponse: return .badGateway
         case .noHealthyTarget, .draining, .tooManyConnections: return .serviceUnavailable
         case .upstreamTimeout: return .gatewayTimeout
+        case .pluginFailed: return .internalServerError
         }
     }
 
@@ -45,6 +47,7 @@ enum ProxyErrorKind {
         case .upstreamTimeout: return "upstream_timeout"
         case .draining: return "draining"
         case .tooManyConnections: return "too_many_connections"
+        case .pluginFailed: return "plugin_failed"
         }
     }
 }

@@ -1,0 +1,308 @@
+import Foundation
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import WeirCore
+import WeirLua
+
+/// Owns the plugin generations of a running `ProxyServer` and hot reloads
+/// them.
+///
+/// A reload reads the config, loads and compiles the plugins, validates
+/// their configs and builds one Lua runtime per event loop, all on the
+/// calling thread (never an event loop); then each loop swaps its
+/// `LoopContext.plugins` reference on the loop itself. A request keeps the
+/// generation it started on (`ExchangePlugins` holds it); the next request
+/// on a keep-alive connection uses the new one. A replaced generation's
+/// timers stop at once and its Lua states are freed with its last request.
+///
+/// What a reload may change: plugins (global, route, upstream, consumer
+/// attachments and their configs), `plugin_paths`, the plugin files, and
+/// `lua` limits. Listeners, upstreams, routes and `shared_dicts` are fixed
+/// for the life of the process: a reload that changes them is refused with
+/// a message saying so (restart to apply them). `weir.shared` data lives in
+/// one process-wide `SharedDictionaries`, so it survives every reload.
+public final class GenerationManager: @unchecked Sendable {
+    /// What `GET /status` reports.
+    public struct Status: Sendable {
+        public var generation: Int
+        /// Wall-clock seconds since 1970 of the last reload attempt.
+        public var lastReloadTime: Double?
+        public var lastReloadSucceeded: Bool?
+        public var lastReloadError: String?
+        public var reloads: Int
+        public var failedReloads: Int
+    }
+
+    public struct ReloadError: Error, CustomStringConvertible, Sendable {
+        /// True when the config itself (YAML, a plugin config, a Lua file)
+        /// is at fault, as opposed to the server.
+        public var isConfigError: Bool
+        public var description: String
+    }
+
+    private let server: ProxyServer
+    private let configPath: String?
+    private let baseDirectory: String
+    private let sdk: LuaSDK
+    public let shared: SharedDictionaries
+    private let logger: Logger
+    /// Serialises reloads (a signal, the admin API and the watcher may race).
+    private let reloadLock = NIOLock()
+    private let stateLock = NIOLock()
+    private var config: WeirConfig
+    private var current: PluginGeneration?
+    private var _status = Status(generation: 0, reloads: 0, failedReloads: 0)
+    private var watcher: FileWatcher?
+
+    /// Loads generation 1 from `config` and installs it on every loop of
+    /// `server` (call before `server.start()` or right after). Throws with
+    /// the file and line of a Lua error or the path of a bad plugin config.
+    /// `configPath` is what reloads re-read (nil: only `reload(config:)`).
+    public init(server: ProxyServer, config: WeirConfig, configPath: String?, baseDirectory: String? = nil,
+                sdk: LuaSDK? = nil, logger: Logger) throws {
+        self.server = server
+        self.configPath = configPath
+        self.baseDirectory = baseDirectory
+            ?? configPath.map { ($0 as NSString).deletingLastPathComponent }.map { $0.isEmpty ? "." : $0 }
+            ?? FileManager.default.currentDirectoryPath
+        self.sdk = try sdk ?? LuaSDK.locate()
+        self.shared = SharedDictionaries(capacities: Dictionary(config.sharedDicts.map { ($0.name, $0.capacity) },
+                                                                uniquingKeysWith: { a, _ in a }))
+        self.logger = logger
+        self.config = config
+        let generation = try build(number: 1, config: config)
+        install(generation)
+        _status.generation = 1
+    }
+
+    public var status: Status { stateLock.withLock { _status } }
+    public var generation: Int { status.generation }
+
+    /// Re-reads the config file and swaps in a new generation. On failure
+    /// the current generation keeps serving. Blocks: never call it on an
+    /// event loop (`reloadInBackground` does the hop).
+    @discardableResult
+    public func reload() -> Result<Int, ReloadError> {
+        guard let configPath else {
+            return record(.failure(ReloadError(isConfigError: false, description: "no config file to reload from")))
+        }
+        return reloadLock.withLock {
+            let config: WeirConfig
+            do {
+                config = try ConfigLoader.load(path: configPath)
+            } catch {
+                return record(.failure(ReloadError(isConfigError: true, description: "\(error)")))
+            }
+            return locked_reload(config: config)
+        }
+    }
+
+    /// Swaps in a generation built from `config` (tests, embedding).
+    @discardableResult
+    public func reload(config: WeirConfig) -> Result<Int, ReloadError> {
+        reloadLock.withLock { locked_reload(config: config) }
+    }
+
+    /// `reload()` on a background queue, completing on `loop`.
+    public func reloadInBackground(on loop: EventLoop) -> EventLoopFuture<Result<Int, ReloadError>> {
+        let promise = loop.makePromise(of: Result<Int, ReloadError>.self)
+        DispatchQueue.global().async { promise.succeed(self.reload()) }
+        return promise.futureResult
+    }
+
+    private func locked_reload(config newConfig: WeirConfig) -> Result<Int, ReloadError> {
+        let start = DispatchTime.now().uptimeNanoseconds
+        if let problem = Self.fixedPartsChanged(from: config, to: newConfig) {
+            return record(.failure(ReloadError(isConfigError: true, description: problem)))
+        }
+        let number = status.generation + 1
+        let generation: PluginGeneration
+        do {
+            generation = try build(number: number, config: newConfig)
+        } catch {
+            return record(.failure(ReloadError(isConfigError: true, description: "\(error)")))
+        }
+        install(generation)
+        config = newConfig
+        let ms = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e6
+        logger.info("reloaded", metadata: ["generation": "\(number)", "plugins": "\(generation.library.plugins.count)",
+                                           "ms": "\(String(format: "%.1f", ms))"])
+        return record(.success(number))
+    }
+
+    private func build(number: Int, config: WeirConfig) throws -> PluginGeneration {
+        var options = LuaRuntimeOptions()
+        options.shared = shared
+        options.instructionBudget = config.lua.instructionBudget
+        options.memoryLimit = config.lua.memoryLimit
+        let logger = self.logger
+        options.log = { record in
+            let level: Logger.Level
+            switch record.level {
+            case .debug: level = .debug
+            case .info: level = .info
+            case .warn: level = .warning
+            case .error: level = .error
+            }
+            logger.log(level: level, "\(record.message)", metadata: [
+                "plugin": "\(record.plugin)", "request_id": "\(record.requestID ?? "")",
+                "phase": "\(record.phase?.rawValue ?? "")",
+            ])
+        }
+        return try PluginGeneration.build(number: number, config: config, baseDirectory: baseDirectory, sdk: sdk,
+                                          options: options, loops: server.loopContexts.map(\.loop))
+    }
+
+    /// Hands each loop its part of `generation` and retires the old one there.
+    private func install(_ generation: PluginGeneration) {
+        let old = stateLock.withLock { () -> PluginGeneration? in
+            defer { current = generation }
+            return current
+        }
+        let swaps = zip(server.loopContexts, generation.perLoop).map { context, loopPlugins in
+            context.loop.submit {
+                let previous = context.plugins
+                context.plugins = generation.isEmpty ? nil : loopPlugins
+                previous?.retire()
+                if previous == nil, let old {
+                    // The old generation had no plugins on the data path, but may have timers.
+                    old.perLoop.first { $0.loop === context.loop }?.retire()
+                }
+            }
+        }
+        // A reload only returns once every loop serves the new generation.
+        for swap in swaps { try? swap.wait() }
+    }
+
+    @discardableResult
+    private func record(_ result: Result<Int, ReloadError>) -> Result<Int, ReloadError> {
+        stateLock.withLock {
+            _status.lastReloadTime = Date().timeIntervalSince1970
+            switch result {
+            case .success(let number):
+                _status.generation = number
+                _status.lastReloadSucceeded = true
+                _status.lastReloadError = nil
+                _status.reloads += 1
+            case .failure(let error):
+                _status.lastReloadSucceeded = false
+                _status.lastReloadError = error.description
+                _status.failedReloads += 1
+            }
+        }
+        if case .failure(let error) = result {
+            logger.error("reload failed; the current generation keeps serving", metadata: ["error": "\(error.description)"])
+        }
+        return result
+    }
+
+    /// nil when only reloadable parts differ; otherwise what changed.
+    static func fixedPartsChanged(from old: WeirConfig, to new: WeirConfig) -> String? {
+        func fixed(_ c: WeirConfig) -> WeirConfig {
+            var c = c
+            c.plugins = []
+            c.pluginPaths = []
+            c.lua = LuaLimitsConfig()
+            c.consumers = c.consumers.map { var x = $0; x.plugins = []; return x }
+            c.routes = c.routes.map { var x = $0; x.plugins = []; return x }
+            c.upstreams = c.upstreams.map { var x = $0; x.plugins = []; return x }
+            return c
+        }
+        let a = fixed(old), b = fixed(new)
+        if a == b { return nil }
+        var changed: [String] = []
+        if a.listeners != b.listeners { changed.append("listeners") }
+        if a.upstreams != b.upstreams { changed.append("upstreams") }
+        if a.routes != b.routes { changed.append("routes") }
+        if a.consumers != b.consumers { changed.append("consumers") }
+        if a.sharedDicts != b.sharedDicts { changed.append("shared_dicts") }
+        if changed.isEmpty { changed.append("settings outside plugins") }
+        return "reload can change plugins, their configs, plugin_paths and lua limits; this config also changes "
+            + changed.joined(separator: ", ") + ": restart weir to apply that"
+    }
+
+    // MARK: Status
+
+    /// `GET /status` body.
+    public var statusJSON: String {
+        let s = status
+        var fields = ["\"generation\":\(s.generation)", "\"reloads\":\(s.reloads)", "\"failed_reloads\":\(s.failedReloads)"]
+        if let t = s.lastReloadTime {
+            fields.append("\"last_reload_time\":\"\(ISO8601DateFormatter().string(from: Date(timeIntervalSince1970: t)))\"")
+        }
+        if let ok = s.lastReloadSucceeded { fields.append("\"last_reload_result\":\"\(ok ? "ok" : "failed")\"") }
+        if let error = s.lastReloadError { fields.append("\"last_reload_error\":\(Self.jsonString(error))") }
+        fields.append("\"watching\":\(watcher != nil)")
+        return "{" + fields.joined(separator: ",") + "}\n"
+    }
+
+    static func jsonString(_ s: String) -> String {
+        var buffer = ByteBuffer()
+        ProxyErrorResponse.writeJSONString(s, into: &buffer)
+        return buffer.readString(length: buffer.readableBytes) ?? "\"\""
+    }
+
+    // MARK: Watching files
+
+    /// Polls the config file and the plugin folders once per `interval`
+    /// and reloads once a change has settled (no further change for one
+    /// interval), so an editor's burst of writes triggers one reload.
+    public func startWatching(interval: Double = 1.0) {
+        stateLock.withLock {
+            guard watcher == nil else { return }
+            watcher = FileWatcher(interval: interval, paths: { [weak self] in self?.watchedPaths() ?? [] }) { [weak self] in
+                self?.reload()
+            }
+        }
+    }
+
+    public func stopWatching() {
+        let w = stateLock.withLock { () -> FileWatcher? in defer { watcher = nil }; return watcher }
+        w?.stop()
+    }
+
+    private func watchedPaths() -> [String] {
+        let (config, generation) = stateLock.withLock { (self.config, self.current) }
+        var paths: [String] = configPath.map { [$0] } ?? []
+        for path in config.pluginPaths { paths.append(path.hasPrefix("/") ? path : baseDirectory + "/" + path) }
+        for definition in generation?.library.plugins.values.sorted(by: { $0.name < $1.name }) ?? [] {
+            paths.append(definition.handlerPath)
+            paths.append(definition.schemaPath)
+        }
+        return paths
+    }
+}
+
+/// Polls mtimes and sizes (stat) of a set of paths on a background queue.
+final class FileWatcher: @unchecked Sendable {
+    private let timer: DispatchSourceTimer
+    private var lastSignature: [String]? = nil
+    private var changedPending = false
+
+    init(interval: Double, paths: @escaping () -> [String], onChange: @escaping () -> Void) {
+        let queue = DispatchQueue(label: "weir.reload.watch")
+        timer = DispatchSource.makeTimerSource(queue: queue)
+        timer.schedule(deadline: .now() + interval, repeating: interval)
+        timer.setEventHandler { [unowned self] in
+            let signature = paths().map(Self.signature)
+            defer { lastSignature = signature }
+            guard let last = lastSignature else { return }
+            if signature != last {
+                changedPending = true          // still changing: wait for it to settle
+            } else if changedPending {
+                changedPending = false
+                onChange()
+            }
+        }
+        timer.resume()
+    }
+
+    private static func signature(_ path: String) -> String {
+        var st = stat()
+        guard stat(path, &st) == 0 else { return path + ":absent" }
+        return "\(path):\(st.st_mtim.tv_sec).\(st.st_mtim.tv_nsec):\(st.st_size)"
+    }
+
+    func stop() { timer.cancel() }
+}

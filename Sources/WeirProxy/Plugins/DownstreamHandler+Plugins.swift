@@ -1,0 +1,176 @@
+import NIOCore
+import NIOHTTP1
+import WeirLua
+
+// The plugin phases on the HTTP/1.1 data path. DownstreamHandler calls in
+// here only when its loop's generation has plugins (`loopContext.plugins`
+// is nil otherwise), so a config without plugins never touches Lua.
+//
+//   accept ─ connection phase (global plugins; reject = close)
+//   head routed ─ request phase (may exit: that response, upstream skipped)
+//   upstream head ─ response phase (status/header changes, may exit)
+//   response sent / request aborted ─ log phase, then the scope is finished
+extension DownstreamHandler {
+    /// After accept: runs the global connection-phase plugins.
+    func startConnectionPlugins(_ plugins: LoopPlugins) {
+        guard let chain = plugins.connectionChain else { return }
+        let connection = ConnectionPlugins(connectionID: loopContext.requestIDs.next(), clientIP: clientIP,
+                                           clientPort: peerAddress?.port ?? 0)
+        connectionPlugins = connection
+        let channel = context.channel
+        let logger = loopContext.logger
+        connection.begin(plugins).runConnectionPhase(chain: chain).whenSuccess { result in
+            switch result {
+            case .continue: break
+            case .exit(let exit):
+                logger.debug("connection rejected by a plugin", metadata: ["reason": "\(exit.bodyString ?? "")"])
+                channel.close(promise: nil)
+            case .failed(let failure):
+                logger.error("plugin failed", metadata: ["plugin": "\(failure.plugin)", "phase": "connection",
+                                                         "message": "\(failure.message)", "traceback": "\(failure.traceback ?? "")"])
+                channel.close(promise: nil)
+            }
+        }
+    }
+
+    /// The route has a chain: run the request phase, then go upstream (or answer).
+    func startRequestPlugins(_ exchange: Exchange, plugins: LoopPlugins, chain: PluginChain, path: String, query: Substring) {
+        guard let head = exchange.head, let routed = exchange.routed else { return }
+        // The head the upstream will get, built now so plugins change it in place.
+        exchange.upstreamHead = buildUpstreamHead(exchange, head: head, routed: routed)
+        let scope = ExchangePlugins(loopPlugins: plugins, chain: chain, handler: self, exchange: exchange,
+                                    path: path, query: query,
+                                    connection: connectionPlugins?.scope)
+        exchange.plugins = scope
+        switch scope.scope.start(.request, chain: chain) {
+        case .done(let result):
+            requestPhaseEnded(exchange, result)
+        case .pending(let future):
+            future.whenSuccess { [weak self] result in
+                guard let self, self.exchange === exchange, !exchange.finished else { return }
+                self.requestPhaseEnded(exchange, result)
+            }
+        }
+    }
+
+    private func requestPhaseEnded(_ exchange: Exchange, _ result: PhaseResult) {
+        switch result {
+        case .continue:
+            startAttempt(exchange, excluding: nil)
+            // Parts that arrived while the phase ran are written by useConnection.
+        case .exit(let exit):
+            sendPluginExit(exchange, exit)
+        case .failed(let failure):
+            pluginFailed(exchange, failure)
+        }
+    }
+
+    /// The upstream's response head, before anything is sent downstream.
+    /// Returns the head to relay, or nil when the plugins answered instead
+    /// or are still running (the head is relayed when they finish).
+    func runResponsePlugins(_ head: HTTPResponseHead, exchange: Exchange, plugins: ExchangePlugins,
+                            connection: UpstreamConnection) -> HTTPResponseHead? {
+        var head = head
+        plugins.applyEarlyResponseOps(to: &head.headers)
+        plugins.responseHead = head
+        switch plugins.scope.start(.response, chain: plugins.chain) {
+        case .done(let result):
+            return responsePhaseEnded(exchange, plugins: plugins, result: result, connection: connection)
+        case .pending(let future):
+            // Hold what the upstream sends meanwhile (bounded: its reads pause).
+            plugins.holdingResponse = true
+            connection.handler.pauseReading()
+            future.whenSuccess { [weak self] result in
+                guard let self, self.exchange === exchange, !exchange.finished else { return }
+                plugins.holdingResponse = false
+                let held = plugins.heldParts
+                plugins.heldParts.removeAll()
+                guard let head = self.responsePhaseEnded(exchange, plugins: plugins, result: result, connection: connection) else { return }
+                self.relayResponseHead(head, exchange: exchange, connection: connection)
+                for part in held where self.exchange === exchange { self.upstreamRead(part, on: connection) }
+                self.context.flush()
+                connection.handler.resumeReading()
+            }
+            return nil
+        }
+    }
+
+    private func responsePhaseEnded(_ exchange: Exchange, plugins: ExchangePlugins, result: PhaseResult,
+                                    connection: UpstreamConnection) -> HTTPResponseHead? {
+        switch result {
+        case .continue:
+            let head = plugins.responseHead
+            plugins.responseHead = nil
+            return head
+        case .exit(let exit):
+            dropUpstream(exchange, connection)
+            sendPluginExit(exchange, exit)
+        case .failed(let failure):
+            dropUpstream(exchange, connection)
+            pluginFailed(exchange, failure)
+        }
+        return nil
+    }
+
+    /// The upstream response will not be relayed: its connection is out of step.
+    private func dropUpstream(_ exchange: Exchange, _ connection: UpstreamConnection) {
+        if exchange.connection === connection { exchange.connection = nil }
+        connection.close()
+    }
+
+    /// A plugin raised: 500 with the request id (the proxy's error shape).
+    private func pluginFailed(_ exchange: Exchange, _ failure: PluginFailure) {
+        exchange.plugins?.logFailure(.failed(failure))
+        failBeforeResponse(exchange, .pluginFailed, "plugin \(failure.plugin) failed in the \(failure.phase.rawValue) phase")
+    }
+
+    /// Sends a plugin's early-exit response (the upstream is skipped or dropped).
+    private func sendPluginExit(_ exchange: Exchange, _ exit: PluginExit) {
+        endBalancerAttempt(exchange)
+        exchange.pendingUpstream.removeAll()
+        exchange.discardingBody = true
+        if !exchange.requestEnded && exchange.bodyForwarded { exchange.keepAlive = false }
+        if !exchange.requestEnded && exchange.framing.expectsContinue && exchange.framing.hasBody { exchange.keepAlive = false }
+        exchange.plugins?.exitStatus = exit.status
+        let close = closesAfter(exchange)
+        let version = exchange.head?.version ?? .http1_1
+        var headers = HTTPHeaders()
+        for field in exit.headers where !Self.isFramingHeader(field.name) { headers.add(name: field.name, value: field.value) }
+        exchange.plugins?.applyEarlyResponseOps(to: &headers)
+        let body = exit.body ?? []
+        let bodyAllowed = exchange.head?.method != .HEAD && exit.status != 204 && exit.status != 304
+        if bodyAllowed || !body.isEmpty { headers.replaceOrAdd(name: "content-length", value: String(body.count)) }
+        headers.replaceOrAdd(name: "x-request-id", value: exchange.id)
+        if close {
+            headers.replaceOrAdd(name: "connection", value: "close")
+        } else if version.major == 1 && version.minor == 0 {
+            headers.replaceOrAdd(name: "connection", value: "keep-alive")
+        }
+        let head = HTTPResponseHead(version: version.minor == 0 ? .http1_0 : .http1_1,
+                                    status: HTTPResponseStatus(statusCode: exit.status), headers: headers)
+        exchange.status = exit.status
+        exchange.responseStarted = true
+        exchange.localResponseDone = true
+        exchange.upstreamResponseEnded = true
+        context.write(wrapOutboundOut(.head(head)), promise: nil)
+        if bodyAllowed && !body.isEmpty {
+            exchange.bytesOut += body.count
+            context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(bytes: body)))), promise: nil)
+        }
+        if close { exchange.requestEnded = true }
+        let endPromise: EventLoopPromise<Void>? = close ? context.eventLoop.makePromise() : nil
+        context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: endPromise)
+        if exchange.requestEnded {
+            finishExchange(exchange, afterWrite: endPromise?.futureResult)
+        } else {
+            resumeReadingIfAllowed()
+        }
+    }
+
+    private static func isFramingHeader(_ name: String) -> Bool {
+        switch name.lowercased() {
+        case "content-length", "transfer-encoding", "connection", "keep-alive": return true
+        default: return false
+        }
+    }
+}

@@ -1,0 +1,216 @@
+import NIOCore
+import NIOHTTP1
+import WeirLua
+
+/// The plugin side of one request: the `PluginRequestContext` the Lua SDK
+/// calls into (lazily: headers are read from the request head only when a
+/// plugin asks), the plugin scope, and the generation it is pinned to.
+final class ExchangePlugins: PluginRequestContext {
+    /// Pins the generation: its Lua state lives while this request does.
+    let loopPlugins: LoopPlugins
+    let chain: PluginChain
+    private(set) var scope: PluginRequest!
+    private weak var handler: DownstreamHandler?
+    private unowned let exchange: Exchange
+    let path: String
+    private let query: Substring
+
+    /// Response header changes made before a response exists (request
+    /// phase); applied to whatever response is finally sent.
+    private var earlyResponseOps: [(op: HeaderOp, name: String, value: String)] = []
+    /// The response head while the response phase can see it.
+    var responseHead: HTTPResponseHead?
+    /// Status of an early exit (what the log phase sees).
+    var exitStatus: Int?
+    /// The response phase is waiting on an async call: upstream parts are held.
+    var holdingResponse = false
+    var heldParts: [HTTPClientResponsePart] = []
+    private(set) var consumer: String?
+    private var done = false
+
+    enum HeaderOp { case set, add, clear }
+
+    init(loopPlugins: LoopPlugins, chain: PluginChain, handler: DownstreamHandler, exchange: Exchange,
+         path: String, query: Substring, connection: PluginConnection?) {
+        self.loopPlugins = loopPlugins
+        self.chain = chain
+        self.handler = handler
+        self.exchange = exchange
+        self.path = path
+        self.query = query
+        // A connection scope from an older generation belongs to another Lua state.
+        let conn = connection?.runtime === loopPlugins.runtime ? connection : nil
+        self.scope = loopPlugins.runtime.beginRequest(self, connection: conn)
+    }
+
+    /// After the response went out (or the request was abandoned): the log
+    /// phase, then the scope is released. Never delays the client: the
+    /// response is already written when this runs.
+    func requestDone() {
+        guard !done else { return }
+        done = true
+        holdingResponse = false
+        heldParts.removeAll()
+        let scope = self.scope!
+        switch scope.start(.log, chain: chain) {
+        case .done(let result):
+            logFailure(result)
+            scope.finish()
+        case .pending(let future):
+            future.whenComplete { [self] result in
+                if case .success(let r) = result { logFailure(r) }
+                scope.finish()
+                _ = self // keeps the generation pinned until the log phase is over
+            }
+        }
+    }
+
+    func logFailure(_ result: PhaseResult) {
+        guard case .failed(let failure) = result else { return }
+        handler?.loopContext.logger.error("plugin failed", metadata: [
+            "plugin": "\(failure.plugin)", "phase": "\(failure.phase.rawValue)", "request_id": "\(exchange.id)",
+            "message": "\(failure.message)", "traceback": "\(failure.traceback ?? "")",
+        ])
+    }
+
+    /// Applies the request phase's response header changes to `headers`.
+    func applyEarlyResponseOps(to headers: inout HTTPHeaders) {
+        for (op, name, value) in earlyResponseOps {
+            switch op {
+            case .set: headers.replaceOrAdd(name: name, value: value)
+            case .add: headers.add(name: name, value: value)
+            case .clear: headers.remove(name: name)
+            }
+        }
+        earlyResponseOps.removeAll()
+    }
+
+    // MARK: PluginRequestContext: the downstream request
+
+    var requestID: String { exchange.id }
+    var method: String { exchange.head?.method.rawValue ?? "" }
+    var rawQuery: String? { query.isEmpty ? nil : String(query.dropFirst()) }
+    var scheme: String { handler?.listener.scheme ?? "http" }
+    var host: String? { exchange.hostHeader }
+    func requestHeader(_ lowercasedName: String) -> String? { exchange.head?.headers.first(name: lowercasedName) }
+    func requestHeaders() -> [(name: String, value: String)] {
+        exchange.head?.headers.map { (name: $0.name.lowercased(), value: $0.value) } ?? []
+    }
+
+    struct BodyUnavailable: Error, CustomStringConvertible {
+        var description: String { "weir.request.get_body: reading a request body in a plugin is not supported by the proxy yet" }
+    }
+
+    func readRequestBody(maxBytes: Int) -> EventLoopFuture<[UInt8]?> {
+        if exchange.bodyless { return loopPlugins.loop.makeSucceededFuture(nil) }
+        return loopPlugins.loop.makeFailedFuture(BodyUnavailable())
+    }
+
+    // MARK: The client
+
+    var clientIP: String { handler?.clientIP ?? "" }
+    var clientPort: Int { handler?.peerAddress?.port ?? 0 }
+    func authenticate(consumer: String, credential: String?) { self.consumer = consumer }
+
+    // MARK: The upstream request (request phase)
+
+    func setUpstreamHeader(_ name: String, _ value: String) { exchange.upstreamHead?.headers.replaceOrAdd(name: name, value: value) }
+    func addUpstreamHeader(_ name: String, _ value: String) { exchange.upstreamHead?.headers.add(name: name, value: value) }
+    func clearUpstreamHeader(_ name: String) { exchange.upstreamHead?.headers.remove(name: name) }
+
+    func setUpstreamPath(_ path: String) {
+        guard let uri = exchange.upstreamHead?.uri else { return }
+        let query = uri.firstIndex(of: "?").map { uri[$0...] } ?? ""
+        exchange.upstreamHead?.uri = path + query
+    }
+
+    func setUpstreamQuery(_ query: String?) {
+        guard let uri = exchange.upstreamHead?.uri else { return }
+        let path = uri.firstIndex(of: "?").map { String(uri[..<$0]) } ?? uri
+        exchange.upstreamHead?.uri = (query?.isEmpty ?? true) ? path : path + "?" + query!
+    }
+
+    func setUpstreamMethod(_ method: String) { exchange.upstreamHead?.method = HTTPMethod(rawValue: method) }
+
+    func setUpstreamBody(_ body: [UInt8]) {
+        handler?.loopContext.logger.warning("weir.upstream.request.set_body is not supported by the proxy yet; body unchanged",
+                                            metadata: ["request_id": "\(exchange.id)"])
+    }
+
+    func setUpstreamTarget(host: String, port: Int) {
+        handler?.loopContext.logger.warning("weir.upstream.set_target is not supported by the proxy yet; using the balancer",
+                                            metadata: ["request_id": "\(exchange.id)", "target": "\(host):\(port)"])
+    }
+
+    func setUpstream(named name: String) -> Bool {
+        guard let routed = exchange.routed, let handler,
+              let upstream = handler.loopContext.runtime.upstreams.first(where: { $0.name == name }) else { return false }
+        exchange.routed = RoutedRequest(route: routed.route, upstream: upstream, forwardURI: routed.forwardURI)
+        return true
+    }
+
+    func setUpstreamTimeouts(connect: Double?, send: Double?, read: Double?) {
+        handler?.loopContext.logger.debug("weir.upstream.set_timeouts is not honoured by the proxy yet",
+                                          metadata: ["request_id": "\(exchange.id)"])
+    }
+
+    func setUpstreamRetries(_ retries: Int) {
+        handler?.loopContext.logger.debug("weir.upstream.set_retries is not honoured by the proxy yet",
+                                          metadata: ["request_id": "\(exchange.id)"])
+    }
+
+    // MARK: The response
+
+    var responseStatus: Int? {
+        if let head = responseHead { return Int(head.status.code) }
+        return exitStatus ?? (exchange.status == 0 ? nil : exchange.status)
+    }
+
+    func setResponseStatus(_ status: Int) { responseHead?.status = HTTPResponseStatus(statusCode: status) }
+    func responseHeader(_ name: String) -> String? { responseHead?.headers.first(name: name) }
+    func responseHeaders() -> [(name: String, value: String)] {
+        responseHead?.headers.map { (name: $0.name.lowercased(), value: $0.value) } ?? []
+    }
+    func setResponseHeader(_ name: String, _ value: String) { responseOp(.set, name, value) }
+    func addResponseHeader(_ name: String, _ value: String) { responseOp(.add, name, value) }
+    func clearResponseHeader(_ name: String) { responseOp(.clear, name, "") }
+
+    private func responseOp(_ op: HeaderOp, _ name: String, _ value: String) {
+        guard responseHead != nil else {
+            earlyResponseOps.append((op, name, value))
+            return
+        }
+        switch op {
+        case .set: responseHead!.headers.replaceOrAdd(name: name, value: value)
+        case .add: responseHead!.headers.add(name: name, value: value)
+        case .clear: responseHead!.headers.remove(name: name)
+        }
+    }
+}
+
+/// The plugin side of one downstream connection: its connection-phase
+/// scope (`conn.data`, read by request phases as `weir.conn`).
+final class ConnectionPlugins: PluginConnectionContext {
+    let connectionID: String
+    let clientIP: String
+    let clientPort: Int
+    var serverName: String? { nil }
+    private(set) var scope: PluginConnection?
+
+    init(connectionID: String, clientIP: String, clientPort: Int) {
+        self.connectionID = connectionID
+        self.clientIP = clientIP
+        self.clientPort = clientPort
+    }
+
+    func begin(_ plugins: LoopPlugins) -> PluginConnection {
+        let scope = plugins.runtime.beginConnection(self)
+        self.scope = scope
+        return scope
+    }
+
+    func close() {
+        scope?.close()
+        scope = nil
+    }
+}

@@ -1,0 +1,217 @@
+// Lua plugins on the HTTP/1.1 data path, through a running proxy on
+// loopback with a real upstream.
+
+import Foundation
+import NIOPosix
+import WeirCore
+import WeirProxy
+import XCTest
+
+final class PluginProxyTests: XCTestCase {
+    var group: MultiThreadedEventLoopGroup!
+    var upstream: TestUpstream!
+    var folder: PluginFolder!
+
+    override func setUpWithError() throws {
+        group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        upstream = try TestUpstream(group: group)
+        folder = try PluginFolder()
+    }
+
+    override func tearDownWithError() throws {
+        upstream.stop()
+        try group.syncShutdownGracefully()
+        folder.remove()
+    }
+
+    /// request adds an upstream header and an early response header,
+    /// response sets a header from the upstream status, log runs after the
+    /// response (it calls the upstream's /logged, which the test waits for).
+    func testEveryPhaseThroughTheProxy() throws {
+        try folder.write("phases", handler: """
+        local weir = require "weir"
+        local P = { PRIORITY = 100, VERSION = "1" }
+        function P:request(conf, ctx)
+          ctx.seen = weir.request.get_header("x-in") or "none"
+          weir.upstream.request.set_header("x-added", conf.value .. ":" .. ctx.seen)
+          weir.upstream.request.clear_header("x-drop")
+          weir.response.set_header("x-early", "yes")
+        end
+        function P:response(conf, ctx)
+          weir.response.set_header("x-upstream-status", tostring(weir.response.get_status()))
+          weir.response.set_header("x-ctx", ctx.seen)
+        end
+        function P:log(conf, ctx)
+          weir.http.request("http://127.0.0.1:\(upstream.port)/logged?id=" .. weir.request.get_id(), { timeout = 2 })
+        end
+        return P
+        """, schema: "return { fields = { value = { type = \"string\", default = \"v\", description = \"prefix\" } } }")
+        let config = ProxyHarness.config(targets: [upstream.address]) {
+            $0.plugins = [pluginRef("phases", .map(["value": .string("global")]))]
+        }
+        let proxy = try PluginProxy(config: config, folder: folder)
+        defer { proxy.stop() }
+        let client = try proxy.connect()
+        let response = try client.request("GET", "/hello", headers: [("x-in", "abc"), ("x-drop", "1")])
+        XCTAssertEqual(response.status, 200)
+        XCTAssertEqual(response.bodyText, "ok from upstream")
+        XCTAssertEqual(response.header("x-early"), "yes")
+        XCTAssertEqual(response.header("x-upstream-status"), "200")
+        XCTAssertEqual(response.header("x-ctx"), "abc")
+        let seen = upstream.requests.first { $0.uri == "/hello" }
+        XCTAssertEqual(seen?.header("x-added"), "global:abc")
+        XCTAssertNil(seen?.header("x-drop"))
+        let id = try XCTUnwrap(seen?.header("x-request-id"))
+        XCTAssertTrue(waitUntil { self.upstream.requests.contains { $0.uri == "/logged?id=\(id)" } },
+                      "the log phase ran after the response")
+        // The same keep-alive connection serves the next request.
+        XCTAssertEqual(try client.request("GET", "/again").status, 200)
+    }
+
+    func testEarlyExitSkipsTheUpstream() throws {
+        try folder.write("gate", handler: """
+        local weir = require "weir"
+        local P = { PRIORITY = 100, VERSION = "1" }
+        function P:request(conf, ctx)
+          if weir.request.get_header("x-key") ~= "secret" then
+            return 401, { message = "no key" }, { ["x-gate"] = "closed" }
+          end
+        end
+        function P:response(conf, ctx)
+          weir.response.set_header("x-response-phase", "ran")
+        end
+        return P
+        """)
+        let config = ProxyHarness.config(targets: [upstream.address]) { $0.plugins = [pluginRef("gate")] }
+        let proxy = try PluginProxy(config: config, folder: folder)
+        defer { proxy.stop() }
+        let client = try proxy.connect()
+        let denied = try client.request("GET", "/private")
+        XCTAssertEqual(denied.status, 401)
+        XCTAssertEqual(denied.header("x-gate"), "closed")
+        XCTAssertEqual(denied.header("content-type"), "application/json")
+        XCTAssertTrue(denied.bodyText.contains("no key"), denied.bodyText)
+        XCTAssertFalse(upstream.requests.contains { $0.uri == "/private" }, "upstream skipped")
+        let allowed = try client.request("GET", "/private", headers: [("x-key", "secret")])
+        XCTAssertEqual(allowed.status, 200)
+        XCTAssertEqual(allowed.header("x-response-phase"), "ran")
+    }
+
+    func testFailingPluginGives500WithRequestIDAndTheNextRequestWorks() throws {
+        try folder.write("flaky", handler: """
+        local weir = require "weir"
+        local P = { PRIORITY = 100, VERSION = "1" }
+        function P:request(conf, ctx)
+          if weir.request.get_path() == "/boom" then error("kaboom") end
+          if weir.request.get_path() == "/loop" then while true do end end
+        end
+        return P
+        """)
+        let config = ProxyHarness.config(targets: [upstream.address]) {
+            $0.plugins = [pluginRef("flaky")]
+            $0.lua.instructionBudget = 100_000
+        }
+        let proxy = try PluginProxy(config: config, folder: folder)
+        defer { proxy.stop() }
+        let client = try proxy.connect()
+        for path in ["/boom", "/loop"] {
+            let failed = try client.request("GET", path)
+            XCTAssertEqual(failed.status, 500)
+            XCTAssertEqual(failed.errorJSON?["error"], "plugin_failed")
+            XCTAssertEqual(failed.errorJSON?["request_id"], failed.header("x-request-id"))
+            XCTAssertTrue(failed.errorJSON?["message"]?.contains("flaky") ?? false)
+            XCTAssertFalse(upstream.requests.contains { $0.uri == path })
+            XCTAssertEqual(try client.request("GET", "/fine").status, 200, "same connection carries on")
+        }
+    }
+
+    func testRouteConfigWinsOverGlobal() throws {
+        try folder.write("tag", handler: """
+        local weir = require "weir"
+        local P = { PRIORITY = 100, VERSION = "1" }
+        function P:request(conf, ctx) weir.response.set_header("x-tag", conf.tag) end
+        return P
+        """, schema: "return { fields = { tag = { type = \"string\", required = true, description = \"tag\" } } }")
+        let config = ProxyHarness.config(targets: [upstream.address]) {
+            $0.plugins = [pluginRef("tag", .map(["tag": .string("global")]))]
+            var special = RouteConfig()
+            special.name = "special"
+            special.upstream = "backend"
+            special.match.paths = [PathPattern.prefix("/special")]
+            special.plugins = [pluginRef("tag", .map(["tag": .string("route")]))]
+            $0.routes.insert(special, at: 0)
+        }
+        let proxy = try PluginProxy(config: config, folder: folder)
+        defer { proxy.stop() }
+        let client = try proxy.connect()
+        XCTAssertEqual(try client.request("GET", "/special/x").header("x-tag"), "route")
+        XCTAssertEqual(try client.request("GET", "/other").header("x-tag"), "global")
+    }
+
+    func testConnectionPhaseRejects() throws {
+        try folder.write("door", handler: """
+        local weir = require "weir"
+        local P = { PRIORITY = 100, VERSION = "1" }
+        function P:connection(conf, conn)
+          if conf.closed then conn:reject("closed") end
+          conn.data.port = conn:get_port()
+        end
+        function P:request(conf, ctx)
+          weir.response.set_header("x-conn-port", tostring(weir.conn.port))
+        end
+        return P
+        """, schema: "return { fields = { closed = { type = \"boolean\", default = false, description = \"reject all\" } } }")
+        var config = ProxyHarness.config(targets: [upstream.address]) { $0.plugins = [pluginRef("door")] }
+        let open = try PluginProxy(config: config, folder: folder)
+        let response = try open.connect().request("GET", "/")
+        XCTAssertEqual(response.status, 200)
+        XCTAssertNotNil(Int(response.header("x-conn-port") ?? ""), "request phase read conn.data")
+        open.stop()
+
+        config.plugins = [pluginRef("door", .map(["closed": .bool(true)]))]
+        let closed = try PluginProxy(config: config, folder: folder)
+        defer { closed.stop() }
+        let client = try closed.connect()
+        XCTAssertTrue(client.waitForClose(), "rejected connection is closed")
+        XCTAssertFalse(upstream.requests.contains { $0.uri == "/" && $0.header("x-conn-port") != nil })
+    }
+
+    func testAsyncSleepAndHTTPInTheRequestPhase() throws {
+        try folder.write("async", handler: """
+        local weir = require "weir"
+        local P = { PRIORITY = 100, VERSION = "1" }
+        function P:request(conf, ctx)
+          weir.sleep(0.02)
+          local res, err = weir.http.request("http://127.0.0.1:\(upstream.port)/status/204", { timeout = 2 })
+          if not res then return 502, err end
+          weir.upstream.request.set_header("x-side-status", tostring(res.status))
+        end
+        return P
+        """)
+        let config = ProxyHarness.config(targets: [upstream.address]) { $0.plugins = [pluginRef("async")] }
+        let proxy = try PluginProxy(config: config, folder: folder)
+        defer { proxy.stop() }
+        let client = try proxy.connect()
+        for i in 0..<3 {
+            let response = try client.request("POST", "/post/\(i)", body: "payload \(i)")
+            XCTAssertEqual(response.status, 200)
+            let seen = upstream.requests.first { $0.uri == "/post/\(i)" }
+            XCTAssertEqual(seen?.header("x-side-status"), "204")
+            XCTAssertEqual(seen?.bodyBytes, "payload \(i)".utf8.count, "body held while the plugin waited, then forwarded")
+        }
+    }
+
+    func testUnknownPluginAndBadConfigAreRefusedWithPaths() throws {
+        try folder.write("tag", handler: "local P = { PRIORITY = 1, VERSION = '1' } function P:request() end return P",
+                         schema: "return { fields = { tag = { type = \"string\", required = true, description = \"t\" } } }")
+        var config = ProxyHarness.config(targets: [upstream.address]) { $0.plugins = [pluginRef("nope")] }
+        XCTAssertThrowsError(try PluginProxy(config: config, folder: folder)) { error in
+            XCTAssertTrue("\(error)".contains("nope"), "\(error)")
+        }
+        config.plugins = []
+        config.routes[0].plugins = [pluginRef("tag", .map(["tag": .int(3)]))]
+        XCTAssertThrowsError(try PluginProxy(config: config, folder: folder)) { error in
+            XCTAssertTrue("\(error)".contains("routes[0].plugins[0].config.tag"), "\(error)")
+        }
+    }
+}
