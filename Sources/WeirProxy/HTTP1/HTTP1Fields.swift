@@ -1,0 +1,393 @@
+import NIOCore
+
+/// Header names the data path needs by identity, recognised once while parsing.
+public enum HTTP1KnownField: UInt8, Sendable {
+    case other
+    case host, contentLength, transferEncoding, connection, expect, upgrade
+    case keepAlive, proxyConnection, te, trailer
+    case xForwardedFor, xForwardedProto, xForwardedHost, forwarded, via, xRequestID
+
+    /// RFC 9110 §7.6.1 hop-by-hop fields (plus the de-facto Keep-Alive and
+    /// Proxy-Connection); Connection may name more.
+    public var isHopByHop: Bool {
+        switch self {
+        case .connection, .keepAlive, .proxyConnection, .te, .trailer, .transferEncoding, .upgrade: return true
+        default: return false
+        }
+    }
+
+    /// Classifies by length first, then by bytes (ASCII case-insensitive).
+    @inline(__always)
+    static func classify(_ p: UnsafePointer<UInt8>, _ n: Int) -> HTTP1KnownField {
+        switch n {
+        case 2: return HTTP1Bytes.equalsLower(p, n, "te") ? .te : .other
+        case 3: return HTTP1Bytes.equalsLower(p, n, "via") ? .via : .other
+        case 4: return HTTP1Bytes.equalsLower(p, n, "host") ? .host : .other
+        case 6: return HTTP1Bytes.equalsLower(p, n, "expect") ? .expect : .other
+        case 7:
+            if HTTP1Bytes.equalsLower(p, n, "upgrade") { return .upgrade }
+            return HTTP1Bytes.equalsLower(p, n, "trailer") ? .trailer : .other
+        case 9: return HTTP1Bytes.equalsLower(p, n, "forwarded") ? .forwarded : .other
+        case 10:
+            if HTTP1Bytes.equalsLower(p, n, "connection") { return .connection }
+            return HTTP1Bytes.equalsLower(p, n, "keep-alive") ? .keepAlive : .other
+        case 12: return HTTP1Bytes.equalsLower(p, n, "x-request-id") ? .xRequestID : .other
+        case 14: return HTTP1Bytes.equalsLower(p, n, "content-length") ? .contentLength : .other
+        case 15: return HTTP1Bytes.equalsLower(p, n, "x-forwarded-for") ? .xForwardedFor : .other
+        case 16:
+            if HTTP1Bytes.equalsLower(p, n, "x-forwarded-host") { return .xForwardedHost }
+            return HTTP1Bytes.equalsLower(p, n, "proxy-connection") ? .proxyConnection : .other
+        case 17:
+            if HTTP1Bytes.equalsLower(p, n, "transfer-encoding") { return .transferEncoding }
+            return HTTP1Bytes.equalsLower(p, n, "x-forwarded-proto") ? .xForwardedProto : .other
+        default: return .other
+        }
+    }
+}
+
+/// One field line, as offsets into the head's bytes. Int32 keeps the entry
+/// at 24 bytes; heads are bounded by `HTTP1Limits` far below 2 GiB.
+public struct HTTP1FieldEntry: Sendable {
+    /// Start of the line (= start of the name).
+    public var nameStart: Int32
+    public var nameLength: Int32
+    /// Value with leading/trailing whitespace trimmed.
+    public var valueStart: Int32
+    public var valueLength: Int32
+    /// Offset just past the line's CRLF: `nameStart..<lineEnd` is the whole line.
+    public var lineEnd: Int32
+    public var known: HTTP1KnownField
+}
+
+/// A set of field indices (which lines to drop when forwarding). The first
+/// 64 live in one word; more only allocate when a head has that many fields.
+public struct HTTP1FieldSet: Sendable, Equatable {
+    @usableFromInline var low: UInt64 = 0
+    @usableFromInline var high: [UInt64] = []
+
+    public init() {}
+
+    public var isEmpty: Bool { low == 0 && high.allSatisfy { $0 == 0 } }
+
+    @inlinable
+    public mutating func insert(_ index: Int) {
+        if index < 64 { low |= 1 << UInt64(index); return }
+        let word = (index - 64) >> 6
+        while high.count <= word { high.append(0) }
+        high[word] |= 1 << UInt64((index - 64) & 63)
+    }
+
+    @inlinable
+    public func contains(_ index: Int) -> Bool {
+        if index < 64 { return low & (1 << UInt64(index)) != 0 }
+        let word = (index - 64) >> 6
+        return word < high.count && high[word] & (1 << UInt64((index - 64) & 63)) != 0
+    }
+
+    public mutating func formUnion(_ other: HTTP1FieldSet) {
+        low |= other.low
+        for (i, w) in other.high.enumerated() {
+            while high.count <= i { high.append(0) }
+            high[i] |= w
+        }
+    }
+}
+
+/// The field section of a head or trailer: the original bytes plus an index.
+/// Names and values are only turned into Strings when asked for.
+public struct HTTP1Fields: Sendable {
+    /// The bytes the entries' offsets point into (the whole head for heads).
+    public let bytes: ByteBuffer
+    public let entries: [HTTP1FieldEntry]
+
+    public var count: Int { entries.count }
+
+    public func name(at i: Int) -> String {
+        let e = entries[i]
+        return bytes.getString(at: bytes.readerIndex + Int(e.nameStart), length: Int(e.nameLength))!
+    }
+
+    public func value(at i: Int) -> String {
+        let e = entries[i]
+        return bytes.getString(at: bytes.readerIndex + Int(e.valueStart), length: Int(e.valueLength))!
+    }
+
+    /// Zero-copy view of one value.
+    public func withValueBytes<R>(at i: Int, _ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
+        let e = entries[i]
+        return try bytes.withUnsafeReadableBytes { raw in
+            try body(UnsafeRawBufferPointer(rebasing: raw[Int(e.valueStart)..<Int(e.valueStart + e.valueLength)]))
+        }
+    }
+
+    /// Index of the first field whose name equals `name` (ASCII case-insensitive).
+    public func firstIndex(named name: String) -> Int? {
+        var lowered = Array(name.utf8)
+        for k in lowered.indices where lowered[k] >= 0x41 && lowered[k] <= 0x5A { lowered[k] |= 0x20 }
+        return bytes.withUnsafeReadableBytes { raw -> Int? in
+            let base = raw.bindMemory(to: UInt8.self).baseAddress!
+            for (i, e) in entries.enumerated() where Int(e.nameLength) == lowered.count {
+                if lowered.withUnsafeBufferPointer({ HTTP1Bytes.equalsLower(base + Int(e.nameStart), $0) }) { return i }
+            }
+            return nil
+        }
+    }
+
+    /// First value for `name`, as a String (allocates).
+    public func first(named name: String) -> String? {
+        firstIndex(named: name).map { value(at: $0) }
+    }
+
+    /// All (name, value) pairs as Strings: for plugins and tests, not the hot path.
+    public func pairs() -> [(name: String, value: String)] {
+        (0..<count).map { (name(at: $0), value(at: $0)) }
+    }
+}
+
+/// Byte-level helpers shared by the parsers.
+enum HTTP1Bytes {
+    static let cr: UInt8 = 0x0D
+    static let lf: UInt8 = 0x0A
+    static let sp: UInt8 = 0x20
+    static let htab: UInt8 = 0x09
+    static let colon: UInt8 = 0x3A
+
+    /// RFC 9110 tchar, as two 64-bit masks over ASCII.
+    @inline(__always)
+    static func isTChar(_ b: UInt8) -> Bool {
+        if b < 64 { return (0x03ff_6cfa_0000_0000 as UInt64) >> UInt64(b) & 1 != 0 }
+        if b < 128 { return (0x57ff_ffff_c7ff_fffe as UInt64) >> UInt64(b - 64) & 1 != 0 }
+        return false
+    }
+
+    /// field-vchar / SP / HTAB / obs-text: everything except CTLs and DEL.
+    @inline(__always)
+    static func isFieldValueByte(_ b: UInt8) -> Bool {
+        b >= 0x20 ? b != 0x7F : b == 0x09
+    }
+
+    @inline(__always)
+    static func isWhitespace(_ b: UInt8) -> Bool { b == sp || b == htab }
+
+    /// Compares `n` bytes at `p` with a lowercase ASCII literal, ignoring case
+    /// of `p`'s letters (the literal holds only letters, digits and '-').
+    @inline(__always)
+    static func equalsLower(_ p: UnsafePointer<UInt8>, _ n: Int, _ literal: StaticString) -> Bool {
+        guard n == literal.utf8CodeUnitCount else { return false }
+        let l = literal.utf8Start
+        for i in 0..<n where p[i] | 0x20 != l[i] { return false }
+        return true
+    }
+
+    static func equalsLower(_ p: UnsafePointer<UInt8>, _ lowered: UnsafeBufferPointer<UInt8>) -> Bool {
+        for i in 0..<lowered.count {
+            let a = p[i], b = lowered[i]
+            if a != b && !(a >= 0x41 && a <= 0x5A && a | 0x20 == b) { return false }
+        }
+        return true
+    }
+
+    /// Calls `body` with each comma-separated element of a list value
+    /// (RFC 9110 §5.6.1), whitespace trimmed, empty elements skipped.
+    @inline(__always)
+    static func forEachListElement(_ p: UnsafePointer<UInt8>, _ n: Int,
+                                   _ body: (UnsafePointer<UInt8>, Int) throws -> Void) rethrows {
+        var i = 0
+        while i < n {
+            var start = i
+            while i < n && p[i] != 0x2C { i += 1 }
+            var end = i
+            while start < end && isWhitespace(p[start]) { start += 1 }
+            while end > start && isWhitespace(p[end - 1]) { end -= 1 }
+            if end > start { try body(p + start, end - start) }
+            i += 1
+        }
+    }
+}
+
+/// Finds the end of a head (or trailer section) across reads, linearly: it
+/// remembers how far it has looked, and enforces the size limits while the
+/// bytes arrive, so an endless head is refused before it is buffered.
+struct HTTP1HeadScanner {
+    /// Whether the section starts with a start line (heads) or directly with
+    /// field lines (trailers).
+    let hasStartLine: Bool
+    /// Bytes from the section start already searched for an LF.
+    private var scanned = 0
+    /// Start of the line being scanned.
+    private var lineStart = 0
+    /// End of the start line (past its CRLF), once seen.
+    private var startLineEnd = -1
+    private var fieldLines = 0
+
+    init(hasStartLine: Bool) {
+        self.hasStartLine = hasStartLine
+        if !hasStartLine { startLineEnd = 0 }
+    }
+
+    mutating func reset() { self = HTTP1HeadScanner(hasStartLine: hasStartLine) }
+
+    /// Returns the section's length (through the empty line's CRLF) once it is
+    /// complete, nil while more bytes are needed.
+    mutating func scan(_ raw: UnsafeRawBufferPointer, limits: HTTP1Limits) throws -> Int? {
+        let count = raw.count
+        guard count > 0 else { return nil }
+        let p = raw.bindMemory(to: UInt8.self).baseAddress!
+        while scanned < count {
+            guard let found = memchrLF(p + scanned, count - scanned) else {
+                scanned = count
+                break
+            }
+            let lf = scanned + found
+            guard lf > 0, p[lf - 1] == HTTP1Bytes.cr else { throw HTTP1ParseError.bareLF }
+            let lineLength = lf - 1 - lineStart
+            if startLineEnd < 0 {
+                if lineLength > limits.maxStartLineBytes { throw HTTP1ParseError.startLineTooLong }
+                startLineEnd = lf + 1
+            } else if lineLength == 0 {
+                return lf + 1
+            } else {
+                fieldLines += 1
+                if fieldLines > limits.maxFieldCount { throw HTTP1ParseError.tooManyFields }
+                if lf + 1 - startLineEnd > limits.maxFieldBytes { throw HTTP1ParseError.headerSectionTooLarge }
+            }
+            lineStart = lf + 1
+            scanned = lf + 1
+        }
+        // Incomplete: refuse as soon as the partial line already breaks a limit.
+        if startLineEnd < 0 {
+            if count - lineStart > limits.maxStartLineBytes + 1 { throw HTTP1ParseError.startLineTooLong }
+        } else if count - startLineEnd > limits.maxFieldBytes + 2 {
+            throw HTTP1ParseError.headerSectionTooLarge
+        }
+        return nil
+    }
+
+    @inline(__always)
+    private func memchrLF(_ p: UnsafePointer<UInt8>, _ n: Int) -> Int? {
+        guard let hit = memchr(p, Int32(HTTP1Bytes.lf), n) else { return nil }
+        return UnsafeRawPointer(p).distance(to: UnsafeRawPointer(hit))
+    }
+}
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// Framing facts gathered from the field lines in the same pass.
+struct HTTP1FramingFacts {
+    var contentLength: Int? = nil
+    var contentLengthCount = 0
+    var transferEncodingCount = 0
+    /// Codings in order across all Transfer-Encoding lines, summarised.
+    var codings = 0
+    var lastCodingIsChunked = false
+    var chunkedSeenBeforeLast = false
+    var connectionClose = false
+    var connectionKeepAlive = false
+    var connectionUpgrade = false
+    /// Connection lists names other than close/keep-alive/upgrade.
+    var connectionNamesOthers = false
+    var hostCount = 0
+    var expectContinue = false
+    var teTrailersOnly = true
+}
+
+/// Parses the field lines of a complete section into entries, validating each.
+/// `p` is the section start; lines run from `start` until the empty line.
+@inline(__always)
+func parseFieldLines(_ p: UnsafePointer<UInt8>, from start: Int, sectionLength: Int,
+                     entries: inout [HTTP1FieldEntry], facts: inout HTTP1FramingFacts) throws {
+    var line = start
+    let end = sectionLength - 2 // the empty line's CRLF
+    while line < end {
+        // The scanner guaranteed every LF is preceded by CR; find this line's.
+        var i = line
+        let first = p[i]
+        if HTTP1Bytes.isWhitespace(first) { throw HTTP1ParseError.obsoleteLineFolding }
+        while HTTP1Bytes.isTChar(p[i]) { i += 1 }
+        let nameLength = i - line
+        if p[i] != HTTP1Bytes.colon {
+            if HTTP1Bytes.isWhitespace(p[i]) { throw HTTP1ParseError.whitespaceBeforeColon }
+            if p[i] == HTTP1Bytes.cr && p[i + 1] != HTTP1Bytes.lf { throw HTTP1ParseError.bareCR }
+            throw HTTP1ParseError.invalidFieldName
+        }
+        if nameLength == 0 { throw HTTP1ParseError.invalidFieldName }
+        i += 1
+        while HTTP1Bytes.isWhitespace(p[i]) { i += 1 }
+        let valueStart = i
+        var valueEnd = i
+        while true {
+            let b = p[i]
+            if HTTP1Bytes.isFieldValueByte(b) {
+                i += 1
+                if b != HTTP1Bytes.sp && b != HTTP1Bytes.htab { valueEnd = i }
+                continue
+            }
+            if b == HTTP1Bytes.cr {
+                if p[i + 1] == HTTP1Bytes.lf { break }
+                throw HTTP1ParseError.bareCR
+            }
+            throw HTTP1ParseError.invalidFieldValue
+        }
+        let lineEnd = i + 2
+        let known = HTTP1KnownField.classify(p + line, nameLength)
+        let valueLength = valueEnd - valueStart
+        if known != .other {
+            try noteKnownField(known, p + valueStart, valueLength, &facts)
+        }
+        entries.append(HTTP1FieldEntry(nameStart: Int32(line), nameLength: Int32(nameLength),
+                                       valueStart: Int32(valueStart), valueLength: Int32(valueLength),
+                                       lineEnd: Int32(lineEnd), known: known))
+        line = lineEnd
+    }
+}
+
+private func noteKnownField(_ known: HTTP1KnownField, _ v: UnsafePointer<UInt8>, _ n: Int,
+                            _ facts: inout HTTP1FramingFacts) throws {
+    switch known {
+    case .host:
+        facts.hostCount += 1
+    case .contentLength:
+        facts.contentLengthCount += 1
+        var sawElement = false
+        // A list of identical values ("5, 5") is one length (RFC 9110 §8.6).
+        try HTTP1Bytes.forEachListElement(v, n) { e, len in
+            sawElement = true
+            guard len <= 18 else { throw HTTP1ParseError.invalidContentLength }
+            var value = 0
+            for k in 0..<len {
+                let d = e[k] &- 0x30
+                guard d <= 9 else { throw HTTP1ParseError.invalidContentLength }
+                value = value * 10 + Int(d)
+            }
+            if let previous = facts.contentLength, previous != value { throw HTTP1ParseError.conflictingContentLength }
+            facts.contentLength = value
+        }
+        if !sawElement { throw HTTP1ParseError.invalidContentLength }
+    case .transferEncoding:
+        facts.transferEncodingCount += 1
+        HTTP1Bytes.forEachListElement(v, n) { e, len in
+            if facts.lastCodingIsChunked { facts.chunkedSeenBeforeLast = true }
+            facts.codings += 1
+            facts.lastCodingIsChunked = HTTP1Bytes.equalsLower(e, len, "chunked")
+        }
+    case .connection:
+        HTTP1Bytes.forEachListElement(v, n) { e, len in
+            if HTTP1Bytes.equalsLower(e, len, "close") { facts.connectionClose = true }
+            else if HTTP1Bytes.equalsLower(e, len, "keep-alive") { facts.connectionKeepAlive = true }
+            else if HTTP1Bytes.equalsLower(e, len, "upgrade") { facts.connectionUpgrade = true }
+            else { facts.connectionNamesOthers = true }
+        }
+    case .expect:
+        if HTTP1Bytes.equalsLower(v, n, "100-continue") { facts.expectContinue = true }
+    case .te:
+        HTTP1Bytes.forEachListElement(v, n) { e, len in
+            if !HTTP1Bytes.equalsLower(e, len, "trailers") { facts.teTrailersOnly = false }
+        }
+    default:
+        break
+    }
+}

@@ -1,0 +1,156 @@
+import NIOCore
+
+/// Changes to a head on its way through the proxy.
+public struct HTTP1HeadEdits: Sendable {
+    /// Field lines (by index) not to forward.
+    public var removed = HTTP1FieldSet()
+    /// Fields appended after the kept ones, in order.
+    public var added: [(name: String, value: String)] = []
+    /// Replaces the request target (requests only).
+    public var target: String? = nil
+
+    public init(removed: HTTP1FieldSet = HTTP1FieldSet(), added: [(name: String, value: String)] = [], target: String? = nil) {
+        self.removed = removed
+        self.added = added
+        self.target = target
+    }
+}
+
+extension HTTP1Fields {
+    /// The hop-by-hop fields of this section (RFC 9110 §7.6.1): Connection and
+    /// every field it names, Keep-Alive, Proxy-Connection, Trailer,
+    /// Transfer-Encoding, Upgrade (unless `keepUpgrade`, for a tunnel) and TE
+    /// (unless its only element is `trailers`, which may be forwarded).
+    public func hopByHopFields(keepUpgrade: Bool = false) -> HTTP1FieldSet {
+        var set = HTTP1FieldSet()
+        var connectionIndices: [Int] = []
+        for (i, e) in entries.enumerated() where e.known.isHopByHop {
+            switch e.known {
+            case .upgrade where keepUpgrade:
+                continue
+            case .te:
+                let onlyTrailers = withValueBytes(at: i) { v -> Bool in
+                    var only = true, any = false
+                    HTTP1Bytes.forEachListElement(v.bindMemory(to: UInt8.self).baseAddress!, v.count) { p, n in
+                        any = true
+                        if !HTTP1Bytes.equalsLower(p, n, "trailers") { only = false }
+                    }
+                    return only && any
+                }
+                if onlyTrailers { continue }
+            case .connection:
+                connectionIndices.append(i)
+            default:
+                break
+            }
+            set.insert(i)
+        }
+        guard !connectionIndices.isEmpty else { return set }
+        // Names listed in Connection (rare beyond close/keep-alive/upgrade): compare bytes.
+        bytes.withUnsafeReadableBytes { raw in
+            let base = raw.bindMemory(to: UInt8.self).baseAddress!
+            for c in connectionIndices {
+                let ce = entries[c]
+                HTTP1Bytes.forEachListElement(base + Int(ce.valueStart), Int(ce.valueLength)) { token, tokenLength in
+                    for (i, e) in entries.enumerated() where Int(e.nameLength) == tokenLength && !set.contains(i) {
+                        if keepUpgrade && e.known == .upgrade { continue }
+                        if HTTP1Bytes.equalsIgnoringCase(base + Int(e.nameStart), token, tokenLength) { set.insert(i) }
+                    }
+                }
+            }
+        }
+        return set
+    }
+
+    /// Every field of a kind (e.g. to drop client-supplied X-Forwarded-For).
+    public func indices(of kind: HTTP1KnownField) -> HTTP1FieldSet {
+        var set = HTTP1FieldSet()
+        for (i, e) in entries.enumerated() where e.known == kind { set.insert(i) }
+        return set
+    }
+}
+
+extension HTTP1Bytes {
+    static func equalsIgnoringCase(_ a: UnsafePointer<UInt8>, _ b: UnsafePointer<UInt8>, _ n: Int) -> Bool {
+        for i in 0..<n {
+            var x = a[i], y = b[i]
+            if x >= 0x41 && x <= 0x5A { x |= 0x20 }
+            if y >= 0x41 && y <= 0x5A { y |= 0x20 }
+            if x != y { return false }
+        }
+        return true
+    }
+}
+
+/// Writes forwarded heads by copying the original bytes: consecutive kept
+/// field lines go out as one range copy; only edits are serialised.
+public enum HTTP1HeadWriter {
+    /// `<method> <target> HTTP/1.1\r\n`, kept fields, added fields, `\r\n`.
+    /// The version is always 1.1: the proxy speaks 1.1 to every upstream.
+    public static func writeRequest(_ head: HTTP1RequestHead, edits: HTTP1HeadEdits, into out: inout ByteBuffer) {
+        writeRequestLine(head, target: edits.target, into: &out)
+        writeFields(head.fields, removing: edits.removed, into: &out)
+        for (name, value) in edits.added { writeField(name: name, value: value, into: &out) }
+        out.writeStaticString("\r\n")
+    }
+
+    /// `HTTP/1.1 <status> <reason>\r\n` (status and reason copied), kept and added fields, `\r\n`.
+    public static func writeResponse(_ head: HTTP1ResponseHead, edits: HTTP1HeadEdits, into out: inout ByteBuffer) {
+        writeStatusLine(head, into: &out)
+        writeFields(head.fields, removing: edits.removed, into: &out)
+        for (name, value) in edits.added { writeField(name: name, value: value, into: &out) }
+        out.writeStaticString("\r\n")
+    }
+
+    public static func writeRequestLine(_ head: HTTP1RequestHead, target: String?, into out: inout ByteBuffer) {
+        let bytes = head.bytes
+        let base = bytes.readerIndex
+        if let target {
+            out.writeBytes(bytes.readableBytesView[base..<base + head.methodLength])
+            out.writeInteger(HTTP1Bytes.sp)
+            out.writeString(target)
+        } else {
+            // Method, SP and the target are contiguous in the original.
+            out.writeBytes(bytes.readableBytesView[base..<base + head.targetRange.upperBound])
+        }
+        out.writeStaticString(" HTTP/1.1\r\n")
+    }
+
+    public static func writeStatusLine(_ head: HTTP1ResponseHead, into out: inout ByteBuffer) {
+        let bytes = head.bytes
+        let base = bytes.readerIndex
+        out.writeStaticString("HTTP/1.1")
+        // From the SP after the version through the status line's CRLF.
+        out.writeBytes(bytes.readableBytesView[base + 8..<base + head.reasonRange.upperBound + 2])
+    }
+
+    /// Copies every field line not in `removing`, coalescing runs of kept lines.
+    public static func writeFields(_ fields: HTTP1Fields, removing: HTTP1FieldSet, into out: inout ByteBuffer) {
+        let entries = fields.entries
+        guard let first = entries.first else { return }
+        let view = fields.bytes.readableBytesView
+        let base = view.startIndex
+        var runStart = -1
+        var runEnd = Int(first.nameStart)
+        for i in entries.indices {
+            let e = entries[i]
+            if removing.contains(i) {
+                if runStart >= 0 { out.writeBytes(view[base + runStart..<base + runEnd]); runStart = -1 }
+            } else {
+                if runStart < 0 { runStart = Int(e.nameStart) }
+                runEnd = Int(e.lineEnd)
+            }
+        }
+        if runStart >= 0 { out.writeBytes(view[base + runStart..<base + runEnd]) }
+    }
+
+    /// `name: value\r\n`. The caller guarantees a valid token and value
+    /// (no CR/LF): these come from the proxy's config and plugins' setters.
+    @inline(__always)
+    public static func writeField(name: String, value: String, into out: inout ByteBuffer) {
+        out.writeString(name)
+        out.writeInteger(UInt16(0x3A20)) // ": "
+        out.writeString(value)
+        out.writeInteger(UInt16(0x0D0A))
+    }
+}
