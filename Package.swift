@@ -89,6 +89,7 @@ let package = Package(
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
             ],
+            exclude: ["README.md"],
             // Data-path code like WeirProxy: dynamic exclusivity checks were
             // ~20% of the instructions per command under callgrind.
             swiftSettings: swift5 + [.unsafeFlags(["-enforce-exclusivity=unchecked"])]

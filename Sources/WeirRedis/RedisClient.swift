@@ -1,3 +1,4 @@
+import Logging
 import NIOCore
 import NIOPosix
 
@@ -34,9 +35,17 @@ public final class RedisClient: @unchecked Sendable {
     private var lastConnectError: RedisError?
     private var isShutDown = false
 
-    public init(eventLoop: EventLoop, configuration: RedisConfiguration) {
+    /// Logs connect failures, recovery and timeouts: rare events, never
+    /// one line per command.
+    public let logger: Logger
+
+    /// Label `weir.redis`; the process's logging backend decides where it goes.
+    public static let defaultLogger = Logger(label: "weir.redis")
+
+    public init(eventLoop: EventLoop, configuration: RedisConfiguration, logger: Logger = RedisClient.defaultLogger) {
         self.eventLoop = eventLoop
         self.configuration = configuration
+        self.logger = logger
         self.slots = Array(repeating: .empty, count: configuration.connectionsPerLoop)
     }
 
@@ -186,7 +195,7 @@ public final class RedisClient: @unchecked Sendable {
             return .failed(RedisError(.unavailable,
                                       "\(self.configuration.address) unavailable, retrying soon (last error: \(lastError.message))"))
         }
-        let future = RedisConnection.connect(configuration: self.configuration, on: self.eventLoop)
+        let future = RedisConnection.connect(configuration: self.configuration, on: self.eventLoop, logger: self.logger)
         self.slots[index] = .connecting(future)
         future.whenComplete { result in self.connectFinished(slot: index, result) }
         return .pending(future)
@@ -198,6 +207,9 @@ public final class RedisClient: @unchecked Sendable {
             guard !self.isShutDown else {
                 _ = connection.close()
                 return
+            }
+            if self.consecutiveConnectFailures > 0 {
+                self.logger.info("redis: connected to \(self.configuration.address) again after \(self.consecutiveConnectFailures) failed attempts")
             }
             self.consecutiveConnectFailures = 0
             self.lastConnectError = nil
@@ -216,6 +228,7 @@ public final class RedisClient: @unchecked Sendable {
             let backoff = min(self.configuration.initialBackoff.nanoseconds << Int64(exponent),
                               self.configuration.maxBackoff.nanoseconds)
             self.retryNotBefore = .now() + .nanoseconds(backoff)
+            self.logger.warning("\(self.lastConnectError!); commands fail at once for the next \(backoff / 1_000_000) ms")
         }
     }
 

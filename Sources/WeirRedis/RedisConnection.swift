@@ -1,3 +1,4 @@
+import Logging
 import NIOCore
 import NIOPosix
 
@@ -31,9 +32,10 @@ public final class RedisConnection: @unchecked Sendable {
     /// Connects, then authenticates (AUTH password, or AUTH username
     /// password) and selects the database when configured. The future fails
     /// with `.connectFailed`, `.connectTimeout` or `.handshakeFailed`.
-    public static func connect(configuration: RedisConfiguration, on eventLoop: EventLoop) -> EventLoopFuture<RedisConnection> {
+    public static func connect(configuration: RedisConfiguration, on eventLoop: EventLoop,
+                               logger: Logger = RedisClient.defaultLogger) -> EventLoopFuture<RedisConnection> {
         let address = configuration.address
-        let handler = RedisCommandHandler(address: address)
+        let handler = RedisCommandHandler(address: address, logger: logger)
         let limits = configuration.limits
         let connected = ClientBootstrap(group: eventLoop)
             .connectTimeout(configuration.connectTimeout)
@@ -156,6 +158,7 @@ final class RedisCommandHandler: ChannelInboundHandler, RemovableChannelHandler 
     }
 
     private let address: String
+    private let logger: Logger
     private var state: State = .idle
     private var pending = CircularBuffer<Pending>(initialCapacity: 16)
     private var flushScheduled = false
@@ -168,8 +171,9 @@ final class RedisCommandHandler: ChannelInboundHandler, RemovableChannelHandler 
     private var timer: Scheduled<Void>?
     private var timerDeadline: NIODeadline = .distantFuture
 
-    init(address: String) {
+    init(address: String, logger: Logger) {
         self.address = address
+        self.logger = logger
     }
 
     var isOpen: Bool {
@@ -251,7 +255,9 @@ final class RedisCommandHandler: ChannelInboundHandler, RemovableChannelHandler 
         var earliest = NIODeadline.distantFuture
         for command in self.pending {
             if command.deadline <= now {
-                self.fail(with: RedisError.commandTimeout(self.address, command.timeout), context: context)
+                let error = RedisError.commandTimeout(self.address, command.timeout)
+                self.logger.warning("\(error)", metadata: ["redis.in_flight": "\(self.pending.count)"])
+                self.fail(with: error, context: context)
                 return
             }
             earliest = min(earliest, command.deadline)
@@ -288,6 +294,7 @@ final class RedisCommandHandler: ChannelInboundHandler, RemovableChannelHandler 
         let redisError: RedisError
         if let decodingError = error as? RESPDecodingError {
             redisError = RedisError(.protocolError, "\(self.address): \(decodingError)")
+            self.logger.error("\(redisError), closing the connection")
         } else if let existing = error as? RedisError {
             redisError = existing
         } else {
