@@ -1,5 +1,6 @@
 import Foundation
 import WeirCore
+import WeirProxy
 
 /// The outcome of checking a config file, shared by `weir validate` and the
 /// startup of `weir run` (so both print the same list of problems).
@@ -20,6 +21,13 @@ public enum ConfigCheck {
                            environment: [String: String] = ProcessInfo.processInfo.environment) -> ConfigCheckResult {
         do {
             let config = try ConfigLoader.load(path: path, environment: environment)
+            // Plugins: files found and compiled, configs checked against schemas.
+            let base = (path as NSString).deletingLastPathComponent
+            do {
+                try PluginGeneration.check(config: config, baseDirectory: base.isEmpty ? "." : base)
+            } catch {
+                return ConfigCheckResult(config: nil, exitCode: 1, message: "\(path): plugins: \(error)")
+            }
             let summary = "config OK: \(path) (\(config.listeners.count) listener(s), "
                 + "\(config.upstreams.count) upstream(s), \(config.routes.count) route(s))"
             return ConfigCheckResult(config: config, exitCode: 0, message: summary)

@@ -17,6 +17,10 @@ struct RunCommand: ParsableCommand {
             SIGTERM or SIGINT: stop accepting, let in-flight requests finish for up to
             `drain_timeout`, then exit 0. A second signal exits at once.
             SIGUSR1: reopen the access log file (after logrotate renamed it).
+            SIGHUP, `weir reload`, POST /reload on the admin listener, or a change to the config
+            file or a plugin file (polled once a second, see --no-watch): hot reload of the plugins
+            (a new generation; in-flight requests finish on the old one; a failed reload keeps
+            serving and is shown on GET /status).
             Exit status: 0 after a clean shutdown, 1 on a bad config or a listener that
             cannot bind, 2 for a mode this build does not offer.
             """
@@ -33,6 +37,9 @@ struct RunCommand: ParsableCommand {
 
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: String = "info"
+
+    @Flag(inversion: .prefixedNo, help: "Reload when the config file or a plugin file changes (polled once a second).")
+    var watch: Bool = true
 
     func validate() throws {
         guard ProxyMode(rawValue: mode) != nil else {
@@ -64,7 +71,8 @@ struct RunCommand: ParsableCommand {
         // A closed stdout pipe (access log) must be an EPIPE the writer
         // counts, not a signal that kills the gateway.
         signal(SIGPIPE, SIG_IGN)
-        let exitCode = Gateway(config: weirConfig, workers: workers ?? weirConfig.workers ?? System.coreCount,
+        let exitCode = Gateway(config: weirConfig, configPath: config, watch: watch,
+                               workers: workers ?? weirConfig.workers ?? System.coreCount,
                                logger: logger).runUntilSignalled()
         if exitCode != 0 { throw ExitCode(exitCode) }
     }
@@ -73,11 +81,15 @@ struct RunCommand: ParsableCommand {
 /// Everything `weir run` starts, in order, and stops in reverse.
 final class Gateway {
     private let config: WeirConfig
+    private let configPath: String
+    private let watch: Bool
     private let workers: Int
     private let logger: Logger
 
-    init(config: WeirConfig, workers: Int, logger: Logger) {
+    init(config: WeirConfig, configPath: String, watch: Bool, workers: Int, logger: Logger) {
         self.config = config
+        self.configPath = configPath
+        self.watch = watch
         self.workers = workers
         self.logger = logger
     }
@@ -98,12 +110,17 @@ final class Gateway {
         let observer = GatewayObserver(accessLog: accessLog)
 
         let proxy = ProxyServer(config: config, group: group, observer: observer, logger: logger)
+        let generations: GenerationManager
         do {
+            // Plugins first (a bad plugin refuses to start), then the listeners.
+            generations = try GenerationManager(server: proxy, config: config, configPath: configPath, logger: logger)
             try proxy.start()
         } catch {
             printError("weir: \(error)")
             return 1
         }
+        if watch { generations.startWatching() }
+        defer { generations.stopWatching() }
         let config = self.config
         observer.metrics.setHealthSource { Gateway.targetHealth(config: config, proxy: proxy) }
 
@@ -120,7 +137,8 @@ final class Gateway {
                 configText: { config.redactedYAML() },
                 upstreamsJSON: {
                     UpstreamStatusReport.json(upstreams: config.upstreams, health: { proxy.upstreamHealth(named: $0) })
-                })
+                },
+                routes: Gateway.reloadRoutes(generations))
             let server = AdminServer(listen: adminConfig.listen, group: group, endpoints: endpoints, logger: logger)
             do {
                 try server.start().wait()
@@ -150,6 +168,8 @@ final class Gateway {
             checker.stop()
             proxy.waitForDrain(timeout: drainTimeout).whenComplete { _ in drained.signal() }
         }
+        // SIGHUP: hot reload (off the signal queue's thread, never on a loop).
+        let hangup = SignalWatcher([SIGHUP]) { _ in generations.reload() }
         // SIGUSR1 (as in nginx): reopen the access log file after logrotate
         // moved it. SIGHUP is kept for config reload.
         let reopen = SignalWatcher([SIGUSR1]) { _ in
@@ -168,11 +188,35 @@ final class Gateway {
         drained.wait()
         signals.cancel()
         reopen.cancel()
+        hangup.cancel()
 
         proxy.shutdown()
         if let admin = admin { try? admin.stop().wait() }
         logger.info("stopped")
         return 0
+    }
+
+    /// `POST /reload` (200 with the new generation, 400 with the error for a
+    /// bad config or plugin, 500 otherwise) and `GET /status`.
+    static func reloadRoutes(_ generations: GenerationManager) -> [AdminRoute] {
+        [
+            AdminRoute(method: .POST, path: "/reload") { _, loop in
+                generations.reloadInBackground(on: loop).map { result in
+                    switch result {
+                    case .success(let number):
+                        return AdminResponse(status: .ok, contentType: "application/json",
+                                             body: "{\"status\":\"reloaded\",\"generation\":\(number)}\n")
+                    case .failure(let error):
+                        return AdminResponse(status: error.isConfigError ? .badRequest : .internalServerError,
+                                             contentType: "application/json",
+                                             body: "{\"status\":\"failed\",\"error\":\(GenerationManager.jsonString(error.description))}\n")
+                    }
+                }
+            },
+            AdminRoute(method: .GET, path: "/status") { _, loop in
+                loop.makeSucceededFuture(AdminResponse(status: .ok, contentType: "application/json", body: generations.statusJSON))
+            },
+        ]
     }
 
     /// Per-target health for the metrics, read at scrape time.

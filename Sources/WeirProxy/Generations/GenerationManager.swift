@@ -237,7 +237,7 @@ public final class GenerationManager: @unchecked Sendable {
         return "{" + fields.joined(separator: ",") + "}\n"
     }
 
-    static func jsonString(_ s: String) -> String {
+    public static func jsonString(_ s: String) -> String {
         var buffer = ByteBuffer()
         ProxyErrorResponse.writeJSONString(s, into: &buffer)
         return buffer.readString(length: buffer.readableBytes) ?? "\"\""

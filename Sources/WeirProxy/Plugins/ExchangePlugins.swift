@@ -56,11 +56,12 @@ final class ExchangePlugins: PluginRequestContext {
         case .done(let result):
             logFailure(result)
             scope.finish()
+            self.scope = nil   // scope.context is self: break the cycle
         case .pending(let future):
             future.whenComplete { [self] result in
                 if case .success(let r) = result { logFailure(r) }
                 scope.finish()
-                _ = self // keeps the generation pinned until the log phase is over
+                self.scope = nil
             }
         }
     }

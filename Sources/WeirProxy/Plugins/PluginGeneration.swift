@@ -91,3 +91,14 @@ final class LoopPlugins {
         runtime.dropIdleCoroutines()
     }
 }
+
+extension PluginGeneration {
+    /// `weir validate`: loads every plugin `config` refers to (syntax, handler
+    /// shape, schema) and checks each plugin config against its schema,
+    /// without creating runtimes. Throws with file:line or config paths.
+    public static func check(config: WeirConfig, baseDirectory: String, sdk: LuaSDK? = nil) throws {
+        guard !PluginLibrary.pluginNames(in: config).isEmpty else { return }
+        let library = try PluginLibrary(config: config, baseDirectory: baseDirectory, sdk: sdk ?? LuaSDK.locate())
+        if case .failure(let errors) = library.validate(config) { throw InvalidPlugins(description: "\(errors)") }
+    }
+}
