@@ -192,6 +192,11 @@ public final class RedisClient: @unchecked Sendable {
             break
         }
         if NIODeadline.now() < self.retryNotBefore, let lastError = self.lastConnectError {
+            // This slot may not reconnect yet; another open connection (if
+            // any) still serves the command rather than failing it.
+            for slot in self.slots {
+                if case .connected(let connection) = slot, connection.isActive { return .ready(connection) }
+            }
             return .failed(RedisError(.unavailable,
                                       "\(self.configuration.address) unavailable, retrying soon (last error: \(lastError.message))"))
         }

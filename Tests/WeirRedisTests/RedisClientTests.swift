@@ -238,6 +238,26 @@ final class RedisClientTests: XCTestCase {
         XCTAssertTrue(second?.description.contains("refused") ?? false, "names the last error: \(String(describing: second))")
     }
 
+    func testASlotInBackoffDoesNotFailCommandsAnOpenConnectionCanCarry() throws {
+        // maxclients 1 + a password: the second connection's AUTH is refused
+        // ("max number of clients reached"), so that slot goes into backoff
+        // while the first connection is healthy.
+        let server = try RedisServerProcess(password: "pw", extraArguments: ["--maxclients", "1"])
+        let client = self.client(server) {
+            $0.connectionsPerLoop = 2
+            $0.maxBackoff = .seconds(30)
+            $0.initialBackoff = .seconds(30)
+        }
+        defer { _ = try? client.close().wait() }
+        XCTAssertEqual(try client.send("PING").wait().string, "PONG", "slot 0 connects")
+        let refused = self.redisError(client.send("PING"))
+        XCTAssertEqual(refused?.kind, .handshakeFailed, "slot 1: \(String(describing: refused))")
+        XCTAssertTrue(refused?.description.contains("max number of clients") ?? false, "\(String(describing: refused))")
+        for _ in 0..<10 {
+            XCTAssertEqual(try client.send("PING").wait().string, "PONG", "slot 1 is in backoff; slot 0 carries it")
+        }
+    }
+
     func testServerKilledMidRunFailsEveryCommandThenClientRecoversAfterRestart() throws {
         let server = try RedisServerProcess()
         let client = self.client(server) {
