@@ -24,7 +24,7 @@ usage: bench/run.sh [options]
   --wrk-threads N      wrk threads (default 1: wrk shares the load core with the origin)
   --upstream-keepalive N  idle upstream connections kept: nginx 'keepalive N', Weir pool.max_idle (default 64)
   --quiet-wait S       before each measured run, wait up to S seconds for other engineers'
-                       Swift compiles (swift-frontend/swift-build) to finish (default 0)
+                       Swift compiles and tests (swift-frontend, swift-build, *.xctest) to finish (default 0)
 EOF
 }
 
@@ -140,8 +140,8 @@ log "verified: ${ACTIVE[*]} each return the origin's 1 KB body"
 
 # --- metadata ----------------------------------------------------------------
 
-swift_builds() { # compiler processes of other engineers' builds: they make numbers noisy
-    echo $(( $(pgrep -c -x swift-frontend) + $(pgrep -c -x swift-build) ))
+swift_builds() { # other engineers' compiler and test processes: they make numbers noisy
+    echo $(( $(pgrep -c -x swift-frontend) + $(pgrep -c -x swift-build) + $(pgrep -c -f '[.]xctest') ))
 }
 
 {
@@ -156,7 +156,7 @@ swift_builds() { # compiler processes of other engineers' builds: they make numb
     fi
     echo "# nginx upstream keepalive: $UPSTREAM_KEEPALIVE idle connections"
     echo "# wrk: -t $WRK_THREADS, connections $CONNECTIONS, ${DURATION}s measured after ${WARMUP}s warm-up, $RUNS runs interleaved"
-    echo "# load before: $(uptime | sed 's/.*load average/load average/'); swift compiler processes running: $(swift_builds)"
+    echo "# load before: $(uptime | sed 's/.*load average/load average/'); swift compiler/test processes running: $(swift_builds)"
     for proxy in "${PROXY_LIST[@]}"; do
         [[ "$proxy" == weir* ]] || continue
         reason=$(weir_unavailable_reason "$proxy")
@@ -220,7 +220,7 @@ for ((run = 1; run <= RUNS; run++)); do
     done
 done
 
-echo "# load after: $(uptime | sed 's/.*load average/load average/'); swift compiler processes running: $(swift_builds)" >> "$RESULTS_FILE"
+echo "# load after: $(uptime | sed 's/.*load average/load average/'); swift compiler/test processes running: $(swift_builds)" >> "$RESULTS_FILE"
 
 # --- report --------------------------------------------------------------------
 
