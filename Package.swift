@@ -112,6 +112,19 @@ let package = Package(
             path: "bench/route-lookup",
             swiftSettings: swift5
         ),
+        // HTTP/1.1 codec vs NIOHTTP1 parse + forward micro-benchmark (bench/codec); never a test.
+        .executableTarget(
+            name: "weir-codec-bench",
+            dependencies: [
+                "WeirProxy",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+            ],
+            path: "bench/codec",
+            exclude: ["README.md", "callgrind.sh"],
+            swiftSettings: swift5
+        ),
         // WeirRedis INCR round-trip measure (bench/redis-client/run.sh); never a test.
         .executableTarget(
             name: "weir-redis-bench",
@@ -163,6 +176,7 @@ let package = Package(
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
             ],
