@@ -58,6 +58,9 @@ public final class RedisClient: @unchecked Sendable {
         guard self.eventLoop.inEventLoop else {
             return self.eventLoop.flatSubmit { self.send(command: arguments, timeout: timeout) }
         }
+        if let refusal = Self.refusal(arguments) {
+            return self.eventLoop.makeFailedFuture(refusal)
+        }
         switch self.connection() {
         case .ready(let connection):
             return connection.send(arguments, timeout: timeout)
@@ -66,6 +69,40 @@ public final class RedisClient: @unchecked Sendable {
         case .failed(let error):
             return self.eventLoop.makeFailedFuture(error)
         }
+    }
+
+    /// Commands that would break a shared, pipelined connection: replies
+    /// that stop matching commands one-to-one (pub/sub, MONITOR, CLIENT
+    /// REPLY), or connection state that other users of the pool would
+    /// inherit (SELECT, AUTH, HELLO, RESET, QUIT). Database and credentials
+    /// belong in `RedisConfiguration`.
+    static let refusedCommands: Set<String> = [
+        "SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE", "MONITOR", "SELECT", "AUTH", "HELLO", "RESET", "QUIT", "CLIENT",
+    ]
+
+    private static func refusal(_ arguments: [RedisArgument]) -> RedisError? {
+        guard let first = arguments.first else {
+            return RedisError(.refused, "empty command")
+        }
+        // Fast path: no refused command name is shorter than 4 or longer
+        // than 10 bytes, and most commands are short words like GET/EVALSHA.
+        let name: String
+        switch first {
+        case .string(let text): name = text
+        case .bytes(let bytes): name = String(buffer: bytes)
+        case .integer: return nil
+        }
+        let length = name.utf8.count
+        guard length >= 4 && length <= 10 else { return nil }
+        let upper = name.uppercased()
+        guard Self.refusedCommands.contains(upper) else { return nil }
+        if upper == "CLIENT" {
+            // CLIENT REPLY OFF/SKIP silences replies; other CLIENT subcommands are harmless.
+            guard arguments.count > 1, case .string(let sub) = arguments[1], sub.uppercased() == "REPLY" else { return nil }
+            return RedisError(.refused, "CLIENT REPLY is not allowed on a shared pipelined connection")
+        }
+        return RedisError(.refused, "\(upper) is not allowed on a shared pipelined connection"
+                          + " (database and credentials are set in the client configuration)")
     }
 
     /// Same as `send(command:)` with strings (e.g. from Lua).

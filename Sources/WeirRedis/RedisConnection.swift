@@ -266,6 +266,8 @@ final class RedisCommandHandler: ChannelInboundHandler, RemovableChannelHandler 
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        // Replies still in the read buffer after we failed everything (timeout) are moot.
+        guard case .open = self.state else { return }
         let reply = self.unwrapInboundIn(data)
         guard let command = self.pending.popFirst() else {
             // Nothing asked for this; our FIFO no longer matches the server.

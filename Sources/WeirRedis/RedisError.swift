@@ -26,6 +26,9 @@ public struct RedisError: Error, CustomStringConvertible, Sendable {
         case unexpectedReply
         /// The client or connection was shut down.
         case shutDown
+        /// The command was not sent: it would break the shared connection
+        /// (SUBSCRIBE, MONITOR, SELECT, AUTH, ...), or it was empty.
+        case refused
     }
 
     public var kind: Kind

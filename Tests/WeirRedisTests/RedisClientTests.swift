@@ -126,6 +126,22 @@ final class RedisClientTests: XCTestCase {
         XCTAssertEqual(try futures[4].wait(), 3, "replies after the errors still match their commands")
     }
 
+    func testCommandsThatWouldBreakTheSharedConnectionAreRefused() throws {
+        let server = try RedisServerProcess()
+        let client = self.client(server)
+        defer { _ = try? client.close().wait() }
+        for command: [RedisArgument] in [["SUBSCRIBE", "news"], ["psubscribe", "n*"], ["MONITOR"], ["select", "2"],
+                                         ["AUTH", "x"], ["CLIENT", "REPLY", "OFF"], []] {
+            let error = self.redisError(client.send(command: command))
+            XCTAssertEqual(error?.kind, .refused, "\(command.count) args: \(String(describing: error))")
+        }
+        XCTAssertTrue(self.redisError(client.send("SELECT", "1"))?.description
+            .contains("SELECT is not allowed on a shared pipelined connection") ?? false)
+        // Harmless lookalikes still go through.
+        XCTAssertEqual(try client.send("CLIENT", "GETNAME").wait(), .bulkString(nil))
+        XCTAssertEqual(try client.send("PING").wait().string, "PONG")
+    }
+
     func testPasswordAuth() throws {
         let server = try RedisServerProcess(password: "s3cret")
         let good = self.client(server)
