@@ -61,6 +61,15 @@ public final class RedisClient: @unchecked Sendable {
         if let refusal = Self.refusal(arguments) {
             return self.eventLoop.makeFailedFuture(refusal)
         }
+        return self.sendKnownSafe(arguments, timeout: timeout)
+    }
+
+    /// `send(command:)` for commands known to be safe (the convenience
+    /// methods): skips the refusal check on the hot path.
+    private func sendKnownSafe(_ arguments: [RedisArgument], timeout: TimeAmount?) -> EventLoopFuture<RESPValue> {
+        guard self.eventLoop.inEventLoop else {
+            return self.eventLoop.flatSubmit { self.sendKnownSafe(arguments, timeout: timeout) }
+        }
         switch self.connection() {
         case .ready(let connection):
             return connection.send(arguments, timeout: timeout)
@@ -93,7 +102,14 @@ public final class RedisClient: @unchecked Sendable {
         case .integer: return nil
         }
         let length = name.utf8.count
-        guard length >= 4 && length <= 10 else { return nil }
+        guard length >= 4 && length <= 10, let initial = name.utf8.first else { return nil }
+        switch initial | 0x20 {  // ASCII lowercase
+        case UInt8(ascii: "s"), UInt8(ascii: "p"), UInt8(ascii: "m"), UInt8(ascii: "a"), UInt8(ascii: "h"),
+             UInt8(ascii: "r"), UInt8(ascii: "q"), UInt8(ascii: "c"):
+            break
+        default:
+            return nil  // EVALSHA, INCR, GET, EXPIRE...: no allocation
+        }
         let upper = name.uppercased()
         guard Self.refusedCommands.contains(upper) else { return nil }
         if upper == "CLIENT" {
@@ -112,7 +128,7 @@ public final class RedisClient: @unchecked Sendable {
 
     /// GET: the value, or nil when the key does not exist.
     public func get(_ key: String, timeout: TimeAmount? = nil) -> EventLoopFuture<ByteBuffer?> {
-        self.send(command: ["GET", .string(key)], timeout: timeout).flatMapThrowing { reply in
+        self.sendKnownSafe(["GET", .string(key)], timeout: timeout).flatMapThrowing { reply in
             switch reply {
             case .bulkString(let value): return value
             default: throw RedisError.unexpectedReply("GET", reply)
@@ -125,45 +141,45 @@ public final class RedisClient: @unchecked Sendable {
                     timeout: TimeAmount? = nil) -> EventLoopFuture<Void> {
         var command: [RedisArgument] = ["SET", .string(key), value]
         if let seconds { command += ["EX", .integer(seconds)] }
-        return self.send(command: command, timeout: timeout).map { _ in }
+        return self.sendKnownSafe(command, timeout: timeout).map { _ in }
     }
 
     /// INCR: the value after incrementing.
     public func incr(_ key: String, timeout: TimeAmount? = nil) -> EventLoopFuture<Int> {
-        self.sendExpectingInteger(command: ["INCR", .string(key)], timeout: timeout)
+        self.sendIntegerKnownSafe(["INCR", .string(key)], timeout: timeout)
     }
 
     /// INCRBY: the value after adding `amount`.
     public func incrby(_ key: String, _ amount: Int, timeout: TimeAmount? = nil) -> EventLoopFuture<Int> {
-        self.sendExpectingInteger(command: ["INCRBY", .string(key), .integer(amount)], timeout: timeout)
+        self.sendIntegerKnownSafe(["INCRBY", .string(key), .integer(amount)], timeout: timeout)
     }
 
     /// EXPIRE: true if the key exists and now has the expiry.
     public func expire(_ key: String, seconds: Int, timeout: TimeAmount? = nil) -> EventLoopFuture<Bool> {
-        self.sendExpectingInteger(command: ["EXPIRE", .string(key), .integer(seconds)], timeout: timeout).map { $0 == 1 }
+        self.sendIntegerKnownSafe(["EXPIRE", .string(key), .integer(seconds)], timeout: timeout).map { $0 == 1 }
     }
 
     /// PEXPIRE: true if the key exists and now has the expiry.
     public func pexpire(_ key: String, milliseconds: Int, timeout: TimeAmount? = nil) -> EventLoopFuture<Bool> {
-        self.sendExpectingInteger(command: ["PEXPIRE", .string(key), .integer(milliseconds)], timeout: timeout).map { $0 == 1 }
+        self.sendIntegerKnownSafe(["PEXPIRE", .string(key), .integer(milliseconds)], timeout: timeout).map { $0 == 1 }
     }
 
     /// DEL: how many of the keys existed.
     public func del(_ keys: [String], timeout: TimeAmount? = nil) -> EventLoopFuture<Int> {
-        self.sendExpectingInteger(command: ["DEL"] + keys.map(RedisArgument.string), timeout: timeout)
+        self.sendIntegerKnownSafe(["DEL"] + keys.map(RedisArgument.string), timeout: timeout)
     }
 
     /// EVAL source numkeys keys... args...
     public func eval(_ source: String, keys: [String] = [], args: [RedisArgument] = [],
                      timeout: TimeAmount? = nil) -> EventLoopFuture<RESPValue> {
-        self.send(command: Self.scriptCommand("EVAL", .string(source), keys: keys, args: args), timeout: timeout)
+        self.sendKnownSafe(Self.scriptCommand("EVAL", .string(source), keys: keys, args: args), timeout: timeout)
     }
 
     /// EVALSHA sha numkeys keys... args... (fails with NOSCRIPT if the server
     /// does not have the script; `evalScript` handles that).
     public func evalsha(_ sha1: String, keys: [String] = [], args: [RedisArgument] = [],
                         timeout: TimeAmount? = nil) -> EventLoopFuture<RESPValue> {
-        self.send(command: Self.scriptCommand("EVALSHA", .string(sha1), keys: keys, args: args), timeout: timeout)
+        self.sendKnownSafe(Self.scriptCommand("EVALSHA", .string(sha1), keys: keys, args: args), timeout: timeout)
     }
 
     /// Runs `script` in one round trip when the server has it cached
@@ -190,8 +206,15 @@ public final class RedisClient: @unchecked Sendable {
 
     /// A command with an integer reply, completed without an extra future.
     public func sendExpectingInteger(command arguments: [RedisArgument], timeout: TimeAmount? = nil) -> EventLoopFuture<Int> {
+        if let refusal = Self.refusal(arguments) {
+            return self.eventLoop.makeFailedFuture(refusal)
+        }
+        return self.sendIntegerKnownSafe(arguments, timeout: timeout)
+    }
+
+    private func sendIntegerKnownSafe(_ arguments: [RedisArgument], timeout: TimeAmount?) -> EventLoopFuture<Int> {
         guard self.eventLoop.inEventLoop else {
-            return self.eventLoop.flatSubmit { self.sendExpectingInteger(command: arguments, timeout: timeout) }
+            return self.eventLoop.flatSubmit { self.sendIntegerKnownSafe(arguments, timeout: timeout) }
         }
         switch self.connection() {
         case .ready(let connection):

@@ -137,6 +137,7 @@ final class RedisClientTests: XCTestCase {
         }
         XCTAssertTrue(self.redisError(client.send("SELECT", "1"))?.description
             .contains("SELECT is not allowed on a shared pipelined connection") ?? false)
+        XCTAssertEqual(self.redisError(client.sendExpectingInteger(command: ["SELECT", "1"]))?.kind, .refused)
         // Harmless lookalikes still go through.
         XCTAssertEqual(try client.send("CLIENT", "GETNAME").wait(), .bulkString(nil))
         XCTAssertEqual(try client.send("PING").wait().string, "PONG")
