@@ -15,7 +15,8 @@
 # report (top functions by inclusive and by self instructions, demangled)
 # goes to bench/profiles/<timestamp>-<proxy>-callgrind.txt.
 #
-#   bench/callgrind.sh [--no-build] [--proxy weir|nginx|haproxy] [--duration S] [--connections N]
+#   bench/callgrind.sh [--no-build] [--proxy weir|weir-noop|weir-lua|nginx|nginx-lua|haproxy]
+#                      [--duration S] [--connections N]
 set -uo pipefail
 
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -38,9 +39,12 @@ done
 
 case "$PROXY" in
     weir) PORT=$WEIR_PORT ;;
+    weir-noop) PORT=$WEIR_NOOP_PORT ;;
+    weir-lua) PORT=$WEIR_LUA_PORT ;;
     nginx) PORT=$NGINX_PORT ;;
+    nginx-lua) PORT=$NGINX_LUA_PORT ;;
     haproxy) PORT=$HAPROXY_PORT ;;
-    *) die "unknown proxy '$PROXY' (known: weir, nginx, haproxy)" ;;
+    *) die "unknown proxy '$PROXY' (known: weir, weir-noop, weir-lua, nginx, nginx-lua, haproxy)" ;;
 esac
 
 require_tools nginx wrk curl valgrind callgrind_control callgrind_annotate python3 ss
@@ -62,21 +66,21 @@ OUT="$RUN_DIR/callgrind.out"
 # functions can be picked out; the report demangles afterwards.
 VALGRIND=(valgrind --tool=callgrind --instr-atstart=no --demangle=no --callgrind-out-file="$OUT")
 
-[ "$PROXY" = weir ] && [ "$BUILD" -eq 1 ] && build_weir
+[[ "$PROXY" == weir* ]] && [ "$BUILD" -eq 1 ] && build_weir
 
 start_origin
 case "$PROXY" in
-    weir)
-        reason=$(weir_unavailable_reason weir)
-        [ -z "$reason" ] || die "weir: not available ($reason)"
+    weir*)
+        reason=$(weir_unavailable_reason "$PROXY")
+        [ -z "$reason" ] || die "$PROXY: not available ($reason)"
         [ -x "$WEIR_BIN" ] || die "weir: no binary at $WEIR_BIN (run without --no-build)"
-        render_template weir.yaml "$RUN_DIR/weir.yaml"
+        render_template "${WEIR_TEMPLATE[$PROXY]}" "$RUN_DIR/weir.yaml"
         # Valgrind 3.19 cannot read the DWARF 5 debug info Swift emits and
         # gives up; a copy without debug info keeps the symbol table, which
         # is all the per-function counts need.
         strip --strip-debug -o "$RUN_DIR/weir-nodebug" "$WEIR_BIN" || die "strip --strip-debug failed on $WEIR_BIN"
         (cd "$REPO_DIR" && exec $(pin "$PROXY_CPU") "${VALGRIND[@]}" "$RUN_DIR/weir-nodebug" run --config "$RUN_DIR/weir.yaml" --workers 1) \
-            > "$RUN_DIR/logs/weir.out" 2>&1 &
+            > "$RUN_DIR/logs/$PROXY.out" 2>&1 &
         PROXY_PID=$!
         ;;
     nginx)
@@ -84,6 +88,15 @@ case "$PROXY" in
         # One process (no master) so the counted process is the one proxying.
         $(pin "$PROXY_CPU") "${VALGRIND[@]}" nginx -p "$RUN_DIR" -e "$RUN_DIR/logs/nginx-error.log" \
             -c "$RUN_DIR/nginx-proxy.conf" -g "daemon off; master_process off;" > "$RUN_DIR/logs/nginx.out" 2>&1 &
+        PROXY_PID=$!
+        ;;
+    nginx-lua)
+        [ -n "$LUA_MODULE" ] || die "nginx Lua module not found (apt-get install libnginx-mod-http-lua)"
+        render_template nginx-lua.conf "$RUN_DIR/nginx-lua.conf"
+        # LuaJIT writes machine code at run time: tell valgrind to watch for it.
+        $(pin "$PROXY_CPU") "${VALGRIND[@]}" --smc-check=all-non-file nginx -p "$RUN_DIR" \
+            -e "$RUN_DIR/logs/nginx-lua-error.log" -c "$RUN_DIR/nginx-lua.conf" \
+            -g "daemon off; master_process off;" > "$RUN_DIR/logs/nginx-lua.out" 2>&1 &
         PROXY_PID=$!
         ;;
     haproxy)
@@ -148,7 +161,7 @@ demangle() {
     echo "## top 40 functions by inclusive instructions"
     callgrind_annotate --inclusive=yes "$dump" 2>/dev/null | function_rows | head -40 | demangle | cut -c1-220
     echo
-    if [ "$PROXY" = weir ]; then
+    if [[ "$PROXY" == weir* ]]; then
         echo "## Weir's own functions by inclusive instructions (top 30; symbols of the Weir modules)"
         callgrind_annotate --inclusive=yes --threshold=100 "$dump" 2>/dev/null | function_rows \
             | grep -E '[0-9]Weir(Proxy|Core|Lua|Admin)|4weir' | head -30 | demangle | cut -c1-220
