@@ -143,6 +143,37 @@ final class RedisClientTests: XCTestCase {
         XCTAssertEqual(try client.send("PING").wait().string, "PONG")
     }
 
+    func testCommandsSentWhileConnectingKeepTheirOrder() throws {
+        let server = try RedisServerProcess(password: "pw")  // AUTH in the handshake too
+        let client = self.client(server) { $0.database = 2 }
+        defer { _ = try? client.close().wait() }
+        // The first command starts the connect; the others queue on it.
+        let all: EventLoopFuture<[Int]> = client.eventLoop.flatSubmit {
+            EventLoopFuture.whenAllSucceed((0..<100).map { _ in client.incr("queued") }, on: client.eventLoop)
+        }
+        XCTAssertEqual(try all.wait(), Array(1...100))
+        XCTAssertEqual(try server.cli("GET", "queued", database: 2), "100")
+    }
+
+    func testCountersStayExactAcrossTwoEventLoops() throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+        defer { try? group.syncShutdownGracefully() }
+        let server = try RedisServerProcess()
+        let configuration = RedisConfiguration(port: server.port, commandTimeout: .seconds(5))
+        let perLoop = 5_000
+        let runs = Array(group.makeIterator()).map { loop in
+            loop.flatSubmit { () -> EventLoopFuture<[Int]> in
+                let client = RedisClients.forLoop(loop, configuration)
+                return EventLoopFuture.whenAllSucceed((0..<perLoop).map { _ in client.incr("both") }, on: loop)
+            }
+        }
+        var seen: [Int] = []
+        for run in runs { seen += try run.wait() }
+        XCTAssertEqual(seen.sorted(), Array(1...(2 * perLoop)), "every value handed out exactly once")
+        XCTAssertEqual(try server.cli("GET", "both"), String(2 * perLoop))
+        try RedisClients.shutdown(group: group).wait()
+    }
+
     func testPasswordAuth() throws {
         let server = try RedisServerProcess(password: "s3cret")
         let good = self.client(server)
