@@ -215,3 +215,54 @@ final class PluginProxyTests: XCTestCase {
         }
     }
 }
+
+extension PluginProxyTests {
+    /// Clients that leave while a plugin waits (weir.sleep): every scope is
+    /// finished (abandoned mid-phase: no log phase), the next clients are
+    /// served, and memory stays flat over many such aborts.
+    func testAbortedRequestsReleaseTheirScopes() throws {
+        try folder.write("slow", handler: """
+        local weir = require "weir"
+        local P = { PRIORITY = 100, VERSION = "1" }
+        function P:request(conf, ctx)
+          ctx.big = string.rep("x", 16 * 1024)   -- per-request garbage that must be freed
+          if weir.request.get_path() == "/slow" then weir.sleep(1) end
+        end
+        function P:log(conf, ctx)
+          weir.http.request("http://127.0.0.1:\(upstream.port)/logged", { timeout = 5 })
+        end
+        return P
+        """)
+        let config = ProxyHarness.config(targets: [upstream.address]) {
+            $0.plugins = [pluginRef("slow")]
+        }
+        let proxy = try PluginProxy(config: config, folder: folder, loops: 1)
+        defer { proxy.stop() }
+        func abortSome(_ count: Int) throws {
+            for _ in 0..<count {
+                let client = try proxy.connect()
+                try client.send("GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
+                // Closed with a reset (SO_LINGER 0) at the end of the
+                // iteration: the proxy sees the connection go at once.
+                var noLinger = linger(l_onoff: 1, l_linger: 0)
+                setsockopt(client.fd, SOL_SOCKET, SO_LINGER, &noLinger, socklen_t(MemoryLayout<linger>.size))
+            }
+        }
+        func logRuns() -> Int {   // aborted requests the proxy has recorded (status 499)
+            proxy.harness.observer.records.filter { $0.status == 499 }.count
+        }
+        // The first batches grow the Lua heap up to where its collector
+        // settles (garbage up to ~2x live data before a cycle); after that
+        // the same work must not need more memory.
+        try abortSome(300)
+        XCTAssertTrue(waitUntil(timeout: 30) { logRuns() >= 300 }, "every request aborted (\(logRuns()))")
+        try abortSome(300)
+        XCTAssertTrue(waitUntil(timeout: 30) { logRuns() >= 600 }, "every request aborted (\(logRuns()))")
+        let before = currentRSS()
+        try abortSome(900)
+        XCTAssertTrue(waitUntil(timeout: 60) { logRuns() >= 1500 }, "every request aborted (\(logRuns()))")
+        let after = currentRSS()
+        XCTAssertLessThan(after - before, 16 << 20, "RSS \(before) -> \(after)")
+        XCTAssertEqual(try proxy.connect().request("GET", "/fast").status, 200)
+    }
+}

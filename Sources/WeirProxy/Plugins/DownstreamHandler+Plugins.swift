@@ -46,7 +46,9 @@ extension DownstreamHandler {
         case .done(let result):
             requestPhaseEnded(exchange, result)
         case .pending(let future):
+            scope.phasePending = true
             future.whenSuccess { [weak self] result in
+                scope.phasePending = false
                 guard let self, self.exchange === exchange, !exchange.finished else { return }
                 self.requestPhaseEnded(exchange, result)
             }
@@ -79,8 +81,10 @@ extension DownstreamHandler {
         case .pending(let future):
             // Hold what the upstream sends meanwhile (bounded: its reads pause).
             plugins.holdingResponse = true
+            plugins.phasePending = true
             connection.handler.pauseReading()
             future.whenSuccess { [weak self] result in
+                plugins.phasePending = false
                 guard let self, self.exchange === exchange, !exchange.finished else { return }
                 plugins.holdingResponse = false
                 let held = plugins.heldParts

@@ -27,6 +27,8 @@ final class ExchangePlugins: PluginRequestContext {
     var heldParts: [HTTPClientResponsePart] = []
     private(set) var consumer: String?
     private var done = false
+    /// A phase is suspended on an async SDK call (sleep, http).
+    var phasePending = false
 
     enum HeaderOp { case set, add, clear }
 
@@ -52,6 +54,13 @@ final class ExchangePlugins: PluginRequestContext {
         holdingResponse = false
         heldParts.removeAll()
         let scope = self.scope!
+        if phasePending {
+            // Aborted while a plugin waits: no log phase (the chain is mid-
+            // phase); finish() abandons the coroutine and releases weir.ctx.
+            scope.finish()
+            self.scope = nil
+            return
+        }
         switch scope.start(.log, chain: chain) {
         case .done(let result):
             logFailure(result)
