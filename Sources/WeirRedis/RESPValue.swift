@@ -92,37 +92,85 @@ public enum RedisArgument: Sendable, ExpressibleByStringLiteral, ExpressibleByIn
 
     public init(stringLiteral value: String) { self = .string(value) }
     public init(integerLiteral value: Int) { self = .integer(value) }
+
+    /// Bytes this argument takes on the wire (without the `$len` header).
+    @inlinable
+    var encodedLength: Int {
+        switch self {
+        case .string(let text): return text.utf8.count
+        case .bytes(let bytes): return bytes.readableBytes
+        case .integer(let value): return ByteBuffer.decimalLength(value)
+        }
+    }
 }
 
 extension ByteBuffer {
     /// Writes `arguments` as one RESP command: `*N\r\n` then `$len\r\nbytes\r\n`
-    /// per argument, straight into this buffer (no intermediate strings).
+    /// per argument. The size is computed first and the bytes are copied
+    /// into one reserved region: callgrind showed ByteBuffer's per-call
+    /// write path (capacity checks, generic slicing) at ~2k instructions
+    /// for a two-argument command when written piece by piece.
     @inlinable
     public mutating func writeRESPCommand(_ arguments: [RedisArgument]) {
-        self.writeInteger(UInt8(ascii: "*"))
-        self.writeDecimal(arguments.count)
-        self.writeCRLF()
+        var size = 1 + Self.decimalLength(arguments.count) + 2
         for argument in arguments {
-            switch argument {
-            case .string(let text):
-                self.writeInteger(UInt8(ascii: "$"))
-                self.writeDecimal(text.utf8.count)
-                self.writeCRLF()
-                self.writeString(text)
-            case .bytes(let bytes):
-                self.writeInteger(UInt8(ascii: "$"))
-                self.writeDecimal(bytes.readableBytes)
-                self.writeCRLF()
-                self.writeImmutableBuffer(bytes)
-            case .integer(let value):
-                // Length first: count the digits without formatting twice.
-                self.writeInteger(UInt8(ascii: "$"))
-                self.writeDecimal(Self.decimalLength(value))
-                self.writeCRLF()
-                self.writeDecimal(value)
-            }
-            self.writeCRLF()
+            let length = argument.encodedLength
+            size += 1 + Self.decimalLength(length) + 2 + length + 2
         }
+        self.writeWithUnsafeMutableBytes(minimumWritableBytes: size) { out in
+            var index = Self.putHeader(UInt8(ascii: "*"), arguments.count, into: out, at: 0)
+            for argument in arguments {
+                index = Self.putHeader(UInt8(ascii: "$"), argument.encodedLength, into: out, at: index)
+                switch argument {
+                case .string(var text):
+                    index = text.withUTF8 { utf8 in
+                        Self.putBytes(UnsafeRawBufferPointer(utf8), into: out, at: index)
+                    }
+                case .bytes(let bytes):
+                    index = bytes.withUnsafeReadableBytes { Self.putBytes($0, into: out, at: index) }
+                case .integer(let value):
+                    index = Self.putDecimal(value, into: out, at: index)
+                }
+                out[index] = UInt8(ascii: "\r")
+                out[index + 1] = UInt8(ascii: "\n")
+                index += 2
+            }
+            assert(index == size)
+            return size
+        }
+    }
+
+    /// `<type><decimal>\r\n` at `index`; returns the index after it.
+    @inlinable
+    static func putHeader(_ type: UInt8, _ value: Int, into out: UnsafeMutableRawBufferPointer, at index: Int) -> Int {
+        out[index] = type
+        var next = Self.putDecimal(value, into: out, at: index + 1)
+        out[next] = UInt8(ascii: "\r")
+        out[next + 1] = UInt8(ascii: "\n")
+        next += 2
+        return next
+    }
+
+    @inlinable
+    static func putDecimal(_ value: Int, into out: UnsafeMutableRawBufferPointer, at index: Int) -> Int {
+        let length = Self.decimalLength(value)
+        var magnitude = value.magnitude
+        var position = index + length
+        repeat {
+            position -= 1
+            out[position] = UInt8(ascii: "0") &+ UInt8(truncatingIfNeeded: magnitude % 10)
+            magnitude /= 10
+        } while magnitude > 0
+        if value < 0 { out[index] = UInt8(ascii: "-") }
+        return index + length
+    }
+
+    @inlinable
+    static func putBytes(_ bytes: UnsafeRawBufferPointer, into out: UnsafeMutableRawBufferPointer, at index: Int) -> Int {
+        if let source = bytes.baseAddress, bytes.count > 0 {
+            (out.baseAddress! + index).copyMemory(from: source, byteCount: bytes.count)
+        }
+        return index + bytes.count
     }
 
     /// Writes any RESP value in its wire form (servers' side of the protocol;

@@ -76,6 +76,19 @@ final class RESPCodecTests: XCTestCase {
         XCTAssertEqual(String(buffer: unicode), "*2\r\n$3\r\nGET\r\n$4\r\nclé\r\n", "length is in bytes, not characters")
     }
 
+    func testEncodingEmptyAndLargeArgumentsAndIntegerExtremes() throws {
+        let large = String(repeating: "0123456789", count: 100_000)  // 1 MB
+        var buffer = ByteBuffer(string: "prefix-")  // appends after existing bytes
+        buffer.writeRESPCommand(["SET", "", .bytes(ByteBuffer()), .string(large), .integer(Int.min), .integer(Int.max)])
+        XCTAssertEqual(buffer.readString(length: 7), "prefix-")
+        let decoded = try self.decodeAll([buffer])
+        XCTAssertEqual(decoded, [.array([
+            .bulkString(ByteBuffer(string: "SET")), .bulkString(ByteBuffer()), .bulkString(ByteBuffer()),
+            .bulkString(ByteBuffer(string: large)), .bulkString(ByteBuffer(string: String(Int.min))),
+            .bulkString(ByteBuffer(string: String(Int.max))),
+        ])])
+    }
+
     func testEncodedCommandDecodesAsArrayOfBulkStrings() throws {
         var buffer = ByteBuffer()
         buffer.writeRESPCommand(["INCRBY", "counter", .integer(1234567890123)])
