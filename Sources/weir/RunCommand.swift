@@ -110,10 +110,12 @@ final class Gateway {
         let observer = GatewayObserver(accessLog: accessLog)
 
         let proxy = ProxyServer(config: config, group: group, observer: observer, logger: logger)
+        let pluginMetrics = PluginMetrics()
         let generations: GenerationManager
         do {
             // Plugins first (a bad plugin refuses to start), then the listeners.
-            generations = try GenerationManager(server: proxy, config: config, configPath: configPath, logger: logger)
+            generations = try GenerationManager(server: proxy, config: config, configPath: configPath,
+                                                metrics: pluginMetrics, logger: logger)
             try proxy.start()
         } catch {
             printError("weir: \(error)")
@@ -133,7 +135,7 @@ final class Gateway {
         if let adminConfig = config.admin {
             let endpoints = AdminEndpoints(
                 isReady: { ready.load(ordering: .relaxed) },
-                metricsText: { observer.metrics.renderPrometheus() },
+                metricsText: { observer.metrics.renderPrometheus() + pluginMetrics.renderPrometheus() },
                 configText: { config.redactedYAML() },
                 upstreamsJSON: {
                     UpstreamStatusReport.json(upstreams: config.upstreams, health: { proxy.upstreamHealth(named: $0) })

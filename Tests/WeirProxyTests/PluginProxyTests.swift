@@ -111,7 +111,8 @@ final class PluginProxyTests: XCTestCase {
             $0.plugins = [pluginRef("flaky")]
             $0.lua.instructionBudget = 100_000
         }
-        let proxy = try PluginProxy(config: config, folder: folder)
+        let metrics = PluginMetrics()
+        let proxy = try PluginProxy(config: config, folder: folder, metrics: metrics)
         defer { proxy.stop() }
         let client = try proxy.connect()
         for path in ["/boom", "/loop"] {
@@ -123,6 +124,10 @@ final class PluginProxyTests: XCTestCase {
             XCTAssertFalse(upstream.requests.contains { $0.uri == path })
             XCTAssertEqual(try client.request("GET", "/fine").status, 200, "same connection carries on")
         }
+        let text = metrics.renderPrometheus()
+        XCTAssertTrue(text.contains("weir_plugin_calls_total{plugin=\"flaky\",phase=\"request\",outcome=\"failed\"} 2"), text)
+        XCTAssertTrue(text.contains("weir_plugin_calls_total{plugin=\"flaky\",phase=\"request\",outcome=\"completed\"} 2"), text)
+        XCTAssertTrue(text.contains("weir_plugin_duration_seconds_count{plugin=\"flaky\",phase=\"request\"} 4"), text)
     }
 
     func testRouteConfigWinsOverGlobal() throws {

@@ -33,7 +33,8 @@ final class PluginProxy {
     let harness: ProxyHarness
     let generations: GenerationManager
 
-    init(config: WeirConfig, folder: PluginFolder, configPath: String? = nil, loops: Int = 2) throws {
+    init(config: WeirConfig, folder: PluginFolder, configPath: String? = nil, loops: Int = 2,
+         metrics: PluginMetrics? = nil) throws {
         var config = config
         config.pluginPaths = [folder.pluginsDir]
         harness = try ProxyHarness(config: config, loops: loops)
@@ -41,7 +42,7 @@ final class PluginProxy {
         logger.logLevel = .critical
         do {
             generations = try GenerationManager(server: harness.server, config: config, configPath: configPath,
-                                                baseDirectory: folder.root, logger: logger)
+                                                baseDirectory: folder.root, metrics: metrics, logger: logger)
         } catch {
             harness.stop()
             throw error

@@ -46,6 +46,8 @@ public final class GenerationManager: @unchecked Sendable {
     private let baseDirectory: String
     private let sdk: LuaSDK
     public let shared: SharedDictionaries
+    /// Per-plugin timings and outcomes, across generations (nil: not measured).
+    public let metrics: PluginMetrics?
     private let logger: Logger
     /// Serialises reloads (a signal, the admin API and the watcher may race).
     private let reloadLock = NIOLock()
@@ -60,7 +62,7 @@ public final class GenerationManager: @unchecked Sendable {
     /// the file and line of a Lua error or the path of a bad plugin config.
     /// `configPath` is what reloads re-read (nil: only `reload(config:)`).
     public init(server: ProxyServer, config: WeirConfig, configPath: String?, baseDirectory: String? = nil,
-                sdk: LuaSDK? = nil, logger: Logger) throws {
+                sdk: LuaSDK? = nil, metrics: PluginMetrics? = nil, logger: Logger) throws {
         self.server = server
         self.configPath = configPath
         self.baseDirectory = baseDirectory
@@ -69,6 +71,7 @@ public final class GenerationManager: @unchecked Sendable {
         self.sdk = try sdk ?? LuaSDK.locate()
         self.shared = SharedDictionaries(capacities: Dictionary(config.sharedDicts.map { ($0.name, $0.capacity) },
                                                                 uniquingKeysWith: { a, _ in a }))
+        self.metrics = metrics
         self.logger = logger
         self.config = config
         let generation = try build(number: 1, config: config)
@@ -136,6 +139,7 @@ public final class GenerationManager: @unchecked Sendable {
         options.shared = shared
         options.instructionBudget = config.lua.instructionBudget
         options.memoryLimit = config.lua.memoryLimit
+        options.observer = metrics
         let logger = self.logger
         options.log = { record in
             let level: Logger.Level

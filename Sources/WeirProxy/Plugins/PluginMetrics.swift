@@ -1,0 +1,70 @@
+import NIOConcurrencyHelpers
+import WeirLua
+
+/// Per-plugin, per-phase call latency histograms and outcome counters for
+/// `/metrics`:
+///
+/// - `weir_plugin_duration_seconds{plugin,phase}` histogram (wall time of
+///   one plugin's phase call, async waits included)
+/// - `weir_plugin_calls_total{plugin,phase,outcome}` (completed, exited, failed)
+///
+/// Fed by the Lua runtime on the event loops (one shard per loop, so the
+/// data path takes only an uncontended lock); kept across reloads.
+public final class PluginMetrics: PluginPhaseObserver, @unchecked Sendable {
+    struct Key: Hashable { let plugin: String; let phase: PluginPhase }
+    struct Cell {
+        var latency = LatencyHistogram()
+        var outcomes = [0, 0, 0]   // completed, exited, failed
+    }
+    final class Shard {
+        let lock = NIOLock()
+        var cells: [Key: Cell] = [:]
+    }
+
+    private let shards = PerThreadShards<Shard> { Shard() }
+
+    public init() {}
+
+    public func pluginPhaseCompleted(plugin: String, phase: PluginPhase, nanoseconds: UInt64, outcome: PluginCallOutcome) {
+        let shard = shards.current
+        let key = Key(plugin: plugin, phase: phase)
+        shard.lock.withLock {
+            shard.cells[key, default: Cell()].latency.observe(Double(nanoseconds) / 1e9)
+            switch outcome {
+            case .completed: shard.cells[key]!.outcomes[0] += 1
+            case .exited: shard.cells[key]!.outcomes[1] += 1
+            case .failed: shard.cells[key]!.outcomes[2] += 1
+            }
+        }
+    }
+
+    /// Prometheus text for the plugin metrics (empty when no plugin ran).
+    public func renderPrometheus() -> String {
+        var merged: [Key: Cell] = [:]
+        for shard in shards.allShards {
+            shard.lock.withLock {
+                for (key, cell) in shard.cells {
+                    var m = merged[key, default: Cell()]
+                    m.latency.merge(cell.latency)
+                    for i in 0..<3 { m.outcomes[i] += cell.outcomes[i] }
+                    merged[key] = m
+                }
+            }
+        }
+        guard !merged.isEmpty else { return "" }
+        let keys = merged.keys.sorted { ($0.plugin, $0.phase.rawValue) < ($1.plugin, $1.phase.rawValue) }
+        var out = PrometheusWriter()
+        out.header("weir_plugin_calls_total", "Plugin phase calls by outcome (completed, exited, failed).", "counter")
+        for key in keys {
+            for (i, outcome) in ["completed", "exited", "failed"].enumerated() {
+                out.sample("weir_plugin_calls_total",
+                           [("plugin", key.plugin), ("phase", key.phase.rawValue), ("outcome", outcome)], merged[key]!.outcomes[i])
+            }
+        }
+        out.header("weir_plugin_duration_seconds", "Wall time of one plugin's phase call, async waits included.", "histogram")
+        for key in keys {
+            out.histogram("weir_plugin_duration_seconds", [("plugin", key.plugin), ("phase", key.phase.rawValue)], merged[key]!.latency)
+        }
+        return out.text
+    }
+}
