@@ -226,7 +226,6 @@ public final class RedisClient: @unchecked Sendable {
         }
     }
 
-
     // MARK: Connections
 
     private enum Acquired {
