@@ -271,3 +271,33 @@ extension PluginProxyTests {
         XCTAssertEqual(try proxy.connect().request("GET", "/fast").status, 200)
     }
 }
+
+extension PluginProxyTests {
+    /// body_filter rewrites the upstream body chunk by chunk (the length
+    /// changes, so the response is re-framed) and appends at the last chunk.
+    func testBodyFilterRewritesTheResponse() throws {
+        try folder.write("upper", handler: """
+        local weir = require "weir"
+        local P = { PRIORITY = 100, VERSION = "1" }
+        function P:body_filter(conf, ctx)
+          local chunk = weir.response.get_chunk()
+          if weir.response.is_last_chunk() then
+            weir.response.set_chunk(chunk .. "|end")
+          else
+            weir.response.set_chunk(string.upper(chunk) .. "+")
+          end
+        end
+        return P
+        """)
+        let config = ProxyHarness.config(targets: [upstream.address]) { $0.plugins = [pluginRef("upper")] }
+        let proxy = try PluginProxy(config: config, folder: folder)
+        defer { proxy.stop() }
+        let client = try proxy.connect()
+        let response = try client.request("GET", "/plain")
+        XCTAssertEqual(response.status, 200)
+        XCTAssertEqual(response.bodyText, "OK FROM UPSTREAM+|end")
+        XCTAssertNil(response.header("content-length"))
+        // Keep-alive still works after a re-framed response.
+        XCTAssertEqual(try client.request("GET", "/again").bodyText, "OK FROM UPSTREAM+|end")
+    }
+}

@@ -620,12 +620,18 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
             upstreamHead(head, exchange: exchange, connection: connection)
         case .body(let buffer):
             guard exchange.responseStarted else { return }
+            if let plugins = exchange.plugins, plugins.filtersBody {
+                return filterResponseBody(buffer, exchange: exchange, plugins: plugins, connection: connection)
+            }
             exchange.bytesOut += buffer.readableBytes
             context.write(wrapOutboundOut(.body(.byteBuffer(buffer))), promise: nil)
             if !context.channel.isWritable {
                 connection.handler.pauseReading()
             }
         case .end(let trailers):
+            if let plugins = exchange.plugins, plugins.filtersBody, !plugins.lastChunkFiltered, exchange.responseStarted {
+                return filterLastChunk(trailers, exchange: exchange, plugins: plugins, connection: connection)
+            }
             upstreamEnd(trailers, exchange: exchange, connection: connection)
         }
     }

@@ -34,7 +34,7 @@ extension DownstreamHandler {
     }
 
     /// The route has a chain: run the request phase, then go upstream (or answer).
-    func startRequestPlugins(_ exchange: Exchange, plugins: LoopPlugins, chain: PluginChain, path: String, query: Substring) {
+    func startRequestPlugins(_ exchange: Exchange, plugins: LoopPlugins, chain: RouteChain, path: String, query: Substring) {
         guard let head = exchange.head, let routed = exchange.routed else { return }
         // The head the upstream will get, built now so plugins change it in place.
         exchange.upstreamHead = buildUpstreamHead(exchange, head: head, routed: routed)
@@ -42,7 +42,7 @@ extension DownstreamHandler {
                                     path: path, query: query,
                                     connection: connectionPlugins?.scope)
         exchange.plugins = scope
-        switch scope.scope.start(.request, chain: chain) {
+        switch scope.scope.start(.request, chain: scope.chain) {
         case .done(let result):
             requestPhaseEnded(exchange, result)
         case .pending(let future):
@@ -103,8 +103,10 @@ extension DownstreamHandler {
                                     connection: UpstreamConnection) -> HTTPResponseHead? {
         switch result {
         case .continue:
-            let head = plugins.responseHead
+            var head = plugins.responseHead
             plugins.responseHead = nil
+            // The body filter may change the body's length: re-frame it.
+            if plugins.filtersBody { head?.headers.remove(name: "content-length") }
             return head
         case .exit(let exit):
             dropUpstream(exchange, connection)
@@ -169,6 +171,70 @@ extension DownstreamHandler {
         } else {
             resumeReadingIfAllowed()
         }
+    }
+
+    // MARK: body_filter
+
+    /// One upstream body part through the chain's body filters.
+    func filterResponseBody(_ buffer: ByteBuffer, exchange: Exchange, plugins: ExchangePlugins, connection: UpstreamConnection) {
+        runBodyFilter(Array(buffer.readableBytesView), isLast: false, exchange: exchange, plugins: plugins,
+                      connection: connection) {}
+    }
+
+    /// The upstream's end: the filters see a last (empty) chunk, then the response ends.
+    func filterLastChunk(_ trailers: HTTPHeaders?, exchange: Exchange, plugins: ExchangePlugins, connection: UpstreamConnection) {
+        runBodyFilter([], isLast: true, exchange: exchange, plugins: plugins, connection: connection) { [weak self] in
+            plugins.lastChunkFiltered = true
+            self?.upstreamRead(.end(trailers), on: connection)
+        }
+    }
+
+    private func runBodyFilter(_ bytes: [UInt8], isLast: Bool, exchange: Exchange, plugins: ExchangePlugins,
+                               connection: UpstreamConnection, then: @escaping () -> Void) {
+        switch plugins.scope.filterBody(bytes, isLast: isLast, chain: plugins.chain) {
+        case .done(let result):
+            if bodyFilterEnded(result, exchange: exchange, plugins: plugins, connection: connection) { then() }
+        case .pending(let future):
+            plugins.holdingResponse = true
+            plugins.phasePending = true
+            connection.handler.pauseReading()
+            future.whenSuccess { [weak self] result in
+                plugins.phasePending = false
+                guard let self, self.exchange === exchange, !exchange.finished else { return }
+                plugins.holdingResponse = false
+                let held = plugins.heldParts
+                plugins.heldParts.removeAll()
+                guard self.bodyFilterEnded(result, exchange: exchange, plugins: plugins, connection: connection) else { return }
+                then()
+                for part in held where self.exchange === exchange { self.upstreamRead(part, on: connection) }
+                self.context.flush()
+                connection.handler.resumeReading()
+            }
+        }
+    }
+
+    /// Writes what the filters left of the chunk. A filter that fails (or
+    /// tries to exit) mid-body can only cut the response: the head is out.
+    private func bodyFilterEnded(_ result: PhaseResult, exchange: Exchange, plugins: ExchangePlugins,
+                                 connection: UpstreamConnection) -> Bool {
+        switch result {
+        case .continue:
+            let chunk = plugins.scope.bodyChunk
+            if !chunk.isEmpty {
+                exchange.bytesOut += chunk.count
+                context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(bytes: chunk)))), promise: nil)
+                if !context.channel.isWritable { connection.handler.pauseReading() }
+            }
+            return true
+        case .exit:
+            loopContext.logger.error("plugin exit in the body_filter phase: the response has started, so it is cut",
+                                     metadata: ["request_id": "\(exchange.id)"])
+        case .failed:
+            plugins.logFailure(result)
+        }
+        dropUpstream(exchange, connection)
+        context.close(promise: nil)
+        return false
     }
 
     private static func isFramingHeader(_ name: String) -> Bool {

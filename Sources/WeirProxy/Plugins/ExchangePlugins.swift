@@ -9,6 +9,10 @@ final class ExchangePlugins: PluginRequestContext {
     /// Pins the generation: its Lua state lives while this request does.
     let loopPlugins: LoopPlugins
     let chain: PluginChain
+    /// The chain has a body_filter: the response is re-framed (chunked) and
+    /// each upstream body part goes through it.
+    let filtersBody: Bool
+    var lastChunkFiltered = false
     private(set) var scope: PluginRequest!
     private weak var handler: DownstreamHandler?
     private unowned let exchange: Exchange
@@ -32,10 +36,11 @@ final class ExchangePlugins: PluginRequestContext {
 
     enum HeaderOp { case set, add, clear }
 
-    init(loopPlugins: LoopPlugins, chain: PluginChain, handler: DownstreamHandler, exchange: Exchange,
+    init(loopPlugins: LoopPlugins, chain: RouteChain, handler: DownstreamHandler, exchange: Exchange,
          path: String, query: Substring, connection: PluginConnection?) {
         self.loopPlugins = loopPlugins
-        self.chain = chain
+        self.chain = chain.chain
+        self.filtersBody = chain.filtersBody
         self.handler = handler
         self.exchange = exchange
         self.path = path

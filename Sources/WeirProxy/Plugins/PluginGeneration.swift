@@ -51,6 +51,12 @@ public final class PluginGeneration: @unchecked Sendable {
     }
 }
 
+/// The plugin chain of one route in one runtime.
+struct RouteChain {
+    let chain: PluginChain
+    let filtersBody: Bool
+}
+
 /// A generation's plugins on one event loop: its Lua runtime and the chain
 /// of each route (global + upstream + route plugins, most specific config
 /// wins). Only used on `loop`.
@@ -59,7 +65,7 @@ final class LoopPlugins {
     let runtime: LuaRuntime
     let loop: EventLoop
     /// By route name; absent = the route runs no plugin.
-    private let routeChains: [String: PluginChain]
+    private let routeChains: [String: RouteChain]
     /// Global plugins that have a connection phase (run after accept).
     let connectionChain: PluginChain?
     let hasChains: Bool
@@ -71,10 +77,12 @@ final class LoopPlugins {
         // Built here, off the loop; handed over to `loop` before first use.
         let runtime = try LuaRuntime(library: library, eventLoop: loop, options: options)
         self.runtime = runtime
-        var chains: [String: PluginChain] = [:]
+        var chains: [String: RouteChain] = [:]
         for route in config.routes {
             let effective = plugins.effective(route: route.name, upstream: route.upstream)
-            if !effective.isEmpty { chains[route.name] = try runtime.makeChain(effective) }
+            if effective.isEmpty { continue }
+            chains[route.name] = RouteChain(chain: try runtime.makeChain(effective),
+                                            filtersBody: effective.contains { $0.definition.phases.contains(.bodyFilter) })
         }
         self.routeChains = chains
         let connectionPlugins = plugins.global.filter { $0.definition.phases.contains(.connection) }
@@ -82,7 +90,7 @@ final class LoopPlugins {
         self.hasChains = !chains.isEmpty || connectionChain != nil
     }
 
-    func chain(forRoute name: String) -> PluginChain? { routeChains[name] }
+    func chain(forRoute name: String) -> RouteChain? { routeChains[name] }
 
     /// This generation was replaced on this loop: its timers stop; the Lua
     /// state is freed when the last request holding it ends.
