@@ -233,8 +233,13 @@ public final class PluginRequest {
                 }
                 if let pending = pending {
                     savedBudget = runtime.budgetRemaining
-                    pending.hop(to: runtime.eventLoop!).whenComplete { [self] outcome in
-                        self.resumeAfterPending(outcome, from: pending)
+                    let loop = runtime.eventLoop!
+                    pending.hop(to: loop).whenComplete { [self] outcome in
+                        // An already-completed future (a bodyless get_body, an
+                        // immediate error) calls back right here, before `start`
+                        // has made the promise its caller waits on: resume on
+                        // the next tick instead, never from inside `drive`.
+                        loop.execute { self.resumeAfterPending(outcome, from: pending) }
                     }
                     return nil
                 }

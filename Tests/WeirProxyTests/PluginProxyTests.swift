@@ -301,3 +301,32 @@ extension PluginProxyTests {
         XCTAssertEqual(try client.request("GET", "/again").bodyText, "OK FROM UPSTREAM+|end")
     }
 }
+
+extension PluginProxyTests {
+    /// weir.request.get_body in the request phase: the plugin sees the body
+    /// (capped at max_bytes) and the upstream still gets all of it.
+    func testRequestBodyInTheRequestPhase() throws {
+        try folder.write("body", handler: """
+        local weir = require "weir"
+        local P = { PRIORITY = 100, VERSION = "1" }
+        function P:request(conf, ctx)
+          local body = weir.request.get_body(10)
+          if body == "forbidden!" then return 403, "no" end
+          weir.upstream.request.set_header("x-body-head", body or "nil")
+        end
+        return P
+        """)
+        let config = ProxyHarness.config(targets: [upstream.address]) { $0.plugins = [pluginRef("body")] }
+        let proxy = try PluginProxy(config: config, folder: folder)
+        defer { proxy.stop() }
+        let client = try proxy.connect()
+        let big = String(repeating: "abcdefghij", count: 10_000)
+        XCTAssertEqual(try client.request("POST", "/sink", body: big).bodyText, String(big.utf8.count))
+        XCTAssertEqual(upstream.requests.last { $0.uri == "/sink" }?.header("x-body-head"), "abcdefghij")
+        XCTAssertEqual(try client.request("POST", "/sink", body: "forbidden!").status, 403)
+        XCTAssertEqual(try client.request("GET", "/nobody").status, 200)
+        XCTAssertEqual(upstream.requests.last { $0.uri == "/nobody" }?.header("x-body-head"), "nil")
+        XCTAssertEqual(try client.request("POST", "/sink", body: "short").bodyText, "5")
+        XCTAssertEqual(upstream.requests.last { $0.uri == "/sink" }?.header("x-body-head"), "short")
+    }
+}

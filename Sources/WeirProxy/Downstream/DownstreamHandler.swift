@@ -139,7 +139,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
             return queued.count < Self.maxQueuedParts && queuedBodyBytes < Self.maxQueuedBodyBytes
         }
         if exchange.discardingBody { return true }
-        guard let connection = exchange.connection else { return false }
+        guard let connection = exchange.connection else { return exchange.plugins?.bodyWaiter != nil }
         return connection.channel.isWritable
     }
 
@@ -578,6 +578,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
             exchange.upstreamNeedsFlush = true
         } else {
             exchange.pendingUpstream.append(.body(.byteBuffer(buffer)))
+            exchange.plugins?.requestBodyArrived()
         }
     }
 
@@ -593,6 +594,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
             requestFullySent(exchange)
         } else {
             exchange.pendingUpstream.append(.end(trailers))
+            exchange.plugins?.requestBodyArrived()
         }
     }
 

@@ -56,6 +56,7 @@ final class ExchangePlugins: PluginRequestContext {
     func requestDone() {
         guard !done else { return }
         done = true
+        cancelBodyWait()
         holdingResponse = false
         heldParts.removeAll()
         let scope = self.scope!
@@ -113,12 +114,49 @@ final class ExchangePlugins: PluginRequestContext {
     }
 
     struct BodyUnavailable: Error, CustomStringConvertible {
-        var description: String { "weir.request.get_body: reading a request body in a plugin is not supported by the proxy yet" }
+        var description: String { "weir.request.get_body: the request body was already sent upstream" }
     }
+
+    /// A plugin waits in weir.request.get_body: the client is read (into
+    /// `exchange.pendingUpstream`, forwarded later as usual) until the body
+    /// ends or `maxBytes` are buffered.
+    private(set) var bodyWaiter: (promise: EventLoopPromise<[UInt8]?>, maxBytes: Int)?
 
     func readRequestBody(maxBytes: Int) -> EventLoopFuture<[UInt8]?> {
         if exchange.bodyless { return loopPlugins.loop.makeSucceededFuture(nil) }
-        return loopPlugins.loop.makeFailedFuture(BodyUnavailable())
+        if exchange.connection != nil || exchange.bodyForwarded || exchange.discardingBody {
+            return loopPlugins.loop.makeFailedFuture(BodyUnavailable())
+        }
+        let promise = loopPlugins.loop.makePromise(of: [UInt8]?.self)
+        bodyWaiter = (promise, maxBytes)
+        requestBodyArrived()
+        if bodyWaiter != nil { handler?.resumeReadingIfAllowed() }
+        return promise.futureResult
+    }
+
+    /// Called by the handler as request body parts are buffered.
+    func requestBodyArrived() {
+        guard let waiter = bodyWaiter else { return }
+        var body: [UInt8] = []
+        var ended = false
+        for part in exchange.pendingUpstream {
+            switch part {
+            case .body(.byteBuffer(let buffer)): body.append(contentsOf: buffer.readableBytesView)
+            case .end: ended = true
+            default: break
+            }
+        }
+        guard ended || body.count >= waiter.maxBytes else { return }
+        bodyWaiter = nil
+        if body.count > waiter.maxBytes { body.removeLast(body.count - waiter.maxBytes) }
+        waiter.promise.succeed(body)
+    }
+
+    /// The request ended before the body was read (client gone).
+    func cancelBodyWait() {
+        guard let waiter = bodyWaiter else { return }
+        bodyWaiter = nil
+        waiter.promise.succeed(nil)
     }
 
     // MARK: The client
