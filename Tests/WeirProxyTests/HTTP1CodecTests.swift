@@ -109,6 +109,33 @@ final class HTTP1CodecTests: XCTestCase {
         XCTAssertEqual(head.fields.value(at: 1), "café")
     }
 
+    /// Values are validated 8 bytes at a time; bytes that need the exact
+    /// check at every offset of a word must still be found.
+    func testValueBytesAtEveryWordOffset() throws {
+        for offset in 0..<20 {
+            let prefix = Array("GET / HTTP/1.1\r\nHost: h\r\nX-A: ".utf8) + [UInt8](repeating: 0x61, count: offset)
+            let suffix = Array("bcdefghijklmnop\r\nX-B: 1\r\n\r\n".utf8)
+            assertRequestError(prefix + [0x00] + suffix, .invalidFieldValue)
+            assertRequestError(prefix + [0x7F] + suffix, .invalidFieldValue)
+            assertRequestError(prefix + [0x0B] + suffix, .invalidFieldValue)
+            assertRequestError(prefix + [0x0D] + suffix, .bareCR)
+            for allowed: UInt8 in [0x09, 0x20, 0xFF, 0x80] {
+                var parser = HTTP1RequestParser()
+                var b = buffer(prefix + [allowed] + suffix)
+                let head = try XCTUnwrap(try parser.parse(&b))
+                XCTAssertEqual(head.fields.count, 3)
+                // At offset 0 a SP/HTAB is leading whitespace, not part of the value.
+                let leadingOWS = offset == 0 && (allowed == 0x09 || allowed == 0x20)
+                XCTAssertEqual(head.fields.entries[1].valueLength, Int32(offset + (leadingOWS ? 0 : 1) + 15),
+                               "offset \(offset) byte \(allowed)")
+            }
+        }
+        let padded = try parseRequest("GET / HTTP/1.1\r\nHost: h\r\nX-A:   a b c d e f g h i j  \t \t       \r\n\r\n")
+        XCTAssertEqual(padded.fields.value(at: 1), "a b c d e f g h i j")
+        let blank = try parseRequest("GET / HTTP/1.1\r\nHost: h\r\nX-A:            \r\n\r\n")
+        XCTAssertEqual(blank.fields.value(at: 1), "")
+    }
+
     func testRejectsMalformedRequestLines() {
         assertRequestError("G@T / HTTP/1.1\r\nHost: h\r\n\r\n", .invalidMethod)
         assertRequestError(" GET / HTTP/1.1\r\nHost: h\r\n\r\n", .invalidRequestLine)

@@ -7,10 +7,15 @@ set -euo pipefail
 BIN=${1:-.build-codec-release/release/weir-codec-bench}
 LOW=${LOW:-2000}
 HIGH=${HIGH:-12000}
+# Valgrind gives up on Swift 6's DWARF ("possibly corrupted debuginfo"), as in bench/callgrind.sh.
+STRIPPED=$(mktemp)
+trap 'rm -f "$STRIPPED"' EXIT
+strip --strip-debug -o "$STRIPPED" "$BIN"
+chmod +x "$STRIPPED"
 instructions() { # mode iterations case
     local out
     out=$(mktemp)
-    valgrind --tool=callgrind --callgrind-out-file="$out" "$BIN" "$1" "$2" "$3" >/dev/null 2>&1
+    valgrind --tool=callgrind --callgrind-out-file="$out" "$STRIPPED" "$1" "$2" "$3" >/dev/null 2>&1
     callgrind_annotate "$out" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1; exit}'
     rm -f "$out"
 }

@@ -99,6 +99,15 @@ public struct HTTP1Fields: Sendable {
     /// The bytes the entries' offsets point into (the whole head for heads).
     public let bytes: ByteBuffer
     public let entries: [HTTP1FieldEntry]
+    /// A Connection field lists names other than close/keep-alive/upgrade
+    /// (only then must hop-by-hop removal compare names against it).
+    public let connectionNamesOtherFields: Bool
+
+    init(bytes: ByteBuffer, entries: [HTTP1FieldEntry], connectionNamesOtherFields: Bool = false) {
+        self.bytes = bytes
+        self.entries = entries
+        self.connectionNamesOtherFields = connectionNamesOtherFields
+    }
 
     public var count: Int { entries.count }
 
@@ -152,12 +161,26 @@ enum HTTP1Bytes {
     static let htab: UInt8 = 0x09
     static let colon: UInt8 = 0x3A
 
-    /// RFC 9110 tchar, as two 64-bit masks over ASCII.
+    /// RFC 9110 tchar by byte value, as '1'/'0' characters: a StaticString
+    /// is a constant in the binary (no lazy global initialisation per access).
+    static let tcharTable: StaticString = "0000000000000000000000000000000001011111001101101111111111000000011111111111111111111111111000111111111111111111111111111110101000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000"
+
     @inline(__always)
     static func isTChar(_ b: UInt8) -> Bool {
-        if b < 64 { return (0x03ff_6cfa_0000_0000 as UInt64) >> UInt64(b) & 1 != 0 }
-        if b < 128 { return (0x57ff_ffff_c7ff_fffe as UInt64) >> UInt64(b - 64) & 1 != 0 }
-        return false
+        tcharTable.utf8Start[Int(b)] == 0x31
+    }
+
+    /// For 8 bytes loaded little-endian: 0 when all are SP or visible ASCII
+    /// (0x20...0x7E). Otherwise the lowest set bit is in the first byte that
+    /// is not (CTL, HTAB, CR, DEL or obs-text); higher bits may be spurious
+    /// (borrows/carries), so only the first is used.
+    @inline(__always)
+    static func nonPlainBytes(_ word: UInt64) -> UInt64 {
+        let ones: UInt64 = 0x0101_0101_0101_0101
+        let highs: UInt64 = 0x8080_8080_8080_8080
+        let below20 = (word &- ones &* 0x20) & ~word & highs
+        let above7E = ((word &+ ones) | word) & highs
+        return below20 | above7E
     }
 
     /// field-vchar / SP / HTAB / obs-text: everything except CTLs and DEL.
@@ -218,7 +241,9 @@ struct HTTP1HeadScanner {
     private var lineStart = 0
     /// End of the start line (past its CRLF), once seen.
     private var startLineEnd = -1
-    private var fieldLines = 0
+    /// Field lines seen so far; after a complete scan, the section's count
+    /// (lets the parser size its index in one allocation).
+    private(set) var fieldLines = 0
 
     init(hasStartLine: Bool) {
         self.hasStartLine = hasStartLine
@@ -318,20 +343,27 @@ func parseFieldLines(_ p: UnsafePointer<UInt8>, from start: Int, sectionLength: 
         i += 1
         while HTTP1Bytes.isWhitespace(p[i]) { i += 1 }
         let valueStart = i
-        var valueEnd = i
+        // Validate up to the line's CR, 8 bytes per step while they are SP or
+        // visible ASCII (the section ends with CRLFCRLF, so a load that starts
+        // before `end` stays inside it); the exact byte checks below handle
+        // the first flagged byte (HTAB, obs-text, CR, or an error).
         while true {
-            let b = p[i]
-            if HTTP1Bytes.isFieldValueByte(b) {
-                i += 1
-                if b != HTTP1Bytes.sp && b != HTTP1Bytes.htab { valueEnd = i }
-                continue
+            while i + 8 <= end {
+                let flags = HTTP1Bytes.nonPlainBytes(UInt64(littleEndian: UnsafeRawPointer(p + i).loadUnaligned(as: UInt64.self)))
+                if flags == 0 { i += 8; continue }
+                i += flags.trailingZeroBitCount >> 3
+                break
             }
+            let b = p[i]
+            if HTTP1Bytes.isFieldValueByte(b) { i += 1; continue }
             if b == HTTP1Bytes.cr {
                 if p[i + 1] == HTTP1Bytes.lf { break }
                 throw HTTP1ParseError.bareCR
             }
             throw HTTP1ParseError.invalidFieldValue
         }
+        var valueEnd = i
+        while valueEnd > valueStart && HTTP1Bytes.isWhitespace(p[valueEnd - 1]) { valueEnd -= 1 }
         let lineEnd = i + 2
         let known = HTTP1KnownField.classify(p + line, nameLength)
         let valueLength = valueEnd - valueStart

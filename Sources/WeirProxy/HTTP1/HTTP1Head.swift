@@ -121,13 +121,15 @@ public struct HTTP1RequestParser: Sendable {
         let limits = self.limits
         guard let length = try buffer.withUnsafeReadableBytes({ try scanner.scan($0, limits: limits) }) else { return nil }
         let slice = buffer.readSlice(length: length)!
+        let fieldCount = scanner.fieldLines
         scanner.reset()
         skippedEmptyLines = 0
-        return try HTTP1RequestParser.parseHead(slice, limits: limits)
+        return try HTTP1RequestParser.parseHead(slice, fieldCount: fieldCount)
     }
 
-    static func parseHead(_ slice: ByteBuffer, limits: HTTP1Limits) throws -> HTTP1RequestHead {
+    static func parseHead(_ slice: ByteBuffer, fieldCount: Int) throws -> HTTP1RequestHead {
         var entries: [HTTP1FieldEntry] = []
+        entries.reserveCapacity(fieldCount)
         var facts = HTTP1FramingFacts()
         let (method, methodLength, target, version, firstField) = try slice.withUnsafeReadableBytes { raw in
             let p = raw.bindMemory(to: UInt8.self).baseAddress!
@@ -159,7 +161,6 @@ public struct HTTP1RequestParser: Sendable {
             }
             let method = HTTP1Method.recognise(p, methodLength)
             try checkTargetForm(method, p + targetStart, targetEnd - targetStart)
-            entries.reserveCapacity(16)
             try parseFieldLines(p, from: i + 2, sectionLength: raw.count, entries: &entries, facts: &facts)
             return (method, methodLength, targetStart..<targetEnd, version, i + 2)
         }
@@ -189,7 +190,7 @@ public struct HTTP1RequestParser: Sendable {
             else if e.known == .upgrade { hasUpgradeField = true }
         }
         return HTTP1RequestHead(
-            fields: HTTP1Fields(bytes: slice, entries: entries),
+            fields: HTTP1Fields(bytes: slice, entries: entries, connectionNamesOtherFields: facts.connectionNamesOthers),
             method: method, methodLength: methodLength, targetRange: target, version: version,
             framing: framing, keepAlive: keepAlive, expectsContinue: facts.expectContinue,
             wantsUpgrade: facts.connectionUpgrade && hasUpgradeField, hostIndex: hostIndex, facts: facts)
@@ -243,12 +244,14 @@ public struct HTTP1ResponseParser: Sendable {
         let limits = self.limits
         guard let length = try buffer.withUnsafeReadableBytes({ try scanner.scan($0, limits: limits) }) else { return nil }
         let slice = buffer.readSlice(length: length)!
+        let fieldCount = scanner.fieldLines
         scanner.reset()
-        return try HTTP1ResponseParser.parseHead(slice, requestMethod: requestMethod)
+        return try HTTP1ResponseParser.parseHead(slice, fieldCount: fieldCount, requestMethod: requestMethod)
     }
 
-    static func parseHead(_ slice: ByteBuffer, requestMethod: HTTP1Method) throws -> HTTP1ResponseHead {
+    static func parseHead(_ slice: ByteBuffer, fieldCount: Int, requestMethod: HTTP1Method) throws -> HTTP1ResponseHead {
         var entries: [HTTP1FieldEntry] = []
+        entries.reserveCapacity(fieldCount)
         var facts = HTTP1FramingFacts()
         let (version, status, reason) = try slice.withUnsafeReadableBytes { raw in
             let p = raw.bindMemory(to: UInt8.self).baseAddress!
@@ -273,7 +276,6 @@ public struct HTTP1ResponseParser: Sendable {
             }
             guard p[i] == HTTP1Bytes.cr else { throw HTTP1ParseError.invalidStatusLine }
             guard p[i + 1] == HTTP1Bytes.lf else { throw HTTP1ParseError.bareCR }
-            entries.reserveCapacity(16)
             try parseFieldLines(p, from: i + 2, sectionLength: raw.count, entries: &entries, facts: &facts)
             return (version, status, reasonStart..<i)
         }
@@ -301,7 +303,7 @@ public struct HTTP1ResponseParser: Sendable {
         }
         let keepAlive = framing != .untilClose
             && (version.minor >= 1 ? !facts.connectionClose : (facts.connectionKeepAlive && !facts.connectionClose))
-        return HTTP1ResponseHead(fields: HTTP1Fields(bytes: slice, entries: entries), version: version,
+        return HTTP1ResponseHead(fields: HTTP1Fields(bytes: slice, entries: entries, connectionNamesOtherFields: facts.connectionNamesOthers), version: version,
                                  status: status, reasonRange: reason, framing: framing,
                                  keepAlive: keepAlive, facts: facts)
     }

@@ -23,7 +23,6 @@ extension HTTP1Fields {
     /// (unless its only element is `trailers`, which may be forwarded).
     public func hopByHopFields(keepUpgrade: Bool = false) -> HTTP1FieldSet {
         var set = HTTP1FieldSet()
-        var connectionIndices: [Int] = []
         for (i, e) in entries.enumerated() where e.known.isHopByHop {
             switch e.known {
             case .upgrade where keepUpgrade:
@@ -38,19 +37,16 @@ extension HTTP1Fields {
                     return only && any
                 }
                 if onlyTrailers { continue }
-            case .connection:
-                connectionIndices.append(i)
             default:
                 break
             }
             set.insert(i)
         }
-        guard !connectionIndices.isEmpty else { return set }
+        guard connectionNamesOtherFields else { return set }
         // Names listed in Connection (rare beyond close/keep-alive/upgrade): compare bytes.
         bytes.withUnsafeReadableBytes { raw in
             let base = raw.bindMemory(to: UInt8.self).baseAddress!
-            for c in connectionIndices {
-                let ce = entries[c]
+            for ce in entries where ce.known == .connection {
                 HTTP1Bytes.forEachListElement(base + Int(ce.valueStart), Int(ce.valueLength)) { token, tokenLength in
                     for (i, e) in entries.enumerated() where Int(e.nameLength) == tokenLength && !set.contains(i) {
                         if keepUpgrade && e.known == .upgrade { continue }
@@ -103,45 +99,45 @@ public enum HTTP1HeadWriter {
     }
 
     public static func writeRequestLine(_ head: HTTP1RequestHead, target: String?, into out: inout ByteBuffer) {
-        let bytes = head.bytes
-        let base = bytes.readerIndex
-        if let target {
-            out.writeBytes(bytes.readableBytesView[base..<base + head.methodLength])
-            out.writeInteger(HTTP1Bytes.sp)
-            out.writeString(target)
-        } else {
-            // Method, SP and the target are contiguous in the original.
-            out.writeBytes(bytes.readableBytesView[base..<base + head.targetRange.upperBound])
+        head.bytes.withUnsafeReadableBytes { raw in
+            if let target {
+                out.writeBytes(UnsafeRawBufferPointer(rebasing: raw[0..<head.methodLength + 1])) // method SP
+                out.writeString(target)
+            } else {
+                // Method, SP and the target are contiguous in the original.
+                out.writeBytes(UnsafeRawBufferPointer(rebasing: raw[0..<head.targetRange.upperBound]))
+            }
         }
         out.writeStaticString(" HTTP/1.1\r\n")
     }
 
     public static func writeStatusLine(_ head: HTTP1ResponseHead, into out: inout ByteBuffer) {
-        let bytes = head.bytes
-        let base = bytes.readerIndex
         out.writeStaticString("HTTP/1.1")
         // From the SP after the version through the status line's CRLF.
-        out.writeBytes(bytes.readableBytesView[base + 8..<base + head.reasonRange.upperBound + 2])
+        head.bytes.withUnsafeReadableBytes { raw in
+            out.writeBytes(UnsafeRawBufferPointer(rebasing: raw[8..<head.reasonRange.upperBound + 2]))
+        }
     }
 
-    /// Copies every field line not in `removing`, coalescing runs of kept lines.
+    /// Copies every field line not in `removing`, coalescing runs of kept
+    /// lines into one copy each.
     public static func writeFields(_ fields: HTTP1Fields, removing: HTTP1FieldSet, into out: inout ByteBuffer) {
         let entries = fields.entries
-        guard let first = entries.first else { return }
-        let view = fields.bytes.readableBytesView
-        let base = view.startIndex
-        var runStart = -1
-        var runEnd = Int(first.nameStart)
-        for i in entries.indices {
-            let e = entries[i]
-            if removing.contains(i) {
-                if runStart >= 0 { out.writeBytes(view[base + runStart..<base + runEnd]); runStart = -1 }
-            } else {
-                if runStart < 0 { runStart = Int(e.nameStart) }
-                runEnd = Int(e.lineEnd)
+        guard !entries.isEmpty else { return }
+        fields.bytes.withUnsafeReadableBytes { raw in
+            var runStart = -1
+            var runEnd = 0
+            for i in entries.indices {
+                let e = entries[i]
+                if removing.contains(i) {
+                    if runStart >= 0 { out.writeBytes(UnsafeRawBufferPointer(rebasing: raw[runStart..<runEnd])); runStart = -1 }
+                } else {
+                    if runStart < 0 { runStart = Int(e.nameStart) }
+                    runEnd = Int(e.lineEnd)
+                }
             }
+            if runStart >= 0 { out.writeBytes(UnsafeRawBufferPointer(rebasing: raw[runStart..<runEnd])) }
         }
-        if runStart >= 0 { out.writeBytes(view[base + runStart..<base + runEnd]) }
     }
 
     /// `name: value\r\n`. The caller guarantees a valid token and value
