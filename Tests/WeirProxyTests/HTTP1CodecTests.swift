@@ -488,6 +488,27 @@ final class HTTP1CodecTests: XCTestCase {
         XCTAssertEqual(try forward("GET / HTTP/1.1\r\nConnection: close\r\nHost: h\r\n\r\n"), "GET / HTTP/1.1\r\nHost: h\r\n\r\n")
     }
 
+    /// The piecewise writers (for callers that add fields one by one) give
+    /// the same bytes as the one-region writer.
+    func testPiecewiseWritersMatchWholeHeadWriter() throws {
+        let head = try parseRequest("POST /p?q=1 HTTP/1.1\r\nHost: h\r\nConnection: x-a\r\nX-A: 1\r\nContent-Length: 2\r\nAccept: */*\r\n\r\n")
+        let edits = HTTP1HeadEdits(removed: head.fields.hopByHopFields(), added: [(name: "Via", value: "1.1 weir")], target: "/new")
+        var whole = ByteBuffer()
+        HTTP1HeadWriter.writeRequest(head, edits: edits, into: &whole)
+        var pieces = ByteBuffer()
+        HTTP1HeadWriter.writeRequestLine(head, target: "/new", into: &pieces)
+        HTTP1HeadWriter.writeFields(head.fields, removing: edits.removed, into: &pieces)
+        HTTP1HeadWriter.writeField(name: "Via", value: "1.1 weir", into: &pieces)
+        pieces.writeStaticString("\r\n")
+        XCTAssertEqual(String(buffer: whole), "POST /new HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\nAccept: */*\r\nVia: 1.1 weir\r\n\r\n")
+        XCTAssertEqual(String(buffer: pieces), String(buffer: whole))
+
+        let response = try parseResponse("HTTP/1.1 200 OK\r\nKeep-Alive: 5\r\nContent-Length: 0\r\n\r\n")
+        var line = ByteBuffer()
+        HTTP1HeadWriter.writeStatusLine(response, into: &line)
+        XCTAssertEqual(String(buffer: line), "HTTP/1.1 200 OK\r\n")
+    }
+
     func testFieldSetBeyondSixtyFourFields() throws {
         var set = HTTP1FieldSet()
         for i in [0, 63, 64, 127, 128, 200] { set.insert(i) }

@@ -83,19 +83,107 @@ extension HTTP1Bytes {
 public enum HTTP1HeadWriter {
     /// `<method> <target> HTTP/1.1\r\n`, kept fields, added fields, `\r\n`.
     /// The version is always 1.1: the proxy speaks 1.1 to every upstream.
+    /// The whole head goes out as one reserved region: each separate
+    /// ByteBuffer write costs ~150 instructions in NIO (callgrind).
     public static func writeRequest(_ head: HTTP1RequestHead, edits: HTTP1HeadEdits, into out: inout ByteBuffer) {
-        writeRequestLine(head, target: edits.target, into: &out)
-        writeFields(head.fields, removing: edits.removed, into: &out)
-        for (name, value) in edits.added { writeField(name: name, value: value, into: &out) }
-        out.writeStaticString("\r\n")
+        let fields = head.fields
+        // Without a new target, method SP target are copied as one range.
+        let prefixLength = edits.target == nil ? head.targetRange.upperBound : head.methodLength + 1
+        let size = prefixLength + (edits.target?.utf8.count ?? 0) + 11
+            + keptLineBytes(fields, removing: edits.removed) + addedFieldBytes(edits.added) + 2
+        out.writeWithUnsafeMutableBytes(minimumWritableBytes: size) { dst in
+            var w = RawWriter(dst.baseAddress!)
+            fields.bytes.withUnsafeReadableBytes { src in
+                w.copy(src.baseAddress!, prefixLength)
+                if let target = edits.target { w.copy(target) }
+                w.copy(" HTTP/1.1\r\n")
+                w.copyKeptLines(fields.entries, src.baseAddress!, removing: edits.removed)
+            }
+            w.copyAdded(edits.added)
+            w.copy("\r\n")
+            assert(w.offset == size)
+            return w.offset
+        }
     }
 
     /// `HTTP/1.1 <status> <reason>\r\n` (status and reason copied), kept and added fields, `\r\n`.
     public static func writeResponse(_ head: HTTP1ResponseHead, edits: HTTP1HeadEdits, into out: inout ByteBuffer) {
-        writeStatusLine(head, into: &out)
-        writeFields(head.fields, removing: edits.removed, into: &out)
-        for (name, value) in edits.added { writeField(name: name, value: value, into: &out) }
-        out.writeStaticString("\r\n")
+        let fields = head.fields
+        let statusLineEnd = head.reasonRange.upperBound + 2
+        let size = statusLineEnd + keptLineBytes(fields, removing: edits.removed) + addedFieldBytes(edits.added) + 2
+        out.writeWithUnsafeMutableBytes(minimumWritableBytes: size) { dst in
+            var w = RawWriter(dst.baseAddress!)
+            w.copy("HTTP/1.1")
+            fields.bytes.withUnsafeReadableBytes { src in
+                // From the SP after the version through the status line's CRLF.
+                w.copy(src.baseAddress! + 8, statusLineEnd - 8)
+                w.copyKeptLines(fields.entries, src.baseAddress!, removing: edits.removed)
+            }
+            w.copyAdded(edits.added)
+            w.copy("\r\n")
+            assert(w.offset == size)
+            return w.offset
+        }
+    }
+
+    private static func keptLineBytes(_ fields: HTTP1Fields, removing: HTTP1FieldSet) -> Int {
+        var total = 0
+        for (i, e) in fields.entries.enumerated() where !removing.contains(i) { total += Int(e.lineEnd - e.nameStart) }
+        return total
+    }
+
+    private static func addedFieldBytes(_ added: [(name: String, value: String)]) -> Int {
+        var total = 0
+        for (name, value) in added { total += name.utf8.count + value.utf8.count + 4 }
+        return total
+    }
+
+    /// Copies into memory already reserved for the exact total.
+    private struct RawWriter {
+        let base: UnsafeMutableRawPointer
+        var offset = 0
+        init(_ base: UnsafeMutableRawPointer) { self.base = base }
+
+        @inline(__always)
+        mutating func copy(_ src: UnsafeRawPointer, _ n: Int) {
+            (base + offset).copyMemory(from: src, byteCount: n)
+            offset += n
+        }
+
+        @inline(__always)
+        mutating func copy(_ s: StaticString) { copy(s.utf8Start, s.utf8CodeUnitCount) }
+
+        mutating func copy(_ s: String) {
+            let n = s.utf8.count
+            if s.utf8.withContiguousStorageIfAvailable({ copy($0.baseAddress!, n) }) == nil {
+                for b in s.utf8 { base.storeBytes(of: b, toByteOffset: offset, as: UInt8.self); offset += 1 }
+            }
+        }
+
+        mutating func copyAdded(_ added: [(name: String, value: String)]) {
+            for (name, value) in added {
+                copy(name)
+                copy(": ")
+                copy(value)
+                copy("\r\n")
+            }
+        }
+
+        /// Runs of consecutive kept lines go out as one copy.
+        mutating func copyKeptLines(_ entries: [HTTP1FieldEntry], _ src: UnsafeRawPointer, removing: HTTP1FieldSet) {
+            var runStart = -1
+            var runEnd = 0
+            for i in entries.indices {
+                let e = entries[i]
+                if removing.contains(i) {
+                    if runStart >= 0 { copy(src + runStart, runEnd - runStart); runStart = -1 }
+                } else {
+                    if runStart < 0 { runStart = Int(e.nameStart) }
+                    runEnd = Int(e.lineEnd)
+                }
+            }
+            if runStart >= 0 { copy(src + runStart, runEnd - runStart) }
+        }
     }
 
     public static func writeRequestLine(_ head: HTTP1RequestHead, target: String?, into out: inout ByteBuffer) {
