@@ -137,6 +137,89 @@ final class HTTP1CodecDifferentialTests: XCTestCase {
         XCTAssertGreaterThan(chunked, 50, "the corpus exercises chunked bodies")
     }
 
+    func generateResponse(_ rng: inout SeededGenerator) -> (text: String, method: HTTP1Method) {
+        func pick<T>(_ a: [T]) -> T { a[Int.random(in: 0..<a.count, using: &rng)] }
+        func word(_ alphabet: [Character], _ range: ClosedRange<Int>) -> String {
+            String((0..<Int.random(in: range, using: &rng)).map { _ in pick(alphabet) })
+        }
+        let method: HTTP1Method = Int.random(in: 0..<8, using: &rng) == 0 ? .head : .get
+        let status = pick([200, 200, 201, 204, 301, 304, 404, 500, 503])
+        var lines = ["HTTP/1.1 \(status) " + word(Array("OK Fine Not Found abc"), 0...12)]
+        for _ in 0..<Int.random(in: 0...10, using: &rng) {
+            lines.append("X-" + word(HTTP1CodecDifferentialTests.nameAlphabet, 1...12) + ": "
+                         + word(Array("abc123"), 1...1) + word(HTTP1CodecDifferentialTests.valueAlphabet, 0...30) + "z")
+        }
+        var body = ""
+        let hasBody = method != .head && status != 204 && status != 304
+        if Bool.random(using: &rng) {
+            let content = word(Array("abcdef0123\r\n"), 0...150)
+            lines.append("Content-Length: \(content.utf8.count)")
+            if hasBody { body = content }
+        } else {
+            lines.append("Transfer-Encoding: chunked")
+            if hasBody {
+                for _ in 0..<Int.random(in: 0...3, using: &rng) {
+                    let chunk = word(Array("uvwxyz"), 1...60)
+                    body += String(chunk.utf8.count, radix: 16) + "\r\n" + chunk + "\r\n"
+                }
+                body += "0\r\n\r\n"
+            }
+        }
+        return (lines.joined(separator: "\r\n") + "\r\n\r\n" + body, method)
+    }
+
+    func testResponsesAgreeWithNIOHTTP1() throws {
+        var rng = SeededGenerator(state: 7)
+        for i in 0..<300 {
+            let (text, method) = generateResponse(&rng)
+            // NIO's response decoder learns the request method from the request written before.
+            let channel = EmbeddedChannel()
+            try channel.pipeline.syncOperations.addHandler(HTTPRequestEncoder())
+            try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(HTTPResponseDecoder()))
+            try channel.writeOutbound(HTTPClientRequestPart.head(HTTPRequestHead(version: .http1_1, method: method == .head ? .HEAD : .GET, uri: "/")))
+            try channel.writeOutbound(HTTPClientRequestPart.end(nil))
+            while try channel.readOutbound(as: ByteBuffer.self) != nil {}
+            try channel.writeInbound(ByteBuffer(string: text))
+            var nio = Expected(method: "", target: "", version: "", fields: [], body: [], trailers: [])
+            var nioEnded = false
+            while let part = try channel.readInbound(as: HTTPClientResponsePart.self) {
+                switch part {
+                case .head(let head):
+                    // NIO maps known codes to its own reason phrase, so only codes compare.
+                    nio.target = "\(head.status.code)"
+                    nio.fields = head.headers.map { "\($0.name)=\($0.value)" }
+                case .body(var chunk): nio.body += chunk.readBytes(length: chunk.readableBytes)!
+                case .end: nioEnded = true
+                }
+            }
+            _ = try? channel.finish()
+
+            var buffer = ByteBuffer(string: text)
+            var parser = HTTP1ResponseParser()
+            let head = try XCTUnwrap(try parser.parse(&buffer, requestMethod: method))
+            var ours = Expected(method: "", target: "\(head.status)", version: "",
+                                fields: head.fields.pairs().map { "\($0.name)=\($0.value)" }, body: [], trailers: [])
+            switch head.framing {
+            case .none: break
+            case .contentLength(let n): ours.body = try XCTUnwrap(buffer.readBytes(length: n))
+            case .chunked:
+                var decoder = HTTP1ChunkedDecoder()
+                loop: while true {
+                    switch try decoder.next(&buffer) {
+                    case .data(var slice): ours.body += slice.readBytes(length: slice.readableBytes)!
+                    case .end: break loop
+                    case .needMoreData: XCTFail("incomplete chunked body in #\(i)"); break loop
+                    }
+                }
+            case .untilClose: XCTFail("every generated response is delimited")
+            }
+            XCTAssertEqual(buffer.readableBytes, 0, "#\(i)")
+            XCTAssertTrue(nioEnded, "#\(i)")
+            XCTAssertEqual(head.reason, String(decoding: text.utf8.prefix { $0 != 0x0D }.dropFirst(13), as: UTF8.self), "#\(i)")
+            XCTAssertEqual(ours, nio, "response #\(i): \(text.debugDescription)")
+        }
+    }
+
     /// Forwarding by range copy must re-parse (by NIO) to the same request minus hop-by-hop fields.
     func testForwardedHeadsReparseIdentically() throws {
         var rng = SeededGenerator(state: 42)
