@@ -1,4 +1,5 @@
 import NIOCore
+import WeirCore
 @testable import WeirProxy
 import XCTest
 
@@ -223,6 +224,13 @@ final class HTTP1CodecTests: XCTestCase {
         assertRequestError("GET / HTTP/1.1\r\nHost: h\r\nA: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\n\r\n", .tooManyFields, limits: limits)
         XCTAssertEqual(HTTP1ParseError.tooManyFields.requestStatus, 431)
         XCTAssertEqual(try parseRequest("GET / HTTP/1.1\r\nHost: h\r\nA: 1\r\nB: 2\r\nC: 3\r\n\r\n", limits: limits).fields.count, 4)
+
+        var listenerLimits = RequestLimits()
+        listenerLimits.maxRequestLineBytes = 100
+        listenerLimits.maxHeaderBytes = 200
+        listenerLimits.maxHeaderCount = 3
+        let fromConfig = HTTP1Limits(listenerLimits)
+        XCTAssertEqual([fromConfig.maxStartLineBytes, fromConfig.maxFieldBytes, fromConfig.maxFieldCount], [100, 200, 3])
     }
 
     func testLeadingEmptyLinesAndPipelinedRequests() throws {

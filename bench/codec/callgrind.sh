@@ -20,7 +20,7 @@ instructions() { # mode iterations case
     rm -f "$out"
 }
 for case in small browser; do
-    for mode in ours nio; do
+    for mode in ours nio nio-decode; do
         lo=$(instructions "$mode" "$LOW" "$case")
         hi=$(instructions "$mode" "$HIGH" "$case")
         echo "$case $mode: $(( (hi - lo) / (HIGH - LOW) )) instructions/request"

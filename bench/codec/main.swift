@@ -96,6 +96,14 @@ final class NIOForwarder {
         return false
     }
 
+    /// Decode only (no header rebuild, no encode): splits NIO's cost.
+    func decode(_ input: ByteBuffer) -> Int {
+        try! decoderChannel.writeInbound(input)
+        guard case .head(let head) = try! decoderChannel.readInbound(as: HTTPServerRequestPart.self)! else { fatalError() }
+        _ = try! decoderChannel.readInbound(as: HTTPServerRequestPart.self) // .end
+        return head.headers.count
+    }
+
     func forward(_ input: ByteBuffer) -> Int {
         try! decoderChannel.writeInbound(input)
         guard case .head(let head) = try! decoderChannel.readInbound(as: HTTPServerRequestPart.self)! else { fatalError() }
@@ -121,8 +129,8 @@ let args = CommandLine.arguments
 let mode = args.count > 1 ? args[1] : "both"
 let iterations = args.count > 2 ? Int(args[2])! : 200_000
 let which = args.count > 3 ? args[3] : "all"
-guard ["ours", "nio", "both"].contains(mode), ["small", "browser", "all"].contains(which) else {
-    print("usage: weir-codec-bench [ours|nio|both] [iterations] [small|browser|all]")
+guard ["ours", "nio", "both", "nio-decode"].contains(mode), ["small", "browser", "all"].contains(which) else {
+    print("usage: weir-codec-bench [ours|nio|both|nio-decode] [iterations] [small|browser|all]")
     exit(2)
 }
 
@@ -139,11 +147,15 @@ func measureOurs(_ input: ByteBuffer, _ iterations: Int) -> (ns: Double, bytes: 
     return (ns, sink / max(iterations, 1))
 }
 
-func measureNIO(_ input: ByteBuffer, _ iterations: Int) -> (ns: Double, bytes: Int) {
+func measureNIO(_ input: ByteBuffer, _ iterations: Int, decodeOnly: Bool = false) -> (ns: Double, bytes: Int) {
     let nio = NIOForwarder()
     var sink = 0
     let start = now()
-    for _ in 0..<iterations { sink &+= nio.forward(input) }
+    if decodeOnly {
+        for _ in 0..<iterations { sink &+= nio.decode(input) }
+    } else {
+        for _ in 0..<iterations { sink &+= nio.forward(input) }
+    }
     let ns = Double(now() - start) / Double(iterations)
     return (ns, sink / max(iterations, 1))
 }
@@ -152,6 +164,11 @@ for (label, input) in cases {
     if mode != "nio" {
         let r = measureOurs(input, iterations)
         print("\(label): ours \(Int(r.ns.rounded())) ns/request, forwarded head \(r.bytes) bytes")
+    }
+    if mode == "nio-decode" {
+        let r = measureNIO(input, iterations, decodeOnly: true)
+        print("\(label): NIOHTTP1 decode only \(Int(r.ns.rounded())) ns/request, \(r.bytes) headers")
+        continue
     }
     if mode != "ours" {
         let r = measureNIO(input, iterations)
