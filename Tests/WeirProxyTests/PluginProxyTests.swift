@@ -330,3 +330,40 @@ extension PluginProxyTests {
         XCTAssertEqual(upstream.requests.last { $0.uri == "/sink" }?.header("x-body-head"), "short")
     }
 }
+
+extension PluginProxyTests {
+    /// A connection phase that waits (weir.http to a policy service) holds
+    /// the connection's requests until it decides; a reject closes it
+    /// without any request reaching the upstream.
+    func testAsyncConnectionPhaseHoldsRequestsUntilItDecides() throws {
+        try folder.write("gatekeeper", handler: """
+        local weir = require "weir"
+        local P = { PRIORITY = 100, VERSION = "1" }
+        function P:connection(conf, conn)
+          local res = weir.http.request("http://127.0.0.1:\(upstream.port)/status/" .. conf.verdict, { timeout = 2 })
+          weir.sleep(0.05)
+          if not res or res.status ~= 200 then conn:reject("denied") end
+          conn.data.checked = "yes"
+        end
+        function P:request(conf, ctx)
+          weir.upstream.request.set_header("x-checked", weir.conn.checked or "no")
+        end
+        return P
+        """, schema: "return { fields = { verdict = { type = \"integer\", default = 200, description = \"status\" } } }")
+        var config = ProxyHarness.config(targets: [upstream.address]) { $0.plugins = [pluginRef("gatekeeper")] }
+        let allowed = try PluginProxy(config: config, folder: folder)
+        let client = try allowed.connect()
+        let response = try client.request("GET", "/held")   // sent at once, before the phase decided
+        XCTAssertEqual(response.status, 200)
+        XCTAssertEqual(upstream.requests.last { $0.uri == "/held" }?.header("x-checked"), "yes")
+        allowed.stop()
+
+        config.plugins = [pluginRef("gatekeeper", .map(["verdict": .int(403)]))]
+        let denied = try PluginProxy(config: config, folder: folder)
+        defer { denied.stop() }
+        let rejected = try denied.connect()
+        try rejected.send("GET /sneaky HTTP/1.1\r\nHost: t\r\n\r\n")
+        XCTAssertTrue(rejected.waitForClose())
+        XCTAssertFalse(upstream.requests.contains { $0.uri == "/sneaky" }, "no request passed before the reject")
+    }
+}

@@ -134,6 +134,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
 
     private var shouldReadDownstream: Bool {
         if closing || inputClosed { return false }
+        if connectionPlugins?.phasePending == true { return false }
         guard let exchange else { return queued.isEmpty }
         if exchange.requestEnded {
             return queued.count < Self.maxQueuedParts && queuedBodyBytes < Self.maxQueuedBodyBytes

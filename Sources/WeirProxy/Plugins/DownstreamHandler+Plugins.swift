@@ -19,7 +19,13 @@ extension DownstreamHandler {
         connectionPlugins = connection
         let channel = context.channel
         let logger = loopContext.logger
-        connection.begin(plugins).runConnectionPhase(chain: chain).whenSuccess { result in
+        var decided = false
+        connection.begin(plugins).runConnectionPhase(chain: chain).whenSuccess { [weak self] result in
+            decided = true
+            if connection.phasePending {
+                connection.phasePending = false
+                if case .continue = result { self?.resumeReadingIfAllowed() }
+            }
             switch result {
             case .continue: break
             case .exit(let exit):
@@ -31,6 +37,8 @@ extension DownstreamHandler {
                 channel.close(promise: nil)
             }
         }
+        // Completed already unless a plugin waits (weir.sleep, weir.http).
+        if !decided { connection.phasePending = true }
     }
 
     /// The route has a chain: run the request phase, then go upstream (or answer).

@@ -249,6 +249,9 @@ final class ConnectionPlugins: PluginConnectionContext {
     let clientPort: Int
     var serverName: String? { nil }
     private(set) var scope: PluginConnection?
+    /// The connection phase waits on an async call: no request is read
+    /// until it has decided (a plugin may reject the connection).
+    var phasePending = false
 
     init(connectionID: String, clientIP: String, clientPort: Int) {
         self.connectionID = connectionID
