@@ -367,3 +367,49 @@ extension PluginProxyTests {
         XCTAssertFalse(upstream.requests.contains { $0.uri == "/sneaky" }, "no request passed before the reject")
     }
 }
+
+extension PluginProxyTests {
+    /// Plugins attached to a consumer run once an auth plugin named that
+    /// consumer: their request phase right after the route chain's, and the
+    /// later phases with the consumer's config.
+    func testConsumerPluginsRunAfterAuthentication() throws {
+        try folder.write("auth", handler: """
+        local weir = require "weir"
+        local P = { PRIORITY = 1000, VERSION = "1" }
+        function P:request(conf, ctx)
+          local user = weir.request.get_header("x-user")
+          if user then weir.client.authenticate(user) end
+        end
+        return P
+        """)
+        try folder.write("tag", handler: """
+        local weir = require "weir"
+        local P = { PRIORITY = 10, VERSION = "1" }
+        function P:request(conf, ctx) weir.response.set_header("x-tag", conf.tag) end
+        function P:response(conf, ctx) weir.response.set_header("x-tag-response", conf.tag) end
+        return P
+        """, schema: "return { fields = { tag = { type = \"string\", required = true, description = \"tag\" } } }")
+        let config = ProxyHarness.config(targets: [upstream.address]) {
+            $0.plugins = [pluginRef("auth")]
+            $0.routes[0].plugins = [pluginRef("tag", .map(["tag": .string("route")]))]
+            var alice = ConsumerConfig()
+            alice.name = "alice"
+            alice.plugins = [pluginRef("tag", .map(["tag": .string("alice")]))]
+            var bob = ConsumerConfig()
+            bob.name = "bob"
+            $0.consumers = [alice, bob]
+        }
+        let proxy = try PluginProxy(config: config, folder: folder)
+        defer { proxy.stop() }
+        let client = try proxy.connect()
+        let anonymous = try client.request("GET", "/a")
+        XCTAssertEqual(anonymous.header("x-tag"), "route")
+        XCTAssertEqual(anonymous.header("x-tag-response"), "route")
+        let alice = try client.request("GET", "/a", headers: [("x-user", "alice")])
+        XCTAssertEqual(alice.header("x-tag"), "alice")
+        XCTAssertEqual(alice.header("x-tag-response"), "alice")
+        let bob = try client.request("GET", "/a", headers: [("x-user", "bob")])
+        XCTAssertEqual(bob.header("x-tag"), "route")
+        XCTAssertEqual(bob.header("x-tag-response"), "route")
+    }
+}

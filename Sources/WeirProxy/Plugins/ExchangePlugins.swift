@@ -8,10 +8,14 @@ import WeirLua
 final class ExchangePlugins: PluginRequestContext {
     /// Pins the generation: its Lua state lives while this request does.
     let loopPlugins: LoopPlugins
-    let chain: PluginChain
+    /// The route's chain; replaced by the consumer's full chain once an auth
+    /// plugin names a consumer that has plugins of its own.
+    private(set) var chain: PluginChain
     /// The chain has a body_filter: the response is re-framed (chunked) and
     /// each upstream body part goes through it.
-    let filtersBody: Bool
+    private(set) var filtersBody: Bool
+    let routeName: String
+    private var consumerPhaseDone = false
     var lastChunkFiltered = false
     private(set) var scope: PluginRequest!
     private weak var handler: DownstreamHandler?
@@ -41,6 +45,7 @@ final class ExchangePlugins: PluginRequestContext {
         self.loopPlugins = loopPlugins
         self.chain = chain.chain
         self.filtersBody = chain.filtersBody
+        self.routeName = exchange.routed?.route.name ?? ""
         self.handler = handler
         self.exchange = exchange
         self.path = path
@@ -164,6 +169,17 @@ final class ExchangePlugins: PluginRequestContext {
     var clientIP: String { handler?.clientIP ?? "" }
     var clientPort: Int { handler?.peerAddress?.port ?? 0 }
     func authenticate(consumer: String, credential: String?) { self.consumer = consumer }
+
+    /// After the route chain's request phase: the consumer's own plugins,
+    /// if an auth plugin named a consumer that has some. nil: nothing to run.
+    func takeConsumerChain() -> PluginChain? {
+        guard !consumerPhaseDone, let consumer else { return nil }
+        consumerPhaseDone = true
+        guard let chains = loopPlugins.chains(route: routeName, consumer: consumer) else { return nil }
+        chain = chains.full.chain
+        filtersBody = chains.full.filtersBody
+        return chains.own
+    }
 
     // MARK: The upstream request (request phase)
 

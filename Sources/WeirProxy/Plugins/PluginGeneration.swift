@@ -57,6 +57,12 @@ struct RouteChain {
     let filtersBody: Bool
 }
 
+/// The chains of a request whose consumer is known (see `LoopPlugins.chains(route:consumer:)`).
+struct ConsumerChains {
+    let own: PluginChain
+    let full: RouteChain
+}
+
 /// A generation's plugins on one event loop: its Lua runtime and the chain
 /// of each route (global + upstream + route plugins, most specific config
 /// wins). Only used on `loop`.
@@ -69,6 +75,10 @@ final class LoopPlugins {
     /// Global plugins that have a connection phase (run after accept).
     let connectionChain: PluginChain?
     let hasChains: Bool
+    private let validated: ValidatedPlugins
+    private let upstreamOfRoute: [String: String]
+    /// (route, consumer) -> chains, built on this loop on first use.
+    private var consumerChains: [String: ConsumerChains] = [:]
 
     init(generation: Int, library: PluginLibrary, plugins: ValidatedPlugins, config: WeirConfig,
          options: LuaRuntimeOptions, loop: EventLoop) throws {
@@ -85,9 +95,28 @@ final class LoopPlugins {
                                             filtersBody: effective.contains { $0.definition.phases.contains(.bodyFilter) })
         }
         self.routeChains = chains
+        self.validated = plugins
+        self.upstreamOfRoute = Dictionary(config.routes.map { ($0.name, $0.upstream) }, uniquingKeysWith: { a, _ in a })
         let connectionPlugins = plugins.global.filter { $0.definition.phases.contains(.connection) }
         self.connectionChain = connectionPlugins.isEmpty ? nil : try runtime.makeChain(connectionPlugins)
-        self.hasChains = !chains.isEmpty || connectionChain != nil
+        self.hasChains = !chains.isEmpty || connectionChain != nil || !plugins.consumers.values.allSatisfy(\.isEmpty)
+    }
+
+    /// Once an auth plugin named the consumer: the consumer's own plugins
+    /// (their request phase runs now) and the chain for the request's later
+    /// phases, where the consumer's configs win. nil if the consumer has no
+    /// plugins.
+    func chains(route: String, consumer: String) -> ConsumerChains? {
+        guard let own = validated.consumers[consumer], !own.isEmpty else { return nil }
+        let key = route + "\u{0}" + consumer
+        if let cached = consumerChains[key] { return cached }
+        let upstream = upstreamOfRoute[route]
+        let full = validated.effective(route: route, upstream: upstream, consumer: consumer)
+        guard let ownChain = try? runtime.makeChain(own), let fullChain = try? runtime.makeChain(full) else { return nil }
+        let chains = ConsumerChains(own: ownChain, full: RouteChain(
+            chain: fullChain, filtersBody: full.contains { $0.definition.phases.contains(.bodyFilter) }))
+        consumerChains[key] = chains
+        return chains
     }
 
     func chain(forRoute name: String) -> RouteChain? { routeChains[name] }
