@@ -385,7 +385,9 @@ private func noteKnownField(_ known: HTTP1KnownField, _ v: UnsafePointer<UInt8>,
     case .contentLength:
         facts.contentLengthCount += 1
         var sawElement = false
-        // A list of identical values ("5, 5") is one length (RFC 9110 §8.6).
+        // RFC 9110 §8.6 lets a recipient accept repeated identical lengths;
+        // like nginx and llhttp we refuse any repetition: the head is
+        // forwarded line by line and one length is unambiguous downstream.
         try HTTP1Bytes.forEachListElement(v, n) { e, len in
             sawElement = true
             guard len <= 18 else { throw HTTP1ParseError.invalidContentLength }
@@ -395,7 +397,9 @@ private func noteKnownField(_ known: HTTP1KnownField, _ v: UnsafePointer<UInt8>,
                 guard d <= 9 else { throw HTTP1ParseError.invalidContentLength }
                 value = value * 10 + Int(d)
             }
-            if let previous = facts.contentLength, previous != value { throw HTTP1ParseError.conflictingContentLength }
+            if let previous = facts.contentLength {
+                throw previous == value ? HTTP1ParseError.duplicateContentLength : HTTP1ParseError.conflictingContentLength
+            }
             facts.contentLength = value
         }
         if !sawElement { throw HTTP1ParseError.invalidContentLength }

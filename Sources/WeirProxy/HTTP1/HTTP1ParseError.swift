@@ -12,7 +12,7 @@ public struct HTTP1ParseError: Error, Hashable, CustomStringConvertible, Sendabl
         case bareCR, bareLF
         // Framing and required fields
         case missingHost, duplicateHost
-        case invalidContentLength, conflictingContentLength, contentLengthWithTransferEncoding
+        case invalidContentLength, duplicateContentLength, conflictingContentLength, contentLengthWithTransferEncoding
         case invalidTransferEncoding, unsupportedTransferCoding, transferEncodingInHTTP10
         // Limits
         case startLineTooLong, headerSectionTooLarge, tooManyFields
@@ -54,6 +54,7 @@ public struct HTTP1ParseError: Error, Hashable, CustomStringConvertible, Sendabl
         case .missingHost: return "HTTP/1.1 request without Host"
         case .duplicateHost: return "more than one Host header"
         case .invalidContentLength: return "invalid Content-Length"
+        case .duplicateContentLength: return "Content-Length repeated"
         case .conflictingContentLength: return "differing Content-Length values"
         case .contentLengthWithTransferEncoding: return "both Content-Length and Transfer-Encoding"
         case .invalidTransferEncoding: return "Transfer-Encoding does not end with a single chunked"
@@ -85,6 +86,7 @@ public struct HTTP1ParseError: Error, Hashable, CustomStringConvertible, Sendabl
     public static let missingHost = HTTP1ParseError(.missingHost)
     public static let duplicateHost = HTTP1ParseError(.duplicateHost)
     public static let invalidContentLength = HTTP1ParseError(.invalidContentLength)
+    public static let duplicateContentLength = HTTP1ParseError(.duplicateContentLength)
     public static let conflictingContentLength = HTTP1ParseError(.conflictingContentLength)
     public static let contentLengthWithTransferEncoding = HTTP1ParseError(.contentLengthWithTransferEncoding)
     public static let invalidTransferEncoding = HTTP1ParseError(.invalidTransferEncoding)
