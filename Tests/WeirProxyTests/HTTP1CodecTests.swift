@@ -332,6 +332,23 @@ final class HTTP1CodecTests: XCTestCase {
         XCTAssertEqual(noReason.reason, "")
     }
 
+    func testResponseSplitAtEveryByte() throws {
+        let text = "HTTP/1.1 200 OK\r\nServer: s\r\nTransfer-Encoding: chunked\r\nX-Tab:\ta b\t\r\n\r\n"
+        let whole = try parseResponse(text)
+        let bytes = Array(text.utf8)
+        for cut in 1..<bytes.count {
+            var parser = HTTP1ResponseParser()
+            var b = buffer(Array(bytes[..<cut]))
+            XCTAssertNil(try parser.parse(&b, requestMethod: .get), "cut at \(cut)")
+            b.writeBytes(bytes[cut...])
+            let split = try XCTUnwrap(try parser.parse(&b, requestMethod: .get))
+            XCTAssertEqual(split.status, whole.status)
+            XCTAssertEqual(split.reason, whole.reason)
+            XCTAssertEqual(split.framing, .chunked)
+            XCTAssertEqual(split.fields.pairs().map { "\($0.name)=\($0.value)" }, ["Server=s", "Transfer-Encoding=chunked", "X-Tab=a b"])
+        }
+    }
+
     func testRejectsMalformedResponses() {
         for (text, expected) in [
             ("HTTP/1.1 20 OK\r\n\r\n", HTTP1ParseError.invalidStatusLine),
