@@ -101,7 +101,7 @@ public enum HTTP1HeadWriter {
             }
             w.copyAdded(edits.added)
             w.copy("\r\n")
-            assert(w.offset == size)
+            precondition(w.offset == size, "forwarded head size miscounted")
             return w.offset
         }
     }
@@ -121,7 +121,7 @@ public enum HTTP1HeadWriter {
             }
             w.copyAdded(edits.added)
             w.copy("\r\n")
-            assert(w.offset == size)
+            precondition(w.offset == size, "forwarded head size miscounted")
             return w.offset
         }
     }
