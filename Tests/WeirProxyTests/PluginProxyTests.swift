@@ -413,3 +413,45 @@ extension PluginProxyTests {
         XCTAssertEqual(bob.header("x-tag-response"), "route")
     }
 }
+
+extension PluginProxyTests {
+    /// weir.upstream.set_timeouts (read) and set_retries apply to this request only.
+    func testPerRequestTimeoutsAndRetries() throws {
+        try folder.write("patience", handler: """
+        local weir = require "weir"
+        local P = { PRIORITY = 100, VERSION = "1" }
+        function P:request(conf, ctx)
+          if weir.request.get_header("x-impatient") then weir.upstream.set_timeouts(nil, nil, 0.1) end
+          if weir.request.get_header("x-no-retry") then weir.upstream.set_retries(0) end
+        end
+        return P
+        """)
+        let refused = HostPort(host: "127.0.0.1", port: try CLITests.freePort())
+        let config = ProxyHarness.config(targets: [upstream.address]) {
+            $0.plugins = [pluginRef("patience")]
+            var flaky = UpstreamConfig()
+            flaky.name = "flaky"
+            flaky.targets = [TargetConfig(address: refused), TargetConfig(address: self.upstream.address)]
+            flaky.retries = 1
+            flaky.balancer = .roundRobin
+            $0.upstreams.append(flaky)
+            var route = RouteConfig()
+            route.name = "flaky"
+            route.upstream = "flaky"
+            route.match.paths = [PathPattern.prefix("/flaky")]
+            $0.routes.insert(route, at: 0)
+        }
+        let proxy = try PluginProxy(config: config, folder: folder, loops: 1)   // one balancer: a fixed order
+        defer { proxy.stop() }
+        let client = try proxy.connect()
+        XCTAssertEqual(try client.request("GET", "/slow/400").status, 200, "upstream read timeout is 5 s")
+        let impatient = try client.request("GET", "/slow/400", headers: [("x-impatient", "1")])
+        XCTAssertEqual(impatient.status, 504)
+        // Round robin over [refused, ok]: with a retry every request succeeds;
+        // without, one of two consecutive requests meets the refused target.
+        XCTAssertEqual(try client.request("GET", "/flaky/1").status, 200)
+        XCTAssertEqual(try client.request("GET", "/flaky/2").status, 200)
+        let statuses = try (0..<2).map { _ in try proxy.connect().request("GET", "/flaky/x", headers: [("x-no-retry", "1")]).status }
+        XCTAssertTrue(statuses.contains(502), "\(statuses)")
+    }
+}

@@ -507,7 +507,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         routed.upstream.health.recordFailure(target: target)
         let isTimeout = (error as? ChannelError).map { if case .connectTimeout = $0 { return true } else { return false } } ?? false
         // Nothing was sent: a connect failure is always safe to retry.
-        if exchange.attempts <= routed.upstream.config.retries {
+        if exchange.attempts <= exchange.retries(routed) {
             return startAttempt(exchange, excluding: target)
         }
         if isTimeout {
@@ -654,7 +654,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
 
         // Retry idempotent bodyless requests on 502/503/504.
         if (502...504).contains(code), exchange.bodyless, exchange.requestEnded,
-           Self.isIdempotent(exchange.head!.method), exchange.attempts <= routed.upstream.config.retries {
+           Self.isIdempotent(exchange.head!.method), exchange.attempts <= exchange.retries(routed) {
             exchange.connection = nil
             connection.close()
             endBalancerAttempt(exchange)
@@ -755,7 +755,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
             return
         }
         routed.upstream.health.recordFailure(target: target)
-        if exchange.bodyless && idempotent && exchange.attempts <= routed.upstream.config.retries {
+        if exchange.bodyless && idempotent && exchange.attempts <= exchange.retries(routed) {
             return startAttempt(exchange, excluding: target)
         }
         failBeforeResponse(exchange, .badUpstreamResponse, "upstream \(routed.upstream.name) (\(routed.upstream.targetLabels[target])) closed the connection without a response")
@@ -772,7 +772,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
 
     private func armExchangeTimer(_ exchange: Exchange) {
         guard let routed = exchange.routed else { return }
-        let timeouts = routed.upstream.config.timeouts
+        let timeouts = exchange.timeouts(routed)
         var next: NIODeadline? = nil
         if let sent = exchange.requestSentAt {
             next = max(sent, exchange.lastUpstreamRead) + .nanoseconds(timeouts.read.nanoseconds)
@@ -793,7 +793,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         exchangeTimer.taskFired()
         guard let exchange, !exchange.finished, !exchange.upgraded, let routed = exchange.routed else { return }
         let now = NIODeadline.now()
-        let timeouts = routed.upstream.config.timeouts
+        let timeouts = exchange.timeouts(routed)
         var expired: String? = nil
         if let sent = exchange.requestSentAt, !exchange.upstreamResponseEnded,
            now >= max(sent, exchange.lastUpstreamRead) + .nanoseconds(timeouts.read.nanoseconds) {

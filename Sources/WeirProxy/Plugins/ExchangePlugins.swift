@@ -1,6 +1,21 @@
 import NIOCore
 import NIOHTTP1
+import WeirCore
 import WeirLua
+
+extension Exchange {
+    /// The upstream's retries, or a plugin's `weir.upstream.set_retries`.
+    @inline(__always)
+    func retries(_ routed: RoutedRequest) -> Int {
+        plugins?.retriesOverride ?? routed.upstream.config.retries
+    }
+
+    /// The upstream's timeouts, or a plugin's `weir.upstream.set_timeouts`.
+    @inline(__always)
+    func timeouts(_ routed: RoutedRequest) -> UpstreamTimeouts {
+        plugins?.timeoutsOverride ?? routed.upstream.config.timeouts
+    }
+}
 
 /// The plugin side of one request: the `PluginRequestContext` the Lua SDK
 /// calls into (lazily: headers are read from the request head only when a
@@ -218,15 +233,21 @@ final class ExchangePlugins: PluginRequestContext {
         return true
     }
 
+    /// Per-request overrides of the upstream's timeouts and retries.
+    private(set) var timeoutsOverride: UpstreamTimeouts?
+    private(set) var retriesOverride: Int?
+
+    /// `send` is the write timeout, `read` the read timeout. `connect` is
+    /// per target pool and not overridable per request (yet): ignored.
     func setUpstreamTimeouts(connect: Double?, send: Double?, read: Double?) {
-        handler?.loopContext.logger.debug("weir.upstream.set_timeouts is not honoured by the proxy yet",
-                                          metadata: ["request_id": "\(exchange.id)"])
+        guard let routed = exchange.routed else { return }
+        var timeouts = timeoutsOverride ?? routed.upstream.config.timeouts
+        if let send { timeouts.write = TimeSpan(nanoseconds: Int64(send * 1e9)) }
+        if let read { timeouts.read = TimeSpan(nanoseconds: Int64(read * 1e9)) }
+        timeoutsOverride = timeouts
     }
 
-    func setUpstreamRetries(_ retries: Int) {
-        handler?.loopContext.logger.debug("weir.upstream.set_retries is not honoured by the proxy yet",
-                                          metadata: ["request_id": "\(exchange.id)"])
-    }
+    func setUpstreamRetries(_ retries: Int) { retriesOverride = max(0, retries) }
 
     // MARK: The response
 
