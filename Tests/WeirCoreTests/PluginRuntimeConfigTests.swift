@@ -25,6 +25,10 @@ final class PluginRuntimeConfigTests: XCTestCase {
         ])
         XCTAssertEqual(config.lua.instructionBudget, 5000)
         XCTAssertEqual(config.lua.memoryLimit, 32 << 20)
+        // GET /config shows them, in a form that parses back the same.
+        let again = try ConfigLoader.parse(yaml: redactedYAML(config))
+        XCTAssertEqual(again.sharedDicts, config.sharedDicts)
+        XCTAssertEqual(again.lua, config.lua)
     }
 
     func testDefaults() throws {

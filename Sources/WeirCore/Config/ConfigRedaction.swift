@@ -87,6 +87,13 @@ enum ConfigRendering {
         }
         pairs.append(("forwarded", map([("trusted_proxies", seq(config.forwarded.trustedProxies.map { Node($0) }))])))
         pairs.append(("drain_timeout", Node(config.drainTimeout.description)))
+        if !config.sharedDicts.isEmpty {
+            pairs.append(("shared_dicts", seq(config.sharedDicts.map {
+                map([("name", Node($0.name)), ("items", Node(String($0.capacity)))])
+            })))
+        }
+        pairs.append(("lua", map([("instruction_budget", Node(String(config.lua.instructionBudget))),
+                                  ("memory_limit", Node(String(config.lua.memoryLimit)))])))
         return map(pairs)
     }
 
