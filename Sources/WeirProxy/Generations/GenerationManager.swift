@@ -237,7 +237,8 @@ public final class GenerationManager: @unchecked Sendable {
         }
         if let ok = s.lastReloadSucceeded { fields.append("\"last_reload_result\":\"\(ok ? "ok" : "failed")\"") }
         if let error = s.lastReloadError { fields.append("\"last_reload_error\":\(Self.jsonString(error))") }
-        fields.append("\"watching\":\(watcher != nil)")
+        let watching = stateLock.withLock { watcher != nil }
+        fields.append("\"watching\":\(watching)")
         return "{" + fields.joined(separator: ",") + "}\n"
     }
 
@@ -288,14 +289,15 @@ final class FileWatcher: @unchecked Sendable {
         let queue = DispatchQueue(label: "weir.reload.watch")
         timer = DispatchSource.makeTimerSource(queue: queue)
         timer.schedule(deadline: .now() + interval, repeating: interval)
-        timer.setEventHandler { [unowned self] in
+        timer.setEventHandler { [weak self] in
+            guard let self else { return }
             let signature = paths().map(Self.signature)
-            defer { lastSignature = signature }
-            guard let last = lastSignature else { return }
+            defer { self.lastSignature = signature }
+            guard let last = self.lastSignature else { return }
             if signature != last {
-                changedPending = true          // still changing: wait for it to settle
-            } else if changedPending {
-                changedPending = false
+                self.changedPending = true          // still changing: wait for it to settle
+            } else if self.changedPending {
+                self.changedPending = false
                 onChange()
             }
         }
@@ -309,4 +311,6 @@ final class FileWatcher: @unchecked Sendable {
     }
 
     func stop() { timer.cancel() }
+
+    deinit { timer.cancel() }
 }
