@@ -455,3 +455,30 @@ extension PluginProxyTests {
         XCTAssertTrue(statuses.contains(502), "\(statuses)")
     }
 }
+
+extension PluginProxyTests {
+    /// A log phase that waits still reads the request afterwards (the
+    /// handler has moved on to the next request by then).
+    func testLogPhaseReadsTheRequestAfterWaiting() throws {
+        try folder.write("late", handler: """
+        local weir = require "weir"
+        local P = { PRIORITY = 100, VERSION = "1" }
+        function P:request(conf, ctx) end
+        function P:log(conf, ctx)
+          weir.sleep(0.05)
+          weir.http.request("http://127.0.0.1:\(upstream.port)/late?path=" .. weir.request.get_path()
+            .. "&status=" .. tostring(weir.response.get_status()) .. "&h=" .. (weir.request.get_header("x-h") or ""), { timeout = 2 })
+        end
+        return P
+        """)
+        let config = ProxyHarness.config(targets: [upstream.address]) { $0.plugins = [pluginRef("late")] }
+        let proxy = try PluginProxy(config: config, folder: folder)
+        defer { proxy.stop() }
+        let client = try proxy.connect()
+        XCTAssertEqual(try client.request("GET", "/first", headers: [("x-h", "1")]).status, 200)
+        XCTAssertEqual(try client.request("GET", "/second", headers: [("x-h", "2")]).status, 200)
+        XCTAssertTrue(waitUntil { self.upstream.requests.contains { $0.uri == "/late?path=/first&status=200&h=1" } },
+                      "\(upstream.requests.map(\.uri))")
+        XCTAssertTrue(waitUntil { self.upstream.requests.contains { $0.uri == "/late?path=/second&status=200&h=2" } })
+    }
+}

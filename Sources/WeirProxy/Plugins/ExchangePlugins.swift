@@ -34,7 +34,10 @@ final class ExchangePlugins: PluginRequestContext {
     var lastChunkFiltered = false
     private(set) var scope: PluginRequest!
     private weak var handler: DownstreamHandler?
-    private unowned let exchange: Exchange
+    /// Strong: a log phase that waits (weir.http) still reads the request
+    /// after the handler dropped the exchange. The cycle through
+    /// `exchange.plugins` is broken when the scope is finished.
+    private let exchange: Exchange
     let path: String
     private let query: Substring
 
@@ -85,18 +88,21 @@ final class ExchangePlugins: PluginRequestContext {
             // phase); finish() abandons the coroutine and releases weir.ctx.
             scope.finish()
             self.scope = nil
+            exchange.plugins = nil
             return
         }
         switch scope.start(.log, chain: chain) {
         case .done(let result):
             logFailure(result)
             scope.finish()
-            self.scope = nil   // scope.context is self: break the cycle
+            self.scope = nil   // scope.context is self: break the cycles
+            exchange.plugins = nil
         case .pending(let future):
             future.whenComplete { [self] result in
                 if case .success(let r) = result { logFailure(r) }
                 scope.finish()
                 self.scope = nil
+                self.exchange.plugins = nil
             }
         }
     }
