@@ -114,6 +114,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
     func handlerRemoved(context: ChannelHandlerContext) {
         connectionTimer.cancel()
         exchangeTimer.cancel()
+        connectionPlugins?.close()   // a tunnel runs no more plugins
         if registered {
             // Removed for a tunnel: the connection lives on, now counted and
             // closed by the tunnel (see switchToTunnel).
