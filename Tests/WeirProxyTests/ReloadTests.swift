@@ -110,6 +110,32 @@ final class ReloadTests: XCTestCase {
         XCTAssertTrue(proxy.generations.statusJSON.contains("\"last_reload_result\":\"ok\""))
     }
 
+    /// A keep-alive connection accepted under version A: after the reload
+    /// its next request first runs B's connection phase, so weir.conn is B's.
+    func testConnectionPhaseOfTheNewGenerationRunsForOldConnections() throws {
+        func write(_ v: String) throws {
+            try folder.write("versioned", handler: """
+            local weir = require "weir"
+            local P = { PRIORITY = 100, VERSION = "\(v)" }
+            function P:connection(conf, conn) conn.data.v = "\(v)" end
+            function P:request(conf, ctx) weir.response.set_header("x-conn", tostring(weir.conn and weir.conn.v)) end
+            return P
+            """)
+        }
+        let (proxy, _) = try startProxy()
+        defer { proxy.stop() }
+        try write("A")
+        guard case .success = proxy.generations.reload() else { return XCTFail("reload") }
+        let client = try proxy.connect()
+        XCTAssertEqual(try client.request("GET", "/").header("x-conn"), "A")
+        XCTAssertEqual(try client.request("GET", "/").header("x-conn"), "A")
+        try write("B")
+        guard case .success = proxy.generations.reload() else { return XCTFail("reload") }
+        XCTAssertEqual(try client.request("GET", "/").header("x-conn"), "B")
+        XCTAssertEqual(try client.request("GET", "/").header("x-conn"), "B")
+        XCTAssertEqual(proxy.harness.observer.closed, 0)
+    }
+
     func testWatcherReloadsAfterAFileChange() throws {
         let (proxy, _) = try startProxy()
         defer { proxy.stop() }

@@ -44,6 +44,32 @@ extension DownstreamHandler {
     /// The route has a chain: run the request phase, then go upstream (or answer).
     func startRequestPlugins(_ exchange: Exchange, plugins: LoopPlugins, chain: RouteChain, path: String, query: Substring) {
         guard let head = exchange.head, let routed = exchange.routed else { return }
+        // First request on this connection under a newer generation (a
+        // reload happened since accept): that generation's connection phase
+        // runs first, so `weir.conn` is filled by the plugins now in force.
+        if let connectionChain = plugins.connectionChain, connectionPlugins?.scope?.runtime !== plugins.runtime {
+            let connection = connectionPlugins ?? ConnectionPlugins(connectionID: loopContext.requestIDs.next(),
+                                                                    clientIP: clientIP, clientPort: peerAddress?.port ?? 0)
+            connectionPlugins = connection
+            connection.close()
+            var synchronous = true
+            var decided: PhaseResult?
+            connection.begin(plugins).runConnectionPhase(chain: connectionChain).whenSuccess { [weak self] result in
+                if synchronous { decided = result; return }
+                guard let self, self.exchange === exchange, !exchange.finished else { return }
+                if case .continue = result {
+                    self.startRequestPlugins(exchange, plugins: plugins, chain: chain, path: path, query: query)
+                } else {
+                    self.context.close(promise: nil)
+                }
+            }
+            synchronous = false
+            guard let decided else { return }    // a plugin waits; resumed above
+            guard case .continue = decided else {
+                context.close(promise: nil)
+                return
+            }
+        }
         // The head the upstream will get, built now so plugins change it in place.
         exchange.upstreamHead = buildUpstreamHead(exchange, head: head, routed: routed)
         let scope = ExchangePlugins(loopPlugins: plugins, chain: chain, handler: self, exchange: exchange,
