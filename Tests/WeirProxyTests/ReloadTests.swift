@@ -142,9 +142,14 @@ final class ReloadTests: XCTestCase {
         proxy.generations.startWatching(interval: 0.1)
         let client = try proxy.connect()
         XCTAssertEqual(try client.request("GET", "/").header("x-version"), "A")
-        usleep(300_000) // the watcher has taken its first snapshot
-        try writeVersion("B")
-        XCTAssertTrue(waitUntil(timeout: 10) { proxy.generations.generation >= 2 }, "watcher reloaded")
+        // The watcher compares against its first snapshot, whose moment is
+        // not known here: write again (new mtime) until it has noticed.
+        var reloaded = false
+        for _ in 0..<10 where !reloaded {
+            try writeVersion("B")
+            reloaded = waitUntil(timeout: 2) { proxy.generations.generation >= 2 }
+        }
+        XCTAssertTrue(reloaded, "watcher reloaded")
         XCTAssertEqual(try client.request("GET", "/").header("x-version"), "B")
     }
 
