@@ -10,6 +10,13 @@ import WeirLua
 //   head routed ─ request phase (may exit: that response, upstream skipped)
 //   upstream head ─ response phase (status/header changes, may exit)
 //   response sent / request aborted ─ log phase, then the scope is finished
+/// Tells a future's callback whether it ran inline (the future was already
+/// complete) or later. Used on one event loop only.
+private final class SynchronousOutcome: @unchecked Sendable {
+    var synchronous = true
+    var result: PhaseResult?
+}
+
 extension DownstreamHandler {
     /// After accept: runs the global connection-phase plugins.
     func startConnectionPlugins(_ plugins: LoopPlugins) {
@@ -52,10 +59,9 @@ extension DownstreamHandler {
                                                                     clientIP: clientIP, clientPort: peerAddress?.port ?? 0)
             connectionPlugins = connection
             connection.close()
-            var synchronous = true
-            var decided: PhaseResult?
+            let outcome = SynchronousOutcome()
             connection.begin(plugins).runConnectionPhase(chain: connectionChain).whenSuccess { [weak self] result in
-                if synchronous { decided = result; return }
+                if outcome.synchronous { outcome.result = result; return }
                 guard let self, self.exchange === exchange, !exchange.finished else { return }
                 if case .continue = result {
                     self.startRequestPlugins(exchange, plugins: plugins, chain: chain, path: path, query: query)
@@ -63,8 +69,8 @@ extension DownstreamHandler {
                     self.context.close(promise: nil)
                 }
             }
-            synchronous = false
-            guard let decided else { return }    // a plugin waits; resumed above
+            outcome.synchronous = false
+            guard let decided = outcome.result else { return }    // a plugin waits; resumed above
             guard case .continue = decided else {
                 context.close(promise: nil)
                 return
