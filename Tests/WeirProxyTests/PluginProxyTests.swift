@@ -482,3 +482,34 @@ extension PluginProxyTests {
         XCTAssertTrue(waitUntil { self.upstream.requests.contains { $0.uri == "/late?path=/second&status=200&h=2" } })
     }
 }
+
+extension PluginProxyTests {
+    /// weir.upstream.set_target sends the request to that configured target,
+    /// bypassing the balancer.
+    func testSetTargetPicksAConfiguredTarget() throws {
+        let other = try TestUpstream(name: "other", group: group)
+        defer { other.stop() }
+        try folder.write("pin", handler: """
+        local weir = require "weir"
+        local P = { PRIORITY = 100, VERSION = "1" }
+        function P:request(conf, ctx)
+          local port = weir.request.get_header("x-port")
+          if port then weir.upstream.set_target("127.0.0.1", tonumber(port)) end
+        end
+        return P
+        """)
+        let config = ProxyHarness.config(targets: [upstream.address, other.address]) { $0.plugins = [pluginRef("pin")] }
+        let proxy = try PluginProxy(config: config, folder: folder, loops: 1)
+        defer { proxy.stop() }
+        let client = try proxy.connect()
+        for _ in 0..<4 {
+            XCTAssertEqual(try client.request("GET", "/", headers: [("x-port", String(other.port))]).bodyText, "ok from other")
+        }
+        for _ in 0..<4 {
+            XCTAssertEqual(try client.request("GET", "/", headers: [("x-port", String(upstream.port))]).bodyText, "ok from upstream")
+        }
+        // Not a configured target: the balancer decides (round robin: both answer).
+        let bodies = Set(try (0..<4).map { _ in try client.request("GET", "/", headers: [("x-port", "1")]).bodyText })
+        XCTAssertEqual(bodies, ["ok from upstream", "ok from other"])
+    }
+}

@@ -460,7 +460,8 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
     func startAttempt(_ exchange: Exchange, excluding: Int?) {
         guard let routed = exchange.routed, let head = exchange.head else { return }
         let upstream = routed.upstream
-        guard let target = loopContext.pickTarget(upstream: upstream, head: head, clientIP: clientIP, excluding: excluding) else {
+        guard let target = exchange.pinnedTarget(excluding: excluding)
+                ?? loopContext.pickTarget(upstream: upstream, head: head, clientIP: clientIP, excluding: excluding) else {
             return failBeforeResponse(exchange, .noHealthyTarget, "no healthy target in upstream \(upstream.name)")
         }
         exchange.attempts += 1

@@ -10,6 +10,14 @@ extension Exchange {
         plugins?.retriesOverride ?? routed.upstream.config.retries
     }
 
+    /// A target chosen by `weir.upstream.set_target` (first attempt only;
+    /// a retry goes through the balancer).
+    @inline(__always)
+    func pinnedTarget(excluding: Int?) -> Int? {
+        guard let pinned = plugins?.pinnedTarget, excluding == nil else { return nil }
+        return pinned
+    }
+
     /// The upstream's timeouts, or a plugin's `weir.upstream.set_timeouts`.
     @inline(__always)
     func timeouts(_ routed: RoutedRequest) -> UpstreamTimeouts {
@@ -227,9 +235,26 @@ final class ExchangePlugins: PluginRequestContext {
                                             metadata: ["request_id": "\(exchange.id)"])
     }
 
+    /// The target index `set_target` picked in `exchange.routed`'s upstream.
+    private(set) var pinnedTarget: Int?
+
+    /// Only configured targets (of this route's upstream first, else of any
+    /// upstream, which then serves the request): connection pools exist per
+    /// configured target. Anything else is logged and the balancer decides.
     func setUpstreamTarget(host: String, port: Int) {
-        handler?.loopContext.logger.warning("weir.upstream.set_target is not supported by the proxy yet; using the balancer",
-                                            metadata: ["request_id": "\(exchange.id)", "target": "\(host):\(port)"])
+        guard let routed = exchange.routed, let handler else { return }
+        let upstreams = [routed.upstream] + handler.loopContext.runtime.upstreams.filter { $0 !== routed.upstream }
+        for upstream in upstreams {
+            if let index = upstream.config.targets.firstIndex(where: { $0.address.host == host && $0.address.port == port }) {
+                if upstream !== routed.upstream {
+                    exchange.routed = RoutedRequest(route: routed.route, upstream: upstream, forwardURI: routed.forwardURI)
+                }
+                pinnedTarget = index
+                return
+            }
+        }
+        handler.loopContext.logger.warning("weir.upstream.set_target: \(host):\(port) is not a configured target; using the balancer",
+                                           metadata: ["request_id": "\(exchange.id)"])
     }
 
     func setUpstream(named name: String) -> Bool {
