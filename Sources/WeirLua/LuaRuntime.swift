@@ -13,6 +13,8 @@ public struct LuaRuntimeOptions: Sendable {
     public var hookInterval: Int = 1000
     /// The `weir.shared` dictionaries; shared by all runtimes (and reloads).
     public var shared: SharedDictionaries = SharedDictionaries(capacities: [:])
+    /// Consumers' credentials, for `weir.client.find_credential` (auth plugins).
+    public var credentials: ConsumerCredentials = ConsumerCredentials()
     /// Where `weir.log.*` lines go.
     public var log: @Sendable (PluginLogRecord) -> Void = { record in
         let id = record.requestID.map { " request_id=\($0)" } ?? ""

@@ -380,6 +380,7 @@ extension LuaRuntime {
             lua_pushboolean(L, 1)
             return .values(1)
         }))
+        n.append(contentsOf: makeConsumerNatives())
         return n
     }
 }

@@ -417,6 +417,15 @@ function client.authenticate(consumer, credential)
   N.client_authenticate(consumer, credential)
 end
 
+-- Indexed lookup in consumers[].credentials[plugin] (see SDKConsumers.swift).
+function client.find_credential(plugin, field, value)
+  check_phase("weir.client.find_credential", ANY_PHASE)
+  check_string("weir.client.find_credential", 1, plugin)
+  check_string("weir.client.find_credential", 2, field)
+  check_string("weir.client.find_credential", 3, value)
+  return N.client_find_credential(plugin, field, value)
+end
+
 -- weir.log ------------------------------------------------------------------------
 
 local log = {}

@@ -137,6 +137,7 @@ public final class GenerationManager: @unchecked Sendable {
     private func build(number: Int, config: WeirConfig) throws -> PluginGeneration {
         var options = LuaRuntimeOptions()
         options.shared = shared
+        options.credentials = ConsumerCredentials(consumers: config.consumers)
         options.instructionBudget = config.lua.instructionBudget
         options.memoryLimit = config.lua.memoryLimit
         options.observer = metrics

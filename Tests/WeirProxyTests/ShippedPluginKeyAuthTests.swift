@@ -1,0 +1,131 @@
+// plugins/key-auth through a running proxy with a real upstream; config via
+// the real YAML loader.
+
+import Foundation
+import NIOPosix
+import WeirCore
+import WeirProxy
+import XCTest
+
+final class ShippedPluginKeyAuthTests: XCTestCase {
+    var group: MultiThreadedEventLoopGroup!
+    var upstream: TestUpstream!
+
+    override func setUpWithError() throws {
+        group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        upstream = try TestUpstream(group: group)
+    }
+
+    override func tearDownWithError() throws {
+        upstream.stop()
+        try group.syncShutdownGracefully()
+    }
+
+    private func yaml(plugin: String) -> String {
+        """
+        listeners:
+          - { name: web, listen: 127.0.0.1:0 }
+        upstreams:
+          - { name: backend, targets: [{ address: UPSTREAM }] }
+        routes:
+          - name: all
+            match: { paths: [/] }
+            upstream: backend
+            plugins:
+              - \(plugin)
+        access_log: off
+        consumers:
+          - name: alice
+            credentials:
+              key-auth: [{ key: alice-key-1 }, { key: alice-key-2 }]
+          - name: bob
+            credentials:
+              key-auth: [{ key: bob-key }]
+        """
+    }
+
+    func testValidKeyInHeaderOrQueryIdentifiesTheConsumerAndIsHidden() throws {
+        let proxy = try startShippedPluginProxy(yaml: yaml(plugin: "name: key-auth"), upstream: upstream)
+        defer { proxy.stop() }
+        let client = try proxy.connect()
+
+        let viaHeader = try client.request("GET", "/h", headers: [("ApiKey", "alice-key-2")])
+        XCTAssertEqual(viaHeader.status, 200)
+        let seenHeader = try XCTUnwrap(upstream.requests.first { $0.uri == "/h" })
+        XCTAssertEqual(seenHeader.header("x-consumer-name"), "alice")
+        XCTAssertNil(seenHeader.header("apikey"), "hide_credentials defaults to true")
+
+        let viaQuery = try client.request("GET", "/q?x=1&apikey=bob-key")
+        XCTAssertEqual(viaQuery.status, 200)
+        let seenQuery = try XCTUnwrap(upstream.requests.first { $0.uri.hasPrefix("/q") })
+        XCTAssertEqual(seenQuery.uri, "/q?x=1", "the key is removed from the query")
+        XCTAssertEqual(seenQuery.header("x-consumer-name"), "bob")
+    }
+
+    func testMissingAndWrongKeysGet401WithWWWAuthenticate() throws {
+        let proxy = try startShippedPluginProxy(yaml: yaml(plugin: "name: key-auth"), upstream: upstream)
+        defer { proxy.stop() }
+        let client = try proxy.connect()
+
+        let missing = try client.request("GET", "/missing")
+        XCTAssertEqual(missing.status, 401)
+        XCTAssertEqual(missing.header("www-authenticate"), "Key realm=\"weir\"")
+        XCTAssertEqual(missing.header("content-type"), "application/json")
+        XCTAssertTrue(missing.bodyText.contains("No API key found in request"), missing.bodyText)
+
+        let wrong = try client.request("GET", "/wrong", headers: [("apikey", "nope")])
+        XCTAssertEqual(wrong.status, 401)
+        XCTAssertEqual(wrong.header("www-authenticate"), "Key realm=\"weir\"")
+        XCTAssertTrue(wrong.bodyText.contains("Invalid authentication credentials"), wrong.bodyText)
+
+        let empty = try client.request("GET", "/empty?apikey=")
+        XCTAssertEqual(empty.status, 401)
+        XCTAssertFalse(upstream.requests.contains { ["/missing", "/wrong"].contains($0.uri) || $0.uri.hasPrefix("/empty") })
+    }
+
+    func testConfiguredNamesHeaderOnlyAndCredentialsKept() throws {
+        let plugin = "{ name: key-auth, config: { key_names: [x-api-key], key_in_query: false, hide_credentials: false } }"
+        let proxy = try startShippedPluginProxy(yaml: yaml(plugin: plugin), upstream: upstream)
+        defer { proxy.stop() }
+        let client = try proxy.connect()
+        XCTAssertEqual(try client.request("GET", "/q?x-api-key=bob-key").status, 401, "query lookup is off")
+        XCTAssertEqual(try client.request("GET", "/old", headers: [("apikey", "bob-key")]).status, 401)
+        XCTAssertEqual(try client.request("GET", "/kept", headers: [("x-api-key", "bob-key")]).status, 200)
+        let seen = try XCTUnwrap(upstream.requests.first { $0.uri == "/kept" })
+        XCTAssertEqual(seen.header("x-api-key"), "bob-key")
+        XCTAssertEqual(seen.header("x-consumer-name"), "bob")
+    }
+
+    func testAnonymousLetsUnauthenticatedRequestsThroughAsThatConsumer() throws {
+        let proxy = try startShippedPluginProxy(yaml: yaml(plugin: "{ name: key-auth, config: { anonymous: guest } }"),
+                                                upstream: upstream)
+        defer { proxy.stop() }
+        let client = try proxy.connect()
+        XCTAssertEqual(try client.request("GET", "/anon", headers: [("apikey", "nope")]).status, 200)
+        let anon = try XCTUnwrap(upstream.requests.first { $0.uri == "/anon" })
+        XCTAssertEqual(anon.header("x-consumer-name"), "guest")
+        XCTAssertEqual(anon.header("x-anonymous-consumer"), "true")
+        XCTAssertNil(anon.header("apikey"))
+        XCTAssertEqual(try client.request("GET", "/known", headers: [("apikey", "alice-key-1")]).status, 200)
+        let known = try XCTUnwrap(upstream.requests.first { $0.uri == "/known" })
+        XCTAssertEqual(known.header("x-consumer-name"), "alice")
+        XCTAssertNil(known.header("x-anonymous-consumer"))
+    }
+
+    func testSchemaDefaultsAndBadValuesAreRefusedWithTheirPath() throws {
+        // The defaults (key_names [apikey], header and query, hide_credentials)
+        // are exercised by the tests above, which give no config.
+        XCTAssertThrowsError(try startShippedPluginProxy(
+            yaml: yaml(plugin: "{ name: key-auth, config: { hide_credentials: maybe } }"), upstream: upstream)) { error in
+            XCTAssertTrue("\(error)".contains("routes[0].plugins[0].config.hide_credentials"), "\(error)")
+        }
+        XCTAssertThrowsError(try startShippedPluginProxy(
+            yaml: yaml(plugin: "{ name: key-auth, config: { key_names: [] } }"), upstream: upstream)) { error in
+            XCTAssertTrue("\(error)".contains("routes[0].plugins[0].config.key_names"), "\(error)")
+        }
+        XCTAssertThrowsError(try startShippedPluginProxy(
+            yaml: yaml(plugin: "{ name: key-auth, config: { key_nmes: [a] } }"), upstream: upstream)) { error in
+            XCTAssertTrue("\(error)".contains("key_nmes"), "\(error)")
+        }
+    }
+}

@@ -1,0 +1,75 @@
+-- key-auth: authenticates a request by an API key found in a header or a
+-- query argument, matched against consumers[].credentials["key-auth"][].key
+-- with an indexed lookup (weir.client.find_credential).
+local weir = require "weir"
+
+local KeyAuth = { PRIORITY = 1250, VERSION = "1.0.0" }
+
+local function unauthorized(conf, message)
+  return 401, { message = message }, { ["www-authenticate"] = 'Key realm="' .. conf.realm .. '"' }
+end
+
+-- Returns the key and where it was found ("header"/"query", name), or nil.
+local function find_key(conf)
+  for _, name in ipairs(conf.key_names) do
+    if conf.key_in_header then
+      local v = weir.request.get_header(name)
+      if v then return v, "header", name end
+    end
+    if conf.key_in_query then
+      local v = weir.request.get_query_arg(name)
+      -- A bare `?apikey` parses as `true`: treat it as an empty key.
+      if v ~= nil then return type(v) == "string" and v or "", "query", name end
+    end
+  end
+  return nil
+end
+
+local function hide(conf)
+  for _, name in ipairs(conf.key_names) do
+    if conf.key_in_header then weir.upstream.request.clear_header(name) end
+  end
+  if conf.key_in_query then
+    local query = weir.request.get_query()
+    local changed = false
+    for _, name in ipairs(conf.key_names) do
+      if query[name] ~= nil then query[name] = nil; changed = true end
+    end
+    if changed then
+      if next(query) == nil then weir.upstream.request.set_query(nil) else weir.upstream.request.set_query(query) end
+    end
+  end
+end
+
+local function identify(consumer, credential_key)
+  weir.client.authenticate(consumer, credential_key)
+  weir.upstream.request.set_header("x-consumer-name", consumer)
+end
+
+function KeyAuth:request(conf, ctx)
+  if not conf.run_on_preflight and weir.request.get_method() == "OPTIONS" then return end
+  -- Another auth plugin already identified the client (multiple auth with anonymous).
+  if conf.anonymous and weir.client.get_consumer() and weir.client.get_consumer() ~= conf.anonymous then return end
+
+  local key = find_key(conf)
+  local consumer
+  if key and key ~= "" then
+    consumer = weir.client.find_credential("key-auth", "key", key)
+  end
+  if conf.hide_credentials then hide(conf) end
+
+  if consumer then
+    identify(consumer, "key-auth")
+    weir.upstream.request.clear_header("x-anonymous-consumer")
+    return
+  end
+  if conf.anonymous then
+    identify(conf.anonymous, nil)
+    weir.upstream.request.set_header("x-anonymous-consumer", "true")
+    return
+  end
+  if not key or key == "" then return unauthorized(conf, "No API key found in request") end
+  return unauthorized(conf, "Invalid authentication credentials")
+end
+
+return KeyAuth
