@@ -13,11 +13,17 @@ final class UpstreamRuntime: Sendable {
     let health: UpstreamHealth
     let targetLabels: [String]
 
-    init(index: Int, config: UpstreamConfig) {
+    /// `previous`: the same-named upstream of the generation before a
+    /// reload; its targets' health carries over by address.
+    init(index: Int, config: UpstreamConfig, previous: UpstreamRuntime? = nil) {
         self.index = index
         self.name = config.name
         self.config = config
-        self.health = UpstreamHealth(upstream: config)
+        if let previous, previous.config == config {
+            self.health = previous.health      // unchanged: keep the very same state
+        } else {
+            self.health = UpstreamHealth(upstream: config, inheritingFrom: previous?.health)
+        }
         self.targetLabels = config.targets.map { $0.address.description }
     }
 }
@@ -35,11 +41,15 @@ final class RoutedRequest {
     let upstream: UpstreamRuntime
     /// Path after strip_path / rewrite_path, with the original query appended.
     let forwardURI: String
+    /// The routing generation the request started on: its balancers and
+    /// pools serve every attempt, even after a reload swapped in another.
+    let routing: LoopRouting
 
-    init(route: RouteConfig, upstream: UpstreamRuntime, forwardURI: String) {
+    init(route: RouteConfig, upstream: UpstreamRuntime, forwardURI: String, routing: LoopRouting) {
         self.route = route
         self.upstream = upstream
         self.forwardURI = forwardURI
+        self.routing = routing
     }
 }
 
@@ -57,10 +67,13 @@ final class ProxyRuntime: @unchecked Sendable {
         let description: String
     }
 
-    init(config: WeirConfig) throws {
+    /// `previous`: the runtime a reload replaces (upstream health carries over).
+    init(config: WeirConfig, previous: ProxyRuntime? = nil) throws {
         self.config = config
         self.routeTable = try RouteTable(routes: config.routes)
-        self.upstreams = config.upstreams.enumerated().map { UpstreamRuntime(index: $0.offset, config: $0.element) }
+        self.upstreams = config.upstreams.enumerated().map { index, upstream in
+            UpstreamRuntime(index: index, config: upstream, previous: previous?.upstreams.first { $0.name == upstream.name })
+        }
         var byName: [String: Int] = [:]
         for upstream in upstreams { byName[upstream.name] = upstream.index }
         var routeUpstream: [Int] = []
@@ -77,13 +90,64 @@ final class ProxyRuntime: @unchecked Sendable {
         self.trustedProxies = try config.forwarded.trustedProxies.map { try AddressRange(parsing: $0) }
     }
 
+    func upstream(forRoute routeIndex: Int) -> UpstreamRuntime { upstreams[routeUpstream[routeIndex]] }
+}
+
+/// One routing generation on one event loop: the compiled runtime plus this
+/// loop's balancers and the target pools its upstreams use. A reload swaps
+/// `LoopContext.routing`; a request keeps the `LoopRouting` it was routed
+/// with (`RoutedRequest.routing`). Only touched on its loop.
+final class LoopRouting {
+    let runtime: ProxyRuntime
+    /// [upstream][target]
+    let pools: [[TargetPool]]
+    private let balancers: [LoadBalancer]
+
+    init(runtime: ProxyRuntime, pools: [[TargetPool]]) {
+        self.runtime = runtime
+        self.pools = pools
+        self.balancers = runtime.upstreams.map { makeBalancer(for: $0.config, health: $0.health) }
+    }
+
     /// `path` is normalized and without query; `query` is empty or starts with `?`.
     func route(method: HTTPMethod, host: String, path: String, query: Substring, headers: HTTPHeaders) -> RoutedRequest? {
-        guard let match = routeTable.match(method: method.rawValue, host: host, path: path,
-                                           headers: HeaderLookup(headers: headers)) else { return nil }
+        guard let match = runtime.routeTable.match(method: method.rawValue, host: host, path: path,
+                                                   headers: HeaderLookup(headers: headers)) else { return nil }
         var forward = match.forwardPath
         if !query.isEmpty { forward += query }
-        return RoutedRequest(route: match.route, upstream: upstreams[routeUpstream[match.routeIndex]], forwardURI: forward)
+        return RoutedRequest(route: match.route, upstream: runtime.upstream(forRoute: match.routeIndex),
+                             forwardURI: forward, routing: self)
+    }
+
+    func pickTarget(upstream: UpstreamRuntime, head: HTTPRequestHead, clientIP: String, excluding: Int?) -> Int? {
+        var input = BalancerInput(clientIP: clientIP)
+        if upstream.config.balancer == .consistentHash {
+            switch upstream.config.hashOn {
+            case .header(let name): input.hashKey = head.headers.first(name: name)
+            case .cookie(let name): input.hashKey = Self.cookie(named: name, in: head.headers)
+            case .clientIP: break
+            }
+        }
+        return balancers[upstream.index].pick(input, excluding: excluding)
+    }
+
+    func balancerStarted(upstream: UpstreamRuntime, target: Int) {
+        balancers[upstream.index].requestStarted(target: target)
+    }
+
+    func balancerFinished(upstream: UpstreamRuntime, target: Int) {
+        balancers[upstream.index].requestFinished(target: target)
+    }
+
+    private static func cookie(named name: String, in headers: HTTPHeaders) -> String? {
+        for header in headers["cookie"] {
+            for pair in header.split(separator: ";") {
+                let trimmed = pair.trimmingASCIISpaces()
+                guard let eq = trimmed.firstIndex(of: "=") else { continue }
+                if trimmed[..<eq] == name[...] { return String(trimmed[trimmed.index(after: eq)...]) }
+            }
+        }
+        return nil
     }
 }
 
@@ -128,15 +192,19 @@ final class ListenerRuntime: Sendable {
     }
 }
 
-/// Per-event-loop state: pools, balancers, request ids and the live
-/// connections (for drain). Only touched on its own loop, so no locks.
+/// Per-event-loop state: the current routing (pools, balancers), request
+/// ids and the live connections (for drain). Only touched on its own loop,
+/// so no locks.
 final class LoopContext: @unchecked Sendable {
     let loop: EventLoop
-    let runtime: ProxyRuntime
     let requestIDs = RequestIDGenerator()
-    /// [upstream][target]
-    let pools: [[TargetPool]]
-    private let balancers: [LoadBalancer]
+    /// The routing new requests use; swapped on the loop by a reload.
+    private(set) var routing: LoopRouting
+    var runtime: ProxyRuntime { routing.runtime }
+    /// Every live target pool, by target address and pool settings: a
+    /// reload that keeps a target keeps its pool and so its warm
+    /// keep-alive connections.
+    private var poolsByKey: [String: TargetPool] = [:]
     private var connections: [ObjectIdentifier: DownstreamHandler] = [:]
     private var tunnels: [ObjectIdentifier: Channel] = [:]
     private var sweepTask: RepeatedTask?
@@ -152,15 +220,45 @@ final class LoopContext: @unchecked Sendable {
 
     init(loop: EventLoop, runtime: ProxyRuntime, logger: Logger) {
         self.loop = loop
-        self.runtime = runtime
         self.logger = logger
-        self.pools = runtime.upstreams.map { upstream in
+        var pools: [String: TargetPool] = [:]
+        self.routing = LoopRouting(runtime: runtime, pools: Self.pools(for: runtime, loop: loop, reusing: [:], into: &pools))
+        self.poolsByKey = pools
+    }
+
+    private static func poolKey(_ upstream: UpstreamConfig, _ target: TargetConfig) -> String {
+        "\(target.address)|\(upstream.pool)|\(upstream.timeouts.connect.nanoseconds)"
+    }
+
+    /// [upstream][target] pools for `runtime`, taken from `existing` where
+    /// the key matches; every pool used is put in `used`.
+    private static func pools(for runtime: ProxyRuntime, loop: EventLoop, reusing existing: [String: TargetPool],
+                              into used: inout [String: TargetPool]) -> [[TargetPool]] {
+        runtime.upstreams.map { upstream in
             upstream.config.targets.enumerated().map { index, target in
-                TargetPool(targetIndex: index, target: target, pool: upstream.config.pool,
-                           connectTimeout: .nanoseconds(upstream.config.timeouts.connect.nanoseconds), loop: loop)
+                let key = poolKey(upstream.config, target)
+                if let pool = used[key] ?? existing[key] {
+                    used[key] = pool
+                    return pool
+                }
+                let pool = TargetPool(targetIndex: index, target: target, pool: upstream.config.pool,
+                                      connectTimeout: .nanoseconds(upstream.config.timeouts.connect.nanoseconds), loop: loop)
+                used[key] = pool
+                return pool
             }
         }
-        self.balancers = runtime.upstreams.map { makeBalancer(for: $0.config, health: $0.health) }
+    }
+
+    /// A reload: new requests route with `runtime`. Pools of targets that
+    /// remain are kept; the others are retired (idle connections close now,
+    /// busy ones when their exchange ends). Call on `loop`.
+    func installRouting(_ runtime: ProxyRuntime) {
+        loop.preconditionInEventLoop()
+        var used: [String: TargetPool] = [:]
+        let pools = Self.pools(for: runtime, loop: loop, reusing: poolsByKey, into: &used)
+        for (key, pool) in poolsByKey where used[key] == nil { pool.retire() }
+        poolsByKey = used
+        routing = LoopRouting(runtime: runtime, pools: pools)
     }
 
     /// Starts the idle-connection sweeper.
@@ -170,45 +268,14 @@ final class LoopContext: @unchecked Sendable {
         sweepTask = loop.scheduleRepeatedTask(initialDelay: .nanoseconds(interval), delay: .nanoseconds(interval)) { [weak self] _ in
             guard let self else { return }
             let now = NIODeadline.now()
-            for upstreamPools in self.pools { for pool in upstreamPools { pool.sweep(now: now) } }
+            for pool in self.poolsByKey.values { pool.sweep(now: now) }
         }
     }
 
     func stop() {
         sweepTask?.cancel()
         sweepTask = nil
-        for upstreamPools in pools { for pool in upstreamPools { pool.closeAll() } }
-    }
-
-    func pickTarget(upstream: UpstreamRuntime, head: HTTPRequestHead, clientIP: String, excluding: Int?) -> Int? {
-        var input = BalancerInput(clientIP: clientIP)
-        if upstream.config.balancer == .consistentHash {
-            switch upstream.config.hashOn {
-            case .header(let name): input.hashKey = head.headers.first(name: name)
-            case .cookie(let name): input.hashKey = Self.cookie(named: name, in: head.headers)
-            case .clientIP: break
-            }
-        }
-        return balancers[upstream.index].pick(input, excluding: excluding)
-    }
-
-    func balancerStarted(upstream: UpstreamRuntime, target: Int) {
-        balancers[upstream.index].requestStarted(target: target)
-    }
-
-    func balancerFinished(upstream: UpstreamRuntime, target: Int) {
-        balancers[upstream.index].requestFinished(target: target)
-    }
-
-    private static func cookie(named name: String, in headers: HTTPHeaders) -> String? {
-        for header in headers["cookie"] {
-            for pair in header.split(separator: ";") {
-                let trimmed = pair.trimmingASCIISpaces()
-                guard let eq = trimmed.firstIndex(of: "=") else { continue }
-                if trimmed[..<eq] == name[...] { return String(trimmed[trimmed.index(after: eq)...]) }
-            }
-        }
-        return nil
+        for pool in poolsByKey.values { pool.closeAll() }
     }
 
     // MARK: Live connections (drain)

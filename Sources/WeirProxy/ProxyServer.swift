@@ -45,8 +45,9 @@ public final class ProxyServer: @unchecked Sendable {
     private let group: EventLoopGroup
     private let observer: ProxyObserver?
     private let logger: Logger
-    /// nil when the config could not be compiled; `start()` then throws `setupError`.
-    private let runtime: ProxyRuntime?
+    /// nil when the config could not be compiled; `start()` then throws
+    /// `setupError`. Replaced by a reload (`GenerationManager`), under `lock`.
+    private var runtime: ProxyRuntime?
     private let setupError: Error?
     let loopContexts: [LoopContext]
     private let lock = NIOLock()
@@ -186,7 +187,19 @@ public final class ProxyServer: @unchecked Sendable {
 
     /// The shared health state of an upstream (for active health checks and metrics).
     public func upstreamHealth(named name: String) -> UpstreamHealth? {
-        runtime?.upstreams.first { $0.name == name }?.health
+        lock.withLock { runtime }?.upstreams.first { $0.name == name }?.health
+    }
+
+    /// Compiles `config`'s routes and upstreams for a reload, carrying
+    /// upstream health over by target address. Throws what the data path
+    /// cannot run. Installing it is `adoptRouting` plus, on each loop,
+    /// `LoopContext.installRouting`.
+    func makeRouting(config: WeirConfig) throws -> ProxyRuntime {
+        try ProxyRuntime(config: config, previous: lock.withLock { runtime })
+    }
+
+    func adoptRouting(_ newRuntime: ProxyRuntime) {
+        lock.withLock { runtime = newRuntime }
     }
 
     /// Open downstream connections across all listeners.

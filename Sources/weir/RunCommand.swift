@@ -124,11 +124,13 @@ final class Gateway {
         if watch { generations.startWatching() }
         defer { generations.stopWatching() }
         let config = self.config
-        observer.metrics.setHealthSource { Gateway.targetHealth(config: config, proxy: proxy) }
+        observer.metrics.setHealthSource { Gateway.targetHealth(config: generations.currentConfig, proxy: proxy) }
 
-        let checker = ActiveHealthChecker(upstreams: config.upstreams, eventLoop: group.next(), logger: logger,
-                                          sinkForUpstream: { proxy.upstreamHealth(named: $0) })
-        checker.start()
+        let checker = ActiveHealthCheckers(group: group, proxy: proxy, logger: logger)
+        checker.replace(upstreams: config.upstreams)
+        // A reload may change upstreams: probe the new set (health state
+        // itself carries over by target address, see UpstreamHealth).
+        generations.onReload { newConfig in checker.replace(upstreams: newConfig.upstreams) }
 
         let ready = ManagedAtomic<Bool>(false)
         var admin: AdminServer?
@@ -136,9 +138,10 @@ final class Gateway {
             let endpoints = AdminEndpoints(
                 isReady: { ready.load(ordering: .relaxed) },
                 metricsText: { observer.metrics.renderPrometheus() + pluginMetrics.renderPrometheus() },
-                configText: { config.redactedYAML() },
+                configText: { generations.currentConfig.redactedYAML() },
                 upstreamsJSON: {
-                    UpstreamStatusReport.json(upstreams: config.upstreams, health: { proxy.upstreamHealth(named: $0) })
+                    UpstreamStatusReport.json(upstreams: generations.currentConfig.upstreams,
+                                              health: { proxy.upstreamHealth(named: $0) })
                 },
                 routes: Gateway.reloadRoutes(generations))
             let server = AdminServer(listen: adminConfig.listen, group: group, endpoints: endpoints, logger: logger)
@@ -219,6 +222,53 @@ final class Gateway {
                 loop.makeSucceededFuture(AdminResponse(status: .ok, contentType: "application/json", body: generations.statusJSON))
             },
         ]
+    }
+
+    /// The active health checker of the current upstream set; a reload
+    /// stops the old checker and starts one for the new upstreams.
+    final class ActiveHealthCheckers: @unchecked Sendable {
+        private let group: EventLoopGroup
+        private let proxy: ProxyServer
+        private let logger: Logger
+        private let lock = NSLock()
+        private var current: ActiveHealthChecker?
+        private var stopped = false
+
+        init(group: EventLoopGroup, proxy: ProxyServer, logger: Logger) {
+            self.group = group
+            self.proxy = proxy
+            self.logger = logger
+        }
+
+        var targetCount: Int { locked { current?.targetCount ?? 0 } }
+
+        func replace(upstreams: [UpstreamConfig]) {
+            let proxy = self.proxy
+            let next = ActiveHealthChecker(upstreams: upstreams, eventLoop: group.next(), logger: logger,
+                                           sinkForUpstream: { proxy.upstreamHealth(named: $0) })
+            let previous = locked { () -> ActiveHealthChecker? in
+                guard !stopped else { return nil }
+                defer { current = next }
+                return current
+            }
+            previous?.stop()
+            if locked({ current === next }) { next.start() }
+        }
+
+        private func locked<T>(_ body: () -> T) -> T {
+            lock.lock()
+            defer { lock.unlock() }
+            return body()
+        }
+
+        func stop() {
+            let previous = locked { () -> ActiveHealthChecker? in
+                stopped = true
+                defer { current = nil }
+                return current
+            }
+            previous?.stop()
+        }
     }
 
     /// Per-target health for the metrics, read at scrape time.

@@ -93,13 +93,13 @@ final class ReloadTests: XCTestCase {
         guard case .failure(let configError) = proxy.generations.reload() else { return XCTFail("reload should fail") }
         XCTAssertTrue(configError.description.contains("plugins[0].config.n"), configError.description)
 
-        // A change of routes is refused (not reloadable yet).
+        // A change of listeners is refused (listeners stay open; restart to apply).
         try writeConfig(to: folder.root + "/weir.yaml")
         var changed = try String(contentsOfFile: folder.root + "/weir.yaml", encoding: .utf8)
-        changed = changed.replacingOccurrences(of: "paths: [/]", with: "paths: [/api]")
+        changed = changed.replacingOccurrences(of: "listen: 127.0.0.1:0", with: "listen: 127.0.0.1:1")
         try changed.write(toFile: folder.root + "/weir.yaml", atomically: true, encoding: .utf8)
-        guard case .failure(let routeError) = proxy.generations.reload() else { return XCTFail("reload should fail") }
-        XCTAssertTrue(routeError.description.contains("routes"), routeError.description)
+        guard case .failure(let listenerError) = proxy.generations.reload() else { return XCTFail("reload should fail") }
+        XCTAssertTrue(listenerError.description.contains("listeners"), listenerError.description)
 
         // Fixed: the next reload works, on the same keep-alive connection.
         try writeConfig(to: folder.root + "/weir.yaml")

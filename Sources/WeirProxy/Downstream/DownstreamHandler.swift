@@ -414,7 +414,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         exchange.hostHeader = hostHeader
         // The route table ignores a port and compares case-insensitively.
         let host = hostHeader ?? ""
-        guard let routed = loopContext.runtime.route(method: head.method, host: host, path: path, query: query, headers: head.headers) else {
+        guard let routed = loopContext.routing.route(method: head.method, host: host, path: path, query: query, headers: head.headers) else {
             return rejectHead(exchange, .noRoute, "no route matches \(head.method.rawValue) \(path)")
         }
         exchange.routed = routed
@@ -461,7 +461,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         guard let routed = exchange.routed, let head = exchange.head else { return }
         let upstream = routed.upstream
         guard let target = exchange.pinnedTarget(excluding: excluding)
-                ?? loopContext.pickTarget(upstream: upstream, head: head, clientIP: clientIP, excluding: excluding) else {
+                ?? routed.routing.pickTarget(upstream: upstream, head: head, clientIP: clientIP, excluding: excluding) else {
             return failBeforeResponse(exchange, .noHealthyTarget, "no healthy target in upstream \(upstream.name)")
         }
         exchange.attempts += 1
@@ -473,8 +473,8 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         } else if !routed.route.preserveHost {
             exchange.upstreamHead!.headers.replaceOrAdd(name: "host", value: upstream.targetLabels[target])
         }
-        let pool = loopContext.pools[upstream.index][target]
-        loopContext.balancerStarted(upstream: upstream, target: target)
+        let pool = routed.routing.pools[upstream.index][target]
+        routed.routing.balancerStarted(upstream: upstream, target: target)
         exchange.balancerActive = true
         if let connection = pool.takeIdle(now: .now()) {
             useConnection(connection, for: exchange)
@@ -540,7 +540,12 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         connection.requestsSent += 1
         connection.attach(self)
         connection.write(.head(exchange.upstreamHead!))
-        if !exchange.pendingUpstream.isEmpty {
+        if let replacement = exchange.replacementBody {
+            // The client's body is dropped; the replacement goes once the
+            // client's request has ended (else requestEnd writes it).
+            exchange.pendingUpstream.removeAll()
+            if exchange.requestEnded { writeReplacementBody(replacement, exchange: exchange, to: connection) }
+        } else if !exchange.pendingUpstream.isEmpty {
             for part in exchange.pendingUpstream {
                 if case .body = part { exchange.bodyForwarded = true }
                 connection.write(part)
@@ -576,6 +581,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
             return
         }
         if let connection = exchange.connection {
+            if exchange.replacementBody != nil { return }   // set_body: the client's body is dropped
             connection.write(.body(.byteBuffer(buffer)))
             exchange.bodyForwarded = true
             exchange.upstreamNeedsFlush = true
@@ -592,13 +598,27 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
             return
         }
         if let connection = exchange.connection {
-            connection.write(.end(trailers))
+            if let replacement = exchange.replacementBody {
+                writeReplacementBody(replacement, exchange: exchange, to: connection)
+            } else {
+                connection.write(.end(trailers))
+            }
             exchange.upstreamNeedsFlush = true
             requestFullySent(exchange)
         } else {
+            // With a set_body replacement these are kept too (plugins may
+            // still read the body); useConnection drops them.
             exchange.pendingUpstream.append(.end(trailers))
             exchange.plugins?.requestBodyArrived()
         }
+    }
+
+    private func writeReplacementBody(_ body: ByteBuffer, exchange: Exchange, to connection: UpstreamConnection) {
+        if body.readableBytes > 0 {
+            connection.write(.body(.byteBuffer(body)))
+            exchange.bodyForwarded = true
+        }
+        connection.write(.end(nil))
     }
 
     private func requestFullySent(_ exchange: Exchange) {
@@ -750,8 +770,8 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         let idempotent = Self.isIdempotent(exchange.head!.method)
         if exchange.connectionReused && !exchange.staleRetried && exchange.bodyless && idempotent {
             exchange.staleRetried = true
-            let pool = loopContext.pools[routed.upstream.index][target]
-            loopContext.balancerStarted(upstream: routed.upstream, target: target)
+            let pool = routed.routing.pools[routed.upstream.index][target]
+            routed.routing.balancerStarted(upstream: routed.upstream, target: target)
             exchange.balancerActive = true
             connectFresh(exchange, pool: pool)
             return
@@ -831,7 +851,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
     func endBalancerAttempt(_ exchange: Exchange) {
         if exchange.balancerActive, let routed = exchange.routed, let target = exchange.target {
             exchange.balancerActive = false
-            loopContext.balancerFinished(upstream: routed.upstream, target: target)
+            routed.routing.balancerFinished(upstream: routed.upstream, target: target)
         }
     }
 
@@ -1086,6 +1106,9 @@ final class Exchange {
     /// read's worth: the client is not read while connecting).
     var pendingUpstream: [HTTPClientRequestPart] = []
     var upstreamNeedsFlush = false
+    /// Set by `weir.upstream.request.set_body`: forwarded instead of the
+    /// client's body, which is then read and dropped.
+    var replacementBody: ByteBuffer?
 
     var requestEnded = false
     var bodyForwarded = false

@@ -16,12 +16,19 @@ import WeirLua
 /// on a keep-alive connection uses the new one. A replaced generation's
 /// timers stop at once and its Lua states are freed with its last request.
 ///
-/// What a reload may change: plugins (global, route, upstream, consumer
-/// attachments and their configs), `plugin_paths`, the plugin files, and
-/// `lua` limits. Listeners, upstreams, routes and `shared_dicts` are fixed
-/// for the life of the process: a reload that changes them is refused with
-/// a message saying so (restart to apply them). `weir.shared` data lives in
-/// one process-wide `SharedDictionaries`, so it survives every reload.
+/// What a reload may change: routes, upstreams (their targets, balancers,
+/// pools, timeouts, health checks) and consumers; plugins (global, route,
+/// upstream, consumer attachments and their configs), `plugin_paths`, the
+/// plugin files, and `lua` limits. The routing (route table, upstreams,
+/// per-loop balancers) swaps on each loop together with the plugins, so a
+/// request sees one consistent generation; it keeps the routing it was
+/// routed with (`RoutedRequest.routing`). Target pools are kept by address,
+/// so unchanged targets keep their warm connections; upstream health
+/// carries over by target address. Listeners and `shared_dicts` (and other
+/// process settings) are fixed for the life of the process: a reload that
+/// changes them is refused with a message saying so (restart to apply
+/// them). `weir.shared` data lives in one process-wide
+/// `SharedDictionaries`, so it survives every reload.
 public final class GenerationManager: @unchecked Sendable {
     /// What `GET /status` reports.
     public struct Status: Sendable {
@@ -56,6 +63,7 @@ public final class GenerationManager: @unchecked Sendable {
     private var current: PluginGeneration?
     private var _status = Status(generation: 0, reloads: 0, failedReloads: 0)
     private var watcher: FileWatcher?
+    private var reloadObservers: [@Sendable (WeirConfig) -> Void] = []
 
     /// Loads generation 1 from `config` and installs it on every loop of
     /// `server` (call before `server.start()` or right after). Throws with
@@ -75,11 +83,19 @@ public final class GenerationManager: @unchecked Sendable {
         self.logger = logger
         self.config = config
         let generation = try build(number: 1, config: config)
-        install(generation)
+        install(generation, routing: nil)
         _status.generation = 1
     }
 
     public var status: Status { stateLock.withLock { _status } }
+    /// The config of the generation serving now.
+    public var currentConfig: WeirConfig { stateLock.withLock { config } }
+
+    /// Called (on the reloading thread) after each successful reload with
+    /// the new config, e.g. to restart active health checks.
+    public func onReload(_ observer: @escaping @Sendable (WeirConfig) -> Void) {
+        stateLock.withLock { reloadObservers.append(observer) }
+    }
     public var generation: Int { status.generation }
 
     /// Re-reads the config file and swaps in a new generation. On failure
@@ -121,13 +137,21 @@ public final class GenerationManager: @unchecked Sendable {
         }
         let number = status.generation + 1
         let generation: PluginGeneration
+        var routing: ProxyRuntime? = nil
         do {
+            if Self.routingChanged(from: config, to: newConfig) {
+                routing = try server.makeRouting(config: newConfig)
+            }
             generation = try build(number: number, config: newConfig)
         } catch {
             return record(.failure(ReloadError(isConfigError: true, description: "\(error)")))
         }
-        install(generation)
-        config = newConfig
+        install(generation, routing: routing)
+        let observers = stateLock.withLock { () -> [@Sendable (WeirConfig) -> Void] in
+            config = newConfig
+            return reloadObservers
+        }
+        for observer in observers { observer(newConfig) }
         let ms = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e6
         logger.info("reloaded", metadata: ["generation": "\(number)", "plugins": "\(generation.library.plugins.count)",
                                            "ms": "\(String(format: "%.1f", ms))"])
@@ -159,14 +183,17 @@ public final class GenerationManager: @unchecked Sendable {
                                           options: options, loops: server.loopContexts.map(\.loop))
     }
 
-    /// Hands each loop its part of `generation` and retires the old one there.
-    private func install(_ generation: PluginGeneration) {
+    /// Hands each loop its part of `generation` (and the new routing, if
+    /// any, in the same hop) and retires the old one there.
+    private func install(_ generation: PluginGeneration, routing: ProxyRuntime?) {
         let old = stateLock.withLock { () -> PluginGeneration? in
             defer { current = generation }
             return current
         }
+        if let routing { server.adoptRouting(routing) }
         let swaps = zip(server.loopContexts, generation.perLoop).map { context, loopPlugins in
             context.loop.submit {
+                if let routing { context.installRouting(routing) }
                 let previous = context.plugins
                 context.plugins = generation.isEmpty ? nil : loopPlugins
                 previous?.retire()
@@ -202,6 +229,16 @@ public final class GenerationManager: @unchecked Sendable {
         return result
     }
 
+    /// True when routes or upstreams differ other than in their plugins
+    /// (plugin-only reloads keep the routing objects, balancer state included).
+    static func routingChanged(from old: WeirConfig, to new: WeirConfig) -> Bool {
+        func routing(_ c: WeirConfig) -> ([RouteConfig], [UpstreamConfig]) {
+            (c.routes.map { var x = $0; x.plugins = []; return x }, c.upstreams.map { var x = $0; x.plugins = []; return x })
+        }
+        let a = routing(old), b = routing(new)
+        return a.0 != b.0 || a.1 != b.1
+    }
+
     /// nil when only reloadable parts differ; otherwise what changed.
     static func fixedPartsChanged(from old: WeirConfig, to new: WeirConfig) -> String? {
         func fixed(_ c: WeirConfig) -> WeirConfig {
@@ -209,22 +246,19 @@ public final class GenerationManager: @unchecked Sendable {
             c.plugins = []
             c.pluginPaths = []
             c.lua = LuaLimitsConfig()
-            c.consumers = c.consumers.map { var x = $0; x.plugins = []; return x }
-            c.routes = c.routes.map { var x = $0; x.plugins = []; return x }
-            c.upstreams = c.upstreams.map { var x = $0; x.plugins = []; return x }
+            c.consumers = []
+            c.routes = []
+            c.upstreams = []
             return c
         }
         let a = fixed(old), b = fixed(new)
         if a == b { return nil }
         var changed: [String] = []
         if a.listeners != b.listeners { changed.append("listeners") }
-        if a.upstreams != b.upstreams { changed.append("upstreams") }
-        if a.routes != b.routes { changed.append("routes") }
-        if a.consumers != b.consumers { changed.append("consumers") }
         if a.sharedDicts != b.sharedDicts { changed.append("shared_dicts") }
-        if changed.isEmpty { changed.append("settings outside plugins") }
-        return "reload can change plugins, their configs, plugin_paths and lua limits; this config also changes "
-            + changed.joined(separator: ", ") + ": restart weir to apply that"
+        if changed.isEmpty { changed.append("settings outside routes, upstreams, consumers and plugins") }
+        return "reload can change routes, upstreams, consumers, plugins, their configs, plugin_paths and lua limits; "
+            + "this config also changes " + changed.joined(separator: ", ") + ": restart weir to apply that"
     }
 
     // MARK: Status

@@ -230,9 +230,20 @@ final class ExchangePlugins: PluginRequestContext {
 
     func setUpstreamMethod(_ method: String) { exchange.upstreamHead?.method = HTTPMethod(rawValue: method) }
 
+    /// Request phase only (before the upstream connection exists): the
+    /// upstream gets `body` with its Content-Length; the client's own body
+    /// (if any) is read and dropped.
     func setUpstreamBody(_ body: [UInt8]) {
-        handler?.loopContext.logger.warning("weir.upstream.request.set_body is not supported by the proxy yet; body unchanged",
-                                            metadata: ["request_id": "\(exchange.id)"])
+        guard exchange.connection == nil, exchange.upstreamHead != nil, !exchange.bodyForwarded else {
+            handler?.loopContext.logger.warning("weir.upstream.request.set_body after the request was sent; body unchanged",
+                                                metadata: ["request_id": "\(exchange.id)"])
+            return
+        }
+        var buffer = ByteBufferAllocator().buffer(capacity: body.count)
+        buffer.writeBytes(body)
+        exchange.replacementBody = buffer
+        exchange.upstreamHead!.headers.remove(name: "transfer-encoding")
+        exchange.upstreamHead!.headers.replaceOrAdd(name: "content-length", value: String(body.count))
     }
 
     /// The target index `set_target` picked in `exchange.routed`'s upstream.
@@ -243,11 +254,12 @@ final class ExchangePlugins: PluginRequestContext {
     /// configured target. Anything else is logged and the balancer decides.
     func setUpstreamTarget(host: String, port: Int) {
         guard let routed = exchange.routed, let handler else { return }
-        let upstreams = [routed.upstream] + handler.loopContext.runtime.upstreams.filter { $0 !== routed.upstream }
+        let upstreams = [routed.upstream] + routed.routing.runtime.upstreams.filter { $0 !== routed.upstream }
         for upstream in upstreams {
             if let index = upstream.config.targets.firstIndex(where: { $0.address.host == host && $0.address.port == port }) {
                 if upstream !== routed.upstream {
-                    exchange.routed = RoutedRequest(route: routed.route, upstream: upstream, forwardURI: routed.forwardURI)
+                    exchange.routed = RoutedRequest(route: routed.route, upstream: upstream, forwardURI: routed.forwardURI,
+                                                    routing: routed.routing)
                 }
                 pinnedTarget = index
                 return
@@ -258,9 +270,10 @@ final class ExchangePlugins: PluginRequestContext {
     }
 
     func setUpstream(named name: String) -> Bool {
-        guard let routed = exchange.routed, let handler,
-              let upstream = handler.loopContext.runtime.upstreams.first(where: { $0.name == name }) else { return false }
-        exchange.routed = RoutedRequest(route: routed.route, upstream: upstream, forwardURI: routed.forwardURI)
+        guard let routed = exchange.routed,
+              let upstream = routed.routing.runtime.upstreams.first(where: { $0.name == name }) else { return false }
+        exchange.routed = RoutedRequest(route: routed.route, upstream: upstream, forwardURI: routed.forwardURI,
+                                        routing: routed.routing)
         return true
     }
 

@@ -193,6 +193,10 @@ final class TargetPool {
     /// Returns a connection after a complete exchange.
     func release(_ connection: UpstreamConnection, now: NIODeadline) {
         connection.detach()
+        if retired {
+            connection.close()
+            return
+        }
         if let max = poolConfig.maxRequests, connection.requestsSent >= max {
             connection.close()
             return
@@ -224,6 +228,15 @@ final class TargetPool {
             }
         }
         idle = kept
+    }
+
+    /// Set when a reload removed this pool's target: connections still
+    /// busy close when their exchange ends instead of returning here.
+    private(set) var retired = false
+
+    func retire() {
+        retired = true
+        closeAll()
     }
 
     func closeAll() {
