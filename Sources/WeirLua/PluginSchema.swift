@@ -68,6 +68,9 @@ public struct SchemaField: Sendable, Equatable {
     public var max: Double? = nil
     /// Allowed values for scalar types.
     public var allowed: [ConfigValue]? = nil
+    /// String values that are recognised but refused, with the reason (e.g. a
+    /// policy whose backend is not available yet), so the error says why.
+    public var unavailable: [String: String]? = nil
     public var description: String? = nil
 
     public init(type: SchemaType) { self.type = type }
@@ -173,6 +176,9 @@ public struct SchemaField: Sendable, Equatable {
             let list = allowed.map(\.literal).joined(separator: ", ")
             return fail("expected one of \(list), got \(result.literal)")
         }
+        if problems.count == count, case .string(let s) = result, let reason = unavailable?[s] {
+            return fail("\(result.literal) is \(reason)")
+        }
         return problems.count == count ? result : nil
     }
 
@@ -214,7 +220,8 @@ extension PluginSchema {
     static func parseField(_ value: ConfigValue, path: String, file: String) throws -> SchemaField {
         func bad(_ reason: String) -> LuaError { LuaError("\(file): \(path): \(reason)") }
         guard case .map(let spec) = value else { throw bad("field spec must be a table, got \(value.schemaTypeName)") }
-        let known: Set<String> = ["type", "default", "required", "min", "max", "one_of", "elements", "values", "fields", "description"]
+        let known: Set<String> = ["type", "default", "required", "min", "max", "one_of", "elements", "values", "fields", "description",
+                                  "unavailable"]
         if let unknown = spec.keys.sorted().first(where: { !known.contains($0) }) { throw bad("unknown schema key \"\(unknown)\"") }
         guard case .string(let typeName)? = spec["type"] else { throw bad("missing type") }
         let type: SchemaType
@@ -258,6 +265,15 @@ extension PluginSchema {
         if case .oneOf = type {} else if let list = spec["one_of"] {
             guard case .array(let values) = list, !values.isEmpty else { throw bad("one_of must be a list of allowed values") }
             field.allowed = values
+        }
+        if let u = spec["unavailable"] {
+            guard case .map(let reasons) = u else { throw bad("unavailable must be a table { value = \"reason\" }") }
+            var table: [String: String] = [:]
+            for (value, reason) in reasons {
+                guard case .string(let text) = reason else { throw bad("unavailable.\(value) must be a string (the reason)") }
+                table[value] = text
+            }
+            field.unavailable = table
         }
         if let d = spec["description"] {
             guard case .string(let s) = d else { throw bad("description must be a string") }

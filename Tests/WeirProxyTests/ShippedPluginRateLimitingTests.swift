@@ -1,0 +1,179 @@
+// plugins/rate-limiting through a running proxy with a real upstream. Window
+// edges are reached with the test-only `test-clock` plugin (x-test-clock
+// header sets weir.time.now), so no test depends on real timing.
+
+import Foundation
+import NIOConcurrencyHelpers
+import NIOPosix
+import WeirCore
+import WeirProxy
+import XCTest
+
+final class ShippedPluginRateLimitingTests: XCTestCase {
+    var group: MultiThreadedEventLoopGroup!
+    var upstream: TestUpstream!
+    var helpers: PluginFolder!
+
+    override func setUpWithError() throws {
+        group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        upstream = try TestUpstream(group: group)
+        helpers = try PluginFolder()
+        try writeTestClockPlugin(into: helpers)
+    }
+
+    override func tearDownWithError() throws {
+        upstream.stop()
+        try group.syncShutdownGracefully()
+        helpers.remove()
+    }
+
+    private func start(_ config: String, workers: Int = 2, sharedDicts: Bool = true) throws -> ShippedPluginProxy {
+        let yaml = """
+        listeners:
+          - { name: web, listen: 127.0.0.1:0 }
+        upstreams:
+          - { name: backend, targets: [{ address: UPSTREAM }] }
+        routes:
+          - name: all
+            match: { paths: [/] }
+            upstream: backend
+            plugins:
+              - { name: rate-limiting, config: \(config) }
+        plugins:
+          - name: test-clock
+        access_log: off
+        \(sharedDicts ? "shared_dicts: [{ name: rate-limiting, items: 1000 }]" : "")
+        """
+        return try startShippedPluginProxy(yaml: yaml, upstream: upstream, loops: workers,
+                                           extraPluginPaths: [helpers.pluginsDir])
+    }
+
+    private func get(_ client: BlockingSocket, at clock: Double, _ headers: [(String, String)] = []) throws -> TestResponse {
+        try client.request("GET", "/r", headers: [("x-test-clock", String(clock))] + headers)
+    }
+
+    func testLimitHeadersAnd429() throws {
+        let proxy = try start("{ minute: 3 }")
+        defer { proxy.stop() }
+        let client = try proxy.connect()
+        for remaining in [2, 1, 0] {
+            let ok = try get(client, at: 6000)
+            XCTAssertEqual(ok.status, 200)
+            XCTAssertEqual(ok.header("ratelimit-limit"), "3")
+            XCTAssertEqual(ok.header("ratelimit-remaining"), String(remaining))
+            XCTAssertEqual(ok.header("ratelimit-reset"), "60")
+            XCTAssertEqual(ok.header("x-ratelimit-limit-minute"), "3")
+        }
+        let refused = try get(client, at: 6030)
+        XCTAssertEqual(refused.status, 429)
+        XCTAssertEqual(refused.header("content-type"), "application/json")
+        XCTAssertTrue(refused.bodyText.contains("API rate limit exceeded"), refused.bodyText)
+        XCTAssertEqual(refused.header("ratelimit-remaining"), "0")
+        XCTAssertEqual(refused.header("ratelimit-reset"), "30")
+        // 3 in this window, none before: the next fits when this window's 3
+        // weigh at most 2 in the next one, i.e. 20 s into it: 30 + 20 s.
+        XCTAssertEqual(refused.header("retry-after"), "50")
+        XCTAssertEqual(upstream.requests.count, 3, "refused requests never reach the upstream")
+    }
+
+    /// A full window followed by a burst at the start of the next one: the
+    /// previous window's weight keeps the total within the limit for any
+    /// sliding window, exactly as computed.
+    func testWindowEdgeBurstCannotPassTwiceTheLimit() throws {
+        let proxy = try start("{ second: 10 }")
+        defer { proxy.stop() }
+        let client = try proxy.connect()
+        func admitted(at clock: Double, tries: Int) throws -> Int {
+            var n = 0
+            for _ in 0..<tries where try get(client, at: clock).status == 200 { n += 1 }
+            return n
+        }
+        XCTAssertEqual(try admitted(at: 1000.9, tries: 15), 10, "end of window 1000")
+        XCTAssertEqual(try admitted(at: 1001.05, tries: 15), 0, "start of 1001: the previous 10 still weigh 9.5")
+        XCTAssertEqual(try admitted(at: 1001.5, tries: 15), 5, "half way: 10 * 0.5 + 5 = 10")
+        XCTAssertEqual(try admitted(at: 1002.5, tries: 15), 7, "next window: 5 * 0.5 + 7 <= 10")
+        XCTAssertEqual(try admitted(at: 1010.0, tries: 15), 10, "after a quiet window the full limit again")
+    }
+
+    /// Two event loops, many concurrent clients: exactly the limit passes.
+    func testExactAcrossEventLoops() throws {
+        let proxy = try start("{ hour: 50, limit_by: ip }", workers: 2)
+        defer { proxy.stop() }
+        let admitted = NIOLockedValueBox(0)
+        let refused = NIOLockedValueBox(0)
+        let failures = NIOLockedValueBox<[String]>([])
+        DispatchQueue.concurrentPerform(iterations: 8) { _ in
+            do {
+                let client = try proxy.connect()
+                for _ in 0..<15 {
+                    let status = try get(client, at: 7200 + 1800).status
+                    if status == 200 { admitted.withLockedValue { $0 += 1 } }
+                    else if status == 429 { refused.withLockedValue { $0 += 1 } }
+                    else { failures.withLockedValue { $0.append("status \(status)") } }
+                }
+            } catch {
+                failures.withLockedValue { $0.append("\(error)") }
+            }
+        }
+        XCTAssertEqual(failures.withLockedValue { $0 }, [])
+        XCTAssertEqual(admitted.withLockedValue { $0 }, 50)
+        XCTAssertEqual(refused.withLockedValue { $0 }, 70)
+    }
+
+    func testLimitByHeaderAndConsumerFallBackToIP() throws {
+        let proxy = try start("{ minute: 1, limit_by: header, header_name: x-tenant }")
+        defer { proxy.stop() }
+        let client = try proxy.connect()
+        XCTAssertEqual(try get(client, at: 600, [("x-tenant", "a")]).status, 200)
+        XCTAssertEqual(try get(client, at: 600, [("x-tenant", "a")]).status, 429)
+        XCTAssertEqual(try get(client, at: 600, [("x-tenant", "b")]).status, 200, "another tenant has its own count")
+        XCTAssertEqual(try get(client, at: 600).status, 200, "no header: counted by IP")
+        XCTAssertEqual(try get(client, at: 600).status, 429)
+    }
+
+    func testHiddenHeadersAndCustomError() throws {
+        let proxy = try start("{ second: 1, hide_client_headers: true, error_code: 503, error_message: slow down }")
+        defer { proxy.stop() }
+        let client = try proxy.connect()
+        let ok = try get(client, at: 50.5)
+        XCTAssertEqual(ok.status, 200)
+        XCTAssertNil(ok.header("ratelimit-limit"))
+        let refused = try get(client, at: 50.5)
+        XCTAssertEqual(refused.status, 503)
+        XCTAssertTrue(refused.bodyText.contains("slow down"), refused.bodyText)
+        XCTAssertNotNil(refused.header("retry-after"))
+    }
+
+    func testMissingDictionary() throws {
+        do {
+            let proxy = try start("{ minute: 1 }", sharedDicts: false)
+            defer { proxy.stop() }
+            XCTAssertEqual(try get(try proxy.connect(), at: 1).status, 200, "fault_tolerant lets it through")
+        }
+        let proxy = try start("{ minute: 1, fault_tolerant: false }", sharedDicts: false)
+        defer { proxy.stop() }
+        let failed = try get(try proxy.connect(), at: 1)
+        XCTAssertEqual(failed.status, 500, "not fault tolerant: the request fails (the reason is logged)")
+        XCTAssertEqual(failed.errorJSON?["error"], "plugin_failed")
+        XCTAssertEqual(upstream.requests.count, 1, "only the fault-tolerant request reached the upstream")
+    }
+
+    func testSchemaRefusesBadValuesWithTheirPath() throws {
+        let cases: [(String, String)] = [
+            ("{ minute: many }", "routes[0].plugins[0].config.minute"),
+            ("{ minute: 0 }", "routes[0].plugins[0].config.minute"),
+            ("{ minute: 5, limit_by: planet }", "routes[0].plugins[0].config.limit_by"),
+            ("{ minute: 5, policy: redis, redis: { host: 127.0.0.1 } }", "not available yet"),
+            ("{ minute: 5, limit_by: route }", "not available yet"),
+            ("{ minute: 5, redis: { port: 70000 } }", "routes[0].plugins[0].config.redis.port"),
+        ]
+        for (config, expected) in cases {
+            XCTAssertThrowsError(try start(config), config) { error in
+                XCTAssertTrue("\(error)".contains(expected), "\(config): \(error)")
+            }
+        }
+        // Defaults: policy local, limit_by consumer (-> IP when anonymous), fault tolerant.
+        let proxy = try start("{ minute: 5, redis: {} }")
+        proxy.stop()
+    }
+}

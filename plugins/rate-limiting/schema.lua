@@ -1,0 +1,36 @@
+local function limit(period)
+  return { type = "integer", min = 1, required = false,
+           description = "requests allowed per " .. period .. " (sliding window); unset = no " .. period .. " limit" }
+end
+
+return { fields = {
+  second = limit("second"),
+  minute = limit("minute"),
+  hour = limit("hour"),
+  day = limit("day"),
+  limit_by = { type = "string", default = "consumer", one_of = { "consumer", "ip", "header", "route" },
+               unavailable = { route = "not available yet: the SDK does not expose the matched route to plugins" },
+               description = "what is counted: the authenticated consumer (the client IP when there is none), the client IP, or the value of header_name (the client IP when absent)" },
+  header_name = { type = "string", min = 1, required = false,
+                  description = "request header whose value is counted when limit_by is header (required then)" },
+  policy = { type = "string", default = "local", one_of = { "local", "redis" },
+             unavailable = { redis = "not available yet: the redis policy needs the weir.redis binding; use policy local" },
+             description = "where counters live: local = weir.shared dictionary (exact across the event loops of this gateway)" },
+  dictionary = { type = "string", min = 1, default = "rate-limiting",
+                 description = "the weir.shared dictionary holding the counters (declare it under shared_dicts)" },
+  fault_tolerant = { type = "boolean", default = true,
+                     description = "when the counters cannot be read (e.g. the dictionary is missing), let the request through (logged) instead of failing it" },
+  hide_client_headers = { type = "boolean", default = false,
+                          description = "do not send the RateLimit-* / X-RateLimit-* headers" },
+  error_code = { type = "integer", min = 400, max = 599, default = 429, description = "status when the limit is exceeded" },
+  error_message = { type = "string", default = "API rate limit exceeded", description = "message in the JSON body when the limit is exceeded" },
+  redis = { type = "record", required = false, description = "redis policy settings (accepted, used once policy redis is available)",
+            fields = {
+              host = { type = "string", default = "127.0.0.1", description = "Redis host" },
+              port = { type = "integer", min = 1, max = 65535, default = 6379, description = "Redis port" },
+              database = { type = "integer", min = 0, default = 0, description = "Redis database number" },
+              username = { type = "string", required = false, description = "ACL user name" },
+              password = { type = "string", required = false, description = "password" },
+              timeout = { type = "number", min = 0, default = 2, description = "seconds per Redis call" },
+            } },
+} }
