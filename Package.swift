@@ -35,7 +35,7 @@ let package = Package(
         .target(
             name: "WeirLua",
             dependencies: [
-                "CLua", "CLuaShims", "WeirCore",
+                "CLua", "CLuaShims", "WeirCore", "WeirRedis",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),

@@ -9,6 +9,8 @@ enum AsyncValue {
     case bytes([UInt8])
     /// Pushed as { status = n, headers = { name = value | {values} }, body = "..." }.
     case httpResponse(OutboundResponse)
+    /// Pushed by the closure (exactly one value), e.g. a Redis reply (SDKRedis.swift).
+    case pushed((LuaThread) -> Void)
 }
 
 /// The plugin scope of one request (or of one connection's connection
@@ -177,6 +179,7 @@ public final class PluginRequest {
                             p.withMemoryRebound(to: CChar.self) { _ = lua_pushlstring(thread, $0.baseAddress, $0.count) }
                         }
                         lua_setfield(thread, -2, "body")
+                    case .pushed(let push): push(thread)
                     }
                 }
                 runtime.budgetRemaining = savedBudget

@@ -90,7 +90,7 @@ extension LuaRuntime {
     }
 
     /// Wraps a native that works in any scope (request or connection).
-    private func scopeNative(_ name: String, _ body: @escaping (LuaThread, PluginRequest) -> NativeReturn) -> NativeFunction {
+    func scopeNative(_ name: String, _ body: @escaping (LuaThread, PluginRequest) -> NativeReturn) -> NativeFunction {
         return { [unowned self] L in
             guard let scope = self.current else {
                 return .error("\(name): no request is active (called outside a plugin phase?)")
@@ -101,7 +101,7 @@ extension LuaRuntime {
 
     /// Starts an async operation: only from the scope's own coroutine, which
     /// the runtime resumes when `future` completes.
-    private func suspend(_ name: String, _ L: LuaThread, _ scope: PluginRequest,
+    func suspend(_ name: String, _ L: LuaThread, _ scope: PluginRequest,
                          _ future: @autoclosure () -> EventLoopFuture<[AsyncValue]>) -> NativeReturn {
         guard let co = scope.coroutine, co.thread == L else {
             return .error("\(name) cannot be called from a coroutine created by the plugin; call it from the phase function itself")
@@ -380,6 +380,7 @@ extension LuaRuntime {
             lua_pushboolean(L, 1)
             return .values(1)
         }))
+        n.append(contentsOf: makeRedisNatives())
         n.append(contentsOf: makeConsumerNatives())
         return n
     }

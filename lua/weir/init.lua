@@ -597,6 +597,221 @@ function timer.every(interval, fn)
   return N.timer_start(interval, fn, true)
 end
 
+-- weir.redis -------------------------------------------------------------------
+
+-- A handle names a Redis server (address, database, credentials, timeout);
+-- commands go to the event loop's pooled, pipelined client, so connect{}
+-- opens nothing and is cheap per request. Redis and network failures
+-- return nil, err (never raise); wrong argument types raise here.
+local redis = {}
+weir.redis = redis
+-- Stands for a nil reply inside arrays (pipeline results, EXEC, MGET), which
+-- would otherwise end the array. Compare with `v == weir.null`.
+weir.null = N.redis_null()
+
+local native_redis_command, native_redis_pipeline = N.redis_command, N.redis_pipeline
+
+local redis_handle = {}
+redis_handle.__index = redis_handle
+local redis_script = {}
+redis_script.__index = redis_script
+local redis_pipe = {}
+redis_pipe.__index = redis_pipe
+
+function redis.connect(opts)
+  check_phase("weir.redis.connect", ANY_PHASE)
+  if opts == nil then opts = {} end
+  if type(opts) ~= "table" then arg_error("weir.redis.connect", 1, "table or nil", opts, 3) end
+  local host = opts.host == nil and "127.0.0.1" or opts.host
+  if type(host) ~= "string" or host == "" then error("weir.redis.connect: host must be a non-empty string", 2) end
+  local port = opts.port == nil and 6379 or opts.port
+  if math_type(port) ~= "integer" or port < 1 or port > 65535 then
+    error("weir.redis.connect: port must be an integer in 1-65535", 2)
+  end
+  local database = opts.database == nil and 0 or opts.database
+  if math_type(database) ~= "integer" or database < 0 then
+    error("weir.redis.connect: database must be an integer >= 0", 2)
+  end
+  if opts.username ~= nil and type(opts.username) ~= "string" then error("weir.redis.connect: username must be a string", 2) end
+  if opts.password ~= nil and type(opts.password) ~= "string" then error("weir.redis.connect: password must be a string", 2) end
+  local timeout = opts.timeout == nil and 1 or opts.timeout
+  if type(timeout) ~= "number" or not (timeout > 0) or timeout == math.huge then
+    error("weir.redis.connect: timeout must be a positive number of seconds", 2)
+  end
+  return setmetatable({ host = host, port = port, database = database, username = opts.username,
+                        password = opts.password, timeout = timeout }, redis_handle)
+end
+
+-- Error levels: arg_error <- these checks <- builder <- method <- plugin code.
+local function redis_arg(fname, n, v)
+  local t = type(v)
+  if t ~= "string" and t ~= "number" then arg_error(fname, n, "string or number", v, 5) end
+end
+
+local function redis_key(fname, n, v)
+  if type(v) ~= "string" then arg_error(fname, n, "string", v, 5) end
+end
+
+local function redis_int(fname, n, v)
+  if math_type(v) ~= "integer" and not (type(v) == "number" and v == floor(v)) then
+    arg_error(fname, n, "integer", v, 5)
+  end
+end
+
+-- EVAL/EVALSHA argument list: name, script, #keys, keys..., args...
+-- `level` is the plugin's frame as seen from here.
+local function script_command(fname, level, name, script, keys, args)
+  keys = keys == nil and {} or keys
+  args = args == nil and {} or args
+  if type(keys) ~= "table" then arg_error(fname, 2, "table or nil", keys, level + 1) end
+  if type(args) ~= "table" then arg_error(fname, 3, "table or nil", args, level + 1) end
+  local cmd = { name, script, #keys }
+  for i = 1, #keys do
+    if type(keys[i]) ~= "string" then error(fname .. ": keys[" .. i .. "] must be a string", level) end
+    cmd[#cmd + 1] = keys[i]
+  end
+  for i = 1, #args do
+    local t = type(args[i])
+    if t ~= "string" and t ~= "number" then error(fname .. ": args[" .. i .. "] must be a string or number", level) end
+    cmd[#cmd + 1] = args[i]
+  end
+  return cmd
+end
+
+-- Each builder turns a method's arguments into one command (an array);
+-- the handle sends it, a pipeline queues it.
+local builders = {}
+
+function builders.command(fname, name, ...)
+  redis_key(fname, 1, name)
+  local cmd = { name, ... }
+  for i = 2, select("#", ...) + 1 do redis_arg(fname, i, cmd[i]) end
+  return cmd
+end
+builders.call = builders.command
+
+function builders.get(fname, key)
+  redis_key(fname, 1, key)
+  return { "GET", key }
+end
+
+-- opts: ex = seconds, px = milliseconds, nx = true, xx = true.
+function builders.set(fname, key, value, opts)
+  redis_key(fname, 1, key)
+  redis_arg(fname, 2, value)
+  local cmd = { "SET", key, value }
+  if opts ~= nil then
+    if type(opts) ~= "table" then arg_error(fname, 3, "table or nil", opts, 4) end
+    if opts.ex ~= nil then
+      if math_type(opts.ex) ~= "integer" or opts.ex <= 0 then error(fname .. ": ex must be a positive integer (seconds)", 3) end
+      cmd[#cmd + 1] = "EX"; cmd[#cmd + 1] = opts.ex
+    end
+    if opts.px ~= nil then
+      if math_type(opts.px) ~= "integer" or opts.px <= 0 then error(fname .. ": px must be a positive integer (milliseconds)", 3) end
+      cmd[#cmd + 1] = "PX"; cmd[#cmd + 1] = opts.px
+    end
+    if opts.nx then cmd[#cmd + 1] = "NX" end
+    if opts.xx then cmd[#cmd + 1] = "XX" end
+  end
+  return cmd
+end
+
+function builders.incr(fname, key)
+  redis_key(fname, 1, key)
+  return { "INCR", key }
+end
+
+function builders.incrby(fname, key, amount)
+  redis_key(fname, 1, key)
+  redis_int(fname, 2, amount)
+  return { "INCRBY", key, amount }
+end
+
+function builders.expire(fname, key, seconds)
+  redis_key(fname, 1, key)
+  redis_int(fname, 2, seconds)
+  return { "EXPIRE", key, seconds }
+end
+
+function builders.del(fname, ...)
+  local cmd = { "DEL", ... }
+  if #cmd == 1 then error(fname .. ": expected at least one key", 3) end
+  for i = 2, select("#", ...) + 1 do redis_key(fname, i - 1, cmd[i]) end
+  return cmd
+end
+
+function builders.eval(fname, script, keys, args)
+  redis_key(fname, 1, script)
+  local cmd = script_command(fname, 4, "EVAL", script, keys, args)
+  return cmd -- not a tail call, which would drop this frame and shift the error level
+end
+
+function builders.evalsha(fname, sha, keys, args)
+  redis_key(fname, 1, sha)
+  local cmd = script_command(fname, 4, "EVALSHA", sha, keys, args)
+  return cmd -- not a tail call, which would drop this frame and shift the error level
+end
+
+local function check_handle(fname, self)
+  if getmetatable(self) ~= redis_handle then
+    error(fname .. ": call it with ':' on a handle from weir.redis.connect", 3)
+  end
+end
+
+local function send(self, cmd)
+  return native_redis_command(self.host, self.port, self.database, self.username, self.password, self.timeout, cmd)
+end
+
+for name, build in pairs(builders) do
+  local hname, pname = "red:" .. name, "pipeline:" .. name
+  redis_handle[name] = function(self, ...)
+    check_phase(hname, ANY_PHASE)
+    check_handle(hname, self)
+    return send(self, build(hname, ...))
+  end
+  redis_pipe[name] = function(self, ...)
+    if getmetatable(self) ~= redis_pipe then error(pname .. ": call it with ':' on the pipeline object", 2) end
+    if self.done then error(pname .. ": the pipeline was already sent (use it only inside its function)", 2) end
+    self.commands[#self.commands + 1] = build(pname, ...)
+  end
+end
+
+-- Queues the commands fn(p) makes and sends them in one round trip.
+-- Returns an array with one entry per command (a reply, weir.null for a nil
+-- reply, or {false, "ERR ..."} for an error reply), or nil, err when the
+-- round trip failed (timeout, connection).
+function redis_handle:pipeline(fn)
+  check_phase("red:pipeline", ANY_PHASE)
+  check_handle("red:pipeline", self)
+  if type(fn) ~= "function" then arg_error("red:pipeline", 1, "function", fn, 3) end
+  local p = setmetatable({ commands = {} }, redis_pipe)
+  fn(p)
+  p.done = true
+  if #p.commands == 0 then return {} end
+  return native_redis_pipeline(self.host, self.port, self.database, self.username, self.password, self.timeout, p.commands)
+end
+
+-- A Lua script run with EVALSHA (one round trip once the server has it),
+-- falling back to EVAL when the server answers NOSCRIPT.
+function redis_handle:script(source)
+  check_phase("red:script", ANY_PHASE)
+  check_handle("red:script", self)
+  if type(source) ~= "string" then arg_error("red:script", 1, "string", source, 3) end
+  return setmetatable({ handle = self, source = source, sha1 = N.redis_sha1(source) }, redis_script)
+end
+
+function redis_script:run(keys, args)
+  check_phase("script:run", ANY_PHASE)
+  if getmetatable(self) ~= redis_script then error("script:run: call it with ':' on a script from red:script", 2) end
+  local cmd = script_command("script:run", 3, "EVALSHA", self.sha1, keys, args)
+  local res, err = send(self.handle, cmd)
+  if res == nil and type(err) == "string" and err:sub(1, 8) == "NOSCRIPT" then
+    cmd[1], cmd[2] = "EVAL", self.source
+    return send(self.handle, cmd)
+  end
+  return res, err
+end
+
 -- weir.crypto -----------------------------------------------------------------
 
 weir.crypto = {
