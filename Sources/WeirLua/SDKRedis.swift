@@ -70,6 +70,19 @@ private func redisCommand(at index: Int32, on L: LuaThread) -> [RedisArgument]? 
     return command
 }
 
+/// Transactions cannot work on the loop's shared, pipelined connection:
+/// between one request's MULTI and EXEC the server would queue every other
+/// request's commands into the transaction. Refused here, before sending
+/// (WeirRedis refuses the commands that break reply matching itself).
+private let transactionCommands: Set<String> = ["MULTI", "EXEC", "DISCARD", "WATCH", "UNWATCH"]
+
+private func sdkRefusal(_ command: [RedisArgument]) -> String? {
+    guard case .bytes(let bytes)? = command.first, bytes.readableBytes <= 7 else { return nil }
+    let name = String(buffer: bytes).uppercased()
+    guard transactionCommands.contains(name) else { return nil }
+    return "refused (\(name): transactions are not available on the shared connection; use a script (eval) instead)"
+}
+
 /// What a plugin sees as `err` for a failed command. Server error replies
 /// pass through as Redis wrote them ("ERR ...", "WRONGTYPE ..."); both
 /// timeouts are just "timeout" so plugins can test for it.
@@ -145,6 +158,9 @@ extension LuaRuntime {
             guard let command = redisCommand(at: 7, on: L) else {
                 return .error("weir.redis: a command is a non-empty array of strings and numbers")
             }
+            if let refusal = sdkRefusal(command) {
+                lua_pushnil(L); LuaState.push(refusal, on: L); return .values(2)
+            }
             let client = RedisClients.forLoop(self.eventLoop!, configuration)
             return self.suspend("weir.redis", L, scope, client.send(command: command, timeout: timeout)
                 .map { reply in [AsyncValue.pushed { pushRedisReply(reply, topLevel: true, on: $0) }] }
@@ -169,6 +185,9 @@ extension LuaRuntime {
                     weir_pop(L, 1)
                     guard let command = command else {
                         return .error("weir.redis: pipeline command #\(i) is not a non-empty array of strings and numbers")
+                    }
+                    if let refusal = sdkRefusal(command) {
+                        lua_pushnil(L); LuaState.push(refusal, on: L); return .values(2)
                     }
                     commands.append(command)
                 }

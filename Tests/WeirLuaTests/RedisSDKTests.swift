@@ -130,6 +130,8 @@ final class RedisSDKTests: XCTestCase {
         add(red:command("NOSUCHCOMMAND", "x"))
         add(red:eval("return redis.call('INCR', KEYS[1])", { "str" }))
         add(red:command("SUBSCRIBE", "chan"))           -- refused by the client, never sent
+        add(red:command("multi"))                       -- transactions would capture other requests' commands
+        add(red:pipeline(function(p) p:incr("x"); p:command("EXEC") end))
         add(red:get("str"))                             -- the connection is still fine
         return result()
         """)
@@ -139,7 +141,10 @@ final class RedisSDKTests: XCTestCase {
         XCTAssertTrue(text.contains("nil/ERR unknown command 'NOSUCHCOMMAND'"), text)
         XCTAssertTrue(text.contains("nil/ERR value is not an integer"), text)
         XCTAssertTrue(text.contains("nil/refused ("), text)
+        XCTAssertTrue(text.contains("nil/refused (MULTI: transactions are not available"), text)
+        XCTAssertTrue(text.contains("nil/refused (EXEC: transactions are not available"), text)
         XCTAssertTrue(text.hasSuffix("'abc'"), text)
+        XCTAssertEqual(try server.cli("EXISTS", "x"), "0", "a refused pipeline sends nothing")
     }
 
     func testEvalScriptWithNoscriptFallbackAndPipeline() throws {
