@@ -107,7 +107,7 @@ final class RedisSDKTests: XCTestCase {
 
     func testSetOptions() throws {
         let result = try runRequestPhase("""
-        add(red:set("k", "v1", { ex = 50 }))
+        add(red:set("k", "v1", { ex = 50.0 }))
         add(red:set("k", "v2", { nx = true }))          -- exists: nil reply, no error
         add(red:set("new", 7, { nx = true, px = 60000 }))
         add(red:set("k", "v3", { xx = true }))
@@ -257,6 +257,57 @@ final class RedisSDKTests: XCTestCase {
         XCTAssertTrue(text.contains(" nil/unavailable ("), text)
     }
 
+    func testServerKilledMidRunReturnsErrorsThenRecovers() throws {
+        harness.folder.add("t", handler: """
+        return { PRIORITY = 1, VERSION = "1", request = function(self, conf, ctx)
+          \(Self.prelude)
+          local red = weir.redis.connect{ port = \(server.port), timeout = 0.5 }
+          add(red:incr("k"))
+          return result()
+        end }
+        """)
+        try harness.load(["t"])
+        let chain = try harness.chain("t")
+        XCTAssertEqual(body(try runBounded(chain)), "1")
+        server.kill()
+        // The pooled connection dies with the server: nil, err, never a hang.
+        let down = body(try runBounded(chain))
+        XCTAssertTrue(down.hasPrefix("nil/closed (") || down.hasPrefix("nil/connection refused (")
+                      || down.hasPrefix("nil/unavailable ("), down)
+        try server.start()
+        // After the backoff the next command reconnects (a fresh server: counts from 1).
+        waitUntil("a request succeeds again") { (try? self.body(self.runBounded(chain))) == "1" }
+    }
+
+    /// Runs the chain's request phase like Harness.runRequest, but fails the
+    /// test instead of hanging if the phase never completes.
+    private func runBounded(_ chain: PluginChain) throws -> PhaseResult {
+        let h = harness!
+        let scope = h.begin(h.newRequest())
+        let done = DispatchSemaphore(value: 0)
+        let box = PhaseBox()
+        h.loop.execute {
+            scope.run(.request, chain: chain).whenComplete { box.result = $0; scope.finish(); done.signal() }
+        }
+        guard done.wait(timeout: .now() + 15) == .success else {
+            XCTFail("request phase did not complete within 15 s (hang)")
+            throw CancellationError()
+        }
+        return try box.result!.get()
+    }
+
+    /// Retries `attempt` until it returns true once (it may have side effects,
+    /// so it is not evaluated again afterwards).
+    private func waitUntil(_ what: String, _ attempt: () -> Bool) {
+        let deadline = Date().addingTimeInterval(20)
+        var succeeded = attempt()
+        while !succeeded && Date() < deadline {
+            Thread.sleep(forTimeInterval: 0.02)
+            succeeded = attempt()
+        }
+        XCTAssertTrue(succeeded, what)
+    }
+
     func testCommandTimeoutReturnsTimeout() throws {
         // BLPOP blocks on the server for 2 s; the handle's timeout is 0.2 s.
         let results = try runRequestPhase("""
@@ -374,6 +425,10 @@ final class RedisSDKTests: XCTestCase {
     }
 }
 
+private final class PhaseBox: @unchecked Sendable {
+    var result: Result<PhaseResult, Error>?
+}
+
 /// A real `redis-server` on a free loopback port for one test (adapted from
 /// WeirRedisTests' RedisServerProcess); `cli` checks state with redis-cli.
 final class LuaRedisServer {
@@ -389,6 +444,12 @@ final class LuaRedisServer {
     init() throws {
         port = try Self.freePort()
         logURL = FileManager.default.temporaryDirectory.appendingPathComponent("weir-lua-redis-\(port).log")
+        try start()
+    }
+
+    /// Starts (or, after kill(), restarts) the server on the same port.
+    func start() throws {
+        precondition(process == nil, "already running")
         let process = Process()
         process.executableURL = URL(fileURLWithPath: "/usr/bin/redis-server")
         process.arguments = ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
@@ -403,16 +464,22 @@ final class LuaRedisServer {
             usleep(25_000)
         }
         let log = (try? String(contentsOf: logURL, encoding: .utf8)) ?? ""
+        kill()
         throw NSError(domain: "LuaRedisServer", code: 1,
                       userInfo: [NSLocalizedDescriptionKey: "redis-server on port \(port) did not answer PING; log:\n\(log)"])
     }
 
     deinit {
-        if let process = process, process.isRunning {
-            kill(process.processIdentifier, SIGKILL)
-            process.waitUntilExit()
-        }
+        kill()
         try? FileManager.default.removeItem(at: logURL)
+    }
+
+    /// SIGKILL, as a crash would; waits until the process (and its port) is gone.
+    func kill() {
+        guard let process = process else { return }
+        self.process = nil
+        if process.isRunning { Foundation.kill(process.processIdentifier, SIGKILL) }
+        process.waitUntilExit()
     }
 
     @discardableResult

@@ -703,11 +703,11 @@ function builders.set(fname, key, value, opts)
   if opts ~= nil then
     if type(opts) ~= "table" then arg_error(fname, 3, "table or nil", opts, 4) end
     if opts.ex ~= nil then
-      if math_type(opts.ex) ~= "integer" or opts.ex <= 0 then error(fname .. ": ex must be a positive integer (seconds)", 3) end
+      if type(opts.ex) ~= "number" or opts.ex ~= floor(opts.ex) or opts.ex <= 0 then error(fname .. ": ex must be a positive integer (seconds)", 3) end
       cmd[#cmd + 1] = "EX"; cmd[#cmd + 1] = opts.ex
     end
     if opts.px ~= nil then
-      if math_type(opts.px) ~= "integer" or opts.px <= 0 then error(fname .. ": px must be a positive integer (milliseconds)", 3) end
+      if type(opts.px) ~= "number" or opts.px ~= floor(opts.px) or opts.px <= 0 then error(fname .. ": px must be a positive integer (milliseconds)", 3) end
       cmd[#cmd + 1] = "PX"; cmd[#cmd + 1] = opts.px
     end
     if opts.nx then cmd[#cmd + 1] = "NX" end
