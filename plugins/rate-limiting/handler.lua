@@ -56,7 +56,10 @@ function RateLimiting:request(conf, ctx)
   end
 
   local now = weir.time.now()
-  local base = "rl|" .. conf.limit_by .. "|" .. identifier(conf) .. "|"
+  -- The identifier is length-prefixed so a header value containing "|"
+  -- cannot collide with another client's keys.
+  local id = identifier(conf)
+  local base = "rl|" .. conf.limit_by .. "|" .. #id .. ":" .. id .. "|"
   local taken, states, refused = {}, {}, nil
   for _, period in ipairs(PERIODS) do
     local limit = conf[period.name]
