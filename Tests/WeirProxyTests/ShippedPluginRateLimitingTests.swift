@@ -163,7 +163,6 @@ final class ShippedPluginRateLimitingTests: XCTestCase {
             ("{ minute: many }", "routes[0].plugins[0].config.minute"),
             ("{ minute: 0 }", "routes[0].plugins[0].config.minute"),
             ("{ minute: 5, limit_by: planet }", "routes[0].plugins[0].config.limit_by"),
-            ("{ minute: 5, policy: redis, redis: { host: 127.0.0.1 } }", "not available yet"),
             ("{ minute: 5, limit_by: route }", "not available yet"),
             ("{ minute: 5, redis: { port: 70000 } }", "routes[0].plugins[0].config.redis.port"),
         ]
@@ -175,5 +174,54 @@ final class ShippedPluginRateLimitingTests: XCTestCase {
         // Defaults: policy local, limit_by consumer (-> IP when anonymous), fault tolerant.
         let proxy = try start("{ minute: 5, redis: {} }")
         proxy.stop()
+    }
+
+    // MARK: policy redis (a real redis-server)
+
+    /// Two event loops, concurrent clients, counters in Redis: exactly the
+    /// limit passes; the window edge behaves as with policy local.
+    func testRedisPolicyIsExactAndSlides() throws {
+        try XCTSkipUnless(ShippedPluginRedis.isAvailable, "redis-server not installed")
+        let redis = try ShippedPluginRedis()
+        defer { redis.stop() }
+        let proxy = try start("{ hour: 40, second: 10, limit_by: header, header_name: x-who, policy: redis, redis: { port: \(redis.port) } }")
+        defer { proxy.stop() }
+        let admitted = NIOLockedValueBox(0)
+        let other = NIOLockedValueBox<[Int]>([])
+        DispatchQueue.concurrentPerform(iterations: 6) { _ in
+            guard let client = try? proxy.connect() else { other.withLockedValue { $0.append(-1) }; return }
+            for _ in 0..<10 {
+                let status = (try? self.get(client, at: 36000.5, [("x-who", "burst")]).status) ?? -1
+                if status == 200 { admitted.withLockedValue { $0 += 1 } }
+                else if status != 429 { other.withLockedValue { $0.append(status) } }
+            }
+        }
+        XCTAssertEqual(other.withLockedValue { $0 }, [])
+        XCTAssertEqual(admitted.withLockedValue { $0 }, 10, "the per-second limit, exactly")
+        let client = try proxy.connect()
+        func admittedCount(at clock: Double) throws -> Int {
+            var n = 0
+            for _ in 0..<15 where try get(client, at: clock, [("x-who", "edge")]).status == 200 { n += 1 }
+            return n
+        }
+        XCTAssertEqual(try admittedCount(at: 2000.9), 10)
+        XCTAssertEqual(try admittedCount(at: 2001.05), 0)
+        XCTAssertEqual(try admittedCount(at: 2001.5), 5)
+        let limited = try get(client, at: 2001.5, [("x-who", "edge")])
+        XCTAssertEqual(limited.status, 429)
+        XCTAssertEqual(limited.header("ratelimit-limit"), "10")
+        XCTAssertEqual(limited.header("x-ratelimit-limit-hour"), "40")
+    }
+
+    func testRedisDownIsFaultTolerantOrFails() throws {
+        let port = try CLITests.freePort()
+        do {
+            let proxy = try start("{ minute: 1, policy: redis, redis: { port: \(port), timeout: 0.5 } }")
+            defer { proxy.stop() }
+            XCTAssertEqual(try get(try proxy.connect(), at: 1).status, 200, "fault_tolerant lets it through")
+        }
+        let proxy = try start("{ minute: 1, policy: redis, fault_tolerant: false, redis: { port: \(port), timeout: 0.5 } }")
+        defer { proxy.stop() }
+        XCTAssertEqual(try get(try proxy.connect(), at: 1).status, 500)
     }
 }

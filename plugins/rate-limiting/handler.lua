@@ -46,49 +46,119 @@ local function retry_after(limit, window, prev, cur, elapsed)
   return (window - elapsed) + max(0, needed)
 end
 
-function RateLimiting:request(conf, ctx)
-  local dict = weir.shared[conf.dictionary]
-  if not dict then
-    local message = "rate-limiting: no weir.shared dictionary named '" .. conf.dictionary ..
-      "'; declare it under shared_dicts"
-    if conf.fault_tolerant then weir.log.err(message .. " (request let through: fault_tolerant)") return end
-    error(message)
-  end
-
-  local now = weir.time.now()
-  -- The identifier is length-prefixed so a header value containing "|"
-  -- cannot collide with another client's keys.
-  local id = identifier(conf)
-  local base = "rl|" .. conf.limit_by .. "|" .. #id .. ":" .. id .. "|"
-  local taken, states, refused = {}, {}, nil
+-- The windows of the configured periods at time `now`:
+-- { name, limit, window, elapsed, key (current window), prev_key }.
+local function windows(conf, now, base)
+  local list = {}
   for _, period in ipairs(PERIODS) do
     local limit = conf[period.name]
     if limit then
       local window = period.seconds
       local start = floor(now / window) * window
-      local key = base .. period.name .. "|" .. start
-      local count, err = dict:incr(key, 1, 0, 2 * window + 1)
-      if not count then
-        for _, k in ipairs(taken) do dict:incr(k, -1) end
-        if conf.fault_tolerant then weir.log.err("rate-limiting: counter update failed: ", err) return end
-        error("rate-limiting: counter update failed: " .. tostring(err))
-      end
-      taken[#taken + 1] = key
-      local prev = tonumber(dict:get(base .. period.name .. "|" .. (start - window))) or 0
-      local elapsed = now - start
-      local estimate = prev * (window - elapsed) / window + count
-      local state = { name = period.name, limit = limit, window = window, prev = prev, count = count,
-                      elapsed = elapsed, remaining = max(0, floor(limit - estimate)) }
-      states[#states + 1] = state
-      if estimate > limit and not refused then refused = state end
+      list[#list + 1] = { name = period.name, limit = limit, window = window, elapsed = now - start,
+                          key = base .. period.name .. "|" .. start,
+                          prev_key = base .. period.name .. "|" .. (start - window) }
     end
   end
-  if #states == 0 then
-    error("rate-limiting: configure at least one of second, minute, hour, day")
+  return list
+end
+
+local function over(w)
+  return w.prev * (w.window - w.elapsed) / w.window + w.count > w.limit
+end
+
+-- policy local: counters in a weir.shared dictionary. Fills w.count and
+-- w.prev; returns the refused window (its increment given back) or nil, or
+-- nil, err when the counters cannot be used.
+local function count_local(conf, list)
+  local dict = weir.shared[conf.dictionary]
+  if not dict then
+    return nil, "no weir.shared dictionary named '" .. conf.dictionary .. "'; declare it under shared_dicts"
+  end
+  local taken, refused = {}, nil
+  for _, w in ipairs(list) do
+    local count, err = dict:incr(w.key, 1, 0, 2 * w.window + 1)
+    if not count then
+      for _, k in ipairs(taken) do dict:incr(k, -1) end
+      return nil, "counter update failed: " .. tostring(err)
+    end
+    taken[#taken + 1] = w.key
+    w.count = count
+    w.prev = tonumber(dict:get(w.prev_key)) or 0
+    if not refused and over(w) then refused = w end
   end
   if refused then
     for _, k in ipairs(taken) do dict:incr(k, -1) end
   end
+  return refused or false
+end
+
+-- policy redis: the same decision made atomically inside Redis by one script
+-- (so it is exact across gateways sharing the server). KEYS: current and
+-- previous key per window; ARGV: per window limit, window length, elapsed.
+-- Returns { refused index (0 = none), count1, prev1, count2, prev2, ... }.
+local REDIS_SCRIPT = [[
+local out, refused, n = {}, 0, #KEYS / 2
+for i = 1, n do
+  local cur, prev = KEYS[2 * i - 1], KEYS[2 * i]
+  local limit, window, elapsed = tonumber(ARGV[3 * i - 2]), tonumber(ARGV[3 * i - 1]), tonumber(ARGV[3 * i])
+  local count = redis.call("INCR", cur)
+  if count == 1 then redis.call("EXPIRE", cur, 2 * window + 1) end
+  local p = tonumber(redis.call("GET", prev) or "0") or 0
+  out[#out + 1] = count
+  out[#out + 1] = p
+  if refused == 0 and p * (window - elapsed) / window + count > limit then refused = i end
+end
+if refused > 0 then
+  for i = 1, n do redis.call("DECR", KEYS[2 * i - 1]) end
+end
+table.insert(out, 1, refused)
+return out
+]]
+
+local function count_redis(conf, list)
+  local r = conf.redis or {}
+  local red = weir.redis.connect{ host = r.host, port = r.port, database = r.database,
+                                  username = r.username, password = r.password, timeout = r.timeout }
+  local keys, args = {}, {}
+  for _, w in ipairs(list) do
+    keys[#keys + 1] = w.key
+    keys[#keys + 1] = w.prev_key
+    args[#args + 1] = w.limit
+    args[#args + 1] = w.window
+    args[#args + 1] = tostring(w.elapsed)
+  end
+  local reply, err = red:script(REDIS_SCRIPT):run(keys, args)
+  if not reply then return nil, "redis: " .. tostring(err) end
+  for i, w in ipairs(list) do
+    w.count = tonumber(reply[2 * i])
+    w.prev = tonumber(reply[2 * i + 1])
+  end
+  return list[reply[1]] or false
+end
+
+function RateLimiting:request(conf, ctx)
+  -- The identifier is length-prefixed so a header value containing "|"
+  -- cannot collide with another client's keys.
+  local id = identifier(conf)
+  local base = "rl|" .. conf.limit_by .. "|" .. #id .. ":" .. id .. "|"
+  local states = windows(conf, weir.time.now(), base)
+  if #states == 0 then
+    error("rate-limiting: configure at least one of second, minute, hour, day")
+  end
+  local refused, err
+  if conf.policy == "redis" then refused, err = count_redis(conf, states) else refused, err = count_local(conf, states) end
+  if refused == nil then
+    if conf.fault_tolerant then
+      weir.log.err("rate-limiting: ", err, " (request let through: fault_tolerant)")
+      return
+    end
+    error("rate-limiting: " .. err)
+  end
+  for _, w in ipairs(states) do
+    w.remaining = max(0, floor(w.limit - (w.prev * (w.window - w.elapsed) / w.window + w.count)))
+  end
+  refused = refused or nil
 
   if not conf.hide_client_headers then
     -- The most restrictive period speaks for the RateLimit-* headers.
