@@ -48,6 +48,9 @@ public protocol PluginRequestContext: AnyObject {
     var clientIP: String { get }
     var clientPort: Int { get }
     var consumer: String? { get }
+    /// The name of the route the request matched (`weir.request.get_route`);
+    /// nil when it matched none or the route has no name.
+    var matchedRouteName: String? { get }
     /// Marks the request as made by `consumer` (an auth plugin succeeded).
     func authenticate(consumer: String, credential: String?)
 
@@ -75,6 +78,11 @@ public protocol PluginRequestContext: AnyObject {
     func setResponseHeader(_ lowercasedName: String, _ value: String)
     func addResponseHeader(_ lowercasedName: String, _ value: String)
     func clearResponseHeader(_ lowercasedName: String)
+}
+
+extension PluginRequestContext {
+    /// Contexts outside a routed request (tests, tools) have no route.
+    public var matchedRouteName: String? { nil }
 }
 
 /// One downstream connection as the connection phase sees it.

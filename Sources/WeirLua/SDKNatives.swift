@@ -142,6 +142,7 @@ extension LuaRuntime {
         n.append(("req_get_host", requestNative("weir.request.get_host") { L, _, r in pushOptional(r.host, on: L); return .values(1) }))
         n.append(("req_get_scheme", requestNative("weir.request.get_scheme") { L, _, r in LuaState.push(r.scheme, on: L); return .values(1) }))
         n.append(("req_get_id", requestNative("weir.request.get_id") { L, _, r in LuaState.push(r.requestID, on: L); return .values(1) }))
+        n.append(("req_get_route", requestNative("weir.request.get_route") { L, _, r in pushOptional(r.matchedRouteName, on: L); return .values(1) }))
         n.append(("req_get_header", requestNative("weir.request.get_header") { L, _, r in
             guard let name = LuaState.string(at: 1, on: L) else { return .error("weir.request.get_header: header name must be a string") }
             pushOptional(r.requestHeader(lowercasedHeaderName(name)), on: L)

@@ -131,6 +131,69 @@ final class ShippedPluginRateLimitingTests: XCTestCase {
         XCTAssertEqual(try get(client, at: 600).status, 429)
     }
 
+    /// Counters are per route, and `limit_by: route` gives all clients of a
+    /// route one budget. A helper plugin echoes `weir.request.get_route()`.
+    func testCountersArePerRouteAndLimitByRoute() throws {
+        try helpers.write("route-echo", handler: """
+        local weir = require "weir"
+        local P = { PRIORITY = 1, VERSION = "1" }
+        function P:response(conf, ctx)
+          weir.response.set_header("x-route", weir.request.get_route() or "(nil)")
+        end
+        return P
+        """)
+        let yaml = """
+        listeners:
+          - { name: web, listen: 127.0.0.1:0 }
+        upstreams:
+          - { name: backend, targets: [{ address: UPSTREAM }] }
+        routes:
+          - name: a
+            match: { paths: [/a] }
+            upstream: backend
+            plugins:
+              - { name: rate-limiting, config: { minute: 1, limit_by: header, header_name: x-tenant } }
+          - name: b
+            match: { paths: [/b] }
+            upstream: backend
+            plugins:
+              - { name: rate-limiting, config: { minute: 1, limit_by: header, header_name: x-tenant } }
+          - name: shared
+            match: { paths: [/shared] }
+            upstream: backend
+            plugins:
+              - { name: rate-limiting, config: { minute: 2, limit_by: route } }
+          - match: { paths: [/] }
+            upstream: backend
+        plugins:
+          - name: test-clock
+          - name: route-echo
+        access_log: off
+        shared_dicts: [{ name: rate-limiting, items: 1000 }]
+        """
+        let proxy = try startShippedPluginProxy(yaml: yaml, upstream: upstream, loops: 2,
+                                                extraPluginPaths: [helpers.pluginsDir])
+        defer { proxy.stop() }
+        let client = try proxy.connect()
+        func get(_ path: String, tenant: String) throws -> TestResponse {
+            try client.request("GET", path, headers: [("x-test-clock", "600"), ("x-tenant", tenant)])
+        }
+        let first = try get("/a", tenant: "t1")
+        XCTAssertEqual(first.status, 200)
+        XCTAssertEqual(first.header("x-route"), "a")
+        XCTAssertEqual(try get("/a", tenant: "t1").status, 429)
+        let onB = try get("/b", tenant: "t1")
+        XCTAssertEqual(onB.status, 200, "the same tenant has its own budget on another route")
+        XCTAssertEqual(onB.header("x-route"), "b")
+        XCTAssertEqual(try get("/b", tenant: "t1").status, 429)
+        // limit_by route: the two tenants share the route's 2 requests.
+        XCTAssertEqual(try get("/shared", tenant: "t1").status, 200)
+        XCTAssertEqual(try get("/shared", tenant: "t2").status, 200)
+        XCTAssertEqual(try get("/shared", tenant: "t3").status, 429)
+        XCTAssertEqual(try get("/other", tenant: "t1").header("x-route"), "route-3",
+                       "an unnamed route has the loader's name: route-<index>")
+    }
+
     func testHiddenHeadersAndCustomError() throws {
         let proxy = try start("{ second: 1, hide_client_headers: true, error_code: 503, error_message: slow down }")
         defer { proxy.stop() }
@@ -163,7 +226,6 @@ final class ShippedPluginRateLimitingTests: XCTestCase {
             ("{ minute: many }", "routes[0].plugins[0].config.minute"),
             ("{ minute: 0 }", "routes[0].plugins[0].config.minute"),
             ("{ minute: 5, limit_by: planet }", "routes[0].plugins[0].config.limit_by"),
-            ("{ minute: 5, limit_by: route }", "not available yet"),
             ("{ minute: 5, redis: { port: 70000 } }", "routes[0].plugins[0].config.redis.port"),
         ]
         for (config, expected) in cases {

@@ -168,6 +168,11 @@ function request.get_id()
   return N.req_get_id()
 end
 
+function request.get_route()
+  check_phase("weir.request.get_route", ANY_REQUEST_PHASE)
+  return N.req_get_route()
+end
+
 function request.get_body(max_bytes)
   check_phase("weir.request.get_body", REWRITE_PHASES)
   if max_bytes ~= nil then check_integer("weir.request.get_body", 1, max_bytes) end

@@ -28,6 +28,10 @@ local function identifier(conf)
   elseif conf.limit_by == "header" then
     if not conf.header_name then error("rate-limiting: header_name is required when limit_by is header") end
     return weir.request.get_header(conf.header_name) or weir.client.get_ip()
+  elseif conf.limit_by == "route" then
+    -- Every client of the route shares one budget (the route part of the key
+    -- already separates routes).
+    return ""
   end
   return weir.client.get_ip()
 end
@@ -138,10 +142,12 @@ local function count_redis(conf, list)
 end
 
 function RateLimiting:request(conf, ctx)
-  -- The identifier is length-prefixed so a header value containing "|"
-  -- cannot collide with another client's keys.
+  -- Counters are per route (as Kong keys them by route): the same client on
+  -- two routes has two budgets. Route and identifier are length-prefixed so
+  -- a header value containing "|" cannot collide with another client's keys.
   local id = identifier(conf)
-  local base = "rl|" .. conf.limit_by .. "|" .. #id .. ":" .. id .. "|"
+  local route = weir.request.get_route() or ""
+  local base = "rl|" .. #route .. ":" .. route .. "|" .. conf.limit_by .. "|" .. #id .. ":" .. id .. "|"
   local states = windows(conf, weir.time.now(), base)
   if #states == 0 then
     error("rate-limiting: configure at least one of second, minute, hour, day")

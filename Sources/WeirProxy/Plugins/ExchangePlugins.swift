@@ -197,6 +197,7 @@ final class ExchangePlugins: PluginRequestContext {
 
     var clientIP: String { handler?.clientIP ?? "" }
     var clientPort: Int { handler?.peerAddress?.port ?? 0 }
+    var matchedRouteName: String? { routeName.isEmpty ? nil : routeName }
     func authenticate(consumer: String, credential: String?) { self.consumer = consumer }
 
     /// After the route chain's request phase: the consumer's own plugins,
