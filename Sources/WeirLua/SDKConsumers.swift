@@ -16,11 +16,14 @@ public struct ConsumerCredentials: Sendable {
 
     /// plugin \0 field \0 value -> match. The first consumer listing a value wins.
     private var index: [String: Match] = [:]
+    /// consumer name -> `consumers[].groups` (for acl).
+    private var groupsByConsumer: [String: [String]] = [:]
 
     public init() {}
 
     public init(consumers: [ConsumerConfig]) {
         for consumer in consumers {
+            if groupsByConsumer[consumer.name] == nil { groupsByConsumer[consumer.name] = consumer.groups }
             for (plugin, value) in consumer.credentials {
                 // A single credential map is accepted as a list of one.
                 let list: [ConfigValue]
@@ -44,13 +47,20 @@ public struct ConsumerCredentials: Sendable {
         index[Self.key(plugin, field, value)]
     }
 
+    /// The configured groups of `consumer`; empty for a consumer that is not
+    /// configured (e.g. an `anonymous` name of an auth plugin).
+    public func groups(of consumer: String) -> [String] {
+        groupsByConsumer[consumer] ?? []
+    }
+
     private static func key(_ plugin: String, _ field: String, _ value: String) -> String {
         plugin + "\u{0}" + field + "\u{0}" + value
     }
 }
 
 extension LuaRuntime {
-    /// `weir.client.find_credential(plugin, field, value)` -> consumer, credential table | nil.
+    /// `weir.client.find_credential(plugin, field, value)` -> consumer, credential table | nil;
+    /// `weir.client.get_consumer_groups()` -> the consumer's groups.
     func makeConsumerNatives() -> [(String, NativeFunction)] {
         let credentials = options.credentials
         return [("client_find_credential", { L in
@@ -64,6 +74,12 @@ extension LuaRuntime {
             LuaState.push(match.consumer, on: L)
             LuaState.push(.map(match.credential), on: L)
             return .values(2)
+        }), ("client_consumer_groups", { L in
+            guard let consumer = LuaState.string(at: 1, on: L) else {
+                return .error("weir.client.get_consumer_groups: expected a consumer name")
+            }
+            LuaState.push(.array(credentials.groups(of: consumer).map { .string($0) }), on: L)
+            return .values(1)
         })]
     }
 }

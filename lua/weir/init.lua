@@ -431,6 +431,15 @@ function client.find_credential(plugin, field, value)
   return N.client_find_credential(plugin, field, value)
 end
 
+-- The authenticated consumer's consumers[].groups (a list), or nil when no
+-- consumer has been identified.
+function client.get_consumer_groups()
+  check_phase("weir.client.get_consumer_groups", ANY_REQUEST_PHASE)
+  local consumer = N.client_get_consumer()
+  if not consumer then return nil end
+  return N.client_consumer_groups(consumer)
+end
+
 -- weir.log ------------------------------------------------------------------------
 
 local log = {}
