@@ -61,6 +61,10 @@ public protocol PluginRequestContext: AnyObject {
     func setUpstreamPath(_ path: String)
     func setUpstreamQuery(_ query: String?)
     func setUpstreamMethod(_ method: String)
+    /// The request as it will be sent upstream so far (after earlier
+    /// plugins' changes): its headers and its query string ("" = none).
+    func upstreamRequestHeaders() -> [(name: String, value: String)]
+    var upstreamRawQuery: String { get }
     func setUpstreamBody(_ body: [UInt8])
     func setUpstreamTarget(host: String, port: Int)
     /// Switches to another configured upstream; false if no such upstream.
@@ -83,6 +87,9 @@ public protocol PluginRequestContext: AnyObject {
 extension PluginRequestContext {
     /// Contexts outside a routed request (tests, tools) have no route.
     public var matchedRouteName: String? { nil }
+    /// Contexts that do not build an upstream request: it is the downstream one.
+    public func upstreamRequestHeaders() -> [(name: String, value: String)] { requestHeaders() }
+    public var upstreamRawQuery: String { rawQuery ?? "" }
 }
 
 /// One downstream connection as the connection phase sees it.

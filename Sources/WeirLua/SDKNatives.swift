@@ -159,6 +159,12 @@ extension LuaRuntime {
         }))
 
         // weir.upstream.request and weir.upstream
+        n.append(("up_get_headers", requestNative("weir.upstream.request.get_headers") { L, _, r in
+            pushHeaderTable(r.upstreamRequestHeaders(), on: L); return .values(1)
+        }))
+        n.append(("up_get_raw_query", requestNative("weir.upstream.request.get_raw_query") { L, _, r in
+            LuaState.push(r.upstreamRawQuery, on: L); return .values(1)
+        }))
         func setter(_ fname: String, _ apply: @escaping (PluginRequestContext, String, String) -> Void) -> NativeFunction {
             requestNative(fname) { L, _, r in
                 guard let name = LuaState.string(at: 1, on: L), let value = LuaState.stringOrNumber(at: 2, on: L) else {

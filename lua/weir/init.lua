@@ -213,6 +213,23 @@ function upstream_request.set_path(path)
   N.up_set_path(path)
 end
 
+-- The upstream request as earlier plugins left it (request phase).
+function upstream_request.get_headers()
+  check_phase("weir.upstream.request.get_headers", REWRITE_PHASES)
+  return N.up_get_headers()
+end
+
+function upstream_request.get_raw_query()
+  check_phase("weir.upstream.request.get_raw_query", REWRITE_PHASES)
+  return N.up_get_raw_query()
+end
+
+function upstream_request.get_query(max_args)
+  check_phase("weir.upstream.request.get_query", REWRITE_PHASES)
+  if max_args ~= nil then check_integer("weir.upstream.request.get_query", 1, max_args) end
+  return parse_query(N.up_get_raw_query(), max_args or 100)
+end
+
 function upstream_request.set_query(query)
   check_phase("weir.upstream.request.set_query", REWRITE_PHASES)
   if type(query) == "table" then

@@ -229,6 +229,16 @@ final class ExchangePlugins: PluginRequestContext {
         exchange.upstreamHead?.uri = (query?.isEmpty ?? true) ? path : path + "?" + query!
     }
 
+    func upstreamRequestHeaders() -> [(name: String, value: String)] {
+        guard let head = exchange.upstreamHead else { return requestHeaders() }
+        return head.headers.map { (name: $0.name.lowercased(), value: $0.value) }
+    }
+
+    var upstreamRawQuery: String {
+        guard let uri = exchange.upstreamHead?.uri else { return rawQuery ?? "" }
+        return uri.firstIndex(of: "?").map { String(uri[uri.index(after: $0)...]) } ?? ""
+    }
+
     func setUpstreamMethod(_ method: String) { exchange.upstreamHead?.method = HTTPMethod(rawValue: method) }
 
     /// Request phase only (before the upstream connection exists): the
