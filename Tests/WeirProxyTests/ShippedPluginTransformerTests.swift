@@ -127,6 +127,23 @@ final class ShippedPluginTransformerTests: XCTestCase {
         XCTAssertNil(removed.header("x-upstream"))
     }
 
+    /// An early exit of another plugin (here fault-injection) skips the rest
+    /// of the chain, so its response is not transformed.
+    func testEarlyExitIsNotTransformed() throws {
+        let proxy = try start(routes: """
+          - name: exit
+            match: { paths: [/exit] }
+            upstream: backend
+            plugins:
+              - { name: fault-injection, config: { abort_percent: 100, abort_status: 418 } }
+              - { name: response-transformer, config: { add: { headers: { x-added: "1" } } } }
+        """)
+        defer { proxy.stop() }
+        let response = try proxy.connect().request("GET", "/exit")
+        XCTAssertEqual(response.status, 418)
+        XCTAssertNil(response.header("x-added"), "documented in response-transformer/README.md")
+    }
+
     func testSchemaRefusesBadValuesWithTheirPath() throws {
         let cases: [(String, String, String)] = [
             ("request-transformer", "{ add: { headers: [x-a] } }", "routes[0].plugins[0].config.add.headers"),
