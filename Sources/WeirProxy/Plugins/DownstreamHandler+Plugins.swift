@@ -7,7 +7,8 @@ import WeirLua
 // is nil otherwise), so a config without plugins never touches Lua.
 //
 //   accept ─ connection phase (global plugins; reject = close)
-//   head routed ─ request phase (may exit: that response, upstream skipped)
+//   head routed ─ request phase (may exit: that response, upstream skipped,
+//                 after the response phase ran on it)
 //   upstream head ─ response phase (status/header changes, may exit)
 //   response sent / request aborted ─ log phase, then the scope is finished
 /// Tells a future's callback whether it ran inline (the future was already
@@ -166,7 +167,7 @@ extension DownstreamHandler {
             return head
         case .exit(let exit):
             dropUpstream(exchange, connection)
-            sendPluginExit(exchange, exit)
+            sendPluginExit(exchange, exit, runResponsePhase: false)
         case .failed(let failure):
             dropUpstream(exchange, connection)
             pluginFailed(exchange, failure)
@@ -187,7 +188,12 @@ extension DownstreamHandler {
     }
 
     /// Sends a plugin's early-exit response (the upstream is skipped or dropped).
-    private func sendPluginExit(_ exchange: Exchange, _ exit: PluginExit) {
+    /// After an exit from the request phase the chain's `response` phase
+    /// runs on the exit's head first (as Kong runs header_filter after
+    /// `kong.response.exit`). `runResponsePhase` is false when the exit came
+    /// from a response phase already: that phase is never run twice, so an
+    /// exit there just replaces the response once.
+    private func sendPluginExit(_ exchange: Exchange, _ exit: PluginExit, runResponsePhase: Bool = true) {
         endBalancerAttempt(exchange)
         exchange.pendingUpstream.removeAll()
         exchange.discardingBody = true
@@ -200,8 +206,9 @@ extension DownstreamHandler {
         for field in exit.headers where !Self.isFramingHeader(field.name) { headers.add(name: field.name, value: field.value) }
         exchange.plugins?.applyEarlyResponseOps(to: &headers)
         let body = exit.body ?? []
-        let bodyAllowed = exchange.head?.method != .HEAD && exit.status != 204 && exit.status != 304
-        if bodyAllowed || !body.isEmpty { headers.replaceOrAdd(name: "content-length", value: String(body.count)) }
+        if Self.exitBodyAllowed(exchange, status: exit.status) || !body.isEmpty {
+            headers.replaceOrAdd(name: "content-length", value: String(body.count))
+        }
         headers.replaceOrAdd(name: "x-request-id", value: exchange.id)
         if close {
             headers.replaceOrAdd(name: "connection", value: "close")
@@ -210,12 +217,61 @@ extension DownstreamHandler {
         }
         let head = HTTPResponseHead(version: version.minor == 0 ? .http1_0 : .http1_1,
                                     status: HTTPResponseStatus(statusCode: exit.status), headers: headers)
-        exchange.status = exit.status
+        guard runResponsePhase, let plugins = exchange.plugins else {
+            return writePluginExit(exchange, head: head, body: body, close: close)
+        }
+        plugins.responseHead = head
+        switch plugins.scope.start(.response, chain: plugins.chain) {
+        case .done(let result):
+            exitResponsePhaseEnded(exchange, plugins: plugins, result: result, body: body, close: close)
+        case .pending(let future):
+            plugins.phasePending = true
+            future.whenSuccess { [weak self] result in
+                plugins.phasePending = false
+                guard let self, self.exchange === exchange, !exchange.finished else { return }
+                self.exitResponsePhaseEnded(exchange, plugins: plugins, result: result, body: body, close: close)
+            }
+        }
+    }
+
+    /// The response phase ran on an exit's head: send what it left, or its
+    /// own exit (without another response phase), or the proxy's 500.
+    private func exitResponsePhaseEnded(_ exchange: Exchange, plugins: ExchangePlugins, result: PhaseResult,
+                                        body: [UInt8], close: Bool) {
+        let head = plugins.responseHead
+        plugins.responseHead = nil
+        switch result {
+        case .continue:
+            guard var head else { return }
+            plugins.exitStatus = Int(head.status.code)
+            var body = body
+            // A plugin turned it into a status that has no body.
+            if !Self.exitBodyAllowed(exchange, status: Int(head.status.code)) && exchange.head?.method != .HEAD {
+                body = []
+                head.headers.remove(name: "content-length")
+            }
+            writePluginExit(exchange, head: head, body: body, close: close)
+        case .exit(let exit):
+            sendPluginExit(exchange, exit, runResponsePhase: false)
+        case .failed(let failure):
+            pluginFailed(exchange, failure)
+        }
+    }
+
+    private static func exitBodyAllowed(_ exchange: Exchange, status: Int) -> Bool {
+        exchange.head?.method != .HEAD && status != 204 && status != 304
+    }
+
+    /// Writes an exit response. Body filters do not run over it (documented
+    /// in lua/README.md): its Content-Length is already in the head.
+    private func writePluginExit(_ exchange: Exchange, head: HTTPResponseHead, body: [UInt8], close: Bool) {
+        let status = Int(head.status.code)
+        exchange.status = status
         exchange.responseStarted = true
         exchange.localResponseDone = true
         exchange.upstreamResponseEnded = true
         context.write(wrapOutboundOut(.head(head)), promise: nil)
-        if bodyAllowed && !body.isEmpty {
+        if Self.exitBodyAllowed(exchange, status: status) && !body.isEmpty {
             exchange.bytesOut += body.count
             context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(bytes: body)))), promise: nil)
         }
