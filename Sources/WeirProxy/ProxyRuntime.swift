@@ -61,7 +61,7 @@ final class ProxyRuntime: @unchecked Sendable {
     let upstreams: [UpstreamRuntime]
     /// route index -> upstream index
     private let routeUpstream: [Int]
-    let trustedProxies: [AddressRange]
+    let trustedProxies: [CIDRBlock]
 
     struct InvalidConfig: Error, CustomStringConvertible {
         let description: String
@@ -87,7 +87,7 @@ final class ProxyRuntime: @unchecked Sendable {
             throw InvalidConfig(description: "upstream \"\(upstream.name)\" has no targets")
         }
         self.routeUpstream = routeUpstream
-        self.trustedProxies = try config.forwarded.trustedProxies.map { try AddressRange(parsing: $0) }
+        self.trustedProxies = try config.forwarded.trustedProxies.map { try CIDRBlock(parsing: $0) }
     }
 
     func upstream(forRoute routeIndex: Int) -> UpstreamRuntime { upstreams[routeUpstream[routeIndex]] }

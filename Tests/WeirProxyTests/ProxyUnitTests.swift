@@ -1,6 +1,7 @@
 import NIOCore
 import NIOHTTP1
 @testable import WeirProxy
+import WeirCore
 import XCTest
 
 /// The data path's pure pieces, without sockets.
@@ -61,19 +62,20 @@ final class ProxyUnitTests: XCTestCase {
         XCTAssertFalse(forHead.head.headers.contains(name: "transfer-encoding"), "no chunked framing without a body")
     }
 
-    func testAddressRanges() throws {
-        let v4 = try AddressRange(parsing: "10.0.0.0/8")
-        XCTAssertTrue(v4.contains(try SocketAddress(ipAddress: "10.200.3.4", port: 1)))
-        XCTAssertFalse(v4.contains(try SocketAddress(ipAddress: "11.0.0.1", port: 1)))
-        XCTAssertTrue(v4.contains(try SocketAddress(ipAddress: "::ffff:10.1.1.1", port: 1)), "IPv4-mapped IPv6")
-        let single = try AddressRange(parsing: "192.168.1.7")
-        XCTAssertTrue(single.contains(try SocketAddress(ipAddress: "192.168.1.7", port: 1)))
-        XCTAssertFalse(single.contains(try SocketAddress(ipAddress: "192.168.1.8", port: 1)))
-        let v6 = try AddressRange(parsing: "fd00::/8")
-        XCTAssertTrue(v6.contains(try SocketAddress(ipAddress: "fd12::1", port: 1)))
-        XCTAssertFalse(v6.contains(try SocketAddress(ipAddress: "10.0.0.1", port: 1)))
-        XCTAssertThrowsError(try AddressRange(parsing: "10.0.0.0/33"))
-        XCTAssertThrowsError(try AddressRange(parsing: "not-an-ip"))
+    /// Trusted-proxy ranges are WeirCore's CIDRBlock, matched against the peer's textual address.
+    func testTrustedProxyRanges() throws {
+        let v4 = try CIDRBlock(parsing: "10.0.0.0/8")
+        XCTAssertTrue(v4.contains("10.200.3.4"))
+        XCTAssertFalse(v4.contains("11.0.0.1"))
+        XCTAssertTrue(v4.contains("::ffff:10.1.1.1"), "IPv4-mapped IPv6")
+        let single = try CIDRBlock(parsing: "192.168.1.7")
+        XCTAssertTrue(single.contains("192.168.1.7"))
+        XCTAssertFalse(single.contains("192.168.1.8"))
+        let v6 = try CIDRBlock(parsing: "fd00::/8")
+        XCTAssertTrue(v6.contains("fd12::1"))
+        XCTAssertFalse(v6.contains("10.0.0.1"))
+        XCTAssertThrowsError(try CIDRBlock(parsing: "10.0.0.0/33"))
+        XCTAssertThrowsError(try CIDRBlock(parsing: "not-an-ip"))
     }
 
     func testRequestIDsAreUniqueAndShaped() {

@@ -85,8 +85,8 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         registered = true
         peerAddress = context.channel.remoteAddress
         clientIP = peerAddress?.ipAddress ?? ""
-        if let peerAddress {
-            peerTrusted = loopContext.runtime.trustedProxies.contains { $0.contains(peerAddress) }
+        if !clientIP.isEmpty {
+            peerTrusted = loopContext.runtime.trustedProxies.contains { $0.contains(clientIP) }
         }
         loopContext.register(self)
         listener.observer?.connectionOpened(listener: listener.name)
