@@ -60,6 +60,20 @@ public indirect enum SchemaType: Sendable, Equatable {
     }
 }
 
+/// Formats a string field can require; checked with WeirCore's parsers.
+public enum StringFormat: String, Sendable, Equatable, CaseIterable {
+    /// An IPv4/IPv6 address or CIDR block (WeirCore's `CIDRBlock`).
+    case cidr
+
+    /// nil when `text` fits, else the reason.
+    func problem(with text: String) -> String? {
+        switch self {
+        case .cidr:
+            do { _ = try CIDRBlock(parsing: text); return nil } catch { return "\(error)" }
+        }
+    }
+}
+
 public struct SchemaField: Sendable, Equatable {
     public var type: SchemaType
     public var required = false
@@ -71,6 +85,9 @@ public struct SchemaField: Sendable, Equatable {
     /// String values that are recognised but refused, with the reason (e.g. a
     /// policy whose backend is not available yet), so the error says why.
     public var unavailable: [String: String]? = nil
+    /// A checked format for string values (`format = "cidr"`), so a value
+    /// the plugin could not use is refused at config load, not on a request.
+    public var format: StringFormat? = nil
     public var description: String? = nil
 
     public init(type: SchemaType) { self.type = type }
@@ -179,6 +196,9 @@ public struct SchemaField: Sendable, Equatable {
         if problems.count == count, case .string(let s) = result, let reason = unavailable?[s] {
             return fail("\(result.literal) is \(reason)")
         }
+        if problems.count == count, case .string(let s) = result, let format, let reason = format.problem(with: s) {
+            return fail(reason)
+        }
         return problems.count == count ? result : nil
     }
 
@@ -221,7 +241,7 @@ extension PluginSchema {
         func bad(_ reason: String) -> LuaError { LuaError("\(file): \(path): \(reason)") }
         guard case .map(let spec) = value else { throw bad("field spec must be a table, got \(value.schemaTypeName)") }
         let known: Set<String> = ["type", "default", "required", "min", "max", "one_of", "elements", "values", "fields", "description",
-                                  "unavailable"]
+                                  "unavailable", "format"]
         if let unknown = spec.keys.sorted().first(where: { !known.contains($0) }) { throw bad("unknown schema key \"\(unknown)\"") }
         guard case .string(let typeName)? = spec["type"] else { throw bad("missing type") }
         let type: SchemaType
@@ -274,6 +294,14 @@ extension PluginSchema {
                 table[value] = text
             }
             field.unavailable = table
+        }
+        if let f = spec["format"] {
+            let names = StringFormat.allCases.map(\.rawValue).joined(separator: ", ")
+            guard case .string(let name) = f, let format = StringFormat(rawValue: name) else {
+                throw bad("format must be one of: \(names)")
+            }
+            guard case .string = type else { throw bad("format applies to string fields only") }
+            field.format = format
         }
         if let d = spec["description"] {
             guard case .string(let s) = d else { throw bad("description must be a string") }
