@@ -10,10 +10,17 @@ import WeirCore
 /// strings, item count for arrays and maps), `one_of` (allowed values for
 /// scalar types; alternative field specs for `type = "one_of"`), `elements`
 /// (array items), `values` (map values; keys are strings), `fields`
-/// (record fields), `description`.
+/// (record fields), `description`, `format` (checked string formats).
+/// Top level: `exactly_one_of = { "allow", "deny" }` (names of fields of which
+/// a config must set exactly one).
 public struct PluginSchema: Sendable, Equatable {
     public var fields: [String: SchemaField]
-    public init(fields: [String: SchemaField]) { self.fields = fields }
+    /// Fields of which a config must set exactly one (empty: no constraint).
+    public var exactlyOneOf: [String]
+    public init(fields: [String: SchemaField], exactlyOneOf: [String] = []) {
+        self.fields = fields
+        self.exactlyOneOf = exactlyOneOf
+    }
 
     /// Checks `config` and returns it with defaults applied, or every
     /// problem found, each prefixed with its path (`path` is the config's own
@@ -23,6 +30,14 @@ public struct PluginSchema: Sendable, Equatable {
         let record = SchemaField(type: .record(fields))
         let input: ConfigValue = config == .null ? .map([:]) : config
         let result = record.validate(input, path: path, problems: &problems)
+        if !exactlyOneOf.isEmpty, problems.isEmpty, case .map(let set)? = result {
+            let present = exactlyOneOf.filter { set[$0] != nil && set[$0] != .null }
+            if present.count != 1 {
+                let names = exactlyOneOf.joined(separator: ", ")
+                let found = present.isEmpty ? "none is set" : "\(present.joined(separator: " and ")) are set"
+                problems.append(.init(path: path, reason: "set exactly one of \(names) (\(found))"))
+            }
+        }
         return problems.isEmpty ? .success(result ?? .map([:])) : .failure(SchemaErrors(problems: problems))
     }
 }
@@ -217,13 +232,26 @@ extension PluginSchema {
         guard case .map(let top) = value else {
             throw LuaError("\(file): schema must return a table like { fields = { ... } }, got \(value.schemaTypeName)")
         }
-        for key in top.keys where key != "fields" && key != "description" && key != "name" {
-            throw LuaError("\(file): unknown top-level schema key \"\(key)\" (expected fields)")
+        for key in top.keys where !["fields", "description", "name", "exactly_one_of"].contains(key) {
+            throw LuaError("\(file): unknown top-level schema key \"\(key)\" (expected fields, exactly_one_of)")
         }
         guard let fieldsValue = top["fields"] else {
             throw LuaError("\(file): schema has no fields table (use fields = {} for a plugin without config)")
         }
-        return PluginSchema(fields: try parseFields(fieldsValue, path: "fields", file: file))
+        let fields = try parseFields(fieldsValue, path: "fields", file: file)
+        var exactlyOneOf: [String] = []
+        if let list = top["exactly_one_of"] {
+            guard case .array(let items) = list, items.count >= 2 else {
+                throw LuaError("\(file): exactly_one_of must list at least two field names")
+            }
+            for item in items {
+                guard case .string(let name) = item, fields[name] != nil else {
+                    throw LuaError("\(file): exactly_one_of names \(item.literal), which is not a field")
+                }
+                exactlyOneOf.append(name)
+            }
+        }
+        return PluginSchema(fields: fields, exactlyOneOf: exactlyOneOf)
     }
 
     static func parseFields(_ value: ConfigValue, path: String, file: String) throws -> [String: SchemaField] {

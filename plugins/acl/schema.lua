@@ -1,4 +1,6 @@
-return { fields = {
+return {
+  exactly_one_of = { "allow", "deny" },
+  fields = {
   allow = { type = "array", elements = { type = "string", min = 1 }, required = false,
             description = "consumer groups let through; any other consumer gets 403 (set exactly one of allow and deny)" },
   deny = { type = "array", elements = { type = "string", min = 1 }, required = false,
