@@ -137,10 +137,21 @@ let package = Package(
             exclude: ["run.sh"],
             swiftSettings: swift5
         ),
+        // Real servers the test targets start (redis-server), shared so that
+        // every target starts them the same way.
+        .target(
+            name: "WeirTestSupport",
+            dependencies: [
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ],
+            path: "Tests/WeirTestSupport",
+            swiftSettings: swift5
+        ),
         .testTarget(
             name: "WeirRedisTests",
             dependencies: [
-                "WeirRedis",
+                "WeirRedis", "WeirTestSupport",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),
@@ -151,7 +162,7 @@ let package = Package(
         .testTarget(
             name: "WeirLuaTests",
             dependencies: [
-                "WeirLua", "CLua", "CLuaShims", "WeirCore",
+                "WeirLua", "CLua", "CLuaShims", "WeirCore", "WeirTestSupport",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -172,7 +183,7 @@ let package = Package(
         .testTarget(
             name: "WeirProxyTests",
             dependencies: [
-                "WeirCore", "WeirProxy", "WeirAdmin",
+                "WeirCore", "WeirProxy", "WeirAdmin", "WeirTestSupport",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),

@@ -3,6 +3,7 @@ import NIOCore
 import NIOPosix
 import WeirCore
 import WeirRedis
+import WeirTestSupport
 import XCTest
 @testable import WeirLua
 
@@ -34,12 +35,12 @@ final class RedisSDKTests: XCTestCase {
     local function result() return 200, table.concat(out, " ") end
     """
 
-    private var server: LuaRedisServer!
+    private var server: RedisServerProcess!
     private var harness: Harness!
 
     override func setUpWithError() throws {
-        try XCTSkipUnless(LuaRedisServer.isAvailable, "redis-server / redis-cli not installed")
-        server = try LuaRedisServer()
+        try XCTSkipUnless(RedisServerProcess.isAvailable, "redis-server / redis-cli not installed")
+        server = try RedisServerProcess()
         harness = Harness()
     }
 
@@ -67,7 +68,7 @@ final class RedisSDKTests: XCTestCase {
 
     /// Polls the server until `condition` holds; the bound only ends a broken
     /// run, it is not a speed check.
-    private func waitForServer(_ what: String, _ condition: (LuaRedisServer) throws -> Bool) {
+    private func waitForServer(_ what: String, _ condition: (RedisServerProcess) throws -> Bool) {
         let deadline = Date().addingTimeInterval(20)
         while !((try? condition(server)) ?? false) && Date() < deadline { Thread.sleep(forTimeInterval: 0.01) }
         XCTAssertTrue((try? condition(server)) ?? false, what)
@@ -245,7 +246,7 @@ final class RedisSDKTests: XCTestCase {
     }
 
     func testRedisDownFailsFastWithNilAndError() throws {
-        let deadPort = try LuaRedisServer.freePort()
+        let deadPort = try RedisServerProcess.freePort()
         let results = try runRequestPhase("""
         add(red:get("k"))
         add(red:incr("k"))
@@ -429,80 +430,3 @@ private final class PhaseBox: @unchecked Sendable {
     var result: Result<PhaseResult, Error>?
 }
 
-/// A real `redis-server` on a free loopback port for one test (adapted from
-/// WeirRedisTests' RedisServerProcess); `cli` checks state with redis-cli.
-final class LuaRedisServer {
-    let port: Int
-    private var process: Process?
-    private let logURL: URL
-
-    static var isAvailable: Bool {
-        FileManager.default.isExecutableFile(atPath: "/usr/bin/redis-server")
-            && FileManager.default.isExecutableFile(atPath: "/usr/bin/redis-cli")
-    }
-
-    init() throws {
-        port = try Self.freePort()
-        logURL = FileManager.default.temporaryDirectory.appendingPathComponent("weir-lua-redis-\(port).log")
-        try start()
-    }
-
-    /// Starts (or, after kill(), restarts) the server on the same port.
-    func start() throws {
-        precondition(process == nil, "already running")
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/redis-server")
-        process.arguments = ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--daemonize", "no", "--logfile", logURL.path]
-        process.standardOutput = FileHandle.nullDevice
-        process.standardError = FileHandle.nullDevice
-        try process.run()
-        self.process = process
-        for _ in 0..<200 {
-            if (try? cli("PING")) == "PONG" { return }
-            guard process.isRunning else { break }
-            usleep(25_000)
-        }
-        let log = (try? String(contentsOf: logURL, encoding: .utf8)) ?? ""
-        kill()
-        throw NSError(domain: "LuaRedisServer", code: 1,
-                      userInfo: [NSLocalizedDescriptionKey: "redis-server on port \(port) did not answer PING; log:\n\(log)"])
-    }
-
-    deinit {
-        kill()
-        try? FileManager.default.removeItem(at: logURL)
-    }
-
-    /// SIGKILL, as a crash would; waits until the process (and its port) is gone.
-    func kill() {
-        guard let process = process else { return }
-        self.process = nil
-        if process.isRunning { Foundation.kill(process.processIdentifier, SIGKILL) }
-        process.waitUntilExit()
-    }
-
-    @discardableResult
-    func cli(_ arguments: String...) throws -> String {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/redis-cli")
-        process.arguments = ["-h", "127.0.0.1", "-p", String(port)] + arguments
-        let output = Pipe()
-        process.standardOutput = output
-        process.standardError = FileHandle.nullDevice
-        try process.run()
-        let data = output.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        return String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
-    }
-
-    /// A loopback port nothing listens on right now (bind to 0, read, close).
-    static func freePort() throws -> Int {
-        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        defer { try? group.syncShutdownGracefully() }
-        let channel = try ServerBootstrap(group: group).bind(host: "127.0.0.1", port: 0).wait()
-        let port = channel.localAddress!.port!
-        try channel.close().wait()
-        return port
-    }
-}

@@ -7,6 +7,7 @@ import NIOConcurrencyHelpers
 import NIOPosix
 import WeirCore
 import WeirProxy
+import WeirTestSupport
 import XCTest
 
 final class ShippedPluginRateLimitingTests: XCTestCase {
@@ -243,9 +244,9 @@ final class ShippedPluginRateLimitingTests: XCTestCase {
     /// Two event loops, concurrent clients, counters in Redis: exactly the
     /// limit passes; the window edge behaves as with policy local.
     func testRedisPolicyIsExactAndSlides() throws {
-        try XCTSkipUnless(ShippedPluginRedis.isAvailable, "redis-server not installed")
-        let redis = try ShippedPluginRedis()
-        defer { redis.stop() }
+        try XCTSkipUnless(RedisServerProcess.isAvailable, "redis-server not installed")
+        let redis = try RedisServerProcess()
+        defer { redis.kill() }
         let proxy = try start("{ hour: 40, second: 10, limit_by: header, header_name: x-who, policy: redis, redis: { port: \(redis.port) } }")
         defer { proxy.stop() }
         let admitted = NIOLockedValueBox(0)

@@ -70,35 +70,3 @@ func writeTestClockPlugin(into folder: PluginFolder) throws {
     """)
 }
 
-/// A real `redis-server` on a free loopback port, for the rate-limiting
-/// redis policy; stopped (SIGTERM, waited for) by `stop()`.
-final class ShippedPluginRedis {
-    let port: Int
-    private let process = Process()
-
-    static var isAvailable: Bool { FileManager.default.isExecutableFile(atPath: "/usr/bin/redis-server") }
-
-    init() throws {
-        port = try CLITests.freePort()
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/redis-server")
-        process.arguments = ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--daemonize", "no", "--logfile", ""]
-        process.standardOutput = FileHandle.nullDevice
-        process.standardError = FileHandle.nullDevice
-        try process.run()
-        // Ready when it accepts a TCP connection.
-        for _ in 0..<200 {
-            if (try? BlockingSocket(port: port, timeoutSeconds: 1)) != nil { return }
-            guard process.isRunning else { break }
-            usleep(25_000)
-        }
-        stop()
-        throw NSError(domain: "ShippedPluginRedis", code: 1,
-                      userInfo: [NSLocalizedDescriptionKey: "redis-server on port \(port) did not start"])
-    }
-
-    func stop() {
-        if process.isRunning { process.terminate() }
-        process.waitUntilExit()
-    }
-}

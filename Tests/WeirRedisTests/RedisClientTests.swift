@@ -2,6 +2,7 @@ import Foundation
 import NIOCore
 import NIOPosix
 @testable import WeirRedis
+import WeirTestSupport
 import XCTest
 
 /// The client against a real redis-server on loopback: reply types,

@@ -1,24 +1,25 @@
 import Foundation
 import NIOCore
 import NIOPosix
-import XCTest
 
-/// A real `redis-server` on a free loopback port, for one test. Nothing is
+/// A real `redis-server` on a free loopback port, for one test (shared by
+/// every test target that needs Redis: WeirRedisTests, WeirLuaTests,
+/// WeirProxyTests). Nothing is
 /// persisted (`--save '' --appendonly no`). `kill()` stops it abruptly
 /// (SIGKILL, as a crash would); `restart()` brings it back on the same port.
-final class RedisServerProcess {
-    let port: Int
-    let password: String?
+public final class RedisServerProcess {
+    public let port: Int
+    public let password: String?
     private let extraArguments: [String]
     private var process: Process?
     private let logURL: URL
 
-    static var isAvailable: Bool {
+    public static var isAvailable: Bool {
         FileManager.default.isExecutableFile(atPath: "/usr/bin/redis-server")
             && FileManager.default.isExecutableFile(atPath: "/usr/bin/redis-cli")
     }
 
-    init(password: String? = nil, extraArguments: [String] = []) throws {
+    public init(password: String? = nil, extraArguments: [String] = []) throws {
         self.port = try Self.freePort()
         self.password = password
         self.extraArguments = extraArguments
@@ -31,7 +32,7 @@ final class RedisServerProcess {
         try? FileManager.default.removeItem(at: self.logURL)
     }
 
-    func start() throws {
+    public func start() throws {
         precondition(self.process == nil, "already running")
         let process = Process()
         process.executableURL = URL(fileURLWithPath: "/usr/bin/redis-server")
@@ -56,7 +57,7 @@ final class RedisServerProcess {
     }
 
     /// SIGKILL and wait for the process to be gone (its port closes with it).
-    func kill() {
+    public func kill() {
         guard let process = self.process else { return }
         self.process = nil
         if process.isRunning {
@@ -65,7 +66,7 @@ final class RedisServerProcess {
         process.waitUntilExit()
     }
 
-    func restart() throws {
+    public func restart() throws {
         self.kill()
         try self.start()
     }
@@ -73,7 +74,7 @@ final class RedisServerProcess {
     /// Runs one command with redis-cli (an independent client) and returns
     /// its trimmed raw output.
     @discardableResult
-    func cli(_ arguments: String..., database: Int = 0) throws -> String {
+    public func cli(_ arguments: String..., database: Int = 0) throws -> String {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: "/usr/bin/redis-cli")
         var all = ["-h", "127.0.0.1", "-p", String(self.port), "-n", String(database), "--no-auth-warning"]
@@ -89,7 +90,7 @@ final class RedisServerProcess {
     }
 
     /// A loopback port nothing listens on right now (bind to 0, read, close).
-    static func freePort() throws -> Int {
+    public static func freePort() throws -> Int {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         defer { try? group.syncShutdownGracefully() }
         let channel = try ServerBootstrap(group: group).bind(host: "127.0.0.1", port: 0).wait()
@@ -99,23 +100,3 @@ final class RedisServerProcess {
     }
 }
 
-/// Waits for `future`, but fails the test instead of hanging forever if it
-/// never completes (the property under test is "never hangs").
-func waitWithoutHanging<T>(_ future: EventLoopFuture<T>, file: StaticString = #filePath,
-                           line: UInt = #line) -> Result<T, Error>? {
-    let done = DispatchSemaphore(value: 0)
-    let box = ResultBox<T>()
-    future.whenComplete { result in
-        box.result = result
-        done.signal()
-    }
-    guard done.wait(timeout: .now() + 15) == .success else {
-        XCTFail("future did not complete within 15 s (hang)", file: file, line: line)
-        return nil
-    }
-    return box.result
-}
-
-private final class ResultBox<T>: @unchecked Sendable {
-    var result: Result<T, Error>?
-}
