@@ -45,6 +45,7 @@ extension PluginLibrary {
     public func validate(_ config: WeirConfig) -> Result<ValidatedPlugins, SchemaErrors> {
         var problems: [SchemaProblem] = []
         var out = ValidatedPlugins()
+        let upstreamNames = Set(config.upstreams.map(\.name))
         func check(_ refs: [PluginRef], _ path: String) -> [ConfiguredPlugin] {
             var seen = Set<String>()
             for (i, ref) in refs.enumerated() where ref.enabled {
@@ -52,7 +53,7 @@ extension PluginLibrary {
                     problems.append(SchemaProblem(path: "\(path)[\(i)].name", reason: "plugin \"\(ref.name)\" is attached twice here"))
                 }
             }
-            switch configure(refs, path: path) {
+            switch configure(refs, path: path, upstreams: upstreamNames) {
             case .success(let plugins): return plugins
             case .failure(let errors): problems.append(contentsOf: errors.problems); return []
             }

@@ -82,6 +82,10 @@ public protocol PluginRequestContext: AnyObject {
     func setResponseHeader(_ lowercasedName: String, _ value: String)
     func addResponseHeader(_ lowercasedName: String, _ value: String)
     func clearResponseHeader(_ lowercasedName: String)
+
+    /// The finished request's access record (log phase); nil outside the
+    /// data path. Built on demand (`weir.log.serialize()`).
+    func accessRecord() -> PluginAccessRecord?
 }
 
 extension PluginRequestContext {
@@ -90,6 +94,7 @@ extension PluginRequestContext {
     /// Contexts that do not build an upstream request: it is the downstream one.
     public func upstreamRequestHeaders() -> [(name: String, value: String)] { requestHeaders() }
     public var upstreamRawQuery: String { rawQuery ?? "" }
+    public func accessRecord() -> PluginAccessRecord? { nil }
 }
 
 /// One downstream connection as the connection phase sees it.

@@ -128,7 +128,10 @@ public final class PluginLibrary: Sendable {
     /// their schemas. `path` is the list's config path (`routes[0].plugins`);
     /// problems read `routes[0].plugins[1].config.minute: expected integer, got string`.
     /// Disabled references are skipped.
-    public func configure(_ refs: [PluginRef], path: String) -> Result<[ConfiguredPlugin], SchemaErrors> {
+    /// `upstreams`: the config's upstream names, for `format = "upstream"`
+    /// fields (nil: not checked, e.g. a plugin list validated on its own).
+    public func configure(_ refs: [PluginRef], path: String,
+                          upstreams: Set<String>? = nil) -> Result<[ConfiguredPlugin], SchemaErrors> {
         var problems: [SchemaProblem] = []
         var out: [ConfiguredPlugin] = []
         for (i, ref) in refs.enumerated() where ref.enabled {
@@ -136,8 +139,16 @@ public final class PluginLibrary: Sendable {
                 problems.append(SchemaProblem(path: "\(path)[\(i)].name", reason: "unknown plugin \"\(ref.name)\""))
                 continue
             }
-            switch definition.schema.validate(ref.config, path: "\(path)[\(i)].config") {
-            case .success(let config): out.append(ConfiguredPlugin(definition: definition, config: config))
+            let configPath = "\(path)[\(i)].config"
+            switch definition.schema.validate(ref.config, path: configPath) {
+            case .success(let config):
+                if let upstreams {
+                    for (at, name) in definition.schema.upstreamReferences(in: config, path: configPath) where !upstreams.contains(name) {
+                        let known = upstreams.sorted().map { "\"\($0)\"" }.joined(separator: ", ")
+                        problems.append(SchemaProblem(path: at, reason: "no upstream named \"\(name)\" (configured: \(known.isEmpty ? "none" : known))"))
+                    }
+                }
+                out.append(ConfiguredPlugin(definition: definition, config: config))
             case .failure(let errors): problems.append(contentsOf: errors.problems)
             }
         }

@@ -42,6 +42,32 @@ public struct PluginSchema: Sendable, Equatable {
     }
 }
 
+extension PluginSchema {
+    /// The values of `format = "upstream"` fields in a validated `config`,
+    /// with their config paths. Alternatives of `one_of` fields are not
+    /// searched (a format there is only checked field by field).
+    public func upstreamReferences(in config: ConfigValue, path: String) -> [(path: String, name: String)] {
+        var found: [(path: String, name: String)] = []
+        func walk(_ field: SchemaField, _ value: ConfigValue?, _ path: String) {
+            guard let value else { return }
+            switch (field.type, value) {
+            case (.string, .string(let s)) where field.format == .upstream:
+                found.append((path, s))
+            case (.record(let fields), .map(let entries)):
+                for name in fields.keys.sorted() { walk(fields[name]!, entries[name], "\(path).\(name)") }
+            case (.array(let element), .array(let items)):
+                for (i, item) in items.enumerated() { walk(element, item, "\(path)[\(i)]") }
+            case (.map(let spec), .map(let entries)):
+                for key in entries.keys.sorted() { walk(spec, entries[key], "\(path).\(key)") }
+            default:
+                break
+            }
+        }
+        walk(SchemaField(type: .record(fields)), config, path)
+        return found
+    }
+}
+
 public struct SchemaProblem: Sendable, Equatable, CustomStringConvertible {
     public var path: String
     public var reason: String
@@ -79,12 +105,23 @@ public indirect enum SchemaType: Sendable, Equatable {
 public enum StringFormat: String, Sendable, Equatable, CaseIterable {
     /// An IPv4/IPv6 address or CIDR block (WeirCore's `CIDRBlock`).
     case cidr
+    /// The name of an upstream of the same config. It needs the whole config,
+    /// so it is checked by `PluginLibrary.configure(_:path:upstreams:)`
+    /// (`PluginSchema.upstreamReferences`), not field by field.
+    case upstream
+    /// A regular expression in `weir.re`'s syntax (Swift `Regex`).
+    case regex
 
     /// nil when `text` fits, else the reason.
     func problem(with text: String) -> String? {
         switch self {
         case .cidr:
             do { _ = try CIDRBlock(parsing: text); return nil } catch { return "\(error)" }
+        case .upstream:
+            return nil
+        case .regex:
+            if case .failure(let error) = RegexSyntax.compile(text) { return error.description }
+            return nil
         }
     }
 }

@@ -389,6 +389,8 @@ extension LuaRuntime {
         }))
         n.append(contentsOf: makeRedisNatives())
         n.append(contentsOf: makeConsumerNatives())
+        n.append(contentsOf: makeAccessRecordNatives())
+        n.append(contentsOf: makeRegexNatives())
         return n
     }
 }

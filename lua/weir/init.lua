@@ -475,6 +475,28 @@ function log.info(...) N.log(1, log_args(...)) end
 function log.warn(...) N.log(2, log_args(...)) end
 function log.err(...) N.log(3, log_args(...)) end
 
+local LOG_ONLY = phases(LOG)
+-- The finished request's access record (fields of the JSON access log plus
+-- the consumer), or nil outside the data path. Log phase only: before it,
+-- status, sizes and durations are not final.
+function log.serialize()
+  check_phase("weir.log.serialize", LOG_ONLY)
+  return N.log_serialize()
+end
+
+-- weir.re ---------------------------------------------------------------------
+
+-- Regular expressions (Swift Regex syntax, PCRE-like), for what Lua patterns
+-- cannot say (alternation, counted repetition). Compiled once per state.
+local re = {}
+weir.re = re
+
+function re.find(subject, pattern)
+  check_string("weir.re.find", 1, subject)
+  check_string("weir.re.find", 2, pattern)
+  return N.re_find(subject, pattern)
+end
+
 -- weir.shared -----------------------------------------------------------------
 
 local shared_dict = {}

@@ -61,6 +61,11 @@ final class ExchangePlugins: PluginRequestContext {
     var heldParts: [HTTPClientResponsePart] = []
     private(set) var consumer: String?
     private var done = false
+    /// When the response was done (the log phase's durations end here, not
+    /// when a log plugin asks).
+    private var finishedAt: NIODeadline?
+    /// The listener's name, kept for a log phase that runs after the handler left.
+    private let listenerName: String
     /// A phase is suspended on an async SDK call (sleep, http).
     var phasePending = false
 
@@ -73,6 +78,7 @@ final class ExchangePlugins: PluginRequestContext {
         self.filtersBody = chain.filtersBody
         self.routeName = exchange.routed?.route.name ?? ""
         self.handler = handler
+        self.listenerName = handler.listener.name
         self.exchange = exchange
         self.path = path
         self.query = query
@@ -87,6 +93,7 @@ final class ExchangePlugins: PluginRequestContext {
     func requestDone() {
         guard !done else { return }
         done = true
+        finishedAt = .now()
         cancelBodyWait()
         holdingResponse = false
         heldParts.removeAll()
@@ -319,6 +326,28 @@ final class ExchangePlugins: PluginRequestContext {
     func setResponseHeader(_ name: String, _ value: String) { responseOp(.set, name, value) }
     func addResponseHeader(_ name: String, _ value: String) { responseOp(.add, name, value) }
     func clearResponseHeader(_ name: String) { responseOp(.clear, name, "") }
+
+    // MARK: The access record (log phase)
+
+    func accessRecord() -> PluginAccessRecord? {
+        let end = finishedAt ?? .now()
+        let head = exchange.head
+        let path: String
+        if let uri = head?.uri {
+            path = uri.firstIndex(of: "?").map { String(uri[..<$0]) } ?? uri
+        } else {
+            path = ""
+        }
+        let target = exchange.target.flatMap { t in exchange.routed.map { $0.upstream.targetLabels[t] } }
+        return PluginAccessRecord(
+            startTime: exchange.wallStart, listener: listenerName, clientAddress: clientIP,
+            method: head?.method.rawValue ?? "", path: path, route: exchange.routed?.route.name,
+            upstream: exchange.routed?.upstream.name, upstreamTarget: target,
+            status: exchange.status != 0 ? exchange.status : (exitStatus ?? 0), bytesIn: exchange.bytesIn, bytesOut: exchange.bytesOut,
+            totalDuration: Double((end - exchange.started).nanoseconds) / 1e9,
+            upstreamDuration: exchange.upstreamStart.map { Double((end - $0).nanoseconds) / 1e9 },
+            attempts: exchange.attempts)
+    }
 
     private func responseOp(_ op: HeaderOp, _ name: String, _ value: String) {
         guard responseHead != nil else {
