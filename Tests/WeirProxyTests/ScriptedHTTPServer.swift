@@ -37,7 +37,8 @@ final class ScriptedHTTPServer: @unchecked Sendable {
     private let seen = NIOLockedValueBox<[ScriptedRequest]>([])
     private let script: NIOLockedValueBox<Script>
 
-    var port: Int { channel.localAddress!.port! }
+    /// Kept after `stop()`, so a test can point at the closed port.
+    private(set) var port = 0
     var url: String { "http://127.0.0.1:\(port)" }
     var requests: [ScriptedRequest] { seen.withLockedValue { $0 } }
 
@@ -57,6 +58,7 @@ final class ScriptedHTTPServer: @unchecked Sendable {
                 }
             }
             .bind(host: "127.0.0.1", port: 0).wait()
+        port = channel.localAddress!.port!
     }
 
     /// Changes the answers from now on.
