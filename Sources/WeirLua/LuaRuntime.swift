@@ -38,6 +38,13 @@ public protocol PluginPhaseObserver: AnyObject, Sendable {
     /// `nanoseconds` is wall time from the call's start to its end,
     /// including any time spent waiting on async SDK calls.
     func pluginPhaseCompleted(plugin: String, phase: PluginPhase, nanoseconds: UInt64, outcome: PluginCallOutcome)
+    /// `weir.metrics.count(event, n)`: a plugin's own counter (records
+    /// dropped, spans exported).
+    func pluginEventCounted(plugin: String, event: String, count: Int)
+}
+
+extension PluginPhaseObserver {
+    public func pluginEventCounted(plugin: String, event: String, count: Int) {}
 }
 
 /// A pending `weir.timer.at/every` callback.

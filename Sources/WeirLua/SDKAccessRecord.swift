@@ -36,6 +36,20 @@ public struct PluginAccessRecord: Sendable {
 }
 
 extension LuaRuntime {
+    /// `weir.metrics.count(event, n)`: adds to the current plugin's counter
+    /// `event` (on /metrics as weir_plugin_events_total{plugin, event}).
+    func makeMetricsNatives() -> [(String, NativeFunction)] {
+        [("metrics_count", { [unowned self] L in
+            guard let event = LuaState.string(at: 1, on: L) else {
+                return .error("weir.metrics.count: event must be a string")
+            }
+            let n = lua_isinteger(L, 2) != 0 ? Int(lua_tointegerx(L, 2, nil)) : 1
+            self.options.observer?.pluginEventCounted(plugin: self.currentPlugin.isEmpty ? "-" : self.currentPlugin,
+                                                      event: event, count: n)
+            return .values(0)
+        })]
+    }
+
     /// `weir.log.serialize()` (log phase): the request's access record as a
     /// table, built only when a plugin asks. nil when the proxy keeps no record
     /// (contexts outside the data path).

@@ -391,6 +391,7 @@ extension LuaRuntime {
         n.append(contentsOf: makeConsumerNatives())
         n.append(contentsOf: makeAccessRecordNatives())
         n.append(contentsOf: makeRegexNatives())
+        n.append(contentsOf: makeMetricsNatives())
         return n
     }
 }

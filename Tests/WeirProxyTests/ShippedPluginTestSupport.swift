@@ -20,7 +20,8 @@ final class ShippedPluginProxy {
     let generations: GenerationManager
 
     /// `extraPluginPaths` come after the shipped folder (test helpers).
-    init(config: WeirConfig, loops: Int = 2, extraPluginPaths: [String] = []) throws {
+    /// `metrics`: plugin metrics to feed (what /metrics shows), if a test reads them.
+    init(config: WeirConfig, loops: Int = 2, extraPluginPaths: [String] = [], metrics: PluginMetrics? = nil) throws {
         var config = config
         config.pluginPaths = [shippedPluginsRepoRoot + "/plugins"] + extraPluginPaths
         harness = try ProxyHarness(config: config, loops: loops)
@@ -28,7 +29,7 @@ final class ShippedPluginProxy {
         logger.logLevel = .critical
         do {
             generations = try GenerationManager(server: harness.server, config: config, configPath: nil,
-                                                baseDirectory: shippedPluginsRepoRoot, metrics: nil, logger: logger)
+                                                baseDirectory: shippedPluginsRepoRoot, metrics: metrics, logger: logger)
         } catch {
             harness.stop()
             throw error
@@ -45,10 +46,10 @@ final class ShippedPluginProxy {
 /// Loads `yaml` through the real config loader and starts a proxy with it;
 /// the error of either step is thrown (with its config path).
 func startShippedPluginProxy(yaml: String, upstream: TestUpstream, loops: Int = 2,
-                             extraPluginPaths: [String] = []) throws -> ShippedPluginProxy {
+                             extraPluginPaths: [String] = [], metrics: PluginMetrics? = nil) throws -> ShippedPluginProxy {
     let text = yaml.replacingOccurrences(of: "UPSTREAM", with: "127.0.0.1:\(upstream.port)")
     return try ShippedPluginProxy(config: try ConfigLoader.parse(yaml: text), loops: loops,
-                                  extraPluginPaths: extraPluginPaths)
+                                  extraPluginPaths: extraPluginPaths, metrics: metrics)
 }
 
 /// A test-only plugin `test-clock` (in a temporary folder): when a request

@@ -650,6 +650,146 @@ function timer.every(interval, fn)
   return N.timer_start(interval, fn, true)
 end
 
+-- weir.metrics ----------------------------------------------------------------
+
+local metrics = {}
+weir.metrics = metrics
+
+-- Adds n (default 1) to this plugin's counter `event`, shown on /metrics as
+-- weir_plugin_events_total{plugin="<plugin>",event="<event>"}.
+function metrics.count(event, n)
+  check_phase("weir.metrics.count", ANY_PHASE)
+  check_string("weir.metrics.count", 1, event)
+  if n ~= nil then check_integer("weir.metrics.count", 2, n) end
+  N.metrics_count(event, n and floor(n) or 1)
+end
+
+-- weir.batch ------------------------------------------------------------------
+
+-- A bounded queue per Lua state (so per event loop) whose items are sent in
+-- batches from timers, never from the request's own path: push() only
+-- appends (or drops and counts when full), the sending, waiting and retrying
+-- happen in timer coroutines. Used by http-log and tracing.
+local batch = {}
+weir.batch = batch
+
+local BatchQueue = {}
+BatchQueue.__index = BatchQueue
+
+local function positive(fname, opts, key, default)
+  local v = opts[key]
+  if v == nil then return default end
+  if type(v) ~= "number" or v <= 0 then
+    error(fname .. ": " .. key .. " must be a positive number, got " .. tostring(v), 3)
+  end
+  return v
+end
+
+-- opts: send(items) -> true | nil, err (called in a timer; may yield, e.g.
+-- weir.http.request), batch_size (100), flush_interval (1 s), max_queued
+-- (10000), retries (3), retry_delay (0.5 s, doubled per retry), name (logs).
+function batch.new(opts)
+  if type(opts) ~= "table" then arg_error("weir.batch.new", 1, "table", opts, 3) end
+  if type(opts.send) ~= "function" then error("weir.batch.new: opts.send must be a function", 2) end
+  local retries = opts.retries or 3
+  if math_type(retries) ~= "integer" or retries < 0 then
+    error("weir.batch.new: retries must be an integer >= 0, got " .. tostring(retries), 2)
+  end
+  return setmetatable({
+    send = opts.send,
+    name = tostring(opts.name or "batch"),
+    metric = tostring(opts.metric or "batch"),
+    batch_size = floor(positive("weir.batch.new", opts, "batch_size", 100)),
+    flush_interval = positive("weir.batch.new", opts, "flush_interval", 1),
+    max_queued = floor(positive("weir.batch.new", opts, "max_queued", 10000)),
+    retries = retries,
+    retry_delay = positive("weir.batch.new", opts, "retry_delay", 0.5),
+    items = {}, head = 1, tail = 0,
+    dropped = 0, sent = 0, failed_batches = 0, batches = 0,
+    reported_dropped = 0, flushing = false, soon = false, ticking = false,
+  }, BatchQueue)
+end
+
+-- Appends an item. Returns true, or false when the queue is full (the item
+-- is dropped and counted). Never waits. Any phase (not at load time).
+function BatchQueue:push(item)
+  if item == nil then error("weir.batch: cannot push nil", 2) end
+  if not self.ticking then
+    -- Timers cannot be started at load time: the first push starts them.
+    self.ticking = true
+    timer.every(self.flush_interval, function() self:flush(false) end)
+  end
+  if self.tail - self.head + 1 >= self.max_queued then
+    self.dropped = self.dropped + 1
+    N.metrics_count(self.metric .. "_dropped", 1)
+    return false
+  end
+  self.tail = self.tail + 1
+  self.items[self.tail] = item
+  if self.tail - self.head + 1 >= self.batch_size and not self.flushing and not self.soon then
+    self.soon = true
+    timer.at(0, function() self.soon = false; self:flush(true) end)
+  end
+  return true
+end
+
+function BatchQueue:queued() return self.tail - self.head + 1 end
+
+-- Counters since the queue was made: queued, dropped (queue full or retries
+-- exhausted), sent (items), batches (sent), failed_batches.
+function BatchQueue:stats()
+  return { queued = self:queued(), dropped = self.dropped, sent = self.sent,
+           batches = self.batches, failed_batches = self.failed_batches }
+end
+
+local function take(self, n)
+  local out = table.move(self.items, self.head, self.head + n - 1, 1, {})
+  for i = self.head, self.head + n - 1 do self.items[i] = nil end
+  self.head = self.head + n
+  if self.head > self.tail then self.head, self.tail = 1, 0 end
+  return out
+end
+
+-- Sends what is queued in batches (only full batches when `full_only`).
+-- One flush at a time per queue; runs in a timer coroutine.
+function BatchQueue:flush(full_only)
+  if self.flushing then return end
+  self.flushing = true
+  local ok, err = pcall(function()
+    while self:queued() > 0 and (not full_only or self:queued() >= self.batch_size) do
+      local items = take(self, math.min(self.batch_size, self:queued()))
+      local delay, sent_ok, send_err = self.retry_delay, nil, nil
+      for attempt = 0, self.retries do
+        local called, result, e = pcall(self.send, items)
+        if called and result then sent_ok = true break end
+        send_err = called and (e or "send returned false") or result
+        if attempt < self.retries then
+          weir.sleep(delay)
+          delay = delay * 2
+        end
+      end
+      if sent_ok then
+        self.sent = self.sent + #items
+        self.batches = self.batches + 1
+        N.metrics_count(self.metric .. "_sent", #items)
+      else
+        self.failed_batches = self.failed_batches + 1
+        self.dropped = self.dropped + #items
+        N.metrics_count(self.metric .. "_dropped", #items)
+        weir.log.warn(self.name .. ": batch of " .. #items .. " dropped after " .. (self.retries + 1) ..
+                      " attempts: " .. tostring(send_err))
+      end
+    end
+  end)
+  self.flushing = false
+  if self.dropped > self.reported_dropped then
+    weir.log.warn(self.name .. ": " .. (self.dropped - self.reported_dropped) .. " items dropped (" ..
+                  self.dropped .. " in total on this event loop)")
+    self.reported_dropped = self.dropped
+  end
+  if not ok then error(err, 0) end
+end
+
 -- weir.redis -------------------------------------------------------------------
 
 -- A handle names a Redis server (address, database, credentials, timeout);

@@ -12,6 +12,7 @@ import WeirLua
 /// data path takes only an uncontended lock); kept across reloads.
 public final class PluginMetrics: PluginPhaseObserver, @unchecked Sendable {
     struct Key: Hashable { let plugin: String; let phase: PluginPhase }
+    struct EventKey: Hashable { let plugin: String; let event: String }
     struct Cell {
         var latency = LatencyHistogram()
         var outcomes = [0, 0, 0]   // completed, exited, failed
@@ -23,6 +24,9 @@ public final class PluginMetrics: PluginPhaseObserver, @unchecked Sendable {
         // phase and a short (inline) name against a few dozen entries is cheaper.
         var keys: [Key] = []
         var cells: [Cell] = []
+        /// weir.metrics.count events: rare (per batch or per drop), so a
+        /// dictionary is fine here.
+        var events: [EventKey: Int] = [:]
 
         @inline(__always)
         func index(of key: Key) -> Int {
@@ -51,11 +55,18 @@ public final class PluginMetrics: PluginPhaseObserver, @unchecked Sendable {
         }
     }
 
+    public func pluginEventCounted(plugin: String, event: String, count: Int) {
+        let shard = shards.current
+        shard.lock.withLock { shard.events[EventKey(plugin: plugin, event: event), default: 0] += count }
+    }
+
     /// Prometheus text for the plugin metrics (empty when no plugin ran).
     public func renderPrometheus() -> String {
         var merged: [Key: Cell] = [:]
+        var events: [EventKey: Int] = [:]
         for shard in shards.allShards {
             shard.lock.withLock {
+                for (key, n) in shard.events { events[key, default: 0] += n }
                 for (key, cell) in zip(shard.keys, shard.cells) {
                     var m = merged[key, default: Cell()]
                     m.latency.merge(cell.latency)
@@ -64,9 +75,15 @@ public final class PluginMetrics: PluginPhaseObserver, @unchecked Sendable {
                 }
             }
         }
-        guard !merged.isEmpty else { return "" }
+        guard !merged.isEmpty || !events.isEmpty else { return "" }
         let keys = merged.keys.sorted { ($0.plugin, $0.phase.rawValue) < ($1.plugin, $1.phase.rawValue) }
         var out = PrometheusWriter()
+        if !events.isEmpty {
+            out.header("weir_plugin_events_total", "Events counted by plugins (weir.metrics.count).", "counter")
+            for key in events.keys.sorted(by: { ($0.plugin, $0.event) < ($1.plugin, $1.event) }) {
+                out.sample("weir_plugin_events_total", [("plugin", key.plugin), ("event", key.event)], events[key]!)
+            }
+        }
         out.header("weir_plugin_calls_total", "Plugin phase calls by outcome (completed, exited, failed).", "counter")
         for key in keys {
             for (i, outcome) in ["completed", "exited", "failed"].enumerated() {
