@@ -110,21 +110,21 @@ final class LoopRouting {
     }
 
     /// `path` is normalized and without query; `query` is empty or starts with `?`.
-    func route(method: HTTPMethod, host: String, path: String, query: Substring, headers: HTTPHeaders) -> RoutedRequest? {
+    func route(method: HTTPMethod, host: String, path: String, query: Substring, headers: HTTP1Fields) -> RoutedRequest? {
         guard let match = runtime.routeTable.match(method: method.rawValue, host: host, path: path,
-                                                   headers: HeaderLookup(headers: headers)) else { return nil }
+                                                   headers: FieldsHeaderLookup(fields: headers)) else { return nil }
         var forward = match.forwardPath
         if !query.isEmpty { forward += query }
         return RoutedRequest(route: match.route, upstream: runtime.upstream(forRoute: match.routeIndex),
                              forwardURI: forward, routing: self)
     }
 
-    func pickTarget(upstream: UpstreamRuntime, head: HTTPRequestHead, clientIP: String, excluding: Int?) -> Int? {
+    func pickTarget(upstream: UpstreamRuntime, headers: HTTP1Fields, clientIP: String, excluding: Int?) -> Int? {
         var input = BalancerInput(clientIP: clientIP)
         if upstream.config.balancer == .consistentHash {
             switch upstream.config.hashOn {
-            case .header(let name): input.hashKey = head.headers.first(name: name)
-            case .cookie(let name): input.hashKey = Self.cookie(named: name, in: head.headers)
+            case .header(let name): input.hashKey = headers.first(named: name)
+            case .cookie(let name): input.hashKey = Self.cookie(named: name, in: headers)
             case .clientIP: break
             }
         }
@@ -139,8 +139,8 @@ final class LoopRouting {
         balancers[upstream.index].requestFinished(target: target)
     }
 
-    private static func cookie(named name: String, in headers: HTTPHeaders) -> String? {
-        for header in headers["cookie"] {
+    private static func cookie(named name: String, in headers: HTTP1Fields) -> String? {
+        for header in headers.values(named: "cookie") {
             for pair in header.split(separator: ";") {
                 let trimmed = pair.trimmingASCIISpaces()
                 guard let eq = trimmed.firstIndex(of: "=") else { continue }
@@ -151,11 +151,6 @@ final class LoopRouting {
     }
 }
 
-/// Route-table header access over NIO's headers (case-insensitive lookup).
-struct HeaderLookup: RouteHeaderLookup {
-    let headers: HTTPHeaders
-    func firstValue(forLowercasedName name: String) -> String? { headers.first(name: name) }
-}
 
 /// A listener's config plus what its connections share: the observer and
 /// the open-connection count (for `max_connections`).
@@ -198,6 +193,8 @@ final class ListenerRuntime: Sendable {
 final class LoopContext: @unchecked Sendable {
     let loop: EventLoop
     let requestIDs = RequestIDGenerator()
+    /// The `Date` value for responses the proxy writes itself.
+    let dateCache = HTTPDateCache()
     /// The routing new requests use; swapped on the loop by a reload.
     private(set) var routing: LoopRouting
     var runtime: ProxyRuntime { routing.runtime }

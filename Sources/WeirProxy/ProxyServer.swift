@@ -11,17 +11,20 @@ import Glibc
 
 // The HTTP/1.1 data path at a glance (files under Sources/WeirProxy/):
 //
-//   client ──▶ HeadGuard ─▶ HTTPRequestDecoder ─▶ DownstreamHandler ──▶ UpstreamConnection (pool per loop per target)
-//              (414, header     (llhttp strict:     (route, limits,         HTTPRequestEncoder ─▶ upstream
-//               timeout start)   400/431)            retries, timeouts,      HTTPResponseDecoder ◀─ upstream
-//   client ◀── HTTPResponseEncoder ◀──────────────── response relay) ◀────── UpstreamHandler
+//   client ⇄ DownstreamHandler ───────────────────────────▶ UpstreamConnection (pool per loop per target)
+//            HTTP/1.1 framing: HTTP1RequestParser,          UpstreamHandler: HTTP1ResponseParser,
+//            chunked decoder, HTTP1HeadWriter        ◀──── requests written as bytes ⇄ upstream
+//            exchange: route, limits, plugins, retries,
+//            timeouts, response relay
 //
-// - One request at a time per client connection; pipelined requests queue
-//   (decoded) until the response before them is done.
-// - Bodies stream part by part; each side stops reading while the other
+// - Weir's own codec (HTTP1/): heads stay the bytes they arrived as plus an
+//   index; forwarded heads are range copies plus edits (docs/http1-codec.md).
+// - One request at a time per client connection; pipelined requests wait
+//   unparsed until the response before them is done.
+// - Bodies stream slice by slice; each side stops reading while the other
 //   side is not writable (read() is withheld), so memory stays bounded.
-// - Framing is decided by HeaderRewriting (encoders run with automatic
-//   framing off); hop-by-hop headers never cross.
+// - Framing is decided by the exchange (content-length passes through,
+//   otherwise re-chunked); hop-by-hop headers never cross.
 // - A 101 turns both channels into a TunnelHandler pair (raw bytes).
 // - Errors the proxy answers itself use ProxyErrorResponse (one JSON shape).
 // - Everything for one connection, upstream side included, runs on the
@@ -117,13 +120,6 @@ public final class ProxyServer: @unchecked Sendable {
     }
 
     private func makeBootstrap(loopContext: LoopContext, listener: ListenerRuntime) -> ServerBootstrap {
-        let limits = listener.config.limits
-        var decoderLimits = NIOHTTPDecoderLimitConfiguration()
-        // The request line counts toward the decoder's totals; the HeadGuard
-        // enforces its own limit (414) before the decoder sees it.
-        decoderLimits.maxHeaderListSize = limits.maxHeaderBytes + limits.maxRequestLineBytes
-        decoderLimits.maxHeaderFieldSize = limits.maxHeaderBytes + limits.maxRequestLineBytes
-        decoderLimits.maxHeaderFieldCount = limits.maxHeaderCount
         let multipleLoops = loopContexts.count > 1
         return ServerBootstrap(group: loopContext.loop, childGroup: loopContext.loop)
             .serverChannelOption(.backlog, value: 1024)
@@ -139,15 +135,9 @@ public final class ProxyServer: @unchecked Sendable {
                     return Self.refuseConnection(channel, listener: listener, loopContext: loopContext)
                 }
                 do {
-                    let sync = channel.pipeline.syncOperations
-                    let guardHandler = HeadGuard(maxRequestLineBytes: limits.maxRequestLineBytes)
-                    var encoderConfig = HTTPResponseEncoder.Configuration()
-                    encoderConfig.automaticallySetFramingHeaders = false
-                    try sync.addHandler(guardHandler)
-                    try sync.addHandler(ByteToMessageHandler(HTTPRequestDecoder(
-                        leftOverBytesStrategy: .forwardBytes, limitConfiguration: decoderLimits)))
-                    try sync.addHandler(HTTPResponseEncoder(configuration: encoderConfig))
-                    try sync.addHandler(DownstreamHandler(loopContext: loopContext, listener: listener, headGuard: guardHandler))
+                    // Weir's own HTTP/1.1 codec runs inside the handler (no
+                    // decoder/encoder handlers: one handler per connection).
+                    try channel.pipeline.syncOperations.addHandler(DownstreamHandler(loopContext: loopContext, listener: listener))
                     return channel.eventLoop.makeSucceededVoidFuture()
                 } catch {
                     listener.connectionClosed()
@@ -163,7 +153,7 @@ public final class ProxyServer: @unchecked Sendable {
                                            message: "listener \(listener.name) is at its connection limit",
                                            requestID: id, allocator: channel.allocator)
         var buffer = channel.allocator.buffer(capacity: 256 + body.readableBytes)
-        buffer.writeString("HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: \(body.readableBytes)\r\nx-request-id: \(id)\r\nconnection: close\r\n\r\n")
+        buffer.writeString("HTTP/1.1 503 Service Unavailable\r\ndate: \(HTTPDateCache.format(time(nil)))\r\ncontent-type: application/json\r\ncontent-length: \(body.readableBytes)\r\nx-request-id: \(id)\r\nconnection: close\r\n\r\n")
         var bodyCopy = body
         buffer.writeBuffer(&bodyCopy)
         channel.writeAndFlush(buffer).whenComplete { _ in channel.close(promise: nil) }

@@ -3,24 +3,33 @@ import NIOCore
 import NIOHTTP1
 import WeirCore
 
-/// The proxy for one downstream HTTP/1.1 connection.
+/// The proxy for one downstream HTTP/1.1 connection, over raw bytes.
+///
+/// Two layers live here, kept apart so an HTTP/2 stream can later drive the
+/// same exchange logic with its own framing (see docs/http1-codec.md):
+/// - **HTTP/1.1 framing** (`MARK: - HTTP/1.1 framing`): one cumulation
+///   buffer, `HTTP1RequestParser` for heads, content-length slices or
+///   `HTTP1ChunkedDecoder` for bodies; responses written as bytes
+///   (`HTTP1HeadWriter` for forwarded heads, chunk framing when re-chunked).
+/// - **The exchange** (`beginRequest` → routing, plugins, upstream attempts,
+///   retries, timeouts, response relay → `finishExchange`), which sees a
+///   `RequestHead` and body slices and answers through the `writeResponse*`
+///   functions.
 ///
 /// One request at a time goes through: while a request is in flight the
-/// handler reads the client only to stream that request's body (and only as
-/// fast as the upstream accepts it); pipelined requests wait, decoded parts
-/// queued, until the response before them is done, so responses stay in order.
+/// client is read only to stream that request's body (and only as fast as
+/// the upstream accepts it); pipelined requests wait unparsed in the
+/// buffer until the response before them is done, so responses stay in order.
 ///
-/// Pipeline: HeadGuard -> ByteToMessageHandler(HTTPRequestDecoder) ->
-/// HTTPResponseEncoder -> DownstreamHandler. The upstream side of each
-/// exchange is an `UpstreamConnection` from the loop's pool, on this loop.
+/// Pipeline: just this handler. The upstream side of each exchange is an
+/// `UpstreamConnection` from the loop's pool, on this loop.
 final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, UpstreamConnectionDelegate {
-    typealias InboundIn = HTTPServerRequestPart
-    typealias OutboundIn = HTTPServerResponsePart
-    typealias OutboundOut = HTTPServerResponsePart
+    typealias InboundIn = ByteBuffer
+    typealias OutboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
 
     let loopContext: LoopContext
     let listener: ListenerRuntime
-    private let headGuard: HeadGuard
     var context: ChannelHandlerContext!
     var peerAddress: SocketAddress?
     var clientIP = ""
@@ -28,15 +37,23 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
 
     /// The request in flight, if any.
     var exchange: Exchange?
-    /// Decoded parts of pipelined requests waiting for their turn.
-    private var queued = CircularBuffer<HTTPServerRequestPart>()
-    /// Body bytes held in `queued`.
-    private var queuedBodyBytes = 0
+    /// Bytes read from the client and not parsed yet: the rest of a head,
+    /// body bytes, pipelined requests waiting for their turn.
+    private var inbound = ByteBuffer()
+    private var parser: HTTP1RequestParser
+    private let limits: HTTP1Limits
+    /// How the current request's body is delimited on the wire.
+    private enum RequestBodyFraming {
+        case none
+        case contentLength(remaining: Int)
+        case chunked(HTTP1ChunkedDecoder)
+    }
+    private var requestFraming = RequestBodyFraming.none
+    private var processingInbound = false
     /// While a response is in flight the client is still read, so that NIO
     /// need not drop and re-add read interest (two epoll_ctl per request),
     /// but only while pipelined input stays this small.
-    private static let maxQueuedParts = 32
-    private static let maxQueuedBodyBytes = 64 * 1024
+    private static let maxPipelinedBytes = 64 * 1024
     /// A `read()` was held back; issue it when reading is allowed again.
     private var pendingRead = false
     /// Idle keep-alive or header timeout for the connection.
@@ -49,21 +66,22 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
     private var closing = false
     private var draining = false
     private var registered = false
-    /// The decoder saw an error; nothing more will be decoded.
+    /// The parser saw an error; nothing more will be parsed.
     private var decoderFailed = false
-    /// After an Upgrade request the decoder stops parsing, so the connection
-    /// cannot carry another HTTP request unless it becomes a tunnel.
+    /// After an Upgrade request no further head is parsed, so the connection
+    /// cannot carry another HTTP request unless it becomes a tunnel (bytes
+    /// that arrive meanwhile are kept for the tunnel).
     private var decoderStopped = false
     /// The client shut down its write side: no more requests will come.
     private var inputClosed = false
     /// The connection-phase plugin scope (see DownstreamHandler+Plugins).
     var connectionPlugins: ConnectionPlugins?
 
-    init(loopContext: LoopContext, listener: ListenerRuntime, headGuard: HeadGuard) {
+    init(loopContext: LoopContext, listener: ListenerRuntime) {
         self.loopContext = loopContext
         self.listener = listener
-        self.headGuard = headGuard
-        headGuard.owner = self
+        self.limits = HTTP1Limits(listener.config.limits)
+        self.parser = HTTP1RequestParser(limits: limits)
     }
 
     // MARK: - Channel lifecycle
@@ -136,9 +154,9 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
     private var shouldReadDownstream: Bool {
         if closing || inputClosed { return false }
         if connectionPlugins?.phasePending == true { return false }
-        guard let exchange else { return queued.isEmpty }
+        guard let exchange else { return true }
         if exchange.requestEnded {
-            return queued.count < Self.maxQueuedParts && queuedBodyBytes < Self.maxQueuedBodyBytes
+            return inbound.readableBytes < Self.maxPipelinedBytes
         }
         if exchange.discardingBody { return true }
         guard let connection = exchange.connection else { return exchange.plugins?.bodyWaiter != nil }
@@ -152,28 +170,84 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         }
     }
 
+    // MARK: - HTTP/1.1 framing: input
+
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        let part = unwrapInboundIn(data)
-        if !queued.isEmpty || (exchange?.requestEnded ?? false) {
-            if case .body(let buffer) = part { queuedBodyBytes += buffer.readableBytes }
-            queued.append(part)
-            return
+        if closing || decoderFailed { return }
+        let buffer = unwrapInboundIn(data)
+        if inbound.readableBytes == 0 {
+            inbound = buffer   // the usual case: nothing left over, no copy
+        } else {
+            var buffer = buffer
+            inbound.writeBuffer(&buffer)
         }
-        handle(part)
+        processInbound()
     }
 
-    private func handle(_ part: HTTPServerRequestPart) {
-        switch part {
-        case .head(let head):
-            if closing { return }
-            beginRequest(head)
-        case .body(let buffer):
-            guard let exchange else { return }
-            requestBody(buffer, exchange: exchange)
-        case .end(let trailers):
-            guard let exchange else { return }
-            requestEnd(trailers, exchange: exchange)
+    /// Parses what is buffered: heads (only while no exchange is in flight,
+    /// so pipelined requests wait their turn) and the current request's body.
+    /// Re-entrant calls (an exchange finishing inside a callback) return at
+    /// once: the outer loop picks up where the state now is.
+    private func processInbound() {
+        guard !processingInbound else { return }
+        processingInbound = true
+        defer { processingInbound = false }
+        while !closing && !decoderFailed {
+            switch requestFraming {
+            case .none:
+                guard exchange == nil, !decoderStopped, inbound.readableBytes > 0 else { return }
+                headBytesArrived()
+                let head: HTTP1RequestHead
+                do {
+                    guard let parsed = try parser.parse(&inbound) else { return }
+                    head = parsed
+                } catch {
+                    return rejectMalformed(error)
+                }
+                beginRequest(head)
+            case .contentLength(let remaining):
+                guard let exchange, inbound.readableBytes > 0 else { return }
+                let n = min(remaining, inbound.readableBytes)
+                let slice = inbound.readSlice(length: n)!
+                if n == remaining {
+                    requestFraming = .none
+                    requestBody(slice, exchange: exchange)
+                    if self.exchange === exchange { requestEnd(nil, exchange: exchange) }
+                } else {
+                    requestFraming = .contentLength(remaining: remaining - n)
+                    requestBody(slice, exchange: exchange)
+                }
+            case .chunked(var decoder):
+                guard let exchange else { return }
+                let event: HTTP1ChunkedEvent
+                do {
+                    event = try decoder.next(&inbound)
+                } catch {
+                    requestFraming = .none
+                    return rejectMalformed(error)
+                }
+                switch event {
+                case .needMoreData:
+                    requestFraming = .chunked(decoder)
+                    return
+                case .data(let slice):
+                    requestFraming = .chunked(decoder)
+                    requestBody(slice, exchange: exchange)
+                case .end(let trailers):
+                    requestFraming = .none
+                    requestEnd(trailers.map(Self.trailerHeaders), exchange: exchange)
+                }
+            }
         }
+    }
+
+    /// Trailer fields as NIO headers (rare; plugins' pending parts use them).
+    private static func trailerHeaders(_ fields: HTTP1Fields) -> HTTPHeaders {
+        var headers = HTTPHeaders()
+        for (i, e) in fields.entries.enumerated() where e.known == .other {
+            headers.add(name: fields.name(at: i), value: fields.value(at: i))
+        }
+        return headers
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
@@ -211,7 +285,8 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
                         failBeforeResponse(exchange, .badRequest, "request body incomplete: the client closed its side")
                     }
                 }
-            } else if queued.isEmpty {
+            } else if exchange == nil {
+                // Nothing in flight (at most part of a head): done.
                 closing = true
                 context.close(promise: nil)
             }
@@ -221,23 +296,23 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
-        if let parserError = error as? HTTPParserError {
-            decoderFailed = true
-            let kind: ProxyErrorKind
-            switch parserError {
-            case .headerOverflow: kind = .headersTooLarge
-            default: kind = .badRequest
-            }
-            rejectMalformed(kind, message: "malformed request: \(parserError)")
-            return
-        }
-        if error is NIOHTTPDecoderError || error is ByteToMessageDecoderError {
-            decoderFailed = true
-            rejectMalformed(.badRequest, message: "malformed request")
-            return
-        }
         // I/O errors (reset by peer and friends): just close.
         context.close(promise: nil)
+    }
+
+    /// The parser refused the input: its status (400, 414, 431, 501, 505).
+    private func rejectMalformed(_ error: Error) {
+        decoderFailed = true
+        let parseError = error as? HTTP1ParseError ?? .invalidRequestLine
+        let kind: ProxyErrorKind
+        switch parseError.requestStatus {
+        case 414: kind = .uriTooLong
+        case 431: kind = .headersTooLarge
+        case 501: kind = .notImplemented
+        case 505: kind = .versionNotSupported
+        default: kind = .badRequest
+        }
+        rejectMalformed(kind, message: "malformed request: \(parseError)")
     }
 
     /// A malformed request: 400 (or 431) and close; anything already sent
@@ -263,25 +338,12 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         }
     }
 
-    // MARK: - Called by HeadGuard
-
-    func headBytesArrived() {
+    /// Bytes of a new head arrived: the header timeout runs from here.
+    private func headBytesArrived() {
         if !sawHeadBytes {
             sawHeadBytes = true
             if !connectionTimerIsHeader { armConnectionTimer(header: true) }
         }
-    }
-
-    func rejectBeforeDecoding(_ kind: ProxyErrorKind, message: String) {
-        decoderFailed = true
-        guard exchange == nil else {
-            context.close(promise: nil)
-            return
-        }
-        let exchange = makeExchange(head: nil)
-        self.exchange = exchange
-        exchange.requestEnded = true
-        sendLocalResponse(exchange, kind: kind, message: message, close: true)
     }
 
     // MARK: - Timers
@@ -310,82 +372,66 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
 
     // MARK: - Request start
 
-    private func makeExchange(head: HTTPRequestHead?) -> Exchange {
+    private func makeExchange(head: RequestHead?) -> Exchange {
         let exchange = Exchange(id: loopContext.requestIDs.next(), head: head)
         if listener.observer != nil { exchange.wallStart = wallClockSeconds() }
         return exchange
     }
 
-    private func beginRequest(_ head: HTTPRequestHead) {
-        headGuard.headReceived()
+    /// A parsed HTTP/1.1 head: sets up how its body is read, then hands the
+    /// request to the exchange logic.
+    private func beginRequest(_ wire: HTTP1RequestHead) {
         connectionTimer.set(nil)
         sawHeadBytes = false
+        // The parser has already refused every smuggling shape (CL+TE,
+        // differing/duplicate CL, TE not ending in a single chunked, bare
+        // CR/LF, obs-fold), missing/duplicate Host, and the 414/431 limits.
+        var framing = HeaderRewriting.RequestFraming()
+        switch wire.framing {
+        case .contentLength(let length):
+            framing.contentLength = length
+            if length > 0 { requestFraming = .contentLength(remaining: length) }
+        case .chunked:
+            framing.chunked = true
+            requestFraming = .chunked(HTTP1ChunkedDecoder(limits: limits))
+        case .none, .untilClose:
+            break
+        }
+        framing.expectsContinue = wire.expectsContinue
+        framing.teTrailers = wire.facts.teTrailersOnly && wire.fields.entries.contains { $0.known == .te }
+        let head = RequestHead(wire)
         let exchange = makeExchange(head: head)
         self.exchange = exchange
-        exchange.keepAlive = head.isKeepAlive && !draining
-
-        // Framing as the decoder understood it. llhttp (strict) has already
-        // refused CL+TE, differing/duplicate CL, TE not ending in chunked.
-        var framing = HeaderRewriting.RequestFraming()
-        var upgradeRequested = false
-        var connectionHasUpgrade = false
-        var hostCount = 0
-        var clientHost: String? = nil
-        // The decoder's own limit also counts the request line (it bounds
-        // memory); the listener's header-bytes limit is checked exactly here.
-        var headerBytes = 0
-        for (name, value) in head.headers {
-            headerBytes += name.utf8.count + value.utf8.count + 4
-            switch HeaderRewriting.Known.classify(name) {
-            case .contentLength:
-                guard let length = Int(value), length >= 0 else {
-                    return rejectHead(exchange, .badRequest, "invalid Content-Length")
-                }
-                framing.contentLength = length
-            case .transferEncoding:
-                framing.chunked = true
-            case .upgrade:
-                upgradeRequested = true
-            case .connection:
-                if value.utf8.count >= 7 && value.lowercased().contains("upgrade") { connectionHasUpgrade = true }
-            case .expect:
-                framing.expectsContinue = value.lowercased() == "100-continue"
-            case .te:
-                if value.lowercased().contains("trailers") { framing.teTrailers = true }
-            case .host:
-                hostCount += 1
-                clientHost = value
-            default:
-                break
-            }
-            if !Self.isValidFieldValue(value) {
-                return rejectHead(exchange, .badRequest, "invalid character in header \(name)")
-            }
-        }
-        // HeadGuard checks the request line as bytes arrive; a pipelined
-        // request read while the previous one was in flight is checked here.
-        if head.uri.utf8.count > listener.config.limits.maxRequestLineBytes {
-            return rejectHead(exchange, .uriTooLong, "request target longer than \(listener.config.limits.maxRequestLineBytes) bytes")
-        }
-        if headerBytes > listener.config.limits.maxHeaderBytes {
-            return rejectHead(exchange, .headersTooLarge, "request headers exceed \(listener.config.limits.maxHeaderBytes) bytes")
-        }
-        if framing.chunked && framing.contentLength != nil {
-            return rejectHead(exchange, .badRequest, "both Content-Length and Transfer-Encoding")
-        }
+        exchange.keepAlive = wire.keepAlive && !draining
         exchange.framing = framing
-        exchange.isUpgrade = upgradeRequested && connectionHasUpgrade
+        exchange.isUpgrade = wire.wantsUpgrade
         if exchange.isUpgrade { decoderStopped = true; exchange.keepAlive = false }
-        if !framing.hasBody { exchange.bodyless = true }
-
-        // Request target: origin-form (`/path?q`) or absolute-form
-        // (`http://host/path`, whose authority replaces Host).
-        if hostCount > 1 || (hostCount == 0 && head.version.minor >= 1) {
-            return rejectHead(exchange, .badRequest, hostCount == 0 ? "missing Host header" : "more than one Host header")
+        if !framing.hasBody {
+            exchange.bodyless = true
+            // No body to wait for: the request is complete with its head.
+            requestEnd(nil, exchange: exchange)
+            guard self.exchange === exchange, !exchange.finished else { return }
         }
+        routeRequest(exchange, head: head)
+    }
+
+    /// The exchange starts here: a complete head (any wire protocol), its
+    /// body still to come through `requestBody` / `requestEnd`.
+    private func routeRequest(_ exchange: Exchange, head: RequestHead) {
+        if head.method == .CONNECT {
+            // A reverse proxy does not open tunnels to arbitrary authorities.
+            exchange.keepAlive = false
+            return rejectHead(exchange, .notImplemented, "CONNECT is not supported: Weir is a reverse proxy")
+        }
+        // Request target: origin-form (`/path?q`), absolute-form
+        // (`http://host/path`, whose authority replaces Host), or `*`
+        // (OPTIONS only: routed as `/`, forwarded as `*`).
         var target = Substring(head.uri)
-        var hostHeader = clientHost
-        if target.utf8.first != UInt8(ascii: "/") {
+        var hostHeader = head.headers.first(named: "host")
+        let asterisk = target == "*"
+        if asterisk {
+            target = "/"
+        } else if target.utf8.first != UInt8(ascii: "/") {
             let lower = target.prefix(8).lowercased()
             let schemeLength = lower.hasPrefix("http://") ? 7 : lower.hasPrefix("https://") ? 8 : 0
             guard schemeLength > 0 else {
@@ -414,15 +460,18 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         exchange.hostHeader = hostHeader
         // The route table ignores a port and compares case-insensitively.
         let host = hostHeader ?? ""
-        guard let routed = loopContext.routing.route(method: head.method, host: host, path: path, query: query, headers: head.headers) else {
+        guard var routed = loopContext.routing.route(method: head.method, host: host, path: path, query: query, headers: head.headers) else {
             return rejectHead(exchange, .noRoute, "no route matches \(head.method.rawValue) \(path)")
+        }
+        if asterisk {
+            routed = RoutedRequest(route: routed.route, upstream: routed.upstream, forwardURI: "*", routing: routed.routing)
         }
         exchange.routed = routed
 
         // Body limit (route overrides listener).
         let maxBody = routed.route.maxBodyBytes ?? listener.config.limits.maxBodyBytes
         exchange.maxBody = maxBody
-        if let maxBody, let length = framing.contentLength, length > maxBody {
+        if let maxBody, let length = exchange.framing.contentLength, length > maxBody {
             exchange.keepAlive = false
             return rejectHead(exchange, .bodyTooLarge, "request body of \(length) bytes exceeds the limit of \(maxBody)")
         }
@@ -440,18 +489,10 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         exchange.discardingBody = true
         let clientError: Bool
         switch kind {
-        case .badRequest, .headersTooLarge, .uriTooLong, .bodyTooLarge: clientError = true
+        case .badRequest, .headersTooLarge, .uriTooLong, .bodyTooLarge, .notImplemented, .versionNotSupported: clientError = true
         default: clientError = false
         }
         sendLocalResponse(exchange, kind: kind, message: message, close: !exchange.keepAlive || clientError)
-    }
-
-    /// RFC 9110 §5.5: field values never contain NUL, CR or LF.
-    private static func isValidFieldValue(_ value: String) -> Bool {
-        for byte in value.utf8 where byte == 0 || byte == 13 || byte == 10 {
-            return false
-        }
-        return true
     }
 
     // MARK: - Upstream attempts
@@ -461,17 +502,22 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         guard let routed = exchange.routed, let head = exchange.head else { return }
         let upstream = routed.upstream
         guard let target = exchange.pinnedTarget(excluding: excluding)
-                ?? routed.routing.pickTarget(upstream: upstream, head: head, clientIP: clientIP, excluding: excluding) else {
+                ?? routed.routing.pickTarget(upstream: upstream, headers: head.headers, clientIP: clientIP, excluding: excluding) else {
             return failBeforeResponse(exchange, .noHealthyTarget, "no healthy target in upstream \(upstream.name)")
         }
         exchange.attempts += 1
         exchange.target = target
         exchange.staleRetried = false
         if exchange.upstreamStart == nil { exchange.upstreamStart = .now() }
-        if exchange.upstreamHead == nil {
-            exchange.upstreamHead = buildUpstreamHead(exchange, head: head, routed: routed)
+        if exchange.upstreamHead != nil {
+            // Materialised for plugins (see startRequestPlugins).
+            if !routed.route.preserveHost {
+                exchange.upstreamHead!.headers.replaceOrAdd(name: "host", value: upstream.targetLabels[target])
+            }
+        } else if exchange.upstreamEdits == nil {
+            exchange.upstreamEdits = upstreamEdits(exchange, head: head, routed: routed)
         } else if !routed.route.preserveHost {
-            exchange.upstreamHead!.headers.replaceOrAdd(name: "host", value: upstream.targetLabels[target])
+            exchange.upstreamEdits!.added[0].value = upstream.targetLabels[target]
         }
         let pool = routed.routing.pools[upstream.index][target]
         routed.routing.balancerStarted(upstream: upstream, target: target)
@@ -519,19 +565,82 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         }
     }
 
-    func buildUpstreamHead(_ exchange: Exchange, head: HTTPRequestHead, routed: RoutedRequest) -> HTTPRequestHead {
-        let hostHeader: String
-        if routed.route.preserveHost, let clientHost = exchange.hostHeader {
-            hostHeader = clientHost
-        } else {
-            hostHeader = routed.upstream.targetLabels[exchange.target ?? 0]
-        }
-        var framing = exchange.framing
-        let upgrade = exchange.isUpgrade ? head.headers.first(name: "upgrade") : nil
+    private func upstreamHostHeader(_ exchange: Exchange, routed: RoutedRequest) -> String {
+        if routed.route.preserveHost, let clientHost = exchange.hostHeader { return clientHost }
+        return routed.upstream.targetLabels[exchange.target ?? 0]
+    }
+
+    /// The upstream head as a NIO value, for plugins to edit (the plugin path).
+    func buildUpstreamHead(_ exchange: Exchange, head: RequestHead, routed: RoutedRequest) -> HTTPRequestHead {
+        let upgrade = exchange.isUpgrade ? head.headers.first(named: "upgrade") : nil
         return HeaderRewriting.upstreamRequestHead(
-            from: head, forwardURI: routed.forwardURI, framing: framing, upgrade: upgrade,
-            hostHeader: hostHeader, clientHost: exchange.hostHeader, clientIP: clientIP, peerTrusted: peerTrusted,
-            scheme: listener.scheme, requestID: exchange.id)
+            from: head.materialized(), forwardURI: routed.forwardURI, framing: exchange.framing, upgrade: upgrade,
+            hostHeader: upstreamHostHeader(exchange, routed: routed), clientHost: exchange.hostHeader,
+            clientIP: clientIP, peerTrusted: peerTrusted, scheme: listener.scheme, requestID: exchange.id)
+    }
+
+    /// The upstream head as edits to the client's head (the fast path: kept
+    /// field lines are copied as bytes). Same rules as
+    /// `HeaderRewriting.upstreamRequestHead`: hop-by-hop fields go (and what
+    /// Connection names), Host/X-Request-ID are replaced, X-Forwarded-* are
+    /// replaced (extended for a trusted peer), Via is extended.
+    /// `added[0]` is always Host (a retry on another target replaces it).
+    private func upstreamEdits(_ exchange: Exchange, head: RequestHead, routed: RoutedRequest) -> HTTP1HeadEdits {
+        let fields = head.headers
+        var edits = HTTP1HeadEdits(removed: fields.hopByHopFields(keepUpgrade: exchange.isUpgrade), target: routed.forwardURI)
+        var forwardedFor: String? = nil
+        var forwardedProto: String? = nil
+        var forwardedHost: String? = nil
+        var via: String? = nil
+        for (i, e) in fields.entries.enumerated() {
+            switch e.known {
+            case .host, .xRequestID:
+                edits.removed.insert(i)
+            case .xForwardedFor:
+                edits.removed.insert(i)
+                if peerTrusted { let v = fields.value(at: i); forwardedFor = forwardedFor.map { $0 + ", " + v } ?? v }
+            case .xForwardedProto:
+                edits.removed.insert(i)
+                if peerTrusted && forwardedProto == nil { forwardedProto = fields.value(at: i) }
+            case .xForwardedHost:
+                edits.removed.insert(i)
+                if peerTrusted && forwardedHost == nil { forwardedHost = fields.value(at: i) }
+            case .via:
+                edits.removed.insert(i)
+                let v = fields.value(at: i)
+                via = via.map { $0 + ", " + v } ?? v
+            default:
+                break
+            }
+        }
+        edits.added.reserveCapacity(8)
+        edits.added.append((name: "host", value: upstreamHostHeader(exchange, routed: routed)))
+        if exchange.framing.chunked { edits.added.append((name: "transfer-encoding", value: "chunked")) }
+        if exchange.isUpgrade { edits.added.append((name: "connection", value: "upgrade")) }
+        edits.added.append((name: "x-forwarded-for", value: forwardedFor.map { $0 + ", " + clientIP } ?? clientIP))
+        edits.added.append((name: "x-forwarded-proto", value: forwardedProto ?? listener.scheme))
+        if let host = forwardedHost ?? exchange.hostHeader {
+            edits.added.append((name: "x-forwarded-host", value: host))
+        }
+        let viaEntry = head.isHTTP10 ? "1.0 weir" : "1.1 weir"
+        edits.added.append((name: "via", value: via.map { $0 + ", " + viaEntry } ?? viaEntry))
+        edits.added.append((name: "x-request-id", value: exchange.id))
+        return edits
+    }
+
+    /// The upstream request head as bytes, whether it chunks its body, and
+    /// the method the response answers (HEAD responses have no body).
+    private func serializeUpstreamHead(_ exchange: Exchange) -> (ByteBuffer, chunked: Bool, method: HTTP1Method) {
+        if let head = exchange.upstreamHead {
+            var out = context.channel.allocator.buffer(capacity: 512)
+            HeadSerialization.writeRequest(head, into: &out)
+            let method: HTTP1Method = head.method == .HEAD ? .head : head.method == .CONNECT ? .connect : .get
+            return (out, head.headers.contains(name: "transfer-encoding"), method)
+        }
+        let wire = exchange.head!.wire!
+        var out = context.channel.allocator.buffer(capacity: wire.bytes.readableBytes + 256)
+        HTTP1HeadWriter.writeRequest(wire, edits: exchange.upstreamEdits!, into: &out)
+        return (out, exchange.framing.chunked, wire.method)
     }
 
     private func useConnection(_ connection: UpstreamConnection, for exchange: Exchange) {
@@ -539,7 +648,8 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         exchange.connectionReused = connection.requestsSent > 0
         connection.requestsSent += 1
         connection.attach(self)
-        connection.write(.head(exchange.upstreamHead!))
+        let (head, chunked, method) = serializeUpstreamHead(exchange)
+        connection.writeHead(head, method: method, chunkedBody: chunked)
         if let replacement = exchange.replacementBody {
             // The client's body is dropped; the replacement goes once the
             // client's request has ended (else requestEnd writes it).
@@ -547,13 +657,20 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
             if exchange.requestEnded { writeReplacementBody(replacement, exchange: exchange, to: connection) }
         } else if !exchange.pendingUpstream.isEmpty {
             for part in exchange.pendingUpstream {
-                if case .body = part { exchange.bodyForwarded = true }
-                connection.write(part)
+                switch part {
+                case .body(.byteBuffer(let buffer)):
+                    exchange.bodyForwarded = true
+                    connection.writeBody(buffer)
+                case .end(let trailers):
+                    connection.writeEnd(trailers: trailers)
+                default:
+                    break
+                }
             }
             exchange.pendingUpstream.removeAll()
         } else if exchange.requestEnded && exchange.bodyless {
             // A retry of a bodyless request: its end was consumed by the first attempt.
-            connection.write(.end(nil))
+            connection.writeEnd(trailers: nil)
         }
         connection.flush()
         if exchange.requestEnded { requestFullySent(exchange) }
@@ -582,7 +699,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         }
         if let connection = exchange.connection {
             if exchange.replacementBody != nil { return }   // set_body: the client's body is dropped
-            connection.write(.body(.byteBuffer(buffer)))
+            connection.writeBody(buffer)
             exchange.bodyForwarded = true
             exchange.upstreamNeedsFlush = true
         } else {
@@ -601,7 +718,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
             if let replacement = exchange.replacementBody {
                 writeReplacementBody(replacement, exchange: exchange, to: connection)
             } else {
-                connection.write(.end(trailers))
+                connection.writeEnd(trailers: trailers)
             }
             exchange.upstreamNeedsFlush = true
             requestFullySent(exchange)
@@ -615,10 +732,10 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
 
     private func writeReplacementBody(_ body: ByteBuffer, exchange: Exchange, to connection: UpstreamConnection) {
         if body.readableBytes > 0 {
-            connection.write(.body(.byteBuffer(body)))
+            connection.writeBody(body)
             exchange.bodyForwarded = true
         }
-        connection.write(.end(nil))
+        connection.writeEnd(trailers: nil)
     }
 
     private func requestFullySent(_ exchange: Exchange) {
@@ -630,7 +747,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
 
     // MARK: - UpstreamConnectionDelegate
 
-    func upstreamRead(_ part: HTTPClientResponsePart, on connection: UpstreamConnection) {
+    func upstreamRead(_ part: UpstreamResponsePart, on connection: UpstreamConnection) {
         guard let exchange, exchange.connection === connection else {
             connection.close()
             return
@@ -649,7 +766,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
                 return filterResponseBody(buffer, exchange: exchange, plugins: plugins, connection: connection)
             }
             exchange.bytesOut += buffer.readableBytes
-            context.write(wrapOutboundOut(.body(.byteBuffer(buffer))), promise: nil)
+            writeResponseBody(buffer, exchange: exchange)
             if !context.channel.isWritable {
                 connection.handler.pauseReading()
             }
@@ -661,15 +778,16 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         }
     }
 
-    private func upstreamHead(_ head: HTTPResponseHead, exchange: Exchange, connection: UpstreamConnection) {
+    private func upstreamHead(_ head: HTTP1ResponseHead, exchange: Exchange, connection: UpstreamConnection) {
         guard let routed = exchange.routed, let target = exchange.target else { return }
-        let code = Int(head.status.code)
-        if code >= 100 && code < 200 && code != 101 {
-            // Informational (100 Continue, 103 Early Hints): relay as is.
-            var info = head
-            info.headers.remove(name: "connection")
-            info.version = .http1_1
-            context.writeAndFlush(wrapOutboundOut(.head(info)), promise: nil)
+        let code = head.status
+        if head.isInterim {
+            // Informational (100 Continue, 103 Early Hints): relayed as is,
+            // to HTTP/1.1 clients only (RFC 9110 §15.2).
+            guard !exchange.head!.isHTTP10 else { return }
+            var out = context.channel.allocator.buffer(capacity: head.bytes.readableBytes)
+            HTTP1HeadWriter.writeResponse(head, edits: HTTP1HeadEdits(removed: head.fields.hopByHopFields()), into: &out)
+            context.writeAndFlush(wrapOutboundOut(out), promise: nil)
             return
         }
         if code >= 500 { routed.upstream.health.recordFailure(target: target) } else { routed.upstream.health.recordSuccess(target: target) }
@@ -682,39 +800,121 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
             endBalancerAttempt(exchange)
             return startAttempt(exchange, excluding: target)
         }
+        exchange.upstreamKeepAlive = head.keepAlive
+        guard checkUpgradeResponse(code, exchange: exchange, connection: connection) else { return }
 
         if let plugins = exchange.plugins, code != 101 {
-            guard let head = runResponsePlugins(head, exchange: exchange, plugins: plugins, connection: connection) else { return }
+            guard let head = runResponsePlugins(Self.materialized(head), exchange: exchange, plugins: plugins, connection: connection) else { return }
             return relayResponseHead(head, exchange: exchange, connection: connection)
         }
-        relayResponseHead(head, exchange: exchange, connection: connection)
+        relayWireResponseHead(head, exchange: exchange)
     }
 
-    func relayResponseHead(_ head: HTTPResponseHead, exchange: Exchange, connection: UpstreamConnection) {
-        let code = Int(head.status.code)
-        exchange.upstreamKeepAlive = head.isKeepAlive
+    /// The head as NIO's value type, for the response phase to edit.
+    private static func materialized(_ head: HTTP1ResponseHead) -> HTTPResponseHead {
+        var headers = HTTPHeaders()
+        headers.reserveCapacity(head.fields.count + 4)
+        for i in 0..<head.fields.count { headers.add(name: head.fields.name(at: i), value: head.fields.value(at: i)) }
+        return HTTPResponseHead(version: head.version.minor == 0 ? .http1_0 : .http1_1,
+                                status: HTTPResponseStatus(statusCode: head.status, reasonPhrase: head.reason),
+                                headers: headers)
+    }
+
+    /// A 101 only answers an upgrade request; a refused upgrade ends the
+    /// connection after its response. False when the exchange failed.
+    private func checkUpgradeResponse(_ code: Int, exchange: Exchange, connection: UpstreamConnection) -> Bool {
         let isUpgrade = code == 101
         if isUpgrade && !exchange.isUpgrade {
             exchange.connection = nil
             connection.close()
-            return failBeforeResponse(exchange, .badUpstreamResponse, "upstream switched protocols without an upgrade request")
+            failBeforeResponse(exchange, .badUpstreamResponse, "upstream switched protocols without an upgrade request")
+            return false
         }
         if exchange.isUpgrade && !isUpgrade { exchange.keepAlive = false }
-        let requestHead = exchange.head!
-        let bodyAllowed = requestHead.method != .HEAD && code != 204 && code != 304
-        let (downHead, mustClose) = HeaderRewriting.downstreamResponseHead(
-            head, requestVersion: requestHead.version, bodyAllowed: bodyAllowed,
-            keepAlive: exchange.keepAlive && !draining, isUpgrade: isUpgrade)
+        return true
+    }
+
+    /// Whether the client gets a body for this status (never for HEAD, 204, 304).
+    private func bodyAllowed(_ exchange: Exchange, status: Int) -> Bool {
+        exchange.head!.method != .HEAD && status != 204 && status != 304
+    }
+
+    /// The fast path: the upstream's head forwarded by range copy with the
+    /// same edits `HeaderRewriting.downstreamResponseHead` makes.
+    private func relayWireResponseHead(_ head: HTTP1ResponseHead, exchange: Exchange) {
+        let code = head.status
+        let isUpgrade = code == 101
+        let fields = head.fields
+        let clientIs11 = !exchange.head!.isHTTP10
+        var edits = HTTP1HeadEdits(removed: fields.hopByHopFields(keepUpgrade: isUpgrade))
+        var via: String? = nil
+        for (i, e) in fields.entries.enumerated() {
+            switch e.known {
+            case .te:
+                edits.removed.insert(i)
+            case .via:
+                edits.removed.insert(i)
+                let v = fields.value(at: i)
+                via = via.map { $0 + ", " + v } ?? v
+            default:
+                break
+            }
+        }
+        var mustClose = !(exchange.keepAlive && !draining)
+        var hasLength = false
+        if case .contentLength = head.framing { hasLength = true }
+        if isUpgrade {
+            edits.added.append((name: "connection", value: "upgrade"))
+        } else if bodyAllowed(exchange, status: code) && !hasLength {
+            if clientIs11 {
+                edits.added.append((name: "transfer-encoding", value: "chunked"))
+                exchange.responseChunked = true
+            } else {
+                // HTTP/1.0 client and no length: the body ends at close.
+                mustClose = true
+            }
+        }
+        if !isUpgrade {
+            if mustClose {
+                edits.added.append((name: "connection", value: "close"))
+            } else if !clientIs11 {
+                edits.added.append((name: "connection", value: "keep-alive"))
+            }
+        }
+        let viaEntry = head.version.minor == 0 ? "1.0 weir" : "1.1 weir"
+        edits.added.append((name: "via", value: via.map { $0 + ", " + viaEntry } ?? viaEntry))
         if mustClose { exchange.keepAlive = false }
         exchange.responseStarted = true
         exchange.status = code
-        context.write(wrapOutboundOut(.head(downHead)), promise: nil)
+        var out = context.channel.allocator.buffer(capacity: head.bytes.readableBytes + 64)
+        HTTP1HeadWriter.writeResponse(head, edits: edits, into: &out)
+        context.write(wrapOutboundOut(out), promise: nil)
         if isUpgrade {
             exchange.upgraded = true
         }
     }
 
-    private func upstreamEnd(_ trailers: HTTPHeaders?, exchange: Exchange, connection: UpstreamConnection) {
+    /// The plugin path: a head the response phase may have changed.
+    func relayResponseHead(_ head: HTTPResponseHead, exchange: Exchange, connection: UpstreamConnection) {
+        let code = Int(head.status.code)
+        let isUpgrade = code == 101
+        let requestHead = exchange.head!
+        let (downHead, mustClose) = HeaderRewriting.downstreamResponseHead(
+            head, requestVersion: requestHead.version, bodyAllowed: bodyAllowed(exchange, status: code),
+            keepAlive: exchange.keepAlive && !draining, isUpgrade: isUpgrade)
+        if mustClose { exchange.keepAlive = false }
+        exchange.responseChunked = !isUpgrade && downHead.headers.contains(name: "transfer-encoding")
+        exchange.responseStarted = true
+        exchange.status = code
+        var out = context.channel.allocator.buffer(capacity: 512)
+        HeadSerialization.writeResponse(downHead, into: &out)
+        context.write(wrapOutboundOut(out), promise: nil)
+        if isUpgrade {
+            exchange.upgraded = true
+        }
+    }
+
+    private func upstreamEnd(_ trailers: HTTP1Fields?, exchange: Exchange, connection: UpstreamConnection) {
         guard exchange.responseStarted else { return }
         if exchange.upgraded {
             context.flush()
@@ -731,8 +931,48 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         }
         let willClose = closesAfter(exchange)
         let endWritten: EventLoopPromise<Void>? = willClose ? context.eventLoop.makePromise() : nil
-        context.write(wrapOutboundOut(.end(trailers)), promise: endWritten)
+        writeResponseEnd(trailers, exchange: exchange, promise: endWritten)
         completeAfterBoth(exchange, endWritten: endWritten?.futureResult)
+    }
+
+    // MARK: - HTTP/1.1 framing: output
+
+    /// Response body bytes, chunk-framed when the response is re-chunked.
+    func writeResponseBody(_ data: ByteBuffer, exchange: Exchange) {
+        let length = data.readableBytes
+        guard length > 0 else { return }
+        guard exchange.responseChunked else {
+            context.write(wrapOutboundOut(data), promise: nil)
+            return
+        }
+        if length <= 4096 {
+            // Small chunks: one buffer (a write costs more than the copy).
+            var out = context.channel.allocator.buffer(capacity: length + 24)
+            HTTP1ChunkedEncoder.writeChunk(data, into: &out)
+            context.write(wrapOutboundOut(out), promise: nil)
+        } else {
+            var header = context.channel.allocator.buffer(capacity: 24)
+            HTTP1ChunkedEncoder.writeChunkHeader(length: length, into: &header)
+            context.write(wrapOutboundOut(header), promise: nil)
+            context.write(wrapOutboundOut(data), promise: nil)
+            var crlf = context.channel.allocator.buffer(capacity: 2)
+            HTTP1ChunkedEncoder.writeChunkEnd(into: &crlf)
+            context.write(wrapOutboundOut(crlf), promise: nil)
+        }
+    }
+
+    /// The end of a response: the last chunk (with trailers) when chunked.
+    /// `promise` completes when it is written (to close after it).
+    func writeResponseEnd(_ trailers: HTTP1Fields?, exchange: Exchange, promise: EventLoopPromise<Void>?) {
+        if exchange.responseChunked {
+            var out = context.channel.allocator.buffer(capacity: 5)
+            out.writeStaticString("0\r\n")
+            if let trailers { HeadSerialization.writeTrailers(trailers, into: &out) }
+            out.writeStaticString("\r\n")
+            context.write(wrapOutboundOut(out), promise: promise)
+        } else if let promise {
+            context.write(wrapOutboundOut(context.channel.allocator.buffer(capacity: 0)), promise: promise)
+        }
     }
 
     func upstreamReadComplete(on connection: UpstreamConnection) {
@@ -880,16 +1120,19 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
             exchange.keepAlive = false
         }
         let close = closesAfter(exchange)
-        let body = ProxyErrorResponse.body(kind: kind, message: message, requestID: exchange.id, allocator: context.channel.allocator)
+        var body = ProxyErrorResponse.body(kind: kind, message: message, requestID: exchange.id, allocator: context.channel.allocator)
         let head = ProxyErrorResponse.head(kind: kind, requestID: exchange.id, bodyLength: body.readableBytes,
-                                           close: close, version: exchange.head?.version ?? .http1_1)
+                                           close: close, version: exchange.head?.version ?? .http1_1,
+                                           date: loopContext.dateCache.current())
         exchange.status = Int(kind.status.code)
         exchange.responseStarted = true
         exchange.bytesOut += body.readableBytes
         exchange.localResponseDone = true
-        context.write(wrapOutboundOut(.head(head)), promise: nil)
+        // Head and body in one buffer: one write.
+        var out = context.channel.allocator.buffer(capacity: 256 + body.readableBytes)
+        HeadSerialization.writeResponse(head, into: &out)
         if exchange.head?.method != .HEAD {
-            context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil)
+            out.writeBuffer(&body)
         }
         exchange.upstreamResponseEnded = true
         if close {
@@ -897,7 +1140,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
             exchange.requestEnded = true
         }
         let endPromise: EventLoopPromise<Void>? = close ? context.eventLoop.makePromise() : nil
-        context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: endPromise)
+        context.writeAndFlush(wrapOutboundOut(out), promise: endPromise)
         if exchange.requestEnded {
             finishExchange(exchange, afterWrite: endPromise?.futureResult)
         } else {
@@ -922,7 +1165,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
 
     /// Whether the connection closes once this exchange's response is out.
     func closesAfter(_ exchange: Exchange) -> Bool {
-        !exchange.keepAlive || draining || decoderFailed || decoderStopped || (inputClosed && queued.isEmpty)
+        !exchange.keepAlive || draining || decoderFailed || decoderStopped || (inputClosed && inbound.readableBytes == 0)
     }
 
     func finishExchange(_ exchange: Exchange, afterWrite: EventLoopFuture<Void>? = nil) {
@@ -950,12 +1193,10 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         }
         // Ready for the next request on this connection.
         context.flush()
-        headGuard.expectHead()
         armConnectionTimer(header: false)
-        while !closing, self.exchange == nil || self.exchange?.requestEnded == false, let part = queued.popFirst() {
-            if case .body(let buffer) = part { queuedBodyBytes -= buffer.readableBytes }
-            handle(part)
-        }
+        // Pipelined requests already read are parsed now (re-entrant calls
+        // from inside processInbound return: its loop carries on).
+        processInbound()
         flushUpstreamIfNeeded()
         resumeReadingIfAllowed()
     }
@@ -1013,7 +1254,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         connection.handler.delegate = nil
         let downstream = context.channel
         let upstream = connection.channel
-        // Deferred: we are inside the upstream decoder's read callback.
+        // Deferred: we are inside the upstream handler's read callback.
         context.eventLoop.execute {
             let (down, up) = TunnelHandler.makePair()
             // The tunnel keeps counting as an open connection until it closes,
@@ -1031,19 +1272,14 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
                 let upOps = upstream.pipeline.syncOperations
                 try downOps.addHandler(down)
                 try upOps.addHandler(up)
-                // Remove the HTTP handlers; the decoders forward any bytes
-                // that arrived after the upgrade to the tunnel.
+                // Bytes that arrived after the upgrade head on either side
+                // (kept unparsed) go to the other side first.
+                let fromClient = self.takeTunnelBytes()
+                let fromUpstream = connection.handler.takeTunnelBytes()
                 _ = downOps.removeHandler(self)
                 _ = upOps.removeHandler(connection.handler)
-                _ = downOps.removeHandler(try downOps.handler(type: HTTPResponseEncoder.self))
-                _ = upOps.removeHandler(try upOps.handler(type: HTTPRequestEncoder.self))
-                _ = downOps.removeHandler(self.headGuard)
-                // Leftover bytes are written to the partner outside a read
-                // cycle, so flush once each decoder is gone.
-                downOps.removeHandler(try downOps.handler(type: ByteToMessageHandler<HTTPRequestDecoder>.self))
-                    .whenComplete { _ in upstream.flush() }
-                upOps.removeHandler(try upOps.handler(type: ByteToMessageHandler<HTTPResponseDecoder>.self))
-                    .whenComplete { _ in downstream.flush() }
+                if let fromClient { upstream.writeAndFlush(fromClient, promise: nil) }
+                if let fromUpstream { downstream.writeAndFlush(fromUpstream, promise: nil) }
                 // The connection now belongs to the tunnel; it closes when either side does.
                 connection.reusable = false
             } catch {
@@ -1059,13 +1295,20 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         }
     }
 
+    private func takeTunnelBytes() -> ByteBuffer? {
+        guard inbound.readableBytes > 0 else { return nil }
+        let rest = inbound
+        inbound = ByteBuffer()
+        return rest
+    }
+
     // MARK: - Drain
 
     /// Stop taking requests: idle connections close now, busy ones after
     /// their current response.
     func beginDrain() {
         draining = true
-        if exchange == nil && queued.isEmpty && !closing {
+        if exchange == nil && !closing {
             closing = true
             context.close(promise: nil)
         }
@@ -1079,7 +1322,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
 /// One request going through the proxy.
 final class Exchange {
     let id: String
-    let head: HTTPRequestHead?
+    let head: RequestHead?
     let started: NIODeadline = .now()
     var wallStart: Double = 0
     var routed: RoutedRequest?
@@ -1095,7 +1338,13 @@ final class Exchange {
     var keepAlive = true
     var upstreamKeepAlive = false
 
+    /// The upstream head when plugins may edit it (materialised as NIO
+    /// values); nil on the fast path, which uses `upstreamEdits`.
     var upstreamHead: HTTPRequestHead?
+    /// The fast path's upstream head: the client's head plus these edits.
+    var upstreamEdits: HTTP1HeadEdits?
+    /// The client's response body is written chunk-framed.
+    var responseChunked = false
     var target: Int?
     var attempts = 0
     var balancerActive = false
@@ -1126,7 +1375,7 @@ final class Exchange {
     var lastUpstreamRead: NIODeadline = .uptimeNanoseconds(0)
     var writeBlockedSince: NIODeadline?
 
-    init(id: String, head: HTTPRequestHead?) {
+    init(id: String, head: RequestHead?) {
         self.id = id
         self.head = head
     }

@@ -215,6 +215,7 @@ extension DownstreamHandler {
         } else if version.major == 1 && version.minor == 0 {
             headers.replaceOrAdd(name: "connection", value: "keep-alive")
         }
+        if !headers.contains(name: "date") { headers.add(name: "date", value: loopContext.dateCache.current()) }
         let head = HTTPResponseHead(version: version.minor == 0 ? .http1_0 : .http1_1,
                                     status: HTTPResponseStatus(statusCode: exit.status), headers: headers)
         guard runResponsePhase, let plugins = exchange.plugins else {
@@ -270,14 +271,16 @@ extension DownstreamHandler {
         exchange.responseStarted = true
         exchange.localResponseDone = true
         exchange.upstreamResponseEnded = true
-        context.write(wrapOutboundOut(.head(head)), promise: nil)
+        // Head and body in one buffer: one write.
+        var out = context.channel.allocator.buffer(capacity: 256 + body.count)
+        HeadSerialization.writeResponse(head, into: &out)
         if Self.exitBodyAllowed(exchange, status: status) && !body.isEmpty {
             exchange.bytesOut += body.count
-            context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(bytes: body)))), promise: nil)
+            out.writeBytes(body)
         }
         if close { exchange.requestEnded = true }
         let endPromise: EventLoopPromise<Void>? = close ? context.eventLoop.makePromise() : nil
-        context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: endPromise)
+        context.writeAndFlush(wrapOutboundOut(out), promise: endPromise)
         if exchange.requestEnded {
             finishExchange(exchange, afterWrite: endPromise?.futureResult)
         } else {
@@ -294,7 +297,7 @@ extension DownstreamHandler {
     }
 
     /// The upstream's end: the filters see a last (empty) chunk, then the response ends.
-    func filterLastChunk(_ trailers: HTTPHeaders?, exchange: Exchange, plugins: ExchangePlugins, connection: UpstreamConnection) {
+    func filterLastChunk(_ trailers: HTTP1Fields?, exchange: Exchange, plugins: ExchangePlugins, connection: UpstreamConnection) {
         runBodyFilter([], isLast: true, exchange: exchange, plugins: plugins, connection: connection) { [weak self] in
             plugins.lastChunkFiltered = true
             self?.upstreamRead(.end(trailers), on: connection)
@@ -334,7 +337,7 @@ extension DownstreamHandler {
             let chunk = plugins.scope.bodyChunk
             if !chunk.isEmpty {
                 exchange.bytesOut += chunk.count
-                context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(bytes: chunk)))), promise: nil)
+                writeResponseBody(context.channel.allocator.buffer(bytes: chunk), exchange: exchange)
                 if !context.channel.isWritable { connection.handler.pauseReading() }
             }
             return true

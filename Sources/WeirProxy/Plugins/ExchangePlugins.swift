@@ -58,7 +58,7 @@ final class ExchangePlugins: PluginRequestContext {
     var exitStatus: Int?
     /// The response phase is waiting on an async call: upstream parts are held.
     var holdingResponse = false
-    var heldParts: [HTTPClientResponsePart] = []
+    var heldParts: [UpstreamResponsePart] = []
     private(set) var consumer: String?
     private var done = false
     /// When the response was done (the log phase's durations end here, not

@@ -17,6 +17,8 @@ enum ProxyErrorKind {
     case draining            // 503 while shutting down
     case tooManyConnections  // 503 listener max_connections reached
     case pluginFailed        // 500 a Lua plugin raised or ran out of budget/memory
+    case notImplemented      // 501 CONNECT, or a transfer coding other than chunked
+    case versionNotSupported // 505 HTTP major version other than 1
 
     var status: HTTPResponseStatus {
         switch self {
@@ -30,6 +32,8 @@ enum ProxyErrorKind {
         case .noHealthyTarget, .draining, .tooManyConnections: return .serviceUnavailable
         case .upstreamTimeout: return .gatewayTimeout
         case .pluginFailed: return .internalServerError
+        case .notImplemented: return .notImplemented
+        case .versionNotSupported: return .httpVersionNotSupported
         }
     }
 
@@ -48,6 +52,8 @@ enum ProxyErrorKind {
         case .draining: return "draining"
         case .tooManyConnections: return "too_many_connections"
         case .pluginFailed: return "plugin_failed"
+        case .notImplemented: return "not_implemented"
+        case .versionNotSupported: return "http_version_not_supported"
         }
     }
 }
@@ -69,9 +75,10 @@ enum ProxyErrorResponse {
     }
 
     static func head(kind: ProxyErrorKind, requestID: String, bodyLength: Int,
-                     close: Bool, version: HTTPVersion = .http1_1) -> HTTPResponseHead {
+                     close: Bool, version: HTTPVersion = .http1_1, date: String? = nil) -> HTTPResponseHead {
         var headers = HTTPHeaders()
-        headers.reserveCapacity(5)
+        headers.reserveCapacity(6)
+        if let date { headers.add(name: "date", value: date) }
         headers.add(name: "content-type", value: "application/json")
         headers.add(name: "content-length", value: String(bodyLength))
         headers.add(name: "x-request-id", value: requestID)

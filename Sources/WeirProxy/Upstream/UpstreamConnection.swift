@@ -3,10 +3,20 @@ import NIOHTTP1
 import NIOPosix
 import WeirCore
 
+/// What an upstream connection reports, parsed by Weir's HTTP/1.1 codec.
+enum UpstreamResponsePart {
+    /// A response head (interim 1xx heads come first, each on its own).
+    case head(HTTP1ResponseHead)
+    /// Body bytes, de-chunked (a slice of what was read, not a copy).
+    case body(ByteBuffer)
+    /// The response ended; trailer fields of a chunked body, if any.
+    case end(HTTP1Fields?)
+}
+
 /// The side of an exchange that receives what an upstream connection reports.
 /// Implemented by `DownstreamHandler`; everything runs on one event loop.
 protocol UpstreamConnectionDelegate: AnyObject {
-    func upstreamRead(_ part: HTTPClientResponsePart, on connection: UpstreamConnection)
+    func upstreamRead(_ part: UpstreamResponsePart, on connection: UpstreamConnection)
     func upstreamReadComplete(on connection: UpstreamConnection)
     func upstreamWritabilityChanged(on connection: UpstreamConnection)
     func upstreamClosed(_ connection: UpstreamConnection, error: Error?)
@@ -25,6 +35,8 @@ final class UpstreamConnection {
     var idleSince: NIODeadline = .now()
     /// False once the connection closed or must not be reused.
     var reusable = true
+    /// The request being sent has a chunked body (set by `writeHead`).
+    private var chunkedBody = false
 
     init(channel: Channel, handler: UpstreamHandler, targetIndex: Int, pool: TargetPool) {
         self.channel = channel
@@ -45,9 +57,48 @@ final class UpstreamConnection {
         handler.resumeReading()
     }
 
-    func write(_ part: HTTPClientRequestPart) {
-        handler.write(part)
+    /// Starts a request: `head` is the complete serialised head. The
+    /// method decides how the response is parsed (HEAD has no body).
+    func writeHead(_ head: ByteBuffer, method: HTTP1Method, chunkedBody: Bool) {
+        self.chunkedBody = chunkedBody
+        handler.expectResponse(to: method)
+        handler.write(head)
     }
+
+    /// Request body bytes, chunk-framed when the request is chunked.
+    func writeBody(_ data: ByteBuffer) {
+        let length = data.readableBytes
+        guard length > 0 else { return }
+        guard chunkedBody else { return handler.write(data) }
+        if length <= 4096 {
+            // Small chunks: one buffer (a write costs more than the copy).
+            var out = channel.allocator.buffer(capacity: length + 24)
+            HTTP1ChunkedEncoder.writeChunk(data, into: &out)
+            handler.write(out)
+        } else {
+            var header = channel.allocator.buffer(capacity: 24)
+            HTTP1ChunkedEncoder.writeChunkHeader(length: length, into: &header)
+            handler.write(header)
+            handler.write(data)
+            handler.write(Self.crlf)
+        }
+    }
+
+    /// The request body ended (the last chunk and trailers when chunked).
+    func writeEnd(trailers: HTTPHeaders?) {
+        guard chunkedBody else { return }
+        var out = channel.allocator.buffer(capacity: 5)
+        out.writeStaticString("0\r\n")
+        if let trailers { HeadSerialization.writeTrailers(trailers, into: &out) }
+        out.writeStaticString("\r\n")
+        handler.write(out)
+    }
+
+    private static let crlf: ByteBuffer = {
+        var b = ByteBufferAllocator().buffer(capacity: 2)
+        b.writeStaticString("\r\n")
+        return b
+    }()
 
     func flush() {
         channel.flush()
@@ -61,13 +112,15 @@ final class UpstreamConnection {
     }
 }
 
-/// The pipeline end of an upstream connection: relays decoded response parts
-/// to the attached exchange and holds back reads while the exchange asks it
-/// to (backpressure from a slow client).
+/// The whole pipeline of an upstream connection: parses responses with
+/// `HTTP1ResponseParser` (bodies by their framing, chunked de-chunked),
+/// relays them to the attached exchange and holds back reads while the
+/// exchange asks it to (backpressure from a slow client). Requests are
+/// written as bytes the exchange already serialised.
 final class UpstreamHandler: ChannelDuplexHandler, RemovableChannelHandler {
-    typealias InboundIn = HTTPClientResponsePart
-    typealias OutboundIn = HTTPClientRequestPart
-    typealias OutboundOut = HTTPClientRequestPart
+    typealias InboundIn = ByteBuffer
+    typealias OutboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
 
     weak var delegate: UpstreamConnectionDelegate?
     /// Strong on purpose: the connection object must outlive a close the
@@ -78,6 +131,23 @@ final class UpstreamHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private var readPaused = false
     private var pendingRead = false
 
+    /// Bytes read and not yet parsed.
+    private var inbound = ByteBuffer()
+    private var parser = HTTP1ResponseParser()
+    private var requestMethod: HTTP1Method = .get
+    private enum Body {
+        /// Waiting for a response head.
+        case head
+        case contentLength(remaining: Int)
+        case chunked(HTTP1ChunkedDecoder)
+        /// Until the upstream closes (no length, not chunked).
+        case untilClose
+        /// After a 101: the rest belongs to the tunnel (`takeTunnelBytes`).
+        case tunnel
+    }
+    private var body = Body.head
+    private var processing = false
+
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
     }
@@ -87,8 +157,20 @@ final class UpstreamHandler: ChannelDuplexHandler, RemovableChannelHandler {
         self.connection = nil
     }
 
-    func write(_ part: HTTPClientRequestPart) {
-        context?.write(wrapOutboundOut(part), promise: nil)
+    func expectResponse(to method: HTTP1Method) {
+        requestMethod = method
+    }
+
+    /// After a 101: bytes already read past the response head.
+    func takeTunnelBytes() -> ByteBuffer? {
+        guard inbound.readableBytes > 0 else { return nil }
+        let rest = inbound
+        inbound = ByteBuffer()
+        return rest
+    }
+
+    func write(_ buffer: ByteBuffer) {
+        context?.write(wrapOutboundOut(buffer), promise: nil)
     }
 
     func pauseReading() {
@@ -114,14 +196,112 @@ final class UpstreamHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard let connection else { return }
-        if let delegate {
-            delegate.upstreamRead(unwrapInboundIn(data), on: connection)
-        } else {
+        guard delegate != nil else {
             // An idle pooled connection must stay silent, and a connection an
             // exchange gave up on is finished; either way never reuse it.
             connection.reusable = false
             context.close(promise: nil)
+            return
         }
+        let buffer = unwrapInboundIn(data)
+        if inbound.readableBytes == 0 {
+            inbound = buffer   // the usual case: no copy
+        } else {
+            var buffer = buffer
+            inbound.writeBuffer(&buffer)
+        }
+        process(connection)
+    }
+
+    /// Parses what is buffered and reports it, part by part, while an
+    /// exchange is attached (a callback may detach, close or re-attach).
+    private func process(_ connection: UpstreamConnection) {
+        guard !processing else { return }
+        processing = true
+        defer { processing = false }
+        do {
+            while let delegate, self.connection != nil {
+                switch body {
+                case .head:
+                    guard inbound.readableBytes > 0,
+                          let head = try parser.parse(&inbound, requestMethod: requestMethod) else { return }
+                    if head.isInterim {
+                        delegate.upstreamRead(.head(head), on: connection)
+                        continue
+                    }
+                    if head.status == 101 {
+                        body = .tunnel
+                        delegate.upstreamRead(.head(head), on: connection)
+                        self.delegate?.upstreamRead(.end(nil), on: connection)
+                        return
+                    }
+                    switch head.framing {
+                    case .none, .contentLength(0):
+                        delegate.upstreamRead(.head(head), on: connection)
+                        self.delegate?.upstreamRead(.end(nil), on: connection)
+                    case .contentLength(let length):
+                        body = .contentLength(remaining: length)
+                        delegate.upstreamRead(.head(head), on: connection)
+                    case .chunked:
+                        body = .chunked(HTTP1ChunkedDecoder())
+                        delegate.upstreamRead(.head(head), on: connection)
+                    case .untilClose:
+                        body = .untilClose
+                        delegate.upstreamRead(.head(head), on: connection)
+                    }
+                case .contentLength(let remaining):
+                    let available = inbound.readableBytes
+                    guard available > 0 else { return }
+                    let n = min(remaining, available)
+                    let slice = inbound.readSlice(length: n)!
+                    if n == remaining {
+                        body = .head
+                        delegate.upstreamRead(.body(slice), on: connection)
+                        self.delegate?.upstreamRead(.end(nil), on: connection)
+                    } else {
+                        body = .contentLength(remaining: remaining - n)
+                        delegate.upstreamRead(.body(slice), on: connection)
+                    }
+                case .chunked(var decoder):
+                    let event = try decoder.next(&inbound)
+                    switch event {
+                    case .needMoreData:
+                        body = .chunked(decoder)
+                        return
+                    case .data(let slice):
+                        body = .chunked(decoder)
+                        delegate.upstreamRead(.body(slice), on: connection)
+                    case .end(let trailers):
+                        body = .head
+                        delegate.upstreamRead(.end(trailers), on: connection)
+                    }
+                case .untilClose:
+                    guard inbound.readableBytes > 0 else { return }
+                    let all = inbound.readSlice(length: inbound.readableBytes)!
+                    delegate.upstreamRead(.body(all), on: connection)
+                case .tunnel:
+                    return
+                }
+            }
+            // Nobody attached (released to the pool, or dropped) yet bytes
+            // are left: the upstream sent more than one response.
+            if inbound.readableBytes > 0, case .head = body, self.connection != nil {
+                connection.reusable = false
+                context?.close(promise: nil)
+            }
+        } catch {
+            fail(error)
+        }
+    }
+
+    /// A response the codec refused: the exchange sees a failed upstream (502).
+    private func fail(_ error: Error) {
+        guard let connection else { return }
+        connection.reusable = false
+        let delegate = self.delegate
+        self.delegate = nil
+        context?.close(promise: nil)
+        delegate?.upstreamClosed(connection, error: error)
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
@@ -132,7 +312,29 @@ final class UpstreamHandler: ChannelDuplexHandler, RemovableChannelHandler {
         if let connection { delegate?.upstreamWritabilityChanged(on: connection) }
     }
 
+    /// The upstream closed its side: a body delimited by close ends here;
+    /// anything else in progress was cut.
+    private func endOfInput() {
+        if case .untilClose = body, let connection {
+            body = .head
+            connection.reusable = false
+            delegate?.upstreamRead(.end(nil), on: connection)
+        }
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let event = event as? ChannelEvent, case .inputClosed = event {
+            // Half-closure is allowed on upstream channels so a tunnel can
+            // pass it on; outside a tunnel it just ends the connection.
+            endOfInput()
+            context.close(promise: nil)
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
     func channelInactive(context: ChannelHandlerContext) {
+        endOfInput()
         guard let connection else { return }
         self.connection = nil
         connection.reusable = false
@@ -250,17 +452,12 @@ final class TargetPool {
         let bootstrap = ClientBootstrap(group: loop)
             .connectTimeout(connectTimeout)
             .channelOption(.tcpOption(.tcp_nodelay), value: 1)
+            // A WebSocket tunnel passes the upstream's half-close on to the
+            // client (UpstreamHandler closes on it outside a tunnel).
+            .channelOption(.allowRemoteHalfClosure, value: true)
             .channelInitializer { channel in
                 do {
-                    let sync = channel.pipeline.syncOperations
-                    var encoderConfig = HTTPRequestEncoder.Configuration()
-                    // The proxy decides framing itself (see HeaderRewriting).
-                    encoderConfig.automaticallySetFramingHeaders = false
-                    try sync.addHandler(HTTPRequestEncoder(configuration: encoderConfig))
-                    try sync.addHandler(ByteToMessageHandler(HTTPResponseDecoder(
-                        leftOverBytesStrategy: .forwardBytes,
-                        informationalResponseStrategy: .forward)))
-                    try sync.addHandler(UpstreamHandler())
+                    try channel.pipeline.syncOperations.addHandler(UpstreamHandler())
                     return channel.eventLoop.makeSucceededVoidFuture()
                 } catch {
                     return channel.eventLoop.makeFailedFuture(error)

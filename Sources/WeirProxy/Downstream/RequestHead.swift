@@ -1,0 +1,94 @@
+import NIOCore
+import NIOHTTP1
+import WeirCore
+
+/// The client's request head as the exchange logic sees it, whatever wire
+/// protocol carried it (the seam for HTTP/2, see docs/http1-codec.md).
+///
+/// The header fields are an `HTTP1Fields` index (original bytes plus
+/// offsets): the HTTP/1.1 framing hands over the parsed head without
+/// turning any header into a String; an HTTP/2 stream would build the same
+/// index over its decoded header list. `wire` is set when the head arrived
+/// as HTTP/1.1 bytes, so the upstream head can be written by range copy.
+struct RequestHead {
+    let method: HTTPMethod
+    let version: HTTPVersion
+    /// The request target as received (origin or absolute form).
+    let uri: String
+    let headers: HTTP1Fields
+    let wire: HTTP1RequestHead?
+
+    init(_ wire: HTTP1RequestHead) {
+        self.method = wire.method.nioMethod ?? HTTPMethod(rawValue: wire.methodString)
+        self.version = wire.version.minor == 0 ? .http1_0 : .http1_1
+        self.uri = wire.target
+        self.headers = wire.fields
+        self.wire = wire
+    }
+
+    var isHTTP10: Bool { version.minor == 0 }
+
+    /// The head as NIO's value type, with every field as a String: only for
+    /// the plugin path (plugins edit the upstream head field by field).
+    func materialized() -> HTTPRequestHead {
+        var nioHeaders = HTTPHeaders()
+        nioHeaders.reserveCapacity(headers.count)
+        for i in 0..<headers.count { nioHeaders.add(name: headers.name(at: i), value: headers.value(at: i)) }
+        return HTTPRequestHead(version: version, method: method, uri: uri, headers: nioHeaders)
+    }
+}
+
+extension HTTP1Method {
+    /// NIO's case for the methods the parser recognises (no String made).
+    var nioMethod: HTTPMethod? {
+        switch self {
+        case .get: return .GET
+        case .head: return .HEAD
+        case .post: return .POST
+        case .put: return .PUT
+        case .delete: return .DELETE
+        case .options: return .OPTIONS
+        case .patch: return .PATCH
+        case .connect: return .CONNECT
+        case .trace: return .TRACE
+        case .other: return nil
+        }
+    }
+}
+
+extension HTTP1Fields: Sequence {
+    /// (name, value) pairs as Strings: for plugins and logs, not the hot path.
+    public func makeIterator() -> AnyIterator<(name: String, value: String)> {
+        var i = 0
+        return AnyIterator {
+            guard i < self.count else { return nil }
+            defer { i += 1 }
+            return (self.name(at: i), self.value(at: i))
+        }
+    }
+
+    /// Same as `first(named:)`, spelled like `HTTPHeaders.first(name:)`.
+    public func first(name: String) -> String? { first(named: name) }
+
+    /// Every value of `name`, in order.
+    func values(named name: String) -> [String] {
+        var out: [String] = []
+        var lowered = Array(name.utf8)
+        for k in lowered.indices where lowered[k] >= 0x41 && lowered[k] <= 0x5A { lowered[k] |= 0x20 }
+        for (i, e) in entries.enumerated() where Int(e.nameLength) == lowered.count {
+            let matches = bytes.withUnsafeReadableBytes { raw in
+                lowered.withUnsafeBufferPointer {
+                    HTTP1Bytes.equalsLower(raw.bindMemory(to: UInt8.self).baseAddress! + Int(e.nameStart), $0)
+                }
+            }
+            if matches { out.append(value(at: i)) }
+        }
+        return out
+    }
+}
+
+/// Route-table header access over a parsed head's fields.
+struct FieldsHeaderLookup: RouteHeaderLookup {
+    let fields: HTTP1Fields
+    func firstValue(forLowercasedName name: String) -> String? { fields.first(named: name) }
+}

@@ -1,0 +1,137 @@
+import NIOCore
+import NIOPosix
+import WeirCore
+import WeirProxy
+import XCTest
+
+/// Behaviour that comes with Weir's own HTTP/1.1 codec on the data path:
+/// `Date` on the proxy's own answers, `OPTIONS *`, CONNECT and version
+/// errors with their own statuses, bytes split at any point, and a WebSocket
+/// tunnel that passes the upstream's half-close on.
+final class ProxyWireCodecTests: XCTestCase {
+    var upstreamGroup: MultiThreadedEventLoopGroup!
+    var upstream: TestUpstream!
+    var proxy: ProxyHarness?
+
+    override func setUpWithError() throws {
+        upstreamGroup = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        upstream = try TestUpstream(name: "u1", group: upstreamGroup)
+    }
+
+    override func tearDown() {
+        proxy?.stop()
+        upstream?.stop()
+        try? upstreamGroup?.syncShutdownGracefully()
+    }
+
+    private func start(_ configure: (inout WeirConfig) -> Void = { _ in }) throws -> ProxyHarness {
+        let harness = try ProxyHarness(config: ProxyHarness.config(targets: [upstream.address], configure: configure))
+        proxy = harness
+        return harness
+    }
+
+    func testProxyErrorResponsesCarryAnIMFDate() throws {
+        let proxy = try start { $0.routes[0].match.paths = [.prefix("/api")] }
+        let client = try proxy.connect()
+        let response = try client.request("GET", "/elsewhere")
+        XCTAssertEqual(response.status, 404)
+        let date = try XCTUnwrap(response.header("date"))
+        // e.g. "Sun, 06 Nov 1994 08:49:37 GMT"
+        let pattern = #"^(Mon|Tue|Wed|Thu|Fri|Sat|Sun), \d{2} (Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) \d{4} \d{2}:\d{2}:\d{2} GMT$"#
+        XCTAssertNotNil(date.range(of: pattern, options: .regularExpression), date)
+        let formatter = DateFormatter()
+        formatter.locale = Locale(identifier: "en_US_POSIX")
+        formatter.timeZone = TimeZone(identifier: "GMT")
+        formatter.dateFormat = "EEE, dd MMM yyyy HH:mm:ss 'GMT'"
+        let parsed = try XCTUnwrap(formatter.date(from: date))
+        XCTAssertLessThan(abs(parsed.timeIntervalSinceNow), 120, "the Date is now, not a stale cache")
+        // Malformed input answered by the proxy gets one too.
+        let bad = try proxy.connect()
+        try bad.send("GET /x HTTP/1.1\r\nHost: a\r\nX-Bad: a\u{0}b\r\n\r\n")
+        XCTAssertNotNil(try bad.readResponse().header("date"))
+    }
+
+    func testOptionsAsteriskIsForwarded() throws {
+        let proxy = try start()
+        let client = try proxy.connect()
+        try client.send("OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n")
+        XCTAssertEqual(try client.readResponse().status, 200)
+        XCTAssertEqual(upstream.lastRequest?.method, "OPTIONS")
+        XCTAssertEqual(upstream.lastRequest?.uri, "*")
+        // An asterisk with any other method is malformed.
+        let other = try proxy.connect()
+        try other.send("GET * HTTP/1.1\r\nHost: a\r\n\r\n")
+        XCTAssertEqual(try other.readResponse().status, 400)
+    }
+
+    func testConnectIs501AndCloses() throws {
+        let proxy = try start()
+        let client = try proxy.connect()
+        try client.send("CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
+        let response = try client.readResponse()
+        XCTAssertEqual(response.status, 501)
+        XCTAssertEqual(response.errorJSON?["error"], "not_implemented")
+        XCTAssertTrue(client.waitForClose())
+        XCTAssertEqual(upstream.requests.count, 0)
+    }
+
+    func testUnsupportedVersionAndCodingHaveTheirOwnStatus() throws {
+        let proxy = try start()
+        for (raw, status) in [
+            ("GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505),
+            ("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", 501),
+        ] {
+            let client = try proxy.connect()
+            try client.send(raw)
+            let response = try client.readResponse()
+            XCTAssertEqual(response.status, status, raw)
+            XCTAssertEqual(response.header("content-type"), "application/json")
+            XCTAssertTrue(client.waitForClose())
+        }
+        XCTAssertEqual(upstream.requests.count, 0)
+    }
+
+    /// A request and its chunked body sent one byte per write: the
+    /// incremental parser and decoder see every split point.
+    func testRequestArrivingByteByByte() throws {
+        let proxy = try start()
+        let client = try proxy.connect()
+        let raw = "POST /sink HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+        for byte in raw.utf8 { try client.send([byte]) }
+        let response = try client.readResponse()
+        XCTAssertEqual(response.status, 200)
+        XCTAssertEqual(response.bodyText, "11")
+        XCTAssertEqual(try client.request("GET", "/after").bodyText, "ok from u1")
+    }
+
+    func testWebSocketTunnelPassesTheUpstreamHalfClose() throws {
+        // Echoes until it reads "bye", then shuts its write side only.
+        let tunnelUpstream = try RawUpstream(group: upstreamGroup) { channel, buffer in
+            let view = String(decoding: buffer.readableBytesView, as: UTF8.self)
+            if !view.hasPrefix("GET ") {
+                if view.contains("bye\n") {
+                    buffer.moveReaderIndex(forwardBy: buffer.readableBytes)
+                    channel.close(mode: .output, promise: nil)
+                }
+                return
+            }
+            guard let end = view.range(of: "\r\n\r\n") else { return }
+            buffer.moveReaderIndex(forwardBy: view.utf8.distance(from: view.startIndex, to: end.upperBound))
+            channel.writeAndFlush(ByteBuffer(string: "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"), promise: nil)
+        }
+        defer { tunnelUpstream.stop() }
+        let proxy = try ProxyHarness(config: ProxyHarness.config(targets: [tunnelUpstream.address]))
+        self.proxy = proxy
+        let client = try proxy.connect()
+        try client.send("GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+        XCTAssertEqual(try client.readResponse().status, 101)
+        try client.send("bye\n")
+        // The upstream's half-close reaches the client as EOF...
+        XCTAssertTrue(client.waitForClose())
+        // ...while the client's direction stays open.
+        try client.send("still-talking\n")
+        XCTAssertTrue(waitUntil(timeout: 10) {
+            String(decoding: tunnelUpstream.allReceived, as: UTF8.self).contains("still-talking")
+        }, "bytes sent after the upstream's half-close still reach it")
+    }
+}
