@@ -10,6 +10,18 @@ public struct ValidatedPlugins: Sendable {
     public var upstreams: [String: [ConfiguredPlugin]] = [:]
     /// By consumer name.
     public var consumers: [String: [ConfiguredPlugin]] = [:]
+    /// By listener name (tcp/tls listeners; connection phase only).
+    public var listeners: [String: [ConfiguredPlugin]] = [:]
+
+    /// The connection-phase plugins of a tcp/tls listener: the global ones
+    /// that have a connection phase, then the listener's own (a plugin at
+    /// both levels runs once, with the listener's config).
+    public func connectionPlugins(listener: String) -> [ConfiguredPlugin] {
+        var byName: [String: ConfiguredPlugin] = [:]
+        for plugin in global where plugin.definition.phases.contains(.connection) { byName[plugin.name] = plugin }
+        for plugin in listeners[listener] ?? [] { byName[plugin.name] = plugin }
+        return byName.keys.sorted().map { byName[$0]! }
+    }
 
     /// The plugins for a request on `route` to `upstream` (by `consumer`,
     /// once known). A plugin attached at several levels runs once, with the
@@ -29,6 +41,7 @@ extension PluginLibrary {
     public static func pluginNames(in config: WeirConfig) -> [String] {
         var names = Set<String>()
         let lists = [config.plugins] + config.routes.map(\.plugins) + config.upstreams.map(\.plugins) + config.consumers.map(\.plugins)
+            + config.listeners.map(\.plugins)
         for list in lists { for ref in list where ref.enabled { names.insert(ref.name) } }
         return names.sorted()
     }
@@ -62,6 +75,18 @@ extension PluginLibrary {
         for (i, route) in config.routes.enumerated() { out.routes[route.name] = check(route.plugins, "routes[\(i)].plugins") }
         for (i, upstream) in config.upstreams.enumerated() { out.upstreams[upstream.name] = check(upstream.plugins, "upstreams[\(i)].plugins") }
         for (i, consumer) in config.consumers.enumerated() { out.consumers[consumer.name] = check(consumer.plugins, "consumers[\(i)].plugins") }
+        for (i, listener) in config.listeners.enumerated() where !listener.plugins.isEmpty {
+            let path = "listeners[\(i)].plugins"
+            let configured = check(listener.plugins, path)
+            // Only the connection phase runs on a tcp/tls listener (there is
+            // no request): a plugin without one would silently do nothing.
+            for plugin in configured where !plugin.definition.phases.contains(.connection) {
+                let index = listener.plugins.firstIndex { $0.name == plugin.name } ?? 0
+                problems.append(SchemaProblem(path: "\(path)[\(index)].name",
+                                              reason: "plugin \"\(plugin.name)\" has no connection phase; only the connection phase runs on \(listener.protocol.rawValue) listeners"))
+            }
+            out.listeners[listener.name] = configured
+        }
         return problems.isEmpty ? .success(out) : .failure(SchemaErrors(problems: problems))
     }
 }

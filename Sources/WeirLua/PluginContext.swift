@@ -104,6 +104,27 @@ public protocol PluginConnectionContext: AnyObject {
     var clientPort: Int { get }
     /// TLS server name the client asked for, if any.
     var serverName: String? { get }
+    /// ALPN protocols the client offered (TLS passthrough: from its
+    /// ClientHello, in its order); empty when unknown or none.
+    var offeredALPN: [String] { get }
+    /// The port the connection was accepted on; nil when unknown.
+    var localPort: Int? { get }
+    /// The name of the listener that accepted the connection.
+    var listenerName: String? { get }
+    /// tcp/tls listeners: sends the connection to the named upstream
+    /// (`weir.upstream.set_upstream` in the connection phase). Returns
+    /// nil on success, else why not ("no upstream named ...", or the
+    /// listener is not an L4 one).
+    func chooseUpstream(named name: String) -> String?
+}
+
+extension PluginConnectionContext {
+    public var offeredALPN: [String] { [] }
+    public var localPort: Int? { nil }
+    public var listenerName: String? { nil }
+    public func chooseUpstream(named name: String) -> String? {
+        "weir.upstream.set_upstream in the connection phase only applies to tcp and tls listeners"
+    }
 }
 
 /// What a phase run ended with.

@@ -280,6 +280,32 @@ extension LuaRuntime {
         n.append(("conn_get_sni", scopeNative("conn:get_sni") { L, scope in
             pushOptional(scope.connection?.context.serverName, on: L); return .values(1)
         }))
+        n.append(("conn_get_alpn", scopeNative("conn:get_alpn") { L, scope in
+            guard let offered = scope.connection?.context.offeredALPN, !offered.isEmpty else { lua_pushnil(L); return .values(1) }
+            lua_createtable(L, Int32(offered.count), 0)
+            for (i, proto) in offered.enumerated() {
+                LuaState.push(proto, on: L)
+                lua_rawseti(L, -2, lua_Integer(i + 1))
+            }
+            return .values(1)
+        }))
+        n.append(("conn_get_local_port", scopeNative("conn:get_local_port") { L, scope in
+            if let port = scope.connection?.context.localPort { lua_pushinteger(L, lua_Integer(port)) } else { lua_pushnil(L) }
+            return .values(1)
+        }))
+        n.append(("conn_get_listener", scopeNative("conn:get_listener") { L, scope in
+            pushOptional(scope.connection?.context.listenerName, on: L); return .values(1)
+        }))
+        n.append(("conn_set_upstream", scopeNative("weir.upstream.set_upstream") { L, scope in
+            guard let name = LuaState.string(at: 1, on: L) else { return .error("weir.upstream.set_upstream: name must be a string") }
+            guard let connection = scope.connection, scope.context == nil else {
+                return .error("weir.upstream.set_upstream: no connection phase is active")
+            }
+            if let problem = connection.context.chooseUpstream(named: name) {
+                lua_pushnil(L); LuaState.push(problem, on: L); return .values(2)
+            }
+            lua_pushboolean(L, 1); return .values(1)
+        }))
         n.append(("conn_reject", scopeNative("conn:reject") { [unowned self] L, scope in
             let reason = LuaState.string(at: 1, on: L) ?? "rejected by plugin"
             return self.stopChain(L, scope, PluginExit(status: 403, body: Array(reason.utf8), headers: []))

@@ -43,4 +43,15 @@ public protocol ProxyObserver: AnyObject, Sendable {
     func requestCompleted(_ record: AccessRecord)
     func connectionOpened(listener: String)
     func connectionClosed(listener: String)
+    /// tcp/tls listeners (defaults below do nothing).
+    func streamCounters(listener: String, upstream: String?) -> StreamCounters?
+    func streamCompleted(_ record: StreamRecord)
+}
+
+extension ProxyObserver {
+    /// tcp/tls listeners: the live byte and outcome counters for
+    /// (listener, upstream), looked up once per connection; nil = none kept.
+    public func streamCounters(listener: String, upstream: String?) -> StreamCounters? { nil }
+    /// A tcp/tls connection ended (access log).
+    public func streamCompleted(_ record: StreamRecord) {}
 }

@@ -62,6 +62,8 @@ final class ProxyRuntime: @unchecked Sendable {
     /// route index -> upstream index
     private let routeUpstream: [Int]
     let trustedProxies: [CIDRBlock]
+    /// tcp/tls listeners' routing, by listener name (L4/StreamRouting.swift).
+    let streamRouting: [String: StreamListenerRouting]
 
     struct InvalidConfig: Error, CustomStringConvertible {
         let description: String
@@ -88,6 +90,7 @@ final class ProxyRuntime: @unchecked Sendable {
         }
         self.routeUpstream = routeUpstream
         self.trustedProxies = try config.forwarded.trustedProxies.map { try CIDRBlock(parsing: $0) }
+        self.streamRouting = try Self.compileStreamRouting(config: config, upstreams: upstreams)
     }
 
     func upstream(forRoute routeIndex: Int) -> UpstreamRuntime { upstreams[routeUpstream[routeIndex]] }
@@ -129,6 +132,11 @@ final class LoopRouting {
             }
         }
         return balancers[upstream.index].pick(input, excluding: excluding)
+    }
+
+    /// tcp/tls connections have no request head: consistent_hash hashes the client IP.
+    func pickStreamTarget(upstream: UpstreamRuntime, clientIP: String, excluding: Int?) -> Int? {
+        balancers[upstream.index].pick(BalancerInput(clientIP: clientIP), excluding: excluding)
     }
 
     func balancerStarted(upstream: UpstreamRuntime, target: Int) {

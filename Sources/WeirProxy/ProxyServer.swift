@@ -91,17 +91,19 @@ public final class ProxyServer: @unchecked Sendable {
             context.loop.execute { context.start() }
         }
         for listenerConfig in config.listeners {
-            guard listenerConfig.protocol == .http else {
+            guard listenerConfig.protocol == .http || listenerConfig.protocol.isStream else {
                 throw StartError(listener: listenerConfig.name, address: listenerConfig.listen.description,
-                                 reason: "protocol \(listenerConfig.protocol.rawValue) is not supported by this build yet (only http)")
+                                 reason: "protocol \(listenerConfig.protocol.rawValue) is not supported by this build yet (only http, tcp, tls)")
             }
             let listener = ListenerRuntime(config: listenerConfig, observer: observer, serverConnections: connectionCount)
             var port = listenerConfig.listen.port
             for (i, loopContext) in loopContexts.enumerated() {
                 let channel: Channel
                 do {
-                    channel = try makeBootstrap(loopContext: loopContext, listener: listener)
-                        .bind(host: listenerConfig.listen.host, port: port).wait()
+                    let bootstrap = listenerConfig.protocol.isStream
+                        ? makeStreamBootstrap(loopContext: loopContext, listener: listener)   // L4/StreamListener.swift
+                        : makeBootstrap(loopContext: loopContext, listener: listener)
+                    channel = try bootstrap.bind(host: listenerConfig.listen.host, port: port).wait()
                 } catch {
                     // Close what was bound so a failed start leaves nothing behind.
                     closeServerChannels()

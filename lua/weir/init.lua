@@ -32,6 +32,7 @@ end
 local ANY_REQUEST_PHASE = phases(REQUEST, RESPONSE, BODY_FILTER, LOG)
 local ANY_PHASE = phases(CONNECTION, REQUEST, RESPONSE, BODY_FILTER, LOG, TIMER)
 local REWRITE_PHASES = phases(REQUEST)
+local UPSTREAM_CHOICE_PHASES = phases(CONNECTION, REQUEST)
 local RESPONSE_PHASES = phases(RESPONSE, BODY_FILTER, LOG)
 local RESPONSE_WRITE_PHASES = phases(REQUEST, RESPONSE)
 local EXIT_PHASES = phases(REQUEST, RESPONSE)
@@ -275,9 +276,12 @@ function upstream.set_target(host, port)
   N.upstream_set_target(host, port)
 end
 
+-- Request phase: this request's upstream. Connection phase (tcp and tls
+-- listeners): where the connection is relayed.
 function upstream.set_upstream(name)
-  check_phase("weir.upstream.set_upstream", REWRITE_PHASES)
+  check_phase("weir.upstream.set_upstream", UPSTREAM_CHOICE_PHASES)
   check_string("weir.upstream.set_upstream", 1, name)
+  if S[1] == CONNECTION then return N.conn_set_upstream(name) end
   if N.upstream_set_upstream(name) then return true end
   return nil, "no upstream named '" .. name .. "'"
 end
@@ -1034,6 +1038,9 @@ end
 function conn_handle:get_ip() check_handle(self, "conn:get_ip"); return N.client_get_ip() end
 function conn_handle:get_port() check_handle(self, "conn:get_port"); return N.client_get_port() end
 function conn_handle:get_sni() check_handle(self, "conn:get_sni"); return N.conn_get_sni() end
+function conn_handle:get_alpn() check_handle(self, "conn:get_alpn"); return N.conn_get_alpn() end
+function conn_handle:get_local_port() check_handle(self, "conn:get_local_port"); return N.conn_get_local_port() end
+function conn_handle:get_listener() check_handle(self, "conn:get_listener"); return N.conn_get_listener() end
 function conn_handle:reject(reason)
   check_handle(self, "conn:reject")
   check_optional_string("conn:reject", 1, reason)

@@ -86,6 +86,8 @@ enum ConfigCrossChecks {
             issues.append(ConfigIssue(path: "admin.listen", message: "address \(admin.listen) is already used by \(other)"))
         }
 
+        issues += checkStreamListeners(config)
+
         let upstreamNames = Set(config.upstreams.map(\.name))
         var firstRouteWithMatch: [RouteMatchConfig: Int] = [:]
         for (index, route) in config.routes.enumerated() {

@@ -58,6 +58,15 @@ public struct ListenerConfig: Hashable, Sendable {
     /// Open downstream connections allowed on this listener; nil = unlimited.
     public var maxConnections: Int? = nil
     public var limits: RequestLimits = RequestLimits()
+    /// tcp/tls listeners (StreamListenerConfig.swift): the upstream their
+    /// connections go to (tls: when no `sni_routes` entry matches).
+    public var upstream: String? = nil
+    /// tls listeners: upstreams by the ClientHello's server name.
+    public var sniRoutes: [SNIRoute] = []
+    /// tcp/tls listeners: plugins whose connection phase runs for each
+    /// connection (after the global ones).
+    public var plugins: [PluginRef] = []
+    public var stream: StreamSettings = StreamSettings()
     public init() {}
 }
 

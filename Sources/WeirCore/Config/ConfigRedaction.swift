@@ -114,6 +114,22 @@ enum ConfigRendering {
         limitPairs.append(("header_timeout", Node(limits.headerTimeout.description)))
         limitPairs.append(("keepalive_timeout", Node(limits.keepAliveTimeout.description)))
         pairs.append(("limits", map(limitPairs)))
+        if listener.protocol.isStream {
+            if let upstream = listener.upstream { pairs.append(("upstream", Node(upstream))) }
+            if !listener.sniRoutes.isEmpty {
+                pairs.append(("sni_routes", seq(listener.sniRoutes.map { route in
+                    map([("server_names", seq(route.serverNames.map { Node($0) })), ("upstream", Node(route.upstream))])
+                })))
+            }
+            if !listener.plugins.isEmpty { pairs.append(("plugins", plugins(listener.plugins))) }
+            let stream = listener.stream
+            pairs.append(("idle_timeout", Node(stream.idleTimeout.description)))
+            if let connect = stream.connectTimeout { pairs.append(("connect_timeout", Node(connect.description))) }
+            if listener.protocol == .tls {
+                pairs.append(("client_hello_timeout", Node(stream.clientHelloTimeout.description)))
+                pairs.append(("max_client_hello", Node(String(stream.maxClientHelloBytes))))
+            }
+        }
         return map(pairs)
     }
 

@@ -90,7 +90,8 @@ extension ConfigReader {
     // MARK: Listeners
 
     func readListener(_ node: Node, _ path: String) -> ListenerConfig? {
-        guard let f = fields(node, path, known: ["name", "listen", "protocol", "max_connections", "limits"],
+        guard let f = fields(node, path, known: ["name", "listen", "protocol", "max_connections", "limits"]
+                                + ConfigReader.streamListenerKeys,
                              required: ["name", "listen"]) else { return nil }
         var listener = ListenerConfig()
         if let n = f["name"] { listener.name = name(n, f.path("name")) ?? "" }
@@ -98,6 +99,7 @@ extension ConfigReader {
         if let n = f["protocol"] { listener.protocol = enumValue(n, f.path("protocol"), as: ListenerProtocol.self) ?? .http }
         if let n = f["max_connections"] { listener.maxConnections = int(n, f.path("max_connections"), min: 1) }
         if let n = f["limits"] { listener.limits = readLimits(n, f.path("limits")) }
+        readStreamKeys(f, into: &listener)
         return listener
     }
 

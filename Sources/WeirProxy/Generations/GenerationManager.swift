@@ -232,11 +232,12 @@ public final class GenerationManager: @unchecked Sendable {
     /// True when routes or upstreams differ other than in their plugins
     /// (plugin-only reloads keep the routing objects, balancer state included).
     static func routingChanged(from old: WeirConfig, to new: WeirConfig) -> Bool {
-        func routing(_ c: WeirConfig) -> ([RouteConfig], [UpstreamConfig]) {
-            (c.routes.map { var x = $0; x.plugins = []; return x }, c.upstreams.map { var x = $0; x.plugins = []; return x })
+        func routing(_ c: WeirConfig) -> ([RouteConfig], [UpstreamConfig], [ListenerConfig]) {
+            (c.routes.map { var x = $0; x.plugins = []; return x }, c.upstreams.map { var x = $0; x.plugins = []; return x },
+             c.listeners.map { var x = $0; x.plugins = []; return x })   // tcp/tls listeners route by upstream/sni_routes
         }
         let a = routing(old), b = routing(new)
-        return a.0 != b.0 || a.1 != b.1
+        return a.0 != b.0 || a.1 != b.1 || a.2 != b.2
     }
 
     /// nil when only reloadable parts differ; otherwise what changed.
@@ -249,6 +250,9 @@ public final class GenerationManager: @unchecked Sendable {
             c.consumers = []
             c.routes = []
             c.upstreams = []
+            // A tcp/tls listener's routing, plugins and timeouts apply per
+            // new connection, so they reload; its address and protocol do not.
+            c.listeners = c.listeners.map(\.fixedPart)
             return c
         }
         let a = fixed(old), b = fixed(new)
@@ -257,7 +261,8 @@ public final class GenerationManager: @unchecked Sendable {
         if a.listeners != b.listeners { changed.append("listeners") }
         if a.sharedDicts != b.sharedDicts { changed.append("shared_dicts") }
         if changed.isEmpty { changed.append("settings outside routes, upstreams, consumers and plugins") }
-        return "reload can change routes, upstreams, consumers, plugins, their configs, plugin_paths and lua limits; "
+        return "reload can change routes, upstreams, consumers, plugins, their configs, plugin_paths, lua limits "
+            + "and the upstream, sni_routes, plugins and timeouts of tcp/tls listeners; "
             + "this config also changes " + changed.joined(separator: ", ") + ": restart weir to apply that"
     }
 

@@ -133,6 +133,23 @@ public final class AccessLogWriter: @unchecked Sendable {
         if let batch = fullBatch { enqueue(batch) }
     }
 
+    /// Queues a line formatted elsewhere (tcp/tls connections, once per
+    /// connection: see L4/StreamObservability.swift). `line` ends in "\n".
+    func append(line: String) {
+        let shard = shards.current
+        shard.lock.lock()
+        if shard.batch.bytes.readableBytes >= limits.maxShardBytes {
+            shard.lock.unlock()
+            dropped.wrappingIncrement(ordering: .relaxed)
+            return
+        }
+        shard.batch.bytes.writeString(line)
+        shard.batch.lines += 1
+        let fullBatch = shard.batch.bytes.readableBytes >= limits.batchBytes ? shard.takeBatch() : nil
+        shard.lock.unlock()
+        if let batch = fullBatch { enqueue(batch) }
+    }
+
     /// Writes everything queued so far and returns when it is on the fd.
     /// For shutdown and tests; do not call on an event loop.
     public func flush() {

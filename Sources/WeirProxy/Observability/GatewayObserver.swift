@@ -28,4 +28,12 @@ public final class GatewayObserver: ProxyObserver, @unchecked Sendable {
     public func connectionClosed(listener: String) {
         metrics.connectionClosed(listener: listener)
     }
+
+    public func streamCounters(listener: String, upstream: String?) -> StreamCounters? {
+        metrics.streamCounters(listener: listener, upstream: upstream)
+    }
+
+    public func streamCompleted(_ record: StreamRecord) {
+        accessLog?.append(line: StreamLogFormatter.jsonLine(record))
+    }
 }

@@ -36,8 +36,15 @@ public final class MetricsRegistry: @unchecked Sendable {
     private var healthSource: (@Sendable () -> [TargetHealth])?
     private let extraLock = NIOLock()
     private var extraCounters: [(name: String, help: String, read: @Sendable () -> Int)] = []
+    private let streams = StreamCounterTable()
 
     public init() {}
+
+    /// tcp/tls listeners: the live counters of (listener, upstream); look
+    /// up once per connection (L4/StreamObservability.swift).
+    public func streamCounters(listener: String, upstream: String?) -> StreamCounters {
+        streams.counters(listener: listener, upstream: upstream)
+    }
 
     // MARK: recording (event loops; cheap)
 
@@ -90,7 +97,8 @@ public final class MetricsRegistry: @unchecked Sendable {
         }
         let health = healthLock.withLock { healthSource }?() ?? []
         let extras = extraLock.withLock { extraCounters }.map { (name: $0.name, help: $0.help, value: $0.read()) }
-        return MetricsSnapshot(requests: requests, connections: connections, health: health, externalCounters: extras)
+        return MetricsSnapshot(requests: requests, connections: connections, health: health, externalCounters: extras,
+                               streams: streams.snapshot())
     }
 
     /// Prometheus text exposition format 0.0.4.
@@ -197,6 +205,8 @@ public struct MetricsSnapshot: Sendable {
     public var connections: [String: ConnectionCell]
     public var health: [MetricsRegistry.TargetHealth]
     public var externalCounters: [(name: String, help: String, value: Int)]
+    /// tcp/tls listeners, by (listener, upstream).
+    public var streams: [StreamCounterKey: StreamCounterValues] = [:]
 
     /// Total requests counted for a route (all upstreams and statuses).
     public func requestCount(route: String) -> Int {
@@ -250,6 +260,8 @@ public struct MetricsSnapshot: Sendable {
         for (listener, cell) in sortedConnections {
             out.sample("weir_connections_total", [("listener", listener)], cell.opened)
         }
+
+        renderStreams(into: &out)
 
         out.header("weir_upstream_target_healthy", "1 if the upstream target is considered healthy, else 0.", "gauge")
         for item in health.sorted(by: { ($0.upstream, $0.target) < ($1.upstream, $1.target) }) {

@@ -74,6 +74,9 @@ final class LoopPlugins {
     private let routeChains: [String: RouteChain]
     /// Global plugins that have a connection phase (run after accept).
     let connectionChain: PluginChain?
+    /// tcp/tls listeners: global connection-phase plugins plus the
+    /// listener's own, by listener name; absent = none to run.
+    let streamConnectionChains: [String: PluginChain]
     let hasChains: Bool
     private let validated: ValidatedPlugins
     private let upstreamOfRoute: [String: String]
@@ -99,7 +102,14 @@ final class LoopPlugins {
         self.upstreamOfRoute = Dictionary(config.routes.map { ($0.name, $0.upstream) }, uniquingKeysWith: { a, _ in a })
         let connectionPlugins = plugins.global.filter { $0.definition.phases.contains(.connection) }
         self.connectionChain = connectionPlugins.isEmpty ? nil : try runtime.makeChain(connectionPlugins)
+        var streamChains: [String: PluginChain] = [:]
+        for listener in config.listeners where listener.protocol.isStream {
+            let effective = plugins.connectionPlugins(listener: listener.name)
+            if !effective.isEmpty { streamChains[listener.name] = try runtime.makeChain(effective) }
+        }
+        self.streamConnectionChains = streamChains
         self.hasChains = !chains.isEmpty || connectionChain != nil || !plugins.consumers.values.allSatisfy(\.isEmpty)
+            || !streamChains.isEmpty
     }
 
     /// Once an auth plugin named the consumer: the consumer's own plugins
