@@ -199,7 +199,12 @@ public final class LuaRuntime {
         }
     }
 
-    struct HandlerInfo { var priority: Int; var version: String; var phases: Set<PluginPhase> }
+    struct HandlerInfo {
+        var priority: Int; var version: String; var phases: Set<PluginPhase>
+        /// `BODY_FILTER_IF`: config paths of which one must be set for the
+        /// body_filter to be wanted (nil: always, when there is one).
+        var bodyFilterIf: [String]?
+    }
 
     /// Runs handler.lua and checks its shape; leaves the handler and its
     /// phase-function table on the stack (handler below).
@@ -225,9 +230,35 @@ public final class LuaRuntime {
             if lua_getfield(L, -1, phase.rawValue) == LUA_TFUNCTION { phases.insert(phase) }
             state.pop()
         }
+        var bodyFilterIf: [String]?
+        LuaState.push("BODY_FILTER_IF", on: L)
+        lua_rawget(L, -5)                                    // handler.BODY_FILTER_IF (raw: no metamethods)
+        switch lua_type(L, -1) {
+        case LUA_TNIL: break
+        case LUA_TTABLE:
+            var paths: [String] = []
+            var i: lua_Integer = 1
+            while lua_rawgeti(L, -1, i) == LUA_TSTRING {
+                paths.append(LuaState.string(at: -1, on: L) ?? "")
+                state.pop()
+                i += 1
+            }
+            let strayType = lua_type(L, -1)
+            state.pop()
+            if strayType != LUA_TNIL || paths.isEmpty || Int(lua_rawlen(L, -1)) != paths.count {
+                state.pop(5)
+                throw LuaError("\(path): BODY_FILTER_IF must be a non-empty list of config paths (strings)")
+            }
+            bodyFilterIf = paths
+        default:
+            let typeName = String(cString: lua_typename(L, lua_type(L, -1)))
+            state.pop(5)
+            throw LuaError("\(path): BODY_FILTER_IF must be a list of config paths, got \(typeName)")
+        }
+        state.pop()
         lua_rotate(L, -3, -2)                                // handler, fns, priority, version
         state.pop(2)                                         // handler, fns
-        return HandlerInfo(priority: priority, version: version, phases: phases)
+        return HandlerInfo(priority: priority, version: version, phases: phases, bodyFilterIf: bodyFilterIf)
     }
 
     func inspectHandler(source: String, path: String, name: String) throws -> HandlerInfo {

@@ -63,6 +63,9 @@ public struct PluginDefinition: Sendable {
     public var priority: Int
     public var version: String
     public var phases: Set<PluginPhase>
+    /// The handler's `BODY_FILTER_IF`: its body_filter is only wanted when
+    /// one of these config paths (dot-separated) holds a non-empty value.
+    public var bodyFilterIf: [String]? = nil
 }
 
 /// A plugin with a validated config (defaults applied).
@@ -73,6 +76,29 @@ public struct ConfiguredPlugin: Sendable {
         self.definition = definition; self.config = config
     }
     public var name: String { definition.name }
+
+    /// This plugin, with this config, filters response bodies: it has a
+    /// body_filter and (when its handler sets `BODY_FILTER_IF`) one of the
+    /// named config paths is set. Chains without one keep responses as the
+    /// upstream framed them (no re-chunking).
+    public var filtersBody: Bool {
+        guard definition.phases.contains(.bodyFilter) else { return false }
+        guard let paths = definition.bodyFilterIf else { return true }
+        return paths.contains { path in
+            var value = config
+            for key in path.split(separator: ".") {
+                guard case .map(let entries) = value, let next = entries[String(key)] else { return false }
+                value = next
+            }
+            switch value {
+            case .null, .bool(false): return false
+            case .string(let s): return !s.isEmpty
+            case .array(let a): return !a.isEmpty
+            case .map(let m): return !m.isEmpty
+            default: return true
+            }
+        }
+    }
 }
 
 /// The plugins of one generation: located on the search paths, compiled
@@ -113,7 +139,8 @@ public final class PluginLibrary: Sendable {
             let info = try scratch.inspectHandler(source: handlerSource, path: handlerPath, name: name)
             found[name] = PluginDefinition(name: name, directory: directory, handlerPath: handlerPath,
                                            handlerSource: handlerSource, schemaPath: schemaPath, schema: schema,
-                                           priority: info.priority, version: info.version, phases: info.phases)
+                                           priority: info.priority, version: info.version, phases: info.phases,
+                                           bodyFilterIf: info.bodyFilterIf)
         }
         self.plugins = found
     }

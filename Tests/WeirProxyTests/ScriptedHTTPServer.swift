@@ -29,6 +29,8 @@ struct ScriptedReply: Sendable {
     var headers: [(String, String)] = []
     var body: String = ""
     var delay: TimeAmount = .zero
+    /// Sent chunked, in two halves, without Content-Length.
+    var chunked = false
 }
 
 final class ScriptedHTTPServer: @unchecked Sendable {
@@ -105,13 +107,21 @@ final class ScriptedHTTPServer: @unchecked Sendable {
                 let channel = context.channel
                 let respond = {
                     var headers = HTTPHeaders(reply.headers)
-                    headers.replaceOrAdd(name: "content-length", value: String(reply.body.utf8.count))
+                    if reply.chunked {
+                        headers.replaceOrAdd(name: "transfer-encoding", value: "chunked")
+                    } else {
+                        headers.replaceOrAdd(name: "content-length", value: String(reply.body.utf8.count))
+                    }
                     let head = HTTPResponseHead(version: .http1_1, status: HTTPResponseStatus(statusCode: reply.status),
                                                 headers: headers)
                     channel.write(HTTPServerResponsePart.head(head), promise: nil)
-                    var buffer = channel.allocator.buffer(capacity: reply.body.utf8.count)
-                    buffer.writeString(reply.body)
-                    channel.write(HTTPServerResponsePart.body(.byteBuffer(buffer)), promise: nil)
+                    let bytes = Array(reply.body.utf8)
+                    let parts = reply.chunked ? [bytes[..<(bytes.count / 2)], bytes[(bytes.count / 2)...]] : [bytes[...]]
+                    for part in parts where !part.isEmpty {
+                        var buffer = channel.allocator.buffer(capacity: part.count)
+                        buffer.writeBytes(part)
+                        channel.writeAndFlush(HTTPServerResponsePart.body(.byteBuffer(buffer)), promise: nil)
+                    }
                     channel.writeAndFlush(HTTPServerResponsePart.end(nil), promise: nil)
                 }
                 if reply.delay == .zero {

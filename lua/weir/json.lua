@@ -5,12 +5,16 @@
 -- decode(text)  -> value  | nil, err
 -- json.null        decodes from / encodes to JSON null (keeps array positions)
 -- json.empty_array encodes to [] (an empty Lua table encodes to {})
+-- Decoded arrays carry a metatable (json.array_mt) so an empty one encodes
+-- back to [] (decode -> change -> encode keeps the document's shape).
 local json = {}
 
 local null = setmetatable({}, { __tostring = function() return "json.null" end })
 local empty_array = setmetatable({}, { __tostring = function() return "json.empty_array" end })
 json.null = null
 json.empty_array = empty_array
+local array_mt = { __name = "json.array" }
+json.array_mt = array_mt
 
 local byte, char, find, format, sub, concat = string.byte, string.char, string.find, string.format, string.sub, table.concat
 local math_type, huge, tostring, type, pairs, next = math.type, math.huge, tostring, type, pairs, next
@@ -43,6 +47,7 @@ local function encode_table(t, depth, buf)
   if depth > 100 then error("cannot encode: nesting deeper than 100 (cycle?)", 0) end
   if t == null then buf[#buf + 1] = "null"; return end
   if t == empty_array then buf[#buf + 1] = "[]"; return end
+  if getmetatable(t) == array_mt and next(t) == nil then buf[#buf + 1] = "[]"; return end
   local n = #t
   local count = 0
   for _ in pairs(t) do count = count + 1 end
@@ -155,7 +160,7 @@ end
 local decode_value
 
 local function decode_array(text, pos, depth)
-  local result = {}
+  local result = setmetatable({}, array_mt)
   local n = 0
   pos = skip_ws(text, pos + 1)
   if sub(text, pos, pos) == "]" then return result, pos + 1 end

@@ -1,9 +1,12 @@
 -- response-transformer: removes, renames, replaces, adds and appends
 -- headers of the upstream's response, in that order, before it is sent to
--- the client.
+-- the client; removes, renames, replaces and adds JSON body fields.
 local weir = require "weir"
 
 local ResponseTransformer = { PRIORITY = 800, VERSION = "1.0.0" }
+-- The body_filter is only wanted (the proxy only re-frames responses) when
+-- a JSON body op is configured.
+ResponseTransformer.BODY_FILTER_IF = { "remove.json", "rename.json", "replace.json", "add.json" }
 
 local EMPTY = {}
 
@@ -47,6 +50,94 @@ local function transform(conf, model)
   return touched
 end
 
+-- JSON body field operations (the same code is in request-transformer and
+-- response-transformer; keep them in step). Paths are dot-separated keys
+-- into nested objects ("user.password").
+local json = weir.json
+local JSON_OPS = { "remove", "rename", "replace", "add" }
+
+local function has_json_ops(conf)
+  for _, op in ipairs(JSON_OPS) do
+    local section = conf[op] and conf[op].json
+    if section and next(section) ~= nil then return true end
+  end
+  return false
+end
+
+local function is_object(v)
+  return type(v) == "table" and v ~= json.null and getmetatable(v) ~= json.array_mt
+end
+
+local function is_json_type(content_type)
+  if type(content_type) == "table" then content_type = content_type[1] end
+  if type(content_type) ~= "string" then return false end
+  local media = content_type:match("^%s*([^;%s]+)")
+  if not media then return false end
+  media = media:lower()
+  return media == "application/json" or (media:match("^application/[%w.+-]+%+json$") ~= nil)
+end
+
+local function split(path)
+  local keys = {}
+  for key in path:gmatch("[^.]+") do keys[#keys + 1] = key end
+  return keys
+end
+
+-- The object holding the path's last key (nil if a step is missing or not
+-- an object; with `create`, missing steps become objects), and that key.
+local function parent_of(doc, path, create)
+  local keys = split(path)
+  local node = doc
+  for i = 1, #keys - 1 do
+    local child = node[keys[i]]
+    if child == nil and create then
+      child = {}
+      node[keys[i]] = child
+    end
+    if not is_object(child) then return nil end
+    node = child
+  end
+  return node, keys[#keys]
+end
+
+-- Applies remove, rename, replace, add to `doc` (an object); true if changed.
+local function apply_json_ops(conf, doc)
+  local changed = false
+  for _, path in ipairs(conf.remove.json or {}) do
+    local parent, key = parent_of(doc, path)
+    if parent and parent[key] ~= nil then parent[key] = nil; changed = true end
+  end
+  for old, new in pairs(conf.rename.json or {}) do
+    local from, old_key = parent_of(doc, old)
+    if from and from[old_key] ~= nil and old ~= new then
+      local value = from[old_key]
+      local to, new_key = parent_of(doc, new, true)
+      if to then
+        from[old_key] = nil
+        to[new_key] = value
+        changed = true
+      end
+    end
+  end
+  for path, value in pairs(conf.replace.json or {}) do
+    local parent, key = parent_of(doc, path)
+    if parent and parent[key] ~= nil then parent[key] = value; changed = true end
+  end
+  for path, value in pairs(conf.add.json or {}) do
+    local parent, key = parent_of(doc, path, true)
+    if parent and parent[key] == nil then parent[key] = value; changed = true end
+  end
+  return changed
+end
+
+-- The transformed body, or nil when it stays as it is (not a JSON object,
+-- or no operation changed anything).
+local function transform_json_body(conf, body)
+  local doc = json.decode(body)
+  if not is_object(doc) or not apply_json_ops(conf, doc) then return nil end
+  return json.encode(doc)
+end
+
 function ResponseTransformer:response(conf, ctx)
   local headers = weir.response.get_headers()
   for name in pairs(transform(conf, headers)) do
@@ -58,6 +149,37 @@ function ResponseTransformer:response(conf, ctx)
       weir.response.set_header(name, value)
     end
   end
+
+  -- JSON body ops: only for an uncompressed JSON body not known to be over
+  -- the limit; body_filter then holds the body until its end.
+  if has_json_ops(conf) and is_json_type(weir.response.get_header("content-type"))
+      and not weir.response.get_header("content-encoding") then
+    local length = tonumber(weir.response.get_header("content-length"))
+    if not length or length <= conf.json_max_size then
+      ctx.response_transformer_json = { parts = {}, size = 0 }
+    end
+  end
+end
+
+function ResponseTransformer:body_filter(conf, ctx)
+  local held = ctx.response_transformer_json
+  if not held then return end
+  local chunk = weir.response.get_chunk()
+  held.size = held.size + #chunk
+  held.parts[#held.parts + 1] = chunk
+  if held.size > conf.json_max_size then
+    -- Over the limit: what was held goes out now, the rest passes as is.
+    ctx.response_transformer_json = nil
+    weir.response.set_chunk(table.concat(held.parts))
+    return
+  end
+  if not weir.response.is_last_chunk() then
+    weir.response.set_chunk("")
+    return
+  end
+  ctx.response_transformer_json = nil
+  local body = table.concat(held.parts)
+  weir.response.set_chunk(transform_json_body(conf, body) or body)
 end
 
 return ResponseTransformer

@@ -95,7 +95,7 @@ final class LoopPlugins {
             let effective = plugins.effective(route: route.name, upstream: route.upstream)
             if effective.isEmpty { continue }
             chains[route.name] = RouteChain(chain: try runtime.makeChain(effective),
-                                            filtersBody: effective.contains { $0.definition.phases.contains(.bodyFilter) })
+                                            filtersBody: effective.contains { $0.filtersBody })
         }
         self.routeChains = chains
         self.validated = plugins
@@ -124,7 +124,7 @@ final class LoopPlugins {
         let full = validated.effective(route: route, upstream: upstream, consumer: consumer)
         guard let ownChain = try? runtime.makeChain(own), let fullChain = try? runtime.makeChain(full) else { return nil }
         let chains = ConsumerChains(own: ownChain, full: RouteChain(
-            chain: fullChain, filtersBody: full.contains { $0.definition.phases.contains(.bodyFilter) }))
+            chain: fullChain, filtersBody: full.contains { $0.filtersBody }))
         consumerChains[key] = chains
         return chains
     }
