@@ -1,5 +1,7 @@
 import CLua
 import CLuaShims
+import Crypto
+import NIOConcurrencyHelpers
 import WeirCore
 
 /// Consumers' credentials indexed for auth plugins: one dictionary lookup per
@@ -22,6 +24,7 @@ public struct ConsumerCredentials: Sendable {
     public init() {}
 
     public init(consumers: [ConsumerConfig]) {
+        var hashes = PasswordHashing.Session()
         for consumer in consumers {
             if groupsByConsumer[consumer.name] == nil { groupsByConsumer[consumer.name] = consumer.groups }
             for (plugin, value) in consumer.credentials {
@@ -32,8 +35,16 @@ public struct ConsumerCredentials: Sendable {
                 case .map: list = [value]
                 default: continue
                 }
-                for case .map(let credential) in list {
-                    for (field, fieldValue) in credential {
+                for case .map(var credential) in list {
+                    if case .string(let password)? = credential["password"] {
+                        // Never kept plain: the credential carries its PBKDF2 hash from here on.
+                        let iterations: Int
+                        if case .int(let n)? = credential["iterations"] { iterations = n } else { iterations = PasswordHash.defaultIterations }
+                        guard let hash = hashes.hash(password, iterations: iterations, for: consumer.name, plugin: plugin) else { continue }
+                        credential["password"] = .string(hash)
+                        credential["iterations"] = nil
+                    }
+                    for (field, fieldValue) in credential where !Self.secretFields.contains(field) {
                         guard case .string(let text) = fieldValue else { continue }
                         let key = Self.key(plugin, field, text)
                         if index[key] == nil { index[key] = Match(consumer: consumer.name, credential: credential) }
@@ -41,7 +52,16 @@ public struct ConsumerCredentials: Sendable {
                 }
             }
         }
+        hashes.commit()
     }
+
+    /// Fields that hold secrets: never a lookup key (a request must not be
+    /// able to find a consumer by guessing its password or signing secret),
+    /// and not worth an index entry each at 100,000 consumers.
+    static let secretFields: Set<String> = ["password", "secret", "rsa_public_key", "public_key"]
+
+    /// Whether `name` is a configured consumer.
+    public func isConsumer(_ name: String) -> Bool { groupsByConsumer[name] != nil }
 
     public func find(plugin: String, field: String, value: String) -> Match? {
         index[Self.key(plugin, field, value)]
@@ -80,6 +100,54 @@ extension LuaRuntime {
             }
             LuaState.push(.array(credentials.groups(of: consumer).map { .string($0) }), on: L)
             return .values(1)
+        }), ("client_is_consumer", { L in
+            guard let consumer = LuaState.string(at: 1, on: L) else {
+                return .error("weir.client.is_consumer: expected a consumer name")
+            }
+            lua_pushboolean(L, credentials.isConsumer(consumer) ? 1 : 0)
+            return .values(1)
         })]
+    }
+}
+
+/// Hashing of plain passwords at config load (PBKDF2-HMAC-SHA256, a fresh
+/// random salt per credential). A reload rebuilds every generation's
+/// credentials, and at thousands of consumers re-deriving every hash would
+/// make each reload take seconds, so the hashes of the last build are kept
+/// in memory, keyed by an HMAC of (consumer, plugin, iterations, password)
+/// under a random per-process key: an unchanged password keeps its hash,
+/// a changed one gets a new hash, and the plain password is not stored.
+enum PasswordHashing {
+    private static let lock = NIOLock()
+    private static let processKey = SymmetricKey(size: .bits256)
+    nonisolated(unsafe) private static var previous: [[UInt8]: String] = [:]
+
+    struct Session {
+        private var used: [[UInt8]: String] = [:]
+        private let previous: [[UInt8]: String] = PasswordHashing.lock.withLock { PasswordHashing.previous }
+
+        /// The stored form of `password`: itself when already hashed (checked
+        /// by the config reader), else a new or remembered PBKDF2 hash. Nil
+        /// for a malformed hash (a config built in code): the credential is dropped.
+        mutating func hash(_ password: String, iterations: Int, for consumer: String, plugin: String) -> String? {
+            if PasswordHash.looksHashed(password) {
+                guard case .success(let parsed) = PasswordHash.parse(password) else { return nil }
+                return parsed.encoded
+            }
+            let fingerprint = Array(HMAC<SHA256>.authenticationCode(
+                for: Array("\(consumer)\u{0}\(plugin)\u{0}\(iterations)\u{0}\(password)".utf8), using: PasswordHashing.processKey))
+            if let known = used[fingerprint] ?? previous[fingerprint] { used[fingerprint] = known; return known }
+            // SystemRandomNumberGenerator reads the kernel CSPRNG (getrandom).
+            var rng = SystemRandomNumberGenerator()
+            let salt = (0..<PasswordHash.saltBytes).map { _ in UInt8.random(in: 0...255, using: &rng) }
+            guard let key = try? WeirCrypto.pbkdf2(password: Array(password.utf8), salt: salt, iterations: iterations,
+                                                   length: PasswordHash.keyBytes) else { return nil }
+            let encoded = PasswordHash(iterations: iterations, salt: salt, derivedKey: key).encoded
+            used[fingerprint] = encoded
+            return encoded
+        }
+
+        /// Remembers this build's hashes (and forgets those no longer in config).
+        func commit() { PasswordHashing.lock.withLock { PasswordHashing.previous = used } }
     }
 }

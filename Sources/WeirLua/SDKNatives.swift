@@ -418,6 +418,7 @@ extension LuaRuntime {
         n.append(contentsOf: makeAccessRecordNatives())
         n.append(contentsOf: makeRegexNatives())
         n.append(contentsOf: makeMetricsNatives())
+        n.append(contentsOf: makeCryptoNatives())
         return n
     }
 }

@@ -452,6 +452,13 @@ function client.find_credential(plugin, field, value)
   return N.client_find_credential(plugin, field, value)
 end
 
+-- Whether `name` is a configured consumer (consumers[].name); a hash lookup.
+function client.is_consumer(name)
+  check_phase("weir.client.is_consumer", ANY_PHASE)
+  check_string("weir.client.is_consumer", 1, name)
+  return N.client_is_consumer(name)
+end
+
 -- The authenticated consumer's consumers[].groups (a list), or nil when no
 -- consumer has been identified.
 function client.get_consumer_groups()
@@ -1020,6 +1027,62 @@ weir.crypto = {
   constant_time_equals = clib.constant_time_equals,
   hex = clib.hex,
 }
+
+local HASHES = { sha256 = true, sha384 = true, sha512 = true }
+local function check_hash(fname, n, v)
+  if not HASHES[v] then
+    error("bad argument #" .. n .. " to '" .. fname .. "' (\"sha256\", \"sha384\" or \"sha512\" expected, got " ..
+      (type(v) == "string" and ("\"" .. v .. "\"") or type(v)) .. ")", 3)
+  end
+end
+
+-- HMAC with SHA-256/384/512: raw bytes.
+function weir.crypto.hmac(hash, key, data)
+  check_hash("weir.crypto.hmac", 1, hash)
+  check_string("weir.crypto.hmac", 2, key)
+  check_string("weir.crypto.hmac", 3, data)
+  return N.crypto_hmac(hash, key, data)
+end
+
+-- SHA-256/384/512 digest: raw bytes.
+function weir.crypto.digest(hash, data)
+  check_hash("weir.crypto.digest", 1, hash)
+  check_string("weir.crypto.digest", 2, data)
+  return N.crypto_digest(hash, data)
+end
+
+-- PBKDF2-HMAC (RFC 8018): `length` raw bytes. Deliberately slow (it runs
+-- `iterations` HMACs on the event loop): cache what it verifies.
+function weir.crypto.pbkdf2(password, salt, iterations, length, hash)
+  check_string("weir.crypto.pbkdf2", 1, password)
+  check_string("weir.crypto.pbkdf2", 2, salt)
+  check_integer("weir.crypto.pbkdf2", 3, iterations)
+  check_integer("weir.crypto.pbkdf2", 4, length)
+  iterations, length = math.tointeger(iterations), math.tointeger(length)
+  if iterations < 1 or iterations > 10000000 then error("bad argument #3 to 'weir.crypto.pbkdf2' (iterations must be 1..10000000)", 2) end
+  if length < 1 or length > 1024 then error("bad argument #4 to 'weir.crypto.pbkdf2' (length must be 1..1024)", 2) end
+  if hash ~= nil then check_hash("weir.crypto.pbkdf2", 5, hash) end
+  return N.crypto_pbkdf2(password, salt, iterations, length, hash)
+end
+
+local SCHEMES = { ["rsa-pkcs1-sha256"] = true, ["rsa-pkcs1-sha384"] = true, ["rsa-pkcs1-sha512"] = true,
+                  ["ecdsa-p256-sha256"] = true }
+
+-- Signature check. public_key: PEM text or a JWK table ({kty="RSA", n, e} or
+-- {kty="EC", crv="P-256", x, y}). Returns true/false, or nil, err when the
+-- key cannot be used. ECDSA signatures are r || s (64 bytes, as in JWS).
+function weir.crypto.verify(scheme, public_key, data, signature)
+  if not SCHEMES[scheme] then
+    error("bad argument #1 to 'weir.crypto.verify' (rsa-pkcs1-sha256|384|512 or ecdsa-p256-sha256 expected, got " ..
+      tostring(scheme) .. ")", 2)
+  end
+  if type(public_key) ~= "string" and type(public_key) ~= "table" then
+    arg_error("weir.crypto.verify", 2, "PEM string or JWK table", public_key, 3)
+  end
+  check_string("weir.crypto.verify", 3, data)
+  check_string("weir.crypto.verify", 4, signature)
+  return N.crypto_verify(scheme, public_key, data, signature)
+end
 
 -- Handles --------------------------------------------------------------------
 -- A handle is valid only during the phase call it was given to; using it

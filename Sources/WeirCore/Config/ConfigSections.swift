@@ -399,6 +399,7 @@ extension ConfigReader {
                 for (keyNode, valueNode) in mapping {
                     guard let plugin = name(keyNode, f.path("credentials")) else { continue }
                     consumer.credentials[plugin] = configValue(valueNode)
+                    checkPasswordCredentials(valueNode, ConfigReader.join(f.path("credentials"), plugin))
                 }
             } else {
                 report(f.path("credentials"), "expected a mapping of plugin name to credentials, got \(describe(n))", n)
