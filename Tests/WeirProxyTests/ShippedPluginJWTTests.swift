@@ -1,0 +1,351 @@
+// plugins/jwt through a running proxy with a real upstream; tokens signed by
+// the openssl CLI (RS256/ES256/HMAC); keys from consumer credentials or from
+// a JWK Set served by a real HTTP server on loopback.
+
+import Foundation
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import WeirCore
+import WeirProxy
+import WeirTestSupport
+import XCTest
+
+/// A JWK Set endpoint: serves `body` at any path and counts the requests.
+final class JWKSServer: @unchecked Sendable {
+    private let state = NIOLockedValueBox<(body: String, hits: Int)>(("{\"keys\":[]}", 0))
+    private var channel: Channel!
+    var port: Int { channel.localAddress!.port! }
+    var url: String { "http://127.0.0.1:\(port)/jwks" }
+    var hits: Int { state.withLockedValue { $0.hits } }
+
+    init(group: EventLoopGroup) throws {
+        let state = self.state
+        channel = try ServerBootstrap(group: group)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelInitializer { channel in
+                do {
+                    try channel.pipeline.syncOperations.configureHTTPServerPipeline()
+                    try channel.pipeline.syncOperations.addHandler(Handler(state: state))
+                    return channel.eventLoop.makeSucceededVoidFuture()
+                } catch { return channel.eventLoop.makeFailedFuture(error) }
+            }
+            .bind(host: "127.0.0.1", port: 0).wait()
+    }
+
+    func serve(keys: [[String: String]]) throws {
+        let data = try JSONSerialization.data(withJSONObject: ["keys": keys], options: [.sortedKeys])
+        let body = String(decoding: data, as: UTF8.self)
+        state.withLockedValue { $0.body = body }
+    }
+
+    func stop() { try? channel.close().wait() }
+
+    private final class Handler: ChannelInboundHandler {
+        typealias InboundIn = HTTPServerRequestPart
+        typealias OutboundOut = HTTPServerResponsePart
+        let state: NIOLockedValueBox<(body: String, hits: Int)>
+        init(state: NIOLockedValueBox<(body: String, hits: Int)>) { self.state = state }
+
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            guard case .end = unwrapInboundIn(data) else { return }
+            let body = state.withLockedValue { s -> String in s.hits += 1; return s.body }
+            var buffer = context.channel.allocator.buffer(capacity: body.utf8.count)
+            buffer.writeString(body)
+            let headers = HTTPHeaders([("content-type", "application/json"), ("content-length", "\(buffer.readableBytes)"),
+                                       ("connection", "close")])
+            context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: .ok, headers: headers))), promise: nil)
+            context.write(wrapOutboundOut(.body(.byteBuffer(buffer))), promise: nil)
+            context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in context.close(promise: nil) }
+        }
+    }
+}
+
+final class ShippedPluginJWTTests: XCTestCase {
+    static let keys = Result { try OpenSSLSigner() }
+    var group: MultiThreadedEventLoopGroup!
+    var upstream: TestUpstream!
+    var keys: OpenSSLSigner!
+
+    override func setUpWithError() throws {
+        keys = try Self.keys.get()
+        group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        upstream = try TestUpstream(group: group)
+    }
+
+    override func tearDownWithError() throws {
+        upstream.stop()
+        try group.syncShutdownGracefully()
+    }
+
+    var now: Int { Int(Date().timeIntervalSince1970) }
+
+    private func indented(_ pem: String) -> String {
+        pem.split(separator: "\n").map { "              " + $0 }.joined(separator: "\n")
+    }
+
+    private func yaml(plugin: String) -> String {
+        """
+        listeners:
+          - { name: web, listen: 127.0.0.1:0 }
+        upstreams:
+          - { name: backend, targets: [{ address: UPSTREAM }] }
+        routes:
+          - name: all
+            match: { paths: [/] }
+            upstream: backend
+            plugins:
+              - \(plugin)
+        access_log: off
+        consumers:
+          - name: alice
+            credentials:
+              jwt:
+                - { key: alice-hs256, algorithm: HS256, secret: alice-secret }
+                - { key: alice-hs384, algorithm: HS384, secret: alice-384 }
+                - { key: alice-hs512, algorithm: HS512, secret: alice-512 }
+                - { key: alice-b64, secret: "c2VjcmV0LWJ5dGVz" }
+          - name: bob
+            credentials:
+              jwt:
+                - key: bob-rs
+                  algorithm: RS256
+                  rsa_public_key: |
+        \(indented(keys.rsaPublicPEM))
+                - key: bob-es
+                  algorithm: ES256
+                  public_key: |
+        \(indented(keys.ecPublicPEM))
+        """
+    }
+
+    private func hs(_ claims: [String: Any], key: String, secret: String, bits: Int = 256, header: [String: Any] = [:]) throws -> String {
+        var claims = claims
+        claims["iss"] = claims["iss"] ?? key
+        return try OpenSSLSigner.jwt(header: ["alg": "HS\(bits)", "typ": "JWT"].merging(header) { $1 }, claims: claims) {
+            try self.keys.hmac($0, key: secret, bits: bits)
+        }
+    }
+
+    private func rs(_ claims: [String: Any], header: [String: Any] = [:]) throws -> String {
+        try OpenSSLSigner.jwt(header: ["alg": "RS256"].merging(header) { $1 }, claims: claims) { try self.keys.signRSA($0) }
+    }
+
+    private func es(_ claims: [String: Any], header: [String: Any] = [:]) throws -> String {
+        try OpenSSLSigner.jwt(header: ["alg": "ES256"].merging(header) { $1 }, claims: claims) { try self.keys.signES256($0) }
+    }
+
+    private func bearer(_ token: String) -> (String, String) { ("Authorization", "Bearer " + token) }
+
+    func testEachAlgorithmWithCredentialKeysIdentifiesTheConsumer() throws {
+        let proxy = try startShippedPluginProxy(yaml: yaml(plugin: "name: jwt"), upstream: upstream)
+        defer { proxy.stop() }
+        let client = try proxy.connect()
+        let exp = now + 3600
+        let tokens: [(String, String, String)] = [
+            ("/hs256", try hs(["exp": exp], key: "alice-hs256", secret: "alice-secret"), "alice"),
+            ("/hs384", try hs(["exp": exp], key: "alice-hs384", secret: "alice-384", bits: 384), "alice"),
+            ("/hs512", try hs(["exp": exp], key: "alice-hs512", secret: "alice-512", bits: 512), "alice"),
+            ("/rs256", try rs(["iss": "bob-rs", "exp": exp]), "bob"),
+            ("/es256", try es(["iss": "bob-es", "exp": exp]), "bob"),
+        ]
+        for (path, token, consumer) in tokens {
+            let response = try client.request("GET", path, headers: [bearer(token)])
+            XCTAssertEqual(response.status, 200, "\(path): \(response.bodyText)")
+            let seen = try XCTUnwrap(upstream.requests.first { $0.uri == path })
+            XCTAssertEqual(seen.header("x-consumer-name"), consumer, path)
+            XCTAssertNil(seen.header("authorization"), "hide_credentials defaults to true")
+        }
+        // The token in the default query argument `jwt` is removed from the forwarded query.
+        let viaQuery = try client.request("GET", "/q?a=1&jwt=" + (try hs([:], key: "alice-hs256", secret: "alice-secret")))
+        XCTAssertEqual(viaQuery.status, 200, viaQuery.bodyText)
+        XCTAssertEqual(upstream.requests.first { $0.uri.hasPrefix("/q") }?.uri, "/q?a=1")
+    }
+
+    func testCookiesBase64SecretsAndKeptCredentials() throws {
+        let config = "{ name: jwt, config: { cookie_names: [session], uri_param_names: [], secret_is_base64: true, hide_credentials: false } }"
+        let proxy = try startShippedPluginProxy(yaml: yaml(plugin: config), upstream: upstream)
+        defer { proxy.stop() }
+        let client = try proxy.connect()
+        // secret_is_base64: the credential secret "c2VjcmV0LWJ5dGVz" is the key "secret-bytes".
+        let token = try hs([:], key: "alice-b64", secret: "secret-bytes")
+        let viaCookie = try client.request("GET", "/c", headers: [("Cookie", "theme=dark; session=\(token)")])
+        XCTAssertEqual(viaCookie.status, 200, viaCookie.bodyText)
+        XCTAssertEqual(upstream.requests.first { $0.uri == "/c" }?.header("cookie"), "theme=dark; session=\(token)")
+        XCTAssertEqual(try client.request("GET", "/q?jwt=\(token)").status, 401, "uri_param_names is empty")
+        // With secret_is_base64 an HS256 secret used as given no longer verifies.
+        let plain = try hs([:], key: "alice-hs256", secret: "alice-secret")
+        XCTAssertEqual(try client.request("GET", "/plain", headers: [bearer(plain)]).status, 401)
+    }
+
+    func testExpiredNotYetValidBadSignatureAndMissingTokensAre401() throws {
+        let config = "{ name: jwt, config: { claims_to_verify: [exp], clock_skew: 60, maximum_expiration: 86400 } }"
+        let proxy = try startShippedPluginProxy(yaml: yaml(plugin: config), upstream: upstream)
+        defer { proxy.stop() }
+        let client = try proxy.connect()
+        func expect(_ path: String, _ token: String?, _ status: Int, _ message: String, file: StaticString = #filePath, line: UInt = #line) throws {
+            let response = try client.request("GET", path, headers: token.map { [bearer($0)] } ?? [])
+            XCTAssertEqual(response.status, status, "\(path): \(response.bodyText)", file: file, line: line)
+            if !message.isEmpty { XCTAssertTrue(response.bodyText.contains(message), "\(path): \(response.bodyText)", file: file, line: line) }
+            if status == 401 { XCTAssertEqual(response.header("www-authenticate"), "Bearer realm=\"weir\"", file: file, line: line) }
+        }
+        let key = "alice-hs256", secret = "alice-secret"
+        try expect("/none", nil, 401, "Unauthorized")
+        try expect("/expired", try hs(["exp": now - 120], key: key, secret: secret), 401, "token expired")
+        try expect("/skewed", try hs(["exp": now - 10], key: key, secret: secret), 200, "")
+        try expect("/noexp", try hs([:], key: key, secret: secret), 401, "token has no 'exp' claim")
+        try expect("/tooLong", try hs(["exp": now + 90000], key: key, secret: secret), 401, "maximum allowed expiration")
+        try expect("/nbf", try hs(["exp": now + 600, "nbf": now + 300], key: key, secret: secret), 401, "token not valid yet")
+        try expect("/nbfSkew", try hs(["exp": now + 600, "nbf": now + 30], key: key, secret: secret), 200, "")
+        try expect("/wrongSecret", try hs(["exp": now + 600], key: key, secret: "guess"), 401, "Invalid signature")
+        // A payload changed after signing.
+        let good = try rs(["iss": "bob-rs", "exp": now + 600])
+        let parts = good.split(separator: ".").map(String.init)
+        let forged = OpenSSLSigner.base64URL(Array("{\"exp\":\(now + 600),\"iss\":\"bob-rs\",\"admin\":true}".utf8))
+        try expect("/tampered", parts[0] + "." + forged + "." + parts[2], 401, "Invalid signature")
+        try expect("/esBad", try es(["iss": "bob-es", "exp": now + 600]).dropLast(4) + "AAAA", 401, "Invalid signature")
+        try expect("/unknownIss", try hs(["exp": now + 600, "iss": "mallory"], key: key, secret: secret), 401, "No credentials found for given 'iss'")
+        try expect("/garbage", "not.a.jwt!", 401, "Bad token")
+        let two = try client.request("GET", "/two?jwt=" + (try hs(["exp": now + 600], key: key, secret: secret)),
+                                     headers: [bearer(try hs(["exp": now + 601], key: key, secret: secret))])
+        XCTAssertEqual(two.status, 401)
+        XCTAssertTrue(two.bodyText.contains("Multiple tokens provided"), two.bodyText)
+        let reached = Set(upstream.requests.map(\.uri))
+        XCTAssertEqual(reached, ["/skewed", "/nbfSkew"])
+    }
+
+    func testAlgNoneAndAlgorithmConfusionAreRefused() throws {
+        let proxy = try startShippedPluginProxy(yaml: yaml(plugin: "name: jwt"), upstream: upstream)
+        defer { proxy.stop() }
+        let client = try proxy.connect()
+        // alg none, with and without a signature part.
+        let noneToken = try OpenSSLSigner.jwt(header: ["alg": "none"], claims: ["iss": "bob-rs"]) { _ in [] }
+        XCTAssertEqual(try client.request("GET", "/none", headers: [bearer(noneToken)]).status, 401)
+        let noneLower = try OpenSSLSigner.jwt(header: ["alg": "None"], claims: ["iss": "alice-hs256"]) { _ in [] }
+        XCTAssertEqual(try client.request("GET", "/none2", headers: [bearer(noneLower)]).status, 401)
+        // HS256 signed with bob's RSA public key text as the HMAC secret: the classic confusion.
+        let confused = try hs([:], key: "bob-rs", secret: keys.rsaPublicPEM)
+        let response = try client.request("GET", "/confused", headers: [bearer(confused)])
+        XCTAssertEqual(response.status, 401)
+        XCTAssertTrue(response.bodyText.contains("Invalid algorithm"), response.bodyText)
+        // An RS256 token for an HS256 credential, and an algorithm the route does not allow.
+        XCTAssertEqual(try client.request("GET", "/rsForHs", headers: [bearer(try rs(["iss": "alice-hs256"]))]).status, 401)
+        let restricted = try startShippedPluginProxy(yaml: yaml(plugin: "{ name: jwt, config: { allowed_algorithms: [RS256] } }"),
+                                                     upstream: upstream)
+        defer { restricted.stop() }
+        let r = try restricted.connect().request("GET", "/hsNotAllowed", headers: [bearer(try hs([:], key: "alice-hs256", secret: "alice-secret"))])
+        XCTAssertEqual(r.status, 401)
+        XCTAssertTrue(r.bodyText.contains("Invalid algorithm"), r.bodyText)
+        XCTAssertTrue(upstream.requests.isEmpty)
+    }
+
+    func testIssuerAndAudienceChecksAndAnonymous() throws {
+        let config = "{ name: jwt, config: { issuers: [bob-rs], audiences: [orders, billing], anonymous: guest } }"
+        let proxy = try startShippedPluginProxy(yaml: yaml(plugin: config), upstream: upstream)
+        defer { proxy.stop() }
+        let client = try proxy.connect()
+        XCTAssertEqual(try client.request("GET", "/aud", headers: [bearer(try rs(["iss": "bob-rs", "aud": "orders"]))]).status, 200)
+        XCTAssertEqual(try client.request("GET", "/audList", headers: [bearer(try rs(["iss": "bob-rs", "aud": ["x", "billing"]]))]).status, 200)
+        for (path, token) in [("/wrongAud", try rs(["iss": "bob-rs", "aud": "payroll"])),
+                              ("/noAud", try rs(["iss": "bob-rs"])),
+                              ("/wrongIss", try hs(["aud": "orders"], key: "alice-hs256", secret: "alice-secret"))] {
+            XCTAssertEqual(try client.request("GET", path, headers: [bearer(token)]).status, 200, "anonymous lets it through")
+            let seen = try XCTUnwrap(upstream.requests.first { $0.uri == path })
+            XCTAssertEqual(seen.header("x-consumer-name"), "guest", path)
+            XCTAssertEqual(seen.header("x-anonymous-consumer"), "true", path)
+        }
+        XCTAssertEqual(upstream.requests.first { $0.uri == "/aud" }?.header("x-consumer-name"), "bob")
+        XCTAssertNil(upstream.requests.first { $0.uri == "/aud" }?.header("x-anonymous-consumer"))
+    }
+
+    func testJWKSKeysRotationRateLimitAndConsumerClaim() throws {
+        let jwks = try JWKSServer(group: group)
+        defer { jwks.stop() }
+        try jwks.serve(keys: [try keys.rsaJWK(kid: "k1", alg: "RS256")])
+        let config = "{ name: jwt, config: { jwks_uri: \"\(jwks.url)\", jwks_min_refresh_interval: 0, consumer_claim_name: sub } }"
+        let proxy = try startShippedPluginProxy(yaml: yaml(plugin: config), upstream: upstream, loops: 1)
+        defer { proxy.stop() }
+        let client = try proxy.connect()
+
+        let ok = try client.request("GET", "/k1", headers: [bearer(try rs(["sub": "alice", "exp": now + 600], header: ["kid": "k1"]))])
+        XCTAssertEqual(ok.status, 200, ok.bodyText)
+        XCTAssertEqual(upstream.requests.first { $0.uri == "/k1" }?.header("x-consumer-name"), "alice")
+        XCTAssertEqual(jwks.hits, 1)
+        // Cached: no fetch for a known kid; a token without kid tries the set's keys.
+        XCTAssertEqual(try client.request("GET", "/nokid", headers: [bearer(try rs(["sub": "bob"]))]).status, 200)
+        XCTAssertEqual(jwks.hits, 1)
+        // Not a configured consumer / no consumer claim.
+        XCTAssertEqual(try client.request("GET", "/carol", headers: [bearer(try rs(["sub": "carol"], header: ["kid": "k1"]))]).status, 401)
+        XCTAssertEqual(try client.request("GET", "/nosub", headers: [bearer(try rs([:], header: ["kid": "k1"]))]).status, 401)
+        // HMAC tokens are never checked against a JWK Set; a JWK with alg RS256 is not an ES256 key.
+        let hsToken = try hs(["sub": "alice"], key: "k1", secret: "x", header: ["kid": "k1"])
+        XCTAssertTrue(try client.request("GET", "/hs", headers: [bearer(hsToken)]).bodyText.contains("Invalid algorithm"))
+
+        // Rotation: a token with a new kid makes the plugin fetch the set again.
+        try jwks.serve(keys: [try keys.rsaJWK(kid: "k1", alg: "RS256"), try keys.ecJWK(kid: "k2")])
+        let rotated = try client.request("GET", "/k2", headers: [bearer(try es(["sub": "bob"], header: ["kid": "k2"]))])
+        XCTAssertEqual(rotated.status, 200, rotated.bodyText)
+        XCTAssertEqual(upstream.requests.first { $0.uri == "/k2" }?.header("x-consumer-name"), "bob")
+        XCTAssertEqual(jwks.hits, 2)
+        // An ES256 token whose kid names the RSA key.
+        XCTAssertEqual(try client.request("GET", "/mismatch", headers: [bearer(try es(["sub": "bob"], header: ["kid": "k1"]))]).status, 401)
+        XCTAssertEqual(jwks.hits, 2)
+    }
+
+    func testUnknownKidRefetchIsRateLimitedAndAFailedRefreshKeepsTheKeys() throws {
+        let jwks = try JWKSServer(group: group)
+        try jwks.serve(keys: [try keys.rsaJWK(kid: "k1")])
+        let config = "{ name: jwt, config: { jwks_uri: \"\(jwks.url)\", jwks_min_refresh_interval: 3600, jwks_timeout: 0.5 } }"
+        let proxy = try startShippedPluginProxy(yaml: yaml(plugin: config), upstream: upstream, loops: 1)
+        defer { proxy.stop() }
+        let client = try proxy.connect()
+        XCTAssertEqual(try client.request("GET", "/first", headers: [bearer(try rs([:], header: ["kid": "k1"]))]).status, 200)
+        XCTAssertEqual(jwks.hits, 1)
+        for i in 0..<3 {
+            let unknown = try client.request("GET", "/unknown\(i)", headers: [bearer(try rs([:], header: ["kid": "k9"]))])
+            XCTAssertEqual(unknown.status, 401)
+            XCTAssertTrue(unknown.bodyText.contains("No key found for kid 'k9'"), unknown.bodyText)
+        }
+        XCTAssertEqual(jwks.hits, 1, "one fetch per jwks_min_refresh_interval, whatever kids clients send")
+        // No consumer claim configured: verified, but no consumer is set.
+        let first = try XCTUnwrap(upstream.requests.first { $0.uri == "/first" })
+        XCTAssertNil(first.header("x-consumer-name"))
+
+        // The JWKS server goes away: the keys fetched before keep working.
+        jwks.stop()
+        XCTAssertEqual(try client.request("GET", "/afterStop", headers: [bearer(try rs([:], header: ["kid": "k1"]))]).status, 200)
+    }
+
+    func testUnreachableJWKSWithNoKeysIs503OrTheConfigured401() throws {
+        let jwks = try JWKSServer(group: group)
+        let deadURL = jwks.url
+        jwks.stop()   // nothing listens on its port any more
+        let token = try rs([:], header: ["kid": "k1"])
+        let proxy = try startShippedPluginProxy(
+            yaml: yaml(plugin: "{ name: jwt, config: { jwks_uri: \"\(deadURL)\", jwks_timeout: 0.5 } }"), upstream: upstream, loops: 1)
+        defer { proxy.stop() }
+        let response = try proxy.connect().request("GET", "/down", headers: [bearer(token)])
+        XCTAssertEqual(response.status, 503)
+        XCTAssertTrue(response.bodyText.contains("JWKS unavailable"), response.bodyText)
+
+        let strict = try startShippedPluginProxy(
+            yaml: yaml(plugin: "{ name: jwt, config: { jwks_uri: \"\(deadURL)\", jwks_timeout: 0.5, jwks_unavailable_status: 401 } }"),
+            upstream: upstream, loops: 1)
+        defer { strict.stop() }
+        XCTAssertEqual(try strict.connect().request("GET", "/down401", headers: [bearer(token)]).status, 401)
+        XCTAssertTrue(upstream.requests.isEmpty)
+    }
+
+    func testSchemaBadValuesAreRefusedWithTheirPath() throws {
+        for (config, path) in [("{ algorithms: [none] }", "config.algorithms"),
+                               ("{ allowed_algorithms: [none] }", "config.allowed_algorithms[0]"),
+                               ("{ claims_to_verify: [iat] }", "config.claims_to_verify[0]"),
+                               ("{ jwks_unavailable_status: 500 }", "config.jwks_unavailable_status"),
+                               ("{ clock_skew: -1 }", "config.clock_skew")] {
+            XCTAssertThrowsError(try startShippedPluginProxy(yaml: yaml(plugin: "{ name: jwt, config: \(config) }"), upstream: upstream)) { error in
+                XCTAssertTrue("\(error)".contains("routes[0].plugins[0].\(path)"), "\(config): \(error)")
+            }
+        }
+    }
+}
