@@ -52,8 +52,7 @@ extension ProxyServer {
                     listener.connectionClosed()
                     return channel.eventLoop.makeFailedFuture(error)
                 }
-                session.start()
-                return channel.eventLoop.makeSucceededVoidFuture()
+                return channel.eventLoop.makeSucceededVoidFuture()   // the session starts on channelActive
             }
     }
 }

@@ -97,7 +97,8 @@ final class StreamSession {
 
     private var logger: Logger { loopContext.logger }
 
-    /// Right after accept, before the channel is active.
+    /// When the client channel is active (not in the initializer: a channel
+    /// closed before it is active never reports its close).
     func start() {
         loopContext.registerTunnel(client)
         listener.observer?.connectionOpened(listener: listener.name)
@@ -474,6 +475,11 @@ final class StreamSideHandler: ChannelDuplexHandler {
 
     func handlerAdded(context: ChannelHandlerContext) { self.context = context }
     func handlerRemoved(context: ChannelHandlerContext) { self.context = nil }
+
+    func channelActive(context: ChannelHandlerContext) {
+        if side == .client { session?.start() }
+        context.fireChannelActive()
+    }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         session?.received(unwrapInboundIn(data), from: self)
