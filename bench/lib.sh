@@ -12,7 +12,10 @@ RESULTS_DIR="$BENCH_DIR/results"
 TEMPLATES_DIR="$BENCH_DIR/templates"
 WRK_REPORTER="$BENCH_DIR/wrk-report.lua"
 
-WEIR_SCRATCH="$REPO_DIR/.build-bench"
+# WEIR_SCRATCH / WEIR_SOURCE_SNAPSHOT override where the release build
+# happens (e.g. from a git worktree, reuse the main checkout's warm folders:
+# WEIR_SCRATCH=/work/main/.build-bench WEIR_SOURCE_SNAPSHOT=/work/main/.build-bench-src).
+WEIR_SCRATCH=${WEIR_SCRATCH:-"$REPO_DIR/.build-bench"}
 # WEIR_BIN=/path/to/weir bench/<script> --no-build measures another build
 # (e.g. an engineer's own release build) instead of the bench's.
 WEIR_BIN_DEFAULT="$WEIR_SCRATCH/release/weir"
@@ -265,7 +268,7 @@ probe_weir_plugins() {
 # Weir is built from a snapshot of the committed HEAD (see sync_snapshot.py:
 # the shared working tree changes under a build), niced so that other
 # engineers' builds keep priority.
-WEIR_SOURCE_SNAPSHOT="$REPO_DIR/.build-bench-src"
+WEIR_SOURCE_SNAPSHOT=${WEIR_SOURCE_SNAPSHOT:-"$REPO_DIR/.build-bench-src"}
 
 build_weir() {
     local commit
