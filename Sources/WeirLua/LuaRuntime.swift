@@ -41,10 +41,22 @@ public protocol PluginPhaseObserver: AnyObject, Sendable {
     /// `weir.metrics.count(event, n)`: a plugin's own counter (records
     /// dropped, spans exported).
     func pluginEventCounted(plugin: String, event: String, count: Int)
+    /// A recorder for one plugin's calls in one phase on one event loop,
+    /// asked once per chain entry when a chain is built, so the data path
+    /// records without looking the plugin up. nil (the default): every call
+    /// goes through `pluginPhaseCompleted`.
+    func recorder(plugin: String, phase: PluginPhase, eventLoop: ObjectIdentifier?) -> PluginCallRecorder?
 }
 
 extension PluginPhaseObserver {
     public func pluginEventCounted(plugin: String, event: String, count: Int) {}
+    public func recorder(plugin: String, phase: PluginPhase, eventLoop: ObjectIdentifier?) -> PluginCallRecorder? { nil }
+}
+
+/// Records one plugin's phase calls (see `PluginPhaseObserver.recorder`).
+/// Called on the event loop the recorder was made for.
+public protocol PluginCallRecorder: AnyObject {
+    func record(nanoseconds: UInt64, outcome: PluginCallOutcome)
 }
 
 /// A pending `weir.timer.at/every` callback.
@@ -77,7 +89,17 @@ public final class PluginChain {
     struct Entry {
         let plugin: CompiledPlugin
         let confRef: Int32
+        /// The metrics recorder of each phase (by PluginPhase.luaID), if the
+        /// runtime's observer gives one.
+        var recorders: [PluginCallRecorder?] = []
         var name: String { plugin.definition.name }
+        init(plugin: CompiledPlugin, confRef: Int32, recorders: [PluginCallRecorder?] = []) {
+            self.plugin = plugin; self.confRef = confRef; self.recorders = recorders
+        }
+        @inline(__always)
+        func recorder(_ phase: PluginPhase) -> PluginCallRecorder? {
+            phase.luaID < recorders.count ? recorders[phase.luaID] : nil
+        }
     }
     let entries: [Entry]
     /// Entries that implement each phase, indexed by PluginPhase.luaID.
@@ -300,7 +322,15 @@ public final class LuaRuntime {
                 throw LuaError("plugin \"\(configured.name)\" is not in this runtime's library")
             }
             LuaState.push(configured.config, on: state.main)
-            entries.append(.init(plugin: plugin, confRef: state.ref()))
+            var recorders: [PluginCallRecorder?] = []
+            if let observer = options.observer {
+                let loop = eventLoop.map { ObjectIdentifier($0 as AnyObject) }
+                recorders = Array(repeating: nil, count: PluginPhase.slotCount)
+                for phase in PluginPhase.allCases where plugin.phaseRefs[phase.luaID] != LUA_NOREF {
+                    recorders[phase.luaID] = observer.recorder(plugin: configured.name, phase: phase, eventLoop: loop)
+                }
+            }
+            entries.append(.init(plugin: plugin, confRef: state.ref(), recorders: recorders))
         }
         return PluginChain(entries: entries, owner: self)
     }
@@ -358,16 +388,50 @@ public final class LuaRuntime {
         return phaseSerial
     }
 
-    /// Publishes the phase and serial to the Lua SDK and marks `scope` current.
+    // What the SDK's state table S holds now (S[1] phase id, S[2] serial,
+    // S[3] the request's weir.ctx table), so consecutive plugin calls of
+    // one request's phase publish nothing.
+    private var publishedPhase: PluginPhase?
+    private var publishedSerial = 0
+    private var publishedCtxRef: Int32 = LUA_NOREF
+
+    /// Publishes the phase (and, for the connection phase, the serial that
+    /// conn handles check; for request phases the `weir.ctx` table) to the
+    /// Lua SDK and marks `scope` current.
     func enter(_ scope: PluginRequest, plugin: String, phase: PluginPhase, serial: Int) {
         current = scope
         currentPlugin = plugin
         currentPhase = phase
+        let ctxRef = phase == .connection || phase == .timer ? LUA_NOREF : scope.ctxRef
+        let needsSerial = phase == .connection && serial != publishedSerial
+        guard phase != publishedPhase || ctxRef != publishedCtxRef || needsSerial else { return }
         let L = state.main
         state.pushRef(stateTableRef)
-        lua_pushinteger(L, lua_Integer(phase.luaID)); lua_rawseti(L, -2, 1)
-        lua_pushinteger(L, lua_Integer(serial)); lua_rawseti(L, -2, 2)
+        if phase != publishedPhase {
+            lua_pushinteger(L, lua_Integer(phase.luaID)); lua_rawseti(L, -2, 1)
+            publishedPhase = phase
+        }
+        if needsSerial {
+            lua_pushinteger(L, lua_Integer(serial)); lua_rawseti(L, -2, 2)
+            publishedSerial = serial
+        }
+        if ctxRef != publishedCtxRef {
+            if ctxRef == LUA_NOREF { lua_pushnil(L) } else { state.pushRef(ctxRef) }
+            lua_rawseti(L, -2, 3)
+            publishedCtxRef = ctxRef
+        }
         state.pop()
+    }
+
+    /// A request's `weir.ctx` ref is being released: S[3] must not keep its
+    /// table (nor match a later table that reuses the ref number).
+    func unpublishCtx(_ ref: Int32) {
+        guard ref != LUA_NOREF, ref == publishedCtxRef else { return }
+        let L = state.main
+        state.pushRef(stateTableRef)
+        lua_pushnil(L); lua_rawseti(L, -2, 3)
+        state.pop()
+        publishedCtxRef = LUA_NOREF
     }
 
     func leave() {

@@ -181,6 +181,24 @@ public final class LuaState {
         return String(decoding: UnsafeRawBufferPointer(start: p, count: length), as: UTF8.self)
     }
 
+    /// A header name argument, lower-cased (ASCII: header names are tokens),
+    /// built from the Lua string's bytes in one step; nil if not a string.
+    public static func headerName(at index: Int32, on L: LuaThread) -> String? {
+        var length = 0
+        guard let p = weir_tostring(L, index, &length) else { return nil }
+        let bytes = UnsafeRawBufferPointer(start: p, count: length)
+        guard bytes.contains(where: { $0 >= 0x41 && $0 <= 0x5a }) else {
+            return String(decoding: bytes, as: UTF8.self)
+        }
+        return String(unsafeUninitializedCapacity: length) { out in
+            for i in 0..<length {
+                let b = bytes[i]
+                out[i] = b >= 0x41 && b <= 0x5a ? b | 0x20 : b
+            }
+            return length
+        }
+    }
+
     /// A string or number argument as a string; nil for anything else.
     public static func stringOrNumber(at index: Int32, on L: LuaThread) -> String? {
         switch lua_type(L, index) {

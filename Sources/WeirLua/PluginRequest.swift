@@ -24,7 +24,7 @@ public final class PluginRequest {
     public let connection: PluginConnection?
 
     var coroutine: LuaCoroutine?
-    private var ctxRef: Int32 = LUA_NOREF
+    private(set) var ctxRef: Int32 = LUA_NOREF
     /// Set by weir.response.exit / conn:reject; ends the chain.
     var exit: PluginExit?
     /// The async operation the coroutine is waiting for (set by an SDK native before yielding).
@@ -94,6 +94,8 @@ public final class PluginRequest {
         self.index = 0
         self.exit = nil
         if entries.isEmpty { return .done(.continue) }
+        // One clock read per plugin boundary: a call ends when the next begins.
+        if runtime.options.observer != nil { callStart = NIODeadline.now().uptimeNanoseconds }
         if let result = drive(resumeWith: nil) { return .done(result) }
         let promise = runtime.eventLoop!.makePromise(of: PhaseResult.self)
         self.promise = promise
@@ -128,6 +130,7 @@ public final class PluginRequest {
             coroutine = nil
         }
         if ctxRef != LUA_NOREF {
+            runtime.unpublishCtx(ctxRef)
             runtime.state.unref(ctxRef)
             ctxRef = LUA_NOREF
         }
@@ -142,8 +145,14 @@ public final class PluginRequest {
 
     private func report(_ entry: PluginChain.Entry, _ outcome: PluginCallOutcome) {
         guard let observer = runtime.options.observer else { return }
-        let elapsed = NIODeadline.now().uptimeNanoseconds &- callStart
-        observer.pluginPhaseCompleted(plugin: entry.name, phase: phase, nanoseconds: elapsed, outcome: outcome)
+        let now = NIODeadline.now().uptimeNanoseconds
+        let elapsed = now &- callStart
+        callStart = now // the next plugin of the chain starts here
+        if let recorder = entry.recorder(phase) {
+            recorder.record(nanoseconds: elapsed, outcome: outcome)
+        } else {
+            observer.pluginPhaseCompleted(plugin: entry.name, phase: phase, nanoseconds: elapsed, outcome: outcome)
+        }
     }
 
     private func fail(_ entry: PluginChain.Entry, _ message: String, _ traceback: String? = nil) -> PhaseResult {
@@ -186,7 +195,6 @@ public final class PluginRequest {
                 runtime.enter(self, plugin: entry.name, phase: phase, serial: serial)
                 result = co.resume(nargs: Int32(values.count))
             } else {
-                if runtime.options.observer != nil { callStart = NIODeadline.now().uptimeNanoseconds }
                 serial = runtime.nextPhaseSerial()
                 _ = lua_checkstack(thread, 4)
                 runtime.state.pushRef(entry.plugin.phaseRefs[phase.luaID], on: thread)

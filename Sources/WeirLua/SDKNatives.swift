@@ -144,8 +144,8 @@ extension LuaRuntime {
         n.append(("req_get_id", requestNative("weir.request.get_id") { L, _, r in LuaState.push(r.requestID, on: L); return .values(1) }))
         n.append(("req_get_route", requestNative("weir.request.get_route") { L, _, r in pushOptional(r.matchedRouteName, on: L); return .values(1) }))
         n.append(("req_get_header", requestNative("weir.request.get_header") { L, _, r in
-            guard let name = LuaState.string(at: 1, on: L) else { return .error("weir.request.get_header: header name must be a string") }
-            pushOptional(r.requestHeader(lowercasedHeaderName(name)), on: L)
+            guard let name = LuaState.headerName(at: 1, on: L) else { return .error("weir.request.get_header: header name must be a string") }
+            pushOptional(r.requestHeader(name), on: L)
             return .values(1)
         }))
         n.append(("req_get_headers", requestNative("weir.request.get_headers") { L, _, r in
@@ -167,18 +167,18 @@ extension LuaRuntime {
         }))
         func setter(_ fname: String, _ apply: @escaping (PluginRequestContext, String, String) -> Void) -> NativeFunction {
             requestNative(fname) { L, _, r in
-                guard let name = LuaState.string(at: 1, on: L), let value = LuaState.stringOrNumber(at: 2, on: L) else {
+                guard let name = LuaState.headerName(at: 1, on: L), let value = LuaState.stringOrNumber(at: 2, on: L) else {
                     return .error("\(fname): expected a name and a value")
                 }
-                apply(r, lowercasedHeaderName(name), value)
+                apply(r, name, value)
                 return .values(0)
             }
         }
         n.append(("up_set_header", setter("weir.upstream.request.set_header") { $0.setUpstreamHeader($1, $2) }))
         n.append(("up_add_header", setter("weir.upstream.request.add_header") { $0.addUpstreamHeader($1, $2) }))
         n.append(("up_clear_header", requestNative("weir.upstream.request.clear_header") { L, _, r in
-            guard let name = LuaState.string(at: 1, on: L) else { return .error("weir.upstream.request.clear_header: name must be a string") }
-            r.clearUpstreamHeader(lowercasedHeaderName(name)); return .values(0)
+            guard let name = LuaState.headerName(at: 1, on: L) else { return .error("weir.upstream.request.clear_header: name must be a string") }
+            r.clearUpstreamHeader(name); return .values(0)
         }))
         n.append(("up_set_path", requestNative("weir.upstream.request.set_path") { L, _, r in
             guard let path = LuaState.string(at: 1, on: L) else { return .error("weir.upstream.request.set_path: path must be a string") }
@@ -225,8 +225,8 @@ extension LuaRuntime {
             r.setResponseStatus(Int(lua_tointegerx(L, 1, nil))); return .values(0)
         }))
         n.append(("resp_get_header", requestNative("weir.response.get_header") { L, _, r in
-            guard let name = LuaState.string(at: 1, on: L) else { return .error("weir.response.get_header: name must be a string") }
-            pushOptional(r.responseHeader(lowercasedHeaderName(name)), on: L); return .values(1)
+            guard let name = LuaState.headerName(at: 1, on: L) else { return .error("weir.response.get_header: name must be a string") }
+            pushOptional(r.responseHeader(name), on: L); return .values(1)
         }))
         n.append(("resp_get_headers", requestNative("weir.response.get_headers") { L, _, r in
             pushHeaderTable(r.responseHeaders(), on: L); return .values(1)
@@ -234,8 +234,8 @@ extension LuaRuntime {
         n.append(("resp_set_header", setter("weir.response.set_header") { $0.setResponseHeader($1, $2) }))
         n.append(("resp_add_header", setter("weir.response.add_header") { $0.addResponseHeader($1, $2) }))
         n.append(("resp_clear_header", requestNative("weir.response.clear_header") { L, _, r in
-            guard let name = LuaState.string(at: 1, on: L) else { return .error("weir.response.clear_header: name must be a string") }
-            r.clearResponseHeader(lowercasedHeaderName(name)); return .values(0)
+            guard let name = LuaState.headerName(at: 1, on: L) else { return .error("weir.response.clear_header: name must be a string") }
+            r.clearResponseHeader(name); return .values(0)
         }))
         n.append(("resp_exit", requestNative("weir.response.exit") { [unowned self] L, scope, _ in
             guard lua_isinteger(L, 1) != 0 else { return .error("weir.response.exit: status must be an integer") }
@@ -322,45 +322,53 @@ extension LuaRuntime {
             return .values(0)
         }))
 
-        // weir.shared
+        // weir.shared: the Lua side names a dictionary by the id from
+        // shared_id (a name works too), so no name is bridged per call.
         let shared = options.shared
-        n.append(("shared_exists", { L in
-            lua_pushboolean(L, LuaState.string(at: 1, on: L).map(shared.exists) == true ? 1 : 0); return .values(1)
+        func dictionary(_ L: LuaThread) -> SharedDictionaries.Dictionary? {
+            if lua_isinteger(L, 1) != 0 { return shared.dictionary(id: Int(lua_tointegerx(L, 1, nil))) }
+            return LuaState.string(at: 1, on: L).flatMap(shared.id(of:)).flatMap(shared.dictionary(id:))
+        }
+        n.append(("shared_id", { L in
+            if let name = LuaState.string(at: 1, on: L), let id = shared.id(of: name) {
+                lua_pushinteger(L, lua_Integer(id))
+            } else {
+                lua_pushnil(L)
+            }
+            return .values(1)
         }))
         n.append(("shared_get", { L in
-            guard let dict = LuaState.string(at: 1, on: L), let key = LuaState.string(at: 2, on: L) else {
-                return .error("weir.shared: expected a dictionary and a key")
-            }
-            pushShared(shared.get(dict, key), on: L); return .values(1)
+            guard let key = LuaState.string(at: 2, on: L) else { return .error("weir.shared: expected a dictionary and a key") }
+            pushShared(dictionary(L)?.get(key, now: shared.now()), on: L); return .values(1)
         }))
         n.append(("shared_set", { L in
-            guard let dict = LuaState.string(at: 1, on: L), let key = LuaState.string(at: 2, on: L),
+            guard let key = LuaState.string(at: 2, on: L),
                   let value = sharedValue(at: 3, on: L) else { return .error("weir.shared.set: expected key and value") }
-            shared.set(dict, key, value, ttl: number(at: 4, on: L) ?? 0)
+            _ = dictionary(L)?.set(key, value, ttl: number(at: 4, on: L) ?? 0, now: shared.now(), onlyIfAbsent: false)
             lua_pushboolean(L, 1); return .values(1)
         }))
         n.append(("shared_add", { L in
-            guard let dict = LuaState.string(at: 1, on: L), let key = LuaState.string(at: 2, on: L),
+            guard let key = LuaState.string(at: 2, on: L),
                   let value = sharedValue(at: 3, on: L) else { return .error("weir.shared.add: expected key and value") }
-            if shared.add(dict, key, value, ttl: number(at: 4, on: L) ?? 0) {
+            if dictionary(L)?.set(key, value, ttl: number(at: 4, on: L) ?? 0, now: shared.now(), onlyIfAbsent: true) == true {
                 lua_pushboolean(L, 1); return .values(1)
             }
             lua_pushnil(L); LuaState.push("exists", on: L); return .values(2)
         }))
         n.append(("shared_incr", { L in
-            guard let dict = LuaState.string(at: 1, on: L), let key = LuaState.string(at: 2, on: L),
+            guard let key = LuaState.string(at: 2, on: L),
                   let delta = sharedValue(at: 3, on: L) else { return .error("weir.shared.incr: expected key and delta") }
-            switch shared.incr(dict, key, by: delta, initial: sharedValue(at: 4, on: L), initialTTL: number(at: 5, on: L) ?? 0) {
+            let result = dictionary(L)?.incr(key, delta, initial: sharedValue(at: 4, on: L), initialTTL: number(at: 5, on: L) ?? 0,
+                                             now: shared.now()) ?? .failure(.notFound)
+            switch result {
             case .success(let v): pushShared(v, on: L); return .values(1)
             case .failure(.notFound): lua_pushnil(L); LuaState.push("not found", on: L); return .values(2)
             case .failure(.notANumber): lua_pushnil(L); LuaState.push("not a number", on: L); return .values(2)
             }
         }))
         n.append(("shared_delete", { L in
-            guard let dict = LuaState.string(at: 1, on: L), let key = LuaState.string(at: 2, on: L) else {
-                return .error("weir.shared.delete: expected a key")
-            }
-            shared.delete(dict, key); return .values(0)
+            guard let key = LuaState.string(at: 2, on: L) else { return .error("weir.shared.delete: expected a key") }
+            dictionary(L)?.delete(key); return .values(0)
         }))
 
         // weir.sleep: the reference async operation.

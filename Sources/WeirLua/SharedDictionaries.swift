@@ -15,6 +15,10 @@ public final class SharedDictionaries: @unchecked Sendable {
     }
 
     private let dictionaries: [String: Dictionary]
+    /// The same dictionaries by a small integer id (sorted by name), so the
+    /// Lua SDK names a dictionary without a String bridge and hash per call.
+    private let byID: [Dictionary]
+    private let ids: [String: Int]
     /// Injectable clock (seconds) so TTL behaviour is testable without sleeping.
     private let clock: @Sendable () -> Double
 
@@ -23,8 +27,22 @@ public final class SharedDictionaries: @unchecked Sendable {
         var dicts: [String: Dictionary] = [:]
         for (name, capacity) in capacities { dicts[name] = Dictionary(capacity: max(1, capacity)) }
         self.dictionaries = dicts
+        let names = dicts.keys.sorted()
+        self.byID = names.map { dicts[$0]! }
+        self.ids = Swift.Dictionary(uniqueKeysWithValues: names.enumerated().map { ($1, $0) })
         self.clock = clock
     }
+
+    /// The id of a dictionary (for `dictionary(id:)`), nil if not declared.
+    func id(of name: String) -> Int? { ids[name] }
+
+    /// A dictionary by id; nil for an unknown id.
+    @inline(__always)
+    func dictionary(id: Int) -> Dictionary? { id >= 0 && id < byID.count ? byID[id] : nil }
+
+    /// The current time of this set's clock (seconds).
+    @inline(__always)
+    func now() -> Double { clock() }
 
     public static let monotonicNow: @Sendable () -> Double = {
         var ts = timespec()
@@ -99,7 +117,9 @@ public final class SharedDictionaries: @unchecked Sendable {
         private func live(_ key: String, now: Double) -> Node? {
             guard let n = nodes[key] else { return nil }
             if n.expiry != 0 && n.expiry <= now { remove(n); return nil }
-            unlink(n); pushFront(n)
+            // A hot key is usually at the front already: skip the relinking
+            // (and its reference counting).
+            if head !== n { unlink(n); pushFront(n) }
             return n
         }
 

@@ -7,13 +7,15 @@
 --      terse; the checks here give plugin authors clear errors that point at
 --      their own line (DESIGN.md "Lua bridging rules" 3).
 --   S  the runtime's state table: S[1] = current phase id (0 = none),
---      S[2] = serial of the current phase call (handles compare against it).
+--      S[2] = serial of the current connection-phase call (conn handles
+--      compare against it), S[3] = the current request's weir.ctx table
+--      (nil outside request phases). Swift writes them only when they change.
 --   json, clib  the JSON module and the C helper library (crypto, time).
 -- See lua/README.md for the documentation of every function.
 local N, S, json, clib = ...
 
-local type, error, tostring, select, pairs, ipairs, setmetatable, rawget =
-  type, error, tostring, select, pairs, ipairs, setmetatable, rawget
+local type, error, tostring, select, pairs, ipairs, setmetatable, getmetatable, rawget, rawset =
+  type, error, tostring, select, pairs, ipairs, setmetatable, getmetatable, rawget, rawset
 local math_type, floor = math.type, math.floor
 
 local PHASE_NAMES = { "connection", "request", "response", "body_filter", "log", "timer" }
@@ -529,16 +531,16 @@ end
 function shared_dict:get(key)
   check_dict(self, "weir.shared.get")
   check_string("weir.shared.get", 1, key)
-  return N.shared_get(self.name, key)
+  return N.shared_get(self.id, key)
 end
 
 function shared_dict:set(key, value, ttl)
   check_dict(self, "weir.shared.set")
   check_string("weir.shared.set", 1, key)
-  if value == nil then return N.shared_delete(self.name, key) end
+  if value == nil then return N.shared_delete(self.id, key) end
   check_value("weir.shared.set", 2, value)
   check_ttl("weir.shared.set", 3, ttl)
-  return N.shared_set(self.name, key, value, ttl or 0)
+  return N.shared_set(self.id, key, value, ttl or 0)
 end
 
 function shared_dict:add(key, value, ttl)
@@ -546,36 +548,48 @@ function shared_dict:add(key, value, ttl)
   check_string("weir.shared.add", 1, key)
   check_value("weir.shared.add", 2, value)
   check_ttl("weir.shared.add", 3, ttl)
-  return N.shared_add(self.name, key, value, ttl or 0)
+  return N.shared_add(self.id, key, value, ttl or 0)
 end
 
+-- Hot path (rate limiters, counters): the common argument shapes are checked
+-- inline; anything unusual goes through the full checks for their messages.
+local native_shared_incr = N.shared_incr
 function shared_dict:incr(key, delta, init, init_ttl)
-  check_dict(self, "weir.shared.incr")
-  check_string("weir.shared.incr", 1, key)
   delta = delta or 1
-  check_number("weir.shared.incr", 2, delta)
-  if init ~= nil then check_number("weir.shared.incr", 3, init) end
-  check_ttl("weir.shared.incr", 4, init_ttl)
-  return N.shared_incr(self.name, key, delta, init, init_ttl or 0)
+  if getmetatable(self) ~= shared_dict or type(key) ~= "string" or type(delta) ~= "number"
+      or (init ~= nil and type(init) ~= "number") or (init_ttl ~= nil and (type(init_ttl) ~= "number" or init_ttl < 0)) then
+    check_dict(self, "weir.shared.incr")
+    check_string("weir.shared.incr", 1, key)
+    check_number("weir.shared.incr", 2, delta)
+    if init ~= nil then check_number("weir.shared.incr", 3, init) end
+    check_ttl("weir.shared.incr", 4, init_ttl)
+  end
+  return native_shared_incr(self.id, key, delta, init, init_ttl or 0)
 end
 
 function shared_dict:delete(key)
   check_dict(self, "weir.shared.delete")
   check_string("weir.shared.delete", 1, key)
-  N.shared_delete(self.name, key)
+  N.shared_delete(self.id, key)
 end
 
-local dicts = {}
-weir.shared = setmetatable({}, {
-  __index = function(_, name)
+-- A dictionary found once is kept in `dicts`, which is weir.shared's
+-- __index *table*: later `weir.shared.<name>` reads are resolved by the VM
+-- without a function call, and weir.shared itself stays empty, so its
+-- __newindex still refuses writes. Dictionaries are fixed for the life of a
+-- Lua state (a config change makes a new generation).
+local dicts = setmetatable({}, {
+  __index = function(t, name)
     if type(name) ~= "string" then return nil end
-    local d = dicts[name]
-    if d then return d end
-    if not N.shared_exists(name) then return nil end
-    d = setmetatable({ name = name }, shared_dict)
-    dicts[name] = d
+    local id = N.shared_id(name)
+    if not id then return nil end
+    local d = setmetatable({ name = name, id = id }, shared_dict)
+    rawset(t, name, d)
     return d
   end,
+})
+weir.shared = setmetatable({}, {
+  __index = dicts,
   __newindex = function() error("weir.shared is read-only; dictionaries are declared in the config", 2) end,
 })
 
@@ -1115,6 +1129,9 @@ setmetatable(weir, {
   __index = function(_, key)
     if key == "ctx" then
       if not ANY_REQUEST_PHASE[S[1]] then error("weir.ctx is not available in the " .. phase_name(S[1]) .. " phase", 2) end
+      -- Published by the runtime at phase entry: no call into Swift.
+      local ctx = S[3]
+      if ctx ~= nil then return ctx end
       return N.ctx()
     elseif key == "conn" then
       if not ANY_PHASE[S[1]] then error("weir.conn is not available in the " .. phase_name(S[1]) .. " phase", 2) end

@@ -39,7 +39,42 @@ public final class PluginMetrics: PluginPhaseObserver, @unchecked Sendable {
 
     private let shards = PerThreadShards<Shard> { Shard() }
 
+    /// One (event loop, plugin, phase) series, handed to the Lua runtime's
+    /// chain entries so a call is recorded without finding the plugin by
+    /// name. The lock is uncontended except while /metrics is scraped.
+    final class LoopCell: PluginCallRecorder {
+        let key: Key
+        let lock = NIOLock()
+        var cell = Cell()
+        init(key: Key) { self.key = key }
+
+        func record(nanoseconds: UInt64, outcome: PluginCallOutcome) {
+            lock.withLock {
+                cell.latency.observe(Double(nanoseconds) / 1e9)
+                switch outcome {
+                case .completed: cell.outcomes[0] += 1
+                case .exited: cell.outcomes[1] += 1
+                case .failed: cell.outcomes[2] += 1
+                }
+            }
+        }
+    }
+    struct LoopKey: Hashable { let loop: ObjectIdentifier?; let key: Key }
+    private let loopCellsLock = NIOLock()
+    /// Shared by every chain (and generation) on a loop: reloads add none.
+    private var loopCells: [LoopKey: LoopCell] = [:]
+
     public init() {}
+
+    public func recorder(plugin: String, phase: PluginPhase, eventLoop: ObjectIdentifier?) -> PluginCallRecorder? {
+        let key = LoopKey(loop: eventLoop, key: Key(plugin: plugin, phase: phase))
+        return loopCellsLock.withLock {
+            if let cell = loopCells[key] { return cell }
+            let cell = LoopCell(key: key.key)
+            loopCells[key] = cell
+            return cell
+        }
+    }
 
     public func pluginPhaseCompleted(plugin: String, phase: PluginPhase, nanoseconds: UInt64, outcome: PluginCallOutcome) {
         let shard = shards.current
@@ -64,6 +99,14 @@ public final class PluginMetrics: PluginPhaseObserver, @unchecked Sendable {
     public func renderPrometheus() -> String {
         var merged: [Key: Cell] = [:]
         var events: [EventKey: Int] = [:]
+        for loopCell in loopCellsLock.withLock({ Array(loopCells.values) }) {
+            loopCell.lock.withLock {
+                var m = merged[loopCell.key, default: Cell()]
+                m.latency.merge(loopCell.cell.latency)
+                for i in 0..<3 { m.outcomes[i] += loopCell.cell.outcomes[i] }
+                merged[loopCell.key] = m
+            }
+        }
         for shard in shards.allShards {
             shard.lock.withLock {
                 for (key, n) in shard.events { events[key, default: 0] += n }

@@ -3,7 +3,7 @@ local weir = require "weir"
 local BenchConsumerHeader = { PRIORITY = 1001, VERSION = "1.0.0" }
 
 function BenchConsumerHeader:request(conf, ctx)
-  local consumer = weir.ctx.bench_consumer
+  local consumer = ctx.bench_consumer
   if consumer then
     weir.upstream.request.set_header(conf.header, consumer)
   end

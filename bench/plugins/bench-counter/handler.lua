@@ -9,7 +9,7 @@ function BenchCounter:request(conf, ctx)
     weir.log.err("shared dictionary '" .. conf.dict .. "' is not declared in the config")
     return 500, { message = "bench-counter: missing shared dictionary" }
   end
-  local consumer = weir.ctx.bench_consumer or "anonymous"
+  local consumer = ctx.bench_consumer or "anonymous"
   local _, err = counters:incr("req:" .. consumer, 1, 0)
   if err then
     weir.log.err("failed to increment counter: " .. tostring(err))

@@ -1,6 +1,6 @@
 -- Key-auth-like check for the benchmark: the `apikey` request header must
 -- name a known consumer (one table lookup), else 401. The consumer is left
--- in weir.ctx for the next plugins of the chain.
+-- in the request's ctx table (weir.ctx) for the next plugins of the chain.
 local weir = require "weir"
 local BenchKeyCheck = { PRIORITY = 1003, VERSION = "1.0.0" }
 
@@ -11,7 +11,7 @@ function BenchKeyCheck:request(conf, ctx)
     return 401, { message = "no valid API key found in request" },
       { ["WWW-Authenticate"] = 'Key realm="bench"' }
   end
-  weir.ctx.bench_consumer = consumer
+  ctx.bench_consumer = consumer
 end
 
 return BenchKeyCheck
