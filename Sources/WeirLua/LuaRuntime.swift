@@ -108,6 +108,9 @@ public final class PluginChain {
     let owner: ObjectIdentifier?
     /// Plugin names in run order.
     public var names: [String] { entries.map(\.name) }
+    /// Whether any plugin of the chain implements `phase` (the proxy skips
+    /// a phase's bookkeeping entirely when none does).
+    public func runs(_ phase: PluginPhase) -> Bool { !byPhase[phase.luaID].isEmpty }
 
     init(entries: [Entry], owner: LuaRuntime?) {
         self.entries = entries

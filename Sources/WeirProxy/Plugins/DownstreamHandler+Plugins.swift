@@ -129,6 +129,7 @@ extension DownstreamHandler {
     /// or are still running (the head is relayed when they finish).
     func runResponsePlugins(_ head: HTTPResponseHead, exchange: Exchange, plugins: ExchangePlugins,
                             connection: UpstreamConnection) -> HTTPResponseHead? {
+        if plugins.responsePhaseIsNoop { return head }
         var head = head
         plugins.applyEarlyResponseOps(to: &head.headers)
         plugins.responseHead = head

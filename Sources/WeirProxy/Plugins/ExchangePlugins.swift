@@ -130,6 +130,11 @@ final class ExchangePlugins: PluginRequestContext {
         ])
     }
 
+    /// Nothing for the response phase to do on an upstream head: no plugin
+    /// implements it, no body filter re-frames the response and the request
+    /// phase left no response header changes.
+    var responsePhaseIsNoop: Bool { earlyResponseOps.isEmpty && !filtersBody && !chain.runs(.response) }
+
     /// Applies the request phase's response header changes to `headers`.
     func applyEarlyResponseOps(to headers: inout HTTPHeaders) {
         for (op, name, value) in earlyResponseOps {
