@@ -26,6 +26,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-atomics.git", from: "1.2.0"),
         // weir.crypto's signature checks (RSA, ECDSA), SHA-384/512 HMACs and PBKDF2 (jwt, basic-auth).
         .package(url: "https://github.com/apple/swift-crypto.git", "3.12.3"..<"4.0.0"),
+        // HTTP/2 framing, HPACK, flow control, stream multiplexing (issue 4).
+        .package(url: "https://github.com/apple/swift-nio-http2.git", from: "1.46.0"),
     ],
     targets: [
         .systemLibrary(
@@ -70,6 +72,8 @@ let package = Package(
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Atomics", package: "swift-atomics"),
+                .product(name: "NIOHTTP2", package: "swift-nio-http2"),
+                .product(name: "NIOHPACK", package: "swift-nio-http2"),
             ],
             // The data path's handlers are classes whose fields are touched on
             // every event; dynamic exclusivity checks measured ~14% of the
@@ -152,6 +156,9 @@ let package = Package(
             dependencies: [
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOHTTP2", package: "swift-nio-http2"),
+                .product(name: "NIOHPACK", package: "swift-nio-http2"),
             ],
             path: "Tests/WeirTestSupport",
             swiftSettings: swift5
