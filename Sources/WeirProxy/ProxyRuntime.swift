@@ -232,7 +232,7 @@ final class LoopContext: @unchecked Sendable {
     }
 
     private static func poolKey(_ upstream: UpstreamConfig, _ target: TargetConfig) -> String {
-        "\(target.address)|\(upstream.pool)|\(upstream.timeouts.connect.nanoseconds)"
+        "\(target.address)|\(upstream.pool)|\(upstream.timeouts.connect.nanoseconds)|\(upstream.upstreamProtocol)|\(upstream.http2)"
     }
 
     /// [upstream][target] pools for `runtime`, taken from `existing` where
@@ -247,7 +247,8 @@ final class LoopContext: @unchecked Sendable {
                     return pool
                 }
                 let pool = TargetPool(targetIndex: index, target: target, pool: upstream.config.pool,
-                                      connectTimeout: .nanoseconds(upstream.config.timeouts.connect.nanoseconds), loop: loop)
+                                      connectTimeout: .nanoseconds(upstream.config.timeouts.connect.nanoseconds), loop: loop,
+                                      http2: upstream.config.upstreamProtocol == .http2 ? upstream.config.http2 : nil)
                 used[key] = pool
                 return pool
             }

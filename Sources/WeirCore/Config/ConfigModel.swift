@@ -90,7 +90,19 @@ public struct TargetConfig: Hashable, Sendable {
     public init(address: HostPort, weight: Int = 1) { self.address = address; self.weight = weight }
 }
 
+/// How an active health probe asks a target.
+public enum ActiveHealthCheckType: String, Sendable, CaseIterable {
+    /// HTTP/1.1 `GET path`; healthy when the status is in `healthy_statuses`.
+    case http
+    /// `grpc.health.v1.Health/Check` over HTTP/2 (prior knowledge);
+    /// healthy when the answer is SERVING with grpc-status 0.
+    case grpc
+}
+
 public struct ActiveHealthCheck: Hashable, Sendable {
+    public var type: ActiveHealthCheckType = .http
+    /// The service name a gRPC probe asks about ("" = the whole server).
+    public var grpcService: String = ""
     public var path: String = "/healthz"
     public var interval: TimeSpan = .seconds(5)
     public var timeout: TimeSpan = .seconds(1)
@@ -141,8 +153,31 @@ public struct ConnectionPoolConfig: Hashable, Sendable {
     public init() {}
 }
 
+/// How the proxy talks to an upstream's targets.
+public enum UpstreamProtocol: String, Sendable, CaseIterable {
+    /// HTTP/1.1 keep-alive connections, one request at a time each.
+    case http1
+    /// HTTP/2 (prior knowledge on cleartext): requests are streams
+    /// multiplexed over a few connections per target per event loop.
+    case http2
+}
+
+/// HTTP/2 upstream connection settings (`http2:` on an upstream).
+public struct UpstreamHTTP2Config: Hashable, Sendable {
+    /// Connections per target per event loop; a new one opens only when
+    /// every open one is at the server's SETTINGS_MAX_CONCURRENT_STREAMS.
+    public var maxConnections: Int = 4
+    /// Our own cap on concurrent streams per connection (the server's
+    /// SETTINGS_MAX_CONCURRENT_STREAMS lowers it further).
+    public var maxConcurrentStreams: Int = 100
+    public init() {}
+}
+
 public struct UpstreamConfig: Hashable, Sendable {
     public var name: String = ""
+    /// `protocol:` http1 (default) or http2.
+    public var upstreamProtocol: UpstreamProtocol = .http1
+    public var http2: UpstreamHTTP2Config = UpstreamHTTP2Config()
     public var balancer: BalancerKind = .roundRobin
     /// Only for `consistent_hash`; defaults to the client IP.
     public var hashOn: HashKey = .clientIP

@@ -150,7 +150,11 @@ enum ConfigRendering {
         })))
         var health: [(Node, Node)] = []
         if let active = upstream.healthCheck.active {
-            health.append(("active", map([
+            var typePairs: [(Node, Node)] = []
+            if active.type == .grpc {
+                typePairs = [("type", Node(active.type.rawValue)), ("service", Node(active.grpcService))]
+            }
+            health.append(("active", map(typePairs + [
                 ("path", Node(active.path)),
                 ("interval", Node(active.interval.description)),
                 ("timeout", Node(active.timeout.description)),
@@ -181,6 +185,13 @@ enum ConfigRendering {
         ]
         if let maxRequests = upstream.pool.maxRequests { pool.append(("max_requests", Node(String(maxRequests)))) }
         pairs.append(("pool", map(pool)))
+        if upstream.upstreamProtocol != .http1 {
+            pairs.append(("protocol", Node(upstream.upstreamProtocol.rawValue)))
+            pairs.append(("http2", map([
+                ("max_connections", Node(String(upstream.http2.maxConnections))),
+                ("max_concurrent_streams", Node(String(upstream.http2.maxConcurrentStreams))),
+            ])))
+        }
         if !upstream.plugins.isEmpty { pairs.append(("plugins", plugins(upstream.plugins))) }
         return map(pairs)
     }

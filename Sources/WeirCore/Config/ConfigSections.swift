@@ -122,6 +122,7 @@ extension ConfigReader {
     func readUpstream(_ node: Node, _ path: String) -> UpstreamConfig? {
         guard let f = fields(node, path, known: [
             "name", "balancer", "hash_on", "targets", "health_check", "timeouts", "retries", "pool", "plugins",
+            "protocol", "http2",
         ], required: ["name", "targets"]) else { return nil }
         var upstream = UpstreamConfig()
         if let n = f["name"] { upstream.name = name(n, f.path("name")) ?? "" }
@@ -151,7 +152,24 @@ extension ConfigReader {
         if let n = f["retries"] { upstream.retries = int(n, f.path("retries"), min: 0, max: 100) ?? upstream.retries }
         if let n = f["pool"] { upstream.pool = readPool(n, f.path("pool")) }
         if let n = f["plugins"] { upstream.plugins = readPlugins(n, f.path("plugins")) }
+        if let n = f["protocol"] { upstream.upstreamProtocol = enumValue(n, f.path("protocol"), as: UpstreamProtocol.self) ?? .http1 }
+        if let n = f["http2"] {
+            upstream.http2 = readUpstreamHTTP2(n, f.path("http2"))
+            if upstream.upstreamProtocol != .http2 {
+                report(f.path("http2"), "only applies to protocol http2 (this upstream uses \(upstream.upstreamProtocol.rawValue))", n)
+            }
+        }
         return upstream
+    }
+
+    func readUpstreamHTTP2(_ node: Node, _ path: String) -> UpstreamHTTP2Config {
+        var config = UpstreamHTTP2Config()
+        guard let f = fields(node, path, known: ["max_connections", "max_concurrent_streams"]) else { return config }
+        if let n = f["max_connections"] { config.maxConnections = int(n, f.path("max_connections"), min: 1, max: 1000) ?? config.maxConnections }
+        if let n = f["max_concurrent_streams"] {
+            config.maxConcurrentStreams = int(n, f.path("max_concurrent_streams"), min: 1, max: 10_000) ?? config.maxConcurrentStreams
+        }
+        return config
     }
 
     func readHashKey(_ node: Node, _ path: String) -> HashKey? {
@@ -187,9 +205,17 @@ extension ConfigReader {
         var check = HealthCheckConfig()
         guard let f = fields(node, path, known: ["active", "passive"]) else { return check }
         if let n = f["active"], let a = fields(n, f.path("active"), known: [
-            "path", "interval", "timeout", "healthy", "unhealthy", "healthy_statuses",
+            "path", "interval", "timeout", "healthy", "unhealthy", "healthy_statuses", "type", "service",
         ]) {
             var active = ActiveHealthCheck()
+            if let n = a["type"] { active.type = enumValue(n, a.path("type"), as: ActiveHealthCheckType.self) ?? .http }
+            if let n = a["service"] {
+                if active.type == .grpc {
+                    active.grpcService = string(n, a.path("service")) ?? ""
+                } else {
+                    report(a.path("service"), "only applies to type grpc", n)
+                }
+            }
             if let n = a["path"], let p = nonEmptyString(n, a.path("path")) {
                 if p.hasPrefix("/") { active.path = p } else { report(a.path("path"), "must start with \"/\"", n) }
             }

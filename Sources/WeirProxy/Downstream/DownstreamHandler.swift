@@ -1120,11 +1120,20 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
             exchange.keepAlive = false
         }
         let close = closesAfter(exchange)
-        var body = ProxyErrorResponse.body(kind: kind, message: message, requestID: exchange.id, allocator: context.channel.allocator)
-        let head = ProxyErrorResponse.head(kind: kind, requestID: exchange.id, bodyLength: body.readableBytes,
+        var body: ByteBuffer
+        let head: HTTPResponseHead
+        if exchange.grpc != nil {
+            // gRPC clients read grpc-status, not the HTTP status (GRPCSupport.swift).
+            body = ByteBuffer()
+            head = GRPCErrorResponse.head(kind: kind, message: message, requestID: exchange.id, close: close,
+                                          date: loopContext.dateCache.current())
+        } else {
+            body = ProxyErrorResponse.body(kind: kind, message: message, requestID: exchange.id, allocator: context.channel.allocator)
+            head = ProxyErrorResponse.head(kind: kind, requestID: exchange.id, bodyLength: body.readableBytes,
                                            close: close, version: exchange.head?.version ?? .http1_1,
                                            date: loopContext.dateCache.current())
-        exchange.status = Int(kind.status.code)
+        }
+        exchange.status = Int(head.status.code)
         exchange.responseStarted = true
         exchange.bytesOut += body.readableBytes
         exchange.localResponseDone = true
@@ -1374,6 +1383,9 @@ final class Exchange {
     var requestSentAt: NIODeadline?
     var lastUpstreamRead: NIODeadline = .uptimeNanoseconds(0)
     var writeBlockedSince: NIODeadline?
+    /// Set when the request is gRPC (read on first use: proxy errors and
+    /// HTTP/2 upstreams' deadlines only).
+    lazy var grpc: GRPCRequestInfo? = head.flatMap { GRPCRequestInfo(headers: $0.headers) }
 
     init(id: String, head: RequestHead?) {
         self.id = id

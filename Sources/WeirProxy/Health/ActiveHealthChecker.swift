@@ -93,7 +93,8 @@ public final class ActiveHealthChecker: @unchecked Sendable {
     }
 
     private func runProbe(_ job: Job) -> EventLoopFuture<Void> {
-        HealthProbe.run(on: eventLoop, address: job.address, path: job.check.path,
+        if job.check.type == .grpc { return runGRPCProbe(job) }
+        return HealthProbe.run(on: eventLoop, address: job.address, path: job.check.path,
                         timeout: .nanoseconds(job.check.timeout.nanoseconds))
             .map { status -> Void in
                 let healthy = job.check.healthyStatuses.contains(status)
@@ -106,6 +107,17 @@ public final class ActiveHealthChecker: @unchecked Sendable {
             .recover { error in
                 self.logger.debug("health probe failed", metadata: [
                     "upstream": "\(job.upstream)", "target": "\(job.address)", "error": "\(error)"])
+                self.record(job, healthy: false, detail: HealthProbe.describe(error))
+            }
+    }
+
+    private func runGRPCProbe(_ job: Job) -> EventLoopFuture<Void> {
+        GRPCHealthProbe.run(on: eventLoop, address: job.address, service: job.check.grpcService,
+                            timeout: .nanoseconds(job.check.timeout.nanoseconds))
+            .map { answer in
+                self.record(job, healthy: answer.isServing, detail: answer.description)
+            }
+            .recover { error in
                 self.record(job, healthy: false, detail: HealthProbe.describe(error))
             }
     }

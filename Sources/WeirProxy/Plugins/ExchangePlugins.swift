@@ -21,7 +21,13 @@ extension Exchange {
     /// The upstream's timeouts, or a plugin's `weir.upstream.set_timeouts`.
     @inline(__always)
     func timeouts(_ routed: RoutedRequest) -> UpstreamTimeouts {
-        plugins?.timeoutsOverride ?? routed.upstream.config.timeouts
+        var timeouts = plugins?.timeoutsOverride ?? routed.upstream.config.timeouts
+        // gRPC travels over HTTP/2 upstreams only: a client's grpc-timeout
+        // bounds the whole exchange (answered DEADLINE_EXCEEDED in gRPC form).
+        if routed.upstream.config.upstreamProtocol == .http2, let deadline = grpc?.deadline {
+            timeouts.request = min(timeouts.request ?? deadline, deadline)
+        }
+        return timeouts
     }
 }
 

@@ -37,6 +37,10 @@ final class UpstreamConnection {
     var reusable = true
     /// The request being sent has a chunked body (set by `writeHead`).
     private var chunkedBody = false
+    /// Set when this "connection" is one stream of an HTTP/2 upstream
+    /// connection (`HTTP2/UpstreamHTTP2Pool.swift`): requests go out as
+    /// HTTP/2 frames, the response arrives as HTTP/1.1 bytes as usual.
+    var http2Stream: UpstreamHTTP2StreamCodec?
 
     init(channel: Channel, handler: UpstreamHandler, targetIndex: Int, pool: TargetPool) {
         self.channel = channel
@@ -62,6 +66,7 @@ final class UpstreamConnection {
     func writeHead(_ head: ByteBuffer, method: HTTP1Method, chunkedBody: Bool) {
         self.chunkedBody = chunkedBody
         handler.expectResponse(to: method)
+        if let http2Stream { return http2Stream.writeHead(head, method: method, bodyless: !chunkedBody) }
         handler.write(head)
     }
 
@@ -69,6 +74,7 @@ final class UpstreamConnection {
     func writeBody(_ data: ByteBuffer) {
         let length = data.readableBytes
         guard length > 0 else { return }
+        if let http2Stream { return http2Stream.writeBody(data) }
         guard chunkedBody else { return handler.write(data) }
         if length <= 4096 {
             // Small chunks: one buffer (a write costs more than the copy).
@@ -86,6 +92,7 @@ final class UpstreamConnection {
 
     /// The request body ended (the last chunk and trailers when chunked).
     func writeEnd(trailers: HTTPHeaders?) {
+        if let http2Stream { return http2Stream.writeEnd(trailers: trailers) }
         guard chunkedBody else { return }
         var out = channel.allocator.buffer(capacity: 5)
         out.writeStaticString("0\r\n")
@@ -365,23 +372,36 @@ final class TargetPool {
     private let connectTimeout: TimeAmount
     private let loop: EventLoop
     private var idle: [UpstreamConnection] = []
-    /// Open connections to this target from this loop, idle or busy.
+    /// Open connections to this target from this loop, idle or busy (for
+    /// an HTTP/2 target: open streams).
     private(set) var openConnections = 0
+    /// For `protocol: http2` upstreams: the connections whose streams this
+    /// pool hands out instead of HTTP/1.1 connections.
+    let http2: UpstreamHTTP2Pool?
 
-    init(targetIndex: Int, target: TargetConfig, pool: ConnectionPoolConfig, connectTimeout: TimeAmount, loop: EventLoop) {
+    init(targetIndex: Int, target: TargetConfig, pool: ConnectionPoolConfig, connectTimeout: TimeAmount, loop: EventLoop,
+         http2: UpstreamHTTP2Config? = nil) {
         self.targetIndex = targetIndex
         self.host = target.address.host
         self.port = target.address.port
-        self.address = try? SocketAddress(ipAddress: target.address.host, port: target.address.port)
+        let address = try? SocketAddress(ipAddress: target.address.host, port: target.address.port)
+        self.address = address
         self.poolConfig = pool
         self.connectTimeout = connectTimeout
         self.loop = loop
+        self.http2 = http2.map {
+            UpstreamHTTP2Pool(loop: loop, host: target.address.host, port: target.address.port, address: address,
+                              config: $0, connectTimeout: connectTimeout,
+                              idleTimeout: .nanoseconds(pool.idleTimeout.nanoseconds))
+        }
     }
 
     var idleCount: Int { idle.count }
 
     /// A pooled connection that still looks alive, or nil.
     func takeIdle(now: NIODeadline) -> UpstreamConnection? {
+        // HTTP/2: every request is a new stream (`connect`), never idle.
+        if http2 != nil { return nil }
         let idleLimit = TimeAmount.nanoseconds(poolConfig.idleTimeout.nanoseconds)
         while let connection = idle.popLast() {
             if connection.isActive && now - connection.idleSince < idleLimit {
@@ -395,6 +415,12 @@ final class TargetPool {
     /// Returns a connection after a complete exchange.
     func release(_ connection: UpstreamConnection, now: NIODeadline) {
         connection.detach()
+        // A finished HTTP/2 stream closes itself (its connection stays); one
+        // opened for an exchange that ended meanwhile is closed unused.
+        if let stream = connection.http2Stream {
+            if !stream.requestStarted { connection.close() }
+            return
+        }
         if retired {
             connection.close()
             return
@@ -420,6 +446,7 @@ final class TargetPool {
 
     /// Closes idle connections past `idle_timeout`.
     func sweep(now: NIODeadline) {
+        http2?.sweep(now: now)
         let idleLimit = TimeAmount.nanoseconds(poolConfig.idleTimeout.nanoseconds)
         var kept: [UpstreamConnection] = []
         for connection in idle {
@@ -439,9 +466,11 @@ final class TargetPool {
     func retire() {
         retired = true
         closeAll()
+        http2?.retire()
     }
 
     func closeAll() {
+        http2?.closeIdle()
         let all = idle
         idle.removeAll()
         for c in all { c.close() }
@@ -449,6 +478,12 @@ final class TargetPool {
 
     /// Opens a new connection on this pool's event loop.
     func connect() -> EventLoopFuture<UpstreamConnection> {
+        if let http2 {
+            return http2.openStream(for: self).map { stream in
+                self.openConnections += 1
+                return stream
+            }
+        }
         let bootstrap = ClientBootstrap(group: loop)
             .connectTimeout(connectTimeout)
             .channelOption(.tcpOption(.tcp_nodelay), value: 1)

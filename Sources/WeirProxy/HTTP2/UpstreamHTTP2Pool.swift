@@ -1,0 +1,283 @@
+import NIOCore
+import NIOPosix
+import NIOHTTP2
+import WeirCore
+
+/// HTTP/2 connections to one target from one event loop (`protocol: http2`
+/// upstreams). Owned by the target's `TargetPool`, which hands the exchange
+/// one `UpstreamConnection` per request; here that is a stream on one of
+/// these connections.
+///
+/// - A stream goes on the first connection with room: fewer active streams
+///   than the smaller of our `max_concurrent_streams` and the server's
+///   SETTINGS_MAX_CONCURRENT_STREAMS. Only when none has room (and fewer
+///   than `max_connections` are open) is another connection opened; past
+///   that, streams queue in swift-nio-http2 on the least busy connection.
+/// - Requests arriving while a connection is still connecting share it.
+/// - GOAWAY: the connection takes no new streams; streams it accepted
+///   finish; it closes when the last one ends. Streams above the GOAWAY's
+///   last stream id are closed by swift-nio-http2, so their exchanges see
+///   an upstream close and apply the usual retry rules (a stream on a
+///   connection that had carried others counts as "reused", like an
+///   HTTP/1.1 keep-alive connection whose close crossed the request).
+/// - Connection loss closes every stream channel: each exchange gets a 502
+///   (or a cut mid-response), as for HTTP/1.
+final class UpstreamHTTP2Pool {
+    private let loop: EventLoop
+    private let host: String
+    private let port: Int
+    private let address: SocketAddress?
+    private let config: UpstreamHTTP2Config
+    private let connectTimeout: TimeAmount
+    private let idleTimeout: TimeAmount
+    private(set) var connections: [UpstreamHTTP2Connection] = []
+    private var retired = false
+
+    init(loop: EventLoop, host: String, port: Int, address: SocketAddress?, config: UpstreamHTTP2Config,
+         connectTimeout: TimeAmount, idleTimeout: TimeAmount) {
+        self.loop = loop
+        self.host = host
+        self.port = port
+        self.address = address
+        self.config = config
+        self.connectTimeout = connectTimeout
+        self.idleTimeout = idleTimeout
+    }
+
+    /// Open (or connecting) HTTP/2 connections; for tests and metrics.
+    var connectionCount: Int { connections.count }
+
+    /// A new stream for one request, as an `UpstreamConnection` that
+    /// reports to `targetPool` like an HTTP/1 connection.
+    func openStream(for targetPool: TargetPool) -> EventLoopFuture<UpstreamConnection> {
+        loop.preconditionInEventLoop()
+        let connection = pickConnection()
+        connection.activeStreams += 1
+        // Streams before this one on the same connection make it "reused".
+        let earlierStreams = connection.streamsOpened
+        connection.streamsOpened += 1
+        return connection.ready.flatMap { () -> EventLoopFuture<UpstreamConnection> in
+            guard let multiplexer = connection.multiplexer else {
+                return self.loop.makeFailedFuture(ChannelError.ioOnClosedChannel)
+            }
+            let promise = self.loop.makePromise(of: Channel.self)
+            multiplexer.createStreamChannel(promise: promise) { streamChannel in
+                do {
+                    try streamChannel.pipeline.syncOperations.addHandlers([
+                        UpstreamHTTP2StreamCodec(scheme: "http"), UpstreamHandler(),
+                    ])
+                    return streamChannel.eventLoop.makeSucceededVoidFuture()
+                } catch {
+                    return streamChannel.eventLoop.makeFailedFuture(error)
+                }
+            }
+            return promise.futureResult.flatMapThrowing { streamChannel in
+                let sync = streamChannel.pipeline.syncOperations
+                let handler = try sync.handler(type: UpstreamHandler.self)
+                let codec = try sync.handler(type: UpstreamHTTP2StreamCodec.self)
+                let upstream = UpstreamConnection(channel: streamChannel, handler: handler,
+                                                  targetIndex: targetPool.targetIndex, pool: targetPool)
+                upstream.http2Stream = codec
+                upstream.requestsSent = earlierStreams
+                streamChannel.closeFuture.whenComplete { _ in self.streamEnded(on: connection) }
+                return upstream
+            }
+        }.flatMapErrorThrowing { error in
+            // No stream channel exists, so no close will give the slot back.
+            self.streamEnded(on: connection)
+            throw error
+        }
+    }
+
+    /// The first connection with room, else a new one, else the least busy.
+    private func pickConnection() -> UpstreamHTTP2Connection {
+        var leastBusy: UpstreamHTTP2Connection?
+        for connection in connections where connection.acceptsStreams {
+            if connection.activeStreams < min(config.maxConcurrentStreams, connection.peerMaxStreams) {
+                return connection
+            }
+            if leastBusy == nil || connection.activeStreams < leastBusy!.activeStreams { leastBusy = connection }
+        }
+        if connections.count < config.maxConnections || leastBusy == nil {
+            return connect()
+        }
+        return leastBusy!
+    }
+
+    private func connect() -> UpstreamHTTP2Connection {
+        let promise = loop.makePromise(of: Void.self)
+        let connection = UpstreamHTTP2Connection(ready: promise.futureResult)
+        connections.append(connection)
+        let bootstrap = ClientBootstrap(group: loop)
+            .connectTimeout(connectTimeout)
+            .channelOption(.tcpOption(.tcp_nodelay), value: 1)
+            .channelInitializer { channel in
+                do {
+                    let sync = channel.pipeline.syncOperations
+                    try sync.addHandler(NIOHTTP2Handler(mode: .client, initialSettings: Self.localSettings))
+                    try sync.addHandler(UpstreamHTTP2ConnectionObserver(pool: self, connection: connection))
+                    // A stream channel turns unwritable past 64 KiB buffered
+                    // (flow control or socket): the exchange's cue to stop
+                    // reading the client.
+                    let multiplexer = HTTP2StreamMultiplexer(
+                        mode: .client, channel: channel, targetWindowSize: Self.windowSize,
+                        outboundBufferSizeHighWatermark: 1 << 16, outboundBufferSizeLowWatermark: 1 << 15,
+                        inboundStreamInitializer: nil)
+                    try sync.addHandler(multiplexer)
+                    return channel.eventLoop.makeSucceededVoidFuture()
+                } catch {
+                    return channel.eventLoop.makeFailedFuture(error)
+                }
+            }
+        let future = address.map { bootstrap.connect(to: $0) } ?? bootstrap.connect(host: host, port: port)
+        future.whenComplete { result in
+            switch result {
+            case .success(let channel):
+                connection.channel = channel
+                do {
+                    connection.multiplexer = try channel.pipeline.syncOperations.handler(type: HTTP2StreamMultiplexer.self)
+                    promise.succeed(())
+                } catch {
+                    channel.close(promise: nil)
+                    promise.fail(error)
+                }
+                if self.retired { connection.goingAway = true }
+            case .failure(let error):
+                self.remove(connection)
+                promise.fail(error)
+            }
+        }
+        return connection
+    }
+
+    /// Our receive window per stream (and the connection's target): large
+    /// enough for throughput, small enough that a slow client holds back
+    /// at most this much per stream.
+    static let windowSize = 1 << 18
+
+    static let localSettings: HTTP2Settings = [
+        HTTP2Setting(parameter: .enablePush, value: 0),
+        HTTP2Setting(parameter: .initialWindowSize, value: windowSize),
+        HTTP2Setting(parameter: .maxHeaderListSize, value: 1 << 16),
+    ]
+
+    private func streamEnded(on connection: UpstreamHTTP2Connection) {
+        connection.activeStreams -= 1
+        if connection.activeStreams == 0 {
+            connection.idleSince = .now()
+            if connection.goingAway { connection.channel?.close(promise: nil) }
+        }
+    }
+
+    // MARK: Events from the connection's pipeline
+
+    func goAwayReceived(on connection: UpstreamHTTP2Connection) {
+        connection.goingAway = true
+        if connection.activeStreams == 0 { connection.channel?.close(promise: nil) }
+    }
+
+    func connectionClosed(_ connection: UpstreamHTTP2Connection) {
+        connection.goingAway = true
+        remove(connection)
+    }
+
+    private func remove(_ connection: UpstreamHTTP2Connection) {
+        if let i = connections.firstIndex(where: { $0 === connection }) { connections.remove(at: i) }
+    }
+
+    // MARK: Pool upkeep (TargetPool forwards these)
+
+    /// Closes connections without streams for longer than `idle_timeout`.
+    func sweep(now: NIODeadline) {
+        for connection in connections where connection.activeStreams == 0 && now - connection.idleSince >= idleTimeout {
+            connection.goingAway = true
+            connection.channel?.close(promise: nil)
+        }
+    }
+
+    /// A reload removed the target: idle connections close now, busy ones
+    /// when their last stream ends.
+    func retire() {
+        retired = true
+        closeIdle()
+        for connection in connections { connection.goingAway = true }
+    }
+
+    func closeIdle() {
+        for connection in connections where connection.activeStreams == 0 {
+            connection.goingAway = true
+            connection.channel?.close(promise: nil)
+        }
+    }
+}
+
+/// One HTTP/2 connection of an `UpstreamHTTP2Pool` (event-loop confined).
+final class UpstreamHTTP2Connection {
+    /// Succeeds once connected (`multiplexer` set).
+    let ready: EventLoopFuture<Void>
+    var channel: Channel?
+    var multiplexer: HTTP2StreamMultiplexer?
+    /// Streams reserved or open on this connection.
+    var activeStreams = 0
+    /// Streams ever started on it.
+    var streamsOpened = 0
+    /// The server's SETTINGS_MAX_CONCURRENT_STREAMS (unlimited until it says).
+    var peerMaxStreams = Int.max
+    /// GOAWAY received, closing, or retired: no new streams.
+    var goingAway = false
+    var idleSince = NIODeadline.now()
+
+    init(ready: EventLoopFuture<Void>) {
+        self.ready = ready
+    }
+
+    var acceptsStreams: Bool { !goingAway }
+}
+
+/// Sits between `NIOHTTP2Handler` and the multiplexer on an upstream
+/// HTTP/2 connection: reads the server's SETTINGS (stream limit) and
+/// GOAWAY, and tells the pool when the connection is gone.
+final class UpstreamHTTP2ConnectionObserver: ChannelInboundHandler {
+    typealias InboundIn = HTTP2Frame
+    typealias InboundOut = HTTP2Frame
+
+    private let pool: UpstreamHTTP2Pool
+    private let connection: UpstreamHTTP2Connection
+
+    init(pool: UpstreamHTTP2Pool, connection: UpstreamHTTP2Connection) {
+        self.pool = pool
+        self.connection = connection
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let frame = unwrapInboundIn(data)
+        switch frame.payload {
+        case .settings(.settings(let settings)):
+            for setting in settings where setting.parameter == .maxConcurrentStreams {
+                connection.peerMaxStreams = setting.value
+            }
+        case .goAway:
+            pool.goAwayReceived(on: connection)
+        default:
+            break
+        }
+        context.fireChannelRead(data)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        pool.connectionClosed(connection)
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        // A stream's error is that stream's business (the multiplexer
+        // routes it); anything else is a connection error, after which
+        // NIOHTTP2Handler has sent GOAWAY: close so every stream's exchange
+        // learns of it now.
+        if error is NIOHTTP2Errors.StreamError {
+            return context.fireErrorCaught(error)
+        }
+        pool.goAwayReceived(on: connection)
+        context.close(promise: nil)
+    }
+}
