@@ -307,6 +307,42 @@ final class UpstreamHTTP2Tests: XCTestCase {
         XCTAssertEqual(response.status, 502)
     }
 
+    /// Plugins edit the upstream request and the response as for HTTP/1
+    /// (the plugin path's materialised head goes out as HEADERS); the access
+    /// log sees the exchange.
+    func testPluginEditsAndAccessLogOverHTTP2Upstream() throws {
+        let origin = try startOrigin()
+        var config = try ConfigLoader.parse(yaml: """
+            listeners: [{ name: web, listen: "127.0.0.1:0" }]
+            upstreams:
+              - { name: backend, protocol: http2, targets: ["127.0.0.1:\(origin.port)"] }
+            routes:
+              - name: grpc
+                upstream: backend
+                plugins:
+                  - { name: request-transformer, config: { add: { headers: { x-added: "1" } }, remove: { headers: [x-secret] } } }
+                  - { name: response-transformer, config: { add: { headers: { x-edited: "yes" } } } }
+            access_log: off
+            """)
+        config.pluginPaths = [shippedPluginsRepoRoot + "/plugins"]
+        let proxy = try ShippedPluginProxy(config: config, loops: 1)
+        defer { proxy.stop() }
+        let client = try proxy.connect()
+        let response = try grpcCall(client, "/grpc.Echo/Unary", messages: ["p"], headers: [("x-secret", "s")])
+        XCTAssertEqual(response.status, 200)
+        XCTAssertEqual(response.header("x-edited"), "yes")
+        XCTAssertEqual(GRPCTestFraming.messages(response.body), ["p"])
+        XCTAssertEqual(trailer(response, "grpc-status"), "0")
+        let seen = try XCTUnwrap(origin.requestHeaders.last)
+        XCTAssertEqual(seen.first { $0.0 == "x-added" }?.1, "1")
+        XCTAssertNil(seen.first { $0.0 == "x-secret" })
+        XCTAssertEqual(seen.first { $0.0 == "te" }?.1, "trailers")
+        waitUntil { !proxy.harness.observer.records.isEmpty }
+        let records = proxy.harness.observer.records
+        XCTAssertEqual(records.last?.status, 200)
+        XCTAssertEqual(records.last?.upstream, "backend")
+    }
+
     // MARK: - Health checks
 
     func testGRPCHealthCheckMarksTargetDownAndUp() throws {
