@@ -116,6 +116,39 @@ final class StreamListenerConfigTests: XCTestCase {
         XCTAssertEqual(byPath["listeners[1].max_client_hello"]?.message, "must be at most 64k")
     }
 
+    func testActiveCheckTypeDefaultsToTCPForUpstreamsOnlyL4ListenersUse() throws {
+        let config = try ConfigLoader.parse(yaml: """
+        listeners:
+          - { name: web, listen: 127.0.0.1:8080 }
+          - { name: raw, listen: 127.0.0.1:6380, protocol: tcp, upstream: cache }
+        upstreams:
+          - name: cache
+            targets: [127.0.0.1:6379]
+            health_check: { active: { interval: 1s } }
+          - name: api
+            targets: [127.0.0.1:9000]
+            health_check: { active: { interval: 1s } }
+          - name: both
+            targets: [127.0.0.1:9001]
+            health_check: { active: { type: http, interval: 1s } }
+        routes:
+          - { name: r, upstream: api }
+        """)
+        XCTAssertEqual(config.upstreams.map { $0.healthCheck.active?.type }, [.tcp, .http, .http])
+        XCTAssertEqual(try ConfigLoader.parse(yaml: config.redactedYAML()), config)
+
+        let found = issues("""
+        listeners:
+          - { name: raw, listen: 127.0.0.1:6380, protocol: tcp, upstream: cache }
+        upstreams:
+          - name: cache
+            targets: [127.0.0.1:6379]
+            health_check: { active: { type: tcp, path: /healthz } }
+        """)
+        XCTAssertEqual(found.map(\.path), ["upstreams[0].health_check.active.path"])
+        XCTAssertEqual(found.first?.message, "does not apply to type tcp (a connect check)")
+    }
+
     func testFixedPartIgnoresReloadableKeys() {
         var a = ListenerConfig()
         a.protocol = .tcp

@@ -3,6 +3,7 @@
 // balancing, a dead target, max_connections, metrics and the access log.
 
 import Foundation
+import Logging
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
@@ -182,6 +183,35 @@ final class StreamProxyTests: XCTestCase {
         XCTAssertEqual(proxy.server.upstreamHealth(named: "backend")?.isHealthy(0, now: MonotonicClock.now()), false)
         XCTAssertTrue(waitUntil { proxy.streamLogLines().count == 4 })
         XCTAssertTrue(proxy.streamLogLines().contains { $0["attempts"] as? Int == 2 }, "one connection retried past the dead target")
+    }
+
+    func testActiveTCPCheckTakesADeadTargetOutBeforeAnyClientTriesIt() throws {
+        let live = try TCPTestServer(group: group, greeting: "L")
+        defer { live.stop() }
+        let dead = HostPort(host: "127.0.0.1", port: try unusedPort())
+        let proxy = try StreamHarness(config: StreamHarness.tcpConfig(targets: [dead, live.address]) {
+            var active = ActiveHealthCheck()
+            active.type = .tcp
+            active.interval = .milliseconds(50)
+            active.timeout = .milliseconds(50)
+            active.unhealthy = 1
+            $0.upstreams[0].healthCheck.active = active
+            $0.upstreams[0].retries = 0
+        }, loops: 1)
+        defer { proxy.stop() }
+        var logger = Logger(label: "weir.test.l4.health")
+        logger.logLevel = .critical
+        let checker = ActiveHealthChecker(upstreams: proxy.config.upstreams, eventLoop: group.next(), logger: logger) {
+            proxy.server.upstreamHealth(named: $0)
+        }
+        checker.start()
+        defer { checker.stop() }
+        let health = proxy.server.upstreamHealth(named: "backend")!
+        XCTAssertTrue(waitUntil { !health.isHealthy(0, now: MonotonicClock.now()) })
+        XCTAssertTrue(health.isHealthy(1, now: MonotonicClock.now()), "the listening target passes the connect check")
+        // With no retries, a connection sent to the dead target would fail:
+        // every one reaches the live target.
+        for _ in 0..<4 { XCTAssertEqual(try proxy.connect("tcp").readString(1), "L") }
     }
 
     func testAllTargetsDeadClosesTheClient() throws {

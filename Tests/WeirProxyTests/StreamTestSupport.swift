@@ -92,8 +92,10 @@ final class StreamHarness {
     let metrics = MetricsRegistry()
     let accessLog: AccessLogWriter
     let accessLogPath: String
+    let config: WeirConfig
 
     init(config: WeirConfig, loops: Int = 2) throws {
+        self.config = config
         group = MultiThreadedEventLoopGroup(numberOfThreads: loops)
         accessLogPath = NSTemporaryDirectory() + "weir-l4-access-\(UUID().uuidString).log"
         accessLog = try AccessLogWriter(path: accessLogPath)

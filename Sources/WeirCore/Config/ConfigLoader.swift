@@ -29,7 +29,8 @@ public enum ConfigLoader {
             throw ConfigErrors(file: file, issues: [yamlSyntaxIssue(error)])
         }
         let reader = ConfigReader()
-        let config = reader.readConfig(root)
+        var config = reader.readConfig(root)
+        defaultActiveCheckTypes(&config, explicit: reader.explicitActiveCheckTypes)
         let crossIssues = ConfigCrossChecks.check(config).map { issue -> ConfigIssue in
             var located = issue
             located.line = issue.line ?? ConfigCrossChecks.line(for: issue.path, in: reader.lines)
@@ -41,6 +42,23 @@ public enum ConfigLoader {
             .map(\.element)
         if !issues.isEmpty { throw ConfigErrors(file: file, issues: issues) }
         return config
+    }
+
+    /// An active check without `type` probes with HTTP, except on an
+    /// upstream only tcp/tls listeners use (no route): that one may not
+    /// speak HTTP at all (redis, a TLS passthrough backend), so it gets a
+    /// TCP connect check.
+    static func defaultActiveCheckTypes(_ config: inout WeirConfig, explicit: Set<String>) {
+        let routed = Set(config.routes.map(\.upstream))
+        for i in config.upstreams.indices where config.upstreams[i].healthCheck.active != nil {
+            let path = "upstreams[\(i)].health_check.active."
+            guard !explicit.contains(path), !routed.contains(config.upstreams[i].name) else { continue }
+            let streamOnly = config.listeners.contains { listener in
+                listener.protocol.isStream && (listener.upstream == config.upstreams[i].name
+                    || listener.sniRoutes.contains { $0.upstream == config.upstreams[i].name })
+            }
+            if streamOnly { config.upstreams[i].healthCheck.active?.type = .tcp }
+        }
     }
 
     private static func yamlSyntaxIssue(_ error: Error) -> ConfigIssue {

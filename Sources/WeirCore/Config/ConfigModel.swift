@@ -97,9 +97,14 @@ public enum ActiveHealthCheckType: String, Sendable, CaseIterable {
     /// `grpc.health.v1.Health/Check` over HTTP/2 (prior knowledge);
     /// healthy when the answer is SERVING with grpc-status 0.
     case grpc
+    /// A TCP connect; healthy when accepted (upstreams behind tcp/tls
+    /// listeners, which may not speak HTTP at all).
+    case tcp
 }
 
 public struct ActiveHealthCheck: Hashable, Sendable {
+    /// Default: tcp for an upstream that only tcp/tls listeners use (no
+    /// route), else http (resolved by ConfigLoader).
     public var type: ActiveHealthCheckType = .http
     /// The service name a gRPC probe asks about ("" = the whole server).
     public var grpcService: String = ""

@@ -11,6 +11,9 @@ final class ConfigReader {
     /// YAML line of every key read, by config path, so checks that run
     /// after reading (ConfigCrossChecks) can still point at a line.
     private(set) var lines: [String: Int] = [:]
+    /// `upstreams[i].health_check.active.` paths whose `type` was given
+    /// (the others get their default from how the upstream is used).
+    var explicitActiveCheckTypes: Set<String> = []
 
     func report(_ path: String, _ message: String, _ node: Node? = nil) {
         issues.append(ConfigIssue(path: path, message: message, line: node?.mark?.line))

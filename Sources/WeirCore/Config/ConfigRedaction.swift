@@ -151,17 +151,23 @@ enum ConfigRendering {
         var health: [(Node, Node)] = []
         if let active = upstream.healthCheck.active {
             var typePairs: [(Node, Node)] = []
-            if active.type == .grpc {
-                typePairs = [("type", Node(active.type.rawValue)), ("service", Node(active.grpcService))]
+            switch active.type {
+            case .grpc: typePairs = [("type", Node(active.type.rawValue)), ("service", Node(active.grpcService))]
+            case .tcp: typePairs = [("type", Node(active.type.rawValue))]
+            case .http: break
             }
-            health.append(("active", map(typePairs + [
-                ("path", Node(active.path)),
+            var activePairs = typePairs
+            if active.type != .tcp { activePairs.append(("path", Node(active.path))) }
+            activePairs += [
                 ("interval", Node(active.interval.description)),
                 ("timeout", Node(active.timeout.description)),
                 ("healthy", Node(String(active.healthy))),
                 ("unhealthy", Node(String(active.unhealthy))),
-                ("healthy_statuses", Node("\(active.healthyStatuses.lowerBound)-\(active.healthyStatuses.upperBound)")),
-            ])))
+            ]
+            if active.type != .tcp {
+                activePairs.append(("healthy_statuses", Node("\(active.healthyStatuses.lowerBound)-\(active.healthyStatuses.upperBound)")))
+            }
+            health.append(("active", map(activePairs)))
         }
         if let passive = upstream.healthCheck.passive {
             health.append(("passive", map([

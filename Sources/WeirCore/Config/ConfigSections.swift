@@ -224,6 +224,12 @@ extension ConfigReader {
             if let n = a["healthy"] { active.healthy = int(n, a.path("healthy"), min: 1, max: 1000) ?? active.healthy }
             if let n = a["unhealthy"] { active.unhealthy = int(n, a.path("unhealthy"), min: 1, max: 1000) ?? active.unhealthy }
             if let n = a["healthy_statuses"] { active.healthyStatuses = readStatusRange(n, a.path("healthy_statuses")) ?? active.healthyStatuses }
+            if a["type"] != nil { explicitActiveCheckTypes.insert(a.path("")) }
+            if active.type == .tcp {
+                for key in ["path", "healthy_statuses"] where a[key] != nil {
+                    report(a.path(key), "does not apply to type tcp (a connect check)", a[key])
+                }
+            }
             if active.timeout > active.interval {
                 report(a.path("timeout"), "must not exceed interval (\(active.interval))", n)
             }

@@ -20,7 +20,8 @@ extension HealthProbeSink {
 }
 
 /// Probes every target of every upstream that has `health_check.active`:
-/// an HTTP/1.1 GET to `path` every `interval`, failing after `timeout`;
+/// an HTTP/1.1 GET to `path` every `interval`, failing after `timeout`
+/// (`type: tcp`: a TCP connect, healthy when accepted);
 /// a status in `healthy_statuses` counts as healthy, anything else
 /// (other status, refused connection, timeout, garbage) as unhealthy.
 ///
@@ -94,6 +95,15 @@ public final class ActiveHealthChecker: @unchecked Sendable {
 
     private func runProbe(_ job: Job) -> EventLoopFuture<Void> {
         if job.check.type == .grpc { return runGRPCProbe(job) }
+        if job.check.type == .tcp {
+            return HealthProbe.connect(on: eventLoop, address: job.address, timeout: .nanoseconds(job.check.timeout.nanoseconds))
+                .map { self.record(job, healthy: true, detail: "connected") }
+                .recover { error in
+                    self.logger.debug("health probe failed", metadata: [
+                        "upstream": "\(job.upstream)", "target": "\(job.address)", "error": "\(error)"])
+                    self.record(job, healthy: false, detail: HealthProbe.describe(error))
+                }
+        }
         return HealthProbe.run(on: eventLoop, address: job.address, path: job.check.path,
                         timeout: .nanoseconds(job.check.timeout.nanoseconds))
             .map { status -> Void in
@@ -164,6 +174,15 @@ public enum HealthProbe {
         default:
             return "\(error)"
         }
+    }
+
+    /// `type: tcp`: succeeds when a TCP connection is accepted within
+    /// `timeout` (then closed at once), fails otherwise.
+    public static func connect(on eventLoop: EventLoop, address: HostPort, timeout: TimeAmount) -> EventLoopFuture<Void> {
+        ClientBootstrap(group: eventLoop)
+            .connectTimeout(timeout)
+            .connect(host: address.host, port: address.port)
+            .flatMap { channel in channel.close() }
     }
 
     /// The response status, or a failed future (connect error, timeout,
