@@ -31,6 +31,12 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
     let loopContext: LoopContext
     let listener: ListenerRuntime
     var context: ChannelHandlerContext!
+    /// The channel's allocator, looked up once (not per write through the
+    /// `Channel` existential).
+    private(set) var allocator = ByteBufferAllocator()
+    /// A forwarded response head not written yet: the first body bytes join
+    /// it in one buffer (one write instead of two for a small response).
+    private var pendingResponseHead: ByteBuffer?
     var peerAddress: SocketAddress?
     var clientIP = ""
     private var peerTrusted = false
@@ -88,6 +94,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
+        allocator = context.channel.allocator
         connectionTimer.setUp(loop: context.eventLoop) { [weak self] in self?.connectionTimerFired() }
         exchangeTimer.setUp(loop: context.eventLoop) { [weak self] in self?.exchangeTimerFired() }
         if context.channel.isActive { connectionStarted(context: context) }
@@ -632,13 +639,13 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
     /// the method the response answers (HEAD responses have no body).
     private func serializeUpstreamHead(_ exchange: Exchange) -> (ByteBuffer, chunked: Bool, method: HTTP1Method) {
         if let head = exchange.upstreamHead {
-            var out = context.channel.allocator.buffer(capacity: 512)
+            var out = allocator.buffer(capacity: 512)
             HeadSerialization.writeRequest(head, into: &out)
             let method: HTTP1Method = head.method == .HEAD ? .head : head.method == .CONNECT ? .connect : .get
             return (out, head.headers.contains(name: "transfer-encoding"), method)
         }
         let wire = exchange.head!.wire!
-        var out = context.channel.allocator.buffer(capacity: wire.bytes.readableBytes + 256)
+        var out = allocator.buffer(capacity: wire.bytes.readableBytes + 256)
         HTTP1HeadWriter.writeRequest(wire, edits: exchange.upstreamEdits!, into: &out)
         return (out, exchange.framing.chunked, wire.method)
     }
@@ -725,6 +732,9 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         } else {
             // With a set_body replacement these are kept too (plugins may
             // still read the body); useConnection drops them.
+            // A bodyless request's end is written by useConnection without
+            // queueing it (saves an array per request).
+            guard !exchange.bodyless else { return }
             exchange.pendingUpstream.append(.end(trailers))
             exchange.plugins?.requestBodyArrived()
         }
@@ -785,7 +795,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
             // Informational (100 Continue, 103 Early Hints): relayed as is,
             // to HTTP/1.1 clients only (RFC 9110 §15.2).
             guard !exchange.head!.isHTTP10 else { return }
-            var out = context.channel.allocator.buffer(capacity: head.bytes.readableBytes)
+            var out = allocator.buffer(capacity: head.bytes.readableBytes)
             HTTP1HeadWriter.writeResponse(head, edits: HTTP1HeadEdits(removed: head.fields.hopByHopFields()), into: &out)
             context.writeAndFlush(wrapOutboundOut(out), promise: nil)
             return
@@ -847,6 +857,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         let fields = head.fields
         let clientIs11 = !exchange.head!.isHTTP10
         var edits = HTTP1HeadEdits(removed: fields.hopByHopFields(keepUpgrade: isUpgrade))
+        edits.added.reserveCapacity(3)
         var via: String? = nil
         for (i, e) in fields.entries.enumerated() {
             switch e.known {
@@ -886,9 +897,12 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         if mustClose { exchange.keepAlive = false }
         exchange.responseStarted = true
         exchange.status = code
-        var out = context.channel.allocator.buffer(capacity: head.bytes.readableBytes + 64)
+        // Room for a small body too: it usually arrives in the same read.
+        var bodyRoom = 0
+        if case .contentLength(let length) = head.framing, length <= Self.coalescedBodyLimit { bodyRoom = length }
+        var out = allocator.buffer(capacity: head.bytes.readableBytes + 96 + bodyRoom)
         HTTP1HeadWriter.writeResponse(head, edits: edits, into: &out)
-        context.write(wrapOutboundOut(out), promise: nil)
+        pendingResponseHead = out
         if isUpgrade {
             exchange.upgraded = true
         }
@@ -906,7 +920,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         exchange.responseChunked = !isUpgrade && downHead.headers.contains(name: "transfer-encoding")
         exchange.responseStarted = true
         exchange.status = code
-        var out = context.channel.allocator.buffer(capacity: 512)
+        var out = allocator.buffer(capacity: 512)
         HeadSerialization.writeResponse(downHead, into: &out)
         context.write(wrapOutboundOut(out), promise: nil)
         if isUpgrade {
@@ -917,6 +931,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
     private func upstreamEnd(_ trailers: HTTP1Fields?, exchange: Exchange, connection: UpstreamConnection) {
         guard exchange.responseStarted else { return }
         if exchange.upgraded {
+            writePendingResponseHead()
             context.flush()
             switchToTunnel(exchange, connection: connection)
             return
@@ -937,25 +952,45 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
 
     // MARK: - HTTP/1.1 framing: output
 
+    /// Bodies up to this size are copied behind their head (one write).
+    private static let coalescedBodyLimit = 16 * 1024
+
+    /// Writes a head `relayWireResponseHead` held back, if any.
+    private func writePendingResponseHead() {
+        if let head = pendingResponseHead {
+            pendingResponseHead = nil
+            context.write(wrapOutboundOut(head), promise: nil)
+        }
+    }
+
     /// Response body bytes, chunk-framed when the response is re-chunked.
     func writeResponseBody(_ data: ByteBuffer, exchange: Exchange) {
         let length = data.readableBytes
         guard length > 0 else { return }
+        if var head = pendingResponseHead {
+            pendingResponseHead = nil
+            if !exchange.responseChunked && length <= Self.coalescedBodyLimit {
+                head.writeImmutableBuffer(data)
+                context.write(wrapOutboundOut(head), promise: nil)
+                return
+            }
+            context.write(wrapOutboundOut(head), promise: nil)
+        }
         guard exchange.responseChunked else {
             context.write(wrapOutboundOut(data), promise: nil)
             return
         }
         if length <= 4096 {
             // Small chunks: one buffer (a write costs more than the copy).
-            var out = context.channel.allocator.buffer(capacity: length + 24)
+            var out = allocator.buffer(capacity: length + 24)
             HTTP1ChunkedEncoder.writeChunk(data, into: &out)
             context.write(wrapOutboundOut(out), promise: nil)
         } else {
-            var header = context.channel.allocator.buffer(capacity: 24)
+            var header = allocator.buffer(capacity: 24)
             HTTP1ChunkedEncoder.writeChunkHeader(length: length, into: &header)
             context.write(wrapOutboundOut(header), promise: nil)
             context.write(wrapOutboundOut(data), promise: nil)
-            var crlf = context.channel.allocator.buffer(capacity: 2)
+            var crlf = allocator.buffer(capacity: 2)
             HTTP1ChunkedEncoder.writeChunkEnd(into: &crlf)
             context.write(wrapOutboundOut(crlf), promise: nil)
         }
@@ -964,19 +999,21 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
     /// The end of a response: the last chunk (with trailers) when chunked.
     /// `promise` completes when it is written (to close after it).
     func writeResponseEnd(_ trailers: HTTP1Fields?, exchange: Exchange, promise: EventLoopPromise<Void>?) {
+        writePendingResponseHead()
         if exchange.responseChunked {
-            var out = context.channel.allocator.buffer(capacity: 5)
+            var out = allocator.buffer(capacity: 5)
             out.writeStaticString("0\r\n")
             if let trailers { HeadSerialization.writeTrailers(trailers, into: &out) }
             out.writeStaticString("\r\n")
             context.write(wrapOutboundOut(out), promise: promise)
         } else if let promise {
-            context.write(wrapOutboundOut(context.channel.allocator.buffer(capacity: 0)), promise: promise)
+            context.write(wrapOutboundOut(allocator.buffer(capacity: 0)), promise: promise)
         }
     }
 
     func upstreamReadComplete(on connection: UpstreamConnection) {
         if exchange?.connection === connection || exchange?.upgraded == true {
+            writePendingResponseHead()
             context.flush()
         }
     }
@@ -1128,7 +1165,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
             head = GRPCErrorResponse.head(kind: kind, message: message, requestID: exchange.id, close: close,
                                           date: loopContext.dateCache.current())
         } else {
-            body = ProxyErrorResponse.body(kind: kind, message: message, requestID: exchange.id, allocator: context.channel.allocator)
+            body = ProxyErrorResponse.body(kind: kind, message: message, requestID: exchange.id, allocator: allocator)
             head = ProxyErrorResponse.head(kind: kind, requestID: exchange.id, bodyLength: body.readableBytes,
                                            close: close, version: exchange.head?.version ?? .http1_1,
                                            date: loopContext.dateCache.current())
@@ -1138,7 +1175,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         exchange.bytesOut += body.readableBytes
         exchange.localResponseDone = true
         // Head and body in one buffer: one write.
-        var out = context.channel.allocator.buffer(capacity: 256 + body.readableBytes)
+        var out = allocator.buffer(capacity: 256 + body.readableBytes)
         HeadSerialization.writeResponse(head, into: &out)
         if exchange.head?.method != .HEAD {
             out.writeBuffer(&body)

@@ -273,7 +273,7 @@ extension DownstreamHandler {
         exchange.localResponseDone = true
         exchange.upstreamResponseEnded = true
         // Head and body in one buffer: one write.
-        var out = context.channel.allocator.buffer(capacity: 256 + body.count)
+        var out = allocator.buffer(capacity: 256 + body.count)
         HeadSerialization.writeResponse(head, into: &out)
         if Self.exitBodyAllowed(exchange, status: status) && !body.isEmpty {
             exchange.bytesOut += body.count
@@ -338,7 +338,7 @@ extension DownstreamHandler {
             let chunk = plugins.scope.bodyChunk
             if !chunk.isEmpty {
                 exchange.bytesOut += chunk.count
-                writeResponseBody(context.channel.allocator.buffer(bytes: chunk), exchange: exchange)
+                writeResponseBody(allocator.buffer(bytes: chunk), exchange: exchange)
                 if !context.channel.isWritable { connection.handler.pauseReading() }
             }
             return true

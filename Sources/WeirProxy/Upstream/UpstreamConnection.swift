@@ -108,7 +108,7 @@ final class UpstreamConnection {
     }()
 
     func flush() {
-        channel.flush()
+        handler.flush()
     }
 
     /// Closes the connection (it will not be pooled again).
@@ -178,6 +178,12 @@ final class UpstreamHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     func write(_ buffer: ByteBuffer) {
         context?.write(wrapOutboundOut(buffer), promise: nil)
+    }
+
+    /// From this handler's context: it is the last handler of the pipeline
+    /// (the only one, or after an HTTP/2 stream codec), so nothing is skipped.
+    func flush() {
+        context?.flush()
     }
 
     func pauseReading() {
