@@ -434,7 +434,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         // (`http://host/path`, whose authority replaces Host), or `*`
         // (OPTIONS only: routed as `/`, forwarded as `*`).
         var target = Substring(head.uri)
-        var hostHeader = head.headers.first(named: "host")
+        var hostHeader = head.host
         let asterisk = target == "*"
         if asterisk {
             target = "/"

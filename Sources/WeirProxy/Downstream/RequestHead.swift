@@ -10,23 +10,28 @@ import WeirCore
 /// turning any header into a String; an HTTP/2 stream would build the same
 /// index over its decoded header list. `wire` is set when the head arrived
 /// as HTTP/1.1 bytes, so the upstream head can be written by range copy.
-struct RequestHead {
+/// A class: the exchange reads it many times per request, and a reference
+/// is one retain where this struct would be half a dozen.
+final class RequestHead {
     let method: HTTPMethod
     let version: HTTPVersion
     /// The request target as received (origin or absolute form).
     let uri: String
     let headers: HTTP1Fields
+    /// The Host field's value (nil when absent, HTTP/1.0 only).
+    let host: String?
+    let isHTTP10: Bool
     let wire: HTTP1RequestHead?
 
     init(_ wire: HTTP1RequestHead) {
         self.method = wire.method.nioMethod ?? HTTPMethod(rawValue: wire.methodString)
-        self.version = wire.version.minor == 0 ? .http1_0 : .http1_1
+        self.isHTTP10 = wire.version.minor == 0
+        self.version = isHTTP10 ? .http1_0 : .http1_1
         self.uri = wire.target
         self.headers = wire.fields
+        self.host = wire.host
         self.wire = wire
     }
-
-    var isHTTP10: Bool { version.minor == 0 }
 
     /// The head as NIO's value type, with every field as a String: only for
     /// the plugin path (plugins edit the upstream head field by field).
@@ -72,18 +77,7 @@ extension HTTP1Fields: Sequence {
 
     /// Every value of `name`, in order.
     func values(named name: String) -> [String] {
-        var out: [String] = []
-        var lowered = Array(name.utf8)
-        for k in lowered.indices where lowered[k] >= 0x41 && lowered[k] <= 0x5A { lowered[k] |= 0x20 }
-        for (i, e) in entries.enumerated() where Int(e.nameLength) == lowered.count {
-            let matches = bytes.withUnsafeReadableBytes { raw in
-                lowered.withUnsafeBufferPointer {
-                    HTTP1Bytes.equalsLower(raw.bindMemory(to: UInt8.self).baseAddress! + Int(e.nameStart), $0)
-                }
-            }
-            if matches { out.append(value(at: i)) }
-        }
-        return out
+        indices(named: name).map { value(at: $0) }
     }
 }
 

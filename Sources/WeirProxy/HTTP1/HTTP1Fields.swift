@@ -131,14 +131,35 @@ public struct HTTP1Fields: Sendable {
 
     /// Index of the first field whose name equals `name` (ASCII case-insensitive).
     public func firstIndex(named name: String) -> Int? {
-        var lowered = Array(name.utf8)
-        for k in lowered.indices where lowered[k] >= 0x41 && lowered[k] <= 0x5A { lowered[k] |= 0x20 }
-        return bytes.withUnsafeReadableBytes { raw -> Int? in
-            let base = raw.bindMemory(to: UInt8.self).baseAddress!
-            for (i, e) in entries.enumerated() where Int(e.nameLength) == lowered.count {
-                if lowered.withUnsafeBufferPointer({ HTTP1Bytes.equalsLower(base + Int(e.nameStart), $0) }) { return i }
+        var name = name
+        return name.withUTF8 { n -> Int? in
+            guard let np = n.baseAddress, n.count > 0 else { return nil }
+            return bytes.withUnsafeReadableBytes { raw -> Int? in
+                let base = raw.bindMemory(to: UInt8.self).baseAddress!
+                for (i, e) in entries.enumerated() where Int(e.nameLength) == n.count {
+                    if HTTP1Bytes.equalsIgnoringCase(base + Int(e.nameStart), np, n.count) { return i }
+                }
+                return nil
             }
-            return nil
+        }
+    }
+
+    /// Indices of the fields named `name` (ASCII case-insensitive), compared
+    /// in place: no lower-cased copy of either side.
+    func indices(named name: String) -> [Int] {
+        var name = name
+        return name.withUTF8 { n -> [Int] in
+            guard let np = n.baseAddress, n.count > 0 else { return [] }
+            return bytes.withUnsafeReadableBytes { raw -> [Int] in
+                let base = raw.bindMemory(to: UInt8.self).baseAddress!
+                var found: [Int] = []
+                for (i, e) in entries.enumerated() where Int(e.nameLength) == n.count {
+                    if HTTP1Bytes.equalsIgnoringCase(base + Int(e.nameStart), np, n.count) {
+                        found.append(i)
+                    }
+                }
+                return found
+            }
         }
     }
 
