@@ -7,7 +7,7 @@ import PackageDescription
 //   CLuaShims   C trampolines so no Lua longjmp ever crosses a Swift frame
 //   WeirLua     Lua states, coroutines, the `weir` SDK bindings
 //   WeirCore    config model + validation, routing, balancers (no I/O)
-//   WeirProxy   the NIO data path: listeners, HTTP/1 framing, upstream pools
+//   WeirProxy   the NIO data path: listeners, HTTP/1 framing, upstream pools, TLS
 //   WeirAdmin   admin listener: health, readiness, metrics, config
 //   weir        the executable
 let swift5 = [SwiftSetting.swiftLanguageMode(.v5)]
@@ -28,6 +28,10 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-crypto.git", "3.12.3"..<"4.0.0"),
         // HTTP/2 framing, HPACK, flow control, stream multiplexing (issue 4).
         .package(url: "https://github.com/apple/swift-nio-http2.git", from: "1.46.0"),
+        // TLS termination/origination (BoringSSL inside); it brings swift-certificates,
+        // which WeirProxy also uses (peer identity).
+        .package(url: "https://github.com/apple/swift-nio-ssl.git", from: "2.37.0"),
+        .package(url: "https://github.com/apple/swift-certificates.git", from: "1.19.4"),
     ],
     targets: [
         .systemLibrary(
@@ -70,6 +74,10 @@ let package = Package(
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "NIOTLS", package: "swift-nio"),
+                .product(name: "X509", package: "swift-certificates"),
+                .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Atomics", package: "swift-atomics"),
                 .product(name: "NIOHTTP2", package: "swift-nio-http2"),
@@ -199,6 +207,8 @@ let package = Package(
             name: "WeirProxyTests",
             dependencies: [
                 "WeirCore", "WeirProxy", "WeirAdmin", "WeirTestSupport",
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "NIOTLS", package: "swift-nio"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),

@@ -20,7 +20,7 @@ public enum ConfigCheck {
     public static func run(path: String,
                            environment: [String: String] = ProcessInfo.processInfo.environment) -> ConfigCheckResult {
         do {
-            let config = try ConfigLoader.load(path: path, environment: environment)
+            let config = try ConfigLoader.load(path: path, environment: environment, fileChecks: TLSFileCheck.issues)
             // Plugins: files found and compiled, configs checked against schemas.
             let base = (path as NSString).deletingLastPathComponent
             do {

@@ -1,4 +1,5 @@
 import NIOCore
+import WeirCore
 
 /// The plugin phases, in the order a request meets them.
 public enum PluginPhase: String, CaseIterable, Sendable {
@@ -47,6 +48,8 @@ public protocol PluginRequestContext: AnyObject {
     // The client (downstream peer).
     var clientIP: String { get }
     var clientPort: Int { get }
+    /// The connection's TLS session (default nil: plain connection).
+    var tls: TLSConnectionInfo? { get }
     var consumer: String? { get }
     /// The name of the route the request matched (`weir.request.get_route`);
     /// nil when it matched none or the route has no name.
@@ -91,6 +94,8 @@ public protocol PluginRequestContext: AnyObject {
 extension PluginRequestContext {
     /// Contexts outside a routed request (tests, tools) have no route.
     public var matchedRouteName: String? { nil }
+    /// The connection's TLS session (`weir.client.get_tls()`); nil on plain connections.
+    public var tls: TLSConnectionInfo? { nil }
     /// Contexts that do not build an upstream request: it is the downstream one.
     public func upstreamRequestHeaders() -> [(name: String, value: String)] { requestHeaders() }
     public var upstreamRawQuery: String { rawQuery ?? "" }
@@ -125,6 +130,12 @@ extension PluginConnectionContext {
     public func chooseUpstream(named name: String) -> String? {
         "weir.upstream.set_upstream in the connection phase only applies to tcp and tls listeners"
     }
+    /// The connection's TLS session; nil on plain connections.
+    var tls: TLSConnectionInfo? { get }
+}
+
+extension PluginConnectionContext {
+    public var tls: TLSConnectionInfo? { nil }
 }
 
 /// What a phase run ended with.

@@ -22,6 +22,46 @@ private func pushOptional(_ s: String?, on L: LuaThread) {
     if let s = s { LuaState.push(s, on: L) } else { lua_pushnil(L) }
 }
 
+/// `weir.client.get_tls()`: a fresh table each call (plugins may keep or change it).
+func pushTLSInfo(_ tls: TLSConnectionInfo, on L: LuaThread) {
+    func field(_ key: String, _ value: String?) {
+        guard let value else { return }
+        LuaState.push(value, on: L)
+        lua_setfield(L, -2, key)
+    }
+    func list(_ key: String, _ values: [String]) {
+        lua_createtable(L, Int32(values.count), 0)
+        for (i, value) in values.enumerated() {
+            LuaState.push(value, on: L)
+            lua_rawseti(L, -2, lua_Integer(i + 1))
+        }
+        lua_setfield(L, -2, key)
+    }
+    lua_createtable(L, 0, 6)
+    field("version", tls.version)
+    field("cipher", tls.cipher)
+    field("sni", tls.serverName)
+    field("alpn", tls.alpn)
+    if let peer = tls.peer {
+        lua_createtable(L, 0, 12)
+        field("subject", peer.subject)
+        field("issuer", peer.issuer)
+        field("common_name", peer.commonName)
+        field("fingerprint_sha256", peer.fingerprintSHA256)
+        field("serial", peer.serial)
+        field("spiffe_id", peer.spiffeID)
+        lua_pushinteger(L, lua_Integer(peer.notBefore)); lua_setfield(L, -2, "not_before")
+        lua_pushinteger(L, lua_Integer(peer.notAfter)); lua_setfield(L, -2, "not_after")
+        lua_createtable(L, 0, 4)
+        list("dns", peer.dnsNames)
+        list("uri", peer.uris)
+        list("ip", peer.ipAddresses)
+        list("email", peer.emails)
+        lua_setfield(L, -2, "san")
+        lua_setfield(L, -2, "client_cert")
+    }
+}
+
 func pushHeaderTable(_ headers: [(name: String, value: String)], on L: LuaThread) {
     // name -> value, or name -> { value1, value2 } when repeated.
     var order: [String] = []
@@ -276,6 +316,10 @@ extension LuaRuntime {
         n.append(("client_authenticate", requestNative("weir.client.authenticate") { L, _, r in
             guard let consumer = LuaState.string(at: 1, on: L) else { return .error("weir.client.authenticate: consumer must be a string") }
             r.authenticate(consumer: consumer, credential: LuaState.string(at: 2, on: L)); return .values(0)
+        }))
+        n.append(("client_get_tls", scopeNative("weir.client.get_tls") { L, scope in
+            if let tls = scope.context?.tls ?? scope.connection?.context.tls { pushTLSInfo(tls, on: L) } else { lua_pushnil(L) }
+            return .values(1)
         }))
         n.append(("conn_get_sni", scopeNative("conn:get_sni") { L, scope in
             pushOptional(scope.connection?.context.serverName, on: L); return .values(1)

@@ -23,17 +23,20 @@ public struct AccessRecord: Sendable {
     /// Seconds spent waiting on the upstream (connect to last byte), if any.
     public var upstreamDuration: Double?
     public var attempts: Int
+    /// The connection's TLS session (https listeners); nil on plain connections.
+    public var tls: TLSConnectionInfo? = nil
 
     public init(startTime: Double, requestID: String, listener: String, clientAddress: String,
                 method: String, path: String, route: String?, upstream: String?, upstreamTarget: String?,
                 status: Int, bytesIn: Int, bytesOut: Int, totalDuration: Double,
-                upstreamDuration: Double?, attempts: Int) {
+                upstreamDuration: Double?, attempts: Int, tls: TLSConnectionInfo? = nil) {
         self.startTime = startTime; self.requestID = requestID; self.listener = listener
         self.clientAddress = clientAddress; self.method = method; self.path = path
         self.route = route; self.upstream = upstream; self.upstreamTarget = upstreamTarget
         self.status = status; self.bytesIn = bytesIn; self.bytesOut = bytesOut
         self.totalDuration = totalDuration; self.upstreamDuration = upstreamDuration
         self.attempts = attempts
+        self.tls = tls
     }
 }
 

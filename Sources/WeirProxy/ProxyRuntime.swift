@@ -64,14 +64,17 @@ final class ProxyRuntime: @unchecked Sendable {
     let trustedProxies: [CIDRBlock]
     /// tcp/tls listeners' routing, by listener name (L4/StreamRouting.swift).
     let streamRouting: [String: StreamListenerRouting]
+    /// TLS contexts of TLS upstreams (shared across reloads; see Sources/WeirProxy/TLS/).
+    let upstreamTLS: UpstreamTLSRegistry
 
     struct InvalidConfig: Error, CustomStringConvertible {
         let description: String
     }
 
     /// `previous`: the runtime a reload replaces (upstream health carries over).
-    init(config: WeirConfig, previous: ProxyRuntime? = nil) throws {
+    init(config: WeirConfig, previous: ProxyRuntime? = nil, upstreamTLS: UpstreamTLSRegistry? = nil) throws {
         self.config = config
+        self.upstreamTLS = upstreamTLS ?? previous?.upstreamTLS ?? UpstreamTLSRegistry()
         self.routeTable = try RouteTable(routes: config.routes)
         self.upstreams = config.upstreams.enumerated().map { index, upstream in
             UpstreamRuntime(index: index, config: upstream, previous: previous?.upstreams.first { $0.name == upstream.name })
@@ -169,9 +172,12 @@ final class ListenerRuntime: Sendable {
     let observer: ProxyObserver?
     let openConnections = ManagedAtomic<Int>(0)
     private let serverConnections: ManagedAtomic<Int>
+    /// Set on https listeners: certificates and the TLS front of the pipeline.
+    let tls: ListenerTLS?
 
-    init(config: ListenerConfig, observer: ProxyObserver?, serverConnections: ManagedAtomic<Int>) {
+    init(config: ListenerConfig, observer: ProxyObserver?, serverConnections: ManagedAtomic<Int>, tls: ListenerTLS? = nil) {
         self.name = config.name
+        self.tls = tls
         self.config = config
         self.scheme = config.protocol == .https ? "https" : "http"
         self.observer = observer
@@ -232,7 +238,7 @@ final class LoopContext: @unchecked Sendable {
     }
 
     private static func poolKey(_ upstream: UpstreamConfig, _ target: TargetConfig) -> String {
-        "\(target.address)|\(upstream.pool)|\(upstream.timeouts.connect.nanoseconds)|\(upstream.upstreamProtocol)|\(upstream.http2)"
+        "\(target.address)|\(upstream.pool)|\(upstream.timeouts.connect.nanoseconds)|\(upstream.upstreamProtocol)|\(upstream.http2)|\(upstream.tls.map { "tls \($0)" } ?? "plain")"
     }
 
     /// [upstream][target] pools for `runtime`, taken from `existing` where
@@ -249,6 +255,10 @@ final class LoopContext: @unchecked Sendable {
                 let pool = TargetPool(targetIndex: index, target: target, pool: upstream.config.pool,
                                       connectTimeout: .nanoseconds(upstream.config.timeouts.connect.nanoseconds), loop: loop,
                                       http2: upstream.config.upstreamProtocol == .http2 ? upstream.config.http2 : nil)
+                if upstream.config.tls != nil {
+                    let registry = runtime.upstreamTLS, name = upstream.name
+                    pool.tls = { registry.context(forUpstream: name) }
+                }
                 used[key] = pool
                 return pool
             }

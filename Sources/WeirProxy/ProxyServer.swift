@@ -57,6 +57,9 @@ public final class ProxyServer: @unchecked Sendable {
     private var serverChannels: [Channel] = []
     private var bound: [String: SocketAddress] = [:]
     private let connectionCount = ManagedAtomic<Int>(0)
+    /// Certificates of https listeners and contexts of TLS upstreams; nil
+    /// when setup failed (see `setupError`).
+    public let tls: ProxyTLS?
     private let drainStarted = ManagedAtomic<Bool>(false)
 
     /// Builds the runtime (route table, upstream health). A config the data
@@ -68,8 +71,10 @@ public final class ProxyServer: @unchecked Sendable {
         self.observer = observer
         self.logger = logger
         var contexts: [LoopContext] = []
+        var tls: ProxyTLS? = nil
         do {
-            let runtime = try ProxyRuntime(config: config)
+            tls = try ProxyTLS(config: config)
+            let runtime = try ProxyRuntime(config: config, upstreamTLS: tls!.upstreams)
             self.runtime = runtime
             self.setupError = nil
             for loop in group.makeIterator() {
@@ -79,6 +84,7 @@ public final class ProxyServer: @unchecked Sendable {
             self.runtime = nil
             self.setupError = error
         }
+        self.tls = tls
         self.loopContexts = contexts
     }
 
@@ -91,11 +97,12 @@ public final class ProxyServer: @unchecked Sendable {
             context.loop.execute { context.start() }
         }
         for listenerConfig in config.listeners {
-            guard listenerConfig.protocol == .http || listenerConfig.protocol.isStream else {
+            guard listenerConfig.protocol == .http || listenerConfig.protocol == .https || listenerConfig.protocol.isStream else {
                 throw StartError(listener: listenerConfig.name, address: listenerConfig.listen.description,
-                                 reason: "protocol \(listenerConfig.protocol.rawValue) is not supported by this build yet (only http, tcp, tls)")
+                                 reason: "protocol \(listenerConfig.protocol.rawValue) is not supported by this build yet (only http, https, tcp, tls)")
             }
-            let listener = ListenerRuntime(config: listenerConfig, observer: observer, serverConnections: connectionCount)
+            let listener = ListenerRuntime(config: listenerConfig, observer: observer, serverConnections: connectionCount,
+                                           tls: tls?.listeners[listenerConfig.name])
             var port = listenerConfig.listen.port
             for (i, loopContext) in loopContexts.enumerated() {
                 let channel: Channel
@@ -132,14 +139,26 @@ public final class ProxyServer: @unchecked Sendable {
             // A client may send its request and then shut down its write side;
             // it still gets its response (see DownstreamHandler.inputClosed).
             .childChannelOption(.allowRemoteHalfClosure, value: true)
-            .childChannelInitializer { channel in
+            .childChannelInitializer { [logger] channel in
                 guard listener.admitConnection() else {
                     return Self.refuseConnection(channel, listener: listener, loopContext: loopContext)
                 }
-                do {
+                func addHTTPHandlers(_ channel: Channel, tls: TLSConnectionInfo?) throws {
                     // Weir's own HTTP/1.1 codec runs inside the handler (no
                     // decoder/encoder handlers: one handler per connection).
-                    try channel.pipeline.syncOperations.addHandler(DownstreamHandler(loopContext: loopContext, listener: listener))
+                    let downstream = DownstreamHandler(loopContext: loopContext, listener: listener)
+                    downstream.tls = tls
+                    try channel.pipeline.syncOperations.addHandler(downstream)
+                }
+                do {
+                    if let listenerTLS = listener.tls {
+                        // https: the HTTP handler is added once the handshake succeeded (TLS/ListenerTLS.swift).
+                        try listenerTLS.addHandlers(to: channel, logger: logger,
+                                                    onClosedBeforeHTTP: { listener.connectionClosed() },
+                                                    installHTTP: { channel, info in try addHTTPHandlers(channel, tls: info) })
+                    } else {
+                        try addHTTPHandlers(channel, tls: nil)
+                    }
                     return channel.eventLoop.makeSucceededVoidFuture()
                 } catch {
                     listener.connectionClosed()
@@ -188,6 +207,14 @@ public final class ProxyServer: @unchecked Sendable {
     /// `LoopContext.installRouting`.
     func makeRouting(config: WeirConfig) throws -> ProxyRuntime {
         try ProxyRuntime(config: config, previous: lock.withLock { runtime })
+    }
+
+    /// Loads the TLS files of `config` for a reload; throws (changing
+    /// nothing) when one is bad. The closure swaps them in: new handshakes
+    /// and new upstream connections use them, open connections are untouched.
+    func prepareTLS(config: WeirConfig) throws -> () -> Void {
+        guard let tls else { return {} }
+        return try tls.prepare(config: config)
     }
 
     func adoptRouting(_ newRuntime: ProxyRuntime) {

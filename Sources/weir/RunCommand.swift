@@ -245,6 +245,7 @@ final class Gateway {
         func replace(upstreams: [UpstreamConfig]) {
             let proxy = self.proxy
             let next = ActiveHealthChecker(upstreams: upstreams, eventLoop: group.next(), logger: logger,
+                                           upstreamTLS: proxy.tls?.upstreams,
                                            sinkForUpstream: { proxy.upstreamHealth(named: $0) })
             let previous = locked { () -> ActiveHealthChecker? in
                 guard !stopped else { return nil }

@@ -433,6 +433,16 @@ function client.get_port()
   return N.client_get_port()
 end
 
+-- The connection's TLS session (https listeners), nil on plain connections:
+-- { version, cipher, sni, alpn, client_cert = { subject, issuer, common_name,
+--   fingerprint_sha256, serial, spiffe_id, not_before, not_after,
+--   san = { dns = {...}, uri = {...}, ip = {...}, email = {...} } } }
+-- client_cert is present only when the client sent a certificate that verified.
+function client.get_tls()
+  check_phase("weir.client.get_tls", ANY_PHASE)
+  return N.client_get_tls()
+end
+
 function client.get_consumer()
   check_phase("weir.client.get_consumer", ANY_REQUEST_PHASE)
   return N.client_get_consumer()
@@ -1114,6 +1124,7 @@ end
 
 function conn_handle:get_ip() check_handle(self, "conn:get_ip"); return N.client_get_ip() end
 function conn_handle:get_port() check_handle(self, "conn:get_port"); return N.client_get_port() end
+function conn_handle:get_tls() check_handle(self, "conn:get_tls"); return N.client_get_tls() end
 function conn_handle:get_sni() check_handle(self, "conn:get_sni"); return N.conn_get_sni() end
 function conn_handle:get_alpn() check_handle(self, "conn:get_alpn"); return N.conn_get_alpn() end
 function conn_handle:get_local_port() check_handle(self, "conn:get_local_port"); return N.conn_get_local_port() end

@@ -7,18 +7,29 @@ import Yams
 
 public enum ConfigLoader {
     /// Reads, interpolates ${ENV}, parses YAML, validates. Throws ConfigErrors listing EVERY problem.
+    ///
+    /// Relative TLS file paths are resolved against the config file's
+    /// folder. `fileChecks` (WeirProxy's `TLSFileCheck.issues`) checks what
+    /// WeirCore cannot, the files a config names; its issues carry config
+    /// paths and get the YAML line of that path, like every other issue.
     public static func load(path: String,
-                            environment: [String: String] = ProcessInfo.processInfo.environment) throws -> WeirConfig {
+                            environment: [String: String] = ProcessInfo.processInfo.environment,
+                            fileChecks: ((WeirConfig) -> [ConfigIssue])? = nil) throws -> WeirConfig {
         let text: String
         do {
             text = try String(contentsOfFile: path, encoding: .utf8)
         } catch {
             throw ConfigErrors(file: path, issues: [ConfigIssue(path: "", message: "cannot read config file: \(error.localizedDescription)")])
         }
-        return try parse(yaml: text, file: path, environment: environment)
+        let directory = (path as NSString).deletingLastPathComponent
+        return try parse(yaml: text, file: path, environment: environment,
+                         baseDirectory: directory.isEmpty ? "." : directory, fileChecks: fileChecks)
     }
 
-    public static func parse(yaml: String, file: String = "<inline>", environment: [String: String] = [:]) throws -> WeirConfig {
+    /// `baseDirectory`: where relative TLS file paths point (nil: leave them as written).
+    public static func parse(yaml: String, file: String = "<inline>", environment: [String: String] = [:],
+                             baseDirectory: String? = nil,
+                             fileChecks: ((WeirConfig) -> [ConfigIssue])? = nil) throws -> WeirConfig {
         let (text, environmentIssues) = EnvironmentInterpolation.interpolate(yaml, environment: environment)
         if !environmentIssues.isEmpty { throw ConfigErrors(file: file, issues: environmentIssues) }
 
@@ -31,7 +42,11 @@ public enum ConfigLoader {
         let reader = ConfigReader()
         var config = reader.readConfig(root)
         defaultActiveCheckTypes(&config, explicit: reader.explicitActiveCheckTypes)
-        let crossIssues = ConfigCrossChecks.check(config).map { issue -> ConfigIssue in
+        if let baseDirectory { config.resolveTLSPaths(against: baseDirectory) }
+        var laterIssues = ConfigCrossChecks.check(config)
+        // Files are only worth opening when the config itself reads cleanly.
+        if let fileChecks, reader.issues.isEmpty, laterIssues.isEmpty { laterIssues += fileChecks(config) }
+        let crossIssues = laterIssues.map { issue -> ConfigIssue in
             var located = issue
             located.line = issue.line ?? ConfigCrossChecks.line(for: issue.path, in: reader.lines)
             return located

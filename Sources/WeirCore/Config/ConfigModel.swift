@@ -67,6 +67,8 @@ public struct ListenerConfig: Hashable, Sendable {
     /// connection (after the global ones).
     public var plugins: [PluginRef] = []
     public var stream: StreamSettings = StreamSettings()
+    /// Required for `protocol: https`; not allowed on other protocols.
+    public var tls: ListenerTLSConfig? = nil
     public init() {}
 }
 
@@ -193,6 +195,8 @@ public struct UpstreamConfig: Hashable, Sendable {
     public var pool: ConnectionPoolConfig = ConnectionPoolConfig()
     /// Plugins attached to every route that uses this upstream.
     public var plugins: [PluginRef] = []
+    /// TLS to the targets; nil (or `enabled: false`) = plain TCP.
+    public var tls: UpstreamTLSConfig? = nil
     public init() {}
 }
 
@@ -330,4 +334,79 @@ public struct LuaLimitsConfig: Hashable, Sendable {
     /// Bytes per Lua state (one state per event loop per generation).
     public var memoryLimit: Int = 64 << 20
     public init() {}
+}
+
+// MARK: - TLS
+
+/// A TLS protocol version a listener may require as its minimum.
+public enum TLSMinimumVersion: String, Sendable, CaseIterable {
+    case v1_2 = "1.2"
+    case v1_3 = "1.3"
+}
+
+/// Whether a listener asks clients for a certificate (`client_auth`).
+public enum ClientCertificateMode: String, Sendable, CaseIterable {
+    /// A client without a certificate signed by `client_ca` fails the handshake.
+    case required
+    /// A client may send none; one it sends must verify against `client_ca`.
+    case optional
+}
+
+/// One certificate of a listener: PEM chain (leaf first) and its PEM key.
+/// Paths are resolved against the config file's folder by `ConfigLoader.load`.
+public struct TLSCertificateConfig: Hashable, Sendable {
+    public var cert: String
+    public var key: String
+    /// Server names this certificate serves, exact or `*.example.com`;
+    /// empty = the DNS names of the certificate itself (SANs, else the CN).
+    public var serverNames: [String] = []
+    public init(cert: String, key: String, serverNames: [String] = []) {
+        self.cert = cert; self.key = key; self.serverNames = serverNames
+    }
+}
+
+/// `tls:` on a `protocol: https` listener.
+public struct ListenerTLSConfig: Hashable, Sendable {
+    /// Chosen by the client's SNI: exact name, then the longest wildcard
+    /// suffix; the default certificate (`default_certificate`, else the
+    /// first) serves clients without SNI or with an unknown name.
+    public var certificates: [TLSCertificateConfig] = []
+    /// Index into `certificates` of the default certificate.
+    public var defaultCertificate: Int = 0
+    public var minVersion: TLSMinimumVersion = .v1_2
+    /// OpenSSL-style TLS 1.2 cipher names (`ECDHE-RSA-AES128-GCM-SHA256`);
+    /// nil = swift-nio-ssl's defaults. TLS 1.3 suites are not configurable.
+    public var ciphers: [String]? = nil
+    /// ALPN protocols offered, in server preference order.
+    public var alpn: [String] = ["http/1.1"]
+    /// PEM bundle of CAs that sign client certificates; nil = no client certificates asked.
+    public var clientCA: String? = nil
+    public var clientAuth: ClientCertificateMode = .required
+    /// Time a client has to complete the handshake after connecting.
+    public var handshakeTimeout: TimeSpan = .seconds(10)
+    public init() {}
+
+    /// Every file this block reads (for the reload watcher).
+    public var files: [String] {
+        certificates.flatMap { [$0.cert, $0.key] } + (clientCA.map { [$0] } ?? [])
+    }
+}
+
+/// `tls:` on an upstream: TLS to its targets (and to their health checks).
+public struct UpstreamTLSConfig: Hashable, Sendable {
+    public var enabled: Bool = true
+    /// PEM bundle of CAs trusted for the targets' certificates; nil = the system's.
+    public var ca: String? = nil
+    /// Verify the target's certificate chain and host name (off only for tests).
+    public var verify: Bool = true
+    /// Server name sent (SNI) and checked against the certificate; nil = the target's host.
+    public var sni: String? = nil
+    /// Client certificate and key presented to the targets (mTLS).
+    public var cert: String? = nil
+    public var key: String? = nil
+    public init() {}
+
+    public var files: [String] {
+        [ca, cert, key].compactMap { $0 }
+    }
 }

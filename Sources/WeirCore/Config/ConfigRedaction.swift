@@ -130,6 +130,28 @@ enum ConfigRendering {
                 pairs.append(("max_client_hello", Node(String(stream.maxClientHelloBytes))))
             }
         }
+        if let tls = listener.tls { pairs.append(("tls", render(tls))) }
+        return map(pairs)
+    }
+
+    /// File paths only: certificates and keys are never read into /config.
+    static func render(_ tls: ListenerTLSConfig) -> Node {
+        var pairs: [(Node, Node)] = [
+            ("certificates", seq(tls.certificates.map { certificate in
+                var c: [(Node, Node)] = [("cert", Node(certificate.cert)), ("key", Node(certificate.key))]
+                if !certificate.serverNames.isEmpty { c.append(("server_names", seq(certificate.serverNames.map { Node($0) }))) }
+                return map(c)
+            })),
+            ("default_certificate", Node(String(tls.defaultCertificate))),
+            ("min_version", Node(tls.minVersion.rawValue)),
+        ]
+        if let ciphers = tls.ciphers { pairs.append(("ciphers", seq(ciphers.map { Node($0) }))) }
+        pairs.append(("alpn", seq(tls.alpn.map { Node($0) })))
+        if let ca = tls.clientCA {
+            pairs.append(("client_ca", Node(ca)))
+            pairs.append(("client_auth", Node(tls.clientAuth.rawValue)))
+        }
+        pairs.append(("handshake_timeout", Node(tls.handshakeTimeout.description)))
         return map(pairs)
     }
 
@@ -199,6 +221,14 @@ enum ConfigRendering {
             ])))
         }
         if !upstream.plugins.isEmpty { pairs.append(("plugins", plugins(upstream.plugins))) }
+        if let tls = upstream.tls {
+            var t: [(Node, Node)] = [("enabled", "true"), ("verify", Node(tls.verify ? "true" : "false"))]
+            if let ca = tls.ca { t.append(("ca", Node(ca))) }
+            if let sni = tls.sni { t.append(("sni", Node(sni))) }
+            if let cert = tls.cert { t.append(("cert", Node(cert))) }
+            if let key = tls.key { t.append(("key", Node(key))) }
+            pairs.append(("tls", map(t)))
+        }
         return map(pairs)
     }
 

@@ -60,6 +60,8 @@ extension ListenerConfig {
         copy.sniRoutes = []
         copy.plugins = []
         copy.stream = StreamSettings()
+        // https listeners' certificates and TLS settings reload too.
+        copy.tls = nil
         return copy
     }
 }

@@ -82,6 +82,9 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
     private var inputClosed = false
     /// The connection-phase plugin scope (see DownstreamHandler+Plugins).
     var connectionPlugins: ConnectionPlugins?
+    /// The TLS session of an https connection (set before this handler is
+    /// added; see TLS/ListenerTLS.swift); nil on plain connections.
+    var tls: TLSConnectionInfo?
 
     init(loopContext: LoopContext, listener: ListenerRuntime) {
         self.loopContext = loopContext
@@ -561,11 +564,19 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         endBalancerAttempt(exchange)
         routed.upstream.health.recordFailure(target: target)
         let isTimeout = (error as? ChannelError).map { if case .connectTimeout = $0 { return true } else { return false } } ?? false
+        let tlsError = error as? UpstreamTLSError
+        if let tlsError {
+            // Wrong CA, wrong name, refused client certificate: a setup problem worth a warning.
+            loopContext.logger.warning("upstream TLS handshake failed", metadata: [
+                "request_id": "\(exchange.id)", "upstream": "\(routed.upstream.name)", "error": "\(tlsError)"])
+        }
         // Nothing was sent: a connect failure is always safe to retry.
         if exchange.attempts <= exchange.retries(routed) {
             return startAttempt(exchange, excluding: target)
         }
-        if isTimeout {
+        if let tlsError {
+            failBeforeResponse(exchange, .connectFailed, "\(tlsError)")
+        } else if isTimeout {
             failBeforeResponse(exchange, .upstreamTimeout, "connecting to \(routed.upstream.targetLabels[target]) timed out")
         } else {
             failBeforeResponse(exchange, .connectFailed, "could not connect to upstream \(routed.upstream.name) (\(routed.upstream.targetLabels[target]))")
@@ -1284,7 +1295,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
             route: exchange.routed?.route.name, upstream: exchange.routed?.upstream.name,
             upstreamTarget: target, status: exchange.status, bytesIn: exchange.bytesIn,
             bytesOut: exchange.bytesOut, totalDuration: Double((now - exchange.started).nanoseconds) / 1e9,
-            upstreamDuration: upstreamDuration, attempts: exchange.attempts))
+            upstreamDuration: upstreamDuration, attempts: exchange.attempts, tls: tls))
     }
 
     // MARK: - WebSocket / Upgrade tunnel

@@ -109,7 +109,7 @@ public final class GenerationManager: @unchecked Sendable {
         return reloadLock.withLock {
             let config: WeirConfig
             do {
-                config = try ConfigLoader.load(path: configPath)
+                config = try ConfigLoader.load(path: configPath, fileChecks: TLSFileCheck.issues)
             } catch {
                 return record(.failure(ReloadError(isConfigError: true, description: "\(error)")))
             }
@@ -138,7 +138,11 @@ public final class GenerationManager: @unchecked Sendable {
         let number = status.generation + 1
         let generation: PluginGeneration
         var routing: ProxyRuntime? = nil
+        let installTLS: () -> Void
         do {
+            // Certificates and keys are re-read on every reload (a changed
+            // file triggers one through the watcher); a bad one fails it.
+            installTLS = try server.prepareTLS(config: newConfig)
             if Self.routingChanged(from: config, to: newConfig) {
                 routing = try server.makeRouting(config: newConfig)
             }
@@ -147,6 +151,7 @@ public final class GenerationManager: @unchecked Sendable {
             return record(.failure(ReloadError(isConfigError: true, description: "\(error)")))
         }
         install(generation, routing: routing)
+        installTLS()
         let observers = stateLock.withLock { () -> [@Sendable (WeirConfig) -> Void] in
             config = newConfig
             return reloadObservers
@@ -261,8 +266,8 @@ public final class GenerationManager: @unchecked Sendable {
         if a.listeners != b.listeners { changed.append("listeners") }
         if a.sharedDicts != b.sharedDicts { changed.append("shared_dicts") }
         if changed.isEmpty { changed.append("settings outside routes, upstreams, consumers and plugins") }
-        return "reload can change routes, upstreams, consumers, plugins, their configs, plugin_paths, lua limits "
-            + "and the upstream, sni_routes, plugins and timeouts of tcp/tls listeners; "
+        return "reload can change routes, upstreams, consumers, plugins, their configs, plugin_paths, lua limits, "
+            + "https listeners' tls and the upstream, sni_routes, plugins and timeouts of tcp/tls listeners; "
             + "this config also changes " + changed.joined(separator: ", ") + ": restart weir to apply that"
     }
 
@@ -279,6 +284,7 @@ public final class GenerationManager: @unchecked Sendable {
         if let error = s.lastReloadError { fields.append("\"last_reload_error\":\(Self.jsonString(error))") }
         let watching = stateLock.withLock { watcher != nil }
         fields.append("\"watching\":\(watching)")
+        if let tls = server.tls, !tls.listeners.isEmpty { fields.append("\"tls\":" + tls.statusJSON()) }
         return "{" + fields.joined(separator: ",") + "}\n"
     }
 
@@ -311,6 +317,7 @@ public final class GenerationManager: @unchecked Sendable {
         let (config, generation) = stateLock.withLock { (self.config, self.current) }
         var paths: [String] = configPath.map { [$0] } ?? []
         for path in config.pluginPaths { paths.append(path.hasPrefix("/") ? path : baseDirectory + "/" + path) }
+        paths += ProxyTLS.files(of: config)
         for definition in generation?.library.plugins.values.sorted(by: { $0.name < $1.name }) ?? [] {
             paths.append(definition.handlerPath)
             paths.append(definition.schemaPath)

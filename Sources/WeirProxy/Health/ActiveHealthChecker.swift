@@ -35,6 +35,9 @@ public final class ActiveHealthChecker: @unchecked Sendable {
         public var address: HostPort
         public var check: ActiveHealthCheck
         public var sink: HealthProbeSink
+        /// TLS upstreams: the current context, looked up per probe (so a
+        /// certificate reload applies to the next probe).
+        public var tls: (@Sendable () -> UpstreamTLSContext?)? = nil
     }
 
     private let eventLoop: EventLoop
@@ -46,14 +49,22 @@ public final class ActiveHealthChecker: @unchecked Sendable {
 
     /// - Parameter sinkForUpstream: the health state object of an upstream
     ///   by name; upstreams without one (or without an active check) are skipped.
+    /// - Parameter upstreamTLS: where TLS upstreams' contexts are (probes
+    ///   to an upstream with `tls:` speak TLS, verified like requests).
     public init(upstreams: [UpstreamConfig], eventLoop: EventLoop, logger: Logger,
+                upstreamTLS: UpstreamTLSRegistry? = nil,
                 sinkForUpstream: (String) -> HealthProbeSink?) {
         var jobs: [Job] = []
         for upstream in upstreams {
             guard let check = upstream.healthCheck.active, let sink = sinkForUpstream(upstream.name) else { continue }
+            let name = upstream.name
+            var tls: (@Sendable () -> UpstreamTLSContext?)? = nil
+            if upstream.tls != nil, let registry = upstreamTLS {
+                tls = { registry.context(forUpstream: name) }
+            }
             for (index, target) in upstream.targets.enumerated() {
                 jobs.append(Job(upstream: upstream.name, targetIndex: index, address: target.address,
-                                check: check, sink: sink))
+                                check: check, sink: sink, tls: tls))
             }
         }
         self.jobs = jobs
@@ -105,7 +116,7 @@ public final class ActiveHealthChecker: @unchecked Sendable {
                 }
         }
         return HealthProbe.run(on: eventLoop, address: job.address, path: job.check.path,
-                        timeout: .nanoseconds(job.check.timeout.nanoseconds))
+                        timeout: .nanoseconds(job.check.timeout.nanoseconds), tls: job.tls)
             .map { status -> Void in
                 let healthy = job.check.healthyStatuses.contains(status)
                 if !healthy {
@@ -187,14 +198,24 @@ public enum HealthProbe {
 
     /// The response status, or a failed future (connect error, timeout,
     /// malformed response).
+    /// `tls`: for TLS upstreams, the context to probe with (nil = plain;
+    /// a TLS upstream whose context is missing is probed as failed).
     public static func run(on eventLoop: EventLoop, address: HostPort, path: String,
-                           timeout: TimeAmount) -> EventLoopFuture<Int> {
+                           timeout: TimeAmount, tls: (@Sendable () -> UpstreamTLSContext?)? = nil) -> EventLoopFuture<Int> {
         let promise = eventLoop.makePromise(of: Int.self)
         let host = address.description
+        let tlsContext = tls?()
+        if tls != nil && tlsContext == nil {
+            promise.fail(UpstreamTLSError(target: host, reason: "no TLS context loaded"))
+            return promise.futureResult
+        }
         let bootstrap = ClientBootstrap(group: eventLoop)
             .connectTimeout(timeout)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
+                    // The TLS handler (if any) first; a failed handshake
+                    // reaches ProbeHandler.errorCaught as an unhealthy probe.
+                    try tlsContext?.addClientHandler(to: channel, targetHost: address.host)
                     try channel.pipeline.syncOperations.addHTTPClientHandlers()
                     try channel.pipeline.syncOperations.addHandler(
                         ProbeHandler(path: path, host: host, promise: promise))

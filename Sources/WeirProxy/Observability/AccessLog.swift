@@ -257,6 +257,10 @@ public struct AccessLogFormatter {
         var stringBytes = r.requestID.utf8.count + r.listener.utf8.count + r.clientAddress.utf8.count
         stringBytes += r.method.utf8.count + r.path.utf8.count + (r.route?.utf8.count ?? 0)
         stringBytes += (r.upstream?.utf8.count ?? 0) + (r.upstreamTarget?.utf8.count ?? 0)
+        if let tls = r.tls {
+            stringBytes += 128 + (tls.serverName?.utf8.count ?? 0) + (tls.alpn?.utf8.count ?? 0)
+            if let peer = tls.peer { stringBytes += peer.subject.utf8.count + (peer.spiffeID?.utf8.count ?? 0) + 64 }
+        }
         let bound = Self.fixedBytesBound + 6 * stringBytes
         buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: bound) { raw in
             var out = RawWriter(base: raw.baseAddress!.assumingMemoryBound(to: UInt8.self))
@@ -278,6 +282,19 @@ public struct AccessLogFormatter {
             out.literal(#","upstream_duration_ms":"#)
             if let upstream = r.upstreamDuration { out.milliseconds(upstream) } else { out.literal("null") }
             out.literal(#","attempts":"#); out.int(r.attempts)
+            if let tls = r.tls {
+                // Only on TLS connections, so plain lines keep their shape.
+                out.literal(#","tls":{"version":"#); out.string(tls.version)
+                out.literal(#","cipher":"#); out.string(tls.cipher)
+                out.literal(#","sni":"#); out.string(tls.serverName)
+                out.literal(#","alpn":"#); out.string(tls.alpn)
+                if let peer = tls.peer {
+                    out.literal(#","client_subject":"#); out.string(peer.subject)
+                    out.literal(#","client_spiffe_id":"#); out.string(peer.spiffeID)
+                    out.literal(#","client_fingerprint_sha256":"#); out.string(peer.fingerprintSHA256)
+                }
+                out.literal("}")
+            }
             out.literal("}\n")
             return out.count
         }

@@ -23,7 +23,7 @@ extension DownstreamHandler {
     func startConnectionPlugins(_ plugins: LoopPlugins) {
         guard let chain = plugins.connectionChain else { return }
         let connection = ConnectionPlugins(connectionID: loopContext.requestIDs.next(), clientIP: clientIP,
-                                           clientPort: peerAddress?.port ?? 0)
+                                           clientPort: peerAddress?.port ?? 0, tls: tls)
         connectionPlugins = connection
         let channel = context.channel
         let logger = loopContext.logger
@@ -57,7 +57,8 @@ extension DownstreamHandler {
         // runs first, so `weir.conn` is filled by the plugins now in force.
         if let connectionChain = plugins.connectionChain, connectionPlugins?.scope?.runtime !== plugins.runtime {
             let connection = connectionPlugins ?? ConnectionPlugins(connectionID: loopContext.requestIDs.next(),
-                                                                    clientIP: clientIP, clientPort: peerAddress?.port ?? 0)
+                                                                    clientIP: clientIP, clientPort: peerAddress?.port ?? 0,
+                                                                    tls: tls)
             connectionPlugins = connection
             connection.close()
             let outcome = SynchronousOutcome()

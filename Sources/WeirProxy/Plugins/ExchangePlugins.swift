@@ -215,6 +215,7 @@ final class ExchangePlugins: PluginRequestContext {
 
     var clientIP: String { handler?.clientIP ?? "" }
     var clientPort: Int { handler?.peerAddress?.port ?? 0 }
+    var tls: TLSConnectionInfo? { handler?.tls }
     var matchedRouteName: String? { routeName.isEmpty ? nil : routeName }
     func authenticate(consumer: String, credential: String?) { self.consumer = consumer }
 
@@ -379,16 +380,18 @@ final class ConnectionPlugins: PluginConnectionContext {
     let connectionID: String
     let clientIP: String
     let clientPort: Int
-    var serverName: String? { nil }
+    let tls: TLSConnectionInfo?
+    var serverName: String? { tls?.serverName }
     private(set) var scope: PluginConnection?
     /// The connection phase waits on an async call: no request is read
     /// until it has decided (a plugin may reject the connection).
     var phasePending = false
 
-    init(connectionID: String, clientIP: String, clientPort: Int) {
+    init(connectionID: String, clientIP: String, clientPort: Int, tls: TLSConnectionInfo?) {
         self.connectionID = connectionID
         self.clientIP = clientIP
         self.clientPort = clientPort
+        self.tls = tls
     }
 
     func begin(_ plugins: LoopPlugins) -> PluginConnection {

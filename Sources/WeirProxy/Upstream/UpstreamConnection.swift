@@ -378,6 +378,9 @@ final class TargetPool {
     private let connectTimeout: TimeAmount
     private let loop: EventLoop
     private var idle: [UpstreamConnection] = []
+    /// The upstream's current TLS context, for TLS upstreams (read per new
+    /// connection so a certificate reload applies to the next one).
+    var tls: (() -> UpstreamTLSContext?)?
     /// Open connections to this target from this loop, idle or busy (for
     /// an HTTP/2 target: open streams).
     private(set) var openConnections = 0
@@ -490,6 +493,8 @@ final class TargetPool {
                 return stream
             }
         }
+        let tlsContext = tls?()
+        let host = self.host
         let bootstrap = ClientBootstrap(group: loop)
             .connectTimeout(connectTimeout)
             .channelOption(.tcpOption(.tcp_nodelay), value: 1)
@@ -498,6 +503,8 @@ final class TargetPool {
             .channelOption(.allowRemoteHalfClosure, value: true)
             .channelInitializer { channel in
                 do {
+                    // TLS upstreams: the client TLS handler first (TLS/UpstreamTLS.swift).
+                    try tlsContext?.addClientHandler(to: channel, targetHost: host)
                     try channel.pipeline.syncOperations.addHandler(UpstreamHandler())
                     return channel.eventLoop.makeSucceededVoidFuture()
                 } catch {
@@ -510,7 +517,12 @@ final class TargetPool {
         } else {
             future = bootstrap.connect(host: host, port: port)
         }
-        return future.flatMapThrowing { channel in
+        let label = "\(host):\(port)"
+        return future.flatMap { channel -> EventLoopFuture<Channel> in
+            // A TLS connection is usable (and pooled) once its handshake succeeded.
+            guard tlsContext != nil else { return channel.eventLoop.makeSucceededFuture(channel) }
+            return UpstreamTLSContext.handshakeDone(on: channel, target: label).map { channel }
+        }.flatMapThrowing { channel in
             let handler = try channel.pipeline.syncOperations.handler(type: UpstreamHandler.self)
             self.openConnections += 1
             return UpstreamConnection(channel: channel, handler: handler, targetIndex: self.targetIndex, pool: self)
