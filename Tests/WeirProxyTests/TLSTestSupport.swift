@@ -131,7 +131,8 @@ final class TLSTestClient {
     let channel: Channel
     private let received: NIOLockedValueBox<ByteBuffer>
     private let handshake: EventLoopFuture<Void>
-    private let condition = NIOLockedValueBox<Bool>(false)
+    /// Header lines of the last response, lower-cased names.
+    private(set) var lastHeaders: [String: String] = [:]
 
     /// - Parameters: `serverName` for SNI (nil: none); `ca` to verify the
     ///   server with (nil: no verification); client certificate optional.
@@ -188,28 +189,34 @@ final class TLSTestClient {
         try channel.writeAndFlush(buffer).wait()
         let deadline = Date().addingTimeInterval(10)
         while Date() < deadline {
-            if let response = takeResponse() { return response }
+            if let response = takeResponse() {
+                lastHeaders = response.2
+                return (response.0, response.1)
+            }
             guard channel.isActive else { break }
             usleep(2000)
         }
         throw TestPKI.Failure(description: "no complete response (connection active: \(channel.isActive))")
     }
 
-    private func takeResponse() -> (Int, String)? {
-        received.withLockedValue { buffer -> (Int, String)? in
+    private func takeResponse() -> (Int, String, [String: String])? {
+        received.withLockedValue { buffer -> (Int, String, [String: String])? in
             guard let text = buffer.getString(at: buffer.readerIndex, length: buffer.readableBytes),
                   let headEnd = text.range(of: "\r\n\r\n") else { return nil }
             let head = text[..<headEnd.lowerBound]
             let status = Int(head.split(separator: " ").dropFirst().first ?? "") ?? 0
             var length = 0
-            for line in head.split(separator: "\r\n") where line.lowercased().hasPrefix("content-length:") {
-                length = Int(line.split(separator: ":")[1].trimmingCharacters(in: .whitespaces)) ?? 0
+            var headers: [String: String] = [:]
+            for line in head.split(separator: "\r\n").dropFirst() {
+                guard let colon = line.firstIndex(of: ":") else { continue }
+                headers[line[..<colon].lowercased()] = line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces)
             }
+            length = Int(headers["content-length"] ?? "0") ?? 0
             let headBytes = text.utf8.distance(from: text.utf8.startIndex, to: headEnd.upperBound)
             guard buffer.readableBytes >= headBytes + length else { return nil }
             buffer.moveReaderIndex(forwardBy: headBytes)
             let body = buffer.readString(length: length) ?? ""
-            return (status, body)
+            return (status, body, headers)
         }
     }
 

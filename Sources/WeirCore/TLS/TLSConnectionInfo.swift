@@ -26,7 +26,8 @@ public final class TLSConnectionInfo: Sendable {
 
 /// The identity in a verified client certificate.
 public struct PeerCertificateInfo: Hashable, Sendable {
-    /// RFC 4514 form, most specific first: "CN=alice,O=Example".
+    /// RFC 4514 form (the certificate's last RDN first): "CN=alice,O=Example"
+    /// for a subject written /O=Example/CN=alice.
     public var subject: String
     public var issuer: String
     public var commonName: String?

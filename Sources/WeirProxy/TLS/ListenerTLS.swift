@@ -198,9 +198,14 @@ final class TLSHelloInspector: ChannelDuplexHandler, RemovableChannelHandler {
 
 /// Sits behind NIOSSLServerHandler until the handshake completes; then
 /// builds the TLS info and hands the channel to the HTTP pipeline.
-final class TLSHandshakeRecorder: ChannelInboundHandler, RemovableChannelHandler {
+final class TLSHandshakeRecorder: ChannelDuplexHandler, RemovableChannelHandler {
     typealias InboundIn = ByteBuffer
     typealias InboundOut = ByteBuffer
+    typealias OutboundIn = IOData
+    /// The HTTP side asked to close (a connection-phase plugin rejected the
+    /// connection). The channel stays active while NIOSSL sends its
+    /// close_notify, so this, not `isActive`, says to drop further bytes.
+    private var closeRequested = false
 
     private let state: TLSHandshakeState
     private let logger: Logger
@@ -243,13 +248,25 @@ final class TLSHandshakeRecorder: ChannelInboundHandler, RemovableChannelHandler
             context.close(promise: nil)
             return
         }
-        context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+        // A connection-phase plugin may have rejected (closed) the
+        // connection already; then stay, so channelRead below drops the
+        // request bytes BoringSSL decrypts next instead of serving them.
+        if !closeRequested {
+            context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+        }
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         // Application bytes can arrive in the same read as the handshake's
-        // end; they pass on to the HTTP handlers installed above.
+        // end; they pass on to the HTTP handlers installed above, unless the
+        // connection is being closed.
+        guard !closeRequested else { return }
         context.fireChannelRead(data)
+    }
+
+    func close(context: ChannelHandlerContext, mode: CloseMode, promise: EventLoopPromise<Void>?) {
+        closeRequested = true
+        context.close(mode: mode, promise: promise)
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {

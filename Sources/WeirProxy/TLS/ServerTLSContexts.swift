@@ -43,6 +43,10 @@ final class ServerTLSContexts: @unchecked Sendable {
             configuration.minimumTLSVersion = tls.minVersion == .v1_3 ? .tlsv13 : .tlsv12
             if let ciphers = tls.ciphers { configuration.cipherSuites = ciphers.joined(separator: ":") }
             configuration.applicationProtocols = tls.alpn
+            // After our close_notify, wait only briefly for the client's:
+            // many clients never send one, and swift-nio-ssl's default (5 s)
+            // kept every closed connection's socket open that long.
+            configuration.shutdownTimeout = .milliseconds(200)
             if let trust {
                 configuration.trustRoots = .certificates(trust)
                 configuration.certificateVerification = tls.clientAuth == .required ? .noHostnameVerification : .optionalVerification
@@ -140,13 +144,13 @@ enum TLSFiles {
                         problems: inout [ConfigIssue]) -> (chain: [NIOSSLCertificate], key: NIOSSLPrivateKey)? {
         let chain = certificates(cert, path: path + ".cert", problems: &problems)
         let privateKey = privateKey(key, path: path + ".key", problems: &problems)
-        guard let chain, let (key, keyPEM) = privateKey else { return nil }
+        guard let chain, let (privateKey, keyPEM) = privateKey else { return nil }
         if !keyMatches(chain[0], keyPEM: keyPEM) {
             problems.append(ConfigIssue(path: path + ".key",
                                         message: "\(key) does not match the certificate in \(cert) (different public key)"))
             return nil
         }
-        return (chain, key)
+        return (chain, privateKey)
     }
 
     /// Compares the leaf's public key with the key's. A key type
