@@ -121,6 +121,9 @@ public protocol PluginConnectionContext: AnyObject {
     /// nil on success, else why not ("no upstream named ...", or the
     /// listener is not an L4 one).
     func chooseUpstream(named name: String) -> String?
+    /// The connection's TLS session (https listeners, after the handshake);
+    /// nil on plain connections and TLS passthrough.
+    var tls: TLSConnectionInfo? { get }
 }
 
 extension PluginConnectionContext {
@@ -130,11 +133,6 @@ extension PluginConnectionContext {
     public func chooseUpstream(named name: String) -> String? {
         "weir.upstream.set_upstream in the connection phase only applies to tcp and tls listeners"
     }
-    /// The connection's TLS session; nil on plain connections.
-    var tls: TLSConnectionInfo? { get }
-}
-
-extension PluginConnectionContext {
     public var tls: TLSConnectionInfo? { nil }
 }
 
