@@ -22,6 +22,9 @@ public final class UpstreamTLSContext: @unchecked Sendable {
         var configuration = TLSConfiguration.makeClientConfiguration()
         configuration.minimumTLSVersion = .tlsv12
         configuration.applicationProtocols = ["http/1.1"]
+        // Closing a pooled connection: send close_notify, then wait only
+        // briefly for the upstream's (the 5 s default held sockets open).
+        configuration.shutdownTimeout = .milliseconds(200)
         configuration.certificateVerification = config.verify ? .fullVerification : .none
         if let ca = config.ca, let roots = TLSFiles.certificates(ca, path: path + ".ca", problems: &problems) {
             configuration.trustRoots = .certificates(roots)
