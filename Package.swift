@@ -157,6 +157,14 @@ let package = Package(
             exclude: ["run.sh"],
             swiftSettings: swift5
         ),
+        // Consumer credential lookup / config load at 100,000 consumers (bench/consumers); never a test.
+        .executableTarget(
+            name: "weir-consumer-bench",
+            dependencies: ["WeirCore", "WeirLua"],
+            path: "bench/consumers",
+            exclude: ["README.md", "gen_config.py", "run.sh"],
+            swiftSettings: swift5
+        ),
         // Real servers the test targets start (redis-server), shared so that
         // every target starts them the same way.
         .target(

@@ -5,6 +5,10 @@
 
 enum EnvironmentInterpolation {
     static func interpolate(_ text: String, environment: [String: String]) -> (String, [ConfigIssue]) {
+        // Most configs reference no variable; the line-by-line copy below was
+        // 11% of loading a config with 100,000 consumers (bench/consumers).
+        // Without any "${" the output is the text itself.
+        if !containsReference(text) { return (text, []) }
         var output = ""
         output.reserveCapacity(text.utf8.count)
         var issues: [ConfigIssue] = []
@@ -20,6 +24,15 @@ enum EnvironmentInterpolation {
             output += interpolateLine(line, line: lineNumber, environment: environment, issues: &issues)
         }
         return (output, issues)
+    }
+
+    private static func containsReference(_ text: String) -> Bool {
+        var previousWasDollar = false
+        for byte in text.utf8 {
+            if previousWasDollar && byte == UInt8(ascii: "{") { return true }
+            previousWasDollar = byte == UInt8(ascii: "$")
+        }
+        return false
     }
 
     private static func interpolateLine(_ line: Substring, line number: Int, environment: [String: String],
