@@ -29,6 +29,7 @@ WEIR_PORT=19010
 WEIR_NOOP_PORT=19011
 WEIR_LUA_PORT=19012
 WEIR_PROBE_PORT=19013
+WEIR_OBSERVE_PORT=19014
 
 # Protocol benchmark (run-protocols.sh, issue 4): peers and Weir.
 NGINX_HTTPS_PORT=19201
@@ -96,6 +97,7 @@ render_template() {
         -e "s|@WEIR_NOOP_PORT@|$WEIR_NOOP_PORT|g" \
         -e "s|@WEIR_LUA_PORT@|$WEIR_LUA_PORT|g" \
         -e "s|@WEIR_PROBE_PORT@|$WEIR_PROBE_PORT|g" \
+        -e "s|@WEIR_OBSERVE_PORT@|$WEIR_OBSERVE_PORT|g" \
         -e "s|@NGINX_HTTPS_PORT@|$NGINX_HTTPS_PORT|g" \
         -e "s|@NGINX_H2C_PORT@|$NGINX_H2C_PORT|g" \
         -e "s|@HAPROXY_TCP_PORT@|$HAPROXY_TCP_PORT|g" \
@@ -230,6 +232,7 @@ declare -A WEIR_UNAVAILABLE=()
 
 # Weir variants: name -> config template. Each listens on its own port.
 declare -A WEIR_TEMPLATE=([weir]=weir.yaml [weir-noop]=weir-noop.yaml [weir-lua]=weir-lua.yaml
+                          [weir-observe]=weir-observe.yaml
                           [weir-probe]=weir-probe.yaml [weir-https]=weir-https.yaml
                           [weir-h2c]=weir-h2c.yaml [weir-tcp]=weir-tcp.yaml)
 
