@@ -34,6 +34,8 @@ while [ $# -gt 0 ]; do
     esac
 done
 
+# Own ports (origin included), so this can run next to bench/run.sh.
+ORIGIN_PORT=19030
 PORT=19020
 ADMIN_PORT=19021
 CONSUMER_BENCH_BIN=${CONSUMER_BENCH_BIN:-$WEIR_SCRATCH/release/weir-consumer-bench}
