@@ -15,7 +15,7 @@
 # report (top functions by inclusive and by self instructions, demangled)
 # goes to bench/profiles/<timestamp>-<proxy>-callgrind.txt.
 #
-#   bench/callgrind.sh [--no-build] [--proxy weir|weir-noop|weir-lua|weir-observe|nginx|nginx-lua|haproxy]
+#   bench/callgrind.sh [--no-build] [--proxy weir|weir-noop|weir-lua|weir-observe|weir-h2up|nginx|nginx-lua|haproxy]
 #                      [--duration S] [--connections N]
 set -uo pipefail
 
@@ -42,10 +42,11 @@ case "$PROXY" in
     weir-noop) PORT=$WEIR_NOOP_PORT ;;
     weir-lua) PORT=$WEIR_LUA_PORT ;;
     weir-observe) PORT=$WEIR_OBSERVE_PORT ;;
+    weir-h2up) PORT=$WEIR_H2UP_PORT ;;   # HTTP/2 upstream (origin's h2c port)
     nginx) PORT=$NGINX_PORT ;;
     nginx-lua) PORT=$NGINX_LUA_PORT ;;
     haproxy) PORT=$HAPROXY_PORT ;;
-    *) die "unknown proxy '$PROXY' (known: weir, weir-noop, weir-lua, weir-observe, nginx, nginx-lua, haproxy)" ;;
+    *) die "unknown proxy '$PROXY' (known: weir, weir-noop, weir-lua, weir-observe, weir-h2up, nginx, nginx-lua, haproxy)" ;;
 esac
 
 require_tools nginx wrk curl valgrind callgrind_control callgrind_annotate python3 ss

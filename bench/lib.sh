@@ -38,6 +38,12 @@ HAPROXY_TCP_PORT=19203
 WEIR_HTTPS_PORT=19211
 WEIR_H2C_PORT=19212
 WEIR_TCP_PORT=19213
+# HTTP/2 upstreams (run-protocols.sh case h2-upstream): the origin also
+# speaks h2c on ORIGIN_H2_PORT; HTTP/1.1 clients reach it through nginx
+# (grpc_pass) or Weir (protocol: http2).
+ORIGIN_H2_PORT=19004
+NGINX_H2UP_PORT=19204
+WEIR_H2UP_PORT=19214
 
 # The key wrk sends in every request (harmless to the proxies that ignore
 # it; the Lua variants authenticate it).
@@ -104,6 +110,9 @@ render_template() {
         -e "s|@WEIR_HTTPS_PORT@|$WEIR_HTTPS_PORT|g" \
         -e "s|@WEIR_H2C_PORT@|$WEIR_H2C_PORT|g" \
         -e "s|@WEIR_TCP_PORT@|$WEIR_TCP_PORT|g" \
+        -e "s|@ORIGIN_H2_PORT@|$ORIGIN_H2_PORT|g" \
+        -e "s|@NGINX_H2UP_PORT@|$NGINX_H2UP_PORT|g" \
+        -e "s|@WEIR_H2UP_PORT@|$WEIR_H2UP_PORT|g" \
         -e "s|@BENCH_DIR@|$BENCH_DIR|g" \
         -e "s|@REPO_DIR@|$REPO_DIR|g" \
         -e "s|@API_KEY@|$API_KEY|g" \
@@ -234,7 +243,7 @@ declare -A WEIR_UNAVAILABLE=()
 declare -A WEIR_TEMPLATE=([weir]=weir.yaml [weir-noop]=weir-noop.yaml [weir-lua]=weir-lua.yaml
                           [weir-observe]=weir-observe.yaml
                           [weir-probe]=weir-probe.yaml [weir-https]=weir-https.yaml
-                          [weir-h2c]=weir-h2c.yaml [weir-tcp]=weir-tcp.yaml)
+                          [weir-h2c]=weir-h2c.yaml [weir-tcp]=weir-tcp.yaml [weir-h2up]=weir-h2up.yaml)
 
 weir_unavailable_reason() { # VARIANT -> the reason, or nothing when available
     local reason=${WEIR_UNAVAILABLE[build]:-}

@@ -12,11 +12,14 @@
 #   tcp-rps           wrk, 64 connections, HTTP through an L4 proxy  haproxy vs weir-tcp
 #   tcp-bulk-1        wrk, 1 connection downloading a 16 MB body     haproxy vs weir-tcp
 #   tcp-bulk-64       wrk, 64 connections downloading 16 MB bodies   haproxy vs weir-tcp
+#   h2-upstream       wrk, 32 HTTP/1.1 connections; the proxy forwards over
+#                     HTTP/2 (h2c) to the origin's HTTP/2 port       nginx (grpc_pass) vs weir-h2up
 #
 # Weir variants are checked with `weir validate` and a curl first; until
 # Weir supports a protocol the table says "not available (<reason>)".
 #
-#   bench/run-protocols.sh [--no-build] [--duration S] [--runs N] [--warmup S]
+#   bench/run-protocols.sh [--no-build] [--duration S] [--runs N] [--warmup S] [--only CASE]
+#   (--only runs one case, e.g. --only h2-upstream; the header still lists all)
 set -uo pipefail
 ORIGINAL_ARGS=("$@")
 
@@ -31,6 +34,7 @@ BUILD=1
 DURATION=10
 RUNS=3
 WARMUP=2
+ONLY=""
 
 positive_int() { [[ "$2" =~ ^[1-9][0-9]*$ ]] || die "$1 needs a positive integer, got '${2:-}'"; }
 while [ $# -gt 0 ]; do
@@ -39,7 +43,8 @@ while [ $# -gt 0 ]; do
         --duration) positive_int "$1" "${2:-}"; DURATION=$2; shift 2 ;;
         --runs) positive_int "$1" "${2:-}"; RUNS=$2; shift 2 ;;
         --warmup) [[ "${2:-}" =~ ^[0-9]+$ ]] || die "--warmup needs a whole number of seconds"; WARMUP=$2; shift 2 ;;
-        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+        --only) [ -n "${2:-}" ] || die "--only needs a case name"; ONLY=$2; shift 2 ;;
+        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
         *) die "unknown option: $1 (see --help)" ;;
     esac
 done
@@ -47,7 +52,8 @@ done
 require_tools nginx haproxy wrk h2load curl openssl python3 ss
 [ -z "$LOAD_CPU" ] || require_tools taskset
 for port in "$ORIGIN_PORT" "$NGINX_HTTPS_PORT" "$NGINX_H2C_PORT" "$HAPROXY_TCP_PORT" \
-            "$WEIR_HTTPS_PORT" "$WEIR_H2C_PORT" "$WEIR_TCP_PORT"; do
+            "$WEIR_HTTPS_PORT" "$WEIR_H2C_PORT" "$WEIR_TCP_PORT" \
+            "$ORIGIN_H2_PORT" "$NGINX_H2UP_PORT" "$WEIR_H2UP_PORT"; do
     port_in_use "$port" && die "127.0.0.1:$port is already in use (another benchmark running?)"
 done
 
@@ -96,6 +102,7 @@ problem=$(verify_proxies_to_origin nginx-https "$NGINX_HTTPS_PORT" "https://127.
 problem=$(verify_proxies_to_origin nginx-h2c "$NGINX_H2C_PORT" "http://127.0.0.1:$NGINX_H2C_PORT/" "${H2C_CURL[@]}") \
     || die "nginx does not proxy h2c: $problem"
 problem=$(verify_proxies_to_origin haproxy-tcp "$HAPROXY_TCP_PORT") || die "haproxy does not proxy TCP: $problem"
+problem=$(verify_proxies_to_origin nginx-h2up "$NGINX_H2UP_PORT") || die "nginx does not proxy to the HTTP/2 origin: $problem"
 
 # --- Weir variants -------------------------------------------------------------
 
@@ -116,12 +123,13 @@ try_weir() { # VARIANT PORT URL [CURL ARGS...]
 try_weir weir-https "$WEIR_HTTPS_PORT" "https://127.0.0.1:$WEIR_HTTPS_PORT/" "${HTTPS_CURL[@]}"
 try_weir weir-h2c "$WEIR_H2C_PORT" "http://127.0.0.1:$WEIR_H2C_PORT/" "${H2C_CURL[@]}"
 try_weir weir-tcp "$WEIR_TCP_PORT" "http://127.0.0.1:$WEIR_TCP_PORT/"
+try_weir weir-h2up "$WEIR_H2UP_PORT" "http://127.0.0.1:$WEIR_H2UP_PORT/"
 
 # --- cases -------------------------------------------------------------------------
 # case|proxy|pid name|tool|connections|url|extra
 
 CASES=()
-add_case() { CASES+=("$1|$2|$3|$4|$5|$6|${7:-}"); }
+add_case() { [ -z "$ONLY" ] || [ "$1" = "$ONLY" ] || return 0; CASES+=("$1|$2|$3|$4|$5|$6|${7:-}"); }
 for proxy in nginx weir-https; do
     if [ "$proxy" = nginx ]; then port=$NGINX_HTTPS_PORT; pidname=nginx-protocols; else port=$WEIR_HTTPS_PORT; pidname=weir-https; fi
     add_case https-keepalive "$proxy" "$pidname" wrk 32 "https://127.0.0.1:$port/"
@@ -137,6 +145,10 @@ for proxy in haproxy weir-tcp; do
     add_case tcp-bulk-1 "$proxy" "$pidname" wrk 1 "http://127.0.0.1:$port/bulk"
     add_case tcp-bulk-64 "$proxy" "$pidname" wrk 64 "http://127.0.0.1:$port/bulk"
 done
+for proxy in nginx weir-h2up; do
+    if [ "$proxy" = nginx ]; then port=$NGINX_H2UP_PORT; pidname=nginx-protocols; else port=$WEIR_H2UP_PORT; pidname=weir-h2up; fi
+    add_case h2-upstream "$proxy" "$pidname" wrk 32 "http://127.0.0.1:$port/"
+done
 
 {
     echo "# Weir protocol benchmark (issue 4), $STAMP"
@@ -148,7 +160,7 @@ done
     echo "# upstream keep-alive (nginx keepalive / Weir pool.max_idle): $UPSTREAM_KEEPALIVE"
     echo "# ${DURATION}s measured after ${WARMUP}s warm-up, $RUNS runs interleaved"
     echo "# load before: $(uptime | sed 's/.*load average/load average/')"
-    for variant in weir-https weir-h2c weir-tcp; do
+    for variant in weir-https weir-h2c weir-tcp weir-h2up; do
         reason=$(weir_unavailable_reason "$variant")
         [ -n "$reason" ] && echo "UNAVAILABLE proxy=$variant reason=$reason"
     done

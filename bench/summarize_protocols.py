@@ -15,6 +15,7 @@ CASES = OrderedDict([
     ("tcp-rps", ("TCP proxy, HTTP requests over 64 connections", "haproxy", "weir-tcp")),
     ("tcp-bulk-1", ("TCP proxy, 16 MB downloads over 1 connection", "haproxy", "weir-tcp")),
     ("tcp-bulk-64", ("TCP proxy, 16 MB downloads over 64 connections", "haproxy", "weir-tcp")),
+    ("h2-upstream", ("HTTP/1.1 clients, HTTP/2 (h2c) to the origin, 32 connections", "nginx", "weir-h2up")),
 ])
 
 
