@@ -105,10 +105,16 @@ final class TLSPluginTests: XCTestCase {
         defer { proxy.stop() }
         let anonymous = try Curl.https(host: "a.example.com", port: proxy.harness.port, ca: pki.cert("ca"))
         XCTAssertEqual(anonymous.status, 0, "the plugin closes the connection before any response")
+        // The request bytes that came with the handshake's end were dropped, not served
+        // (before the fix they reached the request phase of a rejected connection).
+        usleep(100_000)
+        XCTAssertEqual(proxy.harness.observer.records.count, 0)
+        XCTAssertEqual(upstream.requests.count, 0)
         let identified = try Curl.https(host: "a.example.com", port: proxy.harness.port, ca: pki.cert("ca"),
                                         extra: ["--cert", pki.cert("client"), "--key", pki.key("client")])
         XCTAssertEqual(identified.status, 200, identified.result.stderr)
         XCTAssertEqual(upstream.lastRequest?.header("x-client-spiffe"), "spiffe://weir.test/ns/default/sa/alice")
+        XCTAssertEqual(upstream.requests.count, 1)
     }
 
     func testGetTLSIsNilOnPlainConnectionsAndWithoutAClientCertificate() throws {
