@@ -507,6 +507,13 @@ function log.serialize()
   return N.log_serialize()
 end
 
+-- The same record as one JSON object (plus "time", ISO 8601), encoded in
+-- Swift: for exporters that ship it as it is.
+function log.serialize_json()
+  check_phase("weir.log.serialize_json", LOG_ONLY)
+  return N.log_serialize_json()
+end
+
 -- weir.re ---------------------------------------------------------------------
 
 -- Regular expressions (Swift Regex syntax, PCRE-like), for what Lua patterns

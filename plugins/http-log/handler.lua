@@ -8,23 +8,18 @@ local weir = require "weir"
 
 local HttpLog = { PRIORITY = 12, VERSION = "1.0.0" }
 
-local floor, format, date = math.floor, string.format, os.date
+local concat = table.concat
 
 -- One queue per config table (built once per Lua state, so per event loop).
 local queues = setmetatable({}, { __mode = "k" })
 
-local function iso8601(seconds)
-  local whole = floor(seconds)
-  return date("!%Y-%m-%dT%H:%M:%S", whole) .. format(".%03dZ", floor((seconds - whole) * 1000))
-end
-
+-- Records are queued as JSON text (weir.log.serialize_json, encoded in
+-- Swift): a batch is only joined here, never re-encoded in Lua.
 local function encode(conf, records)
   if conf.format == "ndjson" then
-    local lines = {}
-    for i, record in ipairs(records) do lines[i] = weir.json.encode(record) end
-    return table.concat(lines, "\n") .. "\n", "application/x-ndjson"
+    return concat(records, "\n") .. "\n", "application/x-ndjson"
   end
-  return weir.json.encode(records), "application/json"
+  return "[" .. concat(records, ",") .. "]", "application/json"
 end
 
 local function queue_for(conf)
@@ -53,10 +48,8 @@ local function queue_for(conf)
 end
 
 function HttpLog:log(conf, ctx)
-  local record = weir.log.serialize()
-  if not record then return end
-  record.time = iso8601(record.started_at)
-  queue_for(conf):push(record)
+  local record = weir.log.serialize_json()
+  if record then queue_for(conf):push(record) end
 end
 
 return HttpLog

@@ -11,7 +11,7 @@ local weir = require "weir"
 
 local Tracing = { PRIORITY = 100000, VERSION = "1.0.0" }
 
-local random, floor, format, tointeger = math.random, math.floor, string.format, math.tointeger
+local random, floor, format, tointeger, concat = math.random, math.floor, string.format, math.tointeger, table.concat
 local ZERO_TRACE, ZERO_SPAN = string.rep("0", 32), string.rep("0", 16)
 
 -- traceparent: version "-" trace-id "-" parent-id "-" flags, lower-case hex.
@@ -60,14 +60,29 @@ function Tracing:request(conf, ctx)
   end
 end
 
--- OTLP/JSON attribute values: strings, ints as decimal strings, doubles.
+-- Spans are written as OTLP/JSON text straight away (string.format and
+-- table.concat run in C), not as tables for weir.json.encode: under the
+-- instruction-budget hook every Lua VM instruction is expensive, and a
+-- generic encoder spends thousands per span (BENCHMARKS.md, 2026-11-29).
+local escapes = { ['"'] = '\\"', ['\\'] = '\\\\', ['\n'] = '\\n', ['\r'] = '\\r', ['\t'] = '\\t' }
+local function escape_char(c) return escapes[c] or format("\\u%04x", c:byte()) end
+local function quote(s)
+  return '"' .. (s:gsub('[%c"\\]', escape_char)) .. '"'
+end
+
+-- Appends one OTLP attribute: strings, integers (int64 as a decimal
+-- string) or doubles.
 local function attr(list, key, value)
   if value == nil then return end
-  local v
-  if type(value) == "string" then v = { stringValue = value }
-  elseif math.type(value) == "integer" then v = { intValue = format("%d", value) }
-  else v = { doubleValue = value } end
-  list[#list + 1] = { key = key, value = v }
+  local json
+  if type(value) == "string" then
+    json = '{"stringValue":' .. quote(value) .. '}'
+  elseif math.type(value) == "integer" then
+    json = format('{"intValue":"%d"}', value)
+  else
+    json = format('{"doubleValue":%.17g}', value)
+  end
+  list[#list + 1] = '{"key":"' .. key .. '","value":' .. json .. '}'
 end
 
 local function make_span(trace, record)
@@ -87,18 +102,19 @@ local function make_span(trace, record)
   attr(attributes, "weir.upstream.duration_ms", record.upstream_duration_ms)
   attr(attributes, "weir.attempts", record.attempts)
   attr(attributes, "weir.consumer", record.consumer)
-  local span = {
-    traceId = trace.trace_id, spanId = trace.span_id, parentSpanId = trace.parent_id,
-    traceState = trace.tracestate,
-    name = record.route and (record.method .. " " .. record.route) or record.method,
-    kind = 2, -- SPAN_KIND_SERVER
-    startTimeUnixNano = format("%d", start_ns), endTimeUnixNano = format("%d", end_ns),
-    attributes = attributes,
+  local name = record.route and (record.method .. " " .. record.route) or record.method
+  local parts = {
+    '{"traceId":"', trace.trace_id, '","spanId":"', trace.span_id, '"',
+    trace.parent_id and (',"parentSpanId":"' .. trace.parent_id .. '"') or "",
+    trace.tracestate and (',"traceState":' .. quote(trace.tracestate)) or "",
+    ',"name":', quote(name),
+    ',"kind":2', -- SPAN_KIND_SERVER
+    format(',"startTimeUnixNano":"%d","endTimeUnixNano":"%d"', start_ns, end_ns),
+    ',"attributes":[', concat(attributes, ","), ']',
+    record.status >= 500 and format(',"status":{"code":2,"message":"HTTP %d"}', record.status) or "", -- STATUS_CODE_ERROR
+    '}',
   }
-  if record.status >= 500 then
-    span.status = { code = 2, message = "HTTP " .. record.status } -- STATUS_CODE_ERROR
-  end
-  return span
+  return concat(parts)
 end
 
 local exporters = setmetatable({}, { __mode = "k" })
@@ -111,7 +127,11 @@ local function exporter_for(conf)
   local names = {}
   for name in pairs(conf.resource_attributes) do names[#names + 1] = name end
   table.sort(names)
-  for _, name in ipairs(names) do attr(resource, name, conf.resource_attributes[name]) end
+  for _, name in ipairs(names) do attr(resource, quote(name):sub(2, -2), conf.resource_attributes[name]) end
+  -- Everything of an export request but its spans.
+  local head = '{"resourceSpans":[{"resource":{"attributes":[' .. concat(resource, ",") ..
+    ']},"scopeSpans":[{"scope":{"name":"weir.tracing","version":"' .. Tracing.VERSION .. '"},"spans":['
+  local tail = ']}]}]}'
   local headers = { ["content-type"] = "application/json" }
   for name, value in pairs(conf.headers) do headers[name:lower()] = value end
   queue = weir.batch.new{
@@ -119,12 +139,9 @@ local function exporter_for(conf)
     batch_size = conf.batch_size, flush_interval = conf.flush_interval, max_queued = conf.queue_size,
     retries = conf.retries, retry_delay = conf.retry_delay,
     send = function(spans)
-      local body = weir.json.encode({ resourceSpans = { {
-        resource = { attributes = resource },
-        scopeSpans = { { scope = { name = "weir.tracing", version = Tracing.VERSION }, spans = spans } },
-      } } })
       local res, err = weir.http.request(conf.endpoint, {
-        method = "POST", headers = headers, body = body, timeout = conf.timeout, max_body = 65536,
+        method = "POST", headers = headers, body = head .. concat(spans, ",") .. tail,
+        timeout = conf.timeout, max_body = 65536,
       })
       if not res then return nil, err end
       if res.status < 200 or res.status >= 300 then return nil, "collector answered " .. res.status end
