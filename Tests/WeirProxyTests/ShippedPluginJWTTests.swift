@@ -349,3 +349,52 @@ final class ShippedPluginJWTTests: XCTestCase {
         }
     }
 }
+
+final class ShippedPluginJWTCacheTests: XCTestCase {
+    func testACachedTokenStillExpiresOnTimeAndTheCacheCanBeTurnedOff() throws {
+        let keys = try ShippedPluginJWTTests.keys.get()
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        defer { try? group.syncShutdownGracefully() }
+        let upstream = try TestUpstream(group: group)
+        defer { upstream.stop() }
+        let folder = PluginFolder()
+        try writeTestClockPlugin(into: folder)
+        for ttl in [10, 0] {
+            let yaml = """
+            listeners:
+              - { name: web, listen: 127.0.0.1:0 }
+            upstreams:
+              - { name: backend, targets: [{ address: UPSTREAM }] }
+            routes:
+              - name: all
+                match: { paths: [/] }
+                upstream: backend
+                plugins: [test-clock, { name: jwt, config: { cache_ttl: \(ttl) } }]
+            access_log: off
+            consumers:
+              - name: alice
+                credentials: { jwt: [{ key: alice-hs256, secret: alice-secret }] }
+            """
+            let proxy = try startShippedPluginProxy(yaml: yaml, upstream: upstream, loops: 1, extraPluginPaths: [folder.path])
+            defer { proxy.stop() }
+            let client = try proxy.connect()
+            let exp = 2_000_000_000
+            let token = try OpenSSLSigner.jwt(header: ["alg": "HS256"], claims: ["iss": "alice-hs256", "exp": exp]) {
+                try keys.hmac($0, key: "alice-secret")
+            }
+            let auth = ("Authorization", "Bearer " + token)
+            // Verified (and, with a ttl, cached) while the test clock is before exp ...
+            XCTAssertEqual(try client.request("GET", "/a", headers: [auth, ("x-test-clock", "\(exp - 100)")]).status, 200)
+            XCTAssertEqual(try client.request("GET", "/b", headers: [auth, ("x-test-clock", "\(exp - 50)")]).status, 200)
+            // ... and refused once the clock passes exp, from the cache too.
+            let expired = try client.request("GET", "/c", headers: [auth, ("x-test-clock", "\(exp + 1)")])
+            XCTAssertEqual(expired.status, 401, "cache_ttl \(ttl)")
+            XCTAssertTrue(expired.bodyText.contains("token expired"), expired.bodyText)
+            // A different signature on the same claims is a cache miss and fails.
+            var parts = token.split(separator: ".").map(String.init)
+            parts[2] = (parts[2].hasPrefix("A") ? "B" : "A") + parts[2].dropFirst()   // the top bits of the signature
+            let forged = parts.joined(separator: ".")
+            XCTAssertEqual(try client.request("GET", "/d", headers: [("Authorization", "Bearer " + forged), ("x-test-clock", "\(exp - 10)")]).status, 401)
+        }
+    }
+}

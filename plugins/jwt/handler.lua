@@ -281,8 +281,41 @@ local function identify(consumer, credential)
   weir.upstream.request.set_header("x-consumer-name", consumer)
 end
 
+-- Tokens that passed decoding, the signature and the key lookup, per plugin
+-- config (conf tables live as long as this Lua state: one per event loop
+-- and generation, so a reload starts empty). A hit skips base64/JSON
+-- decoding and the signature check (most of this plugin's cost, and an
+-- RSA/ECDSA verify per request otherwise); the claims are still checked on
+-- every request, so an expired token fails on time. Keyed by the exact token
+-- text: any change to it is a miss.
+local function shallow_copy(t)
+  local copy = {}
+  for k, v in pairs(t) do copy[k] = v end
+  return copy
+end
+
+local verified_tokens = setmetatable({}, { __mode = "k" })   -- conf -> { token -> entry }
+local VERIFIED_MAX = 10000                                    -- per conf; dropped when full
+
+local function token_cache(conf)
+  local cache = verified_tokens[conf]
+  if not cache then cache = { count = 0, entries = {} }; verified_tokens[conf] = cache end
+  return cache
+end
+
 -- -> consumer (or false when verified without one), or nil, reason, status
 local function authenticate(conf, token, ctx)
+  local cache, now
+  if conf.cache_ttl > 0 then
+    cache, now = token_cache(conf), weir.time.monotonic()
+    local hit = cache.entries[token]
+    if hit and hit.expires > now then
+      local claim_err = check_claims(conf, hit.jwt.claims)
+      if claim_err then return nil, claim_err end
+      ctx.jwt = { header = hit.jwt.header, claims = shallow_copy(hit.jwt.claims) }
+      return hit.consumer
+    end
+  end
   local jwt, err = decode(token)
   if not jwt then return nil, err end
   if not allowed_alg(conf, jwt.header.alg) then return nil, "Invalid algorithm" end
@@ -303,7 +336,13 @@ local function authenticate(conf, token, ctx)
   end
   local claim_err = check_claims(conf, jwt.claims)
   if claim_err then return nil, claim_err end
-  ctx.jwt = { header = jwt.header, claims = jwt.claims }
+  ctx.jwt = { header = jwt.header, claims = shallow_copy(jwt.claims) }
+  if cache then
+    if cache.count >= VERIFIED_MAX then cache.count, cache.entries = 0, {} end
+    if not cache.entries[token] then cache.count = cache.count + 1 end
+    -- The cache keeps its own claims table: what later plugins do to ctx.jwt cannot change it.
+    cache.entries[token] = { consumer = consumer, jwt = jwt, expires = now + conf.cache_ttl }
+  end
   return consumer
 end
 

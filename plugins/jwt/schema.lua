@@ -36,6 +36,8 @@ return { fields = {
                               description = "status when no key set was ever fetched (JWKS unreachable)" },
   consumer_claim_name = { type = "string", required = false,
                           description = "JWKS mode: claim whose value names the consumer (must be a configured consumer)" },
+  cache_ttl = { type = "number", min = 0, max = 3600, default = 10,
+                description = "seconds a verified token skips decoding and the signature check (claims are always re-checked); 0 disables" },
   hide_credentials = { type = "boolean", default = true,
                        description = "remove the token (header, query argument, cookie) from the request sent upstream" },
   anonymous = { type = "string", required = false,
