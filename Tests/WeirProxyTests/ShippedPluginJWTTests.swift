@@ -357,7 +357,7 @@ final class ShippedPluginJWTCacheTests: XCTestCase {
         defer { try? group.syncShutdownGracefully() }
         let upstream = try TestUpstream(group: group)
         defer { upstream.stop() }
-        let folder = PluginFolder()
+        let folder = try PluginFolder()
         try writeTestClockPlugin(into: folder)
         for ttl in [10, 0] {
             let yaml = """
@@ -375,7 +375,7 @@ final class ShippedPluginJWTCacheTests: XCTestCase {
               - name: alice
                 credentials: { jwt: [{ key: alice-hs256, secret: alice-secret }] }
             """
-            let proxy = try startShippedPluginProxy(yaml: yaml, upstream: upstream, loops: 1, extraPluginPaths: [folder.path])
+            let proxy = try startShippedPluginProxy(yaml: yaml, upstream: upstream, loops: 1, extraPluginPaths: [folder.pluginsDir])
             defer { proxy.stop() }
             let client = try proxy.connect()
             let exp = 2_000_000_000
