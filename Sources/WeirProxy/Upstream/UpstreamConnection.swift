@@ -438,7 +438,11 @@ final class TargetPool {
             connection.close()
             return
         }
-        guard connection.isActive, idle.count < poolConfig.maxIdle else {
+        // Kept even beyond `max_idle`: in a burst, a connection closed here
+        // would be reopened a moment later (connect + teardown cost more than
+        // the whole request). The sweeper trims the excess once it has sat
+        // idle through a whole sweep interval. `max_idle: 0` keeps none.
+        guard connection.isActive, poolConfig.maxIdle > 0 else {
             connection.close()
             return
         }
@@ -453,15 +457,27 @@ final class TargetPool {
         }
     }
 
-    /// Closes idle connections past `idle_timeout`.
+    /// When the sweeper last ran: idle connections beyond `max_idle` idle
+    /// since before then were not needed for a whole interval.
+    private var lastSweep: NIODeadline = .uptimeNanoseconds(0)
+
+    /// Closes idle connections past `idle_timeout`, and those beyond
+    /// `max_idle` (oldest first) that stayed idle since the previous sweep.
     func sweep(now: NIODeadline) {
+        defer { lastSweep = now }
         http2?.sweep(now: now)
         let idleLimit = TimeAmount.nanoseconds(poolConfig.idleTimeout.nanoseconds)
         var kept: [UpstreamConnection] = []
+        // `idle` is oldest first: the excess is taken from the front.
+        var excess = idle.count - poolConfig.maxIdle
         for connection in idle {
-            if connection.isActive && now - connection.idleSince < idleLimit {
+            if excess > 0 && connection.idleSince <= lastSweep {
+                excess -= 1
+                connection.close()
+            } else if connection.isActive && now - connection.idleSince < idleLimit {
                 kept.append(connection)
             } else {
+                excess -= 1
                 connection.close()
             }
         }
