@@ -3,6 +3,7 @@
 // and malformed input of each kind.
 
 import NIOCore
+import WeirCore
 @testable import WeirProxy
 import XCTest
 
@@ -147,5 +148,35 @@ final class ClientHelloParserTests: XCTestCase {
         XCTAssertTrue(reason.contains("exceeds"), reason)
         // The same hello fits a 32 KiB cap.
         guard case .complete = parse(big, max: 32 * 1024) else { return XCTFail() }
+    }
+}
+
+/// SNI routing precedence on the compiled table (no sockets).
+final class StreamRoutingTests: XCTestCase {
+    func testExactThenLongestWildcardThenDefault() throws {
+        var listener = ListenerConfig()
+        listener.name = "edge"
+        listener.protocol = .tls
+        listener.upstream = "fallback"
+        listener.sniRoutes = [SNIRoute(serverNames: ["*.example.com"], upstream: "wide"),
+                              SNIRoute(serverNames: ["*.apps.example.com", "exact.apps.example.com"], upstream: "narrow"),
+                              SNIRoute(serverNames: ["api.example.com"], upstream: "api")]
+        var byName: [String: UpstreamRuntime] = [:]
+        for (i, name) in ["fallback", "wide", "narrow", "api"].enumerated() {
+            var config = UpstreamConfig()
+            config.name = name
+            config.targets = [TargetConfig(address: HostPort(host: "127.0.0.1", port: 1000 + i))]
+            byName[name] = UpstreamRuntime(index: i, config: config)
+        }
+        let routing = try StreamListenerRouting(listener: listener, upstreamsByName: byName)
+        func route(_ sni: String?) -> String? { routing.upstream(serverName: sni)?.name }
+        XCTAssertEqual(route("api.example.com"), "api")
+        XCTAssertEqual(route("exact.apps.example.com"), "narrow")
+        XCTAssertEqual(route("x.apps.example.com"), "narrow", "the longer wildcard suffix wins")
+        XCTAssertEqual(route("a.b.apps.example.com"), "narrow")
+        XCTAssertEqual(route("www.example.com"), "wide")
+        XCTAssertEqual(route("example.com"), "fallback", "a wildcard needs a label before the suffix")
+        XCTAssertEqual(route("example.org"), "fallback")
+        XCTAssertEqual(route(nil), "fallback")
     }
 }

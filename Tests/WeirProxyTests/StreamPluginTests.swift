@@ -195,6 +195,33 @@ final class StreamPluginTests: XCTestCase {
         }
     }
 
+    func testHTTPListenerConnectionPhaseSeesListenerAndLocalPort() throws {
+        try folder.write("where", handler: """
+        local weir = require "weir"
+        local P = { PRIORITY = 100, VERSION = "1" }
+        function P:connection(conf, conn)
+          conn.data.where = conn:get_listener() .. ":" .. tostring(conn:get_local_port())
+          -- Choosing an upstream is for tcp/tls listeners: nil, err here.
+          local ok, err = weir.upstream.set_upstream("backend")
+          conn.data.choice = ok and "chosen" or err
+        end
+        function P:request(conf, ctx)
+          weir.response.set_header("x-where", weir.conn.where)
+          weir.response.set_header("x-choice", weir.conn.choice)
+        end
+        return P
+        """)
+        let upstream = try TestUpstream(group: group)
+        defer { upstream.stop() }
+        let config = ProxyHarness.config(targets: [upstream.address]) { $0.plugins = [pluginRef("where")] }
+        let proxy = try PluginProxy(config: config, folder: folder, loops: 1)
+        defer { proxy.stop() }
+        let response = try proxy.connect().request("GET", "/")
+        XCTAssertEqual(response.status, 200)
+        XCTAssertEqual(response.header("x-where"), "web:\(proxy.harness.port)")
+        XCTAssertEqual(response.header("x-choice"), "weir.upstream.set_upstream in the connection phase only applies to tcp and tls listeners")
+    }
+
     func testReloadChangesNewConnectionsOnlyAndKeepsTheSocket() throws {
         let a = try TCPTestServer(group: group, greeting: "A")
         let b = try TCPTestServer(group: group, greeting: "B")

@@ -183,7 +183,7 @@ final class StreamSession {
         let timeout = settings.connectTimeout ?? upstream.config.timeouts.connect
         let handler = StreamSideHandler(side: .upstream)
         handler.session = self
-        ClientBootstrap(group: client.eventLoop)
+        let bootstrap = ClientBootstrap(group: client.eventLoop)
             .connectTimeout(.nanoseconds(timeout.nanoseconds))
             .channelOption(.allowRemoteHalfClosure, value: true)
             .channelOption(.tcpOption(.tcp_nodelay), value: 1)
@@ -191,37 +191,43 @@ final class StreamSession {
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(handler) }
             }
-            .connect(host: address.host, port: address.port)
-            .whenComplete { [self] result in
-                connectInFlight = false
-                switch result {
-                case .success(let channel):
-                    upstream.health.recordSuccess(target: target)
-                    guard state == .connecting else {
-                        // The client went away while connecting.
-                        routing.balancerFinished(upstream: upstream, target: target)
-                        handler.session = nil
-                        channel.close(promise: nil)
-                        return finishIfDone()
-                    }
-                    connected(handler, target: target)
-                case .failure(let error):
-                    handler.session = nil
+        // An IP literal skips the resolver (and its happy-eyeballs machinery).
+        let connecting: EventLoopFuture<Channel>
+        if let ip = try? SocketAddress(ipAddress: address.host, port: address.port) {
+            connecting = bootstrap.connect(to: ip)
+        } else {
+            connecting = bootstrap.connect(host: address.host, port: address.port)
+        }
+        connecting.whenComplete { [self] result in
+            connectInFlight = false
+            switch result {
+            case .success(let channel):
+                upstream.health.recordSuccess(target: target)
+                guard state == .connecting else {
+                    // The client went away while connecting.
                     routing.balancerFinished(upstream: upstream, target: target)
-                    upstream.health.recordFailure(target: target)
-                    logger.debug("tcp/tls listener: upstream connect failed",
-                                 metadata: ["upstream": "\(upstream.name)", "target": "\(address)", "error": "\(error)"])
-                    guard state == .connecting else { return finishIfDone() }
-                    if attempts <= upstream.config.retries {
-                        connect(excluding: target)
-                    } else {
-                        logger.info("tcp/tls listener: could not connect to the upstream; closing",
-                                    metadata: ["listener": "\(listener.name)", "upstream": "\(upstream.name)",
-                                               "target": "\(address)", "attempts": "\(attempts)", "error": "\(error)"])
-                        fail(.connectFailed)
-                    }
+                    handler.session = nil
+                    channel.close(promise: nil)
+                    return finishIfDone()
+                }
+                connected(handler, target: target)
+            case .failure(let error):
+                handler.session = nil
+                routing.balancerFinished(upstream: upstream, target: target)
+                upstream.health.recordFailure(target: target)
+                logger.debug("tcp/tls listener: upstream connect failed",
+                             metadata: ["upstream": "\(upstream.name)", "target": "\(address)", "error": "\(error)"])
+                guard state == .connecting else { return finishIfDone() }
+                if attempts <= upstream.config.retries {
+                    connect(excluding: target)
+                } else {
+                    logger.info("tcp/tls listener: could not connect to the upstream; closing",
+                                metadata: ["listener": "\(listener.name)", "upstream": "\(upstream.name)",
+                                           "target": "\(address)", "attempts": "\(attempts)", "error": "\(error)"])
+                    fail(.connectFailed)
                 }
             }
+        }
     }
 
     private func connected(_ handler: StreamSideHandler, target: Int) {

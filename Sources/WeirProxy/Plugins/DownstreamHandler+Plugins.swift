@@ -23,7 +23,8 @@ extension DownstreamHandler {
     func startConnectionPlugins(_ plugins: LoopPlugins) {
         guard let chain = plugins.connectionChain else { return }
         let connection = ConnectionPlugins(connectionID: loopContext.requestIDs.next(), clientIP: clientIP,
-                                           clientPort: peerAddress?.port ?? 0, tls: tls)
+                                           clientPort: peerAddress?.port ?? 0, tls: tls,
+                                           localPort: context.channel.localAddress?.port, listenerName: listener.name)
         connectionPlugins = connection
         let channel = context.channel
         let logger = loopContext.logger
@@ -58,7 +59,8 @@ extension DownstreamHandler {
         if let connectionChain = plugins.connectionChain, connectionPlugins?.scope?.runtime !== plugins.runtime {
             let connection = connectionPlugins ?? ConnectionPlugins(connectionID: loopContext.requestIDs.next(),
                                                                     clientIP: clientIP, clientPort: peerAddress?.port ?? 0,
-                                                                    tls: tls)
+                                                                    tls: tls, localPort: context.channel.localAddress?.port,
+                                                                    listenerName: listener.name)
             connectionPlugins = connection
             connection.close()
             let outcome = SynchronousOutcome()

@@ -382,16 +382,21 @@ final class ConnectionPlugins: PluginConnectionContext {
     let clientPort: Int
     let tls: TLSConnectionInfo?
     var serverName: String? { tls?.serverName }
+    let localPort: Int?
+    let listenerName: String?
     private(set) var scope: PluginConnection?
     /// The connection phase waits on an async call: no request is read
     /// until it has decided (a plugin may reject the connection).
     var phasePending = false
 
-    init(connectionID: String, clientIP: String, clientPort: Int, tls: TLSConnectionInfo?) {
+    init(connectionID: String, clientIP: String, clientPort: Int, tls: TLSConnectionInfo?,
+         localPort: Int? = nil, listenerName: String? = nil) {
         self.connectionID = connectionID
         self.clientIP = clientIP
         self.clientPort = clientPort
         self.tls = tls
+        self.localPort = localPort
+        self.listenerName = listenerName
     }
 
     func begin(_ plugins: LoopPlugins) -> PluginConnection {
