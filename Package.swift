@@ -162,7 +162,7 @@ let package = Package(
             name: "weir-consumer-bench",
             dependencies: ["WeirCore", "WeirLua"],
             path: "bench/consumers",
-            exclude: ["README.md", "gen_config.py", "run.sh"],
+            exclude: ["README.md", "gen_config.py", "run.sh", "auth-callgrind.sh"],
             swiftSettings: swift5
         ),
         // Real servers the test targets start (redis-server), shared so that
