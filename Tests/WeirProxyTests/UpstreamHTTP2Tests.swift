@@ -2,6 +2,7 @@ import Foundation
 import Logging
 import NIOCore
 import NIOPosix
+import NIOSSL
 import WeirCore
 @testable import WeirProxy
 import WeirTestSupport
@@ -383,6 +384,58 @@ final class UpstreamHTTP2Tests: XCTestCase {
         var seen = Set<String>()
         for _ in 0..<4 { seen.insert(try client.request("GET", "/").header("x-upstream") ?? "") }
         XCTAssertEqual(seen, ["h2", "backup"])
+    }
+
+    // MARK: - TLS
+
+    /// `tls:` + `protocol: http2`: the handshake offers ALPN h2 and the
+    /// requests go as https streams; a server that does not pick h2 fails
+    /// the attempt with a clear 502; gRPC health probes use TLS too.
+    func testHTTP2OverTLSNegotiatesH2WithALPN() throws {
+        let pki = TestPKI.shared
+        func serverTLS(_ protocols: [String]) throws -> @Sendable () throws -> ChannelHandler {
+            var configuration = TLSConfiguration.makeServerConfiguration(
+                certificateChain: try NIOSSLCertificate.fromPEMFile(pki.cert("localhost")).map { .certificate($0) },
+                privateKey: .privateKey(try NIOSSLPrivateKey(file: pki.key("localhost"), format: .pem)))
+            configuration.applicationProtocols = protocols
+            let context = try NIOSSLContext(configuration: configuration)
+            return { NIOSSLServerHandler(context: context) }
+        }
+        let origin = try HTTP2TestUpstream(name: "h2-tls", group: upstreamGroup, tlsHandler: serverTLS(["h2"]))
+        upstreams.append(origin)
+        var tls = UpstreamTLSConfig()
+        tls.ca = pki.cert("ca")
+        let proxy = try startProxy([address(origin)]) {
+            $0.upstreams[0].tls = tls
+            $0.upstreams[0].retries = 0
+        }
+        let client = try proxy.connect()
+        let response = try grpcCall(client, "/grpc.Echo/Unary", messages: ["secret"])
+        XCTAssertEqual(GRPCTestFraming.messages(response.body), ["secret"])
+        XCTAssertEqual(trailer(response, "grpc-status"), "0")
+        XCTAssertEqual(try client.request("GET", "/").bodyText, "h2 ok from h2-tls")
+        XCTAssertEqual(origin.requestHeaders.last?.first { $0.0 == ":scheme" }?.1, "https")
+        XCTAssertEqual(origin.connectionsAccepted, 1)
+
+        // The gRPC health probe over TLS (ALPN h2 from the upstream's context).
+        let registry = UpstreamTLSRegistry()
+        registry.replaceAll(try UpstreamTLSRegistry.build(try XCTUnwrap(proxyConfig)))
+        let answer = try GRPCHealthProbe.run(on: upstreamGroup.next(), address: address(origin), service: "",
+                                             timeout: .seconds(2), tls: { registry.context(forUpstream: "backend") }).wait()
+        XCTAssertTrue(answer.isServing, answer.description)
+        proxy.stop()
+        self.proxy = nil
+
+        // A TLS server that only speaks HTTP/1.1: refused with the reason.
+        let http1Only = try HTTP2TestUpstream(name: "h1-only", group: upstreamGroup, tlsHandler: serverTLS(["http/1.1"]))
+        upstreams.append(http1Only)
+        let refused = try startProxy([address(http1Only)]) {
+            $0.upstreams[0].tls = tls
+            $0.upstreams[0].retries = 0
+        }
+        let plain = try refused.connect().request("GET", "/")
+        XCTAssertEqual(plain.status, 502)
+        XCTAssertEqual(http1Only.streamsSeen, 0)
     }
 
     // MARK: - Config

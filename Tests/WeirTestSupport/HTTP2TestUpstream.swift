@@ -52,7 +52,10 @@ public final class HTTP2TestUpstream: @unchecked Sendable {
     }
 
     /// `maxConcurrentStreams`: the SETTINGS value this server announces.
-    public init(name: String = "h2", group: EventLoopGroup, maxConcurrentStreams: Int = 100) throws {
+    /// `tlsHandler`: makes the server-side TLS handler of each connection
+    /// (the caller's NIOSSL context, ALPN `h2`); nil = cleartext h2c.
+    public init(name: String = "h2", group: EventLoopGroup, maxConcurrentStreams: Int = 100,
+                tlsHandler: (@Sendable () throws -> ChannelHandler)? = nil) throws {
         self.name = name
         let settings: HTTP2Settings = [
             HTTP2Setting(parameter: .maxConcurrentStreams, value: maxConcurrentStreams),
@@ -65,6 +68,7 @@ public final class HTTP2TestUpstream: @unchecked Sendable {
                 connections.withLockedValue { $0.append(channel) }
                 do {
                     let sync = channel.pipeline.syncOperations
+                    if let tlsHandler { try sync.addHandler(tlsHandler()) }
                     try sync.addHandler(NIOHTTP2Handler(mode: .server, initialSettings: settings))
                     try sync.addHandler(GoAwayOnRequest())
                     try sync.addHandler(HTTP2StreamMultiplexer(mode: .server, channel: channel, inboundStreamInitializer: { stream in

@@ -22,9 +22,16 @@ public enum GRPCHealthProbe {
         }
     }
 
+    /// `tls`: for TLS upstreams, the context to probe with (its ALPN offers
+    /// h2); a TLS upstream whose context is missing is probed as failed.
     public static func run(on eventLoop: EventLoop, address: HostPort, service: String,
-                           timeout: TimeAmount) -> EventLoopFuture<Answer> {
+                           timeout: TimeAmount, tls: (@Sendable () -> UpstreamTLSContext?)? = nil) -> EventLoopFuture<Answer> {
         let promise = eventLoop.makePromise(of: Answer.self)
+        let tlsContext = tls?()
+        if tls != nil && tlsContext == nil {
+            promise.fail(UpstreamTLSError(target: address.description, reason: "no TLS context loaded"))
+            return promise.futureResult
+        }
         let deadline = eventLoop.scheduleTask(in: timeout) { promise.fail(HealthProbe.TimedOut()) }
         promise.futureResult.whenComplete { _ in deadline.cancel() }
         ClientBootstrap(group: eventLoop)
@@ -32,6 +39,7 @@ public enum GRPCHealthProbe {
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     let sync = channel.pipeline.syncOperations
+                    try tlsContext?.addClientHandler(to: channel, targetHost: address.host)
                     try sync.addHandler(NIOHTTP2Handler(mode: .client))
                     try sync.addHandler(HTTP2StreamMultiplexer(mode: .client, channel: channel, inboundStreamInitializer: nil))
                 }
@@ -49,7 +57,8 @@ public enum GRPCHealthProbe {
                         multiplexer.createStreamChannel(promise: nil) { stream in
                             stream.eventLoop.makeCompletedFuture {
                                 try stream.pipeline.syncOperations.addHandler(
-                                    GRPCHealthCallHandler(authority: address.description, service: service, promise: promise))
+                                    GRPCHealthCallHandler(authority: address.description, scheme: tlsContext == nil ? "http" : "https",
+                                                          service: service, promise: promise))
                             }
                         }
                     } catch {
@@ -123,21 +132,23 @@ private final class GRPCHealthCallHandler: ChannelInboundHandler {
     typealias OutboundOut = HTTP2Frame.FramePayload
 
     private let authority: String
+    private let scheme: String
     private let service: String
     private let promise: EventLoopPromise<GRPCHealthProbe.Answer>
     private var body = ByteBuffer()
     private var answer = GRPCHealthProbe.Answer()
     private var httpStatus: String?
 
-    init(authority: String, service: String, promise: EventLoopPromise<GRPCHealthProbe.Answer>) {
+    init(authority: String, scheme: String, service: String, promise: EventLoopPromise<GRPCHealthProbe.Answer>) {
         self.authority = authority
+        self.scheme = scheme
         self.service = service
         self.promise = promise
     }
 
     func channelActive(context: ChannelHandlerContext) {
         let headers = HPACKHeaders([
-            (":method", "POST"), (":scheme", "http"), (":authority", authority),
+            (":method", "POST"), (":scheme", scheme), (":authority", authority),
             (":path", "/grpc.health.v1.Health/Check"),
             ("content-type", "application/grpc"), ("te", "trailers"), ("user-agent", "weir-health-check"),
         ])

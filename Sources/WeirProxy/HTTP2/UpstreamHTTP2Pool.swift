@@ -1,6 +1,7 @@
 import NIOCore
 import NIOPosix
 import NIOHTTP2
+import NIOTLS
 import WeirCore
 
 /// HTTP/2 connections to one target from one event loop (`protocol: http2`
@@ -51,7 +52,7 @@ final class UpstreamHTTP2Pool {
     /// reports to `targetPool` like an HTTP/1 connection.
     func openStream(for targetPool: TargetPool) -> EventLoopFuture<UpstreamConnection> {
         loop.preconditionInEventLoop()
-        let connection = pickConnection()
+        let connection = pickConnection(tls: targetPool.tls)
         connection.activeStreams += 1
         // Streams before this one on the same connection make it "reused".
         let earlierStreams = connection.streamsOpened
@@ -64,7 +65,7 @@ final class UpstreamHTTP2Pool {
             multiplexer.createStreamChannel(promise: promise) { streamChannel in
                 do {
                     try streamChannel.pipeline.syncOperations.addHandlers([
-                        UpstreamHTTP2StreamCodec(scheme: "http"), UpstreamHandler(),
+                        UpstreamHTTP2StreamCodec(scheme: connection.scheme), UpstreamHandler(),
                     ])
                     return streamChannel.eventLoop.makeSucceededVoidFuture()
                 } catch {
@@ -90,7 +91,7 @@ final class UpstreamHTTP2Pool {
     }
 
     /// The first connection with room, else a new one, else the least busy.
-    private func pickConnection() -> UpstreamHTTP2Connection {
+    private func pickConnection(tls: (() -> UpstreamTLSContext?)?) -> UpstreamHTTP2Connection {
         var leastBusy: UpstreamHTTP2Connection?
         for connection in connections where connection.acceptsStreams {
             if connection.activeStreams < min(config.maxConcurrentStreams, connection.peerMaxStreams) {
@@ -99,21 +100,35 @@ final class UpstreamHTTP2Pool {
             if leastBusy == nil || connection.activeStreams < leastBusy!.activeStreams { leastBusy = connection }
         }
         if connections.count < config.maxConnections || leastBusy == nil {
-            return connect()
+            return connect(tls: tls)
         }
         return leastBusy!
     }
 
-    private func connect() -> UpstreamHTTP2Connection {
+    /// `tls`: the upstream's TLS context provider (TLS upstreams): the
+    /// handshake offers ALPN `h2` and must end with the server choosing it.
+    private func connect(tls: (() -> UpstreamTLSContext?)?) -> UpstreamHTTP2Connection {
         let promise = loop.makePromise(of: Void.self)
-        let connection = UpstreamHTTP2Connection(ready: promise.futureResult)
+        let tlsContext = tls?()
+        let connection = UpstreamHTTP2Connection(ready: promise.futureResult, scheme: tls == nil ? "http" : "https")
         connections.append(connection)
+        if tls != nil && tlsContext == nil {
+            remove(connection)
+            promise.fail(UpstreamTLSError(target: "\(host):\(port)", reason: "no TLS context loaded"))
+            return connection
+        }
+        let host = self.host
         let bootstrap = ClientBootstrap(group: loop)
             .connectTimeout(connectTimeout)
             .channelOption(.tcpOption(.tcp_nodelay), value: 1)
             .channelInitializer { channel in
                 do {
                     let sync = channel.pipeline.syncOperations
+                    if let tlsContext {
+                        // TLS first; HTTP/2's preface waits in it until the handshake is done.
+                        try tlsContext.addClientHandler(to: channel, targetHost: host)
+                        try sync.addHandler(ALPNRecorder())
+                    }
                     try sync.addHandler(NIOHTTP2Handler(mode: .client, initialSettings: Self.localSettings))
                     try sync.addHandler(UpstreamHTTP2ConnectionObserver(pool: self, connection: connection))
                     // A stream channel turns unwritable past 64 KiB buffered
@@ -129,7 +144,29 @@ final class UpstreamHTTP2Pool {
                     return channel.eventLoop.makeFailedFuture(error)
                 }
             }
-        let future = address.map { bootstrap.connect(to: $0) } ?? bootstrap.connect(host: host, port: port)
+        let label = "\(host):\(port)"
+        let future = (address.map { bootstrap.connect(to: $0) } ?? bootstrap.connect(host: host, port: port))
+            .flatMap { channel -> EventLoopFuture<Channel> in
+                guard tlsContext != nil else { return channel.eventLoop.makeSucceededFuture(channel) }
+                let recorder: ALPNRecorder
+                do {
+                    recorder = try channel.pipeline.syncOperations.handler(type: ALPNRecorder.self)
+                } catch {
+                    return channel.eventLoop.makeFailedFuture(error)
+                }
+                // The recorder completes on the handshake's end (not
+                // UpstreamTLSContext.handshakeDone: its waiter removes itself
+                // before passing the event on).
+                return recorder.negotiated.flatMapErrorThrowing { error in
+                    throw UpstreamTLSError(target: label, reason: "\(error)")
+                }.flatMapThrowing { alpn in
+                    guard alpn == "h2" else {
+                        channel.close(promise: nil)
+                        throw UpstreamTLSError(target: label, reason: "the server did not accept HTTP/2 (ALPN: \(alpn ?? "none"))")
+                    }
+                    return channel
+                }
+            }
         future.whenComplete { result in
             switch result {
             case .success(let channel):
@@ -227,8 +264,12 @@ final class UpstreamHTTP2Connection {
     var goingAway = false
     var idleSince = NIODeadline.now()
 
-    init(ready: EventLoopFuture<Void>) {
+    /// `:scheme` of its requests: http (prior knowledge) or https (TLS).
+    let scheme: String
+
+    init(ready: EventLoopFuture<Void>, scheme: String) {
         self.ready = ready
+        self.scheme = scheme
     }
 
     var acceptsStreams: Bool { !goingAway }
@@ -279,5 +320,54 @@ final class UpstreamHTTP2ConnectionObserver: ChannelInboundHandler {
         }
         pool.goAwayReceived(on: connection)
         context.close(promise: nil)
+    }
+}
+
+/// The protocol ALPN settled on (TLS upstream connections), as a future
+/// completed when the handshake's event passes this handler; failed with
+/// the handshake's error or when the connection closes first.
+final class ALPNRecorder: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    typealias InboundOut = ByteBuffer
+    private var promise: EventLoopPromise<String?>?
+    private(set) var negotiated: EventLoopFuture<String?>!
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        let promise = context.eventLoop.makePromise(of: String?.self)
+        self.promise = promise
+        negotiated = promise.futureResult
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        promise?.fail(ChannelError.ioOnClosedChannel)
+        promise = nil
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let tls = event as? TLSUserEvent, case .handshakeCompleted(let proto) = tls {
+            promise?.succeed(proto)
+            promise = nil
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        if let promise {
+            self.promise = nil
+            promise.fail(error)
+            context.close(promise: nil)
+            return
+        }
+        context.fireErrorCaught(error)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        promise?.fail(ClosedDuringHandshake())
+        promise = nil
+        context.fireChannelInactive()
+    }
+
+    struct ClosedDuringHandshake: Error, CustomStringConvertible {
+        var description: String { "connection closed during the handshake" }
     }
 }

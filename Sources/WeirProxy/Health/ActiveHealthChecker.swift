@@ -134,7 +134,7 @@ public final class ActiveHealthChecker: @unchecked Sendable {
 
     private func runGRPCProbe(_ job: Job) -> EventLoopFuture<Void> {
         GRPCHealthProbe.run(on: eventLoop, address: job.address, service: job.check.grpcService,
-                            timeout: .nanoseconds(job.check.timeout.nanoseconds))
+                            timeout: .nanoseconds(job.check.timeout.nanoseconds), tls: job.tls)
             .map { answer in
                 self.record(job, healthy: answer.isServing, detail: answer.description)
             }

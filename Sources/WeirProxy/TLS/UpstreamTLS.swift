@@ -17,11 +17,13 @@ public final class UpstreamTLSContext: @unchecked Sendable {
     let context: NIOSSLContext
     let config: UpstreamTLSConfig
 
-    init(config: UpstreamTLSConfig, path: String) throws {
+    /// `applicationProtocols`: what ALPN offers (`h2` for `protocol: http2`
+    /// upstreams, which then check the server chose it).
+    init(config: UpstreamTLSConfig, path: String, applicationProtocols: [String] = ["http/1.1"]) throws {
         var problems: [ConfigIssue] = []
         var configuration = TLSConfiguration.makeClientConfiguration()
         configuration.minimumTLSVersion = .tlsv12
-        configuration.applicationProtocols = ["http/1.1"]
+        configuration.applicationProtocols = applicationProtocols
         // Closing a pooled connection: send close_notify, then wait only
         // briefly for the upstream's (the 5 s default held sockets open).
         configuration.shutdownTimeout = .milliseconds(200)
@@ -162,7 +164,9 @@ public final class UpstreamTLSRegistry: @unchecked Sendable {
         for (index, upstream) in config.upstreams.enumerated() {
             guard let tls = upstream.tls else { continue }
             do {
-                result[upstream.name] = try UpstreamTLSContext(config: tls, path: "upstreams[\(index)].tls")
+                result[upstream.name] = try UpstreamTLSContext(
+                    config: tls, path: "upstreams[\(index)].tls",
+                    applicationProtocols: upstream.upstreamProtocol == .http2 ? ["h2"] : ["http/1.1"])
             } catch let error as TLSFileProblems {
                 problems += error.issues
             } catch {
