@@ -5,16 +5,15 @@ import WeirCore
 
 /// The proxy for one downstream HTTP/1.1 connection, over raw bytes.
 ///
-/// Two layers live here, kept apart so an HTTP/2 stream can later drive the
-/// same exchange logic with its own framing (see docs/http1-codec.md):
-/// - **HTTP/1.1 framing** (`MARK: - HTTP/1.1 framing`): one cumulation
-///   buffer, `HTTP1RequestParser` for heads, content-length slices or
-///   `HTTP1ChunkedDecoder` for bodies; responses written as bytes
-///   (`HTTP1HeadWriter` for forwarded heads, chunk framing when re-chunked).
-/// - **The exchange** (`beginRequest` → routing, plugins, upstream attempts,
-///   retries, timeouts, response relay → `finishExchange`), which sees a
-///   `RequestHead` and body slices and answers through the `writeResponse*`
-///   functions.
+/// This type is the **HTTP/1.1 framing**: one cumulation buffer,
+/// `HTTP1RequestParser` for heads, content-length slices or
+/// `HTTP1ChunkedDecoder` for bodies; responses written as bytes
+/// (`HTTP1HeadWriter` for forwarded heads, chunk framing when re-chunked).
+/// **The exchange** (routing, plugins, upstream attempts, retries,
+/// timeouts, response relay) is `ExchangeDownstream`'s extension
+/// (`Exchange/ExchangeDownstream.swift`), shared with HTTP/2 streams: it
+/// sees a `RequestHead` and body slices and answers through the write
+/// functions this type implements (`MARK: - HTTP/1.1 framing: output`).
 ///
 /// One request at a time goes through: while a request is in flight the
 /// client is read only to stream that request's body (and only as fast as
@@ -23,7 +22,7 @@ import WeirCore
 ///
 /// Pipeline: just this handler. The upstream side of each exchange is an
 /// `UpstreamConnection` from the loop's pool, on this loop.
-final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, UpstreamConnectionDelegate {
+final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, ExchangeDownstream {
     typealias InboundIn = ByteBuffer
     typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
@@ -39,7 +38,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
     private var pendingResponseHead: ByteBuffer?
     var peerAddress: SocketAddress?
     var clientIP = ""
-    private var peerTrusted = false
+    private(set) var peerTrusted = false
 
     /// The request in flight, if any.
     var exchange: Exchange?
@@ -67,10 +66,10 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
     private var connectionTimerIsHeader = false
     /// Read/write/whole-request deadlines of the exchange in flight. Per
     /// connection (not per exchange) so keep-alive requests reuse its task.
-    private var exchangeTimer = LazyTimer()
+    var exchangeTimer = LazyTimer()
     private var sawHeadBytes = false
     private var closing = false
-    private var draining = false
+    private(set) var draining = false
     private var registered = false
     /// The parser saw an error; nothing more will be parsed.
     private var decoderFailed = false
@@ -80,7 +79,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
     private var decoderStopped = false
     /// The client shut down its write side: no more requests will come.
     private var inputClosed = false
-    /// The connection-phase plugin scope (see DownstreamHandler+Plugins).
+    /// The connection-phase plugin scope (see ExchangeDownstream+Plugins).
     var connectionPlugins: ConnectionPlugins?
     /// The TLS session of an https connection (set before this handler is
     /// added; see TLS/ListenerTLS.swift); nil on plain connections.
@@ -382,12 +381,6 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
 
     // MARK: - Request start
 
-    private func makeExchange(head: RequestHead?) -> Exchange {
-        let exchange = Exchange(id: loopContext.requestIDs.next(), head: head)
-        if listener.observer != nil { exchange.wallStart = wallClockSeconds() }
-        return exchange
-    }
-
     /// A parsed HTTP/1.1 head: sets up how its body is read, then hands the
     /// request to the exchange logic.
     private func beginRequest(_ wire: HTTP1RequestHead) {
@@ -425,444 +418,9 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         routeRequest(exchange, head: head)
     }
 
-    /// The exchange starts here: a complete head (any wire protocol), its
-    /// body still to come through `requestBody` / `requestEnd`.
-    private func routeRequest(_ exchange: Exchange, head: RequestHead) {
-        if head.method == .CONNECT {
-            // A reverse proxy does not open tunnels to arbitrary authorities.
-            exchange.keepAlive = false
-            return rejectHead(exchange, .notImplemented, "CONNECT is not supported: Weir is a reverse proxy")
-        }
-        // Request target: origin-form (`/path?q`), absolute-form
-        // (`http://host/path`, whose authority replaces Host), or `*`
-        // (OPTIONS only: routed as `/`, forwarded as `*`).
-        var target = Substring(head.uri)
-        var hostHeader = head.host
-        let asterisk = target == "*"
-        if asterisk {
-            target = "/"
-        } else if target.utf8.first != UInt8(ascii: "/") {
-            let lower = target.prefix(8).lowercased()
-            let schemeLength = lower.hasPrefix("http://") ? 7 : lower.hasPrefix("https://") ? 8 : 0
-            guard schemeLength > 0 else {
-                return rejectHead(exchange, .badRequest, "unsupported request target")
-            }
-            let rest = target.dropFirst(schemeLength)
-            let slash = rest.firstIndex { $0 == "/" || $0 == "?" } ?? rest.endIndex
-            hostHeader = String(rest[..<slash])
-            target = rest[slash...]
-            if target.isEmpty || target.first == "?" { target = "/" + target }
-        }
-        let rawPath: Substring
-        let query: Substring
-        if let q = target.firstIndex(of: "?") {
-            rawPath = target[..<q]
-            query = target[q...]
-        } else {
-            rawPath = target
-            query = ""
-        }
-        // Route on the normalized path and forward that same path, so the
-        // upstream serves exactly what was routed (no `/public/../admin`).
-        guard let path = RequestPath.normalize(String(rawPath)) else {
-            return rejectHead(exchange, .badRequest, "malformed request path")
-        }
-        exchange.hostHeader = hostHeader
-        // The route table ignores a port and compares case-insensitively.
-        let host = hostHeader ?? ""
-        guard var routed = loopContext.routing.route(method: head.method, host: host, path: path, query: query, headers: head.headers) else {
-            return rejectHead(exchange, .noRoute, "no route matches \(head.method.rawValue) \(path)")
-        }
-        if asterisk {
-            routed = RoutedRequest(route: routed.route, upstream: routed.upstream, forwardURI: "*", routing: routed.routing)
-        }
-        exchange.routed = routed
-
-        // Body limit (route overrides listener).
-        let maxBody = routed.route.maxBodyBytes ?? listener.config.limits.maxBodyBytes
-        exchange.maxBody = maxBody
-        if let maxBody, let length = exchange.framing.contentLength, length > maxBody {
-            exchange.keepAlive = false
-            return rejectHead(exchange, .bodyTooLarge, "request body of \(length) bytes exceeds the limit of \(maxBody)")
-        }
-        if draining {
-            exchange.keepAlive = false
-        }
-        if let plugins = loopContext.plugins, let chain = plugins.chain(forRoute: routed.route.name) {
-            return startRequestPlugins(exchange, plugins: plugins, chain: chain, path: path, query: query)
-        }
-        startAttempt(exchange, excluding: nil)
-    }
-
-    /// A request refused before anything reached an upstream.
-    private func rejectHead(_ exchange: Exchange, _ kind: ProxyErrorKind, _ message: String) {
-        exchange.discardingBody = true
-        let clientError: Bool
-        switch kind {
-        case .badRequest, .headersTooLarge, .uriTooLong, .bodyTooLarge, .notImplemented, .versionNotSupported: clientError = true
-        default: clientError = false
-        }
-        sendLocalResponse(exchange, kind: kind, message: message, close: !exchange.keepAlive || clientError)
-    }
-
-    // MARK: - Upstream attempts
-
-    /// Picks a target and gets a connection for the next attempt.
-    func startAttempt(_ exchange: Exchange, excluding: Int?) {
-        guard let routed = exchange.routed, let head = exchange.head else { return }
-        let upstream = routed.upstream
-        guard let target = exchange.pinnedTarget(excluding: excluding)
-                ?? routed.routing.pickTarget(upstream: upstream, headers: head.headers, clientIP: clientIP, excluding: excluding) else {
-            return failBeforeResponse(exchange, .noHealthyTarget, "no healthy target in upstream \(upstream.name)")
-        }
-        exchange.attempts += 1
-        exchange.target = target
-        exchange.staleRetried = false
-        if exchange.upstreamStart == nil { exchange.upstreamStart = .now() }
-        if exchange.upstreamHead != nil {
-            // Materialised for plugins (see startRequestPlugins).
-            if !routed.route.preserveHost {
-                exchange.upstreamHead!.headers.replaceOrAdd(name: "host", value: upstream.targetLabels[target])
-            }
-        } else if exchange.upstreamEdits == nil {
-            exchange.upstreamEdits = upstreamEdits(exchange, head: head, routed: routed)
-        } else if !routed.route.preserveHost {
-            exchange.upstreamEdits!.added[0].value = upstream.targetLabels[target]
-        }
-        let pool = routed.routing.pools[upstream.index][target]
-        routed.routing.balancerStarted(upstream: upstream, target: target)
-        exchange.balancerActive = true
-        if let connection = pool.takeIdle(now: .now()) {
-            useConnection(connection, for: exchange)
-        } else {
-            connectFresh(exchange, pool: pool)
-        }
-    }
-
-    private func connectFresh(_ exchange: Exchange, pool: TargetPool) {
-        pool.connect().whenComplete { [weak self] result in
-            guard let self else {
-                if case .success(let c) = result { c.close() }
-                return
-            }
-            guard self.exchange === exchange, !exchange.finished else {
-                // The request ended (client gone, timeout) while we connected: keep the connection.
-                if case .success(let c) = result { pool.release(c, now: .now()) }
-                return
-            }
-            switch result {
-            case .success(let connection):
-                self.useConnection(connection, for: exchange)
-            case .failure(let error):
-                self.connectFailed(exchange, error: error)
-            }
-        }
-    }
-
-    private func connectFailed(_ exchange: Exchange, error: Error) {
-        guard let routed = exchange.routed, let target = exchange.target else { return }
-        endBalancerAttempt(exchange)
-        routed.upstream.health.recordFailure(target: target)
-        let isTimeout = (error as? ChannelError).map { if case .connectTimeout = $0 { return true } else { return false } } ?? false
-        let tlsError = error as? UpstreamTLSError
-        if let tlsError {
-            // Wrong CA, wrong name, refused client certificate: a setup problem worth a warning.
-            loopContext.logger.warning("upstream TLS handshake failed", metadata: [
-                "request_id": "\(exchange.id)", "upstream": "\(routed.upstream.name)", "error": "\(tlsError)"])
-        }
-        // Nothing was sent: a connect failure is always safe to retry.
-        if exchange.attempts <= exchange.retries(routed) {
-            return startAttempt(exchange, excluding: target)
-        }
-        if let tlsError {
-            failBeforeResponse(exchange, .connectFailed, "\(tlsError)")
-        } else if isTimeout {
-            failBeforeResponse(exchange, .upstreamTimeout, "connecting to \(routed.upstream.targetLabels[target]) timed out")
-        } else {
-            failBeforeResponse(exchange, .connectFailed, "could not connect to upstream \(routed.upstream.name) (\(routed.upstream.targetLabels[target]))")
-        }
-    }
-
-    private func upstreamHostHeader(_ exchange: Exchange, routed: RoutedRequest) -> String {
-        if routed.route.preserveHost, let clientHost = exchange.hostHeader { return clientHost }
-        return routed.upstream.targetLabels[exchange.target ?? 0]
-    }
-
-    /// The upstream head as a NIO value, for plugins to edit (the plugin path).
-    func buildUpstreamHead(_ exchange: Exchange, head: RequestHead, routed: RoutedRequest) -> HTTPRequestHead {
-        let upgrade = exchange.isUpgrade ? head.headers.first(named: "upgrade") : nil
-        return HeaderRewriting.upstreamRequestHead(
-            from: head.materialized(), forwardURI: routed.forwardURI, framing: exchange.framing, upgrade: upgrade,
-            hostHeader: upstreamHostHeader(exchange, routed: routed), clientHost: exchange.hostHeader,
-            clientIP: clientIP, peerTrusted: peerTrusted, scheme: listener.scheme, requestID: exchange.id)
-    }
-
-    /// The upstream head as edits to the client's head (the fast path: kept
-    /// field lines are copied as bytes). Same rules as
-    /// `HeaderRewriting.upstreamRequestHead`: hop-by-hop fields go (and what
-    /// Connection names), Host/X-Request-ID are replaced, X-Forwarded-* are
-    /// replaced (extended for a trusted peer), Via is extended.
-    /// `added[0]` is always Host (a retry on another target replaces it).
-    private func upstreamEdits(_ exchange: Exchange, head: RequestHead, routed: RoutedRequest) -> HTTP1HeadEdits {
-        let fields = head.headers
-        var edits = HTTP1HeadEdits(removed: fields.hopByHopFields(keepUpgrade: exchange.isUpgrade), target: routed.forwardURI)
-        var forwardedFor: String? = nil
-        var forwardedProto: String? = nil
-        var forwardedHost: String? = nil
-        var via: String? = nil
-        for (i, e) in fields.entries.enumerated() {
-            switch e.known {
-            case .host, .xRequestID:
-                edits.removed.insert(i)
-            case .xForwardedFor:
-                edits.removed.insert(i)
-                if peerTrusted { let v = fields.value(at: i); forwardedFor = forwardedFor.map { $0 + ", " + v } ?? v }
-            case .xForwardedProto:
-                edits.removed.insert(i)
-                if peerTrusted && forwardedProto == nil { forwardedProto = fields.value(at: i) }
-            case .xForwardedHost:
-                edits.removed.insert(i)
-                if peerTrusted && forwardedHost == nil { forwardedHost = fields.value(at: i) }
-            case .via:
-                edits.removed.insert(i)
-                let v = fields.value(at: i)
-                via = via.map { $0 + ", " + v } ?? v
-            default:
-                break
-            }
-        }
-        edits.added.reserveCapacity(8)
-        edits.added.append((name: "host", value: upstreamHostHeader(exchange, routed: routed)))
-        if exchange.framing.chunked { edits.added.append((name: "transfer-encoding", value: "chunked")) }
-        if exchange.isUpgrade { edits.added.append((name: "connection", value: "upgrade")) }
-        edits.added.append((name: "x-forwarded-for", value: forwardedFor.map { $0 + ", " + clientIP } ?? clientIP))
-        edits.added.append((name: "x-forwarded-proto", value: forwardedProto ?? listener.scheme))
-        if let host = forwardedHost ?? exchange.hostHeader {
-            edits.added.append((name: "x-forwarded-host", value: host))
-        }
-        let viaEntry = head.isHTTP10 ? "1.0 weir" : "1.1 weir"
-        edits.added.append((name: "via", value: via.map { $0 + ", " + viaEntry } ?? viaEntry))
-        edits.added.append((name: "x-request-id", value: exchange.id))
-        return edits
-    }
-
-    /// The upstream request head as bytes, whether it chunks its body, and
-    /// the method the response answers (HEAD responses have no body).
-    private func serializeUpstreamHead(_ exchange: Exchange) -> (ByteBuffer, chunked: Bool, method: HTTP1Method) {
-        if let head = exchange.upstreamHead {
-            var out = allocator.buffer(capacity: 512)
-            HeadSerialization.writeRequest(head, into: &out)
-            let method: HTTP1Method = head.method == .HEAD ? .head : head.method == .CONNECT ? .connect : .get
-            return (out, head.headers.contains(name: "transfer-encoding"), method)
-        }
-        let wire = exchange.head!.wire!
-        var out = allocator.buffer(capacity: wire.bytes.readableBytes + 256)
-        HTTP1HeadWriter.writeRequest(wire, edits: exchange.upstreamEdits!, into: &out)
-        return (out, exchange.framing.chunked, wire.method)
-    }
-
-    private func useConnection(_ connection: UpstreamConnection, for exchange: Exchange) {
-        exchange.connection = connection
-        exchange.connectionReused = connection.requestsSent > 0
-        connection.requestsSent += 1
-        connection.attach(self)
-        let (head, chunked, method) = serializeUpstreamHead(exchange)
-        connection.writeHead(head, method: method, chunkedBody: chunked)
-        if let replacement = exchange.replacementBody {
-            // The client's body is dropped; the replacement goes once the
-            // client's request has ended (else requestEnd writes it).
-            exchange.pendingUpstream.removeAll()
-            if exchange.requestEnded { writeReplacementBody(replacement, exchange: exchange, to: connection) }
-        } else if !exchange.pendingUpstream.isEmpty {
-            for part in exchange.pendingUpstream {
-                switch part {
-                case .body(.byteBuffer(let buffer)):
-                    exchange.bodyForwarded = true
-                    connection.writeBody(buffer)
-                case .end(let trailers):
-                    connection.writeEnd(trailers: trailers)
-                default:
-                    break
-                }
-            }
-            exchange.pendingUpstream.removeAll()
-        } else if exchange.requestEnded && exchange.bodyless {
-            // A retry of a bodyless request: its end was consumed by the first attempt.
-            connection.writeEnd(trailers: nil)
-        }
-        connection.flush()
-        if exchange.requestEnded { requestFullySent(exchange) }
-        armExchangeTimer(exchange)
-        resumeReadingIfAllowed()
-    }
-
-    // MARK: - Request body
-
-    private func requestBody(_ buffer: ByteBuffer, exchange: Exchange) {
-        exchange.bytesIn += buffer.readableBytes
-        if exchange.discardingBody { return }
-        if let max = exchange.maxBody, exchange.bytesIn > max {
-            exchange.keepAlive = false
-            if !exchange.bodyForwarded && !exchange.responseStarted {
-                exchange.connection?.close()
-                exchange.connection = nil
-                endBalancerAttempt(exchange)
-                exchange.discardingBody = true
-                sendLocalResponse(exchange, kind: .bodyTooLarge, message: "request body exceeds the limit of \(max) bytes", close: true)
-            } else {
-                abortExchange(exchange, reason: "request body exceeds the limit")
-                context.close(promise: nil)
-            }
-            return
-        }
-        if let connection = exchange.connection {
-            if exchange.replacementBody != nil { return }   // set_body: the client's body is dropped
-            connection.writeBody(buffer)
-            exchange.bodyForwarded = true
-            exchange.upstreamNeedsFlush = true
-        } else {
-            exchange.pendingUpstream.append(.body(.byteBuffer(buffer)))
-            exchange.plugins?.requestBodyArrived()
-        }
-    }
-
-    private func requestEnd(_ trailers: HTTPHeaders?, exchange: Exchange) {
-        exchange.requestEnded = true
-        if exchange.discardingBody {
-            if exchange.localResponseDone { finishExchange(exchange) }
-            return
-        }
-        if let connection = exchange.connection {
-            if let replacement = exchange.replacementBody {
-                writeReplacementBody(replacement, exchange: exchange, to: connection)
-            } else {
-                connection.writeEnd(trailers: trailers)
-            }
-            exchange.upstreamNeedsFlush = true
-            requestFullySent(exchange)
-        } else {
-            // With a set_body replacement these are kept too (plugins may
-            // still read the body); useConnection drops them.
-            // A bodyless request's end is written by useConnection without
-            // queueing it (saves an array per request).
-            guard !exchange.bodyless else { return }
-            exchange.pendingUpstream.append(.end(trailers))
-            exchange.plugins?.requestBodyArrived()
-        }
-    }
-
-    private func writeReplacementBody(_ body: ByteBuffer, exchange: Exchange, to connection: UpstreamConnection) {
-        if body.readableBytes > 0 {
-            connection.writeBody(body)
-            exchange.bodyForwarded = true
-        }
-        connection.writeEnd(trailers: nil)
-    }
-
-    private func requestFullySent(_ exchange: Exchange) {
-        let now = NIODeadline.now()
-        exchange.requestSentAt = now
-        exchange.lastUpstreamRead = now
-        armExchangeTimer(exchange)
-    }
-
-    // MARK: - UpstreamConnectionDelegate
-
-    func upstreamRead(_ part: UpstreamResponsePart, on connection: UpstreamConnection) {
-        guard let exchange, exchange.connection === connection else {
-            connection.close()
-            return
-        }
-        if let plugins = exchange.plugins, plugins.holdingResponse {
-            plugins.heldParts.append(part)
-            return
-        }
-        if exchange.requestSentAt != nil { exchange.lastUpstreamRead = .now() }
-        switch part {
-        case .head(let head):
-            upstreamHead(head, exchange: exchange, connection: connection)
-        case .body(let buffer):
-            guard exchange.responseStarted else { return }
-            if let plugins = exchange.plugins, plugins.filtersBody {
-                return filterResponseBody(buffer, exchange: exchange, plugins: plugins, connection: connection)
-            }
-            exchange.bytesOut += buffer.readableBytes
-            writeResponseBody(buffer, exchange: exchange)
-            if !context.channel.isWritable {
-                connection.handler.pauseReading()
-            }
-        case .end(let trailers):
-            if let plugins = exchange.plugins, plugins.filtersBody, !plugins.lastChunkFiltered, exchange.responseStarted {
-                return filterLastChunk(trailers, exchange: exchange, plugins: plugins, connection: connection)
-            }
-            upstreamEnd(trailers, exchange: exchange, connection: connection)
-        }
-    }
-
-    private func upstreamHead(_ head: HTTP1ResponseHead, exchange: Exchange, connection: UpstreamConnection) {
-        guard let routed = exchange.routed, let target = exchange.target else { return }
-        let code = head.status
-        if head.isInterim {
-            // Informational (100 Continue, 103 Early Hints): relayed as is,
-            // to HTTP/1.1 clients only (RFC 9110 §15.2).
-            guard !exchange.head!.isHTTP10 else { return }
-            var out = allocator.buffer(capacity: head.bytes.readableBytes)
-            HTTP1HeadWriter.writeResponse(head, edits: HTTP1HeadEdits(removed: head.fields.hopByHopFields()), into: &out)
-            context.writeAndFlush(wrapOutboundOut(out), promise: nil)
-            return
-        }
-        if code >= 500 { routed.upstream.health.recordFailure(target: target) } else { routed.upstream.health.recordSuccess(target: target) }
-
-        // Retry idempotent bodyless requests on 502/503/504.
-        if (502...504).contains(code), exchange.bodyless, exchange.requestEnded,
-           Self.isIdempotent(exchange.head!.method), exchange.attempts <= exchange.retries(routed) {
-            exchange.connection = nil
-            connection.close()
-            endBalancerAttempt(exchange)
-            return startAttempt(exchange, excluding: target)
-        }
-        exchange.upstreamKeepAlive = head.keepAlive
-        guard checkUpgradeResponse(code, exchange: exchange, connection: connection) else { return }
-
-        if let plugins = exchange.plugins, code != 101 {
-            guard let head = runResponsePlugins(Self.materialized(head), exchange: exchange, plugins: plugins, connection: connection) else { return }
-            return relayResponseHead(head, exchange: exchange, connection: connection)
-        }
-        relayWireResponseHead(head, exchange: exchange)
-    }
-
-    /// The head as NIO's value type, for the response phase to edit.
-    private static func materialized(_ head: HTTP1ResponseHead) -> HTTPResponseHead {
-        var headers = HTTPHeaders()
-        headers.reserveCapacity(head.fields.count + 4)
-        for i in 0..<head.fields.count { headers.add(name: head.fields.name(at: i), value: head.fields.value(at: i)) }
-        return HTTPResponseHead(version: head.version.minor == 0 ? .http1_0 : .http1_1,
-                                status: HTTPResponseStatus(statusCode: head.status, reasonPhrase: head.reason),
-                                headers: headers)
-    }
-
-    /// A 101 only answers an upgrade request; a refused upgrade ends the
-    /// connection after its response. False when the exchange failed.
-    private func checkUpgradeResponse(_ code: Int, exchange: Exchange, connection: UpstreamConnection) -> Bool {
-        let isUpgrade = code == 101
-        if isUpgrade && !exchange.isUpgrade {
-            exchange.connection = nil
-            connection.close()
-            failBeforeResponse(exchange, .badUpstreamResponse, "upstream switched protocols without an upgrade request")
-            return false
-        }
-        if exchange.isUpgrade && !isUpgrade { exchange.keepAlive = false }
-        return true
-    }
-
-    /// Whether the client gets a body for this status (never for HEAD, 204, 304).
-    private func bodyAllowed(_ exchange: Exchange, status: Int) -> Bool {
-        exchange.head!.method != .HEAD && status != 204 && status != 304
-    }
-
     /// The fast path: the upstream's head forwarded by range copy with the
     /// same edits `HeaderRewriting.downstreamResponseHead` makes.
-    private func relayWireResponseHead(_ head: HTTP1ResponseHead, exchange: Exchange) {
+    func relayWireResponseHead(_ head: HTTP1ResponseHead, exchange: Exchange) {
         let code = head.status
         let isUpgrade = code == 101
         let fields = head.fields
@@ -939,28 +497,6 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         }
     }
 
-    private func upstreamEnd(_ trailers: HTTP1Fields?, exchange: Exchange, connection: UpstreamConnection) {
-        guard exchange.responseStarted else { return }
-        if exchange.upgraded {
-            writePendingResponseHead()
-            context.flush()
-            switchToTunnel(exchange, connection: connection)
-            return
-        }
-        exchange.upstreamResponseEnded = true
-        if !exchange.requestEnded {
-            // The upstream answered before the whole request arrived: that
-            // connection is out of step, and so is this one.
-            exchange.connection = nil
-            connection.close()
-            exchange.keepAlive = false
-        }
-        let willClose = closesAfter(exchange)
-        let endWritten: EventLoopPromise<Void>? = willClose ? context.eventLoop.makePromise() : nil
-        writeResponseEnd(trailers, exchange: exchange, promise: endWritten)
-        completeAfterBoth(exchange, endWritten: endWritten?.futureResult)
-    }
-
     // MARK: - HTTP/1.1 framing: output
 
     /// Bodies up to this size are copied behind their head (one write).
@@ -1022,221 +558,34 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         }
     }
 
-    func upstreamReadComplete(on connection: UpstreamConnection) {
-        if exchange?.connection === connection || exchange?.upgraded == true {
-            writePendingResponseHead()
-            context.flush()
-        }
+    /// An informational head (100 Continue, 103 Early Hints), relayed as is.
+    func relayInterimResponseHead(_ head: HTTP1ResponseHead, exchange: Exchange) {
+        var out = allocator.buffer(capacity: head.bytes.readableBytes)
+        HTTP1HeadWriter.writeResponse(head, edits: HTTP1HeadEdits(removed: head.fields.hopByHopFields()), into: &out)
+        context.writeAndFlush(wrapOutboundOut(out), promise: nil)
     }
 
-    func upstreamWritabilityChanged(on connection: UpstreamConnection) {
-        guard let exchange, exchange.connection === connection else { return }
-        if connection.channel.isWritable {
-            exchange.writeBlockedSince = nil
-            resumeReadingIfAllowed()
-        } else {
-            exchange.writeBlockedSince = .now()
-            armExchangeTimer(exchange)
-        }
-    }
-
-    func upstreamClosed(_ connection: UpstreamConnection, error: Error?) {
-        guard let exchange, exchange.connection === connection else { return }
-        exchange.connection = nil
-        guard let routed = exchange.routed, let target = exchange.target else { return }
-        endBalancerAttempt(exchange)
-        if exchange.responseStarted {
-            // Mid-response: nothing can be repaired; the client sees the cut.
-            abortExchange(exchange, reason: "upstream closed mid-response")
-            context.close(promise: nil)
-            return
-        }
-        // A reused keep-alive connection the upstream had already closed (its
-        // close crossed our request): an idempotent bodyless request is resent
-        // once on a fresh connection to the same target, not counted as a
-        // retry (what Go's transport does; anything else could run twice).
-        let idempotent = Self.isIdempotent(exchange.head!.method)
-        if exchange.connectionReused && !exchange.staleRetried && exchange.bodyless && idempotent {
-            exchange.staleRetried = true
-            let pool = routed.routing.pools[routed.upstream.index][target]
-            routed.routing.balancerStarted(upstream: routed.upstream, target: target)
-            exchange.balancerActive = true
-            connectFresh(exchange, pool: pool)
-            return
-        }
-        routed.upstream.health.recordFailure(target: target)
-        if exchange.bodyless && idempotent && exchange.attempts <= exchange.retries(routed) {
-            return startAttempt(exchange, excluding: target)
-        }
-        failBeforeResponse(exchange, .badUpstreamResponse, "upstream \(routed.upstream.name) (\(routed.upstream.targetLabels[target])) closed the connection without a response")
-    }
-
-    private static func isIdempotent(_ method: HTTPMethod) -> Bool {
-        switch method {
-        case .GET, .HEAD, .OPTIONS, .PUT, .DELETE, .TRACE: return true
-        default: return false
-        }
-    }
-
-    // MARK: - Exchange timeouts (read, write, whole request)
-
-    private func armExchangeTimer(_ exchange: Exchange) {
-        guard let routed = exchange.routed else { return }
-        let timeouts = exchange.timeouts(routed)
-        var next: NIODeadline? = nil
-        if let sent = exchange.requestSentAt {
-            next = max(sent, exchange.lastUpstreamRead) + .nanoseconds(timeouts.read.nanoseconds)
-        }
-        if let blocked = exchange.writeBlockedSince {
-            let d = blocked + .nanoseconds(timeouts.write.nanoseconds)
-            next = next.map { min($0, d) } ?? d
-        }
-        if let whole = timeouts.request, let start = exchange.upstreamStart {
-            let d = start + .nanoseconds(whole.nanoseconds)
-            next = next.map { min($0, d) } ?? d
-        }
-        guard let next else { return }
-        exchangeTimer.set(next)
-    }
-
-    private func exchangeTimerFired() {
-        exchangeTimer.taskFired()
-        guard let exchange, !exchange.finished, !exchange.upgraded, let routed = exchange.routed else { return }
-        let now = NIODeadline.now()
-        let timeouts = exchange.timeouts(routed)
-        var expired: String? = nil
-        if let sent = exchange.requestSentAt, !exchange.upstreamResponseEnded,
-           now >= max(sent, exchange.lastUpstreamRead) + .nanoseconds(timeouts.read.nanoseconds) {
-            expired = "reading the upstream response timed out after \(timeouts.read)"
-        } else if let blocked = exchange.writeBlockedSince, now >= blocked + .nanoseconds(timeouts.write.nanoseconds) {
-            expired = "writing the request upstream timed out after \(timeouts.write)"
-        } else if let whole = timeouts.request, let start = exchange.upstreamStart, now >= start + .nanoseconds(whole.nanoseconds) {
-            expired = "the upstream exchange exceeded \(whole)"
-        }
-        guard let expired else {
-            // Deadlines moved later since the timer was armed.
-            armExchangeTimer(exchange)
-            return
-        }
-        exchangeTimer.set(nil)
-        if let connection = exchange.connection {
-            exchange.connection = nil
-            connection.close()
-        }
-        endBalancerAttempt(exchange)
-        if let target = exchange.target { routed.upstream.health.recordFailure(target: target) }
-        if exchange.responseStarted {
-            abortExchange(exchange, reason: expired)
-            context.close(promise: nil)
-        } else {
-            exchange.keepAlive = exchange.keepAlive && exchange.requestEnded
-            failBeforeResponse(exchange, .upstreamTimeout, expired)
-        }
-    }
-
-    // MARK: - Finishing
-
-    func endBalancerAttempt(_ exchange: Exchange) {
-        if exchange.balancerActive, let routed = exchange.routed, let target = exchange.target {
-            exchange.balancerActive = false
-            routed.routing.balancerFinished(upstream: routed.upstream, target: target)
-        }
-    }
-
-    /// The proxy answers itself because the upstream could not.
-    func failBeforeResponse(_ exchange: Exchange, _ kind: ProxyErrorKind, _ message: String) {
-        loopContext.logger.debug("proxy error", metadata: [
-            "request_id": "\(exchange.id)", "error": "\(kind.code)", "message": "\(message)",
-        ])
-        if let connection = exchange.connection {
-            exchange.connection = nil
-            connection.close()
-        }
-        endBalancerAttempt(exchange)
-        exchange.pendingUpstream.removeAll()
-        exchange.discardingBody = true
-        if !exchange.requestEnded && exchange.bodyForwarded { exchange.keepAlive = false }
-        sendLocalResponse(exchange, kind: kind, message: message, close: !exchange.keepAlive)
-    }
-
-    private func sendLocalResponse(_ exchange: Exchange, kind: ProxyErrorKind, message: String, close closeRequested: Bool) {
-        if closeRequested { exchange.keepAlive = false }
-        if !exchange.requestEnded && exchange.framing.expectsContinue && exchange.framing.hasBody {
-            // The client waited for a 100 it will not get; whether it now
-            // sends the body or not is up to it, so the connection cannot be
-            // reused safely.
-            exchange.keepAlive = false
-        }
-        let close = closesAfter(exchange)
-        var body: ByteBuffer
-        let head: HTTPResponseHead
-        if exchange.grpc != nil {
-            // gRPC clients read grpc-status, not the HTTP status (GRPCSupport.swift).
-            body = ByteBuffer()
-            head = GRPCErrorResponse.head(kind: kind, message: message, requestID: exchange.id, close: close,
-                                          date: loopContext.dateCache.current())
-        } else {
-            body = ProxyErrorResponse.body(kind: kind, message: message, requestID: exchange.id, allocator: allocator)
-            head = ProxyErrorResponse.head(kind: kind, requestID: exchange.id, bodyLength: body.readableBytes,
-                                           close: close, version: exchange.head?.version ?? .http1_1,
-                                           date: loopContext.dateCache.current())
-        }
-        exchange.status = Int(head.status.code)
-        exchange.responseStarted = true
-        exchange.bytesOut += body.readableBytes
-        exchange.localResponseDone = true
+    func writeLocalResponse(_ head: HTTPResponseHead, body: ByteBuffer?, exchange: Exchange, promise: EventLoopPromise<Void>?) {
         // Head and body in one buffer: one write.
-        var out = allocator.buffer(capacity: 256 + body.readableBytes)
+        var out = allocator.buffer(capacity: 256 + (body?.readableBytes ?? 0))
         HeadSerialization.writeResponse(head, into: &out)
-        if exchange.head?.method != .HEAD {
-            out.writeBuffer(&body)
-        }
-        exchange.upstreamResponseEnded = true
-        if close {
-            // Closing: no need to read the rest of the request.
-            exchange.requestEnded = true
-        }
-        let endPromise: EventLoopPromise<Void>? = close ? context.eventLoop.makePromise() : nil
-        context.writeAndFlush(wrapOutboundOut(out), promise: endPromise)
-        if exchange.requestEnded {
-            finishExchange(exchange, afterWrite: endPromise?.futureResult)
-        } else {
-            // Keep reading (and dropping) the rest of the body, then carry on.
-            resumeReadingIfAllowed()
-        }
+        if var body { out.writeBuffer(&body) }
+        context.writeAndFlush(wrapOutboundOut(out), promise: promise)
     }
 
-    /// The response end was written (and the request fully received, or
-    /// the connection is closing).
-    private func completeAfterBoth(_ exchange: Exchange, endWritten: EventLoopFuture<Void>?) {
-        if let connection = exchange.connection {
-            exchange.connection = nil
-            if exchange.upstreamKeepAlive && connection.reusable {
-                connection.pool.release(connection, now: .now())
-            } else {
-                connection.close()
-            }
-        }
-        finishExchange(exchange, afterWrite: endWritten)
+    var eventLoop: EventLoop { context.eventLoop }
+    var downstreamIsWritable: Bool { context.channel.isWritable }
+    func closeDownstream() { context.close(promise: nil) }
+
+    /// Writes a head held back for coalescing, then flushes.
+    func flushDownstream() {
+        writePendingResponseHead()
+        context.flush()
     }
 
-    /// Whether the connection closes once this exchange's response is out.
-    func closesAfter(_ exchange: Exchange) -> Bool {
-        !exchange.keepAlive || draining || decoderFailed || decoderStopped || (inputClosed && inbound.readableBytes == 0)
-    }
+    // MARK: - After an exchange
 
-    func finishExchange(_ exchange: Exchange, afterWrite: EventLoopFuture<Void>? = nil) {
-        guard !exchange.finished else { return }
-        exchange.finished = true
-        exchangeTimer.set(nil)
-        endBalancerAttempt(exchange)
-        if let connection = exchange.connection {
-            exchange.connection = nil
-            connection.close()
-        }
-        record(exchange)
-        exchange.plugins?.requestDone()
-        self.exchange = nil
+    func exchangeFinished(_ exchange: Exchange, afterWrite: EventLoopFuture<Void>?) {
         if closesAfter(exchange) {
             closing = true
             context.flush()
@@ -1258,49 +607,18 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
         resumeReadingIfAllowed()
     }
 
-    /// The exchange cannot complete normally (client gone, upstream cut off).
-    private func abortExchange(_ exchange: Exchange, reason: String) {
-        guard !exchange.finished else { return }
-        loopContext.logger.debug("exchange aborted", metadata: ["request_id": "\(exchange.id)", "reason": "\(reason)"])
-        exchange.keepAlive = false
-        if exchange.status == 0 { exchange.status = 499 }
-        exchange.finished = true
-        exchangeTimer.set(nil)
-        endBalancerAttempt(exchange)
-        if let connection = exchange.connection {
-            exchange.connection = nil
-            connection.close()
-        }
-        record(exchange)
-        exchange.plugins?.requestDone()
-        self.exchange = nil
+    func exchangeAborted(_ exchange: Exchange) {
         closing = true
     }
 
-    private func record(_ exchange: Exchange) {
-        guard let observer = listener.observer else { return }
-        let now = NIODeadline.now()
-        let head = exchange.head
-        let path: String
-        if let uri = head?.uri {
-            path = uri.firstIndex(of: "?").map { String(uri[..<$0]) } ?? uri
-        } else {
-            path = ""
-        }
-        let upstreamDuration = exchange.upstreamStart.map { Double((now - $0).nanoseconds) / 1e9 }
-        let target = exchange.target.flatMap { t in exchange.routed.map { $0.upstream.targetLabels[t] } }
-        observer.requestCompleted(AccessRecord(
-            startTime: exchange.wallStart, requestID: exchange.id, listener: listener.name,
-            clientAddress: clientIP, method: head?.method.rawValue ?? "", path: path,
-            route: exchange.routed?.route.name, upstream: exchange.routed?.upstream.name,
-            upstreamTarget: target, status: exchange.status, bytesIn: exchange.bytesIn,
-            bytesOut: exchange.bytesOut, totalDuration: Double((now - exchange.started).nanoseconds) / 1e9,
-            upstreamDuration: upstreamDuration, attempts: exchange.attempts, tls: tls))
+    /// Whether the connection closes once this exchange's response is out.
+    func closesAfter(_ exchange: Exchange) -> Bool {
+        !exchange.keepAlive || draining || decoderFailed || decoderStopped || (inputClosed && inbound.readableBytes == 0)
     }
 
     // MARK: - WebSocket / Upgrade tunnel
 
-    private func switchToTunnel(_ exchange: Exchange, connection: UpstreamConnection) {
+    func switchToTunnel(_ exchange: Exchange, connection: UpstreamConnection) {
         exchange.finished = true
         exchangeTimer.set(nil)
         exchange.connection = nil
@@ -1373,70 +691,5 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Up
 
     func forceClose() {
         context.close(promise: nil)
-    }
-}
-
-/// One request going through the proxy.
-final class Exchange {
-    let id: String
-    let head: RequestHead?
-    let started: NIODeadline = .now()
-    var wallStart: Double = 0
-    var routed: RoutedRequest?
-    /// The request's plugin scope when its route has plugins.
-    var plugins: ExchangePlugins?
-    /// The client's Host (or the authority of an absolute-form target).
-    var hostHeader: String?
-    var framing = HeaderRewriting.RequestFraming()
-    var maxBody: Int?
-    var isUpgrade = false
-    var upgraded = false
-    var bodyless = false
-    var keepAlive = true
-    var upstreamKeepAlive = false
-
-    /// The upstream head when plugins may edit it (materialised as NIO
-    /// values); nil on the fast path, which uses `upstreamEdits`.
-    var upstreamHead: HTTPRequestHead?
-    /// The fast path's upstream head: the client's head plus these edits.
-    var upstreamEdits: HTTP1HeadEdits?
-    /// The client's response body is written chunk-framed.
-    var responseChunked = false
-    var target: Int?
-    var attempts = 0
-    var balancerActive = false
-    var connection: UpstreamConnection?
-    var connectionReused = false
-    var staleRetried = false
-    /// Parts received before the upstream connection was ready (at most one
-    /// read's worth: the client is not read while connecting).
-    var pendingUpstream: [HTTPClientRequestPart] = []
-    var upstreamNeedsFlush = false
-    /// Set by `weir.upstream.request.set_body`: forwarded instead of the
-    /// client's body, which is then read and dropped.
-    var replacementBody: ByteBuffer?
-
-    var requestEnded = false
-    var bodyForwarded = false
-    var discardingBody = false
-    var responseStarted = false
-    var localResponseDone = false
-    var upstreamResponseEnded = false
-    var finished = false
-    var status = 0
-    var bytesIn = 0
-    var bytesOut = 0
-
-    var upstreamStart: NIODeadline?
-    var requestSentAt: NIODeadline?
-    var lastUpstreamRead: NIODeadline = .uptimeNanoseconds(0)
-    var writeBlockedSince: NIODeadline?
-    /// Set when the request is gRPC (read on first use: proxy errors and
-    /// HTTP/2 upstreams' deadlines only).
-    lazy var grpc: GRPCRequestInfo? = head.flatMap { GRPCRequestInfo(headers: $0.headers) }
-
-    init(id: String, head: RequestHead?) {
-        self.id = id
-        self.head = head
     }
 }

@@ -47,7 +47,7 @@ final class ExchangePlugins: PluginRequestContext {
     private var consumerPhaseDone = false
     var lastChunkFiltered = false
     private(set) var scope: PluginRequest!
-    private weak var handler: DownstreamHandler?
+    private weak var handler: (any ExchangeDownstream)?
     /// Strong: a log phase that waits (weir.http) still reads the request
     /// after the handler dropped the exchange. The cycle through
     /// `exchange.plugins` is broken when the scope is finished.
@@ -77,7 +77,7 @@ final class ExchangePlugins: PluginRequestContext {
 
     enum HeaderOp { case set, add, clear }
 
-    init(loopPlugins: LoopPlugins, chain: RouteChain, handler: DownstreamHandler, exchange: Exchange,
+    init(loopPlugins: LoopPlugins, chain: RouteChain, handler: any ExchangeDownstream, exchange: Exchange,
          path: String, query: Substring, connection: PluginConnection?) {
         self.loopPlugins = loopPlugins
         self.chain = chain.chain

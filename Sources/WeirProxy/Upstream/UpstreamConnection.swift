@@ -14,7 +14,7 @@ enum UpstreamResponsePart {
 }
 
 /// The side of an exchange that receives what an upstream connection reports.
-/// Implemented by `DownstreamHandler`; everything runs on one event loop.
+/// Implemented by the exchange (`ExchangeDownstream`); everything runs on one event loop.
 protocol UpstreamConnectionDelegate: AnyObject {
     func upstreamRead(_ part: UpstreamResponsePart, on connection: UpstreamConnection)
     func upstreamReadComplete(on connection: UpstreamConnection)

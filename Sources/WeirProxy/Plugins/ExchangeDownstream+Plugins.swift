@@ -2,8 +2,8 @@ import NIOCore
 import NIOHTTP1
 import WeirLua
 
-// The plugin phases on the HTTP/1.1 data path. DownstreamHandler calls in
-// here only when its loop's generation has plugins (`loopContext.plugins`
+// The plugin phases on the data path (HTTP/1.1 connections and HTTP/2
+// streams alike, through ExchangeDownstream). The exchange calls in here only when its loop's generation has plugins (`loopContext.plugins`
 // is nil otherwise), so a config without plugins never touches Lua.
 //
 //   accept ─ connection phase (global plugins; reject = close)
@@ -50,6 +50,9 @@ extension DownstreamHandler {
         if !decided { connection.phasePending = true }
     }
 
+}
+
+extension ExchangeDownstream {
     /// The route has a chain: run the request phase, then go upstream (or answer).
     func startRequestPlugins(_ exchange: Exchange, plugins: LoopPlugins, chain: RouteChain, path: String, query: Substring) {
         guard let head = exchange.head, let routed = exchange.routed else { return }
@@ -70,13 +73,13 @@ extension DownstreamHandler {
                 if case .continue = result {
                     self.startRequestPlugins(exchange, plugins: plugins, chain: chain, path: path, query: query)
                 } else {
-                    self.context.close(promise: nil)
+                    self.closeDownstream()
                 }
             }
             outcome.synchronous = false
             guard let decided = outcome.result else { return }    // a plugin waits; resumed above
             guard case .continue = decided else {
-                context.close(promise: nil)
+                closeDownstream()
                 return
             }
         }
@@ -153,7 +156,7 @@ extension DownstreamHandler {
                 guard let head = self.responsePhaseEnded(exchange, plugins: plugins, result: result, connection: connection) else { return }
                 self.relayResponseHead(head, exchange: exchange, connection: connection)
                 for part in held where self.exchange === exchange { self.upstreamRead(part, on: connection) }
-                self.context.flush()
+                self.flushDownstream()
                 connection.handler.resumeReading()
             }
             return nil
@@ -275,16 +278,14 @@ extension DownstreamHandler {
         exchange.responseStarted = true
         exchange.localResponseDone = true
         exchange.upstreamResponseEnded = true
-        // Head and body in one buffer: one write.
-        var out = allocator.buffer(capacity: 256 + body.count)
-        HeadSerialization.writeResponse(head, into: &out)
+        var bodyBuffer: ByteBuffer? = nil
         if Self.exitBodyAllowed(exchange, status: status) && !body.isEmpty {
             exchange.bytesOut += body.count
-            out.writeBytes(body)
+            bodyBuffer = allocator.buffer(bytes: body)
         }
         if close { exchange.requestEnded = true }
-        let endPromise: EventLoopPromise<Void>? = close ? context.eventLoop.makePromise() : nil
-        context.writeAndFlush(wrapOutboundOut(out), promise: endPromise)
+        let endPromise: EventLoopPromise<Void>? = close ? eventLoop.makePromise() : nil
+        writeLocalResponse(head, body: bodyBuffer, exchange: exchange, promise: endPromise)
         if exchange.requestEnded {
             finishExchange(exchange, afterWrite: endPromise?.futureResult)
         } else {
@@ -326,7 +327,7 @@ extension DownstreamHandler {
                 guard self.bodyFilterEnded(result, exchange: exchange, plugins: plugins, connection: connection) else { return }
                 then()
                 for part in held where self.exchange === exchange { self.upstreamRead(part, on: connection) }
-                self.context.flush()
+                self.flushDownstream()
                 connection.handler.resumeReading()
             }
         }
@@ -342,7 +343,7 @@ extension DownstreamHandler {
             if !chunk.isEmpty {
                 exchange.bytesOut += chunk.count
                 writeResponseBody(allocator.buffer(bytes: chunk), exchange: exchange)
-                if !context.channel.isWritable { connection.handler.pauseReading() }
+                if !downstreamIsWritable { connection.handler.pauseReading() }
             }
             return true
         case .exit:
@@ -352,7 +353,7 @@ extension DownstreamHandler {
             plugins.logFailure(result)
         }
         dropUpstream(exchange, connection)
-        context.close(promise: nil)
+        closeDownstream()
         return false
     }
 

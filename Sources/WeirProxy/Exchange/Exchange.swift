@@ -1,0 +1,68 @@
+import NIOCore
+import NIOHTTP1
+import WeirCore
+
+/// One request going through the proxy.
+final class Exchange {
+    let id: String
+    let head: RequestHead?
+    let started: NIODeadline = .now()
+    var wallStart: Double = 0
+    var routed: RoutedRequest?
+    /// The request's plugin scope when its route has plugins.
+    var plugins: ExchangePlugins?
+    /// The client's Host (or the authority of an absolute-form target).
+    var hostHeader: String?
+    var framing = HeaderRewriting.RequestFraming()
+    var maxBody: Int?
+    var isUpgrade = false
+    var upgraded = false
+    var bodyless = false
+    var keepAlive = true
+    var upstreamKeepAlive = false
+
+    /// The upstream head when plugins may edit it (materialised as NIO
+    /// values); nil on the fast path, which uses `upstreamEdits`.
+    var upstreamHead: HTTPRequestHead?
+    /// The fast path's upstream head: the client's head plus these edits.
+    var upstreamEdits: HTTP1HeadEdits?
+    /// The client's response body is written chunk-framed.
+    var responseChunked = false
+    var target: Int?
+    var attempts = 0
+    var balancerActive = false
+    var connection: UpstreamConnection?
+    var connectionReused = false
+    var staleRetried = false
+    /// Parts received before the upstream connection was ready (at most one
+    /// read's worth: the client is not read while connecting).
+    var pendingUpstream: [HTTPClientRequestPart] = []
+    var upstreamNeedsFlush = false
+    /// Set by `weir.upstream.request.set_body`: forwarded instead of the
+    /// client's body, which is then read and dropped.
+    var replacementBody: ByteBuffer?
+
+    var requestEnded = false
+    var bodyForwarded = false
+    var discardingBody = false
+    var responseStarted = false
+    var localResponseDone = false
+    var upstreamResponseEnded = false
+    var finished = false
+    var status = 0
+    var bytesIn = 0
+    var bytesOut = 0
+
+    var upstreamStart: NIODeadline?
+    var requestSentAt: NIODeadline?
+    var lastUpstreamRead: NIODeadline = .uptimeNanoseconds(0)
+    var writeBlockedSince: NIODeadline?
+    /// Set when the request is gRPC (read on first use: proxy errors and
+    /// HTTP/2 upstreams' deadlines only).
+    lazy var grpc: GRPCRequestInfo? = head.flatMap { GRPCRequestInfo(headers: $0.headers) }
+
+    init(id: String, head: RequestHead?) {
+        self.id = id
+        self.head = head
+    }
+}

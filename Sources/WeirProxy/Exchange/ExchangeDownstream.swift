@@ -1,0 +1,780 @@
+import NIOCore
+import NIOHTTP1
+import WeirCore
+
+/// The exchange logic: one request from routing to its log line, whatever
+/// wire protocol carried it (see docs/http1-codec.md, "The seam for HTTP/2").
+///
+/// `routeRequest` takes a protocol-neutral `RequestHead`; the body arrives
+/// through `requestBody` / `requestEnd`; routing, limits, plugins, upstream
+/// attempts, retries, timeouts and the response relay live here. The
+/// downstream side (the HTTP/1.1 connection, an HTTP/2 stream) conforms to
+/// `ExchangeDownstream`: it holds the exchange in flight and answers through
+/// its write functions in its own framing.
+///
+/// A protocol with the logic in its extension (not a separate object the
+/// connection calls through an existential) so that each conformer gets the
+/// code specialised for it: the HTTP/1.1 path pays no dynamic dispatch and
+/// no extra allocation per request for the seam.
+protocol ExchangeDownstream: AnyObject, UpstreamConnectionDelegate {
+    var loopContext: LoopContext { get }
+    var listener: ListenerRuntime { get }
+    var peerAddress: SocketAddress? { get }
+    var clientIP: String { get }
+    /// The client is a trusted proxy: its X-Forwarded-* are extended.
+    var peerTrusted: Bool { get }
+    /// The connection is draining: no keep-alive after this exchange.
+    var draining: Bool { get }
+    /// The request in flight on this connection (HTTP/1.1) or stream (HTTP/2).
+    var exchange: Exchange? { get set }
+    /// Read/write/whole-request deadlines of the exchange in flight.
+    var exchangeTimer: LazyTimer { get set }
+    /// The connection-phase plugin scope, if any.
+    var connectionPlugins: ConnectionPlugins? { get set }
+    /// The TLS session of an https connection; nil on plain ones.
+    var tls: TLSConnectionInfo? { get }
+    var allocator: ByteBufferAllocator { get }
+    var eventLoop: EventLoop { get }
+
+    // MARK: Writing the response (in the downstream's own framing)
+
+    /// The upstream's head as parsed (the fast path, no plugins).
+    func relayWireResponseHead(_ head: HTTP1ResponseHead, exchange: Exchange)
+    /// A head the response phase may have changed (the plugin path).
+    func relayResponseHead(_ head: HTTPResponseHead, exchange: Exchange, connection: UpstreamConnection)
+    /// An informational (1xx, not 101) head from the upstream.
+    func relayInterimResponseHead(_ head: HTTP1ResponseHead, exchange: Exchange)
+    func writeResponseBody(_ data: ByteBuffer, exchange: Exchange)
+    /// The end of the response, with the upstream's trailers if any;
+    /// `promise` completes when it is written (to close after it).
+    func writeResponseEnd(_ trailers: HTTP1Fields?, exchange: Exchange, promise: EventLoopPromise<Void>?)
+    /// A whole response made by the proxy (error or plugin exit), flushed;
+    /// `body` nil when none is sent (HEAD, 204, 304).
+    func writeLocalResponse(_ head: HTTPResponseHead, body: ByteBuffer?, exchange: Exchange, promise: EventLoopPromise<Void>?)
+    func flushDownstream()
+    /// The exchange cannot go on: close the connection (HTTP/1.1) or reset the stream (HTTP/2).
+    func closeDownstream()
+    var downstreamIsWritable: Bool { get }
+    func resumeReadingIfAllowed()
+
+    // MARK: Lifecycle hooks
+
+    /// Whether the connection closes once this exchange's response is out.
+    func closesAfter(_ exchange: Exchange) -> Bool
+    /// The exchange ended normally and was recorded; `self.exchange` is nil.
+    func exchangeFinished(_ exchange: Exchange, afterWrite: EventLoopFuture<Void>?)
+    /// The exchange was abandoned (client gone, response cut); `self.exchange` is nil.
+    func exchangeAborted(_ exchange: Exchange)
+    /// The upstream answered 101 and the exchange is done: splice the two connections.
+    func switchToTunnel(_ exchange: Exchange, connection: UpstreamConnection)
+}
+
+extension ExchangeDownstream {
+    // MARK: - Request start
+
+    func makeExchange(head: RequestHead?) -> Exchange {
+        let exchange = Exchange(id: loopContext.requestIDs.next(), head: head)
+        if listener.observer != nil { exchange.wallStart = wallClockSeconds() }
+        return exchange
+    }
+
+    /// The exchange starts here: a complete head (any wire protocol), its
+    /// body still to come through `requestBody` / `requestEnd`.
+    func routeRequest(_ exchange: Exchange, head: RequestHead) {
+        if head.method == .CONNECT {
+            // A reverse proxy does not open tunnels to arbitrary authorities.
+            exchange.keepAlive = false
+            return rejectHead(exchange, .notImplemented, "CONNECT is not supported: Weir is a reverse proxy")
+        }
+        // Request target: origin-form (`/path?q`), absolute-form
+        // (`http://host/path`, whose authority replaces Host), or `*`
+        // (OPTIONS only: routed as `/`, forwarded as `*`).
+        var target = Substring(head.uri)
+        var hostHeader = head.host
+        let asterisk = target == "*"
+        if asterisk {
+            target = "/"
+        } else if target.utf8.first != UInt8(ascii: "/") {
+            let lower = target.prefix(8).lowercased()
+            let schemeLength = lower.hasPrefix("http://") ? 7 : lower.hasPrefix("https://") ? 8 : 0
+            guard schemeLength > 0 else {
+                return rejectHead(exchange, .badRequest, "unsupported request target")
+            }
+            let rest = target.dropFirst(schemeLength)
+            let slash = rest.firstIndex { $0 == "/" || $0 == "?" } ?? rest.endIndex
+            hostHeader = String(rest[..<slash])
+            target = rest[slash...]
+            if target.isEmpty || target.first == "?" { target = "/" + target }
+        }
+        let rawPath: Substring
+        let query: Substring
+        if let q = target.firstIndex(of: "?") {
+            rawPath = target[..<q]
+            query = target[q...]
+        } else {
+            rawPath = target
+            query = ""
+        }
+        // Route on the normalized path and forward that same path, so the
+        // upstream serves exactly what was routed (no `/public/../admin`).
+        guard let path = RequestPath.normalize(String(rawPath)) else {
+            return rejectHead(exchange, .badRequest, "malformed request path")
+        }
+        exchange.hostHeader = hostHeader
+        // The route table ignores a port and compares case-insensitively.
+        let host = hostHeader ?? ""
+        guard var routed = loopContext.routing.route(method: head.method, host: host, path: path, query: query, headers: head.headers) else {
+            return rejectHead(exchange, .noRoute, "no route matches \(head.method.rawValue) \(path)")
+        }
+        if asterisk {
+            routed = RoutedRequest(route: routed.route, upstream: routed.upstream, forwardURI: "*", routing: routed.routing)
+        }
+        exchange.routed = routed
+
+        // Body limit (route overrides listener).
+        let maxBody = routed.route.maxBodyBytes ?? listener.config.limits.maxBodyBytes
+        exchange.maxBody = maxBody
+        if let maxBody, let length = exchange.framing.contentLength, length > maxBody {
+            exchange.keepAlive = false
+            return rejectHead(exchange, .bodyTooLarge, "request body of \(length) bytes exceeds the limit of \(maxBody)")
+        }
+        if draining {
+            exchange.keepAlive = false
+        }
+        if let plugins = loopContext.plugins, let chain = plugins.chain(forRoute: routed.route.name) {
+            return startRequestPlugins(exchange, plugins: plugins, chain: chain, path: path, query: query)
+        }
+        startAttempt(exchange, excluding: nil)
+    }
+
+    /// A request refused before anything reached an upstream.
+    func rejectHead(_ exchange: Exchange, _ kind: ProxyErrorKind, _ message: String) {
+        exchange.discardingBody = true
+        let clientError: Bool
+        switch kind {
+        case .badRequest, .headersTooLarge, .uriTooLong, .bodyTooLarge, .notImplemented, .versionNotSupported: clientError = true
+        default: clientError = false
+        }
+        sendLocalResponse(exchange, kind: kind, message: message, close: !exchange.keepAlive || clientError)
+    }
+
+    // MARK: - Upstream attempts
+
+    /// Picks a target and gets a connection for the next attempt.
+    func startAttempt(_ exchange: Exchange, excluding: Int?) {
+        guard let routed = exchange.routed, let head = exchange.head else { return }
+        let upstream = routed.upstream
+        guard let target = exchange.pinnedTarget(excluding: excluding)
+                ?? routed.routing.pickTarget(upstream: upstream, headers: head.headers, clientIP: clientIP, excluding: excluding) else {
+            return failBeforeResponse(exchange, .noHealthyTarget, "no healthy target in upstream \(upstream.name)")
+        }
+        exchange.attempts += 1
+        exchange.target = target
+        exchange.staleRetried = false
+        if exchange.upstreamStart == nil { exchange.upstreamStart = .now() }
+        if exchange.upstreamHead != nil {
+            // Materialised for plugins (see startRequestPlugins).
+            if !routed.route.preserveHost {
+                exchange.upstreamHead!.headers.replaceOrAdd(name: "host", value: upstream.targetLabels[target])
+            }
+        } else if exchange.upstreamEdits == nil {
+            exchange.upstreamEdits = upstreamEdits(exchange, head: head, routed: routed)
+        } else if !routed.route.preserveHost {
+            exchange.upstreamEdits!.added[0].value = upstream.targetLabels[target]
+        }
+        let pool = routed.routing.pools[upstream.index][target]
+        routed.routing.balancerStarted(upstream: upstream, target: target)
+        exchange.balancerActive = true
+        if let connection = pool.takeIdle(now: .now()) {
+            useConnection(connection, for: exchange)
+        } else {
+            connectFresh(exchange, pool: pool)
+        }
+    }
+
+    func connectFresh(_ exchange: Exchange, pool: TargetPool) {
+        pool.connect().whenComplete { [weak self] result in
+            guard let self else {
+                if case .success(let c) = result { c.close() }
+                return
+            }
+            guard self.exchange === exchange, !exchange.finished else {
+                // The request ended (client gone, timeout) while we connected: keep the connection.
+                if case .success(let c) = result { pool.release(c, now: .now()) }
+                return
+            }
+            switch result {
+            case .success(let connection):
+                self.useConnection(connection, for: exchange)
+            case .failure(let error):
+                self.connectFailed(exchange, error: error)
+            }
+        }
+    }
+
+    func connectFailed(_ exchange: Exchange, error: Error) {
+        guard let routed = exchange.routed, let target = exchange.target else { return }
+        endBalancerAttempt(exchange)
+        routed.upstream.health.recordFailure(target: target)
+        let isTimeout = (error as? ChannelError).map { if case .connectTimeout = $0 { return true } else { return false } } ?? false
+        let tlsError = error as? UpstreamTLSError
+        if let tlsError {
+            // Wrong CA, wrong name, refused client certificate: a setup problem worth a warning.
+            loopContext.logger.warning("upstream TLS handshake failed", metadata: [
+                "request_id": "\(exchange.id)", "upstream": "\(routed.upstream.name)", "error": "\(tlsError)"])
+        }
+        // Nothing was sent: a connect failure is always safe to retry.
+        if exchange.attempts <= exchange.retries(routed) {
+            return startAttempt(exchange, excluding: target)
+        }
+        if let tlsError {
+            failBeforeResponse(exchange, .connectFailed, "\(tlsError)")
+        } else if isTimeout {
+            failBeforeResponse(exchange, .upstreamTimeout, "connecting to \(routed.upstream.targetLabels[target]) timed out")
+        } else {
+            failBeforeResponse(exchange, .connectFailed, "could not connect to upstream \(routed.upstream.name) (\(routed.upstream.targetLabels[target]))")
+        }
+    }
+
+    func upstreamHostHeader(_ exchange: Exchange, routed: RoutedRequest) -> String {
+        if routed.route.preserveHost, let clientHost = exchange.hostHeader { return clientHost }
+        return routed.upstream.targetLabels[exchange.target ?? 0]
+    }
+
+    /// The upstream head as a NIO value, for plugins to edit (the plugin path).
+    func buildUpstreamHead(_ exchange: Exchange, head: RequestHead, routed: RoutedRequest) -> HTTPRequestHead {
+        let upgrade = exchange.isUpgrade ? head.headers.first(named: "upgrade") : nil
+        return HeaderRewriting.upstreamRequestHead(
+            from: head.materialized(), forwardURI: routed.forwardURI, framing: exchange.framing, upgrade: upgrade,
+            hostHeader: upstreamHostHeader(exchange, routed: routed), clientHost: exchange.hostHeader,
+            clientIP: clientIP, peerTrusted: peerTrusted, scheme: listener.scheme, requestID: exchange.id)
+    }
+
+    /// The upstream head as edits to the client's head (the fast path: kept
+    /// field lines are copied as bytes). Same rules as
+    /// `HeaderRewriting.upstreamRequestHead`: hop-by-hop fields go (and what
+    /// Connection names), Host/X-Request-ID are replaced, X-Forwarded-* are
+    /// replaced (extended for a trusted peer), Via is extended.
+    /// `added[0]` is always Host (a retry on another target replaces it).
+    func upstreamEdits(_ exchange: Exchange, head: RequestHead, routed: RoutedRequest) -> HTTP1HeadEdits {
+        let fields = head.headers
+        var edits = HTTP1HeadEdits(removed: fields.hopByHopFields(keepUpgrade: exchange.isUpgrade), target: routed.forwardURI)
+        var forwardedFor: String? = nil
+        var forwardedProto: String? = nil
+        var forwardedHost: String? = nil
+        var via: String? = nil
+        for (i, e) in fields.entries.enumerated() {
+            switch e.known {
+            case .host, .xRequestID:
+                edits.removed.insert(i)
+            case .xForwardedFor:
+                edits.removed.insert(i)
+                if peerTrusted { let v = fields.value(at: i); forwardedFor = forwardedFor.map { $0 + ", " + v } ?? v }
+            case .xForwardedProto:
+                edits.removed.insert(i)
+                if peerTrusted && forwardedProto == nil { forwardedProto = fields.value(at: i) }
+            case .xForwardedHost:
+                edits.removed.insert(i)
+                if peerTrusted && forwardedHost == nil { forwardedHost = fields.value(at: i) }
+            case .via:
+                edits.removed.insert(i)
+                let v = fields.value(at: i)
+                via = via.map { $0 + ", " + v } ?? v
+            default:
+                break
+            }
+        }
+        edits.added.reserveCapacity(8)
+        edits.added.append((name: "host", value: upstreamHostHeader(exchange, routed: routed)))
+        if exchange.framing.chunked { edits.added.append((name: "transfer-encoding", value: "chunked")) }
+        if exchange.isUpgrade { edits.added.append((name: "connection", value: "upgrade")) }
+        edits.added.append((name: "x-forwarded-for", value: forwardedFor.map { $0 + ", " + clientIP } ?? clientIP))
+        edits.added.append((name: "x-forwarded-proto", value: forwardedProto ?? listener.scheme))
+        if let host = forwardedHost ?? exchange.hostHeader {
+            edits.added.append((name: "x-forwarded-host", value: host))
+        }
+        let viaEntry = head.isHTTP10 ? "1.0 weir" : "1.1 weir"
+        edits.added.append((name: "via", value: via.map { $0 + ", " + viaEntry } ?? viaEntry))
+        edits.added.append((name: "x-request-id", value: exchange.id))
+        return edits
+    }
+
+    /// The upstream request head as bytes, whether it chunks its body, and
+    /// the method the response answers (HEAD responses have no body).
+    func serializeUpstreamHead(_ exchange: Exchange) -> (ByteBuffer, chunked: Bool, method: HTTP1Method) {
+        if let head = exchange.upstreamHead {
+            var out = allocator.buffer(capacity: 512)
+            HeadSerialization.writeRequest(head, into: &out)
+            let method: HTTP1Method = head.method == .HEAD ? .head : head.method == .CONNECT ? .connect : .get
+            return (out, head.headers.contains(name: "transfer-encoding"), method)
+        }
+        let wire = exchange.head!.wire!
+        var out = allocator.buffer(capacity: wire.bytes.readableBytes + 256)
+        HTTP1HeadWriter.writeRequest(wire, edits: exchange.upstreamEdits!, into: &out)
+        return (out, exchange.framing.chunked, wire.method)
+    }
+
+    func useConnection(_ connection: UpstreamConnection, for exchange: Exchange) {
+        exchange.connection = connection
+        exchange.connectionReused = connection.requestsSent > 0
+        connection.requestsSent += 1
+        connection.attach(self)
+        let (head, chunked, method) = serializeUpstreamHead(exchange)
+        connection.writeHead(head, method: method, chunkedBody: chunked)
+        if let replacement = exchange.replacementBody {
+            // The client's body is dropped; the replacement goes once the
+            // client's request has ended (else requestEnd writes it).
+            exchange.pendingUpstream.removeAll()
+            if exchange.requestEnded { writeReplacementBody(replacement, exchange: exchange, to: connection) }
+        } else if !exchange.pendingUpstream.isEmpty {
+            for part in exchange.pendingUpstream {
+                switch part {
+                case .body(.byteBuffer(let buffer)):
+                    exchange.bodyForwarded = true
+                    connection.writeBody(buffer)
+                case .end(let trailers):
+                    connection.writeEnd(trailers: trailers)
+                default:
+                    break
+                }
+            }
+            exchange.pendingUpstream.removeAll()
+        } else if exchange.requestEnded && exchange.bodyless {
+            // A retry of a bodyless request: its end was consumed by the first attempt.
+            connection.writeEnd(trailers: nil)
+        }
+        connection.flush()
+        if exchange.requestEnded { requestFullySent(exchange) }
+        armExchangeTimer(exchange)
+        resumeReadingIfAllowed()
+    }
+
+    // MARK: - Request body
+
+    func requestBody(_ buffer: ByteBuffer, exchange: Exchange) {
+        exchange.bytesIn += buffer.readableBytes
+        if exchange.discardingBody { return }
+        if let max = exchange.maxBody, exchange.bytesIn > max {
+            exchange.keepAlive = false
+            if !exchange.bodyForwarded && !exchange.responseStarted {
+                exchange.connection?.close()
+                exchange.connection = nil
+                endBalancerAttempt(exchange)
+                exchange.discardingBody = true
+                sendLocalResponse(exchange, kind: .bodyTooLarge, message: "request body exceeds the limit of \(max) bytes", close: true)
+            } else {
+                abortExchange(exchange, reason: "request body exceeds the limit")
+                closeDownstream()
+            }
+            return
+        }
+        if let connection = exchange.connection {
+            if exchange.replacementBody != nil { return }   // set_body: the client's body is dropped
+            connection.writeBody(buffer)
+            exchange.bodyForwarded = true
+            exchange.upstreamNeedsFlush = true
+        } else {
+            exchange.pendingUpstream.append(.body(.byteBuffer(buffer)))
+            exchange.plugins?.requestBodyArrived()
+        }
+    }
+
+    func requestEnd(_ trailers: HTTPHeaders?, exchange: Exchange) {
+        exchange.requestEnded = true
+        if exchange.discardingBody {
+            if exchange.localResponseDone { finishExchange(exchange) }
+            return
+        }
+        if let connection = exchange.connection {
+            if let replacement = exchange.replacementBody {
+                writeReplacementBody(replacement, exchange: exchange, to: connection)
+            } else {
+                connection.writeEnd(trailers: trailers)
+            }
+            exchange.upstreamNeedsFlush = true
+            requestFullySent(exchange)
+        } else {
+            // With a set_body replacement these are kept too (plugins may
+            // still read the body); useConnection drops them.
+            // A bodyless request's end is written by useConnection without
+            // queueing it (saves an array per request).
+            guard !exchange.bodyless else { return }
+            exchange.pendingUpstream.append(.end(trailers))
+            exchange.plugins?.requestBodyArrived()
+        }
+    }
+
+    func writeReplacementBody(_ body: ByteBuffer, exchange: Exchange, to connection: UpstreamConnection) {
+        if body.readableBytes > 0 {
+            connection.writeBody(body)
+            exchange.bodyForwarded = true
+        }
+        connection.writeEnd(trailers: nil)
+    }
+
+    func requestFullySent(_ exchange: Exchange) {
+        let now = NIODeadline.now()
+        exchange.requestSentAt = now
+        exchange.lastUpstreamRead = now
+        armExchangeTimer(exchange)
+    }
+
+    // MARK: - UpstreamConnectionDelegate
+
+    func upstreamRead(_ part: UpstreamResponsePart, on connection: UpstreamConnection) {
+        guard let exchange, exchange.connection === connection else {
+            connection.close()
+            return
+        }
+        if let plugins = exchange.plugins, plugins.holdingResponse {
+            plugins.heldParts.append(part)
+            return
+        }
+        if exchange.requestSentAt != nil { exchange.lastUpstreamRead = .now() }
+        switch part {
+        case .head(let head):
+            upstreamHead(head, exchange: exchange, connection: connection)
+        case .body(let buffer):
+            guard exchange.responseStarted else { return }
+            if let plugins = exchange.plugins, plugins.filtersBody {
+                return filterResponseBody(buffer, exchange: exchange, plugins: plugins, connection: connection)
+            }
+            exchange.bytesOut += buffer.readableBytes
+            writeResponseBody(buffer, exchange: exchange)
+            if !downstreamIsWritable {
+                connection.handler.pauseReading()
+            }
+        case .end(let trailers):
+            if let plugins = exchange.plugins, plugins.filtersBody, !plugins.lastChunkFiltered, exchange.responseStarted {
+                return filterLastChunk(trailers, exchange: exchange, plugins: plugins, connection: connection)
+            }
+            upstreamEnd(trailers, exchange: exchange, connection: connection)
+        }
+    }
+
+    func upstreamHead(_ head: HTTP1ResponseHead, exchange: Exchange, connection: UpstreamConnection) {
+        guard let routed = exchange.routed, let target = exchange.target else { return }
+        let code = head.status
+        if head.isInterim {
+            // Informational (100 Continue, 103 Early Hints): relayed as is,
+            // to HTTP/1.1 clients only (RFC 9110 §15.2).
+            guard !exchange.head!.isHTTP10 else { return }
+            relayInterimResponseHead(head, exchange: exchange)
+            return
+        }
+        if code >= 500 { routed.upstream.health.recordFailure(target: target) } else { routed.upstream.health.recordSuccess(target: target) }
+
+        // Retry idempotent bodyless requests on 502/503/504.
+        if (502...504).contains(code), exchange.bodyless, exchange.requestEnded,
+           Self.isIdempotent(exchange.head!.method), exchange.attempts <= exchange.retries(routed) {
+            exchange.connection = nil
+            connection.close()
+            endBalancerAttempt(exchange)
+            return startAttempt(exchange, excluding: target)
+        }
+        exchange.upstreamKeepAlive = head.keepAlive
+        guard checkUpgradeResponse(code, exchange: exchange, connection: connection) else { return }
+
+        if let plugins = exchange.plugins, code != 101 {
+            guard let head = runResponsePlugins(Self.materialized(head), exchange: exchange, plugins: plugins, connection: connection) else { return }
+            return relayResponseHead(head, exchange: exchange, connection: connection)
+        }
+        relayWireResponseHead(head, exchange: exchange)
+    }
+
+    /// The head as NIO's value type, for the response phase to edit.
+    static func materialized(_ head: HTTP1ResponseHead) -> HTTPResponseHead {
+        var headers = HTTPHeaders()
+        headers.reserveCapacity(head.fields.count + 4)
+        for i in 0..<head.fields.count { headers.add(name: head.fields.name(at: i), value: head.fields.value(at: i)) }
+        return HTTPResponseHead(version: head.version.minor == 0 ? .http1_0 : .http1_1,
+                                status: HTTPResponseStatus(statusCode: head.status, reasonPhrase: head.reason),
+                                headers: headers)
+    }
+
+    /// A 101 only answers an upgrade request; a refused upgrade ends the
+    /// connection after its response. False when the exchange failed.
+    func checkUpgradeResponse(_ code: Int, exchange: Exchange, connection: UpstreamConnection) -> Bool {
+        let isUpgrade = code == 101
+        if isUpgrade && !exchange.isUpgrade {
+            exchange.connection = nil
+            connection.close()
+            failBeforeResponse(exchange, .badUpstreamResponse, "upstream switched protocols without an upgrade request")
+            return false
+        }
+        if exchange.isUpgrade && !isUpgrade { exchange.keepAlive = false }
+        return true
+    }
+
+    /// Whether the client gets a body for this status (never for HEAD, 204, 304).
+    func bodyAllowed(_ exchange: Exchange, status: Int) -> Bool {
+        exchange.head!.method != .HEAD && status != 204 && status != 304
+    }
+
+    func upstreamEnd(_ trailers: HTTP1Fields?, exchange: Exchange, connection: UpstreamConnection) {
+        guard exchange.responseStarted else { return }
+        if exchange.upgraded {
+            flushDownstream()
+            switchToTunnel(exchange, connection: connection)
+            return
+        }
+        exchange.upstreamResponseEnded = true
+        if !exchange.requestEnded {
+            // The upstream answered before the whole request arrived: that
+            // connection is out of step, and so is this one.
+            exchange.connection = nil
+            connection.close()
+            exchange.keepAlive = false
+        }
+        let willClose = closesAfter(exchange)
+        let endWritten: EventLoopPromise<Void>? = willClose ? eventLoop.makePromise() : nil
+        writeResponseEnd(trailers, exchange: exchange, promise: endWritten)
+        completeAfterBoth(exchange, endWritten: endWritten?.futureResult)
+    }
+
+    func upstreamReadComplete(on connection: UpstreamConnection) {
+        if exchange?.connection === connection || exchange?.upgraded == true {
+            flushDownstream()
+        }
+    }
+
+    func upstreamWritabilityChanged(on connection: UpstreamConnection) {
+        guard let exchange, exchange.connection === connection else { return }
+        if connection.channel.isWritable {
+            exchange.writeBlockedSince = nil
+            resumeReadingIfAllowed()
+        } else {
+            exchange.writeBlockedSince = .now()
+            armExchangeTimer(exchange)
+        }
+    }
+
+    func upstreamClosed(_ connection: UpstreamConnection, error: Error?) {
+        guard let exchange, exchange.connection === connection else { return }
+        exchange.connection = nil
+        guard let routed = exchange.routed, let target = exchange.target else { return }
+        endBalancerAttempt(exchange)
+        if exchange.responseStarted {
+            // Mid-response: nothing can be repaired; the client sees the cut.
+            abortExchange(exchange, reason: "upstream closed mid-response")
+            closeDownstream()
+            return
+        }
+        // A reused keep-alive connection the upstream had already closed (its
+        // close crossed our request): an idempotent bodyless request is resent
+        // once on a fresh connection to the same target, not counted as a
+        // retry (what Go's transport does; anything else could run twice).
+        let idempotent = Self.isIdempotent(exchange.head!.method)
+        if exchange.connectionReused && !exchange.staleRetried && exchange.bodyless && idempotent {
+            exchange.staleRetried = true
+            let pool = routed.routing.pools[routed.upstream.index][target]
+            routed.routing.balancerStarted(upstream: routed.upstream, target: target)
+            exchange.balancerActive = true
+            connectFresh(exchange, pool: pool)
+            return
+        }
+        routed.upstream.health.recordFailure(target: target)
+        if exchange.bodyless && idempotent && exchange.attempts <= exchange.retries(routed) {
+            return startAttempt(exchange, excluding: target)
+        }
+        failBeforeResponse(exchange, .badUpstreamResponse, "upstream \(routed.upstream.name) (\(routed.upstream.targetLabels[target])) closed the connection without a response")
+    }
+
+    static func isIdempotent(_ method: HTTPMethod) -> Bool {
+        switch method {
+        case .GET, .HEAD, .OPTIONS, .PUT, .DELETE, .TRACE: return true
+        default: return false
+        }
+    }
+
+    // MARK: - Exchange timeouts (read, write, whole request)
+
+    func armExchangeTimer(_ exchange: Exchange) {
+        guard let routed = exchange.routed else { return }
+        let timeouts = exchange.timeouts(routed)
+        var next: NIODeadline? = nil
+        if let sent = exchange.requestSentAt {
+            next = max(sent, exchange.lastUpstreamRead) + .nanoseconds(timeouts.read.nanoseconds)
+        }
+        if let blocked = exchange.writeBlockedSince {
+            let d = blocked + .nanoseconds(timeouts.write.nanoseconds)
+            next = next.map { min($0, d) } ?? d
+        }
+        if let whole = timeouts.request, let start = exchange.upstreamStart {
+            let d = start + .nanoseconds(whole.nanoseconds)
+            next = next.map { min($0, d) } ?? d
+        }
+        guard let next else { return }
+        exchangeTimer.set(next)
+    }
+
+    func exchangeTimerFired() {
+        exchangeTimer.taskFired()
+        guard let exchange, !exchange.finished, !exchange.upgraded, let routed = exchange.routed else { return }
+        let now = NIODeadline.now()
+        let timeouts = exchange.timeouts(routed)
+        var expired: String? = nil
+        if let sent = exchange.requestSentAt, !exchange.upstreamResponseEnded,
+           now >= max(sent, exchange.lastUpstreamRead) + .nanoseconds(timeouts.read.nanoseconds) {
+            expired = "reading the upstream response timed out after \(timeouts.read)"
+        } else if let blocked = exchange.writeBlockedSince, now >= blocked + .nanoseconds(timeouts.write.nanoseconds) {
+            expired = "writing the request upstream timed out after \(timeouts.write)"
+        } else if let whole = timeouts.request, let start = exchange.upstreamStart, now >= start + .nanoseconds(whole.nanoseconds) {
+            expired = "the upstream exchange exceeded \(whole)"
+        }
+        guard let expired else {
+            // Deadlines moved later since the timer was armed.
+            armExchangeTimer(exchange)
+            return
+        }
+        exchangeTimer.set(nil)
+        if let connection = exchange.connection {
+            exchange.connection = nil
+            connection.close()
+        }
+        endBalancerAttempt(exchange)
+        if let target = exchange.target { routed.upstream.health.recordFailure(target: target) }
+        if exchange.responseStarted {
+            abortExchange(exchange, reason: expired)
+            closeDownstream()
+        } else {
+            exchange.keepAlive = exchange.keepAlive && exchange.requestEnded
+            failBeforeResponse(exchange, .upstreamTimeout, expired)
+        }
+    }
+
+    // MARK: - Finishing
+
+    func endBalancerAttempt(_ exchange: Exchange) {
+        if exchange.balancerActive, let routed = exchange.routed, let target = exchange.target {
+            exchange.balancerActive = false
+            routed.routing.balancerFinished(upstream: routed.upstream, target: target)
+        }
+    }
+
+    /// The proxy answers itself because the upstream could not.
+    func failBeforeResponse(_ exchange: Exchange, _ kind: ProxyErrorKind, _ message: String) {
+        loopContext.logger.debug("proxy error", metadata: [
+            "request_id": "\(exchange.id)", "error": "\(kind.code)", "message": "\(message)",
+        ])
+        if let connection = exchange.connection {
+            exchange.connection = nil
+            connection.close()
+        }
+        endBalancerAttempt(exchange)
+        exchange.pendingUpstream.removeAll()
+        exchange.discardingBody = true
+        if !exchange.requestEnded && exchange.bodyForwarded { exchange.keepAlive = false }
+        sendLocalResponse(exchange, kind: kind, message: message, close: !exchange.keepAlive)
+    }
+
+    func sendLocalResponse(_ exchange: Exchange, kind: ProxyErrorKind, message: String, close closeRequested: Bool) {
+        if closeRequested { exchange.keepAlive = false }
+        if !exchange.requestEnded && exchange.framing.expectsContinue && exchange.framing.hasBody {
+            // The client waited for a 100 it will not get; whether it now
+            // sends the body or not is up to it, so the connection cannot be
+            // reused safely.
+            exchange.keepAlive = false
+        }
+        let close = closesAfter(exchange)
+        let body: ByteBuffer
+        let head: HTTPResponseHead
+        if exchange.grpc != nil {
+            // gRPC clients read grpc-status, not the HTTP status (GRPCSupport.swift).
+            body = ByteBuffer()
+            head = GRPCErrorResponse.head(kind: kind, message: message, requestID: exchange.id, close: close,
+                                          date: loopContext.dateCache.current())
+        } else {
+            body = ProxyErrorResponse.body(kind: kind, message: message, requestID: exchange.id, allocator: allocator)
+            head = ProxyErrorResponse.head(kind: kind, requestID: exchange.id, bodyLength: body.readableBytes,
+                                           close: close, version: exchange.head?.version ?? .http1_1,
+                                           date: loopContext.dateCache.current())
+        }
+        exchange.status = Int(head.status.code)
+        exchange.responseStarted = true
+        exchange.bytesOut += body.readableBytes
+        exchange.localResponseDone = true
+        exchange.upstreamResponseEnded = true
+        if close {
+            // Closing: no need to read the rest of the request.
+            exchange.requestEnded = true
+        }
+        let endPromise: EventLoopPromise<Void>? = close ? eventLoop.makePromise() : nil
+        writeLocalResponse(head, body: exchange.head?.method != .HEAD ? body : nil, exchange: exchange, promise: endPromise)
+        if exchange.requestEnded {
+            finishExchange(exchange, afterWrite: endPromise?.futureResult)
+        } else {
+            // Keep reading (and dropping) the rest of the body, then carry on.
+            resumeReadingIfAllowed()
+        }
+    }
+
+    /// The response end was written (and the request fully received, or
+    /// the connection is closing).
+    func completeAfterBoth(_ exchange: Exchange, endWritten: EventLoopFuture<Void>?) {
+        if let connection = exchange.connection {
+            exchange.connection = nil
+            if exchange.upstreamKeepAlive && connection.reusable {
+                connection.pool.release(connection, now: .now())
+            } else {
+                connection.close()
+            }
+        }
+        finishExchange(exchange, afterWrite: endWritten)
+    }
+
+    func finishExchange(_ exchange: Exchange, afterWrite: EventLoopFuture<Void>? = nil) {
+        guard !exchange.finished else { return }
+        exchange.finished = true
+        exchangeTimer.set(nil)
+        endBalancerAttempt(exchange)
+        if let connection = exchange.connection {
+            exchange.connection = nil
+            connection.close()
+        }
+        record(exchange)
+        exchange.plugins?.requestDone()
+        self.exchange = nil
+        exchangeFinished(exchange, afterWrite: afterWrite)
+    }
+
+    /// The exchange cannot complete normally (client gone, upstream cut off).
+    func abortExchange(_ exchange: Exchange, reason: String) {
+        guard !exchange.finished else { return }
+        loopContext.logger.debug("exchange aborted", metadata: ["request_id": "\(exchange.id)", "reason": "\(reason)"])
+        exchange.keepAlive = false
+        if exchange.status == 0 { exchange.status = 499 }
+        exchange.finished = true
+        exchangeTimer.set(nil)
+        endBalancerAttempt(exchange)
+        if let connection = exchange.connection {
+            exchange.connection = nil
+            connection.close()
+        }
+        record(exchange)
+        exchange.plugins?.requestDone()
+        self.exchange = nil
+        exchangeAborted(exchange)
+    }
+
+    func record(_ exchange: Exchange) {
+        guard let observer = listener.observer else { return }
+        let now = NIODeadline.now()
+        let head = exchange.head
+        let path: String
+        if let uri = head?.uri {
+            path = uri.firstIndex(of: "?").map { String(uri[..<$0]) } ?? uri
+        } else {
+            path = ""
+        }
+        let upstreamDuration = exchange.upstreamStart.map { Double((now - $0).nanoseconds) / 1e9 }
+        let target = exchange.target.flatMap { t in exchange.routed.map { $0.upstream.targetLabels[t] } }
+        observer.requestCompleted(AccessRecord(
+            startTime: exchange.wallStart, requestID: exchange.id, listener: listener.name,
+            clientAddress: clientIP, method: head?.method.rawValue ?? "", path: path,
+            route: exchange.routed?.route.name, upstream: exchange.routed?.upstream.name,
+            upstreamTarget: target, status: exchange.status, bytesIn: exchange.bytesIn,
+            bytesOut: exchange.bytesOut, totalDuration: Double((now - exchange.started).nanoseconds) / 1e9,
+            upstreamDuration: upstreamDuration, attempts: exchange.attempts, tls: tls))
+    }
+}
