@@ -218,6 +218,7 @@ final class LoopContext: @unchecked Sendable {
     private var poolsByKey: [String: TargetPool] = [:]
     private var connections: [ObjectIdentifier: DownstreamHandler] = [:]
     private var tunnels: [ObjectIdentifier: Channel] = [:]
+    private var http2Connections: [ObjectIdentifier: HTTP2DownstreamConnection] = [:]
     private var sweepTask: RepeatedTask?
     private var draining = false
     /// This loop's plugins of the current generation; nil when the config
@@ -308,11 +309,23 @@ final class LoopContext: @unchecked Sendable {
     func beginDrain() {
         draining = true
         for handler in Array(connections.values) { handler.beginDrain() }
+        for connection in Array(http2Connections.values) { connection.beginDrain() }
     }
 
     func forceCloseAll() {
         for handler in Array(connections.values) { handler.forceClose() }
         for channel in Array(tunnels.values) { channel.close(promise: nil) }
+        for connection in Array(http2Connections.values) { connection.forceClose() }
+    }
+
+    /// Downstream HTTP/2 connections (drained with GOAWAY).
+    func registerHTTP2(_ connection: HTTP2DownstreamConnection) {
+        http2Connections[ObjectIdentifier(connection)] = connection
+        if draining { connection.beginDrain() }
+    }
+
+    func unregisterHTTP2(_ connection: HTTP2DownstreamConnection) {
+        http2Connections.removeValue(forKey: ObjectIdentifier(connection))
     }
 
     /// Downstream channels that became raw tunnels (after a 101).

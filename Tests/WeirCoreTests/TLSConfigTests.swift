@@ -95,7 +95,7 @@ final class TLSConfigTests: XCTestCase {
               certificates: []
               min_version: "1.1"
               ciphers: [ECDHE-RSA-AES128-GCM-SHA265, RC4-MD5]
-              alpn: [h2]
+              alpn: [h3]
               client_auth: required
               default_certificate: 3
         \(upstreams)
@@ -107,7 +107,7 @@ final class TLSConfigTests: XCTestCase {
             "listeners[2].tls.min_version: unknown TLS version \"1.1\" (expected 1.2 or 1.3) (line 13)",
             "listeners[2].tls.ciphers[0]: unknown TLS 1.2 cipher suite \"ECDHE-RSA-AES128-GCM-SHA265\" (did you mean \"ECDHE-RSA-AES128-GCM-SHA256\"?) (line 14)",
             "listeners[2].tls.ciphers[1]: unknown TLS 1.2 cipher suite \"RC4-MD5\" (expected OpenSSL names such as ECDHE-RSA-AES128-GCM-SHA256) (line 14)",
-            "listeners[2].tls.alpn[0]: cannot advertise \"h2\": HTTP/2 is not served by this build yet (supported: http/1.1) (line 15)",
+            "listeners[2].tls.alpn[0]: cannot advertise \"h3\": unknown protocol (supported: h2, http/1.1) (line 15)",
             "listeners[2].tls.client_auth: needs client_ca (the CAs client certificates are verified against) (line 16)",
             "listeners[2].tls.default_certificate: no certificate at index 3 (there are 0) (line 17)",
         ])

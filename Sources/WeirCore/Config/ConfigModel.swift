@@ -69,6 +69,8 @@ public struct ListenerConfig: Hashable, Sendable {
     public var stream: StreamSettings = StreamSettings()
     /// Required for `protocol: https`; not allowed on other protocols.
     public var tls: ListenerTLSConfig? = nil
+    /// http/https listeners: downstream HTTP/2 (HTTP2ListenerConfig.swift).
+    public var http2: HTTP2ListenerSettings = HTTP2ListenerSettings()
     public init() {}
 }
 

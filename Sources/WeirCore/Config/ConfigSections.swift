@@ -90,7 +90,7 @@ extension ConfigReader {
     // MARK: Listeners
 
     func readListener(_ node: Node, _ path: String) -> ListenerConfig? {
-        guard let f = fields(node, path, known: ["name", "listen", "protocol", "max_connections", "limits", "tls"]
+        guard let f = fields(node, path, known: ["name", "listen", "protocol", "max_connections", "limits", "tls", "http2"]
                                 + ConfigReader.streamListenerKeys,
                              required: ["name", "listen"]) else { return nil }
         var listener = ListenerConfig()
@@ -108,6 +108,7 @@ extension ConfigReader {
         } else if listener.protocol == .https {
             report(f.path("protocol"), "https needs a tls block with at least one certificate", f["protocol"])
         }
+        if let n = f["http2"] { listener.http2 = readHTTP2(n, f.path("http2"), protocol: listener.protocol) }
         return listener
     }
 

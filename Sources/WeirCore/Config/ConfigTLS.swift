@@ -6,9 +6,10 @@
 import Yams
 
 extension ListenerTLSConfig {
-    /// ALPN protocols this build can serve. Add "h2" here once downstream
-    /// HTTP/2 exists (issue 4); the TLS setup advertises what the config lists.
-    public static let supportedALPN: [String] = ["http/1.1"]
+    /// ALPN protocols this build can serve; the TLS setup advertises what
+    /// the config lists (default http/1.1 only). "h2" is served when the
+    /// listener's `http2.enabled` is on (HTTP2DownstreamConnection).
+    public static let supportedALPN: [String] = ["h2", "http/1.1"]
 
     /// TLS 1.2 suites by their OpenSSL/BoringSSL names (the `ciphers:` list).
     public static let knownCiphers: [String] = [
@@ -89,7 +90,7 @@ extension ConfigReader {
         if let n = f["alpn"] {
             let protocols = stringList(n, f.path("alpn"))
             for (i, name) in protocols.enumerated() where !ListenerTLSConfig.supportedALPN.contains(name) {
-                let reason = name == "h2" ? "HTTP/2 is not served by this build yet" : "unknown protocol"
+                let reason = "unknown protocol"
                 report(f.path("alpn") + "[\(i)]", "cannot advertise \"\(name)\": \(reason) (supported: \(ListenerTLSConfig.supportedALPN.joined(separator: ", ")))", n)
             }
             if protocols.isEmpty { report(f.path("alpn"), "must list at least one protocol", n) }

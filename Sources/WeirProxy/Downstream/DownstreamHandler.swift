@@ -81,6 +81,10 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
     private var inputClosed = false
     /// The connection-phase plugin scope (see ExchangeDownstream+Plugins).
     var connectionPlugins: ConnectionPlugins?
+    /// No request yet on an http listener with `http2.enabled` (or an https
+    /// one whose ALPN chose h2): the first bytes may be the HTTP/2 client
+    /// preface, and then the connection becomes an HTTP/2 one.
+    private var mayStartHTTP2: Bool
     /// The TLS session of an https connection (set before this handler is
     /// added; see TLS/ListenerTLS.swift); nil on plain connections.
     var tls: TLSConnectionInfo?
@@ -90,6 +94,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
         self.listener = listener
         self.limits = HTTP1Limits(listener.config.limits)
         self.parser = HTTP1RequestParser(limits: limits)
+        self.mayStartHTTP2 = listener.config.protocol == .http && listener.config.http2.enabled
     }
 
     // MARK: - Channel lifecycle
@@ -116,6 +121,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
             peerTrusted = loopContext.runtime.trustedProxies.contains { $0.contains(clientIP) }
         }
         loopContext.register(self)
+        if tls?.alpn == "h2" && listener.config.http2.enabled { mayStartHTTP2 = true }
         listener.observer?.connectionOpened(listener: listener.name)
         armConnectionTimer(header: true)
         if let plugins = loopContext.plugins { startConnectionPlugins(plugins) }
@@ -206,6 +212,13 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
             case .none:
                 guard exchange == nil, !decoderStopped, inbound.readableBytes > 0 else { return }
                 headBytesArrived()
+                if mayStartHTTP2 {
+                    switch HTTP2Preface.match(inbound) {
+                    case .incomplete: return
+                    case .http2: return switchToHTTP2()
+                    case .other: mayStartHTTP2 = false
+                    }
+                }
                 let head: HTTP1RequestHead
                 do {
                     guard let parsed = try parser.parse(&inbound) else { return }
@@ -675,6 +688,42 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
         let rest = inbound
         inbound = ByteBuffer()
         return rest
+    }
+
+    // MARK: - HTTP/2 (h2c with prior knowledge, or h2 chosen by ALPN)
+
+    /// The client sent the HTTP/2 preface: the connection becomes an HTTP/2
+    /// one (HTTP2DownstreamConnection takes over the accounting and the
+    /// connection-phase scope) and this handler leaves the pipeline.
+    private func switchToHTTP2() {
+        closing = true
+        connectionTimer.cancel()
+        let bytes = inbound
+        inbound = ByteBuffer()
+        let plugins = connectionPlugins
+        connectionPlugins = nil
+        if registered {
+            registered = false
+            loopContext.unregister(self)
+        }
+        let channel = context.channel
+        do {
+            try HTTP2DownstreamConnection.configure(channel: channel, loopContext: loopContext, listener: listener,
+                                                    peerAddress: peerAddress, clientIP: clientIP,
+                                                    peerTrusted: peerTrusted, tls: tls, connectionPlugins: plugins)
+        } catch {
+            loopContext.logger.warning("could not switch to HTTP/2", metadata: ["error": "\(error)"])
+            plugins?.close()
+            listener.connectionClosed()
+            listener.observer?.connectionClosed(listener: listener.name)
+            channel.close(promise: nil)
+            return
+        }
+        // The preface and whatever followed it go to the HTTP/2 handler.
+        context.fireChannelRead(NIOAny(bytes))
+        context.fireChannelReadComplete()
+        context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+        channel.read()
     }
 
     // MARK: - Drain

@@ -1,0 +1,409 @@
+import NIOCore
+import NIOHPACK
+import NIOHTTP1
+import NIOHTTP2
+import WeirCore
+
+/// One downstream HTTP/2 stream: a request in, a response out, through the
+/// same exchange logic as an HTTP/1.1 request (`ExchangeDownstream`).
+///
+/// The request's header list is written as an HTTP/1.1 head and parsed by
+/// Weir's own `HTTP1RequestParser`, so the exchange gets the same
+/// `RequestHead` (and the same upstream fast path, field checks and limits)
+/// as for HTTP/1.1: `:authority` becomes Host, split `cookie` fields are
+/// joined (RFC 9113 §8.2.3), and a body without a length is sent upstream
+/// chunked. nio-http2 has already refused what RFC 9113 §8.2 calls
+/// malformed (pseudo-header errors, uppercase names, connection-specific
+/// fields, `te` other than `trailers`, CR/LF/NUL in values, a body that
+/// disagrees with content-length) with a stream error.
+///
+/// Backpressure: DATA frames are only read while the upstream connection is
+/// writable; frames not read keep the stream's flow-control window closed,
+/// so the client waits (`read(context:)`). The other way, the upstream is
+/// paused while this stream's channel is not writable (its send window is
+/// used up).
+final class HTTP2StreamHandler: ChannelDuplexHandler, ExchangeDownstream {
+    typealias InboundIn = HTTP2Frame.FramePayload
+    typealias OutboundIn = HTTP2Frame.FramePayload
+    typealias OutboundOut = HTTP2Frame.FramePayload
+
+    let connection: HTTP2DownstreamConnection
+    private var context: ChannelHandlerContext!
+    var exchange: Exchange?
+    var exchangeTimer = LazyTimer()
+    /// HEADERS seen: what follows is body and trailers.
+    private var headSeen = false
+    /// The client sent END_STREAM.
+    private var clientEnded = false
+    /// END_STREAM was written (or the stream is gone): nothing more goes out.
+    private var responseEnded = false
+    private var pendingRead = false
+
+    init(connection: HTTP2DownstreamConnection) {
+        self.connection = connection
+    }
+
+    // MARK: - ExchangeDownstream: the connection's facts
+
+    var loopContext: LoopContext { connection.loopContext }
+    var listener: ListenerRuntime { connection.listener }
+    var peerAddress: SocketAddress? { connection.peerAddress }
+    var clientIP: String { connection.clientIP }
+    var peerTrusted: Bool { connection.peerTrusted }
+    var draining: Bool { connection.draining }
+    var tls: TLSConnectionInfo? { connection.tls }
+    var connectionPlugins: ConnectionPlugins? {
+        get { connection.connectionPlugins }
+        set { connection.connectionPlugins = newValue }
+    }
+    var allocator: ByteBufferAllocator { context.channel.allocator }
+    var eventLoop: EventLoop { context.eventLoop }
+    var downstreamIsWritable: Bool { context.channel.isWritable }
+
+    // MARK: - Channel lifecycle
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+        exchangeTimer.setUp(loop: context.eventLoop) { [weak self] in self?.exchangeTimerFired() }
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        exchangeTimer.cancel()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        // The stream is gone (reset by the client, or the connection closed).
+        responseEnded = true
+        exchangeTimer.cancel()
+        if let exchange, !exchange.finished {
+            abortExchange(exchange, reason: "the client reset the HTTP/2 stream")
+        }
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        // Stream errors (malformed frames, reset): the stream closes.
+        loopContext.logger.debug("HTTP/2 stream error", metadata: ["client": "\(clientIP)", "error": "\(error)"])
+        context.close(promise: nil)
+    }
+
+    // MARK: - Reading from the client
+
+    func read(context: ChannelHandlerContext) {
+        if shouldRead {
+            context.read()
+        } else {
+            pendingRead = true
+        }
+    }
+
+    private var shouldRead: Bool {
+        guard let exchange, !clientEnded else { return true }
+        if exchange.requestEnded || exchange.discardingBody { return true }
+        guard let connection = exchange.connection else { return exchange.plugins?.bodyWaiter != nil }
+        return connection.channel.isWritable
+    }
+
+    func resumeReadingIfAllowed() {
+        if pendingRead && shouldRead {
+            pendingRead = false
+            context.read()
+        }
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .headers(let headers):
+            if !headSeen {
+                headSeen = true
+                if headers.endStream { clientEnded = true }
+                beginRequest(headers.headers, endStream: headers.endStream)
+            } else {
+                // Trailers (nio-http2 has checked they end the stream).
+                clientEnded = true
+                guard let exchange, !exchange.requestEnded else { return }
+                var trailers = HTTPHeaders()
+                for (name, value, _) in headers.headers where !name.hasPrefix(":") {
+                    trailers.add(name: name, value: value)
+                }
+                requestEnd(trailers.isEmpty ? nil : trailers, exchange: exchange)
+            }
+        case .data(let data):
+            if data.endStream { clientEnded = true }
+            guard let exchange, !exchange.requestEnded else { return }
+            if case .byteBuffer(let buffer) = data.data, buffer.readableBytes > 0 {
+                requestBody(buffer, exchange: exchange)
+            }
+            if data.endStream, self.exchange === exchange, !exchange.requestEnded {
+                requestEnd(nil, exchange: exchange)
+            }
+        default:
+            break
+        }
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        if let exchange, exchange.upstreamNeedsFlush, let connection = exchange.connection {
+            exchange.upstreamNeedsFlush = false
+            connection.flush()
+        }
+        context.fireChannelReadComplete()
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable, let connection = exchange?.connection {
+            connection.handler.resumeReading()
+        }
+        context.fireChannelWritabilityChanged()
+    }
+
+    // MARK: - Request start
+
+    /// The request's header list as an HTTP/1.1 head, parsed by Weir's
+    /// parser (limits and field checks as for HTTP/1.1), then routed.
+    private func beginRequest(_ headers: HPACKHeaders, endStream: Bool) {
+        var method = "", path = "", authority: String? = nil
+        var hasContentLength = false
+        for (name, value, _) in headers where name.utf8.first == UInt8(ascii: ":") {
+            switch name {
+            case ":method": method = value
+            case ":path": path = value
+            case ":authority": authority = value
+            default: break   // :scheme: the listener's scheme is what counts (X-Forwarded-Proto)
+            }
+        }
+        if path.isEmpty { path = method == "OPTIONS" ? "*" : "/" }   // CONNECT has none: refused by the exchange
+        var head = allocator.buffer(capacity: 256)
+        head.writeString(method)
+        head.writeStaticString(" ")
+        head.writeString(path)
+        head.writeStaticString(" HTTP/1.1\r\n")
+        if let authority {
+            head.writeStaticString("host: ")
+            head.writeString(authority)
+            head.writeStaticString("\r\n")
+        }
+        var cookies: [String] = []
+        for (name, value, _) in headers where name.utf8.first != UInt8(ascii: ":") {
+            switch name {
+            case "host":
+                // :authority wins (RFC 9113 §8.3.1); Host only stands in for a missing one.
+                if authority != nil { continue }
+            case "cookie":
+                cookies.append(value)
+                continue
+            case "content-length":
+                hasContentLength = true
+            default:
+                break
+            }
+            head.writeString(name)
+            head.writeStaticString(": ")
+            head.writeString(value)
+            head.writeStaticString("\r\n")
+        }
+        if !cookies.isEmpty {
+            head.writeStaticString("cookie: ")
+            head.writeString(cookies.joined(separator: "; "))
+            head.writeStaticString("\r\n")
+        }
+        // A body without a length: HTTP/2 frames delimit it, HTTP/1.1 needs chunks.
+        if !endStream && !hasContentLength { head.writeStaticString("transfer-encoding: chunked\r\n") }
+        head.writeStaticString("\r\n")
+
+        var parser = HTTP1RequestParser(limits: connection.parserLimits)
+        let wire: HTTP1RequestHead
+        do {
+            guard let parsed = try parser.parse(&head) else { throw HTTP1ParseError.invalidRequestLine }
+            wire = parsed
+        } catch {
+            return rejectMalformed(error)
+        }
+        var framing = HeaderRewriting.RequestFraming()
+        switch wire.framing {
+        case .contentLength(let length):
+            framing.contentLength = length
+        case .chunked:
+            framing.chunked = true
+        case .none, .untilClose:
+            break
+        }
+        framing.expectsContinue = wire.expectsContinue
+        framing.teTrailers = wire.facts.teTrailersOnly && wire.fields.entries.contains { $0.known == .te }
+        let requestHead = RequestHead(wire)
+        let exchange = makeExchange(head: requestHead)
+        self.exchange = exchange
+        exchange.framing = framing
+        if endStream || !framing.hasBody {
+            exchange.bodyless = true
+            requestEnd(nil, exchange: exchange)
+            guard self.exchange === exchange, !exchange.finished else { return }
+        }
+        routeRequest(exchange, head: requestHead)
+    }
+
+    /// The header list does not make a valid request: its status, in the
+    /// proxy's error shape, on this stream only.
+    private func rejectMalformed(_ error: Error) {
+        let parseError = error as? HTTP1ParseError ?? .invalidRequestLine
+        let kind: ProxyErrorKind
+        switch parseError.requestStatus {
+        case 414: kind = .uriTooLong
+        case 431: kind = .headersTooLarge
+        case 501: kind = .notImplemented
+        default: kind = .badRequest
+        }
+        let exchange = makeExchange(head: nil)
+        self.exchange = exchange
+        exchange.requestEnded = true
+        sendLocalResponse(exchange, kind: kind, message: "malformed request: \(parseError)", close: true)
+    }
+
+    // MARK: - Writing the response as HEADERS and DATA frames
+
+    func relayWireResponseHead(_ head: HTTP1ResponseHead, exchange: Exchange) {
+        let fields = head.fields
+        let dropped = fields.hopByHopFields()
+        var headers = HPACKHeaders()
+        headers.reserveCapacity(fields.count + 2)
+        headers.add(name: ":status", value: String(head.status))
+        var via: String? = nil
+        for (i, e) in fields.entries.enumerated() where !dropped.contains(i) {
+            switch e.known {
+            case .te, .keepAlive, .proxyConnection, .transferEncoding, .upgrade, .connection:
+                continue
+            case .via:
+                let v = fields.value(at: i)
+                via = via.map { $0 + ", " + v } ?? v
+                continue
+            default:
+                headers.add(name: fields.name(at: i).lowercased(), value: fields.value(at: i))
+            }
+        }
+        let viaEntry = head.version.minor == 0 ? "1.0 weir" : "1.1 weir"
+        headers.add(name: "via", value: via.map { $0 + ", " + viaEntry } ?? viaEntry)
+        writeHead(headers, status: head.status, exchange: exchange)
+    }
+
+    func relayResponseHead(_ head: HTTPResponseHead, exchange: Exchange, connection: UpstreamConnection) {
+        var headers = HPACKHeaders()
+        headers.add(name: ":status", value: String(head.status.code))
+        Self.appendFields(head.headers, to: &headers)
+        writeHead(headers, status: Int(head.status.code), exchange: exchange)
+    }
+
+    func relayInterimResponseHead(_ head: HTTP1ResponseHead, exchange: Exchange) {
+        guard !responseEnded else { return }
+        var headers = HPACKHeaders()
+        headers.add(name: ":status", value: String(head.status))
+        let dropped = head.fields.hopByHopFields()
+        for i in 0..<head.fields.count where !dropped.contains(i) {
+            headers.add(name: head.fields.name(at: i).lowercased(), value: head.fields.value(at: i))
+        }
+        context.writeAndFlush(wrapOutboundOut(.headers(.init(headers: headers))), promise: nil)
+    }
+
+    private func writeHead(_ headers: HPACKHeaders, status: Int, exchange: Exchange) {
+        exchange.responseStarted = true
+        exchange.status = status
+        guard !responseEnded else { return }
+        // No body for HEAD, 204, 304: the HEADERS frame ends the stream.
+        let bodyless = exchange.head?.method == .HEAD || status == 204 || status == 304
+        if bodyless { responseEnded = true }
+        context.write(wrapOutboundOut(.headers(.init(headers: headers, endStream: bodyless))), promise: nil)
+    }
+
+    /// HTTP/1 fields as HTTP/2 ones: lower-case names, no connection-specific fields.
+    private static func appendFields(_ fields: HTTPHeaders, to headers: inout HPACKHeaders) {
+        var listed: Set<String> = []
+        for value in fields["connection"] {
+            for token in value.split(separator: ",") { listed.insert(token.trimmingCharacters(in: .whitespaces).lowercased()) }
+        }
+        for (name, value) in fields {
+            let lower = name.lowercased()
+            switch lower {
+            case "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te", "trailer":
+                continue
+            default:
+                if listed.contains(lower) { continue }
+                headers.add(name: lower, value: value)
+            }
+        }
+    }
+
+    func writeResponseBody(_ data: ByteBuffer, exchange: Exchange) {
+        guard !responseEnded, data.readableBytes > 0 else { return }
+        context.write(wrapOutboundOut(.data(.init(data: .byteBuffer(data)))), promise: nil)
+    }
+
+    func writeResponseEnd(_ trailers: HTTP1Fields?, exchange: Exchange, promise: EventLoopPromise<Void>?) {
+        guard !responseEnded else {
+            promise?.succeed(())
+            return
+        }
+        responseEnded = true
+        if let trailers, trailers.count > 0 {
+            var headers = HPACKHeaders()
+            for (i, e) in trailers.entries.enumerated() where e.known == .other {
+                headers.add(name: trailers.name(at: i).lowercased(), value: trailers.value(at: i))
+            }
+            context.write(wrapOutboundOut(.headers(.init(headers: headers, endStream: true))), promise: promise)
+        } else {
+            context.write(wrapOutboundOut(.data(.init(data: .byteBuffer(ByteBuffer()), endStream: true))), promise: promise)
+        }
+    }
+
+    func writeLocalResponse(_ head: HTTPResponseHead, body: ByteBuffer?, exchange: Exchange, promise: EventLoopPromise<Void>?) {
+        guard !responseEnded else {
+            promise?.succeed(())
+            return
+        }
+        responseEnded = true
+        var headers = HPACKHeaders()
+        headers.add(name: ":status", value: String(head.status.code))
+        Self.appendFields(head.headers, to: &headers)
+        if let body, body.readableBytes > 0 {
+            context.write(wrapOutboundOut(.headers(.init(headers: headers))), promise: nil)
+            context.writeAndFlush(wrapOutboundOut(.data(.init(data: .byteBuffer(body), endStream: true))), promise: promise)
+        } else {
+            context.writeAndFlush(wrapOutboundOut(.headers(.init(headers: headers, endStream: true))), promise: promise)
+        }
+    }
+
+    func flushDownstream() { context.flush() }
+
+    /// Resets the stream (the connection and its other streams go on).
+    func closeDownstream() {
+        responseEnded = true
+        context.close(promise: nil)
+    }
+
+    // MARK: - Lifecycle hooks
+
+    /// A stream carries one exchange: it is over once its response is.
+    func closesAfter(_ exchange: Exchange) -> Bool { true }
+
+    func exchangeFinished(_ exchange: Exchange, afterWrite: EventLoopFuture<Void>?) {
+        context.flush()
+        guard !clientEnded else { return }   // both sides ended: the stream closes by itself
+        // The response is out before the request's end: reset the rest
+        // (RFC 9113 §8.1: the client stops sending).
+        let channel = context.channel
+        if let afterWrite {
+            afterWrite.whenComplete { _ in channel.close(promise: nil) }
+        } else {
+            channel.close(promise: nil)
+        }
+    }
+
+    func exchangeAborted(_ exchange: Exchange) {
+        closeDownstream()
+    }
+
+    func switchToTunnel(_ exchange: Exchange, connection: UpstreamConnection) {
+        // Upgrade fields never reach the upstream from an HTTP/2 stream, so
+        // a 101 is refused before this; reset the stream if one gets here.
+        connection.close()
+        closeDownstream()
+    }
+}

@@ -1,0 +1,310 @@
+// Downstream HTTP/2 (h2c with prior knowledge) through a running proxy on
+// loopback with a real HTTP/1.1 upstream: curl, nghttp and a python3-h2
+// client that misbehaves on purpose (HTTP2Client.swift).
+
+import Foundation
+import NIOPosix
+import WeirCore
+import WeirProxy
+import XCTest
+
+final class HTTP2DownstreamTests: XCTestCase {
+    var group: MultiThreadedEventLoopGroup!
+    var upstream: TestUpstream!
+
+    override func setUpWithError() throws {
+        group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        upstream = try TestUpstream(group: group)
+    }
+
+    override func tearDownWithError() throws {
+        upstream.stop()
+        try group.syncShutdownGracefully()
+    }
+
+    private func proxy(_ configure: (inout HTTP2ListenerSettings) -> Void = { _ in }) throws -> ProxyHarness {
+        let config = ProxyHarness.config(targets: [upstream.address]) { config in
+            configure(&config.listeners[0].http2)
+        }
+        return try ProxyHarness(config: config, loops: 1)
+    }
+
+    private func curl(_ port: Int, _ path: String, _ extra: [String] = []) throws -> (status: Int32, out: String, err: String) {
+        try runProgram("/usr/bin/curl", ["-sS", "--http2-prior-knowledge", "--max-time", "10", "-D", "-"]
+                       + extra + ["http://127.0.0.1:\(port)\(path)"])
+    }
+
+    // MARK: - Requests through the proxy
+
+    func testCurlPriorKnowledgeGetAndHTTP1OnTheSameListener() throws {
+        let proxy = try self.proxy()
+        defer { proxy.stop() }
+        let r = try curl(proxy.port, "/hello?x=1", ["-H", "x-in: abc"])
+        XCTAssertEqual(r.status, 0, r.err)
+        XCTAssertTrue(r.out.hasPrefix("HTTP/2 200"), r.out)
+        XCTAssertTrue(r.out.contains("ok from upstream"), r.out)
+        let seen = try XCTUnwrap(upstream.requests.first { $0.uri == "/hello?x=1" })
+        XCTAssertEqual(seen.header("host"), upstream.address.description, "Host is the target's (preserve_host off)")
+        XCTAssertEqual(seen.header("x-forwarded-host"), "127.0.0.1:\(proxy.port)", ":authority is the client's host")
+        XCTAssertEqual(seen.header("x-in"), "abc")
+        XCTAssertEqual(seen.header("x-forwarded-proto"), "http")
+        // HTTP/1.1 on the same listener still works.
+        let client = try proxy.connect()
+        XCTAssertEqual(try client.request("GET", "/h1").status, 200)
+    }
+
+    func testRequestBodyWithoutLengthGoesUpstreamChunkedAndTrailersBothWays() throws {
+        try XCTSkipUnless(H2Script.available, "python3-h2 is not installed")
+        let proxy = try self.proxy()
+        defer { proxy.stop() }
+        let r = try H2Script.run(port: proxy.port, "post-trailers", ["/sink", "200000"])
+        XCTAssertEqual(r["status"] as? Int, 200)
+        XCTAssertEqual(r["body"] as? String, "200000", "the whole body, through flow control")
+        let seen = try XCTUnwrap(upstream.requests.first { $0.uri == "/sink" })
+        XCTAssertEqual(seen.header("transfer-encoding"), "chunked")
+        XCTAssertEqual(seen.header("te"), "trailers")
+        XCTAssertEqual(seen.trailers?.first { $0.0 == "x-client-trailer" }?.1, "t1")
+
+        let t = try H2Script.run(port: proxy.port, "get", ["/trailers"])
+        XCTAssertEqual(t["status"] as? Int, 200)
+        XCTAssertEqual(t["body"] as? String, "hello trailers")
+        XCTAssertEqual((t["trailers"] as? [String: String])?["x-checksum"], "abc123")
+        XCTAssertNil((t["headers"] as? [String: String])?["transfer-encoding"], "no connection-specific fields in HTTP/2")
+        XCTAssertNil((t["headers"] as? [String: String])?["trailer"])
+    }
+
+    func testLargeResponseAndConnectionSpecificUpstreamFieldsDropped() throws {
+        let proxy = try self.proxy()
+        defer { proxy.stop() }
+        let big = try curl(proxy.port, "/big/3000000", ["-o", "/dev/null", "-w", "%{size_download}"])
+        XCTAssertEqual(big.status, 0, big.err)
+        XCTAssertTrue(big.out.hasSuffix("3000000"), big.out)
+        let hop = try curl(proxy.port, "/hop")
+        XCTAssertEqual(hop.status, 0, hop.err)
+        let lower = hop.out.lowercased()
+        XCTAssertTrue(lower.contains("x-kept: yes"), hop.out)
+        XCTAssertFalse(lower.contains("x-secret"), hop.out)
+        XCTAssertFalse(lower.contains("keep-alive"), hop.out)
+    }
+
+    func testNghttpManyConcurrentStreams() throws {
+        let proxy = try self.proxy()
+        defer { proxy.stop() }
+        // 20 requests on one connection, multiplexed.
+        let urls = (0..<20).map { "http://127.0.0.1:\(proxy.port)/n\($0)" }
+        let r = try runProgram("/usr/bin/nghttp", ["-n", "-s", "-m", "1"] + urls)
+        XCTAssertEqual(r.status, 0, r.err + r.out)
+        XCTAssertTrue(waitUntil { (0..<20).allSatisfy { i in self.upstream.requests.contains { $0.uri == "/n\(i)" } } })
+        XCTAssertTrue(waitUntil { proxy.observer.records.count == 20 })
+        XCTAssertTrue(proxy.observer.records.allSatisfy { $0.status == 200 })
+    }
+
+    func testProxyErrorsKeepTheirShapeOnAStream() throws {
+        let config = ProxyHarness.config(targets: [HostPort(host: "127.0.0.1", port: try unusedPort())])
+        let proxy = try ProxyHarness(config: config, loops: 1)
+        defer { proxy.stop() }
+        let r = try curl(proxy.port, "/x")
+        XCTAssertEqual(r.status, 0, r.err)
+        XCTAssertTrue(r.out.hasPrefix("HTTP/2 502"), r.out)
+        XCTAssertTrue(r.out.contains("\"error\""), r.out)
+        XCTAssertFalse(r.out.lowercased().contains("connection:"), r.out)
+    }
+
+    func testPluginsRunOnHTTP2Streams() throws {
+        let folder = try PluginFolder()
+        defer { folder.remove() }
+        try folder.write("h2p", handler: """
+        local weir = require "weir"
+        local P = { PRIORITY = 100, VERSION = "1" }
+        function P:request(conf, ctx)
+          if weir.request.get_path() == "/deny" then
+            return 403, { message = "denied" }, { ["x-gate"] = "closed" }
+          end
+          weir.upstream.request.set_header("x-added", weir.request.get_method() .. " " .. weir.request.get_host()
+            .. " " .. weir.request.get_scheme() .. " " .. weir.request.get_path())
+        end
+        function P:response(conf, ctx)
+          weir.response.set_header("x-response-phase", tostring(weir.response.get_status()))
+        end
+        return P
+        """)
+        let config = ProxyHarness.config(targets: [upstream.address]) { $0.plugins = [pluginRef("h2p")] }
+        let proxy = try PluginProxy(config: config, folder: folder, loops: 1)
+        defer { proxy.stop() }
+        let ok = try curl(proxy.harness.port, "/p", ["-H", "host: ignored.example"])
+        XCTAssertEqual(ok.status, 0, ok.err)
+        XCTAssertTrue(ok.out.hasPrefix("HTTP/2 200"), ok.out)
+        XCTAssertTrue(ok.out.contains("x-response-phase: 200"), ok.out)
+        let seen = try XCTUnwrap(upstream.requests.first { $0.uri == "/p" })
+        // curl sends the Host given as :authority.
+        XCTAssertEqual(seen.header("x-added"), "GET ignored.example http /p")
+        let denied = try curl(proxy.harness.port, "/deny")
+        XCTAssertTrue(denied.out.hasPrefix("HTTP/2 403"), denied.out)
+        XCTAssertTrue(denied.out.contains("x-gate: closed"), denied.out)
+        XCTAssertTrue(denied.out.contains("denied"), denied.out)
+        XCTAssertFalse(upstream.requests.contains { $0.uri == "/deny" })
+    }
+
+    func testH2OverTLSChosenByALPNAndHTTP1StillServed() throws {
+        let pki = TestPKI.shared
+        let tls = ListenerTLSConfig.test(pki, certificates: ["a"]) { $0.alpn = ["h2", "http/1.1"] }
+        let proxy = try ProxyHarness(config: httpsConfig(targets: [upstream.address], tls: tls), loops: 1)
+        defer { proxy.stop() }
+        let h2 = try Curl.https(host: "a.example.com", port: proxy.port, path: "/tls-h2", ca: pki.cert("ca"),
+                                extra: ["--http2", "-D", "-"])
+        XCTAssertTrue(h2.result.stdout.hasPrefix("HTTP/2 200"), h2.result.stdout + h2.result.stderr)
+        XCTAssertTrue(h2.body.contains("ok from upstream"), h2.body)
+        let seen = try XCTUnwrap(upstream.requests.first { $0.uri == "/tls-h2" })
+        XCTAssertEqual(seen.header("x-forwarded-proto"), "https")
+        let h1 = try Curl.https(host: "a.example.com", port: proxy.port, path: "/tls-h1", ca: pki.cert("ca"),
+                                extra: ["--http1.1", "-D", "-"])
+        XCTAssertTrue(h1.result.stdout.hasPrefix("HTTP/1.1 200"), h1.result.stdout + h1.result.stderr)
+        XCTAssertTrue(waitUntil { proxy.observer.records.count == 2 })
+    }
+
+    // MARK: - Abuse: the bad connection goes, a good one on another connection is served
+
+    func testRapidResetGetsGoAwayAndABystanderIsServed() throws {
+        try XCTSkipUnless(H2Script.available, "python3-h2 is not installed")
+        let proxy = try self.proxy { $0.maxResets = 50 }
+        defer { proxy.stop() }
+        let r = try H2Script.run(port: proxy.port, "rapid-reset", ["500"])
+        XCTAssertEqual(r["goaway"] as? Int, 11, "GOAWAY ENHANCE_YOUR_CALM: \(r)")
+        XCTAssertEqual(r["bystander_before"] as? Int, 200)
+        XCTAssertEqual(r["bystander_after"] as? Int, 200)
+    }
+
+    func testContinuationFloodIsCut() throws {
+        try XCTSkipUnless(H2Script.available, "python3-h2 is not installed")
+        let proxy = try self.proxy()
+        defer { proxy.stop() }
+        let r = try H2Script.run(port: proxy.port, "continuation-flood", ["1000"])
+        XCTAssertTrue((r["goaway"] as? Int).map { $0 != 0 } ?? (r["closed"] as? Bool ?? false), "cut: \(r)")
+        XCTAssertEqual(r["bystander_before"] as? Int, 200)
+        XCTAssertEqual(r["bystander_after"] as? Int, 200)
+    }
+
+    /// A client that opens more streams than SETTINGS_MAX_CONCURRENT_STREAMS
+    /// allowed (after acknowledging it): nio-http2 treats that as a
+    /// connection error (GOAWAY PROTOCOL_ERROR; RFC 9113 §5.1.2 allows a
+    /// stream error too, the stricter answer stops a client ignoring limits).
+    func testStreamsOverTheLimitEndTheConnection() throws {
+        try XCTSkipUnless(H2Script.available, "python3-h2 is not installed")
+        let proxy = try self.proxy { $0.maxConcurrentStreams = 5 }
+        defer { proxy.stop() }
+        let r = try H2Script.run(port: proxy.port, "too-many-streams", ["12"])
+        XCTAssertEqual(r["goaway"] as? Int, 1, "GOAWAY PROTOCOL_ERROR: \(r)")
+        XCTAssertEqual(r["bystander_before"] as? Int, 200)
+        XCTAssertEqual(r["bystander_after"] as? Int, 200)
+    }
+
+    func testWindowOverflowIsAFlowControlError() throws {
+        try XCTSkipUnless(H2Script.available, "python3-h2 is not installed")
+        let proxy = try self.proxy()
+        defer { proxy.stop() }
+        let r = try H2Script.run(port: proxy.port, "window-overflow")
+        XCTAssertEqual(r["goaway"] as? Int, 3, "GOAWAY FLOW_CONTROL_ERROR: \(r)")
+        XCTAssertEqual(r["bystander_after"] as? Int, 200)
+    }
+
+    func testOversizedHeaderListIsRefused() throws {
+        try XCTSkipUnless(H2Script.available, "python3-h2 is not installed")
+        let proxy = try self.proxy { $0.maxHeaderListSize = 8 * 1024 }
+        defer { proxy.stop() }
+        let r = try H2Script.run(port: proxy.port, "big-headers", ["20"])
+        XCTAssertNotEqual(r["status"] as? Int, 200, "20 KB of headers over an 8 KB limit: \(r)")
+        XCTAssertFalse(upstream.requests.contains { $0.headers.contains { $0.0 == "x-big-0" } })
+        XCTAssertEqual(r["bystander_after"] as? Int, 200)
+    }
+
+    // MARK: - Conformance (RFC 9113)
+
+    func testMalformedHeaderBlocksAreStreamErrors() throws {
+        try XCTSkipUnless(H2Script.available, "python3-h2 is not installed")
+        let proxy = try self.proxy()
+        defer { proxy.stop() }
+        for kind in ["uppercase", "connection-header", "te-gzip", "unknown-pseudo", "missing-path", "pseudo-after-regular"] {
+            let r = try H2Script.run(port: proxy.port, "stream-error", [kind])
+            XCTAssertEqual(r["reset"] as? Int, 1, "\(kind): RST_STREAM PROTOCOL_ERROR: \(r)")
+            XCTAssertEqual(r["next_status"] as? Int, 200, "\(kind): the connection carries on: \(r)")
+        }
+        XCTAssertEqual(upstream.requests.filter { $0.uri == "/" }.count, 0, "nothing malformed reached the upstream")
+    }
+
+    func testFramesOnAClosedStreamAndBadPreface() throws {
+        try XCTSkipUnless(H2Script.available, "python3-h2 is not installed")
+        let proxy = try self.proxy()
+        defer { proxy.stop() }
+        let closed = try H2Script.run(port: proxy.port, "closed-stream")
+        XCTAssertEqual(closed["first"] as? Int, 200)
+        let code = (closed["reset"] as? Int) ?? (closed["goaway"] as? Int)
+        XCTAssertEqual(code, 5, "STREAM_CLOSED: \(closed)")
+        let preface = try H2Script.run(port: proxy.port, "bad-settings-first")
+        XCTAssertEqual(preface["goaway"] as? Int, 1, "GOAWAY PROTOCOL_ERROR: \(preface)")
+    }
+
+    // MARK: - Timeouts
+
+    func testIdleConnectionGetsGoAwayNoError() throws {
+        try XCTSkipUnless(H2Script.available, "python3-h2 is not installed")
+        let proxy = try self.proxy { $0.idleTimeout = .milliseconds(300) }
+        defer { proxy.stop() }
+        let r = try H2Script.run(port: proxy.port, "idle", ["5"])
+        XCTAssertEqual(r["status"] as? Int, 200)
+        XCTAssertEqual(r["goaway"] as? Int, 0, "GOAWAY NO_ERROR: \(r)")
+        XCTAssertTrue(waitUntil { proxy.observer.closed == proxy.observer.opened }, "the connection was counted closed")
+    }
+
+    func testUnansweredPingClosesTheConnection() throws {
+        try XCTSkipUnless(H2Script.available, "python3-h2 is not installed")
+        let proxy = try self.proxy {
+            $0.pingInterval = .milliseconds(200)
+            $0.pingTimeout = .milliseconds(200)
+        }
+        defer { proxy.stop() }
+        let r = try H2Script.run(port: proxy.port, "ping-silent", ["5"])
+        XCTAssertEqual(r["status"] as? Int, 200)
+        XCTAssertEqual(r["got_ping"] as? Bool, true, "\(r)")
+        XCTAssertEqual(r["closed"] as? Bool, true, "\(r)")
+    }
+
+    // MARK: - Config
+
+    func testHTTP2ConfigIsValidatedWithPathAndLine() throws {
+        let yaml = """
+        listeners:
+          - name: web
+            listen: 127.0.0.1:8080
+            http2:
+              max_concurrent_streams: 0
+              max_frame_size: 1k
+              bogus: 1
+        upstreams:
+          - name: b
+            targets: [{ address: 127.0.0.1:9000 }]
+        routes:
+          - { name: r, upstream: b }
+        """
+        XCTAssertThrowsError(try ConfigLoader.parse(yaml: yaml)) { error in
+            let text = "\(error)"
+            XCTAssertTrue(text.contains("listeners[0].http2.max_concurrent_streams"), text)
+            XCTAssertTrue(text.contains("listeners[0].http2.max_frame_size"), text)
+            XCTAssertTrue(text.contains("listeners[0].http2.bogus"), text)
+            XCTAssertTrue(text.contains("line 5"), text)
+        }
+        let ok = try ConfigLoader.parse(yaml: """
+        listeners:
+          - name: web
+            listen: 127.0.0.1:8080
+            http2: { max_concurrent_streams: 10, initial_window_size: 1m, ping_interval: 0, reset_window: 10s }
+        upstreams:
+          - name: b
+            targets: [{ address: 127.0.0.1:9000 }]
+        routes:
+          - { name: r, upstream: b }
+        """)
+        XCTAssertEqual(ok.listeners[0].http2.maxConcurrentStreams, 10)
+        XCTAssertEqual(ok.listeners[0].http2.initialWindowSize, 1024 * 1024)
+        XCTAssertNil(ok.listeners[0].http2.pingInterval)
+    }
+}
