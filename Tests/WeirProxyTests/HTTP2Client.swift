@@ -13,19 +13,21 @@ func runProgram(_ path: String, _ arguments: [String], timeoutSeconds: Double = 
     process.standardOutput = out
     process.standardError = err
     try process.run()
-    // Read while it runs so a full pipe never blocks it.
-    var outData = Data(), errData = Data()
+    // Read while it runs so a full pipe never blocks it (each box is
+    // written by its reader before `group` is left, read after the wait).
+    final class Box: @unchecked Sendable { var data = Data() }
+    let outBox = Box(), errBox = Box()
     let group = DispatchGroup()
     group.enter()
-    DispatchQueue.global().async { outData = out.fileHandleForReading.readDataToEndOfFile(); group.leave() }
+    DispatchQueue.global().async { outBox.data = out.fileHandleForReading.readDataToEndOfFile(); group.leave() }
     group.enter()
-    DispatchQueue.global().async { errData = err.fileHandleForReading.readDataToEndOfFile(); group.leave() }
+    DispatchQueue.global().async { errBox.data = err.fileHandleForReading.readDataToEndOfFile(); group.leave() }
     let deadline = Date().addingTimeInterval(timeoutSeconds)
     while process.isRunning && Date() < deadline { usleep(10_000) }
     if process.isRunning { process.terminate() }
     process.waitUntilExit()
     _ = group.wait(timeout: .now() + 5)
-    return (process.terminationStatus, String(decoding: outData, as: UTF8.self), String(decoding: errData, as: UTF8.self))
+    return (process.terminationStatus, String(decoding: outBox.data, as: UTF8.self), String(decoding: errBox.data, as: UTF8.self))
 }
 
 /// The python3-h2 client (`/usr/bin/python3`, Debian's python3-h2).
