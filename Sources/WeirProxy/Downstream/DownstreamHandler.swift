@@ -587,6 +587,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
     }
 
     var eventLoop: EventLoop { context.eventLoop }
+    var localAddress: SocketAddress? { context.channel.localAddress }
     var downstreamIsWritable: Bool { context.channel.isWritable }
     func closeDownstream() { context.close(promise: nil) }
 

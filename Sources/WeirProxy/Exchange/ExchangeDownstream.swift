@@ -33,6 +33,8 @@ protocol ExchangeDownstream: AnyObject, UpstreamConnectionDelegate {
     var connectionPlugins: ConnectionPlugins? { get set }
     /// The TLS session of an https connection; nil on plain ones.
     var tls: TLSConnectionInfo? { get }
+    /// The listener's side of the connection (`conn:get_local_port`).
+    var localAddress: SocketAddress? { get }
     var allocator: ByteBufferAllocator { get }
     var eventLoop: EventLoop { get }
 

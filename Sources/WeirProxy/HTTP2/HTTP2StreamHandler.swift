@@ -52,6 +52,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, ExchangeDownstream {
     var peerTrusted: Bool { connection.peerTrusted }
     var draining: Bool { connection.draining }
     var tls: TLSConnectionInfo? { connection.tls }
+    var localAddress: SocketAddress? { context.channel.parent?.localAddress }
     var connectionPlugins: ConnectionPlugins? {
         get { connection.connectionPlugins }
         set { connection.connectionPlugins = newValue }

@@ -62,7 +62,7 @@ extension ExchangeDownstream {
         if let connectionChain = plugins.connectionChain, connectionPlugins?.scope?.runtime !== plugins.runtime {
             let connection = connectionPlugins ?? ConnectionPlugins(connectionID: loopContext.requestIDs.next(),
                                                                     clientIP: clientIP, clientPort: peerAddress?.port ?? 0,
-                                                                    tls: tls, localPort: context.channel.localAddress?.port,
+                                                                    tls: tls, localPort: localAddress?.port,
                                                                     listenerName: listener.name)
             connectionPlugins = connection
             connection.close()
