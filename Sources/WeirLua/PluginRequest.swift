@@ -235,6 +235,7 @@ public final class PluginRequest {
                 if let exit = exit { report(entry, .exited); return .exit(exit) }
                 report(entry, .completed)
                 index += 1
+                if phase == .request, consumerChain != nil { switchToConsumerChain(after: entry) }
             case .yielded(let count):
                 weir_pop(thread, count)
                 if let exit = exit {
@@ -266,6 +267,35 @@ public final class PluginRequest {
             }
         }
         return .continue
+    }
+
+    // MARK: Consumer-specific plugin configs
+
+    /// Asked, in the request phase, after each plugin that leaves a consumer
+    /// authenticated (`context.consumer`) that this scope has not seen yet:
+    /// the chain to use from then on for that consumer (consumer configs win
+    /// over route, upstream and global ones), or nil to keep the current one.
+    /// The proxy sets it only when some consumer has plugins of its own.
+    public var consumerChain: ((String) -> PluginChain?)?
+    private var consumerSeen: String?
+
+    /// Kong's rule: a plugin's config is picked when its turn comes, so once
+    /// an auth plugin named the consumer, the rest of the request phase runs
+    /// the consumer's chain from the same position. Plugins that already ran
+    /// (the auth plugin and those before it) are not run again; a consumer's
+    /// plugin ordered before the auth plugin misses this request phase (the
+    /// consumer was not known at its turn) but runs in the later phases.
+    private func switchToConsumerChain(after entry: PluginChain.Entry) {
+        guard let consumer = context?.consumer, consumer != consumerSeen else { return }
+        consumerSeen = consumer
+        guard let chain = consumerChain?(consumer) else { return }
+        let priority = entry.plugin.definition.priority
+        let name = entry.name
+        entries = chain.byPhase[phase.luaID].filter {
+            let p = $0.plugin.definition.priority
+            return p < priority || (p == priority && $0.name > name)
+        }
+        index = 0
     }
 
     /// Runs a timer callback as a one-entry chain in the `.timer` phase.

@@ -370,8 +370,9 @@ extension PluginProxyTests {
 
 extension PluginProxyTests {
     /// Plugins attached to a consumer run once an auth plugin named that
-    /// consumer: their request phase right after the route chain's, and the
-    /// later phases with the consumer's config.
+    /// consumer: the rest of the request phase and the later phases use the
+    /// consumer's config, and a plugin attached to both the route and the
+    /// consumer runs once per phase (with the consumer's config), as in Kong.
     func testConsumerPluginsRunAfterAuthentication() throws {
         try folder.write("auth", handler: """
         local weir = require "weir"
@@ -385,7 +386,11 @@ extension PluginProxyTests {
         try folder.write("tag", handler: """
         local weir = require "weir"
         local P = { PRIORITY = 10, VERSION = "1" }
-        function P:request(conf, ctx) weir.response.set_header("x-tag", conf.tag) end
+        function P:request(conf, ctx)
+          ctx.tag_runs = (ctx.tag_runs or 0) + 1
+          weir.response.set_header("x-tag", conf.tag)
+          weir.response.set_header("x-tag-runs", ctx.tag_runs)
+        end
         function P:response(conf, ctx) weir.response.set_header("x-tag-response", conf.tag) end
         return P
         """, schema: "return { fields = { tag = { type = \"string\", required = true, description = \"tag\" } } }")
@@ -404,12 +409,15 @@ extension PluginProxyTests {
         let client = try proxy.connect()
         let anonymous = try client.request("GET", "/a")
         XCTAssertEqual(anonymous.header("x-tag"), "route")
+        XCTAssertEqual(anonymous.header("x-tag-runs"), "1")
         XCTAssertEqual(anonymous.header("x-tag-response"), "route")
         let alice = try client.request("GET", "/a", headers: [("x-user", "alice")])
         XCTAssertEqual(alice.header("x-tag"), "alice")
+        XCTAssertEqual(alice.header("x-tag-runs"), "1", "route + consumer attachment: the request phase runs once")
         XCTAssertEqual(alice.header("x-tag-response"), "alice")
         let bob = try client.request("GET", "/a", headers: [("x-user", "bob")])
         XCTAssertEqual(bob.header("x-tag"), "route")
+        XCTAssertEqual(bob.header("x-tag-runs"), "1")
         XCTAssertEqual(bob.header("x-tag-response"), "route")
     }
 }

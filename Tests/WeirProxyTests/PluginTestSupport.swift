@@ -49,7 +49,7 @@ final class PluginProxy {
         }
     }
 
-    func connect() throws -> BlockingSocket { try harness.connect() }
+    func connect(timeoutSeconds: Int = 10) throws -> BlockingSocket { try harness.connect(timeoutSeconds: timeoutSeconds) }
     func stop() {
         generations.stopWatching()
         harness.stop()

@@ -195,7 +195,7 @@ extension ExchangeDownstream {
     }
 
     func connectFresh(_ exchange: Exchange, pool: TargetPool) {
-        pool.connect().whenComplete { [weak self] result in
+        pool.connect(timeout: exchange.plugins?.connectTimeoutOverride).whenComplete { [weak self] result in
             guard let self else {
                 if case .success(let c) = result { c.close() }
                 return

@@ -105,22 +105,8 @@ extension ExchangeDownstream {
     private func requestPhaseEnded(_ exchange: Exchange, _ result: PhaseResult) {
         switch result {
         case .continue:
-            // A consumer named by an auth plugin may have plugins of its own:
-            // their request phase runs now; later phases use its configs.
-            if let scope = exchange.plugins, let consumerChain = scope.takeConsumerChain() {
-                switch scope.scope.start(.request, chain: consumerChain) {
-                case .done(let result):
-                    return requestPhaseEnded(exchange, result)
-                case .pending(let future):
-                    scope.phasePending = true
-                    future.whenSuccess { [weak self] result in
-                        scope.phasePending = false
-                        guard let self, self.exchange === exchange, !exchange.finished else { return }
-                        self.requestPhaseEnded(exchange, result)
-                    }
-                    return
-                }
-            }
+            // A consumer named by an auth plugin switched the chain to the
+            // consumer's inside the phase (PluginRequest.consumerChain).
             startAttempt(exchange, excluding: nil)
             // Parts that arrived while the phase ran are written by useConnection.
         case .exit(let exit):

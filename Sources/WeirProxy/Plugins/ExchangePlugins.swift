@@ -44,7 +44,6 @@ final class ExchangePlugins: PluginRequestContext {
     /// each upstream body part goes through it.
     private(set) var filtersBody: Bool
     let routeName: String
-    private var consumerPhaseDone = false
     var lastChunkFiltered = false
     private(set) var scope: PluginRequest!
     private weak var handler: (any ExchangeDownstream)?
@@ -91,6 +90,9 @@ final class ExchangePlugins: PluginRequestContext {
         // A connection scope from an older generation belongs to another Lua state.
         let conn = connection?.runtime === loopPlugins.runtime ? connection : nil
         self.scope = loopPlugins.runtime.beginRequest(self, connection: conn)
+        if loopPlugins.hasConsumerPlugins {
+            scope.consumerChain = { [weak self] consumer in self?.chainForConsumer(consumer) }
+        }
     }
 
     /// After the response went out (or the request was abandoned): the log
@@ -219,15 +221,16 @@ final class ExchangePlugins: PluginRequestContext {
     var matchedRouteName: String? { routeName.isEmpty ? nil : routeName }
     func authenticate(consumer: String, credential: String?) { self.consumer = consumer }
 
-    /// After the route chain's request phase: the consumer's own plugins,
-    /// if an auth plugin named a consumer that has some. nil: nothing to run.
-    func takeConsumerChain() -> PluginChain? {
-        guard !consumerPhaseDone, let consumer else { return nil }
-        consumerPhaseDone = true
+    /// Once an auth plugin names a consumer that has plugins of its own, the
+    /// request's chain becomes the consumer's full chain (route, upstream
+    /// and global plugins with the consumer's configs winning): the rest of
+    /// the request phase and every later phase run it (see
+    /// `PluginRequest.consumerChain`).
+    private func chainForConsumer(_ consumer: String) -> PluginChain? {
         guard let chains = loopPlugins.chains(route: routeName, consumer: consumer) else { return nil }
         chain = chains.full.chain
         filtersBody = chains.full.filtersBody
-        return chains.own
+        return chains.full.chain
     }
 
     // MARK: The upstream request (request phase)
@@ -311,10 +314,16 @@ final class ExchangePlugins: PluginRequestContext {
     private(set) var timeoutsOverride: UpstreamTimeouts?
     private(set) var retriesOverride: Int?
 
-    /// `send` is the write timeout, `read` the read timeout. `connect` is
-    /// per target pool and not overridable per request (yet): ignored.
+    /// The connect timeout of this request's new upstream connections
+    /// (`weir.upstream.set_timeouts`); nil = the upstream's.
+    private(set) var connectTimeoutOverride: TimeAmount?
+
+    /// `connect` applies to the connections this request opens (a pooled
+    /// keep-alive connection is already connected), `send` is the write
+    /// timeout, `read` the read timeout.
     func setUpstreamTimeouts(connect: Double?, send: Double?, read: Double?) {
         guard let routed = exchange.routed else { return }
+        if let connect { connectTimeoutOverride = .nanoseconds(Int64(connect * 1e9)) }
         var timeouts = timeoutsOverride ?? routed.upstream.config.timeouts
         if let send { timeouts.write = TimeSpan(nanoseconds: Int64(send * 1e9)) }
         if let read { timeouts.read = TimeSpan(nanoseconds: Int64(read * 1e9)) }

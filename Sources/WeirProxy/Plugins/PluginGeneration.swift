@@ -78,6 +78,9 @@ final class LoopPlugins {
     /// listener's own, by listener name; absent = none to run.
     let streamConnectionChains: [String: PluginChain]
     let hasChains: Bool
+    /// Some consumer has plugins of its own (requests then switch chains
+    /// once authenticated).
+    let hasConsumerPlugins: Bool
     private let validated: ValidatedPlugins
     private let upstreamOfRoute: [String: String]
     /// (route, consumer) -> chains, built on this loop on first use.
@@ -108,14 +111,14 @@ final class LoopPlugins {
             if !effective.isEmpty { streamChains[listener.name] = try runtime.makeChain(effective) }
         }
         self.streamConnectionChains = streamChains
+        self.hasConsumerPlugins = !plugins.consumers.values.allSatisfy(\.isEmpty)
         self.hasChains = !chains.isEmpty || connectionChain != nil || !plugins.consumers.values.allSatisfy(\.isEmpty)
             || !streamChains.isEmpty
     }
 
     /// Once an auth plugin named the consumer: the consumer's own plugins
-    /// (their request phase runs now) and the chain for the request's later
-    /// phases, where the consumer's configs win. nil if the consumer has no
-    /// plugins.
+    /// and the request's chain from then on, where the consumer's configs
+    /// win. nil if the consumer has no plugins.
     func chains(route: String, consumer: String) -> ConsumerChains? {
         guard let own = validated.consumers[consumer], !own.isEmpty else { return nil }
         let key = route + "\u{0}" + consumer

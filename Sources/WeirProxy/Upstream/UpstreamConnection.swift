@@ -501,8 +501,11 @@ final class TargetPool {
         for c in all { c.close() }
     }
 
-    /// Opens a new connection on this pool's event loop.
-    func connect() -> EventLoopFuture<UpstreamConnection> {
+    /// Opens a new connection on this pool's event loop; `timeout`
+    /// overrides the upstream's connect timeout of a new TCP connection (a
+    /// plugin's set_timeouts; an HTTP/2 upstream's stream opens on its
+    /// shared connection as configured).
+    func connect(timeout: TimeAmount? = nil) -> EventLoopFuture<UpstreamConnection> {
         if let http2 {
             return http2.openStream(for: self).map { stream in
                 self.openConnections += 1
@@ -512,7 +515,7 @@ final class TargetPool {
         let tlsContext = tls?()
         let host = self.host
         let bootstrap = ClientBootstrap(group: loop)
-            .connectTimeout(connectTimeout)
+            .connectTimeout(timeout ?? connectTimeout)
             .channelOption(.tcpOption(.tcp_nodelay), value: 1)
             // A WebSocket tunnel passes the upstream's half-close on to the
             // client (UpstreamHandler closes on it outside a tunnel).
