@@ -256,9 +256,40 @@ extension ExchangeDownstream {
         exchange.head?.method != .HEAD && status != 204 && status != 304
     }
 
-    /// Writes an exit response. Body filters do not run over it (documented
-    /// in lua/README.md): its Content-Length is already in the head.
-    private func writePluginExit(_ exchange: Exchange, head: HTTPResponseHead, body: [UInt8], close: Bool) {
+    /// Writes an exit response. As in Kong, the chain's body filters run
+    /// over a non-empty exit body first (one chunk, marked last); the head's
+    /// Content-Length is then set to what they left.
+    private func writePluginExit(_ exchange: Exchange, head: HTTPResponseHead, body: [UInt8], close: Bool,
+                                 bodyFiltered: Bool = false) {
+        if !bodyFiltered, let plugins = exchange.plugins, plugins.filtersBody, !body.isEmpty,
+           Self.exitBodyAllowed(exchange, status: Int(head.status.code)) {
+            let finish: (PhaseResult) -> Void = { [weak self] result in
+                guard let self, self.exchange === exchange, !exchange.finished else { return }
+                switch result {
+                case .continue:
+                    var head = head
+                    let filtered = plugins.scope.bodyChunk
+                    head.headers.replaceOrAdd(name: "content-length", value: String(filtered.count))
+                    self.writePluginExit(exchange, head: head, body: filtered, close: close, bodyFiltered: true)
+                case .exit:
+                    self.loopContext.logger.error("plugin exit in the body_filter phase of an exit response: ignored",
+                                                  metadata: ["request_id": "\(exchange.id)"])
+                    self.writePluginExit(exchange, head: head, body: body, close: close, bodyFiltered: true)
+                case .failed(let failure):
+                    self.pluginFailed(exchange, failure)
+                }
+            }
+            switch plugins.scope.filterBody(body, isLast: true, chain: plugins.chain) {
+            case .done(let result): finish(result)
+            case .pending(let future):
+                plugins.phasePending = true
+                future.whenSuccess { result in
+                    plugins.phasePending = false
+                    finish(result)
+                }
+            }
+            return
+        }
         let status = Int(head.status.code)
         exchange.status = status
         exchange.responseStarted = true
