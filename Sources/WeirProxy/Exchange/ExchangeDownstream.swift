@@ -477,7 +477,10 @@ extension ExchangeDownstream {
         exchange.upstreamKeepAlive = head.keepAlive
         guard checkUpgradeResponse(code, exchange: exchange, connection: connection) else { return }
 
-        if let plugins = exchange.plugins, code != 101 {
+        // Plugins that see or change the response head get it materialised;
+        // with none (no response phase, no body filter, no early header
+        // changes) it is relayed as bytes, as without plugins.
+        if let plugins = exchange.plugins, code != 101, !plugins.responsePhaseIsNoop {
             guard let head = runResponsePlugins(Self.materialized(head), exchange: exchange, plugins: plugins, connection: connection) else { return }
             return relayResponseHead(head, exchange: exchange, connection: connection)
         }

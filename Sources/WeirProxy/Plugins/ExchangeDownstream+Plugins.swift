@@ -55,7 +55,7 @@ extension DownstreamHandler {
 extension ExchangeDownstream {
     /// The route has a chain: run the request phase, then go upstream (or answer).
     func startRequestPlugins(_ exchange: Exchange, plugins: LoopPlugins, chain: RouteChain, path: String, query: Substring) {
-        guard let head = exchange.head, let routed = exchange.routed else { return }
+        guard exchange.head != nil, exchange.routed != nil else { return }
         // First request on this connection under a newer generation (a
         // reload happened since accept): that generation's connection phase
         // runs first, so `weir.conn` is filled by the plugins now in force.
@@ -83,8 +83,10 @@ extension ExchangeDownstream {
                 return
             }
         }
-        // The head the upstream will get, built now so plugins change it in place.
-        exchange.upstreamHead = buildUpstreamHead(exchange, head: head, routed: routed)
+        // The upstream head is materialised only when a plugin reads or
+        // changes it (ExchangePlugins.materializeUpstreamHead); otherwise the
+        // client's head bytes are forwarded with the proxy's edits, as
+        // without plugins.
         let scope = ExchangePlugins(loopPlugins: plugins, chain: chain, handler: self, exchange: exchange,
                                     path: path, query: query,
                                     connection: connectionPlugins?.scope)
