@@ -15,7 +15,8 @@
 # report (top functions by inclusive and by self instructions, demangled)
 # goes to bench/profiles/<timestamp>-<proxy>-callgrind.txt.
 #
-#   bench/callgrind.sh [--no-build] [--proxy weir|weir-noop|weir-lua|weir-observe|weir-h2up|nginx|nginx-lua|haproxy]
+#   bench/callgrind.sh [--no-build] [--proxy weir|weir-noop|weir-lua|weir-observe|weir-h2up|weir-auth-local|
+#                                            weir-auth-redis|nginx|nginx-lua|nginx-lua-auth|haproxy]
 #                      [--duration S] [--connections N]
 set -uo pipefail
 
@@ -32,7 +33,7 @@ while [ $# -gt 0 ]; do
         --proxy) PROXY=${2:-}; shift 2 ;;
         --duration) [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] || die "--duration needs a positive integer"; DURATION=$2; shift 2 ;;
         --connections) [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] || die "--connections needs a positive integer"; CONNS=$2; shift 2 ;;
-        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
         *) die "unknown option: $1 (see --help)" ;;
     esac
 done
@@ -43,10 +44,13 @@ case "$PROXY" in
     weir-lua) PORT=$WEIR_LUA_PORT ;;
     weir-observe) PORT=$WEIR_OBSERVE_PORT ;;
     weir-h2up) PORT=$WEIR_H2UP_PORT ;;   # HTTP/2 upstream (origin's h2c port)
+    weir-auth-local) PORT=$WEIR_AUTH_LOCAL_PORT ;;
+    weir-auth-redis) PORT=$WEIR_AUTH_REDIS_PORT ;;
+    nginx-lua-auth) PORT=$NGINX_LUA_AUTH_PORT ;;
     nginx) PORT=$NGINX_PORT ;;
     nginx-lua) PORT=$NGINX_LUA_PORT ;;
     haproxy) PORT=$HAPROXY_PORT ;;
-    *) die "unknown proxy '$PROXY' (known: weir, weir-noop, weir-lua, weir-observe, weir-h2up, nginx, nginx-lua, haproxy)" ;;
+    *) die "unknown proxy '$PROXY' (known: weir, weir-noop, weir-lua, weir-observe, weir-h2up, weir-auth-local, weir-auth-redis, nginx, nginx-lua, nginx-lua-auth, haproxy)" ;;
 esac
 
 require_tools nginx wrk curl valgrind callgrind_control callgrind_annotate python3 ss
@@ -71,6 +75,10 @@ VALGRIND=(valgrind --tool=callgrind --instr-atstart=no --demangle=no --callgrind
 [[ "$PROXY" == weir* ]] && [ "$BUILD" -eq 1 ] && build_weir
 
 start_origin
+if [ "$PROXY" = weir-auth-redis ]; then
+    port_in_use "$REDIS_PORT" && die "127.0.0.1:$REDIS_PORT is already in use"
+    start_redis || die "redis-server is not installed (apt-get install redis-server)"
+fi
 case "$PROXY" in
     weir*)
         reason=$(weir_unavailable_reason "$PROXY")
@@ -92,13 +100,13 @@ case "$PROXY" in
             -c "$RUN_DIR/nginx-proxy.conf" -g "daemon off; master_process off;" > "$RUN_DIR/logs/nginx.out" 2>&1 &
         PROXY_PID=$!
         ;;
-    nginx-lua)
+    nginx-lua|nginx-lua-auth)
         [ -n "$LUA_MODULE" ] || die "nginx Lua module not found (apt-get install libnginx-mod-http-lua)"
-        render_template nginx-lua.conf "$RUN_DIR/nginx-lua.conf"
+        render_template "$PROXY.conf" "$RUN_DIR/$PROXY.conf"
         # LuaJIT writes machine code at run time: tell valgrind to watch for it.
         $(pin "$PROXY_CPU") "${VALGRIND[@]}" --smc-check=all-non-file nginx -p "$RUN_DIR" \
-            -e "$RUN_DIR/logs/nginx-lua-error.log" -c "$RUN_DIR/nginx-lua.conf" \
-            -g "daemon off; master_process off;" > "$RUN_DIR/logs/nginx-lua.out" 2>&1 &
+            -e "$RUN_DIR/logs/$PROXY-error.log" -c "$RUN_DIR/$PROXY.conf" \
+            -g "daemon off; master_process off;" > "$RUN_DIR/logs/$PROXY.out" 2>&1 &
         PROXY_PID=$!
         ;;
     haproxy)
@@ -124,7 +132,9 @@ wrk_for 3 > /dev/null 2>&1
 callgrind_control -i on "$PROXY_PID" > "$RUN_DIR/logs/callgrind-control.out" 2>&1 \
     || die "callgrind_control -i on failed: $(tail -2 "$RUN_DIR/logs/callgrind-control.out")"
 log "counting instructions for ${DURATION} s of wrk -c $CONNS"
+[ "$PROXY" = weir-auth-redis ] && redis_before=$(redis_commands)
 result=$(wrk_for "$DURATION" 2>&1 | grep '^WRK_RESULT')
+[ "$PROXY" = weir-auth-redis ] && redis_after=$(redis_commands)
 callgrind_control -d "$PROXY_PID" >> "$RUN_DIR/logs/callgrind-control.out" 2>&1
 callgrind_control -i off "$PROXY_PID" >> "$RUN_DIR/logs/callgrind-control.out" 2>&1
 sleep 1
@@ -159,6 +169,11 @@ demangle() {
     echo "requests: $requests (at $(field rps "$result") req/s under valgrind)"
     echo "instructions: $total_ir"
     echo "instructions per request: $(python3 -c "print(f'{$total_ir / $requests:,.0f}')")"
+    if [ "$PROXY" = weir-auth-redis ]; then
+        calls=$(( $(field calls "$redis_after") - $(field calls "$redis_before") ))
+        evalsha=$(( $(field evalsha "$redis_after") - $(field evalsha "$redis_before") ))
+        echo "redis commands during the count (INFO commandstats, one INFO of the harness included): $calls (EVALSHA $evalsha) = $(python3 -c "print(f'{$calls / $requests:.3f}')") per request"
+    fi
     echo
     echo "## top 40 functions by inclusive instructions"
     callgrind_annotate --inclusive=yes "$dump" 2>/dev/null | function_rows | head -40 | demangle | cut -c1-220

@@ -34,6 +34,13 @@ WEIR_NOOP_PORT=$((19011 + BENCH_PORT_OFFSET))
 WEIR_LUA_PORT=$((19012 + BENCH_PORT_OFFSET))
 WEIR_PROBE_PORT=$((19013 + BENCH_PORT_OFFSET))
 WEIR_OBSERVE_PORT=$((19014 + BENCH_PORT_OFFSET))
+# Issue 5's pair of shipped plugins (key-auth + rate-limiting): nginx+Lua
+# doing the same, Weir with policy local and policy redis, and the Redis
+# server the redis policy talks to (started by run.sh / callgrind.sh).
+NGINX_LUA_AUTH_PORT=$((19005 + BENCH_PORT_OFFSET))
+WEIR_AUTH_LOCAL_PORT=$((19016 + BENCH_PORT_OFFSET))
+WEIR_AUTH_REDIS_PORT=$((19017 + BENCH_PORT_OFFSET))
+REDIS_PORT=$((19020 + BENCH_PORT_OFFSET))
 
 # Protocol benchmark (run-protocols.sh, issue 4): peers and Weir.
 NGINX_HTTPS_PORT=$((19201 + BENCH_PORT_OFFSET))
@@ -108,6 +115,10 @@ render_template() {
         -e "s|@WEIR_LUA_PORT@|$WEIR_LUA_PORT|g" \
         -e "s|@WEIR_PROBE_PORT@|$WEIR_PROBE_PORT|g" \
         -e "s|@WEIR_OBSERVE_PORT@|$WEIR_OBSERVE_PORT|g" \
+        -e "s|@NGINX_LUA_AUTH_PORT@|$NGINX_LUA_AUTH_PORT|g" \
+        -e "s|@WEIR_AUTH_LOCAL_PORT@|$WEIR_AUTH_LOCAL_PORT|g" \
+        -e "s|@WEIR_AUTH_REDIS_PORT@|$WEIR_AUTH_REDIS_PORT|g" \
+        -e "s|@REDIS_PORT@|$REDIS_PORT|g" \
         -e "s|@NGINX_HTTPS_PORT@|$NGINX_HTTPS_PORT|g" \
         -e "s|@NGINX_H2C_PORT@|$NGINX_H2C_PORT|g" \
         -e "s|@HAPROXY_TCP_PORT@|$HAPROXY_TCP_PORT|g" \
@@ -238,6 +249,33 @@ start_nginx_lua() {
     wait_for_port "$NGINX_LUA_PORT" 10 || die "nginx+lua did not listen on 127.0.0.1:$NGINX_LUA_PORT (see $RUN_DIR/logs/nginx-lua.out and nginx-lua-error.log)"
 }
 
+start_nginx_lua_auth() {
+    [ -n "$LUA_MODULE" ] && [ -n "$NDK_MODULE" ] \
+        || die "nginx Lua module not found under /usr/lib/nginx/modules or /usr/share/nginx/modules (apt-get install libnginx-mod-http-lua)"
+    render_template nginx-lua-auth.conf "$RUN_DIR/nginx-lua-auth.conf"
+    start_bg nginx-lua-auth "$PROXY_CPU" nginx -p "$RUN_DIR" -e "$RUN_DIR/logs/nginx-lua-auth-error.log" \
+        -c "$RUN_DIR/nginx-lua-auth.conf" -g "daemon off;"
+    wait_for_port "$NGINX_LUA_AUTH_PORT" 10 || die "nginx+lua (auth) did not listen on 127.0.0.1:$NGINX_LUA_AUTH_PORT (see $RUN_DIR/logs/nginx-lua-auth.out)"
+}
+
+# The Redis server of the rate-limiting redis policy: loopback only, no
+# persistence, on the load core (it is part of the backend, like the
+# origin). Returns 1 when redis-server is not installed.
+start_redis() {
+    command -v redis-server >/dev/null 2>&1 || return 1
+    start_bg redis "$LOAD_CPU" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
+        --dir "$RUN_DIR" --logfile "$RUN_DIR/logs/redis-server.log"
+    wait_for_port "$REDIS_PORT" 10 || die "redis-server did not listen on 127.0.0.1:$REDIS_PORT (see $RUN_DIR/logs/redis-server.log)"
+}
+
+# redis_commands: "calls=<all commands> evalsha=<n> eval=<n>" from INFO
+# commandstats of the bench's Redis (the redis policy's round trips).
+redis_commands() {
+    redis-cli -h 127.0.0.1 -p "$REDIS_PORT" info commandstats | tr -d '\r' | awk -F'[:=,]' '
+        /^cmdstat_/ { total += $3; if ($1 == "cmdstat_evalsha") evalsha = $3; if ($1 == "cmdstat_eval") ev = $3 }
+        END { printf "calls=%d evalsha=%d eval=%d\n", total, evalsha, ev }'
+}
+
 # Weir problems are never fatal for the run: they record the reason in
 # WEIR_UNAVAILABLE[variant] ("build" for all variants) and the table says
 # "not available (<reason>)".
@@ -246,6 +284,7 @@ declare -A WEIR_UNAVAILABLE=()
 # Weir variants: name -> config template. Each listens on its own port.
 declare -A WEIR_TEMPLATE=([weir]=weir.yaml [weir-noop]=weir-noop.yaml [weir-lua]=weir-lua.yaml
                           [weir-observe]=weir-observe.yaml
+                          [weir-auth-local]=weir-auth-local.yaml [weir-auth-redis]=weir-auth-redis.yaml
                           [weir-probe]=weir-probe.yaml [weir-https]=weir-https.yaml
                           [weir-h2c]=weir-h2c.yaml [weir-tcp]=weir-tcp.yaml [weir-h2up]=weir-h2up.yaml)
 

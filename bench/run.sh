@@ -19,8 +19,12 @@ usage: bench/run.sh [options]
   --runs N             measured runs per proxy and connection count (default 3)
   --warmup S           seconds of wrk before each measured run, not recorded (default 2)
   --connections LIST   comma-separated wrk connection counts (default 32,256)
-  --proxies LIST       comma-separated subset of nginx,haproxy,nginx-lua,weir,weir-noop,weir-lua
-                       (default all; weir-noop = one no-op plugin, weir-lua = the 3-plugin Lua chain)
+  --proxies LIST       comma-separated subset of nginx,haproxy,nginx-lua,weir,weir-noop,weir-lua,
+                       nginx-lua-auth,weir-auth-local,weir-auth-redis
+                       (default all; weir-noop = one no-op plugin, weir-lua = the 3-plugin Lua chain;
+                       weir-auth-* = key-auth + rate-limiting with policy local / redis, the
+                       redis one against a redis-server started here; nginx-lua-auth = the same
+                       logic as weir-auth-local in nginx+Lua)
   --wrk-threads N      wrk threads (default 1: wrk shares the load core with the origin)
   --upstream-keepalive N  idle upstream connections kept: nginx 'keepalive N', Weir pool.max_idle (default 64)
   --quiet-wait S       before each measured run, wait up to S seconds for other engineers'
@@ -33,7 +37,7 @@ DURATION=10
 RUNS=3
 WARMUP=2
 CONNECTIONS="32,256"
-PROXIES="nginx,haproxy,nginx-lua,weir,weir-noop,weir-lua"
+PROXIES="nginx,haproxy,nginx-lua,weir,weir-noop,weir-lua,nginx-lua-auth,weir-auth-local,weir-auth-redis"
 WRK_THREADS=1
 QUIET_WAIT=0
 
@@ -58,7 +62,10 @@ done
 IFS=, read -r -a PROXY_LIST <<< "$PROXIES"
 IFS=, read -r -a CONN_LIST <<< "$CONNECTIONS"
 for proxy in "${PROXY_LIST[@]}"; do
-    case "$proxy" in nginx|haproxy|nginx-lua|weir|weir-noop|weir-lua) ;; *) die "unknown proxy '$proxy' (known: nginx, haproxy, nginx-lua, weir, weir-noop, weir-lua)" ;; esac
+    case "$proxy" in
+        nginx|haproxy|nginx-lua|weir|weir-noop|weir-lua|nginx-lua-auth|weir-auth-local|weir-auth-redis) ;;
+        *) die "unknown proxy '$proxy' (known: nginx, haproxy, nginx-lua, weir, weir-noop, weir-lua, nginx-lua-auth, weir-auth-local, weir-auth-redis)" ;;
+    esac
 done
 for conns in "${CONN_LIST[@]}"; do
     [ "$conns" -ge "$WRK_THREADS" ] || die "wrk needs at least as many connections ($conns) as threads ($WRK_THREADS)"
@@ -72,6 +79,9 @@ port_of() {
         weir) echo "$WEIR_PORT" ;;
         weir-noop) echo "$WEIR_NOOP_PORT" ;;
         weir-lua) echo "$WEIR_LUA_PORT" ;;
+        nginx-lua-auth) echo "$NGINX_LUA_AUTH_PORT" ;;
+        weir-auth-local) echo "$WEIR_AUTH_LOCAL_PORT" ;;
+        weir-auth-redis) echo "$WEIR_AUTH_REDIS_PORT" ;;
     esac
 }
 
@@ -80,7 +90,7 @@ wants() { [[ ",$PROXIES," == *",$1,"* ]]; }
 require_tools nginx haproxy wrk curl python3 ss
 [ -z "$LOAD_CPU" ] || require_tools taskset
 
-for port in "$ORIGIN_PORT" $(for p in "${PROXY_LIST[@]}"; do port_of "$p"; done); do
+for port in "$ORIGIN_PORT" $(wants weir-auth-redis && echo "$REDIS_PORT") $(for p in "${PROXY_LIST[@]}"; do port_of "$p"; done); do
     port_in_use "$port" && die "127.0.0.1:$port is already in use (another benchmark running? see 'ss -ltnp sport = :$port')"
 done
 
@@ -103,8 +113,12 @@ origin_check=$(curl -sS --max-time 5 -o "$RUN_DIR/origin.body" -w '%{http_code} 
 wants nginx && start_nginx_proxy
 wants haproxy && start_haproxy
 wants nginx-lua && start_nginx_lua
+wants nginx-lua-auth && start_nginx_lua_auth
+if wants weir-auth-redis && ! start_redis; then
+    WEIR_UNAVAILABLE[weir-auth-redis]="redis-server is not installed (apt-get install redis-server)"
+fi
 
-if wants weir-noop || wants weir-lua; then probe_weir_plugins; fi
+if wants weir-noop || wants weir-lua || wants weir-auth-local || wants weir-auth-redis; then probe_weir_plugins; fi
 
 ACTIVE=()
 for proxy in "${PROXY_LIST[@]}"; do
@@ -113,7 +127,7 @@ for proxy in "${PROXY_LIST[@]}"; do
         if start_weir "$proxy" "$port"; then
             if ! problem=$(verify_proxies_to_origin "$proxy" "$port"); then
                 WEIR_UNAVAILABLE[$proxy]="does not proxy yet: $problem"
-            elif [ "$proxy" = weir-lua ] && \
+            elif [[ "$proxy" == weir-lua || "$proxy" == weir-auth-* ]] && \
                  denied=$(curl -sS --max-time 5 -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/") && \
                  [ "$denied" != 401 ]; then
                 WEIR_UNAVAILABLE[$proxy]="the key check does not work: HTTP $denied without an API key, expected 401"
@@ -135,6 +149,10 @@ if wants nginx-lua; then
     # it is benchmarked for.
     denied=$(curl -sS --max-time 5 -o /dev/null -w '%{http_code}' "http://127.0.0.1:$NGINX_LUA_PORT/")
     [ "$denied" = 401 ] || die "nginx-lua should answer 401 without an API key, got $denied"
+fi
+if wants nginx-lua-auth; then
+    denied=$(curl -sS --max-time 5 -o /dev/null -w '%{http_code}' "http://127.0.0.1:$NGINX_LUA_AUTH_PORT/")
+    [ "$denied" = 401 ] || die "nginx-lua-auth should answer 401 without an API key, got $denied"
 fi
 log "verified: ${ACTIVE[*]} each return the origin's 1 KB body"
 
@@ -204,6 +222,7 @@ for ((run = 1; run <= RUNS; run++)); do
             load1=$(cut -d' ' -f1 /proc/loadavg)
             builds=$(swift_builds)
             cpu_before=$(cpu_ticks "$pid")
+            [ "$proxy" = weir-auth-redis ] && redis_before=$(redis_commands)
             run_wrk "$port" "$conns" "$DURATION" "$RUN_DIR/wrk.out"
             output=$(cat "$RUN_DIR/wrk.out")
             cpu_after=$(cpu_ticks "$pid")
@@ -214,6 +233,19 @@ for ((run = 1; run <= RUNS; run++)); do
             fi
             line="RESULT run=$run proxy=$proxy conns=$conns ${result#WRK_RESULT } cpu_ticks=$((cpu_after - cpu_before)) load1=$load1 swift_builds=$builds"
             echo "$line" >> "$RESULTS_FILE"
+            if [ "$proxy" = weir-auth-redis ]; then
+                # Redis commands during the measured run (INFO commandstats
+                # deltas), to set against the requests wrk completed: the
+                # redis policy's round trips per request.
+                redis_after=$(redis_commands)
+                delta=""
+                for field in calls evalsha eval; do
+                    b=$(grep -o "$field=[0-9]*" <<< "$redis_before" | head -1 | cut -d= -f2)
+                    a=$(grep -o "$field=[0-9]*" <<< "$redis_after" | head -1 | cut -d= -f2)
+                    delta+=" redis_$field=$((a - b))"
+                done
+                echo "REDIS run=$run proxy=$proxy conns=$conns $(grep -o 'requests=[0-9]*' <<< "$result" | head -1)$delta" >> "$RESULTS_FILE"
+            fi
             rps=$(grep -o 'rps=[0-9.]*' <<< "$result"); p99=$(grep -o 'p99_us=[0-9]*' <<< "$result")
             log "run $run/$RUNS $proxy @ $conns conns: ${rps#rps=} req/s, p99 ${p99#p99_us=} µs (load $load1)"
         done

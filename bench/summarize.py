@@ -5,6 +5,7 @@ Input lines (written by run.sh):
   RESULT run=1 proxy=nginx conns=32 requests=... rps=... p50_us=... p99_us=...
          cpu_ticks=... err_status=... ...
   UNAVAILABLE proxy=weir reason=free text to the end of the line
+  REDIS run=1 proxy=weir-auth-redis conns=32 requests=... redis_calls=... redis_evalsha=... redis_eval=...
 
 Output: a Markdown table of medians per proxy and connection count, then
 the ratios Weir/nginx and Weir/HAProxy (and nginx+Lua/nginx), computed from
@@ -24,6 +25,9 @@ LABELS = OrderedDict([
     ("weir", "Weir (no plugins)"),
     ("weir-noop", "Weir + 1 no-op Lua plugin"),
     ("weir-lua", "Weir + Lua chain (key check + shared counter + header)"),
+    ("nginx-lua-auth", "nginx + Lua (key-auth + sliding-window rate limit, ngx.shared)"),
+    ("weir-auth-local", "Weir + key-auth + rate-limiting (policy local)"),
+    ("weir-auth-redis", "Weir + key-auth + rate-limiting (policy redis)"),
 ])
 CLOCK_TICKS_PER_SECOND = 100
 # Below this median CPU % the proxy was not the bottleneck (the load core or
@@ -32,18 +36,20 @@ SATURATED_CPU_PERCENT = 90
 
 
 def parse(path):
-    results, unavailable = [], OrderedDict()
+    results, unavailable, redis = [], OrderedDict(), []
     with open(path) as f:
         for line in f:
             line = line.rstrip("\n")
             if line.startswith("RESULT "):
                 fields = dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv)
                 results.append(fields)
+            elif line.startswith("REDIS "):
+                redis.append(dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv))
             elif line.startswith("UNAVAILABLE "):
                 rest = line[len("UNAVAILABLE "):]
                 proxy_part, _, reason_part = rest.partition(" reason=")
                 unavailable[proxy_part.split("=", 1)[1]] = reason_part
-    return results, unavailable
+    return results, unavailable, redis
 
 
 def median(values):
@@ -87,7 +93,7 @@ def fmt(value, spec):
 
 
 def render(path):
-    results, unavailable = parse(path)
+    results, unavailable, redis = parse(path)
     summary = summarise(results)
     conns_list = sorted({c for _, c in summary.keys()})
     out = []
@@ -119,7 +125,9 @@ def render(path):
                "latency, CPU per request: the difference and ratio of proxy CPU µs/req, the figure least "
                "affected by a busy machine):")
     pairs = [("weir", "nginx"), ("weir", "haproxy"), ("nginx-lua", "nginx"),
-             ("weir-lua", "nginx-lua"), ("weir-noop", "weir"), ("weir-lua", "weir")]
+             ("weir-lua", "nginx-lua"), ("weir-noop", "weir"), ("weir-lua", "weir"),
+             ("nginx-lua-auth", "nginx"), ("weir-auth-local", "weir"), ("weir-auth-redis", "weir"),
+             ("weir-auth-local", "nginx-lua-auth")]
     pairs = list(OrderedDict.fromkeys(pairs))
     for a, b in pairs:
         for conns in conns_list:
@@ -137,6 +145,19 @@ def render(path):
             out.append(line)
     if len(out) and out[-1].startswith("Ratios"):
         out.append("- none (a ratio needs both proxies measured)")
+    if redis:
+        # The redis policy's Redis traffic over the measured runs: commands
+        # (INFO commandstats deltas; one INFO of the harness included) per
+        # request completed.
+        requests = sum(int(r.get("requests", 0)) for r in redis)
+        calls = sum(int(r.get("redis_calls", 0)) for r in redis)
+        evalsha = sum(int(r.get("redis_evalsha", 0)) for r in redis)
+        evals = sum(int(r.get("redis_eval", 0)) for r in redis)
+        if requests > 0:
+            out.append("")
+            out.append(f"Redis commands during the measured weir-auth-redis runs: {calls:,} for {requests:,} requests "
+                       f"= {calls / requests:.3f} per request (EVALSHA {evalsha:,}, EVAL {evals:,}; each command "
+                       "is one round trip)")
     spread = []
     for (proxy, conns), s in summary.items():
         if len(s["rps_all"]) > 1:
