@@ -172,7 +172,7 @@ demangle() {
     if [ "$PROXY" = weir-auth-redis ]; then
         calls=$(( $(field calls "$redis_after") - $(field calls "$redis_before") ))
         evalsha=$(( $(field evalsha "$redis_after") - $(field evalsha "$redis_before") ))
-        echo "redis commands during the count (INFO commandstats, one INFO of the harness included): $calls (EVALSHA $evalsha) = $(python3 -c "print(f'{$calls / $requests:.3f}')") per request"
+        echo "redis round trips during the count: EVALSHA $evalsha = $(python3 -c "print(f'{$evalsha / $requests:.3f}')") per request (INFO commandstats: $calls commands in all, including the INCR/GET/EXPIRE run inside the script and one INFO)"
     fi
     echo
     echo "## top 40 functions by inclusive instructions"
