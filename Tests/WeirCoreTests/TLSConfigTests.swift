@@ -113,6 +113,22 @@ final class TLSConfigTests: XCTestCase {
         ])
     }
 
+    /// TLS + `protocol: http2` is accepted: the HTTP/2 upstream pool offers
+    /// ALPN h2 in the handshake (UpstreamHTTP2Tests covers the connection).
+    func testHTTP2UpstreamOverTLSIsAccepted() throws {
+        let config = try parse("""
+        listeners: [{ name: web, listen: 127.0.0.1:8080 }]
+        upstreams:
+          - name: grpc
+            protocol: http2
+            targets: [10.0.0.1:443]
+            tls: { ca: ca.pem }
+        routes: [{ name: r, upstream: grpc }]
+        """)
+        XCTAssertEqual(config.upstreams[0].upstreamProtocol, .http2)
+        XCTAssertEqual(config.upstreams[0].tls?.ca, "/etc/weir/ca.pem")
+    }
+
     func testUpstreamTLS() throws {
         let config = try parse("""
         listeners: [{ name: web, listen: 127.0.0.1:8080 }]

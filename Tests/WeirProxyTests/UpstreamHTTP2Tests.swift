@@ -362,8 +362,10 @@ final class UpstreamHTTP2Tests: XCTestCase {
         let proxy = try startProxy([address(origin), address(backup)]) {
             var active = ActiveHealthCheck()
             active.type = .grpc
+            // Generous probe timeout: a probe that times out on a loaded CI
+            // machine would mark the healthy backup down and flake the test.
             active.interval = .milliseconds(50)
-            active.timeout = .milliseconds(40)
+            active.timeout = .seconds(2)
             active.healthy = 1
             active.unhealthy = 1
             $0.upstreams[0].healthCheck.active = active

@@ -169,10 +169,6 @@ extension ConfigReader {
             }
         }
         if let n = f["tls"], let tls = readUpstreamTLS(n, f.path("tls")), tls.enabled { upstream.tls = tls }
-        if upstream.tls != nil, upstream.upstreamProtocol == .http2, let n = f["tls"] {
-            // UpstreamHTTP2 connects with its own bootstrap (prior knowledge, cleartext); TLS + ALPN h2 is not wired there yet.
-            report(f.path("tls"), "TLS to http2 upstreams is not supported by this build yet (use protocol http1, or h2c)", n)
-        }
         return upstream
     }
 
