@@ -231,4 +231,90 @@ function json.decode(text)
   return value
 end
 
+-- Field operations on a decoded JSON object, shared by the transformer
+-- plugins and open to operators' plugins. Paths are dot-separated keys into
+-- nested objects ("user.password"). The four lists are passed separately
+-- (any may be nil) so a per-request check allocates nothing:
+--   remove  {path, ...}          delete the field if present
+--   rename  {old_path = new_path} move a present field (creating objects)
+--   replace {path = value}        set a field only if present
+--   add     {path = value}        set a field only if absent (creating objects)
+
+function json.is_object(v)
+  return type(v) == "table" and v ~= null and getmetatable(v) ~= array_mt
+end
+
+-- True for application/json and application/*+json (parameters ignored; a
+-- list of header lines is judged by its first).
+function json.is_json_media_type(content_type)
+  if type(content_type) == "table" then content_type = content_type[1] end
+  if type(content_type) ~= "string" then return false end
+  local media = content_type:match("^%s*([^;%s]+)")
+  if not media then return false end
+  media = media:lower()
+  return media == "application/json" or (media:match("^application/[%w.+-]+%+json$") ~= nil)
+end
+
+function json.has_field_ops(remove, rename, replace, add)
+  return (remove ~= nil and next(remove) ~= nil) or (rename ~= nil and next(rename) ~= nil)
+      or (replace ~= nil and next(replace) ~= nil) or (add ~= nil and next(add) ~= nil)
+end
+
+-- The object holding the path's last key (nil if a step is missing or not
+-- an object; with `create`, missing steps become objects), and that key.
+local function parent_of(doc, path, create)
+  local keys = {}
+  for key in path:gmatch("[^.]+") do keys[#keys + 1] = key end
+  local node = doc
+  for i = 1, #keys - 1 do
+    local child = node[keys[i]]
+    if child == nil and create then
+      child = {}
+      node[keys[i]] = child
+    end
+    if not json.is_object(child) then return nil end
+    node = child
+  end
+  return node, keys[#keys]
+end
+
+-- Applies remove, rename, replace, add (in that order) to `doc`, an object;
+-- returns true if anything changed.
+function json.apply_field_ops(doc, remove, rename, replace, add)
+  local changed = false
+  for _, path in ipairs(remove or {}) do
+    local parent, key = parent_of(doc, path)
+    if parent and parent[key] ~= nil then parent[key] = nil; changed = true end
+  end
+  for old, new in pairs(rename or {}) do
+    local from, old_key = parent_of(doc, old)
+    if from and from[old_key] ~= nil and old ~= new then
+      local value = from[old_key]
+      local to, new_key = parent_of(doc, new, true)
+      if to then
+        from[old_key] = nil
+        to[new_key] = value
+        changed = true
+      end
+    end
+  end
+  for path, value in pairs(replace or {}) do
+    local parent, key = parent_of(doc, path)
+    if parent and parent[key] ~= nil then parent[key] = value; changed = true end
+  end
+  for path, value in pairs(add or {}) do
+    local parent, key = parent_of(doc, path, true)
+    if parent and parent[key] == nil then parent[key] = value; changed = true end
+  end
+  return changed
+end
+
+-- `text` with the field operations applied, or nil when it stays as it is
+-- (not JSON, not an object, or no operation changed anything).
+function json.transform_object(text, remove, rename, replace, add)
+  local doc = json.decode(text)
+  if not json.is_object(doc) or not json.apply_field_ops(doc, remove, rename, replace, add) then return nil end
+  return json.encode(doc)
+end
+
 return json

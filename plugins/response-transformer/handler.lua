@@ -50,92 +50,18 @@ local function transform(conf, model)
   return touched
 end
 
--- JSON body field operations (the same code is in request-transformer and
--- response-transformer; keep them in step). Paths are dot-separated keys
--- into nested objects ("user.password").
+-- JSON body field operations: weir.json's field ops (lua/README.md) over the
+-- `json` lists of remove/rename/replace/add.
 local json = weir.json
-local JSON_OPS = { "remove", "rename", "replace", "add" }
 
 local function has_json_ops(conf)
-  for _, op in ipairs(JSON_OPS) do
-    local section = conf[op] and conf[op].json
-    if section and next(section) ~= nil then return true end
-  end
-  return false
-end
-
-local function is_object(v)
-  return type(v) == "table" and v ~= json.null and getmetatable(v) ~= json.array_mt
-end
-
-local function is_json_type(content_type)
-  if type(content_type) == "table" then content_type = content_type[1] end
-  if type(content_type) ~= "string" then return false end
-  local media = content_type:match("^%s*([^;%s]+)")
-  if not media then return false end
-  media = media:lower()
-  return media == "application/json" or (media:match("^application/[%w.+-]+%+json$") ~= nil)
-end
-
-local function split(path)
-  local keys = {}
-  for key in path:gmatch("[^.]+") do keys[#keys + 1] = key end
-  return keys
-end
-
--- The object holding the path's last key (nil if a step is missing or not
--- an object; with `create`, missing steps become objects), and that key.
-local function parent_of(doc, path, create)
-  local keys = split(path)
-  local node = doc
-  for i = 1, #keys - 1 do
-    local child = node[keys[i]]
-    if child == nil and create then
-      child = {}
-      node[keys[i]] = child
-    end
-    if not is_object(child) then return nil end
-    node = child
-  end
-  return node, keys[#keys]
-end
-
--- Applies remove, rename, replace, add to `doc` (an object); true if changed.
-local function apply_json_ops(conf, doc)
-  local changed = false
-  for _, path in ipairs(conf.remove.json or {}) do
-    local parent, key = parent_of(doc, path)
-    if parent and parent[key] ~= nil then parent[key] = nil; changed = true end
-  end
-  for old, new in pairs(conf.rename.json or {}) do
-    local from, old_key = parent_of(doc, old)
-    if from and from[old_key] ~= nil and old ~= new then
-      local value = from[old_key]
-      local to, new_key = parent_of(doc, new, true)
-      if to then
-        from[old_key] = nil
-        to[new_key] = value
-        changed = true
-      end
-    end
-  end
-  for path, value in pairs(conf.replace.json or {}) do
-    local parent, key = parent_of(doc, path)
-    if parent and parent[key] ~= nil then parent[key] = value; changed = true end
-  end
-  for path, value in pairs(conf.add.json or {}) do
-    local parent, key = parent_of(doc, path, true)
-    if parent and parent[key] == nil then parent[key] = value; changed = true end
-  end
-  return changed
+  return json.has_field_ops(conf.remove.json, conf.rename.json, conf.replace.json, conf.add.json)
 end
 
 -- The transformed body, or nil when it stays as it is (not a JSON object,
 -- or no operation changed anything).
 local function transform_json_body(conf, body)
-  local doc = json.decode(body)
-  if not is_object(doc) or not apply_json_ops(conf, doc) then return nil end
-  return json.encode(doc)
+  return json.transform_object(body, conf.remove.json, conf.rename.json, conf.replace.json, conf.add.json)
 end
 
 function ResponseTransformer:response(conf, ctx)
@@ -152,7 +78,7 @@ function ResponseTransformer:response(conf, ctx)
 
   -- JSON body ops: only for an uncompressed JSON body not known to be over
   -- the limit; body_filter then holds the body until its end.
-  if has_json_ops(conf) and is_json_type(weir.response.get_header("content-type"))
+  if has_json_ops(conf) and json.is_json_media_type(weir.response.get_header("content-type"))
       and not weir.response.get_header("content-encoding") then
     local length = tonumber(weir.response.get_header("content-length"))
     if not length or length <= conf.json_max_size then
