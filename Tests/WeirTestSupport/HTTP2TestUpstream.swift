@@ -16,6 +16,8 @@ import NIOPosix
 ///   N messages `"reply i"` follow.
 /// - `/grpc.Echo/ClientStream`: one reply `"count=N"` after the client ends.
 /// - `/grpc.Echo/Fail`: trailers-only answer, `grpc-status: 7`, `grpc-message: denied`.
+/// - `/grpc.Echo/FailAfterReply`: one reply `"partial"`, then trailers
+///   `grpc-status: 13`, `grpc-message: boom`.
 /// - `/grpc.Echo/Sleep`: answers after `x-delay-ms` milliseconds.
 /// - `/grpc.health.v1.Health/Check`: SERVING or NOT_SERVING (`serving`).
 /// - `/hold`: answered only after `releaseHeld()`.
@@ -232,8 +234,9 @@ private final class HTTP2TestStreamHandler: ChannelInboundHandler {
         context.write(wrapOutboundOut(.data(.init(data: .byteBuffer(Self.frame(ByteBuffer(string: text)))))), promise: nil)
     }
 
-    private func sendTrailers(_ context: ChannelHandlerContext, status: Int = 0) {
-        let trailers = HPACKHeaders([("grpc-status", String(status))])
+    private func sendTrailers(_ context: ChannelHandlerContext, status: Int = 0, message: String? = nil) {
+        var trailers = HPACKHeaders([("grpc-status", String(status))])
+        if let message { trailers.add(name: "grpc-message", value: message) }
         context.writeAndFlush(wrapOutboundOut(.headers(.init(headers: trailers, endStream: true))), promise: nil)
     }
 
@@ -259,6 +262,10 @@ private final class HTTP2TestStreamHandler: ChannelInboundHandler {
             sendTrailers(context)
         case "/grpc.Echo/Fail":
             sendHead(context, extra: [("grpc-status", "7"), ("grpc-message", "denied")], endStream: true)
+        case "/grpc.Echo/FailAfterReply":
+            sendHead(context)
+            sendMessage(context, "partial")
+            sendTrailers(context, status: 13, message: "boom")
         case "/grpc.Echo/Sleep":
             let ms = Int64(headers.first(name: "x-delay-ms") ?? "0") ?? 0
             context.eventLoop.scheduleTask(in: .milliseconds(ms)) {

@@ -309,9 +309,18 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, ExchangeDownstream {
         exchange.status = status
         guard !responseEnded else { return }
         // No body for HEAD, 204, 304: the HEADERS frame ends the stream.
+        // A gRPC trailers-only answer (grpc-status in the head, which the
+        // HTTP/1 side carries as `content-length: 0`) must be one HEADERS
+        // frame with END_STREAM too: gRPC clients read a HEADERS frame
+        // without it as response headers and then miss the trailers.
         let bodyless = exchange.head?.method == .HEAD || status == 204 || status == 304
+            || Self.isGRPCTrailersOnly(headers)
         if bodyless { responseEnded = true }
         context.write(wrapOutboundOut(.headers(.init(headers: headers, endStream: bodyless))), promise: nil)
+    }
+
+    private static func isGRPCTrailersOnly(_ headers: HPACKHeaders) -> Bool {
+        headers.contains(name: "grpc-status") && headers.first(name: "content-length") == "0"
     }
 
     /// HTTP/1 fields as HTTP/2 ones: lower-case names, no connection-specific fields.
