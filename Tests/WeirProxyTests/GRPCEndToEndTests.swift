@@ -162,6 +162,19 @@ final class GRPCEndToEndTests: XCTestCase {
         XCTAssertTrue(call.messages.isEmpty)
     }
 
+    /// The deadline fires after the origin's response head and a message went
+    /// out (a bidi call the client leaves open): the status comes as
+    /// trailers, not as a bare RST_STREAM the client would read as CANCELLED.
+    func testDeadlineAfterResponseStartedEndsWithStatus4Trailers() throws {
+        let proxy = try startProxy()
+        let call = try run(proxy, "bidi-open", "/grpc.Echo/Bidi", ["grpc-timeout=300m"])
+        XCTAssertEqual(call.status, 200, "\(call.json)")
+        XCTAssertEqual(call.messages, ["turn 0"])
+        XCTAssertEqual(call.trailers["grpc-status"], "4", "\(call.json)")
+        XCTAssertNotNil(call.trailers["grpc-message"])
+        XCTAssertTrue(call.trailersEndStream, "\(call.json)")
+    }
+
     func testUpstreamDownIsUnavailableInGRPCForm() throws {
         let proxy = try startProxy(target: HostPort(host: "127.0.0.1", port: try unusedPort()))
         let call = try call(proxy, "/grpc.Echo/Unary", messages: ["x"])
@@ -262,6 +275,13 @@ elif MODE == "bidi":
         send(sid, want)
         pump(sid, lambda: want in messages(st["data"]) or finished())
     c.end_stream(sid); s.sendall(c.data_to_send())
+    pump(sid, finished)
+
+elif MODE == "bidi-open":
+    # One turn, then the client neither sends nor ends: only the deadline ends the call.
+    extra = [tuple(a.split("=", 1)) for a in ARGS]
+    sid = start(extra)
+    send(sid, "turn 0")
     pump(sid, finished)
 
 st["messages"] = messages(st["data"]); del st["data"]

@@ -56,6 +56,10 @@ protocol ExchangeDownstream: AnyObject, UpstreamConnectionDelegate {
     func flushDownstream()
     /// The exchange cannot go on: close the connection (HTTP/1.1) or reset the stream (HTTP/2).
     func closeDownstream()
+    /// A gRPC call fails after its response head went out: end the
+    /// response with `grpc-status`/`grpc-message` trailers if the framing
+    /// still allows it (true when written; `closeDownstream` follows either way).
+    func endGRPCResponseWithStatus(_ status: GRPCStatusCode, message: String) -> Bool
     var downstreamIsWritable: Bool { get }
     func resumeReadingIfAllowed()
 
@@ -72,6 +76,10 @@ protocol ExchangeDownstream: AnyObject, UpstreamConnectionDelegate {
 }
 
 extension ExchangeDownstream {
+    /// HTTP/1.1 cannot add trailers to a response already framed (and a
+    /// chunked one would need the codec's help): the connection just closes.
+    func endGRPCResponseWithStatus(_ status: GRPCStatusCode, message: String) -> Bool { false }
+
     // MARK: - Request start
 
     func makeExchange(head: RequestHead?) -> Exchange {
@@ -640,6 +648,11 @@ extension ExchangeDownstream {
         endBalancerAttempt(exchange)
         if let target = exchange.target { routed.upstream.health.recordFailure(target: target) }
         if exchange.responseStarted {
+            // A gRPC client learns DEADLINE_EXCEEDED from trailers where the
+            // downstream can still send them (HTTP/2), not from a reset.
+            if exchange.grpc != nil {
+                _ = endGRPCResponseWithStatus(GRPCErrorResponse.status(for: .upstreamTimeout), message: expired)
+            }
             abortExchange(exchange, reason: expired)
             closeDownstream()
         } else {

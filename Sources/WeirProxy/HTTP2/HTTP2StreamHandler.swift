@@ -382,6 +382,17 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, ExchangeDownstream {
 
     func flushDownstream() { context.flush() }
 
+    func endGRPCResponseWithStatus(_ status: GRPCStatusCode, message: String) -> Bool {
+        guard !responseEnded else { return false }
+        responseEnded = true
+        let trailers = HPACKHeaders([
+            ("grpc-status", String(status.rawValue)),
+            ("grpc-message", GRPCErrorResponse.percentEncoded(message)),
+        ])
+        context.writeAndFlush(wrapOutboundOut(.headers(.init(headers: trailers, endStream: true))), promise: nil)
+        return true
+    }
+
     /// Resets the stream (the connection and its other streams go on).
     func closeDownstream() {
         responseEnded = true
