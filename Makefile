@@ -61,11 +61,14 @@ test: deps
 	$(SWIFT) build --build-tests -j $(JOBS)
 	@set -o pipefail; mkdir -p .build; \
 	$(SWIFT) test --skip-build --disable-swift-testing 2>&1 | tee .build/test-output.log; status=$$?; \
-	summary=$$(grep -E "^[[:space:]]*Executed [0-9]+ tests?, with [0-9]+ failures?" .build/test-output.log | tail -1); \
+	summary=$$(grep -E "^[[:space:]]*Executed [0-9]+ tests?, with .*[0-9]+ failures?" .build/test-output.log | tail -1); \
 	total=$$(echo "$$summary" | sed -E 's/.*Executed ([0-9]+) tests?.*/\1/'); \
-	failed=$$(echo "$$summary" | sed -E 's/.*with ([0-9]+) failures?.*/\1/'); \
-	if [ -n "$$summary" ]; then echo "tests: $$((total - failed)) passed, $$failed failed"; \
+	failed=$$(echo "$$summary" | sed -E 's/.* ([0-9]+) failures?.*/\1/'); \
+	skipped=$$(echo "$$summary" | sed -nE 's/.*with ([0-9]+) tests? skipped.*/\1/p'); skipped=$${skipped:-0}; \
+	if [ -n "$$summary" ]; then echo "tests: $$((total - failed - skipped)) passed, $$failed failed"; \
 	else echo "tests: no XCTest summary found" >&2; status=1; fi; \
+	if [ "$$skipped" -gt 0 ]; then \
+	  echo "tests: $$skipped skipped (reasons above); make test expects every test to run, deps installs their prerequisites" >&2; status=1; fi; \
 	exit $$status
 
 # bench/run.sh builds its own release binary (in .build-bench); pass options
