@@ -13,11 +13,12 @@ local weir = require "weir"
 
 local RateLimiting = { PRIORITY = 910, VERSION = "1.0.0" }
 
+-- Header names are spelled out here, not built per request.
 local PERIODS = {
-  { name = "second", seconds = 1 },
-  { name = "minute", seconds = 60 },
-  { name = "hour", seconds = 3600 },
-  { name = "day", seconds = 86400 },
+  { name = "second", seconds = 1, limit_header = "x-ratelimit-limit-second", remaining_header = "x-ratelimit-remaining-second" },
+  { name = "minute", seconds = 60, limit_header = "x-ratelimit-limit-minute", remaining_header = "x-ratelimit-remaining-minute" },
+  { name = "hour", seconds = 3600, limit_header = "x-ratelimit-limit-hour", remaining_header = "x-ratelimit-remaining-hour" },
+  { name = "day", seconds = 86400, limit_header = "x-ratelimit-limit-day", remaining_header = "x-ratelimit-remaining-day" },
 }
 
 local floor, ceil, max = math.floor, math.ceil, math.max
@@ -59,7 +60,7 @@ local function windows(conf, now, base)
     if limit then
       local window = period.seconds
       local start = floor(now / window) * window
-      list[#list + 1] = { name = period.name, limit = limit, window = window, elapsed = now - start,
+      list[#list + 1] = { name = period.name, period = period, limit = limit, window = window, elapsed = now - start,
                           key = base .. period.name .. "|" .. start,
                           prev_key = base .. period.name .. "|" .. (start - window) }
     end
@@ -173,9 +174,8 @@ function RateLimiting:request(conf, ctx)
       if s.remaining < tightest.remaining then tightest = s end
     end
     for _, s in ipairs(states) do
-      local suffix = s.name:sub(1, 1):upper() .. s.name:sub(2)
-      weir.response.set_header("x-ratelimit-limit-" .. suffix, s.limit)
-      weir.response.set_header("x-ratelimit-remaining-" .. suffix, refused and 0 or s.remaining)
+      weir.response.set_header(s.period.limit_header, s.limit)
+      weir.response.set_header(s.period.remaining_header, refused and 0 or s.remaining)
     end
     weir.response.set_header("ratelimit-limit", tightest.limit)
     weir.response.set_header("ratelimit-remaining", refused and 0 or tightest.remaining)
