@@ -8,20 +8,7 @@ import WeirCore
 import WeirProxy
 import XCTest
 
-final class HTTP2DownstreamTests: XCTestCase {
-    var group: MultiThreadedEventLoopGroup!
-    var upstream: TestUpstream!
-
-    override func setUpWithError() throws {
-        group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        upstream = try TestUpstream(group: group)
-    }
-
-    override func tearDownWithError() throws {
-        upstream.stop()
-        try group.syncShutdownGracefully()
-    }
-
+final class HTTP2DownstreamTests: UpstreamTestCase {
     private func proxy(_ configure: (inout HTTP2ListenerSettings) -> Void = { _ in }) throws -> ProxyHarness {
         let config = ProxyHarness.config(targets: [upstream.address]) { config in
             configure(&config.listeners[0].http2)

@@ -7,23 +7,7 @@ import WeirCore
 import WeirProxy
 import XCTest
 
-final class PluginExitBodyFilterTests: XCTestCase {
-    var group: MultiThreadedEventLoopGroup!
-    var upstream: TestUpstream!
-    var folder: PluginFolder!
-
-    override func setUpWithError() throws {
-        group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        upstream = try TestUpstream(group: group)
-        folder = try PluginFolder()
-    }
-
-    override func tearDownWithError() throws {
-        upstream.stop()
-        try group.syncShutdownGracefully()
-        folder.remove()
-    }
-
+final class PluginExitBodyFilterTests: PluginFolderTestCase {
     func testExitBodyIsFilteredAsOneLastChunkWithItsLength() throws {
         try folder.write("gate", handler: """
         local weir = require "weir"

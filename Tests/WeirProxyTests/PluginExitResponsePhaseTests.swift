@@ -7,23 +7,7 @@ import WeirCore
 import WeirProxy
 import XCTest
 
-final class PluginExitResponsePhaseTests: XCTestCase {
-    var group: MultiThreadedEventLoopGroup!
-    var upstream: TestUpstream!
-    var folder: PluginFolder!
-
-    override func setUpWithError() throws {
-        group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        upstream = try TestUpstream(group: group)
-        folder = try PluginFolder()
-    }
-
-    override func tearDownWithError() throws {
-        upstream.stop()
-        try group.syncShutdownGracefully()
-        folder.remove()
-    }
-
+final class PluginExitResponsePhaseTests: PluginFolderTestCase {
     /// `gate` (priority 100) exits with 401 on /private. A plugin that runs
     /// before it (priority 1000) and one that would have run after it
     /// (priority 10) both see the exit response in their response phase.

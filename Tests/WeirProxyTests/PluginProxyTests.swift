@@ -7,23 +7,7 @@ import WeirCore
 import WeirProxy
 import XCTest
 
-final class PluginProxyTests: XCTestCase {
-    var group: MultiThreadedEventLoopGroup!
-    var upstream: TestUpstream!
-    var folder: PluginFolder!
-
-    override func setUpWithError() throws {
-        group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        upstream = try TestUpstream(group: group)
-        folder = try PluginFolder()
-    }
-
-    override func tearDownWithError() throws {
-        upstream.stop()
-        try group.syncShutdownGracefully()
-        folder.remove()
-    }
-
+final class PluginProxyTests: PluginFolderTestCase {
     /// request adds an upstream header and an early response header,
     /// response sets a header from the upstream status, log runs after the
     /// response (it calls the upstream's /logged, which the test waits for).

@@ -577,3 +577,38 @@ func waitUntil(timeout: TimeInterval = 10, _ condition: () -> Bool) -> Bool {
     }
     return condition()
 }
+
+// MARK: - Test case bases
+
+/// The setup most proxy tests share: one event loop and a real HTTP upstream,
+/// stopped after each test. Subclasses that add servers call super first in
+/// setUp and last in tearDown (their servers stop before the loop does).
+class UpstreamTestCase: XCTestCase {
+    var group: MultiThreadedEventLoopGroup!
+    var upstream: TestUpstream!
+
+    override func setUpWithError() throws {
+        group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        upstream = try TestUpstream(group: group)
+    }
+
+    override func tearDownWithError() throws {
+        upstream.stop()
+        try group.syncShutdownGracefully()
+    }
+}
+
+/// `UpstreamTestCase` plus a temporary plugin folder for the test's own plugins.
+class PluginFolderTestCase: UpstreamTestCase {
+    var folder: PluginFolder!
+
+    override func setUpWithError() throws {
+        try super.setUpWithError()
+        folder = try PluginFolder()
+    }
+
+    override func tearDownWithError() throws {
+        try super.tearDownWithError()
+        folder.remove()
+    }
+}

@@ -9,23 +9,7 @@ import WeirCore
 import WeirProxy
 import XCTest
 
-final class ReloadTests: XCTestCase {
-    var group: MultiThreadedEventLoopGroup!
-    var upstream: TestUpstream!
-    var folder: PluginFolder!
-
-    override func setUpWithError() throws {
-        group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        upstream = try TestUpstream(group: group)
-        folder = try PluginFolder()
-    }
-
-    override func tearDownWithError() throws {
-        upstream.stop()
-        try group.syncShutdownGracefully()
-        folder.remove()
-    }
-
+final class ReloadTests: PluginFolderTestCase {
     /// A plugin that stamps its version in the request phase (a response
     /// header and weir.ctx), again in the response phase from weir.ctx, and
     /// answers `/exit` itself with the version as the body.

@@ -7,20 +7,7 @@ import WeirCore
 import WeirProxy
 import XCTest
 
-final class ShippedPluginACLTests: XCTestCase {
-    var group: MultiThreadedEventLoopGroup!
-    var upstream: TestUpstream!
-
-    override func setUpWithError() throws {
-        group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        upstream = try TestUpstream(group: group)
-    }
-
-    override func tearDownWithError() throws {
-        upstream.stop()
-        try group.syncShutdownGracefully()
-    }
-
+final class ShippedPluginACLTests: UpstreamTestCase {
     /// One route per case; alice is in admins and ops, bob in users, carol in none.
     private let yaml = """
     listeners:

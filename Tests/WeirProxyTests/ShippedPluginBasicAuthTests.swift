@@ -8,20 +8,7 @@ import WeirCore
 import WeirProxy
 import XCTest
 
-final class ShippedPluginBasicAuthTests: XCTestCase {
-    var group: MultiThreadedEventLoopGroup!
-    var upstream: TestUpstream!
-
-    override func setUpWithError() throws {
-        group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        upstream = try TestUpstream(group: group)
-    }
-
-    override func tearDownWithError() throws {
-        upstream.stop()
-        try group.syncShutdownGracefully()
-    }
-
+final class ShippedPluginBasicAuthTests: UpstreamTestCase {
     /// bob's password "hunter2", hashed by Python's hashlib.pbkdf2_hmac('sha256',
     /// b'hunter2', b'0123456789abcdef', 1000, 32) (an independent implementation).
     static let bobHash = "pbkdf2-sha256$1000$MDEyMzQ1Njc4OWFiY2RlZg$pj4T35D2v4tYmC1sTJ1y5tcMADOdtnQGvuHmyYDQh2g"

@@ -10,14 +10,11 @@ import WeirCore
 import WeirProxy
 import XCTest
 
-final class ShippedPluginExtAuthzTests: XCTestCase {
-    var group: MultiThreadedEventLoopGroup!
-    var upstream: TestUpstream!
+final class ShippedPluginExtAuthzTests: UpstreamTestCase {
     var auth: ScriptedHTTPServer!
 
     override func setUpWithError() throws {
-        group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        upstream = try TestUpstream(group: group)
+        try super.setUpWithError()
         // The token in Authorization decides.
         auth = try ScriptedHTTPServer(group: group) { request in
             switch request.header("authorization") {
@@ -39,8 +36,7 @@ final class ShippedPluginExtAuthzTests: XCTestCase {
 
     override func tearDownWithError() throws {
         auth.stop()
-        upstream.stop()
-        try group.syncShutdownGracefully()
+        try super.tearDownWithError()
     }
 
     private func start(_ config: String) throws -> ShippedPluginProxy {

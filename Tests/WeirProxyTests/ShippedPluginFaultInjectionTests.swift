@@ -9,20 +9,7 @@ import WeirCore
 import WeirProxy
 import XCTest
 
-final class ShippedPluginFaultInjectionTests: XCTestCase {
-    var group: MultiThreadedEventLoopGroup!
-    var upstream: TestUpstream!
-
-    override func setUpWithError() throws {
-        group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        upstream = try TestUpstream(group: group)
-    }
-
-    override func tearDownWithError() throws {
-        upstream.stop()
-        try group.syncShutdownGracefully()
-    }
-
+final class ShippedPluginFaultInjectionTests: UpstreamTestCase {
     /// One route per config in `routes` (path `/<name>`); one event loop, so a
     /// blocking delay would stall every other request.
     private func start(_ routes: [(name: String, config: String)]) throws -> ShippedPluginProxy {

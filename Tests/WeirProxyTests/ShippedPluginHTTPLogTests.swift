@@ -11,21 +11,17 @@ import WeirCore
 import WeirProxy
 import XCTest
 
-final class ShippedPluginHTTPLogTests: XCTestCase {
-    var group: MultiThreadedEventLoopGroup!
-    var upstream: TestUpstream!
+final class ShippedPluginHTTPLogTests: UpstreamTestCase {
     var collector: ScriptedHTTPServer!
 
     override func setUpWithError() throws {
-        group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        upstream = try TestUpstream(group: group)
+        try super.setUpWithError()
         collector = try ScriptedHTTPServer(group: group)
     }
 
     override func tearDownWithError() throws {
         collector.stop()
-        upstream.stop()
-        try group.syncShutdownGracefully()
+        try super.tearDownWithError()
     }
 
     private func start(_ config: String, metrics: PluginMetrics? = nil) throws -> ShippedPluginProxy {

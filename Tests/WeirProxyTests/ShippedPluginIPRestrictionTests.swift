@@ -7,20 +7,7 @@ import WeirCore
 import WeirProxy
 import XCTest
 
-final class ShippedPluginIPRestrictionTests: XCTestCase {
-    var group: MultiThreadedEventLoopGroup!
-    var upstream: TestUpstream!
-
-    override func setUpWithError() throws {
-        group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        upstream = try TestUpstream(group: group)
-    }
-
-    override func tearDownWithError() throws {
-        upstream.stop()
-        try group.syncShutdownGracefully()
-    }
-
+final class ShippedPluginIPRestrictionTests: UpstreamTestCase {
     private func start(_ config: String, listen: String = "127.0.0.1:0") throws -> ShippedPluginProxy {
         try startShippedPluginProxy(yaml: """
         listeners:

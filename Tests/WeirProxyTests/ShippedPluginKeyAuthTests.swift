@@ -7,20 +7,7 @@ import WeirCore
 import WeirProxy
 import XCTest
 
-final class ShippedPluginKeyAuthTests: XCTestCase {
-    var group: MultiThreadedEventLoopGroup!
-    var upstream: TestUpstream!
-
-    override func setUpWithError() throws {
-        group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        upstream = try TestUpstream(group: group)
-    }
-
-    override func tearDownWithError() throws {
-        upstream.stop()
-        try group.syncShutdownGracefully()
-    }
-
+final class ShippedPluginKeyAuthTests: UpstreamTestCase {
     private func yaml(plugin: String) -> String {
         """
         listeners:

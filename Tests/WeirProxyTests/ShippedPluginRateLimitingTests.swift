@@ -10,21 +10,17 @@ import WeirProxy
 import WeirTestSupport
 import XCTest
 
-final class ShippedPluginRateLimitingTests: XCTestCase {
-    var group: MultiThreadedEventLoopGroup!
-    var upstream: TestUpstream!
+final class ShippedPluginRateLimitingTests: UpstreamTestCase {
     var helpers: PluginFolder!
 
     override func setUpWithError() throws {
-        group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        upstream = try TestUpstream(group: group)
+        try super.setUpWithError()
         helpers = try PluginFolder()
         try writeTestClockPlugin(into: helpers)
     }
 
     override func tearDownWithError() throws {
-        upstream.stop()
-        try group.syncShutdownGracefully()
+        try super.tearDownWithError()
         helpers.remove()
     }
 

@@ -10,21 +10,17 @@ import WeirCore
 import WeirProxy
 import XCTest
 
-final class ShippedPluginTracingTests: XCTestCase {
-    var group: MultiThreadedEventLoopGroup!
-    var upstream: TestUpstream!
+final class ShippedPluginTracingTests: UpstreamTestCase {
     var collector: ScriptedHTTPServer!
 
     override func setUpWithError() throws {
-        group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        upstream = try TestUpstream(group: group)
+        try super.setUpWithError()
         collector = try ScriptedHTTPServer(group: group)
     }
 
     override func tearDownWithError() throws {
         collector.stop()
-        upstream.stop()
-        try group.syncShutdownGracefully()
+        try super.tearDownWithError()
     }
 
     private func start(_ extra: String = "") throws -> ShippedPluginProxy {

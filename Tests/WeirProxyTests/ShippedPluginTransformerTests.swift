@@ -7,20 +7,7 @@ import WeirCore
 import WeirProxy
 import XCTest
 
-final class ShippedPluginTransformerTests: XCTestCase {
-    var group: MultiThreadedEventLoopGroup!
-    var upstream: TestUpstream!
-
-    override func setUpWithError() throws {
-        group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        upstream = try TestUpstream(group: group)
-    }
-
-    override func tearDownWithError() throws {
-        upstream.stop()
-        try group.syncShutdownGracefully()
-    }
-
+final class ShippedPluginTransformerTests: UpstreamTestCase {
     private func start(routes: String) throws -> ShippedPluginProxy {
         let yaml = """
         listeners:
