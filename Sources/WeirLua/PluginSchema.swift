@@ -11,15 +11,19 @@ import WeirCore
 /// scalar types; alternative field specs for `type = "one_of"`), `elements`
 /// (array items), `values` (map values; keys are strings), `fields`
 /// (record fields), `description`, `format` (checked string formats).
-/// Top level: `exactly_one_of = { "allow", "deny" }` (names of fields of which
-/// a config must set exactly one).
+/// Top level: `exactly_one_of = { "allow", "deny" }` and
+/// `at_least_one_of = { "second", "minute" }` (names of fields of which a
+/// config must set exactly one / at least one), checked at load.
 public struct PluginSchema: Sendable, Equatable {
     public var fields: [String: SchemaField]
     /// Fields of which a config must set exactly one (empty: no constraint).
     public var exactlyOneOf: [String]
-    public init(fields: [String: SchemaField], exactlyOneOf: [String] = []) {
+    /// Fields of which a config must set at least one (empty: no constraint).
+    public var atLeastOneOf: [String]
+    public init(fields: [String: SchemaField], exactlyOneOf: [String] = [], atLeastOneOf: [String] = []) {
         self.fields = fields
         self.exactlyOneOf = exactlyOneOf
+        self.atLeastOneOf = atLeastOneOf
     }
 
     /// Checks `config` and returns it with defaults applied, or every
@@ -30,12 +34,14 @@ public struct PluginSchema: Sendable, Equatable {
         let record = SchemaField(type: .record(fields))
         let input: ConfigValue = config == .null ? .map([:]) : config
         let result = record.validate(input, path: path, problems: &problems)
-        if !exactlyOneOf.isEmpty, problems.isEmpty, case .map(let set)? = result {
-            let present = exactlyOneOf.filter { set[$0] != nil && set[$0] != .null }
-            if present.count != 1 {
-                let names = exactlyOneOf.joined(separator: ", ")
-                let found = present.isEmpty ? "none is set" : "\(present.joined(separator: " and ")) are set"
-                problems.append(.init(path: path, reason: "set exactly one of \(names) (\(found))"))
+        if problems.isEmpty, case .map(let set)? = result {
+            func present(_ names: [String]) -> [String] { names.filter { set[$0] != nil && set[$0] != .null } }
+            if !exactlyOneOf.isEmpty, case let found = present(exactlyOneOf), found.count != 1 {
+                let which = found.isEmpty ? "none is set" : "\(found.joined(separator: " and ")) are set"
+                problems.append(.init(path: path, reason: "set exactly one of \(exactlyOneOf.joined(separator: ", ")) (\(which))"))
+            }
+            if !atLeastOneOf.isEmpty, present(atLeastOneOf).isEmpty {
+                problems.append(.init(path: path, reason: "set at least one of \(atLeastOneOf.joined(separator: ", ")) (none is set)"))
             }
         }
         return problems.isEmpty ? .success(result ?? .map([:])) : .failure(SchemaErrors(problems: problems))
@@ -269,26 +275,27 @@ extension PluginSchema {
         guard case .map(let top) = value else {
             throw LuaError("\(file): schema must return a table like { fields = { ... } }, got \(value.schemaTypeName)")
         }
-        for key in top.keys where !["fields", "description", "name", "exactly_one_of"].contains(key) {
-            throw LuaError("\(file): unknown top-level schema key \"\(key)\" (expected fields, exactly_one_of)")
+        for key in top.keys where !["fields", "description", "name", "exactly_one_of", "at_least_one_of"].contains(key) {
+            throw LuaError("\(file): unknown top-level schema key \"\(key)\" (expected fields, exactly_one_of, at_least_one_of)")
         }
         guard let fieldsValue = top["fields"] else {
             throw LuaError("\(file): schema has no fields table (use fields = {} for a plugin without config)")
         }
         let fields = try parseFields(fieldsValue, path: "fields", file: file)
-        var exactlyOneOf: [String] = []
-        if let list = top["exactly_one_of"] {
+        // A field-group constraint: at least two names, each a field.
+        func group(_ key: String) throws -> [String] {
+            guard let list = top[key] else { return [] }
             guard case .array(let items) = list, items.count >= 2 else {
-                throw LuaError("\(file): exactly_one_of must list at least two field names")
+                throw LuaError("\(file): \(key) must list at least two field names")
             }
-            for item in items {
+            return try items.map { item in
                 guard case .string(let name) = item, fields[name] != nil else {
-                    throw LuaError("\(file): exactly_one_of names \(item.literal), which is not a field")
+                    throw LuaError("\(file): \(key) names \(item.literal), which is not a field")
                 }
-                exactlyOneOf.append(name)
+                return name
             }
         }
-        return PluginSchema(fields: fields, exactlyOneOf: exactlyOneOf)
+        return PluginSchema(fields: fields, exactlyOneOf: try group("exactly_one_of"), atLeastOneOf: try group("at_least_one_of"))
     }
 
     static func parseFields(_ value: ConfigValue, path: String, file: String) throws -> [String: SchemaField] {

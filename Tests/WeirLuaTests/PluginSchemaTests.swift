@@ -95,6 +95,31 @@ final class PluginSchemaTests: XCTestCase {
                        "p/schema.lua: fields.a: array needs elements = { type = ... }")
         XCTAssertEqual(parseError("return 42"), "p/schema.lua: schema must return a table like { fields = { ... } }, got integer")
         XCTAssertEqual(parseError("return { }"), "p/schema.lua: schema has no fields table (use fields = {} for a plugin without config)")
+        XCTAssertEqual(parseError("return { at_least_one_of = { 'a' }, fields = { a = { type = 'integer' } } }"),
+                       "p/schema.lua: at_least_one_of must list at least two field names")
+        XCTAssertEqual(parseError("return { at_least_one_of = { 'a', 'b' }, fields = { a = { type = 'integer' } } }"),
+                       "p/schema.lua: at_least_one_of names \"b\", which is not a field")
+    }
+
+    /// Field groups checked after the fields themselves: exactly one of
+    /// allow/deny, at least one of the limits.
+    func testFieldGroups() throws {
+        let runtime = try LuaRuntime(sdk: Harness.sdk, eventLoop: nil, options: LuaRuntimeOptions())
+        let schema = try PluginSchema.parse(try runtime.evaluate("""
+            return { exactly_one_of = { "allow", "deny" }, at_least_one_of = { "second", "minute" }, fields = {
+              allow = { type = "string" }, deny = { type = "string" },
+              second = { type = "integer" }, minute = { type = "integer" } } }
+            """, chunkName: "s.lua"), file: "s.lua")
+        func problems(_ config: [String: ConfigValue]) -> [String] {
+            guard case .failure(let errors) = schema.validate(.map(config), path: "c") else { return [] }
+            return errors.problems.map(\.description)
+        }
+        XCTAssertEqual(problems(["allow": .string("a"), "minute": .int(1)]), [])
+        XCTAssertEqual(problems(["allow": .string("a"), "second": .int(1), "minute": .int(1)]), [])
+        XCTAssertEqual(problems(["allow": .string("a")]), ["c: set at least one of second, minute (none is set)"])
+        XCTAssertEqual(problems(["minute": .int(1)]), ["c: set exactly one of allow, deny (none is set)"])
+        XCTAssertEqual(problems(["allow": .string("a"), "deny": .string("b")]),
+                       ["c: set exactly one of allow, deny (allow and deny are set)", "c: set at least one of second, minute (none is set)"])
     }
 }
 

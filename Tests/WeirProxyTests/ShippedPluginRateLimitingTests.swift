@@ -224,6 +224,8 @@ final class ShippedPluginRateLimitingTests: UpstreamTestCase {
             ("{ minute: 0 }", "routes[0].plugins[0].config.minute"),
             ("{ minute: 5, limit_by: planet }", "routes[0].plugins[0].config.limit_by"),
             ("{ minute: 5, redis: { port: 70000 } }", "routes[0].plugins[0].config.redis.port"),
+            // No period at all: refused at load (schema at_least_one_of), not a 500 per request.
+            ("{ limit_by: ip }", "routes[0].plugins[0].config: set at least one of second, minute, hour, day (none is set)"),
         ]
         for (config, expected) in cases {
             XCTAssertThrowsError(try start(config), config) { error in

@@ -149,10 +149,7 @@ function RateLimiting:request(conf, ctx)
   local id = identifier(conf)
   local route = weir.request.get_route() or ""
   local base = "rl|" .. #route .. ":" .. route .. "|" .. conf.limit_by .. "|" .. #id .. ":" .. id .. "|"
-  local states = windows(conf, weir.time.now(), base)
-  if #states == 0 then
-    error("rate-limiting: configure at least one of second, minute, hour, day")
-  end
+  local states = windows(conf, weir.time.now(), base)  -- never empty: schema at_least_one_of
   local refused, err
   if conf.policy == "redis" then refused, err = count_redis(conf, states) else refused, err = count_local(conf, states) end
   if refused == nil then

@@ -3,7 +3,10 @@ local function limit(period)
            description = "requests allowed per " .. period .. " (sliding window); unset = no " .. period .. " limit" }
 end
 
-return { fields = {
+return {
+  -- A config without any period would count nothing: refused at load.
+  at_least_one_of = { "second", "minute", "hour", "day" },
+  fields = {
   second = limit("second"),
   minute = limit("minute"),
   hour = limit("hour"),
