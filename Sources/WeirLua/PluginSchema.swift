@@ -13,17 +13,24 @@ import WeirCore
 /// (record fields), `description`, `format` (checked string formats).
 /// Top level: `exactly_one_of = { "allow", "deny" }` and
 /// `at_least_one_of = { "second", "minute" }` (names of fields of which a
-/// config must set exactly one / at least one), checked at load.
+/// config must set exactly one / at least one), and `required_when =
+/// { { field = "header_name", when = "limit_by", is = "header" } }` (a field
+/// required only when another has one of some values, or is set at all when
+/// `is` is left out), checked at load.
 public struct PluginSchema: Sendable, Equatable {
     public var fields: [String: SchemaField]
     /// Fields of which a config must set exactly one (empty: no constraint).
     public var exactlyOneOf: [String]
     /// Fields of which a config must set at least one (empty: no constraint).
     public var atLeastOneOf: [String]
-    public init(fields: [String: SchemaField], exactlyOneOf: [String] = [], atLeastOneOf: [String] = []) {
+    /// Fields required only under a condition on another field.
+    public var requiredWhen: [ConditionalRequirement]
+    public init(fields: [String: SchemaField], exactlyOneOf: [String] = [], atLeastOneOf: [String] = [],
+                requiredWhen: [ConditionalRequirement] = []) {
         self.fields = fields
         self.exactlyOneOf = exactlyOneOf
         self.atLeastOneOf = atLeastOneOf
+        self.requiredWhen = requiredWhen
     }
 
     /// Checks `config` and returns it with defaults applied, or every
@@ -42,6 +49,10 @@ public struct PluginSchema: Sendable, Equatable {
             }
             if !atLeastOneOf.isEmpty, present(atLeastOneOf).isEmpty {
                 problems.append(.init(path: path, reason: "set at least one of \(atLeastOneOf.joined(separator: ", ")) (none is set)"))
+            }
+            // Checked on the values with defaults applied (limit_by's default counts).
+            for rule in requiredWhen where present([rule.field]).isEmpty && rule.holds(in: set) {
+                problems.append(.init(path: "\(path).\(rule.field)", reason: "required when \(rule.conditionText)"))
             }
         }
         return problems.isEmpty ? .success(result ?? .map([:])) : .failure(SchemaErrors(problems: problems))
@@ -71,6 +82,32 @@ extension PluginSchema {
         }
         walk(SchemaField(type: .record(fields)), config, path)
         return found
+    }
+}
+
+/// `required_when` entry: `field` must be set when `when` is set (`values`
+/// nil) or equals one of `values` (after defaults are applied).
+public struct ConditionalRequirement: Sendable, Equatable {
+    public var field: String
+    public var when: String
+    public var values: [ConfigValue]?
+
+    public init(field: String, when: String, values: [ConfigValue]? = nil) {
+        self.field = field
+        self.when = when
+        self.values = values
+    }
+
+    func holds(in config: [String: ConfigValue]) -> Bool {
+        guard let value = config[when], value != .null else { return false }
+        guard let values else { return true }
+        return values.contains { $0.looselyEquals(value) }
+    }
+
+    /// `limit_by is "header"`, `limit_by is "a" or "b"`, `consumer_claim_name is set`.
+    var conditionText: String {
+        guard let values else { return "\(when) is set" }
+        return "\(when) is " + values.map(\.literal).joined(separator: " or ")
     }
 }
 
@@ -275,8 +312,8 @@ extension PluginSchema {
         guard case .map(let top) = value else {
             throw LuaError("\(file): schema must return a table like { fields = { ... } }, got \(value.schemaTypeName)")
         }
-        for key in top.keys where !["fields", "description", "name", "exactly_one_of", "at_least_one_of"].contains(key) {
-            throw LuaError("\(file): unknown top-level schema key \"\(key)\" (expected fields, exactly_one_of, at_least_one_of)")
+        for key in top.keys where !["fields", "description", "name", "exactly_one_of", "at_least_one_of", "required_when"].contains(key) {
+            throw LuaError("\(file): unknown top-level schema key \"\(key)\" (expected fields, exactly_one_of, at_least_one_of, required_when)")
         }
         guard let fieldsValue = top["fields"] else {
             throw LuaError("\(file): schema has no fields table (use fields = {} for a plugin without config)")
@@ -295,7 +332,48 @@ extension PluginSchema {
                 return name
             }
         }
-        return PluginSchema(fields: fields, exactlyOneOf: try group("exactly_one_of"), atLeastOneOf: try group("at_least_one_of"))
+        return PluginSchema(fields: fields, exactlyOneOf: try group("exactly_one_of"), atLeastOneOf: try group("at_least_one_of"),
+                            requiredWhen: try parseRequiredWhen(top["required_when"], fields: fields, file: file))
+    }
+
+    /// `required_when = { { field = "header_name", when = "limit_by", is = "header" }, ... }`;
+    /// `is` is one value or a list, and must fit the `when` field (so a
+    /// misspelt value is a schema error, not a rule that never fires).
+    static func parseRequiredWhen(_ value: ConfigValue?, fields: [String: SchemaField], file: String) throws -> [ConditionalRequirement] {
+        guard let value else { return [] }
+        guard case .array(let entries) = value, !entries.isEmpty else {
+            throw LuaError("\(file): required_when must be a list of { field = ..., when = ..., is = ... }")
+        }
+        return try entries.enumerated().map { index, entry in
+            let at = "\(file): required_when[\(index + 1)]"
+            guard case .map(let rule) = entry else { throw LuaError("\(at) must be a table { field = ..., when = ..., is = ... }") }
+            if let unknown = rule.keys.sorted().first(where: { !["field", "when", "is"].contains($0) }) {
+                throw LuaError("\(at): unknown key \"\(unknown)\" (expected field, when, is)")
+            }
+            func name(_ key: String) throws -> String {
+                guard case .string(let name)? = rule[key] else { throw LuaError("\(at): \(key) must name a field") }
+                guard fields[name] != nil else { throw LuaError("\(at): \(key) names \"\(name)\", which is not a field") }
+                return name
+            }
+            let field = try name("field"), when = try name("when")
+            guard field != when else { throw LuaError("\(at): field and when name the same field") }
+            var values: [ConfigValue]? = nil
+            if let given = rule["is"] {
+                if case .array(let list) = given { values = list } else { values = [given] }
+                guard !values!.isEmpty else { throw LuaError("\(at): is must be a value or a non-empty list of values") }
+                var condition = fields[when]!
+                condition.required = true
+                condition.defaultValue = nil
+                for candidate in values! {
+                    var problems: [SchemaProblem] = []
+                    if condition.validate(candidate, path: "is", problems: &problems) == nil || !problems.isEmpty {
+                        throw LuaError("\(at): is \(candidate.literal) cannot be a value of \(when): "
+                                       + problems.map(\.reason).joined(separator: "; "))
+                    }
+                }
+            }
+            return ConditionalRequirement(field: field, when: when, values: values)
+        }
     }
 
     static func parseFields(_ value: ConfigValue, path: String, file: String) throws -> [String: SchemaField] {

@@ -121,6 +121,57 @@ final class PluginSchemaTests: XCTestCase {
         XCTAssertEqual(problems(["allow": .string("a"), "deny": .string("b")]),
                        ["c: set exactly one of allow, deny (allow and deny are set)", "c: set at least one of second, minute (none is set)"])
     }
+
+    /// required_when: a field required by another field's value (after its
+    /// default is applied) or by its mere presence.
+    func testRequiredWhen() throws {
+        let runtime = try LuaRuntime(sdk: Harness.sdk, eventLoop: nil, options: LuaRuntimeOptions())
+        let schema = try PluginSchema.parse(try runtime.evaluate("""
+            return { required_when = {
+                { field = "header_name", when = "limit_by", is = "header" },
+                { field = "zone", when = "mode", is = { "a", "b" } },
+                { field = "jwks", when = "claim" } },
+              fields = {
+                limit_by = { type = "string", default = "header", one_of = { "ip", "header" } }, header_name = { type = "string" },
+                mode = { type = "string" }, zone = { type = "integer" },
+                claim = { type = "string" }, jwks = { type = "string" } } }
+            """, chunkName: "s.lua"), file: "s.lua")
+        func problems(_ config: [String: ConfigValue]) -> [String] {
+            guard case .failure(let errors) = schema.validate(.map(config), path: "c") else { return [] }
+            return errors.problems.map(\.description)
+        }
+        XCTAssertEqual(problems([:]), ["c.header_name: required when limit_by is \"header\""], "the default counts")
+        XCTAssertEqual(problems(["limit_by": .string("ip")]), [])
+        XCTAssertEqual(problems(["header_name": .string("x-who")]), [])
+        XCTAssertEqual(problems(["header_name": .string("x"), "mode": .string("b")]), ["c.zone: required when mode is \"a\" or \"b\""])
+        XCTAssertEqual(problems(["header_name": .string("x"), "mode": .string("c")]), [])
+        XCTAssertEqual(problems(["header_name": .string("x"), "mode": .string("a"), "zone": .int(1)]), [])
+        XCTAssertEqual(problems(["header_name": .string("x"), "claim": .string("sub")]), ["c.jwks: required when claim is set"])
+        XCTAssertEqual(problems(["header_name": .string("x"), "claim": .string("sub"), "jwks": .string("u")]), [])
+    }
+
+    func testBadRequiredWhenRulesAreRefused() throws {
+        let runtime = try LuaRuntime(sdk: Harness.sdk, eventLoop: nil, options: LuaRuntimeOptions())
+        func parseError(_ rules: String) -> String {
+            let source = """
+                return { required_when = \(rules), fields = {
+                  by = { type = "string", one_of = { "ip", "header" } }, name = { type = "string" } } }
+                """
+            do {
+                _ = try PluginSchema.parse(try runtime.evaluate(source, chunkName: "s.lua"), file: "p/schema.lua")
+                return "no error"
+            } catch { return "\(error)" }
+        }
+        XCTAssertEqual(parseError("{ { field = 'name', when = 'by', is = 'header' } }"), "no error")
+        XCTAssertEqual(parseError("{ { field = 'name', when = 'by', is = 'heder' } }"),
+                       "p/schema.lua: required_when[1]: is \"heder\" cannot be a value of by: expected one of \"ip\", \"header\", got \"heder\"")
+        XCTAssertEqual(parseError("{ { field = 'nme', when = 'by' } }"), "p/schema.lua: required_when[1]: field names \"nme\", which is not a field")
+        XCTAssertEqual(parseError("{ { field = 'name' } }"), "p/schema.lua: required_when[1]: when must name a field")
+        XCTAssertEqual(parseError("{ { field = 'name', when = 'name' } }"), "p/schema.lua: required_when[1]: field and when name the same field")
+        XCTAssertEqual(parseError("{ { field = 'name', when = 'by', if_match = 1 } }"),
+                       "p/schema.lua: required_when[1]: unknown key \"if_match\" (expected field, when, is)")
+        XCTAssertEqual(parseError("'name'"), "p/schema.lua: required_when must be a list of { field = ..., when = ..., is = ... }")
+    }
 }
 
 extension ConfigValue {

@@ -77,6 +77,27 @@ final class CLITests: XCTestCase {
         XCTAssertTrue(missing.stderr.contains("cannot read config file"), missing.stderr)
     }
 
+    /// Plugin configs are checked against their schemas by `weir validate`,
+    /// conditional requirements (`required_when`) included.
+    func testValidateRefusesAConditionallyRequiredPluginField() throws {
+        let config = """
+            plugin_paths: [\(Self.repoRoot.appendingPathComponent("plugins").path)]
+            listeners: [{ name: web, listen: 127.0.0.1:0 }]
+            upstreams: [{ name: app, targets: [{ address: 127.0.0.1:9001 }] }]
+            routes:
+              - name: r1
+                match: { paths: [/] }
+                upstream: app
+                plugins:
+                  - { name: rate-limiting, config: { minute: 10, limit_by: header } }
+                  - { name: jwt, config: { consumer_claim_name: sub } }
+            """
+        let result = try Self.runWeir(["validate", "--config", try write("conditional.yaml", config)])
+        XCTAssertEqual(result.status, 1, result.stdout)
+        XCTAssertTrue(result.stderr.contains("routes[0].plugins[0].config.header_name: required when limit_by is \"header\""), result.stderr)
+        XCTAssertTrue(result.stderr.contains("routes[0].plugins[1].config.jwks_uri: required when consumer_claim_name is set"), result.stderr)
+    }
+
     func testVersion() throws {
         let result = try Self.runWeir(["version"])
         XCTAssertEqual(result.status, 0)

@@ -108,6 +108,9 @@ final class ShippedPluginFaultInjectionTests: UpstreamTestCase {
             ("{ delay_percent: -1 }", "routes[0].plugins[0].config.delay_percent"),
             ("{ abort_status: 99 }", "routes[0].plugins[0].config.abort_status"),
             ("{ delay: soon }", "routes[0].plugins[0].config.delay"),
+            // Either half of a delay alone would do nothing (schema required_when).
+            ("{ delay_percent: 50 }", "routes[0].plugins[0].config.delay: required when delay_percent is set"),
+            ("{ delay: 1 }", "routes[0].plugins[0].config.delay_percent: required when delay is set"),
         ]
         for (config, expected) in cases {
             XCTAssertThrowsError(try start([("all", config)]), config) { error in

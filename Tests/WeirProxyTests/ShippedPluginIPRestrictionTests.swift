@@ -88,5 +88,9 @@ final class ShippedPluginIPRestrictionTests: UpstreamTestCase {
         XCTAssertThrowsError(try start("{ allow: 10.0.0.0/8 }")) { error in
             XCTAssertTrue("\(error)".contains("routes[0].plugins[0].config.allow"), "\(error)")
         }
+        // Neither list: a restriction that restricts nothing.
+        XCTAssertThrowsError(try start("{ status: 401 }")) { error in
+            XCTAssertTrue("\(error)".contains("routes[0].plugins[0].config: set at least one of allow, deny (none is set)"), "\(error)")
+        }
     }
 }

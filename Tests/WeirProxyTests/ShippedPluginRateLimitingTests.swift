@@ -226,6 +226,8 @@ final class ShippedPluginRateLimitingTests: UpstreamTestCase {
             ("{ minute: 5, redis: { port: 70000 } }", "routes[0].plugins[0].config.redis.port"),
             // No period at all: refused at load (schema at_least_one_of), not a 500 per request.
             ("{ limit_by: ip }", "routes[0].plugins[0].config: set at least one of second, minute, hour, day (none is set)"),
+            // limit_by header without a header to count (schema required_when): was a 500 on every request.
+            ("{ minute: 5, limit_by: header }", "routes[0].plugins[0].config.header_name: required when limit_by is \"header\""),
         ]
         for (config, expected) in cases {
             XCTAssertThrowsError(try start(config), config) { error in

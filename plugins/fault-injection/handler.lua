@@ -15,7 +15,7 @@ local function hit(percent)
 end
 
 function FaultInjection:request(conf, ctx)
-  if conf.delay > 0 and hit(conf.delay_percent) then
+  if conf.delay and conf.delay > 0 and hit(conf.delay_percent) then
     weir.sleep(conf.delay)
   end
   if hit(conf.abort_percent) then

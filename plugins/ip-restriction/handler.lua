@@ -103,7 +103,7 @@ local function compile(conf)
   lists = {}
   for _, name in ipairs({ "allow", "deny" }) do
     local list = {}
-    for i, text in ipairs(conf[name]) do
+    for i, text in ipairs(conf[name] or {}) do
       local cidr = parse_cidr(text)
       if not cidr then
         error("ip-restriction: " .. name .. "[" .. (i - 1) .. "]: not an IPv4/IPv6 address or CIDR: " .. text)

@@ -4,7 +4,10 @@ local function names(default, description)
   return { type = "array", elements = { type = "string", min = 1 }, default = default, description = description }
 end
 
-return { fields = {
+return {
+  -- consumer_claim_name only means something in JWKS mode.
+  required_when = { { field = "jwks_uri", when = "consumer_claim_name" } },
+  fields = {
   uri_param_names = names({ "jwt" }, "query arguments the token may arrive in"),
   cookie_names = names({}, "cookies the token may arrive in"),
   header_names = names({ "authorization" }, "headers carrying 'Bearer <token>'"),

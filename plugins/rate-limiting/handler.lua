@@ -27,7 +27,6 @@ local function identifier(conf)
   if conf.limit_by == "consumer" then
     return weir.client.get_consumer() or weir.client.get_ip()
   elseif conf.limit_by == "header" then
-    if not conf.header_name then error("rate-limiting: header_name is required when limit_by is header") end
     return weir.request.get_header(conf.header_name) or weir.client.get_ip()
   elseif conf.limit_by == "route" then
     -- Every client of the route shares one budget (the route part of the key

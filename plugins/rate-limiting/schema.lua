@@ -6,6 +6,8 @@ end
 return {
   -- A config without any period would count nothing: refused at load.
   at_least_one_of = { "second", "minute", "hour", "day" },
+  -- limit_by header without a header name would fail every request: refused at load.
+  required_when = { { field = "header_name", when = "limit_by", is = "header" } },
   fields = {
   second = limit("second"),
   minute = limit("minute"),
