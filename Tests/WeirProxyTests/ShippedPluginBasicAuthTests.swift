@@ -89,6 +89,37 @@ final class ShippedPluginBasicAuthTests: UpstreamTestCase {
         XCTAssertEqual(reached, ["/ok1", "/ok2"])
     }
 
+    /// An unknown username runs the same PBKDF2 verification (against a
+    /// dummy credential) as a known one, so timing does not reveal which
+    /// usernames exist. Checked by its count, never by timing: every unknown
+    /// username is counted, known ones (right or wrong password) and
+    /// requests without a username are not.
+    func testUnknownUsernamesRunTheDummyVerification() throws {
+        let metrics = PluginMetrics()
+        let proxy = try startShippedPluginProxy(yaml: yaml(plugin: "{ name: basic-auth, config: { cache_ttl: 0 } }"),
+                                                upstream: upstream, loops: 1, metrics: metrics)
+        defer { proxy.stop() }
+        let client = try proxy.connect()
+        func unknownChecks() -> Int {
+            let prefix = #"weir_plugin_events_total{plugin="basic-auth",event="unknown_username_checks"} "#
+            let line = metrics.renderPrometheus().split(separator: "\n").first { $0.hasPrefix(prefix) }
+            return line.flatMap { Int($0.dropFirst(prefix.count)) } ?? 0
+        }
+        XCTAssertEqual(try client.request("GET", "/bob", headers: [basic("bob", "hunter2")]).status, 200)
+        XCTAssertEqual(try client.request("GET", "/bobwrong", headers: [basic("bob", "nope")]).status, 401)
+        XCTAssertEqual(try client.request("GET", "/none").status, 401)
+        XCTAssertEqual(try client.request("GET", "/junk", headers: [("Authorization", "Basic !!!")]).status, 401)
+        XCTAssertEqual(unknownChecks(), 0, "known users and requests without a username take the real path")
+
+        for (i, user) in ["carol", "dave", "", "Bob"].enumerated() {
+            let answer = try client.request("GET", "/unknown\(i)", headers: [basic(user, "hunter2")])
+            XCTAssertEqual(answer.status, 401)
+            XCTAssertTrue(answer.bodyText.contains("Invalid authentication credentials"), "same answer as a wrong password")
+        }
+        XCTAssertEqual(unknownChecks(), 4, "each unknown username ran the dummy verification")
+        XCTAssertEqual(Set(upstream.requests.map(\.uri)), ["/bob"])
+    }
+
     func testCacheOffRealmAnonymousAndKeptCredentials() throws {
         let config = "{ name: basic-auth, config: { cache_ttl: 0, realm: api, hide_credentials: false, anonymous: guest } }"
         let proxy = try startShippedPluginProxy(yaml: yaml(plugin: config), upstream: upstream)

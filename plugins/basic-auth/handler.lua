@@ -34,13 +34,29 @@ local function parse_authorization(value)
   return user, pass
 end
 
+-- An unknown username must cost what a known one costs, or response times
+-- tell which usernames exist: it is checked against this dummy credential
+-- (random salt and key, so it never matches) with the iteration count of the
+-- last real credential checked here (the load-time default, 10,000, before
+-- any), which is the count a real user's check most likely costs.
+local dummy_salt, dummy_key = crypto.random_bytes(16), crypto.random_bytes(32)
+local last_iterations = 10000
+
 local function check_password(stored, password)
   local iterations, salt64, hash64 = stored:match("^pbkdf2%-sha256%$(%d+)%$([^$]+)%$([^$]+)$")
   if not iterations then return false end
   local salt, want = crypto.base64_decode(salt64), crypto.base64_decode(hash64)
   if not salt or not want then return false end
-  local got = crypto.pbkdf2(password, salt, math.tointeger(tonumber(iterations)), #want)
+  last_iterations = math.tointeger(tonumber(iterations))
+  local got = crypto.pbkdf2(password, salt, last_iterations, #want)
   return crypto.constant_time_equals(got, want)
+end
+
+local function check_unknown_user(password)
+  local got = crypto.pbkdf2(password, dummy_salt, last_iterations, #dummy_key)
+  crypto.constant_time_equals(got, dummy_key)
+  weir.metrics.count("unknown_username_checks")
+  return false
 end
 
 local function verify(conf, username, password, stored)
@@ -71,7 +87,9 @@ function BasicAuth:request(conf, ctx)
   local consumer
   if username then
     local found, credential = weir.client.find_credential("basic-auth", "username", username)
-    if found and type(credential.password) == "string" and verify(conf, username, password, credential.password) then
+    if not (found and type(credential.password) == "string") then
+      check_unknown_user(password)
+    elseif verify(conf, username, password, credential.password) then
       consumer = found
     end
   end
