@@ -24,6 +24,10 @@ public struct LuaRuntimeOptions: Sendable {
     public var maxIdleCoroutines: Int = 64
     /// Told about every plugin phase call (for /metrics); nil = no clock reads.
     public var observer: PluginPhaseObserver? = nil
+    /// TLS for `weir.http.request` to https:// URLs; nil = https refused.
+    public var outboundTLS: OutboundTLSProvider? = nil
+    /// Keep-alive limits of `weir.http.request`'s connection pool.
+    public var httpPool = OutboundPoolOptions()
     public init() {}
 }
 
@@ -555,6 +559,23 @@ public final class LuaRuntime {
     }
 
     public var activeTimerCount: Int { timers.count }
+
+    /// `weir.http.request`'s keep-alive connections (made on first use).
+    lazy var outboundPool = OutboundConnectionPool(loop: eventLoop!, tlsProvider: options.outboundTLS, options: options.httpPool)
+    private var hasOutboundPool = false
+
+    /// Closes `weir.http`'s idle keep-alive connections and keeps no more
+    /// (call on the loop when a reload retires this generation; calls made
+    /// after it, e.g. a final batch flush, still work on new connections).
+    public func closeOutboundConnections() {
+        eventLoop?.assertInEventLoop()
+        if hasOutboundPool { outboundPool.close() }
+    }
+
+    func performOutbound(_ request: OutboundRequest) -> EventLoopFuture<OutboundResponse> {
+        hasOutboundPool = true
+        return outboundPool.perform(request)
+    }
 
     deinit {
         for timer in timers.values { timer.cancelled = true; timer.scheduled?.cancel() }

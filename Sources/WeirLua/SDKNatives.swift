@@ -422,14 +422,19 @@ extension LuaRuntime {
             return self.suspend("weir.sleep", L, scope,
                                 loop.scheduleTask(in: .nanoseconds(Int64(seconds * 1e9))) { [AsyncValue]() }.futureResult)
         }))
-        // weir.http.request(url, method, flat_headers, body, timeout, max_body)
+        // weir.http.request(url, method, flat_headers, body, timeout, max_body, ssl_verify, ca_file, keepalive)
         n.append(("http_request", scopeNative("weir.http.request") { [unowned(unsafe) self] L, scope in
             guard let url = LuaState.string(at: 1, on: L) else { return .error("weir.http.request: url must be a string") }
             guard let parsed = OutboundHTTP.parse(url) else {
-                lua_pushnil(L); LuaState.push("invalid url (expected http://host[:port]/path): \(url)", on: L)
+                lua_pushnil(L); LuaState.push("invalid url (expected http[s]://host[:port]/path): \(url)", on: L)
                 return .values(2)
             }
             var request = OutboundRequest(host: parsed.host, port: parsed.port, target: parsed.target)
+            if parsed.secure {
+                request.tls = OutboundTLSSettings(verify: lua_type(L, 7) != LUA_TBOOLEAN || lua_toboolean(L, 7) != 0,
+                                                  caFile: LuaState.string(at: 8, on: L))
+            }
+            if lua_type(L, 9) == LUA_TBOOLEAN { request.keepAlive = lua_toboolean(L, 9) != 0 }
             request.method = LuaState.string(at: 2, on: L) ?? "GET"
             if lua_type(L, 3) == LUA_TTABLE {
                 let n = Int(lua_rawlen(L, 3))
@@ -447,8 +452,7 @@ extension LuaRuntime {
             if let p = weir_tostring(L, 4, &length) { request.body = Array(UnsafeRawBufferPointer(start: p, count: length)) }
             if let t = number(at: 5, on: L), t > 0 { request.timeout = .nanoseconds(Int64(t * 1e9)) }
             if let m = number(at: 6, on: L), m >= 0 { request.maxBodyBytes = Int(m) }
-            let loop = self.eventLoop!
-            return self.suspend("weir.http.request", L, scope, OutboundHTTP.perform(request, on: loop)
+            return self.suspend("weir.http.request", L, scope, self.performOutbound(request)
                 .map { [AsyncValue.httpResponse($0)] }
                 .recover { [AsyncValue.value(.null), AsyncValue.value(.string("weir.http.request: \($0)"))] })
         }))

@@ -50,7 +50,9 @@ final class OutboundHTTPTests: XCTestCase {
         XCTAssertEqual(OutboundHTTP.parse("http://a.b:8080/x?y=1").map { "\($0.host)|\($0.port)|\($0.target)" }, "a.b|8080|/x?y=1")
         XCTAssertEqual(OutboundHTTP.parse("http://a.b").map { "\($0.host)|\($0.port)|\($0.target)" }, "a.b|80|/")
         XCTAssertEqual(OutboundHTTP.parse("http://[::1]:9/q").map { "\($0.host)|\($0.port)|\($0.target)" }, "::1|9|/q")
-        XCTAssertNil(OutboundHTTP.parse("https://a.b/"))
+        XCTAssertEqual(OutboundHTTP.parse("https://a.b/j").map { "\($0.secure)|\($0.host)|\($0.port)|\($0.target)" }, "true|a.b|443|/j")
+        XCTAssertEqual(OutboundHTTP.parse("http://a.b/j")?.secure, false)
+        XCTAssertNil(OutboundHTTP.parse("ftp://a.b/"))
         XCTAssertNil(OutboundHTTP.parse("http://a.b:0/"))
     }
 
@@ -86,7 +88,7 @@ final class OutboundHTTPTests: XCTestCase {
         let results = try h.runRequest(try h.chain("caller"), phases: [.request, .response, .log])
         XCTAssertEqual(results, [.continue, .continue, .continue])
         let line = h.logs.records.first?.message ?? ""
-        XCTAssertEqual(line, "200 echo POST /req x-test=a,b body=hi | 404 | weir.http.request: timed out after 50 ms | invalid url (expected http://host[:port]/path): ftp://x | 200 echo POST /resp x-test=a,b body=hi | 200 echo POST /log x-test=a,b body=hi")
+        XCTAssertEqual(line, "200 echo POST /req x-test=a,b body=hi | 404 | weir.http.request: timed out after 50 ms | invalid url (expected http[s]://host[:port]/path): ftp://x | 200 echo POST /resp x-test=a,b body=hi | 200 echo POST /log x-test=a,b body=hi")
         for _ in 0..<500 where h.logs.records.count < 2 { Thread.sleep(forTimeInterval: 0.01) }
         XCTAssertEqual(h.logs.records.last?.message, "timer 200 echo POST /timer x-test=a,b body=hi")
     }

@@ -38,6 +38,10 @@ final class ScriptedHTTPServer: @unchecked Sendable {
     private(set) var channel: Channel!
     private let seen = NIOLockedValueBox<[ScriptedRequest]>([])
     private let script: NIOLockedValueBox<Script>
+    private let accepted = NIOLockedValueBox(0)
+    /// TCP connections accepted so far (keep-alive reuse shows as fewer
+    /// connections than requests).
+    var connections: Int { accepted.withLockedValue { $0 } }
 
     /// Kept after `stop()`, so a test can point at the closed port.
     private(set) var port = 0
@@ -48,9 +52,11 @@ final class ScriptedHTTPServer: @unchecked Sendable {
         self.script = NIOLockedValueBox(script)
         let seen = self.seen
         let scriptBox = self.script
+        let accepted = self.accepted
         channel = try ServerBootstrap(group: group)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { channel in
+                accepted.withLockedValue { $0 += 1 }
                 do {
                     try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
                     try channel.pipeline.syncOperations.addHandler(Handler(seen: seen, script: scriptBox))

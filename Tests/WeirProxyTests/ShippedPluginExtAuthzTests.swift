@@ -57,6 +57,27 @@ final class ShippedPluginExtAuthzTests: UpstreamTestCase {
         return try startShippedPluginProxy(yaml: yaml, upstream: upstream)
     }
 
+    /// weir.http keeps the connection to the authorization service: five
+    /// sequential checks arrive on one connection; a service answering
+    /// `connection: close` gets a new connection for the next check.
+    func testAuthorizationCallsReuseOneKeepAliveConnection() throws {
+        let proxy = try start("{ url: \"\(auth.url)/check\" }")
+        defer { proxy.stop() }
+        let client = try proxy.connect()
+        for i in 0..<5 {
+            XCTAssertEqual(try client.request("GET", "/k\(i)", headers: [("authorization", "Bearer good")]).status, 200)
+        }
+        XCTAssertEqual(auth.requests.count, 5)
+        XCTAssertEqual(auth.connections, 1, "sequential calls share one keep-alive connection")
+
+        auth.setScript { _ in ScriptedReply(status: 200, headers: [("connection", "close")]) }
+        for i in 0..<2 {
+            XCTAssertEqual(try client.request("GET", "/c\(i)", headers: [("authorization", "Bearer good")]).status, 200)
+        }
+        XCTAssertEqual(auth.requests.count, 7)
+        XCTAssertEqual(auth.connections, 2, "the kept connection carried the first close answer; the next check needed a new one")
+    }
+
     func testAllowCopiesSelectedHeadersAndSendsRequestContext() throws {
         let proxy = try start("""
         { url: "\(auth.url)/check", request_headers: [authorization, x-tenant],

@@ -7,6 +7,7 @@ import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
 import NIOPosix
+import NIOSSL
 import WeirCore
 import WeirProxy
 import WeirTestSupport
@@ -15,17 +16,30 @@ import XCTest
 /// A JWK Set endpoint: serves `body` at any path and counts the requests.
 final class JWKSServer: @unchecked Sendable {
     private let state = NIOLockedValueBox<(body: String, hits: Int)>(("{\"keys\":[]}", 0))
+    private let accepted = NIOLockedValueBox(0)
     private var channel: Channel!
+    private let scheme: String
     var port: Int { channel.localAddress!.port! }
-    var url: String { "http://127.0.0.1:\(port)/jwks" }
+    var url: String { "\(scheme)://127.0.0.1:\(port)/jwks" }
     var hits: Int { state.withLockedValue { $0.hits } }
+    /// TCP connections accepted (keep-alive reuse shows as fewer than hits).
+    var connections: Int { accepted.withLockedValue { $0 } }
 
-    init(group: EventLoopGroup) throws {
-        let state = self.state
+    /// `tls`: serve https with this certificate and key (PEM files).
+    init(group: EventLoopGroup, tls: (cert: String, key: String)? = nil) throws {
+        let state = self.state, accepted = self.accepted
+        scheme = tls == nil ? "http" : "https"
+        let context = try tls.map { tls in
+            try NIOSSLContext(configuration: TLSConfiguration.makeServerConfiguration(
+                certificateChain: try NIOSSLCertificate.fromPEMFile(tls.cert).map { .certificate($0) },
+                privateKey: .privateKey(try NIOSSLPrivateKey(file: tls.key, format: .pem))))
+        }
         channel = try ServerBootstrap(group: group)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { channel in
                 do {
+                    accepted.withLockedValue { $0 += 1 }
+                    if let context { try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: context)) }
                     try channel.pipeline.syncOperations.configureHTTPServerPipeline()
                     try channel.pipeline.syncOperations.addHandler(Handler(state: state))
                     return channel.eventLoop.makeSucceededVoidFuture()
@@ -53,11 +67,10 @@ final class JWKSServer: @unchecked Sendable {
             let body = state.withLockedValue { s -> String in s.hits += 1; return s.body }
             var buffer = context.channel.allocator.buffer(capacity: body.utf8.count)
             buffer.writeString(body)
-            let headers = HTTPHeaders([("content-type", "application/json"), ("content-length", "\(buffer.readableBytes)"),
-                                       ("connection", "close")])
+            let headers = HTTPHeaders([("content-type", "application/json"), ("content-length", "\(buffer.readableBytes)")])
             context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: .ok, headers: headers))), promise: nil)
             context.write(wrapOutboundOut(.body(.byteBuffer(buffer))), promise: nil)
-            context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in context.close(promise: nil) }
+            context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
         }
     }
 }
@@ -291,6 +304,46 @@ final class ShippedPluginJWTTests: XCTestCase {
         // An ES256 token whose kid names the RSA key.
         XCTAssertEqual(try client.request("GET", "/mismatch", headers: [bearer(try es(["sub": "bob"], header: ["kid": "k1"]))]).status, 401)
         XCTAssertEqual(jwks.hits, 2)
+    }
+
+    /// jwks_uri over https: the server's certificate is verified against
+    /// jwks_ca_file (a test CA); a certificate from another CA is refused
+    /// (no key set -> 503) unless jwks_ssl_verify is false. The rotation
+    /// refetch reuses the first fetch's keep-alive connection.
+    func testJWKSOverHTTPSVerifiesTheCertificateAndKeepsTheConnection() throws {
+        let pki = TestPKI.shared
+        let jwks = try JWKSServer(group: group, tls: (pki.cert("localhost"), pki.key("localhost")))
+        defer { jwks.stop() }
+        try jwks.serve(keys: [try keys.rsaJWK(kid: "k1", alg: "RS256")])
+        XCTAssertTrue(jwks.url.hasPrefix("https://"))
+        func config(_ extra: String) -> String {
+            "{ name: jwt, config: { jwks_uri: \"\(jwks.url)\", jwks_min_refresh_interval: 0\(extra) } }"
+        }
+        do {
+            let proxy = try startShippedPluginProxy(yaml: yaml(plugin: config(", jwks_ca_file: \"\(pki.cert("ca"))\"")),
+                                                    upstream: upstream, loops: 1)
+            defer { proxy.stop() }
+            let client = try proxy.connect()
+            let ok = try client.request("GET", "/k1", headers: [bearer(try rs(["sub": "alice"], header: ["kid": "k1"]))])
+            XCTAssertEqual(ok.status, 200, ok.bodyText)
+            try jwks.serve(keys: [try keys.rsaJWK(kid: "k1", alg: "RS256"), try keys.ecJWK(kid: "k2")])
+            let rotated = try client.request("GET", "/k2", headers: [bearer(try es(["sub": "bob"], header: ["kid": "k2"]))])
+            XCTAssertEqual(rotated.status, 200, rotated.bodyText)
+            XCTAssertEqual(jwks.hits, 2)
+            XCTAssertEqual(jwks.connections, 1, "the second fetch reused the keep-alive TLS connection")
+        }
+        // The system's CAs do not know the test CA; a CA that did not sign the certificate neither.
+        for extra in ["", ", jwks_ca_file: \"\(pki.cert("other-ca"))\""] {
+            let proxy = try startShippedPluginProxy(yaml: yaml(plugin: config(extra)), upstream: upstream, loops: 1)
+            defer { proxy.stop() }
+            let refused = try proxy.connect().request("GET", "/untrusted", headers: [bearer(try rs(["sub": "alice"], header: ["kid": "k1"]))])
+            XCTAssertEqual(refused.status, 503, "no key set could be fetched (\(extra)): \(refused.bodyText)")
+        }
+        XCTAssertEqual(jwks.hits, 2, "no request got past a failed handshake")
+        let unverified = try startShippedPluginProxy(yaml: yaml(plugin: config(", jwks_ssl_verify: false")), upstream: upstream, loops: 1)
+        defer { unverified.stop() }
+        let ok = try unverified.connect().request("GET", "/unverified", headers: [bearer(try rs(["sub": "alice"], header: ["kid": "k1"]))])
+        XCTAssertEqual(ok.status, 200, ok.bodyText)
     }
 
     func testUnknownKidRefetchIsRateLimitedAndAFailedRefreshKeepsTheKeys() throws {

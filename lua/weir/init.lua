@@ -630,9 +630,12 @@ end
 local http = {}
 weir.http = http
 
--- Async outbound HTTP/1.1 (plain http:// for now). opts: method ("GET"),
--- headers ({ name = value | {values} }), body (string), timeout (seconds,
--- default 5), max_body (bytes, default 1 MiB). Returns
+-- Async outbound HTTP/1.1 over http:// or https://, on pooled keep-alive
+-- connections. opts: method ("GET"), headers ({ name = value | {values} }),
+-- body (string), timeout (seconds, default 5), max_body (bytes, default
+-- 1 MiB), ssl_verify (https: check the certificate, default true), ca_file
+-- (https: PEM file of trusted CAs, default the system's), keepalive (false:
+-- one connection for this call, closed after it). Returns
 -- { status = n, headers = { name = value | {values} }, body = "..." }
 -- or nil, err.
 function http.request(url, opts)
@@ -662,7 +665,15 @@ function http.request(url, opts)
   if opts.max_body ~= nil and math_type(opts.max_body) ~= "integer" then
     error("weir.http.request: max_body must be an integer", 2)
   end
-  return N.http_request(url, method, flat, opts.body, opts.timeout, opts.max_body)
+  if opts.ssl_verify ~= nil and type(opts.ssl_verify) ~= "boolean" then
+    error("weir.http.request: ssl_verify must be a boolean", 2)
+  end
+  if opts.ca_file ~= nil and type(opts.ca_file) ~= "string" then error("weir.http.request: ca_file must be a string", 2) end
+  if opts.keepalive ~= nil and type(opts.keepalive) ~= "boolean" then
+    error("weir.http.request: keepalive must be a boolean", 2)
+  end
+  return N.http_request(url, method, flat, opts.body, opts.timeout, opts.max_body, opts.ssl_verify, opts.ca_file,
+                        opts.keepalive)
 end
 
 -- weir.timer -----------------------------------------------------------------

@@ -4,7 +4,7 @@ end
 
 return { fields = {
   url = { type = "string", required = true, min = 8,
-          description = "the authorization service, http://host:port/path (plain HTTP)" },
+          description = "the authorization service, http://host:port/path or https://... (certificate verified against the system CAs; keep-alive connections)" },
   method = { type = "string", default = "GET", one_of = { "GET", "POST", "PUT", "HEAD" },
              description = "method of the authorization request" },
   request_headers = header_names("client request headers sent along (when present)", { "authorization" }),

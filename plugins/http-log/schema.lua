@@ -1,6 +1,6 @@
 return { fields = {
   endpoint = { type = "string", required = true, min = 8,
-               description = "the collector, http://host:port/path (plain HTTP)" },
+               description = "the collector, http://host:port/path or https://... (certificate verified against the system CAs)" },
   method = { type = "string", default = "POST", one_of = { "POST", "PUT" }, description = "method of each batch request" },
   headers = { type = "map", default = {}, values = { type = "string" },
               description = "extra headers on each batch request (e.g. authorization)" },

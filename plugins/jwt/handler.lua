@@ -205,7 +205,8 @@ local function fetch(conf, set)
   set.fetching = true
   set.last_attempt = weir.time.monotonic()
   local res, err = weir.http.request(conf.jwks_uri, {
-    timeout = conf.jwks_timeout, max_body = 1048576, headers = { accept = "application/json" } })
+    timeout = conf.jwks_timeout, max_body = 1048576, headers = { accept = "application/json" },
+    ssl_verify = conf.jwks_ssl_verify, ca_file = conf.jwks_ca_file })
   set.fetching = false
   if not res then weir.log.warn("jwt: JWKS fetch from ", conf.jwks_uri, " failed: ", err); return false end
   if res.status ~= 200 then weir.log.warn("jwt: JWKS fetch from ", conf.jwks_uri, " answered ", res.status); return false end

@@ -1,6 +1,6 @@
 return { fields = {
   endpoint = { type = "string", required = true, min = 8,
-               description = "OTLP/HTTP traces endpoint, e.g. http://127.0.0.1:4318/v1/traces (plain HTTP, JSON encoding)" },
+               description = "OTLP/HTTP traces endpoint, e.g. http://127.0.0.1:4318/v1/traces (http or https, JSON encoding)" },
   service_name = { type = "string", default = "weir", min = 1, description = "resource attribute service.name" },
   resource_attributes = { type = "map", default = {}, values = { type = "string" },
                           description = "more resource attributes (string values), e.g. deployment.environment" },

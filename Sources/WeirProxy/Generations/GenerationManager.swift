@@ -170,6 +170,7 @@ public final class GenerationManager: @unchecked Sendable {
         options.instructionBudget = config.lua.instructionBudget
         options.memoryLimit = config.lua.memoryLimit
         options.observer = metrics
+        options.outboundTLS = PluginOutboundTLS()
         let logger = self.logger
         options.log = { record in
             let level: Logger.Level

@@ -139,6 +139,7 @@ final class LoopPlugins {
     func retire() {
         runtime.stopTimers()
         runtime.dropIdleCoroutines()
+        runtime.closeOutboundConnections()
     }
 }
 
