@@ -431,21 +431,30 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
         routeRequest(exchange, head: head)
     }
 
-    /// The fast path: the upstream's head forwarded by range copy with the
-    /// same edits `HeaderRewriting.downstreamResponseHead` makes.
-    func relayWireResponseHead(_ head: HTTP1ResponseHead, exchange: Exchange) {
-        let code = head.status
+    /// The upstream's head forwarded by range copy with the same edits
+    /// `HeaderRewriting.downstreamResponseHead` makes, on top of the
+    /// plugins' edits if any (then their added lines go through the same
+    /// rewriting: hop-by-hop ones are dropped, a Via joins the chain).
+    func relayWireResponseHead(_ head: HTTP1ResponseHead, pluginEdits: HTTP1HeadEdits?, exchange: Exchange) {
+        let code = pluginEdits?.status?.code ?? head.status
         let isUpgrade = code == 101
         let fields = head.fields
         let clientIs11 = !exchange.head!.isHTTP10
         var edits = HTTP1HeadEdits(removed: fields.hopByHopFields(keepUpgrade: isUpgrade))
         edits.added.reserveCapacity(3)
         var via: String? = nil
+        var hasLength = false
+        if case .contentLength = head.framing { hasLength = true }
+        if let pluginEdits {
+            edits.removed.formUnion(pluginEdits.removed)
+            edits.status = pluginEdits.status
+            hasLength = pluginEdits.hasField(named: "content-length", in: fields)
+        }
         for (i, e) in fields.entries.enumerated() {
             switch e.known {
             case .te:
                 edits.removed.insert(i)
-            case .via:
+            case .via where !edits.removed.contains(i):
                 edits.removed.insert(i)
                 let v = fields.value(at: i)
                 via = via.map { $0 + ", " + v } ?? v
@@ -453,9 +462,16 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
                 break
             }
         }
+        if let pluginEdits {
+            for field in pluginEdits.added {
+                switch HeaderRewriting.Known.classify(field.name) {
+                case .via: via = via.map { $0 + ", " + field.value } ?? field.value
+                case let kind where kind.isHopByHop: continue
+                default: edits.added.append(field)
+                }
+            }
+        }
         var mustClose = !(exchange.keepAlive && !draining)
-        var hasLength = false
-        if case .contentLength = head.framing { hasLength = true }
         if isUpgrade {
             edits.added.append((name: "connection", value: "upgrade"))
         } else if bodyAllowed(exchange, status: code) && !hasLength {
@@ -485,26 +501,6 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
         var out = allocator.buffer(capacity: head.bytes.readableBytes + 96 + bodyRoom)
         HTTP1HeadWriter.writeResponse(head, edits: edits, into: &out)
         pendingResponseHead = out
-        if isUpgrade {
-            exchange.upgraded = true
-        }
-    }
-
-    /// The plugin path: a head the response phase may have changed.
-    func relayResponseHead(_ head: HTTPResponseHead, exchange: Exchange, connection: UpstreamConnection) {
-        let code = Int(head.status.code)
-        let isUpgrade = code == 101
-        let requestHead = exchange.head!
-        let (downHead, mustClose) = HeaderRewriting.downstreamResponseHead(
-            head, requestVersion: requestHead.version, bodyAllowed: bodyAllowed(exchange, status: code),
-            keepAlive: exchange.keepAlive && !draining, isUpgrade: isUpgrade)
-        if mustClose { exchange.keepAlive = false }
-        exchange.responseChunked = !isUpgrade && downHead.headers.contains(name: "transfer-encoding")
-        exchange.responseStarted = true
-        exchange.status = code
-        var out = allocator.buffer(capacity: 512)
-        HeadSerialization.writeResponse(downHead, into: &out)
-        context.write(wrapOutboundOut(out), promise: nil)
         if isUpgrade {
             exchange.upgraded = true
         }

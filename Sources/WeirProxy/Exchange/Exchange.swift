@@ -21,10 +21,8 @@ final class Exchange {
     var keepAlive = true
     var upstreamKeepAlive = false
 
-    /// The upstream head when plugins may edit it (materialised as NIO
-    /// values); nil on the fast path, which uses `upstreamEdits`.
-    var upstreamHead: HTTPRequestHead?
-    /// The fast path's upstream head: the client's head plus these edits.
+    /// The upstream head: the client's head bytes plus these edits (the
+    /// proxy's, then any plugin's), written by range copy.
     var upstreamEdits: HTTP1HeadEdits?
     /// The client's response body is written chunk-framed.
     var responseChunked = false

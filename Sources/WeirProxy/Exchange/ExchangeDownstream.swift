@@ -40,10 +40,11 @@ protocol ExchangeDownstream: AnyObject, UpstreamConnectionDelegate {
 
     // MARK: Writing the response (in the downstream's own framing)
 
-    /// The upstream's head as parsed (the fast path, no plugins).
-    func relayWireResponseHead(_ head: HTTP1ResponseHead, exchange: Exchange)
-    /// A head the response phase may have changed (the plugin path).
-    func relayResponseHead(_ head: HTTPResponseHead, exchange: Exchange, connection: UpstreamConnection)
+    /// The upstream's head as parsed, with the plugins' changes to it if
+    /// any (`pluginEdits`: removed lines, added lines, a new status; see
+    /// Plugins/PluginHeadEdits.swift). The downstream applies its own
+    /// rewriting (hop-by-hop fields, Via, framing) on top.
+    func relayWireResponseHead(_ head: HTTP1ResponseHead, pluginEdits: HTTP1HeadEdits?, exchange: Exchange)
     /// An informational (1xx, not 101) head from the upstream.
     func relayInterimResponseHead(_ head: HTTP1ResponseHead, exchange: Exchange)
     func writeResponseBody(_ data: ByteBuffer, exchange: Exchange)
@@ -182,15 +183,11 @@ extension ExchangeDownstream {
         exchange.target = target
         exchange.staleRetried = false
         if exchange.upstreamStart == nil { exchange.upstreamStart = .now() }
-        if exchange.upstreamHead != nil {
-            // Materialised for plugins (see startRequestPlugins).
-            if !routed.route.preserveHost {
-                exchange.upstreamHead!.headers.replaceOrAdd(name: "host", value: upstream.targetLabels[target])
-            }
-        } else if exchange.upstreamEdits == nil {
+        if exchange.upstreamEdits == nil {
             exchange.upstreamEdits = upstreamEdits(exchange, head: head, routed: routed)
         } else if !routed.route.preserveHost {
-            exchange.upstreamEdits!.added[0].value = upstream.targetLabels[target]
+            // A retry, or edits a plugin made before the target was known.
+            exchange.upstreamEdits!.replaceHost(upstream.targetLabels[target])
         }
         let pool = routed.routing.pools[upstream.index][target]
         routed.routing.balancerStarted(upstream: upstream, target: target)
@@ -251,21 +248,13 @@ extension ExchangeDownstream {
         return routed.upstream.targetLabels[exchange.target ?? 0]
     }
 
-    /// The upstream head as a NIO value, for plugins to edit (the plugin path).
-    func buildUpstreamHead(_ exchange: Exchange, head: RequestHead, routed: RoutedRequest) -> HTTPRequestHead {
-        let upgrade = exchange.isUpgrade ? head.headers.first(named: "upgrade") : nil
-        return HeaderRewriting.upstreamRequestHead(
-            from: head.materialized(), forwardURI: routed.forwardURI, framing: exchange.framing, upgrade: upgrade,
-            hostHeader: upstreamHostHeader(exchange, routed: routed), clientHost: exchange.hostHeader,
-            clientIP: clientIP, peerTrusted: peerTrusted, scheme: listener.scheme, requestID: exchange.id)
-    }
-
     /// The upstream head as edits to the client's head (the fast path: kept
     /// field lines are copied as bytes). Same rules as
     /// `HeaderRewriting.upstreamRequestHead`: hop-by-hop fields go (and what
     /// Connection names), Host/X-Request-ID are replaced, X-Forwarded-* are
     /// replaced (extended for a trusted peer), Via is extended.
-    /// `added[0]` is always Host (a retry on another target replaces it).
+    /// `added[0]` is Host (a retry on another target replaces it, see
+    /// `HTTP1HeadEdits.replaceHost`). Plugins edit this same list.
     func upstreamEdits(_ exchange: Exchange, head: RequestHead, routed: RoutedRequest) -> HTTP1HeadEdits {
         let fields = head.headers
         var edits = HTTP1HeadEdits(removed: fields.hopByHopFields(keepUpgrade: exchange.isUpgrade), target: routed.forwardURI)
@@ -312,16 +301,15 @@ extension ExchangeDownstream {
     /// The upstream request head as bytes, whether it chunks its body, and
     /// the method the response answers (HEAD responses have no body).
     func serializeUpstreamHead(_ exchange: Exchange) -> (ByteBuffer, chunked: Bool, method: HTTP1Method) {
-        if let head = exchange.upstreamHead {
-            var out = allocator.buffer(capacity: 512)
-            HeadSerialization.writeRequest(head, into: &out)
-            let method: HTTP1Method = head.method == .HEAD ? .head : head.method == .CONNECT ? .connect : .get
-            return (out, head.headers.contains(name: "transfer-encoding"), method)
-        }
         let wire = exchange.head!.wire!
+        let edits = exchange.upstreamEdits!
         var out = allocator.buffer(capacity: wire.bytes.readableBytes + 256)
-        HTTP1HeadWriter.writeRequest(wire, edits: exchange.upstreamEdits!, into: &out)
-        return (out, exchange.framing.chunked, wire.method)
+        HTTP1HeadWriter.writeRequest(wire, edits: edits, into: &out)
+        guard exchange.plugins != nil else { return (out, exchange.framing.chunked, wire.method) }
+        // Plugins may have changed the method or the framing (set_body).
+        let chunked = edits.added.contains { $0.name.equalsIgnoringASCIICase("transfer-encoding") }
+        guard let method = edits.method else { return (out, chunked, wire.method) }
+        return (out, chunked, method == "HEAD" ? .head : method == "CONNECT" ? .connect : .get)
     }
 
     func useConnection(_ connection: UpstreamConnection, for exchange: Exchange) {
@@ -485,24 +473,14 @@ extension ExchangeDownstream {
         exchange.upstreamKeepAlive = head.keepAlive
         guard checkUpgradeResponse(code, exchange: exchange, connection: connection) else { return }
 
-        // Plugins that see or change the response head get it materialised;
-        // with none (no response phase, no body filter, no early header
-        // changes) it is relayed as bytes, as without plugins.
+        // The response phase (or the request phase's response header
+        // changes, or a body filter) edits the head as a list of changes to
+        // its bytes; with none of them it is relayed exactly as without plugins.
         if let plugins = exchange.plugins, code != 101, !plugins.responsePhaseIsNoop {
-            guard let head = runResponsePlugins(Self.materialized(head), exchange: exchange, plugins: plugins, connection: connection) else { return }
-            return relayResponseHead(head, exchange: exchange, connection: connection)
+            guard let edits = runResponsePlugins(head, exchange: exchange, plugins: plugins, connection: connection) else { return }
+            return relayWireResponseHead(head, pluginEdits: edits, exchange: exchange)
         }
-        relayWireResponseHead(head, exchange: exchange)
-    }
-
-    /// The head as NIO's value type, for the response phase to edit.
-    static func materialized(_ head: HTTP1ResponseHead) -> HTTPResponseHead {
-        var headers = HTTPHeaders()
-        headers.reserveCapacity(head.fields.count + 4)
-        for i in 0..<head.fields.count { headers.add(name: head.fields.name(at: i), value: head.fields.value(at: i)) }
-        return HTTPResponseHead(version: head.version.minor == 0 ? .http1_0 : .http1_1,
-                                status: HTTPResponseStatus(statusCode: head.status, reasonPhrase: head.reason),
-                                headers: headers)
+        relayWireResponseHead(head, pluginEdits: nil, exchange: exchange)
     }
 
     /// A 101 only answers an upgrade request; a refused upgrade ends the

@@ -8,6 +8,11 @@ public struct HTTP1HeadEdits: Sendable {
     public var added: [(name: String, value: String)] = []
     /// Replaces the request target (requests only).
     public var target: String? = nil
+    /// Replaces the method (requests only; a plugin's `set_method`).
+    public var method: String? = nil
+    /// Replaces the status line's code and reason (responses only; a
+    /// plugin's `weir.response.set_status`).
+    public var status: (code: Int, reason: String)? = nil
 
     public init(removed: HTTP1FieldSet = HTTP1FieldSet(), added: [(name: String, value: String)] = [], target: String? = nil) {
         self.removed = removed
@@ -87,15 +92,25 @@ public enum HTTP1HeadWriter {
     /// ByteBuffer write costs ~150 instructions in NIO (callgrind).
     public static func writeRequest(_ head: HTTP1RequestHead, edits: HTTP1HeadEdits, into out: inout ByteBuffer) {
         let fields = head.fields
-        // Without a new target, method SP target are copied as one range.
-        let prefixLength = edits.target == nil ? head.targetRange.upperBound : head.methodLength + 1
-        let size = prefixLength + (edits.target?.utf8.count ?? 0) + 11
+        // Without a new method or target, method SP target are copied as one range.
+        let copiesRequestLine = edits.method == nil && edits.target == nil
+        let methodBytes = edits.method.map { $0.utf8.count + 1 } ?? head.methodLength + 1
+        let targetBytes = edits.target?.utf8.count ?? head.targetRange.count
+        let size = (copiesRequestLine ? head.targetRange.upperBound : methodBytes + targetBytes) + 11
             + keptLineBytes(fields, removing: edits.removed) + addedFieldBytes(edits.added) + 2
         out.writeWithUnsafeMutableBytes(minimumWritableBytes: size) { dst in
             var w = RawWriter(dst.baseAddress!)
             fields.bytes.withUnsafeReadableBytes { src in
-                w.copy(src.baseAddress!, prefixLength)
-                if let target = edits.target { w.copy(target) }
+                if copiesRequestLine {
+                    w.copy(src.baseAddress!, head.targetRange.upperBound)
+                } else {
+                    if let method = edits.method { w.copy(method); w.copy(" ") } else { w.copy(src.baseAddress!, methodBytes) }
+                    if let target = edits.target {
+                        w.copy(target)
+                    } else {
+                        w.copy(src.baseAddress! + head.targetRange.lowerBound, targetBytes)
+                    }
+                }
                 w.copy(" HTTP/1.1\r\n")
                 w.copyKeptLines(fields.entries, src.baseAddress!, removing: edits.removed)
             }
@@ -106,17 +121,20 @@ public enum HTTP1HeadWriter {
         }
     }
 
-    /// `HTTP/1.1 <status> <reason>\r\n` (status and reason copied), kept and added fields, `\r\n`.
+    /// `HTTP/1.1 <status> <reason>\r\n` (status and reason copied unless
+    /// `edits.status` replaces them), kept and added fields, `\r\n`.
     public static func writeResponse(_ head: HTTP1ResponseHead, edits: HTTP1HeadEdits, into out: inout ByteBuffer) {
         let fields = head.fields
         let statusLineEnd = head.reasonRange.upperBound + 2
-        let size = statusLineEnd + keptLineBytes(fields, removing: edits.removed) + addedFieldBytes(edits.added) + 2
+        // From the SP after the version through the status line's CRLF, or its replacement.
+        let newStatusLine = edits.status.map { " \($0.code) \($0.reason)\r\n" }
+        let statusLineBytes = 8 + (newStatusLine?.utf8.count ?? statusLineEnd - 8)
+        let size = statusLineBytes + keptLineBytes(fields, removing: edits.removed) + addedFieldBytes(edits.added) + 2
         out.writeWithUnsafeMutableBytes(minimumWritableBytes: size) { dst in
             var w = RawWriter(dst.baseAddress!)
             w.copy("HTTP/1.1")
             fields.bytes.withUnsafeReadableBytes { src in
-                // From the SP after the version through the status line's CRLF.
-                w.copy(src.baseAddress! + 8, statusLineEnd - 8)
+                if let newStatusLine { w.copy(newStatusLine) } else { w.copy(src.baseAddress! + 8, statusLineEnd - 8) }
                 w.copyKeptLines(fields.entries, src.baseAddress!, removing: edits.removed)
             }
             w.copyAdded(edits.added)
@@ -155,6 +173,7 @@ public enum HTTP1HeadWriter {
 
         mutating func copy(_ s: String) {
             let n = s.utf8.count
+            guard n > 0 else { return }
             if s.utf8.withContiguousStorageIfAvailable({ copy($0.baseAddress!, n) }) == nil {
                 for b in s.utf8 { base.storeBytes(of: b, toByteOffset: offset, as: UInt8.self); offset += 1 }
             }

@@ -262,12 +262,17 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, ExchangeDownstream {
 
     // MARK: - Writing the response as HEADERS and DATA frames
 
-    func relayWireResponseHead(_ head: HTTP1ResponseHead, exchange: Exchange) {
+    /// The upstream's HTTP/1 head (with the plugins' edits, if any) as a
+    /// HEADERS frame: lower-case names, no connection-specific fields, Via
+    /// extended.
+    func relayWireResponseHead(_ head: HTTP1ResponseHead, pluginEdits: HTTP1HeadEdits?, exchange: Exchange) {
         let fields = head.fields
-        let dropped = fields.hopByHopFields()
+        var dropped = fields.hopByHopFields()
+        if let pluginEdits { dropped.formUnion(pluginEdits.removed) }
+        let status = pluginEdits?.status?.code ?? head.status
         var headers = HPACKHeaders()
-        headers.reserveCapacity(fields.count + 2)
-        headers.add(name: ":status", value: String(head.status))
+        headers.reserveCapacity(fields.count + 2 + (pluginEdits?.added.count ?? 0))
+        headers.add(name: ":status", value: String(status))
         var via: String? = nil
         for (i, e) in fields.entries.enumerated() where !dropped.contains(i) {
             switch e.known {
@@ -281,16 +286,16 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, ExchangeDownstream {
                 headers.add(name: fields.name(at: i).lowercased(), value: fields.value(at: i))
             }
         }
+        for field in pluginEdits?.added ?? [] {
+            switch HeaderRewriting.Known.classify(field.name) {
+            case .via: via = via.map { $0 + ", " + field.value } ?? field.value
+            case let kind where kind.isHopByHop: continue
+            default: headers.add(name: field.name.lowercased(), value: field.value)
+            }
+        }
         let viaEntry = head.version.minor == 0 ? "1.0 weir" : "1.1 weir"
         headers.add(name: "via", value: via.map { $0 + ", " + viaEntry } ?? viaEntry)
-        writeHead(headers, status: head.status, exchange: exchange)
-    }
-
-    func relayResponseHead(_ head: HTTPResponseHead, exchange: Exchange, connection: UpstreamConnection) {
-        var headers = HPACKHeaders()
-        headers.add(name: ":status", value: String(head.status.code))
-        Self.appendFields(head.headers, to: &headers)
-        writeHead(headers, status: Int(head.status.code), exchange: exchange)
+        writeHead(headers, status: status, exchange: exchange)
     }
 
     func relayInterimResponseHead(_ head: HTTP1ResponseHead, exchange: Exchange) {

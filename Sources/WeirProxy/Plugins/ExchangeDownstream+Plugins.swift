@@ -119,14 +119,16 @@ extension ExchangeDownstream {
     }
 
     /// The upstream's response head, before anything is sent downstream.
-    /// Returns the head to relay, or nil when the plugins answered instead
-    /// or are still running (the head is relayed when they finish).
-    func runResponsePlugins(_ head: HTTPResponseHead, exchange: Exchange, plugins: ExchangePlugins,
-                            connection: UpstreamConnection) -> HTTPResponseHead? {
-        if plugins.responsePhaseIsNoop { return head }
-        var head = head
-        plugins.applyEarlyResponseOps(to: &head.headers)
-        plugins.responseHead = head
+    /// Returns the plugins' edits to relay it with, or nil when the plugins
+    /// answered instead or are still running (the head is relayed when
+    /// they finish). The head stays in its bytes: plugins' header changes
+    /// are an edit list (PluginHeadEdits.swift).
+    func runResponsePlugins(_ head: HTTP1ResponseHead, exchange: Exchange, plugins: ExchangePlugins,
+                            connection: UpstreamConnection) -> HTTP1HeadEdits? {
+        plugins.beginUpstreamResponse(head)
+        // Only the request phase's response header changes (or a body
+        // filter's re-framing) to apply: no Lua to enter.
+        guard plugins.chain.runs(.response) else { return plugins.endUpstreamResponse() }
         switch plugins.scope.start(.response, chain: plugins.chain) {
         case .done(let result):
             return responsePhaseEnded(exchange, plugins: plugins, result: result, connection: connection)
@@ -141,8 +143,8 @@ extension ExchangeDownstream {
                 plugins.holdingResponse = false
                 let held = plugins.heldParts
                 plugins.heldParts.removeAll()
-                guard let head = self.responsePhaseEnded(exchange, plugins: plugins, result: result, connection: connection) else { return }
-                self.relayResponseHead(head, exchange: exchange, connection: connection)
+                guard let edits = self.responsePhaseEnded(exchange, plugins: plugins, result: result, connection: connection) else { return }
+                self.relayWireResponseHead(head, pluginEdits: edits, exchange: exchange)
                 for part in held where self.exchange === exchange { self.upstreamRead(part, on: connection) }
                 self.flushDownstream()
                 connection.handler.resumeReading()
@@ -152,14 +154,11 @@ extension ExchangeDownstream {
     }
 
     private func responsePhaseEnded(_ exchange: Exchange, plugins: ExchangePlugins, result: PhaseResult,
-                                    connection: UpstreamConnection) -> HTTPResponseHead? {
+                                    connection: UpstreamConnection) -> HTTP1HeadEdits? {
+        let edits = plugins.endUpstreamResponse()
         switch result {
         case .continue:
-            var head = plugins.responseHead
-            plugins.responseHead = nil
-            // The body filter may change the body's length: re-frame it.
-            if plugins.filtersBody { head?.headers.remove(name: "content-length") }
-            return head
+            return edits
         case .exit(let exit):
             dropUpstream(exchange, connection)
             sendPluginExit(exchange, exit, runResponsePhase: false)

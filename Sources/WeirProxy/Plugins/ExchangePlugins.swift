@@ -57,7 +57,11 @@ final class ExchangePlugins: PluginRequestContext {
     /// Response header changes made before a response exists (request
     /// phase); applied to whatever response is finally sent.
     private var earlyResponseOps: [(op: HeaderOp, name: String, value: String)] = []
-    /// The response head while the response phase can see it.
+    /// The upstream's response head while the response phase runs on it,
+    /// and the phase's changes as edits on its bytes (PluginHeadEdits.swift).
+    private(set) var upstreamResponse: HTTP1ResponseHead?
+    private var upstreamResponseEdits = HTTP1HeadEdits()
+    /// A proxy-made head (a plugin's exit) while the response phase runs on it.
     var responseHead: HTTPResponseHead?
     /// Status of an early exit (what the log phase sees).
     var exitStatus: Int?
@@ -155,6 +159,36 @@ final class ExchangePlugins: PluginRequestContext {
         earlyResponseOps.removeAll()
     }
 
+    /// The response phase starts on the upstream's head: the request
+    /// phase's response header changes become its first edits.
+    func beginUpstreamResponse(_ head: HTTP1ResponseHead) {
+        upstreamResponse = head
+        upstreamResponseEdits = HTTP1HeadEdits()
+        for (op, name, value) in earlyResponseOps {
+            applyResponseOp(op, name, value, to: &upstreamResponseEdits, in: head.fields)
+        }
+        earlyResponseOps.removeAll()
+    }
+
+    /// The response phase is over: its edits to the upstream's head (a
+    /// body filter re-frames the body, so its length goes).
+    func endUpstreamResponse() -> HTTP1HeadEdits {
+        var edits = upstreamResponseEdits
+        if filtersBody, let head = upstreamResponse { edits.removeFields(named: "content-length", in: head.fields) }
+        upstreamResponse = nil
+        upstreamResponseEdits = HTTP1HeadEdits()
+        return edits
+    }
+
+    private func applyResponseOp(_ op: HeaderOp, _ name: String, _ value: String, to edits: inout HTTP1HeadEdits,
+                                 in fields: HTTP1Fields) {
+        switch op {
+        case .set: edits.setField(name, value, in: fields)
+        case .add: edits.addField(name, value)
+        case .clear: edits.removeFields(named: name, in: fields)
+        }
+    }
+
     // MARK: PluginRequestContext: the downstream request
 
     var requestID: String { exchange.id }
@@ -235,70 +269,85 @@ final class ExchangePlugins: PluginRequestContext {
 
     // MARK: The upstream request (request phase)
 
-    /// The request as it will go upstream (NIO's value type, with the
-    /// proxy's header edits applied), built the first time a plugin reads
-    /// or changes it. Until then nothing is materialised: the client's head
-    /// bytes are forwarded with the proxy's edits, as for a route without
-    /// plugins (materialising and re-serialising both heads cost ~50 k
-    /// instructions per request under callgrind).
+    /// The upstream head's edit list (the proxy's own edits, then the
+    /// plugins'), built the first time a plugin reads or changes the
+    /// upstream request; the head itself stays the client's bytes and is
+    /// written by range copy as on a route without plugins (see
+    /// PluginHeadEdits.swift).
     @discardableResult
-    private func materializeUpstreamHead() -> Bool {
-        if exchange.upstreamHead != nil { return true }
+    private func makeUpstreamEdits() -> Bool {
+        if exchange.upstreamEdits != nil { return true }
         guard let handler, let head = exchange.head, let routed = exchange.routed else { return false }
-        exchange.upstreamHead = handler.buildUpstreamHead(exchange, head: head, routed: routed)
+        exchange.upstreamEdits = handler.upstreamEdits(exchange, head: head, routed: routed)
         return true
     }
 
     func setUpstreamHeader(_ name: String, _ value: String) {
-        materializeUpstreamHead()
-        exchange.upstreamHead?.headers.replaceOrAdd(name: name, value: value)
+        guard makeUpstreamEdits(), let fields = exchange.head?.headers else { return }
+        exchange.upstreamEdits!.setField(name, value, in: fields)
     }
     func addUpstreamHeader(_ name: String, _ value: String) {
-        materializeUpstreamHead()
-        exchange.upstreamHead?.headers.add(name: name, value: value)
+        guard makeUpstreamEdits() else { return }
+        exchange.upstreamEdits!.addField(name, value)
     }
     func clearUpstreamHeader(_ name: String) {
-        materializeUpstreamHead()
-        exchange.upstreamHead?.headers.remove(name: name)
+        guard makeUpstreamEdits(), let fields = exchange.head?.headers else { return }
+        exchange.upstreamEdits!.removeFields(named: name, in: fields)
+    }
+
+    /// The upstream request target so far (the routed one until a plugin changes it).
+    private var upstreamTarget: String? {
+        guard makeUpstreamEdits() else { return nil }
+        return exchange.upstreamEdits!.target ?? exchange.head?.uri
+    }
+
+    private func setUpstreamTarget(_ target: String, by function: String) {
+        guard isValidRequestTarget(target) else {
+            handler?.loopContext.logger.warning("\(function): the request target would contain a space or control character; unchanged",
+                                                metadata: ["request_id": "\(exchange.id)"])
+            return
+        }
+        exchange.upstreamEdits!.target = target
     }
 
     func setUpstreamPath(_ path: String) {
-        materializeUpstreamHead()
-        guard let uri = exchange.upstreamHead?.uri else { return }
+        guard let uri = upstreamTarget else { return }
         let query = uri.firstIndex(of: "?").map { uri[$0...] } ?? ""
-        exchange.upstreamHead?.uri = path + query
+        setUpstreamTarget(path + query, by: "weir.upstream.request.set_path")
     }
 
     func setUpstreamQuery(_ query: String?) {
-        materializeUpstreamHead()
-        guard let uri = exchange.upstreamHead?.uri else { return }
+        guard let uri = upstreamTarget else { return }
         let path = uri.firstIndex(of: "?").map { String(uri[..<$0]) } ?? uri
-        exchange.upstreamHead?.uri = (query?.isEmpty ?? true) ? path : path + "?" + query!
+        setUpstreamTarget((query?.isEmpty ?? true) ? path : path + "?" + query!, by: "weir.upstream.request.set_query")
     }
 
     func upstreamRequestHeaders() -> [(name: String, value: String)] {
-        materializeUpstreamHead()
-        guard let head = exchange.upstreamHead else { return requestHeaders() }
-        return head.headers.map { (name: $0.name.lowercased(), value: $0.value) }
+        guard makeUpstreamEdits(), let fields = exchange.head?.headers else { return requestHeaders() }
+        return exchange.upstreamEdits!.fieldPairs(in: fields)
     }
 
     var upstreamRawQuery: String {
-        materializeUpstreamHead()
-        guard let uri = exchange.upstreamHead?.uri else { return rawQuery ?? "" }
+        guard let uri = upstreamTarget else { return rawQuery ?? "" }
         return uri.firstIndex(of: "?").map { String(uri[uri.index(after: $0)...]) } ?? ""
     }
 
     func setUpstreamMethod(_ method: String) {
-        materializeUpstreamHead()
-        exchange.upstreamHead?.method = HTTPMethod(rawValue: method)
+        guard makeUpstreamEdits() else { return }
+        guard HeadSerialization.isToken(method) else {
+            handler?.loopContext.logger.warning("weir.upstream.request.set_method: '\(method)' is not a method token; unchanged",
+                                                metadata: ["request_id": "\(exchange.id)"])
+            return
+        }
+        exchange.upstreamEdits!.method = method
     }
 
     /// Request phase only (before the upstream connection exists): the
     /// upstream gets `body` with its Content-Length; the client's own body
     /// (if any) is read and dropped.
     func setUpstreamBody(_ body: [UInt8]) {
-        if exchange.connection == nil && !exchange.bodyForwarded { materializeUpstreamHead() }
-        guard exchange.connection == nil, exchange.upstreamHead != nil, !exchange.bodyForwarded else {
+        guard exchange.connection == nil, !exchange.bodyForwarded, makeUpstreamEdits(),
+              let fields = exchange.head?.headers else {
             handler?.loopContext.logger.warning("weir.upstream.request.set_body after the request was sent; body unchanged",
                                                 metadata: ["request_id": "\(exchange.id)"])
             return
@@ -306,8 +355,8 @@ final class ExchangePlugins: PluginRequestContext {
         var buffer = ByteBufferAllocator().buffer(capacity: body.count)
         buffer.writeBytes(body)
         exchange.replacementBody = buffer
-        exchange.upstreamHead!.headers.remove(name: "transfer-encoding")
-        exchange.upstreamHead!.headers.replaceOrAdd(name: "content-length", value: String(body.count))
+        exchange.upstreamEdits!.removeFields(named: "transfer-encoding", in: fields)
+        exchange.upstreamEdits!.setField("content-length", String(body.count), in: fields)
     }
 
     /// The target index `set_target` picked in `exchange.routed`'s upstream.
@@ -366,15 +415,30 @@ final class ExchangePlugins: PluginRequestContext {
     // MARK: The response
 
     var responseStatus: Int? {
+        if let head = upstreamResponse { return upstreamResponseEdits.status?.code ?? head.status }
         if let head = responseHead { return Int(head.status.code) }
         return exitStatus ?? (exchange.status == 0 ? nil : exchange.status)
     }
 
-    func setResponseStatus(_ status: Int) { responseHead?.status = HTTPResponseStatus(statusCode: status) }
-    func responseHeader(_ name: String) -> String? { responseHead?.headers.first(name: name) }
-    func responseHeaders() -> [(name: String, value: String)] {
-        responseHead?.headers.map { (name: $0.name.lowercased(), value: $0.value) } ?? []
+    func setResponseStatus(_ status: Int) {
+        if upstreamResponse != nil {
+            let reason = HTTPResponseStatus(statusCode: status).reasonPhrase
+            upstreamResponseEdits.status = (status, HeadSerialization.isValidFieldValue(reason) ? reason : "")
+        } else {
+            responseHead?.status = HTTPResponseStatus(statusCode: status)
+        }
     }
+
+    func responseHeader(_ name: String) -> String? {
+        if let head = upstreamResponse { return upstreamResponseEdits.firstValue(named: name, in: head.fields) }
+        return responseHead?.headers.first(name: name)
+    }
+
+    func responseHeaders() -> [(name: String, value: String)] {
+        if let head = upstreamResponse { return upstreamResponseEdits.fieldPairs(in: head.fields) }
+        return responseHead?.headers.map { (name: $0.name.lowercased(), value: $0.value) } ?? []
+    }
+
     func setResponseHeader(_ name: String, _ value: String) { responseOp(.set, name, value) }
     func addResponseHeader(_ name: String, _ value: String) { responseOp(.add, name, value) }
     func clearResponseHeader(_ name: String) { responseOp(.clear, name, "") }
@@ -402,6 +466,9 @@ final class ExchangePlugins: PluginRequestContext {
     }
 
     private func responseOp(_ op: HeaderOp, _ name: String, _ value: String) {
+        if let head = upstreamResponse {
+            return applyResponseOp(op, name, value, to: &upstreamResponseEdits, in: head.fields)
+        }
         guard responseHead != nil else {
             earlyResponseOps.append((op, name, value))
             return

@@ -1,0 +1,95 @@
+import NIOCore
+
+// Plugins' header changes as an edit list over a head that stays in its
+// wire bytes: a field a plugin clears or replaces becomes a removed line
+// index, a field it sets or adds an added line. The forwarded head is then
+// written by `HTTP1HeadWriter`'s range copy, as without plugins; no field
+// is turned into a String unless a plugin reads it. (Materialising the head
+// as NIO's `HTTPHeaders` and re-serialising it cost ~40 k instructions per
+// request under callgrind; see BENCHMARKS.md.)
+//
+// Plugin-set names and values reach the wire through these edits and the
+// writer does not check them, so they are checked here: a name that is not
+// a token or a value with CR/LF/NUL is dropped (a `set_header` of such a
+// value still removes the field's old lines, as `set` = clear + add).
+
+extension HTTP1HeadEdits {
+    /// `set_header`: every line of that name goes, then one is added.
+    mutating func setField(_ name: String, _ value: String, in fields: HTTP1Fields) {
+        removeFields(named: name, in: fields)
+        addField(name, value)
+    }
+
+    /// `add_header`: one more line, after the kept ones.
+    mutating func addField(_ name: String, _ value: String) {
+        guard HeadSerialization.isToken(name), HeadSerialization.isValidFieldValue(value) else { return }
+        added.append((name: name, value: value))
+    }
+
+    /// `clear_header`: the original lines of that name (by index, compared
+    /// on the bytes) and any added ones.
+    mutating func removeFields(named name: String, in fields: HTTP1Fields) {
+        for i in fields.indices(named: name) { removed.insert(i) }
+        if added.contains(where: { $0.name.equalsIgnoringASCIICase(name) }) {
+            added.removeAll { $0.name.equalsIgnoringASCIICase(name) }
+        }
+    }
+
+    /// The first value of `name` in the edited head: kept original lines
+    /// first (in order), then added ones, as the head will be written.
+    func firstValue(named name: String, in fields: HTTP1Fields) -> String? {
+        for i in fields.indices(named: name) where !removed.contains(i) { return fields.value(at: i) }
+        return added.first { $0.name.equalsIgnoringASCIICase(name) }?.value
+    }
+
+    /// Whether the edited head has a line named `name`.
+    func hasField(named name: String, in fields: HTTP1Fields) -> Bool {
+        if fields.indices(named: name).contains(where: { !removed.contains($0) }) { return true }
+        return added.contains { $0.name.equalsIgnoringASCIICase(name) }
+    }
+
+    /// Every line of the edited head, names lower-cased (`get_headers`).
+    func fieldPairs(in fields: HTTP1Fields) -> [(name: String, value: String)] {
+        var pairs: [(name: String, value: String)] = []
+        pairs.reserveCapacity(fields.count + added.count)
+        for i in 0..<fields.count where !removed.contains(i) {
+            pairs.append((name: fields.name(at: i).lowercased(), value: fields.value(at: i)))
+        }
+        for (name, value) in added { pairs.append((name: name.lowercased(), value: value)) }
+        return pairs
+    }
+
+    /// The upstream request's Host on each attempt (the target's label).
+    /// The proxy puts Host first in `added`; a plugin's `set_header("host")`
+    /// moved it (the target's label still wins, as for every attempt).
+    mutating func replaceHost(_ value: String) {
+        if let first = added.first, first.name == "host" {
+            added[0].value = value
+            return
+        }
+        added.removeAll { $0.name.equalsIgnoringASCIICase("host") }
+        added.insert((name: "host", value: value), at: 0)
+    }
+}
+
+extension String {
+    /// ASCII case-insensitive equality (header names).
+    func equalsIgnoringASCIICase(_ other: String) -> Bool {
+        guard utf8.count == other.utf8.count else { return false }
+        for (a, b) in zip(utf8, other.utf8) where a != b {
+            let la = a >= 0x41 && a <= 0x5A ? a | 0x20 : a
+            let lb = b >= 0x41 && b <= 0x5A ? b | 0x20 : b
+            if la != lb { return false }
+        }
+        return true
+    }
+}
+
+/// A request target a plugin set (`set_path`, `set_query`): it goes into
+/// the request line as is, so anything that would end or split that line
+/// (SP, CR, LF, other controls) refuses it.
+func isValidRequestTarget(_ target: String) -> Bool {
+    guard !target.isEmpty else { return false }
+    for byte in target.utf8 where byte <= 0x20 || byte == 0x7F { return false }
+    return true
+}

@@ -1,0 +1,250 @@
+// Plugins' header changes as edits on the wire head (Plugins/PluginHeadEdits.swift):
+// what the upstream and the client receive when plugins set, add, clear
+// and read headers, change the path, query, method and status, and what
+// is refused (names and values that would break the framing).
+
+import Foundation
+import NIOCore
+import WeirCore
+@testable import WeirProxy
+import XCTest
+
+final class PluginHeadEditTests: PluginFolderTestCase {
+    /// Request phase edits on the client's own lines and on added ones;
+    /// get_headers sees the head as it will be written.
+    private let requestEdits = """
+    local weir = require "weir"
+    local P = { PRIORITY = 100, VERSION = "1" }
+    function P:request(conf, ctx)
+      local up = weir.upstream.request
+      up.set_header("x-replace", "new")
+      up.add_header("x-multi", "a")
+      up.add_header("x-multi", "b")
+      up.add_header("x-later", "first")
+      up.set_header("x-later", "second")
+      up.clear_header("x-secret")
+      up.set_header("x-evil", "a\\r\\nx-injected: 1")
+      up.add_header("bad name", "v")
+      up.add_header("x-nul", "a\\0b")
+      local h = up.get_headers()
+      ctx.view = tostring(h["x-replace"]) .. "|" .. tostring(h["x-secret"]) .. "|" .. tostring(h["x-later"])
+        .. "|" .. tostring(h["x-evil"]) .. "|" .. type(h["x-multi"]) .. "|" .. tostring(h["host"] ~= nil)
+      ctx.original = tostring(weir.request.get_header("x-secret"))
+      if weir.request.get_header("x-case") == "path" then
+        up.set_path("/bad path")           -- refused: a space would split the request line
+        up.set_query("a=1&b=2")
+        ctx.query = up.get_raw_query()
+      elseif weir.request.get_header("x-case") == "method" then
+        ctx.refused = tostring(pcall(up.set_method, "GET\\r\\nX-Smuggled: 1"))  -- the SDK raises
+        up.set_method("PUT")
+      elseif weir.request.get_header("x-case") == "newpath" then
+        up.set_path("/moved")
+      end
+    end
+    function P:response(conf, ctx)
+      weir.response.set_header("x-view", ctx.view)
+      weir.response.set_header("x-original", ctx.original)
+      if ctx.query then weir.response.set_header("x-query", ctx.query) end
+      if ctx.refused then weir.response.set_header("x-refused", ctx.refused) end
+    end
+    return P
+    """
+
+    func testRequestHeaderEditsReachTheUpstreamAndBadOnesAreDropped() throws {
+        try folder.write("edits", handler: requestEdits)
+        let config = ProxyHarness.config(targets: [upstream.address]) { $0.plugins = [pluginRef("edits")] }
+        let proxy = try PluginProxy(config: config, folder: folder)
+        defer { proxy.stop() }
+        let client = try proxy.connect()
+        let response = try client.request("GET", "/h?x=1", headers: [
+            ("X-Replace", "old1"), ("x-replace", "old2"), ("X-Secret", "s3cr3t"), ("x-evil", "client"), ("x-keep", "k"),
+        ])
+        XCTAssertEqual(response.status, 200)
+        XCTAssertEqual(response.header("x-view"), "new|nil|second|nil|table|true")
+        XCTAssertEqual(response.header("x-original"), "s3cr3t", "weir.request.get_header reads the client's head")
+        let seen = try XCTUnwrap(upstream.requests.first { $0.uri == "/h?x=1" })
+        XCTAssertEqual(seen.headerValues("x-replace"), ["new"])
+        XCTAssertEqual(seen.headerValues("x-multi"), ["a", "b"])
+        XCTAssertEqual(seen.headerValues("x-later"), ["second"])
+        XCTAssertEqual(seen.headerValues("x-keep"), ["k"])
+        XCTAssertNil(seen.header("x-secret"))
+        // set_header with a CR/LF value: the old lines go, nothing is added.
+        XCTAssertNil(seen.header("x-evil"))
+        XCTAssertNil(seen.header("x-injected"))
+        XCTAssertNil(seen.header("x-nul"))
+        XCTAssertFalse(seen.headers.contains { $0.0.contains(" ") })
+        // The proxy's own edits are still there.
+        XCTAssertEqual(seen.headerValues("host"), ["127.0.0.1:\(upstream.port)"])
+        XCTAssertNotNil(seen.header("x-request-id"))
+        XCTAssertEqual(seen.header("x-forwarded-for"), "127.0.0.1")
+
+        // Path with a space refused, query set; read back in the same phase.
+        let pathCase = try client.request("GET", "/p?old=1", headers: [("x-case", "path")])
+        XCTAssertEqual(pathCase.status, 200)
+        XCTAssertEqual(pathCase.header("x-query"), "a=1&b=2")
+        XCTAssertEqual(upstream.lastRequest?.uri, "/p?a=1&b=2")
+
+        // A method that is not upper-case letters is refused; a valid one is sent.
+        let methodCase = try client.request("GET", "/m", headers: [("x-case", "method")])
+        XCTAssertEqual(methodCase.status, 200)
+        XCTAssertEqual(methodCase.header("x-refused"), "false")
+        XCTAssertEqual(upstream.lastRequest?.method, "PUT")
+        XCTAssertEqual(upstream.lastRequest?.uri, "/m")
+        XCTAssertNil(upstream.lastRequest?.header("x-smuggled"))
+
+        let moved = try client.request("GET", "/old?keep=1", headers: [("x-case", "newpath")])
+        XCTAssertEqual(moved.status, 200)
+        XCTAssertEqual(upstream.lastRequest?.uri, "/moved?keep=1")
+    }
+
+    /// A plugin that sets Host does not beat the target's label (every
+    /// attempt sets it), and a retry on another target keeps the plugin's
+    /// other edits.
+    func testHostFromAPluginIsReplacedPerAttemptAndEditsSurviveARetry() throws {
+        try folder.write("host", handler: """
+        local weir = require "weir"
+        local P = { PRIORITY = 100, VERSION = "1" }
+        function P:request(conf, ctx)
+          weir.upstream.request.set_header("host", "plugin.example")
+          weir.upstream.request.set_header("x-plugin", "kept")
+        end
+        return P
+        """)
+        let second = try TestUpstream(name: "second", group: group)
+        defer { second.stop() }
+        let dead = HostPort(host: "127.0.0.1", port: try CLITests.freePort())
+        let config = ProxyHarness.config(targets: [dead, second.address]) {
+            $0.upstreams[0].retries = 1
+            $0.upstreams[0].balancer = .roundRobin
+            $0.plugins = [pluginRef("host")]
+        }
+        let proxy = try PluginProxy(config: config, folder: folder, loops: 1)   // one balancer: a fixed order
+        defer { proxy.stop() }
+        let client = try proxy.connect()
+        for _ in 0..<2 {
+            XCTAssertEqual(try client.request("GET", "/r").status, 200)
+        }
+        let seen = try XCTUnwrap(second.lastRequest)
+        XCTAssertEqual(seen.headerValues("host"), ["127.0.0.1:\(second.port)"])
+        XCTAssertEqual(seen.header("x-plugin"), "kept")
+    }
+
+    /// Response phase edits on the upstream's head: replaced, added and
+    /// cleared lines, a new status with its reason, a hop-by-hop field a
+    /// plugin sets is dropped (the connection stays reusable), bad values
+    /// are dropped, and get_header reads the edited head.
+    private let responseEdits = """
+    local weir = require "weir"
+    local P = { PRIORITY = 100, VERSION = "1" }
+    function P:request(conf, ctx)
+      weir.response.set_header("x-early", "from-request")
+      weir.response.set_header("x-early-cleared", "x")
+      weir.response.clear_header("x-early-cleared")
+    end
+    function P:response(conf, ctx)
+      local before = weir.response.get_header("x-upstream")
+      weir.response.set_header("x-upstream", "replaced")
+      weir.response.add_header("x-two", "1")
+      weir.response.add_header("x-two", "2")
+      weir.response.clear_header("content-type")
+      weir.response.set_header("connection", "close")
+      weir.response.set_header("x-evil", "a\\r\\nset-cookie: stolen")
+      weir.response.set_header("x-read-back", before .. ">" .. weir.response.get_header("x-upstream")
+        .. ">" .. tostring(weir.response.get_header("content-type")) .. ">" .. weir.response.get_header("x-early"))
+      if weir.request.get_path() == "/created" then weir.response.set_status(201) end
+      weir.response.set_header("x-status", tostring(weir.response.get_status()))
+    end
+    return P
+    """
+
+    func testResponseHeaderEditsOnTheUpstreamHead() throws {
+        try folder.write("resp", handler: responseEdits)
+        let config = ProxyHarness.config(targets: [upstream.address]) { $0.plugins = [pluginRef("resp")] }
+        let proxy = try PluginProxy(config: config, folder: folder)
+        defer { proxy.stop() }
+        let client = try proxy.connect()
+        let response = try client.request("GET", "/plain")
+        XCTAssertEqual(response.status, 200)
+        XCTAssertEqual(response.bodyText, "ok from upstream")
+        XCTAssertEqual(response.headerValues("x-upstream"), ["replaced"])
+        XCTAssertEqual(response.headerValues("x-two"), ["1", "2"])
+        XCTAssertNil(response.header("content-type"))
+        XCTAssertEqual(response.header("x-early"), "from-request")
+        XCTAssertNil(response.header("x-early-cleared"))
+        XCTAssertNil(response.header("x-evil"))
+        XCTAssertNil(response.header("set-cookie"))
+        XCTAssertNil(response.header("connection"), "a plugin's hop-by-hop field is not relayed")
+        XCTAssertEqual(response.header("x-read-back"), "upstream>replaced>nil>from-request")
+        XCTAssertEqual(response.header("x-status"), "200")
+        XCTAssertEqual(response.header("via"), "1.1 weir")
+        XCTAssertNotNil(response.header("content-length"))
+
+        let created = try client.request("GET", "/created")
+        XCTAssertEqual(created.status, 201, "the same keep-alive connection, status changed by the plugin")
+        XCTAssertEqual(created.header("x-status"), "201")
+        XCTAssertEqual(created.bodyText, "ok from upstream")
+    }
+
+    func testResponseEditsOnHTTP2Streams() throws {
+        try folder.write("resp", handler: responseEdits)
+        try folder.write("req", handler: """
+        local weir = require "weir"
+        local P = { PRIORITY = 200, VERSION = "1" }
+        function P:request(conf, ctx)
+          weir.upstream.request.set_header("x-h2-added", "yes")
+          weir.upstream.request.clear_header("x-drop")
+        end
+        return P
+        """)
+        let config = ProxyHarness.config(targets: [upstream.address]) {
+            $0.plugins = [pluginRef("req"), pluginRef("resp")]
+        }
+        let proxy = try PluginProxy(config: config, folder: folder, loops: 1)
+        defer { proxy.stop() }
+        let result = try runProgram("/usr/bin/curl", ["-sS", "--http2-prior-knowledge", "--max-time", "10", "-D", "-",
+                                                      "-H", "x-drop: 1", "http://127.0.0.1:\(proxy.harness.port)/created"])
+        XCTAssertEqual(result.status, 0, result.err)
+        XCTAssertTrue(result.out.hasPrefix("HTTP/2 201"), result.out)
+        XCTAssertTrue(result.out.contains("x-upstream: replaced"), result.out)
+        XCTAssertTrue(result.out.contains("x-two: 1") && result.out.contains("x-two: 2"), result.out)
+        XCTAssertTrue(result.out.contains("x-early: from-request"), result.out)
+        XCTAssertTrue(result.out.contains("x-status: 201"), result.out)
+        XCTAssertFalse(result.out.contains("content-type"), result.out)
+        XCTAssertFalse(result.out.contains("x-evil"), result.out)
+        XCTAssertFalse(result.out.lowercased().contains("connection:"), result.out)
+        let seen = try XCTUnwrap(upstream.requests.first { $0.uri == "/created" })
+        XCTAssertEqual(seen.header("x-h2-added"), "yes")
+        XCTAssertNil(seen.header("x-drop"))
+    }
+
+    /// The writer's method, target and status replacements.
+    func testWriterReplacesMethodTargetAndStatusLine() throws {
+        var parser = HTTP1RequestParser()
+        var bytes = ByteBuffer(string: "GET /a?b HTTP/1.1\r\nHost: h\r\nX-One: 1\r\n\r\n")
+        let request = try XCTUnwrap(try parser.parse(&bytes))
+        var edits = HTTP1HeadEdits()
+        edits.method = "PATCH"
+        var out = ByteBuffer()
+        HTTP1HeadWriter.writeRequest(request, edits: edits, into: &out)
+        XCTAssertEqual(String(buffer: out), "PATCH /a?b HTTP/1.1\r\nHost: h\r\nX-One: 1\r\n\r\n")
+        edits.target = "/new"
+        edits.setField("x-one", "2", in: request.fields)
+        out.clear()
+        HTTP1HeadWriter.writeRequest(request, edits: edits, into: &out)
+        XCTAssertEqual(String(buffer: out), "PATCH /new HTTP/1.1\r\nHost: h\r\nx-one: 2\r\n\r\n")
+
+        var responseParser = HTTP1ResponseParser()
+        var responseBytes = ByteBuffer(string: "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX-A: a\r\n\r\n")
+        let response = try XCTUnwrap(try responseParser.parse(&responseBytes, requestMethod: .get))
+        var responseEdits = HTTP1HeadEdits()
+        responseEdits.status = (404, "Not Found")
+        responseEdits.removeFields(named: "x-a", in: response.fields)
+        responseEdits.addField("x-b", "b")
+        XCTAssertEqual(responseEdits.firstValue(named: "X-B", in: response.fields), "b")
+        XCTAssertNil(responseEdits.firstValue(named: "x-a", in: response.fields))
+        XCTAssertEqual(responseEdits.fieldPairs(in: response.fields).map { "\($0.name)=\($0.value)" }, ["content-length=0", "x-b=b"])
+        out.clear()
+        HTTP1HeadWriter.writeResponse(response, edits: responseEdits, into: &out)
+        XCTAssertEqual(String(buffer: out), "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nx-b: b\r\n\r\n")
+    }
+}
