@@ -20,6 +20,9 @@ public struct LuaRuntimeOptions: Sendable {
         let id = record.requestID.map { " request_id=\($0)" } ?? ""
         print("[\(record.level)] plugin=\(record.plugin)\(id) \(record.message)")
     }
+    /// How long a retired generation may take to send what its `weir.batch`
+    /// queues hold (`flushBatchQueues`).
+    public var retireFlushTimeout: TimeAmount = .seconds(5)
     /// Finished coroutines kept for reuse by later requests.
     public var maxIdleCoroutines: Int = 64
     /// Told about every plugin phase call (for /metrics); nil = no clock reads.
@@ -141,6 +144,7 @@ public final class LuaRuntime {
     private var normalizeExitRef: Int32 = LUA_NOREF
     private var inspectHandlerRef: Int32 = LUA_NOREF
     private var makeConnHandleRef: Int32 = LUA_NOREF
+    private var flushBatchesRef: Int32 = LUA_NOREF
     private var compiled: [String: CompiledPlugin] = [:]
 
     /// The scope whose coroutine is running right now (set around every resume).
@@ -195,13 +199,14 @@ public final class LuaRuntime {
         lua_rotate(L, -4, -1)                                // json to the top (after N, S)
         _ = weir_push_clib(L)
         try state.pcall(nargs: 4, nresults: 2)               // weir, internal
-        for (key, slot) in [("normalize_exit", 0), ("inspect_handler", 1), ("make_conn_handle", 2)] {
+        for (key, slot) in [("normalize_exit", 0), ("inspect_handler", 1), ("make_conn_handle", 2), ("flush_batches", 3)] {
             lua_getfield(L, -1, key)
             let ref = state.ref()
             switch slot {
             case 0: normalizeExitRef = ref
             case 1: inspectHandlerRef = ref
-            default: makeConnHandleRef = ref
+            case 2: makeConnHandleRef = ref
+            default: flushBatchesRef = ref
             }
         }
         state.pop()                                          // internal
@@ -559,6 +564,43 @@ public final class LuaRuntime {
     }
 
     public var activeTimerCount: Int { timers.count }
+
+    /// Sends what the `weir.batch` queues of this state still hold (http-log
+    /// records, tracing spans), in a timer coroutine; from then on every
+    /// push is sent at once. Call on the loop when a reload retired this
+    /// generation, after `stopTimers`. The future completes when all queues
+    /// are empty, or after `timeout`: the flush is then abandoned and what
+    /// is still queued is lost (logged). It holds the runtime until then.
+    public func flushBatchQueues(timeout: TimeAmount) -> EventLoopFuture<Void> {
+        let loop = eventLoop!
+        loop.assertInEventLoop()
+        let done = loop.makePromise(of: Void.self)
+        var finished = false
+        let flush = LuaTimer(ref: flushBatchesRef, interval: 0, repeats: false, plugin: "weir.batch")
+        let scope = PluginRequest(runtime: self, request: nil, connection: nil)
+        let log = options.log
+        let deadline = loop.scheduleTask(in: timeout) {
+            guard !finished else { return }
+            finished = true
+            scope.finish()
+            log(PluginLogRecord(level: .warn, plugin: "weir.batch", requestID: nil, phase: .timer,
+                                message: "flushing the queues of a retired generation took longer than "
+                                    + "\(timeout.nanoseconds / 1_000_000) ms; what they still held is lost"))
+            done.succeed(())
+        }
+        scope.runTimer(flush).whenComplete { result in
+            guard !finished else { return }
+            finished = true
+            deadline.cancel()
+            scope.finish()
+            if case .success(.failed(let failure)) = result {
+                log(PluginLogRecord(level: .error, plugin: "weir.batch", requestID: nil, phase: .timer,
+                                    message: "flushing the queues of a retired generation failed: \(failure.message)"))
+            }
+            done.succeed(())
+        }
+        return done.futureResult
+    }
 
     /// `weir.http.request`'s keep-alive connections (made on first use).
     lazy var outboundPool = OutboundConnectionPool(loop: eventLoop!, tlsProvider: options.outboundTLS, options: options.httpPool)

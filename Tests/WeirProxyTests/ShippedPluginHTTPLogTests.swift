@@ -24,8 +24,9 @@ final class ShippedPluginHTTPLogTests: UpstreamTestCase {
         try super.tearDownWithError()
     }
 
-    private func start(_ config: String, metrics: PluginMetrics? = nil) throws -> ShippedPluginProxy {
-        let yaml = """
+    /// One route `logged` with `plugins` (YAML list items, one per line).
+    private func yaml(plugins: [String]) -> String {
+        """
         listeners:
           - { name: web, listen: 127.0.0.1:0 }
         upstreams:
@@ -35,16 +36,17 @@ final class ShippedPluginHTTPLogTests: UpstreamTestCase {
             match: { paths: [/] }
             upstream: backend
             plugins:
-              - name: key-auth
-                config: { anonymous: guest }
-              - name: http-log
-                config: \(config)
+        \(plugins.map { "      - " + $0 }.joined(separator: "\n"))
         consumers:
           - name: alice
             credentials:
               key-auth: [{ key: alice-key }]
         access_log: off
         """
+    }
+
+    private func start(_ config: String, metrics: PluginMetrics? = nil) throws -> ShippedPluginProxy {
+        let yaml = yaml(plugins: ["{ name: key-auth, config: { anonymous: guest } }", "{ name: http-log, config: \(config) }"])
         return try startShippedPluginProxy(yaml: yaml, upstream: upstream, metrics: metrics)
     }
 
@@ -141,6 +143,44 @@ final class ShippedPluginHTTPLogTests: UpstreamTestCase {
         XCTAssertTrue(text.contains(expected), text)
         XCTAssertFalse(text.contains(#"event="records_sent""#))
         XCTAssertEqual(upstream.requests.count, 20)
+    }
+
+    /// A reload retires the generation whose queues hold the records (and
+    /// spans) of the requests just served: it sends them before it is
+    /// dropped. Flush interval an hour and batches of 1000, so nothing is
+    /// sent before the reload; two event loops, so both retiring states flush.
+    func testReloadSendsWhatTheRetiredGenerationStillQueued() throws {
+        let yaml = yaml(plugins: [
+            "{ name: http-log, config: { endpoint: \"\(collector.url)/logs\", flush_interval: 3600, batch_size: 1000 } }",
+            "{ name: tracing, config: { endpoint: \"\(collector.url)/v1/traces\", flush_interval: 3600, batch_size: 1000 } }",
+        ])
+        let proxy = try startShippedPluginProxy(yaml: yaml, upstream: upstream, loops: 2)
+        defer { proxy.stop() }
+        var paths: Set<String> = []
+        for client in [try proxy.connect(), try proxy.connect()] {
+            for _ in 0..<6 {
+                let path = "/r\(paths.count)"
+                XCTAssertEqual(try client.request("GET", path).status, 200)
+                paths.insert(path)
+            }
+        }
+        XCTAssertEqual(collector.requests.count, 0, "nothing is sent before the reload (an hour's flush interval)")
+
+        var config = try ConfigLoader.parse(yaml: yaml.replacingOccurrences(of: "UPSTREAM", with: "127.0.0.1:\(upstream.port)"))
+        config.pluginPaths = [shippedPluginsRepoRoot + "/plugins"]
+        XCTAssertNoThrow(try proxy.generations.reload(config: config).get())
+
+        func spans(_ requests: [ScriptedRequest]) -> [[String: Any]] {
+            requests.filter { $0.uri == "/v1/traces" }.flatMap { request -> [[String: Any]] in
+                let resourceSpans = (request.json as? [String: Any])?["resourceSpans"] as? [[String: Any]] ?? []
+                return resourceSpans.flatMap { ($0["scopeSpans"] as? [[String: Any]] ?? []).flatMap { $0["spans"] as? [[String: Any]] ?? [] } }
+            }
+        }
+        let seen = collector.waitForRequests(timeout: 10) { self.records($0.filter { $0.uri == "/logs" }).count >= 12 && spans($0).count >= 12 }
+        let logged = records(seen.filter { $0.uri == "/logs" }).compactMap { $0["path"] as? String }
+        XCTAssertEqual(Set(logged), paths, "every record queued before the reload arrived")
+        XCTAssertEqual(logged.count, 12, "each once")
+        XCTAssertEqual(spans(seen).count, 12, "every span queued before the reload arrived")
     }
 
     func testSchemaRefusesBadValuesWithTheirPath() throws {

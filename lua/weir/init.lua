@@ -729,6 +729,14 @@ weir.batch = batch
 local BatchQueue = {}
 BatchQueue.__index = BatchQueue
 
+-- Every queue of this Lua state (weak keys: a dropped queue is not kept), so
+-- a reload that retires the state can send what they hold (flush_batches).
+local all_queues = setmetatable({}, { __mode = "k" })
+-- Set once the state's generation is retired: every flush then empties its
+-- queue, and a push schedules one at once (requests still finishing on the
+-- old generation log into it).
+local retiring = false
+
 local function positive(fname, opts, key, default)
   local v = opts[key]
   if v == nil then return default end
@@ -748,7 +756,7 @@ function batch.new(opts)
   if math_type(retries) ~= "integer" or retries < 0 then
     error("weir.batch.new: retries must be an integer >= 0, got " .. tostring(retries), 2)
   end
-  return setmetatable({
+  local queue = setmetatable({
     send = opts.send,
     name = tostring(opts.name or "batch"),
     metric = tostring(opts.metric or "batch"),
@@ -761,6 +769,8 @@ function batch.new(opts)
     dropped = 0, sent = 0, failed_batches = 0, batches = 0,
     reported_dropped = 0, flushing = false, soon = false, ticking = false,
   }, BatchQueue)
+  all_queues[queue] = true
+  return queue
 end
 
 -- Appends an item. Returns true, or false when the queue is full (the item
@@ -779,7 +789,7 @@ function BatchQueue:push(item)
   end
   self.tail = self.tail + 1
   self.items[self.tail] = item
-  if self.tail - self.head + 1 >= self.batch_size and not self.flushing and not self.soon then
+  if (retiring or self.tail - self.head + 1 >= self.batch_size) and not self.flushing and not self.soon then
     self.soon = true
     timer.at(0, function() self.soon = false; self:flush(true) end)
   end
@@ -809,7 +819,7 @@ function BatchQueue:flush(full_only)
   if self.flushing then return end
   self.flushing = true
   local ok, err = pcall(function()
-    while self:queued() > 0 and (not full_only or self:queued() >= self.batch_size) do
+    while self:queued() > 0 and (not full_only or retiring or self:queued() >= self.batch_size) do
       local items = take(self, math.min(self.batch_size, self:queued()))
       local delay, sent_ok, send_err = self.retry_delay, nil, nil
       for attempt = 0, self.retries do
@@ -1180,6 +1190,20 @@ function internal.normalize_exit(status, body, headers)
 end
 
 -- Makes the conn handle for one connection phase call.
+-- Run (as a timer) when a reload retires this state: every weir.batch queue
+-- sends what it holds; a queue already flushing in another timer drains
+-- itself (retiring makes its loop go on until the queue is empty), so wait
+-- for it. LuaRuntime.flushBatchQueues bounds the whole by a timeout.
+function internal.flush_batches()
+  retiring = true
+  local queues = {}
+  for queue in pairs(all_queues) do queues[#queues + 1] = queue end
+  for _, queue in ipairs(queues) do
+    while queue.flushing do weir.sleep(0.01) end
+    queue:flush(false)
+  end
+end
+
 function internal.make_conn_handle(serial, data)
   return setmetatable({ _serial = serial, data = data }, conn_handle)
 end

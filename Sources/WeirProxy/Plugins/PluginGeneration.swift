@@ -134,12 +134,17 @@ final class LoopPlugins {
 
     func chain(forRoute name: String) -> RouteChain? { routeChains[name] }
 
-    /// This generation was replaced on this loop: its timers stop; the Lua
-    /// state is freed when the last request holding it ends.
+    /// This generation was replaced on this loop: its timers stop, its
+    /// batch queues send what they hold (bounded by the runtime's
+    /// `retireFlushTimeout`), then its keep-alive connections close; the Lua
+    /// state is freed when the last request (or that flush) holding it ends.
     func retire() {
         runtime.stopTimers()
         runtime.dropIdleCoroutines()
-        runtime.closeOutboundConnections()
+        let runtime = self.runtime
+        runtime.flushBatchQueues(timeout: runtime.options.retireFlushTimeout).whenComplete { _ in
+            runtime.closeOutboundConnections()
+        }
     }
 }
 
