@@ -69,7 +69,9 @@ public protocol PluginRequestContext: AnyObject {
     func upstreamRequestHeaders() -> [(name: String, value: String)]
     var upstreamRawQuery: String { get }
     func setUpstreamBody(_ body: [UInt8])
-    func setUpstreamTarget(host: String, port: Int)
+    /// Pins this request to a configured target (host and port as written
+    /// in the config); false, and nothing changes, for any other address.
+    func setUpstreamTarget(host: String, port: Int) -> Bool
     /// Switches to another configured upstream; false if no such upstream.
     func setUpstream(named name: String) -> Bool
     /// Seconds; nil leaves that timeout unchanged.

@@ -240,7 +240,8 @@ extension LuaRuntime {
             guard let host = LuaState.string(at: 1, on: L), lua_isinteger(L, 2) != 0 else {
                 return .error("weir.upstream.set_target: expected host and port")
             }
-            r.setUpstreamTarget(host: host, port: Int(lua_tointegerx(L, 2, nil))); return .values(0)
+            lua_pushboolean(L, r.setUpstreamTarget(host: host, port: Int(lua_tointegerx(L, 2, nil))) ? 1 : 0)
+            return .values(1)
         }))
         n.append(("upstream_set_upstream", requestNative("weir.upstream.set_upstream") { L, _, r in
             guard let name = LuaState.string(at: 1, on: L) else { return .error("weir.upstream.set_upstream: name must be a string") }

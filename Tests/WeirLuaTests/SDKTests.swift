@@ -44,7 +44,7 @@ final class SDKTests: XCTestCase {
         weir.upstream.request.set_query({ b = "x y", a = { "1", "2" } })
         weir.upstream.request.set_method("POST")
         weir.upstream.request.set_body("payload")
-        weir.upstream.set_target("10.1.1.1", 8081)
+        assert(weir.upstream.set_target("10.1.1.1", 8081) == true)
         assert(weir.upstream.set_upstream("billing"))
         local ok, err = weir.upstream.set_upstream("nowhere")
         assert(ok == nil and err == "no upstream named 'nowhere'", err)

@@ -52,7 +52,7 @@ final class TestRequest: PluginRequestContext {
     func setUpstreamQuery(_ q: String?) { upstreamQuery = .some(q) }
     func setUpstreamMethod(_ m: String) { upstreamMethod = m }
     func setUpstreamBody(_ b: [UInt8]) { upstreamBody = b }
-    func setUpstreamTarget(host: String, port: Int) { upstreamTarget = (host, port) }
+    func setUpstreamTarget(host: String, port: Int) -> Bool { upstreamTarget = (host, port); return true }
     func setUpstream(named name: String) -> Bool {
         guard knownUpstreams.contains(name) else { return false }
         upstreamName = name; return true

@@ -477,7 +477,8 @@ extension PluginProxyTests {
 
 extension PluginProxyTests {
     /// weir.upstream.set_target sends the request to that configured target,
-    /// bypassing the balancer.
+    /// bypassing the balancer; any other address is refused to the plugin
+    /// (nil, err) and the balancer decides.
     func testSetTargetPicksAConfiguredTarget() throws {
         let other = try TestUpstream(name: "other", group: group)
         defer { other.stop() }
@@ -486,7 +487,10 @@ extension PluginProxyTests {
         local P = { PRIORITY = 100, VERSION = "1" }
         function P:request(conf, ctx)
           local port = weir.request.get_header("x-port")
-          if port then weir.upstream.set_target("127.0.0.1", tonumber(port)) end
+          if port then
+            local ok, err = weir.upstream.set_target("127.0.0.1", tonumber(port))
+            if not ok then weir.response.set_header("x-refused", err) end
+          end
         end
         return P
         """)
@@ -500,8 +504,13 @@ extension PluginProxyTests {
         for _ in 0..<4 {
             XCTAssertEqual(try client.request("GET", "/", headers: [("x-port", String(upstream.port))]).bodyText, "ok from upstream")
         }
-        // Not a configured target: the balancer decides (round robin: both answer).
-        let bodies = Set(try (0..<4).map { _ in try client.request("GET", "/", headers: [("x-port", "1")]).bodyText })
-        XCTAssertEqual(bodies, ["ok from upstream", "ok from other"])
+        // Not a configured target (a live server, even): refused to the plugin, and the
+        // balancer decides (round robin: both configured targets answer, the stranger never).
+        let stranger = try TestUpstream(name: "stranger", group: group)
+        defer { stranger.stop() }
+        let answers = try (0..<4).map { _ in try client.request("GET", "/", headers: [("x-port", String(stranger.port))]) }
+        XCTAssertEqual(Set(answers.map(\.bodyText)), ["ok from upstream", "ok from other"])
+        XCTAssertEqual(Set(answers.map { $0.header("x-refused") }), ["127.0.0.1:\(stranger.port) is not a target of any configured upstream"])
+        XCTAssertEqual(stranger.requests.count, 0)
     }
 }

@@ -39,7 +39,7 @@ final class BenchRequest: PluginRequestContext {
     func setUpstreamQuery(_ q: String?) {}
     func setUpstreamMethod(_ m: String) {}
     func setUpstreamBody(_ b: [UInt8]) {}
-    func setUpstreamTarget(host: String, port: Int) {}
+    func setUpstreamTarget(host: String, port: Int) -> Bool { true }
     func setUpstream(named name: String) -> Bool { false }
     func setUpstreamTimeouts(connect: Double?, send: Double?, read: Double?) {}
     func setUpstreamRetries(_ r: Int) {}

@@ -275,7 +275,11 @@ function upstream.set_target(host, port)
   check_string("weir.upstream.set_target", 1, host)
   check_integer("weir.upstream.set_target", 2, port)
   if port < 1 or port > 65535 then error("weir.upstream.set_target: port must be 1-65535", 2) end
-  N.upstream_set_target(host, port)
+  -- Only targets of configured upstreams: pools, TLS, timeouts and health
+  -- exist per configured target, and an address taken from client input
+  -- must not reach whatever the gateway can reach.
+  if N.upstream_set_target(host, port) then return true end
+  return nil, host .. ":" .. port .. " is not a target of any configured upstream"
 end
 
 -- Request phase: this request's upstream. Connection phase (tcp and tls

@@ -363,10 +363,12 @@ final class ExchangePlugins: PluginRequestContext {
     private(set) var pinnedTarget: Int?
 
     /// Only configured targets (of this route's upstream first, else of any
-    /// upstream, which then serves the request): connection pools exist per
-    /// configured target. Anything else is logged and the balancer decides.
-    func setUpstreamTarget(host: String, port: Int) {
-        guard let routed = exchange.routed, let handler else { return }
+    /// upstream, which then serves the request): connection pools, TLS and
+    /// health exist per configured target, and an address a plugin took from
+    /// client input must not reach any host the gateway can (SSRF). Anything
+    /// else is refused (false, logged) and the balancer decides.
+    func setUpstreamTarget(host: String, port: Int) -> Bool {
+        guard let routed = exchange.routed, let handler else { return false }
         let upstreams = [routed.upstream] + routed.routing.runtime.upstreams.filter { $0 !== routed.upstream }
         for upstream in upstreams {
             if let index = upstream.config.targets.firstIndex(where: { $0.address.host == host && $0.address.port == port }) {
@@ -375,11 +377,12 @@ final class ExchangePlugins: PluginRequestContext {
                                                     routing: routed.routing)
                 }
                 pinnedTarget = index
-                return
+                return true
             }
         }
-        handler.loopContext.logger.warning("weir.upstream.set_target: \(host):\(port) is not a configured target; using the balancer",
+        handler.loopContext.logger.warning("weir.upstream.set_target: \(host):\(port) is not a configured target; refused",
                                            metadata: ["request_id": "\(exchange.id)"])
+        return false
     }
 
     func setUpstream(named name: String) -> Bool {
