@@ -33,11 +33,29 @@ extension UpstreamHealth {
     func recordSuccess(target: Int) { recordSuccess(target) }
 }
 
+/// One configured route as the data path reads it, made once per config
+/// (not per request): a request refers to it instead of copying the
+/// `RouteConfig` struct (a dozen retain/release pairs per copy, callgrind).
+final class RouteRuntime: Sendable {
+    let index: Int
+    let config: RouteConfig
+    let name: String
+    let preserveHost: Bool
+    let maxBodyBytes: Int?
+
+    init(index: Int, config: RouteConfig) {
+        self.index = index
+        self.config = config
+        self.name = config.name
+        self.preserveHost = config.preserveHost
+        self.maxBodyBytes = config.maxBodyBytes
+    }
+}
+
 /// The route a request matched and where it goes. A class on purpose: the
-/// exchange reads it many times per request, and copying the RouteConfig
-/// struct each time cost dozens of retain/release pairs (callgrind).
+/// exchange reads it many times per request.
 final class RoutedRequest {
-    let route: RouteConfig
+    let route: RouteRuntime
     let upstream: UpstreamRuntime
     /// Path after strip_path / rewrite_path, with the original query appended.
     let forwardURI: String
@@ -45,7 +63,7 @@ final class RoutedRequest {
     /// pools serve every attempt, even after a reload swapped in another.
     let routing: LoopRouting
 
-    init(route: RouteConfig, upstream: UpstreamRuntime, forwardURI: String, routing: LoopRouting) {
+    init(route: RouteRuntime, upstream: UpstreamRuntime, forwardURI: String, routing: LoopRouting) {
         self.route = route
         self.upstream = upstream
         self.forwardURI = forwardURI
@@ -58,6 +76,8 @@ final class RoutedRequest {
 final class ProxyRuntime: @unchecked Sendable {
     let config: WeirConfig
     let routeTable: RouteTable
+    /// Indexed like `config.routes` (and the route table's matches).
+    let routes: [RouteRuntime]
     let upstreams: [UpstreamRuntime]
     /// route index -> upstream index
     private let routeUpstream: [Int]
@@ -76,6 +96,7 @@ final class ProxyRuntime: @unchecked Sendable {
         self.config = config
         self.upstreamTLS = upstreamTLS ?? previous?.upstreamTLS ?? UpstreamTLSRegistry()
         self.routeTable = try RouteTable(routes: config.routes)
+        self.routes = config.routes.enumerated().map { RouteRuntime(index: $0, config: $1) }
         self.upstreams = config.upstreams.enumerated().map { index, upstream in
             UpstreamRuntime(index: index, config: upstream, previous: previous?.upstreams.first { $0.name == upstream.name })
         }
@@ -117,11 +138,11 @@ final class LoopRouting {
 
     /// `path` is normalized and without query; `query` is empty or starts with `?`.
     func route(method: HTTPMethod, host: String, path: String, query: Substring, headers: HTTP1Fields) -> RoutedRequest? {
-        guard let match = runtime.routeTable.match(method: method.rawValue, host: host, path: path,
-                                                   headers: FieldsHeaderLookup(fields: headers)) else { return nil }
+        guard let match = runtime.routeTable.matchIndex(method: method.rawValue, host: host, path: path,
+                                                        headers: FieldsHeaderLookup(fields: headers)) else { return nil }
         var forward = match.forwardPath
         if !query.isEmpty { forward += query }
-        return RoutedRequest(route: match.route, upstream: runtime.upstream(forRoute: match.routeIndex),
+        return RoutedRequest(route: runtime.routes[match.routeIndex], upstream: runtime.upstream(forRoute: match.routeIndex),
                              forwardURI: forward, routing: self)
     }
 

@@ -124,9 +124,17 @@ public final class RouteTable: @unchecked Sendable {
 
     /// host may include ":port" (ignored); host matching is case-insensitive. path excludes the query string.
     public func match<H: RouteHeaderLookup>(method: String, host: String, path: String, headers: H) -> RouteMatch? {
+        guard let (index, forwardPath) = matchIndex(method: method, host: host, path: path, headers: headers) else { return nil }
+        return RouteMatch(routeIndex: index, route: routes[index], forwardPath: forwardPath)
+    }
+
+    /// `match` without copying the matched `RouteConfig` out (a struct of
+    /// arrays and strings: a dozen retains and releases per request). The
+    /// data path keeps its own per-route objects, indexed like `routes`.
+    public func matchIndex<H: RouteHeaderLookup>(method: String, host: String, path: String,
+                                                 headers: H) -> (routeIndex: Int, forwardPath: String)? {
         var path = path
-        // Inner layers pass a small `Found` through their closures; the
-        // large RouteMatch (it carries a RouteConfig) is built once, here.
+        // Inner layers pass a small `Found` through their closures.
         var found: Found?
         if path.utf8.withContiguousStorageIfAvailable({ pathBytes in
             found = matchContiguous(method: method, host: host, path: path, pathBytes: pathBytes, headers: headers)
@@ -138,7 +146,7 @@ public final class RouteTable: @unchecked Sendable {
             }
         }
         guard let found = found else { return nil }
-        return RouteMatch(routeIndex: found.route, route: routes[found.route], forwardPath: found.forwardPath)
+        return (found.route, found.forwardPath)
     }
 
     private func matchContiguous<H: RouteHeaderLookup>(method: String, host: String, path: String,

@@ -756,21 +756,24 @@ extension ExchangeDownstream {
     func record(_ exchange: Exchange) {
         guard let observer = listener.observer else { return }
         let now = NIODeadline.now()
-        let head = exchange.head
-        let path: String
-        if let uri = head?.uri {
-            path = uri.firstIndex(of: "?").map { String(uri[..<$0]) } ?? uri
-        } else {
-            path = ""
-        }
         let upstreamDuration = exchange.upstreamStart.map { Double((now - $0).nanoseconds) / 1e9 }
+        let totalDuration = Double((now - exchange.started).nanoseconds) / 1e9
+        guard observer.wantsAccessRecords else {
+            return observer.requestCounted(RequestSample(
+                route: exchange.routed?.route.name, upstream: exchange.routed?.upstream.name, status: exchange.status,
+                bytesIn: exchange.bytesIn, bytesOut: exchange.bytesOut,
+                totalDuration: totalDuration, upstreamDuration: upstreamDuration))
+        }
+        let head = exchange.head
+        let path = head?.pathWithoutQuery ?? ""
         let target = exchange.target.flatMap { t in exchange.routed.map { $0.upstream.targetLabels[t] } }
         observer.requestCompleted(AccessRecord(
             startTime: exchange.wallStart, requestID: exchange.id, listener: listener.name,
             clientAddress: clientIP, method: head?.method.rawValue ?? "", path: path,
             route: exchange.routed?.route.name, upstream: exchange.routed?.upstream.name,
             upstreamTarget: target, status: exchange.status, bytesIn: exchange.bytesIn,
-            bytesOut: exchange.bytesOut, totalDuration: Double((now - exchange.started).nanoseconds) / 1e9,
+            bytesOut: exchange.bytesOut, totalDuration: totalDuration,
             upstreamDuration: upstreamDuration, attempts: exchange.attempts, tls: tls))
     }
+
 }

@@ -16,9 +16,16 @@ public final class GatewayObserver: ProxyObserver, @unchecked Sendable {
         }
     }
 
+    /// Without an access log only metrics read a request: a sample will do.
+    public var wantsAccessRecords: Bool { accessLog != nil }
+
     public func requestCompleted(_ record: AccessRecord) {
         metrics.recordRequest(record)
         accessLog?.append(record)
+    }
+
+    public func requestCounted(_ sample: RequestSample) {
+        metrics.recordRequest(sample)
     }
 
     public func connectionOpened(listener: String) {

@@ -49,11 +49,17 @@ public final class MetricsRegistry: @unchecked Sendable {
     // MARK: recording (event loops; cheap)
 
     public func recordRequest(_ record: AccessRecord) {
+        recordRequest(RequestSample(route: record.route, upstream: record.upstream, status: record.status,
+                                    bytesIn: record.bytesIn, bytesOut: record.bytesOut,
+                                    totalDuration: record.totalDuration, upstreamDuration: record.upstreamDuration))
+    }
+
+    public func recordRequest(_ sample: RequestSample) {
         let shard = shards.current
-        let key = RouteUpstreamKey(route: record.route ?? "", upstream: record.upstream ?? "")
-        // lock()/unlock() rather than withLock: a closure would copy the record.
+        let key = RouteUpstreamKey(route: sample.route ?? "", upstream: sample.upstream ?? "")
+        // lock()/unlock() rather than withLock: a closure would copy the sample.
         shard.lock.lock()
-        shard.cells[shard.cellIndex(for: key)].add(record)
+        shard.cells[shard.cellIndex(for: key)].add(sample)
         shard.lock.unlock()
     }
 
@@ -145,7 +151,7 @@ public struct RequestCell: Sendable {
     public var total = LatencyHistogram()
     public var upstream = LatencyHistogram()
 
-    mutating func add(_ record: AccessRecord) {
+    mutating func add(_ record: RequestSample) {
         let classIndex = min(max(record.status / 100, 1), 5) - 1
         byStatusClass[classIndex] += 1
         bytesIn += record.bytesIn
