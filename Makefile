@@ -21,6 +21,12 @@ RUN_PACKAGES  := liblua5.4-dev pkg-config curl
 TEST_PACKAGES := $(RUN_PACKAGES) nginx libnginx-mod-http-lua haproxy wrk redis-server python3-h2 nghttp2-client openssl
 
 RELEASE_BIN = $(shell $(SWIFT) build -c release --show-bin-path)/weir
+# Release builds turn off Swift's dynamic exclusivity checks in every module,
+# SwiftNIO included (Package.swift can only do it for Weir's own targets):
+# they were ~11 % of the instructions of a proxied request (callgrind,
+# BENCHMARKS.md 2026-11-30 "core"). Debug builds and tests keep them.
+# bench/lib.sh builds with the same flags.
+RELEASE_FLAGS ?= -Xswiftc -enforce-exclusivity=unchecked
 
 .PHONY: deps deps-run build build-debug run test bench clean
 
@@ -46,7 +52,7 @@ deps-run:
 	$(call install_missing,$(RUN_PACKAGES))
 
 build: deps-run
-	$(SWIFT) build -c release -j $(JOBS)
+	$(SWIFT) build -c release -j $(JOBS) $(RELEASE_FLAGS)
 
 run: build
 	@bin="$(RELEASE_BIN)"; \

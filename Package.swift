@@ -64,7 +64,9 @@ let package = Package(
                 .product(name: "Atomics", package: "swift-atomics"),
             ],
             exclude: ["README.md"],
-            swiftSettings: swift5
+            // The route table, balancers and target health run on every
+            // request (see WeirProxy below for why the checks go).
+            swiftSettings: swift5 + [.unsafeFlags(["-enforce-exclusivity=unchecked"])]
         ),
         .target(
             name: "WeirProxy",

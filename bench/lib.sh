@@ -325,6 +325,10 @@ probe_weir_plugins() {
 # engineers' builds keep priority.
 WEIR_SOURCE_SNAPSHOT=${WEIR_SOURCE_SNAPSHOT:-"$REPO_DIR/.build-bench-src"}
 
+# The release flags of the Makefile's build (RELEASE_FLAGS): no dynamic
+# exclusivity checks in any module, SwiftNIO included.
+WEIR_RELEASE_FLAGS=(-Xswiftc -enforce-exclusivity=unchecked)
+
 build_weir() {
     local commit
     if [ "$WEIR_BIN" != "$WEIR_BIN_DEFAULT" ]; then
@@ -339,7 +343,7 @@ build_weir() {
         cp "$REPO_DIR/Package.resolved" "$WEIR_SOURCE_SNAPSHOT/"
     fi
     if ! timeout 2400 nice -n 10 swift build -c release --package-path "$WEIR_SOURCE_SNAPSHOT" \
-            --scratch-path "$WEIR_SCRATCH" --product weir -j 2 > "$RUN_DIR/logs/weir-build.log" 2>&1; then
+            --scratch-path "$WEIR_SCRATCH" --product weir -j 2 "${WEIR_RELEASE_FLAGS[@]}" > "$RUN_DIR/logs/weir-build.log" 2>&1; then
         local first_error
         first_error=$(grep -m1 -E 'error:' "$RUN_DIR/logs/weir-build.log" | cut -c1-160)
         WEIR_UNAVAILABLE[build]="release build failed at $commit: ${first_error:-see bench/.run/logs/weir-build.log}"

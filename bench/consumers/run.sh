@@ -51,7 +51,7 @@ trap 'log "interrupted; stopping everything started"; exit 130' INT TERM
 if [ "$BUILD" -eq 1 ]; then
     build_weir
     log "building weir-consumer-bench (release, scratch ${WEIR_SCRATCH#$REPO_DIR/})"
-    (cd "$REPO_DIR" && swift build -c release --scratch-path "$WEIR_SCRATCH" --product weir-consumer-bench -j 2) \
+    (cd "$REPO_DIR" && swift build -c release --scratch-path "$WEIR_SCRATCH" --product weir-consumer-bench -j 2 "${WEIR_RELEASE_FLAGS[@]}") \
         > "$RUN_DIR/logs/consumer-bench-build.log" 2>&1 || die "build failed (see $RUN_DIR/logs/consumer-bench-build.log)"
 fi
 [ -x "$WEIR_BIN" ] || die "no weir binary at $WEIR_BIN"
