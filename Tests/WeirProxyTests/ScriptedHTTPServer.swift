@@ -7,6 +7,7 @@ import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
 import NIOPosix
+import NIOSSL
 
 /// One request as the scripted server received it.
 struct ScriptedRequest: Sendable {
@@ -45,11 +46,20 @@ final class ScriptedHTTPServer: @unchecked Sendable {
 
     /// Kept after `stop()`, so a test can point at the closed port.
     private(set) var port = 0
-    var url: String { "http://127.0.0.1:\(port)" }
+    private let scheme: String
+    var url: String { "\(scheme)://127.0.0.1:\(port)" }
     var requests: [ScriptedRequest] { seen.withLockedValue { $0 } }
 
-    init(group: EventLoopGroup, script: @escaping Script = { _ in ScriptedReply() }) throws {
+    /// `tls`: serve https with this certificate and key (PEM files).
+    init(group: EventLoopGroup, tls: (cert: String, key: String)? = nil,
+         script: @escaping Script = { _ in ScriptedReply() }) throws {
         self.script = NIOLockedValueBox(script)
+        scheme = tls == nil ? "http" : "https"
+        let context = try tls.map { tls in
+            try NIOSSLContext(configuration: TLSConfiguration.makeServerConfiguration(
+                certificateChain: try NIOSSLCertificate.fromPEMFile(tls.cert).map { .certificate($0) },
+                privateKey: .privateKey(try NIOSSLPrivateKey(file: tls.key, format: .pem))))
+        }
         let seen = self.seen
         let scriptBox = self.script
         let accepted = self.accepted
@@ -58,6 +68,7 @@ final class ScriptedHTTPServer: @unchecked Sendable {
             .childChannelInitializer { channel in
                 accepted.withLockedValue { $0 += 1 }
                 do {
+                    if let context { try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: context)) }
                     try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
                     try channel.pipeline.syncOperations.addHandler(Handler(seen: seen, script: scriptBox))
                     return channel.eventLoop.makeSucceededVoidFuture()

@@ -78,6 +78,30 @@ final class ShippedPluginExtAuthzTests: UpstreamTestCase {
         XCTAssertEqual(auth.connections, 2, "the kept connection carried the first close answer; the next check needed a new one")
     }
 
+    /// An https authorization service: its certificate is checked against
+    /// ca_file (a test CA); with the system's CAs it is not trusted, so the
+    /// call fails and status_on_error answers.
+    func testHTTPSServiceIsVerifiedAgainstCAFile() throws {
+        let pki = TestPKI.shared
+        let secure = try ScriptedHTTPServer(group: group, tls: (pki.cert("localhost"), pki.key("localhost"))) { _ in
+            ScriptedReply(status: 200, headers: [("x-user-id", "alice")])
+        }
+        defer { secure.stop() }
+        do {
+            let proxy = try start("{ url: \"\(secure.url)/check\", ca_file: \"\(pki.cert("ca"))\", upstream_headers: [x-user-id] }")
+            defer { proxy.stop() }
+            let client = try proxy.connect()
+            for i in 0..<3 { XCTAssertEqual(try client.request("GET", "/s\(i)").status, 200) }
+            XCTAssertEqual(upstream.lastRequest?.header("x-user-id"), "alice")
+            XCTAssertEqual(secure.requests.count, 3)
+            XCTAssertEqual(secure.connections, 1, "one TLS connection, kept alive")
+        }
+        let proxy = try start("{ url: \"\(secure.url)/check\" }")
+        defer { proxy.stop() }
+        XCTAssertEqual(try proxy.connect().request("GET", "/untrusted").status, 503, "status_on_error: the handshake failed")
+        XCTAssertEqual(secure.requests.count, 3)
+    }
+
     func testAllowCopiesSelectedHeadersAndSendsRequestContext() throws {
         let proxy = try start("""
         { url: "\(auth.url)/check", request_headers: [authorization, x-tenant],

@@ -59,6 +59,7 @@ function ExtAuthz:request(conf, ctx)
 
   local res, err = weir.http.request(conf.url, {
     method = conf.method, headers = headers, body = body, timeout = conf.timeout,
+    ssl_verify = conf.ssl_verify, ca_file = conf.ca_file,
   })
   if not res then return failed(conf, err) end
   if res.status >= 500 or res.status < 200 then return failed(conf, "status " .. res.status) end

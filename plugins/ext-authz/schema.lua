@@ -4,7 +4,7 @@ end
 
 return { fields = {
   url = { type = "string", required = true, min = 8,
-          description = "the authorization service, http://host:port/path or https://... (certificate verified against the system CAs; keep-alive connections)" },
+          description = "the authorization service, http://host:port/path or https://... (certificate verified against the system CAs or ca_file; keep-alive connections)" },
   method = { type = "string", default = "GET", one_of = { "GET", "POST", "PUT", "HEAD" },
              description = "method of the authorization request" },
   request_headers = header_names("client request headers sent along (when present)", { "authorization" }),
@@ -17,6 +17,10 @@ return { fields = {
                   description = "status sent to a denied client (default: the authorization service's status)" },
   deny_body = { type = "string",
                 description = "body sent to a denied client (default: the authorization service's body and content-type)" },
+  ssl_verify = { type = "boolean", default = true,
+                 description = "https: verify the authorization service's certificate chain and host name (false only for tests)" },
+  ca_file = { type = "string", min = 1, required = false,
+              description = "https: PEM file of the CAs trusted for the authorization service's certificate (default: the system's)" },
   timeout = { type = "number", default = 1, min = 0.001, max = 60,
               description = "seconds for connecting to and hearing back from the authorization service" },
   failure_mode_allow = { type = "boolean", default = false,

@@ -37,6 +37,7 @@ local function queue_for(conf)
       headers["content-type"] = content_type
       local res, err = weir.http.request(conf.endpoint, {
         method = conf.method, headers = headers, body = body, timeout = conf.timeout, max_body = 65536,
+        ssl_verify = conf.ssl_verify, ca_file = conf.ca_file,
       })
       if not res then return nil, err end
       if res.status < 200 or res.status >= 300 then return nil, "collector answered " .. res.status end

@@ -142,6 +142,7 @@ local function exporter_for(conf)
       local res, err = weir.http.request(conf.endpoint, {
         method = "POST", headers = headers, body = head .. concat(spans, ",") .. tail,
         timeout = conf.timeout, max_body = 65536,
+        ssl_verify = conf.ssl_verify, ca_file = conf.ca_file,
       })
       if not res then return nil, err end
       if res.status < 200 or res.status >= 300 then return nil, "collector answered " .. res.status end
