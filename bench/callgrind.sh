@@ -15,8 +15,14 @@
 # report (top functions by inclusive and by self instructions, demangled)
 # goes to bench/profiles/<timestamp>-<proxy>-callgrind.txt.
 #
+# The protocol variants of run-protocols.sh count the same way: weir-tcp vs
+# haproxy-tcp (HTTP through an L4 proxy: the tcp-rps case, small messages;
+# use --connections 64 as that case does) and weir-https vs nginx-https
+# (keep-alive HTTPS, TLS 1.3, a throwaway certificate; --connections 32).
+#
 #   bench/callgrind.sh [--no-build] [--proxy weir|weir-noop|weir-lua|weir-observe|weir-h2up|weir-auth-local|
-#                                            weir-auth-redis|nginx|nginx-lua|nginx-lua-auth|haproxy]
+#                                            weir-auth-redis|weir-tcp|weir-https|nginx|nginx-lua|nginx-lua-auth|
+#                                            nginx-https|haproxy|haproxy-tcp]
 #                      [--duration S] [--connections N]
 set -uo pipefail
 
@@ -33,7 +39,7 @@ while [ $# -gt 0 ]; do
         --proxy) PROXY=${2:-}; shift 2 ;;
         --duration) [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] || die "--duration needs a positive integer"; DURATION=$2; shift 2 ;;
         --connections) [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] || die "--connections needs a positive integer"; CONNS=$2; shift 2 ;;
-        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
         *) die "unknown option: $1 (see --help)" ;;
     esac
 done
@@ -46,12 +52,20 @@ case "$PROXY" in
     weir-h2up) PORT=$WEIR_H2UP_PORT ;;   # HTTP/2 upstream (origin's h2c port)
     weir-auth-local) PORT=$WEIR_AUTH_LOCAL_PORT ;;
     weir-auth-redis) PORT=$WEIR_AUTH_REDIS_PORT ;;
+    weir-tcp) PORT=$WEIR_TCP_PORT ;;
+    weir-https) PORT=$WEIR_HTTPS_PORT ;;
+    nginx-https) PORT=$NGINX_HTTPS_PORT ;;
+    haproxy-tcp) PORT=$HAPROXY_TCP_PORT ;;
     nginx-lua-auth) PORT=$NGINX_LUA_AUTH_PORT ;;
     nginx) PORT=$NGINX_PORT ;;
     nginx-lua) PORT=$NGINX_LUA_PORT ;;
     haproxy) PORT=$HAPROXY_PORT ;;
-    *) die "unknown proxy '$PROXY' (known: weir, weir-noop, weir-lua, weir-observe, weir-h2up, weir-auth-local, weir-auth-redis, nginx, nginx-lua, nginx-lua-auth, haproxy)" ;;
+    *) die "unknown proxy '$PROXY' (known: weir, weir-noop, weir-lua, weir-observe, weir-h2up, weir-auth-local, weir-auth-redis, weir-tcp, weir-https, nginx, nginx-lua, nginx-lua-auth, nginx-https, haproxy, haproxy-tcp)" ;;
 esac
+# The HTTPS variants are asked over TLS with the run's own certificate.
+URL="http://127.0.0.1:$PORT/"
+CURL_ARGS=()
+case "$PROXY" in *-https) URL="https://127.0.0.1:$PORT/"; CURL_ARGS=(--cacert "$RUN_DIR/tls/cert.pem") ;; esac
 
 require_tools nginx wrk curl valgrind callgrind_control callgrind_annotate python3 ss
 for port in "$ORIGIN_PORT" "$PORT"; do
@@ -75,6 +89,7 @@ VALGRIND=(valgrind --tool=callgrind --instr-atstart=no --demangle=no --callgrind
 [[ "$PROXY" == weir* ]] && [ "$BUILD" -eq 1 ] && build_weir
 
 start_origin
+case "$PROXY" in *-https) make_test_certificate ;; esac
 if [ "$PROXY" = weir-auth-redis ]; then
     port_in_use "$REDIS_PORT" && die "127.0.0.1:$REDIS_PORT is already in use"
     start_redis || die "redis-server is not installed (apt-get install redis-server)"
@@ -109,21 +124,29 @@ case "$PROXY" in
             -g "daemon off; master_process off;" > "$RUN_DIR/logs/$PROXY.out" 2>&1 &
         PROXY_PID=$!
         ;;
-    haproxy)
-        render_template haproxy.cfg "$RUN_DIR/haproxy.cfg"
-        $(pin "$PROXY_CPU") "${VALGRIND[@]}" haproxy -db -f "$RUN_DIR/haproxy.cfg" > "$RUN_DIR/logs/haproxy.out" 2>&1 &
+    nginx-https)
+        # run-protocols.sh's nginx (HTTPS, h2c and grpc_pass servers): only the HTTPS one gets load.
+        render_template nginx-protocols.conf "$RUN_DIR/nginx-protocols.conf"
+        $(pin "$PROXY_CPU") "${VALGRIND[@]}" nginx -p "$RUN_DIR" -e "$RUN_DIR/logs/nginx-protocols-error.log" \
+            -c "$RUN_DIR/nginx-protocols.conf" -g "daemon off; master_process off;" > "$RUN_DIR/logs/nginx-https.out" 2>&1 &
+        PROXY_PID=$!
+        ;;
+    haproxy|haproxy-tcp)
+        template=haproxy.cfg; [ "$PROXY" = haproxy-tcp ] && template=haproxy-tcp.cfg
+        render_template "$template" "$RUN_DIR/$template"
+        $(pin "$PROXY_CPU") "${VALGRIND[@]}" haproxy -db -f "$RUN_DIR/$template" > "$RUN_DIR/logs/$PROXY.out" 2>&1 &
         PROXY_PID=$!
         ;;
 esac
 STARTED_PIDS+=("$PROXY_PID"); STARTED_NAMES+=("$PROXY"); PID_OF[$PROXY]=$PROXY_PID
 log "started $PROXY under callgrind (pid $PROXY_PID)"
 wait_for_port "$PORT" 90 || die "$PROXY did not listen on 127.0.0.1:$PORT under valgrind within 90 s (see $RUN_DIR/logs/$PROXY.out)"
-problem=$(verify_proxies_to_origin "$PROXY" "$PORT") || die "$PROXY does not proxy to the origin: $problem"
+problem=$(verify_proxies_to_origin "$PROXY" "$PORT" "$URL" "${CURL_ARGS[@]}") || die "$PROXY does not proxy to the origin: $problem"
 
 wrk_for() { # SECONDS
     # shellcheck disable=SC2046
     timeout $(($1 + 60)) $(pin "$LOAD_CPU") wrk -t 1 -c "$CONNS" -d "${1}s" --timeout 10s \
-        -s "$WRK_REPORTER" -H "apikey: $API_KEY" "http://127.0.0.1:$PORT/"
+        -s "$WRK_REPORTER" -H "apikey: $API_KEY" "$URL"
 }
 field() { grep -o "$1=[0-9.]*" <<< "$2" | head -1 | cut -d= -f2; }
 
@@ -169,6 +192,16 @@ demangle() {
     echo "requests: $requests (at $(field rps "$result") req/s under valgrind)"
     echo "instructions: $total_ir"
     echo "instructions per request: $(python3 -c "print(f'{$total_ir / $requests:,.0f}')")"
+    if [[ "$PROXY" == *-https ]]; then
+        # wrk opens its connections inside the counted window: their TLS
+        # handshakes (a few million instructions each) are taken out so the
+        # figure is the keep-alive request's.
+        handshake_ir=$(callgrind_annotate --inclusive=yes "$dump" 2>/dev/null | function_rows \
+            | awk '$0 ~ /:(CNIOBoringSSL_)?SSL_do_handshake / { gsub(",", "", $1); print $1; exit }')
+        handshake_ir=${handshake_ir:-0}
+        echo "of which TLS handshakes (SSL_do_handshake, inclusive): $handshake_ir"
+        echo "instructions per request without the handshakes: $(python3 -c "print(f'{($total_ir - $handshake_ir) / $requests:,.0f}')")"
+    fi
     if [ "$PROXY" = weir-auth-redis ]; then
         calls=$(( $(field calls "$redis_after") - $(field calls "$redis_before") ))
         evalsha=$(( $(field evalsha "$redis_after") - $(field evalsha "$redis_before") ))

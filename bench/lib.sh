@@ -213,6 +213,18 @@ cleanup_started() {
     STARTED_NAMES=()
 }
 
+# make_test_certificate: a throwaway ECDSA P-256 certificate for 127.0.0.1
+# in $RUN_DIR/tls/{cert,key}.pem, made for this run only (the HTTPS cases of
+# run-protocols.sh, callgrind.sh and profile.sh; nginx and Weir serve the
+# same one).
+make_test_certificate() {
+    mkdir -p "$RUN_DIR/tls"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 \
+        -subj "/CN=127.0.0.1" -addext "subjectAltName=IP:127.0.0.1" \
+        -keyout "$RUN_DIR/tls/key.pem" -out "$RUN_DIR/tls/cert.pem" > "$RUN_DIR/logs/openssl.out" 2>&1 \
+        || die "openssl could not make the test certificate: $(tail -2 "$RUN_DIR/logs/openssl.out")"
+}
+
 # --- the peers -------------------------------------------------------------
 
 start_origin() {

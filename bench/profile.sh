@@ -12,7 +12,12 @@
 # The report goes to bench/profiles/<timestamp>-<proxy>.txt, which is meant
 # to be committed: it is what the data path gets optimised against.
 #
-#   bench/profile.sh [--no-build] [--proxy weir|weir-noop|weir-lua|nginx|haproxy|nginx-lua]
+# The protocol variants of run-protocols.sh profile the same way: weir-tcp
+# vs haproxy-tcp (HTTP through an L4 proxy, the tcp-rps case; use
+# --connections 64) and weir-https vs nginx-https (keep-alive HTTPS, TLS 1.3).
+#
+#   bench/profile.sh [--no-build] [--proxy weir|weir-noop|weir-lua|weir-tcp|weir-https|
+#                                          nginx|nginx-https|haproxy|haproxy-tcp|nginx-lua]
 #                    [--connections N] [--duration S]
 set -uo pipefail
 
@@ -29,7 +34,7 @@ while [ $# -gt 0 ]; do
         --proxy) PROXY=${2:-}; shift 2 ;;
         --connections) [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] || die "--connections needs a positive integer"; CONNS=$2; shift 2 ;;
         --duration) [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] && [ "$2" -ge 4 ] || die "--duration needs an integer of at least 4 seconds"; DURATION=$2; shift 2 ;;
-        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
         *) die "unknown option: $1 (see --help)" ;;
     esac
 done
@@ -41,8 +46,16 @@ case "$PROXY" in
     nginx) PORT=$NGINX_PORT ;;
     haproxy) PORT=$HAPROXY_PORT ;;
     nginx-lua) PORT=$NGINX_LUA_PORT ;;
-    *) die "unknown proxy '$PROXY' (known: weir, weir-noop, weir-lua, nginx, haproxy, nginx-lua)" ;;
+    weir-tcp) PORT=$WEIR_TCP_PORT ;;
+    weir-https) PORT=$WEIR_HTTPS_PORT ;;
+    nginx-https) PORT=$NGINX_HTTPS_PORT ;;
+    haproxy-tcp) PORT=$HAPROXY_TCP_PORT ;;
+    *) die "unknown proxy '$PROXY' (known: weir, weir-noop, weir-lua, weir-tcp, weir-https, nginx, nginx-https, haproxy, haproxy-tcp, nginx-lua)" ;;
 esac
+# The HTTPS variants are asked over TLS with the run's own certificate.
+URL="http://127.0.0.1:$PORT/"
+CURL_ARGS=()
+case "$PROXY" in *-https) URL="https://127.0.0.1:$PORT/"; CURL_ARGS=(--cacert "$RUN_DIR/tls/cert.pem") ;; esac
 
 require_tools nginx wrk curl perf strace python3 ss
 for port in "$ORIGIN_PORT" "$PORT"; do
@@ -60,15 +73,26 @@ REPORT="$BENCH_DIR/profiles/$STAMP-$PROXY.txt"
 if [[ "$PROXY" == weir* ]] && [ "$BUILD" -eq 1 ]; then build_weir; fi
 
 start_origin
+case "$PROXY" in *-https) make_test_certificate ;; esac
 case "$PROXY" in
     weir-noop|weir-lua) probe_weir_plugins || die "$PROXY: not available ($(weir_unavailable_reason "$PROXY"))"
         start_weir "$PROXY" "$PORT" || die "$PROXY: not available ($(weir_unavailable_reason "$PROXY"))" ;;
-    weir) start_weir "$PROXY" "$PORT" || die "$PROXY: not available ($(weir_unavailable_reason "$PROXY"))" ;;
+    weir|weir-tcp|weir-https) start_weir "$PROXY" "$PORT" || die "$PROXY: not available ($(weir_unavailable_reason "$PROXY"))" ;;
     nginx) start_nginx_proxy ;;
     haproxy) start_haproxy ;;
     nginx-lua) start_nginx_lua ;;
+    nginx-https)
+        # run-protocols.sh's nginx (HTTPS, h2c and grpc_pass servers): only the HTTPS one gets load.
+        render_template nginx-protocols.conf "$RUN_DIR/nginx-protocols.conf"
+        start_bg nginx-https "$PROXY_CPU" nginx -p "$RUN_DIR" -e "$RUN_DIR/logs/nginx-protocols-error.log" \
+            -c "$RUN_DIR/nginx-protocols.conf" -g "daemon off;"
+        wait_for_port "$PORT" 10 || die "nginx (protocols) did not listen on 127.0.0.1:$PORT (see $RUN_DIR/logs/nginx-https.out)" ;;
+    haproxy-tcp)
+        render_template haproxy-tcp.cfg "$RUN_DIR/haproxy-tcp.cfg"
+        start_bg haproxy-tcp "$PROXY_CPU" haproxy -db -f "$RUN_DIR/haproxy-tcp.cfg"
+        wait_for_port "$PORT" 10 || die "haproxy (tcp) did not listen on 127.0.0.1:$PORT (see $RUN_DIR/logs/haproxy-tcp.out)" ;;
 esac
-problem=$(verify_proxies_to_origin "$PROXY" "$PORT") || die "$PROXY does not proxy to the origin: $problem"
+problem=$(verify_proxies_to_origin "$PROXY" "$PORT" "$URL" "${CURL_ARGS[@]}") || die "$PROXY does not proxy to the origin: $problem"
 ROOT_PID=${PID_OF[$PROXY]}
 
 # Every pid of the proxy: the process we started and its descendants
@@ -87,7 +111,7 @@ PIDS=$(proxy_pids)
 wrk_for() { # SECONDS
     # shellcheck disable=SC2046
     timeout $(($1 + 30)) $(pin "$LOAD_CPU") wrk -t 1 -c "$CONNS" -d "${1}s" --timeout 5s \
-        -s "$WRK_REPORTER" -H "apikey: $API_KEY" "http://127.0.0.1:$PORT/"
+        -s "$WRK_REPORTER" -H "apikey: $API_KEY" "$URL"
 }
 field() { grep -o "$1=[0-9.]*" <<< "$2" | head -1 | cut -d= -f2; }
 
@@ -126,7 +150,7 @@ strace_calls=$(awk '$NF == "total" { print $4 }' "$RUN_DIR/strace.out")
 demangle() {
     if command -v swift-demangle >/dev/null 2>&1; then swift-demangle --simplified; else cat; fi
 }
-case "$PROXY" in weir*) PROXY_BINARY=weir ;; nginx*) PROXY_BINARY=nginx ;; *) PROXY_BINARY=$PROXY ;; esac
+case "$PROXY" in weir*) PROXY_BINARY=weir ;; nginx*) PROXY_BINARY=nginx ;; haproxy*) PROXY_BINARY=haproxy ;; *) PROXY_BINARY=$PROXY ;; esac
 {
     echo "# Profile of $PROXY under load, $STAMP"
     echo "# command: bench/profile.sh --proxy $PROXY --connections $CONNS --duration $DURATION"

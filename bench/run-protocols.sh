@@ -70,12 +70,7 @@ BULK_BYTES=$((16 * 1024 * 1024))
 
 # --- certificate and bulk body ------------------------------------------------
 
-mkdir -p "$RUN_DIR/tls"
-# A throwaway ECDSA P-256 certificate for 127.0.0.1, made for this run only.
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 \
-    -subj "/CN=127.0.0.1" -addext "subjectAltName=IP:127.0.0.1" \
-    -keyout "$RUN_DIR/tls/key.pem" -out "$RUN_DIR/tls/cert.pem" > "$RUN_DIR/logs/openssl.out" 2>&1 \
-    || die "openssl could not make the test certificate: $(tail -2 "$RUN_DIR/logs/openssl.out")"
+make_test_certificate
 head -c "$BULK_BYTES" /dev/urandom > "$RUN_DIR/bulk.bin"
 
 # --- peers ---------------------------------------------------------------------
