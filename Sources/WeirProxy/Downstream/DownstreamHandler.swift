@@ -197,6 +197,10 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
             inbound.writeBuffer(&buffer)
         }
         processInbound()
+        // Drained: let go of the read's storage. Holding it (even empty)
+        // makes NIOSSL copy its whole 32 KB plaintext buffer on the next
+        // decode (copy-on-write), once per request on https listeners.
+        if inbound.readableBytes == 0 { inbound = ByteBuffer() }
     }
 
     /// Parses what is buffered: heads (only while no exchange is in flight,
