@@ -194,6 +194,8 @@ final class Gateway {
         signals.cancel()
         reopen.cancel()
         hangup.cancel()
+        // Records and spans still queued by http-log / tracing go out first.
+        generations.retireForShutdown()
 
         proxy.shutdown()
         if let admin = admin { try? admin.stop().wait() }

@@ -285,6 +285,43 @@ final class CLITests: XCTestCase {
         XCTAssertTrue(entries.allSatisfy { $0["status"] as? Int == 200 && $0["route"] as? String == "default" })
     }
 
+    /// SIGTERM: after the drain, http-log records still queued (an hour's
+    /// flush interval) are sent to the collector before the process exits.
+    func testSIGTERMSendsQueuedPluginRecordsBeforeExiting() throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        defer { try? group.syncShutdownGracefully() }
+        let origin = DemoUpstream(listen: HostPort(host: "127.0.0.1", port: 0), bodySize: 10, group: group)
+        try origin.start().wait()
+        defer { _ = try? origin.stop().wait() }
+        let collector = try ScriptedHTTPServer(group: group)
+        defer { collector.stop() }
+        let proxyPort = try Self.freePort()
+        let adminPort = try Self.freePort()
+        let configPath = try write("logged.yaml", """
+            plugin_paths: [\(Self.repoRoot.appendingPathComponent("plugins").path)]
+            listeners: [{ name: web, listen: "127.0.0.1:\(proxyPort)" }]
+            upstreams: [{ name: demo, targets: [{ address: "127.0.0.1:\(try XCTUnwrap(origin.boundAddress?.port))" }] }]
+            routes:
+              - name: all
+                upstream: demo
+                plugins:
+                  - { name: http-log, config: { endpoint: "\(collector.url)/logs", flush_interval: 3600, batch_size: 1000 } }
+            access_log: "off"
+            drain_timeout: 5s
+            admin: { listen: "127.0.0.1:\(adminPort)" }
+            """)
+        let process = try Self.startWeir(["run", "--config", configPath, "--workers", "2"], adminPort: adminPort, group: group)
+        defer { if process.isRunning { process.terminate(); process.waitUntilExit() } }
+        for i in 0..<4 { XCTAssertEqual(try OpsTestHTTP.request(port: proxyPort, path: "/q\(i)", group: group).status, 200) }
+        XCTAssertEqual(collector.requests.count, 0, "nothing sent before the shutdown (an hour's flush interval)")
+
+        kill(process.processIdentifier, SIGTERM)
+        _ = try DispatchQueue.global().asyncResult { process.waitUntilExit() }.wait(timeout: 20)
+        XCTAssertEqual(process.terminationStatus, 0)
+        let paths = collector.requests.flatMap { ($0.json as? [[String: Any]]) ?? [] }.compactMap { $0["path"] as? String }
+        XCTAssertEqual(paths.sorted(), ["/q0", "/q1", "/q2", "/q3"], "every queued record arrived before the exit")
+    }
+
     func testAccessLogGoesToStdoutByDefaultAndLogsToStderr() throws {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         defer { try? group.syncShutdownGracefully() }
@@ -338,6 +375,21 @@ final class CLITests: XCTestCase {
 
     /// The `weir` binary built alongside this test bundle (same scratch
     /// folder and configuration), or `$WEIR_BINARY`.
+    /// Starts the `weir` executable (output discarded) and waits until its
+    /// admin listener on `adminPort` answers /ready with 200.
+    static func startWeir(_ arguments: [String], adminPort: Int, group: EventLoopGroup) throws -> Process {
+        let process = Process()
+        process.executableURL = try weirBinary()
+        process.arguments = arguments
+        process.standardError = FileHandle.nullDevice
+        process.standardOutput = FileHandle.nullDevice
+        try process.run()
+        OpsTestHTTP.eventually("admin /ready answers 200") {
+            (try? OpsTestHTTP.request(port: adminPort, path: "/ready", group: group))?.status == 200
+        }
+        return process
+    }
+
     static func weirBinary() throws -> URL {
         if let override = ProcessInfo.processInfo.environment["WEIR_BINARY"] {
             return URL(fileURLWithPath: override)

@@ -43,16 +43,9 @@ final class ReloadCLITests: XCTestCase {
         let valid = try CLITests.runWeir(["validate", "--config", configPath])
         XCTAssertEqual(valid.status, 0, valid.stderr)
 
-        let process = Process()
-        process.executableURL = try CLITests.weirBinary()
-        process.arguments = ["run", "--config", configPath, "--workers", "2", "--no-watch"]
-        process.standardError = FileHandle.nullDevice
-        process.standardOutput = FileHandle.nullDevice
-        try process.run()
+        let process = try CLITests.startWeir(["run", "--config", configPath, "--workers", "2", "--no-watch"],
+                                             adminPort: adminPort, group: group)
         defer { if process.isRunning { process.terminate(); process.waitUntilExit() } }
-        OpsTestHTTP.eventually("admin /ready answers 200") {
-            (try? OpsTestHTTP.request(port: adminPort, path: "/ready", group: group))?.status == 200
-        }
         func proxiedVersion() throws -> String? {
             try OpsTestHTTP.request(port: proxyPort, path: "/x", group: group).headers.first(name: "x-version")
         }

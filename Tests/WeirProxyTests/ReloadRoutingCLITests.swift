@@ -36,16 +36,9 @@ final class ReloadRoutingCLITests: XCTestCase {
         }
         try writeConfig(routes: "{ name: a, match: { paths: [/a] }, upstream: demo }", targets: "\"127.0.0.1:\(originPort)\"")
 
-        let process = Process()
-        process.executableURL = try CLITests.weirBinary()
-        process.arguments = ["run", "--config", configPath, "--workers", "2", "--no-watch"]
-        process.standardError = FileHandle.nullDevice
-        process.standardOutput = FileHandle.nullDevice
-        try process.run()
+        let process = try CLITests.startWeir(["run", "--config", configPath, "--workers", "2", "--no-watch"],
+                                             adminPort: adminPort, group: group)
         defer { if process.isRunning { process.terminate(); process.waitUntilExit() } }
-        OpsTestHTTP.eventually("admin /ready answers 200") {
-            (try? OpsTestHTTP.request(port: adminPort, path: "/ready", group: group))?.status == 200
-        }
         XCTAssertEqual(try OpsTestHTTP.request(port: proxyPort, path: "/a/1", group: group).status, 200)
         XCTAssertEqual(try OpsTestHTTP.request(port: proxyPort, path: "/b/1", group: group).status, 404)
 

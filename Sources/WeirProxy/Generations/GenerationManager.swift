@@ -213,6 +213,17 @@ public final class GenerationManager: @unchecked Sendable {
         for swap in swaps { try? swap.wait() }
     }
 
+    /// Shutdown, after the drain: the current generation is retired like a
+    /// reload's old one, so its `weir.batch` queues (http-log records,
+    /// tracing spans) send what they hold before the process exits (each
+    /// loop bounded by `LuaRuntimeOptions.retireFlushTimeout`). Blocks:
+    /// never call it on an event loop.
+    public func retireForShutdown() {
+        guard let generation = stateLock.withLock({ current }) else { return }
+        let flushes = generation.perLoop.map { loopPlugins in loopPlugins.loop.flatSubmit { loopPlugins.retire() } }
+        for flush in flushes { try? flush.wait() }
+    }
+
     @discardableResult
     private func record(_ result: Result<Int, ReloadError>) -> Result<Int, ReloadError> {
         stateLock.withLock {

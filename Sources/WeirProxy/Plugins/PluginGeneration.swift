@@ -138,11 +138,13 @@ final class LoopPlugins {
     /// batch queues send what they hold (bounded by the runtime's
     /// `retireFlushTimeout`), then its keep-alive connections close; the Lua
     /// state is freed when the last request (or that flush) holding it ends.
-    func retire() {
+    /// Completes when that flush is over.
+    @discardableResult
+    func retire() -> EventLoopFuture<Void> {
         runtime.stopTimers()
         runtime.dropIdleCoroutines()
         let runtime = self.runtime
-        runtime.flushBatchQueues(timeout: runtime.options.retireFlushTimeout).whenComplete { _ in
+        return runtime.flushBatchQueues(timeout: runtime.options.retireFlushTimeout).map {
             runtime.closeOutboundConnections()
         }
     }
