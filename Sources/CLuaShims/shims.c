@@ -1,7 +1,7 @@
-// The C half of the Lua bridge: allocator, budget hook, panic handler,
+// The C half of the Lua bridge: allocator, panic handler,
 // trampolines into Swift and protected entry points. Every place where Lua
-// may longjmp (lua_error, lua_yield, allocation failure, the budget hook)
-// is reached only through C frames; see the contract in CLuaShims.h.
+// may longjmp (lua_error, lua_yield, allocation failure, the budget hook of
+// watchdog.c) is reached only through C frames; see the contract in CLuaShims.h.
 #include <lua5.4/lua.h>
 #include <lua5.4/lualib.h>
 #include <lua5.4/lauxlib.h>
@@ -51,7 +51,7 @@ weir_state_info *weir_info(lua_State *L) {
 
 size_t weir_bytes_used(lua_State *L) { return weir_info(L)->bytes_used; }
 
-// MARK: - Panic, warnings, budget hook
+// MARK: - Panic and warnings (the budget hook lives in watchdog.c)
 
 static int weir_panic(lua_State *L) {
     const char *msg = lua_tostring(L, -1);
@@ -68,27 +68,6 @@ static void weir_warn(void *ud, const char *msg, int tocont) {
     if (!tocont) fputs("\n", stderr);
 }
 
-static void weir_hook(lua_State *L, lua_Debug *ar) {
-    (void)ar;
-    weir_state_info *st = weir_info(L);
-    int count = lua_gethookcount(L);
-    if (st->budget_limit > 0) {
-        st->budget_remaining -= count;
-        if (st->budget_remaining <= 0) {
-            st->budget_exhausted = 1;
-            // From now on raise at every instruction of this thread: a pcall
-            // in the script may catch one error, but the very next
-            // instruction outside it raises again, so the script cannot go on.
-            if (count != 1) lua_sethook(L, weir_hook, LUA_MASKCOUNT, 1);
-            luaL_error(L, "instruction budget exceeded (%I instructions)", (lua_Integer)st->budget_limit);
-            return;
-        }
-    }
-    // Hooks are per thread: a thread left at every-instruction after an
-    // exhausted budget goes back to the normal interval under a new budget.
-    if (count != st->hook_interval) lua_sethook(L, weir_hook, LUA_MASKCOUNT, st->hook_interval);
-}
-
 lua_State *weir_newstate(size_t bytes_limit, int hook_interval) {
     weir_state_info *st = (weir_state_info *)calloc(1, sizeof *st);
     if (st == NULL) return NULL;
@@ -99,8 +78,8 @@ lua_State *weir_newstate(size_t bytes_limit, int hook_interval) {
     if (L == NULL) { free(st); return NULL; }
     lua_atpanic(L, weir_panic);
     lua_setwarnf(L, weir_warn, NULL);
-    // Threads created later copy the hook from the thread that created them.
-    if (hook_interval > 0) lua_sethook(L, weir_hook, LUA_MASKCOUNT, hook_interval);
+    // No hook here: Lua runs hook-free until the watchdog (watchdog.c) sees
+    // a call that has run too long.
     return L;
 }
 
@@ -121,6 +100,7 @@ void weir_set_budget(lua_State *L, int64_t instructions) {
     st->budget_limit = instructions;
     st->budget_remaining = instructions;
     st->budget_exhausted = 0;
+    st->budget_armed = 0;
 }
 
 // MARK: - Trampoline into Swift
@@ -185,7 +165,9 @@ int weir_pcall(lua_State *L, int nargs, int nresults) {
     int saved = st->swift_depth;
     st->swift_depth = 0;
     st->overdraft = 0;
+    weir_watch_token token = weir_watch_enter(L);
     int status = lua_pcall(L, nargs, nresults, base);
+    weir_watch_exit(token, L);
     st->swift_depth = saved;
     lua_remove(L, base);
     return status;
@@ -196,7 +178,9 @@ int weir_resume(lua_State *co, lua_State *from, int nargs, int *nresults) {
     int saved = st->swift_depth;
     st->swift_depth = 0;
     st->overdraft = 0;
+    weir_watch_token token = weir_watch_enter(co);
     int status = lua_resume(co, from, nargs, nresults);
+    weir_watch_exit(token, co);
     st->swift_depth = saved;
     return status;
 }
@@ -234,7 +218,9 @@ int weir_resetthread(lua_State *co) {
     weir_state_info *st = weir_info(co);
     int saved = st->swift_depth;
     st->swift_depth = 0; // __close handlers run Lua code under the usual caps
+    weir_watch_token token = weir_watch_enter(co);
     int status = lua_resetthread(co);
+    weir_watch_exit(token, co);
     st->swift_depth = saved;
     lua_settop(co, 0);
     return status;

@@ -8,8 +8,12 @@ public struct LuaRuntimeOptions: Sendable {
     /// Bytes one Lua state may allocate (per event loop per generation).
     public var memoryLimit: Int = 64 << 20
     /// Lua VM instructions one plugin may run in one phase call (across its
-    /// yields); 0 = unlimited. Counted in steps of `hookInterval`.
+    /// yields) once the call has run longer than one or two watchdog ticks
+    /// (10 ms each); 0 = unlimited. Calls shorter than that are never
+    /// counted and run with no hook (see CLuaShims/watchdog.c); a runaway
+    /// call ends after ~10-20 ms plus this many instructions.
     public var instructionBudget: Int = 10_000_000
+    /// Instructions between budget checks once a call is being counted.
     public var hookInterval: Int = 1000
     /// The `weir.shared` dictionaries; shared by all runtimes (and reloads).
     public var shared: SharedDictionaries = SharedDictionaries(capacities: [:])
@@ -505,13 +509,25 @@ public final class LuaRuntime {
         return PluginExit(status: status, body: body, headers: headers)
     }
 
-    var budgetRemaining: Int64 {
-        get { weir_info(state.main).pointee.budget_remaining }
+    /// The budget of a phase call, carried across its yields: whether the
+    /// watchdog had started counting it, and what was left.
+    struct BudgetSnapshot {
+        var remaining: Int64 = 0
+        var armed = false
+    }
+
+    var budget: BudgetSnapshot {
+        get {
+            let info = weir_info(state.main)!
+            return BudgetSnapshot(remaining: info.pointee.budget_remaining, armed: info.pointee.budget_armed != 0)
+        }
         set {
             let info = weir_info(state.main)!
             info.pointee.budget_limit = Int64(options.instructionBudget)
-            info.pointee.budget_remaining = newValue
+            info.pointee.budget_remaining = newValue.remaining
             info.pointee.budget_exhausted = 0
+            // Armed: weir_resume hooks the coroutine before it runs again.
+            info.pointee.budget_armed = newValue.armed ? 1 : 0
         }
     }
 

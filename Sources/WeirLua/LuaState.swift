@@ -74,6 +74,11 @@ public final class LuaState {
         self.memoryLimit = memoryLimit
         weir_set_dispatch(L, nativeDispatch, Unmanaged.passUnretained(self).toOpaque())
         luaL_openlibs(L)
+        // Coroutines a script creates must be visible to the budget watchdog.
+        // (A throw here still runs deinit, which closes the state.)
+        if hookInterval > 0 && weir_track_coroutines(L) != LUA_OK {
+            throw LuaError("cannot create a Lua state (out of memory)")
+        }
     }
 
     deinit {

@@ -39,7 +39,7 @@ public final class PluginRequest {
     private var entries: [PluginChain.Entry] = []
     private var index = 0
     private var serial = 0
-    private var savedBudget: Int64 = 0
+    private var savedBudget = LuaRuntime.BudgetSnapshot()
     /// Start of the current plugin call, when an observer wants timings.
     private var callStart: UInt64 = 0
     private var promise: EventLoopPromise<PhaseResult>?
@@ -191,7 +191,7 @@ public final class PluginRequest {
                     case .pushed(let push): push(thread)
                     }
                 }
-                runtime.budgetRemaining = savedBudget
+                runtime.budget = savedBudget
                 runtime.enter(self, plugin: entry.name, phase: phase, serial: serial)
                 result = co.resume(nargs: Int32(values.count))
             } else {
@@ -244,7 +244,7 @@ public final class PluginRequest {
                     return .exit(exit)
                 }
                 if let pending = pending {
-                    savedBudget = runtime.budgetRemaining
+                    savedBudget = runtime.budget
                     let loop = runtime.eventLoop!
                     pending.hop(to: loop).whenComplete { [self] outcome in
                         // An already-completed future (a bodyless get_body, an

@@ -1,3 +1,4 @@
+import CLuaShims
 import NIOCore
 import WeirCore
 import XCTest
@@ -8,6 +9,10 @@ import XCTest
 /// them the Lua heap is back at its baseline.
 final class LeakTests: XCTestCase {
     func testThousandsOfAbortedAndFailedRequestsLeaveTheHeapFlat() throws {
+        // 500 of the requests below loop until stopped; a 1 ms watchdog tick
+        // stops each after ~1-2 ms instead of ~10-20 ms.
+        weir_watchdog_set_tick(1_000_000)
+        defer { weir_watchdog_set_tick(UInt64(WEIR_WATCHDOG_DEFAULT_TICK_NS)) }
         let h = Harness()
         h.options.instructionBudget = 50_000
         h.options.memoryLimit = 16 << 20

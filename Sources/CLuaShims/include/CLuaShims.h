@@ -40,13 +40,17 @@ typedef struct weir_state_info {
     int64_t budget_remaining;  // instructions left for the current phase call
     int64_t budget_limit;      // 0 = unlimited
     int budget_exhausted;      // set by the hook; cleared by weir_set_budget
-    int hook_interval;         // instructions between hook calls
+    /// Set (by the watchdog's signal handler) once the current phase call
+    /// has run longer than a watchdog tick: from then on its threads carry
+    /// the count hook and the budget is counted. Cleared by weir_set_budget.
+    volatile int budget_armed;
+    int hook_interval;         // instructions between hook calls once armed (0: no budgets)
     weir_dispatch_fn dispatch;
     void *context;             // the Swift LuaState (unretained)
 } weir_state_info;
 
-/// Creates a state with the capped allocator, the panic handler and the
-/// budget hook installed. `bytes_limit` 0 = unlimited. Returns NULL if even
+/// Creates a state with the capped allocator and the panic handler
+/// installed (no hook: see the watchdog below). `bytes_limit` 0 = unlimited. Returns NULL if even
 /// the initial allocation failed. The state starts with swift_depth = 1.
 lua_State *weir_newstate(size_t bytes_limit, int hook_interval);
 /// Closes the state and frees its info block.
@@ -55,8 +59,28 @@ void weir_close(lua_State *L);
 weir_state_info *weir_info(lua_State *L);
 /// Sets the Swift dispatcher for native functions.
 void weir_set_dispatch(lua_State *L, weir_dispatch_fn fn, void *context);
-/// Starts a fresh instruction budget (0 = unlimited) and clears the exhausted flag.
+/// Starts a fresh instruction budget (0 = unlimited) and clears the exhausted and armed flags.
 void weir_set_budget(lua_State *L, int64_t instructions);
+
+/// The runaway-script watchdog (watchdog.c). Lua runs with no hook; a
+/// per-process watchdog thread notices an entry into Lua that is still
+/// running after one to two ticks (10 ms each) and signals its thread, whose
+/// handler installs the count hook; the hook then counts the instruction
+/// budget and raises "instruction budget exceeded" when it runs out.
+/// weir_pcall / weir_resume / weir_resetthread bracket their call with
+/// enter/exit; so do the replaced coroutine.resume / coroutine.wrap.
+typedef struct weir_watch_token { void *slot; lua_State *previous; } weir_watch_token;
+weir_watch_token weir_watch_enter(lua_State *L);
+void weir_watch_exit(weir_watch_token token, lua_State *L);
+/// Replaces coroutine.resume and coroutine.wrap with versions that tell
+/// the watchdog which thread runs (protected; returns a Lua status).
+int weir_track_coroutines(lua_State *L);
+/// The signal number the watchdog uses (0 until the first entry into Lua).
+int weir_watchdog_signal(void);
+/// The watchdog's tick (default 10 ms; at least 0.1 ms). Process-wide: tests
+/// that run many runaway scripts shorten it, and put it back.
+#define WEIR_WATCHDOG_DEFAULT_TICK_NS 10000000
+void weir_watchdog_set_tick(uint64_t nanoseconds);
 
 /// Pushes a C closure that forwards to the Swift dispatcher with `function_id`.
 void weir_push_native(lua_State *L, int function_id);
