@@ -98,9 +98,10 @@ function request.get_path()
   return N.req_get_path()
 end
 
+local native_get_raw_query = N.req_get_raw_query
 function request.get_raw_query()
-  check_phase("weir.request.get_raw_query", ANY_REQUEST_PHASE)
-  return N.req_get_raw_query() or ""
+  if not ANY_REQUEST_PHASE[S[1]] then check_phase("weir.request.get_raw_query", ANY_REQUEST_PHASE) end
+  return native_get_raw_query() or ""
 end
 
 local function unescape(s)
@@ -171,9 +172,10 @@ function request.get_id()
   return N.req_get_id()
 end
 
+local native_get_route = N.req_get_route
 function request.get_route()
-  check_phase("weir.request.get_route", ANY_REQUEST_PHASE)
-  return N.req_get_route()
+  if not ANY_REQUEST_PHASE[S[1]] then check_phase("weir.request.get_route", ANY_REQUEST_PHASE) end
+  return native_get_route()
 end
 
 function request.get_body(max_bytes)
@@ -203,10 +205,11 @@ function upstream_request.add_header(name, value)
   N.up_add_header(name, header_value("weir.upstream.request.add_header", 2, value))
 end
 
+local native_up_clear_header = N.up_clear_header
 function upstream_request.clear_header(name)
-  check_phase("weir.upstream.request.clear_header", REWRITE_PHASES)
-  check_string("weir.upstream.request.clear_header", 1, name)
-  N.up_clear_header(name)
+  if S[1] ~= REQUEST then check_phase("weir.upstream.request.clear_header", REWRITE_PHASES) end
+  if type(name) ~= "string" then arg_error("weir.upstream.request.clear_header", 1, "string", name, 3) end
+  native_up_clear_header(name)
 end
 
 function upstream_request.set_path(path)
@@ -336,10 +339,12 @@ function response.set_status(status)
   N.resp_set_status(status)
 end
 
+local native_resp_set_header = N.resp_set_header
 function response.set_header(name, value)
-  check_phase("weir.response.set_header", RESPONSE_WRITE_PHASES)
-  check_string("weir.response.set_header", 1, name)
-  N.resp_set_header(name, header_value("weir.response.set_header", 2, value))
+  if not RESPONSE_WRITE_PHASES[S[1]] then check_phase("weir.response.set_header", RESPONSE_WRITE_PHASES) end
+  if type(name) ~= "string" then arg_error("weir.response.set_header", 1, "string", name, 3) end
+  if type(value) ~= "string" then value = header_value("weir.response.set_header", 2, value) end
+  native_resp_set_header(name, value)
 end
 
 function response.add_header(name, value)
@@ -447,25 +452,33 @@ function client.get_tls()
   return N.client_get_tls()
 end
 
+local native_get_consumer = N.client_get_consumer
 function client.get_consumer()
-  check_phase("weir.client.get_consumer", ANY_REQUEST_PHASE)
-  return N.client_get_consumer()
+  if not ANY_REQUEST_PHASE[S[1]] then check_phase("weir.client.get_consumer", ANY_REQUEST_PHASE) end
+  return native_get_consumer()
 end
 
+-- Hot path of every auth plugin: checks inlined, the native in a local.
+local native_authenticate = N.client_authenticate
 function client.authenticate(consumer, credential)
-  check_phase("weir.client.authenticate", REWRITE_PHASES)
-  check_string("weir.client.authenticate", 1, consumer)
-  check_optional_string("weir.client.authenticate", 2, credential)
-  N.client_authenticate(consumer, credential)
+  if S[1] ~= REQUEST then check_phase("weir.client.authenticate", REWRITE_PHASES) end
+  if type(consumer) ~= "string" then arg_error("weir.client.authenticate", 1, "string", consumer, 3) end
+  if credential ~= nil and type(credential) ~= "string" then
+    arg_error("weir.client.authenticate", 2, "string or nil", credential, 3)
+  end
+  native_authenticate(consumer, credential)
 end
 
 -- Indexed lookup in consumers[].credentials[plugin] (see SDKConsumers.swift).
+local native_find_credential = N.client_find_credential
 function client.find_credential(plugin, field, value)
-  check_phase("weir.client.find_credential", ANY_PHASE)
-  check_string("weir.client.find_credential", 1, plugin)
-  check_string("weir.client.find_credential", 2, field)
-  check_string("weir.client.find_credential", 3, value)
-  return N.client_find_credential(plugin, field, value)
+  if not ANY_PHASE[S[1]] then check_phase("weir.client.find_credential", ANY_PHASE) end
+  if type(plugin) ~= "string" or type(field) ~= "string" or type(value) ~= "string" then
+    check_string("weir.client.find_credential", 1, plugin)
+    check_string("weir.client.find_credential", 2, field)
+    check_string("weir.client.find_credential", 3, value)
+  end
+  return native_find_credential(plugin, field, value)
 end
 
 -- Whether `name` is a configured consumer (consumers[].name); a hash lookup.
@@ -549,10 +562,13 @@ local function check_ttl(fname, n, ttl)
   if ttl ~= nil and (type(ttl) ~= "number" or ttl < 0) then arg_error(fname, n, "non-negative number or nil", ttl) end
 end
 
+local native_shared_get = N.shared_get
 function shared_dict:get(key)
-  check_dict(self, "weir.shared.get")
-  check_string("weir.shared.get", 1, key)
-  return N.shared_get(self.id, key)
+  if getmetatable(self) ~= shared_dict or type(key) ~= "string" then
+    check_dict(self, "weir.shared.get")
+    check_string("weir.shared.get", 1, key)
+  end
+  return native_shared_get(self.id, key)
 end
 
 function shared_dict:set(key, value, ttl)

@@ -26,10 +26,11 @@ local function find_key(conf)
 end
 
 local function hide(conf)
-  for _, name in ipairs(conf.key_names) do
-    if conf.key_in_header then weir.upstream.request.clear_header(name) end
+  if conf.key_in_header then
+    for _, name in ipairs(conf.key_names) do weir.upstream.request.clear_header(name) end
   end
-  if conf.key_in_query then
+  -- No query string, nothing to strip: skip parsing it into a table.
+  if conf.key_in_query and weir.request.get_raw_query() ~= "" then
     local query = weir.request.get_query()
     local changed = false
     for _, name in ipairs(conf.key_names) do
@@ -49,7 +50,10 @@ end
 function KeyAuth:request(conf, ctx)
   if not conf.run_on_preflight and weir.request.get_method() == "OPTIONS" then return end
   -- Another auth plugin already identified the client (multiple auth with anonymous).
-  if conf.anonymous and weir.client.get_consumer() and weir.client.get_consumer() ~= conf.anonymous then return end
+  if conf.anonymous then
+    local current = weir.client.get_consumer()
+    if current and current ~= conf.anonymous then return end
+  end
 
   local key = find_key(conf)
   local consumer

@@ -21,7 +21,29 @@ local PERIODS = {
   { name = "day", seconds = 86400, limit_header = "x-ratelimit-limit-day", remaining_header = "x-ratelimit-remaining-day" },
 }
 
-local floor, ceil, max = math.floor, math.ceil, math.max
+local floor, ceil, max, tostring = math.floor, math.ceil, math.max, tostring
+
+-- What depends only on the config, worked out on a config's first request
+-- and kept with it (weak keys: a retired generation's configs go away):
+-- the configured periods with their limit as a header string, and the key
+-- prefix per route.
+local per_conf = setmetatable({}, { __mode = "k" })
+
+local function conf_state(conf)
+  local st = per_conf[conf]
+  if st then return st end
+  local periods = {}
+  for _, period in ipairs(PERIODS) do
+    local limit = conf[period.name]
+    if limit then
+      -- start/key strings of the last window seen, rebuilt when it moves on
+      periods[#periods + 1] = { period = period, limit = limit, limit_text = tostring(limit) }
+    end
+  end
+  st = { periods = periods, prefix = {} }
+  per_conf[conf] = st
+  return st
+end
 
 local function identifier(conf)
   if conf.limit_by == "consumer" then
@@ -50,19 +72,34 @@ local function retry_after(limit, window, prev, cur, elapsed)
   return (window - elapsed) + max(0, needed)
 end
 
+-- "rl|<#route>:<route>|<limit_by>|": the part of every counter key that a
+-- route's config fixes. Counters are per route (as Kong keys them by route):
+-- the same client on two routes has two budgets. Route and identifier are
+-- length-prefixed so a header value containing "|" cannot collide with
+-- another client's keys.
+local function route_prefix(st, conf, route)
+  local prefix = st.prefix[route]
+  if not prefix then
+    prefix = "rl|" .. #route .. ":" .. route .. "|" .. conf.limit_by .. "|"
+    st.prefix[route] = prefix
+  end
+  return prefix
+end
+
 -- The windows of the configured periods at time `now`:
--- { name, limit, window, elapsed, key (current window), prev_key }.
-local function windows(conf, now, base)
+-- { period, limit, window, elapsed, key (current window), prev_key }.
+local function windows(st, now, base)
   local list = {}
-  for _, period in ipairs(PERIODS) do
-    local limit = conf[period.name]
-    if limit then
-      local window = period.seconds
-      local start = floor(now / window) * window
-      list[#list + 1] = { name = period.name, period = period, limit = limit, window = window, elapsed = now - start,
-                          key = base .. period.name .. "|" .. start,
-                          prev_key = base .. period.name .. "|" .. (start - window) }
+  for i, p in ipairs(st.periods) do
+    local window = p.period.seconds
+    local start = floor(now / window) * window
+    if p.start ~= start then
+      -- The window's number as text changes once per window, not per request.
+      p.start, p.start_text, p.prev_text = start, tostring(start), tostring(start - window)
     end
+    local name = p.period.name
+    list[i] = { period = p.period, limit = p.limit, limit_text = p.limit_text, window = window, elapsed = now - start,
+                key = base .. name .. "|" .. p.start_text, prev_key = base .. name .. "|" .. p.prev_text }
   end
   return list
 end
@@ -79,20 +116,19 @@ local function count_local(conf, list)
   if not dict then
     return nil, "no weir.shared dictionary named '" .. conf.dictionary .. "'; declare it under shared_dicts"
   end
-  local taken, refused = {}, nil
-  for _, w in ipairs(list) do
+  local refused
+  for i, w in ipairs(list) do
     local count, err = dict:incr(w.key, 1, 0, 2 * w.window + 1)
     if not count then
-      for _, k in ipairs(taken) do dict:incr(k, -1) end
+      for j = 1, i - 1 do dict:incr(list[j].key, -1) end   -- the windows taken so far
       return nil, "counter update failed: " .. tostring(err)
     end
-    taken[#taken + 1] = w.key
     w.count = count
     w.prev = tonumber(dict:get(w.prev_key)) or 0
     if not refused and over(w) then refused = w end
   end
   if refused then
-    for _, k in ipairs(taken) do dict:incr(k, -1) end
+    for _, w in ipairs(list) do dict:incr(w.key, -1) end
   end
   return refused or false
 end
@@ -142,13 +178,10 @@ local function count_redis(conf, list)
 end
 
 function RateLimiting:request(conf, ctx)
-  -- Counters are per route (as Kong keys them by route): the same client on
-  -- two routes has two budgets. Route and identifier are length-prefixed so
-  -- a header value containing "|" cannot collide with another client's keys.
+  local st = conf_state(conf)
   local id = identifier(conf)
-  local route = weir.request.get_route() or ""
-  local base = "rl|" .. #route .. ":" .. route .. "|" .. conf.limit_by .. "|" .. #id .. ":" .. id .. "|"
-  local states = windows(conf, weir.time.now(), base)  -- never empty: schema at_least_one_of
+  local base = route_prefix(st, conf, weir.request.get_route() or "") .. #id .. ":" .. id .. "|"
+  local states = windows(st, weir.time.now(), base)  -- never empty: schema at_least_one_of
   local refused, err
   if conf.policy == "redis" then refused, err = count_redis(conf, states) else refused, err = count_local(conf, states) end
   if refused == nil then
@@ -170,12 +203,14 @@ function RateLimiting:request(conf, ctx)
       if s.remaining < tightest.remaining then tightest = s end
     end
     for _, s in ipairs(states) do
-      weir.response.set_header(s.period.limit_header, s.limit)
-      weir.response.set_header(s.period.remaining_header, refused and 0 or s.remaining)
+      -- Each number becomes text once (the RateLimit-* pair repeats one period's).
+      s.remaining_text = refused and "0" or tostring(s.remaining)
+      weir.response.set_header(s.period.limit_header, s.limit_text)
+      weir.response.set_header(s.period.remaining_header, s.remaining_text)
     end
-    weir.response.set_header("ratelimit-limit", tightest.limit)
-    weir.response.set_header("ratelimit-remaining", refused and 0 or tightest.remaining)
-    weir.response.set_header("ratelimit-reset", max(1, ceil(tightest.window - tightest.elapsed)))
+    weir.response.set_header("ratelimit-limit", tightest.limit_text)
+    weir.response.set_header("ratelimit-remaining", tightest.remaining_text)
+    weir.response.set_header("ratelimit-reset", tostring(max(1, ceil(tightest.window - tightest.elapsed))))
   end
 
   if refused then
