@@ -435,10 +435,11 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
         routeRequest(exchange, head: head)
     }
 
-    /// The upstream's head forwarded by range copy with the same edits
-    /// `HeaderRewriting.downstreamResponseHead` makes, on top of the
-    /// plugins' edits if any (then their added lines go through the same
-    /// rewriting: hop-by-hop ones are dropped, a Via joins the chain).
+    /// The upstream's head forwarded by range copy with the proxy's edits
+    /// (hop-by-hop fields and what Connection names removed, Via extended,
+    /// framing and Connection added), on top of the plugins' edits if any
+    /// (their added lines go through the same rewriting: hop-by-hop ones
+    /// are dropped, a Via joins the chain).
     func relayWireResponseHead(_ head: HTTP1ResponseHead, pluginEdits: HTTP1HeadEdits?, exchange: Exchange) {
         let code = pluginEdits?.status?.code ?? head.status
         let isUpgrade = code == 101
@@ -468,7 +469,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
         }
         if let pluginEdits {
             for field in pluginEdits.added {
-                switch HeaderRewriting.Known.classify(field.name) {
+                switch HTTP1KnownField.classify(field.name) {
                 case .via: via = via.map { $0 + ", " + field.value } ?? field.value
                 case let kind where kind.isHopByHop: continue
                 default: edits.added.append(field)

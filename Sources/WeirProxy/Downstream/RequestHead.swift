@@ -39,15 +39,6 @@ final class RequestHead {
         guard let q = uri.utf8.firstIndex(of: UInt8(ascii: "?")) else { return uri }
         return String(uri[..<q])
     }
-
-    /// The head as NIO's value type, with every field as a String: only for
-    /// the plugin path (plugins edit the upstream head field by field).
-    func materialized() -> HTTPRequestHead {
-        var nioHeaders = HTTPHeaders()
-        nioHeaders.reserveCapacity(headers.count)
-        for i in 0..<headers.count { nioHeaders.add(name: headers.name(at: i), value: headers.value(at: i)) }
-        return HTTPRequestHead(version: version, method: method, uri: uri, headers: nioHeaders)
-    }
 }
 
 extension HTTP1Method {

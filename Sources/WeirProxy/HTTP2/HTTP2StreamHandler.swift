@@ -287,7 +287,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, ExchangeDownstream {
             }
         }
         for field in pluginEdits?.added ?? [] {
-            switch HeaderRewriting.Known.classify(field.name) {
+            switch HTTP1KnownField.classify(field.name) {
             case .via: via = via.map { $0 + ", " + field.value } ?? field.value
             case let kind where kind.isHopByHop: continue
             default: headers.add(name: field.name.lowercased(), value: field.value)

@@ -72,16 +72,27 @@ extension HTTP1HeadEdits {
     }
 }
 
+extension HTTP1KnownField {
+    /// The kind of a plugin-added field (the downstream rewriting drops
+    /// hop-by-hop ones and joins a Via to the chain).
+    static func classify(_ name: String) -> HTTP1KnownField {
+        var name = name
+        return name.withUTF8 { bytes in bytes.baseAddress.map { classify($0, bytes.count) } ?? .other }
+    }
+}
+
 extension String {
-    /// ASCII case-insensitive equality (header names).
+    /// ASCII case-insensitive equality (header names), on contiguous bytes
+    /// (iterating `utf8` costs ~30 instructions a byte under callgrind).
     func equalsIgnoringASCIICase(_ other: String) -> Bool {
         guard utf8.count == other.utf8.count else { return false }
-        for (a, b) in zip(utf8, other.utf8) where a != b {
-            let la = a >= 0x41 && a <= 0x5A ? a | 0x20 : a
-            let lb = b >= 0x41 && b <= 0x5A ? b | 0x20 : b
-            if la != lb { return false }
+        var a = self, b = other
+        return a.withUTF8 { pa in
+            b.withUTF8 { pb in
+                guard let x = pa.baseAddress, let y = pb.baseAddress else { return true }
+                return HTTP1Bytes.equalsIgnoringCase(x, y, pa.count)
+            }
         }
-        return true
     }
 }
 

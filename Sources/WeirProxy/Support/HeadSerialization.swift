@@ -4,24 +4,16 @@ import NIOHTTP1
 import Glibc
 #endif
 
-/// Writes heads that exist as NIO value types (`HTTPRequestHead`,
-/// `HTTPResponseHead`): the plugin path, where plugins edited fields one by
-/// one, and the proxy's own responses. The byte-forwarding fast path uses
-/// `HTTP1HeadWriter` instead.
+/// Writes heads that exist as NIO value types (`HTTPResponseHead`): the
+/// proxy's own responses (errors, plugin exits, which the response phase
+/// may have edited). Forwarded heads, with or without plugins' edits, go
+/// through `HTTP1HeadWriter` instead.
 ///
-/// Plugin-set names and values reach the wire here, so a field that could
-/// break the framing (a name that is not a token, CR/LF/NUL in a value) is
-/// dropped rather than written.
+/// Plugin-set names and values can reach the wire here, so a field that
+/// could break the framing (a name that is not a token, CR/LF/NUL in a
+/// value) is dropped rather than written; `isToken` / `isValidFieldValue`
+/// are also the checks of `PluginHeadEdits.swift`.
 enum HeadSerialization {
-    static func writeRequest(_ head: HTTPRequestHead, into out: inout ByteBuffer) {
-        out.writeString(head.method.rawValue)
-        out.writeInteger(UInt8(ascii: " "))
-        out.writeString(head.uri)
-        out.writeStaticString(" HTTP/1.1\r\n")
-        writeFields(head.headers, into: &out)
-        out.writeStaticString("\r\n")
-    }
-
     /// Always `HTTP/1.1` (a server answers with its own version, RFC 9110 §2.5).
     static func writeResponse(_ head: HTTPResponseHead, into out: inout ByteBuffer) {
         out.writeStaticString("HTTP/1.1 ")
@@ -60,16 +52,24 @@ enum HeadSerialization {
         }
     }
 
-    /// RFC 9110 §5.5: field values never contain NUL, CR or LF.
+    /// RFC 9110 §5.5: field values never contain NUL, CR or LF. (Both
+    /// checks run per plugin-set header: they scan contiguous bytes, as
+    /// iterating `utf8` costs ~30 instructions a byte.)
     static func isValidFieldValue(_ value: String) -> Bool {
-        for byte in value.utf8 where byte == 0 || byte == 13 || byte == 10 { return false }
-        return true
+        var value = value
+        return value.withUTF8 { bytes in
+            for byte in bytes where byte == 0 || byte == 13 || byte == 10 { return false }
+            return true
+        }
     }
 
     static func isToken(_ name: String) -> Bool {
-        guard !name.isEmpty else { return false }
-        for byte in name.utf8 where !HTTP1Bytes.isTChar(byte) { return false }
-        return true
+        var name = name
+        return name.withUTF8 { bytes in
+            guard !bytes.isEmpty else { return false }
+            for byte in bytes where !HTTP1Bytes.isTChar(byte) { return false }
+            return true
+        }
     }
 }
 
