@@ -223,28 +223,26 @@ final class PluginHeadEditTests: PluginFolderTestCase {
         var bytes = ByteBuffer(string: "GET /a?b HTTP/1.1\r\nHost: h\r\nX-One: 1\r\n\r\n")
         let request = try XCTUnwrap(try parser.parse(&bytes))
         var edits = HTTP1HeadEdits()
-        edits.method = "PATCH"
         var out = ByteBuffer()
-        HTTP1HeadWriter.writeRequest(request, edits: edits, into: &out)
+        HTTP1HeadWriter.writeRequest(request, edits: edits, method: "PATCH", into: &out)
         XCTAssertEqual(String(buffer: out), "PATCH /a?b HTTP/1.1\r\nHost: h\r\nX-One: 1\r\n\r\n")
         edits.target = "/new"
         edits.setField("x-one", "2", in: request.fields)
         out.clear()
-        HTTP1HeadWriter.writeRequest(request, edits: edits, into: &out)
+        HTTP1HeadWriter.writeRequest(request, edits: edits, method: "PATCH", into: &out)
         XCTAssertEqual(String(buffer: out), "PATCH /new HTTP/1.1\r\nHost: h\r\nx-one: 2\r\n\r\n")
 
         var responseParser = HTTP1ResponseParser()
         var responseBytes = ByteBuffer(string: "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX-A: a\r\n\r\n")
         let response = try XCTUnwrap(try responseParser.parse(&responseBytes, requestMethod: .get))
         var responseEdits = HTTP1HeadEdits()
-        responseEdits.status = (404, "Not Found")
         responseEdits.removeFields(named: "x-a", in: response.fields)
         responseEdits.addField("x-b", "b")
         XCTAssertEqual(responseEdits.firstValue(named: "X-B", in: response.fields), "b")
         XCTAssertNil(responseEdits.firstValue(named: "x-a", in: response.fields))
         XCTAssertEqual(responseEdits.fieldPairs(in: response.fields).map { "\($0.name)=\($0.value)" }, ["content-length=0", "x-b=b"])
         out.clear()
-        HTTP1HeadWriter.writeResponse(response, edits: responseEdits, into: &out)
+        HTTP1HeadWriter.writeResponse(response, edits: responseEdits, status: (404, "Not Found"), into: &out)
         XCTAssertEqual(String(buffer: out), "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nx-b: b\r\n\r\n")
     }
 }

@@ -440,8 +440,8 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
     /// framing and Connection added), on top of the plugins' edits if any
     /// (their added lines go through the same rewriting: hop-by-hop ones
     /// are dropped, a Via joins the chain).
-    func relayWireResponseHead(_ head: HTTP1ResponseHead, pluginEdits: HTTP1HeadEdits?, exchange: Exchange) {
-        let code = pluginEdits?.status?.code ?? head.status
+    func relayWireResponseHead(_ head: HTTP1ResponseHead, pluginChanges: ResponseHeadChanges?, exchange: Exchange) {
+        let code = pluginChanges?.status?.code ?? head.status
         let isUpgrade = code == 101
         let fields = head.fields
         let clientIs11 = !exchange.head!.isHTTP10
@@ -450,10 +450,9 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
         var via: String? = nil
         var hasLength = false
         if case .contentLength = head.framing { hasLength = true }
-        if let pluginEdits {
-            edits.removed.formUnion(pluginEdits.removed)
-            edits.status = pluginEdits.status
-            hasLength = pluginEdits.hasField(named: "content-length", in: fields)
+        if let pluginChanges {
+            edits.removed.formUnion(pluginChanges.edits.removed)
+            hasLength = pluginChanges.edits.hasField(named: "content-length", in: fields)
         }
         for (i, e) in fields.entries.enumerated() {
             switch e.known {
@@ -467,8 +466,8 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
                 break
             }
         }
-        if let pluginEdits {
-            for field in pluginEdits.added {
+        if let pluginChanges {
+            for field in pluginChanges.edits.added {
                 switch HTTP1KnownField.classify(field.name) {
                 case .via: via = via.map { $0 + ", " + field.value } ?? field.value
                 case let kind where kind.isHopByHop: continue
@@ -504,7 +503,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
         var bodyRoom = 0
         if case .contentLength(let length) = head.framing, length <= Self.coalescedBodyLimit { bodyRoom = length }
         var out = allocator.buffer(capacity: head.bytes.readableBytes + 96 + bodyRoom)
-        HTTP1HeadWriter.writeResponse(head, edits: edits, into: &out)
+        HTTP1HeadWriter.writeResponse(head, edits: edits, status: pluginChanges?.status, into: &out)
         pendingResponseHead = out
         if isUpgrade {
             exchange.upgraded = true

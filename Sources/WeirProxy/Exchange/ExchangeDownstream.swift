@@ -41,10 +41,10 @@ protocol ExchangeDownstream: AnyObject, UpstreamConnectionDelegate {
     // MARK: Writing the response (in the downstream's own framing)
 
     /// The upstream's head as parsed, with the plugins' changes to it if
-    /// any (`pluginEdits`: removed lines, added lines, a new status; see
+    /// any (removed lines, added lines, a new status; see
     /// Plugins/PluginHeadEdits.swift). The downstream applies its own
     /// rewriting (hop-by-hop fields, Via, framing) on top.
-    func relayWireResponseHead(_ head: HTTP1ResponseHead, pluginEdits: HTTP1HeadEdits?, exchange: Exchange)
+    func relayWireResponseHead(_ head: HTTP1ResponseHead, pluginChanges: ResponseHeadChanges?, exchange: Exchange)
     /// An informational (1xx, not 101) head from the upstream.
     func relayInterimResponseHead(_ head: HTTP1ResponseHead, exchange: Exchange)
     func writeResponseBody(_ data: ByteBuffer, exchange: Exchange)
@@ -248,11 +248,10 @@ extension ExchangeDownstream {
         return routed.upstream.targetLabels[exchange.target ?? 0]
     }
 
-    /// The upstream head as edits to the client's head (the fast path: kept
-    /// field lines are copied as bytes). Same rules as
-    /// `HeaderRewriting.upstreamRequestHead`: hop-by-hop fields go (and what
-    /// Connection names), Host/X-Request-ID are replaced, X-Forwarded-* are
-    /// replaced (extended for a trusted peer), Via is extended.
+    /// The upstream head as edits to the client's head (kept field lines
+    /// are copied as bytes): hop-by-hop fields go (and what Connection
+    /// names), Host/X-Request-ID are replaced, X-Forwarded-* are replaced
+    /// (extended for a trusted peer), Via is extended.
     /// `added[0]` is Host (a retry on another target replaces it, see
     /// `HTTP1HeadEdits.replaceHost`). Plugins edit this same list.
     func upstreamEdits(_ exchange: Exchange, head: RequestHead, routed: RoutedRequest) -> HTTP1HeadEdits {
@@ -302,13 +301,16 @@ extension ExchangeDownstream {
     /// the method the response answers (HEAD responses have no body).
     func serializeUpstreamHead(_ exchange: Exchange) -> (ByteBuffer, chunked: Bool, method: HTTP1Method) {
         let wire = exchange.head!.wire!
-        let edits = exchange.upstreamEdits!
         var out = allocator.buffer(capacity: wire.bytes.readableBytes + 256)
-        HTTP1HeadWriter.writeRequest(wire, edits: edits, into: &out)
-        guard exchange.plugins != nil else { return (out, exchange.framing.chunked, wire.method) }
+        guard let plugins = exchange.plugins, plugins.upstreamHeadEdited else {
+            HTTP1HeadWriter.writeRequest(wire, edits: exchange.upstreamEdits!, into: &out)
+            return (out, exchange.framing.chunked, wire.method)
+        }
         // Plugins may have changed the method or the framing (set_body).
-        let chunked = edits.added.contains { $0.name.equalsIgnoringASCIICase("transfer-encoding") }
-        guard let method = edits.method else { return (out, chunked, wire.method) }
+        let method = plugins.upstreamMethod
+        HTTP1HeadWriter.writeRequest(wire, edits: exchange.upstreamEdits!, method: method, into: &out)
+        let chunked = exchange.upstreamEdits!.added.contains { $0.name.equalsIgnoringASCIICase("transfer-encoding") }
+        guard let method else { return (out, chunked, wire.method) }
         return (out, chunked, method == "HEAD" ? .head : method == "CONNECT" ? .connect : .get)
     }
 
@@ -477,10 +479,10 @@ extension ExchangeDownstream {
         // changes, or a body filter) edits the head as a list of changes to
         // its bytes; with none of them it is relayed exactly as without plugins.
         if let plugins = exchange.plugins, code != 101, !plugins.responsePhaseIsNoop {
-            guard let edits = runResponsePlugins(head, exchange: exchange, plugins: plugins, connection: connection) else { return }
-            return relayWireResponseHead(head, pluginEdits: edits, exchange: exchange)
+            guard let changes = runResponsePlugins(head, exchange: exchange, plugins: plugins, connection: connection) else { return }
+            return relayWireResponseHead(head, pluginChanges: changes, exchange: exchange)
         }
-        relayWireResponseHead(head, pluginEdits: nil, exchange: exchange)
+        relayWireResponseHead(head, pluginChanges: nil, exchange: exchange)
     }
 
     /// A 101 only answers an upgrade request; a refused upgrade ends the

@@ -8,11 +8,6 @@ public struct HTTP1HeadEdits: Sendable {
     public var added: [(name: String, value: String)] = []
     /// Replaces the request target (requests only).
     public var target: String? = nil
-    /// Replaces the method (requests only; a plugin's `set_method`).
-    public var method: String? = nil
-    /// Replaces the status line's code and reason (responses only; a
-    /// plugin's `weir.response.set_status`).
-    public var status: (code: Int, reason: String)? = nil
 
     public init(removed: HTTP1FieldSet = HTTP1FieldSet(), added: [(name: String, value: String)] = [], target: String? = nil) {
         self.removed = removed
@@ -90,11 +85,15 @@ public enum HTTP1HeadWriter {
     /// The version is always 1.1: the proxy speaks 1.1 to every upstream.
     /// The whole head goes out as one reserved region: each separate
     /// ByteBuffer write costs ~150 instructions in NIO (callgrind).
-    public static func writeRequest(_ head: HTTP1RequestHead, edits: HTTP1HeadEdits, into out: inout ByteBuffer) {
+    /// `method` replaces the client's (a plugin's `set_method`); it is a
+    /// parameter, not part of `HTTP1HeadEdits`, because every field the
+    /// edits carry is copied and released on every request (callgrind).
+    public static func writeRequest(_ head: HTTP1RequestHead, edits: HTTP1HeadEdits, method: String? = nil,
+                                    into out: inout ByteBuffer) {
         let fields = head.fields
         // Without a new method or target, method SP target are copied as one range.
-        let copiesRequestLine = edits.method == nil && edits.target == nil
-        let methodBytes = edits.method.map { $0.utf8.count + 1 } ?? head.methodLength + 1
+        let copiesRequestLine = method == nil && edits.target == nil
+        let methodBytes = method.map { $0.utf8.count + 1 } ?? head.methodLength + 1
         let targetBytes = edits.target?.utf8.count ?? head.targetRange.count
         let size = (copiesRequestLine ? head.targetRange.upperBound : methodBytes + targetBytes) + 11
             + keptLineBytes(fields, removing: edits.removed) + addedFieldBytes(edits.added) + 2
@@ -104,7 +103,7 @@ public enum HTTP1HeadWriter {
                 if copiesRequestLine {
                     w.copy(src.baseAddress!, head.targetRange.upperBound)
                 } else {
-                    if let method = edits.method { w.copy(method); w.copy(" ") } else { w.copy(src.baseAddress!, methodBytes) }
+                    if let method { w.copy(method); w.copy(" ") } else { w.copy(src.baseAddress!, methodBytes) }
                     if let target = edits.target {
                         w.copy(target)
                     } else {
@@ -122,12 +121,14 @@ public enum HTTP1HeadWriter {
     }
 
     /// `HTTP/1.1 <status> <reason>\r\n` (status and reason copied unless
-    /// `edits.status` replaces them), kept and added fields, `\r\n`.
-    public static func writeResponse(_ head: HTTP1ResponseHead, edits: HTTP1HeadEdits, into out: inout ByteBuffer) {
+    /// `status` replaces them: a plugin's `weir.response.set_status`), kept
+    /// and added fields, `\r\n`.
+    public static func writeResponse(_ head: HTTP1ResponseHead, edits: HTTP1HeadEdits,
+                                     status: (code: Int, reason: String)? = nil, into out: inout ByteBuffer) {
         let fields = head.fields
         let statusLineEnd = head.reasonRange.upperBound + 2
         // From the SP after the version through the status line's CRLF, or its replacement.
-        let newStatusLine = edits.status.map { " \($0.code) \($0.reason)\r\n" }
+        let newStatusLine = status.map { " \($0.code) \($0.reason)\r\n" }
         let statusLineBytes = 8 + (newStatusLine?.utf8.count ?? statusLineEnd - 8)
         let size = statusLineBytes + keptLineBytes(fields, removing: edits.removed) + addedFieldBytes(edits.added) + 2
         out.writeWithUnsafeMutableBytes(minimumWritableBytes: size) { dst in

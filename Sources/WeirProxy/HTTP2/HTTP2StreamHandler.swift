@@ -265,13 +265,13 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, ExchangeDownstream {
     /// The upstream's HTTP/1 head (with the plugins' edits, if any) as a
     /// HEADERS frame: lower-case names, no connection-specific fields, Via
     /// extended.
-    func relayWireResponseHead(_ head: HTTP1ResponseHead, pluginEdits: HTTP1HeadEdits?, exchange: Exchange) {
+    func relayWireResponseHead(_ head: HTTP1ResponseHead, pluginChanges: ResponseHeadChanges?, exchange: Exchange) {
         let fields = head.fields
         var dropped = fields.hopByHopFields()
-        if let pluginEdits { dropped.formUnion(pluginEdits.removed) }
-        let status = pluginEdits?.status?.code ?? head.status
+        if let pluginChanges { dropped.formUnion(pluginChanges.edits.removed) }
+        let status = pluginChanges?.status?.code ?? head.status
         var headers = HPACKHeaders()
-        headers.reserveCapacity(fields.count + 2 + (pluginEdits?.added.count ?? 0))
+        headers.reserveCapacity(fields.count + 2 + (pluginChanges?.edits.added.count ?? 0))
         headers.add(name: ":status", value: String(status))
         var via: String? = nil
         for (i, e) in fields.entries.enumerated() where !dropped.contains(i) {
@@ -286,7 +286,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, ExchangeDownstream {
                 headers.add(name: fields.name(at: i).lowercased(), value: fields.value(at: i))
             }
         }
-        for field in pluginEdits?.added ?? [] {
+        for field in pluginChanges?.edits.added ?? [] {
             switch HTTP1KnownField.classify(field.name) {
             case .via: via = via.map { $0 + ", " + field.value } ?? field.value
             case let kind where kind.isHopByHop: continue

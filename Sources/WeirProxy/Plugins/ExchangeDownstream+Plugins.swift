@@ -119,12 +119,12 @@ extension ExchangeDownstream {
     }
 
     /// The upstream's response head, before anything is sent downstream.
-    /// Returns the plugins' edits to relay it with, or nil when the plugins
+    /// Returns the plugins' changes to relay it with, or nil when the plugins
     /// answered instead or are still running (the head is relayed when
     /// they finish). The head stays in its bytes: plugins' header changes
     /// are an edit list (PluginHeadEdits.swift).
     func runResponsePlugins(_ head: HTTP1ResponseHead, exchange: Exchange, plugins: ExchangePlugins,
-                            connection: UpstreamConnection) -> HTTP1HeadEdits? {
+                            connection: UpstreamConnection) -> ResponseHeadChanges? {
         plugins.beginUpstreamResponse(head)
         // Only the request phase's response header changes (or a body
         // filter's re-framing) to apply: no Lua to enter.
@@ -143,8 +143,8 @@ extension ExchangeDownstream {
                 plugins.holdingResponse = false
                 let held = plugins.heldParts
                 plugins.heldParts.removeAll()
-                guard let edits = self.responsePhaseEnded(exchange, plugins: plugins, result: result, connection: connection) else { return }
-                self.relayWireResponseHead(head, pluginEdits: edits, exchange: exchange)
+                guard let changes = self.responsePhaseEnded(exchange, plugins: plugins, result: result, connection: connection) else { return }
+                self.relayWireResponseHead(head, pluginChanges: changes, exchange: exchange)
                 for part in held where self.exchange === exchange { self.upstreamRead(part, on: connection) }
                 self.flushDownstream()
                 connection.handler.resumeReading()
@@ -154,11 +154,11 @@ extension ExchangeDownstream {
     }
 
     private func responsePhaseEnded(_ exchange: Exchange, plugins: ExchangePlugins, result: PhaseResult,
-                                    connection: UpstreamConnection) -> HTTP1HeadEdits? {
-        let edits = plugins.endUpstreamResponse()
+                                    connection: UpstreamConnection) -> ResponseHeadChanges? {
+        let changes = plugins.endUpstreamResponse()
         switch result {
         case .continue:
-            return edits
+            return changes
         case .exit(let exit):
             dropUpstream(exchange, connection)
             sendPluginExit(exchange, exit, runResponsePhase: false)

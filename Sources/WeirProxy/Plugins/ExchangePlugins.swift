@@ -60,7 +60,7 @@ final class ExchangePlugins: PluginRequestContext {
     /// The upstream's response head while the response phase runs on it,
     /// and the phase's changes as edits on its bytes (PluginHeadEdits.swift).
     private(set) var upstreamResponse: HTTP1ResponseHead?
-    private var upstreamResponseEdits = HTTP1HeadEdits()
+    private var upstreamResponseChanges = ResponseHeadChanges()
     /// A proxy-made head (a plugin's exit) while the response phase runs on it.
     var responseHead: HTTPResponseHead?
     /// Status of an early exit (what the log phase sees).
@@ -163,21 +163,21 @@ final class ExchangePlugins: PluginRequestContext {
     /// phase's response header changes become its first edits.
     func beginUpstreamResponse(_ head: HTTP1ResponseHead) {
         upstreamResponse = head
-        upstreamResponseEdits = HTTP1HeadEdits()
+        upstreamResponseChanges = ResponseHeadChanges()
         for (op, name, value) in earlyResponseOps {
-            applyResponseOp(op, name, value, to: &upstreamResponseEdits, in: head.fields)
+            applyResponseOp(op, name, value, to: &upstreamResponseChanges.edits, in: head.fields)
         }
         earlyResponseOps.removeAll()
     }
 
     /// The response phase is over: its edits to the upstream's head (a
     /// body filter re-frames the body, so its length goes).
-    func endUpstreamResponse() -> HTTP1HeadEdits {
-        var edits = upstreamResponseEdits
-        if filtersBody, let head = upstreamResponse { edits.removeFields(named: "content-length", in: head.fields) }
+    func endUpstreamResponse() -> ResponseHeadChanges {
+        var changes = upstreamResponseChanges
+        if filtersBody, let head = upstreamResponse { changes.edits.removeFields(named: "content-length", in: head.fields) }
         upstreamResponse = nil
-        upstreamResponseEdits = HTTP1HeadEdits()
-        return edits
+        upstreamResponseChanges = ResponseHeadChanges()
+        return changes
     }
 
     private func applyResponseOp(_ op: HeaderOp, _ name: String, _ value: String, to edits: inout HTTP1HeadEdits,
@@ -276,6 +276,7 @@ final class ExchangePlugins: PluginRequestContext {
     /// PluginHeadEdits.swift).
     @discardableResult
     private func makeUpstreamEdits() -> Bool {
+        upstreamHeadEdited = true
         if exchange.upstreamEdits != nil { return true }
         guard let handler, let head = exchange.head, let routed = exchange.routed else { return false }
         exchange.upstreamEdits = handler.upstreamEdits(exchange, head: head, routed: routed)
@@ -339,8 +340,14 @@ final class ExchangePlugins: PluginRequestContext {
                                                 metadata: ["request_id": "\(exchange.id)"])
             return
         }
-        exchange.upstreamEdits!.method = method
+        upstreamMethod = method
     }
+
+    /// A plugin read or changed the upstream request head (its method or
+    /// framing may differ from the client's: see serializeUpstreamHead).
+    private(set) var upstreamHeadEdited = false
+    /// `set_method`'s method (the writer's `method`).
+    private(set) var upstreamMethod: String?
 
     /// Request phase only (before the upstream connection exists): the
     /// upstream gets `body` with its Content-Length; the client's own body
@@ -418,7 +425,7 @@ final class ExchangePlugins: PluginRequestContext {
     // MARK: The response
 
     var responseStatus: Int? {
-        if let head = upstreamResponse { return upstreamResponseEdits.status?.code ?? head.status }
+        if let head = upstreamResponse { return upstreamResponseChanges.status?.code ?? head.status }
         if let head = responseHead { return Int(head.status.code) }
         return exitStatus ?? (exchange.status == 0 ? nil : exchange.status)
     }
@@ -426,19 +433,19 @@ final class ExchangePlugins: PluginRequestContext {
     func setResponseStatus(_ status: Int) {
         if upstreamResponse != nil {
             let reason = HTTPResponseStatus(statusCode: status).reasonPhrase
-            upstreamResponseEdits.status = (status, HeadSerialization.isValidFieldValue(reason) ? reason : "")
+            upstreamResponseChanges.status = (status, HeadSerialization.isValidFieldValue(reason) ? reason : "")
         } else {
             responseHead?.status = HTTPResponseStatus(statusCode: status)
         }
     }
 
     func responseHeader(_ name: String) -> String? {
-        if let head = upstreamResponse { return upstreamResponseEdits.firstValue(named: name, in: head.fields) }
+        if let head = upstreamResponse { return upstreamResponseChanges.edits.firstValue(named: name, in: head.fields) }
         return responseHead?.headers.first(name: name)
     }
 
     func responseHeaders() -> [(name: String, value: String)] {
-        if let head = upstreamResponse { return upstreamResponseEdits.fieldPairs(in: head.fields) }
+        if let head = upstreamResponse { return upstreamResponseChanges.edits.fieldPairs(in: head.fields) }
         return responseHead?.headers.map { (name: $0.name.lowercased(), value: $0.value) } ?? []
     }
 
@@ -470,7 +477,7 @@ final class ExchangePlugins: PluginRequestContext {
 
     private func responseOp(_ op: HeaderOp, _ name: String, _ value: String) {
         if let head = upstreamResponse {
-            return applyResponseOp(op, name, value, to: &upstreamResponseEdits, in: head.fields)
+            return applyResponseOp(op, name, value, to: &upstreamResponseChanges.edits, in: head.fields)
         }
         guard responseHead != nil else {
             earlyResponseOps.append((op, name, value))

@@ -13,6 +13,13 @@ import NIOCore
 // a token or a value with CR/LF/NUL is dropped (a `set_header` of such a
 // value still removes the field's old lines, as `set` = clear + add).
 
+/// What plugins changed on the upstream's response head: its field lines
+/// and perhaps its status line (`weir.response.set_status`).
+struct ResponseHeadChanges {
+    var edits = HTTP1HeadEdits()
+    var status: (code: Int, reason: String)?
+}
+
 extension HTTP1HeadEdits {
     /// `set_header`: every line of that name goes, then one is added.
     mutating func setField(_ name: String, _ value: String, in fields: HTTP1Fields) {
