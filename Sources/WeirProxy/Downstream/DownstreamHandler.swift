@@ -446,7 +446,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
         let fields = head.fields
         let clientIs11 = !exchange.head!.isHTTP10
         var edits = HTTP1HeadEdits(removed: fields.hopByHopFields(keepUpgrade: isUpgrade))
-        edits.added.reserveCapacity(3)
+        edits.added.reserveCapacity(3 + (pluginChanges?.edits.added.count ?? 0))
         var via: String? = nil
         var hasLength = false
         if case .contentLength = head.framing { hasLength = true }

@@ -164,6 +164,7 @@ final class ExchangePlugins: PluginRequestContext {
     func beginUpstreamResponse(_ head: HTTP1ResponseHead) {
         upstreamResponse = head
         upstreamResponseChanges = ResponseHeadChanges()
+        upstreamResponseChanges.edits.added.reserveCapacity(earlyResponseOps.count + 4)
         for (op, name, value) in earlyResponseOps {
             applyResponseOp(op, name, value, to: &upstreamResponseChanges.edits, in: head.fields)
         }
@@ -480,6 +481,8 @@ final class ExchangePlugins: PluginRequestContext {
             return applyResponseOp(op, name, value, to: &upstreamResponseChanges.edits, in: head.fields)
         }
         guard responseHead != nil else {
+            // One allocation for a plugin's handful (rate-limiting sets 5).
+            if earlyResponseOps.isEmpty { earlyResponseOps.reserveCapacity(8) }
             earlyResponseOps.append((op, name, value))
             return
         }
