@@ -19,8 +19,11 @@
 # haproxy-tcp (HTTP through an L4 proxy: the tcp-rps case, small messages;
 # use --connections 64 as that case does) and weir-https vs nginx-https
 # (keep-alive HTTPS, TLS 1.3, a throwaway certificate; --connections 32).
+# weir-h2c is driven by h2load instead of wrk (4 connections x 100
+# concurrent streams, cleartext HTTP/2 with prior knowledge, as
+# run-protocols.sh's h2c case; --connections does not apply).
 #
-#   bench/callgrind.sh [--no-build] [--proxy weir|weir-noop|weir-lua|weir-observe|weir-h2up|weir-auth-local|
+#   bench/callgrind.sh [--no-build] [--proxy weir|weir-noop|weir-lua|weir-observe|weir-h2up|weir-h2c|weir-auth-local|
 #                                            weir-auth-redis|weir-tcp|weir-https|nginx|nginx-lua|nginx-lua-auth|
 #                                            nginx-https|haproxy|haproxy-tcp]
 #                      [--duration S] [--connections N]
@@ -39,7 +42,7 @@ while [ $# -gt 0 ]; do
         --proxy) PROXY=${2:-}; shift 2 ;;
         --duration) [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] || die "--duration needs a positive integer"; DURATION=$2; shift 2 ;;
         --connections) [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] || die "--connections needs a positive integer"; CONNS=$2; shift 2 ;;
-        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
         *) die "unknown option: $1 (see --help)" ;;
     esac
 done
@@ -50,6 +53,7 @@ case "$PROXY" in
     weir-lua) PORT=$WEIR_LUA_PORT ;;
     weir-observe) PORT=$WEIR_OBSERVE_PORT ;;
     weir-h2up) PORT=$WEIR_H2UP_PORT ;;   # HTTP/2 upstream (origin's h2c port)
+    weir-h2c) PORT=$WEIR_H2C_PORT ;;     # HTTP/2 downstream (h2load)
     weir-auth-local) PORT=$WEIR_AUTH_LOCAL_PORT ;;
     weir-auth-redis) PORT=$WEIR_AUTH_REDIS_PORT ;;
     weir-tcp) PORT=$WEIR_TCP_PORT ;;
@@ -60,14 +64,17 @@ case "$PROXY" in
     nginx) PORT=$NGINX_PORT ;;
     nginx-lua) PORT=$NGINX_LUA_PORT ;;
     haproxy) PORT=$HAPROXY_PORT ;;
-    *) die "unknown proxy '$PROXY' (known: weir, weir-noop, weir-lua, weir-observe, weir-h2up, weir-auth-local, weir-auth-redis, weir-tcp, weir-https, nginx, nginx-lua, nginx-lua-auth, nginx-https, haproxy, haproxy-tcp)" ;;
+    *) die "unknown proxy '$PROXY' (known: weir, weir-noop, weir-lua, weir-observe, weir-h2up, weir-h2c, weir-auth-local, weir-auth-redis, weir-tcp, weir-https, nginx, nginx-lua, nginx-lua-auth, nginx-https, haproxy, haproxy-tcp)" ;;
 esac
 # The HTTPS variants are asked over TLS with the run's own certificate.
 URL="http://127.0.0.1:$PORT/"
 CURL_ARGS=()
-case "$PROXY" in *-https) URL="https://127.0.0.1:$PORT/"; CURL_ARGS=(--cacert "$RUN_DIR/tls/cert.pem") ;; esac
+case "$PROXY" in
+    *-https) URL="https://127.0.0.1:$PORT/"; CURL_ARGS=(--cacert "$RUN_DIR/tls/cert.pem") ;;
+    weir-h2c) CURL_ARGS=(--http2-prior-knowledge) ;;
+esac
 
-require_tools nginx wrk curl valgrind callgrind_control callgrind_annotate python3 ss
+require_tools nginx wrk h2load curl valgrind callgrind_control callgrind_annotate python3 ss
 for port in "$ORIGIN_PORT" "$PORT"; do
     port_in_use "$port" && die "127.0.0.1:$port is already in use (is another benchmark running?)"
 done
@@ -144,6 +151,13 @@ wait_for_port "$PORT" 90 || die "$PROXY did not listen on 127.0.0.1:$PORT under 
 problem=$(verify_proxies_to_origin "$PROXY" "$PORT" "$URL" "${CURL_ARGS[@]}") || die "$PROXY does not proxy to the origin: $problem"
 
 wrk_for() { # SECONDS
+    if [ "$PROXY" = weir-h2c ]; then
+        # shellcheck disable=SC2046
+        timeout $(($1 + 60)) $(pin "$LOAD_CPU") h2load -t 1 -c 4 -m 100 -D "$1" \
+            -H "apikey: $API_KEY" "$URL" > "$RUN_DIR/h2load.out" 2>&1
+        h2load_result "$RUN_DIR/h2load.out" "$1"
+        return
+    fi
     # shellcheck disable=SC2046
     timeout $(($1 + 60)) $(pin "$LOAD_CPU") wrk -t 1 -c "$CONNS" -d "${1}s" --timeout 10s \
         -s "$WRK_REPORTER" -H "apikey: $API_KEY" "$URL"

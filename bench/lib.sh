@@ -438,3 +438,26 @@ verify_proxies_to_origin() {
 cpu_ticks() {
     python3 "$BENCH_DIR/cpu_ticks.py" "$1"
 }
+
+# h2load's summary -> the fields wrk-report.lua prints (run-protocols.sh,
+# callgrind.sh weir-h2c).
+h2load_result() { # OUTFILE SECONDS
+    python3 - "$1" "$2" <<'PY'
+import re, sys
+text = open(sys.argv[1]).read()
+seconds = float(sys.argv[2])
+m = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout", text)
+t = re.search(r"finished in ([\d.]+)s, ([\d.]+) req/s", text)
+b = re.search(r"traffic: .*?\((\d+)\) total", text)
+lat = re.search(r"time for request:\s+(\S+)\s+(\S+)\s+(\S+)", text)
+if not m or not t:
+    sys.exit(0)
+def us(v):
+    n = float(re.match(r"[\d.]+", v).group())
+    return n * (1000 if v.endswith("ms") else 1e6 if v.endswith("s") and not v.endswith("us") else 1)
+done, failed, errored, timeout = int(m.group(3)), int(m.group(5)), int(m.group(6)), int(m.group(7))
+print(f"WRK_RESULT requests={done} seconds={float(t.group(1)):.3f} rps={float(t.group(2)):.1f} "
+      f"bytes={b.group(1) if b else 0} mean_us={us(lat.group(3)) if lat else 0:.1f} "
+      f"err_status={failed} err_read={errored} err_timeout={timeout}")
+PY
+}

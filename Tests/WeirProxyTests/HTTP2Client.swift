@@ -207,7 +207,12 @@ elif MODE == "continuation-flood":
 elif MODE == "too-many-streams":
     def abuse():
         s, c = connect()
-        pump(s, c, lambda ev: any(isinstance(e, h2.events.RemoteSettingsChanged) for e in ev), 2)
+        ev, _ = pump(s, c, lambda ev: any(isinstance(e, h2.events.RemoteSettingsChanged) for e in ev), 2)
+        advertised = None
+        for e in ev:
+            if isinstance(e, h2.events.RemoteSettingsChanged):
+                ch = e.changed_settings.get(h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS)
+                if ch is not None: advertised = ch.new_value
         c.update_settings({})  # keep the state machine happy
         n = int(ARGS[0]); ids = []
         # Bypass the client's own limit: encode HEADERS by hand.
@@ -238,7 +243,7 @@ elif MODE == "too-many-streams":
                     if (":status", "200") in [(k if isinstance(k, str) else k.decode(), v if isinstance(v, str) else v.decode()) for k, v in hs]: ok_heads += 1
                 elif isinstance(f, SettingsFrame) and "ACK" not in f.flags:
                     s.sendall(SettingsFrame(0, flags=["ACK"]).serialize())
-        return {"sent": n, "refused": refused, "ok": ok_heads, "goaway": goaway}
+        return {"sent": n, "refused": refused, "ok": ok_heads, "goaway": goaway, "advertised": advertised}
     result = with_bystander(abuse)
 elif MODE == "window-overflow":
     def abuse():

@@ -3,9 +3,10 @@
 // client that misbehaves on purpose (HTTP2Client.swift).
 
 import Foundation
+import NIOCore
 import NIOPosix
 import WeirCore
-import WeirProxy
+@testable import WeirProxy
 import XCTest
 
 final class HTTP2DownstreamTests: UpstreamTestCase {
@@ -172,17 +173,38 @@ final class HTTP2DownstreamTests: UpstreamTestCase {
     }
 
     /// A client that opens more streams than SETTINGS_MAX_CONCURRENT_STREAMS
-    /// allowed (after acknowledging it): nio-http2 treats that as a
-    /// connection error (GOAWAY PROTOCOL_ERROR; RFC 9113 §5.1.2 allows a
-    /// stream error too, the stricter answer stops a client ignoring limits).
-    func testStreamsOverTheLimitEndTheConnection() throws {
+    /// allowed: the streams over the limit are refused one by one
+    /// (RST_STREAM REFUSED_STREAM, RFC 9113 §5.1.2, as nginx and Envoy do);
+    /// the connection and the streams within the limit go on.
+    func testStreamsOverTheLimitAreRefusedAndTheOthersServed() throws {
         try XCTSkipUnless(H2Script.available, "python3-h2 is not installed")
         let proxy = try self.proxy { $0.maxConcurrentStreams = 5 }
         defer { proxy.stop() }
         let r = try H2Script.run(port: proxy.port, "too-many-streams", ["12"])
-        XCTAssertEqual(r["goaway"] as? Int, 1, "GOAWAY PROTOCOL_ERROR: \(r)")
+        XCTAssertEqual(r["advertised"] as? Int, 5, "the configured limit is what the client is told: \(r)")
+        XCTAssertEqual(r["refused"] as? Int, 7, "RST_STREAM REFUSED_STREAM for each stream over the limit: \(r)")
+        XCTAssertEqual(r["ok"] as? Int, 5, "the 5 streams within the limit are answered: \(r)")
+        XCTAssertTrue(r["goaway"] is NSNull, "no GOAWAY: \(r)")
         XCTAssertEqual(r["bystander_before"] as? Int, 200)
         XCTAssertEqual(r["bystander_after"] as? Int, 200)
+    }
+
+    /// The SETTINGS rewrite behind the advertised limit (HTTP2StreamLimit.swift).
+    func testAdvertisedStreamLimitRewritesOnlyMaxConcurrentStreams() {
+        var frame = ByteBuffer()
+        frame.writeBytes([0, 0, 18, 0x4, 0, 0, 0, 0, 0])                 // SETTINGS, 3 entries, stream 0
+        frame.writeInteger(UInt16(0x3)); frame.writeInteger(UInt32(26))   // MAX_CONCURRENT_STREAMS
+        frame.writeInteger(UInt16(0x4)); frame.writeInteger(UInt32(65_535))
+        frame.writeInteger(UInt16(0x2)); frame.writeInteger(UInt32(0))
+        var rewritten = frame
+        XCTAssertTrue(AdvertisedStreamLimit.rewriteMaxConcurrentStreams(in: &rewritten, to: 5))
+        XCTAssertEqual(rewritten.getInteger(at: 11, as: UInt32.self), 5)
+        XCTAssertEqual(rewritten.getInteger(at: 17, as: UInt32.self), 65_535, "other entries untouched")
+        XCTAssertEqual(rewritten.getInteger(at: 23, as: UInt32.self), 0)
+        var ack = ByteBuffer(bytes: [0, 0, 0, 0x4, 0x1, 0, 0, 0, 0])
+        XCTAssertFalse(AdvertisedStreamLimit.rewriteMaxConcurrentStreams(in: &ack, to: 5), "a SETTINGS ACK is left alone")
+        var ping = ByteBuffer(bytes: [0, 0, 8, 0x6, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8])
+        XCTAssertFalse(AdvertisedStreamLimit.rewriteMaxConcurrentStreams(in: &ping, to: 5), "not a SETTINGS frame")
     }
 
     func testWindowOverflowIsAFlowControlError() throws {

@@ -8,24 +8,35 @@ import WeirCore
 //                   ("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n") as the first bytes
 //                   (h2c with prior knowledge) and hands the connection over
 //   https listener: ALPN chose "h2"
-//   then:  NIOHTTP2Handler (framing, HPACK, flow control, the limits below)
-//          ─ HTTP2DownstreamConnection (accounting, idle/ping timeouts, drain)
-//          └ per stream: HTTP2StreamHandler (the exchange, ExchangeDownstream)
+//   then:  NIOHTTP2Handler (framing, HPACK, stream states, the limits below)
+//          ─ HTTP2DownstreamConnection (the streams, inbound windows, flushes,
+//            accounting, idle/ping timeouts, drain)
+//            └ per stream: HTTP2ServerStream (the exchange, ExchangeDownstream)
+//
+// There is no child Channel per stream (no stream multiplexer): a stream is
+// a plain object in `streams`, its frames written through this handler.
+// That saves a channel, a pipeline and their promises per stream, and lets
+// the connection flush once per event-loop tick instead of once per stream.
+// The price is that this file does what the multiplexer did: it hands out
+// inbound flow-control credit (WINDOW_UPDATE, held back per stream while
+// its upstream cannot take more) and tracks per-stream outbound writability.
 //
 // What enforces which `http2:` setting (HTTP2ListenerConfig.swift):
-// - swift-nio-http2: max_concurrent_streams (RST_STREAM REFUSED_STREAM),
+// - Weir with swift-nio-http2: max_concurrent_streams (HTTP2StreamLimit.swift)
+// - swift-nio-http2:
 //   max_header_list_size (SETTINGS + a cap on a header block's bytes,
 //   CONTINUATIONs included), max_continuation_frames, windows and window
 //   overflow (FLOW_CONTROL_ERROR), max_frame_size, Rapid Reset (max_resets
 //   RST_STREAMs per reset_window: GOAWAY ENHANCE_YOUR_CALM), max_glitches,
 //   PING/SETTINGS floods, empty DATA floods, and RFC 9113 §8.2 header
 //   validation.
-// - Weir (this file): idle_timeout, ping_interval/ping_timeout, graceful
+// - Weir (this file): initial_window_size / connection_window_size as the
+//   window it keeps open, idle_timeout, ping_interval/ping_timeout, graceful
 //   drain (GOAWAY then close when the streams are done), connection
 //   accounting.
 
-/// The state an HTTP/2 connection's streams share, and the connection-level
-/// handler that sits after `NIOHTTP2Handler`.
+/// An HTTP/2 connection: the handler after `NIOHTTP2Handler` that owns the
+/// connection's streams.
 final class HTTP2DownstreamConnection: ChannelDuplexHandler {
     typealias InboundIn = HTTP2Frame
     typealias OutboundIn = HTTP2Frame
@@ -41,9 +52,24 @@ final class HTTP2DownstreamConnection: ChannelDuplexHandler {
     let tls: TLSConnectionInfo?
     var connectionPlugins: ConnectionPlugins?
     private(set) var draining = false
-    private var context: ChannelHandlerContext?
-    private var openStreams = 0
+    private(set) var context: ChannelHandlerContext!
+    /// The open streams (client-initiated; this side never opens one).
+    private var streams: [HTTP2StreamID: HTTP2ServerStream] = [:]
+    /// Streams holding back a frame to coalesce it with the next one
+    /// (HTTP2ServerStream.heldFrame); written before any flush.
+    private var streamsHoldingFrames: [HTTP2ServerStream] = []
     private var closed = false
+    /// Streams refused over max_concurrent_streams in the current reset window.
+    private var refusals = 0
+    private var refusalWindowStart: NIODeadline = .uptimeNanoseconds(0)
+    /// Inside channelRead..channelReadComplete: writes are flushed at its end.
+    private var reading = false
+    /// Something was written and not flushed yet.
+    private var needsFlush = false
+    /// A flush is scheduled for the end of this event-loop tick.
+    private var flushScheduled = false
+    /// The connection's receive window as nio-http2 last reported it.
+    private var connectionInboundWindow: Int = 65_535
     private var idleTimer = LazyTimer()
     private var pingTimer = LazyTimer()
     /// A PING we sent is waiting for its ACK.
@@ -77,7 +103,8 @@ final class HTTP2DownstreamConnection: ChannelDuplexHandler {
                                               connectionPlugins: connectionPlugins)
         var connectionConfiguration = NIOHTTP2Handler.ConnectionConfiguration()
         connectionConfiguration.initialSettings = [
-            HTTP2Setting(parameter: .maxConcurrentStreams, value: settings.maxConcurrentStreams),
+            // Told to the client as max_concurrent_streams (HTTP2StreamLimit.swift).
+            HTTP2Setting(parameter: .maxConcurrentStreams, value: HTTP2StreamLimit.nioCeiling(settings.maxConcurrentStreams)),
             HTTP2Setting(parameter: .maxHeaderListSize, value: settings.maxHeaderListSize),
             HTTP2Setting(parameter: .initialWindowSize, value: settings.initialWindowSize),
             HTTP2Setting(parameter: .maxFrameSize, value: settings.maxFrameSize),
@@ -85,20 +112,14 @@ final class HTTP2DownstreamConnection: ChannelDuplexHandler {
         ]
         connectionConfiguration.maximumSequentialContinuationFrames = settings.maxContinuationFrames
         connectionConfiguration.maximumConnectionGlitches = settings.maxGlitches
-        connectionConfiguration.targetWindowSize = settings.connectionWindowSize
         var streamConfiguration = NIOHTTP2Handler.StreamConfiguration()
-        streamConfiguration.targetWindowSize = settings.initialWindowSize
         streamConfiguration.streamResetFrameRateLimit.maximumCount = settings.maxResets
         streamConfiguration.streamResetFrameRateLimit.windowLength = .nanoseconds(settings.resetWindow.nanoseconds)
+        // No stream multiplexer: frames of every stream come to `state`.
         let sync = channel.pipeline.syncOperations
-        _ = try sync.configureHTTP2Pipeline(
-            mode: .server, connectionConfiguration: connectionConfiguration,
-            streamConfiguration: streamConfiguration
-        ) { stream in
-            stream.eventLoop.makeCompletedFuture {
-                try stream.pipeline.syncOperations.addHandler(HTTP2StreamHandler(connection: state))
-            }
-        }
+        try sync.addHandler(AdvertisedStreamLimit(advertised: settings.maxConcurrentStreams))
+        try sync.addHandler(NIOHTTP2Handler(mode: .server, connectionConfiguration: connectionConfiguration,
+                                            streamConfiguration: streamConfiguration))
         try sync.addHandler(state)
     }
 
@@ -127,37 +148,87 @@ final class HTTP2DownstreamConnection: ChannelDuplexHandler {
         closed = true
         idleTimer.cancel()
         pingTimer.cancel()
+        // Streams still open lose their exchange (the client sees the cut).
+        let open = streams.values
+        streams.removeAll()
+        streamsHoldingFrames.removeAll()
+        for stream in open { stream.streamClosed() }
         connectionPlugins?.close()
         loopContext.unregisterHTTP2(self)
         listener.connectionClosed()
         listener.observer?.connectionClosed(listener: listener.name)
     }
 
+    // MARK: - Frames in
+
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        lastRead = .now()
+        reading = true
         let frame = unwrapInboundIn(data)
-        if case .ping(_, ack: true) = frame.payload { pingOutstanding = false }
-        context.fireChannelRead(data)
+        let streamID = frame.streamID
+        switch frame.payload {
+        case .headers(let headers):
+            if let stream = streams[streamID] {
+                stream.receivedHeaders(headers)
+            } else if !closed {
+                // nio-http2 has checked this HEADERS may open a stream.
+                if streams.count >= settings.maxConcurrentStreams { return refuseStream(streamID) }
+                let stream = HTTP2ServerStream(connection: self, streamID: streamID)
+                streams[streamID] = stream
+                idleTimer.set(nil)
+                stream.receivedHeaders(headers)
+            }
+        case .data(let payload):
+            streams[streamID]?.receivedData(payload)
+        case .ping(_, ack: true):
+            pingOutstanding = false
+        default:
+            // SETTINGS, PING, WINDOW_UPDATE, RST_STREAM, GOAWAY, PRIORITY:
+            // nio-http2 has acted on them (a reset stream arrives as
+            // StreamClosedEvent).
+            break
+        }
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        reading = false
+        lastRead = .now()
+        for stream in streams.values where stream.exchange?.upstreamNeedsFlush == true {
+            stream.flushUpstream()
+        }
+        flushNow()
+        context.fireChannelReadComplete()
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        if event is NIOHTTP2StreamCreatedEvent {
-            openStreams += 1
-            idleTimer.set(nil)
-        } else if event is StreamClosedEvent {
-            openStreams = max(0, openStreams - 1)
-            if openStreams == 0 {
-                if draining { return closeGracefully() }
-                armIdleTimer()
+        if let event = event as? NIOHTTP2WindowUpdatedEvent {
+            windowUpdated(event)
+        } else if let event = event as? StreamClosedEvent {
+            if let stream = streams.removeValue(forKey: event.streamID) {
+                stream.streamClosed()
+                if streams.isEmpty {
+                    if draining { return closeGracefully() }
+                    armIdleTimer()
+                }
             }
         }
         context.fireUserInboundEventTriggered(event)
     }
 
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable {
+            for stream in streams.values { stream.writabilityMayHaveChanged() }
+        }
+        context.fireChannelWritabilityChanged()
+    }
+
     func errorCaught(context: ChannelHandlerContext, error: Error) {
-        // A stream error has reset that stream only (RFC 9113 §5.4.2): the
-        // connection and its other streams go on.
-        if Self.isStreamError(error) { return }
+        // A stream error has reset that stream only (RFC 9113 §5.4.2; the
+        // StreamClosedEvent that follows ends its exchange): the connection
+        // and its other streams go on.
+        if Self.isStreamError(error) {
+            loopContext.logger.debug("HTTP/2 stream error", metadata: ["client": "\(clientIP)", "error": "\(error)"])
+            return
+        }
         // Connection errors: nio-http2 has sent GOAWAY with the error code.
         loopContext.logger.debug("HTTP/2 connection error", metadata: ["client": "\(clientIP)", "error": "\(error)"])
         context.close(promise: nil)
@@ -195,6 +266,96 @@ final class HTTP2DownstreamConnection: ChannelDuplexHandler {
         }
     }
 
+    /// One stream more than max_concurrent_streams: RST_STREAM
+    /// REFUSED_STREAM (nothing was processed; the client may retry it).
+    /// Too many refusals in a reset window end the connection like a
+    /// Rapid Reset does.
+    private func refuseStream(_ streamID: HTTP2StreamID) {
+        let now = NIODeadline.now()
+        if now - refusalWindowStart > .nanoseconds(settings.resetWindow.nanoseconds) {
+            refusalWindowStart = now
+            refusals = 0
+        }
+        refusals += 1
+        if refusals > settings.maxResets {
+            loopContext.logger.debug("HTTP/2 client keeps opening streams over the limit: closing",
+                                     metadata: ["client": "\(clientIP)"])
+            let goAway = HTTP2Frame(streamID: .rootStream,
+                                    payload: .goAway(lastStreamID: streamID, errorCode: .enhanceYourCalm, opaqueData: nil))
+            context.writeAndFlush(wrapOutboundOut(goAway)).whenComplete { [context] _ in context?.close(promise: nil) }
+            return
+        }
+        write(HTTP2Frame(streamID: streamID, payload: .rstStream(.refusedStream)))
+    }
+
+    // MARK: - Inbound flow control
+
+    /// nio-http2 reports a window after every flow-controlled frame. The
+    /// connection's window is always reopened (a stream's own window is
+    /// what holds a client back); a stream's is reopened by the stream,
+    /// which holds it back while its upstream is not writable.
+    private func windowUpdated(_ event: NIOHTTP2WindowUpdatedEvent) {
+        guard let window = event.inboundWindowSize else { return }
+        if event.streamID == .rootStream {
+            connectionInboundWindow = window
+            if let increment = Self.windowIncrement(window: window, target: settings.connectionWindowSize) {
+                connectionInboundWindow += increment
+                write(HTTP2Frame(streamID: .rootStream, payload: .windowUpdate(windowSizeIncrement: increment)))
+            }
+        } else {
+            streams[event.streamID]?.inboundWindowChanged(window)
+        }
+    }
+
+    /// The WINDOW_UPDATE increment that brings `window` back to `target`,
+    /// once it has fallen to half of it or less (fewer, larger updates);
+    /// nil while it is still above.
+    static func windowIncrement(window: Int, target: Int) -> Int? {
+        guard window <= target / 2 else { return nil }
+        return min(target - window, Int(Int32.max))
+    }
+
+    // MARK: - Frames out
+
+    /// Writes `frame`; the flush comes at the end of the current read or
+    /// event-loop tick (`flushSoon`), once for all the streams written to.
+    func write(_ frame: HTTP2Frame, promise: EventLoopPromise<Void>? = nil) {
+        guard !closed else {
+            promise?.fail(ChannelError.ioOnClosedChannel)
+            return
+        }
+        context.write(wrapOutboundOut(frame), promise: promise)
+        needsFlush = true
+    }
+
+    func holdingFrame(_ stream: HTTP2ServerStream) {
+        streamsHoldingFrames.append(stream)
+    }
+
+    /// A flush before the event loop goes back to waiting: once per tick
+    /// for however many streams wrote (a read's end flushes anyway).
+    func flushSoon() {
+        guard !reading, !flushScheduled, !closed else { return }
+        flushScheduled = true
+        context.eventLoop.execute { [self] in
+            flushScheduled = false
+            flushNow()
+        }
+    }
+
+    private func flushNow() {
+        if !streamsHoldingFrames.isEmpty {
+            let holding = streamsHoldingFrames
+            streamsHoldingFrames.removeAll(keepingCapacity: true)
+            for stream in holding { stream.releaseHeldFrame() }
+        }
+        guard needsFlush, !closed else { return }
+        needsFlush = false
+        context.flush()
+    }
+
+    var isWritable: Bool { context.channel.isWritable }
+
     // MARK: - Timers
 
     private func armIdleTimer() {
@@ -202,7 +363,7 @@ final class HTTP2DownstreamConnection: ChannelDuplexHandler {
     }
 
     private func idleTimerFired() {
-        guard idleTimer.fired(now: .now()), openStreams == 0, !closed else { return }
+        guard idleTimer.fired(now: .now()), streams.isEmpty, !closed else { return }
         closeGracefully()
     }
 
@@ -246,7 +407,7 @@ final class HTTP2DownstreamConnection: ChannelDuplexHandler {
     func beginDrain() {
         draining = true
         guard let context, !closed else { return }
-        if openStreams == 0 { return closeGracefully() }
+        if streams.isEmpty { return closeGracefully() }
         let goAway = HTTP2Frame(streamID: .rootStream,
                                 payload: .goAway(lastStreamID: .maxID, errorCode: .noError, opaqueData: nil))
         context.writeAndFlush(wrapOutboundOut(goAway), promise: nil)

@@ -6,6 +6,8 @@ import WeirCore
 
 /// One downstream HTTP/2 stream: a request in, a response out, through the
 /// same exchange logic as an HTTP/1.1 request (`ExchangeDownstream`).
+/// Not a channel handler: `HTTP2DownstreamConnection` hands it its frames
+/// and writes the ones it sends.
 ///
 /// The request's header list is written as an HTTP/1.1 head and parsed by
 /// Weir's own `HTTP1RequestParser`, so the exchange gets the same
@@ -17,18 +19,15 @@ import WeirCore
 /// fields, `te` other than `trailers`, CR/LF/NUL in values, a body that
 /// disagrees with content-length) with a stream error.
 ///
-/// Backpressure: DATA frames are only read while the upstream connection is
-/// writable; frames not read keep the stream's flow-control window closed,
-/// so the client waits (`read(context:)`). The other way, the upstream is
-/// paused while this stream's channel is not writable (its send window is
-/// used up).
-final class HTTP2StreamHandler: ChannelDuplexHandler, ExchangeDownstream {
-    typealias InboundIn = HTTP2Frame.FramePayload
-    typealias OutboundIn = HTTP2Frame.FramePayload
-    typealias OutboundOut = HTTP2Frame.FramePayload
-
+/// Backpressure: the stream's receive window is only reopened
+/// (WINDOW_UPDATE) while the upstream connection is writable, so a client
+/// sending faster than the upstream takes waits on its window. The other
+/// way, the upstream is paused while more than `outboundHighWater` bytes
+/// written to this stream are not on the socket yet (its send window used
+/// up, or the connection not writable).
+final class HTTP2ServerStream: ExchangeDownstream {
     let connection: HTTP2DownstreamConnection
-    private var context: ChannelHandlerContext!
+    let streamID: HTTP2StreamID
     var exchange: Exchange?
     var exchangeTimer = LazyTimer()
     /// HEADERS seen: what follows is body and trailers.
@@ -37,10 +36,30 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, ExchangeDownstream {
     private var clientEnded = false
     /// END_STREAM was written (or the stream is gone): nothing more goes out.
     private var responseEnded = false
-    private var pendingRead = false
+    /// nio-http2 closed the stream (both ends, or a reset).
+    private var gone = false
+    /// The receive window as nio-http2 last reported it, and whether an
+    /// update is held back until the upstream takes more.
+    private var inboundWindow = 0
+    private var windowUpdateHeld = false
+    /// Response bytes written, and how many of them are known to be on the
+    /// socket: a DATA write every `checkpointBytes` carries a promise, and
+    /// its completion confirms everything before it (one stream's frames
+    /// go out in order). Small responses never allocate one.
+    private var outboundWritten = 0
+    private var outboundConfirmed = 0
+    private var lastCheckpoint = 0
+    private static let checkpointBytes = 16 * 1024
+    private static let outboundHighWater = 64 * 1024
+    /// A frame not written yet, to carry END_STREAM if the response ends
+    /// next (HEADERS or DATA + END_STREAM instead of an extra empty DATA).
+    /// Written before the connection's next flush at the latest.
+    private var heldFrame: HTTP2Frame.FramePayload?
 
-    init(connection: HTTP2DownstreamConnection) {
+    init(connection: HTTP2DownstreamConnection, streamID: HTTP2StreamID) {
         self.connection = connection
+        self.streamID = streamID
+        exchangeTimer.setUp(loop: connection.context.eventLoop) { [weak self] in self?.exchangeTimerFired() }
     }
 
     // MARK: - ExchangeDownstream: the connection's facts
@@ -52,51 +71,52 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, ExchangeDownstream {
     var peerTrusted: Bool { connection.peerTrusted }
     var draining: Bool { connection.draining }
     var tls: TLSConnectionInfo? { connection.tls }
-    var localAddress: SocketAddress? { context.channel.parent?.localAddress }
+    var localAddress: SocketAddress? { connection.context.channel.localAddress }
     var connectionPlugins: ConnectionPlugins? {
         get { connection.connectionPlugins }
         set { connection.connectionPlugins = newValue }
     }
-    var allocator: ByteBufferAllocator { context.channel.allocator }
-    var eventLoop: EventLoop { context.eventLoop }
-    var downstreamIsWritable: Bool { context.channel.isWritable }
-
-    // MARK: - Channel lifecycle
-
-    func handlerAdded(context: ChannelHandlerContext) {
-        self.context = context
-        exchangeTimer.setUp(loop: context.eventLoop) { [weak self] in self?.exchangeTimerFired() }
+    var allocator: ByteBufferAllocator { connection.context.channel.allocator }
+    var eventLoop: EventLoop { connection.context.eventLoop }
+    var downstreamIsWritable: Bool {
+        outboundWritten - outboundConfirmed < Self.outboundHighWater && connection.isWritable
     }
 
-    func handlerRemoved(context: ChannelHandlerContext) {
-        exchangeTimer.cancel()
-    }
+    // MARK: - Stream lifecycle (called by the connection)
 
-    func channelInactive(context: ChannelHandlerContext) {
-        // The stream is gone (reset by the client, or the connection closed).
+    /// The stream is closed (both ends done, reset by either side, or the
+    /// connection went).
+    func streamClosed() {
+        gone = true
+        heldFrame = nil
+        let cut = !responseEnded
         responseEnded = true
         exchangeTimer.cancel()
-        if let exchange, !exchange.finished {
+        // An exchange whose response end was written finishes on its own;
+        // any other was cut by the client.
+        if cut, let exchange, !exchange.finished {
             abortExchange(exchange, reason: "the client reset the HTTP/2 stream")
         }
-        context.fireChannelInactive()
     }
 
-    func errorCaught(context: ChannelHandlerContext, error: Error) {
-        // Stream errors (malformed frames, reset): the stream closes.
-        loopContext.logger.debug("HTTP/2 stream error", metadata: ["client": "\(clientIP)", "error": "\(error)"])
-        context.close(promise: nil)
+    private func send(_ payload: HTTP2Frame.FramePayload, promise: EventLoopPromise<Void>? = nil) {
+        connection.write(HTTP2Frame(streamID: streamID, payload: payload), promise: promise)
+    }
+
+    /// Writes the held frame, if any (before any other frame of this stream,
+    /// and before the connection flushes).
+    func releaseHeldFrame() {
+        guard let frame = heldFrame else { return }
+        heldFrame = nil
+        send(frame)
+    }
+
+    private func hold(_ payload: HTTP2Frame.FramePayload) {
+        if heldFrame == nil { connection.holdingFrame(self) } else { releaseHeldFrame() }
+        heldFrame = payload
     }
 
     // MARK: - Reading from the client
-
-    func read(context: ChannelHandlerContext) {
-        if shouldRead {
-            context.read()
-        } else {
-            pendingRead = true
-        }
-    }
 
     private var shouldRead: Bool {
         guard let exchange, !clientEnded else { return true }
@@ -105,57 +125,73 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, ExchangeDownstream {
         return connection.channel.isWritable
     }
 
+    func inboundWindowChanged(_ window: Int) {
+        inboundWindow = window
+        reopenWindowIfAllowed()
+    }
+
     func resumeReadingIfAllowed() {
-        if pendingRead && shouldRead {
-            pendingRead = false
-            context.read()
-        }
+        if windowUpdateHeld { reopenWindowIfAllowed() }
     }
 
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        switch unwrapInboundIn(data) {
-        case .headers(let headers):
-            if !headSeen {
-                headSeen = true
-                if headers.endStream { clientEnded = true }
-                beginRequest(headers.headers, endStream: headers.endStream)
-            } else {
-                // Trailers (nio-http2 has checked they end the stream).
-                clientEnded = true
-                guard let exchange, !exchange.requestEnded else { return }
-                var trailers = HTTPHeaders()
-                for (name, value, _) in headers.headers where !name.hasPrefix(":") {
-                    trailers.add(name: name, value: value)
-                }
-                requestEnd(trailers.isEmpty ? nil : trailers, exchange: exchange)
-            }
-        case .data(let data):
-            if data.endStream { clientEnded = true }
+    private func reopenWindowIfAllowed() {
+        guard !clientEnded, !gone,
+              let increment = HTTP2DownstreamConnection.windowIncrement(window: inboundWindow,
+                                                                        target: connection.settings.initialWindowSize) else {
+            windowUpdateHeld = false
+            return
+        }
+        guard shouldRead else {
+            windowUpdateHeld = true
+            return
+        }
+        windowUpdateHeld = false
+        inboundWindow += increment
+        send(.windowUpdate(windowSizeIncrement: increment))
+        connection.flushSoon()
+    }
+
+    func receivedHeaders(_ headers: HTTP2Frame.FramePayload.Headers) {
+        if !headSeen {
+            headSeen = true
+            if headers.endStream { clientEnded = true }
+            beginRequest(headers.headers, endStream: headers.endStream)
+        } else {
+            // Trailers (nio-http2 has checked they end the stream).
+            clientEnded = true
             guard let exchange, !exchange.requestEnded else { return }
-            if case .byteBuffer(let buffer) = data.data, buffer.readableBytes > 0 {
-                requestBody(buffer, exchange: exchange)
+            var trailers = HTTPHeaders()
+            for (name, value, _) in headers.headers where !name.hasPrefix(":") {
+                trailers.add(name: name, value: value)
             }
-            if data.endStream, self.exchange === exchange, !exchange.requestEnded {
-                requestEnd(nil, exchange: exchange)
-            }
-        default:
-            break
+            requestEnd(trailers.isEmpty ? nil : trailers, exchange: exchange)
         }
     }
 
-    func channelReadComplete(context: ChannelHandlerContext) {
+    func receivedData(_ data: HTTP2Frame.FramePayload.Data) {
+        if data.endStream { clientEnded = true }
+        guard let exchange, !exchange.requestEnded else { return }
+        if case .byteBuffer(let buffer) = data.data, buffer.readableBytes > 0 {
+            requestBody(buffer, exchange: exchange)
+        }
+        if data.endStream, self.exchange === exchange, !exchange.requestEnded {
+            requestEnd(nil, exchange: exchange)
+        }
+    }
+
+    /// Body bytes went to the upstream during the read: one flush for them.
+    func flushUpstream() {
         if let exchange, exchange.upstreamNeedsFlush, let connection = exchange.connection {
             exchange.upstreamNeedsFlush = false
             connection.flush()
         }
-        context.fireChannelReadComplete()
     }
 
-    func channelWritabilityChanged(context: ChannelHandlerContext) {
-        if context.channel.isWritable, let connection = exchange?.connection {
+    /// The response may go on: resume the upstream if it was paused for us.
+    func writabilityMayHaveChanged() {
+        if downstreamIsWritable, let connection = exchange?.connection {
             connection.handler.resumeReading()
         }
-        context.fireChannelWritabilityChanged()
     }
 
     // MARK: - Request start
@@ -306,7 +342,8 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, ExchangeDownstream {
         for i in 0..<head.fields.count where !dropped.contains(i) {
             headers.add(name: head.fields.name(at: i).lowercased(), value: head.fields.value(at: i))
         }
-        context.writeAndFlush(wrapOutboundOut(.headers(.init(headers: headers))), promise: nil)
+        send(.headers(.init(headers: headers)))
+        connection.flushSoon()
     }
 
     private func writeHead(_ headers: HPACKHeaders, status: Int, exchange: Exchange) {
@@ -320,8 +357,13 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, ExchangeDownstream {
         // without it as response headers and then miss the trailers.
         let bodyless = exchange.head?.method == .HEAD || status == 204 || status == 304
             || Self.isGRPCTrailersOnly(headers)
-        if bodyless { responseEnded = true }
-        context.write(wrapOutboundOut(.headers(.init(headers: headers, endStream: bodyless))), promise: nil)
+        if bodyless {
+            responseEnded = true
+            send(.headers(.init(headers: headers, endStream: true)))
+        } else {
+            // Held: an empty body's end becomes this frame's END_STREAM.
+            hold(.headers(.init(headers: headers)))
+        }
     }
 
     private static func isGRPCTrailersOnly(_ headers: HPACKHeaders) -> Bool {
@@ -348,7 +390,25 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, ExchangeDownstream {
 
     func writeResponseBody(_ data: ByteBuffer, exchange: Exchange) {
         guard !responseEnded, data.readableBytes > 0 else { return }
-        context.write(wrapOutboundOut(.data(.init(data: .byteBuffer(data)))), promise: nil)
+        outboundWritten += data.readableBytes
+        if outboundWritten - lastCheckpoint >= Self.checkpointBytes {
+            // Large responses: learn when this much is on the socket.
+            lastCheckpoint = outboundWritten
+            releaseHeldFrame()
+            let mark = outboundWritten
+            let promise = eventLoop.makePromise(of: Void.self)
+            send(.data(.init(data: .byteBuffer(data))), promise: promise)
+            promise.futureResult.whenComplete { [weak self] _ in self?.outboundConfirmed(upTo: mark) }
+            return
+        }
+        // Held: if the response ends next, this frame carries END_STREAM.
+        hold(.data(.init(data: .byteBuffer(data))))
+    }
+
+    private func outboundConfirmed(upTo mark: Int) {
+        guard mark > outboundConfirmed else { return }
+        outboundConfirmed = mark
+        writabilityMayHaveChanged()
     }
 
     func writeResponseEnd(_ trailers: HTTP1Fields?, exchange: Exchange, promise: EventLoopPromise<Void>?) {
@@ -358,14 +418,30 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, ExchangeDownstream {
         }
         responseEnded = true
         if let trailers, trailers.count > 0 {
+            releaseHeldFrame()
             var headers = HPACKHeaders()
             for (i, e) in trailers.entries.enumerated() where e.known == .other {
                 headers.add(name: trailers.name(at: i).lowercased(), value: trailers.value(at: i))
             }
-            context.write(wrapOutboundOut(.headers(.init(headers: headers, endStream: true))), promise: promise)
+            send(.headers(.init(headers: headers, endStream: true)), promise: promise)
+        } else if let held = heldFrame {
+            // HEADERS or the last DATA carries END_STREAM: no extra frame.
+            heldFrame = nil
+            switch held {
+            case .headers(var headers):
+                headers.endStream = true
+                send(.headers(headers), promise: promise)
+            case .data(var data):
+                data.endStream = true
+                send(.data(data), promise: promise)
+            default:
+                send(held)
+                send(.data(.init(data: .byteBuffer(ByteBuffer()), endStream: true)), promise: promise)
+            }
         } else {
-            context.write(wrapOutboundOut(.data(.init(data: .byteBuffer(ByteBuffer()), endStream: true))), promise: promise)
+            send(.data(.init(data: .byteBuffer(ByteBuffer()), endStream: true)), promise: promise)
         }
+        connection.flushSoon()
     }
 
     func writeLocalResponse(_ head: HTTPResponseHead, body: ByteBuffer?, exchange: Exchange, promise: EventLoopPromise<Void>?) {
@@ -374,34 +450,46 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, ExchangeDownstream {
             return
         }
         responseEnded = true
+        releaseHeldFrame()
         var headers = HPACKHeaders()
         headers.add(name: ":status", value: String(head.status.code))
         Self.appendFields(head.headers, to: &headers)
         if let body, body.readableBytes > 0 {
-            context.write(wrapOutboundOut(.headers(.init(headers: headers))), promise: nil)
-            context.writeAndFlush(wrapOutboundOut(.data(.init(data: .byteBuffer(body), endStream: true))), promise: promise)
+            send(.headers(.init(headers: headers)))
+            send(.data(.init(data: .byteBuffer(body), endStream: true)), promise: promise)
         } else {
-            context.writeAndFlush(wrapOutboundOut(.headers(.init(headers: headers, endStream: true))), promise: promise)
+            send(.headers(.init(headers: headers, endStream: true)), promise: promise)
         }
+        connection.flushSoon()
     }
 
-    func flushDownstream() { context.flush() }
+    func flushDownstream() { connection.flushSoon() }
 
     func endGRPCResponseWithStatus(_ status: GRPCStatusCode, message: String) -> Bool {
         guard !responseEnded else { return false }
         responseEnded = true
+        releaseHeldFrame()
         let trailers = HPACKHeaders([
             ("grpc-status", String(status.rawValue)),
             ("grpc-message", GRPCErrorResponse.percentEncoded(message)),
         ])
-        context.writeAndFlush(wrapOutboundOut(.headers(.init(headers: trailers, endStream: true))), promise: nil)
+        send(.headers(.init(headers: trailers, endStream: true)))
+        connection.flushSoon()
         return true
     }
 
     /// Resets the stream (the connection and its other streams go on).
     func closeDownstream() {
+        resetStream(.cancel)
+    }
+
+    private func resetStream(_ code: HTTP2ErrorCode) {
         responseEnded = true
-        context.close(promise: nil)
+        heldFrame = nil
+        guard !gone else { return }
+        gone = true
+        send(.rstStream(code))
+        connection.flushSoon()
     }
 
     // MARK: - Lifecycle hooks
@@ -410,15 +498,15 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, ExchangeDownstream {
     func closesAfter(_ exchange: Exchange) -> Bool { true }
 
     func exchangeFinished(_ exchange: Exchange, afterWrite: EventLoopFuture<Void>?) {
-        context.flush()
+        connection.flushSoon()
         guard !clientEnded else { return }   // both sides ended: the stream closes by itself
         // The response is out before the request's end: reset the rest
-        // (RFC 9113 §8.1: the client stops sending).
-        let channel = context.channel
+        // (RFC 9113 §8.1: NO_ERROR, the client stops sending). After the
+        // response's last frame: a reset drops frames still queued.
         if let afterWrite {
-            afterWrite.whenComplete { _ in channel.close(promise: nil) }
+            afterWrite.whenComplete { [weak self] _ in self?.resetStream(.noError) }
         } else {
-            channel.close(promise: nil)
+            resetStream(.noError)
         }
     }
 

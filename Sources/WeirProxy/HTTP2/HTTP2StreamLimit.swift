@@ -1,0 +1,77 @@
+import NIOCore
+import NIOHTTP2
+
+// max_concurrent_streams: a client over the limit loses that stream only.
+//
+// nio-http2 treats a HEADERS frame that opens one stream more than its
+// SETTINGS_MAX_CONCURRENT_STREAMS allowed as a connection error (GOAWAY
+// PROTOCOL_ERROR): every other stream on the connection dies with it.
+// RFC 9113 §5.1.2 allows refusing just the stream, which is what nginx and
+// Envoy do (RST_STREAM REFUSED_STREAM; the client may retry it). So:
+// - nio-http2 is configured with a higher ceiling (`nioCeiling`), and
+// - `AdvertisedStreamLimit` writes the configured limit into the SETTINGS
+//   frame nio-http2 sends first, so that is what the client is told;
+// - HTTP2DownstreamConnection refuses a stream that would go over the
+//   configured limit. A client that keeps going past the ceiling still
+//   gets nio-http2's connection error, and one that makes Weir refuse more
+//   than `max_resets` streams per `reset_window` gets GOAWAY
+//   ENHANCE_YOUR_CALM (each refusal costs an HPACK decode, as a reset does).
+
+enum HTTP2StreamLimit {
+    /// The limit nio-http2 enforces for a configured `limit`.
+    static func nioCeiling(_ limit: Int) -> Int {
+        min(limit * 2 + 16, Int(Int32.max))
+    }
+}
+
+/// Rewrites SETTINGS_MAX_CONCURRENT_STREAMS in the first frame nio-http2
+/// writes (the server's SETTINGS, RFC 9113 §3.4), then leaves the pipeline.
+/// Sits between the socket (or TLS) and `NIOHTTP2Handler`.
+final class AdvertisedStreamLimit: ChannelOutboundHandler, RemovableChannelHandler {
+    typealias OutboundIn = IOData
+    typealias OutboundOut = IOData
+
+    private let advertised: UInt32
+    private var done = false
+
+    init(advertised: Int) {
+        self.advertised = UInt32(clamping: advertised)
+    }
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        guard !done, case .byteBuffer(var buffer) = unwrapOutboundIn(data) else {
+            context.write(data, promise: promise)
+            return
+        }
+        done = true
+        Self.rewriteMaxConcurrentStreams(in: &buffer, to: advertised)
+        context.write(wrapOutboundOut(.byteBuffer(buffer)), promise: promise)
+        context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+    }
+
+    /// In a buffer that starts with a SETTINGS frame (not an ACK), sets the
+    /// value of every SETTINGS_MAX_CONCURRENT_STREAMS (0x3) entry; anything
+    /// else is left as it is. True when an entry was rewritten.
+    @discardableResult
+    static func rewriteMaxConcurrentStreams(in buffer: inout ByteBuffer, to value: UInt32) -> Bool {
+        let start = buffer.readerIndex
+        guard buffer.readableBytes >= 9,
+              let lengthHigh = buffer.getInteger(at: start, as: UInt8.self),
+              let lengthLow = buffer.getInteger(at: start + 1, as: UInt16.self),
+              buffer.getInteger(at: start + 3, as: UInt8.self) == 0x4,          // SETTINGS
+              let flags = buffer.getInteger(at: start + 4, as: UInt8.self), flags & 0x1 == 0,   // not ACK
+              buffer.getInteger(at: start + 5, as: UInt32.self) == 0 else { return false }
+        let length = Int(lengthHigh) << 16 | Int(lengthLow)
+        guard length % 6 == 0, buffer.readableBytes >= 9 + length else { return false }
+        var rewritten = false
+        var entry = start + 9
+        while entry < start + 9 + length {
+            if buffer.getInteger(at: entry, as: UInt16.self) == 0x3 {
+                buffer.setInteger(value, at: entry + 2)
+                rewritten = true
+            }
+            entry += 6
+        }
+        return rewritten
+    }
+}
