@@ -24,8 +24,8 @@
 # run-protocols.sh's h2c case; --connections does not apply).
 #
 #   bench/callgrind.sh [--no-build] [--proxy weir|weir-noop|weir-lua|weir-observe|weir-h2up|weir-h2c|weir-auth-local|
-#                                            weir-auth-redis|weir-tcp|weir-https|nginx|nginx-lua|nginx-lua-auth|
-#                                            nginx-https|haproxy|haproxy-tcp]
+#                                            weir-auth-redis|weir-tcp|weir-https|weir-extauthz|weir-extauthz-close|
+#                                            nginx|nginx-lua|nginx-lua-auth|nginx-https|haproxy|haproxy-tcp]
 #                      [--duration S] [--connections N]
 set -uo pipefail
 
@@ -60,11 +60,13 @@ case "$PROXY" in
     weir-https) PORT=$WEIR_HTTPS_PORT ;;
     nginx-https) PORT=$NGINX_HTTPS_PORT ;;
     haproxy-tcp) PORT=$HAPROXY_TCP_PORT ;;
+    weir-extauthz) PORT=$WEIR_EXTAUTHZ_PORT ;;   # ext-authz: one weir.http call per request
+    weir-extauthz-close) PORT=$WEIR_EXTAUTHZ_CLOSE_PORT ;;   # the same, a new connection per call
     nginx-lua-auth) PORT=$NGINX_LUA_AUTH_PORT ;;
     nginx) PORT=$NGINX_PORT ;;
     nginx-lua) PORT=$NGINX_LUA_PORT ;;
     haproxy) PORT=$HAPROXY_PORT ;;
-    *) die "unknown proxy '$PROXY' (known: weir, weir-noop, weir-lua, weir-observe, weir-h2up, weir-h2c, weir-auth-local, weir-auth-redis, weir-tcp, weir-https, nginx, nginx-lua, nginx-lua-auth, nginx-https, haproxy, haproxy-tcp)" ;;
+    *) die "unknown proxy '$PROXY' (known: weir, weir-noop, weir-lua, weir-observe, weir-h2up, weir-h2c, weir-auth-local, weir-auth-redis, weir-tcp, weir-https, weir-extauthz, weir-extauthz-close, nginx, nginx-lua, nginx-lua-auth, nginx-https, haproxy, haproxy-tcp)" ;;
 esac
 # The HTTPS variants are asked over TLS with the run's own certificate.
 URL="http://127.0.0.1:$PORT/"

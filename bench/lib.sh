@@ -41,6 +41,9 @@ NGINX_LUA_AUTH_PORT=$((19005 + BENCH_PORT_OFFSET))
 WEIR_AUTH_LOCAL_PORT=$((19016 + BENCH_PORT_OFFSET))
 WEIR_AUTH_REDIS_PORT=$((19017 + BENCH_PORT_OFFSET))
 REDIS_PORT=$((19020 + BENCH_PORT_OFFSET))
+# ext-authz on the route (one weir.http call per request to the origin).
+WEIR_EXTAUTHZ_PORT=$((19018 + BENCH_PORT_OFFSET))
+WEIR_EXTAUTHZ_CLOSE_PORT=$((19019 + BENCH_PORT_OFFSET))
 
 # Protocol benchmark (run-protocols.sh, issue 4): peers and Weir.
 NGINX_HTTPS_PORT=$((19201 + BENCH_PORT_OFFSET))
@@ -119,6 +122,8 @@ render_template() {
         -e "s|@WEIR_AUTH_LOCAL_PORT@|$WEIR_AUTH_LOCAL_PORT|g" \
         -e "s|@WEIR_AUTH_REDIS_PORT@|$WEIR_AUTH_REDIS_PORT|g" \
         -e "s|@REDIS_PORT@|$REDIS_PORT|g" \
+        -e "s|@WEIR_EXTAUTHZ_PORT@|$WEIR_EXTAUTHZ_PORT|g" \
+        -e "s|@WEIR_EXTAUTHZ_CLOSE_PORT@|$WEIR_EXTAUTHZ_CLOSE_PORT|g" \
         -e "s|@NGINX_HTTPS_PORT@|$NGINX_HTTPS_PORT|g" \
         -e "s|@NGINX_H2C_PORT@|$NGINX_H2C_PORT|g" \
         -e "s|@HAPROXY_TCP_PORT@|$HAPROXY_TCP_PORT|g" \
@@ -297,6 +302,7 @@ declare -A WEIR_UNAVAILABLE=()
 declare -A WEIR_TEMPLATE=([weir]=weir.yaml [weir-noop]=weir-noop.yaml [weir-lua]=weir-lua.yaml
                           [weir-observe]=weir-observe.yaml
                           [weir-auth-local]=weir-auth-local.yaml [weir-auth-redis]=weir-auth-redis.yaml
+                          [weir-extauthz]=weir-extauthz.yaml [weir-extauthz-close]=weir-extauthz-close.yaml
                           [weir-probe]=weir-probe.yaml [weir-https]=weir-https.yaml
                           [weir-h2c]=weir-h2c.yaml [weir-tcp]=weir-tcp.yaml [weir-h2up]=weir-h2up.yaml)
 

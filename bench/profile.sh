@@ -16,7 +16,7 @@
 # vs haproxy-tcp (HTTP through an L4 proxy, the tcp-rps case; use
 # --connections 64) and weir-https vs nginx-https (keep-alive HTTPS, TLS 1.3).
 #
-#   bench/profile.sh [--no-build] [--proxy weir|weir-noop|weir-lua|weir-tcp|weir-https|
+#   bench/profile.sh [--no-build] [--proxy weir|weir-noop|weir-lua|weir-tcp|weir-https|weir-extauthz|weir-extauthz-close|
 #                                          nginx|nginx-https|haproxy|haproxy-tcp|nginx-lua]
 #                    [--connections N] [--duration S]
 set -uo pipefail
@@ -50,7 +50,9 @@ case "$PROXY" in
     weir-https) PORT=$WEIR_HTTPS_PORT ;;
     nginx-https) PORT=$NGINX_HTTPS_PORT ;;
     haproxy-tcp) PORT=$HAPROXY_TCP_PORT ;;
-    *) die "unknown proxy '$PROXY' (known: weir, weir-noop, weir-lua, weir-tcp, weir-https, nginx, nginx-https, haproxy, haproxy-tcp, nginx-lua)" ;;
+    weir-extauthz) PORT=$WEIR_EXTAUTHZ_PORT ;;
+    weir-extauthz-close) PORT=$WEIR_EXTAUTHZ_CLOSE_PORT ;;
+    *) die "unknown proxy '$PROXY' (known: weir, weir-noop, weir-lua, weir-tcp, weir-https, weir-extauthz, weir-extauthz-close, nginx, nginx-https, haproxy, haproxy-tcp, nginx-lua)" ;;
 esac
 # The HTTPS variants are asked over TLS with the run's own certificate.
 URL="http://127.0.0.1:$PORT/"
@@ -77,7 +79,7 @@ case "$PROXY" in *-https) make_test_certificate ;; esac
 case "$PROXY" in
     weir-noop|weir-lua) probe_weir_plugins || die "$PROXY: not available ($(weir_unavailable_reason "$PROXY"))"
         start_weir "$PROXY" "$PORT" || die "$PROXY: not available ($(weir_unavailable_reason "$PROXY"))" ;;
-    weir|weir-tcp|weir-https) start_weir "$PROXY" "$PORT" || die "$PROXY: not available ($(weir_unavailable_reason "$PROXY"))" ;;
+    weir|weir-tcp|weir-https|weir-extauthz|weir-extauthz-close) start_weir "$PROXY" "$PORT" || die "$PROXY: not available ($(weir_unavailable_reason "$PROXY"))" ;;
     nginx) start_nginx_proxy ;;
     haproxy) start_haproxy ;;
     nginx-lua) start_nginx_lua ;;
