@@ -116,7 +116,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
         guard !registered else { return }
         registered = true
         peerAddress = context.channel.remoteAddress
-        clientIP = peerAddress?.ipAddress ?? ""
+        clientIP = peerAddress?.clientIPText ?? ""
         if !clientIP.isEmpty {
             peerTrusted = loopContext.runtime.trustedProxies.contains { $0.contains(clientIP) }
         }
