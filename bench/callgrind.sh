@@ -23,7 +23,16 @@
 # concurrent streams, cleartext HTTP/2 with prior knowledge, as
 # run-protocols.sh's h2c case; --connections does not apply).
 #
-#   bench/callgrind.sh [--no-build] [--proxy weir|weir-noop|weir-lua|weir-observe|weir-h2up|weir-h2c|weir-auth-local|
+# --steady counts requests on already-open connections only: one wrk run
+# keeps its connections through warm-up and the counted window, and the
+# requests in the window are read from the origin's stub_status (one
+# origin request per proxied request: not for weir-h2c or the extauthz
+# variants, whose proxies call the origin twice). Without it the counted
+# wrk run opens its connections inside the window, so at 256 connections
+# the accept and connection set-up cost (~60 k instructions per connection
+# for Weir) is spread over the few thousand requests valgrind lets through.
+#
+#   bench/callgrind.sh [--no-build] [--steady] [--proxy weir|weir-noop|weir-lua|weir-observe|weir-h2up|weir-h2c|weir-auth-local|
 #                                            weir-auth-redis|weir-tcp|weir-https|weir-extauthz|weir-extauthz-close|
 #                                            nginx|nginx-lua|nginx-lua-auth|nginx-https|haproxy|haproxy-tcp]
 #                      [--duration S] [--connections N]
@@ -32,6 +41,7 @@ set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 BUILD=1
+STEADY=0
 PROXY=weir
 DURATION=10
 CONNS=8
@@ -39,10 +49,11 @@ CONNS=8
 while [ $# -gt 0 ]; do
     case "$1" in
         --no-build) BUILD=0; shift ;;
+        --steady) STEADY=1; shift ;;
         --proxy) PROXY=${2:-}; shift 2 ;;
         --duration) [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] || die "--duration needs a positive integer"; DURATION=$2; shift 2 ;;
         --connections) [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] || die "--connections needs a positive integer"; CONNS=$2; shift 2 ;;
-        -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,37p' "$0"; exit 0 ;;
         *) die "unknown option: $1 (see --help)" ;;
     esac
 done
@@ -166,6 +177,39 @@ wrk_for() { # SECONDS
 }
 field() { grep -o "$1=[0-9.]*" <<< "$2" | head -1 | cut -d= -f2; }
 
+# Requests the origin has answered (its stub_status; --steady).
+origin_requests() {
+    curl -sS --max-time 5 "http://127.0.0.1:$ORIGIN_PORT/origin-status" | awk 'NR == 3 { print $3 }'
+}
+
+if [ "$STEADY" -eq 1 ]; then
+    case "$PROXY" in
+        weir-h2c|weir-extauthz|weir-extauthz-close) die "--steady counts origin requests: not for $PROXY" ;;
+    esac
+    # One wrk run: 3 s warm-up, the counted window, and a tail so that the
+    # connections stay busy until the dump.
+    log "wrk -c $CONNS for 3 s warm-up + ${DURATION} s counted + 5 s (connections opened before counting)"
+    wrk_for $((DURATION + 8)) > "$RUN_DIR/wrk-steady.out" 2>&1 &
+    wrk_pid=$!
+    sleep 3
+    callgrind_control -i on "$PROXY_PID" > "$RUN_DIR/logs/callgrind-control.out" 2>&1 \
+        || die "callgrind_control -i on failed: $(tail -2 "$RUN_DIR/logs/callgrind-control.out")"
+    # The window [instrumentation on, dump] holds [first read, last read]
+    # plus a curl's time at each end: the count errs a few requests high.
+    first=$(origin_requests)
+    [ "$PROXY" = weir-auth-redis ] && redis_before=$(redis_commands)
+    sleep "$DURATION"
+    [ "$PROXY" = weir-auth-redis ] && redis_after=$(redis_commands)
+    last=$(origin_requests)
+    callgrind_control -d "$PROXY_PID" >> "$RUN_DIR/logs/callgrind-control.out" 2>&1
+    callgrind_control -i off "$PROXY_PID" >> "$RUN_DIR/logs/callgrind-control.out" 2>&1
+    wait "$wrk_pid"
+    [[ "$first" =~ ^[0-9]+$ && "$last" =~ ^[0-9]+$ ]] || die "could not read the origin's stub_status ($first, $last)"
+    requests=$((last - first - 1))   # the second status request counts itself
+    result="WRK_RESULT requests=$requests rps=$(python3 -c "print(f'{$requests / $DURATION:.1f}')")"
+    [ "$requests" -gt 0 ] || die "no requests reached the origin in the counted window"
+    sleep 1
+else
 log "warm-up 3 s (not counted)"
 wrk_for 3 > /dev/null 2>&1
 callgrind_control -i on "$PROXY_PID" > "$RUN_DIR/logs/callgrind-control.out" 2>&1 \
@@ -179,6 +223,7 @@ callgrind_control -i off "$PROXY_PID" >> "$RUN_DIR/logs/callgrind-control.out" 2
 sleep 1
 requests=$(field requests "$result")
 [ -n "$requests" ] && [ "$requests" -gt 0 ] || die "wrk completed no requests under callgrind: $result"
+fi
 
 # The dump is callgrind.out.<n> (or callgrind.out when only one is written).
 dump=$(ls -t "$OUT"* 2>/dev/null | head -1)
@@ -201,9 +246,13 @@ demangle() {
 
 {
     echo "# callgrind: instructions per request of $PROXY, $STAMP"
-    echo "# command: bench/callgrind.sh --proxy $PROXY --duration $DURATION --connections $CONNS"
+    echo "# command: bench/callgrind.sh --proxy $PROXY --duration $DURATION --connections $CONNS$([ "$STEADY" -eq 1 ] && echo " --steady")"
     echo "# machine: $(uname -srm); weir binary from commit $(weir_binary_commit), repo HEAD $(git -C "$REPO_DIR" rev-parse --short HEAD 2>/dev/null)"
-    echo "# counted: user-space instructions only (valgrind), while wrk ran ${DURATION} s after a 3 s warm-up"
+    if [ "$STEADY" -eq 1 ]; then
+        echo "# counted: user-space instructions only (valgrind), ${DURATION} s of one wrk run on connections opened 3 s before; requests from the origin's stub_status"
+    else
+        echo "# counted: user-space instructions only (valgrind), while wrk ran ${DURATION} s after a 3 s warm-up"
+    fi
     echo
     echo "requests: $requests (at $(field rps "$result") req/s under valgrind)"
     echo "instructions: $total_ir"
