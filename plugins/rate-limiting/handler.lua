@@ -21,12 +21,20 @@ local PERIODS = {
   { name = "day", seconds = 86400, limit_header = "x-ratelimit-limit-day", remaining_header = "x-ratelimit-remaining-day" },
 }
 
-local floor, ceil, max, tostring = math.floor, math.ceil, math.max, tostring
+local floor, ceil, max, tostring, math_type = math.floor, math.ceil, math.max, tostring, math.type
+
+-- Small whole numbers as text, each made once (seconds until the window
+-- resets; formatting a number costs a C snprintf). Up to an hour's worth.
+local small_text = setmetatable({}, { __index = function(t, n)
+  local text = tostring(n)
+  if math_type(n) == "integer" and n >= 0 and n <= 3600 then t[n] = text end
+  return text
+end })
 
 -- What depends only on the config, worked out on a config's first request
 -- and kept with it (weak keys: a retired generation's configs go away):
--- the configured periods with their limit as a header string, and the key
--- prefix per route.
+-- the configured periods with their limit as a header string, and the
+-- counter keys of the clients seen (see client_keys).
 local per_conf = setmetatable({}, { __mode = "k" })
 
 local function conf_state(conf)
@@ -36,11 +44,10 @@ local function conf_state(conf)
   for _, period in ipairs(PERIODS) do
     local limit = conf[period.name]
     if limit then
-      -- start/key strings of the last window seen, rebuilt when it moves on
       periods[#periods + 1] = { period = period, limit = limit, limit_text = tostring(limit) }
     end
   end
-  st = { periods = periods, prefix = {} }
+  st = { periods = periods, clients = {}, client_count = 0 }
   per_conf[conf] = st
   return st
 end
@@ -72,34 +79,50 @@ local function retry_after(limit, window, prev, cur, elapsed)
   return (window - elapsed) + max(0, needed)
 end
 
--- "rl|<#route>:<route>|<limit_by>|": the part of every counter key that a
--- route's config fixes. Counters are per route (as Kong keys them by route):
--- the same client on two routes has two budgets. Route and identifier are
--- length-prefixed so a header value containing "|" cannot collide with
--- another client's keys.
-local function route_prefix(st, conf, route)
-  local prefix = st.prefix[route]
-  if not prefix then
-    prefix = "rl|" .. #route .. ":" .. route .. "|" .. conf.limit_by .. "|"
-    st.prefix[route] = prefix
+-- Counter keys are "rl|<#route>:<route>|<limit_by>|<#id>:<id>|<period>|<window start>".
+-- Counters are per route (as Kong keys them by route): the same client on
+-- two routes has two budgets. Route and identifier are length-prefixed so a
+-- header value containing "|" cannot collide with another client's keys.
+-- A client's keys stay the same for a whole window, so they are kept per
+-- route and client and rebuilt only when a window moves on. At most
+-- MAX_CLIENTS clients are kept per config (limit_by ip meets any number of
+-- clients): when full, the set starts over.
+local MAX_CLIENTS = 4096
+
+local function client_keys(st, conf, route, id)
+  local clients = st.clients[route]
+  local keys = clients and clients[id]
+  if keys then return keys end
+  if st.client_count >= MAX_CLIENTS then
+    st.clients, st.client_count = {}, 0
+    clients = nil
   end
-  return prefix
+  if not clients then
+    clients = {}
+    st.clients[route] = clients
+  end
+  -- [i]: { start, key, prev_key } of period i's current window
+  keys = { base = "rl|" .. #route .. ":" .. route .. "|" .. conf.limit_by .. "|" .. #id .. ":" .. id .. "|" }
+  clients[id] = keys
+  st.client_count = st.client_count + 1
+  return keys
 end
 
 -- The windows of the configured periods at time `now`:
--- { period, limit, window, elapsed, key (current window), prev_key }.
-local function windows(st, now, base)
+-- { period, limit, limit_text, window, elapsed, key (current window), prev_key }.
+local function windows(st, now, keys)
   local list = {}
   for i, p in ipairs(st.periods) do
     local window = p.period.seconds
     local start = floor(now / window) * window
-    if p.start ~= start then
-      -- The window's number as text changes once per window, not per request.
-      p.start, p.start_text, p.prev_text = start, tostring(start), tostring(start - window)
+    local k = keys[i]
+    if not k or k.start ~= start then
+      local prefix = keys.base .. p.period.name .. "|"
+      k = { start = start, key = prefix .. start, prev_key = prefix .. (start - window) }
+      keys[i] = k
     end
-    local name = p.period.name
     list[i] = { period = p.period, limit = p.limit, limit_text = p.limit_text, window = window, elapsed = now - start,
-                key = base .. name .. "|" .. p.start_text, prev_key = base .. name .. "|" .. p.prev_text }
+                key = k.key, prev_key = k.prev_key }
   end
   return list
 end
@@ -180,8 +203,8 @@ end
 function RateLimiting:request(conf, ctx)
   local st = conf_state(conf)
   local id = identifier(conf)
-  local base = route_prefix(st, conf, weir.request.get_route() or "") .. #id .. ":" .. id .. "|"
-  local states = windows(st, weir.time.now(), base)  -- never empty: schema at_least_one_of
+  local keys = client_keys(st, conf, weir.request.get_route() or "", id)
+  local states = windows(st, weir.time.now(), keys)  -- never empty: schema at_least_one_of
   local refused, err
   if conf.policy == "redis" then refused, err = count_redis(conf, states) else refused, err = count_local(conf, states) end
   if refused == nil then
@@ -210,7 +233,7 @@ function RateLimiting:request(conf, ctx)
     end
     weir.response.set_header("ratelimit-limit", tightest.limit_text)
     weir.response.set_header("ratelimit-remaining", tightest.remaining_text)
-    weir.response.set_header("ratelimit-reset", tostring(max(1, ceil(tightest.window - tightest.elapsed))))
+    weir.response.set_header("ratelimit-reset", small_text[max(1, ceil(tightest.window - tightest.elapsed))])
   end
 
   if refused then
