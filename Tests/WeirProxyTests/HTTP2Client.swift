@@ -170,6 +170,30 @@ if MODE == "get":
     s, c = connect()
     headers = [tuple(a.split(":", 1)) for a in ARGS[1:]]
     result = response(s, c, request(s, c, ARGS[0], headers=headers))
+elif MODE == "staggered":
+    # ARGS: "path@delay_ms" ...: each request starts delay_ms after the
+    # start, all on one connection; prints each stream's status (or reset).
+    s, c = connect()
+    start = time.time(); sids = []; events = []
+    for spec in sorted(ARGS, key=lambda a: int(a.split("@")[1])):
+        path, delay = spec.split("@")
+        while time.time() < start + int(delay) / 1000.0:
+            events += pump(s, c, lambda ev: False, max(0.01, start + int(delay) / 1000.0 - time.time()))[0]
+        sids.append((path, request(s, c, path)))
+    done = {}
+    ended = lambda ev: len([e for e in ev if isinstance(e, (h2.events.StreamEnded, h2.events.StreamReset))])
+    more, closed = pump(s, c, lambda ev: ended(events) + ended(ev) >= len(sids), 8)
+    events += more
+    for path, sid in sids:
+        status = None
+        for e in events:
+            if getattr(e, "stream_id", None) != sid: continue
+            if isinstance(e, h2.events.ResponseReceived):
+                for k, v in e.headers:
+                    if (k.decode() if isinstance(k, bytes) else k) == ":status": status = int(v)
+            elif isinstance(e, h2.events.StreamReset) and status is None: status = -int(e.error_code)
+        done[path] = status
+    result = {"statuses": done, "closed": closed, "seconds": round(time.time() - start, 2)}
 elif MODE == "post-trailers":
     s, c = connect()
     body = b"x" * int(ARGS[1])

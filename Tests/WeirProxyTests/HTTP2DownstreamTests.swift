@@ -87,6 +87,27 @@ final class HTTP2DownstreamTests: UpstreamTestCase {
         XCTAssertTrue(proxy.observer.records.allSatisfy { $0.status == 200 })
     }
 
+    /// The connection times its streams' exchanges with one timer: each
+    /// stream still gets its own read deadline (the first runs out before
+    /// the one started later; a quick stream in between is answered).
+    func testEachStreamHasItsOwnReadTimeoutOnOneConnection() throws {
+        try XCTSkipUnless(H2Script.available, "python3-h2 is not installed")
+        let config = ProxyHarness.config(targets: [upstream.address]) {
+            $0.upstreams[0].timeouts.read = .milliseconds(600)
+            $0.upstreams[0].retries = 0
+        }
+        let proxy = try ProxyHarness(config: config, loops: 1)
+        defer { proxy.stop() }
+        let r = try H2Script.run(port: proxy.port, "staggered", ["/slow/3000@0", "/slow/100@100", "/slow/2500@400"])
+        let statuses = try XCTUnwrap(r["statuses"] as? [String: Int], "\(r)")
+        XCTAssertEqual(statuses["/slow/3000"], 504, "\(r)")
+        XCTAssertEqual(statuses["/slow/100"], 200, "\(r)")
+        XCTAssertEqual(statuses["/slow/2500"], 504, "\(r)")
+        XCTAssertEqual(r["closed"] as? Bool, false, "the connection stays open: \(r)")
+        let timedOut = proxy.observer.records.filter { $0.status == 504 }
+        XCTAssertTrue(waitUntil { proxy.observer.records.filter { $0.status == 504 }.count == 2 }, "\(timedOut)")
+    }
+
     func testProxyErrorsKeepTheirShapeOnAStream() throws {
         let config = ProxyHarness.config(targets: [HostPort(host: "127.0.0.1", port: try unusedPort())])
         let proxy = try ProxyHarness(config: config, loops: 1)

@@ -71,6 +71,8 @@ final class HTTP2DownstreamConnection: ChannelDuplexHandler {
     /// The connection's receive window as nio-http2 last reported it.
     private var connectionInboundWindow: Int = 65_535
     private var idleTimer = LazyTimer()
+    /// Fires at the earliest exchange deadline among the streams.
+    private var streamTimer = LazyTimer()
     private var pingTimer = LazyTimer()
     /// A PING we sent is waiting for its ACK.
     private var pingOutstanding = false
@@ -129,6 +131,7 @@ final class HTTP2DownstreamConnection: ChannelDuplexHandler {
         self.context = context
         idleTimer.setUp(loop: context.eventLoop) { [weak self] in self?.idleTimerFired() }
         pingTimer.setUp(loop: context.eventLoop) { [weak self] in self?.pingTimerFired() }
+        streamTimer.setUp(loop: context.eventLoop) { [weak self] in self?.streamTimerFired() }
         loopContext.registerHTTP2(self)
         armIdleTimer()
         armPingTimer()
@@ -148,6 +151,7 @@ final class HTTP2DownstreamConnection: ChannelDuplexHandler {
         closed = true
         idleTimer.cancel()
         pingTimer.cancel()
+        streamTimer.cancel()
         // Streams still open lose their exchange (the client sees the cut).
         let open = streams.values
         streams.removeAll()
@@ -357,6 +361,29 @@ final class HTTP2DownstreamConnection: ChannelDuplexHandler {
     var isWritable: Bool { context.channel.isWritable }
 
     // MARK: - Timers
+
+    /// A stream's exchange deadline was set: the connection's timer fires
+    /// no later than it (a later one changes nothing: the timer rescans
+    /// when it fires).
+    func streamDeadlineSet(_ deadline: NIODeadline) {
+        if let current = streamTimer.deadline, current <= deadline { return }
+        streamTimer.set(deadline)
+    }
+
+    /// Runs the exchange timeout check of every stream whose deadline has
+    /// passed, then waits for the next earliest one.
+    private func streamTimerFired() {
+        streamTimer.taskFired()
+        streamTimer.set(nil)
+        let now = NIODeadline.now()
+        var next: NIODeadline? = nil
+        for stream in streams.values {
+            if let deadline = stream.exchangeTimer.deadline, deadline <= now { stream.exchangeTimerFired() }
+            // The check re-arms a deadline that moved later.
+            if let deadline = stream.exchangeTimer.deadline { next = min(next ?? deadline, deadline) }
+        }
+        if let next { streamDeadlineSet(next) }
+    }
 
     private func armIdleTimer() {
         idleTimer.set(.now() + .nanoseconds(settings.idleTimeout.nanoseconds))

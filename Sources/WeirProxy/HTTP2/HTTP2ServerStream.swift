@@ -29,7 +29,19 @@ final class HTTP2ServerStream: ExchangeDownstream {
     let connection: HTTP2DownstreamConnection
     let streamID: HTTP2StreamID
     var exchange: Exchange?
-    var exchangeTimer = LazyTimer()
+    /// The exchange's deadline (read/write/whole request). Only kept here:
+    /// the connection times all its streams with one scheduled task
+    /// (`HTTP2DownstreamConnection.streamDeadlineSet`), where a task per
+    /// stream cost a schedule and a cancel (~9 k instructions) per request.
+    private var exchangeDeadline = LazyTimer()
+    var exchangeTimer: LazyTimer {
+        get { exchangeDeadline }
+        set {
+            let changed = newValue.deadline != exchangeDeadline.deadline
+            exchangeDeadline = newValue
+            if changed, let deadline = newValue.deadline { connection.streamDeadlineSet(deadline) }
+        }
+    }
     /// HEADERS seen: what follows is body and trailers.
     private var headSeen = false
     /// The client sent END_STREAM.
@@ -59,7 +71,6 @@ final class HTTP2ServerStream: ExchangeDownstream {
     init(connection: HTTP2DownstreamConnection, streamID: HTTP2StreamID) {
         self.connection = connection
         self.streamID = streamID
-        exchangeTimer.setUp(loop: connection.context.eventLoop) { [weak self] in self?.exchangeTimerFired() }
     }
 
     // MARK: - ExchangeDownstream: the connection's facts
@@ -91,7 +102,7 @@ final class HTTP2ServerStream: ExchangeDownstream {
         heldFrame = nil
         let cut = !responseEnded
         responseEnded = true
-        exchangeTimer.cancel()
+        exchangeDeadline.set(nil)
         // An exchange whose response end was written finishes on its own;
         // any other was cut by the client.
         if cut, let exchange, !exchange.finished {
