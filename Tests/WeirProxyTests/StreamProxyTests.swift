@@ -44,6 +44,30 @@ final class StreamProxyTests: XCTestCase {
         XCTAssertTrue(echoed == payload, "echoed bytes differ")
     }
 
+    func testClientThatStopsReadingStopsTheUpstreamBeingRead() throws {
+        // The upstream sends as fast as its socket takes bytes; the client
+        // reads nothing. With backpressure the proxy stops reading the
+        // upstream once the client side is full, so the upstream stalls after
+        // what the socket buffers on the way hold (tens of MB at most with
+        // this machine's tcp_rmem/tcp_wmem); without it the proxy would read
+        // all 128 MiB into memory.
+        let total = 128 << 20
+        let source = try FloodServer(group: group, total: total)
+        defer { source.stop() }
+        let proxy = try StreamHarness(config: StreamHarness.tcpConfig(targets: [source.address]))
+        defer { proxy.stop() }
+
+        let client = try proxy.connect("tcp")
+        XCTAssertTrue(waitUntil { source.written > 0 }, "the upstream never started sending")
+        let stalled = source.writtenOnceSteady()
+        XCTAssertLessThan(stalled, total / 2, "the upstream was read while the client read nothing")
+
+        // Reading resumes the flow, and what arrives is the upstream's stream in order.
+        let first = client.read(8 << 20)
+        XCTAssertEqual(first.map { Array($0.prefix(4096)) }, FloodServer.bytes(from: 0, count: 4096))
+        XCTAssertTrue(waitUntil { source.written > stalled }, "reads did not resume after the client read")
+    }
+
     func testRedisThroughTCPListener() throws {
         try XCTSkipUnless(RedisServerProcess.isAvailable, "redis-server not installed")
         let redis = try RedisServerProcess()
@@ -282,5 +306,74 @@ private final class BannerThenFIN: ChannelInboundHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let buffer = unwrapInboundIn(data)
         received.withLockedValue { $0.append(contentsOf: buffer.readableBytesView) }
+    }
+}
+
+/// Writes `total` bytes (a known 256 KiB pattern, repeated) to whoever
+/// connects, as fast as the socket takes them (only while NIO says the
+/// channel is writable), and counts the bytes whose writes completed.
+private final class FloodServer: @unchecked Sendable {
+    let channel: Channel
+    private let completed = NIOLockedValueBox<Int>(0)
+
+    var address: HostPort { HostPort(host: "127.0.0.1", port: channel.localAddress!.port!) }
+    var written: Int { completed.withLockedValue { $0 } }
+
+    static func bytes(from offset: Int, count: Int) -> [UInt8] {
+        (offset..<offset + count).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ $0 >> 11) }
+    }
+
+    init(group: EventLoopGroup, total: Int) throws {
+        let completed = self.completed
+        channel = try ServerBootstrap(group: group)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(Writer(total: total, completed: completed))
+                }
+            }
+            .bind(host: "127.0.0.1", port: 0).wait()
+    }
+
+    func stop() { try? channel.close().wait() }
+
+    /// The count once it has not moved for a second (polled, at most 30 s).
+    func writtenOnceSteady() -> Int {
+        var last = written
+        var unchangedPolls = 0
+        for _ in 0..<300 where unchangedPolls < 10 {
+            Thread.sleep(forTimeInterval: 0.1)
+            let now = written
+            unchangedPolls = now == last ? unchangedPolls + 1 : 0
+            last = now
+        }
+        return last
+    }
+
+    private final class Writer: ChannelInboundHandler {
+        typealias InboundIn = ByteBuffer
+        typealias OutboundOut = ByteBuffer
+        let total: Int
+        let completed: NIOLockedValueBox<Int>
+        var offset = 0
+        let pattern = ByteBuffer(bytes: FloodServer.bytes(from: 0, count: 256 << 10))
+
+        init(total: Int, completed: NIOLockedValueBox<Int>) { self.total = total; self.completed = completed }
+
+        func channelActive(context: ChannelHandlerContext) { writeWhileWritable(context) }
+
+        func channelWritabilityChanged(context: ChannelHandlerContext) { writeWhileWritable(context) }
+
+        private func writeWhileWritable(_ context: ChannelHandlerContext) {
+            let completed = self.completed
+            while context.channel.isWritable && offset < total {
+                let count = min(pattern.readableBytes, total - offset)
+                let chunk = pattern.getSlice(at: pattern.readerIndex, length: count)!
+                offset += count
+                context.writeAndFlush(wrapOutboundOut(chunk)).whenSuccess { completed.withLockedValue { $0 += count } }
+            }
+        }
+
+        func errorCaught(context: ChannelHandlerContext, error: Error) { context.close(promise: nil) }
     }
 }

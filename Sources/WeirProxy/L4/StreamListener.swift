@@ -17,7 +17,8 @@ import Glibc
 //            target on failure (passive health counts it)
 //          ─ replay the buffered bytes, then relay both ways
 //
-// - Backpressure: a side reads only while the other side is writable.
+// - Backpressure: a side reads only while the other side is writable
+//   (autoRead switched on the writability changes, nothing per chunk).
 // - Half-close: a FIN from one side is passed on as a FIN (shutdown of the
 //   other side's output once its queued writes are out); the other
 //   direction keeps flowing until it ends too.
@@ -40,6 +41,9 @@ extension ProxyServer {
             // to the upstream while the upstream's answer keeps flowing.
             .childChannelOption(.allowRemoteHalfClosure, value: true)
             .childChannelOption(.recvAllocator, value: StreamSession.receiveAllocator)
+            // tcp: nothing is read until the upstream is connected; tls
+            // reads the ClientHello first (StreamSession switches reads).
+            .childChannelOption(.autoRead, value: listener.config.protocol == .tls)
             .childChannelInitializer { channel in
                 guard listener.admitConnection() else {
                     StreamSession.refuseOverLimit(channel, listener: listener)

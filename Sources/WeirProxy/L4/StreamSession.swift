@@ -120,6 +120,9 @@ final class StreamSession {
 
     private func decide() {
         state = .deciding
+        // tls: the ClientHello is in; nothing more is read until the
+        // upstream is connected (tcp listeners start with reads off).
+        clientHandler.setReading(false)
         guard let plugins, let chain = plugins.streamConnectionChains[listener.name] else {
             return connectionPhaseEnded(.continue)
         }
@@ -188,6 +191,8 @@ final class StreamSession {
             .channelOption(.allowRemoteHalfClosure, value: true)
             .channelOption(.tcpOption(.tcp_nodelay), value: 1)
             .channelOption(.recvAllocator, value: Self.receiveAllocator)
+            // Reads start once relaying (`connected`).
+            .channelOption(.autoRead, value: false)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(handler) }
             }
@@ -248,22 +253,11 @@ final class StreamSession {
         pending = nil
         if clientInputClosed { shutOutput(of: handler) }
         startIdleTimer()
-        handler.resumeRead()
-        clientHandler.resumeRead()
+        handler.setReading(clientHandler.isWritable)
+        clientHandler.setReading(handler.isWritable)
     }
 
     // MARK: Relaying (called by the side handlers)
-
-    func mayRead(_ side: StreamSideHandler) -> Bool {
-        switch state {
-        case .readingHello:
-            return side === clientHandler
-        case .relaying:
-            return (side === clientHandler ? upstreamHandler : clientHandler)?.isWritable ?? false
-        case .deciding, .connecting, .closing:
-            return false
-        }
-    }
 
     func received(_ buffer: ByteBuffer, from side: StreamSideHandler) {
         if state == .relaying {
@@ -316,10 +310,12 @@ final class StreamSession {
         if side === clientHandler { upstreamHandler?.flush() } else if side === upstreamHandler { clientHandler.flush() }
     }
 
-    /// The other side can take more: let this side read again.
-    func writable(_ side: StreamSideHandler) {
+    /// Backpressure: a side whose queued writes passed the high-water mark
+    /// stops the other side's reads until they drain below the low mark.
+    /// (Only these crossings cost anything; a relayed chunk checks nothing.)
+    func writabilityChanged(_ side: StreamSideHandler, isWritable: Bool) {
         guard state == .relaying else { return }
-        if side === clientHandler { upstreamHandler?.resumeRead() } else if side === upstreamHandler { clientHandler.resumeRead() }
+        if side === clientHandler { upstreamHandler?.setReading(isWritable) } else if side === upstreamHandler { clientHandler.setReading(isWritable) }
     }
 
     /// A FIN: passed on to the other side; the other direction keeps flowing.
@@ -461,19 +457,18 @@ final class StreamSession {
     }
 }
 
-/// One side of a stream connection: forwards its events to the session and
-/// withholds `read()` while the session says the other side cannot take
-/// more (backpressure).
-final class StreamSideHandler: ChannelDuplexHandler {
+/// One side of a stream connection: forwards its events to the session.
+/// Reads are switched with the channel's autoRead (off until relaying, and
+/// while the other side cannot take more), so the handler is not on the
+/// outbound path and a relayed chunk never asks whether it may be read.
+final class StreamSideHandler: ChannelInboundHandler {
     typealias InboundIn = ByteBuffer
-    typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
     let side: StreamSession.Side
     /// Cleared when the session ends (breaks the cycle).
     var session: StreamSession?
     private(set) var context: ChannelHandlerContext?
-    private var pendingRead = false
 
     init(side: StreamSession.Side) { self.side = side }
 
@@ -511,22 +506,15 @@ final class StreamSideHandler: ChannelDuplexHandler {
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
-        if context.channel.isWritable { session?.writable(self) }
+        session?.writabilityChanged(self, isWritable: context.channel.isWritable)
         context.fireChannelWritabilityChanged()
     }
 
-    func read(context: ChannelHandlerContext) {
-        if session?.mayRead(self) ?? false {
-            context.read()
-        } else {
-            pendingRead = true
-        }
-    }
-
-    func resumeRead() {
-        guard pendingRead, let context else { return }
-        pendingRead = false
-        read(context: context)
+    /// Reads on or off (NIO stops or resumes epoll read interest; setting
+    /// the value it already has does nothing).
+    func setReading(_ on: Bool) {
+        guard let context, let options = context.channel.syncOptions else { return }
+        try? options.setOption(ChannelOptions.autoRead, value: on)
     }
 
     func write(_ buffer: ByteBuffer) {
