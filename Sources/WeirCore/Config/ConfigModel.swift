@@ -331,7 +331,9 @@ public struct SharedDictConfig: Hashable, Sendable {
 
 /// `lua: { instruction_budget: 10000000, memory_limit: 64m }`.
 public struct LuaLimitsConfig: Hashable, Sendable {
-    /// VM instructions per plugin per phase call; 0 disables the budget.
+    /// VM instructions per plugin per phase call, counted once the call has
+    /// run longer than the Lua watchdog's 10-20 ms (shorter calls are never
+    /// counted; see lua/README.md "Limits"); 0 disables the budget.
     public var instructionBudget: Int = 10_000_000
     /// Bytes per Lua state (one state per event loop per generation).
     public var memoryLimit: Int = 64 << 20
