@@ -280,7 +280,7 @@ final class HTTP1CodecDifferentialTests: XCTestCase {
             guard head.framing == .none else { continue }
             var out = ByteBuffer()
             HTTP1HeadWriter.writeRequest(head, edits: HTTP1HeadEdits(removed: head.fields.hopByHopFields(),
-                                                                    added: [(name: "Via", value: "1.1 weir")]), into: &out)
+                                                                    added: [HTTP1AddedField(name: "Via", value: "1.1 weir")]), into: &out)
             let reparsed = try decodeWithNIO(String(buffer: out))
             var expected = try decodeWithNIO(request)
             expected.fields = expected.fields.filter { !$0.lowercased().hasPrefix("connection=") } + ["Via=1.1 weir"]

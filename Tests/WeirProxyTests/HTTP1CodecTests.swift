@@ -482,7 +482,7 @@ final class HTTP1CodecTests: XCTestCase {
                          target: String? = nil) throws -> String {
         let head = try parseRequest(text)
         var edits = HTTP1HeadEdits(removed: head.fields.hopByHopFields(keepUpgrade: keepUpgrade),
-                                   added: added.map { (name: $0.0, value: $0.1) }, target: target)
+                                   added: added.map { HTTP1AddedField(name: $0.0, value: $0.1) }, target: target)
         edits.removed.formUnion(head.fields.indices(of: .xForwardedFor))
         var out = ByteBuffer()
         HTTP1HeadWriter.writeRequest(head, edits: edits, into: &out)
@@ -517,7 +517,7 @@ final class HTTP1CodecTests: XCTestCase {
     /// the same bytes as the one-region writer.
     func testPiecewiseWritersMatchWholeHeadWriter() throws {
         let head = try parseRequest("POST /p?q=1 HTTP/1.1\r\nHost: h\r\nConnection: x-a\r\nX-A: 1\r\nContent-Length: 2\r\nAccept: */*\r\n\r\n")
-        let edits = HTTP1HeadEdits(removed: head.fields.hopByHopFields(), added: [(name: "Via", value: "1.1 weir")], target: "/new")
+        let edits = HTTP1HeadEdits(removed: head.fields.hopByHopFields(), added: [HTTP1AddedField(name: "Via", value: "1.1 weir")], target: "/new")
         var whole = ByteBuffer()
         HTTP1HeadWriter.writeRequest(head, edits: edits, into: &whole)
         var pieces = ByteBuffer()
@@ -553,7 +553,7 @@ final class HTTP1CodecTests: XCTestCase {
         XCTAssertEqual(String(buffer: out), "HTTP/1.1 200 Fine Thanks\r\nServer: s\r\nContent-Length: 2\r\n\r\n")
         let bare = try parseResponse("HTTP/1.1 204\r\n\r\n")
         out.clear()
-        HTTP1HeadWriter.writeResponse(bare, edits: HTTP1HeadEdits(added: [(name: "Via", value: "weir")]), into: &out)
+        HTTP1HeadWriter.writeResponse(bare, edits: HTTP1HeadEdits(added: [HTTP1AddedField(name: "Via", value: "weir")]), into: &out)
         XCTAssertEqual(String(buffer: out), "HTTP/1.1 204\r\nVia: weir\r\n\r\n")
     }
 }

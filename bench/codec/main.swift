@@ -66,7 +66,7 @@ struct OursForwarder {
         var input = input
         guard let head = try! parser.parse(&input) else { fatalError("incomplete head") }
         var edits = HTTP1HeadEdits(removed: head.fields.hopByHopFields(),
-                                   added: [(name: "X-Forwarded-For", value: clientAddress)])
+                                   added: [HTTP1AddedField(name: "X-Forwarded-For", value: clientAddress)])
         edits.removed.formUnion(head.fields.indices(of: .xForwardedFor))
         out.clear()
         HTTP1HeadWriter.writeRequest(head, edits: edits, into: &out)

@@ -477,10 +477,10 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
         }
         var mustClose = !(exchange.keepAlive && !draining)
         if isUpgrade {
-            edits.added.append((name: "connection", value: "upgrade"))
+            edits.added.append(HTTP1AddedField(name: "connection", value: "upgrade"))
         } else if bodyAllowed(exchange, status: code) && !hasLength {
             if clientIs11 {
-                edits.added.append((name: "transfer-encoding", value: "chunked"))
+                edits.added.append(HTTP1AddedField(name: "transfer-encoding", value: "chunked"))
                 exchange.responseChunked = true
             } else {
                 // HTTP/1.0 client and no length: the body ends at close.
@@ -489,13 +489,13 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
         }
         if !isUpgrade {
             if mustClose {
-                edits.added.append((name: "connection", value: "close"))
+                edits.added.append(HTTP1AddedField(name: "connection", value: "close"))
             } else if !clientIs11 {
-                edits.added.append((name: "connection", value: "keep-alive"))
+                edits.added.append(HTTP1AddedField(name: "connection", value: "keep-alive"))
             }
         }
         let viaEntry = head.version.minor == 0 ? "1.0 weir" : "1.1 weir"
-        edits.added.append((name: "via", value: via.map { $0 + ", " + viaEntry } ?? viaEntry))
+        edits.added.append(HTTP1AddedField(name: "via", value: via.map { $0 + ", " + viaEntry } ?? viaEntry))
         if mustClose { exchange.keepAlive = false }
         exchange.responseStarted = true
         exchange.status = code

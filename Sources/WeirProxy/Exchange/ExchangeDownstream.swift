@@ -283,17 +283,17 @@ extension ExchangeDownstream {
             }
         }
         edits.added.reserveCapacity(8)
-        edits.added.append((name: "host", value: upstreamHostHeader(exchange, routed: routed)))
-        if exchange.framing.chunked { edits.added.append((name: "transfer-encoding", value: "chunked")) }
-        if exchange.isUpgrade { edits.added.append((name: "connection", value: "upgrade")) }
-        edits.added.append((name: "x-forwarded-for", value: forwardedFor.map { $0 + ", " + clientIP } ?? clientIP))
-        edits.added.append((name: "x-forwarded-proto", value: forwardedProto ?? listener.scheme))
+        edits.added.append(HTTP1AddedField(name: "host", value: upstreamHostHeader(exchange, routed: routed)))
+        if exchange.framing.chunked { edits.added.append(HTTP1AddedField(name: "transfer-encoding", value: "chunked")) }
+        if exchange.isUpgrade { edits.added.append(HTTP1AddedField(name: "connection", value: "upgrade")) }
+        edits.added.append(HTTP1AddedField(name: "x-forwarded-for", value: forwardedFor.map { $0 + ", " + clientIP } ?? clientIP))
+        edits.added.append(HTTP1AddedField(name: "x-forwarded-proto", value: forwardedProto ?? listener.scheme))
         if let host = forwardedHost ?? exchange.hostHeader {
-            edits.added.append((name: "x-forwarded-host", value: host))
+            edits.added.append(HTTP1AddedField(name: "x-forwarded-host", value: host))
         }
         let viaEntry = head.isHTTP10 ? "1.0 weir" : "1.1 weir"
-        edits.added.append((name: "via", value: via.map { $0 + ", " + viaEntry } ?? viaEntry))
-        edits.added.append((name: "x-request-id", value: exchange.id))
+        edits.added.append(HTTP1AddedField(name: "via", value: via.map { $0 + ", " + viaEntry } ?? viaEntry))
+        edits.added.append(HTTP1AddedField(name: "x-request-id", value: exchange.id))
         return edits
     }
 

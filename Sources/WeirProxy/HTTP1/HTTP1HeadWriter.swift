@@ -1,15 +1,29 @@
 import NIOCore
 
+/// A field line a forwarded head gets appended. A struct, not a
+/// `(name:, value:)` tuple: an array of tuples is destroyed through the
+/// runtime's generic tuple witnesses, one call per element and field (~1 k
+/// instructions per request for the upstream head's added lines, callgrind).
+public struct HTTP1AddedField: Sendable, Equatable {
+    public var name: String
+    public var value: String
+
+    public init(name: String, value: String) {
+        self.name = name
+        self.value = value
+    }
+}
+
 /// Changes to a head on its way through the proxy.
 public struct HTTP1HeadEdits: Sendable {
     /// Field lines (by index) not to forward.
     public var removed = HTTP1FieldSet()
     /// Fields appended after the kept ones, in order.
-    public var added: [(name: String, value: String)] = []
+    public var added: [HTTP1AddedField] = []
     /// Replaces the request target (requests only).
     public var target: String? = nil
 
-    public init(removed: HTTP1FieldSet = HTTP1FieldSet(), added: [(name: String, value: String)] = [], target: String? = nil) {
+    public init(removed: HTTP1FieldSet = HTTP1FieldSet(), added: [HTTP1AddedField] = [], target: String? = nil) {
         self.removed = removed
         self.added = added
         self.target = target
@@ -151,9 +165,12 @@ public enum HTTP1HeadWriter {
         return total
     }
 
-    private static func addedFieldBytes(_ added: [(name: String, value: String)]) -> Int {
+    private static func addedFieldBytes(_ added: [HTTP1AddedField]) -> Int {
         var total = 0
-        for (name, value) in added { total += name.utf8.count + value.utf8.count + 4 }
+        // Through the buffer: the elements are read in place, not copied (retained) one by one.
+        added.withUnsafeBufferPointer { fields in
+            for i in fields.indices { total += fields[i].name.utf8.count + fields[i].value.utf8.count + 4 }
+        }
         return total
     }
 
@@ -180,13 +197,17 @@ public enum HTTP1HeadWriter {
             }
         }
 
-        mutating func copyAdded(_ added: [(name: String, value: String)]) {
-            for (name, value) in added {
-                copy(name)
-                copy(": ")
-                copy(value)
-                copy("\r\n")
+        mutating func copyAdded(_ added: [HTTP1AddedField]) {
+            added.withUnsafeBufferPointer { fields in
+                for i in fields.indices { copyField(fields[i]) }
             }
+        }
+
+        private mutating func copyField(_ field: HTTP1AddedField) {
+            copy(field.name)
+            copy(": ")
+            copy(field.value)
+            copy("\r\n")
         }
 
         /// Runs of consecutive kept lines go out as one copy.

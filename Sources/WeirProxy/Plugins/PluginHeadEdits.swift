@@ -30,7 +30,7 @@ extension HTTP1HeadEdits {
     /// `add_header`: one more line, after the kept ones.
     mutating func addField(_ name: String, _ value: String) {
         guard HeadSerialization.isToken(name), HeadSerialization.isValidFieldValue(value) else { return }
-        added.append((name: name, value: value))
+        added.append(HTTP1AddedField(name: name, value: value))
     }
 
     /// `clear_header`: the original lines of that name (by index, compared
@@ -62,7 +62,7 @@ extension HTTP1HeadEdits {
         for i in 0..<fields.count where !removed.contains(i) {
             pairs.append((name: fields.name(at: i).lowercased(), value: fields.value(at: i)))
         }
-        for (name, value) in added { pairs.append((name: name.lowercased(), value: value)) }
+        for field in added { pairs.append((name: field.name.lowercased(), value: field.value)) }
         return pairs
     }
 
@@ -75,7 +75,7 @@ extension HTTP1HeadEdits {
             return
         }
         added.removeAll { $0.name.equalsIgnoringASCIICase("host") }
-        added.insert((name: "host", value: value), at: 0)
+        added.insert(HTTP1AddedField(name: "host", value: value), at: 0)
     }
 }
 
