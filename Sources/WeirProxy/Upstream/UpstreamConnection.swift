@@ -238,29 +238,33 @@ final class UpstreamHandler: ChannelDuplexHandler, RemovableChannelHandler {
                 case .head:
                     guard inbound.readableBytes > 0,
                           let head = try parser.parse(&inbound, requestMethod: requestMethod) else { return }
+                    // `consume`: the head moves into the reported part
+                    // instead of being copied (its buffer and field index
+                    // retained) and destroyed twice per response.
                     if head.isInterim {
-                        delegate.upstreamRead(.head(head), on: connection)
+                        delegate.upstreamRead(.head(consume head), on: connection)
                         continue
                     }
                     if head.status == 101 {
                         body = .tunnel
-                        delegate.upstreamRead(.head(head), on: connection)
+                        delegate.upstreamRead(.head(consume head), on: connection)
                         self.delegate?.upstreamRead(.end(nil), on: connection)
                         return
                     }
-                    switch head.framing {
+                    let framing = head.framing
+                    switch framing {
                     case .none, .contentLength(0):
-                        delegate.upstreamRead(.head(head), on: connection)
+                        delegate.upstreamRead(.head(consume head), on: connection)
                         self.delegate?.upstreamRead(.end(nil), on: connection)
                     case .contentLength(let length):
                         body = .contentLength(remaining: length)
-                        delegate.upstreamRead(.head(head), on: connection)
+                        delegate.upstreamRead(.head(consume head), on: connection)
                     case .chunked:
                         body = .chunked(HTTP1ChunkedDecoder())
-                        delegate.upstreamRead(.head(head), on: connection)
+                        delegate.upstreamRead(.head(consume head), on: connection)
                     case .untilClose:
                         body = .untilClose
-                        delegate.upstreamRead(.head(head), on: connection)
+                        delegate.upstreamRead(.head(consume head), on: connection)
                     }
                 case .contentLength(let remaining):
                     let available = inbound.readableBytes
