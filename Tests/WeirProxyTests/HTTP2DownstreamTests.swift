@@ -41,6 +41,19 @@ final class HTTP2DownstreamTests: UpstreamTestCase {
         XCTAssertEqual(try client.request("GET", "/h1").status, 200)
     }
 
+    /// Via names the version each message was received with (RFC 9110
+    /// §7.6.3): the request came over HTTP/2, the response from an
+    /// HTTP/1.1 upstream.
+    func testViaNamesHTTP2ForTheRequestAndTheUpstreamsVersionForTheResponse() throws {
+        let proxy = try self.proxy()
+        defer { proxy.stop() }
+        let r = try curl(proxy.port, "/via", ["-H", "via: 1.1 edge"])
+        XCTAssertEqual(r.status, 0, r.err)
+        XCTAssertTrue(r.out.lowercased().contains("via: 1.1 weir\r\n"), r.out)
+        let seen = try XCTUnwrap(upstream.requests.first { $0.uri == "/via" })
+        XCTAssertEqual(seen.header("via"), "1.1 edge, 2 weir")
+    }
+
     func testRequestBodyWithoutLengthGoesUpstreamChunkedAndTrailersBothWays() throws {
         try XCTSkipUnless(H2Script.available, "python3-h2 is not installed")
         let proxy = try self.proxy()

@@ -105,6 +105,20 @@ final class UpstreamHTTP2Tests: XCTestCase {
         XCTAssertEqual(origin.streamsSeen, 3)
     }
 
+    /// Via names the version each message was received with (RFC 9110
+    /// §7.6.3): the request came over HTTP/1.1, the response over HTTP/2
+    /// (the plugin path is checked in testPluginEditsAndAccessLogOverHTTP2Upstream).
+    func testViaNamesHTTP2ForResponsesFromAnHTTP2Upstream() throws {
+        let origin = try startOrigin()
+        let proxy = try startProxy([address(origin)])
+        let client = try proxy.connect()
+        let response = try client.request("GET", "/hello", headers: [("Via", "1.0 edge")])
+        XCTAssertEqual(response.status, 200)
+        XCTAssertEqual(response.header("via"), "2 weir")
+        let seen = try XCTUnwrap(origin.requestHeaders.last)
+        XCTAssertEqual(seen.first { $0.0 == "via" }?.1, "1.0 edge, 1.1 weir")
+    }
+
     func testChunkedUploadBecomesDataFrames() throws {
         let origin = try startOrigin()
         let proxy = try startProxy([address(origin)])
@@ -332,6 +346,7 @@ final class UpstreamHTTP2Tests: XCTestCase {
         let response = try grpcCall(client, "/grpc.Echo/Unary", messages: ["p"], headers: [("x-secret", "s")])
         XCTAssertEqual(response.status, 200)
         XCTAssertEqual(response.header("x-edited"), "yes")
+        XCTAssertEqual(response.header("via"), "2 weir")
         XCTAssertEqual(GRPCTestFraming.messages(response.body), ["p"])
         XCTAssertEqual(trailer(response, "grpc-status"), "0")
         let seen = try XCTUnwrap(origin.requestHeaders.last)

@@ -494,7 +494,8 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
                 edits.added.append(HTTP1AddedField(name: "connection", value: "keep-alive"))
             }
         }
-        let viaEntry = head.version.minor == 0 ? "1.0 weir" : "1.1 weir"
+        // An HTTP/2 upstream's response reaches us as a rebuilt HTTP/1.1 head.
+        let viaEntry = HeaderRewriting.viaEntry(http2: exchange.connection?.http2Stream != nil, http10: head.version.minor == 0)
         edits.added.append(HTTP1AddedField(name: "via", value: via.map { $0 + ", " + viaEntry } ?? viaEntry))
         if mustClose { exchange.keepAlive = false }
         exchange.responseStarted = true

@@ -12,6 +12,14 @@ enum HeaderRewriting {
         var teTrailers = false
         var hasBody: Bool { chunked || (contentLength ?? 0) > 0 }
     }
+
+    /// This hop's Via entry (RFC 9110 §7.6.3): the protocol version the
+    /// message was received with (the client's for a request, the
+    /// upstream's for a response) and the pseudonym "weir". Literals: no
+    /// String is built per request.
+    static func viaEntry(http2: Bool, http10: Bool) -> String {
+        http2 ? "2 weir" : (http10 ? "1.0 weir" : "1.1 weir")
+    }
 }
 
 extension Substring {

@@ -21,11 +21,15 @@ final class RequestHead {
     /// The Host field's value (nil when absent, HTTP/1.0 only).
     let host: String?
     let isHTTP10: Bool
+    /// The request came on an HTTP/2 stream (its head was rebuilt as
+    /// HTTP/1.1 bytes for the parser, so `version` says 1.1): Via names 2.
+    let receivedOverHTTP2: Bool
     let wire: HTTP1RequestHead?
 
-    init(_ wire: HTTP1RequestHead) {
+    init(_ wire: HTTP1RequestHead, receivedOverHTTP2: Bool = false) {
         self.method = wire.method.nioMethod ?? HTTPMethod(rawValue: wire.methodString)
         self.isHTTP10 = wire.version.minor == 0
+        self.receivedOverHTTP2 = receivedOverHTTP2
         self.version = isHTTP10 ? .http1_0 : .http1_1
         self.uri = wire.target
         self.headers = wire.fields

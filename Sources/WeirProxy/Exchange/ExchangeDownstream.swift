@@ -291,7 +291,7 @@ extension ExchangeDownstream {
         if let host = forwardedHost ?? exchange.hostHeader {
             edits.added.append(HTTP1AddedField(name: "x-forwarded-host", value: host))
         }
-        let viaEntry = head.isHTTP10 ? "1.0 weir" : "1.1 weir"
+        let viaEntry = HeaderRewriting.viaEntry(http2: head.receivedOverHTTP2, http10: head.isHTTP10)
         edits.added.append(HTTP1AddedField(name: "via", value: via.map { $0 + ", " + viaEntry } ?? viaEntry))
         edits.added.append(HTTP1AddedField(name: "x-request-id", value: exchange.id))
         return edits

@@ -278,7 +278,7 @@ final class HTTP2ServerStream: ExchangeDownstream {
         }
         framing.expectsContinue = wire.expectsContinue
         framing.teTrailers = wire.facts.teTrailersOnly && wire.fields.entries.contains { $0.known == .te }
-        let requestHead = RequestHead(wire)
+        let requestHead = RequestHead(wire, receivedOverHTTP2: true)
         let exchange = makeExchange(head: requestHead)
         self.exchange = exchange
         exchange.framing = framing
@@ -340,7 +340,8 @@ final class HTTP2ServerStream: ExchangeDownstream {
             default: headers.add(name: field.name.lowercased(), value: field.value)
             }
         }
-        let viaEntry = head.version.minor == 0 ? "1.0 weir" : "1.1 weir"
+        // An HTTP/2 upstream's response reaches us as a rebuilt HTTP/1.1 head.
+        let viaEntry = HeaderRewriting.viaEntry(http2: exchange.connection?.http2Stream != nil, http10: head.version.minor == 0)
         headers.add(name: "via", value: via.map { $0 + ", " + viaEntry } ?? viaEntry)
         writeHead(headers, status: status, exchange: exchange)
     }
