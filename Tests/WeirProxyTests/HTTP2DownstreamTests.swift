@@ -74,6 +74,23 @@ final class HTTP2DownstreamTests: UpstreamTestCase {
         XCTAssertNil((t["headers"] as? [String: String])?["trailer"])
     }
 
+    /// The header list's HTTP/1.1 form: split cookie fields joined again
+    /// (RFC 9113 §8.2.3), :authority over a Host field, long values whole.
+    func testSplitCookiesAreJoinedAndAuthorityIsTheHost() throws {
+        try XCTSkipUnless(H2Script.available, "python3-h2 is not installed")
+        let proxy = try self.proxy()
+        defer { proxy.stop() }
+        let long = String(repeating: "v", count: 3000)
+        let r = try H2Script.run(port: proxy.port, "get", ["/cookies", "cookie:a=1", "x-in:x", "cookie:b=2",
+                                                           "host:other.example", "x-long:\(long)"])
+        XCTAssertEqual(r["status"] as? Int, 200, "\(r)")
+        let seen = try XCTUnwrap(upstream.requests.first { $0.uri == "/cookies" })
+        XCTAssertEqual(seen.header("cookie"), "a=1; b=2")
+        XCTAssertEqual(seen.header("x-in"), "x")
+        XCTAssertEqual(seen.header("x-forwarded-host"), "test.local", ":authority wins over Host")
+        XCTAssertEqual(seen.header("x-long"), long)
+    }
+
     func testLargeResponseAndConnectionSpecificUpstreamFieldsDropped() throws {
         let proxy = try self.proxy()
         defer { proxy.stop() }

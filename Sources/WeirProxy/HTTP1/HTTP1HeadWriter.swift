@@ -174,8 +174,9 @@ public enum HTTP1HeadWriter {
         return total
     }
 
-    /// Copies into memory already reserved for the exact total.
-    private struct RawWriter {
+    /// Copies into memory already reserved for the total (also used by
+    /// HTTP2ServerStream for the HTTP/1.1 form of an HTTP/2 request head).
+    struct RawWriter {
         let base: UnsafeMutableRawPointer
         var offset = 0
         init(_ base: UnsafeMutableRawPointer) { self.base = base }

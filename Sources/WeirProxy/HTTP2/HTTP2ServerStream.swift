@@ -211,8 +211,14 @@ final class HTTP2ServerStream: ExchangeDownstream {
     /// parser (limits and field checks as for HTTP/1.1), then routed.
     private func beginRequest(_ headers: HPACKHeaders, endStream: Bool) {
         var method = "", path = "", authority: String? = nil
-        var hasContentLength = false
-        for (name, value, _) in headers where name.utf8.first == UInt8(ascii: ":") {
+        // An upper bound of the head's size: every field as a line (6 for
+        // ": ", CRLF and the request line's spaces), plus 64 for the fixed
+        // parts (" HTTP/1.1", "host: ", "cookie: ", transfer-encoding, the
+        // defaulted path and the last CRLF).
+        var size = 64
+        for (name, value, _) in headers {
+            size += name.utf8.count + value.utf8.count + 6
+            guard name.utf8.first == UInt8(ascii: ":") else { continue }
             switch name {
             case ":method": method = value
             case ":path": path = value
@@ -221,43 +227,52 @@ final class HTTP2ServerStream: ExchangeDownstream {
             }
         }
         if path.isEmpty { path = method == "OPTIONS" ? "*" : "/" }   // CONNECT has none: refused by the exchange
-        var head = allocator.buffer(capacity: 256)
-        head.writeString(method)
-        head.writeStaticString(" ")
-        head.writeString(path)
-        head.writeStaticString(" HTTP/1.1\r\n")
-        if let authority {
-            head.writeStaticString("host: ")
-            head.writeString(authority)
-            head.writeStaticString("\r\n")
-        }
+        var hasContentLength = false
         var cookies: [String] = []
-        for (name, value, _) in headers where name.utf8.first != UInt8(ascii: ":") {
-            switch name {
-            case "host":
-                // :authority wins (RFC 9113 §8.3.1); Host only stands in for a missing one.
-                if authority != nil { continue }
-            case "cookie":
-                cookies.append(value)
-                continue
-            case "content-length":
-                hasContentLength = true
-            default:
-                break
+        // One reservation and plain copies (a ByteBuffer write per piece
+        // cost ~5 k instructions per request).
+        var head = allocator.buffer(capacity: size)
+        head.writeWithUnsafeMutableBytes(minimumWritableBytes: size) { raw in
+            var w = HTTP1HeadWriter.RawWriter(raw.baseAddress!)
+            w.copy(method)
+            w.copy(" ")
+            w.copy(path)
+            w.copy(" HTTP/1.1\r\n")
+            if let authority {
+                w.copy("host: ")
+                w.copy(authority)
+                w.copy("\r\n")
             }
-            head.writeString(name)
-            head.writeStaticString(": ")
-            head.writeString(value)
-            head.writeStaticString("\r\n")
+            for (name, value, _) in headers where name.utf8.first != UInt8(ascii: ":") {
+                switch name {
+                case "host":
+                    // :authority wins (RFC 9113 §8.3.1); Host only stands in for a missing one.
+                    if authority != nil { continue }
+                case "cookie":
+                    cookies.append(value)
+                    continue
+                case "content-length":
+                    hasContentLength = true
+                default:
+                    break
+                }
+                w.copy(name)
+                w.copy(": ")
+                w.copy(value)
+                w.copy("\r\n")
+            }
+            // Split cookie fields are joined again (RFC 9113 §8.2.3).
+            for (i, cookie) in cookies.enumerated() {
+                w.copy(i == 0 ? "cookie: " : "; ")
+                w.copy(cookie)
+            }
+            if !cookies.isEmpty { w.copy("\r\n") }
+            // A body without a length: HTTP/2 frames delimit it, HTTP/1.1 needs chunks.
+            if !endStream && !hasContentLength { w.copy("transfer-encoding: chunked\r\n") }
+            w.copy("\r\n")
+            precondition(w.offset <= size, "HTTP/2 request head size miscounted")
+            return w.offset
         }
-        if !cookies.isEmpty {
-            head.writeStaticString("cookie: ")
-            head.writeString(cookies.joined(separator: "; "))
-            head.writeStaticString("\r\n")
-        }
-        // A body without a length: HTTP/2 frames delimit it, HTTP/1.1 needs chunks.
-        if !endStream && !hasContentLength { head.writeStaticString("transfer-encoding: chunked\r\n") }
-        head.writeStaticString("\r\n")
 
         var parser = HTTP1RequestParser(limits: connection.parserLimits)
         let wire: HTTP1RequestHead
