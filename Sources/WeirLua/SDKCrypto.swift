@@ -13,8 +13,10 @@ import Foundation
 //   weir.crypto.digest(hash, data)               same hashes
 //   weir.crypto.pbkdf2(password, salt, iterations, length [, hash])
 //   weir.crypto.verify(scheme, public_key, data, signature)
-//       scheme: "rsa-pkcs1-sha256" | "rsa-pkcs1-sha384" | "rsa-pkcs1-sha512" | "ecdsa-p256-sha256"
-//       public_key: a PEM string, or a JWK table { kty = "RSA", n, e } / { kty = "EC", crv = "P-256", x, y }
+//       scheme: "rsa-pkcs1-sha256|384|512" | "rsa-pss-sha256|384|512" | "ecdsa-p256-sha256"
+//               | "ecdsa-p384-sha384" | "ecdsa-p521-sha512" | "ed25519"
+//       public_key: a PEM string, or a JWK table { kty = "RSA", n, e } /
+//               { kty = "EC", crv = "P-256"|"P-384"|"P-521", x, y } / { kty = "OKP", crv = "Ed25519", x }
 
 /// The bytes of the Lua string at `index` (binary safe, no copy), or nil if
 /// the value is not a string. Valid while the value stays on the stack.
@@ -75,29 +77,60 @@ public enum WeirCrypto {
     public enum PublicKey {
         case rsa(_RSA.Signing.PublicKey)
         case p256(P256.Signing.PublicKey)
+        case p384(P384.Signing.PublicKey)
+        case p521(P521.Signing.PublicKey)
+        case ed25519(Curve25519.Signing.PublicKey)
     }
 
+    /// A signature scheme: the key type, padding and hash are all fixed by
+    /// the name, so a key of another type never matches (no algorithm confusion).
     public enum Scheme: String, Sendable {
         case rsaPKCS1SHA256 = "rsa-pkcs1-sha256"
         case rsaPKCS1SHA384 = "rsa-pkcs1-sha384"
         case rsaPKCS1SHA512 = "rsa-pkcs1-sha512"
+        /// RSASSA-PSS with MGF1 of the same hash and a salt as long as the hash (JWA PS256/384/512).
+        case rsaPSSSHA256 = "rsa-pss-sha256"
+        case rsaPSSSHA384 = "rsa-pss-sha384"
+        case rsaPSSSHA512 = "rsa-pss-sha512"
         case ecdsaP256SHA256 = "ecdsa-p256-sha256"
+        case ecdsaP384SHA384 = "ecdsa-p384-sha384"
+        case ecdsaP521SHA512 = "ecdsa-p521-sha512"
+        /// Ed25519 (RFC 8032) over the data itself (JWA EdDSA with crv Ed25519).
+        case ed25519 = "ed25519"
     }
 
-    /// Parses a PEM public key ("BEGIN PUBLIC KEY"; RSA also "BEGIN RSA PUBLIC KEY").
-    /// RSA keys under 2048 bits are refused by swift-crypto.
+    /// Parses a PEM public key ("BEGIN PUBLIC KEY"; RSA also "BEGIN RSA PUBLIC KEY"):
+    /// RSA (keys under 2048 bits are refused by swift-crypto), EC P-256/P-384/P-521, Ed25519.
     public static func publicKey(pem: String) throws -> PublicKey {
         if pem.contains("RSA PUBLIC KEY") { return .rsa(try _RSA.Signing.PublicKey(pemRepresentation: pem)) }
         if let key = try? P256.Signing.PublicKey(pemRepresentation: pem) { return .p256(key) }
+        if let key = try? P384.Signing.PublicKey(pemRepresentation: pem) { return .p384(key) }
+        if let key = try? P521.Signing.PublicKey(pemRepresentation: pem) { return .p521(key) }
+        if let key = ed25519PublicKey(pem: pem) { return .ed25519(key) }
         do {
             return .rsa(try _RSA.Signing.PublicKey(pemRepresentation: pem))
         } catch {
-            throw CryptoFailure("not an RSA (2048 bits or more) or P-256 public key in PEM form")
+            throw CryptoFailure("not an RSA (2048 bits or more), EC P-256/P-384/P-521 or Ed25519 public key in PEM form")
         }
     }
 
-    /// Parses a JWK's public part (RFC 7517/7518): RSA `n`/`e`, or EC P-256 `x`/`y`,
-    /// each base64url.
+    /// The DER prefix of every Ed25519 SubjectPublicKeyInfo (RFC 8410 §4):
+    /// SEQUENCE(42) { SEQUENCE(5) { OID 1.3.101.112 }, BIT STRING(33) 0x00 },
+    /// then the 32-byte key. swift-crypto has no PEM form for Curve25519 keys,
+    /// and the structure has no variable part, so a prefix match is exact.
+    private static let ed25519SPKIPrefix: [UInt8] = [0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00]
+
+    static func ed25519PublicKey(pem: String) -> Curve25519.Signing.PublicKey? {
+        let lines = pem.split(whereSeparator: \.isNewline).map { $0.trimmingCharacters(in: .whitespaces) }
+        guard let begin = lines.firstIndex(of: "-----BEGIN PUBLIC KEY-----"),
+              let end = lines.firstIndex(of: "-----END PUBLIC KEY-----"), begin < end,
+              let der = Data(base64Encoded: lines[(begin + 1)..<end].joined()),
+              der.count == ed25519SPKIPrefix.count + 32, der.starts(with: ed25519SPKIPrefix) else { return nil }
+        return try? Curve25519.Signing.PublicKey(rawRepresentation: der.suffix(32))
+    }
+
+    /// Parses a JWK's public part (RFC 7517/7518, RFC 8037), each field base64url:
+    /// RSA `n`/`e`, EC P-256/P-384/P-521 `x`/`y`, OKP Ed25519 `x`.
     public static func publicKey(jwk: [String: String]) throws -> PublicKey {
         func field(_ name: String) throws -> Data {
             guard let text = jwk[name], let bytes = base64URLDecode(text) else {
@@ -111,18 +144,40 @@ public enum WeirCrypto {
             catch let failure as CryptoFailure { throw failure }
             catch { throw CryptoFailure("JWK is not a usable RSA public key (2048 bits or more)") }
         case "EC":
-            guard jwk["crv"] == "P-256" else { throw CryptoFailure("JWK curve '\(jwk["crv"] ?? "")' is not supported (P-256 only)") }
+            let curve = jwk["crv"] ?? ""
+            let size: Int
+            switch curve {
+            case "P-256": size = 32
+            case "P-384": size = 48
+            case "P-521": size = 66
+            default: throw CryptoFailure("JWK curve '\(curve)' is not supported (P-256, P-384 or P-521)")
+            }
             let x = try field("x"), y = try field("y")
-            guard x.count == 32, y.count == 32 else { throw CryptoFailure("JWK P-256 coordinates must be 32 bytes") }
-            do { return .p256(try P256.Signing.PublicKey(rawRepresentation: x + y)) }
-            catch { throw CryptoFailure("JWK is not a point on P-256") }
+            guard x.count == size, y.count == size else { throw CryptoFailure("JWK \(curve) coordinates must be \(size) bytes") }
+            do {
+                switch size {
+                case 32: return .p256(try P256.Signing.PublicKey(rawRepresentation: x + y))
+                case 48: return .p384(try P384.Signing.PublicKey(rawRepresentation: x + y))
+                default: return .p521(try P521.Signing.PublicKey(rawRepresentation: x + y))
+                }
+            } catch {
+                throw CryptoFailure("JWK is not a point on \(curve)")
+            }
+        case "OKP":
+            guard jwk["crv"] == "Ed25519" else { throw CryptoFailure("JWK curve '\(jwk["crv"] ?? "")' is not supported (Ed25519 only)") }
+            let x = try field("x")
+            guard x.count == 32, let key = try? Curve25519.Signing.PublicKey(rawRepresentation: x) else {
+                throw CryptoFailure("JWK Ed25519 key must be 32 bytes")
+            }
+            return .ed25519(key)
         default:
-            throw CryptoFailure("JWK key type '\(jwk["kty"] ?? "")' is not supported (RSA or EC)")
+            throw CryptoFailure("JWK key type '\(jwk["kty"] ?? "")' is not supported (RSA, EC or OKP)")
         }
     }
 
     /// Checks `signature` over `data`. ECDSA signatures are in the JOSE form
-    /// (r || s, 64 bytes); a wrong key type for the scheme is a failure, not a match.
+    /// (r || s, 64/96/132 bytes for P-256/P-384/P-521); a wrong key type for
+    /// the scheme is a failure, not a match.
     public static func verify(_ scheme: Scheme, key: PublicKey, data: UnsafeRawBufferPointer,
                               signature: UnsafeRawBufferPointer) -> Bool {
         switch (scheme, key) {
@@ -135,9 +190,26 @@ public enum WeirCrypto {
         case (.rsaPKCS1SHA512, .rsa(let key)):
             return key.isValidSignature(_RSA.Signing.RSASignature(rawRepresentation: signature),
                                         for: SHA512.hash(data: data), padding: .insecurePKCS1v1_5)
+        case (.rsaPSSSHA256, .rsa(let key)):
+            return key.isValidSignature(_RSA.Signing.RSASignature(rawRepresentation: signature),
+                                        for: SHA256.hash(data: data), padding: .PSS)
+        case (.rsaPSSSHA384, .rsa(let key)):
+            return key.isValidSignature(_RSA.Signing.RSASignature(rawRepresentation: signature),
+                                        for: SHA384.hash(data: data), padding: .PSS)
+        case (.rsaPSSSHA512, .rsa(let key)):
+            return key.isValidSignature(_RSA.Signing.RSASignature(rawRepresentation: signature),
+                                        for: SHA512.hash(data: data), padding: .PSS)
         case (.ecdsaP256SHA256, .p256(let key)):
             guard let sig = try? P256.Signing.ECDSASignature(rawRepresentation: signature) else { return false }
             return key.isValidSignature(sig, for: SHA256.hash(data: data))
+        case (.ecdsaP384SHA384, .p384(let key)):
+            guard let sig = try? P384.Signing.ECDSASignature(rawRepresentation: signature) else { return false }
+            return key.isValidSignature(sig, for: SHA384.hash(data: data))
+        case (.ecdsaP521SHA512, .p521(let key)):
+            guard let sig = try? P521.Signing.ECDSASignature(rawRepresentation: signature) else { return false }
+            return key.isValidSignature(sig, for: SHA512.hash(data: data))
+        case (.ed25519, .ed25519(let key)):
+            return key.isValidSignature(signature, for: data)
         default:
             return false
         }
@@ -220,7 +292,7 @@ extension LuaRuntime {
             }),
             ("crypto_verify", { L in
                 guard let schemeName = LuaState.string(at: 1, on: L), let scheme = WeirCrypto.Scheme(rawValue: schemeName) else {
-                    return .error("weir.crypto.verify: unknown scheme (rsa-pkcs1-sha256|384|512, ecdsa-p256-sha256)")
+                    return .error("weir.crypto.verify: unknown scheme (rsa-pkcs1-sha256|384|512, rsa-pss-sha256|384|512, ecdsa-p256-sha256, ecdsa-p384-sha384, ecdsa-p521-sha512, ed25519)")
                 }
                 guard let data = luaBytes(at: 3, on: L), let signature = luaBytes(at: 4, on: L) else {
                     return .error("weir.crypto.verify: data and signature must be strings")

@@ -60,7 +60,7 @@ final class CryptoSDKTests: XCTestCase {
         local ec_jwk = { kty = "EC", crv = "P-256", x = "\(ecJWK["x"]!)", y = "\(ecJWK["y"]!)" }
         local flipped = string.char(rs256:byte(1) ~ 1) .. rs256:sub(2)
         local bad, err = c.verify("rsa-pkcs1-sha256", "not a key", data, rs256)
-        local badjwk, err2 = c.verify("ecdsa-p256-sha256", { kty = "EC", crv = "P-384", x = "AA", y = "AA" }, data, es256)
+        local badjwk, err2 = c.verify("ecdsa-p256-sha256", { kty = "EC", crv = "P-192", x = "AA", y = "AA" }, data, es256)
         local ok, argerr = pcall(c.verify, "none", rsa_pem, data, rs256)
         return 200, table.concat({
           tostring(c.verify("rsa-pkcs1-sha256", rsa_pem, data, rs256)),
@@ -80,9 +80,59 @@ final class CryptoSDKTests: XCTestCase {
         let parts = (body ?? "").split(separator: "|", omittingEmptySubsequences: false).map(String.init)
         XCTAssertEqual(Array(parts.prefix(10)), ["true", "true", "true", "true", "true", "false", "false", "false", "false", "false"], "\(result)")
         XCTAssertEqual(parts.dropFirst(10).prefix(3), ["nil", "true", "nil"])
-        XCTAssertTrue(parts.count > 13 && parts[13].contains("P-256 only"), body ?? "")
+        XCTAssertTrue(parts.count > 13 && parts[13].contains("(P-256, P-384 or P-521)"), body ?? "")
         XCTAssertEqual(parts.count > 14 ? parts[14] : "", "false")
-        XCTAssertTrue((body ?? "").hasSuffix("|false|bad argument #1 to 'weir.crypto.verify' (rsa-pkcs1-sha256|384|512 or ecdsa-p256-sha256 expected, got none)"), body ?? "")
+        XCTAssertTrue((body ?? "").hasSuffix("|false|bad argument #1 to 'weir.crypto.verify' (rsa-pkcs1-sha256|384|512, rsa-pss-sha256|384|512, ecdsa-p256-sha256, ecdsa-p384-sha384, ecdsa-p521-sha512 or ed25519 expected, got none)"), body ?? "")
+    }
+
+    /// RSA-PSS, ECDSA on P-384/P-521 and Ed25519, keys as PEM and as JWK,
+    /// signatures from the openssl CLI; a key of another type or curve, or
+    /// another padding, never verifies.
+    func testVerifyPSSP384P521AndEd25519SignaturesMadeByOpenSSL() throws {
+        let keys = try OpenSSLSigner()
+        let data = Array("header.payload".utf8)
+        func b64(_ b: [UInt8]) -> String { Data(b).base64EncodedString() }
+        let p384 = try keys.ecJWK(kid: nil, curve: .p384), p521 = try keys.ecJWK(kid: nil, curve: .p521)
+        let ed = try keys.ed25519JWK(kid: nil)
+        let (body, _, result) = try requestBody("""
+        local c = weir.crypto
+        local d = c.base64_decode
+        local data = "header.payload"
+        local ps256, ps512, rs256 = d("\(b64(try keys.signRSAPSS(data)))"), d("\(b64(try keys.signRSAPSS(data, bits: 512)))"), d("\(b64(try keys.signRSA(data)))")
+        local es384, es512 = d("\(b64(try keys.signECDSA(data, curve: .p384)))"), d("\(b64(try keys.signECDSA(data, curve: .p521)))")
+        local eddsa = d("\(b64(try keys.signEd25519(data)))")
+        local rsa_pem, p384_pem, p521_pem, ed_pem = [[\(keys.rsaPublicPEM)]], [[\(keys.ecPublicPEM(.p384))]], [[\(keys.ecPublicPEM(.p521))]], [[\(keys.ed25519PublicPEM)]]
+        local p384_jwk = { kty = "EC", crv = "P-384", x = "\(p384["x"]!)", y = "\(p384["y"]!)" }
+        local p521_jwk = { kty = "EC", crv = "P-521", x = "\(p521["x"]!)", y = "\(p521["y"]!)" }
+        local ed_jwk = { kty = "OKP", crv = "Ed25519", x = "\(ed["x"]!)" }
+        local bad, err = c.verify("ed25519", { kty = "OKP", crv = "Ed448", x = "AA" }, data, eddsa)
+        return 200, table.concat({
+          tostring(c.verify("rsa-pss-sha256", rsa_pem, data, ps256)),
+          tostring(c.verify("rsa-pss-sha512", rsa_pem, data, ps512)),
+          tostring(c.verify("ecdsa-p384-sha384", p384_pem, data, es384)),
+          tostring(c.verify("ecdsa-p384-sha384", p384_jwk, data, es384)),
+          tostring(c.verify("ecdsa-p521-sha512", p521_pem, data, es512)),
+          tostring(c.verify("ecdsa-p521-sha512", p521_jwk, data, es512)),
+          tostring(c.verify("ed25519", ed_pem, data, eddsa)),
+          tostring(c.verify("ed25519", ed_jwk, data, eddsa)),
+          -- PKCS#1 v1.5 vs PSS both ways, wrong hash, wrong curve, wrong key type, changed data
+          tostring(c.verify("rsa-pss-sha256", rsa_pem, data, rs256)),
+          tostring(c.verify("rsa-pkcs1-sha256", rsa_pem, data, ps256)),
+          tostring(c.verify("rsa-pss-sha384", rsa_pem, data, ps256)),
+          tostring(c.verify("ecdsa-p384-sha384", p521_pem, data, es384)),
+          tostring(c.verify("ecdsa-p521-sha512", p384_jwk, data, es512)),
+          tostring(c.verify("ed25519", rsa_pem, data, eddsa)),
+          tostring(c.verify("rsa-pss-sha256", ed_pem, data, ps256)),
+          tostring(c.verify("ed25519", ed_jwk, data .. "x", eddsa)),
+          tostring(c.verify("ecdsa-p384-sha384", p384_pem, data .. "x", es384)),
+          tostring(bad), err,
+        }, "|")
+        """)
+        let parts = (body ?? "").split(separator: "|", omittingEmptySubsequences: false).map(String.init)
+        XCTAssertEqual(Array(parts.prefix(8)), Array(repeating: "true", count: 8), "\(result) \(body ?? "")")
+        XCTAssertEqual(Array(parts.dropFirst(8).prefix(9)), Array(repeating: "false", count: 9), body ?? "")
+        XCTAssertEqual(parts.count > 17 ? parts[17] : "", "nil", body ?? "")
+        XCTAssertTrue(parts.count > 18 && parts[18].contains("Ed25519 only"), body ?? "")
     }
 
     func testPBKDF2ArgumentChecksRaiseAtThePluginLine() throws {

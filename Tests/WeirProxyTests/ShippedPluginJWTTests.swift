@@ -253,6 +253,94 @@ final class ShippedPluginJWTTests: XCTestCase {
         XCTAssertTrue(upstream.requests.isEmpty)
     }
 
+    /// A second key set: tokens it signs are "right algorithm, wrong key".
+    static let otherKeys = Result { try OpenSSLSigner() }
+
+    private func signed(_ alg: String, _ claims: [String: Any], header: [String: Any] = [:], by signer: OpenSSLSigner? = nil) throws -> String {
+        let keys = signer ?? self.keys!
+        return try OpenSSLSigner.jwt(header: ["alg": alg].merging(header) { $1 }, claims: claims) { input in
+            switch alg {
+            case "RS256", "RS384", "RS512": return try keys.signRSA(input, bits: Int(alg.dropFirst(2))!)
+            case "PS256", "PS384", "PS512": return try keys.signRSAPSS(input, bits: Int(alg.dropFirst(2))!)
+            case "ES256": return try keys.signECDSA(input, curve: .p256)
+            case "ES384": return try keys.signECDSA(input, curve: .p384)
+            case "ES512": return try keys.signECDSA(input, curve: .p521)
+            default: return try keys.signEd25519(input)   // EdDSA
+            }
+        }
+    }
+
+    /// RS384/512, PS256/384/512, ES384/512 and EdDSA with credential keys
+    /// (PEM) and with a JWK Set (RSA, EC P-384/P-521, OKP Ed25519): each
+    /// identifies the consumer; a token signed by another key of the right
+    /// type fails, and a token whose alg does not fit the key (PKCS#1 for a
+    /// PSS credential, ES384 for an Ed25519 JWK, ES512 for a P-384 JWK,
+    /// HS256 with the Ed25519 PEM as secret) is refused.
+    func testPSSECDSAP384P521AndEdDSAThroughCredentialsAndJWKS() throws {
+        let other = try Self.otherKeys.get()
+        let credentials = [("RS384", "rsa"), ("RS512", "rsa"), ("PS256", "rsa"), ("PS384", "rsa"), ("PS512", "rsa"),
+                           ("ES384", "p384"), ("ES512", "p521"), ("EdDSA", "ed25519")]
+        func pem(_ kind: String) -> String {
+            switch kind {
+            case "rsa": return keys.rsaPublicPEM
+            case "p384": return keys.ecPublicPEM(.p384)
+            case "p521": return keys.ecPublicPEM(.p521)
+            default: return keys.ed25519PublicPEM
+            }
+        }
+        let entries = credentials.map { alg, kind in
+            "        - key: carol-\(alg.lowercased())\n          algorithm: \(alg)\n          public_key: |\n" + indented(pem(kind))
+        }.joined(separator: "\n")
+        let yaml = self.yaml(plugin: "name: jwt") + "\n  - name: carol\n    credentials:\n      jwt:\n" + entries
+        let proxy = try startShippedPluginProxy(yaml: yaml, upstream: upstream)
+        defer { proxy.stop() }
+        let client = try proxy.connect()
+        func expect(_ path: String, _ token: String, _ status: Int, _ message: String = "", file: StaticString = #filePath, line: UInt = #line) throws {
+            let response = try client.request("GET", path, headers: [bearer(token)])
+            XCTAssertEqual(response.status, status, "\(path): \(response.bodyText)", file: file, line: line)
+            if !message.isEmpty { XCTAssertTrue(response.bodyText.contains(message), "\(path): \(response.bodyText)", file: file, line: line) }
+        }
+        let exp = now + 3600
+        for (alg, _) in credentials {
+            let path = "/cred-" + alg
+            try expect(path, try signed(alg, ["iss": "carol-\(alg.lowercased())", "exp": exp]), 200)
+            XCTAssertEqual(upstream.requests.first { $0.uri == path }?.header("x-consumer-name"), "carol", path)
+            // The same algorithm signed by another key.
+            try expect("/wrong-key-" + alg, try signed(alg, ["iss": "carol-\(alg.lowercased())"], by: other), 401, "Invalid signature")
+        }
+        // The credential fixes the algorithm: PKCS#1 v1.5 for a PSS key, an ES384 token for the EdDSA key.
+        try expect("/rs-for-ps", try signed("RS256", ["iss": "carol-ps256"]), 401, "Invalid algorithm")
+        try expect("/es-for-ed", try signed("ES384", ["iss": "carol-eddsa"]), 401, "Invalid algorithm")
+        try expect("/hs-ed-pem", try hs([:], key: "carol-eddsa", secret: keys.ed25519PublicPEM), 401, "Invalid algorithm")
+
+        let jwks = try JWKSServer(group: group)
+        defer { jwks.stop() }
+        try jwks.serve(keys: [try keys.rsaJWK(kid: "rsa"), try keys.ecJWK(kid: "p384", curve: .p384),
+                              try keys.ecJWK(kid: "p521", curve: .p521, alg: "ES512"), try keys.ed25519JWK(kid: "ed")])
+        let config = "{ name: jwt, config: { jwks_uri: \"\(jwks.url)\", consumer_claim_name: sub } }"
+        let jwksProxy = try startShippedPluginProxy(yaml: self.yaml(plugin: config), upstream: upstream, loops: 1)
+        defer { jwksProxy.stop() }
+        let jwksClient = try jwksProxy.connect()
+        func expectJWKS(_ path: String, _ token: String, _ status: Int, _ message: String = "", file: StaticString = #filePath, line: UInt = #line) throws {
+            let response = try jwksClient.request("GET", path, headers: [bearer(token)])
+            XCTAssertEqual(response.status, status, "\(path): \(response.bodyText)", file: file, line: line)
+            if !message.isEmpty { XCTAssertTrue(response.bodyText.contains(message), "\(path): \(response.bodyText)", file: file, line: line) }
+        }
+        for (alg, kid) in [("PS256", "rsa"), ("PS512", "rsa"), ("RS384", "rsa"), ("ES384", "p384"), ("ES512", "p521"), ("EdDSA", "ed")] {
+            try expectJWKS("/jwks-" + alg, try signed(alg, ["sub": "alice", "exp": exp], header: ["kid": kid]), 200)
+        }
+        // Without kid the set's keys of the right type are tried.
+        try expectJWKS("/jwks-ed-nokid", try signed("EdDSA", ["sub": "alice"]), 200)
+        try expectJWKS("/jwks-ed-other", try signed("EdDSA", ["sub": "alice"], header: ["kid": "ed"], by: other), 401, "Invalid signature")
+        // alg against the kid's key: wrong kty, wrong curve, wrong alg, HMAC.
+        try expectJWKS("/es384-okp", try signed("ES384", ["sub": "alice"], header: ["kid": "ed"]), 401, "Invalid algorithm")
+        try expectJWKS("/eddsa-ec", try signed("EdDSA", ["sub": "alice"], header: ["kid": "p384"]), 401, "Invalid algorithm")
+        try expectJWKS("/es512-p384", try signed("ES512", ["sub": "alice"], header: ["kid": "p384"]), 401, "Invalid algorithm")
+        try expectJWKS("/es384-p521", try signed("ES384", ["sub": "alice"], header: ["kid": "p521"]), 401, "Invalid algorithm")
+        try expectJWKS("/eddsa-rsa", try signed("EdDSA", ["sub": "alice"], header: ["kid": "rsa"]), 401, "Invalid algorithm")
+        try expectJWKS("/hs-ed", try hs(["sub": "alice"], key: "ed", secret: "x", header: ["kid": "ed"]), 401, "Invalid algorithm")
+    }
+
     func testIssuerAndAudienceChecksAndAnonymous() throws {
         let config = "{ name: jwt, config: { issuers: [bob-rs], audiences: [orders, billing], anonymous: guest } }"
         let proxy = try startShippedPluginProxy(yaml: yaml(plugin: config), upstream: upstream)

@@ -2,10 +2,20 @@ import Foundation
 
 /// Keys and signatures made by the `openssl` command line tool, so the
 /// signature checks under test (weir.crypto.verify, the jwt plugin) are
-/// exercised against an independent implementation. Generates one RSA-2048
-/// and one EC P-256 key pair in a temporary folder per instance.
+/// exercised against an independent implementation. Generates one RSA-2048,
+/// one EC key pair per curve (P-256, P-384, P-521) and one Ed25519 key pair
+/// in a temporary folder per instance.
 public final class OpenSSLSigner {
     public let folder: URL
+
+    /// The NIST curves, by their JWK `crv` name.
+    public enum Curve: String, CaseIterable {
+        case p256 = "P-256", p384 = "P-384", p521 = "P-521"
+        /// Bytes of one coordinate (and of r and s in a JOSE signature).
+        public var size: Int { self == .p256 ? 32 : self == .p384 ? 48 : 66 }
+        public var hashBits: Int { self == .p256 ? 256 : self == .p384 ? 384 : 512 }
+        var file: String { self == .p256 ? "ec" : rawValue.lowercased() }
+    }
 
     public init() throws {
         folder = FileManager.default.temporaryDirectory.appendingPathComponent("weir-openssl-\(UUID().uuidString)")
@@ -14,12 +24,20 @@ public final class OpenSSLSigner {
         try run(["pkey", "-in", path("rsa.pem"), "-pubout", "-out", path("rsa.pub")])
         try run(["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", path("ec.pem")])
         try run(["pkey", "-in", path("ec.pem"), "-pubout", "-out", path("ec.pub")])
+        for curve in [Curve.p384, .p521] {
+            try run(["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:\(curve.rawValue)", "-out", path(curve.file + ".pem")])
+            try run(["pkey", "-in", path(curve.file + ".pem"), "-pubout", "-out", path(curve.file + ".pub")])
+        }
+        try run(["genpkey", "-algorithm", "ED25519", "-out", path("ed25519.pem")])
+        try run(["pkey", "-in", path("ed25519.pem"), "-pubout", "-out", path("ed25519.pub")])
     }
 
     deinit { try? FileManager.default.removeItem(at: folder) }
 
     public var rsaPublicPEM: String { (try? String(contentsOfFile: path("rsa.pub"), encoding: .utf8)) ?? "" }
-    public var ecPublicPEM: String { (try? String(contentsOfFile: path("ec.pub"), encoding: .utf8)) ?? "" }
+    public var ecPublicPEM: String { ecPublicPEM(.p256) }
+    public func ecPublicPEM(_ curve: Curve) -> String { (try? String(contentsOfFile: path(curve.file + ".pub"), encoding: .utf8)) ?? "" }
+    public var ed25519PublicPEM: String { (try? String(contentsOfFile: path("ed25519.pub"), encoding: .utf8)) ?? "" }
 
     /// `{kty: RSA, n, e}` (and `kid`, `alg` when given) as a JSON object text.
     public func rsaJWK(kid: String?, alg: String? = nil) throws -> [String: String] {
@@ -31,11 +49,21 @@ public final class OpenSSLSigner {
         return jwk
     }
 
-    /// `{kty: EC, crv: P-256, x, y}`: the last 64 bytes of the DER public key are x || y.
-    public func ecJWK(kid: String?) throws -> [String: String] {
-        let der = try run(["pkey", "-pubin", "-in", path("ec.pub"), "-outform", "DER"])
-        let point = Array(der.suffix(64))
-        var jwk = ["kty": "EC", "crv": "P-256", "x": Self.base64URL(Array(point[0..<32])), "y": Self.base64URL(Array(point[32..<64]))]
+    /// `{kty: EC, crv, x, y}`: the DER public key ends with x || y.
+    public func ecJWK(kid: String?, curve: Curve = .p256, alg: String? = nil) throws -> [String: String] {
+        let der = try run(["pkey", "-pubin", "-in", path(curve.file + ".pub"), "-outform", "DER"])
+        let n = curve.size
+        let point = Array(der.suffix(2 * n))
+        var jwk = ["kty": "EC", "crv": curve.rawValue, "x": Self.base64URL(Array(point[0..<n])), "y": Self.base64URL(Array(point[n..<(2 * n)]))]
+        if let kid { jwk["kid"] = kid }
+        if let alg { jwk["alg"] = alg }
+        return jwk
+    }
+
+    /// `{kty: OKP, crv: Ed25519, x}` (RFC 8037): the DER public key ends with the 32-byte key.
+    public func ed25519JWK(kid: String?) throws -> [String: String] {
+        let der = try run(["pkey", "-pubin", "-in", path("ed25519.pub"), "-outform", "DER"])
+        var jwk = ["kty": "OKP", "crv": "Ed25519", "x": Self.base64URL(Array(der.suffix(32)))]
         if let kid { jwk["kid"] = kid }
         return jwk
     }
@@ -45,10 +73,28 @@ public final class OpenSSLSigner {
         try run(["dgst", "-sha\(bits)", "-sign", path("rsa.pem")], input: data)
     }
 
+    /// RSASSA-PSS with SHA-256/384/512 (`bits`), MGF1 of the same hash and
+    /// a salt as long as the hash (JWA PS256/384/512), raw signature bytes.
+    public func signRSAPSS(_ data: [UInt8], bits: Int = 256) throws -> [UInt8] {
+        try run(["dgst", "-sha\(bits)", "-sign", path("rsa.pem"), "-sigopt", "rsa_padding_mode:pss",
+                 "-sigopt", "rsa_pss_saltlen:digest"], input: data)
+    }
+
     /// ECDSA P-256 SHA-256 in the JOSE form (r || s, 32 bytes each).
-    public func signES256(_ data: [UInt8]) throws -> [UInt8] {
-        let der = try run(["dgst", "-sha256", "-sign", path("ec.pem")], input: data)
-        return try Self.joseSignature(fromDER: der)
+    public func signES256(_ data: [UInt8]) throws -> [UInt8] { try signECDSA(data, curve: .p256) }
+
+    /// ECDSA on `curve` with its JWA hash (ES256/384/512) in the JOSE form (r || s).
+    public func signECDSA(_ data: [UInt8], curve: Curve) throws -> [UInt8] {
+        let der = try run(["dgst", "-sha\(curve.hashBits)", "-sign", path(curve.file + ".pem")], input: data)
+        return try Self.joseSignature(fromDER: der, size: curve.size)
+    }
+
+    /// Ed25519 (JWA EdDSA), 64 bytes. openssl signs raw input from a file only.
+    public func signEd25519(_ data: [UInt8]) throws -> [UInt8] {
+        let input = folder.appendingPathComponent("ed25519-input-\(UUID().uuidString)")
+        try Data(data).write(to: input)
+        defer { try? FileManager.default.removeItem(at: input) }
+        return try run(["pkeyutl", "-sign", "-inkey", path("ed25519.pem"), "-rawin", "-in", input.path])
     }
 
     /// HMAC with SHA-256/384/512 (`bits`) under a text key.
@@ -79,8 +125,8 @@ public final class OpenSSLSigner {
         return out
     }
 
-    /// SEQUENCE { INTEGER r, INTEGER s } -> r || s, each left-padded to 32 bytes.
-    static func joseSignature(fromDER der: [UInt8]) throws -> [UInt8] {
+    /// SEQUENCE { INTEGER r, INTEGER s } -> r || s, each left-padded to `size` bytes.
+    static func joseSignature(fromDER der: [UInt8], size: Int = 32) throws -> [UInt8] {
         struct BadDER: Error {}
         var i = 0
         func length() throws -> Int {
@@ -97,9 +143,9 @@ public final class OpenSSLSigner {
             let n = try length()
             guard i + n <= der.count else { throw BadDER() }
             var value = Array(der[i..<(i + n)]); i += n
-            while value.count > 32, value.first == 0 { value.removeFirst() }
-            guard value.count <= 32 else { throw BadDER() }
-            return [UInt8](repeating: 0, count: 32 - value.count) + value
+            while value.count > size, value.first == 0 { value.removeFirst() }
+            guard value.count <= size else { throw BadDER() }
+            return [UInt8](repeating: 0, count: size - value.count) + value
         }
         guard der.first == 0x30 else { throw BadDER() }
         i = 1

@@ -1138,15 +1138,18 @@ function weir.crypto.pbkdf2(password, salt, iterations, length, hash)
 end
 
 local SCHEMES = { ["rsa-pkcs1-sha256"] = true, ["rsa-pkcs1-sha384"] = true, ["rsa-pkcs1-sha512"] = true,
-                  ["ecdsa-p256-sha256"] = true }
+                  ["rsa-pss-sha256"] = true, ["rsa-pss-sha384"] = true, ["rsa-pss-sha512"] = true,
+                  ["ecdsa-p256-sha256"] = true, ["ecdsa-p384-sha384"] = true, ["ecdsa-p521-sha512"] = true,
+                  ["ed25519"] = true }
 
--- Signature check. public_key: PEM text or a JWK table ({kty="RSA", n, e} or
--- {kty="EC", crv="P-256", x, y}). Returns true/false, or nil, err when the
--- key cannot be used. ECDSA signatures are r || s (64 bytes, as in JWS).
+-- Signature check. public_key: PEM text or a JWK table ({kty="RSA", n, e},
+-- {kty="EC", crv="P-256"|"P-384"|"P-521", x, y} or {kty="OKP", crv="Ed25519", x}).
+-- Returns true/false, or nil, err when the key cannot be used. ECDSA
+-- signatures are r || s (64/96/132 bytes, as in JWS).
 function weir.crypto.verify(scheme, public_key, data, signature)
   if not SCHEMES[scheme] then
-    error("bad argument #1 to 'weir.crypto.verify' (rsa-pkcs1-sha256|384|512 or ecdsa-p256-sha256 expected, got " ..
-      tostring(scheme) .. ")", 2)
+    error("bad argument #1 to 'weir.crypto.verify' (rsa-pkcs1-sha256|384|512, rsa-pss-sha256|384|512, " ..
+      "ecdsa-p256-sha256, ecdsa-p384-sha384, ecdsa-p521-sha512 or ed25519 expected, got " .. tostring(scheme) .. ")", 2)
   end
   if type(public_key) ~= "string" and type(public_key) ~= "table" then
     arg_error("weir.crypto.verify", 2, "PEM string or JWK table", public_key, 3)

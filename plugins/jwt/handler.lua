@@ -1,5 +1,6 @@
 -- jwt: authenticates requests by a JSON Web Token (RFC 7519, JWS compact
--- form) signed with HS256/384/512, RS256/384/512 or ES256.
+-- form) signed with HS256/384/512, RS256/384/512, PS256/384/512,
+-- ES256/384/512 or EdDSA (Ed25519).
 --
 -- Keys come either from consumers[].credentials.jwt[] = { key, algorithm,
 -- secret | rsa_public_key } (the credential is found by the token's
@@ -12,13 +13,21 @@ local json, crypto = weir.json, weir.crypto
 
 local JWT = { PRIORITY = 1450, VERSION = "1.0.0" }
 
--- alg -> how it is verified. Anything else (notably "none") is refused.
+-- alg -> how it is verified, and the JWK kty/crv its key must have.
+-- Anything else (notably "none") is refused. Each weir.crypto scheme fixes
+-- the key type too, so a PEM key of another type never verifies.
 local ALGS = {
   HS256 = { hmac = "sha256" }, HS384 = { hmac = "sha384" }, HS512 = { hmac = "sha512" },
   RS256 = { scheme = "rsa-pkcs1-sha256", kty = "RSA" },
   RS384 = { scheme = "rsa-pkcs1-sha384", kty = "RSA" },
   RS512 = { scheme = "rsa-pkcs1-sha512", kty = "RSA" },
-  ES256 = { scheme = "ecdsa-p256-sha256", kty = "EC" },
+  PS256 = { scheme = "rsa-pss-sha256", kty = "RSA" },
+  PS384 = { scheme = "rsa-pss-sha384", kty = "RSA" },
+  PS512 = { scheme = "rsa-pss-sha512", kty = "RSA" },
+  ES256 = { scheme = "ecdsa-p256-sha256", kty = "EC", crv = "P-256" },
+  ES384 = { scheme = "ecdsa-p384-sha384", kty = "EC", crv = "P-384" },
+  ES512 = { scheme = "ecdsa-p521-sha512", kty = "EC", crv = "P-521" },
+  EdDSA = { scheme = "ed25519", kty = "OKP", crv = "Ed25519" },
 }
 
 local function unauthorized(conf, message)
@@ -216,7 +225,7 @@ local function fetch(conf, set)
   end
   local list, by_kid = {}, {}
   for _, k in ipairs(doc.keys) do
-    if type(k) == "table" and (k.kty == "RSA" or k.kty == "EC") and (k.use == nil or k.use == "sig") then
+    if type(k) == "table" and (k.kty == "RSA" or k.kty == "EC" or k.kty == "OKP") and (k.use == nil or k.use == "sig") then
       list[#list + 1] = k
       if type(k.kid) == "string" then by_kid[k.kid] = k end
     end
@@ -247,7 +256,8 @@ local function ensure_keys(conf, set)
 end
 
 local function usable(jwk, alg)
-  return jwk.kty == ALGS[alg].kty and (jwk.alg == nil or jwk.alg == alg)
+  local spec = ALGS[alg]
+  return jwk.kty == spec.kty and (spec.crv == nil or jwk.crv == spec.crv) and (jwk.alg == nil or jwk.alg == alg)
 end
 
 -- -> true or nil, reason, status

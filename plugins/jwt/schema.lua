@@ -1,4 +1,5 @@
-local ALGORITHMS = { "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256" }
+local ALGORITHMS = { "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+                     "ES256", "ES384", "ES512", "EdDSA" }
 
 local function names(default, description)
   return { type = "array", elements = { type = "string", min = 1 }, default = default, description = description }
