@@ -186,6 +186,16 @@ public final class LuaState {
         return String(decoding: UnsafeRawBufferPointer(start: p, count: length), as: UTF8.self)
     }
 
+    /// The bytes of the string at `index`, nil if the value is not a string.
+    /// Valid only while that value stays on the stack: for lookups that
+    /// need no Swift String (shared dictionary keys, credential values).
+    @inline(__always)
+    public static func bytes(at index: Int32, on L: LuaThread) -> UnsafeRawBufferPointer? {
+        var length = 0
+        guard let p = weir_tostring(L, index, &length) else { return nil }
+        return UnsafeRawBufferPointer(start: p, count: length)
+    }
+
     /// A header name argument, lower-cased (ASCII: header names are tokens),
     /// built from the Lua string's bytes in one step; nil if not a string.
     public static func headerName(at index: Int32, on L: LuaThread) -> String? {

@@ -16,8 +16,14 @@ public struct ConsumerCredentials: Sendable {
         public let credential: [String: ConfigValue]
     }
 
-    /// plugin \0 field \0 value -> match. The first consumer listing a value wins.
-    private var index: [String: Match] = [:]
+    /// hash of (plugin, field, value) -> the entries with that hash; the
+    /// first consumer listing a value wins. Keyed by bytes so the SDK looks a
+    /// credential up straight from the Lua strings (no Swift String per call).
+    private var index: [Int: [Entry]] = [:]
+    private struct Entry: Sendable {
+        let plugin: [UInt8], field: [UInt8], value: [UInt8]
+        let match: Match
+    }
     /// consumer name -> `consumers[].groups` (for acl).
     private var groupsByConsumer: [String: [String]] = [:]
 
@@ -46,8 +52,11 @@ public struct ConsumerCredentials: Sendable {
                     }
                     for (field, fieldValue) in credential where !Self.secretFields.contains(field) {
                         guard case .string(let text) = fieldValue else { continue }
-                        let key = Self.key(plugin, field, text)
-                        if index[key] == nil { index[key] = Match(consumer: consumer.name, credential: credential) }
+                        let entry = Entry(plugin: Array(plugin.utf8), field: Array(field.utf8), value: Array(text.utf8),
+                                          match: Match(consumer: consumer.name, credential: credential))
+                        let (hash, known) = entry.plugin.withUnsafeBytes { p in entry.field.withUnsafeBytes { f in
+                            entry.value.withUnsafeBytes { v in (Self.hash(p, f, v), find(p, f, v) != nil) } } }
+                        if !known { index[hash, default: []].append(entry) }
                     }
                 }
             }
@@ -64,7 +73,16 @@ public struct ConsumerCredentials: Sendable {
     public func isConsumer(_ name: String) -> Bool { groupsByConsumer[name] != nil }
 
     public func find(plugin: String, field: String, value: String) -> Match? {
-        index[Self.key(plugin, field, value)]
+        SharedKey.withBytes(plugin) { p in SharedKey.withBytes(field) { f in SharedKey.withBytes(value) { v in find(p, f, v) } } }
+    }
+
+    /// The match for (plugin, field, value) given as bytes (e.g. Lua strings' buffers).
+    func find(_ plugin: UnsafeRawBufferPointer, _ field: UnsafeRawBufferPointer, _ value: UnsafeRawBufferPointer) -> Match? {
+        guard let entries = index[Self.hash(plugin, field, value)] else { return nil }
+        for e in entries where SharedKey.equal(e.value, value) && SharedKey.equal(e.field, field) && SharedKey.equal(e.plugin, plugin) {
+            return e.match
+        }
+        return nil
     }
 
     /// The configured groups of `consumer`; empty for a consumer that is not
@@ -73,8 +91,12 @@ public struct ConsumerCredentials: Sendable {
         groupsByConsumer[consumer] ?? []
     }
 
-    private static func key(_ plugin: String, _ field: String, _ value: String) -> String {
-        plugin + "\u{0}" + field + "\u{0}" + value
+    private static func hash(_ plugin: UnsafeRawBufferPointer, _ field: UnsafeRawBufferPointer, _ value: UnsafeRawBufferPointer) -> Int {
+        // Lengths first, so ("ab", "c") and ("a", "bc") hash apart.
+        var hasher = Hasher()
+        hasher.combine(plugin.count); hasher.combine(field.count)
+        hasher.combine(bytes: plugin); hasher.combine(bytes: field); hasher.combine(bytes: value)
+        return hasher.finalize()
     }
 }
 
@@ -84,11 +106,11 @@ extension LuaRuntime {
     func makeConsumerNatives() -> [(String, NativeFunction)] {
         let credentials = options.credentials
         return [("client_find_credential", { L in
-            guard let plugin = LuaState.string(at: 1, on: L), let field = LuaState.string(at: 2, on: L),
-                  let value = LuaState.string(at: 3, on: L) else {
+            guard let plugin = LuaState.bytes(at: 1, on: L), let field = LuaState.bytes(at: 2, on: L),
+                  let value = LuaState.bytes(at: 3, on: L) else {
                 return .error("weir.client.find_credential: expected plugin, field and value strings")
             }
-            guard let match = credentials.find(plugin: plugin, field: field, value: value) else {
+            guard let match = credentials.find(plugin, field, value) else {
                 lua_pushnil(L); return .values(1)
             }
             LuaState.push(match.consumer, on: L)

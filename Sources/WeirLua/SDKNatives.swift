@@ -383,17 +383,17 @@ extension LuaRuntime {
             return .values(1)
         }))
         n.append(("shared_get", { L in
-            guard let key = LuaState.string(at: 2, on: L) else { return .error("weir.shared: expected a dictionary and a key") }
+            guard let key = LuaState.bytes(at: 2, on: L) else { return .error("weir.shared: expected a dictionary and a key") }
             pushShared(dictionary(L)?.get(key, now: shared.now()), on: L); return .values(1)
         }))
         n.append(("shared_set", { L in
-            guard let key = LuaState.string(at: 2, on: L),
+            guard let key = LuaState.bytes(at: 2, on: L),
                   let value = sharedValue(at: 3, on: L) else { return .error("weir.shared.set: expected key and value") }
             _ = dictionary(L)?.set(key, value, ttl: number(at: 4, on: L) ?? 0, now: shared.now(), onlyIfAbsent: false)
             lua_pushboolean(L, 1); return .values(1)
         }))
         n.append(("shared_add", { L in
-            guard let key = LuaState.string(at: 2, on: L),
+            guard let key = LuaState.bytes(at: 2, on: L),
                   let value = sharedValue(at: 3, on: L) else { return .error("weir.shared.add: expected key and value") }
             if dictionary(L)?.set(key, value, ttl: number(at: 4, on: L) ?? 0, now: shared.now(), onlyIfAbsent: true) == true {
                 lua_pushboolean(L, 1); return .values(1)
@@ -401,7 +401,7 @@ extension LuaRuntime {
             lua_pushnil(L); LuaState.push("exists", on: L); return .values(2)
         }))
         n.append(("shared_incr", { L in
-            guard let key = LuaState.string(at: 2, on: L),
+            guard let key = LuaState.bytes(at: 2, on: L),
                   let delta = sharedValue(at: 3, on: L) else { return .error("weir.shared.incr: expected key and delta") }
             let result = dictionary(L)?.incr(key, delta, initial: sharedValue(at: 4, on: L), initialTTL: number(at: 5, on: L) ?? 0,
                                              now: shared.now()) ?? .failure(.notFound)
@@ -412,7 +412,7 @@ extension LuaRuntime {
             }
         }))
         n.append(("shared_delete", { L in
-            guard let key = LuaState.string(at: 2, on: L) else { return .error("weir.shared.delete: expected a key") }
+            guard let key = LuaState.bytes(at: 2, on: L) else { return .error("weir.shared.delete: expected a key") }
             dictionary(L)?.delete(key); return .values(0)
         }))
 

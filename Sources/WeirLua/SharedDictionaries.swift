@@ -54,17 +54,20 @@ public final class SharedDictionaries: @unchecked Sendable {
     public var names: [String] { dictionaries.keys.sorted() }
 
     public func get(_ name: String, _ key: String) -> Value? {
-        dictionaries[name]?.get(key, now: clock())
+        guard let d = dictionaries[name] else { return nil }
+        return SharedKey.withBytes(key) { d.get($0, now: clock()) }
     }
 
     /// Stores a value; `ttl` seconds (0 = no expiry).
     public func set(_ name: String, _ key: String, _ value: Value, ttl: Double) {
-        _ = dictionaries[name]?.set(key, value, ttl: ttl, now: clock(), onlyIfAbsent: false)
+        guard let d = dictionaries[name] else { return }
+        _ = SharedKey.withBytes(key) { d.set($0, value, ttl: ttl, now: clock(), onlyIfAbsent: false) }
     }
 
     /// Stores only if the key is absent (or expired); false if it exists.
     public func add(_ name: String, _ key: String, _ value: Value, ttl: Double) -> Bool {
-        dictionaries[name]?.set(key, value, ttl: ttl, now: clock(), onlyIfAbsent: true) ?? false
+        guard let d = dictionaries[name] else { return false }
+        return SharedKey.withBytes(key) { d.set($0, value, ttl: ttl, now: clock(), onlyIfAbsent: true) }
     }
 
     public enum IncrError: Error, Equatable { case notFound, notANumber }
@@ -72,34 +75,46 @@ public final class SharedDictionaries: @unchecked Sendable {
     /// Atomically adds `delta`; an absent key starts at `initial` (with
     /// `initialTTL`) or fails with .notFound when `initial` is nil.
     public func incr(_ name: String, _ key: String, by delta: Value, initial: Value?, initialTTL: Double) -> Result<Value, IncrError> {
-        dictionaries[name]?.incr(key, delta, initial: initial, initialTTL: initialTTL, now: clock()) ?? .failure(.notFound)
+        guard let d = dictionaries[name] else { return .failure(.notFound) }
+        return SharedKey.withBytes(key) { d.incr($0, delta, initial: initial, initialTTL: initialTTL, now: clock()) }
     }
 
     public func delete(_ name: String, _ key: String) {
-        dictionaries[name]?.delete(key)
+        guard let d = dictionaries[name] else { return }
+        SharedKey.withBytes(key) { d.delete($0) }
     }
 
     public func count(_ name: String) -> Int { dictionaries[name]?.count ?? 0 }
 
-    // One dictionary: a hash map of nodes threaded on an LRU list, under a lock.
+    // One dictionary: a hash map of nodes threaded on an LRU list, under a
+    // lock. Keys are bytes: the SDK looks a key up straight from the Lua
+    // string's buffer (SharedKey), so a hit builds no Swift String or Array;
+    // only an insert copies the key.
     final class Dictionary: @unchecked Sendable {
         final class Node {
-            let key: String
+            let key: [UInt8]
+            let hash: Int
             var value: Value
             var expiry: Double // 0 = none
             var prev: Node?
             var next: Node?
-            init(key: String, value: Value, expiry: Double) { self.key = key; self.value = value; self.expiry = expiry }
+            /// The next node whose key has the same hash (a bucket's chain).
+            var sameHash: Node?
+            init(key: [UInt8], hash: Int, value: Value, expiry: Double) {
+                self.key = key; self.hash = hash; self.value = value; self.expiry = expiry
+            }
         }
         private let lock = NIOLock()
-        private var nodes: [String: Node] = [:]
+        /// key hash -> the first node of that hash's chain.
+        private var buckets: [Int: Node] = [:]
+        private var itemCount = 0
         private var head: Node? // most recently used
         private var tail: Node? // least recently used
         let capacity: Int
 
         init(capacity: Int) { self.capacity = capacity }
 
-        var count: Int { lock.withLock { nodes.count } }
+        var count: Int { lock.withLock { itemCount } }
 
         private func unlink(_ n: Node) {
             if let p = n.prev { p.next = n.next } else { head = n.next }
@@ -111,11 +126,31 @@ public final class SharedDictionaries: @unchecked Sendable {
             head?.prev = n; head = n
             if tail == nil { tail = n }
         }
-        private func remove(_ n: Node) { unlink(n); nodes[n.key] = nil }
+        private func find(_ key: UnsafeRawBufferPointer, hash: Int) -> Node? {
+            var n = buckets[hash]
+            while let node = n {
+                if SharedKey.equal(node.key, key) { return node }
+                n = node.sameHash
+            }
+            return nil
+        }
+        private func remove(_ n: Node) {
+            unlink(n)
+            itemCount -= 1
+            guard let first = buckets[n.hash] else { return }
+            if first === n {
+                buckets[n.hash] = n.sameHash
+            } else {
+                var p = first
+                while let x = p.sameHash, x !== n { p = x }
+                p.sameHash = n.sameHash
+            }
+            n.sameHash = nil
+        }
 
         /// The live node for key (dropping it if expired), moved to the front.
-        private func live(_ key: String, now: Double) -> Node? {
-            guard let n = nodes[key] else { return nil }
+        private func live(_ key: UnsafeRawBufferPointer, hash: Int, now: Double) -> Node? {
+            guard let n = find(key, hash: hash) else { return nil }
             if n.expiry != 0 && n.expiry <= now { remove(n); return nil }
             // A hot key is usually at the front already: skip the relinking
             // (and its reference counting).
@@ -123,45 +158,51 @@ public final class SharedDictionaries: @unchecked Sendable {
             return n
         }
 
-        private func insert(_ key: String, _ value: Value, ttl: Double, now: Double) {
-            if nodes.count >= capacity, let lru = tail { remove(lru) }
-            let n = Node(key: key, value: value, expiry: ttl > 0 ? now + ttl : 0)
-            nodes[key] = n
+        private func insert(_ key: UnsafeRawBufferPointer, hash: Int, _ value: Value, ttl: Double, now: Double) {
+            if itemCount >= capacity, let lru = tail { remove(lru) }
+            let n = Node(key: Array(key.bindMemory(to: UInt8.self)), hash: hash, value: value, expiry: ttl > 0 ? now + ttl : 0)
+            n.sameHash = buckets[hash]
+            buckets[hash] = n
+            itemCount += 1
             pushFront(n)
         }
 
-        func get(_ key: String, now: Double) -> Value? {
-            lock.withLock { live(key, now: now)?.value }
+        func get(_ key: UnsafeRawBufferPointer, now: Double) -> Value? {
+            let hash = SharedKey.hash(key)
+            return lock.withLock { live(key, hash: hash, now: now)?.value }
         }
 
-        func set(_ key: String, _ value: Value, ttl: Double, now: Double, onlyIfAbsent: Bool) -> Bool {
-            lock.withLock {
-                if let n = live(key, now: now) {
+        func set(_ key: UnsafeRawBufferPointer, _ value: Value, ttl: Double, now: Double, onlyIfAbsent: Bool) -> Bool {
+            let hash = SharedKey.hash(key)
+            return lock.withLock {
+                if let n = live(key, hash: hash, now: now) {
                     if onlyIfAbsent { return false }
                     n.value = value
                     n.expiry = ttl > 0 ? now + ttl : 0
                     return true
                 }
-                insert(key, value, ttl: ttl, now: now)
+                insert(key, hash: hash, value, ttl: ttl, now: now)
                 return true
             }
         }
 
-        func incr(_ key: String, _ delta: Value, initial: Value?, initialTTL: Double, now: Double) -> Result<Value, IncrError> {
-            lock.withLock {
-                if let n = live(key, now: now) {
+        func incr(_ key: UnsafeRawBufferPointer, _ delta: Value, initial: Value?, initialTTL: Double, now: Double) -> Result<Value, IncrError> {
+            let hash = SharedKey.hash(key)
+            return lock.withLock {
+                if let n = live(key, hash: hash, now: now) {
                     guard let sum = Dictionary.add(n.value, delta) else { return .failure(.notANumber) }
                     n.value = sum
                     return .success(sum)
                 }
                 guard let initial = initial, let sum = Dictionary.add(initial, delta) else { return .failure(.notFound) }
-                insert(key, sum, ttl: initialTTL, now: now)
+                insert(key, hash: hash, sum, ttl: initialTTL, now: now)
                 return .success(sum)
             }
         }
 
-        func delete(_ key: String) {
-            lock.withLock { if let n = nodes[key] { remove(n) } }
+        func delete(_ key: UnsafeRawBufferPointer) {
+            let hash = SharedKey.hash(key)
+            lock.withLock { if let n = find(key, hash: hash) { remove(n) } }
         }
 
         static func add(_ a: Value, _ b: Value) -> Value? {
@@ -175,5 +216,32 @@ public final class SharedDictionaries: @unchecked Sendable {
             default: return nil
             }
         }
+    }
+}
+
+/// Byte-string keys (shared dictionaries, credential lookups): hashed and
+/// compared straight from a buffer such as a Lua string's, so a lookup from
+/// the SDK builds no Swift String. Hasher is seeded per process, so keys a
+/// client chooses (an IP, a header value) cannot be picked to collide.
+enum SharedKey {
+    @inline(__always)
+    static func hash(_ bytes: UnsafeRawBufferPointer) -> Int {
+        var hasher = Hasher()
+        hasher.combine(bytes: bytes)
+        return hasher.finalize()
+    }
+
+    @inline(__always)
+    static func equal(_ stored: [UInt8], _ bytes: UnsafeRawBufferPointer) -> Bool {
+        stored.count == bytes.count && stored.withUnsafeBytes { s in
+            bytes.count == 0 || memcmp(s.baseAddress!, bytes.baseAddress!, bytes.count) == 0
+        }
+    }
+
+    /// Runs `body` over a String's UTF-8 bytes (the Swift API's way in).
+    @inline(__always)
+    static func withBytes<R>(_ key: String, _ body: (UnsafeRawBufferPointer) -> R) -> R {
+        var key = key
+        return key.withUTF8 { body(UnsafeRawBufferPointer($0)) }
     }
 }

@@ -145,6 +145,24 @@ final class CryptoSDKTests: XCTestCase {
         XCTAssertTrue(body?.contains("bad argument #1 to 'weir.crypto.hmac'") == true, body ?? "")
     }
 
+    func testCredentialLookupMatchesWholeFieldsAndFirstConsumerWins() {
+        var first = ConsumerConfig()
+        first.name = "first"
+        first.credentials["key-auth"] = .array([.map(["key": .string("k1")]), .map(["key": .string("")])])
+        var second = ConsumerConfig()
+        second.name = "second"
+        second.credentials["key-auth"] = .map(["key": .string("k1")])
+        second.credentials["key-aut"] = .map(["hkey": .string("k1")])
+        let credentials = ConsumerCredentials(consumers: [first, second])
+        XCTAssertEqual(credentials.find(plugin: "key-auth", field: "key", value: "k1")?.consumer, "first")
+        XCTAssertEqual(credentials.find(plugin: "key-auth", field: "key", value: "")?.consumer, "first")
+        // Same bytes split differently across plugin/field is another credential.
+        XCTAssertEqual(credentials.find(plugin: "key-aut", field: "hkey", value: "k1")?.consumer, "second")
+        XCTAssertNil(credentials.find(plugin: "key-aut", field: "key", value: "k1"))
+        XCTAssertNil(credentials.find(plugin: "key-auth", field: "key", value: "k"))
+        XCTAssertNil(credentials.find(plugin: "key-auth", field: "key", value: "k1 "))
+    }
+
     func testPlainPasswordsAreHashedAtLoadAndNeverIndexed() throws {
         var alice = ConsumerConfig()
         alice.name = "alice"
