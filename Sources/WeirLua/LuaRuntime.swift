@@ -89,6 +89,10 @@ final class CompiledPlugin {
     let handlerRef: Int32
     /// Registry refs of the phase functions, indexed by PluginPhase.luaID.
     var phaseRefs: [Int32] = Array(repeating: LUA_NOREF, count: PluginPhase.slotCount)
+    /// Whether a phase function declares the `ctx` parameter (or is vararg):
+    /// only then is the request's `weir.ctx` table made for the call, so a
+    /// request whose plugins never touch it creates no table and ref.
+    var phaseTakesCtx: [Bool] = Array(repeating: true, count: PluginPhase.slotCount)
     init(definition: PluginDefinition, handlerRef: Int32) {
         self.definition = definition; self.handlerRef = handlerRef
     }
@@ -309,8 +313,13 @@ public final class LuaRuntime {
         _ = try loadHandler(source: definition.handlerSource, path: definition.handlerPath, name: definition.name)
         let L = state.main
         var refs = Array(repeating: LUA_NOREF, count: PluginPhase.slotCount)
+        var takesCtx = Array(repeating: true, count: PluginPhase.slotCount)
         for phase in PluginPhase.allCases {
             if lua_getfield(L, -1, phase.rawValue) == LUA_TFUNCTION {
+                // fn(self, conf, ctx): ctx is the third parameter.
+                var info = lua_Debug()
+                lua_pushvalue(L, -1)
+                if lua_getinfo(L, ">u", &info) != 0 { takesCtx[phase.luaID] = info.isvararg != 0 || info.nparams >= 3 }
                 refs[phase.luaID] = state.ref()
             } else {
                 state.pop()
@@ -319,6 +328,7 @@ public final class LuaRuntime {
         state.pop()                                          // fns
         let plugin = CompiledPlugin(definition: definition, handlerRef: state.ref())
         plugin.phaseRefs = refs
+        plugin.phaseTakesCtx = takesCtx
         return plugin
     }
 
@@ -437,6 +447,19 @@ public final class LuaRuntime {
             publishedCtxRef = ctxRef
         }
         state.pop()
+    }
+
+    /// The current request's `weir.ctx` was just created (first touched by
+    /// `weir.ctx` in a call that was not handed it): publish it in S[3] so
+    /// later reads in this call find it without a native call.
+    func publishCtx(_ ref: Int32) {
+        guard ref != LUA_NOREF, ref != publishedCtxRef else { return }
+        let L = state.main
+        state.pushRef(stateTableRef)
+        state.pushRef(ref)
+        lua_rawseti(L, -2, 3)
+        state.pop()
+        publishedCtxRef = ref
     }
 
     /// A request's `weir.ctx` ref is being released: S[3] must not keep its

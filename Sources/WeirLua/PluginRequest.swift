@@ -211,8 +211,10 @@ public final class PluginRequest {
                             co.clear()
                             return fail(entry, error.message, error.traceback)
                         } catch { return fail(entry, "\(error)") }
-                    } else {
+                    } else if entry.plugin.phaseTakesCtx[phase.luaID] {
                         pushCtx(on: thread)
+                    } else {
+                        nargs = 2 // fn(self, conf): weir.ctx stays unmade until something reads it
                     }
                 }
                 runtime.state.setBudget(runtime.options.instructionBudget)

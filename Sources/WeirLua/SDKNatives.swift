@@ -166,8 +166,8 @@ extension LuaRuntime {
         var n: [(String, NativeFunction)] = []
 
         // Per-request and per-connection tables.
-        n.append(("ctx", requestNative("weir.ctx") { L, scope, _ in
-            scope.pushCtx(on: L); return .values(1)
+        n.append(("ctx", requestNative("weir.ctx") { [unowned(unsafe) self] L, scope, _ in
+            scope.pushCtx(on: L); self.publishCtx(scope.ctxRef); return .values(1)
         }))
         n.append(("conn_data", scopeNative("weir.conn") { L, scope in
             guard let connection = scope.connection else { lua_pushnil(L); return .values(1) }

@@ -1,3 +1,4 @@
+import CLua
 import NIOCore
 import WeirCore
 import XCTest
@@ -207,6 +208,70 @@ final class SDKTests: XCTestCase {
         XCTAssertGreaterThanOrEqual(now, before - 1)
         XCTAssertLessThan(now, before + 60)
         XCTAssertEqual(parts.last, "true")
+    }
+
+    func testCtxIsMadeOnlyWhenAHandlerTakesItOrReadsIt() throws {
+        let h = Harness()
+        // Declares no ctx parameter: is handed none, and no table is made for it.
+        h.folder.add("bare", handler: """
+        return { PRIORITY = 3, VERSION = "1", request = function(self, conf, ...) assert(select("#", ...) <= 1) end }
+        """)
+        h.folder.add("plain", handler: """
+        return { PRIORITY = 2, VERSION = "1", request = function(self, conf) end,
+          log = function(self, conf) weir.ctx.order = (weir.ctx.order or "") .. "plain" end }
+        """)
+        h.folder.add("taker", handler: """
+        return { PRIORITY = 1, VERSION = "1", log = function(self, conf, ctx) weir.log.warn(ctx.order, tostring(ctx == weir.ctx)) end }
+        """)
+        try h.load(["bare", "plain", "taker"])
+        let chain = try h.chain("bare", "plain", "taker")
+        let scope = h.begin(h.newRequest())
+        XCTAssertEqual(try h.run(scope, .request, chain), .continue)
+        // bare is vararg (so it is handed ctx); plain takes (self, conf) only.
+        XCTAssertNotEqual(scope.ctxRef, LUA_NOREF)
+        try h.loop.submit { scope.finish() }.wait()
+
+        let lean = try h.chain("plain")
+        let leanScope = h.begin(h.newRequest())
+        XCTAssertEqual(try h.run(leanScope, .request, lean), .continue)
+        XCTAssertEqual(leanScope.ctxRef, LUA_NOREF, "weir.ctx made though no plugin touched it")
+        // Read in the log phase through weir.ctx: made then, and the same table for the next plugin.
+        let later = try h.chain("plain", "taker")
+        XCTAssertEqual(try h.run(leanScope, .log, later), .continue)
+        XCTAssertNotEqual(leanScope.ctxRef, LUA_NOREF)
+        try h.loop.submit { leanScope.finish() }.wait()
+        XCTAssertEqual(h.logs.records.last?.message, "plain true")
+    }
+
+    func testSharedDictionaryKeysAreComparedAsBytes() throws {
+        let h = Harness()
+        let (body, _, result) = try requestBody(#"""
+        local d = weir.shared.counters
+        local keys = { "", "a", "a\0", "a\0b", "ab", "\xff\xfe", "caf\xc3\xa9" }
+        for i, k in ipairs(keys) do d:set(k, i) end
+        d:delete("a\0")
+        local out = {}
+        for _, k in ipairs(keys) do out[#out + 1] = tostring(d:get(k)) end
+        return 200, table.concat(out, ",")
+        """#, harness: h)
+        XCTAssertEqual(body, "1,2,nil,4,5,6,7", "\(result)")
+        // The String API reaches the same entries.
+        XCTAssertEqual(h.options.shared.get("counters", "café"), .integer(7))
+        XCTAssertEqual(h.options.shared.get("counters", ""), .integer(1))
+        XCTAssertNil(h.options.shared.get("counters", "a\u{0}"))
+    }
+
+    func testSharedDictionaryEvictsAndDeletesAcrossManyKeys() {
+        let shared = SharedDictionaries(capacities: ["d": 50])
+        for i in 0..<200 { shared.set("d", "key-\(i)", .integer(Int64(i)), ttl: 0) }
+        XCTAssertEqual(shared.count("d"), 50)
+        XCTAssertNil(shared.get("d", "key-149"))
+        for i in 150..<200 { XCTAssertEqual(shared.get("d", "key-\(i)"), .integer(Int64(i))) }
+        for i in stride(from: 150, to: 200, by: 2) { shared.delete("d", "key-\(i)") }
+        XCTAssertEqual(shared.count("d"), 25)
+        for i in 150..<200 { XCTAssertEqual(shared.get("d", "key-\(i)"), i % 2 == 0 ? nil : .integer(Int64(i))) }
+        XCTAssertTrue(shared.add("d", "key-150", .bool(true), ttl: 0))
+        XCTAssertEqual(shared.get("d", "key-150"), .bool(true))
     }
 
     func testSharedDictionaries() throws {

@@ -47,7 +47,7 @@ local function identify(consumer, credential_key)
   weir.upstream.request.set_header("x-consumer-name", consumer)
 end
 
-function KeyAuth:request(conf, ctx)
+function KeyAuth:request(conf)
   if not conf.run_on_preflight and weir.request.get_method() == "OPTIONS" then return end
   -- Another auth plugin already identified the client (multiple auth with anonymous).
   if conf.anonymous then

@@ -200,7 +200,7 @@ local function count_redis(conf, list)
   return list[reply[1]] or false
 end
 
-function RateLimiting:request(conf, ctx)
+function RateLimiting:request(conf)
   local st = conf_state(conf)
   local id = identifier(conf)
   local keys = client_keys(st, conf, weir.request.get_route() or "", id)
