@@ -12,6 +12,8 @@ import WeirCore
 /// identifies the credential (`key`, `username`, ...).
 public struct ConsumerCredentials: Sendable {
     public struct Match: Sendable {
+        /// Numbers the credentials of one build (the SDK's per-runtime table cache).
+        let id: Int
         public let consumer: String
         public let credential: [String: ConfigValue]
     }
@@ -31,6 +33,7 @@ public struct ConsumerCredentials: Sendable {
 
     public init(consumers: [ConsumerConfig]) {
         var hashes = PasswordHashing.Session()
+        var credentialCount = 0
         for consumer in consumers {
             if groupsByConsumer[consumer.name] == nil { groupsByConsumer[consumer.name] = consumer.groups }
             for (plugin, value) in consumer.credentials {
@@ -50,10 +53,11 @@ public struct ConsumerCredentials: Sendable {
                         credential["password"] = .string(hash)
                         credential["iterations"] = nil
                     }
+                    let match = Match(id: credentialCount, consumer: consumer.name, credential: credential)
+                    credentialCount += 1
                     for (field, fieldValue) in credential where !Self.secretFields.contains(field) {
                         guard case .string(let text) = fieldValue else { continue }
-                        let entry = Entry(plugin: Array(plugin.utf8), field: Array(field.utf8), value: Array(text.utf8),
-                                          match: Match(consumer: consumer.name, credential: credential))
+                        let entry = Entry(plugin: Array(plugin.utf8), field: Array(field.utf8), value: Array(text.utf8), match: match)
                         let (hash, known) = entry.plugin.withUnsafeBytes { p in entry.field.withUnsafeBytes { f in
                             entry.value.withUnsafeBytes { v in (Self.hash(p, f, v), find(p, f, v) != nil) } } }
                         if !known { index[hash, default: []].append(entry) }
@@ -105,6 +109,11 @@ extension LuaRuntime {
     /// `weir.client.get_consumer_groups()` -> the consumer's groups.
     func makeConsumerNatives() -> [(String, NativeFunction)] {
         let credentials = options.credentials
+        // credential id + 1 -> its table, made on first lookup and handed out
+        // again after (like `conf`, plugins treat it as read-only): a lookup
+        // builds no table per request.
+        lua_createtable(state.main, 0, 0)
+        let tableCacheRef = state.ref()
         return [("client_find_credential", { L in
             guard let plugin = LuaState.bytes(at: 1, on: L), let field = LuaState.bytes(at: 2, on: L),
                   let value = LuaState.bytes(at: 3, on: L) else {
@@ -114,7 +123,15 @@ extension LuaRuntime {
                 lua_pushnil(L); return .values(1)
             }
             LuaState.push(match.consumer, on: L)
-            LuaState.push(.map(match.credential), on: L)
+            lua_rawgeti(L, weir_registryindex(), lua_Integer(tableCacheRef))      // consumer, cache
+            if lua_rawgeti(L, -1, lua_Integer(match.id + 1)) == LUA_TNIL {        // consumer, cache, table?
+                weir_pop(L, 1)
+                LuaState.push(.map(match.credential), on: L)
+                lua_pushvalue(L, -1)
+                lua_rawseti(L, -3, lua_Integer(match.id + 1))
+            }
+            lua_rotate(L, -2, -1)                                                 // consumer, table, cache
+            weir_pop(L, 1)
             return .values(2)
         }), ("client_consumer_groups", { L in
             guard let consumer = LuaState.string(at: 1, on: L) else {

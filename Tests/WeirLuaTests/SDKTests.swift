@@ -137,6 +137,23 @@ final class SDKTests: XCTestCase {
         XCTAssertEqual(req.credential, "alice-key")
     }
 
+    func testFindCredentialReturnsTheConsumerAndOneTablePerCredential() throws {
+        let h = Harness()
+        var alice = ConsumerConfig()
+        alice.name = "alice"
+        alice.credentials["key-auth"] = .array([.map(["key": .string("a1"), "label": .string("main")]), .map(["key": .string("a2")])])
+        h.options.credentials = ConsumerCredentials(consumers: [alice])
+        let (body, _, result) = try requestBody("""
+        local c1, t1 = weir.client.find_credential("key-auth", "key", "a1")
+        local _, t1again = weir.client.find_credential("key-auth", "label", "main")
+        local c2, t2 = weir.client.find_credential("key-auth", "key", "a2")
+        local none = weir.client.find_credential("key-auth", "key", "a3")
+        return 200, table.concat({ c1, t1.key, t1.label, tostring(rawequal(t1, t1again)), c2, t2.key,
+          tostring(rawequal(t1, t2)), tostring(none) }, "|")
+        """, harness: h)
+        XCTAssertEqual(body, "alice|a1|main|true|alice|a2|false|nil", "\(result)")
+    }
+
     func testCtxIsSharedAcrossPluginsAndPhasesButNotRequests() throws {
         let h = Harness()
         h.folder.add("writer", handler: """
