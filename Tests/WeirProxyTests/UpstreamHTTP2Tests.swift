@@ -260,14 +260,7 @@ final class UpstreamHTTP2Tests: XCTestCase {
     func testConcurrentStreamsShareFewConnections() throws {
         let origin = try startOrigin()
         let proxy = try startProxy([address(origin)]) { $0.upstreams[0].http2.maxConcurrentStreams = 8 }
-        let statuses = try runConcurrently(count: 24, proxy: proxy, path: "/hold") {
-            waitUntil { origin.heldCount == 24 }
-            XCTAssertEqual(origin.heldCount, 24)
-            XCTAssertEqual(origin.connectionsAccepted, 3)
-            XCTAssertEqual(origin.maxConcurrentStreamsSeen, 24)
-            origin.releaseHeld()
-        }
-        XCTAssertEqual(statuses, Array(repeating: 200, count: 24))
+        try assertHeldBurst(24, through: proxy, reach: origin, overConnections: 3)
     }
 
     /// The server's SETTINGS_MAX_CONCURRENT_STREAMS is respected the same way.
@@ -276,12 +269,20 @@ final class UpstreamHTTP2Tests: XCTestCase {
         let proxy = try startProxy([address(origin)])
         // One request first, so the connection has the server's SETTINGS.
         XCTAssertEqual(try proxy.connect().request("GET", "/").status, 200)
-        let statuses = try runConcurrently(count: 15, proxy: proxy, path: "/hold") {
-            waitUntil { origin.heldCount == 15 }
-            XCTAssertEqual(origin.connectionsAccepted, 3)
-            origin.releaseHeld()
-        }
-        XCTAssertEqual(statuses, Array(repeating: 200, count: 15))
+        try assertHeldBurst(15, through: proxy, reach: origin, overConnections: 3)
+    }
+
+    /// The same burst on a cold pool: requests that arrive while a new
+    /// connection waits for the server's SETTINGS reserve slots on it before
+    /// its limit is known; once the limit arrives, those past it go to
+    /// another connection. (The flake this fixed, seen under load: streams
+    /// 6..15 were all opened on the second connection before its SETTINGS
+    /// came; the server took all 10, its limit not binding before our ACK,
+    /// so the origin saw 2 connections, one over its advertised limit.)
+    func testStreamsReservedBeforeServerSettingsSpreadOnceLimitKnown() throws {
+        let origin = try startOrigin(maxConcurrentStreams: 5)
+        let proxy = try startProxy([address(origin)])
+        try assertHeldBurst(15, through: proxy, reach: origin, overConnections: 3)
     }
 
     /// GOAWAY from the origin while requests flow: no request fails; new
@@ -523,6 +524,21 @@ final class UpstreamHTTP2Tests: XCTestCase {
         whileInFlight()
         done.wait()
         return statuses.values
+    }
+
+    /// `count` concurrent `/hold` requests are all held by the origin at
+    /// once, over exactly `connections` connections; released, all get 200.
+    private func assertHeldBurst(_ count: Int, through proxy: ProxyHarness, reach origin: HTTP2TestUpstream,
+                                 overConnections connections: Int,
+                                 file: StaticString = #filePath, line: UInt = #line) throws {
+        let statuses = try runConcurrently(count: count, proxy: proxy, path: "/hold") {
+            waitUntil { origin.heldCount == count }
+            XCTAssertEqual(origin.heldCount, count, "requests held by the origin", file: file, line: line)
+            XCTAssertEqual(origin.connectionsAccepted, connections, "upstream connections", file: file, line: line)
+            XCTAssertEqual(origin.maxConcurrentStreamsSeen, count, file: file, line: line)
+            origin.releaseHeld()
+        }
+        XCTAssertEqual(statuses, Array(repeating: 200, count: count), file: file, line: line)
     }
 
     /// Polls `condition` for up to 10 s (the condition, not the time, is what the test checks).

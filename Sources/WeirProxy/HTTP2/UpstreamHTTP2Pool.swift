@@ -14,7 +14,12 @@ import WeirCore
 ///   SETTINGS_MAX_CONCURRENT_STREAMS. Only when none has room (and fewer
 ///   than `max_connections` are open) is another connection opened; past
 ///   that, streams queue in swift-nio-http2 on the least busy connection.
-/// - Requests arriving while a connection is still connecting share it.
+/// - Requests arriving while a connection is still connecting reserve
+///   slots on it. It is ready once the server's first SETTINGS arrives;
+///   reservations past the limit it states then pick again, so a burst on
+///   a new connection spreads like one on a known connection. (Opening
+///   them at once would exceed the limit: the server enforces it only
+///   after we ACK its SETTINGS.)
 /// - GOAWAY: the connection takes no new streams; streams it accepted
 ///   finish; it closes when the last one ends. Streams above the GOAWAY's
 ///   last stream id are closed by swift-nio-http2, so their exchanges see
@@ -53,36 +58,64 @@ final class UpstreamHTTP2Pool {
     func openStream(for targetPool: TargetPool) -> EventLoopFuture<UpstreamConnection> {
         loop.preconditionInEventLoop()
         let connection = pickConnection(tls: targetPool.tls)
+        // The slot is reserved now, so requests arriving before the
+        // connection is ready count against it.
         connection.activeStreams += 1
+        let stream = loop.makePromise(of: UpstreamConnection.self)
+        connection.ready.whenComplete { result in
+            switch result {
+            case .failure(let error):
+                // No stream channel exists, so no close will give the slot back.
+                self.streamEnded(on: connection)
+                stream.fail(error)
+            case .success:
+                // A new connection took reservations before the server's
+                // SETTINGS told its stream limit. Those past the limit look
+                // again (another connection with room, or a new one) rather
+                // than queue on this one; with no alternative they stay and
+                // queue in swift-nio-http2 as usual.
+                if connection.activeStreams > self.streamLimit(of: connection) && self.hasRoomElsewhere(than: connection) {
+                    self.streamEnded(on: connection)
+                    stream.completeWith(self.openStream(for: targetPool))
+                } else {
+                    stream.completeWith(self.createStream(on: connection, for: targetPool))
+                }
+            }
+        }
+        return stream.futureResult
+    }
+
+    /// A stream channel on a ready connection (its slot already reserved).
+    private func createStream(on connection: UpstreamHTTP2Connection,
+                              for targetPool: TargetPool) -> EventLoopFuture<UpstreamConnection> {
+        guard let multiplexer = connection.multiplexer else {
+            streamEnded(on: connection)
+            return loop.makeFailedFuture(ChannelError.ioOnClosedChannel)
+        }
         // Streams before this one on the same connection make it "reused".
         let earlierStreams = connection.streamsOpened
         connection.streamsOpened += 1
-        return connection.ready.flatMap { () -> EventLoopFuture<UpstreamConnection> in
-            guard let multiplexer = connection.multiplexer else {
-                return self.loop.makeFailedFuture(ChannelError.ioOnClosedChannel)
+        let promise = loop.makePromise(of: Channel.self)
+        multiplexer.createStreamChannel(promise: promise) { streamChannel in
+            do {
+                try streamChannel.pipeline.syncOperations.addHandlers([
+                    UpstreamHTTP2StreamCodec(scheme: connection.scheme), UpstreamHandler(),
+                ])
+                return streamChannel.eventLoop.makeSucceededVoidFuture()
+            } catch {
+                return streamChannel.eventLoop.makeFailedFuture(error)
             }
-            let promise = self.loop.makePromise(of: Channel.self)
-            multiplexer.createStreamChannel(promise: promise) { streamChannel in
-                do {
-                    try streamChannel.pipeline.syncOperations.addHandlers([
-                        UpstreamHTTP2StreamCodec(scheme: connection.scheme), UpstreamHandler(),
-                    ])
-                    return streamChannel.eventLoop.makeSucceededVoidFuture()
-                } catch {
-                    return streamChannel.eventLoop.makeFailedFuture(error)
-                }
-            }
-            return promise.futureResult.flatMapThrowing { streamChannel in
-                let sync = streamChannel.pipeline.syncOperations
-                let handler = try sync.handler(type: UpstreamHandler.self)
-                let codec = try sync.handler(type: UpstreamHTTP2StreamCodec.self)
-                let upstream = UpstreamConnection(channel: streamChannel, handler: handler,
-                                                  targetIndex: targetPool.targetIndex, pool: targetPool)
-                upstream.http2Stream = codec
-                upstream.requestsSent = earlierStreams
-                streamChannel.closeFuture.whenComplete { _ in self.streamEnded(on: connection) }
-                return upstream
-            }
+        }
+        return promise.futureResult.flatMapThrowing { streamChannel in
+            let sync = streamChannel.pipeline.syncOperations
+            let handler = try sync.handler(type: UpstreamHandler.self)
+            let codec = try sync.handler(type: UpstreamHTTP2StreamCodec.self)
+            let upstream = UpstreamConnection(channel: streamChannel, handler: handler,
+                                              targetIndex: targetPool.targetIndex, pool: targetPool)
+            upstream.http2Stream = codec
+            upstream.requestsSent = earlierStreams
+            streamChannel.closeFuture.whenComplete { _ in self.streamEnded(on: connection) }
+            return upstream
         }.flatMapErrorThrowing { error in
             // No stream channel exists, so no close will give the slot back.
             self.streamEnded(on: connection)
@@ -90,11 +123,25 @@ final class UpstreamHTTP2Pool {
         }
     }
 
+    /// Concurrent streams a connection takes: the smaller of ours and the
+    /// server's (unlimited until its SETTINGS arrive).
+    private func streamLimit(of connection: UpstreamHTTP2Connection) -> Int {
+        min(config.maxConcurrentStreams, connection.peerMaxStreams)
+    }
+
+    /// Whether a stream that does not fit on `connection` would go
+    /// elsewhere: another connection has room, or another may be opened.
+    private func hasRoomElsewhere(than connection: UpstreamHTTP2Connection) -> Bool {
+        connections.count < config.maxConnections || connections.contains {
+            $0 !== connection && $0.acceptsStreams && $0.activeStreams < streamLimit(of: $0)
+        }
+    }
+
     /// The first connection with room, else a new one, else the least busy.
     private func pickConnection(tls: (() -> UpstreamTLSContext?)?) -> UpstreamHTTP2Connection {
         var leastBusy: UpstreamHTTP2Connection?
         for connection in connections where connection.acceptsStreams {
-            if connection.activeStreams < min(config.maxConcurrentStreams, connection.peerMaxStreams) {
+            if connection.activeStreams < streamLimit(of: connection) {
                 return connection
             }
             if leastBusy == nil || connection.activeStreams < leastBusy!.activeStreams { leastBusy = connection }
@@ -108,13 +155,12 @@ final class UpstreamHTTP2Pool {
     /// `tls`: the upstream's TLS context provider (TLS upstreams): the
     /// handshake offers ALPN `h2` and must end with the server choosing it.
     private func connect(tls: (() -> UpstreamTLSContext?)?) -> UpstreamHTTP2Connection {
-        let promise = loop.makePromise(of: Void.self)
         let tlsContext = tls?()
-        let connection = UpstreamHTTP2Connection(ready: promise.futureResult, scheme: tls == nil ? "http" : "https")
+        let connection = UpstreamHTTP2Connection(loop: loop, scheme: tls == nil ? "http" : "https")
         connections.append(connection)
         if tls != nil && tlsContext == nil {
             remove(connection)
-            promise.fail(UpstreamTLSError(target: "\(host):\(port)", reason: "no TLS context loaded"))
+            connection.failReady(UpstreamTLSError(target: "\(host):\(port)", reason: "no TLS context loaded"))
             return connection
         }
         let host = self.host
@@ -173,15 +219,24 @@ final class UpstreamHTTP2Pool {
                 connection.channel = channel
                 do {
                     connection.multiplexer = try channel.pipeline.syncOperations.handler(type: HTTP2StreamMultiplexer.self)
-                    promise.succeed(())
+                    connection.connected()
                 } catch {
                     channel.close(promise: nil)
-                    promise.fail(error)
+                    connection.failReady(error)
                 }
                 if self.retired { connection.goingAway = true }
+                // A server that accepts the connection but never sends its
+                // SETTINGS (not HTTP/2) would hold the waiting requests
+                // forever: it has the connect timeout to speak.
+                self.loop.scheduleTask(in: self.connectTimeout) {
+                    if !connection.settingsReceived {
+                        connection.failReady(UpstreamHTTP2NoSettings(target: label))
+                        channel.close(promise: nil)
+                    }
+                }
             case .failure(let error):
                 self.remove(connection)
-                promise.fail(error)
+                connection.failReady(error)
             }
         }
         return connection
@@ -215,6 +270,7 @@ final class UpstreamHTTP2Pool {
 
     func connectionClosed(_ connection: UpstreamHTTP2Connection) {
         connection.goingAway = true
+        connection.failReady(ChannelError.ioOnClosedChannel)
         remove(connection)
     }
 
@@ -250,8 +306,14 @@ final class UpstreamHTTP2Pool {
 
 /// One HTTP/2 connection of an `UpstreamHTTP2Pool` (event-loop confined).
 final class UpstreamHTTP2Connection {
-    /// Succeeds once connected (`multiplexer` set).
-    let ready: EventLoopFuture<Void>
+    /// Succeeds once connected (`multiplexer` set) and the server's first
+    /// SETTINGS has arrived, so `peerMaxStreams` is the server's real limit
+    /// when streams are placed; fails if the connection fails first.
+    var ready: EventLoopFuture<Void> { readyPromise.futureResult }
+    private let readyPromise: EventLoopPromise<Void>
+    private var readyCompleted = false
+    private var isConnected = false
+    private(set) var settingsReceived = false
     var channel: Channel?
     var multiplexer: HTTP2StreamMultiplexer?
     /// Streams reserved or open on this connection.
@@ -267,12 +329,43 @@ final class UpstreamHTTP2Connection {
     /// `:scheme` of its requests: http (prior knowledge) or https (TLS).
     let scheme: String
 
-    init(ready: EventLoopFuture<Void>, scheme: String) {
-        self.ready = ready
+    init(loop: EventLoop, scheme: String) {
+        self.readyPromise = loop.makePromise(of: Void.self)
         self.scheme = scheme
     }
 
     var acceptsStreams: Bool { !goingAway }
+
+    /// The channel is up (and, over TLS, ALPN chose h2).
+    func connected() {
+        isConnected = true
+        succeedReadyIfComplete()
+    }
+
+    /// The server's first SETTINGS frame (its connection preface) arrived.
+    func receivedSettings() {
+        settingsReceived = true
+        succeedReadyIfComplete()
+    }
+
+    func failReady(_ error: Error) {
+        guard !readyCompleted else { return }
+        readyCompleted = true
+        readyPromise.fail(error)
+    }
+
+    private func succeedReadyIfComplete() {
+        guard isConnected && settingsReceived && !readyCompleted else { return }
+        readyCompleted = true
+        readyPromise.succeed(())
+    }
+}
+
+/// The server accepted the connection but sent no HTTP/2 SETTINGS within
+/// the connect timeout.
+struct UpstreamHTTP2NoSettings: Error, CustomStringConvertible {
+    let target: String
+    var description: String { "\(target): no HTTP/2 SETTINGS from the server within the connect timeout" }
 }
 
 /// Sits between `NIOHTTP2Handler` and the multiplexer on an upstream
@@ -297,6 +390,7 @@ final class UpstreamHTTP2ConnectionObserver: ChannelInboundHandler {
             for setting in settings where setting.parameter == .maxConcurrentStreams {
                 connection.peerMaxStreams = setting.value
             }
+            connection.receivedSettings()
         case .goAway:
             pool.goAwayReceived(on: connection)
         default:
