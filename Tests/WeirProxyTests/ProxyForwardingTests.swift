@@ -166,6 +166,37 @@ final class ProxyForwardingTests: XCTestCase {
         XCTAssertEqual(upstream.requests.map(\.uri), ["/slow/150", "/first-fast", "/sink", "/last"])
     }
 
+    /// Each connection keeps the buffer its heads are written into (client
+    /// side: response head + small body; upstream side: request head) across
+    /// requests. Sizes that fit, outgrow, and exceed what is kept, some sent
+    /// pipelined (earlier writes may still be pending when the next head is
+    /// written), must each arrive whole and with their own head.
+    func testReusedHeadBuffersKeepEveryMessageIntact() throws {
+        let client = try proxy.connect()
+        let sizes = [10, 3000, 20000, 7, 5000, 1, 70000, 12]
+        for n in sizes.prefix(3) {
+            let response = try client.request("GET", "/big/\(n)")
+            XCTAssertEqual(response.status, 200)
+            XCTAssertEqual(response.header("content-length"), String(n))
+            XCTAssertEqual(response.body, Array(repeating: UInt8(ascii: "x"), count: n))
+            XCTAssertEqual(response.headerValues("via"), ["1.1 weir"])
+        }
+        var burst = ""
+        for n in sizes.dropFirst(3) { burst += "GET /big/\(n) HTTP/1.1\r\nHost: a\r\nX-Pad: \(String(repeating: "q", count: n % 300))\r\n\r\n" }
+        try client.send(burst)
+        for n in sizes.dropFirst(3) {
+            let response = try client.readResponse()
+            XCTAssertEqual(response.header("content-length"), String(n))
+            XCTAssertEqual(response.body, Array(repeating: UInt8(ascii: "x"), count: n))
+            XCTAssertEqual(response.headerValues("via"), ["1.1 weir"])
+        }
+        let seen = upstream.requests
+        XCTAssertEqual(seen.map(\.uri), sizes.map { "/big/\($0)" })
+        XCTAssertEqual(seen.dropFirst(3).map { $0.header("x-pad") ?? "-" }, sizes.dropFirst(3).map { String(repeating: "q", count: $0 % 300) })
+        XCTAssertEqual(Set(seen.compactMap { $0.header("x-request-id") }).count, sizes.count)
+        XCTAssertTrue(seen.allSatisfy { $0.headerValues("host").count == 1 && $0.headerValues("via") == ["1.1 weir"] })
+    }
+
     func testHTTP10ClientGetsCloseDelimitedOrLengthResponse() throws {
         let client = try proxy.connect()
         try client.send("GET /echo HTTP/1.0\r\nHost: a\r\n\r\n")

@@ -33,9 +33,21 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
     /// The channel's allocator, looked up once (not per write through the
     /// `Channel` existential).
     private(set) var allocator = ByteBufferAllocator()
-    /// A forwarded response head not written yet: the first body bytes join
-    /// it in one buffer (one write instead of two for a small response).
-    private var pendingResponseHead: ByteBuffer?
+    /// A forwarded response head is in `responseHeadBuffer` and not written
+    /// yet: the first body bytes join it (one write instead of two for a
+    /// small response).
+    private var responseHeadPending = false
+    /// Forwarded response heads (with a small body joined) are written into
+    /// this one buffer, kept across the connection's responses: by the next
+    /// response NIO has usually written and released it, so `clear()` finds
+    /// it unshared and reuses its memory instead of a new storage object and
+    /// malloc/free per response. A write still pending just makes `clear()`
+    /// allocate, as before. Not kept above `keptResponseBufferCapacity`, so
+    /// an idle keep-alive connection holds at most that much.
+    private var responseHeadBuffer = ByteBuffer()
+    private static let keptResponseBufferCapacity = 4096
+    /// Storage for the proxy's added response fields, reused (see relayWireResponseHead).
+    private var responseAddedFields: [HTTP1AddedField] = []
     var peerAddress: SocketAddress?
     var clientIP = ""
     private(set) var peerTrusted = false
@@ -446,6 +458,9 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
         let fields = head.fields
         let clientIs11 = !exchange.head!.isHTTP10
         var edits = HTTP1HeadEdits(removed: fields.hopByHopFields(keepUpgrade: isUpgrade))
+        // The added-field array's storage is kept across responses (swapped
+        // back, emptied, after writing): no array allocation per response.
+        swap(&edits.added, &responseAddedFields)
         edits.added.reserveCapacity(3 + (pluginChanges?.edits.added.count ?? 0))
         var via: String? = nil
         var hasLength = false
@@ -503,9 +518,16 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
         // Room for a small body too: it usually arrives in the same read.
         var bodyRoom = 0
         if case .contentLength(let length) = head.framing, length <= Self.coalescedBodyLimit { bodyRoom = length }
-        var out = allocator.buffer(capacity: head.bytes.readableBytes + 96 + bodyRoom)
-        HTTP1HeadWriter.writeResponse(head, edits: edits, status: pluginChanges?.status, into: &out)
-        pendingResponseHead = out
+        let needed = head.bytes.readableBytes + 96 + bodyRoom
+        if responseHeadBuffer.capacity >= needed {
+            responseHeadBuffer.clear()
+        } else {
+            responseHeadBuffer = allocator.buffer(capacity: needed)
+        }
+        HTTP1HeadWriter.writeResponse(head, edits: edits, status: pluginChanges?.status, into: &responseHeadBuffer)
+        responseHeadPending = true
+        edits.added.removeAll(keepingCapacity: true)
+        swap(&edits.added, &responseAddedFields)
         if isUpgrade {
             exchange.upgraded = true
         }
@@ -518,24 +540,26 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
 
     /// Writes a head `relayWireResponseHead` held back, if any.
     private func writePendingResponseHead() {
-        if let head = pendingResponseHead {
-            pendingResponseHead = nil
-            context.write(wrapOutboundOut(head), promise: nil)
-        }
+        if responseHeadPending { writeResponseHeadBuffer() }
+    }
+
+    private func writeResponseHeadBuffer() {
+        responseHeadPending = false
+        context.write(wrapOutboundOut(responseHeadBuffer), promise: nil)
+        if responseHeadBuffer.capacity > Self.keptResponseBufferCapacity { responseHeadBuffer = ByteBuffer() }
     }
 
     /// Response body bytes, chunk-framed when the response is re-chunked.
     func writeResponseBody(_ data: ByteBuffer, exchange: Exchange) {
         let length = data.readableBytes
         guard length > 0 else { return }
-        if var head = pendingResponseHead {
-            pendingResponseHead = nil
+        if responseHeadPending {
             if !exchange.responseChunked && length <= Self.coalescedBodyLimit {
-                head.writeImmutableBuffer(data)
-                context.write(wrapOutboundOut(head), promise: nil)
+                responseHeadBuffer.writeImmutableBuffer(data)
+                writeResponseHeadBuffer()
                 return
             }
-            context.write(wrapOutboundOut(head), promise: nil)
+            writeResponseHeadBuffer()
         }
         guard exchange.responseChunked else {
             context.write(wrapOutboundOut(data), promise: nil)

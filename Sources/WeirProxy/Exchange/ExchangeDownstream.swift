@@ -299,9 +299,9 @@ extension ExchangeDownstream {
 
     /// The upstream request head as bytes, whether it chunks its body, and
     /// the method the response answers (HEAD responses have no body).
-    func serializeUpstreamHead(_ exchange: Exchange) -> (ByteBuffer, chunked: Bool, method: HTTP1Method) {
+    func serializeUpstreamHead(_ exchange: Exchange, on connection: UpstreamConnection) -> (ByteBuffer, chunked: Bool, method: HTTP1Method) {
         let wire = exchange.head!.wire!
-        var out = allocator.buffer(capacity: wire.bytes.readableBytes + 256)
+        var out = connection.takeHeadBuffer(capacity: wire.bytes.readableBytes + 256)
         guard let plugins = exchange.plugins, plugins.upstreamHeadEdited else {
             HTTP1HeadWriter.writeRequest(wire, edits: exchange.upstreamEdits!, into: &out)
             return (out, exchange.framing.chunked, wire.method)
@@ -319,7 +319,7 @@ extension ExchangeDownstream {
         exchange.connectionReused = connection.requestsSent > 0
         connection.requestsSent += 1
         connection.attach(self)
-        let (head, chunked, method) = serializeUpstreamHead(exchange)
+        let (head, chunked, method) = serializeUpstreamHead(exchange, on: connection)
         connection.writeHead(head, method: method, chunkedBody: chunked)
         if let replacement = exchange.replacementBody {
             // The client's body is dropped; the replacement goes once the

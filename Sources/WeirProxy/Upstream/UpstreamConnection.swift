@@ -37,6 +37,11 @@ final class UpstreamConnection {
     var reusable = true
     /// The request being sent has a chunked body (set by `writeHead`).
     private var chunkedBody = false
+    /// The last request head written (see `takeHeadBuffer`); not kept when
+    /// larger than `keptHeadBufferCapacity`, so an idle pooled connection
+    /// holds at most that much.
+    private var headBuffer = ByteBuffer()
+    private static let keptHeadBufferCapacity = 4096
     /// Set when this "connection" is one stream of an HTTP/2 upstream
     /// connection (`HTTP2/UpstreamHTTP2Pool.swift`): requests go out as
     /// HTTP/2 frames, the response arrives as HTTP/1.1 bytes as usual.
@@ -68,6 +73,20 @@ final class UpstreamConnection {
         handler.expectResponse(to: method)
         if let http2Stream { return http2Stream.writeHead(head, method: method, bodyless: !chunkedBody) }
         handler.write(head)
+        if head.capacity <= Self.keptHeadBufferCapacity { headBuffer = head }
+    }
+
+    /// An empty buffer of at least `capacity` bytes for the next request
+    /// head: the one the previous request's head was written from when NIO
+    /// has released it (`clear()` then reuses its memory: no storage object
+    /// and malloc/free per request on a pooled connection; if a write still
+    /// holds it, `clear()` allocates as a new buffer would).
+    func takeHeadBuffer(capacity: Int) -> ByteBuffer {
+        var buffer = headBuffer
+        headBuffer = ByteBuffer()
+        guard buffer.capacity >= capacity else { return channel.allocator.buffer(capacity: capacity) }
+        buffer.clear()
+        return buffer
     }
 
     /// Request body bytes, chunk-framed when the request is chunked.
