@@ -253,6 +253,26 @@ final class UpstreamHTTP2Tests: XCTestCase {
         XCTAssertEqual(plain.errorJSON?["error"], "upstream_connect_failed")
     }
 
+    /// A target that accepts the TCP connection but never sends HTTP/2
+    /// SETTINGS (not an HTTP/2 server) fails the request as a connect
+    /// failure once the connect timeout passes, rather than holding it
+    /// until the read timeout (30 s here, longer than the client waits).
+    func testServerWithoutSettingsFailsAsConnectFailure() throws {
+        let silent = try ServerBootstrap(group: upstreamGroup)
+            .childChannelInitializer { $0.eventLoop.makeSucceededVoidFuture() }
+            .bind(host: "127.0.0.1", port: 0).wait()
+        defer { try? silent.close().wait() }
+        let port = try XCTUnwrap(silent.localAddress?.port)
+        let proxy = try startProxy([HostPort(host: "127.0.0.1", port: port)]) {
+            $0.upstreams[0].timeouts.connect = .milliseconds(300)
+            $0.upstreams[0].timeouts.read = .seconds(30)
+            $0.upstreams[0].retries = 0
+        }
+        let response = try proxy.connect(timeoutSeconds: 20).request("GET", "/")
+        XCTAssertEqual(response.status, 502)
+        XCTAssertEqual(response.errorJSON?["error"], "upstream_connect_failed")
+    }
+
     // MARK: - Multiplexing and connection management
 
     /// 24 requests in flight at once with `max_concurrent_streams: 8` go over
