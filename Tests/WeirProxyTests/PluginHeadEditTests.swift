@@ -245,4 +245,40 @@ final class PluginHeadEditTests: PluginFolderTestCase {
         HTTP1HeadWriter.writeResponse(response, edits: responseEdits, status: (404, "Not Found"), into: &out)
         XCTAssertEqual(String(buffer: out), "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nx-b: b\r\n\r\n")
     }
+
+    /// The lookup behind set/clear/get: a tagged name (Content-Length,
+    /// X-Forwarded-For) matches on the parser's tag, any other on its bytes
+    /// in any case, every line of the name, also past the 64 lines the
+    /// set keeps without allocating.
+    func testFieldLookupByNameTaggedUntaggedAndPastSixtyFourLines() throws {
+        var parser = HTTP1RequestParser()
+        var head = "GET / HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 1.1.1.1\r\nX-Tag: a\r\n"
+        for i in 0..<70 { head += "X-Filler-\(i): f\r\n" }
+        head += "x-forwarded-FOR: 2.2.2.2\r\nx-tag: b\r\nX-Tagx: c\r\n\r\n"
+        var bytes = ByteBuffer(string: head)
+        let request = try XCTUnwrap(try parser.parse(&bytes))
+        let fields = request.fields
+
+        let forwarded = fields.fieldSet(named: "X-FORWARDED-FOR")
+        XCTAssertEqual((0..<fields.count).filter { forwarded.contains($0) }, [1, 73])
+        let tag = fields.fieldSet(named: "x-TAG")
+        XCTAssertEqual((0..<fields.count).filter { tag.contains($0) }, [2, 74])
+        XCTAssertTrue(fields.fieldSet(named: "x-absent").isEmpty)
+        XCTAssertTrue(fields.fieldSet(named: "").isEmpty)
+
+        var edits = HTTP1HeadEdits()
+        XCTAssertEqual(edits.firstValue(named: "x-tag", in: fields), "a")
+        edits.removeFields(named: "X-Tag", in: fields)
+        XCTAssertFalse(edits.hasField(named: "x-tag", in: fields))
+        XCTAssertTrue(edits.hasField(named: "x-tagx", in: fields))
+        XCTAssertTrue(tag.isSubset(of: edits.removed))
+        XCTAssertFalse(forwarded.isSubset(of: edits.removed))
+        edits.setField("X-Forwarded-For", "3.3.3.3", in: fields)
+        XCTAssertEqual(edits.firstValue(named: "x-forwarded-for", in: fields), "3.3.3.3")
+        var out = ByteBuffer()
+        HTTP1HeadWriter.writeRequest(request, edits: edits, into: &out)
+        let written = String(buffer: out)
+        XCTAssertFalse(written.contains("1.1.1.1") || written.contains("2.2.2.2") || written.contains("X-Tag: a") || written.contains("x-tag: b"))
+        XCTAssertTrue(written.contains("X-Filler-69: f\r\nX-Tagx: c\r\nX-Forwarded-For: 3.3.3.3\r\n\r\n"))
+    }
 }

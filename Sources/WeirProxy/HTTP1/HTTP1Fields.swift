@@ -86,10 +86,18 @@ public struct HTTP1FieldSet: Sendable, Equatable {
 
     public mutating func formUnion(_ other: HTTP1FieldSet) {
         low |= other.low
+        if other.high.isEmpty { return }
         for (i, w) in other.high.enumerated() {
             while high.count <= i { high.append(0) }
             high[i] |= w
         }
+    }
+
+    /// Whether every index in this set is also in `other`.
+    public func isSubset(of other: HTTP1FieldSet) -> Bool {
+        if low & ~other.low != 0 { return false }
+        for (i, w) in high.enumerated() where w & ~(i < other.high.count ? other.high[i] : 0) != 0 { return false }
+        return true
     }
 }
 
@@ -142,6 +150,35 @@ public struct HTTP1Fields: Sendable {
                 return nil
             }
         }
+    }
+
+    /// The fields named `name` (ASCII case-insensitive) as a set: no array
+    /// is allocated (plugins' header setters run this per call). A name the
+    /// parser tags (`HTTP1KnownField`) is matched on the tag alone; any
+    /// other only against untagged lines of its length, compared in place.
+    func fieldSet(named name: String) -> HTTP1FieldSet {
+        var set = HTTP1FieldSet()
+        guard !entries.isEmpty else { return set }
+        var name = name
+        name.withUTF8 { n in
+            guard let np = n.baseAddress, n.count > 0 else { return }
+            let kind = HTTP1KnownField.classify(np, n.count)
+            entries.withUnsafeBufferPointer { entries in
+                if kind != .other {
+                    for i in entries.indices where entries[i].known == kind { set.insert(i) }
+                    return
+                }
+                bytes.withUnsafeReadableBytes { raw in
+                    let base = raw.bindMemory(to: UInt8.self).baseAddress!
+                    for i in entries.indices {
+                        let e = entries[i]
+                        guard e.known == .other, Int(e.nameLength) == n.count else { continue }
+                        if HTTP1Bytes.equalsIgnoringCase(base + Int(e.nameStart), np, n.count) { set.insert(i) }
+                    }
+                }
+            }
+        }
+        return set
     }
 
     /// Indices of the fields named `name` (ASCII case-insensitive), compared

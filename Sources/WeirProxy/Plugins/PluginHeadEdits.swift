@@ -36,8 +36,8 @@ extension HTTP1HeadEdits {
     /// `clear_header`: the original lines of that name (by index, compared
     /// on the bytes) and any added ones.
     mutating func removeFields(named name: String, in fields: HTTP1Fields) {
-        for i in fields.indices(named: name) { removed.insert(i) }
-        if added.contains(where: { $0.name.equalsIgnoringASCIICase(name) }) {
+        removed.formUnion(fields.fieldSet(named: name))
+        if !added.isEmpty, added.contains(where: { $0.name.equalsIgnoringASCIICase(name) }) {
             added.removeAll { $0.name.equalsIgnoringASCIICase(name) }
         }
     }
@@ -45,13 +45,16 @@ extension HTTP1HeadEdits {
     /// The first value of `name` in the edited head: kept original lines
     /// first (in order), then added ones, as the head will be written.
     func firstValue(named name: String, in fields: HTTP1Fields) -> String? {
-        for i in fields.indices(named: name) where !removed.contains(i) { return fields.value(at: i) }
+        let named = fields.fieldSet(named: name)
+        if !named.isEmpty {
+            for i in 0..<fields.count where named.contains(i) && !removed.contains(i) { return fields.value(at: i) }
+        }
         return added.first { $0.name.equalsIgnoringASCIICase(name) }?.value
     }
 
     /// Whether the edited head has a line named `name`.
     func hasField(named name: String, in fields: HTTP1Fields) -> Bool {
-        if fields.indices(named: name).contains(where: { !removed.contains($0) }) { return true }
+        if !fields.fieldSet(named: name).isSubset(of: removed) { return true }
         return added.contains { $0.name.equalsIgnoringASCIICase(name) }
     }
 

@@ -56,20 +56,24 @@ enum HeadSerialization {
     /// checks run per plugin-set header: they scan contiguous bytes, as
     /// iterating `utf8` costs ~30 instructions a byte.)
     static func isValidFieldValue(_ value: String) -> Bool {
-        var value = value
-        return value.withUTF8 { bytes in
-            for byte in bytes where byte == 0 || byte == 13 || byte == 10 { return false }
+        // Through the view's contiguous storage (a small string is copied to
+        // the stack): `withUTF8` on a `var` copy retains and checks
+        // uniqueness first, ~100 instructions per call under callgrind.
+        if let valid = value.utf8.withContiguousStorageIfAvailable({ bytes -> Bool in
+            guard let p = bytes.baseAddress else { return true }
+            for i in 0..<bytes.count where p[i] == 0 || p[i] == 13 || p[i] == 10 { return false }
             return true
-        }
+        }) { return valid }
+        return !value.utf8.contains { $0 == 0 || $0 == 13 || $0 == 10 }
     }
 
     static func isToken(_ name: String) -> Bool {
-        var name = name
-        return name.withUTF8 { bytes in
-            guard !bytes.isEmpty else { return false }
-            for byte in bytes where !HTTP1Bytes.isTChar(byte) { return false }
+        if let valid = name.utf8.withContiguousStorageIfAvailable({ bytes -> Bool in
+            guard let p = bytes.baseAddress, bytes.count > 0 else { return false }
+            for i in 0..<bytes.count where !HTTP1Bytes.isTChar(p[i]) { return false }
             return true
-        }
+        }) { return valid }
+        return !name.isEmpty && name.utf8.allSatisfy(HTTP1Bytes.isTChar)
     }
 }
 
