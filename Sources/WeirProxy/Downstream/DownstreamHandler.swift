@@ -93,6 +93,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
     private var inputClosed = false
     /// The connection-phase plugin scope (see ExchangeDownstream+Plugins).
     var connectionPlugins: ConnectionPlugins?
+    var spareUpstreamFields: [HTTP1AddedField] = []
     /// No request yet on an http listener with `http2.enabled` (or an https
     /// one whose ALPN chose h2): the first bytes may be the HTTP/2 client
     /// preface, and then the connection becomes an HTTP/2 one.
@@ -638,6 +639,12 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
         }
         // Ready for the next request on this connection.
         context.flush()
+        // The next request's upstream edits reuse this one's array storage.
+        // Not with plugins: a log-phase handler may still read the edits.
+        if exchange.plugins == nil, exchange.upstreamEdits != nil {
+            swap(&spareUpstreamFields, &exchange.upstreamEdits!.added)
+            spareUpstreamFields.removeAll(keepingCapacity: true)
+        }
         armConnectionTimer(header: false)
         // Pipelined requests already read are parsed now (re-entrant calls
         // from inside processInbound return: its loop carries on).

@@ -31,6 +31,10 @@ protocol ExchangeDownstream: AnyObject, UpstreamConnectionDelegate {
     var exchangeTimer: LazyTimer { get set }
     /// The connection-phase plugin scope, if any.
     var connectionPlugins: ConnectionPlugins? { get set }
+    /// Emptied storage for the next request's added upstream fields (a
+    /// keep-alive connection hands its finished exchange's array back, see
+    /// DownstreamHandler.exchangeFinished); none by default.
+    var spareUpstreamFields: [HTTP1AddedField] { get set }
     /// The TLS session of an https connection; nil on plain ones.
     var tls: TLSConnectionInfo? { get }
     /// The listener's side of the connection (`conn:get_local_port`).
@@ -80,6 +84,12 @@ extension ExchangeDownstream {
     /// HTTP/1.1 cannot add trailers to a response already framed (and a
     /// chunked one would need the codec's help): the connection just closes.
     func endGRPCResponseWithStatus(_ status: GRPCStatusCode, message: String) -> Bool { false }
+
+    /// An HTTP/2 stream carries one request: nothing to reuse.
+    var spareUpstreamFields: [HTTP1AddedField] {
+        get { [] }
+        set {}
+    }
 
     // MARK: - Request start
 
@@ -282,6 +292,7 @@ extension ExchangeDownstream {
                 break
             }
         }
+        swap(&edits.added, &spareUpstreamFields)
         edits.added.reserveCapacity(8)
         edits.added.append(HTTP1AddedField(name: "host", value: upstreamHostHeader(exchange, routed: routed)))
         if exchange.framing.chunked { edits.added.append(HTTP1AddedField(name: "transfer-encoding", value: "chunked")) }
