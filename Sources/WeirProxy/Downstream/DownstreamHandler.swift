@@ -343,14 +343,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
     private func rejectMalformed(_ error: Error) {
         decoderFailed = true
         let parseError = error as? HTTP1ParseError ?? .invalidRequestLine
-        let kind: ProxyErrorKind
-        switch parseError.requestStatus {
-        case 414: kind = .uriTooLong
-        case 431: kind = .headersTooLarge
-        case 501: kind = .notImplemented
-        case 505: kind = .versionNotSupported
-        default: kind = .badRequest
-        }
+        let kind = parseError.proxyErrorKind
         rejectMalformed(kind, message: "malformed request: \(parseError)")
     }
 

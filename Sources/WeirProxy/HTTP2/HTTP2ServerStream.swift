@@ -309,13 +309,7 @@ final class HTTP2ServerStream: ExchangeDownstream {
     /// proxy's error shape, on this stream only.
     private func rejectMalformed(_ error: Error) {
         let parseError = error as? HTTP1ParseError ?? .invalidRequestLine
-        let kind: ProxyErrorKind
-        switch parseError.requestStatus {
-        case 414: kind = .uriTooLong
-        case 431: kind = .headersTooLarge
-        case 501: kind = .notImplemented
-        default: kind = .badRequest
-        }
+        let kind = parseError.proxyErrorKind
         let exchange = makeExchange(head: nil)
         self.exchange = exchange
         exchange.requestEnded = true

@@ -113,3 +113,18 @@ enum ProxyErrorResponse {
         buffer.writeInteger(UInt8(ascii: "\""))
     }
 }
+
+extension HTTP1ParseError {
+    /// The proxy's answer to a request the parser refused, on HTTP/1.1 and
+    /// HTTP/2 alike: 414, 431, 501 and 505 where RFC 9110/9112 name a
+    /// better status than 400.
+    var proxyErrorKind: ProxyErrorKind {
+        switch requestStatus {
+        case 414: return .uriTooLong
+        case 431: return .headersTooLarge
+        case 501: return .notImplemented
+        case 505: return .versionNotSupported
+        default: return .badRequest
+        }
+    }
+}
