@@ -514,3 +514,38 @@ extension PluginProxyTests {
         XCTAssertEqual(stranger.requests.count, 0)
     }
 }
+
+extension PluginProxyTests {
+    /// A response phase and a body filter that both wait (weir.sleep) while
+    /// the upstream keeps sending a large body: what arrives meanwhile is
+    /// held, then relayed whole and in order after each phase ends.
+    func testWaitingResponsePhaseAndBodyFilterHoldThenRelayTheBody() throws {
+        try folder.write("slowresp", handler: """
+        local weir = require "weir"
+        local P = { PRIORITY = 100, VERSION = "1" }
+        function P:response(conf, ctx)
+          weir.sleep(0.03)
+          weir.response.set_header("x-waited", "yes")
+        end
+        function P:body_filter(conf, ctx)
+          if not ctx.filtered then weir.sleep(0.03) end
+          ctx.filtered = (ctx.filtered or 0) + #weir.response.get_chunk()
+          if weir.response.is_last_chunk() then
+            weir.response.set_chunk(weir.response.get_chunk() .. "|" .. ctx.filtered)
+          end
+        end
+        return P
+        """)
+        let config = ProxyHarness.config(targets: [upstream.address]) { $0.plugins = [pluginRef("slowresp")] }
+        let proxy = try PluginProxy(config: config, folder: folder)
+        defer { proxy.stop() }
+        let client = try proxy.connect()
+        for _ in 0..<2 {
+            let response = try client.request("GET", "/big/300000")
+            XCTAssertEqual(response.status, 200)
+            XCTAssertEqual(response.header("x-waited"), "yes")
+            XCTAssertEqual(response.bodyText.hasSuffix("|300000"), true, "every upstream byte passed the filter once")
+            XCTAssertEqual(response.body.count, 300000 + "|300000".utf8.count)
+        }
+    }
+}

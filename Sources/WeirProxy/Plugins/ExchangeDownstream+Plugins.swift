@@ -133,23 +133,36 @@ extension ExchangeDownstream {
         case .done(let result):
             return responsePhaseEnded(exchange, plugins: plugins, result: result, connection: connection)
         case .pending(let future):
-            // Hold what the upstream sends meanwhile (bounded: its reads pause).
-            plugins.holdingResponse = true
-            plugins.phasePending = true
-            connection.handler.pauseReading()
-            future.whenSuccess { [weak self] result in
-                plugins.phasePending = false
-                guard let self, self.exchange === exchange, !exchange.finished else { return }
-                plugins.holdingResponse = false
-                let held = plugins.heldParts
-                plugins.heldParts.removeAll()
-                guard let changes = self.responsePhaseEnded(exchange, plugins: plugins, result: result, connection: connection) else { return }
-                self.relayWireResponseHead(head, pluginChanges: changes, exchange: exchange)
-                for part in held where self.exchange === exchange { self.upstreamRead(part, on: connection) }
-                self.flushDownstream()
-                connection.handler.resumeReading()
+            holdResponse(until: future, exchange: exchange, plugins: plugins, connection: connection) { downstream, result in
+                guard let changes = downstream.responsePhaseEnded(exchange, plugins: plugins, result: result,
+                                                                  connection: connection) else { return false }
+                downstream.relayWireResponseHead(head, pluginChanges: changes, exchange: exchange)
+                return true
             }
             return nil
+        }
+    }
+
+    /// A response-side phase (response or body filter) yielded: hold what
+    /// the upstream sends meanwhile (bounded: its reads pause); when the
+    /// phase ends, `apply` writes its result (false: the exchange ended
+    /// there), then the held parts are relayed and reading resumes.
+    private func holdResponse(until future: EventLoopFuture<PhaseResult>, exchange: Exchange,
+                              plugins: ExchangePlugins, connection: UpstreamConnection,
+                              apply: @escaping (Self, PhaseResult) -> Bool) {
+        plugins.holdingResponse = true
+        plugins.phasePending = true
+        connection.handler.pauseReading()
+        future.whenSuccess { [weak self] result in
+            plugins.phasePending = false
+            guard let self, self.exchange === exchange, !exchange.finished else { return }
+            plugins.holdingResponse = false
+            let held = plugins.heldParts
+            plugins.heldParts.removeAll()
+            guard apply(self, result) else { return }
+            for part in held where self.exchange === exchange { self.upstreamRead(part, on: connection) }
+            self.flushDownstream()
+            connection.handler.resumeReading()
         }
     }
 
@@ -333,20 +346,11 @@ extension ExchangeDownstream {
         case .done(let result):
             if bodyFilterEnded(result, exchange: exchange, plugins: plugins, connection: connection) { then() }
         case .pending(let future):
-            plugins.holdingResponse = true
-            plugins.phasePending = true
-            connection.handler.pauseReading()
-            future.whenSuccess { [weak self] result in
-                plugins.phasePending = false
-                guard let self, self.exchange === exchange, !exchange.finished else { return }
-                plugins.holdingResponse = false
-                let held = plugins.heldParts
-                plugins.heldParts.removeAll()
-                guard self.bodyFilterEnded(result, exchange: exchange, plugins: plugins, connection: connection) else { return }
+            holdResponse(until: future, exchange: exchange, plugins: plugins, connection: connection) { downstream, result in
+                guard downstream.bodyFilterEnded(result, exchange: exchange, plugins: plugins,
+                                                 connection: connection) else { return false }
                 then()
-                for part in held where self.exchange === exchange { self.upstreamRead(part, on: connection) }
-                self.flushDownstream()
-                connection.handler.resumeReading()
+                return true
             }
         }
     }
