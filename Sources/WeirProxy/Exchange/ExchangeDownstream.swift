@@ -734,16 +734,7 @@ extension ExchangeDownstream {
 
     func finishExchange(_ exchange: Exchange, afterWrite: EventLoopFuture<Void>? = nil) {
         guard !exchange.finished else { return }
-        exchange.finished = true
-        exchangeTimer.set(nil)
-        endBalancerAttempt(exchange)
-        if let connection = exchange.connection {
-            exchange.connection = nil
-            connection.close()
-        }
-        record(exchange)
-        exchange.plugins?.requestDone()
-        self.exchange = nil
+        endExchange(exchange)
         exchangeFinished(exchange, afterWrite: afterWrite)
     }
 
@@ -753,6 +744,14 @@ extension ExchangeDownstream {
         loopContext.logger.debug("exchange aborted", metadata: ["request_id": "\(exchange.id)", "reason": "\(reason)"])
         exchange.keepAlive = false
         if exchange.status == 0 { exchange.status = 499 }
+        endExchange(exchange)
+        exchangeAborted(exchange)
+    }
+
+    /// What every end of an exchange does, finished or aborted: timer off,
+    /// balancer told, a still-held upstream connection closed (a released
+    /// one was already detached), the access record and the log phase.
+    private func endExchange(_ exchange: Exchange) {
         exchange.finished = true
         exchangeTimer.set(nil)
         endBalancerAttempt(exchange)
@@ -763,7 +762,6 @@ extension ExchangeDownstream {
         record(exchange)
         exchange.plugins?.requestDone()
         self.exchange = nil
-        exchangeAborted(exchange)
     }
 
     func record(_ exchange: Exchange) {
