@@ -291,18 +291,51 @@ elif MODE == "stream-error":
     s, c = connect()
     kind = ARGS[0]
     base = [(":method", "GET"), (":path", "/"), (":scheme", "http"), (":authority", "t")]
+    post = [(":method", "POST"), (":path", "/"), (":scheme", "http"), (":authority", "t")]
+    body = None; trailers = None
     if kind == "uppercase": h = base + [("X-Upper", "1")]
     elif kind == "connection-header": h = base + [("connection", "keep-alive")]
+    elif kind == "transfer-encoding": h = base + [("transfer-encoding", "chunked")]
     elif kind == "te-gzip": h = base + [("te", "gzip")]
     elif kind == "unknown-pseudo": h = base + [(":foo", "bar")]
+    elif kind == "protocol-pseudo": h = base + [(":protocol", "websocket")]
+    elif kind == "duplicate-pseudo": h = base + [(":path", "/again")]
     elif kind == "missing-path": h = [(":method", "GET"), (":scheme", "http"), (":authority", "t")]
+    elif kind == "empty-path": h = [(":method", "GET"), (":path", ""), (":scheme", "http"), (":authority", "t")]
+    elif kind == "space-in-path": h = [(":method", "GET"), (":path", "/a b"), (":scheme", "http"), (":authority", "t")]
+    elif kind == "connect-with-path": h = [(":method", "CONNECT"), (":path", "/"), (":authority", "t:443")]
     elif kind == "pseudo-after-regular": h = [(":method", "GET"), ("x-a", "1"), (":path", "/"), (":scheme", "http"), (":authority", "t")]
+    elif kind == "crlf-in-value": h = base + [("x-a", "1\r\nx-injected: 1")]
+    elif kind == "nul-in-value": h = base + [("x-a", "1\x00")]
+    elif kind == "body-longer": h = post + [("content-length", "3")]; body = b"12345"
+    elif kind == "body-shorter": h = post + [("content-length", "10")]; body = b"123"
+    elif kind == "length-without-body": h = post + [("content-length", "5")]
+    elif kind == "uppercase-trailer": h = post; body = b"abc"; trailers = [("X-Upper", "1")]
+    elif kind == "pseudo-in-trailers": h = post; body = b"abc"; trailers = [(":path", "/")]
     else: raise SystemExit("unknown kind")
     sid = c.get_next_available_stream_id()
-    c.send_headers(sid, h, end_stream=True); s.sendall(c.data_to_send())
+    c.send_headers(sid, h, end_stream=body is None); s.sendall(c.data_to_send())
+    if body is not None:
+        c.send_data(sid, body, end_stream=trailers is None)
+        if trailers: c.send_headers(sid, trailers, end_stream=True)
+        s.sendall(c.data_to_send())
     r = response(s, c, sid)
     again = response(s, c, request(s, c, "/again"))
     result = {"status": r["status"], "reset": r["reset"], "closed": r["closed"], "next_status": again["status"]}
+elif MODE == "malformed-flood":
+    # N malformed requests on one connection (each a stream error), then whether the connection was cut.
+    def abuse():
+        s, c = connect()
+        try:
+            for i in range(int(ARGS[0])):
+                sid = c.get_next_available_stream_id()
+                c.send_headers(sid, [(":method", "GET"), (":path", "/"), (":scheme", "http"), (":authority", "t"), ("X-Upper", "1")], end_stream=True)
+                s.sendall(c.data_to_send())
+        except Exception:
+            pass
+        code, closed = wait_end(s, c)
+        return {"goaway": code, "closed": closed}
+    result = with_bystander(abuse)
 elif MODE == "closed-stream":
     s, c = connect()
     sid = request(s, c, "/")

@@ -283,12 +283,33 @@ final class HTTP2DownstreamTests: UpstreamTestCase {
         try XCTSkipUnless(H2Script.available, "python3-h2 is not installed")
         let proxy = try self.proxy()
         defer { proxy.stop() }
-        for kind in ["uppercase", "connection-header", "te-gzip", "unknown-pseudo", "missing-path", "pseudo-after-regular"] {
+        // Weir checks these itself (HTTP2RequestFields), nio-http2's validation is off downstream.
+        let kinds = ["uppercase", "connection-header", "transfer-encoding", "te-gzip", "unknown-pseudo", "protocol-pseudo",
+                     "duplicate-pseudo", "missing-path", "empty-path", "space-in-path", "connect-with-path",
+                     "pseudo-after-regular", "crlf-in-value", "nul-in-value",
+                     // content-length against the body (RFC 9113 §8.1.1), and trailers
+                     "body-longer", "body-shorter", "length-without-body", "uppercase-trailer", "pseudo-in-trailers"]
+        for kind in kinds {
             let r = try H2Script.run(port: proxy.port, "stream-error", [kind])
+            XCTAssertNil(r["status"] as? Int, "\(kind): no response: \(r)")
             XCTAssertEqual(r["reset"] as? Int, 1, "\(kind): RST_STREAM PROTOCOL_ERROR: \(r)")
             XCTAssertEqual(r["next_status"] as? Int, 200, "\(kind): the connection carries on: \(r)")
         }
         XCTAssertEqual(upstream.requests.filter { $0.uri == "/" }.count, 0, "nothing malformed reached the upstream")
+        XCTAssertFalse(upstream.requests.contains { $0.headers.contains { $0.0.lowercased() == "x-injected" } })
+        XCTAssertEqual(upstream.requests.filter { $0.uri == "/again" }.count, kinds.count, "the well-formed ones after each")
+    }
+
+    /// Malformed requests count against max_glitches, as they did when
+    /// nio-http2 checked them: past it, GOAWAY ENHANCE_YOUR_CALM.
+    func testManyMalformedRequestsEndTheConnection() throws {
+        try XCTSkipUnless(H2Script.available, "python3-h2 is not installed")
+        let proxy = try self.proxy { $0.maxGlitches = 10 }
+        defer { proxy.stop() }
+        let r = try H2Script.run(port: proxy.port, "malformed-flood", ["30"])
+        XCTAssertEqual(r["goaway"] as? Int, 11, "GOAWAY ENHANCE_YOUR_CALM: \(r)")
+        XCTAssertEqual(r["bystander_before"] as? Int, 200)
+        XCTAssertEqual(r["bystander_after"] as? Int, 200)
     }
 
     func testFramesOnAClosedStreamAndBadPreface() throws {

@@ -1,3 +1,4 @@
+import Logging
 import NIOCore
 import NIOHTTP2
 import WeirCore
@@ -28,12 +29,13 @@ import WeirCore
 //   CONTINUATIONs included), max_continuation_frames, windows and window
 //   overflow (FLOW_CONTROL_ERROR), max_frame_size, Rapid Reset (max_resets
 //   RST_STREAMs per reset_window: GOAWAY ENHANCE_YOUR_CALM), max_glitches,
-//   PING/SETTINGS floods, empty DATA floods, and RFC 9113 §8.2 header
-//   validation.
+//   PING/SETTINGS floods, empty DATA floods.
 // - Weir (this file): initial_window_size / connection_window_size as the
 //   window it keeps open, idle_timeout, ping_interval/ping_timeout, graceful
 //   drain (GOAWAY then close when the streams are done), connection
-//   accounting.
+//   accounting; RFC 9113 §8.1.1-8.2 malformed requests (header lists,
+//   content-length vs body: HTTP2RequestFields.swift, reset by the stream),
+//   counted against max_glitches too.
 
 /// An HTTP/2 connection: the handler after `NIOHTTP2Handler` that owns the
 /// connection's streams.
@@ -61,6 +63,8 @@ final class HTTP2DownstreamConnection: ChannelDuplexHandler {
     private var closed = false
     /// Streams refused over max_concurrent_streams in the current reset window.
     private var refusals = 0
+    /// Streams reset as malformed requests (counted against max_glitches).
+    private var malformedRequests = 0
     private var refusalWindowStart: NIODeadline = .uptimeNanoseconds(0)
     /// Inside channelRead..channelReadComplete: writes are flushed at its end.
     private var reading = false
@@ -113,6 +117,11 @@ final class HTTP2DownstreamConnection: ChannelDuplexHandler {
             HTTP2Setting(parameter: .enablePush, value: 0),
         ]
         connectionConfiguration.maximumSequentialContinuationFrames = settings.maxContinuationFrames
+        // Weir checks request header lists and body lengths itself, in the
+        // pass that writes the HTTP/1.1 head (HTTP2RequestFields.swift);
+        // nio-http2's checks walked every list again, our responses too.
+        connectionConfiguration.headerBlockValidation = .disabled
+        connectionConfiguration.contentLengthValidation = .disabled
         connectionConfiguration.maximumConnectionGlitches = settings.maxGlitches
         var streamConfiguration = NIOHTTP2Handler.StreamConfiguration()
         streamConfiguration.streamResetFrameRateLimit.maximumCount = settings.maxResets
@@ -282,14 +291,29 @@ final class HTTP2DownstreamConnection: ChannelDuplexHandler {
         }
         refusals += 1
         if refusals > settings.maxResets {
-            loopContext.logger.debug("HTTP/2 client keeps opening streams over the limit: closing",
-                                     metadata: ["client": "\(clientIP)"])
-            let goAway = HTTP2Frame(streamID: .rootStream,
-                                    payload: .goAway(lastStreamID: streamID, errorCode: .enhanceYourCalm, opaqueData: nil))
-            context.writeAndFlush(wrapOutboundOut(goAway)).whenComplete { [context] _ in context?.close(promise: nil) }
-            return
+            return enhanceYourCalm(lastStreamID: streamID, "HTTP/2 client keeps opening streams over the limit: closing")
         }
         write(HTTP2Frame(streamID: streamID, payload: .rstStream(.refusedStream)))
+    }
+
+    /// A stream's request was malformed (HTTP2ServerStream resets it). When
+    /// nio-http2 checked header lists it counted these as glitches; Weir
+    /// checks them now (HTTP2RequestFields) and counts them against the
+    /// same `max_glitches` (nio-http2 still counts its own stream errors).
+    func receivedMalformedRequest(on streamID: HTTP2StreamID, error: Error) {
+        loopContext.logger.debug("HTTP/2 malformed request", metadata: ["client": "\(clientIP)", "error": "\(error)"])
+        malformedRequests += 1
+        if malformedRequests > settings.maxGlitches {
+            enhanceYourCalm(lastStreamID: streamID, "HTTP/2 client keeps sending malformed requests: closing")
+        }
+    }
+
+    /// GOAWAY ENHANCE_YOUR_CALM, then close: the client is abusing the connection.
+    private func enhanceYourCalm(lastStreamID: HTTP2StreamID, _ message: Logger.Message) {
+        loopContext.logger.debug(message, metadata: ["client": "\(clientIP)"])
+        let goAway = HTTP2Frame(streamID: .rootStream,
+                                payload: .goAway(lastStreamID: lastStreamID, errorCode: .enhanceYourCalm, opaqueData: nil))
+        context.writeAndFlush(wrapOutboundOut(goAway)).whenComplete { [context] _ in context?.close(promise: nil) }
     }
 
     // MARK: - Inbound flow control

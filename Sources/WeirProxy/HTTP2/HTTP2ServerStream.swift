@@ -14,10 +14,11 @@ import WeirCore
 /// `RequestHead` (and the same upstream fast path, field checks and limits)
 /// as for HTTP/1.1: `:authority` becomes Host, split `cookie` fields are
 /// joined (RFC 9113 §8.2.3), and a body without a length is sent upstream
-/// chunked. nio-http2 has already refused what RFC 9113 §8.2 calls
-/// malformed (pseudo-header errors, uppercase names, connection-specific
-/// fields, `te` other than `trailers`, CR/LF/NUL in values, a body that
-/// disagrees with content-length) with a stream error.
+/// chunked. What RFC 9113 §8.1.1-8.2 calls malformed (pseudo-header
+/// errors, uppercase names, connection-specific fields, `te` other than
+/// `trailers`, CR/LF/NUL in values, a body that disagrees with
+/// content-length) is refused first with a stream error PROTOCOL_ERROR
+/// (HTTP2RequestFields, checked in the pass that writes the head).
 ///
 /// Backpressure: the stream's receive window is only reopened
 /// (WINDOW_UPDATE) while the upstream connection is writable, so a client
@@ -50,6 +51,11 @@ final class HTTP2ServerStream: ExchangeDownstream {
     private var responseEnded = false
     /// nio-http2 closed the stream (both ends, or a reset).
     private var gone = false
+    /// Body bytes still to come under the request's content-length (nil:
+    /// no length). A body that disagrees with it makes the request
+    /// malformed (RFC 9113 §8.1.1), checked here as nio-http2's content
+    /// length validation is off downstream (HTTP2RequestFields).
+    private var bodyBytesExpected: Int?
     /// The receive window as nio-http2 last reported it, and whether an
     /// update is held back until the upstream takes more.
     private var inboundWindow = 0
@@ -170,6 +176,12 @@ final class HTTP2ServerStream: ExchangeDownstream {
         } else {
             // Trailers (nio-http2 has checked they end the stream).
             clientEnded = true
+            do {
+                try HTTP2RequestFields.checkTrailers(headers.headers)
+                if let expected = bodyBytesExpected, expected != 0 { throw HTTP2RequestFields.Malformed.bodyShorterThanContentLength }
+            } catch {
+                return rejectMalformedStream(error)
+            }
             guard let exchange, !exchange.requestEnded else { return }
             var trailers = HTTPHeaders()
             for (name, value, _) in headers.headers where !name.hasPrefix(":") {
@@ -181,6 +193,14 @@ final class HTTP2ServerStream: ExchangeDownstream {
 
     func receivedData(_ data: HTTP2Frame.FramePayload.Data) {
         if data.endStream { clientEnded = true }
+        if let expected = bodyBytesExpected {
+            let length = data.data.readableBytes
+            if length > expected { return rejectMalformedStream(HTTP2RequestFields.Malformed.bodyLongerThanContentLength) }
+            if data.endStream && length != expected {
+                return rejectMalformedStream(HTTP2RequestFields.Malformed.bodyShorterThanContentLength)
+            }
+            bodyBytesExpected = expected - length
+        }
         guard let exchange, !exchange.requestEnded else { return }
         if case .byteBuffer(let buffer) = data.data, buffer.readableBytes > 0 {
             requestBody(buffer, exchange: exchange)
@@ -210,22 +230,14 @@ final class HTTP2ServerStream: ExchangeDownstream {
     /// The request's header list as an HTTP/1.1 head, parsed by Weir's
     /// parser (limits and field checks as for HTTP/1.1), then routed.
     private func beginRequest(_ headers: HPACKHeaders, endStream: Bool) {
-        var method = "", path = "", authority: String? = nil
-        // An upper bound of the head's size: every field as a line (6 for
-        // ": ", CRLF and the request line's spaces), plus 64 for the fixed
-        // parts (" HTTP/1.1", "host: ", "cookie: ", transfer-encoding, the
-        // defaulted path and the last CRLF).
-        var size = 64
-        for (name, value, _) in headers {
-            size += name.utf8.count + value.utf8.count + 6
-            guard name.utf8.first == UInt8(ascii: ":") else { continue }
-            switch name {
-            case ":method": method = value
-            case ":path": path = value
-            case ":authority": authority = value
-            default: break   // :scheme: the listener's scheme is what counts (X-Forwarded-Proto)
-            }
+        let fields: HTTP2RequestFields
+        do {
+            fields = try HTTP2RequestFields(headers)
+        } catch {
+            return rejectMalformedStream(error)
         }
+        let method = fields.method, authority = fields.authority, size = fields.headSize
+        var path = fields.path
         if path.isEmpty { path = method == "OPTIONS" ? "*" : "/" }   // CONNECT has none: refused by the exchange
         var hasContentLength = false
         var cookies: [String] = []
@@ -285,6 +297,8 @@ final class HTTP2ServerStream: ExchangeDownstream {
         var framing = HeaderRewriting.RequestFraming()
         switch wire.framing {
         case .contentLength(let length):
+            if endStream && length != 0 { return rejectMalformedStream(HTTP2RequestFields.Malformed.bodyShorterThanContentLength) }
+            bodyBytesExpected = length
             framing.contentLength = length
         case .chunked:
             framing.chunked = true
@@ -305,8 +319,22 @@ final class HTTP2ServerStream: ExchangeDownstream {
         routeRequest(exchange, head: requestHead)
     }
 
-    /// The header list does not make a valid request: its status, in the
-    /// proxy's error shape, on this stream only.
+    /// RFC 9113 §8.1.1: a malformed request (HTTP2RequestFields) is a
+    /// stream error PROTOCOL_ERROR; nothing of it reaches an upstream (an
+    /// exchange already under way, on bad trailers or body length, is cut).
+    private func rejectMalformedStream(_ error: Error) {
+        guard !gone else { return }
+        clientEnded = true
+        connection.receivedMalformedRequest(on: streamID, error: error)
+        resetStream(.protocolError)
+        if let exchange, !exchange.finished {
+            if exchange.status == 0 { exchange.status = 400 }
+            abortExchange(exchange, reason: "malformed HTTP/2 request: \(error)")
+        }
+    }
+
+    /// The header list does not make a valid HTTP/1.1 head for Weir's
+    /// parser: its status, in the proxy's error shape, on this stream only.
     private func rejectMalformed(_ error: Error) {
         let parseError = error as? HTTP1ParseError ?? .invalidRequestLine
         let kind = parseError.proxyErrorKind
