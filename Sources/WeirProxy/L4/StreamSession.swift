@@ -255,8 +255,8 @@ final class StreamSession {
         // From here on each side hands its chunks straight to the other.
         clientHandler.liveBytes = counters?.bytesIn
         handler.liveBytes = counters?.bytesOut
-        clientHandler.peer = handler
-        handler.peer = clientHandler
+        clientHandler.relay(to: handler)
+        handler.relay(to: clientHandler)
         if clientInputClosed { shutOutput(of: handler) }
         startIdleTimer()
         handler.setReading(clientHandler.isWritable)
@@ -433,11 +433,11 @@ final class StreamSession {
                 duration: Double(NIODeadline.now().uptimeNanoseconds - startNanos) / 1e9,
                 connectDuration: connectDuration, attempts: attempts))
         }
-        // Break the session <-> handler and handler <-> peer cycles.
+        // Break the session <-> handler and the two sides' cycles.
         clientHandler.session = nil
-        clientHandler.peer = nil
+        clientHandler.relay(to: nil)
         upstreamHandler?.session = nil
-        upstreamHandler?.peer = nil
+        upstreamHandler?.relay(to: nil)
     }
 
     /// Over the listener's `max_connections`: closed at once, counted.
@@ -449,7 +449,7 @@ final class StreamSession {
 
 /// One side of a stream connection. Before the relay it forwards its
 /// events to the session; while relaying it hands each chunk straight to
-/// its `peer` (the other side) without going through the session.
+/// the other side's channel (`relayTo`) without going through the session.
 /// Reads are switched with the channel's autoRead (off until relaying, and
 /// while the other side cannot take more), so the handler is not on the
 /// outbound path and a relayed chunk never asks whether it may be read.
@@ -467,8 +467,9 @@ final class StreamSideHandler: ChannelInboundHandler {
     let side: StreamSession.Side
     /// Cleared when the session ends (breaks the cycle).
     var session: StreamSession?
-    /// The other side while relaying (set by the session, cleared at its end).
-    var peer: StreamSideHandler?
+    /// The other side's channel core while relaying (set by the session,
+    /// cleared at its end: it breaks the cycle between the two sides).
+    private(set) var relayTo: ChannelCore?
     /// The live metrics counter of this side's direction (relaxed atomic).
     var liveBytes: ManagedAtomic<Int>?
     /// Bytes read from this side and relayed to the peer (the idle timer
@@ -500,17 +501,17 @@ final class StreamSideHandler: ChannelInboundHandler {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let buffer = unwrapInboundIn(data)
-        guard let peer else { return session?.received(buffer, from: self) ?? () }
+        guard let relayTo else { return session?.received(buffer, from: self) ?? () }
         bytesRelayed &+= buffer.readableBytes
         liveBytes?.wrappingIncrement(by: buffer.readableBytes, ordering: .relaxed)
-        peer.core?.write0(NIOAny(buffer), promise: nil)
+        relayTo.write0(NIOAny(buffer), promise: nil)
     }
 
     /// The end of a read burst: one flush for what it relayed, and the next
     /// read asked for here (NIO's autoRead would ask through the pipeline).
     func channelReadComplete(context: ChannelHandlerContext) {
-        guard let peer else { return }
-        peer.core?.flush0()
+        guard let relayTo else { return }
+        relayTo.flush0()
         if reading { core?.read0() }
     }
 
@@ -536,6 +537,11 @@ final class StreamSideHandler: ChannelInboundHandler {
 
     /// Reads on or off (NIO stops or resumes epoll read interest; setting
     /// the value it already has does nothing).
+    /// Starts (`to` the other side) or ends (`nil`) the relay.
+    func relay(to other: StreamSideHandler?) {
+        relayTo = other?.core
+    }
+
     func setReading(_ on: Bool) {
         guard let context, let options = context.channel.syncOptions else { return }
         reading = on
