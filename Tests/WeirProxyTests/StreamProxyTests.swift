@@ -161,6 +161,33 @@ final class StreamProxyTests: XCTestCase {
         XCTAssertTrue(waitUntil { proxy.streamLogLines().first?["outcome"] as? String == "idle_timeout" })
     }
 
+    func testTrafficKeepsTheIdleTimerAway() throws {
+        // The idle timer sees activity only through the relayed byte counts:
+        // a connection that keeps talking for well past the timeout stays
+        // open, and every byte is in the access record.
+        let echo = try TCPTestServer(group: group)
+        defer { echo.stop() }
+        let proxy = try StreamHarness(config: StreamHarness.tcpConfig(targets: [echo.address]) {
+            $0.listeners[0].stream.idleTimeout = .milliseconds(600)
+        })
+        defer { proxy.stop() }
+
+        let client = try proxy.connect("tcp")
+        let rounds = 20                             // 2 s of traffic, 100 ms apart
+        for i in 0..<rounds {
+            try client.send("\(i % 10)")
+            XCTAssertEqual(client.readString(1), "\(i % 10)", "round \(i): the busy connection was closed")
+            Thread.sleep(forTimeInterval: 0.1)
+        }
+        client.shutdownWrite()
+        _ = client.readToEnd()
+        XCTAssertTrue(waitUntil { !proxy.streamLogLines().isEmpty })
+        let line = proxy.streamLogLines()[0]
+        XCTAssertEqual(line["outcome"] as? String, "closed")
+        XCTAssertEqual(line["bytes_in"] as? Int, rounds)
+        XCTAssertEqual(line["bytes_out"] as? Int, rounds + "<eof>".utf8.count)
+    }
+
     func testRoundRobinAcrossTwoTargets() throws {
         let a = try TCPTestServer(group: group, greeting: "A")
         let b = try TCPTestServer(group: group, greeting: "B")
