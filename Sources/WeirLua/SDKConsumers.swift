@@ -117,7 +117,7 @@ extension LuaRuntime {
         return [("client_find_credential", { L in
             guard let plugin = LuaState.bytes(at: 1, on: L), let field = LuaState.bytes(at: 2, on: L),
                   let value = LuaState.bytes(at: 3, on: L) else {
-                return .error("weir.client.find_credential: expected plugin, field and value strings")
+                lua_pushboolean(L, 0); return .values(1)   // the Lua side says which argument (lua/weir/init.lua)
             }
             guard let match = credentials.find(plugin, field, value) else {
                 lua_pushnil(L); return .values(1)

@@ -112,6 +112,25 @@ private func number(at index: Int32, on L: LuaThread) -> Double? {
     lua_type(L, index) == LUA_TNUMBER ? lua_tonumberx(L, index, nil) : nil
 }
 
+/// The hot natives answer a bad argument with `false` (one result) instead
+/// of an error: their Lua wrappers skip the per-argument `type()` checks and
+/// run them only on `false`, for the message (lua/weir/init.lua).
+@inline(__always)
+private func badArgument(_ L: LuaThread) -> NativeReturn {
+    lua_pushboolean(L, 0)
+    return .values(1)
+}
+
+/// A header value as the setters take it: a string, or an integer as text
+/// (a float is formatted by the Lua side, as Lua writes it).
+private func headerValue(at index: Int32, on L: LuaThread) -> String? {
+    switch lua_type(L, index) {
+    case LUA_TSTRING: return LuaState.string(at: index, on: L)
+    case LUA_TNUMBER where lua_isinteger(L, index) != 0: return String(lua_tointegerx(L, index, nil))
+    default: return nil
+    }
+}
+
 extension LuaRuntime {
     typealias RequestNative = (LuaThread, PluginRequest, PluginRequestContext) -> NativeReturn
 
@@ -184,7 +203,7 @@ extension LuaRuntime {
         n.append(("req_get_id", requestNative("weir.request.get_id") { L, _, r in LuaState.push(r.requestID, on: L); return .values(1) }))
         n.append(("req_get_route", requestNative("weir.request.get_route") { L, _, r in pushOptional(r.matchedRouteName, on: L); return .values(1) }))
         n.append(("req_get_header", requestNative("weir.request.get_header") { L, _, r in
-            guard let name = LuaState.headerName(at: 1, on: L) else { return .error("weir.request.get_header: header name must be a string") }
+            guard let name = LuaState.headerName(at: 1, on: L) else { return badArgument(L) }
             pushOptional(r.requestHeader(name), on: L)
             return .values(1)
         }))
@@ -207,8 +226,8 @@ extension LuaRuntime {
         }))
         func setter(_ fname: String, _ apply: @escaping (PluginRequestContext, String, String) -> Void) -> NativeFunction {
             requestNative(fname) { L, _, r in
-                guard let name = LuaState.headerName(at: 1, on: L), let value = LuaState.stringOrNumber(at: 2, on: L) else {
-                    return .error("\(fname): expected a name and a value")
+                guard let name = LuaState.headerName(at: 1, on: L), let value = headerValue(at: 2, on: L) else {
+                    return badArgument(L)
                 }
                 apply(r, name, value)
                 return .values(0)
@@ -217,7 +236,7 @@ extension LuaRuntime {
         n.append(("up_set_header", setter("weir.upstream.request.set_header") { $0.setUpstreamHeader($1, $2) }))
         n.append(("up_add_header", setter("weir.upstream.request.add_header") { $0.addUpstreamHeader($1, $2) }))
         n.append(("up_clear_header", requestNative("weir.upstream.request.clear_header") { L, _, r in
-            guard let name = LuaState.headerName(at: 1, on: L) else { return .error("weir.upstream.request.clear_header: name must be a string") }
+            guard let name = LuaState.headerName(at: 1, on: L) else { return badArgument(L) }
             r.clearUpstreamHeader(name); return .values(0)
         }))
         n.append(("up_set_path", requestNative("weir.upstream.request.set_path") { L, _, r in
@@ -274,6 +293,23 @@ extension LuaRuntime {
         }))
         n.append(("resp_set_header", setter("weir.response.set_header") { $0.setResponseHeader($1, $2) }))
         n.append(("resp_add_header", setter("weir.response.add_header") { $0.addResponseHeader($1, $2) }))
+        // set_header for each (name, value) pair, one crossing for several
+        // (rate-limiting sets five per request). false at the first pair it
+        // does not take; the pairs before it are set (set is idempotent, so
+        // the Lua side's pair-by-pair retry sets them again harmlessly).
+        n.append(("resp_set_headers", requestNative("weir.response.set_headers") { L, _, r in
+            let top = lua_gettop(L)
+            guard top % 2 == 0 else { return badArgument(L) }
+            var i: Int32 = 1
+            while i < top {
+                guard let name = LuaState.headerName(at: i, on: L), let value = headerValue(at: i + 1, on: L) else {
+                    return badArgument(L)
+                }
+                r.setResponseHeader(name, value)
+                i += 2
+            }
+            return .values(0)
+        }))
         n.append(("resp_clear_header", requestNative("weir.response.clear_header") { L, _, r in
             guard let name = LuaState.headerName(at: 1, on: L) else { return .error("weir.response.clear_header: name must be a string") }
             r.clearResponseHeader(name); return .values(0)
@@ -315,7 +351,9 @@ extension LuaRuntime {
             pushOptional(r.consumer, on: L); return .values(1)
         }))
         n.append(("client_authenticate", requestNative("weir.client.authenticate") { L, _, r in
-            guard let consumer = LuaState.string(at: 1, on: L) else { return .error("weir.client.authenticate: consumer must be a string") }
+            let credentialType = lua_type(L, 2)
+            guard let consumer = LuaState.string(at: 1, on: L),
+                  credentialType == LUA_TSTRING || credentialType == LUA_TNIL || credentialType == LUA_TNONE else { return badArgument(L) }
             r.authenticate(consumer: consumer, credential: LuaState.string(at: 2, on: L)); return .values(0)
         }))
         n.append(("client_get_tls", scopeNative("weir.client.get_tls") { L, scope in
@@ -383,7 +421,7 @@ extension LuaRuntime {
             return .values(1)
         }))
         n.append(("shared_get", { L in
-            guard let key = LuaState.bytes(at: 2, on: L) else { return .error("weir.shared: expected a dictionary and a key") }
+            guard let key = LuaState.bytes(at: 2, on: L) else { return badArgument(L) }
             pushShared(dictionary(L)?.get(key, now: shared.now()), on: L); return .values(1)
         }))
         n.append(("shared_set", { L in
@@ -401,9 +439,12 @@ extension LuaRuntime {
             lua_pushnil(L); LuaState.push("exists", on: L); return .values(2)
         }))
         n.append(("shared_incr", { L in
-            guard let key = LuaState.bytes(at: 2, on: L),
-                  let delta = sharedValue(at: 3, on: L) else { return .error("weir.shared.incr: expected key and delta") }
-            let result = dictionary(L)?.incr(key, delta, initial: sharedValue(at: 4, on: L), initialTTL: number(at: 5, on: L) ?? 0,
+            // key string, delta number, init number or nil, ttl number >= 0
+            let initType = lua_type(L, 4)
+            guard let key = LuaState.bytes(at: 2, on: L), lua_type(L, 3) == LUA_TNUMBER, let delta = sharedValue(at: 3, on: L),
+                  initType == LUA_TNUMBER || initType == LUA_TNIL || initType == LUA_TNONE,
+                  let ttl = number(at: 5, on: L), !(ttl < 0) else { return badArgument(L) }
+            let result = dictionary(L)?.incr(key, delta, initial: sharedValue(at: 4, on: L), initialTTL: ttl,
                                              now: shared.now()) ?? .failure(.notFound)
             switch result {
             case .success(let v): pushShared(v, on: L); return .values(1)

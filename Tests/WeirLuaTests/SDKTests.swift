@@ -91,6 +91,79 @@ final class SDKTests: XCTestCase {
         XCTAssertEqual(h.logs.records.last?.message, "final 201")
     }
 
+    /// The hot functions leave argument checks to their natives (which answer
+    /// false); a bad argument still raises the usual message at the caller's
+    /// line, and values the natives do not take as is are still written.
+    func testHotFunctionsCheckArgumentsThroughTheirNatives() throws {
+        let h = Harness()
+        var alice = ConsumerConfig()
+        alice.name = "alice"
+        alice.credentials["key-auth"] = .array([.map(["key": .string("a1")])])
+        h.options.credentials = ConsumerCredentials(consumers: [alice])
+        let (body, req, result) = try requestBody("""
+        local d = weir.shared.counters
+        -- Each misuse from a function of this file, so the error names its line.
+        local function msg(f) local ok, err = pcall(f); assert(not ok); return err end
+        local out = {
+          msg(function() weir.request.get_header(5) end),
+          msg(function() weir.upstream.request.set_header(nil, "v") end),
+          msg(function() weir.upstream.request.set_header("x-a", {}) end),
+          msg(function() weir.upstream.request.clear_header(false) end),
+          msg(function() weir.response.set_header("x-a", true) end),
+          msg(function() weir.response.set_headers("x-a", "1", "x-b") end),
+          msg(function() weir.response.set_headers("x-a", "1", 7, "2") end),
+          msg(function() weir.client.authenticate(1) end),
+          msg(function() weir.client.authenticate("alice", 2) end),
+          msg(function() weir.client.find_credential("key-auth", "key", nil) end),
+          msg(function() d:get(1) end),
+          msg(function() d.get("k") end),
+          msg(function() d:incr("n", "1") end),
+          msg(function() d:incr("n", 1, "0") end),
+          msg(function() d:incr("n", 1, 0, -1) end),
+        }
+        -- what the natives take as is, and what the Lua side converts
+        weir.upstream.request.set_header("x-int", 42)
+        weir.upstream.request.set_header("x-float", 0.1)
+        weir.response.set_header("x-float", 1 / 3)
+        weir.response.set_headers("x-one", "1", "x-two", 2, "x-three", 3.0)
+        weir.response.set_headers()
+        d:set("f", false)
+        assert(d:get("f") == false and d:incr("n", 2, 1, 0) == 3 and d:incr("n") == 4)
+        assert(weir.client.find_credential("key-auth", "key", "a1") == "alice")
+        weir.client.authenticate("alice")
+        return 200, table.concat(out, "\\n")
+        """, harness: h)
+        let expected = [
+            "bad argument #1 to 'weir.request.get_header' (string expected, got number)",
+            "bad argument #1 to 'weir.upstream.request.set_header' (string expected, got nil)",
+            "bad argument #2 to 'weir.upstream.request.set_header' (string or number expected, got table)",
+            "bad argument #1 to 'weir.upstream.request.clear_header' (string expected, got boolean)",
+            "bad argument #2 to 'weir.response.set_header' (string or number expected, got boolean)",
+            "weir.response.set_headers: expected name, value pairs, got 3 arguments",
+            "bad argument #3 to 'weir.response.set_headers' (string expected, got number)",
+            "bad argument #1 to 'weir.client.authenticate' (string expected, got number)",
+            "bad argument #2 to 'weir.client.authenticate' (string or nil expected, got number)",
+            "bad argument #3 to 'weir.client.find_credential' (string expected, got nil)",
+            "bad argument #1 to 'weir.shared.get' (string expected, got number)",
+            "weir.shared.get: call it as dict:get(...)",
+            "bad argument #2 to 'weir.shared.incr' (number expected, got string)",
+            "bad argument #3 to 'weir.shared.incr' (number expected, got string)",
+            "bad argument #4 to 'weir.shared.incr' (non-negative number or nil expected, got number)",
+        ]
+        let lines = (body ?? "").split(separator: "\n", omittingEmptySubsequences: false).map(String.init)
+        XCTAssertEqual(lines.count, expected.count, "\(result)")
+        for (line, message) in zip(lines, expected) {
+            // Raised at the plugin's own line (the pcall), not inside the SDK.
+            XCTAssertTrue(line.hasSuffix(message), "\(line) should end with \(message)")
+            XCTAssertTrue(line.hasPrefix("probe/handler.lua:") || line.contains("/probe/handler.lua:"), line)
+        }
+        XCTAssertEqual(req.upstreamHeaders.map { "\($0.0)=\($0.1)" }, ["x-int=42", "x-float=0.1"])
+        XCTAssertEqual(req.response.filter { $0.name != "content-type" }.map { "\($0.name)=\($0.value)" },   // the exit body's
+                       ["x-a=1", "x-float=0.33333333333333", "x-one=1", "x-two=2", "x-three=3.0"])
+        XCTAssertEqual(req.consumer, "alice")
+        XCTAssertNil(req.credential)
+    }
+
     func testEarlyExitByReturnSkipsRestOfChainAndBuildsJSON() throws {
         let h = Harness()
         h.folder.add("auth", handler: """

@@ -144,12 +144,17 @@ function request.get_query_arg(name)
   return v
 end
 
--- Hot path: checks inlined (no helper calls) and the native cached in a local.
+-- Hot paths (get_header, the header setters, authenticate, find_credential,
+-- shared incr/get): the native checks its arguments and returns false for
+-- one it does not take; only then do the checks here run, for their
+-- message. A `type()` call per argument costs more than the native's check
+-- (a C call that pushes the type's name), and these run on every request.
 local native_get_header = N.req_get_header
 function request.get_header(name)
   if not ANY_REQUEST_PHASE[S[1]] then check_phase("weir.request.get_header", ANY_REQUEST_PHASE) end
-  if type(name) ~= "string" then arg_error("weir.request.get_header", 1, "string", name, 3) end
-  return native_get_header(name)
+  local v = native_get_header(name)
+  if v == false then arg_error("weir.request.get_header", 1, "string", name, 3) end
+  return v
 end
 
 function request.get_headers()
@@ -191,12 +196,16 @@ local upstream_request = {}
 upstream.request = upstream_request
 weir.upstream = upstream
 
+-- The setters' natives take a string name and a string or integer value;
+-- false means anything else: a bad name raises here, a float value is
+-- written as Lua writes it (tostring) and set again.
 local native_up_set_header = N.up_set_header
 function upstream_request.set_header(name, value)
   if S[1] ~= REQUEST then check_phase("weir.upstream.request.set_header", REWRITE_PHASES) end
-  if type(name) ~= "string" then arg_error("weir.upstream.request.set_header", 1, "string", name, 3) end
-  if type(value) ~= "string" then value = header_value("weir.upstream.request.set_header", 2, value) end
-  native_up_set_header(name, value)
+  if native_up_set_header(name, value) == false then
+    if type(name) ~= "string" then arg_error("weir.upstream.request.set_header", 1, "string", name, 3) end
+    native_up_set_header(name, header_value("weir.upstream.request.set_header", 2, value))
+  end
 end
 
 function upstream_request.add_header(name, value)
@@ -208,8 +217,7 @@ end
 local native_up_clear_header = N.up_clear_header
 function upstream_request.clear_header(name)
   if S[1] ~= REQUEST then check_phase("weir.upstream.request.clear_header", REWRITE_PHASES) end
-  if type(name) ~= "string" then arg_error("weir.upstream.request.clear_header", 1, "string", name, 3) end
-  native_up_clear_header(name)
+  if native_up_clear_header(name) == false then arg_error("weir.upstream.request.clear_header", 1, "string", name, 3) end
 end
 
 function upstream_request.set_path(path)
@@ -342,9 +350,28 @@ end
 local native_resp_set_header = N.resp_set_header
 function response.set_header(name, value)
   if not RESPONSE_WRITE_PHASES[S[1]] then check_phase("weir.response.set_header", RESPONSE_WRITE_PHASES) end
-  if type(name) ~= "string" then arg_error("weir.response.set_header", 1, "string", name, 3) end
-  if type(value) ~= "string" then value = header_value("weir.response.set_header", 2, value) end
-  native_resp_set_header(name, value)
+  if native_resp_set_header(name, value) == false then
+    if type(name) ~= "string" then arg_error("weir.response.set_header", 1, "string", name, 3) end
+    native_resp_set_header(name, header_value("weir.response.set_header", 2, value))
+  end
+end
+
+-- set_header for each (name, value) pair: one call (one crossing into
+-- Swift) for several headers. On a pair the native does not take, the
+-- pairs go through set_header's checks one by one, for the message or to
+-- write a float as Lua writes it.
+local native_resp_set_headers = N.resp_set_headers
+function response.set_headers(...)
+  if not RESPONSE_WRITE_PHASES[S[1]] then check_phase("weir.response.set_headers", RESPONSE_WRITE_PHASES) end
+  if native_resp_set_headers(...) == false then
+    local n = select("#", ...)
+    if n % 2 ~= 0 then error("weir.response.set_headers: expected name, value pairs, got " .. n .. " arguments", 2) end
+    for i = 1, n, 2 do
+      local name, value = select(i, ...)
+      if type(name) ~= "string" then arg_error("weir.response.set_headers", i, "string", name, 3) end
+      native_resp_set_header(name, header_value("weir.response.set_headers", i + 1, value))
+    end
+  end
 end
 
 function response.add_header(name, value)
@@ -458,27 +485,27 @@ function client.get_consumer()
   return native_get_consumer()
 end
 
--- Hot path of every auth plugin: checks inlined, the native in a local.
+-- Hot path of every auth plugin: the native checks (false: a bad argument).
 local native_authenticate = N.client_authenticate
 function client.authenticate(consumer, credential)
   if S[1] ~= REQUEST then check_phase("weir.client.authenticate", REWRITE_PHASES) end
-  if type(consumer) ~= "string" then arg_error("weir.client.authenticate", 1, "string", consumer, 3) end
-  if credential ~= nil and type(credential) ~= "string" then
+  if native_authenticate(consumer, credential) == false then
+    if type(consumer) ~= "string" then arg_error("weir.client.authenticate", 1, "string", consumer, 3) end
     arg_error("weir.client.authenticate", 2, "string or nil", credential, 3)
   end
-  native_authenticate(consumer, credential)
 end
 
 -- Indexed lookup in consumers[].credentials[plugin] (see SDKConsumers.swift).
 local native_find_credential = N.client_find_credential
 function client.find_credential(plugin, field, value)
   if not ANY_PHASE[S[1]] then check_phase("weir.client.find_credential", ANY_PHASE) end
-  if type(plugin) ~= "string" or type(field) ~= "string" or type(value) ~= "string" then
+  local consumer, credential = native_find_credential(plugin, field, value)
+  if consumer == false then
     check_string("weir.client.find_credential", 1, plugin)
     check_string("weir.client.find_credential", 2, field)
     check_string("weir.client.find_credential", 3, value)
   end
-  return native_find_credential(plugin, field, value)
+  return consumer, credential
 end
 
 -- Whether `name` is a configured consumer (consumers[].name); a hash lookup.
@@ -562,13 +589,18 @@ local function check_ttl(fname, n, ttl)
   if ttl ~= nil and (type(ttl) ~= "number" or ttl < 0) then arg_error(fname, n, "non-negative number or nil", ttl) end
 end
 
+-- Every dictionary handle (see `dicts`): `is_dict[self]` checks the
+-- method call without a getmetatable() call (any self indexes a table).
+local is_dict = setmetatable({}, { __mode = "k" })
+
+-- Hot path: the native returns false for a key that is not a string (a
+-- stored false is checked here too, rarely).
 local native_shared_get = N.shared_get
 function shared_dict:get(key)
-  if getmetatable(self) ~= shared_dict or type(key) ~= "string" then
-    check_dict(self, "weir.shared.get")
-    check_string("weir.shared.get", 1, key)
-  end
-  return native_shared_get(self.id, key)
+  if not is_dict[self] then check_dict(self, "weir.shared.get") end
+  local v = native_shared_get(self.id, key)
+  if v == false then check_string("weir.shared.get", 1, key) end
+  return v
 end
 
 function shared_dict:set(key, value, ttl)
@@ -588,20 +620,20 @@ function shared_dict:add(key, value, ttl)
   return N.shared_add(self.id, key, value, ttl or 0)
 end
 
--- Hot path (rate limiters, counters): the common argument shapes are checked
--- inline; anything unusual goes through the full checks for their messages.
+-- Hot path (rate limiters, counters): the native takes a string key, a
+-- number delta, a number or nil init and a non-negative ttl, and returns
+-- false for anything else; the full checks then say which.
 local native_shared_incr = N.shared_incr
 function shared_dict:incr(key, delta, init, init_ttl)
-  delta = delta or 1
-  if getmetatable(self) ~= shared_dict or type(key) ~= "string" or type(delta) ~= "number"
-      or (init ~= nil and type(init) ~= "number") or (init_ttl ~= nil and (type(init_ttl) ~= "number" or init_ttl < 0)) then
-    check_dict(self, "weir.shared.incr")
+  if not is_dict[self] then check_dict(self, "weir.shared.incr") end
+  local v, err = native_shared_incr(self.id, key, delta or 1, init, init_ttl or 0)
+  if v == false then
     check_string("weir.shared.incr", 1, key)
-    check_number("weir.shared.incr", 2, delta)
+    check_number("weir.shared.incr", 2, delta or 1)
     if init ~= nil then check_number("weir.shared.incr", 3, init) end
     check_ttl("weir.shared.incr", 4, init_ttl)
   end
-  return native_shared_incr(self.id, key, delta, init, init_ttl or 0)
+  return v, err
 end
 
 function shared_dict:delete(key)
@@ -621,6 +653,7 @@ local dicts = setmetatable({}, {
     local id = N.shared_id(name)
     if not id then return nil end
     local d = setmetatable({ name = name, id = id }, shared_dict)
+    is_dict[d] = true
     rawset(t, name, d)
     return d
   end,
