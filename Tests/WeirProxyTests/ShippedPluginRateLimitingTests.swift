@@ -73,6 +73,33 @@ final class ShippedPluginRateLimitingTests: UpstreamTestCase {
         XCTAssertEqual(upstream.requests.count, 3, "refused requests never reach the upstream")
     }
 
+    /// Two periods: each has its X-RateLimit-* pair, the tighter one speaks
+    /// for RateLimit-*, and the refused one (with every remaining count 0)
+    /// once it is exhausted.
+    func testSeveralPeriodsTheTightestSpeaks() throws {
+        let proxy = try start("{ second: 5, minute: 3 }")
+        defer { proxy.stop() }
+        let client = try proxy.connect()
+        let first = try get(client, at: 6000.5)
+        XCTAssertEqual(first.status, 200)
+        XCTAssertEqual(first.header("x-ratelimit-limit-second"), "5")
+        XCTAssertEqual(first.header("x-ratelimit-remaining-second"), "4")
+        XCTAssertEqual(first.header("x-ratelimit-limit-minute"), "3")
+        XCTAssertEqual(first.header("x-ratelimit-remaining-minute"), "2")
+        XCTAssertEqual(first.header("ratelimit-limit"), "3", "the minute has fewer left")
+        XCTAssertEqual(first.header("ratelimit-remaining"), "2")
+        XCTAssertEqual(first.header("ratelimit-reset"), "60")
+        for _ in 0..<2 { XCTAssertEqual(try get(client, at: 6000.5).status, 200) }
+        let refused = try get(client, at: 6000.5)
+        XCTAssertEqual(refused.status, 429)
+        XCTAssertEqual(refused.header("x-ratelimit-remaining-second"), "0")
+        XCTAssertEqual(refused.header("x-ratelimit-remaining-minute"), "0")
+        XCTAssertEqual(refused.header("ratelimit-limit"), "3", "the refused period")
+        XCTAssertEqual(refused.header("ratelimit-reset"), "60")
+        // 3 admitted in this minute, none before: the next fits 20 s into the next minute, 59.5 + 20 s from now.
+        XCTAssertEqual(refused.header("retry-after"), "80")
+    }
+
     /// A full window followed by a burst at the start of the next one: the
     /// previous window's weight keeps the total within the limit for any
     /// sliding window, exactly as computed.

@@ -9,31 +9,37 @@ local function unauthorized(conf, message)
   return 401, { message = message }, { ["www-authenticate"] = 'Key realm="' .. conf.realm .. '"' }
 end
 
--- Returns the key and where it was found ("header"/"query", name), or nil.
+-- Returns the key (nil when absent; "" for a bare `?apikey`). Names are
+-- tried in order, each in the headers and then the query. Numeric loops,
+-- not ipairs: this runs on every request.
 local function find_key(conf)
-  for _, name in ipairs(conf.key_names) do
-    if conf.key_in_header then
+  local names, in_header, in_query = conf.key_names, conf.key_in_header, conf.key_in_query
+  for i = 1, #names do
+    local name = names[i]
+    if in_header then
       local v = weir.request.get_header(name)
-      if v then return v, "header", name end
+      if v then return v end
     end
-    if conf.key_in_query then
+    if in_query then
       local v = weir.request.get_query_arg(name)
       -- A bare `?apikey` parses as `true`: treat it as an empty key.
-      if v ~= nil then return type(v) == "string" and v or "", "query", name end
+      if v ~= nil then return type(v) == "string" and v or "" end
     end
   end
   return nil
 end
 
 local function hide(conf)
+  local names = conf.key_names
   if conf.key_in_header then
-    for _, name in ipairs(conf.key_names) do weir.upstream.request.clear_header(name) end
+    for i = 1, #names do weir.upstream.request.clear_header(names[i]) end
   end
   -- No query string, nothing to strip: skip parsing it into a table.
   if conf.key_in_query and weir.request.get_raw_query() ~= "" then
     local query = weir.request.get_query()
     local changed = false
-    for _, name in ipairs(conf.key_names) do
+    for i = 1, #names do
+      local name = names[i]
       if query[name] ~= nil then query[name] = nil; changed = true end
     end
     if changed then

@@ -21,7 +21,7 @@ local PERIODS = {
   { name = "day", seconds = 86400, limit_header = "x-ratelimit-limit-day", remaining_header = "x-ratelimit-remaining-day" },
 }
 
-local floor, ceil, max, tostring, math_type = math.floor, math.ceil, math.max, tostring, math.type
+local floor, ceil, max, tostring, tonumber, math_type = math.floor, math.ceil, math.max, tostring, tonumber, math.type
 
 -- Small whole numbers as text, each made once (seconds until the window
 -- resets; formatting a number costs a C snprintf). Up to an hour's worth.
@@ -32,32 +32,39 @@ local small_text = setmetatable({}, { __index = function(t, n)
 end })
 
 -- What depends only on the config, worked out on a config's first request
--- and kept with it (weak keys: a retired generation's configs go away):
--- the configured periods with their limit as a header string, and the
--- counter keys of the clients seen (see client_keys).
+-- and kept with it (weak keys: a retired generation's configs go away): the
+-- configured periods (flat, with everything a request reads precomputed),
+-- the counter keys of the clients seen (see client_keys) and, for policy
+-- local, the dictionary and two arrays reused by every request (a local
+-- request runs start to end without yielding, so one set per Lua state is
+-- enough; policy redis yields and makes its own), and the remaining counts
+-- (worked out after any yield, so one array serves both policies).
 local per_conf = setmetatable({}, { __mode = "k" })
 
 local function conf_state(conf)
-  local st = per_conf[conf]
-  if st then return st end
   local periods = {}
   for _, period in ipairs(PERIODS) do
     local limit = conf[period.name]
     if limit then
-      periods[#periods + 1] = { period = period, limit = limit, limit_text = tostring(limit) }
+      periods[#periods + 1] = { name = period.name, window = period.seconds, ttl = 2 * period.seconds + 1,
+                                limit = limit, limit_text = tostring(limit),
+                                limit_header = period.limit_header, remaining_header = period.remaining_header }
     end
   end
-  st = { periods = periods, clients = {}, client_count = 0 }
+  local st = { periods = periods, n = #periods, clients = {}, client_count = 0,
+               by_header = conf.limit_by == "header", by_route = conf.limit_by == "route",
+               by_consumer = conf.limit_by == "consumer", redis = conf.policy == "redis",
+               counts = {}, prevs = {}, remaining = {} }
   per_conf[conf] = st
   return st
 end
 
-local function identifier(conf)
-  if conf.limit_by == "consumer" then
+local function identifier(conf, st)
+  if st.by_consumer then
     return weir.client.get_consumer() or weir.client.get_ip()
-  elseif conf.limit_by == "header" then
+  elseif st.by_header then
     return weir.request.get_header(conf.header_name) or weir.client.get_ip()
-  elseif conf.limit_by == "route" then
+  elseif st.by_route then
     -- Every client of the route shares one budget (the route part of the key
     -- already separates routes).
     return ""
@@ -89,71 +96,61 @@ end
 -- clients): when full, the set starts over.
 local MAX_CLIENTS = 4096
 
-local function client_keys(st, conf, route, id)
-  local clients = st.clients[route]
-  local keys = clients and clients[id]
-  if keys then return keys end
+local function new_client_keys(st, conf, route, id)
   if st.client_count >= MAX_CLIENTS then
     st.clients, st.client_count = {}, 0
-    clients = nil
   end
+  local clients = st.clients[route]
   if not clients then
     clients = {}
     st.clients[route] = clients
   end
   -- [i]: { start, key, prev_key } of period i's current window
-  keys = { base = "rl|" .. #route .. ":" .. route .. "|" .. conf.limit_by .. "|" .. #id .. ":" .. id .. "|" }
+  local keys = { base = "rl|" .. #route .. ":" .. route .. "|" .. conf.limit_by .. "|" .. #id .. ":" .. id .. "|" }
   clients[id] = keys
   st.client_count = st.client_count + 1
   return keys
 end
 
--- The windows of the configured periods at time `now`:
--- { period, limit, limit_text, window, elapsed, key (current window), prev_key }.
-local function windows(st, now, keys)
-  local list = {}
-  for i, p in ipairs(st.periods) do
-    local window = p.period.seconds
-    local start = floor(now / window) * window
-    local k = keys[i]
-    if not k or k.start ~= start then
-      local prefix = keys.base .. p.period.name .. "|"
-      k = { start = start, key = prefix .. start, prev_key = prefix .. (start - window) }
-      keys[i] = k
-    end
-    list[i] = { period = p.period, limit = p.limit, limit_text = p.limit_text, window = window, elapsed = now - start,
-                key = k.key, prev_key = k.prev_key }
-  end
-  return list
+-- The counter keys of period i's window starting at `start` (made once per window).
+local function window_keys(keys, i, p, start)
+  local prefix = keys.base .. p.name .. "|"
+  local k = { start = start, key = prefix .. start, prev_key = prefix .. (start - p.window) }
+  keys[i] = k
+  return k
 end
 
-local function over(w)
-  return w.prev * (w.window - w.elapsed) / w.window + w.count > w.limit
-end
-
--- policy local: counters in a weir.shared dictionary. Fills w.count and
--- w.prev; returns the refused window (its increment given back) or nil, or
--- nil, err when the counters cannot be used.
-local function count_local(conf, list)
-  local dict = weir.shared[conf.dictionary]
+-- policy local: counters in a weir.shared dictionary. Fills counts[i] and
+-- prevs[i]; returns the index of the refused period (its increment and the
+-- other periods' given back) or false, or nil, err when the counters cannot
+-- be used.
+local function count_local(conf, st, keys, now, counts, prevs)
+  local dict = st.dict
   if not dict then
-    return nil, "no weir.shared dictionary named '" .. conf.dictionary .. "'; declare it under shared_dicts"
+    dict = weir.shared[conf.dictionary]
+    if not dict then
+      return nil, "no weir.shared dictionary named '" .. conf.dictionary .. "'; declare it under shared_dicts"
+    end
+    st.dict = dict
   end
-  local refused
-  for i, w in ipairs(list) do
-    local count, err = dict:incr(w.key, 1, 0, 2 * w.window + 1)
+  local periods, refused = st.periods, false
+  for i = 1, st.n do
+    local p, k = periods[i], keys[i]
+    local count, err = dict:incr(k.key, 1, 0, p.ttl)
     if not count then
-      for j = 1, i - 1 do dict:incr(list[j].key, -1) end   -- the windows taken so far
+      for j = 1, i - 1 do dict:incr(keys[j].key, -1) end   -- the windows taken so far
       return nil, "counter update failed: " .. tostring(err)
     end
-    w.count = count
-    w.prev = tonumber(dict:get(w.prev_key)) or 0
-    if not refused and over(w) then refused = w end
+    local prev = dict:get(k.prev_key)
+    prev = prev and tonumber(prev) or 0
+    counts[i], prevs[i] = count, prev
+    local window = p.window
+    if not refused and prev * (window - (now - k.start)) / window + count > p.limit then refused = i end
   end
   if refused then
-    for _, w in ipairs(list) do dict:incr(w.key, -1) end
+    for i = 1, st.n do dict:incr(keys[i].key, -1) end
   end
-  return refused or false
+  return refused
 end
 
 -- policy redis: the same decision made atomically inside Redis by one script
@@ -179,34 +176,51 @@ table.insert(out, 1, refused)
 return out
 ]]
 
-local function count_redis(conf, list)
+local function count_redis(conf, st, keys, now, counts, prevs)
   local r = conf.redis or {}
   local red = weir.redis.connect{ host = r.host, port = r.port, database = r.database,
                                   username = r.username, password = r.password, timeout = r.timeout }
-  local keys, args = {}, {}
-  for _, w in ipairs(list) do
-    keys[#keys + 1] = w.key
-    keys[#keys + 1] = w.prev_key
-    args[#args + 1] = w.limit
-    args[#args + 1] = w.window
-    args[#args + 1] = tostring(w.elapsed)
+  local rkeys, args = {}, {}
+  for i = 1, st.n do
+    local p, k = st.periods[i], keys[i]
+    rkeys[#rkeys + 1] = k.key
+    rkeys[#rkeys + 1] = k.prev_key
+    args[#args + 1] = p.limit
+    args[#args + 1] = p.window
+    args[#args + 1] = tostring(now - k.start)
   end
-  local reply, err = red:script(REDIS_SCRIPT):run(keys, args)
+  local reply, err = red:script(REDIS_SCRIPT):run(rkeys, args)
   if not reply then return nil, "redis: " .. tostring(err) end
-  for i, w in ipairs(list) do
-    w.count = tonumber(reply[2 * i])
-    w.prev = tonumber(reply[2 * i + 1])
+  for i = 1, st.n do
+    counts[i] = tonumber(reply[2 * i])
+    prevs[i] = tonumber(reply[2 * i + 1])
   end
-  return list[reply[1]] or false
+  return reply[1] > 0 and reply[1] or false
 end
 
 function RateLimiting:request(conf)
-  local st = conf_state(conf)
-  local id = identifier(conf)
-  local keys = client_keys(st, conf, weir.request.get_route() or "", id)
-  local states = windows(st, weir.time.now(), keys)  -- never empty: schema at_least_one_of
-  local refused, err
-  if conf.policy == "redis" then refused, err = count_redis(conf, states) else refused, err = count_local(conf, states) end
+  local st = per_conf[conf] or conf_state(conf)
+  local route, id = weir.request.get_route() or "", identifier(conf, st)
+  local clients = st.clients[route]
+  local keys = clients and clients[id] or new_client_keys(st, conf, route, id)
+  local now = weir.time.now()
+  -- Window starts are whole seconds: one floor per request, then integer arithmetic.
+  local second = floor(now)
+  local periods, n = st.periods, st.n   -- n >= 1: schema at_least_one_of
+  for i = 1, n do
+    local p, k = periods[i], keys[i]
+    local start = second - second % p.window
+    if not k or k.start ~= start then window_keys(keys, i, p, start) end
+  end
+
+  local counts, prevs, refused, err
+  if st.redis then
+    counts, prevs = {}, {}
+    refused, err = count_redis(conf, st, keys, now, counts, prevs)
+  else
+    counts, prevs = st.counts, st.prevs
+    refused, err = count_local(conf, st, keys, now, counts, prevs)
+  end
   if refused == nil then
     if conf.fault_tolerant then
       weir.log.err("rate-limiting: ", err, " (request let through: fault_tolerant)")
@@ -214,31 +228,40 @@ function RateLimiting:request(conf)
     end
     error("rate-limiting: " .. err)
   end
-  for _, w in ipairs(states) do
-    w.remaining = max(0, floor(w.limit - (w.prev * (w.window - w.elapsed) / w.window + w.count)))
-  end
-  refused = refused or nil
 
   if not conf.hide_client_headers then
-    -- The most restrictive period speaks for the RateLimit-* headers.
-    local tightest = refused or states[1]
-    for _, s in ipairs(states) do
-      if s.remaining < tightest.remaining then tightest = s end
+    -- The most restrictive period speaks for the RateLimit-* headers (the
+    -- refused one when refused; every remaining count is 0 then). Counts
+    -- are integers: the SDK writes them as text.
+    local remaining, tightest = st.remaining, refused or 1
+    for i = 1, n do
+      if refused then
+        remaining[i] = 0
+      else
+        local p = periods[i]
+        local window = p.window
+        remaining[i] = max(0, floor(p.limit - (prevs[i] * (window - (now - keys[i].start)) / window + counts[i])))
+        if remaining[i] < remaining[tightest] then tightest = i end
+      end
     end
-    for _, s in ipairs(states) do
-      -- Each number becomes text once (the RateLimit-* pair repeats one period's).
-      s.remaining_text = refused and "0" or tostring(s.remaining)
-      weir.response.set_header(s.period.limit_header, s.limit_text)
-      weir.response.set_header(s.period.remaining_header, s.remaining_text)
+    local p = periods[tightest]
+    local reset = small_text[max(1, ceil(p.window - (now - keys[tightest].start)))]
+    local set_headers = weir.response.set_headers
+    if n == 1 then
+      set_headers(p.limit_header, p.limit_text, p.remaining_header, remaining[1],
+                  "ratelimit-limit", p.limit_text, "ratelimit-remaining", remaining[1], "ratelimit-reset", reset)
+    else
+      for i = 1, n do
+        local q = periods[i]
+        set_headers(q.limit_header, q.limit_text, q.remaining_header, remaining[i])
+      end
+      set_headers("ratelimit-limit", p.limit_text, "ratelimit-remaining", remaining[tightest], "ratelimit-reset", reset)
     end
-    weir.response.set_header("ratelimit-limit", tightest.limit_text)
-    weir.response.set_header("ratelimit-remaining", tightest.remaining_text)
-    weir.response.set_header("ratelimit-reset", small_text[max(1, ceil(tightest.window - tightest.elapsed))])
   end
 
   if refused then
-    local s = refused
-    local wait = retry_after(s.limit, s.window, s.prev, s.count - 1, s.elapsed)
+    local p = periods[refused]
+    local wait = retry_after(p.limit, p.window, prevs[refused], counts[refused] - 1, now - keys[refused].start)
     local headers = { ["retry-after"] = tostring(max(1, ceil(wait))) }
     return conf.error_code, { message = conf.error_message }, headers
   end
