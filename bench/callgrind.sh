@@ -23,6 +23,13 @@
 # concurrent streams, cleartext HTTP/2 with prior knowledge, as
 # run-protocols.sh's h2c case; --connections does not apply).
 #
+# --cache-sim also runs callgrind's cache simulation (first-level and
+# last-level, sized like this machine's) and reports data and instruction
+# cache misses per request next to the instruction count: for comparing
+# memory behaviour (buffers, per-connection state) where the instruction
+# count alone does not explain a CPU-time difference. Slower under
+# valgrind; the instruction count is the same.
+#
 # --steady counts requests on already-open connections only: one wrk run
 # keeps its connections through warm-up and the counted window, and the
 # requests in the window are read from the origin's stub_status (one
@@ -32,7 +39,7 @@
 # the accept and connection set-up cost (~60 k instructions per connection
 # for Weir) is spread over the few thousand requests valgrind lets through.
 #
-#   bench/callgrind.sh [--no-build] [--steady] [--proxy weir|weir-noop|weir-lua|weir-observe|weir-h2up|weir-h2c|weir-auth-local|
+#   bench/callgrind.sh [--no-build] [--steady] [--cache-sim] [--proxy weir|weir-noop|weir-lua|weir-observe|weir-h2up|weir-h2c|weir-auth-local|
 #                                            weir-auth-redis|weir-tcp|weir-https|weir-extauthz|weir-extauthz-close|
 #                                            nginx|nginx-lua|nginx-lua-auth|nginx-https|haproxy|haproxy-tcp]
 #                      [--duration S] [--connections N]
@@ -42,6 +49,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 BUILD=1
 STEADY=0
+CACHE_SIM=0
 PROXY=weir
 DURATION=10
 CONNS=8
@@ -50,10 +58,11 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --no-build) BUILD=0; shift ;;
         --steady) STEADY=1; shift ;;
+        --cache-sim) CACHE_SIM=1; shift ;;
         --proxy) PROXY=${2:-}; shift 2 ;;
         --duration) [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] || die "--duration needs a positive integer"; DURATION=$2; shift 2 ;;
         --connections) [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] || die "--connections needs a positive integer"; CONNS=$2; shift 2 ;;
-        -h|--help) sed -n '2,37p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,45p' "$0"; exit 0 ;;
         *) die "unknown option: $1 (see --help)" ;;
     esac
 done
@@ -105,6 +114,7 @@ OUT="$RUN_DIR/callgrind.out"
 # --demangle=no keeps Swift module names in the symbols, so Weir's own
 # functions can be picked out; the report demangles afterwards.
 VALGRIND=(valgrind --tool=callgrind --instr-atstart=no --demangle=no --callgrind-out-file="$OUT")
+[ "$CACHE_SIM" -eq 1 ] && VALGRIND+=(--cache-sim=yes)
 
 [[ "$PROXY" == weir* ]] && [ "$BUILD" -eq 1 ] && build_weir
 
@@ -250,7 +260,7 @@ demangle() {
 
 {
     echo "# callgrind: instructions per request of $PROXY, $STAMP"
-    echo "# command: bench/callgrind.sh --proxy $PROXY --duration $DURATION --connections $CONNS$([ "$STEADY" -eq 1 ] && echo " --steady")"
+    echo "# command: bench/callgrind.sh --proxy $PROXY --duration $DURATION --connections $CONNS$([ "$STEADY" -eq 1 ] && echo " --steady")$([ "$CACHE_SIM" -eq 1 ] && echo " --cache-sim")"
     echo "# machine: $(uname -srm); weir binary from commit $(weir_binary_commit), repo HEAD $(git -C "$REPO_DIR" rev-parse --short HEAD 2>/dev/null)"
     if [ "$STEADY" -eq 1 ]; then
         echo "# counted: user-space instructions only (valgrind), ${DURATION} s of one wrk run on connections opened 3 s before; requests from the origin's stub_status"
@@ -265,11 +275,27 @@ demangle() {
         # wrk opens its connections inside the counted window: their TLS
         # handshakes (a few million instructions each) are taken out so the
         # figure is the keep-alive request's.
-        handshake_ir=$(callgrind_annotate --inclusive=yes "$dump" 2>/dev/null | function_rows \
+        handshake_ir=$(callgrind_annotate --show=Ir --inclusive=yes "$dump" 2>/dev/null | function_rows \
             | awk '$0 ~ /:(CNIOBoringSSL_)?SSL_do_handshake / { gsub(",", "", $1); print $1; exit }')
         handshake_ir=${handshake_ir:-0}
         echo "of which TLS handshakes (SSL_do_handshake, inclusive): $handshake_ir"
         echo "instructions per request without the handshakes: $(python3 -c "print(f'{($total_ir - $handshake_ir) / $requests:,.0f}')")"
+    fi
+    if [ "$CACHE_SIM" -eq 1 ]; then
+        # The dump's events line names the summary's columns (Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw).
+        python3 - "$dump" "$requests" <<'PY'
+import sys
+events, summary = None, None
+for line in open(sys.argv[1], errors="replace"):
+    if line.startswith("events:"): events = line.split()[1:]
+    elif line.startswith("summary:"): summary = [int(x) for x in line.split()[1:]]
+if events and summary:
+    per = {e: v / int(sys.argv[2]) for e, v in zip(events, summary)}
+    g = lambda e: per.get(e, 0.0)
+    print(f"cache misses per request (callgrind's simulated caches): L1 data {g('D1mr') + g('D1mw'):,.0f} "
+          f"(read {g('D1mr'):,.0f}, write {g('D1mw'):,.0f}), L1 instruction {g('I1mr'):,.0f}, "
+          f"last-level data {g('DLmr') + g('DLmw'):,.2f}, last-level instruction {g('ILmr'):,.2f}")
+PY
     fi
     if [ "$PROXY" = weir-auth-redis ]; then
         calls=$(( $(field calls "$redis_after") - $(field calls "$redis_before") ))
@@ -278,16 +304,16 @@ demangle() {
     fi
     echo
     echo "## top 40 functions by inclusive instructions"
-    callgrind_annotate --inclusive=yes "$dump" 2>/dev/null | function_rows | head -40 | demangle | cut -c1-220
+    callgrind_annotate --show=Ir --inclusive=yes "$dump" 2>/dev/null | function_rows | head -40 | demangle | cut -c1-220
     echo
     if [[ "$PROXY" == weir* ]]; then
         echo "## Weir's own functions by inclusive instructions (top 30; symbols of the Weir modules)"
-        callgrind_annotate --inclusive=yes --threshold=100 "$dump" 2>/dev/null | function_rows \
+        callgrind_annotate --show=Ir --inclusive=yes --threshold=100 "$dump" 2>/dev/null | function_rows \
             | grep -E '[0-9]Weir(Proxy|Core|Lua|Admin)|4weir' | head -30 | demangle | cut -c1-220
         echo
     fi
     echo "## top 40 functions by self instructions"
-    callgrind_annotate "$dump" 2>/dev/null | function_rows | head -40 | demangle | cut -c1-220
+    callgrind_annotate --show=Ir "$dump" 2>/dev/null | function_rows | head -40 | demangle | cut -c1-220
 } > "$REPORT"
 
 mkdir -p "$RESULTS_DIR"

@@ -58,6 +58,11 @@ WEIR_TCP_PORT=$((19213 + BENCH_PORT_OFFSET))
 ORIGIN_H2_PORT=$((19004 + BENCH_PORT_OFFSET))
 NGINX_H2UP_PORT=$((19204 + BENCH_PORT_OFFSET))
 WEIR_H2UP_PORT=$((19214 + BENCH_PORT_OFFSET))
+# Plain HTTP/1.1 listeners of the same nginx and Weir processes that serve
+# HTTPS (run-protocols.sh case http-keepalive): HTTPS minus this, in one
+# run and one process, is what TLS adds per request.
+NGINX_PLAIN_PORT=$((19205 + BENCH_PORT_OFFSET))
+WEIR_PLAIN_PORT=$((19215 + BENCH_PORT_OFFSET))
 
 # The key wrk sends in every request (harmless to the proxies that ignore
 # it; the Lua variants authenticate it).
@@ -133,6 +138,8 @@ render_template() {
         -e "s|@ORIGIN_H2_PORT@|$ORIGIN_H2_PORT|g" \
         -e "s|@NGINX_H2UP_PORT@|$NGINX_H2UP_PORT|g" \
         -e "s|@WEIR_H2UP_PORT@|$WEIR_H2UP_PORT|g" \
+        -e "s|@NGINX_PLAIN_PORT@|$NGINX_PLAIN_PORT|g" \
+        -e "s|@WEIR_PLAIN_PORT@|$WEIR_PLAIN_PORT|g" \
         -e "s|@BENCH_DIR@|$BENCH_DIR|g" \
         -e "s|@REPO_DIR@|$REPO_DIR|g" \
         -e "s|@API_KEY@|$API_KEY|g" \

@@ -4,6 +4,9 @@
 # origin, pinning and rules as bench/run.sh (see bench/README.md):
 #
 #   https-keepalive   wrk, 32 keep-alive connections over TLS 1.3    nginx  vs weir-https
+#   http-keepalive    the same without TLS, on a plain listener of the same
+#                     nginx and Weir processes: https-keepalive minus this
+#                     is what TLS adds per request      nginx  vs weir-https
 #   https-handshake   wrk, 32 connections, `Connection: close`: every
 #                     request is a new TLS handshake (req/s = handshakes/s)
 #                                                                    nginx  vs weir-https
@@ -18,8 +21,8 @@
 # Weir variants are checked with `weir validate` and a curl first; until
 # Weir supports a protocol the table says "not available (<reason>)".
 #
-#   bench/run-protocols.sh [--no-build] [--duration S] [--runs N] [--warmup S] [--only CASE]
-#   (--only runs one case, e.g. --only h2-upstream; the header still lists all)
+#   bench/run-protocols.sh [--no-build] [--duration S] [--runs N] [--warmup S] [--only CASE[,CASE...]]
+#   (--only runs those cases, e.g. --only https-keepalive,http-keepalive; the header still lists all)
 set -uo pipefail
 ORIGINAL_ARGS=("$@")
 
@@ -44,7 +47,7 @@ while [ $# -gt 0 ]; do
         --runs) positive_int "$1" "${2:-}"; RUNS=$2; shift 2 ;;
         --warmup) [[ "${2:-}" =~ ^[0-9]+$ ]] || die "--warmup needs a whole number of seconds"; WARMUP=$2; shift 2 ;;
         --only) [ -n "${2:-}" ] || die "--only needs a case name"; ONLY=$2; shift 2 ;;
-        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
         *) die "unknown option: $1 (see --help)" ;;
     esac
 done
@@ -53,7 +56,7 @@ require_tools nginx haproxy wrk h2load curl openssl python3 ss
 [ -z "$LOAD_CPU" ] || require_tools taskset
 for port in "$ORIGIN_PORT" "$NGINX_HTTPS_PORT" "$NGINX_H2C_PORT" "$HAPROXY_TCP_PORT" \
             "$WEIR_HTTPS_PORT" "$WEIR_H2C_PORT" "$WEIR_TCP_PORT" \
-            "$ORIGIN_H2_PORT" "$NGINX_H2UP_PORT" "$WEIR_H2UP_PORT"; do
+            "$ORIGIN_H2_PORT" "$NGINX_H2UP_PORT" "$WEIR_H2UP_PORT" "$NGINX_PLAIN_PORT" "$WEIR_PLAIN_PORT"; do
     port_in_use "$port" && die "127.0.0.1:$port is already in use (another benchmark running?)"
 done
 
@@ -94,6 +97,7 @@ H2C_CURL=(--http2-prior-knowledge)
 
 problem=$(verify_proxies_to_origin nginx-https "$NGINX_HTTPS_PORT" "https://127.0.0.1:$NGINX_HTTPS_PORT/" "${HTTPS_CURL[@]}") \
     || die "nginx does not proxy HTTPS: $problem"
+problem=$(verify_proxies_to_origin nginx-plain "$NGINX_PLAIN_PORT") || die "nginx does not proxy plain HTTP: $problem"
 problem=$(verify_proxies_to_origin nginx-h2c "$NGINX_H2C_PORT" "http://127.0.0.1:$NGINX_H2C_PORT/" "${H2C_CURL[@]}") \
     || die "nginx does not proxy h2c: $problem"
 problem=$(verify_proxies_to_origin haproxy-tcp "$HAPROXY_TCP_PORT") || die "haproxy does not proxy TCP: $problem"
@@ -116,6 +120,9 @@ try_weir() { # VARIANT PORT URL [CURL ARGS...]
     [ -n "$reason" ] && log "$variant: not available ($reason)"
 }
 try_weir weir-https "$WEIR_HTTPS_PORT" "https://127.0.0.1:$WEIR_HTTPS_PORT/" "${HTTPS_CURL[@]}"
+if [ -n "${AVAILABLE[weir-https]:-}" ]; then
+    problem=$(verify_proxies_to_origin weir-plain "$WEIR_PLAIN_PORT") || die "weir-https's plain listener does not proxy: $problem"
+fi
 try_weir weir-h2c "$WEIR_H2C_PORT" "http://127.0.0.1:$WEIR_H2C_PORT/" "${H2C_CURL[@]}"
 try_weir weir-tcp "$WEIR_TCP_PORT" "http://127.0.0.1:$WEIR_TCP_PORT/"
 try_weir weir-h2up "$WEIR_H2UP_PORT" "http://127.0.0.1:$WEIR_H2UP_PORT/"
@@ -124,10 +131,12 @@ try_weir weir-h2up "$WEIR_H2UP_PORT" "http://127.0.0.1:$WEIR_H2UP_PORT/"
 # case|proxy|pid name|tool|connections|url|extra
 
 CASES=()
-add_case() { [ -z "$ONLY" ] || [ "$1" = "$ONLY" ] || return 0; CASES+=("$1|$2|$3|$4|$5|$6|${7:-}"); }
+add_case() { [ -z "$ONLY" ] || [[ ",$ONLY," == *",$1,"* ]] || return 0; CASES+=("$1|$2|$3|$4|$5|$6|${7:-}"); }
 for proxy in nginx weir-https; do
     if [ "$proxy" = nginx ]; then port=$NGINX_HTTPS_PORT; pidname=nginx-protocols; else port=$WEIR_HTTPS_PORT; pidname=weir-https; fi
     add_case https-keepalive "$proxy" "$pidname" wrk 32 "https://127.0.0.1:$port/"
+    if [ "$proxy" = nginx ]; then plain=$NGINX_PLAIN_PORT; else plain=$WEIR_PLAIN_PORT; fi
+    add_case http-keepalive "$proxy" "$pidname" wrk 32 "http://127.0.0.1:$plain/"
     add_case https-handshake "$proxy" "$pidname" wrk 32 "https://127.0.0.1:$port/" close
 done
 for proxy in nginx weir-h2c; do

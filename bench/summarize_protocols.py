@@ -10,6 +10,7 @@ from collections import OrderedDict
 CLOCK_TICKS_PER_SECOND = 100
 CASES = OrderedDict([
     ("https-keepalive", ("HTTPS, 32 keep-alive connections", "nginx", "weir-https")),
+    ("http-keepalive", ("HTTP/1.1 without TLS, same processes, 32 keep-alive connections", "nginx", "weir-https")),
     ("https-handshake", ("HTTPS, new TLS handshake per request (req/s = handshakes/s)", "nginx", "weir-https")),
     ("h2c", ("HTTP/2 cleartext, 4 connections x 100 streams (h2load)", "nginx", "weir-h2c")),
     ("tcp-rps", ("TCP proxy, HTTP requests over 64 connections", "haproxy", "weir-tcp")),
@@ -70,6 +71,17 @@ def main(path):
     print()
     print("Ratios (medians of this run):")
     print("\n".join(ratios) if ratios else "- none (no Weir variant measured)")
+    # What TLS adds per keep-alive request: the same process over HTTPS and
+    # over plain HTTP, in this run.
+    added = []
+    for proxy in ("nginx", "weir-https"):
+        tls, plain = summary.get(("https-keepalive", proxy)), summary.get(("http-keepalive", proxy))
+        if tls and plain and tls["cpu_us"] is not None and plain["cpu_us"] is not None:
+            added.append(f"{proxy} +{tls['cpu_us'] - plain['cpu_us']:.1f} µs ({plain['cpu_us']:.1f} -> {tls['cpu_us']:.1f})")
+    if added:
+        print()
+        print("CPU per request that TLS adds on keep-alive connections (https-keepalive minus http-keepalive): "
+              + "; ".join(added))
 
 
 if __name__ == "__main__":
