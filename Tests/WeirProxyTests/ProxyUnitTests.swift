@@ -48,9 +48,24 @@ final class ProxyUnitTests: XCTestCase {
         XCTAssertEqual(Set(ids).count, 1000)
         let parts = ids[17].split(separator: "-")
         XCTAssertEqual(parts.count, 2)
-        XCTAssertEqual(parts[0].count, 12)
-        XCTAssertEqual(parts[1], "12", "counter in hex")
-        XCTAssertNotEqual(RequestIDGenerator().next().prefix(12), ids[0].prefix(12), "random prefix per generator")
+        XCTAssertEqual(parts[0].count, 8)
+        XCTAssertEqual(parts[1], "I", "counter in base 62")
+        XCTAssertEqual(ids[999].split(separator: "-").last, "G8", "1000 = 16 x 62 + 8")
+        let alphabet = Set("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz-")
+        XCTAssertTrue(ids.allSatisfy { $0.allSatisfy(alphabet.contains) })
+        XCTAssertNotEqual(RequestIDGenerator().next().prefix(8), ids[0].prefix(8), "random prefix per generator")
+    }
+
+    func testRequestIDsStayWithinFifteenBytesAcrossThePrefixChange() {
+        // 15 bytes or fewer: Swift keeps the String inline (no heap storage).
+        let generator = RequestIDGenerator(counter: RequestIDGenerator.counterLimit - 2)
+        let last = generator.next()
+        XCTAssertEqual(last.utf8.count, 15)
+        XCTAssertEqual(last.split(separator: "-").last, "zzzzzz")
+        let afterChange = generator.next()
+        XCTAssertEqual(afterChange.split(separator: "-").last, "1", "counter restarts")
+        XCTAssertNotEqual(afterChange.prefix(8), last.prefix(8), "new random prefix")
+        XCTAssertEqual(afterChange.utf8.count, 10)
     }
 
     func testErrorBodyEscapesClientText() throws {
