@@ -51,6 +51,45 @@ final class ProxyWireCodecTests: XCTestCase {
         XCTAssertNotNil(try bad.readResponse().header("date"))
     }
 
+    /// RFC 9110 §6.6.1: a forwarded response whose origin sent no Date gets
+    /// the proxy's; an origin's own Date is passed on untouched (one line).
+    func testForwardedResponseWithoutDateGetsOneAndAnOriginDateIsKept() throws {
+        let originDate = "Sun, 06 Nov 1994 08:49:37 GMT"
+        let raw = try RawUpstream(group: upstreamGroup) { channel, buffer in
+            // One response per complete head (keep-alive, bodyless requests).
+            while let view = buffer.getString(at: buffer.readerIndex, length: buffer.readableBytes),
+                  let end = view.range(of: "\r\n\r\n") {
+                let head = String(view[..<end.lowerBound])
+                buffer.moveReaderIndex(forwardBy: view.utf8.distance(from: view.startIndex, to: end.upperBound))
+                let date = head.hasPrefix("GET /dated ") ? "Date: \(originDate)\r\n" : ""
+                channel.writeAndFlush(ByteBuffer(string: "HTTP/1.1 200 OK\r\n\(date)Content-Length: 2\r\n\r\nok"), promise: nil)
+            }
+        }
+        defer { raw.stop() }
+        let harness = try ProxyHarness(config: ProxyHarness.config(targets: [raw.address]))
+        proxy = harness
+        let client = try harness.connect()
+
+        let undated = try client.request("GET", "/undated")
+        XCTAssertEqual(undated.status, 200)
+        XCTAssertEqual(undated.bodyText, "ok")
+        XCTAssertEqual(undated.headerValues("date").count, 1)
+        let date = try XCTUnwrap(undated.header("date"))
+        let pattern = #"^(Mon|Tue|Wed|Thu|Fri|Sat|Sun), \d{2} (Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) \d{4} \d{2}:\d{2}:\d{2} GMT$"#
+        XCTAssertNotNil(date.range(of: pattern, options: .regularExpression), date)
+        let formatter = DateFormatter()
+        formatter.locale = Locale(identifier: "en_US_POSIX")
+        formatter.timeZone = TimeZone(identifier: "GMT")
+        formatter.dateFormat = "EEE, dd MMM yyyy HH:mm:ss 'GMT'"
+        let parsed = try XCTUnwrap(formatter.date(from: date))
+        XCTAssertLessThan(abs(parsed.timeIntervalSinceNow), 120, "the proxy's clock, not a stale cache")
+
+        // Same keep-alive connection: the origin's Date is the only one.
+        let dated = try client.request("GET", "/dated")
+        XCTAssertEqual(dated.status, 200)
+        XCTAssertEqual(dated.headerValues("date"), [originDate])
+    }
+
     func testOptionsAsteriskIsForwarded() throws {
         let proxy = try start()
         let client = try proxy.connect()

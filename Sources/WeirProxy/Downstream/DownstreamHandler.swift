@@ -283,7 +283,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
     /// Trailer fields as NIO headers (rare; plugins' pending parts use them).
     private static func trailerHeaders(_ fields: HTTP1Fields) -> HTTPHeaders {
         var headers = HTTPHeaders()
-        for (i, e) in fields.entries.enumerated() where e.known == .other {
+        for (i, e) in fields.entries.enumerated() where e.known.forwardedInTrailers {
             headers.add(name: fields.name(at: i), value: fields.value(at: i))
         }
         return headers
@@ -455,7 +455,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
         // The added-field array's storage is kept across responses (swapped
         // back, emptied, after writing): no array allocation per response.
         swap(&edits.added, &responseAddedFields)
-        edits.added.reserveCapacity(3 + (pluginChanges?.edits.added.count ?? 0))
+        edits.added.reserveCapacity(4 + (pluginChanges?.edits.added.count ?? 0))
         var via: String? = nil
         var hasLength = false
         if case .contentLength = head.framing { hasLength = true }
@@ -463,6 +463,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
             edits.removed.formUnion(pluginChanges.edits.removed)
             hasLength = pluginChanges.edits.hasField(named: "content-length", in: fields)
         }
+        var hasDate = false
         for (i, e) in fields.entries.enumerated() {
             switch e.known {
             case .te:
@@ -471,6 +472,8 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
                 edits.removed.insert(i)
                 let v = fields.value(at: i)
                 via = via.map { $0 + ", " + v } ?? v
+            case .date where !edits.removed.contains(i):
+                hasDate = true
             default:
                 break
             }
@@ -480,10 +483,14 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
                 switch HTTP1KnownField.classify(field.name) {
                 case .via: via = via.map { $0 + ", " + field.value } ?? field.value
                 case let kind where kind.isHopByHop: continue
+                case .date: hasDate = true; edits.added.append(field)
                 default: edits.added.append(field)
                 }
             }
         }
+        // RFC 9110 §6.6.1: an origin without a clock sends no Date; the
+        // proxy adds one (the loop's per-second cached string).
+        if !hasDate { edits.added.append(HTTP1AddedField(name: "date", value: loopContext.dateCache.current())) }
         var mustClose = !(exchange.keepAlive && !draining)
         if isUpgrade {
             edits.added.append(HTTP1AddedField(name: "connection", value: "upgrade"))

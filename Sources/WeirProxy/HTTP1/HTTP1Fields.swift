@@ -6,6 +6,8 @@ public enum HTTP1KnownField: UInt8, Sendable {
     case host, contentLength, transferEncoding, connection, expect, upgrade
     case keepAlive, proxyConnection, te, trailer
     case xForwardedFor, xForwardedProto, xForwardedHost, forwarded, via, xRequestID
+    /// Tagged so a forwarded response without one gets the proxy's (RFC 9110 §6.6.1).
+    case date
 
     /// RFC 9110 §7.6.1 hop-by-hop fields (plus the de-facto Keep-Alive and
     /// Proxy-Connection); Connection may name more.
@@ -16,13 +18,19 @@ public enum HTTP1KnownField: UInt8, Sendable {
         }
     }
 
+    /// Forwarded in a trailer section: untagged fields, and Date (tagged only
+    /// for the response head); framing and routing ones never (RFC 9110 §6.5.1).
+    public var forwardedInTrailers: Bool { self == .other || self == .date }
+
     /// Classifies by length first, then by bytes (ASCII case-insensitive).
     @inline(__always)
     static func classify(_ p: UnsafePointer<UInt8>, _ n: Int) -> HTTP1KnownField {
         switch n {
         case 2: return HTTP1Bytes.equalsLower(p, n, "te") ? .te : .other
         case 3: return HTTP1Bytes.equalsLower(p, n, "via") ? .via : .other
-        case 4: return HTTP1Bytes.equalsLower(p, n, "host") ? .host : .other
+        case 4:
+            if HTTP1Bytes.equalsLower(p, n, "host") { return .host }
+            return HTTP1Bytes.equalsLower(p, n, "date") ? .date : .other
         case 6: return HTTP1Bytes.equalsLower(p, n, "expect") ? .expect : .other
         case 7:
             if HTTP1Bytes.equalsLower(p, n, "upgrade") { return .upgrade }

@@ -363,6 +363,7 @@ final class HTTP2ServerStream: ExchangeDownstream {
         // For a gRPC trailers-only answer (writeHead): grpc-status, and the first content-length.
         var grpcStatus = false
         var contentLength: String? = nil
+        var hasDate = false
         fields.bytes.withUnsafeReadableBytes { raw in
             let base = raw.bindMemory(to: UInt8.self).baseAddress!
             for (i, e) in fields.entries.enumerated() where !dropped.contains(i) {
@@ -376,6 +377,9 @@ final class HTTP2ServerStream: ExchangeDownstream {
                 case .contentLength:
                     if contentLength == nil { contentLength = value }
                     headers.add(name: "content-length", value: value)
+                case .date:
+                    hasDate = true
+                    headers.add(name: "date", value: value)
                 default:
                     let name = base + Int(e.nameStart), length = Int(e.nameLength)
                     if HTTP1Bytes.equalsLower(name, length, "grpc-status") { grpcStatus = true }
@@ -390,10 +394,13 @@ final class HTTP2ServerStream: ExchangeDownstream {
             case let kind:
                 let name = field.name.lowercased()
                 if kind == .contentLength && contentLength == nil { contentLength = field.value }
+                if kind == .date { hasDate = true }
                 if name == "grpc-status" { grpcStatus = true }
                 headers.add(name: name, value: field.value)
             }
         }
+        // RFC 9110 §6.6.1: the proxy dates a response its origin did not.
+        if !hasDate { headers.add(name: "date", value: loopContext.dateCache.current()) }
         // An HTTP/2 upstream's response reaches us as a rebuilt HTTP/1.1 head.
         let viaEntry = HeaderRewriting.viaEntry(http2: exchange.connection?.http2Stream != nil, http10: head.version.minor == 0)
         headers.add(name: "via", value: via.map { $0 + ", " + viaEntry } ?? viaEntry)
@@ -515,7 +522,7 @@ final class HTTP2ServerStream: ExchangeDownstream {
         if let trailers, trailers.count > 0 {
             releaseHeldFrame()
             var headers = HPACKHeaders()
-            for (i, e) in trailers.entries.enumerated() where e.known == .other {
+            for (i, e) in trailers.entries.enumerated() where e.known.forwardedInTrailers {
                 headers.add(name: trailers.name(at: i).lowercased(), value: trailers.value(at: i))
             }
             send(.headers(.init(headers: headers, endStream: true)), promise: promise)

@@ -36,7 +36,7 @@ enum HeadSerialization {
     /// Trailer fields to forward: framing and routing fields never belong
     /// in a trailer section (RFC 9110 §6.5.1), so they are dropped.
     static func writeTrailers(_ trailers: HTTP1Fields, into out: inout ByteBuffer) {
-        for (i, e) in trailers.entries.enumerated() where e.known == .other {
+        for (i, e) in trailers.entries.enumerated() where e.known.forwardedInTrailers {
             HTTP1HeadWriter.writeField(name: trailers.name(at: i), value: trailers.value(at: i), into: &out)
         }
     }
