@@ -8,8 +8,9 @@ import WeirCore
 /// The header fields are an `HTTP1Fields` index (original bytes plus
 /// offsets): the HTTP/1.1 framing hands over the parsed head without
 /// turning any header into a String; an HTTP/2 stream would build the same
-/// index over its decoded header list. `wire` is set when the head arrived
-/// as HTTP/1.1 bytes, so the upstream head can be written by range copy.
+/// index over its decoded header list (an HTTP/2 stream's head is rebuilt
+/// as HTTP/1.1 bytes and parsed), so the upstream head is always written by
+/// range copy from `wire`.
 /// A class: the exchange reads it many times per request, and a reference
 /// is one retain where this struct would be half a dozen.
 final class RequestHead {
@@ -17,14 +18,16 @@ final class RequestHead {
     let version: HTTPVersion
     /// The request target as received (origin or absolute form).
     let uri: String
-    let headers: HTTP1Fields
+    /// The wire head's fields (not a second stored copy: that would be two
+    /// more references to retain and release per request).
+    var headers: HTTP1Fields { wire.fields }
     /// The Host field's value (nil when absent, HTTP/1.0 only).
     let host: String?
     let isHTTP10: Bool
     /// The request came on an HTTP/2 stream (its head was rebuilt as
     /// HTTP/1.1 bytes for the parser, so `version` says 1.1): Via names 2.
     let receivedOverHTTP2: Bool
-    let wire: HTTP1RequestHead?
+    let wire: HTTP1RequestHead
 
     init(_ wire: HTTP1RequestHead, receivedOverHTTP2: Bool = false) {
         self.method = wire.method.nioMethod ?? HTTPMethod(rawValue: wire.methodString)
@@ -32,7 +35,6 @@ final class RequestHead {
         self.receivedOverHTTP2 = receivedOverHTTP2
         self.version = isHTTP10 ? .http1_0 : .http1_1
         self.uri = wire.target
-        self.headers = wire.fields
         self.host = wire.host
         self.wire = wire
     }

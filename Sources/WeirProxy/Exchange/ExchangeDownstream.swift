@@ -311,17 +311,18 @@ extension ExchangeDownstream {
     /// The upstream request head as bytes, whether it chunks its body, and
     /// the method the response answers (HEAD responses have no body).
     func serializeUpstreamHead(_ exchange: Exchange, on connection: UpstreamConnection) -> (ByteBuffer, chunked: Bool, method: HTTP1Method) {
-        let wire = exchange.head!.wire!
-        var out = connection.takeHeadBuffer(capacity: wire.bytes.readableBytes + 256)
+        // The head is read in place (`head.wire`), not copied into a local.
+        let head = exchange.head!
+        var out = connection.takeHeadBuffer(capacity: head.wire.bytes.readableBytes + 256)
         guard let plugins = exchange.plugins, plugins.upstreamHeadEdited else {
-            HTTP1HeadWriter.writeRequest(wire, edits: exchange.upstreamEdits!, into: &out)
-            return (out, exchange.framing.chunked, wire.method)
+            HTTP1HeadWriter.writeRequest(head.wire, edits: exchange.upstreamEdits!, into: &out)
+            return (out, exchange.framing.chunked, head.wire.method)
         }
         // Plugins may have changed the method or the framing (set_body).
         let method = plugins.upstreamMethod
-        HTTP1HeadWriter.writeRequest(wire, edits: exchange.upstreamEdits!, method: method, into: &out)
+        HTTP1HeadWriter.writeRequest(head.wire, edits: exchange.upstreamEdits!, method: method, into: &out)
         let chunked = exchange.upstreamEdits!.added.contains { $0.name.equalsIgnoringASCIICase("transfer-encoding") }
-        guard let method else { return (out, chunked, wire.method) }
+        guard let method else { return (out, chunked, head.wire.method) }
         return (out, chunked, method == "HEAD" ? .head : method == "CONNECT" ? .connect : .get)
     }
 
