@@ -73,6 +73,39 @@ final class HTTP1CodecTests: XCTestCase {
         XCTAssertFalse(head.expectsContinue)
     }
 
+    /// The parsers hand the previous head's field-entry storage to the next
+    /// head: a head still held elsewhere (a plugin, a log) keeps its own
+    /// entries, and a released one's storage is refilled correctly.
+    func testEntryStorageCarriedAcrossHeadsLeavesAKeptHeadIntact() throws {
+        var parser = HTTP1RequestParser()
+        var buffer = ByteBuffer(string: "GET /a HTTP/1.1\r\nHost: one\r\nX-A: 1\r\nX-B: 2\r\n\r\n"
+            + "GET /b HTTP/1.1\r\nHost: two\r\nX-C: 3\r\n\r\n"
+            + "GET /c HTTP/1.1\r\nHost: three\r\nX-D: 4\r\nX-E: 5\r\nX-F: 6\r\n\r\n")
+        let first = try XCTUnwrap(parser.parse(&buffer))
+        do {
+            let second = try XCTUnwrap(parser.parse(&buffer))   // `first` still alive: new storage
+            XCTAssertEqual(second.fields.count, 2)
+            XCTAssertEqual(second.fields.first(named: "x-c"), "3")
+        }
+        let third = try XCTUnwrap(parser.parse(&buffer))        // `second` gone: its storage refilled
+        XCTAssertEqual(first.fields.count, 3)
+        XCTAssertEqual(first.host, "one")
+        XCTAssertEqual(first.fields.first(named: "x-b"), "2")
+        XCTAssertEqual(third.fields.count, 4)
+        XCTAssertEqual(third.host, "three")
+        XCTAssertEqual((0..<third.fields.count).map { third.fields.name(at: $0) }, ["Host", "X-D", "X-E", "X-F"])
+
+        var responses = HTTP1ResponseParser()
+        var upstream = ByteBuffer(string: "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX-R: 1\r\n\r\n"
+            + "HTTP/1.1 204 No Content\r\nX-S: 2\r\n\r\n")
+        let ok = try XCTUnwrap(responses.parse(&upstream, requestMethod: .get))
+        let noContent = try XCTUnwrap(responses.parse(&upstream, requestMethod: .get))
+        XCTAssertEqual(ok.fields.first(named: "x-r"), "1")
+        XCTAssertEqual(ok.fields.count, 2)
+        XCTAssertEqual(noContent.fields.first(named: "x-s"), "2")
+        XCTAssertEqual(noContent.fields.count, 1)
+    }
+
     func testMethodsAndOtherTokens() throws {
         for (text, method) in [("GET", HTTP1Method.get), ("HEAD", .head), ("POST", .post), ("PUT", .put),
                                ("DELETE", .delete), ("OPTIONS", .options), ("PATCH", .patch), ("TRACE", .trace),

@@ -100,6 +100,8 @@ public struct HTTP1RequestParser: Sendable {
     public var limits: HTTP1Limits
     private var scanner = HTTP1HeadScanner(hasStartLine: true)
     private var skippedEmptyLines = 0
+    /// The last head's field-entry array, for the next head's (see `HTTP1EntryStorage`).
+    private var entryStorage = HTTP1EntryStorage()
 
     public init(limits: HTTP1Limits = HTTP1Limits()) { self.limits = limits }
 
@@ -124,12 +126,16 @@ public struct HTTP1RequestParser: Sendable {
         let fieldCount = scanner.fieldLines
         scanner.reset()
         skippedEmptyLines = 0
-        return try HTTP1RequestParser.parseHead(slice, fieldCount: fieldCount)
+        // `inout`: a by-value argument stays referenced by the caller during
+        // the call, and the first append would copy the storage.
+        var entries = entryStorage.take(capacity: fieldCount)
+        let head = try HTTP1RequestParser.parseHead(slice, entries: &entries)
+        entryStorage.keep(head.fields.entries)
+        return head
     }
 
-    static func parseHead(_ slice: ByteBuffer, fieldCount: Int) throws -> HTTP1RequestHead {
-        var entries: [HTTP1FieldEntry] = []
-        entries.reserveCapacity(fieldCount)
+    /// `entries`: empty storage to fill (see `HTTP1EntryStorage`).
+    static func parseHead(_ slice: ByteBuffer, entries: inout [HTTP1FieldEntry]) throws -> HTTP1RequestHead {
         var facts = HTTP1FramingFacts()
         let (method, methodLength, target, version, firstField) = try slice.withUnsafeReadableBytes { raw in
             let p = raw.bindMemory(to: UInt8.self).baseAddress!
@@ -236,6 +242,8 @@ func parseVersion(_ p: UnsafePointer<UInt8>, _ available: Int) throws -> HTTP1Ve
 public struct HTTP1ResponseParser: Sendable {
     public var limits: HTTP1Limits
     private var scanner = HTTP1HeadScanner(hasStartLine: true)
+    /// The last head's field-entry array, for the next head's (see `HTTP1EntryStorage`).
+    private var entryStorage = HTTP1EntryStorage()
 
     public init(limits: HTTP1Limits = HTTP1Limits()) { self.limits = limits }
 
@@ -246,12 +254,13 @@ public struct HTTP1ResponseParser: Sendable {
         let slice = buffer.readSlice(length: length)!
         let fieldCount = scanner.fieldLines
         scanner.reset()
-        return try HTTP1ResponseParser.parseHead(slice, fieldCount: fieldCount, requestMethod: requestMethod)
+        var entries = entryStorage.take(capacity: fieldCount)
+        let head = try HTTP1ResponseParser.parseHead(slice, entries: &entries, requestMethod: requestMethod)
+        entryStorage.keep(head.fields.entries)
+        return head
     }
 
-    static func parseHead(_ slice: ByteBuffer, fieldCount: Int, requestMethod: HTTP1Method) throws -> HTTP1ResponseHead {
-        var entries: [HTTP1FieldEntry] = []
-        entries.reserveCapacity(fieldCount)
+    static func parseHead(_ slice: ByteBuffer, entries: inout [HTTP1FieldEntry], requestMethod: HTTP1Method) throws -> HTTP1ResponseHead {
         var facts = HTTP1FramingFacts()
         let (version, status, reason) = try slice.withUnsafeReadableBytes { raw in
             let p = raw.bindMemory(to: UInt8.self).baseAddress!
@@ -306,5 +315,32 @@ public struct HTTP1ResponseParser: Sendable {
         return HTTP1ResponseHead(fields: HTTP1Fields(bytes: slice, entries: entries, connectionNamesOtherFields: facts.connectionNamesOthers), version: version,
                                  status: status, reasonRange: reason, framing: framing,
                                  keepAlive: keepAlive, facts: facts)
+    }
+}
+
+/// A parser's field-entry storage carried from one head to the next on the
+/// same connection: the parser keeps a second reference to the array it
+/// gave the last head, and by the next head that head (with its exchange)
+/// is usually gone, so the array is unshared and `removeAll(keepingCapacity:)`
+/// empties it in place: no array allocation per keep-alive request. If the
+/// old head is still alive (a plugin kept it), Swift's copy-on-write makes
+/// a new array instead, as before. Arrays above `keptCapacity` entries are
+/// not kept, so an idle connection holds at most ~1.5 KB for this.
+struct HTTP1EntryStorage: Sendable {
+    private var kept: [HTTP1FieldEntry] = []
+    static let keptCapacity = 64
+
+    /// Empty storage for `capacity` entries (the scanner's field-line count).
+    mutating func take(capacity: Int) -> [HTTP1FieldEntry] {
+        var entries: [HTTP1FieldEntry] = []
+        swap(&entries, &kept)
+        entries.removeAll(keepingCapacity: true)
+        entries.reserveCapacity(capacity)
+        return entries
+    }
+
+    /// Remembers the array a head now holds (no copy: one more reference).
+    mutating func keep(_ entries: [HTTP1FieldEntry]) {
+        if entries.capacity <= Self.keptCapacity { kept = entries }
     }
 }
