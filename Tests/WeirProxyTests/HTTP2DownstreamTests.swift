@@ -54,6 +54,17 @@ final class HTTP2DownstreamTests: UpstreamTestCase {
         XCTAssertEqual(seen.header("via"), "1.1 edge, 2 weir")
     }
 
+    /// RFC 9110 §6.6.1: the test upstream sends no Date; the proxy adds one.
+    func testResponseWithoutDateFromTheUpstreamGetsTheProxys() throws {
+        let proxy = try self.proxy()
+        defer { proxy.stop() }
+        let r = try curl(proxy.port, "/undated")
+        XCTAssertEqual(r.status, 0, r.err)
+        let dates = r.out.lowercased().components(separatedBy: "\r\n").filter { $0.hasPrefix("date: ") }
+        XCTAssertEqual(dates.count, 1, r.out)
+        XCTAssertTrue(dates.first?.hasSuffix(" gmt") == true, r.out)
+    }
+
     func testRequestBodyWithoutLengthGoesUpstreamChunkedAndTrailersBothWays() throws {
         try XCTSkipUnless(H2Script.available, "python3-h2 is not installed")
         let proxy = try self.proxy()
