@@ -162,7 +162,7 @@ extension ExchangeDownstream {
         if draining {
             exchange.keepAlive = false
         }
-        if let plugins = loopContext.plugins, let chain = plugins.chain(forRoute: routed.route.name) {
+        if let plugins = loopContext.plugins, let chain = plugins.chain(for: routed.route) {
             return startRequestPlugins(exchange, plugins: plugins, chain: chain, path: path, query: query)
         }
         startAttempt(exchange, excluding: nil)

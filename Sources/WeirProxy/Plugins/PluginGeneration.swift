@@ -132,7 +132,21 @@ final class LoopPlugins {
         return chains
     }
 
-    func chain(forRoute name: String) -> RouteChain? { routeChains[name] }
+    /// The last route asked for and its chain: consecutive requests on one
+    /// route find it by identity instead of hashing the route's name (~0.4k
+    /// instructions per request). Holding the route keeps its identity from
+    /// being reused by another object.
+    private var lastRoute: RouteRuntime?
+    private var lastRouteChain: RouteChain?
+
+    /// The chain of `route` (nil: the route runs no plugin).
+    func chain(for route: RouteRuntime) -> RouteChain? {
+        if route === lastRoute { return lastRouteChain }
+        let chain = routeChains[route.name]
+        lastRoute = route
+        lastRouteChain = chain
+        return chain
+    }
 
     /// This generation was replaced on this loop: its timers stop, its
     /// batch queues send what they hold (bounded by the runtime's
