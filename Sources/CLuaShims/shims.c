@@ -86,6 +86,7 @@ lua_State *weir_newstate(size_t bytes_limit, int hook_interval) {
 void weir_close(lua_State *L) {
     weir_state_info *st = weir_info(L);
     lua_close(L);
+    free(st->chain_marks);
     free(st);
 }
 

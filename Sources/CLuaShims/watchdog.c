@@ -245,6 +245,20 @@ void weir_watch_exit(weir_watch_token token, lua_State *L) {
     }
 }
 
+void weir_watch_restart(lua_State *L) {
+    weir_state_info *st = weir_info(L);
+    st->budget_remaining = st->budget_limit;
+    st->budget_exhausted = 0;
+    if (st->budget_armed) {
+        st->budget_armed = 0;
+        unhook(L);
+    }
+    // A signal already on its way for the previous plugin finds another
+    // epoch and does nothing (on_watchdog_signal).
+    weir_watch_slot *slot = my_slot;
+    if (slot != NULL) STORE(slot->epoch, slot->epoch + 1);
+}
+
 // MARK: - coroutine.resume / coroutine.wrap that tell the watchdog
 
 // Lua-created coroutines run inside a request's call; the watchdog must

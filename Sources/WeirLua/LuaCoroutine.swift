@@ -80,7 +80,10 @@ public final class LuaCoroutine {
             state.pop()
             isRunning = false
             isDead = true
-            return .failed(LuaError(state.expandChunkNames(message), traceback: traceback.replacingPrefix("stack traceback:\n")))
+            // The chain runner (CLuaShims/chain.c) is the C function at the
+            // bottom of a phase's coroutine: a line that names nothing.
+            let trimmed = traceback.replacingPrefix("stack traceback:\n").replacingSuffix("\n\t[C]: in ?")
+            return .failed(LuaError(state.expandChunkNames(message), traceback: trimmed))
         }
     }
 
@@ -98,5 +101,9 @@ public final class LuaCoroutine {
 extension String {
     func replacingPrefix(_ prefix: String) -> String {
         hasPrefix(prefix) ? String(dropFirst(prefix.count)) : self
+    }
+
+    func replacingSuffix(_ suffix: String) -> String {
+        hasSuffix(suffix) ? String(dropLast(suffix.count)) : self
     }
 }

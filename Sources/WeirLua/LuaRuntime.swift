@@ -119,6 +119,13 @@ public final class PluginChain {
     let entries: [Entry]
     /// Entries that implement each phase, indexed by PluginPhase.luaID.
     let byPhase: [[Entry]]
+    /// For the phases the chain runner runs (`PluginPhase.runsChainInOneResume`):
+    /// registry ref of a Lua list of byPhase's entries, 4 slots each
+    /// (function, handler, conf, takes ctx), by PluginPhase.luaID; LUA_NOREF
+    /// for the others (and for chains not made by `LuaRuntime.makeChain`).
+    var phaseLists: [Int32] = Array(repeating: LUA_NOREF, count: PluginPhase.slotCount)
+    /// Whether some entry's phase function declares ctx, by PluginPhase.luaID.
+    var phaseTakesCtx: [Bool] = Array(repeating: false, count: PluginPhase.slotCount)
     /// The runtime whose Lua state holds this chain's references.
     let owner: ObjectIdentifier?
     /// Plugin names in run order.
@@ -157,7 +164,8 @@ public final class LuaRuntime {
 
     /// The scope whose coroutine is running right now (set around every resume).
     var current: PluginRequest?
-    var currentPlugin: String = ""
+    /// The plugin whose code is running (for weir.log tags, timers, metrics events).
+    var currentPlugin: String { current?.runningPlugin ?? "" }
     var currentPhase: PluginPhase = .request
     private var phaseSerial = 0
     private var idleCoroutines: [LuaCoroutine] = []
@@ -178,6 +186,8 @@ public final class LuaRuntime {
         self.options = options
         self.library = library
         try installSDK(sdk)
+        // The chain runner records when each plugin starts only for an observer's histograms.
+        state.info.pointee.chain_timing = options.observer != nil ? 1 : 0
         if let library = library {
             for name in library.plugins.keys.sorted() {
                 compiled[name] = try compile(library.plugins[name]!)
@@ -358,7 +368,24 @@ public final class LuaRuntime {
             }
             entries.append(.init(plugin: plugin, confRef: state.ref(), recorders: recorders))
         }
-        return PluginChain(entries: entries, owner: self)
+        let chain = PluginChain(entries: entries, owner: self)
+        let L = state.main
+        for phase in PluginPhase.allCases where phase.runsChainInOneResume {
+            let phaseEntries = chain.byPhase[phase.luaID]
+            guard !phaseEntries.isEmpty else { continue }
+            lua_createtable(L, Int32(phaseEntries.count * 4), 0)
+            for (k, entry) in phaseEntries.enumerated() {
+                let slot = lua_Integer(k * 4)
+                state.pushRef(entry.plugin.phaseRefs[phase.luaID]); lua_rawseti(L, -2, slot + 1)
+                state.pushRef(entry.plugin.handlerRef); lua_rawseti(L, -2, slot + 2)
+                state.pushRef(entry.confRef); lua_rawseti(L, -2, slot + 3)
+                let takesCtx = entry.plugin.phaseTakesCtx[phase.luaID]
+                lua_pushboolean(L, takesCtx ? 1 : 0); lua_rawseti(L, -2, slot + 4)
+                if takesCtx { chain.phaseTakesCtx[phase.luaID] = true }
+            }
+            chain.phaseLists[phase.luaID] = state.ref()
+        }
+        return chain
     }
 
     // MARK: Requests and connections
@@ -424,9 +451,8 @@ public final class LuaRuntime {
     /// Publishes the phase (and, for the connection phase, the serial that
     /// conn handles check; for request phases the `weir.ctx` table) to the
     /// Lua SDK and marks `scope` current.
-    func enter(_ scope: PluginRequest, plugin: String, phase: PluginPhase, serial: Int) {
+    func enter(_ scope: PluginRequest, phase: PluginPhase, serial: Int) {
         current = scope
-        currentPlugin = plugin
         currentPhase = phase
         let ctxRef = phase == .connection || phase == .timer ? LUA_NOREF : scope.ctxRef
         let needsSerial = phase == .connection && serial != publishedSerial
@@ -475,7 +501,6 @@ public final class LuaRuntime {
 
     func leave() {
         current = nil
-        currentPlugin = ""
     }
 
     func pushConnHandle(serial: Int, dataRef: Int32, on thread: LuaThread) throws {
@@ -541,11 +566,11 @@ public final class LuaRuntime {
 
     var budget: BudgetSnapshot {
         get {
-            let info = weir_info(state.main)!
+            let info = state.info
             return BudgetSnapshot(remaining: info.pointee.budget_remaining, armed: info.pointee.budget_armed != 0)
         }
         set {
-            let info = weir_info(state.main)!
+            let info = state.info
             info.pointee.budget_limit = Int64(options.instructionBudget)
             info.pointee.budget_remaining = newValue.remaining
             info.pointee.budget_exhausted = 0

@@ -58,6 +58,8 @@ private let nativeDispatch: weir_dispatch_fn = { thread, context, functionID, yi
 /// caller sets per phase call (`setBudget`).
 public final class LuaState {
     public let main: LuaThread
+    /// The state's C bookkeeping (allocator, budget, chain runner); lives as long as the state.
+    let info: UnsafeMutablePointer<weir_state_info>
     fileprivate var natives: [NativeFunction] = []
     public let memoryLimit: Int
     /// Chunk names loaded so far, to undo Lua's truncation of long ones.
@@ -71,6 +73,7 @@ public final class LuaState {
             throw LuaError("cannot create a Lua state (out of memory)")
         }
         self.main = L
+        self.info = weir_info(L)
         self.memoryLimit = memoryLimit
         weir_set_dispatch(L, nativeDispatch, Unmanaged.passUnretained(self).toOpaque())
         luaL_openlibs(L)

@@ -22,6 +22,11 @@ public enum PluginPhase: String, CaseIterable, Sendable {
     }
     /// Size of arrays indexed by luaID.
     static let slotCount = 7
+
+    /// Whether a chain's plugins run in one resume through the C chain
+    /// runner (CLuaShims/chain.c). The connection phase (a conn handle made
+    /// per call) and timers (one function) start one call per resume.
+    var runsChainInOneResume: Bool { self != .connection && self != .timer }
 }
 
 /// One request as plugins see it. Implemented by the proxy for each

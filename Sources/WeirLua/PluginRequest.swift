@@ -38,6 +38,9 @@ public final class PluginRequest {
     private var phase: PluginPhase = .request
     private var entries: [PluginChain.Entry] = []
     private var index = 0
+    /// The chain runner's list of `entries` (LUA_NOREF: one call per resume).
+    private var listRef: Int32 = LUA_NOREF
+    private var listTakesCtx = false
     private var serial = 0
     private var savedBudget = LuaRuntime.BudgetSnapshot()
     /// Start of the current plugin call, when an observer wants timings.
@@ -62,6 +65,12 @@ public final class PluginRequest {
     }
 
     public var requestID: String? { context?.requestID }
+
+    /// The plugin whose phase function runs now (asked by natives).
+    var runningPlugin: String {
+        let i = listRef != LUA_NOREF ? Int(runtime.state.info.pointee.chain_entry) - 1 : index
+        return i >= 0 && i < entries.count ? entries[i].name : ""
+    }
 
     /// The per-request `weir.ctx` table, created on first use; pushed on `thread`.
     func pushCtx(on thread: LuaThread) {
@@ -97,8 +106,10 @@ public final class PluginRequest {
         self.index = 0
         self.exit = nil
         if entries.isEmpty { return .done(.continue) }
+        listRef = chain.phaseLists[phase.luaID]
+        listTakesCtx = chain.phaseTakesCtx[phase.luaID]
         // One clock read per plugin boundary: a call ends when the next begins.
-        if runtime.options.observer != nil { callStart = NIODeadline.now().uptimeNanoseconds }
+        if runtime.options.observer != nil { callStart = weir_monotonic_ns() }
         if let result = drive(resumeWith: nil) { return .done(result) }
         let promise = runtime.eventLoop!.makePromise(of: PhaseResult.self)
         self.promise = promise
@@ -147,14 +158,31 @@ public final class PluginRequest {
     }
 
     private func report(_ entry: PluginChain.Entry, _ outcome: PluginCallOutcome) {
-        guard let observer = runtime.options.observer else { return }
-        let now = NIODeadline.now().uptimeNanoseconds
-        let elapsed = now &- callStart
+        guard runtime.options.observer != nil else { return }
+        let now = weir_monotonic_ns()
+        record(entry, nanoseconds: now &- callStart, outcome)
         callStart = now // the next plugin of the chain starts here
+    }
+
+    /// Entries `range` ran to completion inside one resume of the chain
+    /// runner: each ended when the next one started (the runner's marks).
+    private func reportCompleted(_ range: Range<Int>) {
+        guard runtime.options.observer != nil, !range.isEmpty else { return }
+        let info = runtime.state.info.pointee
+        for k in range {
+            // Entry k is the runner's k + 1; its successor started at mark k + 2.
+            guard k + 2 < Int(info.chain_marks_capacity) else { break }
+            let next = info.chain_marks[k + 2]
+            record(entries[k], nanoseconds: next &- callStart, .completed)
+            callStart = next
+        }
+    }
+
+    private func record(_ entry: PluginChain.Entry, nanoseconds: UInt64, _ outcome: PluginCallOutcome) {
         if let recorder = entry.recorder(phase) {
-            recorder.record(nanoseconds: elapsed, outcome: outcome)
+            recorder.record(nanoseconds: nanoseconds, outcome: outcome)
         } else {
-            observer.pluginPhaseCompleted(plugin: entry.name, phase: phase, nanoseconds: elapsed, outcome: outcome)
+            runtime.options.observer?.pluginPhaseCompleted(plugin: entry.name, phase: phase, nanoseconds: nanoseconds, outcome: outcome)
         }
     }
 
@@ -163,41 +191,70 @@ public final class PluginRequest {
         return .failed(PluginFailure(plugin: entry.name, phase: phase, message: message, traceback: traceback))
     }
 
+    /// Pushes an async SDK call's results for the coroutine to resume with.
+    private func push(_ values: [AsyncValue], on thread: LuaThread) {
+        _ = lua_checkstack(thread, Int32(values.count + 2))
+        for value in values {
+            switch value {
+            case .value(let v): LuaState.push(v, on: thread)
+            case .bytes(let b): b.withUnsafeBufferPointer { p in
+                p.withMemoryRebound(to: CChar.self) { _ = lua_pushlstring(thread, $0.baseAddress, $0.count) }
+            }
+            case .httpResponse(let response):
+                lua_createtable(thread, 0, 3)
+                lua_pushinteger(thread, lua_Integer(response.status))
+                lua_setfield(thread, -2, "status")
+                pushHeaderTable(response.headers.map { (name: $0.0, value: $0.1) }, on: thread)
+                lua_setfield(thread, -2, "headers")
+                response.body.withUnsafeBufferPointer { p in
+                    p.withMemoryRebound(to: CChar.self) { _ = lua_pushlstring(thread, $0.baseAddress, $0.count) }
+                }
+                lua_setfield(thread, -2, "body")
+            case .pushed(let push): push(thread)
+            }
+        }
+    }
+
     /// Runs plugins from `index` on. Returns nil when suspended on `pending`.
+    /// A phase with a runner list runs its whole chain in one resume
+    /// (CLuaShims/chain.c); the runner's `chain_entry` says where it stopped
+    /// (exit, error, yield). Other phases start one phase function per resume.
     private func drive(resumeWith values: [AsyncValue]?) -> PhaseResult? {
         var resumeValues = values
         while index < entries.count {
-            let entry = entries[index]
             let co: LuaCoroutine
             if let existing = coroutine { co = existing } else { co = runtime.acquireCoroutine(); coroutine = co }
             let thread = co.thread
+            let info = runtime.state.info
+            let first = index
             let result: LuaCoroutine.ResumeResult
             if let values = resumeValues {
                 resumeValues = nil
-                _ = lua_checkstack(thread, Int32(values.count + 2))
-                for value in values {
-                    switch value {
-                    case .value(let v): LuaState.push(v, on: thread)
-                    case .bytes(let b): b.withUnsafeBufferPointer { p in
-                        p.withMemoryRebound(to: CChar.self) { _ = lua_pushlstring(thread, $0.baseAddress, $0.count) }
-                    }
-                    case .httpResponse(let response):
-                        lua_createtable(thread, 0, 3)
-                        lua_pushinteger(thread, lua_Integer(response.status))
-                        lua_setfield(thread, -2, "status")
-                        pushHeaderTable(response.headers.map { (name: $0.0, value: $0.1) }, on: thread)
-                        lua_setfield(thread, -2, "headers")
-                        response.body.withUnsafeBufferPointer { p in
-                            p.withMemoryRebound(to: CChar.self) { _ = lua_pushlstring(thread, $0.baseAddress, $0.count) }
-                        }
-                        lua_setfield(thread, -2, "body")
-                    case .pushed(let push): push(thread)
-                    }
-                }
+                push(values, on: thread)
                 runtime.budget = savedBudget
-                runtime.enter(self, plugin: entry.name, phase: phase, serial: serial)
+                runtime.enter(self, phase: phase, serial: serial)
+                // Another request's chain may have run on this state meanwhile.
+                info.pointee.chain_entry = Int32(index + 1)
                 result = co.resume(nargs: Int32(values.count))
+            } else if listRef != LUA_NOREF {
+                serial = runtime.nextPhaseSerial()
+                _ = lua_checkstack(thread, 6)
+                lua_pushcclosure(thread, weir_chain_runner, 0)
+                runtime.state.pushRef(listRef, on: thread)
+                // A consumer named by an auth plugin may switch the request
+                // phase's chain: then each plugin runs on its own (switchToConsumerChain).
+                let last = phase == .request && consumerChain != nil ? index + 1 : entries.count
+                lua_pushinteger(thread, lua_Integer(last))
+                if listTakesCtx { pushCtx(on: thread) } else { lua_pushnil(thread) }
+                lua_pushboolean(thread, phase == .request || phase == .response ? 1 : 0)
+                lua_pushinteger(thread, lua_Integer(index + 1))
+                if info.pointee.chain_timing != 0 { _ = weir_chain_reserve_marks(thread, Int32(entries.count + 2)) }
+                runtime.state.setBudget(runtime.options.instructionBudget)
+                runtime.enter(self, phase: phase, serial: serial)
+                info.pointee.chain_entry = Int32(index + 1)
+                result = co.start(nargs: 5)
             } else {
+                let entry = entries[index]
                 serial = runtime.nextPhaseSerial()
                 _ = lua_checkstack(thread, 4)
                 runtime.state.pushRef(entry.plugin.phaseRefs[phase.luaID], on: thread)
@@ -221,10 +278,17 @@ public final class PluginRequest {
                     }
                 }
                 runtime.state.setBudget(runtime.options.instructionBudget)
-                runtime.enter(self, plugin: entry.name, phase: phase, serial: serial)
+                runtime.enter(self, phase: phase, serial: serial)
                 result = co.start(nargs: nargs)
             }
             runtime.leave()
+            if listRef != LUA_NOREF {
+                // Plugins before the one it stopped in ran to completion.
+                let stopped = Int(info.pointee.chain_entry) - 1
+                reportCompleted(first..<stopped)
+                index = stopped
+            }
+            let entry = entries[index]
 
             switch result {
             case .finished(let count):
@@ -296,11 +360,15 @@ public final class PluginRequest {
         guard let chain = consumerChain?(consumer) else { return }
         let priority = entry.plugin.definition.priority
         let name = entry.name
-        entries = chain.byPhase[phase.luaID].filter {
+        // A chain is ordered by PRIORITY (descending), then name: the
+        // plugins after this one's turn are a suffix of the consumer's chain.
+        entries = chain.byPhase[phase.luaID]
+        index = entries.firstIndex {
             let p = $0.plugin.definition.priority
             return p < priority || (p == priority && $0.name > name)
-        }
-        index = 0
+        } ?? entries.count
+        listRef = chain.phaseLists[phase.luaID]
+        listTakesCtx = chain.phaseTakesCtx[phase.luaID]
     }
 
     /// Runs a timer callback as a one-entry chain in the `.timer` phase.

@@ -47,6 +47,11 @@ typedef struct weir_state_info {
     int hook_interval;         // instructions between hook calls once armed (0: no budgets)
     weir_dispatch_fn dispatch;
     void *context;             // the Swift LuaState (unretained)
+    // The chain runner (chain.c):
+    int chain_entry;           // 1-based list index of the plugin it ran last
+    int chain_timing;          // record each plugin's start in chain_marks
+    int chain_marks_capacity;
+    uint64_t *chain_marks;     // [i]: CLOCK_MONOTONIC ns when entry i started (freed by weir_close)
 } weir_state_info;
 
 /// Creates a state with the capped allocator and the panic handler
@@ -81,6 +86,22 @@ int weir_watchdog_signal(void);
 /// that run many runaway scripts shorten it, and put it back.
 #define WEIR_WATCHDOG_DEFAULT_TICK_NS 10000000
 void weir_watchdog_set_tick(uint64_t nanoseconds);
+
+/// The chain runner (a lua_CFunction; chain.c). Called on a coroutine as
+/// runner(list, last, ctx, check_exit, first): runs entries first...last of
+/// `list` (4 slots per entry: function, self, conf, whether it takes ctx),
+/// each as fn(self, conf[, ctx]). Returns nothing when all ran, or the 3
+/// results of the plugin that returned a non-nil first one (check_exit).
+/// `chain_entry` names the entry it stopped in (exit, error or yield).
+int weir_chain_runner(lua_State *L);
+/// CLOCK_MONOTONIC in nanoseconds (the clock of chain_marks).
+uint64_t weir_monotonic_ns(void);
+/// Makes room for `count` start times in chain_marks. 0 if out of memory.
+int weir_chain_reserve_marks(lua_State *L, int count);
+/// Called by the runner as each plugin starts: a fresh instruction budget
+/// (unhooked, not armed) and a new watchdog epoch, so a plugin after one
+/// that ran long is timed from its own start.
+void weir_watch_restart(lua_State *L);
 
 /// Pushes a C closure that forwards to the Swift dispatcher with `function_id`.
 void weir_push_native(lua_State *L, int function_id);
