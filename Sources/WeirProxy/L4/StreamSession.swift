@@ -500,11 +500,11 @@ final class StreamSideHandler: ChannelInboundHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        let buffer = unwrapInboundIn(data)
-        guard let relayTo else { return session?.received(buffer, from: self) ?? () }
-        bytesRelayed &+= buffer.readableBytes
-        liveBytes?.wrappingIncrement(by: buffer.readableBytes, ordering: .relaxed)
-        relayTo.write0(NIOAny(buffer), promise: nil)
+        guard let relayTo else { return session?.received(unwrapInboundIn(data), from: self) ?? () }
+        let count = unwrapInboundIn(data).readableBytes
+        bytesRelayed &+= count
+        liveBytes?.wrappingIncrement(by: count, ordering: .relaxed)
+        relayTo.write0(data, promise: nil)      // the read's NIOAny as it is: no re-wrapping
     }
 
     /// The end of a read burst: one flush for what it relayed, and the next
