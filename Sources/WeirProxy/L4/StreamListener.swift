@@ -17,6 +17,9 @@ import Glibc
 //            target on failure (passive health counts it)
 //          ─ replay the buffered bytes, then relay both ways
 //
+// - The relay: each StreamSideHandler hands a read straight to the other
+//   side's channel core (write0, one flush0 per read burst, then read0 to
+//   re-arm its own read): no session call and no pipeline walk per chunk.
 // - Backpressure: a side reads only while the other side is writable
 //   (autoRead switched on the writability changes, nothing per chunk).
 // - Half-close: a FIN from one side is passed on as a FIN (shutdown of the
