@@ -19,9 +19,10 @@
 # haproxy-tcp (HTTP through an L4 proxy: the tcp-rps case, small messages;
 # use --connections 64 as that case does) and weir-https vs nginx-https
 # (keep-alive HTTPS, TLS 1.3, a throwaway certificate; --connections 32).
-# weir-h2c is driven by h2load instead of wrk (4 connections x 100
-# concurrent streams, cleartext HTTP/2 with prior knowledge, as
-# run-protocols.sh's h2c case; --connections does not apply).
+# weir-h2c (and nginx-h2c, run-protocols.sh's nginx `http2` server) is
+# driven by h2load instead of wrk (4 connections x 100 concurrent streams,
+# cleartext HTTP/2 with prior knowledge, as run-protocols.sh's h2c case;
+# --connections does not apply).
 #
 # --cache-sim also runs callgrind's cache simulation (first-level and
 # last-level, sized like this machine's) and reports data and instruction
@@ -33,7 +34,7 @@
 # --steady counts requests on already-open connections only: one wrk run
 # keeps its connections through warm-up and the counted window, and the
 # requests in the window are read from the origin's stub_status (one
-# origin request per proxied request: not for weir-h2c or the extauthz
+# origin request per proxied request: not for the h2c or the extauthz
 # variants, whose proxies call the origin twice). Without it the counted
 # wrk run opens its connections inside the window, so at 256 connections
 # the accept and connection set-up cost (~60 k instructions per connection
@@ -41,7 +42,7 @@
 #
 #   bench/callgrind.sh [--no-build] [--steady] [--cache-sim] [--proxy weir|weir-noop|weir-lua|weir-observe|weir-h2up|weir-h2c|weir-auth-local|
 #                                            weir-auth-redis|weir-tcp|weir-https|weir-extauthz|weir-extauthz-close|
-#                                            nginx|nginx-lua|nginx-lua-auth|nginx-https|haproxy|haproxy-tcp]
+#                                            nginx|nginx-lua|nginx-lua-auth|nginx-https|nginx-h2c|haproxy|haproxy-tcp]
 #                      [--duration S] [--connections N]
 set -uo pipefail
 
@@ -79,6 +80,7 @@ case "$PROXY" in
     weir-tcp) PORT=$WEIR_TCP_PORT ;;
     weir-https) PORT=$WEIR_HTTPS_PORT ;;
     nginx-https) PORT=$NGINX_HTTPS_PORT ;;
+    nginx-h2c) PORT=$NGINX_H2C_PORT ;;
     haproxy-tcp) PORT=$HAPROXY_TCP_PORT ;;
     weir-extauthz) PORT=$WEIR_EXTAUTHZ_PORT ;;   # ext-authz: one weir.http call per request
     weir-extauthz-close) PORT=$WEIR_EXTAUTHZ_CLOSE_PORT ;;   # the same, a new connection per call
@@ -86,14 +88,14 @@ case "$PROXY" in
     nginx) PORT=$NGINX_PORT ;;
     nginx-lua) PORT=$NGINX_LUA_PORT ;;
     haproxy) PORT=$HAPROXY_PORT ;;
-    *) die "unknown proxy '$PROXY' (known: weir, weir-noop, weir-lua, weir-observe, weir-h2up, weir-h2c, weir-auth-local, weir-auth-redis, weir-tcp, weir-https, weir-extauthz, weir-extauthz-close, nginx, nginx-lua, nginx-lua-auth, nginx-https, haproxy, haproxy-tcp)" ;;
+    *) die "unknown proxy '$PROXY' (known: weir, weir-noop, weir-lua, weir-observe, weir-h2up, weir-h2c, weir-auth-local, weir-auth-redis, weir-tcp, weir-https, weir-extauthz, weir-extauthz-close, nginx, nginx-lua, nginx-lua-auth, nginx-https, nginx-h2c, haproxy, haproxy-tcp)" ;;
 esac
 # The HTTPS variants are asked over TLS with the run's own certificate.
 URL="http://127.0.0.1:$PORT/"
 CURL_ARGS=()
 case "$PROXY" in
     *-https) URL="https://127.0.0.1:$PORT/"; CURL_ARGS=(--cacert "$RUN_DIR/tls/cert.pem") ;;
-    weir-h2c) CURL_ARGS=(--http2-prior-knowledge) ;;
+    *-h2c) CURL_ARGS=(--http2-prior-knowledge) ;;
 esac
 
 require_tools nginx wrk h2load curl valgrind callgrind_control callgrind_annotate python3 ss
@@ -119,7 +121,7 @@ VALGRIND=(valgrind --tool=callgrind --instr-atstart=no --demangle=no --callgrind
 [[ "$PROXY" == weir* ]] && [ "$BUILD" -eq 1 ] && build_weir
 
 start_origin
-case "$PROXY" in *-https) make_test_certificate ;; esac
+case "$PROXY" in *-https|nginx-h2c) make_test_certificate ;; esac
 if [ "$PROXY" = weir-auth-redis ]; then
     port_in_use "$REDIS_PORT" && die "127.0.0.1:$REDIS_PORT is already in use"
     start_redis || die "redis-server is not installed (apt-get install redis-server)"
@@ -154,8 +156,8 @@ case "$PROXY" in
             -g "daemon off; master_process off;" > "$RUN_DIR/logs/$PROXY.out" 2>&1 &
         PROXY_PID=$!
         ;;
-    nginx-https)
-        # run-protocols.sh's nginx (HTTPS, h2c and grpc_pass servers): only the HTTPS one gets load.
+    nginx-https|nginx-h2c)
+        # run-protocols.sh's nginx (HTTPS, h2c and grpc_pass servers): only the measured one gets load.
         render_template nginx-protocols.conf "$RUN_DIR/nginx-protocols.conf"
         $(pin "$PROXY_CPU") "${VALGRIND[@]}" nginx -p "$RUN_DIR" -e "$RUN_DIR/logs/nginx-protocols-error.log" \
             -c "$RUN_DIR/nginx-protocols.conf" -g "daemon off; master_process off;" > "$RUN_DIR/logs/nginx-https.out" 2>&1 &
@@ -174,7 +176,7 @@ wait_for_port "$PORT" 90 || die "$PROXY did not listen on 127.0.0.1:$PORT under 
 problem=$(verify_proxies_to_origin "$PROXY" "$PORT" "$URL" "${CURL_ARGS[@]}") || die "$PROXY does not proxy to the origin: $problem"
 
 wrk_for() { # SECONDS
-    if [ "$PROXY" = weir-h2c ]; then
+    if [[ "$PROXY" == *-h2c ]]; then
         # A fixed number of requests (~250/s under valgrind), not a
         # duration: h2load stopped by time resets the ~400 streams in
         # flight, whose aborted exchanges (and the upstream connections
@@ -198,7 +200,7 @@ origin_requests() {
 
 if [ "$STEADY" -eq 1 ]; then
     case "$PROXY" in
-        weir-h2c|weir-extauthz|weir-extauthz-close) die "--steady counts origin requests: not for $PROXY" ;;
+        *-h2c|weir-extauthz|weir-extauthz-close) die "--steady counts origin requests: not for $PROXY" ;;
     esac
     # One wrk run: 3 s warm-up, the counted window, and a tail so that the
     # connections stay busy until the dump.
