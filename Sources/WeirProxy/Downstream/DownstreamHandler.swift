@@ -640,11 +640,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
         // Ready for the next request on this connection.
         context.flush()
         // The next request's upstream edits reuse this one's array storage.
-        // Not with plugins: a log-phase handler may still read the edits.
-        if exchange.plugins == nil, exchange.upstreamEdits != nil {
-            swap(&spareUpstreamFields, &exchange.upstreamEdits!.added)
-            spareUpstreamFields.removeAll(keepingCapacity: true)
-        }
+        recycleUpstreamFields(of: exchange, into: &spareUpstreamFields)
         armConnectionTimer(header: false)
         // Pipelined requests already read are parsed now (re-entrant calls
         // from inside processInbound return: its loop carries on).

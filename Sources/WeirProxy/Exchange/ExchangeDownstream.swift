@@ -32,8 +32,7 @@ protocol ExchangeDownstream: AnyObject, UpstreamConnectionDelegate {
     /// The connection-phase plugin scope, if any.
     var connectionPlugins: ConnectionPlugins? { get set }
     /// Emptied storage for the next request's added upstream fields (a
-    /// keep-alive connection hands its finished exchange's array back, see
-    /// DownstreamHandler.exchangeFinished); none by default.
+    /// finished exchange's array is handed back: `recycleUpstreamFields`).
     var spareUpstreamFields: [HTTP1AddedField] { get set }
     /// The TLS session of an https connection; nil on plain ones.
     var tls: TLSConnectionInfo? { get }
@@ -85,10 +84,13 @@ extension ExchangeDownstream {
     /// chunked one would need the codec's help): the connection just closes.
     func endGRPCResponseWithStatus(_ status: GRPCStatusCode, message: String) -> Bool { false }
 
-    /// An HTTP/2 stream carries one request: nothing to reuse.
-    var spareUpstreamFields: [HTTP1AddedField] {
-        get { [] }
-        set {}
+    /// Hands a finished exchange's added-upstream-field array, emptied, to
+    /// `spare` for a next request (saves its allocation). Not with plugins:
+    /// a log-phase handler may still read the edits.
+    func recycleUpstreamFields(of exchange: Exchange, into spare: inout [HTTP1AddedField]) {
+        guard exchange.plugins == nil, exchange.upstreamEdits != nil else { return }
+        swap(&spare, &exchange.upstreamEdits!.added)
+        spare.removeAll(keepingCapacity: true)
     }
 
     // MARK: - Request start

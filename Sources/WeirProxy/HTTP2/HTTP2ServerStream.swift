@@ -71,8 +71,22 @@ final class HTTP2ServerStream: ExchangeDownstream {
     private static let outboundHighWater = 64 * 1024
     /// A frame not written yet, to carry END_STREAM if the response ends
     /// next (HEADERS or DATA + END_STREAM instead of an extra empty DATA).
-    /// Written before the connection's next flush at the latest.
-    private var heldFrame: HTTP2Frame.FramePayload?
+    /// Written before the connection's next flush at the latest. Kept as
+    /// its parts: the nio-http2 payload is made once, with its END_STREAM
+    /// flag (setting it afterwards copied a DATA payload's storage).
+    private var heldFrame: HeldFrame?
+
+    private enum HeldFrame {
+        case headers(HPACKHeaders)
+        case data(ByteBuffer)
+
+        func payload(endStream: Bool) -> HTTP2Frame.FramePayload {
+            switch self {
+            case .headers(let headers): return .headers(.init(headers: headers, endStream: endStream))
+            case .data(let data): return .data(.init(data: .byteBuffer(data), endStream: endStream))
+            }
+        }
+    }
 
     init(connection: HTTP2DownstreamConnection, streamID: HTTP2StreamID) {
         self.connection = connection
@@ -95,6 +109,11 @@ final class HTTP2ServerStream: ExchangeDownstream {
     }
     var allocator: ByteBufferAllocator { connection.context.channel.allocator }
     var eventLoop: EventLoop { connection.context.eventLoop }
+    /// The connection's one spare array, for whichever stream starts next.
+    var spareUpstreamFields: [HTTP1AddedField] {
+        get { connection.spareUpstreamFields }
+        set { connection.spareUpstreamFields = newValue }
+    }
     var downstreamIsWritable: Bool {
         outboundWritten - outboundConfirmed < Self.outboundHighWater && connection.isWritable
     }
@@ -125,12 +144,12 @@ final class HTTP2ServerStream: ExchangeDownstream {
     func releaseHeldFrame() {
         guard let frame = heldFrame else { return }
         heldFrame = nil
-        send(frame)
+        send(frame.payload(endStream: false))
     }
 
-    private func hold(_ payload: HTTP2Frame.FramePayload) {
+    private func hold(_ frame: HeldFrame) {
         if heldFrame == nil { connection.holdingFrame(self) } else { releaseHeldFrame() }
-        heldFrame = payload
+        heldFrame = frame
     }
 
     // MARK: - Reading from the client
@@ -468,7 +487,7 @@ final class HTTP2ServerStream: ExchangeDownstream {
             send(.headers(.init(headers: headers, endStream: true)))
         } else {
             // Held: an empty body's end becomes this frame's END_STREAM.
-            hold(.headers(.init(headers: headers)))
+            hold(.headers(headers))
         }
     }
 
@@ -504,7 +523,7 @@ final class HTTP2ServerStream: ExchangeDownstream {
             return
         }
         // Held: if the response ends next, this frame carries END_STREAM.
-        hold(.data(.init(data: .byteBuffer(data))))
+        hold(.data(data))
     }
 
     private func outboundConfirmed(upTo mark: Int) {
@@ -529,17 +548,7 @@ final class HTTP2ServerStream: ExchangeDownstream {
         } else if let held = heldFrame {
             // HEADERS or the last DATA carries END_STREAM: no extra frame.
             heldFrame = nil
-            switch held {
-            case .headers(var headers):
-                headers.endStream = true
-                send(.headers(headers), promise: promise)
-            case .data(var data):
-                data.endStream = true
-                send(.data(data), promise: promise)
-            default:
-                send(held)
-                send(.data(.init(data: .byteBuffer(ByteBuffer()), endStream: true)), promise: promise)
-            }
+            send(held.payload(endStream: true), promise: promise)
         } else {
             send(.data(.init(data: .byteBuffer(ByteBuffer()), endStream: true)), promise: promise)
         }
@@ -605,6 +614,9 @@ final class HTTP2ServerStream: ExchangeDownstream {
 
     func exchangeFinished(_ exchange: Exchange, afterWrite: EventLoopFuture<Void>?) {
         connection.flushSoon()
+        if connection.spareUpstreamFields.capacity == 0 {
+            recycleUpstreamFields(of: exchange, into: &connection.spareUpstreamFields)
+        }
         guard !clientEnded else { return }   // both sides ended: the stream closes by itself
         // The response is out before the request's end: reset the rest
         // (RFC 9113 §8.1: NO_ERROR, the client stops sending). After the
