@@ -126,8 +126,26 @@ private func badArgument(_ L: LuaThread) -> NativeReturn {
 private func headerValue(at index: Int32, on L: LuaThread) -> String? {
     switch lua_type(L, index) {
     case LUA_TSTRING: return LuaState.string(at: index, on: L)
-    case LUA_TNUMBER where lua_isinteger(L, index) != 0: return String(lua_tointegerx(L, index, nil))
+    case LUA_TNUMBER where lua_isinteger(L, index) != 0: return decimalText(lua_tointegerx(L, index, nil))
     default: return nil
+    }
+}
+
+/// An integer as decimal text, digits written backwards into a small
+/// buffer: `String(Int)` goes through the generic description path (~340
+/// instructions), and rate-limiting writes two counts per request.
+private func decimalText(_ value: lua_Integer) -> String {
+    if value == .min { return String(value) }                      // its magnitude does not fit
+    var magnitude = value < 0 ? -value : value
+    return withUnsafeTemporaryAllocation(of: UInt8.self, capacity: 20) { buffer in
+        var start = 20
+        repeat {
+            start -= 1
+            buffer[start] = 0x30 + UInt8(truncatingIfNeeded: magnitude % 10)
+            magnitude /= 10
+        } while magnitude > 0
+        if value < 0 { start -= 1; buffer[start] = 0x2d }
+        return String(decoding: UnsafeBufferPointer(rebasing: buffer[start..<20]), as: UTF8.self)
     }
 }
 
@@ -183,6 +201,9 @@ extension LuaRuntime {
 
     func makeNatives() -> [(String, NativeFunction)] {
         var n: [(String, NativeFunction)] = []
+        // The hot header natives' names (see HeaderNameCache); the closures
+        // live exactly as long as this state.
+        let headerNames = HeaderNameCache()
 
         // Per-request and per-connection tables.
         n.append(("ctx", requestNative("weir.ctx") { [unowned(unsafe) self] L, scope, _ in
@@ -203,7 +224,7 @@ extension LuaRuntime {
         n.append(("req_get_id", requestNative("weir.request.get_id") { L, _, r in LuaState.push(r.requestID, on: L); return .values(1) }))
         n.append(("req_get_route", requestNative("weir.request.get_route") { L, _, r in pushOptional(r.matchedRouteName, on: L); return .values(1) }))
         n.append(("req_get_header", requestNative("weir.request.get_header") { L, _, r in
-            guard let name = LuaState.headerName(at: 1, on: L) else { return badArgument(L) }
+            guard let name = headerNames.name(at: 1, on: L) else { return badArgument(L) }
             pushOptional(r.requestHeader(name), on: L)
             return .values(1)
         }))
@@ -226,7 +247,7 @@ extension LuaRuntime {
         }))
         func setter(_ fname: String, _ apply: @escaping (PluginRequestContext, String, String) -> Void) -> NativeFunction {
             requestNative(fname) { L, _, r in
-                guard let name = LuaState.headerName(at: 1, on: L), let value = headerValue(at: 2, on: L) else {
+                guard let name = headerNames.name(at: 1, on: L), let value = headerValue(at: 2, on: L) else {
                     return badArgument(L)
                 }
                 apply(r, name, value)
@@ -236,7 +257,7 @@ extension LuaRuntime {
         n.append(("up_set_header", setter("weir.upstream.request.set_header") { $0.setUpstreamHeader($1, $2) }))
         n.append(("up_add_header", setter("weir.upstream.request.add_header") { $0.addUpstreamHeader($1, $2) }))
         n.append(("up_clear_header", requestNative("weir.upstream.request.clear_header") { L, _, r in
-            guard let name = LuaState.headerName(at: 1, on: L) else { return badArgument(L) }
+            guard let name = headerNames.name(at: 1, on: L) else { return badArgument(L) }
             r.clearUpstreamHeader(name); return .values(0)
         }))
         n.append(("up_set_path", requestNative("weir.upstream.request.set_path") { L, _, r in
@@ -302,7 +323,7 @@ extension LuaRuntime {
             guard top % 2 == 0 else { return badArgument(L) }
             var i: Int32 = 1
             while i < top {
-                guard let name = LuaState.headerName(at: i, on: L), let value = headerValue(at: i + 1, on: L) else {
+                guard let name = headerNames.name(at: i, on: L), let value = headerValue(at: i + 1, on: L) else {
                     return badArgument(L)
                 }
                 r.setResponseHeader(name, value)

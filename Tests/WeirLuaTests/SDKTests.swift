@@ -123,6 +123,9 @@ final class SDKTests: XCTestCase {
         }
         -- what the natives take as is, and what the Lua side converts
         weir.upstream.request.set_header("x-int", 42)
+        weir.upstream.request.set_header("x-neg", -1234567890123)
+        weir.upstream.request.set_header("x-min", math.mininteger)
+        weir.upstream.request.set_header("x-zero", 0)
         weir.upstream.request.set_header("x-float", 0.1)
         weir.response.set_header("x-float", 1 / 3)
         weir.response.set_headers("x-one", "1", "x-two", 2, "x-three", 3.0)
@@ -157,7 +160,7 @@ final class SDKTests: XCTestCase {
             XCTAssertTrue(line.hasSuffix(message), "\(line) should end with \(message)")
             XCTAssertTrue(line.hasPrefix("probe/handler.lua:") || line.contains("/probe/handler.lua:"), line)
         }
-        XCTAssertEqual(req.upstreamHeaders.map { "\($0.0)=\($0.1)" }, ["x-int=42", "x-float=0.1"])
+        XCTAssertEqual(req.upstreamHeaders.map { "\($0.0)=\($0.1)" }, ["x-int=42", "x-neg=-1234567890123", "x-min=-9223372036854775808", "x-zero=0", "x-float=0.1"])
         XCTAssertEqual(req.response.filter { $0.name != "content-type" }.map { "\($0.name)=\($0.value)" },   // the exit body's
                        ["x-a=1", "x-float=0.33333333333333", "x-one=1", "x-two=2", "x-three=3.0"])
         XCTAssertEqual(req.consumer, "alice")

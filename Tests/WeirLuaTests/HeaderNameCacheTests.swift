@@ -1,0 +1,40 @@
+import CLua
+import CLuaShims
+import XCTest
+@testable import WeirLua
+
+/// HeaderNameCache hands out the lower-cased name of whatever string is at
+/// the index, cached or not: repeated, upper-case, colliding and long names,
+/// and a string a collection left at a recycled address.
+final class HeaderNameCacheTests: XCTestCase {
+    func testNamesAreAlwaysTheStringsOwn() throws {
+        let state = try LuaState()
+        let L = state.main
+        let cache = HeaderNameCache()
+        func name(_ s: String) -> String? {
+            LuaState.push(s, on: L)
+            defer { weir_pop(L, 1) }
+            return cache.name(at: -1, on: L)
+        }
+        XCTAssertEqual(name("x-ratelimit-limit-minute"), "x-ratelimit-limit-minute")
+        XCTAssertEqual(name("x-ratelimit-limit-minute"), "x-ratelimit-limit-minute", "a hit")
+        XCTAssertEqual(name("X-Api-Key"), "x-api-key")
+        XCTAssertEqual(name("X-Api-Key"), "x-api-key", "upper case: built again, same answer")
+        let long = "x-" + String(repeating: "long-name-", count: 6)
+        XCTAssertEqual(name(long), long)
+        // More names than slots, twice over: collisions replace entries, never mix them up.
+        for round in 0..<2 {
+            for i in 0..<200 { XCTAssertEqual(name("x-h\(i)"), "x-h\(i)", "round \(round)") }
+        }
+        // Strings freed and new ones made (likely at recycled addresses): each still reads as itself.
+        for i in 0..<50 {
+            _ = name("x-old-\(i)")
+            try state.load("collectgarbage()", chunkName: "gc")
+            try state.pcall(nargs: 0, nresults: 0)
+            XCTAssertEqual(name("x-new-\(i)"), "x-new-\(i)")
+        }
+        lua_pushinteger(L, 5)
+        XCTAssertNil(cache.name(at: -1, on: L), "not a string")
+        weir_pop(L, 1)
+    }
+}
