@@ -57,13 +57,17 @@ final class RouteRuntime: Sendable {
 final class RoutedRequest {
     let route: RouteRuntime
     let upstream: UpstreamRuntime
-    /// Path after strip_path / rewrite_path, with the original query appended.
-    let forwardURI: String
+    /// Path after strip_path / rewrite_path, with the original query
+    /// appended; nil when that is the client's request target as received
+    /// (then the upstream request line is copied as is, and one shared
+    /// `RoutedRequest` per route serves every such request: see
+    /// `LoopContext.route`).
+    let forwardURI: String?
     /// The routing generation the request started on: its balancers and
     /// pools serve every attempt, even after a reload swapped in another.
     let routing: LoopRouting
 
-    init(route: RouteRuntime, upstream: UpstreamRuntime, forwardURI: String, routing: LoopRouting) {
+    init(route: RouteRuntime, upstream: UpstreamRuntime, forwardURI: String?, routing: LoopRouting) {
         self.route = route
         self.upstream = upstream
         self.forwardURI = forwardURI
@@ -134,16 +138,6 @@ final class LoopRouting {
         self.runtime = runtime
         self.pools = pools
         self.balancers = runtime.upstreams.map { makeBalancer(for: $0.config, health: $0.health) }
-    }
-
-    /// `path` is normalized and without query; `query` is empty or starts with `?`.
-    func route(method: HTTPMethod, host: String, path: String, query: Substring, headers: HTTP1Fields) -> RoutedRequest? {
-        guard let match = runtime.routeTable.matchIndex(method: method.rawValue, host: host, path: path,
-                                                        headers: FieldsHeaderLookup(fields: headers)) else { return nil }
-        var forward = match.forwardPath
-        if !query.isEmpty { forward += query }
-        return RoutedRequest(route: runtime.routes[match.routeIndex], upstream: runtime.upstream(forRoute: match.routeIndex),
-                             forwardURI: forward, routing: self)
     }
 
     func pickTarget(upstream: UpstreamRuntime, headers: HTTP1Fields, clientIP: String, excluding: Int?) -> Int? {
@@ -231,7 +225,13 @@ final class LoopContext: @unchecked Sendable {
     /// The `Date` value for responses the proxy writes itself.
     let dateCache = HTTPDateCache()
     /// The routing new requests use; swapped on the loop by a reload.
-    private(set) var routing: LoopRouting
+    private(set) var routing: LoopRouting {
+        didSet { routedAsReceived = Array(repeating: nil, count: routing.runtime.routes.count) }
+    }
+    /// Per route of `routing`, the `RoutedRequest` of requests forwarded with
+    /// their own target (`forwardURI` nil), made on first use: no object per
+    /// request. Held here, not by `LoopRouting`, which each of them refers to.
+    private var routedAsReceived: [RoutedRequest?] = []
     var runtime: ProxyRuntime { routing.runtime }
     /// Every live target pool, by target address and pool settings: a
     /// reload that keeps a target keeps its pool and so its warm
@@ -256,7 +256,32 @@ final class LoopContext: @unchecked Sendable {
         self.logger = logger
         var pools: [String: TargetPool] = [:]
         self.routing = LoopRouting(runtime: runtime, pools: Self.pools(for: runtime, loop: loop, reusing: [:], into: &pools))
+        self.routedAsReceived = Array(repeating: nil, count: runtime.routes.count)
         self.poolsByKey = pools
+    }
+
+    /// The route for a request, on the current routing. `path` is normalized
+    /// and without query; `query` is empty or starts with `?`;
+    /// `targetIsPathAndQuery`: the client's request target is exactly `path`
+    /// + `query` (origin-form, normalizing changed nothing), so a route that
+    /// forwards the path unchanged forwards that target as is.
+    func route(method: HTTPMethod, host: String, path: String, query: Substring, headers: HTTP1Fields,
+               targetIsPathAndQuery: Bool) -> RoutedRequest? {
+        let routing = self.routing
+        let runtime = routing.runtime
+        guard let match = runtime.routeTable.matchIndex(method: method.rawValue, host: host, path: path,
+                                                        headers: FieldsHeaderLookup(fields: headers)) else { return nil }
+        if targetIsPathAndQuery && match.forwardPath == path {
+            if let shared = routedAsReceived[match.routeIndex] { return shared }
+            let shared = RoutedRequest(route: runtime.routes[match.routeIndex], upstream: runtime.upstream(forRoute: match.routeIndex),
+                                       forwardURI: nil, routing: routing)
+            routedAsReceived[match.routeIndex] = shared
+            return shared
+        }
+        var forward = match.forwardPath
+        if !query.isEmpty { forward += query }
+        return RoutedRequest(route: runtime.routes[match.routeIndex], upstream: runtime.upstream(forRoute: match.routeIndex),
+                             forwardURI: forward, routing: routing)
     }
 
     private static func poolKey(_ upstream: UpstreamConfig, _ target: TargetConfig) -> String {

@@ -37,6 +37,37 @@ final class ProxyForwardingTests: XCTestCase {
         XCTAssertEqual(seen.header("via"), "1.1 weir")
     }
 
+    /// A target forwarded as received (one shared route object per route)
+    /// and targets that must be rewritten (strip_path, normalization,
+    /// absolute-form) on the same keep-alive connection: each request goes
+    /// upstream with its own target.
+    func testEachRequestIsForwardedWithItsOwnTarget() throws {
+        proxy.stop()
+        proxy = try ProxyHarness(config: ProxyHarness.config(targets: [upstream.address]) { config in
+            var api = RouteConfig()
+            api.name = "api"
+            api.upstream = "backend"
+            api.match.paths = [.prefix("/api")]
+            api.stripPath = true
+            config.routes.insert(api, at: 0)
+        })
+        let client = try proxy.connect()
+        let cases: [(sent: String, forwarded: String)] = [
+            ("/one?a=1", "/one?a=1"),
+            ("/two", "/two"),
+            ("/api/users?page=2", "/users?page=2"),
+            ("/three/../four?b=2", "/four?b=2"),
+            ("http://example.test/five?c=3", "/five?c=3"),
+            ("/one?a=1", "/one?a=1"),
+            ("/a-much-longer-path-than-fifteen-bytes/x?and=a-query-string-too", "/a-much-longer-path-than-fifteen-bytes/x?and=a-query-string-too"),
+        ]
+        for (sent, forwarded) in cases {
+            try client.send("GET \(sent) HTTP/1.1\r\nHost: example.test\r\n\r\n")
+            XCTAssertEqual(try client.readResponse().status, 200, sent)
+            XCTAssertEqual(upstream.lastRequest?.uri, forwarded, sent)
+        }
+    }
+
     func testKeepAliveReusesUpstreamConnection() throws {
         let client = try proxy.connect()
         for i in 0..<5 {

@@ -115,6 +115,7 @@ extension ExchangeDownstream {
         var target = Substring(head.uri)
         var hostHeader = head.host
         let asterisk = target == "*"
+        let originForm = target.utf8.first == UInt8(ascii: "/")
         if asterisk {
             target = "/"
         } else if target.utf8.first != UInt8(ascii: "/") {
@@ -140,13 +141,17 @@ extension ExchangeDownstream {
         }
         // Route on the normalized path and forward that same path, so the
         // upstream serves exactly what was routed (no `/public/../admin`).
-        guard let path = RequestPath.normalize(String(rawPath)) else {
+        let receivedPath = String(rawPath)
+        guard let path = RequestPath.normalize(receivedPath) else {
             return rejectHead(exchange, .badRequest, "malformed request path")
         }
         exchange.hostHeader = hostHeader
         // The route table ignores a port and compares case-insensitively.
         let host = hostHeader ?? ""
-        guard var routed = loopContext.routing.route(method: head.method, host: host, path: path, query: query, headers: head.headers) else {
+        // Origin-form and already normal: the target itself can be forwarded.
+        let targetIsPathAndQuery = originForm && path == receivedPath
+        guard var routed = loopContext.route(method: head.method, host: host, path: path, query: query, headers: head.headers,
+                                             targetIsPathAndQuery: targetIsPathAndQuery) else {
             return rejectHead(exchange, .noRoute, "no route matches \(head.method.rawValue) \(path)")
         }
         if asterisk {
