@@ -65,6 +65,24 @@ final class HTTP2DownstreamTests: UpstreamTestCase {
         XCTAssertTrue(dates.first?.hasSuffix(" gmt") == true, r.out)
     }
 
+    /// A body with content-length in many DATA frames (through flow
+    /// control) is counted against the length as it arrives (Weir's own
+    /// check, HTTP2RequestFields) and reaches the upstream whole.
+    func testRequestBodyWithLengthInManyFramesReachesTheUpstreamWhole() throws {
+        let proxy = try self.proxy()
+        defer { proxy.stop() }
+        let file = FileManager.default.temporaryDirectory.appendingPathComponent("weir-h2-body-\(getpid())")
+        try Data(repeating: UInt8(ascii: "b"), count: 300_000).write(to: file)
+        defer { try? FileManager.default.removeItem(at: file) }
+        let r = try curl(proxy.port, "/sink", ["--data-binary", "@\(file.path)"])
+        XCTAssertEqual(r.status, 0, r.err)
+        XCTAssertTrue(r.out.hasPrefix("HTTP/2 200"), r.out)
+        XCTAssertTrue(r.out.hasSuffix("300000"), r.out)
+        let seen = try XCTUnwrap(upstream.requests.first { $0.uri == "/sink" })
+        XCTAssertEqual(seen.header("content-length"), "300000")
+        XCTAssertEqual(seen.bodyBytes, 300_000)
+    }
+
     func testRequestBodyWithoutLengthGoesUpstreamChunkedAndTrailersBothWays() throws {
         try XCTSkipUnless(H2Script.available, "python3-h2 is not installed")
         let proxy = try self.proxy()
