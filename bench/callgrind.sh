@@ -19,6 +19,9 @@
 # haproxy-tcp (HTTP through an L4 proxy: the tcp-rps case, small messages;
 # use --connections 64 as that case does) and weir-https vs nginx-https
 # (keep-alive HTTPS, TLS 1.3, a throwaway certificate; --connections 32).
+# weir-tlsup vs nginx-tlsup take plain HTTP/1.1 clients to the origin's
+# TLS port (TLS to the upstream over kept-alive connections; use --steady
+# so their handshakes stay out of the window).
 # weir-h2c (and nginx-h2c, run-protocols.sh's nginx `http2` server) is
 # driven by h2load instead of wrk (4 connections x 100 concurrent streams,
 # cleartext HTTP/2 with prior knowledge, as run-protocols.sh's h2c case;
@@ -41,8 +44,8 @@
 # for Weir) is spread over the few thousand requests valgrind lets through.
 #
 #   bench/callgrind.sh [--no-build] [--steady] [--cache-sim] [--proxy weir|weir-noop|weir-lua|weir-observe|weir-h2up|weir-h2c|weir-auth-local|
-#                                            weir-auth-redis|weir-tcp|weir-https|weir-extauthz|weir-extauthz-close|
-#                                            nginx|nginx-lua|nginx-lua-auth|nginx-https|nginx-h2c|haproxy|haproxy-tcp]
+#                                            weir-auth-redis|weir-tcp|weir-https|weir-tlsup|weir-extauthz|weir-extauthz-close|
+#                                            nginx|nginx-lua|nginx-lua-auth|nginx-https|nginx-h2c|nginx-tlsup|haproxy|haproxy-tcp]
 #                      [--duration S] [--connections N]
 set -uo pipefail
 
@@ -63,7 +66,7 @@ while [ $# -gt 0 ]; do
         --proxy) PROXY=${2:-}; shift 2 ;;
         --duration) [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] || die "--duration needs a positive integer"; DURATION=$2; shift 2 ;;
         --connections) [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] || die "--connections needs a positive integer"; CONNS=$2; shift 2 ;;
-        -h|--help) sed -n '2,45p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,49p' "$0"; exit 0 ;;
         *) die "unknown option: $1 (see --help)" ;;
     esac
 done
@@ -79,8 +82,10 @@ case "$PROXY" in
     weir-auth-redis) PORT=$WEIR_AUTH_REDIS_PORT ;;
     weir-tcp) PORT=$WEIR_TCP_PORT ;;
     weir-https) PORT=$WEIR_HTTPS_PORT ;;
+    weir-tlsup) PORT=$WEIR_TLSUP_PORT ;;   # plain clients, TLS to the origin
     nginx-https) PORT=$NGINX_HTTPS_PORT ;;
     nginx-h2c) PORT=$NGINX_H2C_PORT ;;
+    nginx-tlsup) PORT=$NGINX_TLSUP_PORT ;;
     haproxy-tcp) PORT=$HAPROXY_TCP_PORT ;;
     weir-extauthz) PORT=$WEIR_EXTAUTHZ_PORT ;;   # ext-authz: one weir.http call per request
     weir-extauthz-close) PORT=$WEIR_EXTAUTHZ_CLOSE_PORT ;;   # the same, a new connection per call
@@ -88,7 +93,7 @@ case "$PROXY" in
     nginx) PORT=$NGINX_PORT ;;
     nginx-lua) PORT=$NGINX_LUA_PORT ;;
     haproxy) PORT=$HAPROXY_PORT ;;
-    *) die "unknown proxy '$PROXY' (known: weir, weir-noop, weir-lua, weir-observe, weir-h2up, weir-h2c, weir-auth-local, weir-auth-redis, weir-tcp, weir-https, weir-extauthz, weir-extauthz-close, nginx, nginx-lua, nginx-lua-auth, nginx-https, nginx-h2c, haproxy, haproxy-tcp)" ;;
+    *) die "unknown proxy '$PROXY' (known: weir, weir-noop, weir-lua, weir-observe, weir-h2up, weir-h2c, weir-auth-local, weir-auth-redis, weir-tcp, weir-https, weir-tlsup, weir-extauthz, weir-extauthz-close, nginx, nginx-lua, nginx-lua-auth, nginx-https, nginx-h2c, nginx-tlsup, haproxy, haproxy-tcp)" ;;
 esac
 # The HTTPS variants are asked over TLS with the run's own certificate.
 URL="http://127.0.0.1:$PORT/"
@@ -156,8 +161,8 @@ case "$PROXY" in
             -g "daemon off; master_process off;" > "$RUN_DIR/logs/$PROXY.out" 2>&1 &
         PROXY_PID=$!
         ;;
-    nginx-https|nginx-h2c)
-        # run-protocols.sh's nginx (HTTPS, h2c and grpc_pass servers): only the measured one gets load.
+    nginx-https|nginx-h2c|nginx-tlsup)
+        # run-protocols.sh's nginx (HTTPS, h2c, grpc_pass and TLS-upstream servers): only the measured one gets load.
         render_template nginx-protocols.conf "$RUN_DIR/nginx-protocols.conf"
         $(pin "$PROXY_CPU") "${VALGRIND[@]}" nginx -p "$RUN_DIR" -e "$RUN_DIR/logs/nginx-protocols-error.log" \
             -c "$RUN_DIR/nginx-protocols.conf" -g "daemon off; master_process off;" > "$RUN_DIR/logs/nginx-https.out" 2>&1 &
@@ -273,7 +278,7 @@ demangle() {
     echo "requests: $requests (at $(field rps "$result") req/s under valgrind)"
     echo "instructions: $total_ir"
     echo "instructions per request: $(python3 -c "print(f'{$total_ir / $requests:,.0f}')")"
-    if [[ "$PROXY" == *-https ]]; then
+    if [[ "$PROXY" == *-https || "$PROXY" == *-tlsup ]]; then
         # wrk opens its connections inside the counted window: their TLS
         # handshakes (a few million instructions each) are taken out so the
         # figure is the keep-alive request's.

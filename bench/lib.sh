@@ -62,6 +62,12 @@ WEIR_H2UP_PORT=$((19214 + BENCH_PORT_OFFSET))
 # HTTPS (run-protocols.sh case http-keepalive): HTTPS minus this, in one
 # run and one process, is what TLS adds per request.
 NGINX_PLAIN_PORT=$((19205 + BENCH_PORT_OFFSET))
+# TLS to the upstream (callgrind.sh / profile.sh variant weir-tlsup): the
+# origin also answers over TLS on ORIGIN_TLS_PORT, Weir forwards plain
+# HTTP/1.1 clients there over kept-alive TLS connections.
+ORIGIN_TLS_PORT=$((19006 + BENCH_PORT_OFFSET))
+WEIR_TLSUP_PORT=$((19021 + BENCH_PORT_OFFSET))
+NGINX_TLSUP_PORT=$((19206 + BENCH_PORT_OFFSET))   # its peer: nginx proxy_pass https://, keepalive
 WEIR_PLAIN_PORT=$((19215 + BENCH_PORT_OFFSET))
 
 # The key wrk sends in every request (harmless to the proxies that ignore
@@ -140,6 +146,9 @@ render_template() {
         -e "s|@WEIR_H2UP_PORT@|$WEIR_H2UP_PORT|g" \
         -e "s|@NGINX_PLAIN_PORT@|$NGINX_PLAIN_PORT|g" \
         -e "s|@WEIR_PLAIN_PORT@|$WEIR_PLAIN_PORT|g" \
+        -e "s|@ORIGIN_TLS_PORT@|$ORIGIN_TLS_PORT|g" \
+        -e "s|@WEIR_TLSUP_PORT@|$WEIR_TLSUP_PORT|g" \
+        -e "s|@NGINX_TLSUP_PORT@|$NGINX_TLSUP_PORT|g" \
         -e "s|@BENCH_DIR@|$BENCH_DIR|g" \
         -e "s|@REPO_DIR@|$REPO_DIR|g" \
         -e "s|@API_KEY@|$API_KEY|g" \
@@ -226,10 +235,11 @@ cleanup_started() {
 }
 
 # make_test_certificate: a throwaway ECDSA P-256 certificate for 127.0.0.1
-# in $RUN_DIR/tls/{cert,key}.pem, made for this run only (the HTTPS cases of
-# run-protocols.sh, callgrind.sh and profile.sh; nginx and Weir serve the
-# same one).
+# in $RUN_DIR/tls/{cert,key}.pem, made once per run (the run dir is wiped
+# at the start): the HTTPS cases of run-protocols.sh, callgrind.sh and
+# profile.sh, and the origin's TLS port; everyone serves the same one.
 make_test_certificate() {
+    [ -s "$RUN_DIR/tls/cert.pem" ] && [ -s "$RUN_DIR/tls/key.pem" ] && return 0
     mkdir -p "$RUN_DIR/tls"
     openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 \
         -subj "/CN=127.0.0.1" -addext "subjectAltName=IP:127.0.0.1" \
@@ -240,6 +250,7 @@ make_test_certificate() {
 # --- the peers -------------------------------------------------------------
 
 start_origin() {
+    make_test_certificate   # for the origin's TLS port
     render_template origin-nginx.conf "$RUN_DIR/origin-nginx.conf"
     # -p keeps nginx's prefix in the run dir, -e its startup error log, so no
     # system path is written.
@@ -311,7 +322,8 @@ declare -A WEIR_TEMPLATE=([weir]=weir.yaml [weir-noop]=weir-noop.yaml [weir-lua]
                           [weir-auth-local]=weir-auth-local.yaml [weir-auth-redis]=weir-auth-redis.yaml
                           [weir-extauthz]=weir-extauthz.yaml [weir-extauthz-close]=weir-extauthz-close.yaml
                           [weir-probe]=weir-probe.yaml [weir-https]=weir-https.yaml
-                          [weir-h2c]=weir-h2c.yaml [weir-tcp]=weir-tcp.yaml [weir-h2up]=weir-h2up.yaml)
+                          [weir-h2c]=weir-h2c.yaml [weir-tcp]=weir-tcp.yaml [weir-h2up]=weir-h2up.yaml
+                          [weir-tlsup]=weir-tlsup.yaml)
 
 weir_unavailable_reason() { # VARIANT -> the reason, or nothing when available
     local reason=${WEIR_UNAVAILABLE[build]:-}

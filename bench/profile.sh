@@ -14,10 +14,11 @@
 #
 # The protocol variants of run-protocols.sh profile the same way: weir-tcp
 # vs haproxy-tcp (HTTP through an L4 proxy, the tcp-rps case; use
-# --connections 64) and weir-https vs nginx-https (keep-alive HTTPS, TLS 1.3).
+# --connections 64) and weir-https vs nginx-https (keep-alive HTTPS, TLS 1.3), weir-tlsup vs
+# nginx-tlsup (plain clients, TLS to the origin over kept-alive connections).
 #
-#   bench/profile.sh [--no-build] [--proxy weir|weir-noop|weir-lua|weir-tcp|weir-https|weir-extauthz|weir-extauthz-close|
-#                                          nginx|nginx-https|haproxy|haproxy-tcp|nginx-lua]
+#   bench/profile.sh [--no-build] [--proxy weir|weir-noop|weir-lua|weir-tcp|weir-https|weir-tlsup|weir-extauthz|weir-extauthz-close|
+#                                          nginx|nginx-https|nginx-tlsup|haproxy|haproxy-tcp|nginx-lua]
 #                    [--connections N] [--duration S]
 set -uo pipefail
 
@@ -34,7 +35,7 @@ while [ $# -gt 0 ]; do
         --proxy) PROXY=${2:-}; shift 2 ;;
         --connections) [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] || die "--connections needs a positive integer"; CONNS=$2; shift 2 ;;
         --duration) [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] && [ "$2" -ge 4 ] || die "--duration needs an integer of at least 4 seconds"; DURATION=$2; shift 2 ;;
-        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
         *) die "unknown option: $1 (see --help)" ;;
     esac
 done
@@ -48,11 +49,13 @@ case "$PROXY" in
     nginx-lua) PORT=$NGINX_LUA_PORT ;;
     weir-tcp) PORT=$WEIR_TCP_PORT ;;
     weir-https) PORT=$WEIR_HTTPS_PORT ;;
+    weir-tlsup) PORT=$WEIR_TLSUP_PORT ;;
     nginx-https) PORT=$NGINX_HTTPS_PORT ;;
+    nginx-tlsup) PORT=$NGINX_TLSUP_PORT ;;
     haproxy-tcp) PORT=$HAPROXY_TCP_PORT ;;
     weir-extauthz) PORT=$WEIR_EXTAUTHZ_PORT ;;
     weir-extauthz-close) PORT=$WEIR_EXTAUTHZ_CLOSE_PORT ;;
-    *) die "unknown proxy '$PROXY' (known: weir, weir-noop, weir-lua, weir-tcp, weir-https, weir-extauthz, weir-extauthz-close, nginx, nginx-https, haproxy, haproxy-tcp, nginx-lua)" ;;
+    *) die "unknown proxy '$PROXY' (known: weir, weir-noop, weir-lua, weir-tcp, weir-https, weir-tlsup, weir-extauthz, weir-extauthz-close, nginx, nginx-https, nginx-tlsup, haproxy, haproxy-tcp, nginx-lua)" ;;
 esac
 # The HTTPS variants are asked over TLS with the run's own certificate.
 URL="http://127.0.0.1:$PORT/"
@@ -79,16 +82,16 @@ case "$PROXY" in *-https) make_test_certificate ;; esac
 case "$PROXY" in
     weir-noop|weir-lua) probe_weir_plugins || die "$PROXY: not available ($(weir_unavailable_reason "$PROXY"))"
         start_weir "$PROXY" "$PORT" || die "$PROXY: not available ($(weir_unavailable_reason "$PROXY"))" ;;
-    weir|weir-tcp|weir-https|weir-extauthz|weir-extauthz-close) start_weir "$PROXY" "$PORT" || die "$PROXY: not available ($(weir_unavailable_reason "$PROXY"))" ;;
+    weir|weir-tcp|weir-https|weir-tlsup|weir-extauthz|weir-extauthz-close) start_weir "$PROXY" "$PORT" || die "$PROXY: not available ($(weir_unavailable_reason "$PROXY"))" ;;
     nginx) start_nginx_proxy ;;
     haproxy) start_haproxy ;;
     nginx-lua) start_nginx_lua ;;
-    nginx-https)
-        # run-protocols.sh's nginx (HTTPS, h2c and grpc_pass servers): only the HTTPS one gets load.
+    nginx-https|nginx-tlsup)
+        # run-protocols.sh's nginx (HTTPS, h2c, grpc_pass and TLS-upstream servers): only the measured one gets load.
         render_template nginx-protocols.conf "$RUN_DIR/nginx-protocols.conf"
-        start_bg nginx-https "$PROXY_CPU" nginx -p "$RUN_DIR" -e "$RUN_DIR/logs/nginx-protocols-error.log" \
+        start_bg $PROXY "$PROXY_CPU" nginx -p "$RUN_DIR" -e "$RUN_DIR/logs/nginx-protocols-error.log" \
             -c "$RUN_DIR/nginx-protocols.conf" -g "daemon off;"
-        wait_for_port "$PORT" 10 || die "nginx (protocols) did not listen on 127.0.0.1:$PORT (see $RUN_DIR/logs/nginx-https.out)" ;;
+        wait_for_port "$PORT" 10 || die "nginx (protocols) did not listen on 127.0.0.1:$PORT (see $RUN_DIR/logs/$PROXY.out)" ;;
     haproxy-tcp)
         render_template haproxy-tcp.cfg "$RUN_DIR/haproxy-tcp.cfg"
         start_bg haproxy-tcp "$PROXY_CPU" haproxy -db -f "$RUN_DIR/haproxy-tcp.cfg"
