@@ -243,6 +243,11 @@ final class UpstreamHandler: ChannelDuplexHandler, RemovableChannelHandler {
             inbound.writeBuffer(&buffer)
         }
         process(connection)
+        // Drained: let go of the read's storage. Holding it (even empty)
+        // makes a TLS upstream's NIOSSLHandler copy its whole 32 KB
+        // plaintext buffer on the next decode (copy-on-write), once per
+        // response; plain sockets' reads reuse their buffer the same way.
+        if inbound.readableBytes == 0 { inbound = ByteBuffer() }
     }
 
     /// Parses what is buffered and reports it, part by part, while an
