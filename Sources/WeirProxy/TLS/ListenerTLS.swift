@@ -22,6 +22,12 @@ import WeirCore
 //
 // So the HTTP handlers, the connection phase included, only ever see
 // connections whose handshake succeeded, with their TLS info known.
+//
+// Any handler behind a NIOSSLHandler (here and on TLS upstreams) must let
+// go of a read buffer once it has consumed it: NIOSSL decrypts every read
+// into one 32 KB buffer and reuses it only while nobody else holds it, so
+// keeping the drained buffer costs a 32 KB copy per read (see
+// DownstreamHandler.channelRead and UpstreamHandler.channelRead).
 
 /// A listener's TLS state: the contexts new handshakes use, swapped by a
 /// reload (certificate files changed or the `tls:` block did). Connections
