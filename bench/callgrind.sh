@@ -103,7 +103,7 @@ case "$PROXY" in
     *-h2c) CURL_ARGS=(--http2-prior-knowledge) ;;
 esac
 
-require_tools nginx wrk h2load curl valgrind callgrind_control callgrind_annotate python3 ss
+require_tools nginx wrk h2load curl openssl valgrind callgrind_control callgrind_annotate python3 ss
 for port in "$ORIGIN_PORT" "$PORT"; do
     port_in_use "$port" && die "127.0.0.1:$port is already in use (is another benchmark running?)"
 done

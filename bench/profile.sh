@@ -62,7 +62,7 @@ URL="http://127.0.0.1:$PORT/"
 CURL_ARGS=()
 case "$PROXY" in *-https) URL="https://127.0.0.1:$PORT/"; CURL_ARGS=(--cacert "$RUN_DIR/tls/cert.pem") ;; esac
 
-require_tools nginx wrk curl perf strace python3 ss
+require_tools nginx wrk curl openssl perf strace python3 ss
 for port in "$ORIGIN_PORT" "$PORT"; do
     port_in_use "$port" && die "127.0.0.1:$port is already in use (is bench/run.sh running?)"
 done

@@ -87,7 +87,7 @@ port_of() {
 
 wants() { [[ ",$PROXIES," == *",$1,"* ]]; }
 
-require_tools nginx haproxy wrk curl python3 ss
+require_tools nginx haproxy wrk curl openssl python3 ss
 [ -z "$LOAD_CPU" ] || require_tools taskset
 
 for port in "$ORIGIN_PORT" $(wants weir-auth-redis && echo "$REDIS_PORT") $(for p in "${PROXY_LIST[@]}"; do port_of "$p"; done); do
