@@ -119,6 +119,9 @@ public final class PluginChain {
     let entries: [Entry]
     /// Entries that implement each phase, indexed by PluginPhase.luaID.
     let byPhase: [[Entry]]
+    /// byPhase's metrics recorders (same positions), so recording a call
+    /// copies no entry.
+    let phaseRecorders: [[PluginCallRecorder?]]
     /// For the phases the chain runner runs (`PluginPhase.runsChainInOneResume`):
     /// registry ref of a Lua list of byPhase's entries, 4 slots each
     /// (function, handler, conf, takes ctx), by PluginPhase.luaID; LUA_NOREF
@@ -138,10 +141,13 @@ public final class PluginChain {
         self.entries = entries
         self.owner = owner.map(ObjectIdentifier.init)
         var byPhase: [[Entry]] = Array(repeating: [], count: PluginPhase.slotCount)
+        var phaseRecorders: [[PluginCallRecorder?]] = Array(repeating: [], count: PluginPhase.slotCount)
         for phase in PluginPhase.allCases {
             byPhase[phase.luaID] = entries.filter { $0.plugin.phaseRefs[phase.luaID] != LUA_NOREF }
+            phaseRecorders[phase.luaID] = byPhase[phase.luaID].map { $0.recorder(phase) }
         }
         self.byPhase = byPhase
+        self.phaseRecorders = phaseRecorders
     }
 }
 

@@ -41,6 +41,8 @@ public final class PluginRequest {
     /// The chain runner's list of `entries` (LUA_NOREF: one call per resume).
     private var listRef: Int32 = LUA_NOREF
     private var listTakesCtx = false
+    /// `entries`' metrics recorders (PluginChain.phaseRecorders).
+    private var recorders: [PluginCallRecorder?] = []
     private var serial = 0
     private var savedBudget = LuaRuntime.BudgetSnapshot()
     /// Start of the current plugin call, when an observer wants timings.
@@ -108,6 +110,7 @@ public final class PluginRequest {
         if entries.isEmpty { return .done(.continue) }
         listRef = chain.phaseLists[phase.luaID]
         listTakesCtx = chain.phaseTakesCtx[phase.luaID]
+        recorders = chain.phaseRecorders[phase.luaID]
         // One clock read per plugin boundary: a call ends when the next begins.
         if runtime.options.observer != nil { callStart = weir_monotonic_ns() }
         if let result = drive(resumeWith: nil) { return .done(result) }
@@ -157,10 +160,11 @@ public final class PluginRequest {
         }
     }
 
-    private func report(_ entry: PluginChain.Entry, _ outcome: PluginCallOutcome) {
+    /// The call of `entries[index]` ended now with `outcome`.
+    private func report(_ outcome: PluginCallOutcome) {
         guard runtime.options.observer != nil else { return }
         let now = weir_monotonic_ns()
-        record(entry, nanoseconds: now &- callStart, outcome)
+        record(index, nanoseconds: now &- callStart, outcome)
         callStart = now // the next plugin of the chain starts here
     }
 
@@ -173,21 +177,21 @@ public final class PluginRequest {
             // Entry k is the runner's k + 1; its successor started at mark k + 2.
             guard k + 2 < Int(info.chain_marks_capacity) else { break }
             let next = info.chain_marks[k + 2]
-            record(entries[k], nanoseconds: next &- callStart, .completed)
+            record(k, nanoseconds: next &- callStart, .completed)
             callStart = next
         }
     }
 
-    private func record(_ entry: PluginChain.Entry, nanoseconds: UInt64, _ outcome: PluginCallOutcome) {
-        if let recorder = entry.recorder(phase) {
+    private func record(_ k: Int, nanoseconds: UInt64, _ outcome: PluginCallOutcome) {
+        if k < recorders.count, let recorder = recorders[k] {
             recorder.record(nanoseconds: nanoseconds, outcome: outcome)
         } else {
-            runtime.options.observer?.pluginPhaseCompleted(plugin: entry.name, phase: phase, nanoseconds: nanoseconds, outcome: outcome)
+            runtime.options.observer?.pluginPhaseCompleted(plugin: entries[k].name, phase: phase, nanoseconds: nanoseconds, outcome: outcome)
         }
     }
 
     private func fail(_ entry: PluginChain.Entry, _ message: String, _ traceback: String? = nil) -> PhaseResult {
-        report(entry, .failed)
+        report(.failed)
         return .failed(PluginFailure(plugin: entry.name, phase: phase, message: message, traceback: traceback))
     }
 
@@ -301,15 +305,15 @@ public final class PluginRequest {
                     } catch { co.clear(); return fail(entry, "\(error)") }
                 }
                 co.clear()
-                if let exit = exit { report(entry, .exited); return .exit(exit) }
-                report(entry, .completed)
+                if let exit = exit { report(.exited); return .exit(exit) }
+                report(.completed)
                 index += 1
                 if phase == .request, consumerChain != nil { switchToConsumerChain(after: entry) }
             case .yielded(let count):
                 weir_pop(thread, count)
                 if let exit = exit {
                     co.reset()
-                    report(entry, .exited)
+                    report(.exited)
                     return .exit(exit)
                 }
                 if let pending = pending {
@@ -369,6 +373,7 @@ public final class PluginRequest {
         } ?? entries.count
         listRef = chain.phaseLists[phase.luaID]
         listTakesCtx = chain.phaseTakesCtx[phase.luaID]
+        recorders = chain.phaseRecorders[phase.luaID]
     }
 
     /// Runs a timer callback as a one-entry chain in the `.timer` phase.
