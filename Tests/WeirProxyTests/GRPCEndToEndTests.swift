@@ -176,7 +176,7 @@ final class GRPCEndToEndTests: XCTestCase {
     }
 
     func testUpstreamDownIsUnavailableInGRPCForm() throws {
-        let proxy = try startProxy(target: HostPort(host: "127.0.0.1", port: try unusedPort()))
+        let proxy = try startProxy(target: HostPort(host: "127.0.0.1", port: try refusingPort()))
         let call = try call(proxy, "/grpc.Echo/Unary", messages: ["x"])
         XCTAssertEqual(call.status, 200, "\(call.json)")
         XCTAssertTrue(call.headEndsStream, "trailers-only: \(call.json)")

@@ -168,7 +168,7 @@ final class HTTP2DownstreamTests: UpstreamTestCase {
     }
 
     func testProxyErrorsKeepTheirShapeOnAStream() throws {
-        let config = ProxyHarness.config(targets: [HostPort(host: "127.0.0.1", port: try unusedPort())])
+        let config = ProxyHarness.config(targets: [HostPort(host: "127.0.0.1", port: try refusingPort())])
         let proxy = try ProxyHarness(config: config, loops: 1)
         defer { proxy.stop() }
         let r = try curl(proxy.port, "/x")

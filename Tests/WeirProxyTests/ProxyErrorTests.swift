@@ -69,7 +69,7 @@ final class ProxyErrorTests: XCTestCase {
     }
 
     func testConnectRefusedIs502() throws {
-        let dead = try unusedPort()
+        let dead = try refusingPort()
         let proxy = try ProxyHarness(config: ProxyHarness.config(targets: [HostPort(host: "127.0.0.1", port: dead)]) {
             $0.upstreams[0].retries = 0
         })
@@ -201,7 +201,7 @@ final class ProxyErrorTests: XCTestCase {
     }
 
     func testPassiveEjectionGives503WhenNoTargetIsHealthy() throws {
-        let dead = try unusedPort()
+        let dead = try refusingPort()
         let proxy = try ProxyHarness(config: ProxyHarness.config(targets: [HostPort(host: "127.0.0.1", port: dead)]) {
             $0.upstreams[0].retries = 0
             var passive = PassiveHealthCheck()

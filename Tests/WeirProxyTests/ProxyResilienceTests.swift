@@ -68,7 +68,7 @@ final class ProxyResilienceTests: XCTestCase {
     func testConnectFailureIsRetriedOnAnotherTarget() throws {
         let good = try TestUpstream(name: "good", group: upstreamGroup)
         defer { good.stop() }
-        let dead = HostPort(host: "127.0.0.1", port: try unusedPort())
+        let dead = HostPort(host: "127.0.0.1", port: try refusingPort())
         let proxy = try ProxyHarness(config: ProxyHarness.config(targets: [dead, good.address]) { $0.upstreams[0].retries = 1 }, loops: 1)
         self.proxy = proxy
         let client = try proxy.connect()

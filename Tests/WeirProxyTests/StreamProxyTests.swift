@@ -220,7 +220,7 @@ final class StreamProxyTests: XCTestCase {
     func testDeadTargetIsSkipped() throws {
         let live = try TCPTestServer(group: group, greeting: "L")
         defer { live.stop() }
-        let dead = HostPort(host: "127.0.0.1", port: try unusedPort())
+        let dead = HostPort(host: "127.0.0.1", port: try refusingPort())
         let proxy = try StreamHarness(config: StreamHarness.tcpConfig(targets: [dead, live.address]) {
             $0.upstreams[0].retries = 1
             var passive = PassiveHealthCheck()
@@ -239,7 +239,7 @@ final class StreamProxyTests: XCTestCase {
     func testActiveTCPCheckTakesADeadTargetOutBeforeAnyClientTriesIt() throws {
         let live = try TCPTestServer(group: group, greeting: "L")
         defer { live.stop() }
-        let dead = HostPort(host: "127.0.0.1", port: try unusedPort())
+        let dead = HostPort(host: "127.0.0.1", port: try refusingPort())
         let proxy = try StreamHarness(config: StreamHarness.tcpConfig(targets: [dead, live.address]) {
             var active = ActiveHealthCheck()
             active.type = .tcp
@@ -266,7 +266,7 @@ final class StreamProxyTests: XCTestCase {
     }
 
     func testAllTargetsDeadClosesTheClient() throws {
-        let proxy = try StreamHarness(config: StreamHarness.tcpConfig(targets: [HostPort(host: "127.0.0.1", port: try unusedPort())]))
+        let proxy = try StreamHarness(config: StreamHarness.tcpConfig(targets: [HostPort(host: "127.0.0.1", port: try refusingPort())]))
         defer { proxy.stop() }
         let client = try proxy.connect("tcp")
         XCTAssertEqual(client.readToEnd().end, StreamClient.ReadEnd.eof)

@@ -242,7 +242,7 @@ final class UpstreamHTTP2Tests: XCTestCase {
     }
 
     func testUpstreamDownIsUnavailableForGRPCAndBadGatewayForOthers() throws {
-        let proxy = try startProxy([HostPort(host: "127.0.0.1", port: try unusedPort())]) { $0.upstreams[0].retries = 0 }
+        let proxy = try startProxy([HostPort(host: "127.0.0.1", port: try refusingPort())]) { $0.upstreams[0].retries = 0 }
         let client = try proxy.connect()
         let response = try grpcCall(client, "/grpc.Echo/Unary", messages: ["x"])
         XCTAssertEqual(response.status, 200)
