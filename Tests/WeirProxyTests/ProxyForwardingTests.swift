@@ -59,6 +59,7 @@ final class ProxyForwardingTests: XCTestCase {
             ("/three/../four?b=2", "/four?b=2"),
             ("http://example.test/five?c=3", "/five?c=3"),
             ("/one?a=1", "/one?a=1"),
+            ("/api/q?x=1?y=/../z", "/q?x=1?y=/../z"),
             ("/a-much-longer-path-than-fifteen-bytes/x?and=a-query-string-too", "/a-much-longer-path-than-fifteen-bytes/x?and=a-query-string-too"),
         ]
         for (sent, forwarded) in cases {

@@ -132,7 +132,7 @@ extension ExchangeDownstream {
         }
         let rawPath: Substring
         let query: Substring
-        if let q = target.firstIndex(of: "?") {
+        if let q = Self.queryStart(target) {
             rawPath = target[..<q]
             query = target[q...]
         } else {
@@ -173,6 +173,17 @@ extension ExchangeDownstream {
             return startRequestPlugins(exchange, plugins: plugins, chain: chain, path: path, query: query)
         }
         startAttempt(exchange, excluding: nil)
+    }
+
+    /// Where the query of a request target starts (its `?`), by a search of
+    /// the contiguous bytes: `firstIndex(of:)` walks Characters (~230
+    /// instructions each under callgrind: 10 k for a 45-byte path) and even
+    /// the UTF-8 view's goes index by index (~24 a byte).
+    static func queryStart(_ target: Substring) -> Substring.Index? {
+        let utf8 = target.utf8
+        let offset = utf8.withContiguousStorageIfAvailable { $0.firstIndex(of: UInt8(ascii: "?")) }
+            ?? utf8.firstIndex(of: UInt8(ascii: "?")).map { utf8.distance(from: utf8.startIndex, to: $0) }
+        return offset.map { utf8.index(utf8.startIndex, offsetBy: $0) }
     }
 
     /// A request refused before anything reached an upstream.
