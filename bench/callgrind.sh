@@ -46,7 +46,12 @@
 #   bench/callgrind.sh [--no-build] [--steady] [--cache-sim] [--proxy weir|weir-noop|weir-lua|weir-observe|weir-h2up|weir-h2c|weir-auth-local|
 #                                            weir-auth-redis|weir-tcp|weir-https|weir-tlsup|weir-extauthz|weir-extauthz-close|
 #                                            nginx|nginx-lua|nginx-lua-auth|nginx-https|nginx-h2c|nginx-tlsup|haproxy|haproxy-tcp]
-#                      [--duration S] [--connections N]
+#                      [--duration S] [--connections N] [--target /path?query]
+#
+# --target: the request target wrk asks for (default `/`); the origin
+# answers any path the same way. A realistic one shows costs that grow
+# with the target's length (a 60-byte target cost Weir 11 k instructions
+# per request more than `/` before 2026-11-30 04:15; see BENCHMARKS.md).
 set -uo pipefail
 
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -57,6 +62,7 @@ CACHE_SIM=0
 PROXY=weir
 DURATION=10
 CONNS=8
+TARGET=/
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -66,7 +72,8 @@ while [ $# -gt 0 ]; do
         --proxy) PROXY=${2:-}; shift 2 ;;
         --duration) [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] || die "--duration needs a positive integer"; DURATION=$2; shift 2 ;;
         --connections) [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] || die "--connections needs a positive integer"; CONNS=$2; shift 2 ;;
-        -h|--help) sed -n '2,49p' "$0"; exit 0 ;;
+        --target) [[ "${2:-}" == /* ]] || die "--target needs an origin-form target (starting with /)"; TARGET=$2; shift 2 ;;
+        -h|--help) sed -n '2,54p' "$0"; exit 0 ;;
         *) die "unknown option: $1 (see --help)" ;;
     esac
 done
@@ -96,10 +103,10 @@ case "$PROXY" in
     *) die "unknown proxy '$PROXY' (known: weir, weir-noop, weir-lua, weir-observe, weir-h2up, weir-h2c, weir-auth-local, weir-auth-redis, weir-tcp, weir-https, weir-tlsup, weir-extauthz, weir-extauthz-close, nginx, nginx-lua, nginx-lua-auth, nginx-https, nginx-h2c, nginx-tlsup, haproxy, haproxy-tcp)" ;;
 esac
 # The HTTPS variants are asked over TLS with the run's own certificate.
-URL="http://127.0.0.1:$PORT/"
+URL="http://127.0.0.1:$PORT$TARGET"
 CURL_ARGS=()
 case "$PROXY" in
-    *-https) URL="https://127.0.0.1:$PORT/"; CURL_ARGS=(--cacert "$RUN_DIR/tls/cert.pem") ;;
+    *-https) URL="https://127.0.0.1:$PORT$TARGET"; CURL_ARGS=(--cacert "$RUN_DIR/tls/cert.pem") ;;
     *-h2c) CURL_ARGS=(--http2-prior-knowledge) ;;
 esac
 
@@ -267,7 +274,7 @@ demangle() {
 
 {
     echo "# callgrind: instructions per request of $PROXY, $STAMP"
-    echo "# command: bench/callgrind.sh --proxy $PROXY --duration $DURATION --connections $CONNS$([ "$STEADY" -eq 1 ] && echo " --steady")$([ "$CACHE_SIM" -eq 1 ] && echo " --cache-sim")"
+    echo "# command: bench/callgrind.sh --proxy $PROXY --duration $DURATION --connections $CONNS$([ "$STEADY" -eq 1 ] && echo " --steady")$([ "$CACHE_SIM" -eq 1 ] && echo " --cache-sim")$([ "$TARGET" != / ] && echo " --target '$TARGET'")"
     echo "# machine: $(uname -srm); weir binary from commit $(weir_binary_commit), repo HEAD $(git -C "$REPO_DIR" rev-parse --short HEAD 2>/dev/null)"
     if [ "$STEADY" -eq 1 ]; then
         echo "# counted: user-space instructions only (valgrind), ${DURATION} s of one wrk run on connections opened 3 s before; requests from the origin's stub_status"
