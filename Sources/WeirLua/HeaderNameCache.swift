@@ -16,18 +16,27 @@ import Foundation
 ///
 /// One per Lua state, used only on its event loop (like the state).
 final class HeaderNameCache {
-    private static let slotCount = 64                  // a power of two
-    private var addresses = [UnsafeRawPointer?](repeating: nil, count: slotCount)
-    private var names = [String](repeating: "", count: slotCount)
+    // 128 slots in pairs (two-way): the few names of a plugin chain rarely
+    // share a pair, and when two do, both still stay. Direct-mapped by
+    // `address >> 4` a 64-slot table lost a name to a collision in some runs
+    // (the strings' addresses differ from run to run): ~900 instructions per
+    // request each time.
+    private static let pairCount = 64                  // a power of two
+    private var addresses = [UnsafeRawPointer?](repeating: nil, count: 2 * pairCount)
+    private var names = [String](repeating: "", count: 2 * pairCount)
+    /// Per pair, the slot (0/1) the next new name replaces.
+    private var nextVictim = [UInt8](repeating: 0, count: pairCount)
 
     /// The header name at `index`, lower-cased; nil if it is not a string.
     func name(at index: Int32, on L: LuaThread) -> String? {
         var length = 0
         guard let p = weir_tostring(L, index, &length) else { return nil }
         let address = UnsafeRawPointer(p)
-        // TString headers are 24+ bytes apart: the low 4 bits carry nothing.
-        let slot = Int(truncatingIfNeeded: UInt(bitPattern: Int(bitPattern: address)) >> 4) & (Self.slotCount - 1)
-        if addresses[slot] == address {
+        // A multiplicative hash of the address: its low bits carry little
+        // (TStrings are 16-byte aligned and allocated close together).
+        let hash = UInt(bitPattern: Int(bitPattern: address)) &* 0x9E37_79B9_7F4A_7C15
+        let pair = Int(truncatingIfNeeded: hash >> 58) & (Self.pairCount - 1)
+        for slot in (2 * pair)...(2 * pair + 1) where addresses[slot] == address {
             let cached = names[slot]
             let same = cached.utf8.withContiguousStorageIfAvailable {
                 $0.count == length && memcmp($0.baseAddress!, address, length) == 0
@@ -38,6 +47,8 @@ final class HeaderNameCache {
         // Only short strings are interned (LUAI_MAXSHORTLEN 40): a long one
         // is a fresh object each time, not worth a slot.
         if length <= 40 {
+            let slot = 2 * pair + Int(nextVictim[pair])
+            nextVictim[pair] ^= 1
             addresses[slot] = address
             names[slot] = name
         }

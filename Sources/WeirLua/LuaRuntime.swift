@@ -210,9 +210,9 @@ public final class LuaRuntime {
         try state.pcall(nargs: 0, nresults: 1)            // json
         try state.load(sdk.initSource, chunkName: sdk.directory + "/weir/init.lua")
         lua_createtable(L, 0, 48)                            // N
-        for (name, function) in makeNatives() {
+        for (name, native) in makeNatives().entries {
             LuaState.push(name, on: L)
-            state.pushNative(function)
+            state.pushNative(native)
             lua_rawset(L, -3)
         }
         lua_createtable(L, 2, 0)                             // S

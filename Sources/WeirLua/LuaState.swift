@@ -34,11 +34,44 @@ public enum NativeReturn {
 /// use the raw accessors).
 public typealias NativeFunction = (LuaThread) -> NativeReturn
 
+/// A registered native, held in a class so the closure is stored at its
+/// own calling convention: in an array (or tuple array) of bare closures
+/// Swift keeps each one behind a pair of reabstraction thunks, one pair per
+/// generic container it went through, and every call from Lua paid for all
+/// of them.
+final class NativeBox {
+    let call: NativeFunction
+    init(_ call: @escaping NativeFunction) { self.call = call }
+}
+
+/// The natives an SDK part registers, by name (see LuaRuntime.makeNatives).
+/// `append((name, closure))` boxes the closure straight from the caller's
+/// argument, so it never sits in a generic container.
+struct NativeList: ExpressibleByArrayLiteral {
+    private(set) var entries: [(name: String, box: NativeBox)] = []
+
+    init() {}
+    /// Array literals are for cold natives only: the literal's elements pass
+    /// through a generic array first (a thunk pair per call stays).
+    init(arrayLiteral elements: (String, NativeFunction)...) {
+        for (name, function) in elements { append((name, function)) }
+    }
+    mutating func append(_ entry: (String, NativeFunction)) {
+        entries.append((entry.0, NativeBox(entry.1)))
+    }
+    mutating func append(contentsOf other: NativeList) {
+        entries.append(contentsOf: other.entries)
+    }
+}
+
 /// The C dispatcher: the only entry from Lua into Swift.
 private let nativeDispatch: weir_dispatch_fn = { thread, context, functionID, yieldCount in
-    let state = Unmanaged<LuaState>.fromOpaque(context!).takeUnretainedValue()
-    let function = state.natives[Int(functionID)]
-    switch function(thread!) {
+    // Neither the state nor the box is retained for the call: the state
+    // outlives every call into it and holds each box until it closes.
+    let result = Unmanaged<LuaState>.fromOpaque(context!)._withUnsafeGuaranteedRef { state in
+        state.natives[Int(functionID)]._withUnsafeGuaranteedRef { $0.call(thread!) }
+    }
+    switch result {
     case .values(let n):
         return n
     case .error(let message):
@@ -60,7 +93,8 @@ public final class LuaState {
     public let main: LuaThread
     /// The state's C bookkeeping (allocator, budget, chain runner); lives as long as the state.
     let info: UnsafeMutablePointer<weir_state_info>
-    fileprivate var natives: [NativeFunction] = []
+    /// Each registered native, retained once here (released in deinit).
+    fileprivate var natives: ContiguousArray<Unmanaged<NativeBox>> = []
     public let memoryLimit: Int
     /// Chunk names loaded so far, to undo Lua's truncation of long ones.
     private var chunkNames: Set<String> = []
@@ -87,13 +121,18 @@ public final class LuaState {
     deinit {
         weir_set_dispatch(main, nil, nil)
         weir_close(main)
+        for native in natives { native.release() }
     }
 
     // MARK: Natives
 
     /// Registers a Swift function and pushes it (a C closure) on `thread`.
     public func pushNative(_ function: @escaping NativeFunction, on thread: LuaThread? = nil) {
-        natives.append(function)
+        pushNative(NativeBox(function), on: thread)
+    }
+
+    func pushNative(_ native: NativeBox, on thread: LuaThread? = nil) {
+        natives.append(Unmanaged.passRetained(native))
         weir_push_native(thread ?? main, Int32(natives.count - 1))
     }
 

@@ -130,7 +130,7 @@ struct JSONObjectWriter {
 extension LuaRuntime {
     /// `weir.metrics.count(event, n)`: adds to the current plugin's counter
     /// `event` (on /metrics as weir_plugin_events_total{plugin, event}).
-    func makeMetricsNatives() -> [(String, NativeFunction)] {
+    func makeMetricsNatives() -> NativeList {
         [("metrics_count", { [unowned self] L in
             guard let event = LuaState.string(at: 1, on: L) else {
                 return .error("weir.metrics.count: event must be a string")
@@ -145,7 +145,7 @@ extension LuaRuntime {
     /// `weir.log.serialize()` (log phase): the request's access record as a
     /// table, built only when a plugin asks. nil when the proxy keeps no record
     /// (contexts outside the data path).
-    func makeAccessRecordNatives() -> [(String, NativeFunction)] {
+    func makeAccessRecordNatives() -> NativeList {
         [("log_serialize", scopeNative("weir.log.serialize") { L, scope in
             guard let request = scope.context, let r = request.accessRecord() else {
                 lua_pushnil(L); return .values(1)

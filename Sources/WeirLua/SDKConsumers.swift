@@ -107,14 +107,15 @@ public struct ConsumerCredentials: Sendable {
 extension LuaRuntime {
     /// `weir.client.find_credential(plugin, field, value)` -> consumer, credential table | nil;
     /// `weir.client.get_consumer_groups()` -> the consumer's groups.
-    func makeConsumerNatives() -> [(String, NativeFunction)] {
+    func makeConsumerNatives() -> NativeList {
         let credentials = options.credentials
         // credential id + 1 -> its table, made on first lookup and handed out
         // again after (like `conf`, plugins treat it as read-only): a lookup
         // builds no table per request.
         lua_createtable(state.main, 0, 0)
         let tableCacheRef = state.ref()
-        return [("client_find_credential", { L in
+        var n = NativeList()
+        n.append(("client_find_credential", { L in
             guard let plugin = LuaState.bytes(at: 1, on: L), let field = LuaState.bytes(at: 2, on: L),
                   let value = LuaState.bytes(at: 3, on: L) else {
                 lua_pushboolean(L, 0); return .values(1)   // the Lua side says which argument (lua/weir/init.lua)
@@ -133,19 +134,22 @@ extension LuaRuntime {
             lua_rotate(L, -2, -1)                                                 // consumer, table, cache
             weir_pop(L, 1)
             return .values(2)
-        }), ("client_consumer_groups", { L in
+        }))
+        n.append(("client_consumer_groups", { L in
             guard let consumer = LuaState.string(at: 1, on: L) else {
                 return .error("weir.client.get_consumer_groups: expected a consumer name")
             }
             LuaState.push(.array(credentials.groups(of: consumer).map { .string($0) }), on: L)
             return .values(1)
-        }), ("client_is_consumer", { L in
+        }))
+        n.append(("client_is_consumer", { L in
             guard let consumer = LuaState.string(at: 1, on: L) else {
                 return .error("weir.client.is_consumer: expected a consumer name")
             }
             lua_pushboolean(L, credentials.isConsumer(consumer) ? 1 : 0)
             return .values(1)
-        })]
+        }))
+        return n
     }
 }
 

@@ -246,7 +246,7 @@ final class PublicKeyCache {
 }
 
 extension LuaRuntime {
-    func makeCryptoNatives() -> [(String, NativeFunction)] {
+    func makeCryptoNatives() -> NativeList {
         let keyCache = PublicKeyCache()
 
         func hash(at index: Int32, on L: LuaThread, _ fname: String) -> WeirCrypto.Hash? {

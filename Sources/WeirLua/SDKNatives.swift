@@ -199,8 +199,8 @@ extension LuaRuntime {
         return .values(0)
     }
 
-    func makeNatives() -> [(String, NativeFunction)] {
-        var n: [(String, NativeFunction)] = []
+    func makeNatives() -> NativeList {
+        var n = NativeList()
         // The hot header natives' names (see HeaderNameCache); the closures
         // live exactly as long as this state.
         let headerNames = HeaderNameCache()

@@ -137,8 +137,8 @@ private func pushRedisFailure(_ message: String, on L: LuaThread) {
 }
 
 extension LuaRuntime {
-    func makeRedisNatives() -> [(String, NativeFunction)] {
-        var n: [(String, NativeFunction)] = []
+    func makeRedisNatives() -> NativeList {
+        var n = NativeList()
 
         // weir.null: the NULL light userdata, equal to every other NULL light userdata.
         n.append(("redis_null", { L in lua_pushlightuserdata(L, nil); return .values(1) }))

@@ -42,7 +42,7 @@ extension LuaRuntime {
     /// `weir.re.find(subject, pattern)` -> from, to (1-based byte positions of
     /// the first match, as `string.find`), nil when there is none, or
     /// `nil, err` for a pattern that does not compile.
-    func makeRegexNatives() -> [(String, NativeFunction)] {
+    func makeRegexNatives() -> NativeList {
         let cache = RegexCache()
         return [("re_find", { L in
             guard let subject = LuaState.string(at: 1, on: L), let pattern = LuaState.string(at: 2, on: L) else {
