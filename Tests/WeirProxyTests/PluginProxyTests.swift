@@ -112,6 +112,10 @@ final class PluginProxyTests: PluginFolderTestCase {
         XCTAssertTrue(text.contains("weir_plugin_calls_total{plugin=\"flaky\",phase=\"request\",outcome=\"failed\"} 2"), text)
         XCTAssertTrue(text.contains("weir_plugin_calls_total{plugin=\"flaky\",phase=\"request\",outcome=\"completed\"} 2"), text)
         XCTAssertTrue(text.contains("weir_plugin_duration_seconds_count{plugin=\"flaky\",phase=\"request\"} 4"), text)
+        // Every call lands in a bucket (cumulative +Inf = count) and adds to the sum.
+        XCTAssertTrue(text.contains("weir_plugin_duration_seconds_bucket{plugin=\"flaky\",phase=\"request\",le=\"+Inf\"} 4"), text)
+        let sumLine = text.split(separator: "\n").first { $0.hasPrefix("weir_plugin_duration_seconds_sum{plugin=\"flaky\",phase=\"request\"}") }
+        XCTAssertGreaterThan(sumLine.flatMap { Double($0.split(separator: " ").last ?? "") } ?? 0, 0, text)
     }
 
     func testRouteConfigWinsOverGlobal() throws {
