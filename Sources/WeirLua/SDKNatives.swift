@@ -460,15 +460,23 @@ extension LuaRuntime {
             lua_pushnil(L); LuaState.push("exists", on: L); return .values(2)
         }))
         n.append(("shared_incr", { L in
-            // key string, delta number, init number or nil, ttl number >= 0
-            let initType = lua_type(L, 4)
+            // key string, delta number, init number or nil, ttl number >= 0,
+            // and for dict:incr_get the other key (a string) to read after.
+            let initType = lua_type(L, 4), otherType = lua_type(L, 6)
             guard let key = LuaState.bytes(at: 2, on: L), lua_type(L, 3) == LUA_TNUMBER, let delta = sharedValue(at: 3, on: L),
                   initType == LUA_TNUMBER || initType == LUA_TNIL || initType == LUA_TNONE,
-                  let ttl = number(at: 5, on: L), !(ttl < 0) else { return badArgument(L) }
-            let result = dictionary(L)?.incr(key, delta, initial: sharedValue(at: 4, on: L), initialTTL: ttl,
-                                             now: shared.now()) ?? .failure(.notFound)
+                  let ttl = number(at: 5, on: L), !(ttl < 0),
+                  otherType == LUA_TNONE || otherType == LUA_TSTRING else { return badArgument(L) }
+            let now = shared.now()
+            let target = dictionary(L)
+            let result = target?.incr(key, delta, initial: sharedValue(at: 4, on: L), initialTTL: ttl,
+                                      now: now) ?? .failure(.notFound)
             switch result {
-            case .success(let v): pushShared(v, on: L); return .values(1)
+            case .success(let v):
+                pushShared(v, on: L)
+                guard otherType == LUA_TSTRING, let otherKey = LuaState.bytes(at: 6, on: L) else { return .values(1) }
+                pushShared(target?.get(otherKey, now: now), on: L)
+                return .values(2)
             case .failure(.notFound): lua_pushnil(L); LuaState.push("not found", on: L); return .values(2)
             case .failure(.notANumber): lua_pushnil(L); LuaState.push("not a number", on: L); return .values(2)
             }

@@ -367,6 +367,40 @@ final class SDKTests: XCTestCase {
         XCTAssertEqual(shared.get("d", "key-150"), .bool(true))
     }
 
+    /// dict:incr_get: incr, then another key's value, from one native call;
+    /// failures and bad arguments answer as incr's do.
+    func testSharedIncrGetIncrementsAndReadsTheOtherKey() throws {
+        let h = Harness()
+        let (body, _, result) = try requestBody("""
+        local d = weir.shared.counters
+        d:set("prev", 41)
+        d:set("word", "text")
+        local n1, p1 = d:incr_get("cur", 1, 0, 60, "prev")
+        local n2, p2 = d:incr_get("cur", 2, 0, 60, "absent")
+        local n3, e3 = d:incr_get("missing", 1, nil, 0, "prev")
+        local n4, e4 = d:incr_get("word", 1, 0, 0, "prev")
+        local function msg(f) local ok, err = pcall(f); assert(not ok); return err end
+        return 200, table.concat({ n1, p1, n2, tostring(p2), tostring(n3), e3, tostring(n4), e4,
+          msg(function() d:incr_get("cur", 1, 0, 0, 7) end),
+          msg(function() d:incr_get("cur", 1, 0, 0) end),
+          msg(function() d:incr_get("cur", "1", 0, 0, "prev") end),
+          msg(function() d.incr_get("cur") end) }, "|")
+        """, harness: h)
+        let parts = (body ?? "").split(separator: "|", omittingEmptySubsequences: false).map(String.init)
+        XCTAssertEqual(Array(parts.prefix(8)), ["1", "41", "3", "nil", "nil", "not found", "nil", "not a number"], "\(result)")
+        let messages = [
+            "bad argument #5 to 'weir.shared.incr_get' (string expected, got number)",
+            "bad argument #5 to 'weir.shared.incr_get' (string expected, got nil)",
+            "bad argument #2 to 'weir.shared.incr_get' (number expected, got string)",
+            "weir.shared.incr_get: call it as dict:incr_get(...)",
+        ]
+        XCTAssertEqual(parts.count, 8 + messages.count, "\(result)")
+        for (line, message) in zip(parts.dropFirst(8), messages) {
+            XCTAssertTrue(line.hasSuffix(message), "\(line) should end with \(message)")
+        }
+        XCTAssertEqual(h.options.shared.get("counters", "cur"), .integer(3))
+    }
+
     func testSharedDictionaries() throws {
         let h = Harness()
         let (body, _, result) = try requestBody("""

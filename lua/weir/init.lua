@@ -636,6 +636,22 @@ function shared_dict:incr(key, delta, init, init_ttl)
   return v, err
 end
 
+-- incr, then the value of another key, in one call into Swift (a sliding
+-- window's current and previous counters): value, other (nil when absent),
+-- or nil, err as incr.
+function shared_dict:incr_get(key, delta, init, init_ttl, other_key)
+  if not is_dict[self] then check_dict(self, "weir.shared.incr_get") end
+  local v, other = native_shared_incr(self.id, key, delta or 1, init, init_ttl or 0, other_key)
+  if v == false then
+    check_string("weir.shared.incr_get", 1, key)
+    check_number("weir.shared.incr_get", 2, delta or 1)
+    if init ~= nil then check_number("weir.shared.incr_get", 3, init) end
+    check_ttl("weir.shared.incr_get", 4, init_ttl)
+    check_string("weir.shared.incr_get", 5, other_key)
+  end
+  return v, other
+end
+
 function shared_dict:delete(key)
   check_dict(self, "weir.shared.delete")
   check_string("weir.shared.delete", 1, key)

@@ -136,12 +136,12 @@ local function count_local(conf, st, keys, now, counts, prevs)
   local periods, refused = st.periods, false
   for i = 1, st.n do
     local p, k = periods[i], keys[i]
-    local count, err = dict:incr(k.key, 1, 0, p.ttl)
+    -- The window's count and the previous window's, in one SDK call.
+    local count, prev = dict:incr_get(k.key, 1, 0, p.ttl, k.prev_key)
     if not count then
       for j = 1, i - 1 do dict:incr(keys[j].key, -1) end   -- the windows taken so far
-      return nil, "counter update failed: " .. tostring(err)
+      return nil, "counter update failed: " .. tostring(prev)
     end
-    local prev = dict:get(k.prev_key)
     prev = prev and tonumber(prev) or 0
     counts[i], prevs[i] = count, prev
     local window = p.window
