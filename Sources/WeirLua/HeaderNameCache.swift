@@ -14,8 +14,16 @@ import Foundation
 /// taken for the old one; a name with upper-case letters never matches its
 /// lower-cased entry and is simply built each time.
 ///
+/// The same works for header *values* that are constants of the plugin
+/// (rate-limiting's limits and reset texts, a consumer's name): a cache made
+/// with `lowercased: false` keeps the text as it is.
+///
 /// One per Lua state, used only on its event loop (like the state).
 final class HeaderNameCache {
+    private let lowercased: Bool
+
+    init(lowercased: Bool = true) { self.lowercased = lowercased }
+
     // 128 slots in pairs (two-way): the few names of a plugin chain rarely
     // share a pair, and when two do, both still stay. Direct-mapped by
     // `address >> 4` a 64-slot table lost a name to a collision in some runs
@@ -27,7 +35,8 @@ final class HeaderNameCache {
     /// Per pair, the slot (0/1) the next new name replaces.
     private var nextVictim = [UInt8](repeating: 0, count: pairCount)
 
-    /// The header name at `index`, lower-cased; nil if it is not a string.
+    /// The header name at `index`, lower-cased (as it is for a value cache);
+    /// nil if it is not a string.
     func name(at index: Int32, on L: LuaThread) -> String? {
         var length = 0
         guard let p = weir_tostring(L, index, &length) else { return nil }
@@ -43,7 +52,7 @@ final class HeaderNameCache {
             }
             if same == true { return cached }
         }
-        guard let name = LuaState.headerName(at: index, on: L) else { return nil }
+        guard let name = lowercased ? LuaState.headerName(at: index, on: L) : LuaState.string(at: index, on: L) else { return nil }
         // Only short strings are interned (LUAI_MAXSHORTLEN 40): a long one
         // is a fresh object each time, not worth a slot.
         if length <= 40 {

@@ -123,9 +123,9 @@ private func badArgument(_ L: LuaThread) -> NativeReturn {
 
 /// A header value as the setters take it: a string, or an integer as text
 /// (a float is formatted by the Lua side, as Lua writes it).
-private func headerValue(at index: Int32, on L: LuaThread) -> String? {
+private func headerValue(at index: Int32, on L: LuaThread, cache: HeaderNameCache) -> String? {
     switch lua_type(L, index) {
-    case LUA_TSTRING: return LuaState.string(at: index, on: L)
+    case LUA_TSTRING: return cache.name(at: index, on: L)
     case LUA_TNUMBER where lua_isinteger(L, index) != 0: return decimalText(lua_tointegerx(L, index, nil))
     default: return nil
     }
@@ -204,6 +204,7 @@ extension LuaRuntime {
         // The hot header natives' names (see HeaderNameCache); the closures
         // live exactly as long as this state.
         let headerNames = HeaderNameCache()
+        let headerValues = HeaderNameCache(lowercased: false)
 
         // Per-request and per-connection tables.
         n.append(("ctx", requestNative("weir.ctx") { [unowned(unsafe) self] L, scope, _ in
@@ -247,7 +248,7 @@ extension LuaRuntime {
         }))
         func setter(_ fname: String, _ apply: @escaping (PluginRequestContext, String, String) -> Void) -> NativeFunction {
             requestNative(fname) { L, _, r in
-                guard let name = headerNames.name(at: 1, on: L), let value = headerValue(at: 2, on: L) else {
+                guard let name = headerNames.name(at: 1, on: L), let value = headerValue(at: 2, on: L, cache: headerValues) else {
                     return badArgument(L)
                 }
                 apply(r, name, value)
@@ -323,7 +324,7 @@ extension LuaRuntime {
             guard top % 2 == 0 else { return badArgument(L) }
             var i: Int32 = 1
             while i < top {
-                guard let name = headerNames.name(at: i, on: L), let value = headerValue(at: i + 1, on: L) else {
+                guard let name = headerNames.name(at: i, on: L), let value = headerValue(at: i + 1, on: L, cache: headerValues) else {
                     return badArgument(L)
                 }
                 r.setResponseHeader(name, value)

@@ -37,4 +37,21 @@ final class HeaderNameCacheTests: XCTestCase {
         XCTAssertNil(cache.name(at: -1, on: L), "not a string")
         weir_pop(L, 1)
     }
+
+    /// A value cache keeps the text as it is (case included), hit or not.
+    func testValueCacheKeepsTheTextAsItIs() throws {
+        let state = try LuaState()
+        let L = state.main
+        let cache = HeaderNameCache(lowercased: false)
+        func value(_ s: String) -> String? {
+            LuaState.push(s, on: L)
+            defer { weir_pop(L, 1) }
+            return cache.name(at: -1, on: L)
+        }
+        for _ in 0..<2 {
+            XCTAssertEqual(value("Key realm=\"Weir\""), "Key realm=\"Weir\"")
+            XCTAssertEqual(value("100"), "100")
+            XCTAssertEqual(value("alice"), "alice")
+        }
+    }
 }
