@@ -140,8 +140,8 @@ final class LoopRouting {
         self.balancers = runtime.upstreams.map { makeBalancer(for: $0.config, health: $0.health) }
     }
 
-    func pickTarget(upstream: UpstreamRuntime, headers: HTTP1Fields, clientIP: String, excluding: Int?) -> Int? {
-        var input = BalancerInput(clientIP: clientIP)
+    func pickTarget(upstream: UpstreamRuntime, headers: HTTP1Fields, clientIP: String, excluding: Int?, now: UInt64) -> Int? {
+        var input = BalancerInput(clientIP: clientIP, now: now)
         if upstream.config.balancer == .consistentHash {
             switch upstream.config.hashOn {
             case .header(let name): input.hashKey = headers.first(named: name)
@@ -224,6 +224,8 @@ final class LoopContext: @unchecked Sendable {
     let requestIDs = RequestIDGenerator()
     /// The `Date` value for responses the proxy writes itself.
     let dateCache = HTTPDateCache()
+    /// The time of the I/O event being handled, one clock read per event.
+    let clock = LoopClock()
     /// The routing new requests use; swapped on the loop by a reload.
     private(set) var routing: LoopRouting {
         didSet { routedAsReceived = Array(repeating: nil, count: routing.runtime.routes.count) }

@@ -12,6 +12,7 @@ final class UpstreamReadBufferTests: XCTestCase {
     /// Keeps what the handler reported as plain values (no buffers), so
     /// the test itself holds no reference to the read.
     private final class Recorder: UpstreamConnectionDelegate {
+        let loopClock = LoopClock()
         var statuses: [Int] = []
         var bodyBytes = 0
         var ends = 0

@@ -13,10 +13,14 @@ public struct BalancerInput {
     public var clientIP: String
     /// Header/cookie value chosen by upstream.hashOn, nil if absent -> fall back to clientIP.
     public var hashKey: String?
+    /// `MonotonicClock` nanoseconds the health checks compare against; the
+    /// proxy passes its event loop's cached time (one clock read per event).
+    public var now: UInt64
 
-    public init(clientIP: String, hashKey: String? = nil) {
+    public init(clientIP: String, hashKey: String? = nil, now: UInt64 = MonotonicClock.now()) {
         self.clientIP = clientIP
         self.hashKey = hashKey
+        self.now = now
     }
 }
 
@@ -127,7 +131,7 @@ final class SmoothWeightedRoundRobin: LoadBalancer {
     }
 
     func pick(_ input: BalancerInput, excluding: Int?) -> Int? {
-        let now = MonotonicClock.now()
+        let now = input.now
         var total = 0
         var best = -1
         for target in 0..<targets.count where targets.isEligible(target, excluding: excluding, now: now) {
@@ -156,7 +160,7 @@ final class LeastRequestBalancer: LoadBalancer {
     init(_ targets: BalancerTargets) { self.targets = targets }
 
     func pick(_ input: BalancerInput, excluding: Int?) -> Int? {
-        let now = MonotonicClock.now()
+        let now = input.now
         guard let first = targets.weightedRandom(excluding: excluding, now: now) else {
             return targets.fallback(excluding: excluding, now: now)
         }
@@ -192,7 +196,7 @@ final class WeightedRandomBalancer: LoadBalancer {
     init(_ targets: BalancerTargets) { self.targets = targets }
 
     func pick(_ input: BalancerInput, excluding: Int?) -> Int? {
-        let now = MonotonicClock.now()
+        let now = input.now
         return targets.weightedRandom(excluding: excluding, now: now) ?? targets.fallback(excluding: excluding, now: now)
     }
 
@@ -236,7 +240,7 @@ final class ConsistentHashBalancer: LoadBalancer {
 
     func pick(_ input: BalancerInput, excluding: Int?) -> Int? {
         guard !ringHashes.isEmpty else { return nil }
-        let now = MonotonicClock.now()
+        let now = input.now
         let keyHash = StableHash.hash(input.hashKey ?? input.clientIP)
         var index = firstPoint(atOrAfter: keyHash)
         // Walk clockwise; once every target has been seen there is nothing more to find.

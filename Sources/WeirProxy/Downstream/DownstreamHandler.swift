@@ -202,6 +202,9 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         if closing || decoderFailed { return }
+        // A client read event: one clock read serves everything it triggers.
+        loopContext.clock.enterEvent()
+        defer { loopContext.clock.leaveEvent() }
         let buffer = unwrapInboundIn(data)
         if inbound.readableBytes == 0 {
             inbound = buffer   // the usual case: nothing left over, no copy
@@ -384,7 +387,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
         let limits = listener.config.limits
         let span = header ? limits.headerTimeout : limits.keepAliveTimeout
         connectionTimerIsHeader = header
-        connectionTimer.set(.now() + .nanoseconds(span.nanoseconds))
+        connectionTimer.set(loopContext.clock.now + .nanoseconds(span.nanoseconds))
     }
 
     private func connectionTimerFired() {
@@ -664,8 +667,9 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
         exchange.finished = true
         exchangeTimer.set(nil)
         exchange.connection = nil
-        record(exchange)
-        exchange.plugins?.requestDone()
+        let now = loopContext.clock.now
+        record(exchange, now: now)
+        exchange.plugins?.requestDone(at: now)
         self.exchange = nil
         endBalancerAttempt(exchange)
         connection.handler.delegate = nil

@@ -6,7 +6,9 @@ import WeirCore
 final class Exchange {
     let id: String
     let head: RequestHead?
-    let started: NIODeadline = .now()
+    /// When the exchange began: the loop's cached time of the read that
+    /// brought its head (`LoopClock`).
+    let started: NIODeadline
     var wallStart: Double = 0
     var routed: RoutedRequest?
     /// The request's plugin scope when its route has plugins.
@@ -59,8 +61,9 @@ final class Exchange {
     /// HTTP/2 upstreams' deadlines only).
     lazy var grpc: GRPCRequestInfo? = head.flatMap { GRPCRequestInfo(headers: $0.headers) }
 
-    init(id: String, head: RequestHead?) {
+    init(id: String, head: RequestHead?, started: NIODeadline) {
         self.id = id
         self.head = head
+        self.started = started
     }
 }

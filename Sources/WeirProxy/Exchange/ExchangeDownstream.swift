@@ -96,8 +96,8 @@ extension ExchangeDownstream {
     // MARK: - Request start
 
     func makeExchange(head: RequestHead?) -> Exchange {
-        let exchange = Exchange(id: loopContext.requestIDs.next(), head: head)
-        if listener.observer != nil { exchange.wallStart = wallClockSeconds() }
+        let exchange = Exchange(id: loopContext.requestIDs.next(), head: head, started: loopContext.clock.now)
+        if listener.observer != nil { exchange.wallStart = loopContext.clock.wallSeconds }
         return exchange
     }
 
@@ -204,13 +204,15 @@ extension ExchangeDownstream {
         guard let routed = exchange.routed, let head = exchange.head else { return }
         let upstream = routed.upstream
         guard let target = exchange.pinnedTarget(excluding: excluding)
-                ?? routed.routing.pickTarget(upstream: upstream, headers: head.headers, clientIP: clientIP, excluding: excluding) else {
+                ?? routed.routing.pickTarget(upstream: upstream, headers: head.headers, clientIP: clientIP, excluding: excluding,
+                                             now: loopContext.clock.nowNanoseconds) else {
             return failBeforeResponse(exchange, .noHealthyTarget, "no healthy target in upstream \(upstream.name)")
         }
         exchange.attempts += 1
         exchange.target = target
         exchange.staleRetried = false
-        if exchange.upstreamStart == nil { exchange.upstreamStart = .now() }
+        let now = loopContext.clock.now
+        if exchange.upstreamStart == nil { exchange.upstreamStart = now }
         if exchange.upstreamEdits == nil {
             exchange.upstreamEdits = upstreamEdits(exchange, head: head, routed: routed)
         } else if !routed.route.preserveHost {
@@ -220,7 +222,7 @@ extension ExchangeDownstream {
         let pool = routed.routing.pools[upstream.index][target]
         routed.routing.balancerStarted(upstream: upstream, target: target)
         exchange.balancerActive = true
-        if let connection = pool.takeIdle(now: .now()) {
+        if let connection = pool.takeIdle(now: now) {
             useConnection(connection, for: exchange)
         } else {
             connectFresh(exchange, pool: pool)
@@ -235,7 +237,7 @@ extension ExchangeDownstream {
             }
             guard self.exchange === exchange, !exchange.finished else {
                 // The request ended (client gone, timeout) while we connected: keep the connection.
-                if case .success(let c) = result { pool.release(c, now: .now()) }
+                if case .success(let c) = result { pool.release(c, now: self.loopContext.clock.now) }
                 return
             }
             switch result {
@@ -443,13 +445,15 @@ extension ExchangeDownstream {
     }
 
     func requestFullySent(_ exchange: Exchange) {
-        let now = NIODeadline.now()
+        let now = loopContext.clock.now
         exchange.requestSentAt = now
         exchange.lastUpstreamRead = now
         armExchangeTimer(exchange)
     }
 
     // MARK: - UpstreamConnectionDelegate
+
+    var loopClock: LoopClock { loopContext.clock }
 
     func upstreamRead(_ part: UpstreamResponsePart, on connection: UpstreamConnection) {
         guard let exchange, exchange.connection === connection else {
@@ -460,7 +464,7 @@ extension ExchangeDownstream {
             plugins.heldParts.append(part)
             return
         }
-        if exchange.requestSentAt != nil { exchange.lastUpstreamRead = .now() }
+        if exchange.requestSentAt != nil { exchange.lastUpstreamRead = loopContext.clock.now }
         switch part {
         case .head(let head):
             upstreamHead(head, exchange: exchange, connection: connection)
@@ -567,7 +571,7 @@ extension ExchangeDownstream {
             exchange.writeBlockedSince = nil
             resumeReadingIfAllowed()
         } else {
-            exchange.writeBlockedSince = .now()
+            exchange.writeBlockedSince = loopContext.clock.now
             armExchangeTimer(exchange)
         }
     }
@@ -743,7 +747,7 @@ extension ExchangeDownstream {
         if let connection = exchange.connection {
             exchange.connection = nil
             if exchange.upstreamKeepAlive && connection.reusable {
-                connection.pool.release(connection, now: .now())
+                connection.pool.release(connection, now: loopContext.clock.now)
             } else {
                 connection.close()
             }
@@ -778,14 +782,16 @@ extension ExchangeDownstream {
             exchange.connection = nil
             connection.close()
         }
-        record(exchange)
-        exchange.plugins?.requestDone()
+        let now = loopContext.clock.now
+        record(exchange, now: now)
+        exchange.plugins?.requestDone(at: now)
         self.exchange = nil
     }
 
-    func record(_ exchange: Exchange) {
+    /// `now`: the loop's cached time of the event that ended the exchange
+    /// (`LoopClock`), so durations are exact to within one loop turn.
+    func record(_ exchange: Exchange, now: NIODeadline) {
         guard let observer = listener.observer else { return }
-        let now = NIODeadline.now()
         let upstreamDuration = exchange.upstreamStart.map { Double((now - $0).nanoseconds) / 1e9 }
         let totalDuration = Double((now - exchange.started).nanoseconds) / 1e9
         guard observer.wantsAccessRecords else {

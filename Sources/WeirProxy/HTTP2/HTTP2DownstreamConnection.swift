@@ -180,6 +180,9 @@ final class HTTP2DownstreamConnection: ChannelDuplexHandler {
     // MARK: - Frames in
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        // A client read event: one clock read serves the streams it feeds.
+        loopContext.clock.enterEvent()
+        defer { loopContext.clock.leaveEvent() }
         reading = true
         let frame = unwrapInboundIn(data)
         let streamID = frame.streamID

@@ -102,10 +102,10 @@ final class ExchangePlugins: PluginRequestContext {
     /// After the response went out (or the request was abandoned): the log
     /// phase, then the scope is released. Never delays the client: the
     /// response is already written when this runs.
-    func requestDone() {
+    func requestDone(at now: NIODeadline) {
         guard !done else { return }
         done = true
-        finishedAt = .now()
+        finishedAt = now
         cancelBodyWait()
         holdingResponse = false
         heldParts.removeAll()

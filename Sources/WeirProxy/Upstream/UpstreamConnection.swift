@@ -16,6 +16,8 @@ enum UpstreamResponsePart {
 /// The side of an exchange that receives what an upstream connection reports.
 /// Implemented by the exchange (`ExchangeDownstream`); everything runs on one event loop.
 protocol UpstreamConnectionDelegate: AnyObject {
+    /// The loop's clock: a read event reads it once for all its parts.
+    var loopClock: LoopClock { get }
     func upstreamRead(_ part: UpstreamResponsePart, on connection: UpstreamConnection)
     func upstreamReadComplete(on connection: UpstreamConnection)
     func upstreamWritabilityChanged(on connection: UpstreamConnection)
@@ -228,13 +230,15 @@ final class UpstreamHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard let connection else { return }
-        guard delegate != nil else {
+        guard let clock = delegate?.loopClock else {
             // An idle pooled connection must stay silent, and a connection an
             // exchange gave up on is finished; either way never reuse it.
             connection.reusable = false
             context.close(promise: nil)
             return
         }
+        clock.enterEvent()
+        defer { clock.leaveEvent() }
         let buffer = unwrapInboundIn(data)
         if inbound.readableBytes == 0 {
             inbound = buffer   // the usual case: no copy
