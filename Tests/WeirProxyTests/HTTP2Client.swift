@@ -307,6 +307,7 @@ elif MODE == "stream-error":
     elif kind == "pseudo-after-regular": h = [(":method", "GET"), ("x-a", "1"), (":path", "/"), (":scheme", "http"), (":authority", "t")]
     elif kind == "crlf-in-value": h = base + [("x-a", "1\r\nx-injected: 1")]
     elif kind == "nul-in-value": h = base + [("x-a", "1\x00")]
+    elif kind == "non-token-name": h = base + [("x@a", "1")]
     elif kind == "body-longer": h = post + [("content-length", "3")]; body = b"12345"
     elif kind == "body-shorter": h = post + [("content-length", "10")]; body = b"123"
     elif kind == "length-without-body": h = post + [("content-length", "5")]

@@ -315,7 +315,7 @@ final class HTTP2DownstreamTests: UpstreamTestCase {
         // Weir checks these itself (HTTP2RequestFields), nio-http2's validation is off downstream.
         let kinds = ["uppercase", "connection-header", "transfer-encoding", "te-gzip", "unknown-pseudo", "protocol-pseudo",
                      "duplicate-pseudo", "missing-path", "empty-path", "space-in-path", "connect-with-path",
-                     "pseudo-after-regular", "crlf-in-value", "nul-in-value",
+                     "pseudo-after-regular", "crlf-in-value", "nul-in-value", "non-token-name",
                      // content-length against the body (RFC 9113 §8.1.1), and trailers
                      "body-longer", "body-shorter", "length-without-body", "uppercase-trailer", "pseudo-in-trailers"]
         for kind in kinds {

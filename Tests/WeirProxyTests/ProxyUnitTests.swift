@@ -77,3 +77,23 @@ final class ProxyUnitTests: XCTestCase {
         XCTAssertEqual(json?["request_id"], "r-1")
     }
 }
+
+/// HTTP/2 request field checks (RFC 9113 §8.2) share the HTTP/1.1 tchar
+/// table and the plugin-value check; the bytes each one refuses.
+final class HTTP2RequestFieldCheckTests: XCTestCase {
+    func testNamesAreLowercaseTokens() {
+        XCTAssertTrue(HTTP2RequestFields.isLowercaseToken("x-a_b.c!#$%&'*+^`|~09"))
+        for bad in ["", "X-Up", "x-uP", "a b", "x@y", "x(y", "x:y", "x\"y", "x/y", "x\u{7F}", "x\u{0}", "é", "x\r\n"] {
+            XCTAssertFalse(HTTP2RequestFields.isLowercaseToken(bad), "\(bad.debugDescription)")
+        }
+    }
+
+    func testValuesRefuseNULCRAndLF() {
+        for good in ["", "a b\tc", "ünïcode", String(repeating: "v", count: 100)] {
+            XCTAssertTrue(HTTP2RequestFields.isValidValue(good), good)
+        }
+        for bad in ["1\r\nx-injected: 1", "a\rb", "a\nb", "a\u{0}", String(repeating: "v", count: 100) + "\n"] {
+            XCTAssertFalse(HTTP2RequestFields.isValidValue(bad), "\(bad.debugDescription)")
+        }
+    }
+}

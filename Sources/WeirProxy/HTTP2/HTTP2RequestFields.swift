@@ -107,32 +107,21 @@ struct HTTP2RequestFields {
         }
     }
 
-    /// RFC 9110 tchar without A-Z (RFC 9113 §8.2: names are lower case), at least one.
+    /// RFC 9110 tchar (the HTTP/1.1 parser's table) without A-Z (RFC 9113
+    /// §8.2: names are lower case), at least one.
     static func isLowercaseToken(_ name: String) -> Bool {
-        var name = name
-        return name.withUTF8 { bytes in
-            guard !bytes.isEmpty else { return false }
-            for byte in bytes {
-                switch byte {
-                case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "0")...UInt8(ascii: "9"), UInt8(ascii: "-"):
-                    continue
-                case 0x21, 0x23...0x27, 0x2A, 0x2B, 0x2E, 0x5E...0x60, 0x7C, 0x7E:
-                    continue
-                default:
-                    return false
-                }
-            }
+        @inline(__always) func ok(_ b: UInt8) -> Bool { HTTP1Bytes.isTChar(b) && b &- UInt8(ascii: "A") >= 26 }
+        if let valid = name.utf8.withContiguousStorageIfAvailable({ bytes -> Bool in
+            guard let p = bytes.baseAddress, bytes.count > 0 else { return false }
+            for i in 0..<bytes.count where !ok(p[i]) { return false }
             return true
-        }
+        }) { return valid }
+        return !name.isEmpty && name.utf8.allSatisfy(ok)
     }
 
-    /// No NUL, CR or LF (RFC 9113 §8.2.1).
+    /// No NUL, CR or LF (RFC 9113 §8.2.1): the same check as a plugin-set value.
     static func isValidValue(_ value: String) -> Bool {
-        var value = value
-        return value.withUTF8 { bytes in
-            for byte in bytes where byte == 0 || byte == 0x0A || byte == 0x0D { return false }
-            return true
-        }
+        HeadSerialization.isValidFieldValue(value)
     }
 
     /// No control character, space or DEL: a pseudo-header becomes part of
