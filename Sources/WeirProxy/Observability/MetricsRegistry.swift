@@ -125,12 +125,17 @@ public struct LatencyHistogram: Sendable {
     public var sum: Double = 0
     public var count: Int = 0
 
+    /// The slot of `counts` an observation of `seconds` falls in.
+    @inline(__always)
+    static func bucket(of seconds: Double) -> Int {
+        let bounds = MetricsRegistry.latencyBuckets
+        for i in 0..<bounds.count where seconds <= bounds[i] { return i }
+        return bounds.count
+    }
+
     @inline(__always)
     mutating func observe(_ seconds: Double) {
-        let bounds = MetricsRegistry.latencyBuckets
-        var index = bounds.count
-        for i in 0..<bounds.count where seconds <= bounds[i] { index = i; break }
-        counts[index] += 1
+        counts[Self.bucket(of: seconds)] += 1
         sum += seconds
         count += 1
     }

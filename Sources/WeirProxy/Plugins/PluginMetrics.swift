@@ -73,10 +73,7 @@ public final class PluginMetrics: PluginPhaseObserver, @unchecked Sendable {
 
         func record(nanoseconds: UInt64, outcome: PluginCallOutcome) {
             let seconds = Double(nanoseconds) / 1e9
-            let bounds = MetricsRegistry.latencyBuckets
-            var index = bounds.count
-            for i in 0..<bounds.count where seconds <= bounds[i] { index = i; break }
-            slot(index).wrappingIncrement(ordering: .relaxed)
+            slot(LatencyHistogram.bucket(of: seconds)).wrappingIncrement(ordering: .relaxed)
             slot(Self.countSlot).wrappingIncrement(ordering: .relaxed)
             let sum = slot(Self.sumSlot)
             sum.store((Double(bitPattern: sum.load(ordering: .relaxed)) + seconds).bitPattern, ordering: .relaxed)
