@@ -397,6 +397,7 @@ final class SDKTests: XCTestCase {
         XCTAssertEqual(parts.count, 8 + messages.count, "\(result)")
         for (line, message) in zip(parts.dropFirst(8), messages) {
             XCTAssertTrue(line.hasSuffix(message), "\(line) should end with \(message)")
+            XCTAssertTrue(line.hasPrefix("probe/handler.lua:") || line.contains("/probe/handler.lua:"), line)
         }
         XCTAssertEqual(h.options.shared.get("counters", "cur"), .integer(3))
     }

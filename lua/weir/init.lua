@@ -54,8 +54,8 @@ local function arg_error(fname, n, expected, got, level)
   error("bad argument #" .. n .. " to '" .. fname .. "' (" .. expected .. " expected, got " .. type(got) .. ")", level or 4)
 end
 
-local function check_string(fname, n, v)
-  if type(v) ~= "string" then arg_error(fname, n, "string", v) end
+local function check_string(fname, n, v, level)
+  if type(v) ~= "string" then arg_error(fname, n, "string", v, level) end
 end
 
 local function check_optional_string(fname, n, v)
@@ -68,8 +68,8 @@ local function check_integer(fname, n, v)
   end
 end
 
-local function check_number(fname, n, v)
-  if type(v) ~= "number" then arg_error(fname, n, "number", v) end
+local function check_number(fname, n, v, level)
+  if type(v) ~= "number" then arg_error(fname, n, "number", v, level) end
 end
 
 -- A header value may be a string, a number, or an array of those.
@@ -585,8 +585,8 @@ local function check_value(fname, n, v)
   if t ~= "string" and t ~= "number" and t ~= "boolean" then arg_error(fname, n, "string, number or boolean", v) end
 end
 
-local function check_ttl(fname, n, ttl)
-  if ttl ~= nil and (type(ttl) ~= "number" or ttl < 0) then arg_error(fname, n, "non-negative number or nil", ttl) end
+local function check_ttl(fname, n, ttl, level)
+  if ttl ~= nil and (type(ttl) ~= "number" or ttl < 0) then arg_error(fname, n, "non-negative number or nil", ttl, level) end
 end
 
 -- Every dictionary handle (see `dicts`): `is_dict[self]` checks the
@@ -622,17 +622,20 @@ end
 
 -- Hot path (rate limiters, counters): the native takes a string key, a
 -- number delta, a number or nil init and a non-negative ttl, and returns
--- false for anything else; the full checks then say which.
+-- false for anything else; then this says which (for incr and incr_get:
+-- level 5 blames their caller).
 local native_shared_incr = N.shared_incr
+local function check_incr_args(fname, key, delta, init, init_ttl)
+  check_string(fname, 1, key, 5)
+  check_number(fname, 2, delta, 5)
+  if init ~= nil then check_number(fname, 3, init, 5) end
+  check_ttl(fname, 4, init_ttl, 5)
+end
+
 function shared_dict:incr(key, delta, init, init_ttl)
   if not is_dict[self] then check_dict(self, "weir.shared.incr") end
   local v, err = native_shared_incr(self.id, key, delta or 1, init, init_ttl or 0)
-  if v == false then
-    check_string("weir.shared.incr", 1, key)
-    check_number("weir.shared.incr", 2, delta or 1)
-    if init ~= nil then check_number("weir.shared.incr", 3, init) end
-    check_ttl("weir.shared.incr", 4, init_ttl)
-  end
+  if v == false then check_incr_args("weir.shared.incr", key, delta or 1, init, init_ttl) end
   return v, err
 end
 
@@ -643,10 +646,7 @@ function shared_dict:incr_get(key, delta, init, init_ttl, other_key)
   if not is_dict[self] then check_dict(self, "weir.shared.incr_get") end
   local v, other = native_shared_incr(self.id, key, delta or 1, init, init_ttl or 0, other_key)
   if v == false then
-    check_string("weir.shared.incr_get", 1, key)
-    check_number("weir.shared.incr_get", 2, delta or 1)
-    if init ~= nil then check_number("weir.shared.incr_get", 3, init) end
-    check_ttl("weir.shared.incr_get", 4, init_ttl)
+    check_incr_args("weir.shared.incr_get", key, delta or 1, init, init_ttl)
     check_string("weir.shared.incr_get", 5, other_key)
   end
   return v, other
