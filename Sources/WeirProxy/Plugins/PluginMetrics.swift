@@ -9,8 +9,9 @@ import WeirLua
 ///   one plugin's phase call, async waits included)
 /// - `weir_plugin_calls_total{plugin,phase,outcome}` (completed, exited, failed)
 ///
-/// Fed by the Lua runtime on the event loops (one shard per loop, so the
-/// data path takes only an uncontended lock); kept across reloads.
+/// Fed by the Lua runtime on the event loops: each loop writes its own
+/// lock-free `LoopCell`s (relaxed atomic adds, read as a snapshot by
+/// `/metrics`); only the rare event counts take a lock. Kept across reloads.
 public final class PluginMetrics: PluginPhaseObserver, @unchecked Sendable {
     struct Key: Hashable { let plugin: String; let phase: PluginPhase }
     struct EventKey: Hashable { let plugin: String; let event: String }
