@@ -146,7 +146,8 @@ public final class ProxyServer: @unchecked Sendable {
                 func addHTTPHandlers(_ channel: Channel, tls: TLSConnectionInfo?) throws {
                     // Weir's own HTTP/1.1 codec runs inside the handler (no
                     // decoder/encoder handlers: one handler per connection).
-                    let downstream = DownstreamHandler(loopContext: loopContext, listener: listener)
+                    // On a plain listener it is the pipeline's only handler.
+                    let downstream = DownstreamHandler(loopContext: loopContext, listener: listener, soleHandler: tls == nil)
                     downstream.tls = tls
                     try channel.pipeline.syncOperations.addHandler(downstream)
                 }

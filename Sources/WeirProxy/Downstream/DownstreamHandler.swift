@@ -20,8 +20,10 @@ import WeirCore
 /// the upstream accepts it); pipelined requests wait unparsed in the
 /// buffer until the response before them is done, so responses stay in order.
 ///
-/// Pipeline: just this handler. The upstream side of each exchange is an
-/// `UpstreamConnection` from the loop's pool, on this loop.
+/// Pipeline: just this handler (after the TLS handler on https listeners).
+/// When it is the only one, its writes, flushes and read requests go
+/// straight to the channel's core (`SoleHandlerIO`). The upstream side of
+/// each exchange is an `UpstreamConnection` from the loop's pool, on this loop.
 final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, ExchangeDownstream {
     typealias InboundIn = ByteBuffer
     typealias OutboundIn = ByteBuffer
@@ -30,6 +32,10 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
     let loopContext: LoopContext
     let listener: ListenerRuntime
     var context: ChannelHandlerContext!
+    /// Writes, flushes and reads: straight to the channel's core on plain
+    /// listeners, where this is the pipeline's only handler.
+    private var io = SoleHandlerIO()
+    private let soleHandler: Bool
     /// The channel's allocator, looked up once (not per write through the
     /// `Channel` existential).
     private(set) var allocator = ByteBufferAllocator()
@@ -102,9 +108,12 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
     /// added; see TLS/ListenerTLS.swift); nil on plain connections.
     var tls: TLSConnectionInfo?
 
-    init(loopContext: LoopContext, listener: ListenerRuntime) {
+    /// `soleHandler`: nothing else is or will be in the pipeline while this
+    /// handler is in it (a plain listener; not behind a TLS handler).
+    init(loopContext: LoopContext, listener: ListenerRuntime, soleHandler: Bool) {
         self.loopContext = loopContext
         self.listener = listener
+        self.soleHandler = soleHandler
         self.limits = HTTP1Limits(listener.config.limits)
         self.parser = HTTP1RequestParser(limits: limits)
         self.mayStartHTTP2 = listener.config.protocol == .http && listener.config.http2.enabled
@@ -114,6 +123,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
+        io.attach(context, soleHandler: soleHandler)
         allocator = context.channel.allocator
         connectionTimer.setUp(loop: context.eventLoop) { [weak self] in self?.connectionTimerFired() }
         exchangeTimer.setUp(loop: context.eventLoop) { [weak self] in self?.exchangeTimerFired() }
@@ -158,6 +168,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
+        io.detach()
         connectionTimer.cancel()
         exchangeTimer.cancel()
         connectionPlugins?.close()   // a tunnel runs no more plugins
@@ -173,7 +184,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
 
     func read(context: ChannelHandlerContext) {
         if shouldReadDownstream {
-            context.read()
+            io.read(context: context)
         } else {
             pendingRead = true
         }
@@ -194,7 +205,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
     func resumeReadingIfAllowed() {
         if pendingRead && shouldReadDownstream {
             pendingRead = false
-            context.read()
+            io.read(context: context)
         }
     }
 
@@ -294,6 +305,8 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
 
     func channelReadComplete(context: ChannelHandlerContext) {
         flushUpstreamIfNeeded()
+        // The next read, asked for here when wanted (see SoleHandlerIO.rearmRead).
+        io.rearmRead(if: io.isDirect && shouldReadDownstream)
         context.fireChannelReadComplete()
     }
 
@@ -549,7 +562,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
 
     private func writeResponseHeadBuffer() {
         responseHeadPending = false
-        context.write(wrapOutboundOut(responseHeadBuffer), promise: nil)
+        io.write(responseHeadBuffer, context: context, promise: nil)
         if responseHeadBuffer.capacity > Self.keptResponseBufferCapacity { responseHeadBuffer = ByteBuffer() }
     }
 
@@ -566,22 +579,22 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
             writeResponseHeadBuffer()
         }
         guard exchange.responseChunked else {
-            context.write(wrapOutboundOut(data), promise: nil)
+            io.write(data, context: context, promise: nil)
             return
         }
         if length <= 4096 {
             // Small chunks: one buffer (a write costs more than the copy).
             var out = allocator.buffer(capacity: length + 24)
             HTTP1ChunkedEncoder.writeChunk(data, into: &out)
-            context.write(wrapOutboundOut(out), promise: nil)
+            io.write(out, context: context, promise: nil)
         } else {
             var header = allocator.buffer(capacity: 24)
             HTTP1ChunkedEncoder.writeChunkHeader(length: length, into: &header)
-            context.write(wrapOutboundOut(header), promise: nil)
-            context.write(wrapOutboundOut(data), promise: nil)
+            io.write(header, context: context, promise: nil)
+            io.write(data, context: context, promise: nil)
             var crlf = allocator.buffer(capacity: 2)
             HTTP1ChunkedEncoder.writeChunkEnd(into: &crlf)
-            context.write(wrapOutboundOut(crlf), promise: nil)
+            io.write(crlf, context: context, promise: nil)
         }
     }
 
@@ -594,9 +607,9 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
             out.writeStaticString("0\r\n")
             if let trailers { HeadSerialization.writeTrailers(trailers, into: &out) }
             out.writeStaticString("\r\n")
-            context.write(wrapOutboundOut(out), promise: promise)
+            io.write(out, context: context, promise: promise)
         } else if let promise {
-            context.write(wrapOutboundOut(allocator.buffer(capacity: 0)), promise: promise)
+            io.write(allocator.buffer(capacity: 0), context: context, promise: promise)
         }
     }
 
@@ -604,7 +617,8 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
     func relayInterimResponseHead(_ head: HTTP1ResponseHead, exchange: Exchange) {
         var out = allocator.buffer(capacity: head.bytes.readableBytes)
         HTTP1HeadWriter.writeResponse(head, edits: HTTP1HeadEdits(removed: head.fields.hopByHopFields()), into: &out)
-        context.writeAndFlush(wrapOutboundOut(out), promise: nil)
+        io.write(out, context: context, promise: nil)
+        io.flush(context: context)
     }
 
     func writeLocalResponse(_ head: HTTPResponseHead, body: ByteBuffer?, exchange: Exchange, promise: EventLoopPromise<Void>?) {
@@ -612,7 +626,8 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
         var out = allocator.buffer(capacity: 256 + (body?.readableBytes ?? 0))
         HeadSerialization.writeResponse(head, into: &out)
         if var body { out.writeBuffer(&body) }
-        context.writeAndFlush(wrapOutboundOut(out), promise: promise)
+        io.write(out, context: context, promise: promise)
+        io.flush(context: context)
     }
 
     var eventLoop: EventLoop { context.eventLoop }
@@ -623,7 +638,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
     /// Writes a head held back for coalescing, then flushes.
     func flushDownstream() {
         writePendingResponseHead()
-        context.flush()
+        io.flush(context: context)
     }
 
     // MARK: - After an exchange
@@ -631,7 +646,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
     func exchangeFinished(_ exchange: Exchange, afterWrite: EventLoopFuture<Void>?) {
         if closesAfter(exchange) {
             closing = true
-            context.flush()
+            io.flush(context: context)
             if let afterWrite {
                 let channel = context.channel
                 afterWrite.whenComplete { _ in channel.close(promise: nil) }
@@ -641,7 +656,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
             return
         }
         // Ready for the next request on this connection.
-        context.flush()
+        io.flush(context: context)
         // The next request's upstream edits reuse this one's array storage.
         recycleUpstreamFields(of: exchange, into: &spareUpstreamFields)
         armConnectionTimer(header: false)

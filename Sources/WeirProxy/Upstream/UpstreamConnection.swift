@@ -144,7 +144,9 @@ final class UpstreamConnection {
 /// `HTTP1ResponseParser` (bodies by their framing, chunked de-chunked),
 /// relays them to the attached exchange and holds back reads while the
 /// exchange asks it to (backpressure from a slow client). Requests are
-/// written as bytes the exchange already serialised.
+/// written as bytes the exchange already serialised. On a plain TCP
+/// connection it is the pipeline's only handler, and its writes, flushes
+/// and read requests go straight to the channel's core (`SoleHandlerIO`).
 final class UpstreamHandler: ChannelDuplexHandler, RemovableChannelHandler {
     typealias InboundIn = ByteBuffer
     typealias OutboundIn = ByteBuffer
@@ -156,6 +158,8 @@ final class UpstreamHandler: ChannelDuplexHandler, RemovableChannelHandler {
     /// when the channel goes inactive or this handler is removed (tunnel).
     var connection: UpstreamConnection?
     private var context: ChannelHandlerContext?
+    private var io = SoleHandlerIO()
+    private let soleHandler: Bool
     private var readPaused = false
     private var pendingRead = false
 
@@ -176,11 +180,19 @@ final class UpstreamHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private var body = Body.head
     private var processing = false
 
+    /// `soleHandler`: nothing else is in the pipeline while this handler is
+    /// (a plain TCP connection: no TLS handler, not an HTTP/2 stream).
+    init(soleHandler: Bool = false) {
+        self.soleHandler = soleHandler
+    }
+
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
+        io.attach(context, soleHandler: soleHandler)
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
+        io.detach()
         self.context = nil
         self.connection = nil
     }
@@ -198,13 +210,15 @@ final class UpstreamHandler: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     func write(_ buffer: ByteBuffer) {
-        context?.write(wrapOutboundOut(buffer), promise: nil)
+        guard let context else { return }
+        io.write(buffer, context: context, promise: nil)
     }
 
     /// From this handler's context: it is the last handler of the pipeline
     /// (the only one, or after an HTTP/2 stream codec), so nothing is skipped.
     func flush() {
-        context?.flush()
+        guard let context else { return }
+        io.flush(context: context)
     }
 
     func pauseReading() {
@@ -214,9 +228,9 @@ final class UpstreamHandler: ChannelDuplexHandler, RemovableChannelHandler {
     func resumeReading() {
         guard readPaused else { return }
         readPaused = false
-        if pendingRead {
+        if pendingRead, let context {
             pendingRead = false
-            context?.read()
+            io.read(context: context)
         }
     }
 
@@ -224,7 +238,7 @@ final class UpstreamHandler: ChannelDuplexHandler, RemovableChannelHandler {
         if readPaused {
             pendingRead = true
         } else {
-            context.read()
+            io.read(context: context)
         }
     }
 
@@ -351,6 +365,8 @@ final class UpstreamHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     func channelReadComplete(context: ChannelHandlerContext) {
         if let connection { delegate?.upstreamReadComplete(on: connection) }
+        // The next read, asked for here when wanted (see SoleHandlerIO.rearmRead).
+        io.rearmRead(if: io.isDirect && !readPaused)
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
@@ -556,7 +572,8 @@ final class TargetPool {
                 do {
                     // TLS upstreams: the client TLS handler first (TLS/UpstreamTLS.swift).
                     try tlsContext?.addClientHandler(to: channel, targetHost: host)
-                    try channel.pipeline.syncOperations.addHandler(UpstreamHandler())
+                    // Without TLS it is the pipeline's only handler.
+                    try channel.pipeline.syncOperations.addHandler(UpstreamHandler(soleHandler: tlsContext == nil))
                     return channel.eventLoop.makeSucceededVoidFuture()
                 } catch {
                     return channel.eventLoop.makeFailedFuture(error)
