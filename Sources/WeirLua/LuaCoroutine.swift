@@ -1,6 +1,5 @@
 import CLua
 import CLuaShims
-import NIOConcurrencyHelpers
 
 /// A Lua thread anchored in the registry. Runs one function at a time via
 /// `lua_resume`; after the function finishes (or after `reset()`), the same
@@ -45,11 +44,11 @@ public final class LuaCoroutine {
 
     /// For deinit paths that may run off the loop: queue the anchor for
     /// release by the owner instead of touching the state here.
-    func releaseLater(into queue: NIOLockedValueBox<[Int32]>) {
+    func releaseLater(into runtime: LuaRuntime) {
         guard ref != LUA_NOREF else { return }
         let r = ref
         ref = LUA_NOREF
-        queue.withLockedValue { $0.append(r) }
+        runtime.orphan(r)
     }
 
     /// Starts the function that sits below `nargs` arguments on the thread's stack.

@@ -59,11 +59,8 @@ public final class PluginRequest {
         // Dropped without finish() (possibly off the loop): queue the refs;
         // the runtime releases them on its loop at the next begin.
         guard !isFinished else { return }
-        if ctxRef != LUA_NOREF {
-            let ref = ctxRef
-            runtime.orphanedRefs.withLockedValue { $0.append(ref) }
-        }
-        coroutine?.releaseLater(into: runtime.orphanedRefs)
+        if ctxRef != LUA_NOREF { runtime.orphan(ctxRef) }
+        coroutine?.releaseLater(into: runtime)
     }
 
     public var requestID: String? { context?.requestID }
@@ -417,8 +414,7 @@ public final class PluginConnection {
 
     deinit {
         if !isClosed && dataTableRef != LUA_NOREF {
-            let ref = dataTableRef
-            runtime.orphanedRefs.withLockedValue { $0.append(ref) }
+            runtime.orphan(dataTableRef)
         }
     }
 

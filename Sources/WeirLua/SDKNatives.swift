@@ -156,23 +156,26 @@ extension LuaRuntime {
     private func requestNative(_ name: String, _ body: @escaping RequestNative) -> NativeFunction {
         // unowned(unsafe): the state (and so every native) dies with the runtime.
         return { [unowned(unsafe) self] L in
-            guard let scope = self.current else {
+            guard let current = self.currentScope else {
                 return .error("\(name): no request is active (called outside a plugin phase?)")
             }
-            guard let request = scope.context else {
-                return .error("\(name) is not available in the connection phase")
+            // Borrowed for the call (see `currentScope`): no retain of the scope.
+            return current._withUnsafeGuaranteedRef { scope in
+                guard let request = scope.context else {
+                    return .error("\(name) is not available in the connection phase")
+                }
+                return body(L, scope, request)
             }
-            return body(L, scope, request)
         }
     }
 
     /// Wraps a native that works in any scope (request or connection).
     func scopeNative(_ name: String, _ body: @escaping (LuaThread, PluginRequest) -> NativeReturn) -> NativeFunction {
-        return { [unowned self] L in
-            guard let scope = self.current else {
+        return { [unowned(unsafe) self] L in
+            guard let current = self.currentScope else {
                 return .error("\(name): no request is active (called outside a plugin phase?)")
             }
-            return body(L, scope)
+            return current._withUnsafeGuaranteedRef { scope in body(L, scope) }
         }
     }
 
