@@ -12,7 +12,8 @@ import Foundation
 /// later freeing) the same String on every call. A hit also compares the
 /// bytes, so a string that a collection left at a recycled address is never
 /// taken for the old one; a name with upper-case letters never matches its
-/// lower-cased entry and is simply built each time.
+/// lower-cased entry byte for byte, so it is compared with ASCII upper case
+/// folded (`X-Consumer-Name`, as users write it, hits too).
 ///
 /// The same works for header *values* that are constants of the plugin
 /// (rate-limiting's limits and reset texts, a consumer's name): a cache made
@@ -48,7 +49,8 @@ final class HeaderNameCache {
         for slot in (2 * pair)...(2 * pair + 1) where addresses[slot] == address {
             let cached = names[slot]
             let same = cached.utf8.withContiguousStorageIfAvailable {
-                $0.count == length && memcmp($0.baseAddress!, address, length) == 0
+                $0.count == length && (memcmp($0.baseAddress!, address, length) == 0
+                                       || lowercased && Self.asciiLowercased(address, length, equals: $0.baseAddress!))
             }
             if same == true { return cached }
         }
@@ -62,5 +64,18 @@ final class HeaderNameCache {
             names[slot] = name
         }
         return name
+    }
+
+    /// Whether `bytes` with A-Z folded to a-z are `lower` (same length).
+    /// Only A-Z are folded: another byte must match exactly, so a name whose
+    /// Unicode lower-casing differs from itself is never taken for `lower`.
+    private static func asciiLowercased(_ bytes: UnsafeRawPointer, _ length: Int, equals lower: UnsafePointer<UInt8>) -> Bool {
+        let source = bytes.assumingMemoryBound(to: UInt8.self)
+        for i in 0..<length {
+            var byte = source[i]
+            if byte &- 0x41 < 26 { byte |= 0x20 }
+            if byte != lower[i] { return false }
+        }
+        return true
     }
 }

@@ -19,7 +19,7 @@ final class HeaderNameCacheTests: XCTestCase {
         XCTAssertEqual(name("x-ratelimit-limit-minute"), "x-ratelimit-limit-minute")
         XCTAssertEqual(name("x-ratelimit-limit-minute"), "x-ratelimit-limit-minute", "a hit")
         XCTAssertEqual(name("X-Api-Key"), "x-api-key")
-        XCTAssertEqual(name("X-Api-Key"), "x-api-key", "upper case: built again, same answer")
+        XCTAssertEqual(name("X-Api-Key"), "x-api-key", "upper case: same answer")
         let long = "x-" + String(repeating: "long-name-", count: 6)
         XCTAssertEqual(name(long), long)
         // More names than slots, twice over: collisions replace entries, never mix them up.
@@ -36,6 +36,33 @@ final class HeaderNameCacheTests: XCTestCase {
         lua_pushinteger(L, 5)
         XCTAssertNil(cache.name(at: -1, on: L), "not a string")
         weir_pop(L, 1)
+    }
+
+    /// A name written with upper case (`X-Consumer-Name`, as users write
+    /// it) is a hit too: the same cached String comes back (same storage),
+    /// and a different-case spelling still reads as its own lower case.
+    func testUpperCaseNamesHit() throws {
+        let state = try LuaState()
+        let L = state.main
+        let cache = HeaderNameCache()
+        func name(_ s: String) -> String? {
+            LuaState.push(s, on: L)
+            defer { weir_pop(L, 1) }
+            return cache.name(at: -1, on: L)
+        }
+        func storage(_ s: String?) -> UnsafePointer<UInt8>? {
+            s?.utf8.withContiguousStorageIfAvailable { $0.baseAddress } ?? nil
+        }
+        // Longer than 15 bytes: a heap String, so a rebuilt one has other storage.
+        let first = name("X-RateLimit-Remaining-Minute")
+        XCTAssertEqual(first, "x-ratelimit-remaining-minute")
+        let second = name("X-RateLimit-Remaining-Minute")
+        XCTAssertEqual(second, "x-ratelimit-remaining-minute")
+        XCTAssertNotNil(storage(first))
+        XCTAssertEqual(storage(first), storage(second), "the cached String, not a new one")
+        XCTAssertEqual(name("x-ratelimit-REMAINING-minute"), "x-ratelimit-remaining-minute")
+        XCTAssertEqual(name("X-Rate\u{C4}"), "x-rate\u{C4}", "only ASCII letters are folded")
+        XCTAssertEqual(name("X-Rate\u{C4}"), "x-rate\u{C4}")
     }
 
     /// A value cache keeps the text as it is (case included), hit or not.
