@@ -90,6 +90,54 @@ final class ProxyWireCodecTests: XCTestCase {
         XCTAssertEqual(dated.headerValues("date"), [originDate])
     }
 
+    /// The proxy's own lines of a forwarded response (Date, framing,
+    /// Connection, Via) follow the kept lines: the upstream's Via lines fold
+    /// into one chain ending in ours, what its Connection names is dropped,
+    /// a body without a length is re-chunked for an HTTP/1.1 client and
+    /// ends at close for an HTTP/1.0 one, which otherwise gets keep-alive.
+    func testProxyLinesOfAForwardedResponse() throws {
+        let raw = try RawUpstream(group: upstreamGroup) { channel, buffer in
+            while let view = buffer.getString(at: buffer.readerIndex, length: buffer.readableBytes),
+                  let end = view.range(of: "\r\n\r\n") {
+                let head = String(view[..<end.lowerBound])
+                buffer.moveReaderIndex(forwardBy: view.utf8.distance(from: view.startIndex, to: end.upperBound))
+                if head.hasPrefix("GET /unframed ") {
+                    channel.writeAndFlush(ByteBuffer(string: "HTTP/1.1 200 OK\r\nVia: 1.0 edge\r\n\r\nstreamed")).whenComplete { _ in
+                        channel.close(promise: nil)
+                    }
+                    return
+                }
+                channel.writeAndFlush(ByteBuffer(string: "HTTP/1.1 200 OK\r\nVia: 1.0 edge\r\nX-Kept: 1\r\n"
+                    + "Connection: x-drop\r\nX-Drop: secret\r\nVia: 1.1 cdn\r\nContent-Length: 2\r\n\r\nok"), promise: nil)
+            }
+        }
+        defer { raw.stop() }
+        let harness = try ProxyHarness(config: ProxyHarness.config(targets: [raw.address]))
+        proxy = harness
+
+        let client = try harness.connect()
+        let framed = try client.request("GET", "/framed")
+        XCTAssertEqual(framed.bodyText, "ok")
+        XCTAssertEqual(framed.headers.map { $0.0.lowercased() }, ["x-kept", "content-length", "date", "via"])
+        XCTAssertEqual(framed.header("via"), "1.0 edge, 1.1 cdn, 1.1 weir")
+        let unframed = try client.request("GET", "/unframed")
+        XCTAssertEqual(unframed.bodyText, "streamed")
+        XCTAssertEqual(unframed.headers.map { $0.0.lowercased() }, ["date", "transfer-encoding", "via"])
+        XCTAssertEqual(unframed.header("via"), "1.0 edge, 1.1 weir")
+
+        let old = try harness.connect()
+        try old.send("GET /framed HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n")
+        let kept = try old.readResponse()
+        XCTAssertEqual(kept.bodyText, "ok")
+        XCTAssertEqual(kept.headers.map { $0.0.lowercased() }, ["x-kept", "content-length", "date", "connection", "via"])
+        XCTAssertEqual(kept.header("connection"), "keep-alive")
+        try old.send("GET /unframed HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n")
+        let closing = try old.readResponse()
+        XCTAssertEqual(closing.bodyText, "streamed")
+        XCTAssertEqual(closing.header("connection"), "close")
+        XCTAssertNil(closing.header("transfer-encoding"))
+    }
+
     func testOptionsAsteriskIsForwarded() throws {
         let proxy = try start()
         let client = try proxy.connect()

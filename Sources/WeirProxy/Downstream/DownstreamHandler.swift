@@ -461,74 +461,86 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
     /// (hop-by-hop fields and what Connection names removed, Via extended,
     /// framing and Connection added), on top of the plugins' edits if any
     /// (their added lines go through the same rewriting: hop-by-hop ones
-    /// are dropped, a Via joins the chain).
+    /// are dropped, a Via joins the chain). The proxy's own lines are
+    /// written as bytes (literals, the upstream's Via values copied from its
+    /// head): no String or `HTTP1AddedField` per response without plugins.
     func relayWireResponseHead(_ head: HTTP1ResponseHead, pluginChanges: ResponseHeadChanges?, exchange: Exchange) {
         let code = pluginChanges?.status?.code ?? head.status
         let isUpgrade = code == 101
         let fields = head.fields
-        let clientIs11 = !exchange.head!.isHTTP10
-        var edits = HTTP1HeadEdits(removed: fields.hopByHopFields(keepUpgrade: isUpgrade))
-        // The added-field array's storage is kept across responses (swapped
-        // back, emptied, after writing): no array allocation per response.
-        swap(&edits.added, &responseAddedFields)
-        edits.added.reserveCapacity(4 + (pluginChanges?.edits.added.count ?? 0))
-        var via: String? = nil
+        let request = exchange.head!
+        let clientIs11 = !request.isHTTP10
+        var removed = fields.hopByHopFields(keepUpgrade: isUpgrade)
         var hasLength = false
         if case .contentLength = head.framing { hasLength = true }
         if let pluginChanges {
-            edits.removed.formUnion(pluginChanges.edits.removed)
+            removed.formUnion(pluginChanges.edits.removed)
             hasLength = pluginChanges.edits.hasField(named: "content-length", in: fields)
         }
+        // The upstream's Via values (and a plugin's) are chained before ours:
+        // `viaValueBytes` counts each with its ", ".
+        var upstreamVias = HTTP1FieldSet()
+        var viaValueBytes = 0
         var hasDate = false
-        for (i, e) in fields.entries.enumerated() {
-            switch e.known {
-            case .te:
-                edits.removed.insert(i)
-            case .via where !edits.removed.contains(i):
-                edits.removed.insert(i)
-                let v = fields.value(at: i)
-                via = via.map { $0 + ", " + v } ?? v
-            case .date where !edits.removed.contains(i):
-                hasDate = true
-            default:
-                break
+        fields.entries.withUnsafeBufferPointer { entries in
+            for i in entries.indices {
+                switch entries[i].known {
+                case .te:
+                    removed.insert(i)
+                case .via where !removed.contains(i):
+                    removed.insert(i)
+                    upstreamVias.insert(i)
+                    viaValueBytes += Int(entries[i].valueLength) + 2
+                case .date where !removed.contains(i):
+                    hasDate = true
+                default:
+                    break
+                }
             }
         }
-        if let pluginChanges {
+        // Plugins' added lines, minus hop-by-hop ones and Via (chained).
+        // The array's storage is kept across responses (swapped back,
+        // emptied, after writing): no allocation per response.
+        var added: [HTTP1AddedField] = []
+        var pluginVias: [String] = []
+        if let pluginChanges, !pluginChanges.edits.added.isEmpty {
+            swap(&added, &responseAddedFields)
             for field in pluginChanges.edits.added {
                 switch HTTP1KnownField.classify(field.name) {
-                case .via: via = via.map { $0 + ", " + field.value } ?? field.value
+                case .via: pluginVias.append(field.value); viaValueBytes += field.value.utf8.count + 2
                 case let kind where kind.isHopByHop: continue
-                case .date: hasDate = true; edits.added.append(field)
-                default: edits.added.append(field)
+                case .date: hasDate = true; added.append(field)
+                default: added.append(field)
                 }
             }
         }
         // RFC 9110 §6.6.1: an origin without a clock sends no Date; the
         // proxy adds one (the loop's per-second cached string).
-        if !hasDate { edits.added.append(HTTP1AddedField(name: "date", value: loopContext.dateCache.current())) }
+        let date: String? = hasDate ? nil : loopContext.dateCache.current()
         var mustClose = !(exchange.keepAlive && !draining)
+        var framingLine: StaticString? = nil
         if isUpgrade {
-            edits.added.append(HTTP1AddedField(name: "connection", value: "upgrade"))
+            framingLine = "connection: upgrade\r\n"
         } else if bodyAllowed(exchange, status: code) && !hasLength {
             if clientIs11 {
-                edits.added.append(HTTP1AddedField(name: "transfer-encoding", value: "chunked"))
+                framingLine = "transfer-encoding: chunked\r\n"
                 exchange.responseChunked = true
             } else {
                 // HTTP/1.0 client and no length: the body ends at close.
                 mustClose = true
             }
         }
+        var connectionLine: StaticString? = nil
         if !isUpgrade {
             if mustClose {
-                edits.added.append(HTTP1AddedField(name: "connection", value: "close"))
+                connectionLine = "connection: close\r\n"
             } else if !clientIs11 {
-                edits.added.append(HTTP1AddedField(name: "connection", value: "keep-alive"))
+                connectionLine = "connection: keep-alive\r\n"
             }
         }
         // An HTTP/2 upstream's response reaches us as a rebuilt HTTP/1.1 head.
-        let viaEntry = HeaderRewriting.viaEntry(http2: exchange.connection?.http2Stream != nil, http10: head.version.minor == 0)
-        edits.added.append(HTTP1AddedField(name: "via", value: via.map { $0 + ", " + viaEntry } ?? viaEntry))
+        let viaEntry = HeaderRewriting.viaEntryLiteral(http2: exchange.connection?.http2Stream != nil,
+                                                       http10: head.version.minor == 0)
         if mustClose { exchange.keepAlive = false }
         exchange.responseStarted = true
         exchange.status = code
@@ -541,10 +553,29 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
         } else {
             responseHeadBuffer = allocator.buffer(capacity: needed)
         }
-        HTTP1HeadWriter.writeResponse(head, edits: edits, status: pluginChanges?.status, into: &responseHeadBuffer)
+        let tailBytes = (date.map { 8 + $0.utf8.count } ?? 0) + (framingLine?.utf8CodeUnitCount ?? 0)
+            + (connectionLine?.utf8CodeUnitCount ?? 0) + 5 + viaValueBytes + viaEntry.utf8CodeUnitCount + 2
+        HTTP1HeadWriter.writeResponse(head, removed: removed, added: added, status: pluginChanges?.status,
+                                      tailBytes: tailBytes, into: &responseHeadBuffer) { w, src in
+            if let date { w.copy("date: "); w.copy(date); w.copy("\r\n") }
+            if let framingLine { w.copy(framingLine) }
+            if let connectionLine { w.copy(connectionLine) }
+            w.copy("via: ")
+            if viaValueBytes > 0 {
+                for (i, e) in fields.entries.enumerated() where upstreamVias.contains(i) {
+                    w.copy(src + Int(e.valueStart), Int(e.valueLength))
+                    w.copy(", ")
+                }
+                for value in pluginVias { w.copy(value); w.copy(", ") }
+            }
+            w.copy(viaEntry)
+            w.copy("\r\n")
+        }
         responseHeadPending = true
-        edits.added.removeAll(keepingCapacity: true)
-        swap(&edits.added, &responseAddedFields)
+        if pluginChanges?.edits.added.isEmpty == false {
+            added.removeAll(keepingCapacity: true)
+            swap(&added, &responseAddedFields)
+        }
         if isUpgrade {
             exchange.upgraded = true
         }

@@ -20,6 +20,11 @@ enum HeaderRewriting {
     static func viaEntry(http2: Bool, http10: Bool) -> String {
         http2 ? "2 weir" : (http10 ? "1.0 weir" : "1.1 weir")
     }
+
+    /// The same entry as bytes, for heads written by range copy.
+    static func viaEntryLiteral(http2: Bool, http10: Bool) -> StaticString {
+        http2 ? "2 weir" : (http10 ? "1.0 weir" : "1.1 weir")
+    }
 }
 
 extension Substring {

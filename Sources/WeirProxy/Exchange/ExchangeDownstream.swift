@@ -535,7 +535,8 @@ extension ExchangeDownstream {
 
     /// Whether the client gets a body for this status (never for HEAD, 204, 304).
     func bodyAllowed(_ exchange: Exchange, status: Int) -> Bool {
-        exchange.head!.method != .HEAD && status != 204 && status != 304
+        // The wire method: NIO's HTTPMethod compares through its rawValue String.
+        exchange.head!.wire.method != .head && status != 204 && status != 304
     }
 
     func upstreamEnd(_ trailers: HTTP1Fields?, exchange: Exchange, connection: UpstreamConnection) {

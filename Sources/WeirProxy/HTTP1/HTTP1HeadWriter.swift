@@ -139,20 +139,33 @@ public enum HTTP1HeadWriter {
     /// and added fields, `\r\n`.
     public static func writeResponse(_ head: HTTP1ResponseHead, edits: HTTP1HeadEdits,
                                      status: (code: Int, reason: String)? = nil, into out: inout ByteBuffer) {
+        writeResponse(head, removed: edits.removed, added: edits.added, status: status, tailBytes: 0, into: &out) { _, _ in }
+    }
+
+    /// `writeResponse` with lines the caller writes itself after the added
+    /// fields: the proxy's own lines (Via, framing, Connection) as bytes,
+    /// without a String or an `HTTP1AddedField` per response. `writeTail`
+    /// gets the writer and the head's bytes (to copy upstream values from)
+    /// and must write exactly `tailBytes`.
+    static func writeResponse(_ head: HTTP1ResponseHead, removed: HTTP1FieldSet, added: [HTTP1AddedField],
+                              status: (code: Int, reason: String)?, tailBytes: Int, into out: inout ByteBuffer,
+                              writeTail: (inout RawWriter, UnsafeRawPointer) -> Void) {
         let fields = head.fields
         let statusLineEnd = head.reasonRange.upperBound + 2
         // From the SP after the version through the status line's CRLF, or its replacement.
         let newStatusLine = status.map { " \($0.code) \($0.reason)\r\n" }
         let statusLineBytes = 8 + (newStatusLine?.utf8.count ?? statusLineEnd - 8)
-        let size = statusLineBytes + keptLineBytes(fields, removing: edits.removed) + addedFieldBytes(edits.added) + 2
+        let size = statusLineBytes + keptLineBytes(fields, removing: removed)
+            + (added.isEmpty ? 0 : addedFieldBytes(added)) + tailBytes + 2
         out.writeWithUnsafeMutableBytes(minimumWritableBytes: size) { dst in
             var w = RawWriter(dst.baseAddress!)
             w.copy("HTTP/1.1")
             fields.bytes.withUnsafeReadableBytes { src in
                 if let newStatusLine { w.copy(newStatusLine) } else { w.copy(src.baseAddress! + 8, statusLineEnd - 8) }
-                w.copyKeptLines(fields.entries, src.baseAddress!, removing: edits.removed)
+                w.copyKeptLines(fields.entries, src.baseAddress!, removing: removed)
+                if !added.isEmpty { w.copyAdded(added) }
+                writeTail(&w, src.baseAddress!)
             }
-            w.copyAdded(edits.added)
             w.copy("\r\n")
             precondition(w.offset == size, "forwarded head size miscounted")
             return w.offset
