@@ -17,7 +17,7 @@ DEMO_LISTEN ?= 127.0.0.1:9001
 
 # What building and running need, and what the test suite additionally uses
 # (peers and tools that tests start: nginx, HAProxy, Redis, h2 clients).
-RUN_PACKAGES  := liblua5.4-dev pkg-config curl
+RUN_PACKAGES  := liblua5.4-dev libnghttp2-dev pkg-config curl
 TEST_PACKAGES := $(RUN_PACKAGES) nginx libnginx-mod-http-lua haproxy wrk redis-server python3-h2 nghttp2-client openssl
 
 RELEASE_BIN = $(shell $(SWIFT) build -c release --show-bin-path)/weir

@@ -5,6 +5,7 @@ import PackageDescription
 // Module map (see DESIGN.md in shared/ and README.md):
 //   CLua        system library: Debian's liblua5.4-dev
 //   CLuaShims   C trampolines so no Lua longjmp ever crosses a Swift frame
+//   CNghttp2    system library: Debian's libnghttp2-dev (downstream HTTP/2)
 //   WeirLua     Lua states, coroutines, the `weir` SDK bindings
 //   WeirCore    config model + validation, routing, balancers (no I/O)
 //   WeirProxy   the NIO data path: listeners, HTTP/1 framing, upstream pools, TLS
@@ -40,6 +41,13 @@ let package = Package(
             providers: [.apt(["liblua5.4-dev"])]
         ),
         .target(name: "CLuaShims", dependencies: ["CLua"], linkerSettings: [.linkedLibrary("m")]),
+        // Downstream HTTP/2 (h2c, h2 by ALPN): framing, HPACK, streams and
+        // flow control, driven sans-IO by HTTP2DownstreamConnection.
+        .systemLibrary(
+            name: "CNghttp2",
+            pkgConfig: "libnghttp2",
+            providers: [.apt(["libnghttp2-dev"])]
+        ),
         .target(
             name: "WeirLua",
             dependencies: [
@@ -72,7 +80,7 @@ let package = Package(
         .target(
             name: "WeirProxy",
             dependencies: [
-                "WeirCore", "WeirLua",
+                "WeirCore", "WeirLua", "CNghttp2",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),

@@ -2,7 +2,19 @@
 // and a python3-h2 script (Debian's python3-h2) that misbehaves on purpose.
 
 import Foundation
+import WeirCore
 import XCTest
+
+extension UpstreamTestCase {
+    /// A proxy on one event loop in front of `upstream`, its listener's
+    /// `http2:` settings adjusted by `configure`.
+    func http2Proxy(_ configure: (inout HTTP2ListenerSettings) -> Void = { _ in }) throws -> ProxyHarness {
+        let config = ProxyHarness.config(targets: [upstream.address]) { config in
+            configure(&config.listeners[0].http2)
+        }
+        return try ProxyHarness(config: config, loops: 1)
+    }
+}
 
 /// Runs a program to its end (bounded) and returns its exit status and output.
 func runProgram(_ path: String, _ arguments: [String], timeoutSeconds: Double = 20) throws -> (status: Int32, out: String, err: String) {

@@ -10,13 +10,6 @@ import WeirCore
 import XCTest
 
 final class HTTP2DownstreamTests: UpstreamTestCase {
-    private func proxy(_ configure: (inout HTTP2ListenerSettings) -> Void = { _ in }) throws -> ProxyHarness {
-        let config = ProxyHarness.config(targets: [upstream.address]) { config in
-            configure(&config.listeners[0].http2)
-        }
-        return try ProxyHarness(config: config, loops: 1)
-    }
-
     private func curl(_ port: Int, _ path: String, _ extra: [String] = []) throws -> (status: Int32, out: String, err: String) {
         try runProgram("/usr/bin/curl", ["-sS", "--http2-prior-knowledge", "--max-time", "10", "-D", "-"]
                        + extra + ["http://127.0.0.1:\(port)\(path)"])
@@ -25,7 +18,7 @@ final class HTTP2DownstreamTests: UpstreamTestCase {
     // MARK: - Requests through the proxy
 
     func testCurlPriorKnowledgeGetAndHTTP1OnTheSameListener() throws {
-        let proxy = try self.proxy()
+        let proxy = try self.http2Proxy()
         defer { proxy.stop() }
         let r = try curl(proxy.port, "/hello?x=1", ["-H", "x-in: abc"])
         XCTAssertEqual(r.status, 0, r.err)
@@ -45,7 +38,7 @@ final class HTTP2DownstreamTests: UpstreamTestCase {
     /// §7.6.3): the request came over HTTP/2, the response from an
     /// HTTP/1.1 upstream.
     func testViaNamesHTTP2ForTheRequestAndTheUpstreamsVersionForTheResponse() throws {
-        let proxy = try self.proxy()
+        let proxy = try self.http2Proxy()
         defer { proxy.stop() }
         let r = try curl(proxy.port, "/via", ["-H", "via: 1.1 edge"])
         XCTAssertEqual(r.status, 0, r.err)
@@ -56,7 +49,7 @@ final class HTTP2DownstreamTests: UpstreamTestCase {
 
     /// RFC 9110 §6.6.1: the test upstream sends no Date; the proxy adds one.
     func testResponseWithoutDateFromTheUpstreamGetsTheProxys() throws {
-        let proxy = try self.proxy()
+        let proxy = try self.http2Proxy()
         defer { proxy.stop() }
         let r = try curl(proxy.port, "/undated")
         XCTAssertEqual(r.status, 0, r.err)
@@ -69,7 +62,7 @@ final class HTTP2DownstreamTests: UpstreamTestCase {
     /// control) is counted against the length as it arrives (Weir's own
     /// check, HTTP2RequestFields) and reaches the upstream whole.
     func testRequestBodyWithLengthInManyFramesReachesTheUpstreamWhole() throws {
-        let proxy = try self.proxy()
+        let proxy = try self.http2Proxy()
         defer { proxy.stop() }
         let file = FileManager.default.temporaryDirectory.appendingPathComponent("weir-h2-body-\(getpid())")
         try Data(repeating: UInt8(ascii: "b"), count: 300_000).write(to: file)
@@ -85,7 +78,7 @@ final class HTTP2DownstreamTests: UpstreamTestCase {
 
     func testRequestBodyWithoutLengthGoesUpstreamChunkedAndTrailersBothWays() throws {
         try XCTSkipUnless(H2Script.available, "python3-h2 is not installed")
-        let proxy = try self.proxy()
+        let proxy = try self.http2Proxy()
         defer { proxy.stop() }
         let r = try H2Script.run(port: proxy.port, "post-trailers", ["/sink", "200000"])
         XCTAssertEqual(r["status"] as? Int, 200)
@@ -107,7 +100,7 @@ final class HTTP2DownstreamTests: UpstreamTestCase {
     /// (RFC 9113 §8.2.3), :authority over a Host field, long values whole.
     func testSplitCookiesAreJoinedAndAuthorityIsTheHost() throws {
         try XCTSkipUnless(H2Script.available, "python3-h2 is not installed")
-        let proxy = try self.proxy()
+        let proxy = try self.http2Proxy()
         defer { proxy.stop() }
         let long = String(repeating: "v", count: 3000)
         let r = try H2Script.run(port: proxy.port, "get", ["/cookies", "cookie:a=1", "x-in:x", "cookie:b=2",
@@ -121,7 +114,7 @@ final class HTTP2DownstreamTests: UpstreamTestCase {
     }
 
     func testLargeResponseAndConnectionSpecificUpstreamFieldsDropped() throws {
-        let proxy = try self.proxy()
+        let proxy = try self.http2Proxy()
         defer { proxy.stop() }
         let big = try curl(proxy.port, "/big/3000000", ["-o", "/dev/null", "-w", "%{size_download}"])
         XCTAssertEqual(big.status, 0, big.err)
@@ -135,7 +128,7 @@ final class HTTP2DownstreamTests: UpstreamTestCase {
     }
 
     func testNghttpManyConcurrentStreams() throws {
-        let proxy = try self.proxy()
+        let proxy = try self.http2Proxy()
         defer { proxy.stop() }
         // 20 requests on one connection, multiplexed.
         let urls = (0..<20).map { "http://127.0.0.1:\(proxy.port)/n\($0)" }
@@ -234,7 +227,7 @@ final class HTTP2DownstreamTests: UpstreamTestCase {
 
     func testRapidResetGetsGoAwayAndABystanderIsServed() throws {
         try XCTSkipUnless(H2Script.available, "python3-h2 is not installed")
-        let proxy = try self.proxy { $0.maxResets = 50 }
+        let proxy = try self.http2Proxy { $0.maxResets = 50 }
         defer { proxy.stop() }
         let r = try H2Script.run(port: proxy.port, "rapid-reset", ["500"])
         XCTAssertEqual(r["goaway"] as? Int, 11, "GOAWAY ENHANCE_YOUR_CALM: \(r)")
@@ -244,7 +237,7 @@ final class HTTP2DownstreamTests: UpstreamTestCase {
 
     func testContinuationFloodIsCut() throws {
         try XCTSkipUnless(H2Script.available, "python3-h2 is not installed")
-        let proxy = try self.proxy()
+        let proxy = try self.http2Proxy()
         defer { proxy.stop() }
         let r = try H2Script.run(port: proxy.port, "continuation-flood", ["1000"])
         XCTAssertTrue((r["goaway"] as? Int).map { $0 != 0 } ?? (r["closed"] as? Bool ?? false), "cut: \(r)")
@@ -258,7 +251,7 @@ final class HTTP2DownstreamTests: UpstreamTestCase {
     /// the connection and the streams within the limit go on.
     func testStreamsOverTheLimitAreRefusedAndTheOthersServed() throws {
         try XCTSkipUnless(H2Script.available, "python3-h2 is not installed")
-        let proxy = try self.proxy { $0.maxConcurrentStreams = 5 }
+        let proxy = try self.http2Proxy { $0.maxConcurrentStreams = 5 }
         defer { proxy.stop() }
         let r = try H2Script.run(port: proxy.port, "too-many-streams", ["12"])
         XCTAssertEqual(r["advertised"] as? Int, 5, "the configured limit is what the client is told: \(r)")
@@ -289,7 +282,7 @@ final class HTTP2DownstreamTests: UpstreamTestCase {
 
     func testWindowOverflowIsAFlowControlError() throws {
         try XCTSkipUnless(H2Script.available, "python3-h2 is not installed")
-        let proxy = try self.proxy()
+        let proxy = try self.http2Proxy()
         defer { proxy.stop() }
         let r = try H2Script.run(port: proxy.port, "window-overflow")
         XCTAssertEqual(r["goaway"] as? Int, 3, "GOAWAY FLOW_CONTROL_ERROR: \(r)")
@@ -298,7 +291,7 @@ final class HTTP2DownstreamTests: UpstreamTestCase {
 
     func testOversizedHeaderListIsRefused() throws {
         try XCTSkipUnless(H2Script.available, "python3-h2 is not installed")
-        let proxy = try self.proxy { $0.maxHeaderListSize = 8 * 1024 }
+        let proxy = try self.http2Proxy { $0.maxHeaderListSize = 8 * 1024 }
         defer { proxy.stop() }
         let r = try H2Script.run(port: proxy.port, "big-headers", ["20"])
         XCTAssertNotEqual(r["status"] as? Int, 200, "20 KB of headers over an 8 KB limit: \(r)")
@@ -310,7 +303,7 @@ final class HTTP2DownstreamTests: UpstreamTestCase {
 
     func testMalformedHeaderBlocksAreStreamErrors() throws {
         try XCTSkipUnless(H2Script.available, "python3-h2 is not installed")
-        let proxy = try self.proxy()
+        let proxy = try self.http2Proxy()
         defer { proxy.stop() }
         // Weir checks these itself (HTTP2RequestFields), nio-http2's validation is off downstream.
         let kinds = ["uppercase", "connection-header", "transfer-encoding", "te-gzip", "unknown-pseudo", "protocol-pseudo",
@@ -333,7 +326,7 @@ final class HTTP2DownstreamTests: UpstreamTestCase {
     /// nio-http2 checked them: past it, GOAWAY ENHANCE_YOUR_CALM.
     func testManyMalformedRequestsEndTheConnection() throws {
         try XCTSkipUnless(H2Script.available, "python3-h2 is not installed")
-        let proxy = try self.proxy { $0.maxGlitches = 10 }
+        let proxy = try self.http2Proxy { $0.maxGlitches = 10 }
         defer { proxy.stop() }
         let r = try H2Script.run(port: proxy.port, "malformed-flood", ["30"])
         XCTAssertEqual(r["goaway"] as? Int, 11, "GOAWAY ENHANCE_YOUR_CALM: \(r)")
@@ -343,7 +336,7 @@ final class HTTP2DownstreamTests: UpstreamTestCase {
 
     func testFramesOnAClosedStreamAndBadPreface() throws {
         try XCTSkipUnless(H2Script.available, "python3-h2 is not installed")
-        let proxy = try self.proxy()
+        let proxy = try self.http2Proxy()
         defer { proxy.stop() }
         let closed = try H2Script.run(port: proxy.port, "closed-stream")
         XCTAssertEqual(closed["first"] as? Int, 200)
@@ -357,7 +350,7 @@ final class HTTP2DownstreamTests: UpstreamTestCase {
 
     func testIdleConnectionGetsGoAwayNoError() throws {
         try XCTSkipUnless(H2Script.available, "python3-h2 is not installed")
-        let proxy = try self.proxy { $0.idleTimeout = .milliseconds(300) }
+        let proxy = try self.http2Proxy { $0.idleTimeout = .milliseconds(300) }
         defer { proxy.stop() }
         let r = try H2Script.run(port: proxy.port, "idle", ["5"])
         XCTAssertEqual(r["status"] as? Int, 200)
@@ -367,7 +360,7 @@ final class HTTP2DownstreamTests: UpstreamTestCase {
 
     func testUnansweredPingClosesTheConnection() throws {
         try XCTSkipUnless(H2Script.available, "python3-h2 is not installed")
-        let proxy = try self.proxy {
+        let proxy = try self.http2Proxy {
             $0.pingInterval = .milliseconds(200)
             $0.pingTimeout = .milliseconds(200)
         }

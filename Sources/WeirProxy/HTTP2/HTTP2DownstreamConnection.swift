@@ -1,48 +1,58 @@
+import CNghttp2
 import Logging
 import NIOCore
-import NIOHTTP2
+import NIOHPACK
 import WeirCore
 
-// Downstream HTTP/2 on http/https listeners.
+// Downstream HTTP/2 on http/https listeners, on libnghttp2.
 //
 //   http listener:  DownstreamHandler sees the client preface
 //                   ("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n") as the first bytes
 //                   (h2c with prior knowledge) and hands the connection over
 //   https listener: ALPN chose "h2"
-//   then:  NIOHTTP2Handler (framing, HPACK, stream states, the limits below)
-//          ─ HTTP2DownstreamConnection (the streams, inbound windows, flushes,
-//            accounting, idle/ping timeouts, drain)
+//   then:  HTTP2DownstreamConnection (bytes in and out; an nghttp2_session
+//          for framing, HPACK, stream states, flow control; the streams,
+//          accounting, idle/ping timeouts, drain)
 //            └ per stream: HTTP2ServerStream (the exchange, ExchangeDownstream)
 //
-// There is no child Channel per stream (no stream multiplexer): a stream is
-// a plain object in `streams`, its frames written through this handler.
-// That saves a channel, a pipeline and their promises per stream, and lets
-// the connection flush once per event-loop tick instead of once per stream.
-// The price is that this file does what the multiplexer did: it hands out
-// inbound flow-control credit (WINDOW_UPDATE, held back per stream while
-// its upstream cannot take more) and tracks per-stream outbound writability.
+// The session is driven sans-IO: every read goes to nghttp2_session_mem_recv
+// (its callbacks, below, hand header fields, body chunks and stream closes
+// to the streams), and what the session has to send is pulled with
+// nghttp2_session_mem_send into one buffer, written and flushed once per
+// read event or event-loop tick, however many streams wrote. Responses are
+// submitted with a data provider that reads the stream's queued body and
+// answers NGHTTP2_ERR_DEFERRED while the upstream has not produced more;
+// new body bytes resume it. swift-nio-http2 did this before (it measured
+// ~52 k instructions per request of its own at 100 streams, nghttp2 does
+// the same work in a fraction of that: BENCHMARKS.md "nghttp2").
+//
+// No Swift error and no Lua longjmp crosses nghttp2's C frames: callbacks
+// only call non-throwing Swift code (plugins run behind CLuaShims'
+// protected calls) and report failure as nghttp2 error codes.
 //
 // What enforces which `http2:` setting (HTTP2ListenerConfig.swift):
-// - Weir with swift-nio-http2: max_concurrent_streams (HTTP2StreamLimit.swift)
-// - swift-nio-http2:
-//   max_header_list_size (SETTINGS + a cap on a header block's bytes,
-//   CONTINUATIONs included), max_continuation_frames, windows and window
-//   overflow (FLOW_CONTROL_ERROR), max_frame_size, Rapid Reset (max_resets
-//   RST_STREAMs per reset_window: GOAWAY ENHANCE_YOUR_CALM), max_glitches,
-//   PING/SETTINGS floods, empty DATA floods.
-// - Weir (this file): initial_window_size / connection_window_size as the
-//   window it keeps open, idle_timeout, ping_interval/ping_timeout, graceful
-//   drain (GOAWAY then close when the streams are done), connection
-//   accounting; RFC 9113 §8.1.1-8.2 malformed requests (header lists,
-//   content-length vs body: HTTP2RequestFields.swift, reset by the stream),
-//   counted against max_glitches too.
+// - nghttp2: max_continuation_frames (nghttp2_option_set_max_continuations),
+//   windows and window overflow (FLOW_CONTROL_ERROR), max_frame_size,
+//   SETTINGS/PING floods (its own limits), frame and stream-state errors.
+// - Weir (this file and HTTP2ServerStream): max_concurrent_streams (refused
+//   one by one, HTTP2StreamLimit.swift), max_header_list_size (the decoded
+//   list's bytes: the stream is reset), Rapid Reset (max_resets client
+//   RST_STREAMs per reset_window: GOAWAY ENHANCE_YOUR_CALM), max_glitches
+//   (malformed requests and frames nghttp2 found invalid), the inbound
+//   windows it reopens (initial_window_size per stream, held back while the
+//   upstream cannot take more; connection_window_size), idle_timeout,
+//   ping_interval/ping_timeout, graceful drain (GOAWAY, then close when the
+//   streams are done), connection accounting; RFC 9113 §8.1.1-8.2 malformed
+//   requests (header lists, content-length vs body: HTTP2RequestFields.swift,
+//   reset by the stream). nghttp2's own HTTP messaging checks are off
+//   (nghttp2_option_set_no_http_messaging): Weir's run in the pass that
+//   writes the HTTP/1.1 head for the upstream.
 
-/// An HTTP/2 connection: the handler after `NIOHTTP2Handler` that owns the
-/// connection's streams.
-final class HTTP2DownstreamConnection: ChannelDuplexHandler {
-    typealias InboundIn = HTTP2Frame
-    typealias OutboundIn = HTTP2Frame
-    typealias OutboundOut = HTTP2Frame
+/// An HTTP/2 connection: the handler after the socket (or TLS) that owns
+/// the nghttp2 session and the connection's streams.
+final class HTTP2DownstreamConnection: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
 
     let loopContext: LoopContext
     let listener: ListenerRuntime
@@ -55,30 +65,37 @@ final class HTTP2DownstreamConnection: ChannelDuplexHandler {
     var connectionPlugins: ConnectionPlugins?
     private(set) var draining = false
     private(set) var context: ChannelHandlerContext!
+    /// The nghttp2_session (nil once the connection ended).
+    private(set) var session: OpaquePointer?
     /// The open streams (client-initiated; this side never opens one).
-    private var streams: [HTTP2StreamID: HTTP2ServerStream] = [:]
-    /// Streams holding back a frame to coalesce it with the next one
-    /// (HTTP2ServerStream.heldFrame); written before any flush. The two
-    /// arrays swap at a flush, so neither is reallocated.
-    private var streamsHoldingFrames: [HTTP2ServerStream] = []
-    private var streamsReleasingFrames: [HTTP2ServerStream] = []
+    private var streams: [Int32: HTTP2ServerStream] = [:]
     /// An emptied added-upstream-field array for the next stream's exchange
     /// (ExchangeDownstream.recycleUpstreamFields).
     var spareUpstreamFields: [HTTP1AddedField] = []
     private var closed = false
     /// Streams refused over max_concurrent_streams in the current reset window.
     private var refusals = 0
-    /// Streams reset as malformed requests (counted against max_glitches).
-    private var malformedRequests = 0
-    private var refusalWindowStart: NIODeadline = .uptimeNanoseconds(0)
-    /// Inside channelRead..channelReadComplete: writes are flushed at its end.
+    /// RST_STREAMs from the client in the current reset window (Rapid Reset).
+    private var clientResets = 0
+    private var resetWindowStart: NIODeadline = .uptimeNanoseconds(0)
+    /// Streams reset as malformed requests, and frames nghttp2 found invalid
+    /// (counted against max_glitches).
+    private var glitches = 0
+    /// Inside nghttp2_session_mem_recv (or channelRead..channelReadComplete):
+    /// output is pulled from the session at its end.
     private var reading = false
-    /// Something was written and not flushed yet.
-    private var needsFlush = false
+    /// Inside an nghttp2 call: its callbacks must not call into the session's
+    /// send side again (nghttp2 is not re-entrant there).
+    private var inSession = false
     /// A flush is scheduled for the end of this event-loop tick.
     private var flushScheduled = false
-    /// The connection's receive window as nio-http2 last reported it.
-    private var connectionInboundWindow: Int = 65_535
+    /// The server's SETTINGS (the first bytes out) still have to get the
+    /// configured max_concurrent_streams (HTTP2StreamLimit.swift).
+    private var settingsRewritePending = true
+    /// GOAWAY was submitted: close once it is written.
+    private var closeAfterFlush = false
+    /// The last write is under way; the channel closes when it completes.
+    private var closingAfterWrite = false
     private var idleTimer = LazyTimer()
     /// Fires at the earliest exchange deadline among the streams.
     private var streamTimer = LazyTimer()
@@ -86,7 +103,7 @@ final class HTTP2DownstreamConnection: ChannelDuplexHandler {
     /// A PING we sent is waiting for its ACK.
     private var pingOutstanding = false
     private var lastRead: NIODeadline = .now()
-    private static let pingPayload: UInt64 = 0x5745_4952_5049_4E47   // "WEIRPING"
+    private static let pingPayload: [UInt8] = Array("WEIRPING".utf8)
 
     init(loopContext: LoopContext, listener: ListenerRuntime, peerAddress: SocketAddress?, clientIP: String,
          peerTrusted: Bool, tls: TLSConnectionInfo?, connectionPlugins: ConnectionPlugins?) {
@@ -101,6 +118,10 @@ final class HTTP2DownstreamConnection: ChannelDuplexHandler {
         self.connectionPlugins = connectionPlugins
     }
 
+    deinit {
+        if let session { nghttp2_session_del(session) }
+    }
+
     // MARK: - Pipeline
 
     /// Adds HTTP/2 to `channel`: the caller has already counted the
@@ -108,35 +129,64 @@ final class HTTP2DownstreamConnection: ChannelDuplexHandler {
     static func configure(channel: Channel, loopContext: LoopContext, listener: ListenerRuntime, peerAddress: SocketAddress?,
                           clientIP: String, peerTrusted: Bool, tls: TLSConnectionInfo?,
                           connectionPlugins: ConnectionPlugins?) throws {
-        let settings = listener.config.http2
-        let state = HTTP2DownstreamConnection(loopContext: loopContext, listener: listener, peerAddress: peerAddress,
-                                              clientIP: clientIP, peerTrusted: peerTrusted, tls: tls,
-                                              connectionPlugins: connectionPlugins)
-        var connectionConfiguration = NIOHTTP2Handler.ConnectionConfiguration()
-        connectionConfiguration.initialSettings = [
-            // Told to the client as max_concurrent_streams (HTTP2StreamLimit.swift).
-            HTTP2Setting(parameter: .maxConcurrentStreams, value: HTTP2StreamLimit.nioCeiling(settings.maxConcurrentStreams)),
-            HTTP2Setting(parameter: .maxHeaderListSize, value: settings.maxHeaderListSize),
-            HTTP2Setting(parameter: .initialWindowSize, value: settings.initialWindowSize),
-            HTTP2Setting(parameter: .maxFrameSize, value: settings.maxFrameSize),
-            HTTP2Setting(parameter: .enablePush, value: 0),
+        let connection = HTTP2DownstreamConnection(loopContext: loopContext, listener: listener, peerAddress: peerAddress,
+                                                   clientIP: clientIP, peerTrusted: peerTrusted, tls: tls,
+                                                   connectionPlugins: connectionPlugins)
+        try connection.startSession()
+        try channel.pipeline.syncOperations.addHandler(connection)
+    }
+
+    struct SessionError: Error, CustomStringConvertible {
+        let call: String
+        let code: Int
+        var description: String {
+            "\(call): \(String(cString: nghttp2_strerror(Int32(truncatingIfNeeded: code))))"
+        }
+    }
+
+    /// Creates the server session and queues the server's SETTINGS (the
+    /// connection preface: written with the first flush).
+    private func startSession() throws {
+        var callbacks: OpaquePointer?
+        guard nghttp2_session_callbacks_new(&callbacks) == 0, let callbacks else {
+            throw SessionError(call: "nghttp2_session_callbacks_new", code: Int(NGHTTP2_ERR_NOMEM.rawValue))
+        }
+        defer { nghttp2_session_callbacks_del(callbacks) }
+        Self.installCallbacks(callbacks)
+        var option: OpaquePointer?
+        guard nghttp2_option_new(&option) == 0, let option else {
+            throw SessionError(call: "nghttp2_option_new", code: Int(NGHTTP2_ERR_NOMEM.rawValue))
+        }
+        defer { nghttp2_option_del(option) }
+        // Windows are reopened as the upstream takes the body (HTTP2ServerStream).
+        nghttp2_option_set_no_auto_window_update(option, 1)
+        // Weir checks request header lists and body lengths (HTTP2RequestFields).
+        nghttp2_option_set_no_http_messaging(option, 1)
+        nghttp2_option_set_max_continuations(option, settings.maxContinuationFrames)
+        // The ceiling nghttp2 enforces as a connection error; Weir refuses
+        // streams over the configured limit itself (HTTP2StreamLimit.swift).
+        var created: OpaquePointer?
+        let rv = nghttp2_session_server_new2(&created, callbacks, Unmanaged.passUnretained(self).toOpaque(), option)
+        guard rv == 0, let created else { throw SessionError(call: "nghttp2_session_server_new2", code: Int(rv)) }
+        session = created
+        var entries = [
+            nghttp2_settings_entry(settings_id: Int32(NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS.rawValue),
+                                   value: UInt32(HTTP2StreamLimit.engineCeiling(settings.maxConcurrentStreams))),
+            nghttp2_settings_entry(settings_id: Int32(NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE.rawValue),
+                                   value: UInt32(settings.maxHeaderListSize)),
+            nghttp2_settings_entry(settings_id: Int32(NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE.rawValue),
+                                   value: UInt32(settings.initialWindowSize)),
+            nghttp2_settings_entry(settings_id: Int32(NGHTTP2_SETTINGS_MAX_FRAME_SIZE.rawValue),
+                                   value: UInt32(settings.maxFrameSize)),
+            nghttp2_settings_entry(settings_id: Int32(NGHTTP2_SETTINGS_ENABLE_PUSH.rawValue), value: 0),
         ]
-        connectionConfiguration.maximumSequentialContinuationFrames = settings.maxContinuationFrames
-        // Weir checks request header lists and body lengths itself, in the
-        // pass that writes the HTTP/1.1 head (HTTP2RequestFields.swift);
-        // nio-http2's checks walked every list again, our responses too.
-        connectionConfiguration.headerBlockValidation = .disabled
-        connectionConfiguration.contentLengthValidation = .disabled
-        connectionConfiguration.maximumConnectionGlitches = settings.maxGlitches
-        var streamConfiguration = NIOHTTP2Handler.StreamConfiguration()
-        streamConfiguration.streamResetFrameRateLimit.maximumCount = settings.maxResets
-        streamConfiguration.streamResetFrameRateLimit.windowLength = .nanoseconds(settings.resetWindow.nanoseconds)
-        // No stream multiplexer: frames of every stream come to `state`.
-        let sync = channel.pipeline.syncOperations
-        try sync.addHandler(AdvertisedStreamLimit(advertised: settings.maxConcurrentStreams))
-        try sync.addHandler(NIOHTTP2Handler(mode: .server, connectionConfiguration: connectionConfiguration,
-                                            streamConfiguration: streamConfiguration))
-        try sync.addHandler(state)
+        let submitted = nghttp2_submit_settings(created, UInt8(NGHTTP2_FLAG_NONE.rawValue), &entries, entries.count)
+        guard submitted == 0 else { throw SessionError(call: "nghttp2_submit_settings", code: Int(submitted)) }
+        // The connection's receive window (a stream's own window is what
+        // holds a client back): one WINDOW_UPDATE up to it after SETTINGS.
+        let window = nghttp2_session_set_local_window_size(created, UInt8(NGHTTP2_FLAG_NONE.rawValue), 0,
+                                                           Int32(clamping: settings.connectionWindowSize))
+        guard window == 0 else { throw SessionError(call: "nghttp2_session_set_local_window_size", code: Int(window)) }
     }
 
     // MARK: - Lifecycle
@@ -169,44 +219,35 @@ final class HTTP2DownstreamConnection: ChannelDuplexHandler {
         // Streams still open lose their exchange (the client sees the cut).
         let open = streams.values
         streams.removeAll()
-        streamsHoldingFrames.removeAll()
         for stream in open { stream.streamClosed() }
         connectionPlugins?.close()
         loopContext.unregisterHTTP2(self)
         listener.connectionClosed()
         listener.observer?.connectionClosed(listener: listener.name)
+        // The session goes with the handler (deinit): a callback in flight
+        // (this may run inside one) still finds it.
     }
 
-    // MARK: - Frames in
+    // MARK: - Bytes in
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard let session, !closed else { return }
         // A client read event: one clock read serves the streams it feeds.
         loopContext.clock.enterEvent()
         defer { loopContext.clock.leaveEvent() }
         reading = true
-        let frame = unwrapInboundIn(data)
-        let streamID = frame.streamID
-        switch frame.payload {
-        case .headers(let headers):
-            if let stream = streams[streamID] {
-                stream.receivedHeaders(headers)
-            } else if !closed {
-                // nio-http2 has checked this HEADERS may open a stream.
-                if streams.count >= settings.maxConcurrentStreams { return refuseStream(streamID) }
-                let stream = HTTP2ServerStream(connection: self, streamID: streamID)
-                streams[streamID] = stream
-                idleTimer.set(nil)
-                stream.receivedHeaders(headers)
-            }
-        case .data(let payload):
-            streams[streamID]?.receivedData(payload)
-        case .ping(_, ack: true):
-            pingOutstanding = false
-        default:
-            // SETTINGS, PING, WINDOW_UPDATE, RST_STREAM, GOAWAY, PRIORITY:
-            // nio-http2 has acted on them (a reset stream arrives as
-            // StreamClosedEvent).
-            break
+        let bytes = unwrapInboundIn(data)
+        inSession = true
+        let consumed = bytes.withUnsafeReadableBytes { raw -> Int in
+            nghttp2_session_mem_recv(session, raw.bindMemory(to: UInt8.self).baseAddress, raw.count)
+        }
+        inSession = false
+        if consumed < 0 {
+            // Fatal for the session (bad client magic, a CONTINUATION flood,
+            // out of memory): whatever it queued (GOAWAY) goes, then close.
+            loopContext.logger.debug("HTTP/2 connection error", metadata: [
+                "client": "\(clientIP)", "error": "\(SessionError(call: "nghttp2_session_mem_recv", code: consumed))"])
+            closeAfterFlush = true
         }
     }
 
@@ -220,22 +261,39 @@ final class HTTP2DownstreamConnection: ChannelDuplexHandler {
         context.fireChannelReadComplete()
     }
 
-    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        // Every stream brings three events (created, window, closed), for
-        // this handler only (the last one): the type is compared first, so
-        // only a match pays for a cast (~330 instructions each, failed ones
-        // included), and they go no further.
-        let eventType = type(of: event)
-        if eventType == NIOHTTP2WindowUpdatedEvent.self, let event = event as? NIOHTTP2WindowUpdatedEvent {
-            windowUpdated(event)
-        } else if eventType == StreamClosedEvent.self, let event = event as? StreamClosedEvent {
-            streamClosed(event.streamID)
-        } else if eventType != NIOHTTP2StreamCreatedEvent.self {
-            context.fireUserInboundEventTriggered(event)
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable {
+            // Pull what the session held back while the socket was full.
+            flushNow()
+            for stream in streams.values { stream.writabilityMayHaveChanged() }
         }
+        context.fireChannelWritabilityChanged()
     }
 
-    private func streamClosed(_ streamID: HTTP2StreamID) {
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        loopContext.logger.debug("HTTP/2 connection error", metadata: ["client": "\(clientIP)", "error": "\(error)"])
+        context.close(promise: nil)
+    }
+
+    // MARK: - Session events (from the callbacks)
+
+    fileprivate func stream(_ id: Int32) -> HTTP2ServerStream? {
+        streams[id]
+    }
+
+    /// A HEADERS frame begins: a request opens a stream (or is refused over
+    /// max_concurrent_streams); on an open stream it is its trailers.
+    fileprivate func headerBlockBegins(streamID: Int32, isRequest: Bool) {
+        if let stream = streams[streamID] { return stream.headerBlockBegins() }
+        guard isRequest, !closed else { return }
+        if streams.count >= settings.maxConcurrentStreams { return refuseStream(streamID) }
+        let stream = HTTP2ServerStream(connection: self, streamID: streamID)
+        streams[streamID] = stream
+        idleTimer.set(nil)
+        stream.headerBlockBegins()
+    }
+
+    fileprivate func streamClosed(_ streamID: Int32) {
         guard let stream = streams.removeValue(forKey: streamID) else { return }
         stream.streamClosed()
         if streams.isEmpty {
@@ -244,55 +302,27 @@ final class HTTP2DownstreamConnection: ChannelDuplexHandler {
         }
     }
 
-    func channelWritabilityChanged(context: ChannelHandlerContext) {
-        if context.channel.isWritable {
-            for stream in streams.values { stream.writabilityMayHaveChanged() }
-        }
-        context.fireChannelWritabilityChanged()
+    fileprivate func pingAcknowledged() {
+        pingOutstanding = false
     }
 
-    func errorCaught(context: ChannelHandlerContext, error: Error) {
-        // A stream error has reset that stream only (RFC 9113 §5.4.2; the
-        // StreamClosedEvent that follows ends its exchange): the connection
-        // and its other streams go on.
-        if Self.isStreamError(error) {
-            loopContext.logger.debug("HTTP/2 stream error", metadata: ["client": "\(clientIP)", "error": "\(error)"])
-            return
+    /// Starts a new reset window when the current one has passed.
+    private func rollResetWindow() {
+        let now = loopContext.clock.now
+        if now - resetWindowStart > .nanoseconds(settings.resetWindow.nanoseconds) {
+            resetWindowStart = now
+            refusals = 0
+            clientResets = 0
         }
-        // Connection errors: nio-http2 has sent GOAWAY with the error code.
-        loopContext.logger.debug("HTTP/2 connection error", metadata: ["client": "\(clientIP)", "error": "\(error)"])
-        context.close(promise: nil)
     }
 
-    /// nio-http2 reports stream and connection errors alike through
-    /// `errorCaught` (it has already sent RST_STREAM or GOAWAY). These are
-    /// the ones it raises as stream errors (RFC 9113 §8.1.1 malformed
-    /// messages, frames in a wrong stream state); anything else closes the
-    /// connection, which is the safe side if the list misses one.
-    static func isStreamError(_ error: Error) -> Bool {
-        switch error {
-        case is NIOHTTP2Errors.StreamError,
-             is NIOHTTP2Errors.InvalidHTTP2HeaderFieldName,
-             is NIOHTTP2Errors.InvalidHTTP2HeaderFieldValue,
-             is NIOHTTP2Errors.ForbiddenHeaderField,
-             is NIOHTTP2Errors.InvalidPseudoHeaders,
-             is NIOHTTP2Errors.DuplicatePseudoHeader,
-             is NIOHTTP2Errors.PseudoHeaderAfterRegularHeader,
-             is NIOHTTP2Errors.UnknownPseudoHeader,
-             is NIOHTTP2Errors.UnsupportedPseudoHeader,
-             is NIOHTTP2Errors.InvalidPseudoHeaderValue,
-             is NIOHTTP2Errors.EmptyPathHeader,
-             is NIOHTTP2Errors.MissingPseudoHeader,
-             is NIOHTTP2Errors.ContentLengthViolated,
-             is NIOHTTP2Errors.ContentLengthHeadersMismatch,
-             is NIOHTTP2Errors.ContentLengthHeaderNegative,
-             is NIOHTTP2Errors.ContentLengthHeaderMalformedValue,
-             is NIOHTTP2Errors.TrailersWithoutEndStream,
-             is NIOHTTP2Errors.StreamClosed,
-             is NIOHTTP2Errors.BadStreamStateTransition:
-            return true
-        default:
-            return false
+    /// The client reset a stream: more than max_resets per reset_window is
+    /// Rapid Reset (CVE-2023-44487): GOAWAY ENHANCE_YOUR_CALM.
+    fileprivate func clientResetStream(_ streamID: Int32) {
+        rollResetWindow()
+        clientResets += 1
+        if clientResets > settings.maxResets {
+            enhanceYourCalm("HTTP/2 client keeps resetting streams: closing")
         }
     }
 
@@ -300,87 +330,50 @@ final class HTTP2DownstreamConnection: ChannelDuplexHandler {
     /// REFUSED_STREAM (nothing was processed; the client may retry it).
     /// Too many refusals in a reset window end the connection like a
     /// Rapid Reset does.
-    private func refuseStream(_ streamID: HTTP2StreamID) {
-        let now = NIODeadline.now()
-        if now - refusalWindowStart > .nanoseconds(settings.resetWindow.nanoseconds) {
-            refusalWindowStart = now
-            refusals = 0
-        }
+    private func refuseStream(_ streamID: Int32) {
+        rollResetWindow()
         refusals += 1
         if refusals > settings.maxResets {
-            return enhanceYourCalm(lastStreamID: streamID, "HTTP/2 client keeps opening streams over the limit: closing")
+            return enhanceYourCalm("HTTP/2 client keeps opening streams over the limit: closing")
         }
-        write(HTTP2Frame(streamID: streamID, payload: .rstStream(.refusedStream)))
+        submitReset(streamID, code: NGHTTP2_REFUSED_STREAM)
     }
 
-    /// A stream's request was malformed (HTTP2ServerStream resets it). When
-    /// nio-http2 checked header lists it counted these as glitches; Weir
-    /// checks them now (HTTP2RequestFields) and counts them against the
-    /// same `max_glitches` (nio-http2 still counts its own stream errors).
-    func receivedMalformedRequest(on streamID: HTTP2StreamID, error: Error) {
+    /// A stream's request was malformed (HTTP2ServerStream resets it), or
+    /// nghttp2 found a frame invalid: counted against `max_glitches`.
+    func receivedMalformedRequest(on streamID: Int32, error: Error) {
         loopContext.logger.debug("HTTP/2 malformed request", metadata: ["client": "\(clientIP)", "error": "\(error)"])
-        malformedRequests += 1
-        if malformedRequests > settings.maxGlitches {
-            enhanceYourCalm(lastStreamID: streamID, "HTTP/2 client keeps sending malformed requests: closing")
+        countGlitch()
+    }
+
+    fileprivate func countGlitch() {
+        glitches += 1
+        if glitches > settings.maxGlitches {
+            enhanceYourCalm("HTTP/2 client keeps sending malformed requests: closing")
         }
     }
 
     /// GOAWAY ENHANCE_YOUR_CALM, then close: the client is abusing the connection.
-    private func enhanceYourCalm(lastStreamID: HTTP2StreamID, _ message: Logger.Message) {
+    private func enhanceYourCalm(_ message: Logger.Message) {
+        guard let session, !closeAfterFlush else { return }
         loopContext.logger.debug(message, metadata: ["client": "\(clientIP)"])
-        let goAway = HTTP2Frame(streamID: .rootStream,
-                                payload: .goAway(lastStreamID: lastStreamID, errorCode: .enhanceYourCalm, opaqueData: nil))
-        context.writeAndFlush(wrapOutboundOut(goAway)).whenComplete { [context] _ in context?.close(promise: nil) }
+        nghttp2_session_terminate_session(session, NGHTTP2_ENHANCE_YOUR_CALM.rawValue)
+        closeAfterFlush = true
+        flushSoon()
     }
 
-    // MARK: - Inbound flow control
+    // MARK: - Bytes out
 
-    /// nio-http2 reports a window after every flow-controlled frame. The
-    /// connection's window is always reopened (a stream's own window is
-    /// what holds a client back); a stream's is reopened by the stream,
-    /// which holds it back while its upstream is not writable.
-    private func windowUpdated(_ event: NIOHTTP2WindowUpdatedEvent) {
-        guard let window = event.inboundWindowSize else { return }
-        if event.streamID == .rootStream {
-            connectionInboundWindow = window
-            if let increment = Self.windowIncrement(window: window, target: settings.connectionWindowSize) {
-                connectionInboundWindow += increment
-                write(HTTP2Frame(streamID: .rootStream, payload: .windowUpdate(windowSizeIncrement: increment)))
-            }
-        } else {
-            streams[event.streamID]?.inboundWindowChanged(window)
-        }
-    }
-
-    /// The WINDOW_UPDATE increment that brings `window` back to `target`,
-    /// once it has fallen to half of it or less (fewer, larger updates);
-    /// nil while it is still above.
-    static func windowIncrement(window: Int, target: Int) -> Int? {
-        guard window <= target / 2 else { return nil }
-        return min(target - window, Int(Int32.max))
-    }
-
-    // MARK: - Frames out
-
-    /// Writes `frame`; the flush comes at the end of the current read or
-    /// event-loop tick (`flushSoon`), once for all the streams written to.
-    func write(_ frame: HTTP2Frame, promise: EventLoopPromise<Void>? = nil) {
-        guard !closed else {
-            promise?.fail(ChannelError.ioOnClosedChannel)
-            return
-        }
-        context.write(wrapOutboundOut(frame), promise: promise)
-        needsFlush = true
-    }
-
-    func holdingFrame(_ stream: HTTP2ServerStream) {
-        streamsHoldingFrames.append(stream)
+    func submitReset(_ streamID: Int32, code: nghttp2_error_code) {
+        guard let session else { return }
+        nghttp2_submit_rst_stream(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), streamID, code.rawValue)
+        flushSoon()
     }
 
     /// A flush before the event loop goes back to waiting: once per tick
     /// for however many streams wrote (a read's end flushes anyway).
     func flushSoon() {
-        guard !reading, !flushScheduled, !closed else { return }
+        guard !reading, !inSession, !flushScheduled, !closed else { return }
         flushScheduled = true
         context.eventLoop.execute { [self] in
             flushScheduled = false
@@ -388,16 +381,44 @@ final class HTTP2DownstreamConnection: ChannelDuplexHandler {
         }
     }
 
+    /// Pulls everything the session has to send (while the socket takes
+    /// it) into one buffer: one write, one flush.
     private func flushNow() {
-        // A write may make another stream hold a frame: loop until none does.
-        while !streamsHoldingFrames.isEmpty {
-            swap(&streamsHoldingFrames, &streamsReleasingFrames)
-            for stream in streamsReleasingFrames { stream.releaseHeldFrame() }
-            streamsReleasingFrames.removeAll(keepingCapacity: true)
+        guard let session, !closed, !inSession else { return }
+        var out: ByteBuffer? = nil
+        inSession = true
+        while context.channel.isWritable || closeAfterFlush {
+            var chunk: UnsafePointer<UInt8>? = nil
+            let count = nghttp2_session_mem_send(session, &chunk)
+            if count < 0 {
+                loopContext.logger.debug("HTTP/2 send error", metadata: [
+                    "client": "\(clientIP)", "error": "\(SessionError(call: "nghttp2_session_mem_send", code: count))"])
+                closeAfterFlush = true
+                break
+            }
+            guard count > 0, let chunk else { break }
+            if out == nil { out = context.channel.allocator.buffer(capacity: max(count, 1024)) }
+            out!.writeBytes(UnsafeRawBufferPointer(start: chunk, count: count))
         }
-        guard needsFlush, !closed else { return }
-        needsFlush = false
-        context.flush()
+        inSession = false
+        if var out {
+            if settingsRewritePending {
+                settingsRewritePending = false
+                AdvertisedStreamLimit.rewriteMaxConcurrentStreams(in: &out, to: UInt32(clamping: settings.maxConcurrentStreams))
+            }
+            context.writeAndFlush(wrapOutboundOut(out), promise: nil)
+        }
+        // The session is done (GOAWAY sent after a connection error or
+        // ENHANCE_YOUR_CALM), or a graceful close is due: close after the write.
+        if closeAfterFlush || (nghttp2_session_want_read(session) == 0 && nghttp2_session_want_write(session) == 0),
+           !closingAfterWrite {
+            closeAfterFlush = true
+            closingAfterWrite = true
+            let context = self.context!
+            context.writeAndFlush(wrapOutboundOut(context.channel.allocator.buffer(capacity: 0))).whenComplete { _ in
+                context.close(promise: nil)
+            }
+        }
     }
 
     var isWritable: Bool { context.channel.isWritable }
@@ -425,6 +446,7 @@ final class HTTP2DownstreamConnection: ChannelDuplexHandler {
             if let deadline = stream.exchangeTimer.deadline { next = min(next ?? deadline, deadline) }
         }
         if let next { streamDeadlineSet(next) }
+        flushNow()
     }
 
     private func armIdleTimer() {
@@ -444,7 +466,8 @@ final class HTTP2DownstreamConnection: ChannelDuplexHandler {
     /// Nothing read for `ping_interval`: send a PING; no ACK within
     /// `ping_timeout`: the peer is gone (or stuck), close.
     private func pingTimerFired() {
-        guard pingTimer.fired(now: .now()), let interval = settings.pingInterval, let context, !closed else { return }
+        guard pingTimer.fired(now: .now()), let interval = settings.pingInterval, let context, let session,
+              !closed else { return }
         let now = NIODeadline.now()
         if pingOutstanding {
             loopContext.logger.debug("HTTP/2 PING not acknowledged in time: closing", metadata: ["client": "\(clientIP)"])
@@ -457,32 +480,125 @@ final class HTTP2DownstreamConnection: ChannelDuplexHandler {
             return
         }
         pingOutstanding = true
-        let ping = HTTP2Frame(streamID: .rootStream, payload: .ping(HTTP2PingData(withInteger: Self.pingPayload), ack: false))
-        context.writeAndFlush(wrapOutboundOut(ping), promise: nil)
+        nghttp2_submit_ping(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), Self.pingPayload)
+        flushNow()
         pingTimer.set(now + .nanoseconds(settings.pingTimeout.nanoseconds))
     }
 
     // MARK: - Closing
 
-    /// GOAWAY (NO_ERROR, no stream refused), then close.
+    /// GOAWAY (NO_ERROR, the last stream taken), then close.
     private func closeGracefully() {
-        guard let context, !closed else { return }
-        let goAway = HTTP2Frame(streamID: .rootStream,
-                                payload: .goAway(lastStreamID: .maxID, errorCode: .noError, opaqueData: nil))
-        context.writeAndFlush(wrapOutboundOut(goAway)).whenComplete { _ in context.close(promise: nil) }
+        guard let session, !closed, !closeAfterFlush else { return }
+        nghttp2_submit_goaway(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), nghttp2_session_get_last_proc_stream_id(session),
+                              NGHTTP2_NO_ERROR.rawValue, nil, 0)
+        closeAfterFlush = true
+        if inSession || reading { flushSoonAfterSession() } else { flushNow() }
+    }
+
+    /// A flush from inside a session call: on the next event-loop turn.
+    private func flushSoonAfterSession() {
+        guard !flushScheduled, !closed else { return }
+        flushScheduled = true
+        context.eventLoop.execute { [self] in
+            flushScheduled = false
+            flushNow()
+        }
     }
 
     /// Stop taking streams: GOAWAY now; close once the open streams are done.
     func beginDrain() {
         draining = true
-        guard let context, !closed else { return }
+        guard let session, !closed else { return }
         if streams.isEmpty { return closeGracefully() }
-        let goAway = HTTP2Frame(streamID: .rootStream,
-                                payload: .goAway(lastStreamID: .maxID, errorCode: .noError, opaqueData: nil))
-        context.writeAndFlush(wrapOutboundOut(goAway), promise: nil)
+        // GOAWAY with the highest stream ID: the client opens no more.
+        nghttp2_submit_shutdown_notice(session)
+        flushNow()
     }
 
     func forceClose() {
         context?.close(promise: nil)
     }
+}
+
+// MARK: - nghttp2 callbacks
+
+// C function pointers: they capture nothing, find the connection through
+// the session's user data (unretained: the handler owns the session) and
+// return 0 or an nghttp2 error code, never throw.
+extension HTTP2DownstreamConnection {
+    @inline(__always)
+    fileprivate static func connection(_ userData: UnsafeMutableRawPointer?) -> HTTP2DownstreamConnection {
+        Unmanaged<HTTP2DownstreamConnection>.fromOpaque(userData!).takeUnretainedValue()
+    }
+
+    fileprivate static func installCallbacks(_ callbacks: OpaquePointer) {
+        nghttp2_session_callbacks_set_on_begin_headers_callback(callbacks) { _, frame, userData in
+            guard let frame else { return 0 }
+            let headers = frame.pointee.headers
+            HTTP2DownstreamConnection.connection(userData)
+                .headerBlockBegins(streamID: headers.hd.stream_id, isRequest: headers.cat == NGHTTP2_HCAT_REQUEST)
+            return 0
+        }
+        nghttp2_session_callbacks_set_on_header_callback(callbacks) { _, frame, name, nameLength, value, valueLength, _, userData in
+            guard let frame, let name, let value,
+                  let stream = HTTP2DownstreamConnection.connection(userData).stream(frame.pointee.hd.stream_id) else { return 0 }
+            stream.receivedField(name: UnsafeBufferPointer(start: name, count: nameLength),
+                                 value: UnsafeBufferPointer(start: value, count: valueLength))
+            return 0
+        }
+        nghttp2_session_callbacks_set_on_frame_recv_callback(callbacks) { _, frame, userData in
+            guard let frame else { return 0 }
+            let connection = HTTP2DownstreamConnection.connection(userData)
+            let hd = frame.pointee.hd
+            let endStream = hd.flags & UInt8(NGHTTP2_FLAG_END_STREAM.rawValue) != 0
+            switch Int(hd.type) {
+            case Int(NGHTTP2_HEADERS.rawValue):
+                connection.stream(hd.stream_id)?.headerBlockEnded(endStream: endStream)
+            case Int(NGHTTP2_DATA.rawValue):
+                if endStream { connection.stream(hd.stream_id)?.receivedEndOfStream() }
+            case Int(NGHTTP2_RST_STREAM.rawValue):
+                connection.clientResetStream(hd.stream_id)
+            case Int(NGHTTP2_PING.rawValue):
+                if hd.flags & UInt8(NGHTTP2_FLAG_ACK.rawValue) != 0 { connection.pingAcknowledged() }
+            default:
+                // SETTINGS, WINDOW_UPDATE, GOAWAY, PRIORITY: nghttp2 has acted on them.
+                break
+            }
+            return 0
+        }
+        nghttp2_session_callbacks_set_on_data_chunk_recv_callback(callbacks) { session, _, streamID, data, length, userData in
+            let connection = HTTP2DownstreamConnection.connection(userData)
+            // The connection's window is always reopened; the stream's as
+            // its upstream takes the bytes (HTTP2ServerStream).
+            nghttp2_session_consume_connection(session, length)
+            guard let data, let stream = connection.stream(streamID) else { return 0 }
+            stream.receivedData(UnsafeRawBufferPointer(start: data, count: length))
+            return 0
+        }
+        nghttp2_session_callbacks_set_on_frame_send_callback(callbacks) { _, frame, userData in
+            guard let frame else { return 0 }
+            let hd = frame.pointee.hd
+            if hd.flags & UInt8(NGHTTP2_FLAG_END_STREAM.rawValue) != 0 {
+                HTTP2DownstreamConnection.connection(userData).stream(hd.stream_id)?.responseEndSent()
+            }
+            return 0
+        }
+        nghttp2_session_callbacks_set_on_stream_close_callback(callbacks) { _, streamID, _, userData in
+            HTTP2DownstreamConnection.connection(userData).streamClosed(streamID)
+            return 0
+        }
+        nghttp2_session_callbacks_set_on_invalid_frame_recv_callback(callbacks) { _, _, _, userData in
+            HTTP2DownstreamConnection.connection(userData).countGlitch()
+            return 0
+        }
+    }
+}
+
+/// The response body source of a stream: nghttp2 asks for at most `length`
+/// bytes when the stream's send window and the connection allow a DATA frame.
+let http2ResponseBodyRead: nghttp2_data_source_read_callback = { session, streamID, buffer, length, flags, source, _ in
+    guard let buffer, let flags, let pointer = source?.pointee.ptr else { return Int(NGHTTP2_ERR_CALLBACK_FAILURE.rawValue) }
+    let stream = Unmanaged<HTTP2ServerStream>.fromOpaque(pointer).takeUnretainedValue()
+    return stream.readResponseBody(into: buffer, length: length, flags: flags)
 }

@@ -36,6 +36,8 @@ struct HTTP2RequestFields {
         case missingOrExtraPseudo
         case bodyLongerThanContentLength
         case bodyShorterThanContentLength
+        case trailersWithoutEndStream
+        case headerListTooLarge
     }
 
     private struct Pseudo: OptionSet {

@@ -1,13 +1,14 @@
+import CNghttp2
 import NIOCore
 import NIOHPACK
 import NIOHTTP1
-import NIOHTTP2
 import WeirCore
 
 /// One downstream HTTP/2 stream: a request in, a response out, through the
 /// same exchange logic as an HTTP/1.1 request (`ExchangeDownstream`).
-/// Not a channel handler: `HTTP2DownstreamConnection` hands it its frames
-/// and writes the ones it sends.
+/// Not a channel handler: `HTTP2DownstreamConnection`'s nghttp2 callbacks
+/// hand it header fields and body chunks, and it submits its response to
+/// the connection's nghttp2 session.
 ///
 /// The request's header list is written as an HTTP/1.1 head and parsed by
 /// Weir's own `HTTP1RequestParser`, so the exchange gets the same
@@ -17,18 +18,20 @@ import WeirCore
 /// chunked. What RFC 9113 §8.1.1-8.2 calls malformed (pseudo-header
 /// errors, uppercase names, connection-specific fields, `te` other than
 /// `trailers`, CR/LF/NUL in values, a body that disagrees with
-/// content-length) is refused first with a stream error PROTOCOL_ERROR
-/// (HTTP2RequestFields, checked in the pass that writes the head).
+/// content-length, a header list over max_header_list_size) is refused
+/// first with a stream error PROTOCOL_ERROR (HTTP2RequestFields, checked in
+/// the pass that writes the head).
 ///
-/// Backpressure: the stream's receive window is only reopened
-/// (WINDOW_UPDATE) while the upstream connection is writable, so a client
-/// sending faster than the upstream takes waits on its window. The other
-/// way, the upstream is paused while more than `outboundHighWater` bytes
-/// written to this stream are not on the socket yet (its send window used
-/// up, or the connection not writable).
+/// Backpressure: body bytes are consumed from the stream's receive window
+/// (nghttp2_session_consume_stream, which sends WINDOW_UPDATE) only while
+/// the upstream connection is writable, so a client sending faster than the
+/// upstream takes waits on its window. The other way, the response body is
+/// queued here and read by nghttp2 as the client's windows allow (the data
+/// provider, `readResponseBody`); the upstream is paused while more than
+/// `outboundHighWater` bytes are queued or the socket is not writable.
 final class HTTP2ServerStream: ExchangeDownstream {
     let connection: HTTP2DownstreamConnection
-    let streamID: HTTP2StreamID
+    let streamID: Int32
     var exchange: Exchange?
     /// The exchange's deadline (read/write/whole request). Only kept here:
     /// the connection times all its streams with one scheduled task
@@ -45,50 +48,45 @@ final class HTTP2ServerStream: ExchangeDownstream {
     }
     /// HEADERS seen: what follows is body and trailers.
     private var headSeen = false
+    /// The header block being received (request head or trailers), and
+    /// its size as RFC 9113 §6.5.2 counts it (name + value + 32 per field).
+    private var receivedFields = HPACKHeaders()
+    private var receivedFieldBytes = 0
     /// The client sent END_STREAM.
     private var clientEnded = false
-    /// END_STREAM was written (or the stream is gone): nothing more goes out.
+    /// The response's end was queued (or the stream is gone): nothing more goes out.
     private var responseEnded = false
-    /// nio-http2 closed the stream (both ends, or a reset).
+    /// The stream was reset (by us) or closed by nghttp2.
     private var gone = false
     /// Body bytes still to come under the request's content-length (nil:
     /// no length). A body that disagrees with it makes the request
-    /// malformed (RFC 9113 §8.1.1), checked here as nio-http2's content
-    /// length validation is off downstream (HTTP2RequestFields).
+    /// malformed (RFC 9113 §8.1.1).
     private var bodyBytesExpected: Int?
-    /// The receive window as nio-http2 last reported it, and whether an
-    /// update is held back until the upstream takes more.
-    private var inboundWindow = 0
-    private var windowUpdateHeld = false
-    /// Response bytes written, and how many of them are known to be on the
-    /// socket: a DATA write every `checkpointBytes` carries a promise, and
-    /// its completion confirms everything before it (one stream's frames
-    /// go out in order). Small responses never allocate one.
-    private var outboundWritten = 0
-    private var outboundConfirmed = 0
-    private var lastCheckpoint = 0
-    private static let checkpointBytes = 16 * 1024
+    /// Request body bytes received but not yet given back to the client's
+    /// stream window (held while the upstream cannot take more).
+    private var unconsumedBytes = 0
+    /// The response HEADERS were submitted (with the body's data provider
+    /// unless the response has no body).
+    private var headSubmitted = false
+    /// Response body queued for the data provider, and its size.
+    private var responseBody = CircularBuffer<ByteBuffer>()
+    private var responseBodyBytes = 0
+    /// The response body is complete (what is queued is all of it).
+    private var responseBodyEnded = false
+    /// Trailers to send after the body (submitted when the provider ends it).
+    private var responseTrailers: HTTP2FieldList?
+    /// The data provider answered NGHTTP2_ERR_DEFERRED: new bytes resume it.
+    private var bodyDeferred = false
+    /// The frame with END_STREAM has been handed to the socket.
+    private var endSent = false
+    /// Completed when the response's last frame is written (or the stream goes).
+    private var endPromise: EventLoopPromise<Void>?
+    /// A reset to send once the response's last frame is out (a reset
+    /// submitted earlier would overtake the queued DATA).
+    private var resetAfterEnd: nghttp2_error_code?
     private static let outboundHighWater = 64 * 1024
-    /// A frame not written yet, to carry END_STREAM if the response ends
-    /// next (HEADERS or DATA + END_STREAM instead of an extra empty DATA).
-    /// Written before the connection's next flush at the latest. Kept as
-    /// its parts: the nio-http2 payload is made once, with its END_STREAM
-    /// flag (setting it afterwards copied a DATA payload's storage).
-    private var heldFrame: HeldFrame?
 
-    private enum HeldFrame {
-        case headers(HPACKHeaders)
-        case data(ByteBuffer)
-
-        func payload(endStream: Bool) -> HTTP2Frame.FramePayload {
-            switch self {
-            case .headers(let headers): return .headers(.init(headers: headers, endStream: endStream))
-            case .data(let data): return .data(.init(data: .byteBuffer(data), endStream: endStream))
-            }
-        }
-    }
-
-    init(connection: HTTP2DownstreamConnection, streamID: HTTP2StreamID) {
+    init(connection: HTTP2DownstreamConnection, streamID: Int32) {
         self.connection = connection
         self.streamID = streamID
     }
@@ -115,8 +113,9 @@ final class HTTP2ServerStream: ExchangeDownstream {
         set { connection.spareUpstreamFields = newValue }
     }
     var downstreamIsWritable: Bool {
-        outboundWritten - outboundConfirmed < Self.outboundHighWater && connection.isWritable
+        responseBodyBytes < Self.outboundHighWater && connection.isWritable
     }
+    private var session: OpaquePointer? { connection.session }
 
     // MARK: - Stream lifecycle (called by the connection)
 
@@ -124,32 +123,33 @@ final class HTTP2ServerStream: ExchangeDownstream {
     /// connection went).
     func streamClosed() {
         gone = true
-        heldFrame = nil
+        responseBody.removeAll()
+        responseBodyBytes = 0
         let cut = !responseEnded
         responseEnded = true
         exchangeDeadline.set(nil)
-        // An exchange whose response end was written finishes on its own;
+        if let endPromise {
+            self.endPromise = nil
+            endPromise.succeed(())
+        }
+        // An exchange whose response end was queued finishes on its own;
         // any other was cut by the client.
         if cut, let exchange, !exchange.finished {
             abortExchange(exchange, reason: "the client reset the HTTP/2 stream")
         }
     }
 
-    private func send(_ payload: HTTP2Frame.FramePayload, promise: EventLoopPromise<Void>? = nil) {
-        connection.write(HTTP2Frame(streamID: streamID, payload: payload), promise: promise)
-    }
-
-    /// Writes the held frame, if any (before any other frame of this stream,
-    /// and before the connection flushes).
-    func releaseHeldFrame() {
-        guard let frame = heldFrame else { return }
-        heldFrame = nil
-        send(frame.payload(endStream: false))
-    }
-
-    private func hold(_ frame: HeldFrame) {
-        if heldFrame == nil { connection.holdingFrame(self) } else { releaseHeldFrame() }
-        heldFrame = frame
+    /// nghttp2 handed the frame carrying END_STREAM to the socket.
+    func responseEndSent() {
+        endSent = true
+        if let endPromise {
+            self.endPromise = nil
+            endPromise.succeed(())
+        }
+        if let code = resetAfterEnd {
+            resetAfterEnd = nil
+            resetStream(code)
+        }
     }
 
     // MARK: - Reading from the client
@@ -161,70 +161,86 @@ final class HTTP2ServerStream: ExchangeDownstream {
         return connection.channel.isWritable
     }
 
-    func inboundWindowChanged(_ window: Int) {
-        inboundWindow = window
-        reopenWindowIfAllowed()
-    }
-
     func resumeReadingIfAllowed() {
-        if windowUpdateHeld { reopenWindowIfAllowed() }
-    }
-
-    private func reopenWindowIfAllowed() {
-        guard !clientEnded, !gone,
-              let increment = HTTP2DownstreamConnection.windowIncrement(window: inboundWindow,
-                                                                        target: connection.settings.initialWindowSize) else {
-            windowUpdateHeld = false
-            return
-        }
-        guard shouldRead else {
-            windowUpdateHeld = true
-            return
-        }
-        windowUpdateHeld = false
-        inboundWindow += increment
-        send(.windowUpdate(windowSizeIncrement: increment))
+        guard unconsumedBytes > 0, shouldRead else { return }
+        consumeReceived()
         connection.flushSoon()
     }
 
-    func receivedHeaders(_ headers: HTTP2Frame.FramePayload.Headers) {
+    /// Gives the received body bytes back to the client's stream window
+    /// (nghttp2 sends WINDOW_UPDATE once half of the window is used).
+    private func consumeReceived() {
+        guard let session, !gone else { return }
+        nghttp2_session_consume_stream(session, streamID, unconsumedBytes)
+        unconsumedBytes = 0
+    }
+
+    func headerBlockBegins() {
+        receivedFields.removeAll(keepingCapacity: true)
+        receivedFieldBytes = 0
+    }
+
+    func receivedField(name: UnsafeBufferPointer<UInt8>, value: UnsafeBufferPointer<UInt8>) {
+        receivedFieldBytes &+= name.count &+ value.count &+ 32
+        // Over the list's limit: nothing more is kept (the block's end resets the stream).
+        guard receivedFieldBytes <= connection.settings.maxHeaderListSize else { return }
+        receivedFields.add(name: String(decoding: name, as: UTF8.self), value: String(decoding: value, as: UTF8.self))
+    }
+
+    /// The header block is complete: the request's head, or its trailers.
+    func headerBlockEnded(endStream: Bool) {
+        guard !gone else { return }
+        if receivedFieldBytes > connection.settings.maxHeaderListSize {
+            return rejectMalformedStream(HTTP2RequestFields.Malformed.headerListTooLarge)
+        }
         if !headSeen {
             headSeen = true
-            if headers.endStream { clientEnded = true }
-            beginRequest(headers.headers, endStream: headers.endStream)
+            if endStream { clientEnded = true }
+            beginRequest(receivedFields, endStream: endStream)
         } else {
-            // Trailers (nio-http2 has checked they end the stream).
+            // Trailers: they end the stream (RFC 9113 §8.1).
             clientEnded = true
             do {
-                try HTTP2RequestFields.checkTrailers(headers.headers)
+                if !endStream { throw HTTP2RequestFields.Malformed.trailersWithoutEndStream }
+                try HTTP2RequestFields.checkTrailers(receivedFields)
                 if let expected = bodyBytesExpected, expected != 0 { throw HTTP2RequestFields.Malformed.bodyShorterThanContentLength }
             } catch {
                 return rejectMalformedStream(error)
             }
             guard let exchange, !exchange.requestEnded else { return }
             var trailers = HTTPHeaders()
-            for (name, value, _) in headers.headers where !name.hasPrefix(":") {
+            for (name, value, _) in receivedFields where !name.hasPrefix(":") {
                 trailers.add(name: name, value: value)
             }
             requestEnd(trailers.isEmpty ? nil : trailers, exchange: exchange)
         }
     }
 
-    func receivedData(_ data: HTTP2Frame.FramePayload.Data) {
-        if data.endStream { clientEnded = true }
+    /// A chunk of a DATA frame's payload (valid during the call only).
+    func receivedData(_ bytes: UnsafeRawBufferPointer) {
+        guard !gone, !clientEnded else { return }
+        let length = bytes.count
         if let expected = bodyBytesExpected {
-            let length = data.data.readableBytes
             if length > expected { return rejectMalformedStream(HTTP2RequestFields.Malformed.bodyLongerThanContentLength) }
-            if data.endStream && length != expected {
-                return rejectMalformedStream(HTTP2RequestFields.Malformed.bodyShorterThanContentLength)
-            }
             bodyBytesExpected = expected - length
         }
-        guard let exchange, !exchange.requestEnded else { return }
-        if case .byteBuffer(let buffer) = data.data, buffer.readableBytes > 0 {
+        unconsumedBytes += length
+        if let exchange, !exchange.requestEnded, length > 0 {
+            var buffer = allocator.buffer(capacity: length)
+            buffer.writeBytes(bytes)
             requestBody(buffer, exchange: exchange)
         }
-        if data.endStream, self.exchange === exchange, !exchange.requestEnded {
+        if shouldRead { consumeReceived() }
+    }
+
+    /// A DATA frame with END_STREAM (after its payload's chunks).
+    func receivedEndOfStream() {
+        guard !gone, !clientEnded else { return }
+        clientEnded = true
+        if let expected = bodyBytesExpected, expected != 0 {
+            return rejectMalformedStream(HTTP2RequestFields.Malformed.bodyShorterThanContentLength)
+        }
+        if let exchange, !exchange.requestEnded {
             requestEnd(nil, exchange: exchange)
         }
     }
@@ -345,7 +361,7 @@ final class HTTP2ServerStream: ExchangeDownstream {
         guard !gone else { return }
         clientEnded = true
         connection.receivedMalformedRequest(on: streamID, error: error)
-        resetStream(.protocolError)
+        resetStream(NGHTTP2_PROTOCOL_ERROR)
         if let exchange, !exchange.finished {
             if exchange.status == 0 { exchange.status = 400 }
             abortExchange(exchange, reason: "malformed HTTP/2 request: \(error)")
@@ -367,43 +383,40 @@ final class HTTP2ServerStream: ExchangeDownstream {
 
     /// The upstream's HTTP/1 head (with the plugins' edits, if any) as a
     /// HEADERS frame: lower-case names, no connection-specific fields, Via
-    /// extended. Names and values are made from the head's bytes in one
-    /// copy each (a String and then its lower-cased copy cost ~2 k
-    /// instructions per response).
+    /// extended. Names and values are copied from the head's bytes straight
+    /// into the list nghttp2 takes (no Strings).
     func relayWireResponseHead(_ head: HTTP1ResponseHead, pluginChanges: ResponseHeadChanges?, exchange: Exchange) {
         let fields = head.fields
         var dropped = fields.hopByHopFields()
         if let pluginChanges { dropped.formUnion(pluginChanges.edits.removed) }
         let status = pluginChanges?.status?.code ?? head.status
-        var headers = HPACKHeaders()
-        headers.reserveCapacity(fields.count + 2 + (pluginChanges?.edits.added.count ?? 0))
+        var headers = HTTP2FieldList(capacity: fields.count + 3 + (pluginChanges?.edits.added.count ?? 0))
         headers.add(name: ":status", value: Self.statusValue(status))
         var via: String? = nil
-        // For a gRPC trailers-only answer (writeHead): grpc-status, and the first content-length.
+        // For a gRPC trailers-only answer (writeHead): grpc-status, and whether the first content-length is 0.
         var grpcStatus = false
-        var contentLength: String? = nil
+        var contentLengthZero: Bool? = nil
         var hasDate = false
         fields.bytes.withUnsafeReadableBytes { raw in
             let base = raw.bindMemory(to: UInt8.self).baseAddress!
             for (i, e) in fields.entries.enumerated() where !dropped.contains(i) {
-                let value = String(decoding: UnsafeBufferPointer(start: base + Int(e.valueStart), count: Int(e.valueLength)),
-                                   as: UTF8.self)
+                let name = base + Int(e.nameStart), nameLength = Int(e.nameLength)
+                let value = base + Int(e.valueStart), valueLength = Int(e.valueLength)
                 switch e.known {
                 case .te, .keepAlive, .proxyConnection, .transferEncoding, .upgrade, .connection:
                     continue
                 case .via:
-                    via = via.map { $0 + ", " + value } ?? value
+                    let text = String(decoding: UnsafeBufferPointer(start: value, count: valueLength), as: UTF8.self)
+                    via = via.map { $0 + ", " + text } ?? text
+                    continue
                 case .contentLength:
-                    if contentLength == nil { contentLength = value }
-                    headers.add(name: "content-length", value: value)
+                    if contentLengthZero == nil { contentLengthZero = valueLength == 1 && value[0] == UInt8(ascii: "0") }
                 case .date:
                     hasDate = true
-                    headers.add(name: "date", value: value)
                 default:
-                    let name = base + Int(e.nameStart), length = Int(e.nameLength)
-                    if HTTP1Bytes.equalsLower(name, length, "grpc-status") { grpcStatus = true }
-                    headers.add(name: Self.lowercasedName(name, length), value: value)
+                    if HTTP1Bytes.equalsLower(name, nameLength, "grpc-status") { grpcStatus = true }
                 }
+                headers.add(lowercasingName: name, nameLength, value: value, valueLength)
             }
         }
         for field in pluginChanges?.edits.added ?? [] {
@@ -412,7 +425,7 @@ final class HTTP2ServerStream: ExchangeDownstream {
             case let kind where kind.isHopByHop: continue
             case let kind:
                 let name = field.name.lowercased()
-                if kind == .contentLength && contentLength == nil { contentLength = field.value }
+                if kind == .contentLength && contentLengthZero == nil { contentLengthZero = field.value == "0" }
                 if kind == .date { hasDate = true }
                 if name == "grpc-status" { grpcStatus = true }
                 headers.add(name: name, value: field.value)
@@ -423,7 +436,7 @@ final class HTTP2ServerStream: ExchangeDownstream {
         // An HTTP/2 upstream's response reaches us as a rebuilt HTTP/1.1 head.
         let viaEntry = HeaderRewriting.viaEntry(http2: exchange.connection?.http2Stream != nil, http10: head.version.minor == 0)
         headers.add(name: "via", value: via.map { $0 + ", " + viaEntry } ?? viaEntry)
-        writeHead(headers, status: status, grpcTrailersOnly: grpcStatus && contentLength == "0", exchange: exchange)
+        writeHead(headers, status: status, grpcTrailersOnly: grpcStatus && contentLengthZero == true, exchange: exchange)
     }
 
     /// `:status` as text: the common ones without formatting an Int.
@@ -449,30 +462,42 @@ final class HTTP2ServerStream: ExchangeDownstream {
         }
     }
 
-    /// A field name (a token: ASCII) lower-cased into a new String in one pass.
-    static func lowercasedName(_ bytes: UnsafePointer<UInt8>, _ count: Int) -> String {
-        String(unsafeUninitializedCapacity: count) { out in
-            for i in 0..<count {
-                let byte = bytes[i]
-                out[i] = byte >= UInt8(ascii: "A") && byte <= UInt8(ascii: "Z") ? byte | 0x20 : byte
-            }
-            return count
-        }
-    }
-
     func relayInterimResponseHead(_ head: HTTP1ResponseHead, exchange: Exchange) {
-        guard !responseEnded else { return }
-        var headers = HPACKHeaders()
+        guard !responseEnded, !headSubmitted, let session else { return }
+        var headers = HTTP2FieldList(capacity: head.fields.count + 1)
         headers.add(name: ":status", value: String(head.status))
         let dropped = head.fields.hopByHopFields()
         for i in 0..<head.fields.count where !dropped.contains(i) {
             headers.add(name: head.fields.name(at: i).lowercased(), value: head.fields.value(at: i))
         }
-        send(.headers(.init(headers: headers)))
+        _ = headers.withNameValues { nvs, count in
+            nghttp2_submit_headers(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), streamID, nil, nvs, count, nil)
+        }
         connection.flushSoon()
     }
 
-    private func writeHead(_ headers: HPACKHeaders, status: Int, grpcTrailersOnly: Bool, exchange: Exchange) {
+    /// Submits the response HEADERS: with END_STREAM when `bodyless`,
+    /// else with the data provider that reads `responseBody`.
+    private func submitResponse(_ headers: HTTP2FieldList, bodyless: Bool) {
+        guard let session, !gone else { return }
+        headSubmitted = true
+        let rv: Int32
+        if bodyless {
+            rv = headers.withNameValues { nvs, count in nghttp2_submit_response(session, streamID, nvs, count, nil) }
+        } else {
+            var provider = nghttp2_data_provider(
+                source: nghttp2_data_source(ptr: Unmanaged.passUnretained(self).toOpaque()),
+                read_callback: http2ResponseBodyRead)
+            rv = headers.withNameValues { nvs, count in nghttp2_submit_response(session, streamID, nvs, count, &provider) }
+        }
+        if rv != 0 {
+            // The stream is already closed on nghttp2's side (a client reset in the same read).
+            loopContext.logger.debug("HTTP/2 response not submitted", metadata: [
+                "stream": "\(streamID)", "error": "\(HTTP2DownstreamConnection.SessionError(call: "nghttp2_submit_response", code: Int(rv)))"])
+        }
+    }
+
+    private func writeHead(_ headers: HTTP2FieldList, status: Int, grpcTrailersOnly: Bool, exchange: Exchange) {
         exchange.responseStarted = true
         exchange.status = status
         guard !responseEnded else { return }
@@ -484,15 +509,15 @@ final class HTTP2ServerStream: ExchangeDownstream {
         let bodyless = exchange.head?.method == .HEAD || status == 204 || status == 304 || grpcTrailersOnly
         if bodyless {
             responseEnded = true
-            send(.headers(.init(headers: headers, endStream: true)))
-        } else {
-            // Held: an empty body's end becomes this frame's END_STREAM.
-            hold(.headers(headers))
+            responseBodyEnded = true
         }
+        // The HEADERS frame goes out with the body's first DATA (or its
+        // END_STREAM) when they are queued before the next flush.
+        submitResponse(headers, bodyless: bodyless)
     }
 
     /// HTTP/1 fields as HTTP/2 ones: lower-case names, no connection-specific fields.
-    private static func appendFields(_ fields: HTTPHeaders, to headers: inout HPACKHeaders) {
+    private static func appendFields(_ fields: HTTPHeaders, to headers: inout HTTP2FieldList) {
         var listed: Set<String> = []
         for value in fields["connection"] {
             for token in value.split(separator: ",") { listed.insert(token.trimmingCharacters(in: .whitespaces).lowercased()) }
@@ -511,65 +536,89 @@ final class HTTP2ServerStream: ExchangeDownstream {
 
     func writeResponseBody(_ data: ByteBuffer, exchange: Exchange) {
         guard !responseEnded, data.readableBytes > 0 else { return }
-        outboundWritten += data.readableBytes
-        if outboundWritten - lastCheckpoint >= Self.checkpointBytes {
-            // Large responses: learn when this much is on the socket.
-            lastCheckpoint = outboundWritten
-            releaseHeldFrame()
-            let mark = outboundWritten
-            let promise = eventLoop.makePromise(of: Void.self)
-            send(.data(.init(data: .byteBuffer(data))), promise: promise)
-            promise.futureResult.whenComplete { [weak self] _ in self?.outboundConfirmed(upTo: mark) }
-            return
-        }
-        // Held: if the response ends next, this frame carries END_STREAM.
-        hold(.data(data))
+        responseBody.append(data)
+        responseBodyBytes += data.readableBytes
+        resumeBody()
     }
 
-    private func outboundConfirmed(upTo mark: Int) {
-        guard mark > outboundConfirmed else { return }
-        outboundConfirmed = mark
-        writabilityMayHaveChanged()
+    /// The data provider is waiting for bytes (or the end): wake it.
+    private func resumeBody() {
+        guard bodyDeferred, let session, !gone else { return }
+        bodyDeferred = false
+        nghttp2_session_resume_data(session, streamID)
+    }
+
+    /// nghttp2 asks for up to `length` bytes of the response body for one
+    /// DATA frame (from nghttp2_session_mem_send). Copies what is queued;
+    /// nothing queued and not ended: NGHTTP2_ERR_DEFERRED until more comes.
+    func readResponseBody(into buffer: UnsafeMutablePointer<UInt8>, length: Int, flags: UnsafeMutablePointer<UInt32>) -> Int {
+        let wasFull = responseBodyBytes >= Self.outboundHighWater
+        var copied = 0
+        while copied < length, var first = responseBody.first {
+            let n = min(length - copied, first.readableBytes)
+            first.withUnsafeReadableBytes { raw in
+                (buffer + copied).update(from: raw.bindMemory(to: UInt8.self).baseAddress!, count: n)
+            }
+            copied += n
+            if n == first.readableBytes {
+                responseBody.removeFirst()
+            } else {
+                first.moveReaderIndex(forwardBy: n)
+                responseBody[responseBody.startIndex] = first
+            }
+        }
+        responseBodyBytes -= copied
+        if responseBodyBytes == 0 && responseBodyEnded {
+            flags.pointee |= NGHTTP2_DATA_FLAG_EOF.rawValue
+            if let trailers = responseTrailers, let session {
+                responseTrailers = nil
+                flags.pointee |= NGHTTP2_DATA_FLAG_NO_END_STREAM.rawValue
+                _ = trailers.withNameValues { nvs, count in nghttp2_submit_trailer(session, streamID, nvs, count) }
+            }
+        } else if copied == 0 {
+            bodyDeferred = true
+            return Int(NGHTTP2_ERR_DEFERRED.rawValue)
+        }
+        if wasFull && responseBodyBytes < Self.outboundHighWater { writabilityMayHaveChanged() }
+        return copied
     }
 
     func writeResponseEnd(_ trailers: HTTP1Fields?, exchange: Exchange, promise: EventLoopPromise<Void>?) {
-        guard !responseEnded else {
+        guard !responseEnded, !gone else {
             promise?.succeed(())
             return
         }
         responseEnded = true
+        responseBodyEnded = true
+        endPromise = promise
         if let trailers, trailers.count > 0 {
-            releaseHeldFrame()
-            var headers = HPACKHeaders()
+            var headers = HTTP2FieldList(capacity: trailers.count)
             for (i, e) in trailers.entries.enumerated() where e.known.forwardedInTrailers {
                 headers.add(name: trailers.name(at: i).lowercased(), value: trailers.value(at: i))
             }
-            send(.headers(.init(headers: headers, endStream: true)), promise: promise)
-        } else if let held = heldFrame {
-            // HEADERS or the last DATA carries END_STREAM: no extra frame.
-            heldFrame = nil
-            send(held.payload(endStream: true), promise: promise)
-        } else {
-            send(.data(.init(data: .byteBuffer(ByteBuffer()), endStream: true)), promise: promise)
+            if headers.count > 0 { responseTrailers = headers }
         }
+        resumeBody()
         connection.flushSoon()
     }
 
     func writeLocalResponse(_ head: HTTPResponseHead, body: ByteBuffer?, exchange: Exchange, promise: EventLoopPromise<Void>?) {
-        guard !responseEnded else {
+        guard !responseEnded, !headSubmitted, !gone else {
             promise?.succeed(())
             return
         }
         responseEnded = true
-        releaseHeldFrame()
-        var headers = HPACKHeaders()
+        responseBodyEnded = true
+        endPromise = promise
+        var headers = HTTP2FieldList(capacity: head.headers.count + 1)
         headers.add(name: ":status", value: String(head.status.code))
         Self.appendFields(head.headers, to: &headers)
         if let body, body.readableBytes > 0 {
-            send(.headers(.init(headers: headers)))
-            send(.data(.init(data: .byteBuffer(body), endStream: true)), promise: promise)
+            responseBody.append(body)
+            responseBodyBytes = body.readableBytes
+            submitResponse(headers, bodyless: false)
         } else {
-            send(.headers(.init(headers: headers, endStream: true)), promise: promise)
+            submitResponse(headers, bodyless: true)
         }
         connection.flushSoon()
     }
@@ -577,39 +626,52 @@ final class HTTP2ServerStream: ExchangeDownstream {
     func flushDownstream() { connection.flushSoon() }
 
     func endGRPCResponseWithStatus(_ status: GRPCStatusCode, message: String) -> Bool {
-        guard !responseEnded else { return false }
+        guard !responseEnded, !gone else { return false }
         responseEnded = true
-        releaseHeldFrame()
-        let trailers = HPACKHeaders([
-            ("grpc-status", String(status.rawValue)),
-            ("grpc-message", GRPCErrorResponse.percentEncoded(message)),
-        ])
-        send(.headers(.init(headers: trailers, endStream: true)))
+        responseBodyEnded = true
+        var trailers = HTTP2FieldList(capacity: 2)
+        trailers.add(name: "grpc-status", value: String(status.rawValue))
+        trailers.add(name: "grpc-message", value: GRPCErrorResponse.percentEncoded(message))
+        if headSubmitted {
+            responseTrailers = trailers
+            resumeBody()
+        } else {
+            // No head yet: a trailers-only response.
+            var headers = HTTP2FieldList(capacity: 4)
+            headers.add(name: ":status", value: "200")
+            headers.add(name: "content-type", value: "application/grpc")
+            headers.add(name: "grpc-status", value: String(status.rawValue))
+            headers.add(name: "grpc-message", value: GRPCErrorResponse.percentEncoded(message))
+            submitResponse(headers, bodyless: true)
+        }
         connection.flushSoon()
         return true
     }
 
-    /// Resets the stream (the connection and its other streams go on).
+    /// Resets the stream (the connection and its other streams go on); a
+    /// response whose end is queued goes out first.
     func closeDownstream() {
-        resetStream(.cancel)
+        if responseBodyEnded && headSubmitted && !endSent && !gone {
+            resetAfterEnd = NGHTTP2_CANCEL
+            return
+        }
+        resetStream(NGHTTP2_CANCEL)
     }
 
-    private func resetStream(_ code: HTTP2ErrorCode) {
+    private func resetStream(_ code: nghttp2_error_code) {
         responseEnded = true
-        heldFrame = nil
+        responseBody.removeAll()
+        responseBodyBytes = 0
         guard !gone else { return }
         gone = true
-        send(.rstStream(code))
-        connection.flushSoon()
+        connection.submitReset(streamID, code: code)
     }
 
     // MARK: - Lifecycle hooks
 
     /// A stream carries one exchange. When the client has ended its side,
-    /// the response's END_STREAM closes the stream by itself: nothing to do
-    /// after that write, so no promise to learn when it is done (one per
-    /// response cost ~2 k instructions). Otherwise the stream is reset once
-    /// the response is out (`exchangeFinished`), which needs that promise.
+    /// the response's END_STREAM closes the stream by itself. Otherwise the
+    /// stream is reset once the response is out (`exchangeFinished`).
     func closesAfter(_ exchange: Exchange) -> Bool { !clientEnded }
 
     func exchangeFinished(_ exchange: Exchange, afterWrite: EventLoopFuture<Void>?) {
@@ -619,12 +681,12 @@ final class HTTP2ServerStream: ExchangeDownstream {
         }
         guard !clientEnded else { return }   // both sides ended: the stream closes by itself
         // The response is out before the request's end: reset the rest
-        // (RFC 9113 §8.1: NO_ERROR, the client stops sending). After the
-        // response's last frame: a reset drops frames still queued.
-        if let afterWrite {
-            afterWrite.whenComplete { [weak self] _ in self?.resetStream(.noError) }
+        // (RFC 9113 §8.1: NO_ERROR, the client stops sending), after the
+        // response's last frame (nghttp2 sends a reset ahead of queued DATA).
+        if endSent || !headSubmitted {
+            resetStream(NGHTTP2_NO_ERROR)
         } else {
-            resetStream(.noError)
+            resetAfterEnd = NGHTTP2_NO_ERROR
         }
     }
 

@@ -1,54 +1,31 @@
 import NIOCore
-import NIOHTTP2
 
 // max_concurrent_streams: a client over the limit loses that stream only.
 //
-// nio-http2 treats a HEADERS frame that opens one stream more than its
+// nghttp2 treats a HEADERS frame that opens one stream more than its
 // SETTINGS_MAX_CONCURRENT_STREAMS allowed as a connection error (GOAWAY
 // PROTOCOL_ERROR): every other stream on the connection dies with it.
 // RFC 9113 §5.1.2 allows refusing just the stream, which is what nginx and
 // Envoy do (RST_STREAM REFUSED_STREAM; the client may retry it). So:
-// - nio-http2 is configured with a higher ceiling (`nioCeiling`), and
+// - the session is configured with a higher ceiling (`engineCeiling`), and
 // - `AdvertisedStreamLimit` writes the configured limit into the SETTINGS
-//   frame nio-http2 sends first, so that is what the client is told;
+//   frame the session sends first, so that is what the client is told;
 // - HTTP2DownstreamConnection refuses a stream that would go over the
 //   configured limit. A client that keeps going past the ceiling still
-//   gets nio-http2's connection error, and one that makes Weir refuse more
+//   gets nghttp2's connection error, and one that makes Weir refuse more
 //   than `max_resets` streams per `reset_window` gets GOAWAY
 //   ENHANCE_YOUR_CALM (each refusal costs an HPACK decode, as a reset does).
 
 enum HTTP2StreamLimit {
-    /// The limit nio-http2 enforces for a configured `limit`.
-    static func nioCeiling(_ limit: Int) -> Int {
+    /// The limit the HTTP/2 engine enforces for a configured `limit`.
+    static func engineCeiling(_ limit: Int) -> Int {
         min(limit * 2 + 16, Int(Int32.max))
     }
 }
 
-/// Rewrites SETTINGS_MAX_CONCURRENT_STREAMS in the first frame nio-http2
-/// writes (the server's SETTINGS, RFC 9113 §3.4), then leaves the pipeline.
-/// Sits between the socket (or TLS) and `NIOHTTP2Handler`.
-final class AdvertisedStreamLimit: ChannelOutboundHandler, RemovableChannelHandler {
-    typealias OutboundIn = IOData
-    typealias OutboundOut = IOData
-
-    private let advertised: UInt32
-    private var done = false
-
-    init(advertised: Int) {
-        self.advertised = UInt32(clamping: advertised)
-    }
-
-    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
-        guard !done, case .byteBuffer(var buffer) = unwrapOutboundIn(data) else {
-            context.write(data, promise: promise)
-            return
-        }
-        done = true
-        Self.rewriteMaxConcurrentStreams(in: &buffer, to: advertised)
-        context.write(wrapOutboundOut(.byteBuffer(buffer)), promise: promise)
-        context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
-    }
-
+/// The SETTINGS_MAX_CONCURRENT_STREAMS rewrite in the server's first frame
+/// (its SETTINGS, RFC 9113 §3.4), applied to the connection's first output.
+enum AdvertisedStreamLimit {
     /// In a buffer that starts with a SETTINGS frame (not an ACK), sets the
     /// value of every SETTINGS_MAX_CONCURRENT_STREAMS (0x3) entry; anything
     /// else is left as it is. True when an entry was rewritten.
