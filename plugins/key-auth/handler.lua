@@ -3,6 +3,14 @@
 -- with an indexed lookup (weir.client.find_credential).
 local weir = require "weir"
 
+-- The SDK functions used per request, looked up once (each `weir.x.y` in
+-- the request path is two table reads).
+local get_header, get_query_arg, get_raw_query, get_query, get_method =
+  weir.request.get_header, weir.request.get_query_arg, weir.request.get_raw_query, weir.request.get_query, weir.request.get_method
+local clear_header, set_header, set_query =
+  weir.upstream.request.clear_header, weir.upstream.request.set_header, weir.upstream.request.set_query
+local get_consumer, authenticate, find_credential = weir.client.get_consumer, weir.client.authenticate, weir.client.find_credential
+
 local KeyAuth = { PRIORITY = 1250, VERSION = "1.0.0" }
 
 local function unauthorized(conf, message)
@@ -17,11 +25,11 @@ local function find_key(conf)
   for i = 1, #names do
     local name = names[i]
     if in_header then
-      local v = weir.request.get_header(name)
+      local v = get_header(name)
       if v then return v end
     end
     if in_query then
-      local v = weir.request.get_query_arg(name)
+      local v = get_query_arg(name)
       -- A bare `?apikey` parses as `true`: treat it as an empty key.
       if v ~= nil then return type(v) == "string" and v or "" end
     end
@@ -32,50 +40,50 @@ end
 local function hide(conf)
   local names = conf.key_names
   if conf.key_in_header then
-    for i = 1, #names do weir.upstream.request.clear_header(names[i]) end
+    for i = 1, #names do clear_header(names[i]) end
   end
   -- No query string, nothing to strip: skip parsing it into a table.
-  if conf.key_in_query and weir.request.get_raw_query() ~= "" then
-    local query = weir.request.get_query()
+  if conf.key_in_query and get_raw_query() ~= "" then
+    local query = get_query()
     local changed = false
     for i = 1, #names do
       local name = names[i]
       if query[name] ~= nil then query[name] = nil; changed = true end
     end
     if changed then
-      if next(query) == nil then weir.upstream.request.set_query(nil) else weir.upstream.request.set_query(query) end
+      if next(query) == nil then set_query(nil) else set_query(query) end
     end
   end
 end
 
 local function identify(consumer, credential_key)
-  weir.client.authenticate(consumer, credential_key)
-  weir.upstream.request.set_header("x-consumer-name", consumer)
+  authenticate(consumer, credential_key)
+  set_header("x-consumer-name", consumer)
 end
 
 function KeyAuth:request(conf)
-  if not conf.run_on_preflight and weir.request.get_method() == "OPTIONS" then return end
+  if not conf.run_on_preflight and get_method() == "OPTIONS" then return end
   -- Another auth plugin already identified the client (multiple auth with anonymous).
   if conf.anonymous then
-    local current = weir.client.get_consumer()
+    local current = get_consumer()
     if current and current ~= conf.anonymous then return end
   end
 
   local key = find_key(conf)
   local consumer
   if key and key ~= "" then
-    consumer = weir.client.find_credential("key-auth", "key", key)
+    consumer = find_credential("key-auth", "key", key)
   end
   if conf.hide_credentials then hide(conf) end
 
   if consumer then
     identify(consumer, "key-auth")
-    weir.upstream.request.clear_header("x-anonymous-consumer")
+    clear_header("x-anonymous-consumer")
     return
   end
   if conf.anonymous then
     identify(conf.anonymous, nil)
-    weir.upstream.request.set_header("x-anonymous-consumer", "true")
+    set_header("x-anonymous-consumer", "true")
     return
   end
   if not key or key == "" then return unauthorized(conf, "No API key found in request") end
