@@ -7,13 +7,15 @@ import Foundation
 /// Plugins pass the same few constant names request after request
 /// (rate-limiting's five RateLimit headers, key-auth's `apikey`), and Lua
 /// interns short strings: one object, at one address, per distinct text
-/// while it lives. A small direct-mapped table from that address to the
-/// lower-cased Swift String saves building (allocating, UTF-8 validating,
-/// later freeing) the same String on every call. A hit also compares the
-/// bytes, so a string that a collection left at a recycled address is never
-/// taken for the old one; a name with upper-case letters never matches its
-/// lower-cased entry byte for byte, so it is compared with ASCII upper case
-/// folded (`X-Consumer-Name`, as users write it, hits too).
+/// while it lives. A small table from that address to the lower-cased Swift
+/// String saves building (allocating, UTF-8 validating, later freeing) the
+/// same String on every call.
+///
+/// Each cached Lua string is pinned (kept in a registry table, slot by slot)
+/// for as long as it holds its slot: it cannot be collected, so no other
+/// string can appear at its address, and a hit is the address alone (no
+/// byte comparison; a name written with upper case, `X-Consumer-Name`, hits
+/// like any other). A replaced entry's string is unpinned with it.
 ///
 /// The same works for header *values* that are constants of the plugin
 /// (rate-limiting's limits and reset texts, a consumer's name): a cache made
@@ -22,8 +24,15 @@ import Foundation
 /// One per Lua state, used only on its event loop (like the state).
 final class HeaderNameCache {
     private let lowercased: Bool
+    /// Registry reference of the table that pins the cached strings (slot + 1 -> string).
+    private let pinsRef: Int32
 
-    init(lowercased: Bool = true) { self.lowercased = lowercased }
+    /// - Parameter L: a thread of the state the cache serves (the pin table lives in its registry).
+    init(lowercased: Bool = true, on L: LuaThread) {
+        self.lowercased = lowercased
+        lua_createtable(L, Int32(2 * Self.pairCount), 0)
+        pinsRef = luaL_ref(L, weir_registryindex())
+    }
 
     // 128 slots in pairs (two-way): the few names of a plugin chain rarely
     // share a pair, and when two do, both still stay. Direct-mapped by
@@ -46,36 +55,23 @@ final class HeaderNameCache {
         // (TStrings are 16-byte aligned and allocated close together).
         let hash = UInt(bitPattern: Int(bitPattern: address)) &* 0x9E37_79B9_7F4A_7C15
         let pair = Int(truncatingIfNeeded: hash >> 58) & (Self.pairCount - 1)
-        for slot in (2 * pair)...(2 * pair + 1) where addresses[slot] == address {
-            let cached = names[slot]
-            let same = cached.utf8.withContiguousStorageIfAvailable {
-                $0.count == length && (memcmp($0.baseAddress!, address, length) == 0
-                                       || lowercased && Self.asciiLowercased(address, length, equals: $0.baseAddress!))
-            }
-            if same == true { return cached }
-        }
+        if addresses[2 * pair] == address { return names[2 * pair] }
+        if addresses[2 * pair + 1] == address { return names[2 * pair + 1] }
         guard let name = lowercased ? LuaState.headerName(at: index, on: L) : LuaState.string(at: index, on: L) else { return nil }
         // Only short strings are interned (LUAI_MAXSHORTLEN 40): a long one
         // is a fresh object each time, not worth a slot.
         if length <= 40 {
             let slot = 2 * pair + Int(nextVictim[pair])
             nextVictim[pair] ^= 1
+            let absolute = lua_absindex(L, index)
+            lua_rawgeti(L, weir_registryindex(), lua_Integer(pinsRef))   // pins
+            lua_pushvalue(L, absolute)                                    // pins, string
+            lua_rawseti(L, -2, lua_Integer(slot + 1))                     // pins (the old string unpinned)
+            weir_pop(L, 1)
             addresses[slot] = address
             names[slot] = name
         }
         return name
     }
-
-    /// Whether `bytes` with A-Z folded to a-z are `lower` (same length).
-    /// Only A-Z are folded: another byte must match exactly, so a name whose
-    /// Unicode lower-casing differs from itself is never taken for `lower`.
-    private static func asciiLowercased(_ bytes: UnsafeRawPointer, _ length: Int, equals lower: UnsafePointer<UInt8>) -> Bool {
-        let source = bytes.assumingMemoryBound(to: UInt8.self)
-        for i in 0..<length {
-            var byte = source[i]
-            if byte &- 0x41 < 26 { byte |= 0x20 }
-            if byte != lower[i] { return false }
-        }
-        return true
-    }
 }
+

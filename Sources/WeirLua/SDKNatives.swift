@@ -206,8 +206,8 @@ extension LuaRuntime {
         var n = NativeList()
         // The hot header natives' names (see HeaderNameCache); the closures
         // live exactly as long as this state.
-        let headerNames = HeaderNameCache()
-        let headerValues = HeaderNameCache(lowercased: false)
+        let headerNames = HeaderNameCache(on: state.main)
+        let headerValues = HeaderNameCache(lowercased: false, on: state.main)
 
         // Per-request and per-connection tables.
         n.append(("ctx", requestNative("weir.ctx") { [unowned(unsafe) self] L, scope, _ in
@@ -377,9 +377,11 @@ extension LuaRuntime {
         }))
         n.append(("client_authenticate", requestNative("weir.client.authenticate") { L, _, r in
             let credentialType = lua_type(L, 2)
-            guard let consumer = LuaState.string(at: 1, on: L),
+            // The consumer and credential names are the same strings request
+            // after request (find_credential's result, a plugin's constant).
+            guard let consumer = headerValues.name(at: 1, on: L),
                   credentialType == LUA_TSTRING || credentialType == LUA_TNIL || credentialType == LUA_TNONE else { return badArgument(L) }
-            r.authenticate(consumer: consumer, credential: LuaState.string(at: 2, on: L)); return .values(0)
+            r.authenticate(consumer: consumer, credential: headerValues.name(at: 2, on: L)); return .values(0)
         }))
         n.append(("client_get_tls", scopeNative("weir.client.get_tls") { L, scope in
             if let tls = scope.context?.tls ?? scope.connection?.context.tls { pushTLSInfo(tls, on: L) } else { lua_pushnil(L) }

@@ -10,7 +10,7 @@ final class HeaderNameCacheTests: XCTestCase {
     func testNamesAreAlwaysTheStringsOwn() throws {
         let state = try LuaState()
         let L = state.main
-        let cache = HeaderNameCache()
+        let cache = HeaderNameCache(on: L)
         func name(_ s: String) -> String? {
             LuaState.push(s, on: L)
             defer { weir_pop(L, 1) }
@@ -19,7 +19,7 @@ final class HeaderNameCacheTests: XCTestCase {
         XCTAssertEqual(name("x-ratelimit-limit-minute"), "x-ratelimit-limit-minute")
         XCTAssertEqual(name("x-ratelimit-limit-minute"), "x-ratelimit-limit-minute", "a hit")
         XCTAssertEqual(name("X-Api-Key"), "x-api-key")
-        XCTAssertEqual(name("X-Api-Key"), "x-api-key", "upper case: same answer")
+        XCTAssertEqual(name("X-Api-Key"), "x-api-key", "upper case: the same lower-cased name (cached under that string)")
         let long = "x-" + String(repeating: "long-name-", count: 6)
         XCTAssertEqual(name(long), long)
         // More names than slots, twice over: collisions replace entries, never mix them up.
@@ -44,7 +44,7 @@ final class HeaderNameCacheTests: XCTestCase {
     func testUpperCaseNamesHit() throws {
         let state = try LuaState()
         let L = state.main
-        let cache = HeaderNameCache()
+        let cache = HeaderNameCache(on: L)
         func name(_ s: String) -> String? {
             LuaState.push(s, on: L)
             defer { weir_pop(L, 1) }
@@ -69,7 +69,7 @@ final class HeaderNameCacheTests: XCTestCase {
     func testValueCacheKeepsTheTextAsItIs() throws {
         let state = try LuaState()
         let L = state.main
-        let cache = HeaderNameCache(lowercased: false)
+        let cache = HeaderNameCache(lowercased: false, on: L)
         func value(_ s: String) -> String? {
             LuaState.push(s, on: L)
             defer { weir_pop(L, 1) }
