@@ -75,3 +75,35 @@ final class HeaderNameCache {
     }
 }
 
+/// The other direction: Swift Strings the SDK hands to Lua request after
+/// request (the matched route's name, the authenticated consumer), pushed as
+/// the Lua string made the first time instead of a new one per call
+/// (`lua_pushlstring` hashes the text and looks it up in the intern table
+/// each time). A few entries, the oldest replaced first; each entry's Lua
+/// string is held by a registry reference while it has the entry.
+///
+/// One per Lua state, used only on its event loop (like the state).
+final class RecentLuaStrings {
+    private static let count = 4
+    private var strings = [String?](repeating: nil, count: count)
+    private var refs = [Int32](repeating: LUA_NOREF, count: count)
+    private var nextVictim = 0
+
+    /// Pushes `string` as a Lua string.
+    func push(_ string: String, on L: LuaThread) {
+        // `==` first compares the strings' representations: the same String
+        // (a route's name, the consumer an auth plugin set) costs a few
+        // instructions.
+        for i in 0..<Self.count where strings[i] == string {
+            lua_rawgeti(L, weir_registryindex(), lua_Integer(refs[i]))
+            return
+        }
+        let slot = nextVictim
+        nextVictim = (nextVictim + 1) % Self.count
+        luaL_unref(L, weir_registryindex(), refs[slot])                  // no-op for LUA_NOREF
+        LuaState.push(string, on: L)
+        lua_pushvalue(L, -1)
+        refs[slot] = luaL_ref(L, weir_registryindex())
+        strings[slot] = string
+    }
+}

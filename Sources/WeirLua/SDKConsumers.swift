@@ -111,7 +111,8 @@ extension LuaRuntime {
         let credentials = options.credentials
         // credential id + 1 -> its table, made on first lookup and handed out
         // again after (like `conf`, plugins treat it as read-only): a lookup
-        // builds no table per request.
+        // builds no table per request; -(id + 1) -> its consumer's name as a
+        // Lua string, likewise (no string hashed and interned per request).
         lua_createtable(state.main, 0, 0)
         let tableCacheRef = state.ref()
         var n = NativeList()
@@ -123,15 +124,20 @@ extension LuaRuntime {
             guard let match = credentials.find(plugin, field, value) else {
                 lua_pushnil(L); return .values(1)
             }
-            LuaState.push(match.consumer, on: L)
-            lua_rawgeti(L, weir_registryindex(), lua_Integer(tableCacheRef))      // consumer, cache
-            if lua_rawgeti(L, -1, lua_Integer(match.id + 1)) == LUA_TNIL {        // consumer, cache, table?
+            lua_rawgeti(L, weir_registryindex(), lua_Integer(tableCacheRef))      // cache
+            if lua_rawgeti(L, -1, -lua_Integer(match.id + 1)) == LUA_TNIL {       // cache, consumer?
+                weir_pop(L, 1)
+                LuaState.push(match.consumer, on: L)
+                lua_pushvalue(L, -1)
+                lua_rawseti(L, -3, -lua_Integer(match.id + 1))
+            }
+            if lua_rawgeti(L, -2, lua_Integer(match.id + 1)) == LUA_TNIL {        // cache, consumer, table?
                 weir_pop(L, 1)
                 LuaState.push(.map(match.credential), on: L)
                 lua_pushvalue(L, -1)
-                lua_rawseti(L, -3, lua_Integer(match.id + 1))
+                lua_rawseti(L, -4, lua_Integer(match.id + 1))
             }
-            lua_rotate(L, -2, -1)                                                 // consumer, table, cache
+            lua_rotate(L, -3, -1)                                                 // consumer, table, cache
             weir_pop(L, 1)
             return .values(2)
         }))

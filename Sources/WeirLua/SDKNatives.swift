@@ -208,6 +208,8 @@ extension LuaRuntime {
         // live exactly as long as this state.
         let headerNames = HeaderNameCache(on: state.main)
         let headerValues = HeaderNameCache(lowercased: false, on: state.main)
+        // The route's and the consumer's names, the same every request of a route / client.
+        let recentStrings = RecentLuaStrings()
 
         // Per-request and per-connection tables.
         n.append(("ctx", requestNative("weir.ctx") { [unowned(unsafe) self] L, scope, _ in
@@ -226,7 +228,10 @@ extension LuaRuntime {
         n.append(("req_get_host", requestNative("weir.request.get_host") { L, _, r in pushOptional(r.host, on: L); return .values(1) }))
         n.append(("req_get_scheme", requestNative("weir.request.get_scheme") { L, _, r in LuaState.push(r.scheme, on: L); return .values(1) }))
         n.append(("req_get_id", requestNative("weir.request.get_id") { L, _, r in LuaState.push(r.requestID, on: L); return .values(1) }))
-        n.append(("req_get_route", requestNative("weir.request.get_route") { L, _, r in pushOptional(r.matchedRouteName, on: L); return .values(1) }))
+        n.append(("req_get_route", requestNative("weir.request.get_route") { L, _, r in
+            if let route = r.matchedRouteName { recentStrings.push(route, on: L) } else { lua_pushnil(L) }
+            return .values(1)
+        }))
         n.append(("req_get_header", requestNative("weir.request.get_header") { L, _, r in
             guard let name = headerNames.name(at: 1, on: L) else { return badArgument(L) }
             pushOptional(r.requestHeader(name), on: L)
@@ -373,7 +378,8 @@ extension LuaRuntime {
             return .values(1)
         }))
         n.append(("client_get_consumer", requestNative("weir.client.get_consumer") { L, _, r in
-            pushOptional(r.consumer, on: L); return .values(1)
+            if let consumer = r.consumer { recentStrings.push(consumer, on: L) } else { lua_pushnil(L) }
+            return .values(1)
         }))
         n.append(("client_authenticate", requestNative("weir.client.authenticate") { L, _, r in
             let credentialType = lua_type(L, 2)

@@ -5,7 +5,8 @@ import XCTest
 
 /// HeaderNameCache hands out the lower-cased name of whatever string is at
 /// the index, cached or not: repeated, upper-case, colliding and long names,
-/// and a string a collection left at a recycled address.
+/// and a string a collection left at a recycled address. The same for the
+/// other per-Lua-string caches of the SDK's hot natives (RecentLuaStrings).
 final class HeaderNameCacheTests: XCTestCase {
     func testNamesAreAlwaysTheStringsOwn() throws {
         let state = try LuaState()
@@ -80,5 +81,28 @@ final class HeaderNameCacheTests: XCTestCase {
             XCTAssertEqual(value("100"), "100")
             XCTAssertEqual(value("alice"), "alice")
         }
+    }
+
+    /// A pushed string is always the text asked for: repeated (from the
+    /// cache), more strings than entries (entries replaced), and across
+    /// collections (a replaced entry's string is let go, a kept one stays).
+    func testRecentLuaStringsPushTheTextAskedFor() throws {
+        let state = try LuaState()
+        let L = state.main
+        let recent = RecentLuaStrings()
+        func pushed(_ s: String) -> String? {
+            recent.push(s, on: L)
+            defer { weir_pop(L, 1) }
+            return LuaState.string(at: -1, on: L)
+        }
+        let route = "route-" + String(repeating: "x", count: 30)   // not a small String
+        for round in 0..<3 {
+            XCTAssertEqual(pushed(route), route, "round \(round)")
+            XCTAssertEqual(pushed("bench-consumer"), "bench-consumer")
+            for i in 0..<10 { XCTAssertEqual(pushed("consumer-\(i)"), "consumer-\(i)") }
+            try state.load("collectgarbage()", chunkName: "gc")
+            try state.pcall(nargs: 0, nresults: 0)
+        }
+        XCTAssertEqual(lua_gettop(L), 0, "push leaves exactly the string")
     }
 }
