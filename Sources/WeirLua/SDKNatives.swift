@@ -453,9 +453,11 @@ extension LuaRuntime {
             }
             return .values(1)
         }))
+        let keyHashes = SharedKeyHashes(on: state.main)
         n.append(("shared_get", { L in
             guard let key = LuaState.bytes(at: 2, on: L) else { return badArgument(L) }
-            pushShared(dictionary(L)?.get(key, now: shared.now()), on: L); return .values(1)
+            guard let target = dictionary(L) else { lua_pushnil(L); return .values(1) }
+            pushShared(target.get(key, hash: keyHashes.hash(of: key, at: 2, on: L), now: shared.now()), on: L); return .values(1)
         }))
         n.append(("shared_set", { L in
             guard let key = LuaState.bytes(at: 2, on: L),
@@ -481,13 +483,13 @@ extension LuaRuntime {
                   otherType == LUA_TNONE || otherType == LUA_TSTRING else { return badArgument(L) }
             let now = shared.now()
             let target = dictionary(L)
-            let result = target?.incr(key, delta, initial: sharedValue(at: 4, on: L), initialTTL: ttl,
-                                      now: now) ?? .failure(.notFound)
+            let result = target?.incr(key, hash: keyHashes.hash(of: key, at: 2, on: L), delta, initial: sharedValue(at: 4, on: L),
+                                      initialTTL: ttl, now: now) ?? .failure(.notFound)
             switch result {
             case .success(let v):
                 pushShared(v, on: L)
                 guard otherType == LUA_TSTRING, let otherKey = LuaState.bytes(at: 6, on: L) else { return .values(1) }
-                pushShared(target?.get(otherKey, now: now), on: L)
+                pushShared(target?.get(otherKey, hash: keyHashes.hash(of: otherKey, at: 6, on: L), now: now), on: L)
                 return .values(2)
             case .failure(.notFound): lua_pushnil(L); LuaState.push("not found", on: L); return .values(2)
             case .failure(.notANumber): lua_pushnil(L); LuaState.push("not a number", on: L); return .values(2)

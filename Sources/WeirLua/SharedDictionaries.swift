@@ -1,3 +1,5 @@
+import CLua
+import CLuaShims
 import NIOConcurrencyHelpers
 #if canImport(Glibc)
 import Glibc
@@ -168,8 +170,12 @@ public final class SharedDictionaries: @unchecked Sendable {
         }
 
         func get(_ key: UnsafeRawBufferPointer, now: Double) -> Value? {
-            let hash = SharedKey.hash(key)
-            return lock.withLock { live(key, hash: hash, now: now)?.value }
+            get(key, hash: SharedKey.hash(key), now: now)
+        }
+
+        /// `get` with the key's `SharedKey.hash` already known (SharedKeyHashes).
+        func get(_ key: UnsafeRawBufferPointer, hash: Int, now: Double) -> Value? {
+            lock.withLock { live(key, hash: hash, now: now)?.value }
         }
 
         func set(_ key: UnsafeRawBufferPointer, _ value: Value, ttl: Double, now: Double, onlyIfAbsent: Bool) -> Bool {
@@ -187,8 +193,13 @@ public final class SharedDictionaries: @unchecked Sendable {
         }
 
         func incr(_ key: UnsafeRawBufferPointer, _ delta: Value, initial: Value?, initialTTL: Double, now: Double) -> Result<Value, IncrError> {
-            let hash = SharedKey.hash(key)
-            return lock.withLock {
+            incr(key, hash: SharedKey.hash(key), delta, initial: initial, initialTTL: initialTTL, now: now)
+        }
+
+        /// `incr` with the key's `SharedKey.hash` already known (SharedKeyHashes).
+        func incr(_ key: UnsafeRawBufferPointer, hash: Int, _ delta: Value, initial: Value?, initialTTL: Double,
+                  now: Double) -> Result<Value, IncrError> {
+            lock.withLock {
                 if let n = live(key, hash: hash, now: now) {
                     guard let sum = Dictionary.add(n.value, delta) else { return .failure(.notANumber) }
                     n.value = sum
@@ -243,5 +254,45 @@ enum SharedKey {
     static func withBytes<R>(_ key: String, _ body: (UnsafeRawBufferPointer) -> R) -> R {
         var key = key
         return key.withUTF8 { body(UnsafeRawBufferPointer($0)) }
+    }
+}
+
+/// The `SharedKey.hash` of dictionary keys, kept per Lua string. A plugin
+/// keeps its counter keys as strings (rate-limiting builds a client's keys
+/// once per window) and passes the same string objects request after
+/// request; hashing one (SipHash over ~50 bytes) cost ~380 instructions a
+/// call, this lookup a few. Direct-mapped by the string's address; each
+/// cached string is pinned (a registry table holds it while it has its
+/// slot), so no other string can turn up at that address and a hit needs no
+/// byte comparison. A miss hashes the bytes as before.
+///
+/// One per Lua state, used only on its event loop (like the state).
+final class SharedKeyHashes {
+    private static let slotCount = 128                 // a power of two
+    private var addresses = [UnsafeRawPointer?](repeating: nil, count: slotCount)
+    private var hashes = [Int](repeating: 0, count: slotCount)
+    private let pinsRef: Int32
+
+    /// - Parameter L: a thread of the state the cache serves (the pin table lives in its registry).
+    init(on L: LuaThread) {
+        lua_createtable(L, Int32(Self.slotCount), 0)
+        pinsRef = luaL_ref(L, weir_registryindex())
+    }
+
+    /// The hash of `key`, the bytes of the string at `index`.
+    func hash(of key: UnsafeRawBufferPointer, at index: Int32, on L: LuaThread) -> Int {
+        guard let address = key.baseAddress else { return SharedKey.hash(key) }
+        let mixed = UInt(bitPattern: Int(bitPattern: address)) &* 0x9E37_79B9_7F4A_7C15
+        let slot = Int(truncatingIfNeeded: mixed >> 57) & (Self.slotCount - 1)
+        if addresses[slot] == address { return hashes[slot] }
+        let hash = SharedKey.hash(key)
+        let absolute = lua_absindex(L, index)
+        lua_rawgeti(L, weir_registryindex(), lua_Integer(pinsRef))   // pins
+        lua_pushvalue(L, absolute)                                    // pins, key
+        lua_rawseti(L, -2, lua_Integer(slot + 1))                     // pins (the slot's old key unpinned)
+        weir_pop(L, 1)
+        addresses[slot] = address
+        hashes[slot] = hash
+        return hash
     }
 }

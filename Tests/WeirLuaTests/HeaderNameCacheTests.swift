@@ -6,7 +6,8 @@ import XCTest
 /// HeaderNameCache hands out the lower-cased name of whatever string is at
 /// the index, cached or not: repeated, upper-case, colliding and long names,
 /// and a string a collection left at a recycled address. The same for the
-/// other per-Lua-string caches of the SDK's hot natives (RecentLuaStrings).
+/// other per-Lua-string caches of the SDK's hot natives (RecentLuaStrings,
+/// SharedKeyHashes).
 final class HeaderNameCacheTests: XCTestCase {
     func testNamesAreAlwaysTheStringsOwn() throws {
         let state = try LuaState()
@@ -104,5 +105,34 @@ final class HeaderNameCacheTests: XCTestCase {
             try state.pcall(nargs: 0, nresults: 0)
         }
         XCTAssertEqual(lua_gettop(L), 0, "push leaves exactly the string")
+    }
+
+    /// The cached hash of a key string is always SharedKey.hash of its bytes:
+    /// hits, slot collisions (more keys than slots) and keys freed and made
+    /// again (likely at recycled addresses).
+    func testSharedKeyHashesMatchTheBytes() throws {
+        let state = try LuaState()
+        let L = state.main
+        let hashes = SharedKeyHashes(on: L)
+        func check(_ s: String, _ message: String) {
+            LuaState.push(s, on: L)
+            defer { weir_pop(L, 1) }
+            let bytes = LuaState.bytes(at: -1, on: L)!
+            XCTAssertEqual(hashes.hash(of: bytes, at: -1, on: L), SharedKey.hash(bytes), message)
+        }
+        let long = "rl|3:all|consumer|14:bench-consumer|minute|1764482400"
+        for round in 0..<2 {
+            check(long, "round \(round)")
+            check(long, "a hit, round \(round)")
+            for i in 0..<300 { check("k\(i)", "many keys, round \(round)") }
+        }
+        for i in 0..<50 {
+            check("old-\(i)-" + long, "old")
+            try state.load("collectgarbage()", chunkName: "gc")
+            try state.pcall(nargs: 0, nresults: 0)
+            check("new-\(i)-" + long, "new")
+        }
+        check("", "the empty key")
+        XCTAssertEqual(lua_gettop(L), 0)
     }
 }
