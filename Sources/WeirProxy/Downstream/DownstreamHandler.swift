@@ -34,7 +34,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
     var context: ChannelHandlerContext!
     /// Writes, flushes and reads: straight to the channel's core on plain
     /// listeners, where this is the pipeline's only handler.
-    private var io = SoleHandlerIO()
+    private let io = SoleHandlerIO()
     private let soleHandler: Bool
     /// The channel's allocator, looked up once (not per write through the
     /// `Channel` existential).

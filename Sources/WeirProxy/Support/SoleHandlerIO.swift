@@ -1,55 +1,140 @@
+#if canImport(Glibc)
+import Glibc
+#else
+import Darwin
+#endif
 import NIOCore
 
 /// Writes, flushes and read requests of an HTTP/1.1 handler (downstream or
-/// upstream), sent straight to the channel's core when the handler is the
-/// only one in its pipeline (plain TCP: no TLS handler in front, no HTTP/2
-/// stream codec), and through its context otherwise.
+/// upstream), sent straight to the channel's core or socket when the
+/// handler is the only one in its pipeline (plain TCP: no TLS handler in
+/// front, no HTTP/2 stream codec), and through its context otherwise.
 ///
 /// Why: from the only handler, `context.write`/`flush`/`read` walk to the
 /// pipeline's head handler, which makes these same `ChannelCore` calls, and
 /// NIO's autoRead re-arm after every read event starts at the pipeline's
-/// tail and walks through the handler's `read(context:)` to the head. Going
-/// straight to the core skips ~300 (write, flush) and ~700 (read)
-/// instructions per call, several calls per proxied request (BENCHMARKS.md
-/// "nioio", 2026-11-30). The same technique as the TCP relay's
-/// `StreamSideHandler`.
+/// tail and walks through the handler's `read(context:)` to the head
+/// (~300 instructions per write or flush, ~700 per read). And NIO's own
+/// write path (`write0` + `flush0`: pending-writes queue, generic
+/// unwrapping, flush bookkeeping) costs ~2.4 k instructions for what is
+/// usually one small buffer per event. See BENCHMARKS.md "nioio"
+/// (2026-11-30).
+///
+/// **Direct writes.** One buffer written without a promise is held here
+/// (not given to NIO) until the flush, which sends it with one `send(2)` on
+/// the socket when NIO holds none of this channel's writes. What the socket
+/// does not take (a slow peer), and everything in any other case (a second
+/// buffer before the flush, a write with a promise, NIO still holding
+/// earlier writes, a socket error), goes through NIO's `write0`/`flush0`
+/// as before, in order: NIO then handles partial writes, writability,
+/// errors and closing exactly as it always did. Once NIO has held writes,
+/// direct sends resume only after it reports none buffered. A held buffer
+/// is at most `maxHeldBytes`, so NIO's writability (which does not see it)
+/// is off by at most that much until the flush.
 ///
 /// Only correct while nothing else is in the pipeline: the owner says so
 /// when it is added (`soleHandler`), and a handler that hands its channel
 /// over to others (WebSocket tunnel, HTTP/2) is removed from the pipeline
-/// first or at the same time, which `detach()` follows.
-struct SoleHandlerIO {
+/// first or at the same time, which `detach()` follows (a held buffer then
+/// goes to NIO, unflushed, as it would have been).
+final class SoleHandlerIO {
     /// The channel's core while the owner is the pipeline's only handler.
     private var core: ChannelCore?
+    /// The socket's descriptor access (checks the socket is still open).
+    private var socket: (any NIOTransportAccessibleChannelCore<NIOBSDSocket.Handle>)?
+    /// The one buffer written since the last flush, not given to NIO yet.
+    private var held: ByteBuffer?
+    /// NIO was given writes that may not all be on the wire yet: until it
+    /// reports none buffered, writes must queue behind them.
+    private var nioMayHoldWrites = false
+    /// Larger buffers go to NIO at once (its writability must see them).
+    static let maxHeldBytes = 16 * 1024
 
     /// Called from `handlerAdded`.
-    mutating func attach(_ context: ChannelHandlerContext, soleHandler: Bool) {
-        core = soleHandler ? context.channel._channelCore : nil
+    func attach(_ context: ChannelHandlerContext, soleHandler: Bool) {
+        guard soleHandler else { return }
+        let core = context.channel._channelCore
+        self.core = core
+        self.socket = core as? any NIOTransportAccessibleChannelCore<NIOBSDSocket.Handle>
     }
 
     /// Called from `handlerRemoved` (also breaks the channel -> handler ->
-    /// core cycle).
-    mutating func detach() {
+    /// core cycle). A held buffer goes to NIO unflushed, where it would
+    /// have been without this type.
+    func detach() {
+        if let held, let core {
+            self.held = nil
+            core.write0(NIOAny(held), promise: nil)
+        }
         core = nil
+        socket = nil
     }
 
     /// Whether calls go straight to the channel's core.
     var isDirect: Bool { core != nil }
 
     func write(_ buffer: ByteBuffer, context: ChannelHandlerContext, promise: EventLoopPromise<Void>?) {
-        if let core {
-            core.write0(NIOAny(buffer), promise: promise)
-        } else {
-            context.write(NIOAny(buffer), promise: promise)
+        guard let core else { return context.write(NIOAny(buffer), promise: promise) }
+        if promise == nil && held == nil && socket != nil && buffer.readableBytes <= Self.maxHeldBytes
+            && nioHoldsNoWrites(context) {
+            held = buffer
+            return
         }
+        // Through NIO, behind whatever is held.
+        nioMayHoldWrites = true
+        if let held {
+            self.held = nil
+            core.write0(NIOAny(held), promise: nil)
+        }
+        core.write0(NIOAny(buffer), promise: promise)
     }
 
     func flush(context: ChannelHandlerContext) {
-        if let core {
-            core.flush0()
-        } else {
-            context.flush()
+        guard let core else { return context.flush() }
+        guard let buffer = held else {
+            // Nothing held: NIO's writes (if any) are flushed by NIO.
+            if nioMayHoldWrites { core.flush0() }
+            return
         }
+        held = nil
+        // Held only while NIO holds nothing: the bytes go first.
+        let sent = sendOnSocket(buffer)
+        if sent == buffer.readableBytes { return }
+        nioMayHoldWrites = true
+        core.write0(NIOAny(buffer.getSlice(at: buffer.readerIndex + sent, length: buffer.readableBytes - sent)!),
+                    promise: nil)
+        core.flush0()
+    }
+
+    /// One `send(2)` of the buffer: the bytes the socket took, 0 when it
+    /// took none or failed (NIO's own write then meets the same condition
+    /// and handles it: waits for writability, or closes on the error).
+    private func sendOnSocket(_ buffer: ByteBuffer) -> Int {
+        guard buffer.readableBytes > 0, let socket else { return 0 }
+        let result = try? socket.withUnsafeTransport { fd in
+            buffer.withUnsafeReadableBytes { bytes in
+                #if canImport(Glibc)
+                Glibc.send(fd, bytes.baseAddress, bytes.count, Int32(MSG_NOSIGNAL))
+                #else
+                Darwin.send(fd, bytes.baseAddress, bytes.count, 0)   // NIO sets SO_NOSIGPIPE there
+                #endif
+            }
+        }
+        guard let result, result > 0 else { return 0 }
+        return result
+    }
+
+    /// Whether NIO holds none of this channel's writes (asked only after it
+    /// was given some: the option lookup costs ~1 k instructions).
+    private func nioHoldsNoWrites(_ context: ChannelHandlerContext) -> Bool {
+        guard nioMayHoldWrites else { return true }
+        // Not a weak reference to the channel kept here: that would give the
+        // channel a side table and every retain of it the slow path.
+        guard let buffered = try? context.channel.syncOptions?.getOption(.bufferedWritableBytes), buffered == 0 else {
+            return false
+        }
+        nioMayHoldWrites = false
+        return true
     }
 
     /// Asks for the next read (what `context.read()` from the handler does).

@@ -158,7 +158,7 @@ final class UpstreamHandler: ChannelDuplexHandler, RemovableChannelHandler {
     /// when the channel goes inactive or this handler is removed (tunnel).
     var connection: UpstreamConnection?
     private var context: ChannelHandlerContext?
-    private var io = SoleHandlerIO()
+    private let io = SoleHandlerIO()
     private let soleHandler: Bool
     private var readPaused = false
     private var pendingRead = false
