@@ -229,6 +229,42 @@ final class ProxyForwardingTests: XCTestCase {
         XCTAssertTrue(seen.allSatisfy { $0.headerValues("host").count == 1 && $0.headerValues("via") == ["1.1 weir"] })
     }
 
+    /// Small messages are sent straight on the socket (SoleHandlerIO) only
+    /// while NIO holds none of the connection's writes. Here the client
+    /// does not read a large response at first (a small receive buffer), so
+    /// most of it waits in NIO when the pipelined small responses after it
+    /// are written: they must queue behind it. The same on the upstream
+    /// side: a large request body, then small requests on that connection.
+    func testSmallMessagesQueueBehindLargeOnesNIOStillHolds() throws {
+        let client = try proxy.connect()
+        var small: Int32 = 32 * 1024
+        setsockopt(client.fd, SOL_SOCKET, SO_RCVBUF, &small, socklen_t(MemoryLayout<Int32>.size))
+        let big = 4 * 1024 * 1024
+        var burst = "GET /big/\(big) HTTP/1.1\r\nHost: a\r\n\r\n"
+        for i in 0..<4 { burst += "GET /after-\(i) HTTP/1.1\r\nHost: a\r\n\r\n" }
+        try client.send(burst)
+        usleep(100_000)   // lets the proxy fill the socket; correct either way
+        let first = try client.readResponse()
+        XCTAssertEqual(first.status, 200)
+        XCTAssertEqual(first.body.count, big)
+        XCTAssertTrue(first.body.allSatisfy { $0 == UInt8(ascii: "x") })
+        for _ in 0..<4 {
+            XCTAssertEqual(try client.readResponse().bodyText, "ok from u1")
+        }
+
+        let upload = 3 * 1024 * 1024
+        var pipelined = Array("POST /sink HTTP/1.1\r\nHost: a\r\nContent-Length: \(upload)\r\n\r\n".utf8)
+        pipelined += [UInt8](repeating: UInt8(ascii: "b"), count: upload)
+        pipelined += Array("GET /after-upload HTTP/1.1\r\nHost: a\r\n\r\nPOST /sink HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi".utf8)
+        try client.send(pipelined)
+        XCTAssertEqual(try client.readResponse().bodyText, String(upload))
+        XCTAssertEqual(try client.readResponse().bodyText, "ok from u1")
+        XCTAssertEqual(try client.readResponse().bodyText, "2")
+        XCTAssertEqual(upstream.requests.map(\.uri),
+                       ["/big/\(big)"] + (0..<4).map { "/after-\($0)" } + ["/sink", "/after-upload", "/sink"])
+        XCTAssertEqual(upstream.requests.map(\.bodyBytes).suffix(3), [upload, 0, 2])
+    }
+
     func testHTTP10ClientGetsCloseDelimitedOrLengthResponse() throws {
         let client = try proxy.connect()
         try client.send("GET /echo HTTP/1.0\r\nHost: a\r\n\r\n")

@@ -46,7 +46,7 @@ final class SoleHandlerIO {
     private var held: ByteBuffer?
     /// NIO was given writes that may not all be on the wire yet: until it
     /// reports none buffered, writes must queue behind them.
-    private var nioMayHoldWrites = false
+    private(set) var nioMayHoldWrites = false
     /// Larger buffers go to NIO at once (its writability must see them).
     static let maxHeldBytes = 16 * 1024
 
