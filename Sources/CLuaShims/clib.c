@@ -270,6 +270,7 @@ static const luaL_Reg clib_funcs[] = {
     {"hex", l_hex},
     {"time_now", l_time_now},
     {"time_monotonic", l_time_monotonic},
+    {"with_fallback", weir_with_fallback},
     {NULL, NULL}
 };
 

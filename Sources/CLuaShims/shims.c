@@ -106,12 +106,19 @@ void weir_set_budget(lua_State *L, int64_t instructions) {
 
 // MARK: - Trampoline into Swift
 
+// The fallback's results are the call's results (they start at index 1).
+static int fallback_returned(lua_State *L, int status, lua_KContext k) {
+    (void)status; (void)k;
+    return lua_gettop(L);
+}
+
 static int weir_trampoline(lua_State *L) {
     weir_state_info *st = weir_info(L);
     if (st->dispatch == NULL) {
         lua_pushliteral(L, "weir: native function called on a closed runtime");
         return lua_error(L);
     }
+    int nargs = lua_gettop(L);
     int function_id = (int)lua_tointeger(L, lua_upvalueindex(1));
     int yield_count = 0;
     int outer_overdraft = st->overdraft;
@@ -127,6 +134,18 @@ static int weir_trampoline(lua_State *L) {
         return lua_error(L);
     }
     if (rc == WEIR_CALL_ERROR) return lua_error(L);
+    if (rc == WEIR_CALL_FALLBACK) {
+        lua_settop(L, nargs);                  // the arguments as the caller passed them
+        if (lua_type(L, lua_upvalueindex(2)) != LUA_TFUNCTION) {
+            lua_pushboolean(L, 0);
+            return 1;
+        }
+        lua_pushvalue(L, lua_upvalueindex(2));
+        lua_insert(L, 1);
+        // With a continuation: a fallback that waits (a native that yields) resumes here.
+        lua_callk(L, nargs, LUA_MULTRET, 0, fallback_returned);
+        return lua_gettop(L);
+    }
     if (rc == WEIR_CALL_YIELD) {
         if (!lua_isyieldable(L)) {
             lua_pushliteral(L, "attempt to yield across a C-call boundary");
@@ -140,6 +159,20 @@ static int weir_trampoline(lua_State *L) {
 void weir_push_native(lua_State *L, int function_id) {
     lua_pushinteger(L, function_id);
     lua_pushcclosure(L, weir_trampoline, 1);
+}
+
+int weir_with_fallback(lua_State *L) {
+    if (lua_tocfunction(L, 1) != weir_trampoline || lua_getupvalue(L, 1, 1) == NULL) {
+        lua_pushliteral(L, "with_fallback: argument #1 must be a native function");
+        return lua_error(L);
+    }
+    if (lua_type(L, 2) != LUA_TFUNCTION) {
+        lua_pushliteral(L, "with_fallback: argument #2 must be a function");
+        return lua_error(L);
+    }
+    lua_pushvalue(L, 2);                       // upvalues: function id, fallback
+    lua_pushcclosure(L, weir_trampoline, 2);
+    return 1;
 }
 
 // MARK: - Protected entry points

@@ -26,6 +26,11 @@ public enum NativeReturn {
     case error(String)
     /// Yield the coroutine with this many values from the top of the stack.
     case yield(Int32)
+    /// Not these arguments (or not in this phase): the trampoline calls the
+    /// native's Lua fallback with the caller's arguments (one that raises
+    /// the SDK's message at the caller's line), or returns `false` when the
+    /// native has none (`weir_with_fallback`, CLuaShims.h).
+    case fallback
 }
 
 /// A Swift function callable from Lua. It reads its arguments from the
@@ -80,6 +85,8 @@ private let nativeDispatch: weir_dispatch_fn = { thread, context, functionID, yi
     case .yield(let n):
         yieldCount!.pointee = n
         return WEIR_CALL_YIELD
+    case .fallback:
+        return WEIR_CALL_FALLBACK
     }
 }
 

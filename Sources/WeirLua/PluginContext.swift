@@ -23,6 +23,14 @@ public enum PluginPhase: String, CaseIterable, Sendable {
     /// Size of arrays indexed by luaID.
     static let slotCount = 7
 
+    /// This phase's bit in a phase mask (`1 << luaID`), as natives check it.
+    var mask: UInt8 { 1 << UInt8(luaID) }
+    /// The request, response, body_filter and log phases (init.lua's ANY_REQUEST_PHASE).
+    static let anyRequestPhase = PluginPhase.request.mask | PluginPhase.response.mask
+        | PluginPhase.bodyFilter.mask | PluginPhase.log.mask
+    /// The request and response phases (init.lua's RESPONSE_WRITE_PHASES).
+    static let responseWritePhases = PluginPhase.request.mask | PluginPhase.response.mask
+
     /// Whether a chain's plugins run in one resume through the C chain
     /// runner (CLuaShims/chain.c). The connection phase (a conn handle made
     /// per call) and timers (one function) start one call per resume.

@@ -112,14 +112,12 @@ private func number(at index: Int32, on L: LuaThread) -> Double? {
     lua_type(L, index) == LUA_TNUMBER ? lua_tonumberx(L, index, nil) : nil
 }
 
-/// The hot natives answer a bad argument with `false` (one result) instead
-/// of an error: their Lua wrappers skip the per-argument `type()` checks and
-/// run them only on `false`, for the message (lua/weir/init.lua).
+/// The hot natives answer a bad argument with their Lua fallback (or
+/// `false`, one result, when called as N.<name> without one) instead of an
+/// error: Lua skips the per-argument `type()` checks and runs them only
+/// then, for the message (lua/weir/init.lua).
 @inline(__always)
-private func badArgument(_ L: LuaThread) -> NativeReturn {
-    lua_pushboolean(L, 0)
-    return .values(1)
-}
+private func badArgument(_ L: LuaThread) -> NativeReturn { .fallback }
 
 /// A header value as the setters take it: a string, or an integer as text
 /// (a float is formatted by the Lua side, as Lua writes it).
@@ -164,6 +162,22 @@ extension LuaRuntime {
                 guard let request = scope.context else {
                     return .error("\(name) is not available in the connection phase")
                 }
+                return body(L, scope, request)
+            }
+        }
+    }
+
+    /// Wraps a hot native that plugins call directly (the SDK function is
+    /// the native with a Lua fallback, `clib.with_fallback` in
+    /// lua/weir/init.lua): outside `phases` (a mask of `1 << luaID`), or
+    /// with no request active, it answers `.fallback`, whose phase check
+    /// raises the SDK's message at the caller's line. No Lua wrapper runs on
+    /// a good call (~150-200 instructions each).
+    private func checkedRequestNative(_ phases: UInt8, _ body: @escaping RequestNative) -> NativeFunction {
+        return { [unowned(unsafe) self] L in
+            guard let current = self.currentScope, phases & (1 << UInt8(self.currentPhase.luaID)) != 0 else { return .fallback }
+            return current._withUnsafeGuaranteedRef { scope in
+                guard let request = scope.context else { return .fallback }
                 return body(L, scope, request)
             }
         }
@@ -232,7 +246,7 @@ extension LuaRuntime {
             if let route = r.matchedRouteName { recentStrings.push(route, on: L) } else { lua_pushnil(L) }
             return .values(1)
         }))
-        n.append(("req_get_header", requestNative("weir.request.get_header") { L, _, r in
+        n.append(("req_get_header", checkedRequestNative(PluginPhase.anyRequestPhase) { L, _, r in
             guard let name = headerNames.name(at: 1, on: L) else { return badArgument(L) }
             pushOptional(r.requestHeader(name), on: L)
             return .values(1)
@@ -254,8 +268,8 @@ extension LuaRuntime {
         n.append(("up_get_raw_query", requestNative("weir.upstream.request.get_raw_query") { L, _, r in
             LuaState.push(r.upstreamRawQuery, on: L); return .values(1)
         }))
-        func setter(_ fname: String, _ apply: @escaping (PluginRequestContext, String, String) -> Void) -> NativeFunction {
-            requestNative(fname) { L, _, r in
+        func setter(_ phases: UInt8, _ apply: @escaping (PluginRequestContext, String, String) -> Void) -> NativeFunction {
+            checkedRequestNative(phases) { L, _, r in
                 guard let name = headerNames.name(at: 1, on: L), let value = headerValue(at: 2, on: L, cache: headerValues) else {
                     return badArgument(L)
                 }
@@ -263,9 +277,9 @@ extension LuaRuntime {
                 return .values(0)
             }
         }
-        n.append(("up_set_header", setter("weir.upstream.request.set_header") { $0.setUpstreamHeader($1, $2) }))
-        n.append(("up_add_header", setter("weir.upstream.request.add_header") { $0.addUpstreamHeader($1, $2) }))
-        n.append(("up_clear_header", requestNative("weir.upstream.request.clear_header") { L, _, r in
+        n.append(("up_set_header", setter(PluginPhase.request.mask) { $0.setUpstreamHeader($1, $2) }))
+        n.append(("up_add_header", setter(PluginPhase.request.mask) { $0.addUpstreamHeader($1, $2) }))
+        n.append(("up_clear_header", checkedRequestNative(PluginPhase.request.mask) { L, _, r in
             guard let name = headerNames.name(at: 1, on: L) else { return badArgument(L) }
             r.clearUpstreamHeader(name); return .values(0)
         }))
@@ -321,13 +335,13 @@ extension LuaRuntime {
         n.append(("resp_get_headers", requestNative("weir.response.get_headers") { L, _, r in
             pushHeaderTable(r.responseHeaders(), on: L); return .values(1)
         }))
-        n.append(("resp_set_header", setter("weir.response.set_header") { $0.setResponseHeader($1, $2) }))
-        n.append(("resp_add_header", setter("weir.response.add_header") { $0.addResponseHeader($1, $2) }))
+        n.append(("resp_set_header", setter(PluginPhase.responseWritePhases) { $0.setResponseHeader($1, $2) }))
+        n.append(("resp_add_header", setter(PluginPhase.responseWritePhases) { $0.addResponseHeader($1, $2) }))
         // set_header for each (name, value) pair, one crossing for several
         // (rate-limiting sets five per request). false at the first pair it
         // does not take; the pairs before it are set (set is idempotent, so
         // the Lua side's pair-by-pair retry sets them again harmlessly).
-        n.append(("resp_set_headers", requestNative("weir.response.set_headers") { L, _, r in
+        n.append(("resp_set_headers", checkedRequestNative(PluginPhase.responseWritePhases) { L, _, r in
             let top = lua_gettop(L)
             guard top % 2 == 0 else { return badArgument(L) }
             var i: Int32 = 1

@@ -102,6 +102,43 @@ final class PhaseFailureTests: XCTestCase {
         XCTAssertTrue(results[1].failure?.message.hasSuffix("latexit/handler.lua:2: weir.response.exit is not available in the log phase") ?? false, "\(results[1])")
     }
 
+    /// The hot SDK functions are their natives (no Lua wrapper): outside
+    /// their phases the native's Lua fallback raises the same message at the
+    /// plugin's line, in a phase, at load time, and from a pcall.
+    func testDirectNativesOutsideTheirPhases() throws {
+        let h = Harness()
+        h.folder.add("late", handler: """
+        local function msg(f) local ok, err = pcall(f); assert(not ok); return err end
+        return { PRIORITY = 1, VERSION = "1",
+          log = function()
+            local out = {
+              msg(function() weir.upstream.request.clear_header("x-a") end),
+              msg(function() weir.response.set_headers("x-a", "1") end),
+              msg(function() weir.response.set_header("x-a", "1") end),
+            }
+            assert(weir.request.get_header("x-not-sent") == nil)   -- allowed in the log phase
+            error(table.concat(out, "|"))
+          end,
+          response = function() weir.upstream.request.set_header("x-late", 1.5) end }
+        """)
+        try h.load(["late"])
+        let results = try h.runRequest(try h.chain("late"), phases: [.response, .log])
+        XCTAssertTrue(results[0].failure?.message.hasSuffix("late/handler.lua:12: weir.upstream.request.set_header is not available in the response phase") ?? false, "\(results[0])")
+        let messages = (results[1].failure?.message ?? "").split(separator: "|").map(String.init)
+        XCTAssertEqual(messages.count, 3, "\(results[1])")
+        // Each at its own line (5-7), where the plugin called it.
+        for (k, function) in ["weir.upstream.request.clear_header", "weir.response.set_headers", "weir.response.set_header"].enumerated()
+        where k < messages.count {
+            XCTAssertTrue(messages[k].hasSuffix("late/handler.lua:\(5 + k): \(function) is not available in the log phase"), messages[k])
+        }
+
+        let folder = PluginFolder()
+        let dir = folder.add("eager", handler: "weir.request.get_header('host')\nreturn { PRIORITY = 1, VERSION = '1', log = function() end }")
+        XCTAssertThrowsError(try PluginLibrary(names: ["eager"], searchPaths: [folder.path], sdk: Harness.sdk)) { error in
+            XCTAssertEqual("\(error)", dir + "/handler.lua:1: weir.request.get_header is not available in the init phase")
+        }
+    }
+
     func testHandleUsedAfterItsPhase() throws {
         let h = Harness()
         h.folder.add("keeper", handler: """

@@ -41,13 +41,24 @@ local EXIT_PHASES = phases(REQUEST, RESPONSE)
 local RESPONSE_ONLY = phases(RESPONSE)
 local BODY_FILTER_ONLY = phases(BODY_FILTER)
 
--- Raises "<fname> is not available in the <phase> phase" at the caller's line.
-local function check_phase(fname, allowed)
+-- Raises "<fname> is not available in the <phase> phase" at the caller's
+-- line (`level`, default 3: check_phase <- SDK function <- plugin code).
+local function check_phase(fname, allowed, level)
   local p = S[1]
   if not allowed[p] then
-    error(fname .. " is not available in the " .. phase_name(p) .. " phase", 3)
+    error(fname .. " is not available in the " .. phase_name(p) .. " phase", level or 3)
   end
 end
+
+-- The hottest SDK functions are their natives, called by plugins directly
+-- (no Lua wrapper call per use): the native checks the phase and its
+-- arguments itself, and on anything it does not take it calls the Lua
+-- fallback given here with the same arguments (CLuaShims weir_with_fallback).
+-- A fallback raises the SDK's message or converts a value (a float header
+-- value) and calls the plain native again. It runs one frame deeper than a
+-- wrapper did (the native's C frame sits between it and the plugin), so
+-- its error levels are one higher: 4 = the plugin's line.
+local with_fallback = clib.with_fallback
 
 -- `level` defaults to 4: arg_error <- check_* <- SDK function <- plugin code.
 local function arg_error(fname, n, expected, got, level)
@@ -73,11 +84,12 @@ local function check_number(fname, n, v, level)
 end
 
 -- A header value may be a string, a number, or an array of those.
-local function header_value(fname, n, v)
+-- `level` as arg_error's (default 4: from an SDK function's Lua body).
+local function header_value(fname, n, v, level)
   local t = type(v)
   if t == "string" then return v end
   if t == "number" then return tostring(v) end
-  arg_error(fname, n, "string or number", v)
+  arg_error(fname, n, "string or number", v, level)
 end
 
 local weir = {}
@@ -150,12 +162,12 @@ end
 -- message. A `type()` call per argument costs more than the native's check
 -- (a C call that pushes the type's name), and these run on every request.
 local native_get_header = N.req_get_header
-function request.get_header(name)
-  if not ANY_REQUEST_PHASE[S[1]] then check_phase("weir.request.get_header", ANY_REQUEST_PHASE) end
+request.get_header = with_fallback(native_get_header, function(name)
+  check_phase("weir.request.get_header", ANY_REQUEST_PHASE, 4)
   local v = native_get_header(name)
-  if v == false then arg_error("weir.request.get_header", 1, "string", name, 3) end
+  if v == false then arg_error("weir.request.get_header", 1, "string", name, 4) end
   return v
-end
+end)
 
 function request.get_headers()
   check_phase("weir.request.get_headers", ANY_REQUEST_PHASE)
@@ -200,13 +212,11 @@ weir.upstream = upstream
 -- false means anything else: a bad name raises here, a float value is
 -- written as Lua writes it (tostring) and set again.
 local native_up_set_header = N.up_set_header
-function upstream_request.set_header(name, value)
-  if S[1] ~= REQUEST then check_phase("weir.upstream.request.set_header", REWRITE_PHASES) end
-  if native_up_set_header(name, value) == false then
-    if type(name) ~= "string" then arg_error("weir.upstream.request.set_header", 1, "string", name, 3) end
-    native_up_set_header(name, header_value("weir.upstream.request.set_header", 2, value))
-  end
-end
+upstream_request.set_header = with_fallback(native_up_set_header, function(name, value)
+  check_phase("weir.upstream.request.set_header", REWRITE_PHASES, 4)
+  if type(name) ~= "string" then arg_error("weir.upstream.request.set_header", 1, "string", name, 4) end
+  native_up_set_header(name, header_value("weir.upstream.request.set_header", 2, value, 5))
+end)
 
 function upstream_request.add_header(name, value)
   check_phase("weir.upstream.request.add_header", REWRITE_PHASES)
@@ -215,10 +225,10 @@ function upstream_request.add_header(name, value)
 end
 
 local native_up_clear_header = N.up_clear_header
-function upstream_request.clear_header(name)
-  if S[1] ~= REQUEST then check_phase("weir.upstream.request.clear_header", REWRITE_PHASES) end
-  if native_up_clear_header(name) == false then arg_error("weir.upstream.request.clear_header", 1, "string", name, 3) end
-end
+upstream_request.clear_header = with_fallback(native_up_clear_header, function(name)
+  check_phase("weir.upstream.request.clear_header", REWRITE_PHASES, 4)
+  arg_error("weir.upstream.request.clear_header", 1, "string", name, 4)
+end)
 
 function upstream_request.set_path(path)
   check_phase("weir.upstream.request.set_path", REWRITE_PHASES)
@@ -348,31 +358,26 @@ function response.set_status(status)
 end
 
 local native_resp_set_header = N.resp_set_header
-function response.set_header(name, value)
-  if not RESPONSE_WRITE_PHASES[S[1]] then check_phase("weir.response.set_header", RESPONSE_WRITE_PHASES) end
-  if native_resp_set_header(name, value) == false then
-    if type(name) ~= "string" then arg_error("weir.response.set_header", 1, "string", name, 3) end
-    native_resp_set_header(name, header_value("weir.response.set_header", 2, value))
-  end
-end
+response.set_header = with_fallback(native_resp_set_header, function(name, value)
+  check_phase("weir.response.set_header", RESPONSE_WRITE_PHASES, 4)
+  if type(name) ~= "string" then arg_error("weir.response.set_header", 1, "string", name, 4) end
+  native_resp_set_header(name, header_value("weir.response.set_header", 2, value, 5))
+end)
 
 -- set_header for each (name, value) pair: one call (one crossing into
 -- Swift) for several headers. On a pair the native does not take, the
 -- pairs go through set_header's checks one by one, for the message or to
 -- write a float as Lua writes it.
-local native_resp_set_headers = N.resp_set_headers
-function response.set_headers(...)
-  if not RESPONSE_WRITE_PHASES[S[1]] then check_phase("weir.response.set_headers", RESPONSE_WRITE_PHASES) end
-  if native_resp_set_headers(...) == false then
-    local n = select("#", ...)
-    if n % 2 ~= 0 then error("weir.response.set_headers: expected name, value pairs, got " .. n .. " arguments", 2) end
-    for i = 1, n, 2 do
-      local name, value = select(i, ...)
-      if type(name) ~= "string" then arg_error("weir.response.set_headers", i, "string", name, 3) end
-      native_resp_set_header(name, header_value("weir.response.set_headers", i + 1, value))
-    end
+response.set_headers = with_fallback(N.resp_set_headers, function(...)
+  check_phase("weir.response.set_headers", RESPONSE_WRITE_PHASES, 4)
+  local n = select("#", ...)
+  if n % 2 ~= 0 then error("weir.response.set_headers: expected name, value pairs, got " .. n .. " arguments", 3) end
+  for i = 1, n, 2 do
+    local name, value = select(i, ...)
+    if type(name) ~= "string" then arg_error("weir.response.set_headers", i, "string", name, 4) end
+    native_resp_set_header(name, header_value("weir.response.set_headers", i + 1, value, 5))
   end
-end
+end)
 
 function response.add_header(name, value)
   check_phase("weir.response.add_header", RESPONSE_WRITE_PHASES)

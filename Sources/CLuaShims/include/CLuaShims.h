@@ -24,6 +24,11 @@ const char *weir_lua_version(void);
 /// Return codes of a Swift callback (anything >= 0 is a result count).
 #define WEIR_CALL_ERROR (-1)
 #define WEIR_CALL_YIELD (-2)
+/// The native does not take these arguments (or is called outside its
+/// phases): the trampoline calls the closure's Lua fallback with the same
+/// arguments and returns what it returns (weir_with_fallback); a native
+/// without one returns `false` (one result).
+#define WEIR_CALL_FALLBACK (-3)
 
 /// A Swift function callable from Lua. `function_id` is the id given to
 /// weir_push_native; `yield_count` receives the number of values to yield.
@@ -105,6 +110,13 @@ void weir_watch_restart(lua_State *L);
 
 /// Pushes a C closure that forwards to the Swift dispatcher with `function_id`.
 void weir_push_native(lua_State *L, int function_id);
+
+/// Lua: `with_fallback(native, fallback)` -> a copy of the native (a
+/// closure from weir_push_native) that calls `fallback` (a Lua function)
+/// when the native answers WEIR_CALL_FALLBACK. Lets an SDK function be the
+/// native itself, with the argument and phase checks that raise (at the
+/// caller's line) in Lua, run only when needed. In the SDK's `clib`.
+int weir_with_fallback(lua_State *L);
 
 /// Protected call: like lua_pcall with a message handler that appends a
 /// traceback. On error the message (with traceback) is left on the stack.
