@@ -329,6 +329,81 @@ final class HTTP1CodecTests: XCTestCase {
         XCTAssertEqual(caught as? HTTP1ParseError, .bareCR)
     }
 
+    /// A head in one read is parsed in one pass (line ends found while
+    /// validating); a head in pieces goes through the scanner first. Both
+    /// refuse a malformed head with the same error, limits included.
+    func testOnePassAndScannedPathsRefuseAlike() {
+        let limits = HTTP1Limits(maxStartLineBytes: 64, maxFieldBytes: 100, maxFieldCount: 4)
+        let requests: [(String, HTTP1ParseError)] = [
+            ("GET / HTTP/1.1\nHost: h\r\n\r\n", .bareLF),
+            ("GET / HTTP/1.1\r\nHost: h\nX: 1\r\n\r\n", .bareLF),
+            ("GET / HTTP/1.1\r\nHost: h\r\n\n", .bareLF),
+            ("GET / HTTP/1.1\r\nHost: h\r\nX-A: a\rb\r\n\r\n", .bareCR),
+            ("GET /a\rb HTTP/1.1\r\nHost: h\r\n\r\n", .bareCR),
+            ("GET / HTTP/1.1\r\nHost: h\r\nX-A: a\u{7F}\r\n\r\n", .invalidFieldValue),
+            ("GET / HTTP/1.1\r\nHost: h\r\nX-A: 0123456789abcdef\u{1}\r\n\r\n", .invalidFieldValue),
+            ("GET / HTTP/1.1\r\nHost: h\r\n folded\r\n\r\n", .obsoleteLineFolding),
+            ("GET / HTTP/1.1\r\nHost : h\r\n\r\n", .whitespaceBeforeColon),
+            ("GET / HTTP/1.1\r\nHost: h\r\nNoColon\r\n\r\n", .invalidFieldName),
+            ("GET /\(String(repeating: "a", count: 64)) HTTP/1.1\r\nHost: h\r\n\r\n", .startLineTooLong),
+            ("GET / HTTP/1.1\r\nHost: h\r\nX-Big: \(String(repeating: "v", count: 100))\r\n\r\n", .headerSectionTooLarge),
+            ("GET / HTTP/1.1\r\nHost: h\r\nA: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\n\r\n", .tooManyFields),
+            ("GET / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n", .duplicateContentLength),
+            ("GET / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n", .conflictingContentLength),
+            ("GET / HTTP/1.1\r\nHost: h\r\nContent-Length: 5x\r\n\r\n", .invalidContentLength),
+        ]
+        for (text, expected) in requests {
+            let bytes = Array(text.utf8)
+            assertRequestError(bytes, expected, limits: limits)
+            var parser = HTTP1RequestParser(limits: limits)
+            var b = ByteBuffer()
+            var caught: Error? = nil
+            for byte in bytes {
+                b.writeInteger(byte)
+                do { _ = try parser.parse(&b) } catch { caught = error; break }
+            }
+            XCTAssertEqual(caught as? HTTP1ParseError, expected, "byte by byte: \(text.debugDescription)")
+        }
+        let responses: [(String, HTTP1ParseError)] = [
+            ("HTTP/1.1 200 OK\nX: 1\r\n\r\n", .bareLF),
+            ("HTTP/1.1 200 OK\r\nX: 1\n\r\n", .bareLF),
+            ("HTTP/1.1 200 O\rK\r\n\r\n", .bareCR),
+            ("HTTP/1.1 20\r\n\r\n", .invalidStatusLine),
+            ("HTTP/1.1 200 OK\r\nX : 1\r\n\r\n", .whitespaceBeforeColon),
+            ("HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", .conflictingContentLength),
+            ("HTTP/1.1 200 OK\r\nA: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\nE: 5\r\n\r\n", .tooManyFields),
+        ]
+        for (text, expected) in responses {
+            let bytes = Array(text.utf8)
+            var whole = HTTP1ResponseParser(limits: limits)
+            var all = buffer(bytes)
+            XCTAssertThrowsError(try whole.parse(&all, requestMethod: .get), text.debugDescription) {
+                XCTAssertEqual($0 as? HTTP1ParseError, expected, "whole: \(text.debugDescription)")
+            }
+            var parser = HTTP1ResponseParser(limits: limits)
+            var b = ByteBuffer()
+            var caught: Error? = nil
+            for byte in bytes {
+                b.writeInteger(byte)
+                do { _ = try parser.parse(&b, requestMethod: .get) } catch { caught = error; break }
+            }
+            XCTAssertEqual(caught as? HTTP1ParseError, expected, "byte by byte: \(text.debugDescription)")
+        }
+    }
+
+    /// The one-pass parse reads values 8 bytes at a time up to the end of
+    /// the buffer, not of the line: a body right behind the head (same
+    /// read) never leaks into a value, whatever it holds.
+    func testHeadFollowedByBodyInTheSameRead() throws {
+        for body in ["", "x", "ABCDEFGHIJKLMNOP", "\r\n\r\n", "\u{0}\u{1}\u{7F}binary"] {
+            var parser = HTTP1ResponseParser()
+            var b = buffer("HTTP/1.1 200 OK\r\nContent-Length: \(body.utf8.count)\r\nX-V: abc\r\n\r\n" + body)
+            let head = try XCTUnwrap(try parser.parse(&b, requestMethod: .get))
+            XCTAssertEqual(head.fields.pairs().map { "\($0.name)=\($0.value)" }, ["Content-Length=\(body.utf8.count)", "X-V=abc"])
+            XCTAssertEqual(b.readableBytes, body.utf8.count)
+        }
+    }
+
     // MARK: response heads
 
     private func parseResponse(_ s: String, method: HTTP1Method = .get) throws -> HTTP1ResponseHead {

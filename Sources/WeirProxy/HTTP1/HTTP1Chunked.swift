@@ -58,9 +58,10 @@ public struct HTTP1ChunkedDecoder: Sendable {
                 if length == 2 { return .end(trailers: nil) }
                 var entries: [HTTP1FieldEntry] = []
                 var facts = HTTP1FramingFacts()
-                try slice.withUnsafeReadableBytes { raw in
-                    try parseFieldLines(raw.bindMemory(to: UInt8.self).baseAddress!, from: 0, sectionLength: raw.count,
-                                        entries: &entries, facts: &facts)
+                // The scanner found the section's end: the parse ends there too.
+                _ = try slice.withUnsafeReadableBytes { raw in
+                    try parseFieldLines(raw.bindMemory(to: UInt8.self).baseAddress!, from: 0, available: raw.count,
+                                        limits: limits, entries: &entries, facts: &facts)
                 }
                 return .end(trailers: HTTP1Fields(bytes: slice, entries: entries))
             case .done:

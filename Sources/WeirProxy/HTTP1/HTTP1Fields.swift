@@ -258,6 +258,13 @@ enum HTTP1Bytes {
     @inline(__always)
     static func isWhitespace(_ b: UInt8) -> Bool { b == sp || b == htab }
 
+    /// Offset of the first LF in `n` bytes at `p`, nil if none.
+    @inline(__always)
+    static func findLF(_ p: UnsafePointer<UInt8>, _ n: Int) -> Int? {
+        guard n > 0, let hit = memchr(p, Int32(lf), n) else { return nil }
+        return UnsafeRawPointer(p).distance(to: UnsafeRawPointer(hit))
+    }
+
     /// Compares `n` bytes at `p` with a lowercase ASCII literal, ignoring case
     /// of `p`'s letters (the literal holds only letters, digits and '-').
     @inline(__always)
@@ -307,8 +314,7 @@ struct HTTP1HeadScanner {
     private var lineStart = 0
     /// End of the start line (past its CRLF), once seen.
     private var startLineEnd = -1
-    /// Field lines seen so far; after a complete scan, the section's count
-    /// (lets the parser size its index in one allocation).
+    /// Field lines seen so far (the count limit).
     private(set) var fieldLines = 0
 
     init(hasStartLine: Bool) {
@@ -318,6 +324,9 @@ struct HTTP1HeadScanner {
 
     mutating func reset() { self = HTTP1HeadScanner(hasStartLine: hasStartLine) }
 
+    /// Nothing of the current section scanned yet (its first read).
+    var isFresh: Bool { scanned == 0 }
+
     /// Returns the section's length (through the empty line's CRLF) once it is
     /// complete, nil while more bytes are needed.
     mutating func scan(_ raw: UnsafeRawBufferPointer, limits: HTTP1Limits) throws -> Int? {
@@ -325,7 +334,7 @@ struct HTTP1HeadScanner {
         guard count > 0 else { return nil }
         let p = raw.bindMemory(to: UInt8.self).baseAddress!
         while scanned < count {
-            guard let found = memchrLF(p + scanned, count - scanned) else {
+            guard let found = HTTP1Bytes.findLF(p + scanned, count - scanned) else {
                 scanned = count
                 break
             }
@@ -354,11 +363,6 @@ struct HTTP1HeadScanner {
         return nil
     }
 
-    @inline(__always)
-    private func memchrLF(_ p: UnsafePointer<UInt8>, _ n: Int) -> Int? {
-        guard let hit = memchr(p, Int32(HTTP1Bytes.lf), n) else { return nil }
-        return UnsafeRawPointer(p).distance(to: UnsafeRawPointer(hit))
-    }
 }
 
 #if canImport(Glibc)
@@ -386,15 +390,26 @@ struct HTTP1FramingFacts {
     var teTrailersOnly = true
 }
 
-/// Parses the field lines of a complete section into entries, validating each.
-/// `p` is the section start; lines run from `start` until the empty line.
+/// Parses and validates the field lines from `start` through the empty
+/// line, finding each line's end as it goes: one pass over the bytes (the
+/// whole head is usually in the first read; `HTTP1HeadScanner` only waits
+/// for the rest when it is not). Returns the offset just past the empty
+/// line's CRLF, or nil when the `available` bytes end before it. Enforces
+/// the scanner's limits (field count, field section bytes from `start`) on
+/// every complete line, so a complete head is refused for the same reasons.
 @inline(__always)
-func parseFieldLines(_ p: UnsafePointer<UInt8>, from start: Int, sectionLength: Int,
-                     entries: inout [HTTP1FieldEntry], facts: inout HTTP1FramingFacts) throws {
+func parseFieldLines(_ p: UnsafePointer<UInt8>, from start: Int, available: Int, limits: HTTP1Limits,
+                     entries: inout [HTTP1FieldEntry], facts: inout HTTP1FramingFacts) throws -> Int? {
     var line = start
-    let end = sectionLength - 2 // the empty line's CRLF
-    while line < end {
-        // The scanner guaranteed every LF is preceded by CR; find this line's.
+    while true {
+        guard let lfOffset = HTTP1Bytes.findLF(p + line, available - line) else { return nil }
+        let lineEnd = line + lfOffset + 1
+        let cr = lineEnd - 2
+        guard lfOffset > 0, p[cr] == HTTP1Bytes.cr else { throw HTTP1ParseError.bareLF }
+        if cr == line { return lineEnd }
+        if entries.count >= limits.maxFieldCount { throw HTTP1ParseError.tooManyFields }
+        if lineEnd - start > limits.maxFieldBytes { throw HTTP1ParseError.headerSectionTooLarge }
+        // The line's only LF is at `cr + 1`: every loop below stops at `cr` at the latest.
         var i = line
         let first = p[i]
         if HTTP1Bytes.isWhitespace(first) { throw HTTP1ParseError.obsoleteLineFolding }
@@ -410,27 +425,24 @@ func parseFieldLines(_ p: UnsafePointer<UInt8>, from start: Int, sectionLength: 
         while HTTP1Bytes.isWhitespace(p[i]) { i += 1 }
         let valueStart = i
         // Validate up to the line's CR, 8 bytes per step while they are SP or
-        // visible ASCII (the section ends with CRLFCRLF, so a load that starts
-        // before `end` stays inside it); the exact byte checks below handle
-        // the first flagged byte (HTAB, obs-text, CR, or an error).
+        // visible ASCII (a load may reach past the line within `available`:
+        // the CR is flagged, so nothing after it is looked at); the exact
+        // byte check handles the first flagged byte (HTAB, obs-text, or an
+        // error) and the last few bytes of the buffer.
         while true {
-            while i + 8 <= end {
+            if i + 8 <= available {
                 let flags = HTTP1Bytes.nonPlainBytes(UInt64(littleEndian: UnsafeRawPointer(p + i).loadUnaligned(as: UInt64.self)))
                 if flags == 0 { i += 8; continue }
                 i += flags.trailingZeroBitCount >> 3
-                break
             }
+            if i >= cr { break }
             let b = p[i]
             if HTTP1Bytes.isFieldValueByte(b) { i += 1; continue }
-            if b == HTTP1Bytes.cr {
-                if p[i + 1] == HTTP1Bytes.lf { break }
-                throw HTTP1ParseError.bareCR
-            }
-            throw HTTP1ParseError.invalidFieldValue
+            // A CR before the line's own is not followed by an LF.
+            throw b == HTTP1Bytes.cr ? HTTP1ParseError.bareCR : HTTP1ParseError.invalidFieldValue
         }
-        var valueEnd = i
+        var valueEnd = cr
         while valueEnd > valueStart && HTTP1Bytes.isWhitespace(p[valueEnd - 1]) { valueEnd -= 1 }
-        let lineEnd = i + 2
         let known = HTTP1KnownField.classify(p + line, nameLength)
         let valueLength = valueEnd - valueStart
         if known != .other {

@@ -121,56 +121,103 @@ public struct HTTP1RequestParser: Sendable {
             skippedEmptyLines = -1
         }
         let limits = self.limits
-        guard let length = try buffer.withUnsafeReadableBytes({ try scanner.scan($0, limits: limits) }) else { return nil }
-        let slice = buffer.readSlice(length: length)!
-        let fieldCount = scanner.fieldLines
-        scanner.reset()
-        skippedEmptyLines = 0
         // `inout`: a by-value argument stays referenced by the caller during
         // the call, and the first append would copy the storage.
-        var entries = entryStorage.take(capacity: fieldCount)
-        let head = try HTTP1RequestParser.parseHead(slice, entries: &entries)
+        var entries = entryStorage.take(capacity: HTTP1EntryStorage.initialCapacity)
+        var facts = HTTP1FramingFacts()
+        if scanner.isFresh {
+            // The head's first read usually holds all of it: parse it in one
+            // pass (each line's end found while validating it).
+            if let line = try buffer.withUnsafeReadableBytes({ try Self.parseLines($0, limits: limits, entries: &entries, facts: &facts) }) {
+                return try finish(&buffer, line, entries: entries, facts: facts)
+            }
+            entries.removeAll(keepingCapacity: true)
+            facts = HTTP1FramingFacts()
+        }
+        // Not all there: the scanner waits for the end across reads (limits
+        // enforced as bytes arrive), then the complete head is parsed.
+        guard let length = try buffer.withUnsafeReadableBytes({ try scanner.scan($0, limits: limits) }) else {
+            entryStorage.keep(entries)
+            return nil
+        }
+        let line = try buffer.withUnsafeReadableBytes { raw in
+            try Self.parseLines(UnsafeRawBufferPointer(rebasing: raw[..<length]), limits: limits, entries: &entries, facts: &facts)
+        }
+        guard let line, line.headLength == length else { throw HTTP1ParseError.invalidRequestLine } // the scanner and the parse agree on the end
+        return try finish(&buffer, line, entries: entries, facts: facts)
+    }
+
+    /// Consumes the parsed head's bytes and builds the head.
+    private mutating func finish(_ buffer: inout ByteBuffer, _ line: RequestLine, entries: [HTTP1FieldEntry],
+                                 facts: HTTP1FramingFacts) throws -> HTTP1RequestHead {
+        let slice = buffer.readSlice(length: line.headLength)!
+        scanner.reset()
+        skippedEmptyLines = 0
+        let head = try HTTP1RequestParser.makeHead(slice, line, entries: entries, facts: facts)
         entryStorage.keep(head.fields.entries)
         return head
     }
 
-    /// `entries`: empty storage to fill (see `HTTP1EntryStorage`).
-    static func parseHead(_ slice: ByteBuffer, entries: inout [HTTP1FieldEntry]) throws -> HTTP1RequestHead {
-        var facts = HTTP1FramingFacts()
-        let (method, methodLength, target, version, firstField) = try slice.withUnsafeReadableBytes { raw in
-            let p = raw.bindMemory(to: UInt8.self).baseAddress!
-            // method SP request-target SP HTTP-version CRLF, single spaces.
-            var i = 0
-            while HTTP1Bytes.isTChar(p[i]) { i += 1 }
-            let methodLength = i
-            guard methodLength > 0, p[i] == HTTP1Bytes.sp else {
-                if p[i] == HTTP1Bytes.cr && p[i + 1] != HTTP1Bytes.lf { throw HTTP1ParseError.bareCR }
-                throw methodLength == 0 || HTTP1Bytes.isWhitespace(p[i]) || p[i] == HTTP1Bytes.cr
-                    ? HTTP1ParseError.invalidRequestLine : HTTP1ParseError.invalidMethod
-            }
-            i += 1
-            let targetStart = i
-            // Visible ASCII only: no CTLs, spaces or obs-text in a target.
-            while p[i] > 0x20 && p[i] < 0x7F { i += 1 }
-            let targetEnd = i
-            guard targetEnd > targetStart, p[i] == HTTP1Bytes.sp else {
-                if p[i] == HTTP1Bytes.cr && p[i + 1] != HTTP1Bytes.lf { throw HTTP1ParseError.bareCR }
-                throw targetEnd == targetStart || p[i] == HTTP1Bytes.cr
-                    ? HTTP1ParseError.invalidRequestLine : HTTP1ParseError.invalidTarget
-            }
-            i += 1
-            let version = try parseVersion(p + i, raw.count - i)
-            i += 8
-            guard p[i] == HTTP1Bytes.cr, p[i + 1] == HTTP1Bytes.lf else {
-                if p[i] == HTTP1Bytes.cr { throw HTTP1ParseError.bareCR }
-                throw HTTP1ParseError.invalidVersion
-            }
-            let method = HTTP1Method.recognise(p, methodLength)
-            try checkTargetForm(method, p + targetStart, targetEnd - targetStart)
-            try parseFieldLines(p, from: i + 2, sectionLength: raw.count, entries: &entries, facts: &facts)
-            return (method, methodLength, targetStart..<targetEnd, version, i + 2)
+    /// The request line of a parsed head, and the head's length.
+    struct RequestLine {
+        var method: HTTP1Method
+        var methodLength: Int
+        var target: Range<Int>
+        var version: HTTP1Version
+        var headLength: Int
+    }
+
+    /// Parses the head at the start of `raw` (request line, then the field
+    /// lines into `entries` and `facts`); nil when `raw` ends before the
+    /// head does. Throws for malformed bytes in any complete line.
+    static func parseLines(_ raw: UnsafeRawBufferPointer, limits: HTTP1Limits, entries: inout [HTTP1FieldEntry],
+                           facts: inout HTTP1FramingFacts) throws -> RequestLine? {
+        guard raw.count > 0 else { return nil }
+        let p = raw.bindMemory(to: UInt8.self).baseAddress!
+        // method SP request-target SP HTTP-version CRLF, single spaces.
+        guard let lfOffset = HTTP1Bytes.findLF(p, raw.count) else { return nil }
+        guard lfOffset > 0, p[lfOffset - 1] == HTTP1Bytes.cr else { throw HTTP1ParseError.bareLF }
+        if lfOffset - 1 > limits.maxStartLineBytes { throw HTTP1ParseError.startLineTooLong }
+        let lineEnd = lfOffset + 1
+        // The line's only LF is at `lineEnd - 1`: every loop stops at its CR at the latest.
+        var i = 0
+        while HTTP1Bytes.isTChar(p[i]) { i += 1 }
+        let methodLength = i
+        guard methodLength > 0, p[i] == HTTP1Bytes.sp else {
+            if p[i] == HTTP1Bytes.cr && p[i + 1] != HTTP1Bytes.lf { throw HTTP1ParseError.bareCR }
+            throw methodLength == 0 || HTTP1Bytes.isWhitespace(p[i]) || p[i] == HTTP1Bytes.cr
+                ? HTTP1ParseError.invalidRequestLine : HTTP1ParseError.invalidMethod
         }
-        _ = firstField
+        i += 1
+        let targetStart = i
+        // Visible ASCII only: no CTLs, spaces or obs-text in a target.
+        while p[i] > 0x20 && p[i] < 0x7F { i += 1 }
+        let targetEnd = i
+        guard targetEnd > targetStart, p[i] == HTTP1Bytes.sp else {
+            if p[i] == HTTP1Bytes.cr && p[i + 1] != HTTP1Bytes.lf { throw HTTP1ParseError.bareCR }
+            throw targetEnd == targetStart || p[i] == HTTP1Bytes.cr
+                ? HTTP1ParseError.invalidRequestLine : HTTP1ParseError.invalidTarget
+        }
+        i += 1
+        let version = try parseVersion(p + i, lineEnd - i)
+        i += 8
+        guard p[i] == HTTP1Bytes.cr, p[i + 1] == HTTP1Bytes.lf else {
+            if p[i] == HTTP1Bytes.cr { throw HTTP1ParseError.bareCR }
+            throw HTTP1ParseError.invalidVersion
+        }
+        let method = HTTP1Method.recognise(p, methodLength)
+        try checkTargetForm(method, p + targetStart, targetEnd - targetStart)
+        guard let headLength = try parseFieldLines(p, from: lineEnd, available: raw.count, limits: limits,
+                                                   entries: &entries, facts: &facts) else { return nil }
+        return RequestLine(method: method, methodLength: methodLength, target: targetStart..<targetEnd,
+                           version: version, headLength: headLength)
+    }
+
+    /// The head from its bytes and what `parseLines` found; the checks
+    /// that need the whole field section (Host, framing).
+    static func makeHead(_ slice: ByteBuffer, _ line: RequestLine, entries: [HTTP1FieldEntry],
+                         facts: HTTP1FramingFacts) throws -> HTTP1RequestHead {
+        let version = line.version
         if facts.hostCount > 1 { throw HTTP1ParseError.duplicateHost }
         if facts.hostCount == 0 && version.minor >= 1 { throw HTTP1ParseError.missingHost }
 
@@ -197,7 +244,7 @@ public struct HTTP1RequestParser: Sendable {
         }
         return HTTP1RequestHead(
             fields: HTTP1Fields(bytes: slice, entries: entries, connectionNamesOtherFields: facts.connectionNamesOthers),
-            method: method, methodLength: methodLength, targetRange: target, version: version,
+            method: line.method, methodLength: line.methodLength, targetRange: line.target, version: version,
             framing: framing, keepAlive: keepAlive, expectsContinue: facts.expectContinue,
             wantsUpgrade: facts.connectionUpgrade && hasUpgradeField, hostIndex: hostIndex, facts: facts)
     }
@@ -250,44 +297,84 @@ public struct HTTP1ResponseParser: Sendable {
     /// `requestMethod` decides the body rules (HEAD and CONNECT 2xx have none).
     public mutating func parse(_ buffer: inout ByteBuffer, requestMethod: HTTP1Method) throws -> HTTP1ResponseHead? {
         let limits = self.limits
-        guard let length = try buffer.withUnsafeReadableBytes({ try scanner.scan($0, limits: limits) }) else { return nil }
-        let slice = buffer.readSlice(length: length)!
-        let fieldCount = scanner.fieldLines
+        var entries = entryStorage.take(capacity: HTTP1EntryStorage.initialCapacity)
+        var facts = HTTP1FramingFacts()
+        if scanner.isFresh {
+            // Usually the whole head (and a small body) came in one read:
+            // one pass, as for requests.
+            if let line = try buffer.withUnsafeReadableBytes({ try Self.parseLines($0, limits: limits, entries: &entries, facts: &facts) }) {
+                return try finish(&buffer, line, entries: entries, facts: facts, requestMethod: requestMethod)
+            }
+            entries.removeAll(keepingCapacity: true)
+            facts = HTTP1FramingFacts()
+        }
+        guard let length = try buffer.withUnsafeReadableBytes({ try scanner.scan($0, limits: limits) }) else {
+            entryStorage.keep(entries)
+            return nil
+        }
+        let line = try buffer.withUnsafeReadableBytes { raw in
+            try Self.parseLines(UnsafeRawBufferPointer(rebasing: raw[..<length]), limits: limits, entries: &entries, facts: &facts)
+        }
+        guard let line, line.headLength == length else { throw HTTP1ParseError.invalidStatusLine } // the scanner and the parse agree on the end
+        return try finish(&buffer, line, entries: entries, facts: facts, requestMethod: requestMethod)
+    }
+
+    private mutating func finish(_ buffer: inout ByteBuffer, _ line: StatusLine, entries: [HTTP1FieldEntry],
+                                 facts: HTTP1FramingFacts, requestMethod: HTTP1Method) throws -> HTTP1ResponseHead {
+        let slice = buffer.readSlice(length: line.headLength)!
         scanner.reset()
-        var entries = entryStorage.take(capacity: fieldCount)
-        let head = try HTTP1ResponseParser.parseHead(slice, entries: &entries, requestMethod: requestMethod)
+        let head = try HTTP1ResponseParser.makeHead(slice, line, entries: entries, facts: facts, requestMethod: requestMethod)
         entryStorage.keep(head.fields.entries)
         return head
     }
 
-    static func parseHead(_ slice: ByteBuffer, entries: inout [HTTP1FieldEntry], requestMethod: HTTP1Method) throws -> HTTP1ResponseHead {
-        var facts = HTTP1FramingFacts()
-        let (version, status, reason) = try slice.withUnsafeReadableBytes { raw in
-            let p = raw.bindMemory(to: UInt8.self).baseAddress!
-            // HTTP-version SP 3DIGIT SP [ reason-phrase ] CRLF; a missing SP
-            // after the code is tolerated (RFC 9112 §4 recipients).
-            let version: HTTP1Version
-            do { version = try parseVersion(p, raw.count) } catch { throw HTTP1ParseError.invalidStatusLine }
-            guard p[8] == HTTP1Bytes.sp else { throw HTTP1ParseError.invalidStatusLine }
-            var status = 0
-            for k in 9..<12 {
-                let d = p[k] &- 0x30
-                guard d <= 9 else { throw HTTP1ParseError.invalidStatusLine }
-                status = status * 10 + Int(d)
-            }
-            guard status >= 100 else { throw HTTP1ParseError.invalidStatusLine }
-            var i = 12
-            var reasonStart = 12
-            if p[i] == HTTP1Bytes.sp {
-                i += 1
-                reasonStart = i
-                while HTTP1Bytes.isFieldValueByte(p[i]) { i += 1 }
-            }
-            guard p[i] == HTTP1Bytes.cr else { throw HTTP1ParseError.invalidStatusLine }
-            guard p[i + 1] == HTTP1Bytes.lf else { throw HTTP1ParseError.bareCR }
-            try parseFieldLines(p, from: i + 2, sectionLength: raw.count, entries: &entries, facts: &facts)
-            return (version, status, reasonStart..<i)
+    /// The status line of a parsed head, and the head's length.
+    struct StatusLine {
+        var version: HTTP1Version
+        var status: Int
+        var reason: Range<Int>
+        var headLength: Int
+    }
+
+    /// Parses the head at the start of `raw`; nil when `raw` ends before it does.
+    static func parseLines(_ raw: UnsafeRawBufferPointer, limits: HTTP1Limits, entries: inout [HTTP1FieldEntry],
+                           facts: inout HTTP1FramingFacts) throws -> StatusLine? {
+        guard raw.count > 0 else { return nil }
+        let p = raw.bindMemory(to: UInt8.self).baseAddress!
+        guard let lfOffset = HTTP1Bytes.findLF(p, raw.count) else { return nil }
+        guard lfOffset > 0, p[lfOffset - 1] == HTTP1Bytes.cr else { throw HTTP1ParseError.bareLF }
+        if lfOffset - 1 > limits.maxStartLineBytes { throw HTTP1ParseError.startLineTooLong }
+        let lineEnd = lfOffset + 1
+        // HTTP-version SP 3DIGIT SP [ reason-phrase ] CRLF; a missing SP
+        // after the code is tolerated (RFC 9112 §4 recipients).
+        guard lineEnd >= 14 else { throw HTTP1ParseError.invalidStatusLine }
+        let version: HTTP1Version
+        do { version = try parseVersion(p, lineEnd) } catch { throw HTTP1ParseError.invalidStatusLine }
+        guard p[8] == HTTP1Bytes.sp else { throw HTTP1ParseError.invalidStatusLine }
+        var status = 0
+        for k in 9..<12 {
+            let d = p[k] &- 0x30
+            guard d <= 9 else { throw HTTP1ParseError.invalidStatusLine }
+            status = status * 10 + Int(d)
         }
+        guard status >= 100 else { throw HTTP1ParseError.invalidStatusLine }
+        var i = 12
+        var reasonStart = 12
+        if p[i] == HTTP1Bytes.sp {
+            i += 1
+            reasonStart = i
+            while HTTP1Bytes.isFieldValueByte(p[i]) { i += 1 }
+        }
+        guard p[i] == HTTP1Bytes.cr else { throw HTTP1ParseError.invalidStatusLine }
+        guard p[i + 1] == HTTP1Bytes.lf else { throw HTTP1ParseError.bareCR }
+        guard let headLength = try parseFieldLines(p, from: lineEnd, available: raw.count, limits: limits,
+                                                   entries: &entries, facts: &facts) else { return nil }
+        return StatusLine(version: version, status: status, reason: reasonStart..<i, headLength: headLength)
+    }
+
+    static func makeHead(_ slice: ByteBuffer, _ line: StatusLine, entries: [HTTP1FieldEntry], facts: HTTP1FramingFacts,
+                         requestMethod: HTTP1Method) throws -> HTTP1ResponseHead {
+        let version = line.version, status = line.status
         let framing: HTTP1BodyFraming
         if status < 200 || status == 204 || status == 304 || requestMethod == .head
             || (requestMethod == .connect && status < 300) {
@@ -313,7 +400,7 @@ public struct HTTP1ResponseParser: Sendable {
         let keepAlive = framing != .untilClose
             && (version.minor >= 1 ? !facts.connectionClose : (facts.connectionKeepAlive && !facts.connectionClose))
         return HTTP1ResponseHead(fields: HTTP1Fields(bytes: slice, entries: entries, connectionNamesOtherFields: facts.connectionNamesOthers), version: version,
-                                 status: status, reasonRange: reason, framing: framing,
+                                 status: status, reasonRange: line.reason, framing: framing,
                                  keepAlive: keepAlive, facts: facts)
     }
 }
@@ -329,8 +416,11 @@ public struct HTTP1ResponseParser: Sendable {
 struct HTTP1EntryStorage: Sendable {
     private var kept: [HTTP1FieldEntry] = []
     static let keptCapacity = 64
+    /// Room reserved for a connection's first head (typical heads have
+    /// fewer lines; more grow the array).
+    static let initialCapacity = 16
 
-    /// Empty storage for `capacity` entries (the scanner's field-line count).
+    /// Empty storage with room for at least `capacity` entries.
     mutating func take(capacity: Int) -> [HTTP1FieldEntry] {
         var entries: [HTTP1FieldEntry] = []
         swap(&entries, &kept)
