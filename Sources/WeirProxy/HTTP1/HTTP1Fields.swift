@@ -413,7 +413,7 @@ func parseFieldLines(_ p: UnsafePointer<UInt8>, from start: Int, available: Int,
         var i = line
         let first = p[i]
         if HTTP1Bytes.isWhitespace(first) { throw HTTP1ParseError.obsoleteLineFolding }
-        while HTTP1Bytes.isTChar(p[i]) { i += 1 }
+        while HTTP1Bytes.isTChar(p[i]) { i &+= 1 }
         let nameLength = i - line
         if p[i] != HTTP1Bytes.colon {
             if HTTP1Bytes.isWhitespace(p[i]) { throw HTTP1ParseError.whitespaceBeforeColon }
@@ -422,7 +422,7 @@ func parseFieldLines(_ p: UnsafePointer<UInt8>, from start: Int, available: Int,
         }
         if nameLength == 0 { throw HTTP1ParseError.invalidFieldName }
         i += 1
-        while HTTP1Bytes.isWhitespace(p[i]) { i += 1 }
+        while HTTP1Bytes.isWhitespace(p[i]) { i &+= 1 }
         let valueStart = i
         // Validate up to the line's CR, 8 bytes per step while they are SP or
         // visible ASCII (a load may reach past the line within `available`:
@@ -432,12 +432,12 @@ func parseFieldLines(_ p: UnsafePointer<UInt8>, from start: Int, available: Int,
         while true {
             if i + 8 <= available {
                 let flags = HTTP1Bytes.nonPlainBytes(UInt64(littleEndian: UnsafeRawPointer(p + i).loadUnaligned(as: UInt64.self)))
-                if flags == 0 { i += 8; continue }
-                i += flags.trailingZeroBitCount >> 3
+                if flags == 0 { i &+= 8; continue }
+                i &+= flags.trailingZeroBitCount >> 3
             }
             if i >= cr { break }
             let b = p[i]
-            if HTTP1Bytes.isFieldValueByte(b) { i += 1; continue }
+            if HTTP1Bytes.isFieldValueByte(b) { i &+= 1; continue }
             // A CR before the line's own is not followed by an LF.
             throw b == HTTP1Bytes.cr ? HTTP1ParseError.bareCR : HTTP1ParseError.invalidFieldValue
         }
@@ -445,12 +445,18 @@ func parseFieldLines(_ p: UnsafePointer<UInt8>, from start: Int, available: Int,
         while valueEnd > valueStart && HTTP1Bytes.isWhitespace(p[valueEnd - 1]) { valueEnd -= 1 }
         let known = HTTP1KnownField.classify(p + line, nameLength)
         let valueLength = valueEnd - valueStart
-        if known != .other {
+        switch known {
+        case .host, .contentLength, .transferEncoding, .connection, .expect, .te:
             try noteKnownField(known, p + valueStart, valueLength, &facts)
+        default:
+            break
         }
-        entries.append(HTTP1FieldEntry(nameStart: Int32(line), nameLength: Int32(nameLength),
-                                       valueStart: Int32(valueStart), valueLength: Int32(valueLength),
-                                       lineEnd: Int32(lineEnd), known: known))
+        // Offsets fit: a head is bounded by `limits`, far below 2 GiB (no range checks).
+        entries.append(HTTP1FieldEntry(nameStart: Int32(truncatingIfNeeded: line),
+                                       nameLength: Int32(truncatingIfNeeded: nameLength),
+                                       valueStart: Int32(truncatingIfNeeded: valueStart),
+                                       valueLength: Int32(truncatingIfNeeded: valueLength),
+                                       lineEnd: Int32(truncatingIfNeeded: lineEnd), known: known))
         line = lineEnd
     }
 }
@@ -462,6 +468,24 @@ private func noteKnownField(_ known: HTTP1KnownField, _ v: UnsafePointer<UInt8>,
         facts.hostCount += 1
     case .contentLength:
         facts.contentLengthCount += 1
+        // The usual value, one plain number: no list split.
+        if n > 0 && n <= 18 {
+            var value = 0
+            var k = 0
+            while k < n {
+                let d = v[k] &- 0x30
+                if d > 9 { break }
+                value = value &* 10 &+ Int(d)
+                k &+= 1
+            }
+            if k == n {
+                if let previous = facts.contentLength {
+                    throw previous == value ? HTTP1ParseError.duplicateContentLength : HTTP1ParseError.conflictingContentLength
+                }
+                facts.contentLength = value
+                return
+            }
+        }
         var sawElement = false
         // RFC 9110 §8.6 lets a recipient accept repeated identical lengths;
         // like nginx and llhttp we refuse any repetition: the head is
@@ -489,6 +513,9 @@ private func noteKnownField(_ known: HTTP1KnownField, _ v: UnsafePointer<UInt8>,
             facts.lastCodingIsChunked = HTTP1Bytes.equalsLower(e, len, "chunked")
         }
     case .connection:
+        // The usual values, one token: no list split.
+        if HTTP1Bytes.equalsLower(v, n, "keep-alive") { facts.connectionKeepAlive = true; return }
+        if HTTP1Bytes.equalsLower(v, n, "close") { facts.connectionClose = true; return }
         HTTP1Bytes.forEachListElement(v, n) { e, len in
             if HTTP1Bytes.equalsLower(e, len, "close") { facts.connectionClose = true }
             else if HTTP1Bytes.equalsLower(e, len, "keep-alive") { facts.connectionKeepAlive = true }
