@@ -306,8 +306,9 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
     func channelReadComplete(context: ChannelHandlerContext) {
         flushUpstreamIfNeeded()
         // The next read, asked for here when wanted (see SoleHandlerIO.rearmRead).
-        io.rearmRead(if: io.isDirect && shouldReadDownstream)
-        context.fireChannelReadComplete()
+        guard io.isDirect else { return context.fireChannelReadComplete() }
+        io.rearmRead(if: shouldReadDownstream)
+        // The only handler: the pipeline's tail would discard the event.
     }
 
     private func flushUpstreamIfNeeded() {
