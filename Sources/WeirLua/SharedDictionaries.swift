@@ -100,15 +100,18 @@ public final class SharedDictionaries: @unchecked Sendable {
             var expiry: Double // 0 = none
             var prev: Node?
             var next: Node?
-            /// The next node whose key has the same hash (a bucket's chain).
-            var sameHash: Node?
+            /// The next node in the same bucket (a bucket's chain).
+            var nextInBucket: Node?
             init(key: [UInt8], hash: Int, value: Value, expiry: Double) {
                 self.key = key; self.hash = hash; self.value = value; self.expiry = expiry
             }
         }
         private let lock = NIOLock()
-        /// key hash -> the first node of that hash's chain.
-        private var buckets: [Int: Node] = [:]
+        /// Chains of nodes by `hash & (buckets.count - 1)`. The hash is
+        /// already SipHash's (SharedKey.hash): indexing an array by its low
+        /// bits costs a few instructions, where a `[Int: Node]` hashed the
+        /// hash again per lookup. Doubles when the items outnumber the buckets.
+        private var buckets = [Node?](repeating: nil, count: 16)
         private var itemCount = 0
         private var head: Node? // most recently used
         private var tail: Node? // least recently used
@@ -128,26 +131,44 @@ public final class SharedDictionaries: @unchecked Sendable {
             head?.prev = n; head = n
             if tail == nil { tail = n }
         }
+        @inline(__always)
+        private func bucket(_ hash: Int) -> Int { hash & (buckets.count - 1) }
+
         private func find(_ key: UnsafeRawBufferPointer, hash: Int) -> Node? {
-            var n = buckets[hash]
+            var n = buckets[bucket(hash)]
             while let node = n {
-                if SharedKey.equal(node.key, key) { return node }
-                n = node.sameHash
+                if node.hash == hash && SharedKey.equal(node.key, key) { return node }
+                n = node.nextInBucket
             }
             return nil
         }
         private func remove(_ n: Node) {
             unlink(n)
             itemCount -= 1
-            guard let first = buckets[n.hash] else { return }
+            let b = bucket(n.hash)
+            guard let first = buckets[b] else { return }
             if first === n {
-                buckets[n.hash] = n.sameHash
+                buckets[b] = n.nextInBucket
             } else {
                 var p = first
-                while let x = p.sameHash, x !== n { p = x }
-                p.sameHash = n.sameHash
+                while let x = p.nextInBucket, x !== n { p = x }
+                p.nextInBucket = n.nextInBucket
             }
-            n.sameHash = nil
+            n.nextInBucket = nil
+        }
+        /// Twice the buckets, every node rechained by its hash.
+        private func grow() {
+            let old = buckets
+            buckets = [Node?](repeating: nil, count: old.count * 2)
+            for first in old {
+                var n = first
+                while let node = n {
+                    n = node.nextInBucket
+                    let b = bucket(node.hash)
+                    node.nextInBucket = buckets[b]
+                    buckets[b] = node
+                }
+            }
         }
 
         /// The live node for key (dropping it if expired), moved to the front.
@@ -163,8 +184,10 @@ public final class SharedDictionaries: @unchecked Sendable {
         private func insert(_ key: UnsafeRawBufferPointer, hash: Int, _ value: Value, ttl: Double, now: Double) {
             if itemCount >= capacity, let lru = tail { remove(lru) }
             let n = Node(key: Array(key.bindMemory(to: UInt8.self)), hash: hash, value: value, expiry: ttl > 0 ? now + ttl : 0)
-            n.sameHash = buckets[hash]
-            buckets[hash] = n
+            if itemCount >= buckets.count { grow() }
+            let b = bucket(hash)
+            n.nextInBucket = buckets[b]
+            buckets[b] = n
             itemCount += 1
             pushFront(n)
         }

@@ -367,6 +367,32 @@ final class SDKTests: XCTestCase {
         XCTAssertEqual(shared.get("d", "key-150"), .bool(true))
     }
 
+    /// The bucket table doubles many times over as keys arrive (16 buckets
+    /// to begin with): every key stays reachable, counts and deletes stay
+    /// right, and eviction still takes the least recently used.
+    func testSharedDictionaryGrowsItsBucketsKeepingEveryKey() {
+        let shared = SharedDictionaries(capacities: ["d": 5000])
+        for i in 0..<5000 { shared.set("d", "k\(i)", .integer(Int64(i)), ttl: 0) }
+        XCTAssertEqual(shared.count("d"), 5000)
+        for i in 0..<5000 { XCTAssertEqual(shared.get("d", "k\(i)"), .integer(Int64(i))) }
+        for i in stride(from: 0, to: 5000, by: 3) {
+            XCTAssertEqual(shared.incr("d", "k\(i)", by: .integer(1), initial: nil, initialTTL: 0), .success(.integer(Int64(i + 1))))
+        }
+        for i in stride(from: 1, to: 5000, by: 3) { shared.delete("d", "k\(i)") }
+        XCTAssertEqual(shared.count("d"), 5000 - 1667)
+        // Refill to the cap, then one more: after the reads and increments
+        // above, the least recently used left is k2 (k0 was incremented after
+        // the reads, k1 deleted).
+        for i in 5000..<6667 { shared.set("d", "k\(i)", .integer(Int64(i)), ttl: 0) }
+        XCTAssertEqual(shared.count("d"), 5000)
+        shared.set("d", "one-more", .bool(true), ttl: 0)
+        XCTAssertEqual(shared.count("d"), 5000)
+        XCTAssertNil(shared.get("d", "k2"), "the least recently used went")
+        XCTAssertEqual(shared.get("d", "k0"), .integer(1))
+        XCTAssertEqual(shared.get("d", "one-more"), .bool(true))
+        for i in stride(from: 1, to: 5000, by: 3) { XCTAssertNil(shared.get("d", "k\(i)")) }
+    }
+
     /// dict:incr_get: incr, then another key's value, from one native call;
     /// failures and bad arguments answer as incr's do.
     func testSharedIncrGetIncrementsAndReadsTheOtherKey() throws {
