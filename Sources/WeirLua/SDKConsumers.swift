@@ -115,13 +115,14 @@ extension LuaRuntime {
         // Lua string, likewise (no string hashed and interned per request).
         lua_createtable(state.main, 0, 0)
         let tableCacheRef = state.ref()
+        let recent = RecentCredentials(on: state.main)
         var n = NativeList()
         n.append(("client_find_credential", { L in
             guard let plugin = LuaState.bytes(at: 1, on: L), let field = LuaState.bytes(at: 2, on: L),
                   let value = LuaState.bytes(at: 3, on: L) else {
                 lua_pushboolean(L, 0); return .values(1)   // the Lua side says which argument (lua/weir/init.lua)
             }
-            guard let match = credentials.find(plugin, field, value) else {
+            guard let match = recent.match(plugin, field, value, on: L, lookup: credentials.find) else {
                 lua_pushnil(L); return .values(1)
             }
             lua_rawgeti(L, weir_registryindex(), lua_Integer(tableCacheRef))      // cache
@@ -156,6 +157,56 @@ extension LuaRuntime {
             return .values(1)
         }))
         return n
+    }
+}
+
+/// find_credential's recent matches by the Lua strings asked with. A client
+/// sends the same key request after request, and Lua interns short strings:
+/// the key read from its header is the same string object each time while
+/// it lives. Kept by the three strings' addresses (64 direct-mapped slots by
+/// the value's); each cached string is pinned (a registry table holds it
+/// while it has its slot), so a hit is three address comparisons instead of
+/// hashing plugin, field and value and looking the hash up. Only matches are
+/// kept (an unknown key is looked up each time, and cannot fill the cache).
+///
+/// One per Lua state, used only on its event loop (like the state).
+final class RecentCredentials {
+    private static let slotCount = 64                  // a power of two
+    private struct Entry {
+        var plugin: UnsafeRawPointer?, field: UnsafeRawPointer?, value: UnsafeRawPointer?
+        var match: ConsumerCredentials.Match?
+    }
+    private var entries = [Entry](repeating: Entry(), count: slotCount)
+    private let pinsRef: Int32
+
+    /// - Parameter L: a thread of the state the cache serves (the pin table lives in its registry).
+    init(on L: LuaThread) {
+        lua_createtable(L, Int32(3 * Self.slotCount), 0)
+        pinsRef = luaL_ref(L, weir_registryindex())
+    }
+
+    /// The match for the strings at stack indices 1, 2, 3 (their bytes
+    /// `plugin`, `field`, `value`): cached, or `lookup`'s answer.
+    func match(_ plugin: UnsafeRawBufferPointer, _ field: UnsafeRawBufferPointer, _ value: UnsafeRawBufferPointer,
+               on L: LuaThread,
+               lookup: (UnsafeRawBufferPointer, UnsafeRawBufferPointer, UnsafeRawBufferPointer) -> ConsumerCredentials.Match?)
+        -> ConsumerCredentials.Match? {
+        guard let address = value.baseAddress else { return lookup(plugin, field, value) }
+        let mixed = UInt(bitPattern: Int(bitPattern: address)) &* 0x9E37_79B9_7F4A_7C15
+        let slot = Int(truncatingIfNeeded: mixed >> 58) & (Self.slotCount - 1)
+        let entry = entries[slot]
+        if entry.value == address && entry.plugin == plugin.baseAddress && entry.field == field.baseAddress {
+            return entry.match
+        }
+        guard let found = lookup(plugin, field, value) else { return nil }
+        lua_rawgeti(L, weir_registryindex(), lua_Integer(pinsRef))       // pins
+        for i in 1...3 {                                                  // the slot's old strings unpinned
+            lua_pushvalue(L, Int32(i))
+            lua_rawseti(L, -2, lua_Integer(3 * slot + i))
+        }
+        weir_pop(L, 1)
+        entries[slot] = Entry(plugin: plugin.baseAddress, field: field.baseAddress, value: address, match: found)
+        return found
     }
 }
 

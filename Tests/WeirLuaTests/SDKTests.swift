@@ -230,6 +230,38 @@ final class SDKTests: XCTestCase {
         XCTAssertEqual(body, "alice|a1|main|true|alice|a2|false|nil", "\(result)")
     }
 
+    /// find_credential's per-string cache (RecentCredentials) answers as a
+    /// lookup does: the same value asked under another field or plugin, more
+    /// keys than slots, keys built at run time, collections in between.
+    func testFindCredentialAnswersAreTheLookupsAcrossRepeatsAndCollections() throws {
+        let h = Harness()
+        var alice = ConsumerConfig(), bob = ConsumerConfig()
+        alice.name = "alice"
+        bob.name = "bob"
+        alice.credentials["key-auth"] = .array((0..<150).map { .map(["key": .string("a\($0)")]) })
+        bob.credentials["key-auth"] = .array((0..<150).map { .map(["key": .string("b\($0)")]) })
+        bob.credentials["other-auth"] = .array([.map(["key": .string("a1")])])
+        h.options.credentials = ConsumerCredentials(consumers: [alice, bob])
+        let (body, _, result) = try requestBody("""
+        local find, bad = weir.client.find_credential, {}
+        for round = 1, 3 do
+          for i = 0, 149 do
+            local a, b = "a" .. i, "b" .. i
+            if find("key-auth", "key", a) ~= "alice" then bad[#bad + 1] = a end
+            if find("key-auth", "key", a) ~= "alice" then bad[#bad + 1] = a .. " again" end
+            if find("key-auth", "key", b) ~= "bob" then bad[#bad + 1] = b end
+            if find("key-auth", "label", a) ~= nil then bad[#bad + 1] = a .. " as label" end
+            if find("key-auth", "key", "x" .. i) ~= nil then bad[#bad + 1] = "x" .. i end
+          end
+          if find("other-auth", "key", "a1") ~= "bob" then bad[#bad + 1] = "a1 under other-auth" end
+          if find("key-auth", "key", "a1") ~= "alice" then bad[#bad + 1] = "a1 back under key-auth" end
+          collectgarbage()
+        end
+        return 200, #bad == 0 and "ok" or table.concat(bad, ",")
+        """, harness: h)
+        XCTAssertEqual(body, "ok", "\(result)")
+    }
+
     func testCtxIsSharedAcrossPluginsAndPhasesButNotRequests() throws {
         let h = Harness()
         h.folder.add("writer", handler: """
