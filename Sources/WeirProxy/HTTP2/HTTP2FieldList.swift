@@ -1,9 +1,14 @@
 import CNghttp2
+#if canImport(Glibc)
+import Glibc
+#endif
 
-/// A header list for nghttp2 to send (a response's HEADERS, trailers):
-/// names and values appended into one byte array, handed over as an
-/// `nghttp2_nv` array (nghttp2 copies them when the list is submitted).
-/// Names must already be lower case (RFC 9113 §8.2): Weir builds them so.
+/// An HTTP/2 header list as bytes: names and values appended into one byte
+/// array. Both ways: a request's list as nghttp2 decodes it (field by
+/// field, no String per field), and a list for nghttp2 to send (a
+/// response's HEADERS, trailers), handed over as an `nghttp2_nv` array
+/// (nghttp2 copies it when the list is submitted). Names Weir sends are
+/// lower case (RFC 9113 §8.2): it builds them so.
 struct HTTP2FieldList {
     private var bytes: [UInt8] = []
     /// Per field: name start, name length, value start, value length in `bytes`.
@@ -15,6 +20,40 @@ struct HTTP2FieldList {
     }
 
     var count: Int { spans.count }
+
+    mutating func removeAll() {
+        bytes.removeAll(keepingCapacity: true)
+        spans.removeAll(keepingCapacity: true)
+    }
+
+    /// A field as received (nghttp2's decoded bytes, copied).
+    mutating func add(name: UnsafeBufferPointer<UInt8>, value: UnsafeBufferPointer<UInt8>) {
+        let nameStart = Int32(bytes.count)
+        bytes.append(contentsOf: name)
+        let valueStart = Int32(bytes.count)
+        bytes.append(contentsOf: value)
+        spans.append((nameStart, Int32(name.count), valueStart, Int32(value.count)))
+    }
+
+    /// Calls `body` with each field's name and value bytes, in order (valid
+    /// during the call only).
+    func forEach(_ body: (_ name: UnsafeBufferPointer<UInt8>, _ value: UnsafeBufferPointer<UInt8>) throws -> Void) rethrows {
+        try bytes.withUnsafeBufferPointer { raw in
+            // All fields empty: no storage, but every field is still visited.
+            let base = raw.baseAddress ?? UnsafePointer(bitPattern: 1)!
+            for (ns, nl, vs, vl) in spans {
+                try body(UnsafeBufferPointer(start: base + Int(ns), count: Int(nl)),
+                         UnsafeBufferPointer(start: base + Int(vs), count: Int(vl)))
+            }
+        }
+    }
+
+    /// Whether `bytes` spell `text` exactly.
+    @inline(__always)
+    static func equals(_ bytes: UnsafeBufferPointer<UInt8>, _ text: StaticString) -> Bool {
+        guard bytes.count == text.utf8CodeUnitCount else { return false }
+        return memcmp(bytes.baseAddress!, text.utf8Start, bytes.count) == 0
+    }
 
     mutating func add(name: String, value: String) {
         let nameStart = Int32(bytes.count)

@@ -1,17 +1,13 @@
-import NIOHPACK
-
 /// A request's HTTP/2 header list, checked against RFC 9113 §8.2-8.3 in the
 /// one pass that also collects what `HTTP2ServerStream.beginRequest` needs
 /// (the pseudo-header values, the HTTP/1.1 head's size).
 ///
-/// Downstream, nio-http2's own header block validation is off
-/// (`HTTP2DownstreamConnection.configure`): it walked every list again with
-/// String compares, on the way in and on the way out (our own response
-/// fields, which Weir builds lower-case and without connection-specific
-/// fields), ~24 k instructions per request. These are the same checks, on
-/// the request side, where a client's bytes could otherwise be smuggled
-/// into the HTTP/1.1 head written for the upstream. A failure is a stream
-/// error PROTOCOL_ERROR, as it was from nio-http2.
+/// Downstream, nghttp2's own HTTP messaging checks are off
+/// (`HTTP2DownstreamConnection.startSession`); these run on the list's
+/// bytes as nghttp2 decoded them (no String per field), on the request
+/// side, where a client's bytes could otherwise be smuggled into the
+/// HTTP/1.1 head written for the upstream. A failure is a stream error
+/// PROTOCOL_ERROR.
 struct HTTP2RequestFields {
     var method = ""
     var path = ""
@@ -49,30 +45,39 @@ struct HTTP2RequestFields {
     }
 
     /// Checks a request's header list and collects its pseudo-headers.
-    init(_ headers: HPACKHeaders) throws {
+    init(_ fields: HTTP2FieldList) throws {
         var seen: Pseudo = []
         var regularSeen = false
-        for (name, value, _) in headers {
-            headSize &+= name.utf8.count &+ value.utf8.count &+ 6
-            if name.utf8.first == UInt8(ascii: ":") {
-                if regularSeen { throw Malformed.pseudoAfterRegular(name) }
+        var method = "", path = "", authority: String? = nil, headSize = 64
+        try fields.forEach { name, value in
+            headSize &+= name.count &+ value.count &+ 6
+            if name.first == UInt8(ascii: ":") {
+                if regularSeen { throw Malformed.pseudoAfterRegular(Self.text(name)) }
                 let kind: Pseudo
-                switch name {
-                case ":method": kind = .method; method = value
-                case ":path": kind = .path; path = value
-                case ":authority": kind = .authority; authority = value
-                case ":scheme": kind = .scheme   // the listener's scheme is what counts (X-Forwarded-Proto)
-                default: throw Malformed.unknownPseudo(name)   // :protocol too: extended CONNECT is not offered
+                if HTTP2FieldList.equals(name, ":method") {
+                    kind = .method; method = Self.text(value)
+                } else if HTTP2FieldList.equals(name, ":path") {
+                    kind = .path; path = Self.text(value)
+                } else if HTTP2FieldList.equals(name, ":authority") {
+                    kind = .authority; authority = Self.text(value)
+                } else if HTTP2FieldList.equals(name, ":scheme") {
+                    kind = .scheme   // the listener's scheme is what counts (X-Forwarded-Proto)
+                } else {
+                    throw Malformed.unknownPseudo(Self.text(name))   // :protocol too: extended CONNECT is not offered
                 }
-                if seen.contains(kind) { throw Malformed.duplicatePseudo(name) }
+                if seen.contains(kind) { throw Malformed.duplicatePseudo(Self.text(name)) }
                 seen.insert(kind)
-                guard Self.isValidPseudoValue(value) else { throw Malformed.invalidValue(name: name) }
+                guard Self.isValidPseudoValue(value) else { throw Malformed.invalidValue(name: Self.text(name)) }
             } else {
                 regularSeen = true
                 try Self.checkRegular(name: name, value: value)
-                if name == "te" && value != "trailers" { throw Malformed.teOtherThanTrailers }
+                if HTTP2FieldList.equals(name, "te") && !HTTP2FieldList.equals(value, "trailers") { throw Malformed.teOtherThanTrailers }
             }
         }
+        self.method = method
+        self.path = path
+        self.authority = authority
+        self.headSize = headSize
         // CONNECT (RFC 9113 §8.5): :method and :authority only; anything
         // else: :method, :scheme and :path, :authority optional.
         let valid = method == "CONNECT"
@@ -82,46 +87,58 @@ struct HTTP2RequestFields {
         if seen.contains(.path) && path.isEmpty { throw Malformed.emptyPath }
     }
 
+    @inline(__always)
+    static func text(_ bytes: UnsafeBufferPointer<UInt8>) -> String {
+        String(decoding: bytes, as: UTF8.self)
+    }
+
     /// Checks a trailer section: regular fields only, each as in a request head.
-    static func checkTrailers(_ headers: HPACKHeaders) throws {
-        for (name, value, _) in headers {
-            if name.utf8.first == UInt8(ascii: ":") { throw Malformed.pseudoInTrailers(name) }
+    static func checkTrailers(_ fields: HTTP2FieldList) throws {
+        try fields.forEach { name, value in
+            if name.first == UInt8(ascii: ":") { throw Malformed.pseudoInTrailers(text(name)) }
             try checkRegular(name: name, value: value)
         }
     }
 
     /// A regular field: a lower-case token name that is not connection-specific
     /// (RFC 9113 §8.2.2), a value without NUL, CR or LF (§8.2.1).
-    private static func checkRegular(name: String, value: String) throws {
-        guard isLowercaseToken(name) else { throw Malformed.invalidName(name) }
-        if isConnectionSpecific(name) { throw Malformed.connectionSpecific(name) }
-        guard isValidValue(value) else { throw Malformed.invalidValue(name: name) }
+    private static func checkRegular(name: UnsafeBufferPointer<UInt8>, value: UnsafeBufferPointer<UInt8>) throws {
+        guard isLowercaseToken(name) else { throw Malformed.invalidName(text(name)) }
+        if isConnectionSpecific(name) { throw Malformed.connectionSpecific(text(name)) }
+        guard isValidValue(value) else { throw Malformed.invalidValue(name: text(name)) }
     }
 
-    private static func isConnectionSpecific(_ name: String) -> Bool {
+    private static func isConnectionSpecific(_ name: UnsafeBufferPointer<UInt8>) -> Bool {
         // Compared only when the length matches one of them (most names do not).
-        switch name.utf8.count {
-        case 7: return name == "upgrade"
-        case 10: return name == "connection" || name == "keep-alive"
-        case 16: return name == "proxy-connection"
-        case 17: return name == "transfer-encoding"
+        switch name.count {
+        case 7: return HTTP2FieldList.equals(name, "upgrade")
+        case 10: return HTTP2FieldList.equals(name, "connection") || HTTP2FieldList.equals(name, "keep-alive")
+        case 16: return HTTP2FieldList.equals(name, "proxy-connection")
+        case 17: return HTTP2FieldList.equals(name, "transfer-encoding")
         default: return false
         }
     }
 
     /// RFC 9110 tchar (the HTTP/1.1 parser's table) without A-Z (RFC 9113
     /// §8.2: names are lower case), at least one.
-    static func isLowercaseToken(_ name: String) -> Bool {
-        @inline(__always) func ok(_ b: UInt8) -> Bool { HTTP1Bytes.isTChar(b) && b &- UInt8(ascii: "A") >= 26 }
-        if let valid = name.utf8.withContiguousStorageIfAvailable({ bytes -> Bool in
-            guard let p = bytes.baseAddress, bytes.count > 0 else { return false }
-            for i in 0..<bytes.count where !ok(p[i]) { return false }
-            return true
-        }) { return valid }
-        return !name.isEmpty && name.utf8.allSatisfy(ok)
+    static func isLowercaseToken(_ name: UnsafeBufferPointer<UInt8>) -> Bool {
+        guard !name.isEmpty else { return false }
+        for b in name where !(HTTP1Bytes.isTChar(b) && b &- UInt8(ascii: "A") >= 26) { return false }
+        return true
     }
 
-    /// No NUL, CR or LF (RFC 9113 §8.2.1): the same check as a plugin-set value.
+    static func isLowercaseToken(_ name: String) -> Bool {
+        var name = name
+        return name.withUTF8 { isLowercaseToken($0) }
+    }
+
+    /// No NUL, CR or LF (RFC 9113 §8.2.1).
+    static func isValidValue(_ value: UnsafeBufferPointer<UInt8>) -> Bool {
+        for b in value where b == 0 || b == 13 || b == 10 { return false }
+        return true
+    }
+
+    /// The same check as a plugin-set value's.
     static func isValidValue(_ value: String) -> Bool {
         HeadSerialization.isValidFieldValue(value)
     }
@@ -129,11 +146,8 @@ struct HTTP2RequestFields {
     /// No control character, space or DEL: a pseudo-header becomes part of
     /// the HTTP/1.1 request line (`:path` its target), where a space would
     /// split it differently. Bytes from 0x80 stay (unencoded UTF-8 paths).
-    static func isValidPseudoValue(_ value: String) -> Bool {
-        var value = value
-        return value.withUTF8 { bytes in
-            for byte in bytes where byte <= 0x20 || byte == 0x7F { return false }
-            return true
-        }
+    static func isValidPseudoValue(_ value: UnsafeBufferPointer<UInt8>) -> Bool {
+        for byte in value where byte <= 0x20 || byte == 0x7F { return false }
+        return true
     }
 }

@@ -1,6 +1,5 @@
 import CNghttp2
 import NIOCore
-import NIOHPACK
 import NIOHTTP1
 import WeirCore
 
@@ -50,7 +49,7 @@ final class HTTP2ServerStream: ExchangeDownstream {
     private var headSeen = false
     /// The header block being received (request head or trailers), and
     /// its size as RFC 9113 §6.5.2 counts it (name + value + 32 per field).
-    private var receivedFields = HPACKHeaders()
+    private var receivedFields = HTTP2FieldList()
     private var receivedFieldBytes = 0
     /// The client sent END_STREAM.
     private var clientEnded = false
@@ -176,7 +175,7 @@ final class HTTP2ServerStream: ExchangeDownstream {
     }
 
     func headerBlockBegins() {
-        receivedFields.removeAll(keepingCapacity: true)
+        receivedFields.removeAll()
         receivedFieldBytes = 0
     }
 
@@ -184,7 +183,7 @@ final class HTTP2ServerStream: ExchangeDownstream {
         receivedFieldBytes &+= name.count &+ value.count &+ 32
         // Over the list's limit: nothing more is kept (the block's end resets the stream).
         guard receivedFieldBytes <= connection.settings.maxHeaderListSize else { return }
-        receivedFields.add(name: String(decoding: name, as: UTF8.self), value: String(decoding: value, as: UTF8.self))
+        receivedFields.add(name: name, value: value)
     }
 
     /// The header block is complete: the request's head, or its trailers.
@@ -209,8 +208,8 @@ final class HTTP2ServerStream: ExchangeDownstream {
             }
             guard let exchange, !exchange.requestEnded else { return }
             var trailers = HTTPHeaders()
-            for (name, value, _) in receivedFields where !name.hasPrefix(":") {
-                trailers.add(name: name, value: value)
+            receivedFields.forEach { name, value in
+                trailers.add(name: HTTP2RequestFields.text(name), value: HTTP2RequestFields.text(value))
             }
             requestEnd(trailers.isEmpty ? nil : trailers, exchange: exchange)
         }
@@ -264,7 +263,7 @@ final class HTTP2ServerStream: ExchangeDownstream {
 
     /// The request's header list as an HTTP/1.1 head, parsed by Weir's
     /// parser (limits and field checks as for HTTP/1.1), then routed.
-    private func beginRequest(_ headers: HPACKHeaders, endStream: Bool) {
+    private func beginRequest(_ headers: HTTP2FieldList, endStream: Bool) {
         let fields: HTTP2RequestFields
         do {
             fields = try HTTP2RequestFields(headers)
@@ -290,22 +289,20 @@ final class HTTP2ServerStream: ExchangeDownstream {
                 w.copy(authority)
                 w.copy("\r\n")
             }
-            for (name, value, _) in headers where name.utf8.first != UInt8(ascii: ":") {
-                switch name {
-                case "host":
+            headers.forEach { name, value in
+                if name.first == UInt8(ascii: ":") { return }
+                if HTTP2FieldList.equals(name, "host") {
                     // :authority wins (RFC 9113 §8.3.1); Host only stands in for a missing one.
-                    if authority != nil { continue }
-                case "cookie":
-                    cookies.append(value)
-                    continue
-                case "content-length":
+                    if authority != nil { return }
+                } else if HTTP2FieldList.equals(name, "cookie") {
+                    cookies.append(HTTP2RequestFields.text(value))
+                    return
+                } else if HTTP2FieldList.equals(name, "content-length") {
                     hasContentLength = true
-                default:
-                    break
                 }
-                w.copy(name)
+                w.copy(name.baseAddress!, name.count)
                 w.copy(": ")
-                w.copy(value)
+                w.copy(value.baseAddress!, value.count)
                 w.copy("\r\n")
             }
             // Split cookie fields are joined again (RFC 9113 §8.2.3).
