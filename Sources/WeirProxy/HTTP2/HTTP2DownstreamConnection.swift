@@ -69,6 +69,11 @@ final class HTTP2DownstreamConnection: ChannelInboundHandler {
     private(set) var session: OpaquePointer?
     /// The open streams (client-initiated; this side never opens one).
     private var streams: [Int32: HTTP2ServerStream] = [:]
+    /// The header block being decoded (a request head or trailers; blocks
+    /// never interleave, RFC 9113 §6.10), reused for every block, and its
+    /// size as RFC 9113 §6.5.2 counts it (name + value + 32 per field).
+    private(set) var receivingFields = HTTP2FieldList(capacity: 16)
+    private var receivingBytes = 0
     /// An emptied added-upstream-field array for the next stream's exchange
     /// (ExchangeDownstream.recycleUpstreamFields).
     var spareUpstreamFields: [HTTP1AddedField] = []
@@ -284,14 +289,24 @@ final class HTTP2DownstreamConnection: ChannelInboundHandler {
     /// A HEADERS frame begins: a request opens a stream (or is refused over
     /// max_concurrent_streams); on an open stream it is its trailers.
     fileprivate func headerBlockBegins(streamID: Int32, isRequest: Bool) {
-        if let stream = streams[streamID] { return stream.headerBlockBegins() }
-        guard isRequest, !closed else { return }
+        receivingFields.removeAll()
+        receivingBytes = 0
+        guard isRequest, !closed, streams[streamID] == nil else { return }
         if streams.count >= settings.maxConcurrentStreams { return refuseStream(streamID) }
         let stream = HTTP2ServerStream(connection: self, streamID: streamID)
         streams[streamID] = stream
         idleTimer.set(nil)
-        stream.headerBlockBegins()
     }
+
+    fileprivate func receivedField(name: UnsafeBufferPointer<UInt8>, value: UnsafeBufferPointer<UInt8>) {
+        receivingBytes &+= name.count &+ value.count &+ 32
+        // Over max_header_list_size: nothing more is kept (the block's end resets the stream).
+        guard receivingBytes <= settings.maxHeaderListSize else { return }
+        receivingFields.add(name: name, value: value)
+    }
+
+    /// The block just decoded went over max_header_list_size.
+    var receivingTooLarge: Bool { receivingBytes > settings.maxHeaderListSize }
 
     fileprivate func streamClosed(_ streamID: Int32) {
         guard let stream = streams.removeValue(forKey: streamID) else { return }
@@ -540,11 +555,10 @@ extension HTTP2DownstreamConnection {
                 .headerBlockBegins(streamID: headers.hd.stream_id, isRequest: headers.cat == NGHTTP2_HCAT_REQUEST)
             return 0
         }
-        nghttp2_session_callbacks_set_on_header_callback(callbacks) { _, frame, name, nameLength, value, valueLength, _, userData in
-            guard let frame, let name, let value,
-                  let stream = HTTP2DownstreamConnection.connection(userData).stream(frame.pointee.hd.stream_id) else { return 0 }
-            stream.receivedField(name: UnsafeBufferPointer(start: name, count: nameLength),
-                                 value: UnsafeBufferPointer(start: value, count: valueLength))
+        nghttp2_session_callbacks_set_on_header_callback(callbacks) { _, _, name, nameLength, value, valueLength, _, userData in
+            guard let name, let value else { return 0 }
+            HTTP2DownstreamConnection.connection(userData).receivedField(name: UnsafeBufferPointer(start: name, count: nameLength),
+                                                                         value: UnsafeBufferPointer(start: value, count: valueLength))
             return 0
         }
         nghttp2_session_callbacks_set_on_frame_recv_callback(callbacks) { _, frame, userData in

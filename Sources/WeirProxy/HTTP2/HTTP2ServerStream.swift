@@ -47,10 +47,6 @@ final class HTTP2ServerStream: ExchangeDownstream {
     }
     /// HEADERS seen: what follows is body and trailers.
     private var headSeen = false
-    /// The header block being received (request head or trailers), and
-    /// its size as RFC 9113 §6.5.2 counts it (name + value + 32 per field).
-    private var receivedFields = HTTP2FieldList()
-    private var receivedFieldBytes = 0
     /// The client sent END_STREAM.
     private var clientEnded = false
     /// The response's end was queued (or the stream is gone): nothing more goes out.
@@ -174,24 +170,14 @@ final class HTTP2ServerStream: ExchangeDownstream {
         unconsumedBytes = 0
     }
 
-    func headerBlockBegins() {
-        receivedFields.removeAll()
-        receivedFieldBytes = 0
-    }
-
-    func receivedField(name: UnsafeBufferPointer<UInt8>, value: UnsafeBufferPointer<UInt8>) {
-        receivedFieldBytes &+= name.count &+ value.count &+ 32
-        // Over the list's limit: nothing more is kept (the block's end resets the stream).
-        guard receivedFieldBytes <= connection.settings.maxHeaderListSize else { return }
-        receivedFields.add(name: name, value: value)
-    }
-
-    /// The header block is complete: the request's head, or its trailers.
+    /// The header block is complete (the connection's `receivingFields`):
+    /// the request's head, or its trailers.
     func headerBlockEnded(endStream: Bool) {
         guard !gone else { return }
-        if receivedFieldBytes > connection.settings.maxHeaderListSize {
+        if connection.receivingTooLarge {
             return rejectMalformedStream(HTTP2RequestFields.Malformed.headerListTooLarge)
         }
+        let receivedFields = connection.receivingFields
         if !headSeen {
             headSeen = true
             if endStream { clientEnded = true }
