@@ -74,6 +74,9 @@ final class HTTP2DownstreamConnection: ChannelInboundHandler {
     /// size as RFC 9113 §6.5.2 counts it (name + value + 32 per field).
     private(set) var receivingFields = HTTP2FieldList(capacity: 16)
     private var receivingBytes = 0
+    /// The list a response head is built in before nghttp2 copies it at
+    /// submission: one per connection, reused (`withSendingFields`).
+    private var sendingFields = HTTP2FieldList(capacity: 16)
     /// An emptied added-upstream-field array for the next stream's exchange
     /// (ExchangeDownstream.recycleUpstreamFields).
     var spareUpstreamFields: [HTTP1AddedField] = []
@@ -437,6 +440,13 @@ final class HTTP2DownstreamConnection: ChannelInboundHandler {
     }
 
     var isWritable: Bool { context.channel.isWritable }
+
+    /// Builds a header list in the connection's reused one (nothing
+    /// allocated per response); `body` submits it before it returns.
+    func withSendingFields<R>(_ body: (inout HTTP2FieldList) -> R) -> R {
+        sendingFields.removeAll()
+        return body(&sendingFields)
+    }
 
     // MARK: - Timers
 

@@ -33,36 +33,47 @@ struct HTTP2FieldList {
 
     /// A field as received (nghttp2's decoded bytes, copied).
     mutating func add(name: UnsafeBufferPointer<UInt8>, value: UnsafeBufferPointer<UInt8>) {
-        let nameStart = Int32(truncatingIfNeeded: bytes.writerIndex)
-        bytes.writeBytes(UnsafeRawBufferPointer(name))
-        let valueStart = Int32(truncatingIfNeeded: bytes.writerIndex)
-        bytes.writeBytes(UnsafeRawBufferPointer(value))
-        spans.append((nameStart, Int32(truncatingIfNeeded: name.count), valueStart, Int32(truncatingIfNeeded: value.count)))
+        add(name: UnsafeRawPointer(name.baseAddress!), name.count, lowercasing: false,
+            value: UnsafeRawPointer(value.baseAddress!), value.count)
     }
 
     mutating func add(name: String, value: String) {
-        let nameStart = Int32(truncatingIfNeeded: bytes.writerIndex)
-        let nameLength = bytes.writeString(name)
-        let valueStart = Int32(truncatingIfNeeded: bytes.writerIndex)
-        let valueLength = bytes.writeString(value)
-        spans.append((nameStart, Int32(truncatingIfNeeded: nameLength), valueStart, Int32(truncatingIfNeeded: valueLength)))
+        var name = name, value = value
+        name.withUTF8 { n in
+            value.withUTF8 { v in
+                add(name: UnsafeRawPointer(n.baseAddress ?? UnsafePointer(bitPattern: 1)!), n.count, lowercasing: false,
+                    value: UnsafeRawPointer(v.baseAddress ?? UnsafePointer(bitPattern: 1)!), v.count)
+            }
+        }
     }
 
     /// A field from raw bytes (an HTTP/1 head's), the name lower-cased on the way.
     mutating func add(lowercasingName name: UnsafePointer<UInt8>, _ nameLength: Int,
                       value: UnsafePointer<UInt8>, _ valueLength: Int) {
-        let nameStart = Int32(truncatingIfNeeded: bytes.writerIndex)
-        bytes.writeWithUnsafeMutableBytes(minimumWritableBytes: nameLength) { raw in
-            let out = raw.baseAddress!.assumingMemoryBound(to: UInt8.self)
-            for i in 0..<nameLength {
-                let byte = name[i]
-                out[i] = byte &- UInt8(ascii: "A") < 26 ? byte | 0x20 : byte
+        add(name: UnsafeRawPointer(name), nameLength, lowercasing: true, value: UnsafeRawPointer(value), valueLength)
+    }
+
+    /// One reservation and two copies per field (ByteBuffer.writeBytes went
+    /// through a generic slice path, ~60 instructions a call).
+    private mutating func add(name: UnsafeRawPointer, _ nameLength: Int, lowercasing: Bool,
+                              value: UnsafeRawPointer, _ valueLength: Int) {
+        let nameStart = bytes.writerIndex
+        bytes.writeWithUnsafeMutableBytes(minimumWritableBytes: nameLength + valueLength) { raw in
+            let out = raw.baseAddress!
+            if lowercasing {
+                let from = name.assumingMemoryBound(to: UInt8.self), to = out.assumingMemoryBound(to: UInt8.self)
+                for i in 0..<nameLength {
+                    let byte = from[i]
+                    to[i] = byte &- UInt8(ascii: "A") < 26 ? byte | 0x20 : byte
+                }
+            } else {
+                out.copyMemory(from: name, byteCount: nameLength)
             }
-            return nameLength
+            (out + nameLength).copyMemory(from: value, byteCount: valueLength)
+            return nameLength + valueLength
         }
-        let valueStart = Int32(truncatingIfNeeded: bytes.writerIndex)
-        bytes.writeBytes(UnsafeRawBufferPointer(start: value, count: valueLength))
-        spans.append((nameStart, Int32(truncatingIfNeeded: nameLength), valueStart, Int32(truncatingIfNeeded: valueLength)))
+        spans.append((Int32(truncatingIfNeeded: nameStart), Int32(truncatingIfNeeded: nameLength),
+                      Int32(truncatingIfNeeded: nameStart + nameLength), Int32(truncatingIfNeeded: valueLength)))
     }
 
     /// Calls `body` with each field's name and value bytes, in order (valid

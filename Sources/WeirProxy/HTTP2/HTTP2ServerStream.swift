@@ -63,9 +63,10 @@ final class HTTP2ServerStream: ExchangeDownstream {
     /// The response HEADERS were submitted (with the body's data provider
     /// unless the response has no body).
     private var headSubmitted = false
-    /// Response body queued for the data provider, and its size.
-    private var responseBody = CircularBuffer<ByteBuffer>()
-    private var responseBodyBytes = 0
+    /// Response body queued for the data provider (one buffer: chunks that
+    /// arrive before nghttp2 took the previous ones are appended to it).
+    private var responseBody: ByteBuffer?
+    private var responseBodyBytes: Int { responseBody?.readableBytes ?? 0 }
     /// The response body is complete (what is queued is all of it).
     private var responseBodyEnded = false
     /// Trailers to send after the body (submitted when the provider ends it).
@@ -118,8 +119,7 @@ final class HTTP2ServerStream: ExchangeDownstream {
     /// connection went).
     func streamClosed() {
         gone = true
-        responseBody.removeAll()
-        responseBodyBytes = 0
+        responseBody = nil
         let cut = !responseEnded
         responseEnded = true
         exchangeDeadline.set(nil)
@@ -367,59 +367,60 @@ final class HTTP2ServerStream: ExchangeDownstream {
     /// The upstream's HTTP/1 head (with the plugins' edits, if any) as a
     /// HEADERS frame: lower-case names, no connection-specific fields, Via
     /// extended. Names and values are copied from the head's bytes straight
-    /// into the list nghttp2 takes (no Strings).
+    /// into the list nghttp2 takes (no Strings), the connection's reused one.
     func relayWireResponseHead(_ head: HTTP1ResponseHead, pluginChanges: ResponseHeadChanges?, exchange: Exchange) {
         let fields = head.fields
         var dropped = fields.hopByHopFields()
         if let pluginChanges { dropped.formUnion(pluginChanges.edits.removed) }
         let status = pluginChanges?.status?.code ?? head.status
-        var headers = HTTP2FieldList(capacity: fields.count + 3 + (pluginChanges?.edits.added.count ?? 0))
-        headers.add(name: ":status", value: Self.statusValue(status))
-        var via: String? = nil
-        // For a gRPC trailers-only answer (writeHead): grpc-status, and whether the first content-length is 0.
-        var grpcStatus = false
-        var contentLengthZero: Bool? = nil
-        var hasDate = false
-        fields.bytes.withUnsafeReadableBytes { raw in
-            let base = raw.bindMemory(to: UInt8.self).baseAddress!
-            for (i, e) in fields.entries.enumerated() where !dropped.contains(i) {
-                let name = base + Int(e.nameStart), nameLength = Int(e.nameLength)
-                let value = base + Int(e.valueStart), valueLength = Int(e.valueLength)
-                switch e.known {
-                case .te, .keepAlive, .proxyConnection, .transferEncoding, .upgrade, .connection:
-                    continue
-                case .via:
-                    let text = String(decoding: UnsafeBufferPointer(start: value, count: valueLength), as: UTF8.self)
-                    via = via.map { $0 + ", " + text } ?? text
-                    continue
-                case .contentLength:
-                    if contentLengthZero == nil { contentLengthZero = valueLength == 1 && value[0] == UInt8(ascii: "0") }
-                case .date:
-                    hasDate = true
-                default:
-                    if HTTP1Bytes.equalsLower(name, nameLength, "grpc-status") { grpcStatus = true }
+        connection.withSendingFields { headers in
+            headers.add(name: ":status", value: Self.statusValue(status))
+            var via: String? = nil
+            // For a gRPC trailers-only answer (writeHead): grpc-status, and whether the first content-length is 0.
+            var grpcStatus = false
+            var contentLengthZero: Bool? = nil
+            var hasDate = false
+            fields.bytes.withUnsafeReadableBytes { raw in
+                let base = raw.bindMemory(to: UInt8.self).baseAddress!
+                for (i, e) in fields.entries.enumerated() where !dropped.contains(i) {
+                    let name = base + Int(e.nameStart), nameLength = Int(e.nameLength)
+                    let value = base + Int(e.valueStart), valueLength = Int(e.valueLength)
+                    switch e.known {
+                    case .te, .keepAlive, .proxyConnection, .transferEncoding, .upgrade, .connection:
+                        continue
+                    case .via:
+                        let text = String(decoding: UnsafeBufferPointer(start: value, count: valueLength), as: UTF8.self)
+                        via = via.map { $0 + ", " + text } ?? text
+                        continue
+                    case .contentLength:
+                        if contentLengthZero == nil { contentLengthZero = valueLength == 1 && value[0] == UInt8(ascii: "0") }
+                    case .date:
+                        hasDate = true
+                    default:
+                        if nameLength == 11 && HTTP1Bytes.equalsLower(name, nameLength, "grpc-status") { grpcStatus = true }
+                    }
+                    headers.add(lowercasingName: name, nameLength, value: value, valueLength)
                 }
-                headers.add(lowercasingName: name, nameLength, value: value, valueLength)
             }
-        }
-        for field in pluginChanges?.edits.added ?? [] {
-            switch HTTP1KnownField.classify(field.name) {
-            case .via: via = via.map { $0 + ", " + field.value } ?? field.value
-            case let kind where kind.isHopByHop: continue
-            case let kind:
-                let name = field.name.lowercased()
-                if kind == .contentLength && contentLengthZero == nil { contentLengthZero = field.value == "0" }
-                if kind == .date { hasDate = true }
-                if name == "grpc-status" { grpcStatus = true }
-                headers.add(name: name, value: field.value)
+            for field in pluginChanges?.edits.added ?? [] {
+                switch HTTP1KnownField.classify(field.name) {
+                case .via: via = via.map { $0 + ", " + field.value } ?? field.value
+                case let kind where kind.isHopByHop: continue
+                case let kind:
+                    let name = field.name.lowercased()
+                    if kind == .contentLength && contentLengthZero == nil { contentLengthZero = field.value == "0" }
+                    if kind == .date { hasDate = true }
+                    if name == "grpc-status" { grpcStatus = true }
+                    headers.add(name: name, value: field.value)
+                }
             }
+            // RFC 9110 §6.6.1: the proxy dates a response its origin did not.
+            if !hasDate { headers.add(name: "date", value: loopContext.dateCache.current()) }
+            // An HTTP/2 upstream's response reaches us as a rebuilt HTTP/1.1 head.
+            let viaEntry = HeaderRewriting.viaEntry(http2: exchange.connection?.http2Stream != nil, http10: head.version.minor == 0)
+            headers.add(name: "via", value: via.map { $0 + ", " + viaEntry } ?? viaEntry)
+            writeHead(headers, status: status, grpcTrailersOnly: grpcStatus && contentLengthZero == true, exchange: exchange)
         }
-        // RFC 9110 §6.6.1: the proxy dates a response its origin did not.
-        if !hasDate { headers.add(name: "date", value: loopContext.dateCache.current()) }
-        // An HTTP/2 upstream's response reaches us as a rebuilt HTTP/1.1 head.
-        let viaEntry = HeaderRewriting.viaEntry(http2: exchange.connection?.http2Stream != nil, http10: head.version.minor == 0)
-        headers.add(name: "via", value: via.map { $0 + ", " + viaEntry } ?? viaEntry)
-        writeHead(headers, status: status, grpcTrailersOnly: grpcStatus && contentLengthZero == true, exchange: exchange)
     }
 
     /// `:status` as text: the common ones without formatting an Int.
@@ -519,8 +520,11 @@ final class HTTP2ServerStream: ExchangeDownstream {
 
     func writeResponseBody(_ data: ByteBuffer, exchange: Exchange) {
         guard !responseEnded, data.readableBytes > 0 else { return }
-        responseBody.append(data)
-        responseBodyBytes += data.readableBytes
+        if responseBody == nil || responseBody!.readableBytes == 0 {
+            responseBody = data
+        } else {
+            responseBody!.writeImmutableBuffer(data)
+        }
         resumeBody()
     }
 
@@ -537,20 +541,16 @@ final class HTTP2ServerStream: ExchangeDownstream {
     func readResponseBody(into buffer: UnsafeMutablePointer<UInt8>, length: Int, flags: UnsafeMutablePointer<UInt32>) -> Int {
         let wasFull = responseBodyBytes >= Self.outboundHighWater
         var copied = 0
-        while copied < length, var first = responseBody.first {
-            let n = min(length - copied, first.readableBytes)
-            first.withUnsafeReadableBytes { raw in
-                (buffer + copied).update(from: raw.bindMemory(to: UInt8.self).baseAddress!, count: n)
+        if var body = responseBody {
+            copied = min(length, body.readableBytes)
+            if copied > 0 {
+                body.withUnsafeReadableBytes { raw in
+                    UnsafeMutableRawPointer(buffer).copyMemory(from: raw.baseAddress!, byteCount: copied)
+                }
             }
-            copied += n
-            if n == first.readableBytes {
-                responseBody.removeFirst()
-            } else {
-                first.moveReaderIndex(forwardBy: n)
-                responseBody[responseBody.startIndex] = first
-            }
+            body.moveReaderIndex(forwardBy: copied)
+            responseBody = body.readableBytes > 0 ? body : nil
         }
-        responseBodyBytes -= copied
         if responseBodyBytes == 0 && responseBodyEnded {
             flags.pointee |= NGHTTP2_DATA_FLAG_EOF.rawValue
             if let trailers = responseTrailers, let session {
@@ -597,8 +597,7 @@ final class HTTP2ServerStream: ExchangeDownstream {
         headers.add(name: ":status", value: String(head.status.code))
         Self.appendFields(head.headers, to: &headers)
         if let body, body.readableBytes > 0 {
-            responseBody.append(body)
-            responseBodyBytes = body.readableBytes
+            responseBody = body
             submitResponse(headers, bodyless: false)
         } else {
             submitResponse(headers, bodyless: true)
@@ -643,8 +642,7 @@ final class HTTP2ServerStream: ExchangeDownstream {
 
     private func resetStream(_ code: nghttp2_error_code) {
         responseEnded = true
-        responseBody.removeAll()
-        responseBodyBytes = 0
+        responseBody = nil
         guard !gone else { return }
         gone = true
         connection.submitReset(streamID, code: code)
