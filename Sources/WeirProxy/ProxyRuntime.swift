@@ -140,14 +140,19 @@ final class LoopRouting {
         self.balancers = runtime.upstreams.map { makeBalancer(for: $0.config, health: $0.health) }
     }
 
-    func pickTarget(upstream: UpstreamRuntime, headers: HTTP1Fields, clientIP: String, excluding: Int?, now: UInt64) -> Int? {
-        var input = BalancerInput(clientIP: clientIP, now: now)
-        if upstream.config.balancer == .consistentHash {
-            switch upstream.config.hashOn {
-            case .header(let name): input.hashKey = headers.first(named: name)
-            case .cookie(let name): input.hashKey = Self.cookie(named: name, in: headers)
-            case .clientIP: break
-            }
+    /// `head` and `clientIP` are read for consistent_hash only: the other
+    /// balancers get no copy of the fields or the address (each copy is a
+    /// retain/release pair per request).
+    func pickTarget(upstream: UpstreamRuntime, head: RequestHead, clientIP: @autoclosure () -> String,
+                    excluding: Int?, now: UInt64) -> Int? {
+        guard upstream.config.balancer == .consistentHash else {
+            return balancers[upstream.index].pick(BalancerInput(clientIP: "", now: now), excluding: excluding)
+        }
+        var input = BalancerInput(clientIP: clientIP(), now: now)
+        switch upstream.config.hashOn {
+        case .header(let name): input.hashKey = head.wire.fields.first(named: name)
+        case .cookie(let name): input.hashKey = Self.cookie(named: name, in: head.wire.fields)
+        case .clientIP: break
         }
         return balancers[upstream.index].pick(input, excluding: excluding)
     }

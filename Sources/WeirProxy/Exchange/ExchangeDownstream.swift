@@ -204,7 +204,7 @@ extension ExchangeDownstream {
         guard let routed = exchange.routed, let head = exchange.head else { return }
         let upstream = routed.upstream
         guard let target = exchange.pinnedTarget(excluding: excluding)
-                ?? routed.routing.pickTarget(upstream: upstream, headers: head.headers, clientIP: clientIP, excluding: excluding,
+                ?? routed.routing.pickTarget(upstream: upstream, head: head, clientIP: self.clientIP, excluding: excluding,
                                              now: loopContext.clock.nowNanoseconds) else {
             return failBeforeResponse(exchange, .noHealthyTarget, "no healthy target in upstream \(upstream.name)")
         }
