@@ -56,10 +56,9 @@ public final class MetricsRegistry: @unchecked Sendable {
 
     public func recordRequest(_ sample: RequestSample) {
         let shard = shards.current
-        let key = RouteUpstreamKey(route: sample.route ?? "", upstream: sample.upstream ?? "")
         // lock()/unlock() rather than withLock: a closure would copy the sample.
         shard.lock.lock()
-        shard.cells[shard.cellIndex(for: key)].add(sample)
+        shard.cells[shard.cellIndex(route: sample.route, upstream: sample.upstream)].add(sample)
         shard.lock.unlock()
     }
 
@@ -187,14 +186,19 @@ final class MetricsShard {
     var keys: [RouteUpstreamKey] = []
     var cells: [RequestCell] = []
     var index: [RouteUpstreamKey: Int] = [:]
-    var lastKey = RouteUpstreamKey(route: "\u{0}", upstream: "\u{0}")
+    // The previous request's names, compared in place (a String whose
+    // storage is shared compares by pointer): the common case builds no
+    // key, so no String is retained or released per request.
+    var lastRoute: String? = "\u{0}"
+    var lastUpstream: String? = "\u{0}"
     var lastIndex = 0
     var connections: [String: ConnectionCell] = [:]
 
-    /// Call with `lock` held.
+    /// Call with `lock` held. A nil name is keyed as "".
     @inline(__always)
-    func cellIndex(for key: RouteUpstreamKey) -> Int {
-        if key == lastKey { return lastIndex }
+    func cellIndex(route: String?, upstream: String?) -> Int {
+        if route == lastRoute && upstream == lastUpstream { return lastIndex }
+        let key = RouteUpstreamKey(route: route ?? "", upstream: upstream ?? "")
         let i: Int
         if let existing = index[key] {
             i = existing
@@ -204,7 +208,8 @@ final class MetricsShard {
             cells.append(RequestCell())
             index[key] = i
         }
-        lastKey = key
+        lastRoute = route
+        lastUpstream = upstream
         lastIndex = i
         return i
     }
