@@ -66,12 +66,36 @@ final class RoutedRequest {
     /// The routing generation the request started on: its balancers and
     /// pools serve every attempt, even after a reload swapped in another.
     let routing: LoopRouting
+    /// `upstream`'s balancer and target pools in `routing`, looked up once
+    /// here: through `routing`'s arrays each attempt copied the element
+    /// out (a retain/release pair per use, callgrind).
+    let balancer: any LoadBalancer
+    let pools: [TargetPool]
 
     init(route: RouteRuntime, upstream: UpstreamRuntime, forwardURI: String?, routing: LoopRouting) {
         self.route = route
         self.upstream = upstream
         self.forwardURI = forwardURI
         self.routing = routing
+        self.balancer = routing.balancer(for: upstream)
+        self.pools = routing.pools[upstream.index]
+    }
+
+    /// `head` and `clientIP` are read for consistent_hash only: the other
+    /// balancers get no copy of the fields or the address (each copy is a
+    /// retain/release pair per request).
+    func pickTarget(head: RequestHead, clientIP: @autoclosure () -> String,
+                    excluding: Int?, now: UInt64) -> Int? {
+        guard upstream.config.balancer == .consistentHash else {
+            return balancer.pick(BalancerInput(clientIP: "", now: now), excluding: excluding)
+        }
+        var input = BalancerInput(clientIP: clientIP(), now: now)
+        switch upstream.config.hashOn {
+        case .header(let name): input.hashKey = head.wire.fields.first(named: name)
+        case .cookie(let name): input.hashKey = LoopRouting.cookie(named: name, in: head.wire.fields)
+        case .clientIP: break
+        }
+        return balancer.pick(input, excluding: excluding)
     }
 }
 
@@ -140,26 +164,13 @@ final class LoopRouting {
         self.balancers = runtime.upstreams.map { makeBalancer(for: $0.config, health: $0.health) }
     }
 
-    /// `head` and `clientIP` are read for consistent_hash only: the other
-    /// balancers get no copy of the fields or the address (each copy is a
-    /// retain/release pair per request).
-    func pickTarget(upstream: UpstreamRuntime, head: RequestHead, clientIP: @autoclosure () -> String,
-                    excluding: Int?, now: UInt64) -> Int? {
-        guard upstream.config.balancer == .consistentHash else {
-            return balancers[upstream.index].pick(BalancerInput(clientIP: "", now: now), excluding: excluding)
-        }
-        var input = BalancerInput(clientIP: clientIP(), now: now)
-        switch upstream.config.hashOn {
-        case .header(let name): input.hashKey = head.wire.fields.first(named: name)
-        case .cookie(let name): input.hashKey = Self.cookie(named: name, in: head.wire.fields)
-        case .clientIP: break
-        }
-        return balancers[upstream.index].pick(input, excluding: excluding)
-    }
-
     /// tcp/tls connections have no request head: consistent_hash hashes the client IP.
     func pickStreamTarget(upstream: UpstreamRuntime, clientIP: String, excluding: Int?) -> Int? {
         balancers[upstream.index].pick(BalancerInput(clientIP: clientIP), excluding: excluding)
+    }
+
+    func balancer(for upstream: UpstreamRuntime) -> any LoadBalancer {
+        balancers[upstream.index]
     }
 
     func balancerStarted(upstream: UpstreamRuntime, target: Int) {
@@ -170,7 +181,7 @@ final class LoopRouting {
         balancers[upstream.index].requestFinished(target: target)
     }
 
-    private static func cookie(named name: String, in headers: HTTP1Fields) -> String? {
+    static func cookie(named name: String, in headers: HTTP1Fields) -> String? {
         for header in headers.values(named: "cookie") {
             for pair in header.split(separator: ";") {
                 let trimmed = pair.trimmingASCIISpaces()
@@ -190,6 +201,10 @@ final class ListenerRuntime: Sendable {
     let config: ListenerConfig
     let scheme: String
     let observer: ProxyObserver?
+    /// The observer takes `AccessRecord`s (read once: an observer's
+    /// `wantsAccessRecords` does not change). Only then, or with plugins (a
+    /// log phase reads one), does an exchange need its wall-clock start.
+    let observerWantsAccessRecords: Bool
     let openConnections = ManagedAtomic<Int>(0)
     private let serverConnections: ManagedAtomic<Int>
     /// Set on https listeners: certificates and the TLS front of the pipeline.
@@ -201,6 +216,7 @@ final class ListenerRuntime: Sendable {
         self.config = config
         self.scheme = config.protocol == .https ? "https" : "http"
         self.observer = observer
+        self.observerWantsAccessRecords = observer?.wantsAccessRecords ?? false
         self.serverConnections = serverConnections
     }
 

@@ -9,6 +9,8 @@ final class Exchange {
     /// When the exchange began: the loop's cached time of the read that
     /// brought its head (`LoopClock`).
     let started: NIODeadline
+    /// Wall-clock seconds at `started`; set only when an access record may
+    /// be built (access log, plugins): see `makeExchange`.
     var wallStart: Double = 0
     var routed: RoutedRequest?
     /// The request's plugin scope when its route has plugins.

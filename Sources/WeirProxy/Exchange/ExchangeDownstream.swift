@@ -97,7 +97,11 @@ extension ExchangeDownstream {
 
     func makeExchange(head: RequestHead?) -> Exchange {
         let exchange = Exchange(id: loopContext.requestIDs.next(), head: head, started: loopContext.clock.now)
-        if listener.observer != nil { exchange.wallStart = loopContext.clock.wallSeconds }
+        // The wall-clock start goes into access records only (the access
+        // log's, a plugin log phase's): metrics alone need none.
+        if listener.observerWantsAccessRecords || loopContext.plugins != nil {
+            exchange.wallStart = loopContext.clock.wallSeconds
+        }
         return exchange
     }
 
@@ -204,8 +208,8 @@ extension ExchangeDownstream {
         guard let routed = exchange.routed, let head = exchange.head else { return }
         let upstream = routed.upstream
         guard let target = exchange.pinnedTarget(excluding: excluding)
-                ?? routed.routing.pickTarget(upstream: upstream, head: head, clientIP: self.clientIP, excluding: excluding,
-                                             now: loopContext.clock.nowNanoseconds) else {
+                ?? routed.pickTarget(head: head, clientIP: self.clientIP, excluding: excluding,
+                                     now: loopContext.clock.nowNanoseconds) else {
             return failBeforeResponse(exchange, .noHealthyTarget, "no healthy target in upstream \(upstream.name)")
         }
         exchange.attempts += 1
@@ -219,8 +223,8 @@ extension ExchangeDownstream {
             // A retry, or edits a plugin made before the target was known.
             exchange.upstreamEdits!.replaceHost(upstream.targetLabels[target])
         }
-        let pool = routed.routing.pools[upstream.index][target]
-        routed.routing.balancerStarted(upstream: upstream, target: target)
+        let pool = routed.pools[target]
+        routed.balancer.requestStarted(target: target)
         exchange.balancerActive = true
         if let connection = pool.takeIdle(now: now) {
             useConnection(connection, for: exchange)
@@ -595,8 +599,8 @@ extension ExchangeDownstream {
         let idempotent = Self.isIdempotent(exchange.head!.method)
         if exchange.connectionReused && !exchange.staleRetried && exchange.bodyless && idempotent {
             exchange.staleRetried = true
-            let pool = routed.routing.pools[routed.upstream.index][target]
-            routed.routing.balancerStarted(upstream: routed.upstream, target: target)
+            let pool = routed.pools[target]
+            routed.balancer.requestStarted(target: target)
             exchange.balancerActive = true
             connectFresh(exchange, pool: pool)
             return
@@ -681,7 +685,7 @@ extension ExchangeDownstream {
     func endBalancerAttempt(_ exchange: Exchange) {
         if exchange.balancerActive, let routed = exchange.routed, let target = exchange.target {
             exchange.balancerActive = false
-            routed.routing.balancerFinished(upstream: routed.upstream, target: target)
+            routed.balancer.requestFinished(target: target)
         }
     }
 
@@ -795,7 +799,7 @@ extension ExchangeDownstream {
         guard let observer = listener.observer else { return }
         let upstreamDuration = exchange.upstreamStart.map { Double((now - $0).nanoseconds) / 1e9 }
         let totalDuration = Double((now - exchange.started).nanoseconds) / 1e9
-        guard observer.wantsAccessRecords else {
+        guard listener.observerWantsAccessRecords else {
             return observer.requestCounted(RequestSample(
                 route: exchange.routed?.route.name, upstream: exchange.routed?.upstream.name, status: exchange.status,
                 bytesIn: exchange.bytesIn, bytesOut: exchange.bytesOut,
