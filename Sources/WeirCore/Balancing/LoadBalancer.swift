@@ -43,7 +43,10 @@ public func makeBalancer(for upstream: UpstreamConfig, health: UpstreamHealth) -
 }
 
 /// State every balancer shares: weights, in-flight counts, health, a PRNG.
-struct BalancerTargets {
+/// A class held by a `let`: as a struct in the balancer's `var`, every
+/// `isEligible` call copied it (a retain/release of its arrays and health
+/// per target per pick, callgrind).
+final class BalancerTargets {
     let weights: [Int]
     let health: UpstreamHealth
     var inFlight: [Int]
@@ -73,7 +76,7 @@ struct BalancerTargets {
     }
 
     /// Weighted random choice among eligible targets; nil if none.
-    mutating func weightedRandom(excluding: Int?, now: UInt64) -> Int? {
+    func weightedRandom(excluding: Int?, now: UInt64) -> Int? {
         var total = 0
         for target in 0..<count where isEligible(target, excluding: excluding, now: now) { total += weights[target] }
         guard total > 0 else { return nil }
@@ -85,11 +88,11 @@ struct BalancerTargets {
         return nil   // health changed between the two passes; rare, caller retries with fallback
     }
 
-    mutating func started(_ target: Int) {
+    func started(_ target: Int) {
         if target >= 0 && target < count { inFlight[target] += 1 }
     }
 
-    mutating func finished(_ target: Int) {
+    func finished(_ target: Int) {
         if target >= 0 && target < count && inFlight[target] > 0 { inFlight[target] -= 1 }
     }
 }
@@ -122,7 +125,7 @@ struct SplitMix64 {
 /// and subtracts the total from it. Weights 5:1:1 give a a b a c a a
 /// rather than a a a a a b c, so no target gets a burst.
 final class SmoothWeightedRoundRobin: LoadBalancer {
-    private var targets: BalancerTargets
+    private let targets: BalancerTargets
     private var scores: [Int]
 
     init(_ targets: BalancerTargets) {
@@ -155,7 +158,7 @@ final class SmoothWeightedRoundRobin: LoadBalancer {
 /// event loop; on a tie the first draw wins, so an idle upstream is
 /// balanced exactly by weight.
 final class LeastRequestBalancer: LoadBalancer {
-    private var targets: BalancerTargets
+    private let targets: BalancerTargets
 
     init(_ targets: BalancerTargets) { self.targets = targets }
 
@@ -191,7 +194,7 @@ final class LeastRequestBalancer: LoadBalancer {
 
 /// Weighted random among healthy targets.
 final class WeightedRandomBalancer: LoadBalancer {
-    private var targets: BalancerTargets
+    private let targets: BalancerTargets
 
     init(_ targets: BalancerTargets) { self.targets = targets }
 
@@ -216,7 +219,7 @@ final class ConsistentHashBalancer: LoadBalancer {
     static let pointsPerWeight = 160
     static let maxPoints = 1 << 20
 
-    private var targets: BalancerTargets
+    private let targets: BalancerTargets
     private let ringHashes: [UInt64]
     private let ringTargets: [Int32]
 
