@@ -288,12 +288,12 @@ final class LoopContext: @unchecked Sendable {
     /// `targetIsPathAndQuery`: the client's request target is exactly `path`
     /// + `query` (origin-form, normalizing changed nothing), so a route that
     /// forwards the path unchanged forwards that target as is.
-    func route(method: HTTPMethod, host: String, path: String, query: Substring, headers: HTTP1Fields,
+    func route(head: RequestHead, host: String, path: String, query: Substring,
                targetIsPathAndQuery: Bool) -> RoutedRequest? {
         let routing = self.routing
         let runtime = routing.runtime
-        guard let match = runtime.routeTable.matchIndex(method: method.rawValue, host: host, path: path,
-                                                        headers: FieldsHeaderLookup(fields: headers)) else { return nil }
+        guard let match = runtime.routeTable.matchIndex(method: head.method.rawValue, host: host, path: path,
+                                                        headers: RequestHeadLookup(head: head)) else { return nil }
         if targetIsPathAndQuery && match.forwardPath == path {
             if let shared = routedAsReceived[match.routeIndex] { return shared }
             let shared = RoutedRequest(route: runtime.routes[match.routeIndex], upstream: runtime.upstream(forRoute: match.routeIndex),

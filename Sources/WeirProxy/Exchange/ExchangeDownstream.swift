@@ -154,7 +154,7 @@ extension ExchangeDownstream {
         let host = hostHeader ?? ""
         // Origin-form and already normal: the target itself can be forwarded.
         let targetIsPathAndQuery = originForm && path == receivedPath
-        guard var routed = loopContext.route(method: head.method, host: host, path: path, query: query, headers: head.headers,
+        guard var routed = loopContext.route(head: head, host: host, path: path, query: query,
                                              targetIsPathAndQuery: targetIsPathAndQuery) else {
             return rejectHead(exchange, .noRoute, "no route matches \(head.method.rawValue) \(path)")
         }
