@@ -27,6 +27,11 @@
 # cleartext HTTP/2 with prior knowledge, as run-protocols.sh's h2c case;
 # --connections does not apply).
 #
+# Weir's reports also give the swift_retain + swift_release calls per
+# request and their top callers (bench/rc_calls.py); --call-sites records
+# instruction addresses too (--dump-instr=yes) and lists the source lines
+# (with their inlining chains, from WEIR_BIN's debug info) that call them.
+#
 # --cache-sim also runs callgrind's cache simulation (first-level and
 # last-level, sized like this machine's) and reports data and instruction
 # cache misses per request next to the instruction count: for comparing
@@ -43,7 +48,7 @@
 # the accept and connection set-up cost (~60 k instructions per connection
 # for Weir) is spread over the few thousand requests valgrind lets through.
 #
-#   bench/callgrind.sh [--no-build] [--steady] [--cache-sim] [--proxy weir|weir-noop|weir-lua|weir-observe|weir-h2up|weir-h2c|weir-auth-local|
+#   bench/callgrind.sh [--no-build] [--steady] [--cache-sim] [--call-sites] [--proxy weir|weir-noop|weir-lua|weir-observe|weir-h2up|weir-h2c|weir-auth-local|
 #                                            weir-auth-redis|weir-tcp|weir-https|weir-tlsup|weir-extauthz|weir-extauthz-close|
 #                                            nginx|nginx-lua|nginx-lua-auth|nginx-https|nginx-h2c|nginx-tlsup|haproxy|haproxy-tcp]
 #                      [--duration S] [--connections N] [--target /path?query]
@@ -59,6 +64,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 BUILD=1
 STEADY=0
 CACHE_SIM=0
+CALL_SITES=0
 PROXY=weir
 DURATION=10
 CONNS=8
@@ -69,11 +75,12 @@ while [ $# -gt 0 ]; do
         --no-build) BUILD=0; shift ;;
         --steady) STEADY=1; shift ;;
         --cache-sim) CACHE_SIM=1; shift ;;
+        --call-sites) CALL_SITES=1; shift ;;
         --proxy) PROXY=${2:-}; shift 2 ;;
         --duration) [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] || die "--duration needs a positive integer"; DURATION=$2; shift 2 ;;
         --connections) [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] || die "--connections needs a positive integer"; CONNS=$2; shift 2 ;;
         --target) [[ "${2:-}" == /* ]] || die "--target needs an origin-form target (starting with /)"; TARGET=$2; shift 2 ;;
-        -h|--help) sed -n '2,54p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,59p' "$0"; exit 0 ;;
         *) die "unknown option: $1 (see --help)" ;;
     esac
 done
@@ -129,6 +136,8 @@ OUT="$RUN_DIR/callgrind.out"
 # functions can be picked out; the report demangles afterwards.
 VALGRIND=(valgrind --tool=callgrind --instr-atstart=no --demangle=no --callgrind-out-file="$OUT")
 [ "$CACHE_SIM" -eq 1 ] && VALGRIND+=(--cache-sim=yes)
+# Call sites by instruction address, for bench/rc_calls.py --sites.
+[ "$CALL_SITES" -eq 1 ] && VALGRIND+=(--dump-instr=yes)
 
 [[ "$PROXY" == weir* ]] && [ "$BUILD" -eq 1 ] && build_weir
 
@@ -311,6 +320,9 @@ if events and summary:
           f"last-level data {g('DLmr') + g('DLmw'):,.2f}, last-level instruction {g('ILmr'):,.2f}")
 PY
     fi
+    if [[ "$PROXY" == weir* ]]; then
+        python3 "$BENCH_DIR/rc_calls.py" "$dump" "$requests" | head -1
+    fi
     if [ "$PROXY" = weir-auth-redis ]; then
         calls=$(( $(field calls "$redis_after") - $(field calls "$redis_before") ))
         evalsha=$(( $(field evalsha "$redis_after") - $(field evalsha "$redis_before") ))
@@ -328,6 +340,15 @@ PY
     fi
     echo "## top 40 functions by self instructions"
     callgrind_annotate --show=Ir "$dump" 2>/dev/null | function_rows | head -40 | demangle | cut -c1-220
+    if [[ "$PROXY" == weir* ]]; then
+        echo
+        echo "## reference counting per request, top callers (bench/rc_calls.py)"
+        python3 "$BENCH_DIR/rc_calls.py" "$dump" "$requests" --callers 12
+        if [ "$CALL_SITES" -eq 1 ]; then
+            echo
+            python3 "$BENCH_DIR/rc_calls.py" "$dump" "$requests" --binary "$WEIR_BIN" --sites 80 | sed '1,/^$/d'
+        fi
+    fi
 } > "$REPORT"
 
 mkdir -p "$RESULTS_DIR"
