@@ -176,7 +176,7 @@ extension ExchangeDownstream {
         if let plugins = loopContext.plugins, let chain = plugins.chain(for: routed.route) {
             return startRequestPlugins(exchange, plugins: plugins, chain: chain, path: path, query: query)
         }
-        startAttempt(exchange, excluding: nil)
+        startAttempt(exchange, routed: routed, head: head, excluding: nil)
     }
 
     /// Where the query of a request target starts (its `?`), by a search of
@@ -206,6 +206,13 @@ extension ExchangeDownstream {
     /// Picks a target and gets a connection for the next attempt.
     func startAttempt(_ exchange: Exchange, excluding: Int?) {
         guard let routed = exchange.routed, let head = exchange.head else { return }
+        startAttempt(exchange, routed: routed, head: head, excluding: excluding)
+    }
+
+    /// `routed` and `head` are the exchange's, from a caller that already
+    /// holds them (the first attempt, from `routeRequest`): read again from
+    /// the exchange's properties they were retained and released once more.
+    func startAttempt(_ exchange: Exchange, routed: RoutedRequest, head: RequestHead, excluding: Int?) {
         let upstream = routed.upstream
         guard let target = exchange.pinnedTarget(excluding: excluding)
                 ?? routed.pickTarget(head: head, clientIP: self.clientIP, excluding: excluding,
@@ -380,8 +387,9 @@ extension ExchangeDownstream {
             connection.writeEnd(trailers: nil)
         }
         connection.flush()
-        if exchange.requestEnded { requestFullySent(exchange) }
-        armExchangeTimer(exchange)
+        // requestFullySent arms the timer itself (once is enough: both
+        // would compute the same deadlines).
+        if exchange.requestEnded { requestFullySent(exchange) } else { armExchangeTimer(exchange) }
         resumeReadingIfAllowed()
     }
 
