@@ -479,7 +479,13 @@ public final class LuaRuntime {
     func enter(_ scope: PluginRequest, phase: PluginPhase, serial: Int) {
         currentScope = Unmanaged.passUnretained(scope)
         currentPhase = phase
-        let ctxRef = phase == .connection || phase == .timer ? LUA_NOREF : scope.ctxRef
+        // S[3] is published lazily: the first `weir.ctx` read of a call that
+        // was not handed ctx asks the `ctx` native, which publishes it
+        // (publishCtx). Here only another request's table must go; writing
+        // this request's on every entry cost ~280 instructions per request,
+        // and plugins take ctx as their argument (none of the shipped ones
+        // reads weir.ctx).
+        let ctxRef = publishedCtxRef == LUA_NOREF || phase == .connection || phase == .timer ? LUA_NOREF : scope.ctxRef
         let needsSerial = phase == .connection && serial != publishedSerial
         guard phase != publishedPhase || ctxRef != publishedCtxRef || needsSerial else { return }
         let L = state.main
@@ -493,9 +499,9 @@ public final class LuaRuntime {
             publishedSerial = serial
         }
         if ctxRef != publishedCtxRef {
-            if ctxRef == LUA_NOREF { lua_pushnil(L) } else { state.pushRef(ctxRef) }
+            lua_pushnil(L)
             lua_rawseti(L, -2, 3)
-            publishedCtxRef = ctxRef
+            publishedCtxRef = LUA_NOREF
         }
         state.pop()
     }
