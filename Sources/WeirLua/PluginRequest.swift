@@ -20,8 +20,10 @@ enum AsyncValue {
 /// from under a running request.
 public final class PluginRequest {
     public let runtime: LuaRuntime
-    public let context: PluginRequestContext?
-    public let connection: PluginConnection?
+    /// The request (nil in a connection or timer scope, and while a
+    /// finished scope waits to be reused: `detach`).
+    public private(set) var context: PluginRequestContext?
+    public private(set) var connection: PluginConnection?
 
     var coroutine: LuaCoroutine?
     private(set) var ctxRef: Int32 = LUA_NOREF
@@ -64,6 +66,36 @@ public final class PluginRequest {
     }
 
     public var requestID: String? { context?.requestID }
+
+    // MARK: Reuse
+
+    /// A finished scope drops what ties it to its request (the request
+    /// context, connection, consumer lookup, body chunk) so that it can wait
+    /// for the next request of its runtime without keeping that request
+    /// alive (see `LuaRuntime.beginRequest(_:connection:reusing:)`).
+    public func detach() {
+        precondition(isFinished, "only a finished scope can be detached")
+        context = nil
+        connection = nil
+        consumerChain = nil
+        consumerSeen = nil
+        bodyChunk = []
+    }
+
+    /// Starts another request on a finished, detached scope: the state a
+    /// new scope would have (the coroutine and weir.ctx were released by
+    /// `finish`; the phase fields are set by each `start`).
+    func restart(request: PluginRequestContext, connection: PluginConnection?) {
+        precondition(isFinished && context == nil && promise == nil && coroutine == nil && ctxRef == LUA_NOREF,
+                     "only a finished, detached scope can be restarted")
+        context = request
+        self.connection = connection
+        isFinished = false
+        exit = nil
+        pending = nil
+        isLastChunk = false
+        savedBudget = LuaRuntime.BudgetSnapshot()
+    }
 
     /// The plugin whose phase function runs now (asked by natives).
     var runningPlugin: String {

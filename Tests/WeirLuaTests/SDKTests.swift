@@ -286,6 +286,46 @@ final class SDKTests: XCTestCase {
         XCTAssertEqual(record?.phase, .log)
     }
 
+    /// A finished, detached scope serves the next request (the proxy keeps
+    /// a few per loop): same object, a fresh weir.ctx, the new request's
+    /// context; an unfinished or undetached one is never taken.
+    func testReusedScopeStartsFresh() throws {
+        let h = Harness()
+        h.folder.add("writer", handler: """
+        return { PRIORITY = 1, VERSION = "1",
+          request = function(self, conf, ctx)
+            assert(ctx.seen == nil and weir.ctx.seen == nil, "ctx leaked between requests")
+            ctx.seen = weir.request.get_id()
+          end,
+          log = function(self, conf, ctx) weir.log.warn(ctx.seen, weir.ctx == ctx) end }
+        """)
+        try h.load(["writer"])
+        let chain = try h.chain("writer")
+        let first = h.newRequest()
+        first.requestID = "req-a"
+        let scope = h.begin(first)
+        XCTAssertEqual(try h.run(scope, .request, chain), .continue)
+        XCTAssertEqual(try h.onLoop { h.runtime.beginRequest(h.newRequest(), reusing: scope) } === scope, false,
+                       "a scope still running is not reused")
+        XCTAssertEqual(try h.run(scope, .log, chain), .continue)
+        try h.onLoop { scope.finish() }
+        XCTAssertEqual(try h.onLoop { h.runtime.beginRequest(h.newRequest(), reusing: scope) } === scope, false,
+                       "a finished scope still tied to its request is not reused")
+        try h.onLoop { scope.detach() }
+        XCTAssertNil(scope.context)
+        let second = h.newRequest()
+        second.requestID = "req-b"
+        let reused = try h.onLoop { h.runtime.beginRequest(second, reusing: scope) }
+        XCTAssertTrue(reused === scope)
+        XCTAssertTrue(reused.context === second)
+        XCTAssertFalse(reused.isFinished)
+        XCTAssertEqual(try h.run(reused, .request, chain), .continue)
+        XCTAssertEqual(try h.run(reused, .log, chain), .continue)
+        try h.onLoop { reused.finish() }
+        XCTAssertEqual(h.logs.records.map(\.message), ["req-a true", "req-b true"])
+        XCTAssertEqual(h.logs.records.map { $0.requestID ?? "" }, ["req-a", "req-b"])
+    }
+
     func testLogLevels() throws {
         let h = Harness()
         _ = try requestBody("weir.log.debug('d', 1) weir.log.info('i') weir.log.warn('w', nil) weir.log.err('e', true)", harness: h)

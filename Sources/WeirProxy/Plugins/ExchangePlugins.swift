@@ -93,7 +93,7 @@ final class ExchangePlugins: PluginRequestContext {
         self.query = query
         // A connection scope from an older generation belongs to another Lua state.
         let conn = connection?.runtime === loopPlugins.runtime ? connection : nil
-        self.scope = loopPlugins.runtime.beginRequest(self, connection: conn)
+        self.scope = loopPlugins.beginRequest(self, connection: conn)
         if loopPlugins.hasConsumerPlugins {
             scope.consumerChain = { [weak self] consumer in self?.chainForConsumer(consumer) }
         }
@@ -109,29 +109,32 @@ final class ExchangePlugins: PluginRequestContext {
         cancelBodyWait()
         holdingResponse = false
         heldParts.removeAll()
-        let scope = self.scope!
         if phasePending {
             // Aborted while a plugin waits: no log phase (the chain is mid-
             // phase); finish() abandons the coroutine and releases weir.ctx.
-            scope.finish()
-            self.scope = nil
-            exchange.plugins = nil
-            return
+            return endScope(reusable: false)
         }
-        switch scope.start(.log, chain: chain) {
+        // No log plugin (the common chain): nothing to start.
+        switch chain.runs(.log) ? scope.start(.log, chain: chain) : .done(.continue) {
         case .done(let result):
             logFailure(result)
-            scope.finish()
-            self.scope = nil   // scope.context is self: break the cycles
-            exchange.plugins = nil
+            endScope(reusable: true)
         case .pending(let future):
             future.whenComplete { [self] result in
                 if case .success(let r) = result { logFailure(r) }
-                scope.finish()
-                self.scope = nil
-                self.exchange.plugins = nil
+                endScope(reusable: false)
             }
         }
+    }
+
+    /// Finishes the plugin scope and lets go of it (scope.context is self:
+    /// this breaks the cycles); a scope no closure can still reach goes
+    /// back to the loop's spares.
+    private func endScope(reusable: Bool) {
+        guard var finished = scope.take() else { return }
+        finished.finish()
+        exchange.plugins = nil
+        if reusable { loopPlugins.takeBack(&finished) }
     }
 
     func logFailure(_ result: PhaseResult) {

@@ -85,6 +85,23 @@ final class LoopPlugins {
     private let upstreamOfRoute: [String: String]
     /// (route, consumer) -> chains, built on this loop on first use.
     private var consumerChains: [String: ConsumerChains] = [:]
+    /// Finished request scopes waiting for the next requests of this loop
+    /// (here, not in the runtime: a scope holds its runtime).
+    private var spareScopes: [PluginRequest] = []
+
+    /// The plugin scope of a new request, a spare one when there is one.
+    func beginRequest(_ context: PluginRequestContext, connection: PluginConnection?) -> PluginRequest {
+        runtime.beginRequest(context, connection: connection, reusing: spareScopes.popLast())
+    }
+
+    /// Keeps a finished scope for a later request, if nothing else holds it
+    /// (a closure of an async phase, a test): `scope` must be the caller's
+    /// only reference, moved out of wherever it was kept.
+    func takeBack(_ scope: inout PluginRequest) {
+        guard spareScopes.count < 8, scope.isFinished, isKnownUniquelyReferenced(&scope) else { return }
+        scope.detach()
+        spareScopes.append(scope)
+    }
 
     init(generation: Int, library: PluginLibrary, plugins: ValidatedPlugins, config: WeirConfig,
          options: LuaRuntimeOptions, loop: EventLoop) throws {
