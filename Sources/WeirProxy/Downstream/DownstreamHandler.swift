@@ -33,7 +33,9 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
     let listener: ListenerRuntime
     var context: ChannelHandlerContext!
     /// Writes, flushes and reads: straight to the channel's core on plain
-    /// listeners, where this is the pipeline's only handler.
+    /// listeners, where this is the pipeline's only handler. Every write
+    /// and flush of this connection must go through it (a plain
+    /// `context.write` would overtake a buffer it holds until the flush).
     private let io = SoleHandlerIO()
     private let soleHandler: Bool
     /// The channel's allocator, looked up once (not per write through the

@@ -158,6 +158,8 @@ final class UpstreamHandler: ChannelDuplexHandler, RemovableChannelHandler {
     /// when the channel goes inactive or this handler is removed (tunnel).
     var connection: UpstreamConnection?
     private var context: ChannelHandlerContext?
+    /// Every write and flush goes through it (`write`/`flush` below): a
+    /// plain `context.write` would overtake a buffer it holds until the flush.
     private let io = SoleHandlerIO()
     private let soleHandler: Bool
     private var readPaused = false
