@@ -52,6 +52,34 @@ final class PluginProxyTests: PluginFolderTestCase {
         XCTAssertEqual(try client.request("GET", "/again").status, 200)
     }
 
+    /// Request scopes are reused across the requests of a loop (no log
+    /// phase: each finished scope goes back to the spares): every request
+    /// still starts with an empty ctx and sees only its own values.
+    func testReusedScopesStartEachRequestFresh() throws {
+        try folder.write("fresh", handler: """
+        local weir = require "weir"
+        local P = { PRIORITY = 100, VERSION = "1" }
+        function P:request(conf, ctx)
+          weir.response.set_header("x-fresh", ctx.id == nil and weir.ctx.id == nil and "yes" or "no")
+          ctx.id = weir.request.get_id()
+        end
+        function P:response(conf, ctx)
+          weir.response.set_header("x-ctx", ctx.id == weir.request.get_id() and "own" or tostring(ctx.id))
+        end
+        return P
+        """)
+        let config = ProxyHarness.config(targets: [upstream.address]) { $0.plugins = [pluginRef("fresh")] }
+        let proxy = try PluginProxy(config: config, folder: folder)
+        defer { proxy.stop() }
+        let client = try proxy.connect()
+        for i in 0..<4 {
+            let response = try client.request("GET", "/r\(i)")
+            XCTAssertEqual(response.status, 200)
+            XCTAssertEqual(response.header("x-fresh"), "yes", "request \(i)")
+            XCTAssertEqual(response.header("x-ctx"), "own", "request \(i)")
+        }
+    }
+
     func testEarlyExitSkipsTheUpstream() throws {
         try folder.write("gate", handler: """
         local weir = require "weir"
