@@ -26,7 +26,15 @@ public final class PluginRequest {
     public private(set) var connection: PluginConnection?
 
     var coroutine: LuaCoroutine?
+    /// The registry slot that anchors this request's `weir.ctx` (== ctxSlot
+    /// while the request has one; LUA_NOREF before it is made).
     private(set) var ctxRef: Int32 = LUA_NOREF
+    /// A registry slot taken on the scope's first `weir.ctx` and kept while
+    /// the scope lives (a reused scope serves many requests): each request
+    /// stores its table there and `finish` leaves `false` in it (never nil:
+    /// a hole could make luaL_ref's length-based numbering hand the slot out
+    /// again). luaL_ref and luaL_unref per request cost ~530 instructions.
+    private var ctxSlot: Int32 = LUA_NOREF
     /// Set by weir.response.exit / conn:reject; ends the chain.
     var exit: PluginExit?
     /// The async operation the coroutine is waiting for (set by an SDK native before yielding).
@@ -58,10 +66,11 @@ public final class PluginRequest {
     }
 
     deinit {
-        // Dropped without finish() (possibly off the loop): queue the refs;
-        // the runtime releases them on its loop at the next begin.
+        // Possibly off the loop: queue the refs (the ctx slot, and the
+        // coroutine of a scope dropped without finish()); the runtime
+        // releases them on its loop at the next begin.
+        if ctxSlot != LUA_NOREF { runtime.orphan(ctxSlot) }
         guard !isFinished else { return }
-        if ctxRef != LUA_NOREF { runtime.orphan(ctxRef) }
         coroutine?.releaseLater(into: runtime)
     }
 
@@ -109,8 +118,14 @@ public final class PluginRequest {
             // Empty, like Lua's `{}`: a phase function that declares ctx but
             // stores nothing (common) pays for the table alone; presizing 4
             // slots cost ~1k instructions per request (weir-noop, callgrind).
-            lua_createtable(runtime.state.main, 0, 0)
-            ctxRef = runtime.state.ref()
+            let L = runtime.state.main
+            lua_createtable(L, 0, 0)
+            if ctxSlot == LUA_NOREF {
+                ctxSlot = runtime.state.ref()
+            } else {
+                lua_rawseti(L, weir_registryindex(), lua_Integer(ctxSlot))
+            }
+            ctxRef = ctxSlot
         }
         runtime.state.pushRef(ctxRef, on: thread)
     }
@@ -177,8 +192,17 @@ public final class PluginRequest {
         }
         if ctxRef != LUA_NOREF {
             runtime.unpublishCtx(ctxRef)
-            runtime.state.unref(ctxRef)
             ctxRef = LUA_NOREF
+            if pending != nil || promise != nil {
+                // Abandoned mid-phase: a callback still holds this scope, so
+                // it is not reused soon; the slot goes back now.
+                runtime.state.unref(ctxSlot)
+                ctxSlot = LUA_NOREF
+            } else {
+                let L = runtime.state.main
+                lua_pushboolean(L, 0)                   // the table goes; the slot stays this scope's
+                lua_rawseti(L, weir_registryindex(), lua_Integer(ctxSlot))
+            }
         }
         pending = nil
         if let promise = promise {
