@@ -473,7 +473,10 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
         let fields = head.fields
         let request = exchange.head!
         let clientIs11 = !request.isHTTP10
-        var removed = fields.hopByHopFields(keepUpgrade: isUpgrade)
+        // Hop-by-hop fields are found in the same loop as Via and Date
+        // (`hopByHopFields` only when Connection names other fields: it
+        // compares those names); TE goes whatever its value.
+        var removed = fields.connectionNamesOtherFields ? fields.hopByHopFields(keepUpgrade: isUpgrade) : HTTP1FieldSet()
         var hasLength = false
         if case .contentLength = head.framing { hasLength = true }
         if let pluginChanges {
@@ -488,7 +491,11 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
         fields.entries.withUnsafeBufferPointer { entries in
             for i in entries.indices {
                 switch entries[i].known {
-                case .te:
+                case .other:
+                    break
+                case .upgrade where isUpgrade:
+                    break
+                case .te, .connection, .keepAlive, .proxyConnection, .trailer, .transferEncoding, .upgrade:
                     removed.insert(i)
                 case .via where !removed.contains(i):
                     removed.insert(i)
