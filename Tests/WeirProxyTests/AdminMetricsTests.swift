@@ -62,6 +62,27 @@ final class AdminMetricsTests: XCTestCase {
         try Self.assertValidExposition(text)
     }
 
+    /// The shard remembers the previous request's names to skip the key
+    /// lookup: changing routes, changing only the upstream, and a nil
+    /// route (counted as "") must each land in their own cell.
+    func testConsecutiveSamplesOfDifferentRoutesKeepSeparateCells() throws {
+        let metrics = MetricsRegistry()
+        let sequence: [(String?, String?)] = [("a", "x"), ("a", "x"), ("b", "x"), ("a", "x"), ("a", "y"),
+                                              (nil, nil), ("", ""), ("a", "x"), (nil, "x")]
+        for (route, upstream) in sequence {
+            metrics.recordRequest(RequestSample(route: route, upstream: upstream, status: 200, bytesIn: 1, bytesOut: 1,
+                                                totalDuration: 0.001, upstreamDuration: nil))
+        }
+        let requests = metrics.snapshot().requests
+        let count = { (route: String, upstream: String) in requests[RouteUpstreamKey(route: route, upstream: upstream)]?.total.count }
+        XCTAssertEqual(count("a", "x"), 4)
+        XCTAssertEqual(count("b", "x"), 1)
+        XCTAssertEqual(count("a", "y"), 1)
+        XCTAssertEqual(count("", ""), 2)
+        XCTAssertEqual(count("", "x"), 1)
+        XCTAssertEqual(requests.count, 5)
+    }
+
     func testHistogramBucketsAreCumulativeAndCoverTheRange() throws {
         let metrics = MetricsRegistry()
         for seconds in [0.0001, 0.0005, 0.0007, 0.04, 3.0, 60.0] {
