@@ -53,6 +53,10 @@ public protocol PluginRequestContext: AnyObject {
     var scheme: String { get }
     var host: String? { get }
     func requestHeader(_ lowercasedName: String) -> String?
+    /// The first value of a header as bytes, handed to `body` (nil when
+    /// absent): `weir.request.get_header` copies them into a Lua string
+    /// without making a Swift String first.
+    func withRequestHeader(_ lowercasedName: String, _ body: (UnsafeRawBufferPointer?) -> Void)
     func requestHeaders() -> [(name: String, value: String)]
     /// Reads the request body, buffering at most `maxBytes` (nil = no body).
     /// The future must complete on the request's event loop.
@@ -115,6 +119,11 @@ extension PluginRequestContext {
     public func upstreamRequestHeaders() -> [(name: String, value: String)] { requestHeaders() }
     public var upstreamRawQuery: String { rawQuery ?? "" }
     public func accessRecord() -> PluginAccessRecord? { nil }
+    /// Through `requestHeader` (contexts whose headers are Strings anyway).
+    public func withRequestHeader(_ lowercasedName: String, _ body: (UnsafeRawBufferPointer?) -> Void) {
+        guard var value = requestHeader(lowercasedName) else { return body(nil) }
+        value.withUTF8 { body(UnsafeRawBufferPointer($0)) }
+    }
 }
 
 /// One downstream connection as the connection phase sees it.

@@ -248,7 +248,9 @@ extension LuaRuntime {
         }))
         n.append(("req_get_header", checkedRequestNative(PluginPhase.anyRequestPhase) { L, _, r in
             guard let name = headerNames.name(at: 1, on: L) else { return badArgument(L) }
-            pushOptional(r.requestHeader(name), on: L)
+            r.withRequestHeader(name) { value in
+                if let value { lua_pushlstring(L, value.baseAddress?.assumingMemoryBound(to: CChar.self), value.count) } else { lua_pushnil(L) }
+            }
             return .values(1)
         }))
         n.append(("req_get_headers", requestNative("weir.request.get_headers") { L, _, r in

@@ -67,6 +67,10 @@ final class ShippedPluginKeyAuthTests: UpstreamTestCase {
 
         let empty = try client.request("GET", "/empty?apikey=")
         XCTAssertEqual(empty.status, 401)
+        // An empty header value reaches the plugin as "" (not as absent): no key.
+        let emptyHeader = try client.request("GET", "/empty-header", headers: [("apikey", "")])
+        XCTAssertEqual(emptyHeader.status, 401)
+        XCTAssertTrue(emptyHeader.bodyText.contains("No API key found in request"), emptyHeader.bodyText)
         XCTAssertFalse(upstream.requests.contains { ["/missing", "/wrong"].contains($0.uri) || $0.uri.hasPrefix("/empty") })
     }
 

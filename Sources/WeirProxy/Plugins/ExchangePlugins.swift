@@ -201,6 +201,10 @@ final class ExchangePlugins: PluginRequestContext {
     var scheme: String { handler?.listener.scheme ?? "http" }
     var host: String? { exchange.hostHeader }
     func requestHeader(_ lowercasedName: String) -> String? { exchange.head?.headers.first(name: lowercasedName) }
+    func withRequestHeader(_ lowercasedName: String, _ body: (UnsafeRawBufferPointer?) -> Void) {
+        guard let fields = exchange.head?.headers, let i = fields.firstIndex(named: lowercasedName) else { return body(nil) }
+        fields.withValueBytes(at: i) { body($0) }
+    }
     func requestHeaders() -> [(name: String, value: String)] {
         exchange.head?.headers.map { (name: $0.name.lowercased(), value: $0.value) } ?? []
     }
