@@ -45,6 +45,21 @@ final class HeaderNameCache {
     /// Per pair, the slot (0/1) the next new name replaces.
     private var nextVictim = [UInt8](repeating: 0, count: pairCount)
 
+    /// The last integer value written as text, and its text (a value cache's):
+    /// rate-limiting writes the same remaining count twice per request
+    /// (`X-RateLimit-Remaining-<Period>` and `RateLimit-Remaining`).
+    private var lastInteger: lua_Integer = 0
+    private var lastIntegerText = "0"
+
+    /// `format(value)`, made once for a value repeated from the previous call.
+    func integerText(_ value: lua_Integer, _ format: (lua_Integer) -> String) -> String {
+        if value != lastInteger {
+            lastInteger = value
+            lastIntegerText = format(value)
+        }
+        return lastIntegerText
+    }
+
     /// The header name at `index`, lower-cased (as it is for a value cache);
     /// nil if it is not a string.
     func name(at index: Int32, on L: LuaThread) -> String? {

@@ -124,7 +124,7 @@ private func badArgument(_ L: LuaThread) -> NativeReturn { .fallback }
 private func headerValue(at index: Int32, on L: LuaThread, cache: HeaderNameCache) -> String? {
     switch lua_type(L, index) {
     case LUA_TSTRING: return cache.name(at: index, on: L)
-    case LUA_TNUMBER where lua_isinteger(L, index) != 0: return decimalText(lua_tointegerx(L, index, nil))
+    case LUA_TNUMBER where lua_isinteger(L, index) != 0: return cache.integerText(lua_tointegerx(L, index, nil), decimalText)
     default: return nil
     }
 }

@@ -135,4 +135,18 @@ final class HeaderNameCacheTests: XCTestCase {
         check("", "the empty key")
         XCTAssertEqual(lua_gettop(L), 0)
     }
+
+    /// An integer value's text is the value's, repeated or not (the first
+    /// call with 0 included: the remembered pair starts as 0 / "0").
+    func testIntegerTextIsAlwaysTheValues() throws {
+        let state = try LuaState()
+        let cache = HeaderNameCache(lowercased: false, on: state.main)
+        var formatted = 0
+        func text(_ v: lua_Integer) -> String { cache.integerText(v) { formatted += 1; return String($0) } }
+        for v: lua_Integer in [0, 0, 999_999_999, 999_999_999, 999_999_998, -5, -5, 0, .min, .max, .max] {
+            XCTAssertEqual(text(v), String(v))
+        }
+        XCTAssertEqual(formatted, 6, "a value repeated from the previous call is not formatted again")
+    }
 }
+
