@@ -152,6 +152,36 @@ final class TLSListenerTests: XCTestCase {
         }
     }
 
+    /// After the handshake, records go to the socket through TLSRecordWriter
+    /// (small ones with its own send(2), large ones and whatever the socket
+    /// does not take through NIO): a body larger than the socket buffers,
+    /// then small responses on the same connection, arrive whole and in order.
+    func testLargeThenSmallResponsesOnOneConnectionArriveWholeAndInOrder() throws {
+        let harness = try proxy(.test(pki, certificates: ["a"]))
+        defer { harness.stop() }
+        let client = try TLSTestClient(group: group, port: harness.port, serverName: "a.example.com", ca: pki.cert("ca"))
+        defer { client.close() }
+        for round in 0..<2 {
+            let (status, body) = try client.get("/big/3000000")
+            XCTAssertEqual(status, 200)
+            XCTAssertEqual(body.utf8.count, 3_000_000, "round \(round)")
+            XCTAssertTrue(body.utf8.allSatisfy { $0 == UInt8(ascii: "x") })
+            for i in 0..<3 {
+                let (status, body) = try client.get("/n/\(round)/\(i)")
+                XCTAssertEqual(status, 200)
+                XCTAssertEqual(body, "ok from plain")
+            }
+        }
+        // A slow reader (curl at 4 MB/s): most of the body waits in NIO, and
+        // the next response on the connection must still come after it.
+        let host = "a.example.com"
+        // (Curl.https puts `path`'s URL last: the big one goes first here.)
+        let curl = try Curl.https(host: host, port: harness.port, path: "/after", ca: pki.cert("ca"),
+                                  extra: ["--limit-rate", "4M", "https://\(host):\(harness.port)/big/2000000"])
+        XCTAssertEqual(curl.result.status, 0, curl.result.stderr)
+        XCTAssertEqual(curl.result.stdout, String(repeating: "x", count: 2_000_000) + "\n200ok from plain\n200")
+    }
+
     func testPlainHTTPOnTheTLSPortIsClosedAndSlotsAreReleased() throws {
         let harness = try proxy(.test(pki, certificates: ["a"]))
         defer { harness.stop() }

@@ -32,7 +32,9 @@ import NIOCore
 /// is at most `maxHeldBytes`, so NIO's writability (which does not see it)
 /// is off by at most that much until the flush.
 ///
-/// Only correct while nothing else is in the pipeline: the owner says so
+/// Only correct while no other handler can write to the socket (nothing
+/// else in the pipeline, or the owner is first: TLSRecordWriter in front
+/// of NIOSSL): the owner says so
 /// when it is added (`soleHandler`), and a handler that hands its channel
 /// over to others (WebSocket tunnel, HTTP/2) is removed from the pipeline
 /// first or at the same time, which `detach()` follows (a held buffer then
@@ -50,12 +52,17 @@ final class SoleHandlerIO {
     /// Larger buffers go to NIO at once (its writability must see them).
     static let maxHeldBytes = 16 * 1024
 
-    /// Called from `handlerAdded`.
-    func attach(_ context: ChannelHandlerContext, soleHandler: Bool) {
+    /// Called from `handlerAdded`. `soleHandler`: every write that reaches
+    /// the socket passes through the owner (it is the only handler, or the
+    /// first: TLSRecordWriter). `nioMayHoldWrites`: the channel was written
+    /// to before (a TLS handshake), so direct sends wait until NIO reports
+    /// none of those buffered.
+    func attach(_ context: ChannelHandlerContext, soleHandler: Bool, nioMayHoldWrites: Bool = false) {
         guard soleHandler else { return }
         let core = context.channel._channelCore
         self.core = core
         self.socket = core as? any NIOTransportAccessibleChannelCore<NIOBSDSocket.Handle>
+        self.nioMayHoldWrites = nioMayHoldWrites
     }
 
     /// Called from `handlerRemoved` (also breaks the channel -> handler ->
@@ -68,6 +75,12 @@ final class SoleHandlerIO {
         }
         core = nil
         socket = nil
+    }
+
+    /// A close drops unflushed writes (NIO fails its own): a held buffer
+    /// must not be sent by a later flush either.
+    func dropHeld() {
+        held = nil
     }
 
     /// Whether calls go straight to the channel's core.

@@ -18,7 +18,12 @@ import WeirCore
 // 2. TLSHandshakeRecorder waits for the handshake to complete, builds the
 //    connection's TLSConnectionInfo (version, cipher, SNI, ALPN, verified
 //    client certificate), hands the channel to the HTTP pipeline (the
-//    `installHTTP` closure from ProxyServer) and leaves.
+//    `installHTTP` closure from ProxyServer) and leaves. Before that it
+//    puts a TLSRecordWriter in front of NIOSSL, which from then on sends
+//    the encrypted records (and forwards read requests) to the socket
+//    itself. The HTTP pipeline is then:
+//
+//      socket ─▶ TLSRecordWriter ─▶ NIOSSLServerHandler ─▶ DownstreamHandler
 //
 // So the HTTP handlers, the connection phase included, only ever see
 // connections whose handshake succeeded, with their TLS info known.
@@ -247,6 +252,8 @@ final class TLSHandshakeRecorder: ChannelDuplexHandler, RemovableChannelHandler 
                                      serverName: state.serverName, alpn: negotiated, peer: peer)
         state.handedOver()
         do {
+            // From here on, NIOSSL's records go to the socket through TLSRecordWriter.
+            try context.pipeline.syncOperations.addHandler(TLSRecordWriter(), position: .first)
             try installHTTP(context.channel, info)
         } catch {
             logger.error("could not set up the HTTP pipeline after the TLS handshake", metadata: ["error": "\(error)"])
