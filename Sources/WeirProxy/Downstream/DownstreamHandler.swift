@@ -307,8 +307,15 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
 
     func channelReadComplete(context: ChannelHandlerContext) {
         flushUpstreamIfNeeded()
-        // The next read, asked for here when wanted (see SoleHandlerIO.rearmRead).
-        guard io.isDirect else { return context.fireChannelReadComplete() }
+        // The next read, asked for here when wanted, so NIO's autoRead finds
+        // it pending and skips its walk from the pipeline's tail through
+        // read(context:) (see SoleHandlerIO.rearmRead). Behind the TLS
+        // handler it goes through the context: NIOSSL and TLSRecordWriter
+        // see it as before.
+        guard io.isDirect else {
+            if shouldReadDownstream { context.read() }
+            return context.fireChannelReadComplete()
+        }
         io.rearmRead(if: shouldReadDownstream)
         // The only handler: the pipeline's tail would discard the event.
     }
