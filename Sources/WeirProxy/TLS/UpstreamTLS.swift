@@ -99,6 +99,9 @@ private final class HandshakeWaiter: ChannelInboundHandler, RemovableChannelHand
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if let tls = event as? TLSUserEvent, case .handshakeCompleted = tls, let promise {
             self.promise = nil
+            // From here on, NIOSSL's records go to the socket through
+            // TLSRecordWriter (adding fails only on a closed pipeline).
+            try? context.pipeline.syncOperations.addHandler(TLSRecordWriter(), position: .first)
             promise.succeed(())
             context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
         }
