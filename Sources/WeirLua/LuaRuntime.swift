@@ -452,8 +452,12 @@ public final class LuaRuntime {
 
     func acquireCoroutine() -> LuaCoroutine {
         if let co = idleCoroutines.popLast() { return co }
+        coroutinesCreated += 1
         return LuaCoroutine(state: state)
     }
+
+    /// Lua threads this runtime has created (the pool's misses; tests).
+    private(set) var coroutinesCreated = 0
 
     func recycle(_ co: LuaCoroutine) {
         if co.isDead { co.release(); return }

@@ -392,6 +392,14 @@ public final class PluginRequest {
                 return fail(entry, error.message, error.traceback)
             }
         }
+        // The phase ran to its end: its coroutine goes back to the pool now,
+        // not at finish(). A request waiting on its upstream then holds no
+        // Lua thread, so with hundreds of requests in flight the pool still
+        // covers them instead of creating and collecting threads per request.
+        if let co = coroutine {
+            coroutine = nil
+            runtime.recycle(co)
+        }
         return .continue
     }
 

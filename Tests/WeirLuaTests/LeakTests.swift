@@ -70,3 +70,45 @@ final class LeakTests: XCTestCase {
         print("lua heap: baseline \(baseline) KB, after 3500 mixed requests \(after) KB")
     }
 }
+
+/// A request holds a Lua thread only while one of its phases runs: hundreds
+/// of requests waiting on their upstream between the request and log
+/// phases share the runtime's pool instead of each keeping a thread (which
+/// made a busy loop create and collect threads per request).
+final class CoroutinePoolTests: XCTestCase {
+    func testRequestsBetweenPhasesHoldNoThread() throws {
+        let h = Harness()
+        h.folder.add("ctxkeeper", handler: """
+        return { PRIORITY = 1, VERSION = "1",
+          request = function(self, conf, ctx) ctx.id = weir.request.get_header("x-n") end,
+          log = function(self, conf, ctx)
+            if ctx.id ~= weir.request.get_header("x-n") then error("ctx lost: " .. tostring(ctx.id)) end
+          end }
+        """)
+        try h.load(["ctxkeeper"])
+        let chain = try h.chain("ctxkeeper")
+        try h.onLoop {
+            let before = h.runtime.coroutinesCreated
+            // 300 requests in flight at once: all run their request phase,
+            // then (as their upstreams answer) their log phase.
+            var scopes: [PluginRequest] = []
+            for i in 0..<300 {
+                let req = h.newRequest()
+                req.headers.append(("x-n", "\(i)"))
+                let scope = h.runtime.beginRequest(req)
+                guard case .done(.continue) = scope.start(.request, chain: chain) else {
+                    return XCTFail("request phase of request \(i) did not continue")
+                }
+                scopes.append(scope)
+            }
+            for (i, scope) in scopes.enumerated() {
+                guard case .done(.continue) = scope.start(.log, chain: chain) else {
+                    return XCTFail("log phase of request \(i) failed (weir.ctx not kept across phases?)")
+                }
+                scope.finish()
+            }
+            XCTAssertLessThanOrEqual(h.runtime.coroutinesCreated - before, 1,
+                                     "one pooled thread serves every phase that runs to its end")
+        }
+    }
+}

@@ -88,6 +88,11 @@ final class LoopPlugins {
     /// Finished request scopes waiting for the next requests of this loop
     /// (here, not in the runtime: a scope holds its runtime).
     private var spareScopes: [PluginRequest] = []
+    /// Enough for the requests finishing in one event-loop turn at a few
+    /// hundred connections: with fewer, a busy loop frees scopes and
+    /// allocates new ones every turn (a scope is small: ~1 KB with its
+    /// plugin context).
+    static let maxSpareScopes = 256
 
     /// The plugin scope of a new request, a spare one when there is one.
     func beginRequest(_ context: PluginRequestContext, connection: PluginConnection?) -> PluginRequest {
@@ -98,7 +103,7 @@ final class LoopPlugins {
     /// (a closure of an async phase, a test): `scope` must be the caller's
     /// only reference, moved out of wherever it was kept.
     func takeBack(_ scope: inout PluginRequest) {
-        guard spareScopes.count < 8, scope.isFinished, isKnownUniquelyReferenced(&scope) else { return }
+        guard spareScopes.count < Self.maxSpareScopes, scope.isFinished, isKnownUniquelyReferenced(&scope) else { return }
         scope.detach()
         spareScopes.append(scope)
     }
