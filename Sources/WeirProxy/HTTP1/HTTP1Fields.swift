@@ -265,6 +265,17 @@ enum HTTP1Bytes {
         return UnsafeRawPointer(p).distance(to: UnsafeRawPointer(hit))
     }
 
+    /// End of a head's first line (request or status line: the offset just
+    /// past its CRLF), nil when no LF has arrived yet. Throws for a bare LF
+    /// or a line longer than the limit. Shared by both heads' one-pass parse.
+    @inline(__always)
+    static func startLineEnd(_ p: UnsafePointer<UInt8>, _ n: Int, limits: HTTP1Limits) throws -> Int? {
+        guard let lfOffset = findLF(p, n) else { return nil }
+        guard lfOffset > 0, p[lfOffset - 1] == cr else { throw HTTP1ParseError.bareLF }
+        if lfOffset - 1 > limits.maxStartLineBytes { throw HTTP1ParseError.startLineTooLong }
+        return lfOffset + 1
+    }
+
     /// Compares `n` bytes at `p` with a lowercase ASCII literal, ignoring case
     /// of `p`'s letters (the literal holds only letters, digits and '-').
     @inline(__always)

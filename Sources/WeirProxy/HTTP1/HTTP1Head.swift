@@ -183,10 +183,7 @@ public struct HTTP1RequestParser: Sendable {
         guard raw.count > 0 else { return nil }
         let p = raw.bindMemory(to: UInt8.self).baseAddress!
         // method SP request-target SP HTTP-version CRLF, single spaces.
-        guard let lfOffset = HTTP1Bytes.findLF(p, raw.count) else { return nil }
-        guard lfOffset > 0, p[lfOffset - 1] == HTTP1Bytes.cr else { throw HTTP1ParseError.bareLF }
-        if lfOffset - 1 > limits.maxStartLineBytes { throw HTTP1ParseError.startLineTooLong }
-        let lineEnd = lfOffset + 1
+        guard let lineEnd = try HTTP1Bytes.startLineEnd(p, raw.count, limits: limits) else { return nil }
         // The line's only LF is at `lineEnd - 1`: every loop stops at its CR at the latest.
         var i = 0
         while HTTP1Bytes.isTChar(p[i]) { i += 1 }
@@ -350,10 +347,7 @@ public struct HTTP1ResponseParser: Sendable {
                            facts: inout HTTP1FramingFacts) throws -> StatusLine? {
         guard raw.count > 0 else { return nil }
         let p = raw.bindMemory(to: UInt8.self).baseAddress!
-        guard let lfOffset = HTTP1Bytes.findLF(p, raw.count) else { return nil }
-        guard lfOffset > 0, p[lfOffset - 1] == HTTP1Bytes.cr else { throw HTTP1ParseError.bareLF }
-        if lfOffset - 1 > limits.maxStartLineBytes { throw HTTP1ParseError.startLineTooLong }
-        let lineEnd = lfOffset + 1
+        guard let lineEnd = try HTTP1Bytes.startLineEnd(p, raw.count, limits: limits) else { return nil }
         // HTTP-version SP 3DIGIT SP [ reason-phrase ] CRLF; a missing SP
         // after the code is tolerated (RFC 9112 §4 recipients).
         guard lineEnd >= 14 else { throw HTTP1ParseError.invalidStatusLine }
