@@ -118,15 +118,7 @@ case "$PROXY" in
 esac
 
 require_tools nginx wrk h2load curl openssl valgrind callgrind_control callgrind_annotate python3 ss
-for port in "$ORIGIN_PORT" "$PORT"; do
-    port_in_use "$port" && die "127.0.0.1:$port is already in use (is another benchmark running?)"
-done
-
-prepare_run_dir
-trap 'cleanup_started' EXIT
-trap 'log "interrupted; stopping everything started"; exit 130' INT TERM
-
-STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+begin_bench_run "$ORIGIN_PORT" "$PORT"
 mkdir -p "$BENCH_DIR/profiles"
 REPORT="$BENCH_DIR/profiles/$STAMP-$PROXY-callgrind.txt"
 OUT="$RUN_DIR/callgrind.out"

@@ -45,15 +45,7 @@ CURL_ARGS=()
 case "$PROXY" in *-https) CURL_ARGS=(--cacert "$RUN_DIR/tls/cert.pem") ;; esac
 
 require_tools nginx wrk curl openssl perf python3 ss
-for port in "$ORIGIN_PORT" "$PORT"; do
-    port_in_use "$port" && die "127.0.0.1:$port is already in use (is another bench script running?)"
-done
-
-prepare_run_dir
-trap 'cleanup_started' EXIT
-trap 'log "interrupted; stopping everything started"; exit 130' INT TERM
-
-STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+begin_bench_run "$ORIGIN_PORT" "$PORT"
 mkdir -p "$BENCH_DIR/profiles"
 REPORT="$BENCH_DIR/profiles/$STAMP-cpusplit-$PROXY.txt"
 

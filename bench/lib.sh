@@ -162,6 +162,21 @@ render_template() {
     fi
 }
 
+# The start every benchmark script shares: refuses ports already taken
+# (another benchmark running), prepares the run folder, stops whatever the
+# script starts on exit or interrupt, and sets the run's STAMP.
+#   begin_bench_run PORT...
+begin_bench_run() {
+    local port
+    for port in "$@"; do
+        port_in_use "$port" && die "127.0.0.1:$port is already in use (another benchmark running? see 'ss -ltnp sport = :$port')"
+    done
+    prepare_run_dir
+    trap 'cleanup_started' EXIT
+    trap 'log "interrupted; stopping everything started"; exit 130' INT TERM
+    STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+}
+
 prepare_run_dir() {
     # Only our own run dir is wiped; it is gitignored and holds nothing else.
     rm -rf "$RUN_DIR"

@@ -90,15 +90,7 @@ wants() { [[ ",$PROXIES," == *",$1,"* ]]; }
 require_tools nginx haproxy wrk curl openssl python3 ss
 [ -z "$LOAD_CPU" ] || require_tools taskset
 
-for port in "$ORIGIN_PORT" $(wants weir-auth-redis && echo "$REDIS_PORT") $(for p in "${PROXY_LIST[@]}"; do port_of "$p"; done); do
-    port_in_use "$port" && die "127.0.0.1:$port is already in use (another benchmark running? see 'ss -ltnp sport = :$port')"
-done
-
-prepare_run_dir
-trap 'cleanup_started' EXIT
-trap 'log "interrupted; stopping everything started"; exit 130' INT TERM
-
-STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+begin_bench_run "$ORIGIN_PORT" $(wants weir-auth-redis && echo "$REDIS_PORT") $(for p in "${PROXY_LIST[@]}"; do port_of "$p"; done)
 RESULTS_FILE="$RESULTS_DIR/$STAMP.txt"
 
 if [[ ",$PROXIES," == *",weir"* ]] && [ "$BUILD" -eq 1 ]; then build_weir; fi
