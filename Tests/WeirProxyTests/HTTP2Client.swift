@@ -46,17 +46,21 @@ func runProgram(_ path: String, _ arguments: [String], timeoutSeconds: Double = 
 /// Every mode prints one JSON object on stdout.
 enum H2Script {
     static let python = "/usr/bin/python3"
+    /// The script is written once per test process (a file left by an
+    /// earlier process with the same pid may be an older version).
+    nonisolated(unsafe) private static var written = false
 
     static var available: Bool {
         (try? runProgram(python, ["-c", "import h2, hyperframe, hpack"]).status) == 0
     }
 
-    static func run(port: Int, _ mode: String, _ args: [String] = []) throws -> [String: Any] {
+    static func run(port: Int, _ mode: String, _ args: [String] = [], timeoutSeconds: Double = 20) throws -> [String: Any] {
         let url = FileManager.default.temporaryDirectory.appendingPathComponent("weir-h2client-\(getpid()).py")
-        if !FileManager.default.fileExists(atPath: url.path) {
+        if !written {
             try source.write(to: url, atomically: true, encoding: .utf8)
+            written = true
         }
-        let result = try runProgram(python, [url.path, String(port), mode] + args)
+        let result = try runProgram(python, [url.path, String(port), mode] + args, timeoutSeconds: timeoutSeconds)
         guard let data = result.out.split(separator: "\n").last.map({ Data($0.utf8) }),
               let object = try? JSONSerialization.jsonObject(with: data) as? [String: Any] else {
             XCTFail("h2 client \(mode) printed no JSON; exit \(result.status); stderr: \(result.err)")
@@ -290,13 +294,86 @@ elif MODE == "window-overflow":
         return {"goaway": code, "closed": closed}
     result = with_bystander(abuse)
 elif MODE == "big-headers":
+    # ARGS: number of 1 KB fields, "end" (HEADERS with END_STREAM) or "body"
+    # (a body would follow). The block ends with x-kept, which HPACK indexes:
+    # the next request on the connection refers to it by index only.
     def abuse():
         s, c = connect()
-        sid = request(s, c, "/", headers=[("x-big-%d" % i, "v" * 1000) for i in range(int(ARGS[0]))])
+        sid = c.get_next_available_stream_id()
+        h = [(":method", "GET" if ARGS[1] == "end" else "POST"), (":path", "/"), (":scheme", "http"), (":authority", "test.local")]
+        h += [("x-big-%d" % i, "v" * 1000) for i in range(int(ARGS[0]))] + [("x-kept", "yes")]
+        c.send_headers(sid, h, end_stream=ARGS[1] == "end")
+        s.sendall(c.data_to_send())
         r = response(s, c, sid)
-        code, closed = wait_end(s, c, 2) if r["status"] is None and r["reset"] is None else (None, False)
+        r["next_status"] = response(s, c, request(s, c, "/again", headers=[("x-kept", "yes")]))["status"]
+        code, closed = wait_end(s, c, 0.5)
         r.update({"goaway": code, "closed": closed or r["closed"]})
         return r
+    result = with_bystander(abuse)
+elif MODE == "reset-threshold":
+    # ARGS: N. N streams opened and reset at once, then a request on the same
+    # connection, then one reset more: where does the connection end?
+    def abuse():
+        s, c = connect()
+        n = int(ARGS[0]); frames = b""
+        for i in range(n):
+            sid = c.get_next_available_stream_id()
+            c.send_headers(sid, [(":method", "GET"), (":path", "/reset"), (":scheme", "http"), (":authority", "t")], end_stream=True)
+            c.reset_stream(sid)
+            frames += c.data_to_send()
+        try:
+            s.sendall(frames)
+            r = response(s, c, request(s, c, "/after-resets"))
+        except OSError:
+            # Cut before the N-th (a limit lower than the configured one).
+            return {"status_after_n": None, "closed_after_n": True, "goaway": None, "closed": True}
+        sid = c.get_next_available_stream_id()
+        c.send_headers(sid, [(":method", "GET"), (":path", "/reset"), (":scheme", "http"), (":authority", "t")], end_stream=True)
+        c.reset_stream(sid)
+        try: s.sendall(c.data_to_send())
+        except OSError: pass
+        code, closed = wait_end(s, c)
+        return {"status_after_n": r["status"], "closed_after_n": r["closed"], "goaway": code, "closed": closed}
+    result = with_bystander(abuse)
+elif MODE == "glitch-threshold":
+    # ARGS: N, kind. N glitches one at a time (each waits for its RST_STREAM),
+    # a request on the same connection, then one glitch more.
+    #   header: a malformed request (an upper-case field name): RST_STREAM
+    #   refused: a request whose head Weir refuses (content-length: abc): 400
+    #   frame: a WINDOW_UPDATE overflowing a stream's send window (nghttp2
+    #          finds it invalid: RST_STREAM FLOW_CONTROL_ERROR)
+    def abuse():
+        s, c = connect()
+        n = int(ARGS[0]); kind = ARGS[1]; resets = []; goaway = None; closed = False
+        def glitch():
+            sid = c.get_next_available_stream_id()
+            if kind == "header":
+                c.send_headers(sid, [(":method", "GET"), (":path", "/"), (":scheme", "http"), (":authority", "t"), ("X-Upper", "1")], end_stream=True)
+                s.sendall(c.data_to_send())
+            elif kind == "refused":
+                c.send_headers(sid, [(":method", "GET"), (":path", "/"), (":scheme", "http"), (":authority", "t"), ("content-length", "abc")], end_stream=True)
+                s.sendall(c.data_to_send())
+            else:
+                c.send_headers(sid, [(":method", "GET"), (":path", "/slow/1000"), (":scheme", "http"), (":authority", "t")], end_stream=True)
+                w = WindowUpdateFrame(sid); w.window_increment = 2**31 - 1
+                s.sendall(c.data_to_send() + w.serialize())
+            ev, cl = pump(s, c, lambda ev: any(isinstance(e, (h2.events.StreamReset, h2.events.StreamEnded, h2.events.ConnectionTerminated)) for e in ev), 5)
+            # A reset (its error code), or a response (its status, negative).
+            answers = [int(e.error_code) for e in ev if isinstance(e, h2.events.StreamReset)]
+            answers += [-int(dict(e.headers)[b":status"]) for e in ev if isinstance(e, h2.events.ResponseReceived)]
+            return answers, goaway_of(ev), cl
+        for i in range(n):
+            r, g, cl = glitch()
+            resets += r
+            if g is not None or cl: goaway = g; closed = cl; break
+        status = None
+        if goaway is None and not closed:
+            status = response(s, c, request(s, c, "/after-glitches"))["status"]
+            r, g, cl = glitch()
+            code, cl2 = wait_end(s, c, 2) if g is None else (g, cl)
+        else:
+            code = None
+        return {"answers": resets, "goaway_before": goaway, "status_after_n": status, "goaway": code}
     result = with_bystander(abuse)
 elif MODE == "stream-error":
     # One malformed request: expect RST_STREAM (error code) and the connection still usable.

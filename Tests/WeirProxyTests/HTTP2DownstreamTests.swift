@@ -235,6 +235,37 @@ final class HTTP2DownstreamTests: UpstreamTestCase {
         XCTAssertEqual(r["bystander_after"] as? Int, 200)
     }
 
+    /// max_resets client resets in a window are allowed (the connection
+    /// still serves), the next one ends it with GOAWAY ENHANCE_YOUR_CALM.
+    /// 1,200 is above nghttp2's own default burst (1,000, GOAWAY
+    /// INTERNAL_ERROR), which the configured budget replaces.
+    func testRapidResetLimitIsExactAndReplacesNghttp2sDefault() throws {
+        try XCTSkipUnless(H2Script.available, "python3-h2 is not installed")
+        for maxResets in [20, 1200] {
+            let proxy = try self.http2Proxy { $0.maxResets = maxResets }
+            defer { proxy.stop() }
+            let r = try H2Script.run(port: proxy.port, "reset-threshold", [String(maxResets)], timeoutSeconds: 60)
+            XCTAssertEqual(r["status_after_n"] as? Int, 200, "\(maxResets) resets are within the limit: \(r)")
+            XCTAssertEqual(r["goaway"] as? Int, 11, "reset \(maxResets + 1): GOAWAY ENHANCE_YOUR_CALM: \(r)")
+            XCTAssertEqual(r["closed"] as? Bool, true, "\(r)")
+            XCTAssertEqual(r["bystander_before"] as? Int, 200)
+            XCTAssertEqual(r["bystander_after"] as? Int, 200)
+        }
+    }
+
+    func testNghttp2ResetBudgetFollowsTheConfig() {
+        var settings = HTTP2ListenerSettings()
+        settings.maxResets = 200
+        settings.resetWindow = .seconds(30)
+        XCTAssertTrue(HTTP2DownstreamConnection.engineResetRateLimit(settings) == (200, 7), "200 per 30 s: 6.67 a second, rounded up")
+        settings.maxResets = 50
+        settings.resetWindow = .milliseconds(200)
+        XCTAssertTrue(HTTP2DownstreamConnection.engineResetRateLimit(settings) == (50, 250))
+        settings.maxResets = 1
+        settings.resetWindow = .seconds(3600)
+        XCTAssertTrue(HTTP2DownstreamConnection.engineResetRateLimit(settings) == (1, 1), "at least one a second")
+    }
+
     func testContinuationFloodIsCut() throws {
         try XCTSkipUnless(H2Script.available, "python3-h2 is not installed")
         let proxy = try self.http2Proxy()
@@ -289,14 +320,32 @@ final class HTTP2DownstreamTests: UpstreamTestCase {
         XCTAssertEqual(r["bystander_after"] as? Int, 200)
     }
 
-    func testOversizedHeaderListIsRefused() throws {
+    /// A request head over max_header_list_size is answered 431 in the
+    /// proxy's error shape (JSON with the request id), as nginx and Envoy
+    /// answer; nothing reaches the upstream; the connection goes on with its
+    /// HPACK table intact (the next request names a field of the refused
+    /// block by its table index only).
+    func testOversizedHeaderListGets431AndTheConnectionGoesOn() throws {
         try XCTSkipUnless(H2Script.available, "python3-h2 is not installed")
         let proxy = try self.http2Proxy { $0.maxHeaderListSize = 8 * 1024 }
         defer { proxy.stop() }
-        let r = try H2Script.run(port: proxy.port, "big-headers", ["20"])
-        XCTAssertNotEqual(r["status"] as? Int, 200, "20 KB of headers over an 8 KB limit: \(r)")
+        for ending in ["end", "body"] {
+            let r = try H2Script.run(port: proxy.port, "big-headers", ["20", ending])
+            XCTAssertEqual(r["status"] as? Int, 431, "\(ending): 20 KB of headers over an 8 KB limit: \(r)")
+            let headers = r["headers"] as? [String: String] ?? [:]
+            XCTAssertEqual(headers["content-type"], "application/json", "\(ending): \(r)")
+            let body = (r["body"] as? String).flatMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: String] }
+            XCTAssertEqual(body?["error"], "headers_too_large", "\(ending): \(r)")
+            XCTAssertNotNil(headers["x-request-id"], "\(ending): \(r)")
+            XCTAssertEqual(body?["request_id"], headers["x-request-id"], "\(ending): the body names the response's request id")
+            XCTAssertEqual(r["next_status"] as? Int, 200, "\(ending): the connection carries on: \(r)")
+            XCTAssertTrue(r["goaway"] is NSNull, "\(ending): no GOAWAY: \(r)")
+            XCTAssertEqual(r["bystander_after"] as? Int, 200)
+        }
         XCTAssertFalse(upstream.requests.contains { $0.headers.contains { $0.0 == "x-big-0" } })
-        XCTAssertEqual(r["bystander_after"] as? Int, 200)
+        let again = upstream.requests.filter { $0.uri == "/again" }
+        XCTAssertEqual(again.count, 2)
+        XCTAssertTrue(again.allSatisfy { $0.header("x-kept") == "yes" }, "HPACK state kept across the refused block")
     }
 
     // MARK: - Conformance (RFC 9113)
@@ -332,6 +381,25 @@ final class HTTP2DownstreamTests: UpstreamTestCase {
         XCTAssertEqual(r["goaway"] as? Int, 11, "GOAWAY ENHANCE_YOUR_CALM: \(r)")
         XCTAssertEqual(r["bystander_before"] as? Int, 200)
         XCTAssertEqual(r["bystander_after"] as? Int, 200)
+    }
+
+    /// max_glitches glitches are allowed (the connection still serves), the
+    /// next one ends it: malformed requests (reset, or refused with a
+    /// status when the head breaks Weir's head rules) and frames nghttp2
+    /// finds invalid count one each.
+    func testGlitchLimitIsExact() throws {
+        try XCTSkipUnless(H2Script.available, "python3-h2 is not installed")
+        let proxy = try self.http2Proxy { $0.maxGlitches = 5 }
+        defer { proxy.stop() }
+        // RST_STREAM PROTOCOL_ERROR, a 400 response, RST_STREAM FLOW_CONTROL_ERROR
+        for (kind, answer) in [("header", 1), ("refused", -400), ("frame", 3)] {
+            let r = try H2Script.run(port: proxy.port, "glitch-threshold", ["5", kind])
+            XCTAssertEqual(r["answers"] as? [Int], Array(repeating: answer, count: 5), "\(kind): each glitch is answered on its stream: \(r)")
+            XCTAssertTrue(r["goaway_before"] is NSNull, "\(kind): 5 glitches are allowed: \(r)")
+            XCTAssertEqual(r["status_after_n"] as? Int, 200, "\(kind): \(r)")
+            XCTAssertEqual(r["goaway"] as? Int, 11, "\(kind): the 6th: GOAWAY ENHANCE_YOUR_CALM: \(r)")
+            XCTAssertEqual(r["bystander_after"] as? Int, 200)
+        }
     }
 
     func testFramesOnAClosedStreamAndBadPreface() throws {

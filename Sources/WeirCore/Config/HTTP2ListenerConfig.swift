@@ -8,14 +8,14 @@
 //       http2:
 //         enabled: true                 # h2c prior knowledge / ALPN h2 (default true)
 //         max_concurrent_streams: 100   # SETTINGS_MAX_CONCURRENT_STREAMS; more: RST_STREAM REFUSED_STREAM
-//         max_header_list_size: 16k     # SETTINGS_MAX_HEADER_LIST_SIZE; also caps a header block's CONTINUATIONs
+//         max_header_list_size: 16k     # SETTINGS_MAX_HEADER_LIST_SIZE; a request head over it: 431
 //         max_continuation_frames: 5    # CONTINUATION frames allowed before END_HEADERS (flood guard)
 //         initial_window_size: 64k      # per-stream receive window (backpressure per stream)
 //         connection_window_size: 1m    # connection receive window
 //         max_frame_size: 16k           # SETTINGS_MAX_FRAME_SIZE we accept
 //         max_resets: 200               # RST_STREAMs from the client per reset_window (Rapid Reset) ...
 //         reset_window: 30s             # ... above it: GOAWAY ENHANCE_YOUR_CALM and close
-//         max_glitches: 200             # suspicious events (frames on closed streams, ...) before close
+//         max_glitches: 200             # malformed requests and invalid frames allowed; the next: GOAWAY
 //         idle_timeout: 5m              # no open stream for this long: GOAWAY NO_ERROR and close
 //         ping_interval: 60s            # nothing read for this long: send a PING (0 = never)
 //         ping_timeout: 20s             # no PING ACK in time: close

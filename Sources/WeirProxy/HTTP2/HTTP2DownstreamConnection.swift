@@ -36,7 +36,8 @@ import WeirCore
 //   SETTINGS/PING floods (its own limits), frame and stream-state errors.
 // - Weir (this file and HTTP2ServerStream): max_concurrent_streams (refused
 //   one by one, HTTP2StreamLimit.swift), max_header_list_size (the decoded
-//   list's bytes: the stream is reset), Rapid Reset (max_resets client
+//   list's bytes: a request head over it is answered 431, trailers over it
+//   reset the stream), Rapid Reset (max_resets client
 //   RST_STREAMs per reset_window: GOAWAY ENHANCE_YOUR_CALM), max_glitches
 //   (malformed requests and frames nghttp2 found invalid), the inbound
 //   windows it reopens (initial_window_size per stream, held back while the
@@ -171,6 +172,8 @@ final class HTTP2DownstreamConnection: ChannelInboundHandler {
         // Weir checks request header lists and body lengths (HTTP2RequestFields).
         nghttp2_option_set_no_http_messaging(option, 1)
         nghttp2_option_set_max_continuations(option, settings.maxContinuationFrames)
+        let resetLimit = Self.engineResetRateLimit(settings)
+        nghttp2_option_set_stream_reset_rate_limit(option, resetLimit.burst, resetLimit.perSecond)
         // The ceiling nghttp2 enforces as a connection error; Weir refuses
         // streams over the configured limit itself (HTTP2StreamLimit.swift).
         var created: OpaquePointer?
@@ -195,6 +198,22 @@ final class HTTP2DownstreamConnection: ChannelInboundHandler {
         let window = nghttp2_session_set_local_window_size(created, UInt8(NGHTTP2_FLAG_NONE.rawValue), 0,
                                                            Int32(clamping: settings.connectionWindowSize))
         guard window == 0 else { throw SessionError(call: "nghttp2_session_set_local_window_size", code: Int(window)) }
+    }
+
+    /// nghttp2's own Rapid Reset guard (CVE-2023-44487, Debian's 1.52 has
+    /// it backported): a token bucket of client RST_STREAMs, GOAWAY
+    /// INTERNAL_ERROR when empty. Left at its defaults (1000 at once, 33 a
+    /// second) it would cut connections the configured max_resets per
+    /// reset_window still allows, so it gets the same budget: max_resets at
+    /// once, refilled at max_resets per reset_window. Weir's own count
+    /// (`clientResetStream`) sees each RST_STREAM first (nghttp2 calls the
+    /// frame callback before it takes a token), so within a window the
+    /// client gets Weir's GOAWAY ENHANCE_YOUR_CALM; the bucket also holds a
+    /// flood that straddles two of Weir's fixed windows to that rate.
+    static func engineResetRateLimit(_ settings: HTTP2ListenerSettings) -> (burst: UInt64, perSecond: UInt64) {
+        let window = Double(max(settings.resetWindow.nanoseconds, 1))
+        let perSecond = (Double(settings.maxResets) * 1e9 / window).rounded(.up)
+        return (UInt64(settings.maxResets), max(1, UInt64(min(perSecond, Double(UInt32.max)))))
     }
 
     // MARK: - Lifecycle
@@ -357,8 +376,10 @@ final class HTTP2DownstreamConnection: ChannelInboundHandler {
         submitReset(streamID, code: NGHTTP2_REFUSED_STREAM)
     }
 
-    /// A stream's request was malformed (HTTP2ServerStream resets it), or
-    /// nghttp2 found a frame invalid: counted against `max_glitches`.
+    /// A stream's request was malformed (HTTP2ServerStream resets it, or
+    /// answers 400/414/431/501 when its head breaks the HTTP/1.1 head rules
+    /// or limits), or nghttp2 found a frame invalid: counted against
+    /// `max_glitches`, once per event; the one past it closes the connection.
     func receivedMalformedRequest(on streamID: Int32, error: Error) {
         loopContext.logger.debug("HTTP/2 malformed request", metadata: ["client": "\(clientIP)", "error": "\(error)"])
         countGlitch()

@@ -17,9 +17,11 @@ import WeirCore
 /// chunked. What RFC 9113 §8.1.1-8.2 calls malformed (pseudo-header
 /// errors, uppercase names, connection-specific fields, `te` other than
 /// `trailers`, CR/LF/NUL in values, a body that disagrees with
-/// content-length, a header list over max_header_list_size) is refused
-/// first with a stream error PROTOCOL_ERROR (HTTP2RequestFields, checked in
-/// the pass that writes the head).
+/// content-length, trailers over max_header_list_size) is refused first
+/// with a stream error PROTOCOL_ERROR (HTTP2RequestFields, checked in the
+/// pass that writes the head). A request head over max_header_list_size is
+/// answered 431 (the proxy's JSON error with its request id), the
+/// connection kept.
 ///
 /// Backpressure: body bytes are consumed from the stream's receive window
 /// (nghttp2_session_consume_stream, which sends WINDOW_UPDATE) only while
@@ -175,7 +177,16 @@ final class HTTP2ServerStream: ExchangeDownstream {
     func headerBlockEnded(endStream: Bool) {
         guard !gone else { return }
         if connection.receivingTooLarge {
-            return rejectMalformedStream(HTTP2RequestFields.Malformed.headerListTooLarge)
+            // Trailers cannot be answered (the response may be under way).
+            if headSeen { return rejectMalformedStream(HTTP2RequestFields.Malformed.headerListTooLarge) }
+            headSeen = true
+            if endStream { clientEnded = true }
+            // nghttp2 decoded the whole block (the HPACK table stays in step
+            // with the client's); only the fields past the limit were not
+            // kept. A request refused with a status, as nginx and Envoy do.
+            connection.receivedMalformedRequest(on: streamID, error: HTTP2RequestFields.Malformed.headerListTooLarge)
+            return refuseRequest(.headersTooLarge, message:
+                "request header list over max_header_list_size (\(connection.settings.maxHeaderListSize) bytes)")
         }
         let receivedFields = connection.receivingFields
         if !headSeen {
@@ -353,13 +364,23 @@ final class HTTP2ServerStream: ExchangeDownstream {
 
     /// The header list does not make a valid HTTP/1.1 head for Weir's
     /// parser: its status, in the proxy's error shape, on this stream only.
+    /// Counted against max_glitches like a reset malformed request: a
+    /// client that only sends such requests is cut off the same way.
     private func rejectMalformed(_ error: Error) {
         let parseError = error as? HTTP1ParseError ?? .invalidRequestLine
-        let kind = parseError.proxyErrorKind
+        connection.receivedMalformedRequest(on: streamID, error: parseError)
+        refuseRequest(parseError.proxyErrorKind, message: "malformed request: \(parseError)")
+    }
+
+    /// Answers the request with the proxy's error (JSON body, request id)
+    /// without routing it. The connection goes on; a request body still to
+    /// come is not read (the stream is reset NO_ERROR after the response,
+    /// `exchangeFinished`).
+    private func refuseRequest(_ kind: ProxyErrorKind, message: String) {
         let exchange = makeExchange(head: nil)
         self.exchange = exchange
         exchange.requestEnded = true
-        sendLocalResponse(exchange, kind: kind, message: "malformed request: \(parseError)", close: true)
+        sendLocalResponse(exchange, kind: kind, message: message, close: true)
     }
 
     // MARK: - Writing the response as HEADERS and DATA frames
