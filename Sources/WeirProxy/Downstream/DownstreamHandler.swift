@@ -307,17 +307,11 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
 
     func channelReadComplete(context: ChannelHandlerContext) {
         flushUpstreamIfNeeded()
-        // The next read, asked for here when wanted, so NIO's autoRead finds
-        // it pending and skips its walk from the pipeline's tail through
-        // read(context:) (see SoleHandlerIO.rearmRead). Behind the TLS
-        // handler it goes through the context: NIOSSL and TLSRecordWriter
-        // see it as before.
-        guard io.isDirect else {
-            if shouldReadDownstream { context.read() }
-            return context.fireChannelReadComplete()
-        }
-        io.rearmRead(if: shouldReadDownstream)
-        // The only handler: the pipeline's tail would discard the event.
+        // The next read, asked for here when wanted (see SoleHandlerIO.rearmRead).
+        io.rearmRead(if: shouldReadDownstream, context: context)
+        // Behind the TLS handler the event goes on as before; as the only
+        // handler, the pipeline's tail would discard it.
+        if !io.isDirect { context.fireChannelReadComplete() }
     }
 
     private func flushUpstreamIfNeeded() {

@@ -159,14 +159,15 @@ final class SoleHandlerIO {
         }
     }
 
-    /// At the end of a read event (`channelReadComplete`): when direct and
-    /// the owner wants more, asks for the next read on the core. NIO's
-    /// autoRead then finds a read already pending and skips its walk
-    /// through the pipeline (`readIfNeeded0`); when the owner does not want
-    /// more, NIO's walk reaches its `read(context:)`, which holds the read
-    /// back as before. Through a pipeline with other handlers it does
-    /// nothing: NIO's autoRead asks as usual.
-    func rearmRead(if wanted: Bool) {
-        if wanted, let core { core.read0() }
+    /// At the end of a read event (`channelReadComplete`): when the owner
+    /// wants more, asks for the next read now, on the core when direct and
+    /// through the context otherwise (behind TLS or an HTTP/2 stream codec
+    /// the handlers in front see it as before). NIO's autoRead then finds a
+    /// read already pending and skips its walk from the pipeline's tail
+    /// through every handler's `read(context:)` (`readIfNeeded0`). When the
+    /// owner does not want more, NIO's walk reaches its `read(context:)`,
+    /// which holds the read back as before.
+    func rearmRead(if wanted: Bool, context: ChannelHandlerContext) {
+        if wanted { read(context: context) }
     }
 }

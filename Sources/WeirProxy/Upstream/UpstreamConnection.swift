@@ -367,8 +367,9 @@ final class UpstreamHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     func channelReadComplete(context: ChannelHandlerContext) {
         if let connection { delegate?.upstreamReadComplete(on: connection) }
-        // The next read, asked for here when wanted (see SoleHandlerIO.rearmRead).
-        io.rearmRead(if: io.isDirect && !readPaused)
+        // The next read, asked for here when wanted (see SoleHandlerIO.rearmRead),
+        // also behind TLS and an HTTP/2 stream codec.
+        io.rearmRead(if: !readPaused, context: context)
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
