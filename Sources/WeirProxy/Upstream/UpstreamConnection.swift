@@ -152,7 +152,14 @@ final class UpstreamHandler: ChannelDuplexHandler, RemovableChannelHandler {
     typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
-    weak var delegate: UpstreamConnectionDelegate?
+    weak var delegate: UpstreamConnectionDelegate? {
+        didSet { delegateAssignments &+= 1 }
+    }
+    /// Counts assignments to `delegate`: a read event loads the weak
+    /// reference once and loads it again only after a callback (re)assigned
+    /// it (detach, close, a retry's attach). Each weak load is a call into
+    /// the runtime plus a retain and a release (~6 per response before).
+    private var delegateAssignments: UInt = 0
     /// Strong on purpose: the connection object must outlive a close the
     /// exchange started (late bytes still arrive here). The cycle is broken
     /// when the channel goes inactive or this handler is removed (tunnel).
@@ -246,13 +253,14 @@ final class UpstreamHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard let connection else { return }
-        guard let clock = delegate?.loopClock else {
+        guard let delegate else {
             // An idle pooled connection must stay silent, and a connection an
             // exchange gave up on is finished; either way never reuse it.
             connection.reusable = false
             context.close(promise: nil)
             return
         }
+        let clock = delegate.loopClock
         clock.enterEvent()
         defer { clock.leaveEvent() }
         let buffer = unwrapInboundIn(data)
@@ -262,7 +270,7 @@ final class UpstreamHandler: ChannelDuplexHandler, RemovableChannelHandler {
             var buffer = buffer
             inbound.writeBuffer(&buffer)
         }
-        process(connection)
+        process(connection, delegate: delegate)
         // Drained: let go of the read's storage. Holding it (even empty)
         // makes a TLS upstream's NIOSSLHandler copy its whole 32 KB
         // plaintext buffer on the next decode (copy-on-write), once per
@@ -271,88 +279,116 @@ final class UpstreamHandler: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     /// Parses what is buffered and reports it, part by part, while an
-    /// exchange is attached (a callback may detach, close or re-attach).
-    private func process(_ connection: UpstreamConnection) {
+    /// exchange is attached. `delegate` is the one channelRead loaded; a
+    /// callback may detach, close or re-attach, and then the weak
+    /// reference is read again (`reportParts` returns true).
+    private func process(_ connection: UpstreamConnection, delegate: UpstreamConnectionDelegate) {
         guard !processing else { return }
         processing = true
         defer { processing = false }
         do {
-            while let delegate, self.connection != nil {
-                switch body {
-                case .head:
-                    guard inbound.readableBytes > 0,
-                          let head = try parser.parse(&inbound, requestMethod: requestMethod) else { return }
-                    // `consume`: the head moves into the reported part
-                    // instead of being copied (its buffer and field index
-                    // retained) and destroyed twice per response.
-                    if head.isInterim {
-                        delegate.upstreamRead(.head(consume head), on: connection)
-                        continue
+            var delegateChanged = try reportParts(connection, to: delegate)
+            while delegateChanged {
+                guard let next = self.delegate, self.connection != nil else {
+                    // Nobody attached (released to the pool, or dropped) yet
+                    // bytes are left: the upstream sent more than one response.
+                    if inbound.readableBytes > 0, case .head = body, self.connection != nil {
+                        connection.reusable = false
+                        context?.close(promise: nil)
                     }
-                    if head.status == 101 {
-                        body = .tunnel
-                        delegate.upstreamRead(.head(consume head), on: connection)
-                        self.delegate?.upstreamRead(.end(nil), on: connection)
-                        return
-                    }
-                    let framing = head.framing
-                    switch framing {
-                    case .none, .contentLength(0):
-                        delegate.upstreamRead(.head(consume head), on: connection)
-                        self.delegate?.upstreamRead(.end(nil), on: connection)
-                    case .contentLength(let length):
-                        body = .contentLength(remaining: length)
-                        delegate.upstreamRead(.head(consume head), on: connection)
-                    case .chunked:
-                        body = .chunked(HTTP1ChunkedDecoder())
-                        delegate.upstreamRead(.head(consume head), on: connection)
-                    case .untilClose:
-                        body = .untilClose
-                        delegate.upstreamRead(.head(consume head), on: connection)
-                    }
-                case .contentLength(let remaining):
-                    let available = inbound.readableBytes
-                    guard available > 0 else { return }
-                    let n = min(remaining, available)
-                    let slice = inbound.readSlice(length: n)!
-                    if n == remaining {
-                        body = .head
-                        delegate.upstreamRead(.body(slice), on: connection)
-                        self.delegate?.upstreamRead(.end(nil), on: connection)
-                    } else {
-                        body = .contentLength(remaining: remaining - n)
-                        delegate.upstreamRead(.body(slice), on: connection)
-                    }
-                case .chunked(var decoder):
-                    let event = try decoder.next(&inbound)
-                    switch event {
-                    case .needMoreData:
-                        body = .chunked(decoder)
-                        return
-                    case .data(let slice):
-                        body = .chunked(decoder)
-                        delegate.upstreamRead(.body(slice), on: connection)
-                    case .end(let trailers):
-                        body = .head
-                        delegate.upstreamRead(.end(trailers), on: connection)
-                    }
-                case .untilClose:
-                    guard inbound.readableBytes > 0 else { return }
-                    let all = inbound.readSlice(length: inbound.readableBytes)!
-                    delegate.upstreamRead(.body(all), on: connection)
-                case .tunnel:
                     return
                 }
-            }
-            // Nobody attached (released to the pool, or dropped) yet bytes
-            // are left: the upstream sent more than one response.
-            if inbound.readableBytes > 0, case .head = body, self.connection != nil {
-                connection.reusable = false
-                context?.close(promise: nil)
+                delegateChanged = try reportParts(connection, to: next)
             }
         } catch {
             fail(error)
         }
+    }
+
+    /// Reports parsed parts to `delegate` while it stays the attached one:
+    /// true when a callback assigned `delegate` (the caller reloads it),
+    /// false when nothing more can be reported now.
+    private func reportParts(_ connection: UpstreamConnection, to delegate: UpstreamConnectionDelegate) throws -> Bool {
+        let loadedAt = delegateAssignments
+        // The end of a response right after its head or last body bytes: to
+        // whoever is attached after that callback.
+        func reportEnd() {
+            if loadedAt == delegateAssignments {
+                delegate.upstreamRead(.end(nil), on: connection)
+            } else {
+                self.delegate?.upstreamRead(.end(nil), on: connection)
+            }
+        }
+        while self.connection != nil {
+            guard loadedAt == delegateAssignments else { return true }
+            switch body {
+            case .head:
+                guard inbound.readableBytes > 0,
+                      let head = try parser.parse(&inbound, requestMethod: requestMethod) else { return false }
+                // `consume`: the head moves into the reported part
+                // instead of being copied (its buffer and field index
+                // retained) and destroyed twice per response.
+                if head.isInterim {
+                    delegate.upstreamRead(.head(consume head), on: connection)
+                    continue
+                }
+                if head.status == 101 {
+                    body = .tunnel
+                    delegate.upstreamRead(.head(consume head), on: connection)
+                    reportEnd()
+                    return false
+                }
+                let framing = head.framing
+                switch framing {
+                case .none, .contentLength(0):
+                    delegate.upstreamRead(.head(consume head), on: connection)
+                    reportEnd()
+                case .contentLength(let length):
+                    body = .contentLength(remaining: length)
+                    delegate.upstreamRead(.head(consume head), on: connection)
+                case .chunked:
+                    body = .chunked(HTTP1ChunkedDecoder())
+                    delegate.upstreamRead(.head(consume head), on: connection)
+                case .untilClose:
+                    body = .untilClose
+                    delegate.upstreamRead(.head(consume head), on: connection)
+                }
+            case .contentLength(let remaining):
+                let available = inbound.readableBytes
+                guard available > 0 else { return false }
+                let n = min(remaining, available)
+                let slice = inbound.readSlice(length: n)!
+                if n == remaining {
+                    body = .head
+                    delegate.upstreamRead(.body(slice), on: connection)
+                    reportEnd()
+                } else {
+                    body = .contentLength(remaining: remaining - n)
+                    delegate.upstreamRead(.body(slice), on: connection)
+                }
+            case .chunked(var decoder):
+                let event = try decoder.next(&inbound)
+                switch event {
+                case .needMoreData:
+                    body = .chunked(decoder)
+                    return false
+                case .data(let slice):
+                    body = .chunked(decoder)
+                    delegate.upstreamRead(.body(slice), on: connection)
+                case .end(let trailers):
+                    body = .head
+                    delegate.upstreamRead(.end(trailers), on: connection)
+                }
+            case .untilClose:
+                guard inbound.readableBytes > 0 else { return false }
+                let all = inbound.readSlice(length: inbound.readableBytes)!
+                delegate.upstreamRead(.body(all), on: connection)
+            case .tunnel:
+                return false
+            }
+        }
+        // The connection was dropped by a callback.
+        return false
     }
 
     /// A response the codec refused: the exchange sees a failed upstream (502).
