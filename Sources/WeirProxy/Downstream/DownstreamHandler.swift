@@ -259,7 +259,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
                 } catch {
                     return rejectMalformed(error)
                 }
-                beginRequest(head)
+                beginRequest(consume head)
             case .contentLength(let remaining):
                 guard let exchange, inbound.readableBytes > 0 else { return }
                 let n = min(remaining, inbound.readableBytes)
@@ -426,7 +426,8 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
 
     /// A parsed HTTP/1.1 head: sets up how its body is read, then hands the
     /// request to the exchange logic.
-    private func beginRequest(_ wire: HTTP1RequestHead) {
+    /// `consuming`: the head moves into the `RequestHead` (see its init).
+    private func beginRequest(_ wire: consuming HTTP1RequestHead) {
         connectionTimer.set(nil)
         sawHeadBytes = false
         // The parser has already refused every smuggling shape (CL+TE,
@@ -445,12 +446,13 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
         }
         framing.expectsContinue = wire.expectsContinue
         framing.teTrailers = wire.facts.teTrailersOnly && wire.fields.entries.contains { $0.known == .te }
-        let head = RequestHead(wire)
+        let keepAlive = wire.keepAlive, wantsUpgrade = wire.wantsUpgrade
+        let head = RequestHead(consume wire)
         let exchange = makeExchange(head: head)
         self.exchange = exchange
-        exchange.keepAlive = wire.keepAlive && !draining
+        exchange.keepAlive = keepAlive && !draining
         exchange.framing = framing
-        exchange.isUpgrade = wire.wantsUpgrade
+        exchange.isUpgrade = wantsUpgrade
         if exchange.isUpgrade { decoderStopped = true; exchange.keepAlive = false }
         if !framing.hasBody {
             exchange.bodyless = true

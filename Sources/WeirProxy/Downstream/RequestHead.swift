@@ -29,14 +29,24 @@ final class RequestHead {
     let receivedOverHTTP2: Bool
     let wire: HTTP1RequestHead
 
-    init(_ wire: HTTP1RequestHead, receivedOverHTTP2: Bool = false) {
+    /// `consuming`: the parsed head moves in (a copy would retain its
+    /// buffer and field index and the caller's would be destroyed after).
+    init(_ wire: consuming HTTP1RequestHead, receivedOverHTTP2: Bool = false) {
         self.method = wire.method.nioMethod ?? HTTPMethod(rawValue: wire.methodString)
         self.isHTTP10 = wire.version.minor == 0
         self.receivedOverHTTP2 = receivedOverHTTP2
         self.version = isHTTP10 ? .http1_0 : .http1_1
         self.uri = wire.target
         self.host = wire.host
-        self.wire = wire
+        self.wire = consume wire
+    }
+
+    /// The upstream head (`HTTP1HeadWriter.writeRequest`) from `wire` read
+    /// in place: a method, so `self` is held for the call and the `let`
+    /// is borrowed; the caller's `head.wire` was copied (its buffer and
+    /// field index retained, then released) for the call.
+    func writeUpstream(edits: borrowing HTTP1HeadEdits, into out: inout ByteBuffer) {
+        HTTP1HeadWriter.writeRequest(wire, edits: edits, into: &out)
     }
 
     /// The request target up to its `?`, for logs. A byte search:

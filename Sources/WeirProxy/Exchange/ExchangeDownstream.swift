@@ -346,7 +346,7 @@ extension ExchangeDownstream {
         let head = exchange.head!
         var out = connection.takeHeadBuffer(capacity: head.wire.bytes.readableBytes + 256)
         guard let plugins = exchange.plugins, plugins.upstreamHeadEdited else {
-            HTTP1HeadWriter.writeRequest(head.wire, edits: exchange.upstreamEdits!, into: &out)
+            head.writeUpstream(edits: exchange.upstreamEdits!, into: &out)
             return (out, exchange.framing.chunked, head.wire.method)
         }
         // Plugins may have changed the method or the framing (set_body).

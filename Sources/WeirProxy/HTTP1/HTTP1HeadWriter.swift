@@ -102,7 +102,9 @@ public enum HTTP1HeadWriter {
     /// `method` replaces the client's (a plugin's `set_method`); it is a
     /// parameter, not part of `HTTP1HeadEdits`, because every field the
     /// edits carry is copied and released on every request (callgrind).
-    public static func writeRequest(_ head: HTTP1RequestHead, edits: HTTP1HeadEdits, method: String? = nil,
+    /// `borrowing`: the head and edits are read where they are (they live
+    /// in the exchange's objects), never copied and released.
+    public static func writeRequest(_ head: borrowing HTTP1RequestHead, edits: borrowing HTTP1HeadEdits, method: String? = nil,
                                     into out: inout ByteBuffer) {
         let fields = head.fields
         // Without a new method or target, method SP target are copied as one range.
