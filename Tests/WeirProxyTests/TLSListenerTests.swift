@@ -182,6 +182,30 @@ final class TLSListenerTests: XCTestCase {
         XCTAssertEqual(curl.result.stdout, String(repeating: "x", count: 2_000_000) + "\n200ok from plain\n200")
     }
 
+    /// Behind TLS the HTTP handler writes to NIOSSLHandler and asks the
+    /// socket for reads directly (SoleHandlerIO "Behind TLS"): an upload
+    /// larger than the socket buffers (reads paused while the upstream
+    /// connection is not writable, then resumed) and pipelined requests
+    /// decrypted from one read are all served, in order, on one connection.
+    func testLargeUploadThenPipelinedRequestsOnOneConnection() throws {
+        let harness = try proxy(.test(pki, certificates: ["a"]))
+        defer { harness.stop() }
+        let client = try TLSTestClient(group: group, port: harness.port, serverName: "a.example.com", ca: pki.cert("ca"))
+        defer { client.close() }
+        let size = 4_000_000
+        var upload = ByteBuffer(string: "POST /sink HTTP/1.1\r\nHost: a.example.com\r\ncontent-length: \(size)\r\n\r\n")
+        upload.writeRepeatingByte(UInt8(ascii: "u"), count: size)
+        let uploaded = try client.send(upload, responses: 1)
+        XCTAssertEqual(uploaded[0].0, 200)
+        XCTAssertEqual(uploaded[0].1, String(size), "the upstream saw the whole body")
+
+        let pipelined = (0..<3).map { "GET /n/\($0) HTTP/1.1\r\nHost: a.example.com\r\n\r\n" }.joined()
+        let responses = try client.send(ByteBuffer(string: pipelined), responses: 3)
+        XCTAssertEqual(responses.map(\.0), [200, 200, 200])
+        XCTAssertEqual(responses.map(\.1), Array(repeating: "ok from plain", count: 3))
+        XCTAssertEqual(upstream.requests.suffix(3).map(\.uri), ["/n/0", "/n/1", "/n/2"])
+    }
+
     func testPlainHTTPOnTheTLSPortIsClosedAndSlotsAreReleased() throws {
         let harness = try proxy(.test(pki, certificates: ["a"]))
         defer { harness.stop() }

@@ -184,19 +184,26 @@ final class TLSTestClient {
         var request = "GET \(path) HTTP/1.1\r\nHost: \(host)\r\n"
         for (name, value) in headers { request += "\(name): \(value)\r\n" }
         request += "\r\n"
-        var buffer = channel.allocator.buffer(capacity: request.utf8.count)
-        buffer.writeString(request)
-        try channel.writeAndFlush(buffer).wait()
+        return try send(ByteBuffer(string: request), responses: 1)[0]
+    }
+
+    /// Writes `bytes` as they are (one request, several pipelined ones, a
+    /// request with its body) and returns the `count` (status, body)
+    /// responses that arrive, in order.
+    func send(_ bytes: ByteBuffer, responses count: Int) throws -> [(Int, String)] {
+        try channel.writeAndFlush(bytes).wait()
+        var responses: [(Int, String)] = []
         let deadline = Date().addingTimeInterval(10)
         while Date() < deadline {
-            if let response = takeResponse() {
+            while responses.count < count, let response = takeResponse() {
                 lastHeaders = response.2
-                return (response.0, response.1)
+                responses.append((response.0, response.1))
             }
+            if responses.count == count { return responses }
             guard channel.isActive else { break }
             usleep(2000)
         }
-        throw TestPKI.Failure(description: "no complete response (connection active: \(channel.isActive))")
+        throw TestPKI.Failure(description: "\(responses.count) of \(count) responses (connection active: \(channel.isActive))")
     }
 
     private func takeResponse() -> (Int, String, [String: String])? {

@@ -126,6 +126,8 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
         io.attach(context, soleHandler: soleHandler)
+        // https: writes, flushes and reads straight to NIOSSLHandler / the core.
+        if tls != nil { io.attachBehindTLS(context) }
         allocator = context.channel.allocator
         connectionTimer.setUp(loop: context.eventLoop) { [weak self] in self?.connectionTimerFired() }
         exchangeTimer.setUp(loop: context.eventLoop) { [weak self] in self?.exchangeTimerFired() }
@@ -309,8 +311,8 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
         flushUpstreamIfNeeded()
         // The next read, asked for here when wanted (see SoleHandlerIO.rearmRead).
         io.rearmRead(if: shouldReadDownstream, context: context)
-        // Behind the TLS handler the event goes on as before; as the only
-        // handler, the pipeline's tail would discard it.
+        // Direct (the only handler, or behind TLS) it is the last handler:
+        // the pipeline's tail would discard the event.
         if !io.isDirect { context.fireChannelReadComplete() }
     }
 

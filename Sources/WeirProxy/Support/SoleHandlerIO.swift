@@ -4,6 +4,7 @@ import Glibc
 import Darwin
 #endif
 import NIOCore
+import NIOSSL
 
 /// Writes, flushes and read requests of an HTTP/1.1 handler (downstream or
 /// upstream), sent straight to the channel's core or socket when the
@@ -39,9 +40,24 @@ import NIOCore
 /// over to others (WebSocket tunnel, HTTP/2) is removed from the pipeline
 /// first or at the same time, which `detach()` follows (a held buffer then
 /// goes to NIO, unflushed, as it would have been).
+///
+/// **Behind TLS** (`attachBehindTLS`: an https listener's or a TLS
+/// upstream's HTTP/1.1 handler, whose pipeline is TLSRecordWriter ─▶
+/// NIOSSLHandler ─▶ owner): writes and flushes are NIOSSLHandler's
+/// `write`/`flush` called with its own context, and read requests the
+/// core's `read0`: what `context.write`/`flush`/`read` reach through the
+/// pipeline (the handlers in between, TLSHandshakeRecorder and
+/// HandshakeWaiter while they stay, and NIOSSLHandler for reads, pass
+/// these on unchanged; TLSRecordWriter forwards reads to `read0`), without
+/// the context hops. See BENCHMARKS.md "tlsio" (2026-11-30).
 final class SoleHandlerIO {
     /// The channel's core while the owner is the pipeline's only handler.
     private var core: ChannelCore?
+    /// Behind TLS: the TLS handler and its context (writes, flushes) and
+    /// the channel's core (reads).
+    private var tlsHandler: NIOSSLHandler?
+    private var tlsContext: ChannelHandlerContext?
+    private var readCore: ChannelCore?
     /// The socket's descriptor access (checks the socket is still open).
     private var socket: (any NIOTransportAccessibleChannelCore<NIOBSDSocket.Handle>)?
     /// The one buffer written since the last flush, not given to NIO yet.
@@ -65,6 +81,17 @@ final class SoleHandlerIO {
         self.nioMayHoldWrites = nioMayHoldWrites
     }
 
+    /// Called from `handlerAdded` of a handler whose pipeline holds a
+    /// NIOSSLHandler in front of it and nothing behind it (see "Behind
+    /// TLS" above). Without one (not expected) calls go through `context`.
+    func attachBehindTLS(_ context: ChannelHandlerContext) {
+        guard let tls = try? context.pipeline.syncOperations.context(handlerType: NIOSSLHandler.self),
+              let handler = tls.handler as? NIOSSLHandler else { return }
+        tlsHandler = handler
+        tlsContext = tls
+        readCore = context.channel._channelCore
+    }
+
     /// Called from `handlerRemoved` (also breaks the channel -> handler ->
     /// core cycle). A held buffer goes to NIO unflushed, where it would
     /// have been without this type.
@@ -75,6 +102,9 @@ final class SoleHandlerIO {
         }
         core = nil
         socket = nil
+        tlsHandler = nil
+        tlsContext = nil
+        readCore = nil
     }
 
     /// A close drops unflushed writes (NIO fails its own): a held buffer
@@ -83,10 +113,14 @@ final class SoleHandlerIO {
         held = nil
     }
 
-    /// Whether calls go straight to the channel's core.
-    var isDirect: Bool { core != nil }
+    /// Whether read requests go straight to the channel's core (the only
+    /// handler, or behind TLS).
+    var isDirect: Bool { core != nil || readCore != nil }
 
     func write(_ buffer: ByteBuffer, context: ChannelHandlerContext, promise: EventLoopPromise<Void>?) {
+        if let tlsHandler, let tlsContext {
+            return tlsHandler.write(context: tlsContext, data: NIOAny(buffer), promise: promise)
+        }
         guard let core else { return context.write(NIOAny(buffer), promise: promise) }
         if promise == nil && held == nil && socket != nil && buffer.readableBytes <= Self.maxHeldBytes
             && nioHoldsNoWrites(context) {
@@ -103,6 +137,7 @@ final class SoleHandlerIO {
     }
 
     func flush(context: ChannelHandlerContext) {
+        if let tlsHandler, let tlsContext { return tlsHandler.flush(context: tlsContext) }
         guard let core else { return context.flush() }
         guard let buffer = held else {
             // Nothing held: NIO's writes (if any) are flushed by NIO.
@@ -152,7 +187,7 @@ final class SoleHandlerIO {
 
     /// Asks for the next read (what `context.read()` from the handler does).
     func read(context: ChannelHandlerContext) {
-        if let core {
+        if let core = core ?? readCore {
             core.read0()
         } else {
             context.read()
@@ -160,13 +195,14 @@ final class SoleHandlerIO {
     }
 
     /// At the end of a read event (`channelReadComplete`): when the owner
-    /// wants more, asks for the next read now, on the core when direct and
-    /// through the context otherwise (behind TLS or an HTTP/2 stream codec
-    /// the handlers in front see it as before). NIO's autoRead then finds a
-    /// read already pending and skips its walk from the pipeline's tail
-    /// through every handler's `read(context:)` (`readIfNeeded0`). When the
-    /// owner does not want more, NIO's walk reaches its `read(context:)`,
-    /// which holds the read back as before.
+    /// wants more, asks for the next read now, on the core when direct (the
+    /// only handler, or behind TLS) and through the context otherwise
+    /// (behind an HTTP/2 stream codec the handlers in front see it as
+    /// before). NIO's autoRead then finds a read already pending and skips
+    /// its walk from the pipeline's tail through every handler's
+    /// `read(context:)` (`readIfNeeded0`). When the owner does not want
+    /// more, NIO's walk reaches its `read(context:)`, which holds the read
+    /// back as before.
     func rearmRead(if wanted: Bool, context: ChannelHandlerContext) {
         if wanted { read(context: context) }
     }

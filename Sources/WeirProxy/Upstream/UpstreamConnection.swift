@@ -169,6 +169,7 @@ final class UpstreamHandler: ChannelDuplexHandler, RemovableChannelHandler {
     /// plain `context.write` would overtake a buffer it holds until the flush.
     private let io = SoleHandlerIO()
     private let soleHandler: Bool
+    private let behindTLS: Bool
     private var readPaused = false
     private var pendingRead = false
 
@@ -191,13 +192,17 @@ final class UpstreamHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     /// `soleHandler`: nothing else is in the pipeline while this handler is
     /// (a plain TCP connection: no TLS handler, not an HTTP/2 stream).
-    init(soleHandler: Bool = false) {
+    /// `behindTLS`: the client TLS handler is in front of it, nothing else
+    /// behind it (a TLS upstream; see SoleHandlerIO).
+    init(soleHandler: Bool = false, behindTLS: Bool = false) {
         self.soleHandler = soleHandler
+        self.behindTLS = behindTLS
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
         io.attach(context, soleHandler: soleHandler)
+        if behindTLS { io.attachBehindTLS(context) }
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
@@ -612,7 +617,7 @@ final class TargetPool {
                     // TLS upstreams: the client TLS handler first (TLS/UpstreamTLS.swift).
                     try tlsContext?.addClientHandler(to: channel, targetHost: host)
                     // Without TLS it is the pipeline's only handler.
-                    try channel.pipeline.syncOperations.addHandler(UpstreamHandler(soleHandler: tlsContext == nil))
+                    try channel.pipeline.syncOperations.addHandler(UpstreamHandler(soleHandler: tlsContext == nil, behindTLS: tlsContext != nil))
                     return channel.eventLoop.makeSucceededVoidFuture()
                 } catch {
                     return channel.eventLoop.makeFailedFuture(error)
