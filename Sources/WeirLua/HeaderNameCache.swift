@@ -1,6 +1,7 @@
 import CLua
 import CLuaShims
 import Foundation
+import WeirCore
 
 /// The Swift `String` of a header name argument, kept per Lua string.
 ///
@@ -20,6 +21,11 @@ import Foundation
 /// The same works for header *values* that are constants of the plugin
 /// (rate-limiting's limits and reset texts, a consumer's name): a cache made
 /// with `lowercased: false` keeps the text as it is.
+///
+/// Each entry also keeps whether its text can be written into a head as is
+/// (a name: a token; a value: no CR/LF/NUL), checked once when cached: the
+/// header setters pass only checked names and values on, so the proxy does
+/// not scan the same constant bytes on every request.
 ///
 /// One per Lua state, used only on its event loop (like the state).
 final class HeaderNameCache {
@@ -42,6 +48,7 @@ final class HeaderNameCache {
     private static let pairCount = 64                  // a power of two
     private var addresses = [UnsafeRawPointer?](repeating: nil, count: 2 * pairCount)
     private var names = [String](repeating: "", count: 2 * pairCount)
+    private var fits = [Bool](repeating: false, count: 2 * pairCount)
     /// Per pair, the slot (0/1) the next new name replaces.
     private var nextVictim = [UInt8](repeating: 0, count: pairCount)
 
@@ -62,7 +69,13 @@ final class HeaderNameCache {
 
     /// The header name at `index`, lower-cased (as it is for a value cache);
     /// nil if it is not a string.
-    func name(at index: Int32, on L: LuaThread) -> String? {
+    @inline(__always)
+    func name(at index: Int32, on L: LuaThread) -> String? { checkedText(at: index, on: L)?.text }
+
+    /// The string at `index` (lower-cased for a name cache) and whether it
+    /// fits a head as is: a token for a name cache, no CR/LF/NUL for a value
+    /// cache (`HTTPFieldSyntax`). nil if it is not a string.
+    func checkedText(at index: Int32, on L: LuaThread) -> (text: String, fits: Bool)? {
         var length = 0
         guard let p = weir_tostring(L, index, &length) else { return nil }
         let address = UnsafeRawPointer(p)
@@ -70,9 +83,11 @@ final class HeaderNameCache {
         // (TStrings are 16-byte aligned and allocated close together).
         let hash = UInt(bitPattern: Int(bitPattern: address)) &* 0x9E37_79B9_7F4A_7C15
         let pair = Int(truncatingIfNeeded: hash >> 58) & (Self.pairCount - 1)
-        if addresses[2 * pair] == address { return names[2 * pair] }
-        if addresses[2 * pair + 1] == address { return names[2 * pair + 1] }
+        if addresses[2 * pair] == address { return (names[2 * pair], fits[2 * pair]) }
+        if addresses[2 * pair + 1] == address { return (names[2 * pair + 1], fits[2 * pair + 1]) }
         guard let name = lowercased ? LuaState.headerName(at: index, on: L) : LuaState.string(at: index, on: L) else { return nil }
+        let bytes = UnsafeRawBufferPointer(start: address, count: length)
+        let fit = lowercased ? HTTPFieldSyntax.isToken(bytes) : HTTPFieldSyntax.isValidFieldValue(bytes)
         // Only short strings are interned (LUAI_MAXSHORTLEN 40): a long one
         // is a fresh object each time, not worth a slot.
         if length <= 40 {
@@ -85,8 +100,9 @@ final class HeaderNameCache {
             weir_pop(L, 1)
             addresses[slot] = address
             names[slot] = name
+            fits[slot] = fit
         }
-        return name
+        return (name, fit)
     }
 }
 

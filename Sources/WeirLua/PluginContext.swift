@@ -42,7 +42,11 @@ public enum PluginPhase: String, CaseIterable, Sendable {
 /// lazily, only when a plugin asks (`weir.request.get_header` calls
 /// `requestHeader`), so nothing is copied into Lua up front.
 ///
-/// Header names passed in are lower-cased by the runtime.
+/// Header names passed in are lower-cased by the runtime. The header
+/// setters (`set…Header`, `add…Header`) get only names that are tokens and
+/// values without CR, LF or NUL: the runtime checks them (once per Lua
+/// string) and drops or clears instead (see SDKNatives' `HeaderChange`), so
+/// an implementation can write them into a head as they are.
 public protocol PluginRequestContext: AnyObject {
     var requestID: String { get }
 

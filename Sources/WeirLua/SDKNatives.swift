@@ -120,12 +120,26 @@ private func number(at index: Int32, on L: LuaThread) -> Double? {
 private func badArgument(_ L: LuaThread) -> NativeReturn { .fallback }
 
 /// A header value as the setters take it: a string, or an integer as text
-/// (a float is formatted by the Lua side, as Lua writes it).
-private func headerValue(at index: Int32, on L: LuaThread, cache: HeaderNameCache) -> String? {
+/// (a float is formatted by the Lua side, as Lua writes it); with whether
+/// it fits a head (see HeaderNameCache; an integer's text always does).
+private func headerValue(at index: Int32, on L: LuaThread, cache: HeaderNameCache) -> (text: String, fits: Bool)? {
     switch lua_type(L, index) {
-    case LUA_TSTRING: return cache.name(at: index, on: L)
-    case LUA_TNUMBER where lua_isinteger(L, index) != 0: return cache.integerText(lua_tointegerx(L, index, nil), decimalText)
+    case LUA_TSTRING: return cache.checkedText(at: index, on: L)
+    case LUA_TNUMBER where lua_isinteger(L, index) != 0: return (cache.integerText(lua_tointegerx(L, index, nil), decimalText), true)
     default: return nil
+    }
+}
+
+/// What a header setter hands the request (whose setters take only names
+/// that are tokens and values without CR/LF/NUL, PluginRequestContext): a
+/// name that is not a token names no line, so nothing changes; a value that
+/// does not fit is refused, so `set` (= clear + add) only clears.
+private enum HeaderChange {
+    case apply, clearOnly, none
+
+    @inline(__always)
+    init(name: (text: String, fits: Bool), value: (text: String, fits: Bool), replaces: Bool) {
+        if !name.fits { self = .none } else if value.fits { self = .apply } else { self = replaces ? .clearOnly : .none }
     }
 }
 
@@ -270,17 +284,25 @@ extension LuaRuntime {
         n.append(("up_get_raw_query", requestNative("weir.upstream.request.get_raw_query") { L, _, r in
             LuaState.push(r.upstreamRawQuery, on: L); return .values(1)
         }))
-        func setter(_ phases: UInt8, _ apply: @escaping (PluginRequestContext, String, String) -> Void) -> NativeFunction {
+        // `replaces`: set (a refused value still clears), not add.
+        func setter(_ phases: UInt8, replaces: Bool, _ apply: @escaping (PluginRequestContext, String, String) -> Void,
+                    clear: @escaping (PluginRequestContext, String) -> Void) -> NativeFunction {
             checkedRequestNative(phases) { L, _, r in
-                guard let name = headerNames.name(at: 1, on: L), let value = headerValue(at: 2, on: L, cache: headerValues) else {
+                guard let name = headerNames.checkedText(at: 1, on: L), let value = headerValue(at: 2, on: L, cache: headerValues) else {
                     return badArgument(L)
                 }
-                apply(r, name, value)
+                switch HeaderChange(name: name, value: value, replaces: replaces) {
+                case .apply: apply(r, name.text, value.text)
+                case .clearOnly: clear(r, name.text)
+                case .none: break
+                }
                 return .values(0)
             }
         }
-        n.append(("up_set_header", setter(PluginPhase.request.mask) { $0.setUpstreamHeader($1, $2) }))
-        n.append(("up_add_header", setter(PluginPhase.request.mask) { $0.addUpstreamHeader($1, $2) }))
+        n.append(("up_set_header", setter(PluginPhase.request.mask, replaces: true, { $0.setUpstreamHeader($1, $2) },
+                                          clear: { $0.clearUpstreamHeader($1) })))
+        n.append(("up_add_header", setter(PluginPhase.request.mask, replaces: false, { $0.addUpstreamHeader($1, $2) },
+                                          clear: { _, _ in })))
         n.append(("up_clear_header", checkedRequestNative(PluginPhase.request.mask) { L, _, r in
             guard let name = headerNames.name(at: 1, on: L) else { return badArgument(L) }
             r.clearUpstreamHeader(name); return .values(0)
@@ -337,8 +359,10 @@ extension LuaRuntime {
         n.append(("resp_get_headers", requestNative("weir.response.get_headers") { L, _, r in
             pushHeaderTable(r.responseHeaders(), on: L); return .values(1)
         }))
-        n.append(("resp_set_header", setter(PluginPhase.responseWritePhases) { $0.setResponseHeader($1, $2) }))
-        n.append(("resp_add_header", setter(PluginPhase.responseWritePhases) { $0.addResponseHeader($1, $2) }))
+        n.append(("resp_set_header", setter(PluginPhase.responseWritePhases, replaces: true, { $0.setResponseHeader($1, $2) },
+                                            clear: { $0.clearResponseHeader($1) })))
+        n.append(("resp_add_header", setter(PluginPhase.responseWritePhases, replaces: false, { $0.addResponseHeader($1, $2) },
+                                            clear: { _, _ in })))
         // set_header for each (name, value) pair, one crossing for several
         // (rate-limiting sets five per request). false at the first pair it
         // does not take; the pairs before it are set (set is idempotent, so
@@ -348,10 +372,14 @@ extension LuaRuntime {
             guard top % 2 == 0 else { return badArgument(L) }
             var i: Int32 = 1
             while i < top {
-                guard let name = headerNames.name(at: i, on: L), let value = headerValue(at: i + 1, on: L, cache: headerValues) else {
+                guard let name = headerNames.checkedText(at: i, on: L), let value = headerValue(at: i + 1, on: L, cache: headerValues) else {
                     return badArgument(L)
                 }
-                r.setResponseHeader(name, value)
+                switch HeaderChange(name: name, value: value, replaces: true) {
+                case .apply: r.setResponseHeader(name.text, value.text)
+                case .clearOnly: r.clearResponseHeader(name.text)
+                case .none: break
+                }
                 i += 2
             }
             return .values(0)

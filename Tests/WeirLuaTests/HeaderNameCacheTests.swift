@@ -40,6 +40,35 @@ final class HeaderNameCacheTests: XCTestCase {
         weir_pop(L, 1)
     }
 
+    /// Whether a text fits a head is worked out once and kept with it: a
+    /// name must be a token, a value must have no CR/LF/NUL; hit or miss,
+    /// the answer is the same.
+    func testTextsKnowWhetherTheyFitAHead() throws {
+        let state = try LuaState()
+        let L = state.main
+        let names = HeaderNameCache(on: L)
+        let values = HeaderNameCache(lowercased: false, on: L)
+        func checked(_ s: String, _ cache: HeaderNameCache) -> Bool? {
+            LuaState.push(s, on: L)
+            defer { weir_pop(L, 1) }
+            return cache.checkedText(at: -1, on: L)?.fits
+        }
+        for round in 0..<2 {
+            XCTAssertEqual(checked("X-RateLimit-Limit", names), true, "round \(round)")
+            XCTAssertEqual(checked("bad name", names), false)
+            XCTAssertEqual(checked("x-a:b", names), false)
+            XCTAssertEqual(checked("", names), false)
+            XCTAssertEqual(checked("!#$%&'*+-.^_`|~09azAZ", names), true)
+            XCTAssertEqual(checked("Key realm=\"weir\" ok", values), true)
+            XCTAssertEqual(checked("", values), true, "an empty value is a value")
+            XCTAssertEqual(checked("a\r\nset-cookie: x", values), false)
+            XCTAssertEqual(checked("a\u{0}b", values), false)
+            XCTAssertEqual(checked("a\nb", values), false)
+            let long = String(repeating: "v", count: 60) + "\r"
+            XCTAssertEqual(checked(long, values), false, "a long (uncached) string is checked too")
+        }
+    }
+
     /// A name written with upper case (`X-Consumer-Name`, as users write
     /// it) is a hit too: the same cached String comes back (same storage),
     /// and a different-case spelling still reads as its own lower case.

@@ -186,6 +186,63 @@ final class PluginHeadEditTests: PluginFolderTestCase {
         XCTAssertEqual(created.bodyText, "ok from upstream")
     }
 
+    /// Response headers set in the request phase (before any response
+    /// exists, as rate-limiting does) are kept as their result: a later set
+    /// or clear of a name drops its earlier lines, a refused value (CR/LF)
+    /// only clears, a name that is not a token changes nothing. The same on
+    /// the upstream's head and on a plugin's exit response.
+    func testRequestPhaseResponseHeadersOnUpstreamAndExitResponses() throws {
+        try folder.write("early", handler: """
+        local weir = require "weir"
+        local P = { PRIORITY = 100, VERSION = "1" }
+        function P:request(conf, ctx)
+          local r = weir.response
+          r.add_header("x-multi", "a")
+          r.add_header("x-multi", "b")
+          r.add_header("x-reset", "1")
+          r.set_header("x-reset", "2")
+          r.add_header("x-gone", "1")
+          r.clear_header("x-gone")
+          r.add_header("x-gone", "back")
+          r.set_headers("x-pair-a", "1", "x-pair-b", 7, "x-upstream", "a\\r\\nx-injected: 1", "x-after-bad", "kept")
+          r.add_header("bad name", "v")
+          r.set_header("x-nul", "a\\0b")
+          if weir.request.get_path() == "/hop" then
+            r.add_header("via", "1.1 early-hop")
+            r.set_header("connection", "close")
+          end
+          if weir.request.get_path() == "/exit" then return 418, { message = "teapot" } end
+        end
+        return P
+        """)
+        let config = ProxyHarness.config(targets: [upstream.address]) { $0.plugins = [pluginRef("early")] }
+        let proxy = try PluginProxy(config: config, folder: folder)
+        defer { proxy.stop() }
+        let client = try proxy.connect()
+        for path in ["/plain", "/exit", "/plain"] {
+            let response = try client.request("GET", path)
+            XCTAssertEqual(response.status, path == "/exit" ? 418 : 200, path)
+            XCTAssertEqual(response.headerValues("x-multi"), ["a", "b"], path)
+            XCTAssertEqual(response.headerValues("x-reset"), ["2"], path)
+            XCTAssertEqual(response.headerValues("x-gone"), ["back"], path)
+            XCTAssertEqual(response.header("x-pair-a"), "1", path)
+            XCTAssertEqual(response.header("x-pair-b"), "7", path)
+            XCTAssertEqual(response.header("x-after-bad"), "kept", path)
+            XCTAssertNil(response.header("x-upstream"), "\(path): a refused value clears the upstream's line")
+            XCTAssertNil(response.header("x-injected"), path)
+            XCTAssertNil(response.header("x-nul"), path)
+            XCTAssertFalse(response.headers.contains { $0.0.contains(" ") }, path)
+        }
+        // A Via or hop-by-hop line among them: the relay still chains the
+        // Via and drops the hop-by-hop one (the connection stays reusable).
+        let hop = try client.request("GET", "/hop")
+        XCTAssertEqual(hop.status, 200)
+        XCTAssertEqual(hop.headerValues("via"), ["1.1 early-hop, 1.1 weir"])
+        XCTAssertNil(hop.header("connection"))
+        XCTAssertEqual(hop.headerValues("x-reset"), ["2"])
+        XCTAssertEqual(try client.request("GET", "/plain").status, 200, "the same connection")
+    }
+
     func testResponseEditsOnHTTP2Streams() throws {
         try folder.write("resp", handler: responseEdits)
         try folder.write("req", handler: """

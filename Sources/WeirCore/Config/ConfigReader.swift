@@ -280,11 +280,6 @@ final class ConfigReader {
         return value
     }
 
-    static func isToken(_ text: String) -> Bool {
-        // RFC 9110 token characters, used for header names and methods.
-        !text.isEmpty && text.unicodeScalars.allSatisfy {
-            ("a"..."z").contains($0) || ("A"..."Z").contains($0) || ("0"..."9").contains($0)
-                || "!#$%&'*+-.^_`|~".unicodeScalars.contains($0)
-        }
-    }
+    /// RFC 9110 token characters, used for header names and methods.
+    static func isToken(_ text: String) -> Bool { HTTPFieldSyntax.isToken(text) }
 }

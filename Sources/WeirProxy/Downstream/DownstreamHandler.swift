@@ -513,12 +513,17 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
                 }
             }
         }
-        // Plugins' added lines, minus hop-by-hop ones and Via (chained).
-        // The array's storage is kept across responses (swapped back,
+        // Plugins' added lines, minus hop-by-hop ones and Via (chained);
+        // written as they are when none is one of those (or a Date). The
+        // filtered array's storage is kept across responses (swapped back,
         // emptied, after writing): no allocation per response.
         var added: [HTTP1AddedField] = []
         var pluginVias: [String] = []
-        if let pluginChanges, !pluginChanges.edits.added.isEmpty {
+        var addedFiltered = false
+        if let pluginChanges, !pluginChanges.edits.added.isEmpty, !pluginChanges.addedNeedReview {
+            added = pluginChanges.edits.added
+        } else if let pluginChanges, !pluginChanges.edits.added.isEmpty {
+            addedFiltered = true
             swap(&added, &responseAddedFields)
             for field in pluginChanges.edits.added {
                 switch HTTP1KnownField.classify(field.name) {
@@ -587,7 +592,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
             w.copy("\r\n")
         }
         responseHeadPending = true
-        if pluginChanges?.edits.added.isEmpty == false {
+        if addedFiltered {
             added.removeAll(keepingCapacity: true)
             swap(&added, &responseAddedFields)
         }

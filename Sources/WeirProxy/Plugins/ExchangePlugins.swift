@@ -56,7 +56,7 @@ final class ExchangePlugins: PluginRequestContext {
 
     /// Response header changes made before a response exists (request
     /// phase); applied to whatever response is finally sent.
-    private var earlyResponseOps: [(op: HeaderOp, name: String, value: String)] = []
+    private var pendingResponseHeaders = PendingResponseHeaders()
     /// The upstream's response head while the response phase runs on it,
     /// and the phase's changes as edits on its bytes (PluginHeadEdits.swift).
     private(set) var upstreamResponse: HTTP1ResponseHead?
@@ -148,48 +148,38 @@ final class ExchangePlugins: PluginRequestContext {
     /// Nothing for the response phase to do on an upstream head: no plugin
     /// implements it, no body filter re-frames the response and the request
     /// phase left no response header changes.
-    var responsePhaseIsNoop: Bool { earlyResponseOps.isEmpty && !filtersBody && !chain.runs(.response) }
+    var responsePhaseIsNoop: Bool { pendingResponseHeaders.isEmpty && !filtersBody && !chain.runs(.response) }
 
     /// Applies the request phase's response header changes to `headers`.
     func applyEarlyResponseOps(to headers: inout HTTPHeaders) {
-        for (op, name, value) in earlyResponseOps {
-            switch op {
-            case .set: headers.replaceOrAdd(name: name, value: value)
-            case .add: headers.add(name: name, value: value)
-            case .clear: headers.remove(name: name)
-            }
-        }
-        earlyResponseOps.removeAll()
+        pendingResponseHeaders.apply(to: &headers)
+        pendingResponseHeaders = PendingResponseHeaders()
     }
 
     /// The response phase starts on the upstream's head: the request
     /// phase's response header changes become its first edits.
     func beginUpstreamResponse(_ head: HTTP1ResponseHead) {
         upstreamResponse = head
-        upstreamResponseChanges = ResponseHeadChanges()
-        upstreamResponseChanges.edits.added.reserveCapacity(earlyResponseOps.count + 4)
-        for (op, name, value) in earlyResponseOps {
-            applyResponseOp(op, name, value, to: &upstreamResponseChanges.edits, in: head.fields)
-        }
-        earlyResponseOps.removeAll()
+        upstreamResponseChanges = ResponseHeadChanges(pendingResponseHeaders, on: head.fields)
+        pendingResponseHeaders = PendingResponseHeaders()
     }
 
     /// The response phase is over: its edits to the upstream's head (a
     /// body filter re-frames the body, so its length goes).
     func endUpstreamResponse() -> ResponseHeadChanges {
         var changes = upstreamResponseChanges
-        if filtersBody, let head = upstreamResponse { changes.edits.removeFields(named: "content-length", in: head.fields) }
+        if filtersBody, let head = upstreamResponse { changes.removeFields(named: "content-length", in: head.fields) }
         upstreamResponse = nil
         upstreamResponseChanges = ResponseHeadChanges()
         return changes
     }
 
-    private func applyResponseOp(_ op: HeaderOp, _ name: String, _ value: String, to edits: inout HTTP1HeadEdits,
+    private func applyResponseOp(_ op: HeaderOp, _ name: String, _ value: String, to changes: inout ResponseHeadChanges,
                                  in fields: HTTP1Fields) {
         switch op {
-        case .set: edits.setField(name, value, in: fields)
-        case .add: edits.addField(name, value)
-        case .clear: edits.removeFields(named: name, in: fields)
+        case .set: changes.setField(name, value, in: fields)
+        case .add: changes.addField(name, value)
+        case .clear: changes.removeFields(named: name, in: fields)
         }
     }
 
@@ -485,12 +475,14 @@ final class ExchangePlugins: PluginRequestContext {
 
     private func responseOp(_ op: HeaderOp, _ name: String, _ value: String) {
         if let head = upstreamResponse {
-            return applyResponseOp(op, name, value, to: &upstreamResponseChanges.edits, in: head.fields)
+            return applyResponseOp(op, name, value, to: &upstreamResponseChanges, in: head.fields)
         }
         guard responseHead != nil else {
-            // One allocation for a plugin's handful (rate-limiting sets 5).
-            if earlyResponseOps.isEmpty { earlyResponseOps.reserveCapacity(8) }
-            earlyResponseOps.append((op, name, value))
+            switch op {
+            case .set: pendingResponseHeaders.set(name, value)
+            case .add: pendingResponseHeaders.add(name, value)
+            case .clear: pendingResponseHeaders.clear(name)
+            }
             return
         }
         switch op {

@@ -1,4 +1,5 @@
 import NIOCore
+import NIOHTTP1
 
 // Plugins' header changes as an edit list over a head that stays in its
 // wire bytes: a field a plugin clears or replaces becomes a removed line
@@ -9,15 +10,143 @@ import NIOCore
 // request under callgrind; see BENCHMARKS.md.)
 //
 // Plugin-set names and values reach the wire through these edits and the
-// writer does not check them, so they are checked here: a name that is not
-// a token or a value with CR/LF/NUL is dropped (a `set_header` of such a
-// value still removes the field's old lines, as `set` = clear + add).
+// writer does not check them: the Lua SDK does, once per Lua string (a name
+// that is not a token or a value with CR/LF/NUL never gets here; a
+// `set_header` of such a value only clears: PluginRequestContext), and the
+// proxy's own edits are constants.
 
 /// What plugins changed on the upstream's response head: its field lines
 /// and perhaps its status line (`weir.response.set_status`).
 struct ResponseHeadChanges {
-    var edits = HTTP1HeadEdits()
+    private(set) var edits = HTTP1HeadEdits()
     var status: (code: Int, reason: String)?
+    /// Some added line is Via, Date or hop-by-hop: the relay then looks at
+    /// each (chains a Via, drops a hop-by-hop one); otherwise it writes
+    /// `edits.added` as it is. Kept as lines are added, from the kind of
+    /// name worked out for the lookup anyway.
+    private(set) var addedNeedReview = false
+
+    init() {}
+
+    init(_ pending: PendingResponseHeaders, on fields: HTTP1Fields) {
+        edits = pending.edits(on: fields)
+        addedNeedReview = pending.addedNeedReview
+    }
+
+    /// `set_header`: every line of that name goes, then one is added.
+    mutating func setField(_ name: String, _ value: String, in fields: HTTP1Fields) {
+        let kind = HTTP1KnownField.classify(name)
+        edits.removeFields(named: name, kind: kind, in: fields)
+        add(name, value, kind)
+    }
+
+    /// `add_header`: one more line, after the kept ones.
+    mutating func addField(_ name: String, _ value: String) {
+        add(name, value, HTTP1KnownField.classify(name))
+    }
+
+    mutating func removeFields(named name: String, in fields: HTTP1Fields) {
+        edits.removeFields(named: name, kind: HTTP1KnownField.classify(name), in: fields)
+    }
+
+    private mutating func add(_ name: String, _ value: String, _ kind: HTTP1KnownField) {
+        if kind.isReviewedByRelay { addedNeedReview = true }
+        edits.addField(name, value)
+    }
+}
+
+extension HTTP1KnownField {
+    /// A plugin-added response line of this kind is not written as it is
+    /// (DownstreamHandler.relayWireResponseHead).
+    var isReviewedByRelay: Bool { self == .via || self == .date || isHopByHop }
+}
+
+/// Response header changes plugins make before any response exists (the
+/// request phase: rate-limiting's RateLimit headers), kept as their result
+/// rather than as a list of operations: the names whose lines in the
+/// response go, and the lines to add. `set` = clear + add, so a set or
+/// clear drops the earlier added lines of its name here, once; applying
+/// them to the upstream's head is then one field lookup per removed name,
+/// with no name comparisons and no checks (names and values come checked
+/// from the SDK: PluginRequestContext).
+struct PendingResponseHeaders {
+    /// A name (lower-case) whose lines in the response go, with its kind
+    /// (worked out once, for the lookup in the response's lines). A struct:
+    /// an array of tuples is copied and destroyed through generic witnesses.
+    struct RemovedName {
+        var name: String
+        var kind: HTTP1KnownField
+    }
+
+    private(set) var removedNames: [RemovedName] = []
+    /// Lines added after the response's kept ones, in order.
+    private(set) var added: [HTTP1AddedField] = []
+    /// See ResponseHeadChanges.addedNeedReview.
+    private(set) var addedNeedReview = false
+    /// Bit `count % 64` of every name in either list: a name whose bit is
+    /// clear is in neither, so most calls compare no names at all.
+    private var nameLengths: UInt64 = 0
+
+    var isEmpty: Bool { removedNames.isEmpty && added.isEmpty }
+
+    mutating func set(_ name: String, _ value: String) {
+        let kind = HTTP1KnownField.classify(name)
+        clear(name, kind)
+        append(name, value, kind)
+    }
+
+    mutating func add(_ name: String, _ value: String) {
+        append(name, value, HTTP1KnownField.classify(name))
+    }
+
+    mutating func clear(_ name: String) {
+        clear(name, HTTP1KnownField.classify(name))
+    }
+
+    private mutating func clear(_ name: String, _ kind: HTTP1KnownField) {
+        let bit = Self.lengthBit(name)
+        let seen = nameLengths & bit != 0
+        nameLengths |= bit
+        // One allocation each for a plugin's handful (rate-limiting sets 5).
+        if removedNames.isEmpty { removedNames.reserveCapacity(8) }
+        guard seen else { return removedNames.append(RemovedName(name: name, kind: kind)) }
+        if !removedNames.contains(where: { Self.sameLowercasedName($0.name, name) }) {
+            removedNames.append(RemovedName(name: name, kind: kind))
+        }
+        if added.contains(where: { Self.sameLowercasedName($0.name, name) }) {
+            added.removeAll { Self.sameLowercasedName($0.name, name) }
+        }
+    }
+
+    private mutating func append(_ name: String, _ value: String, _ kind: HTTP1KnownField) {
+        nameLengths |= Self.lengthBit(name)
+        if kind.isReviewedByRelay { addedNeedReview = true }
+        if added.isEmpty { added.reserveCapacity(8) }
+        added.append(HTTP1AddedField(name: name, value: value))
+    }
+
+    /// The edits these changes make to the upstream's head.
+    func edits(on fields: HTTP1Fields) -> HTTP1HeadEdits {
+        var edits = HTTP1HeadEdits(added: added)
+        for removed in removedNames { edits.removed.formUnion(fields.fieldSet(named: removed.name, kind: removed.kind)) }
+        return edits
+    }
+
+    /// The same changes on a head the proxy makes (an error, a plugin's exit).
+    func apply(to headers: inout HTTPHeaders) {
+        for removed in removedNames { headers.remove(name: removed.name) }
+        for field in added { headers.add(name: field.name, value: field.value) }
+    }
+
+    @inline(__always)
+    private static func lengthBit(_ name: String) -> UInt64 { 1 << UInt64(name.utf8.count & 63) }
+
+    /// Names the SDK passes are lower-case: equal bytes, the count first
+    /// (most names differ in length).
+    @inline(__always)
+    private static func sameLowercasedName(_ a: String, _ b: String) -> Bool {
+        a.utf8.count == b.utf8.count && a == b
+    }
 }
 
 extension HTTP1HeadEdits {
@@ -27,16 +156,22 @@ extension HTTP1HeadEdits {
         addField(name, value)
     }
 
-    /// `add_header`: one more line, after the kept ones.
+    /// `add_header`: one more line, after the kept ones (a checked name and value).
     mutating func addField(_ name: String, _ value: String) {
-        guard HeadSerialization.isToken(name), HeadSerialization.isValidFieldValue(value) else { return }
+        assert(HeadSerialization.isToken(name) && HeadSerialization.isValidFieldValue(value), "unchecked header \(name)")
         added.append(HTTP1AddedField(name: name, value: value))
     }
 
     /// `clear_header`: the original lines of that name (by index, compared
     /// on the bytes) and any added ones.
     mutating func removeFields(named name: String, in fields: HTTP1Fields) {
-        removed.formUnion(fields.fieldSet(named: name))
+        removeFields(named: name, kind: HTTP1KnownField.classify(name), in: fields)
+    }
+
+    /// `removeFields(named:in:)` for a name already classified.
+    mutating func removeFields(named name: String, kind: HTTP1KnownField, in fields: HTTP1Fields) {
+        let named = fields.fieldSet(named: name, kind: kind)
+        if !named.isEmpty { removed.formUnion(named) }
         if !added.isEmpty, added.contains(where: { $0.name.equalsIgnoringASCIICase(name) }) {
             added.removeAll { $0.name.equalsIgnoringASCIICase(name) }
         }
@@ -86,8 +221,7 @@ extension HTTP1KnownField {
     /// The kind of a plugin-added field (the downstream rewriting drops
     /// hop-by-hop ones and joins a Via to the chain).
     static func classify(_ name: String) -> HTTP1KnownField {
-        var name = name
-        return name.withUTF8 { bytes in bytes.baseAddress.map { classify($0, bytes.count) } ?? .other }
+        name.withContiguousUTF8 { bytes in bytes.baseAddress.map { classify($0, bytes.count) } ?? .other }
     }
 }
 
@@ -96,9 +230,8 @@ extension String {
     /// (iterating `utf8` costs ~30 instructions a byte under callgrind).
     func equalsIgnoringASCIICase(_ other: String) -> Bool {
         guard utf8.count == other.utf8.count else { return false }
-        var a = self, b = other
-        return a.withUTF8 { pa in
-            b.withUTF8 { pb in
+        return withContiguousUTF8 { pa in
+            other.withContiguousUTF8 { pb in
                 guard let x = pa.baseAddress, let y = pb.baseAddress else { return true }
                 return HTTP1Bytes.equalsIgnoringCase(x, y, pa.count)
             }
