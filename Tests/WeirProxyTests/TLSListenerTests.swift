@@ -204,6 +204,17 @@ final class TLSListenerTests: XCTestCase {
         XCTAssertEqual(responses.map(\.0), [200, 200, 200])
         XCTAssertEqual(responses.map(\.1), Array(repeating: "ok from plain", count: 3))
         XCTAssertEqual(upstream.requests.suffix(3).map(\.uri), ["/n/0", "/n/1", "/n/2"])
+
+        // `Connection: close`: the close waits for the response's write
+        // promise, which now starts at NIOSSLHandler's write.
+        let last = try client.send(ByteBuffer(string: "GET /last HTTP/1.1\r\nHost: a.example.com\r\nConnection: close\r\n\r\n"),
+                                   responses: 1)
+        XCTAssertEqual(last[0].0, 200)
+        XCTAssertEqual(last[0].1, "ok from plain")
+        XCTAssertEqual(client.lastHeaders["connection"], "close")
+        let deadline = Date().addingTimeInterval(5)
+        while client.channel.isActive && Date() < deadline { usleep(5_000) }
+        XCTAssertFalse(client.channel.isActive, "the proxy closed the connection after the response")
     }
 
     func testPlainHTTPOnTheTLSPortIsClosedAndSlotsAreReleased() throws {

@@ -25,6 +25,9 @@ import WeirCore
 //
 //      socket ─▶ TLSRecordWriter ─▶ NIOSSLServerHandler ─▶ DownstreamHandler
 //
+//    (DownstreamHandler calls NIOSSLServerHandler's write/flush itself and
+//    asks the channel core for reads: SoleHandlerIO "Behind TLS".)
+//
 // So the HTTP handlers, the connection phase included, only ever see
 // connections whose handshake succeeded, with their TLS info known.
 //
