@@ -476,7 +476,7 @@ func parseFieldLines(_ p: UnsafePointer<UInt8>, from start: Int, available: Int,
     }
 }
 
-private func noteKnownField(_ known: HTTP1KnownField, _ v: UnsafePointer<UInt8>, _ n: Int,
+func noteKnownField(_ known: HTTP1KnownField, _ v: UnsafePointer<UInt8>, _ n: Int,
                             _ facts: inout HTTP1FramingFacts) throws {
     switch known {
     case .host:

@@ -257,7 +257,7 @@ public struct HTTP1RequestParser: Sendable {
 
     /// RFC 9112 §3.2: CONNECT takes authority-form, `*` only with OPTIONS,
     /// everything else origin-form (`/...`) or absolute-form (`scheme://...`).
-    private static func checkTargetForm(_ method: HTTP1Method, _ p: UnsafePointer<UInt8>, _ n: Int) throws {
+    static func checkTargetForm(_ method: HTTP1Method, _ p: UnsafePointer<UInt8>, _ n: Int) throws {
         if method == .connect {
             if p[0] == 0x2F || memchr(p, 0x2F, n) != nil { throw HTTP1ParseError.invalidTarget }
             return
