@@ -186,6 +186,14 @@ if MODE == "get":
     s, c = connect()
     headers = [tuple(a.split(":", 1)) for a in ARGS[1:]]
     result = response(s, c, request(s, c, ARGS[0], headers=headers))
+elif MODE == "request-json":
+    # ARGS[0]: the whole header list (pseudo-headers too) as JSON [[name, value], ...], sent as is.
+    s, c = connect()
+    sid = c.get_next_available_stream_id()
+    c.send_headers(sid, [tuple(f) for f in json.loads(ARGS[0])], end_stream=True)
+    s.sendall(c.data_to_send())
+    result = response(s, c, sid)
+    result["next_status"] = response(s, c, request(s, c, "/again"))["status"]
 elif MODE == "staggered":
     # ARGS: "path@delay_ms" ...: each request starts delay_ms after the
     # start, all on one connection; prints each stream's status (or reset).

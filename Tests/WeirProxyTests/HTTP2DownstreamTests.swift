@@ -113,6 +113,62 @@ final class HTTP2DownstreamTests: UpstreamTestCase {
         XCTAssertEqual(seen.header("x-long"), long)
     }
 
+    /// The HTTP/1.1 head rules and the listener's `limits` hold for an
+    /// HTTP/2 request head too (HTTP2RequestHead): the same statuses as for
+    /// HTTP/1.1, in the proxy's error shape, on that stream only.
+    func testHTTP1HeadRulesAndLimitsAnswerWithTheirStatus() throws {
+        try XCTSkipUnless(H2Script.available, "python3-h2 is not installed")
+        let proxy = try self.http2Proxy {
+            $0.maxHeaderListSize = 64 * 1024
+        }
+        defer { proxy.stop() }
+        // The harness's listener limits: request line 8 KB, 100 fields, 60 KB of fields.
+        let get = [[":method", "GET"], [":scheme", "http"]]
+        let many = (0..<101).map { ["x-f\($0)", "1"] }
+        let cases: [(String, [[String]], Int)] = [
+            ("invalid content-length", get + [[":path", "/"], [":authority", "t"], ["content-length", "abc"]], 400),
+            ("two content-lengths", get + [[":path", "/"], [":authority", "t"], ["content-length", "0"], ["content-length", "0"]], 400),
+            ("control character in a value", get + [[":path", "/"], [":authority", "t"], ["x-a", "a\u{1}b"]], 400),
+            ("DEL in a value", get + [[":path", "/"], [":authority", "t"], ["x-a", "a\u{7F}"]], 400),
+            ("method not a token", [[":method", "GE(T"], [":scheme", "http"], [":path", "/"], [":authority", "t"]], 400),
+            ("8-bit byte in the target", get + [[":path", "/caf\u{E9}"], [":authority", "t"]], 400),
+            ("asterisk target with GET", get + [[":path", "*"], [":authority", "t"]], 400),
+            ("no authority and no host", get + [[":path", "/"]], 400),
+            ("two hosts, no authority", get + [[":path", "/"], ["host", "a"], ["host", "b"]], 400),
+            ("request line over 8 KB", get + [[":path", "/" + String(repeating: "p", count: 8200)], [":authority", "t"]], 414),
+            ("101 fields", get + [[":path", "/"], [":authority", "t"]] + many, 431),
+            ("fields over 60 KB", get + [[":path", "/"], [":authority", "t"]]
+                + (0..<7).map { ["x-big-\($0)", String(repeating: "v", count: 9000)] }, 431),
+        ]
+        for (label, headers, status) in cases {
+            let json = String(decoding: try JSONSerialization.data(withJSONObject: headers), as: UTF8.self)
+            let r = try H2Script.run(port: proxy.port, "request-json", [json])
+            XCTAssertEqual(r["status"] as? Int, status, "\(label): \(r)")
+            XCTAssertNotNil((r["headers"] as? [String: String])?["x-request-id"], "\(label): the proxy's error: \(r)")
+            XCTAssertEqual(r["next_status"] as? Int, 200, "\(label): the connection carries on: \(r)")
+        }
+        XCTAssertEqual(upstream.requests.filter { $0.uri != "/again" }.count, 0, "none of them reached the upstream")
+        // Accepted: absolute-form (its authority is the Host), OPTIONS *,
+        // a host field standing in for :authority, values trimmed of
+        // whitespace, obs-text in a value.
+        let accepted: [(String, [[String]], String)] = [
+            ("absolute-form", get + [[":path", "http://abs.example/abs"], [":authority", "t"]], "/abs"),
+            ("host without :authority", get + [[":path", "/host-only"], ["host", "h.example"]], "/host-only"),
+            ("OPTIONS *", [[":method", "OPTIONS"], [":scheme", "http"], [":path", "*"], [":authority", "t"]], "*"),
+            ("trimmed value, obs-text", get + [[":path", "/trim"], [":authority", "t"], ["x-t", "  v\tw \t"], ["x-u", "\u{FC}"]], "/trim"),
+        ]
+        for (label, headers, uri) in accepted {
+            let json = String(decoding: try JSONSerialization.data(withJSONObject: headers), as: UTF8.self)
+            let r = try H2Script.run(port: proxy.port, "request-json", [json])
+            XCTAssertEqual(r["status"] as? Int, 200, "\(label): \(r)")
+            XCTAssertTrue(upstream.requests.contains { $0.uri == uri }, "\(label): \(upstream.requests.map(\.uri))")
+        }
+        XCTAssertEqual(upstream.requests.first { $0.uri == "/host-only" }?.header("x-forwarded-host"), "h.example")
+        XCTAssertEqual(upstream.requests.first { $0.uri == "/abs" }?.header("x-forwarded-host"), "abs.example")
+        // Forwarded as received (Weir's own view of the value is trimmed: HTTP2RequestHeadTests).
+        XCTAssertEqual(upstream.requests.first { $0.uri == "/trim" }?.header("x-t")?.trimmingCharacters(in: .whitespaces), "v\tw")
+    }
+
     func testLargeResponseAndConnectionSpecificUpstreamFieldsDropped() throws {
         let proxy = try self.http2Proxy()
         defer { proxy.stop() }

@@ -89,6 +89,31 @@ struct HTTP2FieldList {
         }
     }
 
+    /// The fields by position, as bytes: valid during `withFields` only.
+    struct Fields {
+        fileprivate let base: UnsafePointer<UInt8>
+        fileprivate let spans: UnsafeBufferPointer<(Int32, Int32, Int32, Int32)>
+
+        var count: Int { spans.count }
+
+        func name(at index: Int) -> UnsafeBufferPointer<UInt8> {
+            UnsafeBufferPointer(start: base + Int(spans[index].0), count: Int(spans[index].1))
+        }
+
+        func value(at index: Int) -> UnsafeBufferPointer<UInt8> {
+            UnsafeBufferPointer(start: base + Int(spans[index].2), count: Int(spans[index].3))
+        }
+    }
+
+    /// Calls `body` with the fields by position (a head is written from
+    /// its pseudo-headers first, wherever they are in the list).
+    func withFields<R>(_ body: (Fields) throws -> R) rethrows -> R {
+        try bytes.withUnsafeReadableBytes { raw in
+            let base = raw.baseAddress.map { $0.assumingMemoryBound(to: UInt8.self) } ?? UnsafePointer(bitPattern: 1)!
+            return try spans.withUnsafeBufferPointer { try body(Fields(base: base, spans: $0)) }
+        }
+    }
+
     /// Whether `bytes` spell `text` exactly.
     @inline(__always)
     static func equals(_ bytes: UnsafeBufferPointer<UInt8>, _ text: StaticString) -> Bool {

@@ -9,12 +9,13 @@ import WeirCore
 /// hand it header fields and body chunks, and it submits its response to
 /// the connection's nghttp2 session.
 ///
-/// The request's header list is written as an HTTP/1.1 head and parsed by
-/// Weir's own `HTTP1RequestParser`, so the exchange gets the same
-/// `RequestHead` (and the same upstream fast path, field checks and limits)
-/// as for HTTP/1.1: `:authority` becomes Host, split `cookie` fields are
-/// joined (RFC 9113 §8.2.3), and a body without a length is sent upstream
-/// chunked. What RFC 9113 §8.1.1-8.2 calls malformed (pseudo-header
+/// The request's header list is made an HTTP/1.1 head with its field
+/// index in one pass (`HTTP2RequestHead`: what `HTTP1RequestParser` would
+/// make of those bytes, refused for the same reasons), so the exchange gets
+/// the same `RequestHead` (and the same upstream fast path, field checks
+/// and limits) as for HTTP/1.1: `:authority` becomes Host, split `cookie`
+/// fields are joined (RFC 9113 §8.2.3), and a body without a length is
+/// sent upstream chunked. What RFC 9113 §8.1.1-8.2 calls malformed (pseudo-header
 /// errors, uppercase names, connection-specific fields, `te` other than
 /// `trailers`, CR/LF/NUL in values, a body that disagrees with
 /// content-length, trailers over max_header_list_size) is refused first
@@ -258,8 +259,8 @@ final class HTTP2ServerStream: ExchangeDownstream {
 
     // MARK: - Request start
 
-    /// The request's header list as an HTTP/1.1 head, parsed by Weir's
-    /// parser (limits and field checks as for HTTP/1.1), then routed.
+    /// The request's header list checked (RFC 9113) and made an HTTP/1.1
+    /// head (`HTTP2RequestHead`: the HTTP/1.1 head rules and limits), then routed.
     private func beginRequest(_ headers: HTTP2FieldList, endStream: Bool) {
         let fields: HTTP2RequestFields
         do {
@@ -267,59 +268,10 @@ final class HTTP2ServerStream: ExchangeDownstream {
         } catch {
             return rejectMalformedStream(error)
         }
-        let method = fields.method, authority = fields.authority, size = fields.headSize
-        var path = fields.path
-        if path.isEmpty { path = method == "OPTIONS" ? "*" : "/" }   // CONNECT has none: refused by the exchange
-        var hasContentLength = false
-        var cookies: [String] = []
-        // One reservation and plain copies (a ByteBuffer write per piece
-        // cost ~5 k instructions per request).
-        var head = allocator.buffer(capacity: size)
-        head.writeWithUnsafeMutableBytes(minimumWritableBytes: size) { raw in
-            var w = HTTP1HeadWriter.RawWriter(raw.baseAddress!)
-            w.copy(method)
-            w.copy(" ")
-            w.copy(path)
-            w.copy(" HTTP/1.1\r\n")
-            if let authority {
-                w.copy("host: ")
-                w.copy(authority)
-                w.copy("\r\n")
-            }
-            headers.forEach { name, value in
-                if name.first == UInt8(ascii: ":") { return }
-                if HTTP2FieldList.equals(name, "host") {
-                    // :authority wins (RFC 9113 §8.3.1); Host only stands in for a missing one.
-                    if authority != nil { return }
-                } else if HTTP2FieldList.equals(name, "cookie") {
-                    cookies.append(HTTP2RequestFields.text(value))
-                    return
-                } else if HTTP2FieldList.equals(name, "content-length") {
-                    hasContentLength = true
-                }
-                w.copy(name.baseAddress!, name.count)
-                w.copy(": ")
-                w.copy(value.baseAddress!, value.count)
-                w.copy("\r\n")
-            }
-            // Split cookie fields are joined again (RFC 9113 §8.2.3).
-            for (i, cookie) in cookies.enumerated() {
-                w.copy(i == 0 ? "cookie: " : "; ")
-                w.copy(cookie)
-            }
-            if !cookies.isEmpty { w.copy("\r\n") }
-            // A body without a length: HTTP/2 frames delimit it, HTTP/1.1 needs chunks.
-            if !endStream && !hasContentLength { w.copy("transfer-encoding: chunked\r\n") }
-            w.copy("\r\n")
-            precondition(w.offset <= size, "HTTP/2 request head size miscounted")
-            return w.offset
-        }
-
-        var parser = HTTP1RequestParser(limits: connection.parserLimits)
         let wire: HTTP1RequestHead
         do {
-            guard let parsed = try parser.parse(&head) else { throw HTTP1ParseError.invalidRequestLine }
-            wire = parsed
+            wire = try HTTP2RequestHead.make(headers, fields, endStream: endStream, limits: connection.parserLimits,
+                                             allocator: allocator)
         } catch {
             return rejectMalformed(error)
         }
