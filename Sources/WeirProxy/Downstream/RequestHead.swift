@@ -7,10 +7,10 @@ import WeirCore
 ///
 /// The header fields are an `HTTP1Fields` index (original bytes plus
 /// offsets): the HTTP/1.1 framing hands over the parsed head without
-/// turning any header into a String; an HTTP/2 stream would build the same
-/// index over its decoded header list (an HTTP/2 stream's head is rebuilt
-/// as HTTP/1.1 bytes and parsed), so the upstream head is always written by
-/// range copy from `wire`.
+/// turning any header into a String; an HTTP/2 stream builds the same
+/// index as it writes its decoded header list as HTTP/1.1 bytes
+/// (`HTTP2RequestHead`), so the upstream head is always written by range
+/// copy from `wire`.
 /// A class: the exchange reads it many times per request, and a reference
 /// is one retain where this struct would be half a dozen.
 final class RequestHead {
@@ -24,8 +24,8 @@ final class RequestHead {
     /// The Host field's value (nil when absent, HTTP/1.0 only).
     let host: String?
     let isHTTP10: Bool
-    /// The request came on an HTTP/2 stream (its head was rebuilt as
-    /// HTTP/1.1 bytes for the parser, so `version` says 1.1): Via names 2.
+    /// The request came on an HTTP/2 stream (its head was made HTTP/1.1
+    /// bytes, so `version` says 1.1): Via names 2.
     let receivedOverHTTP2: Bool
     let wire: HTTP1RequestHead
 
