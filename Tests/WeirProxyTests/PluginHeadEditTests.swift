@@ -129,6 +129,41 @@ final class PluginHeadEditTests: PluginFolderTestCase {
         XCTAssertEqual(seen.header("x-plugin"), "kept")
     }
 
+    /// Header edits that leave the framing alone take the plain head path
+    /// (the client's method and framing): a chunked body still arrives
+    /// chunked, and a header the proxy itself adds (`via`) that a plugin
+    /// replaces appears once; `set_method` still goes out.
+    func testHeaderEditsKeepTheClientsFraming() throws {
+        try folder.write("tag", handler: """
+        local weir = require "weir"
+        local P = { PRIORITY = 100, VERSION = "1" }
+        function P:request(conf, ctx)
+          weir.upstream.request.set_header("x-consumer-name", "bench")
+          weir.upstream.request.set_header("Via", "1.1 plugin")
+          if weir.request.get_header("x-case") == "method" then weir.upstream.request.set_method("PUT") end
+        end
+        return P
+        """)
+        let config = ProxyHarness.config(targets: [upstream.address]) { $0.plugins = [pluginRef("tag")] }
+        let proxy = try PluginProxy(config: config, folder: folder)
+        defer { proxy.stop() }
+        let client = try proxy.connect()
+        try client.send("POST /sink HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+        let response = try client.readResponse()
+        XCTAssertEqual(response.status, 200)
+        XCTAssertEqual(response.bodyText, "11", "the upstream read the whole chunked body")
+        let seen = try XCTUnwrap(upstream.lastRequest)
+        XCTAssertEqual(seen.header("transfer-encoding"), "chunked")
+        XCTAssertEqual(seen.header("x-consumer-name"), "bench")
+        XCTAssertEqual(seen.headerValues("via"), ["1.1 plugin"])
+        XCTAssertEqual(seen.method, "POST")
+
+        let put = try client.request("GET", "/m", headers: [("x-case", "method")])
+        XCTAssertEqual(put.status, 200)
+        XCTAssertEqual(upstream.lastRequest?.method, "PUT")
+        XCTAssertEqual(upstream.lastRequest?.header("x-consumer-name"), "bench")
+    }
+
     /// Response phase edits on the upstream's head: replaced, added and
     /// cleared lines, a new status with its reason, a hop-by-hop field a
     /// plugin sets is dropped (the connection stays reusable), bad values

@@ -345,7 +345,7 @@ extension ExchangeDownstream {
         // The head is read in place (`head.wire`), not copied into a local.
         let head = exchange.head!
         var out = connection.takeHeadBuffer(capacity: head.wire.bytes.readableBytes + 256)
-        guard let plugins = exchange.plugins, plugins.upstreamHeadEdited else {
+        guard let plugins = exchange.plugins, plugins.upstreamFramingEdited else {
             head.writeUpstream(edits: exchange.upstreamEdits!, into: &out)
             return (out, exchange.framing.chunked, head.wire.method)
         }

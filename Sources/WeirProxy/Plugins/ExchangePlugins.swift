@@ -274,7 +274,6 @@ final class ExchangePlugins: PluginRequestContext {
     /// PluginHeadEdits.swift).
     @discardableResult
     private func makeUpstreamEdits() -> Bool {
-        upstreamHeadEdited = true
         if exchange.upstreamEdits != nil { return true }
         guard let handler, let head = exchange.head, let routed = exchange.routed else { return false }
         exchange.upstreamEdits = handler.upstreamEdits(exchange, head: head, routed: routed)
@@ -283,15 +282,25 @@ final class ExchangePlugins: PluginRequestContext {
 
     func setUpstreamHeader(_ name: String, _ value: String) {
         guard makeUpstreamEdits(), let fields = exchange.head?.headers else { return }
+        noteFramingEdit(name)
         exchange.upstreamEdits!.setField(name, value, in: fields)
     }
     func addUpstreamHeader(_ name: String, _ value: String) {
         guard makeUpstreamEdits() else { return }
+        noteFramingEdit(name)
         exchange.upstreamEdits!.addField(name, value)
     }
     func clearUpstreamHeader(_ name: String) {
         guard makeUpstreamEdits(), let fields = exchange.head?.headers else { return }
+        noteFramingEdit(name)
         exchange.upstreamEdits!.removeFields(named: name, in: fields)
+    }
+
+    /// A plugin's edit of a Transfer-Encoding line decides whether the
+    /// upstream body is chunked (see `upstreamFramingEdited`).
+    @inline(__always)
+    private func noteFramingEdit(_ name: String) {
+        if name.utf8.count == 17 && name.equalsIgnoringASCIICase("transfer-encoding") { upstreamFramingEdited = true }
     }
 
     /// The upstream request target so far (the routed one until a plugin changes it).
@@ -339,11 +348,15 @@ final class ExchangePlugins: PluginRequestContext {
             return
         }
         upstreamMethod = method
+        upstreamFramingEdited = true
     }
 
-    /// A plugin read or changed the upstream request head (its method or
-    /// framing may differ from the client's: see serializeUpstreamHead).
-    private(set) var upstreamHeadEdited = false
+    /// A plugin changed the upstream request's method (`set_method`) or
+    /// what frames its body (`set_body`, a Transfer-Encoding line): the
+    /// head is then written with `upstreamMethod` and its chunking read
+    /// from the edits (serializeUpstreamHead). Other header and target
+    /// edits keep the plain path (the client's method and framing).
+    private(set) var upstreamFramingEdited = false
     /// `set_method`'s method (the writer's `method`).
     private(set) var upstreamMethod: String?
 
@@ -360,6 +373,7 @@ final class ExchangePlugins: PluginRequestContext {
         var buffer = ByteBufferAllocator().buffer(capacity: body.count)
         buffer.writeBytes(body)
         exchange.replacementBody = buffer
+        upstreamFramingEdited = true
         exchange.upstreamEdits!.removeFields(named: "transfer-encoding", in: fields)
         exchange.upstreamEdits!.setField("content-length", String(body.count), in: fields)
     }
