@@ -21,6 +21,9 @@ public final class LuaCoroutine {
 
     public unowned let state: LuaState
     public let thread: LuaThread
+    /// `state.main`, kept here: reading it through the unowned `state`
+    /// cost every resume an unowned-retain and a release.
+    private let main: LuaThread
     private var ref: Int32
     /// True while a function has been started and not yet finished or reset.
     public private(set) var isRunning = false
@@ -29,6 +32,7 @@ public final class LuaCoroutine {
 
     public init(state: LuaState) {
         self.state = state
+        self.main = state.main
         self.thread = lua_newthread(state.main)!
         self.ref = state.ref() // pops the thread, anchoring it
     }
@@ -61,7 +65,7 @@ public final class LuaCoroutine {
     /// Resumes after a yield with `nargs` values pushed on the thread's stack.
     public func resume(nargs: Int32) -> ResumeResult {
         var nresults: Int32 = 0
-        let status = weir_resume(thread, state.main, nargs, &nresults)
+        let status = weir_resume(thread, main, nargs, &nresults)
         switch status {
         case LUA_OK:
             isRunning = false
