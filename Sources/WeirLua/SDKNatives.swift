@@ -489,6 +489,15 @@ extension LuaRuntime {
             if lua_isinteger(L, 1) != 0 { return shared.dictionary(id: Int(lua_tointegerx(L, 1, nil))) }
             return LuaState.string(at: 1, on: L).flatMap(shared.id(of:)).flatMap(shared.dictionary(id:))
         }
+        /// `dict:incr` is this native itself (lua/weir/init.lua): its first
+        /// argument is the dictionary's table, whose `id` is read raw (no
+        /// metamethod may run under Swift). nil: not a dictionary handle.
+        func dictionaryID(ofTableAt index: Int32, _ L: LuaThread) -> Int? {
+            lua_pushstring(L, "id")
+            defer { weir_pop(L, 1) }
+            guard lua_rawget(L, index) == LUA_TNUMBER, lua_isinteger(L, -1) != 0 else { return nil }
+            return Int(lua_tointegerx(L, -1, nil))
+        }
         n.append(("shared_id", { L in
             if let name = LuaState.string(at: 1, on: L), let id = shared.id(of: name) {
                 lua_pushinteger(L, lua_Integer(id))
@@ -517,16 +526,23 @@ extension LuaRuntime {
             }
             lua_pushnil(L); LuaState.push("exists", on: L); return .values(2)
         }))
-        n.append(("shared_incr", { L in
-            // key string, delta number, init number or nil, ttl number >= 0,
-            // and for dict:incr_get the other key (a string) to read after.
-            let initType = lua_type(L, 4), otherType = lua_type(L, 6)
-            guard let key = LuaState.bytes(at: 2, on: L), lua_type(L, 3) == LUA_TNUMBER, let delta = sharedValue(at: 3, on: L),
+        // key string, delta number (nil: 1), init number or nil, ttl number
+        // >= 0 (nil: 0), and with `readsOther` (dict:incr_get) the other
+        // key (a string) to read after; `target` nil: no such dictionary.
+        func incr(_ L: LuaThread, _ target: SharedDictionaries.Dictionary?, readsOther: Bool) -> NativeReturn {
+            let initType = lua_type(L, 4), otherType = readsOther ? lua_type(L, 6) : LUA_TNONE
+            let deltaType = lua_type(L, 3), ttlType = lua_type(L, 5)
+            guard let key = LuaState.bytes(at: 2, on: L),
+                  deltaType == LUA_TNUMBER || deltaType == LUA_TNIL || deltaType == LUA_TNONE,
                   initType == LUA_TNUMBER || initType == LUA_TNIL || initType == LUA_TNONE,
-                  let ttl = number(at: 5, on: L), !(ttl < 0),
                   otherType == LUA_TNONE || otherType == LUA_TSTRING else { return badArgument(L) }
+            let delta = deltaType == LUA_TNUMBER ? sharedValue(at: 3, on: L)! : .integer(1)
+            var ttl = 0.0
+            if ttlType != LUA_TNIL && ttlType != LUA_TNONE {
+                guard let t = number(at: 5, on: L), !(t < 0) else { return badArgument(L) }
+                ttl = t
+            }
             let now = shared.now()
-            let target = dictionary(L)
             let result = target?.incr(key, hash: keyHashes.hash(of: key, at: 2, on: L), delta, initial: sharedValue(at: 4, on: L),
                                       initialTTL: ttl, now: now) ?? .failure(.notFound)
             switch result {
@@ -538,6 +554,14 @@ extension LuaRuntime {
             case .failure(.notFound): lua_pushnil(L); LuaState.push("not found", on: L); return .values(2)
             case .failure(.notANumber): lua_pushnil(L); LuaState.push("not a number", on: L); return .values(2)
             }
+        }
+        // N.shared_incr(id or name, ...): the Lua side's incr_get (an unknown dictionary: nil, "not found").
+        n.append(("shared_incr", { L in incr(L, dictionary(L), readsOther: true) }))
+        // dict:incr itself (lua/weir/init.lua): the first argument is the
+        // dictionary's table; anything else answers `.fallback`.
+        n.append(("shared_dict_incr", { L in
+            guard lua_type(L, 1) == LUA_TTABLE, let id = dictionaryID(ofTableAt: 1, L) else { return badArgument(L) }
+            return incr(L, shared.dictionary(id: id), readsOther: false)
         }))
         n.append(("shared_delete", { L in
             guard let key = LuaState.bytes(at: 2, on: L) else { return .error("weir.shared.delete: expected a key") }

@@ -120,6 +120,8 @@ final class SDKTests: XCTestCase {
           msg(function() d:incr("n", "1") end),
           msg(function() d:incr("n", 1, "0") end),
           msg(function() d:incr("n", 1, 0, -1) end),
+          msg(function() d.incr("n") end),
+          msg(function() d.incr({ id = "x" }, "n") end),
         }
         -- what the natives take as is, and what the Lua side converts
         weir.upstream.request.set_header("x-int", 42)
@@ -132,6 +134,10 @@ final class SDKTests: XCTestCase {
         weir.response.set_headers()
         d:set("f", false)
         assert(d:get("f") == false and d:incr("n", 2, 1, 0) == 3 and d:incr("n") == 4)
+        assert(d:incr("n", nil, nil, nil) == 5 and d:incr("n", 0.5) == 5.5 and d:incr("fresh", 2, 10) == 12)
+        local none, err = d:incr("absent")
+        assert(none == nil and err == "not found")
+        assert(select("#", d:incr("n", 1, 0, 0, "f")) == 1)   -- incr_get's fifth argument means nothing to incr
         assert(weir.client.find_credential("key-auth", "key", "a1") == "alice")
         weir.client.authenticate("alice")
         return 200, table.concat(out, "\\n")
@@ -152,6 +158,8 @@ final class SDKTests: XCTestCase {
             "bad argument #2 to 'weir.shared.incr' (number expected, got string)",
             "bad argument #3 to 'weir.shared.incr' (number expected, got string)",
             "bad argument #4 to 'weir.shared.incr' (non-negative number or nil expected, got number)",
+            "weir.shared.incr: call it as dict:incr(...)",
+            "weir.shared.incr: call it as dict:incr(...)",
         ]
         let lines = (body ?? "").split(separator: "\n", omittingEmptySubsequences: false).map(String.init)
         XCTAssertEqual(lines.count, expected.count, "\(result)")

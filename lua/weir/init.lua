@@ -581,8 +581,8 @@ end
 local shared_dict = {}
 shared_dict.__index = shared_dict
 
-local function check_dict(self, fname)
-  if getmetatable(self) ~= shared_dict then error(fname .. ": call it as dict:" .. fname:match("[^.:]+$") .. "(...)", 3) end
+local function check_dict(self, fname, level)
+  if getmetatable(self) ~= shared_dict then error(fname .. ": call it as dict:" .. fname:match("[^.:]+$") .. "(...)", level or 3) end
 end
 
 local function check_value(fname, n, v)
@@ -627,22 +627,28 @@ end
 
 -- Hot path (rate limiters, counters): the native takes a string key, a
 -- number delta, a number or nil init and a non-negative ttl, and returns
--- false for anything else; then this says which (for incr and incr_get:
--- level 5 blames their caller).
+-- false for anything else; then this says which (`level` blames the
+-- caller of incr / incr_get: 5 from incr_get's body, 6 from incr's
+-- fallback, which runs under the native's C frame).
 local native_shared_incr = N.shared_incr
-local function check_incr_args(fname, key, delta, init, init_ttl)
-  check_string(fname, 1, key, 5)
-  check_number(fname, 2, delta, 5)
-  if init ~= nil then check_number(fname, 3, init, 5) end
-  check_ttl(fname, 4, init_ttl, 5)
+local function check_incr_args(fname, key, delta, init, init_ttl, level)
+  level = level or 5
+  check_string(fname, 1, key, level)
+  check_number(fname, 2, delta, level)
+  if init ~= nil then check_number(fname, 3, init, level) end
+  check_ttl(fname, 4, init_ttl, level)
 end
 
-function shared_dict:incr(key, delta, init, init_ttl)
-  if not is_dict[self] then check_dict(self, "weir.shared.incr") end
+-- dict:incr is the native itself (no Lua call per use): it takes the
+-- dictionary's table as its first argument and defaults delta to 1 and
+-- init_ttl to 0. Anything it does not take (not a dictionary, a bad
+-- argument) comes here, which raises the message.
+shared_dict.incr = with_fallback(N.shared_dict_incr, function(self, key, delta, init, init_ttl)
+  if not is_dict[self] then check_dict(self, "weir.shared.incr", 4) end
   local v, err = native_shared_incr(self.id, key, delta or 1, init, init_ttl or 0)
-  if v == false then check_incr_args("weir.shared.incr", key, delta or 1, init, init_ttl) end
+  if v == false then check_incr_args("weir.shared.incr", key, delta or 1, init, init_ttl, 6) end
   return v, err
-end
+end)
 
 -- incr, then the value of another key, in one call into Swift (a sliding
 -- window's current and previous counters): value, other (nil when absent),
