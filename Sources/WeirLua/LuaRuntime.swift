@@ -415,20 +415,21 @@ public final class LuaRuntime {
 
     /// Starts the plugin scope of one request. Call `finish()` when the
     /// request is over (after the log phase, or when it is aborted).
-    ///
-    /// `spare`: a finished scope of this runtime that nothing else holds,
-    /// `detach`ed (the proxy keeps a few per loop): it serves this request
-    /// instead of a new one (a scope allocated, initialised and released per
-    /// request cost ~600 instructions). Anything else is ignored.
-    public func beginRequest(_ context: PluginRequestContext, connection: PluginConnection? = nil,
-                             reusing spare: PluginRequest? = nil) -> PluginRequest {
+    public func beginRequest(_ context: PluginRequestContext, connection: PluginConnection? = nil) -> PluginRequest {
         eventLoop?.assertInEventLoop()
         releaseOrphans()
-        if let spare, spare.runtime === self, spare.isFinished, spare.context == nil {
-            spare.restart(request: context, connection: connection)
-            return spare
-        }
         return PluginRequest(runtime: self, request: context, connection: connection)
+    }
+
+    /// Starts another request on a finished, `detach`ed scope of this
+    /// runtime (the proxy keeps each finished request's context object with
+    /// its scope and reuses both: a scope allocated, initialised and
+    /// released per request cost ~600 instructions).
+    public func restartRequest(_ scope: PluginRequest, _ context: PluginRequestContext, connection: PluginConnection?) {
+        eventLoop?.assertInEventLoop()
+        precondition(scope.runtime === self, "scope of another runtime")
+        releaseOrphans()
+        scope.restart(request: context, connection: connection)
     }
 
     /// Starts the plugin scope of one downstream connection.

@@ -81,7 +81,7 @@ public final class PluginRequest {
     /// A finished scope drops what ties it to its request (the request
     /// context, connection, consumer lookup, body chunk) so that it can wait
     /// for the next request of its runtime without keeping that request
-    /// alive (see `LuaRuntime.beginRequest(_:connection:reusing:)`).
+    /// alive (see `LuaRuntime.restartRequest`).
     public func detach() {
         precondition(isFinished, "only a finished scope can be detached")
         context = nil
@@ -98,9 +98,9 @@ public final class PluginRequest {
         precondition(isFinished && context == nil && promise == nil && coroutine == nil && ctxRef == LUA_NOREF,
                      "only a finished, detached scope can be restarted")
         context = request
-        self.connection = connection
+        if connection != nil { self.connection = connection }
         isFinished = false
-        exit = nil
+        if exit != nil { exit = nil }
         pending = nil
         isLastChunk = false
         savedBudget = LuaRuntime.BudgetSnapshot()

@@ -294,42 +294,39 @@ final class SDKTests: XCTestCase {
         XCTAssertEqual(record?.phase, .log)
     }
 
-    /// A finished, detached scope serves the next request (the proxy keeps
-    /// a few per loop): same object, a fresh weir.ctx, the new request's
-    /// context; an unfinished or undetached one is never taken.
-    func testReusedScopeStartsFresh() throws {
+    /// A finished, detached scope restarted for the next request of its
+    /// context (the proxy reuses each request's context object with its
+    /// scope): same object, a fresh weir.ctx, the last request's exit gone.
+    func testRestartedScopeStartsFresh() throws {
         let h = Harness()
         h.folder.add("writer", handler: """
         return { PRIORITY = 1, VERSION = "1",
           request = function(self, conf, ctx)
             assert(ctx.seen == nil and weir.ctx.seen == nil, "ctx leaked between requests")
             ctx.seen = weir.request.get_id()
+            if ctx.seen == "req-a" then return 403 end
           end,
           log = function(self, conf, ctx) weir.log.warn(ctx.seen, weir.ctx == ctx) end }
         """)
         try h.load(["writer"])
         let chain = try h.chain("writer")
-        let first = h.newRequest()
-        first.requestID = "req-a"
-        let scope = h.begin(first)
-        XCTAssertEqual(try h.run(scope, .request, chain), .continue)
-        XCTAssertEqual(try h.onLoop { h.runtime.beginRequest(h.newRequest(), reusing: scope) } === scope, false,
-                       "a scope still running is not reused")
+        let request = h.newRequest()
+        request.requestID = "req-a"
+        let scope = h.begin(request)
+        guard case .exit(let exit) = try h.run(scope, .request, chain) else { return XCTFail("expected the exit") }
+        XCTAssertEqual(exit.status, 403)
         XCTAssertEqual(try h.run(scope, .log, chain), .continue)
         try h.onLoop { scope.finish() }
-        XCTAssertEqual(try h.onLoop { h.runtime.beginRequest(h.newRequest(), reusing: scope) } === scope, false,
-                       "a finished scope still tied to its request is not reused")
+        XCTAssertTrue(scope.isFinished)
         try h.onLoop { scope.detach() }
         XCTAssertNil(scope.context)
-        let second = h.newRequest()
-        second.requestID = "req-b"
-        let reused = try h.onLoop { h.runtime.beginRequest(second, reusing: scope) }
-        XCTAssertTrue(reused === scope)
-        XCTAssertTrue(reused.context === second)
-        XCTAssertFalse(reused.isFinished)
-        XCTAssertEqual(try h.run(reused, .request, chain), .continue)
-        XCTAssertEqual(try h.run(reused, .log, chain), .continue)
-        try h.onLoop { reused.finish() }
+        request.requestID = "req-b"
+        try h.onLoop { h.runtime.restartRequest(scope, request, connection: nil) }
+        XCTAssertTrue(scope.context === request)
+        XCTAssertFalse(scope.isFinished)
+        XCTAssertEqual(try h.run(scope, .request, chain), .continue)
+        XCTAssertEqual(try h.run(scope, .log, chain), .continue)
+        try h.onLoop { scope.finish() }
         XCTAssertEqual(h.logs.records.map(\.message), ["req-a true", "req-b true"])
         XCTAssertEqual(h.logs.records.map { $0.requestID ?? "" }, ["req-a", "req-b"])
     }

@@ -80,6 +80,57 @@ final class PluginProxyTests: PluginFolderTestCase {
         }
     }
 
+    /// A finished request's plugin side (ExchangePlugins) and its scope
+    /// serve later requests of the loop: what one request's plugins set
+    /// (consumer, method, path, headers, early response headers, an exit)
+    /// never reaches the next one.
+    func testReusedRequestSidesCarryNothingOver() throws {
+        try folder.write("setter", handler: """
+        local weir = require "weir"
+        local P = { PRIORITY = 100, VERSION = "1" }
+        function P:request(conf, ctx)
+          local up = weir.upstream.request
+          up.set_header("x-consumer-seen", tostring(weir.client.get_consumer()))
+          local case = weir.request.get_header("x-case")
+          if case == "set" then
+            weir.client.authenticate("alice")
+            up.set_method("PUT")
+            up.set_header("x-set", "1")
+            up.set_path("/changed")
+            weir.response.set_header("x-early", "1")
+          elseif case == "exit" then
+            return 418, "teapot"
+          end
+        end
+        return P
+        """)
+        let config = ProxyHarness.config(targets: [upstream.address]) { $0.plugins = [pluginRef("setter")] }
+        let proxy = try PluginProxy(config: config, folder: folder, loops: 1)
+        defer { proxy.stop() }
+        let client = try proxy.connect()
+        for round in 0..<3 {
+            let set = try client.request("GET", "/a", headers: [("x-case", "set")])
+            XCTAssertEqual(set.status, 200)
+            XCTAssertEqual(set.header("x-early"), "1")
+            XCTAssertEqual(upstream.lastRequest?.method, "PUT")
+            XCTAssertEqual(upstream.lastRequest?.uri, "/changed")
+
+            let plain = try client.request("GET", "/plain")
+            XCTAssertEqual(plain.status, 200, "round \(round)")
+            XCTAssertNil(plain.header("x-early"), "round \(round)")
+            let seen = try XCTUnwrap(upstream.lastRequest)
+            XCTAssertEqual(seen.method, "GET", "round \(round)")
+            XCTAssertEqual(seen.uri, "/plain", "round \(round)")
+            XCTAssertNil(seen.header("x-set"), "round \(round)")
+            XCTAssertEqual(seen.header("x-consumer-seen"), "nil", "round \(round)")
+
+            let exit = try client.request("GET", "/e", headers: [("x-case", "exit")])
+            XCTAssertEqual(exit.status, 418)
+            XCTAssertEqual(try client.request("GET", "/after-exit").status, 200, "round \(round)")
+            XCTAssertEqual(upstream.lastRequest?.uri, "/after-exit")
+        }
+    }
+
     func testEarlyExitSkipsTheUpstream() throws {
         try folder.write("gate", handler: """
         local weir = require "weir"

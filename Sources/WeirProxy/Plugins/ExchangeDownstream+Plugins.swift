@@ -87,9 +87,8 @@ extension ExchangeDownstream {
         // changes it (ExchangePlugins.materializeUpstreamHead); otherwise the
         // client's head bytes are forwarded with the proxy's edits, as
         // without plugins.
-        let scope = ExchangePlugins(loopPlugins: plugins, chain: chain, handler: self, exchange: exchange,
-                                    path: path, query: query,
-                                    connection: connectionPlugins?.scope)
+        let scope = plugins.beginRequest(chain: chain, handler: self, exchange: exchange, path: path, query: query,
+                                         connection: connectionPlugins?.scope)
         exchange.plugins = scope
         switch scope.scope.start(.request, chain: scope.chain) {
         case .done(let result):

@@ -34,25 +34,35 @@ extension Exchange {
 /// The plugin side of one request: the `PluginRequestContext` the Lua SDK
 /// calls into (lazily: headers are read from the request head only when a
 /// plugin asks), the plugin scope, and the generation it is pinned to.
+///
+/// Reused: a request that ended with every phase run to its end leaves
+/// this object with its (detached) scope in its loop's spares
+/// (`LoopPlugins.takeBack`), and a later request of that loop and
+/// generation starts on both (`begin`) instead of allocating them.
+/// Every per-request property is reset in `resetRequestState`.
 final class ExchangePlugins: PluginRequestContext {
-    /// Pins the generation: its Lua state lives while this request does.
-    let loopPlugins: LoopPlugins
+    /// Pins the generation: its Lua state lives while this request does
+    /// (nil while waiting in the spares, which its `LoopPlugins` holds).
+    private(set) var loopPlugins: LoopPlugins!
     /// The route's chain; replaced by the consumer's full chain once an auth
     /// plugin names a consumer that has plugins of its own.
     private(set) var chain: PluginChain
     /// The chain has a body_filter: the response is re-framed (chunked) and
     /// each upstream body part goes through it.
     private(set) var filtersBody: Bool
-    let routeName: String
+    var routeName: String { exchange.routed?.route.name ?? "" }
     var lastChunkFiltered = false
+    /// The request's scope; nil once a scope that cannot be reused ended.
     private(set) var scope: PluginRequest!
+    /// The scope was finished (`endScope`): it serves no more phases of this request.
+    private var scopeEnded = false
     private weak var handler: (any ExchangeDownstream)?
     /// Strong: a log phase that waits (weir.http) still reads the request
     /// after the handler dropped the exchange. The cycle through
     /// `exchange.plugins` is broken when the scope is finished.
-    private let exchange: Exchange
-    let path: String
-    private let query: Substring
+    private var exchange: Exchange!
+    private(set) var path: String
+    private var query: Substring
 
     /// Response header changes made before a response exists (request
     /// phase); applied to whatever response is finally sent.
@@ -73,8 +83,9 @@ final class ExchangePlugins: PluginRequestContext {
     /// When the response was done (the log phase's durations end here, not
     /// when a log plugin asks).
     private var finishedAt: NIODeadline?
-    /// The listener's name, kept for a log phase that runs after the handler left.
-    private let listenerName: String
+    /// The listener's name, kept for a log phase that runs after the handler
+    /// left (set when the log phase starts).
+    private var listenerName: String?
     /// A phase is suspended on an async SDK call (sleep, http).
     var phasePending = false
 
@@ -85,19 +96,71 @@ final class ExchangePlugins: PluginRequestContext {
         self.loopPlugins = loopPlugins
         self.chain = chain.chain
         self.filtersBody = chain.filtersBody
-        self.routeName = exchange.routed?.route.name ?? ""
         self.handler = handler
-        self.listenerName = handler.listener.name
         self.exchange = exchange
         self.path = path
         self.query = query
-        // A connection scope from an older generation belongs to another Lua state.
-        let conn = connection?.runtime === loopPlugins.runtime ? connection : nil
-        self.scope = loopPlugins.beginRequest(self, connection: conn)
-        if loopPlugins.hasConsumerPlugins {
-            scope.consumerChain = { [weak self] consumer in self?.chainForConsumer(consumer) }
-        }
+        self.scope = loopPlugins.runtime.beginRequest(self, connection: Self.connectionScope(connection, loopPlugins))
+        watchConsumers()
     }
+
+    private func watchConsumers() {
+        guard loopPlugins.hasConsumerPlugins else { return }
+        scope.consumerChain = { [weak self] consumer in self?.chainForConsumer(consumer) }
+    }
+
+    /// A connection scope from an older generation belongs to another Lua state.
+    private static func connectionScope(_ connection: PluginConnection?, _ loopPlugins: LoopPlugins) -> PluginConnection? {
+        connection?.runtime === loopPlugins.runtime ? connection : nil
+    }
+
+    /// Starts another request on a spare (`LoopPlugins.takeBack`): its
+    /// scope, still attached, is restarted for it.
+    func begin(loopPlugins: LoopPlugins, chain: RouteChain, handler: any ExchangeDownstream, exchange: Exchange,
+               path: String, query: Substring, connection: PluginConnection?) {
+        precondition(scopeEnded && self.exchange == nil, "only a spare can begin another request")
+        self.loopPlugins = loopPlugins
+        if self.chain !== chain.chain { self.chain = chain.chain }
+        filtersBody = chain.filtersBody
+        self.handler = handler
+        self.exchange = exchange
+        self.path = path
+        self.query = query
+        scopeEnded = false
+        loopPlugins.runtime.restartRequest(scope, self, connection: Self.connectionScope(connection, loopPlugins))
+        watchConsumers()
+    }
+
+    /// Back to what a new object starts with: every property that one
+    /// request sets (the SDK's overrides, response changes, exit, consumer,
+    /// log-phase bookkeeping). Called when a finished request's object goes
+    /// to the spares, so a reused one carries nothing over.
+    private func resetRequestState() {
+        // What holds memory is released only when set: a nil store of an
+        // optional still destroys the old value (~350 instructions for all).
+        exchange = nil
+        lastChunkFiltered = false
+        if !pendingResponseHeaders.isEmpty { pendingResponseHeaders = PendingResponseHeaders() }
+        if upstreamResponse != nil { upstreamResponse = nil }
+        // upstreamResponseChanges: started fresh by beginUpstreamResponse.
+        if responseHead != nil { responseHead = nil }
+        exitStatus = nil
+        holdingResponse = false
+        if !heldParts.isEmpty { heldParts.removeAll() }
+        if consumer != nil { consumer = nil }
+        done = false
+        finishedAt = nil
+        if listenerName != nil { listenerName = nil }
+        phasePending = false
+        if bodyWaiter != nil { bodyWaiter = nil }
+        upstreamFramingEdited = false
+        if upstreamMethod != nil { upstreamMethod = nil }
+        pinnedTarget = nil
+        timeoutsOverride = nil
+        retriesOverride = nil
+        connectTimeoutOverride = nil
+    }
+
 
     /// After the response went out (or the request was abandoned): the log
     /// phase, then the scope is released. Never delays the client: the
@@ -115,7 +178,9 @@ final class ExchangePlugins: PluginRequestContext {
             return endScope(reusable: false)
         }
         // No log plugin (the common chain): nothing to start.
-        switch chain.runs(.log) ? scope.start(.log, chain: chain) : .done(.continue) {
+        guard chain.runs(.log) else { return endScope(reusable: true) }
+        listenerName = handler?.listener.name
+        switch scope.start(.log, chain: chain) {
         case .done(let result):
             logFailure(result)
             endScope(reusable: true)
@@ -127,14 +192,24 @@ final class ExchangePlugins: PluginRequestContext {
         }
     }
 
-    /// Finishes the plugin scope and lets go of it (scope.context is self:
-    /// this breaks the cycles); a scope no closure can still reach goes
-    /// back to the loop's spares.
+    /// Finishes the plugin scope and lets go of this request (scope.context
+    /// is self: `detach` or dropping the scope breaks the cycle). A request
+    /// whose phases all ran to their end goes to the loop's spares with its
+    /// scope (`LoopPlugins.takeBack`; reused only once nothing else holds it).
     private func endScope(reusable: Bool) {
-        guard var finished = scope.take() else { return }
-        finished.finish()
+        guard !scopeEnded, let scope else { return }
+        scopeEnded = true
+        scope.finish()
         exchange.plugins = nil
-        if reusable { loopPlugins.takeBack(&finished) }
+        guard reusable else {
+            self.scope = nil
+            return
+        }
+        scope.detach()
+        let loopPlugins = self.loopPlugins!
+        resetRequestState()
+        self.loopPlugins = nil
+        loopPlugins.takeBack(self)
     }
 
     func logFailure(_ result: PhaseResult) {
@@ -274,6 +349,7 @@ final class ExchangePlugins: PluginRequestContext {
     /// PluginHeadEdits.swift).
     @discardableResult
     private func makeUpstreamEdits() -> Bool {
+        let exchange = self.exchange!   // one load of the var (each costs a retain and a release)
         if exchange.upstreamEdits != nil { return true }
         guard let handler, let head = exchange.head, let routed = exchange.routed else { return false }
         exchange.upstreamEdits = handler.upstreamEdits(exchange, head: head, routed: routed)
@@ -281,6 +357,7 @@ final class ExchangePlugins: PluginRequestContext {
     }
 
     func setUpstreamHeader(_ name: String, _ value: String) {
+        let exchange = self.exchange!
         guard makeUpstreamEdits(), let fields = exchange.head?.headers else { return }
         noteFramingEdit(name)
         exchange.upstreamEdits!.setField(name, value, in: fields)
@@ -478,7 +555,7 @@ final class ExchangePlugins: PluginRequestContext {
         }
         let target = exchange.target.flatMap { t in exchange.routed.map { $0.upstream.targetLabels[t] } }
         return PluginAccessRecord(
-            startTime: exchange.wallStart, listener: listenerName, clientAddress: clientIP,
+            startTime: exchange.wallStart, listener: handler?.listener.name ?? listenerName ?? "", clientAddress: clientIP,
             method: head?.method.rawValue ?? "", path: path, route: exchange.routed?.route.name,
             upstream: exchange.routed?.upstream.name, upstreamTarget: target,
             status: exchange.status != 0 ? exchange.status : (exitStatus ?? 0), bytesIn: exchange.bytesIn, bytesOut: exchange.bytesOut,

@@ -85,27 +85,36 @@ final class LoopPlugins {
     private let upstreamOfRoute: [String: String]
     /// (route, consumer) -> chains, built on this loop on first use.
     private var consumerChains: [String: ConsumerChains] = [:]
-    /// Finished request scopes waiting for the next requests of this loop
-    /// (here, not in the runtime: a scope holds its runtime).
-    private var spareScopes: [PluginRequest] = []
+    /// Finished requests' plugin sides, each with its scope, waiting for
+    /// the next requests of this loop (here, not in the runtime: a scope
+    /// holds its runtime).
+    private var spares: [ExchangePlugins] = []
     /// Enough for the requests finishing in one event-loop turn at a few
-    /// hundred connections: with fewer, a busy loop frees scopes and
-    /// allocates new ones every turn (a scope is small: ~1 KB with its
-    /// plugin context).
-    static let maxSpareScopes = 256
+    /// hundred connections: with fewer, a busy loop frees them and
+    /// allocates new ones every turn (~1.5 KB each with the scope).
+    static let maxSpares = 256
 
-    /// The plugin scope of a new request, a spare one when there is one.
-    func beginRequest(_ context: PluginRequestContext, connection: PluginConnection?) -> PluginRequest {
-        runtime.beginRequest(context, connection: connection, reusing: spareScopes.popLast())
+    /// The plugin side of a new request: a spare when one is free.
+    func beginRequest(chain: RouteChain, handler: any ExchangeDownstream, exchange: Exchange,
+                      path: String, query: Substring, connection: PluginConnection?) -> ExchangePlugins {
+        while !spares.isEmpty {
+            var spare = spares.removeLast()
+            // A closure of an async phase may still hold a finished request's
+            // object (it returns when it sees the request ended): not reused.
+            guard isKnownUniquelyReferenced(&spare) else { continue }
+            spare.begin(loopPlugins: self, chain: chain, handler: handler, exchange: exchange,
+                        path: path, query: query, connection: connection)
+            return spare
+        }
+        return ExchangePlugins(loopPlugins: self, chain: chain, handler: handler, exchange: exchange,
+                               path: path, query: query, connection: connection)
     }
 
-    /// Keeps a finished scope for a later request, if nothing else holds it
-    /// (a closure of an async phase, a test): `scope` must be the caller's
-    /// only reference, moved out of wherever it was kept.
-    func takeBack(_ scope: inout PluginRequest) {
-        guard spareScopes.count < Self.maxSpareScopes, scope.isFinished, isKnownUniquelyReferenced(&scope) else { return }
-        scope.detach()
-        spareScopes.append(scope)
+    /// Keeps a finished request's plugin side for a later request. Whether
+    /// something else still holds it is checked when it is taken out.
+    func takeBack(_ finished: ExchangePlugins) {
+        guard spares.count < Self.maxSpares else { return }
+        spares.append(finished)
     }
 
     init(generation: Int, library: PluginLibrary, plugins: ValidatedPlugins, config: WeirConfig,
