@@ -355,7 +355,12 @@ extension ExchangeDownstream {
         let head = exchange.head!
         var out = connection.takeHeadBuffer(capacity: head.wire.bytes.readableBytes + 256)
         guard let plugins = exchange.plugins, plugins.upstreamFramingEdited else {
-            head.writeUpstream(edits: exchange.upstreamEdits!, into: &out)
+            // Swapped out of the exchange and back, not copied: passing
+            // the class property copies it (its arrays retained, released).
+            var edits: HTTP1HeadEdits? = nil
+            swap(&edits, &exchange.upstreamEdits)
+            head.writeUpstream(edits: edits!, into: &out)
+            swap(&edits, &exchange.upstreamEdits)
             return (out, exchange.framing.chunked, head.wire.method)
         }
         // Plugins may have changed the method or the framing (set_body).
