@@ -319,7 +319,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
     private func flushUpstreamIfNeeded() {
         if let exchange, exchange.upstreamNeedsFlush, let connection = exchange.connection {
             exchange.upstreamNeedsFlush = false
-            connection.flush()
+            connection.flushAfterEvents(loopContext.turnFlushes)
         }
     }
 
@@ -340,7 +340,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
                     // The body was cut short: the request can never complete.
                     if exchange.responseStarted {
                         abortExchange(exchange, reason: "client closed its side mid-request")
-                        context.close(promise: nil)
+                        io.close(context: context)
                     } else {
                         exchange.requestEnded = true
                         failBeforeResponse(exchange, .badRequest, "request body incomplete: the client closed its side")
@@ -349,7 +349,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
             } else if exchange == nil {
                 // Nothing in flight (at most part of a head): done.
                 closing = true
-                context.close(promise: nil)
+                io.close(context: context)
             }
             return
         }
@@ -358,7 +358,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
         // I/O errors (reset by peer and friends): just close.
-        context.close(promise: nil)
+        io.close(context: context)
     }
 
     /// The parser refused the input: its status (400, 414, 431, 501, 505).
@@ -376,7 +376,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
         if let exchange {
             if exchange.responseStarted {
                 abortExchange(exchange, reason: message)
-                context.close(promise: nil)
+                io.close(context: context)
                 return
             }
             exchange.connection?.close()
@@ -420,7 +420,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
         } else {
             // Idle keep-alive connection: close quietly.
             closing = true
-            context.close(promise: nil)
+            io.close(context: context)
         }
     }
 
@@ -684,12 +684,12 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
     var eventLoop: EventLoop { context.eventLoop }
     var localAddress: SocketAddress? { context.channel.localAddress }
     var downstreamIsWritable: Bool { context.channel.isWritable }
-    func closeDownstream() { context.close(promise: nil) }
+    func closeDownstream() { io.close(context: context) }
 
     /// Writes a head held back for coalescing, then flushes.
     func flushDownstream() {
         writePendingResponseHead()
-        io.flush(context: context)
+        io.flushAfterEvents(context: context, turnFlushes: loopContext.turnFlushes)
     }
 
     // MARK: - After an exchange
@@ -702,12 +702,13 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
                 let channel = context.channel
                 afterWrite.whenComplete { _ in channel.close(promise: nil) }
             } else {
-                context.close(promise: nil)
+                io.close(context: context)
             }
             return
         }
-        // Ready for the next request on this connection.
-        io.flush(context: context)
+        // Ready for the next request on this connection. The response goes
+        // out with the turn's other writes (SoleHandlerIO.flushAfterEvents).
+        io.flushAfterEvents(context: context, turnFlushes: loopContext.turnFlushes)
         // The next request's upstream edits reuse this one's array storage.
         recycleUpstreamFields(of: exchange, into: &spareUpstreamFields)
         armConnectionTimer(header: false)
@@ -833,11 +834,11 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
         draining = true
         if exchange == nil && !closing {
             closing = true
-            context.close(promise: nil)
+            io.close(context: context)
         }
     }
 
     func forceClose() {
-        context.close(promise: nil)
+        io.close(context: context)
     }
 }
