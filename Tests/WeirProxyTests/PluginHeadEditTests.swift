@@ -5,6 +5,7 @@
 
 import Foundation
 import NIOCore
+import NIOHTTP1
 import WeirCore
 @testable import WeirProxy
 import XCTest
@@ -276,6 +277,43 @@ final class PluginHeadEditTests: PluginFolderTestCase {
         XCTAssertNil(hop.header("connection"))
         XCTAssertEqual(hop.headerValues("x-reset"), ["2"])
         XCTAssertEqual(try client.request("GET", "/plain").status, 200, "the same connection")
+    }
+
+    /// PendingResponseHeaders against the operations done one by one on
+    /// NIO's HTTPHeaders (set = replaceOrAdd): random sequences over names
+    /// that share lengths, some past 64 added lines, give the same head.
+    func testPendingResponseHeadersMatchOperationsDoneInOrder() {
+        let names = ["x-a", "x-b", "x-cc", "x-dd", "ratelimit-limit", "ratelimit-reset", "x-upstream"]
+        var seed: UInt64 = 0x9E37_79B9_7F4A_7C15
+        func next(_ n: Int) -> Int {
+            seed = seed &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
+            return Int((seed >> 33) % UInt64(n))
+        }
+        for round in 0..<300 {
+            let original = HTTPHeaders([("x-upstream", "u"), ("X-A", "orig"), ("content-type", "text/plain")])
+            var expected = original
+            var pending = PendingResponseHeaders()
+            let count = round % 10 == 0 ? 150 : next(12)
+            for i in 0..<count {
+                let name = names[next(names.count)]
+                switch next(3) {
+                case 0:
+                    expected.replaceOrAdd(name: name, value: "s\(i)")
+                    pending.set(name, "s\(i)")
+                case 1:
+                    expected.add(name: name, value: "a\(i)")
+                    pending.add(name, "a\(i)")
+                default:
+                    expected.remove(name: name)
+                    pending.clear(name)
+                }
+            }
+            var actual = original
+            pending.apply(to: &actual)
+            XCTAssertEqual(actual.map { "\($0.name.lowercased())=\($0.value)" }, expected.map { "\($0.name.lowercased())=\($0.value)" },
+                           "round \(round)")
+            XCTAssertEqual(pending.isEmpty, count == 0, "round \(round)")
+        }
     }
 
     func testResponseEditsOnHTTP2Streams() throws {

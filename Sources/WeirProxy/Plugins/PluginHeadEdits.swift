@@ -63,83 +63,102 @@ extension HTTP1KnownField {
 
 /// Response header changes plugins make before any response exists (the
 /// request phase: rate-limiting's RateLimit headers), kept as their result
-/// rather than as a list of operations: the names whose lines in the
-/// response go, and the lines to add. `set` = clear + add, so a set or
-/// clear drops the earlier added lines of its name here, once; applying
-/// them to the upstream's head is then one field lookup per removed name,
-/// with no name comparisons and no checks (names and values come checked
-/// from the SDK: PluginRequestContext).
+/// rather than as a list of operations: the lines to add, and which names'
+/// lines in the response go. `set` = clear + add, so a set or clear drops
+/// the earlier added lines of its name here, once; applying them to the
+/// upstream's head is then one field lookup per removed name, with no name
+/// comparisons and no checks (names and values come checked from the SDK:
+/// PluginRequestContext). The common case, a few `set`s of distinct names,
+/// is one array and a bit per line.
 struct PendingResponseHeaders {
-    /// A name (lower-case) whose lines in the response go, with its kind
-    /// (worked out once, for the lookup in the response's lines). A struct:
-    /// an array of tuples is copied and destroyed through generic witnesses.
-    struct RemovedName {
-        var name: String
-        var kind: HTTP1KnownField
-    }
-
-    private(set) var removedNames: [RemovedName] = []
     /// Lines added after the response's kept ones, in order.
     private(set) var added: [HTTP1AddedField] = []
+    /// Bit i: `added[i]` came from a `set`, so the response's own lines of
+    /// its name go (lines past the 64th record that in `clearedNames`).
+    private var replacing: UInt64 = 0
+    /// Names whose lines in the response go without a `set` line standing
+    /// for them: `clear_header`, and sets past the 64th line.
+    private var clearedNames: [String] = []
     /// See ResponseHeadChanges.addedNeedReview.
     private(set) var addedNeedReview = false
-    /// Bit `count % 64` of every name in either list: a name whose bit is
-    /// clear is in neither, so most calls compare no names at all.
+    /// Bit `count % 64` of every name seen: a name whose bit is clear has
+    /// no line here and was not cleared, so most calls compare no names.
     private var nameLengths: UInt64 = 0
 
-    var isEmpty: Bool { removedNames.isEmpty && added.isEmpty }
+    var isEmpty: Bool { added.isEmpty && clearedNames.isEmpty }
 
     mutating func set(_ name: String, _ value: String) {
-        let kind = HTTP1KnownField.classify(name)
-        clear(name, kind)
-        append(name, value, kind)
+        if !isFirstOfItsLength(name) { dropAdded(named: name) }
+        if added.count >= 64 { clearedNames.append(name) } else { replacing |= 1 << UInt64(added.count) }
+        append(name, value)
     }
 
     mutating func add(_ name: String, _ value: String) {
-        append(name, value, HTTP1KnownField.classify(name))
+        _ = isFirstOfItsLength(name)
+        append(name, value)
     }
 
     mutating func clear(_ name: String) {
-        clear(name, HTTP1KnownField.classify(name))
-    }
-
-    private mutating func clear(_ name: String, _ kind: HTTP1KnownField) {
-        let bit = Self.lengthBit(name)
-        let seen = nameLengths & bit != 0
-        nameLengths |= bit
-        // One allocation each for a plugin's handful (rate-limiting sets 5).
-        if removedNames.isEmpty { removedNames.reserveCapacity(8) }
-        guard seen else { return removedNames.append(RemovedName(name: name, kind: kind)) }
-        if !removedNames.contains(where: { Self.sameLowercasedName($0.name, name) }) {
-            removedNames.append(RemovedName(name: name, kind: kind))
+        if !isFirstOfItsLength(name) {
+            dropAdded(named: name)
+            if clearedNames.contains(where: { Self.sameLowercasedName($0, name) }) { return }
         }
-        if added.contains(where: { Self.sameLowercasedName($0.name, name) }) {
-            added.removeAll { Self.sameLowercasedName($0.name, name) }
-        }
-    }
-
-    private mutating func append(_ name: String, _ value: String, _ kind: HTTP1KnownField) {
-        nameLengths |= Self.lengthBit(name)
-        if kind.isReviewedByRelay { addedNeedReview = true }
-        if added.isEmpty { added.reserveCapacity(8) }
-        added.append(HTTP1AddedField(name: name, value: value))
+        clearedNames.append(name)
     }
 
     /// The edits these changes make to the upstream's head.
     func edits(on fields: HTTP1Fields) -> HTTP1HeadEdits {
         var edits = HTTP1HeadEdits(added: added)
-        for removed in removedNames { edits.removed.formUnion(fields.fieldSet(named: removed.name, kind: removed.kind)) }
+        var bits = replacing
+        while bits != 0 {
+            let name = added[bits.trailingZeroBitCount].name
+            bits &= bits - 1
+            edits.removed.formUnion(fields.fieldSet(named: name))
+        }
+        for name in clearedNames { edits.removed.formUnion(fields.fieldSet(named: name)) }
         return edits
     }
 
     /// The same changes on a head the proxy makes (an error, a plugin's exit).
     func apply(to headers: inout HTTPHeaders) {
-        for removed in removedNames { headers.remove(name: removed.name) }
+        var bits = replacing
+        while bits != 0 {
+            headers.remove(name: added[bits.trailingZeroBitCount].name)
+            bits &= bits - 1
+        }
+        for name in clearedNames { headers.remove(name: name) }
         for field in added { headers.add(name: field.name, value: field.value) }
     }
 
-    @inline(__always)
-    private static func lengthBit(_ name: String) -> UInt64 { 1 << UInt64(name.utf8.count & 63) }
+    private mutating func append(_ name: String, _ value: String) {
+        if HTTP1KnownField.classify(name).isReviewedByRelay { addedNeedReview = true }
+        // One allocation for a plugin's handful (rate-limiting sets 5).
+        if added.isEmpty { added.reserveCapacity(8) }
+        added.append(HTTP1AddedField(name: name, value: value))
+    }
+
+    /// Marks the length of `name` seen; false if it was seen before (then
+    /// the name may have lines here: compare).
+    private mutating func isFirstOfItsLength(_ name: String) -> Bool {
+        let bit: UInt64 = 1 << UInt64(name.utf8.count & 63)
+        defer { nameLengths |= bit }
+        return nameLengths & bit == 0
+    }
+
+    /// Drops the added lines of `name` (a later set or clear of it), keeping
+    /// the others' `replacing` bits with them.
+    private mutating func dropAdded(named name: String) {
+        guard added.contains(where: { Self.sameLowercasedName($0.name, name) }) else { return }
+        var kept: [HTTP1AddedField] = []
+        kept.reserveCapacity(added.count)
+        var keptReplacing: UInt64 = 0
+        for (i, field) in added.enumerated() where !Self.sameLowercasedName(field.name, name) {
+            if i < 64, replacing & (1 << UInt64(i)) != 0 { keptReplacing |= 1 << UInt64(kept.count) }
+            kept.append(field)
+        }
+        added = kept
+        replacing = keptReplacing
+    }
 
     /// Names the SDK passes are lower-case: equal bytes, the count first
     /// (most names differ in length).
