@@ -345,8 +345,8 @@ public final class PluginRequest {
                 reportCompleted(first..<stopped)
                 index = stopped
             }
-            let entry = entries[index]
-
+            // The entry it stopped in is read only on the paths that need it:
+            // a copy of it costs two retains and two releases.
             switch result {
             case .finished(let count):
                 if (phase == .request || phase == .response), count > 0, lua_type(thread, -count) != LUA_TNIL, exit == nil {
@@ -354,14 +354,14 @@ public final class PluginRequest {
                         exit = try runtime.readExit(count: count, from: thread)
                     } catch let error as LuaError {
                         co.clear()
-                        return fail(entry, error.message, error.traceback)
-                    } catch { co.clear(); return fail(entry, "\(error)") }
+                        return fail(entries[index], error.message, error.traceback)
+                    } catch { co.clear(); return fail(entries[index], "\(error)") }
                 }
                 co.clear()
                 if let exit = exit { report(.exited); return .exit(exit) }
                 report(.completed)
                 index += 1
-                if phase == .request, consumerChain != nil { switchToConsumerChain(after: entry) }
+                if phase == .request, consumerChain != nil { switchToConsumerChain(after: entries[index - 1]) }
             case .yielded(let count):
                 weir_pop(thread, count)
                 if let exit = exit {
@@ -382,14 +382,14 @@ public final class PluginRequest {
                     return nil
                 }
                 co.reset()
-                return fail(entry, "attempt to yield from a plugin phase function (only weir async functions such as weir.sleep may suspend a plugin)")
+                return fail(entries[index], "attempt to yield from a plugin phase function (only weir async functions such as weir.sleep may suspend a plugin)")
             case .failed(let error):
                 runtime.recycle(co) // dead: released, a fresh thread serves the next call
                 coroutine = nil
                 if runtime.state.budgetExhausted {
                     runtime.state.setBudget(0)
                 }
-                return fail(entry, error.message, error.traceback)
+                return fail(entries[index], error.message, error.traceback)
             }
         }
         // The phase ran to its end: its coroutine goes back to the pool now,

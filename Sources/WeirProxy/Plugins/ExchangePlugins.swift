@@ -140,7 +140,10 @@ final class ExchangePlugins: PluginRequestContext {
         // optional still destroys the old value (~350 instructions for all).
         exchange = nil
         lastChunkFiltered = false
-        if !pendingResponseHeaders.isEmpty { pendingResponseHeaders = PendingResponseHeaders() }
+        if hasPendingResponseHeaders {
+            pendingResponseHeaders = PendingResponseHeaders()
+            hasPendingResponseHeaders = false
+        }
         if upstreamResponse != nil { upstreamResponse = nil }
         // upstreamResponseChanges: started fresh by beginUpstreamResponse.
         if responseHead != nil { responseHead = nil }
@@ -223,12 +226,17 @@ final class ExchangePlugins: PluginRequestContext {
     /// Nothing for the response phase to do on an upstream head: no plugin
     /// implements it, no body filter re-frames the response and the request
     /// phase left no response header changes.
-    var responsePhaseIsNoop: Bool { pendingResponseHeaders.isEmpty && !filtersBody && !chain.runs(.response) }
+    var responsePhaseIsNoop: Bool { !hasPendingResponseHeaders && !filtersBody && !chain.runs(.response) }
+    /// `pendingResponseHeaders` is not empty (a flag: asking the struct
+    /// retains and releases its arrays on every response).
+    private var hasPendingResponseHeaders = false
 
     /// Applies the request phase's response header changes to `headers`.
     func applyEarlyResponseOps(to headers: inout HTTPHeaders) {
+        guard hasPendingResponseHeaders else { return }
         pendingResponseHeaders.apply(to: &headers)
         pendingResponseHeaders = PendingResponseHeaders()
+        hasPendingResponseHeaders = false
     }
 
     /// The response phase starts on the upstream's head: the request
@@ -237,6 +245,7 @@ final class ExchangePlugins: PluginRequestContext {
         upstreamResponse = head
         upstreamResponseChanges = ResponseHeadChanges(pendingResponseHeaders, on: head.fields)
         pendingResponseHeaders = PendingResponseHeaders()
+        hasPendingResponseHeaders = false
     }
 
     /// The response phase is over: its edits to the upstream's head (a
@@ -574,6 +583,7 @@ final class ExchangePlugins: PluginRequestContext {
             case .add: pendingResponseHeaders.add(name, value)
             case .clear: pendingResponseHeaders.clear(name)
             }
+            hasPendingResponseHeaders = !pendingResponseHeaders.isEmpty
             return
         }
         switch op {
