@@ -98,6 +98,10 @@ final class HTTP2DownstreamConnection: ChannelInboundHandler {
     private var inSession = false
     /// A flush is scheduled for the end of this event-loop tick.
     private var flushScheduled = false
+    /// Bytes the last flush wrote: the next one's buffer starts that big
+    /// (a busy connection's flush carries ~100 streams' frames; growing a
+    /// 1 KB buffer to that reallocated and copied it at each doubling).
+    private var lastFlushBytes = 1024
     /// The server's SETTINGS (the first bytes out) still have to get the
     /// configured max_concurrent_streams (HTTP2StreamLimit.swift).
     private var settingsRewritePending = true
@@ -436,11 +440,19 @@ final class HTTP2DownstreamConnection: ChannelInboundHandler {
                 break
             }
             guard count > 0, let chunk else { break }
-            if out == nil { out = context.channel.allocator.buffer(capacity: max(count, 1024)) }
-            out!.writeBytes(UnsafeRawBufferPointer(start: chunk, count: count))
+            if out == nil { out = context.channel.allocator.buffer(capacity: max(count, lastFlushBytes)) }
+            // At the writer index of the whole storage: `writeBytes` slices
+            // with a generic `dropFirst` that is not inlined (as in HTTP2FieldList).
+            out!.reserveCapacity(minimumWritableBytes: count)
+            let at = out!.writerIndex
+            out!.withVeryUnsafeMutableBytes { raw in
+                (raw.baseAddress! + at).copyMemory(from: chunk, byteCount: count)
+            }
+            out!.moveWriterIndex(forwardBy: count)
         }
         inSession = false
         if var out {
+            lastFlushBytes = min(max(out.readableBytes, 1024), 256 * 1024)
             if settingsRewritePending {
                 settingsRewritePending = false
                 AdvertisedStreamLimit.rewriteMaxConcurrentStreams(in: &out, to: UInt32(clamping: settings.maxConcurrentStreams))
