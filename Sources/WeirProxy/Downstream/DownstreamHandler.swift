@@ -38,6 +38,11 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
     /// `context.write` would overtake a buffer it holds until the flush).
     private let io = SoleHandlerIO()
     private let soleHandler: Bool
+    /// `context.channel.isWritable` as of the last writability event (NIO
+    /// fires one in the same call that crosses a watermark): read per body
+    /// part, where reaching the channel through the context costs two
+    /// retain/release pairs and an existential call.
+    private var channelWritable = true
     /// The channel's allocator, looked up once (not per write through the
     /// `Channel` existential).
     private(set) var allocator = ByteBufferAllocator()
@@ -129,6 +134,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
         // https: writes, flushes and reads straight to NIOSSLHandler / the core.
         if tls != nil { io.attachBehindTLS(context) }
         allocator = context.channel.allocator
+        channelWritable = context.channel.isWritable
         connectionTimer.setUp(loop: context.eventLoop) { [weak self] in self?.connectionTimerFired() }
         exchangeTimer.setUp(loop: context.eventLoop) { [weak self] in self?.exchangeTimerFired() }
         if context.channel.isActive { connectionStarted(context: context) }
@@ -324,7 +330,8 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
-        if context.channel.isWritable, let connection = exchange?.connection {
+        channelWritable = context.channel.isWritable
+        if channelWritable, let connection = exchange?.connection {
             connection.handler.resumeReading()
         }
         context.fireChannelWritabilityChanged()
@@ -683,7 +690,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
 
     var eventLoop: EventLoop { context.eventLoop }
     var localAddress: SocketAddress? { context.channel.localAddress }
-    var downstreamIsWritable: Bool { context.channel.isWritable }
+    var downstreamIsWritable: Bool { channelWritable }
     func closeDownstream() { io.close(context: context) }
 
     /// Writes a head held back for coalescing, then flushes.
