@@ -49,6 +49,11 @@ final class RequestHead {
         HTTP1HeadWriter.writeRequest(wire, edits: edits, into: &out)
     }
 
+    /// The client's lines named `name` (`HTTP1Fields.fieldSet(named:)`),
+    /// read in place as `writeUpstream` does: plugins' upstream header
+    /// setters look them up here, not on a copy of `headers`.
+    func fieldSet(named name: String) -> HTTP1FieldSet { wire.fields.fieldSet(named: name) }
+
     /// The request target up to its `?`, for logs. A byte search:
     /// `firstIndex(of:)` on the String walks Characters (~450 instructions).
     var pathWithoutQuery: String {

@@ -365,11 +365,15 @@ final class ExchangePlugins: PluginRequestContext {
         return true
     }
 
+    // The client's lines of the name are looked up on the head itself
+    // (RequestHead.fieldSet): `head.headers` would be a copy of its fields,
+    // their buffer and index retained and released per call.
     func setUpstreamHeader(_ name: String, _ value: String) {
         let exchange = self.exchange!
-        guard makeUpstreamEdits(), let fields = exchange.head?.headers else { return }
+        guard makeUpstreamEdits(), let lines = exchange.head?.fieldSet(named: name) else { return }
         noteFramingEdit(name)
-        exchange.upstreamEdits!.setField(name, value, in: fields)
+        exchange.upstreamEdits!.removeFields(named: name, lines: lines)
+        exchange.upstreamEdits!.addField(name, value)
     }
     func addUpstreamHeader(_ name: String, _ value: String) {
         guard makeUpstreamEdits() else { return }
@@ -377,9 +381,10 @@ final class ExchangePlugins: PluginRequestContext {
         exchange.upstreamEdits!.addField(name, value)
     }
     func clearUpstreamHeader(_ name: String) {
-        guard makeUpstreamEdits(), let fields = exchange.head?.headers else { return }
+        let exchange = self.exchange!
+        guard makeUpstreamEdits(), let lines = exchange.head?.fieldSet(named: name) else { return }
         noteFramingEdit(name)
-        exchange.upstreamEdits!.removeFields(named: name, in: fields)
+        exchange.upstreamEdits!.removeFields(named: name, lines: lines)
     }
 
     /// A plugin's edit of a Transfer-Encoding line decides whether the

@@ -189,7 +189,12 @@ extension HTTP1HeadEdits {
 
     /// `removeFields(named:in:)` for a name already classified.
     mutating func removeFields(named name: String, kind: HTTP1KnownField, in fields: HTTP1Fields) {
-        let named = fields.fieldSet(named: name, kind: kind)
+        removeFields(named: name, lines: fields.fieldSet(named: name, kind: kind))
+    }
+
+    /// `removeFields(named:in:)` with the original lines of that name
+    /// already looked up (`HTTP1Fields.fieldSet(named:)`, `RequestHead.fieldSet`).
+    mutating func removeFields(named name: String, lines named: HTTP1FieldSet) {
         if !named.isEmpty { removed.formUnion(named) }
         if !added.isEmpty, added.contains(where: { $0.name.equalsIgnoringASCIICase(name) }) {
             added.removeAll { $0.name.equalsIgnoringASCIICase(name) }
