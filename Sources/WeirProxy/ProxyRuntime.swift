@@ -247,8 +247,6 @@ final class LoopContext: @unchecked Sendable {
     let dateCache = HTTPDateCache()
     /// The time of the I/O event being handled, one clock read per event.
     let clock = LoopClock()
-    /// Flushes sent together once the turn's I/O events are handled.
-    let turnFlushes: EndOfTurnFlushes
     /// The routing new requests use; swapped on the loop by a reload.
     private(set) var routing: LoopRouting {
         didSet { routedAsReceived = Array(repeating: nil, count: routing.runtime.routes.count) }
@@ -279,7 +277,6 @@ final class LoopContext: @unchecked Sendable {
     init(loop: EventLoop, runtime: ProxyRuntime, logger: Logger) {
         self.loop = loop
         self.logger = logger
-        self.turnFlushes = EndOfTurnFlushes(loop: loop)
         var pools: [String: TargetPool] = [:]
         self.routing = LoopRouting(runtime: runtime, pools: Self.pools(for: runtime, loop: loop, reusing: [:], into: &pools))
         self.routedAsReceived = Array(repeating: nil, count: runtime.routes.count)

@@ -10,14 +10,14 @@ import XCTest
 /// is empty.
 final class SoleHandlerIOTests: XCTestCase {
     var group: MultiThreadedEventLoopGroup!
-    var servers: [Channel] = []
+    var server: Channel?
 
     override func setUpWithError() throws {
         group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
     }
 
     override func tearDown() {
-        for server in servers { try? server.close().wait() }
+        try? server?.close().wait()
         try? group?.syncShutdownGracefully()
     }
 
@@ -56,7 +56,7 @@ final class SoleHandlerIOTests: XCTestCase {
                 }
             }
             .bind(host: "127.0.0.1", port: 0).wait()
-        servers.append(server)
+        self.server = server
         let client = try BlockingSocket(port: server.localAddress!.port!)
         var small: Int32 = 8192
         setsockopt(client.fd, SOL_SOCKET, SO_RCVBUF, &small, socklen_t(MemoryLayout<Int32>.size))
@@ -133,72 +133,5 @@ final class SoleHandlerIOTests: XCTestCase {
         }.wait()
         XCTAssertEqual(client.readExactly(10).map { String(decoding: $0, as: UTF8.self) }, "held+after")
         XCTAssertTrue(try group.next().submit { !writer.io.isDirect }.wait())
-    }
-
-    // MARK: Flushes at the end of the loop turn
-
-    /// Bytes waiting on the client socket without blocking: nil when none
-    /// (EAGAIN), else what one recv returned.
-    private static func bytesAvailableNow(_ client: BlockingSocket) -> [UInt8]? {
-        var chunk = [UInt8](repeating: 0, count: 4096)
-        let n = chunk.withUnsafeMutableBytes { recv(client.fd, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT | MSG_PEEK)) }
-        return n > 0 ? Array(chunk[0..<n]) : nil
-    }
-
-    func testFlushAfterEventsSendsOnceTheTurnsWorkIsDone() throws {
-        let (first, firstClient) = try connect(soleHandler: true)
-        let (second, secondClient) = try connect(soleHandler: true)
-        let loop = group.next()
-        let turnFlushes = EndOfTurnFlushes(loop: loop)
-        let seenDuringTheTurn = try loop.submit { () -> [[UInt8]?] in
-            for (writer, text) in [(first, "one"), (second, "two"), (first, "+three")] {
-                let context = writer.context!
-                writer.io.write(context.channel.allocator.buffer(string: text), context: context, promise: nil)
-                writer.io.flushAfterEvents(context: context, turnFlushes: turnFlushes)
-            }
-            // Still inside the turn: nothing has been sent.
-            return [Self.bytesAvailableNow(firstClient), Self.bytesAvailableNow(secondClient)]
-        }.wait()
-        XCTAssertEqual(seenDuringTheTurn.compactMap { $0 }.count, 0, "sent before the turn ended")
-        // Then everything, in order (the second buffer of `first` went
-        // through NIO behind the held one).
-        XCTAssertEqual(firstClient.readExactly(9).map { String(decoding: $0, as: UTF8.self) }, "one+three")
-        XCTAssertEqual(secondClient.readExactly(3).map { String(decoding: $0, as: UTF8.self) }, "two")
-        // A plain flush in a later turn goes at once.
-        let sentAtOnce = try loop.submit { () -> [UInt8]? in
-            let context = second.context!
-            second.io.write(context.channel.allocator.buffer(string: "now"), context: context, promise: nil)
-            second.io.flush(context: context)
-            return Self.bytesAvailableNow(secondClient)
-        }.wait()
-        XCTAssertEqual(sentAtOnce.map { String(decoding: $0, as: UTF8.self) }, "now")
-    }
-
-    func testCloseSendsWhatWaitsForTheEndOfTheTurn() throws {
-        let (writer, client) = try connect(soleHandler: true)
-        let loop = group.next()
-        let turnFlushes = EndOfTurnFlushes(loop: loop)
-        try loop.submit {
-            let context = writer.context!
-            writer.io.write(context.channel.allocator.buffer(string: "last words"), context: context, promise: nil)
-            writer.io.flushAfterEvents(context: context, turnFlushes: turnFlushes)
-            writer.io.close(context: context)
-        }.wait()
-        XCTAssertEqual(client.readExactly(10).map { String(decoding: $0, as: UTF8.self) }, "last words")
-        XCTAssertFalse(client.fill(), "closed after the bytes")
-    }
-
-    func testFlushAfterEventsThroughThePipelineFlushesAtOnce() throws {
-        let (writer, client) = try connect(soleHandler: false)
-        let loop = group.next()
-        let turnFlushes = EndOfTurnFlushes(loop: loop)
-        let waits = try loop.submit { () -> Bool in
-            let context = writer.context!
-            writer.io.write(context.channel.allocator.buffer(string: "tls-like"), context: context, promise: nil)
-            writer.io.flushAfterEvents(context: context, turnFlushes: turnFlushes)
-            return writer.io.flushAtEndOfTurn
-        }.wait()
-        XCTAssertFalse(waits, "through the pipeline it is a plain context.flush()")
-        XCTAssertEqual(client.readExactly(8).map { String(decoding: $0, as: UTF8.self) }, "tls-like")
     }
 }

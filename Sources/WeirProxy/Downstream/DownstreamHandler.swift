@@ -325,7 +325,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
     private func flushUpstreamIfNeeded() {
         if let exchange, exchange.upstreamNeedsFlush, let connection = exchange.connection {
             exchange.upstreamNeedsFlush = false
-            connection.flushAfterEvents(loopContext.turnFlushes)
+            connection.flush()
         }
     }
 
@@ -347,7 +347,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
                     // The body was cut short: the request can never complete.
                     if exchange.responseStarted {
                         abortExchange(exchange, reason: "client closed its side mid-request")
-                        io.close(context: context)
+                        context.close(promise: nil)
                     } else {
                         exchange.requestEnded = true
                         failBeforeResponse(exchange, .badRequest, "request body incomplete: the client closed its side")
@@ -356,7 +356,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
             } else if exchange == nil {
                 // Nothing in flight (at most part of a head): done.
                 closing = true
-                io.close(context: context)
+                context.close(promise: nil)
             }
             return
         }
@@ -365,7 +365,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
         // I/O errors (reset by peer and friends): just close.
-        io.close(context: context)
+        context.close(promise: nil)
     }
 
     /// The parser refused the input: its status (400, 414, 431, 501, 505).
@@ -383,7 +383,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
         if let exchange {
             if exchange.responseStarted {
                 abortExchange(exchange, reason: message)
-                io.close(context: context)
+                context.close(promise: nil)
                 return
             }
             exchange.connection?.close()
@@ -427,7 +427,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
         } else {
             // Idle keep-alive connection: close quietly.
             closing = true
-            io.close(context: context)
+            context.close(promise: nil)
         }
     }
 
@@ -691,12 +691,12 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
     var eventLoop: EventLoop { context.eventLoop }
     var localAddress: SocketAddress? { context.channel.localAddress }
     var downstreamIsWritable: Bool { channelWritable }
-    func closeDownstream() { io.close(context: context) }
+    func closeDownstream() { context.close(promise: nil) }
 
     /// Writes a head held back for coalescing, then flushes.
     func flushDownstream() {
         writePendingResponseHead()
-        io.flushAfterEvents(context: context, turnFlushes: loopContext.turnFlushes)
+        io.flush(context: context)
     }
 
     // MARK: - After an exchange
@@ -709,13 +709,12 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
                 let channel = context.channel
                 afterWrite.whenComplete { _ in channel.close(promise: nil) }
             } else {
-                io.close(context: context)
+                context.close(promise: nil)
             }
             return
         }
-        // Ready for the next request on this connection. The response goes
-        // out with the turn's other writes (SoleHandlerIO.flushAfterEvents).
-        io.flushAfterEvents(context: context, turnFlushes: loopContext.turnFlushes)
+        // Ready for the next request on this connection.
+        io.flush(context: context)
         // The next request's upstream edits reuse this one's array storage.
         recycleUpstreamFields(of: exchange, into: &spareUpstreamFields)
         armConnectionTimer(header: false)
@@ -841,11 +840,11 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
         draining = true
         if exchange == nil && !closing {
             closing = true
-            io.close(context: context)
+            context.close(promise: nil)
         }
     }
 
     func forceClose() {
-        io.close(context: context)
+        context.close(promise: nil)
     }
 }

@@ -400,7 +400,7 @@ extension ExchangeDownstream {
             // A retry of a bodyless request: its end was consumed by the first attempt.
             connection.writeEnd(trailers: nil)
         }
-        connection.flushAfterEvents(loopContext.turnFlushes)
+        connection.flush()
         // requestFullySent arms the timer itself (once is enough: both
         // would compute the same deadlines).
         if exchange.requestEnded { requestFullySent(exchange) } else { armExchangeTimer(exchange) }

@@ -65,9 +65,6 @@ final class SoleHandlerIO {
     /// NIO was given writes that may not all be on the wire yet: until it
     /// reports none buffered, writes must queue behind them.
     private(set) var nioMayHoldWrites = false
-    /// A flush was asked for with `flushAfterEvents` and waits in the
-    /// loop's `EndOfTurnFlushes` for the end of the turn.
-    private(set) var flushAtEndOfTurn = false
     /// Larger buffers go to NIO at once (its writability must see them).
     static let maxHeldBytes = 16 * 1024
 
@@ -102,9 +99,7 @@ final class SoleHandlerIO {
         if let held, let core {
             self.held = nil
             core.write0(NIOAny(held), promise: nil)
-            if flushAtEndOfTurn { core.flush0() }
         }
-        flushAtEndOfTurn = false
         core = nil
         socket = nil
         tlsHandler = nil
@@ -116,7 +111,6 @@ final class SoleHandlerIO {
     /// must not be sent by a later flush either.
     func dropHeld() {
         held = nil
-        flushAtEndOfTurn = false
     }
 
     /// Whether read requests go straight to the channel's core (the only
@@ -145,44 +139,6 @@ final class SoleHandlerIO {
     func flush(context: ChannelHandlerContext) {
         if let tlsHandler, let tlsContext { return tlsHandler.flush(context: tlsContext) }
         guard let core else { return context.flush() }
-        flushOnCore(core)
-    }
-
-    /// Like `flush`, but a held buffer waits until the loop has handled
-    /// every I/O event of this turn (`turnFlushes` sends it then), so the
-    /// writes of one turn reach their peers together. Why: a peer (client,
-    /// upstream) that has answered everything sent so far goes to sleep in
-    /// its epoll_wait, and the next write wakes it again (an IPI, and the
-    /// peer serves one message per wake-up). Sent as each event ends, the
-    /// writes of a busy turn are spaced by the proxy's work per event and
-    /// wake the peers 2-3 times as often as sent together (BENCHMARKS.md
-    /// "tail", 2026-11-30). Through NIO or behind TLS this is `flush`.
-    func flushAfterEvents(context: ChannelHandlerContext, turnFlushes: EndOfTurnFlushes) {
-        guard core != nil else { return flush(context: context) }
-        // Nothing written since the last flush: nothing to send.
-        guard held != nil || nioMayHoldWrites else { return }
-        if !flushAtEndOfTurn {
-            flushAtEndOfTurn = true
-            turnFlushes.add(self)
-        }
-    }
-
-    /// Closes the channel from its handler: a flush still waiting for the
-    /// end of the turn is done first (the bytes were flushed as far as the
-    /// owner is concerned: a response followed by a close must not be lost).
-    func close(context: ChannelHandlerContext, promise: EventLoopPromise<Void>? = nil) {
-        if flushAtEndOfTurn, let core { flushOnCore(core) }
-        context.close(promise: promise)
-    }
-
-    /// `EndOfTurnFlushes` at the end of the turn.
-    fileprivate func flushAtTurnEnd() {
-        guard flushAtEndOfTurn, let core else { return }
-        flushOnCore(core)
-    }
-
-    private func flushOnCore(_ core: ChannelCore) {
-        flushAtEndOfTurn = false
         guard let buffer = held else {
             // Nothing held: NIO's writes (if any) are flushed by NIO.
             if nioMayHoldWrites { core.flush0() }
@@ -249,36 +205,5 @@ final class SoleHandlerIO {
     /// back as before.
     func rearmRead(if wanted: Bool, context: ChannelHandlerContext) {
         if wanted { read(context: context) }
-    }
-}
-
-/// Flushes asked for with `SoleHandlerIO.flushAfterEvents` while the event
-/// loop handles the I/O events of one turn (one epoll_wait), done together
-/// once they are all handled: NIO runs tasks submitted from an event after
-/// every event of that turn. One task per turn with such flushes, none on
-/// an idle loop. One per `LoopContext`, used on its loop only.
-final class EndOfTurnFlushes {
-    private let loop: EventLoop
-    private var waiting: [SoleHandlerIO] = []
-    /// The list being flushed, kept for its storage.
-    private var flushing: [SoleHandlerIO] = []
-    private var taskSubmitted = false
-
-    init(loop: EventLoop) {
-        self.loop = loop
-    }
-
-    fileprivate func add(_ io: SoleHandlerIO) {
-        waiting.append(io)
-        guard !taskSubmitted else { return }
-        taskSubmitted = true
-        loop.execute { [self] in flushAll() }
-    }
-
-    private func flushAll() {
-        taskSubmitted = false
-        swap(&waiting, &flushing)
-        for io in flushing { io.flushAtTurnEnd() }
-        flushing.removeAll(keepingCapacity: true)
     }
 }

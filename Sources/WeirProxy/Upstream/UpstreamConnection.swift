@@ -132,12 +132,6 @@ final class UpstreamConnection {
         handler.flush()
     }
 
-    /// A flush sent with the event-loop turn's other writes (see
-    /// `SoleHandlerIO.flushAfterEvents`).
-    func flushAfterEvents(_ turnFlushes: EndOfTurnFlushes) {
-        handler.flushAfterEvents(turnFlushes)
-    }
-
     /// Closes the connection (it will not be pooled again).
     func close() {
         reusable = false
@@ -239,11 +233,6 @@ final class UpstreamHandler: ChannelDuplexHandler, RemovableChannelHandler {
     func flush() {
         guard let context else { return }
         io.flush(context: context)
-    }
-
-    func flushAfterEvents(_ turnFlushes: EndOfTurnFlushes) {
-        guard let context else { return }
-        io.flushAfterEvents(context: context, turnFlushes: turnFlushes)
     }
 
     func pauseReading() {
