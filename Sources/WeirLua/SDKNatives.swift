@@ -555,13 +555,21 @@ extension LuaRuntime {
             case .failure(.notANumber): lua_pushnil(L); LuaState.push("not a number", on: L); return .values(2)
             }
         }
-        // N.shared_incr(id or name, ...): the Lua side's incr_get (an unknown dictionary: nil, "not found").
+        // N.shared_incr(id or name, ...): incr's and incr_get's fallbacks (an unknown dictionary: nil, "not found").
         n.append(("shared_incr", { L in incr(L, dictionary(L), readsOther: true) }))
         // dict:incr itself (lua/weir/init.lua): the first argument is the
         // dictionary's table; anything else answers `.fallback`.
         n.append(("shared_dict_incr", { L in
             guard lua_type(L, 1) == LUA_TTABLE, let id = dictionaryID(ofTableAt: 1, L) else { return badArgument(L) }
             return incr(L, shared.dictionary(id: id), readsOther: false)
+        }))
+        // dict:incr_get likewise (a sliding window's two counters in one
+        // call, no Lua wrapper): the other key is required here, so a
+        // missing one falls back to the message before anything changes.
+        n.append(("shared_dict_incr_get", { L in
+            guard lua_type(L, 1) == LUA_TTABLE, lua_type(L, 6) == LUA_TSTRING,
+                  let id = dictionaryID(ofTableAt: 1, L) else { return badArgument(L) }
+            return incr(L, shared.dictionary(id: id), readsOther: true)
         }))
         n.append(("shared_delete", { L in
             guard let key = LuaState.bytes(at: 2, on: L) else { return .error("weir.shared.delete: expected a key") }

@@ -482,12 +482,16 @@ final class SDKTests: XCTestCase {
         local n2, p2 = d:incr_get("cur", 2, 0, 60, "absent")
         local n3, e3 = d:incr_get("missing", 1, nil, 0, "prev")
         local n4, e4 = d:incr_get("word", 1, 0, 0, "prev")
+        -- the native defaults delta and init_ttl; two results even when the other key is absent
+        local n5, p5 = d:incr_get("fresh", nil, 5, nil, "prev")
+        assert(n5 == 6 and p5 == 41 and select("#", d:incr_get("fresh", 1, 0, 0, "absent")) == 2)
         local function msg(f) local ok, err = pcall(f); assert(not ok); return err end
         return 200, table.concat({ n1, p1, n2, tostring(p2), tostring(n3), e3, tostring(n4), e4,
           msg(function() d:incr_get("cur", 1, 0, 0, 7) end),
           msg(function() d:incr_get("cur", 1, 0, 0) end),
           msg(function() d:incr_get("cur", "1", 0, 0, "prev") end),
-          msg(function() d.incr_get("cur") end) }, "|")
+          msg(function() d.incr_get("cur") end),
+          msg(function() d.incr_get({ id = "x" }, "cur", 1, 0, 0, "prev") end) }, "|")
         """, harness: h)
         let parts = (body ?? "").split(separator: "|", omittingEmptySubsequences: false).map(String.init)
         XCTAssertEqual(Array(parts.prefix(8)), ["1", "41", "3", "nil", "nil", "not found", "nil", "not a number"], "\(result)")
@@ -495,6 +499,7 @@ final class SDKTests: XCTestCase {
             "bad argument #5 to 'weir.shared.incr_get' (string expected, got number)",
             "bad argument #5 to 'weir.shared.incr_get' (string expected, got nil)",
             "bad argument #2 to 'weir.shared.incr_get' (number expected, got string)",
+            "weir.shared.incr_get: call it as dict:incr_get(...)",
             "weir.shared.incr_get: call it as dict:incr_get(...)",
         ]
         XCTAssertEqual(parts.count, 8 + messages.count, "\(result)")

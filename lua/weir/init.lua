@@ -627,12 +627,11 @@ end
 
 -- Hot path (rate limiters, counters): the native takes a string key, a
 -- number delta, a number or nil init and a non-negative ttl, and returns
--- false for anything else; then this says which (`level` blames the
--- caller of incr / incr_get: 5 from incr_get's body, 6 from incr's
--- fallback, which runs under the native's C frame).
+-- false for anything else; then this says which (`level` 6 blames the
+-- caller of incr / incr_get from their fallbacks, which run under the
+-- native's C frame).
 local native_shared_incr = N.shared_incr
 local function check_incr_args(fname, key, delta, init, init_ttl, level)
-  level = level or 5
   check_string(fname, 1, key, level)
   check_number(fname, 2, delta, level)
   if init ~= nil then check_number(fname, 3, init, level) end
@@ -652,16 +651,18 @@ end)
 
 -- incr, then the value of another key, in one call into Swift (a sliding
 -- window's current and previous counters): value, other (nil when absent),
--- or nil, err as incr.
-function shared_dict:incr_get(key, delta, init, init_ttl, other_key)
-  if not is_dict[self] then check_dict(self, "weir.shared.incr_get") end
+-- or nil, err as incr. Like incr, the native itself (N.shared_dict_incr_get,
+-- which also requires other_key to be a string); this fallback raises the
+-- message for what it does not take.
+shared_dict.incr_get = with_fallback(N.shared_dict_incr_get, function(self, key, delta, init, init_ttl, other_key)
+  if not is_dict[self] then check_dict(self, "weir.shared.incr_get", 4) end
   local v, other = native_shared_incr(self.id, key, delta or 1, init, init_ttl or 0, other_key)
   if v == false then
-    check_incr_args("weir.shared.incr_get", key, delta or 1, init, init_ttl)
-    check_string("weir.shared.incr_get", 5, other_key)
+    check_incr_args("weir.shared.incr_get", key, delta or 1, init, init_ttl, 6)
+    check_string("weir.shared.incr_get", 5, other_key, 5)
   end
   return v, other
-end
+end)
 
 function shared_dict:delete(key)
   check_dict(self, "weir.shared.delete")
