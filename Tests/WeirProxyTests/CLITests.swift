@@ -202,12 +202,10 @@ final class CLITests: XCTestCase {
         try origin.start().wait()
         defer { _ = try? origin.stop().wait() }
         let originPort = try XCTUnwrap(origin.boundAddress?.port)
-        let proxyPort = try Self.freePort()
-        let adminPort = try Self.freePort()
         let accessLogPath = tempDir.appendingPathComponent("access.log").path
         let configPath = try write("gateway.yaml", """
             listeners:
-              - { name: web, listen: "127.0.0.1:\(proxyPort)" }
+              - { name: web, listen: "127.0.0.1:0" }
             upstreams:
               - name: demo
                 targets: [{ address: "127.0.0.1:\(originPort)" }]
@@ -217,21 +215,13 @@ final class CLITests: XCTestCase {
               - { name: default, match: { paths: [/] }, upstream: demo }
             access_log: \(accessLogPath)
             drain_timeout: 10s
-            admin: { listen: "127.0.0.1:\(adminPort)" }
+            admin: { listen: "127.0.0.1:0" }
             """)
 
-        let process = Process()
-        process.executableURL = try Self.weirBinary()
-        process.arguments = ["run", "--config", configPath, "--workers", "1"]
-        let stderrPipe = Pipe()
-        process.standardError = stderrPipe
-        process.standardOutput = FileHandle.nullDevice
-        try process.run()
-        defer { if process.isRunning { process.terminate(); process.waitUntilExit() } }
-
-        OpsTestHTTP.eventually("admin /ready answers 200") {
-            (try? OpsTestHTTP.request(port: adminPort, path: "/ready", group: group))?.status == 200
-        }
+        let weir = try WeirChildProcess(["run", "--config", configPath, "--workers", "1"])
+        defer { weir.stop() }
+        let process = weir.process
+        let proxyPort = try weir.port(listener: "web"), adminPort = try weir.adminPort()
 
         // A normal request through the proxy shows up in /metrics.
         let plain = try OpsTestHTTP.request(port: proxyPort, path: "/hello", group: group)
@@ -268,9 +258,8 @@ final class CLITests: XCTestCase {
         XCTAssertEqual(response.status, 200)
         XCTAssertEqual(response.body.utf8.count, 2048, "the in-flight response is complete")
 
-        let exited = DispatchQueue.global().asyncResult { process.waitUntilExit() }
-        _ = try exited.wait(timeout: 20)
-        let stderrText = String(decoding: stderrPipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        try weir.waitForExit()
+        let stderrText = weir.logText
         XCTAssertEqual(process.terminationReason, .exit)
         XCTAssertEqual(process.terminationStatus, 0, stderrText)
         XCTAssertTrue(stderrText.contains("draining"), stderrText)
@@ -295,11 +284,9 @@ final class CLITests: XCTestCase {
         defer { _ = try? origin.stop().wait() }
         let collector = try ScriptedHTTPServer(group: group)
         defer { collector.stop() }
-        let proxyPort = try Self.freePort()
-        let adminPort = try Self.freePort()
         let configPath = try write("logged.yaml", """
             plugin_paths: [\(Self.repoRoot.appendingPathComponent("plugins").path)]
-            listeners: [{ name: web, listen: "127.0.0.1:\(proxyPort)" }]
+            listeners: [{ name: web, listen: "127.0.0.1:0" }]
             upstreams: [{ name: demo, targets: [{ address: "127.0.0.1:\(try XCTUnwrap(origin.boundAddress?.port))" }] }]
             routes:
               - name: all
@@ -308,18 +295,19 @@ final class CLITests: XCTestCase {
                   - { name: http-log, config: { endpoint: "\(collector.url)/logs", flush_interval: 3600, batch_size: 1000 } }
             access_log: "off"
             drain_timeout: 5s
-            admin: { listen: "127.0.0.1:\(adminPort)" }
+            admin: { listen: "127.0.0.1:0" }
             """)
-        let process = try Self.startWeir(["run", "--config", configPath, "--workers", "2"], adminPort: adminPort, group: group)
-        defer { if process.isRunning { process.terminate(); process.waitUntilExit() } }
+        let weir = try WeirChildProcess(["run", "--config", configPath, "--workers", "2"])
+        defer { weir.stop() }
+        let proxyPort = try weir.port(listener: "web")
         for i in 0..<4 { XCTAssertEqual(try OpsTestHTTP.request(port: proxyPort, path: "/q\(i)", group: group).status, 200) }
         XCTAssertEqual(collector.requests.count, 0, "nothing sent before the shutdown (an hour's flush interval)")
 
-        kill(process.processIdentifier, SIGTERM)
-        _ = try DispatchQueue.global().asyncResult { process.waitUntilExit() }.wait(timeout: 20)
-        XCTAssertEqual(process.terminationStatus, 0)
+        kill(weir.process.processIdentifier, SIGTERM)
+        try weir.waitForExit()
+        XCTAssertEqual(weir.process.terminationStatus, 0, weir.logText)
         let paths = collector.requests.flatMap { ($0.json as? [[String: Any]]) ?? [] }.compactMap { $0["path"] as? String }
-        XCTAssertEqual(paths.sorted(), ["/q0", "/q1", "/q2", "/q3"], "every queued record arrived before the exit")
+        XCTAssertEqual(paths.sorted(), ["/q0", "/q1", "/q2", "/q3"], "every queued record arrived before the exit; weir's log:\n\(weir.logText)")
     }
 
     func testAccessLogGoesToStdoutByDefaultAndLogsToStderr() throws {
@@ -328,31 +316,22 @@ final class CLITests: XCTestCase {
         let origin = DemoUpstream(listen: HostPort(host: "127.0.0.1", port: 0), bodySize: 10, group: group)
         try origin.start().wait()
         defer { _ = try? origin.stop().wait() }
-        let proxyPort = try Self.freePort()
-        let adminPort = try Self.freePort()
         let configPath = try write("stdout.yaml", """
-            listeners: [{ name: web, listen: "127.0.0.1:\(proxyPort)" }]
+            listeners: [{ name: web, listen: "127.0.0.1:0" }]
             upstreams: [{ name: demo, targets: [{ address: "127.0.0.1:\(try XCTUnwrap(origin.boundAddress?.port))" }] }]
             routes: [{ name: all, upstream: demo }]
-            admin: { listen: "127.0.0.1:\(adminPort)" }
+            admin: { listen: "127.0.0.1:0" }
             """)
-        let process = Process()
-        process.executableURL = try Self.weirBinary()
-        process.arguments = ["run", "--config", configPath, "--workers", "1"]
-        let stdoutPipe = Pipe(), stderrPipe = Pipe()
-        process.standardOutput = stdoutPipe
-        process.standardError = stderrPipe
-        try process.run()
-        defer { if process.isRunning { process.terminate(); process.waitUntilExit() } }
-        OpsTestHTTP.eventually("admin /ready answers 200") {
-            (try? OpsTestHTTP.request(port: adminPort, path: "/ready", group: group))?.status == 200
-        }
+        let stdoutPipe = Pipe()
+        let weir = try WeirChildProcess(["run", "--config", configPath, "--workers", "1"], standardOutput: stdoutPipe)
+        defer { weir.stop() }
+        let proxyPort = try weir.port(listener: "web")
         XCTAssertEqual(try OpsTestHTTP.request(port: proxyPort, path: "/to-stdout", group: group).status, 200)
-        kill(process.processIdentifier, SIGINT)
+        kill(weir.process.processIdentifier, SIGINT)
         let stdoutText = String(decoding: stdoutPipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        let stderrText = String(decoding: stderrPipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        process.waitUntilExit()
-        XCTAssertEqual(process.terminationStatus, 0, stderrText)
+        try weir.waitForExit()
+        let stderrText = weir.logText
+        XCTAssertEqual(weir.process.terminationStatus, 0, stderrText)
         let lines = stdoutText.split(separator: "\n")
         XCTAssertEqual(lines.count, 1, "stdout carries only the access log:\n\(stdoutText)")
         let entry = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(lines[0].utf8)) as? [String: Any])
@@ -375,21 +354,6 @@ final class CLITests: XCTestCase {
 
     /// The `weir` binary built alongside this test bundle (same scratch
     /// folder and configuration), or `$WEIR_BINARY`.
-    /// Starts the `weir` executable (output discarded) and waits until its
-    /// admin listener on `adminPort` answers /ready with 200.
-    static func startWeir(_ arguments: [String], adminPort: Int, group: EventLoopGroup) throws -> Process {
-        let process = Process()
-        process.executableURL = try weirBinary()
-        process.arguments = arguments
-        process.standardError = FileHandle.nullDevice
-        process.standardOutput = FileHandle.nullDevice
-        try process.run()
-        OpsTestHTTP.eventually("admin /ready answers 200") {
-            (try? OpsTestHTTP.request(port: adminPort, path: "/ready", group: group))?.status == 200
-        }
-        return process
-    }
-
     static func weirBinary() throws -> URL {
         if let override = ProcessInfo.processInfo.environment["WEIR_BINARY"] {
             return URL(fileURLWithPath: override)

@@ -24,12 +24,12 @@ final class ReloadCLITests: XCTestCase {
         let origin = DemoUpstream(listen: HostPort(host: "127.0.0.1", port: 0), bodySize: 16, group: group)
         try origin.start().wait()
         defer { _ = try? origin.stop().wait() }
-        let proxyPort = try CLITests.freePort()
+        // The admin port is in the config because `weir reload --config` reads it there.
         let adminPort = try CLITests.freePort()
         let configPath = folder.root + "/weir.yaml"
         func writeConfig(pluginConfig: String = "{}") throws {
             try """
-            listeners: [{ name: web, listen: "127.0.0.1:\(proxyPort)" }]
+            listeners: [{ name: web, listen: "127.0.0.1:0" }]
             upstreams: [{ name: demo, targets: ["127.0.0.1:\(try XCTUnwrap(origin.boundAddress?.port))"] }]
             routes: [{ name: all, match: { paths: [/] }, upstream: demo }]
             plugins: [{ name: ver, config: \(pluginConfig) }]
@@ -43,9 +43,10 @@ final class ReloadCLITests: XCTestCase {
         let valid = try CLITests.runWeir(["validate", "--config", configPath])
         XCTAssertEqual(valid.status, 0, valid.stderr)
 
-        let process = try CLITests.startWeir(["run", "--config", configPath, "--workers", "2", "--no-watch"],
-                                             adminPort: adminPort, group: group)
-        defer { if process.isRunning { process.terminate(); process.waitUntilExit() } }
+        let weir = try WeirChildProcess(["run", "--config", configPath, "--workers", "2", "--no-watch"])
+        defer { weir.stop() }
+        let process = weir.process
+        let proxyPort = try weir.port(listener: "web")
         func proxiedVersion() throws -> String? {
             try OpsTestHTTP.request(port: proxyPort, path: "/x", group: group).headers.first(name: "x-version")
         }

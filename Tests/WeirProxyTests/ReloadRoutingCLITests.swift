@@ -18,27 +18,25 @@ final class ReloadRoutingCLITests: XCTestCase {
         defer { _ = try? origin.stop().wait() }
         let originPort = try XCTUnwrap(origin.boundAddress?.port)
         let deadPort = try CLITests.freePort()      // nothing listens there
-        let proxyPort = try CLITests.freePort()
-        let adminPort = try CLITests.freePort()
         let configPath = folder.root + "/weir.yaml"
         func writeConfig(routes: String, targets: String) throws {
             try """
-            listeners: [{ name: web, listen: "127.0.0.1:\(proxyPort)" }]
+            listeners: [{ name: web, listen: "127.0.0.1:0" }]
             upstreams:
               - name: demo
                 targets: [\(targets)]
                 health_check:
                   active: { path: /healthz, interval: 100ms, timeout: 100ms, healthy: 1, unhealthy: 1 }
             routes: [\(routes)]
-            admin: { listen: "127.0.0.1:\(adminPort)" }
+            admin: { listen: "127.0.0.1:0" }
             access_log: "off"
             """.write(toFile: configPath, atomically: true, encoding: .utf8)
         }
         try writeConfig(routes: "{ name: a, match: { paths: [/a] }, upstream: demo }", targets: "\"127.0.0.1:\(originPort)\"")
 
-        let process = try CLITests.startWeir(["run", "--config", configPath, "--workers", "2", "--no-watch"],
-                                             adminPort: adminPort, group: group)
-        defer { if process.isRunning { process.terminate(); process.waitUntilExit() } }
+        let weir = try WeirChildProcess(["run", "--config", configPath, "--workers", "2", "--no-watch"])
+        defer { weir.stop() }
+        let proxyPort = try weir.port(listener: "web"), adminPort = try weir.adminPort()
         XCTAssertEqual(try OpsTestHTTP.request(port: proxyPort, path: "/a/1", group: group).status, 200)
         XCTAssertEqual(try OpsTestHTTP.request(port: proxyPort, path: "/b/1", group: group).status, 404)
 
@@ -63,7 +61,7 @@ final class ReloadRoutingCLITests: XCTestCase {
         // Changing the listeners is refused; routing keeps serving.
         try writeConfig(routes: "{ name: a, match: { paths: [/a] }, upstream: demo }", targets: "\"127.0.0.1:\(originPort)\"")
         var yaml = try String(contentsOfFile: configPath, encoding: .utf8)
-        yaml = yaml.replacingOccurrences(of: "127.0.0.1:\(proxyPort)", with: "127.0.0.1:\(deadPort)")
+        yaml = yaml.replacingOccurrences(of: "name: web, listen: \"127.0.0.1:0\"", with: "name: web, listen: \"127.0.0.1:\(deadPort)\"")
         try yaml.write(toFile: configPath, atomically: true, encoding: .utf8)
         let refused = try OpsTestHTTP.request(port: adminPort, method: .POST, path: "/reload", group: group)
         XCTAssertEqual(refused.status, 400)
