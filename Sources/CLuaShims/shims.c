@@ -112,14 +112,15 @@ static int fallback_returned(lua_State *L, int status, lua_KContext k) {
     return lua_gettop(L);
 }
 
-static int weir_trampoline(lua_State *L) {
+// The call into Swift for native `function_id`; `fallback_upvalue` is the
+// upvalue holding its Lua fallback (none: the call answers false).
+static inline int call_native(lua_State *L, int function_id, int fallback_upvalue) {
     weir_state_info *st = weir_info(L);
     if (st->dispatch == NULL) {
         lua_pushliteral(L, "weir: native function called on a closed runtime");
         return lua_error(L);
     }
     int nargs = lua_gettop(L);
-    int function_id = (int)lua_tointeger(L, lua_upvalueindex(1));
     int yield_count = 0;
     int outer_overdraft = st->overdraft;
     st->overdraft = 0;
@@ -136,11 +137,11 @@ static int weir_trampoline(lua_State *L) {
     if (rc == WEIR_CALL_ERROR) return lua_error(L);
     if (rc == WEIR_CALL_FALLBACK) {
         lua_settop(L, nargs);                  // the arguments as the caller passed them
-        if (lua_type(L, lua_upvalueindex(2)) != LUA_TFUNCTION) {
+        if (lua_type(L, lua_upvalueindex(fallback_upvalue)) != LUA_TFUNCTION) {
             lua_pushboolean(L, 0);
             return 1;
         }
-        lua_pushvalue(L, lua_upvalueindex(2));
+        lua_pushvalue(L, lua_upvalueindex(fallback_upvalue));
         lua_insert(L, 1);
         // With a continuation: a fallback that waits (a native that yields) resumes here.
         lua_callk(L, nargs, LUA_MULTRET, 0, fallback_returned);
@@ -156,13 +157,54 @@ static int weir_trampoline(lua_State *L) {
     return rc;
 }
 
+// Any native: its id in upvalue 1, its fallback (if any) in upvalue 2.
+static int weir_trampoline(lua_State *L) {
+    return call_native(L, (int)lua_tointeger(L, lua_upvalueindex(1)), 2);
+}
+
+// The first WEIR_FIXED_NATIVES natives get a C function each, with the id
+// compiled in: reading it from an upvalue (lua_tointeger) cost ~42
+// instructions per call. Their fallback (if any) is upvalue 1.
+#define WEIR_FIXED_NATIVES 256
+// Ids as two hex digits, so each entry's name and id are one token.
+#define FIXED_ROW(M, h) M(h, 0) M(h, 1) M(h, 2) M(h, 3) M(h, 4) M(h, 5) M(h, 6) M(h, 7) \
+                        M(h, 8) M(h, 9) M(h, a) M(h, b) M(h, c) M(h, d) M(h, e) M(h, f)
+#define FIXED_TABLE(M) FIXED_ROW(M, 0) FIXED_ROW(M, 1) FIXED_ROW(M, 2) FIXED_ROW(M, 3) \
+                       FIXED_ROW(M, 4) FIXED_ROW(M, 5) FIXED_ROW(M, 6) FIXED_ROW(M, 7) \
+                       FIXED_ROW(M, 8) FIXED_ROW(M, 9) FIXED_ROW(M, a) FIXED_ROW(M, b) \
+                       FIXED_ROW(M, c) FIXED_ROW(M, d) FIXED_ROW(M, e) FIXED_ROW(M, f)
+#define FIXED_NATIVE(h, l) static int weir_native_##h##l(lua_State *L) { return call_native(L, 0x##h##l, 1); }
+#define FIXED_NATIVE_NAME(h, l) weir_native_##h##l,
+FIXED_TABLE(FIXED_NATIVE)
+static const lua_CFunction fixed_natives[WEIR_FIXED_NATIVES] = { FIXED_TABLE(FIXED_NATIVE_NAME) };
+
 void weir_push_native(lua_State *L, int function_id) {
+    if (function_id >= 0 && function_id < WEIR_FIXED_NATIVES) {
+        lua_pushcfunction(L, fixed_natives[function_id]);
+        return;
+    }
     lua_pushinteger(L, function_id);
     lua_pushcclosure(L, weir_trampoline, 1);
 }
 
+// The id of the native at `index`, or -1 when it is not one.
+static int native_id(lua_State *L, int index) {
+    lua_CFunction f = lua_tocfunction(L, index);
+    if (f == NULL) return -1;
+    if (f == weir_trampoline) {
+        if (lua_getupvalue(L, index, 1) == NULL) return -1;
+        int id = (int)lua_tointeger(L, -1);
+        lua_pop(L, 1);
+        return id;
+    }
+    // Only at SDK load (with_fallback), so a scan is fine.
+    for (int i = 0; i < WEIR_FIXED_NATIVES; i++) if (fixed_natives[i] == f) return i;
+    return -1;
+}
+
 int weir_with_fallback(lua_State *L) {
-    if (lua_tocfunction(L, 1) != weir_trampoline || lua_getupvalue(L, 1, 1) == NULL) {
+    int id = native_id(L, 1);
+    if (id < 0) {
         lua_pushliteral(L, "with_fallback: argument #1 must be a native function");
         return lua_error(L);
     }
@@ -170,8 +212,14 @@ int weir_with_fallback(lua_State *L) {
         lua_pushliteral(L, "with_fallback: argument #2 must be a function");
         return lua_error(L);
     }
-    lua_pushvalue(L, 2);                       // upvalues: function id, fallback
-    lua_pushcclosure(L, weir_trampoline, 2);
+    if (id < WEIR_FIXED_NATIVES) {
+        lua_pushvalue(L, 2);                   // upvalue: fallback
+        lua_pushcclosure(L, fixed_natives[id], 1);
+    } else {
+        lua_pushinteger(L, id);                // upvalues: function id, fallback
+        lua_pushvalue(L, 2);
+        lua_pushcclosure(L, weir_trampoline, 2);
+    }
     return 1;
 }
 

@@ -49,6 +49,41 @@ final class LuaStateTests: XCTestCase {
         state.pop()
     }
 
+    /// The first 256 natives are C functions with their id compiled in,
+    /// later ones a closure holding it (CLuaShims weir_push_native): each
+    /// reaches its own Swift function, and `with_fallback` wraps both kinds.
+    func testNativesPastTheFixedEntriesAndTheirFallbacks() throws {
+        let state = try LuaState()
+        let L = state.main
+        lua_createtable(L, 300, 0)
+        for i in 1...300 {
+            state.pushNative { L in
+                if lua_type(L, 1) == LUA_TSTRING { return .fallback }
+                lua_pushinteger(L, lua_Integer(i)); return .values(1)
+            }
+            lua_rawseti(L, -2, lua_Integer(i))
+        }
+        lua_setglobal(L, "natives")
+        lua_pushcclosure(L, weir_with_fallback, 0)
+        lua_setglobal(L, "with_fallback")
+        try state.load("""
+        local out = {}
+        for _, i in ipairs({ 1, 256, 257, 300 }) do
+          local f = natives[i]
+          local g = with_fallback(f, function(arg) return "fallback " .. arg .. " " .. i end)
+          out[#out + 1] = table.concat({ f(), tostring(f("x")), g(), g("y") }, ",")
+        end
+        local ok, err = pcall(with_fallback, print, print)
+        out[#out + 1] = err
+        return table.concat(out, ";")
+        """, chunkName: "natives.lua")
+        try state.pcall(nargs: 0, nresults: 1)
+        XCTAssertEqual(LuaState.string(at: -1, on: L),
+                       "1,false,1,fallback y 1;256,false,256,fallback y 256;257,false,257,fallback y 257;300,false,300,fallback y 300;"
+                       + "with_fallback: argument #1 must be a native function")
+        state.pop()
+    }
+
     func testMemoryCapRaisesInsideLuaAndStateRecovers() throws {
         let state = try LuaState(memoryLimit: 4 << 20)
         try state.load("local t = {} for i = 1, 1e8 do t[i] = string.rep('x', 100) .. i end", chunkName: "bomb.lua")

@@ -108,11 +108,13 @@ int weir_chain_reserve_marks(lua_State *L, int count);
 /// that ran long is timed from its own start.
 void weir_watch_restart(lua_State *L);
 
-/// Pushes a C closure that forwards to the Swift dispatcher with `function_id`.
+/// Pushes a C function that forwards to the Swift dispatcher with
+/// `function_id` (the first 256 ids: a C function each with the id compiled
+/// in; later ones: a closure holding the id).
 void weir_push_native(lua_State *L, int function_id);
 
 /// Lua: `with_fallback(native, fallback)` -> a copy of the native (a
-/// closure from weir_push_native) that calls `fallback` (a Lua function)
+/// function from weir_push_native, as a closure holding the fallback) that calls `fallback` (a Lua function)
 /// when the native answers WEIR_CALL_FALLBACK. Lets an SDK function be the
 /// native itself, with the argument and phase checks that raise (at the
 /// caller's line) in Lua, run only when needed. In the SDK's `clib`.
