@@ -234,7 +234,9 @@ extension ExchangeDownstream {
         let now = loopContext.clock.now
         if exchange.upstreamStart == nil { exchange.upstreamStart = now }
         if exchange.upstreamEdits == nil {
-            exchange.upstreamEdits = upstreamEdits(exchange, head: head, routed: routed)
+            // Without plugins the proxy's own lines are written as bytes
+            // (serializeUpstreamHead); plugins edit them as an edit list.
+            if exchange.plugins != nil { exchange.upstreamEdits = upstreamEdits(exchange, head: head, routed: routed) }
         } else if !routed.route.preserveHost {
             // A retry, or edits a plugin made before the target was known.
             exchange.upstreamEdits!.replaceHost(upstream.targetLabels[target])
@@ -303,7 +305,8 @@ extension ExchangeDownstream {
     /// names), Host/X-Request-ID are replaced, X-Forwarded-* are replaced
     /// (extended for a trusted peer), Via is extended.
     /// `added[0]` is Host (a retry on another target replaces it, see
-    /// `HTTP1HeadEdits.replaceHost`). Plugins edit this same list.
+    /// `HTTP1HeadEdits.replaceHost`). Plugins edit this same list; without
+    /// plugins the same lines are written as bytes (`upstreamOwnFields`).
     func upstreamEdits(_ exchange: Exchange, head: RequestHead, routed: RoutedRequest) -> HTTP1HeadEdits {
         let fields = head.headers
         var edits = HTTP1HeadEdits(removed: fields.hopByHopFields(keepUpgrade: exchange.isUpgrade), target: routed.forwardURI)
@@ -348,12 +351,29 @@ extension ExchangeDownstream {
         return edits
     }
 
+    /// `upstreamEdits`' lines for the byte writer (UpstreamOwnFields).
+    func upstreamOwnFields(_ exchange: Exchange, head: RequestHead, routed: RoutedRequest) -> UpstreamOwnFields {
+        let fields = head.headers
+        return UpstreamOwnFields(
+            fields: fields, removed: fields.hopByHopFields(keepUpgrade: exchange.isUpgrade), peerTrusted: peerTrusted,
+            host: upstreamHostHeader(exchange, routed: routed), chunked: exchange.framing.chunked, upgrade: exchange.isUpgrade,
+            clientIP: clientIP, scheme: listener.scheme, clientHost: exchange.hostHeader,
+            viaEntry: HeaderRewriting.viaEntryLiteral(http2: head.receivedOverHTTP2, http10: head.isHTTP10),
+            requestID: exchange.id)
+    }
+
     /// The upstream request head as bytes, whether it chunks its body, and
     /// the method the response answers (HEAD responses have no body).
     func serializeUpstreamHead(_ exchange: Exchange, on connection: UpstreamConnection) -> (ByteBuffer, chunked: Bool, method: HTTP1Method) {
         // The head is read in place (`head.wire`), not copied into a local.
         let head = exchange.head!
         var out = connection.takeHeadBuffer(capacity: head.wire.bytes.readableBytes + 256)
+        guard exchange.upstreamEdits != nil else {
+            // No plugin edits: the proxy's own lines as bytes.
+            let routed = exchange.routed!
+            head.writeUpstream(own: upstreamOwnFields(exchange, head: head, routed: routed), target: routed.forwardURI, into: &out)
+            return (out, exchange.framing.chunked, head.wire.method)
+        }
         guard let plugins = exchange.plugins, plugins.upstreamFramingEdited else {
             // Swapped out of the exchange and back, not copied: passing
             // the class property copies it (its arrays retained, released).

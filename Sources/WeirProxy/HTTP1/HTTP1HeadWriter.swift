@@ -106,13 +106,26 @@ public enum HTTP1HeadWriter {
     /// in the exchange's objects), never copied and released.
     public static func writeRequest(_ head: borrowing HTTP1RequestHead, edits: borrowing HTTP1HeadEdits, method: String? = nil,
                                     into out: inout ByteBuffer) {
+        writeRequest(head, edits: edits, method: method, tailBytes: 0, into: &out) { _, _ in }
+    }
+
+    /// `writeRequest` with lines the caller writes itself after the added
+    /// fields: the proxy's own upstream lines (Host, X-Forwarded-*, Via,
+    /// X-Request-Id) as bytes, without a String or an `HTTP1AddedField`
+    /// each (`UpstreamOwnFields`). `writeTail` gets the writer and the
+    /// head's bytes (to copy client values from) and must write exactly
+    /// `tailBytes`.
+    static func writeRequest(_ head: borrowing HTTP1RequestHead, edits: borrowing HTTP1HeadEdits, method: String?,
+                             tailBytes: Int, into out: inout ByteBuffer,
+                             writeTail: (inout RawWriter, UnsafeRawPointer) -> Void) {
         let fields = head.fields
         // Without a new method or target, method SP target are copied as one range.
         let copiesRequestLine = method == nil && edits.target == nil
         let methodBytes = method.map { $0.utf8.count + 1 } ?? head.methodLength + 1
         let targetBytes = edits.target?.utf8.count ?? head.targetRange.count
         let size = (copiesRequestLine ? head.targetRange.upperBound : methodBytes + targetBytes) + 11
-            + keptLineBytes(fields, removing: edits.removed) + addedFieldBytes(edits.added) + 2
+            + keptLineBytes(fields, removing: edits.removed)
+            + (edits.added.isEmpty ? 0 : addedFieldBytes(edits.added)) + tailBytes + 2
         out.writeWithUnsafeMutableBytes(minimumWritableBytes: size) { dst in
             var w = RawWriter(dst.baseAddress!)
             fields.bytes.withUnsafeReadableBytes { src in
@@ -128,8 +141,9 @@ public enum HTTP1HeadWriter {
                 }
                 w.copy(" HTTP/1.1\r\n")
                 w.copyKeptLines(fields.entries, src.baseAddress!, removing: edits.removed)
+                if !edits.added.isEmpty { w.copyAdded(edits.added) }
+                writeTail(&w, src.baseAddress!)
             }
-            w.copyAdded(edits.added)
             w.copy("\r\n")
             precondition(w.offset == size, "forwarded head size miscounted")
             return w.offset

@@ -1,0 +1,139 @@
+import NIOCore
+
+/// The proxy's own lines of an upstream request head (Host, framing,
+/// X-Forwarded-For/-Proto/-Host, Via, X-Request-Id), written as bytes after
+/// the client's kept lines: the client's values that are carried on (a
+/// trusted peer's X-Forwarded-*, every Via) are copied from its head, the
+/// rest from Strings the proxy already holds. No String is joined and no
+/// `HTTP1AddedField` made per request (as `HTTP1AddedField`s these lines
+/// cost ~1.9 k instructions per request: BENCHMARKS.md, "fields").
+///
+/// Used while no plugin holds the upstream head's edit list
+/// (`Exchange.upstreamEdits` nil, see `serializeUpstreamHead`). Plugins
+/// edit the same lines as `HTTP1AddedField`s (`upstreamEdits`); both ways
+/// write the same bytes, in the same order (UpstreamOwnFieldsTests).
+struct UpstreamOwnFields {
+    /// The client's lines not forwarded: hop-by-hop ones and the ones the
+    /// proxy's own lines replace.
+    private(set) var removed: HTTP1FieldSet
+    let host: String
+    let chunked: Bool
+    let upgrade: Bool
+    let clientIP: String
+    let scheme: String
+    /// The client's Host (or absolute-form authority): X-Forwarded-Host
+    /// unless a trusted peer sent one.
+    let clientHost: String?
+    let viaEntry: StaticString
+    let requestID: String
+    /// The client's X-Forwarded-For lines (a trusted peer's only) and Via
+    /// lines: how many, and their values' bytes plus a ", " after each.
+    private var forwardedForLines = 0, forwardedForBytes = 0
+    private var viaLines = 0, viaBytes = 0
+    /// A trusted peer's first X-Forwarded-Proto / -Host line, or -1.
+    private var forwardedProtoLine = -1
+    private var forwardedHostLine = -1
+
+    init(fields: HTTP1Fields, removed: HTTP1FieldSet, peerTrusted: Bool, host: String, chunked: Bool, upgrade: Bool,
+         clientIP: String, scheme: String, clientHost: String?, viaEntry: StaticString, requestID: String) {
+        self.removed = removed
+        self.host = host
+        self.chunked = chunked
+        self.upgrade = upgrade
+        self.clientIP = clientIP
+        self.scheme = scheme
+        self.clientHost = clientHost
+        self.viaEntry = viaEntry
+        self.requestID = requestID
+        // The same lines as `ExchangeDownstream.upstreamEdits` removes and carries on.
+        for (i, e) in fields.entries.enumerated() {
+            switch e.known {
+            case .host, .xRequestID:
+                self.removed.insert(i)
+            case .xForwardedFor:
+                self.removed.insert(i)
+                if peerTrusted { forwardedForLines += 1; forwardedForBytes += Int(e.valueLength) + 2 }
+            case .xForwardedProto:
+                self.removed.insert(i)
+                if peerTrusted && forwardedProtoLine < 0 { forwardedProtoLine = i }
+            case .xForwardedHost:
+                self.removed.insert(i)
+                if peerTrusted && forwardedHostLine < 0 { forwardedHostLine = i }
+            case .via:
+                self.removed.insert(i)
+                viaLines += 1
+                viaBytes += Int(e.valueLength) + 2
+            default:
+                break
+            }
+        }
+    }
+
+    /// What `write` writes, in bytes.
+    func byteCount(_ entries: [HTTP1FieldEntry]) -> Int {
+        var n = 6 + host.utf8.count + 2                                         // host: …\r\n
+        if chunked { n += 28 }                                                  // transfer-encoding: chunked\r\n
+        if upgrade { n += 21 }                                                  // connection: upgrade\r\n
+        n += 17 + forwardedForBytes + clientIP.utf8.count + 2                   // x-forwarded-for: …\r\n
+        n += 19 + (forwardedProtoLine >= 0 ? Int(entries[forwardedProtoLine].valueLength) : scheme.utf8.count) + 2
+        if forwardedHostLine >= 0 {
+            n += 18 + Int(entries[forwardedHostLine].valueLength) + 2
+        } else if let clientHost {
+            n += 18 + clientHost.utf8.count + 2
+        }
+        n += 5 + viaBytes + viaEntry.utf8CodeUnitCount + 2                       // via: …\r\n
+        n += 14 + requestID.utf8.count + 2                                      // x-request-id: …\r\n
+        return n
+    }
+
+    /// The lines, in `upstreamEdits`' order; `src` is the client's head bytes.
+    func write(_ w: inout HTTP1HeadWriter.RawWriter, _ entries: [HTTP1FieldEntry], _ src: UnsafeRawPointer) {
+        w.copy("host: "); w.copy(host); w.copy("\r\n")
+        if chunked { w.copy("transfer-encoding: chunked\r\n") }
+        if upgrade { w.copy("connection: upgrade\r\n") }
+        w.copy("x-forwarded-for: ")
+        if forwardedForLines > 0 { copyValues(of: .xForwardedFor, &w, entries, src) }
+        w.copy(clientIP)
+        w.copy("\r\nx-forwarded-proto: ")
+        if forwardedProtoLine >= 0 { copyValue(entries[forwardedProtoLine], &w, src) } else { w.copy(scheme) }
+        w.copy("\r\n")
+        if forwardedHostLine >= 0 {
+            w.copy("x-forwarded-host: "); copyValue(entries[forwardedHostLine], &w, src); w.copy("\r\n")
+        } else if let clientHost {
+            w.copy("x-forwarded-host: "); w.copy(clientHost); w.copy("\r\n")
+        }
+        w.copy("via: ")
+        if viaLines > 0 { copyValues(of: .via, &w, entries, src) }
+        w.copy(viaEntry)
+        w.copy("\r\nx-request-id: ")
+        w.copy(requestID)
+        w.copy("\r\n")
+    }
+
+    /// Every line's value of that kind, each followed by ", ".
+    private func copyValues(of kind: HTTP1KnownField, _ w: inout HTTP1HeadWriter.RawWriter,
+                            _ entries: [HTTP1FieldEntry], _ src: UnsafeRawPointer) {
+        for e in entries where e.known == kind {
+            copyValue(e, &w, src)
+            w.copy(", ")
+        }
+    }
+
+    @inline(__always)
+    private func copyValue(_ e: HTTP1FieldEntry, _ w: inout HTTP1HeadWriter.RawWriter, _ src: UnsafeRawPointer) {
+        w.copy(src + Int(e.valueStart), Int(e.valueLength))
+    }
+}
+
+extension RequestHead {
+    /// The upstream head with the proxy's own lines as bytes (no plugin
+    /// edits). A method on the head, as `writeUpstream(edits:)`: its
+    /// `wire` is borrowed, not copied.
+    func writeUpstream(own: UpstreamOwnFields, target: String?, into out: inout ByteBuffer) {
+        let entries = wire.fields.entries
+        let edits = HTTP1HeadEdits(removed: own.removed, target: target)
+        HTTP1HeadWriter.writeRequest(wire, edits: edits, method: nil, tailBytes: own.byteCount(entries), into: &out) { w, src in
+            own.write(&w, entries, src)
+        }
+    }
+}

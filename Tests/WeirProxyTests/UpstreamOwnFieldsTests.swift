@@ -1,0 +1,94 @@
+// The proxy's own upstream request lines are written two ways: as bytes
+// (UpstreamOwnFields, a route without plugins) and as an edit list plugins
+// can change (ExchangeDownstream.upstreamEdits, any plugin on the route).
+// Both must give the upstream the same head.
+
+import Foundation
+import NIOCore
+import WeirCore
+@testable import WeirProxy
+import XCTest
+
+final class UpstreamOwnFieldsTests: PluginFolderTestCase {
+    /// Raw requests covering every own line: a trusted peer's X-Forwarded-*
+    /// (several X-Forwarded-For lines), Via chains, a client X-Request-Id,
+    /// hop-by-hop fields, a chunked body, HTTP/1.0, no X-Forwarded-Host to
+    /// carry on.
+    private let requests = [
+        "GET /a HTTP/1.1\r\nHost: shop.example.com:8080\r\nX-Forwarded-For: 203.0.113.7, 10.0.0.1\r\nx-keep: 1\r\n"
+            + "X-Forwarded-For: 198.51.100.2\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Proto: http\r\n"
+            + "X-Forwarded-Host: front.example\r\nVia: 1.1 edge, 1.0 old\r\nVia: 2 cdn\r\nX-Request-Id: client-chosen\r\n"
+            + "Connection: keep-alive, x-hop\r\nx-hop: gone\r\nKeep-Alive: timeout=5\r\n\r\n",
+        "POST /b HTTP/1.1\r\nHost: api.example.com\r\nTransfer-Encoding: chunked\r\nVia: 1.1 one\r\n\r\n"
+            + "5\r\nhello\r\n0\r\n\r\n",
+        "GET /c HTTP/1.0\r\nHost: old.example.com\r\n\r\n",
+        "GET /d HTTP/1.1\r\nHost: plain.example.com\r\nx-empty:\r\nX-Forwarded-For:\r\n\r\n",
+    ]
+
+    private func upstreamHeads(config: WeirConfig) throws -> [[String]] {
+        let proxy = try PluginProxy(config: config, folder: folder)
+        defer { proxy.stop() }
+        let before = upstream.requests.count
+        for request in requests {
+            let client = try proxy.connect()
+            try client.send(request)
+            XCTAssertEqual(try client.readResponse().status, 200, request)
+        }
+        let seen = upstream.requests.dropFirst(before)
+        XCTAssertEqual(seen.count, requests.count)
+        return seen.map { request in
+            request.headers.map { name, value in
+                let name = name.lowercased()
+                // Each exchange has its own id: compare that there is one.
+                if name == "x-request-id" {
+                    XCTAssertFalse(value.isEmpty)
+                    XCTAssertNotEqual(value, "client-chosen")
+                    return "x-request-id: <id>"
+                }
+                return "\(name): \(value)"
+            }
+        }
+    }
+
+    func testOwnLinesAsBytesMatchTheEditListPluginsUse() throws {
+        // A plugin with nothing to do makes the exchange build the edit list.
+        try folder.write("idle", handler: """
+        local P = { PRIORITY = 1, VERSION = "1" }
+        function P:request(conf, ctx) end
+        return P
+        """)
+        let trusted: (inout WeirConfig) -> Void = { $0.forwarded.trustedProxies = ["127.0.0.0/8"] }
+        let asBytes = try upstreamHeads(config: ProxyHarness.config(targets: [upstream.address], configure: trusted))
+        let asEdits = try upstreamHeads(config: ProxyHarness.config(targets: [upstream.address]) {
+            trusted(&$0)
+            $0.plugins = [pluginRef("idle")]
+        })
+        XCTAssertEqual(asBytes, asEdits)
+        let target = "127.0.0.1:\(upstream.port)"
+        XCTAssertEqual(asBytes.first, [
+            "x-keep: 1",
+            "host: \(target)",
+            "x-forwarded-for: 203.0.113.7, 10.0.0.1, 198.51.100.2, 127.0.0.1",
+            "x-forwarded-proto: https",
+            "x-forwarded-host: front.example",
+            "via: 1.1 edge, 1.0 old, 2 cdn, 1.1 weir",
+            "x-request-id: <id>",
+        ])
+        XCTAssertEqual(asBytes[1], [
+            "host: \(target)", "transfer-encoding: chunked", "x-forwarded-for: 127.0.0.1", "x-forwarded-proto: http",
+            "x-forwarded-host: api.example.com", "via: 1.1 one, 1.1 weir", "x-request-id: <id>",
+        ])
+        XCTAssertEqual(asBytes[2].first { $0.hasPrefix("via:") }, "via: 1.0 weir")
+        XCTAssertEqual(asBytes[3].first { $0.hasPrefix("x-forwarded-for:") }, "x-forwarded-for: , 127.0.0.1")
+
+        // An untrusted peer's X-Forwarded-* are replaced, both ways.
+        let untrusted = try upstreamHeads(config: ProxyHarness.config(targets: [upstream.address]))
+        let untrustedEdits = try upstreamHeads(config: ProxyHarness.config(targets: [upstream.address]) {
+            $0.plugins = [pluginRef("idle")]
+        })
+        XCTAssertEqual(untrusted, untrustedEdits)
+        XCTAssertEqual(untrusted.first?.filter { $0.hasPrefix("x-forwarded") }, [
+            "x-forwarded-for: 127.0.0.1", "x-forwarded-proto: http", "x-forwarded-host: shop.example.com:8080",
+        ])
+    }
+}
