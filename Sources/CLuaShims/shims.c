@@ -78,6 +78,11 @@ lua_State *weir_newstate(size_t bytes_limit, int hook_interval) {
     if (L == NULL) { free(st); return NULL; }
     lua_atpanic(L, weir_panic);
     lua_setwarnf(L, weir_warn, NULL);
+    // Generational: per-request garbage (weir.ctx tables, strings) dies
+    // young and is swept in minor collections, instead of incremental
+    // cycles that walk the whole heap, which at a few hundred requests in
+    // flight misses the cache (BENCHMARKS.md, luascale section).
+    lua_gc(L, LUA_GCGEN, 0, 0);
     // No hook here: Lua runs hook-free until the watchdog (watchdog.c) sees
     // a call that has run too long.
     return L;
@@ -284,6 +289,13 @@ int weir_traceback(lua_State *L, lua_State *co, const char *msg) {
 }
 
 void weir_full_gc(lua_State *L) { lua_gc(L, LUA_GCCOLLECT); }
+
+int weir_gc_is_generational(lua_State *L) {
+    // Switching to the mode it is in changes nothing; the answer is the previous mode.
+    int previous = lua_gc(L, LUA_GCGEN, 0, 0);
+    if (previous == LUA_GCINC) lua_gc(L, LUA_GCINC, 0, 0, 0);
+    return previous == LUA_GCGEN;
+}
 
 int weir_upvalueindex(int i) { return lua_upvalueindex(i); }
 int weir_registryindex(void) { return LUA_REGISTRYINDEX; }

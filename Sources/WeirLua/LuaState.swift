@@ -203,6 +203,8 @@ public final class LuaState {
     /// Kilobytes as Lua's collector counts them (`collectgarbage("count")`).
     public var gcCountKB: Int { Int(weir_gc_count_kb(main)) }
     public func collectGarbage() { weir_full_gc(main) }
+    /// The collector is generational (every state is made so: weir_newstate).
+    public var collectsGenerationally: Bool { weir_gc_is_generational(main) != 0 }
 
     // MARK: Registry references
 

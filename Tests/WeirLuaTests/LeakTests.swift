@@ -76,6 +76,39 @@ final class LeakTests: XCTestCase {
 /// phases share the runtime's pool instead of each keeping a thread (which
 /// made a busy loop create and collect threads per request).
 final class CoroutinePoolTests: XCTestCase {
+    func testTheCollectorIsGenerationalAndKeepsTheHeapFlat() throws {
+        let h = Harness()
+        h.folder.add("ctxfill", handler: """
+        return { PRIORITY = 1, VERSION = "1",
+          request = function(self, conf, ctx) ctx.key = "req:" .. weir.request.get_header("x-n") end }
+        """)
+        try h.load(["ctxfill"])
+        let chain = try h.chain("ctxfill")
+        try h.onLoop {
+            XCTAssertTrue(h.runtime.state.collectsGenerationally)
+            // Requests whose weir.ctx and strings die young: minor
+            // collections free them (the heap does not grow with requests).
+            func run(_ count: Int) {
+                for i in 0..<count {
+                    let req = h.newRequest()
+                    req.headers.append(("x-n", "\(i)"))
+                    let scope = h.runtime.beginRequest(req)
+                    guard case .done(.continue) = scope.start(.request, chain: chain) else {
+                        return XCTFail("request \(i) did not continue")
+                    }
+                    scope.finish()
+                }
+            }
+            run(2_000)
+            h.runtime.state.collectGarbage()
+            let baseline = h.runtime.state.bytesUsed
+            run(20_000)
+            h.runtime.state.collectGarbage()
+            XCTAssertLessThan(h.runtime.state.bytesUsed, baseline + 64 * 1024, "heap grew with requests")
+            XCTAssertTrue(h.runtime.state.collectsGenerationally, "a full collection left generational mode")
+        }
+    }
+
     func testRequestsBetweenPhasesHoldNoThread() throws {
         let h = Harness()
         h.folder.add("ctxkeeper", handler: """

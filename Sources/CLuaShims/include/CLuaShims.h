@@ -135,6 +135,8 @@ int weir_load(lua_State *L, const char *code, size_t size, const char *chunkname
 int weir_traceback(lua_State *L, lua_State *co, const char *msg);
 /// Runs a full garbage collection cycle (protected; finalizer errors become warnings).
 void weir_full_gc(lua_State *L);
+/// The collector runs in generational mode (set by weir_newstate).
+int weir_gc_is_generational(lua_State *L);
 /// lua_gc(L, LUA_GCCOUNT): kilobytes in use as the collector counts them.
 int weir_gc_count_kb(lua_State *L);
 /// Bytes currently allocated by the state (exact, from the allocator).
