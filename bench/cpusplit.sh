@@ -13,7 +13,7 @@
 #      and the relative times are what matter, not its req/s).
 # The report goes to bench/profiles/<timestamp>-cpusplit-<proxy>.txt.
 #
-#   bench/cpusplit.sh [--proxy weir|weir-https|nginx|nginx-https] [--connections N] [--duration S]
+#   bench/cpusplit.sh [--proxy weir|weir-lua|weir-https|nginx|nginx-https] [--connections N] [--duration S]
 # Uses the release binary at $WEIR_BIN (build it first: bench/run.sh or
 # bench/profile.sh without --no-build).
 set -uo pipefail
@@ -36,10 +36,11 @@ done
 
 case "$PROXY" in
     weir) PORT=$WEIR_PORT; URL="http://127.0.0.1:$PORT/" ;;
+    weir-lua) PORT=$WEIR_LUA_PORT; URL="http://127.0.0.1:$PORT/" ;;
     nginx) PORT=$NGINX_PORT; URL="http://127.0.0.1:$PORT/" ;;
     weir-https) PORT=$WEIR_HTTPS_PORT; URL="https://127.0.0.1:$PORT/" ;;
     nginx-https) PORT=$NGINX_HTTPS_PORT; URL="https://127.0.0.1:$PORT/" ;;
-    *) die "unknown proxy '$PROXY' (known: weir, weir-https, nginx, nginx-https)" ;;
+    *) die "unknown proxy '$PROXY' (known: weir, weir-lua, weir-https, nginx, nginx-https)" ;;
 esac
 CURL_ARGS=()
 case "$PROXY" in *-https) CURL_ARGS=(--cacert "$RUN_DIR/tls/cert.pem") ;; esac
@@ -51,7 +52,7 @@ REPORT="$BENCH_DIR/profiles/$STAMP-cpusplit-$PROXY.txt"
 
 start_origin
 case "$PROXY" in
-    weir|weir-https) start_weir "$PROXY" "$PORT" || die "$PROXY: not available ($(weir_unavailable_reason "$PROXY"))" ;;
+    weir|weir-lua|weir-https) start_weir "$PROXY" "$PORT" || die "$PROXY: not available ($(weir_unavailable_reason "$PROXY"))" ;;
     nginx) start_nginx_proxy ;;
     nginx-https)
         # run-protocols.sh's nginx (HTTPS, h2c, grpc_pass and TLS-upstream servers): only the HTTPS one gets load.
