@@ -315,24 +315,20 @@ extension ExchangeDownstream {
         var forwardedHost: String? = nil
         var via: String? = nil
         for (i, e) in fields.entries.enumerated() {
-            switch e.known {
-            case .host, .xRequestID:
-                edits.removed.insert(i)
-            case .xForwardedFor:
-                edits.removed.insert(i)
+            guard let line = ReplacedClientLine(e.known) else { continue }
+            edits.removed.insert(i)
+            switch line {
+            case .dropped:
+                break
+            case .forwardedFor:
                 if peerTrusted { let v = fields.value(at: i); forwardedFor = forwardedFor.map { $0 + ", " + v } ?? v }
-            case .xForwardedProto:
-                edits.removed.insert(i)
+            case .forwardedProto:
                 if peerTrusted && forwardedProto == nil { forwardedProto = fields.value(at: i) }
-            case .xForwardedHost:
-                edits.removed.insert(i)
+            case .forwardedHost:
                 if peerTrusted && forwardedHost == nil { forwardedHost = fields.value(at: i) }
             case .via:
-                edits.removed.insert(i)
                 let v = fields.value(at: i)
                 via = via.map { $0 + ", " + v } ?? v
-            default:
-                break
             }
         }
         swap(&edits.added, &spareUpstreamFields)

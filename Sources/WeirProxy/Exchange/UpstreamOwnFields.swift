@@ -45,26 +45,21 @@ struct UpstreamOwnFields {
         self.clientHost = clientHost
         self.viaEntry = viaEntry
         self.requestID = requestID
-        // The same lines as `ExchangeDownstream.upstreamEdits` removes and carries on.
         for (i, e) in fields.entries.enumerated() {
-            switch e.known {
-            case .host, .xRequestID:
-                self.removed.insert(i)
-            case .xForwardedFor:
-                self.removed.insert(i)
+            guard let line = ReplacedClientLine(e.known) else { continue }
+            self.removed.insert(i)
+            switch line {
+            case .dropped:
+                break
+            case .forwardedFor:
                 if peerTrusted { forwardedForLines += 1; forwardedForBytes += Int(e.valueLength) + 2 }
-            case .xForwardedProto:
-                self.removed.insert(i)
+            case .forwardedProto:
                 if peerTrusted && forwardedProtoLine < 0 { forwardedProtoLine = i }
-            case .xForwardedHost:
-                self.removed.insert(i)
+            case .forwardedHost:
                 if peerTrusted && forwardedHostLine < 0 { forwardedHostLine = i }
             case .via:
-                self.removed.insert(i)
                 viaLines += 1
                 viaBytes += Int(e.valueLength) + 2
-            default:
-                break
             }
         }
     }
@@ -134,6 +129,27 @@ extension RequestHead {
         let edits = HTTP1HeadEdits(removed: own.removed, target: target)
         HTTP1HeadWriter.writeRequest(wire, edits: edits, method: nil, tailBytes: own.byteCount(entries), into: &out) { w, src in
             own.write(&w, entries, src)
+        }
+    }
+}
+
+/// A client line that the proxy's own upstream lines replace: never
+/// forwarded as it is; some are carried on into the proxy's line (a
+/// trusted peer's X-Forwarded-*, every Via). The one list of them, read by
+/// both upstream head writers (`UpstreamOwnFields` without plugins,
+/// `ExchangeDownstream.upstreamEdits` with them).
+enum ReplacedClientLine {
+    case dropped           // Host, X-Request-ID: the proxy writes its own
+    case forwardedFor, forwardedProto, forwardedHost, via
+
+    init?(_ field: HTTP1KnownField) {
+        switch field {
+        case .host, .xRequestID: self = .dropped
+        case .xForwardedFor: self = .forwardedFor
+        case .xForwardedProto: self = .forwardedProto
+        case .xForwardedHost: self = .forwardedHost
+        case .via: self = .via
+        default: return nil
         }
     }
 }
