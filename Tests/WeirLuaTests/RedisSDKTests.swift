@@ -246,7 +246,7 @@ final class RedisSDKTests: XCTestCase {
     }
 
     func testRedisDownFailsFastWithNilAndError() throws {
-        let deadPort = try RedisServerProcess.freePort()
+        let deadPort = try refusingPort()
         let results = try runRequestPhase("""
         add(red:get("k"))
         add(red:incr("k"))

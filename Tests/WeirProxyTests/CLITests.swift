@@ -6,6 +6,7 @@ import NIOHTTP1
 import NIOPosix
 import WeirAdmin
 import WeirCore
+import WeirTestSupport
 import XCTest
 
 /// The `weir` executable: validate, version, mode refusal, startup errors,
@@ -163,7 +164,7 @@ final class CLITests: XCTestCase {
         XCTAssertEqual(unsupported.status, 1)
         XCTAssertTrue(unsupported.stderr.contains("has no /reload endpoint"), unsupported.stderr)
 
-        let unreachable = try Self.runWeir(["reload", "--admin", "127.0.0.1:\(try Self.freePort())"])
+        let unreachable = try Self.runWeir(["reload", "--admin", "127.0.0.1:\(try refusingPort())"])
         XCTAssertEqual(unreachable.status, 1)
         XCTAssertTrue(unreachable.stderr.contains("cannot reach the admin listener"), unreachable.stderr)
     }
@@ -388,16 +389,6 @@ final class CLITests: XCTestCase {
         process.waitUntilExit()
         return RunResult(status: process.terminationStatus, stdout: String(decoding: stdoutData, as: UTF8.self),
                          stderr: String(decoding: stderrData, as: UTF8.self))
-    }
-
-    /// A port that was free a moment ago (bound to 0, then released).
-    static func freePort() throws -> Int {
-        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        defer { try? group.syncShutdownGracefully() }
-        let channel = try ServerBootstrap(group: group).bind(host: "127.0.0.1", port: 0).wait()
-        let port = channel.localAddress?.port ?? 0
-        try channel.close().wait()
-        return port
     }
 }
 

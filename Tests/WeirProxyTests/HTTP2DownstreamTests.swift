@@ -7,6 +7,7 @@ import NIOCore
 import NIOPosix
 import WeirCore
 @testable import WeirProxy
+import WeirTestSupport
 import XCTest
 
 final class HTTP2DownstreamTests: UpstreamTestCase {

@@ -5,6 +5,7 @@ import NIOPosix
 import WeirAdmin
 import WeirCore
 import WeirProxy
+import WeirTestSupport
 import XCTest
 
 /// Records every probe outcome per target, so tests see exactly what the
@@ -59,9 +60,14 @@ final class HealthCheckerTests: XCTestCase {
         return upstream
     }
 
+    /// On any port, or again on the port of a stopped one (retried while
+    /// another socket briefly holds it).
     private func startDemo(port: Int = 0) throws -> (DemoUpstream, Int) {
-        let demo = DemoUpstream(listen: HostPort(host: "127.0.0.1", port: port), bodySize: 16, group: group)
-        try demo.start().wait()
+        let demo = try retryWhilePortTaken {
+            let demo = DemoUpstream(listen: HostPort(host: "127.0.0.1", port: port), bodySize: 16, group: group)
+            try demo.start().wait()
+            return demo
+        }
         return (demo, try XCTUnwrap(demo.boundAddress?.port))
     }
 
@@ -141,7 +147,7 @@ final class HealthCheckerTests: XCTestCase {
     }
 
     func testProbeFailureReasonsAreShort() throws {
-        let port = try CLITests.freePort() // nothing listens there now
+        let port = try refusingPort()
         let result = HealthProbe.run(on: group.next(), address: HostPort(host: "127.0.0.1", port: port),
                                      path: "/healthz", timeout: .seconds(2))
         XCTAssertThrowsError(try result.wait()) { error in

@@ -8,6 +8,7 @@ import NIOCore
 import NIOHTTP1
 import WeirCore
 @testable import WeirProxy
+import WeirTestSupport
 import XCTest
 
 final class PluginHeadEditTests: PluginFolderTestCase {
@@ -113,7 +114,7 @@ final class PluginHeadEditTests: PluginFolderTestCase {
         """)
         let second = try TestUpstream(name: "second", group: group)
         defer { second.stop() }
-        let dead = HostPort(host: "127.0.0.1", port: try CLITests.freePort())
+        let dead = HostPort(host: "127.0.0.1", port: try refusingPort())
         let config = ProxyHarness.config(targets: [dead, second.address]) {
             $0.upstreams[0].retries = 1
             $0.upstreams[0].balancer = .roundRobin

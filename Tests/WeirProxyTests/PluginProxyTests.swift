@@ -5,6 +5,7 @@ import Foundation
 import NIOPosix
 import WeirCore
 import WeirProxy
+import WeirTestSupport
 import XCTest
 
 final class PluginProxyTests: PluginFolderTestCase {
@@ -501,7 +502,7 @@ extension PluginProxyTests {
         end
         return P
         """)
-        let refused = HostPort(host: "127.0.0.1", port: try CLITests.freePort())
+        let refused = HostPort(host: "127.0.0.1", port: try refusingPort())
         let config = ProxyHarness.config(targets: [upstream.address]) {
             $0.plugins = [pluginRef("patience")]
             var flaky = UpstreamConfig()

@@ -2,6 +2,7 @@ import NIOCore
 import NIOPosix
 import WeirCore
 import WeirProxy
+import WeirTestSupport
 import XCTest
 #if canImport(Glibc)
 import Glibc

@@ -2,6 +2,7 @@ import NIOCore
 import NIOPosix
 import WeirCore
 import WeirProxy
+import WeirTestSupport
 import XCTest
 
 /// Retries, balancing over targets, stale pooled connections, pool limits

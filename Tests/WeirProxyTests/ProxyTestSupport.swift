@@ -557,46 +557,6 @@ func currentRSS() -> Int {
     return 0
 }
 
-/// A port on loopback nothing listens on (bound then closed).
-func unusedPort() throws -> Int {
-    let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-    defer { try? group.syncShutdownGracefully() }
-    let channel = try ServerBootstrap(group: group).bind(host: "127.0.0.1", port: 0).wait()
-    let port = channel.localAddress!.port!
-    try channel.close().wait()
-    return port
-}
-
-/// A loopback port that refuses every connection for the rest of the test
-/// process: a socket stays bound to it without listening, so a connect gets
-/// a reset. Unlike a port bound and closed again, nothing else on the
-/// machine (another test, another process, a connect's own ephemeral source
-/// port) can take it over while a test expects it to be dead.
-func refusingPort() throws -> Int {
-    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-    guard fd >= 0 else { throw IOError(errnoCode: errno, reason: "socket") }
-    var address = sockaddr_in()
-    address.sin_family = sa_family_t(AF_INET)
-    address.sin_addr.s_addr = inet_addr("127.0.0.1")
-    address.sin_port = 0
-    var length = socklen_t(MemoryLayout<sockaddr_in>.size)
-    let bound = withUnsafeMutablePointer(to: &address) {
-        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { pointer -> Bool in
-            bind(fd, pointer, length) == 0 && getsockname(fd, pointer, &length) == 0
-        }
-    }
-    guard bound else {
-        let code = errno
-        close(fd)
-        throw IOError(errnoCode: code, reason: "bind")
-    }
-    refusingPortSockets.withLockedValue { $0.append(fd) }
-    return Int(UInt16(bigEndian: address.sin_port))
-}
-
-/// The sockets behind `refusingPort()`, kept open until the process exits.
-private let refusingPortSockets = NIOLockedValueBox<[Int32]>([])
-
 /// Polls `condition` until it holds or `timeout` passes (sequencing only:
 /// never used to assert how fast something is).
 func waitUntil(timeout: TimeInterval = 10, _ condition: () -> Bool) -> Bool {

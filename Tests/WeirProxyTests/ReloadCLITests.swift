@@ -2,6 +2,7 @@ import Foundation
 import NIOPosix
 import WeirAdmin
 import WeirCore
+import WeirTestSupport
 import XCTest
 
 /// Hot reload through the real `weir` executable: POST /reload, GET /status,
@@ -24,8 +25,10 @@ final class ReloadCLITests: XCTestCase {
         let origin = DemoUpstream(listen: HostPort(host: "127.0.0.1", port: 0), bodySize: 16, group: group)
         try origin.start().wait()
         defer { _ = try? origin.stop().wait() }
-        // The admin port is in the config because `weir reload --config` reads it there.
-        let adminPort = try CLITests.freePort()
+        // The admin port is in the config because `weir reload --config` reads
+        // it there: so it is picked before weir binds it, and picked again if
+        // something takes it in between (below).
+        var adminPort = 0
         let configPath = folder.root + "/weir.yaml"
         func writeConfig(pluginConfig: String = "{}") throws {
             try """
@@ -39,12 +42,14 @@ final class ReloadCLITests: XCTestCase {
             access_log: "off"
             """.write(toFile: configPath, atomically: true, encoding: .utf8)
         }
-        try writeConfig()
+        let weir = try withUnusedPort { port in
+            adminPort = port
+            try writeConfig()
+            return try WeirChildProcess(["run", "--config", configPath, "--workers", "2", "--no-watch"])
+        }
+        defer { weir.stop() }
         let valid = try CLITests.runWeir(["validate", "--config", configPath])
         XCTAssertEqual(valid.status, 0, valid.stderr)
-
-        let weir = try WeirChildProcess(["run", "--config", configPath, "--workers", "2", "--no-watch"])
-        defer { weir.stop() }
         let process = weir.process
         let proxyPort = try weir.port(listener: "web")
         func proxiedVersion() throws -> String? {

@@ -2,6 +2,7 @@ import Foundation
 import NIOPosix
 import WeirAdmin
 import WeirCore
+import WeirTestSupport
 import XCTest
 
 /// Reload of routes and upstreams through the real `weir` executable: the
@@ -17,7 +18,7 @@ final class ReloadRoutingCLITests: XCTestCase {
         try origin.start().wait()
         defer { _ = try? origin.stop().wait() }
         let originPort = try XCTUnwrap(origin.boundAddress?.port)
-        let deadPort = try CLITests.freePort()      // nothing listens there
+        let deadPort = try refusingPort()
         let configPath = folder.root + "/weir.yaml"
         func writeConfig(routes: String, targets: String) throws {
             try """

@@ -304,7 +304,7 @@ final class ShippedPluginRateLimitingTests: UpstreamTestCase {
     }
 
     func testRedisDownIsFaultTolerantOrFails() throws {
-        let port = try CLITests.freePort()
+        let port = try refusingPort()
         do {
             let proxy = try start("{ minute: 1, policy: redis, redis: { port: \(port), timeout: 0.5 } }")
             defer { proxy.stop() }

@@ -8,6 +8,7 @@ import NIOCore
 import NIOPosix
 import WeirCore
 @testable import WeirProxy
+import WeirTestSupport
 import XCTest
 
 /// A StreamHarness whose plugins come from a `PluginFolder`.
@@ -102,10 +103,11 @@ final class StreamPluginTests: XCTestCase {
         let a = try TCPTestServer(group: group, greeting: "A")
         let b = try TCPTestServer(group: group, greeting: "B")
         defer { a.stop(); b.stop() }
-        let port = try unusedPort()
-        let proxy = try StreamPluginProxy(config: config(port: port, a: a, b: b, plugin: .map([
-            "listener": .string("tcp"), "local_port": .int(port), "upstream": .string("b"),
-        ])), folder: folder)
+        let proxy = try withUnusedPort { port in
+            try StreamPluginProxy(config: config(port: port, a: a, b: b, plugin: .map([
+                "listener": .string("tcp"), "local_port": .int(port), "upstream": .string("b"),
+            ])), folder: folder)
+        }
         defer { proxy.stop() }
         XCTAssertEqual(try proxy.harness.connect("tcp").readString(1), "B")
     }
@@ -114,10 +116,11 @@ final class StreamPluginTests: XCTestCase {
         let a = try TCPTestServer(group: group, greeting: "A")
         let b = try TCPTestServer(group: group, greeting: "B")
         defer { a.stop(); b.stop() }
-        let port = try unusedPort()
-        let proxy = try StreamPluginProxy(config: config(port: port, a: a, b: b, plugin: .map([
-            "listener": .string("tcp"), "local_port": .int(port), "upstream": .string("nowhere"),
-        ])), folder: folder)
+        let proxy = try withUnusedPort { port in
+            try StreamPluginProxy(config: config(port: port, a: a, b: b, plugin: .map([
+                "listener": .string("tcp"), "local_port": .int(port), "upstream": .string("nowhere"),
+            ])), folder: folder)
+        }
         defer { proxy.stop() }
         XCTAssertEqual(try proxy.harness.connect("tcp").readToEnd().end, StreamClient.ReadEnd.eof)
         XCTAssertTrue(waitUntil { proxy.harness.streamLogLines().first?["outcome"] as? String == "plugin_failed" })
@@ -128,9 +131,8 @@ final class StreamPluginTests: XCTestCase {
         let a = try TCPTestServer(group: group, greeting: "A")
         let b = try TCPTestServer(group: group, greeting: "B")
         defer { a.stop(); b.stop() }
-        let port = try unusedPort()
         // local_port deliberately wrong: the plugin rejects every connection.
-        let proxy = try StreamPluginProxy(config: config(port: port, a: a, b: b, plugin: .map([
+        let proxy = try StreamPluginProxy(config: config(port: 0, a: a, b: b, plugin: .map([
             "listener": .string("tcp"), "local_port": .int(1),
         ])), folder: folder)
         defer { proxy.stop() }
@@ -157,12 +159,13 @@ final class StreamPluginTests: XCTestCase {
         let a = try TCPTestServer(group: group)
         let b = try TCPTestServer(group: group)
         defer { a.stop(); b.stop() }
-        let port = try unusedPort()
-        var config = config(port: port, a: a, b: b, plugin: .map([
-            "listener": .string("tcp"), "local_port": .int(port), "reject_sni": .string("blocked.example.com"),
-        ]))
-        config.listeners[0].protocol = .tls
-        let proxy = try StreamPluginProxy(config: config, folder: folder)
+        let proxy = try withUnusedPort { port in
+            var config = config(port: port, a: a, b: b, plugin: .map([
+                "listener": .string("tcp"), "local_port": .int(port), "reject_sni": .string("blocked.example.com"),
+            ]))
+            config.listeners[0].protocol = .tls
+            return try StreamPluginProxy(config: config, folder: folder)
+        }
         defer { proxy.stop() }
 
         // ALPN h2 first: the plugin sends it to b (the hello reaches b unchanged).
@@ -249,7 +252,7 @@ final class StreamPluginTests: XCTestCase {
 
         // Moving the listener is not a reload.
         var moved = next
-        moved.listeners[0].listen.port = try unusedPort()
+        moved.listeners[0].listen.port = try refusingPort()   // any other port
         guard case .failure(let error) = proxy.generations.reload(config: moved) else { return XCTFail("moved listener reloaded") }
         XCTAssertTrue(error.description.contains("listeners"), error.description)
     }

@@ -103,7 +103,14 @@ final class StreamHarness {
         logger.logLevel = .critical
         server = ProxyServer(config: config, group: group,
                              observer: GatewayObserver(metrics: metrics, accessLog: accessLog), logger: logger)
-        try server.start()
+        do {
+            try server.start()
+        } catch {
+            // A failed start (e.g. a port taken, retried by `withUnusedPort`) leaves no threads behind.
+            try? group.syncShutdownGracefully()
+            try? FileManager.default.removeItem(atPath: accessLogPath)
+            throw error
+        }
     }
 
     func port(_ listener: String) -> Int { server.boundAddresses[listener]!.port! }

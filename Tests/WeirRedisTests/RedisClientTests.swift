@@ -274,7 +274,7 @@ final class RedisClientTests: XCTestCase {
     }
 
     func testConnectionRefusedIsAClearErrorThenFailsFastDuringBackoff() throws {
-        let port = try RedisServerProcess.freePort()
+        let port = try refusingPort()
         let client = RedisClient(eventLoop: self.loop, configuration: RedisConfiguration(port: port, maxBackoff: .seconds(30)))
         defer { _ = try? client.close().wait() }
         let first = self.redisError(client.send("PING"))

@@ -1,12 +1,16 @@
 import Foundation
-import NIOCore
-import NIOPosix
 
-/// A real `redis-server` on a free loopback port, for one test (shared by
-/// every test target that needs Redis: WeirRedisTests, WeirLuaTests,
-/// WeirProxyTests). Nothing is
-/// persisted (`--save '' --appendonly no`). `kill()` stops it abruptly
-/// (SIGKILL, as a crash would); `restart()` brings it back on the same port.
+/// A real `redis-server` on a loopback port of its own, for one test
+/// (shared by every test target that needs Redis: WeirRedisTests,
+/// WeirLuaTests, WeirProxyTests). Nothing is persisted (`--save ''
+/// --appendonly no`). `kill()` stops it abruptly (SIGKILL, as a crash
+/// would); `restart()` brings it back on the same port.
+///
+/// redis-server cannot listen on port 0 and report the port, so the port is
+/// picked beforehand (`withUnusedPort`): when redis' own log says the bind
+/// failed because the port was taken in between, another port is tried.
+/// "Ready" is redis' own "Ready to accept connections" line, not a PING
+/// that another redis-server on the same port could answer.
 public final class RedisServerProcess {
     public let port: Int
     public let password: String?
@@ -20,11 +24,27 @@ public final class RedisServerProcess {
     }
 
     public init(password: String? = nil, extraArguments: [String] = []) throws {
-        self.port = try Self.freePort()
         self.password = password
         self.extraArguments = extraArguments
-        self.logURL = FileManager.default.temporaryDirectory.appendingPathComponent("weir-redis-\(self.port).log")
-        try self.start()
+        let logURL = Self.newLogURL()
+        self.logURL = logURL
+        (self.port, self.process) = try withUnusedPort(isPortTaken: { ($0 as? StartFailure)?.portTaken == true }) { port in
+            (port, try Self.launch(port: port, password: password, extraArguments: extraArguments, logURL: logURL))
+        }
+    }
+
+    /// On a given port, once: throws `StartFailure` (`portTaken`) if
+    /// another socket holds it.
+    public init(port: Int, password: String? = nil) throws {
+        self.password = password
+        self.extraArguments = []
+        self.logURL = Self.newLogURL()
+        self.port = port
+        self.process = try Self.launch(port: port, password: password, extraArguments: [], logURL: self.logURL)
+    }
+
+    private static func newLogURL() -> URL {
+        FileManager.default.temporaryDirectory.appendingPathComponent("weir-redis-\(UUID().uuidString).log")
     }
 
     deinit {
@@ -32,28 +52,46 @@ public final class RedisServerProcess {
         try? FileManager.default.removeItem(at: self.logURL)
     }
 
+    /// Starts it again on its port. Right after a `kill()` a connect's
+    /// ephemeral source port may briefly hold that port, so a taken port is
+    /// retried for a few seconds before the start fails.
     public func start() throws {
         precondition(self.process == nil, "already running")
+        self.process = try retryWhilePortTaken(isPortTaken: { ($0 as? StartFailure)?.portTaken == true }) {
+            try Self.launch(port: self.port, password: self.password, extraArguments: self.extraArguments, logURL: self.logURL)
+        }
+    }
+
+    public struct StartFailure: Error, CustomStringConvertible {
+        public var port: Int
+        /// redis logged that another socket holds the port.
+        public var portTaken: Bool
+        public var log: String
+        public var description: String { "redis-server on port \(port) did not start; its log:\n\(log)" }
+    }
+
+    /// Runs redis-server on `port` and waits for its "ready" log line.
+    private static func launch(port: Int, password: String?, extraArguments: [String], logURL: URL) throws -> Process {
+        try? FileManager.default.removeItem(at: logURL)   // only this run's lines
         let process = Process()
         process.executableURL = URL(fileURLWithPath: "/usr/bin/redis-server")
-        var arguments = ["--port", String(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                         "--daemonize", "no", "--logfile", self.logURL.path]
-        if let password = self.password { arguments += ["--requirepass", password] }
-        process.arguments = arguments + self.extraArguments
+        var arguments = ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                         "--daemonize", "no", "--logfile", logURL.path]
+        if let password { arguments += ["--requirepass", password] }
+        process.arguments = arguments + extraArguments
         process.standardOutput = FileHandle.nullDevice
         process.standardError = FileHandle.nullDevice
         try process.run()
-        self.process = process
-        // Ready when it answers PING (checked with redis-cli, not our client).
-        for _ in 0..<200 {
-            if (try? self.cli("PING")) == "PONG" { return }
+        func log() -> String { (try? String(contentsOf: logURL, encoding: .utf8)) ?? "" }
+        for _ in 0..<400 {
+            if log().contains("Ready to accept connections") { return process }
             guard process.isRunning else { break }
             usleep(25_000)
         }
-        let log = (try? String(contentsOf: self.logURL, encoding: .utf8)) ?? ""
-        self.kill()
-        throw NSError(domain: "RedisServerProcess", code: 1,
-                      userInfo: [NSLocalizedDescriptionKey: "redis-server on port \(self.port) did not answer PING; log:\n\(log)"])
+        if process.isRunning { Foundation.kill(process.processIdentifier, SIGKILL) }
+        process.waitUntilExit()
+        let text = log()
+        throw StartFailure(port: port, portTaken: text.contains("Address already in use"), log: text)
     }
 
     /// SIGKILL and wait for the process to be gone (its port closes with it).
@@ -88,15 +126,4 @@ public final class RedisServerProcess {
         process.waitUntilExit()
         return String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
     }
-
-    /// A loopback port nothing listens on right now (bind to 0, read, close).
-    public static func freePort() throws -> Int {
-        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        defer { try? group.syncShutdownGracefully() }
-        let channel = try ServerBootstrap(group: group).bind(host: "127.0.0.1", port: 0).wait()
-        let port = channel.localAddress!.port!
-        try channel.close().wait()
-        return port
-    }
 }
-
