@@ -169,6 +169,14 @@ public final class LuaRuntime {
     private var flushBatchesRef: Int32 = LUA_NOREF
     private var compiled: [String: CompiledPlugin] = [:]
 
+    // The hot natives' per-state caches (SDKNatives.swift, `HotNative`).
+    /// Header names plugins pass (lower-cased, checked once per Lua string).
+    let headerNames: HeaderNameCache
+    /// Header values and other constant strings plugins pass (as they are).
+    let headerValues: HeaderNameCache
+    /// `weir.shared` keys' hashes, per Lua string.
+    let sharedKeyHashes: SharedKeyHashes
+
     /// The scope whose coroutine is running right now (set around every
     /// resume). Unretained: `enter` is only called by the scope's own
     /// `drive`, which holds the scope for the whole resume, and `leave`
@@ -204,10 +212,16 @@ public final class LuaRuntime {
     /// A bare runtime (SDK installed, no plugins); `eventLoop` nil means
     /// it can load and inspect code but not run phases.
     public init(sdk: LuaSDK, eventLoop: EventLoop?, options: LuaRuntimeOptions, library: PluginLibrary? = nil) throws {
-        self.state = try LuaState(memoryLimit: options.memoryLimit, hookInterval: options.instructionBudget > 0 ? options.hookInterval : 0)
+        let state = try LuaState(memoryLimit: options.memoryLimit, hookInterval: options.instructionBudget > 0 ? options.hookInterval : 0)
+        self.state = state
         self.eventLoop = eventLoop
         self.options = options
         self.library = library
+        self.headerNames = HeaderNameCache(on: state.main)
+        self.headerValues = HeaderNameCache(lowercased: false, on: state.main)
+        self.sharedKeyHashes = SharedKeyHashes(on: state.main)
+        // Natives reach the runtime directly (the hot ones without a closure).
+        weir_set_dispatch(state.main, runtimeNativeDispatch, Unmanaged.passUnretained(self).toOpaque())
         try installSDK(sdk)
         // The chain runner records when each plugin starts only for an observer's histograms.
         state.info.pointee.chain_timing = options.observer != nil ? 1 : 0
@@ -227,6 +241,13 @@ public final class LuaRuntime {
         try state.pcall(nargs: 0, nresults: 1)            // json
         try state.load(sdk.initSource, chunkName: sdk.directory + "/weir/init.lua")
         lua_createtable(L, 0, 48)                            // N
+        // The hot natives first: their ids are their raw values (dispatchNative).
+        for hot in HotNative.allCases {
+            LuaState.push(hot.sdkName, on: L)
+            precondition(state.nativeCount == Int(hot.rawValue), "hot natives must be registered first")
+            state.pushNative(NativeBox(HotNative.unreachableBox(hot)))
+            lua_rawset(L, -3)
+        }
         for (name, native) in makeNatives().entries {
             LuaState.push(name, on: L)
             state.pushNative(native)
@@ -730,6 +751,9 @@ public final class LuaRuntime {
     }
 
     deinit {
+        // The state may outlive this runtime (a caller holding `state`): its
+        // natives then raise "called on a closed runtime" instead of reaching it.
+        weir_set_dispatch(state.main, nil, nil)
         for timer in timers.values { timer.cancelled = true; timer.scheduled?.cancel() }
         // Coroutines and chains live in the state; closing it frees them all.
         idleCoroutines.removeAll()

@@ -69,24 +69,38 @@ struct NativeList: ExpressibleByArrayLiteral {
     }
 }
 
-/// The C dispatcher: the only entry from Lua into Swift.
+/// The C dispatcher of a bare state (a runtime installs its own,
+/// `runtimeNativeDispatch`, which answers its hot natives itself and sends
+/// the others here).
 private let nativeDispatch: weir_dispatch_fn = { thread, context, functionID, yieldCount in
-    // Neither the state nor the box is retained for the call: the state
-    // outlives every call into it and holds each box until it closes.
-    let result = Unmanaged<LuaState>.fromOpaque(context!)._withUnsafeGuaranteedRef { state in
-        state.natives[Int(functionID)]._withUnsafeGuaranteedRef { $0.call(thread!) }
+    // The state is not retained for the call: it outlives every call into it.
+    Unmanaged<LuaState>.fromOpaque(context!)._withUnsafeGuaranteedRef { state in
+        state.callRegisteredNative(functionID, on: thread!, yieldCount: yieldCount!)
     }
-    switch result {
-    case .values(let n):
-        return n
-    case .error(let message):
-        LuaState.push(message, on: thread!)
-        return WEIR_CALL_ERROR
-    case .yield(let n):
-        yieldCount!.pointee = n
-        return WEIR_CALL_YIELD
-    case .fallback:
-        return WEIR_CALL_FALLBACK
+}
+
+extension NativeReturn {
+    /// The trampoline's code for this result (`weir_dispatch_fn`).
+    @inline(__always)
+    func code(on thread: LuaThread, yieldCount: UnsafeMutablePointer<Int32>) -> Int32 {
+        switch self {
+        case .values(let n):
+            return n
+        case .error(let message):
+            LuaState.push(message, on: thread)
+            return WEIR_CALL_ERROR
+        case .yield(let n):
+            yieldCount.pointee = n
+            return WEIR_CALL_YIELD
+        case .fallback:
+            return WEIR_CALL_FALLBACK
+        }
+    }
+
+    /// A hot native's code (a result count or WEIR_CALL_FALLBACK) as a
+    /// NativeReturn, for calls through its box.
+    init(code: Int32) {
+        self = code == WEIR_CALL_FALLBACK ? .fallback : .values(code)
     }
 }
 
@@ -141,6 +155,16 @@ public final class LuaState {
     func pushNative(_ native: NativeBox, on thread: LuaThread? = nil) {
         natives.append(Unmanaged.passRetained(native))
         weir_push_native(thread ?? main, Int32(natives.count - 1))
+    }
+
+    /// How many natives are registered (the next one's id).
+    var nativeCount: Int { natives.count }
+
+    /// Calls registered native `id` through its box.
+    @inline(__always)
+    func callRegisteredNative(_ id: Int32, on thread: LuaThread, yieldCount: UnsafeMutablePointer<Int32>) -> Int32 {
+        // The box is not retained for the call: the state holds it until it closes.
+        natives[Int(id)]._withUnsafeGuaranteedRef { $0.call(thread) }.code(on: thread, yieldCount: yieldCount)
     }
 
     // MARK: Loading and calling

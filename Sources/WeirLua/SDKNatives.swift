@@ -161,6 +161,192 @@ private func decimalText(_ value: lua_Integer) -> String {
     }
 }
 
+/// The natives plugins call on every request, which `LuaRuntime` calls by
+/// id (`dispatchNative`'s switch) instead of through a `NativeBox` closure
+/// and a `checkedRequestNative` closure: ~100 instructions less per call.
+/// Registered first (`installSDK`), so a case's raw value is its native id.
+/// Each answers a result count or WEIR_CALL_FALLBACK (never an error or a
+/// yield), so its result is one Int32. A native joins by getting a case, an
+/// SDK name and a line in `dispatchNative`.
+enum HotNative: Int32, CaseIterable {
+    case requestGetHeader, upstreamSetHeader, upstreamAddHeader, upstreamClearHeader
+    case responseSetHeader, responseAddHeader, sharedDictIncr, sharedDictIncrGet
+
+    /// Its name in the SDK's native table (`N.<name>` in lua/weir/init.lua).
+    var sdkName: String {
+        switch self {
+        case .requestGetHeader: return "req_get_header"
+        case .upstreamSetHeader: return "up_set_header"
+        case .upstreamAddHeader: return "up_add_header"
+        case .upstreamClearHeader: return "up_clear_header"
+        case .responseSetHeader: return "resp_set_header"
+        case .responseAddHeader: return "resp_add_header"
+        case .sharedDictIncr: return "shared_dict_incr"
+        case .sharedDictIncrGet: return "shared_dict_incr_get"
+        }
+    }
+
+    /// The box registered at its id: never called while the runtime's
+    /// dispatcher is installed (it answers these ids itself).
+    static func unreachableBox(_ native: HotNative) -> NativeFunction {
+        { _ in .error("weir: \(native.sdkName) called outside its runtime") }
+    }
+}
+
+/// The C dispatcher of a runtime's state: the only entry from Lua into
+/// Swift. The runtime is not retained for the call: its state (and so
+/// every call into it) does not outlive it (`LuaRuntime.deinit`).
+let runtimeNativeDispatch: weir_dispatch_fn = { thread, context, functionID, yieldCount in
+    Unmanaged<LuaRuntime>.fromOpaque(context!)._withUnsafeGuaranteedRef { runtime in
+        runtime.dispatchNative(thread!, functionID, yieldCount: yieldCount!)
+    }
+}
+
+/// How a header setter native changes its header (`LuaRuntime.setHeader`).
+private enum HeaderSetter {
+    case upstreamSet, upstreamAdd, responseSet, responseAdd
+
+    var phases: UInt8 {
+        switch self {
+        case .upstreamSet, .upstreamAdd: return PluginPhase.request.mask
+        case .responseSet, .responseAdd: return PluginPhase.responseWritePhases
+        }
+    }
+    /// set (a refused value still clears), not add.
+    var replaces: Bool { self == .upstreamSet || self == .responseSet }
+}
+
+extension LuaRuntime {
+    /// Runs native `id`: a hot one directly, any other through its box.
+    @inline(__always)
+    func dispatchNative(_ L: LuaThread, _ id: Int32, yieldCount: UnsafeMutablePointer<Int32>) -> Int32 {
+        switch HotNative(rawValue: id) {
+        case .requestGetHeader?: return requestGetHeader(L)
+        case .upstreamSetHeader?: return setHeader(L, .upstreamSet)
+        case .upstreamAddHeader?: return setHeader(L, .upstreamAdd)
+        case .upstreamClearHeader?: return upstreamClearHeader(L)
+        case .responseSetHeader?: return setHeader(L, .responseSet)
+        case .responseAddHeader?: return setHeader(L, .responseAdd)
+        case .sharedDictIncr?: return sharedDictIncr(L, readsOther: false)
+        case .sharedDictIncrGet?: return sharedDictIncr(L, readsOther: true)
+        case nil: return state.callRegisteredNative(id, on: L, yieldCount: yieldCount)
+        }
+    }
+
+    /// A hot native's request check, as `checkedRequestNative` without its
+    /// closure: outside `phases` (a mask of `1 << luaID`) or with no
+    /// request active it answers WEIR_CALL_FALLBACK, whose Lua fallback
+    /// raises the SDK's message at the caller's line.
+    @inline(__always)
+    private func withCurrentRequest(_ phases: UInt8, _ body: (PluginRequestContext) -> Int32) -> Int32 {
+        guard let current = currentScope, phases & currentPhase.mask != 0 else { return WEIR_CALL_FALLBACK }
+        // Borrowed for the call (see `currentScope`): no retain of the scope.
+        return current._withUnsafeGuaranteedRef { scope in
+            guard let request = scope.context else { return WEIR_CALL_FALLBACK }
+            return body(request)
+        }
+    }
+
+    /// `weir.request.get_header(name)`.
+    @inline(__always)
+    private func requestGetHeader(_ L: LuaThread) -> Int32 {
+        withCurrentRequest(PluginPhase.anyRequestPhase) { r in
+            guard let name = headerNames.name(at: 1, on: L) else { return WEIR_CALL_FALLBACK }
+            r.withRequestHeader(name) { value in
+                if let value { lua_pushlstring(L, value.baseAddress?.assumingMemoryBound(to: CChar.self), value.count) } else { lua_pushnil(L) }
+            }
+            return 1
+        }
+    }
+
+    /// `weir.upstream.request.set_header` / `add_header`,
+    /// `weir.response.set_header` / `add_header` (name, value).
+    @inline(__always)
+    private func setHeader(_ L: LuaThread, _ setter: HeaderSetter) -> Int32 {
+        withCurrentRequest(setter.phases) { r in
+            guard let name = headerNames.checkedText(at: 1, on: L), let value = headerValue(at: 2, on: L, cache: headerValues) else {
+                return WEIR_CALL_FALLBACK
+            }
+            switch HeaderChange(name: name, value: value, replaces: setter.replaces) {
+            case .apply:
+                switch setter {
+                case .upstreamSet: r.setUpstreamHeader(name.text, value.text)
+                case .upstreamAdd: r.addUpstreamHeader(name.text, value.text)
+                case .responseSet: r.setResponseHeader(name.text, value.text)
+                case .responseAdd: r.addResponseHeader(name.text, value.text)
+                }
+            case .clearOnly:
+                if setter == .upstreamSet { r.clearUpstreamHeader(name.text) } else { r.clearResponseHeader(name.text) }
+            case .none:
+                break
+            }
+            return 0
+        }
+    }
+
+    /// `weir.upstream.request.clear_header(name)`.
+    @inline(__always)
+    private func upstreamClearHeader(_ L: LuaThread) -> Int32 {
+        withCurrentRequest(PluginPhase.request.mask) { r in
+            guard let name = headerNames.name(at: 1, on: L) else { return WEIR_CALL_FALLBACK }
+            r.clearUpstreamHeader(name)
+            return 0
+        }
+    }
+
+    /// `dict:incr` and `dict:incr_get` themselves (lua/weir/init.lua): the
+    /// first argument is the dictionary's table; anything else falls back.
+    /// incr_get's other key is required here, so a missing one falls back
+    /// to the message before anything changes.
+    @inline(__always)
+    private func sharedDictIncr(_ L: LuaThread, readsOther: Bool) -> Int32 {
+        guard lua_type(L, 1) == LUA_TTABLE, !readsOther || lua_type(L, 6) == LUA_TSTRING,
+              let id = sharedDictionaryID(ofTableAt: 1, L) else { return WEIR_CALL_FALLBACK }
+        return sharedIncrement(L, options.shared.dictionary(id: id), readsOther: readsOther)
+    }
+
+    /// A dictionary handle's `id`, read raw (no metamethod may run under
+    /// Swift). nil: not a dictionary handle.
+    func sharedDictionaryID(ofTableAt index: Int32, _ L: LuaThread) -> Int? {
+        lua_pushstring(L, "id")
+        defer { weir_pop(L, 1) }
+        guard lua_rawget(L, index) == LUA_TNUMBER, lua_isinteger(L, -1) != 0 else { return nil }
+        return Int(lua_tointegerx(L, -1, nil))
+    }
+
+    /// incr on `target` (nil: no such dictionary): key string, delta number
+    /// (nil: 1), init number or nil, ttl number >= 0 (nil: 0), and with
+    /// `readsOther` the other key (a string, or absent) to read after.
+    /// A result count, or WEIR_CALL_FALLBACK for arguments it does not take.
+    func sharedIncrement(_ L: LuaThread, _ target: SharedDictionaries.Dictionary?, readsOther: Bool) -> Int32 {
+        let initType = lua_type(L, 4), otherType = readsOther ? lua_type(L, 6) : LUA_TNONE
+        let deltaType = lua_type(L, 3), ttlType = lua_type(L, 5)
+        guard let key = LuaState.bytes(at: 2, on: L),
+              deltaType == LUA_TNUMBER || deltaType == LUA_TNIL || deltaType == LUA_TNONE,
+              initType == LUA_TNUMBER || initType == LUA_TNIL || initType == LUA_TNONE,
+              otherType == LUA_TNONE || otherType == LUA_TSTRING else { return WEIR_CALL_FALLBACK }
+        let delta = deltaType == LUA_TNUMBER ? sharedValue(at: 3, on: L)! : .integer(1)
+        var ttl = 0.0
+        if ttlType != LUA_TNIL && ttlType != LUA_TNONE {
+            guard let t = number(at: 5, on: L), !(t < 0) else { return WEIR_CALL_FALLBACK }
+            ttl = t
+        }
+        let shared = options.shared
+        let now = shared.now()
+        let result = target?.incr(key, hash: sharedKeyHashes.hash(of: key, at: 2, on: L), delta, initial: sharedValue(at: 4, on: L),
+                                  initialTTL: ttl, now: now) ?? .failure(.notFound)
+        switch result {
+        case .success(let v):
+            pushShared(v, on: L)
+            guard otherType == LUA_TSTRING, let otherKey = LuaState.bytes(at: 6, on: L) else { return 1 }
+            pushShared(target?.get(otherKey, hash: sharedKeyHashes.hash(of: otherKey, at: 6, on: L), now: now), on: L)
+            return 2
+        case .failure(.notFound): lua_pushnil(L); LuaState.push("not found", on: L); return 2
+        case .failure(.notANumber): lua_pushnil(L); LuaState.push("not a number", on: L); return 2
+        }
+    }
+}
+
 extension LuaRuntime {
     typealias RequestNative = (LuaThread, PluginRequest, PluginRequestContext) -> NativeReturn
 
@@ -232,10 +418,10 @@ extension LuaRuntime {
 
     func makeNatives() -> NativeList {
         var n = NativeList()
-        // The hot header natives' names (see HeaderNameCache); the closures
-        // live exactly as long as this state.
-        let headerNames = HeaderNameCache(on: state.main)
-        let headerValues = HeaderNameCache(lowercased: false, on: state.main)
+        // The header natives' caches (see HeaderNameCache); the closures
+        // live exactly as long as this state, and so as the runtime.
+        let headerNames = self.headerNames
+        let headerValues = self.headerValues
         // The route's and the consumer's names, the same every request of a route / client.
         let recentStrings = RecentLuaStrings()
 
@@ -260,13 +446,6 @@ extension LuaRuntime {
             if let route = r.matchedRouteName { recentStrings.push(route, on: L) } else { lua_pushnil(L) }
             return .values(1)
         }))
-        n.append(("req_get_header", checkedRequestNative(PluginPhase.anyRequestPhase) { L, _, r in
-            guard let name = headerNames.name(at: 1, on: L) else { return badArgument(L) }
-            r.withRequestHeader(name) { value in
-                if let value { lua_pushlstring(L, value.baseAddress?.assumingMemoryBound(to: CChar.self), value.count) } else { lua_pushnil(L) }
-            }
-            return .values(1)
-        }))
         n.append(("req_get_headers", requestNative("weir.request.get_headers") { L, _, r in
             pushHeaderTable(r.requestHeaders(), on: L); return .values(1)
         }))
@@ -283,29 +462,6 @@ extension LuaRuntime {
         }))
         n.append(("up_get_raw_query", requestNative("weir.upstream.request.get_raw_query") { L, _, r in
             LuaState.push(r.upstreamRawQuery, on: L); return .values(1)
-        }))
-        // `replaces`: set (a refused value still clears), not add.
-        func setter(_ phases: UInt8, replaces: Bool, _ apply: @escaping (PluginRequestContext, String, String) -> Void,
-                    clear: @escaping (PluginRequestContext, String) -> Void) -> NativeFunction {
-            checkedRequestNative(phases) { L, _, r in
-                guard let name = headerNames.checkedText(at: 1, on: L), let value = headerValue(at: 2, on: L, cache: headerValues) else {
-                    return badArgument(L)
-                }
-                switch HeaderChange(name: name, value: value, replaces: replaces) {
-                case .apply: apply(r, name.text, value.text)
-                case .clearOnly: clear(r, name.text)
-                case .none: break
-                }
-                return .values(0)
-            }
-        }
-        n.append(("up_set_header", setter(PluginPhase.request.mask, replaces: true, { $0.setUpstreamHeader($1, $2) },
-                                          clear: { $0.clearUpstreamHeader($1) })))
-        n.append(("up_add_header", setter(PluginPhase.request.mask, replaces: false, { $0.addUpstreamHeader($1, $2) },
-                                          clear: { _, _ in })))
-        n.append(("up_clear_header", checkedRequestNative(PluginPhase.request.mask) { L, _, r in
-            guard let name = headerNames.name(at: 1, on: L) else { return badArgument(L) }
-            r.clearUpstreamHeader(name); return .values(0)
         }))
         n.append(("up_set_path", requestNative("weir.upstream.request.set_path") { L, _, r in
             guard let path = LuaState.string(at: 1, on: L) else { return .error("weir.upstream.request.set_path: path must be a string") }
@@ -359,10 +515,6 @@ extension LuaRuntime {
         n.append(("resp_get_headers", requestNative("weir.response.get_headers") { L, _, r in
             pushHeaderTable(r.responseHeaders(), on: L); return .values(1)
         }))
-        n.append(("resp_set_header", setter(PluginPhase.responseWritePhases, replaces: true, { $0.setResponseHeader($1, $2) },
-                                            clear: { $0.clearResponseHeader($1) })))
-        n.append(("resp_add_header", setter(PluginPhase.responseWritePhases, replaces: false, { $0.addResponseHeader($1, $2) },
-                                            clear: { _, _ in })))
         // set_header for each (name, value) pair, one crossing for several
         // (rate-limiting sets five per request). false at the first pair it
         // does not take; the pairs before it are set (set is idempotent, so
@@ -489,15 +641,6 @@ extension LuaRuntime {
             if lua_isinteger(L, 1) != 0 { return shared.dictionary(id: Int(lua_tointegerx(L, 1, nil))) }
             return LuaState.string(at: 1, on: L).flatMap(shared.id(of:)).flatMap(shared.dictionary(id:))
         }
-        /// `dict:incr` is this native itself (lua/weir/init.lua): its first
-        /// argument is the dictionary's table, whose `id` is read raw (no
-        /// metamethod may run under Swift). nil: not a dictionary handle.
-        func dictionaryID(ofTableAt index: Int32, _ L: LuaThread) -> Int? {
-            lua_pushstring(L, "id")
-            defer { weir_pop(L, 1) }
-            guard lua_rawget(L, index) == LUA_TNUMBER, lua_isinteger(L, -1) != 0 else { return nil }
-            return Int(lua_tointegerx(L, -1, nil))
-        }
         n.append(("shared_id", { L in
             if let name = LuaState.string(at: 1, on: L), let id = shared.id(of: name) {
                 lua_pushinteger(L, lua_Integer(id))
@@ -506,7 +649,7 @@ extension LuaRuntime {
             }
             return .values(1)
         }))
-        let keyHashes = SharedKeyHashes(on: state.main)
+        let keyHashes = sharedKeyHashes
         n.append(("shared_get", { L in
             guard let key = LuaState.bytes(at: 2, on: L) else { return badArgument(L) }
             guard let target = dictionary(L) else { lua_pushnil(L); return .values(1) }
@@ -526,50 +669,11 @@ extension LuaRuntime {
             }
             lua_pushnil(L); LuaState.push("exists", on: L); return .values(2)
         }))
-        // key string, delta number (nil: 1), init number or nil, ttl number
-        // >= 0 (nil: 0), and with `readsOther` (dict:incr_get) the other
-        // key (a string) to read after; `target` nil: no such dictionary.
-        func incr(_ L: LuaThread, _ target: SharedDictionaries.Dictionary?, readsOther: Bool) -> NativeReturn {
-            let initType = lua_type(L, 4), otherType = readsOther ? lua_type(L, 6) : LUA_TNONE
-            let deltaType = lua_type(L, 3), ttlType = lua_type(L, 5)
-            guard let key = LuaState.bytes(at: 2, on: L),
-                  deltaType == LUA_TNUMBER || deltaType == LUA_TNIL || deltaType == LUA_TNONE,
-                  initType == LUA_TNUMBER || initType == LUA_TNIL || initType == LUA_TNONE,
-                  otherType == LUA_TNONE || otherType == LUA_TSTRING else { return badArgument(L) }
-            let delta = deltaType == LUA_TNUMBER ? sharedValue(at: 3, on: L)! : .integer(1)
-            var ttl = 0.0
-            if ttlType != LUA_TNIL && ttlType != LUA_TNONE {
-                guard let t = number(at: 5, on: L), !(t < 0) else { return badArgument(L) }
-                ttl = t
-            }
-            let now = shared.now()
-            let result = target?.incr(key, hash: keyHashes.hash(of: key, at: 2, on: L), delta, initial: sharedValue(at: 4, on: L),
-                                      initialTTL: ttl, now: now) ?? .failure(.notFound)
-            switch result {
-            case .success(let v):
-                pushShared(v, on: L)
-                guard otherType == LUA_TSTRING, let otherKey = LuaState.bytes(at: 6, on: L) else { return .values(1) }
-                pushShared(target?.get(otherKey, hash: keyHashes.hash(of: otherKey, at: 6, on: L), now: now), on: L)
-                return .values(2)
-            case .failure(.notFound): lua_pushnil(L); LuaState.push("not found", on: L); return .values(2)
-            case .failure(.notANumber): lua_pushnil(L); LuaState.push("not a number", on: L); return .values(2)
-            }
-        }
-        // N.shared_incr(id or name, ...): incr's and incr_get's fallbacks (an unknown dictionary: nil, "not found").
-        n.append(("shared_incr", { L in incr(L, dictionary(L), readsOther: true) }))
-        // dict:incr itself (lua/weir/init.lua): the first argument is the
-        // dictionary's table; anything else answers `.fallback`.
-        n.append(("shared_dict_incr", { L in
-            guard lua_type(L, 1) == LUA_TTABLE, let id = dictionaryID(ofTableAt: 1, L) else { return badArgument(L) }
-            return incr(L, shared.dictionary(id: id), readsOther: false)
-        }))
-        // dict:incr_get likewise (a sliding window's two counters in one
-        // call, no Lua wrapper): the other key is required here, so a
-        // missing one falls back to the message before anything changes.
-        n.append(("shared_dict_incr_get", { L in
-            guard lua_type(L, 1) == LUA_TTABLE, lua_type(L, 6) == LUA_TSTRING,
-                  let id = dictionaryID(ofTableAt: 1, L) else { return badArgument(L) }
-            return incr(L, shared.dictionary(id: id), readsOther: true)
+        // N.shared_incr(id or name, ...): dict:incr's and incr_get's
+        // fallbacks (an unknown dictionary: nil, "not found"). dict:incr and
+        // dict:incr_get themselves are hot natives (`sharedDictIncr`).
+        n.append(("shared_incr", { [unowned(unsafe) self] L in
+            NativeReturn(code: self.sharedIncrement(L, dictionary(L), readsOther: true))
         }))
         n.append(("shared_delete", { L in
             guard let key = LuaState.bytes(at: 2, on: L) else { return .error("weir.shared.delete: expected a key") }

@@ -52,6 +52,26 @@ final class LuaStateTests: XCTestCase {
     /// The first 256 natives are C functions with their id compiled in,
     /// later ones a closure holding it (CLuaShims weir_push_native): each
     /// reaches its own Swift function, and `with_fallback` wraps both kinds.
+    /// A runtime's natives reach it through its own dispatcher (the hot
+    /// ones by id, `HotNative`): they are registered first, at their ids,
+    /// and a state kept after its runtime is gone raises instead of
+    /// reaching the freed runtime.
+    func testHotNativesAtTheirIdsAndAStateThatOutlivesItsRuntime() throws {
+        var runtime: LuaRuntime? = try LuaRuntime(sdk: Harness.sdk, eventLoop: nil, options: LuaRuntimeOptions())
+        let state = runtime!.state
+        XCTAssertGreaterThan(state.nativeCount, HotNative.allCases.count)
+        func callGetHeader() throws -> String {
+            try state.load("local ok, err = pcall(weir.request.get_header, 'a'); assert(not ok); return err", chunkName: "probe.lua")
+            try state.pcall(nargs: 0, nresults: 1)
+            defer { state.pop() }
+            return LuaState.string(at: -1, on: state.main) ?? ""
+        }
+        // No request is active: the hot native falls back to its Lua check.
+        XCTAssertTrue(try callGetHeader().contains("weir.request.get_header"))
+        runtime = nil
+        XCTAssertTrue(try callGetHeader().contains("native function called on a closed runtime"))
+    }
+
     func testNativesPastTheFixedEntriesAndTheirFallbacks() throws {
         let state = try LuaState()
         let L = state.main
