@@ -1,7 +1,8 @@
 // The proxy's own upstream request lines are written two ways: as bytes
-// (UpstreamOwnFields, a route without plugins) and as an edit list plugins
-// can change (ExchangeDownstream.upstreamEdits, any plugin on the route).
-// Both must give the upstream the same head.
+// (UpstreamOwnFields: a route without plugins, or whose plugins leave the
+// upstream request alone) and as an edit list plugins can change
+// (ExchangeDownstream.upstreamEdits, made once a plugin reads or edits the
+// upstream request). Both must give the upstream the same head.
 
 import Foundation
 import NIOCore
@@ -51,7 +52,14 @@ final class UpstreamOwnFieldsTests: PluginFolderTestCase {
     }
 
     func testOwnLinesAsBytesMatchTheEditListPluginsUse() throws {
-        // A plugin with nothing to do makes the exchange build the edit list.
+        // A plugin that reads the upstream request makes the exchange build
+        // the edit list; one with nothing to do leaves the bytes writer on.
+        try folder.write("reader", handler: """
+        local weir = require "weir"
+        local P = { PRIORITY = 1, VERSION = "1" }
+        function P:request(conf, ctx) weir.upstream.request.get_headers() end
+        return P
+        """)
         try folder.write("idle", handler: """
         local P = { PRIORITY = 1, VERSION = "1" }
         function P:request(conf, ctx) end
@@ -61,9 +69,14 @@ final class UpstreamOwnFieldsTests: PluginFolderTestCase {
         let asBytes = try upstreamHeads(config: ProxyHarness.config(targets: [upstream.address], configure: trusted))
         let asEdits = try upstreamHeads(config: ProxyHarness.config(targets: [upstream.address]) {
             trusted(&$0)
+            $0.plugins = [pluginRef("reader")]
+        })
+        let idlePlugin = try upstreamHeads(config: ProxyHarness.config(targets: [upstream.address]) {
+            trusted(&$0)
             $0.plugins = [pluginRef("idle")]
         })
         XCTAssertEqual(asBytes, asEdits)
+        XCTAssertEqual(asBytes, idlePlugin)
         let target = "127.0.0.1:\(upstream.port)"
         XCTAssertEqual(asBytes.first, [
             "x-keep: 1",
@@ -84,7 +97,7 @@ final class UpstreamOwnFieldsTests: PluginFolderTestCase {
         // An untrusted peer's X-Forwarded-* are replaced, both ways.
         let untrusted = try upstreamHeads(config: ProxyHarness.config(targets: [upstream.address]))
         let untrustedEdits = try upstreamHeads(config: ProxyHarness.config(targets: [upstream.address]) {
-            $0.plugins = [pluginRef("idle")]
+            $0.plugins = [pluginRef("reader")]
         })
         XCTAssertEqual(untrusted, untrustedEdits)
         XCTAssertEqual(untrusted.first?.filter { $0.hasPrefix("x-forwarded") }, [

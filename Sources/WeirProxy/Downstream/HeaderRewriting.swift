@@ -1,7 +1,7 @@
 /// What the client's request head says about its body, as the exchange
 /// needs it. The header rewriting itself is edit lists over the wire heads:
-/// `UpstreamOwnFields` (request without plugins) or
-/// `ExchangeDownstream.upstreamEdits` (request with plugins), the downstreams'
+/// `UpstreamOwnFields` (request no plugin touched) or
+/// `ExchangeDownstream.upstreamEdits` (a plugin read or edited it), the downstreams'
 /// `relayWireResponseHead` (response), with plugins' edits from
 /// `Plugins/PluginHeadEdits.swift`.
 enum HeaderRewriting {

@@ -233,11 +233,11 @@ extension ExchangeDownstream {
         exchange.staleRetried = false
         let now = loopContext.clock.now
         if exchange.upstreamStart == nil { exchange.upstreamStart = now }
-        if exchange.upstreamEdits == nil {
-            // Without plugins the proxy's own lines are written as bytes
-            // (serializeUpstreamHead); plugins edit them as an edit list.
-            if exchange.plugins != nil { exchange.upstreamEdits = upstreamEdits(exchange, head: head, routed: routed) }
-        } else if !routed.route.preserveHost {
+        // Until a plugin reads or edits the upstream request (which makes
+        // the edit list, ExchangePlugins.makeUpstreamEdits) the proxy's own
+        // lines are written as bytes (serializeUpstreamHead), with plugins
+        // on the route or not: a chain that edits nothing pays nothing.
+        if exchange.upstreamEdits != nil && !routed.route.preserveHost {
             // A retry, or edits a plugin made before the target was known.
             exchange.upstreamEdits!.replaceHost(upstream.targetLabels[target])
         }

@@ -9,7 +9,8 @@ import NIOCore
 /// cost ~1.9 k instructions per request: BENCHMARKS.md, "fields").
 ///
 /// Used while no plugin holds the upstream head's edit list
-/// (`Exchange.upstreamEdits` nil, see `serializeUpstreamHead`). Plugins
+/// (`Exchange.upstreamEdits` nil, see `serializeUpstreamHead`): also on a
+/// route with plugins until one reads or edits the upstream request. Those
 /// edit the same lines as `HTTP1AddedField`s (`upstreamEdits`); both ways
 /// write the same bytes, in the same order (UpstreamOwnFieldsTests).
 struct UpstreamOwnFields {
@@ -136,8 +137,8 @@ extension RequestHead {
 /// A client line that the proxy's own upstream lines replace: never
 /// forwarded as it is; some are carried on into the proxy's line (a
 /// trusted peer's X-Forwarded-*, every Via). The one list of them, read by
-/// both upstream head writers (`UpstreamOwnFields` without plugins,
-/// `ExchangeDownstream.upstreamEdits` with them).
+/// both upstream head writers (`UpstreamOwnFields` until a plugin touches
+/// the upstream request, `ExchangeDownstream.upstreamEdits` after).
 enum ReplacedClientLine {
     case dropped           // Host, X-Request-ID: the proxy writes its own
     case forwardedFor, forwardedProto, forwardedHost, via
