@@ -71,6 +71,12 @@ public protocol ProxyObserver: AnyObject, Sendable {
     func requestCompleted(_ record: AccessRecord)
     /// A finished request when `wantsAccessRecords` is false.
     func requestCounted(_ sample: RequestSample)
+    /// When `wantsAccessRecords` is false: a counter that takes the
+    /// requests of (route, upstream) recorded on the calling thread, kept
+    /// by the caller (per event loop and route) in place of a
+    /// `requestCounted` call per request. nil (the default): every request
+    /// goes to `requestCounted`.
+    func requestCounter(route: String?, upstream: String?) -> RequestCounter?
     func connectionOpened(listener: String)
     func connectionClosed(listener: String)
     /// tcp/tls listeners (defaults below do nothing).
@@ -87,6 +93,7 @@ extension ProxyObserver {
             bytesIn: sample.bytesIn, bytesOut: sample.bytesOut, totalDuration: sample.totalDuration,
             upstreamDuration: sample.upstreamDuration, attempts: 0))
     }
+    public func requestCounter(route: String?, upstream: String?) -> RequestCounter? { nil }
     /// tcp/tls listeners: the live byte and outcome counters for
     /// (listener, upstream), looked up once per connection; nil = none kept.
     public func streamCounters(listener: String, upstream: String?) -> StreamCounters? { nil }

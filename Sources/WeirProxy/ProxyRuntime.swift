@@ -72,6 +72,10 @@ final class RoutedRequest {
     let balancer: any LoadBalancer
     let pools: [TargetPool]
 
+    /// The observer's counter for this route's requests on this loop,
+    /// once found (`requestCounter(observer:)`).
+    private var counter: RequestCounter?
+
     init(route: RouteRuntime, upstream: UpstreamRuntime, forwardURI: String?, routing: LoopRouting) {
         self.route = route
         self.upstream = upstream
@@ -79,6 +83,16 @@ final class RoutedRequest {
         self.routing = routing
         self.balancer = routing.balancer(for: upstream)
         self.pools = routing.pools[upstream.index]
+    }
+
+    /// Where the request is counted when the observer wants no access
+    /// record (`LoopRouting.requestCounter`), kept here once found: the
+    /// shared `RoutedRequest` of a route (`LoopContext.route`) serves all
+    /// its requests forwarded as received, so they find it in one load.
+    func requestCounter(observer: ProxyObserver) -> RequestCounter? {
+        if let counter { return counter }
+        counter = routing.requestCounter(route: route, upstream: upstream, observer: observer)
+        return counter
     }
 
     /// `head` and `clientIP` are read for consistent_hash only: the other
@@ -157,11 +171,35 @@ final class LoopRouting {
     /// [upstream][target]
     let pools: [[TargetPool]]
     private let balancers: [LoadBalancer]
+    /// Per route, the observer's request counter for this loop (see
+    /// `requestCounter`), made on first use.
+    private var requestCounters: [RequestCounter?] = []
+    /// The observer `requestCounters` came from (a server has one).
+    private var countersObserver: ObjectIdentifier?
 
     init(runtime: ProxyRuntime, pools: [[TargetPool]]) {
         self.runtime = runtime
         self.pools = pools
         self.balancers = runtime.upstreams.map { makeBalancer(for: $0.config, health: $0.health) }
+    }
+
+    /// Where a finished request of `route` is counted when the observer
+    /// wants no access record: the observer's counter for (route name,
+    /// upstream name) on this loop, asked for once per route and kept, so
+    /// a request pays no lookup of its cell (thread-local shard, name
+    /// comparison) and copies no name. nil when the observer keeps none
+    /// (then `requestCounted` takes a sample), or for a second observer.
+    func requestCounter(route: RouteRuntime, upstream: UpstreamRuntime, observer: ProxyObserver) -> RequestCounter? {
+        let owner = ObjectIdentifier(observer)
+        if countersObserver == nil {
+            countersObserver = owner
+            requestCounters = Array(repeating: nil, count: runtime.routes.count)
+        }
+        guard owner == countersObserver else { return nil }
+        if let counter = requestCounters[route.index] { return counter }
+        guard let counter = observer.requestCounter(route: route.name, upstream: upstream.name) else { return nil }
+        requestCounters[route.index] = counter
+        return counter
     }
 
     /// tcp/tls connections have no request head: consistent_hash hashes the client IP.

@@ -83,6 +83,45 @@ final class AdminMetricsTests: XCTestCase {
         XCTAssertEqual(requests.count, 5)
     }
 
+    /// A `RequestCounter` (kept by the data path per loop and route) adds
+    /// to the same (route, upstream) cell as samples do; counters taken on
+    /// two event loops are merged at scrape like their shards.
+    func testRequestCountersAddToTheirPairsCellOnEachLoop() throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+        defer { try? group.syncShutdownGracefully() }
+        let metrics = MetricsRegistry()
+        let loops = Array(group.makeIterator())
+        var futures: [EventLoopFuture<Void>] = []
+        for loop in loops {
+            futures.append(loop.submit {
+                let counter = metrics.requestCounter(route: "api", upstream: "orders")
+                let other = metrics.requestCounter(route: "api", upstream: "billing")
+                for n in 0..<100 {
+                    counter.add(status: n % 4 == 0 ? 502 : 200, bytesIn: 5, bytesOut: 50,
+                                totalDuration: 0.003, upstreamDuration: n % 2 == 0 ? 0.002 : nil)
+                }
+                other.add(status: 404, bytesIn: 1, bytesOut: 1, totalDuration: 0.02, upstreamDuration: nil)
+                // A sample for the same pair on the same loop lands in the same cell.
+                metrics.recordRequest(RequestSample(route: "api", upstream: "orders", status: 301, bytesIn: 0, bytesOut: 0,
+                                                    totalDuration: 0.001, upstreamDuration: 0.001))
+            })
+        }
+        try EventLoopFuture.andAllSucceed(futures, on: group.next()).wait()
+
+        let requests = metrics.snapshot().requests
+        let orders = try XCTUnwrap(requests[RouteUpstreamKey(route: "api", upstream: "orders")])
+        XCTAssertEqual(orders.byStatusClass, [0, 150, 2, 0, 50])
+        XCTAssertEqual(orders.bytesIn, 1000)
+        XCTAssertEqual(orders.bytesOut, 10_000)
+        XCTAssertEqual(orders.total.count, 202)
+        XCTAssertEqual(orders.upstream.count, 102)
+        XCTAssertEqual(requests[RouteUpstreamKey(route: "api", upstream: "billing")]?.byStatusClass, [0, 0, 0, 2, 0])
+        XCTAssertEqual(requests.count, 2)
+        let text = metrics.renderPrometheus()
+        XCTAssertTrue(text.contains(#"weir_request_duration_seconds_bucket{route="api",le="0.005"} 202"#), text)
+        try Self.assertValidExposition(text)
+    }
+
     func testHistogramBucketsAreCumulativeAndCoverTheRange() throws {
         let metrics = MetricsRegistry()
         for seconds in [0.0001, 0.0005, 0.0007, 0.04, 3.0, 60.0] {

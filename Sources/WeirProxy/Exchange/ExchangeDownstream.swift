@@ -838,6 +838,10 @@ extension ExchangeDownstream {
         let upstreamDuration = exchange.upstreamStart.map { Double((now - $0).nanoseconds) / 1e9 }
         let totalDuration = Double((now - exchange.started).nanoseconds) / 1e9
         guard listener.observerWantsAccessRecords else {
+            if let counter = exchange.routed?.requestCounter(observer: observer) {
+                return counter.add(status: exchange.status, bytesIn: exchange.bytesIn, bytesOut: exchange.bytesOut,
+                                   totalDuration: totalDuration, upstreamDuration: upstreamDuration)
+            }
             return observer.requestCounted(RequestSample(
                 route: exchange.routed?.route.name, upstream: exchange.routed?.upstream.name, status: exchange.status,
                 bytesIn: exchange.bytesIn, bytesOut: exchange.bytesOut,

@@ -28,6 +28,10 @@ public final class GatewayObserver: ProxyObserver, @unchecked Sendable {
         metrics.recordRequest(sample)
     }
 
+    public func requestCounter(route: String?, upstream: String?) -> RequestCounter? {
+        metrics.requestCounter(route: route, upstream: upstream)
+    }
+
     public func connectionOpened(listener: String) {
         metrics.connectionOpened(listener: listener)
     }

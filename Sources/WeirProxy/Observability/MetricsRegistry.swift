@@ -62,6 +62,16 @@ public final class MetricsRegistry: @unchecked Sendable {
         shard.lock.unlock()
     }
 
+    /// The calling thread's cell for (route, upstream), for a caller that
+    /// records that pair's requests on this thread many times: an event
+    /// loop keeps one per route (`LoopRouting.requestCounter`), so a request
+    /// costs no thread-local lookup, name comparison or sample copy.
+    public func requestCounter(route: String?, upstream: String?) -> RequestCounter {
+        let shard = shards.current
+        let index = shard.lock.withLock { shard.cellIndex(route: route, upstream: upstream) }
+        return RequestCounter(shard: shard, index: index)
+    }
+
     public func connectionOpened(listener: String) {
         let shard = shards.current
         shard.lock.withLock { shard.connections[listener, default: ConnectionCell()].opened += 1 }
@@ -156,12 +166,18 @@ public struct RequestCell: Sendable {
     public var upstream = LatencyHistogram()
 
     mutating func add(_ record: RequestSample) {
-        let classIndex = min(max(record.status / 100, 1), 5) - 1
+        add(status: record.status, bytesIn: record.bytesIn, bytesOut: record.bytesOut,
+            totalDuration: record.totalDuration, upstreamDuration: record.upstreamDuration)
+    }
+
+    @inline(__always)
+    mutating func add(status: Int, bytesIn: Int, bytesOut: Int, totalDuration: Double, upstreamDuration: Double?) {
+        let classIndex = min(max(status / 100, 1), 5) - 1
         byStatusClass[classIndex] += 1
-        bytesIn += record.bytesIn
-        bytesOut += record.bytesOut
-        total.observe(record.totalDuration)
-        if let upstreamDuration = record.upstreamDuration { upstream.observe(upstreamDuration) }
+        self.bytesIn += bytesIn
+        self.bytesOut += bytesOut
+        total.observe(totalDuration)
+        if let upstreamDuration { upstream.observe(upstreamDuration) }
     }
 
     mutating func merge(_ other: RequestCell) {
@@ -176,6 +192,27 @@ public struct RequestCell: Sendable {
 public struct ConnectionCell: Sendable {
     public var opened = 0
     public var closed = 0
+}
+
+/// One (route, upstream) cell in one thread's shard, found once
+/// (`MetricsRegistry.requestCounter`). Cells are only ever appended to a
+/// shard, so the index stays valid; the shard's lock still guards each
+/// update (a scrape reads the shard from another thread).
+public final class RequestCounter: @unchecked Sendable {
+    private let shard: MetricsShard
+    private let index: Int
+
+    init(shard: MetricsShard, index: Int) {
+        self.shard = shard
+        self.index = index
+    }
+
+    public func add(status: Int, bytesIn: Int, bytesOut: Int, totalDuration: Double, upstreamDuration: Double?) {
+        shard.lock.lock()
+        shard.cells[index].add(status: status, bytesIn: bytesIn, bytesOut: bytesOut,
+                               totalDuration: totalDuration, upstreamDuration: upstreamDuration)
+        shard.lock.unlock()
+    }
 }
 
 final class MetricsShard {
