@@ -15,6 +15,12 @@ public enum RequestPath {
     /// with `/`, a malformed escape, or an encoded NUL.
     /// Already-normal paths (the common case) are returned without copying.
     public static func normalize(_ path: String, mergeSlashes: Bool = false) -> String? {
+        normalizeReportingChange(path, mergeSlashes: mergeSlashes)?.path
+    }
+
+    /// `normalize`, and whether that changed the path (false: `path` is
+    /// `original` itself, so a caller need not compare the two Strings).
+    public static func normalizeReportingChange(_ path: String, mergeSlashes: Bool = false) -> (path: String, changed: Bool)? {
         var path = path
         if let result = path.utf8.withContiguousStorageIfAvailable({ normalize(bytes: $0, original: path, mergeSlashes: mergeSlashes) }) {
             return result
@@ -23,9 +29,9 @@ public enum RequestPath {
         return path.utf8.withContiguousStorageIfAvailable { normalize(bytes: $0, original: path, mergeSlashes: mergeSlashes) } ?? nil
     }
 
-    private static func normalize(bytes: UnsafeBufferPointer<UInt8>, original: String, mergeSlashes: Bool) -> String? {
+    private static func normalize(bytes: UnsafeBufferPointer<UInt8>, original: String, mergeSlashes: Bool) -> (path: String, changed: Bool)? {
         guard bytes.first == UInt8(ascii: "/") else { return nil }
-        if !needsWork(bytes, mergeSlashes: mergeSlashes) { return original }
+        if !needsWork(bytes, mergeSlashes: mergeSlashes) { return (original, false) }
 
         // 1. Escapes.
         var decoded: [UInt8] = []
@@ -74,7 +80,8 @@ public enum RequestPath {
             output.append(contentsOf: segment)
         }
         if output.isEmpty { output.append(UInt8(ascii: "/")) }
-        return String(decoding: output, as: UTF8.self)
+        let normalized = String(decoding: output, as: UTF8.self)
+        return (normalized, normalized != original)
     }
 
     /// True if the path has an escape, a dot segment, or (when merging) `//`.

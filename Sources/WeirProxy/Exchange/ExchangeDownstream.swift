@@ -108,7 +108,8 @@ extension ExchangeDownstream {
     /// The exchange starts here: a complete head (any wire protocol), its
     /// body still to come through `requestBody` / `requestEnd`.
     func routeRequest(_ exchange: Exchange, head: RequestHead) {
-        if head.method == .CONNECT {
+        // The wire method: NIO's HTTPMethod compares through its rawValue String.
+        if head.wire.method == .connect {
             // A reverse proxy does not open tunnels to arbitrary authorities.
             exchange.keepAlive = false
             return rejectHead(exchange, .notImplemented, "CONNECT is not supported: Weir is a reverse proxy")
@@ -118,10 +119,11 @@ extension ExchangeDownstream {
         // (OPTIONS only: routed as `/`, forwarded as `*`).
         let uri = head.uri
         var hostHeader = head.host
-        // Compared as Strings: `Substring == "*"` is the generic
-        // StringProtocol comparison (~135 instructions, callgrind).
-        let asterisk = uri == "*"
-        let originForm = uri.utf8.first == UInt8(ascii: "/")
+        // By its bytes: `Substring == "*"` is the generic StringProtocol
+        // comparison (~135 instructions, callgrind), String == a call.
+        let firstByte = uri.utf8.first
+        let asterisk = firstByte == UInt8(ascii: "*") && uri.utf8.count == 1
+        let originForm = firstByte == UInt8(ascii: "/")
         let receivedPath: String
         let query: Substring
         if originForm, Self.queryStart(uri) == nil {
@@ -155,14 +157,14 @@ extension ExchangeDownstream {
         }
         // Route on the normalized path and forward that same path, so the
         // upstream serves exactly what was routed (no `/public/../admin`).
-        guard let path = RequestPath.normalize(receivedPath) else {
+        guard let (path, pathChanged) = RequestPath.normalizeReportingChange(receivedPath) else {
             return rejectHead(exchange, .badRequest, "malformed request path")
         }
         exchange.hostHeader = hostHeader
         // The route table ignores a port and compares case-insensitively.
         let host = hostHeader ?? ""
         // Origin-form and already normal: the target itself can be forwarded.
-        let targetIsPathAndQuery = originForm && path == receivedPath
+        let targetIsPathAndQuery = originForm && !pathChanged
         guard var routed = loopContext.route(head: head, host: host, path: path, query: query,
                                              targetIsPathAndQuery: targetIsPathAndQuery) else {
             return rejectHead(exchange, .noRoute, "no route matches \(head.method.rawValue) \(path)")
