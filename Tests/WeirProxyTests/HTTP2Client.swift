@@ -405,6 +405,9 @@ elif MODE == "stream-error":
     elif kind == "crlf-in-value": h = base + [("x-a", "1\r\nx-injected: 1")]
     elif kind == "nul-in-value": h = base + [("x-a", "1\x00")]
     elif kind == "non-token-name": h = base + [("x@a", "1")]
+    elif kind == "space-before-value": h = base + [("x-a", " 1")]
+    elif kind == "tab-after-value": h = base + [("x-a", "1\t")]
+    elif kind == "space-after-trailer-value": h = post; body = b"abc"; trailers = [("x-t", "1 ")]
     elif kind == "body-longer": h = post + [("content-length", "3")]; body = b"12345"
     elif kind == "body-shorter": h = post + [("content-length", "10")]; body = b"123"
     elif kind == "length-without-body": h = post + [("content-length", "5")]

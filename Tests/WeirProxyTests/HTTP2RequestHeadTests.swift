@@ -28,7 +28,7 @@ final class HTTP2RequestHeadTests: XCTestCase {
             (get + [("accept", "*/*"), ("cookie", "a=1"), ("x-b", ""), ("cookie", "b=2"), ("te", "trailers")], true),
             ([(":method", "POST"), (":scheme", "http"), (":path", "/up"), (":authority", "h"),
               ("content-length", "12"), ("expect", "100-continue"), ("content-type", "text/plain")], false),
-            ([(":method", "PUT"), (":scheme", "http"), (":path", "/up"), ("host", "only-host"), ("x-t", "  v\tw \t")], false),
+            ([(":method", "PUT"), (":scheme", "http"), (":path", "/up"), ("host", "only-host"), ("x-t", "v\tw  \tx")], false),
             ([(":method", "OPTIONS"), (":scheme", "http"), (":path", "*"), (":authority", "h"), ("x-u", "\u{FC}")], true),
             ([(":method", "GET"), (":scheme", "http"), (":path", "http://abs.example/x"), (":authority", "h"),
               ("host", "ignored"), ("x-forwarded-for", "10.0.0.1"), ("via", "1.1 a")], true),
@@ -70,6 +70,22 @@ final class HTTP2RequestHeadTests: XCTestCase {
         let options = try make([(":method", "OPTIONS"), (":scheme", "http"), (":path", "*"), (":authority", "h")])
         XCTAssertEqual(options.target, "*")
         XCTAssertEqual(try make(get + [("content-length", "0")]).framing, .contentLength(0))
+    }
+
+    /// RFC 9113 §8.2.1: a value that starts or ends with SP or HTAB makes
+    /// the request malformed (a stream error), in the head and in trailers;
+    /// whitespace inside a value, and an empty value, are fine.
+    func testValuesWithWhitespaceAroundThemAreMalformed() throws {
+        for value in [" 1", "1 ", "\t1", "1\t", " ", "\t \t"] {
+            XCTAssertThrowsError(try HTTP2RequestFields(list(get + [("x-a", value)])), "\(Array(value.utf8))") { error in
+                XCTAssertEqual(error as? HTTP2RequestFields.Malformed, .whitespaceAroundValue(name: "x-a"))
+            }
+            XCTAssertThrowsError(try HTTP2RequestFields.checkTrailers(list([("x-t", value)]))) { error in
+                XCTAssertEqual(error as? HTTP2RequestFields.Malformed, .whitespaceAroundValue(name: "x-t"))
+            }
+        }
+        XCTAssertNoThrow(try HTTP2RequestFields(list(get + [("x-a", "1 \t 2"), ("x-b", "")])))
+        XCTAssertNoThrow(try HTTP2RequestFields.checkTrailers(list([("x-t", "a b")])))
     }
 
     func testRefusedForTheParsersReasons() {

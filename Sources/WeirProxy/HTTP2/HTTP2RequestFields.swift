@@ -28,6 +28,8 @@ struct HTTP2RequestFields {
     enum Malformed: Error, Equatable {
         case invalidName(String)
         case invalidValue(name: String)
+        /// The value starts or ends with SP or HTAB (RFC 9113 §8.2.1).
+        case whitespaceAroundValue(name: String)
         case connectionSpecific(String)
         case teOtherThanTrailers
         case pseudoAfterRegular(String)
@@ -111,11 +113,17 @@ struct HTTP2RequestFields {
     }
 
     /// A regular field: a lower-case token name that is not connection-specific
-    /// (RFC 9113 §8.2.2), a value without NUL, CR or LF (§8.2.1). Returns
-    /// whether the value holds another control character (or DEL).
+    /// (RFC 9113 §8.2.2), a value without NUL, CR or LF and that neither
+    /// starts nor ends with SP or HTAB (§8.2.1: such a request is malformed,
+    /// so it is refused rather than trimmed and forwarded). Returns whether
+    /// the value holds another control character (or DEL).
     private static func checkRegular(name: UnsafeBufferPointer<UInt8>, value: UnsafeBufferPointer<UInt8>) throws -> Bool {
         guard isLowercaseToken(name) else { throw Malformed.invalidName(text(name)) }
         if isConnectionSpecific(name) { throw Malformed.connectionSpecific(text(name)) }
+        if let first = value.first, let last = value.last,
+           HTTP1Bytes.isWhitespace(first) || HTTP1Bytes.isWhitespace(last) {
+            throw Malformed.whitespaceAroundValue(name: text(name))
+        }
         return try checkValue(value, name: name)
     }
 
