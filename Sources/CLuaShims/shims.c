@@ -326,3 +326,41 @@ int weir_resetthread(lua_State *co) {
 }
 
 int weir_gc_count_kb(lua_State *L) { return lua_gc(L, LUA_GCCOUNT); }
+
+// collectgarbage for plugins. One state serves every plugin of an event
+// loop, and the gateway chose its collector (generational, weir_newstate):
+// a plugin may collect, step, count and ask whether it runs, but not stop
+// the collector (the state would grow to its memory cap and fail every
+// request) nor switch its mode or tuning for all the others. The error is
+// the base library's kind, at the plugin's line:
+//   handler.lua:7: bad argument #1 to 'collectgarbage' (option "stop" is not allowed in plugins: ...)
+static int guarded_collectgarbage(lua_State *L) {
+    // Lua 5.4's options, checked here so that errors name 'collectgarbage'
+    // (the base library's own function is no longer a global to name).
+    static const char *const options[] = { "collect", "count", "step", "isrunning", "restart",
+                                           "stop", "incremental", "generational", "setpause", "setstepmul", NULL };
+    static const int first_refused = 5;
+    int option = luaL_checkoption(L, 1, "collect", options);
+    if (option >= first_refused) {
+        return luaL_argerror(L, 1, lua_pushfstring(L,
+            "option \"%s\" is not allowed in plugins: the collector is the gateway's, shared by every "
+            "plugin on this event loop", options[option]));
+    }
+    lua_pushvalue(L, lua_upvalueindex(1));   // the base library's collectgarbage
+    lua_insert(L, 1);
+    lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
+    return lua_gettop(L);
+}
+
+static int install_guarded_collectgarbage(lua_State *L) {
+    lua_getglobal(L, "collectgarbage");
+    if (lua_type(L, -1) != LUA_TFUNCTION) return 0;
+    lua_pushcclosure(L, guarded_collectgarbage, 1);
+    lua_setglobal(L, "collectgarbage");
+    return 0;
+}
+
+int weir_guard_collectgarbage(lua_State *L) {
+    lua_pushcfunction(L, install_guarded_collectgarbage);
+    return lua_pcall(L, 0, 0, 0);
+}

@@ -160,6 +160,34 @@ final class Harness {
     }
 
     func onLoop<T>(_ body: @escaping () throws -> T) throws -> T { try loop.submit(body).wait() }
+
+    /// On the loop: runs `warmup` requests through the request phase of
+    /// `chain`, then `count` more, and returns how many bytes the Lua heap
+    /// grew by over those (each measured after a full collection). Request
+    /// i carries `x-n: i`; `check` sees each one's result.
+    func heapGrowth(warmup: Int, count: Int, chain: PluginChain,
+                    check: @escaping (Int, PhaseResult) -> Void = { _, _ in }) throws -> Int {
+        try onLoop {
+            func run(_ range: Range<Int>) {
+                for i in range {
+                    let req = self.newRequest()
+                    req.headers.append(("x-n", "\(i)"))
+                    let scope = self.runtime.beginRequest(req)
+                    guard case .done(let result) = scope.start(.request, chain: chain) else {
+                        return XCTFail("request \(i) did not end in its request phase")
+                    }
+                    check(i, result)
+                    scope.finish()
+                }
+            }
+            run(0..<warmup)
+            self.runtime.state.collectGarbage()
+            let baseline = self.runtime.state.bytesUsed
+            run(warmup..<(warmup + count))
+            self.runtime.state.collectGarbage()
+            return self.runtime.state.bytesUsed - baseline
+        }
+    }
 }
 
 extension PhaseResult {

@@ -137,6 +137,11 @@ int weir_traceback(lua_State *L, lua_State *co, const char *msg);
 void weir_full_gc(lua_State *L);
 /// The collector runs in generational mode (set by weir_newstate).
 int weir_gc_is_generational(lua_State *L);
+/// Replaces the global collectgarbage with one that refuses "stop",
+/// "incremental", "generational", "setpause" and "setstepmul" (the
+/// collector is shared by every plugin of the state); protected, returns a
+/// Lua status.
+int weir_guard_collectgarbage(lua_State *L);
 /// lua_gc(L, LUA_GCCOUNT): kilobytes in use as the collector counts them.
 int weir_gc_count_kb(lua_State *L);
 /// Bytes currently allocated by the state (exact, from the allocator).
