@@ -33,6 +33,12 @@ static int n_one(lua_State *L) { lua_pushinteger(L, 1); return 1; }
 static lua_Integer counter;
 static int n_incr(lua_State *L) { counter += lua_tointeger(L, 3); lua_pushinteger(L, counter); return 1; }
 static int n_previous(lua_State *L) { lua_pushinteger(L, 5); return 1; }
+/* dict:incr_get(key, delta, init, ttl, other_key): the count and the previous window's. */
+static int n_dict_incr_get(lua_State *L) { counter += lua_tointeger(L, 3); lua_pushinteger(L, counter); lua_pushinteger(L, 5); return 2; }
+
+/* clib.with_fallback (Sources/CLuaShims/shims.c) wraps a native with its Lua
+ * fallback; the stubs never need one, so the SDK function is the stub itself. */
+int weir_with_fallback(lua_State *L) { lua_pushvalue(L, 1); return 1; }
 
 static void set_native(lua_State *L, const char *name, lua_CFunction f) {
     lua_pushcfunction(L, f);
@@ -69,6 +75,7 @@ int main(int argc, char **argv) {
     set_native(L, "shared_id", n_one);
     set_native(L, "shared_incr", n_incr);
     set_native(L, "shared_get", n_previous);
+    set_native(L, "shared_dict_incr_get", n_dict_incr_get);
     /* Every other native (setters, authenticate, ...) does nothing. */
     lua_newtable(L);
     lua_pushcfunction(L, n_any);
