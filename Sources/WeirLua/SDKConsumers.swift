@@ -117,11 +117,12 @@ extension LuaRuntime {
         let tableCacheRef = state.ref()
         let recent = RecentCredentials(on: state.main)
         var n = NativeList()
-        n.append(("client_find_credential", { L in
-            guard let plugin = LuaState.bytes(at: 1, on: L), let field = LuaState.bytes(at: 2, on: L),
-                  let value = LuaState.bytes(at: 3, on: L) else {
-                lua_pushboolean(L, 0); return .values(1)   // the Lua side says which argument (lua/weir/init.lua)
-            }
+        // The SDK function itself (no Lua wrapper): any phase, so only a
+        // call outside one, or a bad argument, goes to the Lua fallback
+        // for its message (lua/weir/init.lua).
+        n.append(("client_find_credential", { [unowned(unsafe) self] L in
+            guard self.currentScope != nil, let plugin = LuaState.bytes(at: 1, on: L), let field = LuaState.bytes(at: 2, on: L),
+                  let value = LuaState.bytes(at: 3, on: L) else { return .fallback }
             guard let match = recent.match(plugin, field, value, on: L, lookup: credentials.find) else {
                 lua_pushnil(L); return .values(1)
             }

@@ -438,11 +438,15 @@ extension LuaRuntime {
         // weir.request
         n.append(("req_get_method", requestNative("weir.request.get_method") { L, _, r in LuaState.push(r.method, on: L); return .values(1) }))
         n.append(("req_get_path", requestNative("weir.request.get_path") { L, _, r in LuaState.push(r.path, on: L); return .values(1) }))
-        n.append(("req_get_raw_query", requestNative("weir.request.get_raw_query") { L, _, r in pushOptional(r.rawQuery, on: L); return .values(1) }))
+        // The SDK function itself (no Lua wrapper): "" without a query.
+        n.append(("req_get_raw_query", checkedRequestNative(PluginPhase.anyRequestPhase) { L, _, r in
+            if let query = r.rawQuery { LuaState.push(query, on: L) } else { lua_pushlstring(L, "", 0) }
+            return .values(1)
+        }))
         n.append(("req_get_host", requestNative("weir.request.get_host") { L, _, r in pushOptional(r.host, on: L); return .values(1) }))
         n.append(("req_get_scheme", requestNative("weir.request.get_scheme") { L, _, r in LuaState.push(r.scheme, on: L); return .values(1) }))
         n.append(("req_get_id", requestNative("weir.request.get_id") { L, _, r in LuaState.push(r.requestID, on: L); return .values(1) }))
-        n.append(("req_get_route", requestNative("weir.request.get_route") { L, _, r in
+        n.append(("req_get_route", checkedRequestNative(PluginPhase.anyRequestPhase) { L, _, r in
             if let route = r.matchedRouteName { recentStrings.push(route, on: L) } else { lua_pushnil(L) }
             return .values(1)
         }))
@@ -573,17 +577,40 @@ extension LuaRuntime {
             } else { lua_pushnil(L) }
             return .values(1)
         }))
-        n.append(("client_get_consumer", requestNative("weir.client.get_consumer") { L, _, r in
+        n.append(("client_get_consumer", checkedRequestNative(PluginPhase.anyRequestPhase) { L, _, r in
             if let consumer = r.consumer { recentStrings.push(consumer, on: L) } else { lua_pushnil(L) }
             return .values(1)
         }))
-        n.append(("client_authenticate", requestNative("weir.client.authenticate") { L, _, r in
-            let credentialType = lua_type(L, 2)
-            // The consumer and credential names are the same strings request
-            // after request (find_credential's result, a plugin's constant).
-            guard let consumer = headerValues.name(at: 1, on: L),
-                  credentialType == LUA_TSTRING || credentialType == LUA_TNIL || credentialType == LUA_TNONE else { return badArgument(L) }
-            r.authenticate(consumer: consumer, credential: headerValues.name(at: 2, on: L)); return .values(0)
+        // The consumer and credential names are the same strings request
+        // after request (find_credential's result, a plugin's constant).
+        func credentialName(at index: Int32, _ L: LuaThread) -> String?? {
+            switch lua_type(L, index) {
+            case LUA_TSTRING: return .some(headerValues.name(at: index, on: L))
+            case LUA_TNIL, LUA_TNONE: return .some(nil)
+            default: return nil
+            }
+        }
+        n.append(("client_authenticate", checkedRequestNative(PluginPhase.request.mask) { L, _, r in
+            guard let consumer = headerValues.name(at: 1, on: L), let credential = credentialName(at: 2, L) else { return badArgument(L) }
+            r.authenticate(consumer: consumer, credential: credential); return .values(0)
+        }))
+        // weir.client.identify(consumer, credential, anonymous): what every
+        // auth plugin does once it knows the client, in one call instead of
+        // three (authenticate, set_header x-consumer-name, and set or clear
+        // x-anonymous-consumer, which a client must not be able to send).
+        n.append(("client_identify", checkedRequestNative(PluginPhase.request.mask) { L, _, r in
+            guard let consumer = headerValues.checkedText(at: 1, on: L), let credential = credentialName(at: 2, L) else {
+                return badArgument(L)
+            }
+            r.authenticate(consumer: consumer.text, credential: credential)
+            // A name that cannot be a header value only clears, as set_header does.
+            if consumer.fits { r.setUpstreamHeader("x-consumer-name", consumer.text) } else { r.clearUpstreamHeader("x-consumer-name") }
+            if lua_toboolean(L, 3) != 0 {
+                r.setUpstreamHeader("x-anonymous-consumer", "true")
+            } else {
+                r.clearUpstreamHeader("x-anonymous-consumer")
+            }
+            return .values(0)
         }))
         n.append(("client_get_tls", scopeNative("weir.client.get_tls") { L, scope in
             if let tls = scope.context?.tls ?? scope.connection?.context.tls { pushTLSInfo(tls, on: L) } else { lua_pushnil(L) }

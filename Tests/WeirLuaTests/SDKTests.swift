@@ -115,6 +115,8 @@ final class SDKTests: XCTestCase {
           msg(function() weir.client.authenticate(1) end),
           msg(function() weir.client.authenticate("alice", 2) end),
           msg(function() weir.client.find_credential("key-auth", "key", nil) end),
+          msg(function() weir.client.identify(nil, "key-auth") end),
+          msg(function() weir.client.identify("alice", {}) end),
           msg(function() d:get(1) end),
           msg(function() d.get("k") end),
           msg(function() d:incr("n", "1") end),
@@ -153,6 +155,8 @@ final class SDKTests: XCTestCase {
             "bad argument #1 to 'weir.client.authenticate' (string expected, got number)",
             "bad argument #2 to 'weir.client.authenticate' (string or nil expected, got number)",
             "bad argument #3 to 'weir.client.find_credential' (string expected, got nil)",
+            "bad argument #1 to 'weir.client.identify' (string expected, got nil)",
+            "bad argument #2 to 'weir.client.identify' (string or nil expected, got table)",
             "bad argument #1 to 'weir.shared.get' (string expected, got number)",
             "weir.shared.get: call it as dict:get(...)",
             "bad argument #2 to 'weir.shared.incr' (number expected, got string)",
@@ -219,6 +223,37 @@ final class SDKTests: XCTestCase {
         XCTAssertEqual(body, "nil alice 10.0.0.7:51234")
         XCTAssertEqual(req.consumer, "alice")
         XCTAssertEqual(req.credential, "alice-key")
+    }
+
+    /// identify = authenticate + the upstream's X-Consumer-Name, and
+    /// X-Anonymous-Consumer set for an anonymous consumer, else removed (a
+    /// client must not be able to claim it); a consumer name that cannot be
+    /// a header value only clears X-Consumer-Name, as set_header would.
+    func testIdentifyAuthenticatesAndTellsTheUpstream() throws {
+        let (_, known, knownResult) = try requestBody("""
+        weir.client.identify("alice", "key-auth")
+        """)
+        XCTAssertEqual(knownResult, .continue)
+        XCTAssertEqual(known.consumer, "alice")
+        XCTAssertEqual(known.credential, "key-auth")
+        XCTAssertEqual(known.upstreamHeaders.map { "\($0.0)=\($0.1)" }, ["x-consumer-name=alice"])
+        XCTAssertEqual(known.clearedUpstreamHeaders, ["x-anonymous-consumer"])
+
+        let (body, anonymous, _) = try requestBody("""
+        weir.client.identify("guest", nil, true)
+        return 200, weir.client.get_consumer()
+        """)
+        XCTAssertEqual(body, "guest")
+        XCTAssertNil(anonymous.credential)
+        XCTAssertEqual(anonymous.upstreamHeaders.map { "\($0.0)=\($0.1)" }, ["x-consumer-name=guest", "x-anonymous-consumer=true"])
+        XCTAssertEqual(anonymous.clearedUpstreamHeaders, [])
+
+        let (_, odd, _) = try requestBody("""
+        weir.client.identify("bad\\r\\nname")
+        """)
+        XCTAssertEqual(odd.consumer, "bad\r\nname")
+        XCTAssertEqual(odd.upstreamHeaders.count, 0)
+        XCTAssertEqual(odd.clearedUpstreamHeaders, ["x-consumer-name", "x-anonymous-consumer"])
     }
 
     func testFindCredentialReturnsTheConsumerAndOneTablePerCredential() throws {

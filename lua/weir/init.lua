@@ -65,6 +65,13 @@ local function arg_error(fname, n, expected, got, level)
   error("bad argument #" .. n .. " to '" .. fname .. "' (" .. expected .. " expected, got " .. type(got) .. ")", level or 4)
 end
 
+-- A with_fallback native's fallback when the phase was right but no
+-- request is active (called between phases, S[1] still naming the last one).
+-- `level` as arg_error's (default 4: from a fallback's own body).
+local function no_request(fname, level)
+  error(fname .. ": no request is active (called outside a plugin phase?)", level or 4)
+end
+
 local function check_string(fname, n, v, level)
   if type(v) ~= "string" then arg_error(fname, n, "string", v, level) end
 end
@@ -110,10 +117,18 @@ function request.get_path()
   return N.req_get_path()
 end
 
+-- The native itself ("" without a query); the fallback only raises.
 local native_get_raw_query = N.req_get_raw_query
-function request.get_raw_query()
-  if not ANY_REQUEST_PHASE[S[1]] then check_phase("weir.request.get_raw_query", ANY_REQUEST_PHASE) end
-  return native_get_raw_query() or ""
+request.get_raw_query = with_fallback(native_get_raw_query, function()
+  check_phase("weir.request.get_raw_query", ANY_REQUEST_PHASE, 4)
+  no_request("weir.request.get_raw_query")
+end)
+
+-- The raw query for get_query / get_query_arg (their phase checked).
+local function raw_query(fname)
+  local raw = native_get_raw_query()
+  if raw == false then error(fname .. ": no request is active (called outside a plugin phase?)", 3) end
+  return raw
 end
 
 local function unescape(s)
@@ -145,13 +160,13 @@ end
 function request.get_query(max_args)
   check_phase("weir.request.get_query", ANY_REQUEST_PHASE)
   if max_args ~= nil then check_integer("weir.request.get_query", 1, max_args) end
-  return parse_query(N.req_get_raw_query() or "", max_args or 100)
+  return parse_query(raw_query("weir.request.get_query"), max_args or 100)
 end
 
 function request.get_query_arg(name)
   check_phase("weir.request.get_query_arg", ANY_REQUEST_PHASE)
   check_string("weir.request.get_query_arg", 1, name)
-  local v = parse_query(N.req_get_raw_query() or "")[name]
+  local v = parse_query(raw_query("weir.request.get_query_arg"))[name]
   if type(v) == "table" then return v[1] end
   return v
 end
@@ -189,11 +204,10 @@ function request.get_id()
   return N.req_get_id()
 end
 
-local native_get_route = N.req_get_route
-function request.get_route()
-  if not ANY_REQUEST_PHASE[S[1]] then check_phase("weir.request.get_route", ANY_REQUEST_PHASE) end
-  return native_get_route()
-end
+request.get_route = with_fallback(N.req_get_route, function()
+  check_phase("weir.request.get_route", ANY_REQUEST_PHASE, 4)
+  no_request("weir.request.get_route")
+end)
 
 function request.get_body(max_bytes)
   check_phase("weir.request.get_body", REWRITE_PHASES)
@@ -484,34 +498,39 @@ function client.get_tls()
   return N.client_get_tls()
 end
 
-local native_get_consumer = N.client_get_consumer
-function client.get_consumer()
-  if not ANY_REQUEST_PHASE[S[1]] then check_phase("weir.client.get_consumer", ANY_REQUEST_PHASE) end
-  return native_get_consumer()
+client.get_consumer = with_fallback(N.client_get_consumer, function()
+  check_phase("weir.client.get_consumer", ANY_REQUEST_PHASE, 4)
+  no_request("weir.client.get_consumer")
+end)
+
+-- Hot path of every auth plugin: the natives themselves; their fallbacks
+-- raise the message for a bad argument or the wrong phase.
+local function check_consumer_args(fname, consumer, credential)
+  check_phase(fname, REWRITE_PHASES, 5)
+  if type(consumer) ~= "string" then arg_error(fname, 1, "string", consumer, 5) end
+  if credential ~= nil and type(credential) ~= "string" then arg_error(fname, 2, "string or nil", credential, 5) end
+  no_request(fname, 5)
 end
 
--- Hot path of every auth plugin: the native checks (false: a bad argument).
-local native_authenticate = N.client_authenticate
-function client.authenticate(consumer, credential)
-  if S[1] ~= REQUEST then check_phase("weir.client.authenticate", REWRITE_PHASES) end
-  if native_authenticate(consumer, credential) == false then
-    if type(consumer) ~= "string" then arg_error("weir.client.authenticate", 1, "string", consumer, 3) end
-    arg_error("weir.client.authenticate", 2, "string or nil", credential, 3)
-  end
-end
+client.authenticate = with_fallback(N.client_authenticate, function(consumer, credential)
+  check_consumer_args("weir.client.authenticate", consumer, credential)
+end)
+
+-- authenticate + the upstream request's X-Consumer-Name (the consumer)
+-- and X-Anonymous-Consumer ("true" when `anonymous`, else removed: a
+-- client must not be able to send it), in one call.
+client.identify = with_fallback(N.client_identify, function(consumer, credential)
+  check_consumer_args("weir.client.identify", consumer, credential)
+end)
 
 -- Indexed lookup in consumers[].credentials[plugin] (see SDKConsumers.swift).
-local native_find_credential = N.client_find_credential
-function client.find_credential(plugin, field, value)
-  if not ANY_PHASE[S[1]] then check_phase("weir.client.find_credential", ANY_PHASE) end
-  local consumer, credential = native_find_credential(plugin, field, value)
-  if consumer == false then
-    check_string("weir.client.find_credential", 1, plugin)
-    check_string("weir.client.find_credential", 2, field)
-    check_string("weir.client.find_credential", 3, value)
-  end
-  return consumer, credential
-end
+client.find_credential = with_fallback(N.client_find_credential, function(plugin, field, value)
+  check_phase("weir.client.find_credential", ANY_PHASE, 4)
+  check_string("weir.client.find_credential", 1, plugin, 5)
+  check_string("weir.client.find_credential", 2, field, 5)
+  check_string("weir.client.find_credential", 3, value, 5)
+  no_request("weir.client.find_credential")
+end)
 
 -- Whether `name` is a configured consumer (consumers[].name); a hash lookup.
 function client.is_consumer(name)

@@ -7,9 +7,8 @@ local weir = require "weir"
 -- the request path is two table reads).
 local get_header, get_query_arg, get_raw_query, get_query, get_method =
   weir.request.get_header, weir.request.get_query_arg, weir.request.get_raw_query, weir.request.get_query, weir.request.get_method
-local clear_header, set_header, set_query =
-  weir.upstream.request.clear_header, weir.upstream.request.set_header, weir.upstream.request.set_query
-local get_consumer, authenticate, find_credential = weir.client.get_consumer, weir.client.authenticate, weir.client.find_credential
+local clear_header, set_query = weir.upstream.request.clear_header, weir.upstream.request.set_query
+local get_consumer, identify, find_credential = weir.client.get_consumer, weir.client.identify, weir.client.find_credential
 
 local KeyAuth = { PRIORITY = 1250, VERSION = "1.0.0" }
 
@@ -56,11 +55,6 @@ local function hide(conf)
   end
 end
 
-local function identify(consumer, credential_key)
-  authenticate(consumer, credential_key)
-  set_header("x-consumer-name", consumer)
-end
-
 function KeyAuth:request(conf)
   if not conf.run_on_preflight and get_method() == "OPTIONS" then return end
   -- Another auth plugin already identified the client (multiple auth with anonymous).
@@ -76,14 +70,14 @@ function KeyAuth:request(conf)
   end
   if conf.hide_credentials then hide(conf) end
 
+  -- identify: authenticate + X-Consumer-Name, and X-Anonymous-Consumer
+  -- set (anonymous) or removed (a client cannot send it), in one SDK call.
   if consumer then
     identify(consumer, "key-auth")
-    clear_header("x-anonymous-consumer")
     return
   end
   if conf.anonymous then
-    identify(conf.anonymous, nil)
-    set_header("x-anonymous-consumer", "true")
+    identify(conf.anonymous, nil, true)
     return
   end
   if not key or key == "" then return unauthorized(conf, "No API key found in request") end
