@@ -305,12 +305,13 @@ extension LuaRuntime {
         return sharedIncrement(L, options.shared.dictionary(id: id), readsOther: readsOther)
     }
 
-    /// A dictionary handle's `id`, read raw (no metamethod may run under
-    /// Swift). nil: not a dictionary handle.
+    /// A dictionary handle's id, read raw from its [1] (no metamethod may
+    /// run under Swift; lua/weir/init.lua puts it there as well as at
+    /// `id`). nil: not a dictionary handle.
+    @inline(__always)
     func sharedDictionaryID(ofTableAt index: Int32, _ L: LuaThread) -> Int? {
-        lua_pushstring(L, "id")
         defer { weir_pop(L, 1) }
-        guard lua_rawget(L, index) == LUA_TNUMBER, lua_isinteger(L, -1) != 0 else { return nil }
+        guard lua_rawgeti(L, index, 1) == LUA_TNUMBER, lua_isinteger(L, -1) != 0 else { return nil }
         return Int(lua_tointegerx(L, -1, nil))
     }
 

@@ -397,6 +397,12 @@ final class PluginHeadEditTests: PluginFolderTestCase {
         XCTAssertEqual((0..<fields.count).filter { tag.contains($0) }, [2, 74])
         XCTAssertTrue(fields.fieldSet(named: "x-absent").isEmpty)
         XCTAssertTrue(fields.fieldSet(named: "").isEmpty)
+        // weir.request.get_header's lookup: the first line of the name, in place.
+        var firstValues: [String?] = []
+        for name in ["X-TAG", "x-forwarded-for", "x-filler-69", "x-absent", ""] {
+            fields.withFirstValue(named: name) { firstValues.append($0.map { String(decoding: $0, as: UTF8.self) }) }
+        }
+        XCTAssertEqual(firstValues, ["a", "1.1.1.1", "f", nil, nil])
 
         var edits = HTTP1HeadEdits()
         XCTAssertEqual(edits.firstValue(named: "x-tag", in: fields), "a")

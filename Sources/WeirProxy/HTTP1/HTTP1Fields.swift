@@ -145,6 +145,25 @@ public struct HTTP1Fields: Sendable {
         }
     }
 
+    /// The value of the first field named `name` (ASCII case-insensitive),
+    /// read in place and handed to `body` (nil when there is none): one
+    /// pass over the index, no copy of the name (`weir.request.get_header`).
+    func withFirstValue(named name: String, _ body: (UnsafeRawBufferPointer?) -> Void) {
+        name.withContiguousUTF8 { n in
+            guard let np = n.baseAddress, n.count > 0 else { return body(nil) }
+            bytes.withUnsafeReadableBytes { raw in
+                let base = raw.baseAddress!.assumingMemoryBound(to: UInt8.self)
+                entries.withUnsafeBufferPointer { entries in
+                    for e in entries where Int(e.nameLength) == n.count
+                        && HTTP1Bytes.equalsIgnoringCase(base + Int(e.nameStart), np, n.count) {
+                        return body(UnsafeRawBufferPointer(start: base + Int(e.valueStart), count: Int(e.valueLength)))
+                    }
+                    body(nil)
+                }
+            }
+        }
+    }
+
     /// Index of the first field whose name equals `name` (ASCII case-insensitive).
     public func firstIndex(named name: String) -> Int? {
         var name = name

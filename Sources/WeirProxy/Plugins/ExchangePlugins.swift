@@ -276,8 +276,10 @@ final class ExchangePlugins: PluginRequestContext {
     var host: String? { exchange.hostHeader }
     func requestHeader(_ lowercasedName: String) -> String? { exchange.head?.headers.first(name: lowercasedName) }
     func withRequestHeader(_ lowercasedName: String, _ body: (UnsafeRawBufferPointer?) -> Void) {
-        guard let fields = exchange.head?.headers, let i = fields.firstIndex(named: lowercasedName) else { return body(nil) }
-        fields.withValueBytes(at: i) { body($0) }
+        // On the head itself: `head.headers` would copy the fields (their
+        // buffer and index retained and released per call).
+        guard let head = exchange.head else { return body(nil) }
+        head.withFirstValue(named: lowercasedName, body)
     }
     func requestHeaders() -> [(name: String, value: String)] {
         exchange.head?.headers.map { (name: $0.name.lowercased(), value: $0.value) } ?? []
@@ -372,8 +374,7 @@ final class ExchangePlugins: PluginRequestContext {
         let exchange = self.exchange!
         guard makeUpstreamEdits(), let lines = exchange.head?.fieldSet(named: name) else { return }
         noteFramingEdit(name)
-        exchange.upstreamEdits!.removeFields(named: name, lines: lines)
-        exchange.upstreamEdits!.addField(name, value)
+        exchange.upstreamEdits!.replaceFields(named: name, lines: lines, with: value)
     }
     func addUpstreamHeader(_ name: String, _ value: String) {
         guard makeUpstreamEdits() else { return }
