@@ -90,9 +90,11 @@ final class CompiledPlugin {
     let handlerRef: Int32
     /// Registry refs of the phase functions, indexed by PluginPhase.luaID.
     var phaseRefs: [Int32] = Array(repeating: LUA_NOREF, count: PluginPhase.slotCount)
-    /// Whether a phase function declares the `ctx` parameter (or is vararg):
-    /// only then is the request's `weir.ctx` table made for the call, so a
-    /// request whose plugins never touch it creates no table and ref.
+    /// Whether a phase function reads its `ctx` parameter (declared and read
+    /// in its code or captured by a nested function, from its bytecode:
+    /// CLuaShims/paramuse.c), or is vararg: only then is the request's
+    /// `weir.ctx` table made for the call, so a request whose plugins never
+    /// touch it creates no table and ref.
     var phaseTakesCtx: [Bool] = Array(repeating: true, count: PluginPhase.slotCount)
     init(definition: PluginDefinition, handlerRef: Int32) {
         self.definition = definition; self.handlerRef = handlerRef
@@ -370,10 +372,15 @@ public final class LuaRuntime {
         var takesCtx = Array(repeating: true, count: PluginPhase.slotCount)
         for phase in PluginPhase.allCases {
             if lua_getfield(L, -1, phase.rawValue) == LUA_TFUNCTION {
-                // fn(self, conf, ctx): ctx is the third parameter.
+                // fn(self, conf, ctx): ctx is the third parameter (register
+                // 2). A function that declares it but never reads it (most
+                // do) is called without it, so no table is made for it.
                 var info = lua_Debug()
                 lua_pushvalue(L, -1)
-                if lua_getinfo(L, ">u", &info) != 0 { takesCtx[phase.luaID] = info.isvararg != 0 || info.nparams >= 3 }
+                if lua_getinfo(L, ">u", &info) != 0 {
+                    takesCtx[phase.luaID] = info.isvararg != 0
+                        || (info.nparams >= 3 && weir_function_reads_param(L, -1, 2) != 0)
+                }
                 refs[phase.luaID] = state.ref()
             } else {
                 state.pop()

@@ -99,6 +99,12 @@ void weir_watchdog_set_tick(uint64_t nanoseconds);
 /// results of the plugin that returned a non-nil first one (check_exit).
 /// `chain_entry` names the entry it stopped in (exit, error or yield).
 int weir_chain_runner(lua_State *L);
+/// Whether the function at `index` may read its parameter number `param`
+/// (0-based register: fn(self, conf, ctx) has ctx at 2), from its bytecode
+/// (paramuse.c). 0 only when it provably never does: its code never reads
+/// the register and no nested function captures it. 1 for C functions,
+/// unknown opcodes or dump formats. Does not raise.
+int weir_function_reads_param(lua_State *L, int index, int param);
 /// CLOCK_MONOTONIC in nanoseconds (the clock of chain_marks).
 uint64_t weir_monotonic_ns(void);
 /// Makes room for `count` start times in chain_marks. 0 if out of memory.

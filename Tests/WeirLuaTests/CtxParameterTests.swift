@@ -1,0 +1,123 @@
+import CLua
+import CLuaShims
+import XCTest
+@testable import WeirLua
+
+/// A phase function that declares `ctx` but never reads it is called
+/// without it (CLuaShims/paramuse.c reads its bytecode once, at load), so a
+/// request whose plugins leave ctx alone makes no table. Every way of
+/// reading the parameter must still count as a read: a miss would hand the
+/// plugin nil instead of the request's table.
+final class CtxParameterTests: XCTestCase {
+    /// What weir_function_reads_param says about parameter 2 of `function(self, conf, ctx) <body> end`.
+    private func readsCtx(_ body: String, file: StaticString = #filePath, line: UInt = #line) throws -> Bool {
+        let state = try LuaState()
+        try state.load("return function(self, conf, ctx)\n\(body)\nend", chunkName: "=t")
+        try state.pcall(nargs: 0, nresults: 1)
+        defer { state.pop() }
+        return weir_function_reads_param(state.main, -1, 2) != 0
+    }
+
+    func testBodiesThatNeverReadCtx() throws {
+        for body in [
+            "",
+            "local x = conf.a",
+            "weir.log.info(conf.name, self.VERSION)",
+            "local t = { 1, 2, conf }; return #t",
+            "for i = 1, 3 do conf[i] = i end",
+            "for k, v in pairs(conf) do print(k, v) end",
+            "local f = function(a) return a + 1 end; return f(2)",
+            "local n = 0; local f = function() n = n + 1 end; f()",
+            "ctx = nil",                           // written, never read
+            "if conf.x then return 403, 'no' end",
+            "return conf.a .. conf.b, select('#', 1, 2)",
+        ] {
+            XCTAssertFalse(try readsCtx(body), body)
+        }
+    }
+
+    func testEveryKindOfReadCounts() throws {
+        for body in [
+            "ctx.a = 1",
+            "local x = ctx.a",
+            "local x = ctx[conf.k]",
+            "ctx[conf.k] = conf.v",
+            "ctx[1] = 2",
+            "local x = ctx[1]",
+            "local c = ctx",
+            "return ctx",
+            "return 1, ctx",
+            "print(ctx)",
+            "print(conf, ctx)",
+            "conf.f(ctx)",
+            "return conf.f(ctx)",
+            "ctx:method()",
+            "local n = #ctx",
+            "if ctx then return end",
+            "if ctx == conf then return end",
+            "if ctx == 1 then return end",
+            "if ctx < 2 then return end",
+            "local s = 'a' .. ctx",
+            "local s = ctx .. 'a'",
+            "local t = { ctx }",
+            "local t = { x = ctx }",
+            "conf.x = ctx",
+            "saved = ctx",
+            "local n = ctx + 1",
+            "local n = 1 + ctx",
+            "local n = -ctx",
+            "local b = not ctx",
+            "local x = ctx or {}",
+            "for k, v in pairs(ctx) do end",
+            "for k, v in next, ctx do end",
+            "for i = ctx, 3 do end",
+            "local f = function() return ctx end",
+            "local f = function() ctx = 1 end",
+            "local f = function() return function() return ctx.a end end",
+            "local x <close> = ctx",
+        ] {
+            XCTAssertTrue(try readsCtx(body), body)
+        }
+    }
+
+    func testCFunctionsAndNonFunctionsCountAsReading() throws {
+        let state = try LuaState()
+        lua_pushcclosure(state.main, weir_chain_runner, 0)
+        XCTAssertNotEqual(weir_function_reads_param(state.main, -1, 2), 0)
+        lua_pushinteger(state.main, 1)
+        XCTAssertNotEqual(weir_function_reads_param(state.main, -1, 2), 0)
+        state.pop(2)
+        XCTAssertEqual(state.top, 0)
+    }
+
+    /// Through a chain: a plugin that declares ctx without reading it, then
+    /// one that fills it, then one that reads it as its argument and one
+    /// through weir.ctx: all see the same table.
+    func testChainSharesCtxWhenSomePluginsSkipIt() throws {
+        let h = Harness()
+        h.folder.add("idle", handler: """
+        return { PRIORITY = 4, VERSION = "1", request = function(self, conf, ctx) end }
+        """)
+        h.folder.add("filler", handler: """
+        return { PRIORITY = 3, VERSION = "1", request = function(self, conf, ctx) ctx.trail = "a" end }
+        """)
+        h.folder.add("reader", handler: """
+        return { PRIORITY = 2, VERSION = "1", request = function(self, conf, ctx) ctx.trail = ctx.trail .. "b" end }
+        """)
+        h.folder.add("sdkreader", handler: """
+        return { PRIORITY = 1, VERSION = "1", request = function(self, conf, ctx)
+          weir.upstream.request.set_header("x-trail", weir.ctx.trail .. "c")
+        end }
+        """)
+        try h.load(["idle", "filler", "reader", "sdkreader"])
+        let chain = try h.chain("idle", "filler", "reader", "sdkreader")
+        XCTAssertEqual(chain.byPhase[PluginPhase.request.luaID].map { $0.plugin.phaseTakesCtx[PluginPhase.request.luaID] },
+                       [false, true, true, false])
+        let idleOnly = try h.chain("idle")
+        XCTAssertFalse(idleOnly.phaseTakesCtx[PluginPhase.request.luaID])
+        let request = h.newRequest()
+        let results = try h.runRequest(chain, request: request)
+        guard case .continue = results[0] else { return XCTFail("\(results)") }
+        XCTAssertEqual(request.upstreamHeaders.map { "\($0.0)=\($0.1)" }, ["x-trail=abc"])
+    }
+}
