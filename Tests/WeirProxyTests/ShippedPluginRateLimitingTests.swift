@@ -119,6 +119,25 @@ final class ShippedPluginRateLimitingTests: UpstreamTestCase {
         XCTAssertEqual(try admitted(at: 1010.0, tries: 15), 10, "after a quiet window the full limit again")
     }
 
+    /// RateLimit-Remaining is the limit minus the sliding estimate, rounded
+    /// down; RateLimit-Reset the whole seconds to the window's end, rounded
+    /// up, from a clock between whole seconds.
+    func testRemainingAndResetBetweenWholeSeconds() throws {
+        let proxy = try start("{ minute: 10 }")
+        defer { proxy.stop() }
+        let client = try proxy.connect()
+        for _ in 0..<6 { XCTAssertEqual(try get(client, at: 6059.0).status, 200) }
+        // 6 * (60 - 30.25) / 60 + 1 = 3.975 -> 6 left; 29.75 s to 6120 -> 30.
+        let middle = try get(client, at: 6090.25)
+        XCTAssertEqual(middle.header("ratelimit-remaining"), "6")
+        XCTAssertEqual(middle.header("x-ratelimit-remaining-minute"), "6")
+        XCTAssertEqual(middle.header("ratelimit-reset"), "30")
+        // 6 * 0.1 / 60 + 2 = 2.01 -> 7 left; 0.1 s to the end -> 1.
+        let late = try get(client, at: 6119.9)
+        XCTAssertEqual(late.header("ratelimit-remaining"), "7")
+        XCTAssertEqual(late.header("ratelimit-reset"), "1")
+    }
+
     /// Two event loops, many concurrent clients: exactly the limit passes.
     func testExactAcrossEventLoops() throws {
         let proxy = try start("{ hour: 50, limit_by: ip }", workers: 2)

@@ -71,6 +71,7 @@ int main(int argc, char **argv) {
     set_native(L, "req_get_route", n_route);
     set_native(L, "client_find_credential", n_consumer);
     set_native(L, "client_get_consumer", n_consumer);
+    set_native(L, "client_identify", n_none);
     set_native(L, "client_get_ip", n_ip);
     set_native(L, "shared_id", n_one);
     set_native(L, "shared_incr", n_incr);

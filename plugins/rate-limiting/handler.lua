@@ -61,7 +61,7 @@ local function conf_state(conf)
   local st = { periods = periods, n = #periods, clients = {}, client_count = 0,
                by_header = conf.limit_by == "header", by_route = conf.limit_by == "route",
                by_consumer = conf.limit_by == "consumer", redis = conf.policy == "redis",
-               counts = {}, prevs = {}, remaining = {} }
+               counts = {}, prevs = {}, estimates = {}, remaining = {} }
   per_conf[conf] = st
   return st
 end
@@ -127,11 +127,19 @@ local function window_keys(keys, i, p, start)
   return k
 end
 
--- policy local: counters in a weir.shared dictionary. Fills counts[i] and
--- prevs[i]; returns the index of the refused period (its increment and the
--- other periods' given back) or false, or nil, err when the counters cannot
--- be used.
-local function count_local(conf, st, keys, now, counts, prevs)
+-- The sliding estimate of period p's last `window` seconds with this
+-- request: `prev` in the previous window weighted by what of it the last
+-- `window` seconds still cover, plus `count` in the current one.
+local function estimate(p, k, now, count, prev)
+  local window = p.window
+  return prev * (window - (now - k.start)) / window + count
+end
+
+-- policy local: counters in a weir.shared dictionary. Fills counts[i],
+-- prevs[i] and estimates[i]; returns the index of the refused period (its
+-- increment and the other periods' given back) or false, or nil, err when
+-- the counters cannot be used.
+local function count_local(conf, st, keys, now, counts, prevs, estimates)
   local dict = st.dict
   if not dict then
     dict = weir.shared[conf.dictionary]
@@ -150,9 +158,11 @@ local function count_local(conf, st, keys, now, counts, prevs)
       return nil, "counter update failed: " .. tostring(prev)
     end
     prev = prev and tonumber(prev) or 0
-    counts[i], prevs[i] = count, prev
+    -- estimate() inlined: this runs on every request.
     local window = p.window
-    if not refused and prev * (window - (now - k.start)) / window + count > p.limit then refused = i end
+    local e = prev * (window - (now - k.start)) / window + count
+    counts[i], prevs[i], estimates[i] = count, prev, e
+    if not refused and e > p.limit then refused = i end
   end
   if refused then
     for i = 1, st.n do dict:incr(keys[i].key, -1) end
@@ -183,7 +193,7 @@ table.insert(out, 1, refused)
 return out
 ]]
 
-local function count_redis(conf, st, keys, now, counts, prevs)
+local function count_redis(conf, st, keys, now, counts, prevs, estimates)
   local r = conf.redis or {}
   local red = weir.redis.connect{ host = r.host, port = r.port, database = r.database,
                                   username = r.username, password = r.password, timeout = r.timeout }
@@ -201,13 +211,16 @@ local function count_redis(conf, st, keys, now, counts, prevs)
   for i = 1, st.n do
     counts[i] = tonumber(reply[2 * i])
     prevs[i] = tonumber(reply[2 * i + 1])
+    estimates[i] = estimate(st.periods[i], keys[i], now, counts[i], prevs[i])
   end
   return reply[1] > 0 and reply[1] or false
 end
 
 function RateLimiting:request(conf)
   local st = per_conf[conf] or conf_state(conf)
-  local route, id = get_route() or "", identifier(conf, st)
+  local route, id = get_route() or "", nil
+  -- The default limit_by without the call to identifier().
+  if st.by_consumer then id = get_consumer() or get_ip() else id = identifier(conf, st) end
   local clients = st.clients[route]
   local keys = clients and clients[id] or new_client_keys(st, conf, route, id)
   local now = weir.time.now()
@@ -220,13 +233,13 @@ function RateLimiting:request(conf)
     if not k or k.start ~= start then window_keys(keys, i, p, start) end
   end
 
-  local counts, prevs, refused, err
+  local counts, prevs, estimates, refused, err
   if st.redis then
-    counts, prevs = {}, {}
-    refused, err = count_redis(conf, st, keys, now, counts, prevs)
+    counts, prevs, estimates = {}, {}, {}
+    refused, err = count_redis(conf, st, keys, now, counts, prevs, estimates)
   else
-    counts, prevs = st.counts, st.prevs
-    refused, err = count_local(conf, st, keys, now, counts, prevs)
+    counts, prevs, estimates = st.counts, st.prevs, st.estimates
+    refused, err = count_local(conf, st, keys, now, counts, prevs, estimates)
   end
   if refused == nil then
     if conf.fault_tolerant then
@@ -245,14 +258,19 @@ function RateLimiting:request(conf)
       if refused then
         remaining[i] = 0
       else
-        local p = periods[i]
-        local window = p.window
-        remaining[i] = max(0, floor(p.limit - (prevs[i] * (window - (now - keys[i].start)) / window + counts[i])))
-        if remaining[i] < remaining[tightest] then tightest = i end
+        -- limit - estimate floored, as an integer (`// 1` floors, `| 0`
+        -- makes the whole float an integer: no math.floor call), >= 0.
+        local r = (periods[i].limit - estimates[i]) // 1 | 0
+        if r < 0 then r = 0 end
+        remaining[i] = r
+        if r < remaining[tightest] then tightest = i end
       end
     end
     local p = periods[tightest]
-    local reset = small_text[max(1, ceil(p.window - (now - keys[tightest].start)))]
+    -- Seconds to the end of the window, ceil(end - now), counted from the
+    -- whole second: with `now` in [second, second + 1) that is
+    -- end - second, an integer from 1 to the window's length.
+    local reset = small_text[keys[tightest].start + p.window - second]
     if n == 1 then
       set_headers(p.limit_header, p.limit_text, p.remaining_header, remaining[1],
                   "ratelimit-limit", p.limit_text, "ratelimit-remaining", remaining[1], "ratelimit-reset", reset)
