@@ -275,6 +275,15 @@ final class ListenerRuntime: Sendable {
     }
 }
 
+/// What `LoopContext.routeAsReceived` found for a request target.
+enum TargetRouting {
+    case routed(RoutedRequest)
+    case noRoute
+    /// Not the usual target (absolute form, `*`, a query, a path to
+    /// normalize): route it as a String.
+    case notPlain
+}
+
 /// Per-event-loop state: the current routing (pools, balancers), request
 /// ids and the live connections (for drain). Only touched on its own loop,
 /// so no locks.
@@ -333,16 +342,40 @@ final class LoopContext: @unchecked Sendable {
         guard let match = runtime.routeTable.matchIndex(method: head.method.rawValue, host: host, path: path,
                                                         headers: RequestHeadLookup(head: head)) else { return nil }
         if targetIsPathAndQuery && match.forwardPath == path {
-            if let shared = routedAsReceived[match.routeIndex] { return shared }
-            let shared = RoutedRequest(route: runtime.routes[match.routeIndex], upstream: runtime.upstream(forRoute: match.routeIndex),
-                                       forwardURI: nil, routing: routing)
-            routedAsReceived[match.routeIndex] = shared
-            return shared
+            return sharedRoutedRequest(routing: routing, routeIndex: match.routeIndex)
         }
         var forward = match.forwardPath
         if !query.isEmpty { forward += query }
         return RoutedRequest(route: runtime.routes[match.routeIndex], upstream: runtime.upstream(forRoute: match.routeIndex),
                              forwardURI: forward, routing: routing)
+    }
+
+    /// `route` for the usual request target, an origin-form path without
+    /// a query that normalizing leaves as it is, routed by its bytes (no
+    /// String of the target): `.notPlain` for any other target (the caller
+    /// routes it as a String).
+    func routeAsReceived(head: RequestHead, host: String, target: UnsafeBufferPointer<UInt8>) -> TargetRouting {
+        guard RequestPath.isNormal(target), target.firstIndex(of: UInt8(ascii: "?")) == nil else { return .notPlain }
+        let routing = self.routing
+        let runtime = routing.runtime
+        guard let match = runtime.routeTable.matchIndex(method: head.method.rawValue, host: host, pathBytes: target,
+                                                        headers: RequestHeadLookup(head: head)) else { return .noRoute }
+        if case .rewritten(let forward) = match.forwardPath, !forward.utf8.elementsEqual(target) {
+            return .routed(RoutedRequest(route: runtime.routes[match.routeIndex], upstream: runtime.upstream(forRoute: match.routeIndex),
+                                         forwardURI: forward, routing: routing))
+        }
+        return .routed(sharedRoutedRequest(routing: routing, routeIndex: match.routeIndex))
+    }
+
+    /// The `RoutedRequest` of `routeIndex`'s requests forwarded with their
+    /// own target, made on first use (`routedAsReceived`).
+    private func sharedRoutedRequest(routing: LoopRouting, routeIndex: Int) -> RoutedRequest {
+        if let shared = routedAsReceived[routeIndex] { return shared }
+        let runtime = routing.runtime
+        let shared = RoutedRequest(route: runtime.routes[routeIndex], upstream: runtime.upstream(forRoute: routeIndex),
+                                   forwardURI: nil, routing: routing)
+        routedAsReceived[routeIndex] = shared
+        return shared
     }
 
     private static func poolKey(_ upstream: UpstreamConfig, _ target: TargetConfig) -> String {

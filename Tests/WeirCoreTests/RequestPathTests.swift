@@ -29,6 +29,26 @@ final class RequestPathTests: XCTestCase {
         XCTAssertNil(RequestPath.normalize(""))
     }
 
+    /// `isNormal` (the data path's check before routing a target by its
+    /// bytes) and `normalizeReportingChange` agree with `normalize`.
+    func testIsNormalAndReportedChangeAgreeWithNormalize() {
+        let paths = ["/", "/orders", "/orders/1/items", "/a.b/c..d/.e", "/files/", "/a//b", "/public/../admin", "/a/./b",
+                     "/a/b/..", "/a/.", "/..", "/.", "/%7Euser", "/a%2fb", "/%41", "/bad%2", "/nul%00", "relative", "",
+                     "/...", "/a/...", "//a///b/", "/a/b/c/"]
+        for path in paths {
+            for merge in [false, true] {
+                let normalized = RequestPath.normalize(path, mergeSlashes: merge)
+                let reported = RequestPath.normalizeReportingChange(path, mergeSlashes: merge)
+                XCTAssertEqual(reported?.path, normalized, path)
+                XCTAssertEqual(reported?.changed, normalized.map { $0 != path }, path)
+                let normal = Array(path.utf8).withUnsafeBufferPointer { RequestPath.isNormal($0, mergeSlashes: merge) }
+                // Normal bytes normalize to themselves; escapes always take the String path.
+                if normal { XCTAssertEqual(normalized, path, "\(path) merge: \(merge)") }
+                if !path.contains("%") { XCTAssertEqual(normal, normalized == path, "\(path) merge: \(merge)") }
+            }
+        }
+    }
+
     func testMergeSlashes() {
         XCTAssertEqual(RequestPath.normalize("//a///b/", mergeSlashes: true), "/a/b/")
         XCTAssertEqual(RequestPath.normalize("/a//../b", mergeSlashes: true), "/b")

@@ -215,7 +215,52 @@ final class RouteTableTests: XCTestCase {
             let expected = ReferenceMatcher.match(routes, method: method, host: host, path: path)
             XCTAssertEqual(table.match(method: method, host: host, path: path, headers: [String: String]())?.routeIndex, expected,
                            "\(method) \(host) \(path)")
+            XCTAssertEqual(byBytes(table, method: method, host: host, path: path)?.routeIndex, expected, "bytes: \(method) \(host) \(path)")
         }
+    }
+
+    /// `matchIndex(pathBytes:)` (the data path's usual target, routed as
+    /// bytes) picks the route the String lookup picks and forwards the
+    /// same path: `.asReceived` exactly when the String lookup returns the
+    /// path it was given unchanged by strip/rewrite.
+    func testBytesLookupAgreesWithStringLookup() throws {
+        let table = try RouteTable(routes: [
+            route("strip", paths: ["/svc"], strip: true),
+            route("strip-slash", paths: ["/api/"], strip: true),
+            route("strip-exact", paths: ["= /health"], strip: true),
+            route("fixed", paths: ["/old"], rewrite: "/new"),
+            route("regex", paths: ["~ ^/u/(\\w+)/p/(\\d+)$"], rewrite: "/posts/$2?user=$1"),
+            route("regex-strip", paths: ["~ ^/v\\d+"], strip: true),
+            route("regex-keep", hosts: ["r.example"], paths: ["~ ^/r/\\d+$"]),
+            route("keep", paths: ["/keep"]),
+            route("host", hosts: ["*.example.com"], paths: ["/"]),
+            route("post", paths: ["/keep/post"], methods: ["POST"]),
+        ])
+        let paths = ["/svc", "/svc/a/b", "/svcx", "/api/x", "/api/", "/health", "/old/anything", "/u/bob/p/7",
+                     "/v2/items", "/v2", "/keep/me", "/keep/post", "/r/12", "/r/x", "/", "/nothing", "/café"]
+        for host in ["h", "a.example.com", "r.example", "R.Example:8080"] {
+            for method in ["GET", "POST"] {
+                for path in paths {
+                    let string = table.matchIndex(method: method, host: host, path: path, headers: [String: String]())
+                    let bytes = byBytes(table, method: method, host: host, path: path)
+                    XCTAssertEqual(bytes?.routeIndex, string?.routeIndex, "\(method) \(host) \(path)")
+                    switch bytes?.forwardPath {
+                    case .asReceived?: XCTAssertEqual(string?.forwardPath, path, "\(method) \(host) \(path)")
+                    case .rewritten(let forward)?: XCTAssertEqual(string?.forwardPath, forward, "\(method) \(host) \(path)")
+                    case nil: XCTAssertNil(string)
+                    }
+                }
+            }
+        }
+        XCTAssertEqual(byBytes(table, method: "GET", host: "h", path: "/svc/a")?.forwardPath, .rewritten("/a"))
+        XCTAssertEqual(byBytes(table, method: "GET", host: "h", path: "/keep/me")?.forwardPath, .asReceived)
+        XCTAssertEqual(byBytes(table, method: "GET", host: "r.example", path: "/r/12")?.forwardPath, .asReceived)
+        XCTAssertEqual(byBytes(table, method: "GET", host: "h", path: "/u/bob/p/7")?.forwardPath, .rewritten("/posts/7?user=bob"))
+    }
+
+    private func byBytes(_ table: RouteTable, method: String, host: String, path: String) -> (routeIndex: Int, forwardPath: ForwardPath)? {
+        let bytes = Array(path.utf8)
+        return bytes.withUnsafeBufferPointer { table.matchIndex(method: method, host: host, pathBytes: $0, headers: [String: String]()) }
     }
 }
 

@@ -18,6 +18,14 @@ public enum RequestPath {
         normalizeReportingChange(path, mergeSlashes: mergeSlashes)?.path
     }
 
+    /// True when `normalize` would return these bytes unchanged: they
+    /// start with `/` and have no escape or dot segment (or, with
+    /// `mergeSlashes`, no `//`). Lets a caller that has the bytes route
+    /// them without making a String first.
+    public static func isNormal(_ bytes: UnsafeBufferPointer<UInt8>, mergeSlashes: Bool = false) -> Bool {
+        bytes.first == UInt8(ascii: "/") && !needsWork(bytes, mergeSlashes: mergeSlashes)
+    }
+
     /// `normalize`, and whether that changed the path (false: `path` is
     /// `original` itself, so a caller need not compare the two Strings).
     public static func normalizeReportingChange(_ path: String, mergeSlashes: Bool = false) -> (path: String, changed: Bool)? {

@@ -39,6 +39,14 @@ extension Dictionary: RouteHeaderLookup where Key == String, Value == String {
     public func firstValue(forLowercasedName name: String) -> String? { self[name] }
 }
 
+/// Where a matched route sends the request's path.
+public enum ForwardPath: Equatable, Sendable {
+    /// The path as the request has it (no strip_path / rewrite_path change).
+    case asReceived
+    /// Another path (strip_path, rewrite_path); may equal the received one.
+    case rewritten(String)
+}
+
 public struct RouteMatch: Sendable {
     public let routeIndex: Int
     public let route: RouteConfig
@@ -146,10 +154,26 @@ public final class RouteTable: @unchecked Sendable {
             }
         }
         guard let found = found else { return nil }
+        switch found.forwardPath {
+        case .asReceived: return (found.route, path)
+        case .rewritten(let forward): return (found.route, forward)
+        }
+    }
+
+    /// `matchIndex` for a path the caller has as bytes (a request target
+    /// read in place): no String is made of it unless a regex is tried or
+    /// strip_path / rewrite_path computes a new one.
+    public func matchIndex<H: RouteHeaderLookup>(method: String, host: String, pathBytes: UnsafeBufferPointer<UInt8>,
+                                                 headers: H) -> (routeIndex: Int, forwardPath: ForwardPath)? {
+        guard let found = matchContiguous(method: method, host: host, path: nil, pathBytes: pathBytes, headers: headers) else {
+            return nil
+        }
         return (found.route, found.forwardPath)
     }
 
-    private func matchContiguous<H: RouteHeaderLookup>(method: String, host: String, path: String,
+    /// `path`: the path as a String when the caller has one (else made
+    /// from `pathBytes` where a String is needed: `RequestView.path`).
+    private func matchContiguous<H: RouteHeaderLookup>(method: String, host: String, path: String?,
                                                        pathBytes: UnsafeBufferPointer<UInt8>, headers: H) -> Found? {
         // Hash every candidate prefix of the path once: at each '/' the
         // prefix before it (`/orders` style) and the prefix including it
@@ -169,7 +193,7 @@ public final class RouteTable: @unchecked Sendable {
                 }
             }
             let fullHash = hash
-            let request = RequestView(method: method, path: path, pathBytes: pathBytes, fullHash: fullHash,
+            let request = RequestView(method: method, knownPath: path, pathBytes: pathBytes, fullHash: fullHash,
                                       probes: UnsafeBufferPointer(rebasing: probes[0..<count]))
             return withHostBuckets(host) { bucketIndex in
                 matchInBucket(buckets[bucketIndex], request, headers)
@@ -229,7 +253,7 @@ public final class RouteTable: @unchecked Sendable {
         if let range = bucket.exactPaths.find(hash: request.fullHash, bytes: request.pathBytes, length: request.pathBytes.count) {
             for index in range where conditionsMatch(bucket.pathCandidates[index], request, headers) {
                 let candidate = bucket.pathCandidates[index]
-                return makeMatch(candidate.route, forwardPath: forwardPathForExact(candidate.route, request.path))
+                return makeMatch(candidate.route, forwardPath: forwardPathForExact(candidate.route))
             }
         }
         // 2. Regexes: indexed ones whose literal directory prefixes the path, then unanchored ones.
@@ -240,8 +264,9 @@ public final class RouteTable: @unchecked Sendable {
                     if let current = best?.candidate, !candidate.outranks(current) { break }   // groups are sorted
                     guard conditions[candidate.route].matches(request.method, headers) else { continue }
                     // NSRegularExpression ranges count UTF-16 code units.
-                    let nsRange = NSRange(location: 0, length: request.path.utf16.count)
-                    if let result = candidate.regex.firstMatch(in: request.path, options: [], range: nsRange) {
+                    let path = request.path
+                    let nsRange = NSRange(location: 0, length: path.utf16.count)
+                    if let result = candidate.regex.firstMatch(in: path, options: [], range: nsRange) {
                         best = (candidate, result)
                         break
                     }
@@ -264,14 +289,14 @@ public final class RouteTable: @unchecked Sendable {
         if let range = bucket.prefixPaths.find(hash: request.fullHash, bytes: request.pathBytes, length: request.pathBytes.count) {
             for index in range where conditionsMatch(bucket.pathCandidates[index], request, headers) {
                 let candidate = bucket.pathCandidates[index]
-                return makeMatch(candidate.route, forwardPath: forwardPathForPrefix(candidate.route, request.path, prefixLength: request.pathBytes.count))
+                return makeMatch(candidate.route, forwardPath: forwardPathForPrefix(candidate.route, request.pathBytes, prefixLength: request.pathBytes.count))
             }
         }
         for probe in request.probes.reversed() {
             if let range = bucket.prefixPaths.find(hash: probe.hash, bytes: request.pathBytes, length: probe.length) {
                 for index in range where conditionsMatch(bucket.pathCandidates[index], request, headers) {
                     let candidate = bucket.pathCandidates[index]
-                    return makeMatch(candidate.route, forwardPath: forwardPathForPrefix(candidate.route, request.path, prefixLength: probe.length))
+                    return makeMatch(candidate.route, forwardPath: forwardPathForPrefix(candidate.route, request.pathBytes, prefixLength: probe.length))
                 }
             }
         }
@@ -286,31 +311,31 @@ public final class RouteTable: @unchecked Sendable {
 
     // MARK: Forward path
 
-    private func makeMatch(_ routeIndex: Int, forwardPath: String) -> Found {
+    private func makeMatch(_ routeIndex: Int, forwardPath: ForwardPath) -> Found {
         Found(route: routeIndex, forwardPath: forwardPath)
     }
 
-    private func forwardPathForExact(_ routeIndex: Int, _ path: String) -> String {
+    private func forwardPathForExact(_ routeIndex: Int) -> ForwardPath {
         let route = routes[routeIndex]
-        if let rewrite = route.rewritePath { return rewrite }
-        return route.stripPath ? "/" : path
+        if let rewrite = route.rewritePath { return .rewritten(rewrite) }
+        return route.stripPath ? .rewritten("/") : .asReceived
     }
 
-    private func forwardPathForPrefix(_ routeIndex: Int, _ path: String, prefixLength: Int) -> String {
+    private func forwardPathForPrefix(_ routeIndex: Int, _ pathBytes: UnsafeBufferPointer<UInt8>, prefixLength: Int) -> ForwardPath {
         let route = routes[routeIndex]
-        if let rewrite = route.rewritePath { return rewrite }
-        guard route.stripPath else { return path }
-        let rest = path.utf8.dropFirst(prefixLength)
-        if rest.first == UInt8(ascii: "/") { return String(Substring(rest)) }
-        return "/" + String(Substring(rest))
+        if let rewrite = route.rewritePath { return .rewritten(rewrite) }
+        guard route.stripPath else { return .asReceived }
+        let rest = UnsafeBufferPointer(rebasing: pathBytes[prefixLength...])
+        if rest.first == UInt8(ascii: "/") { return .rewritten(String(decoding: rest, as: UTF8.self)) }
+        return .rewritten("/" + String(decoding: rest, as: UTF8.self))
     }
 
-    private func forwardPathForRegex(_ routeIndex: Int, _ path: String, _ result: NSTextCheckingResult) -> String {
+    private func forwardPathForRegex(_ routeIndex: Int, _ path: String, _ result: NSTextCheckingResult) -> ForwardPath {
         let route = routes[routeIndex]
-        if let rewrite = route.rewritePath { return RouteRewrite.expand(rewrite, captures: result, in: path) }
-        guard route.stripPath, result.range.location == 0 else { return path }
+        if let rewrite = route.rewritePath { return .rewritten(RouteRewrite.expand(rewrite, captures: result, in: path)) }
+        guard route.stripPath, result.range.location == 0 else { return .asReceived }
         let rest = (path as NSString).substring(from: result.range.length)
-        return rest.hasPrefix("/") ? rest : "/" + rest
+        return .rewritten(rest.hasPrefix("/") ? rest : "/" + rest)
     }
 }
 
@@ -320,7 +345,7 @@ public final class RouteTable: @unchecked Sendable {
 /// through the closure layers of a lookup.
 struct Found {
     var route: Int
-    var forwardPath: String
+    var forwardPath: ForwardPath
 }
 
 struct PrefixProbe {
@@ -330,10 +355,15 @@ struct PrefixProbe {
 
 struct RequestView {
     let method: String
-    let path: String
+    /// The path as a String when the caller had one.
+    let knownPath: String?
     let pathBytes: UnsafeBufferPointer<UInt8>
     let fullHash: UInt64
     let probes: UnsafeBufferPointer<PrefixProbe>
+
+    /// The path as a String (regexes and their rewrites): made from the
+    /// bytes when the caller routed by bytes.
+    var path: String { knownPath ?? String(decoding: pathBytes, as: UTF8.self) }
 }
 
 /// Method and header conditions of one route.

@@ -16,8 +16,11 @@ import WeirCore
 final class RequestHead {
     let method: HTTPMethod
     let version: HTTPVersion
-    /// The request target as received (origin or absolute form).
-    let uri: String
+    /// The request target as received (origin or absolute form). Made on
+    /// first use: the usual target is routed by its bytes
+    /// (`withTargetBytes`), and only plugins, logs and the unusual targets
+    /// need it as a String.
+    private(set) lazy var uri: String = wire.target
     /// The wire head's fields (not a second stored copy: that would be two
     /// more references to retain and release per request).
     var headers: HTTP1Fields { wire.fields }
@@ -36,7 +39,6 @@ final class RequestHead {
         self.isHTTP10 = wire.version.minor == 0
         self.receivedOverHTTP2 = receivedOverHTTP2
         self.version = isHTTP10 ? .http1_0 : .http1_1
-        self.uri = wire.target
         self.host = wire.host
         self.wire = consume wire
     }
@@ -47,6 +49,14 @@ final class RequestHead {
     /// field index retained, then released) for the call.
     func writeUpstream(edits: borrowing HTTP1HeadEdits, into out: inout ByteBuffer) {
         HTTP1HeadWriter.writeRequest(wire, edits: edits, into: &out)
+    }
+
+    /// The request target's bytes, read in place (valid during `body`).
+    func withTargetBytes<Result>(_ body: (UnsafeBufferPointer<UInt8>) -> Result) -> Result {
+        let range = wire.targetRange
+        return wire.bytes.withUnsafeReadableBytes { raw in
+            body(UnsafeBufferPointer(rebasing: raw.bindMemory(to: UInt8.self)[range]))
+        }
     }
 
     /// The client's lines named `name` (`HTTP1Fields.fieldSet(named:)`),

@@ -114,11 +114,25 @@ extension ExchangeDownstream {
             exchange.keepAlive = false
             return rejectHead(exchange, .notImplemented, "CONNECT is not supported: Weir is a reverse proxy")
         }
+        var hostHeader = head.host
+        // The usual target, an origin-form path without a query that is
+        // already normal, is routed by its bytes: no String is made of it
+        // (plugins and logs make one from `head.uri` if they ask).
+        let clientHost = hostHeader ?? ""
+        switch head.withTargetBytes({ loopContext.routeAsReceived(head: head, host: clientHost, target: $0) }) {
+        case .routed(let routed):
+            exchange.hostHeader = hostHeader
+            return routeFound(exchange, head: head, routed: routed, path: head.uri, query: "")
+        case .noRoute:
+            exchange.hostHeader = hostHeader
+            return rejectHead(exchange, .noRoute, "no route matches \(head.method.rawValue) \(head.uri)")
+        case .notPlain:
+            break
+        }
         // Request target: origin-form (`/path?q`), absolute-form
         // (`http://host/path`, whose authority replaces Host), or `*`
         // (OPTIONS only: routed as `/`, forwarded as `*`).
         let uri = head.uri
-        var hostHeader = head.host
         // By its bytes: `Substring == "*"` is the generic StringProtocol
         // comparison (~135 instructions, callgrind), String == a call.
         let firstByte = uri.utf8.first
@@ -172,6 +186,14 @@ extension ExchangeDownstream {
         if asterisk {
             routed = RoutedRequest(route: routed.route, upstream: routed.upstream, forwardURI: "*", routing: routed.routing)
         }
+        routeFound(exchange, head: head, routed: routed, path: path, query: query)
+    }
+
+    /// The request has its route: limits, then the plugins or the first
+    /// upstream attempt. `path` (normalized, without the query) is made
+    /// only for plugins.
+    func routeFound(_ exchange: Exchange, head: RequestHead, routed: RoutedRequest,
+                    path: @autoclosure () -> String, query: Substring) {
         exchange.routed = routed
 
         // Body limit (route overrides listener).
@@ -185,7 +207,7 @@ extension ExchangeDownstream {
             exchange.keepAlive = false
         }
         if let plugins = loopContext.plugins, let chain = plugins.chain(for: routed.route) {
-            return startRequestPlugins(exchange, plugins: plugins, chain: chain, path: path, query: query)
+            return startRequestPlugins(exchange, plugins: plugins, chain: chain, path: path(), query: query)
         }
         startAttempt(exchange, routed: routed, head: head, excluding: nil)
     }
