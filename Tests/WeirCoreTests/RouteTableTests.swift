@@ -126,8 +126,9 @@ final class RouteTableTests: XCTestCase {
         XCTAssertNil(RegexIndexing.literalDirectory(of: "\\.php$"))
     }
 
-    func testStripPathAndRewrite() throws {
-        let table = try RouteTable(routes: [
+    /// Routes that strip or rewrite the forwarded path, and one that keeps it.
+    private func stripAndRewriteRoutes() -> [RouteConfig] {
+        [
             route("strip", paths: ["/svc"], strip: true),
             route("strip-slash", paths: ["/api/"], strip: true),
             route("strip-exact", paths: ["= /health"], strip: true),
@@ -135,7 +136,11 @@ final class RouteTableTests: XCTestCase {
             route("regex", paths: ["~ ^/u/(\\w+)/p/(\\d+)$"], rewrite: "/posts/$2?user=$1"),
             route("regex-strip", paths: ["~ ^/v\\d+"], strip: true),
             route("keep", paths: ["/keep"]),
-        ])
+        ]
+    }
+
+    func testStripPathAndRewrite() throws {
+        let table = try RouteTable(routes: stripAndRewriteRoutes())
         func forward(_ path: String) -> String? { table.match(method: "GET", host: "h", path: path, headers: [String: String]())?.forwardPath }
         XCTAssertEqual(forward("/svc"), "/")
         XCTAssertEqual(forward("/svc/a/b"), "/a/b")
@@ -224,15 +229,8 @@ final class RouteTableTests: XCTestCase {
     /// same path: `.asReceived` exactly when the String lookup returns the
     /// path it was given unchanged by strip/rewrite.
     func testBytesLookupAgreesWithStringLookup() throws {
-        let table = try RouteTable(routes: [
-            route("strip", paths: ["/svc"], strip: true),
-            route("strip-slash", paths: ["/api/"], strip: true),
-            route("strip-exact", paths: ["= /health"], strip: true),
-            route("fixed", paths: ["/old"], rewrite: "/new"),
-            route("regex", paths: ["~ ^/u/(\\w+)/p/(\\d+)$"], rewrite: "/posts/$2?user=$1"),
-            route("regex-strip", paths: ["~ ^/v\\d+"], strip: true),
+        let table = try RouteTable(routes: stripAndRewriteRoutes() + [
             route("regex-keep", hosts: ["r.example"], paths: ["~ ^/r/\\d+$"]),
-            route("keep", paths: ["/keep"]),
             route("host", hosts: ["*.example.com"], paths: ["/"]),
             route("post", paths: ["/keep/post"], methods: ["POST"]),
         ])
