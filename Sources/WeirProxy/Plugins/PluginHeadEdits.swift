@@ -66,8 +66,9 @@ extension HTTP1KnownField {
 /// rather than as a list of operations: the lines to add, and which names'
 /// lines in the response go. `set` = clear + add, so a set or clear drops
 /// the earlier added lines of its name here, once; applying them to the
-/// upstream's head is then one field lookup per removed name, with no name
-/// comparisons and no checks (names and values come checked from the SDK:
+/// upstream's head is then one pass over its fields, which compares names
+/// only for an untagged field whose length a removed name has, and no
+/// checks (names and values come checked from the SDK:
 /// PluginRequestContext). The common case, a few `set`s of distinct names,
 /// is one array and a bit per line.
 struct PendingResponseHeaders {
@@ -84,21 +85,30 @@ struct PendingResponseHeaders {
     /// Bit `count % 64` of every name seen: a name whose bit is clear has
     /// no line here and was not cleared, so most calls compare no names.
     private var nameLengths: UInt64 = 0
+    /// What `edits(on:)` looks for in the response, of every name set or
+    /// cleared (a name's lines never come back once it was): bit
+    /// `count % 64` of the untagged ones, bit `rawValue` of the tagged ones
+    /// (`HTTP1KnownField`: the parser tags a field by the same bytes).
+    private var removedLengths: UInt64 = 0
+    private var removedKinds: UInt64 = 0
 
     var isEmpty: Bool { added.isEmpty && clearedNames.isEmpty }
 
     mutating func set(_ name: String, _ value: String) {
         if !isFirstOfItsLength(name) { dropAdded(named: name) }
         if added.count >= 64 { clearedNames.append(name) } else { replacing |= 1 << UInt64(added.count) }
-        append(name, value)
+        let kind = HTTP1KnownField.classify(name)
+        noteRemoved(name, kind)
+        append(name, value, kind)
     }
 
     mutating func add(_ name: String, _ value: String) {
         _ = isFirstOfItsLength(name)
-        append(name, value)
+        append(name, value, HTTP1KnownField.classify(name))
     }
 
     mutating func clear(_ name: String) {
+        noteRemoved(name, HTTP1KnownField.classify(name))
         if !isFirstOfItsLength(name) {
             dropAdded(named: name)
             if clearedNames.contains(where: { Self.sameLowercasedName($0, name) }) { return }
@@ -106,17 +116,47 @@ struct PendingResponseHeaders {
         clearedNames.append(name)
     }
 
-    /// The edits these changes make to the upstream's head.
+    @inline(__always)
+    private mutating func noteRemoved(_ name: String, _ kind: HTTP1KnownField) {
+        if kind == .other { removedLengths |= 1 << UInt64(name.utf8.count & 63) } else { removedKinds |= 1 << UInt64(kind.rawValue) }
+    }
+
+    /// The edits these changes make to the upstream's head: the added
+    /// lines, and every field of a set or cleared name removed (what
+    /// `fieldSet(named:)` of each such name would find, in one pass).
     func edits(on fields: HTTP1Fields) -> HTTP1HeadEdits {
         var edits = HTTP1HeadEdits(added: added)
-        var bits = replacing
-        while bits != 0 {
-            let name = added[bits.trailingZeroBitCount].name
-            bits &= bits - 1
-            edits.removed.formUnion(fields.fieldSet(named: name))
+        guard removedLengths | removedKinds != 0 else { return edits }
+        fields.entries.withUnsafeBufferPointer { entries in
+            for i in entries.indices {
+                let e = entries[i]
+                if e.known != .other {
+                    if removedKinds & (1 << UInt64(e.known.rawValue)) != 0 { edits.removed.insert(i) }
+                } else if removedLengths & (1 << UInt64(Int(e.nameLength) & 63)) != 0, removesUntagged(e, in: fields) {
+                    edits.removed.insert(i)
+                }
+            }
         }
-        for name in clearedNames { edits.removed.formUnion(fields.fieldSet(named: name)) }
         return edits
+    }
+
+    /// Whether an untagged field is named by a set (`replacing`) or cleared name.
+    private func removesUntagged(_ e: HTTP1FieldEntry, in fields: HTTP1Fields) -> Bool {
+        fields.bytes.withUnsafeReadableBytes { raw in
+            let field = raw.baseAddress!.assumingMemoryBound(to: UInt8.self) + Int(e.nameStart)
+            let length = Int(e.nameLength)
+            func names(_ name: String) -> Bool {
+                name.utf8.count == length && name.withContiguousUTF8 { n in
+                    n.baseAddress.map { HTTP1Bytes.equalsIgnoringCase(field, $0, length) } ?? false
+                }
+            }
+            var bits = replacing
+            while bits != 0 {
+                if names(added[bits.trailingZeroBitCount].name) { return true }
+                bits &= bits - 1
+            }
+            return clearedNames.contains(where: names)
+        }
     }
 
     /// The same changes on a head the proxy makes (an error, a plugin's exit).
@@ -130,8 +170,8 @@ struct PendingResponseHeaders {
         for field in added { headers.add(name: field.name, value: field.value) }
     }
 
-    private mutating func append(_ name: String, _ value: String) {
-        if HTTP1KnownField.classify(name).isReviewedByRelay { addedNeedReview = true }
+    private mutating func append(_ name: String, _ value: String, _ kind: HTTP1KnownField) {
+        if kind.isReviewedByRelay { addedNeedReview = true }
         // One allocation for a plugin's handful (rate-limiting sets 5).
         if added.isEmpty { added.reserveCapacity(8) }
         added.append(HTTP1AddedField(name: name, value: value))

@@ -1,0 +1,67 @@
+// PendingResponseHeaders (the request phase's response header changes)
+// finds the upstream response's lines to remove in one pass over its
+// fields: it must remove exactly what looking each set or cleared name up
+// (`HTTP1Fields.fieldSet(named:)`) removes.
+
+import NIOCore
+@testable import WeirProxy
+import XCTest
+
+final class PendingResponseHeadersTests: XCTestCase {
+    private func responseFields(_ lines: [String]) throws -> HTTP1Fields {
+        var parser = HTTP1ResponseParser()
+        var bytes = ByteBuffer(string: "HTTP/1.1 200 OK\r\n" + lines.map { $0 + "\r\n" }.joined() + "\r\n")
+        return try XCTUnwrap(parser.parse(&bytes, requestMethod: .get)).fields
+    }
+
+    private enum Op { case set(String), add(String), clear(String) }
+
+    func testOnePassRemovesWhatEachNameLooksUp() throws {
+        // Tagged (Date, Via, Content-Length, Connection) and untagged
+        // fields, names of equal length (ratelimit-limit / ratelimit-reset,
+        // content-type / x-request-id), mixed case, repeats.
+        let fields = try responseFields([
+            "Server: origin", "Date: Mon, 30 Nov 2026 11:00:00 GMT", "Content-Type: text/plain",
+            "Content-Length: 5", "RateLimit-Limit: 9", "ratelimit-reset: 3", "Via: 1.1 up", "X-Request-Id: r1",
+            "X-Tag: a", "x-tag: b", "Connection: keep-alive", "RATELIMIT-REMAINING: 1",
+        ])
+        let cases: [[Op]] = [
+            [],
+            [.set("ratelimit-limit"), .set("ratelimit-remaining"), .set("x-ratelimit-limit-minute")],
+            [.add("x-tag"), .add("ratelimit-reset")],
+            [.set("date"), .clear("via"), .set("content-type")],
+            [.clear("x-tag"), .set("x-request-id"), .add("server")],
+            [.set("x-tag"), .clear("x-tag"), .set("ratelimit-reset"), .set("ratelimit-reset")],
+            [.clear("x-absent"), .set("content-length"), .add("connection")],
+            [.set("x-tag"), .add("x-tag"), .clear("server")],
+        ]
+        for (k, ops) in cases.enumerated() {
+            var pending = PendingResponseHeaders()
+            var expected = HTTP1FieldSet()
+            for op in ops {
+                switch op {
+                case .set(let name): pending.set(name, "v"); expected.formUnion(fields.fieldSet(named: name))
+                case .add(let name): pending.add(name, "v")
+                case .clear(let name): pending.clear(name); expected.formUnion(fields.fieldSet(named: name))
+                }
+            }
+            let edits = pending.edits(on: fields)
+            XCTAssertEqual(edits.removed, expected, "case \(k)")
+            XCTAssertEqual(edits.added.map(\.name), pending.added.map(\.name), "case \(k)")
+        }
+    }
+
+    /// More than 64 fields: indices past the first word are removed too.
+    func testFieldsPastTheFirstWord() throws {
+        let fields = try responseFields((0..<70).map { "x-filler-\($0 % 10): \($0)" } + ["RateLimit-Limit: 1", "Date: now"])
+        var pending = PendingResponseHeaders()
+        pending.set("ratelimit-limit", "2")
+        pending.clear("x-filler-3")
+        pending.set("date", "later")
+        var expected = fields.fieldSet(named: "ratelimit-limit")
+        expected.formUnion(fields.fieldSet(named: "x-filler-3"))
+        expected.formUnion(fields.fieldSet(named: "date"))
+        XCTAssertEqual(pending.edits(on: fields).removed, expected)
+        XCTAssertTrue(expected.contains(70) && expected.contains(71) && expected.contains(63))
+    }
+}
