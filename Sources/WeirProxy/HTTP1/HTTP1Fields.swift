@@ -431,68 +431,147 @@ struct HTTP1FramingFacts {
 /// line's CRLF, or nil when the `available` bytes end before it. Enforces
 /// the scanner's limits (field count, field section bytes from `start`) on
 /// every complete line, so a complete head is refused for the same reasons.
+/// Plain lines take `scanPlainFieldLine` (no search for the LF first);
+/// every other line `parseFieldLineChecked`, which alone decides errors
+/// (`HTTP1FieldLinesTests` requires the two ways to agree on any bytes).
 @inline(__always)
 func parseFieldLines(_ p: UnsafePointer<UInt8>, from start: Int, available: Int, limits: HTTP1Limits,
                      entries: inout [HTTP1FieldEntry], facts: inout HTTP1FramingFacts) throws -> Int? {
     var line = start
     while true {
-        guard let lfOffset = HTTP1Bytes.findLF(p + line, available - line) else { return nil }
-        let lineEnd = line + lfOffset + 1
-        let cr = lineEnd - 2
-        guard lfOffset > 0, p[cr] == HTTP1Bytes.cr else { throw HTTP1ParseError.bareLF }
-        if cr == line { return lineEnd }
-        if entries.count >= limits.maxFieldCount { throw HTTP1ParseError.tooManyFields }
-        if lineEnd - start > limits.maxFieldBytes { throw HTTP1ParseError.headerSectionTooLarge }
-        // The line's only LF is at `cr + 1`: every loop below stops at `cr` at the latest.
-        var i = line
-        let first = p[i]
-        if HTTP1Bytes.isWhitespace(first) { throw HTTP1ParseError.obsoleteLineFolding }
-        while HTTP1Bytes.isTChar(p[i]) { i &+= 1 }
-        let nameLength = i - line
-        if p[i] != HTTP1Bytes.colon {
-            if HTTP1Bytes.isWhitespace(p[i]) { throw HTTP1ParseError.whitespaceBeforeColon }
-            if p[i] == HTTP1Bytes.cr && p[i + 1] != HTTP1Bytes.lf { throw HTTP1ParseError.bareCR }
-            throw HTTP1ParseError.invalidFieldName
+        var step = try scanPlainFieldLine(p, at: line, from: start, available: available, limits: limits,
+                                          entries: &entries, facts: &facts)
+        if case .irregular = step {
+            step = try parseFieldLineChecked(p, at: line, from: start, available: available, limits: limits,
+                                             entries: &entries, facts: &facts)
         }
-        if nameLength == 0 { throw HTTP1ParseError.invalidFieldName }
-        i += 1
-        while HTTP1Bytes.isWhitespace(p[i]) { i &+= 1 }
-        let valueStart = i
-        // Validate up to the line's CR, 8 bytes per step while they are SP or
-        // visible ASCII (a load may reach past the line within `available`:
-        // the CR is flagged, so nothing after it is looked at); the exact
-        // byte check handles the first flagged byte (HTAB, obs-text, or an
-        // error) and the last few bytes of the buffer.
-        while true {
-            if i + 8 <= available {
-                let flags = HTTP1Bytes.nonPlainBytes(UInt64(littleEndian: UnsafeRawPointer(p + i).loadUnaligned(as: UInt64.self)))
-                if flags == 0 { i &+= 8; continue }
-                i &+= flags.trailingZeroBitCount >> 3
-            }
-            if i >= cr { break }
-            let b = p[i]
-            if HTTP1Bytes.isFieldValueByte(b) { i &+= 1; continue }
-            // A CR before the line's own is not followed by an LF.
-            throw b == HTTP1Bytes.cr ? HTTP1ParseError.bareCR : HTTP1ParseError.invalidFieldValue
+        switch step {
+        case .field(let next): line = next
+        case .headEnd(let end): return end
+        case .incomplete, .irregular: return nil   // (the checked parse never answers .irregular)
         }
-        var valueEnd = cr
-        while valueEnd > valueStart && HTTP1Bytes.isWhitespace(p[valueEnd - 1]) { valueEnd -= 1 }
-        let known = HTTP1KnownField.classify(p + line, nameLength)
-        let valueLength = valueEnd - valueStart
-        switch known {
-        case .host, .contentLength, .transferEncoding, .connection, .expect, .te:
-            try noteKnownField(known, p + valueStart, valueLength, &facts)
-        default:
-            break
-        }
-        // Offsets fit: a head is bounded by `limits`, far below 2 GiB (no range checks).
-        entries.append(HTTP1FieldEntry(nameStart: Int32(truncatingIfNeeded: line),
-                                       nameLength: Int32(truncatingIfNeeded: nameLength),
-                                       valueStart: Int32(truncatingIfNeeded: valueStart),
-                                       valueLength: Int32(truncatingIfNeeded: valueLength),
-                                       lineEnd: Int32(truncatingIfNeeded: lineEnd), known: known))
-        line = lineEnd
     }
+}
+
+/// What parsing one field line found.
+enum HTTP1FieldLineStep {
+    /// A field line, recorded; the next line starts at `next`.
+    case field(next: Int)
+    /// The empty line: the head ends at this offset.
+    case headEnd(Int)
+    /// The line's LF has not arrived.
+    case incomplete
+    /// Not a plain line (`scanPlainFieldLine` only): parse it checked.
+    case irregular
+}
+
+/// The usual field line, parsed without first searching for its LF (a
+/// `memchr` call per line): a token name, `:`, spaces, then SP / visible
+/// ASCII up to CR LF, all within `available`; the LF is found where the
+/// value's 8-byte validation stops. Anything else (HTAB, obs-text, a
+/// malformed or incomplete line) is `.irregular` and left, untouched, to
+/// `parseFieldLineChecked`, so errors and their order stay exactly its
+/// own. A plain line can only fail the limits, checked as for every line.
+@inline(__always)
+func scanPlainFieldLine(_ p: UnsafePointer<UInt8>, at line: Int, from start: Int, available: Int, limits: HTTP1Limits,
+                        entries: inout [HTTP1FieldEntry], facts: inout HTTP1FramingFacts) throws -> HTTP1FieldLineStep {
+    var i = line
+    guard i + 1 < available else { return .irregular }
+    if p[i] == HTTP1Bytes.cr { return p[i + 1] == HTTP1Bytes.lf ? .headEnd(i + 2) : .irregular }
+    while i < available && HTTP1Bytes.isTChar(p[i]) { i &+= 1 }
+    let nameLength = i - line
+    guard nameLength > 0, i < available, p[i] == HTTP1Bytes.colon else { return .irregular }
+    i &+= 1
+    while i < available && p[i] == HTTP1Bytes.sp { i &+= 1 }
+    let valueStart = i
+    // SP and visible ASCII, 8 bytes per step; the first byte that is not
+    // one of them must be the line's CR.
+    while i + 8 <= available {
+        let flags = HTTP1Bytes.nonPlainBytes(UInt64(littleEndian: UnsafeRawPointer(p + i).loadUnaligned(as: UInt64.self)))
+        if flags != 0 { i &+= flags.trailingZeroBitCount >> 3; break }
+        i &+= 8
+    }
+    while i < available && p[i] >= HTTP1Bytes.sp && p[i] < 0x7F { i &+= 1 }
+    guard i + 1 < available, p[i] == HTTP1Bytes.cr, p[i + 1] == HTTP1Bytes.lf else { return .irregular }
+    let lineEnd = i + 2
+    if entries.count >= limits.maxFieldCount { throw HTTP1ParseError.tooManyFields }
+    if lineEnd - start > limits.maxFieldBytes { throw HTTP1ParseError.headerSectionTooLarge }
+    var valueEnd = i
+    while valueEnd > valueStart && p[valueEnd - 1] == HTTP1Bytes.sp { valueEnd -= 1 }
+    try recordFieldLine(p, line: line, nameLength: nameLength, valueStart: valueStart, valueEnd: valueEnd,
+                        lineEnd: lineEnd, entries: &entries, facts: &facts)
+    return .field(next: lineEnd)
+}
+
+/// One field line with every check, in the order that decides which error
+/// a malformed line gets: the LF first (`.incomplete` until it arrives),
+/// then the limits, then name, value and the framing fields.
+func parseFieldLineChecked(_ p: UnsafePointer<UInt8>, at line: Int, from start: Int, available: Int, limits: HTTP1Limits,
+                           entries: inout [HTTP1FieldEntry], facts: inout HTTP1FramingFacts) throws -> HTTP1FieldLineStep {
+    guard let lfOffset = HTTP1Bytes.findLF(p + line, available - line) else { return .incomplete }
+    let lineEnd = line + lfOffset + 1
+    let cr = lineEnd - 2
+    guard lfOffset > 0, p[cr] == HTTP1Bytes.cr else { throw HTTP1ParseError.bareLF }
+    if cr == line { return .headEnd(lineEnd) }
+    if entries.count >= limits.maxFieldCount { throw HTTP1ParseError.tooManyFields }
+    if lineEnd - start > limits.maxFieldBytes { throw HTTP1ParseError.headerSectionTooLarge }
+    // The line's only LF is at `cr + 1`: every loop below stops at `cr` at the latest.
+    var i = line
+    let first = p[i]
+    if HTTP1Bytes.isWhitespace(first) { throw HTTP1ParseError.obsoleteLineFolding }
+    while HTTP1Bytes.isTChar(p[i]) { i &+= 1 }
+    let nameLength = i - line
+    if p[i] != HTTP1Bytes.colon {
+        if HTTP1Bytes.isWhitespace(p[i]) { throw HTTP1ParseError.whitespaceBeforeColon }
+        if p[i] == HTTP1Bytes.cr && p[i + 1] != HTTP1Bytes.lf { throw HTTP1ParseError.bareCR }
+        throw HTTP1ParseError.invalidFieldName
+    }
+    if nameLength == 0 { throw HTTP1ParseError.invalidFieldName }
+    i += 1
+    while HTTP1Bytes.isWhitespace(p[i]) { i &+= 1 }
+    let valueStart = i
+    // Validate up to the line's CR, 8 bytes per step while they are SP or
+    // visible ASCII (a load may reach past the line within `available`:
+    // the CR is flagged, so nothing after it is looked at); the exact
+    // byte check handles the first flagged byte (HTAB, obs-text, or an
+    // error) and the last few bytes of the buffer.
+    while true {
+        if i + 8 <= available {
+            let flags = HTTP1Bytes.nonPlainBytes(UInt64(littleEndian: UnsafeRawPointer(p + i).loadUnaligned(as: UInt64.self)))
+            if flags == 0 { i &+= 8; continue }
+            i &+= flags.trailingZeroBitCount >> 3
+        }
+        if i >= cr { break }
+        let b = p[i]
+        if HTTP1Bytes.isFieldValueByte(b) { i &+= 1; continue }
+        // A CR before the line's own is not followed by an LF.
+        throw b == HTTP1Bytes.cr ? HTTP1ParseError.bareCR : HTTP1ParseError.invalidFieldValue
+    }
+    var valueEnd = cr
+    while valueEnd > valueStart && HTTP1Bytes.isWhitespace(p[valueEnd - 1]) { valueEnd -= 1 }
+    try recordFieldLine(p, line: line, nameLength: nameLength, valueStart: valueStart, valueEnd: valueEnd,
+                        lineEnd: lineEnd, entries: &entries, facts: &facts)
+    return .field(next: lineEnd)
+}
+
+/// A parsed field line into the head's index (and its framing facts).
+@inline(__always)
+func recordFieldLine(_ p: UnsafePointer<UInt8>, line: Int, nameLength: Int, valueStart: Int, valueEnd: Int, lineEnd: Int,
+                     entries: inout [HTTP1FieldEntry], facts: inout HTTP1FramingFacts) throws {
+    let known = HTTP1KnownField.classify(p + line, nameLength)
+    let valueLength = valueEnd - valueStart
+    switch known {
+    case .host, .contentLength, .transferEncoding, .connection, .expect, .te:
+        try noteKnownField(known, p + valueStart, valueLength, &facts)
+    default:
+        break
+    }
+    // Offsets fit: a head is bounded by `limits`, far below 2 GiB (no range checks).
+    entries.append(HTTP1FieldEntry(nameStart: Int32(truncatingIfNeeded: line),
+                                   nameLength: Int32(truncatingIfNeeded: nameLength),
+                                   valueStart: Int32(truncatingIfNeeded: valueStart),
+                                   valueLength: Int32(truncatingIfNeeded: valueLength),
+                                   lineEnd: Int32(truncatingIfNeeded: lineEnd), known: known))
 }
 
 func noteKnownField(_ known: HTTP1KnownField, _ v: UnsafePointer<UInt8>, _ n: Int,
