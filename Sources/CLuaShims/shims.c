@@ -44,14 +44,8 @@ static void *weir_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
 }
 
 // The info block is also the allocator's userdata, but reading it from
-// each thread's extra space (set on the main thread by weir_newstate;
-// lua_newthread copies the main thread's) is a load instead of a call of
+// each thread's extra space (weir_info) is a load instead of a call of
 // lua_getallocf, on every native call.
-static inline weir_state_info *state_info(lua_State *L) {
-    return *(weir_state_info **)lua_getextraspace(L);
-}
-
-weir_state_info *weir_info(lua_State *L) { return state_info(L); }
 
 size_t weir_bytes_used(lua_State *L) { return weir_info(L)->bytes_used; }
 
@@ -80,7 +74,7 @@ lua_State *weir_newstate(size_t bytes_limit, int hook_interval) {
     st->hook_interval = hook_interval;
     lua_State *L = lua_newstate(weir_alloc, st);
     if (L == NULL) { free(st); return NULL; }
-    *(weir_state_info **)lua_getextraspace(L) = st;   // see state_info
+    *(weir_state_info **)lua_getextraspace(L) = st;   // read by weir_info
     lua_atpanic(L, weir_panic);
     lua_setwarnf(L, weir_warn, NULL);
     // Generational: per-request garbage (weir.ctx tables, strings) dies
@@ -125,7 +119,7 @@ static int fallback_returned(lua_State *L, int status, lua_KContext k) {
 // The call into Swift for native `function_id`; `fallback_upvalue` is the
 // upvalue holding its Lua fallback (none: the call answers false).
 static inline int call_native(lua_State *L, int function_id, int fallback_upvalue) {
-    weir_state_info *st = state_info(L);
+    weir_state_info *st = weir_info(L);
     if (st->dispatch == NULL) {
         lua_pushliteral(L, "weir: native function called on a closed runtime");
         return lua_error(L);

@@ -16,14 +16,30 @@
 // watchdog thread keeps the VM single-threaded: the handler cannot race
 // with the VM growing or shrinking its call stack, and the lua_State it
 // hooks cannot be freed under it (a state running on this thread is alive).
+//
+// An idle gateway must not pay for the ticks (each one woke the thread and
+// took the CPU from the event loops, 7-11 us a tick): after a tick in which
+// no slot was inside Lua nor entered it, the watchdog parks on a futex. An
+// outermost entry wakes it. So that the entry stays free of locks, fences
+// and system calls, it only stores its depth and then reads the `parked`
+// flag; the watchdog, after raising the flag, issues membarrier(2), which
+// runs a full memory barrier on every thread of the process, and then
+// looks at the slots once more. Either that look sees the entry's depth (no
+// park), or the entry's read comes after the barrier and sees the flag (it
+// wakes the watchdog): no entry can run unwatched. Without membarrier
+// (old kernels, seccomp) the watchdog never parks.
 #define _GNU_SOURCE
 #include <errno.h>
+#include <linux/futex.h>
+#include <linux/membarrier.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <time.h>
+#include <unistd.h>
 #include <lua5.4/lua.h>
 #include <lua5.4/lauxlib.h>
 #include "CLuaShims.h"
@@ -58,7 +74,21 @@ static int watchdog_signal = 0;
 static int watchdog_running = 0;
 static __thread weir_watch_slot *my_slot = NULL;
 
+/// 1 while the watchdog is parked (its futex word); an outermost entry
+/// that finds it set wakes the watchdog. Written only on the idle/busy
+/// transitions, so reading it costs the entries no cache-line transfers.
+static int watchdog_parked = 0;
+/// Whether membarrier(2) works here (registered at start): parking needs it.
+static int can_park = 0;
+/// Ticks the watchdog has run, and times it parked (read by tests).
+static uint64_t tick_count = 0;
+static uint64_t park_count = 0;
+
 int weir_watchdog_signal(void) { return watchdog_signal; }
+int weir_watchdog_can_park(void) { return can_park; }
+int weir_watchdog_parked(void) { return LOAD(watchdog_parked); }
+uint64_t weir_watchdog_ticks(void) { return LOAD(tick_count); }
+uint64_t weir_watchdog_parks(void) { return LOAD(park_count); }
 
 void weir_watchdog_set_tick(uint64_t nanoseconds) {
     STORE(tick_ns, nanoseconds < 100000 ? 100000 : nanoseconds);
@@ -118,6 +148,36 @@ static void on_watchdog_signal(int sig, siginfo_t *info, void *ucontext) {
 
 // MARK: - The watchdog thread
 
+static void wake_watchdog(void) {
+    // One waker makes the system call, however many threads enter at once.
+    if (__atomic_exchange_n(&watchdog_parked, 0, __ATOMIC_RELAXED) == 1) {
+        syscall(SYS_futex, &watchdog_parked, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+    }
+}
+
+static int any_slot_inside_lua(void) {
+    int inside = 0;
+    pthread_mutex_lock(&registry_lock);
+    for (weir_watch_slot *slot = registry; slot != NULL && !inside; slot = slot->next) {
+        inside = LOAD(slot->depth) > 0;
+    }
+    pthread_mutex_unlock(&registry_lock);
+    return inside;
+}
+
+/// Sleeps until an outermost entry into Lua wakes it (see the top of the file).
+static void park_watchdog(void) {
+    STORE(watchdog_parked, 1);
+    if (syscall(SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0) != 0 || any_slot_inside_lua()) {
+        STORE(watchdog_parked, 0);   // an entry raced with us: keep ticking
+        return;
+    }
+    __atomic_fetch_add(&park_count, 1, __ATOMIC_RELAXED);
+    while (LOAD(watchdog_parked) == 1) {
+        syscall(SYS_futex, &watchdog_parked, FUTEX_WAIT_PRIVATE, 1, NULL, NULL, 0);
+    }
+}
+
 static void *watchdog_main(void *arg) {
     (void)arg;
     for (;;) {
@@ -127,17 +187,23 @@ static void *watchdog_main(void *arg) {
         // Holding the lock keeps every listed thread alive (a thread takes
         // it to unlist itself before it exits), so pthread_sigqueue never
         // targets a finished thread.
+        int busy = 0;
         pthread_mutex_lock(&registry_lock);
         for (weir_watch_slot *slot = registry; slot != NULL; slot = slot->next) {
             uint64_t epoch = LOAD(slot->epoch);
-            if (LOAD(slot->depth) > 0 && epoch == slot->seen_epoch && LOAD(slot->fire_epoch) != epoch) {
+            int depth = LOAD(slot->depth);
+            if (depth > 0 && epoch == slot->seen_epoch && LOAD(slot->fire_epoch) != epoch) {
                 STORE(slot->fire_epoch, epoch);
                 union sigval value = { .sival_ptr = slot };
                 pthread_sigqueue(slot->thread, watchdog_signal, value);
             }
+            // Inside Lua now, or entered it since the last tick.
+            if (depth > 0 || epoch != slot->seen_epoch) busy = 1;
             slot->seen_epoch = epoch;
         }
         pthread_mutex_unlock(&registry_lock);
+        __atomic_fetch_add(&tick_count, 1, __ATOMIC_RELAXED);
+        if (!busy && can_park) park_watchdog();
     }
     return NULL;
 }
@@ -172,6 +238,7 @@ static void start_watchdog(void) {
         fputs("weir: cannot set up the Lua watchdog; instruction budgets are not enforced\n", stderr);
         return;
     }
+    can_park = syscall(SYS_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED, 0, 0) == 0;
     // The watchdog thread must never take the signal itself: block it
     // while creating the thread (which inherits the mask).
     sigset_t set, old;
@@ -220,7 +287,13 @@ weir_watch_token weir_watch_enter(lua_State *L) {
     STORE(slot->depth, depth + 1);
     // Only the outermost entry moves the epoch: a script resuming its own
     // coroutines in a loop still looks like one long call.
-    if (depth == 0) STORE(slot->epoch, slot->epoch + 1);
+    if (depth == 0) {
+        STORE(slot->epoch, slot->epoch + 1);
+        // The depth store above, then the flag: only the compiler must keep
+        // that order; the CPU's is enforced by the watchdog's membarrier.
+        __atomic_signal_fence(__ATOMIC_SEQ_CST);
+        if (__builtin_expect(LOAD(watchdog_parked), 0)) wake_watchdog();
+    }
     // A call whose budget is already being counted (resumed after a yield,
     // or a nested coroutine of a hooked call) is counted from its first
     // instruction.

@@ -157,4 +157,39 @@ final class WatchdogTests: XCTestCase {
         XCTAssertTrue(failure?.message.contains("instruction budget exceeded") ?? false, "\(String(describing: failure))")
         XCTAssertEqual(try h.runRequest(try h.chain("nap"))[0].exitValue?.bodyString, "rested")
     }
+
+    /// With no thread inside Lua the watchdog parks (no ticks waking a core
+    /// every 10 ms); the next entry wakes it, and a runaway script is still
+    /// stopped. Waits poll with a long timeout (sequencing only).
+    func testIdleWatchdogParksAndTheNextEntryWakesIt() throws {
+        let state = try LuaState(hookInterval: 1000)
+        try state.load("return 1", chunkName: "short.lua")
+        try state.pcall(nargs: 0, nresults: 1)
+        state.pop()
+        guard weir_watchdog_can_park() != 0 else {
+            // No membarrier(2) here: the watchdog keeps ticking while idle.
+            let ticks = weir_watchdog_ticks()
+            XCTAssertTrue(poll { weir_watchdog_ticks() > ticks + 2 }, "ticks on without parking")
+            XCTAssertEqual(weir_watchdog_parked(), 0)
+            return try assertStopped("while true do end")
+        }
+        for round in 1...5 {
+            XCTAssertTrue(poll { weir_watchdog_parked() != 0 }, "round \(round): parks once no thread is in Lua")
+            let parks = weir_watchdog_parks(), ticks = weir_watchdog_ticks()
+            // Bounded (seconds of Lua): a watchdog that failed to wake would
+            // fail the test instead of hanging it.
+            try assertStopped("local n = 0 for i = 1, 300000000 do n = n + 1 end")
+            XCTAssertGreaterThan(weir_watchdog_ticks(), ticks, "round \(round): the entry woke it to catch the runaway")
+            XCTAssertTrue(poll { weir_watchdog_parks() > parks }, "round \(round): parks again once idle")
+        }
+    }
+
+    private func poll(_ condition: () -> Bool) -> Bool {
+        let deadline = Date().addingTimeInterval(30)
+        while Date() < deadline {
+            if condition() { return true }
+            usleep(1000)
+        }
+        return false
+    }
 }

@@ -65,8 +65,13 @@ typedef struct weir_state_info {
 lua_State *weir_newstate(size_t bytes_limit, int hook_interval);
 /// Closes the state and frees its info block.
 void weir_close(lua_State *L);
-/// The info block of a state (or of any of its threads).
-weir_state_info *weir_info(lua_State *L);
+/// The info block of a state (or of any of its threads): a load from the
+/// thread's extra space (set by weir_newstate; lua_newthread copies the
+/// main thread's), inline because every entry into Lua and every native
+/// call reads it.
+static inline weir_state_info *weir_info(lua_State *L) {
+    return *(weir_state_info **)lua_getextraspace(L);
+}
 /// Sets the Swift dispatcher for native functions.
 void weir_set_dispatch(lua_State *L, weir_dispatch_fn fn, void *context);
 /// Starts a fresh instruction budget (0 = unlimited) and clears the exhausted and armed flags.
@@ -74,7 +79,8 @@ void weir_set_budget(lua_State *L, int64_t instructions);
 
 /// The runaway-script watchdog (watchdog.c). Lua runs with no hook; a
 /// per-process watchdog thread notices an entry into Lua that is still
-/// running after one to two ticks (10 ms each) and signals its thread, whose
+/// running after one to two ticks (10 ms each; none while no thread is in
+/// Lua, see weir_watchdog_parked) and signals its thread, whose
 /// handler installs the count hook; the hook then counts the instruction
 /// budget and raises "instruction budget exceeded" when it runs out.
 /// weir_pcall / weir_resume / weir_resetthread bracket their call with
@@ -91,6 +97,15 @@ int weir_watchdog_signal(void);
 /// that run many runaway scripts shorten it, and put it back.
 #define WEIR_WATCHDOG_DEFAULT_TICK_NS 10000000
 void weir_watchdog_set_tick(uint64_t nanoseconds);
+/// After a tick with no thread inside Lua nor entering it, the watchdog
+/// parks (no ticks) until the next outermost entry wakes it. For tests:
+/// whether it can park here (membarrier(2) works; set at the first entry
+/// into Lua), whether it is parked now, how many ticks it ran and how many
+/// times it parked since the process started.
+int weir_watchdog_can_park(void);
+int weir_watchdog_parked(void);
+uint64_t weir_watchdog_ticks(void);
+uint64_t weir_watchdog_parks(void);
 
 /// The chain runner (a lua_CFunction; chain.c). Called on a coroutine as
 /// runner(list, last, ctx, check_exit, first): runs entries first...last of
