@@ -104,4 +104,66 @@ final class UpstreamOwnFieldsTests: PluginFolderTestCase {
             "x-forwarded-for: 127.0.0.1", "x-forwarded-proto: http", "x-forwarded-host: shop.example.com:8080",
         ])
     }
+
+    /// Plugins' header changes of names the proxy gives no meaning to are
+    /// kept as bytes next to the own lines (PluginUpstreamLines) until
+    /// something makes the edit list; either way the upstream gets the same
+    /// head, and a later change of a proxy-owned name (Via) or a read of the
+    /// upstream request takes the earlier changes over in order.
+    func testPluginHeaderLinesAsBytesMatchTheEditList() throws {
+        let edits = """
+        local weir = require "weir"
+        local u = weir.upstream.request
+        u.set_header("x-keep", "replaced")        -- a client line replaced
+        u.add_header("x-one", "1")
+        u.add_header("x-two", "2")
+        u.add_header("x-one", "1b")
+        u.set_header("x-two", "2b")              -- an added line replaced, after x-one's
+        u.clear_header("x-hop")                  -- a client line (also hop-by-hop) gone
+        u.add_header("x-gone", "g")
+        u.clear_header("x-gone")                 -- an added line gone
+        u.set_header("X-Mixed-Case", 42)
+        """
+        func writeEdits(_ name: String, then more: String = "") throws {
+            try folder.write(name, handler: """
+            local P = { PRIORITY = 2, VERSION = "1" }
+            function P:request(conf, ctx)
+            \(edits)
+            \(more)
+            end
+            return P
+            """)
+        }
+        try writeEdits("edits")
+        // The same edits, then a read of the upstream request: the edit list takes them over.
+        try writeEdits("editsread", then: #"assert(u.get_headers()["x-two"] == "2b")"#)
+        // The same edits, then one of a name the proxy owns (Via): the edit list again.
+        try writeEdits("editsvia", then: #"u.add_header("via", "1.1 plugin")"#)
+        // The same edits on a list made first (by a read).
+        try folder.write("readfirst", handler: """
+        local weir = require "weir"
+        local P = { PRIORITY = 3, VERSION = "1" }
+        function P:request(conf, ctx) weir.upstream.request.get_headers() end
+        return P
+        """)
+        let trusted: (inout WeirConfig) -> Void = { $0.forwarded.trustedProxies = ["127.0.0.0/8"] }
+        func heads(_ plugins: [String]) throws -> [[String]] {
+            try upstreamHeads(config: ProxyHarness.config(targets: [upstream.address]) {
+                trusted(&$0)
+                $0.plugins = plugins.map { pluginRef($0) }
+            })
+        }
+        let asBytes = try heads(["edits"])
+        XCTAssertEqual(asBytes, try heads(["editsread"]))
+        XCTAssertEqual(asBytes, try heads(["readfirst", "edits"]))
+        let first = try XCTUnwrap(asBytes.first)
+        XCTAssertEqual(Array(first.suffix(6)), ["x-request-id: <id>", "x-keep: replaced", "x-one: 1", "x-one: 1b", "x-two: 2b",
+                                                "x-mixed-case: 42"])
+        XCTAssertFalse(first.contains { $0.hasPrefix("x-hop") || $0.hasPrefix("x-gone") }, "\(first)")
+        // A later add of a name the proxy owns (Via) makes the edit list: the
+        // same lines, the plugin's Via line last.
+        let withVia = try heads(["editsvia"])
+        XCTAssertEqual(withVia.first?.last, "via: 1.1 plugin")
+        XCTAssertEqual(withVia.first.map { Array($0.dropLast()) }, first)
+    }
 }

@@ -391,7 +391,13 @@ extension ExchangeDownstream {
         guard exchange.upstreamEdits != nil else {
             // No plugin edits: the proxy's own lines as bytes.
             let routed = exchange.routed!
-            head.writeUpstream(own: upstreamOwnFields(exchange, head: head, routed: routed), target: routed.forwardURI, into: &out)
+            let own = upstreamOwnFields(exchange, head: head, routed: routed)
+            if let plugins = exchange.plugins, plugins.hasUpstreamLines {
+                // Plugins' header lines after the own ones (PluginUpstreamLines).
+                plugins.writeUpstreamHead(head, own: own, target: routed.forwardURI, into: &out)
+            } else {
+                head.writeUpstream(own: own, target: routed.forwardURI, into: &out)
+            }
             return (out, exchange.framing.chunked, head.wire.method)
         }
         guard let plugins = exchange.plugins, plugins.upstreamFramingEdited else {

@@ -157,6 +157,10 @@ final class ExchangePlugins: PluginRequestContext {
         phasePending = false
         if bodyWaiter != nil { bodyWaiter = nil }
         upstreamFramingEdited = false
+        if hasUpstreamLines {
+            upstreamLines.reset()
+            hasUpstreamLines = false
+        }
         if upstreamMethod != nil { upstreamMethod = nil }
         pinnedTarget = nil
         timeoutsOverride = nil
@@ -364,7 +368,38 @@ final class ExchangePlugins: PluginRequestContext {
         if exchange.upstreamEdits != nil { return true }
         guard let handler, let head = exchange.head, let routed = exchange.routed else { return false }
         exchange.upstreamEdits = handler.upstreamEdits(exchange, head: head, routed: routed)
+        if hasUpstreamLines {
+            // Header changes made before the list: after the proxy's own lines, as they would have been.
+            upstreamLines.move(into: &exchange.upstreamEdits!)
+            hasUpstreamLines = false
+        }
         return true
+    }
+
+    /// Plugins' upstream header changes while there is no edit list (the
+    /// proxy's own lines still written as bytes): names the proxy gives no
+    /// meaning to (PluginUpstreamLines).
+    private(set) var upstreamLines = PluginUpstreamLines()
+    /// `upstreamLines` is not empty (a flag: asking the struct would copy it).
+    private(set) var hasUpstreamLines = false
+
+    /// The client's lines of `name` when a change of that name can go to
+    /// `upstreamLines` (no edit list yet, a name the proxy gives no meaning
+    /// to); nil: it goes to the edit list.
+    @inline(__always)
+    private func upstreamLinesChange(_ exchange: Exchange, _ name: String) -> HTTP1FieldSet? {
+        guard exchange.upstreamEdits == nil, let head = exchange.head, HTTP1KnownField.classify(name) == .other else { return nil }
+        return head.fieldSet(named: name, kind: .other)
+    }
+
+    /// The upstream head with the proxy's own lines as bytes and
+    /// `upstreamLines` (serializeUpstreamHead, while there is no edit list).
+    func writeUpstreamHead(_ head: RequestHead, own: UpstreamOwnFields, target: String?, into out: inout ByteBuffer) {
+        // Swapped out and back, not copied (a copy retains its arrays).
+        var lines = PluginUpstreamLines()
+        swap(&lines, &upstreamLines)
+        head.writeUpstream(own: own, plugin: lines, target: target, into: &out)
+        swap(&lines, &upstreamLines)
     }
 
     // The client's lines of the name are looked up on the head itself
@@ -372,17 +407,32 @@ final class ExchangePlugins: PluginRequestContext {
     // their buffer and index retained and released per call.
     func setUpstreamHeader(_ name: String, _ value: String) {
         let exchange = self.exchange!
+        if let lines = upstreamLinesChange(exchange, name) {
+            upstreamLines.set(name, value, clientLines: lines)
+            hasUpstreamLines = true
+            return
+        }
         guard makeUpstreamEdits(), let lines = exchange.head?.fieldSet(named: name) else { return }
         noteFramingEdit(name)
         exchange.upstreamEdits!.replaceFields(named: name, lines: lines, with: value)
     }
     func addUpstreamHeader(_ name: String, _ value: String) {
+        if upstreamLinesChange(exchange, name) != nil {
+            upstreamLines.add(name, value)
+            hasUpstreamLines = true
+            return
+        }
         guard makeUpstreamEdits() else { return }
         noteFramingEdit(name)
         exchange.upstreamEdits!.addField(name, value)
     }
     func clearUpstreamHeader(_ name: String) {
         let exchange = self.exchange!
+        if let lines = upstreamLinesChange(exchange, name) {
+            upstreamLines.clear(name, clientLines: lines)
+            hasUpstreamLines = true
+            return
+        }
         guard makeUpstreamEdits(), let lines = exchange.head?.fieldSet(named: name) else { return }
         noteFramingEdit(name)
         exchange.upstreamEdits!.removeFields(named: name, lines: lines)
