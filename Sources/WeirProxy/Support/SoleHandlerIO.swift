@@ -118,15 +118,17 @@ final class SoleHandlerIO {
     var isDirect: Bool { core != nil || readCore != nil }
 
     func write(_ buffer: ByteBuffer, context: ChannelHandlerContext, promise: EventLoopPromise<Void>?) {
-        if let tlsHandler, let tlsContext {
-            return tlsHandler.write(context: tlsContext, data: NIOAny(buffer), promise: promise)
-        }
-        guard let core else { return context.write(NIOAny(buffer), promise: promise) }
-        if promise == nil && held == nil && socket != nil && buffer.readableBytes <= Self.maxHeldBytes
+        // The usual write, held for the flush. Tested against nil, not
+        // bound: a bound reference is retained and released per call.
+        if core != nil && tlsHandler == nil && promise == nil && held == nil && socket != nil && buffer.readableBytes <= Self.maxHeldBytes
             && nioHoldsNoWrites(context) {
             held = buffer
             return
         }
+        if let tlsHandler, let tlsContext {
+            return tlsHandler.write(context: tlsContext, data: NIOAny(buffer), promise: promise)
+        }
+        guard let core else { return context.write(NIOAny(buffer), promise: promise) }
         // Through NIO, behind whatever is held.
         nioMayHoldWrites = true
         if let held {
@@ -137,21 +139,22 @@ final class SoleHandlerIO {
     }
 
     func flush(context: ChannelHandlerContext) {
-        if let tlsHandler, let tlsContext { return tlsHandler.flush(context: tlsContext) }
-        guard let core else { return context.flush() }
-        guard let buffer = held else {
-            // Nothing held: NIO's writes (if any) are flushed by NIO.
-            if nioMayHoldWrites { core.flush0() }
+        // The usual flush: the held buffer, sent (references tested, not
+        // bound, as in `write`). Held only while NIO holds nothing: the
+        // bytes go first.
+        if core != nil && tlsHandler == nil, let buffer = held.take() {
+            let sent = sendOnSocket(buffer)
+            if sent == buffer.readableBytes { return }
+            nioMayHoldWrites = true
+            core!.write0(NIOAny(buffer.getSlice(at: buffer.readerIndex + sent, length: buffer.readableBytes - sent)!),
+                         promise: nil)
+            core!.flush0()
             return
         }
-        held = nil
-        // Held only while NIO holds nothing: the bytes go first.
-        let sent = sendOnSocket(buffer)
-        if sent == buffer.readableBytes { return }
-        nioMayHoldWrites = true
-        core.write0(NIOAny(buffer.getSlice(at: buffer.readerIndex + sent, length: buffer.readableBytes - sent)!),
-                    promise: nil)
-        core.flush0()
+        if let tlsHandler, let tlsContext { return tlsHandler.flush(context: tlsContext) }
+        guard let core else { return context.flush() }
+        // Nothing held: NIO's writes (if any) are flushed by NIO.
+        if nioMayHoldWrites { core.flush0() }
     }
 
     /// One `send(2)` of the buffer: the bytes the socket took, 0 when it
