@@ -47,6 +47,9 @@ public final class PluginRequest {
     // The phase run in progress.
     private var phase: PluginPhase = .request
     private var entries: [PluginChain.Entry] = []
+    /// The chain whose `phase` lists `entries`, `listRef`, `listTakesCtx`
+    /// and `recorders` hold (nil after a switch to a consumer's chain).
+    private var entriesChain: PluginChain?
     private var index = 0
     /// The chain runner's list of `entries` (LUA_NOREF: one call per resume).
     private var listRef: Int32 = LUA_NOREF
@@ -147,14 +150,20 @@ public final class PluginRequest {
         guard !isFinished else {
             return .done(.failed(PluginFailure(plugin: "", phase: phase, message: "request already finished", traceback: nil)))
         }
-        self.phase = phase
-        self.entries = chain.byPhase[phase.luaID]
         self.index = 0
         self.exit = nil
+        if chain !== entriesChain || phase != self.phase {
+            // A reused scope mostly runs the same chain's same phase as its
+            // last request: its lists are kept (storing them again cost two
+            // retains and two releases per phase).
+            self.phase = phase
+            entriesChain = chain
+            entries = chain.byPhase[phase.luaID]
+            listRef = chain.phaseLists[phase.luaID]
+            listTakesCtx = chain.phaseTakesCtx[phase.luaID]
+            recorders = chain.phaseRecorders[phase.luaID]
+        }
         if entries.isEmpty { return .done(.continue) }
-        listRef = chain.phaseLists[phase.luaID]
-        listTakesCtx = chain.phaseTakesCtx[phase.luaID]
-        recorders = chain.phaseRecorders[phase.luaID]
         // One clock read per plugin boundary: a call ends when the next begins.
         if runtime.options.observer != nil { callStart = weir_monotonic_ns() }
         if let result = drive(resumeWith: nil) { return .done(result) }
@@ -427,6 +436,7 @@ public final class PluginRequest {
         let name = entry.name
         // A chain is ordered by PRIORITY (descending), then name: the
         // plugins after this one's turn are a suffix of the consumer's chain.
+        entriesChain = nil
         entries = chain.byPhase[phase.luaID]
         index = entries.firstIndex {
             let p = $0.plugin.definition.priority

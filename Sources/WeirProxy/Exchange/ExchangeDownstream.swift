@@ -207,7 +207,8 @@ extension ExchangeDownstream {
             exchange.keepAlive = false
         }
         if let plugins = loopContext.plugins, let chain = plugins.chain(for: routed.route) {
-            return startRequestPlugins(exchange, plugins: plugins, chain: chain, path: path(), query: query)
+            return startRequestPlugins(exchange, routed: routed, head: head, plugins: plugins, chain: chain,
+                                       path: path(), query: query)
         }
         startAttempt(exchange, routed: routed, head: head, excluding: nil)
     }

@@ -54,8 +54,10 @@ extension DownstreamHandler {
 
 extension ExchangeDownstream {
     /// The route has a chain: run the request phase, then go upstream (or answer).
-    func startRequestPlugins(_ exchange: Exchange, plugins: LoopPlugins, chain: RouteChain, path: String, query: Substring) {
-        guard exchange.head != nil, exchange.routed != nil else { return }
+    /// `routed` and `head` are the exchange's (held by the caller: read
+    /// again from its properties they cost a retain and a release each).
+    func startRequestPlugins(_ exchange: Exchange, routed: RoutedRequest, head: RequestHead, plugins: LoopPlugins,
+                             chain: RouteChain, path: String, query: Substring) {
         // First request on this connection under a newer generation (a
         // reload happened since accept): that generation's connection phase
         // runs first, so `weir.conn` is filled by the plugins now in force.
@@ -71,7 +73,8 @@ extension ExchangeDownstream {
                 if outcome.synchronous { outcome.result = result; return }
                 guard let self, self.exchange === exchange, !exchange.finished else { return }
                 if case .continue = result {
-                    self.startRequestPlugins(exchange, plugins: plugins, chain: chain, path: path, query: query)
+                    self.startRequestPlugins(exchange, routed: routed, head: head, plugins: plugins, chain: chain,
+                                             path: path, query: query)
                 } else {
                     self.closeDownstream()
                 }
@@ -90,7 +93,11 @@ extension ExchangeDownstream {
         let scope = plugins.beginRequest(chain: chain, handler: self, exchange: exchange, path: path, query: query,
                                          connection: connectionPlugins?.scope)
         exchange.plugins = scope
-        switch scope.scope.start(.request, chain: scope.chain) {
+        switch scope.scope.start(.request, chain: chain.chain) {
+        case .done(.continue) where exchange.routed === routed:
+            // No plugin picked another upstream (set_upstream, set_target):
+            // the first attempt with what the caller already holds.
+            startAttempt(exchange, routed: routed, head: head, excluding: nil)
         case .done(let result):
             requestPhaseEnded(exchange, result)
         case .pending(let future):

@@ -101,10 +101,11 @@ final class ExchangePlugins: PluginRequestContext {
         self.path = path
         self.query = query
         self.scope = loopPlugins.runtime.beginRequest(self, connection: Self.connectionScope(connection, loopPlugins))
-        watchConsumers()
+        watchConsumers(loopPlugins)
     }
 
-    private func watchConsumers() {
+    /// `loopPlugins` is this object's (passed: a read of the property costs a retain and a release).
+    private func watchConsumers(_ loopPlugins: LoopPlugins) {
         guard loopPlugins.hasConsumerPlugins else { return }
         scope.consumerChain = { [weak self] consumer in self?.chainForConsumer(consumer) }
     }
@@ -128,7 +129,7 @@ final class ExchangePlugins: PluginRequestContext {
         self.query = query
         scopeEnded = false
         loopPlugins.runtime.restartRequest(scope, self, connection: Self.connectionScope(connection, loopPlugins))
-        watchConsumers()
+        watchConsumers(loopPlugins)
     }
 
     /// Back to what a new object starts with: every property that one
