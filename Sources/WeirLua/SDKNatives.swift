@@ -334,17 +334,34 @@ extension LuaRuntime {
         }
         let shared = options.shared
         let now = shared.now()
-        let result = target?.incr(key, hash: sharedKeyHashes.hash(of: key, at: 2, on: L), delta, initial: sharedValue(at: 4, on: L),
+        let hash = sharedKeyHashes.hash(of: key, at: 2, on: L)
+        // incr_get: both keys under one lock of the dictionary.
+        if let target, otherType == LUA_TSTRING, let otherKey = LuaState.bytes(at: 6, on: L) {
+            let (result, other) = target.incrGet(key, hash: hash, delta, initial: sharedValue(at: 4, on: L), initialTTL: ttl,
+                                                 other: otherKey, otherHash: sharedKeyHashes.hash(of: otherKey, at: 6, on: L), now: now)
+            guard case .success(let v) = result else { return pushIncrFailure(result, L) }
+            pushShared(v, on: L)
+            pushShared(other, on: L)
+            return 2
+        }
+        let result = target?.incr(key, hash: hash, delta, initial: sharedValue(at: 4, on: L),
                                   initialTTL: ttl, now: now) ?? .failure(.notFound)
         switch result {
         case .success(let v):
             pushShared(v, on: L)
-            guard otherType == LUA_TSTRING, let otherKey = LuaState.bytes(at: 6, on: L) else { return 1 }
-            pushShared(target?.get(otherKey, hash: sharedKeyHashes.hash(of: otherKey, at: 6, on: L), now: now), on: L)
-            return 2
-        case .failure(.notFound): lua_pushnil(L); LuaState.push("not found", on: L); return 2
-        case .failure(.notANumber): lua_pushnil(L); LuaState.push("not a number", on: L); return 2
+            return 1
+        case .failure: return pushIncrFailure(result, L)
         }
+    }
+
+    /// nil and the message of a failed incr: two results.
+    private func pushIncrFailure(_ result: Result<SharedDictionaries.Value, SharedDictionaries.IncrError>, _ L: LuaThread) -> Int32 {
+        lua_pushnil(L)
+        switch result {
+        case .failure(.notANumber): LuaState.push("not a number", on: L)
+        default: LuaState.push("not found", on: L)
+        }
+        return 2
     }
 }
 

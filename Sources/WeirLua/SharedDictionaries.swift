@@ -173,8 +173,7 @@ public final class SharedDictionaries: @unchecked Sendable {
 
         /// The live node for key (dropping it if expired), moved to the front.
         private func live(_ key: UnsafeRawBufferPointer, hash: Int, now: Double) -> Node? {
-            guard let n = find(key, hash: hash) else { return nil }
-            if n.expiry != 0 && n.expiry <= now { remove(n); return nil }
+            guard let n = unexpired(key, hash: hash, now: now) else { return nil }
             // A hot key is usually at the front already: skip the relinking
             // (and its reference counting).
             if head !== n { unlink(n); pushFront(n) }
@@ -232,6 +231,47 @@ public final class SharedDictionaries: @unchecked Sendable {
                 insert(key, hash: hash, sum, ttl: initialTTL, now: now)
                 return .success(sum)
             }
+        }
+
+        /// `incr` of `key`, then the value of `other` (nil when absent), under
+        /// one lock (dict:incr_get: a sliding window's current and previous
+        /// counters). As LRU uses, `other` is touched before `key`; in the
+        /// steady state, the same two keys request after request, they are
+        /// the two most recent already in that order and nothing is relinked
+        /// (touching them one by one relinked both every time).
+        func incrGet(_ key: UnsafeRawBufferPointer, hash: Int, _ delta: Value, initial: Value?, initialTTL: Double,
+                     other: UnsafeRawBufferPointer, otherHash: Int, now: Double) -> (Result<Value, IncrError>, Value?) {
+            lock.withLock {
+                var otherNode = unexpired(other, hash: otherHash, now: now)
+                let node = unexpired(key, hash: hash, now: now)
+                if !(node != nil && otherNode != nil && head === node && node!.next === otherNode) {
+                    if let o = otherNode, head !== o { unlink(o); pushFront(o) }
+                    if let n = node, head !== n { unlink(n); pushFront(n) }
+                }
+                let result: Result<Value, IncrError>
+                if let n = node {
+                    guard let sum = Dictionary.add(n.value, delta) else { return (.failure(.notANumber), nil) }
+                    n.value = sum
+                    result = .success(sum)
+                } else {
+                    guard let initial = initial, let sum = Dictionary.add(initial, delta) else { return (.failure(.notFound), nil) }
+                    insert(key, hash: hash, sum, ttl: initialTTL, now: now)
+                    // Looked up again (a new key, once per window): a full
+                    // dictionary evicted its least recently used, perhaps
+                    // `other`, and `other` may be the key just inserted.
+                    otherNode = find(other, hash: otherHash)
+                    result = .success(sum)
+                }
+                // Read after the increment: `other` may be `key` itself.
+                return (result, otherNode?.value)
+            }
+        }
+
+        /// The node for key unless it expired (then dropped); not moved.
+        private func unexpired(_ key: UnsafeRawBufferPointer, hash: Int, now: Double) -> Node? {
+            guard let n = find(key, hash: hash) else { return nil }
+            if n.expiry != 0 && n.expiry <= now { remove(n); return nil }
+            return n
         }
 
         func delete(_ key: UnsafeRawBufferPointer) {

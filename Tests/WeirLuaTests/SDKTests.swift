@@ -505,6 +505,35 @@ final class SDKTests: XCTestCase {
         for i in stride(from: 1, to: 5000, by: 3) { XCTAssertNil(shared.get("d", "k\(i)")) }
     }
 
+    /// incr_get's two keys under one lock: `other` counts as used before the
+    /// incremented key (so of the two it is evicted first), a new key that
+    /// evicts `other` reads it as absent, and `other` may be the key itself
+    /// (read after the increment).
+    func testIncrGetTouchesTheOtherKeyFirstAndSeesEvictions() {
+        let shared = SharedDictionaries(capacities: ["two": 2, "one": 1])
+        func incrGet(_ name: String, _ key: String, _ other: String) -> (SharedDictionaries.Value?, SharedDictionaries.Value?) {
+            let d = shared.dictionary(id: shared.id(of: name)!)!
+            let (result, value) = SharedKey.withBytes(key) { k in
+                SharedKey.withBytes(other) { o in
+                    d.incrGet(k, hash: SharedKey.hash(k), .integer(1), initial: .integer(0), initialTTL: 0,
+                              other: o, otherHash: SharedKey.hash(o), now: 1)
+                }
+            }
+            return (try? result.get(), value)
+        }
+        shared.set("two", "prev", .integer(7), ttl: 0)
+        XCTAssertTrue(incrGet("two", "cur", "prev") == (.integer(1), .integer(7)))
+        XCTAssertTrue(incrGet("two", "cur", "prev") == (.integer(2), .integer(7)))
+        shared.set("two", "third", .bool(true), ttl: 0)
+        XCTAssertNil(shared.get("two", "prev"), "touched before cur: the least recently used of the two")
+        XCTAssertEqual(shared.get("two", "cur"), .integer(2))
+
+        shared.set("one", "prev", .integer(5), ttl: 0)
+        XCTAssertTrue(incrGet("one", "cur", "prev") == (.integer(1), nil), "inserting cur evicted prev")
+        XCTAssertTrue(incrGet("two", "same", "same") == (.integer(1), .integer(1)))
+        XCTAssertTrue(incrGet("two", "same", "same") == (.integer(2), .integer(2)))
+    }
+
     /// dict:incr_get: incr, then another key's value, from one native call;
     /// failures and bad arguments answer as incr's do.
     func testSharedIncrGetIncrementsAndReadsTheOtherKey() throws {
