@@ -134,7 +134,7 @@ extension ExchangeDownstream {
         plugins.beginUpstreamResponse(head)
         // Only the request phase's response header changes (or a body
         // filter's re-framing) to apply: no Lua to enter.
-        guard plugins.chain.runs(.response) else { return plugins.endUpstreamResponse() }
+        guard plugins.runsResponse else { return plugins.endUpstreamResponse() }
         switch plugins.scope.start(.response, chain: plugins.chain) {
         case .done(let result):
             return responsePhaseEnded(exchange, plugins: plugins, result: result, connection: connection)

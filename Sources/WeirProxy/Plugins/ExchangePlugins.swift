@@ -46,7 +46,13 @@ final class ExchangePlugins: PluginRequestContext {
     private(set) var loopPlugins: LoopPlugins!
     /// The route's chain; replaced by the consumer's full chain once an auth
     /// plugin names a consumer that has plugins of its own.
-    private(set) var chain: PluginChain
+    private(set) var chain: PluginChain {
+        didSet { (runsResponse, runsLog) = (chain.runs(.response), chain.runs(.log)) }
+    }
+    /// `chain` has response / log plugins: flags set with it, because asking
+    /// the chain on every response and request end retained it and its lists.
+    private(set) var runsResponse: Bool
+    private(set) var runsLog: Bool
     /// The chain has a body_filter: the response is re-framed (chunked) and
     /// each upstream body part goes through it.
     private(set) var filtersBody: Bool
@@ -95,6 +101,8 @@ final class ExchangePlugins: PluginRequestContext {
          path: String, query: Substring, connection: PluginConnection?) {
         self.loopPlugins = loopPlugins
         self.chain = chain.chain
+        self.runsResponse = chain.chain.runs(.response)
+        self.runsLog = chain.chain.runs(.log)
         self.filtersBody = chain.filtersBody
         self.handler = handler
         self.exchange = exchange
@@ -186,7 +194,7 @@ final class ExchangePlugins: PluginRequestContext {
             return endScope(reusable: false)
         }
         // No log plugin (the common chain): nothing to start.
-        guard chain.runs(.log) else { return endScope(reusable: true) }
+        guard runsLog else { return endScope(reusable: true) }
         listenerName = handler?.listener.name
         switch scope.start(.log, chain: chain) {
         case .done(let result):
@@ -231,7 +239,7 @@ final class ExchangePlugins: PluginRequestContext {
     /// Nothing for the response phase to do on an upstream head: no plugin
     /// implements it, no body filter re-frames the response and the request
     /// phase left no response header changes.
-    var responsePhaseIsNoop: Bool { !hasPendingResponseHeaders && !filtersBody && !chain.runs(.response) }
+    var responsePhaseIsNoop: Bool { !hasPendingResponseHeaders && !filtersBody && !runsResponse }
     /// `pendingResponseHeaders` is not empty (a flag: asking the struct
     /// retains and releases its arrays on every response).
     private var hasPendingResponseHeaders = false
