@@ -437,6 +437,34 @@ elif MODE == "malformed-flood":
         code, closed = wait_end(s, c)
         return {"goaway": code, "closed": closed}
     result = with_bystander(abuse)
+elif MODE == "goaway-then-eof":
+    # ARGS[0] malformed requests (past max_glitches) and ~260 KB of harmless
+    # frames after them, all written before reading: the GOAWAY must arrive,
+    # then the end of the stream (FIN), not a reset that can take the GOAWAY with it.
+    s, c = connect()
+    for i in range(int(ARGS[0])):
+        sid = c.get_next_available_stream_id()
+        c.send_headers(sid, [(":method", "GET"), (":path", "/"), (":scheme", "http"), (":authority", "t"), ("X-Upper", "1")], end_stream=True)
+    w = WindowUpdateFrame(0); w.window_increment = 1
+    send_error = None
+    try:
+        s.sendall(c.data_to_send() + w.serialize() * 20000)
+    except OSError as e:
+        send_error = type(e).__name__
+    events, end = [], "timeout"
+    s.settimeout(5)
+    while True:
+        try:
+            data = s.recv(65536)
+        except socket.timeout:
+            break
+        except OSError as e:
+            end = type(e).__name__; break
+        if not data:
+            end = "eof"; break
+        try: events += c.receive_data(data)
+        except Exception as e: events.append(("client-error", str(e)))
+    result = {"goaway": goaway_of(events), "end": end, "send_error": send_error}
 elif MODE == "closed-stream":
     s, c = connect()
     sid = request(s, c, "/")

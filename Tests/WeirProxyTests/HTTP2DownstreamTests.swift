@@ -441,6 +441,21 @@ final class HTTP2DownstreamTests: UpstreamTestCase {
         XCTAssertEqual(r["bystander_after"] as? Int, 200)
     }
 
+    /// The connection ends after its GOAWAY with a lingering close: the write
+    /// side is shut and what the client still sends is read and dropped until
+    /// it closes. Closed at once with unread input, the socket would be reset,
+    /// and a reset can discard the GOAWAY not yet sent (the client never
+    /// learns why it was cut off; testRapidReset... saw it on a busy machine).
+    func testGoAwayIsFollowedByACleanEndNotAReset() throws {
+        try XCTSkipUnless(H2Script.available, "python3-h2 is not installed")
+        let proxy = try self.http2Proxy { $0.maxGlitches = 10 }
+        defer { proxy.stop() }
+        let r = try H2Script.run(port: proxy.port, "goaway-then-eof", ["12"])
+        XCTAssertEqual(r["goaway"] as? Int, 11, "GOAWAY ENHANCE_YOUR_CALM: \(r)")
+        XCTAssertEqual(r["end"] as? String, "eof", "FIN after the GOAWAY, no reset: \(r)")
+        XCTAssertTrue(r["send_error"] is NSNull, "everything the client sent was read: \(r)")
+    }
+
     /// max_glitches glitches are allowed (the connection still serves), the
     /// next one ends it: malformed requests (reset, or refused with a
     /// status when the head breaks Weir's head rules) and frames nghttp2

@@ -109,6 +109,10 @@ final class HTTP2DownstreamConnection: ChannelInboundHandler {
     private var closeAfterFlush = false
     /// The last write is under way; the channel closes when it completes.
     private var closingAfterWrite = false
+    /// The last write is out and the write side shut: what the client still
+    /// sends is dropped until it closes (`lingerThenClose`).
+    private var lingering = false
+    private var lingerTimeout: Scheduled<Void>?
     private var idleTimer = LazyTimer()
     /// Fires at the earliest exchange deadline among the streams.
     private var streamTimer = LazyTimer()
@@ -247,10 +251,8 @@ final class HTTP2DownstreamConnection: ChannelInboundHandler {
         idleTimer.cancel()
         pingTimer.cancel()
         streamTimer.cancel()
-        // Streams still open lose their exchange (the client sees the cut).
-        let open = streams.values
-        streams.removeAll()
-        for stream in open { stream.streamClosed() }
+        lingerTimeout?.cancel()
+        endStreams()
         connectionPlugins?.close()
         loopContext.unregisterHTTP2(self)
         listener.connectionClosed()
@@ -259,10 +261,17 @@ final class HTTP2DownstreamConnection: ChannelInboundHandler {
         // (this may run inside one) still finds it.
     }
 
+    /// Streams still open lose their exchange (the client sees the cut).
+    private func endStreams() {
+        let open = streams.values
+        streams.removeAll()
+        for stream in open { stream.streamClosed() }
+    }
+
     // MARK: - Bytes in
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        guard let session, !closed else { return }
+        guard let session, !closed, !lingering else { return }
         // A client read event: one clock read serves the streams it feeds.
         loopContext.clock.enterEvent()
         defer { loopContext.clock.leaveEvent() }
@@ -467,10 +476,29 @@ final class HTTP2DownstreamConnection: ChannelInboundHandler {
             closingAfterWrite = true
             let context = self.context!
             context.writeAndFlush(wrapOutboundOut(context.channel.allocator.buffer(capacity: 0))).whenComplete { _ in
-                context.close(promise: nil)
+                self.lingerThenClose(context)
             }
         }
     }
+
+    /// The session's last bytes (a GOAWAY) are written: shut the write side
+    /// (FIN after them), then read and drop what the client still sends
+    /// until it closes (its EOF closes the channel) or `lingerSeconds` pass.
+    /// Closing at once with unread input makes the kernel send a reset, and
+    /// a client still sending (Rapid Reset, a flood of malformed requests)
+    /// then loses the GOAWAY waiting in its receive buffer, never learning
+    /// why it was cut off (nginx's lingering close, for the same reason).
+    private func lingerThenClose(_ context: ChannelHandlerContext) {
+        guard !closed, !lingering else { return }
+        lingering = true
+        endStreams()   // the session is over: nothing more goes to them
+        context.close(mode: .output).whenFailure { _ in context.close(promise: nil) }
+        lingerTimeout = context.eventLoop.scheduleTask(in: .seconds(Self.lingerSeconds)) {
+            context.close(promise: nil)
+        }
+    }
+
+    private static let lingerSeconds: Int64 = 1
 
     var isWritable: Bool { context.channel.isWritable }
 
