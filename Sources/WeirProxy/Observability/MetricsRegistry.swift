@@ -7,9 +7,10 @@ import NIOConcurrencyHelpers
 /// request is recorded on an event loop, and those libraries resolve a
 /// metric object per label set through a shared lock-protected factory (or
 /// need us to cache handles per label set ourselves) and then update atomics
-/// shared by all loops. Here each event loop has its own shard, one
-/// dictionary lookup per request finds the (route, upstream) cell, and the
-/// scrape merges the shards. The text format is small and fully covered by
+/// shared by all loops. Here each event loop has its own shard, the data
+/// path keeps a `RequestCounter` per loop and route (the (route, upstream)
+/// cell found once; samples from other callers find it per record), and
+/// the scrape merges the shards. The text format is small and fully covered by
 /// tests (`AdminMetricsTests`).
 ///
 /// Measured cost (release, one thread, 2M records, on the shared 2-core dev
