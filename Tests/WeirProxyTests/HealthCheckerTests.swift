@@ -55,7 +55,9 @@ final class HealthCheckerTests: XCTestCase {
         var active = ActiveHealthCheck()
         active.path = path
         active.interval = .milliseconds(50)
-        active.timeout = .milliseconds(500)
+        // Stopped targets refuse at once; a generous timeout keeps a slow
+        // probe on a loaded machine from marking a live target down.
+        active.timeout = .seconds(2)
         upstream.healthCheck.active = active
         return upstream
     }

@@ -164,16 +164,17 @@ final class StreamProxyTests: XCTestCase {
     func testTrafficKeepsTheIdleTimerAway() throws {
         // The idle timer sees activity only through the relayed byte counts:
         // a connection that keeps talking for well past the timeout stays
-        // open, and every byte is in the access record.
+        // open, and every byte is in the access record. (The timeout is 10
+        // gaps long, so a test thread stalled on a busy machine is no close.)
         let echo = try TCPTestServer(group: group)
         defer { echo.stop() }
         let proxy = try StreamHarness(config: StreamHarness.tcpConfig(targets: [echo.address]) {
-            $0.listeners[0].stream.idleTimeout = .milliseconds(600)
+            $0.listeners[0].stream.idleTimeout = .seconds(1)
         })
         defer { proxy.stop() }
 
         let client = try proxy.connect("tcp")
-        let rounds = 20                             // 2 s of traffic, 100 ms apart
+        let rounds = 25                             // 2.5 s of traffic, 100 ms apart
         for i in 0..<rounds {
             try client.send("\(i % 10)")
             XCTAssertEqual(client.readString(1), "\(i % 10)", "round \(i): the busy connection was closed")
@@ -243,8 +244,10 @@ final class StreamProxyTests: XCTestCase {
         let proxy = try StreamHarness(config: StreamHarness.tcpConfig(targets: [dead, live.address]) {
             var active = ActiveHealthCheck()
             active.type = .tcp
+            // The dead target refuses at once; a generous timeout keeps a
+            // slow connect on a loaded machine from marking the live one down.
             active.interval = .milliseconds(50)
-            active.timeout = .milliseconds(50)
+            active.timeout = .seconds(2)
             active.unhealthy = 1
             $0.upstreams[0].healthCheck.active = active
             $0.upstreams[0].retries = 0
