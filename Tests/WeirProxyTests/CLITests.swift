@@ -375,20 +375,11 @@ final class CLITests: XCTestCase {
 
     struct RunResult { var status: Int32; var stdout: String; var stderr: String }
 
+    /// Runs `weir` to its end (bounded): both pipes are read while it runs,
+    /// so a child that fills stderr before it closes stdout cannot block.
     static func runWeir(_ arguments: [String]) throws -> RunResult {
-        let process = Process()
-        process.executableURL = try weirBinary()
-        process.arguments = arguments
-        let out = Pipe(), err = Pipe()
-        process.standardOutput = out
-        process.standardError = err
-        try process.run()
-        // Read before waiting so a full pipe cannot deadlock the child.
-        let stdoutData = out.fileHandleForReading.readDataToEndOfFile()
-        let stderrData = err.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        return RunResult(status: process.terminationStatus, stdout: String(decoding: stdoutData, as: UTF8.self),
-                         stderr: String(decoding: stderrData, as: UTF8.self))
+        let result = try runProgram(try weirBinary().path, arguments, timeoutSeconds: 120)
+        return RunResult(status: result.status, stdout: result.out, stderr: result.err)
     }
 }
 
