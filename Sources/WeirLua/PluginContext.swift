@@ -112,9 +112,78 @@ public protocol PluginRequestContext: AnyObject {
     /// The finished request's access record (log phase); nil outside the
     /// data path. Built on demand (`weir.log.serialize()`).
     func accessRecord() -> PluginAccessRecord?
+
+    /// How the hot natives call this context without retaining it (default:
+    /// through the existential; see `PluginRequestCalls`). Must be a
+    /// long-lived (static) object: the scope keeps it unretained.
+    var nativeCalls: PluginRequestCalls { get }
+}
+
+/// How the runtime's hot natives (SDKNatives.swift, `HotNative`) call a
+/// request context without retaining it: a call on the
+/// `PluginRequestContext` existential read from the scope retains and
+/// releases it (~40 instructions per native call), whatever way it is
+/// stored; `Unmanaged` borrows only a concrete class. So a context type
+/// may hand out a subclass whose methods take the context as its
+/// unretained object pointer and call the concrete type (the proxy's
+/// `ExchangePluginsCalls`); this base class, every other context's, goes
+/// through the existential.
+open class PluginRequestCalls {
+    public init() {}
+    /// The calls through the existential (contexts without their own).
+    public static let existential = PluginRequestCalls()
+
+    open func withRequestHeader(_ object: UnsafeMutableRawPointer, _ name: String, _ body: (UnsafeRawBufferPointer?) -> Void) {
+        context(object).withRequestHeader(name, body)
+    }
+    open func setUpstreamHeader(_ object: UnsafeMutableRawPointer, _ name: String, _ value: String) { context(object).setUpstreamHeader(name, value) }
+    open func addUpstreamHeader(_ object: UnsafeMutableRawPointer, _ name: String, _ value: String) { context(object).addUpstreamHeader(name, value) }
+    open func clearUpstreamHeader(_ object: UnsafeMutableRawPointer, _ name: String) { context(object).clearUpstreamHeader(name) }
+    open func setResponseHeader(_ object: UnsafeMutableRawPointer, _ name: String, _ value: String) { context(object).setResponseHeader(name, value) }
+    open func addResponseHeader(_ object: UnsafeMutableRawPointer, _ name: String, _ value: String) { context(object).addResponseHeader(name, value) }
+    open func clearResponseHeader(_ object: UnsafeMutableRawPointer, _ name: String) { context(object).clearResponseHeader(name) }
+
+    private func context(_ object: UnsafeMutableRawPointer) -> PluginRequestContext {
+        Unmanaged<AnyObject>.fromOpaque(object).takeUnretainedValue() as! PluginRequestContext
+    }
+}
+
+/// A scope's request context for the hot natives: the object, unretained
+/// (the scope's `context` holds it), and its `PluginRequestCalls`. Plain
+/// values: reading them from the scope retains nothing.
+struct HotRequestContext {
+    let object: UnsafeMutableRawPointer
+    let calls: Unmanaged<PluginRequestCalls>
+
+    init?(_ context: PluginRequestContext?) {
+        guard let context else { return nil }
+        object = Unmanaged.passUnretained(context as AnyObject).toOpaque()
+        // The calls objects are static (immortal).
+        calls = Unmanaged.passUnretained(context.nativeCalls)
+    }
+
+    @inline(__always) func withRequestHeader(_ name: String, _ body: (UnsafeRawBufferPointer?) -> Void) {
+        calls._withUnsafeGuaranteedRef { $0.withRequestHeader(object, name, body) }
+    }
+    @inline(__always) func setUpstreamHeader(_ name: String, _ value: String) {
+        calls._withUnsafeGuaranteedRef { $0.setUpstreamHeader(object, name, value) }
+    }
+    @inline(__always) func addUpstreamHeader(_ name: String, _ value: String) {
+        calls._withUnsafeGuaranteedRef { $0.addUpstreamHeader(object, name, value) }
+    }
+    @inline(__always) func clearUpstreamHeader(_ name: String) { calls._withUnsafeGuaranteedRef { $0.clearUpstreamHeader(object, name) } }
+    @inline(__always) func setResponseHeader(_ name: String, _ value: String) {
+        calls._withUnsafeGuaranteedRef { $0.setResponseHeader(object, name, value) }
+    }
+    @inline(__always) func addResponseHeader(_ name: String, _ value: String) {
+        calls._withUnsafeGuaranteedRef { $0.addResponseHeader(object, name, value) }
+    }
+    @inline(__always) func clearResponseHeader(_ name: String) { calls._withUnsafeGuaranteedRef { $0.clearResponseHeader(object, name) } }
 }
 
 extension PluginRequestContext {
+    /// Through the existential (see `PluginRequestCalls`).
+    public var nativeCalls: PluginRequestCalls { PluginRequestCalls.existential }
     /// Contexts outside a routed request (tests, tools) have no route.
     public var matchedRouteName: String? { nil }
     /// The connection's TLS session (`weir.client.get_tls()`); nil on plain connections.

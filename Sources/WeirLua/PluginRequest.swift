@@ -22,7 +22,11 @@ public final class PluginRequest {
     public let runtime: LuaRuntime
     /// The request (nil in a connection or timer scope, and while a
     /// finished scope waits to be reused: `detach`).
-    public private(set) var context: PluginRequestContext?
+    public private(set) var context: PluginRequestContext? {
+        didSet { hotContext = HotRequestContext(context) }
+    }
+    /// `context` as the hot natives call it, without retaining it (`HotRequestContext`).
+    private(set) var hotContext: HotRequestContext?
     public private(set) var connection: PluginConnection?
 
     var coroutine: LuaCoroutine?
@@ -65,6 +69,7 @@ public final class PluginRequest {
     init(runtime: LuaRuntime, request: PluginRequestContext?, connection: PluginConnection?) {
         self.runtime = runtime
         self.context = request
+        self.hotContext = HotRequestContext(request)
         self.connection = connection
     }
 

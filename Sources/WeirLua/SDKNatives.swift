@@ -238,11 +238,12 @@ extension LuaRuntime {
     /// request active it answers WEIR_CALL_FALLBACK, whose Lua fallback
     /// raises the SDK's message at the caller's line.
     @inline(__always)
-    private func withCurrentRequest(_ phases: UInt8, _ body: (PluginRequestContext) -> Int32) -> Int32 {
+    private func withCurrentRequest(_ phases: UInt8, _ body: (HotRequestContext) -> Int32) -> Int32 {
         guard let current = currentScope, phases & currentPhase.mask != 0 else { return WEIR_CALL_FALLBACK }
-        // Borrowed for the call (see `currentScope`): no retain of the scope.
+        // Borrowed for the call (see `currentScope`): no retain of the
+        // scope, nor of its request (HotRequestContext).
         return current._withUnsafeGuaranteedRef { scope in
-            guard let request = scope.context else { return WEIR_CALL_FALLBACK }
+            guard let request = scope.hotContext else { return WEIR_CALL_FALLBACK }
             return body(request)
         }
     }

@@ -1,0 +1,35 @@
+import WeirLua
+
+/// The hot natives' calls on the proxy's request context (see
+/// `PluginRequestCalls`): `object` is an `ExchangePlugins`, borrowed for
+/// the call, so no retain and release of the context per native call.
+final class ExchangePluginsCalls: PluginRequestCalls {
+    static let shared = ExchangePluginsCalls()
+
+    @inline(__always)
+    private func on<R>(_ object: UnsafeMutableRawPointer, _ body: (ExchangePlugins) -> R) -> R {
+        Unmanaged<ExchangePlugins>.fromOpaque(object)._withUnsafeGuaranteedRef(body)
+    }
+
+    override func withRequestHeader(_ object: UnsafeMutableRawPointer, _ name: String, _ body: (UnsafeRawBufferPointer?) -> Void) {
+        on(object) { $0.withRequestHeader(name, body) }
+    }
+    override func setUpstreamHeader(_ object: UnsafeMutableRawPointer, _ name: String, _ value: String) {
+        on(object) { $0.setUpstreamHeader(name, value) }
+    }
+    override func addUpstreamHeader(_ object: UnsafeMutableRawPointer, _ name: String, _ value: String) {
+        on(object) { $0.addUpstreamHeader(name, value) }
+    }
+    override func clearUpstreamHeader(_ object: UnsafeMutableRawPointer, _ name: String) { on(object) { $0.clearUpstreamHeader(name) } }
+    override func setResponseHeader(_ object: UnsafeMutableRawPointer, _ name: String, _ value: String) {
+        on(object) { $0.setResponseHeader(name, value) }
+    }
+    override func addResponseHeader(_ object: UnsafeMutableRawPointer, _ name: String, _ value: String) {
+        on(object) { $0.addResponseHeader(name, value) }
+    }
+    override func clearResponseHeader(_ object: UnsafeMutableRawPointer, _ name: String) { on(object) { $0.clearResponseHeader(name) } }
+}
+
+extension ExchangePlugins {
+    var nativeCalls: PluginRequestCalls { ExchangePluginsCalls.shared }
+}
