@@ -303,7 +303,7 @@ extension LuaRuntime {
     private func sharedDictIncr(_ L: LuaThread, readsOther: Bool) -> Int32 {
         guard lua_type(L, 1) == LUA_TTABLE, !readsOther || lua_type(L, 6) == LUA_TSTRING,
               let id = sharedDictionaryID(ofTableAt: 1, L) else { return WEIR_CALL_FALLBACK }
-        return sharedIncrement(L, options.shared.dictionary(id: id), readsOther: readsOther)
+        return options.shared.withDictionary(id: id) { sharedIncrement(L, $0, readsOther: readsOther) }
     }
 
     /// A dictionary handle's id, read raw from its [1] (no metamethod may

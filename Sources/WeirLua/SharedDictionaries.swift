@@ -42,6 +42,17 @@ public final class SharedDictionaries: @unchecked Sendable {
     @inline(__always)
     func dictionary(id: Int) -> Dictionary? { id >= 0 && id < byID.count ? byID[id] : nil }
 
+    /// The dictionary of `id` (nil for an unknown id) lent to `body`: not
+    /// retained for the call (`byID` holds every dictionary as long as this
+    /// set lives), unlike `dictionary(id:)`'s result (dict:incr per request).
+    @inline(__always)
+    func withDictionary<R>(id: Int, _ body: (Dictionary?) -> R) -> R {
+        guard id >= 0 && id < byID.count else { return body(nil) }
+        return byID.withUnsafeBufferPointer { dictionaries in
+            Unmanaged.passUnretained(dictionaries[id])._withUnsafeGuaranteedRef { body($0) }
+        }
+    }
+
     /// The current time of this set's clock (seconds).
     @inline(__always)
     func now() -> Double { clock() }
