@@ -1,3 +1,4 @@
+import NIOCore
 @testable import WeirProxy
 import XCTest
 
@@ -81,6 +82,27 @@ final class HTTP1FieldLinesTests: XCTestCase {
         XCTAssertEqual(scan("X-Obs: caf\u{e9}\r\n\r\n", at: 0), "irregular")
         XCTAssertEqual(scan("Host: example.com\r", at: 0), "irregular")
         XCTAssertEqual(scan(" Host: x\r\n\r\n", at: 0), "irregular")
+    }
+
+    /// `name(at:)` / `value(at:)` build their Strings in place: the same
+    /// Strings as decoding the bytes (short and long, ASCII, UTF-8,
+    /// obs-text that is not UTF-8 and gets repaired, empty).
+    func testNamesAndValuesAreTheDecodedBytes() throws {
+        let values: [[UInt8]] = [Array("example.com:8080".utf8), Array("h".utf8), [], Array("café au lait".utf8),
+                                 [0x63, 0x61, 0x66, 0xE9], Array(String(repeating: "v", count: 40).utf8),
+                                 Array("0123456789abcde".utf8), Array("0123456789abcdef".utf8)]
+        var head = Array("GET / HTTP/1.1\r\n".utf8)
+        for (i, value) in values.enumerated() { head += Array("X-F\(i): ".utf8) + value + Array("\r\n".utf8) }
+        head += Array("Host: h\r\n\r\n".utf8)
+        var buffer = ByteBuffer(bytes: head)
+        var parser = HTTP1RequestParser()
+        let parsed = try XCTUnwrap(try parser.parse(&buffer))
+        for (i, value) in values.enumerated() {
+            XCTAssertEqual(parsed.fields.name(at: i), "X-F\(i)")
+            XCTAssertEqual(parsed.fields.value(at: i), String(decoding: value, as: UTF8.self))
+        }
+        XCTAssertEqual(parsed.fields.value(at: 4), "caf\u{FFFD}")
+        XCTAssertEqual(parsed.host, "h")
     }
 
     func testAgreesOnHeadsAndEveryTruncation() {

@@ -129,12 +129,26 @@ public struct HTTP1Fields: Sendable {
 
     public func name(at i: Int) -> String {
         let e = entries[i]
-        return bytes.getString(at: bytes.readerIndex + Int(e.nameStart), length: Int(e.nameLength))!
+        return string(at: Int(e.nameStart), length: Int(e.nameLength))
     }
 
     public func value(at i: Int) -> String {
         let e = entries[i]
-        return bytes.getString(at: bytes.readerIndex + Int(e.valueStart), length: Int(e.valueLength))!
+        return string(at: Int(e.valueStart), length: Int(e.valueLength))
+    }
+
+    /// The bytes at `offset` (from the head's start) as a String, written
+    /// in place: up to 15 ASCII bytes make a small String with no UTF-8
+    /// validation pass (`getString` decodes and repairs every time: about
+    /// twice the instructions for a Host value). Invalid UTF-8 is repaired
+    /// the same way either way.
+    private func string(at offset: Int, length: Int) -> String {
+        bytes.withUnsafeReadableBytes { raw in
+            String(unsafeUninitializedCapacity: length) { out in
+                UnsafeMutableRawBufferPointer(out).copyMemory(from: UnsafeRawBufferPointer(rebasing: raw[offset..<(offset + length)]))
+                return length
+            }
+        }
     }
 
     /// Zero-copy view of one value.
