@@ -34,6 +34,8 @@ final class PendingResponseHeadersTests: XCTestCase {
             [.set("x-tag"), .clear("x-tag"), .set("ratelimit-reset"), .set("ratelimit-reset")],
             [.clear("x-absent"), .set("content-length"), .add("connection")],
             [.set("x-tag"), .add("x-tag"), .clear("server")],
+            [.add("content-length")],
+            [.clear("content-length"), .set("x-tag")],
         ]
         for (k, ops) in cases.enumerated() {
             var pending = PendingResponseHeaders()
@@ -48,6 +50,19 @@ final class PendingResponseHeadersTests: XCTestCase {
             let edits = pending.edits(on: fields)
             XCTAssertEqual(edits.removed, expected, "case \(k)")
             XCTAssertEqual(edits.added.map(\.name), pending.added.map(\.name), "case \(k)")
+            // Taken over by the response's changes: the same edits, moved
+            // (pending is left empty), and Content-Length marked only when
+            // some change names it.
+            let namesLength = ops.contains { op in
+                switch op { case .set(let n), .add(let n), .clear(let n): return n == "content-length" }
+            }
+            XCTAssertEqual(pending.touchesContentLength, namesLength, "case \(k)")
+            let added = pending.added
+            let changes = ResponseHeadChanges(taking: &pending, on: fields)
+            XCTAssertEqual(changes.edits.removed, expected, "case \(k)")
+            XCTAssertEqual(changes.edits.added, added, "case \(k)")
+            XCTAssertEqual(changes.touchesContentLength, namesLength, "case \(k)")
+            XCTAssertTrue(pending.isEmpty && pending.added.isEmpty && !pending.touchesContentLength, "case \(k)")
         }
     }
 

@@ -280,6 +280,41 @@ final class PluginHeadEditTests: PluginFolderTestCase {
         XCTAssertEqual(try client.request("GET", "/plain").status, 200, "the same connection")
     }
 
+    /// The relay frames the body by the edited head's Content-Length: a
+    /// request-phase change that leaves it alone keeps the upstream's line
+    /// (no chunking), a clear of it chunks the body, a set of it replaces it.
+    func testRequestPhaseResponseHeadersAndTheResponseFraming() throws {
+        try folder.write("framing", handler: """
+        local weir = require "weir"
+        local P = { PRIORITY = 100, VERSION = "1" }
+        function P:request(conf, ctx)
+          local path = weir.request.get_path()
+          weir.response.set_headers("x-ratelimit-limit-minute", 5, "ratelimit-remaining", 4)
+          if path == "/nolength" then weir.response.clear_header("content-length") end
+          if path == "/newlength" then weir.response.set_header("content-length", "16") end
+        end
+        return P
+        """)
+        let config = ProxyHarness.config(targets: [upstream.address]) { $0.plugins = [pluginRef("framing")] }
+        let proxy = try PluginProxy(config: config, folder: folder)
+        defer { proxy.stop() }
+        let client = try proxy.connect()
+        for path in ["/plain", "/nolength", "/newlength", "/plain"] {
+            let response = try client.request("GET", path)
+            XCTAssertEqual(response.status, 200, path)
+            XCTAssertEqual(response.bodyText, "ok from upstream", path)
+            XCTAssertEqual(response.header("x-ratelimit-limit-minute"), "5", path)
+            XCTAssertEqual(response.header("ratelimit-remaining"), "4", path)
+            if path == "/nolength" {
+                XCTAssertNil(response.header("content-length"), path)
+                XCTAssertEqual(response.headerValues("transfer-encoding"), ["chunked"], path)
+            } else {
+                XCTAssertEqual(response.headerValues("content-length"), ["16"], path)
+                XCTAssertNil(response.header("transfer-encoding"), path)
+            }
+        }
+    }
+
     /// PendingResponseHeaders against the operations done one by one on
     /// NIO's HTTPHeaders (set = replaceOrAdd): random sequences over names
     /// that share lengths, some past 64 added lines, give the same head.

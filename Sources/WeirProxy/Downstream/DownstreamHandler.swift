@@ -493,8 +493,13 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
         if case .contentLength = head.framing { hasLength = true }
         if let pluginChanges {
             removed.formUnion(pluginChanges.edits.removed)
-            hasLength = pluginChanges.edits.hasField(named: "content-length", in: fields)
+            // Without a plugin change of Content-Length the upstream's own
+            // lines decide (`hasLengthLine`, from the pass below).
+            if pluginChanges.touchesContentLength {
+                hasLength = pluginChanges.edits.hasField(named: "content-length", in: fields)
+            }
         }
+        var hasLengthLine = false
         // The upstream's Via values (and a plugin's) are chained before ours:
         // `viaValueBytes` counts each with its ", ".
         var upstreamVias = HTTP1FieldSet()
@@ -515,11 +520,14 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
                     viaValueBytes += Int(entries[i].valueLength) + 2
                 case .date where !removed.contains(i):
                     hasDate = true
+                case .contentLength:
+                    hasLengthLine = true
                 default:
                     break
                 }
             }
         }
+        if let pluginChanges, !pluginChanges.touchesContentLength { hasLength = hasLengthLine }
         // Plugins' added lines, minus hop-by-hop ones and Via (chained);
         // written as they are when none is one of those (or a Date). The
         // filtered array's storage is kept across responses (swapped back,

@@ -586,7 +586,10 @@ extension ExchangeDownstream {
         // changes, or a body filter) edits the head as a list of changes to
         // its bytes; with none of them it is relayed exactly as without plugins.
         if let plugins = exchange.plugins, code != 101, !plugins.responsePhaseIsNoop {
-            guard let changes = runResponsePlugins(head, exchange: exchange, plugins: plugins, connection: connection) else { return }
+            // Passed on as the optional it is (`guard let` and re-wrapping
+            // copied the changes and destroyed the copy).
+            let changes = runResponsePlugins(head, exchange: exchange, plugins: plugins, connection: connection)
+            if case .none = changes { return }
             return relayWireResponseHead(head, pluginChanges: changes, exchange: exchange)
         }
         relayWireResponseHead(head, pluginChanges: nil, exchange: exchange)

@@ -256,18 +256,18 @@ final class ExchangePlugins: PluginRequestContext {
     /// phase's response header changes become its first edits.
     func beginUpstreamResponse(_ head: HTTP1ResponseHead) {
         upstreamResponse = head
-        upstreamResponseChanges = ResponseHeadChanges(pendingResponseHeaders, on: head.fields)
-        pendingResponseHeaders = PendingResponseHeaders()
+        upstreamResponseChanges = ResponseHeadChanges(taking: &pendingResponseHeaders, on: head.fields)
         hasPendingResponseHeaders = false
     }
 
     /// The response phase is over: its edits to the upstream's head (a
     /// body filter re-frames the body, so its length goes).
     func endUpstreamResponse() -> ResponseHeadChanges {
-        var changes = upstreamResponseChanges
+        // Swapped out, not copied and reset (a copy of its arrays and a destroy).
+        var changes = ResponseHeadChanges()
+        swap(&changes, &upstreamResponseChanges)
         if filtersBody, let head = upstreamResponse { changes.removeFields(named: "content-length", in: head.fields) }
         upstreamResponse = nil
-        upstreamResponseChanges = ResponseHeadChanges()
         return changes
     }
 

@@ -25,12 +25,21 @@ struct ResponseHeadChanges {
     /// `edits.added` as it is. Kept as lines are added, from the kind of
     /// name worked out for the lookup anyway.
     private(set) var addedNeedReview = false
+    /// Some change named Content-Length (set, added or cleared): only then
+    /// does the relay look the edited head up for it; otherwise the
+    /// upstream's own Content-Length lines stand (found in its pass over
+    /// the fields anyway).
+    private(set) var touchesContentLength = false
 
     init() {}
 
-    init(_ pending: PendingResponseHeaders, on fields: HTTP1Fields) {
-        edits = pending.edits(on: fields)
+    /// The request phase's changes, taken out of `pending` (left empty):
+    /// its added lines are moved, not copied (with the copies at the end of
+    /// the response phase, ~1 k instructions per response: BENCHMARKS.md, pair2).
+    init(taking pending: inout PendingResponseHeaders, on fields: HTTP1Fields) {
         addedNeedReview = pending.addedNeedReview
+        touchesContentLength = pending.touchesContentLength
+        pending.moveEdits(into: &edits, on: fields)
     }
 
     /// `set_header`: every line of that name goes, then one is added.
@@ -46,11 +55,14 @@ struct ResponseHeadChanges {
     }
 
     mutating func removeFields(named name: String, in fields: HTTP1Fields) {
-        edits.removeFields(named: name, kind: HTTP1KnownField.classify(name), in: fields)
+        let kind = HTTP1KnownField.classify(name)
+        if kind == .contentLength { touchesContentLength = true }
+        edits.removeFields(named: name, kind: kind, in: fields)
     }
 
     private mutating func add(_ name: String, _ value: String, _ kind: HTTP1KnownField) {
         if kind.isReviewedByRelay { addedNeedReview = true }
+        if kind == .contentLength { touchesContentLength = true }
         edits.addField(name, value)
     }
 }
@@ -94,6 +106,13 @@ struct PendingResponseHeaders {
 
     var isEmpty: Bool { added.isEmpty && clearedNames.isEmpty }
 
+    /// Some line set, added or cleared here is named Content-Length.
+    var touchesContentLength: Bool {
+        removedKinds & (1 << UInt64(HTTP1KnownField.contentLength.rawValue)) != 0 || addsContentLength
+    }
+    /// An `add` of Content-Length (a `set` or `clear` marks `removedKinds`).
+    private var addsContentLength = false
+
     mutating func set(_ name: String, _ value: String) {
         if !isFirstOfItsLength(name) { dropAdded(named: name) }
         if added.count >= 64 { clearedNames.append(name) } else { replacing |= 1 << UInt64(added.count) }
@@ -104,7 +123,9 @@ struct PendingResponseHeaders {
 
     mutating func add(_ name: String, _ value: String) {
         _ = isFirstOfItsLength(name)
-        append(name, value, HTTP1KnownField.classify(name))
+        let kind = HTTP1KnownField.classify(name)
+        if kind == .contentLength { addsContentLength = true }
+        append(name, value, kind)
     }
 
     mutating func clear(_ name: String) {
@@ -126,18 +147,35 @@ struct PendingResponseHeaders {
     /// `fieldSet(named:)` of each such name would find, in one pass).
     func edits(on fields: HTTP1Fields) -> HTTP1HeadEdits {
         var edits = HTTP1HeadEdits(added: added)
-        guard removedLengths | removedKinds != 0 else { return edits }
+        edits.removed = removedFields(in: fields)
+        return edits
+    }
+
+    /// `edits(on:)` into `edits` (made empty first), the added lines moved
+    /// out of here; these changes are empty afterwards.
+    mutating func moveEdits(into edits: inout HTTP1HeadEdits, on fields: HTTP1Fields) {
+        edits.removed = removedFields(in: fields)
+        edits.target = nil
+        edits.added.removeAll()
+        swap(&edits.added, &added)
+        self = PendingResponseHeaders()
+    }
+
+    /// The response's lines of every set or cleared name.
+    private func removedFields(in fields: HTTP1Fields) -> HTTP1FieldSet {
+        var removed = HTTP1FieldSet()
+        guard removedLengths | removedKinds != 0 else { return removed }
         fields.entries.withUnsafeBufferPointer { entries in
             for i in entries.indices {
                 let e = entries[i]
                 if e.known != .other {
-                    if removedKinds & (1 << UInt64(e.known.rawValue)) != 0 { edits.removed.insert(i) }
+                    if removedKinds & (1 << UInt64(e.known.rawValue)) != 0 { removed.insert(i) }
                 } else if removedLengths & (1 << UInt64(Int(e.nameLength) & 63)) != 0, removesUntagged(e, in: fields) {
-                    edits.removed.insert(i)
+                    removed.insert(i)
                 }
             }
         }
-        return edits
+        return removed
     }
 
     /// Whether an untagged field is named by a set (`replacing`) or cleared name.
