@@ -638,7 +638,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
         guard length > 0 else { return }
         if responseHeadPending {
             if !exchange.responseChunked && length <= Self.coalescedBodyLimit {
-                responseHeadBuffer.writeImmutableBuffer(data)
+                responseHeadBuffer.writeReadableBytes(of: data)
                 writeResponseHeadBuffer()
                 return
             }

@@ -115,6 +115,7 @@ public enum HTTP1HeadWriter {
     /// each (`UpstreamOwnFields`). `writeTail` gets the writer and the
     /// head's bytes (to copy client values from) and must write exactly
     /// `tailBytes`.
+    @inline(__always) // into its hot callers: the head is read in place, not copied
     static func writeRequest(_ head: borrowing HTTP1RequestHead, edits: borrowing HTTP1HeadEdits, method: String?,
                              tailBytes: Int, into out: inout ByteBuffer,
                              writeTail: (inout RawWriter, UnsafeRawPointer) -> Void) {
@@ -126,8 +127,8 @@ public enum HTTP1HeadWriter {
         let size = (copiesRequestLine ? head.targetRange.upperBound : methodBytes + targetBytes) + 11
             + keptLineBytes(fields, removing: edits.removed)
             + (edits.added.isEmpty ? 0 : addedFieldBytes(edits.added)) + tailBytes + 2
-        out.writeWithUnsafeMutableBytes(minimumWritableBytes: size) { dst in
-            var w = RawWriter(dst.baseAddress!)
+        out.writeReserved(capacity: size) { dst in
+            var w = RawWriter(dst)
             fields.bytes.withUnsafeReadableBytes { src in
                 if copiesRequestLine {
                     w.copy(src.baseAddress!, head.targetRange.upperBound)
@@ -173,6 +174,9 @@ public enum HTTP1HeadWriter {
         let statusLineBytes = 8 + (newStatusLine?.utf8.count ?? statusLineEnd - 8)
         let size = statusLineBytes + keptLineBytes(fields, removing: removed)
             + (added.isEmpty ? 0 : addedFieldBytes(added)) + tailBytes + 2
+        // NIO's writer here (not `writeReserved`): with it this function is
+        // no longer inlined into `relayWireResponseHead`, which then copies
+        // the head (callgrind: +220 instructions per response).
         out.writeWithUnsafeMutableBytes(minimumWritableBytes: size) { dst in
             var w = RawWriter(dst.baseAddress!)
             w.copy("HTTP/1.1")
