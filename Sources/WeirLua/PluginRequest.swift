@@ -93,23 +93,25 @@ public final class PluginRequest {
     public func detach() {
         precondition(isFinished, "only a finished scope can be detached")
         context = nil
-        connection = nil
-        consumerChain = nil
-        consumerSeen = nil
-        bodyChunk = []
+        // Stored only when set: storing nil or [] over nil or [] still
+        // destroys the old value (a release call each, per request).
+        if connection != nil { connection = nil }
+        if consumerChain != nil { consumerChain = nil }
+        if consumerSeen != nil { consumerSeen = nil }
+        if !bodyChunk.isEmpty { bodyChunk = [] }
     }
 
     /// Starts another request on a finished, detached scope: the state a
     /// new scope would have (the coroutine and weir.ctx were released by
     /// `finish`; the phase fields are set by each `start`).
     func restart(request: PluginRequestContext, connection: PluginConnection?) {
-        precondition(isFinished && context == nil && promise == nil && coroutine == nil && ctxRef == LUA_NOREF,
-                     "only a finished, detached scope can be restarted")
+        // `finish` left `pending` nil.
+        precondition(isFinished && context == nil && promise == nil && pending == nil && coroutine == nil
+                     && ctxRef == LUA_NOREF, "only a finished, detached scope can be restarted")
         context = request
         if connection != nil { self.connection = connection }
         isFinished = false
         if exit != nil { exit = nil }
-        pending = nil
         isLastChunk = false
         savedBudget = LuaRuntime.BudgetSnapshot()
     }
@@ -149,7 +151,8 @@ public final class PluginRequest {
     /// Runs `phase` for every plugin of `chain` that implements it, in order.
     /// Completes synchronously unless a plugin waits on an async SDK call.
     public func start(_ phase: PluginPhase, chain: PluginChain) -> Outcome {
-        runtime.eventLoop!.assertInEventLoop()
+        // Debug builds only: reading the existential loop retains and releases it.
+        assert(runtime.eventLoop?.inEventLoop ?? true, "plugin phase started off its runtime's event loop")
         precondition(promise == nil, "a phase is already running for this request")
         precondition(chain.owner == ObjectIdentifier(runtime), "chain belongs to another runtime (generation or event loop)")
         guard !isFinished else {
@@ -218,7 +221,7 @@ public final class PluginRequest {
                 lua_rawseti(L, weir_registryindex(), lua_Integer(ctxSlot))
             }
         }
-        pending = nil
+        if pending != nil { pending = nil }  // a nil store over nil still calls release
         if let promise = promise {
             self.promise = nil
             let plugin = index < entries.count ? entries[index].name : ""
