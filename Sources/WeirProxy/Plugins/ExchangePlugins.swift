@@ -187,7 +187,9 @@ final class ExchangePlugins: PluginRequestContext {
         finishedAt = now
         cancelBodyWait()
         holdingResponse = false
-        heldParts.removeAll()
+        // Emptied only when it holds parts: removeAll on an empty array
+        // still releases its storage (a call per request).
+        if !heldParts.isEmpty { heldParts.removeAll() }
         if phasePending {
             // Aborted while a plugin waits: no log phase (the chain is mid-
             // phase); finish() abandons the coroutine and releases weir.ctx.
