@@ -120,7 +120,23 @@ final class Harness {
     }
     // The last reference may be dropped on the loop itself (closures capture
     // the harness), where a synchronous shutdown is not allowed.
-    deinit { group.shutdownGracefully { _ in } }
+    //
+    // The runtime's timers are stopped on the loop first. Otherwise the
+    // runtime's deinit cancels them from this thread while the loop is
+    // closing: the cancel takes the task out of the queue the closing loop
+    // would fail, and its promise's failure needs a hop onto the loop that a
+    // closing loop refuses, so NIO crashes on a leaked promise ("Cannot
+    // schedule tasks on an EventLoop that has already shut down", then
+    // "leaking promise created at SelectableEventLoop.swift:354"; seen once
+    // in SDKExportTests.testMetricsCountAndBatchQueue, whose weir.batch
+    // queue keeps an every-timer).
+    deinit {
+        if let runtime {
+            let loop = self.loop
+            if loop.inEventLoop { runtime.stopTimers() } else { try? loop.submit { runtime.stopTimers() }.wait() }
+        }
+        group.shutdownGracefully { _ in }
+    }
 
     /// Loads the named plugins from the folder into a runtime on the loop.
     func load(_ names: [String]) throws {
