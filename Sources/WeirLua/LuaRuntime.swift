@@ -762,7 +762,17 @@ public final class LuaRuntime {
         // The state may outlive this runtime (a caller holding `state`): its
         // natives then raise "called on a closed runtime" instead of reaching it.
         weir_set_dispatch(state.main, nil, nil)
-        for timer in timers.values { timer.cancelled = true; timer.scheduled?.cancel() }
+        // Pending timers are cancelled only on their loop. Off it (a runtime
+        // dropped by another thread) a cancel races the loop's shutdown: it
+        // takes the task out of the queue the closing loop would fail, then
+        // fails the promise through a hop the closing loop refuses, and NIO
+        // aborts on the leaked promise. Left alone, the task fires into the
+        // weak reference and does nothing, or the loop fails it on shutdown.
+        let onLoop = eventLoop?.inEventLoop ?? false
+        for timer in timers.values {
+            timer.cancelled = true
+            if onLoop { timer.scheduled?.cancel() }
+        }
         // Coroutines and chains live in the state; closing it frees them all.
         idleCoroutines.removeAll()
     }
