@@ -72,10 +72,6 @@ local function verify(conf, username, password, stored)
   return true
 end
 
-local function identify(consumer, credential)
-  weir.client.authenticate(consumer, credential)
-  weir.upstream.request.set_header("x-consumer-name", consumer)
-end
 
 function BasicAuth:request(conf, ctx)
   if not conf.run_on_preflight and weir.request.get_method() == "OPTIONS" then return end
@@ -96,13 +92,11 @@ function BasicAuth:request(conf, ctx)
   if conf.hide_credentials then weir.upstream.request.clear_header("authorization") end
 
   if consumer then
-    identify(consumer, "basic-auth")
-    weir.upstream.request.clear_header("x-anonymous-consumer")
+    weir.client.identify(consumer, "basic-auth")
     return
   end
   if conf.anonymous then
-    identify(conf.anonymous, nil)
-    weir.upstream.request.set_header("x-anonymous-consumer", "true")
+    weir.client.identify(conf.anonymous, nil, true)
     return
   end
   if not header then return unauthorized(conf, "No credentials found in request") end

@@ -287,10 +287,6 @@ end
 
 -- The phase ---------------------------------------------------------------------------
 
-local function identify(consumer, credential)
-  weir.client.authenticate(consumer, credential)
-  weir.upstream.request.set_header("x-consumer-name", consumer)
-end
 
 -- Tokens that passed decoding, the signature and the key lookup, per plugin
 -- config (conf tables live as long as this Lua state: one per event loop
@@ -374,14 +370,16 @@ function JWT:request(conf, ctx)
   if conf.hide_credentials then hide(conf) end
 
   if consumer ~= nil then
-    if consumer then identify(consumer, "jwt") end
-    weir.upstream.request.clear_header("x-anonymous-consumer")
+    if consumer then
+      weir.client.identify(consumer, "jwt")
+    else
+      weir.upstream.request.clear_header("x-anonymous-consumer")
+    end
     return
   end
   if status == 503 then return 503, { message = reason } end
   if conf.anonymous then
-    identify(conf.anonymous, nil)
-    weir.upstream.request.set_header("x-anonymous-consumer", "true")
+    weir.client.identify(conf.anonymous, nil, true)
     return
   end
   return unauthorized(conf, reason)
