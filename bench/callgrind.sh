@@ -50,7 +50,7 @@
 #
 #   bench/callgrind.sh [--no-build] [--steady] [--cache-sim] [--call-sites] [--proxy weir|weir-noop|weir-lua|weir-observe|weir-h2up|weir-h2c|weir-auth-local|
 #                                            weir-auth-redis|weir-tcp|weir-https|weir-tlsup|weir-extauthz|weir-extauthz-close|
-#                                            nginx|nginx-lua|nginx-lua-auth|nginx-https|nginx-h2c|nginx-tlsup|haproxy|haproxy-tcp]
+#                                            nginx|nginx-fwd|nginx-lua|nginx-lua-auth|nginx-https|nginx-h2c|nginx-tlsup|haproxy|haproxy-tcp]
 #                      [--duration S] [--connections N] [--target /path?query]
 #
 # --target: the request target wrk asks for (default `/`); the origin
@@ -105,9 +105,10 @@ case "$PROXY" in
     weir-extauthz-close) PORT=$WEIR_EXTAUTHZ_CLOSE_PORT ;;   # the same, a new connection per call
     nginx-lua-auth) PORT=$NGINX_LUA_AUTH_PORT ;;
     nginx) PORT=$NGINX_PORT ;;
+    nginx-fwd) PORT=$NGINX_FWD_PORT ;;   # nginx sending Weir's forwarding lines
     nginx-lua) PORT=$NGINX_LUA_PORT ;;
     haproxy) PORT=$HAPROXY_PORT ;;
-    *) die "unknown proxy '$PROXY' (known: weir, weir-noop, weir-lua, weir-observe, weir-h2up, weir-h2c, weir-auth-local, weir-auth-redis, weir-tcp, weir-https, weir-tlsup, weir-extauthz, weir-extauthz-close, nginx, nginx-lua, nginx-lua-auth, nginx-https, nginx-h2c, nginx-tlsup, haproxy, haproxy-tcp)" ;;
+    *) die "unknown proxy '$PROXY' (known: weir, weir-noop, weir-lua, weir-observe, weir-h2up, weir-h2c, weir-auth-local, weir-auth-redis, weir-tcp, weir-https, weir-tlsup, weir-extauthz, weir-extauthz-close, nginx, nginx-fwd, nginx-lua, nginx-lua-auth, nginx-https, nginx-h2c, nginx-tlsup, haproxy, haproxy-tcp)" ;;
 esac
 # The HTTPS variants are asked over TLS with the run's own certificate.
 URL="http://127.0.0.1:$PORT$TARGET"
@@ -153,11 +154,12 @@ case "$PROXY" in
             > "$RUN_DIR/logs/$PROXY.out" 2>&1 &
         PROXY_PID=$!
         ;;
-    nginx)
-        render_template nginx-proxy.conf "$RUN_DIR/nginx-proxy.conf"
+    nginx|nginx-fwd)
+        conf=nginx-proxy.conf; [ "$PROXY" = nginx-fwd ] && conf=nginx-proxy-fwd.conf
+        render_template "$conf" "$RUN_DIR/$conf"
         # One process (no master) so the counted process is the one proxying.
-        $(pin "$PROXY_CPU") "${VALGRIND[@]}" nginx -p "$RUN_DIR" -e "$RUN_DIR/logs/nginx-error.log" \
-            -c "$RUN_DIR/nginx-proxy.conf" -g "daemon off; master_process off;" > "$RUN_DIR/logs/nginx.out" 2>&1 &
+        $(pin "$PROXY_CPU") "${VALGRIND[@]}" nginx -p "$RUN_DIR" -e "$RUN_DIR/logs/$PROXY-error.log" \
+            -c "$RUN_DIR/$conf" -g "daemon off; master_process off;" > "$RUN_DIR/logs/$PROXY.out" 2>&1 &
         PROXY_PID=$!
         ;;
     nginx-lua|nginx-lua-auth)

@@ -29,6 +29,10 @@ ORIGIN_PORT=$((19000 + BENCH_PORT_OFFSET))
 NGINX_PORT=$((19001 + BENCH_PORT_OFFSET))
 HAPROXY_PORT=$((19002 + BENCH_PORT_OFFSET))
 NGINX_LUA_PORT=$((19003 + BENCH_PORT_OFFSET))
+# nginx proxy_pass sending the upstream the same forwarding lines Weir adds by
+# default (X-Forwarded-For/-Proto/-Host, Via, X-Request-ID): the like-for-like
+# peer for the request the origin receives (templates/nginx-proxy-fwd.conf).
+NGINX_FWD_PORT=$((19007 + BENCH_PORT_OFFSET))
 WEIR_PORT=$((19010 + BENCH_PORT_OFFSET))
 WEIR_NOOP_PORT=$((19011 + BENCH_PORT_OFFSET))
 WEIR_LUA_PORT=$((19012 + BENCH_PORT_OFFSET))
@@ -124,6 +128,7 @@ render_template() {
         -e "s|@NGINX_PORT@|$NGINX_PORT|g" \
         -e "s|@HAPROXY_PORT@|$HAPROXY_PORT|g" \
         -e "s|@NGINX_LUA_PORT@|$NGINX_LUA_PORT|g" \
+        -e "s|@NGINX_FWD_PORT@|$NGINX_FWD_PORT|g" \
         -e "s|@WEIR_PORT@|$WEIR_PORT|g" \
         -e "s|@WEIR_NOOP_PORT@|$WEIR_NOOP_PORT|g" \
         -e "s|@WEIR_LUA_PORT@|$WEIR_LUA_PORT|g" \
@@ -279,6 +284,13 @@ start_nginx_proxy() {
     start_bg nginx "$PROXY_CPU" nginx -p "$RUN_DIR" -e "$RUN_DIR/logs/nginx-error.log" \
         -c "$RUN_DIR/nginx-proxy.conf" -g "daemon off;"
     wait_for_port "$NGINX_PORT" 10 || die "nginx proxy did not listen on 127.0.0.1:$NGINX_PORT (see $RUN_DIR/logs/nginx.out)"
+}
+
+start_nginx_fwd() {
+    render_template nginx-proxy-fwd.conf "$RUN_DIR/nginx-proxy-fwd.conf"
+    start_bg nginx-fwd "$PROXY_CPU" nginx -p "$RUN_DIR" -e "$RUN_DIR/logs/nginx-fwd-error.log" \
+        -c "$RUN_DIR/nginx-proxy-fwd.conf" -g "daemon off;"
+    wait_for_port "$NGINX_FWD_PORT" 10 || die "nginx-fwd did not listen on 127.0.0.1:$NGINX_FWD_PORT (see $RUN_DIR/logs/nginx-fwd.out)"
 }
 
 start_haproxy() {

@@ -63,8 +63,8 @@ IFS=, read -r -a PROXY_LIST <<< "$PROXIES"
 IFS=, read -r -a CONN_LIST <<< "$CONNECTIONS"
 for proxy in "${PROXY_LIST[@]}"; do
     case "$proxy" in
-        nginx|haproxy|nginx-lua|weir|weir-noop|weir-lua|nginx-lua-auth|weir-auth-local|weir-auth-redis) ;;
-        *) die "unknown proxy '$proxy' (known: nginx, haproxy, nginx-lua, weir, weir-noop, weir-lua, nginx-lua-auth, weir-auth-local, weir-auth-redis)" ;;
+        nginx|nginx-fwd|haproxy|nginx-lua|weir|weir-noop|weir-lua|nginx-lua-auth|weir-auth-local|weir-auth-redis) ;;
+        *) die "unknown proxy '$proxy' (known: nginx, nginx-fwd, haproxy, nginx-lua, weir, weir-noop, weir-lua, nginx-lua-auth, weir-auth-local, weir-auth-redis)" ;;
     esac
 done
 for conns in "${CONN_LIST[@]}"; do
@@ -74,6 +74,7 @@ done
 port_of() {
     case "$1" in
         nginx) echo "$NGINX_PORT" ;;
+        nginx-fwd) echo "$NGINX_FWD_PORT" ;;
         haproxy) echo "$HAPROXY_PORT" ;;
         nginx-lua) echo "$NGINX_LUA_PORT" ;;
         weir) echo "$WEIR_PORT" ;;
@@ -103,6 +104,7 @@ origin_check=$(curl -sS --max-time 5 -o "$RUN_DIR/origin.body" -w '%{http_code} 
 [ "$origin_check" = "200 1024" ] || die "origin must answer 200 with a 1024-byte body, got: $origin_check"
 
 wants nginx && start_nginx_proxy
+wants nginx-fwd && start_nginx_fwd
 wants haproxy && start_haproxy
 wants nginx-lua && start_nginx_lua
 wants nginx-lua-auth && start_nginx_lua_auth

@@ -20,6 +20,7 @@ from collections import OrderedDict
 # Display order and labels; unknown proxies are appended after these.
 LABELS = OrderedDict([
     ("nginx", "nginx proxy_pass (keepalive)"),
+    ("nginx-fwd", "nginx proxy_pass (keepalive) + Weir's forwarding lines"),
     ("haproxy", "HAProxy (http-reuse always)"),
     ("nginx-lua", "nginx + Lua (key-auth-like + shared counter + header)"),
     ("weir", "Weir (no plugins)"),
@@ -124,7 +125,7 @@ def render(path):
     out.append("Ratios (from the medians above; req/s ratio > 1 means faster, p99 ratio < 1 means lower tail "
                "latency, CPU per request: the difference and ratio of proxy CPU µs/req, the figure least "
                "affected by a busy machine):")
-    pairs = [("weir", "nginx"), ("weir", "haproxy"), ("nginx-lua", "nginx"),
+    pairs = [("weir", "nginx"), ("weir", "nginx-fwd"), ("nginx-fwd", "nginx"), ("weir", "haproxy"), ("nginx-lua", "nginx"),
              ("weir-lua", "nginx-lua"), ("weir-noop", "weir"), ("weir-lua", "weir"),
              ("nginx-lua-auth", "nginx"), ("weir-auth-local", "weir"), ("weir-auth-redis", "weir"),
              ("weir-auth-local", "nginx-lua-auth")]
