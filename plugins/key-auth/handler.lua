@@ -16,59 +16,62 @@ local function unauthorized(conf, message)
   return 401, { message = message }, { ["www-authenticate"] = 'Key realm="' .. conf.realm .. '"' }
 end
 
--- Returns the key (nil when absent; "" for a bare `?apikey`). Names are
--- tried in order, each in the headers and then the query. Numeric loops,
--- not ipairs: this runs on every request.
-local function find_key(conf)
-  local names, in_header, in_query = conf.key_names, conf.key_in_header, conf.key_in_query
-  for i = 1, #names do
-    local name = names[i]
-    if in_header then
-      local v = get_header(name)
-      if v then return v end
-    end
-    if in_query then
-      local v = get_query_arg(name)
-      -- A bare `?apikey` parses as `true`: treat it as an empty key.
-      if v ~= nil then return type(v) == "string" and v or "" end
-    end
-  end
-  return nil
-end
-
-local function hide(conf)
-  local names = conf.key_names
-  if conf.key_in_header then
-    for i = 1, #names do clear_header(names[i]) end
-  end
+-- The key's query argument removed from the request sent upstream (its
+-- header lines are cleared by the caller).
+local function hide_query_key(names, n)
   -- No query string, nothing to strip: skip parsing it into a table.
-  if conf.key_in_query and get_raw_query() ~= "" then
-    local query = get_query()
-    local changed = false
-    for i = 1, #names do
-      local name = names[i]
-      if query[name] ~= nil then query[name] = nil; changed = true end
-    end
-    if changed then
-      if next(query) == nil then set_query(nil) else set_query(query) end
-    end
+  if get_raw_query() == "" then return end
+  local query = get_query()
+  local changed = false
+  for i = 1, n do
+    local name = names[i]
+    if query[name] ~= nil then query[name] = nil; changed = true end
+  end
+  if changed then
+    if next(query) == nil then set_query(nil) else set_query(query) end
   end
 end
 
 function KeyAuth:request(conf)
   if not conf.run_on_preflight and get_method() == "OPTIONS" then return end
   -- Another auth plugin already identified the client (multiple auth with anonymous).
-  if conf.anonymous then
+  local anonymous = conf.anonymous
+  if anonymous then
     local current = get_consumer()
-    if current and current ~= conf.anonymous then return end
+    if current and current ~= anonymous then return end
   end
 
-  local key = find_key(conf)
+  -- The key (nil when absent; "" for a bare `?apikey`). Names are tried in
+  -- order, each in the headers and then the query. Inline, with numeric
+  -- loops: this runs on every request.
+  local names, in_header, in_query = conf.key_names, conf.key_in_header, conf.key_in_query
+  local n = #names
+  local key
+  for i = 1, n do
+    local name = names[i]
+    if in_header then
+      key = get_header(name)
+      if key then break end
+    end
+    if in_query then
+      key = get_query_arg(name)
+      -- A bare `?apikey` parses as `true`: treat it as an empty key.
+      if key ~= nil then
+        if key == true then key = "" end
+        break
+      end
+    end
+  end
   local consumer
   if key and key ~= "" then
     consumer = find_credential("key-auth", "key", key)
   end
-  if conf.hide_credentials then hide(conf) end
+  if conf.hide_credentials then
+    if in_header then
+      for i = 1, n do clear_header(names[i]) end
+    end
+    if in_query then hide_query_key(names, n) end
+  end
 
   -- identify: authenticate + X-Consumer-Name, and X-Anonymous-Consumer
   -- set (anonymous) or removed (a client cannot send it), in one SDK call.
@@ -76,8 +79,8 @@ function KeyAuth:request(conf)
     identify(consumer, "key-auth")
     return
   end
-  if conf.anonymous then
-    identify(conf.anonymous, nil, true)
+  if anonymous then
+    identify(anonymous, nil, true)
     return
   end
   if not key or key == "" then return unauthorized(conf, "No API key found in request") end

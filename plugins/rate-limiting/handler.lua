@@ -16,7 +16,8 @@ local weir = require "weir"
 local get_route, get_header = weir.request.get_route, weir.request.get_header
 local get_consumer, get_ip = weir.client.get_consumer, weir.client.get_ip
 local set_headers = weir.response.set_headers
--- (weir.time.now is read per call: the tests' clock plugin replaces it.)
+-- weir.time.now is read from weir.time per call: the tests' clock plugin replaces it.
+local time = weir.time
 
 local RateLimiting = { PRIORITY = 910, VERSION = "1.0.0" }
 
@@ -28,7 +29,7 @@ local PERIODS = {
   { name = "day", seconds = 86400, limit_header = "x-ratelimit-limit-day", remaining_header = "x-ratelimit-remaining-day" },
 }
 
-local floor, ceil, max, tostring, tonumber, math_type = math.floor, math.ceil, math.max, tostring, tonumber, math.type
+local ceil, max, tostring, tonumber, math_type = math.ceil, math.max, tostring, tonumber, math.type
 
 -- Small whole numbers as text, each made once (seconds until the window
 -- resets; formatting a number costs a C snprintf). Up to an hour's worth.
@@ -42,10 +43,9 @@ end })
 -- and kept with it (weak keys: a retired generation's configs go away): the
 -- configured periods (flat, with everything a request reads precomputed),
 -- the counter keys of the clients seen (see client_keys) and, for policy
--- local, the dictionary and two arrays reused by every request (a local
--- request runs start to end without yielding, so one set per Lua state is
--- enough; policy redis yields and makes its own), and the remaining counts
--- (worked out after any yield, so one array serves both policies).
+-- local, the dictionary, and the remaining counts reused by every request
+-- (filled after any yield and read before the next: one array per Lua state
+-- serves both policies).
 local per_conf = setmetatable({}, { __mode = "k" })
 
 local function conf_state(conf)
@@ -61,7 +61,7 @@ local function conf_state(conf)
   local st = { periods = periods, n = #periods, clients = {}, client_count = 0,
                by_header = conf.limit_by == "header", by_route = conf.limit_by == "route",
                by_consumer = conf.limit_by == "consumer", redis = conf.policy == "redis",
-               counts = {}, prevs = {}, estimates = {}, remaining = {} }
+               remaining = {} }
   per_conf[conf] = st
   return st
 end
@@ -135,11 +135,15 @@ local function estimate(p, k, now, count, prev)
   return prev * (window - (now - k.start)) / window + count
 end
 
--- policy local: counters in a weir.shared dictionary. Fills counts[i],
--- prevs[i] and estimates[i]; returns the index of the refused period (its
--- increment and the other periods' given back) or false, or nil, err when
--- the counters cannot be used.
-local function count_local(conf, st, keys, now, counts, prevs, estimates)
+-- policy local: counters in a weir.shared dictionary, the whole decision
+-- in one pass over the periods (this runs on every request: no calls but
+-- the counter's, no per-request tables). Moves each period's window keys
+-- on when its window has moved; fills `remaining` (limit - estimate,
+-- floored, >= 0) unless the headers are hidden. Returns the index of the
+-- refused period (its increment and the other periods' given back) and
+-- that period's count and previous count, or false and the index of the
+-- tightest period, or nil, err when the counters cannot be used.
+local function count_local(conf, st, keys, now, second, remaining)
   local dict = st.dict
   if not dict then
     dict = weir.shared[conf.dictionary]
@@ -148,26 +152,38 @@ local function count_local(conf, st, keys, now, counts, prevs, estimates)
     end
     st.dict = dict
   end
-  local periods, refused = st.periods, false
+  local periods, refused, tightest = st.periods, false, 1
+  local refused_count, refused_prev
   for i = 1, st.n do
     local p, k = periods[i], keys[i]
-    -- The window's count and the previous window's, in one SDK call.
+    local window = p.window
+    local start = second - second % window
+    if not k or k.start ~= start then k = window_keys(keys, i, p, start) end
+    -- The window's count and the previous window's, in one SDK call (the
+    -- counters only ever hold numbers: incr made them).
     local count, prev = dict:incr_get(k.key, 1, 0, p.ttl, k.prev_key)
     if not count then
       for j = 1, i - 1 do dict:incr(keys[j].key, -1) end   -- the windows taken so far
       return nil, "counter update failed: " .. tostring(prev)
     end
-    prev = prev and tonumber(prev) or 0
-    -- estimate() inlined: this runs on every request.
-    local window = p.window
-    local e = prev * (window - (now - k.start)) / window + count
-    counts[i], prevs[i], estimates[i] = count, prev, e
-    if not refused and e > p.limit then refused = i end
+    if not prev then prev = 0 end
+    -- estimate() inlined.
+    local e = prev * (window - (now - start)) / window + count
+    if e > p.limit then
+      if not refused then refused, refused_count, refused_prev = i, count, prev end
+    elseif remaining then
+      -- limit - estimate floored, as an integer (`// 1` floors, `| 0`
+      -- makes the whole float an integer: no math.floor call).
+      local r = (p.limit - e) // 1 | 0
+      remaining[i] = r
+      if r < remaining[tightest] then tightest = i end
+    end
   end
   if refused then
     for i = 1, st.n do dict:incr(keys[i].key, -1) end
+    return refused, refused_count, refused_prev
   end
-  return refused
+  return false, tightest
 end
 
 -- policy redis: the same decision made atomically inside Redis by one script
@@ -193,13 +209,16 @@ table.insert(out, 1, refused)
 return out
 ]]
 
-local function count_redis(conf, st, keys, now, counts, prevs, estimates)
+-- The same contract as count_local.
+local function count_redis(conf, st, keys, now, second, remaining)
   local r = conf.redis or {}
   local red = weir.redis.connect{ host = r.host, port = r.port, database = r.database,
                                   username = r.username, password = r.password, timeout = r.timeout }
-  local rkeys, args = {}, {}
+  local periods, rkeys, args = st.periods, {}, {}
   for i = 1, st.n do
-    local p, k = st.periods[i], keys[i]
+    local p, k = periods[i], keys[i]
+    local start = second - second % p.window
+    if not k or k.start ~= start then k = window_keys(keys, i, p, start) end
     rkeys[#rkeys + 1] = k.key
     rkeys[#rkeys + 1] = k.prev_key
     args[#args + 1] = p.limit
@@ -208,12 +227,21 @@ local function count_redis(conf, st, keys, now, counts, prevs, estimates)
   end
   local reply, err = red:script(REDIS_SCRIPT):run(rkeys, args)
   if not reply then return nil, "redis: " .. tostring(err) end
-  for i = 1, st.n do
-    counts[i] = tonumber(reply[2 * i])
-    prevs[i] = tonumber(reply[2 * i + 1])
-    estimates[i] = estimate(st.periods[i], keys[i], now, counts[i], prevs[i])
+  local refused = reply[1]
+  if refused > 0 then
+    return refused, tonumber(reply[2 * refused]), tonumber(reply[2 * refused + 1])
   end
-  return reply[1] > 0 and reply[1] or false
+  local tightest = 1
+  if remaining then
+    for i = 1, st.n do
+      local e = estimate(periods[i], keys[i], now, tonumber(reply[2 * i]), tonumber(reply[2 * i + 1]))
+      local rem = (periods[i].limit - e) // 1 | 0
+      if rem < 0 then rem = 0 end
+      remaining[i] = rem
+      if rem < remaining[tightest] then tightest = i end
+    end
+  end
+  return false, tightest
 end
 
 function RateLimiting:request(conf)
@@ -223,48 +251,33 @@ function RateLimiting:request(conf)
   if st.by_consumer then id = get_consumer() or get_ip() else id = identifier(conf, st) end
   local clients = st.clients[route]
   local keys = clients and clients[id] or new_client_keys(st, conf, route, id)
-  local now = weir.time.now()
-  -- Window starts are whole seconds: one floor per request, then integer arithmetic.
-  local second = floor(now)
-  local periods, n = st.periods, st.n   -- n >= 1: schema at_least_one_of
-  for i = 1, n do
-    local p, k = periods[i], keys[i]
-    local start = second - second % p.window
-    if not k or k.start ~= start then window_keys(keys, i, p, start) end
-  end
-
-  local counts, prevs, estimates, refused, err
+  local now = time.now()
+  -- Window starts are whole seconds: one floor per request (`// 1` floors,
+  -- `| 0` makes the whole float an integer), then integer arithmetic.
+  local second = now // 1 | 0
+  local remaining = not conf.hide_client_headers and st.remaining or nil
+  local refused, count, prev
   if st.redis then
-    counts, prevs, estimates = {}, {}, {}
-    refused, err = count_redis(conf, st, keys, now, counts, prevs, estimates)
+    refused, count, prev = count_redis(conf, st, keys, now, second, remaining)
   else
-    counts, prevs, estimates = st.counts, st.prevs, st.estimates
-    refused, err = count_local(conf, st, keys, now, counts, prevs, estimates)
+    refused, count, prev = count_local(conf, st, keys, now, second, remaining)
   end
   if refused == nil then
     if conf.fault_tolerant then
-      weir.log.err("rate-limiting: ", err, " (request let through: fault_tolerant)")
+      weir.log.err("rate-limiting: ", count, " (request let through: fault_tolerant)")
       return
     end
-    error("rate-limiting: " .. err)
+    error("rate-limiting: " .. count)
   end
 
-  if not conf.hide_client_headers then
+  local periods, n = st.periods, st.n   -- n >= 1: schema at_least_one_of
+  if remaining then
     -- The most restrictive period speaks for the RateLimit-* headers (the
     -- refused one when refused; every remaining count is 0 then). Counts
     -- are integers: the SDK writes them as text.
-    local remaining, tightest = st.remaining, refused or 1
-    for i = 1, n do
-      if refused then
-        remaining[i] = 0
-      else
-        -- limit - estimate floored, as an integer (`// 1` floors, `| 0`
-        -- makes the whole float an integer: no math.floor call), >= 0.
-        local r = (periods[i].limit - estimates[i]) // 1 | 0
-        if r < 0 then r = 0 end
-        remaining[i] = r
-        if r < remaining[tightest] then tightest = i end
-      end
+    local tightest = refused or count
+    if refused then
+      for i = 1, n do remaining[i] = 0 end
     end
     local p = periods[tightest]
     -- Seconds to the end of the window, ceil(end - now), counted from the
@@ -285,7 +298,7 @@ function RateLimiting:request(conf)
 
   if refused then
     local p = periods[refused]
-    local wait = retry_after(p.limit, p.window, prevs[refused], counts[refused] - 1, now - keys[refused].start)
+    local wait = retry_after(p.limit, p.window, prev, count - 1, now - keys[refused].start)
     local headers = { ["retry-after"] = tostring(max(1, ceil(wait))) }
     return conf.error_code, { message = conf.error_message }, headers
   end
