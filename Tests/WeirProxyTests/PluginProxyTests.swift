@@ -132,6 +132,46 @@ final class PluginProxyTests: PluginFolderTestCase {
         }
     }
 
+    /// `weir.request.get_path` on reused request sides: a plain target's
+    /// path is made from the head when asked (ExchangePlugins.path), a
+    /// target with a query, dot segments or the absolute form gives the
+    /// routed path; neither leaks into the next request of the loop.
+    func testRequestPathOnReusedSides() throws {
+        try folder.write("path", handler: """
+        local weir = require "weir"
+        local P = { PRIORITY = 100, VERSION = "1" }
+        function P:request(conf, ctx)
+          if weir.request.get_header("x-ask") then
+            weir.response.set_header("x-path", weir.request.get_path())
+            weir.response.set_header("x-path-again", weir.request.get_path())
+            weir.response.set_header("x-query", weir.request.get_raw_query())
+          end
+        end
+        return P
+        """)
+        let config = ProxyHarness.config(targets: [upstream.address]) { $0.plugins = [pluginRef("path")] }
+        let proxy = try PluginProxy(config: config, folder: folder, loops: 1)
+        defer { proxy.stop() }
+        let client = try proxy.connect()
+        let cases: [(target: String, path: String, query: String)] = [
+            ("/plain", "/plain", ""), ("/q?x=1", "/q", "x=1"), ("/plain2", "/plain2", ""),
+            ("/a/../b/./c", "/b/c", ""), ("/last", "/last", ""),
+            ("http://example.test/abs?y=2", "/abs", "y=2"), ("/", "/", ""),
+        ]
+        for round in 0..<2 {
+            for c in cases {
+                // A request that does not ask comes in between: the path
+                // made for one request is not the next one's.
+                XCTAssertEqual(try client.request("GET", "/between").status, 200)
+                let response = try client.request("GET", c.target, headers: [("x-ask", "1")])
+                XCTAssertEqual(response.status, 200, "\(c.target) round \(round)")
+                XCTAssertEqual(response.header("x-path"), c.path, "\(c.target) round \(round)")
+                XCTAssertEqual(response.header("x-path-again"), c.path, "\(c.target) round \(round)")
+                XCTAssertEqual(response.header("x-query"), c.query, "\(c.target) round \(round)")
+            }
+        }
+    }
+
     func testEarlyExitSkipsTheUpstream() throws {
         try folder.write("gate", handler: """
         local weir = require "weir"

@@ -122,7 +122,7 @@ extension ExchangeDownstream {
         switch head.withTargetBytes({ loopContext.routeAsReceived(head: head, host: clientHost, target: $0) }) {
         case .routed(let routed):
             exchange.hostHeader = hostHeader
-            return routeFound(exchange, head: head, routed: routed, path: head.uri, query: "")
+            return routeFound(exchange, head: head, routed: routed, path: nil, query: "")
         case .noRoute:
             exchange.hostHeader = hostHeader
             return rejectHead(exchange, .noRoute, "no route matches \(head.method.rawValue) \(head.uri)")
@@ -190,10 +190,12 @@ extension ExchangeDownstream {
     }
 
     /// The request has its route: limits, then the plugins or the first
-    /// upstream attempt. `path` (normalized, without the query) is made
-    /// only for plugins.
+    /// upstream attempt. `path` (normalized, without the query) is for
+    /// plugins; nil when the request target as received is that path
+    /// (origin-form, no query, already normal): a plugin that asks for it
+    /// then makes it from the head (ExchangePlugins.path).
     func routeFound(_ exchange: Exchange, head: RequestHead, routed: RoutedRequest,
-                    path: @autoclosure () -> String, query: Substring) {
+                    path: String?, query: Substring) {
         exchange.routed = routed
 
         // Body limit (route overrides listener).
@@ -208,7 +210,7 @@ extension ExchangeDownstream {
         }
         if let plugins = loopContext.plugins, let chain = plugins.chain(for: routed.route) {
             return startRequestPlugins(exchange, routed: routed, head: head, plugins: plugins, chain: chain,
-                                       path: path(), query: query)
+                                       path: path, query: query)
         }
         startAttempt(exchange, routed: routed, head: head, excluding: nil)
     }

@@ -57,7 +57,7 @@ extension ExchangeDownstream {
     /// `routed` and `head` are the exchange's (held by the caller: read
     /// again from its properties they cost a retain and a release each).
     func startRequestPlugins(_ exchange: Exchange, routed: RoutedRequest, head: RequestHead, plugins: LoopPlugins,
-                             chain: RouteChain, path: String, query: Substring) {
+                             chain: RouteChain, path: String?, query: Substring) {
         // First request on this connection under a newer generation (a
         // reload happened since accept): that generation's connection phase
         // runs first, so `weir.conn` is filled by the plugins now in force.

@@ -96,7 +96,7 @@ final class LoopPlugins {
 
     /// The plugin side of a new request: a spare when one is free.
     func beginRequest(chain: RouteChain, handler: any ExchangeDownstream, exchange: Exchange,
-                      path: String, query: Substring, connection: PluginConnection?) -> ExchangePlugins {
+                      path: String?, query: Substring, connection: PluginConnection?) -> ExchangePlugins {
         while !spares.isEmpty {
             var spare = spares.removeLast()
             // A closure of an async phase may still hold a finished request's
