@@ -3,7 +3,7 @@ import PackageDescription
 
 // Weir: one proxy core, gateway or sidecar mode, Lua 5.4 policy plugins.
 // Module map (see DESIGN.md in shared/ and README.md):
-//   CLua        system library: Debian's liblua5.4-dev
+//   CLua        system library: Debian's liblua5.4-dev (liblua5.4.a, linked statically)
 //   CLuaShims   C trampolines so no Lua longjmp ever crosses a Swift frame
 //   CNghttp2    system library: Debian's libnghttp2-dev (downstream HTTP/2)
 //   WeirLua     Lua states, coroutines, the `weir` SDK bindings
@@ -35,12 +35,20 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-certificates.git", from: "1.19.4"),
     ],
     targets: [
+        // Headers only (shim.h includes <lua5.4/...>): the library is linked
+        // by CLuaShims below, statically.
         .systemLibrary(
             name: "CLua",
-            pkgConfig: "lua5.4",
             providers: [.apt(["liblua5.4-dev"])]
         ),
-        .target(name: "CLuaShims", dependencies: ["CLua"], linkerSettings: [.linkedLibrary("m")]),
+        // Debian's static liblua5.4.a (same package, same code as the .so):
+        // calls into Lua skip the PLT, and profiles (callgrind, perf) name
+        // the VM's functions, which the stripped liblua5.4.so hides.
+        .target(
+            name: "CLuaShims",
+            dependencies: ["CLua"],
+            linkerSettings: [.linkedLibrary(":liblua5.4.a"), .linkedLibrary("m")]
+        ),
         // Downstream HTTP/2 (h2c, h2 by ALPN): framing, HPACK, streams and
         // flow control, driven sans-IO by HTTP2DownstreamConnection.
         .systemLibrary(
