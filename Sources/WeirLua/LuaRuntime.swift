@@ -444,9 +444,15 @@ public final class LuaRuntime {
     /// Starts the plugin scope of one request. Call `finish()` when the
     /// request is over (after the log phase, or when it is aborted).
     public func beginRequest(_ context: PluginRequestContext, connection: PluginConnection? = nil) -> PluginRequest {
+        willBeginRequest()
+        return PluginRequest(runtime: self, request: context, connection: connection)
+    }
+
+    /// Called before a new scope of this runtime is made by its subclass's
+    /// own initializer (one that is its own context, `PluginRequest.adoptAsOwnContext`).
+    public func willBeginRequest() {
         eventLoop?.assertInEventLoop()
         releaseOrphans()
-        return PluginRequest(runtime: self, request: context, connection: connection)
     }
 
     /// Starts another request on a finished, `detach`ed scope of this
@@ -461,6 +467,13 @@ public final class LuaRuntime {
         scope.restart(request: context, connection: connection)
     }
 
+    /// What a new request on a reused scope of this runtime does first.
+    func willRestartRequest() {
+        // Debug builds only: reading the existential loop retains and releases it (per request).
+        assert(eventLoop?.inEventLoop ?? true, "request restarted off its runtime's event loop")
+        releaseOrphans()
+    }
+
     /// Starts the plugin scope of one downstream connection.
     public func beginConnection(_ context: PluginConnectionContext) -> PluginConnection {
         eventLoop?.assertInEventLoop()
@@ -468,9 +481,15 @@ public final class LuaRuntime {
         return PluginConnection(runtime: self, context: context)
     }
 
+    @inline(__always)
     private func releaseOrphans() {
         // Cleared before the list is taken: a ref queued meanwhile sets it again.
-        guard hasOrphans.load(ordering: .relaxed), hasOrphans.exchange(false, ordering: .acquiring) else { return }
+        guard hasOrphans.load(ordering: .relaxed) else { return }
+        releaseQueuedOrphans()
+    }
+
+    private func releaseQueuedOrphans() {
+        guard hasOrphans.exchange(false, ordering: .acquiring) else { return }
         let refs = orphanedRefs.withLockedValue { refs -> [Int32] in
             defer { refs.removeAll() }
             return refs

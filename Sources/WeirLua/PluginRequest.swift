@@ -18,13 +18,28 @@ enum AsyncValue {
 /// Confined to the runtime's event loop. Keeps its runtime (generation)
 /// alive until the request is finished, so a reload never pulls a Lua state
 /// from under a running request.
-public final class PluginRequest {
+///
+/// Open for one kind of subclass: a request's plugin side that is its own
+/// request context (the proxy's `ExchangePlugins`, see `adoptAsOwnContext`),
+/// so the two are one object, reused as a whole, with no link between them
+/// to set and clear per request. Every member is final outside this module.
+open class PluginRequest {
     public let runtime: LuaRuntime
     /// The request (nil in a connection or timer scope, and while a
-    /// finished scope waits to be reused: `detach`).
-    public private(set) var context: PluginRequestContext? {
-        didSet { hotContext = HotRequestContext(context) }
+    /// finished scope with a separate context waits to be reused: `detach`).
+    public var context: PluginRequestContext? {
+        if let own = ownContext { return own }
+        return separateContext
     }
+    /// A context object other than this scope (tests, tools): held.
+    private var separateContext: PluginRequestContext? {
+        didSet { hotContext = HotRequestContext(separateContext) }
+    }
+    /// This scope itself, as a subclass that is its request context
+    /// (`adoptAsOwnContext`): not retained (it is self), never cleared.
+    private unowned(unsafe) var ownContext: PluginRequestContext?
+    /// `ownContext` is set (a flag: reading the existential retains and releases it).
+    private var isOwnContext = false
     /// `context` as the hot natives call it, without retaining it (`HotRequestContext`).
     private(set) var hotContext: HotRequestContext?
     public private(set) var connection: PluginConnection?
@@ -66,11 +81,24 @@ public final class PluginRequest {
     private var callStart: UInt64 = 0
     private var promise: EventLoopPromise<PhaseResult>?
 
-    init(runtime: LuaRuntime, request: PluginRequestContext?, connection: PluginConnection?) {
+    /// A scope for `request` (nil: a connection or timer scope, or a
+    /// subclass that adopts itself as its context next).
+    public init(runtime: LuaRuntime, request: PluginRequestContext?, connection: PluginConnection?) {
         self.runtime = runtime
-        self.context = request
+        self.separateContext = request
         self.hotContext = HotRequestContext(request)
         self.connection = connection
+    }
+
+    /// A subclass that is its own request context says so once, right
+    /// after `init(runtime:request: nil, connection:)`: `context` is then
+    /// this object for its whole life, through every request it serves
+    /// (`LuaRuntime.restartRequest(_:connection:)`).
+    public final func adoptAsOwnContext(_ me: PluginRequestContext) {
+        precondition(me === self && separateContext == nil, "only a scope itself can be its own context")
+        ownContext = me
+        isOwnContext = true
+        hotContext = HotRequestContext(me)
     }
 
     deinit {
@@ -82,21 +110,21 @@ public final class PluginRequest {
         coroutine?.releaseLater(into: runtime)
     }
 
-    public var requestID: String? { context?.requestID }
-
     // MARK: Reuse
 
     /// A finished scope drops what ties it to its request (the request
     /// context, connection, consumer lookup, body chunk) so that it can wait
     /// for the next request of its runtime without keeping that request
     /// alive (see `LuaRuntime.restartRequest`).
-    public func detach() {
+    public final func detach() {
         precondition(isFinished, "only a finished scope can be detached")
-        context = nil
+        // Its own context stays: it is this object.
+        if separateContext != nil { separateContext = nil }
         // Stored only when set: storing nil or [] over nil or [] still
         // destroys the old value (a release call each, per request).
         if connection != nil { connection = nil }
-        if consumerChain != nil { consumerChain = nil }
+        // A scope that is its own context set it once for all its requests.
+        if !isOwnContext, consumerChain != nil { consumerChain = nil }
         if consumerSeen != nil { consumerSeen = nil }
         if !bodyChunk.isEmpty { bodyChunk = [] }
     }
@@ -104,16 +132,26 @@ public final class PluginRequest {
     /// Starts another request on a finished, detached scope: the state a
     /// new scope would have (the coroutine and weir.ctx were released by
     /// `finish`; the phase fields are set by each `start`).
-    func restart(request: PluginRequestContext, connection: PluginConnection?) {
+    /// `request` nil: the scope is its own context (`adoptAsOwnContext`).
+    func restart(request: PluginRequestContext?, connection: PluginConnection?) {
         // `finish` left `pending` nil.
-        precondition(isFinished && context == nil && promise == nil && pending == nil && coroutine == nil
-                     && ctxRef == LUA_NOREF, "only a finished, detached scope can be restarted")
-        context = request
+        precondition(isFinished && separateContext == nil && promise == nil && pending == nil && coroutine == nil
+                     && ctxRef == LUA_NOREF && (request == nil) == isOwnContext,
+                     "only a finished, detached scope can be restarted")
+        if let request { separateContext = request }
         if connection != nil { self.connection = connection }
         isFinished = false
         if exit != nil { exit = nil }
         isLastChunk = false
         savedBudget = LuaRuntime.BudgetSnapshot()
+    }
+
+    /// Starts another request on this finished scope that is its own
+    /// context (`adoptAsOwnContext`): `LuaRuntime.restartRequest` without
+    /// a context to link.
+    public final func restartOwnRequest(connection: PluginConnection?) {
+        runtime.willRestartRequest()
+        restart(request: nil, connection: connection)
     }
 
     /// The plugin whose phase function runs now (asked by natives).
@@ -150,7 +188,7 @@ public final class PluginRequest {
 
     /// Runs `phase` for every plugin of `chain` that implements it, in order.
     /// Completes synchronously unless a plugin waits on an async SDK call.
-    public func start(_ phase: PluginPhase, chain: PluginChain) -> Outcome {
+    public final func start(_ phase: PluginPhase, chain: PluginChain) -> Outcome {
         // Debug builds only: reading the existential loop retains and releases it.
         assert(runtime.eventLoop?.inEventLoop ?? true, "plugin phase started off its runtime's event loop")
         precondition(promise == nil, "a phase is already running for this request")
@@ -183,14 +221,14 @@ public final class PluginRequest {
     /// Runs the body_filter phase over one chunk of the response body; the
     /// plugins may replace it (read `bodyChunk` afterwards). Like `start`, it
     /// can be pending if a plugin waits on an async SDK call.
-    public func filterBody(_ chunk: [UInt8], isLast: Bool, chain: PluginChain) -> Outcome {
+    public final func filterBody(_ chunk: [UInt8], isLast: Bool, chain: PluginChain) -> Outcome {
         bodyChunk = chunk
         isLastChunk = isLast
         return start(.bodyFilter, chain: chain)
     }
 
     /// `start` as a future.
-    public func run(_ phase: PluginPhase, chain: PluginChain) -> EventLoopFuture<PhaseResult> {
+    public final func run(_ phase: PluginPhase, chain: PluginChain) -> EventLoopFuture<PhaseResult> {
         switch start(phase, chain: chain) {
         case .done(let result): return runtime.eventLoop!.makeSucceededFuture(result)
         case .pending(let future): return future
@@ -200,7 +238,7 @@ public final class PluginRequest {
     /// Ends the scope: abandons a waiting coroutine, releases the coroutine
     /// and `weir.ctx`. Idempotent. Any phase still waiting completes with
     /// `.failed` ("request finished while ...").
-    public func finish() {
+    public final func finish() {
         guard !isFinished else { return }
         isFinished = true
         if let co = coroutine {
@@ -427,6 +465,8 @@ public final class PluginRequest {
     /// the chain to use from then on for that consumer (consumer configs win
     /// over route, upstream and global ones), or nil to keep the current one.
     /// The proxy sets it only when some consumer has plugins of its own.
+    /// `detach` drops it, except on a scope that is its own context (set
+    /// once by its owner for every request it serves).
     public var consumerChain: ((String) -> PluginChain?)?
     private var consumerSeen: String?
 

@@ -93,7 +93,7 @@ extension ExchangeDownstream {
         let scope = plugins.beginRequest(chain: chain, handler: self, exchange: exchange, path: path, query: query,
                                          connection: connectionPlugins?.scope)
         exchange.plugins = scope
-        switch scope.scope.start(.request, chain: chain.chain) {
+        switch scope.start(.request, chain: chain.chain) {
         case .done(.continue) where exchange.routed === routed:
             // No plugin picked another upstream (set_upstream, set_target):
             // the first attempt with what the caller already holds.
@@ -135,7 +135,7 @@ extension ExchangeDownstream {
         // Only the request phase's response header changes (or a body
         // filter's re-framing) to apply: no Lua to enter.
         guard plugins.runsResponse else { return plugins.endUpstreamResponse() }
-        switch plugins.scope.start(.response, chain: plugins.chain) {
+        switch plugins.start(.response, chain: plugins.chain) {
         case .done(let result):
             return responsePhaseEnded(exchange, plugins: plugins, result: result, connection: connection)
         case .pending(let future):
@@ -235,7 +235,7 @@ extension ExchangeDownstream {
             return writePluginExit(exchange, head: head, body: body, close: close)
         }
         plugins.responseHead = head
-        switch plugins.scope.start(.response, chain: plugins.chain) {
+        switch plugins.start(.response, chain: plugins.chain) {
         case .done(let result):
             exitResponsePhaseEnded(exchange, plugins: plugins, result: result, body: body, close: close)
         case .pending(let future):
@@ -288,7 +288,7 @@ extension ExchangeDownstream {
                 switch result {
                 case .continue:
                     var head = head
-                    let filtered = plugins.scope.bodyChunk
+                    let filtered = plugins.bodyChunk
                     head.headers.replaceOrAdd(name: "content-length", value: String(filtered.count))
                     self.writePluginExit(exchange, head: head, body: filtered, close: close, bodyFiltered: true)
                 case .exit:
@@ -299,7 +299,7 @@ extension ExchangeDownstream {
                     self.pluginFailed(exchange, failure)
                 }
             }
-            switch plugins.scope.filterBody(body, isLast: true, chain: plugins.chain) {
+            switch plugins.filterBody(body, isLast: true, chain: plugins.chain) {
             case .done(let result): finish(result)
             case .pending(let future):
                 plugins.phasePending = true
@@ -348,7 +348,7 @@ extension ExchangeDownstream {
 
     private func runBodyFilter(_ bytes: [UInt8], isLast: Bool, exchange: Exchange, plugins: ExchangePlugins,
                                connection: UpstreamConnection, then: @escaping () -> Void) {
-        switch plugins.scope.filterBody(bytes, isLast: isLast, chain: plugins.chain) {
+        switch plugins.filterBody(bytes, isLast: isLast, chain: plugins.chain) {
         case .done(let result):
             if bodyFilterEnded(result, exchange: exchange, plugins: plugins, connection: connection) { then() }
         case .pending(let future):
@@ -367,7 +367,7 @@ extension ExchangeDownstream {
                                  connection: UpstreamConnection) -> Bool {
         switch result {
         case .continue:
-            let chunk = plugins.scope.bodyChunk
+            let chunk = plugins.bodyChunk
             if !chunk.isEmpty {
                 exchange.bytesOut += chunk.count
                 writeResponseBody(allocator.buffer(bytes: chunk), exchange: exchange)

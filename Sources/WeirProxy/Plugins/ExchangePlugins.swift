@@ -31,16 +31,19 @@ extension Exchange {
     }
 }
 
-/// The plugin side of one request: the `PluginRequestContext` the Lua SDK
-/// calls into (lazily: headers are read from the request head only when a
-/// plugin asks), the plugin scope, and the generation it is pinned to.
+/// The plugin side of one request, one object: the plugin scope (its
+/// `PluginRequest` superclass: coroutine, weir.ctx, the phase runner), the
+/// `PluginRequestContext` the Lua SDK calls into (itself: lazily, headers
+/// are read from the request head only when a plugin asks), and the
+/// generation it is pinned to.
 ///
 /// Reused: a request that ended with every phase run to its end leaves
-/// this object with its (detached) scope in its loop's spares
-/// (`LoopPlugins.takeBack`), and a later request of that loop and
-/// generation starts on both (`begin`) instead of allocating them.
-/// Every per-request property is reset in `resetRequestState`.
-final class ExchangePlugins: PluginRequestContext {
+/// this object in its loop's spares (`LoopPlugins.takeBack`), and a later
+/// request of that loop and generation starts on it (`begin`) instead of
+/// allocating one. Being its own context, it has no scope <-> context
+/// link to set and clear per request. Every per-request property is reset
+/// in `resetRequestState`.
+final class ExchangePlugins: PluginRequest, PluginRequestContext {
     /// Pins the generation: its Lua state lives while this request does
     /// (nil while waiting in the spares, which its `LoopPlugins` holds).
     private(set) var loopPlugins: LoopPlugins!
@@ -58,8 +61,6 @@ final class ExchangePlugins: PluginRequestContext {
     private(set) var filtersBody: Bool
     var routeName: String { exchange.routed?.route.name ?? "" }
     var lastChunkFiltered = false
-    /// The request's scope; nil once a scope that cannot be reused ended.
-    private(set) var scope: PluginRequest!
     /// The scope was finished (`endScope`): it serves no more phases of this request.
     private var scopeEnded = false
     private weak var handler: (any ExchangeDownstream)?
@@ -119,14 +120,13 @@ final class ExchangePlugins: PluginRequestContext {
         self.exchange = exchange
         self.routedPath = path
         self.query = query
-        self.scope = loopPlugins.runtime.beginRequest(self, connection: Self.connectionScope(connection, loopPlugins))
-        watchConsumers(loopPlugins)
-    }
-
-    /// `loopPlugins` is this object's (passed: a read of the property costs a retain and a release).
-    private func watchConsumers(_ loopPlugins: LoopPlugins) {
-        guard loopPlugins.hasConsumerPlugins else { return }
-        scope.consumerChain = { [weak self] consumer in self?.chainForConsumer(consumer) }
+        loopPlugins.runtime.willBeginRequest()
+        super.init(runtime: loopPlugins.runtime, request: nil, connection: Self.connectionScope(connection, loopPlugins))
+        adoptAsOwnContext(self)
+        // Once: a spare serves only requests of the same `LoopPlugins`.
+        if loopPlugins.hasConsumerPlugins {
+            consumerChain = { [weak self] consumer in self?.chainForConsumer(consumer) }
+        }
     }
 
     /// A connection scope from an older generation belongs to another Lua state.
@@ -144,12 +144,12 @@ final class ExchangePlugins: PluginRequestContext {
         filtersBody = chain.filtersBody
         self.handler = handler
         self.exchange = exchange
-        // Stored only when either is set (a nil store over nil still calls release).
+        // Stored only when either is set (a nil or "" store over nil or ""
+        // still calls release).
         if path != nil || routedPath != nil { routedPath = path }
-        self.query = query
+        if !query.isEmpty || !self.query.isEmpty { self.query = query }
         scopeEnded = false
-        loopPlugins.runtime.restartRequest(scope, self, connection: Self.connectionScope(connection, loopPlugins))
-        watchConsumers(loopPlugins)
+        restartOwnRequest(connection: connection.flatMap { Self.connectionScope($0, loopPlugins) })
     }
 
     /// Back to what a new object starts with: every property that one
@@ -210,7 +210,7 @@ final class ExchangePlugins: PluginRequestContext {
         // No log plugin (the common chain): nothing to start.
         guard runsLog else { return endScope(reusable: true) }
         listenerName = handler?.listener.name
-        switch scope.start(.log, chain: chain) {
+        switch start(.log, chain: chain) {
         case .done(let result):
             logFailure(result)
             endScope(reusable: true)
@@ -222,20 +222,18 @@ final class ExchangePlugins: PluginRequestContext {
         }
     }
 
-    /// Finishes the plugin scope and lets go of this request (scope.context
-    /// is self: `detach` or dropping the scope breaks the cycle). A request
-    /// whose phases all ran to their end goes to the loop's spares with its
-    /// scope (`LoopPlugins.takeBack`; reused only once nothing else holds it).
+    /// Finishes the plugin scope and lets go of this request (the cycle
+    /// through `exchange.plugins` is broken here). A request whose phases
+    /// all ran to their end goes to the loop's spares (`LoopPlugins.takeBack`;
+    /// reused only once nothing else holds it); one abandoned mid-phase is
+    /// left to whatever still holds it.
     private func endScope(reusable: Bool) {
-        guard !scopeEnded, let scope else { return }
+        guard !scopeEnded else { return }
         scopeEnded = true
-        scope.finish()
+        finish()
         exchange.plugins = nil
-        guard reusable else {
-            self.scope = nil
-            return
-        }
-        scope.detach()
+        guard reusable else { return }
+        detach()
         let loopPlugins = self.loopPlugins!
         resetRequestState()
         self.loopPlugins = nil
