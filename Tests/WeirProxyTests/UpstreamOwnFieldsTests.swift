@@ -27,11 +27,20 @@ final class UpstreamOwnFieldsTests: PluginFolderTestCase {
     ]
 
     private func upstreamHeads(config: WeirConfig) throws -> [[String]] {
+        try upstreamHeads(of: requests, oneConnection: false, config: config)
+    }
+
+    /// The upstream heads of `requests`, all sent on one keep-alive
+    /// connection (so later requests may take the own lines from the
+    /// connection's memo) or each on its own connection (never).
+    private func upstreamHeads(of requests: [String], oneConnection: Bool, config: WeirConfig) throws -> [[String]] {
         let proxy = try PluginProxy(config: config, folder: folder)
         defer { proxy.stop() }
         let before = upstream.requests.count
+        var shared: BlockingSocket? = nil
         for request in requests {
-            let client = try proxy.connect()
+            let client = try oneConnection ? (shared ?? proxy.connect()) : proxy.connect()
+            if oneConnection { shared = client }
             try client.send(request)
             XCTAssertEqual(try client.readResponse().status, 200, request)
         }
@@ -48,6 +57,41 @@ final class UpstreamOwnFieldsTests: PluginFolderTestCase {
                 }
                 return "\(name): \(value)"
             }
+        }
+    }
+
+    /// A keep-alive connection's requests get the same own lines as each
+    /// would alone, whether its inputs repeat (the memo's lines are copied)
+    /// or change between requests (client Host, framing, HTTP version), and
+    /// around requests whose lines carry their own values (a trusted peer's
+    /// X-Forwarded-*, Via), which are never kept.
+    func testOwnLinesKeptForAConnectionMatchFreshOnes() throws {
+        let sequence = [
+            "GET /1 HTTP/1.1\r\nHost: a.example\r\n\r\n",
+            "GET /2 HTTP/1.1\r\nHost: a.example\r\n\r\n",
+            "GET /3 HTTP/1.1\r\nHost: b.example:8080\r\n\r\n",
+            "GET /4 HTTP/1.1\r\nHost: b.example:8080\r\nX-Forwarded-For: 203.0.113.9\r\nX-Forwarded-Proto: https\r\n\r\n",
+            "GET /5 HTTP/1.1\r\nHost: b.example:8080\r\n\r\n",
+            "POST /6 HTTP/1.1\r\nHost: b.example:8080\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            "GET /7 HTTP/1.0\r\nHost: b.example:8080\r\nConnection: keep-alive\r\n\r\n",
+            "GET /8 HTTP/1.1\r\nHost: b.example:8080\r\nVia: 1.1 front\r\n\r\n",
+            "GET /9 HTTP/1.1\r\nHost: b.example:8080\r\nX-Forwarded-Host: front.example\r\n\r\n",
+            "GET /10 HTTP/1.1\r\nHost: b.example:8080\r\n\r\n",
+            "GET /11 HTTP/1.1\r\nHost: a.example\r\n\r\n",
+        ]
+        for trusted in [true, false] {
+            let config = ProxyHarness.config(targets: [upstream.address]) {
+                if trusted { $0.forwarded.trustedProxies = ["127.0.0.0/8"] }
+            }
+            let kept = try upstreamHeads(of: sequence, oneConnection: true, config: config)
+            let fresh = try upstreamHeads(of: sequence, oneConnection: false, config: config)
+            XCTAssertEqual(kept, fresh, "trusted: \(trusted)")
+            XCTAssertEqual(kept.count, sequence.count)
+            XCTAssertEqual(kept.last?.filter { $0.hasPrefix("x-forwarded-host") || $0.hasPrefix("via") },
+                           ["x-forwarded-host: a.example", "via: 1.1 weir"])
+            XCTAssertEqual(kept[3].first { $0.hasPrefix("x-forwarded-for") },
+                           trusted ? "x-forwarded-for: 203.0.113.9, 127.0.0.1" : "x-forwarded-for: 127.0.0.1")
+            XCTAssertEqual(kept[6].first { $0.hasPrefix("via") }, "via: 1.0 weir")
         }
     }
 

@@ -107,6 +107,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
     /// The connection-phase plugin scope (see ExchangeDownstream+Plugins).
     var connectionPlugins: ConnectionPlugins?
     var spareUpstreamFields: [HTTP1AddedField] = []
+    let upstreamOwnLinesMemo = UpstreamOwnLinesMemo()
     /// No request yet on an http listener with `http2.enabled` (or an https
     /// one whose ALPN chose h2): the first bytes may be the HTTP/2 client
     /// preface, and then the connection becomes an HTTP/2 one.

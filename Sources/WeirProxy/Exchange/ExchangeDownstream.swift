@@ -34,6 +34,8 @@ protocol ExchangeDownstream: AnyObject, UpstreamConnectionDelegate {
     /// Emptied storage for the next request's added upstream fields (a
     /// finished exchange's array is handed back: `recycleUpstreamFields`).
     var spareUpstreamFields: [HTTP1AddedField] { get set }
+    /// The connection's last own upstream lines (`UpstreamOwnLinesMemo`).
+    var upstreamOwnLinesMemo: UpstreamOwnLinesMemo { get }
     /// The TLS session of an https connection; nil on plain ones.
     var tls: TLSConnectionInfo? { get }
     /// The listener's side of the connection (`conn:get_local_port`).
@@ -382,7 +384,7 @@ extension ExchangeDownstream {
             host: upstreamHostHeader(exchange, routed: routed), chunked: exchange.framing.chunked, upgrade: exchange.isUpgrade,
             clientIP: clientIP, scheme: listener.scheme, clientHost: exchange.hostHeader,
             viaEntry: HeaderRewriting.viaEntryLiteral(http2: head.receivedOverHTTP2, http10: head.isHTTP10),
-            requestID: exchange.id)
+            requestID: exchange.id, memo: upstreamOwnLinesMemo)
     }
 
     /// The upstream request head as bytes, whether it chunks its body, and

@@ -34,9 +34,14 @@ struct UpstreamOwnFields {
     /// A trusted peer's first X-Forwarded-Proto / -Host line, or -1.
     private var forwardedProtoLine = -1
     private var forwardedHostLine = -1
+    /// The connection's memo of these lines (nil: none kept), and whether
+    /// it holds exactly the lines this request gets (see `UpstreamOwnLinesMemo`).
+    private let memo: UpstreamOwnLinesMemo?
+    private var fromMemo = false
 
     init(fields: HTTP1Fields, removed: HTTP1FieldSet, peerTrusted: Bool, host: String, chunked: Bool, upgrade: Bool,
-         clientIP: String, scheme: String, clientHost: String?, viaEntry: StaticString, requestID: String) {
+         clientIP: String, scheme: String, clientHost: String?, viaEntry: StaticString, requestID: String,
+         memo: UpstreamOwnLinesMemo? = nil) {
         self.removed = removed
         self.host = host
         self.chunked = chunked
@@ -63,10 +68,23 @@ struct UpstreamOwnFields {
                 viaBytes += Int(e.valueLength) + 2
             }
         }
+        // No value of the client's lines goes into these lines (no trusted
+        // peer's X-Forwarded-*, no Via): they depend only on the Strings
+        // and flags above, so they can be kept for the connection's next request.
+        let copiesNoClientValues = forwardedForLines == 0 && forwardedProtoLine < 0 && forwardedHostLine < 0 && viaLines == 0
+        if copiesNoClientValues, let memo {
+            self.memo = memo
+            // The init's arguments, not `self`: passing the struct copies it.
+            fromMemo = memo.holdsLines(host: host, chunked: chunked, upgrade: upgrade, clientIP: clientIP, scheme: scheme,
+                                       clientHost: clientHost, viaEntry: viaEntry)
+        } else {
+            self.memo = nil
+        }
     }
 
     /// What `write` writes, in bytes.
     func byteCount(_ entries: [HTTP1FieldEntry]) -> Int {
+        if fromMemo, let memo { return memo.bytes.count + 14 + requestID.utf8.count + 2 }
         var n = 6 + host.utf8.count + 2                                         // host: …\r\n
         if chunked { n += 28 }                                                  // transfer-encoding: chunked\r\n
         if upgrade { n += 21 }                                                  // connection: upgrade\r\n
@@ -84,6 +102,20 @@ struct UpstreamOwnFields {
 
     /// The lines, in `upstreamEdits`' order; `src` is the client's head bytes.
     func write(_ w: inout HTTP1HeadWriter.RawWriter, _ entries: [HTTP1FieldEntry], _ src: UnsafeRawPointer) {
+        if fromMemo, let memo {
+            memo.bytes.withUnsafeBytes { w.copy($0.baseAddress!, $0.count) }
+        } else {
+            let start = w.offset
+            writeLinesThroughVia(&w, entries, src)
+            memo?.keep(UnsafeRawBufferPointer(start: w.base + start, count: w.offset - start), of: self)
+        }
+        w.copy("x-request-id: ")
+        w.copy(requestID)
+        w.copy("\r\n")
+    }
+
+    /// Every line but X-Request-Id.
+    private func writeLinesThroughVia(_ w: inout HTTP1HeadWriter.RawWriter, _ entries: [HTTP1FieldEntry], _ src: UnsafeRawPointer) {
         w.copy("host: "); w.copy(host); w.copy("\r\n")
         if chunked { w.copy("transfer-encoding: chunked\r\n") }
         if upgrade { w.copy("connection: upgrade\r\n") }
@@ -101,8 +133,6 @@ struct UpstreamOwnFields {
         w.copy("via: ")
         if viaLines > 0 { copyValues(of: .via, &w, entries, src) }
         w.copy(viaEntry)
-        w.copy("\r\nx-request-id: ")
-        w.copy(requestID)
         w.copy("\r\n")
     }
 
@@ -118,6 +148,53 @@ struct UpstreamOwnFields {
     @inline(__always)
     private func copyValue(_ e: HTTP1FieldEntry, _ w: inout HTTP1HeadWriter.RawWriter, _ src: UnsafeRawPointer) {
         w.copy(src + Int(e.valueStart), Int(e.valueLength))
+    }
+}
+
+/// The proxy's own upstream lines but X-Request-Id, as written for an
+/// earlier request on the same downstream connection, and the inputs they
+/// were written from. They depend on the connection (client address,
+/// scheme), the target (Host) and the client's Host, which the requests of
+/// a keep-alive connection nearly always repeat: a request with the same
+/// inputs copies these bytes (one copy) instead of writing five lines from
+/// Strings (BENCHMARKS.md "core3", 2026-11-30). Only lines that carry no
+/// value of the client's other lines are kept (no trusted peer's
+/// X-Forwarded-*, no Via).
+/// One per downstream connection (an HTTP/2 connection's streams share
+/// theirs), used on its event loop only.
+final class UpstreamOwnLinesMemo {
+    fileprivate private(set) var bytes: [UInt8] = []
+    private var kept = false
+    private var host = "", clientIP = "", scheme = ""
+    private var clientHost: String?
+    private var chunked = false, upgrade = false
+    /// The Via entry literal (`HeaderRewriting.viaEntryLiteral`), by address.
+    private var viaEntry: UnsafeRawPointer?
+
+    /// Whether `bytes` are the lines written from these inputs. The client
+    /// address and the listener's scheme are the connection's: the same for
+    /// every request of it (checked in debug builds only).
+    @inline(__always)
+    fileprivate func holdsLines(host: String, chunked: Bool, upgrade: Bool, clientIP: String, scheme: String,
+                                clientHost: String?, viaEntry: StaticString) -> Bool {
+        guard kept && self.chunked == chunked && self.upgrade == upgrade && self.viaEntry == UnsafeRawPointer(viaEntry.utf8Start)
+            && self.host == host && self.clientHost == clientHost else { return false }
+        assert(self.clientIP == clientIP && self.scheme == scheme, "a connection's client address and scheme changed")
+        return true
+    }
+
+    /// Keeps `lines`, just written for `own`, for the next request.
+    fileprivate func keep(_ lines: UnsafeRawBufferPointer, of own: UpstreamOwnFields) {
+        bytes.removeAll(keepingCapacity: true)
+        bytes.append(contentsOf: lines)
+        host = own.host
+        clientIP = own.clientIP
+        scheme = own.scheme
+        clientHost = own.clientHost
+        chunked = own.chunked
+        upgrade = own.upgrade
+        viaEntry = UnsafeRawPointer(own.viaEntry.utf8Start)
+        kept = true
     }
 }
 

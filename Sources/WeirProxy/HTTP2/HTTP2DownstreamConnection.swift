@@ -81,6 +81,8 @@ final class HTTP2DownstreamConnection: ChannelInboundHandler {
     /// An emptied added-upstream-field array for the next stream's exchange
     /// (ExchangeDownstream.recycleUpstreamFields).
     var spareUpstreamFields: [HTTP1AddedField] = []
+    /// Shared by the connection's streams (`ExchangeDownstream.upstreamOwnLinesMemo`).
+    let upstreamOwnLinesMemo = UpstreamOwnLinesMemo()
     private var closed = false
     /// Streams refused over max_concurrent_streams in the current reset window.
     private var refusals = 0

@@ -111,6 +111,7 @@ final class HTTP2ServerStream: ExchangeDownstream {
         get { connection.spareUpstreamFields }
         set { connection.spareUpstreamFields = newValue }
     }
+    var upstreamOwnLinesMemo: UpstreamOwnLinesMemo { connection.upstreamOwnLinesMemo }
     var downstreamIsWritable: Bool {
         responseBodyBytes < Self.outboundHighWater && connection.isWritable
     }
