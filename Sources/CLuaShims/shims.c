@@ -14,13 +14,84 @@ const char *weir_lua_version(void) { return LUA_VERSION; }
 
 // MARK: - Allocator with a per-state cap
 
+// Small blocks (up to WEIR_SMALL_MAX bytes, in 16-byte classes) that Lua
+// frees are kept on per-state free lists and handed to the next allocation
+// of their class: per-request garbage (a weir.ctx table and its node
+// vector, short strings, closures) comes and goes in these sizes, and a
+// generational sweep frees hundreds at once, more than glibc's per-thread
+// cache keeps. Every live block of at most WEIR_SMALL_MAX bytes was
+// allocated here at its class's full size, so any block of a class serves
+// any request of that class. Kept blocks are free as far as Lua and the
+// memory cap are concerned (bytes_used counts live blocks only); at most
+// WEIR_SMALL_CACHE_BYTES of them are kept, the rest go back to malloc.
+
+static inline int small_class(size_t n) { return (int)((n - 1) >> WEIR_SMALL_SHIFT); }
+
+static void *small_take(weir_state_info *st, size_t n) {
+    int c = small_class(n);
+    void *p = st->small_free[c];
+    if (p != NULL) {
+        st->small_free[c] = *(void **)p;
+        st->small_cached_bytes -= (size_t)(c + 1) << WEIR_SMALL_SHIFT;
+        return p;
+    }
+    return malloc((size_t)(c + 1) << WEIR_SMALL_SHIFT);
+}
+
+static void small_give(weir_state_info *st, void *p, size_t n) {
+    int c = small_class(n);
+    size_t size = (size_t)(c + 1) << WEIR_SMALL_SHIFT;
+    if (st->small_cached_bytes + size > WEIR_SMALL_CACHE_BYTES) { free(p); return; }
+    *(void **)p = st->small_free[c];
+    st->small_free[c] = p;
+    st->small_cached_bytes += size;
+}
+
+/// Frees a block Lua gave back (`size` its size as Lua knows it).
+static inline void block_free(weir_state_info *st, void *p, size_t size) {
+    if (size <= WEIR_SMALL_MAX) small_give(st, p, size); else free(p);
+}
+
+/// Allocates a new block, or resizes `ptr` (`old` > 0 bytes); NULL on failure
+/// with `ptr` untouched, as lua_Alloc requires.
+static void *block_alloc(weir_state_info *st, void *ptr, size_t old, size_t nsize) {
+    if (ptr == NULL) return nsize <= WEIR_SMALL_MAX ? small_take(st, nsize) : malloc(nsize);
+    if (old <= WEIR_SMALL_MAX) {
+        if (nsize <= WEIR_SMALL_MAX && small_class(nsize) == small_class(old)) return ptr;
+    } else if (nsize > WEIR_SMALL_MAX) {
+        return realloc(ptr, nsize);
+    }
+    // Across the small/large line or between classes: move.
+    void *p = nsize <= WEIR_SMALL_MAX ? small_take(st, nsize) : malloc(nsize);
+    if (p == NULL) return NULL;
+    memcpy(p, ptr, old < nsize ? old : nsize);
+    block_free(st, ptr, old);
+    return p;
+}
+
+static void small_release_all(weir_state_info *st) {
+    for (int c = 0; c < WEIR_SMALL_CLASSES; c++) {
+        void *p = st->small_free[c];
+        while (p != NULL) {
+            void *next = *(void **)p;
+            free(p);
+            p = next;
+        }
+        st->small_free[c] = NULL;
+    }
+    st->small_cached_bytes = 0;
+}
+
 static void *weir_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
     weir_state_info *st = (weir_state_info *)ud;
     // When ptr is NULL, osize encodes the object type, not a size.
     size_t old = ptr ? osize : 0;
     if (nsize == 0) {
-        free(ptr);
-        st->bytes_used -= old;
+        // (Lua also "frees" empty arrays as NULL.)
+        if (ptr != NULL) {
+            block_free(st, ptr, old);
+            st->bytes_used -= old;
+        }
         return NULL;
     }
     if (nsize > old && st->bytes_limit != 0 && st->bytes_used - old + nsize > st->bytes_limit) {
@@ -29,7 +100,7 @@ static void *weir_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
         if (st->swift_depth == 0) return NULL;
         st->overdraft = 1;
     }
-    void *p = realloc(ptr, nsize);
+    void *p = block_alloc(st, ptr, old, nsize);
     if (p == NULL) {
         if (st->swift_depth > 0) {
             // Lua would longjmp through Swift; the process is out of memory anyway.
@@ -90,6 +161,7 @@ lua_State *weir_newstate(size_t bytes_limit, int hook_interval) {
 void weir_close(lua_State *L) {
     weir_state_info *st = weir_info(L);
     lua_close(L);
+    small_release_all(st);
     free(st->chain_marks);
     free(st);
 }

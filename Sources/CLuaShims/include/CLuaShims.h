@@ -36,6 +36,13 @@ typedef int (*weir_dispatch_fn)(lua_State *L, void *context, int function_id, in
 
 /// Per-state bookkeeping shared by the allocator, the budget hook and the
 /// trampolines. Owned by the state (freed by weir_close).
+// The allocator's small-block free lists (shims.c): classes of 16 bytes up
+// to WEIR_SMALL_MAX, at most WEIR_SMALL_CACHE_BYTES kept per state.
+#define WEIR_SMALL_SHIFT 4
+#define WEIR_SMALL_CLASSES 8
+#define WEIR_SMALL_MAX (WEIR_SMALL_CLASSES << WEIR_SMALL_SHIFT)
+#define WEIR_SMALL_CACHE_BYTES (256 * 1024)
+
 typedef struct weir_state_info {
     size_t bytes_used;
     size_t bytes_peak;
@@ -57,6 +64,10 @@ typedef struct weir_state_info {
     int chain_timing;          // record each plugin's start in chain_marks
     int chain_marks_capacity;
     uint64_t *chain_marks;     // [i]: CLOCK_MONOTONIC ns when entry i started (freed by weir_close)
+    // The allocator's kept small blocks: a list per class, linked through
+    // each block's first word, and their total size.
+    void *small_free[WEIR_SMALL_CLASSES];
+    size_t small_cached_bytes;
 } weir_state_info;
 
 /// Creates a state with the capped allocator and the panic handler
