@@ -163,11 +163,13 @@ open class PluginRequest {
     /// The per-request `weir.ctx` table, created on first use; pushed on `thread`.
     func pushCtx(on thread: LuaThread) {
         if ctxRef == LUA_NOREF {
-            // Empty, like Lua's `{}`: a phase function that declares ctx but
-            // stores nothing (common) pays for the table alone; presizing 4
-            // slots cost ~1k instructions per request (weir-noop, callgrind).
+            // One hash slot: the table is made only for a phase function
+            // that reads ctx (CtxParameterTests), which mostly stores a key,
+            // and the first key then needs no rehash (luaH_resize, ~250
+            // instructions). Four slots cost more than they saved (weir-noop
+            // when every request made the table, callgrind).
             let L = runtime.state.main
-            lua_createtable(L, 0, 0)
+            lua_createtable(L, 0, 1)
             if ctxSlot == LUA_NOREF {
                 ctxSlot = runtime.state.ref()
             } else {

@@ -703,6 +703,11 @@ local dicts = setmetatable({}, {
     -- raw with one lua_rawgeti (by the key "id" the native first had to
     -- intern the key: ~125 instructions more per call).
     local d = setmetatable({ id, name = name, id = id }, shared_dict)
+    -- The methods also as the handle's own fields: `dict:incr(...)` is then
+    -- one table read, not a miss and a read through the metatable's __index.
+    for method, fn in pairs(shared_dict) do
+      if method ~= "__index" then rawset(d, method, fn) end
+    end
     is_dict[d] = true
     rawset(t, name, d)
     return d
