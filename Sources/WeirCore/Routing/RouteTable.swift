@@ -204,6 +204,8 @@ public final class RouteTable: @unchecked Sendable {
     /// Calls `body` for the request host's buckets from most to least
     /// specific until it returns a match.
     private func withHostBuckets(_ rawHost: String, _ body: (Int) -> Found?) -> Found? {
+        // No route names a host: the host does not take part (not even read).
+        if exactHosts.isEmpty && wildcardHosts.isEmpty { return anyHostBucket.flatMap(body) }
         var host = rawHost
         var found: Found?
         if host.utf8.withContiguousStorageIfAvailable({ found = hostLevels($0, body) }) == nil {
