@@ -518,6 +518,17 @@ public final class LuaRuntime {
         }
     }
 
+    /// `recycle` for a coroutine whose last function finished and whose
+    /// stack was emptied (`clear`): nothing to reset.
+    func recycleFinished(_ co: LuaCoroutine) {
+        assert(!co.isDead && !co.isRunning && lua_gettop(co.thread) == 0, "coroutine not finished and cleared")
+        if idleCoroutines.count < options.maxIdleCoroutines {
+            idleCoroutines.append(co)
+        } else {
+            co.release()
+        }
+    }
+
     /// Drops idle coroutines (tests use it to measure the heap baseline).
     public func dropIdleCoroutines() {
         for co in idleCoroutines { co.release() }

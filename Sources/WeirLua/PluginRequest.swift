@@ -453,10 +453,9 @@ open class PluginRequest {
         // not at finish(). A request waiting on its upstream then holds no
         // Lua thread, so with hundreds of requests in flight the pool still
         // covers them instead of creating and collecting threads per request.
-        if let co = coroutine {
-            coroutine = nil
-            runtime.recycle(co)
-        }
+        // Moved out, not copied (a retain and a release); its last call
+        // finished and emptied its stack (`.finished` above).
+        if let co = coroutine.take() { runtime.recycleFinished(co) }
         return .continue
     }
 

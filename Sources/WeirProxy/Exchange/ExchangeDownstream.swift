@@ -100,8 +100,9 @@ extension ExchangeDownstream {
     func makeExchange(head: RequestHead?) -> Exchange {
         let exchange = Exchange(id: loopContext.requestIDs.next(), head: head, started: loopContext.clock.now)
         // The wall-clock start goes into access records only (the access
-        // log's, a plugin log phase's): metrics alone need none.
-        if listener.observerWantsAccessRecords || loopContext.plugins != nil {
+        // log's, a plugin log phase's: that one converts `started` when its
+        // log phase starts, ExchangePlugins.requestDone): metrics alone need none.
+        if listener.observerWantsAccessRecords {
             exchange.wallStart = loopContext.clock.wallSeconds
         }
         return exchange

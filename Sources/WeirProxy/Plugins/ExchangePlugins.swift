@@ -210,6 +210,11 @@ final class ExchangePlugins: PluginRequest, PluginRequestContext {
         // No log plugin (the common chain): nothing to start.
         guard runsLog else { return endScope(reusable: true) }
         listenerName = handler?.listener.name
+        // The access record's start, made only for a log phase (makeExchange
+        // sets it only for the access log).
+        if exchange.wallStart == 0, let clock = handler?.loopContext.clock {
+            exchange.wallStart = clock.wallSeconds(at: exchange.started)
+        }
         switch start(.log, chain: chain) {
         case .done(let result):
             logFailure(result)

@@ -58,8 +58,11 @@ final class LoopClock {
     /// Wall-clock seconds since 1970 for `now` (access-log start times):
     /// the monotonic time shifted by an offset read at most once a second,
     /// instead of a `CLOCK_REALTIME` read per request.
-    var wallSeconds: Double {
-        let t = now
+    var wallSeconds: Double { wallSeconds(at: now) }
+
+    /// Wall-clock seconds for `t`, a monotonic time of this loop's recent
+    /// past (an exchange's start, converted when a log phase needs it).
+    func wallSeconds(at t: NIODeadline) -> Double {
         if wallBaseSeconds == 0 || t.uptimeNanoseconds &- wallBaseMonotonic.uptimeNanoseconds > 1_000_000_000 {
             wallBaseMonotonic = NIODeadline.now()
             wallBaseSeconds = wallClockSeconds()
