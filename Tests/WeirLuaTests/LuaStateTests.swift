@@ -131,8 +131,8 @@ final class LuaStateTests: XCTestCase {
             for round = 1, rounds do
               -- strings of every small length and past it (TString: 24 bytes + length + 1)
               local strings = {}
-              for n = 1, 200 do strings[n] = string.rep(string.char(64 + n % 26), n) .. round end
-              for n = 1, 200 do
+              for n = 1, 300 do strings[n] = string.rep(string.char(64 + n % 26), n) .. round end
+              for n = 1, 300 do
                 assert(strings[n] == string.rep(string.char(64 + n % 26), n) .. round, "string " .. n)
               end
               -- arrays and hashes grown one element at a time (each growth a resize)
