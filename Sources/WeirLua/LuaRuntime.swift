@@ -178,6 +178,8 @@ public final class LuaRuntime {
     let headerValues: HeaderNameCache
     /// `weir.shared` keys' hashes, per Lua string.
     let sharedKeyHashes: SharedKeyHashes
+    /// `weir.response.prepare_headers`' sets, by id.
+    let preparedHeaderLines = PreparedHeaderLineSets()
 
     /// The scope whose coroutine is running right now (set around every
     /// resume). Unretained: `enter` is only called by the scope's own

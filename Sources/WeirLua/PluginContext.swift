@@ -108,6 +108,11 @@ public protocol PluginRequestContext: AnyObject {
     func setResponseHeader(_ lowercasedName: String, _ value: String)
     func addResponseHeader(_ lowercasedName: String, _ value: String)
     func clearResponseHeader(_ lowercasedName: String)
+    /// `prepared:set(...)`: `setResponseHeader` of each of the prepared
+    /// lines in order, the fixed values and `values` (its variable ones, in
+    /// order; checked). The default does exactly that; the proxy adds them
+    /// at once.
+    func setResponseHeaders(_ lines: PreparedHeaderLines, values: UnsafeBufferPointer<String>)
 
     /// The finished request's access record (log phase); nil outside the
     /// data path. Built on demand (`weir.log.serialize()`).
@@ -142,6 +147,9 @@ open class PluginRequestCalls {
     open func setResponseHeader(_ object: UnsafeMutableRawPointer, _ name: String, _ value: String) { context(object).setResponseHeader(name, value) }
     open func addResponseHeader(_ object: UnsafeMutableRawPointer, _ name: String, _ value: String) { context(object).addResponseHeader(name, value) }
     open func clearResponseHeader(_ object: UnsafeMutableRawPointer, _ name: String) { context(object).clearResponseHeader(name) }
+    open func setResponseHeaders(_ object: UnsafeMutableRawPointer, _ lines: PreparedHeaderLines, _ values: UnsafeBufferPointer<String>) {
+        context(object).setResponseHeaders(lines, values: values)
+    }
 
     private func context(_ object: UnsafeMutableRawPointer) -> PluginRequestContext {
         Unmanaged<AnyObject>.fromOpaque(object).takeUnretainedValue() as! PluginRequestContext
@@ -179,6 +187,9 @@ struct HotRequestContext {
         calls._withUnsafeGuaranteedRef { $0.addResponseHeader(object, name, value) }
     }
     @inline(__always) func clearResponseHeader(_ name: String) { calls._withUnsafeGuaranteedRef { $0.clearResponseHeader(object, name) } }
+    @inline(__always) func setResponseHeaders(_ lines: PreparedHeaderLines, _ values: UnsafeBufferPointer<String>) {
+        calls._withUnsafeGuaranteedRef { $0.setResponseHeaders(object, lines, values) }
+    }
 }
 
 extension PluginRequestContext {
@@ -192,6 +203,9 @@ extension PluginRequestContext {
     public func upstreamRequestHeaders() -> [(name: String, value: String)] { requestHeaders() }
     public var upstreamRawQuery: String { rawQuery ?? "" }
     public func accessRecord() -> PluginAccessRecord? { nil }
+    public func setResponseHeaders(_ lines: PreparedHeaderLines, values: UnsafeBufferPointer<String>) {
+        lines.forEachLine(values) { setResponseHeader($0, $1) }
+    }
     /// Through `requestHeader` (contexts whose headers are Strings anyway).
     public func withRequestHeader(_ lowercasedName: String, _ body: (UnsafeRawBufferPointer?) -> Void) {
         guard var value = requestHeader(lowercasedName) else { return body(nil) }

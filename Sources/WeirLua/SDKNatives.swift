@@ -170,7 +170,7 @@ private func decimalText(_ value: lua_Integer) -> String {
 /// SDK name and a line in `dispatchNative`.
 enum HotNative: Int32, CaseIterable {
     case requestGetHeader, upstreamSetHeader, upstreamAddHeader, upstreamClearHeader
-    case responseSetHeader, responseAddHeader, sharedDictIncr, sharedDictIncrGet
+    case responseSetHeader, responseAddHeader, sharedDictIncr, sharedDictIncrGet, responseSetPrepared
 
     /// Its name in the SDK's native table (`N.<name>` in lua/weir/init.lua).
     var sdkName: String {
@@ -183,6 +183,7 @@ enum HotNative: Int32, CaseIterable {
         case .responseAddHeader: return "resp_add_header"
         case .sharedDictIncr: return "shared_dict_incr"
         case .sharedDictIncrGet: return "shared_dict_incr_get"
+        case .responseSetPrepared: return "resp_set_prepared"
         }
     }
 
@@ -229,6 +230,7 @@ extension LuaRuntime {
         case .responseAddHeader?: return setHeader(L, .responseAdd)
         case .sharedDictIncr?: return sharedDictIncr(L, readsOther: false)
         case .sharedDictIncrGet?: return sharedDictIncr(L, readsOther: true)
+        case .responseSetPrepared?: return setPreparedResponseHeaders(L)
         case nil: return state.callRegisteredNative(id, on: L, yieldCount: yieldCount)
         }
     }
@@ -295,6 +297,36 @@ extension LuaRuntime {
         }
     }
 
+    /// `prepared:set(...)` (weir.response.prepare_headers): the handle at 1
+    /// (its set's id at [1], read raw), then one value per line without a
+    /// fixed value, each a string or an integer that fits a head. Anything
+    /// else (a float, a value with CR/LF, the wrong count) falls back: the
+    /// Lua side sets the lines one by one, as set_header would.
+    @inline(__always)
+    private func setPreparedResponseHeaders(_ L: LuaThread) -> Int32 {
+        withCurrentRequest(PluginPhase.responseWritePhases) { r in
+            guard lua_type(L, 1) == LUA_TTABLE, let id = handleID(ofTableAt: 1, L) else { return WEIR_CALL_FALLBACK }
+            return preparedHeaderLines.withSet(id) { lines in
+                let count = lines.variableCount
+                guard lua_gettop(L) == Int32(count) + 1 else { return WEIR_CALL_FALLBACK }
+                // The values on the stack, not in an array (no allocation).
+                return withUnsafeTemporaryAllocation(of: String.self, capacity: count) { buffer in
+                    var made = 0
+                    defer { buffer.baseAddress?.deinitialize(count: made) }
+                    while made < count {
+                        guard let value = headerValue(at: Int32(made) + 2, on: L, cache: headerValues), value.fits else {
+                            return WEIR_CALL_FALLBACK
+                        }
+                        (buffer.baseAddress! + made).initialize(to: value.text)
+                        made += 1
+                    }
+                    r.setResponseHeaders(lines, UnsafeBufferPointer(buffer))
+                    return 0
+                }
+            } ?? WEIR_CALL_FALLBACK
+        }
+    }
+
     /// `dict:incr` and `dict:incr_get` themselves (lua/weir/init.lua): the
     /// first argument is the dictionary's table; anything else falls back.
     /// incr_get's other key is required here, so a missing one falls back
@@ -302,15 +334,15 @@ extension LuaRuntime {
     @inline(__always)
     private func sharedDictIncr(_ L: LuaThread, readsOther: Bool) -> Int32 {
         guard lua_type(L, 1) == LUA_TTABLE, !readsOther || lua_type(L, 6) == LUA_TSTRING,
-              let id = sharedDictionaryID(ofTableAt: 1, L) else { return WEIR_CALL_FALLBACK }
+              let id = handleID(ofTableAt: 1, L) else { return WEIR_CALL_FALLBACK }
         return options.shared.withDictionary(id: id) { sharedIncrement(L, $0, readsOther: readsOther) }
     }
 
-    /// A dictionary handle's id, read raw from its [1] (no metamethod may
-    /// run under Swift; lua/weir/init.lua puts it there as well as at
-    /// `id`). nil: not a dictionary handle.
+    /// A handle's id (a dictionary's, a prepared header set's), read raw
+    /// from its [1] (no metamethod may run under Swift; lua/weir/init.lua
+    /// puts it there). nil: not such a handle.
     @inline(__always)
-    func sharedDictionaryID(ofTableAt index: Int32, _ L: LuaThread) -> Int? {
+    func handleID(ofTableAt index: Int32, _ L: LuaThread) -> Int? {
         defer { weir_pop(L, 1) }
         guard lua_rawgeti(L, index, 1) == LUA_TNUMBER, lua_isinteger(L, -1) != 0 else { return nil }
         return Int(lua_tointegerx(L, -1, nil))
@@ -558,6 +590,26 @@ extension LuaRuntime {
                 i += 2
             }
             return .values(0)
+        }))
+        // weir.response.prepare_headers(names, values): names an array of
+        // strings, values an array of the same length of strings or false
+        // (set per call). The id of the checked set, or nil and why not.
+        n.append(("resp_prepare_headers", { [unowned(unsafe) self] L in
+            var lines: [(name: String, value: String?)] = []
+            let count = lua_type(L, 1) == LUA_TTABLE && lua_type(L, 2) == LUA_TTABLE ? Int(lua_rawlen(L, 1)) : -1
+            var i = 1
+            while i <= count {
+                defer { weir_pop(L, 2); i += 1 }
+                lua_rawgeti(L, 1, lua_Integer(i))
+                lua_rawgeti(L, 2, lua_Integer(i))
+                guard let name = LuaState.string(at: -2, on: L) else { break }
+                lines.append((name, LuaState.string(at: -1, on: L)))
+            }
+            guard count >= 0, lines.count == count else { return .error("weir.response.prepare_headers: names must be strings") }
+            switch self.preparedHeaderLines.id(of: lines) {
+            case .success(let id): lua_pushinteger(L, lua_Integer(id)); return .values(1)
+            case .failure(let error): lua_pushnil(L); LuaState.push(error.description, on: L); return .values(2)
+            }
         }))
         n.append(("resp_clear_header", requestNative("weir.response.clear_header") { L, _, r in
             guard let name = LuaState.headerName(at: 1, on: L) else { return .error("weir.response.clear_header: name must be a string") }

@@ -20,6 +20,19 @@ final class SDKTests: XCTestCase {
         return (result.exitValue?.bodyString, req, result)
     }
 
+    /// `body`: one error message per line, each raised at the probe
+    /// plugin's own line (its pcall), not inside the SDK, ending with the
+    /// expected message.
+    private func assertRaisedAtProbeLines(_ body: String?, _ expected: [String], _ result: PhaseResult,
+                                          file: StaticString = #filePath, line: UInt = #line) {
+        let lines = (body ?? "").split(separator: "\n", omittingEmptySubsequences: false).map(String.init)
+        XCTAssertEqual(lines.count, expected.count, "\(result)", file: file, line: line)
+        for (text, message) in zip(lines, expected) {
+            XCTAssertTrue(text.hasSuffix(message), "\(text) should end with \(message)", file: file, line: line)
+            XCTAssertTrue(text.hasPrefix("probe/handler.lua:") || text.contains("/probe/handler.lua:"), text, file: file, line: line)
+        }
+    }
+
     func testRequestAccessors() throws {
         let (body, _, result) = try requestBody("""
         local q = weir.request.get_query()
@@ -165,18 +178,56 @@ final class SDKTests: XCTestCase {
             "weir.shared.incr: call it as dict:incr(...)",
             "weir.shared.incr: call it as dict:incr(...)",
         ]
-        let lines = (body ?? "").split(separator: "\n", omittingEmptySubsequences: false).map(String.init)
-        XCTAssertEqual(lines.count, expected.count, "\(result)")
-        for (line, message) in zip(lines, expected) {
-            // Raised at the plugin's own line (the pcall), not inside the SDK.
-            XCTAssertTrue(line.hasSuffix(message), "\(line) should end with \(message)")
-            XCTAssertTrue(line.hasPrefix("probe/handler.lua:") || line.contains("/probe/handler.lua:"), line)
-        }
+        assertRaisedAtProbeLines(body, expected, result)
         XCTAssertEqual(req.upstreamHeaders.map { "\($0.0)=\($0.1)" }, ["x-int=42", "x-neg=-1234567890123", "x-min=-9223372036854775808", "x-zero=0", "x-float=0.1"])
         XCTAssertEqual(req.response.filter { $0.name != "content-type" }.map { "\($0.name)=\($0.value)" },   // the exit body's
                        ["x-a=1", "x-float=0.33333333333333", "x-one=1", "x-two=2", "x-three=3.0"])
         XCTAssertEqual(req.consumer, "alice")
         XCTAssertNil(req.credential)
+    }
+
+    /// weir.response.prepare_headers: names and fixed values checked once,
+    /// each set = set_header of every line in order; what the native does
+    /// not take (a float, CR/LF, the wrong count, not a handle) goes through
+    /// the Lua side, with the usual messages at the caller's line.
+    func testPreparedHeaders() throws {
+        let (body, req, result) = try requestBody("""
+        local h = weir.response.prepare_headers({ { "X-Limit", 10 }, "x-remaining", { "x-policy", "10;w=60" }, "X-Reset" })
+        local again = weir.response.prepare_headers({ { "x-limit", "10" }, "X-REMAINING", { "x-policy", "10;w=60" }, "x-reset" })
+        assert(again[1] == h[1], "the same lines share one set")
+        local function msg(f) local ok, err = pcall(f); assert(not ok); return err end
+        local out = {
+          msg(function() h:set(1) end),
+          msg(function() h.set(1, 2) end),
+          msg(function() h:set({}, "1") end),
+          msg(function() weir.response.prepare_headers("x-a") end),
+          msg(function() weir.response.prepare_headers({ "bad name" }) end),
+          msg(function() weir.response.prepare_headers({ "x-a", "X-A" }) end),
+          msg(function() weir.response.prepare_headers({ { "x-a", "a\\r\\nb" } }) end),
+          msg(function() weir.response.prepare_headers({ { "x-a" } }) end),
+          msg(function() weir.response.prepare_headers({ 5 }) end),
+          msg(function() weir.response.prepare_headers({}) end),
+        }
+        h:set(7, "30")                          -- the native
+        h:set("bad\\r\\nvalue", 29)              -- refused: x-remaining only cleared, as set_header does
+        assert(weir.response.prepare_headers({ "x-one" }):set(1.5) == nil)   -- a float: written as Lua writes it
+        return 200, table.concat(out, "\\n")
+        """)
+        let expected = [
+            "weir.response.prepare_headers' set: expected 2 values, got 1",
+            "weir.response.prepare_headers' set: call it as handle:set(...) on a handle from weir.response.prepare_headers",
+            "bad argument #1 to 'weir.response.prepare_headers' set' (string or number expected, got table)",
+            "bad argument #1 to 'weir.response.prepare_headers' (table expected, got string)",
+            "weir.response.prepare_headers: line 1: 'bad name' is not a header name (token)",
+            "weir.response.prepare_headers: line 2: 'x-a' is given twice",
+            "weir.response.prepare_headers: line 1 ('x-a'): the value contains CR, LF or NUL",
+            "weir.response.prepare_headers: line 1: the value of { name, value } must be a string or a number, got nil",
+            "weir.response.prepare_headers: line 1: the name must be a string, got number",
+            "weir.response.prepare_headers: no header lines",
+        ]
+        assertRaisedAtProbeLines(body, expected, result)
+        XCTAssertEqual(req.response.filter { $0.name != "content-type" }.map { "\($0.name)=\($0.value)" },
+                       ["x-limit=10", "x-policy=10;w=60", "x-reset=29", "x-one=1.5"])
     }
 
     func testEarlyExitByReturnSkipsRestOfChainAndBuildsJSON() throws {

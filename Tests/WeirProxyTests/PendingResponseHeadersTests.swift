@@ -4,6 +4,7 @@
 // (`HTTP1Fields.fieldSet(named:)`) removes.
 
 import NIOCore
+import WeirLua
 @testable import WeirProxy
 import XCTest
 
@@ -64,6 +65,31 @@ final class PendingResponseHeadersTests: XCTestCase {
             XCTAssertEqual(changes.touchesContentLength, namesLength, "case \(k)")
             XCTAssertTrue(pending.isEmpty && pending.added.isEmpty && !pending.touchesContentLength, "case \(k)")
         }
+    }
+
+    /// A prepared set (weir.response.prepare_headers) makes the same edits
+    /// as a `set` of each of its lines, into empty changes (at once) and
+    /// after other changes (line by line).
+    func testPreparedLinesEqualOneSetEach() throws {
+        let fields = try responseFields([
+            "Content-Length: 5", "RateLimit-Limit: 9", "ratelimit-reset: 3", "Date: now", "X-Tag: a",
+        ])
+        let prepared = try PreparedHeaderLines.make([
+            ("X-RateLimit-Limit-Minute", "10"), ("x-ratelimit-remaining-minute", nil), ("ratelimit-limit", "10"),
+            ("ratelimit-remaining", nil), ("ratelimit-reset", nil), ("date", nil),
+        ]).get()
+        let values = ["7", "7", "42", "later"]
+        for before in [[], ["x-tag"], ["ratelimit-reset"]] {
+            var pending = PendingResponseHeaders(), oneByOne = PendingResponseHeaders()
+            for name in before { pending.set(name, "b"); oneByOne.set(name, "b") }
+            values.withUnsafeBufferPointer { pending.set(prepared, $0) }
+            values.withUnsafeBufferPointer { buffer in prepared.forEachLine(buffer) { oneByOne.set($0, $1) } }
+            XCTAssertEqual(pending.added, oneByOne.added, "after \(before)")
+            XCTAssertEqual(pending.addedNeedReview, true, "date is reviewed by the relay")
+            XCTAssertEqual(pending.edits(on: fields).removed, oneByOne.edits(on: fields).removed, "after \(before)")
+            XCTAssertFalse(pending.touchesContentLength)
+        }
+        XCTAssertEqual(prepared.names.first, "x-ratelimit-limit-minute")
     }
 
     /// More than 64 fields: indices past the first word are removed too.

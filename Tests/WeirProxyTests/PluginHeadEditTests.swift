@@ -280,6 +280,42 @@ final class PluginHeadEditTests: PluginFolderTestCase {
         XCTAssertEqual(try client.request("GET", "/plain").status, 200, "the same connection")
     }
 
+    /// weir.response.prepare_headers' lines set in the request phase (into
+    /// empty changes: at once; after another change: line by line) and in
+    /// the response phase: the same as set_header of each line, on the
+    /// upstream's head (its own line of a set name replaced), on an exit
+    /// response, and with a Via among them (chained by the relay).
+    func testPreparedResponseHeaders() throws {
+        try folder.write("prepared", handler: """
+        local weir = require "weir"
+        local P = { PRIORITY = 100, VERSION = "1" }
+        local lines = weir.response.prepare_headers({ { "x-fixed", "f" }, "x-upstream", "x-count", "via" })
+        local late = weir.response.prepare_headers({ "x-late", { "x-fixed", "again" } })
+        function P:request(conf, ctx)
+          if weir.request.get_path() == "/after" then weir.response.set_header("x-count", "before") end
+          lines:set("replaced", 3, "1.1 prepared-hop")
+          if weir.request.get_path() == "/exit" then return 418, { message = "teapot" } end
+        end
+        function P:response(conf, ctx)
+          if weir.request.get_path() == "/late" then late:set(weir.response.get_status()) end
+        end
+        return P
+        """)
+        let config = ProxyHarness.config(targets: [upstream.address]) { $0.plugins = [pluginRef("prepared")] }
+        let proxy = try PluginProxy(config: config, folder: folder)
+        defer { proxy.stop() }
+        let client = try proxy.connect()
+        for path in ["/plain", "/after", "/exit", "/late", "/plain"] {
+            let response = try client.request("GET", path)
+            XCTAssertEqual(response.status, path == "/exit" ? 418 : 200, path)
+            XCTAssertEqual(response.headerValues("x-fixed"), [path == "/late" ? "again" : "f"], path)
+            XCTAssertEqual(response.headerValues("x-upstream"), ["replaced"], path)
+            XCTAssertEqual(response.headerValues("x-count"), ["3"], path)
+            XCTAssertEqual(response.headerValues("x-late"), path == "/late" ? ["200"] : [], path)
+            XCTAssertEqual(response.headerValues("via"), [path == "/exit" ? "1.1 prepared-hop" : "1.1 prepared-hop, 1.1 weir"], path)
+        }
+    }
+
     /// The relay frames the body by the edited head's Content-Length: a
     /// request-phase change that leaves it alone keeps the upstream's line
     /// (no chunking), a clear of it chunks the body, a set of it replaces it.

@@ -393,6 +393,64 @@ response.set_headers = with_fallback(N.resp_set_headers, function(...)
   end
 end)
 
+-- Header lines prepared once, set on many requests (a plugin's own
+-- headers, rate-limiting's RateLimit-*): the names (and the values that
+-- never change) are checked once here, so each set passes only the values
+-- that change. `prepared:set(...)` is the native itself; on a value it does
+-- not take (a float, CR/LF, the wrong count) or in the wrong phase the
+-- lines go through set_header's checks one by one, for the message or to
+-- write the value as set_header would.
+local prepared_handles = setmetatable({}, { __mode = "k" })
+local PREPARED_SET = "weir.response.prepare_headers' set"
+local prepared_set = with_fallback(N.resp_set_prepared, function(self, ...)
+  check_phase(PREPARED_SET, RESPONSE_WRITE_PHASES, 4)
+  if not prepared_handles[self] then
+    error(PREPARED_SET .. ": call it as handle:set(...) on a handle from weir.response.prepare_headers", 3)
+  end
+  local n = select("#", ...)
+  if n ~= self.value_count then
+    error(PREPARED_SET .. ": expected " .. self.value_count .. " values, got " .. n, 3)
+  end
+  local names, fixed, next_value = self.names, self.fixed, 0
+  for i = 1, #names do
+    local value = fixed[i]
+    if value == false then
+      next_value = next_value + 1
+      value = header_value(PREPARED_SET, next_value, (select(next_value, ...)), 5)
+    end
+    native_resp_set_header(names[i], value)
+  end
+end)
+
+-- weir.response.prepare_headers(lines) -> handle. `lines`: an array whose
+-- items are a header name (its value comes with each set) or
+-- { name, value } (a string or number that is the same on every set).
+function response.prepare_headers(lines)
+  local fname = "weir.response.prepare_headers"
+  if type(lines) ~= "table" then arg_error(fname, 1, "table", lines, 3) end
+  local names, fixed, value_count = {}, {}, 0
+  for i = 1, #lines do
+    local line, name, value = lines[i], nil, false
+    if type(line) == "table" then
+      name, value = line[1], line[2]
+      if type(value) == "number" then value = tostring(value) end
+      if type(value) ~= "string" then
+        error(fname .. ": line " .. i .. ": the value of { name, value } must be a string or a number, got " .. type(line[2]), 2)
+      end
+    else
+      name, value_count = line, value_count + 1
+    end
+    if type(name) ~= "string" then error(fname .. ": line " .. i .. ": the name must be a string, got " .. type(name), 2) end
+    names[i], fixed[i] = name, value
+  end
+  local id, err = N.resp_prepare_headers(names, fixed)
+  if not id then error(fname .. ": " .. err, 2) end
+  -- [1]: the id, read raw by the native.
+  local handle = { id, set = prepared_set, names = names, fixed = fixed, value_count = value_count }
+  prepared_handles[handle] = true
+  return handle
+end
+
 function response.add_header(name, value)
   check_phase("weir.response.add_header", RESPONSE_WRITE_PHASES)
   check_string("weir.response.add_header", 1, name)

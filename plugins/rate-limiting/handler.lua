@@ -15,7 +15,7 @@ local weir = require "weir"
 -- the request path is two table reads).
 local get_route, get_header = weir.request.get_route, weir.request.get_header
 local get_consumer, get_ip = weir.client.get_consumer, weir.client.get_ip
-local set_headers = weir.response.set_headers
+local prepare_headers, unpack = weir.response.prepare_headers, table.unpack
 -- weir.time.now is read from weir.time per call: the tests' clock plugin replaces it.
 local time = weir.time
 
@@ -61,7 +61,22 @@ local function conf_state(conf)
   local st = { periods = periods, n = #periods, clients = {}, client_count = 0,
                by_header = conf.limit_by == "header", by_route = conf.limit_by == "route",
                by_consumer = conf.limit_by == "consumer", redis = conf.policy == "redis",
-               remaining = {} }
+               remaining = {}, values = {} }
+  if not conf.hide_client_headers then
+    -- The header lines, prepared once: each period's X-RateLimit-Limit-*
+    -- (fixed) and X-RateLimit-Remaining-*, then RateLimit-Limit (fixed
+    -- with one period; with several the tightest period's), -Remaining
+    -- and -Reset. A request passes only the values that change.
+    local lines = {}
+    for _, p in ipairs(periods) do
+      lines[#lines + 1] = { p.limit_header, p.limit_text }
+      lines[#lines + 1] = p.remaining_header
+    end
+    lines[#lines + 1] = #periods == 1 and { "ratelimit-limit", periods[1].limit_text } or "ratelimit-limit"
+    lines[#lines + 1] = "ratelimit-remaining"
+    lines[#lines + 1] = "ratelimit-reset"
+    st.headers = prepare_headers(lines)
+  end
   per_conf[conf] = st
   return st
 end
@@ -285,14 +300,13 @@ function RateLimiting:request(conf)
     -- end - second, an integer from 1 to the window's length.
     local reset = small_text[keys[tightest].start + p.window - second]
     if n == 1 then
-      set_headers(p.limit_header, p.limit_text, p.remaining_header, remaining[1],
-                  "ratelimit-limit", p.limit_text, "ratelimit-remaining", remaining[1], "ratelimit-reset", reset)
+      st.headers:set(remaining[1], remaining[1], reset)
     else
-      for i = 1, n do
-        local q = periods[i]
-        set_headers(q.limit_header, q.limit_text, q.remaining_header, remaining[i])
-      end
-      set_headers("ratelimit-limit", p.limit_text, "ratelimit-remaining", remaining[tightest], "ratelimit-reset", reset)
+      -- Each period's remaining count, then the tightest's limit, remaining and reset.
+      local values = st.values
+      for i = 1, n do values[i] = remaining[i] end
+      values[n + 1], values[n + 2], values[n + 3] = p.limit_text, remaining[tightest], reset
+      st.headers:set(unpack(values, 1, n + 3))
     end
   end
 

@@ -632,6 +632,15 @@ final class ExchangePlugins: PluginRequest, PluginRequestContext {
     func setResponseHeader(_ name: String, _ value: String) { responseOp(.set, name, value) }
     func addResponseHeader(_ name: String, _ value: String) { responseOp(.add, name, value) }
     func clearResponseHeader(_ name: String) { responseOp(.clear, name, "") }
+    /// Before any response exists (the request phase) the lines go into the
+    /// pending changes at once; later, one `set` each.
+    func setResponseHeaders(_ lines: PreparedHeaderLines, values: UnsafeBufferPointer<String>) {
+        guard upstreamResponse == nil, responseHead == nil else {
+            return lines.forEachLine(values) { responseOp(.set, $0, $1) }
+        }
+        pendingResponseHeaders.set(lines, values)
+        hasPendingResponseHeaders = !pendingResponseHeaders.isEmpty
+    }
 
     // MARK: The access record (log phase)
 

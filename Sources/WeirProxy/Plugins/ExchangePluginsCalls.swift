@@ -28,6 +28,9 @@ final class ExchangePluginsCalls: PluginRequestCalls {
         on(object) { $0.addResponseHeader(name, value) }
     }
     override func clearResponseHeader(_ object: UnsafeMutableRawPointer, _ name: String) { on(object) { $0.clearResponseHeader(name) } }
+    override func setResponseHeaders(_ object: UnsafeMutableRawPointer, _ lines: PreparedHeaderLines, _ values: UnsafeBufferPointer<String>) {
+        on(object) { $0.setResponseHeaders(lines, values: values) }
+    }
 }
 
 extension ExchangePlugins {

@@ -1,5 +1,6 @@
 import NIOCore
 import NIOHTTP1
+import WeirLua
 
 // Plugins' header changes as an edit list over a head that stays in its
 // wire bytes: a field a plugin clears or replaces becomes a removed line
@@ -119,6 +120,55 @@ struct PendingResponseHeaders {
         let kind = HTTP1KnownField.classify(name)
         noteRemoved(name, kind)
         append(name, value, kind)
+    }
+
+    /// `set` of each prepared line in order (`weir.response.prepare_headers`).
+    /// Into empty changes (the first plugin to touch the response, the
+    /// common case) they go in at once: their names are distinct, so none
+    /// drops another and no name is compared.
+    mutating func set(_ lines: PreparedHeaderLines, _ values: UnsafeBufferPointer<String>) {
+        guard added.isEmpty, clearedNames.isEmpty else {
+            return lines.forEachLine(values) { set($0, $1) }
+        }
+        let count = lines.names.count                     // <= PreparedHeaderLines.maxLines (32)
+        // The names' bits, worked out on the set's first use and kept with it.
+        let masks = lines.derivedMasks ?? Self.masks(of: lines)
+        nameLengths |= masks.a
+        removedLengths |= masks.b
+        removedKinds |= masks.c
+        if masks.flags != 0 { addedNeedReview = true }
+        added.reserveCapacity(max(8, count))
+        lines.names.withUnsafeBufferPointer { names in
+            lines.fixedValues.withUnsafeBufferPointer { fixed in
+                var next = 0
+                for i in 0..<count {
+                    if let fixedValue = fixed[i] {
+                        added.append(HTTP1AddedField(name: names[i], value: fixedValue))
+                    } else {
+                        added.append(HTTP1AddedField(name: names[i], value: values[next]))
+                        next += 1
+                    }
+                }
+            }
+        }
+        replacing = (1 << UInt64(count)) - 1
+    }
+
+    /// A prepared set's `nameLengths`, `removedLengths` and `removedKinds`
+    /// bits, and whether a line is reviewed by the relay (flags 1), kept
+    /// with the set.
+    private static func masks(of lines: PreparedHeaderLines) -> PreparedHeaderLines.DerivedMasks {
+        var scratch = PendingResponseHeaders()
+        for name in lines.names {
+            scratch.nameLengths |= 1 << UInt64(name.utf8.count & 63)
+            let kind = HTTP1KnownField.classify(name)
+            scratch.noteRemoved(name, kind)
+            if kind.isReviewedByRelay { scratch.addedNeedReview = true }
+        }
+        let masks = PreparedHeaderLines.DerivedMasks(scratch.nameLengths, scratch.removedLengths, scratch.removedKinds,
+                                                     flags: scratch.addedNeedReview ? 1 : 0)
+        lines.derivedMasks = masks
+        return masks
     }
 
     mutating func add(_ name: String, _ value: String) {
