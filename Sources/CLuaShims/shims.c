@@ -27,24 +27,35 @@ const char *weir_lua_version(void) { return LUA_VERSION; }
 
 static inline int small_class(size_t n) { return (int)((n - 1) >> WEIR_SMALL_SHIFT); }
 
-static void *small_take(weir_state_info *st, size_t n) {
-    int c = small_class(n);
+static inline size_t class_size(int c) { return (size_t)(c + 1) << WEIR_SMALL_SHIFT; }
+
+/// A kept block of class `c`, or NULL.
+static inline void *small_pop(weir_state_info *st, int c) {
     void *p = st->small_free[c];
     if (p != NULL) {
         st->small_free[c] = *(void **)p;
-        st->small_cached_bytes -= (size_t)(c + 1) << WEIR_SMALL_SHIFT;
-        return p;
+        st->small_cached_bytes -= class_size(c);
     }
-    return malloc((size_t)(c + 1) << WEIR_SMALL_SHIFT);
+    return p;
+}
+
+/// Keeps `p` (a block of class `c`) unless the cache is full; 0 if not kept.
+static inline int small_push(weir_state_info *st, void *p, int c) {
+    if (st->small_cached_bytes + class_size(c) > WEIR_SMALL_CACHE_BYTES) return 0;
+    *(void **)p = st->small_free[c];
+    st->small_free[c] = p;
+    st->small_cached_bytes += class_size(c);
+    return 1;
+}
+
+static void *small_take(weir_state_info *st, size_t n) {
+    int c = small_class(n);
+    void *p = small_pop(st, c);
+    return p != NULL ? p : malloc(class_size(c));
 }
 
 static void small_give(weir_state_info *st, void *p, size_t n) {
-    int c = small_class(n);
-    size_t size = (size_t)(c + 1) << WEIR_SMALL_SHIFT;
-    if (st->small_cached_bytes + size > WEIR_SMALL_CACHE_BYTES) { free(p); return; }
-    *(void **)p = st->small_free[c];
-    st->small_free[c] = p;
-    st->small_cached_bytes += size;
+    if (!small_push(st, p, small_class(n))) free(p);
 }
 
 /// Frees a block Lua gave back (`size` its size as Lua knows it).
@@ -82,8 +93,10 @@ static void small_release_all(weir_state_info *st) {
     st->small_cached_bytes = 0;
 }
 
-static void *weir_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
-    weir_state_info *st = (weir_state_info *)ud;
+// Everything but the two common cases below: large blocks, resizes, a class
+// with no kept block, a full cache, the cap.
+__attribute__((noinline))
+static void *weir_alloc_general(weir_state_info *st, void *ptr, size_t osize, size_t nsize) {
     // When ptr is NULL, osize encodes the object type, not a size.
     size_t old = ptr ? osize : 0;
     if (nsize == 0) {
@@ -112,6 +125,29 @@ static void *weir_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
     st->bytes_used = st->bytes_used - old + nsize;
     if (st->bytes_used > st->bytes_peak) st->bytes_peak = st->bytes_used;
     return p;
+}
+
+static void *weir_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
+    weir_state_info *st = (weir_state_info *)ud;
+    // The common cases in a few instructions, without the general path's
+    // frame: a new small block from its class's list within the cap, and a
+    // small block back onto its list (`n - 1 < WEIR_SMALL_MAX`: 1...MAX, 0
+    // wraps around).
+    if (ptr == NULL) {
+        if (nsize - 1 < WEIR_SMALL_MAX) {
+            size_t used = st->bytes_used + nsize;
+            void *p;
+            if ((st->bytes_limit == 0 || used <= st->bytes_limit) && (p = small_pop(st, small_class(nsize))) != NULL) {
+                st->bytes_used = used;
+                if (used > st->bytes_peak) st->bytes_peak = used;
+                return p;
+            }
+        }
+    } else if (nsize == 0 && osize - 1 < WEIR_SMALL_MAX && small_push(st, ptr, small_class(osize))) {
+        st->bytes_used -= osize;
+        return NULL;
+    }
+    return weir_alloc_general(st, ptr, osize, nsize);
 }
 
 // The info block is also the allocator's userdata, but reading it from
