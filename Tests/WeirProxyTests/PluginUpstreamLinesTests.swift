@@ -1,0 +1,45 @@
+// PluginUpstreamLines: plugins' upstream header changes kept as bytes while
+// there is no edit list. A reused request side resets them for its next
+// request (ExchangePlugins.resetRequestState): after `reset` they must be
+// what a new value is, and serve the next request's changes the same way.
+
+@testable import WeirProxy
+import XCTest
+
+final class PluginUpstreamLinesTests: XCTestCase {
+    private func text(_ lines: PluginUpstreamLines) -> String { String(decoding: lines.bytes, as: UTF8.self) }
+
+    func testResetLeavesWhatANewValueHasAndServesTheNextRequest() {
+        var client = HTTP1FieldSet()
+        client.insert(2)
+        client.insert(70)   // past the first word: the set's array is used
+        var lines = PluginUpstreamLines()
+        lines.add("x-one", "1")
+        lines.set("x-two", "2", clientLines: client)
+        lines.add("x-three", "3")
+        lines.clear("x-one", clientLines: HTTP1FieldSet())
+        XCTAssertEqual(text(lines), "x-two: 2\r\nx-three: 3\r\n")
+        XCTAssertEqual(lines.removed, client)
+
+        lines.reset()
+        XCTAssertEqual(lines.bytes, [])
+        XCTAssertTrue(lines.removed.isEmpty)
+        XCTAssertEqual(lines.removed, HTTP1FieldSet())
+
+        // The next request: only its own changes, a clear finds no old line.
+        lines.clear("x-two", clientLines: HTTP1FieldSet())
+        lines.set("x-four", "4", clientLines: HTTP1FieldSet())
+        var fresh = PluginUpstreamLines()
+        fresh.set("x-four", "4", clientLines: HTTP1FieldSet())
+        XCTAssertEqual(text(lines), "x-four: 4\r\n")
+        XCTAssertEqual(lines.bytes, fresh.bytes)
+        XCTAssertTrue(lines.removed.isEmpty)
+
+        // Reset twice, and with nothing set: still empty.
+        lines.reset()
+        lines.reset()
+        XCTAssertEqual(lines.bytes, [])
+        lines.add("x-five", "5")
+        XCTAssertEqual(text(lines), "x-five: 5\r\n")
+    }
+}
