@@ -522,7 +522,7 @@ public final class LuaRuntime {
 
     /// `recycle` for a coroutine whose last function finished and whose
     /// stack was emptied (`clear`): nothing to reset.
-    func recycleFinished(_ co: LuaCoroutine) {
+    func recycleFinished(consuming co: consuming LuaCoroutine) {
         assert(!co.isDead && !co.isRunning && lua_gettop(co.thread) == 0, "coroutine not finished and cleared")
         if idleCoroutines.count < options.maxIdleCoroutines {
             idleCoroutines.append(co)

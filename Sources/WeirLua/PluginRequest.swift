@@ -455,7 +455,7 @@ open class PluginRequest {
         // covers them instead of creating and collecting threads per request.
         // Moved out, not copied (a retain and a release); its last call
         // finished and emptied its stack (`.finished` above).
-        if let co = coroutine.take() { runtime.recycleFinished(co) }
+        if let co = coroutine.take() { runtime.recycleFinished(consuming: co) }
         return .continue
     }
 

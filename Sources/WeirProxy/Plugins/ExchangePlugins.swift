@@ -155,11 +155,11 @@ final class ExchangePlugins: PluginRequest, PluginRequestContext {
     /// Back to what a new object starts with: every property that one
     /// request sets (the SDK's overrides, response changes, exit, consumer,
     /// log-phase bookkeeping). Called when a finished request's object goes
-    /// to the spares, so a reused one carries nothing over.
+    /// to the spares, so a reused one carries nothing over (`endScope` has
+    /// taken `exchange` and `loopPlugins` out).
     private func resetRequestState() {
         // What holds memory is released only when set: a nil store of an
         // optional still destroys the old value (~350 instructions for all).
-        exchange = nil
         lastChunkFiltered = false
         if hasPendingResponseHeaders {
             pendingResponseHeaders = PendingResponseHeaders()
@@ -236,12 +236,16 @@ final class ExchangePlugins: PluginRequest, PluginRequestContext {
         guard !scopeEnded else { return }
         scopeEnded = true
         finish()
-        exchange.plugins = nil
-        guard reusable else { return }
+        guard reusable else {
+            exchange.plugins = nil
+            return
+        }
+        // Both moved out, not read and then cleared (a retain and a release
+        // each, per request).
+        exchange.take()!.plugins = nil
         detach()
-        let loopPlugins = self.loopPlugins!
+        let loopPlugins = self.loopPlugins.take()!
         resetRequestState()
-        self.loopPlugins = nil
         loopPlugins.takeBack(self)
     }
 
