@@ -404,17 +404,6 @@ int weir_gc_is_generational(lua_State *L) {
     return previous == LUA_GCGEN;
 }
 
-int weir_upvalueindex(int i) { return lua_upvalueindex(i); }
-int weir_registryindex(void) { return LUA_REGISTRYINDEX; }
-void weir_pop(lua_State *L, int n) { lua_pop(L, n); }
-int weir_isnoneornil(lua_State *L, int idx) { return lua_isnoneornil(L, idx); }
-void weir_newtable(lua_State *L) { lua_newtable(L); }
-const char *weir_tostring(lua_State *L, int idx, size_t *len) {
-    // Only strings: lua_tolstring would convert numbers in place (and allocate).
-    if (lua_type(L, idx) != LUA_TSTRING) return NULL;
-    return lua_tolstring(L, idx, len);
-}
-
 int weir_resetthread(lua_State *co) {
     weir_state_info *st = weir_info(co);
     int saved = st->swift_depth;

@@ -188,12 +188,19 @@ int weir_push_clib(lua_State *L);
 /// SHA-256 of `len` bytes into `out` (32 bytes). Exposed for Swift tests.
 void weir_sha256(const uint8_t *data, size_t len, uint8_t out[32]);
 
-/// Inline helpers for macros Swift cannot import.
-int weir_upvalueindex(int i);
-int weir_registryindex(void);
-void weir_pop(lua_State *L, int n);
-int weir_isnoneornil(lua_State *L, int idx);
-void weir_newtable(lua_State *L);
-const char *weir_tostring(lua_State *L, int idx, size_t *len);
+/// Helpers for macros Swift cannot import. `static inline` so that Swift
+/// code inlines them (natives read their string arguments through
+/// weir_tostring on every call) instead of calling a C function per use.
+static inline int weir_upvalueindex(int i) { return lua_upvalueindex(i); }
+static inline int weir_registryindex(void) { return LUA_REGISTRYINDEX; }
+static inline void weir_pop(lua_State *L, int n) { lua_pop(L, n); }
+static inline int weir_isnoneornil(lua_State *L, int idx) { return lua_isnoneornil(L, idx); }
+static inline void weir_newtable(lua_State *L) { lua_newtable(L); }
+/// A string argument's bytes, or NULL when it is not a string (numbers
+/// too: lua_tolstring would convert them in place, and allocate).
+static inline const char *weir_tostring(lua_State *L, int idx, size_t *len) {
+    if (lua_type(L, idx) != LUA_TSTRING) return NULL;
+    return lua_tolstring(L, idx, len);
+}
 
 #endif
