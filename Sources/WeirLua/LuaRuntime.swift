@@ -178,6 +178,9 @@ public final class LuaRuntime {
     let headerValues: HeaderNameCache
     /// `weir.shared` keys' hashes, per Lua string.
     let sharedKeyHashes: SharedKeyHashes
+    /// The route's and the consumer's names as Lua strings (the same every
+    /// request of a route / client).
+    let recentStrings = RecentLuaStrings()
     /// `weir.response.prepare_headers`' sets, by id.
     let preparedHeaderLines = PreparedHeaderLineSets()
 

@@ -150,6 +150,8 @@ open class PluginRequestCalls {
     open func setResponseHeaders(_ object: UnsafeMutableRawPointer, _ lines: PreparedHeaderLines, _ values: UnsafeBufferPointer<String>) {
         context(object).setResponseHeaders(lines, values: values)
     }
+    open func matchedRouteName(_ object: UnsafeMutableRawPointer) -> String? { context(object).matchedRouteName }
+    open func consumer(_ object: UnsafeMutableRawPointer) -> String? { context(object).consumer }
 
     private func context(_ object: UnsafeMutableRawPointer) -> PluginRequestContext {
         Unmanaged<AnyObject>.fromOpaque(object).takeUnretainedValue() as! PluginRequestContext
@@ -190,6 +192,8 @@ struct HotRequestContext {
     @inline(__always) func setResponseHeaders(_ lines: PreparedHeaderLines, _ values: UnsafeBufferPointer<String>) {
         calls._withUnsafeGuaranteedRef { $0.setResponseHeaders(object, lines, values) }
     }
+    @inline(__always) var matchedRouteName: String? { calls._withUnsafeGuaranteedRef { $0.matchedRouteName(object) } }
+    @inline(__always) var consumer: String? { calls._withUnsafeGuaranteedRef { $0.consumer(object) } }
 }
 
 extension PluginRequestContext {

@@ -171,6 +171,7 @@ private func decimalText(_ value: lua_Integer) -> String {
 enum HotNative: Int32, CaseIterable {
     case requestGetHeader, upstreamSetHeader, upstreamAddHeader, upstreamClearHeader
     case responseSetHeader, responseAddHeader, sharedDictIncr, sharedDictIncrGet, responseSetPrepared
+    case requestGetRoute, clientGetConsumer
 
     /// Its name in the SDK's native table (`N.<name>` in lua/weir/init.lua).
     var sdkName: String {
@@ -184,6 +185,8 @@ enum HotNative: Int32, CaseIterable {
         case .sharedDictIncr: return "shared_dict_incr"
         case .sharedDictIncrGet: return "shared_dict_incr_get"
         case .responseSetPrepared: return "resp_set_prepared"
+        case .requestGetRoute: return "req_get_route"
+        case .clientGetConsumer: return "client_get_consumer"
         }
     }
 
@@ -231,6 +234,8 @@ extension LuaRuntime {
         case .sharedDictIncr?: return sharedDictIncr(L, readsOther: false)
         case .sharedDictIncrGet?: return sharedDictIncr(L, readsOther: true)
         case .responseSetPrepared?: return setPreparedResponseHeaders(L)
+        case .requestGetRoute?: return pushRequestName(L) { $0.matchedRouteName }
+        case .clientGetConsumer?: return pushRequestName(L) { $0.consumer }
         case nil: return state.callRegisteredNative(id, on: L, yieldCount: yieldCount)
         }
     }
@@ -294,6 +299,17 @@ extension LuaRuntime {
             guard let name = headerNames.name(at: 1, on: L) else { return WEIR_CALL_FALLBACK }
             r.clearUpstreamHeader(name)
             return 0
+        }
+    }
+
+    /// `weir.request.get_route()` / `weir.client.get_consumer()`: the
+    /// request's route or consumer name (the same few strings request after
+    /// request: `recentStrings`), or nil.
+    @inline(__always)
+    private func pushRequestName(_ L: LuaThread, _ name: (HotRequestContext) -> String?) -> Int32 {
+        withCurrentRequest(PluginPhase.anyRequestPhase) { r in
+            if let name = name(r) { recentStrings.push(name, on: L) } else { lua_pushnil(L) }
+            return 1
         }
     }
 
@@ -473,8 +489,6 @@ extension LuaRuntime {
         // live exactly as long as this state, and so as the runtime.
         let headerNames = self.headerNames
         let headerValues = self.headerValues
-        // The route's and the consumer's names, the same every request of a route / client.
-        let recentStrings = RecentLuaStrings()
 
         // Per-request and per-connection tables.
         n.append(("ctx", requestNative("weir.ctx") { [unowned(unsafe) self] L, scope, _ in
@@ -497,10 +511,6 @@ extension LuaRuntime {
         n.append(("req_get_host", requestNative("weir.request.get_host") { L, _, r in pushOptional(r.host, on: L); return .values(1) }))
         n.append(("req_get_scheme", requestNative("weir.request.get_scheme") { L, _, r in LuaState.push(r.scheme, on: L); return .values(1) }))
         n.append(("req_get_id", requestNative("weir.request.get_id") { L, _, r in LuaState.push(r.requestID, on: L); return .values(1) }))
-        n.append(("req_get_route", checkedRequestNative(PluginPhase.anyRequestPhase) { L, _, r in
-            if let route = r.matchedRouteName { recentStrings.push(route, on: L) } else { lua_pushnil(L) }
-            return .values(1)
-        }))
         n.append(("req_get_headers", requestNative("weir.request.get_headers") { L, _, r in
             pushHeaderTable(r.requestHeaders(), on: L); return .values(1)
         }))
@@ -646,10 +656,6 @@ extension LuaRuntime {
             if let port = scope.context?.clientPort ?? scope.connection?.context.clientPort {
                 lua_pushinteger(L, lua_Integer(port))
             } else { lua_pushnil(L) }
-            return .values(1)
-        }))
-        n.append(("client_get_consumer", checkedRequestNative(PluginPhase.anyRequestPhase) { L, _, r in
-            if let consumer = r.consumer { recentStrings.push(consumer, on: L) } else { lua_pushnil(L) }
             return .values(1)
         }))
         // The consumer and credential names are the same strings request

@@ -31,6 +31,8 @@ final class ExchangePluginsCalls: PluginRequestCalls {
     override func setResponseHeaders(_ object: UnsafeMutableRawPointer, _ lines: PreparedHeaderLines, _ values: UnsafeBufferPointer<String>) {
         on(object) { $0.setResponseHeaders(lines, values: values) }
     }
+    override func matchedRouteName(_ object: UnsafeMutableRawPointer) -> String? { on(object) { $0.matchedRouteName } }
+    override func consumer(_ object: UnsafeMutableRawPointer) -> String? { on(object) { $0.consumer } }
 }
 
 extension ExchangePlugins {
