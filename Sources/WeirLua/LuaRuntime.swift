@@ -429,15 +429,15 @@ public final class LuaRuntime {
         for phase in PluginPhase.allCases where phase.runsChainInOneResume {
             let phaseEntries = chain.byPhase[phase.luaID]
             guard !phaseEntries.isEmpty else { continue }
-            lua_createtable(L, Int32(phaseEntries.count * 4), 0)
+            // fn, self, conf per entry (chain.c): the runner passes the
+            // request's ctx to every entry when any of them reads it.
+            lua_createtable(L, Int32(phaseEntries.count * 3), 0)
             for (k, entry) in phaseEntries.enumerated() {
-                let slot = lua_Integer(k * 4)
+                let slot = lua_Integer(k * 3)
                 state.pushRef(entry.plugin.phaseRefs[phase.luaID]); lua_rawseti(L, -2, slot + 1)
                 state.pushRef(entry.plugin.handlerRef); lua_rawseti(L, -2, slot + 2)
                 state.pushRef(entry.confRef); lua_rawseti(L, -2, slot + 3)
-                let takesCtx = entry.plugin.phaseTakesCtx[phase.luaID]
-                lua_pushboolean(L, takesCtx ? 1 : 0); lua_rawseti(L, -2, slot + 4)
-                if takesCtx { chain.phaseTakesCtx[phase.luaID] = true }
+                if entry.plugin.phaseTakesCtx[phase.luaID] { chain.phaseTakesCtx[phase.luaID] = true }
             }
             chain.phaseLists[phase.luaID] = state.ref()
         }

@@ -168,12 +168,17 @@ open class PluginRequest {
             // and the first key then needs no rehash (luaH_resize, ~250
             // instructions). Four slots cost more than they saved (weir-noop
             // when every request made the table, callgrind).
-            let L = runtime.state.main
-            lua_createtable(L, 0, 1)
             if ctxSlot == LUA_NOREF {
+                lua_createtable(runtime.state.main, 0, 1)
                 ctxSlot = runtime.state.ref()
             } else {
-                lua_rawseti(L, weir_registryindex(), lua_Integer(ctxSlot))
+                // A reused scope's slot: made on the thread, anchored and
+                // left there (no read back from the registry, ~40).
+                ctxRef = ctxSlot
+                lua_createtable(thread, 0, 1)
+                lua_pushvalue(thread, -1)
+                lua_rawseti(thread, weir_registryindex(), lua_Integer(ctxSlot))
+                return
             }
             ctxRef = ctxSlot
         }
@@ -370,7 +375,7 @@ open class PluginRequest {
             } else {
                 let entry = entries[index]
                 serial = runtime.nextPhaseSerial()
-                _ = lua_checkstack(thread, 4)
+                _ = lua_checkstack(thread, 5)  // fn, self, conf, ctx (and its copy in pushCtx)
                 runtime.state.pushRef(entry.plugin.phaseRefs[phase.luaID], on: thread)
                 var nargs: Int32 = 3
                 if phase == .timer {

@@ -122,8 +122,8 @@ uint64_t weir_watchdog_parks(void);
 
 /// The chain runner (a lua_CFunction; chain.c). Called on a coroutine as
 /// runner(list, last, ctx, check_exit, first): runs entries first...last of
-/// `list` (4 slots per entry: function, self, conf, whether it takes ctx),
-/// each as fn(self, conf[, ctx]). Returns nothing when all ran, or the 3
+/// `list` (3 slots per entry: function, self, conf), each as
+/// fn(self, conf, ctx) (ctx nil when no entry reads it). Returns nothing when all ran, or the 3
 /// results of the plugin that returned a non-nil first one (check_exit).
 /// `chain_entry` names the entry it stopped in (exit, error or yield).
 int weir_chain_runner(lua_State *L);
