@@ -33,6 +33,7 @@ struct DemoUpstreamCommand: ParsableCommand {
     }
 
     func run() throws {
+        SignalWatcher.blockBeforeStartingThreads(SignalWatcher.terminationSignals)
         let address = parseHostPort(listen)!
         let group = MultiThreadedEventLoopGroup(numberOfThreads: workers)
         let server = DemoUpstream(listen: address, bodySize: bodySize, group: group)

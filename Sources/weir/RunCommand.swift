@@ -52,6 +52,9 @@ struct RunCommand: ParsableCommand {
     }
 
     func run() throws {
+        // Before any thread starts (see SignalWatcher): a stop, reload or
+        // log-reopen signal sent during the start-up waits for its watcher.
+        SignalWatcher.blockBeforeStartingThreads(SignalWatcher.terminationSignals + [SIGHUP, SIGUSR1])
         if ProxyMode(rawValue: mode) == .sidecar {
             printError("weir: sidecar mode is not available yet; use --mode gateway")
             throw ExitCode(2)
@@ -185,8 +188,9 @@ final class Gateway {
                 logger.error("access log reopen failed", metadata: ["error": "\(error)"])
             }
         }
-        // Ready only once signals are handled, so "ready" always means a
-        // SIGTERM from here on drains instead of killing.
+        // Ready only once signals are watched, so "ready" always means a
+        // SIGTERM from here on drains instead of killing (one sent earlier
+        // is pending, blocked since `run()` began, and drains too).
         ready.store(true, ordering: .relaxed)
         self.logger.info("weir started", metadata: ["workers": "\(workers)", "mode": "gateway",
                                                     "active_health_checks": "\(checker.targetCount)"])

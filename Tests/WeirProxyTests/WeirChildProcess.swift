@@ -17,11 +17,12 @@ final class WeirChildProcess {
     /// stderr so far, and whether it reached its end (the child exited).
     private let log = NIOLockedValueBox((text: "", ended: false))
 
-    /// Starts `weir` with `arguments` and waits until it logs "weir started"
-    /// (its admin /ready answers 200 from then on). Throws, quoting the
-    /// log, when the child exits first or `timeout` seconds pass.
+    /// Starts `weir` with `arguments` and waits until it logs `readyLine`
+    /// ("weir started": its admin /ready answers 200 from then on). Throws,
+    /// quoting the log, when the child exits first or `timeout` seconds pass.
     /// `standardOutput`: where the access log (stdout by default) goes.
-    init(_ arguments: [String], standardOutput: Any = FileHandle.nullDevice, timeout: TimeInterval = 60) throws {
+    init(_ arguments: [String], standardOutput: Any = FileHandle.nullDevice, readyLine: String = "weir started",
+         timeout: TimeInterval = 60) throws {
         process = Process()
         process.executableURL = try CLITests.weirBinary()
         process.arguments = arguments
@@ -40,7 +41,7 @@ final class WeirChildProcess {
             }
             log.withLockedValue { $0.ended = true }
         }
-        try waitForLog("weir started", timeout: timeout)
+        try waitForLog(readyLine, timeout: timeout)
     }
 
     /// Everything the child logged so far.
@@ -91,18 +92,28 @@ final class WeirChildProcess {
         do {
             _ = try exited.wait(timeout: timeout)
         } catch {
-            throw Failure(description: "weir did not exit within \(timeout) s; its log:\n\(logText)")
+            // Never a silent hang: fail with what the child said, and how to
+            // see where it is stuck (it is killed by `stop()` afterwards).
+            throw Failure(description: "weir (pid \(process.processIdentifier)) did not exit within \(timeout) s "
+                + "after the signal; to see where every thread waits, rerun and attach "
+                + "`gdb -p <pid> -batch -ex 'thread apply all bt'`; its log:\n\(logText)")
         }
         // Then the rest of its log (the reader sees the end of the pipe).
         let deadline = Date().addingTimeInterval(timeout)
         while !logEnded && Date() < deadline { usleep(10_000) }
     }
 
-    /// Ends the child if a test left it running (call from `defer`).
-    func stop() {
+    /// Ends the child if a test left it running (call from `defer`): SIGTERM,
+    /// then SIGKILL if it has not exited after `timeout` seconds, so a stuck
+    /// child cannot hang the suite.
+    func stop(timeout: TimeInterval = 30) {
         guard process.isRunning else { return }
         process.terminate()
-        process.waitUntilExit()
+        let exited = DispatchQueue.global().asyncResult { self.process.waitUntilExit() }
+        if (try? exited.wait(timeout: timeout)) == nil {
+            kill(process.processIdentifier, SIGKILL)
+            _ = try? exited.wait(timeout: timeout)
+        }
     }
 
     struct Failure: Error, CustomStringConvertible { var description: String }
