@@ -131,10 +131,10 @@ extension ExchangeDownstream {
     /// are an edit list (PluginHeadEdits.swift).
     func runResponsePlugins(_ head: HTTP1ResponseHead, exchange: Exchange, plugins: ExchangePlugins,
                             connection: UpstreamConnection) -> ResponseHeadChanges? {
-        plugins.beginUpstreamResponse(head)
         // Only the request phase's response header changes (or a body
         // filter's re-framing) to apply: no Lua to enter.
-        guard plugins.runsResponse else { return plugins.endUpstreamResponse() }
+        guard plugins.runsResponse else { return plugins.responseChangesWithoutResponsePhase(head) }
+        plugins.beginUpstreamResponse(head)
         switch plugins.start(.response, chain: plugins.chain) {
         case .done(let result):
             return responsePhaseEnded(exchange, plugins: plugins, result: result, connection: connection)

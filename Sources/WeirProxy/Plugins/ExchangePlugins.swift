@@ -281,6 +281,20 @@ final class ExchangePlugins: PluginRequest, PluginRequestContext {
         hasPendingResponseHeaders = false
     }
 
+    /// The upstream's head when no response phase runs (`runsResponse`
+    /// false: rate-limiting's lines, set in the request phase): the request
+    /// phase's response header changes made into the head's edits at once,
+    /// without keeping a copy of the head or passing the changes through
+    /// `upstreamResponseChanges` (begin + end cost a copy and a destroy of
+    /// each, ~400 instructions per response). Same result as
+    /// `beginUpstreamResponse` then `endUpstreamResponse`.
+    func responseChangesWithoutResponsePhase(_ head: HTTP1ResponseHead) -> ResponseHeadChanges {
+        var changes = ResponseHeadChanges(taking: &pendingResponseHeaders, on: head.fields)
+        hasPendingResponseHeaders = false
+        if filtersBody { changes.removeFields(named: "content-length", in: head.fields) }
+        return changes
+    }
+
     /// The response phase is over: its edits to the upstream's head (a
     /// body filter re-frames the body, so its length goes).
     func endUpstreamResponse() -> ResponseHeadChanges {
