@@ -654,6 +654,47 @@ final class HTTP1CodecTests: XCTestCase {
         XCTAssertFalse(hop.contains(70))
     }
 
+    /// The one-region writers count and copy kept lines from the removed
+    /// indices alone (`HTTP1FieldSet.forEachIndex`): they must give the
+    /// per-line writer's bytes (`writeFields`) for any removed set: none,
+    /// all, first, last, adjacent runs, and indices past 64 fields.
+    func testKeptLinesFromRemovedIndicesMatchPerLineWriter() throws {
+        let fields = (0..<90).map { "X-F\($0): v\($0)\r\n" }.joined()
+        let head = try parseRequest("GET /p HTTP/1.1\r\nHost: h\r\n" + fields + "\r\n")
+        let count = head.fields.count
+        var sets: [[Int]] = [[], Array(0..<count), [0], [count - 1], [0, 1, 2], [5, 6, 40], [63], [64], [63, 64, 65],
+                             [10, 70, 89, 90], [0, count - 1], Array(stride(from: 0, to: count, by: 2))]
+        var state: UInt64 = 0x9E37_79B9_7F4A_7C15  // a fixed sequence: same sets every run
+        for _ in 0..<50 {
+            sets.append((0..<count).filter { _ in
+                state = state &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
+                return state >> 62 == 0
+            })
+        }
+        for indices in sets {
+            var removed = HTTP1FieldSet()
+            for i in indices { removed.insert(i) }
+            var visited: [Int] = []
+            removed.forEachIndex(below: count) { visited.append($0) }
+            XCTAssertEqual(visited, indices, "forEachIndex visits the members in order")
+            var shorter: [Int] = []
+            removed.forEachIndex(below: 65) { shorter.append($0) }
+            XCTAssertEqual(shorter, indices.filter { $0 < 65 })
+
+            var whole = ByteBuffer()
+            HTTP1HeadWriter.writeRequest(head, edits: HTTP1HeadEdits(removed: removed), into: &whole)
+            var reference = ByteBuffer()
+            HTTP1HeadWriter.writeRequestLine(head, target: nil, into: &reference)
+            HTTP1HeadWriter.writeFields(head.fields, removing: removed, into: &reference)
+            reference.writeStaticString("\r\n")
+            XCTAssertEqual(String(buffer: whole), String(buffer: reference), "removed \(indices)")
+        }
+        let response = try parseResponse("HTTP/1.1 200 OK\r\nA: 1\r\nConnection: close\r\nB: 2\r\nKeep-Alive: 5\r\n\r\n")
+        var out = ByteBuffer()
+        HTTP1HeadWriter.writeResponse(response, edits: HTTP1HeadEdits(removed: response.fields.hopByHopFields()), into: &out)
+        XCTAssertEqual(String(buffer: out), "HTTP/1.1 200 OK\r\nA: 1\r\nB: 2\r\n\r\n")
+    }
+
     func testForwardedResponse() throws {
         let head = try parseResponse("HTTP/1.0 200 Fine Thanks\r\nServer: s\r\nConnection: close\r\nContent-Length: 2\r\n\r\n")
         var out = ByteBuffer()

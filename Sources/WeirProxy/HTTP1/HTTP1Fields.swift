@@ -101,6 +101,28 @@ public struct HTTP1FieldSet: Sendable, Equatable {
         }
     }
 
+    /// Calls `body` with each index below `count` in the set, in ascending
+    /// order: a step per member (the usual set holds one or two), not per
+    /// field line.
+    @inline(__always)
+    func forEachIndex(below count: Int, _ body: (Int) -> Void) {
+        var word = count >= 64 ? low : low & ((1 << UInt64(count)) &- 1)
+        while word != 0 {
+            body(word.trailingZeroBitCount)
+            word &= word &- 1
+        }
+        guard count > 64 else { return }
+        for (k, w) in high.enumerated() {
+            var word = w
+            while word != 0 {
+                let index = 64 + (k << 6) + word.trailingZeroBitCount
+                if index >= count { return }
+                body(index)
+                word &= word &- 1
+            }
+        }
+    }
+
     /// Whether every index in this set is also in `other`.
     public func isSubset(of other: HTTP1FieldSet) -> Bool {
         if low & ~other.low != 0 { return false }

@@ -192,10 +192,16 @@ public enum HTTP1HeadWriter {
         }
     }
 
+    /// A parsed head's field lines are contiguous (each starts where the
+    /// previous one's CRLF ends), so the kept bytes are the whole field
+    /// section less the removed lines: a step per removed line, not per line.
     private static func keptLineBytes(_ fields: HTTP1Fields, removing: HTTP1FieldSet) -> Int {
-        var total = 0
-        for (i, e) in fields.entries.enumerated() where !removing.contains(i) { total += Int(e.lineEnd - e.nameStart) }
-        return total
+        fields.entries.withUnsafeBufferPointer { entries in
+            guard let first = entries.first, let last = entries.last else { return 0 }
+            var total = Int(last.lineEnd - first.nameStart)
+            removing.forEachIndex(below: entries.count) { i in total -= Int(entries[i].lineEnd - entries[i].nameStart) }
+            return total
+        }
     }
 
     private static func addedFieldBytes(_ added: [HTTP1AddedField]) -> Int {
@@ -249,20 +255,20 @@ public enum HTTP1HeadWriter {
             copy("\r\n")
         }
 
-        /// Runs of consecutive kept lines go out as one copy.
+        /// The kept lines of a parsed head (its field lines are contiguous):
+        /// each run between removed lines goes out as one copy, found from
+        /// the removed indices alone (a step per removed line, not per line).
         mutating func copyKeptLines(_ entries: [HTTP1FieldEntry], _ src: UnsafeRawPointer, removing: HTTP1FieldSet) {
-            var runStart = -1
-            var runEnd = 0
-            for i in entries.indices {
-                let e = entries[i]
-                if removing.contains(i) {
-                    if runStart >= 0 { copy(src + runStart, runEnd - runStart); runStart = -1 }
-                } else {
-                    if runStart < 0 { runStart = Int(e.nameStart) }
-                    runEnd = Int(e.lineEnd)
+            entries.withUnsafeBufferPointer { entries in
+                guard let first = entries.first, let last = entries.last else { return }
+                var runStart = Int(first.nameStart)
+                removing.forEachIndex(below: entries.count) { i in
+                    let removed = entries[i]
+                    copy(src + runStart, Int(removed.nameStart) - runStart)
+                    runStart = Int(removed.lineEnd)
                 }
+                copy(src + runStart, Int(last.lineEnd) - runStart)
             }
-            if runStart >= 0 { copy(src + runStart, runEnd - runStart) }
         }
     }
 
