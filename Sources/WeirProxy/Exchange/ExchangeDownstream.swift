@@ -593,9 +593,10 @@ extension ExchangeDownstream {
         if let plugins = exchange.plugins, code != 101, !plugins.responsePhaseIsNoop {
             // Passed on as the optional it is (`guard let` and re-wrapping
             // copied the changes and destroyed the copy).
-            let changes = runResponsePlugins(head, exchange: exchange, plugins: plugins, connection: connection)
+            var changes = runResponsePlugins(head, exchange: exchange, plugins: plugins, connection: connection)
             if case .none = changes { return }
-            return relayWireResponseHead(head, pluginChanges: changes, exchange: exchange)
+            relayWireResponseHead(head, pluginChanges: changes, exchange: exchange)
+            return plugins.recycle(&changes)
         }
         relayWireResponseHead(head, pluginChanges: nil, exchange: exchange)
     }

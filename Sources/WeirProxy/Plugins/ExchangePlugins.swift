@@ -295,6 +295,15 @@ final class ExchangePlugins: PluginRequest, PluginRequestContext {
         return changes
     }
 
+    /// A relayed head's changes are spent: the storage of their added
+    /// lines goes back to the pending response headers for the next
+    /// request (rate-limiting's lines: one array allocated and freed per
+    /// response otherwise).
+    func recycle(_ changes: inout ResponseHeadChanges?) {
+        guard !hasPendingResponseHeaders, case .some = changes else { return }
+        changes!.withAddedStorage { pendingResponseHeaders.reuseStorage(&$0) }
+    }
+
     /// The response phase is over: its edits to the upstream's head (a
     /// body filter re-frames the body, so its length goes).
     func endUpstreamResponse() -> ResponseHeadChanges {

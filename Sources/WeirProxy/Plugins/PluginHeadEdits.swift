@@ -37,6 +37,10 @@ struct ResponseHeadChanges {
     /// The request phase's changes, taken out of `pending` (left empty):
     /// its added lines are moved, not copied (with the copies at the end of
     /// the response phase, ~1 k instructions per response: BENCHMARKS.md, pair2).
+    /// The added lines' array, for its storage once the changes are spent
+    /// (ExchangePlugins.recycle).
+    mutating func withAddedStorage(_ body: (inout [HTTP1AddedField]) -> Void) { body(&edits.added) }
+
     init(taking pending: inout PendingResponseHeaders, on fields: HTTP1Fields) {
         addedNeedReview = pending.addedNeedReview
         touchesContentLength = pending.touchesContentLength
@@ -203,6 +207,17 @@ struct PendingResponseHeaders {
 
     /// `edits(on:)` into `edits` (made empty first), the added lines moved
     /// out of here; these changes are empty afterwards.
+    /// The storage of a relayed response's added lines (emptied here) for
+    /// `added`, so the next request's lines go in without an allocation
+    /// (and the relayed array is not freed): only into headers that hold
+    /// no storage.
+    mutating func reuseStorage(_ storage: inout [HTTP1AddedField]) {
+        guard added.isEmpty, added.capacity == 0 else { return }
+        // Line by line: removeAll(keepingCapacity:) destroys through the type's metadata.
+        while !storage.isEmpty { storage.removeLast() }
+        swap(&added, &storage)
+    }
+
     mutating func moveEdits(into edits: inout HTTP1HeadEdits, on fields: HTTP1Fields) {
         edits.removed = removedFields(in: fields)
         edits.target = nil
