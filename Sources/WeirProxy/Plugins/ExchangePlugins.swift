@@ -277,8 +277,7 @@ final class ExchangePlugins: PluginRequest, PluginRequestContext {
     /// phase's response header changes become its first edits.
     func beginUpstreamResponse(_ head: HTTP1ResponseHead) {
         upstreamResponse = head
-        upstreamResponseChanges = ResponseHeadChanges(taking: &pendingResponseHeaders, on: head.fields)
-        hasPendingResponseHeaders = false
+        upstreamResponseChanges = takePendingResponseChanges(on: head.fields)
     }
 
     /// The upstream's head when no response phase runs (`runsResponse`
@@ -289,10 +288,23 @@ final class ExchangePlugins: PluginRequest, PluginRequestContext {
     /// each, ~400 instructions per response). Same result as
     /// `beginUpstreamResponse` then `endUpstreamResponse`.
     func responseChangesWithoutResponsePhase(_ head: HTTP1ResponseHead) -> ResponseHeadChanges {
-        var changes = ResponseHeadChanges(taking: &pendingResponseHeaders, on: head.fields)
-        hasPendingResponseHeaders = false
-        if filtersBody { changes.removeFields(named: "content-length", in: head.fields) }
+        var changes = takePendingResponseChanges(on: head.fields)
+        reframeForBodyFilter(&changes, head: head)
         return changes
+    }
+
+    /// The request phase's response header changes, moved out (the
+    /// pending set is left empty for the next request).
+    private func takePendingResponseChanges(on fields: HTTP1Fields) -> ResponseHeadChanges {
+        let changes = ResponseHeadChanges(taking: &pendingResponseHeaders, on: fields)
+        hasPendingResponseHeaders = false
+        return changes
+    }
+
+    /// A body filter changes the body's length, so the upstream's
+    /// Content-Length cannot be relayed: the body is re-framed.
+    private func reframeForBodyFilter(_ changes: inout ResponseHeadChanges, head: HTTP1ResponseHead) {
+        if filtersBody { changes.removeFields(named: "content-length", in: head.fields) }
     }
 
     /// A relayed head's changes are spent: the storage of their added
@@ -310,7 +322,7 @@ final class ExchangePlugins: PluginRequest, PluginRequestContext {
         // Swapped out, not copied and reset (a copy of its arrays and a destroy).
         var changes = ResponseHeadChanges()
         swap(&changes, &upstreamResponseChanges)
-        if filtersBody, let head = upstreamResponse { changes.removeFields(named: "content-length", in: head.fields) }
+        if let head = upstreamResponse { reframeForBodyFilter(&changes, head: head) }
         upstreamResponse = nil
         return changes
     }
