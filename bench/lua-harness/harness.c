@@ -35,6 +35,8 @@ static int n_incr(lua_State *L) { counter += lua_tointeger(L, 3); lua_pushintege
 static int n_previous(lua_State *L) { lua_pushinteger(L, 5); return 1; }
 /* dict:incr_get(key, delta, init, ttl, other_key): the count and the previous window's. */
 static int n_dict_incr_get(lua_State *L) { counter += lua_tointeger(L, 3); lua_pushinteger(L, counter); lua_pushinteger(L, 5); return 2; }
+/* weir.response.prepare_headers' native: the set's id. */
+static int n_prepare_headers(lua_State *L) { lua_pushinteger(L, 0); return 1; }
 
 /* clib.with_fallback (Sources/CLuaShims/shims.c) wraps a native with its Lua
  * fallback; the stubs never need one, so the SDK function is the stub itself. */
@@ -77,6 +79,7 @@ int main(int argc, char **argv) {
     set_native(L, "shared_incr", n_incr);
     set_native(L, "shared_get", n_previous);
     set_native(L, "shared_dict_incr_get", n_dict_incr_get);
+    set_native(L, "resp_prepare_headers", n_prepare_headers);
     /* Every other native (setters, authenticate, ...) does nothing. */
     lua_newtable(L);
     lua_pushcfunction(L, n_any);

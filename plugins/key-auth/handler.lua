@@ -17,10 +17,9 @@ local function unauthorized(conf, message)
 end
 
 -- The key's query argument removed from the request sent upstream (its
--- header lines are cleared by the caller).
+-- header lines are cleared by the caller); called only when the request has
+-- a query string.
 local function hide_query_key(names, n)
-  -- No query string, nothing to strip: skip parsing it into a table.
-  if get_raw_query() == "" then return end
   local query = get_query()
   local changed = false
   for i = 1, n do
@@ -70,7 +69,8 @@ function KeyAuth:request(conf)
     if in_header then
       for i = 1, n do clear_header(names[i]) end
     end
-    if in_query then hide_query_key(names, n) end
+    -- No query string, nothing to strip: neither a call nor its parse into a table.
+    if in_query and get_raw_query() ~= "" then hide_query_key(names, n) end
   end
 
   -- identify: authenticate + X-Consumer-Name, and X-Anonymous-Consumer

@@ -29,23 +29,15 @@ local PERIODS = {
   { name = "day", seconds = 86400, limit_header = "x-ratelimit-limit-day", remaining_header = "x-ratelimit-remaining-day" },
 }
 
-local ceil, max, tostring, tonumber, math_type = math.ceil, math.max, tostring, tonumber, math.type
-
--- Small whole numbers as text, each made once (seconds until the window
--- resets; formatting a number costs a C snprintf). Up to an hour's worth.
-local small_text = setmetatable({}, { __index = function(t, n)
-  local text = tostring(n)
-  if math_type(n) == "integer" and n >= 0 and n <= 3600 then t[n] = text end
-  return text
-end })
+local ceil, max, tostring, tonumber = math.ceil, math.max, tostring, tonumber
 
 -- What depends only on the config, worked out on a config's first request
 -- and kept with it (weak keys: a retired generation's configs go away): the
 -- configured periods (flat, with everything a request reads precomputed),
--- the counter keys of the clients seen (see client_keys) and, for policy
--- local, the dictionary, and the remaining counts reused by every request
--- (filled after any yield and read before the next: one array per Lua state
--- serves both policies).
+-- the counter keys of the clients seen (see client_keys), for policy local
+-- the dictionary (or why there is none), and the remaining counts reused by
+-- every request (nil when the headers are hidden; filled after any yield and
+-- read before the next: one array per config serves both policies).
 local per_conf = setmetatable({}, { __mode = "k" })
 
 local function conf_state(conf)
@@ -61,7 +53,15 @@ local function conf_state(conf)
   local st = { periods = periods, n = #periods, clients = {}, client_count = 0,
                by_header = conf.limit_by == "header", by_route = conf.limit_by == "route",
                by_consumer = conf.limit_by == "consumer", redis = conf.policy == "redis",
-               remaining = {}, values = {} }
+               remaining = not conf.hide_client_headers and {} or nil, values = {} }
+  if not st.redis then
+    -- The dictionaries are declared with the config: one that is missing
+    -- now stays missing for this config's life.
+    st.dict = weir.shared[conf.dictionary]
+    if not st.dict then
+      st.dict_error = "no weir.shared dictionary named '" .. conf.dictionary .. "'; declare it under shared_dicts"
+    end
+  end
   if not conf.hide_client_headers then
     -- The header lines, prepared once: each period's X-RateLimit-Limit-*
     -- (fixed) and X-RateLimit-Remaining-*, then RateLimit-Limit (fixed
@@ -150,57 +150,6 @@ local function estimate(p, k, now, count, prev)
   return prev * (window - (now - k.start)) / window + count
 end
 
--- policy local: counters in a weir.shared dictionary, the whole decision
--- in one pass over the periods (this runs on every request: no calls but
--- the counter's, no per-request tables). Moves each period's window keys
--- on when its window has moved; fills `remaining` (limit - estimate,
--- floored, >= 0) unless the headers are hidden. Returns the index of the
--- refused period (its increment and the other periods' given back) and
--- that period's count and previous count, or false and the index of the
--- tightest period, or nil, err when the counters cannot be used.
-local function count_local(conf, st, keys, now, second, remaining)
-  local dict = st.dict
-  if not dict then
-    dict = weir.shared[conf.dictionary]
-    if not dict then
-      return nil, "no weir.shared dictionary named '" .. conf.dictionary .. "'; declare it under shared_dicts"
-    end
-    st.dict = dict
-  end
-  local periods, refused, tightest = st.periods, false, 1
-  local refused_count, refused_prev
-  for i = 1, st.n do
-    local p, k = periods[i], keys[i]
-    local window = p.window
-    local start = second - second % window
-    if not k or k.start ~= start then k = window_keys(keys, i, p, start) end
-    -- The window's count and the previous window's, in one SDK call (the
-    -- counters only ever hold numbers: incr made them).
-    local count, prev = dict:incr_get(k.key, 1, 0, p.ttl, k.prev_key)
-    if not count then
-      for j = 1, i - 1 do dict:incr(keys[j].key, -1) end   -- the windows taken so far
-      return nil, "counter update failed: " .. tostring(prev)
-    end
-    if not prev then prev = 0 end
-    -- estimate() inlined.
-    local e = prev * (window - (now - start)) / window + count
-    if e > p.limit then
-      if not refused then refused, refused_count, refused_prev = i, count, prev end
-    elseif remaining then
-      -- limit - estimate floored, as an integer (`// 1` floors, `| 0`
-      -- makes the whole float an integer: no math.floor call).
-      local r = (p.limit - e) // 1 | 0
-      remaining[i] = r
-      if r < remaining[tightest] then tightest = i end
-    end
-  end
-  if refused then
-    for i = 1, st.n do dict:incr(keys[i].key, -1) end
-    return refused, refused_count, refused_prev
-  end
-  return false, tightest
-end
-
 -- policy redis: the same decision made atomically inside Redis by one script
 -- (so it is exact across gateways sharing the server). KEYS: current and
 -- previous key per window; ARGV: per window limit, window length, elapsed.
@@ -224,7 +173,11 @@ table.insert(out, 1, refused)
 return out
 ]]
 
--- The same contract as count_local.
+-- Returns the index of the refused period (its increment and the other
+-- periods' given back by the script) and that period's count and previous
+-- count, or false and the index of the tightest period, or nil, err when
+-- the counters cannot be used. Fills `remaining` (limit - estimate,
+-- floored, >= 0) unless the headers are hidden.
 local function count_redis(conf, st, keys, now, second, remaining)
   local r = conf.redis or {}
   local red = weir.redis.connect{ host = r.host, port = r.port, database = r.database,
@@ -270,12 +223,53 @@ function RateLimiting:request(conf)
   -- Window starts are whole seconds: one floor per request (`// 1` floors,
   -- `| 0` makes the whole float an integer), then integer arithmetic.
   local second = now // 1 | 0
-  local remaining = not conf.hide_client_headers and st.remaining or nil
-  local refused, count, prev
-  if st.redis then
+  local remaining = st.remaining
+  local periods, n = st.periods, st.n   -- n >= 1: schema at_least_one_of
+  -- refused: the refused period's index, or false; nil when the counters
+  -- cannot be used (`count` is the message then). tightest: the period
+  -- with the fewest requests left.
+  local refused, count, prev, tightest = false, nil, nil, 1
+  local dict = st.dict
+  if dict then
+    -- policy local, the whole decision in one pass over the periods, here
+    -- and not in a function of its own (this runs on every request: no
+    -- calls but the counter's, no per-request tables). Moves each period's
+    -- window keys on when its window has moved on.
+    for i = 1, n do
+      local p, k = periods[i], keys[i]
+      local window = p.window
+      local start = second - second % window
+      if not k or k.start ~= start then k = window_keys(keys, i, p, start) end
+      -- The window's count and the previous window's, in one SDK call (the
+      -- counters only ever hold numbers: incr made them).
+      local c, pc = dict:incr_get(k.key, 1, 0, p.ttl, k.prev_key)
+      if not c then
+        for j = 1, i - 1 do dict:incr(keys[j].key, -1) end   -- the windows taken so far
+        refused, count = nil, "counter update failed: " .. tostring(pc)
+        break
+      end
+      if not pc then pc = 0 end
+      -- estimate() inlined.
+      local e = pc * (window - (now - start)) / window + c
+      if e > p.limit then
+        if not refused then refused, count, prev = i, c, pc end
+      elseif remaining then
+        -- limit - estimate floored, as an integer (`// 1` floors, `| 0`
+        -- makes the whole float an integer: no math.floor call).
+        local r = (p.limit - e) // 1 | 0
+        remaining[i] = r
+        if r < remaining[tightest] then tightest = i end
+      end
+    end
+    if refused then
+      -- A refused request takes its increments back.
+      for i = 1, n do dict:incr(keys[i].key, -1) end
+    end
+  elseif st.redis then
     refused, count, prev = count_redis(conf, st, keys, now, second, remaining)
+    if refused == false then tightest = count end
   else
-    refused, count, prev = count_local(conf, st, keys, now, second, remaining)
+    refused, count = nil, st.dict_error
   end
   if refused == nil then
     if conf.fault_tolerant then
@@ -285,20 +279,19 @@ function RateLimiting:request(conf)
     error("rate-limiting: " .. count)
   end
 
-  local periods, n = st.periods, st.n   -- n >= 1: schema at_least_one_of
   if remaining then
     -- The most restrictive period speaks for the RateLimit-* headers (the
     -- refused one when refused; every remaining count is 0 then). Counts
     -- are integers: the SDK writes them as text.
-    local tightest = refused or count
     if refused then
+      tightest = refused
       for i = 1, n do remaining[i] = 0 end
     end
     local p = periods[tightest]
     -- Seconds to the end of the window, ceil(end - now), counted from the
     -- whole second: with `now` in [second, second + 1) that is
     -- end - second, an integer from 1 to the window's length.
-    local reset = small_text[keys[tightest].start + p.window - second]
+    local reset = keys[tightest].start + p.window - second
     if n == 1 then
       st.headers:set(remaining[1], remaining[1], reset)
     else
