@@ -83,6 +83,43 @@ final class AdminMetricsTests: XCTestCase {
         XCTAssertEqual(requests.count, 5)
     }
 
+    /// The data path's counts are written without a lock by their loop
+    /// (`RequestCellCounters`): scrapes taken while a loop records see each
+    /// count only grow and never a torn value, and the last one is exact.
+    func testScrapesWhileALoopRecordsSeeGrowingCountsAndEndExact() throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        defer { try? group.syncShutdownGracefully() }
+        let metrics = MetricsRegistry()
+        let total = 20_000
+        let recorded = group.next().submit {
+            let counter = metrics.requestCounter(route: "api", upstream: "orders")
+            for n in 0..<total {
+                counter.add(status: 200, bytesIn: 3, bytesOut: 1 << 20, totalDuration: 0.001 * Double(n % 3),
+                            upstreamDuration: 0.0001)
+            }
+        }
+        let key = RouteUpstreamKey(route: "api", upstream: "orders")
+        var lastCount = 0, lastBytesOut = 0
+        for _ in 0..<200 {
+            guard let cell = metrics.snapshot().requests[key] else { continue }
+            XCTAssertGreaterThanOrEqual(cell.byStatusClass[1], lastCount)
+            XCTAssertGreaterThanOrEqual(cell.bytesOut, lastBytesOut)
+            XCTAssertEqual(cell.bytesOut % (1 << 20), 0, "a whole number of adds")
+            XCTAssertLessThanOrEqual(cell.byStatusClass[1], total)
+            lastCount = cell.byStatusClass[1]
+            lastBytesOut = cell.bytesOut
+        }
+        try recorded.wait()
+        let cell = try XCTUnwrap(metrics.snapshot().requests[key])
+        XCTAssertEqual(cell.byStatusClass, [0, total, 0, 0, 0])
+        XCTAssertEqual(cell.bytesIn, 3 * total)
+        XCTAssertEqual(cell.bytesOut, total << 20)
+        XCTAssertEqual(cell.total.count, total)
+        XCTAssertEqual(cell.total.counts.reduce(0, +), total)
+        XCTAssertEqual(cell.upstream.count, total)
+        XCTAssertEqual(cell.upstream.counts[0], total, "0.1 ms: the first bucket")
+    }
+
     /// A `RequestCounter` (kept by the data path per loop and route) adds
     /// to the same (route, upstream) cell as samples do; counters taken on
     /// two event loops are merged at scrape like their shards.
