@@ -109,10 +109,10 @@ public protocol PluginRequestContext: AnyObject {
     func addResponseHeader(_ lowercasedName: String, _ value: String)
     func clearResponseHeader(_ lowercasedName: String)
     /// `prepared:set(...)`: `setResponseHeader` of each of the prepared
-    /// lines in order, the fixed values and `values` (its variable ones, in
-    /// order; checked). The default does exactly that; the proxy adds them
-    /// at once.
-    func setResponseHeaders(_ lines: PreparedHeaderLines, values: UnsafeBufferPointer<String>)
+    /// lines in order; `wire` is those lines as written (`name: value\r\n`
+    /// each, names and values checked: `PreparedHeaderLines.forEachLine(inWire:)`).
+    /// The default does exactly that; the proxy adds them at once.
+    func setResponseHeaders(_ lines: PreparedHeaderLines, wire: UnsafeRawBufferPointer)
 
     /// The finished request's access record (log phase); nil outside the
     /// data path. Built on demand (`weir.log.serialize()`).
@@ -147,8 +147,8 @@ open class PluginRequestCalls {
     open func setResponseHeader(_ object: UnsafeMutableRawPointer, _ name: String, _ value: String) { context(object).setResponseHeader(name, value) }
     open func addResponseHeader(_ object: UnsafeMutableRawPointer, _ name: String, _ value: String) { context(object).addResponseHeader(name, value) }
     open func clearResponseHeader(_ object: UnsafeMutableRawPointer, _ name: String) { context(object).clearResponseHeader(name) }
-    open func setResponseHeaders(_ object: UnsafeMutableRawPointer, _ lines: PreparedHeaderLines, _ values: UnsafeBufferPointer<String>) {
-        context(object).setResponseHeaders(lines, values: values)
+    open func setResponseHeaders(_ object: UnsafeMutableRawPointer, _ lines: PreparedHeaderLines, _ wire: UnsafeRawBufferPointer) {
+        context(object).setResponseHeaders(lines, wire: wire)
     }
     open func matchedRouteName(_ object: UnsafeMutableRawPointer) -> String? { context(object).matchedRouteName }
     open func consumer(_ object: UnsafeMutableRawPointer) -> String? { context(object).consumer }
@@ -189,8 +189,8 @@ struct HotRequestContext {
         calls._withUnsafeGuaranteedRef { $0.addResponseHeader(object, name, value) }
     }
     @inline(__always) func clearResponseHeader(_ name: String) { calls._withUnsafeGuaranteedRef { $0.clearResponseHeader(object, name) } }
-    @inline(__always) func setResponseHeaders(_ lines: PreparedHeaderLines, _ values: UnsafeBufferPointer<String>) {
-        calls._withUnsafeGuaranteedRef { $0.setResponseHeaders(object, lines, values) }
+    @inline(__always) func setResponseHeaders(_ lines: PreparedHeaderLines, _ wire: UnsafeRawBufferPointer) {
+        calls._withUnsafeGuaranteedRef { $0.setResponseHeaders(object, lines, wire) }
     }
     @inline(__always) var matchedRouteName: String? { calls._withUnsafeGuaranteedRef { $0.matchedRouteName(object) } }
     @inline(__always) var consumer: String? { calls._withUnsafeGuaranteedRef { $0.consumer(object) } }
@@ -207,8 +207,8 @@ extension PluginRequestContext {
     public func upstreamRequestHeaders() -> [(name: String, value: String)] { requestHeaders() }
     public var upstreamRawQuery: String { rawQuery ?? "" }
     public func accessRecord() -> PluginAccessRecord? { nil }
-    public func setResponseHeaders(_ lines: PreparedHeaderLines, values: UnsafeBufferPointer<String>) {
-        lines.forEachLine(values) { setResponseHeader($0, $1) }
+    public func setResponseHeaders(_ lines: PreparedHeaderLines, wire: UnsafeRawBufferPointer) {
+        PreparedHeaderLines.forEachLine(inWire: wire) { setResponseHeader($0, $1) }
     }
     /// Through `requestHeader` (contexts whose headers are Strings anyway).
     public func withRequestHeader(_ lowercasedName: String, _ body: (UnsafeRawBufferPointer?) -> Void) {

@@ -7,7 +7,11 @@ import WeirCore
 /// request passes only the values that change and pays neither the name
 /// checks nor the fixed values' (BENCHMARKS.md, ratelimit).
 ///
-/// Setting them is `set_headers` of every (name, value) pair in order.
+/// Setting them is `set_headers` of every (name, value) pair in order. A
+/// `set` hands the request the lines as they are written
+/// (`name: value\r\n` each, in order, checked): the fixed parts come from
+/// `wireTemplate`, the values are written between them (an integer as its
+/// digits), so a request makes no String per line (BENCHMARKS.md, pair4).
 public final class PreparedHeaderLines {
     /// Lower-case tokens, distinct, in order.
     public let names: [String]
@@ -16,12 +20,22 @@ public final class PreparedHeaderLines {
     /// How many values a `set` passes (the nil `fixedValues`).
     public let variableCount: Int
 
+    /// The lines' fixed bytes, cut where a value comes with each `set`:
+    /// segment i (`wireTemplate[segmentEnds[i - 1]..<segmentEnds[i]]`, from
+    /// 0 for the first) is written before value i; the last one, after the
+    /// last value. `variableCount + 1` segments.
+    public let wireTemplate: [UInt8]
+    public let segmentEnds: [Int]
+
     /// What the context that applies the lines works out once from their
     /// names and keeps here (the proxy: which response lines they replace,
     /// PendingResponseHeaders); nil until it first applies them. Used only
     /// on the set's Lua state's event loop, like the state.
     public var derivedMasks: DerivedMasks?
 
+    /// `flags` bit 0: some line is reviewed by the relay; bit 1: some name
+    /// is a field the proxy gives meaning to (then the lines go as Strings,
+    /// not as their wire bytes).
     public struct DerivedMasks {
         public var a: UInt64, b: UInt64, c: UInt64, flags: UInt64
         public init(_ a: UInt64, _ b: UInt64, _ c: UInt64, flags: UInt64) { (self.a, self.b, self.c, self.flags) = (a, b, c, flags) }
@@ -58,20 +72,62 @@ public final class PreparedHeaderLines {
         self.names = names
         self.fixedValues = fixedValues
         self.variableCount = fixedValues.reduce(0) { $0 + ($1 == nil ? 1 : 0) }
+        var template: [UInt8] = [], ends: [Int] = []
+        var afterValue = false
+        for (name, fixed) in zip(names, fixedValues) {
+            if afterValue { template += [0x0D, 0x0A] }
+            template += Array(name.utf8) + [0x3A, 0x20]                  // ": "
+            if let fixed {
+                template += Array(fixed.utf8) + [0x0D, 0x0A]
+                afterValue = false
+            } else {
+                ends.append(template.count)
+                afterValue = true
+            }
+        }
+        if afterValue { template += [0x0D, 0x0A] }
+        ends.append(template.count)
+        wireTemplate = template
+        segmentEnds = ends
     }
 
-    /// Each line's name and value: the fixed ones, and `values` in order
-    /// for the others (`values.count == variableCount`).
+    /// The lines with `values` (the variable ones, in order, checked) as a
+    /// `set` hands them to the request.
+    public func wire(_ values: [String]) -> [UInt8] {
+        precondition(values.count == variableCount, "expected \(variableCount) values")
+        var out: [UInt8] = []
+        var start = 0
+        for (i, end) in segmentEnds.enumerated() {
+            out += wireTemplate[start..<end]
+            if i < values.count { out += Array(values[i].utf8) }
+            start = end
+        }
+        return out
+    }
+
+    /// Each line of `wire` (what a `set` hands the request: `name: value\r\n`
+    /// lines, names tokens, values without CR or LF) as its name and value bytes.
     @inline(__always)
-    public func forEachLine(_ values: UnsafeBufferPointer<String>, _ body: (String, String) -> Void) {
-        var next = 0
-        for i in names.indices {
-            if let fixed = fixedValues[i] {
-                body(names[i], fixed)
-            } else {
-                body(names[i], values[next])
-                next += 1
-            }
+    public static func forEachLine(inWire wire: UnsafeRawBufferPointer,
+                                   _ body: (_ name: UnsafeRawBufferPointer, _ value: UnsafeRawBufferPointer) -> Void) {
+        guard let base = wire.baseAddress else { return }
+        let bytes = base.assumingMemoryBound(to: UInt8.self)
+        var i = 0
+        while i < wire.count {
+            var colon = i
+            while bytes[colon] != 0x3A { colon += 1 }
+            var end = colon + 2
+            while bytes[end] != 0x0D { end += 1 }
+            body(UnsafeRawBufferPointer(start: base + i, count: colon - i), UnsafeRawBufferPointer(start: base + colon + 2, count: end - colon - 2))
+            i = end + 2
+        }
+    }
+
+    /// Each line of `wire` as Strings (name, value): for the paths that
+    /// take lines one by one.
+    public static func forEachLine(inWire wire: UnsafeRawBufferPointer, _ body: (String, String) -> Void) {
+        forEachLine(inWire: wire) { name, value in
+            body(String(decoding: name, as: UTF8.self), String(decoding: value, as: UTF8.self))
         }
     }
 }

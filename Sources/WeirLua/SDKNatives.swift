@@ -143,22 +143,30 @@ private enum HeaderChange {
     }
 }
 
-/// An integer as decimal text, digits written backwards into a small
-/// buffer: `String(Int)` goes through the generic description path (~340
-/// instructions), and rate-limiting writes two counts per request.
+/// An integer as decimal text: `String(Int)` goes through the generic
+/// description path (~340 instructions).
 private func decimalText(_ value: lua_Integer) -> String {
-    if value == .min { return String(value) }                      // its magnitude does not fit
-    var magnitude = value < 0 ? -value : value
-    return withUnsafeTemporaryAllocation(of: UInt8.self, capacity: 20) { buffer in
-        var start = 20
-        repeat {
-            start -= 1
-            buffer[start] = 0x30 + UInt8(truncatingIfNeeded: magnitude % 10)
-            magnitude /= 10
-        } while magnitude > 0
-        if value < 0 { start -= 1; buffer[start] = 0x2d }
-        return String(decoding: UnsafeBufferPointer(rebasing: buffer[start..<20]), as: UTF8.self)
+    withUnsafeTemporaryAllocation(of: UInt8.self, capacity: 20) { buffer in
+        String(decoding: UnsafeBufferPointer(start: buffer.baseAddress!, count: writeDecimal(value, to: buffer.baseAddress!)), as: UTF8.self)
     }
+}
+
+/// An integer's decimal digits (and sign) written at `out`; how many bytes
+/// (at most 20).
+@inline(__always)
+func writeDecimal(_ value: lua_Integer, to out: UnsafeMutablePointer<UInt8>) -> Int {
+    var magnitude = value.magnitude
+    var length = value < 0 ? 2 : 1
+    var probe = magnitude
+    while probe >= 10 { probe /= 10; length += 1 }
+    if value < 0 { out[0] = 0x2D }
+    var i = length
+    repeat {
+        i -= 1
+        out[i] = 0x30 + UInt8(truncatingIfNeeded: magnitude % 10)
+        magnitude /= 10
+    } while magnitude > 0
+    return length
 }
 
 /// The natives plugins call on every request, which `LuaRuntime` calls by
@@ -315,9 +323,12 @@ extension LuaRuntime {
 
     /// `prepared:set(...)` (weir.response.prepare_headers): the handle at 1
     /// (its set's id at [1], read raw), then one value per line without a
-    /// fixed value, each a string or an integer that fits a head. Anything
-    /// else (a float, a value with CR/LF, the wrong count) falls back: the
-    /// Lua side sets the lines one by one, as set_header would.
+    /// fixed value, each a string without CR, LF or NUL or an integer. The
+    /// lines are written as bytes on the stack (the set's template, each
+    /// value between its parts: an integer as its digits) and handed over
+    /// at once: no String per value or line. Anything else (a float, a
+    /// value with CR/LF, the wrong count) falls back: the Lua side sets the
+    /// lines one by one, as set_header would.
     @inline(__always)
     private func setPreparedResponseHeaders(_ L: LuaThread) -> Int32 {
         withCurrentRequest(PluginPhase.responseWritePhases) { r in
@@ -325,18 +336,42 @@ extension LuaRuntime {
             return preparedHeaderLines.withSet(id) { lines in
                 let count = lines.variableCount
                 guard lua_gettop(L) == Int32(count) + 1 else { return WEIR_CALL_FALLBACK }
-                // The values on the stack, not in an array (no allocation).
-                return withUnsafeTemporaryAllocation(of: String.self, capacity: count) { buffer in
-                    var made = 0
-                    defer { buffer.baseAddress?.deinitialize(count: made) }
-                    while made < count {
-                        guard let value = headerValue(at: Int32(made) + 2, on: L, cache: headerValues), value.fits else {
-                            return WEIR_CALL_FALLBACK
-                        }
-                        (buffer.baseAddress! + made).initialize(to: value.text)
-                        made += 1
+                // The room the lines take: the template, at most 20 digits
+                // per integer, each string's bytes (checked here).
+                var room = lines.wireTemplate.count
+                for index in 2..<(Int32(count) + 2) {
+                    if lua_isinteger(L, index) != 0 { room += 20; continue }
+                    var length = 0
+                    guard lua_type(L, index) == LUA_TSTRING, let text = weir_tostring(L, index, &length),
+                          HTTPFieldSyntax.isValidFieldValue(UnsafeRawBufferPointer(start: text, count: length)) else {
+                        return WEIR_CALL_FALLBACK
                     }
-                    r.setResponseHeaders(lines, UnsafeBufferPointer(buffer))
+                    room += length
+                }
+                return withUnsafeTemporaryAllocation(of: UInt8.self, capacity: room) { buffer in
+                    let out = buffer.baseAddress!
+                    var written = 0
+                    lines.wireTemplate.withUnsafeBufferPointer { template in
+                        lines.segmentEnds.withUnsafeBufferPointer { ends in
+                            var start = 0
+                            for i in 0..<ends.count {
+                                (out + written).update(from: template.baseAddress! + start, count: ends[i] - start)
+                                written += ends[i] - start
+                                start = ends[i]
+                                guard i < count else { break }
+                                let index = Int32(i) + 2
+                                if lua_isinteger(L, index) != 0 {
+                                    written += writeDecimal(lua_tointegerx(L, index, nil), to: out + written)
+                                } else {
+                                    var length = 0
+                                    let text = weir_tostring(L, index, &length)!
+                                    UnsafeMutableRawPointer(out + written).copyMemory(from: text, byteCount: length)
+                                    written += length
+                                }
+                            }
+                        }
+                    }
+                    r.setResponseHeaders(lines, UnsafeRawBufferPointer(start: out, count: written))
                     return 0
                 }
             } ?? WEIR_CALL_FALLBACK

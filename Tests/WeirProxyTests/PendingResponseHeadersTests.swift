@@ -4,6 +4,7 @@
 // (`HTTP1Fields.fieldSet(named:)`) removes.
 
 import NIOCore
+import NIOHTTP1
 import WeirLua
 @testable import WeirProxy
 import XCTest
@@ -82,14 +83,57 @@ final class PendingResponseHeadersTests: XCTestCase {
         for before in [[], ["x-tag"], ["ratelimit-reset"]] {
             var pending = PendingResponseHeaders(), oneByOne = PendingResponseHeaders()
             for name in before { pending.set(name, "b"); oneByOne.set(name, "b") }
-            values.withUnsafeBufferPointer { pending.set(prepared, $0) }
-            values.withUnsafeBufferPointer { buffer in prepared.forEachLine(buffer) { oneByOne.set($0, $1) } }
+            let wire = prepared.wire(values)
+            wire.withUnsafeBytes { pending.set(prepared, wire: $0) }
+            wire.withUnsafeBytes { PreparedHeaderLines.forEachLine(inWire: $0) { oneByOne.set($0, $1) } }
             XCTAssertEqual(pending.added, oneByOne.added, "after \(before)")
             XCTAssertEqual(pending.addedNeedReview, true, "date is reviewed by the relay")
             XCTAssertEqual(pending.edits(on: fields).removed, oneByOne.edits(on: fields).removed, "after \(before)")
             XCTAssertFalse(pending.touchesContentLength)
         }
         XCTAssertEqual(prepared.names.first, "x-ratelimit-limit-minute")
+    }
+
+    /// A prepared set of untagged names into empty changes stays as its
+    /// wire bytes: the same lines, the same removed fields, and taken line
+    /// by line when another change follows (or a reader needs `added`).
+    func testPreparedLinesAsWireBytes() throws {
+        let fields = try responseFields([
+            "Content-Length: 5", "RateLimit-Limit: 9", "ratelimit-reset: 3", "X-Tag: a", "X-RATELIMIT-REMAINING-MINUTE: 1",
+        ])
+        let prepared = try PreparedHeaderLines.make([
+            ("X-RateLimit-Limit-Minute", "10"), ("x-ratelimit-remaining-minute", nil), ("ratelimit-limit", "10"),
+            ("ratelimit-remaining", nil), ("ratelimit-reset", nil),
+        ]).get()
+        let wire = prepared.wire(["7", "-7", "42"])
+        XCTAssertEqual(String(decoding: wire, as: UTF8.self),
+                       "x-ratelimit-limit-minute: 10\r\nx-ratelimit-remaining-minute: 7\r\nratelimit-limit: 10\r\n"
+                       + "ratelimit-remaining: -7\r\nratelimit-reset: 42\r\n")
+        for after in [nil, "x-tag", "ratelimit-reset"] as [String?] {
+            var pending = PendingResponseHeaders(), oneByOne = PendingResponseHeaders()
+            wire.withUnsafeBytes { pending.set(prepared, wire: $0) }
+            wire.withUnsafeBytes { PreparedHeaderLines.forEachLine(inWire: $0) { oneByOne.set($0, $1) } }
+            XCTAssertEqual(pending.wireLines, wire)
+            XCTAssertTrue(pending.added.isEmpty && !pending.isEmpty && !pending.addedNeedReview)
+            if let after { pending.set(after, "b"); oneByOne.set(after, "b") }
+            XCTAssertEqual(pending.wireLines.isEmpty, after != nil, "after \(after ?? "-")")
+            XCTAssertEqual(pending.edits(on: fields).added, oneByOne.edits(on: fields).added, "after \(after ?? "-")")
+            XCTAssertEqual(pending.edits(on: fields).removed, oneByOne.edits(on: fields).removed, "after \(after ?? "-")")
+            var headers = HTTPHeaders([("ratelimit-limit", "0"), ("x-tag", "z")]), expected = headers
+            pending.apply(to: &headers)
+            oneByOne.apply(to: &expected)
+            XCTAssertEqual(headers.map { "\($0.name)=\($0.value)" }, expected.map { "\($0.name)=\($0.value)" })
+            // The relay's changes keep the bytes; the response phase's take lines.
+            var copy = pending
+            let relayed = ResponseHeadChanges(taking: &pending, on: fields, keepingWire: true)
+            let phase = ResponseHeadChanges(taking: &copy, on: fields)
+            XCTAssertEqual(relayed.wireLines, after == nil ? wire : [])
+            XCTAssertEqual(relayed.edits.removed, oneByOne.edits(on: fields).removed)
+            XCTAssertEqual(phase.wireLines, [])
+            XCTAssertEqual(phase.edits.added, oneByOne.edits(on: fields).added)
+            XCTAssertTrue(pending.isEmpty && copy.isEmpty)
+        }
+        XCTAssertFalse(fields.fieldSet(named: "x-ratelimit-remaining-minute").isEmpty)
     }
 
     /// More than 64 fields: indices past the first word are removed too.

@@ -316,6 +316,47 @@ final class PluginHeadEditTests: PluginFolderTestCase {
         }
     }
 
+    /// A prepared set of names the proxy gives no meaning to, set in the
+    /// request phase with no response phase after it, goes to the relay as
+    /// its wire bytes (PendingResponseHeaders.wireLines): the same lines as
+    /// set_header of each, over HTTP/1.1 and HTTP/2, on an exit response,
+    /// and taken line by line when another change follows it.
+    func testPreparedLinesRelayedAsTheirBytes() throws {
+        try folder.write("wire", handler: """
+        local weir = require "weir"
+        local P = { PRIORITY = 100, VERSION = "1" }
+        local lines = weir.response.prepare_headers({ { "x-fixed", "f" }, "x-upstream", "x-count", "x-note" })
+        function P:request(conf, ctx)
+          local path = weir.request.get_path()
+          lines:set("replaced", -42, "a b;c")
+          if path == "/after" then weir.response.set_header("x-count", "later") end
+          if path == "/twice" then lines:set("again", 0, "second") end
+          if path == "/exit" then return 418, { message = "teapot" } end
+        end
+        return P
+        """)
+        let config = ProxyHarness.config(targets: [upstream.address]) { $0.plugins = [pluginRef("wire")] }
+        let proxy = try PluginProxy(config: config, folder: folder, loops: 1)
+        defer { proxy.stop() }
+        let client = try proxy.connect()
+        for path in ["/plain", "/after", "/twice", "/exit", "/plain"] {
+            let response = try client.request("GET", path)
+            XCTAssertEqual(response.status, path == "/exit" ? 418 : 200, path)
+            XCTAssertEqual(response.headerValues("x-fixed"), ["f"], path)
+            XCTAssertEqual(response.headerValues("x-upstream"), [path == "/twice" ? "again" : "replaced"], path)
+            XCTAssertEqual(response.headerValues("x-count"), [path == "/after" ? "later" : path == "/twice" ? "0" : "-42"], path)
+            XCTAssertEqual(response.headerValues("x-note"), [path == "/twice" ? "second" : "a b;c"], path)
+        }
+        let result = try runProgram("/usr/bin/curl", ["-sS", "--http2-prior-knowledge", "--max-time", "10", "-D", "-",
+                                                      "http://127.0.0.1:\(proxy.harness.port)/plain"])
+        XCTAssertEqual(result.status, 0, result.err)
+        XCTAssertTrue(result.out.hasPrefix("HTTP/2 200"), result.out)
+        for line in ["x-fixed: f", "x-upstream: replaced", "x-count: -42", "x-note: a b;c"] {
+            XCTAssertEqual(result.out.components(separatedBy: "\r\n").filter { $0 == line }.count, 1, line + " in " + result.out)
+        }
+        XCTAssertFalse(result.out.contains("x-upstream: " + upstream.name), result.out)
+    }
+
     /// The relay frames the body by the edited head's Content-Length: a
     /// request-phase change that leaves it alone keeps the upstream's line
     /// (no chunking), a clear of it chunks the body, a set of it replaces it.

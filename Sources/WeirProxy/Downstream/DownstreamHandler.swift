@@ -589,10 +589,16 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
         } else {
             responseHeadBuffer = allocator.buffer(capacity: needed)
         }
-        let tailBytes = (date.map { 8 + $0.utf8.count } ?? 0) + (framingLine?.utf8CodeUnitCount ?? 0)
+        // A prepared set's lines as written (rate-limiting's), after the
+        // added ones: copied in one go.
+        let pluginWireBytes = pluginChanges?.wireLines.count ?? 0
+        let tailBytes = pluginWireBytes + (date.map { 8 + $0.utf8.count } ?? 0) + (framingLine?.utf8CodeUnitCount ?? 0)
             + (connectionLine?.utf8CodeUnitCount ?? 0) + 5 + viaValueBytes + viaEntry.utf8CodeUnitCount + 2
         HTTP1HeadWriter.writeResponse(head, removed: removed, added: added, status: pluginChanges?.status,
                                       tailBytes: tailBytes, into: &responseHeadBuffer) { w, src in
+            if pluginWireBytes > 0 {
+                pluginChanges!.wireLines.withUnsafeBytes { w.copy($0.baseAddress!, $0.count) }
+            }
             if let date { w.copy("date: "); w.copy(date); w.copy("\r\n") }
             if let framingLine { w.copy(framingLine) }
             if let connectionLine { w.copy(connectionLine) }

@@ -376,6 +376,15 @@ final class HTTP2ServerStream: ExchangeDownstream {
                     headers.add(lowercasingName: name, nameLength, value: value, valueLength)
                 }
             }
+            // A prepared set's wire lines: names the proxy gives no meaning
+            // to (PendingResponseHeaders.wireLines), lower-case already.
+            pluginChanges?.forEachWireLine { name, value in
+                if name.count == 11 && HTTP1Bytes.equalsLower(name.baseAddress!.assumingMemoryBound(to: UInt8.self), 11, "grpc-status") {
+                    grpcStatus = true
+                }
+                headers.add(lowercasingName: name.baseAddress!.assumingMemoryBound(to: UInt8.self), name.count,
+                            value: value.baseAddress!.assumingMemoryBound(to: UInt8.self), value.count)
+            }
             for field in pluginChanges?.edits.added ?? [] {
                 switch HTTP1KnownField.classify(field.name) {
                 case .via: via = via.map { $0 + ", " + field.value } ?? field.value

@@ -288,15 +288,16 @@ final class ExchangePlugins: PluginRequest, PluginRequestContext {
     /// each, ~400 instructions per response). Same result as
     /// `beginUpstreamResponse` then `endUpstreamResponse`.
     func responseChangesWithoutResponsePhase(_ head: HTTP1ResponseHead) -> ResponseHeadChanges {
-        var changes = takePendingResponseChanges(on: head.fields)
+        var changes = takePendingResponseChanges(on: head.fields, keepingWire: true)
         reframeForBodyFilter(&changes, head: head)
         return changes
     }
 
     /// The request phase's response header changes, moved out (the
-    /// pending set is left empty for the next request).
-    private func takePendingResponseChanges(on fields: HTTP1Fields) -> ResponseHeadChanges {
-        let changes = ResponseHeadChanges(taking: &pendingResponseHeaders, on: fields)
+    /// pending set is left empty for the next request); a prepared set's
+    /// wire lines kept as they are only for the relay (`keepingWire`).
+    private func takePendingResponseChanges(on fields: HTTP1Fields, keepingWire: Bool = false) -> ResponseHeadChanges {
+        let changes = ResponseHeadChanges(taking: &pendingResponseHeaders, on: fields, keepingWire: keepingWire)
         hasPendingResponseHeaders = false
         return changes
     }
@@ -308,12 +309,12 @@ final class ExchangePlugins: PluginRequest, PluginRequestContext {
     }
 
     /// A relayed head's changes are spent: the storage of their added
-    /// lines goes back to the pending response headers for the next
-    /// request (rate-limiting's lines: one array allocated and freed per
-    /// response otherwise).
+    /// lines (and wire lines) goes back to the pending response headers
+    /// for the next request (rate-limiting's lines: one array allocated and
+    /// freed per response otherwise).
     func recycle(_ changes: inout ResponseHeadChanges?) {
         guard !hasPendingResponseHeaders, case .some = changes else { return }
-        changes!.withAddedStorage { pendingResponseHeaders.reuseStorage(&$0) }
+        changes!.withAddedStorage { pendingResponseHeaders.reuseStorage(&$0, wire: &$1) }
     }
 
     /// The response phase is over: its edits to the upstream's head (a
@@ -673,11 +674,11 @@ final class ExchangePlugins: PluginRequest, PluginRequestContext {
     func clearResponseHeader(_ name: String) { responseOp(.clear, name, "") }
     /// Before any response exists (the request phase) the lines go into the
     /// pending changes at once; later, one `set` each.
-    func setResponseHeaders(_ lines: PreparedHeaderLines, values: UnsafeBufferPointer<String>) {
+    func setResponseHeaders(_ lines: PreparedHeaderLines, wire: UnsafeRawBufferPointer) {
         guard upstreamResponse == nil, responseHead == nil else {
-            return lines.forEachLine(values) { responseOp(.set, $0, $1) }
+            return PreparedHeaderLines.forEachLine(inWire: wire) { responseOp(.set, $0, $1) }
         }
-        pendingResponseHeaders.set(lines, values)
+        pendingResponseHeaders.set(lines, wire: wire)
         hasPendingResponseHeaders = !pendingResponseHeaders.isEmpty
     }
 

@@ -28,8 +28,8 @@ final class ExchangePluginsCalls: PluginRequestCalls {
         on(object) { $0.addResponseHeader(name, value) }
     }
     override func clearResponseHeader(_ object: UnsafeMutableRawPointer, _ name: String) { on(object) { $0.clearResponseHeader(name) } }
-    override func setResponseHeaders(_ object: UnsafeMutableRawPointer, _ lines: PreparedHeaderLines, _ values: UnsafeBufferPointer<String>) {
-        on(object) { $0.setResponseHeaders(lines, values: values) }
+    override func setResponseHeaders(_ object: UnsafeMutableRawPointer, _ lines: PreparedHeaderLines, _ wire: UnsafeRawBufferPointer) {
+        on(object) { $0.setResponseHeaders(lines, wire: wire) }
     }
     override func matchedRouteName(_ object: UnsafeMutableRawPointer) -> String? { on(object) { $0.matchedRouteName } }
     override func consumer(_ object: UnsafeMutableRawPointer) -> String? { on(object) { $0.consumer } }

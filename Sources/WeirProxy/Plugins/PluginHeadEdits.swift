@@ -31,6 +31,11 @@ struct ResponseHeadChanges {
     /// upstream's own Content-Length lines stand (found in its pass over
     /// the fields anyway).
     private(set) var touchesContentLength = false
+    /// A prepared set's lines as written (PendingResponseHeaders.wireLines),
+    /// after `edits.added` (empty then): the relay copies them as they are.
+    /// Only when no response phase runs (ExchangePlugins.responseChangesWithoutResponsePhase);
+    /// names the proxy gives no meaning to.
+    private(set) var wireLines: [UInt8] = []
 
     init() {}
 
@@ -39,12 +44,20 @@ struct ResponseHeadChanges {
     /// the response phase, ~1 k instructions per response: BENCHMARKS.md, pair2).
     /// The added lines' array, for its storage once the changes are spent
     /// (ExchangePlugins.recycle).
-    mutating func withAddedStorage(_ body: (inout [HTTP1AddedField]) -> Void) { body(&edits.added) }
+    mutating func withAddedStorage(_ body: (inout [HTTP1AddedField], inout [UInt8]) -> Void) { body(&edits.added, &wireLines) }
 
-    init(taking pending: inout PendingResponseHeaders, on fields: HTTP1Fields) {
+    /// `keepingWire` false: a prepared set's wire lines become `edits.added`
+    /// lines (the response phase reads and edits those).
+    init(taking pending: inout PendingResponseHeaders, on fields: HTTP1Fields, keepingWire: Bool = false) {
+        if !keepingWire { pending.materializeWireLines() }
         addedNeedReview = pending.addedNeedReview
         touchesContentLength = pending.touchesContentLength
-        pending.moveEdits(into: &edits, on: fields)
+        pending.moveEdits(into: &edits, wire: &wireLines, on: fields)
+    }
+
+    /// Each of `wireLines` as name and value bytes.
+    func forEachWireLine(_ body: (_ name: UnsafeRawBufferPointer, _ value: UnsafeRawBufferPointer) -> Void) {
+        wireLines.withUnsafeBytes { PreparedHeaderLines.forEachLine(inWire: $0, body) }
     }
 
     /// `set_header`: every line of that name goes, then one is added.
@@ -87,10 +100,19 @@ extension HTTP1KnownField {
 /// only for an untagged field whose length a removed name has, and no
 /// checks (names and values come checked from the SDK:
 /// PluginRequestContext). The common case, a few `set`s of distinct names,
-/// is one array and a bit per line.
+/// is one array and a bit per line; a prepared set into empty changes
+/// (rate-limiting's five lines) is their bytes as written.
 struct PendingResponseHeaders {
     /// Lines added after the response's kept ones, in order.
     private(set) var added: [HTTP1AddedField] = []
+    /// A prepared set's lines as written (`name: value\r\n` each), when it
+    /// went into empty changes and names no field the proxy gives meaning to
+    /// (`HTTP1KnownField.other`: none is reviewed by the relay or frames the
+    /// body): the relay copies them in one go, no String per line made,
+    /// copied or freed (~1.5 k instructions per request: BENCHMARKS.md,
+    /// pair4). Every line replaces its name's lines (a `set`). Any other
+    /// change first makes them `added` lines (`materializeWireLines`).
+    private(set) var wireLines: [UInt8] = []
     /// Bit i: `added[i]` came from a `set`, so the response's own lines of
     /// its name go (lines past the 64th record that in `clearedNames`).
     private var replacing: UInt64 = 0
@@ -109,7 +131,7 @@ struct PendingResponseHeaders {
     private var removedLengths: UInt64 = 0
     private var removedKinds: UInt64 = 0
 
-    var isEmpty: Bool { added.isEmpty && clearedNames.isEmpty }
+    var isEmpty: Bool { added.isEmpty && clearedNames.isEmpty && wireLines.isEmpty }
 
     /// Some line set, added or cleared here is named Content-Length.
     var touchesContentLength: Bool {
@@ -119,6 +141,7 @@ struct PendingResponseHeaders {
     private var addsContentLength = false
 
     mutating func set(_ name: String, _ value: String) {
+        if !wireLines.isEmpty { materializeWireLines() }
         if !isFirstOfItsLength(name) { dropAdded(named: name) }
         if added.count >= 64 { clearedNames.append(name) } else { replacing |= 1 << UInt64(added.count) }
         let kind = HTTP1KnownField.classify(name)
@@ -126,13 +149,14 @@ struct PendingResponseHeaders {
         append(name, value, kind)
     }
 
-    /// `set` of each prepared line in order (`weir.response.prepare_headers`).
-    /// Into empty changes (the first plugin to touch the response, the
-    /// common case) they go in at once: their names are distinct, so none
-    /// drops another and no name is compared.
-    mutating func set(_ lines: PreparedHeaderLines, _ values: UnsafeBufferPointer<String>) {
-        guard added.isEmpty, clearedNames.isEmpty else {
-            return lines.forEachLine(values) { set($0, $1) }
+    /// `set` of each prepared line in order (`weir.response.prepare_headers`;
+    /// `wire`: the lines as written). Into empty changes (the first plugin
+    /// to touch the response, the common case) they go in at once: their
+    /// names are distinct, so none drops another and no name is compared;
+    /// as their bytes when no name is a field the proxy gives meaning to.
+    mutating func set(_ lines: PreparedHeaderLines, wire: UnsafeRawBufferPointer) {
+        guard isEmpty else {
+            return PreparedHeaderLines.forEachLine(inWire: wire) { set($0, $1) }
         }
         let count = lines.names.count                     // <= PreparedHeaderLines.maxLines (32)
         // The names' bits, worked out on the set's first use and kept with it.
@@ -140,22 +164,27 @@ struct PendingResponseHeaders {
         nameLengths |= masks.a
         removedLengths |= masks.b
         removedKinds |= masks.c
-        if masks.flags != 0 { addedNeedReview = true }
-        added.reserveCapacity(max(8, count))
-        lines.names.withUnsafeBufferPointer { names in
-            lines.fixedValues.withUnsafeBufferPointer { fixed in
-                var next = 0
-                for i in 0..<count {
-                    if let fixedValue = fixed[i] {
-                        added.append(HTTP1AddedField(name: names[i], value: fixedValue))
-                    } else {
-                        added.append(HTTP1AddedField(name: names[i], value: values[next]))
-                        next += 1
-                    }
-                }
-            }
+        if masks.flags == 0 {
+            if wireLines.capacity < wire.count { wireLines.reserveCapacity(max(256, wire.count)) }
+            wireLines.append(contentsOf: wire)
+            return
         }
+        if masks.flags & 1 != 0 { addedNeedReview = true }
+        added.reserveCapacity(max(8, count))
+        PreparedHeaderLines.forEachLine(inWire: wire) { added.append(HTTP1AddedField(name: $0, value: $1)) }
         replacing = (1 << UInt64(count)) - 1
+    }
+
+    /// The wire lines as `added` lines (each a `set`), for a change or a
+    /// reader that takes lines one by one.
+    mutating func materializeWireLines() {
+        guard !wireLines.isEmpty else { return }
+        assert(added.isEmpty && clearedNames.isEmpty, "wire lines are only the first changes")
+        wireLines.withUnsafeBytes { wire in
+            PreparedHeaderLines.forEachLine(inWire: wire) { added.append(HTTP1AddedField(name: $0, value: $1)) }
+        }
+        replacing = added.count >= 64 ? .max : (1 << UInt64(added.count)) - 1
+        wireLines.removeAll(keepingCapacity: true)
     }
 
     /// A prepared set's `nameLengths`, `removedLengths` and `removedKinds`
@@ -170,12 +199,13 @@ struct PendingResponseHeaders {
             if kind.isReviewedByRelay { scratch.addedNeedReview = true }
         }
         let masks = PreparedHeaderLines.DerivedMasks(scratch.nameLengths, scratch.removedLengths, scratch.removedKinds,
-                                                     flags: scratch.addedNeedReview ? 1 : 0)
+                                                     flags: (scratch.addedNeedReview ? 1 : 0) | (scratch.removedKinds != 0 ? 2 : 0))
         lines.derivedMasks = masks
         return masks
     }
 
     mutating func add(_ name: String, _ value: String) {
+        if !wireLines.isEmpty { materializeWireLines() }
         _ = isFirstOfItsLength(name)
         let kind = HTTP1KnownField.classify(name)
         if kind == .contentLength { addsContentLength = true }
@@ -183,6 +213,7 @@ struct PendingResponseHeaders {
     }
 
     mutating func clear(_ name: String) {
+        if !wireLines.isEmpty { materializeWireLines() }
         noteRemoved(name, HTTP1KnownField.classify(name))
         if !isFirstOfItsLength(name) {
             dropAdded(named: name)
@@ -200,7 +231,9 @@ struct PendingResponseHeaders {
     /// lines, and every field of a set or cleared name removed (what
     /// `fieldSet(named:)` of each such name would find, in one pass).
     func edits(on fields: HTTP1Fields) -> HTTP1HeadEdits {
-        var edits = HTTP1HeadEdits(added: added)
+        var lines = self
+        lines.materializeWireLines()
+        var edits = HTTP1HeadEdits(added: lines.added)
         edits.removed = removedFields(in: fields)
         return edits
     }
@@ -211,18 +244,25 @@ struct PendingResponseHeaders {
     /// `added`, so the next request's lines go in without an allocation
     /// (and the relayed array is not freed): only into headers that hold
     /// no storage.
-    mutating func reuseStorage(_ storage: inout [HTTP1AddedField]) {
-        guard added.isEmpty, added.capacity == 0 else { return }
-        // Line by line: removeAll(keepingCapacity:) destroys through the type's metadata.
-        while !storage.isEmpty { storage.removeLast() }
-        swap(&added, &storage)
+    mutating func reuseStorage(_ storage: inout [HTTP1AddedField], wire: inout [UInt8]) {
+        if added.isEmpty, added.capacity == 0, storage.capacity != 0 {
+            // Line by line: removeAll(keepingCapacity:) destroys through the type's metadata.
+            while !storage.isEmpty { storage.removeLast() }
+            swap(&added, &storage)
+        }
+        if wireLines.isEmpty, wireLines.capacity == 0, wire.capacity != 0 {
+            wire.removeAll(keepingCapacity: true)
+            swap(&wireLines, &wire)
+        }
     }
 
-    mutating func moveEdits(into edits: inout HTTP1HeadEdits, on fields: HTTP1Fields) {
+    mutating func moveEdits(into edits: inout HTTP1HeadEdits, wire: inout [UInt8], on fields: HTTP1Fields) {
         edits.removed = removedFields(in: fields)
         edits.target = nil
         edits.added.removeAll()
         swap(&edits.added, &added)
+        wire.removeAll()
+        swap(&wire, &wireLines)
         self = PendingResponseHeaders()
     }
 
@@ -258,12 +298,26 @@ struct PendingResponseHeaders {
                 if names(added[bits.trailingZeroBitCount].name) { return true }
                 bits &= bits - 1
             }
+            if !wireLines.isEmpty {
+                var found = false
+                wireLines.withUnsafeBytes { wire in
+                    PreparedHeaderLines.forEachLine(inWire: wire) { name, _ in
+                        if !found, name.count == length { found = HTTP1Bytes.equalsIgnoringCase(field, name.baseAddress!.assumingMemoryBound(to: UInt8.self), length) }
+                    }
+                }
+                if found { return true }
+            }
             return clearedNames.contains(where: names)
         }
     }
 
     /// The same changes on a head the proxy makes (an error, a plugin's exit).
     func apply(to headers: inout HTTPHeaders) {
+        guard wireLines.isEmpty else {
+            var lines = self
+            lines.materializeWireLines()
+            return lines.apply(to: &headers)
+        }
         var bits = replacing
         while bits != 0 {
             headers.remove(name: added[bits.trailingZeroBitCount].name)
