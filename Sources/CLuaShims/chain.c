@@ -9,7 +9,11 @@
 // Swift reads where the run stopped from the state's info block
 // (`chain_entry`: which plugin returned an exit, raised or yielded) and,
 // when a phase observer wants durations, when each plugin started
-// (`chain_marks`, read before anything else runs on the state).
+// (`chain_marks`, read before anything else runs on the state). When the
+// list's metrics cells are given (`chain_cells`), the runner records each
+// completed call itself: Swift only records the call it stopped in (exit,
+// failure) and calls that yield keep their start across the wait (Swift
+// puts it back in `chain_marks` before resuming).
 #define _GNU_SOURCE
 #include <stdlib.h>
 #include <time.h>
@@ -19,32 +23,60 @@
 // The runner's stack: its arguments, in this order.
 enum { LIST = 1, LAST = 2, CTX = 3, CHECK_EXIT = 4, FIRST = 5 };
 
-static void begin_entry(lua_State *L, weir_state_info *st, lua_Integer i) {
+/// Entry i starts. `previous_completed`: entry i - 1 ran in this phase call
+/// and returned without an exit, so it ends now (its cell, when the list
+/// has cells: Swift records nothing for it).
+static inline void begin_entry(lua_State *L, weir_state_info *st, lua_Integer i, int previous_completed) {
     st->chain_entry = (int)i;
-    if (st->chain_timing && i < st->chain_marks_capacity) st->chain_marks[i] = weir_monotonic_ns();
+    if (st->chain_timing && i < st->chain_marks_capacity) {
+        // One clock read per boundary: the end of one call is the start of the next.
+        uint64_t now = weir_monotonic_ns();
+        if (previous_completed && st->chain_cells != NULL)
+            weir_call_cell_record(st->chain_cells[i - 2], now - st->chain_marks[i - 1], 0);
+        st->chain_marks[i] = now;
+    }
     // Each plugin's call has its own instruction budget, as when every
     // call was a resume of its own.
     weir_watch_restart(L);
 }
 
-static int run_from(lua_State *L, lua_Integer i);
-
-/// After plugin `i` returned (directly, or after yields): stop at an exit
-/// (a non-nil first result in the request and response phases), else go on.
-static int after_call(lua_State *L, int status, lua_KContext k) {
-    (void)status;
-    lua_Integer i = (lua_Integer)k;
-    if (lua_toboolean(L, CHECK_EXIT) && !lua_isnil(L, -3)) return 3;
-    lua_settop(L, FIRST);
-    return run_from(L, i + 1);
+/// The list ran to `last`: its last call ends now.
+static int end_of_list(weir_state_info *st, lua_Integer last) {
+    if (st->chain_timing && st->chain_cells != NULL && last < st->chain_marks_capacity)
+        weir_call_cell_record(st->chain_cells[last - 1], weir_monotonic_ns() - st->chain_marks[last], 0);
+    return 0;
 }
 
-static int run_from(lua_State *L, lua_Integer i) {
+static int run_from(lua_State *L, lua_Integer i, int previous_completed);
+
+/// What entry i's call left above FIRST (its results, LUA_MULTRET): none
+/// or a nil first one goes on; a non-nil first one with CHECK_EXIT set
+/// stops the list with 3 results (status, body, headers). Returns -1 to go on.
+static inline int exit_results(lua_State *L, int check_exit) {
+    int n = lua_gettop(L) - FIRST;
+    if (n == 0) return -1;  // the common case: the call returned nothing
+    if (check_exit && !lua_isnil(L, FIRST + 1)) {
+        lua_settop(L, FIRST + 3);
+        return 3;
+    }
+    lua_settop(L, FIRST);
+    return -1;
+}
+
+/// After plugin `i` returned (after yields): stop at an exit, else go on.
+static int after_call(lua_State *L, int status, lua_KContext k) {
+    (void)status;
+    int stop = exit_results(L, lua_toboolean(L, CHECK_EXIT));
+    if (stop >= 0) return stop;
+    return run_from(L, (lua_Integer)k + 1, 1);
+}
+
+static int run_from(lua_State *L, lua_Integer i, int previous_completed) {
     weir_state_info *st = weir_info(L);
     lua_Integer last = lua_tointeger(L, LAST);
-    int nresults = lua_toboolean(L, CHECK_EXIT) ? 3 : 0;
+    int check_exit = lua_toboolean(L, CHECK_EXIT);
     for (; i <= last; i++) {
-        begin_entry(L, st, i);
+        begin_entry(L, st, i, previous_completed);
         lua_rawgeti(L, LIST, 3 * i - 2);      // the phase function
         lua_rawgeti(L, LIST, 3 * i - 1);      // self (the handler table)
         lua_rawgeti(L, LIST, 3 * i);          // conf
@@ -54,15 +86,18 @@ static int run_from(lua_State *L, lua_Integer i) {
         // whether it was passed. No per-entry flag to read (a lua_rawgeti
         // and a type test per plugin, ~85 instructions).
         lua_pushvalue(L, CTX);
-        lua_callk(L, 3, nresults, (lua_KContext)i, after_call);
-        if (nresults && !lua_isnil(L, -3)) return 3;
-        lua_settop(L, FIRST);
+        // All results: a call that returns none (most) leaves the stack
+        // as it was, with nothing to test with lua_type or to pop.
+        lua_callk(L, 3, LUA_MULTRET, (lua_KContext)i, after_call);
+        int stop = exit_results(L, check_exit);
+        if (stop >= 0) return stop;
+        previous_completed = 1;
     }
-    return 0;
+    return end_of_list(st, last);
 }
 
 int weir_chain_runner(lua_State *L) {
-    return run_from(L, lua_tointeger(L, FIRST));
+    return run_from(L, lua_tointeger(L, FIRST), 0);
 }
 
 int weir_chain_reserve_marks(lua_State *L, int count) {

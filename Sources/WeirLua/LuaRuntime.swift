@@ -69,6 +69,14 @@ extension PluginPhaseObserver {
 /// Called on the event loop the recorder was made for.
 public protocol PluginCallRecorder: AnyObject {
     func record(nanoseconds: UInt64, outcome: PluginCallOutcome)
+    /// Where the chain runner records this plugin's completed calls itself
+    /// (no `record` call for them); nil: every call goes through `record`.
+    /// A chain list uses the cells only when all its entries have one.
+    var cell: PluginCallCell? { get }
+}
+
+extension PluginCallRecorder {
+    public var cell: PluginCallCell? { nil }
 }
 
 /// A pending `weir.timer.at/every` callback.
@@ -125,6 +133,11 @@ public final class PluginChain {
     /// byPhase's metrics recorders (same positions), so recording a call
     /// copies no entry.
     let phaseRecorders: [[PluginCallRecorder?]]
+    /// byPhase's metrics cells (same positions) for the chain runner
+    /// (`weir_state_info.chain_cells`), by PluginPhase.luaID: nil unless
+    /// every entry of the phase has a recorder with a cell. The cells live
+    /// as long as the recorders this chain holds.
+    let phaseCells: [UnsafePointer<UnsafeMutablePointer<weir_call_cell>?>?]
     /// For the phases the chain runner runs (`PluginPhase.runsChainInOneResume`):
     /// registry ref of a Lua list of byPhase's entries, 4 slots each
     /// (function, handler, conf, takes ctx), by PluginPhase.luaID; LUA_NOREF
@@ -151,6 +164,17 @@ public final class PluginChain {
         }
         self.byPhase = byPhase
         self.phaseRecorders = phaseRecorders
+        phaseCells = phaseRecorders.map { recorders in
+            let cells = recorders.compactMap { $0?.cell }
+            guard !cells.isEmpty, cells.count == recorders.count else { return nil }
+            let list = UnsafeMutablePointer<UnsafeMutablePointer<weir_call_cell>?>.allocate(capacity: cells.count)
+            list.initialize(from: cells.map(\.pointer), count: cells.count)
+            return UnsafePointer(list)
+        }
+    }
+
+    deinit {
+        for cells in phaseCells { cells?.deallocate() }
     }
 }
 

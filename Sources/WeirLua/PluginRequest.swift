@@ -75,6 +75,10 @@ open class PluginRequest {
     private var listTakesCtx = false
     /// `entries`' metrics recorders (PluginChain.phaseRecorders).
     private var recorders: [PluginCallRecorder?] = []
+    /// `entries`' metrics cells for the chain runner (PluginChain.phaseCells):
+    /// when set, the runner records the calls that complete and Swift only
+    /// the one it stopped in.
+    private var cells: UnsafePointer<UnsafeMutablePointer<weir_call_cell>?>?
     private var serial = 0
     private var savedBudget = LuaRuntime.BudgetSnapshot()
     /// Start of the current plugin call, when an observer wants timings.
@@ -215,10 +219,9 @@ open class PluginRequest {
             listRef = chain.phaseLists[phase.luaID]
             listTakesCtx = chain.phaseTakesCtx[phase.luaID]
             recorders = chain.phaseRecorders[phase.luaID]
+            cells = chain.phaseCells[phase.luaID]
         }
         if entries.isEmpty { return .done(.continue) }
-        // One clock read per plugin boundary: a call ends when the next begins.
-        if runtime.options.observer != nil { callStart = weir_monotonic_ns() }
         if let result = drive(resumeWith: nil) { return .done(result) }
         let promise = runtime.eventLoop!.makePromise(of: PhaseResult.self)
         self.promise = promise
@@ -283,18 +286,24 @@ open class PluginRequest {
         callStart = now // the next plugin of the chain starts here
     }
 
-    /// Entries `range` ran to completion inside one resume of the chain
-    /// runner: each ended when the next one started (the runner's marks).
-    private func reportCompleted(_ range: Range<Int>) {
-        guard runtime.options.observer != nil, !range.isEmpty else { return }
+    /// The chain runner returned or stopped in entry `stopped` after
+    /// starting at `first`: entries first..<stopped completed, each ending
+    /// when the next started (the runner's marks). Records them when the
+    /// runner did not (no cells) and takes the start of `stopped`.
+    private func noteRunnerMarks(from first: Int, stoppedIn stopped: Int) {
+        guard runtime.options.observer != nil else { return }
         let info = runtime.state.info.pointee
-        for k in range {
-            // Entry k is the runner's k + 1; its successor started at mark k + 2.
-            guard k + 2 < Int(info.chain_marks_capacity) else { break }
-            let next = info.chain_marks[k + 2]
-            record(k, nanoseconds: next &- callStart, .completed)
-            callStart = next
+        // Entry k is the runner's k + 1: it started at mark k + 1.
+        guard stopped + 1 < Int(info.chain_marks_capacity) else { return }
+        if cells == nil {
+            var start = info.chain_marks[first + 1]
+            for k in first..<stopped {
+                let next = info.chain_marks[k + 2]
+                record(k, nanoseconds: next &- start, .completed)
+                start = next
+            }
         }
+        callStart = info.chain_marks[stopped + 1]
     }
 
     private func record(_ k: Int, nanoseconds: UInt64, _ outcome: PluginCallOutcome) {
@@ -354,6 +363,11 @@ open class PluginRequest {
                 runtime.enter(self, phase: phase, serial: serial)
                 // Another request's chain may have run on this state meanwhile.
                 info.pointee.chain_entry = Int32(index + 1)
+                if listRef != LUA_NOREF {
+                    info.pointee.chain_cells = cells
+                    // The waiting call's start, for the runner to time it when it completes.
+                    if index + 1 < Int(info.pointee.chain_marks_capacity) { info.pointee.chain_marks[index + 1] = callStart }
+                }
                 result = co.resume(nargs: Int32(values.count))
             } else if listRef != LUA_NOREF {
                 serial = runtime.nextPhaseSerial()
@@ -374,6 +388,7 @@ open class PluginRequest {
                 runtime.state.setBudget(runtime.options.instructionBudget)
                 runtime.enter(self, phase: phase, serial: serial)
                 info.pointee.chain_entry = Int32(index + 1)
+                info.pointee.chain_cells = cells
                 result = co.start(nargs: 5)
             } else {
                 let entry = entries[index]
@@ -401,13 +416,15 @@ open class PluginRequest {
                 }
                 runtime.state.setBudget(runtime.options.instructionBudget)
                 runtime.enter(self, phase: phase, serial: serial)
+                if runtime.options.observer != nil { callStart = weir_monotonic_ns() }
                 result = co.start(nargs: nargs)
             }
             runtime.leave()
-            if listRef != LUA_NOREF {
+            let ranList = listRef != LUA_NOREF
+            if ranList {
                 // Plugins before the one it stopped in ran to completion.
                 let stopped = Int(info.pointee.chain_entry) - 1
-                reportCompleted(first..<stopped)
+                noteRunnerMarks(from: first, stoppedIn: stopped)
                 index = stopped
             }
             // The entry it stopped in is read only on the paths that need it:
@@ -423,8 +440,15 @@ open class PluginRequest {
                     } catch { co.clear(); return fail(entries[index], "\(error)") }
                 }
                 co.clear()
-                if let exit = exit { report(.exited); return .exit(exit) }
-                report(.completed)
+                // A list with cells ran to its end: the runner recorded its
+                // last call (even one that asked for an exit from a
+                // coroutine of its own, which does not stop the list).
+                let recorded = ranList && count == 0 && cells != nil
+                if let exit = exit {
+                    if !recorded { report(.exited) }
+                    return .exit(exit)
+                }
+                if !recorded { report(.completed) }
                 index += 1
                 if phase == .request, consumerChain != nil { switchToConsumerChain(after: entries[index - 1]) }
             case .yielded(let count):
@@ -502,6 +526,7 @@ open class PluginRequest {
         listRef = chain.phaseLists[phase.luaID]
         listTakesCtx = chain.phaseTakesCtx[phase.luaID]
         recorders = chain.phaseRecorders[phase.luaID]
+        cells = chain.phaseCells[phase.luaID]
     }
 
     /// Runs a timer callback as a one-entry chain in the `.timer` phase.

@@ -18,7 +18,36 @@ final class ChainRunnerTests: XCTestCase {
         }
     }
 
-    private func harness(_ recorder: Recorder) -> Harness {
+    /// An observer whose recorders have cells, as the proxy's metrics do:
+    /// the runner records the calls that complete, Swift the rest.
+    final class CellObserver: PluginPhaseObserver, @unchecked Sendable {
+        final class CellRecorder: PluginCallRecorder {
+            let calls = PluginCallCell()
+            var cell: PluginCallCell? { calls }
+            func record(nanoseconds: UInt64, outcome: PluginCallOutcome) {
+                calls.record(nanoseconds: nanoseconds, outcome: outcome)
+            }
+        }
+        var recorders: [String: CellRecorder] = [:]
+        var uncelled: [String] = []
+        func recorder(plugin: String, phase: PluginPhase, eventLoop: ObjectIdentifier?) -> PluginCallRecorder? {
+            let recorder = CellRecorder()
+            recorders["\(plugin).\(phase.rawValue)"] = recorder
+            return recorder
+        }
+        func pluginPhaseCompleted(plugin: String, phase: PluginPhase, nanoseconds: UInt64, outcome: PluginCallOutcome) {
+            uncelled.append("\(plugin).\(phase.rawValue)")
+        }
+        /// "count completed/exited/failed" of one plugin's phase.
+        func summary(_ key: String) -> String {
+            guard let s = recorders[key]?.calls.snapshot else { return "none" }
+            XCTAssertEqual(s.buckets.reduce(0, +), s.count, key)
+            return "\(s.count) \(s.outcomes.map(String.init).joined(separator: "/"))"
+        }
+        func sum(_ key: String) -> UInt64 { recorders[key]?.calls.snapshot.sumNanoseconds ?? 0 }
+    }
+
+    private func harness(_ recorder: PluginPhaseObserver) -> Harness {
         let h = Harness()
         h.options.observer = recorder
         h.folder.add("first", handler: """
@@ -90,6 +119,44 @@ final class ChainRunnerTests: XCTestCase {
         XCTAssertTrue(request.upstreamHeaders.isEmpty)
         XCTAssertEqual(recorder.calls, ["first.request.completed", "second.request.exited", "first.log.completed"])
         XCTAssertEqual(h.logs.records.map(\.message), ["one", "log a"])
+    }
+
+    func testTheRunnerRecordsCompletedCallsInTheCellsAcrossAWait() throws {
+        let observer = CellObserver()
+        let h = harness(observer)
+        try h.load(["first", "second", "third"])
+        let chain = try h.chain("first", "second", "third")
+        for _ in 0..<2 {
+            guard case .continue = try h.runRequest(chain, phases: [.request, .log])[0] else { return XCTFail() }
+        }
+        XCTAssertEqual(observer.summary("first.request"), "2 2/0/0")
+        XCTAssertEqual(observer.summary("second.request"), "2 2/0/0")
+        XCTAssertEqual(observer.summary("third.request"), "2 2/0/0")
+        XCTAssertEqual(observer.summary("first.log"), "2 2/0/0")
+        // The wait counts toward the plugin that waited (2 ms each time),
+        // not toward the one after it.
+        XCTAssertGreaterThanOrEqual(observer.sum("second.request"), 4_000_000)
+        XCTAssertLessThan(observer.sum("third.request"), observer.sum("second.request"))
+        XCTAssertEqual(observer.uncelled, [])
+        // Durations in nanoseconds against the histogram's bounds: each
+        // 2 ms wait falls in the (1 ms, 2.5 ms] or a later bucket.
+        let second = try XCTUnwrap(observer.recorders["second.request"]).calls.snapshot
+        XCTAssertEqual(second.buckets[0] + second.buckets[1], 0, "\(second.buckets)")
+    }
+
+    func testWithCellsAnExitOrAFailureIsRecordedOnceAsSuch() throws {
+        let observer = CellObserver()
+        let h = harness(observer)
+        try h.load(["first", "second", "third"])
+        let chain = try h.chain("first", "second", "third")
+        for mode in ["exit", "fail"] {
+            let request = h.newRequest()
+            request.headers = [("x-mode", mode)]
+            _ = try h.runRequest(chain, request: request)
+        }
+        XCTAssertEqual(observer.summary("first.request"), "2 2/0/0")
+        XCTAssertEqual(observer.summary("second.request"), "2 0/1/1")
+        XCTAssertEqual(observer.summary("third.request"), "0 0/0/0")
     }
 
     /// A plugin that ran long enough to have its budget counted must not

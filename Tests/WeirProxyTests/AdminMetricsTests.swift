@@ -1,6 +1,7 @@
 import NIOCore
 import NIOPosix
 import WeirCore
+import WeirLua
 @testable import WeirProxy
 import XCTest
 
@@ -174,6 +175,31 @@ final class AdminMetricsTests: XCTestCase {
         let values = buckets.map(\.value)
         XCTAssertEqual(values, values.sorted(), "buckets must be cumulative")
         XCTAssertEqual(buckets.first(where: { $0.labels.contains(#"le="10.0""#) })?.value, 5) // 60 s only in +Inf
+        try Self.assertValidExposition(text)
+    }
+
+    /// The chain runner buckets plugin call durations in C by integer
+    /// nanosecond bounds (CLuaShims.h): they must be the registry's.
+    func testPluginCallCellsBucketAsTheRegistryDoes() throws {
+        XCTAssertEqual(PluginCallCell.boundsNanoseconds,
+                       MetricsRegistry.latencyBuckets.map { UInt64(($0 * 1e9).rounded()) })
+        let metrics = PluginMetrics()
+        let recorder = try XCTUnwrap(metrics.recorder(plugin: "p", phase: .request, eventLoop: nil))
+        XCTAssertNotNil(recorder.cell)
+        for seconds in [0.0001, 0.0005, 0.0007, 0.04, 3.0, 60.0] {
+            recorder.record(nanoseconds: UInt64(seconds * 1e9), outcome: .completed)
+        }
+        recorder.record(nanoseconds: 1_000, outcome: .failed)
+        let text = metrics.renderPrometheus()
+        let buckets = Self.samples(in: text, named: "weir_plugin_duration_seconds_bucket")
+        XCTAssertEqual(buckets.count, MetricsRegistry.latencyBuckets.count + 1)
+        XCTAssertEqual(buckets.first?.value, 3) // 1 us, 0.1 ms and exactly 0.5 ms (upper bounds are inclusive)
+        XCTAssertEqual(buckets.last?.value, 7)
+        XCTAssertEqual(buckets.first(where: { $0.labels.contains(#"le="10.0""#) })?.value, 6)
+        let sum = Self.samples(in: text, named: "weir_plugin_duration_seconds_sum").first?.value ?? 0
+        XCTAssertEqual(sum, 63.041301, accuracy: 1e-6)
+        let calls = Self.samples(in: text, named: "weir_plugin_calls_total")
+        XCTAssertEqual(calls.map(\.value), [6, 0, 1])
         try Self.assertValidExposition(text)
     }
 

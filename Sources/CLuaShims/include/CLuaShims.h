@@ -66,6 +66,10 @@ typedef struct weir_state_info {
     int chain_timing;          // record each plugin's start in chain_marks
     int chain_marks_capacity;
     uint64_t *chain_marks;     // [i]: CLOCK_MONOTONIC ns when entry i started (freed by weir_close)
+    /// The running list's metrics cells ([i - 1] for entry i), set by Swift
+    /// before each resume when every entry has one (else NULL): the runner
+    /// then records each completed call itself (weir_call_cell_record).
+    struct weir_call_cell *const *chain_cells;
     // The allocator's kept small blocks: a list per class, linked through
     // each block's first word, and their total size.
     void *small_free[WEIR_SMALL_CLASSES];
@@ -120,12 +124,61 @@ int weir_watchdog_parked(void);
 uint64_t weir_watchdog_ticks(void);
 uint64_t weir_watchdog_parks(void);
 
+/// Upper bounds (ns, inclusive) of the plugin call latency histogram's
+/// buckets: MetricsRegistry.latencyBuckets (0.5 ms .. 10 s) in nanoseconds
+/// (a test checks they agree); the last bucket counts the rest.
+#define WEIR_LATENCY_BOUNDS 14
+static const uint64_t weir_latency_bounds_ns[WEIR_LATENCY_BOUNDS] = {
+    500000, 1000000, 2500000, 5000000, 10000000, 25000000, 50000000, 100000000,
+    250000000, 500000000, 1000000000, 2500000000, 5000000000, 10000000000,
+};
+
+/// One plugin's calls in one phase on one event loop (a /metrics series):
+/// the latency histogram, the sum of the durations and the count per
+/// outcome (0 completed, 1 exited, 2 failed). Only its event loop writes it
+/// (relaxed stores, no locked instruction); a scrape reads it with relaxed
+/// loads (a sample may be a call behind). The chain runner records into it
+/// directly, so a completed plugin call costs no Swift call.
+typedef struct weir_call_cell {
+    uint64_t buckets[WEIR_LATENCY_BOUNDS + 1];
+    uint64_t count;
+    uint64_t sum_ns;
+    uint64_t outcomes[3];
+} weir_call_cell;
+
+#define WEIR_RELAXED_ADD(field, n) \
+    __atomic_store_n(&(field), __atomic_load_n(&(field), __ATOMIC_RELAXED) + (n), __ATOMIC_RELAXED)
+
+/// Records one call of `nanoseconds` ending with `outcome` (on the cell's loop only).
+static inline void weir_call_cell_record(weir_call_cell *cell, uint64_t nanoseconds, int outcome) {
+    int b = 0;
+    while (b < WEIR_LATENCY_BOUNDS && nanoseconds > weir_latency_bounds_ns[b]) b++;
+    WEIR_RELAXED_ADD(cell->buckets[b], 1);
+    WEIR_RELAXED_ADD(cell->count, 1);
+    WEIR_RELAXED_ADD(cell->sum_ns, nanoseconds);
+    WEIR_RELAXED_ADD(cell->outcomes[outcome], 1);
+}
+
+/// A copy of `cell` read with relaxed loads (any thread).
+static inline weir_call_cell weir_call_cell_snapshot(const weir_call_cell *cell) {
+    weir_call_cell copy;
+    for (int b = 0; b <= WEIR_LATENCY_BOUNDS; b++) copy.buckets[b] = __atomic_load_n(&cell->buckets[b], __ATOMIC_RELAXED);
+    copy.count = __atomic_load_n(&cell->count, __ATOMIC_RELAXED);
+    copy.sum_ns = __atomic_load_n(&cell->sum_ns, __ATOMIC_RELAXED);
+    for (int o = 0; o < 3; o++) copy.outcomes[o] = __atomic_load_n(&cell->outcomes[o], __ATOMIC_RELAXED);
+    return copy;
+}
+
 /// The chain runner (a lua_CFunction; chain.c). Called on a coroutine as
 /// runner(list, last, ctx, check_exit, first): runs entries first...last of
 /// `list` (3 slots per entry: function, self, conf), each as
 /// fn(self, conf, ctx) (ctx nil when no entry reads it). Returns nothing when all ran, or the 3
 /// results of the plugin that returned a non-nil first one (check_exit).
 /// `chain_entry` names the entry it stopped in (exit, error or yield).
+/// With `chain_timing` on it marks each entry's start in chain_marks; with
+/// `chain_cells` set it also records every call that completed (each ends
+/// when the next starts, the last when the runner returns) in its cell.
+/// Calls that exit, fail or yield are left to Swift.
 int weir_chain_runner(lua_State *L);
 /// Whether the function at `index` may read its parameter number `param`
 /// (0-based register: fn(self, conf, ctx) has ctx at 2), from its bytecode

@@ -1,4 +1,3 @@
-import Atomics
 import NIOConcurrencyHelpers
 import WeirLua
 
@@ -43,55 +42,32 @@ public final class PluginMetrics: PluginPhaseObserver, @unchecked Sendable {
 
     /// One (event loop, plugin, phase) series, handed to the Lua runtime's
     /// chain entries so a call is recorded without finding the plugin by
-    /// name. Lock-free: its loop is the only writer (relaxed atomic adds,
-    /// no lock per call: the lock and the histogram's copy-on-write checks
-    /// were ~170 instructions per plugin call); a /metrics scrape reads the
-    /// slots with relaxed loads (a sample may be a call behind).
+    /// name. Lock-free: its loop is the only writer, and the chain runner
+    /// records completed calls into its `PluginCallCell` directly (no Swift
+    /// call per plugin); a /metrics scrape reads the cell with relaxed loads
+    /// (a sample may be a call behind).
     final class LoopCell: PluginCallRecorder {
         let key: Key
-        private static let bucketCount = MetricsRegistry.latencyBuckets.count + 1
-        // Slots: the histogram's buckets, then count, the sum's bit pattern
-        // (seconds, a Double), and the three outcomes.
-        private static let countSlot = bucketCount
-        private static let sumSlot = bucketCount + 1
-        private static let outcomeSlot = bucketCount + 2
-        private static let slotCount = bucketCount + 5
-        private let slots: UnsafeMutablePointer<UnsafeAtomic<UInt64>.Storage>
+        private let calls = PluginCallCell()
 
         init(key: Key) {
             self.key = key
-            slots = .allocate(capacity: Self.slotCount)
-            slots.initialize(repeating: .init(0), count: Self.slotCount)
         }
 
-        deinit {
-            slots.deinitialize(count: Self.slotCount)
-            slots.deallocate()
-        }
-
-        @inline(__always)
-        private func slot(_ i: Int) -> UnsafeAtomic<UInt64> { UnsafeAtomic(at: slots + i) }
+        var cell: PluginCallCell? { calls }
 
         func record(nanoseconds: UInt64, outcome: PluginCallOutcome) {
-            let seconds = Double(nanoseconds) / 1e9
-            slot(LatencyHistogram.bucket(of: seconds)).wrappingIncrement(ordering: .relaxed)
-            slot(Self.countSlot).wrappingIncrement(ordering: .relaxed)
-            let sum = slot(Self.sumSlot)
-            sum.store((Double(bitPattern: sum.load(ordering: .relaxed)) + seconds).bitPattern, ordering: .relaxed)
-            switch outcome {
-            case .completed: slot(Self.outcomeSlot).wrappingIncrement(ordering: .relaxed)
-            case .exited: slot(Self.outcomeSlot + 1).wrappingIncrement(ordering: .relaxed)
-            case .failed: slot(Self.outcomeSlot + 2).wrappingIncrement(ordering: .relaxed)
-            }
+            calls.record(nanoseconds: nanoseconds, outcome: outcome)
         }
 
         /// What was recorded so far, for /metrics.
         var snapshot: Cell {
+            let recorded = calls.snapshot
             var cell = Cell()
-            for i in 0..<Self.bucketCount { cell.latency.counts[i] = Int(slot(i).load(ordering: .relaxed)) }
-            cell.latency.count = Int(slot(Self.countSlot).load(ordering: .relaxed))
-            cell.latency.sum = Double(bitPattern: slot(Self.sumSlot).load(ordering: .relaxed))
-            for i in 0..<3 { cell.outcomes[i] = Int(slot(Self.outcomeSlot + i).load(ordering: .relaxed)) }
+            for i in recorded.buckets.indices { cell.latency.counts[i] = Int(recorded.buckets[i]) }
+            cell.latency.count = Int(recorded.count)
+            cell.latency.sum = Double(recorded.sumNanoseconds) / 1e9
+            for i in 0..<3 { cell.outcomes[i] = Int(recorded.outcomes[i]) }
             return cell
         }
     }
