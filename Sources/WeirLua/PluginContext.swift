@@ -77,6 +77,12 @@ public protocol PluginRequestContext: AnyObject {
     var matchedRouteName: String? { get }
     /// Marks the request as made by `consumer` (an auth plugin succeeded).
     func authenticate(consumer: String, credential: String?)
+    /// `weir.client.identify`: `authenticate`, then the upstream request's
+    /// X-Consumer-Name set to the consumer (only cleared when `nameFits` is
+    /// false: not a valid header value) and X-Anonymous-Consumer set to
+    /// "true" (`anonymous`) or cleared. The default does exactly those
+    /// calls; the proxy makes both header changes in one go.
+    func identify(consumer: String, credential: String?, nameFits: Bool, anonymous: Bool)
 
     // Changes to the request sent upstream (request phase).
     func setUpstreamHeader(_ lowercasedName: String, _ value: String)
@@ -150,12 +156,22 @@ open class PluginRequestCalls {
     open func setResponseHeaders(_ object: UnsafeMutableRawPointer, _ lines: PreparedHeaderLines, _ wire: UnsafeRawBufferPointer) {
         context(object).setResponseHeaders(lines, wire: wire)
     }
+    open func identify(_ object: UnsafeMutableRawPointer, _ consumer: String, _ credential: String?, nameFits: Bool, anonymous: Bool) {
+        context(object).identify(consumer: consumer, credential: credential, nameFits: nameFits, anonymous: anonymous)
+    }
+    open func rawQuery(_ object: UnsafeMutableRawPointer) -> String? { context(object).rawQuery }
     open func matchedRouteName(_ object: UnsafeMutableRawPointer) -> String? { context(object).matchedRouteName }
     open func consumer(_ object: UnsafeMutableRawPointer) -> String? { context(object).consumer }
 
     private func context(_ object: UnsafeMutableRawPointer) -> PluginRequestContext {
         Unmanaged<AnyObject>.fromOpaque(object).takeUnretainedValue() as! PluginRequestContext
     }
+}
+
+/// The upstream request lines `weir.client.identify` sets (lower-case).
+public enum PluginIdentityFields {
+    public static let consumerName = "x-consumer-name"
+    public static let anonymousConsumer = "x-anonymous-consumer"
 }
 
 /// A scope's request context for the hot natives: the object, unretained
@@ -192,6 +208,10 @@ struct HotRequestContext {
     @inline(__always) func setResponseHeaders(_ lines: PreparedHeaderLines, _ wire: UnsafeRawBufferPointer) {
         calls._withUnsafeGuaranteedRef { $0.setResponseHeaders(object, lines, wire) }
     }
+    @inline(__always) func identify(_ consumer: String, _ credential: String?, nameFits: Bool, anonymous: Bool) {
+        calls._withUnsafeGuaranteedRef { $0.identify(object, consumer, credential, nameFits: nameFits, anonymous: anonymous) }
+    }
+    @inline(__always) var rawQuery: String? { calls._withUnsafeGuaranteedRef { $0.rawQuery(object) } }
     @inline(__always) var matchedRouteName: String? { calls._withUnsafeGuaranteedRef { $0.matchedRouteName(object) } }
     @inline(__always) var consumer: String? { calls._withUnsafeGuaranteedRef { $0.consumer(object) } }
 }
@@ -199,6 +219,16 @@ struct HotRequestContext {
 extension PluginRequestContext {
     /// Through the existential (see `PluginRequestCalls`).
     public var nativeCalls: PluginRequestCalls { PluginRequestCalls.existential }
+    /// The three calls it stands for (see the requirement).
+    public func identify(consumer: String, credential: String?, nameFits: Bool, anonymous: Bool) {
+        authenticate(consumer: consumer, credential: credential)
+        if nameFits { setUpstreamHeader(PluginIdentityFields.consumerName, consumer) } else { clearUpstreamHeader(PluginIdentityFields.consumerName) }
+        if anonymous {
+            setUpstreamHeader(PluginIdentityFields.anonymousConsumer, "true")
+        } else {
+            clearUpstreamHeader(PluginIdentityFields.anonymousConsumer)
+        }
+    }
     /// Contexts outside a routed request (tests, tools) have no route.
     public var matchedRouteName: String? { nil }
     /// The connection's TLS session (`weir.client.get_tls()`); nil on plain connections.

@@ -179,7 +179,7 @@ func writeDecimal(_ value: lua_Integer, to out: UnsafeMutablePointer<UInt8>) -> 
 enum HotNative: Int32, CaseIterable {
     case requestGetHeader, upstreamSetHeader, upstreamAddHeader, upstreamClearHeader
     case responseSetHeader, responseAddHeader, sharedDictIncr, sharedDictIncrGet, responseSetPrepared
-    case requestGetRoute, clientGetConsumer
+    case requestGetRoute, clientGetConsumer, clientIdentify, requestGetRawQuery
 
     /// Its name in the SDK's native table (`N.<name>` in lua/weir/init.lua).
     var sdkName: String {
@@ -195,6 +195,8 @@ enum HotNative: Int32, CaseIterable {
         case .responseSetPrepared: return "resp_set_prepared"
         case .requestGetRoute: return "req_get_route"
         case .clientGetConsumer: return "client_get_consumer"
+        case .clientIdentify: return "client_identify"
+        case .requestGetRawQuery: return "req_get_raw_query"
         }
     }
 
@@ -232,19 +234,22 @@ extension LuaRuntime {
     /// Runs native `id`: a hot one directly, any other through its box.
     @inline(__always)
     func dispatchNative(_ L: LuaThread, _ id: Int32, yieldCount: UnsafeMutablePointer<Int32>) -> Int32 {
-        switch HotNative(rawValue: id) {
-        case .requestGetHeader?: return requestGetHeader(L)
-        case .upstreamSetHeader?: return setHeader(L, .upstreamSet)
-        case .upstreamAddHeader?: return setHeader(L, .upstreamAdd)
-        case .upstreamClearHeader?: return upstreamClearHeader(L)
-        case .responseSetHeader?: return setHeader(L, .responseSet)
-        case .responseAddHeader?: return setHeader(L, .responseAdd)
-        case .sharedDictIncr?: return sharedDictIncr(L, readsOther: false)
-        case .sharedDictIncrGet?: return sharedDictIncr(L, readsOther: true)
-        case .responseSetPrepared?: return setPreparedResponseHeaders(L)
-        case .requestGetRoute?: return pushRequestName(L) { $0.matchedRouteName }
-        case .clientGetConsumer?: return pushRequestName(L) { $0.consumer }
-        case nil: return state.callRegisteredNative(id, on: L, yieldCount: yieldCount)
+        // On the raw ids: `HotNative(rawValue:)` was a call per native call.
+        switch id {
+        case HotNative.requestGetHeader.rawValue: return requestGetHeader(L)
+        case HotNative.upstreamSetHeader.rawValue: return setHeader(L, .upstreamSet)
+        case HotNative.upstreamAddHeader.rawValue: return setHeader(L, .upstreamAdd)
+        case HotNative.upstreamClearHeader.rawValue: return upstreamClearHeader(L)
+        case HotNative.responseSetHeader.rawValue: return setHeader(L, .responseSet)
+        case HotNative.responseAddHeader.rawValue: return setHeader(L, .responseAdd)
+        case HotNative.sharedDictIncr.rawValue: return sharedDictIncr(L, readsOther: false)
+        case HotNative.sharedDictIncrGet.rawValue: return sharedDictIncr(L, readsOther: true)
+        case HotNative.responseSetPrepared.rawValue: return setPreparedResponseHeaders(L)
+        case HotNative.requestGetRoute.rawValue: return pushRequestName(L) { $0.matchedRouteName }
+        case HotNative.clientGetConsumer.rawValue: return pushRequestName(L) { $0.consumer }
+        case HotNative.clientIdentify.rawValue: return clientIdentify(L)
+        case HotNative.requestGetRawQuery.rawValue: return requestGetRawQuery(L)
+        default: return state.callRegisteredNative(id, on: L, yieldCount: yieldCount)
         }
     }
 
@@ -318,6 +323,44 @@ extension LuaRuntime {
         withCurrentRequest(PluginPhase.anyRequestPhase) { r in
             if let name = name(r) { recentStrings.push(name, on: L) } else { lua_pushnil(L) }
             return 1
+        }
+    }
+
+    /// `weir.request.get_raw_query()`: the query without its `?`, "" without one.
+    @inline(__always)
+    private func requestGetRawQuery(_ L: LuaThread) -> Int32 {
+        withCurrentRequest(PluginPhase.anyRequestPhase) { r in
+            if let query = r.rawQuery { LuaState.push(query, on: L) } else { lua_pushlstring(L, "", 0) }
+            return 1
+        }
+    }
+
+    /// `weir.client.identify(consumer, credential, anonymous)`: what every
+    /// auth plugin does once it knows the client, in one call instead of
+    /// three (authenticate, set_header x-consumer-name, and set or clear
+    /// x-anonymous-consumer, which a client must not be able to send). The
+    /// consumer is read through the value cache: the same few names request
+    /// after request, checked once for whether they fit a header value.
+    @inline(__always)
+    private func clientIdentify(_ L: LuaThread) -> Int32 {
+        withCurrentRequest(PluginPhase.request.mask) { r in
+            guard let consumer = headerValues.checkedText(at: 1, on: L), let credential = credentialName(at: 2, L) else {
+                return WEIR_CALL_FALLBACK
+            }
+            r.identify(consumer.text, credential, nameFits: consumer.fits, anonymous: lua_toboolean(L, 3) != 0)
+            return 0
+        }
+    }
+
+    /// A credential name argument: a string (through the value cache: the
+    /// same few names request after request), nil/none (`.some(nil)`), or
+    /// anything else (nil: a bad argument).
+    @inline(__always)
+    func credentialName(at index: Int32, _ L: LuaThread) -> String?? {
+        switch lua_type(L, index) {
+        case LUA_TSTRING: return .some(headerValues.name(at: index, on: L))
+        case LUA_TNIL, LUA_TNONE: return .some(nil)
+        default: return nil
         }
     }
 
@@ -538,11 +581,7 @@ extension LuaRuntime {
         // weir.request
         n.append(("req_get_method", requestNative("weir.request.get_method") { L, _, r in LuaState.push(r.method, on: L); return .values(1) }))
         n.append(("req_get_path", requestNative("weir.request.get_path") { L, _, r in LuaState.push(r.path, on: L); return .values(1) }))
-        // The SDK function itself (no Lua wrapper): "" without a query.
-        n.append(("req_get_raw_query", checkedRequestNative(PluginPhase.anyRequestPhase) { L, _, r in
-            if let query = r.rawQuery { LuaState.push(query, on: L) } else { lua_pushlstring(L, "", 0) }
-            return .values(1)
-        }))
+        // req_get_raw_query is a hot native (`HotNative.requestGetRawQuery`).
         n.append(("req_get_host", requestNative("weir.request.get_host") { L, _, r in pushOptional(r.host, on: L); return .values(1) }))
         n.append(("req_get_scheme", requestNative("weir.request.get_scheme") { L, _, r in LuaState.push(r.scheme, on: L); return .values(1) }))
         n.append(("req_get_id", requestNative("weir.request.get_id") { L, _, r in LuaState.push(r.requestID, on: L); return .values(1) }))
@@ -695,35 +734,11 @@ extension LuaRuntime {
         }))
         // The consumer and credential names are the same strings request
         // after request (find_credential's result, a plugin's constant).
-        func credentialName(at index: Int32, _ L: LuaThread) -> String?? {
-            switch lua_type(L, index) {
-            case LUA_TSTRING: return .some(headerValues.name(at: index, on: L))
-            case LUA_TNIL, LUA_TNONE: return .some(nil)
-            default: return nil
-            }
-        }
-        n.append(("client_authenticate", checkedRequestNative(PluginPhase.request.mask) { L, _, r in
-            guard let consumer = headerValues.name(at: 1, on: L), let credential = credentialName(at: 2, L) else { return badArgument(L) }
+        n.append(("client_authenticate", checkedRequestNative(PluginPhase.request.mask) { [unowned(unsafe) self] L, _, r in
+            guard let consumer = headerValues.name(at: 1, on: L), let credential = self.credentialName(at: 2, L) else { return badArgument(L) }
             r.authenticate(consumer: consumer, credential: credential); return .values(0)
         }))
-        // weir.client.identify(consumer, credential, anonymous): what every
-        // auth plugin does once it knows the client, in one call instead of
-        // three (authenticate, set_header x-consumer-name, and set or clear
-        // x-anonymous-consumer, which a client must not be able to send).
-        n.append(("client_identify", checkedRequestNative(PluginPhase.request.mask) { L, _, r in
-            guard let consumer = headerValues.checkedText(at: 1, on: L), let credential = credentialName(at: 2, L) else {
-                return badArgument(L)
-            }
-            r.authenticate(consumer: consumer.text, credential: credential)
-            // A name that cannot be a header value only clears, as set_header does.
-            if consumer.fits { r.setUpstreamHeader("x-consumer-name", consumer.text) } else { r.clearUpstreamHeader("x-consumer-name") }
-            if lua_toboolean(L, 3) != 0 {
-                r.setUpstreamHeader("x-anonymous-consumer", "true")
-            } else {
-                r.clearUpstreamHeader("x-anonymous-consumer")
-            }
-            return .values(0)
-        }))
+        // client_identify is a hot native (`HotNative.clientIdentify`).
         n.append(("client_get_tls", scopeNative("weir.client.get_tls") { L, scope in
             if let tls = scope.context?.tls ?? scope.connection?.context.tls { pushTLSInfo(tls, on: L) } else { lua_pushnil(L) }
             return .values(1)

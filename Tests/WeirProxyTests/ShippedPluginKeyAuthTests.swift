@@ -103,6 +103,32 @@ final class ShippedPluginKeyAuthTests: UpstreamTestCase {
         XCTAssertNil(known.header("x-anonymous-consumer"))
     }
 
+    /// weir.client.identify sets X-Consumer-Name and sets or removes
+    /// X-Anonymous-Consumer in one go (ExchangePlugins.identify): whatever
+    /// the client sent under those names, in any case and any number of
+    /// lines, never reaches the upstream, both while the proxy's own lines
+    /// are still bytes and once a query change made the edit list.
+    func testClientSentIdentityLinesNeverReachTheUpstream() throws {
+        let proxy = try startShippedPluginProxy(yaml: yaml(plugin: "{ name: key-auth, config: { anonymous: guest } }"),
+                                                upstream: upstream)
+        defer { proxy.stop() }
+        let client = try proxy.connect()
+        let forged = [("X-Consumer-Name", "mallory"), ("X-Anonymous-Consumer", "true"), ("x-anonymous-consumer", "yes"),
+                      ("x-consumer-NAME", "eve")]
+        XCTAssertEqual(try client.request("GET", "/known", headers: [("apikey", "alice-key-1")] + forged).status, 200)
+        XCTAssertEqual(try client.request("GET", "/anon", headers: forged).status, 200)
+        // The key in the query: hiding it changes the query first (the edit list).
+        XCTAssertEqual(try client.request("GET", "/query?apikey=bob-key&x=1", headers: forged).status, 200)
+        XCTAssertEqual(try client.request("GET", "/query-anon?apikey=nope", headers: forged).status, 200)
+        for (uri, consumer, anonymous) in [("/known", "alice", []), ("/anon", "guest", ["true"]),
+                                           ("/query?x=1", "bob", []), ("/query-anon", "guest", ["true"])] {
+            let seen = try XCTUnwrap(upstream.requests.first { $0.uri == uri }, uri)
+            XCTAssertEqual(seen.headerValues("x-consumer-name"), [consumer], uri)
+            XCTAssertEqual(seen.headerValues("x-anonymous-consumer"), anonymous, uri)
+            XCTAssertNil(seen.header("apikey"), uri)
+        }
+    }
+
     func testSchemaDefaultsAndBadValuesAreRefusedWithTheirPath() throws {
         // The defaults (key_names [apikey], header and query, hide_credentials)
         // are exercised by the tests above, which give no config.

@@ -248,6 +248,34 @@ public struct HTTP1Fields: Sendable {
         return set
     }
 
+    /// `fieldSet(named:kind:)` of two names the parser does not tag
+    /// (`HTTP1KnownField.other`), in one pass over the index.
+    func otherFieldSets(named first: String, _ second: String) -> (HTTP1FieldSet, HTTP1FieldSet) {
+        var sets = (HTTP1FieldSet(), HTTP1FieldSet())
+        guard !entries.isEmpty else { return sets }
+        first.withContiguousUTF8 { a in
+            second.withContiguousUTF8 { b in
+                guard let ap = a.baseAddress, let bp = b.baseAddress else { return }
+                entries.withUnsafeBufferPointer { entries in
+                    bytes.withUnsafeReadableBytes { raw in
+                        let base = raw.bindMemory(to: UInt8.self).baseAddress!
+                        for i in entries.indices {
+                            let e = entries[i]
+                            guard e.known == .other else { continue }
+                            let length = Int(e.nameLength)
+                            if length == a.count && HTTP1Bytes.equalsIgnoringCase(base + Int(e.nameStart), ap, length) {
+                                sets.0.insert(i)
+                            } else if length == b.count && HTTP1Bytes.equalsIgnoringCase(base + Int(e.nameStart), bp, length) {
+                                sets.1.insert(i)
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        return sets
+    }
+
     /// Indices of the fields named `name` (ASCII case-insensitive), compared
     /// in place: no lower-cased copy of either side.
     func indices(named name: String) -> [Int] {

@@ -504,6 +504,32 @@ final class ExchangePlugins: PluginRequest, PluginRequestContext {
         exchange.upstreamEdits!.removeFields(named: name, lines: lines)
     }
 
+    /// `weir.client.identify`: the consumer, then X-Consumer-Name set (or
+    /// only cleared: `nameFits` false) and X-Anonymous-Consumer set to
+    /// "true" or cleared, as `setUpstreamHeader`/`clearUpstreamHeader` of
+    /// each would. Both are names the proxy gives no meaning to, so while
+    /// there is no edit list both changes go to `upstreamLines` after one
+    /// pass over the client's lines for the two names (no classify of the
+    /// constant names, the exchange and head loaded once): key-auth and
+    /// every auth plugin call it per request.
+    func identify(consumer: String, credential: String?, nameFits: Bool, anonymous: Bool) {
+        authenticate(consumer: consumer, credential: credential)
+        let nameField = PluginIdentityFields.consumerName, anonymousField = PluginIdentityFields.anonymousConsumer
+        let exchange = self.exchange!
+        guard exchange.upstreamEdits == nil, let head = exchange.head else {
+            if nameFits { setUpstreamHeader(nameField, consumer) } else { clearUpstreamHeader(nameField) }
+            if anonymous { setUpstreamHeader(anonymousField, "true") } else { clearUpstreamHeader(anonymousField) }
+            return
+        }
+        assert(HTTP1KnownField.classify(nameField) == .other && HTTP1KnownField.classify(anonymousField) == .other)
+        let (nameLines, anonymousLines) = head.otherFieldSets(named: nameField, anonymousField)
+        upstreamLines.clear(nameField, clientLines: nameLines)
+        if nameFits { upstreamLines.add(nameField, consumer) }
+        upstreamLines.clear(anonymousField, clientLines: anonymousLines)
+        if anonymous { upstreamLines.add(anonymousField, "true") }
+        hasUpstreamLines = true
+    }
+
     /// A plugin's edit of a Transfer-Encoding line decides whether the
     /// upstream body is chunked (see `upstreamFramingEdited`).
     @inline(__always)

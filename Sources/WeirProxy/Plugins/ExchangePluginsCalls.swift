@@ -31,6 +31,10 @@ final class ExchangePluginsCalls: PluginRequestCalls {
     override func setResponseHeaders(_ object: UnsafeMutableRawPointer, _ lines: PreparedHeaderLines, _ wire: UnsafeRawBufferPointer) {
         on(object) { $0.setResponseHeaders(lines, wire: wire) }
     }
+    override func identify(_ object: UnsafeMutableRawPointer, _ consumer: String, _ credential: String?, nameFits: Bool, anonymous: Bool) {
+        on(object) { $0.identify(consumer: consumer, credential: credential, nameFits: nameFits, anonymous: anonymous) }
+    }
+    override func rawQuery(_ object: UnsafeMutableRawPointer) -> String? { on(object) { $0.rawQuery } }
     override func matchedRouteName(_ object: UnsafeMutableRawPointer) -> String? { on(object) { $0.matchedRouteName } }
     override func consumer(_ object: UnsafeMutableRawPointer) -> String? { on(object) { $0.consumer } }
 }

@@ -553,7 +553,10 @@ struct PluginUpstreamLines {
     /// `clear_header`: the client's `lines` of the name and any added line of it.
     mutating func clear(_ name: String, clientLines: HTTP1FieldSet) {
         if !clientLines.isEmpty { removed.formUnion(clientLines) }
-        guard lines.contains(where: { $0.name == name }) else { return }
+        // Lengths first: `==` of two different Strings longer than 15
+        // bytes (x-anonymous-consumer) goes through the slow comparison.
+        let length = name.utf8.count
+        guard lines.contains(where: { $0.valueStart - $0.start - 2 == length && $0.name == name }) else { return }
         var keptBytes: [UInt8] = []
         keptBytes.reserveCapacity(bytes.capacity)
         var keptLines: [Line] = []
@@ -608,4 +611,8 @@ extension RequestHead {
 
     /// The client's lines named `name`, classified already (`HTTP1Fields.fieldSet(named:kind:)`), read in place.
     func fieldSet(named name: String, kind: HTTP1KnownField) -> HTTP1FieldSet { wire.fields.fieldSet(named: name, kind: kind) }
+    /// The client's lines of two untagged names (`HTTP1Fields.otherFieldSets`), read in place.
+    func otherFieldSets(named first: String, _ second: String) -> (HTTP1FieldSet, HTTP1FieldSet) {
+        wire.fields.otherFieldSets(named: first, second)
+    }
 }
