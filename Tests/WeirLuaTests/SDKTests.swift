@@ -211,6 +211,8 @@ final class SDKTests: XCTestCase {
         h:set(7, "30")                          -- the native
         h:set("bad\\r\\nvalue", 29)              -- refused: x-remaining only cleared, as set_header does
         assert(weir.response.prepare_headers({ "x-one" }):set(1.5) == nil)   -- a float: written as Lua writes it
+        -- Integers' digits written by the native, an empty value, a colon in one.
+        weir.response.prepare_headers({ "x-min", "x-max", { "x-fixed", "" }, "x-zero", "x-text" }):set(math.mininteger, math.maxinteger, 0, "a: b")
         return 200, table.concat(out, "\\n")
         """)
         let expected = [
@@ -227,7 +229,8 @@ final class SDKTests: XCTestCase {
         ]
         assertRaisedAtProbeLines(body, expected, result)
         XCTAssertEqual(req.response.filter { $0.name != "content-type" }.map { "\($0.name)=\($0.value)" },
-                       ["x-limit=10", "x-policy=10;w=60", "x-reset=29", "x-one=1.5"])
+                       ["x-limit=10", "x-policy=10;w=60", "x-reset=29", "x-one=1.5", "x-min=-9223372036854775808",
+                        "x-max=9223372036854775807", "x-fixed=", "x-zero=0", "x-text=a: b"])
     }
 
     func testEarlyExitByReturnSkipsRestOfChainAndBuildsJSON() throws {
