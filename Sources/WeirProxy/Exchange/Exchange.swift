@@ -4,7 +4,10 @@ import WeirCore
 
 /// One request going through the proxy.
 final class Exchange {
-    let id: String
+    /// The request id (X-Request-Id), written into the upstream head as
+    /// bytes; `id` makes its String when something asks (logs, plugins).
+    let requestID: RequestID
+    private(set) lazy var id: String = requestID.string
     let head: RequestHead?
     /// When the exchange began: the loop's cached time of the read that
     /// brought its head (`LoopClock`).
@@ -63,8 +66,8 @@ final class Exchange {
     /// HTTP/2 upstreams' deadlines only).
     lazy var grpc: GRPCRequestInfo? = head.flatMap { GRPCRequestInfo(headers: $0.headers) }
 
-    init(id: String, head: RequestHead?, started: NIODeadline) {
-        self.id = id
+    init(requestID: RequestID, head: RequestHead?, started: NIODeadline) {
+        self.requestID = requestID
         self.head = head
         self.started = started
     }

@@ -98,7 +98,7 @@ extension ExchangeDownstream {
     // MARK: - Request start
 
     func makeExchange(head: RequestHead?) -> Exchange {
-        let exchange = Exchange(id: loopContext.requestIDs.next(), head: head, started: loopContext.clock.now)
+        let exchange = Exchange(requestID: loopContext.requestIDs.nextID(), head: head, started: loopContext.clock.now)
         // The wall-clock start goes into access records only (the access
         // log's, a plugin log phase's: that one converts `started` when its
         // log phase starts, ExchangePlugins.requestDone): metrics alone need none.
@@ -385,7 +385,7 @@ extension ExchangeDownstream {
             host: upstreamHostHeader(exchange, routed: routed), chunked: exchange.framing.chunked, upgrade: exchange.isUpgrade,
             clientIP: clientIP, scheme: listener.scheme, clientHost: exchange.hostHeader,
             viaEntry: HeaderRewriting.viaEntryLiteral(http2: head.receivedOverHTTP2, http10: head.isHTTP10),
-            requestID: exchange.id, memo: upstreamOwnLinesMemo)
+            requestID: exchange.requestID, memo: upstreamOwnLinesMemo)
     }
 
     /// The upstream request head as bytes, whether it chunks its body, and

@@ -26,7 +26,7 @@ struct UpstreamOwnFields {
     /// unless a trusted peer sent one.
     let clientHost: String?
     let viaEntry: StaticString
-    let requestID: String
+    let requestID: RequestID
     /// The client's X-Forwarded-For lines (a trusted peer's only) and Via
     /// lines: how many, and their values' bytes plus a ", " after each.
     private var forwardedForLines = 0, forwardedForBytes = 0
@@ -40,7 +40,7 @@ struct UpstreamOwnFields {
     private var fromMemo = false
 
     init(fields: HTTP1Fields, removed: HTTP1FieldSet, peerTrusted: Bool, host: String, chunked: Bool, upgrade: Bool,
-         clientIP: String, scheme: String, clientHost: String?, viaEntry: StaticString, requestID: String,
+         clientIP: String, scheme: String, clientHost: String?, viaEntry: StaticString, requestID: RequestID,
          memo: UpstreamOwnLinesMemo? = nil) {
         self.removed = removed
         self.host = host
@@ -84,7 +84,7 @@ struct UpstreamOwnFields {
 
     /// What `write` writes, in bytes.
     func byteCount(_ entries: [HTTP1FieldEntry]) -> Int {
-        if fromMemo, let memo { return memo.bytes.count + 14 + requestID.utf8.count + 2 }
+        if fromMemo, let memo { return memo.bytes.count + 14 + requestID.byteCount + 2 }
         var n = 6 + host.utf8.count + 2                                         // host: …\r\n
         if chunked { n += 28 }                                                  // transfer-encoding: chunked\r\n
         if upgrade { n += 21 }                                                  // connection: upgrade\r\n
@@ -96,7 +96,7 @@ struct UpstreamOwnFields {
             n += 18 + clientHost.utf8.count + 2
         }
         n += 5 + viaBytes + viaEntry.utf8CodeUnitCount + 2                       // via: …\r\n
-        n += 14 + requestID.utf8.count + 2                                      // x-request-id: …\r\n
+        n += 14 + requestID.byteCount + 2                                      // x-request-id: …\r\n
         return n
     }
 
@@ -110,7 +110,8 @@ struct UpstreamOwnFields {
             memo?.keep(UnsafeRawBufferPointer(start: w.base + start, count: w.offset - start), of: self)
         }
         w.copy("x-request-id: ")
-        w.copy(requestID)
+        requestID.write(to: w.base + w.offset)
+        w.offset += requestID.byteCount
         w.copy("\r\n")
     }
 

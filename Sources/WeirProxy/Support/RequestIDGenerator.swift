@@ -11,8 +11,8 @@
 /// prefix (62^8, about 2^47.6).
 /// Only ever used on its own event loop.
 final class RequestIDGenerator {
-    /// The prefix and its `-`, as 9 ASCII bytes.
-    private var prefix: (UInt64, UInt8) = (0, 0)
+    /// The prefix's 8 ASCII bytes, character k in byte k.
+    private var prefix: UInt64 = 0
     private var counter: UInt64 = 0
     static let counterLimit: UInt64 = 56_800_235_584   // 62^6
 
@@ -26,44 +26,71 @@ final class RequestIDGenerator {
         // Character k in byte k of the little-endian word (stored as such).
         var packed: UInt64 = 0
         for k in 0..<8 {
-            packed |= UInt64(Self.digit(UInt64.random(in: 0..<62))) << (8 * UInt64(k))
+            packed |= UInt64(RequestID.digit(UInt64.random(in: 0..<62))) << (8 * UInt64(k))
         }
-        prefix = (packed, UInt8(ascii: "-"))
+        prefix = packed
         counter = 0
-    }
-
-    /// `0-9A-Za-z` for 0..<62.
-    @inline(__always)
-    private static func digit(_ v: UInt64) -> UInt8 {
-        v < 10 ? UInt8(truncatingIfNeeded: v) &+ 48
-            : v < 36 ? UInt8(truncatingIfNeeded: v) &+ 55 : UInt8(truncatingIfNeeded: v) &+ 61
     }
 
     // Inlined: a call kept the generator retained across it (a
     // retain/release pair per request, callgrind).
     @inline(__always)
-    func next() -> String {
+    func nextID() -> RequestID {
         counter &+= 1
         if counter >= Self.counterLimit { drawPrefix(); counter = 1 }
         var value = counter
         var digits = 1
         while value >= 62 { value /= 62; digits += 1 }
-        let total = 9 + digits
-        let counter = self.counter
-        let prefix = self.prefix
+        return RequestID(prefix: prefix, counter: counter, digits: digits)
+    }
+
+    /// The next id as a String (`nextID().string`).
+    func next() -> String { nextID().string }
+}
+
+/// A request id before it is a String: its generator's prefix and count.
+/// The upstream head's X-Request-Id is written from it as bytes
+/// (`write(to:)`, `UpstreamOwnFields`), so the usual request makes no
+/// String of its id: that cost ~150 instructions per request (UTF-8
+/// validation in `String(unsafeUninitializedCapacity:)`, callgrind).
+/// Logs, plugins and error pages ask for `Exchange.id`, made on first use.
+struct RequestID {
+    /// The 8 prefix characters, character k in byte k (little-endian).
+    let prefix: UInt64
+    let counter: UInt64
+    /// How many base-62 digits `counter` takes (1...6).
+    let digits: Int
+
+    /// `<8 prefix chars>-<digits>`.
+    var byteCount: Int { 9 + digits }
+
+    /// Writes the id's `byteCount` bytes at `out`.
+    @inline(__always)
+    func write(to out: UnsafeMutableRawPointer) {
+        out.storeBytes(of: prefix.littleEndian, as: UInt64.self)
+        out.storeBytes(of: UInt8(ascii: "-"), toByteOffset: 8, as: UInt8.self)
+        var v = counter
+        var i = 8 + digits
+        repeat {
+            out.storeBytes(of: Self.digit(v % 62), toByteOffset: i, as: UInt8.self)
+            v /= 62
+            i -= 1
+        } while i >= 9
+    }
+
+    var string: String {
+        let total = byteCount
         return String(unsafeUninitializedCapacity: total) { out in
-            let base = UnsafeMutableRawPointer(out.baseAddress!)
-            base.storeBytes(of: prefix.0.littleEndian, as: UInt64.self)
-            out[8] = prefix.1
-            var v = counter
-            var i = total - 1
-            repeat {
-                out[i] = Self.digit(v % 62)
-                v /= 62
-                i -= 1
-            } while i >= 9
+            write(to: UnsafeMutableRawPointer(out.baseAddress!))
             return total
         }
+    }
+
+    /// `0-9A-Za-z` for 0..<62.
+    @inline(__always)
+    static func digit(_ v: UInt64) -> UInt8 {
+        v < 10 ? UInt8(truncatingIfNeeded: v) &+ 48
+            : v < 36 ? UInt8(truncatingIfNeeded: v) &+ 55 : UInt8(truncatingIfNeeded: v) &+ 61
     }
 }
 
