@@ -67,6 +67,9 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
 
     /// The request in flight, if any.
     var exchange: Exchange?
+    /// The connection's last finished exchange, cleared, for its next
+    /// request (`keepForReuse`).
+    private var spareExchange: Exchange?
     /// Bytes read from the client and not parsed yet: the rest of a head,
     /// body bytes, pipelined requests waiting for their turn.
     private var inbound = ByteBuffer()
@@ -458,7 +461,9 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
         framing.teTrailers = wire.facts.teTrailersOnly && wire.fields.entries.contains { $0.known == .te }
         let keepAlive = wire.keepAlive, wantsUpgrade = wire.wantsUpgrade
         let head = RequestHead(consume wire)
-        let exchange = makeExchange(head: head)
+        var spare: Exchange? = nil
+        swap(&spare, &spareExchange)
+        let exchange = makeExchange(head: head, reusing: spare)
         self.exchange = exchange
         exchange.keepAlive = keepAlive && !draining
         exchange.framing = framing
@@ -715,6 +720,31 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
     }
 
     // MARK: - After an exchange
+
+    /// The upstream's parts go to the exchange logic (`relayUpstreamPart`).
+    /// The end of a response usually finishes the exchange: when nothing
+    /// else holds it then, it is kept for the connection's next request.
+    func upstreamRead(_ part: UpstreamResponsePart, on connection: UpstreamConnection) {
+        guard case .end = part else { return relayUpstreamPart(part, on: connection) }
+        var ending = exchange
+        relayUpstreamPart(part, on: connection)
+        keepForReuse(&ending)
+    }
+
+    /// Keeps `candidate` as `spareExchange` when it finished, had no plugin
+    /// scope, and `candidate` is its last reference: no timer, log phase,
+    /// access record or async plugin work holds it, so none can see it
+    /// reused (a plugin-less exchange is known only to this handler and the
+    /// calls on its stack; the access record is a copy of its values).
+    /// Cleared here, at once: the request head's bytes (a slice of the
+    /// read buffer NIO wants back), the route and the upstream connection
+    /// are released now, as a release of the exchange would have.
+    private func keepForReuse(_ candidate: inout Exchange?) {
+        guard let finished = candidate?.finished, finished, candidate?.plugins == nil,
+              isKnownUniquelyReferenced(&candidate) else { return }
+        candidate?.clearForReuse()
+        swap(&candidate, &spareExchange)
+    }
 
     func exchangeFinished(_ exchange: Exchange, afterWrite: EventLoopFuture<Void>?) {
         if closesAfter(exchange) {

@@ -97,8 +97,17 @@ extension ExchangeDownstream {
 
     // MARK: - Request start
 
-    func makeExchange(head: RequestHead?) -> Exchange {
-        let exchange = Exchange(requestID: loopContext.requestIDs.nextID(), head: head, started: loopContext.clock.now)
+    /// `spare`: a finished exchange of this connection held by nothing
+    /// else, cleared (`Exchange.clearForReuse`), to reuse for this request.
+    func makeExchange(head: RequestHead?, reusing spare: Exchange? = nil) -> Exchange {
+        let requestID = loopContext.requestIDs.nextID(), started = loopContext.clock.now
+        let exchange: Exchange
+        if let spare {
+            spare.begin(requestID: requestID, head: head, started: started)
+            exchange = spare
+        } else {
+            exchange = Exchange(requestID: requestID, head: head, started: started)
+        }
         // The wall-clock start goes into access records only (the access
         // log's, a plugin log phase's: that one converts `started` when its
         // log phase starts, ExchangePlugins.requestDone): metrics alone need none.
@@ -533,7 +542,10 @@ extension ExchangeDownstream {
 
     var loopClock: LoopClock { loopContext.clock }
 
-    func upstreamRead(_ part: UpstreamResponsePart, on connection: UpstreamConnection) {
+    /// What `UpstreamConnectionDelegate.upstreamRead` does (each conformer's
+    /// witness calls it; the HTTP/1.1 one also keeps the finished exchange
+    /// for reuse afterwards).
+    func relayUpstreamPart(_ part: UpstreamResponsePart, on connection: UpstreamConnection) {
         guard let exchange, exchange.connection === connection else {
             connection.close()
             return

@@ -258,6 +258,10 @@ final class HTTP2ServerStream: ExchangeDownstream {
         }
     }
 
+    func upstreamRead(_ part: UpstreamResponsePart, on connection: UpstreamConnection) {
+        relayUpstreamPart(part, on: connection)
+    }
+
     // MARK: - Request start
 
     /// The request's header list checked (RFC 9113) and made an HTTP/1.1
