@@ -20,8 +20,11 @@
 #include <lua5.4/lua.h>
 #include "CLuaShims.h"
 
-// The runner's stack: its arguments, in this order.
-enum { LIST = 1, LAST = 2, CTX = 3, CHECK_EXIT = 4, FIRST = 5 };
+// The runner's stack: its arguments, in this order. Where the run starts
+// and ends and whether a result stops it are in the info block (set by
+// weir_chain_prepare, and again by Swift before resuming after a wait):
+// plain loads instead of a push from Swift and a lua_to* per argument.
+enum { LIST = 1, CTX = 2 };
 
 /// Entry i starts. `previous_completed`: entry i - 1 ran in this phase call
 /// and returned without an exit, so it ends now (its cell, when the list
@@ -49,32 +52,32 @@ static int end_of_list(weir_state_info *st, lua_Integer last) {
 
 static int run_from(lua_State *L, lua_Integer i, int previous_completed);
 
-/// What entry i's call left above FIRST (its results, LUA_MULTRET): none
+/// What entry i's call left above CTX (its results, LUA_MULTRET): none
 /// or a nil first one goes on; a non-nil first one with CHECK_EXIT set
 /// stops the list with 3 results (status, body, headers). Returns -1 to go on.
 static inline int exit_results(lua_State *L, int check_exit) {
-    int n = lua_gettop(L) - FIRST;
+    int n = lua_gettop(L) - CTX;
     if (n == 0) return -1;  // the common case: the call returned nothing
-    if (check_exit && !lua_isnil(L, FIRST + 1)) {
-        lua_settop(L, FIRST + 3);
+    if (check_exit && !lua_isnil(L, CTX + 1)) {
+        lua_settop(L, CTX + 3);
         return 3;
     }
-    lua_settop(L, FIRST);
+    lua_settop(L, CTX);
     return -1;
 }
 
 /// After plugin `i` returned (after yields): stop at an exit, else go on.
 static int after_call(lua_State *L, int status, lua_KContext k) {
     (void)status;
-    int stop = exit_results(L, lua_toboolean(L, CHECK_EXIT));
+    int stop = exit_results(L, weir_info(L)->chain_check_exit);
     if (stop >= 0) return stop;
     return run_from(L, (lua_Integer)k + 1, 1);
 }
 
 static int run_from(lua_State *L, lua_Integer i, int previous_completed) {
     weir_state_info *st = weir_info(L);
-    lua_Integer last = lua_tointeger(L, LAST);
-    int check_exit = lua_toboolean(L, CHECK_EXIT);
+    lua_Integer last = st->chain_last;
+    int check_exit = st->chain_check_exit;
     for (; i <= last; i++) {
         begin_entry(L, st, i, previous_completed);
         lua_rawgeti(L, LIST, 3 * i - 2);      // the phase function
@@ -97,7 +100,22 @@ static int run_from(lua_State *L, lua_Integer i, int previous_completed) {
 }
 
 int weir_chain_runner(lua_State *L) {
-    return run_from(L, lua_tointeger(L, FIRST), 0);
+    return run_from(L, weir_info(L)->chain_entry, 0);
+}
+
+int weir_chain_prepare(lua_State *co, int list_ref, int first, int last, int check_exit, int64_t budget) {
+    if (!lua_checkstack(co, 4)) return 0;  // the runner, its list, ctx, and lua_resume's own slot
+    lua_pushcfunction(co, weir_chain_runner);
+    lua_rawgeti(co, LUA_REGISTRYINDEX, list_ref);
+    weir_state_info *st = weir_info(co);
+    st->chain_entry = first;
+    st->chain_last = last;
+    st->chain_check_exit = check_exit;
+    st->budget_limit = budget;
+    st->budget_remaining = budget;
+    st->budget_exhausted = 0;
+    st->budget_armed = 0;
+    return 1;
 }
 
 int weir_chain_reserve_marks(lua_State *L, int count) {

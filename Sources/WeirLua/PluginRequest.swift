@@ -72,6 +72,10 @@ open class PluginRequest {
     private var index = 0
     /// The chain runner's list of `entries` (LUA_NOREF: one call per resume).
     private var listRef: Int32 = LUA_NOREF
+    /// The last entry (1-based) of the runner's current run.
+    private var runLast = 0
+    /// Whether a non-nil first result stops the runner (an exit).
+    private var checksExit: Int32 { phase == .request || phase == .response ? 1 : 0 }
     private var listTakesCtx = false
     /// `entries`' metrics recorders (PluginChain.phaseRecorders).
     private var recorders: [PluginCallRecorder?] = []
@@ -364,6 +368,8 @@ open class PluginRequest {
                 // Another request's chain may have run on this state meanwhile.
                 info.pointee.chain_entry = Int32(index + 1)
                 if listRef != LUA_NOREF {
+                    info.pointee.chain_last = Int32(runLast)
+                    info.pointee.chain_check_exit = checksExit
                     info.pointee.chain_cells = cells
                     // The waiting call's start, for the runner to time it when it completes.
                     if index + 1 < Int(info.pointee.chain_marks_capacity) { info.pointee.chain_marks[index + 1] = callStart }
@@ -371,25 +377,20 @@ open class PluginRequest {
                 result = co.resume(nargs: Int32(values.count))
             } else if listRef != LUA_NOREF {
                 serial = runtime.nextPhaseSerial()
-                _ = lua_checkstack(thread, 6)
-                lua_pushcclosure(thread, weir_chain_runner, 0)
-                runtime.state.pushRef(listRef, on: thread)
                 // A consumer named by an auth plugin may switch the request
                 // phase's chain: then each plugin runs on its own (switchToConsumerChain).
-                let last = phase == .request && consumerChain != nil ? index + 1 : entries.count
-                lua_pushinteger(thread, lua_Integer(last))
+                runLast = phase == .request && consumerChain != nil ? index + 1 : entries.count
+                // The runner and its list pushed, where it starts and ends
+                // and a fresh budget set, in one C call.
+                _ = weir_chain_prepare(thread, listRef, Int32(index + 1), Int32(runLast), checksExit, Int64(runtime.options.instructionBudget))
                 if listTakesCtx { pushCtx(on: thread) } else { lua_pushnil(thread) }
-                lua_pushboolean(thread, phase == .request || phase == .response ? 1 : 0)
-                lua_pushinteger(thread, lua_Integer(index + 1))
                 // The capacity tested here: the C call cost ~18 per phase call.
                 if info.pointee.chain_timing != 0 && info.pointee.chain_marks_capacity < Int32(entries.count + 2) {
                     _ = weir_chain_reserve_marks(thread, Int32(entries.count + 2))
                 }
-                runtime.state.setBudget(runtime.options.instructionBudget)
                 runtime.enter(self, phase: phase, serial: serial)
-                info.pointee.chain_entry = Int32(index + 1)
                 info.pointee.chain_cells = cells
-                result = co.start(nargs: 5)
+                result = co.start(nargs: 2)
             } else {
                 let entry = entries[index]
                 serial = runtime.nextPhaseSerial()

@@ -62,7 +62,9 @@ typedef struct weir_state_info {
     weir_dispatch_fn dispatch;
     void *context;             // the Swift LuaState (unretained)
     // The chain runner (chain.c):
-    int chain_entry;           // 1-based list index of the plugin it ran last
+    int chain_entry;           // 1-based list index of the plugin it ran last (first: where it starts)
+    int chain_last;            // the list index it stops after
+    int chain_check_exit;      // a non-nil first result stops the run (request and response phases)
     int chain_timing;          // record each plugin's start in chain_marks
     int chain_marks_capacity;
     uint64_t *chain_marks;     // [i]: CLOCK_MONOTONIC ns when entry i started (freed by weir_close)
@@ -170,16 +172,23 @@ static inline weir_call_cell weir_call_cell_snapshot(const weir_call_cell *cell)
 }
 
 /// The chain runner (a lua_CFunction; chain.c). Called on a coroutine as
-/// runner(list, last, ctx, check_exit, first): runs entries first...last of
-/// `list` (3 slots per entry: function, self, conf), each as
-/// fn(self, conf, ctx) (ctx nil when no entry reads it). Returns nothing when all ran, or the 3
-/// results of the plugin that returned a non-nil first one (check_exit).
+/// runner(list, ctx) after weir_chain_prepare: runs entries
+/// chain_entry...chain_last of `list` (3 slots per entry: function, self,
+/// conf), each as fn(self, conf, ctx) (ctx nil when no entry reads it).
+/// Returns nothing when all ran, or the 3 results of the plugin that
+/// returned a non-nil first one (chain_check_exit).
 /// `chain_entry` names the entry it stopped in (exit, error or yield).
 /// With `chain_timing` on it marks each entry's start in chain_marks; with
 /// `chain_cells` set it also records every call that completed (each ends
 /// when the next starts, the last when the runner returns) in its cell.
 /// Calls that exit, fail or yield are left to Swift.
 int weir_chain_runner(lua_State *L);
+/// Readies a run of the chain runner on coroutine `co`: pushes the runner
+/// and its list (registry ref `list_ref`; the caller pushes ctx or nil
+/// next), sets where it starts and ends and whether a result stops it, and
+/// starts a fresh instruction budget (weir_set_budget). One call from Swift
+/// instead of one per push. 0 if the stack cannot grow.
+int weir_chain_prepare(lua_State *co, int list_ref, int first, int last, int check_exit, int64_t budget);
 /// Whether the function at `index` may read its parameter number `param`
 /// (0-based register: fn(self, conf, ctx) has ctx at 2), from its bytecode
 /// (paramuse.c). 0 only when it provably never does: its code never reads
