@@ -42,4 +42,25 @@ final class PluginUpstreamLinesTests: XCTestCase {
         lines.add("x-five", "5")
         XCTAssertEqual(text(lines), "x-five: 5\r\n")
     }
+
+    /// The lines are written in place into storage that keeps its size
+    /// (grown as needed): long lines past the first 128 bytes, a clear in
+    /// the middle and later adds read back exactly, in place as in the copy.
+    func testLinesGrowPastTheFirstStorageAndClearKeepsTheOthersInOrder() {
+        var lines = PluginUpstreamLines()
+        let long = String(repeating: "v", count: 150)
+        lines.add("x-a", long)
+        lines.add("x-b", "2")
+        lines.add("x-a", "again")
+        lines.add("x-c", String(repeating: "w", count: 300))
+        lines.clear("x-a", clientLines: HTTP1FieldSet())
+        lines.add("x-d", "4")
+        let expected = "x-b: 2\r\nx-c: \(String(repeating: "w", count: 300))\r\nx-d: 4\r\n"
+        XCTAssertEqual(text(lines), expected)
+        XCTAssertEqual(lines.byteCount, expected.utf8.count)
+        XCTAssertEqual(lines.withBytes { Array($0) }, Array(expected.utf8))
+        lines.reset()
+        lines.add("x-e", "5")
+        XCTAssertEqual(text(lines), "x-e: 5\r\n", "nothing of the longer lines before is read back")
+    }
 }

@@ -506,9 +506,13 @@ func isValidRequestTarget(_ target: String) -> Bool {
 struct PluginUpstreamLines {
     /// Client lines (by index) not forwarded.
     private(set) var removed = HTTP1FieldSet()
-    /// The added lines, in order, as they are written.
-    private(set) var bytes: [UInt8] = []
-    /// Each added line's name and where it and its value start in `bytes`.
+    /// The added lines, in order, as they are written: the first
+    /// `byteCount` bytes of `storage`. The array keeps its size from
+    /// request to request and a line is written into it in place (an
+    /// append of a line made on the stack cost ~180 instructions a line).
+    private var storage: [UInt8] = []
+    private(set) var byteCount = 0
+    /// Each added line's name and where it and its value start in `storage`.
     private var lines: [Line] = []
 
     private struct Line {
@@ -516,6 +520,14 @@ struct PluginUpstreamLines {
         var start: Int
         var valueStart: Int
         var end: Int
+    }
+
+    /// The added lines' bytes, a copy (tests).
+    var bytes: [UInt8] { Array(storage[0..<byteCount]) }
+
+    /// The added lines' bytes, read in place.
+    func withBytes<R>(_ body: (UnsafeRawBufferPointer) -> R) -> R {
+        storage.withUnsafeBytes { body(UnsafeRawBufferPointer(rebasing: $0[0..<byteCount])) }
     }
 
     /// `set_header`: the client's `lines` of the name and any added line of
@@ -530,24 +542,27 @@ struct PluginUpstreamLines {
         assert(HeadSerialization.isToken(name) && HeadSerialization.isValidFieldValue(value), "unchecked header \(name)")
         // One allocation each for a chain's few lines.
         if lines.capacity == 0 { lines.reserveCapacity(4) }
-        let start = bytes.count
+        let start = byteCount
         let valueStart = start + name.utf8.count + 2
         let end = valueStart + value.utf8.count + 2
-        if bytes.capacity < end { bytes.reserveCapacity(max(128, 2 * end)) }
-        // The line made on the stack and appended at once (appending a
-        // String's utf8 view went byte by byte, ~500 instructions a line;
-        // an append per part ~380).
-        withUnsafeTemporaryAllocation(of: UInt8.self, capacity: end - start) { line in
-            let base = line.baseAddress!
-            name.withContiguousUTF8 { base.update(from: $0.baseAddress!, count: $0.count) }
-            base[valueStart - start - 2] = 0x3A                          // ": "
-            base[valueStart - start - 1] = 0x20
-            value.withContiguousUTF8 { if let v = $0.baseAddress { (base + valueStart - start).update(from: v, count: $0.count) } }
-            base[end - start - 2] = 0x0D
-            base[end - start - 1] = 0x0A
-            bytes.append(contentsOf: UnsafeBufferPointer(line))
+        if storage.count < end { grow(to: end) }
+        storage.withUnsafeMutableBufferPointer { buffer in
+            let base = buffer.baseAddress!
+            name.withContiguousUTF8 { (base + start).update(from: $0.baseAddress!, count: $0.count) }
+            base[valueStart - 2] = 0x3A                          // ": "
+            base[valueStart - 1] = 0x20
+            value.withContiguousUTF8 { if let v = $0.baseAddress { (base + valueStart).update(from: v, count: $0.count) } }
+            base[end - 2] = 0x0D
+            base[end - 1] = 0x0A
         }
+        byteCount = end
         lines.append(Line(name: name, start: start, valueStart: valueStart, end: end))
+    }
+
+    /// Room for `size` bytes in `storage` (at least 128, doubling).
+    @inline(never)
+    private mutating func grow(to size: Int) {
+        storage.append(contentsOf: repeatElement(0, count: max(128, 2 * size) - storage.count))
     }
 
     /// `clear_header`: the client's `lines` of the name and any added line of it.
@@ -557,15 +572,17 @@ struct PluginUpstreamLines {
         // bytes (x-anonymous-consumer) goes through the slow comparison.
         let length = name.utf8.count
         guard lines.contains(where: { $0.valueStart - $0.start - 2 == length && $0.name == name }) else { return }
-        var keptBytes: [UInt8] = []
-        keptBytes.reserveCapacity(bytes.capacity)
+        var kept: [UInt8] = []
+        kept.reserveCapacity(storage.count)
         var keptLines: [Line] = []
         for line in lines where line.name != name {
-            let shift = keptBytes.count - line.start
-            keptBytes.append(contentsOf: bytes[line.start..<line.end])
+            let shift = kept.count - line.start
+            kept.append(contentsOf: storage[line.start..<line.end])
             keptLines.append(Line(name: line.name, start: line.start + shift, valueStart: line.valueStart + shift, end: line.end + shift))
         }
-        bytes = keptBytes
+        byteCount = kept.count
+        kept.append(contentsOf: repeatElement(0, count: storage.count - kept.count))
+        storage = kept
         lines = keptLines
     }
 
@@ -575,7 +592,7 @@ struct PluginUpstreamLines {
         edits.removed.formUnion(removed)
         for line in lines {
             edits.added.append(HTTP1AddedField(name: line.name,
-                                               value: String(decoding: bytes[line.valueStart..<(line.end - 2)], as: UTF8.self)))
+                                               value: String(decoding: storage[line.valueStart..<(line.end - 2)], as: UTF8.self)))
         }
         reset()
     }
@@ -584,7 +601,7 @@ struct PluginUpstreamLines {
     mutating func reset() {
         // An empty set stored over an empty one still releases its array.
         if removed.low != 0 || !removed.high.isEmpty { removed = HTTP1FieldSet() }
-        bytes.removeAll(keepingCapacity: true)
+        byteCount = 0
         // Line by line: removeAll(keepingCapacity:) goes through the generic
         // replaceSubrange and destroys the names through the type's metadata
         // (~160 instructions per request for a chain's one or two lines).
@@ -600,10 +617,10 @@ extension RequestHead {
         var removed = own.removed
         removed.formUnion(lines.removed)
         let edits = HTTP1HeadEdits(removed: removed, target: target)
-        HTTP1HeadWriter.writeRequest(wire, edits: edits, method: nil, tailBytes: own.byteCount(entries) + lines.bytes.count,
+        HTTP1HeadWriter.writeRequest(wire, edits: edits, method: nil, tailBytes: own.byteCount(entries) + lines.byteCount,
                                      into: &out) { w, src in
             own.write(&w, entries, src)
-            lines.bytes.withUnsafeBytes { added in
+            lines.withBytes { added in
                 if let base = added.baseAddress { w.copy(base, added.count) }
             }
         }
