@@ -213,6 +213,8 @@ final class SDKTests: XCTestCase {
         assert(weir.response.prepare_headers({ "x-one" }):set(1.5) == nil)   -- a float: written as Lua writes it
         -- Integers' digits written by the native, an empty value, a colon in one.
         weir.response.prepare_headers({ "x-min", "x-max", { "x-fixed", "" }, "x-zero", "x-text" }):set(math.mininteger, math.maxinteger, 0, "a: b")
+        local digits = weir.response.prepare_headers({ "x-d1", "x-d2", "x-d3", "x-d4", "x-d5", "x-d6" })
+        digits:set(9, 10, 99, 100, -1, 1000000007)
         return 200, table.concat(out, "\\n")
         """)
         let expected = [
@@ -230,7 +232,8 @@ final class SDKTests: XCTestCase {
         assertRaisedAtProbeLines(body, expected, result)
         XCTAssertEqual(req.response.filter { $0.name != "content-type" }.map { "\($0.name)=\($0.value)" },
                        ["x-limit=10", "x-policy=10;w=60", "x-reset=29", "x-one=1.5", "x-min=-9223372036854775808",
-                        "x-max=9223372036854775807", "x-fixed=", "x-zero=0", "x-text=a: b"])
+                        "x-max=9223372036854775807", "x-fixed=", "x-zero=0", "x-text=a: b",
+                        "x-d1=9", "x-d2=10", "x-d3=99", "x-d4=100", "x-d5=-1", "x-d6=1000000007"])
     }
 
     func testEarlyExitByReturnSkipsRestOfChainAndBuildsJSON() throws {
