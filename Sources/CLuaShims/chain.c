@@ -103,6 +103,23 @@ int weir_chain_runner(lua_State *L) {
     return run_from(L, weir_info(L)->chain_entry, 0);
 }
 
+int weir_chain_push_ctx(lua_State *co, lua_State *L) {
+    lua_Debug ar;
+    // The runner is the coroutine's outermost frame.
+    int level = 0;
+    while (lua_getstack(co, level + 1, &ar)) level++;
+    if (!lua_getstack(co, level, &ar) || !lua_getinfo(co, "f", &ar)) return 0;
+    int is_runner = lua_tocfunction(co, -1) == weir_chain_runner;
+    lua_pop(co, 1);
+    if (!is_runner || lua_getlocal(co, &ar, CTX) == NULL) return 0;
+    if (lua_type(co, -1) != LUA_TTABLE) {
+        lua_pop(co, 1);
+        return 0;
+    }
+    lua_xmove(co, L, 1);
+    return 1;
+}
+
 int weir_chain_prepare(lua_State *co, int list_ref, int first, int last, int check_exit, int64_t budget) {
     if (!lua_checkstack(co, 4)) return 0;  // the runner, its list, ctx, and lua_resume's own slot
     lua_pushcfunction(co, weir_chain_runner);

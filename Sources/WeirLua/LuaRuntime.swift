@@ -147,6 +147,9 @@ public final class PluginChain {
     var phaseTakesCtx: [Bool] = Array(repeating: false, count: PluginPhase.slotCount)
     /// The runtime whose Lua state holds this chain's references.
     let owner: ObjectIdentifier?
+    /// Some plugin of the chain has a phase after the request phase: a
+    /// request's `weir.ctx` must outlive its request phase.
+    let hasPhasesAfterRequest: Bool
     /// Plugin names in run order.
     public var names: [String] { entries.map(\.name) }
     /// Whether any plugin of the chain implements `phase` (the proxy skips
@@ -164,6 +167,7 @@ public final class PluginChain {
         }
         self.byPhase = byPhase
         self.phaseRecorders = phaseRecorders
+        hasPhasesAfterRequest = [PluginPhase.response, .bodyFilter, .log].contains { !byPhase[$0.luaID].isEmpty }
         phaseCells = phaseRecorders.map { recorders in
             let cells = recorders.compactMap { $0?.cell }
             guard !cells.isEmpty, cells.count == recorders.count else { return nil }

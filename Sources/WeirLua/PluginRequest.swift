@@ -54,6 +54,11 @@ open class PluginRequest {
     /// a hole could make luaL_ref's length-based numbering hand the slot out
     /// again). luaL_ref and luaL_unref per request cost ~530 instructions.
     private var ctxSlot: Int32 = LUA_NOREF
+    /// This request's `weir.ctx` lives only as the running chain runner's
+    /// ctx argument (`pushRunnerCtx`); cleared when the request finishes.
+    private var ctxOnRunnerStack = false
+    /// `entries` are a request phase of a chain with no later phase (`pushRunnerCtx`).
+    private var ctxCanDieWithPhase = false
     /// Set by weir.response.exit / conn:reject; ends the chain.
     var exit: PluginExit?
     /// The async operation the coroutine is waiting for (set by an SDK native before yielding).
@@ -168,29 +173,52 @@ open class PluginRequest {
         return i >= 0 && i < entries.count ? entries[i].name : ""
     }
 
-    /// The per-request `weir.ctx` table, created on first use; pushed on `thread`.
+    /// The per-request `weir.ctx` table, created on first use; pushed on
+    /// `thread` and anchored in the registry, so later phases and
+    /// `weir.ctx` find it.
     func pushCtx(on thread: LuaThread) {
-        if ctxRef == LUA_NOREF {
+        if ctxRef != LUA_NOREF {
+            runtime.state.pushRef(ctxRef, on: thread)
+            return
+        }
+        if ctxOnRunnerStack, let co = coroutine, weir_chain_push_ctx(co.thread, thread) != 0 {
+            // Made for the runner alone, now asked for by name (weir.ctx):
+            // anchored like any request's from here on.
+            ctxOnRunnerStack = false
+        } else {
             // One hash slot: the table is made only for a phase function
             // that reads ctx (CtxParameterTests), which mostly stores a key,
             // and the first key then needs no rehash (luaH_resize, ~250
             // instructions). Four slots cost more than they saved (weir-noop
             // when every request made the table, callgrind).
-            if ctxSlot == LUA_NOREF {
-                lua_createtable(runtime.state.main, 0, 1)
-                ctxSlot = runtime.state.ref()
-            } else {
-                // A reused scope's slot: made on the thread, anchored and
-                // left there (no read back from the registry, ~40).
-                ctxRef = ctxSlot
-                lua_createtable(thread, 0, 1)
-                lua_pushvalue(thread, -1)
-                lua_rawseti(thread, weir_registryindex(), lua_Integer(ctxSlot))
-                return
-            }
-            ctxRef = ctxSlot
+            lua_createtable(thread, 0, 1)
         }
-        runtime.state.pushRef(ctxRef, on: thread)
+        lua_pushvalue(thread, -1)
+        if ctxSlot == LUA_NOREF {
+            lua_xmove(thread, runtime.state.main, 1)
+            ctxSlot = runtime.state.ref()
+        } else {
+            // A reused scope's slot: anchored from the thread (no read back
+            // from the registry, ~40).
+            lua_rawseti(thread, weir_registryindex(), lua_Integer(ctxSlot))
+        }
+        ctxRef = ctxSlot
+    }
+
+    /// `weir.ctx` as the chain runner's ctx argument. When no later phase
+    /// of this request can see the table (a request phase of a chain with
+    /// no response, body_filter or log phase, and no consumer chain to
+    /// switch to), it is made on the runner's stack and anchored nowhere:
+    /// it dies with the phase, with no registry slot to set and clear per
+    /// request (~150 instructions). A native that asks for it by name
+    /// (`weir.ctx`) finds it there (`pushCtx`).
+    private func pushRunnerCtx(on thread: LuaThread) {
+        if ctxRef == LUA_NOREF && !ctxOnRunnerStack && ctxCanDieWithPhase && consumerChain == nil {
+            lua_createtable(thread, 0, 1)
+            ctxOnRunnerStack = true
+            return
+        }
+        pushCtx(on: thread)
     }
 
     // MARK: Running a phase
@@ -224,6 +252,7 @@ open class PluginRequest {
             listTakesCtx = chain.phaseTakesCtx[phase.luaID]
             recorders = chain.phaseRecorders[phase.luaID]
             cells = chain.phaseCells[phase.luaID]
+            ctxCanDieWithPhase = phase == .request && !chain.hasPhasesAfterRequest
         }
         if entries.isEmpty { return .done(.continue) }
         if let result = drive(resumeWith: nil) { return .done(result) }
@@ -255,6 +284,7 @@ open class PluginRequest {
     public final func finish() {
         guard !isFinished else { return }
         isFinished = true
+        ctxOnRunnerStack = false
         if let co = coroutine {
             runtime.recycle(co)
             coroutine = nil
@@ -383,7 +413,7 @@ open class PluginRequest {
                 // The runner and its list pushed, where it starts and ends
                 // and a fresh budget set, in one C call.
                 _ = weir_chain_prepare(thread, listRef, Int32(index + 1), Int32(runLast), checksExit, Int64(runtime.options.instructionBudget))
-                if listTakesCtx { pushCtx(on: thread) } else { lua_pushnil(thread) }
+                if listTakesCtx { pushRunnerCtx(on: thread) } else { lua_pushnil(thread) }
                 // The capacity tested here: the C call cost ~18 per phase call.
                 if info.pointee.chain_timing != 0 && info.pointee.chain_marks_capacity < Int32(entries.count + 2) {
                     _ = weir_chain_reserve_marks(thread, Int32(entries.count + 2))
@@ -528,6 +558,7 @@ open class PluginRequest {
         listTakesCtx = chain.phaseTakesCtx[phase.luaID]
         recorders = chain.phaseRecorders[phase.luaID]
         cells = chain.phaseCells[phase.luaID]
+        ctxCanDieWithPhase = false
     }
 
     /// Runs a timer callback as a one-entry chain in the `.timer` phase.

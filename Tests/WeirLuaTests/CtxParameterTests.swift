@@ -120,4 +120,52 @@ final class CtxParameterTests: XCTestCase {
         guard case .continue = results[0] else { return XCTFail("\(results)") }
         XCTAssertEqual(request.upstreamHeaders.map { "\($0.0)=\($0.1)" }, ["x-trail=abc"])
     }
+
+    /// A chain with only a request phase makes weir.ctx for the runner
+    /// alone (anchored nowhere): it is still one table for every plugin of
+    /// the phase, across a wait, through `weir.ctx` (also from a coroutine
+    /// the plugin made), and a reused scope's next request starts with a
+    /// fresh one.
+    func testARequestOnlyChainsCtxIsOneTableForThePhaseAndFreshPerRequest() throws {
+        let h = Harness()
+        h.folder.add("filler", handler: """
+        return { PRIORITY = 4, VERSION = "1", request = function(self, conf, ctx)
+          if ctx.trail then error("ctx kept from another request: " .. ctx.trail) end
+          ctx.trail = weir.request.get_id()
+        end }
+        """)
+        h.folder.add("waiter", handler: """
+        return { PRIORITY = 3, VERSION = "1", request = function(self, conf, ctx)
+          weir.sleep(0.001)
+          ctx.trail = ctx.trail .. "+wait"
+        end }
+        """)
+        h.folder.add("byname", handler: """
+        return { PRIORITY = 2, VERSION = "1", request = function()
+          local t = coroutine.wrap(function() return weir.ctx end)()
+          t.trail = t.trail .. "+name"
+          if weir.ctx ~= t then error("two ctx tables") end
+        end }
+        """)
+        h.folder.add("reader", handler: """
+        return { PRIORITY = 1, VERSION = "1", request = function(self, conf, ctx)
+          weir.upstream.request.set_header("x-trail", ctx.trail .. "+param")
+        end }
+        """)
+        try h.load(["filler", "waiter", "byname", "reader"])
+        let chain = try h.chain("filler", "waiter", "byname", "reader")
+        XCTAssertFalse(chain.hasPhasesAfterRequest)
+        let request = h.newRequest()
+        request.requestID = "req-a"
+        let scope = h.begin(request)
+        XCTAssertEqual(try h.run(scope, .request, chain), .continue)
+        XCTAssertEqual(request.upstreamHeaders.map { "\($0.0)=\($0.1)" }, ["x-trail=req-a+wait+name+param"])
+        try h.onLoop { scope.finish(); scope.detach() }
+        let next = h.newRequest()
+        next.requestID = "req-b"
+        try h.onLoop { h.runtime.restartRequest(scope, next, connection: nil) }
+        XCTAssertEqual(try h.run(scope, .request, chain), .continue)
+        XCTAssertEqual(next.upstreamHeaders.map { "\($0.0)=\($0.1)" }, ["x-trail=req-b+wait+name+param"])
+        try h.onLoop { scope.finish() }
+    }
 }

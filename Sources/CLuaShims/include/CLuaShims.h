@@ -189,6 +189,11 @@ int weir_chain_runner(lua_State *L);
 /// starts a fresh instruction budget (weir_set_budget). One call from Swift
 /// instead of one per push. 0 if the stack cannot grow.
 int weir_chain_prepare(lua_State *co, int list_ref, int first, int last, int check_exit, int64_t budget);
+/// Pushes on `L` the ctx argument of the chain runner running at the
+/// bottom of coroutine `co` (`L` is `co` or a coroutine it resumed): the
+/// request's weir.ctx when it was made for the runner alone. 0 (nothing
+/// pushed) when `co` is not running the runner or its ctx is not a table.
+int weir_chain_push_ctx(lua_State *co, lua_State *L);
 /// Whether the function at `index` may read its parameter number `param`
 /// (0-based register: fn(self, conf, ctx) has ctx at 2), from its bytecode
 /// (paramuse.c). 0 only when it provably never does: its code never reads
