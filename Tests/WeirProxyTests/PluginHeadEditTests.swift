@@ -355,6 +355,26 @@ final class PluginHeadEditTests: PluginFolderTestCase {
             XCTAssertEqual(result.out.components(separatedBy: "\r\n").filter { $0 == line }.count, 1, line + " in " + result.out)
         }
         XCTAssertFalse(result.out.contains("x-upstream: " + upstream.name), result.out)
+
+        // With a response phase after them, the lines are taken as lines:
+        // the phase reads and replaces them like any other.
+        try folder.write("reader", handler: """
+        local weir = require "weir"
+        local P = { PRIORITY = 50, VERSION = "1" }
+        function P:response(conf, ctx)
+          weir.response.set_header("x-read", weir.response.get_header("x-count") .. "/" .. weir.response.get_header("x-upstream"))
+          weir.response.set_header("x-note", "replaced in the response phase")
+        end
+        return P
+        """)
+        let both = ProxyHarness.config(targets: [upstream.address]) { $0.plugins = [pluginRef("wire"), pluginRef("reader")] }
+        let withPhase = try PluginProxy(config: both, folder: folder, loops: 1)
+        defer { withPhase.stop() }
+        let response = try withPhase.connect().request("GET", "/plain")
+        XCTAssertEqual(response.headerValues("x-read"), ["-42/replaced"])
+        XCTAssertEqual(response.headerValues("x-note"), ["replaced in the response phase"])
+        XCTAssertEqual(response.headerValues("x-fixed"), ["f"])
+        XCTAssertEqual(response.headerValues("x-upstream"), ["replaced"])
     }
 
     /// The relay frames the body by the edited head's Content-Length: a
