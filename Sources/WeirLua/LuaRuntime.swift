@@ -206,6 +206,8 @@ public final class LuaRuntime {
     let headerValues: HeaderNameCache
     /// `weir.shared` keys' hashes, per Lua string.
     let sharedKeyHashes: SharedKeyHashes
+    /// `weir.client.find_credential`'s lookups and their recent matches.
+    let credentialLookups: CredentialLookups
     /// The route's and the consumer's names as Lua strings (the same every
     /// request of a route / client).
     let recentStrings = RecentLuaStrings()
@@ -255,6 +257,7 @@ public final class LuaRuntime {
         self.headerNames = HeaderNameCache(on: state.main)
         self.headerValues = HeaderNameCache(lowercased: false, on: state.main)
         self.sharedKeyHashes = SharedKeyHashes(on: state.main)
+        self.credentialLookups = CredentialLookups(options.credentials, on: state.main)
         // Natives reach the runtime directly (the hot ones without a closure).
         weir_set_dispatch(state.main, runtimeNativeDispatch, Unmanaged.passUnretained(self).toOpaque())
         try installSDK(sdk)

@@ -109,40 +109,8 @@ extension LuaRuntime {
     /// `weir.client.get_consumer_groups()` -> the consumer's groups.
     func makeConsumerNatives() -> NativeList {
         let credentials = options.credentials
-        // credential id + 1 -> its table, made on first lookup and handed out
-        // again after (like `conf`, plugins treat it as read-only): a lookup
-        // builds no table per request; -(id + 1) -> its consumer's name as a
-        // Lua string, likewise (no string hashed and interned per request).
-        lua_createtable(state.main, 0, 0)
-        let tableCacheRef = state.ref()
-        let recent = RecentCredentials(on: state.main)
         var n = NativeList()
-        // The SDK function itself (no Lua wrapper): any phase, so only a
-        // call outside one, or a bad argument, goes to the Lua fallback
-        // for its message (lua/weir/init.lua).
-        n.append(("client_find_credential", { [unowned(unsafe) self] L in
-            guard self.currentScope != nil, let plugin = LuaState.bytes(at: 1, on: L), let field = LuaState.bytes(at: 2, on: L),
-                  let value = LuaState.bytes(at: 3, on: L) else { return .fallback }
-            guard let match = recent.match(plugin, field, value, on: L, lookup: credentials.find) else {
-                lua_pushnil(L); return .values(1)
-            }
-            lua_rawgeti(L, weir_registryindex(), lua_Integer(tableCacheRef))      // cache
-            if lua_rawgeti(L, -1, -lua_Integer(match.id + 1)) == LUA_TNIL {       // cache, consumer?
-                weir_pop(L, 1)
-                LuaState.push(match.consumer, on: L)
-                lua_pushvalue(L, -1)
-                lua_rawseti(L, -3, -lua_Integer(match.id + 1))
-            }
-            if lua_rawgeti(L, -2, lua_Integer(match.id + 1)) == LUA_TNIL {        // cache, consumer, table?
-                weir_pop(L, 1)
-                LuaState.push(.map(match.credential), on: L)
-                lua_pushvalue(L, -1)
-                lua_rawseti(L, -4, lua_Integer(match.id + 1))
-            }
-            lua_rotate(L, -3, -1)                                                 // consumer, table, cache
-            weir_pop(L, 1)
-            return .values(2)
-        }))
+        // client_find_credential is a hot native (`HotNative.clientFindCredential`, `CredentialLookups`).
         n.append(("client_consumer_groups", { L in
             guard let consumer = LuaState.string(at: 1, on: L) else {
                 return .error("weir.client.get_consumer_groups: expected a consumer name")
@@ -161,53 +129,103 @@ extension LuaRuntime {
     }
 }
 
-/// find_credential's recent matches by the Lua strings asked with. A client
-/// sends the same key request after request, and Lua interns short strings:
-/// the key read from its header is the same string object each time while
-/// it lives. Kept by the three strings' addresses (64 direct-mapped slots by
+/// `weir.client.find_credential(plugin, field, value)` -> consumer, credential
+/// table | nil: a hot native (`HotNative.clientFindCredential`).
+///
+/// Recent matches are kept by the Lua strings asked with. A client sends
+/// the same key request after request, and Lua interns short strings: the
+/// key read from its header is the same string object each time while it
+/// lives. Kept by the three strings' addresses (64 direct-mapped slots by
 /// the value's); each cached string is pinned (a registry table holds it
 /// while it has its slot), so a hit is three address comparisons instead of
 /// hashing plugin, field and value and looking the hash up. Only matches are
 /// kept (an unknown key is looked up each time, and cannot fill the cache).
+/// A hit reads only the match's id: the consumer's name and the credential
+/// table are Lua values made on the first lookup of that credential and
+/// handed out again after (like `conf`, plugins treat the table as
+/// read-only), so a lookup builds no table or string per request.
 ///
 /// One per Lua state, used only on its event loop (like the state).
-final class RecentCredentials {
+final class CredentialLookups {
     private static let slotCount = 64                  // a power of two
     private struct Entry {
         var plugin: UnsafeRawPointer?, field: UnsafeRawPointer?, value: UnsafeRawPointer?
+        /// The match's id (-1: empty), and the match itself.
+        var id = -1
         var match: ConsumerCredentials.Match?
     }
+    private let credentials: ConsumerCredentials
     private var entries = [Entry](repeating: Entry(), count: slotCount)
+    /// Registry reference of the table that pins the cached strings (3 * slot + 1...3 -> plugin, field, value).
     private let pinsRef: Int32
+    /// Registry reference of the Lua values per match: id + 1 -> its
+    /// credential table, -(id + 1) -> its consumer's name.
+    private let valuesRef: Int32
 
-    /// - Parameter L: a thread of the state the cache serves (the pin table lives in its registry).
-    init(on L: LuaThread) {
+    /// - Parameter L: a thread of the state it serves (its tables live in its registry).
+    init(_ credentials: ConsumerCredentials, on L: LuaThread) {
+        self.credentials = credentials
         lua_createtable(L, Int32(3 * Self.slotCount), 0)
         pinsRef = luaL_ref(L, weir_registryindex())
+        lua_createtable(L, 0, 0)
+        valuesRef = luaL_ref(L, weir_registryindex())
     }
 
-    /// The match for the strings at stack indices 1, 2, 3 (their bytes
-    /// `plugin`, `field`, `value`): cached, or `lookup`'s answer.
-    func match(_ plugin: UnsafeRawBufferPointer, _ field: UnsafeRawBufferPointer, _ value: UnsafeRawBufferPointer,
-               on L: LuaThread,
-               lookup: (UnsafeRawBufferPointer, UnsafeRawBufferPointer, UnsafeRawBufferPointer) -> ConsumerCredentials.Match?)
-        -> ConsumerCredentials.Match? {
-        guard let address = value.baseAddress else { return lookup(plugin, field, value) }
+    /// The lookup of the strings at stack indices 1, 2, 3: pushes the
+    /// consumer and the credential table (2 results) or nil (1); any
+    /// argument that is not a string: WEIR_CALL_FALLBACK.
+    @inline(__always)
+    func find(_ L: LuaThread) -> Int32 {
+        guard let plugin = LuaState.bytes(at: 1, on: L), let field = LuaState.bytes(at: 2, on: L),
+              let value = LuaState.bytes(at: 3, on: L) else { return WEIR_CALL_FALLBACK }
+        guard let slot = slot(plugin, field, value, on: L) else { lua_pushnil(L); return 1 }
+        let id = lua_Integer(entries.withUnsafeBufferPointer { $0[slot].id })
+        lua_rawgeti(L, weir_registryindex(), lua_Integer(valuesRef))      // values
+        if lua_rawgeti(L, -1, -(id + 1)) == LUA_TNIL {                    // values, consumer?
+            weir_pop(L, 1)
+            LuaState.push(entries[slot].match!.consumer, on: L)
+            lua_pushvalue(L, -1)
+            lua_rawseti(L, -3, -(id + 1))
+        }
+        if lua_rawgeti(L, -2, id + 1) == LUA_TNIL {                       // values, consumer, table?
+            weir_pop(L, 1)
+            LuaState.push(.map(entries[slot].match!.credential), on: L)
+            lua_pushvalue(L, -1)
+            lua_rawseti(L, -4, id + 1)
+        }
+        lua_rotate(L, -3, -1)                                             // consumer, table, values
+        weir_pop(L, 1)
+        return 2
+    }
+
+    /// The slot holding the match for `plugin`, `field`, `value` (the
+    /// strings at 1, 2, 3): a cached one, or `credentials`' answer cached
+    /// now; nil when there is no match.
+    @inline(__always)
+    private func slot(_ plugin: UnsafeRawBufferPointer, _ field: UnsafeRawBufferPointer, _ value: UnsafeRawBufferPointer,
+                      on L: LuaThread) -> Int? {
+        let address = value.baseAddress
         let mixed = UInt(bitPattern: Int(bitPattern: address)) &* 0x9E37_79B9_7F4A_7C15
         let slot = Int(truncatingIfNeeded: mixed >> 58) & (Self.slotCount - 1)
-        let entry = entries[slot]
-        if entry.value == address && entry.plugin == plugin.baseAddress && entry.field == field.baseAddress {
-            return entry.match
+        let hit = entries.withUnsafeBufferPointer { entries in
+            entries[slot].id >= 0 && entries[slot].value == address && entries[slot].plugin == plugin.baseAddress
+                && entries[slot].field == field.baseAddress
         }
-        guard let found = lookup(plugin, field, value) else { return nil }
+        return hit ? slot : cache(plugin, field, value, in: slot, on: L)
+    }
+
+    @inline(never)
+    private func cache(_ plugin: UnsafeRawBufferPointer, _ field: UnsafeRawBufferPointer, _ value: UnsafeRawBufferPointer,
+                       in slot: Int, on L: LuaThread) -> Int? {
+        guard let found = credentials.find(plugin, field, value) else { return nil }
         lua_rawgeti(L, weir_registryindex(), lua_Integer(pinsRef))       // pins
         for i in 1...3 {                                                  // the slot's old strings unpinned
             lua_pushvalue(L, Int32(i))
             lua_rawseti(L, -2, lua_Integer(3 * slot + i))
         }
         weir_pop(L, 1)
-        entries[slot] = Entry(plugin: plugin.baseAddress, field: field.baseAddress, value: address, match: found)
-        return found
+        entries[slot] = Entry(plugin: plugin.baseAddress, field: field.baseAddress, value: value.baseAddress, id: found.id, match: found)
+        return slot
     }
 }
 

@@ -204,7 +204,7 @@ private let decimalPairs: StaticString = """
 enum HotNative: Int32, CaseIterable {
     case requestGetHeader, upstreamSetHeader, upstreamAddHeader, upstreamClearHeader
     case responseSetHeader, responseAddHeader, sharedDictIncr, sharedDictIncrGet, responseSetPrepared
-    case requestGetRoute, clientGetConsumer, clientIdentify, requestGetRawQuery
+    case requestGetRoute, clientGetConsumer, clientIdentify, requestGetRawQuery, clientFindCredential
 
     /// Its name in the SDK's native table (`N.<name>` in lua/weir/init.lua).
     var sdkName: String {
@@ -222,6 +222,7 @@ enum HotNative: Int32, CaseIterable {
         case .clientGetConsumer: return "client_get_consumer"
         case .clientIdentify: return "client_identify"
         case .requestGetRawQuery: return "req_get_raw_query"
+        case .clientFindCredential: return "client_find_credential"
         }
     }
 
@@ -274,6 +275,8 @@ extension LuaRuntime {
         case HotNative.clientGetConsumer.rawValue: return pushRequestName(L) { $0.consumer }
         case HotNative.clientIdentify.rawValue: return clientIdentify(L)
         case HotNative.requestGetRawQuery.rawValue: return requestGetRawQuery(L)
+        // Any phase: only a call outside one goes to the fallback (its message).
+        case HotNative.clientFindCredential.rawValue: return currentScope == nil ? WEIR_CALL_FALLBACK : credentialLookups.find(L)
         default: return state.callRegisteredNative(id, on: L, yieldCount: yieldCount)
         }
     }
@@ -472,6 +475,7 @@ extension LuaRuntime {
     /// `readsOther` the other key (a string, or absent) to read after.
     /// A result count, or WEIR_CALL_FALLBACK for arguments it does not take.
     func sharedIncrement(_ L: LuaThread, _ target: SharedDictionaries.Dictionary?, readsOther: Bool) -> Int32 {
+        if let target, let count = sharedIncrementCounter(L, target, readsOther: readsOther) { return count }
         let initType = lua_type(L, 4), otherType = readsOther ? lua_type(L, 6) : LUA_TNONE
         let deltaType = lua_type(L, 3), ttlType = lua_type(L, 5)
         guard let key = LuaState.bytes(at: 2, on: L),
@@ -503,6 +507,58 @@ extension LuaRuntime {
             pushShared(v, on: L)
             return 1
         case .failure: return pushIncrFailure(result, L)
+        }
+    }
+
+    /// `sharedIncrement` on a counter, dict:incr's usual use (rate-limiting's
+    /// windows, bench-counter): an integer delta (or none), an integer
+    /// initial value (or none), a ttl >= 0 (or none) and, with `readsOther`,
+    /// the other key (a string, or none), each argument's type read once
+    /// and no `Value` made, copied or destroyed. nil when the arguments or
+    /// the values met are anything else: nothing was changed, and the
+    /// general path does the work (or falls back).
+    @inline(__always)
+    private func sharedIncrementCounter(_ L: LuaThread, _ target: SharedDictionaries.Dictionary, readsOther: Bool) -> Int32? {
+        guard let key = LuaState.bytes(at: 2, on: L) else { return nil }
+        guard case .some(.some(let delta)) = integerArgument(at: 3, or: 1, L),
+              case .some(let initial) = integerArgument(at: 4, or: nil, L) else { return nil }
+        var ttl = 0.0
+        let ttlType = lua_type(L, 5)
+        if ttlType == LUA_TNUMBER {
+            ttl = lua_tonumberx(L, 5, nil)
+            guard !(ttl < 0) else { return nil }
+        } else if ttlType != LUA_TNIL && ttlType != LUA_TNONE {
+            return nil
+        }
+        var other: UnsafeRawBufferPointer?
+        if readsOther {
+            let otherType = lua_type(L, 6)
+            if otherType == LUA_TSTRING { other = LuaState.bytes(at: 6, on: L) } else if otherType != LUA_TNONE { return nil }
+        }
+        let hash = sharedKeyHashes.hash(of: key, at: 2, on: L)
+        var otherHash = 0
+        if let other { otherHash = sharedKeyHashes.hash(of: other, at: 6, on: L) }
+        let result = target.incrementCounter(key, hash: hash, by: delta, initial: initial, initialTTL: ttl,
+                                             other: other, otherHash: otherHash, now: options.shared.now())
+        switch result {
+        case .counted(let count, let otherCount):
+            lua_pushinteger(L, count)
+            guard other != nil else { return 1 }
+            if let otherCount { lua_pushinteger(L, otherCount) } else { lua_pushnil(L) }
+            return 2
+        case .notFound: return pushIncrFailure(.failure(.notFound), L)
+        case .notCounter: return nil
+        }
+    }
+
+    /// An integer argument: its value, `absent` for nil or none (`.some(nil)`
+    /// when that is nil), or nil for anything else (a float too).
+    @inline(__always)
+    private func integerArgument(at index: Int32, or absent: lua_Integer?, _ L: LuaThread) -> lua_Integer?? {
+        switch lua_type(L, index) {
+        case LUA_TNUMBER: return lua_isinteger(L, index) != 0 ? .some(lua_tointegerx(L, index, nil)) : nil
+        case LUA_TNIL, LUA_TNONE: return .some(absent)
+        default: return nil
         }
     }
 

@@ -21,11 +21,14 @@ public final class SharedDictionaries: @unchecked Sendable {
     /// Lua SDK names a dictionary without a String bridge and hash per call.
     private let byID: [Dictionary]
     private let ids: [String: Int]
-    /// Injectable clock (seconds) so TTL behaviour is testable without sleeping.
-    private let clock: @Sendable () -> Double
+    /// Injectable clock (seconds) so TTL behaviour is testable without
+    /// sleeping; nil: CLOCK_MONOTONIC, read directly (a call through the
+    /// stored closure cost dict:incr a retain and release of its context).
+    private let clock: (@Sendable () -> Double)?
 
     /// - Parameter capacities: dictionary name -> maximum number of items.
-    public init(capacities: [String: Int], clock: @escaping @Sendable () -> Double = SharedDictionaries.monotonicNow) {
+    /// - Parameter clock: seconds; nil (the default) is CLOCK_MONOTONIC.
+    public init(capacities: [String: Int], clock: (@Sendable () -> Double)? = nil) {
         var dicts: [String: Dictionary] = [:]
         for (name, capacity) in capacities { dicts[name] = Dictionary(capacity: max(1, capacity)) }
         self.dictionaries = dicts
@@ -55,32 +58,38 @@ public final class SharedDictionaries: @unchecked Sendable {
 
     /// The current time of this set's clock (seconds).
     @inline(__always)
-    func now() -> Double { clock() }
+    func now() -> Double {
+        if let clock { return clock() }
+        return Self.monotonicSeconds()
+    }
 
-    public static let monotonicNow: @Sendable () -> Double = {
+    @inline(__always)
+    static func monotonicSeconds() -> Double {
         var ts = timespec()
         clock_gettime(CLOCK_MONOTONIC, &ts)
         return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
     }
+
+    public static let monotonicNow: @Sendable () -> Double = { monotonicSeconds() }
 
     public func exists(_ name: String) -> Bool { dictionaries[name] != nil }
     public var names: [String] { dictionaries.keys.sorted() }
 
     public func get(_ name: String, _ key: String) -> Value? {
         guard let d = dictionaries[name] else { return nil }
-        return SharedKey.withBytes(key) { d.get($0, now: clock()) }
+        return SharedKey.withBytes(key) { d.get($0, now: now()) }
     }
 
     /// Stores a value; `ttl` seconds (0 = no expiry).
     public func set(_ name: String, _ key: String, _ value: Value, ttl: Double) {
         guard let d = dictionaries[name] else { return }
-        _ = SharedKey.withBytes(key) { d.set($0, value, ttl: ttl, now: clock(), onlyIfAbsent: false) }
+        _ = SharedKey.withBytes(key) { d.set($0, value, ttl: ttl, now: now(), onlyIfAbsent: false) }
     }
 
     /// Stores only if the key is absent (or expired); false if it exists.
     public func add(_ name: String, _ key: String, _ value: Value, ttl: Double) -> Bool {
         guard let d = dictionaries[name] else { return false }
-        return SharedKey.withBytes(key) { d.set($0, value, ttl: ttl, now: clock(), onlyIfAbsent: true) }
+        return SharedKey.withBytes(key) { d.set($0, value, ttl: ttl, now: now(), onlyIfAbsent: true) }
     }
 
     public enum IncrError: Error, Equatable { case notFound, notANumber }
@@ -89,7 +98,7 @@ public final class SharedDictionaries: @unchecked Sendable {
     /// `initialTTL`) or fails with .notFound when `initial` is nil.
     public func incr(_ name: String, _ key: String, by delta: Value, initial: Value?, initialTTL: Double) -> Result<Value, IncrError> {
         guard let d = dictionaries[name] else { return .failure(.notFound) }
-        return SharedKey.withBytes(key) { d.incr($0, delta, initial: initial, initialTTL: initialTTL, now: clock()) }
+        return SharedKey.withBytes(key) { d.incr($0, delta, initial: initial, initialTTL: initialTTL, now: now()) }
     }
 
     public func delete(_ name: String, _ key: String) {
@@ -115,6 +124,11 @@ public final class SharedDictionaries: @unchecked Sendable {
             var nextInBucket: Node?
             init(key: [UInt8], hash: Int, value: Value, expiry: Double) {
                 self.key = key; self.hash = hash; self.value = value; self.expiry = expiry
+            }
+            /// The value when it is an integer (a counter).
+            var count: Int64? {
+                if case .integer(let count) = value { return count }
+                return nil
             }
         }
         private let lock = NIOLock()
@@ -246,19 +260,13 @@ public final class SharedDictionaries: @unchecked Sendable {
 
         /// `incr` of `key`, then the value of `other` (nil when absent), under
         /// one lock (dict:incr_get: a sliding window's current and previous
-        /// counters). As LRU uses, `other` is touched before `key`; in the
-        /// steady state, the same two keys request after request, they are
-        /// the two most recent already in that order and nothing is relinked
-        /// (touching them one by one relinked both every time).
+        /// counters). As LRU uses, `other` is touched before `key` (`touch`).
         func incrGet(_ key: UnsafeRawBufferPointer, hash: Int, _ delta: Value, initial: Value?, initialTTL: Double,
                      other: UnsafeRawBufferPointer, otherHash: Int, now: Double) -> (Result<Value, IncrError>, Value?) {
             lock.withLock {
                 var otherNode = unexpired(other, hash: otherHash, now: now)
                 let node = unexpired(key, hash: hash, now: now)
-                if !(node != nil && otherNode != nil && head === node && node!.next === otherNode) {
-                    if let o = otherNode, head !== o { unlink(o); pushFront(o) }
-                    if let n = node, head !== n { unlink(n); pushFront(n) }
-                }
+                touch(node, after: otherNode)
                 let result: Result<Value, IncrError>
                 if let n = node {
                     guard let sum = Dictionary.add(n.value, delta) else { return (.failure(.notANumber), nil) }
@@ -276,6 +284,102 @@ public final class SharedDictionaries: @unchecked Sendable {
                 // Read after the increment: `other` may be `key` itself.
                 return (result, otherNode?.value)
             }
+        }
+
+        /// Both nodes of an incr_get made the most recently used, `node`
+        /// first (either may be nil). In the steady state, the same two keys
+        /// request after request, they are the two most recent already in
+        /// that order and nothing is relinked (touching them one by one
+        /// relinked both every time).
+        @inline(__always)
+        private func touch(_ node: Node?, after other: Node?) {
+            if node != nil && other != nil && head === node && node!.next === other { return }
+            if let o = other, head !== o { unlink(o); pushFront(o) }
+            if let n = node, head !== n { unlink(n); pushFront(n) }
+        }
+
+        /// What `incrementCounter` did.
+        enum CounterIncrement {
+            /// The new count, and `other`'s (nil: absent, or no other key).
+            case counted(Int64, other: Int64?)
+            /// The key is absent and there is no initial value.
+            case notFound
+            /// A stored value is not an integer, or the sum does not fit:
+            /// nothing changed; `incr`/`incrGet` do it.
+            case notCounter
+        }
+
+        /// `incr` (no `other`) or `incrGet` with an integer delta and
+        /// initial value, as long as the values it meets are integers: a
+        /// counter, dict:incr's usual use (rate-limiting's windows). Same
+        /// effects and LRU order as those; checks everything before changing
+        /// anything, so `.notCounter` leaves the dictionary as it was.
+        func incrementCounter(_ key: UnsafeRawBufferPointer, hash: Int, by delta: Int64, initial: Int64?, initialTTL: Double,
+                              other: UnsafeRawBufferPointer?, otherHash: Int, now: Double) -> CounterIncrement {
+            lock.withLock {
+                // The nodes unretained (`peek`): under the lock nothing frees
+                // them until `insert` (which may evict), and they are not
+                // used after it.
+                var otherNode: Unmanaged<Node>?
+                if let other { otherNode = peekUnexpired(other, hash: otherHash, now: now) }
+                let node = peekUnexpired(key, hash: hash, now: now)
+                var otherCount: Int64?
+                if let o = otherNode {
+                    guard let count = o._withUnsafeGuaranteedRef({ $0.count }) else { return .notCounter }
+                    otherCount = count
+                }
+                if let n = node {
+                    guard let count = n._withUnsafeGuaranteedRef({ $0.count }) else { return .notCounter }
+                    let (sum, overflow) = count.addingReportingOverflow(delta)
+                    if overflow { return .notCounter }
+                    if !isHead(n, followedBy: otherNode) { touch(n.takeUnretainedValue(), after: otherNode?.takeUnretainedValue()) }
+                    n._withUnsafeGuaranteedRef { $0.value = .integer(sum) }
+                    // `other` may be `key` itself: read after the increment.
+                    return .counted(sum, other: otherNode?.toOpaque() == n.toOpaque() ? sum : otherCount)
+                }
+                if let o = otherNode { touch(nil, after: o.takeUnretainedValue()) }
+                guard let initial else { return .notFound }
+                let (sum, overflow) = initial.addingReportingOverflow(delta)
+                if overflow { return .notCounter }
+                insert(key, hash: hash, .integer(sum), ttl: initialTTL, now: now)
+                guard let other else { return .counted(sum, other: nil) }
+                // Looked up again (a new key, once per window): a full
+                // dictionary evicted its least recently used, perhaps
+                // `other`, and `other` may be the key just inserted.
+                guard let o = find(other, hash: otherHash), let count = o.count else { return .counted(sum, other: nil) }
+                return .counted(sum, other: count)
+            }
+        }
+
+        /// `find` without retaining the node (nor any node on the way).
+        @inline(__always)
+        private func peek(_ key: UnsafeRawBufferPointer, hash: Int) -> Unmanaged<Node>? {
+            var current = buckets.withUnsafeBufferPointer { $0[bucket(hash)].map { Unmanaged.passUnretained($0) } }
+            while let n = current {
+                let (matched, next) = n._withUnsafeGuaranteedRef { node in
+                    (node.hash == hash && SharedKey.equal(node.key, key), node.nextInBucket.map { Unmanaged.passUnretained($0) })
+                }
+                if matched { return n }
+                current = next
+            }
+            return nil
+        }
+
+        /// `unexpired` through `peek`.
+        @inline(__always)
+        private func peekUnexpired(_ key: UnsafeRawBufferPointer, hash: Int, now: Double) -> Unmanaged<Node>? {
+            guard let n = peek(key, hash: hash) else { return nil }
+            if n._withUnsafeGuaranteedRef({ $0.expiry != 0 && $0.expiry <= now }) { remove(n.takeUnretainedValue()); return nil }
+            return n
+        }
+
+        /// Whether `node` is the most recently used, `other` (if any) right
+        /// after it: `touch` would change nothing.
+        @inline(__always)
+        private func isHead(_ node: Unmanaged<Node>, followedBy other: Unmanaged<Node>?) -> Bool {
+            guard let head, Unmanaged.passUnretained(head).toOpaque() == node.toOpaque() else { return false }
+            guard let other else { return true }
+            return node._withUnsafeGuaranteedRef { $0.next.map { Unmanaged.passUnretained($0).toOpaque() } } == other.toOpaque()
         }
 
         /// The node for key unless it expired (then dropped); not moved.

@@ -330,7 +330,7 @@ final class SDKTests: XCTestCase {
         XCTAssertEqual(body, "alice|a1|main|true|alice|a2|false|nil", "\(result)")
     }
 
-    /// find_credential's per-string cache (RecentCredentials) answers as a
+    /// find_credential's per-string cache (CredentialLookups) answers as a
     /// lookup does: the same value asked under another field or plugin, more
     /// keys than slots, keys built at run time, collections in between.
     func testFindCredentialAnswersAreTheLookupsAcrossRepeatsAndCollections() throws {
@@ -652,6 +652,79 @@ final class SDKTests: XCTestCase {
         XCTAssertEqual(body, "v|nil|exists|true|1|3|nil|not found|not a number|nil|1|nil|3|true", "\(result)")
         // Visible from Swift (and so from every other event loop).
         XCTAssertEqual(h.options.shared.get("counters", "hits"), .integer(3))
+    }
+
+    /// dict:incr's counter path (`Dictionary.incrementCounter`, what the
+    /// native tries first) against the general `incr`/`incrGet`: run the
+    /// same operations both ways, the counter path followed by the general
+    /// one wherever it answers `.notCounter` (as the native does). The
+    /// answers, the values and the LRU order (what a full dictionary evicts)
+    /// come out the same.
+    func testCounterPathMatchesTheGeneralIncrement() {
+        typealias Value = SharedDictionaries.Value
+        struct Op { var key: String; var delta: Int64; var initial: Int64?; var ttl = 0.0; var other: String?; var now = 1.0 }
+        let ops = [
+            Op(key: "a", delta: 1, initial: 0, ttl: 5, other: nil),         // new, expires at 6
+            Op(key: "a", delta: 2, initial: nil, other: nil),               // existing
+            Op(key: "b", delta: 1, initial: nil, other: "a"),               // absent, no initial: not found
+            Op(key: "b", delta: 1, initial: 10, other: "a"),                // new, other read
+            Op(key: "b", delta: -3, initial: 0, other: "b"),                // other is the key itself
+            Op(key: "s", delta: 1, initial: 0, other: nil),                 // a string: not a number
+            Op(key: "b", delta: 1, initial: 0, other: "s"),                 // other not a counter
+            Op(key: "big", delta: 1, initial: 0, other: nil),               // overflows to a float
+            Op(key: "a", delta: 1, initial: 0, other: "b", now: 7),         // expired: starts again
+            Op(key: "c", delta: 1, initial: 0, other: "a"),                 // full: evicts the least recently used
+            Op(key: "x", delta: 1, initial: 0, other: nil), Op(key: "y", delta: 1, initial: 0, other: nil),
+            Op(key: "z", delta: 1, initial: 0, other: nil),
+            Op(key: "x", delta: 1, initial: 0, other: nil),                 // x used again: y is now the oldest of the three
+            Op(key: "w", delta: 1, initial: 0, other: nil), Op(key: "v", delta: 1, initial: 0, other: nil),
+        ]
+        func run(counterFirst: Bool) -> [String] {
+            let shared = SharedDictionaries(capacities: ["d": 4])
+            shared.set("d", "s", .string("text"), ttl: 0)
+            shared.set("d", "big", .integer(.max), ttl: 0)
+            let d = shared.dictionary(id: shared.id(of: "d")!)!
+            var log: [String] = []
+            for op in ops {
+                SharedKey.withBytes(op.key) { k in
+                    let hash = SharedKey.hash(k)
+                    func general(_ o: UnsafeRawBufferPointer?) -> String {
+                        let initial = op.initial.map { Value.integer($0) }
+                        guard let o else {
+                            return "\(d.incr(k, hash: hash, .integer(op.delta), initial: initial, initialTTL: op.ttl, now: op.now))"
+                        }
+                        let (result, other) = d.incrGet(k, hash: hash, .integer(op.delta), initial: initial, initialTTL: op.ttl,
+                                                        other: o, otherHash: SharedKey.hash(o), now: op.now)
+                        return "\(result) \(String(describing: other))"
+                    }
+                    func both(_ o: UnsafeRawBufferPointer?) -> String {
+                        guard counterFirst else { return general(o) }
+                        switch d.incrementCounter(k, hash: hash, by: op.delta, initial: op.initial, initialTTL: op.ttl,
+                                                  other: o, otherHash: o.map(SharedKey.hash) ?? 0, now: op.now) {
+                        case .counted(let count, let other):
+                            let result = "\(Result<Value, SharedDictionaries.IncrError>.success(.integer(count)))"
+                            return o == nil ? result : "\(result) \(String(describing: other.map { Value.integer($0) }))"
+                        case .notFound:
+                            let result = "\(Result<Value, SharedDictionaries.IncrError>.failure(.notFound))"
+                            return o == nil ? result : "\(result) \(String(describing: Value?.none))"
+                        case .notCounter: return general(o)
+                        }
+                    }
+                    if let other = op.other { log.append(SharedKey.withBytes(other) { both($0) }) } else { log.append(both(nil)) }
+                }
+            }
+            for key in ["a", "b", "c", "s", "big", "x", "y", "z", "w", "v"] { log.append("\(key)=\(String(describing: shared.get("d", key)))") }
+            return log
+        }
+        let general = run(counterFirst: false), counter = run(counterFirst: true)
+        XCTAssertEqual(counter, general)
+        XCTAssertEqual(general.count, ops.count + 10)
+        XCTAssertEqual(Array(general.suffix(5)), ["x=Optional(WeirLua.SharedDictionaries.Value.integer(2))", "y=nil",
+                                                  "z=Optional(WeirLua.SharedDictionaries.Value.integer(1))",
+                                                  "w=Optional(WeirLua.SharedDictionaries.Value.integer(1))",
+                                                  "v=Optional(WeirLua.SharedDictionaries.Value.integer(1))"])
+        XCTAssertTrue(general[2].hasPrefix("failure(WeirLua.SharedDictionaries.IncrError.notFound)"), general[2])
+        XCTAssertTrue(general[7].contains("number(9.2233"), general[7])
     }
 
     func testSharedDictionaryTTL() {
