@@ -81,8 +81,12 @@ static int run_from(lua_State *L, lua_Integer i, int previous_completed) {
     for (; i <= last; i++) {
         begin_entry(L, st, i, previous_completed);
         lua_rawgeti(L, LIST, 3 * i - 2);      // the phase function
-        lua_rawgeti(L, LIST, 3 * i - 1);      // self (the handler table)
-        lua_rawgeti(L, LIST, 3 * i);          // conf
+        // self (the handler table) and conf, or nil for one the function
+        // provably never reads (LuaRuntime.compile): a push instead of a
+        // table read.
+        uint64_t bit = i < 64 ? (uint64_t)1 << i : 0;
+        if (st->chain_unread_self & bit) lua_pushnil(L); else lua_rawgeti(L, LIST, 3 * i - 1);
+        if (st->chain_unread_conf & bit) lua_pushnil(L); else lua_rawgeti(L, LIST, 3 * i);
         // fn(self, conf, ctx) for every entry: CTX is nil when no entry of
         // the list reads ctx, and an entry that provably does not read it
         // (a fixed-parameter Lua function: LuaRuntime.compile) cannot tell

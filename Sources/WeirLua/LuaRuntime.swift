@@ -104,6 +104,11 @@ final class CompiledPlugin {
     /// `weir.ctx` table made for the call, so a request whose plugins never
     /// touch it creates no table and ref.
     var phaseTakesCtx: [Bool] = Array(repeating: true, count: PluginPhase.slotCount)
+    /// Whether a phase function may read its `self` / `conf` parameter
+    /// (the same bytecode test): the chain runner passes nil for one it
+    /// provably never reads.
+    var phaseReadsSelf: [Bool] = Array(repeating: true, count: PluginPhase.slotCount)
+    var phaseReadsConf: [Bool] = Array(repeating: true, count: PluginPhase.slotCount)
     init(definition: PluginDefinition, handlerRef: Int32) {
         self.definition = definition; self.handlerRef = handlerRef
     }
@@ -145,6 +150,11 @@ public final class PluginChain {
     var phaseLists: [Int32] = Array(repeating: LUA_NOREF, count: PluginPhase.slotCount)
     /// Whether some entry's phase function declares ctx, by PluginPhase.luaID.
     var phaseTakesCtx: [Bool] = Array(repeating: false, count: PluginPhase.slotCount)
+    /// The list entries (bit i for entry i, 1-based, up to 63) whose phase
+    /// function never reads `self` / `conf`, by PluginPhase.luaID
+    /// (`weir_state_info.chain_unread_self`/`_conf`).
+    var phaseUnreadSelf: [UInt64] = Array(repeating: 0, count: PluginPhase.slotCount)
+    var phaseUnreadConf: [UInt64] = Array(repeating: 0, count: PluginPhase.slotCount)
     /// The runtime whose Lua state holds this chain's references.
     let owner: ObjectIdentifier?
     /// Some plugin of the chain has a phase after the request phase: a
@@ -406,6 +416,8 @@ public final class LuaRuntime {
         let L = state.main
         var refs = Array(repeating: LUA_NOREF, count: PluginPhase.slotCount)
         var takesCtx = Array(repeating: true, count: PluginPhase.slotCount)
+        var readsSelf = Array(repeating: true, count: PluginPhase.slotCount)
+        var readsConf = Array(repeating: true, count: PluginPhase.slotCount)
         for phase in PluginPhase.allCases {
             if lua_getfield(L, -1, phase.rawValue) == LUA_TFUNCTION {
                 // fn(self, conf, ctx): ctx is the third parameter (register
@@ -416,6 +428,13 @@ public final class LuaRuntime {
                 if lua_getinfo(L, ">u", &info) != 0 {
                     takesCtx[phase.luaID] = info.isvararg != 0
                         || (info.nparams >= 3 && weir_function_reads_param(L, -1, 2) != 0)
+                    // Likewise self and conf (registers 0 and 1): the chain
+                    // runner passes nil for one that is never read, instead
+                    // of reading it from its list (~30 instructions each).
+                    readsSelf[phase.luaID] = info.isvararg != 0
+                        || (info.nparams >= 1 && weir_function_reads_param(L, -1, 0) != 0)
+                    readsConf[phase.luaID] = info.isvararg != 0
+                        || (info.nparams >= 2 && weir_function_reads_param(L, -1, 1) != 0)
                 }
                 refs[phase.luaID] = state.ref()
             } else {
@@ -426,6 +445,8 @@ public final class LuaRuntime {
         let plugin = CompiledPlugin(definition: definition, handlerRef: state.ref())
         plugin.phaseRefs = refs
         plugin.phaseTakesCtx = takesCtx
+        plugin.phaseReadsSelf = readsSelf
+        plugin.phaseReadsConf = readsConf
         return plugin
     }
 
@@ -469,6 +490,11 @@ public final class LuaRuntime {
                 state.pushRef(entry.plugin.handlerRef); lua_rawseti(L, -2, slot + 2)
                 state.pushRef(entry.confRef); lua_rawseti(L, -2, slot + 3)
                 if entry.plugin.phaseTakesCtx[phase.luaID] { chain.phaseTakesCtx[phase.luaID] = true }
+                if k + 1 < 64 {
+                    let bit = UInt64(1) << UInt64(k + 1)
+                    if !entry.plugin.phaseReadsSelf[phase.luaID] { chain.phaseUnreadSelf[phase.luaID] |= bit }
+                    if !entry.plugin.phaseReadsConf[phase.luaID] { chain.phaseUnreadConf[phase.luaID] |= bit }
+                }
             }
             chain.phaseLists[phase.luaID] = state.ref()
         }

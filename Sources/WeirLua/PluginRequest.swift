@@ -79,6 +79,9 @@ open class PluginRequest {
     private var listRef: Int32 = LUA_NOREF
     /// The last entry (1-based) of the runner's current run.
     private var runLast = 0
+    /// `entries` whose function never reads self / conf (PluginChain.phaseUnreadSelf).
+    private var unreadSelf: UInt64 = 0
+    private var unreadConf: UInt64 = 0
     /// Whether a non-nil first result stops the runner (an exit).
     private var checksExit: Int32 { phase == .request || phase == .response ? 1 : 0 }
     private var listTakesCtx = false
@@ -253,6 +256,8 @@ open class PluginRequest {
             recorders = chain.phaseRecorders[phase.luaID]
             cells = chain.phaseCells[phase.luaID]
             ctxCanDieWithPhase = phase == .request && !chain.hasPhasesAfterRequest
+            unreadSelf = chain.phaseUnreadSelf[phase.luaID]
+            unreadConf = chain.phaseUnreadConf[phase.luaID]
         }
         if entries.isEmpty { return .done(.continue) }
         if let result = drive(resumeWith: nil) { return .done(result) }
@@ -400,6 +405,8 @@ open class PluginRequest {
                 if listRef != LUA_NOREF {
                     info.pointee.chain_last = Int32(runLast)
                     info.pointee.chain_check_exit = checksExit
+                    info.pointee.chain_unread_self = unreadSelf
+                    info.pointee.chain_unread_conf = unreadConf
                     info.pointee.chain_cells = cells
                     // The waiting call's start, for the runner to time it when it completes.
                     if index + 1 < Int(info.pointee.chain_marks_capacity) { info.pointee.chain_marks[index + 1] = callStart }
@@ -419,6 +426,8 @@ open class PluginRequest {
                     _ = weir_chain_reserve_marks(thread, Int32(entries.count + 2))
                 }
                 runtime.enter(self, phase: phase, serial: serial)
+                info.pointee.chain_unread_self = unreadSelf
+                info.pointee.chain_unread_conf = unreadConf
                 info.pointee.chain_cells = cells
                 result = co.start(nargs: 2)
             } else {
@@ -559,6 +568,8 @@ open class PluginRequest {
         recorders = chain.phaseRecorders[phase.luaID]
         cells = chain.phaseCells[phase.luaID]
         ctxCanDieWithPhase = false
+        unreadSelf = chain.phaseUnreadSelf[phase.luaID]
+        unreadConf = chain.phaseUnreadConf[phase.luaID]
     }
 
     /// Runs a timer callback as a one-entry chain in the `.timer` phase.

@@ -168,4 +168,45 @@ final class CtxParameterTests: XCTestCase {
         XCTAssertEqual(next.upstreamHeaders.map { "\($0.0)=\($0.1)" }, ["x-trail=req-b+wait+name+param"])
         try h.onLoop { scope.finish() }
     }
+
+    /// The runner passes nil for a self or conf the phase function never
+    /// reads; every function that reads one (directly, through a nested
+    /// function, as vararg) still gets it.
+    func testSelfAndConfArePassedToEveryFunctionThatReadsThem() throws {
+        let h = Harness()
+        h.folder.add("neither", handler: """
+        return { PRIORITY = 5, VERSION = "1", request = function(self, conf, ctx) ctx.trail = "n" end }
+        """)
+        h.folder.add("selfish", handler: """
+        local P = { PRIORITY = 4, VERSION = "1", tag = "s" }
+        function P:request(conf, ctx) ctx.trail = ctx.trail .. self.tag end
+        return P
+        """, schema: "return { fields = { v = { type = 'string', default = 'x' } } }")
+        h.folder.add("confy", handler: """
+        return { PRIORITY = 3, VERSION = "1", request = function(self, conf, ctx)
+          local get = function() return conf.v end
+          ctx.trail = ctx.trail .. get()
+        end }
+        """, schema: "return { fields = { v = { type = 'string', default = 'c' } } }")
+        h.folder.add("varargs", handler: """
+        return { PRIORITY = 2, VERSION = "1", request = function(...)
+          local self, conf, ctx = ...
+          ctx.trail = ctx.trail .. self.VERSION .. conf.v
+        end }
+        """, schema: "return { fields = { v = { type = 'string', default = 'v' } } }")
+        h.folder.add("writer", handler: """
+        return { PRIORITY = 1, VERSION = "1", request = function(self, conf, ctx)
+          weir.upstream.request.set_header("x-trail", ctx.trail)
+        end }
+        """)
+        try h.load(["neither", "selfish", "confy", "varargs", "writer"])
+        let chain = try h.chain("neither", "selfish", "confy", "varargs", "writer")
+        let request = PluginPhase.request.luaID
+        // Entry i is bit i: neither (1) and writer (5) read neither; selfish (2) reads only self; confy (3) only conf.
+        XCTAssertEqual(chain.phaseUnreadSelf[request], 0b10_1010)
+        XCTAssertEqual(chain.phaseUnreadConf[request], 0b10_0110)
+        let req = h.newRequest()
+        guard case .continue = try h.runRequest(chain, request: req)[0] else { return XCTFail() }
+        XCTAssertEqual(req.upstreamHeaders.map { "\($0.0)=\($0.1)" }, ["x-trail=nsc1v"])
+    }
 }

@@ -65,6 +65,8 @@ typedef struct weir_state_info {
     int chain_entry;           // 1-based list index of the plugin it ran last (first: where it starts)
     int chain_last;            // the list index it stops after
     int chain_check_exit;      // a non-nil first result stops the run (request and response phases)
+    uint64_t chain_unread_self; // bit i: entry i's function never reads self (passed nil)
+    uint64_t chain_unread_conf; // bit i: ... never reads conf
     int chain_timing;          // record each plugin's start in chain_marks
     int chain_marks_capacity;
     uint64_t *chain_marks;     // [i]: CLOCK_MONOTONIC ns when entry i started (freed by weir_close)
