@@ -225,6 +225,7 @@ public struct HTTP1Fields: Sendable {
 
     /// `fieldSet(named:)` for a name already classified (`kind` must be
     /// `HTTP1KnownField.classify(name)`).
+    @inline(__always)
     func fieldSet(named name: String, kind: HTTP1KnownField) -> HTTP1FieldSet {
         var set = HTTP1FieldSet()
         guard !entries.isEmpty else { return set }
@@ -250,6 +251,7 @@ public struct HTTP1Fields: Sendable {
 
     /// `fieldSet(named:kind:)` of two names the parser does not tag
     /// (`HTTP1KnownField.other`), in one pass over the index.
+    @inline(__always)
     func otherFieldSets(named first: String, _ second: String) -> (HTTP1FieldSet, HTTP1FieldSet) {
         var sets = (HTTP1FieldSet(), HTTP1FieldSet())
         guard !entries.isEmpty else { return sets }

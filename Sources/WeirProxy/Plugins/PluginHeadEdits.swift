@@ -627,8 +627,10 @@ extension RequestHead {
     }
 
     /// The client's lines named `name`, classified already (`HTTP1Fields.fieldSet(named:kind:)`), read in place.
+    @inline(__always)
     func fieldSet(named name: String, kind: HTTP1KnownField) -> HTTP1FieldSet { wire.fields.fieldSet(named: name, kind: kind) }
     /// The client's lines of two untagged names (`HTTP1Fields.otherFieldSets`), read in place.
+    @inline(__always)
     func otherFieldSets(named first: String, _ second: String) -> (HTTP1FieldSet, HTTP1FieldSet) {
         wire.fields.otherFieldSets(named: first, second)
     }
