@@ -446,6 +446,10 @@ final class LoopContext: @unchecked Sendable {
         connections.removeValue(forKey: ObjectIdentifier(handler))
     }
 
+    /// The open HTTP/1.1 connections' handlers (tests: that a closed one
+    /// is freed, see DownstreamLifetimeTests).
+    var registeredHandlers: [DownstreamHandler] { Array(connections.values) }
+
     func beginDrain() {
         draining = true
         for handler in Array(connections.values) { handler.beginDrain() }

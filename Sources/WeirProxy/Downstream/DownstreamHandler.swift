@@ -139,8 +139,11 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
         if tls != nil { io.attachBehindTLS(context) }
         allocator = context.channel.allocator
         channelWritable = context.channel.isWritable
-        connectionTimer.setUp(loop: context.eventLoop) { [weak self] in self?.connectionTimerFired() }
-        exchangeTimer.setUp(loop: context.eventLoop) { [weak self] in self?.exchangeTimerFired() }
+        // Strong captures, let go of in handlerRemoved (which NIO calls on
+        // close and on removal): a weak one would give this handler a side
+        // table, making each of its retains and releases the slow path.
+        connectionTimer.setUp(loop: context.eventLoop) { self.connectionTimerFired() }
+        exchangeTimer.setUp(loop: context.eventLoop) { self.exchangeTimerFired() }
         if context.channel.isActive { connectionStarted(context: context) }
     }
 
@@ -183,8 +186,14 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
 
     func handlerRemoved(context: ChannelHandlerContext) {
         io.detach()
-        connectionTimer.cancel()
-        exchangeTimer.cancel()
+        connectionTimer.tearDown()
+        exchangeTimer.tearDown()
+        // The handler and its context hold each other (NIO's context keeps
+        // its handler): without this a closed connection's handler, with its
+        // buffers and spare exchange, was never freed (DownstreamLifetimeTests).
+        // Only when the channel is closing: removed for a tunnel or HTTP/2
+        // the channel lives on and the calls still on the stack use `context`.
+        if !context.channel.isActive { self.context = nil }
         connectionPlugins?.close()   // a tunnel runs no more plugins
         if registered {
             // Removed for a tunnel: the connection lives on, now counted and

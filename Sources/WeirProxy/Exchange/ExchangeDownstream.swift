@@ -291,11 +291,10 @@ extension ExchangeDownstream {
     }
 
     func connectFresh(_ exchange: Exchange, pool: TargetPool) {
-        pool.connect(timeout: exchange.plugins?.connectTimeoutOverride).whenComplete { [weak self] result in
-            guard let self else {
-                if case .success(let c) = result { c.close() }
-                return
-            }
+        // `self` held until the connect completes (bounded by the connect
+        // timeout), not weakly: a weak reference would give an HTTP/1.1
+        // handler a side table for its life (see UpstreamHandler.delegate).
+        pool.connect(timeout: exchange.plugins?.connectTimeoutOverride).whenComplete { result in
             guard self.exchange === exchange, !exchange.finished else {
                 // The request ended (client gone, timeout) while we connected: keep the connection.
                 if case .success(let c) = result { pool.release(c, now: self.loopContext.clock.now) }

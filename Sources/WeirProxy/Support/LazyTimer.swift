@@ -17,10 +17,20 @@ struct LazyTimer {
     private var loop: EventLoop? = nil
     private var onFire: (() -> Void)? = nil
 
-    /// Call once before use; `onFire` should capture its owner weakly.
+    /// Call once before use. `onFire` captures its owner weakly, or
+    /// strongly with the owner calling `tearDown` when it is done (that
+    /// breaks the owner -> timer -> closure -> owner cycle).
     mutating func setUp(loop: EventLoop, onFire: @escaping () -> Void) {
         self.loop = loop
         self.onFire = onFire
+    }
+
+    /// Cancels and lets go of the loop and the closure: `set` does nothing
+    /// after it.
+    mutating func tearDown() {
+        cancel()
+        loop = nil
+        onFire = nil
     }
 
     /// Sets (or clears with nil) the deadline.

@@ -152,13 +152,22 @@ final class UpstreamHandler: ChannelDuplexHandler, RemovableChannelHandler {
     typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
-    weak var delegate: UpstreamConnectionDelegate? {
+    /// Strong, not weak: a weak reference gives the delegate (the
+    /// downstream handler) a side table for its whole life, and then every
+    /// retain and release of it takes the runtime's slow path (~550
+    /// instructions per request with the weak assignments and loads,
+    /// BENCHMARKS.md core5). The cycle this makes (downstream -> exchange ->
+    /// connection -> this handler -> downstream) is broken wherever the
+    /// connection leaves its exchange: `detach` (back to the pool),
+    /// `close`, a failed response, the upstream channel going inactive,
+    /// a tunnel taking over (`switchToTunnel`); the downstream closing
+    /// aborts its exchange, which closes the connection.
+    var delegate: UpstreamConnectionDelegate? {
         didSet { delegateAssignments &+= 1 }
     }
-    /// Counts assignments to `delegate`: a read event loads the weak
-    /// reference once and loads it again only after a callback (re)assigned
-    /// it (detach, close, a retry's attach). Each weak load is a call into
-    /// the runtime plus a retain and a release (~6 per response before).
+    /// Counts assignments to `delegate`: a read event loads the reference
+    /// once and loads it again only after a callback (re)assigned it
+    /// (detach, close, a retry's attach).
     private var delegateAssignments: UInt = 0
     /// Strong on purpose: the connection object must outlive a close the
     /// exchange started (late bytes still arrive here). The cycle is broken
