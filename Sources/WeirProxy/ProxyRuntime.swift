@@ -74,7 +74,7 @@ final class RoutedRequest {
 
     /// The observer's counter for this route's requests on this loop,
     /// once found (`requestCounter(observer:)`).
-    private var counter: RequestCounter?
+    private(set) var counter: RequestCounter?
 
     init(route: RouteRuntime, upstream: UpstreamRuntime, forwardURI: String?, routing: LoopRouting) {
         self.route = route

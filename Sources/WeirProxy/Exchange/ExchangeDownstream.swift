@@ -885,9 +885,16 @@ extension ExchangeDownstream {
     /// `now`: the loop's cached time of the event that ended the exchange
     /// (`LoopClock`), so durations are exact to within one loop turn.
     func record(_ exchange: Exchange, now: NIODeadline) {
-        guard let observer = listener.observer else { return }
         let upstreamDuration = exchange.upstreamStart.map { Double((now - $0).nanoseconds) / 1e9 }
         let totalDuration = Double((now - exchange.started).nanoseconds) / 1e9
+        // The usual case: the route's counter already found, and no
+        // access record wanted. The observer (an existential: a retain and
+        // a release) is not loaded for it.
+        if !listener.observerWantsAccessRecords, let counter = exchange.routed?.counter {
+            return counter.add(status: exchange.status, bytesIn: exchange.bytesIn, bytesOut: exchange.bytesOut,
+                               totalDuration: totalDuration, upstreamDuration: upstreamDuration)
+        }
+        guard let observer = listener.observer else { return }
         guard listener.observerWantsAccessRecords else {
             if let counter = exchange.routed?.requestCounter(observer: observer) {
                 return counter.add(status: exchange.status, bytesIn: exchange.bytesIn, bytesOut: exchange.bytesOut,
