@@ -622,7 +622,14 @@ extension ExchangeDownstream {
             failBeforeResponse(exchange, .badUpstreamResponse, "upstream switched protocols without an upgrade request")
             return false
         }
-        if exchange.isUpgrade && !isUpgrade { exchange.keepAlive = false }
+        if exchange.isUpgrade && !isUpgrade {
+            // Refused: neither side's connection carries another request. The
+            // upstream was asked to switch and may have stopped parsing HTTP
+            // (NIO's server does): pooled, it would hold the next client's
+            // request until the read timeout (ExchangeReuseUpgradeTests).
+            exchange.keepAlive = false
+            exchange.upstreamKeepAlive = false
+        }
         return true
     }
 
