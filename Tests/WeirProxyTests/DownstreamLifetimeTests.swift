@@ -1,3 +1,5 @@
+import Foundation
+import NIOConcurrencyHelpers
 import NIOCore
 import WeirCore
 @testable import WeirProxy
@@ -9,7 +11,9 @@ import XCTest
 /// timers' closures and a pending connect hold it strongly, and let go when
 /// the connection leaves its exchange, when NIO removes the handler, when
 /// the connect completes. Its context (which holds it) is let go in
-/// `handlerRemoved` when the channel closes.
+/// `handlerRemoved` when the channel closes, or on the next loop tick when
+/// it leaves a live channel (a WebSocket tunnel after a 101, an HTTP/2
+/// switch).
 final class DownstreamLifetimeTests: UpstreamTestCase {
     private final class WeakHandler: @unchecked Sendable { weak var handler: DownstreamHandler? }
 
@@ -17,9 +21,11 @@ final class DownstreamLifetimeTests: UpstreamTestCase {
     private func openHandler(_ proxy: ProxyHarness) throws -> WeakHandler {
         let box = WeakHandler()
         let context = proxy.server.loopContexts[0]
-        XCTAssertTrue(waitUntil {
-            (try? context.loop.submit { context.registeredHandlers.count }.wait()) == 1
-        })
+        // Polled often: the many-connections test opens a thousand.
+        let deadline = Date().addingTimeInterval(10)
+        while (try? context.loop.submit { context.registeredHandlers.count }.wait()) != 1 && Date() < deadline {
+            usleep(500)
+        }
         try context.loop.submit { box.handler = context.registeredHandlers.first }.wait()
         XCTAssertNotNil(box.handler)
         return box
@@ -56,5 +62,114 @@ final class DownstreamLifetimeTests: UpstreamTestCase {
         XCTAssertTrue(waitUntil { self.upstream.requests.count == 2 })
         client = nil
         try assertFreed(box, proxy, "closed mid-response")
+    }
+
+    // MARK: - Removed from a live channel: tunnel and HTTP/2
+
+    /// An upstream that answers an Upgrade request with 101, then echoes
+    /// every byte and closes its side when a line is "bye".
+    private func tunnelUpstream() throws -> RawUpstream {
+        let upgraded = NIOLockedValueBox<Set<ObjectIdentifier>>([])
+        return try RawUpstream(group: group) { channel, buffer in
+            let id = ObjectIdentifier(channel)
+            if upgraded.withLockedValue({ $0.contains(id) }) {
+                let text = buffer.readString(length: buffer.readableBytes) ?? ""
+                if text.contains("bye\n") { channel.close(promise: nil) } else {
+                    channel.writeAndFlush(ByteBuffer(string: text), promise: nil)
+                }
+                return
+            }
+            let view = String(decoding: buffer.readableBytesView, as: UTF8.self)
+            guard let end = view.range(of: "\r\n\r\n") else { return }
+            buffer.moveReaderIndex(forwardBy: view.utf8.distance(from: view.startIndex, to: end.upperBound))
+            upgraded.withLockedValue { _ = $0.insert(id) }
+            // A later connection may reuse the identifier once this one is gone.
+            channel.closeFuture.whenComplete { _ in upgraded.withLockedValue { _ = $0.remove(id) } }
+            channel.writeAndFlush(ByteBuffer(string: "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"), promise: nil)
+        }
+    }
+
+    /// Upgrades a fresh connection to a tunnel and checks bytes pass both
+    /// ways; returns the client and its (former) HTTP/1.1 handler.
+    private func openTunnel(_ proxy: ProxyHarness) throws -> (BlockingSocket, WeakHandler) {
+        let client = try proxy.connect()
+        let box = try openHandler(proxy)
+        try client.send("GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+        XCTAssertEqual(try client.readResponse().status, 101)
+        try client.send("ping\n")
+        XCTAssertEqual(client.readLine(), "ping", "the tunnel echoes")
+        return (client, box)
+    }
+
+    /// Switches a fresh connection to HTTP/2 with prior knowledge (the
+    /// preface and an empty SETTINGS frame) and waits for the proxy's
+    /// SETTINGS frame; returns the client and its (former) HTTP/1.1 handler.
+    private func openHTTP2(_ proxy: ProxyHarness) throws -> (BlockingSocket, WeakHandler) {
+        let client = try proxy.connect()
+        let box = try openHandler(proxy)
+        try client.send(Array("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".utf8) + [0, 0, 0, 4, 0, 0, 0, 0, 0])
+        let frameHead = try XCTUnwrap(client.readExactly(9), "the proxy answers in HTTP/2")
+        XCTAssertEqual(frameHead[3], 4, "the proxy's first frame is SETTINGS")
+        return (client, box)
+    }
+
+    func testHandlerIsFreedAfterATunnelTheClientCloses() throws {
+        let tunnelUpstream = try tunnelUpstream()
+        defer { tunnelUpstream.stop() }
+        let proxy = try ProxyHarness(config: ProxyHarness.config(targets: [tunnelUpstream.address]), loops: 1)
+        defer { proxy.stop() }
+        var (client, box): (BlockingSocket?, WeakHandler) = try openTunnel(proxy)
+        XCTAssertEqual(proxy.server.activeConnections, 1, "the tunnel is still open")
+        XCTAssertNotNil(client)
+        client = nil   // closes the socket
+        try assertFreed(box, proxy, "was tunnelled and closed by the client")
+        XCTAssertTrue(waitUntil { proxy.server.activeConnections == 0 })
+    }
+
+    func testHandlerIsFreedAfterATunnelTheUpstreamCloses() throws {
+        let tunnelUpstream = try tunnelUpstream()
+        defer { tunnelUpstream.stop() }
+        let proxy = try ProxyHarness(config: ProxyHarness.config(targets: [tunnelUpstream.address]), loops: 1)
+        defer { proxy.stop() }
+        var (client, box): (BlockingSocket?, WeakHandler) = try openTunnel(proxy)
+        try client!.send("bye\n")
+        // The upstream's end reaches the client as a half-close (end of input).
+        XCTAssertTrue(client!.waitForClose(), "the upstream's close ends the tunnel")
+        try assertFreed(box, proxy, "was tunnelled and closed by the upstream")
+        client = nil
+        XCTAssertTrue(waitUntil { proxy.server.activeConnections == 0 })
+    }
+
+    func testHandlerIsFreedAfterAnHTTP2Switch() throws {
+        let proxy = try ProxyHarness(config: ProxyHarness.config(targets: [upstream.address]), loops: 1)
+        defer { proxy.stop() }
+        var (client, box): (BlockingSocket?, WeakHandler) = try openHTTP2(proxy)
+        // The HTTP/2 connection lives on without the HTTP/1.1 handler.
+        try assertFreed(box, proxy, "switched to HTTP/2 (still open)")
+        XCTAssertEqual(proxy.server.activeConnections, 1)
+        XCTAssertNotNil(client)
+        client = nil
+        try assertFreed(box, proxy, "switched to HTTP/2 and closed")
+    }
+
+    /// Many upgraded connections, half tunnels and half HTTP/2: none of
+    /// their HTTP/1.1 handlers outlives its connection.
+    func testNoHandlerOfManyUpgradedConnectionsIsKept() throws {
+        let tunnelUpstream = try tunnelUpstream()
+        defer { tunnelUpstream.stop() }
+        let proxy = try ProxyHarness(config: ProxyHarness.config(targets: [tunnelUpstream.address]), loops: 1)
+        defer { proxy.stop() }
+        var boxes: [WeakHandler] = []
+        for round in 0..<1_000 {
+            let (client, box) = round % 2 == 0 ? try openTunnel(proxy) : try openHTTP2(proxy)
+            boxes.append(box)
+            _ = client   // closed here, at the end of the round
+        }
+        let context = proxy.server.loopContexts[0]
+        var kept = boxes.count
+        XCTAssertTrue(waitUntil {
+            kept = (try? context.loop.submit { boxes.filter { $0.handler != nil }.count }.wait()) ?? kept
+            return kept == 0
+        }, "\(kept) of \(boxes.count) upgraded connections' handlers were kept")
     }
 }

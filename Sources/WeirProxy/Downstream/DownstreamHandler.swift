@@ -191,9 +191,14 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
         // The handler and its context hold each other (NIO's context keeps
         // its handler): without this a closed connection's handler, with its
         // buffers and spare exchange, was never freed (DownstreamLifetimeTests).
-        // Only when the channel is closing: removed for a tunnel or HTTP/2
-        // the channel lives on and the calls still on the stack use `context`.
-        if !context.channel.isActive { self.context = nil }
+        if context.channel.isActive {
+            // Removed from a live channel (a tunnel after a 101, or HTTP/2):
+            // the calls that removed it are still on the stack and may use
+            // `context`; let go once they are done, on the next loop tick.
+            context.eventLoop.execute { self.context = nil }
+        } else {
+            self.context = nil
+        }
         connectionPlugins?.close()   // a tunnel runs no more plugins
         if registered {
             // Removed for a tunnel: the connection lives on, now counted and
