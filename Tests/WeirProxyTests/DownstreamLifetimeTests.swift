@@ -152,6 +152,22 @@ final class DownstreamLifetimeTests: UpstreamTestCase {
         try assertFreed(box, proxy, "switched to HTTP/2 and closed")
     }
 
+    func testHandlerIsFreedAfterAnHTTP2SwitchChosenByALPN() throws {
+        let pki = TestPKI.shared
+        let tls = ListenerTLSConfig.test(pki, certificates: ["a"]) { $0.alpn = ["h2", "http/1.1"] }
+        let proxy = try ProxyHarness(config: httpsConfig(targets: [upstream.address], tls: tls), loops: 1)
+        defer { proxy.stop() }
+        let client = try TLSTestClient(group: group, port: proxy.port, serverName: "a.example.com", ca: pki.cert("ca"),
+                                       alpn: ["h2"])
+        let box = try openHandler(proxy)
+        try client.channel.writeAndFlush(ByteBuffer(bytes: Array("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".utf8) + [0, 0, 0, 4, 0, 0, 0, 0, 0])).wait()
+        XCTAssertTrue(waitUntil { client.unreadByteCount >= 9 }, "the proxy answers in HTTP/2")
+        try assertFreed(box, proxy, "switched to HTTP/2 over TLS (still open)")
+        XCTAssertEqual(proxy.server.activeConnections, 1)
+        client.close()
+        try assertFreed(box, proxy, "switched to HTTP/2 over TLS and closed")
+    }
+
     /// Many upgraded connections, half tunnels and half HTTP/2: none of
     /// their HTTP/1.1 handlers outlives its connection.
     func testNoHandlerOfManyUpgradedConnectionsIsKept() throws {

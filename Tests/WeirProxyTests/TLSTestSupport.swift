@@ -137,7 +137,7 @@ final class TLSTestClient {
     /// - Parameters: `serverName` for SNI (nil: none); `ca` to verify the
     ///   server with (nil: no verification); client certificate optional.
     init(group: EventLoopGroup, port: Int, serverName: String?, ca: String?, clientCert: String? = nil,
-         clientKey: String? = nil, maxVersion: TLSVersion? = nil) throws {
+         clientKey: String? = nil, maxVersion: TLSVersion? = nil, alpn: [String] = ["http/1.1"]) throws {
         var configuration = TLSConfiguration.makeClientConfiguration()
         if let ca {
             configuration.trustRoots = .certificates(try NIOSSLCertificate.fromPEMFile(ca))
@@ -150,7 +150,7 @@ final class TLSTestClient {
             configuration.privateKey = .privateKey(try NIOSSLPrivateKey(file: clientKey, format: .pem))
         }
         configuration.maximumTLSVersion = maxVersion
-        configuration.applicationProtocols = ["http/1.1"]
+        configuration.applicationProtocols = alpn
         let context = try NIOSSLContext(configuration: configuration)
         let received = NIOLockedValueBox(ByteBuffer())
         self.received = received
@@ -228,6 +228,9 @@ final class TLSTestClient {
     }
 
     func close() { try? channel.close().wait() }
+
+    /// How many bytes arrived and were not taken as a response yet.
+    var unreadByteCount: Int { received.withLockedValue { $0.readableBytes } }
 
     private final class Collector: ChannelInboundHandler {
         typealias InboundIn = ByteBuffer
