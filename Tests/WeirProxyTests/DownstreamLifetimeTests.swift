@@ -13,9 +13,16 @@ import XCTest
 /// the connect completes. Its context (which holds it) is let go in
 /// `handlerRemoved` when the channel closes, or on the next loop tick when
 /// it leaves a live channel (a WebSocket tunnel after a 101, an HTTP/2
-/// switch).
-final class DownstreamLifetimeTests: UpstreamTestCase {
-    private final class WeakHandler: @unchecked Sendable { weak var handler: DownstreamHandler? }
+/// switch). On the plugin path the request's plugin side
+/// (`ExchangePlugins.handler`) and the phases' callbacks hold it strongly
+/// too, let go when the scope is finished or the phase's future completes
+/// (see ExchangeDownstream+Plugins.swift).
+final class DownstreamLifetimeTests: PluginFolderTestCase {
+    private final class WeakHandler: @unchecked Sendable {
+        weak var handler: DownstreamHandler?
+        /// The exchange in flight, when taken mid-request.
+        weak var exchange: Exchange?
+    }
 
     /// The handler of the proxy's one open HTTP/1.1 connection, held weakly.
     private func openHandler(_ proxy: ProxyHarness) throws -> WeakHandler {
@@ -36,6 +43,9 @@ final class DownstreamLifetimeTests: UpstreamTestCase {
         // Checked on the loop: the handler's last references go there.
         XCTAssertTrue(waitUntil { (try? context.loop.submit { box.handler == nil }.wait()) == true },
                       "the handler of a connection that \(what) was not freed")
+        // (Its plugin side may live on, emptied, in the loop's spares.)
+        XCTAssertTrue(waitUntil { (try? context.loop.submit { box.exchange == nil }.wait()) == true },
+                      "the exchange of a connection that \(what) was not freed")
     }
 
     func testHandlerIsFreedAfterKeptAliveRequests() throws {
@@ -187,5 +197,156 @@ final class DownstreamLifetimeTests: UpstreamTestCase {
             kept = (try? context.loop.submit { boxes.filter { $0.handler != nil }.count }.wait()) ?? kept
             return kept == 0
         }, "\(kept) of \(boxes.count) upgraded connections' handlers were kept")
+    }
+
+    // MARK: Connections that ran plugins
+
+    private func pluginProxy(global: [String] = [], route: [String]) throws -> PluginProxy {
+        let config = ProxyHarness.config(targets: [upstream.address]) {
+            $0.plugins = global.map { pluginRef($0) }
+            $0.routes[0].plugins = route.map { pluginRef($0) }
+        }
+        return try PluginProxy(config: config, folder: folder, loops: 1)
+    }
+
+    /// Takes the handler and its exchange once a plugin of the request
+    /// waits (`phasePending`).
+    private func handlerWaitingInPlugin(_ proxy: ProxyHarness) throws -> WeakHandler {
+        let box = try openHandler(proxy)
+        let context = proxy.server.loopContexts[0]
+        XCTAssertTrue(waitUntil {
+            (try? context.loop.submit { box.handler?.exchange?.plugins?.phasePending == true }.wait()) == true
+        }, "no plugin waits")
+        try context.loop.submit { box.exchange = box.handler?.exchange }.wait()
+        XCTAssertNotNil(box.exchange)
+        return box
+    }
+
+    /// Closes with a reset (SO_LINGER 0): the proxy sees the connection go at
+    /// once (a FIN alone is a half-close, and the request would carry on).
+    private func reset(_ client: inout BlockingSocket?) {
+        var noLinger = linger(l_onoff: 1, l_linger: 0)
+        setsockopt(client!.fd, SOL_SOCKET, SO_LINGER, &noLinger, socklen_t(MemoryLayout<linger>.size))
+        client = nil
+    }
+
+    func testHandlerIsFreedAfterRequestPhasePlugins() throws {
+        try folder.write("tag", handler: """
+        local weir = require "weir"
+        local P = { PRIORITY = 10, VERSION = "1" }
+        function P:request(conf, ctx)
+          weir.upstream.request.set_header("x-tag", "1")
+        end
+        return P
+        """)
+        let proxy = try pluginProxy(route: ["tag"])
+        defer { proxy.stop() }
+        var client: BlockingSocket? = try proxy.connect()
+        // Several requests: a finished request's plugin side goes to the
+        // loop's spares and serves the next (it must not keep the handler).
+        for path in ["/a", "/b", "/c"] { XCTAssertEqual(try client!.request("GET", path).status, 200) }
+        XCTAssertEqual(upstream.lastRequest?.header("x-tag"), "1")
+        let box = try openHandler(proxy.harness)
+        client = nil
+        try assertFreed(box, proxy.harness, "ran request-phase plugins")
+    }
+
+    func testHandlerIsFreedAfterResponseAndLogPhases() throws {
+        // The log phase waits (weir.sleep): it still runs after the client left.
+        try folder.write("all", handler: """
+        local weir = require "weir"
+        local P = { PRIORITY = 10, VERSION = "1" }
+        function P:request(conf, ctx) ctx.seen = true end
+        function P:response(conf, ctx) weir.response.set_header("x-seen", tostring(ctx.seen)) end
+        function P:log(conf, ctx) weir.sleep(0.05) end
+        return P
+        """)
+        let proxy = try pluginProxy(route: ["all"])
+        defer { proxy.stop() }
+        var client: BlockingSocket? = try proxy.connect()
+        for path in ["/a", "/b"] { XCTAssertEqual(try client!.request("GET", path).header("x-seen"), "true") }
+        let box = try openHandler(proxy.harness)
+        client = nil
+        try assertFreed(box, proxy.harness, "ran response and (waiting) log phases")
+    }
+
+    func testHandlerIsFreedWhenTheClientLeavesWhileAPluginWaits() throws {
+        // The request phase waits (sleep), with a timer set, when the client goes.
+        try folder.write("slow", handler: """
+        local weir = require "weir"
+        local P = { PRIORITY = 10, VERSION = "1" }
+        function P:request(conf, ctx)
+          weir.timer.at(0.05, function() end)
+          weir.sleep(0.3)
+        end
+        return P
+        """)
+        let proxy = try pluginProxy(route: ["slow"])
+        defer { proxy.stop() }
+        var client: BlockingSocket? = try proxy.connect()
+        try client!.send("GET /waits HTTP/1.1\r\nHost: a\r\n\r\n")
+        let box = try handlerWaitingInPlugin(proxy.harness)
+        reset(&client)
+        try assertFreed(box, proxy.harness, "closed while a request-phase plugin waited")
+        // Freed before the plugin's wait ended: the abandoned phase completed
+        // (failed) when the scope was finished, and the request never went on.
+        Thread.sleep(forTimeInterval: 0.4)
+        XCTAssertTrue(upstream.requests.isEmpty, "the abandoned request went upstream")
+    }
+
+    func testHandlerIsFreedWhenTheClientLeavesWhileAResponsePhaseWaits() throws {
+        try folder.write("slowresponse", handler: """
+        local weir = require "weir"
+        local P = { PRIORITY = 10, VERSION = "1" }
+        function P:response(conf, ctx) weir.sleep(0.3) end
+        return P
+        """)
+        let proxy = try pluginProxy(route: ["slowresponse"])
+        defer { proxy.stop() }
+        var client: BlockingSocket? = try proxy.connect()
+        try client!.send("GET /waits HTTP/1.1\r\nHost: a\r\n\r\n")
+        let box = try handlerWaitingInPlugin(proxy.harness)
+        reset(&client)
+        try assertFreed(box, proxy.harness, "closed while a response-phase plugin waited")
+    }
+
+    func testHandlerIsFreedWhenTheClientLeavesWhileTheConnectionPhaseWaits() throws {
+        try folder.write("slowaccept", handler: """
+        local weir = require "weir"
+        local P = { PRIORITY = 10, VERSION = "1" }
+        function P:connection(conf, conn) weir.sleep(0.2) end
+        return P
+        """)
+        let proxy = try pluginProxy(global: ["slowaccept"], route: [])
+        defer { proxy.stop() }
+        var client: BlockingSocket? = try proxy.connect()
+        let box = try openHandler(proxy.harness)
+        client = nil
+        try assertFreed(box, proxy.harness, "closed while its connection phase waited")
+    }
+
+    func testHandlerIsFreedAfterAPluginFailedAndAnExit() throws {
+        try folder.write("gate", handler: """
+        local weir = require "weir"
+        local P = { PRIORITY = 10, VERSION = "1" }
+        function P:request(conf, ctx)
+          local path = weir.request.get_path()
+          if path == "/fail" then error("boom") end
+          if path == "/exit" then weir.response.exit(403, { message = "no" }) end
+        end
+        return P
+        """)
+        let proxy = try pluginProxy(route: ["gate"])
+        defer { proxy.stop() }
+        for (path, status) in [("/fail", 500), ("/exit", 403)] {
+            var client: BlockingSocket? = try proxy.connect()
+            XCTAssertEqual(try client!.request("GET", path).status, status)
+            let box = try openHandler(proxy.harness)
+            client = nil
+            try assertFreed(box, proxy.harness, "got \(path)'s answer")
+            let context = proxy.harness.server.loopContexts[0]
+            XCTAssertTrue(waitUntil { (try? context.loop.submit { context.registeredHandlers.isEmpty }.wait()) == true })
+        }
+        XCTAssertTrue(upstream.requests.isEmpty)
     }
 }

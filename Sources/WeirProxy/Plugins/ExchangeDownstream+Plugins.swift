@@ -11,6 +11,14 @@ import WeirLua
 //                 after the response phase ran on it)
 //   upstream head ─ response phase (status/header changes, may exit)
 //   response sent / request aborted ─ log phase, then the scope is finished
+// The phases' callbacks hold the handler (or HTTP/2 stream) strongly until
+// the phase's future completes, never weakly: a weak reference gives the
+// handler a side table for life, and then every retain and release of it
+// takes the Swift runtime's slow path (BENCHMARKS.md core5, strong5). A
+// phase still waiting when the request ends completes, failed, when its
+// scope is finished (PluginRequest.finish, from ExchangePlugins.endScope),
+// so no callback outlives the request.
+
 /// Tells a future's callback whether it ran inline (the future was already
 /// complete) or later. Used on one event loop only.
 private final class SynchronousOutcome: @unchecked Sendable {
@@ -29,11 +37,14 @@ extension DownstreamHandler {
         let channel = context.channel
         let logger = loopContext.logger
         var decided = false
-        connection.begin(plugins).runConnectionPhase(chain: chain).whenSuccess { [weak self] result in
+        // `self` held until the phase ends, not weakly: a plugin waiting
+        // here (weir.sleep, weir.http) holds it until its wait ends, even
+        // after the client left (no cycle: only the wait holds the future).
+        connection.begin(plugins).runConnectionPhase(chain: chain).whenSuccess { result in
             decided = true
             if connection.phasePending {
                 connection.phasePending = false
-                if case .continue = result { self?.resumeReadingIfAllowed() }
+                if case .continue = result { self.resumeReadingIfAllowed() }
             }
             switch result {
             case .continue: break
@@ -69,9 +80,9 @@ extension ExchangeDownstream {
             connectionPlugins = connection
             connection.close()
             let outcome = SynchronousOutcome()
-            connection.begin(plugins).runConnectionPhase(chain: connectionChain).whenSuccess { [weak self] result in
+            connection.begin(plugins).runConnectionPhase(chain: connectionChain).whenSuccess { result in
                 if outcome.synchronous { outcome.result = result; return }
-                guard let self, self.exchange === exchange, !exchange.finished else { return }
+                guard self.exchange === exchange, !exchange.finished else { return }
                 if case .continue = result {
                     self.startRequestPlugins(exchange, routed: routed, head: head, plugins: plugins, chain: chain,
                                              path: path, query: query)
@@ -102,9 +113,9 @@ extension ExchangeDownstream {
             requestPhaseEnded(exchange, result)
         case .pending(let future):
             scope.phasePending = true
-            future.whenSuccess { [weak self] result in
+            future.whenSuccess { result in
                 scope.phasePending = false
-                guard let self, self.exchange === exchange, !exchange.finished else { return }
+                guard self.exchange === exchange, !exchange.finished else { return }
                 self.requestPhaseEnded(exchange, result)
             }
         }
@@ -159,9 +170,9 @@ extension ExchangeDownstream {
         plugins.holdingResponse = true
         plugins.phasePending = true
         connection.handler.pauseReading()
-        future.whenSuccess { [weak self] result in
+        future.whenSuccess { result in
             plugins.phasePending = false
-            guard let self, self.exchange === exchange, !exchange.finished else { return }
+            guard self.exchange === exchange, !exchange.finished else { return }
             plugins.holdingResponse = false
             let held = plugins.heldParts
             plugins.heldParts.removeAll()
@@ -240,9 +251,9 @@ extension ExchangeDownstream {
             exitResponsePhaseEnded(exchange, plugins: plugins, result: result, body: body, close: close)
         case .pending(let future):
             plugins.phasePending = true
-            future.whenSuccess { [weak self] result in
+            future.whenSuccess { result in
                 plugins.phasePending = false
-                guard let self, self.exchange === exchange, !exchange.finished else { return }
+                guard self.exchange === exchange, !exchange.finished else { return }
                 self.exitResponsePhaseEnded(exchange, plugins: plugins, result: result, body: body, close: close)
             }
         }
@@ -283,8 +294,8 @@ extension ExchangeDownstream {
                                  bodyFiltered: Bool = false) {
         if !bodyFiltered, let plugins = exchange.plugins, plugins.filtersBody, !body.isEmpty,
            Self.exitBodyAllowed(exchange, status: Int(head.status.code)) {
-            let finish: (PhaseResult) -> Void = { [weak self] result in
-                guard let self, self.exchange === exchange, !exchange.finished else { return }
+            let finish: (PhaseResult) -> Void = { result in
+                guard self.exchange === exchange, !exchange.finished else { return }
                 switch result {
                 case .continue:
                     var head = head
@@ -340,9 +351,9 @@ extension ExchangeDownstream {
 
     /// The upstream's end: the filters see a last (empty) chunk, then the response ends.
     func filterLastChunk(_ trailers: HTTP1Fields?, exchange: Exchange, plugins: ExchangePlugins, connection: UpstreamConnection) {
-        runBodyFilter([], isLast: true, exchange: exchange, plugins: plugins, connection: connection) { [weak self] in
+        runBodyFilter([], isLast: true, exchange: exchange, plugins: plugins, connection: connection) {
             plugins.lastChunkFiltered = true
-            self?.upstreamRead(.end(trailers), on: connection)
+            self.upstreamRead(.end(trailers), on: connection)
         }
     }
 

@@ -63,7 +63,13 @@ final class ExchangePlugins: PluginRequest, PluginRequestContext {
     var lastChunkFiltered = false
     /// The scope was finished (`endScope`): it serves no more phases of this request.
     private var scopeEnded = false
-    private weak var handler: (any ExchangeDownstream)?
+    /// Strong, not weak: a weak reference would give the handler a side
+    /// table for life, and every retain and release of it would take the
+    /// runtime's slow path (BENCHMARKS.md strong5). The cycle it makes
+    /// (handler -> exchange -> this -> handler) is broken in `endScope`,
+    /// which every end of the request reaches (`requestDone`; an abandoned
+    /// phase's callback completes with `.failed` when `finish` runs).
+    private var handler: (any ExchangeDownstream)?
     /// Strong: a log phase that waits (weir.http) still reads the request
     /// after the handler dropped the exchange. The cycle through
     /// `exchange.plugins` is broken when the scope is finished.
@@ -125,7 +131,9 @@ final class ExchangePlugins: PluginRequest, PluginRequestContext {
         adoptAsOwnContext(self)
         // Once: a spare serves only requests of the same `LoopPlugins`.
         if loopPlugins.hasConsumerPlugins {
-            consumerChain = { [weak self] consumer in self?.chainForConsumer(consumer) }
+            // Unowned: the closure is this object's and only it calls it (a
+            // weak capture would give this object a side table, see `handler`).
+            consumerChain = { [unowned(unsafe) self] consumer in self.chainForConsumer(consumer) }
         }
     }
 
@@ -236,6 +244,9 @@ final class ExchangePlugins: PluginRequest, PluginRequestContext {
         guard !scopeEnded else { return }
         scopeEnded = true
         finish()
+        // The handler let go of here, whatever holds this object after
+        // (a waiting callback, the spares): it holds the handler strongly.
+        _ = handler.take()
         guard reusable else {
             exchange.plugins = nil
             return
