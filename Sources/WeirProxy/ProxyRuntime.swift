@@ -472,6 +472,10 @@ final class LoopContext: @unchecked Sendable {
         http2Connections.removeValue(forKey: ObjectIdentifier(connection))
     }
 
+    /// The open downstream HTTP/2 connections (tests: that a closed one is
+    /// freed, see DownstreamLifetimeTests).
+    var registeredHTTP2Connections: [HTTP2DownstreamConnection] { Array(http2Connections.values) }
+
     /// Downstream channels that became raw tunnels (after a 101).
     func registerTunnel(_ channel: Channel) {
         tunnels[ObjectIdentifier(channel)] = channel

@@ -178,6 +178,21 @@ final class DownstreamLifetimeTests: PluginFolderTestCase {
         try assertFreed(box, proxy, "switched to HTTP/2 over TLS and closed")
     }
 
+    func testHTTP2ConnectionIsFreedAfterItCloses() throws {
+        final class WeakConnection: @unchecked Sendable { weak var connection: HTTP2DownstreamConnection? }
+        let proxy = try ProxyHarness(config: ProxyHarness.config(targets: [upstream.address]), loops: 1)
+        defer { proxy.stop() }
+        let (client, _) = try openHTTP2(proxy)
+        let context = proxy.server.loopContexts[0]
+        let box = WeakConnection()
+        try context.loop.submit { box.connection = context.registeredHTTP2Connections.first }.wait()
+        XCTAssertNotNil(box.connection)
+        try context.loop.submit { box.connection?.forceClose() }.wait()
+        XCTAssertTrue(client.waitForClose())
+        XCTAssertTrue(waitUntil { (try? context.loop.submit { box.connection == nil }.wait()) == true },
+                      "a closed HTTP/2 connection's handler was not freed")
+    }
+
     /// Many upgraded connections, half tunnels and half HTTP/2: none of
     /// their HTTP/1.1 handlers outlives its connection.
     func testNoHandlerOfManyUpgradedConnectionsIsKept() throws {

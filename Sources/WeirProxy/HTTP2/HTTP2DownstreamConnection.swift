@@ -65,7 +65,13 @@ final class HTTP2DownstreamConnection: ChannelInboundHandler {
     let tls: TLSConnectionInfo?
     var connectionPlugins: ConnectionPlugins?
     private(set) var draining = false
+    /// Let go of after the handler leaves the pipeline (see handlerRemoved).
     private(set) var context: ChannelHandlerContext!
+    /// Kept apart from `context` for the streams, which may still ask for
+    /// them once the connection has ended.
+    private(set) var eventLoop: EventLoop!
+    private(set) var allocator = ByteBufferAllocator()
+    private(set) var localAddress: SocketAddress?
     /// The nghttp2_session (nil once the connection ended).
     private(set) var session: OpaquePointer?
     /// The open streams (client-initiated; this side never opens one).
@@ -230,6 +236,9 @@ final class HTTP2DownstreamConnection: ChannelInboundHandler {
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
+        eventLoop = context.eventLoop
+        allocator = context.channel.allocator
+        localAddress = context.channel.localAddress
         idleTimer.setUp(loop: context.eventLoop) { [weak self] in self?.idleTimerFired() }
         pingTimer.setUp(loop: context.eventLoop) { [weak self] in self?.pingTimerFired() }
         streamTimer.setUp(loop: context.eventLoop) { [weak self] in self?.streamTimerFired() }
@@ -245,6 +254,11 @@ final class HTTP2DownstreamConnection: ChannelInboundHandler {
 
     func handlerRemoved(context: ChannelHandlerContext) {
         connectionEnded()
+        // The handler and its NIO context hold each other: without this no
+        // closed HTTP/2 connection (nor its nghttp2 session) was ever freed
+        // (DownstreamLifetimeTests). On the next tick: this may run inside
+        // a session callback or a flush that still uses `context`.
+        context.eventLoop.execute { self.context = nil }
     }
 
     private func connectionEnded() {
@@ -502,7 +516,7 @@ final class HTTP2DownstreamConnection: ChannelInboundHandler {
 
     private static let lingerSeconds: Int64 = 1
 
-    var isWritable: Bool { context.channel.isWritable }
+    var isWritable: Bool { context?.channel.isWritable ?? false }
 
     /// Builds a header list in the connection's reused one (nothing
     /// allocated per response); `body` submits it before it returns.

@@ -99,13 +99,13 @@ final class HTTP2ServerStream: ExchangeDownstream {
     var peerTrusted: Bool { connection.peerTrusted }
     var draining: Bool { connection.draining }
     var tls: TLSConnectionInfo? { connection.tls }
-    var localAddress: SocketAddress? { connection.context.channel.localAddress }
+    var localAddress: SocketAddress? { connection.localAddress }
     var connectionPlugins: ConnectionPlugins? {
         get { connection.connectionPlugins }
         set { connection.connectionPlugins = newValue }
     }
-    var allocator: ByteBufferAllocator { connection.context.channel.allocator }
-    var eventLoop: EventLoop { connection.context.eventLoop }
+    var allocator: ByteBufferAllocator { connection.allocator }
+    var eventLoop: EventLoop { connection.eventLoop }
     /// The connection's one spare array, for whichever stream starts next.
     var spareUpstreamFields: [HTTP1AddedField] {
         get { connection.spareUpstreamFields }
