@@ -193,6 +193,48 @@ final class DownstreamLifetimeTests: PluginFolderTestCase {
                       "a closed HTTP/2 connection's handler was not freed")
     }
 
+    func testHTTP2ConnectionTheClientClosesEndsAndIsFreed() throws {
+        final class WeakConnection: @unchecked Sendable { weak var connection: HTTP2DownstreamConnection? }
+        let proxy = try ProxyHarness(config: ProxyHarness.config(targets: [upstream.address]), loops: 1)
+        defer { proxy.stop() }
+        var (client, _): (BlockingSocket?, WeakHandler) = try openHTTP2(proxy)
+        let context = proxy.server.loopContexts[0]
+        let box = WeakConnection()
+        try context.loop.submit { box.connection = context.registeredHTTP2Connections.first }.wait()
+        XCTAssertNotNil(box.connection)
+        XCTAssertNotNil(client)
+        client = nil   // closes the socket: before, the proxy only noticed at the next PING (60 s)
+        XCTAssertTrue(waitUntil { proxy.server.activeConnections == 0 }, "the HTTP/2 connection was not closed")
+        XCTAssertTrue(waitUntil { (try? context.loop.submit { box.connection == nil }.wait()) == true },
+                      "the HTTP/2 connection's handler was not freed")
+    }
+
+    func testHTTP2ClientHalfCloseStillGetsItsResponse() throws {
+        let proxy = try ProxyHarness(config: ProxyHarness.config(targets: [upstream.address]), loops: 1)
+        defer { proxy.stop() }
+        // One GET on stream 1 (END_STREAM), then the client shuts its write side.
+        let script = """
+        import socket, sys, h2.connection, h2.events
+        s = socket.create_connection(("127.0.0.1", \(proxy.port)))
+        c = h2.connection.H2Connection(); c.initiate_connection()
+        c.send_headers(1, [(":method", "GET"), (":path", "/half"), (":scheme", "http"), (":authority", "a")], end_stream=True)
+        s.sendall(c.data_to_send()); s.shutdown(socket.SHUT_WR)
+        status, body, ended = None, b"", False
+        while not ended:
+            data = s.recv(65536)
+            if not data: break
+            for e in c.receive_data(data):
+                if isinstance(e, h2.events.ResponseReceived): status = dict(e.headers)[b":status"]
+                if isinstance(e, h2.events.DataReceived): body += e.data
+                if isinstance(e, h2.events.StreamEnded): ended = True
+        print(status.decode(), body.decode(), ended)
+        """
+        let r = try runProgram("/usr/bin/python3", ["-c", script])
+        XCTAssertEqual(r.status, 0, r.err)
+        XCTAssertEqual(r.out.trimmingCharacters(in: .whitespacesAndNewlines), "200 ok from upstream True")
+        XCTAssertTrue(waitUntil { proxy.server.activeConnections == 0 }, "the half-closed HTTP/2 connection was not closed")
+    }
+
     /// Many upgraded connections, half tunnels and half HTTP/2: none of
     /// their HTTP/1.1 handlers outlives its connection.
     func testNoHandlerOfManyUpgradedConnectionsIsKept() throws {

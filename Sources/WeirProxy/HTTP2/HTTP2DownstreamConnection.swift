@@ -120,6 +120,8 @@ final class HTTP2DownstreamConnection: ChannelInboundHandler {
     /// The last write is out and the write side shut: what the client still
     /// sends is dropped until it closes (`lingerThenClose`).
     private var lingering = false
+    /// The client shut its side: close once the open streams are done.
+    private var inputClosed = false
     private var lingerTimeout: Scheduled<Void>?
     private var idleTimer = LazyTimer()
     /// Fires at the earliest exchange deadline among the streams.
@@ -326,6 +328,18 @@ final class HTTP2DownstreamConnection: ChannelInboundHandler {
         context.fireChannelWritabilityChanged()
     }
 
+    /// The client closed its socket (or shut its write side): no frame can
+    /// come any more, so the connection would otherwise stay open until a
+    /// PING or the idle timeout found it. Responses in flight still go out
+    /// (a half-close), then GOAWAY and close, as on drain.
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let event = event as? ChannelEvent, case .inputClosed = event {
+            inputClosed = true
+            if streams.isEmpty { closeGracefully() }
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
     func errorCaught(context: ChannelHandlerContext, error: Error) {
         loopContext.logger.debug("HTTP/2 connection error", metadata: ["client": "\(clientIP)", "error": "\(error)"])
         context.close(promise: nil)
@@ -363,7 +377,7 @@ final class HTTP2DownstreamConnection: ChannelInboundHandler {
         guard let stream = streams.removeValue(forKey: streamID) else { return }
         stream.streamClosed()
         if streams.isEmpty {
-            if draining { return closeGracefully() }
+            if draining || inputClosed { return closeGracefully() }
             armIdleTimer()
         }
     }
@@ -508,6 +522,8 @@ final class HTTP2DownstreamConnection: ChannelInboundHandler {
         guard !closed, !lingering else { return }
         lingering = true
         endStreams()   // the session is over: nothing more goes to them
+        // The client already ended its side: no input left to wait for.
+        if inputClosed { return context.close(promise: nil) }
         context.close(mode: .output).whenFailure { _ in context.close(promise: nil) }
         lingerTimeout = context.eventLoop.scheduleTask(in: .seconds(Self.lingerSeconds)) {
             context.close(promise: nil)
