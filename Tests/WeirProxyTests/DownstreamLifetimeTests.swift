@@ -279,6 +279,22 @@ final class DownstreamLifetimeTests: PluginFolderTestCase {
         return box
     }
 
+    /// Sends one request through a route with `plugin`, waits until the
+    /// plugin waits, resets the connection, and checks that the handler and
+    /// the in-flight exchange are freed; `thenWhileRunning` runs before the
+    /// proxy stops.
+    private func assertFreedWhenTheClientLeavesWhile(waitingIn plugin: String, _ what: String,
+                                                     thenWhileRunning: () throws -> Void = {}) throws {
+        let proxy = try pluginProxy(route: [plugin])
+        defer { proxy.stop() }
+        var client: BlockingSocket? = try proxy.connect()
+        try client!.send("GET /waits HTTP/1.1\r\nHost: a\r\n\r\n")
+        let box = try handlerWaitingInPlugin(proxy.harness)
+        reset(&client)
+        try assertFreed(box, proxy.harness, "closed while \(what)")
+        try thenWhileRunning()
+    }
+
     /// Closes with a reset (SO_LINGER 0): the proxy sees the connection go at
     /// once (a FIN alone is a half-close, and the request would carry on).
     private func reset(_ client: inout BlockingSocket?) {
@@ -338,17 +354,12 @@ final class DownstreamLifetimeTests: PluginFolderTestCase {
         end
         return P
         """)
-        let proxy = try pluginProxy(route: ["slow"])
-        defer { proxy.stop() }
-        var client: BlockingSocket? = try proxy.connect()
-        try client!.send("GET /waits HTTP/1.1\r\nHost: a\r\n\r\n")
-        let box = try handlerWaitingInPlugin(proxy.harness)
-        reset(&client)
-        try assertFreed(box, proxy.harness, "closed while a request-phase plugin waited")
-        // Freed before the plugin's wait ended: the abandoned phase completed
-        // (failed) when the scope was finished, and the request never went on.
-        Thread.sleep(forTimeInterval: 0.4)
-        XCTAssertTrue(upstream.requests.isEmpty, "the abandoned request went upstream")
+        try assertFreedWhenTheClientLeavesWhile(waitingIn: "slow", "a request-phase plugin waited") {
+            // Freed before the plugin's wait ended: the abandoned phase completed
+            // (failed) when the scope was finished, and the request never went on.
+            Thread.sleep(forTimeInterval: 0.4)
+            XCTAssertTrue(upstream.requests.isEmpty, "the abandoned request went upstream")
+        }
     }
 
     func testHandlerIsFreedWhenTheClientLeavesWhileAResponsePhaseWaits() throws {
@@ -358,13 +369,7 @@ final class DownstreamLifetimeTests: PluginFolderTestCase {
         function P:response(conf, ctx) weir.sleep(0.3) end
         return P
         """)
-        let proxy = try pluginProxy(route: ["slowresponse"])
-        defer { proxy.stop() }
-        var client: BlockingSocket? = try proxy.connect()
-        try client!.send("GET /waits HTTP/1.1\r\nHost: a\r\n\r\n")
-        let box = try handlerWaitingInPlugin(proxy.harness)
-        reset(&client)
-        try assertFreed(box, proxy.harness, "closed while a response-phase plugin waited")
+        try assertFreedWhenTheClientLeavesWhile(waitingIn: "slowresponse", "a response-phase plugin waited")
     }
 
     func testHandlerIsFreedWhenTheClientLeavesWhileTheConnectionPhaseWaits() throws {

@@ -39,13 +39,13 @@ struct ResponseHeadChanges {
 
     init() {}
 
+    /// The added lines' and wire lines' arrays, for their storage once the
+    /// changes are spent (ExchangePlugins.recycle).
+    mutating func withAddedStorage(_ body: (inout [HTTP1AddedField], inout [UInt8]) -> Void) { body(&edits.added, &wireLines) }
+
     /// The request phase's changes, taken out of `pending` (left empty):
     /// its added lines are moved, not copied (with the copies at the end of
     /// the response phase, ~1 k instructions per response: BENCHMARKS.md, pair2).
-    /// The added lines' array, for its storage once the changes are spent
-    /// (ExchangePlugins.recycle).
-    mutating func withAddedStorage(_ body: (inout [HTTP1AddedField], inout [UInt8]) -> Void) { body(&edits.added, &wireLines) }
-
     /// `keepingWire` false: a prepared set's wire lines become `edits.added`
     /// lines (the response phase reads and edits those).
     init(taking pending: inout PendingResponseHeaders, on fields: HTTP1Fields, keepingWire: Bool = false) {
@@ -238,8 +238,6 @@ struct PendingResponseHeaders {
         return edits
     }
 
-    /// `edits(on:)` into `edits` (made empty first), the added lines moved
-    /// out of here; these changes are empty afterwards.
     /// The storage of a relayed response's added lines (emptied here) for
     /// `added`, so the next request's lines go in without an allocation
     /// (and the relayed array is not freed): only into headers that hold
@@ -256,6 +254,8 @@ struct PendingResponseHeaders {
         }
     }
 
+    /// `edits(on:)` into `edits` (made empty first), the added lines and
+    /// the wire lines moved out of here; these changes are empty afterwards.
     mutating func moveEdits(into edits: inout HTTP1HeadEdits, wire: inout [UInt8], on fields: HTTP1Fields) {
         edits.removed = removedFields(in: fields)
         edits.target = nil
