@@ -244,18 +244,21 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
         // A client read event: one clock read serves everything it triggers.
         loopContext.clock.enterEvent()
         defer { loopContext.clock.leaveEvent() }
-        let buffer = unwrapInboundIn(data)
-        if inbound.readableBytes == 0 {
-            inbound = buffer   // the usual case: nothing left over, no copy
-        } else {
-            var buffer = buffer
-            inbound.writeBuffer(&buffer)
-        }
+        var buffer = unwrapInboundIn(data)
+        // The usual case, nothing left over: the read's buffer and the
+        // empty `inbound` change places (no copy).
+        let swapped = inbound.readableBytes == 0
+        if swapped { swap(&inbound, &buffer) } else { inbound.writeBuffer(&buffer) }
         processInbound()
         // Drained: let go of the read's storage. Holding it (even empty)
         // makes NIOSSL copy its whole 32 KB plaintext buffer on the next
         // decode (copy-on-write), once per request on https listeners.
-        if inbound.readableBytes == 0 { inbound = ByteBuffer() }
+        // A storage-less empty buffer swapped out above just comes back
+        // (the read's storage goes with `buffer`): `ByteBuffer()` is NIO's
+        // shared zero-capacity storage, a retain and a release per read.
+        if inbound.readableBytes == 0 {
+            if swapped && buffer.capacity == 0 { swap(&inbound, &buffer) } else { inbound = ByteBuffer() }
+        }
     }
 
     /// Parses what is buffered: heads (only while no exchange is in flight,

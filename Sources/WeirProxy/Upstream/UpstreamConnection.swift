@@ -42,7 +42,10 @@ final class UpstreamConnection {
     /// The last request head written (see `takeHeadBuffer`); not kept when
     /// larger than `keptHeadBufferCapacity`, so an idle pooled connection
     /// holds at most that much.
-    private var headBuffer = ByteBuffer()
+    /// Optional, not an empty `ByteBuffer()`: that is NIO's shared
+    /// zero-capacity storage, retained and released (atomics) each time a
+    /// slot is emptied with it.
+    private var headBuffer: ByteBuffer? = nil
     private static let keptHeadBufferCapacity = 4096
     /// Set when this "connection" is one stream of an HTTP/2 upstream
     /// connection (`HTTP2/UpstreamHTTP2Pool.swift`): requests go out as
@@ -84,9 +87,9 @@ final class UpstreamConnection {
     /// and malloc/free per request on a pooled connection; if a write still
     /// holds it, `clear()` allocates as a new buffer would).
     func takeHeadBuffer(capacity: Int) -> ByteBuffer {
-        var buffer = headBuffer
-        headBuffer = ByteBuffer()
-        guard buffer.capacity >= capacity else { return channel.allocator.buffer(capacity: capacity) }
+        guard var buffer = headBuffer.take(), buffer.capacity >= capacity else {
+            return channel.allocator.buffer(capacity: capacity)
+        }
         buffer.clear()
         return buffer
     }
@@ -277,19 +280,22 @@ final class UpstreamHandler: ChannelDuplexHandler, RemovableChannelHandler {
         let clock = delegate.loopClock
         clock.enterEvent()
         defer { clock.leaveEvent() }
-        let buffer = unwrapInboundIn(data)
-        if inbound.readableBytes == 0 {
-            inbound = buffer   // the usual case: no copy
-        } else {
-            var buffer = buffer
-            inbound.writeBuffer(&buffer)
-        }
+        var buffer = unwrapInboundIn(data)
+        // The usual case, nothing left over: the read's buffer and the
+        // empty `inbound` change places (no copy).
+        let swapped = inbound.readableBytes == 0
+        if swapped { swap(&inbound, &buffer) } else { inbound.writeBuffer(&buffer) }
         process(connection, delegate: delegate)
         // Drained: let go of the read's storage. Holding it (even empty)
         // makes a TLS upstream's NIOSSLHandler copy its whole 32 KB
         // plaintext buffer on the next decode (copy-on-write), once per
         // response; plain sockets' reads reuse their buffer the same way.
-        if inbound.readableBytes == 0 { inbound = ByteBuffer() }
+        // A storage-less empty buffer swapped out above just comes back
+        // (the read's storage goes with `buffer`): `ByteBuffer()` is NIO's
+        // shared zero-capacity storage, a retain and a release per read.
+        if inbound.readableBytes == 0 {
+            if swapped && buffer.capacity == 0 { swap(&inbound, &buffer) } else { inbound = ByteBuffer() }
+        }
     }
 
     /// Parses what is buffered and reports it, part by part, while an
