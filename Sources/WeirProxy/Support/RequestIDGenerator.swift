@@ -33,15 +33,25 @@ final class RequestIDGenerator {
     }
 
     // Inlined: a call kept the generator retained across it (a
-    // retain/release pair per request, callgrind).
+    // retain/release pair per request, callgrind). The prefix change is a
+    // call of its own on a path that returns: a call on the shared path
+    // (`drawPrefix` then carrying on) kept the generator retained there too.
     @inline(__always)
     func nextID() -> RequestID {
-        counter &+= 1
-        if counter >= Self.counterLimit { drawPrefix(); counter = 1 }
-        var value = counter
+        let next = counter &+ 1
+        guard next < Self.counterLimit else { return firstIDOfNewPrefix() }
+        counter = next
+        var value = next
         var digits = 1
         while value >= 62 { value /= 62; digits += 1 }
-        return RequestID(prefix: prefix, counter: counter, digits: digits)
+        return RequestID(prefix: prefix, counter: next, digits: digits)
+    }
+
+    @inline(never)
+    private func firstIDOfNewPrefix() -> RequestID {
+        drawPrefix()
+        counter = 1
+        return RequestID(prefix: prefix, counter: 1, digits: 1)
     }
 
     /// The next id as a String (`nextID().string`).
