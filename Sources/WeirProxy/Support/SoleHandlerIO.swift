@@ -117,18 +117,21 @@ final class SoleHandlerIO {
     /// handler, or behind TLS).
     var isDirect: Bool { core != nil || readCore != nil }
 
-    func write(_ buffer: ByteBuffer, context: ChannelHandlerContext, promise: EventLoopPromise<Void>?) {
+    /// `context` (here and in `flush`, `read`) is an autoclosure: the owner
+    /// keeps its context in a `var`, and passing it loaded retained and
+    /// released it around every call, while the direct path never uses it.
+    func write(_ buffer: ByteBuffer, context: @autoclosure () -> ChannelHandlerContext, promise: EventLoopPromise<Void>?) {
         // The usual write, held for the flush. Tested against nil, not
         // bound: a bound reference is retained and released per call.
         if core != nil && tlsHandler == nil && promise == nil && held == nil && socket != nil && buffer.readableBytes <= Self.maxHeldBytes
-            && nioHoldsNoWrites(context) {
+            && nioHoldsNoWrites(context()) {
             held = buffer
             return
         }
         if let tlsHandler, let tlsContext {
             return tlsHandler.write(context: tlsContext, data: NIOAny(buffer), promise: promise)
         }
-        guard let core else { return context.write(NIOAny(buffer), promise: promise) }
+        guard let core else { return context().write(NIOAny(buffer), promise: promise) }
         // Through NIO, behind whatever is held.
         nioMayHoldWrites = true
         if let held {
@@ -138,7 +141,7 @@ final class SoleHandlerIO {
         core.write0(NIOAny(buffer), promise: promise)
     }
 
-    func flush(context: ChannelHandlerContext) {
+    func flush(context: @autoclosure () -> ChannelHandlerContext) {
         // The usual flush: the held buffer, sent (references tested, not
         // bound, as in `write`). Held only while NIO holds nothing: the
         // bytes go first.
@@ -152,7 +155,7 @@ final class SoleHandlerIO {
             return
         }
         if let tlsHandler, let tlsContext { return tlsHandler.flush(context: tlsContext) }
-        guard let core else { return context.flush() }
+        guard let core else { return context().flush() }
         // Nothing held: NIO's writes (if any) are flushed by NIO.
         if nioMayHoldWrites { core.flush0() }
     }
@@ -177,11 +180,11 @@ final class SoleHandlerIO {
 
     /// Whether NIO holds none of this channel's writes (asked only after it
     /// was given some: the option lookup costs ~1 k instructions).
-    private func nioHoldsNoWrites(_ context: ChannelHandlerContext) -> Bool {
+    private func nioHoldsNoWrites(_ context: @autoclosure () -> ChannelHandlerContext) -> Bool {
         guard nioMayHoldWrites else { return true }
         // Not a weak reference to the channel kept here: that would give the
         // channel a side table and every retain of it the slow path.
-        guard let buffered = try? context.channel.syncOptions?.getOption(.bufferedWritableBytes), buffered == 0 else {
+        guard let buffered = try? context().channel.syncOptions?.getOption(.bufferedWritableBytes), buffered == 0 else {
             return false
         }
         nioMayHoldWrites = false

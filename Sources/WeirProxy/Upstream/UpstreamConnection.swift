@@ -235,16 +235,18 @@ final class UpstreamHandler: ChannelDuplexHandler, RemovableChannelHandler {
         return rest
     }
 
+    /// `context` tested, not bound (a bound reference is retained and
+    /// released per call): `io` reads it only when it does not send directly.
     func write(_ buffer: ByteBuffer) {
-        guard let context else { return }
-        io.write(buffer, context: context, promise: nil)
+        guard context != nil else { return }
+        io.write(buffer, context: self.context!, promise: nil)
     }
 
     /// From this handler's context: it is the last handler of the pipeline
     /// (the only one, or after an HTTP/2 stream codec), so nothing is skipped.
     func flush() {
-        guard let context else { return }
-        io.flush(context: context)
+        guard context != nil else { return }
+        io.flush(context: self.context!)
     }
 
     func pauseReading() {
