@@ -31,6 +31,9 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
 
     let loopContext: LoopContext
     let listener: ListenerRuntime
+    /// `loopContext.clock`, held directly: read through `loopContext` it
+    /// was retained and released around every client read.
+    private let clock: LoopClock
     var context: ChannelHandlerContext!
     /// Writes, flushes and reads: straight to the channel's core on plain
     /// listeners, where this is the pipeline's only handler. Every write
@@ -124,6 +127,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
     init(loopContext: LoopContext, listener: ListenerRuntime, soleHandler: Bool) {
         self.loopContext = loopContext
         self.listener = listener
+        self.clock = loopContext.clock
         self.soleHandler = soleHandler
         self.limits = HTTP1Limits(listener.config.limits)
         self.parser = HTTP1RequestParser(limits: limits)
@@ -242,8 +246,8 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         if closing || decoderFailed { return }
         // A client read event: one clock read serves everything it triggers.
-        loopContext.clock.enterEvent()
-        defer { loopContext.clock.leaveEvent() }
+        clock.enterEvent()
+        defer { clock.leaveEvent() }
         var buffer = unwrapInboundIn(data)
         // The usual case, nothing left over: the read's buffer and the
         // empty `inbound` change places (no copy).

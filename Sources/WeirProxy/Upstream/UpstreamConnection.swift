@@ -184,6 +184,8 @@ final class UpstreamHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private let behindTLS: Bool
     private var readPaused = false
     private var pendingRead = false
+    /// The event loop's clock, from the first delegate (see channelRead).
+    private var clock: LoopClock?
 
     /// Bytes read and not yet parsed.
     private var inbound = ByteBuffer()
@@ -279,9 +281,12 @@ final class UpstreamHandler: ChannelDuplexHandler, RemovableChannelHandler {
             context.close(promise: nil)
             return
         }
-        let clock = delegate.loopClock
-        clock.enterEvent()
-        defer { clock.leaveEvent() }
+        // The loop's clock (every exchange on this loop has the same one),
+        // kept from the first read: asking the delegate (an existential)
+        // cost a witness call and a retain/release per read.
+        if clock == nil { clock = delegate.loopClock }
+        clock!.enterEvent()
+        defer { clock!.leaveEvent() }
         var buffer = unwrapInboundIn(data)
         // The usual case, nothing left over: the read's buffer and the
         // empty `inbound` change places (no copy).
