@@ -577,7 +577,11 @@ extension ExchangeDownstream {
     }
 
     func upstreamHead(_ head: HTTP1ResponseHead, exchange: Exchange, connection: UpstreamConnection) {
-        guard let routed = exchange.routed, let target = exchange.target else { return }
+        guard exchange.routed != nil, let target = exchange.target else { return }
+        // unowned(unsafe): the exchange (held by the caller) keeps its route
+        // until `clearForReuse`, after the exchange is done; a strong local
+        // was a retain/release per response.
+        unowned(unsafe) let routed = exchange.routed!
         let code = head.status
         if head.isInterim {
             // Informational (100 Continue, 103 Early Hints): relayed as is,
@@ -780,10 +784,12 @@ extension ExchangeDownstream {
     // MARK: - Finishing
 
     func endBalancerAttempt(_ exchange: Exchange) {
-        if exchange.balancerActive, let routed = exchange.routed, let target = exchange.target {
-            exchange.balancerActive = false
-            routed.balancer.requestFinished(target: target)
-        }
+        guard exchange.balancerActive, exchange.routed != nil, let target = exchange.target else { return }
+        exchange.balancerActive = false
+        // unowned(unsafe): the exchange (held by the caller) keeps its route
+        // until `clearForReuse`; a strong local was a retain/release per request.
+        unowned(unsafe) let routed = exchange.routed!
+        routed.balancer.requestFinished(target: target)
     }
 
     /// The proxy answers itself because the upstream could not.
