@@ -81,14 +81,52 @@ extension HTTP1Fields {
 }
 
 extension HTTP1Bytes {
+    /// `n` bytes at `a` and at `b` equal with ASCII letters compared
+    /// without case (any other byte exactly). A word at a time, both sides
+    /// lower-cased in the word (`foldASCIIUpper`); two overlapping loads
+    /// cover 2 to 16 bytes, longer runs take 8 bytes per step. The byte loop
+    /// it replaces cost ~19 instructions a byte (a plugin's `get_header`
+    /// of "apikey": ~115 of its ~175, callgrind).
     static func equalsIgnoringCase(_ a: UnsafePointer<UInt8>, _ b: UnsafePointer<UInt8>, _ n: Int) -> Bool {
-        for i in 0..<n {
-            var x = a[i], y = b[i]
-            if x >= 0x41 && x <= 0x5A { x |= 0x20 }
-            if y >= 0x41 && y <= 0x5A { y |= 0x20 }
-            if x != y { return false }
+        let ra = UnsafeRawPointer(a), rb = UnsafeRawPointer(b)
+        @inline(__always) func same(_ x: UInt64, _ y: UInt64) -> Bool {
+            x == y || foldASCIIUpper(x) == foldASCIIUpper(y)
         }
-        return true
+        @inline(__always) func same16(_ o: Int) -> Bool {
+            same(UInt64(ra.loadUnaligned(fromByteOffset: o, as: UInt16.self)),
+                 UInt64(rb.loadUnaligned(fromByteOffset: o, as: UInt16.self)))
+        }
+        @inline(__always) func same32(_ o: Int) -> Bool {
+            same(UInt64(ra.loadUnaligned(fromByteOffset: o, as: UInt32.self)),
+                 UInt64(rb.loadUnaligned(fromByteOffset: o, as: UInt32.self)))
+        }
+        @inline(__always) func same64(_ o: Int) -> Bool {
+            same(ra.loadUnaligned(fromByteOffset: o, as: UInt64.self), rb.loadUnaligned(fromByteOffset: o, as: UInt64.self))
+        }
+        switch n {
+        case ..<1: return true
+        case 1: return same(UInt64(a[0]), UInt64(b[0]))
+        case 2...3: return same16(0) && same16(n - 2)
+        case 4...7: return same32(0) && same32(n - 4)
+        default:
+            var i = 0
+            while i + 8 < n {
+                if !same64(i) { return false }
+                i += 8
+            }
+            return same64(n - 8)
+        }
+    }
+
+    /// Each byte of `x` that is an ASCII capital ('A'...'Z') lower-cased,
+    /// every other byte (bytes >= 0x80 too) as it is. Per byte, with the
+    /// top bit cleared first so no sum carries into the next byte:
+    /// h + 0x3F has its top bit set when h >= 0x41, h + 0x25 when h >= 0x5B.
+    @inline(__always)
+    static func foldASCIIUpper(_ x: UInt64) -> UInt64 {
+        let h = x & 0x7F7F_7F7F_7F7F_7F7F
+        let capital = (h &+ 0x3F3F_3F3F_3F3F_3F3F) & ~(h &+ 0x2525_2525_2525_2525) & ~x & 0x8080_8080_8080_8080
+        return x | (capital >> 2)
     }
 }
 
