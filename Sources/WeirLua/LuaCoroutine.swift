@@ -5,7 +5,15 @@ import CLuaShims
 /// `lua_resume`; after the function finishes (or after `reset()`), the same
 /// thread can run the next one, so a request reuses one coroutine for all its
 /// plugin calls.
-public final class LuaCoroutine {
+///
+/// A plain value (a thread pointer, its registry slot, two flags), not an
+/// object: a request takes one from its runtime's pool and gives it back
+/// per phase run, and as a class each of those moves (and every use in
+/// `PluginRequest.drive`) cost retains and releases (~100 instructions per
+/// request, callgrind weir-noop). Its state lives as long as the runtime
+/// that made it; the methods that need the state take it. Copies share the
+/// thread: keep one owner (the scope's `coroutine`, or the runtime's pool).
+public struct LuaCoroutine {
     public enum ResumeResult {
         /// The function returned; its `count` results are on `thread`'s stack
         /// (call `clear()` after reading them).
@@ -19,10 +27,8 @@ public final class LuaCoroutine {
         case failed(LuaError)
     }
 
-    public unowned let state: LuaState
     public let thread: LuaThread
-    /// `state.main`, kept here: reading it through the unowned `state`
-    /// cost every resume an unowned-retain and a release.
+    /// The state's main thread (lua_resume's `from`).
     private let main: LuaThread
     private var ref: Int32
     /// True while a function has been started and not yet finished or reset.
@@ -31,14 +37,13 @@ public final class LuaCoroutine {
     public private(set) var isDead = false
 
     public init(state: LuaState) {
-        self.state = state
         self.main = state.main
         self.thread = lua_newthread(state.main)!
         self.ref = state.ref() // pops the thread, anchoring it
     }
 
     /// Drops the registry anchor; the thread is collected with its stack.
-    public func release() {
+    public mutating func release(from state: LuaState) {
         guard ref != LUA_NOREF else { return }
         state.unref(ref)
         ref = LUA_NOREF
@@ -48,7 +53,7 @@ public final class LuaCoroutine {
 
     /// For deinit paths that may run off the loop: queue the anchor for
     /// release by the owner instead of touching the state here.
-    func releaseLater(into runtime: LuaRuntime) {
+    mutating func releaseLater(into runtime: LuaRuntime) {
         guard ref != LUA_NOREF else { return }
         let r = ref
         ref = LUA_NOREF
@@ -56,14 +61,14 @@ public final class LuaCoroutine {
     }
 
     /// Starts the function that sits below `nargs` arguments on the thread's stack.
-    public func start(nargs: Int32) -> ResumeResult {
+    public mutating func start(nargs: Int32, state: LuaState) -> ResumeResult {
         precondition(!isRunning && !isDead, "coroutine busy or dead")
         isRunning = true
-        return resume(nargs: nargs)
+        return resume(nargs: nargs, state: state)
     }
 
     /// Resumes after a yield with `nargs` values pushed on the thread's stack.
-    public func resume(nargs: Int32) -> ResumeResult {
+    public mutating func resume(nargs: Int32, state: LuaState) -> ResumeResult {
         var nresults: Int32 = 0
         let status = weir_resume(thread, main, nargs, &nresults)
         switch status {
@@ -92,7 +97,7 @@ public final class LuaCoroutine {
 
     /// Abandons whatever the thread was doing (closing to-be-closed
     /// variables) and empties its stack, ready for the next function.
-    public func reset() {
+    public mutating func reset() {
         _ = weir_resetthread(thread)
         isRunning = false
     }

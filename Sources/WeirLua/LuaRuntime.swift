@@ -235,7 +235,12 @@ public final class LuaRuntime {
     var currentPlugin: String { current?.runningPlugin ?? "" }
     var currentPhase: PluginPhase = .request
     private var phaseSerial = 0
-    private var idleCoroutines: [LuaCoroutine] = []
+    /// Idle coroutines (`options.maxIdleCoroutines` at most), `idleCount`
+    /// of them: a fixed buffer, not an array (an append and a removeLast
+    /// cost a uniqueness check and a capacity check each, per request).
+    private let idleCoroutines: UnsafeMutablePointer<LuaCoroutine>
+    private let idleCapacity: Int
+    private var idleCount = 0
     private var timers: [ObjectIdentifier: LuaTimer] = [:]
     /// Refs of scopes dropped without finish(), released on the next begin.
     /// Append only through `orphan(_:)`.
@@ -264,6 +269,8 @@ public final class LuaRuntime {
         self.eventLoop = eventLoop
         self.options = options
         self.library = library
+        self.idleCapacity = max(0, options.maxIdleCoroutines)
+        self.idleCoroutines = .allocate(capacity: max(1, idleCapacity))
         self.headerNames = HeaderNameCache(on: state.main)
         self.headerValues = HeaderNameCache(lowercased: false, on: state.main)
         self.sharedKeyHashes = SharedKeyHashes(on: state.main)
@@ -562,7 +569,10 @@ public final class LuaRuntime {
     // MARK: Internals used by PluginRequest
 
     func acquireCoroutine() -> LuaCoroutine {
-        if let co = idleCoroutines.popLast() { return co }
+        if idleCount > 0 {
+            idleCount -= 1
+            return (idleCoroutines + idleCount).move()
+        }
         coroutinesCreated += 1
         return LuaCoroutine(state: state)
     }
@@ -571,30 +581,33 @@ public final class LuaRuntime {
     private(set) var coroutinesCreated = 0
 
     func recycle(_ co: LuaCoroutine) {
-        if co.isDead { co.release(); return }
+        var co = co
+        if co.isDead { co.release(from: state); return }
         if co.isRunning { co.reset() } else { co.clear() }
-        if idleCoroutines.count < options.maxIdleCoroutines {
-            idleCoroutines.append(co)
-        } else {
-            co.release()
-        }
+        recycleFinished(co)
     }
 
     /// `recycle` for a coroutine whose last function finished and whose
     /// stack was emptied (`clear`): nothing to reset.
-    func recycleFinished(consuming co: consuming LuaCoroutine) {
+    @inline(__always)
+    func recycleFinished(_ co: LuaCoroutine) {
         assert(!co.isDead && !co.isRunning && lua_gettop(co.thread) == 0, "coroutine not finished and cleared")
-        if idleCoroutines.count < options.maxIdleCoroutines {
-            idleCoroutines.append(co)
+        if idleCount < idleCapacity {
+            (idleCoroutines + idleCount).initialize(to: co)
+            idleCount += 1
         } else {
-            co.release()
+            var co = co
+            co.release(from: state)
         }
     }
 
     /// Drops idle coroutines (tests use it to measure the heap baseline).
     public func dropIdleCoroutines() {
-        for co in idleCoroutines { co.release() }
-        idleCoroutines.removeAll()
+        while idleCount > 0 {
+            idleCount -= 1
+            var co = (idleCoroutines + idleCount).move()
+            co.release(from: state)
+        }
     }
 
     func nextPhaseSerial() -> Int {
@@ -865,7 +878,8 @@ public final class LuaRuntime {
             timer.cancelled = true
             if onLoop { timer.scheduled?.cancel() }
         }
-        // Coroutines and chains live in the state; closing it frees them all.
-        idleCoroutines.removeAll()
+        // Coroutines and chains live in the state; closing it frees them all
+        // (the idle ones are plain values: only their buffer goes).
+        idleCoroutines.deallocate()
     }
 }

@@ -389,8 +389,10 @@ open class PluginRequest {
     private func drive(resumeWith values: [AsyncValue]?) -> PhaseResult? {
         var resumeValues = values
         while index < entries.count {
-            let co: LuaCoroutine
-            if let existing = coroutine { co = existing } else { co = runtime.acquireCoroutine(); coroutine = co }
+            // A value: this copy runs it and is stored back after the
+            // resume (natives read only the stored one's `thread` meanwhile).
+            if coroutine == nil { coroutine = runtime.acquireCoroutine() }
+            var co = coroutine!
             let thread = co.thread
             let info = runtime.state.info
             let first = index
@@ -411,7 +413,7 @@ open class PluginRequest {
                     // The waiting call's start, for the runner to time it when it completes.
                     if index + 1 < Int(info.pointee.chain_marks_capacity) { info.pointee.chain_marks[index + 1] = callStart }
                 }
-                result = co.resume(nargs: Int32(values.count))
+                result = co.resume(nargs: Int32(values.count), state: runtime.state)
             } else if listRef != LUA_NOREF {
                 serial = runtime.nextPhaseSerial()
                 // A consumer named by an auth plugin may switch the request
@@ -429,7 +431,7 @@ open class PluginRequest {
                 info.pointee.chain_unread_self = unreadSelf
                 info.pointee.chain_unread_conf = unreadConf
                 info.pointee.chain_cells = cells
-                result = co.start(nargs: 2)
+                result = co.start(nargs: 2, state: runtime.state)
             } else {
                 let entry = entries[index]
                 serial = runtime.nextPhaseSerial()
@@ -457,9 +459,10 @@ open class PluginRequest {
                 runtime.state.setBudget(runtime.options.instructionBudget)
                 runtime.enter(self, phase: phase, serial: serial)
                 if runtime.options.observer != nil { callStart = weir_monotonic_ns() }
-                result = co.start(nargs: nargs)
+                result = co.start(nargs: nargs, state: runtime.state)
             }
             runtime.leave()
+            coroutine = co
             let ranList = listRef != LUA_NOREF
             if ranList {
                 // Plugins before the one it stopped in ran to completion.
@@ -495,6 +498,7 @@ open class PluginRequest {
                 weir_pop(thread, count)
                 if let exit = exit {
                     co.reset()
+                    coroutine = co
                     report(.exited)
                     return .exit(exit)
                 }
@@ -511,6 +515,7 @@ open class PluginRequest {
                     return nil
                 }
                 co.reset()
+                coroutine = co
                 return fail(entries[index], "attempt to yield from a plugin phase function (only weir async functions such as weir.sleep may suspend a plugin)")
             case .failed(let error):
                 runtime.recycle(co) // dead: released, a fresh thread serves the next call
@@ -525,9 +530,11 @@ open class PluginRequest {
         // not at finish(). A request waiting on its upstream then holds no
         // Lua thread, so with hundreds of requests in flight the pool still
         // covers them instead of creating and collecting threads per request.
-        // Moved out, not copied (a retain and a release); its last call
-        // finished and emptied its stack (`.finished` above).
-        if let co = coroutine.take() { runtime.recycleFinished(consuming: co) }
+        // Its last call finished and emptied its stack (`.finished` above).
+        if let co = coroutine {
+            coroutine = nil
+            runtime.recycleFinished(co)
+        }
         return .continue
     }
 
