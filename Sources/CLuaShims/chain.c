@@ -139,6 +139,22 @@ int weir_chain_prepare(lua_State *co, int list_ref, int first, int last, int che
     return 1;
 }
 
+int weir_chain_start(lua_State *co, lua_State *from, int list_ref, int first, int last, int check_exit,
+                     int64_t budget, int new_ctx, uint64_t unread_self, uint64_t unread_conf,
+                     struct weir_call_cell *const *cells, int *nresults) {
+    // As Swift did it call by call: a stack that cannot grow leaves the
+    // runner to fail in lua_resume.
+    (void)weir_chain_prepare(co, list_ref, first, last, check_exit, budget);
+    // One hash slot, as PluginRequest.pushCtx makes it (the first key
+    // then needs no rehash).
+    if (new_ctx) lua_createtable(co, 0, 1); else lua_pushnil(co);
+    weir_state_info *st = weir_info(co);
+    st->chain_unread_self = unread_self;
+    st->chain_unread_conf = unread_conf;
+    st->chain_cells = cells;
+    return weir_resume(co, from, 2, nresults);
+}
+
 int weir_chain_reserve_marks(lua_State *L, int count) {
     weir_state_info *st = weir_info(L);
     if (count <= st->chain_marks_capacity) return 1;

@@ -67,10 +67,31 @@ public struct LuaCoroutine {
         return resume(nargs: nargs, state: state)
     }
 
+    /// Starts a fresh run of the phase chain runner (CLuaShims/chain.c,
+    /// `weir_chain_start`): its list, where it starts and ends, a fresh
+    /// budget and its ctx argument (`newCtx`: a new table, else nil) set
+    /// and the runner resumed in one C call.
+    mutating func startChain(listRef: Int32, first: Int32, last: Int32, checkExit: Int32, budget: Int64, newCtx: Bool,
+                             unreadSelf: UInt64, unreadConf: UInt64,
+                             cells: UnsafePointer<UnsafeMutablePointer<weir_call_cell>?>?, state: LuaState) -> ResumeResult {
+        precondition(!isRunning && !isDead, "coroutine busy or dead")
+        isRunning = true
+        var nresults: Int32 = 0
+        let status = weir_chain_start(thread, main, listRef, first, last, checkExit, budget, newCtx ? 1 : 0,
+                                      unreadSelf, unreadConf, cells, &nresults)
+        return outcome(status, nresults, state)
+    }
+
     /// Resumes after a yield with `nargs` values pushed on the thread's stack.
     public mutating func resume(nargs: Int32, state: LuaState) -> ResumeResult {
         var nresults: Int32 = 0
         let status = weir_resume(thread, main, nargs, &nresults)
+        return outcome(status, nresults, state)
+    }
+
+    /// What a resume's status means (the thread's stack as it left it).
+    @inline(__always)
+    private mutating func outcome(_ status: Int32, _ nresults: Int32, _ state: LuaState) -> ResumeResult {
         switch status {
         case LUA_OK:
             isRunning = false
@@ -78,21 +99,27 @@ public struct LuaCoroutine {
         case LUA_YIELD:
             return .yielded(count: nresults)
         default:
-            let message: String
-            switch lua_type(thread, -1) {
-            case LUA_TSTRING, LUA_TNUMBER: message = LuaState.stringOrNumber(at: -1, on: thread) ?? "error"
-            default: message = "(error object is a \(LuaState.typeName(at: -1, on: thread)) value)"
-            }
-            _ = weir_traceback(state.main, thread, nil)
-            let traceback = LuaState.string(at: -1, on: state.main) ?? ""
-            state.pop()
-            isRunning = false
-            isDead = true
-            // The chain runner (CLuaShims/chain.c) is the C function at the
-            // bottom of a phase's coroutine: a line that names nothing.
-            let trimmed = traceback.replacingPrefix("stack traceback:\n").replacingSuffix("\n\t[C]: in ?")
-            return .failed(LuaError(state.expandChunkNames(message), traceback: trimmed))
+            return failure(state)
         }
+    }
+
+    /// The function raised: its error and traceback; the thread is dead.
+    @inline(never)
+    private mutating func failure(_ state: LuaState) -> ResumeResult {
+        let message: String
+        switch lua_type(thread, -1) {
+        case LUA_TSTRING, LUA_TNUMBER: message = LuaState.stringOrNumber(at: -1, on: thread) ?? "error"
+        default: message = "(error object is a \(LuaState.typeName(at: -1, on: thread)) value)"
+        }
+        _ = weir_traceback(state.main, thread, nil)
+        let traceback = LuaState.string(at: -1, on: state.main) ?? ""
+        state.pop()
+        isRunning = false
+        isDead = true
+        // The chain runner (CLuaShims/chain.c) is the C function at the
+        // bottom of a phase's coroutine: a line that names nothing.
+        let trimmed = traceback.replacingPrefix("stack traceback:\n").replacingSuffix("\n\t[C]: in ?")
+        return .failed(LuaError(state.expandChunkNames(message), traceback: trimmed))
     }
 
     /// Abandons whatever the thread was doing (closing to-be-closed

@@ -55,9 +55,9 @@ open class PluginRequest {
     /// again). luaL_ref and luaL_unref per request cost ~530 instructions.
     private var ctxSlot: Int32 = LUA_NOREF
     /// This request's `weir.ctx` lives only as the running chain runner's
-    /// ctx argument (`pushRunnerCtx`); cleared when the request finishes.
+    /// ctx argument (`runnerCtxDiesWithPhase`); cleared when the request finishes.
     private var ctxOnRunnerStack = false
-    /// `entries` are a request phase of a chain with no later phase (`pushRunnerCtx`).
+    /// `entries` are a request phase of a chain with no later phase (`runnerCtxDiesWithPhase`).
     private var ctxCanDieWithPhase = false
     /// Set by weir.response.exit / conn:reject; ends the chain.
     var exit: PluginExit?
@@ -208,20 +208,16 @@ open class PluginRequest {
         ctxRef = ctxSlot
     }
 
-    /// `weir.ctx` as the chain runner's ctx argument. When no later phase
+    /// Whether `weir.ctx`, as the chain runner's ctx argument, is made by
+    /// the runner's start (`weir_chain_start`) for this phase alone. When no later phase
     /// of this request can see the table (a request phase of a chain with
     /// no response, body_filter or log phase, and no consumer chain to
     /// switch to), it is made on the runner's stack and anchored nowhere:
     /// it dies with the phase, with no registry slot to set and clear per
     /// request (~150 instructions). A native that asks for it by name
     /// (`weir.ctx`) finds it there (`pushCtx`).
-    private func pushRunnerCtx(on thread: LuaThread) {
-        if ctxRef == LUA_NOREF && !ctxOnRunnerStack && ctxCanDieWithPhase && consumerChain == nil {
-            lua_createtable(thread, 0, 1)
-            ctxOnRunnerStack = true
-            return
-        }
-        pushCtx(on: thread)
+    private var runnerCtxDiesWithPhase: Bool {
+        ctxRef == LUA_NOREF && !ctxOnRunnerStack && ctxCanDieWithPhase && consumerChain == nil
     }
 
     // MARK: Running a phase
@@ -419,19 +415,28 @@ open class PluginRequest {
                 // A consumer named by an auth plugin may switch the request
                 // phase's chain: then each plugin runs on its own (switchToConsumerChain).
                 runLast = phase == .request && consumerChain != nil ? index + 1 : entries.count
-                // The runner and its list pushed, where it starts and ends
-                // and a fresh budget set, in one C call.
-                _ = weir_chain_prepare(thread, listRef, Int32(index + 1), Int32(runLast), checksExit, Int64(runtime.options.instructionBudget))
-                if listTakesCtx { pushRunnerCtx(on: thread) } else { lua_pushnil(thread) }
                 // The capacity tested here: the C call cost ~18 per phase call.
                 if info.pointee.chain_timing != 0 && info.pointee.chain_marks_capacity < Int32(entries.count + 2) {
                     _ = weir_chain_reserve_marks(thread, Int32(entries.count + 2))
                 }
                 runtime.enter(self, phase: phase, serial: serial)
-                info.pointee.chain_unread_self = unreadSelf
-                info.pointee.chain_unread_conf = unreadConf
-                info.pointee.chain_cells = cells
-                result = co.start(nargs: 2, state: runtime.state)
+                let budget = Int64(runtime.options.instructionBudget)
+                if !listTakesCtx || runnerCtxDiesWithPhase {
+                    // The runner and its list pushed, where it starts and
+                    // ends, a fresh budget, its ctx (nil, or a table for this
+                    // phase alone) and the resume, in one C call.
+                    if listTakesCtx { ctxOnRunnerStack = true }
+                    result = co.startChain(listRef: listRef, first: Int32(index + 1), last: Int32(runLast), checkExit: checksExit,
+                                           budget: budget, newCtx: listTakesCtx, unreadSelf: unreadSelf, unreadConf: unreadConf,
+                                           cells: cells, state: runtime.state)
+                } else {
+                    _ = weir_chain_prepare(thread, listRef, Int32(index + 1), Int32(runLast), checksExit, budget)
+                    pushCtx(on: thread)  // anchored: a later phase sees it
+                    info.pointee.chain_unread_self = unreadSelf
+                    info.pointee.chain_unread_conf = unreadConf
+                    info.pointee.chain_cells = cells
+                    result = co.start(nargs: 2, state: runtime.state)
+                }
             } else {
                 let entry = entries[index]
                 serial = runtime.nextPhaseSerial()

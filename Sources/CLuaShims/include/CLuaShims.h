@@ -191,6 +191,13 @@ int weir_chain_runner(lua_State *L);
 /// starts a fresh instruction budget (weir_set_budget). One call from Swift
 /// instead of one per push. 0 if the stack cannot grow.
 int weir_chain_prepare(lua_State *co, int list_ref, int first, int last, int check_exit, int64_t budget);
+/// A fresh run in one call from Swift: weir_chain_prepare, the runner's
+/// ctx argument (`new_ctx` 0: nil; 1: a new table made for this run alone),
+/// the entries' unread self / conf bits and metrics cells stored in the
+/// info block, then weir_resume of the runner. Returns weir_resume's status.
+int weir_chain_start(lua_State *co, lua_State *from, int list_ref, int first, int last, int check_exit,
+                     int64_t budget, int new_ctx, uint64_t unread_self, uint64_t unread_conf,
+                     struct weir_call_cell *const *cells, int *nresults);
 /// Pushes on `L` the ctx argument of the chain runner running at the
 /// bottom of coroutine `co` (`L` is `co` or a coroutine it resumed): the
 /// request's weir.ctx when it was made for the runner alone. 0 (nothing
