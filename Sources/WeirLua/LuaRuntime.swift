@@ -144,9 +144,10 @@ public final class PluginChain {
     /// as long as the recorders this chain holds.
     let phaseCells: [UnsafePointer<UnsafeMutablePointer<weir_call_cell>?>?]
     /// For the phases the chain runner runs (`PluginPhase.runsChainInOneResume`):
-    /// registry ref of a Lua list of byPhase's entries, 4 slots each
-    /// (function, handler, conf, takes ctx), by PluginPhase.luaID; LUA_NOREF
-    /// for the others (and for chains not made by `LuaRuntime.makeChain`).
+    /// registry ref of the runner closure (CLuaShims/chain.c) whose upvalues
+    /// list byPhase's entries, 3 each (function, handler, conf), by
+    /// PluginPhase.luaID; LUA_NOREF for the others (and for chains not made
+    /// by `LuaRuntime.makeChain`, or longer than WEIR_CHAIN_MAX_ENTRIES).
     var phaseLists: [Int32] = Array(repeating: LUA_NOREF, count: PluginPhase.slotCount)
     /// Whether some entry's phase function declares ctx, by PluginPhase.luaID.
     var phaseTakesCtx: [Bool] = Array(repeating: false, count: PluginPhase.slotCount)
@@ -487,15 +488,16 @@ public final class LuaRuntime {
         let L = state.main
         for phase in PluginPhase.allCases where phase.runsChainInOneResume {
             let phaseEntries = chain.byPhase[phase.luaID]
-            guard !phaseEntries.isEmpty else { continue }
-            // fn, self, conf per entry (chain.c): the runner passes the
-            // request's ctx to every entry when any of them reads it.
-            lua_createtable(L, Int32(phaseEntries.count * 3), 0)
+            // A longer chain (over 255 upvalues) runs an entry per resume.
+            guard !phaseEntries.isEmpty, phaseEntries.count <= Int(WEIR_CHAIN_MAX_ENTRIES),
+                  lua_checkstack(L, Int32(phaseEntries.count * 3 + 1)) != 0 else { continue }
+            // fn, self, conf per entry, as the runner closure's upvalues
+            // (chain.c): the runner passes the request's ctx to every entry
+            // when any of them reads it.
             for (k, entry) in phaseEntries.enumerated() {
-                let slot = lua_Integer(k * 3)
-                state.pushRef(entry.plugin.phaseRefs[phase.luaID]); lua_rawseti(L, -2, slot + 1)
-                state.pushRef(entry.plugin.handlerRef); lua_rawseti(L, -2, slot + 2)
-                state.pushRef(entry.confRef); lua_rawseti(L, -2, slot + 3)
+                state.pushRef(entry.plugin.phaseRefs[phase.luaID])
+                state.pushRef(entry.plugin.handlerRef)
+                state.pushRef(entry.confRef)
                 if entry.plugin.phaseTakesCtx[phase.luaID] { chain.phaseTakesCtx[phase.luaID] = true }
                 if k + 1 < 64 {
                     let bit = UInt64(1) << UInt64(k + 1)
@@ -503,6 +505,7 @@ public final class LuaRuntime {
                     if !entry.plugin.phaseReadsConf[phase.luaID] { chain.phaseUnreadConf[phase.luaID] |= bit }
                 }
             }
+            _ = weir_chain_make_runner(L, Int32(phaseEntries.count))
             chain.phaseLists[phase.luaID] = state.ref()
         }
         return chain

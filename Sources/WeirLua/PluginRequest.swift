@@ -422,7 +422,7 @@ open class PluginRequest {
                 runtime.enter(self, phase: phase, serial: serial)
                 let budget = Int64(runtime.options.instructionBudget)
                 if !listTakesCtx || runnerCtxDiesWithPhase {
-                    // The runner and its list pushed, where it starts and
+                    // The runner (with its list) pushed, where it starts and
                     // ends, a fresh budget, its ctx (nil, or a table for this
                     // phase alone) and the resume, in one C call.
                     if listTakesCtx { ctxOnRunnerStack = true }
@@ -435,7 +435,7 @@ open class PluginRequest {
                     info.pointee.chain_unread_self = unreadSelf
                     info.pointee.chain_unread_conf = unreadConf
                     info.pointee.chain_cells = cells
-                    result = co.start(nargs: 2, state: runtime.state)
+                    result = co.start(nargs: 1, state: runtime.state)
                 }
             } else {
                 let entry = entries[index]
