@@ -25,6 +25,12 @@ public struct LuaCoroutine {
         /// leaves the thread with hooks disabled, so a reused thread could
         /// loop forever unchecked.
         case failed(LuaError)
+
+        /// The function returned nothing (its stack is empty).
+        var finishedWithoutResults: Bool {
+            if case .finished(count: 0) = self { return true }
+            return false
+        }
     }
 
     public let thread: LuaThread

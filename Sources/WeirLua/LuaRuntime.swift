@@ -628,6 +628,7 @@ public final class LuaRuntime {
     /// Publishes the phase (and, for the connection phase, the serial that
     /// conn handles check; for request phases the `weir.ctx` table) to the
     /// Lua SDK and marks `scope` current.
+    @inline(__always)
     func enter(_ scope: PluginRequest, phase: PluginPhase, serial: Int) {
         currentScope = Unmanaged.passUnretained(scope)
         currentPhase = phase
@@ -640,6 +641,12 @@ public final class LuaRuntime {
         let ctxRef = publishedCtxRef == LUA_NOREF || phase == .connection || phase == .timer ? LUA_NOREF : scope.ctxRef
         let needsSerial = phase == .connection && serial != publishedSerial
         guard phase != publishedPhase || ctxRef != publishedCtxRef || needsSerial else { return }
+        publish(phase: phase, serial: serial, ctxRef: ctxRef, needsSerial: needsSerial)
+    }
+
+    /// `enter`'s writes to S, when something changed (rarely per request).
+    @inline(never)
+    private func publish(phase: PluginPhase, serial: Int, ctxRef: Int32, needsSerial: Bool) {
         let L = state.main
         state.pushRef(stateTableRef)
         if phase != publishedPhase {

@@ -472,7 +472,9 @@ open class PluginRequest {
             if ranList {
                 // Plugins before the one it stopped in ran to completion.
                 let stopped = Int(info.pointee.chain_entry) - 1
-                noteRunnerMarks(from: first, stoppedIn: stopped)
+                // A run with cells that went to its end recorded every call
+                // itself: no call stopped, so none of its marks is needed.
+                if cells == nil || !result.finishedWithoutResults { noteRunnerMarks(from: first, stoppedIn: stopped) }
                 index = stopped
             }
             // The entry it stopped in is read only on the paths that need it:
@@ -487,7 +489,9 @@ open class PluginRequest {
                         return fail(entries[index], error.message, error.traceback)
                     } catch { co.clear(); return fail(entries[index], "\(error)") }
                 }
-                co.clear()
+                // No results: lua_resume left the stack empty (the function
+                // and its arguments are gone), nothing to clear.
+                if count > 0 { co.clear() }
                 // A list with cells ran to its end: the runner recorded its
                 // last call (even one that asked for an exit from a
                 // coroutine of its own, which does not stop the list).
