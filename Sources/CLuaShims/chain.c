@@ -44,8 +44,10 @@ static inline void begin_entry(lua_State *L, weir_state_info *st, lua_Integer i,
         st->chain_marks[i] = now;
     }
     // Each plugin's call has its own instruction budget, as when every
-    // call was a resume of its own.
-    weir_watch_restart(L);
+    // call was a resume of its own. The first entry of a run (the runner
+    // just started: no previous call) has the fresh budget and epoch that
+    // weir_chain_prepare and weir_resume's entry gave the run.
+    if (previous_completed) weir_watch_restart(L);
 }
 
 /// The list ran to `last`: its last call ends now.

@@ -239,7 +239,7 @@ open class PluginRequest {
             return .done(.failed(PluginFailure(plugin: "", phase: phase, message: "request already finished", traceback: nil)))
         }
         self.index = 0
-        self.exit = nil
+        if exit != nil { self.exit = nil }  // a nil store over nil still destroys the old value
         if chain !== entriesChain || phase != self.phase {
             // A reused scope mostly runs the same chain's same phase as its
             // last request: its lists are kept (storing them again cost two
