@@ -20,11 +20,16 @@
 #include <lua5.4/lua.h>
 #include "CLuaShims.h"
 
-// The runner's stack: its arguments, in this order. Where the run starts
-// and ends and whether a result stops it are in the info block (set by
+// The runner is a C closure per chain and phase (weir_chain_make_runner)
+// whose upvalues are its list: fn, self, conf per entry, entry i at
+// upvalues 3i-2..3i. An upvalue is pushed with a plain copy, where a
+// table's slot cost a lua_rawgeti (~38 instructions, up to three per
+// entry). Its one argument is ctx. Where the run starts and ends and
+// whether a result stops it are in the info block (set by
 // weir_chain_prepare, and again by Swift before resuming after a wait):
 // plain loads instead of a push from Swift and a lua_to* per argument.
-enum { LIST = 1, CTX = 2 };
+enum { CTX = 1 };
+#define ENTRY_SLOT(i, k) lua_upvalueindex(3 * (int)(i) - 3 + (k))   // k: 1 fn, 2 self, 3 conf
 
 /// Entry i starts. `previous_completed`: entry i - 1 ran in this phase call
 /// and returned without an exit, so it ends now (its cell, when the list
@@ -39,8 +44,10 @@ static inline void begin_entry(lua_State *L, weir_state_info *st, lua_Integer i,
         st->chain_marks[i] = now;
     }
     // Each plugin's call has its own instruction budget, as when every
-    // call was a resume of its own.
-    weir_watch_restart(L);
+    // call was a resume of its own. The first entry of a run (the runner
+    // just started: no previous call) has the fresh budget and epoch that
+    // weir_chain_prepare and weir_resume's entry gave the run.
+    if (previous_completed) weir_watch_restart(L);
 }
 
 /// The list ran to `last`: its last call ends now.
@@ -80,13 +87,12 @@ static int run_from(lua_State *L, lua_Integer i, int previous_completed) {
     int check_exit = st->chain_check_exit;
     for (; i <= last; i++) {
         begin_entry(L, st, i, previous_completed);
-        lua_rawgeti(L, LIST, 3 * i - 2);      // the phase function
+        lua_pushvalue(L, ENTRY_SLOT(i, 1));   // the phase function
         // self (the handler table) and conf, or nil for one the function
-        // provably never reads (LuaRuntime.compile): a push instead of a
-        // table read.
+        // provably never reads (LuaRuntime.compile).
         uint64_t bit = i < 64 ? (uint64_t)1 << i : 0;
-        if (st->chain_unread_self & bit) lua_pushnil(L); else lua_rawgeti(L, LIST, 3 * i - 1);
-        if (st->chain_unread_conf & bit) lua_pushnil(L); else lua_rawgeti(L, LIST, 3 * i);
+        if (st->chain_unread_self & bit) lua_pushnil(L); else lua_pushvalue(L, ENTRY_SLOT(i, 2));
+        if (st->chain_unread_conf & bit) lua_pushnil(L); else lua_pushvalue(L, ENTRY_SLOT(i, 3));
         // fn(self, conf, ctx) for every entry: CTX is nil when no entry of
         // the list reads ctx, and an entry that provably does not read it
         // (a fixed-parameter Lua function: LuaRuntime.compile) cannot tell
@@ -124,9 +130,14 @@ int weir_chain_push_ctx(lua_State *co, lua_State *L) {
     return 1;
 }
 
+int weir_chain_make_runner(lua_State *L, int entries) {
+    if (entries < 1 || entries > WEIR_CHAIN_MAX_ENTRIES) return 0;
+    lua_pushcclosure(L, weir_chain_runner, 3 * entries);
+    return 1;
+}
+
 int weir_chain_prepare(lua_State *co, int list_ref, int first, int last, int check_exit, int64_t budget) {
-    if (!lua_checkstack(co, 4)) return 0;  // the runner, its list, ctx, and lua_resume's own slot
-    lua_pushcfunction(co, weir_chain_runner);
+    if (!lua_checkstack(co, 3)) return 0;  // the runner, ctx, and lua_resume's own slot
     lua_rawgeti(co, LUA_REGISTRYINDEX, list_ref);
     weir_state_info *st = weir_info(co);
     st->chain_entry = first;
@@ -137,6 +148,22 @@ int weir_chain_prepare(lua_State *co, int list_ref, int first, int last, int che
     st->budget_exhausted = 0;
     st->budget_armed = 0;
     return 1;
+}
+
+int weir_chain_start(lua_State *co, lua_State *from, int list_ref, int first, int last, int check_exit,
+                     int64_t budget, int new_ctx, uint64_t unread_self, uint64_t unread_conf,
+                     struct weir_call_cell *const *cells, int *nresults) {
+    // As Swift did it call by call: a stack that cannot grow leaves the
+    // runner to fail in lua_resume.
+    (void)weir_chain_prepare(co, list_ref, first, last, check_exit, budget);
+    // One hash slot, as PluginRequest.pushCtx makes it (the first key
+    // then needs no rehash).
+    if (new_ctx) lua_createtable(co, 0, 1); else lua_pushnil(co);
+    weir_state_info *st = weir_info(co);
+    st->chain_unread_self = unread_self;
+    st->chain_unread_conf = unread_conf;
+    st->chain_cells = cells;
+    return weir_resume(co, from, 1, nresults);
 }
 
 int weir_chain_reserve_marks(lua_State *L, int count) {

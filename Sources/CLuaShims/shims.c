@@ -142,6 +142,10 @@ static void *weir_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
                 if (used > st->bytes_peak) st->bytes_peak = used;
                 return p;
             }
+        } else if (nsize == 0) {
+            // Lua "frees" an empty array part as NULL (each hash-only
+            // table made and freed: twice); tested only off the small path.
+            return NULL;
         }
     } else if (nsize == 0 && osize - 1 < WEIR_SMALL_MAX && small_push(st, ptr, small_class(osize))) {
         st->bytes_used -= osize;

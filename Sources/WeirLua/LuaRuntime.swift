@@ -144,9 +144,10 @@ public final class PluginChain {
     /// as long as the recorders this chain holds.
     let phaseCells: [UnsafePointer<UnsafeMutablePointer<weir_call_cell>?>?]
     /// For the phases the chain runner runs (`PluginPhase.runsChainInOneResume`):
-    /// registry ref of a Lua list of byPhase's entries, 4 slots each
-    /// (function, handler, conf, takes ctx), by PluginPhase.luaID; LUA_NOREF
-    /// for the others (and for chains not made by `LuaRuntime.makeChain`).
+    /// registry ref of the runner closure (CLuaShims/chain.c) whose upvalues
+    /// list byPhase's entries, 3 each (function, handler, conf), by
+    /// PluginPhase.luaID; LUA_NOREF for the others (and for chains not made
+    /// by `LuaRuntime.makeChain`, or longer than WEIR_CHAIN_MAX_ENTRIES).
     var phaseLists: [Int32] = Array(repeating: LUA_NOREF, count: PluginPhase.slotCount)
     /// Whether some entry's phase function declares ctx, by PluginPhase.luaID.
     var phaseTakesCtx: [Bool] = Array(repeating: false, count: PluginPhase.slotCount)
@@ -235,7 +236,12 @@ public final class LuaRuntime {
     var currentPlugin: String { current?.runningPlugin ?? "" }
     var currentPhase: PluginPhase = .request
     private var phaseSerial = 0
-    private var idleCoroutines: [LuaCoroutine] = []
+    /// Idle coroutines (`options.maxIdleCoroutines` at most), `idleCount`
+    /// of them: a fixed buffer, not an array (an append and a removeLast
+    /// cost a uniqueness check and a capacity check each, per request).
+    private let idleCoroutines: UnsafeMutablePointer<LuaCoroutine>
+    private let idleCapacity: Int
+    private var idleCount = 0
     private var timers: [ObjectIdentifier: LuaTimer] = [:]
     /// Refs of scopes dropped without finish(), released on the next begin.
     /// Append only through `orphan(_:)`.
@@ -264,6 +270,8 @@ public final class LuaRuntime {
         self.eventLoop = eventLoop
         self.options = options
         self.library = library
+        self.idleCapacity = max(0, options.maxIdleCoroutines)
+        self.idleCoroutines = .allocate(capacity: max(1, idleCapacity))
         self.headerNames = HeaderNameCache(on: state.main)
         self.headerValues = HeaderNameCache(lowercased: false, on: state.main)
         self.sharedKeyHashes = SharedKeyHashes(on: state.main)
@@ -480,15 +488,16 @@ public final class LuaRuntime {
         let L = state.main
         for phase in PluginPhase.allCases where phase.runsChainInOneResume {
             let phaseEntries = chain.byPhase[phase.luaID]
-            guard !phaseEntries.isEmpty else { continue }
-            // fn, self, conf per entry (chain.c): the runner passes the
-            // request's ctx to every entry when any of them reads it.
-            lua_createtable(L, Int32(phaseEntries.count * 3), 0)
+            // A longer chain (over 255 upvalues) runs an entry per resume.
+            guard !phaseEntries.isEmpty, phaseEntries.count <= Int(WEIR_CHAIN_MAX_ENTRIES),
+                  lua_checkstack(L, Int32(phaseEntries.count * 3 + 1)) != 0 else { continue }
+            // fn, self, conf per entry, as the runner closure's upvalues
+            // (chain.c): the runner passes the request's ctx to every entry
+            // when any of them reads it.
             for (k, entry) in phaseEntries.enumerated() {
-                let slot = lua_Integer(k * 3)
-                state.pushRef(entry.plugin.phaseRefs[phase.luaID]); lua_rawseti(L, -2, slot + 1)
-                state.pushRef(entry.plugin.handlerRef); lua_rawseti(L, -2, slot + 2)
-                state.pushRef(entry.confRef); lua_rawseti(L, -2, slot + 3)
+                state.pushRef(entry.plugin.phaseRefs[phase.luaID])
+                state.pushRef(entry.plugin.handlerRef)
+                state.pushRef(entry.confRef)
                 if entry.plugin.phaseTakesCtx[phase.luaID] { chain.phaseTakesCtx[phase.luaID] = true }
                 if k + 1 < 64 {
                     let bit = UInt64(1) << UInt64(k + 1)
@@ -496,6 +505,7 @@ public final class LuaRuntime {
                     if !entry.plugin.phaseReadsConf[phase.luaID] { chain.phaseUnreadConf[phase.luaID] |= bit }
                 }
             }
+            _ = weir_chain_make_runner(L, Int32(phaseEntries.count))
             chain.phaseLists[phase.luaID] = state.ref()
         }
         return chain
@@ -562,7 +572,10 @@ public final class LuaRuntime {
     // MARK: Internals used by PluginRequest
 
     func acquireCoroutine() -> LuaCoroutine {
-        if let co = idleCoroutines.popLast() { return co }
+        if idleCount > 0 {
+            idleCount -= 1
+            return (idleCoroutines + idleCount).move()
+        }
         coroutinesCreated += 1
         return LuaCoroutine(state: state)
     }
@@ -571,30 +584,33 @@ public final class LuaRuntime {
     private(set) var coroutinesCreated = 0
 
     func recycle(_ co: LuaCoroutine) {
-        if co.isDead { co.release(); return }
+        var co = co
+        if co.isDead { co.release(from: state); return }
         if co.isRunning { co.reset() } else { co.clear() }
-        if idleCoroutines.count < options.maxIdleCoroutines {
-            idleCoroutines.append(co)
-        } else {
-            co.release()
-        }
+        recycleFinished(co)
     }
 
     /// `recycle` for a coroutine whose last function finished and whose
     /// stack was emptied (`clear`): nothing to reset.
-    func recycleFinished(consuming co: consuming LuaCoroutine) {
+    @inline(__always)
+    func recycleFinished(_ co: LuaCoroutine) {
         assert(!co.isDead && !co.isRunning && lua_gettop(co.thread) == 0, "coroutine not finished and cleared")
-        if idleCoroutines.count < options.maxIdleCoroutines {
-            idleCoroutines.append(co)
+        if idleCount < idleCapacity {
+            (idleCoroutines + idleCount).initialize(to: co)
+            idleCount += 1
         } else {
-            co.release()
+            var co = co
+            co.release(from: state)
         }
     }
 
     /// Drops idle coroutines (tests use it to measure the heap baseline).
     public func dropIdleCoroutines() {
-        for co in idleCoroutines { co.release() }
-        idleCoroutines.removeAll()
+        while idleCount > 0 {
+            idleCount -= 1
+            var co = (idleCoroutines + idleCount).move()
+            co.release(from: state)
+        }
     }
 
     func nextPhaseSerial() -> Int {
@@ -612,6 +628,7 @@ public final class LuaRuntime {
     /// Publishes the phase (and, for the connection phase, the serial that
     /// conn handles check; for request phases the `weir.ctx` table) to the
     /// Lua SDK and marks `scope` current.
+    @inline(__always)
     func enter(_ scope: PluginRequest, phase: PluginPhase, serial: Int) {
         currentScope = Unmanaged.passUnretained(scope)
         currentPhase = phase
@@ -624,6 +641,12 @@ public final class LuaRuntime {
         let ctxRef = publishedCtxRef == LUA_NOREF || phase == .connection || phase == .timer ? LUA_NOREF : scope.ctxRef
         let needsSerial = phase == .connection && serial != publishedSerial
         guard phase != publishedPhase || ctxRef != publishedCtxRef || needsSerial else { return }
+        publish(phase: phase, serial: serial, ctxRef: ctxRef, needsSerial: needsSerial)
+    }
+
+    /// `enter`'s writes to S, when something changed (rarely per request).
+    @inline(never)
+    private func publish(phase: PluginPhase, serial: Int, ctxRef: Int32, needsSerial: Bool) {
         let L = state.main
         state.pushRef(stateTableRef)
         if phase != publishedPhase {
@@ -865,7 +888,8 @@ public final class LuaRuntime {
             timer.cancelled = true
             if onLoop { timer.scheduled?.cancel() }
         }
-        // Coroutines and chains live in the state; closing it frees them all.
-        idleCoroutines.removeAll()
+        // Coroutines and chains live in the state; closing it frees them all
+        // (the idle ones are plain values: only their buffer goes).
+        idleCoroutines.deallocate()
     }
 }

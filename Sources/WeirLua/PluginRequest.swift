@@ -55,9 +55,9 @@ open class PluginRequest {
     /// again). luaL_ref and luaL_unref per request cost ~530 instructions.
     private var ctxSlot: Int32 = LUA_NOREF
     /// This request's `weir.ctx` lives only as the running chain runner's
-    /// ctx argument (`pushRunnerCtx`); cleared when the request finishes.
+    /// ctx argument (`runnerCtxDiesWithPhase`); cleared when the request finishes.
     private var ctxOnRunnerStack = false
-    /// `entries` are a request phase of a chain with no later phase (`pushRunnerCtx`).
+    /// `entries` are a request phase of a chain with no later phase (`runnerCtxDiesWithPhase`).
     private var ctxCanDieWithPhase = false
     /// Set by weir.response.exit / conn:reject; ends the chain.
     var exit: PluginExit?
@@ -208,20 +208,16 @@ open class PluginRequest {
         ctxRef = ctxSlot
     }
 
-    /// `weir.ctx` as the chain runner's ctx argument. When no later phase
+    /// Whether `weir.ctx`, as the chain runner's ctx argument, is made by
+    /// the runner's start (`weir_chain_start`) for this phase alone. When no later phase
     /// of this request can see the table (a request phase of a chain with
     /// no response, body_filter or log phase, and no consumer chain to
     /// switch to), it is made on the runner's stack and anchored nowhere:
     /// it dies with the phase, with no registry slot to set and clear per
     /// request (~150 instructions). A native that asks for it by name
     /// (`weir.ctx`) finds it there (`pushCtx`).
-    private func pushRunnerCtx(on thread: LuaThread) {
-        if ctxRef == LUA_NOREF && !ctxOnRunnerStack && ctxCanDieWithPhase && consumerChain == nil {
-            lua_createtable(thread, 0, 1)
-            ctxOnRunnerStack = true
-            return
-        }
-        pushCtx(on: thread)
+    private var runnerCtxDiesWithPhase: Bool {
+        ctxRef == LUA_NOREF && !ctxOnRunnerStack && ctxCanDieWithPhase && consumerChain == nil
     }
 
     // MARK: Running a phase
@@ -243,7 +239,7 @@ open class PluginRequest {
             return .done(.failed(PluginFailure(plugin: "", phase: phase, message: "request already finished", traceback: nil)))
         }
         self.index = 0
-        self.exit = nil
+        if exit != nil { self.exit = nil }  // a nil store over nil still destroys the old value
         if chain !== entriesChain || phase != self.phase {
             // A reused scope mostly runs the same chain's same phase as its
             // last request: its lists are kept (storing them again cost two
@@ -389,8 +385,10 @@ open class PluginRequest {
     private func drive(resumeWith values: [AsyncValue]?) -> PhaseResult? {
         var resumeValues = values
         while index < entries.count {
-            let co: LuaCoroutine
-            if let existing = coroutine { co = existing } else { co = runtime.acquireCoroutine(); coroutine = co }
+            // A value: this copy runs it and is stored back after the
+            // resume (natives read only the stored one's `thread` meanwhile).
+            if coroutine == nil { coroutine = runtime.acquireCoroutine() }
+            var co = coroutine!
             let thread = co.thread
             let info = runtime.state.info
             let first = index
@@ -411,25 +409,34 @@ open class PluginRequest {
                     // The waiting call's start, for the runner to time it when it completes.
                     if index + 1 < Int(info.pointee.chain_marks_capacity) { info.pointee.chain_marks[index + 1] = callStart }
                 }
-                result = co.resume(nargs: Int32(values.count))
+                result = co.resume(nargs: Int32(values.count), state: runtime.state)
             } else if listRef != LUA_NOREF {
                 serial = runtime.nextPhaseSerial()
                 // A consumer named by an auth plugin may switch the request
                 // phase's chain: then each plugin runs on its own (switchToConsumerChain).
                 runLast = phase == .request && consumerChain != nil ? index + 1 : entries.count
-                // The runner and its list pushed, where it starts and ends
-                // and a fresh budget set, in one C call.
-                _ = weir_chain_prepare(thread, listRef, Int32(index + 1), Int32(runLast), checksExit, Int64(runtime.options.instructionBudget))
-                if listTakesCtx { pushRunnerCtx(on: thread) } else { lua_pushnil(thread) }
                 // The capacity tested here: the C call cost ~18 per phase call.
                 if info.pointee.chain_timing != 0 && info.pointee.chain_marks_capacity < Int32(entries.count + 2) {
                     _ = weir_chain_reserve_marks(thread, Int32(entries.count + 2))
                 }
                 runtime.enter(self, phase: phase, serial: serial)
-                info.pointee.chain_unread_self = unreadSelf
-                info.pointee.chain_unread_conf = unreadConf
-                info.pointee.chain_cells = cells
-                result = co.start(nargs: 2)
+                let budget = Int64(runtime.options.instructionBudget)
+                if !listTakesCtx || runnerCtxDiesWithPhase {
+                    // The runner (with its list) pushed, where it starts and
+                    // ends, a fresh budget, its ctx (nil, or a table for this
+                    // phase alone) and the resume, in one C call.
+                    if listTakesCtx { ctxOnRunnerStack = true }
+                    result = co.startChain(listRef: listRef, first: Int32(index + 1), last: Int32(runLast), checkExit: checksExit,
+                                           budget: budget, newCtx: listTakesCtx, unreadSelf: unreadSelf, unreadConf: unreadConf,
+                                           cells: cells, state: runtime.state)
+                } else {
+                    _ = weir_chain_prepare(thread, listRef, Int32(index + 1), Int32(runLast), checksExit, budget)
+                    pushCtx(on: thread)  // anchored: a later phase sees it
+                    info.pointee.chain_unread_self = unreadSelf
+                    info.pointee.chain_unread_conf = unreadConf
+                    info.pointee.chain_cells = cells
+                    result = co.start(nargs: 1, state: runtime.state)
+                }
             } else {
                 let entry = entries[index]
                 serial = runtime.nextPhaseSerial()
@@ -457,14 +464,17 @@ open class PluginRequest {
                 runtime.state.setBudget(runtime.options.instructionBudget)
                 runtime.enter(self, phase: phase, serial: serial)
                 if runtime.options.observer != nil { callStart = weir_monotonic_ns() }
-                result = co.start(nargs: nargs)
+                result = co.start(nargs: nargs, state: runtime.state)
             }
             runtime.leave()
+            coroutine = co
             let ranList = listRef != LUA_NOREF
             if ranList {
                 // Plugins before the one it stopped in ran to completion.
                 let stopped = Int(info.pointee.chain_entry) - 1
-                noteRunnerMarks(from: first, stoppedIn: stopped)
+                // A run with cells that went to its end recorded every call
+                // itself: no call stopped, so none of its marks is needed.
+                if cells == nil || !result.finishedWithoutResults { noteRunnerMarks(from: first, stoppedIn: stopped) }
                 index = stopped
             }
             // The entry it stopped in is read only on the paths that need it:
@@ -479,7 +489,9 @@ open class PluginRequest {
                         return fail(entries[index], error.message, error.traceback)
                     } catch { co.clear(); return fail(entries[index], "\(error)") }
                 }
-                co.clear()
+                // No results: lua_resume left the stack empty (the function
+                // and its arguments are gone), nothing to clear.
+                if count > 0 { co.clear() }
                 // A list with cells ran to its end: the runner recorded its
                 // last call (even one that asked for an exit from a
                 // coroutine of its own, which does not stop the list).
@@ -495,6 +507,7 @@ open class PluginRequest {
                 weir_pop(thread, count)
                 if let exit = exit {
                     co.reset()
+                    coroutine = co
                     report(.exited)
                     return .exit(exit)
                 }
@@ -511,6 +524,7 @@ open class PluginRequest {
                     return nil
                 }
                 co.reset()
+                coroutine = co
                 return fail(entries[index], "attempt to yield from a plugin phase function (only weir async functions such as weir.sleep may suspend a plugin)")
             case .failed(let error):
                 runtime.recycle(co) // dead: released, a fresh thread serves the next call
@@ -525,9 +539,11 @@ open class PluginRequest {
         // not at finish(). A request waiting on its upstream then holds no
         // Lua thread, so with hundreds of requests in flight the pool still
         // covers them instead of creating and collecting threads per request.
-        // Moved out, not copied (a retain and a release); its last call
-        // finished and emptied its stack (`.finished` above).
-        if let co = coroutine.take() { runtime.recycleFinished(consuming: co) }
+        // Its last call finished and emptied its stack (`.finished` above).
+        if let co = coroutine {
+            coroutine = nil
+            runtime.recycleFinished(co)
+        }
         return .continue
     }
 

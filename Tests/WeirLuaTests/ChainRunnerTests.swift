@@ -1,5 +1,7 @@
+import CLua
 import CLuaShims
 import NIOCore
+import WeirCore
 import XCTest
 @testable import WeirLua
 
@@ -183,5 +185,35 @@ final class ChainRunnerTests: XCTestCase {
         XCTAssertEqual(failure?.plugin, "spin")
         XCTAssertTrue(failure?.message.contains("instruction budget exceeded") ?? false, "\(String(describing: failure))")
         guard case .continue = try h.runRequest(chain)[0] else { return XCTFail("the next request should run") }
+    }
+
+    /// The runner's list is its closure's upvalues (at most 255): a chain
+    /// longer than WEIR_CHAIN_MAX_ENTRIES has no runner and runs an entry
+    /// per resume, with the same order, shared ctx and exit as a short one.
+    func testAChainTooLongForTheRunnerRunsEachEntryOnItsOwn() throws {
+        let h = Harness()
+        let count = Int(WEIR_CHAIN_MAX_ENTRIES) + 5
+        let names = (1...count).map { String(format: "p%03d", $0) }
+        for (i, name) in names.enumerated() {
+            h.folder.add(name, handler: """
+            return { PRIORITY = \(1000 - i), VERSION = "1", request = function(self, conf, ctx)
+              ctx.trail = (ctx.trail or "") .. "\(name)."
+              if "\(name)" == weir.request.get_header("x-exit-at") then return 403, "no" end
+              if "\(name)" == "\(names.last!)" then weir.upstream.request.set_header("x-trail", ctx.trail) end
+            end }
+            """)
+        }
+        try h.load(names)
+        let long = try h.chain(names.map { PluginRef(name: $0) })
+        let short = try h.chain(names.prefix(3).map { PluginRef(name: $0) })
+        XCTAssertEqual(long.phaseLists[PluginPhase.request.luaID], LUA_NOREF)
+        XCTAssertNotEqual(short.phaseLists[PluginPhase.request.luaID], LUA_NOREF)
+        let request = h.newRequest()
+        guard case .continue = try h.runRequest(long, request: request)[0] else { return XCTFail() }
+        XCTAssertEqual(request.upstreamHeaders.map(\.1), [names.map { $0 + "." }.joined()])
+        let exiting = h.newRequest()
+        exiting.headers = [("x-exit-at", names[count - 2])]
+        XCTAssertEqual(try h.runRequest(long, request: exiting)[0].exitValue?.status, 403)
+        XCTAssertTrue(exiting.upstreamHeaders.isEmpty)
     }
 }

@@ -173,10 +173,11 @@ static inline weir_call_cell weir_call_cell_snapshot(const weir_call_cell *cell)
     return copy;
 }
 
-/// The chain runner (a lua_CFunction; chain.c). Called on a coroutine as
-/// runner(list, ctx) after weir_chain_prepare: runs entries
-/// chain_entry...chain_last of `list` (3 slots per entry: function, self,
-/// conf), each as fn(self, conf, ctx) (ctx nil when no entry reads it).
+/// The chain runner (a lua_CFunction; chain.c), as a closure per chain and
+/// phase whose upvalues are its list (weir_chain_make_runner). Called on a
+/// coroutine as runner(ctx) after weir_chain_prepare: runs entries
+/// chain_entry...chain_last of its list (3 upvalues per entry: function,
+/// self, conf), each as fn(self, conf, ctx) (ctx nil when no entry reads it).
 /// Returns nothing when all ran, or the 3 results of the plugin that
 /// returned a non-nil first one (chain_check_exit).
 /// `chain_entry` names the entry it stopped in (exit, error or yield).
@@ -185,12 +186,25 @@ static inline weir_call_cell weir_call_cell_snapshot(const weir_call_cell *cell)
 /// when the next starts, the last when the runner returns) in its cell.
 /// Calls that exit, fail or yield are left to Swift.
 int weir_chain_runner(lua_State *L);
+/// A C closure has at most 255 upvalues: longer chains run an entry per resume.
+#define WEIR_CHAIN_MAX_ENTRIES 85
+/// Pops the 3 * `entries` values on top of `L` (function, self, conf per
+/// entry) and pushes the runner closure that holds them as its list. 0
+/// (nothing popped) for more than WEIR_CHAIN_MAX_ENTRIES entries.
+int weir_chain_make_runner(lua_State *L, int entries);
 /// Readies a run of the chain runner on coroutine `co`: pushes the runner
-/// and its list (registry ref `list_ref`; the caller pushes ctx or nil
-/// next), sets where it starts and ends and whether a result stops it, and
+/// (registry ref `list_ref`, a weir_chain_make_runner closure; the caller
+/// pushes ctx or nil next), sets where it starts and ends and whether a result stops it, and
 /// starts a fresh instruction budget (weir_set_budget). One call from Swift
 /// instead of one per push. 0 if the stack cannot grow.
 int weir_chain_prepare(lua_State *co, int list_ref, int first, int last, int check_exit, int64_t budget);
+/// A fresh run in one call from Swift: weir_chain_prepare, the runner's
+/// ctx argument (`new_ctx` 0: nil; 1: a new table made for this run alone),
+/// the entries' unread self / conf bits and metrics cells stored in the
+/// info block, then weir_resume of the runner. Returns weir_resume's status.
+int weir_chain_start(lua_State *co, lua_State *from, int list_ref, int first, int last, int check_exit,
+                     int64_t budget, int new_ctx, uint64_t unread_self, uint64_t unread_conf,
+                     struct weir_call_cell *const *cells, int *nresults);
 /// Pushes on `L` the ctx argument of the chain runner running at the
 /// bottom of coroutine `co` (`L` is `co` or a coroutine it resumed): the
 /// request's weir.ctx when it was made for the runner alone. 0 (nothing

@@ -157,7 +157,13 @@ final class ExchangePlugins: PluginRequest, PluginRequestContext {
         if path != nil || routedPath != nil { routedPath = path }
         if !query.isEmpty || !self.query.isEmpty { self.query = query }
         scopeEnded = false
-        restartOwnRequest(connection: connection.flatMap { Self.connectionScope($0, loopPlugins) })
+        // Tested in place, not through a closure (`flatMap`: its context and
+        // temporaries cost three releases per request).
+        if let connection, connection.runtime === loopPlugins.runtime {
+            restartOwnRequest(connection: connection)
+        } else {
+            restartOwnRequest(connection: nil)
+        }
     }
 
     /// Back to what a new object starts with: every property that one

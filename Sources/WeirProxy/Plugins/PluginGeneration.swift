@@ -88,7 +88,11 @@ final class LoopPlugins {
     /// Finished requests' plugin sides, each with its scope, waiting for
     /// the next requests of this loop (here, not in the runtime: a scope
     /// holds its runtime).
-    private var spares: [ExchangePlugins] = []
+    /// `spareCount` of them, in a fixed buffer of `maxSpares`: an array's
+    /// removeLast and append cost a uniqueness and a capacity check each,
+    /// per request. Allocated last in `init`, after everything that throws.
+    private let spares: UnsafeMutablePointer<ExchangePlugins>
+    private var spareCount = 0
     /// Enough for the requests finishing in one event-loop turn at a few
     /// hundred connections: with fewer, a busy loop frees them and
     /// allocates new ones every turn (~1.5 KB each with the scope).
@@ -97,8 +101,9 @@ final class LoopPlugins {
     /// The plugin side of a new request: a spare when one is free.
     func beginRequest(chain: RouteChain, handler: any ExchangeDownstream, exchange: Exchange,
                       path: String?, query: Substring, connection: PluginConnection?) -> ExchangePlugins {
-        while !spares.isEmpty {
-            var spare = spares.removeLast()
+        while spareCount > 0 {
+            spareCount -= 1
+            var spare = (spares + spareCount).move()
             // A closure of an async phase may still hold a finished request's
             // object (it returns when it sees the request ended): not reused.
             guard isKnownUniquelyReferenced(&spare) else { continue }
@@ -113,8 +118,14 @@ final class LoopPlugins {
     /// Keeps a finished request's plugin side for a later request. Whether
     /// something else still holds it is checked when it is taken out.
     func takeBack(_ finished: ExchangePlugins) {
-        guard spares.count < Self.maxSpares else { return }
-        spares.append(finished)
+        guard spareCount < Self.maxSpares else { return }
+        (spares + spareCount).initialize(to: finished)
+        spareCount += 1
+    }
+
+    deinit {
+        spares.deinitialize(count: spareCount)
+        spares.deallocate()
     }
 
     init(generation: Int, library: PluginLibrary, plugins: ValidatedPlugins, config: WeirConfig,
@@ -145,6 +156,7 @@ final class LoopPlugins {
         self.hasConsumerPlugins = !plugins.consumers.values.allSatisfy(\.isEmpty)
         self.hasChains = !chains.isEmpty || connectionChain != nil || !plugins.consumers.values.allSatisfy(\.isEmpty)
             || !streamChains.isEmpty
+        self.spares = .allocate(capacity: Self.maxSpares)
     }
 
     /// Once an auth plugin named the consumer: the consumer's own plugins
