@@ -230,7 +230,34 @@ function RateLimiting:request(conf)
   -- with the fewest requests left.
   local refused, count, prev, tightest = false, nil, nil, 1
   local dict = st.dict
-  if dict then
+  if dict and n == 1 then
+    -- policy local with one period (the usual config): the loop below
+    -- unrolled, and an admitted request's headers set and returned from
+    -- here (~15 fewer VM instructions per request than the loop and the
+    -- common tail). Refusals and failures go on to the common tail.
+    local p, k = periods[1], keys[1]
+    local window = p.window
+    local start = second - second % window
+    if not k or k.start ~= start then k = window_keys(keys, 1, p, start) end
+    local c, pc = dict:incr_get(k.key, 1, 0, p.ttl, k.prev_key)
+    if not c then
+      refused, count = nil, "counter update failed: " .. tostring(pc)
+    else
+      if not pc then pc = 0 end
+      local e = pc * (window - (now - start)) / window + c
+      local limit = p.limit
+      if not (e > limit) then
+        if remaining then
+          local r = (limit - e) // 1 | 0
+          -- The reset: as the common tail's, for this one period.
+          st.headers:set(r, r, start + window - second)
+        end
+        return
+      end
+      refused, count, prev = 1, c, pc
+      dict:incr(k.key, -1)
+    end
+  elseif dict then
     -- policy local, the whole decision in one pass over the periods, here
     -- and not in a function of its own (this runs on every request: no
     -- calls but the counter's, no per-request tables). Moves each period's
