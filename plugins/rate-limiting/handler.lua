@@ -60,6 +60,9 @@ local function conf_state(conf)
     st.dict = weir.shared[conf.dictionary]
     if not st.dict then
       st.dict_error = "no weir.shared dictionary named '" .. conf.dictionary .. "'; declare it under shared_dicts"
+    elseif #periods == 1 then
+      -- The one period, for the request path's one-period case.
+      st.one = periods[1]
     end
   end
   if not conf.hide_client_headers then
@@ -223,41 +226,47 @@ function RateLimiting:request(conf)
   -- Window starts are whole seconds: one floor per request (`// 1` floors,
   -- `| 0` makes the whole float an integer), then integer arithmetic.
   local second = now // 1 | 0
-  local remaining = st.remaining
-  local periods, n = st.periods, st.n   -- n >= 1: schema at_least_one_of
   -- refused: the refused period's index, or false; nil when the counters
   -- cannot be used (`count` is the message then). tightest: the period
   -- with the fewest requests left.
-  local refused, count, prev, tightest = false, nil, nil, 1
-  local dict = st.dict
-  if dict and n == 1 then
+  local refused, count, prev, tightest
+  local one = st.one
+  if one then
     -- policy local with one period (the usual config): the loop below
     -- unrolled, and an admitted request's headers set and returned from
-    -- here (~15 fewer VM instructions per request than the loop and the
+    -- here (~20 fewer VM instructions per request than the loop and the
     -- common tail). Refusals and failures go on to the common tail.
-    local p, k = periods[1], keys[1]
-    local window = p.window
+    local dict, k = st.dict, keys[1]
+    local window = one.window
     local start = second - second % window
-    if not k or k.start ~= start then k = window_keys(keys, 1, p, start) end
-    local c, pc = dict:incr_get(k.key, 1, 0, p.ttl, k.prev_key)
+    if not k or k.start ~= start then k = window_keys(keys, 1, one, start) end
+    local c, pc = dict:incr_get(k.key, 1, 0, one.ttl, k.prev_key)
     if not c then
-      refused, count = nil, "counter update failed: " .. tostring(pc)
+      count = "counter update failed: " .. tostring(pc)
     else
       if not pc then pc = 0 end
       local e = pc * (window - (now - start)) / window + c
-      local limit = p.limit
+      local limit = one.limit
       if not (e > limit) then
-        if remaining then
+        local headers = st.headers
+        if headers then
           local r = (limit - e) // 1 | 0
           -- The reset: as the common tail's, for this one period.
-          st.headers:set(r, r, start + window - second)
+          headers:set(r, r, start + window - second)
         end
         return
       end
       refused, count, prev = 1, c, pc
       dict:incr(k.key, -1)
     end
+  end
+  local remaining = st.remaining
+  local periods, n = st.periods, st.n   -- n >= 1: schema at_least_one_of
+  local dict = st.dict
+  if one then
+    -- Counted above: refused, or the counter failed.
   elseif dict then
+    refused, tightest = false, 1
     -- policy local, the whole decision in one pass over the periods, here
     -- and not in a function of its own (this runs on every request: no
     -- calls but the counter's, no per-request tables). Moves each period's
@@ -296,7 +305,7 @@ function RateLimiting:request(conf)
     refused, count, prev = count_redis(conf, st, keys, now, second, remaining)
     if refused == false then tightest = count end
   else
-    refused, count = nil, st.dict_error
+    count = st.dict_error
   end
   if refused == nil then
     if conf.fault_tolerant then
