@@ -45,19 +45,30 @@ function KeyAuth:request(conf)
   -- loops: this runs on every request.
   local names, in_header, in_query = conf.key_names, conf.key_in_header, conf.key_in_query
   local n = #names
-  local key
-  for i = 1, n do
-    local name = names[i]
-    if in_header then
-      key = get_header(name)
-      if key then break end
-    end
-    if in_query then
-      key = get_query_arg(name)
+  local key, only   -- only: the one name when there is one
+  if n == 1 then
+    -- One name (the default, apikey): the loop below without its loop
+    -- (~10 fewer VM instructions per request, with the hiding's).
+    only = names[1]
+    if in_header then key = get_header(only) end
+    if not key and in_query then
+      key = get_query_arg(only)
       -- A bare `?apikey` parses as `true`: treat it as an empty key.
-      if key ~= nil then
-        if key == true then key = "" end
-        break
+      if key == true then key = "" end
+    end
+  else
+    for i = 1, n do
+      local name = names[i]
+      if in_header then
+        key = get_header(name)
+        if key then break end
+      end
+      if in_query then
+        key = get_query_arg(name)
+        if key ~= nil then
+          if key == true then key = "" end
+          break
+        end
       end
     end
   end
@@ -67,7 +78,7 @@ function KeyAuth:request(conf)
   end
   if conf.hide_credentials then
     if in_header then
-      for i = 1, n do clear_header(names[i]) end
+      if n == 1 then clear_header(only) else for i = 1, n do clear_header(names[i]) end end
     end
     -- No query string, nothing to strip: neither a call nor its parse into a table.
     if in_query and get_raw_query() ~= "" then hide_query_key(names, n) end
