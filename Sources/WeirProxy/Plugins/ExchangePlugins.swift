@@ -463,9 +463,11 @@ final class ExchangePlugins: PluginRequest, PluginRequestContext {
     /// The client's lines of `name` when a change of that name can go to
     /// `upstreamLines` (no edit list yet, a name the proxy gives no meaning
     /// to); nil: it goes to the edit list.
+    /// (The exchange is read here only, not held across the change: see
+    /// `clientLines(named:_:)`.)
     @inline(__always)
-    private func upstreamLinesChange(_ exchange: Exchange, _ name: String) -> HTTP1FieldSet? {
-        guard exchange.upstreamEdits == nil, let head = exchange.head, HTTP1KnownField.classify(name) == .other else { return nil }
+    private func upstreamLinesChange(_ name: String) -> HTTP1FieldSet? {
+        guard let exchange, exchange.upstreamEdits == nil, let head = exchange.head, HTTP1KnownField.classify(name) == .other else { return nil }
         return head.fieldSet(named: name, kind: .other)
     }
 
@@ -483,18 +485,18 @@ final class ExchangePlugins: PluginRequest, PluginRequestContext {
     // (RequestHead.fieldSet): `head.headers` would be a copy of its fields,
     // their buffer and index retained and released per call.
     func setUpstreamHeader(_ name: String, _ value: String) {
-        let exchange = self.exchange!
-        if let lines = upstreamLinesChange(exchange, name) {
+        if let lines = upstreamLinesChange(name) {
             upstreamLines.set(name, value, clientLines: lines)
             hasUpstreamLines = true
             return
         }
+        let exchange = self.exchange!
         guard makeUpstreamEdits(), let lines = exchange.head?.fieldSet(named: name) else { return }
         noteFramingEdit(name)
         exchange.upstreamEdits!.replaceFields(named: name, lines: lines, with: value)
     }
     func addUpstreamHeader(_ name: String, _ value: String) {
-        if upstreamLinesChange(exchange, name) != nil {
+        if upstreamLinesChange(name) != nil {
             upstreamLines.add(name, value)
             hasUpstreamLines = true
             return
@@ -504,12 +506,12 @@ final class ExchangePlugins: PluginRequest, PluginRequestContext {
         exchange.upstreamEdits!.addField(name, value)
     }
     func clearUpstreamHeader(_ name: String) {
-        let exchange = self.exchange!
-        if let lines = upstreamLinesChange(exchange, name) {
+        if let lines = upstreamLinesChange(name) {
             upstreamLines.clear(name, clientLines: lines)
             hasUpstreamLines = true
             return
         }
+        let exchange = self.exchange!
         guard makeUpstreamEdits(), let lines = exchange.head?.fieldSet(named: name) else { return }
         noteFramingEdit(name)
         exchange.upstreamEdits!.removeFields(named: name, lines: lines)
@@ -526,19 +528,27 @@ final class ExchangePlugins: PluginRequest, PluginRequestContext {
     func identify(consumer: String, credential: String?, nameFits: Bool, anonymous: Bool) {
         authenticate(consumer: consumer, credential: credential)
         let nameField = PluginIdentityFields.consumerName, anonymousField = PluginIdentityFields.anonymousConsumer
-        let exchange = self.exchange!
-        guard exchange.upstreamEdits == nil, let head = exchange.head else {
+        guard let (nameLines, anonymousLines) = clientLines(named: nameField, anonymousField) else {
             if nameFits { setUpstreamHeader(nameField, consumer) } else { clearUpstreamHeader(nameField) }
             if anonymous { setUpstreamHeader(anonymousField, "true") } else { clearUpstreamHeader(anonymousField) }
             return
         }
-        assert(HTTP1KnownField.classify(nameField) == .other && HTTP1KnownField.classify(anonymousField) == .other)
-        let (nameLines, anonymousLines) = head.otherFieldSets(named: nameField, anonymousField)
         upstreamLines.clear(nameField, clientLines: nameLines)
         if nameFits { upstreamLines.add(nameField, consumer) }
         upstreamLines.clear(anonymousField, clientLines: anonymousLines)
         if anonymous { upstreamLines.add(anonymousField, "true") }
         hasUpstreamLines = true
+    }
+
+    /// The client's lines of two names the proxy gives no meaning to, while
+    /// there is no edit list (nil: there is one). The exchange and head are
+    /// only read here, before `upstreamLines` changes: held across those
+    /// changes they were retained and released per call.
+    @inline(__always)
+    private func clientLines(named first: String, _ second: String) -> (HTTP1FieldSet, HTTP1FieldSet)? {
+        assert(HTTP1KnownField.classify(first) == .other && HTTP1KnownField.classify(second) == .other)
+        guard let exchange, exchange.upstreamEdits == nil, let head = exchange.head else { return nil }
+        return head.otherFieldSets(named: first, second)
     }
 
     /// A plugin's edit of a Transfer-Encoding line decides whether the
