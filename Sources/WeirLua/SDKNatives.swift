@@ -425,6 +425,9 @@ extension LuaRuntime {
                     lines.wireTemplate.withUnsafeBufferPointer { template in
                         lines.segmentEnds.withUnsafeBufferPointer { ends in
                             var start = 0
+                            // The last integer written and where its digits are: the same
+                            // count again (rate-limiting's remaining, in two lines) is a copy.
+                            var lastInteger: lua_Integer = 0, lastDigits = -1, lastLength = 0
                             for i in 0..<ends.count {
                                 (out + written).update(from: template.baseAddress! + start, count: ends[i] - start)
                                 written += ends[i] - start
@@ -432,7 +435,15 @@ extension LuaRuntime {
                                 guard i < count else { break }
                                 let index = Int32(i) + 2
                                 if lua_isinteger(L, index) != 0 {
-                                    written += writeDecimal(lua_tointegerx(L, index, nil), to: out + written)
+                                    let value = lua_tointegerx(L, index, nil)
+                                    if lastDigits >= 0 && value == lastInteger {
+                                        (out + written).update(from: out + lastDigits, count: lastLength)
+                                    } else {
+                                        lastInteger = value
+                                        lastDigits = written
+                                        lastLength = writeDecimal(value, to: out + written)
+                                    }
+                                    written += lastLength
                                 } else {
                                     var length = 0
                                     let text = weir_tostring(L, index, &length)!
@@ -457,7 +468,7 @@ extension LuaRuntime {
     private func sharedDictIncr(_ L: LuaThread, readsOther: Bool) -> Int32 {
         guard lua_type(L, 1) == LUA_TTABLE, !readsOther || lua_type(L, 6) == LUA_TSTRING,
               let id = handleID(ofTableAt: 1, L) else { return WEIR_CALL_FALLBACK }
-        return options.shared.withDictionary(id: id) { sharedIncrement(L, $0, readsOther: readsOther) }
+        return options.shared.withDictionary(id: id) { sharedIncrement(L, $0, readsOther: readsOther, now: $1) }
     }
 
     /// A handle's id (a dictionary's, a prepared header set's), read raw
@@ -474,8 +485,9 @@ extension LuaRuntime {
     /// (nil: 1), init number or nil, ttl number >= 0 (nil: 0), and with
     /// `readsOther` the other key (a string, or absent) to read after.
     /// A result count, or WEIR_CALL_FALLBACK for arguments it does not take.
-    func sharedIncrement(_ L: LuaThread, _ target: SharedDictionaries.Dictionary?, readsOther: Bool) -> Int32 {
-        if let target, let count = sharedIncrementCounter(L, target, readsOther: readsOther) { return count }
+    /// `now`: the dictionaries' time when the caller has it (nil: read here).
+    func sharedIncrement(_ L: LuaThread, _ target: SharedDictionaries.Dictionary?, readsOther: Bool, now: Double? = nil) -> Int32 {
+        if let target, let count = sharedIncrementCounter(L, target, readsOther: readsOther, now: now) { return count }
         let initType = lua_type(L, 4), otherType = readsOther ? lua_type(L, 6) : LUA_TNONE
         let deltaType = lua_type(L, 3), ttlType = lua_type(L, 5)
         guard let key = LuaState.bytes(at: 2, on: L),
@@ -488,20 +500,19 @@ extension LuaRuntime {
             guard let t = number(at: 5, on: L), !(t < 0) else { return WEIR_CALL_FALLBACK }
             ttl = t
         }
-        let shared = options.shared
-        let now = shared.now()
+        let time = now ?? options.shared.now()
         let hash = sharedKeyHashes.hash(of: key, at: 2, on: L)
         // incr_get: both keys under one lock of the dictionary.
         if let target, otherType == LUA_TSTRING, let otherKey = LuaState.bytes(at: 6, on: L) {
             let (result, other) = target.incrGet(key, hash: hash, delta, initial: sharedValue(at: 4, on: L), initialTTL: ttl,
-                                                 other: otherKey, otherHash: sharedKeyHashes.hash(of: otherKey, at: 6, on: L), now: now)
+                                                 other: otherKey, otherHash: sharedKeyHashes.hash(of: otherKey, at: 6, on: L), now: time)
             guard case .success(let v) = result else { return pushIncrFailure(result, L) }
             pushShared(v, on: L)
             pushShared(other, on: L)
             return 2
         }
         let result = target?.incr(key, hash: hash, delta, initial: sharedValue(at: 4, on: L),
-                                  initialTTL: ttl, now: now) ?? .failure(.notFound)
+                                  initialTTL: ttl, now: time) ?? .failure(.notFound)
         switch result {
         case .success(let v):
             pushShared(v, on: L)
@@ -518,7 +529,7 @@ extension LuaRuntime {
     /// the values met are anything else: nothing was changed, and the
     /// general path does the work (or falls back).
     @inline(__always)
-    private func sharedIncrementCounter(_ L: LuaThread, _ target: SharedDictionaries.Dictionary, readsOther: Bool) -> Int32? {
+    private func sharedIncrementCounter(_ L: LuaThread, _ target: SharedDictionaries.Dictionary, readsOther: Bool, now: Double?) -> Int32? {
         guard let key = LuaState.bytes(at: 2, on: L) else { return nil }
         guard case .some(.some(let delta)) = integerArgument(at: 3, or: 1, L),
               case .some(let initial) = integerArgument(at: 4, or: nil, L) else { return nil }
@@ -539,7 +550,7 @@ extension LuaRuntime {
         var otherHash = 0
         if let other { otherHash = sharedKeyHashes.hash(of: other, at: 6, on: L) }
         let result = target.incrementCounter(key, hash: hash, by: delta, initial: initial, initialTTL: ttl,
-                                             other: other, otherHash: otherHash, now: options.shared.now())
+                                             other: other, otherHash: otherHash, now: now ?? options.shared.now())
         switch result {
         case .counted(let count, let otherCount):
             lua_pushinteger(L, count)

@@ -45,14 +45,18 @@ public final class SharedDictionaries: @unchecked Sendable {
     @inline(__always)
     func dictionary(id: Int) -> Dictionary? { id >= 0 && id < byID.count ? byID[id] : nil }
 
-    /// The dictionary of `id` (nil for an unknown id) lent to `body`: not
-    /// retained for the call (`byID` holds every dictionary as long as this
-    /// set lives), unlike `dictionary(id:)`'s result (dict:incr per request).
+    /// The dictionary of `id` (nil for an unknown id) lent to `body` with
+    /// this set's current time: not retained for the call (`byID` holds
+    /// every dictionary as long as this set lives), unlike
+    /// `dictionary(id:)`'s result (dict:incr per request). The time is read
+    /// here, where this set is borrowed: read by the caller through its
+    /// reference, the set was retained and released per call.
     @inline(__always)
-    func withDictionary<R>(id: Int, _ body: (Dictionary?) -> R) -> R {
-        guard id >= 0 && id < byID.count else { return body(nil) }
+    func withDictionary<R>(id: Int, _ body: (Dictionary?, _ now: Double) -> R) -> R {
+        let now = now()
+        guard id >= 0 && id < byID.count else { return body(nil, now) }
         return byID.withUnsafeBufferPointer { dictionaries in
-            Unmanaged.passUnretained(dictionaries[id])._withUnsafeGuaranteedRef { body($0) }
+            Unmanaged.passUnretained(dictionaries[id])._withUnsafeGuaranteedRef { body($0, now) }
         }
     }
 
