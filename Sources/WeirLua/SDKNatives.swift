@@ -302,7 +302,7 @@ extension LuaRuntime {
         withCurrentRequest(PluginPhase.anyRequestPhase) { r in
             guard let name = headerNames.name(at: 1, on: L) else { return WEIR_CALL_FALLBACK }
             r.withRequestHeader(name) { value in
-                if let value { lua_pushlstring(L, value.baseAddress?.assumingMemoryBound(to: CChar.self), value.count) } else { lua_pushnil(L) }
+                if let value { recentStrings.push(bytes: value, on: L) } else { lua_pushnil(L) }
             }
             return 1
         }
@@ -358,7 +358,7 @@ extension LuaRuntime {
     @inline(__always)
     private func requestGetRawQuery(_ L: LuaThread) -> Int32 {
         withCurrentRequest(PluginPhase.anyRequestPhase) { r in
-            if let query = r.rawQuery { LuaState.push(query, on: L) } else { lua_pushlstring(L, "", 0) }
+            if let query = r.rawQuery { LuaState.push(query, on: L) } else { recentStrings.push(bytes: UnsafeRawBufferPointer(start: nil, count: 0), on: L) }
             return 1
         }
     }

@@ -48,6 +48,31 @@ final class SDKTests: XCTestCase {
         XCTAssertEqual(body, "GET|/orders|a=1&b=two&b=three&flag|1|two|three|true|two|secret|nil|secret|ab|api.example.com|http|req-1", "\(result)")
     }
 
+    /// get_header's values come from a per-state cache of the strings made
+    /// for earlier values (RecentLuaStrings): a value repeated, one that
+    /// changes, and values of the same length and end bytes (the same slot)
+    /// each read as their own bytes, request after request.
+    func testRequestHeaderValuesRepeatedAndChanged() throws {
+        let harness = Harness()
+        harness.folder.add("probe", handler: """
+        local weir = require "weir"
+        return { PRIORITY = 1, VERSION = "1", request = function(self, conf, ctx)
+          return 200, tostring(weir.request.get_header("x-api-key")) .. "|" .. weir.request.get_raw_query()
+        end }
+        """)
+        try harness.load(["probe"])
+        let chain = try harness.chain("probe")
+        let values = ["k1-aaaa1", "k1-aaaa1", "k1-aaaa1", "k1-bbbb1", "k1-aaaa1", "k1-bbbb1", "k1-bbbb1", "", "k1-aaaa1",
+                      String(repeating: "v", count: 41), String(repeating: "v", count: 41), "k1-aaaa1"]
+        for (i, value) in values.enumerated() {
+            let request = harness.newRequest()
+            request.headers = [("x-api-key", value)]
+            request.rawQuery = i % 3 == 0 ? "a=1" : nil      // get_raw_query's "" goes through the same cache
+            let result = try harness.runRequest(chain, request: request)[0]
+            XCTAssertEqual(result.exitValue?.bodyString, value + "|" + (request.rawQuery ?? ""), "\(result)")
+        }
+    }
+
     func testUpstreamMutations() throws {
         let (_, req, result) = try requestBody("""
         weir.upstream.request.set_header("X-User", "alice")
