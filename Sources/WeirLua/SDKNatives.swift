@@ -485,9 +485,10 @@ extension LuaRuntime {
     /// (nil: 1), init number or nil, ttl number >= 0 (nil: 0), and with
     /// `readsOther` the other key (a string, or absent) to read after.
     /// A result count, or WEIR_CALL_FALLBACK for arguments it does not take.
-    /// `now`: the dictionaries' time when the caller has it (nil: read here).
+    /// `now`: the dictionaries' time when the caller has it (nil: read here,
+    /// and the counter path is not tried: N.shared_incr, a fallback).
     func sharedIncrement(_ L: LuaThread, _ target: SharedDictionaries.Dictionary?, readsOther: Bool, now: Double? = nil) -> Int32 {
-        if let target, let count = sharedIncrementCounter(L, target, readsOther: readsOther, now: now) { return count }
+        if let target, let now, let count = sharedIncrementCounter(L, target, readsOther: readsOther, now: now) { return count }
         let initType = lua_type(L, 4), otherType = readsOther ? lua_type(L, 6) : LUA_TNONE
         let deltaType = lua_type(L, 3), ttlType = lua_type(L, 5)
         guard let key = LuaState.bytes(at: 2, on: L),
@@ -529,7 +530,7 @@ extension LuaRuntime {
     /// the values met are anything else: nothing was changed, and the
     /// general path does the work (or falls back).
     @inline(__always)
-    private func sharedIncrementCounter(_ L: LuaThread, _ target: SharedDictionaries.Dictionary, readsOther: Bool, now: Double?) -> Int32? {
+    private func sharedIncrementCounter(_ L: LuaThread, _ target: SharedDictionaries.Dictionary, readsOther: Bool, now: Double) -> Int32? {
         guard let key = LuaState.bytes(at: 2, on: L) else { return nil }
         guard case .some(.some(let delta)) = integerArgument(at: 3, or: 1, L),
               case .some(let initial) = integerArgument(at: 4, or: nil, L) else { return nil }
@@ -550,7 +551,7 @@ extension LuaRuntime {
         var otherHash = 0
         if let other { otherHash = sharedKeyHashes.hash(of: other, at: 6, on: L) }
         let result = target.incrementCounter(key, hash: hash, by: delta, initial: initial, initialTTL: ttl,
-                                             other: other, otherHash: otherHash, now: now ?? options.shared.now())
+                                             other: other, otherHash: otherHash, now: now)
         switch result {
         case .counted(let count, let otherCount):
             lua_pushinteger(L, count)

@@ -358,9 +358,13 @@ final class ExchangePlugins: PluginRequest, PluginRequestContext {
     func requestHeader(_ lowercasedName: String) -> String? { exchange.head?.headers.first(name: lowercasedName) }
     func withRequestHeader(_ lowercasedName: String, _ body: (UnsafeRawBufferPointer?) -> Void) {
         // On the head itself: `head.headers` would copy the fields (their
-        // buffer and index retained and released per call).
-        guard let head = exchange.head else { return body(nil) }
-        head.withFirstValue(named: lowercasedName, body)
+        // buffer and index retained and released per call). Both borrowed,
+        // not retained (this object holds the exchange, which holds its head).
+        guard let exchange = exchange.map(Unmanaged.passUnretained) else { return body(nil) }
+        exchange._withUnsafeGuaranteedRef { exchange in
+            guard let head = exchange.head.map(Unmanaged.passUnretained) else { return body(nil) }
+            head._withUnsafeGuaranteedRef { $0.withFirstValue(named: lowercasedName, body) }
+        }
     }
     func requestHeaders() -> [(name: String, value: String)] {
         exchange.head?.headers.map { (name: $0.name.lowercased(), value: $0.value) } ?? []
@@ -467,8 +471,12 @@ final class ExchangePlugins: PluginRequest, PluginRequestContext {
     /// `clientLines(named:_:)`.)
     @inline(__always)
     private func upstreamLinesChange(_ name: String) -> HTTP1FieldSet? {
-        guard let exchange, exchange.upstreamEdits == nil, let head = exchange.head, HTTP1KnownField.classify(name) == .other else { return nil }
-        return head.fieldSet(named: name, kind: .other)
+        guard let exchange = exchange.map(Unmanaged.passUnretained) else { return nil }
+        return exchange._withUnsafeGuaranteedRef { exchange in
+            guard exchange.upstreamEdits == nil, let head = exchange.head.map(Unmanaged.passUnretained),
+                  HTTP1KnownField.classify(name) == .other else { return nil }
+            return head._withUnsafeGuaranteedRef { $0.fieldSet(named: name, kind: .other) }
+        }
     }
 
     /// The upstream head with the proxy's own lines as bytes and
@@ -533,9 +541,11 @@ final class ExchangePlugins: PluginRequest, PluginRequestContext {
             if anonymous { setUpstreamHeader(anonymousField, "true") } else { clearUpstreamHeader(anonymousField) }
             return
         }
+        // Both cleared before either is added: a clear with no added line is
+        // inlined to almost nothing (PluginUpstreamLines.clear).
         upstreamLines.clear(nameField, clientLines: nameLines)
-        if nameFits { upstreamLines.add(nameField, consumer) }
         upstreamLines.clear(anonymousField, clientLines: anonymousLines)
+        if nameFits { upstreamLines.add(nameField, consumer) }
         if anonymous { upstreamLines.add(anonymousField, "true") }
         hasUpstreamLines = true
     }
@@ -547,8 +557,12 @@ final class ExchangePlugins: PluginRequest, PluginRequestContext {
     @inline(__always)
     private func clientLines(named first: String, _ second: String) -> (HTTP1FieldSet, HTTP1FieldSet)? {
         assert(HTTP1KnownField.classify(first) == .other && HTTP1KnownField.classify(second) == .other)
-        guard let exchange, exchange.upstreamEdits == nil, let head = exchange.head else { return nil }
-        return head.otherFieldSets(named: first, second)
+        // Borrowed, not retained: `self.exchange` holds the exchange, which holds its head.
+        guard let exchange = exchange.map(Unmanaged.passUnretained) else { return nil }
+        return exchange._withUnsafeGuaranteedRef { exchange in
+            guard exchange.upstreamEdits == nil, let head = exchange.head.map(Unmanaged.passUnretained) else { return nil }
+            return head._withUnsafeGuaranteedRef { $0.otherFieldSets(named: first, second) }
+        }
     }
 
     /// A plugin's edit of a Transfer-Encoding line decides whether the
