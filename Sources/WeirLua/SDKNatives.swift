@@ -468,7 +468,11 @@ extension LuaRuntime {
     private func sharedDictIncr(_ L: LuaThread, readsOther: Bool) -> Int32 {
         guard lua_type(L, 1) == LUA_TTABLE, !readsOther || lua_type(L, 6) == LUA_TSTRING,
               let id = handleID(ofTableAt: 1, L) else { return WEIR_CALL_FALLBACK }
-        return options.shared.withDictionary(id: id) { sharedIncrement(L, $0, readsOther: readsOther, now: $1) }
+        return options.shared.withDictionary(id: id) { target, now in
+            if let target, let count = sharedIncrementCounter(L, target, readsOther: readsOther, now: now) { return count }
+            // Not a counter (or bad arguments): the general path, which reads the time itself.
+            return sharedIncrement(L, target, readsOther: readsOther)
+        }
     }
 
     /// A handle's id (a dictionary's, a prepared header set's), read raw
@@ -550,8 +554,10 @@ extension LuaRuntime {
         let hash = sharedKeyHashes.hash(of: key, at: 2, on: L)
         var otherHash = 0
         if let other { otherHash = sharedKeyHashes.hash(of: other, at: 6, on: L) }
-        let result = target.incrementCounter(key, hash: hash, by: delta, initial: initial, initialTTL: ttl,
-                                             other: other, otherHash: otherHash, now: now)
+        // Borrowed (withDictionary lends it): a plain call retained it for the whole native.
+        let result = Unmanaged.passUnretained(target)._withUnsafeGuaranteedRef {
+            $0.incrementCounter(key, hash: hash, by: delta, initial: initial, initialTTL: ttl, other: other, otherHash: otherHash, now: now)
+        }
         switch result {
         case .counted(let count, let otherCount):
             lua_pushinteger(L, count)

@@ -56,7 +56,10 @@ public final class SharedDictionaries: @unchecked Sendable {
         let now = now()
         guard id >= 0 && id < byID.count else { return body(nil, now) }
         return byID.withUnsafeBufferPointer { dictionaries in
-            Unmanaged.passUnretained(dictionaries[id])._withUnsafeGuaranteedRef { body($0, now) }
+            // The element's reference read as an Unmanaged (the same bits):
+            // `dictionaries[id]` is a strong copy, retained and released.
+            UnsafeRawPointer(dictionaries.baseAddress! + id).load(as: Unmanaged<Dictionary>.self)
+                ._withUnsafeGuaranteedRef { body($0, now) }
         }
     }
 
