@@ -471,7 +471,7 @@ extension LuaRuntime {
         return options.shared.withDictionary(id: id) { target, now in
             if let target, let count = sharedIncrementCounter(L, target, readsOther: readsOther, now: now) { return count }
             // Not a counter (or bad arguments): the general path, which reads the time itself.
-            return sharedIncrement(L, target, readsOther: readsOther)
+            return sharedIncrement(L, target?.takeUnretainedValue(), readsOther: readsOther)
         }
     }
 
@@ -492,7 +492,9 @@ extension LuaRuntime {
     /// `now`: the dictionaries' time when the caller has it (nil: read here,
     /// and the counter path is not tried: N.shared_incr, a fallback).
     func sharedIncrement(_ L: LuaThread, _ target: SharedDictionaries.Dictionary?, readsOther: Bool, now: Double? = nil) -> Int32 {
-        if let target, let now, let count = sharedIncrementCounter(L, target, readsOther: readsOther, now: now) { return count }
+        if let target, let now, let count = sharedIncrementCounter(L, Unmanaged.passUnretained(target), readsOther: readsOther, now: now) {
+            return count
+        }
         let initType = lua_type(L, 4), otherType = readsOther ? lua_type(L, 6) : LUA_TNONE
         let deltaType = lua_type(L, 3), ttlType = lua_type(L, 5)
         guard let key = LuaState.bytes(at: 2, on: L),
@@ -534,7 +536,8 @@ extension LuaRuntime {
     /// the values met are anything else: nothing was changed, and the
     /// general path does the work (or falls back).
     @inline(__always)
-    private func sharedIncrementCounter(_ L: LuaThread, _ target: SharedDictionaries.Dictionary, readsOther: Bool, now: Double) -> Int32? {
+    private func sharedIncrementCounter(_ L: LuaThread, _ target: Unmanaged<SharedDictionaries.Dictionary>, readsOther: Bool,
+                                        now: Double) -> Int32? {
         guard let key = LuaState.bytes(at: 2, on: L) else { return nil }
         guard case .some(.some(let delta)) = integerArgument(at: 3, or: 1, L),
               case .some(let initial) = integerArgument(at: 4, or: nil, L) else { return nil }
@@ -554,8 +557,8 @@ extension LuaRuntime {
         let hash = sharedKeyHashes.hash(of: key, at: 2, on: L)
         var otherHash = 0
         if let other { otherHash = sharedKeyHashes.hash(of: other, at: 6, on: L) }
-        // Borrowed (withDictionary lends it): a plain call retained it for the whole native.
-        let result = Unmanaged.passUnretained(target)._withUnsafeGuaranteedRef {
+        // Borrowed (withDictionary lends it): a strong reference was retained for the whole native.
+        let result = target._withUnsafeGuaranteedRef {
             $0.incrementCounter(key, hash: hash, by: delta, initial: initial, initialTTL: ttl, other: other, otherHash: otherHash, now: now)
         }
         switch result {

@@ -51,15 +51,17 @@ public final class SharedDictionaries: @unchecked Sendable {
     /// `dictionary(id:)`'s result (dict:incr per request). The time is read
     /// here, where this set is borrowed: read by the caller through its
     /// reference, the set was retained and released per call.
+    /// (Lent as an Unmanaged: the caller borrows it where it uses it with
+    /// `_withUnsafeGuaranteedRef`; a strong reference handed to `body` was
+    /// retained and released.)
     @inline(__always)
-    func withDictionary<R>(id: Int, _ body: (Dictionary?, _ now: Double) -> R) -> R {
+    func withDictionary<R>(id: Int, _ body: (Unmanaged<Dictionary>?, _ now: Double) -> R) -> R {
         let now = now()
         guard id >= 0 && id < byID.count else { return body(nil, now) }
         return byID.withUnsafeBufferPointer { dictionaries in
             // The element's reference read as an Unmanaged (the same bits):
             // `dictionaries[id]` is a strong copy, retained and released.
-            UnsafeRawPointer(dictionaries.baseAddress! + id).load(as: Unmanaged<Dictionary>.self)
-                ._withUnsafeGuaranteedRef { body($0, now) }
+            body(UnsafeRawPointer(dictionaries.baseAddress! + id).load(as: Unmanaged<Dictionary>.self), now)
         }
     }
 
