@@ -205,6 +205,7 @@ enum HotNative: Int32, CaseIterable {
     case requestGetHeader, upstreamSetHeader, upstreamAddHeader, upstreamClearHeader
     case responseSetHeader, responseAddHeader, sharedDictIncr, sharedDictIncrGet, responseSetPrepared
     case requestGetRoute, clientGetConsumer, clientIdentify, requestGetRawQuery, clientFindCredential
+    case clientIdentifyCredential
 
     /// Its name in the SDK's native table (`N.<name>` in lua/weir/init.lua).
     var sdkName: String {
@@ -223,6 +224,7 @@ enum HotNative: Int32, CaseIterable {
         case .clientIdentify: return "client_identify"
         case .requestGetRawQuery: return "req_get_raw_query"
         case .clientFindCredential: return "client_find_credential"
+        case .clientIdentifyCredential: return "client_identify_credential"
         }
     }
 
@@ -277,6 +279,7 @@ extension LuaRuntime {
         case HotNative.requestGetRawQuery.rawValue: return requestGetRawQuery(L)
         // Any phase: only a call outside one goes to the fallback (its message).
         case HotNative.clientFindCredential.rawValue: return currentScope == nil ? WEIR_CALL_FALLBACK : credentialLookups.find(L)
+        case HotNative.clientIdentifyCredential.rawValue: return clientIdentifyCredential(L)
         default: return state.callRegisteredNative(id, on: L, yieldCount: yieldCount)
         }
     }
@@ -377,6 +380,24 @@ extension LuaRuntime {
             }
             r.identify(consumer.text, credential, nameFits: consumer.fits, anonymous: lua_toboolean(L, 3) != 0)
             return 0
+        }
+    }
+
+    /// `weir.client.identify_credential(plugin, field, value)`: find_credential,
+    /// and when it finds one, identify(consumer, plugin) — a key-style auth
+    /// plugin's whole lookup in one call instead of two (the consumer's name
+    /// is not bridged back in). Results as find_credential's.
+    @inline(__always)
+    private func clientIdentifyCredential(_ L: LuaThread) -> Int32 {
+        withCurrentRequest(PluginPhase.request.mask) { r in
+            let results = credentialLookups.find(L)
+            guard results == 2 else { return results }           // nil (no match: nothing changes) or a bad argument
+            // consumer, credential table above the arguments; the plugin's name at 1.
+            guard let consumer = headerValues.checkedText(at: -2, on: L), let plugin = headerValues.name(at: 1, on: L) else {
+                return results
+            }
+            r.identify(consumer.text, plugin, nameFits: consumer.fits, anonymous: false)
+            return results
         }
     }
 

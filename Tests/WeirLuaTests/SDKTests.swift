@@ -211,6 +211,34 @@ final class SDKTests: XCTestCase {
         XCTAssertNil(req.credential)
     }
 
+    /// weir.client.identify_credential: no match changes nothing and
+    /// answers nil; a match answers find_credential's results and has
+    /// identified the client as identify(consumer, plugin) does; a bad
+    /// argument raises find_credential's kind of message at the caller's line.
+    func testIdentifyCredential() throws {
+        let h = Harness()
+        var alice = ConsumerConfig()
+        alice.name = "alice"
+        alice.credentials["key-auth"] = .array([.map(["key": .string("a1")])])
+        h.options.credentials = ConsumerCredentials(consumers: [alice])
+        let (body, req, result) = try requestBody("""
+        local function msg(f) local ok, err = pcall(f); assert(not ok); return err end
+        local none = weir.client.identify_credential("key-auth", "key", "nope")
+        assert(none == nil and weir.client.get_consumer() == nil)
+        local bad = msg(function() weir.client.identify_credential("key-auth", 1, "a1") end)
+        local consumer, credential = weir.client.identify_credential("key-auth", "key", "a1")
+        return 200, table.concat({ consumer, credential.key, weir.client.get_consumer(), bad }, "|")
+        """, harness: h)
+        let parts = (body ?? "").split(separator: "|").map(String.init)
+        XCTAssertEqual(parts.prefix(3), ["alice", "a1", "alice"], "\(result)")
+        XCTAssertTrue(parts.count == 4 && parts[3].hasSuffix("bad argument #2 to 'weir.client.identify_credential' (string expected, got number)")
+                      && parts[3].contains("probe/handler.lua:"), "\(parts)")
+        XCTAssertEqual(req.consumer, "alice")
+        XCTAssertEqual(req.credential, "key-auth")
+        XCTAssertEqual(req.upstreamHeaders.map { "\($0.0)=\($0.1)" }, ["x-consumer-name=alice"])
+        XCTAssertEqual(req.clearedUpstreamHeaders, ["x-anonymous-consumer"])
+    }
+
     /// weir.response.prepare_headers: names and fixed values checked once,
     /// each set = set_header of every line in order; what the native does
     /// not take (a float, CR/LF, the wrong count, not a handle) goes through

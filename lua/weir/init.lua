@@ -590,6 +590,17 @@ client.find_credential = with_fallback(N.client_find_credential, function(plugin
   no_request("weir.client.find_credential")
 end)
 
+-- find_credential, and when it finds one, identify(consumer, plugin): a
+-- key-style auth plugin's lookup and identification in one call (request
+-- phase). Returns as find_credential.
+client.identify_credential = with_fallback(N.client_identify_credential, function(plugin, field, value)
+  check_phase("weir.client.identify_credential", REWRITE_PHASES, 4)
+  check_string("weir.client.identify_credential", 1, plugin, 5)
+  check_string("weir.client.identify_credential", 2, field, 5)
+  check_string("weir.client.identify_credential", 3, value, 5)
+  no_request("weir.client.identify_credential")
+end)
+
 -- Whether `name` is a configured consumer (consumers[].name); a hash lookup.
 function client.is_consumer(name)
   check_phase("weir.client.is_consumer", ANY_PHASE)

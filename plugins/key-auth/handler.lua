@@ -1,6 +1,7 @@
 -- key-auth: authenticates a request by an API key found in a header or a
 -- query argument, matched against consumers[].credentials["key-auth"][].key
--- with an indexed lookup (weir.client.find_credential).
+-- with an indexed lookup (weir.client.identify_credential: find_credential
+-- and identify in one call).
 local weir = require "weir"
 
 -- The SDK functions used per request, looked up once (each `weir.x.y` in
@@ -8,7 +9,7 @@ local weir = require "weir"
 local get_header, get_query_arg, get_raw_query, get_query, get_method =
   weir.request.get_header, weir.request.get_query_arg, weir.request.get_raw_query, weir.request.get_query, weir.request.get_method
 local clear_header, set_query = weir.upstream.request.clear_header, weir.upstream.request.set_query
-local get_consumer, identify, find_credential = weir.client.get_consumer, weir.client.identify, weir.client.find_credential
+local get_consumer, identify, identify_credential = weir.client.get_consumer, weir.client.identify, weir.client.identify_credential
 
 local KeyAuth = { PRIORITY = 1250, VERSION = "1.0.0" }
 
@@ -72,9 +73,11 @@ function KeyAuth:request(conf)
       end
     end
   end
+  -- A key's consumer is identified at once (authenticate + X-Consumer-Name,
+  -- X-Anonymous-Consumer removed): the hiding below touches other lines.
   local consumer
   if key and key ~= "" then
-    consumer = find_credential("key-auth", "key", key)
+    consumer = identify_credential("key-auth", "key", key)
   end
   if conf.hide_credentials then
     if in_header then
@@ -84,12 +87,9 @@ function KeyAuth:request(conf)
     if in_query and get_raw_query() ~= "" then hide_query_key(names, n) end
   end
 
+  if consumer then return end
   -- identify: authenticate + X-Consumer-Name, and X-Anonymous-Consumer
-  -- set (anonymous) or removed (a client cannot send it), in one SDK call.
-  if consumer then
-    identify(consumer, "key-auth")
-    return
-  end
+  -- set (a client cannot send it), in one SDK call.
   if anonymous then
     identify(anonymous, nil, true)
     return
