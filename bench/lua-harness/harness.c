@@ -72,6 +72,7 @@ int main(int argc, char **argv) {
     set_native(L, "req_get_method", n_method);
     set_native(L, "req_get_route", n_route);
     set_native(L, "client_find_credential", n_consumer);
+    set_native(L, "client_identify_credential", n_consumer);
     set_native(L, "client_get_consumer", n_consumer);
     set_native(L, "client_identify", n_none);
     set_native(L, "client_get_ip", n_ip);
