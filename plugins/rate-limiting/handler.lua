@@ -182,9 +182,17 @@ return out
 -- the counters cannot be used. Fills `remaining` (limit - estimate,
 -- floored, >= 0) unless the headers are hidden.
 local function count_redis(conf, st, keys, now, second, remaining)
-  local r = conf.redis or {}
-  local red = weir.redis.connect{ host = r.host, port = r.port, database = r.database,
-                                  username = r.username, password = r.password, timeout = r.timeout }
+  -- The connection settings and the script (its SHA1, ~45 k instructions
+  -- to compute) depend only on the config: made on its first request and
+  -- kept with it. Still one EVALSHA per request.
+  local script = st.script
+  if not script then
+    local r = conf.redis or {}
+    local red = weir.redis.connect{ host = r.host, port = r.port, database = r.database,
+                                    username = r.username, password = r.password, timeout = r.timeout }
+    script = red:script(REDIS_SCRIPT)
+    st.script = script
+  end
   local periods, rkeys, args = st.periods, {}, {}
   for i = 1, st.n do
     local p, k = periods[i], keys[i]
@@ -196,7 +204,7 @@ local function count_redis(conf, st, keys, now, second, remaining)
     args[#args + 1] = p.window
     args[#args + 1] = tostring(now - k.start)
   end
-  local reply, err = red:script(REDIS_SCRIPT):run(rkeys, args)
+  local reply, err = script:run(rkeys, args)
   if not reply then return nil, "redis: " .. tostring(err) end
   local refused = reply[1]
   if refused > 0 then
