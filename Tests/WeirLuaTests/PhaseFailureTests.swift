@@ -143,6 +143,7 @@ final class PhaseFailureTests: XCTestCase {
         }
         // The request accessors and find_credential that are natives too.
         for (k, call) in ["weir.request.get_route()", "weir.client.get_consumer()", "weir.request.get_raw_query()",
+                          "weir.request.get_route_and_consumer()",
                           "weir.client.find_credential('key-auth', 'key', 'k')"].enumerated() {
             let dir = folder.add("eager\(k)", handler: "local v = \(call)\nreturn { PRIORITY = 1, VERSION = '1', log = function() end }")
             let function = String(call.prefix { $0 != "(" })

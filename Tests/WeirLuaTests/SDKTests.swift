@@ -211,6 +211,21 @@ final class SDKTests: XCTestCase {
         XCTAssertNil(req.credential)
     }
 
+    /// weir.request.get_route_and_consumer: get_route() and get_consumer()
+    /// as they are at the call (a consumer authenticated after one call is
+    /// seen by the next).
+    func testGetRouteAndConsumer() throws {
+        let (body, _, result) = try requestBody("""
+        local r1, c1 = weir.request.get_route_and_consumer()
+        assert(r1 == weir.request.get_route() and c1 == nil, "before")
+        weir.client.authenticate("alice")
+        local r2, c2 = weir.request.get_route_and_consumer()
+        assert(r2 == weir.request.get_route(), "route")
+        return 200, tostring(r2) .. "|" .. tostring(c2) .. "|" .. select("#", weir.request.get_route_and_consumer())
+        """)
+        XCTAssertEqual(body, "nil|alice|2", "\(result)")
+    }
+
     /// weir.client.identify_credential: no match changes nothing and
     /// answers nil; a match answers find_credential's results and has
     /// identified the client as identify(consumer, plugin) does; a bad

@@ -209,6 +209,12 @@ request.get_route = with_fallback(N.req_get_route, function()
   no_request("weir.request.get_route")
 end)
 
+-- get_route() and weir.client.get_consumer() in one native call: route, consumer.
+request.get_route_and_consumer = with_fallback(N.req_get_route_and_consumer, function()
+  check_phase("weir.request.get_route_and_consumer", ANY_REQUEST_PHASE, 4)
+  no_request("weir.request.get_route_and_consumer")
+end)
+
 function request.get_body(max_bytes)
   check_phase("weir.request.get_body", REWRITE_PHASES)
   if max_bytes ~= nil then check_integer("weir.request.get_body", 1, max_bytes) end

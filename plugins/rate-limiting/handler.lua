@@ -14,6 +14,7 @@ local weir = require "weir"
 -- The SDK functions used per request, looked up once (each `weir.x.y` in
 -- the request path is two table reads).
 local get_route, get_header = weir.request.get_route, weir.request.get_header
+local get_route_and_consumer = weir.request.get_route_and_consumer
 local get_consumer, get_ip = weir.client.get_consumer, weir.client.get_ip
 local prepare_headers, unpack = weir.response.prepare_headers, table.unpack
 -- weir.time.now is read from weir.time per call: the tests' clock plugin replaces it.
@@ -225,9 +226,16 @@ end
 
 function RateLimiting:request(conf)
   local st = per_conf[conf] or conf_state(conf)
-  local route, id = get_route() or "", nil
-  -- The default limit_by without the call to identifier().
-  if st.by_consumer then id = get_consumer() or get_ip() else id = identifier(conf, st) end
+  local route, id
+  -- The default limit_by without the call to identifier(), and its route
+  -- and consumer in one SDK call.
+  if st.by_consumer then
+    route, id = get_route_and_consumer()
+    id = id or get_ip()
+  else
+    route, id = get_route(), identifier(conf, st)
+  end
+  route = route or ""
   local clients = st.clients[route]
   local keys = clients and clients[id] or new_client_keys(st, conf, route, id)
   local now = time.now()
