@@ -144,12 +144,31 @@ final class RecentLuaStrings {
     private var strings = [String?](repeating: nil, count: count)
     private var refs = [Int32](repeating: LUA_NOREF, count: count)
     private var nextVictim = 0
+    /// Each entry's String as its two words (zero: none), compared before
+    /// `==`: the same String again (a route's name, the consumer an auth
+    /// plugin set) matches on its bits, without the arrays' and Optional's
+    /// checks and String's `==` (~100 -> ~35 instructions per push). Equal
+    /// bits are the same text: `strings` keeps the storage they point to alive.
+    private let bits: UnsafeMutablePointer<(UInt64, UInt64)> = {
+        let bits = UnsafeMutablePointer<(UInt64, UInt64)>.allocate(capacity: count)
+        bits.initialize(repeating: (0, 0), count: count)
+        return bits
+    }()
 
     /// Pushes `string` as a Lua string.
+    @inline(__always)
     func push(_ string: String, on L: LuaThread) {
-        // `==` first compares the strings' representations: the same String
-        // (a route's name, the consumer an auth plugin set) costs a few
-        // instructions.
+        let key = unsafeBitCast(string, to: (UInt64, UInt64).self)
+        for i in 0..<Self.count where bits[i] == key {
+            lua_rawgeti(L, weir_registryindex(), lua_Integer(refs[i]))
+            return
+        }
+        pushComparing(string, on: L)
+    }
+
+    @inline(never)
+    private func pushComparing(_ string: String, on L: LuaThread) {
+        // The same text in another String (another representation).
         for i in 0..<Self.count where strings[i] == string {
             lua_rawgeti(L, weir_registryindex(), lua_Integer(refs[i]))
             return
@@ -161,6 +180,7 @@ final class RecentLuaStrings {
         lua_pushvalue(L, -1)
         refs[slot] = luaL_ref(L, weir_registryindex())
         strings[slot] = string
+        bits[slot] = unsafeBitCast(string, to: (UInt64, UInt64).self)
     }
 
     // Short byte strings (header values: a client sends the same API key
@@ -189,6 +209,7 @@ final class RecentLuaStrings {
     }()
 
     deinit {
+        bits.deallocate()
         valueBytes.deallocate()
         valueLengths.deallocate()
         valueRefs.deallocate()
