@@ -226,6 +226,26 @@ final class SDKTests: XCTestCase {
         XCTAssertEqual(body, "nil|alice|2", "\(result)")
     }
 
+    /// get_consumer's strings come from a small cache of recent Strings
+    /// (matched on their bits first): more consumers than it holds, one
+    /// made at run time (another String of the same text), and an earlier
+    /// one again each read back as set.
+    func testConsumerStringsThroughTheRecentCache() throws {
+        let (body, _, result) = try requestBody("""
+        local out = {}
+        local long = "a-consumer-with-a-long-name"   -- not a small String: each authenticate makes another
+        local names = { "alice", "bob", "carol", "dave", "erin", "al" .. string.lower("ICE"), "bob", "alice", long, long, "erin", long }
+        for _, name in ipairs(names) do
+          weir.client.authenticate(name)
+          local a, b = weir.client.get_consumer(), select(2, weir.request.get_route_and_consumer())
+          out[#out + 1] = a == b and a or (tostring(a) .. "~" .. tostring(b))
+        end
+        return 200, table.concat(out, ",")
+        """)
+        let long = "a-consumer-with-a-long-name"
+        XCTAssertEqual(body, "alice,bob,carol,dave,erin,alice,bob,alice,\(long),\(long),erin,\(long)", "\(result)")
+    }
+
     /// weir.client.identify_credential: no match changes nothing and
     /// answers nil; a match answers find_credential's results and has
     /// identified the client as identify(consumer, plugin) does; a bad
