@@ -145,6 +145,14 @@ final class PreparedHeaderLineSets {
     private(set) var sets: [PreparedHeaderLines] = []
     private var ids: [[String?]: Int] = [:]
     static let limit = 4096
+    /// The sets again, unretained, for `withSet`: read through the array
+    /// (a var of this class), a set cost a retain and release of the array
+    /// per `prepared:set`. `sets` keeps them alive.
+    private var unretained = UnsafeMutablePointer<Unmanaged<PreparedHeaderLines>>.allocate(capacity: 4)
+    private var unretainedCapacity = 4
+    private var unretainedCount = 0
+
+    deinit { unretained.deallocate() }
 
     /// The id of these lines (made and checked the first time), or why not.
     func id(of lines: [(name: String, value: String?)]) -> Result<Int, PreparedHeaderLinesError> {
@@ -156,7 +164,16 @@ final class PreparedHeaderLineSets {
         switch PreparedHeaderLines.make(lines) {
         case .failure(let error): return .failure(error)
         case .success(let prepared):
+            if sets.count == unretainedCapacity {
+                let grown = UnsafeMutablePointer<Unmanaged<PreparedHeaderLines>>.allocate(capacity: 2 * unretainedCapacity)
+                grown.moveInitialize(from: unretained, count: sets.count)
+                unretained.deallocate()
+                unretained = grown
+                unretainedCapacity *= 2
+            }
+            (unretained + sets.count).initialize(to: Unmanaged.passUnretained(prepared))
             sets.append(prepared)
+            unretainedCount = sets.count
             ids[key] = sets.count - 1
             return .success(sets.count - 1)
         }
@@ -165,7 +182,7 @@ final class PreparedHeaderLineSets {
     /// The set with this id, unretained for the call (the array keeps it).
     @inline(__always)
     func withSet<R>(_ id: Int, _ body: (PreparedHeaderLines) -> R) -> R? {
-        guard id >= 0, id < sets.count else { return nil }
-        return sets.withUnsafeBufferPointer { Unmanaged.passUnretained($0[id])._withUnsafeGuaranteedRef(body) }
+        guard id >= 0, id < unretainedCount else { return nil }
+        return unretained[id]._withUnsafeGuaranteedRef(body)
     }
 }

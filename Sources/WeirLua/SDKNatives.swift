@@ -205,6 +205,7 @@ enum HotNative: Int32, CaseIterable {
     case requestGetHeader, upstreamSetHeader, upstreamAddHeader, upstreamClearHeader
     case responseSetHeader, responseAddHeader, sharedDictIncr, sharedDictIncrGet, responseSetPrepared
     case requestGetRoute, clientGetConsumer, clientIdentify, requestGetRawQuery, clientFindCredential
+    case clientIdentifyCredential, requestGetRouteAndConsumer
 
     /// Its name in the SDK's native table (`N.<name>` in lua/weir/init.lua).
     var sdkName: String {
@@ -223,6 +224,8 @@ enum HotNative: Int32, CaseIterable {
         case .clientIdentify: return "client_identify"
         case .requestGetRawQuery: return "req_get_raw_query"
         case .clientFindCredential: return "client_find_credential"
+        case .clientIdentifyCredential: return "client_identify_credential"
+        case .requestGetRouteAndConsumer: return "req_get_route_and_consumer"
         }
     }
 
@@ -277,6 +280,8 @@ extension LuaRuntime {
         case HotNative.requestGetRawQuery.rawValue: return requestGetRawQuery(L)
         // Any phase: only a call outside one goes to the fallback (its message).
         case HotNative.clientFindCredential.rawValue: return currentScope == nil ? WEIR_CALL_FALLBACK : credentialLookups.find(L)
+        case HotNative.clientIdentifyCredential.rawValue: return clientIdentifyCredential(L)
+        case HotNative.requestGetRouteAndConsumer.rawValue: return requestGetRouteAndConsumer(L)
         default: return state.callRegisteredNative(id, on: L, yieldCount: yieldCount)
         }
     }
@@ -302,7 +307,7 @@ extension LuaRuntime {
         withCurrentRequest(PluginPhase.anyRequestPhase) { r in
             guard let name = headerNames.name(at: 1, on: L) else { return WEIR_CALL_FALLBACK }
             r.withRequestHeader(name) { value in
-                if let value { lua_pushlstring(L, value.baseAddress?.assumingMemoryBound(to: CChar.self), value.count) } else { lua_pushnil(L) }
+                if let value { recentStrings.push(bytes: value, on: L) } else { lua_pushnil(L) }
             }
             return 1
         }
@@ -354,11 +359,23 @@ extension LuaRuntime {
         }
     }
 
+    /// `weir.request.get_route_and_consumer()`: get_route() and
+    /// get_consumer() in one native call (rate-limiting counts by both on
+    /// every request: one call's fixed cost, ~170 instructions, less).
+    @inline(__always)
+    private func requestGetRouteAndConsumer(_ L: LuaThread) -> Int32 {
+        withCurrentRequest(PluginPhase.anyRequestPhase) { r in
+            if let route = r.matchedRouteName { recentStrings.push(route, on: L) } else { lua_pushnil(L) }
+            if let consumer = r.consumer { recentStrings.push(consumer, on: L) } else { lua_pushnil(L) }
+            return 2
+        }
+    }
+
     /// `weir.request.get_raw_query()`: the query without its `?`, "" without one.
     @inline(__always)
     private func requestGetRawQuery(_ L: LuaThread) -> Int32 {
         withCurrentRequest(PluginPhase.anyRequestPhase) { r in
-            if let query = r.rawQuery { LuaState.push(query, on: L) } else { lua_pushlstring(L, "", 0) }
+            if let query = r.rawQuery { LuaState.push(query, on: L) } else { recentStrings.push(bytes: UnsafeRawBufferPointer(start: nil, count: 0), on: L) }
             return 1
         }
     }
@@ -377,6 +394,24 @@ extension LuaRuntime {
             }
             r.identify(consumer.text, credential, nameFits: consumer.fits, anonymous: lua_toboolean(L, 3) != 0)
             return 0
+        }
+    }
+
+    /// `weir.client.identify_credential(plugin, field, value)`: find_credential,
+    /// and when it finds one, identify(consumer, plugin) — a key-style auth
+    /// plugin's whole lookup in one call instead of two (the consumer's name
+    /// is not bridged back in). Results as find_credential's.
+    @inline(__always)
+    private func clientIdentifyCredential(_ L: LuaThread) -> Int32 {
+        withCurrentRequest(PluginPhase.request.mask) { r in
+            let results = credentialLookups.find(L)
+            guard results == 2 else { return results }           // nil (no match: nothing changes) or a bad argument
+            // consumer, credential table above the arguments; the plugin's name at 1.
+            guard let consumer = headerValues.checkedText(at: -2, on: L), let plugin = headerValues.name(at: 1, on: L) else {
+                return results
+            }
+            r.identify(consumer.text, plugin, nameFits: consumer.fits, anonymous: false)
+            return results
         }
     }
 
@@ -425,6 +460,9 @@ extension LuaRuntime {
                     lines.wireTemplate.withUnsafeBufferPointer { template in
                         lines.segmentEnds.withUnsafeBufferPointer { ends in
                             var start = 0
+                            // The last integer written and where its digits are: the same
+                            // count again (rate-limiting's remaining, in two lines) is a copy.
+                            var lastInteger: lua_Integer = 0, lastDigits = -1, lastLength = 0
                             for i in 0..<ends.count {
                                 (out + written).update(from: template.baseAddress! + start, count: ends[i] - start)
                                 written += ends[i] - start
@@ -432,7 +470,15 @@ extension LuaRuntime {
                                 guard i < count else { break }
                                 let index = Int32(i) + 2
                                 if lua_isinteger(L, index) != 0 {
-                                    written += writeDecimal(lua_tointegerx(L, index, nil), to: out + written)
+                                    let value = lua_tointegerx(L, index, nil)
+                                    if lastDigits >= 0 && value == lastInteger {
+                                        (out + written).update(from: out + lastDigits, count: lastLength)
+                                    } else {
+                                        lastInteger = value
+                                        lastDigits = written
+                                        lastLength = writeDecimal(value, to: out + written)
+                                    }
+                                    written += lastLength
                                 } else {
                                     var length = 0
                                     let text = weir_tostring(L, index, &length)!
@@ -457,7 +503,11 @@ extension LuaRuntime {
     private func sharedDictIncr(_ L: LuaThread, readsOther: Bool) -> Int32 {
         guard lua_type(L, 1) == LUA_TTABLE, !readsOther || lua_type(L, 6) == LUA_TSTRING,
               let id = handleID(ofTableAt: 1, L) else { return WEIR_CALL_FALLBACK }
-        return options.shared.withDictionary(id: id) { sharedIncrement(L, $0, readsOther: readsOther) }
+        return options.shared.withDictionary(id: id) { target, now in
+            if let target, let count = sharedIncrementCounter(L, target, readsOther: readsOther, now: now) { return count }
+            // Not a counter (or bad arguments): the general path, which reads the time itself.
+            return sharedIncrement(L, target?.takeUnretainedValue(), readsOther: readsOther)
+        }
     }
 
     /// A handle's id (a dictionary's, a prepared header set's), read raw
@@ -474,8 +524,12 @@ extension LuaRuntime {
     /// (nil: 1), init number or nil, ttl number >= 0 (nil: 0), and with
     /// `readsOther` the other key (a string, or absent) to read after.
     /// A result count, or WEIR_CALL_FALLBACK for arguments it does not take.
-    func sharedIncrement(_ L: LuaThread, _ target: SharedDictionaries.Dictionary?, readsOther: Bool) -> Int32 {
-        if let target, let count = sharedIncrementCounter(L, target, readsOther: readsOther) { return count }
+    /// `now`: the dictionaries' time when the caller has it (nil: read here,
+    /// and the counter path is not tried: N.shared_incr, a fallback).
+    func sharedIncrement(_ L: LuaThread, _ target: SharedDictionaries.Dictionary?, readsOther: Bool, now: Double? = nil) -> Int32 {
+        if let target, let now, let count = sharedIncrementCounter(L, Unmanaged.passUnretained(target), readsOther: readsOther, now: now) {
+            return count
+        }
         let initType = lua_type(L, 4), otherType = readsOther ? lua_type(L, 6) : LUA_TNONE
         let deltaType = lua_type(L, 3), ttlType = lua_type(L, 5)
         guard let key = LuaState.bytes(at: 2, on: L),
@@ -488,20 +542,19 @@ extension LuaRuntime {
             guard let t = number(at: 5, on: L), !(t < 0) else { return WEIR_CALL_FALLBACK }
             ttl = t
         }
-        let shared = options.shared
-        let now = shared.now()
+        let time = now ?? options.shared.now()
         let hash = sharedKeyHashes.hash(of: key, at: 2, on: L)
         // incr_get: both keys under one lock of the dictionary.
         if let target, otherType == LUA_TSTRING, let otherKey = LuaState.bytes(at: 6, on: L) {
             let (result, other) = target.incrGet(key, hash: hash, delta, initial: sharedValue(at: 4, on: L), initialTTL: ttl,
-                                                 other: otherKey, otherHash: sharedKeyHashes.hash(of: otherKey, at: 6, on: L), now: now)
+                                                 other: otherKey, otherHash: sharedKeyHashes.hash(of: otherKey, at: 6, on: L), now: time)
             guard case .success(let v) = result else { return pushIncrFailure(result, L) }
             pushShared(v, on: L)
             pushShared(other, on: L)
             return 2
         }
         let result = target?.incr(key, hash: hash, delta, initial: sharedValue(at: 4, on: L),
-                                  initialTTL: ttl, now: now) ?? .failure(.notFound)
+                                  initialTTL: ttl, now: time) ?? .failure(.notFound)
         switch result {
         case .success(let v):
             pushShared(v, on: L)
@@ -518,7 +571,8 @@ extension LuaRuntime {
     /// the values met are anything else: nothing was changed, and the
     /// general path does the work (or falls back).
     @inline(__always)
-    private func sharedIncrementCounter(_ L: LuaThread, _ target: SharedDictionaries.Dictionary, readsOther: Bool) -> Int32? {
+    private func sharedIncrementCounter(_ L: LuaThread, _ target: Unmanaged<SharedDictionaries.Dictionary>, readsOther: Bool,
+                                        now: Double) -> Int32? {
         guard let key = LuaState.bytes(at: 2, on: L) else { return nil }
         guard case .some(.some(let delta)) = integerArgument(at: 3, or: 1, L),
               case .some(let initial) = integerArgument(at: 4, or: nil, L) else { return nil }
@@ -538,8 +592,10 @@ extension LuaRuntime {
         let hash = sharedKeyHashes.hash(of: key, at: 2, on: L)
         var otherHash = 0
         if let other { otherHash = sharedKeyHashes.hash(of: other, at: 6, on: L) }
-        let result = target.incrementCounter(key, hash: hash, by: delta, initial: initial, initialTTL: ttl,
-                                             other: other, otherHash: otherHash, now: options.shared.now())
+        // Borrowed (withDictionary lends it): a strong reference was retained for the whole native.
+        let result = target._withUnsafeGuaranteedRef {
+            $0.incrementCounter(key, hash: hash, by: delta, initial: initial, initialTTL: ttl, other: other, otherHash: otherHash, now: now)
+        }
         switch result {
         case .counted(let count, let otherCount):
             lua_pushinteger(L, count)

@@ -45,14 +45,23 @@ public final class SharedDictionaries: @unchecked Sendable {
     @inline(__always)
     func dictionary(id: Int) -> Dictionary? { id >= 0 && id < byID.count ? byID[id] : nil }
 
-    /// The dictionary of `id` (nil for an unknown id) lent to `body`: not
-    /// retained for the call (`byID` holds every dictionary as long as this
-    /// set lives), unlike `dictionary(id:)`'s result (dict:incr per request).
+    /// The dictionary of `id` (nil for an unknown id) lent to `body` with
+    /// this set's current time: not retained for the call (`byID` holds
+    /// every dictionary as long as this set lives), unlike
+    /// `dictionary(id:)`'s result (dict:incr per request). The time is read
+    /// here, where this set is borrowed: read by the caller through its
+    /// reference, the set was retained and released per call.
+    /// (Lent as an Unmanaged: the caller borrows it where it uses it with
+    /// `_withUnsafeGuaranteedRef`; a strong reference handed to `body` was
+    /// retained and released.)
     @inline(__always)
-    func withDictionary<R>(id: Int, _ body: (Dictionary?) -> R) -> R {
-        guard id >= 0 && id < byID.count else { return body(nil) }
+    func withDictionary<R>(id: Int, _ body: (Unmanaged<Dictionary>?, _ now: Double) -> R) -> R {
+        let now = now()
+        guard id >= 0 && id < byID.count else { return body(nil, now) }
         return byID.withUnsafeBufferPointer { dictionaries in
-            Unmanaged.passUnretained(dictionaries[id])._withUnsafeGuaranteedRef { body($0) }
+            // The element's reference read as an Unmanaged (the same bits):
+            // `dictionaries[id]` is a strong copy, retained and released.
+            body(UnsafeRawPointer(dictionaries.baseAddress! + id).load(as: Unmanaged<Dictionary>.self), now)
         }
     }
 

@@ -117,6 +117,7 @@ final class PhaseFailureTests: XCTestCase {
               msg(function() weir.response.set_header("x-a", "1") end),
               msg(function() weir.client.authenticate("alice") end),
               msg(function() weir.client.identify("alice", "key-auth") end),
+              msg(function() weir.client.identify_credential("key-auth", "key", "k") end),
             }
             assert(weir.request.get_header("x-not-sent") == nil)   -- allowed in the log phase
             error(table.concat(out, "|"))
@@ -125,12 +126,12 @@ final class PhaseFailureTests: XCTestCase {
         """)
         try h.load(["late"])
         let results = try h.runRequest(try h.chain("late"), phases: [.response, .log])
-        XCTAssertTrue(results[0].failure?.message.hasSuffix("late/handler.lua:14: weir.upstream.request.set_header is not available in the response phase") ?? false, "\(results[0])")
+        XCTAssertTrue(results[0].failure?.message.hasSuffix("late/handler.lua:15: weir.upstream.request.set_header is not available in the response phase") ?? false, "\(results[0])")
         let messages = (results[1].failure?.message ?? "").split(separator: "|").map(String.init)
         let functions = ["weir.upstream.request.clear_header", "weir.response.set_headers", "weir.response.set_header",
-                         "weir.client.authenticate", "weir.client.identify"]
+                         "weir.client.authenticate", "weir.client.identify", "weir.client.identify_credential"]
         XCTAssertEqual(messages.count, functions.count, "\(results[1])")
-        // Each at its own line (5-9), where the plugin called it.
+        // Each at its own line (5-10), where the plugin called it.
         for (k, function) in functions.enumerated() where k < messages.count {
             XCTAssertTrue(messages[k].hasSuffix("late/handler.lua:\(5 + k): \(function) is not available in the log phase"), messages[k])
         }
@@ -142,6 +143,7 @@ final class PhaseFailureTests: XCTestCase {
         }
         // The request accessors and find_credential that are natives too.
         for (k, call) in ["weir.request.get_route()", "weir.client.get_consumer()", "weir.request.get_raw_query()",
+                          "weir.request.get_route_and_consumer()",
                           "weir.client.find_credential('key-auth', 'key', 'k')"].enumerated() {
             let dir = folder.add("eager\(k)", handler: "local v = \(call)\nreturn { PRIORITY = 1, VERSION = '1', log = function() end }")
             let function = String(call.prefix { $0 != "(" })

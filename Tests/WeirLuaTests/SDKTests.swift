@@ -48,6 +48,31 @@ final class SDKTests: XCTestCase {
         XCTAssertEqual(body, "GET|/orders|a=1&b=two&b=three&flag|1|two|three|true|two|secret|nil|secret|ab|api.example.com|http|req-1", "\(result)")
     }
 
+    /// get_header's values come from a per-state cache of the strings made
+    /// for earlier values (RecentLuaStrings): a value repeated, one that
+    /// changes, and values of the same length and end bytes (the same slot)
+    /// each read as their own bytes, request after request.
+    func testRequestHeaderValuesRepeatedAndChanged() throws {
+        let harness = Harness()
+        harness.folder.add("probe", handler: """
+        local weir = require "weir"
+        return { PRIORITY = 1, VERSION = "1", request = function(self, conf, ctx)
+          return 200, tostring(weir.request.get_header("x-api-key")) .. "|" .. weir.request.get_raw_query()
+        end }
+        """)
+        try harness.load(["probe"])
+        let chain = try harness.chain("probe")
+        let values = ["k1-aaaa1", "k1-aaaa1", "k1-aaaa1", "k1-bbbb1", "k1-aaaa1", "k1-bbbb1", "k1-bbbb1", "", "k1-aaaa1",
+                      String(repeating: "v", count: 41), String(repeating: "v", count: 41), "k1-aaaa1"]
+        for (i, value) in values.enumerated() {
+            let request = harness.newRequest()
+            request.headers = [("x-api-key", value)]
+            request.rawQuery = i % 3 == 0 ? "a=1" : nil      // get_raw_query's "" goes through the same cache
+            let result = try harness.runRequest(chain, request: request)[0]
+            XCTAssertEqual(result.exitValue?.bodyString, value + "|" + (request.rawQuery ?? ""), "\(result)")
+        }
+    }
+
     func testUpstreamMutations() throws {
         let (_, req, result) = try requestBody("""
         weir.upstream.request.set_header("X-User", "alice")
@@ -184,6 +209,69 @@ final class SDKTests: XCTestCase {
                        ["x-a=1", "x-float=0.33333333333333", "x-one=1", "x-two=2", "x-three=3.0"])
         XCTAssertEqual(req.consumer, "alice")
         XCTAssertNil(req.credential)
+    }
+
+    /// weir.request.get_route_and_consumer: get_route() and get_consumer()
+    /// as they are at the call (a consumer authenticated after one call is
+    /// seen by the next).
+    func testGetRouteAndConsumer() throws {
+        let (body, _, result) = try requestBody("""
+        local r1, c1 = weir.request.get_route_and_consumer()
+        assert(r1 == weir.request.get_route() and c1 == nil, "before")
+        weir.client.authenticate("alice")
+        local r2, c2 = weir.request.get_route_and_consumer()
+        assert(r2 == weir.request.get_route(), "route")
+        return 200, tostring(r2) .. "|" .. tostring(c2) .. "|" .. select("#", weir.request.get_route_and_consumer())
+        """)
+        XCTAssertEqual(body, "nil|alice|2", "\(result)")
+    }
+
+    /// get_consumer's strings come from a small cache of recent Strings
+    /// (matched on their bits first): more consumers than it holds, one
+    /// made at run time (another String of the same text), and an earlier
+    /// one again each read back as set.
+    func testConsumerStringsThroughTheRecentCache() throws {
+        let (body, _, result) = try requestBody("""
+        local out = {}
+        local long = "a-consumer-with-a-long-name"   -- not a small String: each authenticate makes another
+        local names = { "alice", "bob", "carol", "dave", "erin", "al" .. string.lower("ICE"), "bob", "alice", long, long, "erin", long }
+        for _, name in ipairs(names) do
+          weir.client.authenticate(name)
+          local a, b = weir.client.get_consumer(), select(2, weir.request.get_route_and_consumer())
+          out[#out + 1] = a == b and a or (tostring(a) .. "~" .. tostring(b))
+        end
+        return 200, table.concat(out, ",")
+        """)
+        let long = "a-consumer-with-a-long-name"
+        XCTAssertEqual(body, "alice,bob,carol,dave,erin,alice,bob,alice,\(long),\(long),erin,\(long)", "\(result)")
+    }
+
+    /// weir.client.identify_credential: no match changes nothing and
+    /// answers nil; a match answers find_credential's results and has
+    /// identified the client as identify(consumer, plugin) does; a bad
+    /// argument raises find_credential's kind of message at the caller's line.
+    func testIdentifyCredential() throws {
+        let h = Harness()
+        var alice = ConsumerConfig()
+        alice.name = "alice"
+        alice.credentials["key-auth"] = .array([.map(["key": .string("a1")])])
+        h.options.credentials = ConsumerCredentials(consumers: [alice])
+        let (body, req, result) = try requestBody("""
+        local function msg(f) local ok, err = pcall(f); assert(not ok); return err end
+        local none = weir.client.identify_credential("key-auth", "key", "nope")
+        assert(none == nil and weir.client.get_consumer() == nil)
+        local bad = msg(function() weir.client.identify_credential("key-auth", 1, "a1") end)
+        local consumer, credential = weir.client.identify_credential("key-auth", "key", "a1")
+        return 200, table.concat({ consumer, credential.key, weir.client.get_consumer(), bad }, "|")
+        """, harness: h)
+        let parts = (body ?? "").split(separator: "|").map(String.init)
+        XCTAssertEqual(parts.prefix(3), ["alice", "a1", "alice"], "\(result)")
+        XCTAssertTrue(parts.count == 4 && parts[3].hasSuffix("bad argument #2 to 'weir.client.identify_credential' (string expected, got number)")
+                      && parts[3].contains("probe/handler.lua:"), "\(parts)")
+        XCTAssertEqual(req.consumer, "alice")
+        XCTAssertEqual(req.credential, "key-auth")
+        XCTAssertEqual(req.upstreamHeaders.map { "\($0.0)=\($0.1)" }, ["x-consumer-name=alice"])
+        XCTAssertEqual(req.clearedUpstreamHeaders, ["x-anonymous-consumer"])
     }
 
     /// weir.response.prepare_headers: names and fixed values checked once,

@@ -175,13 +175,16 @@ final class ShippedPluginRateLimitingTests: UpstreamTestCase {
     }
 
     /// Counters are per route, and `limit_by: route` gives all clients of a
-    /// route one budget. A helper plugin echoes `weir.request.get_route()`.
+    /// route one budget. A helper plugin echoes `weir.request.get_route()`
+    /// and `get_route_and_consumer()` (no consumer here).
     func testCountersArePerRouteAndLimitByRoute() throws {
         try helpers.write("route-echo", handler: """
         local weir = require "weir"
         local P = { PRIORITY = 1, VERSION = "1" }
         function P:response(conf, ctx)
           weir.response.set_header("x-route", weir.request.get_route() or "(nil)")
+          local route, consumer = weir.request.get_route_and_consumer()
+          weir.response.set_header("x-route-and-consumer", (route or "(nil)") .. "/" .. (consumer or "(nil)"))
         end
         return P
         """)
@@ -224,10 +227,12 @@ final class ShippedPluginRateLimitingTests: UpstreamTestCase {
         let first = try get("/a", tenant: "t1")
         XCTAssertEqual(first.status, 200)
         XCTAssertEqual(first.header("x-route"), "a")
+        XCTAssertEqual(first.header("x-route-and-consumer"), "a/(nil)")
         XCTAssertEqual(try get("/a", tenant: "t1").status, 429)
         let onB = try get("/b", tenant: "t1")
         XCTAssertEqual(onB.status, 200, "the same tenant has its own budget on another route")
         XCTAssertEqual(onB.header("x-route"), "b")
+        XCTAssertEqual(onB.header("x-route-and-consumer"), "b/(nil)")
         XCTAssertEqual(try get("/b", tenant: "t1").status, 429)
         // limit_by route: the two tenants share the route's 2 requests.
         XCTAssertEqual(try get("/shared", tenant: "t1").status, 200)

@@ -28,6 +28,7 @@ static int n_empty(lua_State *L) { lua_pushliteral(L, ""); return 1; }
 static int n_method(lua_State *L) { lua_pushliteral(L, "GET"); return 1; }
 static int n_route(lua_State *L) { lua_pushliteral(L, "all"); return 1; }
 static int n_consumer(lua_State *L) { lua_pushliteral(L, "bench-consumer"); return 1; }
+static int n_route_and_consumer(lua_State *L) { lua_pushliteral(L, "all"); lua_pushliteral(L, "bench-consumer"); return 2; }
 static int n_ip(lua_State *L) { lua_pushliteral(L, "127.0.0.1"); return 1; }
 static int n_one(lua_State *L) { lua_pushinteger(L, 1); return 1; }
 static lua_Integer counter;
@@ -71,7 +72,9 @@ int main(int argc, char **argv) {
     set_native(L, "req_get_raw_query", n_empty);
     set_native(L, "req_get_method", n_method);
     set_native(L, "req_get_route", n_route);
+    set_native(L, "req_get_route_and_consumer", n_route_and_consumer);
     set_native(L, "client_find_credential", n_consumer);
+    set_native(L, "client_identify_credential", n_consumer);
     set_native(L, "client_get_consumer", n_consumer);
     set_native(L, "client_identify", n_none);
     set_native(L, "client_get_ip", n_ip);

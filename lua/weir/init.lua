@@ -209,6 +209,12 @@ request.get_route = with_fallback(N.req_get_route, function()
   no_request("weir.request.get_route")
 end)
 
+-- get_route() and weir.client.get_consumer() in one native call: route, consumer.
+request.get_route_and_consumer = with_fallback(N.req_get_route_and_consumer, function()
+  check_phase("weir.request.get_route_and_consumer", ANY_REQUEST_PHASE, 4)
+  no_request("weir.request.get_route_and_consumer")
+end)
+
 function request.get_body(max_bytes)
   check_phase("weir.request.get_body", REWRITE_PHASES)
   if max_bytes ~= nil then check_integer("weir.request.get_body", 1, max_bytes) end
@@ -588,6 +594,17 @@ client.find_credential = with_fallback(N.client_find_credential, function(plugin
   check_string("weir.client.find_credential", 2, field, 5)
   check_string("weir.client.find_credential", 3, value, 5)
   no_request("weir.client.find_credential")
+end)
+
+-- find_credential, and when it finds one, identify(consumer, plugin): a
+-- key-style auth plugin's lookup and identification in one call (request
+-- phase). Returns as find_credential.
+client.identify_credential = with_fallback(N.client_identify_credential, function(plugin, field, value)
+  check_phase("weir.client.identify_credential", REWRITE_PHASES, 4)
+  check_string("weir.client.identify_credential", 1, plugin, 5)
+  check_string("weir.client.identify_credential", 2, field, 5)
+  check_string("weir.client.identify_credential", 3, value, 5)
+  no_request("weir.client.identify_credential")
 end)
 
 -- Whether `name` is a configured consumer (consumers[].name); a hash lookup.

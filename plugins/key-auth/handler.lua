@@ -1,6 +1,7 @@
 -- key-auth: authenticates a request by an API key found in a header or a
 -- query argument, matched against consumers[].credentials["key-auth"][].key
--- with an indexed lookup (weir.client.find_credential).
+-- with an indexed lookup (weir.client.identify_credential: find_credential
+-- and identify in one call).
 local weir = require "weir"
 
 -- The SDK functions used per request, looked up once (each `weir.x.y` in
@@ -8,7 +9,7 @@ local weir = require "weir"
 local get_header, get_query_arg, get_raw_query, get_query, get_method =
   weir.request.get_header, weir.request.get_query_arg, weir.request.get_raw_query, weir.request.get_query, weir.request.get_method
 local clear_header, set_query = weir.upstream.request.clear_header, weir.upstream.request.set_query
-local get_consumer, identify, find_credential = weir.client.get_consumer, weir.client.identify, weir.client.find_credential
+local get_consumer, identify, identify_credential = weir.client.get_consumer, weir.client.identify, weir.client.identify_credential
 
 local KeyAuth = { PRIORITY = 1250, VERSION = "1.0.0" }
 
@@ -45,40 +46,50 @@ function KeyAuth:request(conf)
   -- loops: this runs on every request.
   local names, in_header, in_query = conf.key_names, conf.key_in_header, conf.key_in_query
   local n = #names
-  local key
-  for i = 1, n do
-    local name = names[i]
-    if in_header then
-      key = get_header(name)
-      if key then break end
-    end
-    if in_query then
-      key = get_query_arg(name)
+  local key, only   -- only: the one name when there is one
+  if n == 1 then
+    -- One name (the default, apikey): the loop below without its loop
+    -- (~10 fewer VM instructions per request, with the hiding's).
+    only = names[1]
+    if in_header then key = get_header(only) end
+    if not key and in_query then
+      key = get_query_arg(only)
       -- A bare `?apikey` parses as `true`: treat it as an empty key.
-      if key ~= nil then
-        if key == true then key = "" end
-        break
+      if key == true then key = "" end
+    end
+  else
+    for i = 1, n do
+      local name = names[i]
+      if in_header then
+        key = get_header(name)
+        if key then break end
+      end
+      if in_query then
+        key = get_query_arg(name)
+        if key ~= nil then
+          if key == true then key = "" end
+          break
+        end
       end
     end
   end
+  -- A key's consumer is identified at once (authenticate + X-Consumer-Name,
+  -- X-Anonymous-Consumer removed): the hiding below touches other lines.
   local consumer
   if key and key ~= "" then
-    consumer = find_credential("key-auth", "key", key)
+    consumer = identify_credential("key-auth", "key", key)
   end
   if conf.hide_credentials then
     if in_header then
-      for i = 1, n do clear_header(names[i]) end
+      if n == 1 then clear_header(only) else for i = 1, n do clear_header(names[i]) end end
     end
     -- No query string, nothing to strip: neither a call nor its parse into a table.
     if in_query and get_raw_query() ~= "" then hide_query_key(names, n) end
   end
 
+  if consumer then return end
   -- identify: authenticate + X-Consumer-Name, and X-Anonymous-Consumer
-  -- set (anonymous) or removed (a client cannot send it), in one SDK call.
-  if consumer then
-    identify(consumer, "key-auth")
-    return
-  end
+  -- set (a client cannot send it), in one SDK call.
   if anonymous then
     identify(anonymous, nil, true)
     return

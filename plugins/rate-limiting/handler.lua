@@ -14,6 +14,7 @@ local weir = require "weir"
 -- The SDK functions used per request, looked up once (each `weir.x.y` in
 -- the request path is two table reads).
 local get_route, get_header = weir.request.get_route, weir.request.get_header
+local get_route_and_consumer = weir.request.get_route_and_consumer
 local get_consumer, get_ip = weir.client.get_consumer, weir.client.get_ip
 local prepare_headers, unpack = weir.response.prepare_headers, table.unpack
 -- weir.time.now is read from weir.time per call: the tests' clock plugin replaces it.
@@ -60,6 +61,9 @@ local function conf_state(conf)
     st.dict = weir.shared[conf.dictionary]
     if not st.dict then
       st.dict_error = "no weir.shared dictionary named '" .. conf.dictionary .. "'; declare it under shared_dicts"
+    elseif #periods == 1 then
+      -- The one period, for the request path's one-period case.
+      st.one = periods[1]
     end
   end
   if not conf.hide_client_headers then
@@ -179,9 +183,17 @@ return out
 -- the counters cannot be used. Fills `remaining` (limit - estimate,
 -- floored, >= 0) unless the headers are hidden.
 local function count_redis(conf, st, keys, now, second, remaining)
-  local r = conf.redis or {}
-  local red = weir.redis.connect{ host = r.host, port = r.port, database = r.database,
-                                  username = r.username, password = r.password, timeout = r.timeout }
+  -- The connection settings and the script (its SHA1, ~45 k instructions
+  -- to compute) depend only on the config: made on its first request and
+  -- kept with it. Still one EVALSHA per request.
+  local script = st.script
+  if not script then
+    local r = conf.redis or {}
+    local red = weir.redis.connect{ host = r.host, port = r.port, database = r.database,
+                                    username = r.username, password = r.password, timeout = r.timeout }
+    script = red:script(REDIS_SCRIPT)
+    st.script = script
+  end
   local periods, rkeys, args = st.periods, {}, {}
   for i = 1, st.n do
     local p, k = periods[i], keys[i]
@@ -193,7 +205,7 @@ local function count_redis(conf, st, keys, now, second, remaining)
     args[#args + 1] = p.window
     args[#args + 1] = tostring(now - k.start)
   end
-  local reply, err = red:script(REDIS_SCRIPT):run(rkeys, args)
+  local reply, err = script:run(rkeys, args)
   if not reply then return nil, "redis: " .. tostring(err) end
   local refused = reply[1]
   if refused > 0 then
@@ -214,23 +226,63 @@ end
 
 function RateLimiting:request(conf)
   local st = per_conf[conf] or conf_state(conf)
-  local route, id = get_route() or "", nil
-  -- The default limit_by without the call to identifier().
-  if st.by_consumer then id = get_consumer() or get_ip() else id = identifier(conf, st) end
+  local route, id
+  -- The default limit_by without the call to identifier(), and its route
+  -- and consumer in one SDK call.
+  if st.by_consumer then
+    route, id = get_route_and_consumer()
+    id = id or get_ip()
+  else
+    route, id = get_route(), identifier(conf, st)
+  end
+  route = route or ""
   local clients = st.clients[route]
   local keys = clients and clients[id] or new_client_keys(st, conf, route, id)
   local now = time.now()
   -- Window starts are whole seconds: one floor per request (`// 1` floors,
   -- `| 0` makes the whole float an integer), then integer arithmetic.
   local second = now // 1 | 0
-  local remaining = st.remaining
-  local periods, n = st.periods, st.n   -- n >= 1: schema at_least_one_of
   -- refused: the refused period's index, or false; nil when the counters
   -- cannot be used (`count` is the message then). tightest: the period
   -- with the fewest requests left.
-  local refused, count, prev, tightest = false, nil, nil, 1
+  local refused, count, prev, tightest
+  local one = st.one
+  if one then
+    -- policy local with one period (the usual config): the loop below
+    -- unrolled, and an admitted request's headers set and returned from
+    -- here (~20 fewer VM instructions per request than the loop and the
+    -- common tail). Refusals and failures go on to the common tail.
+    local dict, k = st.dict, keys[1]
+    local window = one.window
+    local start = second - second % window
+    if not k or k.start ~= start then k = window_keys(keys, 1, one, start) end
+    local c, pc = dict:incr_get(k.key, 1, 0, one.ttl, k.prev_key)
+    if not c then
+      count = "counter update failed: " .. tostring(pc)
+    else
+      if not pc then pc = 0 end
+      local e = pc * (window - (now - start)) / window + c
+      local limit = one.limit
+      if not (e > limit) then
+        local headers = st.headers
+        if headers then
+          local r = (limit - e) // 1 | 0
+          -- The reset: as the common tail's, for this one period.
+          headers:set(r, r, start + window - second)
+        end
+        return
+      end
+      refused, count, prev = 1, c, pc
+      dict:incr(k.key, -1)
+    end
+  end
+  local remaining = st.remaining
+  local periods, n = st.periods, st.n   -- n >= 1: schema at_least_one_of
   local dict = st.dict
-  if dict then
+  if one then
+    -- Counted above: refused, or the counter failed.
+  elseif dict then
+    refused, tightest = false, 1
     -- policy local, the whole decision in one pass over the periods, here
     -- and not in a function of its own (this runs on every request: no
     -- calls but the counter's, no per-request tables). Moves each period's
@@ -269,7 +321,7 @@ function RateLimiting:request(conf)
     refused, count, prev = count_redis(conf, st, keys, now, second, remaining)
     if refused == false then tightest = count end
   else
-    refused, count = nil, st.dict_error
+    count = st.dict_error
   end
   if refused == nil then
     if conf.fault_tolerant then
