@@ -491,12 +491,22 @@ final class ExchangePlugins: PluginRequest, PluginRequestContext {
 
     /// The upstream head with the proxy's own lines as bytes and
     /// `upstreamLines` (serializeUpstreamHead, while there is no edit list).
+    /// `RequestHead.writeUpstream(own:plugin:target:into:)` with
+    /// `upstreamLines` read in place: passed as an argument (or swapped
+    /// into a temporary) the struct's arrays were retained and released
+    /// per request.
     func writeUpstreamHead(_ head: RequestHead, own: UpstreamOwnFields, target: String?, into out: inout ByteBuffer) {
-        // Swapped out and back, not copied (a copy retains its arrays).
-        var lines = PluginUpstreamLines()
-        swap(&lines, &upstreamLines)
-        head.writeUpstream(own: own, plugin: lines, target: target, into: &out)
-        swap(&lines, &upstreamLines)
+        let entries = head.wire.fields.entries
+        var removed = own.removed
+        if !upstreamLines.removed.isEmpty { removed.formUnion(upstreamLines.removed) }
+        let edits = HTTP1HeadEdits(removed: removed, target: target)
+        HTTP1HeadWriter.writeRequest(head.wire, edits: edits, method: nil,
+                                     tailBytes: own.byteCount(entries) + upstreamLines.byteCount, into: &out) { w, src in
+            own.write(&w, entries, src)
+            self.upstreamLines.withBytes { added in
+                if let base = added.baseAddress { w.copy(base, added.count) }
+            }
+        }
     }
 
     // The client's lines of the name are looked up on the head itself
