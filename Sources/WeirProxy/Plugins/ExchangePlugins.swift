@@ -259,11 +259,15 @@ final class ExchangePlugins: PluginRequest, PluginRequestContext {
         }
         // Both moved out, not read and then cleared (a retain and a release
         // each, per request).
-        exchange.take()!.plugins = nil
+        let exchange = self.exchange.take()!
+        // The exchange's reference to this object (requestDone's caller
+        // reached it through it and holds it until we return) is moved
+        // into the spares, not released here and retained again there.
+        let held = exchange.plugins.take()
         detach()
         let loopPlugins = self.loopPlugins.take()!
         resetRequestState()
-        loopPlugins.takeBack(self)
+        if let held, held === self { loopPlugins.takeBack(held) } else { loopPlugins.takeBack(self) }
     }
 
     func logFailure(_ result: PhaseResult) {

@@ -117,7 +117,7 @@ final class LoopPlugins {
 
     /// Keeps a finished request's plugin side for a later request. Whether
     /// something else still holds it is checked when it is taken out.
-    func takeBack(_ finished: ExchangePlugins) {
+    func takeBack(_ finished: consuming ExchangePlugins) {
         guard spareCount < Self.maxSpares else { return }
         (spares + spareCount).initialize(to: finished)
         spareCount += 1
