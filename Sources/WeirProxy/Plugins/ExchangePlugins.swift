@@ -502,7 +502,10 @@ final class ExchangePlugins: PluginRequest, PluginRequestContext {
     func writeUpstreamHead(_ head: RequestHead, own: UpstreamOwnFields, target: String?, into out: inout ByteBuffer) {
         let entries = head.wire.fields.entries
         var removed = own.removed
-        if !upstreamLines.removed.isEmpty { removed.formUnion(upstreamLines.removed) }
+        // Its fields read in place: `formUnion(upstreamLines.removed)` took
+        // a copy of the set (its array retained and released).
+        removed.low |= upstreamLines.removed.low
+        if !upstreamLines.removed.high.isEmpty { removed.formUnionHigh(upstreamLines.removed.high) }
         let edits = HTTP1HeadEdits(removed: removed, target: target)
         HTTP1HeadWriter.writeRequest(head.wire, edits: edits, method: nil,
                                      tailBytes: own.byteCount(entries) + upstreamLines.byteCount, into: &out) { w, src in
