@@ -383,7 +383,9 @@ open class PluginRequest {
     /// (CLuaShims/chain.c); the runner's `chain_entry` says where it stopped
     /// (exit, error, yield). Other phases start one phase function per resume.
     private func drive(resumeWith values: [AsyncValue]?) -> PhaseResult? {
-        var resumeValues = values
+        // A flag, not a copy of `values` to clear (the copy retained and
+        // released the array, nil too: a call each per phase).
+        var resuming = values != nil
         while index < entries.count {
             // A value: this copy runs it and is stored back after the
             // resume (natives read only the stored one's `thread` meanwhile).
@@ -393,8 +395,8 @@ open class PluginRequest {
             let info = runtime.state.info
             let first = index
             let result: LuaCoroutine.ResumeResult
-            if let values = resumeValues {
-                resumeValues = nil
+            if resuming, let values {
+                resuming = false
                 push(values, on: thread)
                 runtime.budget = savedBudget
                 runtime.enter(self, phase: phase, serial: serial)
