@@ -113,6 +113,11 @@ struct PendingResponseHeaders {
     /// pair4). Every line replaces its name's lines (a `set`). Any other
     /// change first makes them `added` lines (`materializeWireLines`).
     private(set) var wireLines: [UInt8] = []
+    /// A relayed response's wire-line storage (`reuseStorage`) with its old
+    /// bytes still in: not lines of these changes. A prepared set of the same
+    /// length (rate-limiting's, request after request) is copied over them,
+    /// without Array's append (~110 instructions) or emptying (~80).
+    private var spareWire: [UInt8] = []
     /// Bit i: `added[i]` came from a `set`, so the response's own lines of
     /// its name go (lines past the 64th record that in `clearedNames`).
     private var replacing: UInt64 = 0
@@ -165,6 +170,14 @@ struct PendingResponseHeaders {
         removedLengths |= masks.b
         removedKinds |= masks.c
         if masks.flags == 0 {
+            if spareWire.capacity != 0 {
+                swap(&wireLines, &spareWire)                 // wireLines is empty here (isEmpty)
+                if wireLines.count == wire.count {
+                    wireLines.withUnsafeMutableBytes { $0.copyMemory(from: wire) }
+                    return
+                }
+                wireLines.removeAll(keepingCapacity: true)
+            }
             if wireLines.capacity < wire.count { wireLines.reserveCapacity(max(256, wire.count)) }
             wireLines.append(contentsOf: wire)
             return
@@ -248,9 +261,9 @@ struct PendingResponseHeaders {
             while !storage.isEmpty { storage.removeLast() }
             swap(&added, &storage)
         }
-        if wireLines.isEmpty, wireLines.capacity == 0, wire.capacity != 0 {
-            wire.removeAll(keepingCapacity: true)
-            swap(&wireLines, &wire)
+        // Kept with its bytes (emptied only if the next set's length differs).
+        if wireLines.isEmpty, wireLines.capacity == 0, spareWire.capacity == 0, wire.capacity != 0 {
+            swap(&spareWire, &wire)
         }
     }
 
