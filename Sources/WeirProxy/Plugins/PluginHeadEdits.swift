@@ -652,8 +652,16 @@ extension RequestHead {
     /// client lines go too, their added lines follow the proxy's own.
     func writeUpstream(own: UpstreamOwnFields, plugin lines: PluginUpstreamLines, target: String?, into out: inout ByteBuffer) {
         let entries = wire.fields.entries
-        var removed = own.removed
-        removed.formUnion(lines.removed)
+        // Under 64 client lines (the usual head) the two sets are one word
+        // each: or'ed into a new set, without copying own's (a retain and
+        // release of its word array) or formUnion's call.
+        var removed = HTTP1FieldSet()
+        if own.removed.high.isEmpty && lines.removed.high.isEmpty {
+            removed.low = own.removed.low | lines.removed.low
+        } else {
+            removed = own.removed
+            removed.formUnion(lines.removed)
+        }
         let edits = HTTP1HeadEdits(removed: removed, target: target)
         HTTP1HeadWriter.writeRequest(wire, edits: edits, method: nil, tailBytes: own.byteCount(entries) + lines.byteCount,
                                      into: &out) { w, src in
