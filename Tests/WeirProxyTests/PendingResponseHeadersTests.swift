@@ -136,6 +136,36 @@ final class PendingResponseHeadersTests: XCTestCase {
         XCTAssertFalse(fields.fieldSet(named: "x-ratelimit-remaining-minute").isEmpty)
     }
 
+    /// A relayed response's wire storage, recycled for the next request
+    /// (`reuseStorage`), keeps its old bytes until a prepared set comes:
+    /// the pending changes stay empty meanwhile, and each set's lines are
+    /// its own, whether their length is the old one (copied over) or not.
+    func testRecycledWireStorageHoldsOnlyTheNewLines() throws {
+        let fields = try responseFields(["Content-Length: 5", "RateLimit-Remaining: 9"])
+        let prepared = try PreparedHeaderLines.make([
+            ("ratelimit-limit", "10"), ("ratelimit-remaining", nil), ("ratelimit-reset", nil),
+        ]).get()
+        var pending = PendingResponseHeaders()
+        var spareAdded: [HTTP1AddedField] = [], spareWire: [UInt8] = []
+        // Same length, shorter, longer, same again, then a line-by-line set.
+        for (k, values) in [["9", "60"], ["8", "59"], ["7", "5"], ["100", "12345"], ["99", "12344"]].enumerated() {
+            pending.reuseStorage(&spareAdded, wire: &spareWire)
+            XCTAssertTrue(pending.isEmpty && pending.wireLines.isEmpty, "request \(k)")
+            let wire = prepared.wire(values)
+            wire.withUnsafeBytes { pending.set(prepared, wire: $0) }
+            XCTAssertEqual(pending.wireLines, wire, "request \(k)")
+            var changes = ResponseHeadChanges(taking: &pending, on: fields, keepingWire: true)
+            XCTAssertEqual(changes.wireLines, wire, "request \(k)")
+            XCTAssertEqual(changes.edits.removed, fields.fieldSet(named: "ratelimit-remaining"), "request \(k)")
+            changes.withAddedStorage { added, wire in swap(&spareAdded, &added); swap(&spareWire, &wire) }
+        }
+        // Recycled storage and then a change other than a prepared set.
+        pending.reuseStorage(&spareAdded, wire: &spareWire)
+        pending.set("x-tag", "a")
+        XCTAssertTrue(pending.wireLines.isEmpty)
+        XCTAssertEqual(pending.added.map(\.name), ["x-tag"])
+    }
+
     /// More than 64 fields: indices past the first word are removed too.
     func testFieldsPastTheFirstWord() throws {
         let fields = try responseFields((0..<70).map { "x-filler-\($0 % 10): \($0)" } + ["RateLimit-Limit: 1", "Date: now"])

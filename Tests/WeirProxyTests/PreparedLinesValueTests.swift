@@ -23,6 +23,8 @@ final class PreparedLinesValueTests: PluginFolderTestCase {
           ["/float"] = 1.5,
           ["/big"] = math.maxinteger,
           ["/negative"] = math.mininteger,
+          -- Past prepared:set's 512-byte stack room: measured, then written.
+          ["/long"] = string.rep("v", 600),
         }
         function P:request(conf, ctx)
           local ok, err = pcall(lines.set, lines, "mine", values[weir.request.get_path()])
@@ -42,7 +44,8 @@ final class PreparedLinesValueTests: PluginFolderTestCase {
             XCTAssertEqual(response.headerValues("x-value"), [], path + ": the line is only cleared")
             XCTAssertEqual(response.headerValues("x-upstream"), ["mine"], path)
         }
-        for (path, value) in [("/float", "1.5"), ("/big", "9223372036854775807"), ("/negative", "-9223372036854775808")] {
+        for (path, value) in [("/float", "1.5"), ("/big", "9223372036854775807"), ("/negative", "-9223372036854775808"),
+                             ("/long", String(repeating: "v", count: 600))] {
             let response = try client.request("GET", path)
             XCTAssertEqual(response.status, 200, path)
             XCTAssertEqual(response.headerValues("x-set"), ["ok"], path)

@@ -113,6 +113,11 @@ struct PendingResponseHeaders {
     /// pair4). Every line replaces its name's lines (a `set`). Any other
     /// change first makes them `added` lines (`materializeWireLines`).
     private(set) var wireLines: [UInt8] = []
+    /// A relayed response's wire-line storage (`reuseStorage`) with its old
+    /// bytes still in: not lines of these changes. A prepared set of the same
+    /// length (rate-limiting's, request after request) is copied over them,
+    /// without Array's append (~110 instructions) or emptying (~80).
+    private var spareWire: [UInt8] = []
     /// Bit i: `added[i]` came from a `set`, so the response's own lines of
     /// its name go (lines past the 64th record that in `clearedNames`).
     private var replacing: UInt64 = 0
@@ -165,6 +170,14 @@ struct PendingResponseHeaders {
         removedLengths |= masks.b
         removedKinds |= masks.c
         if masks.flags == 0 {
+            if spareWire.capacity != 0 {
+                swap(&wireLines, &spareWire)                 // wireLines is empty here (isEmpty)
+                if wireLines.count == wire.count {
+                    wireLines.withUnsafeMutableBytes { $0.copyMemory(from: wire) }
+                    return
+                }
+                wireLines.removeAll(keepingCapacity: true)
+            }
             if wireLines.capacity < wire.count { wireLines.reserveCapacity(max(256, wire.count)) }
             wireLines.append(contentsOf: wire)
             return
@@ -248,9 +261,9 @@ struct PendingResponseHeaders {
             while !storage.isEmpty { storage.removeLast() }
             swap(&added, &storage)
         }
-        if wireLines.isEmpty, wireLines.capacity == 0, wire.capacity != 0 {
-            wire.removeAll(keepingCapacity: true)
-            swap(&wireLines, &wire)
+        // Kept with its bytes (emptied only if the next set's length differs).
+        if wireLines.isEmpty, wireLines.capacity == 0, spareWire.capacity == 0, wire.capacity != 0 {
+            swap(&spareWire, &wire)
         }
     }
 
@@ -639,8 +652,16 @@ extension RequestHead {
     /// client lines go too, their added lines follow the proxy's own.
     func writeUpstream(own: UpstreamOwnFields, plugin lines: PluginUpstreamLines, target: String?, into out: inout ByteBuffer) {
         let entries = wire.fields.entries
-        var removed = own.removed
-        removed.formUnion(lines.removed)
+        // Under 64 client lines (the usual head) the two sets are one word
+        // each: or'ed into a new set, without copying own's (a retain and
+        // release of its word array) or formUnion's call.
+        var removed = HTTP1FieldSet()
+        if own.removed.high.isEmpty && lines.removed.high.isEmpty {
+            removed.low = own.removed.low | lines.removed.low
+        } else {
+            removed = own.removed
+            removed.formUnion(lines.removed)
+        }
         let edits = HTTP1HeadEdits(removed: removed, target: target)
         HTTP1HeadWriter.writeRequest(wire, edits: edits, method: nil, tailBytes: own.byteCount(entries) + lines.byteCount,
                                      into: &out) { w, src in
