@@ -494,18 +494,24 @@ final class ExchangePlugins: PluginRequest, PluginRequestContext {
     }
 
     /// The upstream head with the proxy's own lines as bytes and
-    /// `upstreamLines` (serializeUpstreamHead, while there is no edit list).
-    /// `RequestHead.writeUpstream(own:plugin:target:into:)` with
-    /// `upstreamLines` read in place: passed as an argument (or swapped
+    /// `upstreamLines` after them (serializeUpstreamHead, while there is no
+    /// edit list); the client lines either side removed are left out.
+    /// `upstreamLines` is read in place: passed as an argument (or swapped
     /// into a temporary) the struct's arrays were retained and released
     /// per request.
     func writeUpstreamHead(_ head: RequestHead, own: UpstreamOwnFields, target: String?, into out: inout ByteBuffer) {
         let entries = head.wire.fields.entries
-        var removed = own.removed
-        // Its fields read in place: `formUnion(upstreamLines.removed)` took
-        // a copy of the set (its array retained and released).
-        removed.low |= upstreamLines.removed.low
-        if !upstreamLines.removed.high.isEmpty { removed.formUnionHigh(upstreamLines.removed.high) }
+        // Under 64 client lines (the usual head) both removed sets are one
+        // word each: or'ed into a new set without copying own's (a retain
+        // and release of its word array) or a formUnion call.
+        var removed = HTTP1FieldSet()
+        if own.removed.high.isEmpty && upstreamLines.removed.high.isEmpty {
+            removed.low = own.removed.low | upstreamLines.removed.low
+        } else {
+            removed = own.removed
+            removed.low |= upstreamLines.removed.low
+            if !upstreamLines.removed.high.isEmpty { removed.formUnionHigh(upstreamLines.removed.high) }
+        }
         let edits = HTTP1HeadEdits(removed: removed, target: target)
         HTTP1HeadWriter.writeRequest(head.wire, edits: edits, method: nil,
                                      tailBytes: own.byteCount(entries) + upstreamLines.byteCount, into: &out) { w, src in

@@ -648,30 +648,6 @@ struct PluginUpstreamLines {
 }
 
 extension RequestHead {
-    /// `writeUpstream(own:target:into:)` with plugins' lines: their removed
-    /// client lines go too, their added lines follow the proxy's own.
-    func writeUpstream(own: UpstreamOwnFields, plugin lines: PluginUpstreamLines, target: String?, into out: inout ByteBuffer) {
-        let entries = wire.fields.entries
-        // Under 64 client lines (the usual head) the two sets are one word
-        // each: or'ed into a new set, without copying own's (a retain and
-        // release of its word array) or formUnion's call.
-        var removed = HTTP1FieldSet()
-        if own.removed.high.isEmpty && lines.removed.high.isEmpty {
-            removed.low = own.removed.low | lines.removed.low
-        } else {
-            removed = own.removed
-            removed.formUnion(lines.removed)
-        }
-        let edits = HTTP1HeadEdits(removed: removed, target: target)
-        HTTP1HeadWriter.writeRequest(wire, edits: edits, method: nil, tailBytes: own.byteCount(entries) + lines.byteCount,
-                                     into: &out) { w, src in
-            own.write(&w, entries, src)
-            lines.withBytes { added in
-                if let base = added.baseAddress { w.copy(base, added.count) }
-            }
-        }
-    }
-
     /// The client's lines named `name`, classified already (`HTTP1Fields.fieldSet(named:kind:)`), read in place.
     @inline(__always)
     func fieldSet(named name: String, kind: HTTP1KnownField) -> HTTP1FieldSet { wire.fields.fieldSet(named: name, kind: kind) }
