@@ -408,27 +408,40 @@ enum HTTP1Bytes {
 
     /// Compares `n` bytes at `p` with a lowercase ASCII literal, ignoring case
     /// of `p`'s letters (the literal holds only letters, digits and '-').
-    /// Byte for byte `p[i] | 0x20 == literal[i]`, compared a word at a time
-    /// (two overlapping loads cover any length from 2 to 16; longer ones
-    /// take 8 bytes per step): a per-byte loop cost ~10 instructions a byte
-    /// on every field name the parser classifies.
+    /// Byte for byte `p[i] | 0x20 == literal[i]`; every such literal byte
+    /// already has 0x20 set, so a word compare `x | 0x20… == y | 0x20…` is
+    /// the same test (the zero bytes a narrow load widens to agree too). A
+    /// per-byte loop cost ~10 instructions a byte on every field name the
+    /// parser classifies.
     @inline(__always)
     static func equalsLower(_ p: UnsafePointer<UInt8>, _ n: Int, _ literal: StaticString) -> Bool {
         guard n == literal.utf8CodeUnitCount else { return false }
-        let a = UnsafeRawPointer(p), b = UnsafeRawPointer(literal.utf8Start)
+        return wordwiseEqual(UnsafeRawPointer(p), UnsafeRawPointer(literal.utf8Start), n) { x, y in
+            x | 0x2020_2020_2020_2020 == y | 0x2020_2020_2020_2020
+        }
+    }
+
+    /// `n` bytes at `a` and `b` compared a word at a time by `same` (given
+    /// two words of up to 8 bytes each, zero-extended when narrower): two
+    /// overlapping loads cover any length from 2 to 16, longer runs take 8
+    /// bytes per step. Shared by `equalsLower` and `equalsIgnoringCase`.
+    @inline(__always)
+    static func wordwiseEqual(_ a: UnsafeRawPointer, _ b: UnsafeRawPointer, _ n: Int,
+                              _ same: (UInt64, UInt64) -> Bool) -> Bool {
         @inline(__always) func same16(_ o: Int) -> Bool {
-            a.loadUnaligned(fromByteOffset: o, as: UInt16.self) | 0x2020 == b.loadUnaligned(fromByteOffset: o, as: UInt16.self)
+            same(UInt64(a.loadUnaligned(fromByteOffset: o, as: UInt16.self)),
+                 UInt64(b.loadUnaligned(fromByteOffset: o, as: UInt16.self)))
         }
         @inline(__always) func same32(_ o: Int) -> Bool {
-            a.loadUnaligned(fromByteOffset: o, as: UInt32.self) | 0x2020_2020 == b.loadUnaligned(fromByteOffset: o, as: UInt32.self)
+            same(UInt64(a.loadUnaligned(fromByteOffset: o, as: UInt32.self)),
+                 UInt64(b.loadUnaligned(fromByteOffset: o, as: UInt32.self)))
         }
         @inline(__always) func same64(_ o: Int) -> Bool {
-            a.loadUnaligned(fromByteOffset: o, as: UInt64.self) | 0x2020_2020_2020_2020
-                == b.loadUnaligned(fromByteOffset: o, as: UInt64.self)
+            same(a.loadUnaligned(fromByteOffset: o, as: UInt64.self), b.loadUnaligned(fromByteOffset: o, as: UInt64.self))
         }
         switch n {
-        case 0: return true
-        case 1: return p[0] | 0x20 == b.load(as: UInt8.self)
+        case ..<1: return true
+        case 1: return same(UInt64(a.load(as: UInt8.self)), UInt64(b.load(as: UInt8.self)))
         case 2...3: return same16(0) && same16(n - 2)
         case 4...7: return same32(0) && same32(n - 4)
         default:
