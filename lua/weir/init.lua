@@ -587,24 +587,26 @@ client.identify = with_fallback(N.client_identify, function(consumer, credential
   check_consumer_args("weir.client.identify", consumer, credential)
 end)
 
+-- The fallbacks of find_credential and identify_credential (a helper one
+-- frame deeper than the fallback: every level is one more).
+local function check_credential_args(fname, phases, plugin, field, value)
+  check_phase(fname, phases, 5)
+  check_string(fname, 1, plugin, 6)
+  check_string(fname, 2, field, 6)
+  check_string(fname, 3, value, 6)
+  no_request(fname, 5)
+end
+
 -- Indexed lookup in consumers[].credentials[plugin] (see SDKConsumers.swift).
 client.find_credential = with_fallback(N.client_find_credential, function(plugin, field, value)
-  check_phase("weir.client.find_credential", ANY_PHASE, 4)
-  check_string("weir.client.find_credential", 1, plugin, 5)
-  check_string("weir.client.find_credential", 2, field, 5)
-  check_string("weir.client.find_credential", 3, value, 5)
-  no_request("weir.client.find_credential")
+  check_credential_args("weir.client.find_credential", ANY_PHASE, plugin, field, value)
 end)
 
 -- find_credential, and when it finds one, identify(consumer, plugin): a
 -- key-style auth plugin's lookup and identification in one call (request
 -- phase). Returns as find_credential.
 client.identify_credential = with_fallback(N.client_identify_credential, function(plugin, field, value)
-  check_phase("weir.client.identify_credential", REWRITE_PHASES, 4)
-  check_string("weir.client.identify_credential", 1, plugin, 5)
-  check_string("weir.client.identify_credential", 2, field, 5)
-  check_string("weir.client.identify_credential", 3, value, 5)
-  no_request("weir.client.identify_credential")
+  check_credential_args("weir.client.identify_credential", REWRITE_PHASES, plugin, field, value)
 end)
 
 -- Whether `name` is a configured consumer (consumers[].name); a hash lookup.
