@@ -74,6 +74,7 @@ def summarise(results):
             "runs": len(rows),
             "rps": median([float(r["rps"]) for r in rows]),
             "rps_all": [float(r["rps"]) for r in rows],
+            "rps_by_run": {r["run"]: float(r["rps"]) for r in rows if "run" in r},
             "p50_ms": median([int(r["p50_us"]) / 1000.0 for r in rows]),
             "p99_ms": median([int(r["p99_us"]) / 1000.0 for r in rows]),
             "cpu_percent": median(cpu_percent),
@@ -81,6 +82,13 @@ def summarise(results):
             "errors": errors,
         }
     return summary
+
+
+def paired_ratios(sa, sb):
+    """A/B req/s within each run (the two measured seconds apart, so slow
+    drifts of the shared machine cancel), for the runs that measured both."""
+    a, b = sa["rps_by_run"], sb["rps_by_run"]
+    return [a[run] / b[run] for run in a if run in b and b[run] > 0]
 
 
 def ordered_proxies(summary, unavailable):
@@ -143,6 +151,10 @@ def render(path):
                 delta = sa["cpu_us_per_req"] - sb["cpu_us_per_req"]
                 line += (f", CPU per request {delta:+.1f} µs "
                          f"(x{sa['cpu_us_per_req'] / sb['cpu_us_per_req']:.2f})")
+            paired = paired_ratios(sa, sb)
+            if len(paired) > 1:
+                line += (f"; paired by run: median x{median(paired):.2f} "
+                         f"(x{min(paired):.2f}..x{max(paired):.2f}, {len(paired)} runs)")
             out.append(line)
     if len(out) and out[-1].startswith("Ratios"):
         out.append("- none (a ratio needs both proxies measured)")
