@@ -114,6 +114,8 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
     var connectionPlugins: ConnectionPlugins?
     var spareUpstreamFields: [HTTP1AddedField] = []
     let upstreamOwnLinesMemo = UpstreamOwnLinesMemo()
+    /// The last request's Host value as a String (`HostValueMemo`).
+    private var hostMemo = HostValueMemo()
     /// No request yet on an http listener with `http2.enabled` (or an https
     /// one whose ALPN chose h2): the first bytes may be the HTTP/2 client
     /// preface, and then the connection becomes an HTTP/2 one.
@@ -481,7 +483,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
         framing.expectsContinue = wire.expectsContinue
         framing.teTrailers = wire.facts.teTrailersOnly && wire.fields.entries.contains { $0.known == .te }
         let keepAlive = wire.keepAlive, wantsUpgrade = wire.wantsUpgrade
-        let head = RequestHead(consume wire)
+        let head = RequestHead(consume wire, hostMemo: &hostMemo)
         var spare: Exchange? = nil
         swap(&spare, &spareExchange)
         let exchange = makeExchange(head: head, reusing: spare)
