@@ -481,7 +481,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
             break
         }
         framing.expectsContinue = wire.expectsContinue
-        framing.teTrailers = wire.facts.teTrailersOnly && wire.fields.entries.contains { $0.known == .te }
+        framing.teTrailers = wire.facts.teTrailers
         let keepAlive = wire.keepAlive, wantsUpgrade = wire.wantsUpgrade
         let head = RequestHead(consume wire, hostMemo: &hostMemo)
         var spare: Exchange? = nil
