@@ -438,7 +438,7 @@ extension ExchangeDownstream {
         connection.requestsSent += 1
         connection.attach(self)
         let (head, chunked, method) = serializeUpstreamHead(exchange, on: connection)
-        connection.writeHead(head, method: method, chunkedBody: chunked)
+        connection.writeHead(consume head, method: method, chunkedBody: chunked)
         if let replacement = exchange.replacementBody {
             // The client's body is dropped; the replacement goes once the
             // client's request has ended (else requestEnd writes it).
