@@ -279,21 +279,27 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
             switch requestFraming {
             case .none:
                 guard exchange == nil, !decoderStopped, inbound.readableBytes > 0 else { return }
-                headBytesArrived()
                 if mayStartHTTP2 {
                     switch HTTP2Preface.match(inbound) {
-                    case .incomplete: return
-                    case .http2: return switchToHTTP2()
+                    case .incomplete: headBytesArrived(); return
+                    case .http2: headBytesArrived(); return switchToHTTP2()
                     case .other: mayStartHTTP2 = false
                     }
                 }
                 let head: HTTP1RequestHead
                 do {
-                    guard let parsed = try parser.parse(&inbound) else { return }
+                    guard let parsed = try parser.parse(&inbound) else {
+                        headBytesArrived()
+                        return
+                    }
                     head = parsed
                 } catch {
+                    headBytesArrived()
                     return rejectMalformed(error)
                 }
+                // A whole head in the bytes at hand: the header timeout is
+                // not armed for it (`beginRequest` would clear it at once:
+                // a timer set per request for nothing).
                 beginRequest(consume head)
             case .contentLength(let remaining):
                 guard let exchange, inbound.readableBytes > 0 else { return }
