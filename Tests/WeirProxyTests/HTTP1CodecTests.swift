@@ -133,6 +133,21 @@ final class HTTP1CodecTests: XCTestCase {
         XCTAssertFalse(try parseRequest("GET /ws HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n\r\n").wantsUpgrade)
     }
 
+    /// `facts.teTrailers`: a TE field is present and all its elements are
+    /// `trailers` (what the exchange needs to relay response trailers).
+    func testTETrailersFact() throws {
+        func teTrailers(_ lines: String) throws -> Bool {
+            try parseRequest("GET / HTTP/1.1\r\nHost: h\r\n" + lines + "\r\n").facts.teTrailers
+        }
+        XCTAssertFalse(try teTrailers(""))
+        XCTAssertTrue(try teTrailers("TE: trailers\r\n"))
+        XCTAssertTrue(try teTrailers("te: Trailers\r\nAccept: */*\r\n"))
+        XCTAssertTrue(try teTrailers("TE: trailers\r\nTE: trailers\r\n"))
+        XCTAssertFalse(try teTrailers("TE: gzip\r\n"))
+        XCTAssertFalse(try teTrailers("TE: trailers, gzip\r\n"))
+        XCTAssertFalse(try teTrailers("TE: trailers\r\nTE: deflate\r\n"))
+    }
+
     func testObsTextInValuesIsAccepted() throws {
         let bytes = Array("GET / HTTP/1.1\r\nHost: h\r\nX-Name: caf".utf8) + [0xC3, 0xA9] + Array("\r\n\r\n".utf8)
         var parser = HTTP1RequestParser()

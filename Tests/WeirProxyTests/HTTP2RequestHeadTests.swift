@@ -56,6 +56,7 @@ final class HTTP2RequestHeadTests: XCTestCase {
             XCTAssertEqual(built.wantsUpgrade, parsed.wantsUpgrade)
             XCTAssertEqual(built.hostIndex, parsed.hostIndex)
             XCTAssertEqual(built.facts.teTrailersOnly, parsed.facts.teTrailersOnly)
+            XCTAssertEqual(built.facts.teTrailers, parsed.facts.teTrailers)
             XCTAssertEqual(built.fields.connectionNamesOtherFields, parsed.fields.connectionNamesOtherFields)
         }
     }

@@ -343,6 +343,26 @@ final class ProxyErrorTests: XCTestCase {
         XCTAssertEqual(upstream.requests.count, 0)
     }
 
+    /// A kept-alive connection's next head switches it from the keep-alive
+    /// timeout to the header timeout when its first bytes arrive without
+    /// the whole head (a head that is whole at once arms no timer).
+    func testPartialHeadOnKeptConnectionGetsTheHeaderTimeout() throws {
+        let proxy = try start {
+            $0.listeners[0].limits.headerTimeout = .milliseconds(300)
+            $0.listeners[0].limits.keepAliveTimeout = .seconds(30)
+        }
+        let client = try proxy.connect()
+        XCTAssertEqual(try client.request("GET", "/a").status, 200)
+        XCTAssertEqual(try client.request("GET", "/b").status, 200)
+        let sent = Date()
+        try client.send("GET /x HTTP/1.1\r\nHost: a\r\n")   // never finished
+        let response = try client.readResponse()
+        assertJSONError(response, status: 408, code: "request_timeout")
+        XCTAssertLessThan(Date().timeIntervalSince(sent), 10, "the header timeout, not the keep-alive one")
+        XCTAssertTrue(client.waitForClose())
+        XCTAssertEqual(upstream.requests.count, 2)
+    }
+
     func testIdleKeepAliveConnectionIsClosedQuietly() throws {
         let proxy = try start { $0.listeners[0].limits.keepAliveTimeout = .milliseconds(300) }
         let client = try proxy.connect()

@@ -114,6 +114,8 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
     var connectionPlugins: ConnectionPlugins?
     var spareUpstreamFields: [HTTP1AddedField] = []
     let upstreamOwnLinesMemo = UpstreamOwnLinesMemo()
+    /// The last request's Host value as a String (`HostValueMemo`).
+    private var hostMemo = HostValueMemo()
     /// No request yet on an http listener with `http2.enabled` (or an https
     /// one whose ALPN chose h2): the first bytes may be the HTTP/2 client
     /// preface, and then the connection becomes an HTTP/2 one.
@@ -277,21 +279,27 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
             switch requestFraming {
             case .none:
                 guard exchange == nil, !decoderStopped, inbound.readableBytes > 0 else { return }
-                headBytesArrived()
                 if mayStartHTTP2 {
                     switch HTTP2Preface.match(inbound) {
-                    case .incomplete: return
-                    case .http2: return switchToHTTP2()
+                    case .incomplete: headBytesArrived(); return
+                    case .http2: headBytesArrived(); return switchToHTTP2()
                     case .other: mayStartHTTP2 = false
                     }
                 }
                 let head: HTTP1RequestHead
                 do {
-                    guard let parsed = try parser.parse(&inbound) else { return }
+                    guard let parsed = try parser.parse(&inbound) else {
+                        headBytesArrived()
+                        return
+                    }
                     head = parsed
                 } catch {
+                    headBytesArrived()
                     return rejectMalformed(error)
                 }
+                // A whole head in the bytes at hand: the header timeout is
+                // not armed for it (`beginRequest` would clear it at once:
+                // a timer set per request for nothing).
                 beginRequest(consume head)
             case .contentLength(let remaining):
                 guard let exchange, inbound.readableBytes > 0 else { return }
@@ -479,9 +487,9 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
             break
         }
         framing.expectsContinue = wire.expectsContinue
-        framing.teTrailers = wire.facts.teTrailersOnly && wire.fields.entries.contains { $0.known == .te }
+        framing.teTrailers = wire.facts.teTrailers
         let keepAlive = wire.keepAlive, wantsUpgrade = wire.wantsUpgrade
-        let head = RequestHead(consume wire)
+        let head = RequestHead(consume wire, hostMemo: &hostMemo)
         var spare: Exchange? = nil
         swap(&spare, &spareExchange)
         let exchange = makeExchange(head: head, reusing: spare)

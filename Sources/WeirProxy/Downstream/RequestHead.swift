@@ -43,6 +43,17 @@ final class RequestHead {
         self.wire = consume wire
     }
 
+    /// An HTTP/1.1 connection's head, its Host value taken from the
+    /// connection's memo (`HostValueMemo`) when the bytes repeat.
+    init(_ wire: consuming HTTP1RequestHead, hostMemo: inout HostValueMemo) {
+        self.method = wire.method.nioMethod ?? HTTPMethod(rawValue: wire.methodString)
+        self.isHTTP10 = wire.version.minor == 0
+        self.receivedOverHTTP2 = false
+        self.version = isHTTP10 ? .http1_0 : .http1_1
+        self.host = hostMemo.host(of: wire)
+        self.wire = consume wire
+    }
+
     /// The upstream head (`HTTP1HeadWriter.writeRequest`) from `wire` read
     /// in place: a method, so `self` is held for the call and the `let`
     /// is borrowed; the caller's `head.wire` was copied (its buffer and
@@ -124,4 +135,52 @@ extension HTTP1Fields: Sequence {
 struct RequestHeadLookup: RouteHeaderLookup {
     unowned(unsafe) let head: RequestHead
     func firstValue(forLowercasedName name: String) -> String? { head.wire.fields.first(named: name) }
+}
+
+/// The Host value of a connection's last request and the String made of
+/// it. A keep-alive client sends the same Host on every request, so the
+/// next request's Host is this String again after a compare of two words
+/// instead of a new String (~150 instructions: the bytes copied into a
+/// String and checked as UTF-8). A String is a function of its bytes
+/// (invalid UTF-8 is repaired the same way each time), so equal bytes give
+/// an equal String. Values up to 16 bytes (a name and port usually are);
+/// longer ones are made afresh. One per HTTP/1.1 connection, on its loop.
+struct HostValueMemo {
+    /// The kept value's length (-1: none kept) and its bytes as `words`
+    /// packs them: the same length and words mean the same bytes.
+    private var count = -1
+    private var low: UInt64 = 0, high: UInt64 = 0
+    private var string: String? = nil
+
+    /// `wire.host`, from the memo when its bytes are the last request's.
+    mutating func host(of wire: borrowing HTTP1RequestHead) -> String? {
+        guard let i = wire.hostIndex else { return nil }
+        let e = wire.fields.entries[i]
+        let n = Int(e.valueLength)
+        guard n <= 16 else { return wire.fields.value(at: i) }
+        let (low, high) = wire.fields.bytes.withUnsafeReadableBytes { raw in
+            Self.words(raw.baseAddress! + Int(e.valueStart), n)
+        }
+        if n == count && low == self.low && high == self.high, let string { return string }
+        let made = wire.fields.value(at: i)
+        (count, self.low, self.high, string) = (n, low, high, made)
+        return made
+    }
+
+    /// `n` (0...16) bytes at `p` as two words: two loads that overlap when
+    /// `n` is not twice their width, so every byte is in one word or both
+    /// (no byte past `n` is read). For one `n`, equal words mean equal bytes.
+    @inline(__always)
+    static func words(_ p: UnsafeRawPointer, _ n: Int) -> (UInt64, UInt64) {
+        switch n {
+        case ..<1: return (0, 0)
+        case 1: return (UInt64(p.load(as: UInt8.self)), 0)
+        case 2...3:
+            return (UInt64(p.loadUnaligned(as: UInt16.self)), UInt64(p.loadUnaligned(fromByteOffset: n - 2, as: UInt16.self)))
+        case 4...7:
+            return (UInt64(p.loadUnaligned(as: UInt32.self)), UInt64(p.loadUnaligned(fromByteOffset: n - 4, as: UInt32.self)))
+        default:
+            return (p.loadUnaligned(as: UInt64.self), p.loadUnaligned(fromByteOffset: n - 8, as: UInt64.self))
+        }
+    }
 }

@@ -567,6 +567,7 @@ struct HTTP1FramingFacts {
     var hostCount = 0
     var expectContinue = false
     var teTrailersOnly = true
+    var teLines = 0
 }
 
 /// Parses and validates the field lines from `start` through the empty
@@ -790,6 +791,7 @@ func noteKnownField(_ known: HTTP1KnownField, _ v: UnsafePointer<UInt8>, _ n: In
     case .expect:
         if HTTP1Bytes.equalsLower(v, n, "100-continue") { facts.expectContinue = true }
     case .te:
+        facts.teLines += 1
         HTTP1Bytes.forEachListElement(v, n) { e, len in
             if !HTTP1Bytes.equalsLower(e, len, "trailers") { facts.teTrailersOnly = false }
         }

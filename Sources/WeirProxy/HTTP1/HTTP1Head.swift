@@ -95,6 +95,15 @@ public struct HTTP1ResponseHead: Sendable {
 public struct HTTP1HeadFacts: Sendable {
     /// Every TE element is `trailers` (or there is no TE field).
     public let teTrailersOnly: Bool
+    /// There is a TE field and every element is `trailers`: the client
+    /// accepts trailers. Found while parsing (the exchange asked the field
+    /// index per request: a copy of the entry array, ~65 instructions).
+    public let teTrailers: Bool
+
+    init(_ facts: HTTP1FramingFacts) {
+        teTrailersOnly = facts.teTrailersOnly
+        teTrailers = facts.teTrailersOnly && facts.teLines > 0
+    }
 }
 
 /// Incremental, strict RFC 9112 request head parser.
@@ -252,7 +261,7 @@ public struct HTTP1RequestParser: Sendable {
             method: line.method, methodLength: line.methodLength, targetRange: line.target, version: version,
             framing: framing, keepAlive: keepAlive, expectsContinue: facts.expectContinue,
             wantsUpgrade: facts.connectionUpgrade && hasUpgradeField, hostIndex: hostIndex,
-            facts: HTTP1HeadFacts(teTrailersOnly: facts.teTrailersOnly))
+            facts: HTTP1HeadFacts(facts))
     }
 
     /// RFC 9112 §3.2: CONNECT takes authority-form, `*` only with OPTIONS,
@@ -404,7 +413,7 @@ public struct HTTP1ResponseParser: Sendable {
             && (version.minor >= 1 ? !facts.connectionClose : (facts.connectionKeepAlive && !facts.connectionClose))
         return HTTP1ResponseHead(fields: HTTP1Fields(bytes: slice, entries: entries, connectionNamesOtherFields: facts.connectionNamesOthers), version: version,
                                  status: status, reasonRange: line.reason, framing: framing,
-                                 keepAlive: keepAlive, facts: HTTP1HeadFacts(teTrailersOnly: facts.teTrailersOnly))
+                                 keepAlive: keepAlive, facts: HTTP1HeadFacts(facts))
     }
 }
 

@@ -292,7 +292,7 @@ final class HTTP2ServerStream: ExchangeDownstream {
             break
         }
         framing.expectsContinue = wire.expectsContinue
-        framing.teTrailers = wire.facts.teTrailersOnly && wire.fields.entries.contains { $0.known == .te }
+        framing.teTrailers = wire.facts.teTrailers
         let requestHead = RequestHead(wire, receivedOverHTTP2: true)
         let exchange = makeExchange(head: requestHead)
         self.exchange = exchange

@@ -36,8 +36,10 @@ struct LazyTimer {
     /// Sets (or clears with nil) the deadline.
     mutating func set(_ deadline: NIODeadline?) {
         self.deadline = deadline
-        guard let deadline, let loop, let onFire else { return }
+        guard let deadline else { return }
+        // The usual case first: the task fires no later (and re-arms then).
         if task != nil && taskFiresAt <= deadline { return }
+        guard let loop, let onFire else { return }
         task?.cancel()
         taskFiresAt = deadline
         task = loop.scheduleTask(deadline: deadline, onFire)

@@ -73,12 +73,14 @@ final class UpstreamConnection {
 
     /// Starts a request: `head` is the complete serialised head. The
     /// method decides how the response is parsed (HEAD has no body).
-    func writeHead(_ head: ByteBuffer, method: HTTP1Method, chunkedBody: Bool) {
+    /// `consuming`: the caller's buffer moves into `headBuffer` (a borrowed
+    /// one was retained to be kept and released by the caller).
+    func writeHead(_ head: consuming ByteBuffer, method: HTTP1Method, chunkedBody: Bool) {
         self.chunkedBody = chunkedBody
         handler.expectResponse(to: method)
         if let http2Stream { return http2Stream.writeHead(head, method: method, bodyless: !chunkedBody) }
         handler.write(head)
-        if head.capacity <= Self.keptHeadBufferCapacity { headBuffer = head }
+        if head.capacity <= Self.keptHeadBufferCapacity { headBuffer = consume head }
     }
 
     /// An empty buffer of at least `capacity` bytes for the next request
