@@ -101,8 +101,7 @@ extension ExchangeDownstream {
         // changes it (ExchangePlugins.materializeUpstreamHead); otherwise the
         // client's head bytes are forwarded with the proxy's edits, as
         // without plugins.
-        let scope = plugins.beginRequest(chain: chain, handler: self, exchange: exchange, path: path, query: query,
-                                         connection: connectionPlugins?.scope)
+        let scope = beginRequestPlugins(plugins, chain: chain, exchange: exchange, path: path, query: query)
         exchange.plugins = scope
         switch scope.start(.request, chain: chain.chain) {
         case .done(.continue) where exchange.routed === routed:
@@ -119,6 +118,31 @@ extension ExchangeDownstream {
                 self.requestPhaseEnded(exchange, result)
             }
         }
+    }
+
+    /// The request's plugin side: on an HTTP/1.1 connection its last
+    /// request's, kept by the connection (`DownstreamHandler.sparePlugins`)
+    /// when it is of this generation and nothing else holds it; otherwise
+    /// one of the loop's spares or a new one.
+    @inline(__always)
+    private func beginRequestPlugins(_ plugins: LoopPlugins, chain: RouteChain, exchange: Exchange,
+                                     path: String?, query: Substring) -> ExchangePlugins {
+        // Decided at compile time: this function is specialised per downstream type.
+        guard Self.self == DownstreamHandler.self else {
+            return plugins.beginRequest(chain: chain, handler: self, exchange: exchange, path: path, query: query,
+                                        connection: connectionPlugins?.scope)
+        }
+        let connection = unsafeDowncast(self, to: DownstreamHandler.self)
+        // Of another generation only if a reload happened since it was kept
+        // (LoopContext.plugins drops them, endScope keeps none of a retired one).
+        if var spare = connection.sparePlugins.take(), spare.isOf(plugins), isKnownUniquelyReferenced(&spare) {
+            spare.restart(chain: chain, exchange: exchange, path: path, query: query, connection: connectionPlugins?.scope)
+            return spare
+        }
+        let scope = plugins.beginRequest(chain: chain, handler: self, exchange: exchange, path: path, query: query,
+                                         connection: connectionPlugins?.scope)
+        scope.connectionHandler = Unmanaged.passUnretained(connection)
+        return scope
     }
 
     private func requestPhaseEnded(_ exchange: Exchange, _ result: PhaseResult) {
