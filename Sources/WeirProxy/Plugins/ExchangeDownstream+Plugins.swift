@@ -135,9 +135,13 @@ extension ExchangeDownstream {
         let connection = unsafeDowncast(self, to: DownstreamHandler.self)
         // Of another generation only if a reload happened since it was kept
         // (LoopContext.plugins drops them, endScope keeps none of a retired one).
-        if var spare = connection.sparePlugins.take(), spare.isOf(plugins), isKnownUniquelyReferenced(&spare) {
-            spare.restart(chain: chain, exchange: exchange, path: path, query: query, connection: connectionPlugins?.scope)
-            return spare
+        // Moved out of the optional when returned: a `var` bound to it was
+        // copied for the return (a retain and a release per request).
+        // Not bound to a `let` either: that reference would make it not unique.
+        var spare = connection.sparePlugins.take()
+        if spare != nil, spare!.isOf(plugins), isKnownUniquelyReferenced(&spare) {
+            spare!.restart(chain: chain, exchange: exchange, path: path, query: query, connection: connectionPlugins?.scope)
+            return spare.take()!
         }
         let scope = plugins.beginRequest(chain: chain, handler: self, exchange: exchange, path: path, query: query,
                                          connection: connectionPlugins?.scope)
