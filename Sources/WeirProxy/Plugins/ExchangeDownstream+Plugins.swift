@@ -101,9 +101,14 @@ extension ExchangeDownstream {
         // changes it (ExchangePlugins.materializeUpstreamHead); otherwise the
         // client's head bytes are forwarded with the proxy's edits, as
         // without plugins.
-        let scope = beginRequestPlugins(plugins, chain: chain, exchange: exchange, path: path, query: query)
-        exchange.plugins = scope
-        switch scope.start(.request, chain: chain.chain) {
+        // Moved into the exchange and used borrowed from there (the exchange,
+        // which the caller holds, keeps it: nothing ends the exchange while
+        // the phase runs). A local reference besides it cost a retain and a
+        // release per request.
+        let made = beginRequestPlugins(plugins, chain: chain, exchange: exchange, path: path, query: query)
+        let borrowed = Unmanaged.passUnretained(made)
+        exchange.plugins = consume made
+        switch borrowed._withUnsafeGuaranteedRef({ $0.start(.request, chain: chain.chain) }) {
         case .done(.continue) where exchange.routed === routed:
             // No plugin picked another upstream (set_upstream, set_target):
             // the first attempt with what the caller already holds.
@@ -111,6 +116,8 @@ extension ExchangeDownstream {
         case .done(let result):
             requestPhaseEnded(exchange, result)
         case .pending(let future):
+            // The callback holds it: it may outlive the exchange's reference.
+            let scope = borrowed.takeUnretainedValue()
             scope.phasePending = true
             future.whenSuccess { result in
                 scope.phasePending = false
