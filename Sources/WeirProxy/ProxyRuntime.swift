@@ -314,7 +314,14 @@ final class LoopContext: @unchecked Sendable {
     private var draining = false
     /// This loop's plugins of the current generation; nil when the config
     /// attaches none. Swapped on the loop by a reload (see Generations/).
-    var plugins: LoopPlugins?
+    var plugins: LoopPlugins? {
+        didSet {
+            // Idle connections let go of the old generation's plugin sides
+            // (`DownstreamHandler.sparePlugins`): they pin its Lua state.
+            guard oldValue !== plugins else { return }
+            for handler in connections.values { handler.sparePlugins = nil }
+        }
+    }
 
     /// Per-exchange events worth a look when debugging (connect failures,
     /// timeouts, malformed input). Debug level: the access log already

@@ -3,6 +3,7 @@ import NIOConcurrencyHelpers
 import NIOCore
 import WeirCore
 @testable import WeirProxy
+import WeirLua
 import XCTest
 
 /// A closed client connection's handler is freed, however it ended. Nothing
@@ -16,12 +17,17 @@ import XCTest
 /// switch). On the plugin path the request's plugin side
 /// (`ExchangePlugins.handler`) and the phases' callbacks hold it strongly
 /// too, let go when the scope is finished or the phase's future completes
-/// (see ExchangeDownstream+Plugins.swift).
+/// (see ExchangeDownstream+Plugins.swift). Between requests the connection
+/// keeps its last request's plugin side (`DownstreamHandler.sparePlugins`),
+/// which holds the handler: let go when the connection ends (closed or
+/// tunnelled) and when a reload replaces its generation.
 final class DownstreamLifetimeTests: PluginFolderTestCase {
     private final class WeakHandler: @unchecked Sendable {
         weak var handler: DownstreamHandler?
         /// The exchange in flight, when taken mid-request.
         weak var exchange: Exchange?
+        /// The plugin side the connection keeps between its requests.
+        weak var plugins: ExchangePlugins?
     }
 
     /// The handler of the proxy's one open HTTP/1.1 connection, held weakly.
@@ -410,5 +416,144 @@ final class DownstreamLifetimeTests: PluginFolderTestCase {
             XCTAssertTrue(waitUntil { (try? context.loop.submit { context.registeredHandlers.isEmpty }.wait()) == true })
         }
         XCTAssertTrue(upstream.requests.isEmpty)
+    }
+
+    // MARK: The plugin side a connection keeps between its requests
+
+    private func writeTag() throws {
+        try folder.write("tag", handler: """
+        local weir = require "weir"
+        local P = { PRIORITY = 10, VERSION = "1" }
+        function P:request(conf, ctx)
+          weir.upstream.request.set_header("x-tag", "1")
+        end
+        return P
+        """)
+    }
+
+    /// The connection's kept plugin side, held weakly in `box`.
+    private func takeSparePlugins(_ box: WeakHandler, _ proxy: ProxyHarness) throws {
+        let context = proxy.server.loopContexts[0]
+        try context.loop.submit { box.plugins = box.handler?.sparePlugins }.wait()
+    }
+
+    private func assertPluginSideFreed(_ box: WeakHandler, _ proxy: ProxyHarness, _ what: String) {
+        let context = proxy.server.loopContexts[0]
+        XCTAssertTrue(waitUntil { (try? context.loop.submit { box.plugins == nil }.wait()) == true },
+                      "the plugin side of a connection that \(what) was not freed")
+    }
+
+    func testAKeptAliveConnectionRunsItsRequestsOnOnePluginSideFreedWithIt() throws {
+        try writeTag()
+        let proxy = try pluginProxy(route: ["tag"])
+        defer { proxy.stop() }
+        var client: BlockingSocket? = try proxy.connect()
+        XCTAssertEqual(try client!.request("GET", "/a").status, 200)
+        let box = try openHandler(proxy.harness)
+        try takeSparePlugins(box, proxy.harness)
+        XCTAssertNotNil(box.plugins, "the connection keeps its finished request's plugin side")
+        let context = proxy.harness.server.loopContexts[0]
+        for path in ["/b", "/c", "/d"] {
+            XCTAssertEqual(try client!.request("GET", path).status, 200)
+            XCTAssertEqual(upstream.lastRequest?.header("x-tag"), "1")
+            XCTAssertTrue(try context.loop.submit { box.handler?.sparePlugins === box.plugins }.wait(),
+                          "\(path) ran on the same plugin side")
+        }
+        client = nil
+        try assertFreed(box, proxy.harness, "closed between requests that ran plugins")
+        assertPluginSideFreed(box, proxy.harness, "closed between requests")
+    }
+
+    func testAPluginSideKeptThroughATunnelSwitchIsFreedWithTheHandler() throws {
+        try writeTag()
+        let tunnelUpstream = try tunnelUpstream()
+        defer { tunnelUpstream.stop() }
+        let config = ProxyHarness.config(targets: [tunnelUpstream.address]) { $0.routes[0].plugins = [pluginRef("tag")] }
+        let proxy = try PluginProxy(config: config, folder: folder, loops: 1)
+        defer { proxy.stop() }
+        // The upgrade request ran the request phase, then its connection
+        // became a tunnel: the handler left the pipeline with the plugin side.
+        var (client, box): (BlockingSocket?, WeakHandler) = try openTunnel(proxy.harness)
+        XCTAssertNotNil(client)
+        client = nil
+        try assertFreed(box, proxy.harness, "ran plugins, was tunnelled and closed")
+        XCTAssertTrue(waitUntil { proxy.harness.server.activeConnections == 0 })
+    }
+
+    func testHandlerIsFreedWhenTheClientLeavesWhileAPluginWaitsAfterAFinishedRequest() throws {
+        // The connection's second request waits (sleep, with a timer set) on
+        // the plugin side its first request left.
+        try folder.write("slowpath", handler: """
+        local weir = require "weir"
+        local P = { PRIORITY = 10, VERSION = "1" }
+        function P:request(conf, ctx)
+          if weir.request.get_path() == "/waits" then
+            weir.timer.at(0.05, function() end)
+            weir.sleep(0.3)
+          end
+        end
+        return P
+        """)
+        let proxy = try pluginProxy(route: ["slowpath"])
+        defer { proxy.stop() }
+        var client: BlockingSocket? = try proxy.connect()
+        XCTAssertEqual(try client!.request("GET", "/first").status, 200)
+        try client!.send("GET /waits HTTP/1.1\r\nHost: a\r\n\r\n")
+        let box = try handlerWaitingInPlugin(proxy.harness)
+        try proxy.harness.server.loopContexts[0].loop.submit { box.plugins = box.handler?.exchange?.plugins }.wait()
+        XCTAssertNotNil(box.plugins)
+        reset(&client)
+        try assertFreed(box, proxy.harness, "closed while its second request's plugin waited")
+        assertPluginSideFreed(box, proxy.harness, "closed while a plugin waited")
+        Thread.sleep(forTimeInterval: 0.4)
+        XCTAssertEqual(upstream.requests.count, 1, "the abandoned request went upstream")
+    }
+
+    private final class WeakRuntime: @unchecked Sendable { weak var runtime: LuaRuntime? }
+
+    func testAReloadBetweenTwoRequestsOfAConnectionFreesTheOldGenerationAndRunsTheNew() throws {
+        func writeVersion(_ version: String) throws {
+            try folder.write("version", handler: """
+            local weir = require "weir"
+            local P = { PRIORITY = 10, VERSION = "1" }
+            function P:request(conf, ctx) weir.response.set_header("x-version", "\(version)") end
+            return P
+            """)
+        }
+        let path = folder.root + "/weir.yaml"
+        try """
+        listeners: [{ name: web, listen: 127.0.0.1:0 }]
+        upstreams: [{ name: backend, targets: [127.0.0.1:\(upstream.port)] }]
+        routes: [{ name: all, match: { paths: [/] }, upstream: backend, plugins: [{ name: version }] }]
+        plugin_paths: [plugins]
+        access_log: "off"
+        """.write(toFile: path, atomically: true, encoding: .utf8)
+        try writeVersion("A")
+        let proxy = try PluginProxy(config: try ConfigLoader.load(path: path), folder: folder, configPath: path, loops: 1)
+        defer { proxy.stop() }
+        var client: BlockingSocket? = try proxy.connect()
+        XCTAssertEqual(try client!.request("GET", "/a").header("x-version"), "A")
+        let box = try openHandler(proxy.harness)
+        try takeSparePlugins(box, proxy.harness)
+        XCTAssertNotNil(box.plugins)
+        let context = proxy.harness.server.loopContexts[0]
+        let old = WeakRuntime()
+        try context.loop.submit { old.runtime = context.plugins?.runtime }.wait()
+        XCTAssertNotNil(old.runtime)
+
+        try writeVersion("B")
+        guard case .success = proxy.generations.reload() else { return XCTFail("reload failed") }
+        // The connection is idle and open: its kept plugin side (of A) is
+        // let go at the reload, and with it the retired Lua state.
+        assertPluginSideFreed(box, proxy.harness, "stayed idle across a reload")
+        XCTAssertTrue(waitUntil(timeout: 5) { old.runtime == nil },
+                      "an idle connection pinned the retired generation's Lua runtime")
+        XCTAssertEqual(try client!.request("GET", "/b").header("x-version"), "B", "the next request runs the new generation")
+        XCTAssertTrue(try context.loop.submit {
+            box.handler?.sparePlugins != nil && box.handler?.sparePlugins?.loopPlugins === context.plugins
+        }.wait(), "the connection keeps the new generation's plugin side")
+        XCTAssertEqual(try client!.request("GET", "/c").header("x-version"), "B")
+        client = nil
+        try assertFreed(box, proxy.harness, "ran plugins of two generations")
     }
 }

@@ -73,6 +73,12 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
     /// The connection's last finished exchange, cleared, for its next
     /// request (`keepForReuse`).
     private var spareExchange: Exchange?
+    /// The plugin side of this connection's last request, finished and kept
+    /// for its next one (`ExchangePlugins.endScope`, `beginRequestPlugins`). It
+    /// holds this handler: the cycle is broken when the connection ends
+    /// (`channelInactive`, `handlerRemoved`) or a reload replaces its
+    /// generation (`LoopContext.plugins`; one retired meanwhile is not kept).
+    var sparePlugins: ExchangePlugins?
     /// Bytes read from the client and not parsed yet: the rest of a head,
     /// body bytes, pipelined requests waiting for their turn.
     private var inbound = ByteBuffer()
@@ -101,7 +107,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
     private var sawHeadBytes = false
     private var closing = false
     private(set) var draining = false
-    private var registered = false
+    private(set) var registered = false
     /// The parser saw an error; nothing more will be parsed.
     private var decoderFailed = false
     /// After an Upgrade request no further head is parsed, so the connection
@@ -181,6 +187,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
             abortExchange(exchange, reason: "client closed the connection")
         }
         connectionPlugins?.close()
+        sparePlugins = nil
         if registered {
             registered = false
             loopContext.unregister(self)
@@ -206,6 +213,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
             self.context = nil
         }
         connectionPlugins?.close()   // a tunnel runs no more plugins
+        sparePlugins = nil           // it holds this handler
         if registered {
             // Removed for a tunnel: the connection lives on, now counted and
             // closed by the tunnel (see switchToTunnel).

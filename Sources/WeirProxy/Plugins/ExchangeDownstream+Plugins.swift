@@ -101,10 +101,14 @@ extension ExchangeDownstream {
         // changes it (ExchangePlugins.materializeUpstreamHead); otherwise the
         // client's head bytes are forwarded with the proxy's edits, as
         // without plugins.
-        let scope = plugins.beginRequest(chain: chain, handler: self, exchange: exchange, path: path, query: query,
-                                         connection: connectionPlugins?.scope)
-        exchange.plugins = scope
-        switch scope.start(.request, chain: chain.chain) {
+        // Moved into the exchange and used borrowed from there (the exchange,
+        // which the caller holds, keeps it: nothing ends the exchange while
+        // the phase runs). A local reference besides it cost a retain and a
+        // release per request.
+        let made = beginRequestPlugins(plugins, chain: chain, exchange: exchange, path: path, query: query)
+        let borrowed = Unmanaged.passUnretained(made)
+        exchange.plugins = consume made
+        switch borrowed._withUnsafeGuaranteedRef({ $0.start(.request, chain: chain.chain) }) {
         case .done(.continue) where exchange.routed === routed:
             // No plugin picked another upstream (set_upstream, set_target):
             // the first attempt with what the caller already holds.
@@ -112,6 +116,8 @@ extension ExchangeDownstream {
         case .done(let result):
             requestPhaseEnded(exchange, result)
         case .pending(let future):
+            // The callback holds it: it may outlive the exchange's reference.
+            let scope = borrowed.takeUnretainedValue()
             scope.phasePending = true
             future.whenSuccess { result in
                 scope.phasePending = false
@@ -119,6 +125,35 @@ extension ExchangeDownstream {
                 self.requestPhaseEnded(exchange, result)
             }
         }
+    }
+
+    /// The request's plugin side: on an HTTP/1.1 connection its last
+    /// request's, kept by the connection (`DownstreamHandler.sparePlugins`)
+    /// when it is of this generation and nothing else holds it; otherwise
+    /// one of the loop's spares or a new one.
+    @inline(__always)
+    private func beginRequestPlugins(_ plugins: LoopPlugins, chain: RouteChain, exchange: Exchange,
+                                     path: String?, query: Substring) -> ExchangePlugins {
+        // Decided at compile time: this function is specialised per downstream type.
+        guard Self.self == DownstreamHandler.self else {
+            return plugins.beginRequest(chain: chain, handler: self, exchange: exchange, path: path, query: query,
+                                        connection: connectionPlugins?.scope)
+        }
+        let connection = unsafeDowncast(self, to: DownstreamHandler.self)
+        // Of another generation only if a reload happened since it was kept
+        // (LoopContext.plugins drops them, endScope keeps none of a retired one).
+        // Moved out of the optional when returned: a `var` bound to it was
+        // copied for the return (a retain and a release per request).
+        // Not bound to a `let` either: that reference would make it not unique.
+        var spare = connection.sparePlugins.take()
+        if spare != nil, spare!.isOf(plugins), isKnownUniquelyReferenced(&spare) {
+            spare!.restart(chain: chain, exchange: exchange, path: path, query: query, connection: connectionPlugins?.scope)
+            return spare.take()!
+        }
+        let scope = plugins.beginRequest(chain: chain, handler: self, exchange: exchange, path: path, query: query,
+                                         connection: connectionPlugins?.scope)
+        scope.connectionHandler = Unmanaged.passUnretained(connection)
+        return scope
     }
 
     private func requestPhaseEnded(_ exchange: Exchange, _ result: PhaseResult) {

@@ -70,6 +70,13 @@ final class ExchangePlugins: PluginRequest, PluginRequestContext {
     /// which every end of the request reaches (`requestDone`; an abandoned
     /// phase's callback completes with `.failed` when `finish` runs).
     private var handler: (any ExchangeDownstream)?
+    /// The HTTP/1.1 connection whose request this is (the same object as
+    /// `handler`, typed: nil for an HTTP/2 stream). Unretained: used only
+    /// while `handler` holds it, and then borrowed (a strong local of it
+    /// cost a retain and a release). A finished request's object is kept by
+    /// that connection for its next request (`endScope`), which then starts
+    /// on it with `handler` and `loopPlugins` already in place (`restart`).
+    var connectionHandler: Unmanaged<DownstreamHandler>?
     /// Strong: a log phase that waits (weir.http) still reads the request
     /// after the handler dropped the exchange. The cycle through
     /// `exchange.plugins` is broken when the scope is finished.
@@ -148,9 +155,25 @@ final class ExchangePlugins: PluginRequest, PluginRequestContext {
                path: String?, query: Substring, connection: PluginConnection?) {
         precondition(scopeEnded && self.exchange == nil, "only a spare can begin another request")
         self.loopPlugins = loopPlugins
+        self.handler = handler
+        restart(chain: chain, exchange: exchange, path: path, query: query, connection: connection)
+    }
+
+    /// Whether this finished object is of `loopPlugins`' generation (a
+    /// connection's spare: `DownstreamHandler.sparePlugins`). By number: an
+    /// identity test of the two references retained and released one.
+    @inline(__always)
+    func isOf(_ loopPlugins: LoopPlugins) -> Bool {
+        self.loopPlugins.generation == loopPlugins.generation
+    }
+
+    /// Starts its connection's next request on a connection's spare (see
+    /// `isOf`): `handler` and `loopPlugins` are already this request's.
+    @inline(__always)
+    func restart(chain: RouteChain, exchange: Exchange, path: String?, query: Substring, connection: PluginConnection?) {
+        precondition(scopeEnded && self.exchange == nil && handler != nil, "only a kept spare can restart")
         if self.chain !== chain.chain { self.chain = chain.chain }
         filtersBody = chain.filtersBody
-        self.handler = handler
         self.exchange = exchange
         // Stored only when either is set (a nil or "" store over nil or ""
         // still calls release).
@@ -250,10 +273,11 @@ final class ExchangePlugins: PluginRequest, PluginRequestContext {
         guard !scopeEnded else { return }
         scopeEnded = true
         finish()
-        // The handler let go of here, whatever holds this object after
-        // (a waiting callback, the spares): it holds the handler strongly.
-        _ = handler.take()
         guard reusable else {
+            // The handler let go of here, whatever holds this object after
+            // (a waiting callback): it holds the handler strongly.
+            _ = handler.take()
+            connectionHandler = nil
             exchange.plugins = nil
             return
         }
@@ -263,10 +287,26 @@ final class ExchangePlugins: PluginRequest, PluginRequestContext {
         // The exchange's reference to this object (requestDone's caller
         // reached it through it and holds it until we return) is moved
         // into the spares, not released here and retained again there.
-        let held = exchange.plugins.take()
+        var held = exchange.plugins.take()
         detach()
-        let loopPlugins = self.loopPlugins.take()!
         resetRequestState()
+        // Kept by its HTTP/1.1 connection while it is open and this
+        // generation is the loop's (an idle connection must not pin a
+        // retired Lua state): `handler` and `loopPlugins` stay for its next
+        // request. That makes a cycle (handler -> sparePlugins -> handler),
+        // broken when the connection closes or is tunnelled (channelInactive,
+        // handlerRemoved) or a reload replaces the generation (LoopContext.plugins).
+        if let connectionHandler, !loopPlugins.retired, connectionHandler._withUnsafeGuaranteedRef({ $0.registered }) {
+            if held !== self { held = self }
+            // Moved in (the slot is empty: its request took it out).
+            connectionHandler._withUnsafeGuaranteedRef { swap(&$0.sparePlugins, &held) }
+            return
+        }
+        // Otherwise to the loop's spares: whatever holds it there must not
+        // hold the handler.
+        _ = handler.take()
+        connectionHandler = nil
+        let loopPlugins = self.loopPlugins.take()!
         if let held, held === self { loopPlugins.takeBack(held) } else { loopPlugins.takeBack(self) }
     }
 

@@ -97,6 +97,9 @@ final class LoopPlugins {
     /// hundred connections: with fewer, a busy loop frees them and
     /// allocates new ones every turn (~1.5 KB each with the scope).
     static let maxSpares = 256
+    /// A reload replaced this generation on its loop (`retire`): a finished
+    /// request's plugin side is no longer kept by its connection.
+    private(set) var retired = false
 
     /// The plugin side of a new request: a spare when one is free.
     func beginRequest(chain: RouteChain, handler: any ExchangeDownstream, exchange: Exchange,
@@ -198,6 +201,7 @@ final class LoopPlugins {
     /// Completes when that flush is over.
     @discardableResult
     func retire() -> EventLoopFuture<Void> {
+        retired = true
         runtime.stopTimers()
         runtime.dropIdleCoroutines()
         let runtime = self.runtime
