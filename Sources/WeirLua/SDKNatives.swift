@@ -397,20 +397,32 @@ extension LuaRuntime {
         }
     }
 
-    /// `weir.client.identify_credential(plugin, field, value)`: find_credential,
-    /// and when it finds one, identify(consumer, plugin) — a key-style auth
-    /// plugin's whole lookup in one call instead of two (the consumer's name
-    /// is not bridged back in). Results as find_credential's.
+    /// `weir.client.identify_credential(plugin, field, value[, hide])`:
+    /// find_credential, and when it finds one, identify(consumer, plugin) — a
+    /// key-style auth plugin's whole lookup in one call instead of two (the
+    /// consumer's name is not bridged back in). With `hide`, then
+    /// clear_header(hide) on the upstream request whether or not it found
+    /// one (key-auth's hide_credentials: a third native call less). Results
+    /// as find_credential's.
     @inline(__always)
     private func clientIdentifyCredential(_ L: LuaThread) -> Int32 {
         withCurrentRequest(PluginPhase.request.mask) { r in
-            let results = credentialLookups.find(L)
-            guard results == 2 else { return results }           // nil (no match: nothing changes) or a bad argument
-            // consumer, credential table above the arguments; the plugin's name at 1.
-            guard let consumer = headerValues.checkedText(at: -2, on: L), let plugin = headerValues.name(at: 1, on: L) else {
-                return results
+            // `hide` read first: a bad one falls back before anything changes.
+            var hide: String?
+            switch lua_type(L, 4) {
+            case LUA_TSTRING: hide = headerNames.name(at: 4, on: L)
+            case LUA_TNIL, LUA_TNONE: break
+            default: return WEIR_CALL_FALLBACK
             }
-            r.identify(consumer.text, plugin, nameFits: consumer.fits, anonymous: false)
+            let results = credentialLookups.find(L)
+            if results == WEIR_CALL_FALLBACK { return results }
+            // consumer, credential table above the arguments (nil alone: no
+            // match, nothing identified); the plugin's name at 1.
+            if results == 2, let consumer = headerValues.checkedText(at: -2, on: L), let plugin = headerValues.name(at: 1, on: L) {
+                r.identify(consumer.text, plugin, nameFits: consumer.fits, anonymous: false)
+            }
+            // After identify, as the plugin's clear_header after the call was.
+            if let hide { r.clearUpstreamHeader(hide) }
             return results
         }
     }

@@ -276,6 +276,32 @@ final class SDKTests: XCTestCase {
         XCTAssertEqual(req.clearedUpstreamHeaders, ["x-anonymous-consumer"])
     }
 
+    /// identify_credential's `hide`: that header is cleared upstream after
+    /// the identification, whether a credential matched or not; a bad
+    /// `hide` raises at the caller's line before anything changes.
+    func testIdentifyCredentialHidesItsHeader() throws {
+        let h = Harness()
+        var alice = ConsumerConfig()
+        alice.name = "alice"
+        alice.credentials["key-auth"] = .array([.map(["key": .string("a1")])])
+        h.options.credentials = ConsumerCredentials(consumers: [alice])
+        let (body, req, result) = try requestBody("""
+        local function msg(f) local ok, err = pcall(f); assert(not ok); return err end
+        local bad = msg(function() weir.client.identify_credential("key-auth", "key", "a1", 7) end)
+        assert(weir.client.get_consumer() == nil, "a bad hide changes nothing")
+        local none = weir.client.identify_credential("key-auth", "key", "nope", "X-Key-One")
+        local consumer, credential = weir.client.identify_credential("key-auth", "key", "a1", "x-key-two")
+        return 200, table.concat({ tostring(none), consumer, credential.key, bad }, "|")
+        """, harness: h)
+        let parts = (body ?? "").split(separator: "|").map(String.init)
+        XCTAssertEqual(parts.prefix(3), ["nil", "alice", "a1"], "\(result)")
+        XCTAssertTrue(parts.count == 4 && parts[3].hasSuffix("bad argument #4 to 'weir.client.identify_credential' (string or nil expected, got number)")
+                      && parts[3].contains("probe/handler.lua:"), "\(parts)")
+        XCTAssertEqual(req.consumer, "alice")
+        XCTAssertEqual(req.upstreamHeaders.map { "\($0.0)=\($0.1)" }, ["x-consumer-name=alice"])
+        XCTAssertEqual(req.clearedUpstreamHeaders, ["x-key-one", "x-anonymous-consumer", "x-key-two"])
+    }
+
     /// weir.response.prepare_headers: names and fixed values checked once,
     /// each set = set_header of every line in order; what the native does
     /// not take (a float, CR/LF, the wrong count, not a handle) goes through

@@ -75,12 +75,20 @@ function KeyAuth:request(conf)
   end
   -- A key's consumer is identified at once (authenticate + X-Consumer-Name,
   -- X-Anonymous-Consumer removed): the hiding below touches other lines.
-  local consumer
+  -- With one name and its header hidden, the same call clears that header
+  -- after identifying (a clear_header call less per request).
+  local hide = conf.hide_credentials
+  local consumer, cleared
   if key and key ~= "" then
-    consumer = identify_credential("key-auth", "key", key)
+    if hide and in_header and n == 1 then
+      consumer = identify_credential("key-auth", "key", key, only)
+      cleared = true
+    else
+      consumer = identify_credential("key-auth", "key", key)
+    end
   end
-  if conf.hide_credentials then
-    if in_header then
+  if hide then
+    if in_header and not cleared then
       if n == 1 then clear_header(only) else for i = 1, n do clear_header(names[i]) end end
     end
     -- No query string, nothing to strip: neither a call nor its parse into a table.
