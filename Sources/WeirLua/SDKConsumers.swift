@@ -153,6 +153,11 @@ final class CredentialLookups {
         /// The match's id (-1: empty), and the match itself.
         var id = -1
         var match: ConsumerCredentials.Match?
+        /// For identify_credential, made when the slot is filled: the
+        /// plugin's name as a String, and whether the consumer's name fits
+        /// a header value (no Lua string read or checked per request).
+        var pluginName = ""
+        var consumerFits = false
     }
     private let credentials: ConsumerCredentials
     private var entries = [Entry](repeating: Entry(), count: slotCount)
@@ -176,6 +181,13 @@ final class CredentialLookups {
     /// argument that is not a string: WEIR_CALL_FALLBACK.
     @inline(__always)
     func find(_ L: LuaThread) -> Int32 {
+        find(L) { _, _, _ in }
+    }
+
+    /// `find`, and on a match `matched(consumer, plugin, consumerFits)`
+    /// (identify_credential's identify) after the results are pushed.
+    @inline(__always)
+    func find(_ L: LuaThread, matched: (String, String, Bool) -> Void) -> Int32 {
         guard let plugin = LuaState.bytes(at: 1, on: L), let field = LuaState.bytes(at: 2, on: L),
               let value = LuaState.bytes(at: 3, on: L) else { return WEIR_CALL_FALLBACK }
         guard let slot = slot(plugin, field, value, on: L) else { lua_pushnil(L); return 1 }
@@ -193,8 +205,12 @@ final class CredentialLookups {
             lua_pushvalue(L, -1)
             lua_rawseti(L, -4, id + 1)
         }
-        lua_rotate(L, -3, -1)                                             // consumer, table, values
-        weir_pop(L, 1)
+        // values, consumer, table: the values table stays below the two
+        // results (a C function's results are the top ones; moving it out
+        // was a lua_rotate and a lua_settop, ~75 instructions).
+        entries.withUnsafeBufferPointer { entries in
+            matched(entries[slot].match!.consumer, entries[slot].pluginName, entries[slot].consumerFits)
+        }
         return 2
     }
 
@@ -224,7 +240,10 @@ final class CredentialLookups {
             lua_rawseti(L, -2, lua_Integer(3 * slot + i))
         }
         weir_pop(L, 1)
-        entries[slot] = Entry(plugin: plugin.baseAddress, field: field.baseAddress, value: value.baseAddress, id: found.id, match: found)
+        var consumer = found.consumer
+        let consumerFits = consumer.withUTF8 { HTTPFieldSyntax.isValidFieldValue(UnsafeRawBufferPointer($0)) }
+        entries[slot] = Entry(plugin: plugin.baseAddress, field: field.baseAddress, value: value.baseAddress, id: found.id, match: found,
+                              pluginName: String(decoding: plugin, as: UTF8.self), consumerFits: consumerFits)
         return slot
     }
 }

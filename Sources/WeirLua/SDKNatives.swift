@@ -414,13 +414,12 @@ extension LuaRuntime {
             case LUA_TNIL, LUA_TNONE: break
             default: return WEIR_CALL_FALLBACK
             }
-            let results = credentialLookups.find(L)
-            if results == WEIR_CALL_FALLBACK { return results }
-            // consumer, credential table above the arguments (nil alone: no
-            // match, nothing identified); the plugin's name at 1.
-            if results == 2, let consumer = headerValues.checkedText(at: -2, on: L), let plugin = headerValues.name(at: 1, on: L) {
-                r.identify(consumer.text, plugin, nameFits: consumer.fits, anonymous: false)
+            // A match identifies its consumer by the names the lookup kept
+            // (no match: nil, nothing identified).
+            let results = credentialLookups.find(L) { consumer, plugin, consumerFits in
+                r.identify(consumer, plugin, nameFits: consumerFits, anonymous: false)
             }
+            if results == WEIR_CALL_FALLBACK { return results }
             // After identify, as the plugin's clear_header after the call was.
             if let hide { r.clearUpstreamHeader(hide) }
             return results
