@@ -185,12 +185,14 @@ final class CredentialLookups {
     }
 
     /// `find`, and on a match `matched(consumer, plugin, consumerFits)`
-    /// (identify_credential's identify) after the results are pushed.
+    /// (identify_credential's identify) after the results are pushed. The
+    /// value is the string at `valueIndex` (identify_header_credential's is
+    /// the header value it pushed, -1).
     @inline(__always)
-    func find(_ L: LuaThread, matched: (String, String, Bool) -> Void) -> Int32 {
+    func find(_ L: LuaThread, valueAt valueIndex: Int32 = 3, matched: (String, String, Bool) -> Void) -> Int32 {
         guard let plugin = LuaState.bytes(at: 1, on: L), let field = LuaState.bytes(at: 2, on: L),
-              let value = LuaState.bytes(at: 3, on: L) else { return WEIR_CALL_FALLBACK }
-        guard let slot = slot(plugin, field, value, on: L) else { lua_pushnil(L); return 1 }
+              let value = LuaState.bytes(at: valueIndex, on: L) else { return WEIR_CALL_FALLBACK }
+        guard let slot = slot(plugin, field, value, valueAt: valueIndex, on: L) else { lua_pushnil(L); return 1 }
         let id = lua_Integer(entries.withUnsafeBufferPointer { $0[slot].id })
         lua_rawgeti(L, weir_registryindex(), lua_Integer(valuesRef))      // values
         if lua_rawgeti(L, -1, -(id + 1)) == LUA_TNIL {                    // values, consumer?
@@ -215,11 +217,11 @@ final class CredentialLookups {
     }
 
     /// The slot holding the match for `plugin`, `field`, `value` (the
-    /// strings at 1, 2, 3): a cached one, or `credentials`' answer cached
-    /// now; nil when there is no match.
+    /// strings at 1, 2, `valueIndex`): a cached one, or `credentials`'
+    /// answer cached now; nil when there is no match.
     @inline(__always)
     private func slot(_ plugin: UnsafeRawBufferPointer, _ field: UnsafeRawBufferPointer, _ value: UnsafeRawBufferPointer,
-                      on L: LuaThread) -> Int? {
+                      valueAt valueIndex: Int32, on L: LuaThread) -> Int? {
         let address = value.baseAddress
         let mixed = UInt(bitPattern: Int(bitPattern: address)) &* 0x9E37_79B9_7F4A_7C15
         let slot = Int(truncatingIfNeeded: mixed >> 58) & (Self.slotCount - 1)
@@ -227,16 +229,17 @@ final class CredentialLookups {
             entries[slot].id >= 0 && entries[slot].value == address && entries[slot].plugin == plugin.baseAddress
                 && entries[slot].field == field.baseAddress
         }
-        return hit ? slot : cache(plugin, field, value, in: slot, on: L)
+        return hit ? slot : cache(plugin, field, value, valueAt: valueIndex, in: slot, on: L)
     }
 
     @inline(never)
     private func cache(_ plugin: UnsafeRawBufferPointer, _ field: UnsafeRawBufferPointer, _ value: UnsafeRawBufferPointer,
-                       in slot: Int, on L: LuaThread) -> Int? {
+                       valueAt valueIndex: Int32, in slot: Int, on L: LuaThread) -> Int? {
         guard let found = credentials.find(plugin, field, value) else { return nil }
+        let valueIndex = lua_absindex(L, valueIndex)
         lua_rawgeti(L, weir_registryindex(), lua_Integer(pinsRef))       // pins
-        for i in 1...3 {                                                  // the slot's old strings unpinned
-            lua_pushvalue(L, Int32(i))
+        for (i, index) in [(1, Int32(1)), (2, 2), (3, valueIndex)] {     // the slot's old strings unpinned
+            lua_pushvalue(L, index)
             lua_rawseti(L, -2, lua_Integer(3 * slot + i))
         }
         weir_pop(L, 1)

@@ -205,7 +205,7 @@ enum HotNative: Int32, CaseIterable {
     case requestGetHeader, upstreamSetHeader, upstreamAddHeader, upstreamClearHeader
     case responseSetHeader, responseAddHeader, sharedDictIncr, sharedDictIncrGet, responseSetPrepared
     case requestGetRoute, clientGetConsumer, clientIdentify, requestGetRawQuery, clientFindCredential
-    case clientIdentifyCredential, requestGetRouteAndConsumer
+    case clientIdentifyCredential, requestGetRouteAndConsumer, clientIdentifyHeaderCredential
 
     /// Its name in the SDK's native table (`N.<name>` in lua/weir/init.lua).
     var sdkName: String {
@@ -226,6 +226,7 @@ enum HotNative: Int32, CaseIterable {
         case .clientFindCredential: return "client_find_credential"
         case .clientIdentifyCredential: return "client_identify_credential"
         case .requestGetRouteAndConsumer: return "req_get_route_and_consumer"
+        case .clientIdentifyHeaderCredential: return "client_identify_header_credential"
         }
     }
 
@@ -282,6 +283,7 @@ extension LuaRuntime {
         case HotNative.clientFindCredential.rawValue: return currentScope == nil ? WEIR_CALL_FALLBACK : credentialLookups.find(L)
         case HotNative.clientIdentifyCredential.rawValue: return clientIdentifyCredential(L)
         case HotNative.requestGetRouteAndConsumer.rawValue: return requestGetRouteAndConsumer(L)
+        case HotNative.clientIdentifyHeaderCredential.rawValue: return clientIdentifyHeaderCredential(L)
         default: return state.callRegisteredNative(id, on: L, yieldCount: yieldCount)
         }
     }
@@ -423,6 +425,43 @@ extension LuaRuntime {
             // After identify, as the plugin's clear_header after the call was.
             if let hide { r.clearUpstreamHeader(hide) }
             return results
+        }
+    }
+
+    /// `weir.client.identify_header_credential(plugin, field, name[, hide])`:
+    /// identify_credential(plugin, field, value) with the value of request
+    /// header `name` as get_header reads it (no lookup when it is absent or
+    /// empty), then with `hide` true clear_header(name) upstream — key-auth's
+    /// header key in one call instead of get_header and identify_credential.
+    /// find_credential's results on a match, else nil and the header's
+    /// value (nil when absent).
+    @inline(__always)
+    private func clientIdentifyHeaderCredential(_ L: LuaThread) -> Int32 {
+        withCurrentRequest(PluginPhase.request.mask) { r in
+            let hideType = lua_type(L, 4)
+            guard hideType == LUA_TBOOLEAN || hideType == LUA_TNIL || hideType == LUA_TNONE,
+                  lua_type(L, 1) == LUA_TSTRING, lua_type(L, 2) == LUA_TSTRING,
+                  let name = headerNames.name(at: 3, on: L) else { return WEIR_CALL_FALLBACK }
+            // The value pushed as get_header pushes it (the same Lua string
+            // request after request: the lookup's cache is by its address).
+            var length = -1
+            r.withRequestHeader(name) { value in
+                guard let value else { return }
+                recentStrings.push(bytes: value, on: L)
+                length = value.count
+            }
+            if length < 0 {
+                lua_pushnil(L); lua_pushnil(L)
+            } else if length == 0 || credentialLookups.find(L, valueAt: -1, matched: { consumer, plugin, consumerFits in
+                r.identify(consumer, plugin, nameFits: consumerFits, anonymous: false)
+            }) != 2 {
+                // No match (find pushed nil) or nothing to look up: nil, the value.
+                if length == 0 { lua_pushnil(L) }
+                lua_pushvalue(L, -2)
+            }
+            // After identify, as the plugin's clear_header after its lookup was.
+            if hideType == LUA_TBOOLEAN && lua_toboolean(L, 4) != 0 { r.clearUpstreamHeader(name) }
+            return 2
         }
     }
 

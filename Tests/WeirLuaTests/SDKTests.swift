@@ -302,6 +302,46 @@ final class SDKTests: XCTestCase {
         XCTAssertEqual(req.clearedUpstreamHeaders, ["x-key-one", "x-anonymous-consumer", "x-key-two"])
     }
 
+    /// weir.client.identify_header_credential: the header's value looked up
+    /// as identify_credential would (a match identifies; no match answers
+    /// nil and the value; an absent header nil, nil; an empty one nil, ""
+    /// without a lookup), then with `hide` the header cleared upstream,
+    /// found or not; a bad argument raises at the caller's line before
+    /// anything changes.
+    func testIdentifyHeaderCredential() throws {
+        let h = Harness()
+        var alice = ConsumerConfig()
+        alice.name = "alice"
+        alice.credentials["key-auth"] = .array([.map(["key": .string("a1")])])
+        h.options.credentials = ConsumerCredentials(consumers: [alice])
+        let req = h.newRequest()
+        req.headers = [("host", "api.example.com"), ("x-key", "a1"), ("x-wrong", "nope"), ("x-empty", "")]
+        let (body, _, result) = try requestBody("""
+        local function msg(f) local ok, err = pcall(f); assert(not ok); return err end
+        local bad3 = msg(function() weir.client.identify_header_credential("key-auth", "key", 3) end)
+        local bad4 = msg(function() weir.client.identify_header_credential("key-auth", "key", "x-key", "yes") end)
+        assert(weir.client.get_consumer() == nil, "a bad argument changes nothing")
+        local n1, v1 = weir.client.identify_header_credential("key-auth", "key", "X-Wrong", true)
+        local n2, v2 = weir.client.identify_header_credential("key-auth", "key", "x-absent")
+        local n3, v3 = weir.client.identify_header_credential("key-auth", "key", "x-empty", false)
+        assert(weir.client.get_consumer() == nil, "no match identifies no one")
+        local consumer, credential = weir.client.identify_header_credential("key-auth", "key", "x-key", true)
+        return 200, table.concat({ tostring(n1), v1, tostring(n2), tostring(v2), tostring(n3), "[" .. v3 .. "]",
+                                   consumer, credential.key, weir.client.get_consumer(), bad3, bad4 }, "|")
+        """, request: req, harness: h)
+        let parts = (body ?? "").split(separator: "|").map(String.init)
+        XCTAssertEqual(parts.prefix(9), ["nil", "nope", "nil", "nil", "nil", "[]", "alice", "a1", "alice"], "\(result)")
+        XCTAssertTrue(parts.count == 11
+                      && parts[9].hasSuffix("bad argument #3 to 'weir.client.identify_header_credential' (string expected, got number)")
+                      && parts[9].contains("probe/handler.lua:")
+                      && parts[10].hasSuffix("bad argument #4 to 'weir.client.identify_header_credential' (boolean or nil expected, got string)")
+                      && parts[10].contains("probe/handler.lua:"), "\(parts)")
+        XCTAssertEqual(req.consumer, "alice")
+        XCTAssertEqual(req.credential, "key-auth")
+        XCTAssertEqual(req.upstreamHeaders.map { "\($0.0)=\($0.1)" }, ["x-consumer-name=alice"])
+        XCTAssertEqual(req.clearedUpstreamHeaders, ["x-wrong", "x-anonymous-consumer", "x-key"])
+    }
+
     /// weir.response.prepare_headers: names and fixed values checked once,
     /// each set = set_header of every line in order; what the native does
     /// not take (a float, CR/LF, the wrong count, not a handle) goes through

@@ -612,6 +612,21 @@ client.identify_credential = with_fallback(N.client_identify_credential, functio
   check_credential_args("weir.client.identify_credential", REWRITE_PHASES, plugin, field, value, hide)
 end)
 
+-- identify_credential(plugin, field, value) with the value of request
+-- header `name` (none looked up when it is absent or empty), then with
+-- `hide` clear_header(name) upstream: key-auth's header key in one call.
+-- Returns as find_credential on a match, else nil and the header's value
+-- (nil when absent).
+client.identify_header_credential = with_fallback(N.client_identify_header_credential, function(plugin, field, name, hide)
+  local fname = "weir.client.identify_header_credential"
+  check_phase(fname, REWRITE_PHASES, 4)
+  check_string(fname, 1, plugin, 5)
+  check_string(fname, 2, field, 5)
+  check_string(fname, 3, name, 5)
+  if hide ~= nil and type(hide) ~= "boolean" then arg_error(fname, 4, "boolean or nil", hide, 4) end
+  no_request(fname)
+end)
+
 -- Whether `name` is a configured consumer (consumers[].name); a hash lookup.
 function client.is_consumer(name)
   check_phase("weir.client.is_consumer", ANY_PHASE)
