@@ -124,7 +124,7 @@ private func badArgument(_ L: LuaThread) -> NativeReturn { .fallback }
 /// it fits a head (see HeaderNameCache; an integer's text always does).
 private func headerValue(at index: Int32, on L: LuaThread, cache: HeaderNameCache) -> (text: String, fits: Bool)? {
     switch lua_type(L, index) {
-    case LUA_TSTRING: return cache.checkedText(at: index, on: L)
+    case LUA_TSTRING: return cache.checkedText(ofStringAt: index, on: L)
     case LUA_TNUMBER where lua_isinteger(L, index) != 0: return (cache.integerText(lua_tointegerx(L, index, nil), decimalText), true)
     default: return nil
     }
@@ -241,8 +241,10 @@ enum HotNative: Int32, CaseIterable {
 /// Swift. The runtime is not retained for the call: its state (and so
 /// every call into it) does not outlive it (`LuaRuntime.deinit`).
 let runtimeNativeDispatch: weir_dispatch_fn = { thread, context, functionID, yieldCount in
-    Unmanaged<LuaRuntime>.fromOpaque(context!)._withUnsafeGuaranteedRef { runtime in
-        runtime.dispatchNative(thread!, functionID, yieldCount: yieldCount!)
+    // call_native (shims.c) passes the thread, the context it was given
+    // with this dispatcher and its own counter: never nil (no checks per call).
+    Unmanaged<LuaRuntime>.fromOpaque(context.unsafelyUnwrapped)._withUnsafeGuaranteedRef { runtime in
+        runtime.dispatchNative(thread.unsafelyUnwrapped, functionID, yieldCount: yieldCount.unsafelyUnwrapped)
     }
 }
 
@@ -598,14 +600,14 @@ extension LuaRuntime {
         }
     }
 
-    /// A handle's id (a dictionary's, a prepared header set's), read raw
-    /// from its [1] (no metamethod may run under Swift; lua/weir/init.lua
-    /// puts it there). nil: not such a handle.
+    /// A handle's id (a dictionary's, a prepared header set's: lua/weir/init.lua
+    /// puts it at the handle's [1], read raw: no metamethod may run under
+    /// Swift), through the per-state cache by the table's address
+    /// (`HandleIDs`). The caller has seen a table at `index`. nil: not
+    /// such a handle.
     @inline(__always)
     func handleID(ofTableAt index: Int32, _ L: LuaThread) -> Int? {
-        defer { weir_pop(L, 1) }
-        guard lua_rawgeti(L, index, 1) == LUA_TNUMBER, lua_isinteger(L, -1) != 0 else { return nil }
-        return Int(lua_tointegerx(L, -1, nil))
+        handleIDs.id(ofTableAt: index, L)
     }
 
     /// incr on `target` (nil: no such dictionary): key string, delta number
@@ -699,8 +701,9 @@ extension LuaRuntime {
     /// when that is nil), or nil for anything else (a float too).
     @inline(__always)
     private func integerArgument(at index: Int32, or absent: lua_Integer?, _ L: LuaThread) -> lua_Integer?? {
+        // The integer check first: the usual argument is one (two API calls, not three).
+        if lua_isinteger(L, index) != 0 { return .some(lua_tointegerx(L, index, nil)) }
         switch lua_type(L, index) {
-        case LUA_TNUMBER: return lua_isinteger(L, index) != 0 ? .some(lua_tointegerx(L, index, nil)) : nil
         case LUA_TNIL, LUA_TNONE: return .some(absent)
         default: return nil
         }

@@ -342,6 +342,35 @@ final class SDKTests: XCTestCase {
         XCTAssertEqual(req.clearedUpstreamHeaders, ["x-wrong", "x-anonymous-consumer", "x-key"])
     }
 
+    /// The hot natives find a handle's id through a small cache by the
+    /// handle table's address (HandleIDs, 16 slots): more prepared sets
+    /// than it holds, used in turn with garbage collected between rounds
+    /// (dropped handles too), each set still writes its own lines; a
+    /// dictionary handle's calls between them count in their own dictionary.
+    func testHandlesThroughTheIDCache() throws {
+        let (body, req, result) = try requestBody("""
+        local handles, d = {}, weir.shared.counters
+        for i = 1, 40 do handles[i] = weir.response.prepare_headers({ { "x-fixed-" .. i, i }, "x-v-" .. i }) end
+        for round = 1, 3 do
+          for i = 1, 40 do
+            handles[i]:set(round * 100 + i)
+            d:incr("n", 1, 0)
+            weir.response.prepare_headers({ "x-dropped-" .. (i % 5) }):set(i)
+          end
+          collectgarbage()
+        end
+        return 200, tostring(d:get("n"))
+        """)
+        XCTAssertEqual(body, "120", "\(result)")
+        var lines: [String: [String]] = [:]
+        for field in req.response { lines[field.name, default: []].append(field.value) }
+        for i in 1...40 {
+            XCTAssertEqual(lines["x-fixed-\(i)"], ["\(i)"], "\(i)")
+            XCTAssertEqual(lines["x-v-\(i)"], ["\(300 + i)"], "\(i)")
+        }
+        for k in 0..<5 { XCTAssertEqual(lines["x-dropped-\(k)"], ["\(k == 0 ? 40 : 35 + k)"], "\(k)") }
+    }
+
     /// weir.response.prepare_headers: names and fixed values checked once,
     /// each set = set_header of every line in order; what the native does
     /// not take (a float, CR/LF, the wrong count, not a handle) goes through
