@@ -154,8 +154,10 @@ final class CredentialLookups {
         var id = -1
         var match: ConsumerCredentials.Match?
         /// For identify_credential, made when the slot is filled: the
-        /// plugin's name as a String, and whether the consumer's name fits
-        /// a header value (no Lua string read or checked per request).
+        /// consumer's and the plugin's names as Strings (read on their own,
+        /// not out of a copy of the match), and whether the consumer's name
+        /// fits a header value (no Lua string read or checked per request).
+        var consumerName = ""
         var pluginName = ""
         var consumerFits = false
     }
@@ -188,10 +190,13 @@ final class CredentialLookups {
     /// (identify_credential's identify) after the results are pushed. The
     /// value is the string at `valueIndex` (identify_header_credential's is
     /// the header value it pushed, -1).
+    /// `stringsChecked`: the caller has seen strings at 1, 2 and
+    /// `valueIndex` (one lua_type call less each).
     @inline(__always)
-    func find(_ L: LuaThread, valueAt valueIndex: Int32 = 3, matched: (String, String, Bool) -> Void) -> Int32 {
-        guard let plugin = LuaState.bytes(at: 1, on: L), let field = LuaState.bytes(at: 2, on: L),
-              let value = LuaState.bytes(at: valueIndex, on: L) else { return WEIR_CALL_FALLBACK }
+    func find(_ L: LuaThread, valueAt valueIndex: Int32 = 3, stringsChecked: Bool = false,
+              matched: (String, String, Bool) -> Void) -> Int32 {
+        guard let plugin = Self.bytes(at: 1, stringsChecked, L), let field = Self.bytes(at: 2, stringsChecked, L),
+              let value = Self.bytes(at: valueIndex, stringsChecked, L) else { return WEIR_CALL_FALLBACK }
         guard let slot = slot(plugin, field, value, valueAt: valueIndex, on: L) else { lua_pushnil(L); return 1 }
         let id = lua_Integer(entries.withUnsafeBufferPointer { $0[slot].id })
         lua_rawgeti(L, weir_registryindex(), lua_Integer(valuesRef))      // values
@@ -211,9 +216,18 @@ final class CredentialLookups {
         // results (a C function's results are the top ones; moving it out
         // was a lua_rotate and a lua_settop, ~75 instructions).
         entries.withUnsafeBufferPointer { entries in
-            matched(entries[slot].match!.consumer, entries[slot].pluginName, entries[slot].consumerFits)
+            matched(entries[slot].consumerName, entries[slot].pluginName, entries[slot].consumerFits)
         }
         return 2
+    }
+
+    /// The bytes of the string at `index` (`known`: it is one), or nil.
+    @inline(__always)
+    private static func bytes(at index: Int32, _ known: Bool, _ L: LuaThread) -> UnsafeRawBufferPointer? {
+        guard known else { return LuaState.bytes(at: index, on: L) }
+        var length = 0
+        guard let p = lua_tolstring(L, index, &length) else { return nil }
+        return UnsafeRawBufferPointer(start: p, count: length)
     }
 
     /// The slot holding the match for `plugin`, `field`, `value` (the
@@ -246,7 +260,7 @@ final class CredentialLookups {
         var consumer = found.consumer
         let consumerFits = consumer.withUTF8 { HTTPFieldSyntax.isValidFieldValue(UnsafeRawBufferPointer($0)) }
         entries[slot] = Entry(plugin: plugin.baseAddress, field: field.baseAddress, value: value.baseAddress, id: found.id, match: found,
-                              pluginName: String(decoding: plugin, as: UTF8.self), consumerFits: consumerFits)
+                              consumerName: consumer, pluginName: String(decoding: plugin, as: UTF8.self), consumerFits: consumerFits)
         return slot
     }
 }

@@ -454,7 +454,7 @@ extension LuaRuntime {
             }
             if length < 0 {
                 lua_pushnil(L); lua_pushnil(L)
-            } else if length == 0 || credentialLookups.find(L, valueAt: -1, matched: { consumer, plugin, consumerFits in
+            } else if length == 0 || credentialLookups.find(L, valueAt: -1, stringsChecked: true, matched: { consumer, plugin, consumerFits in
                 r.identify(consumer, plugin, nameFits: consumerFits, anonymous: false)
             }) != 2 {
                 // No match (find pushed nil) or nothing to look up: nil, the value.
