@@ -96,7 +96,20 @@ final class HeaderNameCache {
     func checkedText(at index: Int32, on L: LuaThread) -> (text: String, fits: Bool)? {
         var length = 0
         guard let p = weir_tostring(L, index, &length) else { return nil }
-        let address = UnsafeRawPointer(p)
+        return checkedText(UnsafeRawPointer(p), length: length, at: index, on: L)
+    }
+
+    /// `checkedText(at:on:)` of a value whose type the caller has seen is a
+    /// string (one lua_type call less).
+    @inline(__always)
+    func checkedText(ofStringAt index: Int32, on L: LuaThread) -> (text: String, fits: Bool)? {
+        var length = 0
+        guard let p = lua_tolstring(L, index, &length) else { return nil }
+        return checkedText(UnsafeRawPointer(p), length: length, at: index, on: L)
+    }
+
+    @inline(__always)
+    private func checkedText(_ address: UnsafeRawPointer, length: Int, at index: Int32, on L: LuaThread) -> (text: String, fits: Bool)? {
         // A multiplicative hash of the address: its low bits carry little
         // (TStrings are 16-byte aligned and allocated close together).
         let hash = UInt(bitPattern: Int(bitPattern: address)) &* 0x9E37_79B9_7F4A_7C15
@@ -251,5 +264,68 @@ final class RecentLuaStrings {
         valueRefs[slot] = LUA_NOREF
         if let base = value.baseAddress { (valueBytes + slot * Self.valueRoom).update(from: base.assumingMemoryBound(to: UInt8.self), count: value.count) }
         valueLengths[slot] = value.count
+    }
+}
+
+/// The ids of handle tables (a `weir.shared` dictionary's, a prepared
+/// header set's: lua/weir/init.lua puts the id at the handle's [1]), kept
+/// by the table's address: a hit is one `lua_topointer` and a comparison
+/// instead of reading [1] (a `lua_rawgeti`, the integer checks and a pop,
+/// ~100 instructions per `dict:incr` or `prepared:set`).
+///
+/// Each cached table is pinned (a registry table holds it while it has its
+/// slot), so no other table can appear at its address while its id is
+/// kept; a replaced entry's table is unpinned with it. The id is the one
+/// the handle had when it was cached (the SDK never changes a handle's [1]).
+///
+/// One per Lua state, used only on its event loop (like the state).
+final class HandleIDs {
+    private static let slotCount = 16                  // a power of two
+    /// Registry reference of the table that pins the cached handles (slot + 1 -> handle).
+    private let pinsRef: Int32
+    private let addresses: UnsafeMutablePointer<UnsafeRawPointer?>
+    private let ids: UnsafeMutablePointer<Int>
+
+    /// - Parameter L: a thread of the state it serves (the pin table lives in its registry).
+    init(on L: LuaThread) {
+        lua_createtable(L, Int32(Self.slotCount), 0)
+        pinsRef = luaL_ref(L, weir_registryindex())
+        addresses = .allocate(capacity: Self.slotCount)
+        addresses.initialize(repeating: nil, count: Self.slotCount)
+        ids = .allocate(capacity: Self.slotCount)
+        ids.initialize(repeating: 0, count: Self.slotCount)
+    }
+
+    deinit {
+        addresses.deallocate()
+        ids.deallocate()
+    }
+
+    /// The id of the handle table at `index` (the caller has seen it is a
+    /// table); nil when its [1] is not an integer (not a handle).
+    @inline(__always)
+    func id(ofTableAt index: Int32, _ L: LuaThread) -> Int? {
+        guard let address = lua_topointer(L, index) else { return nil }
+        let hash = UInt(bitPattern: Int(bitPattern: address)) &* 0x9E37_79B9_7F4A_7C15
+        let slot = Int(truncatingIfNeeded: hash >> 60) & (Self.slotCount - 1)
+        if addresses[slot] == address { return ids[slot] }
+        return cache(address, slot: slot, at: index, L)
+    }
+
+    /// A miss: reads [1] raw (no metamethod may run under Swift) and, for
+    /// a handle, caches its id in `slot`, pinning the table.
+    @inline(never)
+    private func cache(_ address: UnsafeRawPointer, slot: Int, at index: Int32, _ L: LuaThread) -> Int? {
+        let absolute = lua_absindex(L, index)
+        defer { weir_pop(L, 1) }
+        guard lua_rawgeti(L, absolute, 1) == LUA_TNUMBER, lua_isinteger(L, -1) != 0 else { return nil }
+        let id = Int(lua_tointegerx(L, -1, nil))
+        lua_rawgeti(L, weir_registryindex(), lua_Integer(pinsRef))       // [1], pins
+        lua_pushvalue(L, absolute)                                        // [1], pins, handle
+        lua_rawseti(L, -2, lua_Integer(slot + 1))                         // [1], pins (the old handle unpinned)
+        weir_pop(L, 1)
+        addresses[slot] = address
+        ids[slot] = id
+        return id
     }
 }

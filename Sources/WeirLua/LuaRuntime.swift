@@ -224,6 +224,8 @@ public final class LuaRuntime {
     let recentStrings = RecentLuaStrings()
     /// `weir.response.prepare_headers`' sets, by id.
     let preparedHeaderLines = PreparedHeaderLineSets()
+    /// The ids of the handles (dictionaries, prepared sets) the hot natives take.
+    let handleIDs: HandleIDs
 
     /// The scope whose coroutine is running right now (set around every
     /// resume). Unretained: `enter` is only called by the scope's own
@@ -274,6 +276,7 @@ public final class LuaRuntime {
         self.idleCoroutines = .allocate(capacity: max(1, idleCapacity))
         self.headerNames = HeaderNameCache(on: state.main)
         self.headerValues = HeaderNameCache(lowercased: false, on: state.main)
+        self.handleIDs = HandleIDs(on: state.main)
         self.sharedKeyHashes = SharedKeyHashes(on: state.main)
         self.credentialLookups = CredentialLookups(options.credentials, on: state.main)
         // Natives reach the runtime directly (the hot ones without a closure).

@@ -153,6 +153,13 @@ final class CredentialLookups {
         /// The match's id (-1: empty), and the match itself.
         var id = -1
         var match: ConsumerCredentials.Match?
+        /// For identify_credential, made when the slot is filled: the
+        /// consumer's and the plugin's names as Strings (read on their own,
+        /// not out of a copy of the match), and whether the consumer's name
+        /// fits a header value (no Lua string read or checked per request).
+        var consumerName = ""
+        var pluginName = ""
+        var consumerFits = false
     }
     private let credentials: ConsumerCredentials
     private var entries = [Entry](repeating: Entry(), count: slotCount)
@@ -176,9 +183,21 @@ final class CredentialLookups {
     /// argument that is not a string: WEIR_CALL_FALLBACK.
     @inline(__always)
     func find(_ L: LuaThread) -> Int32 {
-        guard let plugin = LuaState.bytes(at: 1, on: L), let field = LuaState.bytes(at: 2, on: L),
-              let value = LuaState.bytes(at: 3, on: L) else { return WEIR_CALL_FALLBACK }
-        guard let slot = slot(plugin, field, value, on: L) else { lua_pushnil(L); return 1 }
+        find(L) { _, _, _ in }
+    }
+
+    /// `find`, and on a match `matched(consumer, plugin, consumerFits)`
+    /// (identify_credential's identify) after the results are pushed. The
+    /// value is the string at `valueIndex` (identify_header_credential's is
+    /// the header value it pushed, -1).
+    /// `stringsChecked`: the caller has seen strings at 1, 2 and
+    /// `valueIndex` (one lua_type call less each).
+    @inline(__always)
+    func find(_ L: LuaThread, valueAt valueIndex: Int32 = 3, stringsChecked: Bool = false,
+              matched: (String, String, Bool) -> Void) -> Int32 {
+        guard let plugin = Self.bytes(at: 1, stringsChecked, L), let field = Self.bytes(at: 2, stringsChecked, L),
+              let value = Self.bytes(at: valueIndex, stringsChecked, L) else { return WEIR_CALL_FALLBACK }
+        guard let slot = slot(plugin, field, value, valueAt: valueIndex, on: L) else { lua_pushnil(L); return 1 }
         let id = lua_Integer(entries.withUnsafeBufferPointer { $0[slot].id })
         lua_rawgeti(L, weir_registryindex(), lua_Integer(valuesRef))      // values
         if lua_rawgeti(L, -1, -(id + 1)) == LUA_TNIL {                    // values, consumer?
@@ -193,17 +212,30 @@ final class CredentialLookups {
             lua_pushvalue(L, -1)
             lua_rawseti(L, -4, id + 1)
         }
-        lua_rotate(L, -3, -1)                                             // consumer, table, values
-        weir_pop(L, 1)
+        // values, consumer, table: the values table stays below the two
+        // results (a C function's results are the top ones; moving it out
+        // was a lua_rotate and a lua_settop, ~75 instructions).
+        entries.withUnsafeBufferPointer { entries in
+            matched(entries[slot].consumerName, entries[slot].pluginName, entries[slot].consumerFits)
+        }
         return 2
     }
 
+    /// The bytes of the string at `index` (`known`: it is one), or nil.
+    @inline(__always)
+    private static func bytes(at index: Int32, _ known: Bool, _ L: LuaThread) -> UnsafeRawBufferPointer? {
+        guard known else { return LuaState.bytes(at: index, on: L) }
+        var length = 0
+        guard let p = lua_tolstring(L, index, &length) else { return nil }
+        return UnsafeRawBufferPointer(start: p, count: length)
+    }
+
     /// The slot holding the match for `plugin`, `field`, `value` (the
-    /// strings at 1, 2, 3): a cached one, or `credentials`' answer cached
-    /// now; nil when there is no match.
+    /// strings at 1, 2, `valueIndex`): a cached one, or `credentials`'
+    /// answer cached now; nil when there is no match.
     @inline(__always)
     private func slot(_ plugin: UnsafeRawBufferPointer, _ field: UnsafeRawBufferPointer, _ value: UnsafeRawBufferPointer,
-                      on L: LuaThread) -> Int? {
+                      valueAt valueIndex: Int32, on L: LuaThread) -> Int? {
         let address = value.baseAddress
         let mixed = UInt(bitPattern: Int(bitPattern: address)) &* 0x9E37_79B9_7F4A_7C15
         let slot = Int(truncatingIfNeeded: mixed >> 58) & (Self.slotCount - 1)
@@ -211,20 +243,24 @@ final class CredentialLookups {
             entries[slot].id >= 0 && entries[slot].value == address && entries[slot].plugin == plugin.baseAddress
                 && entries[slot].field == field.baseAddress
         }
-        return hit ? slot : cache(plugin, field, value, in: slot, on: L)
+        return hit ? slot : cache(plugin, field, value, valueAt: valueIndex, in: slot, on: L)
     }
 
     @inline(never)
     private func cache(_ plugin: UnsafeRawBufferPointer, _ field: UnsafeRawBufferPointer, _ value: UnsafeRawBufferPointer,
-                       in slot: Int, on L: LuaThread) -> Int? {
+                       valueAt valueIndex: Int32, in slot: Int, on L: LuaThread) -> Int? {
         guard let found = credentials.find(plugin, field, value) else { return nil }
+        let valueIndex = lua_absindex(L, valueIndex)
         lua_rawgeti(L, weir_registryindex(), lua_Integer(pinsRef))       // pins
-        for i in 1...3 {                                                  // the slot's old strings unpinned
-            lua_pushvalue(L, Int32(i))
+        for (i, index) in [(1, Int32(1)), (2, 2), (3, valueIndex)] {     // the slot's old strings unpinned
+            lua_pushvalue(L, index)
             lua_rawseti(L, -2, lua_Integer(3 * slot + i))
         }
         weir_pop(L, 1)
-        entries[slot] = Entry(plugin: plugin.baseAddress, field: field.baseAddress, value: value.baseAddress, id: found.id, match: found)
+        var consumer = found.consumer
+        let consumerFits = consumer.withUTF8 { HTTPFieldSyntax.isValidFieldValue(UnsafeRawBufferPointer($0)) }
+        entries[slot] = Entry(plugin: plugin.baseAddress, field: field.baseAddress, value: value.baseAddress, id: found.id, match: found,
+                              consumerName: consumer, pluginName: String(decoding: plugin, as: UTF8.self), consumerFits: consumerFits)
         return slot
     }
 }

@@ -124,7 +124,7 @@ private func badArgument(_ L: LuaThread) -> NativeReturn { .fallback }
 /// it fits a head (see HeaderNameCache; an integer's text always does).
 private func headerValue(at index: Int32, on L: LuaThread, cache: HeaderNameCache) -> (text: String, fits: Bool)? {
     switch lua_type(L, index) {
-    case LUA_TSTRING: return cache.checkedText(at: index, on: L)
+    case LUA_TSTRING: return cache.checkedText(ofStringAt: index, on: L)
     case LUA_TNUMBER where lua_isinteger(L, index) != 0: return (cache.integerText(lua_tointegerx(L, index, nil), decimalText), true)
     default: return nil
     }
@@ -205,7 +205,7 @@ enum HotNative: Int32, CaseIterable {
     case requestGetHeader, upstreamSetHeader, upstreamAddHeader, upstreamClearHeader
     case responseSetHeader, responseAddHeader, sharedDictIncr, sharedDictIncrGet, responseSetPrepared
     case requestGetRoute, clientGetConsumer, clientIdentify, requestGetRawQuery, clientFindCredential
-    case clientIdentifyCredential, requestGetRouteAndConsumer
+    case clientIdentifyCredential, requestGetRouteAndConsumer, clientIdentifyHeaderCredential
 
     /// Its name in the SDK's native table (`N.<name>` in lua/weir/init.lua).
     var sdkName: String {
@@ -226,6 +226,7 @@ enum HotNative: Int32, CaseIterable {
         case .clientFindCredential: return "client_find_credential"
         case .clientIdentifyCredential: return "client_identify_credential"
         case .requestGetRouteAndConsumer: return "req_get_route_and_consumer"
+        case .clientIdentifyHeaderCredential: return "client_identify_header_credential"
         }
     }
 
@@ -240,8 +241,10 @@ enum HotNative: Int32, CaseIterable {
 /// Swift. The runtime is not retained for the call: its state (and so
 /// every call into it) does not outlive it (`LuaRuntime.deinit`).
 let runtimeNativeDispatch: weir_dispatch_fn = { thread, context, functionID, yieldCount in
-    Unmanaged<LuaRuntime>.fromOpaque(context!)._withUnsafeGuaranteedRef { runtime in
-        runtime.dispatchNative(thread!, functionID, yieldCount: yieldCount!)
+    // call_native (shims.c) passes the thread, the context it was given
+    // with this dispatcher and its own counter: never nil (no checks per call).
+    Unmanaged<LuaRuntime>.fromOpaque(context.unsafelyUnwrapped)._withUnsafeGuaranteedRef { runtime in
+        runtime.dispatchNative(thread.unsafelyUnwrapped, functionID, yieldCount: yieldCount.unsafelyUnwrapped)
     }
 }
 
@@ -282,6 +285,7 @@ extension LuaRuntime {
         case HotNative.clientFindCredential.rawValue: return currentScope == nil ? WEIR_CALL_FALLBACK : credentialLookups.find(L)
         case HotNative.clientIdentifyCredential.rawValue: return clientIdentifyCredential(L)
         case HotNative.requestGetRouteAndConsumer.rawValue: return requestGetRouteAndConsumer(L)
+        case HotNative.clientIdentifyHeaderCredential.rawValue: return clientIdentifyHeaderCredential(L)
         default: return state.callRegisteredNative(id, on: L, yieldCount: yieldCount)
         }
     }
@@ -397,21 +401,69 @@ extension LuaRuntime {
         }
     }
 
-    /// `weir.client.identify_credential(plugin, field, value)`: find_credential,
-    /// and when it finds one, identify(consumer, plugin) — a key-style auth
-    /// plugin's whole lookup in one call instead of two (the consumer's name
-    /// is not bridged back in). Results as find_credential's.
+    /// `weir.client.identify_credential(plugin, field, value[, hide])`:
+    /// find_credential, and when it finds one, identify(consumer, plugin) — a
+    /// key-style auth plugin's whole lookup in one call instead of two (the
+    /// consumer's name is not bridged back in). With `hide`, then
+    /// clear_header(hide) on the upstream request whether or not it found
+    /// one (key-auth's hide_credentials: a third native call less). Results
+    /// as find_credential's.
     @inline(__always)
     private func clientIdentifyCredential(_ L: LuaThread) -> Int32 {
         withCurrentRequest(PluginPhase.request.mask) { r in
-            let results = credentialLookups.find(L)
-            guard results == 2 else { return results }           // nil (no match: nothing changes) or a bad argument
-            // consumer, credential table above the arguments; the plugin's name at 1.
-            guard let consumer = headerValues.checkedText(at: -2, on: L), let plugin = headerValues.name(at: 1, on: L) else {
-                return results
+            // `hide` read first: a bad one falls back before anything changes.
+            var hide: String?
+            switch lua_type(L, 4) {
+            case LUA_TSTRING: hide = headerNames.name(at: 4, on: L)
+            case LUA_TNIL, LUA_TNONE: break
+            default: return WEIR_CALL_FALLBACK
             }
-            r.identify(consumer.text, plugin, nameFits: consumer.fits, anonymous: false)
+            // A match identifies its consumer by the names the lookup kept
+            // (no match: nil, nothing identified).
+            let results = credentialLookups.find(L) { consumer, plugin, consumerFits in
+                r.identify(consumer, plugin, nameFits: consumerFits, anonymous: false)
+            }
+            if results == WEIR_CALL_FALLBACK { return results }
+            // After identify, as the plugin's clear_header after the call was.
+            if let hide { r.clearUpstreamHeader(hide) }
             return results
+        }
+    }
+
+    /// `weir.client.identify_header_credential(plugin, field, name[, hide])`:
+    /// identify_credential(plugin, field, value) with the value of request
+    /// header `name` as get_header reads it (no lookup when it is absent or
+    /// empty), then with `hide` true clear_header(name) upstream — key-auth's
+    /// header key in one call instead of get_header and identify_credential.
+    /// find_credential's results on a match, else nil and the header's
+    /// value (nil when absent).
+    @inline(__always)
+    private func clientIdentifyHeaderCredential(_ L: LuaThread) -> Int32 {
+        withCurrentRequest(PluginPhase.request.mask) { r in
+            let hideType = lua_type(L, 4)
+            guard hideType == LUA_TBOOLEAN || hideType == LUA_TNIL || hideType == LUA_TNONE,
+                  lua_type(L, 1) == LUA_TSTRING, lua_type(L, 2) == LUA_TSTRING,
+                  let name = headerNames.name(at: 3, on: L) else { return WEIR_CALL_FALLBACK }
+            // The value pushed as get_header pushes it (the same Lua string
+            // request after request: the lookup's cache is by its address).
+            var length = -1
+            r.withRequestHeader(name) { value in
+                guard let value else { return }
+                recentStrings.push(bytes: value, on: L)
+                length = value.count
+            }
+            if length < 0 {
+                lua_pushnil(L); lua_pushnil(L)
+            } else if length == 0 || credentialLookups.find(L, valueAt: -1, stringsChecked: true, matched: { consumer, plugin, consumerFits in
+                r.identify(consumer, plugin, nameFits: consumerFits, anonymous: false)
+            }) != 2 {
+                // No match (find pushed nil) or nothing to look up: nil, the value.
+                if length == 0 { lua_pushnil(L) }
+                lua_pushvalue(L, -2)
+            }
+            // After identify, as the plugin's clear_header after its lookup was.
+            if hideType == LUA_TBOOLEAN && lua_toboolean(L, 4) != 0 { r.clearUpstreamHeader(name) }
+            return 2
         }
     }
 
@@ -548,14 +600,14 @@ extension LuaRuntime {
         }
     }
 
-    /// A handle's id (a dictionary's, a prepared header set's), read raw
-    /// from its [1] (no metamethod may run under Swift; lua/weir/init.lua
-    /// puts it there). nil: not such a handle.
+    /// A handle's id (a dictionary's, a prepared header set's: lua/weir/init.lua
+    /// puts it at the handle's [1], read raw: no metamethod may run under
+    /// Swift), through the per-state cache by the table's address
+    /// (`HandleIDs`). The caller has seen a table at `index`. nil: not
+    /// such a handle.
     @inline(__always)
     func handleID(ofTableAt index: Int32, _ L: LuaThread) -> Int? {
-        defer { weir_pop(L, 1) }
-        guard lua_rawgeti(L, index, 1) == LUA_TNUMBER, lua_isinteger(L, -1) != 0 else { return nil }
-        return Int(lua_tointegerx(L, -1, nil))
+        handleIDs.id(ofTableAt: index, L)
     }
 
     /// incr on `target` (nil: no such dictionary): key string, delta number
@@ -649,8 +701,9 @@ extension LuaRuntime {
     /// when that is nil), or nil for anything else (a float too).
     @inline(__always)
     private func integerArgument(at index: Int32, or absent: lua_Integer?, _ L: LuaThread) -> lua_Integer?? {
+        // The integer check first: the usual argument is one (two API calls, not three).
+        if lua_isinteger(L, index) != 0 { return .some(lua_tointegerx(L, index, nil)) }
         switch lua_type(L, index) {
-        case LUA_TNUMBER: return lua_isinteger(L, index) != 0 ? .some(lua_tointegerx(L, index, nil)) : nil
         case LUA_TNIL, LUA_TNONE: return .some(absent)
         default: return nil
         }

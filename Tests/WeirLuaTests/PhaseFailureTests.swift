@@ -118,6 +118,7 @@ final class PhaseFailureTests: XCTestCase {
               msg(function() weir.client.authenticate("alice") end),
               msg(function() weir.client.identify("alice", "key-auth") end),
               msg(function() weir.client.identify_credential("key-auth", "key", "k") end),
+              msg(function() weir.client.identify_header_credential("key-auth", "key", "apikey", true) end),
             }
             assert(weir.request.get_header("x-not-sent") == nil)   -- allowed in the log phase
             error(table.concat(out, "|"))
@@ -126,12 +127,13 @@ final class PhaseFailureTests: XCTestCase {
         """)
         try h.load(["late"])
         let results = try h.runRequest(try h.chain("late"), phases: [.response, .log])
-        XCTAssertTrue(results[0].failure?.message.hasSuffix("late/handler.lua:15: weir.upstream.request.set_header is not available in the response phase") ?? false, "\(results[0])")
+        XCTAssertTrue(results[0].failure?.message.hasSuffix("late/handler.lua:16: weir.upstream.request.set_header is not available in the response phase") ?? false, "\(results[0])")
         let messages = (results[1].failure?.message ?? "").split(separator: "|").map(String.init)
         let functions = ["weir.upstream.request.clear_header", "weir.response.set_headers", "weir.response.set_header",
-                         "weir.client.authenticate", "weir.client.identify", "weir.client.identify_credential"]
+                         "weir.client.authenticate", "weir.client.identify", "weir.client.identify_credential",
+                         "weir.client.identify_header_credential"]
         XCTAssertEqual(messages.count, functions.count, "\(results[1])")
-        // Each at its own line (5-10), where the plugin called it.
+        // Each at its own line (5-11), where the plugin called it.
         for (k, function) in functions.enumerated() where k < messages.count {
             XCTAssertTrue(messages[k].hasSuffix("late/handler.lua:\(5 + k): \(function) is not available in the log phase"), messages[k])
         }

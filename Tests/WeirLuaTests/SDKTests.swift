@@ -276,6 +276,101 @@ final class SDKTests: XCTestCase {
         XCTAssertEqual(req.clearedUpstreamHeaders, ["x-anonymous-consumer"])
     }
 
+    /// identify_credential's `hide`: that header is cleared upstream after
+    /// the identification, whether a credential matched or not; a bad
+    /// `hide` raises at the caller's line before anything changes.
+    func testIdentifyCredentialHidesItsHeader() throws {
+        let h = Harness()
+        var alice = ConsumerConfig()
+        alice.name = "alice"
+        alice.credentials["key-auth"] = .array([.map(["key": .string("a1")])])
+        h.options.credentials = ConsumerCredentials(consumers: [alice])
+        let (body, req, result) = try requestBody("""
+        local function msg(f) local ok, err = pcall(f); assert(not ok); return err end
+        local bad = msg(function() weir.client.identify_credential("key-auth", "key", "a1", 7) end)
+        assert(weir.client.get_consumer() == nil, "a bad hide changes nothing")
+        local none = weir.client.identify_credential("key-auth", "key", "nope", "X-Key-One")
+        local consumer, credential = weir.client.identify_credential("key-auth", "key", "a1", "x-key-two")
+        return 200, table.concat({ tostring(none), consumer, credential.key, bad }, "|")
+        """, harness: h)
+        let parts = (body ?? "").split(separator: "|").map(String.init)
+        XCTAssertEqual(parts.prefix(3), ["nil", "alice", "a1"], "\(result)")
+        XCTAssertTrue(parts.count == 4 && parts[3].hasSuffix("bad argument #4 to 'weir.client.identify_credential' (string or nil expected, got number)")
+                      && parts[3].contains("probe/handler.lua:"), "\(parts)")
+        XCTAssertEqual(req.consumer, "alice")
+        XCTAssertEqual(req.upstreamHeaders.map { "\($0.0)=\($0.1)" }, ["x-consumer-name=alice"])
+        XCTAssertEqual(req.clearedUpstreamHeaders, ["x-key-one", "x-anonymous-consumer", "x-key-two"])
+    }
+
+    /// weir.client.identify_header_credential: the header's value looked up
+    /// as identify_credential would (a match identifies; no match answers
+    /// nil and the value; an absent header nil, nil; an empty one nil, ""
+    /// without a lookup), then with `hide` the header cleared upstream,
+    /// found or not; a bad argument raises at the caller's line before
+    /// anything changes.
+    func testIdentifyHeaderCredential() throws {
+        let h = Harness()
+        var alice = ConsumerConfig()
+        alice.name = "alice"
+        alice.credentials["key-auth"] = .array([.map(["key": .string("a1")])])
+        h.options.credentials = ConsumerCredentials(consumers: [alice])
+        let req = h.newRequest()
+        req.headers = [("host", "api.example.com"), ("x-key", "a1"), ("x-wrong", "nope"), ("x-empty", "")]
+        let (body, _, result) = try requestBody("""
+        local function msg(f) local ok, err = pcall(f); assert(not ok); return err end
+        local bad3 = msg(function() weir.client.identify_header_credential("key-auth", "key", 3) end)
+        local bad4 = msg(function() weir.client.identify_header_credential("key-auth", "key", "x-key", "yes") end)
+        assert(weir.client.get_consumer() == nil, "a bad argument changes nothing")
+        local n1, v1 = weir.client.identify_header_credential("key-auth", "key", "X-Wrong", true)
+        local n2, v2 = weir.client.identify_header_credential("key-auth", "key", "x-absent")
+        local n3, v3 = weir.client.identify_header_credential("key-auth", "key", "x-empty", false)
+        assert(weir.client.get_consumer() == nil, "no match identifies no one")
+        local consumer, credential = weir.client.identify_header_credential("key-auth", "key", "x-key", true)
+        return 200, table.concat({ tostring(n1), v1, tostring(n2), tostring(v2), tostring(n3), "[" .. v3 .. "]",
+                                   consumer, credential.key, weir.client.get_consumer(), bad3, bad4 }, "|")
+        """, request: req, harness: h)
+        let parts = (body ?? "").split(separator: "|").map(String.init)
+        XCTAssertEqual(parts.prefix(9), ["nil", "nope", "nil", "nil", "nil", "[]", "alice", "a1", "alice"], "\(result)")
+        XCTAssertTrue(parts.count == 11
+                      && parts[9].hasSuffix("bad argument #3 to 'weir.client.identify_header_credential' (string expected, got number)")
+                      && parts[9].contains("probe/handler.lua:")
+                      && parts[10].hasSuffix("bad argument #4 to 'weir.client.identify_header_credential' (boolean or nil expected, got string)")
+                      && parts[10].contains("probe/handler.lua:"), "\(parts)")
+        XCTAssertEqual(req.consumer, "alice")
+        XCTAssertEqual(req.credential, "key-auth")
+        XCTAssertEqual(req.upstreamHeaders.map { "\($0.0)=\($0.1)" }, ["x-consumer-name=alice"])
+        XCTAssertEqual(req.clearedUpstreamHeaders, ["x-wrong", "x-anonymous-consumer", "x-key"])
+    }
+
+    /// The hot natives find a handle's id through a small cache by the
+    /// handle table's address (HandleIDs, 16 slots): more prepared sets
+    /// than it holds, used in turn with garbage collected between rounds
+    /// (dropped handles too), each set still writes its own lines; a
+    /// dictionary handle's calls between them count in their own dictionary.
+    func testHandlesThroughTheIDCache() throws {
+        let (body, req, result) = try requestBody("""
+        local handles, d = {}, weir.shared.counters
+        for i = 1, 40 do handles[i] = weir.response.prepare_headers({ { "x-fixed-" .. i, i }, "x-v-" .. i }) end
+        for round = 1, 3 do
+          for i = 1, 40 do
+            handles[i]:set(round * 100 + i)
+            d:incr("n", 1, 0)
+            weir.response.prepare_headers({ "x-dropped-" .. (i % 5) }):set(i)
+          end
+          collectgarbage()
+        end
+        return 200, tostring(d:get("n"))
+        """)
+        XCTAssertEqual(body, "120", "\(result)")
+        var lines: [String: [String]] = [:]
+        for field in req.response { lines[field.name, default: []].append(field.value) }
+        for i in 1...40 {
+            XCTAssertEqual(lines["x-fixed-\(i)"], ["\(i)"], "\(i)")
+            XCTAssertEqual(lines["x-v-\(i)"], ["\(300 + i)"], "\(i)")
+        }
+        for k in 0..<5 { XCTAssertEqual(lines["x-dropped-\(k)"], ["\(k == 0 ? 40 : 35 + k)"], "\(k)") }
+    }
+
     /// weir.response.prepare_headers: names and fixed values checked once,
     /// each set = set_header of every line in order; what the native does
     /// not take (a float, CR/LF, the wrong count, not a handle) goes through

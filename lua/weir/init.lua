@@ -589,11 +589,13 @@ end)
 
 -- The fallbacks of find_credential and identify_credential (a helper one
 -- frame deeper than the fallback: every level is one more).
-local function check_credential_args(fname, phases, plugin, field, value)
+-- (`hide`: identify_credential's optional fourth argument; nil for find_credential.)
+local function check_credential_args(fname, phases, plugin, field, value, hide)
   check_phase(fname, phases, 5)
   check_string(fname, 1, plugin, 6)
   check_string(fname, 2, field, 6)
   check_string(fname, 3, value, 6)
+  if hide ~= nil and type(hide) ~= "string" then arg_error(fname, 4, "string or nil", hide, 5) end
   no_request(fname, 5)
 end
 
@@ -604,9 +606,25 @@ end)
 
 -- find_credential, and when it finds one, identify(consumer, plugin): a
 -- key-style auth plugin's lookup and identification in one call (request
--- phase). Returns as find_credential.
-client.identify_credential = with_fallback(N.client_identify_credential, function(plugin, field, value)
-  check_credential_args("weir.client.identify_credential", REWRITE_PHASES, plugin, field, value)
+-- phase); with `hide`, then upstream.request.clear_header(hide), found or
+-- not. Returns as find_credential.
+client.identify_credential = with_fallback(N.client_identify_credential, function(plugin, field, value, hide)
+  check_credential_args("weir.client.identify_credential", REWRITE_PHASES, plugin, field, value, hide)
+end)
+
+-- identify_credential(plugin, field, value) with the value of request
+-- header `name` (none looked up when it is absent or empty), then with
+-- `hide` clear_header(name) upstream: key-auth's header key in one call.
+-- Returns as find_credential on a match, else nil and the header's value
+-- (nil when absent).
+client.identify_header_credential = with_fallback(N.client_identify_header_credential, function(plugin, field, name, hide)
+  local fname = "weir.client.identify_header_credential"
+  check_phase(fname, REWRITE_PHASES, 4)
+  check_string(fname, 1, plugin, 5)
+  check_string(fname, 2, field, 5)
+  check_string(fname, 3, name, 5)
+  if hide ~= nil and type(hide) ~= "boolean" then arg_error(fname, 4, "boolean or nil", hide, 4) end
+  no_request(fname)
 end)
 
 -- Whether `name` is a configured consumer (consumers[].name); a hash lookup.
