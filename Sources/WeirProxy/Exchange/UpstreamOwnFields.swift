@@ -17,6 +17,10 @@ struct UpstreamOwnFields {
     /// The client's lines not forwarded: hop-by-hop ones and the ones the
     /// proxy's own lines replace.
     private(set) var removed: HTTP1FieldSet
+    let requestID: RequestID
+    /// What the lines but X-Request-Id are written from. Left empty when
+    /// the connection's memo holds this request's lines: the usual request
+    /// never loads these Strings, so it neither retains nor releases them.
     let host: String
     let chunked: Bool
     let upgrade: Bool
@@ -26,7 +30,6 @@ struct UpstreamOwnFields {
     /// unless a trusted peer sent one.
     let clientHost: String?
     let viaEntry: StaticString
-    let requestID: RequestID
     /// The client's X-Forwarded-For lines (a trusted peer's only) and Via
     /// lines: how many, and their values' bytes plus a ", " after each.
     private var forwardedForLines = 0, forwardedForBytes = 0
@@ -39,17 +42,23 @@ struct UpstreamOwnFields {
     private let memo: UpstreamOwnLinesMemo?
     private var fromMemo = false
 
-    init(fields: HTTP1Fields, removed: HTTP1FieldSet, peerTrusted: Bool, host: String, chunked: Bool, upgrade: Bool,
-         clientIP: String, scheme: String, clientHost: String?, viaEntry: StaticString, requestID: RequestID,
-         memo: UpstreamOwnLinesMemo? = nil) {
+    /// The Strings and flags the lines are written from, when the memo
+    /// does not hold them.
+    struct Inputs {
+        var host: String, chunked: Bool, upgrade: Bool, clientIP: String, scheme: String
+        var clientHost: String?, viaEntry: StaticString
+    }
+
+    /// `memoHolds` asks the connection's memo whether it holds this
+    /// request's lines (only when they copy no client value); `inputs` is
+    /// called only when it does not. Both are closures so that the caller's
+    /// Strings are loaded only on a miss (passed as arguments, an init's
+    /// are owned: retained by the caller, released by the init). Inlined,
+    /// so the closures are too.
+    @inline(__always)
+    init(fields: HTTP1Fields, removed: HTTP1FieldSet, peerTrusted: Bool, requestID: RequestID,
+         memo: UpstreamOwnLinesMemo, memoHolds: (UpstreamOwnLinesMemo) -> Bool, inputs: () -> Inputs) {
         self.removed = removed
-        self.host = host
-        self.chunked = chunked
-        self.upgrade = upgrade
-        self.clientIP = clientIP
-        self.scheme = scheme
-        self.clientHost = clientHost
-        self.viaEntry = viaEntry
         self.requestID = requestID
         for (i, e) in fields.entries.enumerated() {
             guard let line = ReplacedClientLine(e.known) else { continue }
@@ -69,16 +78,18 @@ struct UpstreamOwnFields {
             }
         }
         // No value of the client's lines goes into these lines (no trusted
-        // peer's X-Forwarded-*, no Via): they depend only on the Strings
-        // and flags above, so they can be kept for the connection's next request.
+        // peer's X-Forwarded-*, no Via): they depend only on the inputs,
+        // so they can be kept for the connection's next request.
         let copiesNoClientValues = forwardedForLines == 0 && forwardedProtoLine < 0 && forwardedHostLine < 0 && viaLines == 0
-        if copiesNoClientValues, let memo {
+        if copiesNoClientValues && memoHolds(memo) {
             self.memo = memo
-            // The init's arguments, not `self`: passing the struct copies it.
-            fromMemo = memo.holdsLines(host: host, chunked: chunked, upgrade: upgrade, clientIP: clientIP, scheme: scheme,
-                                       clientHost: clientHost, viaEntry: viaEntry)
+            fromMemo = true
+            host = ""; chunked = false; upgrade = false; clientIP = ""; scheme = ""; clientHost = nil; viaEntry = ""
         } else {
-            self.memo = nil
+            self.memo = copiesNoClientValues ? memo : nil
+            let i = inputs()
+            host = i.host; chunked = i.chunked; upgrade = i.upgrade; clientIP = i.clientIP; scheme = i.scheme
+            clientHost = i.clientHost; viaEntry = i.viaEntry
         }
     }
 
@@ -174,14 +185,17 @@ final class UpstreamOwnLinesMemo {
 
     /// Whether `bytes` are the lines written from these inputs. The client
     /// address and the listener's scheme are the connection's: the same for
-    /// every request of it (checked in debug builds only).
+    /// every request of it, so not compared (`keptFor`, asserted by the caller).
     @inline(__always)
-    fileprivate func holdsLines(host: String, chunked: Bool, upgrade: Bool, clientIP: String, scheme: String,
-                                clientHost: String?, viaEntry: StaticString) -> Bool {
-        guard kept && self.chunked == chunked && self.upgrade == upgrade && self.viaEntry == UnsafeRawPointer(viaEntry.utf8Start)
-            && self.host == host && self.clientHost == clientHost else { return false }
-        assert(self.clientIP == clientIP && self.scheme == scheme, "a connection's client address and scheme changed")
-        return true
+    func holdsLines(host: String, chunked: Bool, upgrade: Bool, clientHost: String?, viaEntry: StaticString) -> Bool {
+        kept && self.chunked == chunked && self.upgrade == upgrade && self.viaEntry == UnsafeRawPointer(viaEntry.utf8Start)
+            && self.host == host && self.clientHost == clientHost
+    }
+
+    /// For debug assertions: the kept lines were written for this client
+    /// address and scheme.
+    func keptFor(clientIP: String, scheme: String) -> Bool {
+        self.clientIP == clientIP && self.scheme == scheme
     }
 
     /// Keeps `lines`, just written for `own`, for the next request.
