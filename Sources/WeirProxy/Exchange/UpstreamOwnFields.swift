@@ -18,18 +18,11 @@ struct UpstreamOwnFields {
     /// proxy's own lines replace.
     private(set) var removed: HTTP1FieldSet
     let requestID: RequestID
-    /// What the lines but X-Request-Id are written from. Left empty when
-    /// the connection's memo holds this request's lines: the usual request
-    /// never loads these Strings, so it neither retains nor releases them.
-    let host: String
-    let chunked: Bool
-    let upgrade: Bool
-    let clientIP: String
-    let scheme: String
-    /// The client's Host (or absolute-form authority): X-Forwarded-Host
-    /// unless a trusted peer sent one.
-    let clientHost: String?
-    let viaEntry: StaticString
+    /// What the lines but X-Request-Id are written from; nil when the
+    /// connection's memo holds this request's lines: the usual request
+    /// never loads these Strings, so it neither retains nor releases them
+    /// (and the struct's destroy has one nil to test, not four Strings).
+    private let inputs: Inputs?
     /// The client's X-Forwarded-For lines (a trusted peer's only) and Via
     /// lines: how many, and their values' bytes plus a ", " after each.
     private var forwardedForLines = 0, forwardedForBytes = 0
@@ -37,15 +30,17 @@ struct UpstreamOwnFields {
     /// A trusted peer's first X-Forwarded-Proto / -Host line, or -1.
     private var forwardedProtoLine = -1
     private var forwardedHostLine = -1
-    /// The connection's memo of these lines (nil: none kept), and whether
-    /// it holds exactly the lines this request gets (see `UpstreamOwnLinesMemo`).
+    /// The connection's memo of these lines (nil: none kept); it holds
+    /// exactly the lines this request gets when `inputs` is nil (see
+    /// `UpstreamOwnLinesMemo`).
     private let memo: UpstreamOwnLinesMemo?
-    private var fromMemo = false
 
     /// The Strings and flags the lines are written from, when the memo
     /// does not hold them.
     struct Inputs {
         var host: String, chunked: Bool, upgrade: Bool, clientIP: String, scheme: String
+        /// The client's Host (or absolute-form authority): X-Forwarded-Host
+        /// unless a trusted peer sent one.
         var clientHost: String?, viaEntry: StaticString
     }
 
@@ -83,19 +78,18 @@ struct UpstreamOwnFields {
         let copiesNoClientValues = forwardedForLines == 0 && forwardedProtoLine < 0 && forwardedHostLine < 0 && viaLines == 0
         if copiesNoClientValues && memoHolds(memo) {
             self.memo = memo
-            fromMemo = true
-            host = ""; chunked = false; upgrade = false; clientIP = ""; scheme = ""; clientHost = nil; viaEntry = ""
+            self.inputs = nil
         } else {
             self.memo = copiesNoClientValues ? memo : nil
-            let i = inputs()
-            host = i.host; chunked = i.chunked; upgrade = i.upgrade; clientIP = i.clientIP; scheme = i.scheme
-            clientHost = i.clientHost; viaEntry = i.viaEntry
+            self.inputs = inputs()
         }
     }
 
     /// What `write` writes, in bytes.
     func byteCount(_ entries: [HTTP1FieldEntry]) -> Int {
-        if fromMemo, let memo { return memo.bytes.count + 14 + requestID.byteCount + 2 }
+        guard let i = inputs else { return memo!.bytes.count + 14 + requestID.byteCount + 2 }
+        let host = i.host, chunked = i.chunked, upgrade = i.upgrade, clientIP = i.clientIP, scheme = i.scheme
+        let clientHost = i.clientHost, viaEntry = i.viaEntry
         var n = 6 + host.utf8.count + 2                                         // host: …\r\n
         if chunked { n += 28 }                                                  // transfer-encoding: chunked\r\n
         if upgrade { n += 21 }                                                  // connection: upgrade\r\n
@@ -113,12 +107,12 @@ struct UpstreamOwnFields {
 
     /// The lines, in `upstreamEdits`' order; `src` is the client's head bytes.
     func write(_ w: inout HTTP1HeadWriter.RawWriter, _ entries: [HTTP1FieldEntry], _ src: UnsafeRawPointer) {
-        if fromMemo, let memo {
-            memo.bytes.withUnsafeBytes { w.copy($0.baseAddress!, $0.count) }
-        } else {
+        if let i = inputs {
             let start = w.offset
-            writeLinesThroughVia(&w, entries, src)
-            memo?.keep(UnsafeRawBufferPointer(start: w.base + start, count: w.offset - start), of: self)
+            writeLinesThroughVia(&w, i, entries, src)
+            memo?.keep(UnsafeRawBufferPointer(start: w.base + start, count: w.offset - start), of: i)
+        } else {
+            memo!.bytes.withUnsafeBytes { w.copy($0.baseAddress!, $0.count) }
         }
         w.copy("x-request-id: ")
         requestID.write(to: w.base + w.offset)
@@ -127,7 +121,10 @@ struct UpstreamOwnFields {
     }
 
     /// Every line but X-Request-Id.
-    private func writeLinesThroughVia(_ w: inout HTTP1HeadWriter.RawWriter, _ entries: [HTTP1FieldEntry], _ src: UnsafeRawPointer) {
+    private func writeLinesThroughVia(_ w: inout HTTP1HeadWriter.RawWriter, _ i: Inputs, _ entries: [HTTP1FieldEntry],
+                                      _ src: UnsafeRawPointer) {
+        let host = i.host, chunked = i.chunked, upgrade = i.upgrade, clientIP = i.clientIP, scheme = i.scheme
+        let clientHost = i.clientHost, viaEntry = i.viaEntry
         w.copy("host: "); w.copy(host); w.copy("\r\n")
         if chunked { w.copy("transfer-encoding: chunked\r\n") }
         if upgrade { w.copy("connection: upgrade\r\n") }
@@ -199,7 +196,7 @@ final class UpstreamOwnLinesMemo {
     }
 
     /// Keeps `lines`, just written for `own`, for the next request.
-    fileprivate func keep(_ lines: UnsafeRawBufferPointer, of own: UpstreamOwnFields) {
+    fileprivate func keep(_ lines: UnsafeRawBufferPointer, of own: UpstreamOwnFields.Inputs) {
         bytes.removeAll(keepingCapacity: true)
         bytes.append(contentsOf: lines)
         host = own.host
