@@ -387,16 +387,29 @@ extension ExchangeDownstream {
     }
 
     /// `upstreamEdits`' lines for the byte writer (UpstreamOwnFields).
-    /// Inlined: built in its caller's frame, not returned (a 193-byte copy).
+    /// Inlined: built in its caller's frame, not returned (a struct copy).
+    /// The connection's memo is asked before the Strings are handed over:
+    /// when it holds this request's lines (the usual keep-alive request),
+    /// the struct keeps none of them (no retain now, no release at its end).
     @inline(__always)
     func upstreamOwnFields(_ exchange: Exchange, head: RequestHead, routed: RoutedRequest) -> UpstreamOwnFields {
         let fields = head.headers
+        let chunked = exchange.framing.chunked, upgrade = exchange.isUpgrade
+        let viaEntry = HeaderRewriting.viaEntryLiteral(http2: head.receivedOverHTTP2, http10: head.isHTTP10)
         return UpstreamOwnFields(
-            fields: fields, removed: fields.hopByHopFields(keepUpgrade: exchange.isUpgrade), peerTrusted: peerTrusted,
-            host: upstreamHostHeader(exchange, routed: routed), chunked: exchange.framing.chunked, upgrade: exchange.isUpgrade,
-            clientIP: clientIP, scheme: listener.scheme, clientHost: exchange.hostHeader,
-            viaEntry: HeaderRewriting.viaEntryLiteral(http2: head.receivedOverHTTP2, http10: head.isHTTP10),
-            requestID: exchange.requestID, memo: upstreamOwnLinesMemo)
+            fields: fields, removed: fields.hopByHopFields(keepUpgrade: upgrade), peerTrusted: peerTrusted,
+            requestID: exchange.requestID, memo: upstreamOwnLinesMemo,
+            memoHolds: { memo in
+                let holds = memo.holdsLines(host: upstreamHostHeader(exchange, routed: routed), chunked: chunked, upgrade: upgrade,
+                                            clientHost: exchange.hostHeader, viaEntry: viaEntry)
+                assert(!holds || memo.keptFor(clientIP: clientIP, scheme: listener.scheme), "a connection's client address and scheme changed")
+                return holds
+            },
+            inputs: {
+                UpstreamOwnFields.Inputs(host: upstreamHostHeader(exchange, routed: routed), chunked: chunked, upgrade: upgrade,
+                                         clientIP: clientIP, scheme: listener.scheme, clientHost: exchange.hostHeader,
+                                         viaEntry: viaEntry)
+            })
     }
 
     /// The upstream request head as bytes, whether it chunks its body, and

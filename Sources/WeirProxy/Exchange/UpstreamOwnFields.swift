@@ -17,16 +17,12 @@ struct UpstreamOwnFields {
     /// The client's lines not forwarded: hop-by-hop ones and the ones the
     /// proxy's own lines replace.
     private(set) var removed: HTTP1FieldSet
-    let host: String
-    let chunked: Bool
-    let upgrade: Bool
-    let clientIP: String
-    let scheme: String
-    /// The client's Host (or absolute-form authority): X-Forwarded-Host
-    /// unless a trusted peer sent one.
-    let clientHost: String?
-    let viaEntry: StaticString
     let requestID: RequestID
+    /// What the lines but X-Request-Id are written from; nil when the
+    /// connection's memo holds this request's lines: the usual request
+    /// never loads these Strings, so it neither retains nor releases them
+    /// (and the struct's destroy has one nil to test, not four Strings).
+    private let inputs: Inputs?
     /// The client's X-Forwarded-For lines (a trusted peer's only) and Via
     /// lines: how many, and their values' bytes plus a ", " after each.
     private var forwardedForLines = 0, forwardedForBytes = 0
@@ -34,22 +30,30 @@ struct UpstreamOwnFields {
     /// A trusted peer's first X-Forwarded-Proto / -Host line, or -1.
     private var forwardedProtoLine = -1
     private var forwardedHostLine = -1
-    /// The connection's memo of these lines (nil: none kept), and whether
-    /// it holds exactly the lines this request gets (see `UpstreamOwnLinesMemo`).
+    /// The connection's memo of these lines (nil: none kept); it holds
+    /// exactly the lines this request gets when `inputs` is nil (see
+    /// `UpstreamOwnLinesMemo`).
     private let memo: UpstreamOwnLinesMemo?
-    private var fromMemo = false
 
-    init(fields: HTTP1Fields, removed: HTTP1FieldSet, peerTrusted: Bool, host: String, chunked: Bool, upgrade: Bool,
-         clientIP: String, scheme: String, clientHost: String?, viaEntry: StaticString, requestID: RequestID,
-         memo: UpstreamOwnLinesMemo? = nil) {
+    /// The Strings and flags the lines are written from, when the memo
+    /// does not hold them.
+    struct Inputs {
+        var host: String, chunked: Bool, upgrade: Bool, clientIP: String, scheme: String
+        /// The client's Host (or absolute-form authority): X-Forwarded-Host
+        /// unless a trusted peer sent one.
+        var clientHost: String?, viaEntry: StaticString
+    }
+
+    /// `memoHolds` asks the connection's memo whether it holds this
+    /// request's lines (only when they copy no client value); `inputs` is
+    /// called only when it does not. Both are closures so that the caller's
+    /// Strings are loaded only on a miss (passed as arguments, an init's
+    /// are owned: retained by the caller, released by the init). Inlined,
+    /// so the closures are too.
+    @inline(__always)
+    init(fields: HTTP1Fields, removed: HTTP1FieldSet, peerTrusted: Bool, requestID: RequestID,
+         memo: UpstreamOwnLinesMemo, memoHolds: (UpstreamOwnLinesMemo) -> Bool, inputs: () -> Inputs) {
         self.removed = removed
-        self.host = host
-        self.chunked = chunked
-        self.upgrade = upgrade
-        self.clientIP = clientIP
-        self.scheme = scheme
-        self.clientHost = clientHost
-        self.viaEntry = viaEntry
         self.requestID = requestID
         for (i, e) in fields.entries.enumerated() {
             guard let line = ReplacedClientLine(e.known) else { continue }
@@ -69,22 +73,23 @@ struct UpstreamOwnFields {
             }
         }
         // No value of the client's lines goes into these lines (no trusted
-        // peer's X-Forwarded-*, no Via): they depend only on the Strings
-        // and flags above, so they can be kept for the connection's next request.
+        // peer's X-Forwarded-*, no Via): they depend only on the inputs,
+        // so they can be kept for the connection's next request.
         let copiesNoClientValues = forwardedForLines == 0 && forwardedProtoLine < 0 && forwardedHostLine < 0 && viaLines == 0
-        if copiesNoClientValues, let memo {
+        if copiesNoClientValues && memoHolds(memo) {
             self.memo = memo
-            // The init's arguments, not `self`: passing the struct copies it.
-            fromMemo = memo.holdsLines(host: host, chunked: chunked, upgrade: upgrade, clientIP: clientIP, scheme: scheme,
-                                       clientHost: clientHost, viaEntry: viaEntry)
+            self.inputs = nil
         } else {
-            self.memo = nil
+            self.memo = copiesNoClientValues ? memo : nil
+            self.inputs = inputs()
         }
     }
 
     /// What `write` writes, in bytes.
     func byteCount(_ entries: [HTTP1FieldEntry]) -> Int {
-        if fromMemo, let memo { return memo.bytes.count + 14 + requestID.byteCount + 2 }
+        guard let i = inputs else { return memo!.bytes.count + 14 + requestID.byteCount + 2 }
+        let host = i.host, chunked = i.chunked, upgrade = i.upgrade, clientIP = i.clientIP, scheme = i.scheme
+        let clientHost = i.clientHost, viaEntry = i.viaEntry
         var n = 6 + host.utf8.count + 2                                         // host: …\r\n
         if chunked { n += 28 }                                                  // transfer-encoding: chunked\r\n
         if upgrade { n += 21 }                                                  // connection: upgrade\r\n
@@ -102,12 +107,12 @@ struct UpstreamOwnFields {
 
     /// The lines, in `upstreamEdits`' order; `src` is the client's head bytes.
     func write(_ w: inout HTTP1HeadWriter.RawWriter, _ entries: [HTTP1FieldEntry], _ src: UnsafeRawPointer) {
-        if fromMemo, let memo {
-            memo.bytes.withUnsafeBytes { w.copy($0.baseAddress!, $0.count) }
-        } else {
+        if let i = inputs {
             let start = w.offset
-            writeLinesThroughVia(&w, entries, src)
-            memo?.keep(UnsafeRawBufferPointer(start: w.base + start, count: w.offset - start), of: self)
+            writeLinesThroughVia(&w, i, entries, src)
+            memo?.keep(UnsafeRawBufferPointer(start: w.base + start, count: w.offset - start), of: i)
+        } else {
+            memo!.bytes.withUnsafeBytes { w.copy($0.baseAddress!, $0.count) }
         }
         w.copy("x-request-id: ")
         requestID.write(to: w.base + w.offset)
@@ -116,7 +121,10 @@ struct UpstreamOwnFields {
     }
 
     /// Every line but X-Request-Id.
-    private func writeLinesThroughVia(_ w: inout HTTP1HeadWriter.RawWriter, _ entries: [HTTP1FieldEntry], _ src: UnsafeRawPointer) {
+    private func writeLinesThroughVia(_ w: inout HTTP1HeadWriter.RawWriter, _ i: Inputs, _ entries: [HTTP1FieldEntry],
+                                      _ src: UnsafeRawPointer) {
+        let host = i.host, chunked = i.chunked, upgrade = i.upgrade, clientIP = i.clientIP, scheme = i.scheme
+        let clientHost = i.clientHost, viaEntry = i.viaEntry
         w.copy("host: "); w.copy(host); w.copy("\r\n")
         if chunked { w.copy("transfer-encoding: chunked\r\n") }
         if upgrade { w.copy("connection: upgrade\r\n") }
@@ -174,18 +182,21 @@ final class UpstreamOwnLinesMemo {
 
     /// Whether `bytes` are the lines written from these inputs. The client
     /// address and the listener's scheme are the connection's: the same for
-    /// every request of it (checked in debug builds only).
+    /// every request of it, so not compared (`keptFor`, asserted by the caller).
     @inline(__always)
-    fileprivate func holdsLines(host: String, chunked: Bool, upgrade: Bool, clientIP: String, scheme: String,
-                                clientHost: String?, viaEntry: StaticString) -> Bool {
-        guard kept && self.chunked == chunked && self.upgrade == upgrade && self.viaEntry == UnsafeRawPointer(viaEntry.utf8Start)
-            && self.host == host && self.clientHost == clientHost else { return false }
-        assert(self.clientIP == clientIP && self.scheme == scheme, "a connection's client address and scheme changed")
-        return true
+    func holdsLines(host: String, chunked: Bool, upgrade: Bool, clientHost: String?, viaEntry: StaticString) -> Bool {
+        kept && self.chunked == chunked && self.upgrade == upgrade && self.viaEntry == UnsafeRawPointer(viaEntry.utf8Start)
+            && self.host == host && self.clientHost == clientHost
+    }
+
+    /// For debug assertions: the kept lines were written for this client
+    /// address and scheme.
+    func keptFor(clientIP: String, scheme: String) -> Bool {
+        self.clientIP == clientIP && self.scheme == scheme
     }
 
     /// Keeps `lines`, just written for `own`, for the next request.
-    fileprivate func keep(_ lines: UnsafeRawBufferPointer, of own: UpstreamOwnFields) {
+    fileprivate func keep(_ lines: UnsafeRawBufferPointer, of own: UpstreamOwnFields.Inputs) {
         bytes.removeAll(keepingCapacity: true)
         bytes.append(contentsOf: lines)
         host = own.host
