@@ -436,7 +436,9 @@ extension LuaRuntime {
     /// empty), then with `hide` true clear_header(name) upstream — key-auth's
     /// header key in one call instead of get_header and identify_credential.
     /// find_credential's results on a match, else nil and the header's
-    /// value (nil when absent).
+    /// value (nil when absent); then whether the request has a query string
+    /// (get_raw_query() ~= "": key-auth hides a query key only then, and
+    /// learns it here instead of in a native call of its own).
     @inline(__always)
     private func clientIdentifyHeaderCredential(_ L: LuaThread) -> Int32 {
         withCurrentRequest(PluginPhase.request.mask) { r in
@@ -463,7 +465,8 @@ extension LuaRuntime {
             }
             // After identify, as the plugin's clear_header after its lookup was.
             if hideType == LUA_TBOOLEAN && lua_toboolean(L, 4) != 0 { r.clearUpstreamHeader(name) }
-            return 2
+            lua_pushboolean(L, r.rawQuery?.isEmpty == false ? 1 : 0)
+            return 3
         }
     }
 

@@ -321,11 +321,12 @@ final class SDKTests: XCTestCase {
         local bad3 = msg(function() weir.client.identify_header_credential("key-auth", "key", 3) end)
         local bad4 = msg(function() weir.client.identify_header_credential("key-auth", "key", "x-key", "yes") end)
         assert(weir.client.get_consumer() == nil, "a bad argument changes nothing")
-        local n1, v1 = weir.client.identify_header_credential("key-auth", "key", "X-Wrong", true)
+        local n1, v1, q1 = weir.client.identify_header_credential("key-auth", "key", "X-Wrong", true)
         local n2, v2 = weir.client.identify_header_credential("key-auth", "key", "x-absent")
         local n3, v3 = weir.client.identify_header_credential("key-auth", "key", "x-empty", false)
         assert(weir.client.get_consumer() == nil, "no match identifies no one")
-        local consumer, credential = weir.client.identify_header_credential("key-auth", "key", "x-key", true)
+        local consumer, credential, q4 = weir.client.identify_header_credential("key-auth", "key", "x-key", true)
+        assert(q1 == true and q4 == true, "the third result: the request has a query string")
         return 200, table.concat({ tostring(n1), v1, tostring(n2), tostring(v2), tostring(n3), "[" .. v3 .. "]",
                                    consumer, credential.key, weir.client.get_consumer(), bad3, bad4 }, "|")
         """, request: req, harness: h)
@@ -340,6 +341,25 @@ final class SDKTests: XCTestCase {
         XCTAssertEqual(req.credential, "key-auth")
         XCTAssertEqual(req.upstreamHeaders.map { "\($0.0)=\($0.1)" }, ["x-consumer-name=alice"])
         XCTAssertEqual(req.clearedUpstreamHeaders, ["x-wrong", "x-anonymous-consumer", "x-key"])
+    }
+
+    /// identify_header_credential's third result is false without a query
+    /// string (key-auth then skips get_raw_query), whatever the header gave.
+    func testIdentifyHeaderCredentialTellsThereIsNoQuery() throws {
+        let h = Harness()
+        var alice = ConsumerConfig()
+        alice.name = "alice"
+        alice.credentials["key-auth"] = .array([.map(["key": .string("a1")])])
+        h.options.credentials = ConsumerCredentials(consumers: [alice])
+        let req = h.newRequest()
+        req.rawQuery = nil
+        req.headers = [("host", "api.example.com"), ("x-key", "a1")]
+        let (body, _, result) = try requestBody("""
+        local a, b, q1 = weir.client.identify_header_credential("key-auth", "key", "x-absent", true)
+        local c, d, q2 = weir.client.identify_header_credential("key-auth", "key", "x-key")
+        return 200, table.concat({ tostring(a), tostring(b), tostring(q1), c, d.key, tostring(q2), weir.request.get_raw_query() }, "|")
+        """, request: req, harness: h)
+        XCTAssertEqual(body, "nil|nil|false|alice|a1|false|", "\(result)")
     }
 
     /// The hot natives find a handle's id through a small cache by the

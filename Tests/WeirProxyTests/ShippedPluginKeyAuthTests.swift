@@ -49,6 +49,34 @@ final class ShippedPluginKeyAuthTests: UpstreamTestCase {
         XCTAssertEqual(seenQuery.header("x-consumer-name"), "bob")
     }
 
+    /// A header key with hide_credentials: every apikey line goes, the
+    /// client's own identity lines go, X-Consumer-Name is set once, and the
+    /// key's query argument is still stripped when the request also has a
+    /// query (key-auth learns there is one from identify_header_credential's
+    /// third result, not from get_raw_query).
+    func testHeaderKeyHidesEveryKeyLineAndTheQueryKeyAndReplacesClientIdentityLines() throws {
+        let proxy = try startShippedPluginProxy(yaml: yaml(plugin: "name: key-auth"), upstream: upstream)
+        defer { proxy.stop() }
+        let client = try proxy.connect()
+
+        let response = try client.request("GET", "/both?apikey=bob-key&x=1", headers: [
+            ("X-Consumer-Name", "mallory"), ("apikey", "alice-key-1"), ("X-Anonymous-Consumer", "true"),
+            ("APIKEY", "other"), ("x-other", "kept")])
+        XCTAssertEqual(response.status, 200)
+        let seen = try XCTUnwrap(upstream.requests.first { $0.uri.hasPrefix("/both") })
+        XCTAssertEqual(seen.uri, "/both?x=1", "the query's key is removed too")
+        XCTAssertEqual(seen.headers.filter { $0.0.lowercased() == "x-consumer-name" }.map { $0.1 }, ["alice"])
+        XCTAssertNil(seen.header("apikey"))
+        XCTAssertNil(seen.header("x-anonymous-consumer"))
+        XCTAssertEqual(seen.header("x-other"), "kept")
+
+        let plain = try client.request("GET", "/plain", headers: [("apikey", "bob-key")])
+        XCTAssertEqual(plain.status, 200)
+        let seenPlain = try XCTUnwrap(upstream.requests.first { $0.uri == "/plain" })
+        XCTAssertEqual(seenPlain.header("x-consumer-name"), "bob")
+        XCTAssertNil(seenPlain.header("apikey"))
+    }
+
     func testMissingAndWrongKeysGet401WithWWWAuthenticate() throws {
         let proxy = try startShippedPluginProxy(yaml: yaml(plugin: "name: key-auth"), upstream: upstream)
         defer { proxy.stop() }

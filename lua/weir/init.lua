@@ -616,7 +616,8 @@ end)
 -- header `name` (none looked up when it is absent or empty), then with
 -- `hide` clear_header(name) upstream: key-auth's header key in one call.
 -- Returns as find_credential on a match, else nil and the header's value
--- (nil when absent).
+-- (nil when absent); then whether the request has a query string
+-- (get_raw_query() ~= "").
 client.identify_header_credential = with_fallback(N.client_identify_header_credential, function(plugin, field, name, hide)
   local fname = "weir.client.identify_header_credential"
   check_phase(fname, REWRITE_PHASES, 4)

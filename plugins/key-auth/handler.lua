@@ -53,15 +53,17 @@ function KeyAuth:request(conf)
   local n = #names
   local key, only, consumer   -- only: the one name when there is one
   local cleared               -- the one name's header already cleared upstream
+  local has_query             -- false: the request has no query string (known from the header's call)
   if n == 1 then
     -- One name (the default, apikey): the loop below without its loop
     -- (~10 fewer VM instructions per request, with the hiding's).
     only = names[1]
     if in_header then
       -- The header's key looked up, identified and (hide) its header
-      -- cleared in one SDK call: the consumer, or nil and the header's value.
+      -- cleared in one SDK call: the consumer, or nil and the header's
+      -- value; then whether there is a query string (for the hiding below).
       local value
-      consumer, value = identify_header_credential("key-auth", "key", only, hide)
+      consumer, value, has_query = identify_header_credential("key-auth", "key", only, hide)
       key, cleared = consumer and true or value, hide
     end
     if not key and in_query then
@@ -93,8 +95,9 @@ function KeyAuth:request(conf)
     if in_header and not cleared then
       if n == 1 then clear_header(only) else for i = 1, n do clear_header(names[i]) end end
     end
-    -- No query string, nothing to strip: neither a call nor its parse into a table.
-    if in_query and get_raw_query() ~= "" then hide_query_key(names, n) end
+    -- No query string, nothing to strip: neither a call nor its parse into
+    -- a table (nor get_raw_query's call when the header's call said so).
+    if in_query and has_query ~= false and get_raw_query() ~= "" then hide_query_key(names, n) end
   end
 
   if consumer then return end
