@@ -25,8 +25,12 @@ RELEASE_BIN = $(shell $(SWIFT) build -c release --show-bin-path)/weir
 # SwiftNIO included (Package.swift can only do it for Weir's own targets):
 # they were ~11 % of the instructions of a proxied request (callgrind,
 # BENCHMARKS.md 2026-11-30 "core"). Debug builds and tests keep them.
+# They are also link-time optimised (full LTO): SwiftNIO's per-event calls
+# (channel lifecycle getters, pipeline hops, the receive-buffer allocator)
+# are inlined into Weir's handlers, ~9 % fewer instructions per proxied
+# request (BENCHMARKS.md 2026-11-30 "session 11"), for a longer build.
 # bench/lib.sh builds with the same flags.
-RELEASE_FLAGS ?= -Xswiftc -enforce-exclusivity=unchecked
+RELEASE_FLAGS ?= --experimental-lto-mode=full -Xswiftc -enforce-exclusivity=unchecked
 
 .PHONY: deps deps-run build build-debug run test bench clean
 

@@ -389,9 +389,9 @@ probe_weir_plugins() {
 # engineers' builds keep priority.
 WEIR_SOURCE_SNAPSHOT=${WEIR_SOURCE_SNAPSHOT:-"$REPO_DIR/.build-bench-src"}
 
-# The release flags of the Makefile's build (RELEASE_FLAGS): no dynamic
-# exclusivity checks in any module, SwiftNIO included.
-WEIR_RELEASE_FLAGS=(-Xswiftc -enforce-exclusivity=unchecked)
+# The release flags of the Makefile's build (RELEASE_FLAGS): full link-time
+# optimisation, no dynamic exclusivity checks in any module, SwiftNIO included.
+WEIR_RELEASE_FLAGS=(--experimental-lto-mode=full -Xswiftc -enforce-exclusivity=unchecked)
 
 build_weir() {
     local commit
