@@ -6,6 +6,14 @@ import XCTest
 
 /// Each SDK function, through real plugins on a real event loop.
 final class SDKTests: XCTestCase {
+    /// One consumer, alice, with the key-auth credential { key = "a1" }.
+    private static func aliceWithKeyA1() -> ConsumerCredentials {
+        var alice = ConsumerConfig()
+        alice.name = "alice"
+        alice.credentials["key-auth"] = .array([.map(["key": .string("a1")])])
+        return ConsumerCredentials(consumers: [alice])
+    }
+
     /// Loads one plugin whose request phase is `body` and returns its exit body.
     func requestBody(_ body: String, request: TestRequest? = nil, harness: Harness = Harness()) throws -> (String?, TestRequest, PhaseResult) {
         harness.folder.add("probe", handler: """
@@ -134,10 +142,7 @@ final class SDKTests: XCTestCase {
     /// line, and values the natives do not take as is are still written.
     func testHotFunctionsCheckArgumentsThroughTheirNatives() throws {
         let h = Harness()
-        var alice = ConsumerConfig()
-        alice.name = "alice"
-        alice.credentials["key-auth"] = .array([.map(["key": .string("a1")])])
-        h.options.credentials = ConsumerCredentials(consumers: [alice])
+        h.options.credentials = Self.aliceWithKeyA1()
         let (body, req, result) = try requestBody("""
         local d = weir.shared.counters
         -- Each misuse from a function of this file, so the error names its line.
@@ -254,10 +259,7 @@ final class SDKTests: XCTestCase {
     /// argument raises find_credential's kind of message at the caller's line.
     func testIdentifyCredential() throws {
         let h = Harness()
-        var alice = ConsumerConfig()
-        alice.name = "alice"
-        alice.credentials["key-auth"] = .array([.map(["key": .string("a1")])])
-        h.options.credentials = ConsumerCredentials(consumers: [alice])
+        h.options.credentials = Self.aliceWithKeyA1()
         let (body, req, result) = try requestBody("""
         local function msg(f) local ok, err = pcall(f); assert(not ok); return err end
         local none = weir.client.identify_credential("key-auth", "key", "nope")
@@ -281,10 +283,7 @@ final class SDKTests: XCTestCase {
     /// `hide` raises at the caller's line before anything changes.
     func testIdentifyCredentialHidesItsHeader() throws {
         let h = Harness()
-        var alice = ConsumerConfig()
-        alice.name = "alice"
-        alice.credentials["key-auth"] = .array([.map(["key": .string("a1")])])
-        h.options.credentials = ConsumerCredentials(consumers: [alice])
+        h.options.credentials = Self.aliceWithKeyA1()
         let (body, req, result) = try requestBody("""
         local function msg(f) local ok, err = pcall(f); assert(not ok); return err end
         local bad = msg(function() weir.client.identify_credential("key-auth", "key", "a1", 7) end)
@@ -310,10 +309,7 @@ final class SDKTests: XCTestCase {
     /// anything changes.
     func testIdentifyHeaderCredential() throws {
         let h = Harness()
-        var alice = ConsumerConfig()
-        alice.name = "alice"
-        alice.credentials["key-auth"] = .array([.map(["key": .string("a1")])])
-        h.options.credentials = ConsumerCredentials(consumers: [alice])
+        h.options.credentials = Self.aliceWithKeyA1()
         let req = h.newRequest()
         req.headers = [("host", "api.example.com"), ("x-key", "a1"), ("x-wrong", "nope"), ("x-empty", "")]
         let (body, _, result) = try requestBody("""
@@ -347,10 +343,7 @@ final class SDKTests: XCTestCase {
     /// string (key-auth then skips get_raw_query), whatever the header gave.
     func testIdentifyHeaderCredentialTellsThereIsNoQuery() throws {
         let h = Harness()
-        var alice = ConsumerConfig()
-        alice.name = "alice"
-        alice.credentials["key-auth"] = .array([.map(["key": .string("a1")])])
-        h.options.credentials = ConsumerCredentials(consumers: [alice])
+        h.options.credentials = Self.aliceWithKeyA1()
         let req = h.newRequest()
         req.rawQuery = nil
         req.headers = [("host", "api.example.com"), ("x-key", "a1")]

@@ -310,14 +310,7 @@ final class DownstreamLifetimeTests: PluginFolderTestCase {
     }
 
     func testHandlerIsFreedAfterRequestPhasePlugins() throws {
-        try folder.write("tag", handler: """
-        local weir = require "weir"
-        local P = { PRIORITY = 10, VERSION = "1" }
-        function P:request(conf, ctx)
-          weir.upstream.request.set_header("x-tag", "1")
-        end
-        return P
-        """)
+        try writeTag()
         let proxy = try pluginProxy(route: ["tag"])
         defer { proxy.stop() }
         var client: BlockingSocket? = try proxy.connect()
