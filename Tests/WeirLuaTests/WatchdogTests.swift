@@ -101,8 +101,13 @@ final class WatchdogTests: XCTestCase {
                 return scope.run(.request, chain: chain).always { _ in scope.finish() }
             })
         }
-        XCTAssertEqual(try futures[0].wait().exitValue?.bodyString, "loop0 saw loop1")
-        XCTAssertEqual(try futures[1].wait().exitValue?.bodyString, "loop1 saw loop0")
+        // The harnesses own the event loops: kept to the end (an optimised
+        // build may free them after their last use above, shutting the loops
+        // down under the waits).
+        try withExtendedLifetime(harnesses) {
+            XCTAssertEqual(try futures[0].wait().exitValue?.bodyString, "loop0 saw loop1")
+            XCTAssertEqual(try futures[1].wait().exitValue?.bodyString, "loop1 saw loop0")
+        }
     }
 
     /// Runaway requests on two event loops at once are each stopped by their

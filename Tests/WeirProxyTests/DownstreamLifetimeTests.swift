@@ -301,11 +301,10 @@ final class DownstreamLifetimeTests: PluginFolderTestCase {
         try thenWhileRunning()
     }
 
-    /// Closes with a reset (SO_LINGER 0): the proxy sees the connection go at
-    /// once (a FIN alone is a half-close, and the request would carry on).
+    /// Closes with a reset: the proxy sees the connection go at once (a FIN
+    /// alone is a half-close, and the request would carry on).
     private func reset(_ client: inout BlockingSocket?) {
-        var noLinger = linger(l_onoff: 1, l_linger: 0)
-        setsockopt(client!.fd, SOL_SOCKET, SO_LINGER, &noLinger, socklen_t(MemoryLayout<linger>.size))
+        client!.closeWithReset()
         client = nil
     }
 

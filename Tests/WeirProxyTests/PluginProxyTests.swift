@@ -355,10 +355,7 @@ extension PluginProxyTests {
             for _ in 0..<count {
                 let client = try proxy.connect()
                 try client.send("GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
-                // Closed with a reset (SO_LINGER 0) at the end of the
-                // iteration: the proxy sees the connection go at once.
-                var noLinger = linger(l_onoff: 1, l_linger: 0)
-                setsockopt(client.fd, SOL_SOCKET, SO_LINGER, &noLinger, socklen_t(MemoryLayout<linger>.size))
+                client.closeWithReset()   // the proxy sees the connection go at once
             }
         }
         func logRuns() -> Int {   // aborted requests the proxy has recorded (status 499)

@@ -310,7 +310,23 @@ final class BlockingSocket {
         setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
     }
 
-    deinit { close(fd) }
+    private var isClosed = false
+
+    deinit { if !isClosed { close(fd) } }
+
+    /// Closes with a reset (SO_LINGER 0): the peer sees the connection go at
+    /// once (a FIN alone is a half-close, and a proxy carries the request
+    /// on). A method, so that the option is set while this object is alive:
+    /// set from outside through `fd`, an optimised build may release the
+    /// caller's last reference, and close the socket, before the setsockopt
+    /// call (the release tests then sent a FIN).
+    func closeWithReset() {
+        guard !isClosed else { return }
+        var noLinger = linger(l_onoff: 1, l_linger: 0)
+        setsockopt(fd, SOL_SOCKET, SO_LINGER, &noLinger, socklen_t(MemoryLayout<linger>.size))
+        close(fd)
+        isClosed = true
+    }
 
     struct POSIXFailure: Error { let call: String; let errno: Int32 = Glibc.errno }
 

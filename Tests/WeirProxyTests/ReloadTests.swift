@@ -117,7 +117,9 @@ final class ReloadTests: PluginFolderTestCase {
         guard case .success = proxy.generations.reload() else { return XCTFail("reload") }
         XCTAssertEqual(try client.request("GET", "/").header("x-conn"), "B")
         XCTAssertEqual(try client.request("GET", "/").header("x-conn"), "B")
-        XCTAssertEqual(proxy.harness.observer.closed, 0)
+        // Counted while the client is certainly open (an optimised build may
+        // free it, closing the socket, right after its last use).
+        withExtendedLifetime(client) { XCTAssertEqual(proxy.harness.observer.closed, 0) }
     }
 
     func testWatcherReloadsAfterAFileChange() throws {
@@ -183,7 +185,9 @@ final class ReloadTests: PluginFolderTestCase {
         XCTAssertGreaterThan(seen["B", default: 0], 0)
         // Every connection is still open and usable.
         for client in clients { XCTAssertEqual(try client.request("GET", "/last").status, 200) }
-        XCTAssertEqual(proxy.harness.observer.closed, 0, "no connection was closed or reset")
+        withExtendedLifetime(clients) {
+            XCTAssertEqual(proxy.harness.observer.closed, 0, "no connection was closed or reset")
+        }
     }
 
     /// 200 reloads: memory comes back (old generations' Lua states freed).
