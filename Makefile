@@ -3,6 +3,8 @@
 #   make run    install missing packages, build release, start the demo
 #               upstream (127.0.0.1:9001) and the gateway on examples/gateway.yaml
 #   make test   install missing packages, build everything, run the whole suite
+#   make test-release   the same suite built optimised (what ships runs optimised;
+#               release-only failures are lifetimes the optimiser shortens)
 #   make bench  side-by-side benchmark (bench/run.sh)
 
 SHELL := /bin/bash
@@ -32,7 +34,7 @@ RELEASE_BIN = $(shell $(SWIFT) build -c release --show-bin-path)/weir
 # bench/lib.sh builds with the same flags.
 RELEASE_FLAGS ?= --experimental-lto-mode=full -Xswiftc -enforce-exclusivity=unchecked
 
-.PHONY: deps deps-run build build-debug run test bench clean
+.PHONY: deps deps-run build build-debug run test test-release bench clean
 
 # Installs only what is missing; `apt-get update` only when something is.
 define install_missing
@@ -68,10 +70,12 @@ run: build
 # run is switched off; the last line is a plain "N passed, N failed" summary
 # taken from XCTest's own totals for 'All tests' (not a test class's: when the
 # test process crashes, the last "Executed" line is the class that ran before).
+# TEST_FLAGS: extra `swift build` / `swift test` options (test-release sets them).
+TEST_FLAGS ?=
 test: deps
-	$(SWIFT) build --build-tests -j $(JOBS)
+	$(SWIFT) build --build-tests -j $(JOBS) $(TEST_FLAGS)
 	@set -o pipefail; mkdir -p .build; \
-	$(SWIFT) test --skip-build --disable-swift-testing 2>&1 | tee .build/test-output.log; status=$$?; \
+	$(SWIFT) test --skip-build --disable-swift-testing $(TEST_FLAGS) 2>&1 | tee .build/test-output.log; status=$$?; \
 	summary=$$(grep -A1 -E "^Test Suite 'All tests' (passed|failed)" .build/test-output.log \
 	  | grep -E "^[[:space:]]*Executed [0-9]+ tests?, with .*[0-9]+ failures?" | tail -1); \
 	total=$$(echo "$$summary" | sed -E 's/.*Executed ([0-9]+) tests?.*/\1/'); \
@@ -83,6 +87,13 @@ test: deps
 	if [ "$$skipped" -gt 0 ]; then \
 	  echo "tests: $$skipped skipped (reasons above); make test expects every test to run, deps installs their prerequisites" >&2; status=1; fi; \
 	exit $$status
+
+# The suite on a release build (own scratch folder; -enable-testing for
+# @testable imports). Without LTO: it doubles the link, and the release-only
+# failures seen so far were the same with and without it.
+RELEASE_TEST_FLAGS = -c release --scratch-path .build-reltest -Xswiftc -enforce-exclusivity=unchecked -Xswiftc -enable-testing
+test-release:
+	$(MAKE) test TEST_FLAGS="$(RELEASE_TEST_FLAGS)"
 
 # bench/run.sh builds its own release binary (in .build-bench); pass options
 # with BENCH_ARGS, e.g. make bench BENCH_ARGS="--runs 1 --duration 5".
