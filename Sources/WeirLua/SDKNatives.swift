@@ -205,7 +205,7 @@ enum HotNative: Int32, CaseIterable {
     case requestGetHeader, upstreamSetHeader, upstreamAddHeader, upstreamClearHeader
     case responseSetHeader, responseAddHeader, sharedDictIncr, sharedDictIncrGet, responseSetPrepared
     case requestGetRoute, clientGetConsumer, clientIdentify, requestGetRawQuery, clientFindCredential
-    case clientIdentifyCredential, requestGetRouteAndConsumer, clientIdentifyHeaderCredential
+    case clientIdentifyCredential, requestGetRouteAndConsumer, clientIdentifyHeaderCredential, sharedDictIncrSliding
 
     /// Its name in the SDK's native table (`N.<name>` in lua/weir/init.lua).
     var sdkName: String {
@@ -227,6 +227,7 @@ enum HotNative: Int32, CaseIterable {
         case .clientIdentifyCredential: return "client_identify_credential"
         case .requestGetRouteAndConsumer: return "req_get_route_and_consumer"
         case .clientIdentifyHeaderCredential: return "client_identify_header_credential"
+        case .sharedDictIncrSliding: return "shared_dict_incr_sliding"
         }
     }
 
@@ -286,6 +287,7 @@ extension LuaRuntime {
         case HotNative.clientIdentifyCredential.rawValue: return clientIdentifyCredential(L)
         case HotNative.requestGetRouteAndConsumer.rawValue: return requestGetRouteAndConsumer(L)
         case HotNative.clientIdentifyHeaderCredential.rawValue: return clientIdentifyHeaderCredential(L)
+        case HotNative.sharedDictIncrSliding.rawValue: return sharedDictIncrSliding(L)
         default: return state.callRegisteredNative(id, on: L, yieldCount: yieldCount)
         }
     }
@@ -697,6 +699,80 @@ extension LuaRuntime {
             return 2
         case .notFound: return pushIncrFailure(.failure(.notFound), L)
         case .notCounter: return nil
+        }
+    }
+
+    /// `dict:incr_sliding(key, prev_key, window, elapsed, limit, ttl)`
+    /// (lua/weir/init.lua, its fallback does the same in Lua): incr_get(key,
+    /// 1, 0, ttl, prev_key), then the sliding estimate
+    /// `prev * (window - elapsed) / window + count` computed as Lua computes
+    /// it (an integer `elapsed`: the product in integers, wrapping), and
+    /// within `limit` the remaining count `(limit - estimate) // 1 | 0`;
+    /// over it the increment is taken back (as a `dict:incr(key, -1)`
+    /// after it) and false, count, prev are answered. Here only integer
+    /// counters, a window of 1...2^53, an integer limit of at most 2^53 in
+    /// size (where Lua's mixed comparison is the Double one) and a finite
+    /// elapsed; anything else falls back before anything changes.
+    private func sharedDictIncrSliding(_ L: LuaThread) -> Int32 {
+        guard lua_type(L, 1) == LUA_TTABLE, let id = handleID(ofTableAt: 1, L),
+              let key = LuaState.bytes(at: 2, on: L), let prevKey = LuaState.bytes(at: 3, on: L),
+              lua_isinteger(L, 4) != 0, lua_isinteger(L, 6) != 0 else { return WEIR_CALL_FALLBACK }
+        let window = lua_tointegerx(L, 4, nil), limit = lua_tointegerx(L, 6, nil)
+        let exact: Int64 = 1 << 53
+        guard window > 0 && window <= exact && limit >= -exact && limit <= exact else { return WEIR_CALL_FALLBACK }
+        // elapsed: an integer, or a finite float.
+        let elapsedIsInteger = lua_isinteger(L, 5) != 0
+        var elapsed = 0.0
+        if !elapsedIsInteger {
+            guard lua_type(L, 5) == LUA_TNUMBER else { return WEIR_CALL_FALLBACK }
+            elapsed = lua_tonumberx(L, 5, nil)
+            guard elapsed.isFinite else { return WEIR_CALL_FALLBACK }
+        }
+        var ttl = 0.0
+        switch lua_type(L, 7) {
+        case LUA_TNUMBER:
+            ttl = lua_tonumberx(L, 7, nil)
+            guard !(ttl < 0) else { return WEIR_CALL_FALLBACK }
+        case LUA_TNIL, LUA_TNONE: break
+        default: return WEIR_CALL_FALLBACK
+        }
+        return options.shared.withDictionary(id: id) { target, now in
+            guard let target else { return WEIR_CALL_FALLBACK }
+            let hash = sharedKeyHashes.hash(of: key, at: 2, on: L)
+            let prevHash = sharedKeyHashes.hash(of: prevKey, at: 3, on: L)
+            let result = target._withUnsafeGuaranteedRef {
+                $0.incrementCounter(key, hash: hash, by: 1, initial: 0, initialTTL: ttl, other: prevKey, otherHash: prevHash, now: now)
+            }
+            guard case .counted(let count, let prevCount) = result else { return WEIR_CALL_FALLBACK }
+            let prev = prevCount ?? 0
+            let estimate: Double
+            if elapsedIsInteger {
+                let span = window &- lua_tointegerx(L, 5, nil)
+                estimate = Double(prev &* span) / Double(window) + Double(count)
+            } else {
+                estimate = Double(prev) * (Double(window) - elapsed) / Double(window) + Double(count)
+            }
+            if !(estimate > Double(limit)) {
+                let remaining = (Double(limit) - estimate).rounded(.down)
+                if remaining >= -9.223372036854775808e18 && remaining < 9.223372036854775808e18 {
+                    lua_pushinteger(L, lua_Integer(remaining))
+                    return 1
+                }
+                // No integer for it (Lua's `| 0` raises): the increment
+                // taken back, and the fallback does it all again in Lua.
+            }
+            // Taken back as dict:incr(key, -1) would (nothing if the key
+            // is gone or no longer a counter).
+            _ = target._withUnsafeGuaranteedRef {
+                $0.incrementCounter(key, hash: hash, by: -1, initial: nil, initialTTL: 0, other: nil, otherHash: 0, now: now)
+            }
+            if estimate > Double(limit) {
+                lua_pushboolean(L, 0)
+                lua_pushinteger(L, count)
+                lua_pushinteger(L, prev)
+                return 3
+            }
+            return WEIR_CALL_FALLBACK
         }
     }
 

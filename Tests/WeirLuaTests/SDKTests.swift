@@ -789,6 +789,64 @@ final class SDKTests: XCTestCase {
         XCTAssertTrue(incrGet("two", "same", "same") == (.integer(2), .integer(2)))
     }
 
+    /// dict:incr_sliding: incr_get's count and a sliding window's estimate
+    /// and decision in one native call, answering as its Lua fallback
+    /// (which the native leaves floats, large limits and bad arguments to)
+    /// computes it; a refused request's increment is taken back.
+    func testSharedIncrSlidingDecidesAsTheLuaArithmetic() throws {
+        let h = Harness()
+        let (body, _, result) = try requestBody("""
+        local d = weir.shared.counters
+        d:set("p", 30)
+        local out = {}
+        local function add(...) local t = table.pack(...); for i = 1, t.n do t[i] = tostring(t[i]) end; out[#out + 1] = table.concat(t, ",") end
+        -- prev 30 at 30.25 s of 60: 14.875 + count against 17
+        for _ = 1, 4 do add(d:incr_sliding("w", "p", 60, 30.25, 17, 121)) end
+        add(d:get("w"))
+        -- as the Lua arithmetic, for floats and integers
+        local function ref(count, prev, window, elapsed, limit)
+          local e = prev * (window - elapsed) / window + count
+          if not (e > limit) then return (limit - e) // 1 | 0 end
+          return false
+        end
+        local same = true
+        for i, case in ipairs({ { 0.0, 100 }, { 59.999, 31 }, { 12.3456789, 1000000000 }, { 30, 100 }, { 1, 60 }, { 0.5, 30 } }) do
+          local r = d:incr_sliding("k" .. i, "p", 60, case[1], case[2])
+          if r ~= ref(1, 30, 60, case[1], case[2]) or math.type(r) ~= math.type(ref(1, 30, 60, case[1], case[2])) then same = false end
+        end
+        add(same)
+        add(d:incr_sliding("absent-prev", "none", 10, 2.5, 5))
+        d:set("float", 1.5)
+        add(d:incr_sliding("float", "p", 60, 30.25, 100))
+        add(d:incr_sliding("huge-limit", "p", 60, 30.25, 1 << 60))
+        d:set("word", "text")
+        add(d:incr_sliding("word", "p", 60, 1, 5))
+        local function msg(f) local ok, err = pcall(f); assert(not ok); return err end
+        add(msg(function() d:incr_sliding("nan", "p", 60, 0/0, 100) end):match("no integer representation") ~= nil)
+        return 200, table.concat(out, "|") .. "|" .. table.concat({
+          msg(function() d:incr_sliding("w", 7, 60, 1, 5) end),
+          msg(function() d:incr_sliding("w", "p", "60", 1, 5) end),
+          msg(function() d:incr_sliding("w", "p", 60, 1, 5, -1) end),
+          msg(function() d.incr_sliding("w") end) }, "|")
+        """, harness: h)
+        let parts = (body ?? "").split(separator: "|", omittingEmptySubsequences: false).map(String.init)
+        XCTAssertEqual(Array(parts.prefix(11)),
+                       ["1", "0", "false,3,30", "false,3,30", "2", "true", "4", "82", "1152921504606846976", "nil,not a number", "true"],
+                       "\(result)")
+        let messages = [
+            "bad argument #2 to 'weir.shared.incr_sliding' (string expected, got number)",
+            "bad argument #3 to 'weir.shared.incr_sliding' (number expected, got string)",
+            "bad argument #6 to 'weir.shared.incr_sliding' (non-negative number or nil expected, got number)",
+            "weir.shared.incr_sliding: call it as dict:incr_sliding(...)",
+        ]
+        XCTAssertEqual(parts.count, 11 + messages.count, "\(result)")
+        for (line, message) in zip(parts.dropFirst(11), messages) {
+            XCTAssertTrue(line.hasSuffix(message), "\(line) should end with \(message)")
+            XCTAssertTrue(line.hasPrefix("probe/handler.lua:") || line.contains("/probe/handler.lua:"), line)
+        }
+        XCTAssertEqual(h.options.shared.get("counters", "w"), .integer(2), "the refused requests' increments taken back")
+    }
+
     /// dict:incr_get: incr, then another key's value, from one native call;
     /// failures and bad arguments answer as incr's do.
     func testSharedIncrGetIncrementsAndReadsTheOtherKey() throws {

@@ -44,6 +44,8 @@ static int n_identify_header_credential(lua_State *L) {
     if (consumer_ref == LUA_NOREF) { lua_createtable(L, 0, 1); consumer_ref = luaL_ref(L, LUA_REGISTRYINDEX); }
     lua_rawgeti(L, LUA_REGISTRYINDEX, consumer_ref); lua_pushnil(L); lua_pushboolean(L, 0); return 3;
 }
+/* dict:incr_sliding(key, prev_key, window, elapsed, limit, ttl): admitted, a remaining count. */
+static int n_dict_incr_sliding(lua_State *L) { counter += 1; lua_pushinteger(L, 999999000 - counter); return 1; }
 /* weir.response.prepare_headers' native: the set's id. */
 static int n_prepare_headers(lua_State *L) { lua_pushinteger(L, 0); return 1; }
 
@@ -91,6 +93,7 @@ int main(int argc, char **argv) {
     set_native(L, "shared_incr", n_incr);
     set_native(L, "shared_get", n_previous);
     set_native(L, "shared_dict_incr_get", n_dict_incr_get);
+    set_native(L, "shared_dict_incr_sliding", n_dict_incr_sliding);
     set_native(L, "resp_prepare_headers", n_prepare_headers);
     /* Every other native (setters, authenticate, ...) does nothing. */
     lua_newtable(L);

@@ -256,24 +256,20 @@ function RateLimiting:request(conf)
     local window = one.window
     local start = second - second % window
     if not k or k.start ~= start then k = window_keys(keys, 1, one, start) end
-    local c, pc = dict:incr_get(k.key, 1, 0, one.ttl, k.prev_key)
-    if not c then
-      count = "counter update failed: " .. tostring(pc)
+    -- The count, the sliding estimate and the decision in one SDK call:
+    -- the remaining count (limit - estimate, floored) when admitted; when
+    -- refused false, the count and the previous window's (the increment
+    -- already taken back); nil and the error when the counter failed.
+    local r, c, pc = dict:incr_sliding(k.key, k.prev_key, window, now - start, one.limit, one.ttl)
+    if r then
+      local headers = st.headers
+      -- The reset: as the common tail's, for this one period.
+      if headers then headers:set(r, r, start + window - second) end
+      return
+    elseif r == nil then
+      count = "counter update failed: " .. tostring(c)
     else
-      if not pc then pc = 0 end
-      local e = pc * (window - (now - start)) / window + c
-      local limit = one.limit
-      if not (e > limit) then
-        local headers = st.headers
-        if headers then
-          local r = (limit - e) // 1 | 0
-          -- The reset: as the common tail's, for this one period.
-          headers:set(r, r, start + window - second)
-        end
-        return
-      end
       refused, count, prev = 1, c, pc
-      dict:incr(k.key, -1)
     end
   end
   local remaining = st.remaining
