@@ -547,7 +547,8 @@ extension LuaRuntime {
     /// they would pass `capacity`. Each value is read once.
     @inline(__always)
     private static func writePreparedLines(_ lines: PreparedHeaderLines, _ L: LuaThread,
-                                           to out: UnsafeMutablePointer<UInt8>, capacity: Int) -> Int {
+                                           to out: UnsafeMutablePointer<UInt8>, capacity: Int,
+                                           firstValue: Int32 = 2, remaining: lua_Integer = 0, remainingSlots: UInt64 = 0) -> Int {
         let count = lines.variableCount
         return lines.wireTemplate.withUnsafeBufferPointer { template in
             lines.segmentEnds.withUnsafeBufferPointer { ends in
@@ -560,12 +561,14 @@ extension LuaRuntime {
                     written += ends[i] - start
                     start = ends[i]
                     guard i < count else { break }
-                    let index = Int32(i) + 2
+                    let index = Int32(i) + firstValue
                     // This value and the template's rest must fit.
                     let rest = template.count - start
-                    if lua_isinteger(L, index) != 0 {
+                    // Bit i of `remainingSlots`: value i is `remaining` (dict:incr_sliding's set).
+                    let substituted = remainingSlots & (1 << UInt64(i)) != 0
+                    if substituted || lua_isinteger(L, index) != 0 {
                         guard written + 20 + rest <= capacity else { return preparedTooLong }
-                        let value = lua_tointegerx(L, index, nil)
+                        let value = substituted ? remaining : lua_tointegerx(L, index, nil)
                         if lastDigits >= 0 && value == lastInteger {
                             (out + written).update(from: out + lastDigits, count: lastLength)
                         } else {
@@ -702,8 +705,9 @@ extension LuaRuntime {
         }
     }
 
-    /// `dict:incr_sliding(key, prev_key, window, elapsed, limit, ttl)`
-    /// (lua/weir/init.lua, its fallback does the same in Lua): incr_get(key,
+    /// `dict:incr_sliding(key, prev_key, window, elapsed, limit, ttl
+    /// [, headers, values...])` (lua/weir/init.lua, its fallback does the
+    /// same in Lua): incr_get(key,
     /// 1, 0, ttl, prev_key), then the sliding estimate
     /// `prev * (window - elapsed) / window + count` computed as Lua computes
     /// it (an integer `elapsed`: the product in integers, wrapping), and
@@ -712,8 +716,43 @@ extension LuaRuntime {
     /// after it) and false, count, prev are answered. Here only integer
     /// counters, a window of 1...2^53, an integer limit of at most 2^53 in
     /// size (where Lua's mixed comparison is the Double one) and a finite
-    /// elapsed; anything else falls back before anything changes.
+    /// elapsed; anything else falls back before anything changes. With a
+    /// prepared header set, an admitted request's `headers:set(values...)`
+    /// is made in the same call, `true` among the values standing for the
+    /// remaining count (rate-limiting's RateLimit lines: one native call
+    /// less per request).
     private func sharedDictIncrSliding(_ L: LuaThread) -> Int32 {
+        // With a prepared header set (argument 8) and its values: made
+        // when admitted, in a phase that may write response headers, each
+        // value an integer or `true` (the remaining count), all checked
+        // before the counter changes.
+        guard lua_gettop(L) > 7, lua_type(L, 8) != LUA_TNIL else { return countSliding(L, set: nil, nil, 0) }
+        return withCurrentRequest(PluginPhase.responseWritePhases) { r in
+            guard lua_type(L, 8) == LUA_TTABLE, let setID = handleID(ofTableAt: 8, L) else { return WEIR_CALL_FALLBACK }
+            return preparedHeaderLines.withSet(setID) { lines in
+                let count = Int32(lines.variableCount)      // <= PreparedHeaderLines.maxLines (32)
+                guard lua_gettop(L) == 8 + count, lines.wireTemplate.count + 20 * Int(count) <= Self.preparedRoom else {
+                    return WEIR_CALL_FALLBACK
+                }
+                // Bit i: value i is `true` (the remaining count).
+                var remainingSlots: UInt64 = 0
+                for i in 0..<count {
+                    switch lua_type(L, 9 + i) {
+                    case LUA_TNUMBER where lua_isinteger(L, 9 + i) != 0: break
+                    case LUA_TBOOLEAN where lua_toboolean(L, 9 + i) != 0: remainingSlots |= 1 << UInt64(i)
+                    default: return WEIR_CALL_FALLBACK
+                    }
+                }
+                return countSliding(L, set: Unmanaged.passUnretained(lines), r, remainingSlots)
+            } ?? WEIR_CALL_FALLBACK
+        }
+    }
+
+    /// dict:incr_sliding's count and decision (arguments 1 to 7), then
+    /// `set`'s lines when admitted (their values checked by the caller).
+    @inline(__always)
+    private func countSliding(_ L: LuaThread, set: Unmanaged<PreparedHeaderLines>?, _ r: HotRequestContext?,
+                              _ remainingSlots: UInt64) -> Int32 {
         guard lua_type(L, 1) == LUA_TTABLE, let id = handleID(ofTableAt: 1, L),
               let key = LuaState.bytes(at: 2, on: L), let prevKey = LuaState.bytes(at: 3, on: L),
               lua_isinteger(L, 4) != 0, lua_isinteger(L, 6) != 0 else { return WEIR_CALL_FALLBACK }
@@ -755,6 +794,11 @@ extension LuaRuntime {
             if !(estimate > Double(limit)) {
                 let remaining = (Double(limit) - estimate).rounded(.down)
                 if remaining >= -9.223372036854775808e18 && remaining < 9.223372036854775808e18 {
+                    if let set, let r {
+                        set._withUnsafeGuaranteedRef {
+                            setSlidingLines($0, L, r, remaining: lua_Integer(remaining), remainingSlots: remainingSlots)
+                        }
+                    }
                     lua_pushinteger(L, lua_Integer(remaining))
                     return 1
                 }
@@ -773,6 +817,19 @@ extension LuaRuntime {
                 return 3
             }
             return WEIR_CALL_FALLBACK
+        }
+    }
+
+    /// dict:incr_sliding's prepared set: its values from argument 9, `true`
+    /// as `remaining` (all integers, so it fits `preparedRoom`: checked
+    /// before the count).
+    @inline(__always)
+    private func setSlidingLines(_ lines: PreparedHeaderLines, _ L: LuaThread, _ r: HotRequestContext, remaining: lua_Integer,
+                                 remainingSlots: UInt64) {
+        withUnsafeTemporaryAllocation(of: UInt8.self, capacity: Self.preparedRoom) { buffer in
+            let written = Self.writePreparedLines(lines, L, to: buffer.baseAddress!, capacity: Self.preparedRoom,
+                                                  firstValue: 9, remaining: remaining, remainingSlots: remainingSlots)
+            if written >= 0 { r.setResponseHeaders(lines, UnsafeRawBufferPointer(start: buffer.baseAddress!, count: written)) }
         }
     }
 

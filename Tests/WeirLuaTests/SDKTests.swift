@@ -847,6 +847,47 @@ final class SDKTests: XCTestCase {
         XCTAssertEqual(h.options.shared.get("counters", "w"), .integer(2), "the refused requests' increments taken back")
     }
 
+    /// dict:incr_sliding with a prepared header set: an admitted request's
+    /// set made in the same call (`true` = the remaining count), by the
+    /// native or its fallback alike; none when refused or with nil; a bad
+    /// set or value count raises before anything is counted.
+    func testSharedIncrSlidingSetsThePreparedHeadersWhenAdmitted() throws {
+        let h = Harness()
+        let (body, req, result) = try requestBody("""
+        local d = weir.shared.counters
+        d:set("p", 30)
+        local a = weir.response.prepare_headers({ { "x-limit", 17 }, "x-a-remaining", "x-a-also", "x-a-reset" })
+        local b = weir.response.prepare_headers({ "x-b-remaining", "x-b-other", "x-b-reset" })
+        local c = weir.response.prepare_headers({ "x-c" })
+        local out = {}
+        out[#out + 1] = d:incr_sliding("w", "p", 60, 30.25, 17, 121, a, true, true, 29)   -- the native: 1
+        d:set("f", 1.5)                                                                  -- a float: the fallback
+        out[#out + 1] = d:incr_sliding("f", "p", 60, 30.25, 100, 0, b, true, 7, 5)
+        assert(d:incr_sliding("w", "p", 60, 30.25, 17, 121, a, true, true, 29) == 0)
+        local r, n, p = d:incr_sliding("w", "p", 60, 30.25, 17, 121, c, true)          -- refused: no x-c
+        out[#out + 1] = tostring(r) .. "," .. n .. "," .. p
+        out[#out + 1] = d:incr_sliding("k", "p", 60, 0, 100, 0, nil, true)              -- nil: no set
+        local function msg(f) local ok, err = pcall(f); assert(not ok); return err end
+        out[#out + 1] = msg(function() d:incr_sliding("w", "p", 60, 1, 5, 0, a, true) end)
+        out[#out + 1] = msg(function() d:incr_sliding("w", "p", 60, 1, 5, 0, {}, true) end)
+        out[#out + 1] = d:get("w")
+        return 200, table.concat(out, "|")
+        """, harness: h)
+        let parts = (body ?? "").split(separator: "|", omittingEmptySubsequences: false).map(String.init)
+        XCTAssertEqual(parts.count, 7, "\(result)")
+        XCTAssertEqual(Array(parts.prefix(4)), ["1", "82", "false,3,30", "69"], "\(result)")
+        for (line, message) in zip(parts.dropFirst(4).prefix(2), [
+            "weir.shared.incr_sliding: the prepared set takes 3 values, got 1",
+            "weir.shared.incr_sliding: argument #7 must be a handle from weir.response.prepare_headers (or nil)"]) {
+            XCTAssertTrue(line.hasSuffix(message), "\(line) should end with \(message)")
+            XCTAssertTrue(line.hasPrefix("probe/handler.lua:") || line.contains("/probe/handler.lua:"), line)
+        }
+        XCTAssertEqual(parts.last, "2", "a bad set counts nothing")
+        XCTAssertEqual(req.response.filter { $0.name != "content-type" }.map { "\($0.name)=\($0.value)" },
+                       ["x-b-remaining=82", "x-b-other=7", "x-b-reset=5",
+                        "x-limit=17", "x-a-remaining=0", "x-a-also=0", "x-a-reset=29"], "set again: a's lines after b's")
+    }
+
     /// dict:incr_get: incr, then another key's value, from one native call;
     /// failures and bad arguments answer as incr's do.
     func testSharedIncrGetIncrementsAndReadsTheOtherKey() throws {

@@ -46,6 +46,7 @@ static int n_identify_header_credential(lua_State *L) {
 }
 /* dict:incr_sliding(key, prev_key, window, elapsed, limit, ttl): admitted, a remaining count. */
 static int n_dict_incr_sliding(lua_State *L) { counter += 1; lua_pushinteger(L, 999999000 - counter); return 1; }
+/* (with a prepared set after ttl, the set is made by the native too: nothing more here) */
 /* weir.response.prepare_headers' native: the set's id. */
 static int n_prepare_headers(lua_State *L) { lua_pushinteger(L, 0); return 1; }
 

@@ -291,12 +291,12 @@ function RateLimiting:request(conf)
     local k, window = keys[1], one.window
     local start = second - second % window
     if not k or k.start ~= start then k = window_keys(keys, 1, one, start) end
-    local r, c, pc = st.dict:incr_sliding(k.key, k.prev_key, window, now - start, one.limit, one.ttl)
-    if r then
-      local headers = st.headers
-      if headers then headers:set(r, r, start + window - second) end
-      return
-    end
+    -- The count, the decision and (admitted, unless hidden) the headers:
+    -- X-RateLimit-Remaining-* and RateLimit-Remaining the remaining count
+    -- (each `true`), RateLimit-Reset the seconds to the window's end.
+    local r, c, pc = st.dict:incr_sliding(k.key, k.prev_key, window, now - start, one.limit, one.ttl,
+                                          st.headers, true, true, start + window - second)
+    if r then return end
     if r == nil then return conclude(conf, st, keys, now, second, nil, "counter update failed: " .. tostring(c)) end
     return conclude(conf, st, keys, now, second, 1, c, pc)
   end
@@ -332,15 +332,15 @@ function RateLimiting:request(conf)
     local window = one.window
     local start = second - second % window
     if not k or k.start ~= start then k = window_keys(keys, 1, one, start) end
-    -- The count, the sliding estimate and the decision in one SDK call:
-    -- the remaining count (limit - estimate, floored) when admitted; when
-    -- refused false, the count and the previous window's (the increment
-    -- already taken back); nil and the error when the counter failed.
-    local r, c, pc = dict:incr_sliding(k.key, k.prev_key, window, now - start, one.limit, one.ttl)
+    -- The count, the sliding estimate, the decision and an admitted
+    -- request's headers (the remaining count twice, the reset as the
+    -- common tail's for this one period) in one SDK call: the remaining
+    -- count when admitted; when refused false, the count and the previous
+    -- window's (the increment already taken back); nil and the error when
+    -- the counter failed.
+    local r, c, pc = dict:incr_sliding(k.key, k.prev_key, window, now - start, one.limit, one.ttl,
+                                       st.headers, true, true, start + window - second)
     if r then
-      local headers = st.headers
-      -- The reset: as the common tail's, for this one period.
-      if headers then headers:set(r, r, start + window - second) end
       return
     elseif r == nil then
       count = "counter update failed: " .. tostring(c)
