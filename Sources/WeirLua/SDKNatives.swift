@@ -456,6 +456,15 @@ extension LuaRuntime {
                 recentStrings.push(bytes: value, on: L)
                 length = value.count
             }
+            // The hidden header cleared before identify when it cannot be
+            // one of identify's two names (their lengths differ): the same
+            // result, and with no upstream line added yet the clear has no
+            // added line to look through (~80 instructions per request).
+            let hides = hideType == LUA_TBOOLEAN && lua_toboolean(L, 4) != 0
+            let nameLength = name.utf8.count
+            let clearsFirst = hides && nameLength != PluginIdentityFields.consumerNameLength
+                && nameLength != PluginIdentityFields.anonymousConsumerLength
+            if clearsFirst { r.clearUpstreamHeader(name) }
             if length < 0 {
                 lua_pushnil(L); lua_pushnil(L)
             } else if length == 0 || credentialLookups.find(L, valueAt: -1, stringsChecked: true, matched: { consumer, plugin, consumerFits in
@@ -465,8 +474,8 @@ extension LuaRuntime {
                 if length == 0 { lua_pushnil(L) }
                 lua_pushvalue(L, -2)
             }
-            // After identify, as the plugin's clear_header after its lookup was.
-            if hideType == LUA_TBOOLEAN && lua_toboolean(L, 4) != 0 { r.clearUpstreamHeader(name) }
+            // Otherwise after identify, as the plugin's clear_header after its lookup was.
+            if hides && !clearsFirst { r.clearUpstreamHeader(name) }
             lua_pushboolean(L, r.rawQuery?.isEmpty == false ? 1 : 0)
             return 3
         }
@@ -763,6 +772,7 @@ extension LuaRuntime {
         let elapsedIsInteger = lua_isinteger(L, 5) != 0
         var elapsed = 0.0
         if !elapsedIsInteger {
+            // A number (not a string converted): lua_tonumberx alone would take "1.5".
             guard lua_type(L, 5) == LUA_TNUMBER else { return WEIR_CALL_FALLBACK }
             elapsed = lua_tonumberx(L, 5, nil)
             guard elapsed.isFinite else { return WEIR_CALL_FALLBACK }

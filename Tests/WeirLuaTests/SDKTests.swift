@@ -336,7 +336,26 @@ final class SDKTests: XCTestCase {
         XCTAssertEqual(req.consumer, "alice")
         XCTAssertEqual(req.credential, "key-auth")
         XCTAssertEqual(req.upstreamHeaders.map { "\($0.0)=\($0.1)" }, ["x-consumer-name=alice"])
-        XCTAssertEqual(req.clearedUpstreamHeaders, ["x-wrong", "x-anonymous-consumer", "x-key"])
+        // The hidden header is cleared before identify (its name is not one
+        // of identify's: the upstream request is the same either way).
+        XCTAssertEqual(req.clearedUpstreamHeaders, ["x-wrong", "x-key", "x-anonymous-consumer"])
+    }
+
+    /// A hidden header named as one of identify's lines is cleared after
+    /// identify, as a clear_header after the lookup would: its added line
+    /// goes too.
+    func testIdentifyHeaderCredentialHidingAnIdentityNameClearsAfterIdentify() throws {
+        let h = Harness()
+        h.options.credentials = Self.aliceWithKeyA1()
+        let req = h.newRequest()
+        req.headers = [("host", "api.example.com"), ("x-consumer-name", "a1")]
+        let (body, _, result) = try requestBody("""
+        local consumer = weir.client.identify_header_credential("key-auth", "key", "x-consumer-name", true)
+        return 200, consumer
+        """, request: req, harness: h)
+        XCTAssertEqual(body, "alice", "\(result)")
+        XCTAssertEqual(req.clearedUpstreamHeaders, ["x-anonymous-consumer", "x-consumer-name"])
+        XCTAssertTrue(req.upstreamHeaders.isEmpty, "\(req.upstreamHeaders)")
     }
 
     /// identify_header_credential's third result is false without a query
