@@ -67,7 +67,12 @@ local function conf_state(conf)
       st.one = periods[1]
       -- limit_by consumer too (the defaults with one limit): the request
       -- path's first case.
-      if st.by_consumer then st.usual = st.one end
+      if st.by_consumer then
+        st.usual = st.one
+        -- dict:incr_sliding read once: a method call on the dictionary
+        -- finds it through its metatable's __index on every request.
+        st.incr_sliding = st.dict.incr_sliding
+      end
     end
   end
   if not conf.hide_client_headers then
@@ -295,8 +300,8 @@ function RateLimiting:request(conf)
     -- The count, the decision and (admitted, unless hidden) the headers:
     -- X-RateLimit-Remaining-* and RateLimit-Remaining the remaining count
     -- (each `true`), RateLimit-Reset the seconds to the window's end.
-    local r, c, pc = st.dict:incr_sliding(k.key, k.prev_key, window, now - start, one.limit, one.ttl,
-                                          st.headers, true, true, start + window - second)
+    local r, c, pc = st.incr_sliding(st.dict, k.key, k.prev_key, window, now - start, one.limit, one.ttl,
+                                     st.headers, true, true, start + window - second)
     if r then return end
     if r == nil then return conclude(conf, st, keys, now, second, nil, "counter update failed: " .. tostring(c)) end
     return conclude(conf, st, keys, now, second, 1, c, pc)
