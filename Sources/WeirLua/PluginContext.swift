@@ -172,6 +172,10 @@ open class PluginRequestCalls {
 public enum PluginIdentityFields {
     public static let consumerName = "x-consumer-name"
     public static let anonymousConsumer = "x-anonymous-consumer"
+    /// Their lengths (identify_header_credential compares a name's length
+    /// with them: an Int read, where loading a name costs a retain).
+    static let consumerNameLength = consumerName.utf8.count
+    static let anonymousConsumerLength = anonymousConsumer.utf8.count
 }
 
 /// A scope's request context for the hot natives: the object, unretained

@@ -205,7 +205,7 @@ enum HotNative: Int32, CaseIterable {
     case requestGetHeader, upstreamSetHeader, upstreamAddHeader, upstreamClearHeader
     case responseSetHeader, responseAddHeader, sharedDictIncr, sharedDictIncrGet, responseSetPrepared
     case requestGetRoute, clientGetConsumer, clientIdentify, requestGetRawQuery, clientFindCredential
-    case clientIdentifyCredential, requestGetRouteAndConsumer, clientIdentifyHeaderCredential
+    case clientIdentifyCredential, requestGetRouteAndConsumer, clientIdentifyHeaderCredential, sharedDictIncrSliding
 
     /// Its name in the SDK's native table (`N.<name>` in lua/weir/init.lua).
     var sdkName: String {
@@ -227,6 +227,7 @@ enum HotNative: Int32, CaseIterable {
         case .clientIdentifyCredential: return "client_identify_credential"
         case .requestGetRouteAndConsumer: return "req_get_route_and_consumer"
         case .clientIdentifyHeaderCredential: return "client_identify_header_credential"
+        case .sharedDictIncrSliding: return "shared_dict_incr_sliding"
         }
     }
 
@@ -286,6 +287,7 @@ extension LuaRuntime {
         case HotNative.clientIdentifyCredential.rawValue: return clientIdentifyCredential(L)
         case HotNative.requestGetRouteAndConsumer.rawValue: return requestGetRouteAndConsumer(L)
         case HotNative.clientIdentifyHeaderCredential.rawValue: return clientIdentifyHeaderCredential(L)
+        case HotNative.sharedDictIncrSliding.rawValue: return sharedDictIncrSliding(L)
         default: return state.callRegisteredNative(id, on: L, yieldCount: yieldCount)
         }
     }
@@ -454,6 +456,15 @@ extension LuaRuntime {
                 recentStrings.push(bytes: value, on: L)
                 length = value.count
             }
+            // The hidden header cleared before identify when it cannot be
+            // one of identify's two names (their lengths differ): the same
+            // result, and with no upstream line added yet the clear has no
+            // added line to look through (~80 instructions per request).
+            let hides = hideType == LUA_TBOOLEAN && lua_toboolean(L, 4) != 0
+            let nameLength = name.utf8.count
+            let clearsFirst = hides && nameLength != PluginIdentityFields.consumerNameLength
+                && nameLength != PluginIdentityFields.anonymousConsumerLength
+            if clearsFirst { r.clearUpstreamHeader(name) }
             if length < 0 {
                 lua_pushnil(L); lua_pushnil(L)
             } else if length == 0 || credentialLookups.find(L, valueAt: -1, stringsChecked: true, matched: { consumer, plugin, consumerFits in
@@ -463,8 +474,8 @@ extension LuaRuntime {
                 if length == 0 { lua_pushnil(L) }
                 lua_pushvalue(L, -2)
             }
-            // After identify, as the plugin's clear_header after its lookup was.
-            if hideType == LUA_TBOOLEAN && lua_toboolean(L, 4) != 0 { r.clearUpstreamHeader(name) }
+            // Otherwise after identify, as the plugin's clear_header after its lookup was.
+            if hides && !clearsFirst { r.clearUpstreamHeader(name) }
             lua_pushboolean(L, r.rawQuery?.isEmpty == false ? 1 : 0)
             return 3
         }
@@ -545,7 +556,8 @@ extension LuaRuntime {
     /// they would pass `capacity`. Each value is read once.
     @inline(__always)
     private static func writePreparedLines(_ lines: PreparedHeaderLines, _ L: LuaThread,
-                                           to out: UnsafeMutablePointer<UInt8>, capacity: Int) -> Int {
+                                           to out: UnsafeMutablePointer<UInt8>, capacity: Int,
+                                           firstValue: Int32 = 2, remaining: lua_Integer = 0, remainingSlots: UInt64 = 0) -> Int {
         let count = lines.variableCount
         return lines.wireTemplate.withUnsafeBufferPointer { template in
             lines.segmentEnds.withUnsafeBufferPointer { ends in
@@ -558,12 +570,14 @@ extension LuaRuntime {
                     written += ends[i] - start
                     start = ends[i]
                     guard i < count else { break }
-                    let index = Int32(i) + 2
+                    let index = Int32(i) + firstValue
                     // This value and the template's rest must fit.
                     let rest = template.count - start
-                    if lua_isinteger(L, index) != 0 {
+                    // Bit i of `remainingSlots`: value i is `remaining` (dict:incr_sliding's set).
+                    let substituted = remainingSlots & (1 << UInt64(i)) != 0
+                    if substituted || lua_isinteger(L, index) != 0 {
                         guard written + 20 + rest <= capacity else { return preparedTooLong }
-                        let value = lua_tointegerx(L, index, nil)
+                        let value = substituted ? remaining : lua_tointegerx(L, index, nil)
                         if lastDigits >= 0 && value == lastInteger {
                             (out + written).update(from: out + lastDigits, count: lastLength)
                         } else {
@@ -697,6 +711,135 @@ extension LuaRuntime {
             return 2
         case .notFound: return pushIncrFailure(.failure(.notFound), L)
         case .notCounter: return nil
+        }
+    }
+
+    /// `dict:incr_sliding(key, prev_key, window, elapsed, limit, ttl
+    /// [, headers, values...])` (lua/weir/init.lua, its fallback does the
+    /// same in Lua): incr_get(key,
+    /// 1, 0, ttl, prev_key), then the sliding estimate
+    /// `prev * (window - elapsed) / window + count` computed as Lua computes
+    /// it (an integer `elapsed`: the product in integers, wrapping), and
+    /// within `limit` the remaining count `(limit - estimate) // 1 | 0`;
+    /// over it the increment is taken back (as a `dict:incr(key, -1)`
+    /// after it) and false, count, prev are answered. Here only integer
+    /// counters, a window of 1...2^53, an integer limit of at most 2^53 in
+    /// size (where Lua's mixed comparison is the Double one) and a finite
+    /// elapsed; anything else falls back before anything changes. With a
+    /// prepared header set, an admitted request's `headers:set(values...)`
+    /// is made in the same call, `true` among the values standing for the
+    /// remaining count (rate-limiting's RateLimit lines: one native call
+    /// less per request).
+    private func sharedDictIncrSliding(_ L: LuaThread) -> Int32 {
+        // With a prepared header set (argument 8) and its values: made
+        // when admitted, in a phase that may write response headers, each
+        // value an integer or `true` (the remaining count), all checked
+        // before the counter changes.
+        guard lua_gettop(L) > 7, lua_type(L, 8) != LUA_TNIL else { return countSliding(L, set: nil, nil, 0) }
+        return withCurrentRequest(PluginPhase.responseWritePhases) { r in
+            guard lua_type(L, 8) == LUA_TTABLE, let setID = handleID(ofTableAt: 8, L) else { return WEIR_CALL_FALLBACK }
+            return preparedHeaderLines.withSet(setID) { lines in
+                let count = Int32(lines.variableCount)      // <= PreparedHeaderLines.maxLines (32)
+                guard lua_gettop(L) == 8 + count, lines.wireTemplate.count + 20 * Int(count) <= Self.preparedRoom else {
+                    return WEIR_CALL_FALLBACK
+                }
+                // Bit i: value i is `true` (the remaining count).
+                var remainingSlots: UInt64 = 0
+                for i in 0..<count {
+                    switch lua_type(L, 9 + i) {
+                    case LUA_TNUMBER where lua_isinteger(L, 9 + i) != 0: break
+                    case LUA_TBOOLEAN where lua_toboolean(L, 9 + i) != 0: remainingSlots |= 1 << UInt64(i)
+                    default: return WEIR_CALL_FALLBACK
+                    }
+                }
+                return countSliding(L, set: Unmanaged.passUnretained(lines), r, remainingSlots)
+            } ?? WEIR_CALL_FALLBACK
+        }
+    }
+
+    /// dict:incr_sliding's count and decision (arguments 1 to 7), then
+    /// `set`'s lines when admitted (their values checked by the caller).
+    @inline(__always)
+    private func countSliding(_ L: LuaThread, set: Unmanaged<PreparedHeaderLines>?, _ r: HotRequestContext?,
+                              _ remainingSlots: UInt64) -> Int32 {
+        guard lua_type(L, 1) == LUA_TTABLE, let id = handleID(ofTableAt: 1, L),
+              let key = LuaState.bytes(at: 2, on: L), let prevKey = LuaState.bytes(at: 3, on: L),
+              lua_isinteger(L, 4) != 0, lua_isinteger(L, 6) != 0 else { return WEIR_CALL_FALLBACK }
+        let window = lua_tointegerx(L, 4, nil), limit = lua_tointegerx(L, 6, nil)
+        let exact: Int64 = 1 << 53
+        guard window > 0 && window <= exact && limit >= -exact && limit <= exact else { return WEIR_CALL_FALLBACK }
+        // elapsed: an integer, or a finite float.
+        let elapsedIsInteger = lua_isinteger(L, 5) != 0
+        var elapsed = 0.0
+        if !elapsedIsInteger {
+            // A number (not a string converted): lua_tonumberx alone would take "1.5".
+            guard lua_type(L, 5) == LUA_TNUMBER else { return WEIR_CALL_FALLBACK }
+            elapsed = lua_tonumberx(L, 5, nil)
+            guard elapsed.isFinite else { return WEIR_CALL_FALLBACK }
+        }
+        var ttl = 0.0
+        switch lua_type(L, 7) {
+        case LUA_TNUMBER:
+            ttl = lua_tonumberx(L, 7, nil)
+            guard !(ttl < 0) else { return WEIR_CALL_FALLBACK }
+        case LUA_TNIL, LUA_TNONE: break
+        default: return WEIR_CALL_FALLBACK
+        }
+        return options.shared.withDictionary(id: id) { target, now in
+            guard let target else { return WEIR_CALL_FALLBACK }
+            let hash = sharedKeyHashes.hash(of: key, at: 2, on: L)
+            let prevHash = sharedKeyHashes.hash(of: prevKey, at: 3, on: L)
+            let result = target._withUnsafeGuaranteedRef {
+                $0.incrementCounter(key, hash: hash, by: 1, initial: 0, initialTTL: ttl, other: prevKey, otherHash: prevHash, now: now)
+            }
+            guard case .counted(let count, let prevCount) = result else { return WEIR_CALL_FALLBACK }
+            let prev = prevCount ?? 0
+            let estimate: Double
+            if elapsedIsInteger {
+                let span = window &- lua_tointegerx(L, 5, nil)
+                estimate = Double(prev &* span) / Double(window) + Double(count)
+            } else {
+                estimate = Double(prev) * (Double(window) - elapsed) / Double(window) + Double(count)
+            }
+            if !(estimate > Double(limit)) {
+                let remaining = (Double(limit) - estimate).rounded(.down)
+                if remaining >= -9.223372036854775808e18 && remaining < 9.223372036854775808e18 {
+                    if let set, let r {
+                        set._withUnsafeGuaranteedRef {
+                            setSlidingLines($0, L, r, remaining: lua_Integer(remaining), remainingSlots: remainingSlots)
+                        }
+                    }
+                    lua_pushinteger(L, lua_Integer(remaining))
+                    return 1
+                }
+                // No integer for it (Lua's `| 0` raises): the increment
+                // taken back, and the fallback does it all again in Lua.
+            }
+            // Taken back as dict:incr(key, -1) would (nothing if the key
+            // is gone or no longer a counter).
+            _ = target._withUnsafeGuaranteedRef {
+                $0.incrementCounter(key, hash: hash, by: -1, initial: nil, initialTTL: 0, other: nil, otherHash: 0, now: now)
+            }
+            if estimate > Double(limit) {
+                lua_pushboolean(L, 0)
+                lua_pushinteger(L, count)
+                lua_pushinteger(L, prev)
+                return 3
+            }
+            return WEIR_CALL_FALLBACK
+        }
+    }
+
+    /// dict:incr_sliding's prepared set: its values from argument 9, `true`
+    /// as `remaining` (all integers, so it fits `preparedRoom`: checked
+    /// before the count).
+    @inline(__always)
+    private func setSlidingLines(_ lines: PreparedHeaderLines, _ L: LuaThread, _ r: HotRequestContext, remaining: lua_Integer,
+                                 remainingSlots: UInt64) {
+        withUnsafeTemporaryAllocation(of: UInt8.self, capacity: Self.preparedRoom) { buffer in
+            let written = Self.writePreparedLines(lines, L, to: buffer.baseAddress!, capacity: Self.preparedRoom,
+                                                  firstValue: 9, remaining: remaining, remainingSlots: remainingSlots)
+            if written >= 0 { r.setResponseHeaders(lines, UnsafeRawBufferPointer(start: buffer.baseAddress!, count: written)) }
         }
     }
 

@@ -336,7 +336,26 @@ final class SDKTests: XCTestCase {
         XCTAssertEqual(req.consumer, "alice")
         XCTAssertEqual(req.credential, "key-auth")
         XCTAssertEqual(req.upstreamHeaders.map { "\($0.0)=\($0.1)" }, ["x-consumer-name=alice"])
-        XCTAssertEqual(req.clearedUpstreamHeaders, ["x-wrong", "x-anonymous-consumer", "x-key"])
+        // The hidden header is cleared before identify (its name is not one
+        // of identify's: the upstream request is the same either way).
+        XCTAssertEqual(req.clearedUpstreamHeaders, ["x-wrong", "x-key", "x-anonymous-consumer"])
+    }
+
+    /// A hidden header named as one of identify's lines is cleared after
+    /// identify, as a clear_header after the lookup would: its added line
+    /// goes too.
+    func testIdentifyHeaderCredentialHidingAnIdentityNameClearsAfterIdentify() throws {
+        let h = Harness()
+        h.options.credentials = Self.aliceWithKeyA1()
+        let req = h.newRequest()
+        req.headers = [("host", "api.example.com"), ("x-consumer-name", "a1")]
+        let (body, _, result) = try requestBody("""
+        local consumer = weir.client.identify_header_credential("key-auth", "key", "x-consumer-name", true)
+        return 200, consumer
+        """, request: req, harness: h)
+        XCTAssertEqual(body, "alice", "\(result)")
+        XCTAssertEqual(req.clearedUpstreamHeaders, ["x-anonymous-consumer", "x-consumer-name"])
+        XCTAssertTrue(req.upstreamHeaders.isEmpty, "\(req.upstreamHeaders)")
     }
 
     /// identify_header_credential's third result is false without a query
@@ -787,6 +806,105 @@ final class SDKTests: XCTestCase {
         XCTAssertTrue(incrGet("one", "cur", "prev") == (.integer(1), nil), "inserting cur evicted prev")
         XCTAssertTrue(incrGet("two", "same", "same") == (.integer(1), .integer(1)))
         XCTAssertTrue(incrGet("two", "same", "same") == (.integer(2), .integer(2)))
+    }
+
+    /// dict:incr_sliding: incr_get's count and a sliding window's estimate
+    /// and decision in one native call, answering as its Lua fallback
+    /// (which the native leaves floats, large limits and bad arguments to)
+    /// computes it; a refused request's increment is taken back.
+    func testSharedIncrSlidingDecidesAsTheLuaArithmetic() throws {
+        let h = Harness()
+        let (body, _, result) = try requestBody("""
+        local d = weir.shared.counters
+        d:set("p", 30)
+        local out = {}
+        local function add(...) local t = table.pack(...); for i = 1, t.n do t[i] = tostring(t[i]) end; out[#out + 1] = table.concat(t, ",") end
+        -- prev 30 at 30.25 s of 60: 14.875 + count against 17
+        for _ = 1, 4 do add(d:incr_sliding("w", "p", 60, 30.25, 17, 121)) end
+        add(d:get("w"))
+        -- as the Lua arithmetic, for floats and integers
+        local function ref(count, prev, window, elapsed, limit)
+          local e = prev * (window - elapsed) / window + count
+          if not (e > limit) then return (limit - e) // 1 | 0 end
+          return false
+        end
+        local same = true
+        for i, case in ipairs({ { 0.0, 100 }, { 59.999, 31 }, { 12.3456789, 1000000000 }, { 30, 100 }, { 1, 60 }, { 0.5, 30 } }) do
+          local r = d:incr_sliding("k" .. i, "p", 60, case[1], case[2])
+          if r ~= ref(1, 30, 60, case[1], case[2]) or math.type(r) ~= math.type(ref(1, 30, 60, case[1], case[2])) then same = false end
+        end
+        add(same)
+        add(d:incr_sliding("absent-prev", "none", 10, 2.5, 5))
+        d:set("float", 1.5)
+        add(d:incr_sliding("float", "p", 60, 30.25, 100))
+        add(d:incr_sliding("huge-limit", "p", 60, 30.25, 1 << 60))
+        d:set("word", "text")
+        add(d:incr_sliding("word", "p", 60, 1, 5))
+        local function msg(f) local ok, err = pcall(f); assert(not ok); return err end
+        add(msg(function() d:incr_sliding("nan", "p", 60, 0/0, 100) end):match("no integer representation") ~= nil)
+        return 200, table.concat(out, "|") .. "|" .. table.concat({
+          msg(function() d:incr_sliding("w", 7, 60, 1, 5) end),
+          msg(function() d:incr_sliding("w", "p", "60", 1, 5) end),
+          msg(function() d:incr_sliding("w", "p", 60, 1, 5, -1) end),
+          msg(function() d.incr_sliding("w") end) }, "|")
+        """, harness: h)
+        let parts = (body ?? "").split(separator: "|", omittingEmptySubsequences: false).map(String.init)
+        XCTAssertEqual(Array(parts.prefix(11)),
+                       ["1", "0", "false,3,30", "false,3,30", "2", "true", "4", "82", "1152921504606846976", "nil,not a number", "true"],
+                       "\(result)")
+        let messages = [
+            "bad argument #2 to 'weir.shared.incr_sliding' (string expected, got number)",
+            "bad argument #3 to 'weir.shared.incr_sliding' (number expected, got string)",
+            "bad argument #6 to 'weir.shared.incr_sliding' (non-negative number or nil expected, got number)",
+            "weir.shared.incr_sliding: call it as dict:incr_sliding(...)",
+        ]
+        XCTAssertEqual(parts.count, 11 + messages.count, "\(result)")
+        for (line, message) in zip(parts.dropFirst(11), messages) {
+            XCTAssertTrue(line.hasSuffix(message), "\(line) should end with \(message)")
+            XCTAssertTrue(line.hasPrefix("probe/handler.lua:") || line.contains("/probe/handler.lua:"), line)
+        }
+        XCTAssertEqual(h.options.shared.get("counters", "w"), .integer(2), "the refused requests' increments taken back")
+    }
+
+    /// dict:incr_sliding with a prepared header set: an admitted request's
+    /// set made in the same call (`true` = the remaining count), by the
+    /// native or its fallback alike; none when refused or with nil; a bad
+    /// set or value count raises before anything is counted.
+    func testSharedIncrSlidingSetsThePreparedHeadersWhenAdmitted() throws {
+        let h = Harness()
+        let (body, req, result) = try requestBody("""
+        local d = weir.shared.counters
+        d:set("p", 30)
+        local a = weir.response.prepare_headers({ { "x-limit", 17 }, "x-a-remaining", "x-a-also", "x-a-reset" })
+        local b = weir.response.prepare_headers({ "x-b-remaining", "x-b-other", "x-b-reset" })
+        local c = weir.response.prepare_headers({ "x-c" })
+        local out = {}
+        out[#out + 1] = d:incr_sliding("w", "p", 60, 30.25, 17, 121, a, true, true, 29)   -- the native: 1
+        d:set("f", 1.5)                                                                  -- a float: the fallback
+        out[#out + 1] = d:incr_sliding("f", "p", 60, 30.25, 100, 0, b, true, 7, 5)
+        assert(d:incr_sliding("w", "p", 60, 30.25, 17, 121, a, true, true, 29) == 0)
+        local r, n, p = d:incr_sliding("w", "p", 60, 30.25, 17, 121, c, true)          -- refused: no x-c
+        out[#out + 1] = tostring(r) .. "," .. n .. "," .. p
+        out[#out + 1] = d:incr_sliding("k", "p", 60, 0, 100, 0, nil, true)              -- nil: no set
+        local function msg(f) local ok, err = pcall(f); assert(not ok); return err end
+        out[#out + 1] = msg(function() d:incr_sliding("w", "p", 60, 1, 5, 0, a, true) end)
+        out[#out + 1] = msg(function() d:incr_sliding("w", "p", 60, 1, 5, 0, {}, true) end)
+        out[#out + 1] = d:get("w")
+        return 200, table.concat(out, "|")
+        """, harness: h)
+        let parts = (body ?? "").split(separator: "|", omittingEmptySubsequences: false).map(String.init)
+        XCTAssertEqual(parts.count, 7, "\(result)")
+        XCTAssertEqual(Array(parts.prefix(4)), ["1", "82", "false,3,30", "69"], "\(result)")
+        for (line, message) in zip(parts.dropFirst(4).prefix(2), [
+            "weir.shared.incr_sliding: the prepared set takes 3 values, got 1",
+            "weir.shared.incr_sliding: argument #7 must be a handle from weir.response.prepare_headers (or nil)"]) {
+            XCTAssertTrue(line.hasSuffix(message), "\(line) should end with \(message)")
+            XCTAssertTrue(line.hasPrefix("probe/handler.lua:") || line.contains("/probe/handler.lua:"), line)
+        }
+        XCTAssertEqual(parts.last, "2", "a bad set counts nothing")
+        XCTAssertEqual(req.response.filter { $0.name != "content-type" }.map { "\($0.name)=\($0.value)" },
+                       ["x-b-remaining=82", "x-b-other=7", "x-b-reset=5",
+                        "x-limit=17", "x-a-remaining=0", "x-a-also=0", "x-a-reset=29"], "set again: a's lines after b's")
     }
 
     /// dict:incr_get: incr, then another key's value, from one native call;

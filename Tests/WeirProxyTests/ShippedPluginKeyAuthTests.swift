@@ -157,6 +157,38 @@ final class ShippedPluginKeyAuthTests: UpstreamTestCase {
         }
     }
 
+    /// The usual config (one name, in the header, hidden, no anonymous,
+    /// preflights authenticated) takes key-auth's short path; configs just
+    /// outside it take the general one. Both answer the same requests alike.
+    func testUsualConfigAndConfigsOutsideItAnswerAlike() throws {
+        let configs = ["name: key-auth",
+                       "{ name: key-auth, config: { key_names: [apikey, x-api-key] } }",
+                       "{ name: key-auth, config: { run_on_preflight: false } }"]
+        for (i, plugin) in configs.enumerated() {
+            let proxy = try startShippedPluginProxy(yaml: yaml(plugin: plugin), upstream: upstream)
+            defer { proxy.stop() }
+            let client = try proxy.connect()
+            let p = "/c\(i)"
+            XCTAssertEqual(try client.request("GET", "\(p)/h", headers: [("apikey", "alice-key-1")]).status, 200, plugin)
+            XCTAssertEqual(try client.request("GET", "\(p)/q?apikey=bob-key&x=1").status, 200, plugin)
+            XCTAssertEqual(try client.request("GET", "\(p)/hq?x=2&apikey=bob-key", headers: [("apikey", "alice-key-2")]).status, 200, plugin)
+            let wrongHeader = try client.request("GET", "\(p)/wq?apikey=bob-key", headers: [("apikey", "nope")])
+            XCTAssertEqual(wrongHeader.status, 401, plugin)
+            XCTAssertTrue(wrongHeader.bodyText.contains("Invalid authentication credentials"), plugin)
+            let none = try client.request("GET", "\(p)/none?x=1")
+            XCTAssertEqual(none.status, 401, plugin)
+            XCTAssertTrue(none.bodyText.contains("No API key found in request"), plugin)
+            // A CORS preflight without a key: authenticated unless run_on_preflight is false.
+            XCTAssertEqual(try client.request("OPTIONS", "\(p)/pre").status, i == 2 ? 200 : 401, plugin)
+            for (uri, consumer) in [("\(p)/h", "alice"), ("\(p)/q?x=1", "bob"), ("\(p)/hq?x=2", "alice")] {
+                let seen = try XCTUnwrap(upstream.requests.first { $0.uri == uri }, "\(plugin) \(uri)")
+                XCTAssertEqual(seen.headerValues("x-consumer-name"), [consumer], "\(plugin) \(uri)")
+                XCTAssertNil(seen.header("apikey"), "\(plugin) \(uri)")
+            }
+            XCTAssertFalse(upstream.requests.contains { $0.uri.hasPrefix("\(p)/wq") || $0.uri.hasPrefix("\(p)/none") }, plugin)
+        }
+    }
+
     func testSchemaDefaultsAndBadValuesAreRefusedWithTheirPath() throws {
         // The defaults (key_names [apikey], header and query, hide_credentials)
         // are exercised by the tests above, which give no config.

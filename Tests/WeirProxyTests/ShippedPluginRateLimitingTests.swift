@@ -269,6 +269,49 @@ final class ShippedPluginRateLimitingTests: UpstreamTestCase {
         XCTAssertEqual(upstream.requests.count, 1, "only the fault-tolerant request reached the upstream")
     }
 
+    /// A window counter that is not a number (another plugin wrote text
+    /// under its key): the usual config's request (limit_by consumer, one
+    /// period) reports the counter failure like the general path, let
+    /// through when fault_tolerant, failed otherwise.
+    func testCounterThatIsNotANumberFailsAsTheConfigSays() throws {
+        // Before rate-limiting (PRIORITY 910): text under the key of the
+        // window of second 60 of the client without a consumer (its IP).
+        try helpers.write("test-spoil", handler: """
+        local weir = require "weir"
+        local P = { PRIORITY = 5000, VERSION = "1" }
+        function P:request(conf, ctx)
+          weir.shared["rate-limiting"]:set("rl|3:all|consumer|9:127.0.0.1|minute|60", "text")
+        end
+        return P
+        """)
+        for (config, status) in [("{ minute: 5 }", 200), ("{ minute: 5, fault_tolerant: false }", 500)] {
+            let yaml = """
+            listeners:
+              - { name: web, listen: 127.0.0.1:0 }
+            upstreams:
+              - { name: backend, targets: [{ address: UPSTREAM }] }
+            routes:
+              - name: all
+                match: { paths: [/] }
+                upstream: backend
+                plugins:
+                  - { name: rate-limiting, config: \(config) }
+                  - { name: test-spoil }
+            plugins:
+              - name: test-clock
+            access_log: off
+            shared_dicts: [{ name: rate-limiting, items: 1000 }]
+            """
+            let proxy = try startShippedPluginProxy(yaml: yaml, upstream: upstream, loops: 1,
+                                                    extraPluginPaths: [helpers.pluginsDir])
+            defer { proxy.stop() }
+            let response = try get(try proxy.connect(), at: 61.5)
+            XCTAssertEqual(response.status, status, config)
+            XCTAssertNil(response.header("ratelimit-remaining"), config)
+        }
+        XCTAssertEqual(upstream.requests.count, 1, "only the fault-tolerant request reached the upstream")
+    }
+
     func testSchemaRefusesBadValuesWithTheirPath() throws {
         let cases: [(String, String)] = [
             ("{ minute: many }", "routes[0].plugins[0].config.minute"),

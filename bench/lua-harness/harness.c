@@ -36,6 +36,17 @@ static int n_incr(lua_State *L) { counter += lua_tointeger(L, 3); lua_pushintege
 static int n_previous(lua_State *L) { lua_pushinteger(L, 5); return 1; }
 /* dict:incr_get(key, delta, init, ttl, other_key): the count and the previous window's. */
 static int n_dict_incr_get(lua_State *L) { counter += lua_tointeger(L, 3); lua_pushinteger(L, counter); lua_pushinteger(L, 5); return 2; }
+/* identify_header_credential(plugin, field, name, hide): the consumer (a
+ * table kept in the registry, as the native's lookup pushes one), no value,
+ * and "no query string". */
+static int consumer_ref = LUA_NOREF;
+static int n_identify_header_credential(lua_State *L) {
+    if (consumer_ref == LUA_NOREF) { lua_createtable(L, 0, 1); consumer_ref = luaL_ref(L, LUA_REGISTRYINDEX); }
+    lua_rawgeti(L, LUA_REGISTRYINDEX, consumer_ref); lua_pushnil(L); lua_pushboolean(L, 0); return 3;
+}
+/* dict:incr_sliding(key, prev_key, window, elapsed, limit, ttl): admitted, a remaining count. */
+static int n_dict_incr_sliding(lua_State *L) { counter += 1; lua_pushinteger(L, 999999000 - counter); return 1; }
+/* (with a prepared set after ttl, the set is made by the native too: nothing more here) */
 /* weir.response.prepare_headers' native: the set's id. */
 static int n_prepare_headers(lua_State *L) { lua_pushinteger(L, 0); return 1; }
 
@@ -75,6 +86,7 @@ int main(int argc, char **argv) {
     set_native(L, "req_get_route_and_consumer", n_route_and_consumer);
     set_native(L, "client_find_credential", n_consumer);
     set_native(L, "client_identify_credential", n_consumer);
+    set_native(L, "client_identify_header_credential", n_identify_header_credential);
     set_native(L, "client_get_consumer", n_consumer);
     set_native(L, "client_identify", n_none);
     set_native(L, "client_get_ip", n_ip);
@@ -82,6 +94,7 @@ int main(int argc, char **argv) {
     set_native(L, "shared_incr", n_incr);
     set_native(L, "shared_get", n_previous);
     set_native(L, "shared_dict_incr_get", n_dict_incr_get);
+    set_native(L, "shared_dict_incr_sliding", n_dict_incr_sliding);
     set_native(L, "resp_prepare_headers", n_prepare_headers);
     /* Every other native (setters, authenticate, ...) does nothing. */
     lua_newtable(L);

@@ -779,6 +779,58 @@ shared_dict.incr_get = with_fallback(N.shared_dict_incr_get, function(self, key,
   return v, other
 end)
 
+-- A sliding window's count and decision in one call (rate-limiting's
+-- policy local): incr_get(key, 1, 0, ttl, prev_key), then the estimate of
+-- the last `window` seconds, prev * (window - elapsed) / window + count
+-- (prev 0 when absent). Within `limit`: the remaining count,
+-- (limit - estimate) // 1 | 0. Over it: the increment taken back
+-- (dict:incr(key, -1)) and false, count (this request's included), prev.
+-- nil, err as incr when the counter cannot be used. With a prepared header
+-- set and its values after ttl (request and response phases), an admitted
+-- request's headers:set(values...) is made in the same call, each `true`
+-- among the values standing for the remaining count (nil headers: no set).
+-- The native (N.shared_dict_incr_sliding) does it for integer counters,
+-- window and limit (at most 2^53), a finite elapsed and integer (or true)
+-- values; this fallback does the same in Lua for anything else, and raises
+-- the message for bad arguments before anything is counted.
+local function with_remaining(r, ...)
+  local values = table.pack(...)
+  for i = 1, values.n do if values[i] == true then values[i] = r end end
+  return table.unpack(values, 1, values.n)
+end
+
+shared_dict.incr_sliding = with_fallback(N.shared_dict_incr_sliding, function(self, key, prev_key, window, elapsed, limit, ttl, headers, ...)
+  local fname = "weir.shared.incr_sliding"
+  if not is_dict[self] then check_dict(self, fname, 4) end
+  check_string(fname, 1, key, 5)
+  check_string(fname, 2, prev_key, 5)
+  check_number(fname, 3, window, 5)
+  check_number(fname, 4, elapsed, 5)
+  check_number(fname, 5, limit, 5)
+  check_ttl(fname, 6, ttl, 5)
+  if headers ~= nil then
+    check_phase(fname, RESPONSE_WRITE_PHASES, 4)
+    if not prepared_handles[headers] then
+      error(fname .. ": argument #7 must be a handle from weir.response.prepare_headers (or nil)", 3)
+    end
+    local n = select("#", ...)
+    if n ~= headers.value_count then
+      error(fname .. ": the prepared set takes " .. headers.value_count .. " values, got " .. n, 3)
+    end
+  end
+  local count, prev = self:incr_get(key, 1, 0, ttl, prev_key)
+  if not count then return nil, prev end
+  if not prev then prev = 0 end
+  local e = prev * (window - elapsed) / window + count
+  if not (e > limit) then
+    local r = (limit - e) // 1 | 0
+    if headers ~= nil then headers:set(with_remaining(r, ...)) end
+    return r
+  end
+  self:incr(key, -1)
+  return false, count, prev
+end)
+
 function shared_dict:delete(key)
   check_dict(self, "weir.shared.delete")
   check_string("weir.shared.delete", 1, key)

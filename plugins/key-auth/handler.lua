@@ -34,7 +34,56 @@ local function hide_query_key(names, n)
   end
 end
 
+-- A request without a consumer: the 401 (an anonymous consumer was handled before).
+local function refuse(conf, key)
+  if not key or key == "" then return unauthorized(conf, "No API key found in request") end
+  return unauthorized(conf, "Invalid authentication credentials")
+end
+
+-- The one key name of a config of the usual shape (the defaults: one name,
+-- looked for in the header first, hidden, no anonymous, preflights
+-- authenticated), or false: worked out on a config's first request and kept
+-- in the config table itself, under a key no config field can have (a
+-- NUL byte in it): a short-string field read costs ~40 instructions, a
+-- weak table indexed by the config ~130. Such a config's request takes
+-- the short path in KeyAuth:request (~25 fewer VM instructions than
+-- reading the five fields and testing them every time).
+local function usual_name_of(conf)
+  local names = conf.key_names
+  local only = conf.run_on_preflight and not conf.anonymous and #names == 1 and conf.key_in_header
+               and conf.hide_credentials and names[1] or false
+  conf["\0key-auth"] = only
+  return only
+end
+
+-- The usual config's request after identify_header_credential(only, hide)
+-- when it did not settle it (no consumer, or a query string to look at):
+-- the general path below from there, with n == 1, in_header, hide, the
+-- header cleared and no anonymous.
+local function usual_rest(conf, only, consumer, value, has_query)
+  local in_query = conf.key_in_query
+  local key = consumer and true or value
+  if not key and in_query then
+    key = get_query_arg(only)
+    if key == true then key = "" end
+    if key and key ~= "" then consumer = identify_credential("key-auth", "key", key, only) end
+  end
+  if in_query and has_query ~= false and get_raw_query() ~= "" then hide_query_key(conf.key_names, 1) end
+  if consumer then return end
+  return refuse(conf, key)
+end
+
 function KeyAuth:request(conf)
+  local only = conf["\0key-auth"]
+  if only == nil then only = usual_name_of(conf) end
+  if only then
+    -- The header's key looked up, identified and its header cleared in one
+    -- SDK call; a match on a request without a query string is done.
+    local consumer, value, has_query = identify_header_credential("key-auth", "key", only, true)
+    if consumer and has_query == false then return end
+    return usual_rest(conf, only, consumer, value, has_query)
+  end
+
   if not conf.run_on_preflight and get_method() == "OPTIONS" then return end
   -- Another auth plugin already identified the client (multiple auth with anonymous).
   local anonymous = conf.anonymous
@@ -107,8 +156,7 @@ function KeyAuth:request(conf)
     identify(anonymous, nil, true)
     return
   end
-  if not key or key == "" then return unauthorized(conf, "No API key found in request") end
-  return unauthorized(conf, "Invalid authentication credentials")
+  return refuse(conf, key)
 end
 
 return KeyAuth
