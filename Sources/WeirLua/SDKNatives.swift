@@ -248,6 +248,42 @@ let runtimeNativeDispatch: weir_dispatch_fn = { thread, context, functionID, yie
     }
 }
 
+extension HotNative {
+    /// Its C entry (`weir_set_hot_native`, set by LuaRuntime): the C
+    /// function Lua calls for it calls this directly, with the runtime as
+    /// context (unretained, as for `runtimeNativeDispatch`), instead of the
+    /// dispatcher and a switch on the id (~25 instructions a call).
+    var entry: weir_hot_fn {
+        switch self {
+        case .requestGetHeader: return { L, c in hot(c) { $0.requestGetHeader(L!) } }
+        case .upstreamSetHeader: return { L, c in hot(c) { $0.setHeader(L!, .upstreamSet) } }
+        case .upstreamAddHeader: return { L, c in hot(c) { $0.setHeader(L!, .upstreamAdd) } }
+        case .upstreamClearHeader: return { L, c in hot(c) { $0.upstreamClearHeader(L!) } }
+        case .responseSetHeader: return { L, c in hot(c) { $0.setHeader(L!, .responseSet) } }
+        case .responseAddHeader: return { L, c in hot(c) { $0.setHeader(L!, .responseAdd) } }
+        case .sharedDictIncr: return { L, c in hot(c) { $0.sharedDictIncr(L!, readsOther: false) } }
+        case .sharedDictIncrGet: return { L, c in hot(c) { $0.sharedDictIncr(L!, readsOther: true) } }
+        case .responseSetPrepared: return { L, c in hot(c) { $0.setPreparedResponseHeaders(L!) } }
+        case .requestGetRoute: return { L, c in hot(c) { $0.pushRequestName(L!) { $0.matchedRouteName } } }
+        case .clientGetConsumer: return { L, c in hot(c) { $0.pushRequestName(L!) { $0.consumer } } }
+        case .clientIdentify: return { L, c in hot(c) { $0.clientIdentify(L!) } }
+        case .requestGetRawQuery: return { L, c in hot(c) { $0.requestGetRawQuery(L!) } }
+        // Any phase: only a call outside one goes to the fallback (its message).
+        case .clientFindCredential:
+            return { L, c in hot(c) { $0.currentScope == nil ? WEIR_CALL_FALLBACK : $0.credentialLookups.find(L!) } }
+        case .clientIdentifyCredential: return { L, c in hot(c) { $0.clientIdentifyCredential(L!) } }
+        case .requestGetRouteAndConsumer: return { L, c in hot(c) { $0.requestGetRouteAndConsumer(L!) } }
+        case .clientIdentifyHeaderCredential: return { L, c in hot(c) { $0.clientIdentifyHeaderCredential(L!) } }
+        }
+    }
+}
+
+/// The runtime a hot native's C entry was given, borrowed for the call.
+@inline(__always)
+private func hot(_ context: UnsafeMutableRawPointer?, _ body: (LuaRuntime) -> Int32) -> Int32 {
+    Unmanaged<LuaRuntime>.fromOpaque(context.unsafelyUnwrapped)._withUnsafeGuaranteedRef(body)
+}
+
 /// How a header setter native changes its header (`LuaRuntime.setHeader`).
 private enum HeaderSetter {
     case upstreamSet, upstreamAdd, responseSet, responseAdd
@@ -263,31 +299,12 @@ private enum HeaderSetter {
 }
 
 extension LuaRuntime {
-    /// Runs native `id`: a hot one directly, any other through its box.
+    /// Runs native `id` through its box. The hot natives (ids below
+    /// WEIR_HOT_NATIVES) do not come here: their C entries call them
+    /// directly (`HotNative.entry`); their boxes answer an error.
     @inline(__always)
     func dispatchNative(_ L: LuaThread, _ id: Int32, yieldCount: UnsafeMutablePointer<Int32>) -> Int32 {
-        // On the raw ids: `HotNative(rawValue:)` was a call per native call.
-        switch id {
-        case HotNative.requestGetHeader.rawValue: return requestGetHeader(L)
-        case HotNative.upstreamSetHeader.rawValue: return setHeader(L, .upstreamSet)
-        case HotNative.upstreamAddHeader.rawValue: return setHeader(L, .upstreamAdd)
-        case HotNative.upstreamClearHeader.rawValue: return upstreamClearHeader(L)
-        case HotNative.responseSetHeader.rawValue: return setHeader(L, .responseSet)
-        case HotNative.responseAddHeader.rawValue: return setHeader(L, .responseAdd)
-        case HotNative.sharedDictIncr.rawValue: return sharedDictIncr(L, readsOther: false)
-        case HotNative.sharedDictIncrGet.rawValue: return sharedDictIncr(L, readsOther: true)
-        case HotNative.responseSetPrepared.rawValue: return setPreparedResponseHeaders(L)
-        case HotNative.requestGetRoute.rawValue: return pushRequestName(L) { $0.matchedRouteName }
-        case HotNative.clientGetConsumer.rawValue: return pushRequestName(L) { $0.consumer }
-        case HotNative.clientIdentify.rawValue: return clientIdentify(L)
-        case HotNative.requestGetRawQuery.rawValue: return requestGetRawQuery(L)
-        // Any phase: only a call outside one goes to the fallback (its message).
-        case HotNative.clientFindCredential.rawValue: return currentScope == nil ? WEIR_CALL_FALLBACK : credentialLookups.find(L)
-        case HotNative.clientIdentifyCredential.rawValue: return clientIdentifyCredential(L)
-        case HotNative.requestGetRouteAndConsumer.rawValue: return requestGetRouteAndConsumer(L)
-        case HotNative.clientIdentifyHeaderCredential.rawValue: return clientIdentifyHeaderCredential(L)
-        default: return state.callRegisteredNative(id, on: L, yieldCount: yieldCount)
-        }
+        state.callRegisteredNative(id, on: L, yieldCount: yieldCount)
     }
 
     /// A hot native's request check, as `checkedRequestNative` without its
@@ -307,7 +324,7 @@ extension LuaRuntime {
 
     /// `weir.request.get_header(name)`.
     @inline(__always)
-    private func requestGetHeader(_ L: LuaThread) -> Int32 {
+    fileprivate func requestGetHeader(_ L: LuaThread) -> Int32 {
         withCurrentRequest(PluginPhase.anyRequestPhase) { r in
             guard let name = headerNames.name(at: 1, on: L) else { return WEIR_CALL_FALLBACK }
             r.withRequestHeader(name) { value in
@@ -320,7 +337,7 @@ extension LuaRuntime {
     /// `weir.upstream.request.set_header` / `add_header`,
     /// `weir.response.set_header` / `add_header` (name, value).
     @inline(__always)
-    private func setHeader(_ L: LuaThread, _ setter: HeaderSetter) -> Int32 {
+    fileprivate func setHeader(_ L: LuaThread, _ setter: HeaderSetter) -> Int32 {
         withCurrentRequest(setter.phases) { r in
             guard let name = headerNames.checkedText(at: 1, on: L), let value = headerValue(at: 2, on: L, cache: headerValues) else {
                 return WEIR_CALL_FALLBACK
@@ -344,7 +361,7 @@ extension LuaRuntime {
 
     /// `weir.upstream.request.clear_header(name)`.
     @inline(__always)
-    private func upstreamClearHeader(_ L: LuaThread) -> Int32 {
+    fileprivate func upstreamClearHeader(_ L: LuaThread) -> Int32 {
         withCurrentRequest(PluginPhase.request.mask) { r in
             guard let name = headerNames.name(at: 1, on: L) else { return WEIR_CALL_FALLBACK }
             r.clearUpstreamHeader(name)
@@ -356,7 +373,7 @@ extension LuaRuntime {
     /// request's route or consumer name (the same few strings request after
     /// request: `recentStrings`), or nil.
     @inline(__always)
-    private func pushRequestName(_ L: LuaThread, _ name: (HotRequestContext) -> String?) -> Int32 {
+    fileprivate func pushRequestName(_ L: LuaThread, _ name: (HotRequestContext) -> String?) -> Int32 {
         withCurrentRequest(PluginPhase.anyRequestPhase) { r in
             if let name = name(r) { recentStrings.push(name, on: L) } else { lua_pushnil(L) }
             return 1
@@ -367,7 +384,7 @@ extension LuaRuntime {
     /// get_consumer() in one native call (rate-limiting counts by both on
     /// every request: one call's fixed cost, ~170 instructions, less).
     @inline(__always)
-    private func requestGetRouteAndConsumer(_ L: LuaThread) -> Int32 {
+    fileprivate func requestGetRouteAndConsumer(_ L: LuaThread) -> Int32 {
         withCurrentRequest(PluginPhase.anyRequestPhase) { r in
             if let route = r.matchedRouteName { recentStrings.push(route, on: L) } else { lua_pushnil(L) }
             if let consumer = r.consumer { recentStrings.push(consumer, on: L) } else { lua_pushnil(L) }
@@ -377,7 +394,7 @@ extension LuaRuntime {
 
     /// `weir.request.get_raw_query()`: the query without its `?`, "" without one.
     @inline(__always)
-    private func requestGetRawQuery(_ L: LuaThread) -> Int32 {
+    fileprivate func requestGetRawQuery(_ L: LuaThread) -> Int32 {
         withCurrentRequest(PluginPhase.anyRequestPhase) { r in
             if let query = r.rawQuery { LuaState.push(query, on: L) } else { recentStrings.push(bytes: UnsafeRawBufferPointer(start: nil, count: 0), on: L) }
             return 1
@@ -391,7 +408,7 @@ extension LuaRuntime {
     /// consumer is read through the value cache: the same few names request
     /// after request, checked once for whether they fit a header value.
     @inline(__always)
-    private func clientIdentify(_ L: LuaThread) -> Int32 {
+    fileprivate func clientIdentify(_ L: LuaThread) -> Int32 {
         withCurrentRequest(PluginPhase.request.mask) { r in
             guard let consumer = headerValues.checkedText(at: 1, on: L), let credential = credentialName(at: 2, L) else {
                 return WEIR_CALL_FALLBACK
@@ -409,7 +426,7 @@ extension LuaRuntime {
     /// one (key-auth's hide_credentials: a third native call less). Results
     /// as find_credential's.
     @inline(__always)
-    private func clientIdentifyCredential(_ L: LuaThread) -> Int32 {
+    fileprivate func clientIdentifyCredential(_ L: LuaThread) -> Int32 {
         withCurrentRequest(PluginPhase.request.mask) { r in
             // `hide` read first: a bad one falls back before anything changes.
             var hide: String?
@@ -440,7 +457,7 @@ extension LuaRuntime {
     /// (get_raw_query() ~= "": key-auth hides a query key only then, and
     /// learns it here instead of in a native call of its own).
     @inline(__always)
-    private func clientIdentifyHeaderCredential(_ L: LuaThread) -> Int32 {
+    fileprivate func clientIdentifyHeaderCredential(_ L: LuaThread) -> Int32 {
         withCurrentRequest(PluginPhase.request.mask) { r in
             let hideType = lua_type(L, 4)
             guard hideType == LUA_TBOOLEAN || hideType == LUA_TNIL || hideType == LUA_TNONE,
@@ -491,7 +508,7 @@ extension LuaRuntime {
     /// value with CR/LF, the wrong count) falls back: the Lua side sets the
     /// lines one by one, as set_header would.
     @inline(__always)
-    private func setPreparedResponseHeaders(_ L: LuaThread) -> Int32 {
+    fileprivate func setPreparedResponseHeaders(_ L: LuaThread) -> Int32 {
         withCurrentRequest(PluginPhase.responseWritePhases) { r in
             guard lua_type(L, 1) == LUA_TTABLE, let id = handleID(ofTableAt: 1, L) else { return WEIR_CALL_FALLBACK }
             return preparedHeaderLines.withSet(id) { lines in
@@ -593,7 +610,7 @@ extension LuaRuntime {
     /// incr_get's other key is required here, so a missing one falls back
     /// to the message before anything changes.
     @inline(__always)
-    private func sharedDictIncr(_ L: LuaThread, readsOther: Bool) -> Int32 {
+    fileprivate func sharedDictIncr(_ L: LuaThread, readsOther: Bool) -> Int32 {
         guard lua_type(L, 1) == LUA_TTABLE, !readsOther || lua_type(L, 6) == LUA_TSTRING,
               let id = handleID(ofTableAt: 1, L) else { return WEIR_CALL_FALLBACK }
         return options.shared.withDictionary(id: id) { target, now in
