@@ -130,6 +130,18 @@ private func headerValue(at index: Int32, on L: LuaThread, cache: HeaderNameCach
     }
 }
 
+/// `headerValue(at:on:cache:)` lent to `body`: a string's text borrowed
+/// from the cache (HeaderNameCache.withText). nil (`body` not called) for
+/// anything else.
+@inline(__always)
+private func withHeaderValue<R>(at index: Int32, on L: LuaThread, cache: HeaderNameCache, _ body: (String, Bool) -> R) -> R? {
+    switch lua_type(L, index) {
+    case LUA_TSTRING: return cache.withText(ofStringAt: index, on: L, body)
+    case LUA_TNUMBER where lua_isinteger(L, index) != 0: return body(cache.integerText(lua_tointegerx(L, index, nil), decimalText), true)
+    default: return nil
+    }
+}
+
 /// What a header setter hands the request (whose setters take only names
 /// that are tokens and values without CR/LF/NUL, PluginRequestContext): a
 /// name that is not a token names no line, so nothing changes; a value that
@@ -139,7 +151,12 @@ private enum HeaderChange {
 
     @inline(__always)
     init(name: (text: String, fits: Bool), value: (text: String, fits: Bool), replaces: Bool) {
-        if !name.fits { self = .none } else if value.fits { self = .apply } else { self = replaces ? .clearOnly : .none }
+        self.init(nameFits: name.fits, valueFits: value.fits, replaces: replaces)
+    }
+
+    @inline(__always)
+    init(nameFits: Bool, valueFits: Bool, replaces: Bool) {
+        if !nameFits { self = .none } else if valueFits { self = .apply } else { self = replaces ? .clearOnly : .none }
     }
 }
 
@@ -326,11 +343,13 @@ extension LuaRuntime {
     @inline(__always)
     fileprivate func requestGetHeader(_ L: LuaThread) -> Int32 {
         withCurrentRequest(PluginPhase.anyRequestPhase) { r in
-            guard let name = headerNames.name(at: 1, on: L) else { return WEIR_CALL_FALLBACK }
-            r.withRequestHeader(name) { value in
-                if let value { recentStrings.push(bytes: value, on: L) } else { lua_pushnil(L) }
-            }
-            return 1
+            // The name borrowed from the cache for the lookup.
+            headerNames.withText(at: 1, on: L) { name, _ in
+                r.withRequestHeader(name) { value in
+                    if let value { recentStrings.push(bytes: value, on: L) } else { lua_pushnil(L) }
+                }
+                return 1
+            } ?? WEIR_CALL_FALLBACK
         }
     }
 
@@ -339,23 +358,25 @@ extension LuaRuntime {
     @inline(__always)
     fileprivate func setHeader(_ L: LuaThread, _ setter: HeaderSetter) -> Int32 {
         withCurrentRequest(setter.phases) { r in
-            guard let name = headerNames.checkedText(at: 1, on: L), let value = headerValue(at: 2, on: L, cache: headerValues) else {
-                return WEIR_CALL_FALLBACK
-            }
-            switch HeaderChange(name: name, value: value, replaces: setter.replaces) {
-            case .apply:
-                switch setter {
-                case .upstreamSet: r.setUpstreamHeader(name.text, value.text)
-                case .upstreamAdd: r.addUpstreamHeader(name.text, value.text)
-                case .responseSet: r.setResponseHeader(name.text, value.text)
-                case .responseAdd: r.addResponseHeader(name.text, value.text)
-                }
-            case .clearOnly:
-                if setter == .upstreamSet { r.clearUpstreamHeader(name.text) } else { r.clearResponseHeader(name.text) }
-            case .none:
-                break
-            }
-            return 0
+            // Name and value borrowed from their caches for the change.
+            headerNames.withText(at: 1, on: L) { name, nameFits in
+                withHeaderValue(at: 2, on: L, cache: headerValues) { value, valueFits in
+                    switch HeaderChange(nameFits: nameFits, valueFits: valueFits, replaces: setter.replaces) {
+                    case .apply:
+                        switch setter {
+                        case .upstreamSet: r.setUpstreamHeader(name, value)
+                        case .upstreamAdd: r.addUpstreamHeader(name, value)
+                        case .responseSet: r.setResponseHeader(name, value)
+                        case .responseAdd: r.addResponseHeader(name, value)
+                        }
+                    case .clearOnly:
+                        if setter == .upstreamSet { r.clearUpstreamHeader(name) } else { r.clearResponseHeader(name) }
+                    case .none:
+                        break
+                    }
+                    return 0
+                } ?? WEIR_CALL_FALLBACK
+            } ?? WEIR_CALL_FALLBACK
         }
     }
 
