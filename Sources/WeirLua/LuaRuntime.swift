@@ -304,7 +304,7 @@ public final class LuaRuntime {
         try state.pcall(nargs: 0, nresults: 1)            // json
         try state.load(sdk.initSource, chunkName: sdk.directory + "/weir/init.lua")
         lua_createtable(L, 0, 48)                            // N
-        // The hot natives first: their ids are their raw values (dispatchNative).
+        // The hot natives first: their ids are their raw values (their C entries, HotNative.entry).
         for hot in HotNative.allCases {
             LuaState.push(hot.sdkName, on: L)
             precondition(state.nativeCount == Int(hot.rawValue), "hot natives must be registered first")
