@@ -210,6 +210,14 @@ void weir_set_dispatch(lua_State *L, weir_dispatch_fn fn, void *context) {
     weir_state_info *st = weir_info(L);
     st->dispatch = fn;
     st->context = context;
+    // A new (or no) dispatcher: the hot natives belonged to the old one.
+    for (int i = 0; i < WEIR_HOT_NATIVES; i++) st->hot[i] = NULL;
+}
+
+int weir_set_hot_native(lua_State *L, int id, weir_hot_fn fn) {
+    if (id < 0 || id >= WEIR_HOT_NATIVES) return 0;
+    weir_info(L)->hot[id] = fn;
+    return 1;
 }
 
 void weir_set_budget(lua_State *L, int64_t instructions) {
@@ -228,23 +236,13 @@ static int fallback_returned(lua_State *L, int status, lua_KContext k) {
     return lua_gettop(L);
 }
 
-// The call into Swift for native `function_id`; `fallback_upvalue` is the
-// upvalue holding its Lua fallback (none: the call answers false).
-static inline int call_native(lua_State *L, int function_id, int fallback_upvalue) {
-    weir_state_info *st = weir_info(L);
-    if (st->dispatch == NULL) {
-        lua_pushliteral(L, "weir: native function called on a closed runtime");
-        return lua_error(L);
-    }
-    int nargs = lua_gettop(L);
-    int yield_count = 0;
-    int outer_overdraft = st->overdraft;
-    st->overdraft = 0;
-    st->swift_depth++;
-    int rc = st->dispatch(L, st->context, function_id, &yield_count);
-    st->swift_depth--;
-    int overdraft = st->overdraft;
-    st->overdraft = outer_overdraft;
+// What a native's Swift call answered (`rc`) when it is not just results:
+// the overdraft's error, its error, its fallback's results or its yield.
+// Called once the Swift frame is gone. `nargs`: the arguments as the
+// caller passed them.
+__attribute__((noinline))
+static int native_answered(lua_State *L, weir_state_info *st, int rc, int overdraft, int nargs, int yield_count,
+                           int fallback_upvalue) {
     // From here on no Swift frame is above us: raising and yielding are safe.
     if (overdraft && st->swift_depth == 0) {
         lua_pushfstring(L, "not enough memory (Lua state memory cap of %I bytes reached)", (lua_Integer)st->bytes_limit);
@@ -273,6 +271,45 @@ static inline int call_native(lua_State *L, int function_id, int fallback_upvalu
     return rc;
 }
 
+// The bookkeeping around a native's Swift call (`CALL`, which sets `rc`):
+// the memory cap's overdraft and the Swift depth (see the contract in
+// CLuaShims.h). Results alone return here; anything else is
+// native_answered's, out of line.
+#define CALL_SWIFT(st, CALL, yield_count, fallback_upvalue) do { \
+        int nargs = lua_gettop(L); \
+        int outer_overdraft = (st)->overdraft; \
+        (st)->overdraft = 0; \
+        (st)->swift_depth++; \
+        int rc = CALL; \
+        (st)->swift_depth--; \
+        int overdraft = (st)->overdraft; \
+        (st)->overdraft = outer_overdraft; \
+        if (__builtin_expect(rc >= 0 && !overdraft, 1)) return rc; \
+        return native_answered(L, (st), rc, overdraft, nargs, (yield_count), (fallback_upvalue)); \
+    } while (0)
+
+// The call into Swift for native `function_id`; `fallback_upvalue` is the
+// upvalue holding its Lua fallback (none: the call answers false).
+static inline int call_native(lua_State *L, int function_id, int fallback_upvalue) {
+    weir_state_info *st = weir_info(L);
+    if (st->dispatch == NULL) {
+        lua_pushliteral(L, "weir: native function called on a closed runtime");
+        return lua_error(L);
+    }
+    int yield_count = 0;
+    CALL_SWIFT(st, st->dispatch(L, st->context, function_id, &yield_count), yield_count, fallback_upvalue);
+}
+
+// A hot native: its Swift function called directly (no dispatcher, no id
+// switch), with the same bookkeeping. Not set (a plain LuaState, a closed
+// runtime): the dispatcher's path.
+static inline int call_hot(lua_State *L, int function_id, int fallback_upvalue) {
+    weir_state_info *st = weir_info(L);
+    weir_hot_fn fn = st->hot[function_id];
+    if (__builtin_expect(fn == NULL, 0)) return call_native(L, function_id, fallback_upvalue);
+    CALL_SWIFT(st, fn(L, st->context), 0, fallback_upvalue);
+}
+
 // Any native: its id in upvalue 1, its fallback (if any) in upvalue 2.
 static int weir_trampoline(lua_State *L) {
     return call_native(L, (int)lua_tointeger(L, lua_upvalueindex(1)), 2);
@@ -289,7 +326,8 @@ static int weir_trampoline(lua_State *L) {
                        FIXED_ROW(M, 4) FIXED_ROW(M, 5) FIXED_ROW(M, 6) FIXED_ROW(M, 7) \
                        FIXED_ROW(M, 8) FIXED_ROW(M, 9) FIXED_ROW(M, a) FIXED_ROW(M, b) \
                        FIXED_ROW(M, c) FIXED_ROW(M, d) FIXED_ROW(M, e) FIXED_ROW(M, f)
-#define FIXED_NATIVE(h, l) static int weir_native_##h##l(lua_State *L) { return call_native(L, 0x##h##l, 1); }
+#define FIXED_NATIVE(h, l) static int weir_native_##h##l(lua_State *L) { \
+        return 0x##h##l < WEIR_HOT_NATIVES ? call_hot(L, 0x##h##l, 1) : call_native(L, 0x##h##l, 1); }
 #define FIXED_NATIVE_NAME(h, l) weir_native_##h##l,
 FIXED_TABLE(FIXED_NATIVE)
 static const lua_CFunction fixed_natives[WEIR_FIXED_NATIVES] = { FIXED_TABLE(FIXED_NATIVE_NAME) };

@@ -39,10 +39,12 @@ final class HeaderNameCache {
         lua_createtable(L, Int32(2 * Self.pairCount), 0)
         pinsRef = luaL_ref(L, weir_registryindex())
         slots = .allocate(capacity: 2 * Self.pairCount)
-        slots.initialize(repeating: Slot(address: nil, text: "", fits: false), count: 2 * Self.pairCount)
+        let empty = HeaderText("", fits: false)
+        for i in 0..<2 * Self.pairCount { (slots + i).initialize(to: Slot(address: nil, entry: .passRetained(empty))) }
     }
 
     deinit {
+        for i in 0..<2 * Self.pairCount { slots[i].entry.release() }
         slots.deinitialize(count: 2 * Self.pairCount)
         slots.deallocate()
     }
@@ -54,11 +56,13 @@ final class HeaderNameCache {
     // request each time.
     private static let pairCount = 64                  // a power of two
     /// One entry per slot, slots 2p and 2p + 1 forming pair p: the Lua
-    /// string's address (nil: empty), its text, whether it fits a head.
+    /// string's address (nil: empty) and its text, whether it fits a head.
+    /// The slot owns its entry (retained when stored, released when
+    /// replaced and in deinit): a hit reads it without ARC and lends its
+    /// text borrowed (`withText`).
     private struct Slot {
         var address: UnsafeRawPointer?
-        var text: String
-        var fits: Bool
+        var entry: Unmanaged<HeaderText>
     }
     /// Allocated once, freed in deinit: a hit (inlined into the hot natives)
     /// reads one slot through one pointer, where three Swift arrays cost a
@@ -115,9 +119,42 @@ final class HeaderNameCache {
         let hash = UInt(bitPattern: Int(bitPattern: address)) &* 0x9E37_79B9_7F4A_7C15
         let pair = Int(truncatingIfNeeded: hash >> 58) & (Self.pairCount - 1)
         let first = slots + 2 * pair
-        if first.pointee.address == address { return (first.pointee.text, first.pointee.fits) }
-        if first[1].address == address { return (first[1].text, first[1].fits) }
+        if first.pointee.address == address { return first.pointee.entry._withUnsafeGuaranteedRef { ($0.text, $0.fits) } }
+        if first[1].address == address { return first[1].entry._withUnsafeGuaranteedRef { ($0.text, $0.fits) } }
         return cache(address, length: length, pair: pair, at: index, on: L)
+    }
+
+    /// `checkedText(at:on:)` lent to `body` instead of returned: a hit's
+    /// text is the cached entry's, borrowed for the call (a returned copy
+    /// cost a retain and a release of the String, ~30 instructions, per
+    /// argument). nil (`body` not called) if it is not a string. `body`
+    /// must not look up this cache again: a miss there could replace (and
+    /// free) the entry it borrows.
+    @inline(__always)
+    func withText<R>(at index: Int32, on L: LuaThread, _ body: (String, Bool) -> R) -> R? {
+        var length = 0
+        guard let p = weir_tostring(L, index, &length) else { return nil }
+        return withText(UnsafeRawPointer(p), length: length, at: index, on: L, body)
+    }
+
+    /// `withText(at:on:_:)` of a value whose type the caller has seen is a string.
+    @inline(__always)
+    func withText<R>(ofStringAt index: Int32, on L: LuaThread, _ body: (String, Bool) -> R) -> R? {
+        var length = 0
+        guard let p = lua_tolstring(L, index, &length) else { return nil }
+        return withText(UnsafeRawPointer(p), length: length, at: index, on: L, body)
+    }
+
+    @inline(__always)
+    private func withText<R>(_ address: UnsafeRawPointer, length: Int, at index: Int32, on L: LuaThread,
+                             _ body: (String, Bool) -> R) -> R? {
+        let hash = UInt(bitPattern: Int(bitPattern: address)) &* 0x9E37_79B9_7F4A_7C15
+        let pair = Int(truncatingIfNeeded: hash >> 58) & (Self.pairCount - 1)
+        let first = slots + 2 * pair
+        if first.pointee.address == address { return first.pointee.entry._withUnsafeGuaranteedRef { body($0.text, $0.fits) } }
+        if first[1].address == address { return first[1].entry._withUnsafeGuaranteedRef { body($0.text, $0.fits) } }
+        guard let (text, fits) = cache(address, length: length, pair: pair, at: index, on: L) else { return nil }
+        return body(text, fits)
     }
 
     /// A miss: makes the text, checks it, and (a short string) caches it in
@@ -137,9 +174,22 @@ final class HeaderNameCache {
             lua_pushvalue(L, absolute)                                    // pins, string
             lua_rawseti(L, -2, lua_Integer(slot + 1))                     // pins (the old string unpinned)
             weir_pop(L, 1)
-            slots[slot] = Slot(address: address, text: name, fits: fit)
+            slots[slot].entry.release()
+            slots[slot] = Slot(address: address, entry: .passRetained(HeaderText(name, fits: fit)))
         }
         return (name, fit)
+    }
+}
+
+/// A cached text (HeaderNameCache): a class, so that a hit can lend its
+/// `let` text borrowed.
+final class HeaderText {
+    let text: String
+    let fits: Bool
+
+    init(_ text: String, fits: Bool) {
+        self.text = text
+        self.fits = fits
     }
 }
 

@@ -281,6 +281,10 @@ public final class LuaRuntime {
         self.credentialLookups = CredentialLookups(options.credentials, on: state.main)
         // Natives reach the runtime directly (the hot ones without a closure).
         weir_set_dispatch(state.main, runtimeNativeDispatch, Unmanaged.passUnretained(self).toOpaque())
+        for hot in HotNative.allCases {
+            let set = weir_set_hot_native(state.main, hot.rawValue, hot.entry)
+            precondition(set == 1, "too many hot natives for WEIR_HOT_NATIVES")
+        }
         try installSDK(sdk)
         // The chain runner records when each plugin starts only for an observer's histograms.
         state.info.pointee.chain_timing = options.observer != nil ? 1 : 0
@@ -300,7 +304,7 @@ public final class LuaRuntime {
         try state.pcall(nargs: 0, nresults: 1)            // json
         try state.load(sdk.initSource, chunkName: sdk.directory + "/weir/init.lua")
         lua_createtable(L, 0, 48)                            // N
-        // The hot natives first: their ids are their raw values (dispatchNative).
+        // The hot natives first: their ids are their raw values (their C entries, HotNative.entry).
         for hot in HotNative.allCases {
             LuaState.push(hot.sdkName, on: L)
             precondition(state.nativeCount == Int(hot.rawValue), "hot natives must be registered first")

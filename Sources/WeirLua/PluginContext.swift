@@ -24,7 +24,10 @@ public enum PluginPhase: String, CaseIterable, Sendable {
     static let slotCount = 7
 
     /// This phase's bit in a phase mask (`1 << luaID`), as natives check it.
-    var mask: UInt8 { 1 << UInt8(luaID) }
+    /// Inlined, without the conversion's overflow check (luaID is 1...6):
+    /// an outlined getter was a call per hot native call.
+    @inline(__always)
+    var mask: UInt8 { 1 &<< UInt8(truncatingIfNeeded: luaID) }
     /// The request, response, body_filter and log phases (init.lua's ANY_REQUEST_PHASE).
     static let anyRequestPhase = PluginPhase.request.mask | PluginPhase.response.mask
         | PluginPhase.bodyFilter.mask | PluginPhase.log.mask

@@ -130,6 +130,18 @@ private func headerValue(at index: Int32, on L: LuaThread, cache: HeaderNameCach
     }
 }
 
+/// `headerValue(at:on:cache:)` lent to `body`: a string's text borrowed
+/// from the cache (HeaderNameCache.withText). nil (`body` not called) for
+/// anything else.
+@inline(__always)
+private func withHeaderValue<R>(at index: Int32, on L: LuaThread, cache: HeaderNameCache, _ body: (String, Bool) -> R) -> R? {
+    switch lua_type(L, index) {
+    case LUA_TSTRING: return cache.withText(ofStringAt: index, on: L, body)
+    case LUA_TNUMBER where lua_isinteger(L, index) != 0: return body(cache.integerText(lua_tointegerx(L, index, nil), decimalText), true)
+    default: return nil
+    }
+}
+
 /// What a header setter hands the request (whose setters take only names
 /// that are tokens and values without CR/LF/NUL, PluginRequestContext): a
 /// name that is not a token names no line, so nothing changes; a value that
@@ -139,7 +151,12 @@ private enum HeaderChange {
 
     @inline(__always)
     init(name: (text: String, fits: Bool), value: (text: String, fits: Bool), replaces: Bool) {
-        if !name.fits { self = .none } else if value.fits { self = .apply } else { self = replaces ? .clearOnly : .none }
+        self.init(nameFits: name.fits, valueFits: value.fits, replaces: replaces)
+    }
+
+    @inline(__always)
+    init(nameFits: Bool, valueFits: Bool, replaces: Bool) {
+        if !nameFits { self = .none } else if valueFits { self = .apply } else { self = replaces ? .clearOnly : .none }
     }
 }
 
@@ -194,13 +211,15 @@ private let decimalPairs: StaticString = """
     8081828384858687888990919293949596979899
     """
 
-/// The natives plugins call on every request, which `LuaRuntime` calls by
-/// id (`dispatchNative`'s switch) instead of through a `NativeBox` closure
-/// and a `checkedRequestNative` closure: ~100 instructions less per call.
-/// Registered first (`installSDK`), so a case's raw value is its native id.
-/// Each answers a result count or WEIR_CALL_FALLBACK (never an error or a
-/// yield), so its result is one Int32. A native joins by getting a case, an
-/// SDK name and a line in `dispatchNative`.
+/// The natives plugins call on every request: each has its own C entry
+/// (`entry`, CLuaShims weir_set_hot_native) that calls its Swift function
+/// directly, instead of a `NativeBox` closure and a `checkedRequestNative`
+/// closure (~100 instructions less per call) or the dispatcher's switch on
+/// the id (~25 less). Registered first (`installSDK`), so a case's raw
+/// value is its native id (below WEIR_HOT_NATIVES). Each answers a result
+/// count or WEIR_CALL_FALLBACK (never an error or a yield), so its result
+/// is one Int32. A native joins by getting a case, an SDK name and a line
+/// in `entry`.
 enum HotNative: Int32, CaseIterable {
     case requestGetHeader, upstreamSetHeader, upstreamAddHeader, upstreamClearHeader
     case responseSetHeader, responseAddHeader, sharedDictIncr, sharedDictIncrGet, responseSetPrepared
@@ -249,6 +268,43 @@ let runtimeNativeDispatch: weir_dispatch_fn = { thread, context, functionID, yie
     }
 }
 
+extension HotNative {
+    /// Its C entry (`weir_set_hot_native`, set by LuaRuntime): the C
+    /// function Lua calls for it calls this directly, with the runtime as
+    /// context (unretained, as for `runtimeNativeDispatch`), instead of the
+    /// dispatcher and a switch on the id (~25 instructions a call).
+    var entry: weir_hot_fn {
+        switch self {
+        case .requestGetHeader: return { L, c in hot(c) { $0.requestGetHeader(L!) } }
+        case .upstreamSetHeader: return { L, c in hot(c) { $0.setHeader(L!, .upstreamSet) } }
+        case .upstreamAddHeader: return { L, c in hot(c) { $0.setHeader(L!, .upstreamAdd) } }
+        case .upstreamClearHeader: return { L, c in hot(c) { $0.upstreamClearHeader(L!) } }
+        case .responseSetHeader: return { L, c in hot(c) { $0.setHeader(L!, .responseSet) } }
+        case .responseAddHeader: return { L, c in hot(c) { $0.setHeader(L!, .responseAdd) } }
+        case .sharedDictIncr: return { L, c in hot(c) { $0.sharedDictIncr(L!, readsOther: false) } }
+        case .sharedDictIncrGet: return { L, c in hot(c) { $0.sharedDictIncr(L!, readsOther: true) } }
+        case .responseSetPrepared: return { L, c in hot(c) { $0.setPreparedResponseHeaders(L!) } }
+        case .requestGetRoute: return { L, c in hot(c) { $0.pushRequestName(L!) { $0.matchedRouteName } } }
+        case .clientGetConsumer: return { L, c in hot(c) { $0.pushRequestName(L!) { $0.consumer } } }
+        case .clientIdentify: return { L, c in hot(c) { $0.clientIdentify(L!) } }
+        case .requestGetRawQuery: return { L, c in hot(c) { $0.requestGetRawQuery(L!) } }
+        // Any phase: only a call outside one goes to the fallback (its message).
+        case .clientFindCredential:
+            return { L, c in hot(c) { $0.currentScope == nil ? WEIR_CALL_FALLBACK : $0.credentialLookups.find(L!) } }
+        case .clientIdentifyCredential: return { L, c in hot(c) { $0.clientIdentifyCredential(L!) } }
+        case .requestGetRouteAndConsumer: return { L, c in hot(c) { $0.requestGetRouteAndConsumer(L!) } }
+        case .clientIdentifyHeaderCredential: return { L, c in hot(c) { $0.clientIdentifyHeaderCredential(L!) } }
+        case .sharedDictIncrSliding: return { L, c in hot(c) { $0.sharedDictIncrSliding(L!) } }
+        }
+    }
+}
+
+/// The runtime a hot native's C entry was given, borrowed for the call.
+@inline(__always)
+private func hot(_ context: UnsafeMutableRawPointer?, _ body: (LuaRuntime) -> Int32) -> Int32 {
+    Unmanaged<LuaRuntime>.fromOpaque(context.unsafelyUnwrapped)._withUnsafeGuaranteedRef(body)
+}
+
 /// How a header setter native changes its header (`LuaRuntime.setHeader`).
 private enum HeaderSetter {
     case upstreamSet, upstreamAdd, responseSet, responseAdd
@@ -264,32 +320,12 @@ private enum HeaderSetter {
 }
 
 extension LuaRuntime {
-    /// Runs native `id`: a hot one directly, any other through its box.
+    /// Runs native `id` through its box. The hot natives (ids below
+    /// WEIR_HOT_NATIVES) do not come here: their C entries call them
+    /// directly (`HotNative.entry`); their boxes answer an error.
     @inline(__always)
     func dispatchNative(_ L: LuaThread, _ id: Int32, yieldCount: UnsafeMutablePointer<Int32>) -> Int32 {
-        // On the raw ids: `HotNative(rawValue:)` was a call per native call.
-        switch id {
-        case HotNative.requestGetHeader.rawValue: return requestGetHeader(L)
-        case HotNative.upstreamSetHeader.rawValue: return setHeader(L, .upstreamSet)
-        case HotNative.upstreamAddHeader.rawValue: return setHeader(L, .upstreamAdd)
-        case HotNative.upstreamClearHeader.rawValue: return upstreamClearHeader(L)
-        case HotNative.responseSetHeader.rawValue: return setHeader(L, .responseSet)
-        case HotNative.responseAddHeader.rawValue: return setHeader(L, .responseAdd)
-        case HotNative.sharedDictIncr.rawValue: return sharedDictIncr(L, readsOther: false)
-        case HotNative.sharedDictIncrGet.rawValue: return sharedDictIncr(L, readsOther: true)
-        case HotNative.responseSetPrepared.rawValue: return setPreparedResponseHeaders(L)
-        case HotNative.requestGetRoute.rawValue: return pushRequestName(L) { $0.matchedRouteName }
-        case HotNative.clientGetConsumer.rawValue: return pushRequestName(L) { $0.consumer }
-        case HotNative.clientIdentify.rawValue: return clientIdentify(L)
-        case HotNative.requestGetRawQuery.rawValue: return requestGetRawQuery(L)
-        // Any phase: only a call outside one goes to the fallback (its message).
-        case HotNative.clientFindCredential.rawValue: return currentScope == nil ? WEIR_CALL_FALLBACK : credentialLookups.find(L)
-        case HotNative.clientIdentifyCredential.rawValue: return clientIdentifyCredential(L)
-        case HotNative.requestGetRouteAndConsumer.rawValue: return requestGetRouteAndConsumer(L)
-        case HotNative.clientIdentifyHeaderCredential.rawValue: return clientIdentifyHeaderCredential(L)
-        case HotNative.sharedDictIncrSliding.rawValue: return sharedDictIncrSliding(L)
-        default: return state.callRegisteredNative(id, on: L, yieldCount: yieldCount)
-        }
+        state.callRegisteredNative(id, on: L, yieldCount: yieldCount)
     }
 
     /// A hot native's request check, as `checkedRequestNative` without its
@@ -309,44 +345,48 @@ extension LuaRuntime {
 
     /// `weir.request.get_header(name)`.
     @inline(__always)
-    private func requestGetHeader(_ L: LuaThread) -> Int32 {
+    fileprivate func requestGetHeader(_ L: LuaThread) -> Int32 {
         withCurrentRequest(PluginPhase.anyRequestPhase) { r in
-            guard let name = headerNames.name(at: 1, on: L) else { return WEIR_CALL_FALLBACK }
-            r.withRequestHeader(name) { value in
-                if let value { recentStrings.push(bytes: value, on: L) } else { lua_pushnil(L) }
-            }
-            return 1
+            // The name borrowed from the cache for the lookup.
+            headerNames.withText(at: 1, on: L) { name, _ in
+                r.withRequestHeader(name) { value in
+                    if let value { recentStrings.push(bytes: value, on: L) } else { lua_pushnil(L) }
+                }
+                return 1
+            } ?? WEIR_CALL_FALLBACK
         }
     }
 
     /// `weir.upstream.request.set_header` / `add_header`,
     /// `weir.response.set_header` / `add_header` (name, value).
     @inline(__always)
-    private func setHeader(_ L: LuaThread, _ setter: HeaderSetter) -> Int32 {
+    fileprivate func setHeader(_ L: LuaThread, _ setter: HeaderSetter) -> Int32 {
         withCurrentRequest(setter.phases) { r in
-            guard let name = headerNames.checkedText(at: 1, on: L), let value = headerValue(at: 2, on: L, cache: headerValues) else {
-                return WEIR_CALL_FALLBACK
-            }
-            switch HeaderChange(name: name, value: value, replaces: setter.replaces) {
-            case .apply:
-                switch setter {
-                case .upstreamSet: r.setUpstreamHeader(name.text, value.text)
-                case .upstreamAdd: r.addUpstreamHeader(name.text, value.text)
-                case .responseSet: r.setResponseHeader(name.text, value.text)
-                case .responseAdd: r.addResponseHeader(name.text, value.text)
-                }
-            case .clearOnly:
-                if setter == .upstreamSet { r.clearUpstreamHeader(name.text) } else { r.clearResponseHeader(name.text) }
-            case .none:
-                break
-            }
-            return 0
+            // Name and value borrowed from their caches for the change.
+            headerNames.withText(at: 1, on: L) { name, nameFits in
+                withHeaderValue(at: 2, on: L, cache: headerValues) { value, valueFits in
+                    switch HeaderChange(nameFits: nameFits, valueFits: valueFits, replaces: setter.replaces) {
+                    case .apply:
+                        switch setter {
+                        case .upstreamSet: r.setUpstreamHeader(name, value)
+                        case .upstreamAdd: r.addUpstreamHeader(name, value)
+                        case .responseSet: r.setResponseHeader(name, value)
+                        case .responseAdd: r.addResponseHeader(name, value)
+                        }
+                    case .clearOnly:
+                        if setter == .upstreamSet { r.clearUpstreamHeader(name) } else { r.clearResponseHeader(name) }
+                    case .none:
+                        break
+                    }
+                    return 0
+                } ?? WEIR_CALL_FALLBACK
+            } ?? WEIR_CALL_FALLBACK
         }
     }
 
     /// `weir.upstream.request.clear_header(name)`.
     @inline(__always)
-    private func upstreamClearHeader(_ L: LuaThread) -> Int32 {
+    fileprivate func upstreamClearHeader(_ L: LuaThread) -> Int32 {
         withCurrentRequest(PluginPhase.request.mask) { r in
             guard let name = headerNames.name(at: 1, on: L) else { return WEIR_CALL_FALLBACK }
             r.clearUpstreamHeader(name)
@@ -358,7 +398,7 @@ extension LuaRuntime {
     /// request's route or consumer name (the same few strings request after
     /// request: `recentStrings`), or nil.
     @inline(__always)
-    private func pushRequestName(_ L: LuaThread, _ name: (HotRequestContext) -> String?) -> Int32 {
+    fileprivate func pushRequestName(_ L: LuaThread, _ name: (HotRequestContext) -> String?) -> Int32 {
         withCurrentRequest(PluginPhase.anyRequestPhase) { r in
             if let name = name(r) { recentStrings.push(name, on: L) } else { lua_pushnil(L) }
             return 1
@@ -369,7 +409,7 @@ extension LuaRuntime {
     /// get_consumer() in one native call (rate-limiting counts by both on
     /// every request: one call's fixed cost, ~170 instructions, less).
     @inline(__always)
-    private func requestGetRouteAndConsumer(_ L: LuaThread) -> Int32 {
+    fileprivate func requestGetRouteAndConsumer(_ L: LuaThread) -> Int32 {
         withCurrentRequest(PluginPhase.anyRequestPhase) { r in
             if let route = r.matchedRouteName { recentStrings.push(route, on: L) } else { lua_pushnil(L) }
             if let consumer = r.consumer { recentStrings.push(consumer, on: L) } else { lua_pushnil(L) }
@@ -379,7 +419,7 @@ extension LuaRuntime {
 
     /// `weir.request.get_raw_query()`: the query without its `?`, "" without one.
     @inline(__always)
-    private func requestGetRawQuery(_ L: LuaThread) -> Int32 {
+    fileprivate func requestGetRawQuery(_ L: LuaThread) -> Int32 {
         withCurrentRequest(PluginPhase.anyRequestPhase) { r in
             if let query = r.rawQuery { LuaState.push(query, on: L) } else { recentStrings.push(bytes: UnsafeRawBufferPointer(start: nil, count: 0), on: L) }
             return 1
@@ -393,7 +433,7 @@ extension LuaRuntime {
     /// consumer is read through the value cache: the same few names request
     /// after request, checked once for whether they fit a header value.
     @inline(__always)
-    private func clientIdentify(_ L: LuaThread) -> Int32 {
+    fileprivate func clientIdentify(_ L: LuaThread) -> Int32 {
         withCurrentRequest(PluginPhase.request.mask) { r in
             guard let consumer = headerValues.checkedText(at: 1, on: L), let credential = credentialName(at: 2, L) else {
                 return WEIR_CALL_FALLBACK
@@ -411,7 +451,7 @@ extension LuaRuntime {
     /// one (key-auth's hide_credentials: a third native call less). Results
     /// as find_credential's.
     @inline(__always)
-    private func clientIdentifyCredential(_ L: LuaThread) -> Int32 {
+    fileprivate func clientIdentifyCredential(_ L: LuaThread) -> Int32 {
         withCurrentRequest(PluginPhase.request.mask) { r in
             // `hide` read first: a bad one falls back before anything changes.
             var hide: String?
@@ -442,7 +482,7 @@ extension LuaRuntime {
     /// (get_raw_query() ~= "": key-auth hides a query key only then, and
     /// learns it here instead of in a native call of its own).
     @inline(__always)
-    private func clientIdentifyHeaderCredential(_ L: LuaThread) -> Int32 {
+    fileprivate func clientIdentifyHeaderCredential(_ L: LuaThread) -> Int32 {
         withCurrentRequest(PluginPhase.request.mask) { r in
             let hideType = lua_type(L, 4)
             guard hideType == LUA_TBOOLEAN || hideType == LUA_TNIL || hideType == LUA_TNONE,
@@ -502,7 +542,7 @@ extension LuaRuntime {
     /// value with CR/LF, the wrong count) falls back: the Lua side sets the
     /// lines one by one, as set_header would.
     @inline(__always)
-    private func setPreparedResponseHeaders(_ L: LuaThread) -> Int32 {
+    fileprivate func setPreparedResponseHeaders(_ L: LuaThread) -> Int32 {
         withCurrentRequest(PluginPhase.responseWritePhases) { r in
             guard lua_type(L, 1) == LUA_TTABLE, let id = handleID(ofTableAt: 1, L) else { return WEIR_CALL_FALLBACK }
             return preparedHeaderLines.withSet(id) { lines in
@@ -607,7 +647,7 @@ extension LuaRuntime {
     /// incr_get's other key is required here, so a missing one falls back
     /// to the message before anything changes.
     @inline(__always)
-    private func sharedDictIncr(_ L: LuaThread, readsOther: Bool) -> Int32 {
+    fileprivate func sharedDictIncr(_ L: LuaThread, readsOther: Bool) -> Int32 {
         guard lua_type(L, 1) == LUA_TTABLE, !readsOther || lua_type(L, 6) == LUA_TSTRING,
               let id = handleID(ofTableAt: 1, L) else { return WEIR_CALL_FALLBACK }
         return options.shared.withDictionary(id: id) { target, now in
@@ -730,7 +770,7 @@ extension LuaRuntime {
     /// is made in the same call, `true` among the values standing for the
     /// remaining count (rate-limiting's RateLimit lines: one native call
     /// less per request).
-    private func sharedDictIncrSliding(_ L: LuaThread) -> Int32 {
+    fileprivate func sharedDictIncrSliding(_ L: LuaThread) -> Int32 {
         // With a prepared header set (argument 8) and its values: made
         // when admitted, in a phase that may write response headers, each
         // value an integer or `true` (the remaining count), all checked

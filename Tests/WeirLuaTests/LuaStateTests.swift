@@ -53,9 +53,10 @@ final class LuaStateTests: XCTestCase {
     /// later ones a closure holding it (CLuaShims weir_push_native): each
     /// reaches its own Swift function, and `with_fallback` wraps both kinds.
     /// A runtime's natives reach it through its own dispatcher (the hot
-    /// ones by id, `HotNative`): they are registered first, at their ids,
-    /// and a state kept after its runtime is gone raises instead of
-    /// reaching the freed runtime.
+    /// ones, `HotNative`, through their own C entries): they are registered
+    /// first, at their ids, and a state kept after its runtime is gone
+    /// raises instead of reaching the freed runtime (its hot entries are
+    /// cleared with the dispatcher).
     func testHotNativesAtTheirIdsAndAStateThatOutlivesItsRuntime() throws {
         var runtime: LuaRuntime? = try LuaRuntime(sdk: Harness.sdk, eventLoop: nil, options: LuaRuntimeOptions())
         let state = runtime!.state

@@ -269,6 +269,37 @@ final class PhaseFailureTests: XCTestCase {
         try assertHealthy(h)
     }
 
+    func testMemoryCapReachedInsideAHotNativeIsRaisedAfterSwiftReturns() throws {
+        // get_header is a hot native (its own C entry, no dispatcher): a
+        // long value is a new Lua string per call. The table that keeps them
+        // is grown before the filler, so the only allocations left in the
+        // loop are the native's, and the cap is crossed inside it: the C
+        // entry raises the overdraft (its message names the cap) once Swift
+        // has returned.
+        let h = Harness()
+        h.options.memoryLimit = 8 << 20
+        h.folder.add("hog", handler: """
+        return { PRIORITY = 1, VERSION = "1", request = function()
+          local keep = {}
+          for i = 1, 100000 do keep[i] = false end
+          local filler = {}
+          pcall(function() for i = 1, 1e9 do filler[i] = string.rep("y", 200) .. i end end)
+          -- Some room again (freed by the emergency collection of the
+          -- next allocation that fails in Lua: the call's stack may grow),
+          -- not enough for the strings the loop keeps.
+          for i = 1, 2000 do filler[i] = false end
+          for i = 1, 100000 do keep[i] = weir.request.get_header("x-big") end
+        end }
+        """)
+        addHealthy(h)
+        try h.load(["hog", "healthy"])
+        let req = h.newRequest()
+        req.headers = [("x-big", String(repeating: "v", count: 1000))]
+        let failure = try h.runRequest(try h.chain("hog"), request: req)[0].failure
+        XCTAssertTrue(failure?.message.contains("memory cap of") ?? false, "\(String(describing: failure))")
+        try assertHealthy(h)
+    }
+
     func testPlainYieldFromPhaseIsAnError() throws {
         let h = Harness()
         h.folder.add("yielder", handler: "return { PRIORITY = 1, VERSION = '1', request = function() coroutine.yield(1) end }")

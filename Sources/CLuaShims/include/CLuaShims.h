@@ -34,6 +34,12 @@ const char *weir_lua_version(void);
 /// weir_push_native; `yield_count` receives the number of values to yield.
 typedef int (*weir_dispatch_fn)(lua_State *L, void *context, int function_id, int *yield_count);
 
+/// A hot native (ids below WEIR_HOT_NATIVES): called by its own C entry
+/// directly, without the dispatcher's id switch. It never raises nor
+/// yields: a result count or WEIR_CALL_FALLBACK.
+typedef int (*weir_hot_fn)(lua_State *L, void *context);
+#define WEIR_HOT_NATIVES 32
+
 // The allocator's small-block free lists (shims.c): classes of 16 bytes up
 // to WEIR_SMALL_MAX, at most WEIR_SMALL_CACHE_BYTES kept per state. Sized on
 // weir-observe (tracing + http-log: ~70 Lua allocations per request): 8
@@ -61,6 +67,7 @@ typedef struct weir_state_info {
     int hook_interval;         // instructions between hook calls once armed (0: no budgets)
     weir_dispatch_fn dispatch;
     void *context;             // the Swift LuaState (unretained)
+    weir_hot_fn hot[WEIR_HOT_NATIVES]; // NULL: the id goes through `dispatch`
     // The chain runner (chain.c):
     int chain_entry;           // 1-based list index of the plugin it ran last (first: where it starts)
     int chain_last;            // the list index it stops after
@@ -93,8 +100,11 @@ void weir_close(lua_State *L);
 static inline weir_state_info *weir_info(lua_State *L) {
     return *(weir_state_info **)lua_getextraspace(L);
 }
-/// Sets the Swift dispatcher for native functions.
+/// Sets the Swift dispatcher for native functions (and clears the hot natives).
 void weir_set_dispatch(lua_State *L, weir_dispatch_fn fn, void *context);
+/// Native `id` (< WEIR_HOT_NATIVES) is `fn`, called with the dispatcher's
+/// context, until the next weir_set_dispatch. Returns 0 for a bad id.
+int weir_set_hot_native(lua_State *L, int id, weir_hot_fn fn);
 /// Starts a fresh instruction budget (0 = unlimited) and clears the exhausted and armed flags.
 void weir_set_budget(lua_State *L, int64_t instructions);
 
