@@ -151,6 +151,12 @@ open class PluginRequestCalls {
         context(object).withRequestHeader(name, body)
     }
     open func setUpstreamHeader(_ object: UnsafeMutableRawPointer, _ name: String, _ value: String) { context(object).setUpstreamHeader(name, value) }
+    /// `setUpstreamHeader` with `name`'s and `value`'s UTF-8 bytes too
+    /// (valid during the call only), for a context that writes them as they are.
+    open func setUpstreamHeader(_ object: UnsafeMutableRawPointer, _ name: String, _ value: String,
+                                nameBytes: UnsafeRawBufferPointer, valueBytes: UnsafeRawBufferPointer) {
+        context(object).setUpstreamHeader(name, value)
+    }
     open func addUpstreamHeader(_ object: UnsafeMutableRawPointer, _ name: String, _ value: String) { context(object).addUpstreamHeader(name, value) }
     open func clearUpstreamHeader(_ object: UnsafeMutableRawPointer, _ name: String) { context(object).clearUpstreamHeader(name) }
     open func setResponseHeader(_ object: UnsafeMutableRawPointer, _ name: String, _ value: String) { context(object).setResponseHeader(name, value) }
@@ -200,6 +206,10 @@ struct HotRequestContext {
     }
     @inline(__always) func setUpstreamHeader(_ name: String, _ value: String) {
         calls._withUnsafeGuaranteedRef { $0.setUpstreamHeader(object, name, value) }
+    }
+    @inline(__always) func setUpstreamHeader(_ name: String, _ value: String,
+                                             nameBytes: UnsafeRawBufferPointer, valueBytes: UnsafeRawBufferPointer) {
+        calls._withUnsafeGuaranteedRef { $0.setUpstreamHeader(object, name, value, nameBytes: nameBytes, valueBytes: valueBytes) }
     }
     @inline(__always) func addUpstreamHeader(_ name: String, _ value: String) {
         calls._withUnsafeGuaranteedRef { $0.addUpstreamHeader(object, name, value) }

@@ -576,6 +576,17 @@ final class ExchangePlugins: PluginRequest, PluginRequestContext {
         noteFramingEdit(name)
         exchange.upstreamEdits!.replaceFields(named: name, lines: lines, with: value)
     }
+    /// `setUpstreamHeader` with the name's and value's UTF-8 bytes (the
+    /// SDK's set_header lends them): a line for `upstreamLines` is copied
+    /// from them, not from the Strings.
+    func setUpstreamHeader(_ name: String, _ value: String, nameBytes: UnsafeRawBufferPointer, valueBytes: UnsafeRawBufferPointer) {
+        if let lines = upstreamLinesChange(name) {
+            upstreamLines.set(name, nameBytes: nameBytes, valueBytes: valueBytes, clientLines: lines)
+            hasUpstreamLines = true
+            return
+        }
+        setUpstreamHeader(name, value)
+    }
     func addUpstreamHeader(_ name: String, _ value: String) {
         if upstreamLinesChange(name) != nil {
             upstreamLines.add(name, value)

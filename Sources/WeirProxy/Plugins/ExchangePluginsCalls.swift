@@ -17,6 +17,10 @@ final class ExchangePluginsCalls: PluginRequestCalls {
     override func setUpstreamHeader(_ object: UnsafeMutableRawPointer, _ name: String, _ value: String) {
         on(object) { $0.setUpstreamHeader(name, value) }
     }
+    override func setUpstreamHeader(_ object: UnsafeMutableRawPointer, _ name: String, _ value: String,
+                                    nameBytes: UnsafeRawBufferPointer, valueBytes: UnsafeRawBufferPointer) {
+        on(object) { $0.setUpstreamHeader(name, value, nameBytes: nameBytes, valueBytes: valueBytes) }
+    }
     override func addUpstreamHeader(_ object: UnsafeMutableRawPointer, _ name: String, _ value: String) {
         on(object) { $0.addUpstreamHeader(name, value) }
     }

@@ -1,5 +1,6 @@
 import NIOCore
 import NIOHTTP1
+import WeirCore
 import WeirLua
 
 // Plugins' header changes as an edit list over a head that stays in its
@@ -555,23 +556,40 @@ struct PluginUpstreamLines {
         add(name, value)
     }
 
+    /// `set` from the name's and value's UTF-8 bytes (`name` is the same
+    /// name as a String, for `clear`).
+    mutating func set(_ name: String, nameBytes: UnsafeRawBufferPointer, valueBytes: UnsafeRawBufferPointer,
+                      clientLines: HTTP1FieldSet) {
+        clear(name, clientLines: clientLines)
+        add(nameBytes: nameBytes, valueBytes: valueBytes)
+    }
+
     /// `add_header` (a checked name and value).
     mutating func add(_ name: String, _ value: String) {
         assert(HeadSerialization.isToken(name) && HeadSerialization.isValidFieldValue(value), "unchecked header \(name)")
+        name.withContiguousUTF8 { n in
+            value.withContiguousUTF8 { v in add(nameBytes: UnsafeRawBufferPointer(n), valueBytes: UnsafeRawBufferPointer(v)) }
+        }
+    }
+
+    /// `add` of a name and value given as their UTF-8 bytes (checked, the
+    /// name lower-case): one copy each into `storage`.
+    mutating func add(nameBytes name: UnsafeRawBufferPointer, valueBytes value: UnsafeRawBufferPointer) {
+        assert(HTTPFieldSyntax.isToken(name) && HTTPFieldSyntax.isValidFieldValue(value), "unchecked header")
         // One allocation each for a chain's few lines.
         if lines.capacity == 0 { lines.reserveCapacity(4) }
         let start = byteCount
-        let valueStart = start + name.utf8.count + 2
-        let end = valueStart + value.utf8.count + 2
+        let valueStart = start + name.count + 2
+        let end = valueStart + value.count + 2
         if storage.count < end { grow(to: end) }
-        storage.withUnsafeMutableBufferPointer { buffer in
+        storage.withUnsafeMutableBytes { buffer in
             let base = buffer.baseAddress!
-            name.withContiguousUTF8 { (base + start).update(from: $0.baseAddress!, count: $0.count) }
-            base[valueStart - 2] = 0x3A                          // ": "
-            base[valueStart - 1] = 0x20
-            value.withContiguousUTF8 { if let v = $0.baseAddress { (base + valueStart).update(from: v, count: $0.count) } }
-            base[end - 2] = 0x0D
-            base[end - 1] = 0x0A
+            if let n = name.baseAddress { (base + start).copyMemory(from: n, byteCount: name.count) }
+            base.storeBytes(of: 0x3A, toByteOffset: valueStart - 2, as: UInt8.self)     // ": "
+            base.storeBytes(of: 0x20, toByteOffset: valueStart - 1, as: UInt8.self)
+            if let v = value.baseAddress { (base + valueStart).copyMemory(from: v, byteCount: value.count) }
+            base.storeBytes(of: 0x0D, toByteOffset: end - 2, as: UInt8.self)
+            base.storeBytes(of: 0x0A, toByteOffset: end - 1, as: UInt8.self)
         }
         byteCount = end
         lines.append(Line(start: start, valueStart: valueStart, end: end))
