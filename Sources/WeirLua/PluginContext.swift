@@ -150,6 +150,12 @@ open class PluginRequestCalls {
     open func withRequestHeader(_ object: UnsafeMutableRawPointer, _ name: String, _ body: (UnsafeRawBufferPointer?) -> Void) {
         context(object).withRequestHeader(name, body)
     }
+    /// `withRequestHeader` with `name`'s UTF-8 bytes too (valid during the
+    /// call only), for a context that looks them up as they are.
+    open func withRequestHeader(_ object: UnsafeMutableRawPointer, _ name: String, nameBytes: UnsafeRawBufferPointer,
+                                _ body: (UnsafeRawBufferPointer?) -> Void) {
+        context(object).withRequestHeader(name, body)
+    }
     open func setUpstreamHeader(_ object: UnsafeMutableRawPointer, _ name: String, _ value: String) { context(object).setUpstreamHeader(name, value) }
     /// `setUpstreamHeader` with `name`'s and `value`'s UTF-8 bytes too
     /// (valid during the call only), for a context that writes them as they are.
@@ -201,6 +207,9 @@ struct HotRequestContext {
         calls = Unmanaged.passUnretained(context.nativeCalls)
     }
 
+    @inline(__always) func withRequestHeader(_ name: String, nameBytes: UnsafeRawBufferPointer, _ body: (UnsafeRawBufferPointer?) -> Void) {
+        calls._withUnsafeGuaranteedRef { $0.withRequestHeader(object, name, nameBytes: nameBytes, body) }
+    }
     @inline(__always) func withRequestHeader(_ name: String, _ body: (UnsafeRawBufferPointer?) -> Void) {
         calls._withUnsafeGuaranteedRef { $0.withRequestHeader(object, name, body) }
     }

@@ -361,9 +361,9 @@ extension LuaRuntime {
     @inline(__always)
     fileprivate func requestGetHeader(_ L: LuaThread) -> Int32 {
         withCurrentRequest(PluginPhase.anyRequestPhase) { r in
-            // The name borrowed from the cache for the lookup.
-            headerNames.withText(at: 1, on: L) { name, _ in
-                r.withRequestHeader(name) { value in
+            // The name (and its bytes) borrowed from the cache for the lookup.
+            headerNames.withTextBytes(at: 1, on: L) { name, _, nameBytes in
+                r.withRequestHeader(name, nameBytes: nameBytes) { value in
                     if let value { recentStrings.push(bytes: value, on: L) } else { lua_pushnil(L) }
                 }
                 return 1

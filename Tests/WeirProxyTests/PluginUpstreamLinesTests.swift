@@ -63,4 +63,26 @@ final class PluginUpstreamLinesTests: XCTestCase {
         lines.add("x-e", "5")
         XCTAssertEqual(text(lines), "x-e: 5\r\n", "nothing of the longer lines before is read back")
     }
+
+    /// set_header's path (the SDK lends the name's and value's bytes) writes
+    /// the same lines as the String one, and a set from bytes still drops an
+    /// earlier added line of the name and the client's lines.
+    func testLinesFromBytesAreTheLinesFromStrings() {
+        func withBytes(_ a: String, _ b: String, _ body: (UnsafeRawBufferPointer, UnsafeRawBufferPointer) -> Void) {
+            let x = Array(a.utf8), y = Array(b.utf8)
+            x.withUnsafeBytes { xb in y.withUnsafeBytes { yb in body(xb, yb) } }
+        }
+        var client = HTTP1FieldSet()
+        client.insert(1)
+        var strings = PluginUpstreamLines(), bytes = PluginUpstreamLines()
+        strings.add("x-consumer-name", "bench-consumer")
+        withBytes("x-consumer-name", "bench-consumer") { bytes.add(nameBytes: $0, valueBytes: $1) }
+        strings.set("x-consumer-name", "other", clientLines: client)
+        withBytes("x-consumer-name", "other") { bytes.set("x-consumer-name", nameBytes: $0, valueBytes: $1, clientLines: client.low) }
+        strings.add("x-empty", "")
+        withBytes("x-empty", "") { bytes.add(nameBytes: $0, valueBytes: $1) }
+        XCTAssertEqual(text(bytes), "x-consumer-name: other\r\nx-empty: \r\n")
+        XCTAssertEqual(bytes.bytes, strings.bytes)
+        XCTAssertEqual(bytes.removed, client)
+    }
 }

@@ -558,9 +558,12 @@ struct PluginUpstreamLines {
 
     /// `set` from the name's and value's UTF-8 bytes (`name` is the same
     /// name as a String, for `clear`).
+    /// `clientLines`: the client's lines of the name, all below 64 (the
+    /// set's one word).
     mutating func set(_ name: String, nameBytes: UnsafeRawBufferPointer, valueBytes: UnsafeRawBufferPointer,
-                      clientLines: HTTP1FieldSet) {
-        clear(name, clientLines: clientLines)
+                      clientLines: UInt64) {
+        removed.low |= clientLines
+        if !lines.isEmpty { removeAdded(name) }
         add(nameBytes: nameBytes, valueBytes: valueBytes)
     }
 
