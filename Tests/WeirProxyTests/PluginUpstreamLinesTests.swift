@@ -85,4 +85,21 @@ final class PluginUpstreamLinesTests: XCTestCase {
         XCTAssertEqual(bytes.bytes, strings.bytes)
         XCTAssertEqual(bytes.removed, client)
     }
+
+    /// The lines are read back from their bytes (a clear of an added name,
+    /// the edit list taking them over): a value with ": " and ':' in it,
+    /// an empty value and a name that is another's prefix stay whole.
+    func testLinesReadBackFromTheirBytesKeepValuesWithColons() {
+        var lines = PluginUpstreamLines()
+        lines.add("x-a", "b: c:d")
+        lines.add("x-ab", "")
+        lines.add("x-a", "again")
+        lines.add("x-c", "http://host:80/")
+        lines.clear("x-a", clientLines: HTTP1FieldSet())
+        XCTAssertEqual(text(lines), "x-ab: \r\nx-c: http://host:80/\r\n")
+        var edits = HTTP1HeadEdits()
+        lines.move(into: &edits)
+        XCTAssertEqual(edits.added.map { "\($0.name)=\($0.value)" }, ["x-ab=", "x-c=http://host:80/"])
+        XCTAssertEqual(lines.byteCount, 0)
+    }
 }
