@@ -145,6 +145,46 @@ final class HeaderNameCache {
         return withText(UnsafeRawPointer(p), length: length, at: index, on: L, body)
     }
 
+    /// `withText(ofStringAt:on:_:)` that also lends the text's UTF-8
+    /// bytes (the cached entry's own: `HeaderText.bytes`; after a miss, the
+    /// new String's), valid during `body` only.
+    @inline(__always)
+    func withTextBytes<R>(ofStringAt index: Int32, on L: LuaThread, _ body: (String, Bool, UnsafeRawBufferPointer) -> R) -> R? {
+        var length = 0
+        guard let p = lua_tolstring(L, index, &length) else { return nil }
+        return withTextBytes(UnsafeRawPointer(p), length: length, at: index, on: L, body)
+    }
+
+    /// `withTextBytes(ofStringAt:on:_:)` of any value (nil: not a string).
+    @inline(__always)
+    func withTextBytes<R>(at index: Int32, on L: LuaThread, _ body: (String, Bool, UnsafeRawBufferPointer) -> R) -> R? {
+        var length = 0
+        guard let p = weir_tostring(L, index, &length) else { return nil }
+        return withTextBytes(UnsafeRawPointer(p), length: length, at: index, on: L, body)
+    }
+
+    @inline(__always)
+    private func withTextBytes<R>(_ address: UnsafeRawPointer, length: Int, at index: Int32, on L: LuaThread,
+                                  _ body: (String, Bool, UnsafeRawBufferPointer) -> R) -> R? {
+        let hash = UInt(bitPattern: Int(bitPattern: address)) &* 0x9E37_79B9_7F4A_7C15
+        let pair = Int(truncatingIfNeeded: hash >> 58) & (Self.pairCount - 1)
+        let first = slots + 2 * pair
+        if first.pointee.address == address {
+            return first.pointee.entry._withUnsafeGuaranteedRef { body($0.text, $0.fits, UnsafeRawBufferPointer($0.bytes)) }
+        }
+        if first[1].address == address {
+            return first[1].entry._withUnsafeGuaranteedRef { body($0.text, $0.fits, UnsafeRawBufferPointer($0.bytes)) }
+        }
+        guard let (text, fits) = cache(address, length: length, pair: pair, at: index, on: L) else { return nil }
+        return Self.withUTF8(text) { body(text, fits, $0) }
+    }
+
+    /// A String's UTF-8 bytes, for `body` only.
+    static func withUTF8<R>(_ text: String, _ body: (UnsafeRawBufferPointer) -> R) -> R {
+        var copy = text
+        return copy.withUTF8 { body(UnsafeRawBufferPointer($0)) }
+    }
+
     @inline(__always)
     private func withText<R>(_ address: UnsafeRawPointer, length: Int, at index: Int32, on L: LuaThread,
                              _ body: (String, Bool) -> R) -> R? {
@@ -186,11 +226,21 @@ final class HeaderNameCache {
 final class HeaderText {
     let text: String
     let fits: Bool
+    /// `text`'s UTF-8, owned (allocated here, freed in deinit): a setter
+    /// that writes the bytes (PluginUpstreamLines) copies them in one go,
+    /// where reading a small String's bytes spills it first (~40
+    /// instructions a String).
+    let bytes: UnsafeMutableRawBufferPointer
 
     init(_ text: String, fits: Bool) {
         self.text = text
         self.fits = fits
+        let utf8 = text.utf8
+        bytes = .allocate(byteCount: utf8.count, alignment: 1)
+        bytes.copyBytes(from: utf8)
     }
+
+    deinit { bytes.deallocate() }
 }
 
 /// The other direction: Swift Strings the SDK hands to Lua request after

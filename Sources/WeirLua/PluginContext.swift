@@ -150,7 +150,19 @@ open class PluginRequestCalls {
     open func withRequestHeader(_ object: UnsafeMutableRawPointer, _ name: String, _ body: (UnsafeRawBufferPointer?) -> Void) {
         context(object).withRequestHeader(name, body)
     }
+    /// `withRequestHeader` with `name`'s UTF-8 bytes too (valid during the
+    /// call only), for a context that looks them up as they are.
+    open func withRequestHeader(_ object: UnsafeMutableRawPointer, _ name: String, nameBytes: UnsafeRawBufferPointer,
+                                _ body: (UnsafeRawBufferPointer?) -> Void) {
+        context(object).withRequestHeader(name, body)
+    }
     open func setUpstreamHeader(_ object: UnsafeMutableRawPointer, _ name: String, _ value: String) { context(object).setUpstreamHeader(name, value) }
+    /// `setUpstreamHeader` with `name`'s and `value`'s UTF-8 bytes too
+    /// (valid during the call only), for a context that writes them as they are.
+    open func setUpstreamHeader(_ object: UnsafeMutableRawPointer, _ name: String, _ value: String,
+                                nameBytes: UnsafeRawBufferPointer, valueBytes: UnsafeRawBufferPointer) {
+        context(object).setUpstreamHeader(name, value)
+    }
     open func addUpstreamHeader(_ object: UnsafeMutableRawPointer, _ name: String, _ value: String) { context(object).addUpstreamHeader(name, value) }
     open func clearUpstreamHeader(_ object: UnsafeMutableRawPointer, _ name: String) { context(object).clearUpstreamHeader(name) }
     open func setResponseHeader(_ object: UnsafeMutableRawPointer, _ name: String, _ value: String) { context(object).setResponseHeader(name, value) }
@@ -195,11 +207,18 @@ struct HotRequestContext {
         calls = Unmanaged.passUnretained(context.nativeCalls)
     }
 
+    @inline(__always) func withRequestHeader(_ name: String, nameBytes: UnsafeRawBufferPointer, _ body: (UnsafeRawBufferPointer?) -> Void) {
+        calls._withUnsafeGuaranteedRef { $0.withRequestHeader(object, name, nameBytes: nameBytes, body) }
+    }
     @inline(__always) func withRequestHeader(_ name: String, _ body: (UnsafeRawBufferPointer?) -> Void) {
         calls._withUnsafeGuaranteedRef { $0.withRequestHeader(object, name, body) }
     }
     @inline(__always) func setUpstreamHeader(_ name: String, _ value: String) {
         calls._withUnsafeGuaranteedRef { $0.setUpstreamHeader(object, name, value) }
+    }
+    @inline(__always) func setUpstreamHeader(_ name: String, _ value: String,
+                                             nameBytes: UnsafeRawBufferPointer, valueBytes: UnsafeRawBufferPointer) {
+        calls._withUnsafeGuaranteedRef { $0.setUpstreamHeader(object, name, value, nameBytes: nameBytes, valueBytes: valueBytes) }
     }
     @inline(__always) func addUpstreamHeader(_ name: String, _ value: String) {
         calls._withUnsafeGuaranteedRef { $0.addUpstreamHeader(object, name, value) }

@@ -142,6 +142,20 @@ private func withHeaderValue<R>(at index: Int32, on L: LuaThread, cache: HeaderN
     }
 }
 
+/// `withHeaderValue` that also lends the value's UTF-8 bytes (valid during
+/// `body` only: HeaderNameCache.withTextBytes).
+@inline(__always)
+private func withHeaderValueBytes<R>(at index: Int32, on L: LuaThread, cache: HeaderNameCache,
+                                     _ body: (String, Bool, UnsafeRawBufferPointer) -> R) -> R? {
+    switch lua_type(L, index) {
+    case LUA_TSTRING: return cache.withTextBytes(ofStringAt: index, on: L, body)
+    case LUA_TNUMBER where lua_isinteger(L, index) != 0:
+        let text = cache.integerText(lua_tointegerx(L, index, nil), decimalText)
+        return HeaderNameCache.withUTF8(text) { body(text, true, $0) }
+    default: return nil
+    }
+}
+
 /// What a header setter hands the request (whose setters take only names
 /// that are tokens and values without CR/LF/NUL, PluginRequestContext): a
 /// name that is not a token names no line, so nothing changes; a value that
@@ -347,9 +361,9 @@ extension LuaRuntime {
     @inline(__always)
     fileprivate func requestGetHeader(_ L: LuaThread) -> Int32 {
         withCurrentRequest(PluginPhase.anyRequestPhase) { r in
-            // The name borrowed from the cache for the lookup.
-            headerNames.withText(at: 1, on: L) { name, _ in
-                r.withRequestHeader(name) { value in
+            // The name (and its bytes) borrowed from the cache for the lookup.
+            headerNames.withTextBytes(at: 1, on: L) { name, _, nameBytes in
+                r.withRequestHeader(name, nameBytes: nameBytes) { value in
                     if let value { recentStrings.push(bytes: value, on: L) } else { lua_pushnil(L) }
                 }
                 return 1
@@ -361,7 +375,8 @@ extension LuaRuntime {
     /// `weir.response.set_header` / `add_header` (name, value).
     @inline(__always)
     fileprivate func setHeader(_ L: LuaThread, _ setter: HeaderSetter) -> Int32 {
-        withCurrentRequest(setter.phases) { r in
+        if setter == .upstreamSet { return setUpstreamHeader(L) }
+        return withCurrentRequest(setter.phases) { r in
             // Name and value borrowed from their caches for the change.
             headerNames.withText(at: 1, on: L) { name, nameFits in
                 withHeaderValue(at: 2, on: L, cache: headerValues) { value, valueFits in
@@ -377,6 +392,25 @@ extension LuaRuntime {
                         if setter == .upstreamSet { r.clearUpstreamHeader(name) } else { r.clearResponseHeader(name) }
                     case .none:
                         break
+                    }
+                    return 0
+                } ?? WEIR_CALL_FALLBACK
+            } ?? WEIR_CALL_FALLBACK
+        }
+    }
+
+    /// `weir.upstream.request.set_header(name, value)`: as `setHeader`, with
+    /// the name's and value's bytes lent to the request too (it writes
+    /// them as a wire line: PluginUpstreamLines).
+    @inline(__always)
+    private func setUpstreamHeader(_ L: LuaThread) -> Int32 {
+        withCurrentRequest(HeaderSetter.upstreamSet.phases) { r in
+            headerNames.withTextBytes(at: 1, on: L) { name, nameFits, nameBytes in
+                withHeaderValueBytes(at: 2, on: L, cache: headerValues) { value, valueFits, valueBytes in
+                    switch HeaderChange(nameFits: nameFits, valueFits: valueFits, replaces: true) {
+                    case .apply: r.setUpstreamHeader(name, value, nameBytes: nameBytes, valueBytes: valueBytes)
+                    case .clearOnly: r.clearUpstreamHeader(name)
+                    case .none: break
                     }
                     return 0
                 } ?? WEIR_CALL_FALLBACK

@@ -63,4 +63,43 @@ final class PluginUpstreamLinesTests: XCTestCase {
         lines.add("x-e", "5")
         XCTAssertEqual(text(lines), "x-e: 5\r\n", "nothing of the longer lines before is read back")
     }
+
+    /// set_header's path (the SDK lends the name's and value's bytes) writes
+    /// the same lines as the String one, and a set from bytes still drops an
+    /// earlier added line of the name and the client's lines.
+    func testLinesFromBytesAreTheLinesFromStrings() {
+        func withBytes(_ a: String, _ b: String, _ body: (UnsafeRawBufferPointer, UnsafeRawBufferPointer) -> Void) {
+            let x = Array(a.utf8), y = Array(b.utf8)
+            x.withUnsafeBytes { xb in y.withUnsafeBytes { yb in body(xb, yb) } }
+        }
+        var client = HTTP1FieldSet()
+        client.insert(1)
+        var strings = PluginUpstreamLines(), bytes = PluginUpstreamLines()
+        strings.add("x-consumer-name", "bench-consumer")
+        withBytes("x-consumer-name", "bench-consumer") { bytes.add(nameBytes: $0, valueBytes: $1) }
+        strings.set("x-consumer-name", "other", clientLines: client)
+        withBytes("x-consumer-name", "other") { bytes.set("x-consumer-name", nameBytes: $0, valueBytes: $1, clientLines: client.low) }
+        strings.add("x-empty", "")
+        withBytes("x-empty", "") { bytes.add(nameBytes: $0, valueBytes: $1) }
+        XCTAssertEqual(text(bytes), "x-consumer-name: other\r\nx-empty: \r\n")
+        XCTAssertEqual(bytes.bytes, strings.bytes)
+        XCTAssertEqual(bytes.removed, client)
+    }
+
+    /// The lines are read back from their bytes (a clear of an added name,
+    /// the edit list taking them over): a value with ": " and ':' in it,
+    /// an empty value and a name that is another's prefix stay whole.
+    func testLinesReadBackFromTheirBytesKeepValuesWithColons() {
+        var lines = PluginUpstreamLines()
+        lines.add("x-a", "b: c:d")
+        lines.add("x-ab", "")
+        lines.add("x-a", "again")
+        lines.add("x-c", "http://host:80/")
+        lines.clear("x-a", clientLines: HTTP1FieldSet())
+        XCTAssertEqual(text(lines), "x-ab: \r\nx-c: http://host:80/\r\n")
+        var edits = HTTP1HeadEdits()
+        lines.move(into: &edits)
+        XCTAssertEqual(edits.added.map { "\($0.name)=\($0.value)" }, ["x-ab=", "x-c=http://host:80/"])
+        XCTAssertEqual(lines.byteCount, 0)
+    }
 }

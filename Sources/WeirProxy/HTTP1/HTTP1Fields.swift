@@ -218,6 +218,21 @@ public struct HTTP1Fields: Sendable {
         }
     }
 
+    /// `withFirstValue(named:_:)` of a name given as its UTF-8 bytes.
+    func withFirstValue(named name: UnsafeRawBufferPointer, _ body: (UnsafeRawBufferPointer?) -> Void) {
+        guard let np = name.baseAddress?.assumingMemoryBound(to: UInt8.self), name.count > 0 else { return body(nil) }
+        bytes.withUnsafeReadableBytes { raw in
+            let base = raw.baseAddress!.assumingMemoryBound(to: UInt8.self)
+            entries.withUnsafeBufferPointer { entries in
+                for e in entries where Int(e.nameLength) == name.count
+                    && HTTP1Bytes.equalsIgnoringCase(base + Int(e.nameStart), np, name.count) {
+                    return body(UnsafeRawBufferPointer(start: base + Int(e.valueStart), count: Int(e.valueLength)))
+                }
+                body(nil)
+            }
+        }
+    }
+
     /// Index of the first field whose name equals `name` (ASCII case-insensitive).
     public func firstIndex(named name: String) -> Int? {
         var name = name
@@ -261,6 +276,27 @@ public struct HTTP1Fields: Sendable {
                         guard e.known == .other, Int(e.nameLength) == n.count else { continue }
                         if HTTP1Bytes.equalsIgnoringCase(base + Int(e.nameStart), np, n.count) { set.insert(i) }
                     }
+                }
+            }
+        }
+        return set
+    }
+
+    /// `fieldSet(named:kind:)` of a name the parser does not tag
+    /// (`HTTP1KnownField.other`), given as its UTF-8 bytes, as the set's
+    /// one word (`HTTP1FieldSet.low`); nil for a head of more than 64 lines.
+    @inline(__always)
+    func otherFieldLines(named name: UnsafeRawBufferPointer) -> UInt64? {
+        guard entries.count <= 64 else { return nil }
+        var set: UInt64 = 0
+        guard !entries.isEmpty, let np = name.baseAddress?.assumingMemoryBound(to: UInt8.self), name.count > 0 else { return set }
+        entries.withUnsafeBufferPointer { entries in
+            bytes.withUnsafeReadableBytes { raw in
+                let base = raw.bindMemory(to: UInt8.self).baseAddress!
+                for i in entries.indices {
+                    let e = entries[i]
+                    guard e.known == .other, Int(e.nameLength) == name.count else { continue }
+                    if HTTP1Bytes.equalsIgnoringCase(base + Int(e.nameStart), np, name.count) { set |= 1 << UInt64(i) }
                 }
             }
         }

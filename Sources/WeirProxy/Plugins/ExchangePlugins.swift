@@ -416,6 +416,14 @@ final class ExchangePlugins: PluginRequest, PluginRequestContext {
             head._withUnsafeGuaranteedRef { $0.withFirstValue(named: lowercasedName, body) }
         }
     }
+    /// `withRequestHeader` of a name given as its (lower-case) UTF-8 bytes.
+    func withRequestHeader(nameBytes: UnsafeRawBufferPointer, _ body: (UnsafeRawBufferPointer?) -> Void) {
+        guard let exchange = exchange.map(Unmanaged.passUnretained) else { return body(nil) }
+        exchange._withUnsafeGuaranteedRef { exchange in
+            guard let head = exchange.head.map(Unmanaged.passUnretained) else { return body(nil) }
+            head._withUnsafeGuaranteedRef { $0.wire.fields.withFirstValue(named: nameBytes, body) }
+        }
+    }
     func requestHeaders() -> [(name: String, value: String)] {
         exchange.head?.headers.map { (name: $0.name.lowercased(), value: $0.value) } ?? []
     }
@@ -533,6 +541,20 @@ final class ExchangePlugins: PluginRequest, PluginRequestContext {
         }
     }
 
+    /// `upstreamLinesChange` of a name given as its (lower-case) UTF-8
+    /// bytes, for a head of at most 64 lines (else nil): the client's lines
+    /// of the name as one word (`HTTP1FieldSet.low`). A set returned (with
+    /// its empty array) cost a release per call.
+    @inline(__always)
+    private func upstreamLinesChange(_ name: UnsafeRawBufferPointer) -> UInt64? {
+        guard let exchange = exchange.map(Unmanaged.passUnretained), let n = name.baseAddress, name.count > 0 else { return nil }
+        return exchange._withUnsafeGuaranteedRef { exchange in
+            guard exchange.upstreamEdits == nil, let head = exchange.head.map(Unmanaged.passUnretained),
+                  HTTP1KnownField.classify(n.assumingMemoryBound(to: UInt8.self), name.count) == .other else { return nil }
+            return head._withUnsafeGuaranteedRef { $0.wire.fields.otherFieldLines(named: name) }
+        }
+    }
+
     /// The upstream head with the proxy's own lines as bytes and
     /// `upstreamLines` after them (serializeUpstreamHead, while there is no
     /// edit list); the client lines either side removed are left out.
@@ -575,6 +597,19 @@ final class ExchangePlugins: PluginRequest, PluginRequestContext {
         guard makeUpstreamEdits(), let lines = exchange.head?.fieldSet(named: name) else { return }
         noteFramingEdit(name)
         exchange.upstreamEdits!.replaceFields(named: name, lines: lines, with: value)
+    }
+    /// `setUpstreamHeader` with the name's and value's UTF-8 bytes (the
+    /// SDK's set_header lends them): a line for `upstreamLines` is copied
+    /// from them, not from the Strings.
+    /// (A head of more than 64 lines takes the String path: its set of
+    /// client lines is more than one word.)
+    func setUpstreamHeader(_ name: String, _ value: String, nameBytes: UnsafeRawBufferPointer, valueBytes: UnsafeRawBufferPointer) {
+        if let lines = upstreamLinesChange(nameBytes) {
+            upstreamLines.set(name, nameBytes: nameBytes, valueBytes: valueBytes, clientLines: lines)
+            hasUpstreamLines = true
+            return
+        }
+        setUpstreamHeader(name, value)
     }
     func addUpstreamHeader(_ name: String, _ value: String) {
         if upstreamLinesChange(name) != nil {

@@ -14,8 +14,16 @@ final class ExchangePluginsCalls: PluginRequestCalls {
     override func withRequestHeader(_ object: UnsafeMutableRawPointer, _ name: String, _ body: (UnsafeRawBufferPointer?) -> Void) {
         on(object) { $0.withRequestHeader(name, body) }
     }
+    override func withRequestHeader(_ object: UnsafeMutableRawPointer, _ name: String, nameBytes: UnsafeRawBufferPointer,
+                                    _ body: (UnsafeRawBufferPointer?) -> Void) {
+        on(object) { $0.withRequestHeader(nameBytes: nameBytes, body) }
+    }
     override func setUpstreamHeader(_ object: UnsafeMutableRawPointer, _ name: String, _ value: String) {
         on(object) { $0.setUpstreamHeader(name, value) }
+    }
+    override func setUpstreamHeader(_ object: UnsafeMutableRawPointer, _ name: String, _ value: String,
+                                    nameBytes: UnsafeRawBufferPointer, valueBytes: UnsafeRawBufferPointer) {
+        on(object) { $0.setUpstreamHeader(name, value, nameBytes: nameBytes, valueBytes: valueBytes) }
     }
     override func addUpstreamHeader(_ object: UnsafeMutableRawPointer, _ name: String, _ value: String) {
         on(object) { $0.addUpstreamHeader(name, value) }

@@ -1,5 +1,6 @@
 import NIOCore
 import NIOHTTP1
+import WeirCore
 import WeirLua
 
 // Plugins' header changes as an edit list over a head that stays in its
@@ -523,14 +524,16 @@ struct PluginUpstreamLines {
     /// `byteCount` bytes of `storage`. The array keeps its size from
     /// request to request and a line is written into it in place (an
     /// append of a line made on the stack cost ~180 instructions a line).
+    /// Where each line and its value start is not kept: the rare paths
+    /// that need it (a clear of an added name, the edit list taking the
+    /// lines over) read it back from the bytes (`lines`), where a
+    /// list of the lines cost an append per line and emptying per request
+    /// (~50 instructions per request for the chain's one line).
     private var storage: [UInt8] = []
     private(set) var byteCount = 0
-    /// Where each added line and its value start in `storage` (its name is
-    /// `storage[start..<valueStart - 2]`). Plain integers: appending and
-    /// dropping a line retains and releases nothing (a name String per line
-    /// cost ~40 instructions a line, callgrind).
-    private var lines: [Line] = []
 
+    /// Where an added line and its value start in `storage` (its name is
+    /// `storage[start..<valueStart - 2]`).
     private struct Line {
         var start: Int
         var valueStart: Int
@@ -555,26 +558,43 @@ struct PluginUpstreamLines {
         add(name, value)
     }
 
+    /// `set` from the name's and value's UTF-8 bytes (`name` is the same
+    /// name as a String, for `clear`).
+    /// `clientLines`: the client's lines of the name, all below 64 (the
+    /// set's one word).
+    mutating func set(_ name: String, nameBytes: UnsafeRawBufferPointer, valueBytes: UnsafeRawBufferPointer,
+                      clientLines: UInt64) {
+        removed.low |= clientLines
+        if byteCount != 0 { removeAdded(name) }
+        add(nameBytes: nameBytes, valueBytes: valueBytes)
+    }
+
     /// `add_header` (a checked name and value).
     mutating func add(_ name: String, _ value: String) {
         assert(HeadSerialization.isToken(name) && HeadSerialization.isValidFieldValue(value), "unchecked header \(name)")
-        // One allocation each for a chain's few lines.
-        if lines.capacity == 0 { lines.reserveCapacity(4) }
+        name.withContiguousUTF8 { n in
+            value.withContiguousUTF8 { v in add(nameBytes: UnsafeRawBufferPointer(n), valueBytes: UnsafeRawBufferPointer(v)) }
+        }
+    }
+
+    /// `add` of a name and value given as their UTF-8 bytes (checked, the
+    /// name lower-case): one copy each into `storage`.
+    mutating func add(nameBytes name: UnsafeRawBufferPointer, valueBytes value: UnsafeRawBufferPointer) {
+        assert(HTTPFieldSyntax.isToken(name) && HTTPFieldSyntax.isValidFieldValue(value), "unchecked header")
         let start = byteCount
-        let valueStart = start + name.utf8.count + 2
-        let end = valueStart + value.utf8.count + 2
+        let valueStart = start + name.count + 2
+        let end = valueStart + value.count + 2
         if storage.count < end { grow(to: end) }
-        storage.withUnsafeMutableBufferPointer { buffer in
+        storage.withUnsafeMutableBytes { buffer in
             let base = buffer.baseAddress!
-            name.withContiguousUTF8 { (base + start).update(from: $0.baseAddress!, count: $0.count) }
-            base[valueStart - 2] = 0x3A                          // ": "
-            base[valueStart - 1] = 0x20
-            value.withContiguousUTF8 { if let v = $0.baseAddress { (base + valueStart).update(from: v, count: $0.count) } }
-            base[end - 2] = 0x0D
-            base[end - 1] = 0x0A
+            if let n = name.baseAddress { (base + start).copyMemory(from: n, byteCount: name.count) }
+            base.storeBytes(of: 0x3A, toByteOffset: valueStart - 2, as: UInt8.self)     // ": "
+            base.storeBytes(of: 0x20, toByteOffset: valueStart - 1, as: UInt8.self)
+            if let v = value.baseAddress { (base + valueStart).copyMemory(from: v, byteCount: value.count) }
+            base.storeBytes(of: 0x0D, toByteOffset: end - 2, as: UInt8.self)
+            base.storeBytes(of: 0x0A, toByteOffset: end - 1, as: UInt8.self)
         }
         byteCount = end
-        lines.append(Line(start: start, valueStart: valueStart, end: end))
     }
 
     /// Room for `size` bytes in `storage` (at least 128, doubling).
@@ -590,12 +610,13 @@ struct PluginUpstreamLines {
     @inline(__always)
     mutating func clear(_ name: String, clientLines: HTTP1FieldSet) {
         if !clientLines.isEmpty { removed.formUnion(clientLines) }
-        if !lines.isEmpty { removeAdded(name) }
+        if byteCount != 0 { removeAdded(name) }
     }
 
     /// The added lines named `name` removed.
     @inline(never)
     private mutating func removeAdded(_ name: String) {
+        let lines = self.lines
         guard lines.contains(where: { named($0, name) }) else { return }
         var kept: [UInt8] = []
         kept.reserveCapacity(storage.count)
@@ -608,7 +629,26 @@ struct PluginUpstreamLines {
         byteCount = kept.count
         kept.append(contentsOf: repeatElement(0, count: storage.count - kept.count))
         storage = kept
-        lines = keptLines
+        assert(self.lines.count == keptLines.count, "the kept lines read back as written")
+    }
+
+    /// The added lines, read back from `storage`: a name is a token (no
+    /// ':'), followed by ": "; a value has no CR (both checked before a
+    /// line is added), followed by CRLF.
+    private var lines: [Line] {
+        var lines: [Line] = []
+        storage.withUnsafeBufferPointer { s in
+            var start = 0
+            while start < byteCount {
+                var colon = start
+                while s[colon] != 0x3A { colon += 1 }
+                var cr = colon + 2
+                while s[cr] != 0x0D { cr += 1 }
+                lines.append(Line(start: start, valueStart: colon + 2, end: cr + 2))
+                start = cr + 2
+            }
+        }
+        return lines
     }
 
     /// The edit list takes these changes over (it was just made: the
@@ -628,10 +668,6 @@ struct PluginUpstreamLines {
         // only a set with lines past 64 gets a new one.
         if !removed.high.isEmpty { removed = HTTP1FieldSet() } else { removed.low = 0 }
         byteCount = 0
-        // Line by line: removeAll(keepingCapacity:) goes through the generic
-        // replaceSubrange (~160 instructions per request for a chain's one
-        // or two lines).
-        while !lines.isEmpty { lines.removeLast() }
     }
 
     /// Whether `line` is named `name` (the same bytes: names come lower-cased).
