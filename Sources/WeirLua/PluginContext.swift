@@ -150,6 +150,13 @@ open class PluginRequestCalls {
     open func withRequestHeader(_ object: UnsafeMutableRawPointer, _ name: String, _ body: (UnsafeRawBufferPointer?) -> Void) {
         context(object).withRequestHeader(name, body)
     }
+    /// `withRequestHeader` then `clearUpstreamHeader` of the same name (a
+    /// context may do both in one pass: the proxy's `ExchangePluginsCalls`).
+    open func withRequestHeaderClearing(_ object: UnsafeMutableRawPointer, _ name: String,
+                                        _ body: (UnsafeRawBufferPointer?) -> Void) {
+        context(object).withRequestHeader(name, body)
+        context(object).clearUpstreamHeader(name)
+    }
     open func setUpstreamHeader(_ object: UnsafeMutableRawPointer, _ name: String, _ value: String) { context(object).setUpstreamHeader(name, value) }
     open func addUpstreamHeader(_ object: UnsafeMutableRawPointer, _ name: String, _ value: String) { context(object).addUpstreamHeader(name, value) }
     open func clearUpstreamHeader(_ object: UnsafeMutableRawPointer, _ name: String) { context(object).clearUpstreamHeader(name) }
@@ -200,6 +207,9 @@ struct HotRequestContext {
 
     @inline(__always) func withRequestHeader(_ name: String, _ body: (UnsafeRawBufferPointer?) -> Void) {
         calls._withUnsafeGuaranteedRef { $0.withRequestHeader(object, name, body) }
+    }
+    @inline(__always) func withRequestHeaderClearing(_ name: String, _ body: (UnsafeRawBufferPointer?) -> Void) {
+        calls._withUnsafeGuaranteedRef { $0.withRequestHeaderClearing(object, name, body) }
     }
     @inline(__always) func setUpstreamHeader(_ name: String, _ value: String) {
         calls._withUnsafeGuaranteedRef { $0.setUpstreamHeader(object, name, value) }

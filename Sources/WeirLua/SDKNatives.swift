@@ -498,14 +498,6 @@ extension LuaRuntime {
     /// clientIdentifyHeaderCredential's work, `name` being the header's.
     @inline(__always)
     private func identifyHeaderCredential(_ L: LuaThread, _ r: HotRequestContext, name: String, hides: Bool) -> Int32 {
-        // The value pushed as get_header pushes it (the same Lua string
-        // request after request: the lookup's cache is by its address).
-        var length = -1
-        r.withRequestHeader(name) { value in
-            guard let value else { return }
-            recentStrings.push(bytes: value, on: L)
-            length = value.count
-        }
         // The hidden header cleared before identify when it cannot be
         // one of identify's two names (their lengths differ): the same
         // result, and with no upstream line added yet the clear has no
@@ -513,7 +505,23 @@ extension LuaRuntime {
         let nameLength = name.utf8.count
         let clearsFirst = hides && nameLength != PluginIdentityFields.consumerNameLength
             && nameLength != PluginIdentityFields.anonymousConsumerLength
-        if clearsFirst { r.clearUpstreamHeader(name) }
+        // The value pushed as get_header pushes it (the same Lua string
+        // request after request: the lookup's cache is by its address);
+        // read and cleared in one call (one pass over the client's lines).
+        var length = -1
+        if clearsFirst {
+            r.withRequestHeaderClearing(name) { value in
+                guard let value else { return }
+                recentStrings.push(bytes: value, on: L)
+                length = value.count
+            }
+        } else {
+            r.withRequestHeader(name) { value in
+                guard let value else { return }
+                recentStrings.push(bytes: value, on: L)
+                length = value.count
+            }
+        }
         if length < 0 {
             lua_pushnil(L); lua_pushnil(L)
         } else if length == 0 || credentialLookups.find(L, valueAt: -1, stringsChecked: true, matched: { consumer, plugin, consumerFits in

@@ -608,6 +608,27 @@ final class ExchangePlugins: PluginRequest, PluginRequestContext {
         exchange.upstreamEdits!.removeFields(named: name, lines: lines)
     }
 
+    /// `withRequestHeader` then `clearUpstreamHeader` of the same name
+    /// (identify_header_credential hiding its key header). While the clear
+    /// goes to `upstreamLines` (no edit list, a name the proxy gives no
+    /// meaning to), one pass over the client's lines finds both the value
+    /// and the lines to drop: no second pass, classify or call.
+    func withRequestHeaderClearing(_ lowercasedName: String, _ body: (UnsafeRawBufferPointer?) -> Void) {
+        // Borrowed, not retained (as in `upstreamLinesChange`); `body` runs
+        // before `upstreamLines` changes.
+        let lines: HTTP1FieldSet? = exchange.map(Unmanaged.passUnretained)?._withUnsafeGuaranteedRef { exchange in
+            guard exchange.upstreamEdits == nil, let head = exchange.head.map(Unmanaged.passUnretained),
+                  HTTP1KnownField.classify(lowercasedName) == .other else { return nil }
+            return head._withUnsafeGuaranteedRef { $0.wire.fields.otherFieldSet(named: lowercasedName, firstValue: body) }
+        }
+        guard let lines else {
+            withRequestHeader(lowercasedName, body)
+            return clearUpstreamHeader(lowercasedName)
+        }
+        upstreamLines.clear(lowercasedName, clientLines: lines)
+        hasUpstreamLines = true
+    }
+
     /// `weir.client.identify`: the consumer, then X-Consumer-Name set (or
     /// only cleared: `nameFits` false) and X-Anonymous-Consumer set to
     /// "true" or cleared, as `setUpstreamHeader`/`clearUpstreamHeader` of
@@ -903,5 +924,34 @@ final class ConnectionPlugins: PluginConnectionContext {
     func close() {
         scope?.close()
         scope = nil
+    }
+}
+
+extension HTTP1Fields {
+    /// `fieldSet(named:kind: .other)`, the first of those lines' value
+    /// handed to `body` in the same pass (nil when there is none), read in
+    /// place (ExchangePlugins.withRequestHeaderClearing). `name` is one the
+    /// parser does not tag, so its lines are untagged ones.
+    @inline(__always)
+    func otherFieldSet(named name: String, firstValue body: (UnsafeRawBufferPointer?) -> Void) -> HTTP1FieldSet {
+        var set = HTTP1FieldSet()
+        name.withContiguousUTF8 { n in
+            guard let np = n.baseAddress, n.count > 0, !entries.isEmpty else { return body(nil) }
+            entries.withUnsafeBufferPointer { entries in
+                bytes.withUnsafeReadableBytes { raw in
+                    let base = raw.bindMemory(to: UInt8.self).baseAddress!
+                    var first: UnsafeRawBufferPointer? = nil
+                    for i in entries.indices {
+                        let e = entries[i]
+                        guard e.known == .other, Int(e.nameLength) == n.count,
+                              HTTP1Bytes.equalsIgnoringCase(base + Int(e.nameStart), np, n.count) else { continue }
+                        set.insert(i)
+                        if first == nil { first = UnsafeRawBufferPointer(start: base + Int(e.valueStart), count: Int(e.valueLength)) }
+                    }
+                    body(first)
+                }
+            }
+        }
+        return set
     }
 }

@@ -14,6 +14,10 @@ final class ExchangePluginsCalls: PluginRequestCalls {
     override func withRequestHeader(_ object: UnsafeMutableRawPointer, _ name: String, _ body: (UnsafeRawBufferPointer?) -> Void) {
         on(object) { $0.withRequestHeader(name, body) }
     }
+    override func withRequestHeaderClearing(_ object: UnsafeMutableRawPointer, _ name: String,
+                                            _ body: (UnsafeRawBufferPointer?) -> Void) {
+        on(object) { $0.withRequestHeaderClearing(name, body) }
+    }
     override func setUpstreamHeader(_ object: UnsafeMutableRawPointer, _ name: String, _ value: String) {
         on(object) { $0.setUpstreamHeader(name, value) }
     }
