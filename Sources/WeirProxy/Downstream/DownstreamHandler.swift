@@ -64,6 +64,8 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
     private static let keptResponseBufferCapacity = 4096
     /// Storage for the proxy's added response fields, reused (see relayWireResponseHead).
     private var responseAddedFields: [HTTP1AddedField] = []
+    /// See ExchangeDownstream.noPluginChanges.
+    var noPluginChanges: ResponseHeadChanges? = nil
     var peerAddress: SocketAddress?
     var clientIP = ""
     private(set) var peerTrusted = false

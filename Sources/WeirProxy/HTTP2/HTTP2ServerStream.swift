@@ -48,6 +48,8 @@ final class HTTP2ServerStream: ExchangeDownstream {
             if changed, let deadline = newValue.deadline { connection.streamDeadlineSet(deadline) }
         }
     }
+    /// See ExchangeDownstream.noPluginChanges.
+    var noPluginChanges: ResponseHeadChanges? = nil
     /// HEADERS seen: what follows is body and trailers.
     private var headSeen = false
     /// The client sent END_STREAM.
