@@ -156,6 +156,14 @@ open class PluginRequestCalls {
                                 _ body: (UnsafeRawBufferPointer?) -> Void) {
         context(object).withRequestHeader(name, body)
     }
+
+    /// `withRequestHeader` then `clearUpstreamHeader` of the same name (a
+    /// context may do both in one pass: the proxy's `ExchangePluginsCalls`).
+    open func withRequestHeaderClearing(_ object: UnsafeMutableRawPointer, _ name: String,
+                                        _ body: (UnsafeRawBufferPointer?) -> Void) {
+        context(object).withRequestHeader(name, body)
+        context(object).clearUpstreamHeader(name)
+    }
     open func setUpstreamHeader(_ object: UnsafeMutableRawPointer, _ name: String, _ value: String) { context(object).setUpstreamHeader(name, value) }
     /// `setUpstreamHeader` with `name`'s and `value`'s UTF-8 bytes too
     /// (valid during the call only), for a context that writes them as they are.
@@ -185,8 +193,11 @@ open class PluginRequestCalls {
 
 /// The upstream request lines `weir.client.identify` sets (lower-case).
 public enum PluginIdentityFields {
-    public static let consumerName = "x-consumer-name"
-    public static let anonymousConsumer = "x-anonymous-consumer"
+    // Computed and inlinable: each use is the literal, made in place. A
+    // stored `static let` was read through its addressor and retained and
+    // released at each use (identify: ~30 instructions a name per request).
+    @inlinable public static var consumerName: String { "x-consumer-name" }
+    @inlinable public static var anonymousConsumer: String { "x-anonymous-consumer" }
     /// Their lengths (identify_header_credential compares a name's length
     /// with them: an Int read, where loading a name costs a retain).
     static let consumerNameLength = consumerName.utf8.count
@@ -212,6 +223,9 @@ struct HotRequestContext {
     }
     @inline(__always) func withRequestHeader(_ name: String, _ body: (UnsafeRawBufferPointer?) -> Void) {
         calls._withUnsafeGuaranteedRef { $0.withRequestHeader(object, name, body) }
+    }
+    @inline(__always) func withRequestHeaderClearing(_ name: String, _ body: (UnsafeRawBufferPointer?) -> Void) {
+        calls._withUnsafeGuaranteedRef { $0.withRequestHeaderClearing(object, name, body) }
     }
     @inline(__always) func setUpstreamHeader(_ name: String, _ value: String) {
         calls._withUnsafeGuaranteedRef { $0.setUpstreamHeader(object, name, value) }

@@ -520,39 +520,55 @@ extension LuaRuntime {
         withCurrentRequest(PluginPhase.request.mask) { r in
             let hideType = lua_type(L, 4)
             guard hideType == LUA_TBOOLEAN || hideType == LUA_TNIL || hideType == LUA_TNONE,
-                  lua_type(L, 1) == LUA_TSTRING, lua_type(L, 2) == LUA_TSTRING,
-                  let name = headerNames.name(at: 3, on: L) else { return WEIR_CALL_FALLBACK }
-            // The value pushed as get_header pushes it (the same Lua string
-            // request after request: the lookup's cache is by its address).
-            var length = -1
+                  lua_type(L, 1) == LUA_TSTRING, lua_type(L, 2) == LUA_TSTRING else { return WEIR_CALL_FALLBACK }
+            // The name borrowed from the cache (a returned copy: a retain and
+            // a release); nothing below looks a header name up again.
+            return headerNames.withText(at: 3, on: L) { name, _ in
+                identifyHeaderCredential(L, r, name: name, hides: hideType == LUA_TBOOLEAN && lua_toboolean(L, 4) != 0)
+            } ?? WEIR_CALL_FALLBACK
+        }
+    }
+
+    /// clientIdentifyHeaderCredential's work, `name` being the header's.
+    @inline(__always)
+    private func identifyHeaderCredential(_ L: LuaThread, _ r: HotRequestContext, name: String, hides: Bool) -> Int32 {
+        // The hidden header cleared before identify when it cannot be
+        // one of identify's two names (their lengths differ): the same
+        // result, and with no upstream line added yet the clear has no
+        // added line to look through (~80 instructions per request).
+        let nameLength = name.utf8.count
+        let clearsFirst = hides && nameLength != PluginIdentityFields.consumerNameLength
+            && nameLength != PluginIdentityFields.anonymousConsumerLength
+        // The value pushed as get_header pushes it (the same Lua string
+        // request after request: the lookup's cache is by its address);
+        // read and cleared in one call (one pass over the client's lines).
+        var length = -1
+        if clearsFirst {
+            r.withRequestHeaderClearing(name) { value in
+                guard let value else { return }
+                recentStrings.push(bytes: value, on: L)
+                length = value.count
+            }
+        } else {
             r.withRequestHeader(name) { value in
                 guard let value else { return }
                 recentStrings.push(bytes: value, on: L)
                 length = value.count
             }
-            // The hidden header cleared before identify when it cannot be
-            // one of identify's two names (their lengths differ): the same
-            // result, and with no upstream line added yet the clear has no
-            // added line to look through (~80 instructions per request).
-            let hides = hideType == LUA_TBOOLEAN && lua_toboolean(L, 4) != 0
-            let nameLength = name.utf8.count
-            let clearsFirst = hides && nameLength != PluginIdentityFields.consumerNameLength
-                && nameLength != PluginIdentityFields.anonymousConsumerLength
-            if clearsFirst { r.clearUpstreamHeader(name) }
-            if length < 0 {
-                lua_pushnil(L); lua_pushnil(L)
-            } else if length == 0 || credentialLookups.find(L, valueAt: -1, stringsChecked: true, matched: { consumer, plugin, consumerFits in
-                r.identify(consumer, plugin, nameFits: consumerFits, anonymous: false)
-            }) != 2 {
-                // No match (find pushed nil) or nothing to look up: nil, the value.
-                if length == 0 { lua_pushnil(L) }
-                lua_pushvalue(L, -2)
-            }
-            // Otherwise after identify, as the plugin's clear_header after its lookup was.
-            if hides && !clearsFirst { r.clearUpstreamHeader(name) }
-            lua_pushboolean(L, r.rawQuery?.isEmpty == false ? 1 : 0)
-            return 3
         }
+        if length < 0 {
+            lua_pushnil(L); lua_pushnil(L)
+        } else if length == 0 || credentialLookups.find(L, valueAt: -1, stringsChecked: true, matched: { consumer, plugin, consumerFits in
+            r.identify(consumer, plugin, nameFits: consumerFits, anonymous: false)
+        }) != 2 {
+            // No match (find pushed nil) or nothing to look up: nil, the value.
+            if length == 0 { lua_pushnil(L) }
+            lua_pushvalue(L, -2)
+        }
+        // Otherwise after identify, as the plugin's clear_header after its lookup was.
+        if hides && !clearsFirst { r.clearUpstreamHeader(name) }
+        lua_pushboolean(L, r.rawQuery?.isEmpty == false ? 1 : 0)
+        return 3
     }
 
     /// A credential name argument: a string (through the value cache: the

@@ -377,6 +377,57 @@ final class PluginHeadEditTests: PluginFolderTestCase {
         XCTAssertEqual(response.headerValues("x-upstream"), ["replaced"])
     }
 
+    /// The changes a head is relayed with are kept from response to
+    /// response (ExchangePlugins.relayChanges, emptied after each relay):
+    /// a response's status, lines, cleared lines and prepared lines never
+    /// reach the next response on the connection, from either phase.
+    func testRelayedChangesDoNotCarryOverToTheNextResponse() throws {
+        try folder.write("once", handler: """
+        local weir = require "weir"
+        local P = { PRIORITY = 100, VERSION = "1" }
+        local lines = weir.response.prepare_headers({ "x-wire-a", "x-wire-b" })
+        function P:request(conf, ctx)
+          local path = weir.request.get_path()
+          if path == "/wire" then lines:set("1", "2") end
+          if path == "/early" then weir.response.set_header("x-early", "e"); weir.response.clear_header("x-upstream") end
+        end
+        return P
+        """)
+        try folder.write("late", handler: """
+        local weir = require "weir"
+        local P = { PRIORITY = 50, VERSION = "1" }
+        function P:response(conf, ctx)
+          if weir.request.get_path() == "/late" then
+            weir.response.set_status(201)
+            weir.response.add_header("x-late", "l")
+            weir.response.clear_header("content-length")
+          end
+        end
+        return P
+        """)
+        for plugins in [["once"], ["once", "late"]] {
+            let config = ProxyHarness.config(targets: [upstream.address]) { $0.plugins = plugins.map { pluginRef($0) } }
+            let proxy = try PluginProxy(config: config, folder: folder, loops: 1)
+            defer { proxy.stop() }
+            let client = try proxy.connect()
+            let paths = plugins.count == 1 ? ["/wire", "/plain", "/early", "/plain", "/wire", "/early", "/plain"]
+                                           : ["/late", "/plain", "/wire", "/late", "/early", "/plain"]
+            for path in paths {
+                let response = try client.request("GET", path)
+                let what = "\(plugins) \(path)"
+                XCTAssertEqual(response.status, path == "/late" ? 201 : 200, what)
+                XCTAssertEqual(response.bodyText, "ok from upstream", what)
+                XCTAssertEqual(response.headerValues("x-wire-a"), path == "/wire" ? ["1"] : [], what)
+                XCTAssertEqual(response.headerValues("x-wire-b"), path == "/wire" ? ["2"] : [], what)
+                XCTAssertEqual(response.headerValues("x-early"), path == "/early" ? ["e"] : [], what)
+                XCTAssertEqual(response.headerValues("x-upstream"), path == "/early" ? [] : [upstream.name], what)
+                XCTAssertEqual(response.headerValues("x-late"), path == "/late" ? ["l"] : [], what)
+                XCTAssertEqual(response.headerValues("transfer-encoding"), path == "/late" ? ["chunked"] : [], what)
+                XCTAssertEqual(response.headerValues("content-length").count, path == "/late" ? 0 : 1, what)
+            }
+        }
+    }
+
     /// The relay frames the body by the edited head's Content-Length: a
     /// request-phase change that leaves it alone keeps the upstream's line
     /// (no chunking), a clear of it chunks the body, a set of it replaces it.

@@ -77,6 +77,29 @@ final class ShippedPluginKeyAuthTests: UpstreamTestCase {
         XCTAssertNil(seenPlain.header("apikey"))
     }
 
+    /// The hidden key header is read and cleared in one pass while the
+    /// upstream request has no edit list (ExchangePlugins.withRequestHeaderClearing);
+    /// after request-id set X-Request-ID (a name the proxy gives meaning
+    /// to: the edit list is made) it is read, then cleared in the edit
+    /// list. The upstream sees the same request either way.
+    func testHiddenKeyHeaderGoesWithOrWithoutAnEditListBeforeIt() throws {
+        for (n, plugins) in ["name: key-auth", "name: request-id\n      - name: key-auth"].enumerated() {
+            let proxy = try startShippedPluginProxy(yaml: yaml(plugin: plugins), upstream: upstream)
+            defer { proxy.stop() }
+            let client = try proxy.connect()
+            for (path, key) in [("/first\(n)", "alice-key-1"), ("/second\(n)", "bob-key")] {
+                let response = try client.request("GET", path, headers: [
+                    ("apikey", key), ("X-Consumer-Name", "mallory"), ("APIKEY", "other"), ("x-other", "kept")])
+                XCTAssertEqual(response.status, 200, plugins)
+                let seen = try XCTUnwrap(upstream.requests.first { $0.uri == path }, plugins)
+                XCTAssertEqual(seen.headers.filter { $0.0.lowercased() == "x-consumer-name" }.map { $0.1 },
+                               [key == "bob-key" ? "bob" : "alice"], plugins)
+                XCTAssertNil(seen.header("apikey"), plugins)
+                XCTAssertEqual(seen.header("x-other"), "kept", plugins)
+            }
+        }
+    }
+
     func testMissingAndWrongKeysGet401WithWWWAuthenticate() throws {
         let proxy = try startShippedPluginProxy(yaml: yaml(plugin: "name: key-auth"), upstream: upstream)
         defer { proxy.stop() }

@@ -64,6 +64,8 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
     private static let keptResponseBufferCapacity = 4096
     /// Storage for the proxy's added response fields, reused (see relayWireResponseHead).
     private var responseAddedFields: [HTTP1AddedField] = []
+    /// See ExchangeDownstream.noPluginChanges.
+    var noPluginChanges: ResponseHeadChanges? = nil
     var peerAddress: SocketAddress?
     var clientIP = ""
     private(set) var peerTrusted = false
@@ -522,7 +524,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
     /// are dropped, a Via joins the chain). The proxy's own lines are
     /// written as bytes (literals, the upstream's Via values copied from its
     /// head): no String or `HTTP1AddedField` per response without plugins.
-    func relayWireResponseHead(_ head: HTTP1ResponseHead, pluginChanges: ResponseHeadChanges?, exchange: Exchange) {
+    func relayWireResponseHead(_ head: HTTP1ResponseHead, pluginChanges: inout ResponseHeadChanges?, exchange: Exchange) {
         let code = pluginChanges?.status?.code ?? head.status
         let isUpgrade = code == 101
         let fields = head.fields
@@ -534,12 +536,13 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
         var removed = fields.connectionNamesOtherFields ? fields.hopByHopFields(keepUpgrade: isUpgrade) : HTTP1FieldSet()
         var hasLength = false
         if case .contentLength = head.framing { hasLength = true }
-        if let pluginChanges {
-            removed.formUnion(pluginChanges.edits.removed)
+        // Read in place (`pluginChanges!`): a bound copy retains its arrays.
+        if case .some = pluginChanges {
+            removed.formUnion(pluginChanges!.edits.removed)
             // Without a plugin change of Content-Length the upstream's own
             // lines decide (`hasLengthLine`, from the pass below).
-            if pluginChanges.touchesContentLength {
-                hasLength = pluginChanges.edits.hasField(named: "content-length", in: fields)
+            if pluginChanges!.touchesContentLength {
+                hasLength = pluginChanges!.edits.hasField(named: "content-length", in: fields)
             }
         }
         var hasLengthLine = false
@@ -570,7 +573,7 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
                 }
             }
         }
-        if let pluginChanges, !pluginChanges.touchesContentLength { hasLength = hasLengthLine }
+        if case .some = pluginChanges, !pluginChanges!.touchesContentLength { hasLength = hasLengthLine }
         // Plugins' added lines, minus hop-by-hop ones and Via (chained);
         // written as they are when none is one of those (or a Date). The
         // filtered array's storage is kept across responses (swapped back,
@@ -578,12 +581,12 @@ final class DownstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, Ex
         var added: [HTTP1AddedField] = []
         var pluginVias: [String] = []
         var addedFiltered = false
-        if let pluginChanges, !pluginChanges.edits.added.isEmpty, !pluginChanges.addedNeedReview {
-            added = pluginChanges.edits.added
-        } else if let pluginChanges, !pluginChanges.edits.added.isEmpty {
+        if case .some = pluginChanges, !pluginChanges!.edits.added.isEmpty, !pluginChanges!.addedNeedReview {
+            added = pluginChanges!.edits.added
+        } else if case .some = pluginChanges, !pluginChanges!.edits.added.isEmpty {
             addedFiltered = true
             swap(&added, &responseAddedFields)
-            for field in pluginChanges.edits.added {
+            for field in pluginChanges!.edits.added {
                 switch HTTP1KnownField.classify(field.name) {
                 case .via: pluginVias.append(field.value); viaValueBytes += field.value.utf8.count + 2
                 case let kind where kind.isHopByHop: continue

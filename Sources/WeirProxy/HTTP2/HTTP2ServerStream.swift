@@ -48,6 +48,8 @@ final class HTTP2ServerStream: ExchangeDownstream {
             if changed, let deadline = newValue.deadline { connection.streamDeadlineSet(deadline) }
         }
     }
+    /// See ExchangeDownstream.noPluginChanges.
+    var noPluginChanges: ResponseHeadChanges? = nil
     /// HEADERS seen: what follows is body and trailers.
     private var headSeen = false
     /// The client sent END_STREAM.
@@ -346,10 +348,10 @@ final class HTTP2ServerStream: ExchangeDownstream {
     /// HEADERS frame: lower-case names, no connection-specific fields, Via
     /// extended. Names and values are copied from the head's bytes straight
     /// into the list nghttp2 takes (no Strings), the connection's reused one.
-    func relayWireResponseHead(_ head: HTTP1ResponseHead, pluginChanges: ResponseHeadChanges?, exchange: Exchange) {
+    func relayWireResponseHead(_ head: HTTP1ResponseHead, pluginChanges: inout ResponseHeadChanges?, exchange: Exchange) {
         let fields = head.fields
         var dropped = fields.hopByHopFields()
-        if let pluginChanges { dropped.formUnion(pluginChanges.edits.removed) }
+        if case .some = pluginChanges { dropped.formUnion(pluginChanges!.edits.removed) }
         let status = pluginChanges?.status?.code ?? head.status
         connection.withSendingFields { headers in
             headers.add(name: ":status", value: Self.statusValue(status))

@@ -171,27 +171,32 @@ extension ExchangeDownstream {
     }
 
     /// The upstream's response head, before anything is sent downstream.
-    /// Returns the plugins' changes to relay it with, or nil when the plugins
-    /// answered instead or are still running (the head is relayed when
-    /// they finish). The head stays in its bytes: plugins' header changes
-    /// are an edit list (PluginHeadEdits.swift).
+    /// True when the head is to be relayed now with the plugins' changes
+    /// (`plugins.relayChanges`, then `recycleRelayChanges`); false when the
+    /// plugins answered instead or are still running (the head is relayed
+    /// when they finish). The head stays in its bytes: plugins' header
+    /// changes are an edit list (PluginHeadEdits.swift).
     func runResponsePlugins(_ head: HTTP1ResponseHead, exchange: Exchange, plugins: ExchangePlugins,
-                            connection: UpstreamConnection) -> ResponseHeadChanges? {
+                            connection: UpstreamConnection) -> Bool {
         // Only the request phase's response header changes (or a body
         // filter's re-framing) to apply: no Lua to enter.
-        guard plugins.runsResponse else { return plugins.responseChangesWithoutResponsePhase(head) }
+        guard plugins.runsResponse else {
+            plugins.prepareRelayWithoutResponsePhase(head)
+            return true
+        }
         plugins.beginUpstreamResponse(head)
         switch plugins.start(.response, chain: plugins.chain) {
         case .done(let result):
             return responsePhaseEnded(exchange, plugins: plugins, result: result, connection: connection)
         case .pending(let future):
             holdResponse(until: future, exchange: exchange, plugins: plugins, connection: connection) { downstream, result in
-                guard let changes = downstream.responsePhaseEnded(exchange, plugins: plugins, result: result,
-                                                                  connection: connection) else { return false }
-                downstream.relayWireResponseHead(head, pluginChanges: changes, exchange: exchange)
+                guard downstream.responsePhaseEnded(exchange, plugins: plugins, result: result,
+                                                    connection: connection) else { return false }
+                downstream.relayWireResponseHead(head, pluginChanges: &plugins.relayChanges, exchange: exchange)
+                plugins.recycleRelayChanges()
                 return true
             }
-            return nil
+            return false
         }
     }
 
@@ -219,19 +224,21 @@ extension ExchangeDownstream {
     }
 
     private func responsePhaseEnded(_ exchange: Exchange, plugins: ExchangePlugins, result: PhaseResult,
-                                    connection: UpstreamConnection) -> ResponseHeadChanges? {
-        let changes = plugins.endUpstreamResponse()
+                                    connection: UpstreamConnection) -> Bool {
         switch result {
         case .continue:
-            return changes
+            plugins.endUpstreamResponse(relay: true)
+            return true
         case .exit(let exit):
+            plugins.endUpstreamResponse(relay: false)
             dropUpstream(exchange, connection)
             sendPluginExit(exchange, exit, runResponsePhase: false)
         case .failed(let failure):
+            plugins.endUpstreamResponse(relay: false)
             dropUpstream(exchange, connection)
             pluginFailed(exchange, failure)
         }
-        return nil
+        return false
     }
 
     /// The upstream response will not be relayed: its connection is out of step.

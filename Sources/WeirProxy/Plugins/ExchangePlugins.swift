@@ -102,6 +102,13 @@ final class ExchangePlugins: PluginRequest, PluginRequestContext {
     /// and the phase's changes as edits on its bytes (PluginHeadEdits.swift).
     private(set) var upstreamResponse: HTTP1ResponseHead?
     private var upstreamResponseChanges = ResponseHeadChanges()
+    /// The changes the upstream's head is relayed with, kept here and lent
+    /// to the relay (`inout`), then emptied (`recycleRelayChanges`):
+    /// storage reused request after request, no value made, returned and
+    /// destroyed per response (its Optional's destroy went through the
+    /// type's metadata, ~170 instructions). Always `.some`: an optional
+    /// because the relay's parameter is one (nil without plugins).
+    var relayChanges: ResponseHeadChanges? = ResponseHeadChanges()
     /// A proxy-made head (a plugin's exit) while the response phase runs on it.
     var responseHead: HTTPResponseHead?
     /// Status of an early exit (what the log phase sees).
@@ -344,21 +351,20 @@ final class ExchangePlugins: PluginRequest, PluginRequestContext {
     /// The upstream's head when no response phase runs (`runsResponse`
     /// false: rate-limiting's lines, set in the request phase): the request
     /// phase's response header changes made into the head's edits at once,
-    /// without keeping a copy of the head or passing the changes through
-    /// `upstreamResponseChanges` (begin + end cost a copy and a destroy of
-    /// each, ~400 instructions per response). Same result as
-    /// `beginUpstreamResponse` then `endUpstreamResponse`.
-    func responseChangesWithoutResponsePhase(_ head: HTTP1ResponseHead) -> ResponseHeadChanges {
-        var changes = takePendingResponseChanges(on: head.fields, keepingWire: true)
-        reframeForBodyFilter(&changes, head: head)
-        return changes
+    /// in `relayChanges`, without keeping a copy of the head or passing the
+    /// changes through `upstreamResponseChanges` (begin + end cost a copy
+    /// and a destroy of each, ~400 instructions per response). Same result
+    /// as `beginUpstreamResponse` then `endUpstreamResponse`.
+    func prepareRelayWithoutResponsePhase(_ head: HTTP1ResponseHead) {
+        relayChanges!.take(&pendingResponseHeaders, on: head.fields, keepingWire: true)
+        hasPendingResponseHeaders = false
+        if filtersBody { relayChanges!.removeFields(named: "content-length", in: head.fields) }
     }
 
     /// The request phase's response header changes, moved out (the
-    /// pending set is left empty for the next request); a prepared set's
-    /// wire lines kept as they are only for the relay (`keepingWire`).
-    private func takePendingResponseChanges(on fields: HTTP1Fields, keepingWire: Bool = false) -> ResponseHeadChanges {
-        let changes = ResponseHeadChanges(taking: &pendingResponseHeaders, on: fields, keepingWire: keepingWire)
+    /// pending set is left empty for the next request).
+    private func takePendingResponseChanges(on fields: HTTP1Fields) -> ResponseHeadChanges {
+        let changes = ResponseHeadChanges(taking: &pendingResponseHeaders, on: fields)
         hasPendingResponseHeaders = false
         return changes
     }
@@ -369,24 +375,28 @@ final class ExchangePlugins: PluginRequest, PluginRequestContext {
         if filtersBody { changes.removeFields(named: "content-length", in: head.fields) }
     }
 
-    /// A relayed head's changes are spent: the storage of their added
+    /// The relayed head's changes are spent: the storage of their added
     /// lines (and wire lines) goes back to the pending response headers
     /// for the next request (rate-limiting's lines: one array allocated and
-    /// freed per response otherwise).
-    func recycle(_ changes: inout ResponseHeadChanges?) {
-        guard !hasPendingResponseHeaders, case .some = changes else { return }
-        changes!.withAddedStorage { pendingResponseHeaders.reuseStorage(&$0, wire: &$1) }
+    /// freed per response otherwise), and `relayChanges` is empty again.
+    func recycleRelayChanges() {
+        if !hasPendingResponseHeaders {
+            relayChanges!.withAddedStorage { pendingResponseHeaders.reuseStorage(&$0, wire: &$1) }
+        }
+        relayChanges!.empty()
     }
 
     /// The response phase is over: its edits to the upstream's head (a
-    /// body filter re-frames the body, so its length goes).
-    func endUpstreamResponse() -> ResponseHeadChanges {
-        // Swapped out, not copied and reset (a copy of its arrays and a destroy).
-        var changes = ResponseHeadChanges()
-        swap(&changes, &upstreamResponseChanges)
-        if let head = upstreamResponse { reframeForBodyFilter(&changes, head: head) }
+    /// body filter re-frames the body, so its length goes) become
+    /// `relayChanges` when the head is to be relayed (`relay`).
+    func endUpstreamResponse(relay: Bool) {
+        if relay {
+            // Swapped, not copied: `upstreamResponseChanges` takes the empty
+            // ones (beginUpstreamResponse replaces them).
+            swap(&relayChanges!, &upstreamResponseChanges)
+            if let head = upstreamResponse { reframeForBodyFilter(&relayChanges!, head: head) }
+        }
         upstreamResponse = nil
-        return changes
     }
 
     private func applyResponseOp(_ op: HeaderOp, _ name: String, _ value: String, to changes: inout ResponseHeadChanges,
@@ -631,6 +641,27 @@ final class ExchangePlugins: PluginRequest, PluginRequestContext {
         guard makeUpstreamEdits(), let lines = exchange.head?.fieldSet(named: name) else { return }
         noteFramingEdit(name)
         exchange.upstreamEdits!.removeFields(named: name, lines: lines)
+    }
+
+    /// `withRequestHeader` then `clearUpstreamHeader` of the same name
+    /// (identify_header_credential hiding its key header). While the clear
+    /// goes to `upstreamLines` (no edit list, a name the proxy gives no
+    /// meaning to), one pass over the client's lines finds both the value
+    /// and the lines to drop: no second pass, classify or call.
+    func withRequestHeaderClearing(_ lowercasedName: String, _ body: (UnsafeRawBufferPointer?) -> Void) {
+        // Borrowed, not retained (as in `upstreamLinesChange`); `body` runs
+        // before `upstreamLines` changes.
+        let lines: HTTP1FieldSet? = exchange.map(Unmanaged.passUnretained)?._withUnsafeGuaranteedRef { exchange in
+            guard exchange.upstreamEdits == nil, let head = exchange.head.map(Unmanaged.passUnretained),
+                  HTTP1KnownField.classify(lowercasedName) == .other else { return nil }
+            return head._withUnsafeGuaranteedRef { $0.wire.fields.otherFieldSet(named: lowercasedName, firstValue: body) }
+        }
+        guard let lines else {
+            withRequestHeader(lowercasedName, body)
+            return clearUpstreamHeader(lowercasedName)
+        }
+        upstreamLines.clear(lowercasedName, clientLines: lines)
+        hasUpstreamLines = true
     }
 
     /// `weir.client.identify`: the consumer, then X-Consumer-Name set (or
@@ -928,5 +959,34 @@ final class ConnectionPlugins: PluginConnectionContext {
     func close() {
         scope?.close()
         scope = nil
+    }
+}
+
+extension HTTP1Fields {
+    /// `fieldSet(named:kind: .other)`, the first of those lines' value
+    /// handed to `body` in the same pass (nil when there is none), read in
+    /// place (ExchangePlugins.withRequestHeaderClearing). `name` is one the
+    /// parser does not tag, so its lines are untagged ones.
+    @inline(__always)
+    func otherFieldSet(named name: String, firstValue body: (UnsafeRawBufferPointer?) -> Void) -> HTTP1FieldSet {
+        var set = HTTP1FieldSet()
+        name.withContiguousUTF8 { n in
+            guard let np = n.baseAddress, n.count > 0, !entries.isEmpty else { return body(nil) }
+            entries.withUnsafeBufferPointer { entries in
+                bytes.withUnsafeReadableBytes { raw in
+                    let base = raw.bindMemory(to: UInt8.self).baseAddress!
+                    var first: UnsafeRawBufferPointer? = nil
+                    for i in entries.indices {
+                        let e = entries[i]
+                        guard e.known == .other, Int(e.nameLength) == n.count,
+                              HTTP1Bytes.equalsIgnoringCase(base + Int(e.nameStart), np, n.count) else { continue }
+                        set.insert(i)
+                        if first == nil { first = UnsafeRawBufferPointer(start: base + Int(e.valueStart), count: Int(e.valueLength)) }
+                    }
+                    body(first)
+                }
+            }
+        }
+        return set
     }
 }

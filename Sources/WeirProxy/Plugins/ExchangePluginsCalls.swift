@@ -18,6 +18,11 @@ final class ExchangePluginsCalls: PluginRequestCalls {
                                     _ body: (UnsafeRawBufferPointer?) -> Void) {
         on(object) { $0.withRequestHeader(nameBytes: nameBytes, body) }
     }
+
+    override func withRequestHeaderClearing(_ object: UnsafeMutableRawPointer, _ name: String,
+                                            _ body: (UnsafeRawBufferPointer?) -> Void) {
+        on(object) { $0.withRequestHeaderClearing(name, body) }
+    }
     override func setUpstreamHeader(_ object: UnsafeMutableRawPointer, _ name: String, _ value: String) {
         on(object) { $0.setUpstreamHeader(name, value) }
     }

@@ -50,10 +50,31 @@ struct ResponseHeadChanges {
     /// `keepingWire` false: a prepared set's wire lines become `edits.added`
     /// lines (the response phase reads and edits those).
     init(taking pending: inout PendingResponseHeaders, on fields: HTTP1Fields, keepingWire: Bool = false) {
+        take(&pending, on: fields, keepingWire: keepingWire)
+    }
+
+    /// `init(taking:)` into these changes, which are empty (`empty()`):
+    /// the changes ExchangePlugins keeps and lends to the relay are filled
+    /// in place, none made and destroyed per response.
+    mutating func take(_ pending: inout PendingResponseHeaders, on fields: HTTP1Fields, keepingWire: Bool) {
         if !keepingWire { pending.materializeWireLines() }
         addedNeedReview = pending.addedNeedReview
         touchesContentLength = pending.touchesContentLength
         pending.moveEdits(into: &edits, wire: &wireLines, on: fields)
+    }
+
+    /// No change again, keeping the storage these changes still hold (after
+    /// `withAddedStorage` lent it back). Each part is stored only when it
+    /// holds something: a store over an empty value still releases it.
+    mutating func empty() {
+        // Line by line: removeAll(keepingCapacity:) destroys through the type's metadata.
+        while !edits.added.isEmpty { edits.added.removeLast() }
+        if !wireLines.isEmpty { wireLines.removeAll(keepingCapacity: true) }
+        if !edits.removed.high.isEmpty { edits.removed = HTTP1FieldSet() } else { edits.removed.low = 0 }
+        if edits.target != nil { edits.target = nil }
+        if status != nil { status = nil }
+        addedNeedReview = false
+        touchesContentLength = false
     }
 
     /// Each of `wireLines` as name and value bytes.
@@ -272,12 +293,23 @@ struct PendingResponseHeaders {
     /// the wire lines moved out of here; these changes are empty afterwards.
     mutating func moveEdits(into edits: inout HTTP1HeadEdits, wire: inout [UInt8], on fields: HTTP1Fields) {
         edits.removed = removedFields(in: fields)
-        edits.target = nil
-        edits.added.removeAll()
+        if edits.target != nil { edits.target = nil }
+        if edits.added.capacity != 0 { edits.added.removeAll() }
         swap(&edits.added, &added)
-        wire.removeAll()
+        if wire.capacity != 0 { wire.removeAll() }
         swap(&wire, &wireLines)
-        self = PendingResponseHeaders()
+        // Emptied field by field: a new value stored over this one released
+        // each array, empty ones too (~100 instructions per response).
+        // `added` and `wireLines` are empty arrays now (swapped in above);
+        // a spare is dropped, as a new value would.
+        replacing = 0
+        if !clearedNames.isEmpty { clearedNames = [] }
+        if spareWire.capacity != 0 { spareWire = [] }
+        addedNeedReview = false
+        nameLengths = 0
+        removedLengths = 0
+        removedKinds = 0
+        addsContentLength = false
     }
 
     /// The response's lines of every set or cleared name.
