@@ -7,6 +7,8 @@ Input lines (written by run.sh):
   UNAVAILABLE proxy=weir reason=free text to the end of the line
   REDIS run=1 proxy=weir-auth-redis conns=32 requests=... redis_calls=... redis_evalsha=... redis_eval=...
 
+`--pool FILE...`: only the paired-by-run ratios, pooled over several files.
+
 Output: a Markdown table of medians per proxy and connection count, then
 the ratios Weir/nginx and Weir/HAProxy (and nginx+Lua/nginx), computed from
 the medians of this one file, so they come from one run on one machine
@@ -84,6 +86,16 @@ def summarise(results):
     return summary
 
 
+# The A/B ratios reported, in order.
+RATIO_PAIRS = [("weir", "nginx"), ("weir", "nginx-fwd"), ("nginx-fwd", "nginx"), ("weir", "haproxy"), ("nginx-lua", "nginx"),
+               ("weir-lua", "nginx-lua"), ("weir-noop", "weir"), ("weir-lua", "weir"),
+               ("nginx-lua-auth", "nginx"), ("weir-auth-local", "weir"), ("weir-auth-redis", "weir"),
+               ("weir-auth-local", "nginx-lua-auth")]
+# The issues' req/s targets for some of them (A/B at least this).
+TARGETS = {("weir", "nginx"): 1.0, ("weir-lua", "nginx-lua"): 1.0,
+           ("weir-lua", "weir"): 0.90, ("weir-auth-local", "weir"): 0.85}
+
+
 def paired_ratios(sa, sb):
     """A/B req/s within each run (the two measured seconds apart, so slow
     drifts of the shared machine cancel), for the runs that measured both."""
@@ -133,12 +145,7 @@ def render(path):
     out.append("Ratios (from the medians above; req/s ratio > 1 means faster, p99 ratio < 1 means lower tail "
                "latency, CPU per request: the difference and ratio of proxy CPU µs/req, the figure least "
                "affected by a busy machine):")
-    pairs = [("weir", "nginx"), ("weir", "nginx-fwd"), ("nginx-fwd", "nginx"), ("weir", "haproxy"), ("nginx-lua", "nginx"),
-             ("weir-lua", "nginx-lua"), ("weir-noop", "weir"), ("weir-lua", "weir"),
-             ("nginx-lua-auth", "nginx"), ("weir-auth-local", "weir"), ("weir-auth-redis", "weir"),
-             ("weir-auth-local", "nginx-lua-auth")]
-    pairs = list(OrderedDict.fromkeys(pairs))
-    for a, b in pairs:
+    for a, b in RATIO_PAIRS:
         for conns in conns_list:
             sa, sb = summary.get((a, conns)), summary.get((b, conns))
             if sa is None or sb is None:
@@ -182,7 +189,35 @@ def render(path):
     return "\n".join(out)
 
 
+def render_pooled(paths):
+    """The paired-by-run ratios of several results files together: one
+    run's A/B is one sample whatever file it is in, so runs made at
+    different times of a noisy shared host can be judged together."""
+    pooled = OrderedDict()
+    for path in paths:
+        summary = summarise(parse(path)[0])
+        for a, b in RATIO_PAIRS:
+            for (proxy, conns) in summary:
+                if proxy != a or (b, conns) not in summary:
+                    continue
+                pooled.setdefault((a, b, conns), []).extend(paired_ratios(summary[(a, conns)], summary[(b, conns)]))
+    out = [f"Paired-by-run req/s ratios pooled over {len(paths)} results files:"]
+    for (a, b, conns), ratios in pooled.items():
+        if not ratios:
+            continue
+        line = (f"- {a}/{b} @ {conns} conns: median x{median(ratios):.3f} "
+                f"(x{min(ratios):.2f}..x{max(ratios):.2f}, {len(ratios)} runs)")
+        target = TARGETS.get((a, b))
+        if target is not None:
+            line += f"; {sum(r >= target for r in ratios)} of {len(ratios)} at or above x{target:.2f}"
+        out.append(line)
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: summarize.py RESULTS_FILE")
-    print(render(sys.argv[1]))
+    if len(sys.argv) >= 3 and sys.argv[1] == "--pool":
+        print(render_pooled(sys.argv[2:]))
+    elif len(sys.argv) == 2:
+        print(render(sys.argv[1]))
+    else:
+        sys.exit("usage: summarize.py RESULTS_FILE | summarize.py --pool RESULTS_FILE...")
