@@ -6,12 +6,21 @@ import XCTest
 
 /// Each SDK function, through real plugins on a real event loop.
 final class SDKTests: XCTestCase {
-    /// One consumer, alice, with the key-auth credential { key = "a1" }.
-    private static func aliceWithKeyA1() -> ConsumerCredentials {
+    /// A harness with one consumer, alice, with the key-auth credential { key = "a1" }.
+    private static func harnessKnowingAlice() -> Harness {
         var alice = ConsumerConfig()
         alice.name = "alice"
         alice.credentials["key-auth"] = .array([.map(["key": .string("a1")])])
-        return ConsumerCredentials(consumers: [alice])
+        let h = Harness()
+        h.options.credentials = ConsumerCredentials(consumers: [alice])
+        return h
+    }
+
+    /// A request of `h` to host api.example.com with `headers`.
+    private static func request(on h: Harness, headers: [(String, String)]) -> TestRequest {
+        let req = h.newRequest()
+        req.headers = [("host", "api.example.com")] + headers
+        return req
     }
 
     /// Loads one plugin whose request phase is `body` and returns its exit body.
@@ -141,8 +150,7 @@ final class SDKTests: XCTestCase {
     /// false); a bad argument still raises the usual message at the caller's
     /// line, and values the natives do not take as is are still written.
     func testHotFunctionsCheckArgumentsThroughTheirNatives() throws {
-        let h = Harness()
-        h.options.credentials = Self.aliceWithKeyA1()
+        let h = Self.harnessKnowingAlice()
         let (body, req, result) = try requestBody("""
         local d = weir.shared.counters
         -- Each misuse from a function of this file, so the error names its line.
@@ -258,8 +266,7 @@ final class SDKTests: XCTestCase {
     /// identified the client as identify(consumer, plugin) does; a bad
     /// argument raises find_credential's kind of message at the caller's line.
     func testIdentifyCredential() throws {
-        let h = Harness()
-        h.options.credentials = Self.aliceWithKeyA1()
+        let h = Self.harnessKnowingAlice()
         let (body, req, result) = try requestBody("""
         local function msg(f) local ok, err = pcall(f); assert(not ok); return err end
         local none = weir.client.identify_credential("key-auth", "key", "nope")
@@ -282,8 +289,7 @@ final class SDKTests: XCTestCase {
     /// the identification, whether a credential matched or not; a bad
     /// `hide` raises at the caller's line before anything changes.
     func testIdentifyCredentialHidesItsHeader() throws {
-        let h = Harness()
-        h.options.credentials = Self.aliceWithKeyA1()
+        let h = Self.harnessKnowingAlice()
         let (body, req, result) = try requestBody("""
         local function msg(f) local ok, err = pcall(f); assert(not ok); return err end
         local bad = msg(function() weir.client.identify_credential("key-auth", "key", "a1", 7) end)
@@ -308,10 +314,8 @@ final class SDKTests: XCTestCase {
     /// found or not; a bad argument raises at the caller's line before
     /// anything changes.
     func testIdentifyHeaderCredential() throws {
-        let h = Harness()
-        h.options.credentials = Self.aliceWithKeyA1()
-        let req = h.newRequest()
-        req.headers = [("host", "api.example.com"), ("x-key", "a1"), ("x-wrong", "nope"), ("x-empty", "")]
+        let h = Self.harnessKnowingAlice()
+        let req = Self.request(on: h, headers: [("x-key", "a1"), ("x-wrong", "nope"), ("x-empty", "")])
         let (body, _, result) = try requestBody("""
         local function msg(f) local ok, err = pcall(f); assert(not ok); return err end
         local bad3 = msg(function() weir.client.identify_header_credential("key-auth", "key", 3) end)
@@ -345,10 +349,8 @@ final class SDKTests: XCTestCase {
     /// identify, as a clear_header after the lookup would: its added line
     /// goes too.
     func testIdentifyHeaderCredentialHidingAnIdentityNameClearsAfterIdentify() throws {
-        let h = Harness()
-        h.options.credentials = Self.aliceWithKeyA1()
-        let req = h.newRequest()
-        req.headers = [("host", "api.example.com"), ("x-consumer-name", "a1")]
+        let h = Self.harnessKnowingAlice()
+        let req = Self.request(on: h, headers: [("x-consumer-name", "a1")])
         let (body, _, result) = try requestBody("""
         local consumer = weir.client.identify_header_credential("key-auth", "key", "x-consumer-name", true)
         return 200, consumer
@@ -361,11 +363,9 @@ final class SDKTests: XCTestCase {
     /// identify_header_credential's third result is false without a query
     /// string (key-auth then skips get_raw_query), whatever the header gave.
     func testIdentifyHeaderCredentialTellsThereIsNoQuery() throws {
-        let h = Harness()
-        h.options.credentials = Self.aliceWithKeyA1()
-        let req = h.newRequest()
+        let h = Self.harnessKnowingAlice()
+        let req = Self.request(on: h, headers: [("x-key", "a1")])
         req.rawQuery = nil
-        req.headers = [("host", "api.example.com"), ("x-key", "a1")]
         let (body, _, result) = try requestBody("""
         local a, b, q1 = weir.client.identify_header_credential("key-auth", "key", "x-absent", true)
         local c, d, q2 = weir.client.identify_header_credential("key-auth", "key", "x-key")

@@ -24,7 +24,9 @@ final class ShippedPluginRateLimitingTests: UpstreamTestCase {
         helpers.remove()
     }
 
-    private func start(_ config: String, workers: Int = 2, sharedDicts: Bool = true) throws -> ShippedPluginProxy {
+    /// `after`: more plugins of the route (names from `helpers`), listed after rate-limiting.
+    private func start(_ config: String, workers: Int = 2, sharedDicts: Bool = true,
+                       after: [String] = []) throws -> ShippedPluginProxy {
         let yaml = """
         listeners:
           - { name: web, listen: 127.0.0.1:0 }
@@ -36,6 +38,7 @@ final class ShippedPluginRateLimitingTests: UpstreamTestCase {
             upstream: backend
             plugins:
               - { name: rate-limiting, config: \(config) }
+        \(after.map { "      - { name: \($0) }" }.joined(separator: "\n"))
         plugins:
           - name: test-clock
         access_log: off
@@ -285,25 +288,7 @@ final class ShippedPluginRateLimitingTests: UpstreamTestCase {
         return P
         """)
         for (config, status) in [("{ minute: 5 }", 200), ("{ minute: 5, fault_tolerant: false }", 500)] {
-            let yaml = """
-            listeners:
-              - { name: web, listen: 127.0.0.1:0 }
-            upstreams:
-              - { name: backend, targets: [{ address: UPSTREAM }] }
-            routes:
-              - name: all
-                match: { paths: [/] }
-                upstream: backend
-                plugins:
-                  - { name: rate-limiting, config: \(config) }
-                  - { name: test-spoil }
-            plugins:
-              - name: test-clock
-            access_log: off
-            shared_dicts: [{ name: rate-limiting, items: 1000 }]
-            """
-            let proxy = try startShippedPluginProxy(yaml: yaml, upstream: upstream, loops: 1,
-                                                    extraPluginPaths: [helpers.pluginsDir])
+            let proxy = try start(config, workers: 1, after: ["test-spoil"])
             defer { proxy.stop() }
             let response = try get(try proxy.connect(), at: 61.5)
             XCTAssertEqual(response.status, status, config)
