@@ -19,10 +19,11 @@ local function unauthorized(conf, message)
   return 401, { message = message }, { ["www-authenticate"] = 'Key realm="' .. conf.realm .. '"' }
 end
 
--- The key's query argument removed from the request sent upstream (its
--- header lines are cleared by the caller); called only when the request has
--- a query string.
-local function hide_query_key(names, n)
+-- With a query string (`has_query` false: known to have none), the key's
+-- query argument removed from the request sent upstream (its header lines
+-- are cleared elsewhere).
+local function hide_query_key(names, n, has_query)
+  if has_query == false or get_raw_query() == "" then return end
   local query = get_query()
   local changed = false
   for i = 1, n do
@@ -32,6 +33,17 @@ local function hide_query_key(names, n)
   if changed then
     if next(query) == nil then set_query(nil) else set_query(query) end
   end
+end
+
+-- The one key name's key in the query (a bare `?apikey` parses as `true`:
+-- an empty key) and its consumer. `hide_header`: the name's header (absent)
+-- is cleared again after the identification, as the clear after it always was.
+local function query_key(only, hide_header)
+  local key = get_query_arg(only)
+  if key == true then key = "" end
+  local consumer
+  if key and key ~= "" then consumer = identify_credential("key-auth", "key", key, hide_header and only or nil) end
+  return key, consumer
 end
 
 -- A request without a consumer: the 401 (an anonymous consumer was handled before).
@@ -61,14 +73,10 @@ end
 -- the general path below from there, with n == 1, in_header, hide, the
 -- header cleared and no anonymous.
 local function usual_rest(conf, only, consumer, value, has_query)
-  local in_query = conf.key_in_query
   local key = consumer and true or value
-  if not key and in_query then
-    key = get_query_arg(only)
-    if key == true then key = "" end
-    if key and key ~= "" then consumer = identify_credential("key-auth", "key", key, only) end
-  end
-  if in_query and has_query ~= false and get_raw_query() ~= "" then hide_query_key(conf.key_names, 1) end
+  local in_query = conf.key_in_query
+  if not key and in_query then key, consumer = query_key(only, true) end
+  if in_query then hide_query_key(conf.key_names, 1, has_query) end
   if consumer then return end
   return refuse(conf, key)
 end
@@ -100,29 +108,21 @@ function KeyAuth:request(conf)
   local names, in_header, in_query = conf.key_names, conf.key_in_header, conf.key_in_query
   local hide = conf.hide_credentials
   local n = #names
-  local key, only, consumer   -- only: the one name when there is one
-  local cleared               -- the one name's header already cleared upstream
+  local key, consumer
   local has_query             -- false: the request has no query string (known from the header's call)
   if n == 1 then
     -- One name (the default, apikey): the loop below without its loop
     -- (~10 fewer VM instructions per request, with the hiding's).
-    only = names[1]
+    local only = names[1]
     if in_header then
       -- The header's key looked up, identified and (hide) its header
       -- cleared in one SDK call: the consumer, or nil and the header's
       -- value; then whether there is a query string (for the hiding below).
       local value
       consumer, value, has_query = identify_header_credential("key-auth", "key", only, hide)
-      key, cleared = consumer and true or value, hide
+      key = consumer and true or value
     end
-    if not key and in_query then
-      key = get_query_arg(only)
-      -- A bare `?apikey` parses as `true`: treat it as an empty key.
-      if key == true then key = "" end
-      -- The header (absent) cleared again after the identification, as
-      -- the one clear after it always was.
-      if key and key ~= "" then consumer = identify_credential("key-auth", "key", key, cleared and only or nil) end
-    end
+    if not key and in_query then key, consumer = query_key(only, in_header and hide) end
   else
     for i = 1, n do
       local name = names[i]
@@ -141,12 +141,11 @@ function KeyAuth:request(conf)
     if key and key ~= "" then consumer = identify_credential("key-auth", "key", key) end
   end
   if hide then
-    if in_header and not cleared then
-      if n == 1 then clear_header(only) else for i = 1, n do clear_header(names[i]) end end
-    end
+    -- One name's header was cleared by identify_header_credential.
+    if in_header and n > 1 then for i = 1, n do clear_header(names[i]) end end
     -- No query string, nothing to strip: neither a call nor its parse into
     -- a table (nor get_raw_query's call when the header's call said so).
-    if in_query and has_query ~= false and get_raw_query() ~= "" then hide_query_key(names, n) end
+    if in_query then hide_query_key(names, n, has_query) end
   end
 
   if consumer then return end

@@ -65,14 +65,9 @@ local function conf_state(conf)
     elseif #periods == 1 then
       -- The one period, for the request path's one-period case.
       st.one = periods[1]
-      -- limit_by consumer too (the defaults with one limit): the request
-      -- path's first case.
-      if st.by_consumer then
-        st.usual = st.one
-        -- dict:incr_sliding read once: a method call on the dictionary
-        -- finds it through its metatable's __index on every request.
-        st.incr_sliding = st.dict.incr_sliding
-      end
+      -- dict:incr_sliding read once: a method call on the dictionary
+      -- finds it through its metatable's __index on every request.
+      st.incr_sliding = st.dict.incr_sliding
     end
   end
   if not conf.hide_client_headers then
@@ -282,24 +277,35 @@ end
 
 function RateLimiting:request(conf)
   local st = conf["\0rate-limiting"] or conf_state(conf)
-  local one = st.usual
-  if one then
-    -- The usual config (limit_by consumer, policy local, one period): the
-    -- one-period case below, for the consumer, first (~5 fewer VM
-    -- instructions per request than the general path's tests).
-    local route, id = get_route_and_consumer()
+  local route, id
+  -- The default limit_by without the call to identifier(), and its route
+  -- and consumer in one SDK call.
+  if st.by_consumer then
+    route, id = get_route_and_consumer()
     if not id then id = get_ip() end
-    if not route then route = "" end
-    local clients = st.clients[route]
-    local keys = clients and clients[id] or new_client_keys(st, conf, route, id)
-    local now = time.now()
-    local second = now // 1 | 0
+  else
+    route, id = get_route(), identifier(conf, st)
+  end
+  if not route then route = "" end
+  local clients = st.clients[route]
+  local keys = clients and clients[id] or new_client_keys(st, conf, route, id)
+  local now = time.now()
+  -- Window starts are whole seconds: one floor per request (`// 1` floors,
+  -- `| 0` makes the whole float an integer), then integer arithmetic.
+  local second = now // 1 | 0
+  local one = st.one
+  if one then
+    -- policy local with one period (the usual config): the count, the
+    -- sliding estimate, the decision and an admitted request's headers in
+    -- one SDK call. X-RateLimit-Remaining-* and RateLimit-Remaining are the
+    -- remaining count (each `true`), RateLimit-Reset the seconds to the
+    -- window's end (as conclude's, for this one period). Answers the
+    -- remaining count when admitted; false, the count and the previous
+    -- window's when refused (the increment already taken back); nil and
+    -- the error when the counter failed.
     local k, window = keys[1], one.window
     local start = second - second % window
     if not k or k.start ~= start then k = window_keys(keys, 1, one, start) end
-    -- The count, the decision and (admitted, unless hidden) the headers:
-    -- X-RateLimit-Remaining-* and RateLimit-Remaining the remaining count
-    -- (each `true`), RateLimit-Reset the seconds to the window's end.
     local r, c, pc = st.incr_sliding(st.dict, k.key, k.prev_key, window, now - start, one.limit, one.ttl,
                                      st.headers, true, true, start + window - second)
     if r then return end
@@ -307,59 +313,14 @@ function RateLimiting:request(conf)
     return conclude(conf, st, keys, now, second, 1, c, pc)
   end
 
-  local route, id
-  -- The default limit_by without the call to identifier(), and its route
-  -- and consumer in one SDK call.
-  if st.by_consumer then
-    route, id = get_route_and_consumer()
-    id = id or get_ip()
-  else
-    route, id = get_route(), identifier(conf, st)
-  end
-  route = route or ""
-  local clients = st.clients[route]
-  local keys = clients and clients[id] or new_client_keys(st, conf, route, id)
-  local now = time.now()
-  -- Window starts are whole seconds: one floor per request (`// 1` floors,
-  -- `| 0` makes the whole float an integer), then integer arithmetic.
-  local second = now // 1 | 0
   -- refused: the refused period's index, or false; nil when the counters
   -- cannot be used (`count` is the message then). tightest: the period
   -- with the fewest requests left.
   local refused, count, prev, tightest
-  local one = st.one
-  if one then
-    -- policy local with one period, limited by something else than the
-    -- consumer (that is the usual case above): the loop below unrolled,
-    -- and an admitted request's headers set and returned from here (~20
-    -- fewer VM instructions per request than the loop and the common
-    -- tail). Refusals and failures go on to the common tail.
-    local dict, k = st.dict, keys[1]
-    local window = one.window
-    local start = second - second % window
-    if not k or k.start ~= start then k = window_keys(keys, 1, one, start) end
-    -- The count, the sliding estimate, the decision and an admitted
-    -- request's headers (the remaining count twice, the reset as the
-    -- common tail's for this one period) in one SDK call: the remaining
-    -- count when admitted; when refused false, the count and the previous
-    -- window's (the increment already taken back); nil and the error when
-    -- the counter failed.
-    local r, c, pc = dict:incr_sliding(k.key, k.prev_key, window, now - start, one.limit, one.ttl,
-                                       st.headers, true, true, start + window - second)
-    if r then
-      return
-    elseif r == nil then
-      count = "counter update failed: " .. tostring(c)
-    else
-      refused, count, prev = 1, c, pc
-    end
-  end
   local remaining = st.remaining
   local periods, n = st.periods, st.n   -- n >= 1: schema at_least_one_of
   local dict = st.dict
-  if one then
-    -- Counted above: refused, or the counter failed.
-  elseif dict then
+  if dict then
     refused, tightest = false, 1
     -- policy local, the whole decision in one pass over the periods, here
     -- and not in a function of its own (this runs on every request: no
