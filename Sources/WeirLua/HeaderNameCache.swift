@@ -98,30 +98,7 @@ final class HeaderNameCache {
     /// (A hit is inlined into the hot natives; a miss calls `cache`.)
     @inline(__always)
     func checkedText(at index: Int32, on L: LuaThread) -> (text: String, fits: Bool)? {
-        var length = 0
-        guard let p = weir_tostring(L, index, &length) else { return nil }
-        return checkedText(UnsafeRawPointer(p), length: length, at: index, on: L)
-    }
-
-    /// `checkedText(at:on:)` of a value whose type the caller has seen is a
-    /// string (one lua_type call less).
-    @inline(__always)
-    func checkedText(ofStringAt index: Int32, on L: LuaThread) -> (text: String, fits: Bool)? {
-        var length = 0
-        guard let p = lua_tolstring(L, index, &length) else { return nil }
-        return checkedText(UnsafeRawPointer(p), length: length, at: index, on: L)
-    }
-
-    @inline(__always)
-    private func checkedText(_ address: UnsafeRawPointer, length: Int, at index: Int32, on L: LuaThread) -> (text: String, fits: Bool)? {
-        // A multiplicative hash of the address: its low bits carry little
-        // (TStrings are 16-byte aligned and allocated close together).
-        let hash = UInt(bitPattern: Int(bitPattern: address)) &* 0x9E37_79B9_7F4A_7C15
-        let pair = Int(truncatingIfNeeded: hash >> 58) & (Self.pairCount - 1)
-        let first = slots + 2 * pair
-        if first.pointee.address == address { return first.pointee.entry._withUnsafeGuaranteedRef { ($0.text, $0.fits) } }
-        if first[1].address == address { return first[1].entry._withUnsafeGuaranteedRef { ($0.text, $0.fits) } }
-        return cache(address, length: length, pair: pair, at: index, on: L)
+        withEntry(at: index, on: L, knownString: false) { ($0.text, $0.fits) }
     }
 
     /// `checkedText(at:on:)` lent to `body` instead of returned: a hit's
@@ -132,51 +109,27 @@ final class HeaderNameCache {
     /// free) the entry it borrows.
     @inline(__always)
     func withText<R>(at index: Int32, on L: LuaThread, _ body: (String, Bool) -> R) -> R? {
-        var length = 0
-        guard let p = weir_tostring(L, index, &length) else { return nil }
-        return withText(UnsafeRawPointer(p), length: length, at: index, on: L, body)
+        withEntry(at: index, on: L, knownString: false) { body($0.text, $0.fits) }
     }
 
-    /// `withText(at:on:_:)` of a value whose type the caller has seen is a string.
+    /// `withText(at:on:_:)` of a value whose type the caller has seen is a
+    /// string (one lua_type call less).
     @inline(__always)
     func withText<R>(ofStringAt index: Int32, on L: LuaThread, _ body: (String, Bool) -> R) -> R? {
-        var length = 0
-        guard let p = lua_tolstring(L, index, &length) else { return nil }
-        return withText(UnsafeRawPointer(p), length: length, at: index, on: L, body)
+        withEntry(at: index, on: L, knownString: true) { body($0.text, $0.fits) }
     }
 
-    /// `withText(ofStringAt:on:_:)` that also lends the text's UTF-8
-    /// bytes (the cached entry's own: `HeaderText.bytes`; after a miss, the
-    /// new String's), valid during `body` only.
-    @inline(__always)
-    func withTextBytes<R>(ofStringAt index: Int32, on L: LuaThread, _ body: (String, Bool, UnsafeRawBufferPointer) -> R) -> R? {
-        var length = 0
-        guard let p = lua_tolstring(L, index, &length) else { return nil }
-        return withTextBytes(UnsafeRawPointer(p), length: length, at: index, on: L, body)
-    }
-
-    /// `withTextBytes(ofStringAt:on:_:)` of any value (nil: not a string).
+    /// `withText(at:on:_:)` that also lends the text's UTF-8 bytes (the
+    /// entry's own: `HeaderText.bytes`), valid during `body` only.
     @inline(__always)
     func withTextBytes<R>(at index: Int32, on L: LuaThread, _ body: (String, Bool, UnsafeRawBufferPointer) -> R) -> R? {
-        var length = 0
-        guard let p = weir_tostring(L, index, &length) else { return nil }
-        return withTextBytes(UnsafeRawPointer(p), length: length, at: index, on: L, body)
+        withEntry(at: index, on: L, knownString: false) { body($0.text, $0.fits, UnsafeRawBufferPointer($0.bytes)) }
     }
 
+    /// `withTextBytes(at:on:_:)` of a value whose type the caller has seen is a string.
     @inline(__always)
-    private func withTextBytes<R>(_ address: UnsafeRawPointer, length: Int, at index: Int32, on L: LuaThread,
-                                  _ body: (String, Bool, UnsafeRawBufferPointer) -> R) -> R? {
-        let hash = UInt(bitPattern: Int(bitPattern: address)) &* 0x9E37_79B9_7F4A_7C15
-        let pair = Int(truncatingIfNeeded: hash >> 58) & (Self.pairCount - 1)
-        let first = slots + 2 * pair
-        if first.pointee.address == address {
-            return first.pointee.entry._withUnsafeGuaranteedRef { body($0.text, $0.fits, UnsafeRawBufferPointer($0.bytes)) }
-        }
-        if first[1].address == address {
-            return first[1].entry._withUnsafeGuaranteedRef { body($0.text, $0.fits, UnsafeRawBufferPointer($0.bytes)) }
-        }
-        guard let (text, fits) = cache(address, length: length, pair: pair, at: index, on: L) else { return nil }
-        return Self.withUTF8(text) { body(text, fits, $0) }
+    func withTextBytes<R>(ofStringAt index: Int32, on L: LuaThread, _ body: (String, Bool, UnsafeRawBufferPointer) -> R) -> R? {
+        withEntry(at: index, on: L, knownString: true) { body($0.text, $0.fits, UnsafeRawBufferPointer($0.bytes)) }
     }
 
     /// A String's UTF-8 bytes, for `body` only.
@@ -185,25 +138,35 @@ final class HeaderNameCache {
         return copy.withUTF8 { body(UnsafeRawBufferPointer($0)) }
     }
 
+    /// The entry of the string at `index` lent to `body` (every lookup
+    /// above is this one): a hit is the slot's, borrowed without ARC; a miss
+    /// makes one (`cache`). nil if the value is not a string. `knownString`
+    /// (a constant at each inlined call site): the caller has seen its type,
+    /// so lua_tolstring is called without weir_tostring's type test.
     @inline(__always)
-    private func withText<R>(_ address: UnsafeRawPointer, length: Int, at index: Int32, on L: LuaThread,
-                             _ body: (String, Bool) -> R) -> R? {
+    private func withEntry<R>(at index: Int32, on L: LuaThread, knownString: Bool, _ body: (HeaderText) -> R) -> R? {
+        var length = 0
+        let p = knownString ? lua_tolstring(L, index, &length) : weir_tostring(L, index, &length)
+        guard let p else { return nil }
+        let address = UnsafeRawPointer(p)
+        // A multiplicative hash of the address: its low bits carry little
+        // (TStrings are 16-byte aligned and allocated close together).
         let hash = UInt(bitPattern: Int(bitPattern: address)) &* 0x9E37_79B9_7F4A_7C15
         let pair = Int(truncatingIfNeeded: hash >> 58) & (Self.pairCount - 1)
         let first = slots + 2 * pair
-        if first.pointee.address == address { return first.pointee.entry._withUnsafeGuaranteedRef { body($0.text, $0.fits) } }
-        if first[1].address == address { return first[1].entry._withUnsafeGuaranteedRef { body($0.text, $0.fits) } }
-        guard let (text, fits) = cache(address, length: length, pair: pair, at: index, on: L) else { return nil }
-        return body(text, fits)
+        if first.pointee.address == address { return first.pointee.entry._withUnsafeGuaranteedRef(body) }
+        if first[1].address == address { return first[1].entry._withUnsafeGuaranteedRef(body) }
+        guard let entry = cache(address, length: length, pair: pair, at: index, on: L) else { return nil }
+        return body(entry)
     }
 
     /// A miss: makes the text, checks it, and (a short string) caches it in
     /// `pair`, pinning the Lua string.
     @inline(never)
-    private func cache(_ address: UnsafeRawPointer, length: Int, pair: Int, at index: Int32, on L: LuaThread) -> (text: String, fits: Bool)? {
+    private func cache(_ address: UnsafeRawPointer, length: Int, pair: Int, at index: Int32, on L: LuaThread) -> HeaderText? {
         guard let name = lowercased ? LuaState.headerName(at: index, on: L) : LuaState.string(at: index, on: L) else { return nil }
         let bytes = UnsafeRawBufferPointer(start: address, count: length)
-        let fit = lowercased ? HTTPFieldSyntax.isToken(bytes) : HTTPFieldSyntax.isValidFieldValue(bytes)
+        let entry = HeaderText(name, fits: lowercased ? HTTPFieldSyntax.isToken(bytes) : HTTPFieldSyntax.isValidFieldValue(bytes))
         // Only short strings are interned (LUAI_MAXSHORTLEN 40): a long one
         // is a fresh object each time, not worth a slot.
         if length <= 40 {
@@ -215,9 +178,9 @@ final class HeaderNameCache {
             lua_rawseti(L, -2, lua_Integer(slot + 1))                     // pins (the old string unpinned)
             weir_pop(L, 1)
             slots[slot].entry.release()
-            slots[slot] = Slot(address: address, entry: .passRetained(HeaderText(name, fits: fit)))
+            slots[slot] = Slot(address: address, entry: .passRetained(entry))
         }
-        return (name, fit)
+        return entry
     }
 }
 

@@ -123,11 +123,7 @@ private func badArgument(_ L: LuaThread) -> NativeReturn { .fallback }
 /// (a float is formatted by the Lua side, as Lua writes it); with whether
 /// it fits a head (see HeaderNameCache; an integer's text always does).
 private func headerValue(at index: Int32, on L: LuaThread, cache: HeaderNameCache) -> (text: String, fits: Bool)? {
-    switch lua_type(L, index) {
-    case LUA_TSTRING: return cache.checkedText(ofStringAt: index, on: L)
-    case LUA_TNUMBER where lua_isinteger(L, index) != 0: return (cache.integerText(lua_tointegerx(L, index, nil), decimalText), true)
-    default: return nil
-    }
+    withHeaderValue(at: index, on: L, cache: cache) { ($0, $1) }
 }
 
 /// `headerValue(at:on:cache:)` lent to `body`: a string's text borrowed
@@ -290,7 +286,7 @@ extension HotNative {
     var entry: weir_hot_fn {
         switch self {
         case .requestGetHeader: return { L, c in hot(c) { $0.requestGetHeader(L!) } }
-        case .upstreamSetHeader: return { L, c in hot(c) { $0.setHeader(L!, .upstreamSet) } }
+        case .upstreamSetHeader: return { L, c in hot(c) { $0.setUpstreamHeader(L!) } }
         case .upstreamAddHeader: return { L, c in hot(c) { $0.setHeader(L!, .upstreamAdd) } }
         case .upstreamClearHeader: return { L, c in hot(c) { $0.upstreamClearHeader(L!) } }
         case .responseSetHeader: return { L, c in hot(c) { $0.setHeader(L!, .responseSet) } }
@@ -319,18 +315,17 @@ private func hot(_ context: UnsafeMutableRawPointer?, _ body: (LuaRuntime) -> In
     Unmanaged<LuaRuntime>.fromOpaque(context.unsafelyUnwrapped)._withUnsafeGuaranteedRef(body)
 }
 
-/// How a header setter native changes its header (`LuaRuntime.setHeader`).
+/// How a header setter native changes its header (`LuaRuntime.setHeader`;
+/// the upstream request's set_header has its own, `setUpstreamHeader`).
 private enum HeaderSetter {
-    case upstreamSet, upstreamAdd, responseSet, responseAdd
+    case upstreamAdd, responseSet, responseAdd
 
     var phases: UInt8 {
         switch self {
-        case .upstreamSet, .upstreamAdd: return PluginPhase.request.mask
+        case .upstreamAdd: return PluginPhase.request.mask
         case .responseSet, .responseAdd: return PluginPhase.responseWritePhases
         }
     }
-    /// set (a refused value still clears), not add.
-    var replaces: Bool { self == .upstreamSet || self == .responseSet }
 }
 
 extension LuaRuntime {
@@ -371,25 +366,23 @@ extension LuaRuntime {
         }
     }
 
-    /// `weir.upstream.request.set_header` / `add_header`,
-    /// `weir.response.set_header` / `add_header` (name, value).
+    /// `weir.upstream.request.add_header`, `weir.response.set_header` /
+    /// `add_header` (name, value).
     @inline(__always)
     fileprivate func setHeader(_ L: LuaThread, _ setter: HeaderSetter) -> Int32 {
-        if setter == .upstreamSet { return setUpstreamHeader(L) }
-        return withCurrentRequest(setter.phases) { r in
+        withCurrentRequest(setter.phases) { r in
             // Name and value borrowed from their caches for the change.
             headerNames.withText(at: 1, on: L) { name, nameFits in
                 withHeaderValue(at: 2, on: L, cache: headerValues) { value, valueFits in
-                    switch HeaderChange(nameFits: nameFits, valueFits: valueFits, replaces: setter.replaces) {
+                    switch HeaderChange(nameFits: nameFits, valueFits: valueFits, replaces: setter == .responseSet) {
                     case .apply:
                         switch setter {
-                        case .upstreamSet: r.setUpstreamHeader(name, value)
                         case .upstreamAdd: r.addUpstreamHeader(name, value)
                         case .responseSet: r.setResponseHeader(name, value)
                         case .responseAdd: r.addResponseHeader(name, value)
                         }
-                    case .clearOnly:
-                        if setter == .upstreamSet { r.clearUpstreamHeader(name) } else { r.clearResponseHeader(name) }
+                    case .clearOnly:   // a set's refused value still clears: responseSet only here
+                        r.clearResponseHeader(name)
                     case .none:
                         break
                     }
@@ -403,8 +396,8 @@ extension LuaRuntime {
     /// the name's and value's bytes lent to the request too (it writes
     /// them as a wire line: PluginUpstreamLines).
     @inline(__always)
-    private func setUpstreamHeader(_ L: LuaThread) -> Int32 {
-        withCurrentRequest(HeaderSetter.upstreamSet.phases) { r in
+    fileprivate func setUpstreamHeader(_ L: LuaThread) -> Int32 {
+        withCurrentRequest(PluginPhase.request.mask) { r in
             headerNames.withTextBytes(at: 1, on: L) { name, nameFits, nameBytes in
                 withHeaderValueBytes(at: 2, on: L, cache: headerValues) { value, valueFits, valueBytes in
                     switch HeaderChange(nameFits: nameFits, valueFits: valueFits, replaces: true) {
