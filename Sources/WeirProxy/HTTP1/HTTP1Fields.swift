@@ -203,19 +203,7 @@ public struct HTTP1Fields: Sendable {
     /// read in place and handed to `body` (nil when there is none): one
     /// pass over the index, no copy of the name (`weir.request.get_header`).
     func withFirstValue(named name: String, _ body: (UnsafeRawBufferPointer?) -> Void) {
-        name.withContiguousUTF8 { n in
-            guard let np = n.baseAddress, n.count > 0 else { return body(nil) }
-            bytes.withUnsafeReadableBytes { raw in
-                let base = raw.baseAddress!.assumingMemoryBound(to: UInt8.self)
-                entries.withUnsafeBufferPointer { entries in
-                    for e in entries where Int(e.nameLength) == n.count
-                        && HTTP1Bytes.equalsIgnoringCase(base + Int(e.nameStart), np, n.count) {
-                        return body(UnsafeRawBufferPointer(start: base + Int(e.valueStart), count: Int(e.valueLength)))
-                    }
-                    body(nil)
-                }
-            }
-        }
+        name.withContiguousUTF8 { withFirstValue(named: UnsafeRawBufferPointer($0), body) }
     }
 
     /// `withFirstValue(named:_:)` of a name given as its UTF-8 bytes.
@@ -262,23 +250,13 @@ public struct HTTP1Fields: Sendable {
     func fieldSet(named name: String, kind: HTTP1KnownField) -> HTTP1FieldSet {
         var set = HTTP1FieldSet()
         guard !entries.isEmpty else { return set }
-        name.withContiguousUTF8 { n in
-            guard let np = n.baseAddress, n.count > 0 else { return }
+        if kind != .other {
             entries.withUnsafeBufferPointer { entries in
-                if kind != .other {
-                    for i in entries.indices where entries[i].known == kind { set.insert(i) }
-                    return
-                }
-                bytes.withUnsafeReadableBytes { raw in
-                    let base = raw.bindMemory(to: UInt8.self).baseAddress!
-                    for i in entries.indices {
-                        let e = entries[i]
-                        guard e.known == .other, Int(e.nameLength) == n.count else { continue }
-                        if HTTP1Bytes.equalsIgnoringCase(base + Int(e.nameStart), np, n.count) { set.insert(i) }
-                    }
-                }
+                for i in entries.indices where entries[i].known == kind { set.insert(i) }
             }
+            return set
         }
+        name.withContiguousUTF8 { scanOtherLines(named: UnsafeRawBufferPointer($0)) { i, _ in set.insert(i) } }
         return set
     }
 
@@ -289,18 +267,49 @@ public struct HTTP1Fields: Sendable {
     func otherFieldLines(named name: UnsafeRawBufferPointer) -> UInt64? {
         guard entries.count <= 64 else { return nil }
         var set: UInt64 = 0
-        guard !entries.isEmpty, let np = name.baseAddress?.assumingMemoryBound(to: UInt8.self), name.count > 0 else { return set }
+        scanOtherLines(named: name) { i, _ in set |= 1 << UInt64(i) }
+        return set
+    }
+
+    /// `fieldSet(named:kind: .other)`, the first of those lines' value
+    /// handed to `body` in the same pass (nil when there is none), read in
+    /// place (ExchangePlugins.withRequestHeaderClearing). `name` is one the
+    /// parser does not tag, so its lines are untagged ones.
+    @inline(__always)
+    func otherFieldSet(named name: String, firstValue body: (UnsafeRawBufferPointer?) -> Void) -> HTTP1FieldSet {
+        var set = HTTP1FieldSet()
+        name.withContiguousUTF8 { n in
+            var first: UnsafeRawBufferPointer? = nil
+            scanOtherLines(named: UnsafeRawBufferPointer(n), { i, value in
+                set.insert(i)
+                if first == nil { first = value }
+            }, then: { body(first) })
+        }
+        return set
+    }
+
+    /// The one scan behind the lookups of an untagged name (`HTTP1KnownField.other`,
+    /// UTF-8, ASCII case-insensitive): `visit` gets each such line's index
+    /// and value bytes, in order; then `then` runs, while those bytes are
+    /// still valid.
+    @inline(__always)
+    private func scanOtherLines(named name: UnsafeRawBufferPointer, _ visit: (Int, UnsafeRawBufferPointer) -> Void,
+                                then: () -> Void = {}) {
+        guard !entries.isEmpty, let np = name.baseAddress?.assumingMemoryBound(to: UInt8.self), name.count > 0 else {
+            return then()
+        }
         entries.withUnsafeBufferPointer { entries in
             bytes.withUnsafeReadableBytes { raw in
                 let base = raw.bindMemory(to: UInt8.self).baseAddress!
                 for i in entries.indices {
                     let e = entries[i]
-                    guard e.known == .other, Int(e.nameLength) == name.count else { continue }
-                    if HTTP1Bytes.equalsIgnoringCase(base + Int(e.nameStart), np, name.count) { set |= 1 << UInt64(i) }
+                    guard e.known == .other, Int(e.nameLength) == name.count,
+                          HTTP1Bytes.equalsIgnoringCase(base + Int(e.nameStart), np, name.count) else { continue }
+                    visit(i, UnsafeRawBufferPointer(start: base + Int(e.valueStart), count: Int(e.valueLength)))
                 }
+                then()
             }
         }
-        return set
     }
 
     /// `fieldSet(named:kind:)` of two names the parser does not tag

@@ -961,32 +961,3 @@ final class ConnectionPlugins: PluginConnectionContext {
         scope = nil
     }
 }
-
-extension HTTP1Fields {
-    /// `fieldSet(named:kind: .other)`, the first of those lines' value
-    /// handed to `body` in the same pass (nil when there is none), read in
-    /// place (ExchangePlugins.withRequestHeaderClearing). `name` is one the
-    /// parser does not tag, so its lines are untagged ones.
-    @inline(__always)
-    func otherFieldSet(named name: String, firstValue body: (UnsafeRawBufferPointer?) -> Void) -> HTTP1FieldSet {
-        var set = HTTP1FieldSet()
-        name.withContiguousUTF8 { n in
-            guard let np = n.baseAddress, n.count > 0, !entries.isEmpty else { return body(nil) }
-            entries.withUnsafeBufferPointer { entries in
-                bytes.withUnsafeReadableBytes { raw in
-                    let base = raw.bindMemory(to: UInt8.self).baseAddress!
-                    var first: UnsafeRawBufferPointer? = nil
-                    for i in entries.indices {
-                        let e = entries[i]
-                        guard e.known == .other, Int(e.nameLength) == n.count,
-                              HTTP1Bytes.equalsIgnoringCase(base + Int(e.nameStart), np, n.count) else { continue }
-                        set.insert(i)
-                        if first == nil { first = UnsafeRawBufferPointer(start: base + Int(e.valueStart), count: Int(e.valueLength)) }
-                    }
-                    body(first)
-                }
-            }
-        }
-        return set
-    }
-}
