@@ -846,6 +846,7 @@ final class SDKTests: XCTestCase {
           msg(function() d:incr_sliding("w", 7, 60, 1, 5) end),
           msg(function() d:incr_sliding("w", "p", "60", 1, 5) end),
           msg(function() d:incr_sliding("w", "p", 60, 1, 5, -1) end),
+          msg(function() d:incr_sliding("w", "p", 0, 1, 5) end),
           msg(function() d.incr_sliding("w") end) }, "|")
         """, harness: h)
         let parts = (body ?? "").split(separator: "|", omittingEmptySubsequences: false).map(String.init)
@@ -856,6 +857,7 @@ final class SDKTests: XCTestCase {
             "bad argument #2 to 'weir.shared.incr_sliding' (string expected, got number)",
             "bad argument #3 to 'weir.shared.incr_sliding' (number expected, got string)",
             "bad argument #6 to 'weir.shared.incr_sliding' (non-negative number or nil expected, got number)",
+            "bad argument #3 to 'weir.shared.incr_sliding' (positive window expected, got number)",
             "weir.shared.incr_sliding: call it as dict:incr_sliding(...)",
         ]
         XCTAssertEqual(parts.count, 11 + messages.count, "\(result)")

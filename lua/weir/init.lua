@@ -805,6 +805,8 @@ shared_dict.incr_sliding = with_fallback(N.shared_dict_incr_sliding, function(se
   check_string(fname, 1, key, 5)
   check_string(fname, 2, prev_key, 5)
   check_number(fname, 3, window, 5)
+  -- The estimate divides by it: zero or less (or NaN) is refused here.
+  if not (window > 0) then arg_error(fname, 3, "positive window", window, 4) end
   check_number(fname, 4, elapsed, 5)
   check_number(fname, 5, limit, 5)
   check_ttl(fname, 6, ttl, 5)
