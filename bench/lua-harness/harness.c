@@ -46,6 +46,8 @@ static int n_identify_header_credential(lua_State *L) {
 }
 /* dict:incr_sliding(key, prev_key, window, elapsed, limit, ttl): admitted, a remaining count. */
 static int n_dict_incr_sliding(lua_State *L) { counter += 1; lua_pushinteger(L, 999999000 - counter); return 1; }
+/* dict:incr(key, delta, init): the new count. */
+static int n_dict_incr(lua_State *L) { counter += lua_tointeger(L, 3); lua_pushinteger(L, counter); return 1; }
 /* (with a prepared set after ttl, the set is made by the native too: nothing more here) */
 /* weir.response.prepare_headers' native: the set's id. */
 static int n_prepare_headers(lua_State *L) { lua_pushinteger(L, 0); return 1; }
@@ -53,6 +55,33 @@ static int n_prepare_headers(lua_State *L) { lua_pushinteger(L, 0); return 1; }
 /* clib.with_fallback (Sources/CLuaShims/shims.c) wraps a native with its Lua
  * fallback; the stubs never need one, so the SDK function is the stub itself. */
 int weir_with_fallback(lua_State *L) { lua_pushvalue(L, 1); return 1; }
+
+/* chain_run(n, list): n requests of a phase chain as the proxy's runner
+ * (Sources/CLuaShims/chain.c) runs one, without its timing, budget and
+ * coroutine: a ctx table made as weir_chain_start makes it, then each
+ * entry's fn(self, conf, ctx) from C. `list` is fn, self, conf per entry.
+ * An entry that returns anything (an exit) is an error here. */
+static int chain_run(lua_State *L) {
+    lua_Integer n = luaL_checkinteger(L, 1);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    int slots = (int)lua_rawlen(L, 2);
+    luaL_checkstack(L, slots + 8, "chain_run");
+    for (int k = 1; k <= slots; k++) lua_rawgeti(L, 2, k);
+    const int first = 3, ctx = first + slots;
+    for (lua_Integer r = 0; r < n; r++) {
+        lua_createtable(L, 0, 1);
+        for (int e = 0; e < slots; e += 3) {
+            lua_pushvalue(L, first + e);
+            lua_pushvalue(L, first + e + 1);
+            lua_pushvalue(L, first + e + 2);
+            lua_pushvalue(L, ctx);
+            lua_call(L, 3, LUA_MULTRET);
+            if (lua_gettop(L) != ctx) return luaL_error(L, "chain entry %d returned an exit", e / 3 + 1);
+        }
+        lua_settop(L, ctx - 1);
+    }
+    return 0;
+}
 
 static void set_native(lua_State *L, const char *name, lua_CFunction f) {
     lua_pushcfunction(L, f);
@@ -93,6 +122,7 @@ int main(int argc, char **argv) {
     set_native(L, "shared_id", n_one);
     set_native(L, "shared_incr", n_incr);
     set_native(L, "shared_get", n_previous);
+    set_native(L, "shared_dict_incr", n_dict_incr);
     set_native(L, "shared_dict_incr_get", n_dict_incr_get);
     set_native(L, "shared_dict_incr_sliding", n_dict_incr_sliding);
     set_native(L, "resp_prepare_headers", n_prepare_headers);
@@ -111,6 +141,7 @@ int main(int argc, char **argv) {
     lua_pushvalue(L, -1); lua_setglobal(L, "weir");
     lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED"); lua_rotate(L, -2, 1); lua_setfield(L, -2, "weir"); lua_pop(L, 1);
 
+    lua_register(L, "chain_run", chain_run);
     load_file(L, argv[3]);                                                                            /* the driver returns run(n) */
     lua_pushstring(L, root);
     call(L, 1, 1);
