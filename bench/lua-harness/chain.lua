@@ -7,6 +7,8 @@
 -- plugins' own code, the SDK's Lua and the VM's calls, and nothing the
 -- proxy does. WHICH=chain runs it; WHICH=none runs the same loop empty.
 local root = ...
+-- The collector the proxy's states run (weir_newstate in Sources/CLuaShims/shims.c).
+collectgarbage("generational")
 local function plugin(name) return dofile(root .. "/bench/plugins/" .. name .. "/handler.lua") end
 local key_check, counter, consumer_header = plugin("bench-key-check"), plugin("bench-counter"), plugin("bench-consumer-header")
 local list = {

@@ -59,7 +59,8 @@ int weir_with_fallback(lua_State *L) { lua_pushvalue(L, 1); return 1; }
 /* chain_run(n, list): n requests of a phase chain as the proxy's runner
  * (Sources/CLuaShims/chain.c) runs one, without its timing, budget and
  * coroutine: a ctx table made as weir_chain_start makes it, then each
- * entry's fn(self, conf, ctx) from C. `list` is fn, self, conf per entry.
+ * entry's fn(self, conf, ctx) from C. `list` is fn, self, conf per entry;
+ * an empty list runs the bare loop (no ctx table), the baseline.
  * An entry that returns anything (an exit) is an error here. */
 static int chain_run(lua_State *L) {
     lua_Integer n = luaL_checkinteger(L, 1);
@@ -69,6 +70,7 @@ static int chain_run(lua_State *L) {
     for (int k = 1; k <= slots; k++) lua_rawgeti(L, 2, k);
     const int first = 3, ctx = first + slots;
     for (lua_Integer r = 0; r < n; r++) {
+        if (slots == 0) continue;  /* the baseline: the loop alone */
         lua_createtable(L, 0, 1);
         for (int e = 0; e < slots; e += 3) {
             lua_pushvalue(L, first + e);
