@@ -7,7 +7,9 @@ Input lines (written by run.sh):
   UNAVAILABLE proxy=weir reason=free text to the end of the line
   REDIS run=1 proxy=weir-auth-redis conns=32 requests=... redis_calls=... redis_evalsha=... redis_eval=...
 
-`--pool FILE...`: only the paired-by-run ratios, pooled over several files.
+`--pool FILE...`: only the paired-by-run ratios, pooled over several files,
+each with a 95 % bootstrap interval of its median, and the paired capacity
+ratio by proxy CPU per request (B's CPU µs/req over A's).
 
 Output: a Markdown table of medians per proxy and connection count, then
 the ratios Weir/nginx and Weir/HAProxy (and nginx+Lua/nginx), computed from
@@ -15,6 +17,7 @@ the medians of this one file, so they come from one run on one machine
 state. Medians, not means: the machine is shared and noisy, and a median of
 interleaved runs is robust to one disturbed run.
 """
+import random
 import statistics
 import sys
 from collections import OrderedDict
@@ -77,6 +80,8 @@ def summarise(results):
             "rps": median([float(r["rps"]) for r in rows]),
             "rps_all": [float(r["rps"]) for r in rows],
             "rps_by_run": {r["run"]: float(r["rps"]) for r in rows if "run" in r},
+            "cpu_us_by_run": {r["run"]: int(r["cpu_ticks"]) * 1e6 / CLOCK_TICKS_PER_SECOND / int(r["requests"])
+                              for r in rows if "run" in r and "cpu_ticks" in r and int(r.get("requests", 0)) > 0},
             "p50_ms": median([int(r["p50_us"]) / 1000.0 for r in rows]),
             "p99_ms": median([int(r["p99_us"]) / 1000.0 for r in rows]),
             "cpu_percent": median(cpu_percent),
@@ -101,6 +106,21 @@ def paired_ratios(sa, sb):
     drifts of the shared machine cancel), for the runs that measured both."""
     a, b = sa["rps_by_run"], sb["rps_by_run"]
     return [a[run] / b[run] for run in a if run in b and b[run] > 0]
+
+
+def paired_capacity_ratios(sa, sb):
+    """B's proxy CPU µs per request over A's within each run: A's capacity
+    relative to B's, whatever share of the core each got."""
+    a, b = sa["cpu_us_by_run"], sb["cpu_us_by_run"]
+    return [b[run] / a[run] for run in a if run in b and a[run] > 0]
+
+
+def bootstrap_interval(values, resamples=5000):
+    """95 % interval of the median by resampling with replacement (seeded:
+    the same files give the same interval)."""
+    rng = random.Random(1)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
 
 
 def ordered_proxies(summary, unavailable):
@@ -193,7 +213,7 @@ def render_pooled(paths):
     """The paired-by-run ratios of several results files together: one
     run's A/B is one sample whatever file it is in, so runs made at
     different times of a noisy shared host can be judged together."""
-    pooled = OrderedDict()
+    pooled, capacity = OrderedDict(), OrderedDict()
     for path in paths:
         summary = summarise(parse(path)[0])
         for a, b in RATIO_PAIRS:
@@ -201,15 +221,23 @@ def render_pooled(paths):
                 if proxy != a or (b, conns) not in summary:
                     continue
                 pooled.setdefault((a, b, conns), []).extend(paired_ratios(summary[(a, conns)], summary[(b, conns)]))
+                capacity.setdefault((a, b, conns), []).extend(
+                    paired_capacity_ratios(summary[(a, conns)], summary[(b, conns)]))
     out = [f"Paired-by-run req/s ratios pooled over {len(paths)} results files:"]
     for (a, b, conns), ratios in pooled.items():
         if not ratios:
             continue
+        low, high = bootstrap_interval(ratios)
         line = (f"- {a}/{b} @ {conns} conns: median x{median(ratios):.3f} "
-                f"(x{min(ratios):.2f}..x{max(ratios):.2f}, {len(ratios)} runs)")
+                f"(x{min(ratios):.2f}..x{max(ratios):.2f}, {len(ratios)} runs; "
+                f"95 % interval of the median x{low:.3f}..x{high:.3f})")
         target = TARGETS.get((a, b))
         if target is not None:
             line += f"; {sum(r >= target for r in ratios)} of {len(ratios)} at or above x{target:.2f}"
+        cpu = capacity.get((a, b, conns)) or []
+        if cpu:
+            low, high = bootstrap_interval(cpu)
+            line += f"; by CPU per request x{median(cpu):.3f} (x{low:.3f}..x{high:.3f})"
         out.append(line)
     return "\n".join(out)
 
