@@ -793,6 +793,10 @@ end)
 -- window and limit (at most 2^53), a finite elapsed and integer (or true)
 -- values; this fallback does the same in Lua for anything else, and raises
 -- the message for bad arguments before anything is counted.
+local function finite(x)
+  return type(x) == "number" and x == x and x ~= math.huge and x ~= -math.huge
+end
+
 local function with_remaining(r, ...)
   local values = table.pack(...)
   for i = 1, values.n do if values[i] == true then values[i] = r end end
@@ -807,8 +811,10 @@ shared_dict.incr_sliding = with_fallback(N.shared_dict_incr_sliding, function(se
   check_number(fname, 3, window, 5)
   -- The estimate divides by it: zero or less (or NaN) is refused here.
   if not (window > 0) then arg_error(fname, 3, "positive window", window, 4) end
-  check_number(fname, 4, elapsed, 5)
-  check_number(fname, 5, limit, 5)
+  -- The estimate and the remaining count are made from these: NaN or an
+  -- infinity would count the request, then fail `| 0` (no integer) or decide wrongly.
+  if not finite(elapsed) then arg_error(fname, 4, "finite number", elapsed, 4) end
+  if not finite(limit) then arg_error(fname, 5, "finite number", limit, 4) end
   check_ttl(fname, 6, ttl, 5)
   if headers ~= nil then
     check_phase(fname, RESPONSE_WRITE_PHASES, 4)
