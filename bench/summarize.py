@@ -101,18 +101,22 @@ TARGETS = {("weir", "nginx"): 1.0, ("weir-lua", "nginx-lua"): 1.0,
            ("weir-lua", "weir"): 0.90, ("weir-auth-local", "weir"): 0.85}
 
 
+def per_run_ratios(top, bottom):
+    """top/bottom of one figure within each run (the two measured seconds
+    apart, so slow drifts of the shared machine cancel), for the runs that
+    measured both."""
+    return [top[run] / bottom[run] for run in top if run in bottom and bottom[run] > 0]
+
+
 def paired_ratios(sa, sb):
-    """A/B req/s within each run (the two measured seconds apart, so slow
-    drifts of the shared machine cancel), for the runs that measured both."""
-    a, b = sa["rps_by_run"], sb["rps_by_run"]
-    return [a[run] / b[run] for run in a if run in b and b[run] > 0]
+    """A/B req/s within each run."""
+    return per_run_ratios(sa["rps_by_run"], sb["rps_by_run"])
 
 
 def paired_capacity_ratios(sa, sb):
     """B's proxy CPU µs per request over A's within each run: A's capacity
     relative to B's, whatever share of the core each got."""
-    a, b = sa["cpu_us_by_run"], sb["cpu_us_by_run"]
-    return [b[run] / a[run] for run in a if run in b and a[run] > 0]
+    return per_run_ratios(sb["cpu_us_by_run"], sa["cpu_us_by_run"])
 
 
 def bootstrap_interval(values, resamples=5000):
