@@ -132,12 +132,6 @@ final class HeaderNameCache {
         withEntry(at: index, on: L, knownString: true) { body($0.text, $0.fits, UnsafeRawBufferPointer($0.bytes)) }
     }
 
-    /// A String's UTF-8 bytes, for `body` only.
-    static func withUTF8<R>(_ text: String, _ body: (UnsafeRawBufferPointer) -> R) -> R {
-        var copy = text
-        return copy.withUTF8 { body(UnsafeRawBufferPointer($0)) }
-    }
-
     /// The entry of the string at `index` lent to `body` (every lookup
     /// above is this one): a hit is the slot's, borrowed without ARC; a miss
     /// makes one (`cache`). nil if the value is not a string. `knownString`

@@ -75,12 +75,6 @@ final class RequestHead {
     /// setters look them up here, not on a copy of `headers`.
     func fieldSet(named name: String) -> HTTP1FieldSet { wire.fields.fieldSet(named: name) }
 
-    /// The first value of the client's lines named `name`, read in place
-    /// (`HTTP1Fields.withFirstValue`): `weir.request.get_header`.
-    func withFirstValue(named name: String, _ body: (UnsafeRawBufferPointer?) -> Void) {
-        wire.fields.withFirstValue(named: name, body)
-    }
-
     /// The request target up to its `?`, for logs. A byte search:
     /// `firstIndex(of:)` on the String walks Characters (~450 instructions).
     var pathWithoutQuery: String {

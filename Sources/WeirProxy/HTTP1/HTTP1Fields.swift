@@ -1,4 +1,5 @@
 import NIOCore
+import WeirCore
 
 /// Header names the data path needs by identity, recognised once while parsing.
 public enum HTTP1KnownField: UInt8, Sendable {
@@ -842,18 +843,5 @@ func noteKnownField(_ known: HTTP1KnownField, _ v: UnsafePointer<UInt8>, _ n: In
         }
     default:
         break
-    }
-}
-
-extension String {
-    /// The UTF-8 bytes through the view's contiguous storage (a small
-    /// string is copied to the stack): `withUTF8` on a `var` copy retains
-    /// and checks uniqueness first (~100 instructions per call under
-    /// callgrind; header names on the plugin path).
-    @inline(__always)
-    func withContiguousUTF8<R>(_ body: (UnsafeBufferPointer<UInt8>) -> R) -> R {
-        if let result = utf8.withContiguousStorageIfAvailable(body) { return result }
-        var copy = self
-        return copy.withUTF8(body)
     }
 }

@@ -358,7 +358,7 @@ final class ExchangePlugins: PluginRequest, PluginRequestContext {
     func prepareRelayWithoutResponsePhase(_ head: HTTP1ResponseHead) {
         relayChanges!.take(&pendingResponseHeaders, on: head.fields, keepingWire: true)
         hasPendingResponseHeaders = false
-        if filtersBody { relayChanges!.removeFields(named: "content-length", in: head.fields) }
+        reframeForBodyFilter(&relayChanges!, head: head)
     }
 
     /// The request phase's response header changes, moved out (the
@@ -417,16 +417,12 @@ final class ExchangePlugins: PluginRequest, PluginRequestContext {
     var host: String? { exchange.hostHeader }
     func requestHeader(_ lowercasedName: String) -> String? { exchange.head?.headers.first(name: lowercasedName) }
     func withRequestHeader(_ lowercasedName: String, _ body: (UnsafeRawBufferPointer?) -> Void) {
-        // On the head itself: `head.headers` would copy the fields (their
-        // buffer and index retained and released per call). Both borrowed,
-        // not retained (this object holds the exchange, which holds its head).
-        guard let exchange = exchange.map(Unmanaged.passUnretained) else { return body(nil) }
-        exchange._withUnsafeGuaranteedRef { exchange in
-            guard let head = exchange.head.map(Unmanaged.passUnretained) else { return body(nil) }
-            head._withUnsafeGuaranteedRef { $0.withFirstValue(named: lowercasedName, body) }
-        }
+        lowercasedName.withContiguousUTF8 { withRequestHeader(nameBytes: UnsafeRawBufferPointer($0), body) }
     }
     /// `withRequestHeader` of a name given as its (lower-case) UTF-8 bytes.
+    /// On the head itself: `head.headers` would copy the fields (their
+    /// buffer and index retained and released per call). Both borrowed,
+    /// not retained (this object holds the exchange, which holds its head).
     func withRequestHeader(nameBytes: UnsafeRawBufferPointer, _ body: (UnsafeRawBufferPointer?) -> Void) {
         guard let exchange = exchange.map(Unmanaged.passUnretained) else { return body(nil) }
         exchange._withUnsafeGuaranteedRef { exchange in

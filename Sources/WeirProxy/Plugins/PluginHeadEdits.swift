@@ -603,7 +603,6 @@ struct PluginUpstreamLines {
 
     /// `add_header` (a checked name and value).
     mutating func add(_ name: String, _ value: String) {
-        assert(HeadSerialization.isToken(name) && HeadSerialization.isValidFieldValue(value), "unchecked header \(name)")
         name.withContiguousUTF8 { n in
             value.withContiguousUTF8 { v in add(nameBytes: UnsafeRawBufferPointer(n), valueBytes: UnsafeRawBufferPointer(v)) }
         }
